@@ -1,0 +1,42 @@
+"""Per-step metadata handed explicitly to model.forward (never a global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
+
+
+@dataclass
+class ForwardBatch:
+    # attention metadata, all on the model's device
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding (no KV write)
+    cu_seqlens_q: torch.Tensor  # [batch + 1] int32
+    seq_lens: torch.Tensor  # [batch] int32, kv length including this step's tokens; 0 = padding row
+    block_tables: torch.Tensor  # [batch, max_blocks_per_seq] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_decode: bool  # every sequence has exactly one query token (row b = token b)
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    attn_backend: AttentionBackend
+    is_dummy: bool = False  # EP lockstep filler: run the collectives, skip KV writes and attention
+    num_real_tokens: int | None = None  # tokens before padding (None = all)
+    # per-step MoE statistics hooks (expert counters live on the device, see runtime/expert_stats.py)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq_lens.shape[0]
