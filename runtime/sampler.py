@@ -1,0 +1,127 @@
+"""Turns the last position's logits of each sequence into its next token.
+
+Order: penalties -> min_tokens mask -> greedy, or temperature -> top-k -> top-p -> min-p -> sample.
+Logprobs are those of the raw model distribution (before penalties and temperature), as in vLLM.
+A seeded request draws its noise for output token i from a generator seeded by (seed, i), so its
+tokens do not depend on the batch it runs in, and it resumes its stream after a restart.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.sequence import Sequence
+
+Logprobs = list[tuple[int, float]]  # the sampled token first, then the top-N
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self._seeded = torch.Generator(device=device)
+
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]
+    ) -> tuple[list[int], list[Logprobs | None]]:
+        # logits: [num_seqs, vocab] fp32
+        logprobs_out: list[Logprobs | None] = [None] * len(seqs)
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = logits.log_softmax(dim=-1)
+
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._mask_early_stop(logits, seqs, eos_token_ids)
+
+        greedy = [s.params.greedy for s in seqs]
+        if all(greedy):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, seqs, greedy)
+        token_list = token_ids.tolist()
+
+        if raw_logprobs is not None:
+            for i, seq in enumerate(seqs):
+                n = seq.params.logprobs
+                if n is None:
+                    continue
+                chosen = token_list[i]
+                entry = [(chosen, raw_logprobs[i, chosen].item())]
+                if n > 0:
+                    values, ids = raw_logprobs[i].topk(n)
+                    entry += list(zip(ids.tolist(), values.tolist()))
+                logprobs_out[i] = entry
+        return token_list, logprobs_out
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [
+            i
+            for i, s in enumerate(seqs)
+            if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+        ]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:
+            p = seqs[i].params
+            row = logits[i]
+            output_ids = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=logits.device)
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(seqs[i].token_ids, dtype=torch.long, device=logits.device).unique()
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if output_ids.numel() and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(output_ids, minlength=vocab)[:vocab].to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    def _mask_early_stop(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
+        masked = False
+        for i, s in enumerate(seqs):
+            if s.num_total_generated >= s.params.min_tokens:
+                continue
+            stop_ids = set(s.params.stop_token_ids or [])
+            if not s.params.ignore_eos:
+                stop_ids |= eos_token_ids
+            if stop_ids:
+                if not masked:
+                    logits, masked = logits.clone(), True
+                logits[i, sorted(stop_ids)] = float("-inf")
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        dev = logits.device
+        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
+        logits = logits / temperature[:, None]
+
+        top_k = [p.top_k for p in params]
+        if any(k > 0 for k in top_k):
+            vocab = logits.shape[1]
+            k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=dev)
+            kth = logits.sort(dim=-1, descending=True)[0].gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the mass before it already reaches top_p (the top token always stays)
+            drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True)[0], 0.0)
+
+        # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, (seq, p) in enumerate(zip(seqs, params)):
+            if p.seed is not None:
+                self._seeded.manual_seed((p.seed * 1_000_003 + seq.num_total_generated) % (2**63))
+                noise[i].exponential_(generator=self._seeded)
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy_mask = torch.tensor(greedy, device=dev)
+        return torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
