@@ -9,6 +9,10 @@ causally to every cached position <= its own (the cached prefix included).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
 
 
 def store_kv_ref(
@@ -83,4 +87,323 @@ def paged_attention_decode_ref(
         k = _gather_kv(k_cache, block_tables[b], seq_len)
         v = _gather_kv(v_cache, block_tables[b], seq_len)
         out[b : b + 1] = _attend(q[b : b + 1], k, v, scale)
+    return out
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + h * stride_kch + d
+    vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d
+    tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_bt, stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    g = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    hmask = g < GROUP
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+    # each split takes an equal, BLOCK_N-aligned share of this sequence's tokens
+    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        in_page = (n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    omask = hmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # part_out [B, H, S, D], part_lse [B, H, S]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=hmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"))  # [SPLITS_PAD]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # seq_len 0: all w = 0 -> zeros
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_bt, stride_ot, stride_oh,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
+    # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK
+    qb = tl.program_id(0)
+    b = tl.program_id(1)
+    head0 = tl.program_id(2) * PACK
+    kvh = head0 // GROUP
+    q_start = tl.load(cu_seqlens_ptr + b)
+    q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + b)
+    if qb * BLOCK_Q >= q_len or seq_len == 0:
+        return
+    ctx = seq_len - q_len  # cached prefix before this chunk
+    r = tl.arange(0, BLOCK_M)
+    tok = qb * BLOCK_Q + r // PACK
+    head = head0 + r % PACK
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    rmask = tok < q_len
+    q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_pos = ctx + tok
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kv_end = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(0, kv_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < kv_end
+        page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        in_page = (n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+# ---------------------------------------------------------------- checked wrappers
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k/v cache must be [blocks, block_size, kv_heads, head_dim], got "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(-1) != 1:
+        raise ValueError("q and the kv cache need a contiguous head_dim")
+    if q.shape[-1] != k_cache.shape[3] or q.shape[-2] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not match kv cache {tuple(k_cache.shape)} (GQA needs "
+                         "num_heads divisible by num_kv_heads)")
+    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+
+
+def store_kv(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+) -> None:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(f"store_kv shapes: k {tuple(k.shape)} v {tuple(v.shape)} "
+                         f"cache {tuple(k_cache.shape)}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32/int64 [{num_tokens}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    if k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("store_kv needs a contiguous head_dim")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per (sequence, kv head) so that the grid fills ~2 waves; shapes only, never tensor values."""
+    programs = batch * num_kv_heads
+    want = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(want, triton.cdiv(max_context, 256), 64))
+
+
+def paged_attention_decode(
+    q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,  # [batch]; 0 = padding row, output zeros
+    block_tables: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    _check_cache(q, k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
+                         f"do not match batch {batch}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along its last dim")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
+                                       _num_sms(q.device))
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = 64 if block_d <= 128 else 32
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    return out
+
+
+def paged_attention_prefill(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,  # [batch + 1]
+    seq_lens: torch.Tensor,  # [batch] kv length including the new tokens
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq]
+    scale: float,
+    max_seqlen_q: int,
+) -> torch.Tensor:
+    _check_cache(q, k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    batch = seq_lens.shape[0]
+    if cu_seqlens_q.shape != (batch + 1,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} / block_tables "
+                         f"{tuple(block_tables.shape)} do not match batch {batch}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along its last dim")
+    out = torch.zeros_like(q)  # tokens past cu_seqlens_q[-1] (padding) stay zero
+    if batch == 0 or max_seqlen_q == 0 or num_tokens == 0:
+        return out
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_m = 64 if block_d <= 128 else 32
+    block_n = 64 if block_d <= 64 else 32
+    pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
+    grid = (triton.cdiv(max_seqlen_q, block_m // pack), batch, num_heads // pack)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+    )
     return out
