@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def topk_softmax_ref(
@@ -40,3 +42,158 @@ def topk_sigmoid_grouped_ref(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _pick_max(x, e, BIG: tl.constexpr):
+    # per row: the max of x and the lowest column holding it; x [BLOCK_T, BLOCK_E], e [1, BLOCK_E]
+    m = tl.max(x, 1)
+    idx = tl.min(tl.where(x == m[:, None], e, BIG), 1)
+    return m, idx
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_t,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)[None, :]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    tmask = t < num_tokens
+    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + e,
+                mask=tmask[:, None] & (e < NUM_EXPERTS), other=float("-inf")).to(tl.float32)
+    row_max = tl.max(x, 1)
+    denom = tl.sum(tl.exp(x - row_max[:, None]), 1)  # [BLOCK_T]
+    top_vals = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    top_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    for i in tl.static_range(TOP_K):
+        m, idx = _pick_max(x, e, BLOCK_E)
+        top_vals = tl.where(k == i, tl.exp(m - row_max)[:, None], top_vals)
+        top_ids = tl.where(k == i, idx[:, None], top_ids)
+        x = tl.where(e == idx[:, None], float("-inf"), x)
+    if RENORMALIZE:
+        denom = tl.sum(top_vals, 1)
+    omask = tmask[:, None] & (k < TOP_K)
+    tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals / denom[:, None], mask=omask)
+    tl.store(ids_ptr + t[:, None] * TOP_K + k, top_ids, mask=omask)
+
+
+@triton.jit
+def _topk_sigmoid_grouped_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, stride_t, routed_scaling_factor,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)[None, :]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    tmask = t < num_tokens
+    emask = e < NUM_EXPERTS
+    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + e,
+                mask=tmask[:, None] & emask, other=0.0).to(tl.float32)
+    scores = tl.sigmoid(x)
+    choice = scores + tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    choice = tl.where(emask, choice, float("-inf"))
+    if NUM_GROUPS > 1:
+        # group score = sum of its two best experts; keep the TOPK_GROUPS best groups
+        group = e // (NUM_EXPERTS // NUM_GROUPS)
+        gcol = tl.arange(0, BLOCK_G)[None, :]
+        group_scores = tl.full([BLOCK_T, BLOCK_G], float("-inf"), tl.float32)
+        for gi in tl.static_range(NUM_GROUPS):
+            c = tl.where(group == gi, choice, float("-inf"))
+            m1, i1 = _pick_max(c, e, BLOCK_E)
+            m2 = tl.max(tl.where(e == i1[:, None], float("-inf"), c), 1)
+            group_scores = tl.where(gcol == gi, (m1 + m2)[:, None], group_scores)
+        keep = tl.zeros([BLOCK_T, BLOCK_E], tl.int1)
+        for _ in tl.static_range(TOPK_GROUPS):
+            _, gi = _pick_max(group_scores, gcol, BLOCK_G)
+            keep = keep | (group == gi[:, None])
+            group_scores = tl.where(gcol == gi[:, None], float("-inf"), group_scores)
+        choice = tl.where(keep, choice, float("-inf"))
+    top_vals = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+    top_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+    for i in tl.static_range(TOP_K):
+        _, idx = _pick_max(choice, e, BLOCK_E)
+        w = tl.sum(tl.where(e == idx[:, None], scores, 0.0), 1)
+        top_vals = tl.where(k == i, w[:, None], top_vals)
+        top_ids = tl.where(k == i, idx[:, None], top_ids)
+        choice = tl.where(e == idx[:, None], float("-inf"), choice)
+    if RENORMALIZE:
+        top_vals = top_vals / (tl.sum(top_vals, 1)[:, None] + 1e-20)
+    omask = tmask[:, None] & (k < TOP_K)
+    tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals * routed_scaling_factor, mask=omask)
+    tl.store(ids_ptr + t[:, None] * TOP_K + k, top_ids, mask=omask)
+
+
+# ---------------------------------------------------------------- checked wrappers
+
+
+def _check_logits(router_logits: torch.Tensor, top_k: int) -> tuple[int, int]:
+    if router_logits.dim() != 2 or router_logits.stride(1) != 1:
+        raise ValueError(f"router_logits must be [num_tokens, num_experts] with contiguous rows, "
+                         f"got {tuple(router_logits.shape)} strides {router_logits.stride()}")
+    num_tokens, num_experts = router_logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    return num_tokens, num_experts
+
+
+def _block_t(num_experts: int) -> int:
+    return max(1, min(16, 4096 // triton.next_power_of_2(num_experts)))
+
+
+def topk_softmax(
+    router_logits: torch.Tensor,  # [num_tokens, num_experts]
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = _check_logits(router_logits, top_k)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    block_t = _block_t(num_experts)
+    _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
+        router_logits, weights, ids, num_tokens, router_logits.stride(0),
+        NUM_EXPERTS=num_experts, TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t,
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k), num_warps=4,
+    )
+    return weights, ids
+
+
+def topk_sigmoid_grouped(
+    router_logits: torch.Tensor,  # [num_tokens, num_experts]
+    correction_bias: torch.Tensor,  # [num_experts], only steers the choice
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = _check_logits(router_logits, top_k)
+    if correction_bias.shape != (num_experts,) or not correction_bias.is_contiguous():
+        raise ValueError(f"correction_bias must be contiguous [{num_experts}], got {tuple(correction_bias.shape)}")
+    if num_experts % num_groups or not 0 < topk_groups <= num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts} and "
+                         f"topk_groups={topk_groups} be in [1, num_groups]")
+    if top_k > topk_groups * (num_experts // num_groups):
+        raise ValueError(f"top_k={top_k} exceeds the experts of the {topk_groups} chosen groups")
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    block_t = _block_t(num_experts)
+    _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
+        router_logits, correction_bias, weights, ids, num_tokens, router_logits.stride(0),
+        float(routed_scaling_factor),
+        NUM_EXPERTS=num_experts, TOP_K=top_k, NUM_GROUPS=num_groups, TOPK_GROUPS=topk_groups,
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4,
+    )
+    return weights, ids
