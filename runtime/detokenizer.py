@@ -35,6 +35,7 @@ class IncrementalDetokenizer:
         self.text = ""  # output text so far (decoded, stop-truncated)
         self.num_emitted = 0  # characters of self.text already returned
         self.stopped = False
+        self.stop_reason: str | None = None  # the stop string that ended the output
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -69,6 +70,7 @@ class IncrementalDetokenizer:
         if best is None:
             return False
         idx, s = best
+        self.stop_reason = s
         self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
         self.num_emitted = min(self.num_emitted, len(self.text))
         return True

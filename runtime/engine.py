@@ -1,0 +1,267 @@
+"""One engine rank: requests in, token deltas out. Scheduler + paged KV + model runner + sampler.
+
+A free-running rank calls step(). Under expert-parallel lockstep the coordinator splits it:
+schedule() plans the next batch and reports its size, execute(pad_to) runs it padded to the size
+every rank agreed on, or a dummy step of that size when this rank has nothing to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from runtime.attention_backend import ATTENTION_BACKENDS
+from runtime.block_manager import BlockManager
+from runtime.config import DTYPES, ConfigError, EngineConfig
+from runtime.messages import AddRequest, RankStats, TokenDelta
+from runtime.model_runner import ModelRunner, kv_bytes_per_block
+from runtime.sampler import Sampler
+from runtime.scheduler import ScheduledBatch, Scheduler
+from runtime.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, duplicate id); the message says why."""
+
+
+def resolve_dtype(config: EngineConfig, hf_config: Any, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32  # CPU half-precision matmuls are slow and rarely worth it
+    dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def eos_token_ids(model_path: str, hf_config: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_config, "eos_token_id", None),):
+        if value is not None:
+            ids |= set(value) if isinstance(value, list) else {value}
+    gen_path = os.path.join(model_path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            value = json.load(f).get("eos_token_id")
+        if value is not None:
+            ids |= set(value) if isinstance(value, list) else {value}
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, parallel: Any = None, dispatcher: Any = None) -> None:
+        from transformers import AutoConfig
+
+        from models.args import ModelArgs
+        from models.loader import load_model
+
+        self.config = config
+        self.parallel = parallel
+        self.rank = parallel.rank if parallel is not None else 0
+        self.device = parallel.device if parallel is not None else config.resolved_device()
+        self.hf_config = AutoConfig.from_pretrained(config.model)
+        self.dtype = resolve_dtype(config, self.hf_config, self.device)
+        max_positions = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        if config.max_model_len is not None and config.max_model_len > max_positions:
+            raise ConfigError(
+                f"--max-model-len {config.max_model_len} is longer than the model's "
+                f"max_position_embeddings ({max_positions}); pass a value <= {max_positions}"
+            )
+        self.max_model_len = config.max_model_len or max_positions
+        self.use_triton = config.use_triton(self.device)
+        torch.manual_seed(config.seed)
+
+        args = ModelArgs(
+            dtype=self.dtype,
+            device=self.device,
+            use_triton=self.use_triton,
+            quantization=config.quantization,
+            ep_rank=parallel.ep_rank if parallel is not None else 0,
+            ep_size=parallel.ep_size if parallel is not None else 1,
+            dispatcher=dispatcher,
+        )
+        t0 = time.perf_counter()
+        self.model = load_model(config.model, self.hf_config, args, config.load_format)
+        logger.info("rank %d: model loaded in %.1f s", self.rank, time.perf_counter() - t0)
+
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        use_graphs = self.device.type == "cuda" and self.use_triton and not config.enforce_eager
+        graph_max = min(config.max_num_seqs, config.max_cudagraph_batch_size or 512) if use_graphs else 0
+        self.runner = ModelRunner(
+            self.model,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+            ATTENTION_BACKENDS["triton" if self.use_triton else "torch"](),
+            cuda_graph_max_batch=graph_max,
+        )
+        self.sampler = Sampler(self.device, config.seed + self.rank)
+        self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
+        self.requests: dict[str, Sequence] = {}
+        self._planned: ScheduledBatch | None = None
+        self.num_steps = 0
+        self.num_dummy_steps = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        logger.info(
+            "rank %d: %d KV blocks of %d tokens (%.2f GiB), max_model_len %d, kernels %s, cuda graphs %s",
+            self.rank, num_blocks, config.block_size,
+            num_blocks * kv_bytes_per_block(self.model, config.block_size, self.dtype) / 2**30,
+            self.max_model_len, "triton" if self.use_triton else "torch", "on" if graph_max else "off",
+        )  # fmt: skip
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        per_block = kv_bytes_per_block(self.model, config.block_size, self.dtype)
+        max_useful = config.max_num_seqs * -(-self.max_model_len // config.block_size) + 1
+        if config.num_gpu_blocks_override is not None:
+            return config.num_gpu_blocks_override
+        if config.kv_cache_memory is not None:
+            budget = config.kv_cache_memory
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # activations of the largest step are not yet allocated: keep room for them
+            activation_reserve = config.max_num_batched_tokens * self.hf_config.hidden_size * 64
+            budget = int(free - total * (1 - config.gpu_memory_utilization)) - activation_reserve
+        else:
+            budget = min(CPU_DEFAULT_KV_BYTES, max_useful * per_block)
+        num_blocks = min(budget // per_block, max_useful)
+        min_blocks = -(-self.max_model_len // config.block_size)
+        if num_blocks < min_blocks:
+            raise ConfigError(
+                f"KV cache of {budget / 2**30:.2f} GiB holds {num_blocks} blocks, fewer than one sequence of "
+                f"max_model_len {self.max_model_len} needs ({min_blocks}): lower --max-model-len or give more "
+                "memory (--gpu-memory-utilization / --kv-cache-memory)"
+            )
+        return int(num_blocks)
+
+    # ---- requests ----
+    def add_request(self, req: AddRequest) -> None:
+        if req.request_id in self.requests:
+            raise RequestError(f"request id {req.request_id!r} is already in use")
+        num_prompt = len(req.prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("the prompt is empty: give at least one token")
+        if num_prompt >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {num_prompt} tokens, but this model's context is {self.max_model_len} tokens "
+                "(prompt + output): shorten the prompt"
+            )
+        vocab = self.hf_config.vocab_size
+        if max(req.prompt_token_ids) >= vocab or min(req.prompt_token_ids) < 0:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.arrival_time, req.num_generated_before)
+        self.requests[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            seq = self.requests.pop(rid, None)
+            if seq is not None and not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ----
+    def schedule(self) -> int:
+        self._planned = self.scheduler.schedule() if self.scheduler.has_unfinished() else None
+        if self._planned is not None and not self._planned.seqs:
+            self._planned = None
+        return self._planned.num_tokens if self._planned is not None else 0
+
+    def execute(self, pad_to: int | None = None) -> list[TokenDelta]:
+        batch, self._planned = self._planned, None
+        self.num_steps += 1
+        if batch is not None and any(s.is_finished for s in batch.seqs):
+            # aborted between schedule() and execute(): drop them; padding keeps the agreed size
+            kept = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
+            batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept]) if kept else None
+            pad_to = pad_to or sum(n for _, n in kept)
+        if batch is None:
+            self.num_dummy_steps += 1
+            self.runner.execute_dummy(pad_to or 1)
+            return []
+        logits = self.runner.execute(batch, pad_to or 0)
+        return self._process(batch, logits)
+
+    def step(self) -> list[TokenDelta]:
+        if self.schedule() == 0:
+            return []
+        return self.execute()
+
+    def _process(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[TokenDelta]:
+        to_sample: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens == len(seq):
+                to_sample.append(seq)
+        if not to_sample:
+            return []
+        token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids)
+        deltas = []
+        for seq, token_id, lp in zip(to_sample, token_ids, logprobs):
+            first = seq.num_output_tokens == 0
+            seq.token_ids.append(token_id)
+            self.generation_tokens += 1
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.requests.pop(seq.request_id, None)
+            deltas.append(
+                TokenDelta(
+                    request_id=seq.request_id,
+                    new_token_ids=[token_id],
+                    logprobs=[lp] if lp is not None else None,
+                    finish_reason=reason,
+                    stop_reason=seq.stop_reason,
+                    num_prompt_tokens=seq.num_prompt_tokens if first else 0,
+                    num_cached_tokens=seq.num_cached_tokens if first else 0,
+                )
+            )
+        return deltas
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        p = seq.params
+        if seq.num_total_generated >= p.min_tokens:
+            if p.stop_token_ids and token_id in p.stop_token_ids:
+                seq.stop_reason = token_id
+                return "stop"
+            if not p.ignore_eos and token_id in self.eos_token_ids:
+                return "stop"
+        if p.max_tokens is not None and seq.num_total_generated >= p.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> RankStats:
+        return RankStats(
+            rank=self.rank,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.block_manager.usage,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            num_steps=self.num_steps,
+            num_dummy_steps=self.num_dummy_steps,
+            prefix_cache_queries=self.block_manager.num_prefix_queries,
+            prefix_cache_hits=self.block_manager.num_prefix_hits,
+        )

@@ -1,0 +1,40 @@
+"""Tokenizer loading and chat templating (transformers' AutoTokenizer), shared by LLM and the server."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def load_tokenizer(path: str) -> Any | None:
+    """The folder's tokenizer, or None when it has none (then prompts must be token ids)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def read_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"chat template file {path!r} not found: pass --chat-template FILE (a Jinja file)")
+    with open(path) as f:
+        return f.read()
+
+
+def apply_chat_template(
+    tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None = None, add_generation_prompt: bool = True
+) -> list[int]:
+    if tokenizer is None:
+        raise ValueError("this model folder has no tokenizer, so chat messages cannot be templated")
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template: pass --chat-template FILE")
+    ids = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
