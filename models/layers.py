@@ -1,0 +1,217 @@
+"""Shared layers and one generic decoder-only LM; architectures differ only by a DecoderSpec and an MLP factory."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import norm as norm_kernels
+from kernels import rope as rope_kernels
+from models.args import ModelArgs
+from runtime.forward_batch import ForwardBatch
+
+
+def pick_kernel(module: ModuleType, name: str, use_triton: bool) -> Callable[..., Any]:
+    # the Triton version shares the reference's signature and is named without "_ref"; it may not exist yet
+    fast = getattr(module, name, None) if use_triton else None
+    return fast if fast is not None else getattr(module, f"{name}_ref")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, args: ModelArgs) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=args.dtype))
+        self.eps = eps
+        self._rms_norm = pick_kernel(norm_kernels, "rms_norm", args.use_triton)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        # residual given: returns (norm(x + residual), x + residual)
+        return self._rms_norm(x, self.weight, self.eps, residual)
+
+
+def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    # transformers 5 nests everything in rope_parameters; older config.json files use rope_theta + rope_scaling
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    if "partial_rotary_factor" in cfg:
+        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def rope_table(rotary_dim: int, max_positions: int, params: dict[str, Any], device: torch.device) -> torch.Tensor:
+    # [max_positions, rotary_dim] fp32: cos then sin, the layout kernels.rope expects
+    rope_type, theta = params["rope_type"], float(params["rope_theta"])
+    if rope_type == "default":
+        return rope_kernels.rope_cos_sin(rotary_dim, max_positions, theta, device=device)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope_type == "llama3":
+        factor, old_len = float(params["factor"]), float(params["original_max_position_embeddings"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        # long wavelengths are slowed by factor, short ones kept, the band between interpolated
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    else:
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3)")
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_positions: int
+    rope: dict[str, Any] = field(default_factory=dict)
+    qk_norm: bool = False
+    attention_bias: bool = False
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * float(self.rope.get("partial_rotary_factor", 1.0)))
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any], **overrides: Any) -> DecoderSpec:
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        num_heads = cfg["num_attention_heads"]
+        kw: dict[str, Any] = dict(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            intermediate_size=cfg.get("intermediate_size", 0),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_positions=cfg.get("max_position_embeddings", 4096),
+            rope=rope_params(cfg),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+        )
+        kw.update(overrides)
+        return DecoderSpec(**kw)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=args.dtype)  # gate; up
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=args.dtype)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_id: int, cos_sin: torch.Tensor, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.attention_bias, dtype=args.dtype)
+        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=False, dtype=args.dtype)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, args) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, args) if spec.qk_norm else None
+        self.scale = spec.head_dim**-0.5
+        self.cos_sin = cos_sin  # shared by all layers; a plain attribute so meta-device init leaves it alone
+        self._apply_rope = pick_kernel(rope_kernels, "apply_rope", args.use_triton)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            # per-head RMSNorm over head_dim (Qwen3, GLM use_qk_norm)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self._apply_rope(positions, q, k, self.cos_sin)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)  # [T, heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+MlpFactory = Callable[[int], nn.Module]  # layer_id -> module with forward(x [T, H], batch) -> [T, H]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_id: int, cos_sin: torch.Tensor, mlp: nn.Module,
+                 args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, args)
+        self.self_attn = Attention(spec, layer_id, cos_sin, args)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, args)
+        self.mlp = mlp
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, batch), residual
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, spec: DecoderSpec, make_mlp: MlpFactory, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=args.dtype)
+        # built on args.device explicitly: the loader builds the module tree on "meta"
+        cos_sin = rope_table(spec.rotary_dim, spec.max_positions, spec.rope, args.device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, i, cos_sin, make_mlp(i), args) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, args)
+
+
+class DecoderLM(nn.Module):
+    """Embedding -> decoder layers -> final norm; logits through lm_head (or the tied embedding)."""
+
+    def __init__(self, spec: DecoderSpec, make_mlp: MlpFactory, args: ModelArgs, num_experts: int = 0) -> None:
+        super().__init__()
+        self.spec, self.args = spec, args
+        self.num_layers, self.num_kv_heads, self.head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        self.model = DecoderBody(spec, make_mlp, args)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=args.dtype)
+        self.tie_weights()
+        self.num_experts = num_experts  # global routed experts per MoE layer; 0 = dense
+        self.num_moe_layers = sum(1 for m in self.modules() if getattr(m, "is_moe", False))
+        self.load_stats: dict[str, int] = {"tensors": 0, "bytes": 0}
+
+    def tie_weights(self) -> None:
+        # call again after to_empty(): moving off "meta" gives each module its own new Parameter
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        residual: torch.Tensor | None = None
+        for layer in self.model.layers:
+            x, residual = layer(positions, x, residual, batch)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()  # [N, V]

@@ -1,0 +1,19 @@
+"""Mixtral: Llama attention, every layer a softmax top-k MoE (renormalized); HF names it block_sparse_moe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.args import ModelArgs
+from models.layers import DecoderLM, DecoderSpec
+from models.moe import RoutingSpec, moe_mlp_factory
+
+
+class MixtralForCausalLM(DecoderLM):
+    def __init__(self, cfg: dict[str, Any], args: ModelArgs) -> None:
+        spec = DecoderSpec.from_hf(cfg)
+        num_experts = cfg["num_local_experts"]
+        routing = RoutingSpec(num_experts, cfg["num_experts_per_tok"], renormalize=True)
+        make_mlp = moe_mlp_factory(spec.hidden_size, 0, list(range(spec.num_layers)), spec.intermediate_size,
+                                   routing, args)
+        super().__init__(spec, make_mlp, args, num_experts=num_experts)
