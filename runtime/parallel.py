@@ -1,0 +1,137 @@
+"""Process groups, made here and nowhere else: one engine rank per process, DP over all ranks, EP across them.
+
+Ranks come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT).
+Every rank is a full data-parallel replica of attention; with expert parallel on, the experts of each MoE
+layer are split over all ranks (ep_size = world_size). NCCL on GPUs (device from LOCAL_RANK), gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from runtime.config import ConfigError, EngineConfig
+
+_NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    ep_rank: int
+    ep_size: int
+    device: torch.device
+    ep_group: Any = None  # torch ProcessGroup of the EP ranks; None when ep_size == 1
+    local_rank: int = 0
+
+    @property
+    def is_ep(self) -> bool:
+        return self.ep_size > 1
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+
+def num_experts_of(hf_config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer (0 for a dense model)."""
+    for key in _NUM_EXPERTS_KEYS:
+        if hf_config.get(key):
+            return int(hf_config[key])
+    return 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @staticmethod
+    def from_env(env: Mapping[str, str]) -> LaunchEnv:
+        try:
+            world_size = int(env.get("WORLD_SIZE", "1"))
+            local_world_size = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+            return LaunchEnv(int(env.get("RANK", "0")), world_size, int(env.get("LOCAL_RANK", "0")),
+                             local_world_size)
+        except ValueError as e:
+            raise ConfigError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
+
+
+def check_sizes(config: EngineConfig, world_size: int, local_world_size: int, num_gpus: int | None,
+                num_experts: int) -> int:
+    """Validates the layout before any group exists; returns ep_size. num_gpus None = CPU ranks."""
+    dp = config.data_parallel_size
+    if world_size % dp:
+        raise ConfigError(f"{world_size} ranks are not divisible by --data-parallel-size {dp}")
+    if world_size != dp:
+        raise ConfigError(
+            f"{world_size} ranks but --data-parallel-size {dp}: every rank is one DP replica "
+            f"(no tensor parallel), so launch exactly {dp} ranks (torchrun --nproc-per-node {dp})"
+        )
+    if num_gpus is not None and local_world_size > num_gpus:
+        raise ConfigError(
+            f"{local_world_size} ranks on this node but only {num_gpus} GPU(s) visible: "
+            f"use --nproc-per-node <= {num_gpus} or --device cpu"
+        )
+    ep_size = world_size if config.enable_expert_parallel else 1
+    if config.enable_expert_parallel and num_experts == 0:
+        raise ConfigError("--enable-expert-parallel was given but the model has no routed experts (dense model)")
+    if ep_size > 1 and num_experts % ep_size:
+        raise ConfigError(f"{num_experts} experts are not divisible by the expert-parallel size {ep_size}; "
+                          f"choose a --data-parallel-size that divides {num_experts}")
+    return ep_size
+
+
+def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
+                  timeout_s: float = 600.0) -> ParallelState:
+    """Reads the launcher's env, validates, picks the device and makes the groups (one process = one rank)."""
+    env = os.environ if env is None else env
+    launch = LaunchEnv.from_env(env)
+    device = config.resolved_device()
+    num_gpus = torch.cuda.device_count() if device.type == "cuda" else None
+    ep_size = check_sizes(config, launch.world_size, launch.local_world_size, num_gpus,
+                          num_experts_of(config.hf_config()))
+    if device.type == "cuda":
+        device = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(device)
+    ep_group = None
+    if launch.world_size > 1:
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are unset: launch with torchrun")
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                rank=launch.rank, world_size=launch.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                device_id=device if device.type == "cuda" else None,
+            )
+        if ep_size > 1:
+            # ep_size == world_size: the EP group is every rank; made explicitly so a future DP x EP
+            # split (several EP groups) changes only this line.
+            ep_group = dist.new_group(list(range(ep_size)))
+    rank = launch.rank
+    return ParallelState(rank=rank, world_size=launch.world_size, dp_rank=rank, dp_size=launch.world_size,
+                         ep_rank=rank % ep_size, ep_size=ep_size, device=device, ep_group=ep_group,
+                         local_rank=launch.local_rank)
+
+
+def single_rank(device: torch.device | str = "cpu") -> ParallelState:
+    return ParallelState(rank=0, world_size=1, dp_rank=0, dp_size=1, ep_rank=0, ep_size=1,
+                         device=torch.device(device))
+
+
+def destroy_parallel() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
