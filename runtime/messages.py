@@ -6,6 +6,10 @@ Sockets (ZMQ):
   engine rank --PUSH--> coordinator      StepReport (after scheduling), StatsReport
   engine rank --PUSH--> front end        OutputBatch (tokens, straight, not through the coordinator)
   coordinator --PUSH--> front end        ClusterStats
+
+Who binds: the front end binds to_frontend; the coordinator binds to_coordinator and every to_engines[r];
+engine ranks only connect. So every bound address lives on the node of rank 0 and multi-node works with
+tcp:// addresses of that node. An engine's first message is a StatsReport: it is ready.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class StepReport(msgspec.Struct, tag=True):
     step_id: int
     num_tokens: int  # tokens scheduled for the next step, 0 = idle
     is_decode: bool
+    # load, for routing; num_requests_received counts AddRequests taken so far (cumulative), so the
+    # coordinator knows whether the report already reflects every request it sent
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_requests_received: int = 0
 
 
 class TokenDelta(msgspec.Struct):
@@ -74,8 +84,23 @@ class RankStats(msgspec.Struct):
     prefix_cache_hits: int = 0
 
 
+class ExpertStatsSnapshot(msgspec.Struct):
+    """One rank's expert statistics (runtime/expert_stats.py), cumulative since start."""
+
+    rank: int
+    routed_tokens: list[list[int]]  # [num_moe_layers][num_experts] (token, expert) pairs routed on this rank
+    all2all_tokens_sent: int = 0
+    all2all_tokens_received: int = 0
+    all2all_bytes_sent: int = 0
+    all2all_bytes_received: int = 0
+    num_forward_steps: int = 0
+    # seconds spent per part of the forward; only filled when timing is on (eager steps)
+    time_split: dict[str, float] = {}
+
+
 class StatsReport(msgspec.Struct, tag=True):
     stats: RankStats
+    expert: ExpertStatsSnapshot | None = None
 
 
 class ClusterStats(msgspec.Struct, tag=True):
@@ -103,4 +128,14 @@ class Addresses(msgspec.Struct):
 
     to_coordinator: str  # coordinator binds PULL: front-end requests and engine reports
     to_frontend: str  # front end binds PULL: engine outputs and coordinator stats
-    to_engines: list[str]  # engine rank r binds PULL at to_engines[r]: requests and step commands
+    to_engines: list[str]  # coordinator binds PUSH at to_engines[r], engine rank r connects PULL
+
+    @staticmethod
+    def ipc(run_dir: str, num_ranks: int) -> Addresses:
+        return Addresses(f"ipc://{run_dir}/coordinator", f"ipc://{run_dir}/frontend",
+                         [f"ipc://{run_dir}/engine{r}" for r in range(num_ranks)])
+
+    @staticmethod
+    def tcp(host: str, base_port: int, num_ranks: int) -> Addresses:
+        return Addresses(f"tcp://{host}:{base_port}", f"tcp://{host}:{base_port + 1}",
+                         [f"tcp://{host}:{base_port + 2 + r}" for r in range(num_ranks)])
