@@ -230,3 +230,23 @@ def test_dispatcher_seam_and_dummy_load(checkpoints: dict[str, str]) -> None:
         b = PagedRun(seam, 32, 3).step(toks, [0, 0, 0])
     torch.testing.assert_close(a, b)
     assert dispatcher.calls == plain.num_moe_layers
+
+
+def test_stacked_expert_layout(checkpoints: dict[str, str], tmp_path: Any) -> None:
+    # transformers-5 in-memory layout: experts.gate_up_proj [E, 2I, H] and experts.down_proj [E, H, I]
+    src = checkpoints["Qwen3MoeForCausalLM"]
+    path = _copy(src, str(tmp_path / "stacked"))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for i in range(3):
+        p = f"model.layers.{i}.mlp.experts"
+        gate_up = [torch.cat([tensors.pop(f"{p}.{e}.gate_proj.weight"), tensors.pop(f"{p}.{e}.up_proj.weight")])
+                   for e in range(8)]
+        tensors[f"{p}.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{p}.down_proj"] = torch.stack([tensors.pop(f"{p}.{e}.down_proj.weight") for e in range(8)])
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    for kw in ({}, {"ep_rank": 1, "ep_size": 2}):
+        a, b = load(src, **kw), load(path, **kw)
+        for la, lb in zip(a.model.layers, b.model.layers):
+            torch.testing.assert_close(la.mlp.experts.w13, lb.mlp.experts.w13, atol=0, rtol=0)
+            torch.testing.assert_close(la.mlp.experts.w2, lb.mlp.experts.w2, atol=0, rtol=0)
+    assert load(path, ep_rank=1, ep_size=2).load_stats["bytes"] < load(path).load_stats["bytes"]
