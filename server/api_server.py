@@ -1,0 +1,234 @@
+"""The OpenAI-compatible HTTP front end: FastAPI app and the process entry the launcher starts.
+
+Own process, no CUDA context: it tokenizes, talks to the coordinator/engines over ZMQ (msgpack),
+detokenizes and streams. Bad input of any kind is a 4xx with an OpenAI-style error body."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runtime.config import ConfigError, EngineConfig
+from runtime.messages import Addresses
+from server import endpoints
+from server.engine_client import EngineClient
+from server.metrics import CONTENT_TYPE, Metrics
+from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, validation_error
+from server.serving import Serving
+
+log = logging.getLogger("server")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024  # far above a max-context prompt as token ids; stops memory abuse
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+
+
+class FrontDoor:
+    """Pure ASGI middleware (BaseHTTPMiddleware would interfere with disconnect detection of
+    streams): the API-key check, and HTTP request counts by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = [500]
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and path.startswith("/v1"):
+                auth = dict(scope["headers"]).get(b"authorization")
+                if auth != self.expected:
+                    err = APIError(
+                        "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                        status_code=401,
+                        type="authentication_error",
+                        code="invalid_api_key",
+                    )
+                    await _error_response(err)(scope, receive, send_counted)
+                    return
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(
+            f"request body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit",
+            status_code=413,
+            code="body_too_large",
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(
+                f"request body is over the {MAX_BODY_BYTES}-byte limit", status_code=413, code="body_too_large"
+            )
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise APIError("request body is empty: send a JSON object")
+    try:
+        obj = json.loads(body)
+    except UnicodeDecodeError as err:
+        raise APIError(f"request body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise APIError(
+            f"malformed JSON in the request body: {err.msg} at line {err.lineno} column {err.colno}",
+            code="invalid_json",
+        ) from None
+    except RecursionError:
+        raise APIError("malformed JSON in the request body: nested too deeply", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(f"request body must be a JSON object, got a JSON {type(obj).__name__}")
+    return obj
+
+
+def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest], obj: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(obj, strict=True)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def max_model_len_of(config: EngineConfig) -> int:
+    # the engine's rule (runtime/engine.py): the flag, else the model's position limit
+    hf = config.hf_config()
+    hf = hf.get("text_config", hf) if "max_position_embeddings" not in hf else hf
+    return config.max_model_len or hf.get("max_position_embeddings") or 4096
+
+
+def vocab_size_of(config: EngineConfig) -> int:
+    hf = config.hf_config()
+    return int(hf.get("vocab_size") or hf.get("text_config", {}).get("vocab_size"))
+
+
+def load_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(f"--chat-template {path!r} is not a file: pass a Jinja template file")
+    with open(path) as f:
+        return f.read()
+
+
+def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, tokenizer: Any) -> ASGIApp:
+    serving = Serving(
+        config.model_name,
+        max_model_len_of(config),
+        vocab_size_of(config),
+        tokenizer,
+        load_chat_template(config.chat_template),
+        client,
+        metrics,
+    )
+    if serving.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        log.warning(
+            "the tokenizer has no chat template and no --chat-template was given: /v1/chat/completions will answer 400"
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        yield
+        await client.close()
+
+    app = FastAPI(title="moe-runtime OpenAI API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving = serving
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(str(err.detail), status_code=err.status_code, type=kind))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error_response(
+            APIError(f"internal error: {type(err).__name__}: {err}", status_code=500, type="server_error")
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = _parse(CompletionRequest, await read_json(request))
+        return await endpoints.create_completion(serving, req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        if serving.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise APIError(
+                "this model's tokenizer has no chat template; start the server with --chat-template "
+                "FILE or use /v1/completions",
+                param="messages",
+            )
+        req = _parse(ChatCompletionRequest, await read_json(request))
+        return await endpoints.create_chat_completion(serving, req, request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = ModelCard(id=serving.model_name, max_model_len=serving.max_model_len, root=config.model)
+        return endpoints.json_response(ModelList([card]))
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = client.healthy
+        body = msgspec.json.encode({"status": "ok" if ok else "degraded"})
+        return Response(body, status_code=200 if ok else 503, media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return FrontDoor(app, config.api_key, metrics)
+
+
+def run_api_server(config: EngineConfig, addrs: Addresses) -> None:
+    """Process entry (blocking). The launcher starts it with CUDA_VISIBLE_DEVICES=""."""
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+    metrics = Metrics(config.model_name)
+    client = EngineClient(addrs, config.max_queue_len, on_stats=metrics.cluster.update)
+    app = build_app(config, client, metrics, tokenizer)
+    log.info(
+        "OpenAI API for %r on http://%s:%d (max_model_len %d)",
+        config.model_name,
+        config.host,
+        config.port,
+        max_model_len_of(config),
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, timeout_keep_alive=30)

@@ -1,0 +1,286 @@
+"""The two generation endpoints: a validated request in, a JSON body or an SSE stream out."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.protocol import (
+    APIError,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    TokenLogprob,
+    TopLogprob,
+)
+from server.serving import Choice, Serving
+
+_json = msgspec.json.Encoder()
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+def json_response(obj: Any) -> Response:
+    return Response(_json.encode(obj), media_type="application/json")
+
+
+class GroupStream(StreamingResponse):
+    """An SSE response that releases its engine requests however it ends: finished, client gone
+    (Starlette cancels the body iterator), or never started."""
+
+    def __init__(self, body: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """Runs a non-streaming request, cancelling it when the client goes away (the body has been read,
+    so the next ASGI message can only be the disconnect)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)  # nobody reads it; the client is gone
+    return task.result()
+
+
+def _release(serving: Serving, group: Any, choices: list[Choice]) -> Callable[[], None]:
+    def release() -> None:
+        serving.client.release(group)
+        for c in choices:
+            serving.record(c)  # those never finished count as aborted
+
+    return release
+
+
+async def _error_event(err: Exception) -> bytes:
+    # headers are gone once a stream started: report in-band, as OpenAI does
+    message = err.message if isinstance(err, APIError) else f"internal error: {type(err).__name__}: {err}"
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+# ---------------------------------------------------------------- /v1/completions
+
+
+def _completion_logprobs(
+    serving: Serving,
+    entries: list[list[tuple[int, float]]],
+    offset: int,
+) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for entry in entries:
+        token_id, logprob = entry[0]
+        text = serving.token_text(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(logprob)
+        top = entry[1:] or entry[:1]
+        out.top_logprobs.append({serving.token_text(t): lp for t, lp in top})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _echo_logprobs(serving: Serving, prompt_ids: list[int]) -> CompletionLogprobs:
+    # the engine computes no prompt logprobs: echoed prompt tokens carry null, as the first one does in OpenAI
+    out = CompletionLogprobs()
+    offset = 0
+    for t in prompt_ids:
+        text = serving.token_text(t)
+        out.tokens.append(text)
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+async def create_completion(serving: Serving, req: CompletionRequest, request: Request) -> Response:
+    serving.check_model(req.model)
+    prompts = await serving.completion_prompts(req)
+    prompt_ids = [ids for _, ids in prompts]
+    max_tokens = [serving.resolve_max_tokens(len(ids), req.max_tokens, "max_tokens") for ids in prompt_ids]
+    params = serving.sampling_params(req, req.logprobs)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    echo = [text if text is not None else serving.tokenizer.decode(ids) for text, ids in prompts] if req.echo else None
+    want_logprobs = req.logprobs is not None
+    group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens)
+    release = _release(serving, group, choices)
+    model = serving.model_name
+
+    def prompt_of(c: Choice) -> int:
+        return c.index // req.n
+
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                offsets = {c.index: 0 for c in choices}
+                if echo is not None:
+                    for c in choices:
+                        lp = _echo_logprobs(serving, c.prompt_token_ids) if want_logprobs else None
+                        offsets[c.index] = len(echo[prompt_of(c)])
+                        yield sse(
+                            CompletionResponse(
+                                request_id, model, [CompletionChoice(c.index, echo[prompt_of(c)], lp)], None
+                            )
+                        )
+                async for ev in serving.events(group, choices):
+                    c = ev.choice
+                    if not ev.text and c.finish_reason is None and not want_logprobs:
+                        continue  # held back (partial character or possible stop string)
+                    lp = None
+                    if want_logprobs and ev.logprobs:
+                        lp = _completion_logprobs(serving, ev.logprobs, offsets[c.index])
+                    offsets[c.index] += len(ev.text)
+                    yield sse(
+                        CompletionResponse(
+                            request_id,
+                            model,
+                            [CompletionChoice(c.index, ev.text, lp, c.finish_reason, c.stop_reason)],
+                            None,
+                        )
+                    )
+                if include_usage:
+                    yield sse(CompletionResponse(request_id, model, [], serving.usage(prompt_ids, choices)))
+            except Exception as err:
+                yield await _error_event(err)
+            yield DONE
+
+        return GroupStream(stream(), release)
+
+    async def collect() -> Response:
+        async for _ in serving.events(group, choices):
+            pass
+        out = []
+        for c in choices:
+            text, lp = c.text, None
+            if echo is not None:
+                text = echo[prompt_of(c)] + text
+            if want_logprobs:
+                start = len(echo[prompt_of(c)]) if echo is not None else 0
+                lp = _completion_logprobs(serving, c.logprobs, start)
+                if echo is not None:
+                    head = _echo_logprobs(serving, c.prompt_token_ids)
+                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        setattr(lp, name, getattr(head, name) + getattr(lp, name))
+            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason))
+        return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
+
+    try:
+        return await until_disconnect(request, collect())
+    finally:
+        release()
+
+
+# ---------------------------------------------------------------- /v1/chat/completions
+
+
+def _chat_logprobs(serving: Serving, entries: list[list[tuple[int, float]]]) -> ChatLogprobs:
+    content = []
+    for entry in entries:
+        token_id, logprob = entry[0]
+        text = serving.token_text(token_id)
+        top = [TopLogprob(serving.token_text(t), lp, list(serving.token_text(t).encode())) for t, lp in entry[1:]]
+        content.append(TokenLogprob(text, logprob, list(text.encode()), top))
+    return ChatLogprobs(content)
+
+
+async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, request: Request) -> Response:
+    serving.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs: needs logprobs set to true", param="top_logprobs")
+    prompt_ids = await serving.chat_prompt(req)
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)
+    params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
+    release = _release(serving, group, choices)
+    model = serving.model_name
+
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                for c in choices:
+                    yield sse(
+                        ChatCompletionChunk(
+                            request_id, model, [ChatChunkChoice(c.index, ChatDelta(role="assistant", content=""))]
+                        )
+                    )
+                async for ev in serving.events(group, choices):
+                    c = ev.choice
+                    if not ev.text and c.finish_reason is None and not req.logprobs:
+                        continue
+                    lp = _chat_logprobs(serving, ev.logprobs) if req.logprobs and ev.logprobs else None
+                    delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+                    yield sse(
+                        ChatCompletionChunk(
+                            request_id, model, [ChatChunkChoice(c.index, delta, lp, c.finish_reason, c.stop_reason)]
+                        )
+                    )
+                if include_usage:
+                    yield sse(ChatCompletionChunk(request_id, model, [], serving.usage([prompt_ids], choices)))
+            except Exception as err:
+                yield await _error_event(err)
+            yield DONE
+
+        return GroupStream(stream(), release)
+
+    async def collect() -> Response:
+        async for _ in serving.events(group, choices):
+            pass
+        out = [
+            ChatChoice(
+                c.index,
+                ChatResponseMessage("assistant", c.text),
+                _chat_logprobs(serving, c.logprobs) if req.logprobs else None,
+                c.finish_reason,
+                c.stop_reason,
+            )
+            for c in choices
+        ]
+        return json_response(ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices)))
+
+    try:
+        return await until_disconnect(request, collect())
+    finally:
+        release()

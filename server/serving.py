@@ -1,0 +1,272 @@
+"""From a validated OpenAI request to engine requests and back: prompt checks, sampling parameters,
+fan-out of n choices, incremental detokenization, and the events both endpoints format."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.detokenizer import IncrementalDetokenizer
+from runtime.messages import TokenDelta
+from runtime.sampling_params import SamplingParams
+from server.engine_client import EngineClient, RequestGroup
+from server.metrics import Metrics
+from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Usage
+
+# Strings longer than this are tokenized in a worker thread, so one huge prompt cannot stall the
+# event loop that streams everybody else's tokens.
+_THREAD_TOKENIZE_CHARS = 4096
+
+
+@dataclass
+class Choice:
+    """One engine request: one of the n choices of one prompt."""
+
+    index: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    arrival: float
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_token_time: float | None = None
+    recorded: bool = False
+
+
+@dataclass
+class Event:
+    choice: Choice
+    text: str
+    token_ids: list[int]
+    logprobs: list[list[tuple[int, float]]] | None
+
+
+def _check_unicode(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(f"{param}: contains a lone surrogate; send valid Unicode text", param=param) from None
+
+
+class Serving:
+    def __init__(
+        self,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
+        tokenizer: Any,
+        chat_template: str | None,
+        client: EngineClient,
+        metrics: Metrics,
+    ) -> None:
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.client = client
+        self.metrics = metrics
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------ request checks
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                status_code=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        _check_unicode(text, param)
+        if len(text) > _THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def completion_prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """(text if given as text, token ids) per prompt."""
+        p = req.prompt
+        if isinstance(p, str):
+            items: list[str | list[int]] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            items = [p]  # type: ignore[list-item]
+        else:
+            items = list(p)  # type: ignore[arg-type]
+        if not items:
+            raise APIError("prompt: must not be empty", param="prompt")
+        out: list[tuple[str | None, list[int]]] = []
+        for item in items:
+            if isinstance(item, str):
+                out.append((item, await self.encode(item, "prompt")))
+            else:
+                out.append((None, self.check_token_ids(item, "prompt")))
+        return out
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
+        return list(ids)
+
+    async def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages: list[dict[str, Any]] = []
+        for i, m in enumerate(req.messages):
+            msg = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.type != "text" or part.text is None:
+                        raise APIError(
+                            f"messages.{i}.content: content part type {part.type!r} is not supported (text only)",
+                            param=f"messages.{i}.content",
+                        )
+                    texts.append(part.text)
+                msg["content"] = "\n".join(texts)
+            if isinstance(msg.get("content"), str):
+                _check_unicode(msg["content"], f"messages.{i}.content")
+            messages.append(msg)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as err:  # a template that rejects these messages is the request's problem
+            raise APIError(f"messages: the chat template failed on them: {err}", param="messages") from None
+        # the template already wrote the special tokens (BOS, role markers) it wants
+        return await self.encode(text, "messages", add_special_tokens=False)
+
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
+        if prompt_len == 0:
+            raise APIError("prompt: must not be empty", param="prompt")
+        room = self.max_model_len - prompt_len
+        if room <= 0:
+            raise APIError(
+                f"prompt: {prompt_len} tokens do not fit the model's context of {self.max_model_len} "
+                "tokens (with room for 1 output token); shorten the prompt",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise APIError(
+                f"{param}: {max_tokens} output tokens after a {prompt_len}-token prompt exceed the "
+                f"model's context of {self.max_model_len} tokens; ask for at most {room}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def sampling_params(self, req: CompletionRequest | ChatCompletionRequest, logprobs: int | None) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        if stop is not None:
+            if any(s == "" for s in stop):
+                raise APIError("stop: stop strings must not be empty", param="stop")
+            for s in stop:
+                _check_unicode(s, "stop")
+        if req.stop_token_ids:
+            self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        return _checked(
+            n=1,  # the front end fans out: n engine requests of one choice each
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            max_tokens=None,
+            min_tokens=req.min_tokens,
+            stop=stop or None,
+            stop_token_ids=req.stop_token_ids or None,
+            ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+
+    # ------------------------------------------------------------ running
+
+    def open(
+        self, request_id: str, prompts: list[list[int]], n: int, params: SamplingParams, max_tokens: list[int]
+    ) -> tuple[RequestGroup, list[Choice]]:
+        now = time.time()
+        choices: list[Choice] = []
+        for p, ids in enumerate(prompts):
+            for i in range(n):
+                seed = None if params.seed is None else params.seed + i
+                child = _checked(**{**_fields(params), "seed": seed, "max_tokens": max_tokens[p]})
+                detok = IncrementalDetokenizer(self.tokenizer, ids, child)
+                choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detok, now))
+        group = self.client.open([(c.request_id, c.prompt_token_ids, c.params) for c in choices])
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
+        return group, choices
+
+    async def events(self, group: RequestGroup, choices: list[Choice]) -> AsyncIterator[Event]:
+        by_id = {c.request_id: c for c in choices}
+        while not group.done:
+            delta: TokenDelta = await group.next()
+            c = by_id[delta.request_id]
+            if c.finish_reason is not None:
+                continue
+            if c.first_token_time is None:
+                c.first_token_time = time.time()
+            c.token_ids.extend(delta.new_token_ids)
+            if delta.logprobs is not None:
+                c.logprobs.extend(delta.logprobs)
+            text, stopped = c.detok.update(delta.new_token_ids)
+            if stopped:
+                c.finish_reason = "stop"
+                group.finish(c.request_id)
+            elif delta.finish_reason is not None:
+                c.finish_reason = delta.finish_reason
+                c.stop_reason = delta.stop_reason
+                text += c.detok.finish()
+            c.text += text
+            if c.finish_reason is not None:
+                self.record(c)
+            yield Event(c, text, delta.new_token_ids, delta.logprobs)
+
+    def record(self, c: Choice) -> None:
+        """Metrics of one finished (or abandoned) choice, once."""
+        if not c.recorded:
+            c.recorded = True
+            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason)
+
+    def usage(self, prompts: list[list[int]], choices: list[Choice]) -> Usage:
+        num_prompt = sum(len(p) for p in prompts)
+        num_out = sum(len(c.token_ids) for c in choices)
+        return Usage(prompt_tokens=num_prompt, completion_tokens=num_out, total_tokens=num_prompt + num_out)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_text[token_id] = text
+        return text
+
+
+def _fields(params: SamplingParams) -> dict[str, Any]:
+    return {f: getattr(params, f) for f in params.__struct_fields__}
+
+
+def _checked(**fields: Any) -> SamplingParams:
+    """SamplingParams.validate's ValueError (it starts with the field's name) as a 400."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as err:
+        raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None

@@ -1,0 +1,428 @@
+"""The HTTP front end against a fake engine (no model): protocol, errors, streaming, fan-out,
+disconnects, queue limit, metrics. The real-stack tests are in test_server_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.config import EngineConfig
+from runtime.messages import (
+    AbortRequest,
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    OutputBatch,
+    RankStats,
+    TokenDelta,
+    decode,
+    encode,
+)
+from tests.tiny import write_tokenizer
+
+API_KEY = "sk-unit"
+MAX_MODEL_LEN = 64
+QUEUE_LEN = 6
+
+
+class FakeEngine(threading.Thread):
+    """Coordinator + engine stand-in: a request's i-th output token is prompt[i % len(prompt)], one
+    token per tick for every active request; honors max_tokens, stop_token_ids and aborts."""
+
+    def __init__(self, addrs: Addresses) -> None:
+        super().__init__(daemon=True)
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(addrs.to_coordinator)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(addrs.to_frontend)
+        self.active: dict[str, tuple[AddRequest, int]] = {}
+        self.added: list[AddRequest] = []
+        self.aborted: list[str] = []
+        self.paused = threading.Event()
+        self.stopping = threading.Event()
+        self.num_generated = 0
+
+    def run(self) -> None:
+        last_stats = 0.0
+        while not self.stopping.is_set():
+            while self.pull.poll(1):
+                msg = decode(self.pull.recv())
+                if isinstance(msg, AddRequest):
+                    self.added.append(msg)
+                    self.active[msg.request_id] = (msg, 0)
+                elif isinstance(msg, AbortRequest):
+                    for rid in msg.request_ids:
+                        self.aborted.append(rid)
+                        self.active.pop(rid, None)
+            if not self.paused.is_set():
+                self._tick()
+            if time.time() - last_stats > 0.05:
+                last_stats = time.time()
+                stats = RankStats(0, len(self.active), 0, len(self.active) / 64, 0, self.num_generated, 0, 0)
+                self.push.send(encode(ClusterStats(ranks=[stats])))
+            time.sleep(0.002)
+        self.pull.close(0)
+        self.push.close(0)
+
+    def _tick(self) -> None:
+        deltas = []
+        for rid, (req, i) in list(self.active.items()):
+            p = req.params
+            token = req.prompt_token_ids[i % len(req.prompt_token_ids)]
+            reason = None
+            if p.stop_token_ids and token in p.stop_token_ids:
+                reason = "stop"
+            elif p.max_tokens is not None and i + 1 >= p.max_tokens:
+                reason = "length"
+            lps = None
+            if p.logprobs is not None:
+                lps = [[(token, -0.5)] + [((token + k) % 512, -1.0 - k) for k in range(p.logprobs)]]
+            deltas.append(TokenDelta(rid, [token], lps, reason, token if reason == "stop" else None))
+            self.num_generated += 1
+            if reason is None:
+                self.active[rid] = (req, i + 1)
+            else:
+                del self.active[rid]
+        if deltas:
+            self.push.send(encode(OutputBatch(rank=0, outputs=deltas)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, base_url: str, engine: FakeEngine, tokenizer: Any) -> None:
+        self.base_url = base_url
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.client = openai.OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=20)
+
+    def expected_text(self, prompt: str, num_tokens: int) -> str:
+        ids = self.tokenizer.encode(prompt)
+        return self.tokenizer.decode([ids[i % len(ids)] for i in range(num_tokens)])
+
+    def post(self, path: str, body: Any, **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {API_KEY}", **kw.pop("headers", {})}
+        if isinstance(body, bytes | str):
+            return httpx.post(self.base_url + path, content=body, headers=headers, timeout=20, **kw)
+        return httpx.post(self.base_url + path, json=body, headers=headers, timeout=20, **kw)
+
+    def wait_idle(self) -> None:
+        deadline = time.time() + 5
+        while self.engine.active and time.time() < deadline:
+            time.sleep(0.01)
+        assert not self.engine.active, f"engine still holds {list(self.engine.active)}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from server.api_server import build_app
+    from server.engine_client import EngineClient
+    from server.metrics import Metrics
+
+    path = str(tmp_path_factory.mktemp("fake_model"))
+    write_tokenizer(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"vocab_size": 512, "max_position_embeddings": MAX_MODEL_LEN, "architectures": ["Fake"]}, f)
+    addrs = Addresses(to_coordinator=f"ipc://{path}/coord", to_frontend=f"ipc://{path}/front", to_engines=[])
+    port = _free_port()
+    config = EngineConfig(model=path, port=port, api_key=API_KEY, served_model_name="fake", max_queue_len=QUEUE_LEN)
+    engine = FakeEngine(addrs)
+    engine.start()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    metrics = Metrics("fake")
+    client = EngineClient(addrs, config.max_queue_len, on_stats=metrics.cluster.update)
+    app = build_app(config, client, metrics, tokenizer)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield Stack(f"http://127.0.0.1:{port}", engine, tokenizer)
+    server.should_exit = True
+    thread.join(5)
+    engine.stopping.set()
+
+
+# ---------------------------------------------------------------- happy paths
+
+
+def test_completion_text_and_usage(stack: Stack) -> None:
+    r = stack.client.completions.create(model="fake", prompt="The quick brown fox", max_tokens=7, temperature=0)
+    assert r.choices[0].text == stack.expected_text("The quick brown fox", 7)
+    assert r.choices[0].finish_reason == "length"
+    n_prompt = len(stack.tokenizer.encode("The quick brown fox"))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 7, n_prompt + 7)
+
+
+def test_streaming_reassembles_with_multibyte(stack: Stack) -> None:
+    prompt = "héllo wörld 日本語 ✓"  # byte-level tokens split these characters
+    full = stack.client.completions.create(model="fake", prompt=prompt, max_tokens=20, temperature=0)
+    chunks = list(
+        stack.client.completions.create(
+            model="fake",
+            prompt=prompt,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == full.choices[0].text == stack.expected_text(prompt, 20)
+    assert all("\ufffd" not in t for t in texts)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_prompt_forms_and_n(stack: Stack) -> None:
+    ids = stack.tokenizer.encode("Hello world!")
+    r = stack.client.completions.create(model="fake", prompt=[ids, ids[:3]], max_tokens=4, n=2, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == stack.tokenizer.decode((ids * 2)[:4])
+    assert r.choices[2].text == stack.tokenizer.decode((ids[:3] * 2)[:4])
+    assert r.usage.prompt_tokens == len(ids) + 3 and r.usage.completion_tokens == 16
+    seeds = sorted(a.params.seed for a in stack.engine.added[-4:])
+    assert seeds == [5, 5, 6, 6] and all(a.params.n == 1 for a in stack.engine.added[-4:])
+    r = stack.client.completions.create(model="fake", prompt=["Hello", "world"], max_tokens=2)
+    assert len(r.choices) == 2
+
+
+def test_stop_string_and_extra_body(stack: Stack) -> None:
+    prompt = "The quick brown fox"
+    r = stack.client.completions.create(model="fake", prompt=prompt, max_tokens=30, stop=["brown"])
+    assert r.choices[0].text == "The quick " and r.choices[0].finish_reason == "stop"
+    stack.wait_idle()  # the front end aborted the engine request when it saw the stop string
+    stream = stack.client.completions.create(model="fake", prompt=prompt, max_tokens=30, stop="fox", stream=True)
+    assert "".join(c.choices[0].text for c in stream) == "The quick brown "
+    ids = stack.tokenizer.encode(prompt)
+    r = stack.client.completions.create(
+        model="fake",
+        prompt=prompt,
+        max_tokens=30,
+        extra_body={
+            "stop_token_ids": [ids[2]],
+            "top_k": 5,
+            "min_p": 0.1,
+            "repetition_penalty": 1.1,
+            "min_tokens": 1,
+            "ignore_eos": True,
+        },
+    )
+    assert r.choices[0].text == stack.tokenizer.decode(ids[:3]) and r.choices[0].stop_reason == ids[2]
+    p = stack.engine.added[-1].params
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.min_tokens, p.ignore_eos) == (5, 0.1, 1.1, 1, True)
+
+
+def test_echo_and_logprobs(stack: Stack) -> None:
+    r = stack.client.completions.create(model="fake", prompt="Hello world", max_tokens=3, echo=True, logprobs=2)
+    c = r.choices[0]
+    assert c.text == "Hello world" + stack.expected_text("Hello world", 3)
+    n_prompt = len(stack.tokenizer.encode("Hello world"))
+    assert len(c.logprobs.tokens) == n_prompt + 3
+    assert c.logprobs.token_logprobs[n_prompt:] == [-0.5] * 3 and len(c.logprobs.top_logprobs[-1]) == 2
+
+
+def test_chat(stack: Stack) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hi there"}]
+    r = stack.client.chat.completions.create(
+        model="fake", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    text = stack.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = stack.tokenizer.encode(text, add_special_tokens=False)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == stack.tokenizer.decode(ids[:6], skip_special_tokens=True)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 6
+    assert len(r.choices[0].logprobs.content) == 6 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3
+    chunks = list(
+        stack.client.chat.completions.create(
+            model="fake", messages=messages, max_tokens=6, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    for i in range(2):
+        parts = [c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(parts) == r.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == len(ids)
+    # no generation budget given: the rest of the context
+    r = stack.client.chat.completions.create(model="fake", messages=messages)
+    assert r.usage.total_tokens == MAX_MODEL_LEN
+
+
+def test_models_and_health(stack: Stack) -> None:
+    models = stack.client.models.list()
+    assert [m.id for m in models.data] == ["fake"]
+    assert httpx.get(stack.base_url + "/health").json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (b'{"model": "fake", "prompt": "\xff\xfe bad"}', 400, None),
+    (b"[1, 2]", 400, None),
+    (b"", 400, None),
+    ({"model": "fake"}, 400, "prompt"),
+    ({"model": "fake", "prompt": 5}, 400, "prompt"),
+    ({"model": "fake", "prompt": [1, "a"]}, 400, "prompt"),
+    ({"model": "fake", "prompt": []}, 400, "prompt"),
+    ({"model": "fake", "prompt": [[]]}, 400, "prompt"),
+    ({"model": "fake", "prompt": [1, 99999]}, 400, "prompt"),
+    ({"model": "fake", "prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
+    ({"model": "fake", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "fake", "prompt": "hi", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+    ({"model": "fake", "prompt": "hi " * 200}, 400, "prompt"),
+    ({"model": "fake", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": "fake", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": "fake", "prompt": "hi", "n": 0}, 400, "n"),
+    ({"model": "fake", "prompt": "hi", "n": True}, 400, "n"),
+    ({"model": "fake", "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ({"model": "fake", "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"model": "fake", "prompt": "hi", "stop": 3}, 400, "stop"),
+    ({"model": "fake", "prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ({"model": "fake", "prompt": "hi", "min_tokens": 20, "max_tokens": 5}, 400, "min_tokens"),
+    ({"model": "fake", "prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    (
+        {"model": "fake", "prompt": "hi", "stream_options": {"include_usage": "yes"}},
+        400,
+        "stream_options.include_usage",
+    ),
+    ({"model": "fake", "prompt": "\ud800"}, 400, "prompt"),
+    ({"model": "nope", "prompt": "hi"}, 404, "model"),
+]
+
+BAD_CHAT = [
+    ({"model": "fake", "messages": []}, 400, "messages"),
+    ({"model": "fake", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ({"model": "fake", "messages": [{"content": "x"}]}, 400, "messages.0.role"),
+    ({"model": "fake", "messages": [{"role": "user", "content": 7}]}, 400, "messages.0.content"),
+    ({"model": "fake", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages.0.content"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    (
+        {"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10**6},
+        400,
+        "max_completion_tokens",
+    ),
+    ({"model": "fake", "messages": "hello"}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [("/v1/completions", *b) for b in BAD] + [("/v1/chat/completions", *b) for b in BAD_CHAT],
+)
+def test_bad_input_is_4xx(stack: Stack, path: str, body: Any, status: int, param: str | None) -> None:
+    r = stack.post(
+        path, body if isinstance(body, bytes) else json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    assert stack.client.completions.create(model="fake", prompt="ok", max_tokens=1).choices[0].text
+
+
+def test_huge_body_and_api_key(stack: Stack) -> None:
+    from server.api_server import MAX_BODY_BYTES
+
+    r = stack.post("/v1/completions", b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    bad = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="fake", prompt="x", max_tokens=1)
+    assert httpx.post(stack.base_url + "/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(stack.base_url + "/v1/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
+    assert stack.client.completions.create(model="fake", prompt="ok", max_tokens=1).choices[0].text
+
+
+# ---------------------------------------------------------------- aborts, queue, metrics
+
+
+def test_disconnect_aborts(stack: Stack) -> None:
+    stack.engine.aborted.clear()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "fake", "prompt": "The quick brown fox", "max_tokens": 60, "stream": True}
+    for _ in range(5):
+        with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, headers=headers) as r:
+            next(r.iter_lines())
+    stack.wait_idle()
+    assert len(stack.engine.aborted) == 5
+    # a non-streaming client that gives up
+    stack.engine.paused.set()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.base_url + "/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.3)
+    stack.engine.paused.clear()
+    stack.wait_idle()
+    assert len(stack.engine.aborted) == 6
+
+
+def test_queue_limit_503(stack: Stack) -> None:
+    stack.engine.paused.set()
+    try:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=20) as c:
+
+                async def one() -> httpx.Response:
+                    return await c.post(
+                        stack.base_url + "/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}
+                    )
+
+                tasks = [asyncio.ensure_future(one()) for _ in range(QUEUE_LEN + 3)]
+                await asyncio.sleep(0.5)
+                stack.engine.paused.clear()
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(burst())
+    finally:
+        stack.engine.paused.clear()
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * QUEUE_LEN + [503] * 3
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
+
+
+def _scrape(stack: Stack) -> dict[str, float]:
+    text = httpx.get(stack.base_url + "/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))
+            out[key] = s.value
+    return out
+
+
+def test_metrics_move(stack: Stack) -> None:
+    before = _scrape(stack)
+    stack.client.completions.create(model="fake", prompt="Hello world", max_tokens=5)
+    time.sleep(0.2)
+    after = _scrape(stack)
+    ok = "moe_http_requests_total,endpoint=/v1/completions,status=200"
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["moe_generation_tokens_total"] - before["moe_generation_tokens_total"] == 5
+    assert after["moe_time_to_first_token_seconds_count"] > before.get("moe_time_to_first_token_seconds_count", 0)
+    assert "moe_kv_cache_usage_ratio,rank=0" in after and "moe_cluster_num_requests_running" in after
+    assert any(k.startswith("moe_http_requests_total,endpoint=/v1/completions,status=400") for k in after)
