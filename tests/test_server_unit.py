@@ -426,3 +426,36 @@ def test_metrics_move(stack: Stack) -> None:
     assert after["moe_time_to_first_token_seconds_count"] > before.get("moe_time_to_first_token_seconds_count", 0)
     assert "moe_kv_cache_usage_ratio,rank=0" in after and "moe_cluster_num_requests_running" in after
     assert any(k.startswith("moe_http_requests_total,endpoint=/v1/completions,status=400") for k in after)
+
+
+def test_bench_serving_runs(stack: Stack, tmp_path: Any) -> None:
+    from benchmarks.bench_serving import main
+
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    runs = main(
+        [
+            "--base-url",
+            stack.base_url,
+            "--api-key",
+            API_KEY,
+            "--num-prompts",
+            "12",
+            "--input-len",
+            "8",
+            "--output-len",
+            "6",
+            "--sweep-rates",
+            "50,inf",
+            "--max-concurrency",
+            "4",
+            "--result-file",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
+    assert [r["num_ok"] for r in runs] == [12, 12]
+    saved = json.loads(out.read_text())
+    assert saved["runs"][1]["ttft_s"]["p50"] > 0 and saved["runs"][1]["output_throughput"] > 0
+    assert plot.exists()
