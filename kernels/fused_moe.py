@@ -1,9 +1,21 @@
-"""Fused MoE experts: a grouped GEMM over (token, slot) pairs sorted by expert."""
+"""Fused MoE experts: a grouped GEMM over (token, slot) pairs sorted by expert.
+
+fused_experts runs: moe_align (kernels/moe_align.py) -> gate_up GEMM with SiLU-and-mul in its epilogue
+-> down GEMM with the router weight in its epilogue -> a top-k sum. The FP8 path takes e4m3 weights with
+fp32 [128, 128] block scales (w13_scale, w2_scale in the HF weight_scale_inv layout) and quantizes the
+activations per token and 128 channels on the fly.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
+from kernels.moe_align import moe_align
+from kernels.moe_config import get_moe_config
 
 
 def fused_experts_ref(
@@ -12,15 +24,277 @@ def fused_experts_ref(
     w2: torch.Tensor,  # [num_experts, hidden, inter]
     topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
+    *,
+    w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
+    w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
 ) -> torch.Tensor:
-    """sum_k w[t,k] * down(silu(gate(x_t)) * up(x_t)) over the token's experts; [num_tokens, hidden]."""
+    """sum_k w[t,k] * down(silu(gate(x_t)) * up(x_t)) over the token's experts; [num_tokens, hidden].
+
+    FP8: dequantized weights, and activations rounded through the same per-token-group FP8 quantization
+    as the kernel, so that the two differ only by accumulation order."""
+    if w13_scale is not None and w2_scale is not None:
+        w13 = dequantize_weight_block(w13, w13_scale, hidden.dtype)
+        w2 = dequantize_weight_block(w2, w2_scale, hidden.dtype)
+        fp8_round = lambda x: _fp8_round_trip(x)
+    else:
+        fp8_round = lambda x: x
     num_tokens, top_k = topk_ids.shape
     out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.reshape(-1)
     for e in flat_ids[flat_ids >= 0].unique().tolist():
         token_ids, slot_ids = (topk_ids == e).nonzero(as_tuple=True)
-        x = hidden[token_ids]
+        x = fp8_round(hidden[token_ids])
         gate, up = (x @ w13[e].t()).chunk(2, dim=-1)
-        y = (F.silu(gate.float()) * up.float()).to(hidden.dtype) @ w2[e].t()
+        y = fp8_round((F.silu(gate.float()) * up.float()).to(hidden.dtype)) @ w2[e].t()
         out.index_add_(0, token_ids, y.float() * topk_weights[token_ids, slot_ids, None])
     return out.to(hidden.dtype)
+
+
+def _fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    q, scale = per_token_group_quant_ref(x)
+    return (q.float() * scale.repeat_interleave(FP8_BLOCK, dim=-1)[..., : x.shape[-1]]).to(x.dtype)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M row blocks sweep the column tiles together, so their weight tiles hit in L2
+    pid = tl.program_id(0)
+    in_group = GROUP_M * NUM_PID_N
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(NUM_PID_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _moe_up_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
+    num_pairs, K, INTER, NUM_PID_M,
+    stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
+    TOP_K: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # out[p, n] = silu(a[tok(p)] . w[e, n]) * (a[tok(p)] . w[e, INTER + n]) for sorted position p
+    pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    rmask = pair < num_pairs
+    tok = (pair // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < INTER
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + tok[:, None] * stride_at + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    wg_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    wu_ptrs = wg_ptrs + INTER * stride_wn  # [BLOCK_K, BLOCK_N] gate / up rows of w13[e]
+    if USE_FP8:
+        as_ptrs = a_scale_ptr + tok * stride_ast  # [BLOCK_M] per-token group scales
+        wsg_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N]
+        wsu_ptrs = w_scale_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=nmask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = offs_k + k0 < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if USE_FP8:
+            a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
+            wg_s = tl.load(wsg_ptrs + k0 // 128, mask=nmask, other=0.0)
+            wu_s = tl.load(wsu_ptrs + k0 // 128, mask=nmask, other=0.0)
+            acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
+            acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+            acc_u = tl.dot(a, wu, acc_u)
+        a_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
+    topk_weights_ptr, num_pairs, K, N, NUM_PID_M,
+    stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p
+    pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + offs_m)
+    rmask = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    if USE_FP8:
+        as_ptrs = a_scale_ptr + offs_m.to(tl.int64) * stride_ast
+        ws_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            kmask = offs_k + k0 < K
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if USE_FP8:
+            a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
+            w_s = tl.load(ws_ptrs + k0 // 128, mask=nmask, other=0.0)
+            acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        else:
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc *= tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)[:, None]
+    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _moe_sum_kernel(
+    y_ptr, ids_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # out[t] = sum over the token's handled slots (id >= 0) of y[t * TOP_K + k]; y [pairs, N]
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k in tl.static_range(TOP_K):
+        handled = tl.load(ids_ptr + t * TOP_K + k) >= 0
+        acc += tl.load(y_ptr + (t * TOP_K + k) * N + n, mask=nmask & handled, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+# ---------------------------------------------------------------- checked wrappers
+
+
+def _check_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> bool:
+    num_tokens, h = hidden.shape
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[2] != h or w2.shape[1] != h or w13.shape[1] != 2 * w2.shape[2]:
+        raise ValueError(f"expert weights must be w13 [E, 2I, H], w2 [E, H, I]; got {tuple(w13.shape)}, "
+                         f"{tuple(w2.shape)} for hidden {tuple(hidden.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} must be "
+                         f"[{num_tokens}, top_k]")
+    if topk_weights.dtype != torch.float32 or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_weights must be fp32 and topk_ids int32/int64, got {topk_weights.dtype}, "
+                         f"{topk_ids.dtype}")
+    for name, t in (("hidden", hidden), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights),
+                    ("topk_ids", topk_ids)):
+        if not t.is_contiguous():
+            raise ValueError(f"fused_experts needs a contiguous {name}")
+    fp8 = w13_scale is not None or w2_scale is not None
+    if fp8:
+        e, n13, _ = w13.shape
+        want13 = (e, triton.cdiv(n13, FP8_BLOCK), triton.cdiv(h, FP8_BLOCK))
+        want2 = (e, triton.cdiv(h, FP8_BLOCK), triton.cdiv(w2.shape[2], FP8_BLOCK))
+        if w13_scale is None or w2_scale is None or tuple(w13_scale.shape) != want13 \
+                or tuple(w2_scale.shape) != want2:
+            raise ValueError(f"FP8 experts need w13_scale {want13} and w2_scale {want2} (128x128 blocks)")
+        if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"FP8 experts need e4m3 weights, got {w13.dtype}, {w2.dtype}")
+        if w13_scale.dtype != torch.float32 or not w13_scale.is_contiguous() or not w2_scale.is_contiguous():
+            raise ValueError("FP8 scales must be contiguous fp32")
+    elif w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"dtype mismatch: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")
+    return fp8
+
+
+def moe_dtype_name(hidden: torch.Tensor, fp8: bool) -> str:
+    return "fp8" if fp8 else str(hidden.dtype).removeprefix("torch.")
+
+
+def fused_experts_aligned(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_post_pad: torch.Tensor,
+    config: dict, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The GEMMs and the top-k sum, given moe_align's outputs for config["BLOCK_M"] (unchecked)."""
+    num_tokens, h = hidden.shape
+    top_k = topk_ids.shape[1]
+    inter = w2.shape[2]
+    fp8 = w13_scale is not None
+    bm = config["BLOCK_M"]
+    num_pid_m = sorted_ids.numel() // bm
+    num_pairs = num_tokens * top_k
+    up, down = config["up"], config["down"]
+    if fp8:
+        a, a_scale = per_token_group_quant(hidden)
+        w13s, w2s = w13_scale, w2_scale
+    else:
+        a, a_scale, w13s, w2s = hidden, hidden, w13, w2  # scale pointers unused
+    inter_out = torch.empty(sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
+    _moe_up_kernel[(num_pid_m * triton.cdiv(inter, up["BLOCK_N"]),)](
+        a, a_scale, w13, w13s, inter_out, sorted_ids, expert_ids, num_post_pad,
+        num_pairs, h, inter, num_pid_m,
+        a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
+        inter_out.stride(0),
+        TOP_K=top_k, USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
+        BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], num_warps=up["num_warps"], num_stages=up["num_stages"],
+    )
+    if fp8:
+        a, a_scale = per_token_group_quant(inter_out)
+    else:
+        a = a_scale = inter_out
+    y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
+    _moe_down_kernel[(num_pid_m * triton.cdiv(h, down["BLOCK_N"]),)](
+        a, a_scale, w2, w2s, y, sorted_ids, expert_ids, num_post_pad, topk_weights,
+        num_pairs, inter, h, num_pid_m,
+        a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
+        USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=down["BLOCK_N"],
+        BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
+        num_stages=down["num_stages"],
+    )
+    out = torch.empty_like(hidden)
+    block_n = min(1024, triton.next_power_of_2(h))
+    _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n)
+    return out
+
+
+def fused_experts(
+    hidden: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]  (gate rows then up rows)
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
+    *,
+    w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
+    w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
+    config: dict | None = None,
+) -> torch.Tensor:
+    fp8 = _check_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    num_tokens, h = hidden.shape
+    num_experts, _, inter = w2.shape
+    top_k = topk_ids.shape[1]
+    if num_tokens == 0:
+        return torch.empty_like(hidden)
+    if config is None:
+        config = get_moe_config(num_tokens, num_experts, h, inter, top_k, moe_dtype_name(hidden, fp8),
+                                hidden.device)
+    if fp8 and (config["up"]["BLOCK_K"] > FP8_BLOCK or config["down"]["BLOCK_K"] > FP8_BLOCK):
+        raise ValueError("FP8 experts need BLOCK_K <= 128 (one scale per K step)")
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
+    return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
+                                 config, w13_scale, w2_scale)

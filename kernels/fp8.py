@@ -1,0 +1,84 @@
+"""FP8 (e4m3) with fp32 block scales, in the HF layout.
+
+Weights [N, K] (or [E, N, K]) carry weight_scale_inv [ceil(N/128), ceil(K/128)]: w = q * scale_inv per
+[128, 128] block. Activations are quantized on the fly per token and 128 channels: x [M, K] ->
+q [M, K] e4m3 and scale [M, ceil(K/128)] fp32. fp8_linear multiplies the two on the tensor cores with the
+scales applied per 128-wide K step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+FP8_BLOCK = 128
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_MIN_SCALE = 1e-12  # an all-zero group still gets a finite, positive scale
+
+
+def quantize_weight_block(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N, K] float -> (q [..., N, K] e4m3, scale_inv [..., ceil(N/block), ceil(K/block)] fp32)."""
+    *lead, n, k = w.shape
+    nb, kb = triton.cdiv(n, block), triton.cdiv(k, block)
+    wp = F.pad(w.float(), (0, kb * block - k, 0, nb * block - n)).view(*lead, nb, block, kb, block)
+    scale = (wp.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp_min(_MIN_SCALE)  # [..., nb, kb]
+    q = (wp / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(*lead, nb * block, kb * block)[..., :n, :k].contiguous(), scale
+
+
+def dequantize_weight_block(
+    q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, block: int = FP8_BLOCK
+) -> torch.Tensor:
+    n, k = q.shape[-2:]
+    s = scale_inv.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :n, :k]
+    return (q.float() * s).to(dtype)
+
+
+def per_token_group_quant_ref(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] -> (q [..., K] e4m3, scale [..., ceil(K/group)] fp32), x ~ q * scale per group."""
+    k = x.shape[-1]
+    kg = triton.cdiv(k, group)
+    xg = F.pad(x.float(), (0, kg * group - k)).view(*x.shape[:-1], kg, group)
+    scale = (xg.abs().amax(dim=-1) / FP8_MAX).clamp_min(_MIN_SCALE)
+    q = (xg / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.view(*x.shape[:-1], kg * group)[..., :k].contiguous(), scale
+
+
+@triton.jit
+def _group_quant_kernel(
+    x_ptr, q_ptr, s_ptr, num_rows, K, stride_x, stride_q, stride_s,
+    NUM_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < num_rows
+    r64 = r.to(tl.int64)
+    for g in range(NUM_GROUPS):
+        c = g * GROUP + tl.arange(0, GROUP)
+        mask = rmask[:, None] & (c < K)[None, :]
+        x = tl.load(x_ptr + r64[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_R]
+        q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
+        tl.store(q_ptr + r64[:, None] * stride_q + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + r64 * stride_s + g, scale, mask=rmask)
+
+
+def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.stride(-1) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"per_token_group_quant needs a float tensor with contiguous rows, got {x.dtype}")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    kg = triton.cdiv(k, group)
+    q = torch.empty(rows, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(rows, kg, dtype=torch.float32, device=x.device)
+    if rows:
+        block_r = 16
+        _group_quant_kernel[(triton.cdiv(rows, block_r),)](
+            x2, q, s, rows, k, x2.stride(0), q.stride(0), s.stride(0),
+            NUM_GROUPS=kg, GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
+        )
+    return q.view(*x.shape), s.view(*x.shape[:-1], kg)

@@ -1,0 +1,163 @@
+"""MoE align: sort (token, slot) pairs by expert and pad each expert's segment to BLOCK_M, on the GPU.
+
+Outputs have sizes fixed by shapes alone (no host sync, CUDA-graph safe):
+  sorted_ids [max_blocks * block_m] int32: flat pair index t * top_k + k, or num_pairs for padding;
+  expert_ids [max_blocks] int32: the expert of each BLOCK_M block, -1 past the used blocks;
+  num_post_pad [1] int32: how many entries of sorted_ids are in use (a multiple of block_m).
+Pairs with expert id -1 (slots handled by another expert-parallel rank) are dropped. The order of the pairs
+inside one expert's segment is unspecified; the expert GEMMs do not depend on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SMALL_PAIRS = 256  # up to here one program does everything in one launch (decode)
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    # each non-empty expert wastes at most block_m - 1 rows, and at most min(pairs, experts) are non-empty
+    return triton.cdiv(num_pairs + min(num_pairs, num_experts) * (block_m - 1), block_m)
+
+
+def moe_align_ref(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = topk_ids.reshape(-1).long()
+    num_pairs = flat.numel()
+    nblocks = max_blocks(num_pairs, num_experts, block_m)
+    sorted_ids = torch.full((nblocks * block_m,), num_pairs, dtype=torch.int32, device=flat.device)
+    expert_ids = torch.full((nblocks,), -1, dtype=torch.int32, device=flat.device)
+    pos = 0
+    for e in range(num_experts):
+        pairs = (flat == e).nonzero().flatten()
+        if pairs.numel() == 0:
+            continue
+        sorted_ids[pos : pos + pairs.numel()] = pairs.to(torch.int32)
+        padded = triton.cdiv(pairs.numel(), block_m) * block_m
+        expert_ids[pos // block_m : (pos + padded) // block_m] = e
+        pos += padded
+    return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32, device=flat.device)
+
+
+@triton.jit
+def _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BB: tl.constexpr):
+    # block j belongs to the expert whose padded segment [start, end) holds j * BLOCK_M; ends [E_PAD]
+    for b0 in range(0, NUM_BLOCKS, BB):
+        j = b0 + tl.arange(0, BB)
+        row = j * BLOCK_M
+        e = tl.sum((row[:, None] >= ends[None, :]).to(tl.int32), 1)
+        tl.store(expert_ids_ptr + j, tl.where(row < total, e, -1), mask=j < NUM_BLOCKS)
+
+
+@triton.jit
+def _align_small_kernel(
+    ids_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
+    NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr, FILL: tl.constexpr,
+):
+    i = tl.arange(0, N_PAD)
+    ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
+    valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
+    e = tl.arange(0, E_PAD)
+    onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)  # [N_PAD, E_PAD]
+    counts = tl.sum(onehot, 0)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    total = tl.sum(padded, 0)
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # rank of pair i among its expert's pairs
+    pos = tl.sum(starts[None, :] * onehot, 1) + rank
+    for f0 in range(0, NUM_BLOCKS * BLOCK_M, FILL):
+        f = f0 + tl.arange(0, FILL)
+        tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < NUM_BLOCKS * BLOCK_M)
+    tl.debug_barrier()  # the fill above must land before the scatter below
+    tl.store(sorted_ptr + pos, i, mask=valid)
+    _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS, BLOCK_M, 64)
+    tl.store(num_post_pad_ptr, total)
+
+
+@triton.jit
+def _align_count_kernel(
+    ids_ptr, counts_ptr, sorted_ptr, num_pairs,
+    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, SORTED_LEN: tl.constexpr,
+    FILL_PER_PROGRAM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = pid * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
+    valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
+    hist = tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
+    e = tl.arange(0, E_PAD)
+    tl.atomic_add(counts_ptr + e, hist, mask=hist > 0)
+    for f0 in range(0, FILL_PER_PROGRAM, CHUNK):  # padding sentinel for this program's share
+        f = pid * FILL_PER_PROGRAM + f0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
+                 mask=(f < SORTED_LEN) & (f0 + tl.arange(0, CHUNK) < FILL_PER_PROGRAM))
+
+
+@triton.jit
+def _align_scatter_kernel(
+    ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
+    NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + e)
+    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    i = pid * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
+    valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
+    safe_ids = tl.where(valid, ids, 0)
+    rank = tl.atomic_add(cursor_ptr + safe_ids, 1, mask=valid)
+    pos = tl.gather(starts, safe_ids, 0) + rank
+    tl.store(sorted_ptr + pos, i, mask=valid)
+    if pid == 0:
+        total = tl.sum(padded, 0)
+        _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS, BLOCK_M, 64)
+        tl.store(num_post_pad_ptr, total)
+
+
+def moe_align(
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int32, -1 = skip
+    num_experts: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
+        raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
+    device = topk_ids.device
+    num_pairs = topk_ids.numel()
+    nblocks = max_blocks(num_pairs, num_experts, block_m)
+    sorted_ids = torch.empty(nblocks * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(nblocks, dtype=torch.int32, device=device)
+    num_post_pad = torch.empty(1, dtype=torch.int32, device=device)
+    if num_pairs == 0:
+        num_post_pad.zero_()
+        return sorted_ids, expert_ids, num_post_pad
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    if num_pairs <= SMALL_PAIRS:
+        _align_small_kernel[(1,)](
+            topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs,
+            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            E_PAD=e_pad, NUM_BLOCKS=nblocks, FILL=1024, num_warps=8,
+        )
+        return sorted_ids, expert_ids, num_post_pad
+    chunk = 1024
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    ws = torch.zeros(2 * e_pad, dtype=torch.int32, device=device)  # [counts | cursors]
+    fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
+    _align_count_kernel[(num_chunks,)](
+        topk_ids, ws, sorted_ids, num_pairs, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk,
+        SORTED_LEN=nblocks * block_m, FILL_PER_PROGRAM=fill, num_warps=4,
+    )
+    _align_scatter_kernel[(num_chunks,)](
+        topk_ids, ws, ws[e_pad:], sorted_ids, expert_ids, num_post_pad, num_pairs,
+        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, NUM_BLOCKS=nblocks, num_warps=4,
+    )
+    return sorted_ids, expert_ids, num_post_pad

@@ -1,0 +1,62 @@
+"""Block shapes for the fused MoE kernels: tuned JSON files in kernels/configs/, else a default.
+
+A file is named E={E},H={H},I={I},dtype={dtype},device={gpu}.json and maps a token-count bucket ("1", "8",
+...) to {"BLOCK_M": int, "up": {...}, "down": {...}}, where up/down hold BLOCK_N, BLOCK_K, GROUP_M,
+num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is shared: one align serves both).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def device_name(device: torch.device | None = None) -> str:
+    if device is not None and device.type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+
+
+def config_file_name(num_experts: int, hidden: int, inter: int, dtype: str, gpu: str) -> str:
+    return f"E={num_experts},H={hidden},I={inter},dtype={dtype},device={gpu}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _load(path: str) -> dict[int, dict] | None:
+    p = Path(path)
+    if not p.exists():
+        return None
+    return {int(m): cfg for m, cfg in json.loads(p.read_text()).items()}
+
+
+def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool) -> dict:
+    rows_per_expert = num_tokens * top_k / num_experts
+    block_k = 128 if fp8 else 64
+    if rows_per_expert <= 16:
+        g = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_M": 16, "up": g, "down": dict(g)}
+    if rows_per_expert <= 96:
+        g = {"BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_M": 64, "up": g, "down": dict(g)}
+    g = {"BLOCK_N": 128, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 128, "up": g, "down": dict(g)}
+
+
+def get_moe_config(
+    num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: str,
+    device: torch.device | None = None,
+) -> dict:
+    """Tuned config of the nearest token bucket (log scale) if a file exists for this shape and GPU."""
+    name = config_file_name(num_experts, hidden, inter, dtype, device_name(device))
+    table = _load(str(CONFIG_DIR / name))
+    if not table:
+        return default_config(num_tokens, num_experts, top_k, dtype == "fp8")
+    m = max(num_tokens, 1)
+    best = min(table, key=lambda b: abs(math.log(max(b, 1)) - math.log(m)))
+    return table[best]

@@ -1,0 +1,149 @@
+"""Fused MoE, its align step and its config lookup vs the torch references."""
+
+import json
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels.fp8 import quantize_weight_block  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
+from kernels.moe_align import SMALL_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
+from kernels.moe_config import default_config, get_moe_config  # noqa: E402
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _routing(num_tokens: int, num_experts: int, top_k: int, device="cpu", drop_every: int = 3):
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).to(torch.int32)
+    if drop_every:
+        ids[::drop_every, 0] = -1  # expert parallel: slots owned by another rank
+    weights = torch.rand(num_tokens, top_k) + 0.1
+    return weights.to(device), ids.to(device)
+
+
+def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+    sorted_ids, expert_ids, num_post_pad = moe_align(ids, num_experts, block_m)
+    ref_sorted, ref_experts, ref_num = moe_align_ref(ids, num_experts, block_m)
+    n = int(num_post_pad.item())
+    assert n == int(ref_num.item()) and torch.equal(expert_ids, ref_experts)
+    assert sorted_ids.numel() == max_blocks(ids.numel(), num_experts, block_m) * block_m
+    # inside one block the order is free: compare sorted blocks
+    got = sorted_ids[:n].view(-1, block_m).sort(dim=1)[0]
+    want = ref_sorted[:n].view(-1, block_m).sort(dim=1)[0]
+    assert torch.equal(got, want)
+    assert (sorted_ids[n:] == ids.numel()).all()
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [
+    (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32),  # one-program path
+    (301, 128, 8, 64), (700, 8, 2, 16),  # multi-program path
+])
+def test_moe_align(num_tokens, num_experts, top_k, block_m):
+    torch.manual_seed(num_tokens)
+    _, ids = _routing(num_tokens, num_experts, top_k)
+    assert (ids.numel() <= SMALL_PAIRS) == (num_tokens < 100)
+    _check_align(ids, num_experts, block_m)
+
+
+def test_moe_align_all_skipped():
+    ids = torch.full((5, 2), -1, dtype=torch.int32)
+    sorted_ids, expert_ids, num_post_pad = moe_align(ids, 8, 16)
+    assert num_post_pad.item() == 0 and (expert_ids == -1).all() and (sorted_ids == 10).all()
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,top_k,dtype", [
+    (5, 8, 96, 80, 2, torch.float32),  # K not a multiple of BLOCK_K
+    (37, 6, 128, 64, 3, torch.float16),
+    (1, 16, 64, 32, 4, torch.float32),
+])
+def test_fused_experts(num_tokens, num_experts, hidden, inter, top_k, dtype):
+    torch.manual_seed(num_tokens + hidden)
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).to(dtype)
+    weights, ids = _routing(num_tokens, num_experts, top_k, drop_every=2 if num_tokens > 1 else 0)
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    out = fused_experts(x, w13, w2, weights, ids)
+    assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    cfg = default_config(200, num_experts, top_k, False)  # another BLOCK_M, same answer
+    assert _rel_err(fused_experts(x, w13, w2, weights, ids, config=cfg), ref) < 2e-3
+
+
+def _blocky(shape, block=128):
+    # per-[128,128]-block magnitudes spread over 2^-3..2^3: a wrong scale index then shows as a large error
+    w = torch.randn(shape)
+    nb, kb = -(-shape[-2] // block), -(-shape[-1] // block)
+    mag = 2.0 ** torch.randint(-3, 4, (*shape[:-2], nb, kb)).float()
+    return w * mag.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., : shape[-2], : shape[-1]]
+
+
+def test_fused_experts_fp8(monkeypatch):
+    import kernels.fused_moe as fm
+    from kernels.fp8 import per_token_group_quant_ref
+
+    # the interpreter rounds fp32 -> e4m3 casts wrongly for ~2% of values (test_kernels_fp8 covers the
+    # quant kernel with a tolerance); with torch's quantization the GEMMs must match the reference tightly
+    monkeypatch.setattr(fm, "per_token_group_quant", per_token_group_quant_ref)
+    torch.manual_seed(3)
+    num_tokens, num_experts, hidden, inter, top_k = 9, 4, 256, 192, 2
+    x = _blocky((num_tokens, hidden))
+    w13, s13 = quantize_weight_block(_blocky((num_experts, 2 * inter, hidden)) / 16)
+    w2, s2 = quantize_weight_block(_blocky((num_experts, hidden, inter)) / 16)
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
+    out = fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
+    assert _rel_err(out, ref) < 1e-4
+
+
+def test_config_lookup(tmp_path, monkeypatch):
+    import kernels.moe_config as mc
+
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    name = mc.config_file_name(8, 64, 32, "float32", mc.device_name())
+    cfg = {"BLOCK_M": 32, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2}}
+    cfg["down"] = cfg["up"]
+    (tmp_path / name).write_text(json.dumps({"1": cfg, "1024": {"BLOCK_M": 64}}))
+    assert get_moe_config(2, 8, 64, 32, 2, "float32")["BLOCK_M"] == 32
+    assert get_moe_config(900, 8, 64, 32, 2, "float32")["BLOCK_M"] == 64
+    assert get_moe_config(2, 8, 64, 48, 2, "float32") == default_config(2, 8, 2, False)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "mixtral": (8, 4096, 14336, 2), "glm45air": (128, 4096, 1408, 8)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("num_tokens", [1, 64, 777])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_experts_gpu(shape, num_tokens, fp8):
+    torch.manual_seed(num_tokens)
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    dt = torch.bfloat16
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=dt)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(dt)
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).to(dt)
+    weights, ids = _routing(num_tokens, num_experts, top_k, "cuda", drop_every=5)
+    kw = {}
+    if fp8:
+        w13, s13 = quantize_weight_block(w13)
+        w2, s2 = quantize_weight_block(w2)
+        kw = {"w13_scale": s13, "w2_scale": s2}
+    ref = fused_experts_ref(x, w13, w2, weights, ids, **kw)
+    out = fused_experts(x, w13, w2, weights, ids, **kw)
+    assert _rel_err(out, ref) < (3e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 256, 4096])
+def test_moe_align_gpu(num_tokens):
+    _, ids = _routing(num_tokens, 128, 8, "cuda", drop_every=7)
+    for block_m in (16, 64, 128):
+        _check_align(ids, 128, block_m)
