@@ -14,7 +14,6 @@ chunks. Every EP rank must call with the same T: the coordinator's pad_to guaran
 from __future__ import annotations
 
 import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,34 +23,17 @@ import torch
 import torch.distributed as dist
 
 from runtime.config import ConfigError
+from runtime.expert_stats import ExpertStats
 from runtime.parallel import ParallelState
 
 _ALIGN = 16  # bytes; rows of the packed send buffer start aligned for any dtype view
-
-
-class All2AllStats:
-    """Counters a dispatcher updates without a host sync: tokens on the device, bytes/time on the host."""
-
-    def __init__(self, device: torch.device, timed: bool = False) -> None:
-        self.tokens_sent = torch.zeros((), dtype=torch.int64, device=device)  # (token, remote rank) pairs
-        self.tokens_received = torch.zeros((), dtype=torch.int64, device=device)
-        self.bytes_sent = 0  # over the wire, excluding this rank's own block
-        self.bytes_received = 0
-        self.num_calls = 0
-        self.timed = timed  # wall time of the collectives; on a GPU only meaningful when synchronized
-        self.seconds = 0.0
-
-    def snapshot(self) -> dict[str, float]:
-        return {"tokens_sent": int(self.tokens_sent.item()), "tokens_received": int(self.tokens_received.item()),
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "num_calls": self.num_calls,
-                "seconds": self.seconds}
 
 
 class All2AllBackend(ABC):
     """An ExpertDispatcher (models/moe.py): dispatch -> local experts -> combine."""
 
     def __init__(self, parallel: ParallelState, num_experts: int, capacity: int,
-                 stats: All2AllStats | None = None) -> None:
+                 stats: ExpertStats | None = None) -> None:
         if num_experts % parallel.ep_size:
             raise ConfigError(f"{num_experts} experts are not divisible by the expert-parallel size "
                               f"{parallel.ep_size}")
@@ -84,7 +66,7 @@ def register(name: str) -> Callable[[type[All2AllBackend]], type[All2AllBackend]
 
 
 def make_dispatcher(name: str, parallel: ParallelState, num_experts: int, capacity: int,
-                    stats: All2AllStats | None = None) -> All2AllBackend:
+                    stats: ExpertStats | None = None) -> All2AllBackend:
     if name not in _BACKENDS:
         raise ConfigError(f"unknown all2all backend {name!r}; choose one of {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name](parallel, num_experts, capacity, stats)
@@ -114,6 +96,8 @@ class LocalDispatcher(All2AllBackend):
 
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        if self.stats is not None:
+            self.stats.record_routing(topk_ids)
         return hidden, topk_weights, topk_ids, None
 
     def combine(self, out_recv: torch.Tensor, handle: Any) -> torch.Tensor:
@@ -138,19 +122,14 @@ class AllToAllSingle(All2AllBackend):
         row_bytes = math.ceil((meta_bytes + hidden_bytes) / _ALIGN) * _ALIGN
         return meta_bytes, hidden_bytes, row_bytes
 
-    def _exchange(self, send: torch.Tensor) -> torch.Tensor:
+    def _exchange(self, send: torch.Tensor, tokens_sent: torch.Tensor | None = None) -> torch.Tensor:
         recv = torch.empty_like(send)
-        t0 = time.perf_counter() if self.stats is not None and self.stats.timed else 0.0
+        t0 = self.stats.time_start() if self.stats is not None else None
         dist.all_to_all_single(recv, send, group=self.parallel.ep_group)  # equal splits: dim 0 = ep ranks
         if self.stats is not None:
-            remote = send.numel() * send.element_size() * (self.ep_size - 1) // self.ep_size
-            self.stats.bytes_sent += remote
-            self.stats.bytes_received += remote
-            self.stats.num_calls += 1
-            if self.stats.timed:
-                if send.is_cuda:
-                    torch.cuda.current_stream().synchronize()
-                self.stats.seconds += time.perf_counter() - t0
+            self.stats.time_stop("all2all", t0)
+            remote_bytes = send.numel() * send.element_size() * (self.ep_size - 1) // self.ep_size
+            self.stats.record_exchange(tokens_sent, None, remote_bytes)
         return recv
 
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -160,21 +139,25 @@ class AllToAllSingle(All2AllBackend):
         ep, n_loc = self.ep_size, self.num_local_experts
         chunk = max(1, min(num_tokens, self.capacity))
         num_chunks = max(1, math.ceil(num_tokens / chunk))
-        padded = num_chunks * chunk
         meta_bytes, hidden_bytes, row_bytes = self._layout(hidden_size, top_k, hidden.dtype)
 
-        # destination rank and local id of every (token, slot); padding rows go nowhere (dest -1)
+        # destination rank and local id of every (token, slot); chunk padding goes nowhere (dest -1), and so
+        # do a padded batch's filler rows when the stats know the real count: dummy rows cost no expert work
         ids = topk_ids.long()
+        if self.stats is not None:
+            real = torch.arange(num_tokens, device=hidden.device) < self.stats.num_real_tokens  # [T]
+            ids = torch.where(real.unsqueeze(1), ids, -1)
         dest = torch.div(ids, n_loc, rounding_mode="floor")  # [T, k]
         local = (ids - dest * n_loc).to(torch.int32)
         ranks = torch.arange(ep, device=hidden.device).view(ep, 1, 1)
         on_dest = dest.unsqueeze(0) == ranks  # [ep, T, k]
         send_ids = torch.where(on_dest, local.unsqueeze(0), torch.full_like(local, -1).unsqueeze(0))
         send_w = torch.where(on_dest, topk_weights.float().unsqueeze(0), 0.0)  # [ep, T, k]
+        wanted = None
         if self.stats is not None:
+            self.stats.record_routing(topk_ids)
             wanted = on_dest.any(dim=2)  # [ep, T]: token t needs rank r
             wanted[self.parallel.ep_rank] = False
-            self.stats.tokens_sent += wanted.sum()
 
         hidden_parts, weight_parts, id_parts = [], [], []
         for c in range(num_chunks):
@@ -186,7 +169,8 @@ class AllToAllSingle(All2AllBackend):
             send_id_view[:, : hi - lo].copy_(send_ids[:, lo:hi])
             send[:, : hi - lo, meta_bytes : meta_bytes + hidden_bytes].view(hidden.dtype).copy_(
                 hidden[lo:hi].unsqueeze(0).expand(ep, -1, -1))
-            recv = self._exchange(send)  # [ep source ranks, chunk, row_bytes]
+            recv = self._exchange(send, wanted[:, lo:hi].sum() if wanted is not None else None)
+            # recv: [ep source ranks, chunk, row_bytes]
             weight_parts.append(recv[:, :, : 4 * top_k].view(torch.float32).reshape(ep * chunk, top_k))
             id_parts.append(recv[:, :, 4 * top_k : meta_bytes].view(torch.int32).reshape(ep * chunk, top_k))
             hidden_parts.append(recv[:, :, meta_bytes : meta_bytes + hidden_bytes].view(hidden.dtype)
@@ -195,9 +179,8 @@ class AllToAllSingle(All2AllBackend):
         if self.stats is not None:
             received = (ids_recv.view(num_chunks, ep, chunk, top_k) >= 0).any(dim=3)
             received[:, self.parallel.ep_rank] = False
-            self.stats.tokens_received += received.sum()
+            self.stats.record_exchange(None, received.sum(), 0)
         handle = _Handle(num_tokens, chunk, num_chunks, hidden.dtype)
-        assert padded >= num_tokens
         return torch.cat(hidden_parts), torch.cat(weight_parts), ids_recv, handle
 
     def combine(self, out_recv: torch.Tensor, handle: _Handle) -> torch.Tensor:

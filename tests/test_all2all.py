@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernels.fused_moe import fused_experts_ref
-from runtime.all2all import All2AllStats, make_dispatcher
+from runtime.all2all import make_dispatcher
+from runtime.expert_stats import ExpertStats
 from runtime.parallel import ParallelState
 
 TIMEOUT_S = 60
@@ -42,7 +43,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple], result_dir: st
                              ep_size=world, device=torch.device("cpu"), ep_group=group)
     errors = []
     for num_tokens, hidden, inter, num_experts, top_k, capacity, dtype in cases:
-        stats = All2AllStats(torch.device("cpu"))
+        stats = ExpertStats(1, num_experts, torch.device("cpu"))
         disp = make_dispatcher("all_to_all_single", parallel, num_experts, capacity, stats)
         x, w, ids, w13, w2 = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype)
         n_loc = num_experts // world
@@ -57,10 +58,14 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple], result_dir: st
             err = (out.float() - ref.float()).abs().max()
             errors.append(f"case {num_tokens, hidden, capacity, dtype}: max err {err}")
         # every (token, remote rank holding one of its experts) pair is counted once on each side
-        sent = torch.tensor([int(stats.tokens_sent), int(stats.tokens_received)])
+        sent = stats.all2all[:2].clone()
         dist.all_reduce(sent)
         if sent[0] != sent[1]:
             errors.append(f"tokens sent {sent[0]} != received {sent[1]}")
+        expected = torch.zeros(num_experts, dtype=torch.int64).scatter_add_(
+            0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.int64))
+        if not torch.equal(stats.routed_tokens[0], expected):
+            errors.append("routed token counts differ")
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
         f.write("\n".join(errors) if errors else "ok")
     dist.destroy_process_group()

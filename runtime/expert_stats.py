@@ -1,0 +1,163 @@
+"""Expert statistics of one rank, for people who study MoE parallelism.
+
+- routed tokens per (MoE layer, expert): a [num_moe_layers, num_experts] int64 counter on the device, updated
+  inside the forward (CUDA-graph safe: no host sync, padding and dummy rows masked by a device scalar);
+- all2all traffic: (token, remote rank) pairs and bytes sent / received, also device counters;
+- with timing on (eager steps only: graph replays run no Python), the step time split into attention /
+  MoE compute / all2all / other, from module hooks and the dispatcher's collectives.
+Everything is read once per stats interval (the only host sync) and travels as an ExpertStatsSnapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from runtime.messages import ExpertStatsSnapshot
+
+PARTS = ("attention", "moe_compute", "all2all", "other")
+
+
+def count_moe_layers(hf_config: dict[str, Any]) -> int:
+    """MoE layers of the model, found by building it on the meta device (no memory, exact per architecture)."""
+    from models.args import ModelArgs
+    from models.registry import build_model
+
+    with torch.device("meta"):
+        model = build_model(hf_config, ModelArgs(dtype=torch.float32, device="meta"))
+    return sum(1 for m in model.modules() if getattr(m, "is_moe", False))
+
+
+class _Clock:
+    """Intervals on the host (CPU) or with CUDA events resolved lazily at read time (no per-step sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[str, Any, Any]] = []
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+        self.seconds["moe"] = 0.0  # whole MoE blocks, all2all included
+        self.seconds["total"] = 0.0
+
+    def now(self) -> Any:
+        if self.cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, part: str, start: Any) -> None:
+        if start is None:
+            return
+        end = self.now()
+        if self.cuda:
+            self.pending.append((part, start, end))
+        else:
+            self.seconds[part] += end - start
+
+    def resolve(self) -> None:
+        for part, start, end in self.pending:
+            end.synchronize()
+            self.seconds[part] += start.elapsed_time(end) / 1e3
+        self.pending.clear()
+
+
+class ExpertStats:
+    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device, timed: bool = False) -> None:
+        self.num_moe_layers = num_moe_layers
+        self.num_experts = num_experts
+        self.device = device
+        self.routed_tokens = torch.zeros(max(num_moe_layers, 1), max(num_experts, 1), dtype=torch.int64,
+                                         device=device)
+        # rows >= this are padding; set by begin_step before each forward (unset: every row is real)
+        self.num_real_tokens = torch.full((), 2**62, dtype=torch.int64, device=device)
+        # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives]
+        self.all2all = torch.zeros(5, dtype=torch.int64, device=device)
+        self._layer_cursor = 0  # MoE layers are dispatched in order, once each per forward
+        self.num_forward_steps = 0
+        self.timed = timed
+        self.clock = _Clock(device)
+        self._step_timed = False
+        self._hooks: list[Any] = []
+
+    # ---- inside the forward (called by the dispatcher) ----
+    def record_routing(self, topk_ids: torch.Tensor) -> None:
+        # topk_ids: [T, k] global expert ids of this rank's tokens (padding rows included)
+        num_tokens, top_k = topk_ids.shape
+        real = (torch.arange(num_tokens, device=topk_ids.device) < self.num_real_tokens).to(torch.int64)
+        row = self.routed_tokens[self._layer_cursor]
+        row.scatter_add_(0, topk_ids.reshape(-1).long(), real.repeat_interleave(top_k))
+        self._layer_cursor = (self._layer_cursor + 1) % max(self.num_moe_layers, 1)
+
+    def record_exchange(self, tokens_sent: torch.Tensor | None, tokens_received: torch.Tensor | None,
+                        num_bytes: int) -> None:
+        if tokens_sent is not None:
+            self.all2all[0] += tokens_sent
+        if tokens_received is not None:
+            self.all2all[1] += tokens_received
+        # constants: a CUDA graph replays the same adds, which is right since its shapes are fixed
+        if num_bytes:
+            self.all2all[2:4] += num_bytes
+            self.all2all[4] += 1
+
+    def time_start(self) -> Any:
+        return self.clock.now() if self.timed else None
+
+    def time_stop(self, part: str, start: Any) -> None:
+        if self.timed and start is not None:
+            self.clock.add(part, start)
+            self._step_timed = True
+
+    # ---- around each step (called by the engine loop, outside any graph) ----
+    def begin_step(self, num_real_tokens: int) -> Any:
+        self.num_real_tokens.fill_(num_real_tokens)
+        self._layer_cursor = 0
+        self._step_timed = False
+        return self.clock.now() if self.timed else None
+
+    def end_step(self, start: Any) -> None:
+        self.num_forward_steps += 1
+        if self.timed and self._step_timed:
+            self.clock.add("total", start)
+
+    def attach_timers(self, model: nn.Module) -> None:
+        """Module hooks time attention blocks and whole MoE blocks (eager forwards only)."""
+        if not self.timed:
+            return
+        for module in model.modules():
+            part = "moe" if getattr(module, "is_moe", False) else (
+                "attention" if type(module).__name__.endswith("Attention") else None)
+            if part is None:
+                continue
+            self._hooks.append(module.register_forward_pre_hook(self._pre_hook))
+            self._hooks.append(module.register_forward_hook(self._post_hook(part)))
+
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
+        module._stats_t0 = self.time_start()  # type: ignore[assignment]
+
+    def _post_hook(self, part: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.time_stop(part, getattr(module, "_stats_t0", None))
+        return hook
+
+    # ---- read (once per stats interval: the only host sync) ----
+    def time_split(self) -> dict[str, float]:
+        if not self.timed:
+            return {}
+        self.clock.resolve()
+        s = self.clock.seconds
+        a2a = s["all2all"]
+        return {"attention": s["attention"], "moe_compute": max(s["moe"] - a2a, 0.0), "all2all": a2a,
+                "other": max(s["total"] - s["attention"] - s["moe"], 0.0), "total": s["total"]}
+
+    def snapshot(self, rank: int) -> ExpertStatsSnapshot:
+        a2a = self.all2all.tolist()
+        return ExpertStatsSnapshot(
+            rank=rank, routed_tokens=self.routed_tokens[: self.num_moe_layers].tolist(),
+            all2all_tokens_sent=a2a[0], all2all_tokens_received=a2a[1], all2all_bytes_sent=a2a[2],
+            all2all_bytes_received=a2a[3], num_forward_steps=self.num_forward_steps, time_split=self.time_split(),
+        )
