@@ -217,10 +217,11 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
 def run_api_server(config: EngineConfig, addrs: Addresses) -> None:
     """Process entry (blocking). The launcher starts it with CUDA_VISIBLE_DEVICES=""."""
     import uvicorn
-    from transformers import AutoTokenizer
+
+    from runtime.tokenizer import load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+    tokenizer = load_tokenizer(config.tokenizer_path)  # None: token-id prompts only
     metrics = Metrics(config.model_name)
     client = EngineClient(addrs, config.max_queue_len, on_stats=metrics.cluster.update)
     app = build_app(config, client, metrics, tokenizer)

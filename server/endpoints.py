@@ -136,7 +136,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
     max_tokens = [serving.resolve_max_tokens(len(ids), req.max_tokens, "max_tokens") for ids in prompt_ids]
     params = serving.sampling_params(req, req.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    echo = [text if text is not None else serving.tokenizer.decode(ids) for text, ids in prompts] if req.echo else None
+    echo = [text if text is not None else serving.decode(ids) for text, ids in prompts] if req.echo else None
     want_logprobs = req.logprobs is not None
     group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens)
     release = _release(serving, group, choices)
@@ -199,7 +199,8 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                     head = _echo_logprobs(serving, c.prompt_token_ids)
                     for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                         setattr(lp, name, getattr(head, name) + getattr(lp, name))
-            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason))
+            ids = (c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)
+            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason, *ids))
         return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
 
     try:
@@ -275,6 +276,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                 _chat_logprobs(serving, c.logprobs) if req.logprobs else None,
                 c.finish_reason,
                 c.stop_reason,
+                *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),
             )
             for c in choices
         ]

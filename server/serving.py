@@ -29,7 +29,7 @@ class Choice:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: the model has no tokenizer, answers carry no text
     arrival: float
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -87,6 +87,8 @@ class Serving:
             )
 
     async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(f"{param}: this model has no tokenizer; send the prompt as token ids", param=param)
         _check_unicode(text, param)
         if len(text) > _THREAD_TOKENIZE_CHARS:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
@@ -210,7 +212,7 @@ class Serving:
             for i in range(n):
                 seed = None if params.seed is None else params.seed + i
                 child = _checked(**{**_fields(params), "seed": seed, "max_tokens": max_tokens[p]})
-                detok = IncrementalDetokenizer(self.tokenizer, ids, child)
+                detok = IncrementalDetokenizer(self.tokenizer, ids, child) if self.tokenizer is not None else None
                 choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detok, now))
         group = self.client.open([(c.request_id, c.prompt_token_ids, c.params) for c in choices])
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
@@ -228,14 +230,16 @@ class Serving:
             c.token_ids.extend(delta.new_token_ids)
             if delta.logprobs is not None:
                 c.logprobs.extend(delta.logprobs)
-            text, stopped = c.detok.update(delta.new_token_ids)
+            text, stopped = c.detok.update(delta.new_token_ids) if c.detok is not None else ("", False)
             if stopped:
                 c.finish_reason = "stop"
+                c.stop_reason = c.detok.stop_reason if c.detok is not None else None
                 group.finish(c.request_id)
             elif delta.finish_reason is not None:
                 c.finish_reason = delta.finish_reason
                 c.stop_reason = delta.stop_reason
-                text += c.detok.finish()
+                if c.detok is not None:
+                    text += c.detok.finish()
             c.text += text
             if c.finish_reason is not None:
                 self.record(c)
@@ -252,10 +256,17 @@ class Serving:
         num_out = sum(len(c.token_ids) for c in choices)
         return Usage(prompt_tokens=num_prompt, completion_tokens=num_out, total_tokens=num_prompt + num_out)
 
+    def decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = (
+                str(token_id)
+                if self.tokenizer is None
+                else self.tokenizer.decode([token_id], skip_special_tokens=False)
+            )
             self._token_text[token_id] = text
         return text
 

@@ -213,6 +213,7 @@ def test_stop_string_and_extra_body(stack: Stack) -> None:
     prompt = "The quick brown fox"
     r = stack.client.completions.create(model="fake", prompt=prompt, max_tokens=30, stop=["brown"])
     assert r.choices[0].text == "The quick " and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].stop_reason == "brown"
     stack.wait_idle()  # the front end aborted the engine request when it saw the stop string
     stream = stack.client.completions.create(model="fake", prompt=prompt, max_tokens=30, stop="fox", stream=True)
     assert "".join(c.choices[0].text for c in stream) == "The quick brown "
@@ -236,7 +237,11 @@ def test_stop_string_and_extra_body(stack: Stack) -> None:
 
 
 def test_echo_and_logprobs(stack: Stack) -> None:
-    r = stack.client.completions.create(model="fake", prompt="Hello world", max_tokens=3, echo=True, logprobs=2)
+    r = stack.client.completions.create(
+        model="fake", prompt="Hello world", max_tokens=3, echo=True, logprobs=2, extra_body={"return_token_ids": True}
+    )
+    ids = stack.tokenizer.encode("Hello world")
+    assert r.choices[0].prompt_token_ids == ids and r.choices[0].token_ids == (ids * 3)[:3]
     c = r.choices[0]
     assert c.text == "Hello world" + stack.expected_text("Hello world", 3)
     n_prompt = len(stack.tokenizer.encode("Hello world"))
