@@ -8,13 +8,14 @@ reads only its own experts.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import zlib
-from collections import defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block, quantize_weight_block
 from models.args import ModelArgs
 from models.registry import config_dict, get_model_class
 
@@ -35,8 +37,15 @@ class LoadError(ValueError):
 @dataclass
 class _Read:
     key: str  # checkpoint tensor name
-    dest: torch.Tensor  # view into one of our parameters
+    dest: torch.Tensor  # view into one of our parameters (or a staging buffer)
     rows: tuple[int, int] | None = None  # read only [start, end) along dim 0 (an EP rank's experts)
+    scale_key: str | None = None  # an FP8 checkpoint tensor to dequantize with this block scale
+
+
+@dataclass
+class _ParamPlan:
+    reads: list[_Read] = field(default_factory=list)
+    finalize: Callable[[], None] | None = None  # runs once the reads are done (online FP8 quantization)
 
 
 def _index_checkpoint(model_path: str) -> dict[str, str]:
@@ -69,9 +78,10 @@ def _aliases(key: str) -> list[str]:
 
 
 class _Planner:
-    def __init__(self, key_to_file: dict[str, str], model_path: str) -> None:
-        self.key_to_file, self.model_path = key_to_file, model_path
-        self.reads: list[_Read] = []
+    def __init__(self, model: nn.Module, key_to_file: dict[str, str], model_path: str, args: ModelArgs) -> None:
+        self.model, self.key_to_file, self.model_path, self.args = model, key_to_file, model_path, args
+        self.plans: list[_ParamPlan] = []
+        self.current = _ParamPlan()
 
     def find(self, *candidates: str) -> str | None:
         for cand in candidates:
@@ -80,15 +90,26 @@ class _Planner:
                     return key
         return None
 
-    def add(self, param_name: str, dest: torch.Tensor, *candidates: str, rows: tuple[int, int] | None = None) -> None:
+    def require(self, param_name: str, *candidates: str) -> str:
         key = self.find(*candidates)
         if key is None:
             raise LoadError(f"tensor {candidates[0]!r} (for parameter {param_name!r}) is missing from the checkpoint "
                             f"in {self.model_path}: is this the right model folder for its config.json?")
-        self.reads.append(_Read(key, dest, rows))
+        return key
 
-    def plan(self, name: str, param: torch.Tensor, args: ModelArgs) -> None:
+    def add(self, param_name: str, dest: torch.Tensor, *candidates: str, rows: tuple[int, int] | None = None) -> str:
+        key = self.require(param_name, *candidates)
+        scale_key = key + "_scale_inv"  # HF FP8: weight -> weight_scale_inv, gate_up_proj -> gate_up_proj_scale_inv
+        dequantize = dest.dtype != FP8_DTYPE and scale_key in self.key_to_file
+        self.current.reads.append(_Read(key, dest, rows, scale_key if dequantize else None))
+        return key
+
+    def plan(self, name: str, param: torch.Tensor) -> None:
         prefix, _, leaf = name.rpartition(".")
+        if leaf.endswith("_scale") and prefix.endswith(".experts"):
+            return  # filled together with its weight
+        self.current = _ParamPlan()
+        self.plans.append(self.current)
         if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
             attn = prefix[: -len(".qkv_proj")]
             q_rows, k_rows, _ = _qkv_rows(param.shape[0], self, attn, leaf)
@@ -100,35 +121,59 @@ class _Planner:
             self.add(name, param[:inter], f"{mlp}.gate_proj.weight")
             self.add(name, param[inter:], f"{mlp}.up_proj.weight")
         elif leaf in ("w13", "w2") and prefix.endswith(".experts"):
-            self.plan_experts(name, param, prefix, leaf, args)
+            self.plan_experts(name, param, prefix, leaf)
         else:
             self.add(name, param, name)
 
-    def plan_experts(self, name: str, param: torch.Tensor, prefix: str, leaf: str, args: ModelArgs) -> None:
+    def plan_experts(self, name: str, param: torch.Tensor, prefix: str, leaf: str) -> None:
+        scale: torch.Tensor | None = getattr(self.model.get_submodule(prefix), f"{leaf}_scale")
         num_local = param.shape[0]
-        first = args.ep_rank * num_local
+        first = self.args.ep_rank * num_local
         rows = (first, first + num_local)
+        names = [f"{prefix}.{first + j}" for j in range(num_local)]
+        gate_up = [(f"{e}.gate_proj.weight", f"{e}.w1.weight", f"{e}.up_proj.weight", f"{e}.w3.weight") for e in names]
+        down = [(f"{e}.down_proj.weight", f"{e}.w2.weight") for e in names]
         stacked = self.find(f"{prefix}.gate_up_proj" if leaf == "w13" else f"{prefix}.down_proj")
+        source_fp8 = (stacked or self.require(name, *(gate_up[0][:2] if leaf == "w13" else down[0]))) + "_scale_inv"
+        source_fp8 = source_fp8 in self.key_to_file
+        dest = param
+        if scale is not None and not source_fp8:  # online FP8: stage in args.dtype, quantize when read
+            dest = torch.empty(param.shape, dtype=self.args.dtype, device=param.device)
+            self.current.finalize = lambda: _quantize_into(dest, param, scale)
         if stacked is not None:  # transformers-5 layout: [E, 2I, H] (gate; up) and [E, H, I]
-            self.reads.append(_Read(stacked, param, rows))
+            self.add(name, dest, stacked, rows=rows)
+            if scale is not None and source_fp8:
+                self.add(name, scale, stacked + "_scale_inv", rows=rows)
             return
         inter = param.shape[1] // 2
         for j in range(num_local):
-            e = f"{prefix}.{first + j}"
             if leaf == "w13":
-                self.add(name, param[j, :inter], f"{e}.gate_proj.weight", f"{e}.w1.weight")
-                self.add(name, param[j, inter:], f"{e}.up_proj.weight", f"{e}.w3.weight")
+                gate = self.add(name, dest[j, :inter], *gate_up[j][:2])
+                up = self.add(name, dest[j, inter:], *gate_up[j][2:])
+                if scale is not None and source_fp8:
+                    if inter % FP8_BLOCK:
+                        raise LoadError(f"FP8 experts need an intermediate size that is a multiple of {FP8_BLOCK} "
+                                        f"to fuse gate/up scales, got {inter} ({name})")
+                    split = inter // FP8_BLOCK
+                    self.add(name, scale[j, :split], gate + "_scale_inv")
+                    self.add(name, scale[j, split:], up + "_scale_inv")
             else:
-                self.add(name, param[j], f"{e}.down_proj.weight", f"{e}.w2.weight")
+                key = self.add(name, dest[j], *down[j])
+                if scale is not None and source_fp8:
+                    self.add(name, scale[j], key + "_scale_inv")
+
+
+def _quantize_into(staged: torch.Tensor, param: torch.Tensor, scale: torch.Tensor) -> None:
+    q, s = quantize_weight_block(staged)
+    param.copy_(q)
+    scale.copy_(s)
 
 
 def _qkv_rows(total: int, planner: _Planner, attn: str, leaf: str) -> tuple[int, int, int]:
     # row counts of q, k, v inside the fused qkv_proj, from the checkpoint headers' shapes
     sizes = []
     for part in ("q_proj", "k_proj", "v_proj"):
-        key = planner.find(f"{attn}.{part}.{leaf}")
-        if key is None:
-            raise LoadError(f"tensor {attn}.{part}.{leaf!r} is missing from the checkpoint in {planner.model_path}")
+        key = planner.require(f"{attn}.qkv_proj.{leaf}", f"{attn}.{part}.{leaf}")
         with safe_open(planner.key_to_file[key], framework="pt") as f:
             sizes.append(f.get_slice(key).get_shape()[0])
     if sum(sizes) != total:
@@ -137,59 +182,96 @@ def _qkv_rows(total: int, planner: _Planner, attn: str, leaf: str) -> tuple[int,
     return sizes[0], sizes[1], sizes[2]
 
 
-def _execute(reads: list[_Read], key_to_file: dict[str, str]) -> dict[str, int]:
-    stats = {"tensors": 0, "bytes": 0}
-    by_file: dict[str, list[_Read]] = defaultdict(list)
-    for r in reads:
-        by_file[key_to_file[r.key]].append(r)
-    with ExitStack() as stack, tqdm(total=len(reads), desc="loading weights", unit="tensor") as bar:
-        for path, file_reads in sorted(by_file.items()):
-            f = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-            for r in file_reads:
-                slice_ = f.get_slice(r.key)
-                shape = list(slice_.get_shape())
-                if r.rows is not None:
-                    if shape[0] < r.rows[1]:
-                        raise LoadError(f"tensor {r.key!r} in {os.path.basename(path)} has {shape[0]} experts, "
-                                        f"need experts up to {r.rows[1]}: config.json does not match the weights")
-                    shape[0] = r.rows[1] - r.rows[0]
-                if shape != list(r.dest.shape):
-                    raise LoadError(f"tensor {r.key!r} in {os.path.basename(path)} has shape {shape}, expected "
-                                    f"{list(r.dest.shape)}: config.json does not match the weights")
-                tensor = slice_[r.rows[0] : r.rows[1]] if r.rows is not None else f.get_tensor(r.key)
+class _Reader:
+    def __init__(self, key_to_file: dict[str, str], stack: ExitStack) -> None:
+        self.key_to_file, self.stack = key_to_file, stack
+        self.files: dict[str, Any] = {}
+        self.stats = {"tensors": 0, "bytes": 0}
+
+    def read(self, key: str, expected: list[int], rows: tuple[int, int] | None) -> torch.Tensor:
+        path = self.key_to_file[key]
+        if path not in self.files:
+            self.files[path] = self.stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+        slice_ = self.files[path].get_slice(key)
+        shape = list(slice_.get_shape())
+        if rows is not None:
+            if shape[0] < rows[1]:
+                raise LoadError(f"tensor {key!r} in {os.path.basename(path)} has {shape[0]} experts, need experts "
+                                f"up to {rows[1]}: config.json does not match the weights")
+            shape[0] = rows[1] - rows[0]
+        if shape != expected:
+            raise LoadError(f"tensor {key!r} in {os.path.basename(path)} has shape {shape}, expected {expected}: "
+                            f"config.json does not match the weights")
+        tensor = slice_[rows[0] : rows[1]] if rows is not None else self.files[path].get_tensor(key)
+        self.stats["tensors"] += 1
+        self.stats["bytes"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def _execute(plans: list[_ParamPlan], key_to_file: dict[str, str]) -> dict[str, int]:
+    # parameter by parameter, so a staging buffer for online quantization lives only while its weight loads
+    with ExitStack() as stack, tqdm(total=sum(len(p.reads) for p in plans), desc="loading weights",
+                                    unit="tensor") as bar:
+        reader = _Reader(key_to_file, stack)
+        for plan in plans:
+            for r in plan.reads:
+                tensor = reader.read(r.key, list(r.dest.shape), r.rows)
+                if r.scale_key is not None:
+                    scale = reader.read(r.scale_key, _block_shape(tensor.shape), r.rows)
+                    tensor = dequantize_weight_block(tensor.to(r.dest.device), scale.to(r.dest.device), r.dest.dtype)
                 r.dest.copy_(tensor)
-                stats["tensors"] += 1
-                stats["bytes"] += tensor.numel() * tensor.element_size()
                 bar.update(1)
-    return stats
+            if plan.finalize is not None:
+                plan.finalize()
+    return reader.stats
+
+
+def _block_shape(shape: torch.Size) -> list[int]:
+    return [*shape[:-2], -(-shape[-2] // FP8_BLOCK), -(-shape[-1] // FP8_BLOCK)]
 
 
 def _init_dummy(model: nn.Module, args: ModelArgs, std: float = 0.02) -> None:
     # deterministic per parameter name and global expert id, so EP-sharded dummy models match the unsharded one
     gen = torch.Generator(device=args.device)
     for name, param in model.named_parameters():
+        seed = args.seed * 1_000_003 + zlib.crc32(name.encode())
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith("bias"):
             param.zero_()
-        else:
-            seed = args.seed * 1_000_003 + zlib.crc32(name.encode())
-            if name.endswith((".experts.w13", ".experts.w2")):
-                first = args.ep_rank * param.shape[0]
-                for j in range(param.shape[0]):
-                    param[j].normal_(0.0, std, generator=gen.manual_seed(seed + first + j))
-            else:
-                param.normal_(0.0, std, generator=gen.manual_seed(seed))
+        elif name.endswith((".experts.w13", ".experts.w2")):
+            first = args.ep_rank * param.shape[0]
+            scale = model.get_parameter(name + "_scale") if param.dtype == FP8_DTYPE else None
+            for j in range(param.shape[0]):
+                w = torch.empty(param.shape[1:], dtype=args.dtype, device=param.device)
+                w.normal_(0.0, std, generator=gen.manual_seed(seed + first + j))
+                if scale is None:
+                    param[j].copy_(w)
+                else:
+                    _quantize_into(w, param[j], scale[j])
+        elif not name.endswith("_scale"):
+            param.normal_(0.0, std, generator=gen.manual_seed(seed))
+
+
+def _check_quantization(cfg: dict[str, Any], args: ModelArgs) -> ModelArgs:
+    quant = cfg.get("quantization_config") or {}
+    if not quant:
+        return args
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise NotImplementedError(f"quantized checkpoints with quant_method={method!r} are not supported (only fp8)")
+    block = list(quant.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK])
+    if block != [FP8_BLOCK, FP8_BLOCK]:
+        raise NotImplementedError(f"FP8 checkpoints need weight_block_size [128, 128], got {block}")
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise NotImplementedError(f"FP8 activation_scheme {quant['activation_scheme']!r} is not supported (dynamic)")
+    # experts stay FP8 (as stored); the other linears are dequantized to args.dtype at load
+    return dataclasses.replace(args, quantization="fp8")
 
 
 def load_model(model_path: str, hf_config: Any, args: ModelArgs, load_format: str = "auto") -> nn.Module:
     cfg = config_dict(hf_config)
-    quant = cfg.get("quantization_config") or {}
-    if args.quantization == "fp8" or quant.get("quant_method") == "fp8":
-        raise NotImplementedError("FP8 weights (quantization='fp8' / quantization_config.quant_method='fp8' with "
-                                  "weight_scale_inv) are not supported by models/loader.py yet")
-    if quant:
-        raise NotImplementedError(f"quantized checkpoints ({quant.get('quant_method')!r}) are not supported")
+    args = _check_quantization(cfg, args)
     if load_format not in ("auto", "dummy"):
         raise LoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     model_cls = get_model_class(cfg)
@@ -203,8 +285,8 @@ def load_model(model_path: str, hf_config: Any, args: ModelArgs, load_format: st
             _init_dummy(model, args)
         else:
             key_to_file = _index_checkpoint(model_path)
-            planner = _Planner(key_to_file, model_path)
+            planner = _Planner(model, key_to_file, model_path, args)
             for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
-                planner.plan(name, param, args)
-            model.load_stats = _execute(planner.reads, key_to_file)
+                planner.plan(name, param)
+            model.load_stats = _execute(planner.plans, key_to_file)
     return model.eval()

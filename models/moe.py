@@ -11,6 +11,7 @@ from torch import nn
 
 from kernels import fused_moe as fused_moe_kernels
 from kernels import router as router_kernels
+from kernels.fp8 import FP8_BLOCK, FP8_DTYPE
 from models.args import ModelArgs
 from models.layers import MLP, pick_kernel
 from runtime.forward_batch import ForwardBatch
@@ -71,13 +72,24 @@ class Experts(nn.Module):
     def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int, args: ModelArgs) -> None:
         super().__init__()
         e, h, i = num_local_experts, hidden_size, intermediate_size
-        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=args.dtype), requires_grad=False)  # gate rows; up
-        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=args.dtype), requires_grad=False)
+        fp8 = args.quantization == "fp8"
+        dtype = FP8_DTYPE if fp8 else args.dtype
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype), requires_grad=False)  # gate rows; up
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype), requires_grad=False)
+        # FP8: e4m3 weights with fp32 [128, 128] block scales, w = q * scale (HF weight_scale_inv layout)
+        self.w13_scale = self.w2_scale = None
+        if fp8:
+            blocks = lambda n: -(-n // FP8_BLOCK)  # noqa: E731
+            self.w13_scale = nn.Parameter(torch.empty(e, blocks(2 * i), blocks(h)), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(e, blocks(h), blocks(i)), requires_grad=False)
         self._fused_experts = pick_kernel(fused_moe_kernels, "fused_experts", args.use_triton)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # topk_ids: local expert ids, -1 = slot handled elsewhere
-        return self._fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
+        if self.w13_scale is None:
+            return self._fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
+        return self._fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids,
+                                   w13_scale=self.w13_scale, w2_scale=self.w2_scale)
 
 
 class MoE(nn.Module):

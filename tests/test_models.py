@@ -152,8 +152,9 @@ def test_loader_errors(checkpoints: dict[str, str], tmp_path: Any) -> None:
     with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*Qwen3MoeForCausalLM.*LlamaForCausalLM"):
         load_model(src, cfg, ModelArgs(dtype=torch.float32))
 
-    with pytest.raises(NotImplementedError, match="fp8"):
-        load_model(src, read_config(src), ModelArgs(dtype=torch.float32, quantization="fp8"))
+    awq = read_config(src) | {"quantization_config": {"quant_method": "awq"}}
+    with pytest.raises(NotImplementedError, match="awq"):
+        load_model(src, awq, ModelArgs(dtype=torch.float32))
 
 
 def test_sharded_checkpoint_and_missing_shard(tmp_path: Any) -> None:
@@ -250,3 +251,53 @@ def test_stacked_expert_layout(checkpoints: dict[str, str], tmp_path: Any) -> No
             torch.testing.assert_close(la.mlp.experts.w13, lb.mlp.experts.w13, atol=0, rtol=0)
             torch.testing.assert_close(la.mlp.experts.w2, lb.mlp.experts.w2, atol=0, rtol=0)
     assert load(path, ep_rank=1, ep_size=2).load_stats["bytes"] < load(path).load_stats["bytes"]
+
+
+def _fp8_checkpoint(src: str, dst: str) -> dict[str, torch.Tensor]:
+    # HF block-FP8 layout: every projection weight -> e4m3 weight + fp32 weight_scale_inv [ceil(N/128), ceil(K/128)]
+    from kernels.fp8 import quantize_weight_block
+
+    path = _copy(src, dst)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for key in [k for k in tensors if k.endswith("_proj.weight")]:
+        tensors[key], tensors[key + "_scale_inv"] = quantize_weight_block(tensors[key])
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    cfg = read_config(path) | {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                                       "activation_scheme": "dynamic"}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return tensors
+
+
+def test_fp8_checkpoint_and_online_quantization(tmp_path: Any) -> None:
+    from kernels.fp8 import FP8_DTYPE, dequantize_weight_block
+
+    src = make_tiny_checkpoint(str(tmp_path / "bf16"), "Qwen3MoeForCausalLM", moe_intermediate_size=128,
+                               num_hidden_layers=2)
+    stored = _fp8_checkpoint(src, str(tmp_path / "fp8"))
+    path = str(tmp_path / "fp8")
+    ep1 = load(path, ep_rank=1, ep_size=2)
+    experts = ep1.model.layers[1].mlp.experts
+    assert experts.w13.dtype == FP8_DTYPE and experts.w13_scale.shape == (4, 2, 1)
+    p = "model.layers.1.mlp.experts.5"
+    deq = lambda k: dequantize_weight_block(stored[k], stored[k + "_scale_inv"], torch.float32)  # noqa: E731
+    w13 = dequantize_weight_block(experts.w13, experts.w13_scale, torch.float32)
+    torch.testing.assert_close(w13[1], torch.cat([deq(f"{p}.gate_proj.weight"), deq(f"{p}.up_proj.weight")]))
+    # non-expert projections are dequantized at load
+    attn = ep1.model.layers[1].self_attn.qkv_proj.weight
+    torch.testing.assert_close(attn[:64], deq("model.layers.1.self_attn.q_proj.weight"))
+    # online: a float checkpoint with quantization="fp8" keeps its experts in FP8; logits stay close
+    online, full = load(src, quantization="fp8"), load(src)
+    assert online.model.layers[0].mlp.experts.w2.dtype == FP8_DTYPE
+    fp8_ckpt = load(path)
+    toks = prompts(512)
+    with torch.no_grad():
+        logits = [PagedRun(m, 32, 3).step(toks, [0, 0, 0]) for m in (full, online, fp8_ckpt)]
+    # e4m3 keeps ~3 mantissa bits and the activations are quantized too: close, not equal
+    for other in logits[1:]:
+        assert torch.nn.functional.cosine_similarity(logits[0], other, dim=-1).mean() > 0.98
+    w13 = online.model.layers[0].mlp.experts
+    w13 = dequantize_weight_block(w13.w13, w13.w13_scale, torch.float32)
+    torch.testing.assert_close(w13, full.model.layers[0].mlp.experts.w13, atol=0.02, rtol=0.07)
+    dummy = load_model(src, read_config(src), ModelArgs(dtype=torch.float32, quantization="fp8"), "dummy")
+    assert dummy.model.layers[1].mlp.experts.w13_scale.gt(0).all()
