@@ -115,9 +115,16 @@ class EngineClient:
         if self._ctx is not None:
             self._ctx.term()
 
-    @property
-    def healthy(self) -> bool:
-        return self._reader is not None and not self._reader.done() and (self.stats is None or self.stats.healthy)
+    def health(self, stale_after: float) -> str:
+        """'ok', 'starting' (no engine has reported yet) or 'degraded' (a rank down or restarting, or the
+        coordinator silent for stale_after seconds)."""
+        if self._reader is None or self._reader.done():
+            return "degraded"
+        if self.stats is None:
+            return "starting"
+        if not self.stats.healthy or time.time() - self.stats_time > stale_after:
+            return "degraded"
+        return "ok"
 
     # ------------------------------------------------------------ requests
 

@@ -133,6 +133,12 @@ class _ClusterCollector(Collector):
             for r in ranks:
                 c.add_metric([str(r.rank)], float(getattr(r, attr)))
             yield c
+        routed = CounterMetricFamily(
+            "moe_requests_routed", "requests the coordinator sent to the rank", labels=["rank"]
+        )
+        for rank, num in enumerate(getattr(stats, "num_requests_routed", None) or []):
+            routed.add_metric([str(rank)], float(num))
+        yield routed
         yield CounterMetricFamily(
             "moe_engine_restarts", "engine rank group restarts", value=float(stats.num_engine_restarts if stats else 0)
         )
