@@ -1,0 +1,229 @@
+"""End-to-end engine step times at Qwen3-30B-A3B shapes (dummy weights) on one GPU, next to their floor
+and next to transformers' own Qwen3-MoE (experts_implementation="grouped_mm") run in the same process.
+
+Decode: B sequences whose first `ctx` tokens are already in the KV cache; we time whole engine steps
+(schedule + inputs + CUDA-graph replay + sampling). Prefill: one 8k-token chunk.
+Floor: bytes a decode step must read (experts touched + attention/router weights + lm head + KV) over the
+device-to-device copy bandwidth measured in this run; prefill floor: FLOPs over the measured matmul rate.
+
+    python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+
+
+def measure_ceilings(device: torch.device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
+    from triton.testing import do_bench
+
+    src = torch.randn(1 << 29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bandwidth = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    del src, dst
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return bandwidth, 2 * 8192**3 / (ms * 1e-3)
+
+
+def decode_floor_bytes(cfg: dict, batch: int, ctx: int, weight_bytes: float) -> float:
+    h, i, e, k, layers = (cfg[n] for n in ("hidden_size", "moe_intermediate_size", "num_experts",
+                                           "num_experts_per_tok", "num_hidden_layers"))
+    q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
+    experts_touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
+    expert_bytes = experts_touched * 3 * h * i * weight_bytes
+    attn_bytes = (h * (q_dim + 2 * kv_dim) + q_dim * h) * weight_bytes + h * e * 2  # qkv, o, router (bf16)
+    kv_bytes = batch * (ctx + 1) * 2 * kv_dim * 2
+    lm_head = cfg["vocab_size"] * h * 2
+    return layers * (expert_bytes + attn_bytes + kv_bytes) + lm_head
+
+
+def prefill_flops(cfg: dict, tokens: int) -> float:
+    h, i, k, layers = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"], \
+        cfg["num_hidden_layers"]
+    q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
+    linear = 2 * tokens * (h * (q_dim + 2 * kv_dim) + q_dim * h + k * 3 * h * i)
+    attention = 2 * 2 * q_dim * tokens * tokens / 2  # causal QK^T and PV
+    return layers * (linear + attention) + 2 * cfg["vocab_size"] * h  # logits of the last token only
+
+
+def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth: float, flops: float) -> list[dict]:
+    from runtime.config import EngineConfig
+    from runtime.engine import LLMEngine
+    from runtime.messages import AddRequest
+    from runtime.sampling_params import SamplingParams
+    from runtime.sequence import Sequence, Status
+
+    max_b = max(args.batch_sizes)
+    config = EngineConfig(model=model_dir, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
+                          max_model_len=max(args.ctx + 64, args.prefill + 16), max_num_seqs=max_b,
+                          max_num_batched_tokens=args.prefill, gpu_memory_utilization=0.92)
+    engine = LLMEngine(config)
+    weight_bytes = 1 if args.quantization == "fp8" else 2
+    rows = []
+    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    for batch in args.batch_sizes:
+        # B sequences with ctx tokens "already computed": blocks allocated, KV left as it is
+        seqs = []
+        for b in range(batch):
+            seq = Sequence(f"d{batch}-{b}", torch.randint(0, 150000, (args.ctx + 1,), generator=g).tolist(), params)
+            engine.block_manager.allocate(seq)
+            engine.block_manager.grow(seq, args.ctx + 1)
+            seq.num_computed_tokens = args.ctx
+            seq.status = Status.RUNNING
+            engine.scheduler.running.append(seq)
+            engine.requests[seq.request_id] = seq
+            seqs.append(seq)
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes) / bandwidth * 1e3
+        rows.append({"engine": "ours", "phase": "decode", "batch": batch, "ctx": args.ctx, "step_ms": step_ms,
+                     "floor_ms": floor_ms, "floor_fraction": floor_ms / step_ms,
+                     "tokens_per_s": batch / step_ms * 1e3})
+        print(f"ours decode B={batch:4d} ctx={args.ctx}: {step_ms:8.3f} ms/step, floor {floor_ms:.3f} ms "
+              f"({floor_ms / step_ms:.0%} of floor speed)", flush=True)
+        engine.abort_requests([s.request_id for s in seqs])
+    # prefill: one chunk of args.prefill tokens
+    prompt = torch.randint(0, 150000, (args.prefill,), generator=g).tolist()
+    times = []
+    for r in range(3):
+        engine.add_request(AddRequest(f"p{r}", prompt[:-1] + [r], SamplingParams(temperature=0, max_tokens=1)))
+        engine.block_manager.reset_prefix_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    prefill_s = min(times[1:])
+    floor_s = prefill_flops(cfg, args.prefill) / flops
+    rows.append({"engine": "ours", "phase": "prefill", "tokens": args.prefill, "step_ms": prefill_s * 1e3,
+                 "floor_ms": floor_s * 1e3, "floor_fraction": floor_s / prefill_s,
+                 "tokens_per_s": args.prefill / prefill_s})
+    print(f"ours prefill {args.prefill} tokens: {prefill_s * 1e3:.1f} ms = {args.prefill / prefill_s:.0f} tok/s, "
+          f"floor {floor_s * 1e3:.1f} ms", flush=True)
+    del engine
+    return rows
+
+
+def bench_transformers(model_dir: str, args: argparse.Namespace, cfg: dict) -> list[dict]:
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(
+                hf_cfg, dtype=torch.bfloat16, experts_implementation="grouped_mm")
+        except (TypeError, ValueError):
+            hf_cfg._experts_implementation = "grouped_mm"
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+    model.eval()
+    rows = []
+    for batch in [b for b in args.batch_sizes if b in (1, 64)]:
+        ids = torch.randint(0, 150000, (batch, args.ctx), device="cuda")
+        with torch.inference_mode():
+            out = model(ids, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(2):
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            n = max(3, args.steps // 4)
+            for _ in range(n):
+                out = model(nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / n * 1e3
+        rows.append({"engine": "transformers", "phase": "decode", "batch": batch, "ctx": args.ctx,
+                     "step_ms": step_ms, "tokens_per_s": batch / step_ms * 1e3})
+        print(f"transformers decode B={batch:4d} ctx={args.ctx}: {step_ms:8.3f} ms/step", flush=True)
+        del cache, out
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 256])
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--prefill", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quantization", choices=["fp8"], default=None)
+    parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--out", default="e2e.json")
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    bandwidth, flops = measure_ceilings(device)
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    model_dir = tempfile.mkdtemp()
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(QWEN3_30B_A3B, f)
+    rows = bench_engine(model_dir, args, QWEN3_30B_A3B, bandwidth, flops)
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.no_hf:
+        rows += bench_transformers(model_dir, args, QWEN3_30B_A3B)
+    result = {"gpu": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth, "matmul_flops": flops,
+              "quantization": args.quantization or "bf16", "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    ours = {r["batch"]: r for r in rows if r["engine"] == "ours" and r["phase"] == "decode"}
+    hf = {r["batch"]: r for r in rows if r["engine"] == "transformers"}
+    summary = " ".join(
+        f"B{b}={r['step_ms']:.2f}ms({r['floor_fraction']:.0%})" + (f"/hf{hf[b]['step_ms']:.0f}ms" if b in hf else "")
+        for b, r in ours.items()
+    )
+    pre = next(r for r in rows if r["phase"] == "prefill")
+    print(f"SUMMARY e2e qwen3-30b-a3b {result['quantization']} {result['gpu']}: decode {summary} "
+          f"prefill8k={pre['tokens_per_s']:.0f}tok/s({pre['floor_fraction']:.0%})")
+
+
+if __name__ == "__main__":
+    main()
