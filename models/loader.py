@@ -208,10 +208,11 @@ class _Reader:
         return tensor
 
 
-def _execute(plans: list[_ParamPlan], key_to_file: dict[str, str]) -> dict[str, int]:
+def _execute(plans: list[_ParamPlan], key_to_file: dict[str, str], show_progress: bool) -> dict[str, int]:
     # parameter by parameter, so a staging buffer for online quantization lives only while its weight loads
-    with ExitStack() as stack, tqdm(total=sum(len(p.reads) for p in plans), desc="loading weights",
-                                    unit="tensor") as bar:
+    total = sum(len(p.reads) for p in plans)
+    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not show_progress)
+    with ExitStack() as stack, bar:
         reader = _Reader(key_to_file, stack)
         for plan in plans:
             for r in plan.reads:
@@ -288,5 +289,5 @@ def load_model(model_path: str, hf_config: Any, args: ModelArgs, load_format: st
             planner = _Planner(model, key_to_file, model_path, args)
             for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
                 planner.plan(name, param)
-            model.load_stats = _execute(planner.plans, key_to_file)
+            model.load_stats = _execute(planner.plans, key_to_file, show_progress=args.ep_rank == 0)
     return model.eval()

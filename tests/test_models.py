@@ -47,20 +47,23 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def load(path: str, **kw: Any) -> torch.nn.Module:
-    return load_model(path, read_config(path), ModelArgs(dtype=torch.float32, device="cpu", **kw))
+    return load_model(path, read_config(path), ModelArgs(**({"dtype": torch.float32, "device": "cpu"} | kw)))
 
 
 class PagedRun:
     """Block tables over a shuffled pool of blocks, so a wrong page lookup shows up in the logits."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int, batch_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_len: int, batch_size: int, backend: Any = None) -> None:
         blocks_per_seq = -(-max_len // BLOCK_SIZE)
         num_blocks = blocks_per_seq * batch_size + 2
         perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))
+        self.device = model.args.device
         self.block_tables = perm[: blocks_per_seq * batch_size].view(batch_size, blocks_per_seq).to(torch.int32)
+        self.block_tables = self.block_tables.to(self.device)
         shape = (num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
-        self.kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.num_layers)]
-        self.model = model
+        zeros = lambda: torch.zeros(shape, dtype=model.args.dtype, device=self.device)  # noqa: E731
+        self.kv_caches = [(zeros(), zeros()) for _ in range(model.num_layers)]
+        self.model, self.backend = model, backend or RefAttentionBackend()
 
     def step(self, chunks: list[list[int]], starts: list[int], extras: dict[str, Any] | None = None) -> torch.Tensor:
         # chunks[b]: new tokens of sequence b, which already has starts[b] tokens cached
@@ -73,14 +76,15 @@ class PagedRun:
                 slots.append(int(self.block_tables[b, pos // BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE)
             cu.append(cu[-1] + len(chunk))
         seq_lens = [s + len(c) for c, s in zip(chunks, starts)]
+        dev = self.device
         batch = ForwardBatch(
-            slot_mapping=torch.tensor(slots), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=self.block_tables,
+            slot_mapping=torch.tensor(slots, device=dev), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_tables=self.block_tables,
             max_seqlen_q=max(len(c) for c in chunks), max_seqlen_k=max(seq_lens),
             is_decode=all(len(c) == 1 for c in chunks), kv_caches=self.kv_caches,
-            attn_backend=RefAttentionBackend(), extras=extras or {},
+            attn_backend=self.backend, extras=extras or {},
         )
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), batch)
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch)
         return self.model.compute_logits(hidden)
 
 
@@ -301,3 +305,27 @@ def test_fp8_checkpoint_and_online_quantization(tmp_path: Any) -> None:
     torch.testing.assert_close(w13, full.model.layers[0].mlp.experts.w13, atol=0.02, rtol=0.07)
     dummy = load_model(src, read_config(src), ModelArgs(dtype=torch.float32, quantization="fp8"), "dummy")
     assert dummy.model.layers[1].mlp.experts.w13_scale.gt(0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_triton_kernels_match_reference_on_gpu(arch: str, quantization: str | None, tmp_path: Any) -> None:
+    from runtime.attention_backend import ATTENTION_BACKENDS
+
+    if quantization and arch not in MOE_ARCHS:
+        pytest.skip("FP8 applies to the experts")
+    path = make_tiny_checkpoint(str(tmp_path / arch), arch, hidden_size=256, moe_intermediate_size=128)
+    toks = prompts(512)
+    logits = []
+    for use_triton in (False, True):
+        model = load(path, dtype=torch.bfloat16, device="cuda", use_triton=use_triton, quantization=quantization)
+        run = PagedRun(model, max(PROMPT_LENS), len(toks), ATTENTION_BACKENDS["triton" if use_triton else "torch"]())
+        with torch.no_grad():
+            prefill = run.step([p[:-1] for p in toks], [0] * len(toks))
+            decode = run.step([p[-1:] for p in toks], [len(p) - 1 for p in toks])
+        logits.append(torch.cat([prefill, decode]))
+    ref, fast = logits
+    cos = torch.nn.functional.cosine_similarity(ref, fast, dim=-1)
+    assert cos.min() > 0.995, cos.min()
+    assert (ref.argmax(-1) == fast.argmax(-1)).float().mean() > 0.9
