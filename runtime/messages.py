@@ -107,6 +107,9 @@ class ClusterStats(msgspec.Struct, tag=True):
     ranks: list[RankStats]
     num_engine_restarts: int = 0
     healthy: bool = True
+    num_steps_issued: int = 0  # lockstep steps the coordinator has clocked (0 when ranks run freely)
+    num_dummy_commands: int = 0  # (step, rank) pairs that ran a dummy step
+    num_requests_routed: list[int] = []  # per rank
 
 
 Message = AddRequest | AbortRequest | StepCommand | Shutdown | StepReport | OutputBatch | StatsReport | ClusterStats

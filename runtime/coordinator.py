@@ -1,0 +1,292 @@
+"""The DP coordinator: its own process, no GPU (never imports torch). Routes requests, clocks EP steps.
+
+Routing: each AddRequest goes to the rank with the least load: running + waiting + requests sent but not
+yet seen in a report, then KV usage. Aborts go to every rank (a rank ignores ids it does not hold).
+
+Lockstep (expert parallel): every rank schedules and sends StepReport(step_id, num_tokens). Once every rank
+has reported for the current step, and each report is current (it has seen every request sent to that rank,
+or already has work), the coordinator answers all ranks StepCommand(pad_to=max, dummy=(its tokens == 0)).
+When every rank reports 0 it answers nothing: the ranks sit in recv and the GPUs go quiet. A new request
+wakes its rank, which schedules again and sends a fresh report for the same step.
+
+Free-running ranks (dense model, or DP without EP) only send reports for the load figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+
+import msgspec
+import zmq
+
+from runtime.messages import (
+    AbortRequest,
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    ExpertStatsSnapshot,
+    RankStats,
+    Shutdown,
+    StatsReport,
+    StepCommand,
+    StepReport,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger("runtime.coordinator")
+
+
+class CoordinatorSpec(msgspec.Struct):
+    num_ranks: int
+    lockstep: bool  # expert parallel: clock every step; otherwise the ranks run freely
+    log_stats: bool = True
+    log_stats_interval: float = 5.0
+    expert_stats_file: str | None = None
+
+
+class StepClock:
+    """Lockstep bookkeeping, free of sockets so it can be tested alone."""
+
+    def __init__(self, num_ranks: int) -> None:
+        self.num_ranks = num_ranks
+        self.step_id = 0
+        self.reports: list[StepReport | None] = [None] * num_ranks
+        self.num_sent = [0] * num_ranks  # AddRequests sent to each rank
+        self.num_steps_issued = 0
+        self.num_dummy_commands = 0  # (step, rank) pairs that ran a dummy
+        self.num_commands = 0
+
+    def settled(self, rank: int) -> bool:
+        r = self.reports[rank]
+        return r is not None and (r.num_tokens > 0 or r.num_requests_received >= self.num_sent[rank])
+
+    def on_report(self, report: StepReport) -> list[StepCommand] | None:
+        """The commands to send (one per rank), or None while waiting or idle."""
+        if report.step_id != self.step_id:
+            return None  # a late update for a step already issued (cannot change it any more)
+        self.reports[report.rank] = report
+        if not all(self.settled(r) for r in range(self.num_ranks)):
+            return None
+        num_tokens = [r.num_tokens for r in self.reports if r is not None]
+        pad_to = max(num_tokens)
+        if pad_to == 0:
+            return None  # everyone idle: issue nothing
+        commands = [StepCommand(step_id=self.step_id, pad_to=pad_to, dummy=n == 0) for n in num_tokens]
+        self.step_id += 1
+        self.reports = [None] * self.num_ranks
+        self.num_steps_issued += 1
+        self.num_commands += len(commands)
+        self.num_dummy_commands += sum(c.dummy for c in commands)
+        return commands
+
+
+class LoadBalancer:
+    def __init__(self, num_ranks: int) -> None:
+        self.load: list[tuple[int, float]] = [(0, 0.0)] * num_ranks  # (running + waiting, kv usage)
+        self.received = [0] * num_ranks  # AddRequests each rank has reported taking
+        self.num_routed = [0] * num_ranks
+
+    def update(self, r: StepReport) -> None:
+        self.load[r.rank] = (r.num_running + r.num_waiting, r.kv_usage)
+        self.received[r.rank] = max(self.received[r.rank], r.num_requests_received)
+
+    def pick(self) -> int:
+        def key(rank: int) -> tuple[int, float, int]:
+            in_flight = self.num_routed[rank] - self.received[rank]
+            return (self.load[rank][0] + in_flight, self.load[rank][1], rank)
+
+        rank = min(range(len(self.load)), key=key)
+        self.num_routed[rank] += 1
+        return rank
+
+
+class StatsAggregator:
+    """Sums per-rank cumulative counters into rates, one log line per interval."""
+
+    def __init__(self, num_ranks: int) -> None:
+        self.latest: list[RankStats | None] = [None] * num_ranks
+        self.previous: list[RankStats | None] = [None] * num_ranks
+        self.expert: list[ExpertStatsSnapshot | None] = [None] * num_ranks
+        self.last_time = time.monotonic()
+        self.last_commands = (0, 0)
+
+    def line(self, clock: StepClock | None, now: float) -> str:
+        dt = max(now - self.last_time, 1e-9)
+        prompt, gen = [], []
+        for cur, prev in zip(self.latest, self.previous):
+            p0, g0 = (prev.prompt_tokens, prev.generation_tokens) if prev else (0, 0)
+            p1, g1 = (cur.prompt_tokens, cur.generation_tokens) if cur else (p0, g0)
+            prompt.append((p1 - p0) / dt)
+            gen.append((g1 - g0) / dt)
+        ranks = [s for s in self.latest if s is not None]
+        running = sum(s.num_running for s in ranks)
+        waiting = sum(s.num_waiting for s in ranks)
+        kv = [s.kv_usage for s in ranks] or [0.0]
+        if clock is not None:
+            d_cmd = clock.num_commands - self.last_commands[0]
+            d_dummy = clock.num_dummy_commands - self.last_commands[1]
+            self.last_commands = (clock.num_commands, clock.num_dummy_commands)
+        else:
+            d_cmd = sum(s.num_steps for s in ranks) - sum(p.num_steps for p in self.previous if p)
+            d_dummy = sum(s.num_dummy_steps for s in ranks) - sum(p.num_dummy_steps for p in self.previous if p)
+        self.previous = list(self.latest)
+        self.last_time = now
+
+        def per_rank(xs: list[float]) -> str:
+            return "/".join(f"{x:.1f}" for x in xs)
+
+        kv_mean = 100 * sum(kv) / len(kv)
+        return (f"prompt {sum(prompt):.1f} tok/s [{per_rank(prompt)}], generation {sum(gen):.1f} tok/s "
+                f"[{per_rank(gen)}], running {running}, waiting {waiting}, KV usage mean {kv_mean:.1f}% "
+                f"max {100 * max(kv):.1f}%, dummy steps {100 * d_dummy / max(d_cmd, 1):.1f}%")
+
+
+class Coordinator:
+    def __init__(self, spec: CoordinatorSpec, addrs: Addresses, ctx: zmq.Context | None = None) -> None:
+        self.spec = spec
+        self.addrs = addrs
+        self.ctx = ctx or zmq.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(addrs.to_coordinator)
+        self.to_engines = []
+        for addr in addrs.to_engines[: spec.num_ranks]:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.bind(addr)
+            self.to_engines.append(sock)
+        self.to_frontend = self.ctx.socket(zmq.PUSH)
+        self.to_frontend.setsockopt(zmq.SNDHWM, 16)  # stats only: drop rather than pile up
+        self.to_frontend.connect(addrs.to_frontend)
+        self.clock = StepClock(spec.num_ranks) if spec.lockstep else None
+        self.balancer = LoadBalancer(spec.num_ranks)
+        self.stats = StatsAggregator(spec.num_ranks)
+        self.ready = [False] * spec.num_ranks
+        self.queued: deque[AddRequest] = deque()  # requests that arrived before every rank was ready
+        self.running = True
+
+    def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown) -> None:
+        self.to_engines[rank].send(encode(msg), copy=False)
+
+    def _route(self, req: AddRequest) -> None:
+        rank = self.balancer.pick()
+        if self.clock is not None:
+            self.clock.num_sent[rank] += 1
+        self._send(rank, req)
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, AddRequest):
+            if all(self.ready):
+                self._route(msg)
+            else:
+                self.queued.append(msg)
+        elif isinstance(msg, AbortRequest):
+            ids = set(msg.request_ids)
+            self.queued = deque(r for r in self.queued if r.request_id not in ids)
+            for rank in range(self.spec.num_ranks):
+                self._send(rank, msg)
+        elif isinstance(msg, StepReport):
+            self.balancer.update(msg)
+            if self.clock is not None:
+                commands = self.clock.on_report(msg)
+                for rank, cmd in enumerate(commands or []):
+                    self._send(rank, cmd)
+        elif isinstance(msg, StatsReport):
+            rank = msg.stats.rank
+            self.stats.latest[rank] = msg.stats
+            if msg.expert is not None:
+                self.stats.expert[rank] = msg.expert
+            if not self.ready[rank]:
+                self.ready[rank] = True
+                logger.info("engine rank %d ready (%d/%d)", rank, sum(self.ready), self.spec.num_ranks)
+                if all(self.ready):
+                    while self.queued:
+                        self._route(self.queued.popleft())
+        else:
+            logger.warning("coordinator: unexpected message %s", type(msg).__name__)
+
+    def cluster_stats(self) -> ClusterStats:
+        ranks = [s if s is not None else RankStats(r, 0, 0, 0.0, 0, 0, 0, 0) for r, s in enumerate(self.stats.latest)]
+        clock = self.clock
+        return ClusterStats(ranks=ranks, healthy=all(self.ready),
+                            num_steps_issued=clock.num_steps_issued if clock else 0,
+                            num_dummy_commands=clock.num_dummy_commands if clock else 0,
+                            num_requests_routed=list(self.balancer.num_routed))
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.spec.log_stats and any(s is not None for s in self.stats.latest):
+            logger.info("%s", self.stats.line(self.clock, now))
+        try:
+            self.to_frontend.send(encode(self.cluster_stats()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
+            self.write_expert_stats(self.spec.expert_stats_file)
+
+    def write_expert_stats(self, path: str) -> None:
+        data = {"num_ranks": self.spec.num_ranks, "steps_issued": self.clock.num_steps_issued if self.clock else None,
+                "ranks": [msgspec.to_builtins(e) for e in self.stats.expert if e is not None]}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)  # a reader never sees half a file
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        next_tick = time.monotonic() + self.spec.log_stats_interval
+        while self.running:
+            timeout_ms = max(0.0, next_tick - time.monotonic()) * 1e3
+            if poller.poll(timeout_ms):
+                while True:  # drain everything that is there, then look at the clock
+                    try:
+                        data = self.pull.recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(decode(data.buffer))
+            if time.monotonic() >= next_tick:
+                self.tick()
+                next_tick = time.monotonic() + self.spec.log_stats_interval
+
+    def shutdown(self) -> None:
+        """Tell every rank to exit after the step it is in (FIFO after any command already sent)."""
+        self.running = False
+        for rank in range(self.spec.num_ranks):
+            try:
+                self.to_engines[rank].send(encode(Shutdown()), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
+            self.write_expert_stats(self.spec.expert_stats_file)
+
+
+def main(argv: list[str]) -> None:
+    """python -m runtime.coordinator SPEC_JSON ADDRESSES_JSON (started by runtime.serve)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s coordinator: %(message)s")
+    spec = msgspec.json.decode(argv[0], type=CoordinatorSpec)
+    addrs = msgspec.json.decode(argv[1], type=Addresses)
+    coordinator = Coordinator(spec, addrs)
+
+    def stop(signum: int, frame: object) -> None:
+        coordinator.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        coordinator.run()
+    finally:
+        coordinator.shutdown()
+        coordinator.ctx.destroy(linger=1000)
+    if "torch" in sys.modules:  # the no-GPU promise, checked where it matters
+        logger.error("the coordinator imported torch")
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

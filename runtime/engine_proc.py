@@ -1,0 +1,226 @@
+"""One engine rank's process: init the groups, build dispatcher + LLMEngine, then serve the sockets.
+
+Lockstep (EP on): schedule -> StepReport -> wait for StepCommand (taking requests meanwhile; an idle rank
+that gets one schedules again and re-reports the same step) -> execute(pad_to) -> outputs to the front end.
+Free-running (no EP): take requests, step, send outputs; report load whenever it changes.
+Outputs go straight to the front end; the coordinator only sees reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+import msgspec
+import zmq
+
+from runtime.config import EngineConfig
+from runtime.messages import (
+    AbortRequest,
+    AddRequest,
+    Addresses,
+    OutputBatch,
+    RankStats,
+    Shutdown,
+    StatsReport,
+    StepCommand,
+    StepReport,
+    TokenDelta,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger("runtime.engine_proc")
+
+
+class Engine(Protocol):
+    def add_request(self, req: AddRequest) -> None: ...
+    def abort_requests(self, ids: list[str]) -> None: ...
+    def has_unfinished(self) -> bool: ...
+    def schedule(self) -> int: ...
+    def execute(self, pad_to: int | None = None) -> list[TokenDelta]: ...
+    def stats(self) -> RankStats: ...
+
+
+class _Stop(Exception):
+    pass
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, rank: int, addrs: Addresses, lockstep: bool, stats_interval: float = 5.0,
+                 expert_stats: Any = None, ctx: zmq.Context | None = None) -> None:
+        self.engine = engine
+        self.rank = rank
+        self.lockstep = lockstep
+        self.stats_interval = stats_interval
+        self.expert_stats = expert_stats  # runtime.expert_stats.ExpertStats or None
+        self.ctx = ctx or zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.connect(addrs.to_engines[rank])
+        self.to_coordinator = self.ctx.socket(zmq.PUSH)
+        self.to_coordinator.connect(addrs.to_coordinator)
+        self.to_frontend = self.ctx.socket(zmq.PUSH)
+        self.to_frontend.setsockopt(zmq.SNDHWM, 0)  # outputs are never dropped
+        self.to_frontend.connect(addrs.to_frontend)
+        self.num_requests_received = 0
+        self.next_stats = time.monotonic()
+        self.last_load: tuple[int, int, int] | None = None
+        self.step_id = 0
+
+    # ---- messages ----
+    def _handle(self, msg: object) -> StepCommand | None:
+        if isinstance(msg, AddRequest):
+            self.num_requests_received += 1
+            try:
+                self.engine.add_request(msg)
+            except ValueError as e:  # the engine's RequestError: tell the client, keep serving
+                logger.warning("rank %d: request %s rejected: %s", self.rank, msg.request_id, e)
+                self._send_outputs([TokenDelta(request_id=msg.request_id, new_token_ids=[], finish_reason="abort")])
+        elif isinstance(msg, AbortRequest):
+            # safe between schedule() and execute(): the engine drops aborted sequences and keeps the padding
+            self.engine.abort_requests(msg.request_ids)
+        elif isinstance(msg, Shutdown):
+            raise _Stop
+        elif isinstance(msg, StepCommand):
+            return msg
+        else:
+            logger.warning("rank %d: unexpected message %s", self.rank, type(msg).__name__)
+        return None
+
+    def _recv(self, timeout_s: float | None) -> object | None:
+        """One message, waiting up to timeout_s (None = forever, 0 = no wait)."""
+        if timeout_s is None or timeout_s > 0:
+            ms = -1 if timeout_s is None else max(1, int(timeout_s * 1e3))
+            if not self.pull.poll(ms):
+                return None
+        try:
+            data = self.pull.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        return decode(data.buffer)
+
+    def _send_outputs(self, outputs: list[TokenDelta]) -> None:
+        if outputs:
+            self.to_frontend.send(encode(OutputBatch(rank=self.rank, outputs=outputs)), copy=False)
+
+    def _report(self, num_tokens: int, is_decode: bool = False) -> None:
+        s = self.engine.stats()
+        self.last_load = (s.num_running, s.num_waiting, self.num_requests_received)
+        self.to_coordinator.send(encode(StepReport(
+            rank=self.rank, step_id=self.step_id, num_tokens=num_tokens, is_decode=is_decode,
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
+            num_requests_received=self.num_requests_received)))
+
+    def _maybe_send_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.next_stats:
+            return
+        self.next_stats = now + self.stats_interval
+        expert = self.expert_stats.snapshot(self.rank) if self.expert_stats is not None else None
+        self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert)))
+
+    def _until_stats(self) -> float:
+        return max(0.0, self.next_stats - time.monotonic())
+
+    def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
+        t0 = self.expert_stats.begin_step(num_real_tokens) if self.expert_stats is not None else None
+        outputs = self.engine.execute(pad_to=pad_to)
+        if self.expert_stats is not None:
+            self.expert_stats.end_step(t0)
+        self._send_outputs(outputs)
+
+    # ---- loops ----
+    def run(self) -> None:
+        self._maybe_send_stats(force=True)  # the coordinator's "ready"
+        try:
+            if self.lockstep:
+                self._run_lockstep()
+            else:
+                self._run_free()
+        except _Stop:
+            logger.info("rank %d: shutdown", self.rank)
+        finally:
+            self.ctx.destroy(linger=2000)
+
+    def _run_lockstep(self) -> None:
+        while True:
+            while (msg := self._recv(0)) is not None:
+                if self._handle(msg) is not None:
+                    raise RuntimeError(f"rank {self.rank}: a StepCommand arrived before this rank reported")
+            num_tokens = self.engine.schedule()
+            self._report(num_tokens)
+            cmd = None
+            while cmd is None:
+                self._maybe_send_stats()
+                msg = self._recv(self._until_stats())
+                if msg is None:
+                    continue
+                received = self.num_requests_received
+                cmd = self._handle(msg)
+                if cmd is None and num_tokens == 0 and self.num_requests_received != received:
+                    # woken while idle: plan again and tell the coordinator (same step id)
+                    num_tokens = self.engine.schedule()
+                    self._report(num_tokens)
+            if cmd.step_id != self.step_id:
+                raise RuntimeError(f"rank {self.rank}: got the command of step {cmd.step_id}, "
+                                   f"expected {self.step_id}")
+            if cmd.dummy and num_tokens > 0:
+                raise RuntimeError(f"rank {self.rank}: told to run a dummy step with {num_tokens} tokens planned")
+            self._execute(num_tokens, cmd.pad_to)
+            self.step_id += 1
+            self._maybe_send_stats()
+
+    def _run_free(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished()
+            msg = self._recv(0 if busy else self._until_stats())
+            while msg is not None:
+                self._handle(msg)
+                msg = self._recv(0)
+            if self.engine.has_unfinished():
+                num_tokens = self.engine.schedule()
+                if num_tokens:
+                    self._execute(num_tokens, None)
+                    self.step_id += 1
+            s = self.engine.stats()
+            if (s.num_running, s.num_waiting, self.num_requests_received) != self.last_load:
+                self._report(0)
+            self._maybe_send_stats()
+
+
+def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tuple[Any, Any]:
+    """LLMEngine with this rank's dispatcher and expert statistics (None for a dense model)."""
+    from runtime.all2all import default_backend, default_capacity, make_dispatcher, validate_capacity
+    from runtime.engine import LLMEngine
+    from runtime.expert_stats import ExpertStats, count_moe_layers
+    from runtime.parallel import num_experts_of
+
+    hf = config.hf_config()
+    num_experts = num_experts_of(hf)
+    if num_experts == 0:
+        return LLMEngine(config, parallel), None
+    capacity = config.expert_token_capacity or default_capacity(config.max_num_seqs, config.max_num_batched_tokens)
+    capacity = validate_capacity(capacity, config.max_num_seqs, config.max_num_batched_tokens)
+    stats = ExpertStats(count_moe_layers(hf), num_experts, parallel.device, timed=timed)
+    dispatcher = make_dispatcher(default_backend(parallel), parallel, num_experts, capacity, stats)
+    engine = LLMEngine(config, parallel, dispatcher)
+    stats.attach_timers(engine.model)
+    return engine, stats
+
+
+def engine_main(config_json: str, addrs_json: str) -> None:
+    """Entry of one rank (torchrun worker or elastic-launcher worker); the env says which rank."""
+    from runtime.parallel import destroy_parallel, init_parallel
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = msgspec.json.decode(config_json, type=EngineConfig)
+    addrs = msgspec.json.decode(addrs_json, type=Addresses)
+    parallel = init_parallel(config)
+    try:
+        engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
+        interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
+        EngineLoop(engine, parallel.rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
+                   expert_stats=expert_stats).run()
+    finally:
+        destroy_parallel()
