@@ -98,29 +98,29 @@ async def _error_event(err: Exception) -> bytes:
 
 
 def _completion_logprobs(
-    serving: Serving,
+    name: Callable[[int], str],
     entries: list[list[tuple[int, float]]],
     offset: int,
 ) -> CompletionLogprobs:
     out = CompletionLogprobs()
     for entry in entries:
         token_id, logprob = entry[0]
-        text = serving.token_text(token_id)
+        text = name(token_id)
         out.tokens.append(text)
         out.token_logprobs.append(logprob)
         top = entry[1:] or entry[:1]
-        out.top_logprobs.append({serving.token_text(t): lp for t, lp in top})
+        out.top_logprobs.append({name(t): lp for t, lp in top})
         out.text_offset.append(offset)
         offset += len(text)
     return out
 
 
-def _echo_logprobs(serving: Serving, prompt_ids: list[int]) -> CompletionLogprobs:
+def _echo_logprobs(name: Callable[[int], str], prompt_ids: list[int]) -> CompletionLogprobs:
     # the engine computes no prompt logprobs: echoed prompt tokens carry null, as the first one does in OpenAI
     out = CompletionLogprobs()
     offset = 0
     for t in prompt_ids:
-        text = serving.token_text(t)
+        text = name(t)
         out.tokens.append(text)
         out.token_logprobs.append(None)
         out.top_logprobs.append(None)
@@ -138,6 +138,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
     request_id = f"cmpl-{uuid.uuid4().hex}"
     echo = [text if text is not None else serving.decode(ids) for text, ids in prompts] if req.echo else None
     want_logprobs = req.logprobs is not None
+    name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens)
     release = _release(serving, group, choices)
     model = serving.model_name
@@ -153,7 +154,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                 offsets = {c.index: 0 for c in choices}
                 if echo is not None:
                     for c in choices:
-                        lp = _echo_logprobs(serving, c.prompt_token_ids) if want_logprobs else None
+                        lp = _echo_logprobs(name, c.prompt_token_ids) if want_logprobs else None
                         offsets[c.index] = len(echo[prompt_of(c)])
                         yield sse(
                             CompletionResponse(
@@ -166,7 +167,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                         continue  # held back (partial character or possible stop string)
                     lp = None
                     if want_logprobs and ev.logprobs:
-                        lp = _completion_logprobs(serving, ev.logprobs, offsets[c.index])
+                        lp = _completion_logprobs(name, ev.logprobs, offsets[c.index])
                     offsets[c.index] += len(ev.text)
                     yield sse(
                         CompletionResponse(
@@ -194,11 +195,11 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                 text = echo[prompt_of(c)] + text
             if want_logprobs:
                 start = len(echo[prompt_of(c)]) if echo is not None else 0
-                lp = _completion_logprobs(serving, c.logprobs, start)
+                lp = _completion_logprobs(name, c.logprobs, start)
                 if echo is not None:
-                    head = _echo_logprobs(serving, c.prompt_token_ids)
-                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                        setattr(lp, name, getattr(head, name) + getattr(lp, name))
+                    head = _echo_logprobs(name, c.prompt_token_ids)
+                    for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        setattr(lp, f, getattr(head, f) + getattr(lp, f))
             ids = (c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)
             out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason, *ids))
         return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
@@ -212,12 +213,12 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
 # ---------------------------------------------------------------- /v1/chat/completions
 
 
-def _chat_logprobs(serving: Serving, entries: list[list[tuple[int, float]]]) -> ChatLogprobs:
+def _chat_logprobs(name: Callable[[int], str], entries: list[list[tuple[int, float]]]) -> ChatLogprobs:
     content = []
     for entry in entries:
         token_id, logprob = entry[0]
-        text = serving.token_text(token_id)
-        top = [TopLogprob(serving.token_text(t), lp, list(serving.token_text(t).encode())) for t, lp in entry[1:]]
+        text = name(token_id)
+        top = [TopLogprob(name(t), lp, list(name(t).encode())) for t, lp in entry[1:]]
         content.append(TokenLogprob(text, logprob, list(text.encode()), top))
     return ChatLogprobs(content)
 
@@ -232,6 +233,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)
     params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
     release = _release(serving, group, choices)
     model = serving.model_name
@@ -251,7 +253,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     c = ev.choice
                     if not ev.text and c.finish_reason is None and not req.logprobs:
                         continue
-                    lp = _chat_logprobs(serving, ev.logprobs) if req.logprobs and ev.logprobs else None
+                    lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
                     delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
                     yield sse(
                         ChatCompletionChunk(
@@ -273,7 +275,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
             ChatChoice(
                 c.index,
                 ChatResponseMessage("assistant", c.text),
-                _chat_logprobs(serving, c.logprobs) if req.logprobs else None,
+                _chat_logprobs(name, c.logprobs) if req.logprobs else None,
                 c.finish_reason,
                 c.stop_reason,
                 *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),

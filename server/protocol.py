@@ -96,6 +96,8 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     # not OpenAI: the prompt and output token ids in each choice (tests, resumption, debugging)
     return_token_ids: bool = False
+    # vLLM's: logprob tokens as "token_id:N", unique where byte tokens all decode to the same '\ufffd'
+    return_tokens_as_token_ids: bool = False
 
 
 class CompletionRequest(_SamplingFields):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +258,9 @@ class Serving:
 
     def decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+
+    def token_namer(self, as_ids: bool) -> Callable[[int], str]:
+        return (lambda t: f"token_id:{t}") if as_ids else self.token_text
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
