@@ -316,7 +316,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     """Splits per (sequence, kv head) so that the grid fills ~2 waves; shapes only, never tensor values."""
     programs = batch * num_kv_heads
     want = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(want, triton.cdiv(max_context, 256), 64))
+    return max(1, min(want, triton.cdiv(max_context, 64), 64))
 
 
 def paged_attention_decode(

@@ -4,8 +4,9 @@ Outputs have sizes fixed by shapes alone (no host sync, CUDA-graph safe):
   sorted_ids [max_blocks * block_m] int32: flat pair index t * top_k + k, or num_pairs for padding;
   expert_ids [max_blocks] int32: the expert of each BLOCK_M block, -1 past the used blocks;
   num_post_pad [1] int32: how many entries of sorted_ids are in use (a multiple of block_m).
-Pairs with expert id -1 (slots handled by another expert-parallel rank) are dropped. The order of the pairs
-inside one expert's segment is unspecified; the expert GEMMs do not depend on it.
+Pairs with expert id -1 (slots handled by another expert-parallel rank) are dropped. Within an expert the
+pairs keep their flat order, so the result is deterministic. Up to one chunk of pairs one program does it
+all (one launch, the decode case); beyond, a count launch and a scatter launch, no atomics, no memset.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-SMALL_PAIRS = 256  # up to here one program does everything in one launch (decode)
+SMALL_PAIRS = 256  # largest chunk of pairs one program handles
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -82,46 +83,58 @@ def _align_small_kernel(
 
 @triton.jit
 def _align_count_kernel(
-    ids_ptr, counts_ptr, sorted_ptr, num_pairs,
+    ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs,
     NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, SORTED_LEN: tl.constexpr,
     FILL_PER_PROGRAM: tl.constexpr,
 ):
+    # chunk_counts [num_chunks, E_PAD]: how many of this chunk's pairs go to each expert
     pid = tl.program_id(0)
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
     hist = tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
-    e = tl.arange(0, E_PAD)
-    tl.atomic_add(counts_ptr + e, hist, mask=hist > 0)
+    tl.store(chunk_counts_ptr + pid * E_PAD + tl.arange(0, E_PAD), hist)
     for f0 in range(0, FILL_PER_PROGRAM, CHUNK):  # padding sentinel for this program's share
-        f = pid * FILL_PER_PROGRAM + f0 + tl.arange(0, CHUNK)
-        tl.store(sorted_ptr + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
-                 mask=(f < SORTED_LEN) & (f0 + tl.arange(0, CHUNK) < FILL_PER_PROGRAM))
+        f = f0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + pid * FILL_PER_PROGRAM + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
+                 mask=(pid * FILL_PER_PROGRAM + f < SORTED_LEN) & (f < FILL_PER_PROGRAM))
 
 
 @triton.jit
 def _align_scatter_kernel(
-    ids_ptr, counts_ptr, cursor_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
+    ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    NUM_BLOCKS: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, NUM_BLOCKS: tl.constexpr, ROWS: tl.constexpr,
 ):
+    # pair i goes to start[e] + (pairs of e in earlier chunks) + (rank among e's pairs in this chunk)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + e)
-    padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
+    totals = tl.zeros([E_PAD], tl.int32)
+    before = tl.zeros([E_PAD], tl.int32)
+    for c0 in range(0, NUM_CHUNKS, ROWS):
+        c = c0 + tl.arange(0, ROWS)
+        cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < NUM_CHUNKS)[:, None], other=0)
+        totals += tl.sum(cc, 0)
+        before += tl.sum(tl.where((c < pid)[:, None], cc, 0), 0)
+    padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
-    starts = ends - padded
+    base = ends - padded + before
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    safe_ids = tl.where(valid, ids, 0)
-    rank = tl.atomic_add(cursor_ptr + safe_ids, 1, mask=valid)
-    pos = tl.gather(starts, safe_ids, 0) + rank
+    onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, E_PAD]
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
+    pos = tl.sum(base[None, :] * onehot, 1) + rank
     tl.store(sorted_ptr + pos, i, mask=valid)
     if pid == 0:
         total = tl.sum(padded, 0)
         _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS, BLOCK_M, 64)
         tl.store(num_post_pad_ptr, total)
+
+
+def _chunk(e_pad: int) -> int:
+    # pairs per program: its one-hot [chunk, e_pad] tile stays <= 32k elements
+    return min(SMALL_PAIRS, max(16, 32768 // e_pad))
 
 
 def moe_align(
@@ -141,23 +154,24 @@ def moe_align(
         num_post_pad.zero_()
         return sorted_ids, expert_ids, num_post_pad
     e_pad = max(16, triton.next_power_of_2(num_experts))
-    if num_pairs <= SMALL_PAIRS:
+    chunk = _chunk(e_pad)
+    if num_pairs <= chunk:
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs,
             NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
             E_PAD=e_pad, NUM_BLOCKS=nblocks, FILL=1024, num_warps=8,
         )
         return sorted_ids, expert_ids, num_post_pad
-    chunk = 1024
     num_chunks = triton.cdiv(num_pairs, chunk)
-    ws = torch.zeros(2 * e_pad, dtype=torch.int32, device=device)  # [counts | cursors]
+    chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
     _align_count_kernel[(num_chunks,)](
-        topk_ids, ws, sorted_ids, num_pairs, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk,
+        topk_ids, chunk_counts, sorted_ids, num_pairs, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk,
         SORTED_LEN=nblocks * block_m, FILL_PER_PROGRAM=fill, num_warps=4,
     )
     _align_scatter_kernel[(num_chunks,)](
-        topk_ids, ws, ws[e_pad:], sorted_ids, expert_ids, num_post_pad, num_pairs,
-        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, NUM_BLOCKS=nblocks, num_warps=4,
+        topk_ids, chunk_counts, sorted_ids, expert_ids, num_post_pad, num_pairs,
+        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, NUM_CHUNKS=num_chunks,
+        NUM_BLOCKS=nblocks, ROWS=max(1, min(32, 4096 // e_pad)), num_warps=8,
     )
     return sorted_ids, expert_ids, num_post_pad

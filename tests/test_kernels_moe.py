@@ -33,10 +33,11 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     n = int(num_post_pad.item())
     assert n == int(ref_num.item()) and torch.equal(expert_ids, ref_experts)
     assert sorted_ids.numel() == max_blocks(ids.numel(), num_experts, block_m) * block_m
-    # inside one block the order is free: compare sorted blocks
-    got = sorted_ids[:n].view(-1, block_m).sort(dim=1)[0]
-    want = ref_sorted[:n].view(-1, block_m).sort(dim=1)[0]
-    assert torch.equal(got, want)
+    # the order inside one expert's segment is free: compare (expert, pair) keys as sets
+    def keys(s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return (e.long().repeat_interleave(block_m)[:n] * (ids.numel() + 1) + s[:n].long()).sort()[0]
+
+    assert torch.equal(keys(sorted_ids, expert_ids), keys(ref_sorted, ref_experts))
     assert (sorted_ids[n:] == ids.numel()).all()
 
 

@@ -1,0 +1,153 @@
+"""Paged attention on the GPU: Triton decode and prefill vs torch scaled_dot_product_attention.
+
+python benchmarks/bench_attention.py --out DIR
+
+Qwen3-30B-A3B attention (32 query heads, 4 KV heads, head_dim 128, bf16, 16-token pages). Decode:
+B in 1..256, context 1k..32k, CUDA-graph replay; its floor is the KV bytes over the copy bandwidth. SDPA
+gets the same KV as contiguous tensors (no paging) with enable_gqa. Prefill: causal, one or several
+sequences, vs SDPA's causal flash path; its floor is the causal FLOPs over the bf16 matmul rate. Prints one
+line per row and 'bench_attention summary' last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_moe import bench_graph, measure_ceilings  # noqa: E402
+
+from kernels.attention import paged_attention_decode, paged_attention_prefill  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
+DT = torch.bfloat16
+
+
+def paged_cache(batch: int, ctx: int):
+    blocks_per_seq = -(-ctx // BLOCK)
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=DT)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+    return k_cache, v_cache, tables
+
+
+def bench_decode(batch: int, ctx: int, ceil: dict) -> dict:
+    kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+    num_rot = min(16, -(-(256 << 20) // kv_bytes))  # rotate caches so that replays do not run from L2
+    caches = [paged_cache(batch, ctx) for _ in range(num_rot)]
+    k_cache, v_cache, tables = caches[0]
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DT)
+    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    scale = HEAD_DIM**-0.5
+    us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale) for kc, vc, tb in caches])
+    us /= num_rot
+    floor_us = kv_bytes / ceil["copy_tbps"] / 1e6
+    row = {"kind": "decode", "B": batch, "ctx": ctx, "us": us, "floor_us": floor_us, "frac_bw": floor_us / us,
+           "tbps": kv_bytes / us / 1e6}
+    if batch * ctx <= 1 << 21:  # SDPA needs its own contiguous copy of the KV
+        k = k_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :ctx].transpose(1, 2).contiguous()
+        v = v_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :ctx].transpose(1, 2).contiguous()
+        qs = q[:, :, None, :]
+        sdpa = lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True)
+        row["sdpa_us"] = bench_graph(sdpa)
+        ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale)
+        row["rel_err"] = ((ours.float() - sdpa()[:, :, 0].float()).norm() / ours.float().norm()).item()
+    return row
+
+
+def bench_prefill(batch: int, seq: int, ceil: dict) -> dict:
+    k_cache, v_cache, tables = paged_cache(batch, seq)
+    q = torch.randn(batch * seq, HEADS, HEAD_DIM, device="cuda", dtype=DT)
+    cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
+    lens = torch.full((batch,), seq, device="cuda", dtype=torch.int32)
+    scale = HEAD_DIM**-0.5
+    us = triton.testing.do_bench(
+        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq), rep=100,
+        return_mode="median") * 1e3
+    flops = batch * 4 * HEADS * HEAD_DIM * seq * seq / 2  # causal: half of QK^T and PV
+    floor_us = flops / ceil["bf16_tflops"] / 1e6
+    k = k_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :seq].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :seq].transpose(1, 2).contiguous()
+    qs = q.view(batch, seq, HEADS, HEAD_DIM).transpose(1, 2)
+    sdpa = lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, is_causal=True, enable_gqa=True)
+    sdpa_us = triton.testing.do_bench(sdpa, rep=100, return_mode="median") * 1e3
+    ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq)
+    err = ((ours.float() - sdpa().transpose(1, 2).reshape_as(ours).float()).norm() / ours.float().norm()).item()
+    return {"kind": "prefill", "B": batch, "ctx": seq, "us": us, "floor_us": floor_us,
+            "frac_mm": floor_us / us, "tflops": flops / us / 1e6, "sdpa_us": sdpa_us,
+            "sdpa_frac_mm": floor_us / sdpa_us, "rel_err": err}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    dec = [r for r in rows if r["kind"] == "decode"]
+    for ctx in sorted({r["ctx"] for r in dec}):
+        rs = [r for r in dec if r["ctx"] == ctx]
+        a1.plot([r["B"] for r in rs], [r["frac_bw"] for r in rs], "o-", label=f"ctx {ctx}")
+    a1.axhline(0.85, color="gray", lw=0.5)
+    a1.set(xscale="log", xlabel="batch", ylabel="fraction of copy bandwidth", title="decode (Triton, paged)",
+           ylim=(0, 1.05))
+    a1.legend(fontsize=7)
+    pre = [r for r in rows if r["kind"] == "prefill"]
+    labels = [f"{r['B']}x{r['ctx']}" for r in pre]
+    a2.plot(labels, [r["frac_mm"] for r in pre], "o-", label="triton paged")
+    a2.plot(labels, [r["sdpa_frac_mm"] for r in pre], "s--", label="torch SDPA (contiguous)")
+    a2.set(xlabel="batch x seq", ylabel="fraction of bf16 matmul rate", title="causal prefill", ylim=(0, 1.05))
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--ctxs", default="1024,4096,16384,32768")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ceil = measure_ceilings()
+    rows = []
+    for ctx in map(int, args.ctxs.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            if batch * ctx > 256 * 16384:  # keep the KV under ~9 GB
+                continue
+            r = bench_decode(batch, ctx, ceil)
+            rows.append(r)
+            sd = f"{r['sdpa_us']:8.1f}" if "sdpa_us" in r else "     n/a"
+            print(f"attn decode B={batch:4d} ctx={ctx:6d} us={r['us']:8.1f} floor_us={r['floor_us']:8.1f} "
+                  f"frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} sdpa_us={sd}", flush=True)
+            torch.cuda.empty_cache()
+    for batch, seq in ((1, 1024), (1, 4096), (1, 8192), (4, 2048), (1, 16384)):
+        r = bench_prefill(batch, seq, ceil)
+        rows.append(r)
+        print(f"attn prefill B={batch} seq={seq:6d} us={r['us']:8.1f} floor_us={r['floor_us']:8.1f} "
+              f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f} sdpa_us={r['sdpa_us']:8.1f} "
+              f"sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}", flush=True)
+    (out / "bench_attention.json").write_text(json.dumps({"ceilings": ceil, "rows": rows,
+                                                          "device": torch.cuda.get_device_name()}, indent=1))
+    plot(rows, out / "bench_attention.png")
+    long = [r for r in rows if r["kind"] == "decode" and r["ctx"] >= 16384]
+    pre = [r for r in rows if r["kind"] == "prefill"]
+    print(f"bench_attention summary: decode ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
+          f"max {max(r['frac_bw'] for r in long):.2f}; prefill frac_mm "
+          f"{min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
+          f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
+
+
+if __name__ == "__main__":
+    main()
