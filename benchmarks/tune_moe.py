@@ -1,21 +1,25 @@
 """Tune the fused MoE block shapes per (experts, hidden, inter, token bucket, dtype, GPU).
 
-python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8]
+python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8] [--jobs 12]
 
-For each BLOCK_M allowed at a token count, times every candidate of the gate_up GEMM and of the down GEMM
-separately (CUDA-graph replay, median), keeps the best pair per BLOCK_M, then the best BLOCK_M overall.
+For each BLOCK_M allowed at a token count (and for FP8, each activation mode), times every candidate of the
+gate_up GEMM and of the down GEMM separately (CUDA-graph replay, median), keeps the best pair, then the best
+BLOCK_M / mode overall (FP8 activation quantization launches included in its total). All candidates are
+first compiled in parallel worker processes (Triton's disk cache then serves the timing process).
 Writes DIR/configs/E=..,H=..,I=..,dtype=..,device=...json, the files kernels/moe_config.py looks up.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import multiprocessing as mp
 import sys
+import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,112 +31,175 @@ from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E4
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import config_file_name, device_name  # noqa: E402
 
+SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
+LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
 
-def block_ms(m: int, top_k: int, num_experts: int) -> list[int]:
+
+def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bool]]:
+    """(BLOCK_M, act_fp8) pairs worth timing at m tokens."""
     rows = m * top_k / num_experts
-    if rows <= 8:
-        return [16]
-    if rows <= 48:
-        return [16, 32, 64]
-    if rows <= 160:
-        return [32, 64, 128]
-    return [64, 128]
+    bms = [16] if rows <= 8 else [16, 32, 64] if rows <= 48 else [32, 64, 128] if rows <= 160 else [64, 128]
+    modes = [False] if rows <= 8 else [False, True] if rows <= 128 else [True]
+    return [(bm, act) for bm in bms for act in (modes if fp8 else [False])]
 
 
 def candidates(block_m: int, fp8: bool) -> list[dict]:
-    if block_m <= 32:
-        shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 5), (128, 128, 4, 3), (32, 256, 4, 3),
-                  (64, 256, 4, 3), (128, 64, 4, 4), (64, 128, 8, 4)]
-    else:
-        shapes = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3),
-                  (64, 128, 4, 3), (128, 64, 8, 4), (256, 128, 8, 3)]
     out = []
-    for (bn, bk, warps, stages), group_m in itertools.product(shapes, [1, 8] if block_m >= 64 else [1]):
-        if fp8 and bk > 128:
-            continue
-        if block_m * bk * 2 + bk * bn * 2 * 2 > 200_000 // max(stages - 1, 1) * 2:  # rough smem guard
-            continue
-        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages})
+    for bn, bk, warps, stages in SMALL if block_m <= 32 else LARGE:
+        if fp8 and 128 % bk:
+            bk = 128
+        g = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if block_m <= 32 else 8, "num_warps": warps,
+             "num_stages": stages}
+        if g not in out:
+            out.append(g)
     return out
 
 
-def time_gemm(kind: str, g: dict, block_m: int, st: dict) -> float:
-    """Microseconds of one GEMM (kind 'up' or 'down') with config g, averaged over the rotated inputs."""
-    import triton
+class Problem:
+    """Weights and rotated inputs of one (shape, dtype, M), aligned for each BLOCK_M."""
 
-    e, h, inter, top_k = st["shape"]
-    fp8 = st["fp8"]
-    calls = []
-    for (_, w_pairs, ids), (sorted_ids, expert_ids, npp), a in zip(st["sets"], st["aligned"][block_m], st["acts"]):
-        num_pid_m = sorted_ids.numel() // block_m
-        num_pairs = ids.numel()
-        if kind == "up":
-            a_q, a_s = a
-            w, ws = st["w13"], st["s13"]
-            out = torch.empty(sorted_ids.numel(), inter, dtype=torch.bfloat16, device="cuda")
-            grid = (num_pid_m * triton.cdiv(inter, g["BLOCK_N"]),)
-            args = (a_q, a_s, w, ws, out, sorted_ids, expert_ids, npp, num_pairs, h, inter, num_pid_m,
-                    a_q.stride(0), a_s.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1),
-                    out.stride(0))
-            kw = {"TOP_K": top_k, "USE_FP8": fp8, "EVEN_K": h % g["BLOCK_K"] == 0}
-            kernel = fm._moe_up_kernel
+    def __init__(self, shape: str, dtype: str, m: int, block_ms: list[int], num_sets: int = 2,
+                 real_weights: bool = True) -> None:
+        e, h, inter, top_k = SHAPES[shape]
+        self.shape, self.fp8 = SHAPES[shape], dtype == "fp8"
+        if real_weights:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=gen, dtype=torch.bfloat16) * h**-0.5
+            w2 = torch.randn(e, h, inter, device="cuda", generator=gen, dtype=torch.bfloat16) * inter**-0.5
+        else:  # compile-only: any bits will do
+            wdt = torch.float8_e4m3fn if self.fp8 else torch.bfloat16
+            w13 = torch.empty(e, 2 * inter, h, device="cuda", dtype=wdt)
+            w2 = torch.empty(e, h, inter, device="cuda", dtype=wdt)
+        if self.fp8 and real_weights:
+            (w13, self.s13), (w2, self.s2) = quantize_weight_block(w13), quantize_weight_block(w2)
+        elif self.fp8:
+            self.s13 = torch.ones(e, triton.cdiv(2 * inter, 128), triton.cdiv(h, 128), device="cuda")
+            self.s2 = torch.ones(e, triton.cdiv(h, 128), triton.cdiv(inter, 128), device="cuda")
         else:
-            inter_act = torch.randn(sorted_ids.numel(), inter, device="cuda", dtype=torch.bfloat16)
-            a_q, a_s = per_token_group_quant(inter_act) if fp8 else (inter_act, inter_act)
-            w, ws = st["w2"], st["s2"]
-            y = torch.empty(num_pairs, h, dtype=torch.bfloat16, device="cuda")
-            grid = (num_pid_m * triton.cdiv(h, g["BLOCK_N"]),)
-            args = (a_q, a_s, w, ws, y, sorted_ids, expert_ids, npp, w_pairs.reshape(-1), num_pairs, inter, h,
-                    num_pid_m,
-                    a_q.stride(0), a_s.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), y.stride(0))
-            kw = {"USE_FP8": fp8, "EVEN_K": inter % g["BLOCK_K"] == 0}
-            kernel = fm._moe_down_kernel
-        calls.append((grid, args))
-    meta = dict(kw, BLOCK_M=block_m, BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"],
-                num_warps=g["num_warps"], num_stages=g["num_stages"])
+            self.s13, self.s2 = w13, w2
+        self.w13, self.w2 = w13, w2
+        self.sets = [make_inputs(m, e, h, top_k, seed) for seed in range(num_sets)]
+        self.aligned = {bm: [moe_align(ids, e, bm) for _, _, ids in self.sets] for bm in block_ms}
 
-    def run():
-        for grid, args in calls:
-            kernel[grid](*args, **meta)
+    def launches(self, kind: str, g: dict, bm: int, act_fp8: bool):
+        e, h, inter, top_k = self.shape
+        calls = []
+        for (x, w_pairs, ids), (sorted_ids, expert_ids, npp) in zip(self.sets, self.aligned[bm]):
+            num_pid_m = sorted_ids.numel() // bm
+            num_pairs = ids.numel()
+            if kind == "up":
+                a, a_s = per_token_group_quant(x) if act_fp8 else (x, x)
+                out = torch.empty(sorted_ids.numel(), inter, dtype=torch.bfloat16, device="cuda")
+                grid = (num_pid_m * triton.cdiv(inter, g["BLOCK_N"]),)
+                args = (a, a_s, self.w13, self.s13, out, sorted_ids, expert_ids, npp, num_pairs, h, inter,
+                        num_pid_m, top_k, a.stride(0), a_s.stride(0), self.w13.stride(0), self.w13.stride(1),
+                        self.s13.stride(0), self.s13.stride(1), out.stride(0))
+                meta = {"EVEN_K": h % g["BLOCK_K"] == 0}
+                kernel = fm._moe_up_kernel
+            else:
+                act = torch.randn(sorted_ids.numel(), inter, device="cuda", dtype=torch.bfloat16)
+                a, a_s = per_token_group_quant(act) if act_fp8 else (act, act)
+                y = torch.empty(num_pairs, h, dtype=torch.bfloat16, device="cuda")
+                grid = (num_pid_m * triton.cdiv(h, g["BLOCK_N"]),)
+                args = (a, a_s, self.w2, self.s2, y, sorted_ids, expert_ids, npp, w_pairs.reshape(-1), num_pairs,
+                        inter, h, num_pid_m, a.stride(0), a_s.stride(0), self.w2.stride(0), self.w2.stride(1),
+                        self.s2.stride(0), self.s2.stride(1), y.stride(0))
+                meta = {"EVEN_K": inter % g["BLOCK_K"] == 0}
+                kernel = fm._moe_down_kernel
+            meta.update(USE_FP8=self.fp8, ACT_FP8=act_fp8, BLOCK_M=bm, BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"],
+                        GROUP_M=g["GROUP_M"], num_warps=g["num_warps"], num_stages=g["num_stages"])
+            calls.append((kernel, grid, args, meta))
 
+        def run() -> None:
+            for kernel, grid, args, meta in calls:
+                kernel[grid](*args, **meta)
+
+        return run, len(calls)
+
+
+def _compile_worker(job: tuple) -> str:
+    # runs each candidate once on a small problem with the same shapes, filling Triton's disk cache
+    shape, dtype, items = job
+    try:
+        prob = Problem(shape, dtype, 4, sorted({bm for _, _, bm, _ in items}), num_sets=1, real_weights=False)
+        for kind, g, bm, act in items:
+            try:
+                prob.launches(kind, g, bm, act)[0]()
+            except Exception:  # noqa: BLE001  e.g. out of shared memory: the timing pass skips it
+                pass
+        torch.cuda.synchronize()
+        return f"{shape}/{dtype}: {len(items)} compiled"
+    except Exception as exc:  # noqa: BLE001
+        return f"{shape}/{dtype}: compile worker failed: {exc!r}"[:300]
+
+
+def precompile(shapes: list[str], dtypes: list[str], ms: list[int], jobs: int) -> None:
+    # one compile per distinct binary: shapes share binaries unless EVEN_K differs
+    seen: set[str] = set()
+    by_problem: dict[tuple[str, str], list] = {}
+    for shape in shapes:
+        e, h, inter, top_k = SHAPES[shape]
+        for dtype in dtypes:
+            for m in ms:
+                for bm, act in plans(m, top_k, e, dtype == "fp8"):
+                    for g in candidates(bm, dtype == "fp8"):
+                        for kind in ("up", "down"):
+                            even = (h if kind == "up" else inter) % g["BLOCK_K"] == 0
+                            key = json.dumps([dtype, kind, g, bm, act, even])
+                            if key not in seen:
+                                seen.add(key)
+                                by_problem.setdefault((shape, dtype), []).append((kind, g, bm, act))
+    total = sum(len(v) for v in by_problem.values())
+    work = []
+    for (shape, dtype), items in by_problem.items():
+        step = max(1, -(-total // jobs))
+        work += [(shape, dtype, items[i : i + step]) for i in range(0, len(items), step)]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(min(jobs, len(work))) as pool:
+        for msg in pool.imap_unordered(_compile_worker, work):
+            if "failed" in msg:
+                print(msg, flush=True)
+    print(f"precompiled {sum(len(w[2]) for w in work)} variants in {time.time() - t0:.0f} s", flush=True)
+
+
+def time_run(run, n: int) -> float:
     try:
         run()
         torch.cuda.synchronize()
-        return bench_graph(run, rep_ms=30) / len(calls)
+        return bench_graph(run, rep_ms=25) / n
     except Exception as exc:  # noqa: BLE001  out of shared memory etc.: skip the candidate
-        print(f"  skip {kind} BM={block_m} {g}: {type(exc).__name__}", flush=True)
+        print(f"  skip: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        torch.cuda.synchronize()
         return float("inf")
 
 
 def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
     e, h, inter, top_k = SHAPES[shape]
     fp8 = dtype == "fp8"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=gen, dtype=torch.bfloat16) * h**-0.5
-    w2 = torch.randn(e, h, inter, device="cuda", generator=gen, dtype=torch.bfloat16) * inter**-0.5
-    if fp8:
-        (w13, s13), (w2, s2) = quantize_weight_block(w13), quantize_weight_block(w2)
-    else:
-        s13, s2 = w13, w2
     table = {}
     for m in ms:
-        sets = [make_inputs(m, e, h, top_k, seed) for seed in range(2)]
-        acts = [per_token_group_quant(x) if fp8 else (x, x) for x, _, _ in sets]
-        bms = block_ms(m, top_k, e)
-        st = {"shape": SHAPES[shape], "fp8": fp8, "sets": sets, "acts": acts, "w13": w13, "w2": w2, "s13": s13,
-              "s2": s2,
-              "aligned": {bm: [moe_align(ids, e, bm) for _, _, ids in sets] for bm in bms}}
+        ps = plans(m, top_k, e, fp8)
+        prob = Problem(shape, dtype, m, sorted({bm for bm, _ in ps}))
+        quant_us = 0.0
+        if fp8:  # the two activation-quant launches that act_fp8 adds
+            x = prob.sets[0][0]
+            act = torch.randn(prob.aligned[ps[0][0]][0][0].numel(), inter, device="cuda", dtype=torch.bfloat16)
+            quant_us = bench_graph(lambda x=x, act=act: (per_token_group_quant(x), per_token_group_quant(act)),
+                                   rep_ms=25)
         best = None
-        for bm in bms:
+        for bm, act_fp8 in ps:
             cands = candidates(bm, fp8)
-            up = min(((time_gemm("up", g, bm, st), i) for i, g in enumerate(cands)))
-            down = min(((time_gemm("down", g, bm, st), i) for i, g in enumerate(cands)))
-            total = up[0] + down[0]
-            print(f"  {shape} {dtype} M={m} BM={bm}: up {up[0]:.1f} us, down {down[0]:.1f} us", flush=True)
+            up = min((time_run(*prob.launches("up", g, bm, act_fp8)), i) for i, g in enumerate(cands))
+            down = min((time_run(*prob.launches("down", g, bm, act_fp8)), i) for i, g in enumerate(cands))
+            total = up[0] + down[0] + (quant_us if act_fp8 else 0.0)
+            print(f"  {shape} {dtype} M={m} BM={bm} act_fp8={act_fp8}: up {up[0]:.1f} down {down[0]:.1f} "
+                  f"total {total:.1f} us", flush=True)
             if best is None or total < best[0]:
-                best = (total, {"BLOCK_M": bm, "up": cands[up[1]], "down": cands[down[1]]})
+                best = (total, {"BLOCK_M": bm, "up": cands[up[1]], "down": cands[down[1]], "act_fp8": act_fp8})
         table[str(m)] = best[1]
-        print(f"best {shape} {dtype} M={m}: {best[0]:.1f} us {best[1]}", flush=True)
+        print(f"best {shape} {dtype} M={m}: {best[0]:.1f} us {json.dumps(best[1])}", flush=True)
+        del prob
+        torch.cuda.empty_cache()
     name = config_file_name(e, h, inter, "fp8" if fp8 else "bfloat16", device_name())
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / name).write_text(json.dumps(table, indent=1))
@@ -145,12 +212,17 @@ def main() -> None:
     ap.add_argument("--shapes", default="qwen3,mixtral,glm45air")
     ap.add_argument("--m", default="1,8,64,256,1024,4096")
     ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--jobs", type=int, default=12)
     args = ap.parse_args()
     ms = [int(m) for m in args.m.split(",")]
-    for shape in args.shapes.split(","):
-        for dtype in args.dtypes.split(","):
+    shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+    t0 = time.time()
+    if args.jobs > 1:
+        precompile(shapes, dtypes, ms, args.jobs)
+    for shape in shapes:
+        for dtype in dtypes:
             tune_shape(shape, ms, dtype, Path(args.out))
-    print("tune_moe summary: done")
+    print(f"tune_moe summary: {len(shapes) * len(dtypes)} tables in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,16 @@ def fused_experts_ref(
     *,
     w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
     w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
+    act_fp8: bool = True,
 ) -> torch.Tensor:
     """sum_k w[t,k] * down(silu(gate(x_t)) * up(x_t)) over the token's experts; [num_tokens, hidden].
 
-    FP8: dequantized weights, and activations rounded through the same per-token-group FP8 quantization
-    as the kernel, so that the two differ only by accumulation order."""
+    FP8: dequantized weights, and (act_fp8) activations rounded through the same per-token-group FP8
+    quantization as the kernel, so that the two differ only by accumulation order."""
     if w13_scale is not None and w2_scale is not None:
         w13 = dequantize_weight_block(w13, w13_scale, hidden.dtype)
         w2 = dequantize_weight_block(w2, w2_scale, hidden.dtype)
-        fp8_round = lambda x: _fp8_round_trip(x)
+        fp8_round = _fp8_round_trip if act_fp8 else (lambda x: x)
     else:
         fp8_round = lambda x: x
     num_tokens, top_k = topk_ids.shape
@@ -70,12 +71,12 @@ def _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M", "top_k"])
 def _moe_up_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
-    num_pairs, K, INTER, NUM_PID_M,
+    num_pairs, K, INTER, NUM_PID_M, top_k,
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
-    TOP_K: tl.constexpr, USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # out[p, n] = silu(a[tok(p)] . w[e, n]) * (a[tok(p)] . w[e, INTER + n]) for sorted position p
@@ -86,7 +87,7 @@ def _moe_up_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + offs_m)
     rmask = pair < num_pairs
-    tok = (pair // TOP_K).to(tl.int64)
+    tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < INTER
     offs_k = tl.arange(0, BLOCK_K)
@@ -94,7 +95,7 @@ def _moe_up_kernel(
     wg_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     wu_ptrs = wg_ptrs + INTER * stride_wn  # [BLOCK_K, BLOCK_N] gate / up rows of w13[e]
     if USE_FP8:
-        as_ptrs = a_scale_ptr + tok * stride_ast  # [BLOCK_M] per-token group scales
+        as_ptrs = a_scale_ptr + tok * stride_ast  # [BLOCK_M] per-token group scales (ACT_FP8)
         wsg_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N]
         wsu_ptrs = w_scale_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -110,11 +111,15 @@ def _moe_up_kernel(
             wg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if USE_FP8:
-            a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
             wg_s = tl.load(wsg_ptrs + k0 // 128, mask=nmask, other=0.0)
             wu_s = tl.load(wsu_ptrs + k0 // 128, mask=nmask, other=0.0)
-            acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
-            acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
+            if ACT_FP8:
+                a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
+                acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
+                acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
+            else:  # weight-only: dequantize the tile in registers, 16-bit MMA (few rows: bandwidth-bound)
+                acc_g = tl.dot(a, (wg.to(tl.float32) * wg_s[None, :]).to(a.dtype), acc_g)
+                acc_u = tl.dot(a, (wu.to(tl.float32) * wu_s[None, :]).to(a.dtype), acc_u)
         else:
             acc_g = tl.dot(a, wg, acc_g)
             acc_u = tl.dot(a, wu, acc_u)
@@ -126,12 +131,12 @@ def _moe_up_kernel(
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M"])
 def _moe_down_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
     topk_weights_ptr, num_pairs, K, N, NUM_PID_M,
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
-    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p
@@ -160,9 +165,12 @@ def _moe_down_kernel(
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         if USE_FP8:
-            a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
             w_s = tl.load(ws_ptrs + k0 // 128, mask=nmask, other=0.0)
-            acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+            if ACT_FP8:
+                a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
+                acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+            else:
+                acc = tl.dot(a, (w.to(tl.float32) * w_s[None, :]).to(a.dtype), acc)
         else:
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
@@ -236,34 +244,29 @@ def fused_experts_aligned(
     top_k = topk_ids.shape[1]
     inter = w2.shape[2]
     fp8 = w13_scale is not None
+    act_fp8 = fp8 and config.get("act_fp8", True)  # False: fp8 weights, 16-bit activations (W8A16)
     bm = config["BLOCK_M"]
     num_pid_m = sorted_ids.numel() // bm
     num_pairs = num_tokens * top_k
     up, down = config["up"], config["down"]
-    if fp8:
-        a, a_scale = per_token_group_quant(hidden)
-        w13s, w2s = w13_scale, w2_scale
-    else:
-        a, a_scale, w13s, w2s = hidden, hidden, w13, w2  # scale pointers unused
+    a, a_scale = per_token_group_quant(hidden) if act_fp8 else (hidden, hidden)  # (a_scale unused if not)
+    w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)
     inter_out = torch.empty(sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
     _moe_up_kernel[(num_pid_m * triton.cdiv(inter, up["BLOCK_N"]),)](
         a, a_scale, w13, w13s, inter_out, sorted_ids, expert_ids, num_post_pad,
-        num_pairs, h, inter, num_pid_m,
+        num_pairs, h, inter, num_pid_m, top_k,
         a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
         inter_out.stride(0),
-        TOP_K=top_k, USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
+        USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], num_warps=up["num_warps"], num_stages=up["num_stages"],
     )
-    if fp8:
-        a, a_scale = per_token_group_quant(inter_out)
-    else:
-        a = a_scale = inter_out
+    a, a_scale = per_token_group_quant(inter_out) if act_fp8 else (inter_out, inter_out)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     _moe_down_kernel[(num_pid_m * triton.cdiv(h, down["BLOCK_N"]),)](
         a, a_scale, w2, w2s, y, sorted_ids, expert_ids, num_post_pad, topk_weights,
         num_pairs, inter, h, num_pid_m,
         a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
-        USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=down["BLOCK_N"],
+        USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
         num_stages=down["num_stages"],
     )
@@ -293,8 +296,8 @@ def fused_experts(
     if config is None:
         config = get_moe_config(num_tokens, num_experts, h, inter, top_k, moe_dtype_name(hidden, fp8),
                                 hidden.device)
-    if fp8 and (config["up"]["BLOCK_K"] > FP8_BLOCK or config["down"]["BLOCK_K"] > FP8_BLOCK):
-        raise ValueError("FP8 experts need BLOCK_K <= 128 (one scale per K step)")
+    if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
+        raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
                                  config, w13_scale, w2_scale)

@@ -2,7 +2,9 @@
 
 A file is named E={E},H={H},I={I},dtype={dtype},device={gpu}.json and maps a token-count bucket ("1", "8",
 ...) to {"BLOCK_M": int, "up": {...}, "down": {...}}, where up/down hold BLOCK_N, BLOCK_K, GROUP_M,
-num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is shared: one align serves both).
+num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is shared: one align serves both), and for
+FP8 "act_fp8": quantize activations too (FP8 MMA) or, False, dequantize weight tiles to 16 bits in
+registers (W8A16: no activation-quant launches, best while few rows per expert leave it bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool) -> 
     rows_per_expert = num_tokens * top_k / num_experts
     block_k = 128 if fp8 else 64
     if rows_per_expert <= 16:
-        g = {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
-        return {"BLOCK_M": 16, "up": g, "down": dict(g)}
+        g = {"BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        return {"BLOCK_M": 16, "up": g, "down": dict(g, BLOCK_N=64), "act_fp8": False}
     if rows_per_expert <= 96:
         g = {"BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
-        return {"BLOCK_M": 64, "up": g, "down": dict(g)}
+        return {"BLOCK_M": 64, "up": g, "down": dict(g), "act_fp8": True}
     g = {"BLOCK_N": 128, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 128, "up": g, "down": dict(g)}
+    # the gate_up GEMM keeps two accumulators: a narrower tile keeps FP8's per-step partials out of spills
+    return {"BLOCK_M": 128, "up": dict(g, BLOCK_N=64 if fp8 else 128), "down": g, "act_fp8": True}
 
 
 def get_moe_config(

@@ -84,7 +84,8 @@ def _blocky(shape, block=128):
     return w * mag.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., : shape[-2], : shape[-1]]
 
 
-def test_fused_experts_fp8(monkeypatch):
+@pytest.mark.parametrize("act_fp8", [True, False])
+def test_fused_experts_fp8(monkeypatch, act_fp8):
     import kernels.fused_moe as fm
     from kernels.fp8 import per_token_group_quant_ref
 
@@ -97,8 +98,9 @@ def test_fused_experts_fp8(monkeypatch):
     w13, s13 = quantize_weight_block(_blocky((num_experts, 2 * inter, hidden)) / 16)
     w2, s2 = quantize_weight_block(_blocky((num_experts, hidden, inter)) / 16)
     weights, ids = _routing(num_tokens, num_experts, top_k)
-    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
-    out = fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=act_fp8)
+    cfg = dict(default_config(num_tokens, num_experts, top_k, True), act_fp8=act_fp8)
+    out = fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, config=cfg)
     assert _rel_err(out, ref) < 1e-4
 
 
@@ -124,7 +126,10 @@ GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "mixtral": (8, 4096, 14336, 2), "glm
 @pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
 @pytest.mark.parametrize("num_tokens", [1, 64, 777])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_fused_experts_gpu(shape, num_tokens, fp8):
+@pytest.mark.parametrize("act_fp8", [False, True])
+def test_fused_experts_gpu(shape, num_tokens, fp8, act_fp8):
+    if act_fp8 and not fp8:
+        pytest.skip("act_fp8 is an FP8-only switch")
     torch.manual_seed(num_tokens)
     num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
     dt = torch.bfloat16
@@ -137,9 +142,12 @@ def test_fused_experts_gpu(shape, num_tokens, fp8):
         w13, s13 = quantize_weight_block(w13)
         w2, s2 = quantize_weight_block(w2)
         kw = {"w13_scale": s13, "w2_scale": s2}
-    ref = fused_experts_ref(x, w13, w2, weights, ids, **kw)
-    out = fused_experts(x, w13, w2, weights, ids, **kw)
-    assert _rel_err(out, ref) < (3e-2 if fp8 else 1e-2)
+    cfg = get_moe_config(num_tokens, num_experts, hidden, inter, top_k, "fp8" if fp8 else "bfloat16")
+    cfg = dict(cfg, act_fp8=act_fp8)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, **kw, **({"act_fp8": act_fp8} if fp8 else {}))
+    out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
+    # fp8: a bf16 rounding difference before the activation quant can flip an e4m3 step (1/16)
+    assert _rel_err(out, ref) < (4e-2 if fp8 else 1e-2)
 
 
 @pytest.mark.gpu
