@@ -222,5 +222,7 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         EngineLoop(engine, parallel.rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
                    expert_stats=expert_stats).run()
+    except KeyboardInterrupt:
+        logger.info("rank %d: interrupted", parallel.rank)
     finally:
         destroy_parallel()

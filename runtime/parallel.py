@@ -105,6 +105,9 @@ def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
     if device.type == "cuda":
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
+    elif launch.local_world_size > 1:
+        # CPU ranks share the host's cores: oversubscribed intra-op threads make every rank crawl
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
     ep_group = None
     if launch.world_size > 1:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:

@@ -148,6 +148,17 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server)
     try:
         launch_ranks(config, addrs)
+    except KeyboardInterrupt:
+        logger.info("interrupted: shutting down")
+    except Exception as e:  # the launcher's SignalException (SIGTERM) / ChildFailedError, named not imported
+        if type(e).__name__ == "SignalException":
+            logger.info("%s: shutting down", e)
+        elif type(e).__name__ == "ChildFailedError":
+            print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
+                  "the first failure's traceback is above", file=sys.stderr)
+            sys.exit(1)
+        else:
+            raise
     finally:
         stop_processes(procs)
         if ipc_dir is None:

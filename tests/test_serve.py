@@ -143,3 +143,22 @@ def test_dp1_serve_path(tiny_models: dict[str, str]) -> None:
         front.wait_finished(90)
         assert [front.tokens[str(i)] for i in range(3)] == ref
         assert set(front.finished.values()) == {"length"}
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Glm4MoeForCausalLM"])
+def test_dp2_ep2_tokens_equal_one_rank_and_quiet_when_idle(tiny_models: dict[str, str], arch: str) -> None:
+    model = tiny_models[arch]
+    ref = reference_tokens(model, PROMPTS, 8)
+    with served(model, dp=2, ep=True) as (front, proc):
+        for i, p in enumerate(PROMPTS):
+            front.submit(str(i), p, 8)
+        front.wait_finished(120)
+        assert [front.tokens[str(i)] for i in range(len(PROMPTS))] == ref
+        ranks = [front.ranks[str(i)] for i in range(len(PROMPTS))]
+        assert sorted(set(ranks)) == [0, 1], f"requests not spread: {ranks}"
+        # quiet when idle: after the last request finished no more steps are issued
+        before = front.wait_stats(10).num_steps_issued
+        time.sleep(1.5)
+        after = front.wait_stats(10)
+        assert after.num_steps_issued == before > 0
+        assert after.num_requests_routed == [ranks.count(0), ranks.count(1)]
