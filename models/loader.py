@@ -45,7 +45,10 @@ class _Read:
 @dataclass
 class _ParamPlan:
     reads: list[_Read] = field(default_factory=list)
-    finalize: Callable[[], None] | None = None  # runs once the reads are done (online FP8 quantization)
+    # online FP8: prepare allocates a staging buffer and plans the reads into it just before they run,
+    # finalize quantizes it into the parameter; so one staging buffer lives at a time
+    prepare: Callable[[], None] | None = None
+    finalize: Callable[[], None] | None = None
 
 
 def _index_checkpoint(model_path: str) -> dict[str, str]:
@@ -127,30 +130,43 @@ class _Planner:
 
     def plan_experts(self, name: str, param: torch.Tensor, prefix: str, leaf: str) -> None:
         scale: torch.Tensor | None = getattr(self.model.get_submodule(prefix), f"{leaf}_scale")
-        num_local = param.shape[0]
-        first = self.args.ep_rank * num_local
-        rows = (first, first + num_local)
-        names = [f"{prefix}.{first + j}" for j in range(num_local)]
-        gate_up = [(f"{e}.gate_proj.weight", f"{e}.w1.weight", f"{e}.up_proj.weight", f"{e}.w3.weight") for e in names]
-        down = [(f"{e}.down_proj.weight", f"{e}.w2.weight") for e in names]
+        first = self.args.ep_rank * param.shape[0]  # global id of this rank's first expert
         stacked = self.find(f"{prefix}.gate_up_proj" if leaf == "w13" else f"{prefix}.down_proj")
-        source_fp8 = (stacked or self.require(name, *(gate_up[0][:2] if leaf == "w13" else down[0]))) + "_scale_inv"
-        source_fp8 = source_fp8 in self.key_to_file
-        dest = param
-        if scale is not None and not source_fp8:  # online FP8: stage in args.dtype, quantize when read
-            dest = torch.empty(param.shape, dtype=self.args.dtype, device=param.device)
-            self.current.finalize = lambda: _quantize_into(dest, param, scale)
-        if stacked is not None:  # transformers-5 layout: [E, 2I, H] (gate; up) and [E, H, I]
-            self.add(name, dest, stacked, rows=rows)
-            if scale is not None and source_fp8:
-                self.add(name, scale, stacked + "_scale_inv", rows=rows)
+        e = f"{prefix}.{first}"
+        per_expert = ("gate_proj", "w1") if leaf == "w13" else ("down_proj", "w2")
+        probe = stacked or self.require(name, *(f"{e}.{p}.weight" for p in per_expert))
+        source_fp8 = probe + "_scale_inv" in self.key_to_file
+        if scale is not None and not source_fp8:  # online FP8: stage in args.dtype, quantize after the reads
+            plan = self.current
+            self._plan_expert_reads(name, torch.empty(param.shape, device="meta"), prefix, leaf, None, stacked, first)
+            plan.reads.clear()  # planned on "meta" only to report a missing tensor before anything is read
+
+            def prepare() -> None:
+                staged = torch.empty(param.shape, dtype=self.args.dtype, device=param.device)
+                self.current = plan
+                self._plan_expert_reads(name, staged, prefix, leaf, None, stacked, first)
+                plan.finalize = lambda: _quantize_into(staged, param, scale)
+
+            plan.prepare = prepare
             return
-        inter = param.shape[1] // 2
+        self._plan_expert_reads(name, param, prefix, leaf, scale if source_fp8 else None, stacked, first)
+
+    def _plan_expert_reads(self, name: str, dest: torch.Tensor, prefix: str, leaf: str, scale: torch.Tensor | None,
+                           stacked: str | None, first: int) -> None:
+        # scale: the FP8 scale parameter to fill from the checkpoint's *_scale_inv (None: no scales to read)
+        num_local = dest.shape[0]
+        if stacked is not None:  # transformers-5 layout: [E, 2I, H] (gate; up) and [E, H, I]
+            self.add(name, dest, stacked, rows=(first, first + num_local))
+            if scale is not None:
+                self.add(name, scale, stacked + "_scale_inv", rows=(first, first + num_local))
+            return
+        inter = dest.shape[1] // 2
         for j in range(num_local):
+            e = f"{prefix}.{first + j}"
             if leaf == "w13":
-                gate = self.add(name, dest[j, :inter], *gate_up[j][:2])
-                up = self.add(name, dest[j, inter:], *gate_up[j][2:])
-                if scale is not None and source_fp8:
+                gate = self.add(name, dest[j, :inter], f"{e}.gate_proj.weight", f"{e}.w1.weight")
+                up = self.add(name, dest[j, inter:], f"{e}.up_proj.weight", f"{e}.w3.weight")
+                if scale is not None:
                     if inter % FP8_BLOCK:
                         raise LoadError(f"FP8 experts need an intermediate size that is a multiple of {FP8_BLOCK} "
                                         f"to fuse gate/up scales, got {inter} ({name})")
@@ -158,8 +174,8 @@ class _Planner:
                     self.add(name, scale[j, :split], gate + "_scale_inv")
                     self.add(name, scale[j, split:], up + "_scale_inv")
             else:
-                key = self.add(name, dest[j], *down[j])
-                if scale is not None and source_fp8:
+                key = self.add(name, dest[j], f"{e}.down_proj.weight", f"{e}.w2.weight")
+                if scale is not None:
                     self.add(name, scale[j], key + "_scale_inv")
 
 
@@ -215,6 +231,9 @@ def _execute(plans: list[_ParamPlan], key_to_file: dict[str, str], show_progress
     with ExitStack() as stack, bar:
         reader = _Reader(key_to_file, stack)
         for plan in plans:
+            if plan.prepare is not None:
+                plan.prepare()
+                bar.total += len(plan.reads)
             for r in plan.reads:
                 tensor = reader.read(r.key, list(r.dest.shape), r.rows)
                 if r.scale_key is not None:
@@ -224,6 +243,7 @@ def _execute(plans: list[_ParamPlan], key_to_file: dict[str, str], show_progress
                 bar.update(1)
             if plan.finalize is not None:
                 plan.finalize()
+            plan.reads, plan.finalize = [], None  # frees a staging buffer
     return reader.stats
 
 
