@@ -83,8 +83,11 @@ def server(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--log-stats-interval",
         "0.5",
     ]
+    # one intra-op thread per process: on a couple of shared cores, torch's default thread pool
+    # oversubscribes them and every tiny-model step gets ~10x slower
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.time() + 180
@@ -111,10 +114,17 @@ def server(checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def llm(checkpoint: str) -> Any:
+def llm(checkpoint: str) -> Iterator[Any]:
+    import torch
+
     from runtime.llm import LLM
 
-    return LLM(checkpoint, device="cpu", dtype="float32", kv_cache_memory=KV_BYTES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see the server fixture
+    try:
+        yield LLM(checkpoint, device="cpu", dtype="float32", kv_cache_memory=KV_BYTES)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _greedy(llm: Any, prompts: list[Any], max_tokens: list[int]) -> list[Any]:
