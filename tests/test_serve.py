@@ -200,10 +200,13 @@ def test_dp1_api_server_coordinator_engine(tiny_models: dict[str, str]) -> None:
                 assert "libcuda" not in f.read()
 
 
-def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[str, str]) -> None:
+def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[str, str], tmp_path) -> None:  # noqa: ANN001
+    import json
+
     model = tiny_models["Qwen3MoeForCausalLM"]
     ref = reference_tokens(model, PROMPTS, 8)
-    with served(model, dp=2, ep=True) as (front, proc):
+    stats_file = str(tmp_path / "experts.json")
+    with served(model, dp=2, ep=True, extra=["--expert-stats-file", stats_file]) as (front, proc):
         # one busy rank, one idle: the idle one runs dummy steps so the busy one never waits in the all2all
         front.submit("solo", PROMPTS[0], 8)
         front.wait_finished(120)
@@ -223,3 +226,19 @@ def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[
         after = front.wait_stats(10)
         assert after.num_steps_issued == before
         assert sum(after.num_requests_routed) == len(PROMPTS) + 1
+        # expert statistics: every (token, expert) pair of every forward token counted once, padding excluded
+        forward_tokens = sum(len(p) + 8 - 1 for p in [PROMPTS[0], *PROMPTS])
+        deadline = time.monotonic() + 20
+        while True:
+            data = json.load(open(stats_file)) if os.path.exists(stats_file) else {"ranks": []}
+            routed = [sum(sum(layer) for layer in r["routed_tokens"]) for r in data["ranks"]]
+            if len(routed) == 2 and sum(routed) == forward_tokens * 2 * 3:  # top_k 2, 3 MoE layers
+                break
+            assert time.monotonic() < deadline, f"expert stats {routed} never reached {forward_tokens * 6}"
+            time.sleep(0.3)
+        assert all(r["all2all_bytes_sent"] > 0 and r["all2all_tokens_sent"] > 0 for r in data["ranks"])
+        assert {"attention", "moe_compute", "all2all", "other"} <= set(data["ranks"][0]["time_split"])
+    out = subprocess.run([sys.executable, "benchmarks/plot_expert_stats.py", stats_file], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "rank_imbalance_mean=" in out.stdout and os.path.exists(str(tmp_path / "experts.png"))
