@@ -106,8 +106,12 @@ class _ClusterCollector(Collector):
         kv = {r.rank: r.kv_usage for r in ranks}
         yield from gauge("num_requests_running", "requests running on the rank", running, sum(running.values()))
         yield from gauge("num_requests_waiting", "requests waiting on the rank", waiting, sum(waiting.values()))
+        # the cluster figure is the fullest rank: that is the one that starts preempting first
         yield from gauge(
-            "kv_cache_usage_ratio", "fraction of the rank's KV blocks in use", kv, max(kv.values(), default=0.0)
+            "kv_cache_usage_ratio",
+            "fraction of the rank's KV blocks in use (cluster: max)",
+            kv,
+            max(kv.values(), default=0.0),
         )
         yield from gauge(
             "prompt_throughput_tokens_per_second",
