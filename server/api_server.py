@@ -141,6 +141,7 @@ def load_chat_template(path: str | None) -> str | None:
 
 
 def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, tokenizer: Any) -> ASGIApp:
+    metrics.track_client(client)
     serving = Serving(
         config.model_name,
         max_model_len_of(config),

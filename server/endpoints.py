@@ -94,6 +94,14 @@ async def _error_event(err: Exception) -> bytes:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
+def _usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(a final usage chunk, usage on every chunk: vLLM's continuous_usage_stats)."""
+    opts = req.stream_options
+    if opts is None or not opts.include_usage:
+        return False, False
+    return True, opts.continuous_usage_stats
+
+
 # ---------------------------------------------------------------- /v1/completions
 
 
@@ -147,7 +155,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
         return c.index // req.n
 
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        include_usage, each_usage = _usage_options(req)
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -174,7 +182,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                             request_id,
                             model,
                             [CompletionChoice(c.index, ev.text, lp, c.finish_reason, c.stop_reason)],
-                            None,
+                            serving.usage(prompt_ids, choices) if each_usage else None,
                         )
                     )
                 if include_usage:
@@ -239,7 +247,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     model = serving.model_name
 
     if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        include_usage, each_usage = _usage_options(req)
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -257,7 +265,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
                     yield sse(
                         ChatCompletionChunk(
-                            request_id, model, [ChatChunkChoice(c.index, delta, lp, c.finish_reason, c.stop_reason)]
+                            request_id,
+                            model,
+                            [ChatChunkChoice(c.index, delta, lp, c.finish_reason, c.stop_reason)],
+                            serving.usage([prompt_ids], choices) if each_usage else None,
                         )
                     )
                 if include_usage:

@@ -88,6 +88,7 @@ class EngineClient:
         self.num_waiting_first_token = 0  # the front end's queue: admitted, no output yet
         self.stats: ClusterStats | None = None
         self.stats_time = 0.0
+        self.num_resubmitted = 0
         self._ctx: zmq.asyncio.Context | None = None
         self._push: zmq.asyncio.Socket | None = None
         self._pull: zmq.asyncio.Socket | None = None
@@ -147,6 +148,24 @@ class EngineClient:
             self._send(AddRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params, arrival_time=now))
         return group
 
+    def resubmit_in_flight(self) -> int:
+        """After the engine ranks restarted (their requests are gone): send every unfinished request
+        again as prompt + tokens so far. num_generated_before keeps max_tokens, min_tokens and the
+        seeded random stream counting from where they were, so the answer continues seamlessly."""
+        for req in self.in_flight.values():
+            self._send(
+                AddRequest(
+                    request_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids + req.generated_token_ids,
+                    params=req.params,
+                    arrival_time=req.arrival_time,
+                    num_generated_before=len(req.generated_token_ids),
+                )
+            )
+        self.num_resubmitted += len(self.in_flight)
+        log.warning("engine ranks restarted: re-submitted %d requests in flight", len(self.in_flight))
+        return len(self.in_flight)
+
     def abort(self, request_ids: list[str]) -> None:
         ids = [rid for rid in request_ids if self._forget(rid)]
         if ids:
@@ -186,6 +205,8 @@ class EngineClient:
                 if isinstance(msg, OutputBatch):
                     self._route(msg)
                 elif isinstance(msg, ClusterStats):
+                    if self.stats is not None and msg.num_engine_restarts > self.stats.num_engine_restarts:
+                        self.resubmit_in_flight()
                     self.stats, self.stats_time = msg, time.time()
                     if self.on_stats is not None:
                         self.on_stats(msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -180,6 +181,27 @@ class Metrics:
         )
         self.cluster = _ClusterCollector()
         r.register(self.cluster)
+
+    def track_client(self, client: Any) -> None:
+        """Front-end queue figures, read from the EngineClient at scrape time."""
+
+        class _FrontEnd(Collector):
+            def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+                yield GaugeMetricFamily(
+                    "moe_frontend_requests_in_flight",
+                    "engine requests the front end waits on",
+                    value=len(client.in_flight),
+                )
+                yield GaugeMetricFamily(
+                    "moe_frontend_requests_queued",
+                    "admitted engine requests with no output yet (bounded by --max-queue-len)",
+                    value=client.num_waiting_first_token,
+                )
+                yield CounterMetricFamily(
+                    "moe_requests_resubmitted", "requests re-sent after an engine restart", value=client.num_resubmitted
+                )
+
+        self.registry.register(_FrontEnd())
 
     def on_request_done(
         self, arrival: float, first_token: float | None, end: float, num_tokens: int, finish_reason: str | None

@@ -54,10 +54,18 @@ class FakeEngine(threading.Thread):
         self.paused = threading.Event()
         self.stopping = threading.Event()
         self.num_generated = 0
+        self.num_restarts = 0
+        self.restart = threading.Event()
+        self.tick_s = 0.002
 
     def run(self) -> None:
         last_stats = 0.0
         while not self.stopping.is_set():
+            if self.restart.is_set():  # the ranks died with their requests and came back empty
+                self.restart.clear()
+                self.active.clear()
+                self.num_restarts += 1
+                last_stats = 0.0
             while self.pull.poll(1):
                 msg = decode(self.pull.recv())
                 if isinstance(msg, AddRequest):
@@ -72,8 +80,8 @@ class FakeEngine(threading.Thread):
             if time.time() - last_stats > 0.05:
                 last_stats = time.time()
                 stats = RankStats(0, len(self.active), 0, len(self.active) / 64, 0, self.num_generated, 0, 0)
-                self.push.send(encode(ClusterStats(ranks=[stats])))
-            time.sleep(0.002)
+                self.push.send(encode(ClusterStats(ranks=[stats], num_engine_restarts=self.num_restarts)))
+            time.sleep(self.tick_s)
         self.pull.close(0)
         self.push.close(0)
 
@@ -81,7 +89,10 @@ class FakeEngine(threading.Thread):
         deltas = []
         for rid, (req, i) in list(self.active.items()):
             p = req.params
-            token = req.prompt_token_ids[i % len(req.prompt_token_ids)]
+            # a re-submitted request carries its earlier output at the end of the prompt
+            prompt = req.prompt_token_ids[: len(req.prompt_token_ids) - req.num_generated_before]
+            i = max(i, req.num_generated_before)
+            token = prompt[i % len(prompt)]
             reason = None
             if p.stop_token_ids and token in p.stop_token_ids:
                 reason = "stop"
@@ -193,6 +204,16 @@ def test_streaming_reassembles_with_multibyte(stack: Stack) -> None:
     assert "".join(texts) == full.choices[0].text == stack.expected_text(prompt, 20)
     assert all("\ufffd" not in t for t in texts)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    running = list(
+        stack.client.completions.create(
+            model="fake",
+            prompt=prompt,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    assert [c.usage.completion_tokens for c in running if c.choices][-1] == 5
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
@@ -464,3 +485,28 @@ def test_bench_serving_runs(stack: Stack, tmp_path: Any) -> None:
     saved = json.loads(out.read_text())
     assert saved["runs"][1]["ttft_s"]["p50"] > 0 and saved["runs"][1]["output_throughput"] > 0
     assert plot.exists()
+
+
+def test_engine_restart_resubmits(stack: Stack) -> None:
+    import concurrent.futures
+
+    stack.engine.tick_s = 0.02  # slow enough to restart in the middle
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(
+                stack.client.completions.create,
+                model="fake",
+                prompt="The quick brown fox",
+                max_tokens=30,
+                extra_body={"return_token_ids": True},
+            )
+            time.sleep(0.3)
+            stack.engine.restart.set()
+            r = future.result(timeout=20)
+    finally:
+        stack.engine.tick_s = 0.002
+    assert r.choices[0].text == stack.expected_text("The quick brown fox", 30)
+    assert r.usage.completion_tokens == 30 and r.choices[0].finish_reason == "length"
+    again = stack.engine.added[-1]
+    assert 0 < again.num_generated_before < 30
+    assert _scrape(stack)["moe_requests_resubmitted_total"] == 1
