@@ -37,6 +37,7 @@ def _inputs(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: i
 
 
 def _worker(rank: int, world: int, port: int, cases: list[tuple], result_dir: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
     parallel = ParallelState(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank,

@@ -77,6 +77,7 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
     from runtime.messages import AddRequest
     from runtime.parallel import ParallelState, destroy_parallel, init_parallel
 
+    torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     first = next(iter(models.values()))

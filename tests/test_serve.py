@@ -95,7 +95,8 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None,
             cmd.append("--headless")
         if ep:
             cmd.append("--enable-expert-parallel")
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        # one torch thread per process: the ranks share few cores with each other and the test
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         try:
             yield front, proc  # type: ignore[misc]
         finally:
