@@ -6,7 +6,7 @@ For each BLOCK_M allowed at a token count (and for FP8, each activation mode), t
 gate_up GEMM and of the down GEMM separately (CUDA-graph replay, median), keeps the best pair, then the best
 BLOCK_M / mode overall (FP8 activation quantization launches included in its total). All candidates are
 first compiled in parallel worker processes (Triton's disk cache then serves the timing process).
-Writes DIR/configs/E=..,H=..,I=..,dtype=..,device=...json, the files kernels/moe_config.py looks up.
+Writes DIR/configs/moe_E.._H.._I.._{dtype}_{gpu}.json, the files kernels/moe_config.py looks up.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ class Problem:
                         self.s2.stride(0), self.s2.stride(1), y.stride(0))
                 meta = {"EVEN_K": inter % g["BLOCK_K"] == 0}
                 kernel = fm._moe_down_kernel
-            meta.update(USE_FP8=self.fp8, ACT_FP8=act_fp8, BLOCK_M=bm, BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"],
-                        GROUP_M=g["GROUP_M"], num_warps=g["num_warps"], num_stages=g["num_stages"])
+            meta.update(USE_FP8=self.fp8, ACT_FP8=act_fp8, DIRECT=False, BLOCK_M=bm, BLOCK_N=g["BLOCK_N"],
+                        BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], num_warps=g["num_warps"],
+                        num_stages=g["num_stages"])
             calls.append((kernel, grid, args, meta))
 
         def run() -> None:

@@ -71,21 +71,35 @@ def _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, DIRECT: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """(expert or -1 to skip, sorted positions [BLOCK_M], pair ids [BLOCK_M]; num_pairs = padding row)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if DIRECT:
+        # no align (one token): block pid_m holds pair pid_m alone and expert_ids_ptr is topk_ids itself
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+    else:
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        e = tl.where(pid_m * BLOCK_M < tl.load(num_post_pad_ptr), e, -1)
+        pair = tl.load(sorted_ptr + offs_m)
+    return e, offs_m, pair
+
+
 @triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M", "top_k"])
 def _moe_up_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
     num_pairs, K, INTER, NUM_PID_M, top_k,
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
-    USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # out[p, n] = silu(a[tok(p)] . w[e, n]) * (a[tok(p)] . w[e, INTER + n]) for sorted position p
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(INTER, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+    e, offs_m, pair = _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, DIRECT, BLOCK_M)
+    if e < 0:
         return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
     rmask = pair < num_pairs
     tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,16 +150,14 @@ def _moe_down_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
     topk_weights_ptr, num_pairs, K, N, NUM_PID_M,
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
-    USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+    e, offs_m, pair = _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, DIRECT, BLOCK_M)
+    if e < 0:
         return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + offs_m)
     rmask = pair < num_pairs
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
@@ -236,28 +248,35 @@ def moe_dtype_name(hidden: torch.Tensor, fp8: bool) -> str:
 
 def fused_experts_aligned(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor, sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_post_pad: torch.Tensor,
+    topk_ids: torch.Tensor, sorted_ids: torch.Tensor | None, expert_ids: torch.Tensor | None,
+    num_post_pad: torch.Tensor | None,
     config: dict, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The GEMMs and the top-k sum, given moe_align's outputs for config["BLOCK_M"] (unchecked)."""
+    """The GEMMs and the top-k sum, given moe_align's outputs for config["BLOCK_M"] (unchecked).
+
+    sorted_ids None: the one-token path, one (token, slot) pair per block and no align at all."""
     num_tokens, h = hidden.shape
     top_k = topk_ids.shape[1]
     inter = w2.shape[2]
     fp8 = w13_scale is not None
     act_fp8 = fp8 and config.get("act_fp8", True)  # False: fp8 weights, 16-bit activations (W8A16)
     bm = config["BLOCK_M"]
-    num_pid_m = sorted_ids.numel() // bm
     num_pairs = num_tokens * top_k
+    direct = sorted_ids is None
+    if direct:
+        num_pid_m, sorted_ids, expert_ids, num_post_pad = num_pairs, topk_ids, topk_ids, topk_ids
+    else:
+        num_pid_m = sorted_ids.numel() // bm
     up, down = config["up"], config["down"]
     a, a_scale = per_token_group_quant(hidden) if act_fp8 else (hidden, hidden)  # (a_scale unused if not)
     w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)
-    inter_out = torch.empty(sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
+    inter_out = torch.empty(num_pid_m * bm, inter, dtype=hidden.dtype, device=hidden.device)
     _moe_up_kernel[(num_pid_m * triton.cdiv(inter, up["BLOCK_N"]),)](
         a, a_scale, w13, w13s, inter_out, sorted_ids, expert_ids, num_post_pad,
         num_pairs, h, inter, num_pid_m, top_k,
         a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
         inter_out.stride(0),
-        USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
+        USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=h % up["BLOCK_K"] == 0, DIRECT=direct, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], num_warps=up["num_warps"], num_stages=up["num_stages"],
     )
     a, a_scale = per_token_group_quant(inter_out) if act_fp8 else (inter_out, inter_out)
@@ -266,7 +285,8 @@ def fused_experts_aligned(
         a, a_scale, w2, w2s, y, sorted_ids, expert_ids, num_post_pad, topk_weights,
         num_pairs, inter, h, num_pid_m,
         a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
-        USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_M=bm, BLOCK_N=down["BLOCK_N"],
+        USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=inter % down["BLOCK_K"] == 0, DIRECT=direct, BLOCK_M=bm,
+        BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
         num_stages=down["num_stages"],
     )
@@ -298,6 +318,9 @@ def fused_experts(
                                 hidden.device)
     if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
         raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")
-    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
+    if num_tokens == 1:  # a token's top-k experts are distinct: no sorting needed, and no align launch
+        sorted_ids = expert_ids = num_post_pad = None
+    else:
+        sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
                                  config, w13_scale, w2_scale)

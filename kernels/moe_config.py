@@ -1,6 +1,6 @@
 """Block shapes for the fused MoE kernels: tuned JSON files in kernels/configs/, else a default.
 
-A file is named E={E},H={H},I={I},dtype={dtype},device={gpu}.json and maps a token-count bucket ("1", "8",
+A file is named moe_E{E}_H{H}_I{I}_{dtype}_{gpu}.json (gpu: torch's device name, spaces as '_') and maps a token-count bucket ("1", "8",
 ...) to {"BLOCK_M": int, "up": {...}, "down": {...}}, where up/down hold BLOCK_N, BLOCK_K, GROUP_M,
 num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is shared: one align serves both), and for
 FP8 "act_fp8": quantize activations too (FP8 MMA) or, False, dequantize weight tiles to 16 bits in
@@ -22,11 +22,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 def device_name(device: torch.device | None = None) -> str:
     if device is not None and device.type != "cuda" or not torch.cuda.is_available():
         return "cpu"
-    return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in torch.cuda.get_device_name(device))
 
 
 def config_file_name(num_experts: int, hidden: int, inter: int, dtype: str, gpu: str) -> str:
-    return f"E={num_experts},H={hidden},I={inter},dtype={dtype},device={gpu}.json"
+    return f"moe_E{num_experts}_H{hidden}_I{inter}_{dtype}_{gpu}.json"
 
 
 @functools.lru_cache(maxsize=64)
@@ -58,6 +58,10 @@ def get_moe_config(
     """Tuned config of the nearest token bucket (log scale) if a file exists for this shape and GPU."""
     name = config_file_name(num_experts, hidden, inter, dtype, device_name(device))
     table = _load(str(CONFIG_DIR / name))
+    if not table and device_name(device) != "cpu":
+        # another GPU's table for this shape (e.g. H200's on an H100) beats the generic default
+        others = sorted(CONFIG_DIR.glob(config_file_name(num_experts, hidden, inter, dtype, "*")))
+        table = _load(str(others[0])) if others else None
     if not table:
         return default_config(num_tokens, num_experts, top_k, dtype == "fp8")
     m = max(num_tokens, 1)
