@@ -1,10 +1,11 @@
 """Block shapes for the fused MoE kernels: tuned JSON files in kernels/configs/, else a default.
 
-A file is named moe_E{E}_H{H}_I{I}_{dtype}_{gpu}.json (gpu: torch's device name, spaces as '_') and maps a token-count bucket ("1", "8",
-...) to {"BLOCK_M": int, "up": {...}, "down": {...}}, where up/down hold BLOCK_N, BLOCK_K, GROUP_M,
-num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is shared: one align serves both), and for
-FP8 "act_fp8": quantize activations too (FP8 MMA) or, False, dequantize weight tiles to 16 bits in
-registers (W8A16: no activation-quant launches, best while few rows per expert leave it bandwidth-bound).
+A file is named moe_E{E}_H{H}_I{I}_{dtype}_{gpu}.json (gpu: torch's device name, spaces as '_'). It maps
+a token-count bucket ("1", "8", ...) to {"BLOCK_M": int, "up": {...}, "down": {...}, "act_fp8": bool}:
+up/down hold BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is
+shared: one align serves both). act_fp8 (FP8 only): quantize activations too and use FP8 MMA, or
+dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant launches; best while few rows
+per expert keep the layer bandwidth-bound).
 """
 
 from __future__ import annotations
