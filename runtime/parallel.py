@@ -114,8 +114,10 @@ def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
             raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are unset: launch with torchrun")
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
+            # env:// joins torchrun's (or the elastic launcher's) own store instead of starting a second one
+            init = "env://" if env is os.environ else f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
             dist.init_process_group(
-                backend, init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                backend, init_method=init,
                 rank=launch.rank, world_size=launch.world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
                 device_id=device if device.type == "cuda" else None,
