@@ -72,7 +72,9 @@ def main() -> None:
     ax1.legend()
     split = {k: v for k, v in data["ranks"][0].get("time_split", {}).items() if k != "total"} if data["ranks"] else {}
     if split:
-        ax1.set_title("rank 0 step time: " + ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in split.items()))
+        total = max(sum(split.values()), 1e-9)
+        ax1.set_title("rank 0 step time: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in split.items()),
+                      fontsize=9)
     fig.tight_layout()
     out = args.out or args.stats_file.rsplit(".", 1)[0] + ".png"
     fig.savefig(out, dpi=120)
