@@ -332,3 +332,19 @@ def test_triton_kernels_match_reference_on_gpu(arch: str, quantization: str | No
     # where the greedy token differs, the reference scored it nearly as high (a near-tie, not a wrong path)
     gap = ref.max(-1).values - ref.gather(-1, fast.argmax(-1, keepdim=True)).squeeze(-1)
     assert (gap < 0.1).float().mean() > 0.9, gap
+
+
+def test_llama3_rope_matches_transformers() -> None:
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.layers import rope_params, rope_table
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 512}
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128,
+                                   max_position_embeddings=1024, rope_parameters=rope)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    freqs = torch.outer(torch.arange(1024, dtype=torch.float32), inv_freq)
+    table = rope_table(128, 1024, rope_params(cfg.to_dict()), torch.device("cpu"))
+    torch.testing.assert_close(table, torch.cat([freqs.cos(), freqs.sin()], dim=-1))
