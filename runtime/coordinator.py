@@ -63,6 +63,12 @@ class StepClock:
         self.num_dummy_commands = 0  # (step, rank) pairs that ran a dummy
         self.num_commands = 0
 
+    def reset(self) -> None:
+        """The ranks restarted (elastic launcher): their step ids begin again at 0, nothing is in flight."""
+        self.step_id = 0
+        self.reports = [None] * self.num_ranks
+        self.num_sent = [0] * self.num_ranks
+
     def settled(self, rank: int) -> bool:
         r = self.reports[rank]
         return r is not None and (r.num_tokens > 0 or r.num_requests_received >= self.num_sent[rank])
@@ -90,16 +96,22 @@ class StepClock:
 class LoadBalancer:
     def __init__(self, num_ranks: int) -> None:
         self.load: list[tuple[int, float]] = [(0, 0.0)] * num_ranks  # (running + waiting, kv usage)
-        self.received = [0] * num_ranks  # AddRequests each rank has reported taking
-        self.num_routed = [0] * num_ranks
+        self.received = [0] * num_ranks  # AddRequests each rank has reported taking (since its start)
+        self.num_routed = [0] * num_ranks  # cumulative, for the metrics
+        self.routed_before_start = [0] * num_ranks  # num_routed when the rank last (re)started
 
     def update(self, r: StepReport) -> None:
         self.load[r.rank] = (r.num_running + r.num_waiting, r.kv_usage)
         self.received[r.rank] = max(self.received[r.rank], r.num_requests_received)
 
+    def restart(self, rank: int) -> None:
+        self.load[rank] = (0, 0.0)
+        self.received[rank] = 0
+        self.routed_before_start[rank] = self.num_routed[rank]
+
     def pick(self) -> int:
         def key(rank: int) -> tuple[int, float, int]:
-            in_flight = self.num_routed[rank] - self.received[rank]
+            in_flight = self.num_routed[rank] - self.routed_before_start[rank] - self.received[rank]
             return (self.load[rank][0] + in_flight, self.load[rank][1], rank)
 
         rank = min(range(len(self.load)), key=key)
@@ -168,10 +180,23 @@ class Coordinator:
         self.stats = StatsAggregator(spec.num_ranks)
         self.ready = [False] * spec.num_ranks
         self.queued: deque[AddRequest] = deque()  # requests that arrived before every rank was ready
+        self.num_engine_restarts = 0
+        self.outbox: list[deque[bytes]] = [deque() for _ in range(spec.num_ranks)]  # FIFO per rank
         self.running = True
 
     def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown) -> None:
-        self.to_engines[rank].send(encode(msg), copy=False)
+        # never block: a rank that is not connected yet (or died) must not stall the others' clock
+        self.outbox[rank].append(encode(msg))
+        self._flush(rank)
+
+    def _flush(self, rank: int) -> None:
+        box = self.outbox[rank]
+        while box:
+            try:
+                self.to_engines[rank].send(box[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            box.popleft()
 
     def _route(self, req: AddRequest) -> None:
         rank = self.balancer.pick()
@@ -198,6 +223,17 @@ class Coordinator:
                     self._send(rank, cmd)
         elif isinstance(msg, StatsReport):
             rank = msg.stats.rank
+            if msg.first and self.ready[rank]:
+                # a restarted rank (every rank of an EP group restarts together): forget the old step clock;
+                # requests that were in flight are the front end's to re-submit
+                logger.warning("engine rank %d restarted: resetting the step clock", rank)
+                self.num_engine_restarts += 1
+                self.ready = [False] * self.spec.num_ranks
+                if self.clock is not None:
+                    self.clock.reset()
+                for r in range(self.spec.num_ranks):
+                    self.balancer.restart(r)
+                    self.stats.previous[r] = None
             self.stats.latest[rank] = msg.stats
             if msg.expert is not None:
                 self.stats.expert[rank] = msg.expert
@@ -213,7 +249,7 @@ class Coordinator:
     def cluster_stats(self) -> ClusterStats:
         ranks = [s if s is not None else RankStats(r, 0, 0, 0.0, 0, 0, 0, 0) for r, s in enumerate(self.stats.latest)]
         clock = self.clock
-        return ClusterStats(ranks=ranks, healthy=all(self.ready),
+        return ClusterStats(ranks=ranks, healthy=all(self.ready), num_engine_restarts=self.num_engine_restarts,
                             num_steps_issued=clock.num_steps_issued if clock else 0,
                             num_dummy_commands=clock.num_dummy_commands if clock else 0,
                             num_requests_routed=list(self.balancer.num_routed))
@@ -242,14 +278,19 @@ class Coordinator:
         poller.register(self.pull, zmq.POLLIN)
         next_tick = time.monotonic() + self.spec.log_stats_interval
         while self.running:
+            for rank, sock in enumerate(self.to_engines):
+                poller.register(sock, zmq.POLLOUT if self.outbox[rank] else 0)  # 0 = unregister
             timeout_ms = max(0.0, next_tick - time.monotonic()) * 1e3
-            if poller.poll(timeout_ms):
+            events = dict(poller.poll(timeout_ms))
+            if self.pull in events:
                 while True:  # drain everything that is there, then look at the clock
                     try:
                         data = self.pull.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self.handle(decode(data.buffer))
+            for rank in range(self.spec.num_ranks):
+                self._flush(rank)
             if time.monotonic() >= next_tick:
                 self.tick()
                 next_tick = time.monotonic() + self.spec.log_stats_interval
@@ -258,10 +299,12 @@ class Coordinator:
         """Tell every rank to exit after the step it is in (FIFO after any command already sent)."""
         self.running = False
         for rank in range(self.spec.num_ranks):
-            try:
-                self.to_engines[rank].send(encode(Shutdown()), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            self._send(rank, Shutdown())
+        deadline = time.monotonic() + 2.0
+        while any(self.outbox) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            for rank in range(self.spec.num_ranks):
+                self._flush(rank)
         if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
             self.write_expert_stats(self.spec.expert_stats_file)
 

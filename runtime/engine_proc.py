@@ -112,13 +112,13 @@ class EngineLoop:
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
             num_requests_received=self.num_requests_received)))
 
-    def _maybe_send_stats(self, force: bool = False) -> None:
+    def _maybe_send_stats(self, force: bool = False, first: bool = False) -> None:
         now = time.monotonic()
         if not force and now < self.next_stats:
             return
         self.next_stats = now + self.stats_interval
         expert = self.expert_stats.snapshot(self.rank) if self.expert_stats is not None else None
-        self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert)))
+        self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert, first=first)))
 
     def _until_stats(self) -> float:
         return max(0.0, self.next_stats - time.monotonic())
@@ -132,7 +132,7 @@ class EngineLoop:
 
     # ---- loops ----
     def run(self) -> None:
-        self._maybe_send_stats(force=True)  # the coordinator's "ready"
+        self._maybe_send_stats(force=True, first=True)  # the coordinator's "ready"
         try:
             if self.lockstep:
                 self._run_lockstep()

@@ -101,6 +101,7 @@ class ExpertStatsSnapshot(msgspec.Struct):
 class StatsReport(msgspec.Struct, tag=True):
     stats: RankStats
     expert: ExpertStatsSnapshot | None = None
+    first: bool = False  # the rank's first message after (re)start: it is ready, its step ids start at 0
 
 
 class ClusterStats(msgspec.Struct, tag=True):

@@ -148,3 +148,25 @@ def test_coordinator_process_lockstep_without_torch() -> None:
                 proc.kill()
                 proc.wait(5)
             ctx.destroy(linger=0)
+
+
+def test_restart_resets_the_clock() -> None:
+    from runtime.coordinator import Coordinator
+
+    with tempfile.TemporaryDirectory() as d:
+        addrs = Addresses.ipc(d, 2)
+        coord = Coordinator(CoordinatorSpec(num_ranks=2, lockstep=True), addrs, zmq.Context())
+        try:
+            hello = [StatsReport(stats=RankStats(r, 0, 0, 0.0, 0, 0, 0, 0), first=True) for r in range(2)]
+            for h in hello:
+                coord.handle(h)
+            assert all(coord.ready)
+            coord.handle(report(0, 0, 3))
+            coord.handle(report(1, 0, 0))
+            assert coord.clock is not None and coord.clock.step_id == 1
+            coord.handle(hello[1])  # the group restarted: step ids begin again
+            assert coord.clock.step_id == 0 and coord.num_engine_restarts == 1 and coord.ready == [False, True]
+            coord.handle(hello[0])
+            assert all(coord.ready) and coord.num_engine_restarts == 1
+        finally:
+            coord.ctx.destroy(linger=0)
