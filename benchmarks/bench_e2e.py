@@ -101,6 +101,10 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
     params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for batch in args.batch_sizes:
+        need = batch * -(-(args.ctx + 1 + args.steps + 3) // config.block_size)
+        if need > engine.block_manager.num_free_blocks:
+            print(f"skip decode B={batch}: needs {need} KV blocks, {engine.block_manager.num_free_blocks} free")
+            continue
         # B sequences with ctx tokens "already computed": blocks allocated, KV left as it is
         seqs = []
         for b in range(batch):
