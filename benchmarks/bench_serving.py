@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,6 +70,18 @@ def make_prompts(args: argparse.Namespace) -> list[tuple[str | list[int], int]]:
     return [([rng.randrange(lo, hi) for _ in range(args.input_len)], args.output_len) for _ in range(args.num_prompts)]
 
 
+async def _sse_events(response: httpx.Response) -> AsyncIterator[str]:
+    """The data of each SSE event. Split on newlines only: aiter_lines() would also split inside
+    the JSON at U+2028 and friends."""
+    buf = b""
+    async for raw in response.aiter_bytes():
+        buf += raw
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: "):
+                yield line[6:].decode()
+
+
 async def one_request(
     client: httpx.AsyncClient, args: argparse.Namespace, model: str, prompt: str | list[int], output_len: int
 ) -> Result:
@@ -93,10 +106,7 @@ async def one_request(
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
                 return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
+            async for data in _sse_events(r):
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)

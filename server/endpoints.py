@@ -36,7 +36,13 @@ DONE = b"data: [DONE]\n\n"
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + _json.encode(obj) + b"\n\n"
+    # JSON may carry U+0085, U+2028 and U+2029 raw, but clients that split the stream with
+    # str.splitlines() (httpx's aiter_lines among them) would cut the event there: escape them
+    data = _json.encode(obj)
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:
+        data = data.replace(b"\xc2\x85", b"\\u0085").replace(b"\xe2\x80\xa8", b"\\u2028")
+        data = data.replace(b"\xe2\x80\xa9", b"\\u2029")
+    return b"data: " + data + b"\n\n"
 
 
 def json_response(obj: Any) -> Response:

@@ -15,100 +15,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.config import EngineConfig
 from runtime.messages import (
-    AbortRequest,
-    AddRequest,
     Addresses,
-    ClusterStats,
-    OutputBatch,
-    RankStats,
-    TokenDelta,
-    decode,
-    encode,
 )
+from server.fake_engine import FakeEngine
 from tests.tiny import write_tokenizer
 
 API_KEY = "sk-unit"
 MAX_MODEL_LEN = 64
 QUEUE_LEN = 6
-
-
-class FakeEngine(threading.Thread):
-    """Coordinator + engine stand-in: a request's i-th output token is prompt[i % len(prompt)], one
-    token per tick for every active request; honors max_tokens, stop_token_ids and aborts."""
-
-    def __init__(self, addrs: Addresses) -> None:
-        super().__init__(daemon=True)
-        self.ctx = zmq.Context()
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.bind(addrs.to_coordinator)
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.connect(addrs.to_frontend)
-        self.active: dict[str, tuple[AddRequest, int]] = {}
-        self.added: list[AddRequest] = []
-        self.aborted: list[str] = []
-        self.paused = threading.Event()
-        self.stopping = threading.Event()
-        self.num_generated = 0
-        self.num_restarts = 0
-        self.restart = threading.Event()
-        self.tick_s = 0.002
-
-    def run(self) -> None:
-        last_stats = 0.0
-        while not self.stopping.is_set():
-            if self.restart.is_set():  # the ranks died with their requests and came back empty
-                self.restart.clear()
-                self.active.clear()
-                self.num_restarts += 1
-                last_stats = 0.0
-            while self.pull.poll(1):
-                msg = decode(self.pull.recv())
-                if isinstance(msg, AddRequest):
-                    self.added.append(msg)
-                    self.active[msg.request_id] = (msg, 0)
-                elif isinstance(msg, AbortRequest):
-                    for rid in msg.request_ids:
-                        self.aborted.append(rid)
-                        self.active.pop(rid, None)
-            if not self.paused.is_set():
-                self._tick()
-            if time.time() - last_stats > 0.05:
-                last_stats = time.time()
-                stats = RankStats(0, len(self.active), 0, len(self.active) / 64, 0, self.num_generated, 0, 0)
-                self.push.send(encode(ClusterStats(ranks=[stats], num_engine_restarts=self.num_restarts)))
-            time.sleep(self.tick_s)
-        self.pull.close(0)
-        self.push.close(0)
-
-    def _tick(self) -> None:
-        deltas = []
-        for rid, (req, i) in list(self.active.items()):
-            p = req.params
-            # a re-submitted request carries its earlier output at the end of the prompt
-            prompt = req.prompt_token_ids[: len(req.prompt_token_ids) - req.num_generated_before]
-            i = max(i, req.num_generated_before)
-            token = prompt[i % len(prompt)]
-            reason = None
-            if p.stop_token_ids and token in p.stop_token_ids:
-                reason = "stop"
-            elif p.max_tokens is not None and i + 1 >= p.max_tokens:
-                reason = "length"
-            lps = None
-            if p.logprobs is not None:
-                lps = [[(token, -0.5)] + [((token + k) % 512, -1.0 - k) for k in range(p.logprobs)]]
-            deltas.append(TokenDelta(rid, [token], lps, reason, token if reason == "stop" else None))
-            self.num_generated += 1
-            if reason is None:
-                self.active[rid] = (req, i + 1)
-            else:
-                del self.active[rid]
-        if deltas:
-            self.push.send(encode(OutputBatch(rank=0, outputs=deltas)))
 
 
 def _free_port() -> int:
@@ -215,6 +133,19 @@ def test_streaming_reassembles_with_multibyte(stack: Stack) -> None:
     )
     assert [c.usage.completion_tokens for c in running if c.choices][-1] == 5
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_stream_lines_survive_unicode_separators(stack: Stack) -> None:
+    prompt = "a\u2028b\u2029c\x85d"
+    ids = stack.tokenizer.encode(prompt)
+    body = {"model": "fake", "prompt": ids, "max_tokens": len(ids), "stream": True}
+    with httpx.stream(
+        "POST", stack.base_url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]  # splitlines() semantics
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+    assert text == prompt
 
 
 def test_prompt_forms_and_n(stack: Stack) -> None:
