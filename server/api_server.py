@@ -5,6 +5,7 @@ detokenizes and streams. Bad input of any kind is a 4xx with an OpenAI-style err
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -63,7 +64,7 @@ class FrontDoor:
         try:
             if self.expected is not None and path.startswith("/v1"):
                 auth = dict(scope["headers"]).get(b"authorization")
-                if auth != self.expected:
+                if auth is None or not hmac.compare_digest(auth, self.expected):  # no timing oracle on the key
                     err = APIError(
                         "invalid or missing API key: send 'Authorization: Bearer <key>'",
                         status_code=401,
@@ -112,7 +113,25 @@ async def read_json(request: Request) -> dict[str, Any]:
     return obj
 
 
+# OpenAI features this server does not implement: refused by name rather than silently ignored
+_UNSUPPORTED: dict[str, Any] = {
+    "logit_bias": bool,
+    "suffix": bool,
+    "tools": bool,
+    "functions": bool,
+    "response_format": lambda v: not (isinstance(v, dict) and v.get("type", "text") == "text"),
+    "guided_json": lambda v: v is not None,
+    "guided_regex": lambda v: v is not None,
+}
+
+
 def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest], obj: dict[str, Any]) -> Any:
+    for name, used in _UNSUPPORTED.items():
+        if name in obj and used(obj[name]):
+            raise APIError(f"{name}: not supported by this server", param=name, code="unsupported")
+    best_of = obj.get("best_of")
+    if best_of is not None and best_of != obj.get("n", 1):
+        raise APIError("best_of: only best_of == n is supported", param="best_of", code="unsupported")
     try:
         return model.model_validate(obj, strict=True)
     except ValidationError as err:

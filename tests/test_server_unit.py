@@ -268,6 +268,8 @@ BAD = [
     ),
     ({"model": "fake", "prompt": "\ud800"}, 400, "prompt"),
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
+    ({"model": "fake", "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "hi", "best_of": 3}, 400, "best_of"),
 ]
 
 BAD_CHAT = [
@@ -283,6 +285,16 @@ BAD_CHAT = [
         "max_completion_tokens",
     ),
     ({"model": "fake", "messages": "hello"}, 400, "messages"),
+    (
+        {"model": "fake", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    (
+        {"model": "fake", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"x": 1}, "n": -1},
+        400,
+        "n",
+    ),
 ]
 
 
@@ -441,3 +453,34 @@ def test_engine_restart_resubmits(stack: Stack) -> None:
     again = stack.engine.added[-1]
     assert 0 < again.num_generated_before < 30
     assert _scrape(stack)["moe_requests_resubmitted_total"] == 1
+
+
+def test_chat_template_file(stack: Stack, tmp_path: Any) -> None:
+    from runtime.config import ConfigError
+    from server.api_server import load_chat_template
+    from server.metrics import Metrics
+    from server.protocol import ChatCompletionRequest
+    from server.serving import Serving
+
+    with pytest.raises(ConfigError):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>>")
+    serving = Serving(
+        "fake",
+        MAX_MODEL_LEN,
+        512,
+        stack.tokenizer,
+        load_chat_template(str(path)),
+        None,  # type: ignore[arg-type]
+        Metrics("fake"),
+    )
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}
+            ]
+        }
+    )
+    ids = asyncio.run(serving.chat_prompt(req))
+    assert stack.tokenizer.decode(ids) == "[user] Hello\nworld\n>>"
