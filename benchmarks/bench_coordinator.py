@@ -134,8 +134,9 @@ def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: st
         if errors:
             raise errors[0]
         intervals = [b - a for a, b in zip(arrivals[warmup:], arrivals[warmup + 1 :])]
+        gpu_pids = {line.split(",")[0].strip() for line in gpu_apps.splitlines() if line.strip()}
         return {f"{tag}_step_us": median_us(intervals), f"{tag}_steps": steps_done,
-                f"{tag}_coordinator_on_gpu": str(coord.pid) in gpu_apps.split(",")[0::2] if gpu_apps else False}
+                f"{tag}_coordinator_on_gpu": str(coord.pid) in gpu_pids}
 
 
 def main() -> None:

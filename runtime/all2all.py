@@ -96,9 +96,12 @@ class LocalDispatcher(All2AllBackend):
 
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        if self.stats is not None:
-            self.stats.record_routing(topk_ids)
-        return hidden, topk_weights, topk_ids, None
+        if self.stats is None:
+            return hidden, topk_weights, topk_ids, None
+        self.stats.record_routing(topk_ids)
+        # filler rows of a padded or dummy step: id -1, so the experts skip them
+        real = torch.arange(topk_ids.shape[0], device=topk_ids.device) < self.stats.num_real_tokens  # [T]
+        return hidden, topk_weights, torch.where(real.unsqueeze(1), topk_ids, -1), None
 
     def combine(self, out_recv: torch.Tensor, handle: Any) -> torch.Tensor:
         return out_recv

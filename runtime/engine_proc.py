@@ -130,6 +130,14 @@ class EngineLoop:
             self.expert_stats.end_step(t0)
         self._send_outputs(outputs)
 
+    def _agreed_size(self, pad_to: int) -> int:
+        """The token count every EP rank really runs: a decode rank replays the CUDA graph of bucket(pad_to),
+        so a rank running eagerly (prefill, dummy) must pad to that bucket too, or the all2all sizes differ.
+        Every rank has the same graph sizes (same config), so all round alike."""
+        graphs = getattr(getattr(self.engine, "runner", None), "graphs", None)
+        bucket = graphs.bucket(pad_to) if graphs is not None else None
+        return bucket or pad_to
+
     # ---- loops ----
     def run(self) -> None:
         self._maybe_send_stats(force=True, first=True)  # the coordinator's "ready"
@@ -167,7 +175,7 @@ class EngineLoop:
                                    f"expected {self.step_id}")
             if cmd.dummy and num_tokens > 0:
                 raise RuntimeError(f"rank {self.rank}: told to run a dummy step with {num_tokens} tokens planned")
-            self._execute(num_tokens, cmd.pad_to)
+            self._execute(num_tokens, self._agreed_size(cmd.pad_to))
             self.step_id += 1
             self._maybe_send_stats()
 
