@@ -54,7 +54,7 @@ def measure_ceilings(device: torch.device) -> tuple[float, float]:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     bandwidth = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
+    src = dst = None  # free before the matmul
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
@@ -124,11 +124,16 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
             engine.step()
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        graph_ms = time_graph_replay(engine, batch)
+        if batch in args.profile:
+            profile_eager_step(engine)
         floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes) / bandwidth * 1e3
         rows.append({"engine": "ours", "phase": "decode", "batch": batch, "ctx": args.ctx, "step_ms": step_ms,
+                     "graph_replay_ms": graph_ms,
                      "floor_ms": floor_ms, "floor_fraction": floor_ms / step_ms,
                      "tokens_per_s": batch / step_ms * 1e3})
-        print(f"ours decode B={batch:4d} ctx={args.ctx}: {step_ms:8.3f} ms/step, floor {floor_ms:.3f} ms "
+        print(f"ours decode B={batch:4d} ctx={args.ctx}: {step_ms:8.3f} ms/step (graph alone {graph_ms:.3f} ms), "
+              f"floor {floor_ms:.3f} ms "
               f"({floor_ms / step_ms:.0%} of floor speed)", flush=True)
         engine.abort_requests([s.request_id for s in seqs])
     # prefill: one chunk of args.prefill tokens
@@ -152,6 +157,36 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
           f"floor {floor_s * 1e3:.1f} ms", flush=True)
     del engine
     return rows
+
+
+def time_graph_replay(engine, batch: int) -> float:
+    """GPU time of the decode graph alone (no scheduling, input copies, lm head or sampling)."""
+    graphs = engine.runner.graphs
+    size = graphs.bucket(batch) if graphs is not None else None
+    if size is None:
+        return float("nan")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graphs.graphs[size].replay()
+    start.record()
+    for _ in range(20):
+        graphs.graphs[size].replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 20
+
+
+def profile_eager_step(engine) -> None:
+    """Kernel time breakdown of one decode step run eagerly (graphs hide kernels from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    engine.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+    engine.runner.graphs = graphs
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def bench_transformers(model_dir: str, args: argparse.Namespace, cfg: dict) -> list[dict]:
@@ -200,6 +235,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quantization", choices=["fp8"], default=None)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--profile", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                        help="batch sizes to profile eagerly, kernel by kernel")
     parser.add_argument("--out", default="e2e.json")
     args = parser.parse_args()
 
