@@ -7,7 +7,8 @@ Model: Qwen3-30B-A3B shapes (dummy weights), --layers of them. B sequences decod
   free      the engine rank loop with outputs over ZMQ, the coordinator only routing (dense / no-EP mode);
   lockstep  the same with the coordinator clocking every step (StepReport -> StepCommand round trip);
   dummy     execute(pad_to=B) with nothing planned: the lockstep filler, same CUDA-graph bucket.
-The coordinator runs as its own process with CUDA_VISIBLE_DEVICES="", as under runtime.serve.
+The coordinator and the front end run as their own processes with CUDA_VISIBLE_DEVICES="", as under
+runtime.serve; this process is the engine rank.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import msgspec
@@ -83,60 +85,62 @@ def bench_raw(engine, batch: int, steps: int, sync) -> dict[str, float]:  # noqa
     return {"raw_step_us": median_us(real), "dummy_step_us": median_us(dummy), "real_decode_step_us": median_us(real)}
 
 
-def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: str) -> dict[str, float]:  # noqa: ANN001
+def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: str) -> dict[str, object]:  # noqa: ANN001
+    """Coordinator and front end as their own processes (as under runtime.serve); this process is the rank."""
     with tempfile.TemporaryDirectory(prefix="bench-coord-") as d:
         addrs = Addresses.ipc(d, 1)
-        ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        pull.bind(addrs.to_frontend)
-        push = ctx.socket(zmq.PUSH)
-        push.connect(addrs.to_coordinator)
+        cpu_env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
         spec = CoordinatorSpec(num_ranks=1, lockstep=lockstep, log_stats=False, log_stats_interval=1.0)
         coord = subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
-                                  msgspec.json.encode(addrs).decode()], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-        loop = EngineLoop(engine, 0, addrs, lockstep=lockstep, stats_interval=1.0, expert_stats=stats)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                loop.run()
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
-                errors.append(e)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        warmup = 10
-        for i in range(batch):
-            push.send(encode(AddRequest(f"{tag}{i}", list(range(1, 17)), params(warmup + steps + 2))))
-        arrivals: list[float] = []  # one OutputBatch per step: its arrival time
-        steps_before = None
-        deadline = time.monotonic() + 300
-        while len(arrivals) < warmup + steps:
-            if errors or time.monotonic() > deadline:
-                break
-            if pull.poll(1000):
-                msg = decode(pull.recv())
-                if isinstance(msg, OutputBatch) and len(msg.outputs) == batch:
-                    arrivals.append(time.perf_counter())
-                    if len(arrivals) == warmup:
-                        steps_before = engine.num_steps
-        gpu_apps = ""
-        if torch.cuda.is_available():
-            gpu_apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-                                      capture_output=True, text=True).stdout
-        steps_done = engine.num_steps - (steps_before or 0)
-        push.send(encode(AbortRequest([f"{tag}{i}" for i in range(batch)])))
-        time.sleep(0.5)
-        coord.terminate()
-        thread.join(30)
+                                  msgspec.json.encode(addrs).decode()], env=cpu_env)
+        result_path = os.path.join(d, "frontend.json")
+        front = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--frontend",
+                                  msgspec.json.encode(addrs).decode(), "--batch", str(batch), "--steps", str(steps),
+                                  "--tag", tag, "--out", result_path, "--coordinator-pid", str(coord.pid)],
+                                 env=cpu_env)
+        steps_before = engine.num_steps
+        # runs until the front end stops the coordinator, which then sends Shutdown
+        EngineLoop(engine, 0, addrs, lockstep=lockstep, stats_interval=1.0, expert_stats=stats).run()
+        front.wait(60)
         coord.wait(10)
-        ctx.destroy(linger=0)
-        if errors:
-            raise errors[0]
-        intervals = [b - a for a, b in zip(arrivals[warmup:], arrivals[warmup + 1 :])]
-        gpu_pids = {line.split(",")[0].strip() for line in gpu_apps.splitlines() if line.strip()}
-        return {f"{tag}_step_us": median_us(intervals), f"{tag}_steps": steps_done,
-                f"{tag}_coordinator_on_gpu": str(coord.pid) in gpu_pids}
+        with open(result_path) as f:
+            res = json.load(f)
+        while engine.has_unfinished():  # whatever the abort left
+            engine.step()
+        return {f"{tag}_step_us": res["step_us"], f"{tag}_steps": engine.num_steps - steps_before,
+                f"{tag}_coordinator_on_gpu": str(coord.pid) in res["gpu_pids"]}
+
+
+def frontend_main(args: argparse.Namespace) -> None:
+    """The front end of bench_sockets: submit, time the arrival of each step's OutputBatch, stop."""
+    addrs = msgspec.json.decode(args.frontend, type=Addresses)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(addrs.to_frontend)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(addrs.to_coordinator)
+    warmup = 10
+    for i in range(args.batch):
+        push.send(encode(AddRequest(f"{args.tag}{i}", list(range(1, 17)), params(warmup + args.steps + 2))))
+    arrivals: list[float] = []  # one OutputBatch per step: its arrival time
+    deadline = time.monotonic() + 300
+    while len(arrivals) < warmup + args.steps and time.monotonic() < deadline:
+        if pull.poll(1000):
+            msg = decode(pull.recv())
+            if isinstance(msg, OutputBatch) and len(msg.outputs) == args.batch:
+                arrivals.append(time.perf_counter())
+    gpu_apps = ""
+    if shutil.which("nvidia-smi"):
+        gpu_apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                                  capture_output=True, text=True).stdout
+    push.send(encode(AbortRequest([f"{args.tag}{i}" for i in range(args.batch)])))
+    time.sleep(0.5)
+    os.kill(args.coordinator_pid, signal.SIGTERM)
+    intervals = [b - a for a, b in zip(arrivals[warmup:], arrivals[warmup + 1 :])]
+    with open(args.out, "w") as f:
+        json.dump({"step_us": median_us(intervals) if intervals else float("nan"),
+                   "gpu_pids": [line.split(",")[0].strip() for line in gpu_apps.splitlines() if line.strip()]}, f)
+    ctx.destroy(linger=1000)
 
 
 def main() -> None:
@@ -145,7 +149,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default="bench_coordinator.json")
+    parser.add_argument("--frontend", default=None, help=argparse.SUPPRESS)  # internal: the front-end process
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--coordinator-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.frontend:
+        frontend_main(args)
+        return
     cuda = torch.cuda.is_available()
     model = make_model(os.path.join(tempfile.mkdtemp(), "qwen3-30b-a3b-shapes"), args.layers, small=not cuda)
     config = EngineConfig(model=model, load_format="dummy", max_num_seqs=max(args.batch, 8), max_model_len=2048,
