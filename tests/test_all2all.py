@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -76,8 +77,9 @@ def _run(world: int, cases: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.start_processes(_worker, args=(world, free_port(), cases, d), nprocs=world, join=False,
                                  start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S  # one deadline for the group: a crashed rank strands the rest
         for p in ctx.processes:
-            p.join(TIMEOUT_S)
+            p.join(max(0.0, deadline - time.monotonic()))
         alive = [p for p in ctx.processes if p.is_alive()]
         for p in alive:
             p.kill()
