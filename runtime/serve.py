@@ -65,7 +65,11 @@ def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> 
         num_gpus = count if count > 0 or config.device == "cuda" else None
         if config.device == "cuda" and count == 0:
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    check_sizes(config, world, local_world, num_gpus, num_experts_of(config.hf_config()))
+    ep_size = check_sizes(config, world, local_world, num_gpus, num_experts_of(config.hf_config()))
+    if ep_size > 1 and config.expert_token_capacity is not None:
+        from runtime.all2all import validate_capacity
+
+        validate_capacity(config.expert_token_capacity, config.max_num_seqs, config.max_num_batched_tokens)
 
 
 def torchrun_addresses(env: Mapping[str, str], num_ranks: int, ipc_dir: str | None) -> Addresses:

@@ -243,3 +243,17 @@ def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "rank_imbalance_mean=" in out.stdout and os.path.exists(str(tmp_path / "experts.png"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "model folder '/nonexistent/model' not found"),
+    (["-dp", "3", "--enable-expert-parallel"], "8 experts are not divisible by the expert-parallel size 3"),
+    (["-dp", "2", "--enable-expert-parallel", "--expert-token-capacity", "4"], "--expert-token-capacity 4 is below"),
+])
+def test_bad_launch_fails_fast_with_one_line(tiny_models: dict[str, str], args: list[str], message: str) -> None:
+    model = ["--model", tiny_models["Qwen3MoeForCausalLM"]] if "--model" not in args else []
+    out = subprocess.run([sys.executable, "-m", "runtime.serve", *model, "--device", "cpu", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
