@@ -107,7 +107,8 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
             moe_align(ids, num_experts, cfg["BLOCK_M"])
 
     x, w, ids = sets[0]
-    ref = fused_experts_ref(x, w13, w2, w, ids, **kw)
+    ref_kw = dict(kw, act_fp8=cfg.get("act_fp8", True)) if fp8 else kw  # the ref mirrors the FP8 mode
+    ref = fused_experts_ref(x, w13, w2, w, ids, **ref_kw)
     err = ((fused_experts(x, w13, w2, w, ids, config=cfg, **kw).float() - ref.float()).norm()
            / ref.float().norm()).item()
     row = {"shape": shape, "M": m, "dtype": dtype, "config": cfg, "rel_err": err,
@@ -121,7 +122,7 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
         except Exception as exc:  # noqa: BLE001  report, keep going
             row["grouped_mm_error"] = repr(exc)[:200]
     if with_ref:
-        row["ref_us"] = triton.testing.do_bench(lambda: fused_experts_ref(x, w13, w2, w, ids, **kw), rep=100,
+        row["ref_us"] = triton.testing.do_bench(lambda: fused_experts_ref(x, w13, w2, w, ids, **ref_kw), rep=100,
                                                 return_mode="median") * 1e3
     # roofline: the experts each routing touches (averaged over the rotation), activations in and out
     elem = 1 if fp8 else 2

@@ -203,6 +203,32 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale, kv_off,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    # one online-softmax step over keys [n0, n0 + BLOCK_N); q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]
+    k_head, v_head, stride_kcb, stride_kcs, stride_vcb, stride_vcs = kv_off
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = n < kv_end
+    page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    in_page = (n % BLOCK_SIZE).to(tl.int64)
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + k_head)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + v_head)[:, None] + d[None, :],
+                mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
     qk_scale,
@@ -237,26 +263,16 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_end = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+    # keys below the block's first query position are visible to every row: those tiles skip the mask
+    full_end = (tl.minimum(ctx + qb * BLOCK_Q + 1, kv_end) // BLOCK_N) * BLOCK_N
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(0, kv_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < kv_end
-        page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        in_page = (n % BLOCK_SIZE).to(tl.int64)
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+    kv_off = (kvh * stride_kch, kvh * stride_vch, stride_kcb, stride_kcs, stride_vcb, stride_vcs)
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
+                                      qk_scale, kv_off, BLOCK_SIZE, BLOCK_N, False)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
+                                      qk_scale, kv_off, BLOCK_SIZE, BLOCK_N, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -393,8 +409,8 @@ def paged_attention_prefill(
         return out
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
-    block_m = 64 if block_d <= 128 else 32
-    block_n = 64 if block_d <= 64 else 32
+    block_m = 128 if block_d <= 128 else 64
+    block_n = 64 if block_d <= 128 else 32
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
     grid = (triton.cdiv(max_seqlen_q, block_m // pack), batch, num_heads // pack)
     _prefill_kernel[grid](
@@ -404,6 +420,6 @@ def paged_attention_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_d >= 128 else 4, num_stages=3,
     )
     return out

@@ -55,6 +55,20 @@ def _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS: tl.constexpr, BLO
 
 
 @triton.jit
+def _rank_in_chunk(ids_ptr, ids, chunk_start, num_pairs, CHUNK: tl.constexpr, SUB: tl.constexpr):
+    # rank of each pair among the earlier pairs of its chunk that go to the same expert; ids [CHUNK]
+    # (pairwise compares in [CHUNK, SUB] slices: a reduction, far cheaper than a 2-D scan)
+    i = tl.arange(0, CHUNK)
+    rank = tl.zeros([CHUNK], tl.int32)
+    for j0 in tl.static_range(0, CHUNK, SUB):
+        j = j0 + tl.arange(0, SUB)
+        idj = tl.load(ids_ptr + chunk_start + j, mask=chunk_start + j < num_pairs, other=-1)
+        same = (ids[:, None] == idj[None, :]) & (j[None, :] < i[:, None])
+        rank += tl.sum(same.to(tl.int32), 1)
+    return rank
+
+
+@triton.jit
 def _align_small_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
@@ -63,15 +77,12 @@ def _align_small_kernel(
     i = tl.arange(0, N_PAD)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    e = tl.arange(0, E_PAD)
-    onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)  # [N_PAD, E_PAD]
-    counts = tl.sum(onehot, 0)
+    safe_ids = tl.where(valid, ids, 0)
+    counts = tl.histogram(safe_ids, E_PAD, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
-    starts = ends - padded
     total = tl.sum(padded, 0)
-    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # rank of pair i among its expert's pairs
-    pos = tl.sum(starts[None, :] * onehot, 1) + rank
+    pos = tl.gather(ends - padded, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, 0, num_pairs, N_PAD, 16)
     for f0 in range(0, NUM_BLOCKS * BLOCK_M, FILL):
         f = f0 + tl.arange(0, FILL)
         tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < NUM_BLOCKS * BLOCK_M)
@@ -122,9 +133,8 @@ def _align_scatter_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, E_PAD]
-    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
-    pos = tl.sum(base[None, :] * onehot, 1) + rank
+    safe_ids = tl.where(valid, ids, 0)
+    pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
     tl.store(sorted_ptr + pos, i, mask=valid)
     if pid == 0:
         total = tl.sum(padded, 0)
