@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -178,6 +179,11 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     # rank 0 owns the control plane; after an elastic restart it is still running
     if env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # torchrun stops workers with SIGTERM: unwind, so rank 0 stops its children
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         engine_main(msgspec.json.encode(config).decode(), msgspec.json.encode(addrs).decode())
     finally:

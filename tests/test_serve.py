@@ -83,14 +83,15 @@ class Frontend:
 
 
 @contextmanager
-def served(model: str, dp: int, ep: bool, extra: list[str] | None = None,
-           headless: bool = True) -> Iterator[tuple[Frontend, subprocess.Popen]]:
-    """python -m runtime.serve [--headless] in its own session; always torn down (SIGTERM, then SIGKILL)."""
+def served(model: str, dp: int, ep: bool, extra: list[str] | None = None, headless: bool = True,
+           torchrun: bool = False) -> Iterator[tuple[Frontend, subprocess.Popen]]:
+    """python -m runtime.serve (or torchrun -m runtime.serve) in its own session; always torn down."""
     with tempfile.TemporaryDirectory(prefix="rt-") as ipc_dir:
         addrs = Addresses.ipc(ipc_dir, dp)
         front = Frontend(addrs) if headless else None
-        cmd = [sys.executable, "-m", "runtime.serve", "--model", model, "-dp", str(dp), "--ipc-dir", ipc_dir,
-               *CPU_FLAGS, *(extra or [])]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={dp}"] if torchrun else []
+        cmd = [sys.executable, *launcher, "-m", "runtime.serve", "--model", model, "-dp", str(dp),
+               "--ipc-dir", ipc_dir, *CPU_FLAGS, *(extra or [])]
         if headless:
             cmd.append("--headless")
         if ep:
@@ -103,12 +104,16 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None,
             if front is not None:
                 front.close()
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGTERM)  # the launcher stops its ranks; rank 0 / main its children
                 try:
-                    proc.wait(20)
+                    proc.wait(30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
+            leaked = [p for p in _pids_with(ipc_dir.encode()) if p != os.getpid()]
+            for pid in leaked:
+                os.kill(pid, signal.SIGKILL)
+            assert not leaked, "processes outlived runtime.serve"
 
 
 def reference_tokens(model: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -136,6 +141,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     return {arch: make_tiny_checkpoint(str(root / arch), arch)
             for arch in ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM", "LlamaForCausalLM")}
+
+
+def _pids_with(text: bytes) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
 
 
 def _children(pid: int) -> list[int]:
@@ -207,7 +225,8 @@ def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[
     model = tiny_models["Qwen3MoeForCausalLM"]
     ref = reference_tokens(model, PROMPTS, 8)
     stats_file = str(tmp_path / "experts.json")
-    with served(model, dp=2, ep=True, extra=["--expert-stats-file", stats_file]) as (front, proc):
+    # launched through torchrun (the other serve tests use the elastic launcher of python -m runtime.serve)
+    with served(model, dp=2, ep=True, extra=["--expert-stats-file", stats_file], torchrun=True) as (front, proc):
         # one busy rank, one idle: the idle one runs dummy steps so the busy one never waits in the all2all
         front.submit("solo", PROMPTS[0], 8)
         front.wait_finished(120)
