@@ -60,11 +60,16 @@ class RequestGroup:
     async def __aexit__(self, *exc: object) -> None:
         self.client.release(self)
 
-    async def next(self) -> TokenDelta:
-        delta = await self.queue.get()
-        if delta.finish_reason is not None:
-            self.unfinished.discard(delta.request_id)
-        return delta
+    async def next_batch(self) -> list[TokenDelta]:
+        """Every output that is waiting (at least one): when the front end lags behind the engines
+        it then sends one larger chunk per choice instead of falling further behind."""
+        deltas = [await self.queue.get()]
+        while not self.queue.empty():
+            deltas.append(self.queue.get_nowait())
+        for delta in deltas:
+            if delta.finish_reason is not None:
+                self.unfinished.discard(delta.request_id)
+        return deltas
 
     def finish(self, request_id: str) -> None:
         """The front end ended this request itself (a stop string): tell the engine to drop it."""

@@ -221,29 +221,44 @@ class Serving:
     async def events(self, group: RequestGroup, choices: list[Choice]) -> AsyncIterator[Event]:
         by_id = {c.request_id: c for c in choices}
         while not group.done:
-            delta: TokenDelta = await group.next()
-            c = by_id[delta.request_id]
-            if c.finish_reason is not None:
-                continue
-            if c.first_token_time is None:
-                c.first_token_time = time.time()
-            c.token_ids.extend(delta.new_token_ids)
-            if delta.logprobs is not None:
-                c.logprobs.extend(delta.logprobs)
-            text, stopped = c.detok.update(delta.new_token_ids) if c.detok is not None else ("", False)
-            if stopped:
-                c.finish_reason = "stop"
-                c.stop_reason = c.detok.stop_reason if c.detok is not None else None
-                group.finish(c.request_id)
-            elif delta.finish_reason is not None:
-                c.finish_reason = delta.finish_reason
-                c.stop_reason = delta.stop_reason
-                if c.detok is not None:
-                    text += c.detok.finish()
-            c.text += text
-            if c.finish_reason is not None:
-                self.record(c)
-            yield Event(c, text, delta.new_token_ids, delta.logprobs)
+            merged: dict[str, Event] = {}  # one event per choice for all the outputs waiting
+            for delta in await group.next_batch():
+                c = by_id[delta.request_id]
+                if c.finish_reason is not None:
+                    continue  # ended by a stop string; the engine's last outputs are moot
+                text = self._apply(group, c, delta)
+                ev = merged.get(c.request_id)
+                if ev is None:
+                    merged[c.request_id] = Event(c, text, list(delta.new_token_ids), delta.logprobs)
+                else:
+                    ev.text += text
+                    ev.token_ids += delta.new_token_ids
+                    if delta.logprobs is not None:
+                        ev.logprobs = (ev.logprobs or []) + delta.logprobs
+            for ev in merged.values():
+                yield ev
+
+    def _apply(self, group: RequestGroup, c: Choice, delta: TokenDelta) -> str:
+        """Takes one engine output into its choice; returns the text that may be shown now."""
+        if c.first_token_time is None:
+            c.first_token_time = time.time()
+        c.token_ids.extend(delta.new_token_ids)
+        if delta.logprobs is not None:
+            c.logprobs.extend(delta.logprobs)
+        text, stopped = c.detok.update(delta.new_token_ids) if c.detok is not None else ("", False)
+        if stopped:
+            c.finish_reason = "stop"
+            c.stop_reason = c.detok.stop_reason if c.detok is not None else None
+            group.finish(c.request_id)
+        elif delta.finish_reason is not None:
+            c.finish_reason = delta.finish_reason
+            c.stop_reason = delta.stop_reason
+            if c.detok is not None:
+                text += c.detok.finish()
+        c.text += text
+        if c.finish_reason is not None:
+            self.record(c)
+        return text
 
     def record(self, c: Choice) -> None:
         """Metrics of one finished (or abandoned) choice, once."""
