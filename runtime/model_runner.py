@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from runtime.cuda_graph import CudaGraphRunner
@@ -56,58 +57,62 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch, pad_to: int = 0) -> PreparedBatch:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + n]
-            positions += range(start, start + n)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            seq_lens.append(start + n)
-            tables.append(table)
-            if start + n == len(seq):
-                sample_rows.append(cu_seqlens[-1] - 1)
-        is_decode = batch.is_decode and len(batch) > 0
-        num_tokens = cu_seqlens[-1]
+        num_seqs = len(batch)
+        q_lens = np.array(batch.num_new_tokens, dtype=np.int64)
+        starts = np.array([s.num_computed_tokens for s in batch.seqs], dtype=np.int64)
+        num_tokens = int(q_lens.sum())
+        is_decode = batch.is_decode and num_seqs > 0
         pad = max(0, pad_to - num_tokens)
+        # padding: decode rows are sequences of length 0; a prefill gets one padding sequence with no KV
+        num_rows = num_seqs + (pad if is_decode else int(pad > 0))
+        width = max(1, max((len(s.block_table) for s in batch.seqs), default=1))
+
+        # one int64 buffer [ids | positions | slots] and one int32 buffer [cu_seqlens | seq_lens | tables],
+        # each filled on the host and copied to the device once
+        n = num_tokens + pad
+        i64 = np.zeros(3 * n, dtype=np.int64)
+        ids, pos, slots = i64[:n], i64[n : 2 * n], i64[2 * n :]
+        i32 = np.zeros(2 * num_rows + 1 + num_rows * width, dtype=np.int32)
+        cu, seq_lens = i32[: num_rows + 1], i32[num_rows + 1 : 2 * num_rows + 1]
+        tables = i32[2 * num_rows + 1 :].reshape(num_rows, width)
+        cu[1 : num_seqs + 1] = np.cumsum(q_lens)
+        seq_lens[:num_seqs] = starts + q_lens
+        for row, (seq, start, q) in enumerate(zip(batch.seqs, starts.tolist(), batch.num_new_tokens)):
+            lo = cu[row]
+            ids[lo : lo + q] = seq.token_ids[start : start + q]
+            tables[row, : len(seq.block_table)] = seq.block_table
+        # positions and slots of the real tokens, vectorized over the whole batch
+        token_row = np.repeat(np.arange(num_seqs), q_lens)
+        pos[:num_tokens] = np.arange(num_tokens) - np.repeat(cu[:num_seqs].astype(np.int64), q_lens) + \
+            np.repeat(starts, q_lens)
+        slots[:num_tokens] = tables[token_row, pos[:num_tokens] // bs].astype(np.int64) * bs + pos[:num_tokens] % bs
+        slots[num_tokens:] = -1
         if pad:
-            input_ids += [0] * pad
-            positions += [0] * pad
-            slots += [-1] * pad
-            if is_decode:  # padding rows are sequences of length 0
-                cu_seqlens += range(num_tokens + 1, num_tokens + pad + 1)
-                seq_lens += [0] * pad
-                tables += [[]] * pad
-            else:  # one padding sequence holding every padding token, with no KV
-                cu_seqlens.append(num_tokens + pad)
-                seq_lens.append(0)
-                tables.append([])
-        width = max(1, max((len(t) for t in tables), default=1))
-        block_tables = [t + [0] * (width - len(t)) for t in tables]
+            cu[num_seqs + 1 :] = num_tokens + np.arange(1, num_rows - num_seqs + 1) if is_decode else n
+        sample_rows = [int(cu[row + 1]) - 1 for row, seq in enumerate(batch.seqs)
+                       if int(seq_lens[row]) == len(seq)]
 
-        def tensor(data: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
-
+        dev_i64 = self._to_device(i64)
+        dev_i32 = self._to_device(i32)
         fb = ForwardBatch(
-            slot_mapping=tensor(slots, torch.int64),
-            cu_seqlens_q=tensor(cu_seqlens, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(block_tables, torch.int32),
-            max_seqlen_q=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])) if len(cu_seqlens) > 1 else 1,
-            max_seqlen_k=max(seq_lens, default=0),
+            slot_mapping=dev_i64[2 * n :],
+            cu_seqlens_q=dev_i32[: num_rows + 1],
+            seq_lens=dev_i32[num_rows + 1 : 2 * num_rows + 1],
+            block_tables=dev_i32[2 * num_rows + 1 :].view(num_rows, width),
+            max_seqlen_q=int(np.diff(cu).max()) if num_rows else 1,
+            max_seqlen_k=int(seq_lens.max()) if num_rows else 0,
             is_decode=is_decode,
             kv_caches=self.kv_caches,
             attn_backend=self.attn_backend,
             num_real_tokens=num_tokens,
         )
-        return PreparedBatch(tensor(input_ids, torch.int64), tensor(positions, torch.int64), fb, sample_rows)
+        return PreparedBatch(dev_i64[:n], dev_i64[n : 2 * n], fb, sample_rows)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, pad_to: int = 0) -> torch.Tensor:

@@ -63,7 +63,15 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            while not bm.can_grow(seq, seq.num_computed_tokens + num_new):
+            target = seq.num_computed_tokens + num_new
+            if bm.blocks_needed(seq, target) == 0:  # the common decode case: the last block has room
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(num_new)
+                scheduled.add(id(seq))
+                budget -= num_new
+                i += 1
+                continue
+            while not bm.can_grow(seq, target):
                 victim = self._pick_victim(scheduled, seq)
                 if victim is None:
                     break
