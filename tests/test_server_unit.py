@@ -391,3 +391,27 @@ def test_chat_template_file(stack: Stack, tmp_path: Any) -> None:
     )
     ids = asyncio.run(serving.chat_prompt(req))
     assert stack.tokenizer.decode(ids) == "[user] Hello\nworld\n>>"
+
+
+def test_waiting_outputs_merge_into_one_event(stack: Stack) -> None:
+    from runtime.detokenizer import IncrementalDetokenizer
+    from runtime.messages import TokenDelta
+    from runtime.sampling_params import SamplingParams
+    from server.engine_client import RequestGroup
+    from server.metrics import Metrics
+    from server.serving import Choice, Serving
+
+    serving = Serving("fake", MAX_MODEL_LEN, 512, stack.tokenizer, None, None, Metrics("fake"))  # type: ignore[arg-type]
+    ids = stack.tokenizer.encode("Hello world!")
+    params = SamplingParams(max_tokens=3)
+    choice = Choice(0, "r-0", ids, params, IncrementalDetokenizer(stack.tokenizer, ids, params), time.time())
+    group = RequestGroup(None, ["r-0"])  # type: ignore[arg-type]
+    for k, token in enumerate(ids[:3]):  # the front end fell behind: three outputs wait
+        group.queue.put_nowait(TokenDelta("r-0", [token], finish_reason="length" if k == 2 else None))
+
+    async def collect() -> list[Any]:
+        return [ev async for ev in serving.events(group, [choice])]
+
+    events = asyncio.run(collect())
+    assert len(events) == 1 and events[0].token_ids == ids[:3]
+    assert events[0].text == stack.tokenizer.decode(ids[:3]) and choice.finish_reason == "length"
