@@ -199,6 +199,12 @@ class LLMEngine:
         logits = self.runner.execute(batch, pad_to or 0)
         return self._process(batch, logits)
 
+    def padded_size(self, num_tokens: int) -> int:
+        """Tokens a step of num_tokens really runs: the CUDA-graph bucket when one covers it."""
+        graphs = self.runner.graphs
+        bucket = graphs.bucket(num_tokens) if graphs is not None else None
+        return bucket or num_tokens
+
     def step(self) -> list[TokenDelta]:
         if self.schedule() == 0:
             return []

@@ -41,6 +41,7 @@ class Engine(Protocol):
     def schedule(self) -> int: ...
     def execute(self, pad_to: int | None = None) -> list[TokenDelta]: ...
     def stats(self) -> RankStats: ...
+    def padded_size(self, num_tokens: int) -> int: ...
 
 
 class _Stop(Exception):
@@ -134,9 +135,7 @@ class EngineLoop:
         """The token count every EP rank really runs: a decode rank replays the CUDA graph of bucket(pad_to),
         so a rank running eagerly (prefill, dummy) must pad to that bucket too, or the all2all sizes differ.
         Every rank has the same graph sizes (same config), so all round alike."""
-        graphs = getattr(getattr(self.engine, "runner", None), "graphs", None)
-        bucket = graphs.bucket(pad_to) if graphs is not None else None
-        return bucket or pad_to
+        return self.engine.padded_size(pad_to)
 
     # ---- loops ----
     def run(self) -> None:
