@@ -35,12 +35,12 @@ class RequestError(ValueError):
 
 def resolve_dtype(config: EngineConfig, hf_config: Any, device: torch.device) -> torch.dtype:
     if config.dtype != "auto":
-        return DTYPES[config.dtype]
+        return getattr(torch, config.dtype)
     if device.type == "cpu":
         return torch.float32  # CPU half-precision matmuls are slow and rarely worth it
     dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
     if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
+        dtype = getattr(torch, dtype) if dtype in DTYPES else None
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
