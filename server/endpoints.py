@@ -177,8 +177,9 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                         )
                 async for ev in serving.events(group, choices):
                     c = ev.choice
-                    if not ev.text and c.finish_reason is None and not want_logprobs:
-                        continue  # held back (partial character or possible stop string)
+                    if not ev.text and c.finish_reason is None and not want_logprobs and serving.tokenizer is not None:
+                        continue  # held back (partial character or possible stop string); a model without a
+                        # tokenizer has no text at all, so each step's tokens still make a chunk
                     lp = None
                     if want_logprobs and ev.logprobs:
                         lp = _completion_logprobs(name, ev.logprobs, offsets[c.index])
@@ -265,7 +266,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     )
                 async for ev in serving.events(group, choices):
                     c = ev.choice
-                    if not ev.text and c.finish_reason is None and not req.logprobs:
+                    if not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
                         continue
                     lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
                     delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
