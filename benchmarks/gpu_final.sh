@@ -4,9 +4,11 @@
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai 2>&1 | tail -1
+if [ "${ONLY_SERVING:-0}" != 1 ]; then
 python3 -m pytest -q -m gpu tests/test_gpu_engine.py 2>&1 | tee $OUT/gpu_engine_tests.log | tail -3
 python3 benchmarks/bench_e2e.py --no-hf --out $OUT/e2e_bf16.json 2>&1 | tee $OUT/bench_e2e_bf16.log | grep -E "ours|SUMMARY|skip"
 python3 benchmarks/bench_coordinator.py --out $OUT/coord.json 2>&1 | tail -8
+fi
 # serving: Qwen3-30B-A3B shapes, dummy weights, one GPU
 MODEL=$(mktemp -d)
 python3 -c "import json,sys; from benchmarks.bench_e2e import QWEN3_30B_A3B as c; json.dump(c, open(sys.argv[1]+'/config.json','w'))" $MODEL
