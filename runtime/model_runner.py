@@ -49,6 +49,7 @@ class ModelRunner:
             model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim, dtype=dtype, device=device
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model.num_layers)]
+        self._staging: dict[torch.dtype, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
             self.graphs = CudaGraphRunner(
@@ -112,7 +113,19 @@ class ModelRunner:
         host = torch.from_numpy(array)
         if self.device.type == "cpu":
             return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        # a persistent pinned staging buffer per dtype: pinning fresh memory every step costs more than the copy
+        buf, copied = self._staging.get(host.dtype, (None, None))
+        if buf is None or buf.numel() < host.numel():
+            buf = torch.empty(max(host.numel(), 1 << 16), dtype=host.dtype, pin_memory=True)
+        elif copied is not None:
+            copied.synchronize()  # the previous step's copy out of this buffer must be done before we refill it
+        staged = buf[: host.numel()]
+        staged.copy_(host)
+        out = staged.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._staging[host.dtype] = (buf, event)
+        return out
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, pad_to: int = 0) -> torch.Tensor:
