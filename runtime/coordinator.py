@@ -10,6 +10,12 @@ When every rank reports 0 it answers nothing: the ranks sit in recv and the GPUs
 wakes its rank, which schedules again and sends a fresh report for the same step.
 
 Free-running ranks (dense model, or DP without EP) only send reports for the load figures.
+
+Restarts: the elastic launcher restarts the whole rank group when one rank dies; the new ranks say hello
+with a higher epoch. The coordinator then forgets everything of the old incarnation (clock, queued commands,
+requests routed to it: the front end re-submits those) and drops any message of an older epoch. A rank
+silent for a few heartbeats makes the cluster unhealthy (/health degraded); one silent for hang_timeout_s
+is killed if it runs on this host, so the launcher restarts the group instead of waiting on a hang forever.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -26,10 +33,12 @@ import msgspec
 import zmq
 
 from runtime.messages import (
+    HEARTBEAT_INTERVAL_S,
     AbortRequest,
     AddRequest,
     Addresses,
     ClusterStats,
+    EngineDead,
     ExpertStatsSnapshot,
     RankStats,
     Shutdown,
@@ -49,6 +58,9 @@ class CoordinatorSpec(msgspec.Struct):
     log_stats: bool = True
     log_stats_interval: float = 5.0
     expert_stats_file: str | None = None
+    # the launcher (python -m runtime.serve, or torchrun's agent): once it is gone the ranks cannot come back
+    watch_pid: int | None = None
+    hang_timeout_s: float = 60.0  # a rank silent this long (between steps or inside one) is killed
 
 
 class StepClock:
@@ -183,6 +195,13 @@ class Coordinator:
         self.num_engine_restarts = 0
         self.outbox: list[deque[bytes]] = [deque() for _ in range(spec.num_ranks)]  # FIFO per rank
         self.running = True
+        self.epoch = 0  # the rank group's incarnation (messages.py)
+        self.last_heard = [time.monotonic()] * spec.num_ranks
+        self.rank_pid: list[tuple[int, str]] = [(0, "")] * spec.num_ranks  # (pid, hostname) from the hello
+        self.suspect = [False] * spec.num_ranks  # silent for a few heartbeats
+        self.killed = [False] * spec.num_ranks  # killed for a hang in this epoch
+        self.hostname = socket.gethostname()
+        self.dead = False  # the ranks cannot come back; the front end has been told
 
     def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown) -> None:
         # never block: a rank that is not connected yet (or died) must not stall the others' clock
@@ -204,8 +223,82 @@ class Coordinator:
             self.clock.num_sent[rank] += 1
         self._send(rank, req)
 
+    def _new_epoch(self, epoch: int) -> None:
+        """A new incarnation of the rank group said hello: nothing of the old one survives."""
+        logger.warning("engine ranks restarted (epoch %d -> %d, restart %d): resetting the step clock; the "
+                       "front end re-submits the requests in flight", self.epoch, epoch, epoch)
+        self.epoch = epoch
+        self.num_engine_restarts = max(self.num_engine_restarts + 1, epoch)
+        self.ready = [False] * self.spec.num_ranks
+        self.suspect = [False] * self.spec.num_ranks
+        self.killed = [False] * self.spec.num_ranks
+        for box in self.outbox:
+            box.clear()  # commands and requests meant for the dead ranks must not reach the new ones
+        # requests the front end sent before it knew of this epoch: it re-submits them (no duplicates)
+        self.queued = deque(r for r in self.queued if r.epoch >= epoch)
+        if self.clock is not None:
+            self.clock.reset()
+        for r in range(self.spec.num_ranks):
+            self.balancer.restart(r)
+            self.stats.previous[r] = None
+
+    def _heard(self, rank: int) -> None:
+        self.last_heard[rank] = time.monotonic()
+        if self.suspect[rank]:
+            self.suspect[rank] = False
+            logger.info("engine rank %d answers again", rank)
+            self.push_stats()
+
+    def check_liveness(self, now: float) -> None:
+        for rank in range(self.spec.num_ranks):
+            if not self.ready[rank]:
+                continue
+            silent = now - self.last_heard[rank]
+            if silent > 3 * HEARTBEAT_INTERVAL_S and not self.suspect[rank]:
+                self.suspect[rank] = True
+                logger.warning("engine rank %d silent for %.1f s: cluster degraded", rank, silent)
+                self.push_stats()
+            pid, host = self.rank_pid[rank]
+            if silent > self.spec.hang_timeout_s and not self.killed[rank] and pid > 0 and host == self.hostname:
+                self.killed[rank] = True
+                logger.error("engine rank %d (pid %d) silent for %.0f s: killing it so the launcher restarts the "
+                             "rank group", rank, pid, silent)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError as e:
+                    logger.warning("could not kill rank %d (pid %d): %s", rank, pid, e)
+
+    def check_launcher(self) -> None:
+        """Under torchrun the launcher is the agent: when it has exited, no rank will ever come back."""
+        pid = self.spec.watch_pid
+        if pid is None or self.dead:
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            self.fail(f"the engine launcher (pid {pid}) exited: the engine ranks are gone")
+        except PermissionError:
+            pass
+
+    def fail(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self.dead = True
+        self.running = False
+        try:
+            self.to_frontend.send(encode(EngineDead(reason=reason)), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.error("could not tell the front end that the engines are gone")
+
+    def push_stats(self) -> None:
+        try:
+            self.to_frontend.send(encode(self.cluster_stats()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     def handle(self, msg: object) -> None:
         if isinstance(msg, AddRequest):
+            if msg.epoch < self.epoch:
+                return  # sent before the front end knew of the restart: it re-submits this one itself
             if all(self.ready):
                 self._route(msg)
             else:
@@ -216,16 +309,23 @@ class Coordinator:
             for rank in range(self.spec.num_ranks):
                 self._send(rank, msg)
         elif isinstance(msg, StepReport):
+            if msg.epoch != self.epoch:
+                return  # a late report of a dead incarnation
+            self._heard(msg.rank)
             self.balancer.update(msg)
             if self.clock is not None:
                 commands = self.clock.on_report(msg)
                 for rank, cmd in enumerate(commands or []):
+                    cmd.epoch = self.epoch
                     self._send(rank, cmd)
         elif isinstance(msg, StatsReport):
             rank = msg.stats.rank
-            if msg.first and self.ready[rank]:
-                # a restarted rank (every rank of an EP group restarts together): forget the old step clock;
-                # requests that were in flight are the front end's to re-submit
+            if msg.epoch < self.epoch:
+                return
+            if msg.epoch > self.epoch:
+                self._new_epoch(msg.epoch)
+            elif msg.first and self.ready[rank]:
+                # a rank restarted by a launcher that keeps no restart count (no epoch): reset all the same
                 logger.warning("engine rank %d restarted: resetting the step clock", rank)
                 self.num_engine_restarts += 1
                 self.ready = [False] * self.spec.num_ranks
@@ -234,6 +334,9 @@ class Coordinator:
                 for r in range(self.spec.num_ranks):
                     self.balancer.restart(r)
                     self.stats.previous[r] = None
+            self._heard(rank)
+            if msg.first:
+                self.rank_pid[rank] = (msg.pid, msg.hostname)
             self.stats.latest[rank] = msg.stats
             if msg.expert is not None:
                 self.stats.expert[rank] = msg.expert
@@ -241,6 +344,7 @@ class Coordinator:
                 self.ready[rank] = True
                 logger.info("engine rank %d ready (%d/%d)", rank, sum(self.ready), self.spec.num_ranks)
                 if all(self.ready):
+                    self.push_stats()  # healthy again, and the front end learns the epoch now
                     while self.queued:
                         self._route(self.queued.popleft())
         else:
@@ -249,7 +353,8 @@ class Coordinator:
     def cluster_stats(self) -> ClusterStats:
         ranks = [s if s is not None else RankStats(r, 0, 0, 0.0, 0, 0, 0, 0) for r, s in enumerate(self.stats.latest)]
         clock = self.clock
-        return ClusterStats(ranks=ranks, healthy=all(self.ready), num_engine_restarts=self.num_engine_restarts,
+        return ClusterStats(ranks=ranks, healthy=all(self.ready) and not any(self.suspect),
+                            num_engine_restarts=self.num_engine_restarts, epoch=self.epoch,
                             num_steps_issued=clock.num_steps_issued if clock else 0,
                             num_dummy_commands=clock.num_dummy_commands if clock else 0,
                             num_requests_routed=list(self.balancer.num_routed))
@@ -258,10 +363,7 @@ class Coordinator:
         now = time.monotonic()
         if self.spec.log_stats and any(s is not None for s in self.stats.latest):
             logger.info("%s", self.stats.line(self.clock, now))
-        try:
-            self.to_frontend.send(encode(self.cluster_stats()), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self.push_stats()
         if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
             self.write_expert_stats(self.spec.expert_stats_file)
 
@@ -277,10 +379,11 @@ class Coordinator:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         next_tick = time.monotonic() + self.spec.log_stats_interval
+        next_check = time.monotonic()
         while self.running:
             for rank, sock in enumerate(self.to_engines):
                 poller.register(sock, zmq.POLLOUT if self.outbox[rank] else 0)  # 0 = unregister
-            timeout_ms = max(0.0, next_tick - time.monotonic()) * 1e3
+            timeout_ms = max(0.0, min(next_tick, next_check) - time.monotonic()) * 1e3
             events = dict(poller.poll(timeout_ms))
             if self.pull in events:
                 while True:  # drain everything that is there, then look at the clock
@@ -291,13 +394,20 @@ class Coordinator:
                     self.handle(decode(data.buffer))
             for rank in range(self.spec.num_ranks):
                 self._flush(rank)
-            if time.monotonic() >= next_tick:
+            now = time.monotonic()
+            if now >= next_check:
+                self.check_liveness(now)
+                self.check_launcher()
+                next_check = now + HEARTBEAT_INTERVAL_S / 4
+            if now >= next_tick:
                 self.tick()
                 next_tick = time.monotonic() + self.spec.log_stats_interval
 
     def shutdown(self) -> None:
         """Tell every rank to exit after the step it is in (FIFO after any command already sent)."""
         self.running = False
+        if not self.dead:  # the front end fails what still waits, instead of waiting forever
+            self.fail("the deployment is shutting down")
         for rank in range(self.spec.num_ranks):
             self._send(rank, Shutdown())
         deadline = time.monotonic() + 2.0

@@ -4,11 +4,15 @@ Lockstep (EP on): schedule -> StepReport -> wait for StepCommand (taking request
 that gets one schedules again and re-reports the same step) -> execute(pad_to) -> outputs to the front end.
 Free-running (no EP): take requests, step, send outputs; report load whenever it changes.
 Outputs go straight to the front end; the coordinator only sees reports.
+Liveness: a rank sends a StatsReport at least every HEARTBEAT_INTERVAL_S while it is between steps; the
+coordinator takes a long silence as a hang. Every message carries this incarnation's epoch (messages.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from typing import Any, Protocol
 
@@ -17,6 +21,7 @@ import zmq
 
 from runtime.config import EngineConfig
 from runtime.messages import (
+    HEARTBEAT_INTERVAL_S,
     AbortRequest,
     AddRequest,
     Addresses,
@@ -50,9 +55,10 @@ class _Stop(Exception):
 
 class EngineLoop:
     def __init__(self, engine: Engine, rank: int, addrs: Addresses, lockstep: bool, stats_interval: float = 5.0,
-                 expert_stats: Any = None, ctx: zmq.Context | None = None) -> None:
+                 expert_stats: Any = None, ctx: zmq.Context | None = None, epoch: int = 0) -> None:
         self.engine = engine
         self.rank = rank
+        self.epoch = epoch  # the rank group's incarnation: the elastic launcher's restart count
         self.lockstep = lockstep
         self.stats_interval = stats_interval
         self.expert_stats = expert_stats  # runtime.expert_stats.ExpertStats or None
@@ -66,24 +72,35 @@ class EngineLoop:
         self.to_frontend.connect(addrs.to_frontend)
         self.num_requests_received = 0
         self.next_stats = time.monotonic()
+        self.next_heartbeat = time.monotonic()
         self.last_load: tuple[int, int, int] | None = None
         self.step_id = 0
 
     # ---- messages ----
     def _handle(self, msg: object) -> StepCommand | None:
         if isinstance(msg, AddRequest):
+            if msg.epoch < self.epoch:
+                # routed before the coordinator saw this incarnation: the front end re-submits it, so taking
+                # it too would run the request twice
+                logger.info("rank %d: dropped request %s of epoch %d", self.rank, msg.request_id, msg.epoch)
+                return None
             self.num_requests_received += 1
             try:
                 self.engine.add_request(msg)
             except ValueError as e:  # the engine's RequestError: tell the client, keep serving
                 logger.warning("rank %d: request %s rejected: %s", self.rank, msg.request_id, e)
-                self._send_outputs([TokenDelta(request_id=msg.request_id, new_token_ids=[], finish_reason="abort")])
+                self._send_outputs([TokenDelta(request_id=msg.request_id, new_token_ids=[], finish_reason="abort",
+                                               error=str(e))])
         elif isinstance(msg, AbortRequest):
             # safe between schedule() and execute(): the engine drops aborted sequences and keeps the padding
             self.engine.abort_requests(msg.request_ids)
         elif isinstance(msg, Shutdown):
             raise _Stop
         elif isinstance(msg, StepCommand):
+            if msg.epoch != self.epoch:
+                logger.warning("rank %d: ignored a step command of epoch %d (this is %d)", self.rank, msg.epoch,
+                               self.epoch)
+                return None
             return msg
         else:
             logger.warning("rank %d: unexpected message %s", self.rank, type(msg).__name__)
@@ -103,7 +120,7 @@ class EngineLoop:
 
     def _send_outputs(self, outputs: list[TokenDelta]) -> None:
         if outputs:
-            self.to_frontend.send(encode(OutputBatch(rank=self.rank, outputs=outputs)), copy=False)
+            self.to_frontend.send(encode(OutputBatch(rank=self.rank, outputs=outputs, epoch=self.epoch)), copy=False)
 
     def _report(self, num_tokens: int, is_decode: bool = False) -> None:
         s = self.engine.stats()
@@ -111,18 +128,24 @@ class EngineLoop:
         self.to_coordinator.send(encode(StepReport(
             rank=self.rank, step_id=self.step_id, num_tokens=num_tokens, is_decode=is_decode,
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
-            num_requests_received=self.num_requests_received)))
+            num_requests_received=self.num_requests_received, epoch=self.epoch)))
 
     def _maybe_send_stats(self, force: bool = False, first: bool = False) -> None:
         now = time.monotonic()
-        if not force and now < self.next_stats:
+        full = force or now >= self.next_stats
+        if not full and now < self.next_heartbeat:
             return
-        self.next_stats = now + self.stats_interval
-        expert = self.expert_stats.snapshot(self.rank) if self.expert_stats is not None else None
-        self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert, first=first)))
+        self.next_heartbeat = now + HEARTBEAT_INTERVAL_S
+        expert = None
+        if full:  # the expert snapshot reads device counters: only at the stats interval, not every heartbeat
+            self.next_stats = now + self.stats_interval
+            expert = self.expert_stats.snapshot(self.rank) if self.expert_stats is not None else None
+        hello = dict(pid=os.getpid(), hostname=socket.gethostname()) if first else {}
+        self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert, first=first,
+                                                    epoch=self.epoch, **hello)))
 
     def _until_stats(self) -> float:
-        return max(0.0, self.next_stats - time.monotonic())
+        return max(0.0, min(self.next_stats, self.next_heartbeat) - time.monotonic())
 
     def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
         t0 = self.expert_stats.begin_step(num_real_tokens) if self.expert_stats is not None else None
@@ -217,7 +240,8 @@ def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tu
 
 
 def engine_main(config_json: str, addrs_json: str) -> None:
-    """Entry of one rank (torchrun worker or elastic-launcher worker); the env says which rank."""
+    """Entry of one rank (torchrun worker or elastic-launcher worker); the env says which rank and which
+    incarnation of the group this is (TORCHELASTIC_RESTART_COUNT, the same on every rank)."""
     from runtime.parallel import destroy_parallel, init_parallel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -227,8 +251,9 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     try:
         engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
+        epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         EngineLoop(engine, parallel.rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
-                   expert_stats=expert_stats).run()
+                   expert_stats=expert_stats, epoch=epoch).run()
     except KeyboardInterrupt:
         logger.info("rank %d: interrupted", parallel.rank)
     finally:

@@ -5,11 +5,17 @@ Sockets (ZMQ):
   coordinator --PUSH--> engine rank r     AddRequest / AbortRequest / StepCommand / Shutdown
   engine rank --PUSH--> coordinator      StepReport (after scheduling), StatsReport
   engine rank --PUSH--> front end        OutputBatch (tokens, straight, not through the coordinator)
-  coordinator --PUSH--> front end        ClusterStats
+  coordinator --PUSH--> front end        ClusterStats, EngineDead
 
 Who binds: the front end binds to_frontend; the coordinator binds to_coordinator and every to_engines[r];
 engine ranks only connect. So every bound address lives on the node of rank 0 and multi-node works with
 tcp:// addresses of that node. An engine's first message is a StatsReport: it is ready.
+
+Epochs: the rank group's incarnation (the elastic launcher's restart count). Ranks stamp it on everything
+they send, the coordinator on its commands, the front end on its requests (the newest epoch it knows).
+Whoever sees a message of an older epoch drops it: that is what makes a resumed request's tokens unique
+(outputs of the dead incarnation that arrive late are ignored, and a request routed to it is re-submitted
+by the front end, never delivered twice).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from __future__ import annotations
 import msgspec
 
 from runtime.sampling_params import SamplingParams
+
+# ranks report at least this often between steps; a rank silent for a few of these is suspect
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 class AddRequest(msgspec.Struct, tag=True):
@@ -26,6 +35,7 @@ class AddRequest(msgspec.Struct, tag=True):
     arrival_time: float = 0.0
     # Resumption after an engine restart: tokens already generated, and the seed stream offset.
     num_generated_before: int = 0
+    epoch: int = 0  # the newest rank-group incarnation the front end knew when it sent this
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -36,6 +46,7 @@ class StepCommand(msgspec.Struct, tag=True):
     step_id: int
     pad_to: int  # tokens every rank pads its batch to (same CUDA-graph bucket everywhere)
     dummy: bool  # this rank has no work: run only the collectives
+    epoch: int = 0
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -53,6 +64,7 @@ class StepReport(msgspec.Struct, tag=True):
     num_waiting: int = 0
     kv_usage: float = 0.0
     num_requests_received: int = 0
+    epoch: int = 0
 
 
 class TokenDelta(msgspec.Struct):
@@ -64,11 +76,13 @@ class TokenDelta(msgspec.Struct):
     stop_reason: int | None = None  # the stop token id that finished it, if any
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None  # why the engine refused the request (finish_reason "abort")
 
 
 class OutputBatch(msgspec.Struct, tag=True):
     rank: int
     outputs: list[TokenDelta]
+    epoch: int = 0
 
 
 class RankStats(msgspec.Struct):
@@ -102,6 +116,10 @@ class StatsReport(msgspec.Struct, tag=True):
     stats: RankStats
     expert: ExpertStatsSnapshot | None = None
     first: bool = False  # the rank's first message after (re)start: it is ready, its step ids start at 0
+    epoch: int = 0
+    # where the rank runs, so a coordinator on the same host can kill a rank that stopped answering
+    pid: int = 0
+    hostname: str = ""
 
 
 class ClusterStats(msgspec.Struct, tag=True):
@@ -111,9 +129,17 @@ class ClusterStats(msgspec.Struct, tag=True):
     num_steps_issued: int = 0  # lockstep steps the coordinator has clocked (0 when ranks run freely)
     num_dummy_commands: int = 0  # (step, rank) pairs that ran a dummy step
     num_requests_routed: list[int] = []  # per rank
+    epoch: int = 0  # the rank group's current incarnation
 
 
-Message = AddRequest | AbortRequest | StepCommand | Shutdown | StepReport | OutputBatch | StatsReport | ClusterStats
+class EngineDead(msgspec.Struct, tag=True):
+    """The ranks are gone for good (restart budget spent, launcher exited): fail every request, clearly."""
+
+    reason: str
+
+
+Message = (AddRequest | AbortRequest | StepCommand | Shutdown | StepReport | OutputBatch | StatsReport | ClusterStats
+           | EngineDead)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -116,10 +116,14 @@ def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
             backend = "nccl" if device.type == "cuda" else "gloo"
             # env:// joins torchrun's (or the elastic launcher's) own store instead of starting a second one
             init = "env://" if env is os.environ else f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store, _, _ = next(dist.rendezvous(init, launch.rank, launch.world_size, timeout=timeout))
+            # the launcher's store outlives a restart of the ranks: without a prefix per incarnation the new
+            # ranks read the dead ones' gloo/NCCL addresses and fail to connect
+            store = dist.PrefixStore(f"moe-rt/restart{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
             dist.init_process_group(
-                backend, init_method=init,
-                rank=launch.rank, world_size=launch.world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                backend, store=store,
+                rank=launch.rank, world_size=launch.world_size, timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
             )
         if ep_size > 1:

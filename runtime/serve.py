@@ -7,6 +7,11 @@
       this process starts the coordinator and the API server, then the N ranks with torch's elastic
       launcher (restarting them up to --max-restarts times), and waits.
 Multi-node is torchrun across nodes (--nnodes, --rdzv-endpoint); sockets then use tcp on rank 0's node.
+
+Crashes: the coordinator and the API server live in their own sessions, so they outlive the ranks; when a
+rank dies the launcher restarts the whole group (up to --max-restarts), the new ranks say hello with a
+higher epoch and the front end re-submits the requests in flight. The coordinator watches the launcher
+process: once it is gone (restart budget spent) the front end answers every waiting client with a 503.
 """
 
 from __future__ import annotations
@@ -92,13 +97,14 @@ def _cpu_only_env() -> dict[str, str]:
 
 
 def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool,
-                        api_server: bool = True) -> list[subprocess.Popen]:
-    """The coordinator (and the API server) in their own sessions, so a restart of the ranks spares them."""
+                        api_server: bool = True, watch_pid: int | None = None) -> list[subprocess.Popen]:
+    """The coordinator (and the API server) in their own sessions, so a restart of the ranks spares them.
+    watch_pid: the launcher that restarts the ranks; the control plane stops once it has exited."""
     from runtime.coordinator import CoordinatorSpec
 
     spec = CoordinatorSpec(num_ranks=config.data_parallel_size, lockstep=lockstep,
                            log_stats=not config.disable_log_stats, log_stats_interval=config.log_stats_interval,
-                           expert_stats_file=config.expert_stats_file)
+                           expert_stats_file=config.expert_stats_file, watch_pid=watch_pid)
     env = _cpu_only_env()
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]
@@ -150,7 +156,8 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     run_dir = ipc_dir or tempfile.mkdtemp(prefix="moe-rt-")
     os.makedirs(run_dir, exist_ok=True)
     addrs = Addresses.ipc(run_dir, config.data_parallel_size)
-    procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server)
+    procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
+                                watch_pid=os.getpid())
     try:
         launch_ranks(config, addrs)
     except KeyboardInterrupt:
@@ -161,6 +168,7 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         elif type(e).__name__ == "ChildFailedError":
             print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
                   "the first failure's traceback is above", file=sys.stderr)
+            _fail_clients(procs)
             sys.exit(1)
         else:
             raise
@@ -170,15 +178,28 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _fail_clients(procs: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    """The coordinator, stopping, tells the API server the ranks are gone; the API server answers every
+    waiting client with a 503 and exits by itself. Wait for that before stopping what is left."""
+    stop_processes(procs[:1])
+    for p in procs[1:]:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str | None) -> None:
     from runtime.engine_proc import engine_main
 
     env = os.environ
     addrs = torchrun_addresses(env, config.data_parallel_size, ipc_dir)
     procs: list[subprocess.Popen] = []
-    # rank 0 owns the control plane; after an elastic restart it is still running
+    # rank 0 owns the control plane; after an elastic restart it is still running. It watches torchrun's
+    # agent (this worker's parent), not this worker: a SIGKILLed rank 0 must not orphan it, nor stop it
     if env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server)
+        procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
+                                    watch_pid=os.getppid())
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # torchrun stops workers with SIGTERM: unwind, so rank 0 stops its children

@@ -5,10 +5,12 @@ detokenizes and streams. Bad input of any kind is a 4xx with an OpenAI-style err
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +33,7 @@ from server.serving import Serving
 
 log = logging.getLogger("server")
 
+FATAL_EXIT_GRACE_S = 2.0  # after the engines are gone for good: time for the 503 errors to reach the clients
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above a max-context prompt as token ids; stops memory abuse
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
@@ -245,6 +248,13 @@ def run_api_server(config: EngineConfig, addrs: Addresses) -> None:
     tokenizer = load_tokenizer(config.tokenizer_path)  # None: token-id prompts only
     metrics = Metrics(config.model_name)
     client = EngineClient(addrs, config.max_queue_len, on_stats=metrics.cluster.update)
+
+    def exit_soon(reason: str) -> None:
+        # every waiting client has its 503 queued; let the streams flush, then stop (the launcher exits too)
+        log.error("engine ranks are gone (%s): the API server stops in %.0f s", reason, FATAL_EXIT_GRACE_S)
+        asyncio.get_running_loop().call_later(FATAL_EXIT_GRACE_S, os.kill, os.getpid(), signal.SIGTERM)
+
+    client.on_fatal = exit_soon
     app = build_app(config, client, metrics, tokenizer)
     log.info(
         "OpenAI API for %r on http://%s:%d (max_model_len %d)",
@@ -253,4 +263,12 @@ def run_api_server(config: EngineConfig, addrs: Addresses) -> None:
         config.port,
         max_model_len_of(config),
     )
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, timeout_keep_alive=30)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=5,  # a stream that never ends must not keep a stopping server alive
+    )

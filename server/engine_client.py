@@ -18,6 +18,7 @@ from runtime.messages import (
     AddRequest,
     Addresses,
     ClusterStats,
+    EngineDead,
     OutputBatch,
     TokenDelta,
     decode,
@@ -41,6 +42,7 @@ class InFlight:
     arrival_time: float
     generated_token_ids: list[int] = field(default_factory=list)
     first_token_time: float | None = None
+    epoch: int = 0  # the rank-group incarnation it was last submitted to
 
 
 class RequestGroup:
@@ -69,6 +71,11 @@ class RequestGroup:
         for delta in deltas:
             if delta.finish_reason is not None:
                 self.unfinished.discard(delta.request_id)
+        for delta in deltas:
+            if delta.error is not None:
+                if self.client.dead is not None:
+                    raise APIError(delta.error, status_code=503, type="server_error", code="engine_unavailable")
+                raise APIError(f"the engine refused the request: {delta.error}", code="rejected_by_engine")
         return deltas
 
     def finish(self, request_id: str) -> None:
@@ -94,6 +101,11 @@ class EngineClient:
         self.stats: ClusterStats | None = None
         self.stats_time = 0.0
         self.num_resubmitted = 0
+        self.epoch = 0  # the newest rank-group incarnation seen (messages.py): outputs of older ones are dropped
+        self.num_restarts_seen = 0
+        self.num_stale_outputs = 0  # outputs of a dead incarnation, dropped
+        self.dead: str | None = None  # why the engine ranks are gone for good
+        self.on_fatal: Callable[[str], None] | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._push: zmq.asyncio.Socket | None = None
         self._pull: zmq.asyncio.Socket | None = None
@@ -124,6 +136,8 @@ class EngineClient:
     def health(self, stale_after: float) -> str:
         """'ok', 'starting' (no engine has reported yet) or 'degraded' (a rank down or restarting, or the
         coordinator silent for stale_after seconds)."""
+        if self.dead is not None:
+            return "failed"
         if self._reader is None or self._reader.done():
             return "degraded"
         if self.stats is None:
@@ -135,7 +149,15 @@ class EngineClient:
     # ------------------------------------------------------------ requests
 
     def open(self, requests: list[tuple[str, list[int], SamplingParams]]) -> RequestGroup:
-        """Admits and submits a group of engine requests; 503 when the queue is full."""
+        """Admits and submits a group of engine requests; 503 when the queue is full or the engines are gone.
+        While the ranks restart, requests wait in the coordinator's queue (bounded here as always)."""
+        if self.dead is not None:
+            raise APIError(
+                f"the engine is unavailable: {self.dead}",
+                status_code=503,
+                type="server_error",
+                code="engine_unavailable",
+            )
         if self.num_waiting_first_token + len(requests) > self.max_queue_len:
             raise APIError(
                 f"server busy: {self.num_waiting_first_token} requests already wait for the engine "
@@ -148,16 +170,23 @@ class EngineClient:
         group = RequestGroup(self, [rid for rid, _, _ in requests])
         now = time.time()
         for rid, prompt_ids, params in requests:
-            self.in_flight[rid] = InFlight(rid, prompt_ids, params, group, now)
+            self.in_flight[rid] = InFlight(rid, prompt_ids, params, group, now, epoch=self.epoch)
             self.num_waiting_first_token += 1
-            self._send(AddRequest(request_id=rid, prompt_token_ids=prompt_ids, params=params, arrival_time=now))
+            self._send(
+                AddRequest(
+                    request_id=rid, prompt_token_ids=prompt_ids, params=params, arrival_time=now, epoch=self.epoch
+                )
+            )
         return group
 
-    def resubmit_in_flight(self) -> int:
+    def resubmit_in_flight(self, older_than: int | None = None) -> int:
         """After the engine ranks restarted (their requests are gone): send every unfinished request
         again as prompt + tokens so far. num_generated_before keeps max_tokens, min_tokens and the
-        seeded random stream counting from where they were, so the answer continues seamlessly."""
-        for req in self.in_flight.values():
+        seeded random stream counting from where they were, so the answer continues seamlessly.
+        older_than: only those last submitted to an incarnation before it (the others reach the new one)."""
+        lost = [r for r in self.in_flight.values() if older_than is None or r.epoch < older_than]
+        for req in lost:
+            req.epoch = self.epoch
             self._send(
                 AddRequest(
                     request_id=req.request_id,
@@ -165,11 +194,33 @@ class EngineClient:
                     params=req.params,
                     arrival_time=req.arrival_time,
                     num_generated_before=len(req.generated_token_ids),
+                    epoch=self.epoch,
                 )
             )
-        self.num_resubmitted += len(self.in_flight)
-        log.warning("engine ranks restarted: re-submitted %d requests in flight", len(self.in_flight))
-        return len(self.in_flight)
+        self.num_resubmitted += len(lost)
+        log.warning("engine ranks restarted (epoch %d): re-submitted %d requests in flight", self.epoch, len(lost))
+        return len(lost)
+
+    def _new_epoch(self, epoch: int) -> None:
+        """A new incarnation of the ranks exists (told by the coordinator or seen on an output): from now
+        on its predecessor's outputs are stale, and every request sent to the predecessor is re-sent."""
+        self.epoch = epoch
+        self.num_restarts_seen = max(self.num_restarts_seen, epoch)
+        self.resubmit_in_flight(older_than=epoch)
+
+    def _fail(self, reason: str) -> None:
+        """The ranks cannot come back: every waiting request ends with a 503 error, new ones get 503."""
+        if self.dead is not None:
+            return
+        self.dead = reason
+        log.error("engine ranks are gone (%s): failing %d requests in flight", reason, len(self.in_flight))
+        for req in list(self.in_flight.values()):
+            self._forget(req.request_id)
+            req.group.queue.put_nowait(
+                TokenDelta(request_id=req.request_id, new_token_ids=[], finish_reason="abort", error=reason)
+            )
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def abort(self, request_ids: list[str]) -> None:
         ids = [rid for rid in request_ids if self._forget(rid)]
@@ -208,13 +259,23 @@ class EngineClient:
                 continue
             try:
                 if isinstance(msg, OutputBatch):
+                    if msg.epoch < self.epoch:
+                        self.num_stale_outputs += 1  # a dead incarnation's: its requests were re-submitted
+                        continue
+                    if msg.epoch > self.epoch:
+                        self._new_epoch(msg.epoch)
                     self._route(msg)
                 elif isinstance(msg, ClusterStats):
-                    if self.stats is not None and msg.num_engine_restarts > self.stats.num_engine_restarts:
-                        self.resubmit_in_flight()
+                    if msg.epoch > self.epoch:
+                        self._new_epoch(msg.epoch)
+                    elif self.stats is not None and msg.num_engine_restarts > self.num_restarts_seen:
+                        self.resubmit_in_flight()  # a launcher that keeps no epochs: re-send everything
+                    self.num_restarts_seen = max(self.num_restarts_seen, msg.num_engine_restarts)
                     self.stats, self.stats_time = msg, time.time()
                     if self.on_stats is not None:
                         self.on_stats(msg)
+                elif isinstance(msg, EngineDead):
+                    self._fail(msg.reason)
                 else:
                     log.warning("unexpected %s on the front-end socket", type(msg).__name__)
             except Exception:  # a bug in routing must not kill the reader and wedge every request

@@ -200,6 +200,11 @@ class Metrics:
                 yield CounterMetricFamily(
                     "moe_requests_resubmitted", "requests re-sent after an engine restart", value=client.num_resubmitted
                 )
+                yield CounterMetricFamily(
+                    "moe_stale_outputs_dropped",
+                    "output batches of a dead engine incarnation, ignored",
+                    value=getattr(client, "num_stale_outputs", 0),
+                )
 
         self.registry.register(_FrontEnd())
 
