@@ -199,11 +199,31 @@ def make_config(args: TrainArgs, tokenizer: PreTrainedTokenizerFast) -> Qwen3Moe
     )
 
 
-def lr_at(step: int, args: TrainArgs) -> float:
+def lr_at(step: int, elapsed: float, args: TrainArgs) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    # progress is whichever runs out first, steps or wall time: on a machine shared with others the
+    # time budget may end the run early, and the cosine must still reach its floor when it does
+    by_steps = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    by_time = elapsed / (args.max_minutes * 60)
+    progress = min(1.0, max(by_steps, by_time))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style balance loss, per layer then averaged: 1.0 when every layer routes evenly.
+
+    transformers' own aux loss pools the counts of all layers before balancing, so one layer may
+    starve an expert while another overfeeds it; the demo must spread tokens in every layer.
+    """
+    losses = []
+    for logits in router_logits:  # [num_tokens, num_experts]
+        probs = torch.softmax(logits.float(), dim=-1)
+        num_experts = probs.shape[-1]
+        chosen = probs.topk(top_k, dim=-1).indices
+        load = torch.bincount(chosen.flatten(), minlength=num_experts).float() / chosen.numel()
+        losses.append(num_experts * (load * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
 
 
 def train(model: Qwen3MoeForCausalLM, stream: torch.Tensor, args: TrainArgs) -> tuple[list[float], int, float]:
@@ -222,25 +242,27 @@ def train(model: Qwen3MoeForCausalLM, stream: torch.Tensor, args: TrainArgs) -> 
     for step in range(args.steps):
         starts = torch.randint(0, len(stream) - args.seq_len, (args.batch_size,), generator=gen)
         batch = torch.stack([stream[s : s + args.seq_len] for s in starts.tolist()])
+        lr = lr_at(step, time.time() - start, args)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        # the model shifts labels itself: position t is scored on predicting token t + 1
-        out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        out.loss.backward()
+            group["lr"] = lr
+        out = model(input_ids=batch, output_router_logits=True)
+        lm_loss = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        aux_loss = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
+        (lm_loss + args.router_aux_loss_coef * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # out.loss includes the router aux term; the LM loss alone is what perplexity is about
-        lm_loss = out.loss.item() - args.router_aux_loss_coef * out.aux_loss.item()
-        losses.append(lm_loss)
+        losses.append(lm_loss.item())
         elapsed = time.time() - start
         if step % 25 == 0 or step == args.steps - 1:
             print(
-                f"step {step:5d}  lm_loss {lm_loss:.3f}  aux {out.aux_loss.item():.3f}  "
-                f"lr {lr_at(step, args):.2e}  {elapsed / 60:.1f} min",
+                f"step {step:5d}  lm_loss {losses[-1]:.3f}  aux {aux_loss.item():.3f}  "
+                f"lr {lr:.2e}  {elapsed / 60:.1f} min",
                 flush=True,
             )
-        if elapsed > args.max_minutes * 60:
+        if elapsed >= args.max_minutes * 60:
             print(f"stopping at step {step}: the {args.max_minutes} min budget is spent", flush=True)
             break
     return losses, step + 1, time.time() - start
@@ -276,6 +298,13 @@ def unigram_nll(train_stream: torch.Tensor, eval_stream: torch.Tensor, vocab_siz
     counts = torch.bincount(train_stream, minlength=vocab_size).double() + 1.0
     logp = torch.log(counts / counts.sum())
     return -logp[eval_stream[1:]].mean().item()
+
+
+def write_unigram_counts(out_dir: str, train_stream: torch.Tensor, vocab_size: int) -> None:
+    """Training-split token counts, so tests can score the unigram baseline the same way as here."""
+    counts = torch.bincount(train_stream, minlength=vocab_size).tolist()
+    with open(os.path.join(out_dir, "unigram_counts.json"), "w") as f:
+        json.dump({"smoothing": "add-one", "counts": counts}, f, separators=(",", ":"))
 
 
 def heldout_sample(docs: list[Doc], max_chars: int) -> str:
@@ -353,14 +382,16 @@ def write_report(out_dir: str, report: dict) -> None:
         f"- Held out: the top-level packages with crc32(name) % {HELDOUT_MODULUS} == 0 "
         f"({', '.join(r['corpus']['heldout_packages'])}): {r['corpus']['heldout_tokens']} tokens; "
         f"training split {r['corpus']['train_tokens']} tokens.",
-        "- `heldout.txt` (a few KB of held-out plain documents) ships with the model for the tests.",
+        "- `heldout.txt` (a few KB of held-out plain documents) and `unigram_counts.json` (training-split "
+        "token counts) ship with the model for the tests.",
         "",
         "## Training",
         "",
         f"- {r['training']['steps']} steps of batch {r['args']['batch_size']} x {r['args']['seq_len']} "
         f"tokens ({r['training']['tokens_seen'] / 1e6:.2f} M tokens, "
         f"{r['training']['tokens_seen'] / r['corpus']['train_tokens']:.1f} epochs), AdamW lr "
-        f"{r['args']['lr']} (warmup, cosine to 10%), router aux loss coef {r['args']['router_aux_loss_coef']}, "
+        f"{r['args']['lr']} (warmup, then cosine to 10% over the steps or the --max-minutes wall budget, "
+        f"whichever ends first), router aux loss coef {r['args']['router_aux_loss_coef']}, "
         f"torch {r['training']['torch']} on {r['training']['threads']} CPU threads: "
         f"{r['training']['seconds'] / 60:.1f} minutes.",
         f"- Final train LM loss (mean of last 20 steps): {r['training']['final_train_loss']:.3f}.",
@@ -397,7 +428,7 @@ def write_report(out_dir: str, report: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo"))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -407,10 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--num-experts", type=int, default=8)
     p.add_argument("--moe-intermediate-size", type=int, default=256)
-    p.add_argument("--router-aux-loss-coef", type=float, default=0.01)
+    p.add_argument("--router-aux-loss-coef", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=20.0, help="stop training early past this wall time")
+    p.add_argument(
+        "--max-minutes", type=float, default=14.0, help="wall-time budget: the LR anneals and training stops by then"
+    )
     args = TrainArgs(**{k.replace("-", "_"): v for k, v in vars(p.parse_args(argv)).items()})
 
     torch.set_num_threads(args.threads)
@@ -451,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     GenerationConfig(eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False).save_pretrained(args.out)
+    write_unigram_counts(args.out, train_stream, len(tokenizer))
     with open(os.path.join(args.out, "heldout.txt"), "w") as f:
         f.write(heldout_sample(heldout_docs, 6000))
     init_py = os.path.join(args.out, "__init__.py")
