@@ -416,7 +416,7 @@ def write_report(out_dir: str, report: dict) -> None:
         "",
         "## Samples (greedy, transformers, float32)",
         "",
-        "It learned the register of stdlib docstrings, not facts; expect fluent, confident nonsense.",
+        "It learned the register of stdlib docstrings, not facts: short, generic, often repetitive text.",
         "",
     ]
     for s in r["samples"]:
