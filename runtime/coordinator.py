@@ -273,12 +273,8 @@ class Coordinator:
         pid = self.spec.watch_pid
         if pid is None or self.dead:
             return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             self.fail(f"the engine launcher (pid {pid}) exited: the engine ranks are gone")
-        except PermissionError:
-            pass
 
     def fail(self, reason: str) -> None:
         logger.error("%s", reason)
@@ -417,6 +413,23 @@ class Coordinator:
                 self._flush(rank)
         if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
             self.write_expert_stats(self.spec.expert_stats_file)
+
+
+def _alive(pid: int) -> bool:
+    """An exited launcher whose parent has not reaped it yet (a zombie) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def main(argv: list[str]) -> None:

@@ -74,7 +74,12 @@ class RequestGroup:
         for delta in deltas:
             if delta.error is not None:
                 if self.client.dead is not None:
-                    raise APIError(delta.error, status_code=503, type="server_error", code="engine_unavailable")
+                    raise APIError(
+                        f"the engine is unavailable: {delta.error}",
+                        status_code=503,
+                        type="server_error",
+                        code="engine_unavailable",
+                    )
                 raise APIError(f"the engine refused the request: {delta.error}", code="rejected_by_engine")
         return deltas
 

@@ -1,0 +1,297 @@
+"""An engine rank dies (kill -9) under DP=2/EP=2 gloo ranks while 32 greedy streams run: the launcher
+restarts the rank group, the front end re-submits every request as prompt + tokens so far, and each
+client gets exactly the text of an uninterrupted run. With the restart budget spent, every client gets
+a clean 503. Every wait has a deadline: a broken recovery fails, it never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.sampling_params import SamplingParams
+from tests.tiny import make_tiny_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KV_BYTES = 8 << 20
+MAX_MODEL_LEN = 256
+SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", str(KV_BYTES), "--max-model-len",
+              str(MAX_MODEL_LEN), "--data-parallel-size", "2", "--enable-expert-parallel", "--served-model-name",
+              "tiny", "--log-stats-interval", "1"]
+WORDS = "the quick brown fox jumps over a lazy dog while experts route every token".split()
+PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + i % 5]) + f" {i}" for i in range(32)]
+MAX_TOKENS = 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_with(text: bytes) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def engine_rank_pids(launcher_pid: int, torchrun: bool) -> dict[int, int]:
+    """rank -> pid of the running engine ranks (elastic launcher workers of runtime.serve or torchrun)."""
+    ranks = {}
+    for pid in _children(launcher_pid):
+        cmd, env = _read(f"/proc/{pid}/cmdline"), _read(f"/proc/{pid}/environ").split(b"\0")
+        if torchrun and b"runtime.serve" in cmd:
+            rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), -1)
+            ranks[rank] = pid
+        elif not torchrun and b"multiprocessing.spawn" in cmd and b"resource_tracker" not in cmd:
+            ranks[len(ranks)] = pid  # spawned workers take their rank in-process: any of them will do
+    return ranks
+
+
+@dataclass
+class Served:
+    base_url: str
+    proc: subprocess.Popen[bytes]
+    log_path: str
+    torchrun: bool
+    client: openai.AsyncOpenAI = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def log(self) -> str:
+        return _read(self.log_path).decode(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(self.base_url + "/metrics", timeout=5).text):
+            for s in family.samples:
+                out[s.name] = out.get(s.name, 0.0) + s.value
+        return out
+
+    def kill_rank(self, rank: int) -> int:
+        deadline = time.monotonic() + 10
+        while len(pids := engine_rank_pids(self.proc.pid, self.torchrun)) < 2:
+            assert time.monotonic() < deadline, f"engine ranks not found: {pids}"
+            time.sleep(0.1)
+        os.kill(pids[rank], signal.SIGKILL)
+        return pids[rank]
+
+
+@contextmanager
+def served(model: str, max_restarts: int, torchrun: bool = False) -> Iterator[Served]:
+    """The real stack in its own session; torn down, and checked for leftover processes, whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="rt-crash-") as ipc_dir:
+        port = _free_port()
+        log_path = os.path.join(ipc_dir, "serve.log")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    f"--max-restarts={max_restarts}", "--monitor-interval=0.2"] if torchrun else [sys.executable]
+        cmd = [*launcher, "-m", "runtime.serve", "--model", model, *SERVE_ARGS, "--port", str(port),
+               "--max-restarts", str(max_restarts), "--ipc-dir", ipc_dir]
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # a couple of shared cores: one torch thread per process
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=env)
+        srv = Served(f"http://127.0.0.1:{port}", proc, log_path, torchrun)
+        try:
+            deadline = time.monotonic() + 150
+            while _health(srv.base_url)[0] != 200:
+                assert proc.poll() is None, f"runtime.serve exited with {proc.returncode}:\n{srv.log()[-3000:]}"
+                assert time.monotonic() < deadline, f"not healthy after 150 s:\n{srv.log()[-3000:]}"
+                time.sleep(0.3)
+            yield srv
+        except BaseException:
+            print(f"--- runtime.serve log (tail) ---\n{srv.log()[-8000:]}")
+            raise
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+            deadline = time.monotonic() + 10  # the control plane stops on its own once the launcher is gone
+            while (leaked := _pids_with(ipc_dir.encode())) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for pid in leaked:
+                os.kill(pid, signal.SIGKILL)
+            assert not leaked, f"processes outlived runtime.serve:\n{srv.log()[-3000:]}"
+
+
+def _health(base_url: str) -> tuple[int, str]:
+    try:
+        r = httpx.get(base_url + "/health", timeout=2)
+        return r.status_code, r.json().get("status", "")
+    except (httpx.HTTPError, ValueError):
+        return 0, ""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_moe")), "Qwen3MoeForCausalLM")
+
+
+def offline_greedy(model: str) -> list[str]:
+    import torch
+
+    from runtime.llm import LLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(model, device="cpu", dtype="float32", kv_cache_memory=KV_BYTES, max_model_len=MAX_MODEL_LEN)
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    finally:
+        torch.set_num_threads(threads)
+    return [o.outputs[0].text for o in outs]
+
+
+async def _stream(client: openai.AsyncOpenAI, prompt: str, times: list[float],
+                  max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    text, num_tokens = "", -1
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].text
+            times.append(time.monotonic())
+        if chunk.usage is not None:
+            num_tokens = chunk.usage.completion_tokens
+    return text, num_tokens
+
+
+async def _kill_when_busy(srv: Served, times: list[float], rank: int) -> float:
+    deadline = time.monotonic() + 120
+    while len(times) < 3 * len(PROMPTS):  # every stream a few tokens in, none near its end
+        assert time.monotonic() < deadline, "streams never got going"
+        await asyncio.sleep(0.02)
+    srv.kill_rank(rank)
+    return time.monotonic()
+
+
+def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None:
+    with served(checkpoint, max_restarts=2) as srv:
+        expected = offline_greedy(checkpoint)  # computed while the ranks sit idle
+        times: list[float] = []
+        degraded: list[str] = []
+
+        async def watch_health() -> None:
+            while True:
+                status = _health(srv.base_url)[1]
+                if status != "ok":
+                    degraded.append(status)
+                await asyncio.sleep(0.2)
+
+        async def run() -> tuple[list[tuple[str, int]], float]:
+            watcher = asyncio.create_task(watch_health())
+            killer = asyncio.create_task(_kill_when_busy(srv, times, rank=1))
+            try:
+                results = await asyncio.gather(*(_stream(srv.client, p, times) for p in PROMPTS))
+                return results, await killer
+            finally:
+                watcher.cancel()
+                killer.cancel()
+
+        results, t_kill = asyncio.run(asyncio.wait_for(run(), 150))
+        after = sorted(t for t in times if t > t_kill)
+        assert after, "no token after the kill"
+        # the outage is the longest silence after the kill; the first token after it is the new ranks'
+        gaps = [(b - a, b) for a, b in zip([t_kill, *after], after)]
+        recovery_s = max(gaps)[1] - t_kill
+        print(f"\nrecovery_s={recovery_s:.2f} (kill -9 of one rank -> first token after the restart)")
+        texts = [text for text, _ in results]
+        mismatched = [i for i in range(len(PROMPTS)) if texts[i] != expected[i]]
+        assert not mismatched, f"{len(mismatched)} answers differ, e.g. {texts[mismatched[0]]!r} vs " \
+                               f"{expected[mismatched[0]]!r}"
+        assert [n for _, n in results] == [MAX_TOKENS] * len(PROMPTS)  # no token lost or counted twice
+        assert recovery_s < 60
+        assert "degraded" in degraded, "/health never said degraded during the restart"
+        m = srv.metrics()
+        assert m["moe_engine_restarts_total"] == 1
+        assert m["moe_requests_resubmitted_total"] >= 1
+        assert _health(srv.base_url) == (200, "ok")
+        log = srv.log()
+        assert re.search(r"engine ranks restarted \(epoch 0 -> 1", log), log[-3000:]
+
+
+def test_restart_budget_spent_every_client_gets_503(checkpoint: str) -> None:
+    # torchrun this time: rank 0 owns the control plane; kill -9 it and the orphaned coordinator and API
+    # server must still fail every client cleanly, then go away (they watch torchrun's agent)
+    with served(checkpoint, max_restarts=0, torchrun=True) as srv:
+        times: list[float] = []
+
+        async def one_plain() -> int:
+            try:
+                await srv.client.completions.create(model="tiny", prompt="hello", max_tokens=200, temperature=0.0,
+                                                    extra_body={"ignore_eos": True})
+            except openai.APIStatusError as e:
+                return e.status_code
+            return 200
+
+        async def one_stream(prompt: str) -> str:
+            try:
+                await _stream(srv.client, prompt, times, max_tokens=200)  # none can finish before the kill
+            except openai.APIError as e:
+                return e.message
+            return "completed"
+
+        async def run() -> tuple[list[int], list[str]]:
+            killer = asyncio.create_task(_kill_when_busy(srv, times, rank=0))
+            plain = [asyncio.create_task(one_plain()) for _ in range(4)]
+            streams = await asyncio.gather(*(one_stream(p) for p in PROMPTS))
+            await killer
+            return list(await asyncio.gather(*plain)), streams
+
+        plain, streams = asyncio.run(asyncio.wait_for(run(), 90))
+        assert plain == [503] * 4, plain
+        assert all("engine is unavailable" in s for s in streams), streams[:3]
+        # whoever comes next gets a 503 too, or finds the server gone: never a hang
+        status = _health(srv.base_url)[0]
+        assert status in (503, 0)
+        assert srv.proc.wait(30) != 0
