@@ -13,9 +13,8 @@ Free-running ranks (dense model, or DP without EP) only send reports for the loa
 
 Restarts: the elastic launcher restarts the whole rank group when one rank dies; the new ranks say hello
 with a higher epoch. The coordinator then forgets everything of the old incarnation (clock, queued commands,
-requests routed to it: the front end re-submits those) and drops any message of an older epoch. A rank
-silent for a few heartbeats makes the cluster unhealthy (/health degraded); one silent for hang_timeout_s
-is killed if it runs on this host, so the launcher restarts the group instead of waiting on a hang forever.
+requests routed to it: the front end re-submits those) and drops any message of an older epoch. Silent and
+hung ranks: runtime/rank_watch.py. Once the launcher itself is gone, the front end is told (EngineDead).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections import deque
@@ -48,6 +46,7 @@ from runtime.messages import (
     decode,
     encode,
 )
+from runtime.rank_watch import RankWatch, process_alive
 
 logger = logging.getLogger("runtime.coordinator")
 
@@ -61,6 +60,7 @@ class CoordinatorSpec(msgspec.Struct):
     # the launcher (python -m runtime.serve, or torchrun's agent): once it is gone the ranks cannot come back
     watch_pid: int | None = None
     hang_timeout_s: float = 60.0  # a rank silent this long (between steps or inside one) is killed
+    max_restarts: int | None = None  # the launcher's restart budget, for the log (None: unknown)
 
 
 class StepClock:
@@ -196,11 +196,7 @@ class Coordinator:
         self.outbox: list[deque[bytes]] = [deque() for _ in range(spec.num_ranks)]  # FIFO per rank
         self.running = True
         self.epoch = 0  # the rank group's incarnation (messages.py)
-        self.last_heard = [time.monotonic()] * spec.num_ranks
-        self.rank_pid: list[tuple[int, str]] = [(0, "")] * spec.num_ranks  # (pid, hostname) from the hello
-        self.suspect = [False] * spec.num_ranks  # silent for a few heartbeats
-        self.killed = [False] * spec.num_ranks  # killed for a hang in this epoch
-        self.hostname = socket.gethostname()
+        self.watch = RankWatch(spec.num_ranks, spec.hang_timeout_s)
         self.dead = False  # the ranks cannot come back; the front end has been told
 
     def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown) -> None:
@@ -225,13 +221,13 @@ class Coordinator:
 
     def _new_epoch(self, epoch: int) -> None:
         """A new incarnation of the rank group said hello: nothing of the old one survives."""
-        logger.warning("engine ranks restarted (epoch %d -> %d, restart %d): resetting the step clock; the "
-                       "front end re-submits the requests in flight", self.epoch, epoch, epoch)
+        budget = "?" if self.spec.max_restarts is None else self.spec.max_restarts
+        logger.warning("engine ranks restarted (epoch %d -> %d, restart %d of at most %s): resetting the step "
+                       "clock; the front end re-submits the requests in flight", self.epoch, epoch, epoch, budget)
         self.epoch = epoch
         self.num_engine_restarts = max(self.num_engine_restarts + 1, epoch)
         self.ready = [False] * self.spec.num_ranks
-        self.suspect = [False] * self.spec.num_ranks
-        self.killed = [False] * self.spec.num_ranks
+        self.watch.reset()
         for box in self.outbox:
             box.clear()  # commands and requests meant for the dead ranks must not reach the new ones
         # requests the front end sent before it knew of this epoch: it re-submits them (no duplicates)
@@ -243,37 +239,19 @@ class Coordinator:
             self.stats.previous[r] = None
 
     def _heard(self, rank: int) -> None:
-        self.last_heard[rank] = time.monotonic()
-        if self.suspect[rank]:
-            self.suspect[rank] = False
-            logger.info("engine rank %d answers again", rank)
+        if self.watch.heard(rank):
             self.push_stats()
 
     def check_liveness(self, now: float) -> None:
-        for rank in range(self.spec.num_ranks):
-            if not self.ready[rank]:
-                continue
-            silent = now - self.last_heard[rank]
-            if silent > 3 * HEARTBEAT_INTERVAL_S and not self.suspect[rank]:
-                self.suspect[rank] = True
-                logger.warning("engine rank %d silent for %.1f s: cluster degraded", rank, silent)
-                self.push_stats()
-            pid, host = self.rank_pid[rank]
-            if silent > self.spec.hang_timeout_s and not self.killed[rank] and pid > 0 and host == self.hostname:
-                self.killed[rank] = True
-                logger.error("engine rank %d (pid %d) silent for %.0f s: killing it so the launcher restarts the "
-                             "rank group", rank, pid, silent)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError as e:
-                    logger.warning("could not kill rank %d (pid %d): %s", rank, pid, e)
+        if self.watch.check(now, self.ready):
+            self.push_stats()
 
     def check_launcher(self) -> None:
         """Under torchrun the launcher is the agent: when it has exited, no rank will ever come back."""
         pid = self.spec.watch_pid
         if pid is None or self.dead:
             return
-        if not _alive(pid):
+        if not process_alive(pid):
             self.fail(f"the engine launcher (pid {pid}) exited: the engine ranks are gone")
 
     def fail(self, reason: str) -> None:
@@ -332,7 +310,7 @@ class Coordinator:
                     self.stats.previous[r] = None
             self._heard(rank)
             if msg.first:
-                self.rank_pid[rank] = (msg.pid, msg.hostname)
+                self.watch.hello(rank, msg.pid, msg.hostname)
             self.stats.latest[rank] = msg.stats
             if msg.expert is not None:
                 self.stats.expert[rank] = msg.expert
@@ -349,7 +327,7 @@ class Coordinator:
     def cluster_stats(self) -> ClusterStats:
         ranks = [s if s is not None else RankStats(r, 0, 0, 0.0, 0, 0, 0, 0) for r, s in enumerate(self.stats.latest)]
         clock = self.clock
-        return ClusterStats(ranks=ranks, healthy=all(self.ready) and not any(self.suspect),
+        return ClusterStats(ranks=ranks, healthy=all(self.ready) and not self.watch.any_suspect,
                             num_engine_restarts=self.num_engine_restarts, epoch=self.epoch,
                             num_steps_issued=clock.num_steps_issued if clock else 0,
                             num_dummy_commands=clock.num_dummy_commands if clock else 0,
@@ -413,23 +391,6 @@ class Coordinator:
                 self._flush(rank)
         if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
             self.write_expert_stats(self.spec.expert_stats_file)
-
-
-def _alive(pid: int) -> bool:
-    """An exited launcher whose parent has not reaped it yet (a zombie) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
 
 
 def main(argv: list[str]) -> None:

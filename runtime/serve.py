@@ -96,15 +96,15 @@ def _cpu_only_env() -> dict[str, str]:
     return env
 
 
-def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool,
-                        api_server: bool = True, watch_pid: int | None = None) -> list[subprocess.Popen]:
+def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, api_server: bool = True,
+                        watch_pid: int | None = None, max_restarts: int | None = None) -> list[subprocess.Popen]:
     """The coordinator (and the API server) in their own sessions, so a restart of the ranks spares them.
     watch_pid: the launcher that restarts the ranks; the control plane stops once it has exited."""
     from runtime.coordinator import CoordinatorSpec
 
     spec = CoordinatorSpec(num_ranks=config.data_parallel_size, lockstep=lockstep,
                            log_stats=not config.disable_log_stats, log_stats_interval=config.log_stats_interval,
-                           expert_stats_file=config.expert_stats_file, watch_pid=watch_pid)
+                           expert_stats_file=config.expert_stats_file, watch_pid=watch_pid, max_restarts=max_restarts)
     env = _cpu_only_env()
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]
@@ -157,7 +157,7 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     os.makedirs(run_dir, exist_ok=True)
     addrs = Addresses.ipc(run_dir, config.data_parallel_size)
     procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
-                                watch_pid=os.getpid())
+                                watch_pid=os.getpid(), max_restarts=config.max_restarts)
     try:
         launch_ranks(config, addrs)
     except KeyboardInterrupt:
@@ -199,7 +199,7 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     # agent (this worker's parent), not this worker: a SIGKILLed rank 0 must not orphan it, nor stop it
     if env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
-                                    watch_pid=os.getppid())
+                                    watch_pid=os.getppid(), max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # torchrun stops workers with SIGTERM: unwind, so rank 0 stops its children

@@ -21,9 +21,26 @@ from dataclasses import dataclass, field
 import httpx
 import openai
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.coordinator import Coordinator, CoordinatorSpec
+from runtime.messages import (
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    EngineDead,
+    OutputBatch,
+    RankStats,
+    StatsReport,
+    StepReport,
+    TokenDelta,
+    decode,
+    encode,
+)
 from runtime.sampling_params import SamplingParams
+from server.engine_client import EngineClient
+from server.protocol import APIError
 from tests.tiny import make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -228,17 +245,24 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None
                     degraded.append(status)
                 await asyncio.sleep(0.2)
 
-        async def run() -> tuple[list[tuple[str, int]], float]:
+        async def arrive_during_restart(killer: asyncio.Task[float]) -> list[tuple[str, int]]:
+            await killer
+            while "degraded" not in degraded:
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*(_stream(srv.client, p, []) for p in PROMPTS[:4]))
+
+        async def run() -> tuple[list[tuple[str, int]], list[tuple[str, int]], float]:
             watcher = asyncio.create_task(watch_health())
             killer = asyncio.create_task(_kill_when_busy(srv, times, rank=1))
+            late = asyncio.create_task(arrive_during_restart(killer))
             try:
                 results = await asyncio.gather(*(_stream(srv.client, p, times) for p in PROMPTS))
-                return results, await killer
+                return results, await late, await killer
             finally:
-                watcher.cancel()
-                killer.cancel()
+                for task in (watcher, killer, late):
+                    task.cancel()
 
-        results, t_kill = asyncio.run(asyncio.wait_for(run(), 150))
+        results, late, t_kill = asyncio.run(asyncio.wait_for(run(), 150))
         after = sorted(t for t in times if t > t_kill)
         assert after, "no token after the kill"
         # the outage is the longest silence after the kill; the first token after it is the new ranks'
@@ -250,6 +274,7 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None
         assert not mismatched, f"{len(mismatched)} answers differ, e.g. {texts[mismatched[0]]!r} vs " \
                                f"{expected[mismatched[0]]!r}"
         assert [n for _, n in results] == [MAX_TOKENS] * len(PROMPTS)  # no token lost or counted twice
+        assert late == [(expected[i], MAX_TOKENS) for i in range(4)]  # queued while the ranks were down
         assert recovery_s < 60
         assert "degraded" in degraded, "/health never said degraded during the restart"
         m = srv.metrics()
@@ -295,3 +320,94 @@ def test_restart_budget_spent_every_client_gets_503(checkpoint: str) -> None:
         status = _health(srv.base_url)[0]
         assert status in (503, 0)
         assert srv.proc.wait(30) != 0
+
+
+# ---------------------------------------------------------------- epochs, without processes
+
+
+def test_coordinator_forgets_the_dead_incarnation() -> None:
+    def hello(rank: int, epoch: int) -> StatsReport:
+        return StatsReport(stats=RankStats(rank, 0, 0, 0.0, 0, 0, 0, 0), first=True, epoch=epoch)
+
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    with tempfile.TemporaryDirectory() as d:
+        coord = Coordinator(CoordinatorSpec(num_ranks=2, lockstep=True), Addresses.ipc(d, 2), zmq.Context())
+        try:
+            coord.handle(hello(0, 0))
+            coord.handle(hello(1, 0))
+            coord.handle(AddRequest("a", [1, 2], params))  # no rank connected: it waits in the outbox
+            assert sum(len(box) for box in coord.outbox) == 1
+            coord.handle(hello(1, 1))  # the group restarted
+            assert coord.epoch == 1 and coord.num_engine_restarts == 1 and coord.ready == [False, True]
+            assert not any(coord.outbox), "a request of the dead incarnation would reach the new one"
+            coord.handle(AddRequest("b", [3], params, epoch=0))  # sent before the front end knew: it re-sends
+            coord.handle(AddRequest("a", [1, 2, 7], params, num_generated_before=1, epoch=1))
+            assert [r.request_id for r in coord.queued] == ["a"]
+            coord.handle(StepReport(rank=0, step_id=0, num_tokens=5, is_decode=False, epoch=0))  # late, stale
+            assert coord.clock is not None and coord.clock.reports == [None, None]
+            coord.handle(hello(0, 0))  # a straggler of the old group
+            assert coord.ready == [False, True]
+            coord.handle(hello(0, 1))
+            assert all(coord.ready) and not coord.queued and coord.cluster_stats().epoch == 1
+        finally:
+            coord.ctx.destroy(linger=0)
+
+
+def test_front_end_drops_stale_outputs_and_resubmits_once() -> None:
+    async def scenario(addrs: Addresses, ctx: zmq.Context) -> None:
+        coordinator = ctx.socket(zmq.PULL)  # stands in for the coordinator: collects what the front end sends
+        coordinator.bind(addrs.to_coordinator)
+        client = EngineClient(addrs, max_queue_len=8)
+        await client.start()
+        engines = ctx.socket(zmq.PUSH)
+        engines.connect(addrs.to_frontend)
+
+        async def settle() -> None:
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+
+        def sent() -> list[AddRequest]:
+            out = []
+            while coordinator.poll(100):
+                msg = decode(coordinator.recv())
+                assert isinstance(msg, AddRequest)
+                out.append(msg)
+            return out
+
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=5)
+            group = client.open([("x", [1, 2, 3], params), ("y", [4], params)])
+            assert [(r.request_id, r.epoch) for r in sent()] == [("x", 0), ("y", 0)]
+            engines.send(encode(OutputBatch(0, [TokenDelta("x", [10, 11])], epoch=0)))
+            await settle()
+            engines.send(encode(ClusterStats(ranks=[], num_engine_restarts=1, epoch=1)))
+            await settle()
+            again = sent()
+            assert [(r.request_id, r.prompt_token_ids, r.num_generated_before, r.epoch) for r in again] == [
+                ("x", [1, 2, 3, 10, 11], 2, 1), ("y", [4], 0, 1)]
+            engines.send(encode(OutputBatch(1, [TokenDelta("x", [12])], epoch=0)))  # the dead group's last word
+            engines.send(encode(OutputBatch(0, [TokenDelta("x", [12])], epoch=1)))
+            engines.send(encode(ClusterStats(ranks=[], num_engine_restarts=1, epoch=1)))  # no second re-send
+            await settle()
+            assert sent() == [] and client.num_stale_outputs == 1
+            assert [d.new_token_ids for d in await group.next_batch()] == [[10, 11], [12]]
+            engines.send(encode(EngineDead(reason="restart budget spent")))
+            await settle()
+            with pytest.raises(APIError) as err:
+                await group.next_batch()
+            assert err.value.status_code == 503 and "restart budget spent" in err.value.message
+            with pytest.raises(APIError) as err:
+                client.open([("z", [1], params)])
+            assert err.value.status_code == 503
+            assert client.health(stale_after=60) == "failed" and not client.in_flight
+        finally:
+            await client.close()
+            engines.close(0)
+            coordinator.close(0)
+
+    with tempfile.TemporaryDirectory() as d:
+        ctx = zmq.Context()
+        try:
+            asyncio.run(asyncio.wait_for(scenario(Addresses.ipc(d, 1), ctx), 30))
+        finally:
+            ctx.destroy(linger=0)
