@@ -60,6 +60,7 @@ class EngineConfig:
     log_stats_interval: float = 5.0
     expert_stats_file: str | None = None
     max_restarts: int = 3
+    engine_hang_timeout: float = 60.0  # seconds a rank may stay silent before it is killed and the group restarts
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -79,6 +80,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.engine_hang_timeout <= 0:
+            raise ConfigError(f"--engine-hang-timeout must be positive seconds, got {self.engine_hang_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not os.path.isdir(self.model):
@@ -152,6 +155,9 @@ class EngineConfig:
         a("--log-stats-interval", type=float, default=d["log_stats_interval"].default)
         a("--expert-stats-file", default=None, help="write per-rank expert statistics JSON here")
         a("--max-restarts", type=int, default=d["max_restarts"].default)
+        a("--engine-hang-timeout", type=float, default=d["engine_hang_timeout"].default,
+          help="seconds an engine rank may stay silent (hung step or collective) before it is killed and the "
+               "rank group restarts")
         return parser
 
     @staticmethod

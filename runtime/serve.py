@@ -104,7 +104,8 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
 
     spec = CoordinatorSpec(num_ranks=config.data_parallel_size, lockstep=lockstep,
                            log_stats=not config.disable_log_stats, log_stats_interval=config.log_stats_interval,
-                           expert_stats_file=config.expert_stats_file, watch_pid=watch_pid, max_restarts=max_restarts)
+                           expert_stats_file=config.expert_stats_file, watch_pid=watch_pid, max_restarts=max_restarts,
+                           hang_timeout_s=config.engine_hang_timeout)
     env = _cpu_only_env()
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]

@@ -140,7 +140,7 @@ class Served:
 
 
 @contextmanager
-def served(model: str, max_restarts: int, torchrun: bool = False) -> Iterator[Served]:
+def served(model: str, max_restarts: int, torchrun: bool = False, extra: tuple[str, ...] = ()) -> Iterator[Served]:
     """The real stack in its own session; torn down, and checked for leftover processes, whatever happens."""
     with tempfile.TemporaryDirectory(prefix="rt-crash-") as ipc_dir:
         port = _free_port()
@@ -148,7 +148,7 @@ def served(model: str, max_restarts: int, torchrun: bool = False) -> Iterator[Se
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                     f"--max-restarts={max_restarts}", "--monitor-interval=0.2"] if torchrun else [sys.executable]
         cmd = [*launcher, "-m", "runtime.serve", "--model", model, *SERVE_ARGS, "--port", str(port),
-               "--max-restarts", str(max_restarts), "--ipc-dir", ipc_dir]
+               "--max-restarts", str(max_restarts), "--ipc-dir", ipc_dir, *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")  # a couple of shared cores: one torch thread per process
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -193,7 +193,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_moe")), "Qwen3MoeForCausalLM")
 
 
-def offline_greedy(model: str) -> list[str]:
+SEEDED = {"temperature": 0.9, "seed": 1234}  # sampled requests continue their random stream after a restart
+
+
+def offline(model: str) -> tuple[list[str], list[str]]:
+    """Uninterrupted answers from the offline engine: greedy for every prompt, seeded for the first two."""
     import torch
 
     from runtime.llm import LLM
@@ -202,17 +206,18 @@ def offline_greedy(model: str) -> list[str]:
     torch.set_num_threads(1)
     try:
         llm = LLM(model, device="cpu", dtype="float32", kv_cache_memory=KV_BYTES, max_model_len=MAX_MODEL_LEN)
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        seeded = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED))
     finally:
         torch.set_num_threads(threads)
-    return [o.outputs[0].text for o in outs]
+    return [o.outputs[0].text for o in greedy], [o.outputs[0].text for o in seeded]
 
 
-async def _stream(client: openai.AsyncOpenAI, prompt: str, times: list[float],
-                  max_tokens: int = MAX_TOKENS) -> tuple[str, int]:
-    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                             stream=True, stream_options={"include_usage": True},
-                                             extra_body={"ignore_eos": True})
+async def _stream(client: openai.AsyncOpenAI, prompt: str, times: list[float], max_tokens: int = MAX_TOKENS,
+                  sampling: dict[str, float] | None = None) -> tuple[str, int]:
+    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, stream=True,
+                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                                             **(sampling or {"temperature": 0.0}))
     text, num_tokens = "", -1
     async for chunk in stream:
         if chunk.choices:
@@ -234,7 +239,7 @@ async def _kill_when_busy(srv: Served, times: list[float], rank: int) -> float:
 
 def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None:
     with served(checkpoint, max_restarts=2) as srv:
-        expected = offline_greedy(checkpoint)  # computed while the ranks sit idle
+        expected, expected_seeded = offline(checkpoint)  # computed while the ranks sit idle
         times: list[float] = []
         degraded: list[str] = []
 
@@ -251,18 +256,19 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None
                 await asyncio.sleep(0.05)
             return await asyncio.gather(*(_stream(srv.client, p, []) for p in PROMPTS[:4]))
 
-        async def run() -> tuple[list[tuple[str, int]], list[tuple[str, int]], float]:
+        async def run() -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]], float]:
             watcher = asyncio.create_task(watch_health())
             killer = asyncio.create_task(_kill_when_busy(srv, times, rank=1))
             late = asyncio.create_task(arrive_during_restart(killer))
+            seeded = asyncio.gather(*(_stream(srv.client, p, [], sampling=SEEDED) for p in PROMPTS[:2]))
             try:
                 results = await asyncio.gather(*(_stream(srv.client, p, times) for p in PROMPTS))
-                return results, await late, await killer
+                return results, await late, await seeded, await killer
             finally:
-                for task in (watcher, killer, late):
+                for task in (watcher, killer, late, seeded):
                     task.cancel()
 
-        results, late, t_kill = asyncio.run(asyncio.wait_for(run(), 150))
+        results, late, seeded, t_kill = asyncio.run(asyncio.wait_for(run(), 150))
         after = sorted(t for t in times if t > t_kill)
         assert after, "no token after the kill"
         # the outage is the longest silence after the kill; the first token after it is the new ranks'
@@ -275,6 +281,7 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None
                                f"{expected[mismatched[0]]!r}"
         assert [n for _, n in results] == [MAX_TOKENS] * len(PROMPTS)  # no token lost or counted twice
         assert late == [(expected[i], MAX_TOKENS) for i in range(4)]  # queued while the ranks were down
+        assert seeded == [(text, MAX_TOKENS) for text in expected_seeded]
         assert recovery_s < 60
         assert "degraded" in degraded, "/health never said degraded during the restart"
         m = srv.metrics()
@@ -320,6 +327,36 @@ def test_restart_budget_spent_every_client_gets_503(checkpoint: str) -> None:
         status = _health(srv.base_url)[0]
         assert status in (503, 0)
         assert srv.proc.wait(30) != 0
+
+
+def test_hung_rank_is_killed_and_the_group_restarts(checkpoint: str) -> None:
+    # SIGSTOP: the rank neither exits nor answers, so the launcher sees nothing; the coordinator's
+    # heartbeat timeout must notice, kill it and let the launcher restart the group
+    with served(checkpoint, max_restarts=1, extra=("--engine-hang-timeout", "4")) as srv:
+        expected, _ = offline(checkpoint)
+        times: list[float] = []
+
+        async def stop_when_busy() -> float:
+            deadline = time.monotonic() + 120
+            while len(times) < 16:
+                assert time.monotonic() < deadline, "streams never got going"
+                await asyncio.sleep(0.02)
+            pids = engine_rank_pids(srv.proc.pid, torchrun=False)
+            os.kill(pids[max(pids)], signal.SIGSTOP)
+            return time.monotonic()
+
+        async def run() -> tuple[list[tuple[str, int]], float]:
+            stopper = asyncio.create_task(stop_when_busy())
+            results = await asyncio.gather(*(_stream(srv.client, p, times) for p in PROMPTS[:8]))
+            return results, await stopper
+
+        results, t_stop = asyncio.run(asyncio.wait_for(run(), 120))
+        assert results == [(expected[i], MAX_TOKENS) for i in range(8)]
+        print(f"\nhang_recovery_s={max(times) - t_stop:.2f} (SIGSTOP of one rank -> last answer complete)")
+        log = srv.log()
+        assert re.search(r"engine rank \d silent for [\d.]+ s: cluster degraded", log), log[-3000:]
+        assert re.search(r"engine rank \d \(pid \d+\) silent for \d+ s: killing it", log), log[-3000:]
+        assert srv.metrics()["moe_engine_restarts_total"] == 1
 
 
 # ---------------------------------------------------------------- epochs, without processes
