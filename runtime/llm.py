@@ -11,7 +11,7 @@ from runtime.engine import LLMEngine
 from runtime.messages import AddRequest
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams
-from runtime.tokenizer import apply_chat_template, load_tokenizer
+from runtime.tokenizer import apply_chat_template, fast_decoding, load_tokenizer
 
 Prompt = str | dict[str, Any]
 
@@ -21,6 +21,7 @@ class LLM:
         self.config = EngineConfig(model=model or default_model_path(), **engine_args)
         self.engine = LLMEngine(self.config)
         self.tokenizer = load_tokenizer(self.config.tokenizer_path)
+        self._decoder = fast_decoding(self.tokenizer)  # same text, without transformers' Python decode wrapper
         self._ids = itertools.count()
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -58,7 +59,7 @@ class LLM:
                 if child.logprobs is not None:
                     completion.logprobs = []
                 out.outputs.append(completion)
-                detok = IncrementalDetokenizer(self.tokenizer, ids, child) if self.tokenizer is not None else None
+                detok = IncrementalDetokenizer(self._decoder, ids, child) if self.tokenizer is not None else None
                 children[rid] = (out, completion, detok)
                 self.engine.add_request(AddRequest(rid, ids, child))
 

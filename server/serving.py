@@ -12,6 +12,7 @@ from typing import Any
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.messages import TokenDelta
 from runtime.sampling_params import SamplingParams
+from runtime.tokenizer import fast_decoding
 from server.engine_client import EngineClient, RequestGroup
 from server.metrics import Metrics
 from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Usage
@@ -53,30 +54,6 @@ def _check_unicode(text: str, param: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise APIError(f"{param}: contains a lone surrogate; send valid Unicode text", param=param) from None
-
-
-class _RustDecode:
-    """The tokenizer, with decode() going straight to the Rust tokenizer: the detokenizer decodes
-    twice per token, and transformers' Python wrapper around it was two thirds of that cost.
-    Same text as long as the tokenizer does no clean-up of spaces (checked in fast_decoding)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._rust = tokenizer._tokenizer
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._rust.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-
-def fast_decoding(tokenizer: Any) -> Any:
-    if tokenizer is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
-        return tokenizer
-    if not hasattr(getattr(tokenizer, "_tokenizer", None), "decode"):
-        return tokenizer
-    return _RustDecode(tokenizer)
 
 
 class Serving:
