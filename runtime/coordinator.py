@@ -254,8 +254,8 @@ class Coordinator:
         if not process_alive(pid):
             self.fail(f"the engine launcher (pid {pid}) exited: the engine ranks are gone")
 
-    def fail(self, reason: str) -> None:
-        logger.error("%s", reason)
+    def fail(self, reason: str, level: int = logging.ERROR) -> None:
+        logger.log(level, "%s", reason)
         self.dead = True
         self.running = False
         try:
@@ -381,7 +381,7 @@ class Coordinator:
         """Tell every rank to exit after the step it is in (FIFO after any command already sent)."""
         self.running = False
         if not self.dead:  # the front end fails what still waits, instead of waiting forever
-            self.fail("the deployment is shutting down")
+            self.fail("the deployment is shutting down", logging.INFO)
         for rank in range(self.spec.num_ranks):
             self._send(rank, Shutdown())
         deadline = time.monotonic() + 2.0

@@ -169,7 +169,8 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         elif type(e).__name__ == "ChildFailedError":
             print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
                   "the first failure's traceback is above", file=sys.stderr)
-            _fail_clients(procs)
+            _fail_clients(procs, addrs, f"the engine ranks failed and the restart budget (--max-restarts "
+                                        f"{config.max_restarts}) is spent")
             sys.exit(1)
         else:
             raise
@@ -179,10 +180,23 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _fail_clients(procs: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
-    """The coordinator, stopping, tells the API server the ranks are gone; the API server answers every
-    waiting client with a 503 and exits by itself. Wait for that before stopping what is left."""
-    stop_processes(procs[:1])
+def _fail_clients(procs: list[subprocess.Popen], addrs: Addresses, reason: str, timeout_s: float = 15.0) -> None:
+    """Tell the front end the ranks are gone for good: it answers every waiting client with a 503 and exits
+    by itself. Wait for that before stopping what is left (a plain SIGTERM would leave streams hanging)."""
+    import zmq
+
+    from runtime.messages import EngineDead, encode
+
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.connect(addrs.to_frontend)
+        push.send(encode(EngineDead(reason=reason)), zmq.NOBLOCK)
+    except zmq.ZMQError as e:
+        logger.warning("could not tell the front end that the ranks are gone: %s", e)
+    finally:
+        ctx.destroy(linger=2000)
+    stop_processes(procs[:1])  # the coordinator
     for p in procs[1:]:
         try:
             p.wait(timeout_s)

@@ -292,10 +292,11 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None
         assert re.search(r"engine ranks restarted \(epoch 0 -> 1", log), log[-3000:]
 
 
-def test_restart_budget_spent_every_client_gets_503(checkpoint: str) -> None:
-    # torchrun this time: rank 0 owns the control plane; kill -9 it and the orphaned coordinator and API
-    # server must still fail every client cleanly, then go away (they watch torchrun's agent)
-    with served(checkpoint, max_restarts=0, torchrun=True) as srv:
+@pytest.mark.parametrize("torchrun", [False, True], ids=["python-launcher", "torchrun"])
+def test_restart_budget_spent_every_client_gets_503(checkpoint: str, torchrun: bool) -> None:
+    # under torchrun rank 0 owns the control plane: kill -9 it and the orphaned coordinator and API server
+    # must still fail every client cleanly, then go away (they watch torchrun's agent)
+    with served(checkpoint, max_restarts=0, torchrun=torchrun) as srv:
         times: list[float] = []
 
         async def one_plain() -> int:
@@ -314,7 +315,7 @@ def test_restart_budget_spent_every_client_gets_503(checkpoint: str) -> None:
             return "completed"
 
         async def run() -> tuple[list[int], list[str]]:
-            killer = asyncio.create_task(_kill_when_busy(srv, times, rank=0))
+            killer = asyncio.create_task(_kill_when_busy(srv, times, rank=0 if torchrun else 1))
             plain = [asyncio.create_task(one_plain()) for _ in range(4)]
             streams = await asyncio.gather(*(one_stream(p) for p in PROMPTS))
             await killer
@@ -428,6 +429,13 @@ def test_front_end_drops_stale_outputs_and_resubmits_once() -> None:
             await settle()
             assert sent() == [] and client.num_stale_outputs == 1
             assert [d.new_token_ids for d in await group.next_batch()] == [[10, 11], [12]]
+            refused = client.open([("w", [5], params)])  # the engine's own check failed: a 400 with its reason
+            rejection = TokenDelta("w", [], finish_reason="abort", error="too long")
+            engines.send(encode(OutputBatch(0, [rejection], epoch=1)))
+            await settle()
+            with pytest.raises(APIError) as err:
+                await refused.next_batch()
+            assert err.value.status_code == 400 and "too long" in err.value.message
             engines.send(encode(EngineDead(reason="restart budget spent")))
             await settle()
             with pytest.raises(APIError) as err:
