@@ -237,6 +237,7 @@ class Coordinator:
         for r in range(self.spec.num_ranks):
             self.balancer.restart(r)
             self.stats.previous[r] = None
+        self.push_stats()  # the front end re-submits now, while the other ranks still start
 
     def _heard(self, rank: int) -> None:
         if self.watch.heard(rank):
