@@ -139,8 +139,8 @@ class EngineClient:
             self._ctx.term()
 
     def health(self, stale_after: float) -> str:
-        """'ok', 'starting' (no engine has reported yet) or 'degraded' (a rank down or restarting, or the
-        coordinator silent for stale_after seconds)."""
+        """'ok', 'starting' (no engine has reported yet), 'degraded' (a rank down or restarting, or the
+        coordinator silent for stale_after seconds) or 'failed' (the ranks are gone for good)."""
         if self.dead is not None:
             return "failed"
         if self._reader is None or self._reader.done():

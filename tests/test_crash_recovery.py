@@ -41,6 +41,7 @@ from runtime.messages import (
 from runtime.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 from server.protocol import APIError
+from tests.test_serve import _children, _pids_with
 from tests.tiny import make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -60,32 +61,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pids_with(text: bytes) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
 
 
 def _read(path: str) -> bytes:
