@@ -96,7 +96,9 @@ def _release(serving: Serving, group: Any, choices: list[Choice]) -> Callable[[]
 
 async def _error_event(err: Exception) -> bytes:
     # headers are gone once a stream started: report in-band, as OpenAI does
-    message = err.message if isinstance(err, APIError) else f"internal error: {type(err).__name__}: {err}"
+    if isinstance(err, APIError):  # e.g. the engine became unavailable mid-stream: keep its type and code
+        return sse(err.body())
+    message = f"internal error: {type(err).__name__}: {err}"
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 

@@ -286,7 +286,7 @@ def test_restart_budget_spent_every_client_gets_503(checkpoint: str, torchrun: b
             try:
                 await _stream(srv.client, prompt, times, max_tokens=200)  # none can finish before the kill
             except openai.APIError as e:
-                return e.message
+                return f"{e.code}: {e.message}"
             return "completed"
 
         async def run() -> tuple[list[int], list[str]]:
@@ -298,7 +298,7 @@ def test_restart_budget_spent_every_client_gets_503(checkpoint: str, torchrun: b
 
         plain, streams = asyncio.run(asyncio.wait_for(run(), 90))
         assert plain == [503] * 4, plain
-        assert all("engine is unavailable" in s for s in streams), streams[:3]
+        assert all(s.startswith("engine_unavailable: ") and "engine is unavailable" in s for s in streams), streams[:3]
         # whoever comes next gets a 503 too, or finds the server gone: never a hang
         status = _health(srv.base_url)[0]
         assert status in (503, 0)
