@@ -1,4 +1,4 @@
-"""Typed messages between the API server, the DP coordinator and the engine ranks (msgpack, never pickle).
+"""Typed messages between the API server, the DP coordinator and the engine ranks: msgspec structs encoded as msgpack.
 
 Sockets (ZMQ):
   front end  --PUSH-->  coordinator      AddRequest / AbortRequest
