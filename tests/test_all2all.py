@@ -73,17 +73,22 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple], result_dir: st
     dist.destroy_process_group()
 
 
+def spawn_ranks(worker, args: tuple, world: int, timeout_s: float, what: str) -> mp.ProcessContext:
+    """Starts worker(rank, *args) on `world` gloo ranks and waits; a hang fails the test instead of wedging it."""
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s  # one deadline for the group: a crashed rank strands the rest
+    for p in ctx.processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in ctx.processes if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{what} hung for {timeout_s}s"
+    return ctx
+
+
 def _run(world: int, cases: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(world, free_port(), cases, d), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S  # one deadline for the group: a crashed rank strands the rest
-        for p in ctx.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-        alive = [p for p in ctx.processes if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, f"all2all workers hung for {TIMEOUT_S}s"
+        ctx = spawn_ranks(_worker, (world, free_port(), cases, d), world, TIMEOUT_S, "all2all workers")
         for r in range(world):
             path = os.path.join(d, f"rank{r}.txt")
             assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"

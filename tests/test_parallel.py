@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from runtime.config import ConfigError, EngineConfig
 from runtime.parallel import check_sizes, single_rank
-from tests.test_all2all import free_port
+from tests.test_all2all import free_port, spawn_ranks
 
 TIMEOUT_S = 150
 ARCHS = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
@@ -146,15 +144,7 @@ def test_dp_ep_tokens_equal_one_rank(moe_models: dict[str, str]) -> None:
     world = 4
     refs = {arch: _reference(model) for arch, model in moe_models.items()}
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(world, free_port(), moe_models, d), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S  # one deadline for the group: a crashed rank strands the rest
-        for p in ctx.processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-        alive = [p for p in ctx.processes if p.is_alive()]
-        for p in alive:
-            p.kill()
-        assert not alive, f"EP ranks hung for {TIMEOUT_S}s"
+        ctx = spawn_ranks(_worker, (world, free_port(), moe_models, d), world, TIMEOUT_S, "EP ranks")
         results = []
         for r in range(world):
             path = os.path.join(d, f"rank{r}.json")
