@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
-from kernels.moe_align import moe_align
+from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
 
 
@@ -324,3 +324,14 @@ def fused_experts(
         sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
                                  config, w13_scale, w2_scale)
+
+
+def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
+    """Token counts whose steps, run once at start-up, compile every variant of the MoE kernels a server can
+    hit up to max_tokens: the block configs change only between buckets at least 2x apart (every power of
+    two lands in each), and the one-program align tile N_PAD (a power of two of pairs, up to SMALL_PAIRS)
+    is reached by P // top_k tokens. Every other per-step size is a runtime argument."""
+    counts = {1 << i for i in range(max_tokens.bit_length())}
+    counts |= {max(2, p // top_k) for p in (16 << i for i in range(8)) if p <= SMALL_PAIRS}
+    counts.add(max_tokens)
+    return sorted(c for c in counts if c <= max_tokens)

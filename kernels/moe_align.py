@@ -44,14 +44,13 @@ def moe_align_ref(
 
 
 @triton.jit
-def _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BB: tl.constexpr):
+def _write_expert_ids(ends, expert_ids_ptr, total, num_blocks, BLOCK_M: tl.constexpr, BB: tl.constexpr):
     # block j belongs to the expert whose padded segment [start, end) holds j * BLOCK_M; ends [E_PAD]
-    for b0 in range(0, NUM_BLOCKS, BB):
+    for b0 in range(0, num_blocks, BB):
         j = b0 + tl.arange(0, BB)
         row = j * BLOCK_M
         e = tl.sum((row[:, None] >= ends[None, :]).to(tl.int32), 1)
-        tl.store(expert_ids_ptr + j, tl.where(row < total, e, -1), mask=j < NUM_BLOCKS)
+        tl.store(expert_ids_ptr + j, tl.where(row < total, e, -1), mask=j < num_blocks)
 
 
 @triton.jit
@@ -68,11 +67,13 @@ def _rank_in_chunk(ids_ptr, ids, chunk_start, num_pairs, CHUNK: tl.constexpr, SU
     return rank
 
 
-@triton.jit
+# Sizes that follow the token count are runtime ints, never constexpr, and not specialized either: one
+# compiled variant serves every step (a new constexpr value would compile on the serving path).
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _align_small_kernel(
-    ids_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
+    ids_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, num_blocks,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
-    NUM_BLOCKS: tl.constexpr, FILL: tl.constexpr,
+    FILL: tl.constexpr,
 ):
     i = tl.arange(0, N_PAD)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
@@ -83,20 +84,19 @@ def _align_small_kernel(
     ends = tl.cumsum(padded, 0)
     total = tl.sum(padded, 0)
     pos = tl.gather(ends - padded, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, 0, num_pairs, N_PAD, 16)
-    for f0 in range(0, NUM_BLOCKS * BLOCK_M, FILL):
+    for f0 in range(0, num_blocks * BLOCK_M, FILL):
         f = f0 + tl.arange(0, FILL)
-        tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < NUM_BLOCKS * BLOCK_M)
+        tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < num_blocks * BLOCK_M)
     tl.debug_barrier()  # the fill above must land before the scatter below
     tl.store(sorted_ptr + pos, i, mask=valid)
-    _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS, BLOCK_M, 64)
+    _write_expert_ids(ends, expert_ids_ptr, total, num_blocks, BLOCK_M, 64)
     tl.store(num_post_pad_ptr, total)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "sorted_len", "fill_per_program"])
 def _align_count_kernel(
-    ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs,
-    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, SORTED_LEN: tl.constexpr,
-    FILL_PER_PROGRAM: tl.constexpr,
+    ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs, sorted_len, fill_per_program,
+    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # chunk_counts [num_chunks, E_PAD]: how many of this chunk's pairs go to each expert
     pid = tl.program_id(0)
@@ -105,26 +105,26 @@ def _align_count_kernel(
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
     hist = tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
     tl.store(chunk_counts_ptr + pid * E_PAD + tl.arange(0, E_PAD), hist)
-    for f0 in range(0, FILL_PER_PROGRAM, CHUNK):  # padding sentinel for this program's share
+    for f0 in range(0, fill_per_program, CHUNK):  # padding sentinel for this program's share
         f = f0 + tl.arange(0, CHUNK)
-        tl.store(sorted_ptr + pid * FILL_PER_PROGRAM + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
-                 mask=(pid * FILL_PER_PROGRAM + f < SORTED_LEN) & (f < FILL_PER_PROGRAM))
+        tl.store(sorted_ptr + pid * fill_per_program + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
+                 mask=(pid * fill_per_program + f < sorted_len) & (f < fill_per_program))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_blocks"])
 def _align_scatter_kernel(
-    ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs,
+    ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, num_chunks, num_blocks,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr, NUM_BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # pair i goes to start[e] + (pairs of e in earlier chunks) + (rank among e's pairs in this chunk)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     totals = tl.zeros([E_PAD], tl.int32)
     before = tl.zeros([E_PAD], tl.int32)
-    for c0 in range(0, NUM_CHUNKS, ROWS):
+    for c0 in range(0, num_chunks, ROWS):
         c = c0 + tl.arange(0, ROWS)
-        cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < NUM_CHUNKS)[:, None], other=0)
+        cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None], other=0)
         totals += tl.sum(cc, 0)
         before += tl.sum(tl.where((c < pid)[:, None], cc, 0), 0)
     padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
@@ -138,7 +138,7 @@ def _align_scatter_kernel(
     tl.store(sorted_ptr + pos, i, mask=valid)
     if pid == 0:
         total = tl.sum(padded, 0)
-        _write_expert_ids(ends, expert_ids_ptr, total, NUM_BLOCKS, BLOCK_M, 64)
+        _write_expert_ids(ends, expert_ids_ptr, total, num_blocks, BLOCK_M, 64)
         tl.store(num_post_pad_ptr, total)
 
 
@@ -167,21 +167,21 @@ def moe_align(
     chunk = _chunk(e_pad)
     if num_pairs <= chunk:
         _align_small_kernel[(1,)](
-            topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs,
+            topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
             NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
-            E_PAD=e_pad, NUM_BLOCKS=nblocks, FILL=1024, num_warps=8,
+            E_PAD=e_pad, FILL=1024, num_warps=8,
         )
         return sorted_ids, expert_ids, num_post_pad
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
     _align_count_kernel[(num_chunks,)](
-        topk_ids, chunk_counts, sorted_ids, num_pairs, NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk,
-        SORTED_LEN=nblocks * block_m, FILL_PER_PROGRAM=fill, num_warps=4,
+        topk_ids, chunk_counts, sorted_ids, num_pairs, nblocks * block_m, fill,
+        NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, num_warps=4,
     )
     _align_scatter_kernel[(num_chunks,)](
-        topk_ids, chunk_counts, sorted_ids, expert_ids, num_post_pad, num_pairs,
-        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, NUM_CHUNKS=num_chunks,
-        NUM_BLOCKS=nblocks, ROWS=max(1, min(32, 4096 // e_pad)), num_warps=8,
+        topk_ids, chunk_counts, sorted_ids, expert_ids, num_post_pad, num_pairs, num_chunks, nblocks,
+        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
+        ROWS=max(1, min(32, 4096 // e_pad)), num_warps=8,
     )
     return sorted_ids, expert_ids, num_post_pad

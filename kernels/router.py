@@ -55,7 +55,7 @@ def _pick_max(x, e, BIG: tl.constexpr):
     return m, idx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every step size
 def _topk_softmax_kernel(
     logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_t,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -83,7 +83,7 @@ def _topk_softmax_kernel(
     tl.store(ids_ptr + t[:, None] * TOP_K + k, top_ids, mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every step size
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, stride_t, routed_scaling_factor,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from kernels import use_persistent_cache
+from kernels.fused_moe import warmup_token_counts
 from runtime.attention_backend import ATTENTION_BACKENDS
 from runtime.block_manager import BlockManager
 from runtime.config import DTYPES, ConfigError, EngineConfig
@@ -79,6 +81,8 @@ class LLMEngine:
             )
         self.max_model_len = config.max_model_len or max_positions
         self.use_triton = config.use_triton(self.device)
+        if self.use_triton and self.device.type == "cuda":
+            use_persistent_cache(torch.cuda.get_device_name(self.device))  # before the first compile
         torch.manual_seed(config.seed)
 
         args = ModelArgs(
@@ -109,6 +113,13 @@ class LLMEngine:
             ATTENTION_BACKENDS["triton" if self.use_triton else "torch"](),
             cuda_graph_max_batch=graph_max,
         )
+        if self.use_triton and self.device.type == "cuda":
+            t0 = time.perf_counter()
+            top_k = getattr(self.hf_config, "num_experts_per_tok", None) or 1
+            sizes = warmup_token_counts(config.max_num_batched_tokens, top_k)
+            self.runner.warmup(sizes)
+            logger.info("rank %d: kernels warmed up for %d step sizes in %.1f s (cache %s)", self.rank, len(sizes),
+                        time.perf_counter() - t0, os.environ.get("TRITON_CACHE_DIR"))
         self.sampler = Sampler(self.device, config.seed + self.rank)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
         self.requests: dict[str, Sequence] = {}

@@ -69,13 +69,17 @@ class ModelRunner:
         width = max(1, max((len(s.block_table) for s in batch.seqs), default=1))
 
         # one int64 buffer [ids | positions | slots] and one int32 buffer [cu_seqlens | seq_lens | tables],
-        # each filled on the host and copied to the device once
+        # each filled on the host and copied to the device once. Every part starts 16-byte aligned: Triton
+        # specializes kernels on pointer alignment, and an offset that follows the batch size would compile
+        # a second variant of each attention kernel on the serving path.
         n = num_tokens + pad
-        i64 = np.zeros(3 * n, dtype=np.int64)
-        ids, pos, slots = i64[:n], i64[n : 2 * n], i64[2 * n :]
-        i32 = np.zeros(2 * num_rows + 1 + num_rows * width, dtype=np.int32)
-        cu, seq_lens = i32[: num_rows + 1], i32[num_rows + 1 : 2 * num_rows + 1]
-        tables = i32[2 * num_rows + 1 :].reshape(num_rows, width)
+        n64 = -(-n // 2) * 2
+        i64 = np.zeros(3 * n64, dtype=np.int64)
+        ids, pos, slots = i64[:n], i64[n64 : n64 + n], i64[2 * n64 : 2 * n64 + n]
+        r32 = -(-(num_rows + 1) // 4) * 4  # [cu_seqlens | seq_lens] parts, each padded to 16 bytes
+        i32 = np.zeros(2 * r32 + num_rows * width, dtype=np.int32)
+        cu, seq_lens = i32[: num_rows + 1], i32[r32 : r32 + num_rows]
+        tables = i32[2 * r32 :].reshape(num_rows, width)
         cu[1 : num_seqs + 1] = np.cumsum(q_lens)
         seq_lens[:num_seqs] = starts + q_lens
         for row, (seq, start, q) in enumerate(zip(batch.seqs, starts.tolist(), batch.num_new_tokens)):
@@ -96,10 +100,10 @@ class ModelRunner:
         dev_i64 = self._to_device(i64)
         dev_i32 = self._to_device(i32)
         fb = ForwardBatch(
-            slot_mapping=dev_i64[2 * n :],
+            slot_mapping=dev_i64[2 * n64 : 2 * n64 + n],
             cu_seqlens_q=dev_i32[: num_rows + 1],
-            seq_lens=dev_i32[num_rows + 1 : 2 * num_rows + 1],
-            block_tables=dev_i32[2 * num_rows + 1 :].view(num_rows, width),
+            seq_lens=dev_i32[r32 : r32 + num_rows],
+            block_tables=dev_i32[2 * r32 :].view(num_rows, width),
             max_seqlen_q=int(np.diff(cu).max()) if num_rows else 1,
             max_seqlen_k=int(seq_lens.max()) if num_rows else 0,
             is_decode=is_decode,
@@ -107,7 +111,7 @@ class ModelRunner:
             attn_backend=self.attn_backend,
             num_real_tokens=num_tokens,
         )
-        return PreparedBatch(dev_i64[:n], dev_i64[n : 2 * n], fb, sample_rows)
+        return PreparedBatch(dev_i64[:n], dev_i64[n64 : n64 + n], fb, sample_rows)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(array)
@@ -139,6 +143,30 @@ class ModelRunner:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
         rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
+
+    @torch.inference_mode()
+    def warmup(self, token_counts: list[int]) -> None:
+        """One eager prefill-shaped step per size, writing no KV: compiles every kernel variant these sizes
+        reach before the first request, so none compiles on the serving path. Under EP every rank runs the
+        same sizes in the same order, so the collectives inside match."""
+        for n in token_counts:
+            i32 = dict(dtype=torch.int32, device=self.device)
+            fb = ForwardBatch(
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
+                cu_seqlens_q=torch.tensor([0, n], **i32),
+                seq_lens=torch.tensor([n], **i32),
+                block_tables=torch.zeros(1, -(-n // self.block_size), **i32),  # reads block 0 only
+                max_seqlen_q=n,
+                max_seqlen_k=n,
+                is_decode=False,
+                kv_caches=self.kv_caches,
+                attn_backend=self.attn_backend,
+            )
+            positions = torch.arange(n, dtype=torch.int64, device=self.device)
+            hidden = self.model(torch.zeros_like(positions), positions, fb)
+            self.model.compute_logits(hidden[-1:])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def execute_dummy(self, num_tokens: int) -> None:
