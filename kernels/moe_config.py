@@ -38,7 +38,7 @@ def _load(path: str) -> dict[int, dict] | None:
     return {int(m): cfg for m, cfg in json.loads(p.read_text()).items()}
 
 
-def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool) -> dict:
+def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool, float32: bool = False) -> dict:
     rows_per_expert = num_tokens * top_k / num_experts
     block_k = 128 if fp8 else 64
     if rows_per_expert <= 16:
@@ -48,6 +48,8 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool) -> 
         g = {"BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
         return {"BLOCK_M": 64, "up": g, "down": dict(g), "act_fp8": True}
     g = {"BLOCK_N": 128, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    if float32:  # 4-byte tiles: three stages of [128 x 64] + 2 x [64 x 128] would need 288 KiB of shared memory
+        g.update(BLOCK_K=32, num_stages=2)
     # the gate_up GEMM keeps two accumulators: a narrower tile keeps FP8's per-step partials out of spills
     return {"BLOCK_M": 128, "up": dict(g, BLOCK_N=64 if fp8 else 128), "down": g, "act_fp8": True}
 
@@ -64,7 +66,7 @@ def get_moe_config(
         others = sorted(CONFIG_DIR.glob(config_file_name(num_experts, hidden, inter, dtype, "*")))
         table = _load(str(others[0])) if others else None
     if not table:
-        return default_config(num_tokens, num_experts, top_k, dtype == "fp8")
+        return default_config(num_tokens, num_experts, top_k, dtype == "fp8", dtype == "float32")
     m = max(num_tokens, 1)
     best = min(table, key=lambda b: abs(math.log(max(b, 1)) - math.log(m)))
     return table[best]
