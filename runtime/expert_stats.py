@@ -77,8 +77,9 @@ class ExpertStats:
         # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives]; tokens are (token,
         # remote rank) pairs, bytes those that left / reached this rank (a rank's copy to itself excluded)
         self.all2all = torch.zeros(5, dtype=torch.int64, device=device)
-        # per MoE layer: [bytes sent, bytes the allgather backend would have sent for the same step]
-        self.layer_bytes = torch.zeros(max(num_moe_layers, 1), 2, dtype=torch.int64, device=device)
+        # per MoE layer: [bytes sent, bytes the allgather backend would have sent for the same steps,
+        # (token, remote rank) pairs sent]
+        self.layer_traffic = torch.zeros(max(num_moe_layers, 1), 3, dtype=torch.int64, device=device)
         self._layer_cursor = 0  # MoE layers are dispatched in order, once each per forward
         self.num_forward_steps = 0
         self.timed = timed
@@ -101,14 +102,15 @@ class ExpertStats:
                         allgather_bytes: int, num_collectives: int = 1) -> None:
         if tokens_sent is not None:
             self.all2all[0] += tokens_sent
+            self.layer_traffic[layer, 2] += tokens_sent
         if tokens_received is not None:
             self.all2all[1] += tokens_received
         # byte counts are host ints: a CUDA graph replays the same adds, right since its shapes are fixed
         self.all2all[2] += bytes_sent
         self.all2all[3] += bytes_received
         self.all2all[4] += num_collectives
-        self.layer_bytes[layer, 0] += bytes_sent
-        self.layer_bytes[layer, 1] += allgather_bytes
+        self.layer_traffic[layer, 0] += bytes_sent
+        self.layer_traffic[layer, 1] += allgather_bytes
 
     def time_start(self) -> Any:
         return self.clock.now() if self.timed else None
@@ -161,7 +163,7 @@ class ExpertStats:
 
     def snapshot(self, rank: int) -> ExpertStatsSnapshot:
         a2a = self.all2all.tolist()
-        layer_bytes = self.layer_bytes[: self.num_moe_layers].tolist()
+        layer_bytes = self.layer_traffic[: self.num_moe_layers].tolist()
         return ExpertStatsSnapshot(
             rank=rank, routed_tokens=self.routed_tokens[: self.num_moe_layers].tolist(),
             all2all_tokens_sent=a2a[0], all2all_tokens_received=a2a[1], all2all_bytes_sent=a2a[2],
