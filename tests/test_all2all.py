@@ -170,3 +170,22 @@ def test_registry_and_config_names() -> None:
                              device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="unknown --all2all-backend 'pplx'; available: allgather, sparse"):
         create_backend("pplx", parallel, 8, 16)
+
+
+def test_unknown_backend_fails_fast_before_any_load() -> None:
+    import subprocess
+    import sys
+
+    from runtime.config import EngineConfig
+
+    for name in ("pplx", "deepep_low_latency"):
+        proc = subprocess.run([sys.executable, "-m", "runtime.serve", "--device", "cpu", "--data-parallel-size", "2",
+                               "--enable-expert-parallel", "--all2all-backend", name],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            f"error: unknown --all2all-backend {name!r}; available: allgather, sparse"]
+    with pytest.raises(ConfigError, match="needs --all2all-backend sparse"):
+        EngineConfig(all2all_backend="allgather", all2all_fp8_dispatch=True)
+    assert EngineConfig(all2all_backend="sparse", all2all_fp8_dispatch=True).all2all_fp8_dispatch
