@@ -189,3 +189,29 @@ def test_unknown_backend_fails_fast_before_any_load() -> None:
     with pytest.raises(ConfigError, match="needs --all2all-backend sparse"):
         EngineConfig(all2all_backend="allgather", all2all_fp8_dispatch=True)
     assert EngineConfig(all2all_backend="sparse", all2all_fp8_dispatch=True).all2all_fp8_dispatch
+
+
+def test_bytes_reach_metrics() -> None:
+    import zmq
+
+    from runtime.coordinator import Coordinator, CoordinatorSpec
+    from runtime.messages import Addresses, ExpertStatsSnapshot, RankStats, StatsReport
+    from server.metrics import Metrics
+
+    with tempfile.TemporaryDirectory() as d:
+        coord = Coordinator(CoordinatorSpec(num_ranks=2, lockstep=True), Addresses.ipc(d, 2), zmq.Context())
+        try:
+            for r in range(2):
+                expert = ExpertStatsSnapshot(rank=r, routed_tokens=[], all2all_bytes_sent=100 * (r + 1),
+                                             all2all_layer_bytes_sent=[60 * (r + 1), 40 * (r + 1)],
+                                             all2all_layer_allgather_bytes=[300, 200])
+                coord.handle(StatsReport(stats=RankStats(r, 0, 0, 0.0, 0, 0, 0, 0), expert=expert, first=True))
+            stats = coord.cluster_stats()
+        finally:
+            coord.ctx.destroy(linger=0)
+    assert stats.all2all_bytes_sent == [100, 200] and stats.all2all_allgather_bytes == [500, 500]
+    metrics = Metrics("m")
+    metrics.cluster.update(stats)
+    text = metrics.render().decode()
+    assert 'moe_all2all_bytes_sent_total{rank="1"} 200.0' in text
+    assert 'moe_all2all_allgather_equivalent_bytes_total{rank="0"} 500.0' in text
