@@ -24,10 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runtime.all2all import All2AllBackend, allgather_bytes, register, row_layout
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from kernels import fp8 as fp8_kernels
+from runtime.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, register, row_layout
 
 
 @dataclass(frozen=True)
@@ -45,9 +43,13 @@ class _Plan:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token FP8 e4m3: q = x / scale with scale = amax(|x_t|) / 448; ([T, H] fp8, [T] fp32)."""
-    scale = x.abs().amax(dim=1).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale[:, None]).to(FP8_DTYPE), scale
+    """FP8 e4m3 per token and 128-channel group: ([T, H] fp8, [T, ceil(H / 128)] fp32 scales)."""
+    quant = fp8_kernels.per_token_group_quant if x.is_cuda else fp8_kernels.per_token_group_quant_ref
+    return quant(x.contiguous(), FP8_GROUP)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.repeat_interleave(FP8_GROUP, dim=1)[:, : q.shape[1]]).to(dtype)
 
 
 @register("sparse")
@@ -142,7 +144,7 @@ class SparseBackend(All2AllBackend):
         send[:, 4 * top_k : 8 * top_k].view(torch.int32).copy_(pair_ids[pair_of])
         if fp8:
             q, scale = quantize_rows(hidden)
-            send[:, 8 * top_k : offset].view(torch.float32).copy_(scale[token_of, None])
+            send[:, 8 * top_k : offset].view(torch.float32).copy_(scale[token_of])
             send[:, offset : offset + hidden_size].copy_(q.view(torch.uint8)[token_of])
         else:
             send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype).copy_(hidden[token_of])
@@ -157,9 +159,8 @@ class SparseBackend(All2AllBackend):
             return weights, ids, None
         offset = row_layout(hidden_size, top_k, dtype, self.fp8_dispatch)[0]
         if self.fp8_dispatch:
-            q = recv[:, offset : offset + hidden_size].view(FP8_DTYPE)
-            scale = recv[:, 8 * top_k : offset].view(torch.float32)
-            hidden = (q.float() * scale).to(dtype)
+            q = recv[:, offset : offset + hidden_size].view(fp8_kernels.FP8_DTYPE)
+            hidden = dequantize_rows(q, recv[:, 8 * top_k : offset].view(torch.float32), dtype)
         else:
             hidden = recv[:, offset : offset + hidden_size * dtype.itemsize].view(dtype).contiguous()
         return weights.contiguous(), ids.contiguous(), hidden

@@ -49,7 +49,7 @@ def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN
 
 
 def _check_case(case: dict, parallel: ParallelState) -> list[str]:
-    from runtime.all2all_sparse import quantize_rows
+    from runtime.all2all_sparse import dequantize_rows, quantize_rows
 
     rank, world = parallel.ep_rank, parallel.ep_size
     dtype = case.get("dtype", torch.float32)
@@ -67,8 +67,7 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
                        handle)
     x_ref = x
     if case.get("fp8_dispatch"):  # compare with the same per-token FP8 rounding of the input rows
-        q, scale = quantize_rows(x)
-        x_ref = (q.float() * scale[:, None]).to(dtype)
+        x_ref = dequantize_rows(*quantize_rows(x), dtype)
     ref = fused_experts_ref(x_ref, w13, w2, w, ids)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     if out.shape != ref.shape or not torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol):
@@ -215,3 +214,22 @@ def test_bytes_reach_metrics() -> None:
     text = metrics.render().decode()
     assert 'moe_all2all_bytes_sent_total{rank="1"} 200.0' in text
     assert 'moe_all2all_allgather_equivalent_bytes_total{rank="0"} 500.0' in text
+
+
+def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
+    """The dispatch's FP8 rounding (per token, 128-channel groups) is the one the FP8 experts apply to their
+    input anyway: with --quantization fp8 the FP8 payload changes no output bit."""
+    from kernels.fp8 import quantize_weight_block
+    from runtime.all2all_sparse import dequantize_rows, quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, hidden, inter, num_experts = 9, 200, 64, 4  # 200: a partial last group
+    x = torch.randn(num_tokens, hidden, generator=gen).bfloat16()
+    w, ids = torch.randn(num_tokens, num_experts, generator=gen).softmax(-1).topk(2, dim=-1)
+    w13, w13_scale = quantize_weight_block(torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5)
+    w2, w2_scale = quantize_weight_block(torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5)
+    ids = ids.to(torch.int32)
+    plain = fused_experts_ref(x, w13, w2, w, ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    x8 = dequantize_rows(*quantize_rows(x), torch.bfloat16)
+    assert not torch.equal(x8, x)
+    assert torch.equal(fused_experts_ref(x8, w13, w2, w, ids, w13_scale=w13_scale, w2_scale=w2_scale), plain)
