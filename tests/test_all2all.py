@@ -40,7 +40,7 @@ def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN
     ids = ids.to(torch.int32)
     if routing == "pad":  # the last third of the rows are padding (id -1), as the MoE layer masks them
         ids[num_tokens - num_tokens // 3 :] = -1
-    if routing == "dummy" and rank == 1:  # rank 1 runs a dummy step: all rows padding
+    if routing == "idle" or (routing == "dummy" and rank == 1):  # rank 1 runs a dummy step: all rows padding
         ids[:] = -1
     wgen = torch.Generator().manual_seed(99)  # same expert weights on every rank
     w13 = (0.1 * torch.randn(num_experts, 2 * inter, hidden, generator=wgen)).to(dtype)
@@ -76,7 +76,10 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     # every (token, remote rank holding one of its experts) pair is counted once on each side
     counters = torch.cat([stats.all2all, stats.layer_traffic[0, :2]])
     dist.all_reduce(counters, group=parallel.ep_group)
-    tokens_sent, tokens_received, bytes_sent, bytes_received, _, layer_sent, layer_allgather = counters.tolist()
+    tokens_sent, tokens_received, bytes_sent, bytes_received, collectives, layer_sent, layer_allgather = \
+        counters.tolist()
+    if case.get("routing") == "idle" and case["backend"] == "sparse" and collectives != world:
+        errors.append(f"an idle step ran {collectives} collectives over {world} ranks, not just the counts")
     if tokens_sent != tokens_received or bytes_sent != bytes_received or layer_sent != bytes_sent:
         errors.append(f"counters disagree: {counters.tolist()}")
     if case["backend"] == "allgather" and case["capacity"] >= case["tokens"] and layer_sent != layer_allgather:
@@ -148,6 +151,7 @@ CASES = [
     _case("sparse", 17, 24, 8, 8, 2, 5, routing="skew"),  # one rank takes every token: 4 rounds
     _case("sparse", 12, 24, 8, 8, 3, 64, routing="pad"),
     _case("sparse", 9, 24, 8, 8, 8, 16, routing="dummy"),  # top_k == experts; rank 1 sends nothing
+    _case("sparse", 5, 24, 8, 8, 2, 64, routing="idle"),  # every rank idle: no payload collective at all
     _case("sparse", 11, 37, 11, 8, 2, 64, static_max_tokens=16),  # static: equal splits, no counts
     _case("sparse", 11, 24, 8, 8, 2, 64, static_max_tokens=16, routing="dummy"),
     _case("sparse", 13, 40, 11, 8, 2, 64, fp8_dispatch=True),

@@ -44,7 +44,9 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
             if i % world == rank:
                 engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
         tokens = _run_lockstep(engine, stats, group)
-        result[name] = {"tokens": tokens, "traffic": stats.layer_traffic.tolist()}
+        # collectives: at least 3 per MoE layer and step (counts, payload, reply); more where rounds were needed
+        result[name] = {"tokens": tokens, "traffic": stats.layer_traffic.tolist(),
+                        "extra_collectives": int(stats.all2all[4]) - 3 * stats.num_moe_layers * engine.num_steps}
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     destroy_parallel()
@@ -109,3 +111,5 @@ def test_sparse_equals_allgather_and_one_rank(models: dict[str, str]) -> None:
     # exact; the last rank's own tokens stay home, so it sends only combine replies
     skew = torch.tensor([res["glm_skew/sparse_cap2"]["traffic"] for res in results])
     assert (skew[-1, :, 2] == 0).all() and (skew[:-1, :, 2] > 0).all()
+    assert all(res["glm_skew/sparse_cap2"]["extra_collectives"] > 0 for res in results)
+    assert all(res["qwen/sparse"]["extra_collectives"] == 0 for res in results)  # capacity 16: one round
