@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kernels import all2all_pack as pack_kernels
 from kernels import fp8 as fp8_kernels
 from runtime.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, register, row_layout
 
@@ -54,6 +55,12 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 @register("sparse")
 class SparseBackend(All2AllBackend):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        use_triton = self.parallel.device.type == "cuda"
+        self._pack_kernel = pack_kernels.sparse_pack if use_triton else pack_kernels.sparse_pack_ref
+        self._combine_kernel = pack_kernels.sparse_combine if use_triton else pack_kernels.sparse_combine_ref
+
     def _is_static(self, num_tokens: int) -> bool:
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing and num_tokens > self.static_max_tokens:
@@ -127,27 +134,18 @@ class SparseBackend(All2AllBackend):
 
     def _pack(self, hidden: torch.Tensor, topk_weights: torch.Tensor, dest: torch.Tensor, local: torch.Tensor,
               pair_of: torch.Tensor) -> torch.Tensor:
-        num_tokens, hidden_size = hidden.shape
-        top_k, ep = dest.shape[1], self.ep_size
-        fp8 = self.fp8_dispatch
-        offset, row_bytes = row_layout(hidden_size, top_k, hidden.dtype, fp8)
-        # per (token, rank) pair: that rank's local ids (-1 for slots it does not hold) and weights; one extra
-        # pair (-1s) for empty send rows
-        on = dest.unsqueeze(1) == torch.arange(ep, device=hidden.device).view(1, ep, 1)  # [T, P, k]
-        pair_ids = torch.where(on, local.to(torch.int32).unsqueeze(1), -1).reshape(num_tokens * ep, top_k)
-        pair_w = torch.where(on, topk_weights.float().unsqueeze(1), 0.0).reshape(num_tokens * ep, top_k)
-        pair_ids = torch.cat([pair_ids, pair_ids.new_full((1, top_k), -1)])
-        pair_w = torch.cat([pair_w, pair_w.new_zeros(1, top_k)])
-        token_of = (pair_of // ep).clamp(max=num_tokens - 1)  # an empty row's hidden is never read
+        hidden_size, top_k = hidden.shape[1], dest.shape[1]
+        offset, row_bytes = row_layout(hidden_size, top_k, hidden.dtype, self.fp8_dispatch)
         send = torch.empty(pair_of.shape[0], row_bytes, dtype=torch.uint8, device=hidden.device)
-        send[:, : 4 * top_k].view(torch.float32).copy_(pair_w[pair_of])
-        send[:, 4 * top_k : 8 * top_k].view(torch.int32).copy_(pair_ids[pair_of])
-        if fp8:
-            q, scale = quantize_rows(hidden)
-            send[:, 8 * top_k : offset].view(torch.float32).copy_(scale[token_of])
-            send[:, offset : offset + hidden_size].copy_(q.view(torch.uint8)[token_of])
-        else:
-            send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype).copy_(hidden[token_of])
+        scales = out_scales = None
+        if self.fp8_dispatch:
+            q, scales = quantize_rows(hidden)
+            hidden = q.view(torch.uint8)
+            out_scales = send[:, 8 * top_k : offset].view(torch.float32)
+        out_hidden = send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype)
+        self._pack_kernel(hidden.contiguous(), scales, topk_weights.float().contiguous(), dest, local, pair_of,
+                          self.ep_size, send[:, : 4 * top_k].view(torch.float32),
+                          send[:, 4 * top_k : 8 * top_k].view(torch.int32), out_hidden, out_scales)
         return send
 
     def _fields(self, recv: torch.Tensor, top_k: int, hidden_size: int = 0,
@@ -222,7 +220,4 @@ class SparseBackend(All2AllBackend):
             ag_combine = allgather_bytes(num_tokens, hidden_size, 1, plan.dtype, ep)[1]
             self.stats.record_exchange(plan.layer, None, None, sent, received, ag_combine, num_collectives)
         # each token's partial sums from every rank, added in rank order (deterministic, fp32)
-        out = back[plan.slot_of[:, 0]].float()
-        for r in range(1, ep):
-            out += back[plan.slot_of[:, r]].float()
-        return out.to(plan.dtype)
+        return self._combine_kernel(back, plan.slot_of, plan.num_rows_sent)

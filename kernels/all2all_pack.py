@@ -1,0 +1,133 @@
+"""The sparse all2all's data movement (runtime/all2all_sparse.py): pack the send rows, combine the replies.
+
+pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
+  token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
+  hidden row (model dtype, or FP8 bytes) and, for FP8, its group scales. The outputs are strided views of
+  one uint8 row buffer, so one kernel fills a row's fields in one pass.
+combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
+Each has a Triton kernel, a checked wrapper and a torch reference with the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def sparse_pack_ref(
+    hidden: torch.Tensor,  # [T, H'] model dtype, or FP8 bytes viewed as uint8
+    scales: torch.Tensor | None,  # [T, G] fp32 FP8 group scales, or None
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    dest: torch.Tensor,  # [T, k] int64 destination rank of each slot, -1 = padding
+    local: torch.Tensor,  # [T, k] int64 local expert id on that rank
+    pair_of: torch.Tensor,  # [N] int64
+    num_ranks: int,
+    out_weights: torch.Tensor,  # [N, k] fp32 view
+    out_ids: torch.Tensor,  # [N, k] int32 view
+    out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype
+    out_scales: torch.Tensor | None,  # [N, G] fp32 view, or None
+) -> None:
+    num_tokens = hidden.shape[0]
+    token = (pair_of // num_ranks).clamp(max=num_tokens - 1)  # an empty row's hidden is never read
+    on = (dest[token] == (pair_of % num_ranks).unsqueeze(1)) & (pair_of < num_tokens * num_ranks).unsqueeze(1)
+    out_weights.copy_(torch.where(on, topk_weights[token], 0.0))
+    out_ids.copy_(torch.where(on, local[token], -1))
+    out_hidden.copy_(hidden[token])
+    if scales is not None and out_scales is not None:
+        out_scales.copy_(scales[token])
+
+
+@triton.jit
+def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr,
+                 num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
+                 P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    pair = tl.load(pair_ptr + row)
+    valid = pair < num_tokens * P
+    t = tl.minimum(pair // P, num_tokens - 1)
+    r = pair % P
+    kk = tl.arange(0, BLOCK_K)
+    kmask = kk < K
+    d = tl.load(dest_ptr + t * K + kk, mask=kmask, other=-1)
+    on = (d == r) & valid
+    w = tl.load(w_ptr + t * K + kk, mask=kmask, other=0.0)
+    lid = tl.load(local_ptr + t * K + kk, mask=kmask, other=-1)
+    tl.store(ow_ptr + row * stride_ow + kk, tl.where(on, w, 0.0), mask=kmask)
+    tl.store(oid_ptr + row * stride_oid + kk, tl.where(on, lid, -1).to(tl.int32), mask=kmask)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hmask = hh < H
+        tl.store(ox_ptr + row * stride_ox + hh, tl.load(x_ptr + t * stride_x + hh, mask=hmask), mask=hmask)
+    if HAS_SCALES:
+        gg = tl.arange(0, BLOCK_G)
+        gmask = gg < G
+        tl.store(os_ptr + row * stride_os + gg, tl.load(xs_ptr + t * stride_xs + gg, mask=gmask), mask=gmask)
+
+
+def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights: torch.Tensor, dest: torch.Tensor,
+                local: torch.Tensor, pair_of: torch.Tensor, num_ranks: int, out_weights: torch.Tensor,
+                out_ids: torch.Tensor, out_hidden: torch.Tensor, out_scales: torch.Tensor | None) -> None:
+    num_tokens, h = hidden.shape
+    top_k = dest.shape[1]
+    n = pair_of.shape[0]
+    if (topk_weights.dtype != torch.float32 or dest.dtype != torch.int64 or local.dtype != torch.int64
+            or pair_of.dtype != torch.int64 or out_ids.dtype != torch.int32 or out_weights.dtype != torch.float32
+            or out_hidden.dtype != hidden.dtype):
+        raise ValueError("sparse_pack: weights fp32, dest/local/pair_of int64, out_ids int32, out_hidden as hidden")
+    if (topk_weights.shape != dest.shape or local.shape != dest.shape or dest.shape[0] != num_tokens
+            or out_weights.shape != (n, top_k) or out_ids.shape != (n, top_k) or out_hidden.shape != (n, h)):
+        raise ValueError(f"sparse_pack: shapes disagree (hidden {tuple(hidden.shape)}, ids {tuple(dest.shape)}, "
+                         f"{n} rows)")
+    if (scales is None) != (out_scales is None):
+        raise ValueError("sparse_pack: scales and out_scales go together")
+    for t in (hidden, topk_weights, dest, local, out_weights, out_ids, out_hidden):
+        if t.stride(-1) != 1:
+            raise ValueError("sparse_pack: rows must be contiguous")
+    if n == 0 or num_tokens == 0:
+        return
+    g = scales.shape[1] if scales is not None else 1
+    xs, os_ = (scales, out_scales) if scales is not None and out_scales is not None else (hidden, out_hidden)
+    _pack_kernel[(n,)](
+        pair_of, dest.contiguous(), local.contiguous(), topk_weights.contiguous(), hidden, xs,
+        out_weights, out_ids, out_hidden, os_, num_tokens, h, g, hidden.stride(0), xs.stride(0),
+        out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0),
+        P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
+        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, num_warps=4,
+    )
+
+
+def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """back [N + 1, H] (row N zero), slot_of [T, P] int64 -> [T, H] in back's dtype, fp32 sums in rank order."""
+    out = back[slot_of[:, 0]].float()
+    for r in range(1, slot_of.shape[1]):
+        out += back[slot_of[:, r]].float()
+    return out.to(back.dtype)
+
+
+@triton.jit
+def _combine_kernel(back_ptr, slot_ptr, out_ptr, H, N, stride_b, stride_o, P: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = hh < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for r in tl.static_range(P):
+        slot = tl.load(slot_ptr + t * P + r)
+        acc += tl.load(back_ptr + slot * stride_b + hh, mask=hmask & (slot < N), other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + hh, acc.to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+def sparse_combine(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
+    if slot_of.dtype != torch.int64 or back.dim() != 2 or back.shape[0] != num_rows + 1 or back.stride(1) != 1:
+        raise ValueError(f"sparse_combine: back [N + 1, H] with contiguous rows and int64 slots, got "
+                         f"{tuple(back.shape)}, N={num_rows}, {slot_of.dtype}")
+    num_tokens, num_ranks = slot_of.shape
+    h = back.shape[1]
+    out = torch.empty(num_tokens, h, dtype=back.dtype, device=back.device)
+    if num_tokens:
+        block_h = min(1024, triton.next_power_of_2(h))
+        _combine_kernel[(num_tokens, triton.cdiv(h, block_h))](
+            back, slot_of.contiguous(), out, h, num_rows, back.stride(0), out.stride(0), P=num_ranks,
+            BLOCK_H=block_h, num_warps=4)
+    return out
