@@ -1,4 +1,7 @@
-"""The sparse all2all's data movement (runtime/all2all_sparse.py): pack the send rows, combine the replies.
+"""The sparse all2all's data movement (runtime/all2all_sparse.py): route, pack the send rows, combine replies.
+
+route (the static, CUDA-graph layout): each token's destination ranks and local ids, and the slot of each
+  (token, rank) pair in a block of T slots per destination (token order), with the inverse map and counts.
 
 pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
   token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
@@ -13,6 +16,70 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+def sparse_route_ref(
+    topk_ids: torch.Tensor,  # [T, k] int global expert ids, -1 = padding
+    num_local_experts: int,  # experts per rank, placed in contiguous slices
+    num_ranks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The static layout (a block of T slots per destination, in token order): (dest [T, k], local [T, k],
+    slot_of [T, P] with P * T = no slot, pair_of [P * T] with T * P = empty row, counts [P]), all int64."""
+    num_tokens = topk_ids.shape[0]
+    ids = topk_ids.long()
+    dest = torch.where(ids >= 0, ids // num_local_experts, -1)
+    local = torch.where(ids >= 0, ids % num_local_experts, -1)
+    hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=ids.device)
+    hit.scatter_(1, dest.masked_fill(dest < 0, num_ranks), True)
+    hit = hit[:, :num_ranks]
+    num_rows = num_ranks * num_tokens
+    base = torch.arange(num_ranks, device=ids.device) * num_tokens
+    slot_of = torch.where(hit, base + hit.long().cumsum(0) - 1, num_rows)
+    pair_of = torch.full((num_rows + 1,), num_tokens * num_ranks, dtype=torch.int64, device=ids.device)
+    pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * num_ranks, device=ids.device))
+    return dest, local, slot_of, pair_of[:num_rows], hit.sum(0)
+
+
+@triton.jit
+def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T, n_loc,
+                  P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    # one program: slots are token order within each destination, so a running count carries across blocks
+    rr = tl.arange(0, BLOCK_P)
+    pmask = rr < P
+    running = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        tmask = tt < T
+        hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+        for j in tl.static_range(K):
+            e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
+            d = tl.where(e >= 0, e // n_loc, -1)
+            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
+            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
+            hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+        pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
+        slot = tl.where(hit > 0, rr[None, :].to(tl.int64) * T + pos, P * T)
+        both = tmask[:, None] & pmask[None, :]
+        tl.store(slot_ptr + tt[:, None] * P + rr[None, :], slot, mask=both)
+        tl.store(pair_ptr + slot, tt[:, None].to(tl.int64) * P + rr[None, :], mask=both & (hit > 0))
+        running += tl.sum(hit, axis=0)
+    tl.store(count_ptr + rr, running.to(tl.int64), mask=pmask)
+
+
+def sparse_route(topk_ids: torch.Tensor, num_local_experts: int,
+                 num_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64) or num_local_experts <= 0:
+        raise ValueError(f"sparse_route: topk_ids [T, k] int32/int64, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
+    num_tokens, top_k = topk_ids.shape
+    device = topk_ids.device
+    dest = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    local = torch.empty_like(dest)
+    slot_of = torch.empty(num_tokens, num_ranks, dtype=torch.int64, device=device)
+    pair_of = torch.full((num_ranks * num_tokens,), num_tokens * num_ranks, dtype=torch.int64, device=device)
+    counts = torch.empty(num_ranks, dtype=torch.int64, device=device)
+    _route_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, counts, num_tokens, num_local_experts,
+                        P=num_ranks, K=top_k, BLOCK_T=64, BLOCK_P=triton.next_power_of_2(num_ranks), num_warps=4)
+    return dest, local, slot_of, pair_of, counts
 
 
 def sparse_pack_ref(

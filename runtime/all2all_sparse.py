@@ -60,6 +60,7 @@ class SparseBackend(All2AllBackend):
         use_triton = self.parallel.device.type == "cuda"
         self._pack_kernel = pack_kernels.sparse_pack if use_triton else pack_kernels.sparse_pack_ref
         self._combine_kernel = pack_kernels.sparse_combine if use_triton else pack_kernels.sparse_combine_ref
+        self._route_kernel = pack_kernels.sparse_route if use_triton else pack_kernels.sparse_route_ref
 
     def _is_static(self, num_tokens: int) -> bool:
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -87,28 +88,25 @@ class SparseBackend(All2AllBackend):
         top_k = topk_ids.shape[1]
         ep, me, device = self.ep_size, self.ep_rank, hidden.device
         layer = self.record_routing(topk_ids)
-        dest, local = self.place(topk_ids)  # [T, k]
-
-        # hit[t, r]: token t needs rank r; pos[t, r]: its slot among the tokens this rank sends to r
-        hit = torch.zeros(num_tokens, ep + 1, dtype=torch.bool, device=device)
-        hit.scatter_(1, dest.masked_fill(dest < 0, ep), True)
-        hit = hit[:, :ep]
-        pos = hit.long().cumsum(0) - 1  # [T, P]
-        counts = hit.sum(0)  # [P]
         static = self._is_static(num_tokens)
-        if static:
+        if static:  # one kernel on the GPU: few launches matter inside a decode graph
+            dest, local, slot_of, pair_of, counts = self._route_kernel(topk_ids, self.num_local_experts, ep)
             num_rows = ep * num_tokens
-            base = torch.arange(ep, device=device) * num_tokens
         else:
-            matrix = self._count_matrix(counts)
+            dest, local = self.place(topk_ids)  # [T, k]
+            # hit[t, r]: token t needs rank r; pos[t, r]: its slot among the tokens this rank sends to r
+            hit = torch.zeros(num_tokens, ep + 1, dtype=torch.bool, device=device)
+            hit.scatter_(1, dest.masked_fill(dest < 0, ep), True)
+            hit = hit[:, :ep]
+            matrix = self._count_matrix(hit.sum(0))
             send_counts = matrix[me]
             num_rows = sum(send_counts)
             base = torch.tensor([0, *send_counts[:-1]], device=device).cumsum(0)
-        slot_of = torch.where(hit, base + pos, num_rows)  # [T, P]
-        # inverse map: send row -> (token, rank) pair t * P + r; pairs that go nowhere all land on row N
-        pair_of = torch.full((num_rows + 1,), num_tokens * ep, dtype=torch.int64, device=device)
-        pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * ep, device=device))
-        pair_of = pair_of[:num_rows]
+            slot_of = torch.where(hit, base + hit.long().cumsum(0) - 1, num_rows)  # [T, P], N = no slot
+            # inverse map: send row -> (token, rank) pair t * P + r; pairs that go nowhere all land on row N
+            pair_of = torch.full((num_rows + 1,), num_tokens * ep, dtype=torch.int64, device=device)
+            pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * ep, device=device))
+            pair_of = pair_of[:num_rows]
         send = self._pack(hidden, topk_weights, dest, local, pair_of)  # [N, row_bytes] uint8
 
         plan = _Plan(slot_of, num_rows, layer, hidden.dtype)

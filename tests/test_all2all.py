@@ -56,6 +56,11 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     options = {k: case[k] for k in ("static_max_tokens", "fp8_dispatch") if k in case}
     stats = ExpertStats(1, case["experts"], torch.device("cpu"))
     disp = create_backend(case["backend"], parallel, case["experts"], case["capacity"], stats, **options)
+    if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
+        from kernels import all2all_pack
+
+        disp._route_kernel, disp._pack_kernel, disp._combine_kernel = (
+            all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_combine)
     x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
     n_loc = case["experts"] // world
     lo = rank * n_loc
@@ -156,6 +161,8 @@ CASES = [
     _case("sparse", 11, 24, 8, 8, 2, 64, static_max_tokens=16, routing="dummy"),
     _case("sparse", 13, 40, 11, 8, 2, 64, fp8_dispatch=True),
     _case("sparse", 6, 40, 11, 8, 2, 64, fp8_dispatch=True, static_max_tokens=8, dtype=torch.bfloat16),
+    _case("sparse", 10, 37, 11, 8, 3, 64, static_max_tokens=16, triton=True, routing="pad"),
+    _case("sparse", 19, 40, 11, 8, 2, 4, fp8_dispatch=True, triton=True, dtype=torch.float16),
 ]
 
 

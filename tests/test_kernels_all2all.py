@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.all2all_pack import sparse_combine, sparse_combine_ref, sparse_pack, sparse_pack_ref
+from kernels.all2all_pack import (
+    sparse_combine,
+    sparse_combine_ref,
+    sparse_pack,
+    sparse_pack_ref,
+    sparse_route,
+    sparse_route_ref,
+)
 
 
 def _pack_inputs(num_tokens: int, hidden: int, top_k: int, num_ranks: int, num_rows: int, dtype: torch.dtype,
@@ -58,3 +65,16 @@ def test_combine_matches_reference(num_tokens: int, hidden: int, num_ranks: int,
     out = sparse_combine(back, slot_of, num_rows)
     ref = sparse_combine_ref(back, slot_of, num_rows)
     assert out.dtype == dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks", [(1, 2, 2, 4), (70, 3, 2, 4), (13, 8, 4, 8),
+                                                                     (9, 2, 3, 3)])
+def test_route_matches_reference(num_tokens: int, top_k: int, num_local: int, num_ranks: int) -> None:
+    gen = torch.Generator().manual_seed(num_tokens)
+    logits = torch.randn(num_tokens, num_local * num_ranks, generator=gen)
+    ids = logits.topk(top_k, dim=-1).indices.to(torch.int32)
+    ids[num_tokens * 2 // 3 :] = -1  # padding rows
+    got = sparse_route(ids, num_local, num_ranks)
+    want = sparse_route_ref(ids, num_local, num_ranks)
+    for name, a, b in zip(("dest", "local", "slot_of", "pair_of", "counts"), got, want):
+        assert torch.equal(a, b), name
