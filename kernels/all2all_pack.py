@@ -7,6 +7,7 @@ pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: a
   token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
   hidden row (model dtype, or FP8 bytes) and, for FP8, its group scales. The outputs are strided views of
   one uint8 row buffer, so one kernel fills a row's fields in one pass.
+unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
 combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
 Each has a Triton kernel, a checked wrapper and a torch reference with the same signature.
 """
@@ -163,6 +164,62 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
         P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
         BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, num_warps=4,
     )
+
+
+def sparse_unpack_ref(
+    weights: torch.Tensor,  # [M, k] fp32 view of the received rows
+    ids: torch.Tensor,  # [M, k] int32 view
+    hidden: torch.Tensor,  # [M, H] view: model dtype, or FP8 e4m3 with scales
+    scales: torch.Tensor | None,  # [M, ceil(H / group)] fp32 view, or None
+    dtype: torch.dtype,
+    group: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Received rows -> contiguous (weights [M, k] fp32, local ids [M, k] int32, hidden [M, H] dtype)."""
+    if scales is None:
+        out = hidden.to(dtype, copy=True)
+    else:
+        out = (hidden.float() * scales.repeat_interleave(group, dim=1)[:, : hidden.shape[1]]).to(dtype)
+    return weights.contiguous(), ids.contiguous(), out
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, id_ptr, x_ptr, s_ptr, ow_ptr, oid_ptr, ox_ptr, H, stride_w, stride_id, stride_x,
+                   stride_s, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_SCALES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    kmask = kk < K
+    tl.store(ow_ptr + row * K + kk, tl.load(w_ptr + row * stride_w + kk, mask=kmask), mask=kmask)
+    tl.store(oid_ptr + row * K + kk, tl.load(id_ptr + row * stride_id + kk, mask=kmask), mask=kmask)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hmask = hh < H
+        x = tl.load(x_ptr + row * stride_x + hh, mask=hmask, other=0.0)
+        if HAS_SCALES:
+            scale = tl.load(s_ptr + row * stride_s + hh // GROUP, mask=hmask, other=0.0)
+            x = x.to(tl.float32) * scale
+        tl.store(ox_ptr + row * H + hh, x.to(ox_ptr.dtype.element_ty), mask=hmask)
+
+
+def sparse_unpack(weights: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, scales: torch.Tensor | None,
+                  dtype: torch.dtype, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_rows, top_k = weights.shape
+    h = hidden.shape[1]
+    if (weights.dtype != torch.float32 or ids.dtype != torch.int32 or ids.shape != weights.shape
+            or hidden.shape[0] != num_rows or (scales is None and hidden.dtype != dtype)):
+        raise ValueError(f"sparse_unpack: weights fp32 / ids int32 [M, k], hidden [M, H] ({hidden.dtype} -> {dtype})")
+    if any(t.stride(-1) != 1 for t in (weights, ids, hidden)):
+        raise ValueError("sparse_unpack: rows must be contiguous")
+    out_w = torch.empty(num_rows, top_k, dtype=torch.float32, device=weights.device)
+    out_ids = torch.empty(num_rows, top_k, dtype=torch.int32, device=weights.device)
+    out_x = torch.empty(num_rows, h, dtype=dtype, device=weights.device)
+    if num_rows:
+        s = scales if scales is not None else weights
+        _unpack_kernel[(num_rows,)](
+            weights, ids, hidden, s, out_w, out_ids, out_x, h, weights.stride(0), ids.stride(0), hidden.stride(0),
+            s.stride(0), K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
+            GROUP=group, HAS_SCALES=scales is not None, num_warps=4)
+    return out_w, out_ids, out_x
 
 
 def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale.repeat_interleave(FP8_GROUP, dim=1)[:, : q.shape[1]]).to(dtype)
+    return (q.float() * scale.repeat_interleave(FP8_GROUP, dim=1)[:, : q.shape[1]]).to(dtype)  # as unpack does
 
 
 @register("sparse")
@@ -61,6 +61,7 @@ class SparseBackend(All2AllBackend):
         self._pack_kernel = pack_kernels.sparse_pack if use_triton else pack_kernels.sparse_pack_ref
         self._combine_kernel = pack_kernels.sparse_combine if use_triton else pack_kernels.sparse_combine_ref
         self._route_kernel = pack_kernels.sparse_route if use_triton else pack_kernels.sparse_route_ref
+        self._unpack_kernel = pack_kernels.sparse_unpack if use_triton else pack_kernels.sparse_unpack_ref
 
     def _is_static(self, num_tokens: int) -> bool:
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -116,7 +117,7 @@ class SparseBackend(All2AllBackend):
             recv = torch.empty_like(send)
             self._timed(dist.all_to_all_single, recv, send)  # equal splits: [P blocks of T rows]
             if self.stats is not None:
-                got = (self._fields(recv, top_k)[1].view(ep, num_tokens, top_k) >= 0).any(dim=2)  # [P, T]
+                got = (self._ids_view(recv, top_k).view(ep, num_tokens, top_k) >= 0).any(dim=2)  # [P, T]
                 got[me] = False
                 remote = (ep - 1) * num_tokens * row_bytes
                 self.stats.record_exchange(layer, counts.sum() - counts[me], got.sum(), remote, remote, ag_dispatch)
@@ -127,7 +128,7 @@ class SparseBackend(All2AllBackend):
                 sent_rows, recv_rows = sum(send_counts) - send_counts[me], sum(recv_counts) - recv_counts[me]
                 self.stats.record_exchange(layer, sent_rows, recv_rows, sent_rows * row_bytes,
                                            recv_rows * row_bytes, ag_dispatch, 1 + len(plan.rounds or []))
-        weights_recv, ids_recv, hidden_recv = self._fields(recv, top_k, hidden_size, hidden.dtype)
+        weights_recv, ids_recv, hidden_recv = self._unpack(recv, top_k, hidden_size, hidden.dtype)
         return hidden_recv, weights_recv, ids_recv, plan
 
     def _pack(self, hidden: torch.Tensor, topk_weights: torch.Tensor, dest: torch.Tensor, local: torch.Tensor,
@@ -146,20 +147,20 @@ class SparseBackend(All2AllBackend):
                           send[:, 4 * top_k : 8 * top_k].view(torch.int32), out_hidden, out_scales)
         return send
 
-    def _fields(self, recv: torch.Tensor, top_k: int, hidden_size: int = 0,
-                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Received rows -> (weights [M, k] fp32, local ids [M, k] int32, hidden [M, H] or None)."""
-        weights = recv[:, : 4 * top_k].view(torch.float32)
-        ids = recv[:, 4 * top_k : 8 * top_k].view(torch.int32)
-        if dtype is None:
-            return weights, ids, None
+    def _ids_view(self, recv: torch.Tensor, top_k: int) -> torch.Tensor:
+        return recv[:, 4 * top_k : 8 * top_k].view(torch.int32)  # [M, k] local ids of the received rows
+
+    def _unpack(self, recv: torch.Tensor, top_k: int, hidden_size: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Received rows -> contiguous (weights [M, k] fp32, local ids [M, k] int32, hidden [M, H] dtype)."""
         offset = row_layout(hidden_size, top_k, dtype, self.fp8_dispatch)[0]
         if self.fp8_dispatch:
-            q = recv[:, offset : offset + hidden_size].view(fp8_kernels.FP8_DTYPE)
-            hidden = dequantize_rows(q, recv[:, 8 * top_k : offset].view(torch.float32), dtype)
+            hidden = recv[:, offset : offset + hidden_size].view(fp8_kernels.FP8_DTYPE)
+            scales = recv[:, 8 * top_k : offset].view(torch.float32)
         else:
-            hidden = recv[:, offset : offset + hidden_size * dtype.itemsize].view(dtype).contiguous()
-        return weights.contiguous(), ids.contiguous(), hidden
+            hidden, scales = recv[:, offset : offset + hidden_size * dtype.itemsize].view(dtype), None
+        return self._unpack_kernel(recv[:, : 4 * top_k].view(torch.float32), self._ids_view(recv, top_k), hidden,
+                                   scales, dtype, FP8_GROUP)
 
     def _exchange_rounds(self, send: torch.Tensor, matrix: list[list[int]],
                          plan: _Plan) -> tuple[torch.Tensor, _Plan]:

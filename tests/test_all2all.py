@@ -59,8 +59,9 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
         from kernels import all2all_pack
 
-        disp._route_kernel, disp._pack_kernel, disp._combine_kernel = (
-            all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_combine)
+        disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel = (
+            all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
+            all2all_pack.sparse_combine)
     x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
     n_loc = case["experts"] // world
     lo = rank * n_loc

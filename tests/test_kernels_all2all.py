@@ -12,6 +12,8 @@ from kernels.all2all_pack import (
     sparse_pack_ref,
     sparse_route,
     sparse_route_ref,
+    sparse_unpack,
+    sparse_unpack_ref,
 )
 
 
@@ -78,3 +80,31 @@ def test_route_matches_reference(num_tokens: int, top_k: int, num_local: int, nu
     want = sparse_route_ref(ids, num_local, num_ranks)
     for name, a, b in zip(("dest", "local", "slot_of", "pair_of", "counts"), got, want):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("rows, hidden, top_k, dtype, fp8", [(7, 37, 3, torch.float32, False),
+                                                             (5, 300, 2, torch.float16, True),
+                                                             (4, 130, 8, torch.bfloat16, True)])
+def test_unpack_matches_reference(rows: int, hidden: int, top_k: int, dtype: torch.dtype, fp8: bool) -> None:
+    gen = torch.Generator().manual_seed(rows + hidden)
+    g = -(-hidden // 128) if fp8 else 0
+    off = 8 * top_k + 4 * g
+    width = off + hidden * (1 if fp8 else dtype.itemsize)
+    buf = torch.zeros(rows, width + (-width % 16), dtype=torch.uint8)
+    buf[:, : 4 * top_k].view(torch.float32).copy_(torch.rand(rows, top_k, generator=gen))
+    buf[:, 4 * top_k : 8 * top_k].view(torch.int32).copy_(torch.randint(-1, 9, (rows, top_k), generator=gen))
+    x = torch.randn(rows, hidden, generator=gen)
+    if fp8:
+        buf[:, 8 * top_k : off].view(torch.float32).copy_(torch.rand(rows, g, generator=gen))
+        buf[:, off:width].view(torch.float8_e4m3fn).copy_(x.to(torch.float8_e4m3fn))
+    else:
+        buf[:, off:width].view(dtype).copy_(x.to(dtype))
+    views = (buf[:, : 4 * top_k].view(torch.float32), buf[:, 4 * top_k : 8 * top_k].view(torch.int32),
+             buf[:, off:width].view(torch.float8_e4m3fn if fp8 else dtype),
+             buf[:, 8 * top_k : off].view(torch.float32) if fp8 else None)
+    for a, b in zip(sparse_unpack(*views, dtype), sparse_unpack_ref(*views, dtype)):
+        assert a.is_contiguous() and a.dtype == b.dtype
+        if a.dtype == torch.bfloat16:  # the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest
+            torch.testing.assert_close(a, b, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(a, b)
