@@ -53,7 +53,7 @@ class EngineConfig:
     enable_expert_parallel: bool = False
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
     all2all_backend: str | None = None  # None: sparse when EP > 1 (see runtime/all2all.py)
-    all2all_fp8_dispatch: bool = False  # sparse backend: FP8 hidden rows (per-token scales) on the way out
+    all2all_fp8_dispatch: bool = False  # sparse backend: FP8 hidden rows (scales per token and 128 channels)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -166,7 +166,7 @@ class EngineConfig:
         a("--all2all-backend", default=None,
           help=f"expert all2all: {' or '.join(ALL2ALL_BACKENDS)} (default: sparse when expert parallel)")
         a("--all2all-fp8-dispatch", action="store_true",
-          help="sparse all2all: send hidden rows as FP8 with per-token scales (half the dispatch bytes)")
+          help="sparse all2all: send hidden rows as FP8, scales per token and 128 channels (~half the bytes)")
         a("--host", default=d["host"].default)
         a("--port", type=int, default=d["port"].default)
         a("--api-key", default=None)
