@@ -46,9 +46,11 @@ def main() -> None:
         ep = 1
     rank_imb, expert_imb = imbalance(routed, ep)
     sent = sum(r["all2all_bytes_sent"] for r in data["ranks"])
+    allgather = sum(sum(r.get("all2all_layer_allgather_bytes", [])) for r in data["ranks"])
     print(f"expert_stats: layers={num_layers} experts={num_experts} ep={ep} tokens_routed={int(routed.sum())} "
           f"rank_imbalance_mean={rank_imb.mean():.3f} rank_imbalance_max={rank_imb.max():.3f} "
-          f"expert_imbalance_mean={expert_imb.mean():.3f} all2all_MB_sent={sent / 1e6:.2f}")
+          f"expert_imbalance_mean={expert_imb.mean():.3f} all2all_MB_sent={sent / 1e6:.2f} "
+          f"allgather_equivalent_MB={allgather / 1e6:.2f}")
 
     import matplotlib
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from models.moe import ExpertDispatcher
+    from runtime.all2all import All2AllBackend
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class ModelArgs:
     quantization: str | None = None  # None | "fp8"
     ep_rank: int = 0
     ep_size: int = 1
-    dispatcher: ExpertDispatcher | None = None
+    dispatcher: All2AllBackend | None = None  # the EP all2all; duck-typed (dispatch, combine)
     seed: int = 0  # for load_format="dummy"
 
     def __post_init__(self) -> None:

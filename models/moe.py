@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +16,8 @@ from models.args import ModelArgs
 from models.layers import MLP, pick_kernel
 from runtime.forward_batch import ForwardBatch
 
-
-class ExpertDispatcher(Protocol):
-    def dispatch(
-        self,
-        hidden: torch.Tensor,  # [T, H]
-        topk_weights: torch.Tensor,  # [T, k] fp32
-        topk_ids: torch.Tensor,  # [T, k] int32, global expert ids
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        # (hidden_recv [N, H], weights_recv [N, k] fp32, local_ids_recv [N, k] int32 in [0, E_local) or -1, handle)
-        ...
-
-    def combine(self, out_recv: torch.Tensor, handle: Any) -> torch.Tensor:  # [N, H] -> [T, H], summed per token
-        ...
+if TYPE_CHECKING:
+    from runtime.all2all import All2AllBackend
 
 
 @dataclass(frozen=True)
@@ -104,7 +93,7 @@ class MoE(nn.Module):
         self.num_local_experts = routing.num_experts // args.ep_size
         self.first_local_expert = args.ep_rank * self.num_local_experts
         self.ep_size = args.ep_size
-        self.dispatcher = args.dispatcher
+        self.dispatcher: All2AllBackend | None = args.dispatcher  # the EP all2all (runtime/all2all.py)
         self.gate = Router(hidden_size, routing, args)
         self.experts = Experts(self.num_local_experts, hidden_size, intermediate_size, args)
         self.shared_experts = MLP(hidden_size, shared_intermediate_size, args) if shared_intermediate_size else None
@@ -122,6 +111,9 @@ class MoE(nn.Module):
         # a dummy batch still runs router, dispatch and combine so every EP rank issues the same collectives
         topk_weights, topk_ids = self.gate(x)  # [T, k] fp32, [T, k] int32 global ids
         self._count_experts(topk_ids, batch)
+        # padding rows (slot -1: a padded batch's filler, every row of a dummy step) get expert id -1: no
+        # expert work, nothing sent, not counted (a device mask, so CUDA-graph replays stay exact)
+        topk_ids = topk_ids.masked_fill((batch.slot_mapping < 0).unsqueeze(1), -1)
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
             out = self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)

@@ -1,14 +1,14 @@
-"""Expert-parallel token exchange: dispatch and combine, a symmetric pair behind a small interface + registry.
+"""Expert-parallel token exchange: the one all2all interface the MoE layer calls, and a registry of backends.
 
-dispatch sends each token to every EP rank (its hidden row once, plus per-destination combine weights and
-*local* expert ids, -1 where that rank holds none of the token's experts); the rank runs its local experts on
-what it received; combine sends the weighted partial sums back and adds them per token. What dispatch does,
-combine undoes.
-
-Backend "all_to_all_single": one torch.distributed.all_to_all_single per direction per chunk, equal splits,
-so no sizes ever travel to the host and a decode step can be CUDA-graph captured with the collective inside.
-A chunk is min(num_tokens, capacity) rows per destination; a batch of T tokens runs in ceil(T / capacity)
-chunks. Every EP rank must call with the same T: the coordinator's pad_to guarantees it.
+dispatch hands each of this rank's tokens to the EP ranks holding its experts (with those ranks' *local*
+expert ids, -1 elsewhere, and the routing weights); the rank runs its local experts on what it received;
+combine sends the weighted partial sums back and adds them per token. What dispatch does, combine undoes.
+Backends, chosen by --all2all-backend (runtime/config.py ALL2ALL_BACKENDS):
+- "sparse" (runtime/all2all_sparse.py, the default): each token goes once to each rank that holds one of
+  its experts;
+- "allgather": every token to every rank, masked on arrival; fixed equal splits, the simple baseline.
+With ep_size == 1 nothing moves ("local"). Every EP rank must call with the same T: the coordinator's
+pad_to guarantees it. Padding rows arrive with expert id -1 (the MoE layer masks them) and cost nothing.
 """
 
 from __future__ import annotations
@@ -22,18 +22,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from runtime.config import ConfigError
+from runtime.config import ALL2ALL_BACKENDS, ConfigError, EngineConfig
 from runtime.expert_stats import ExpertStats
 from runtime.parallel import ParallelState
 
-_ALIGN = 16  # bytes; rows of the packed send buffer start aligned for any dtype view
+_ALIGN = 16  # bytes; rows of a packed send buffer start aligned for any dtype view
 
 
 class All2AllBackend(ABC):
-    """An ExpertDispatcher (models/moe.py): dispatch -> local experts -> combine."""
+    """dispatch(hidden [T, H], topk_weights [T, k] fp32, topk_ids [T, k] int global ids, -1 = padding)
+    -> (hidden_recv [N, H], weights_recv [N, k] fp32, local_ids_recv [N, k] int32 in [0, E_local) or -1, handle);
+    the local experts turn hidden_recv into out_recv [N, H]; combine(out_recv, handle) -> [T, H], each token's
+    weighted expert outputs summed over all ranks. Experts are placed in contiguous slices: rank r holds
+    global ids [r * E_local, (r + 1) * E_local)."""
 
-    def __init__(self, parallel: ParallelState, num_experts: int, capacity: int,
-                 stats: ExpertStats | None = None) -> None:
+    def __init__(self, parallel: ParallelState, num_experts: int, capacity: int, stats: ExpertStats | None = None,
+                 static_max_tokens: int = 0, fp8_dispatch: bool = False) -> None:
         if num_experts % parallel.ep_size:
             raise ConfigError(f"{num_experts} experts are not divisible by the expert-parallel size "
                               f"{parallel.ep_size}")
@@ -41,11 +45,27 @@ class All2AllBackend(ABC):
             raise ConfigError(f"--expert-token-capacity must be positive, got {capacity}")
         self.parallel = parallel
         self.ep_size = parallel.ep_size
+        self.ep_rank = parallel.ep_rank
         self.num_experts = num_experts
         self.num_local_experts = num_experts // parallel.ep_size
-        self.first_local_expert = parallel.ep_rank * self.num_local_experts
-        self.capacity = capacity
+        self.capacity = capacity  # rows per (source, destination) pair per collective
         self.stats = stats
+        self.static_max_tokens = static_max_tokens  # steps up to this size may be CUDA-graph captured
+        self.fp8_dispatch = fp8_dispatch
+        # placement: global expert id -> (EP rank, local id)
+        ids = torch.arange(num_experts, device=parallel.device)
+        self.expert_rank = ids // self.num_local_experts
+        self.expert_local = ids % self.num_local_experts
+
+    def place(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Destination rank and local id of every (token, slot), both -1 on padding: [T, k] int64 each."""
+        ids = topk_ids.long()
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        return (torch.where(valid, self.expert_rank[safe], -1), torch.where(valid, self.expert_local[safe], -1))
+
+    def record_routing(self, topk_ids: torch.Tensor) -> int:
+        return self.stats.record_routing(topk_ids) if self.stats is not None else 0
 
     @abstractmethod
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -65,19 +85,34 @@ def register(name: str) -> Callable[[type[All2AllBackend]], type[All2AllBackend]
     return wrap
 
 
-def make_dispatcher(name: str, parallel: ParallelState, num_experts: int, capacity: int,
-                    stats: ExpertStats | None = None) -> All2AllBackend:
+def create_backend(name: str, parallel: ParallelState, num_experts: int, capacity: int,
+                   stats: ExpertStats | None = None, **options: Any) -> All2AllBackend:
     if name not in _BACKENDS:
-        raise ConfigError(f"unknown all2all backend {name!r}; choose one of {', '.join(sorted(_BACKENDS))}")
-    return _BACKENDS[name](parallel, num_experts, capacity, stats)
+        raise ConfigError(f"unknown --all2all-backend {name!r}; available: {', '.join(ALL2ALL_BACKENDS)}")
+    return _BACKENDS[name](parallel, num_experts, capacity, stats, **options)
 
 
-def default_backend(parallel: ParallelState) -> str:
-    return "all_to_all_single" if parallel.ep_size > 1 else "local"
+def make_backend(config: EngineConfig, parallel: ParallelState, num_experts: int,
+                 stats: ExpertStats | None = None) -> All2AllBackend:
+    """This rank's backend as the config asks (sparse by default when EP > 1; "local" when EP == 1)."""
+    mnbt = config.max_num_batched_tokens
+    if parallel.ep_size == 1:
+        return LocalBackend(parallel, num_experts, mnbt, stats)
+    name = config.all2all_backend or "sparse"
+    if name == "allgather":
+        capacity = config.expert_token_capacity or default_capacity(config.max_num_seqs, mnbt)
+        return create_backend(name, parallel, num_experts,
+                              validate_capacity(capacity, config.max_num_seqs, mnbt), stats)
+    # sparse: a (source, destination) pair never carries more than T <= max_num_batched_tokens rows (a token
+    # goes at most once to each rank), so this default never needs a second round; a smaller
+    # --expert-token-capacity bounds each collective's message at the price of more rounds
+    return create_backend(name, parallel, num_experts, config.expert_token_capacity or mnbt, stats,
+                          static_max_tokens=config.cuda_graph_max_batch(parallel.device),
+                          fp8_dispatch=config.all2all_fp8_dispatch)
 
 
 def validate_capacity(capacity: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
-    """Start-up check: every decode batch must fit one chunk (one collective per layer, graph-capturable)."""
+    """Start-up check (allgather): every decode batch must fit one chunk (one collective per layer)."""
     if capacity <= 0:
         raise ConfigError(f"--expert-token-capacity must be positive, got {capacity}")
     if capacity < max_num_seqs:
@@ -90,18 +125,30 @@ def default_capacity(max_num_seqs: int, max_num_batched_tokens: int) -> int:
     return min(max_num_batched_tokens, max(max_num_seqs, 1024))
 
 
-@register("local")
-class LocalDispatcher(All2AllBackend):
+FP8_GROUP = 128  # FP8 dispatch: one scale per 128 channels of a token, as the FP8 experts quantize activations
+
+
+def row_layout(hidden_size: int, top_k: int, dtype: torch.dtype, fp8: bool = False) -> tuple[int, int]:
+    """One packed row: fp32 weights [k] | int32 local ids [k] | (fp8: fp32 scales [ceil(H / 128)]) | hidden,
+    padded to 16 B. Returns (byte offset of the hidden part, row bytes); fields start aligned for their views."""
+    hidden_offset = 8 * top_k + (4 * -(-hidden_size // FP8_GROUP) if fp8 else 0)
+    hidden_bytes = hidden_size * (1 if fp8 else dtype.itemsize)
+    return hidden_offset, math.ceil((hidden_offset + hidden_bytes) / _ALIGN) * _ALIGN
+
+
+def allgather_bytes(num_tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype, ep_size: int) -> tuple[int, int]:
+    """Remote bytes one rank sends in the allgather backend's dispatch and combine of T tokens (unchunked)."""
+    row_bytes = row_layout(hidden_size, top_k, dtype)[1]
+    return (ep_size - 1) * num_tokens * row_bytes, (ep_size - 1) * num_tokens * hidden_size * dtype.itemsize
+
+
+class LocalBackend(All2AllBackend):
     """ep_size == 1: nothing moves; global ids are local ids. Keeps one code path in the MoE layer."""
 
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        if self.stats is None:
-            return hidden, topk_weights, topk_ids, None
-        self.stats.record_routing(topk_ids)
-        # filler rows of a padded or dummy step: id -1, so the experts skip them
-        real = torch.arange(topk_ids.shape[0], device=topk_ids.device) < self.stats.num_real_tokens  # [T]
-        return hidden, topk_weights, torch.where(real.unsqueeze(1), topk_ids, -1), None
+        self.record_routing(topk_ids)
+        return hidden, topk_weights, topk_ids, None
 
     def combine(self, out_recv: torch.Tensor, handle: Any) -> torch.Tensor:
         return out_recv
@@ -113,54 +160,46 @@ class _Handle:
     chunk: int  # rows per destination per chunk
     num_chunks: int
     dtype: torch.dtype
+    layer: int
 
 
-@register("all_to_all_single")
-class AllToAllSingle(All2AllBackend):
-    """Fixed-size blocks: rank r sends [ep, chunk, row] and receives the same; row = meta | hidden bytes."""
+@register("allgather")
+class AllGatherBackend(All2AllBackend):
+    """Fixed-size blocks: rank r sends [ep, chunk, row] and receives the same, one all_to_all_single with
+    equal splits per direction per chunk (chunk = min(T, capacity)): no sizes ever reach the host, so a
+    step can be CUDA-graph captured with the collective inside. Moves EP x T rows whatever the routing."""
 
-    def _layout(self, hidden_size: int, top_k: int, dtype: torch.dtype) -> tuple[int, int, int]:
-        meta_bytes = 8 * top_k  # fp32 weights [k] then int32 local ids [k]
-        hidden_bytes = hidden_size * dtype.itemsize
-        row_bytes = math.ceil((meta_bytes + hidden_bytes) / _ALIGN) * _ALIGN
-        return meta_bytes, hidden_bytes, row_bytes
-
-    def _exchange(self, send: torch.Tensor, tokens_sent: torch.Tensor | None = None) -> torch.Tensor:
+    def _exchange(self, send: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send)
         t0 = self.stats.time_start() if self.stats is not None else None
         dist.all_to_all_single(recv, send, group=self.parallel.ep_group)  # equal splits: dim 0 = ep ranks
         if self.stats is not None:
             self.stats.time_stop("all2all", t0)
-            remote_bytes = send.numel() * send.element_size() * (self.ep_size - 1) // self.ep_size
-            self.stats.record_exchange(tokens_sent, None, remote_bytes)
         return recv
+
+    def _record(self, layer: int, block: torch.Tensor, tokens_sent: Any, tokens_received: Any) -> None:
+        if self.stats is not None:
+            remote = block.numel() * block.element_size() * (self.ep_size - 1) // self.ep_size
+            self.stats.record_exchange(layer, tokens_sent, tokens_received, remote, remote, remote)
 
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         num_tokens, hidden_size = hidden.shape
         top_k = topk_ids.shape[1]
-        ep, n_loc = self.ep_size, self.num_local_experts
+        ep = self.ep_size
         chunk = max(1, min(num_tokens, self.capacity))
         num_chunks = max(1, math.ceil(num_tokens / chunk))
-        meta_bytes, hidden_bytes, row_bytes = self._layout(hidden_size, top_k, hidden.dtype)
+        meta_bytes, row_bytes = row_layout(hidden_size, top_k, hidden.dtype)
+        hidden_bytes = hidden_size * hidden.dtype.itemsize
+        layer = self.record_routing(topk_ids)
 
-        # destination rank and local id of every (token, slot); chunk padding goes nowhere (dest -1), and so
-        # do a padded batch's filler rows when the stats know the real count: dummy rows cost no expert work
-        ids = topk_ids.long()
-        if self.stats is not None:
-            real = torch.arange(num_tokens, device=hidden.device) < self.stats.num_real_tokens  # [T]
-            ids = torch.where(real.unsqueeze(1), ids, -1)
-        dest = torch.div(ids, n_loc, rounding_mode="floor")  # [T, k]
-        local = (ids - dest * n_loc).to(torch.int32)
+        dest, local = self.place(topk_ids)  # [T, k]; padding rows go nowhere (-1)
         ranks = torch.arange(ep, device=hidden.device).view(ep, 1, 1)
         on_dest = dest.unsqueeze(0) == ranks  # [ep, T, k]
-        send_ids = torch.where(on_dest, local.unsqueeze(0), torch.full_like(local, -1).unsqueeze(0))
+        send_ids = torch.where(on_dest, local.to(torch.int32).unsqueeze(0), -1)
         send_w = torch.where(on_dest, topk_weights.float().unsqueeze(0), 0.0)  # [ep, T, k]
-        wanted = None
-        if self.stats is not None:
-            self.stats.record_routing(topk_ids)
-            wanted = on_dest.any(dim=2)  # [ep, T]: token t needs rank r
-            wanted[self.parallel.ep_rank] = False
+        wanted = on_dest.any(dim=2)  # [ep, T]: token t needs rank r
+        wanted[self.ep_rank] = False
 
         hidden_parts, weight_parts, id_parts = [], [], []
         for c in range(num_chunks):
@@ -172,19 +211,16 @@ class AllToAllSingle(All2AllBackend):
             send_id_view[:, : hi - lo].copy_(send_ids[:, lo:hi])
             send[:, : hi - lo, meta_bytes : meta_bytes + hidden_bytes].view(hidden.dtype).copy_(
                 hidden[lo:hi].unsqueeze(0).expand(ep, -1, -1))
-            recv = self._exchange(send, wanted[:, lo:hi].sum() if wanted is not None else None)
-            # recv: [ep source ranks, chunk, row_bytes]
+            recv = self._exchange(send)  # [ep source ranks, chunk, row_bytes]
+            received = (recv[:, :, 4 * top_k : meta_bytes].view(torch.int32) >= 0).any(dim=2)  # [ep, chunk]
+            received[self.ep_rank] = False
+            self._record(layer, send, wanted[:, lo:hi].sum(), received.sum())
             weight_parts.append(recv[:, :, : 4 * top_k].view(torch.float32).reshape(ep * chunk, top_k))
             id_parts.append(recv[:, :, 4 * top_k : meta_bytes].view(torch.int32).reshape(ep * chunk, top_k))
             hidden_parts.append(recv[:, :, meta_bytes : meta_bytes + hidden_bytes].view(hidden.dtype)
                                 .reshape(ep * chunk, hidden_size))
-        ids_recv = torch.cat(id_parts)  # [num_chunks * ep * chunk, k]
-        if self.stats is not None:
-            received = (ids_recv.view(num_chunks, ep, chunk, top_k) >= 0).any(dim=3)
-            received[:, self.parallel.ep_rank] = False
-            self.stats.record_exchange(None, received.sum(), 0)
-        handle = _Handle(num_tokens, chunk, num_chunks, hidden.dtype)
-        return torch.cat(hidden_parts), torch.cat(weight_parts), ids_recv, handle
+        handle = _Handle(num_tokens, chunk, num_chunks, hidden.dtype, layer)
+        return torch.cat(hidden_parts), torch.cat(weight_parts), torch.cat(id_parts), handle
 
     def combine(self, out_recv: torch.Tensor, handle: _Handle) -> torch.Tensor:
         ep, chunk = self.ep_size, handle.chunk
@@ -193,5 +229,10 @@ class AllToAllSingle(All2AllBackend):
         for c in range(handle.num_chunks):
             block = out_recv[c * ep * chunk : (c + 1) * ep * chunk].reshape(ep, chunk, hidden_size).contiguous()
             back = self._exchange(block)  # [ep expert ranks, chunk, H]: each rank's partial sum of my tokens
+            self._record(handle.layer, block, None, None)
             parts.append(back.float().sum(dim=0))
         return torch.cat(parts)[: handle.num_tokens].to(handle.dtype)
+
+
+# registers "sparse"; at the end since it builds on the interface above
+from runtime import all2all_sparse  # noqa: E402, F401

@@ -13,6 +13,9 @@ if TYPE_CHECKING:  # torch stays out of the light processes (API server, coordin
     import torch
 
 DTYPES = ("float32", "float16", "bfloat16")
+# all2all backends by name (runtime/all2all.py registers these; kept here so the light processes validate
+# --all2all-backend without importing torch)
+ALL2ALL_BACKENDS = ("allgather", "sparse")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -49,6 +52,8 @@ class EngineConfig:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
+    all2all_backend: str | None = None  # None: sparse when EP > 1 (see runtime/all2all.py)
+    all2all_fp8_dispatch: bool = False  # sparse backend: FP8 hidden rows (scales per token and 128 channels)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -71,6 +76,13 @@ class EngineConfig:
             raise ConfigError(f"--kernel-backend must be auto, torch or triton, got {self.kernel_backend!r}")
         if self.quantization not in (None, "fp8"):
             raise ConfigError(f"--quantization supports only 'fp8', got {self.quantization!r}")
+        if self.all2all_backend is not None and self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise ConfigError(f"unknown --all2all-backend {self.all2all_backend!r}; available: "
+                              f"{', '.join(ALL2ALL_BACKENDS)}")
+        if self.expert_token_capacity is not None and self.expert_token_capacity <= 0:
+            raise ConfigError(f"--expert-token-capacity must be positive, got {self.expert_token_capacity}")
+        if self.all2all_fp8_dispatch and self.all2all_backend == "allgather":
+            raise ConfigError("--all2all-fp8-dispatch needs --all2all-backend sparse (allgather sends full rows)")
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if dtype != "auto" and dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
@@ -113,6 +125,12 @@ class EngineConfig:
             return device.type == "cuda"
         return self.kernel_backend == "triton"
 
+    def cuda_graph_max_batch(self, device: torch.device) -> int:
+        """Largest decode batch captured as a CUDA graph; 0 = eager only."""
+        if device.type != "cuda" or not self.use_triton(device) or self.enforce_eager:
+            return 0
+        return min(self.max_num_seqs, self.max_cudagraph_batch_size or 512)
+
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
@@ -145,6 +163,10 @@ class EngineConfig:
         a("--data-parallel-size", "-dp", type=int, default=1)
         a("--enable-expert-parallel", action="store_true")
         a("--expert-token-capacity", type=int, default=None)
+        a("--all2all-backend", default=None,
+          help=f"expert all2all: {' or '.join(ALL2ALL_BACKENDS)} (default: sparse when expert parallel)")
+        a("--all2all-fp8-dispatch", action="store_true",
+          help="sparse all2all: send hidden rows as FP8, scales per token and 128 channels (~half the bytes)")
         a("--host", default=d["host"].default)
         a("--port", type=int, default=d["port"].default)
         a("--api-key", default=None)

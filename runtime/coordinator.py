@@ -332,7 +332,10 @@ class Coordinator:
                             num_engine_restarts=self.num_engine_restarts, epoch=self.epoch,
                             num_steps_issued=clock.num_steps_issued if clock else 0,
                             num_dummy_commands=clock.num_dummy_commands if clock else 0,
-                            num_requests_routed=list(self.balancer.num_routed))
+                            num_requests_routed=list(self.balancer.num_routed),
+                            all2all_bytes_sent=[e.all2all_bytes_sent if e else 0 for e in self.stats.expert],
+                            all2all_allgather_bytes=[sum(e.all2all_layer_allgather_bytes) if e else 0
+                                                     for e in self.stats.expert])
 
     def tick(self) -> None:
         now = time.monotonic()

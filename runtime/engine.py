@@ -101,8 +101,7 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        use_graphs = self.device.type == "cuda" and self.use_triton and not config.enforce_eager
-        graph_max = min(config.max_num_seqs, config.max_cudagraph_batch_size or 512) if use_graphs else 0
+        graph_max = config.cuda_graph_max_batch(self.device)
         self.runner = ModelRunner(
             self.model,
             self.device,

@@ -148,7 +148,7 @@ class EngineLoop:
         return max(0.0, min(self.next_stats, self.next_heartbeat) - time.monotonic())
 
     def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
-        t0 = self.expert_stats.begin_step(num_real_tokens) if self.expert_stats is not None else None
+        t0 = self.expert_stats.begin_step() if self.expert_stats is not None else None
         outputs = self.engine.execute(pad_to=pad_to)
         if self.expert_stats is not None:
             self.expert_stats.end_step(t0)
@@ -221,7 +221,7 @@ class EngineLoop:
 
 def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tuple[Any, Any]:
     """LLMEngine with this rank's dispatcher and expert statistics (None for a dense model)."""
-    from runtime.all2all import default_backend, default_capacity, make_dispatcher, validate_capacity
+    from runtime.all2all import make_backend
     from runtime.engine import LLMEngine
     from runtime.expert_stats import ExpertStats, count_moe_layers
     from runtime.parallel import num_experts_of
@@ -230,10 +230,8 @@ def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tu
     num_experts = num_experts_of(hf)
     if num_experts == 0:
         return LLMEngine(config, parallel), None
-    capacity = config.expert_token_capacity or default_capacity(config.max_num_seqs, config.max_num_batched_tokens)
-    capacity = validate_capacity(capacity, config.max_num_seqs, config.max_num_batched_tokens)
     stats = ExpertStats(count_moe_layers(hf), num_experts, parallel.device, timed=timed)
-    dispatcher = make_dispatcher(default_backend(parallel), parallel, num_experts, capacity, stats)
+    dispatcher = make_backend(config, parallel, num_experts, stats)
     engine = LLMEngine(config, parallel, dispatcher)
     stats.attach_timers(engine.model)
     return engine, stats

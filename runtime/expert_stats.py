@@ -1,8 +1,9 @@
 """Expert statistics of one rank, for people who study MoE parallelism.
 
 - routed tokens per (MoE layer, expert): a [num_moe_layers, num_experts] int64 counter on the device, updated
-  inside the forward (CUDA-graph safe: no host sync, padding and dummy rows masked by a device scalar);
-- all2all traffic: (token, remote rank) pairs and bytes sent / received, also device counters;
+  inside the forward (CUDA-graph safe: no host sync; padding and dummy rows arrive with expert id -1);
+- all2all traffic: (token, remote rank) pairs and bytes sent / received, also device counters, and per MoE
+  layer the bytes sent next to what the allgather backend would have sent (the routing-aware saving);
 - with timing on (eager steps only: graph replays run no Python), the step time split into attention /
   MoE compute / all2all / other, from module hooks and the dispatcher's collectives.
 Everything is read once per stats interval (the only host sync) and travels as an ExpertStatsSnapshot.
@@ -73,10 +74,12 @@ class ExpertStats:
         self.device = device
         self.routed_tokens = torch.zeros(max(num_moe_layers, 1), max(num_experts, 1), dtype=torch.int64,
                                          device=device)
-        # rows >= this are padding; set by begin_step before each forward (unset: every row is real)
-        self.num_real_tokens = torch.full((), 2**62, dtype=torch.int64, device=device)
-        # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives]
+        # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives]; tokens are (token,
+        # remote rank) pairs, bytes those that left / reached this rank (a rank's copy to itself excluded)
         self.all2all = torch.zeros(5, dtype=torch.int64, device=device)
+        # per MoE layer: [bytes sent, bytes the allgather backend would have sent for the same steps,
+        # (token, remote rank) pairs sent]
+        self.layer_traffic = torch.zeros(max(num_moe_layers, 1), 3, dtype=torch.int64, device=device)
         self._layer_cursor = 0  # MoE layers are dispatched in order, once each per forward
         self.num_forward_steps = 0
         self.timed = timed
@@ -84,25 +87,30 @@ class ExpertStats:
         self._step_timed = False
         self._hooks: list[Any] = []
 
-    # ---- inside the forward (called by the dispatcher) ----
-    def record_routing(self, topk_ids: torch.Tensor) -> None:
-        # topk_ids: [T, k] global expert ids of this rank's tokens (padding rows included)
-        num_tokens, top_k = topk_ids.shape
-        real = (torch.arange(num_tokens, device=topk_ids.device) < self.num_real_tokens).to(torch.int64)
-        row = self.routed_tokens[self._layer_cursor]
-        row.scatter_add_(0, topk_ids.reshape(-1).long(), real.repeat_interleave(top_k))
-        self._layer_cursor = (self._layer_cursor + 1) % max(self.num_moe_layers, 1)
+    # ---- inside the forward (called by the all2all backend) ----
+    def record_routing(self, topk_ids: torch.Tensor) -> int:
+        """Counts (token, expert) pairs; returns the MoE layer index for record_exchange."""
+        # topk_ids: [T, k] global expert ids of this rank's tokens, -1 on padding rows (the MoE layer masks them)
+        ids = topk_ids.reshape(-1).long()
+        layer = self._layer_cursor
+        self.routed_tokens[layer].scatter_add_(0, ids.clamp(min=0), (ids >= 0).to(torch.int64))
+        self._layer_cursor = (layer + 1) % max(self.num_moe_layers, 1)
+        return layer
 
-    def record_exchange(self, tokens_sent: torch.Tensor | None, tokens_received: torch.Tensor | None,
-                        num_bytes: int) -> None:
+    def record_exchange(self, layer: int, tokens_sent: torch.Tensor | int | None,
+                        tokens_received: torch.Tensor | int | None, bytes_sent: int, bytes_received: int,
+                        allgather_bytes: int, num_collectives: int = 1) -> None:
         if tokens_sent is not None:
             self.all2all[0] += tokens_sent
+            self.layer_traffic[layer, 2] += tokens_sent
         if tokens_received is not None:
             self.all2all[1] += tokens_received
-        # constants: a CUDA graph replays the same adds, which is right since its shapes are fixed
-        if num_bytes:
-            self.all2all[2:4] += num_bytes
-            self.all2all[4] += 1
+        # byte counts are host ints: a CUDA graph replays the same adds, right since its shapes are fixed
+        self.all2all[2] += bytes_sent
+        self.all2all[3] += bytes_received
+        self.all2all[4] += num_collectives
+        self.layer_traffic[layer, 0] += bytes_sent
+        self.layer_traffic[layer, 1] += allgather_bytes
 
     def time_start(self) -> Any:
         return self.clock.now() if self.timed else None
@@ -113,8 +121,7 @@ class ExpertStats:
             self._step_timed = True
 
     # ---- around each step (called by the engine loop, outside any graph) ----
-    def begin_step(self, num_real_tokens: int) -> Any:
-        self.num_real_tokens.fill_(num_real_tokens)
+    def begin_step(self) -> Any:
         self._layer_cursor = 0
         self._step_timed = False
         return self.clock.now() if self.timed else None
@@ -156,8 +163,11 @@ class ExpertStats:
 
     def snapshot(self, rank: int) -> ExpertStatsSnapshot:
         a2a = self.all2all.tolist()
+        layer_bytes = self.layer_traffic[: self.num_moe_layers].tolist()
         return ExpertStatsSnapshot(
             rank=rank, routed_tokens=self.routed_tokens[: self.num_moe_layers].tolist(),
             all2all_tokens_sent=a2a[0], all2all_tokens_received=a2a[1], all2all_bytes_sent=a2a[2],
             all2all_bytes_received=a2a[3], num_forward_steps=self.num_forward_steps, time_split=self.time_split(),
+            all2all_layer_bytes_sent=[b[0] for b in layer_bytes],
+            all2all_layer_allgather_bytes=[b[1] for b in layer_bytes],
         )

@@ -110,6 +110,9 @@ class ExpertStatsSnapshot(msgspec.Struct):
     num_forward_steps: int = 0
     # seconds spent per part of the forward; only filled when timing is on (eager steps)
     time_split: dict[str, float] = {}
+    # per MoE layer: all2all bytes this rank sent, and what the allgather backend would have sent
+    all2all_layer_bytes_sent: list[int] = []
+    all2all_layer_allgather_bytes: list[int] = []
 
 
 class StatsReport(msgspec.Struct, tag=True):
@@ -130,6 +133,9 @@ class ClusterStats(msgspec.Struct, tag=True):
     num_dummy_commands: int = 0  # (step, rank) pairs that ran a dummy step
     num_requests_routed: list[int] = []  # per rank
     epoch: int = 0  # the rank group's current incarnation
+    # per rank, cumulative: all2all bytes sent, and what the allgather backend would have sent (expert parallel)
+    all2all_bytes_sent: list[int] = []
+    all2all_allgather_bytes: list[int] = []
 
 
 class EngineDead(msgspec.Struct, tag=True):

@@ -72,7 +72,7 @@ def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> 
         if config.device == "cuda" and count == 0:
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     ep_size = check_sizes(config, world, local_world, num_gpus, num_experts_of(config.hf_config()))
-    if ep_size > 1 and config.expert_token_capacity is not None:
+    if ep_size > 1 and config.expert_token_capacity is not None and config.all2all_backend == "allgather":
         from runtime.all2all import validate_capacity
 
         validate_capacity(config.expert_token_capacity, config.max_num_seqs, config.max_num_batched_tokens)

@@ -138,6 +138,16 @@ class _ClusterCollector(Collector):
             for r in ranks:
                 c.add_metric([str(r.rank)], float(getattr(r, attr)))
             yield c
+        for name, values, doc in (
+            ("all2all_bytes_sent", getattr(stats, "all2all_bytes_sent", None),
+             "expert all2all bytes the rank sent to other ranks (dispatch + combine)"),
+            ("all2all_allgather_equivalent_bytes", getattr(stats, "all2all_allgather_bytes", None),
+             "bytes the allgather backend would have sent for the same steps"),
+        ):
+            c = CounterMetricFamily(f"moe_{name}", doc, labels=["rank"])
+            for rank, num in enumerate(values or []):
+                c.add_metric([str(rank)], float(num))
+            yield c
         routed = CounterMetricFamily(
             "moe_requests_routed", "requests the coordinator sent to the rank", labels=["rank"]
         )

@@ -1,4 +1,5 @@
-"""EP dispatch -> local experts -> combine on 2 and 4 gloo ranks equals the single-rank reference."""
+"""EP dispatch -> local experts -> combine on 2 and 4 gloo ranks equals the single-rank reference, for both
+backends, and the byte counters show the routing-aware saving."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernels.fused_moe import fused_experts_ref
-from runtime.all2all import make_dispatcher
+from runtime.all2all import create_backend
+from runtime.config import ConfigError
 from runtime.expert_stats import ExpertStats
 from runtime.parallel import ParallelState
 
@@ -26,48 +28,88 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _inputs(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, rank: int, dtype: torch.dtype):
+def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN202
+    num_tokens, hidden, inter, num_experts, top_k = (case[k] for k in ("tokens", "hidden", "inter", "experts", "top_k"))
     gen = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
     logits = torch.randn(num_tokens, num_experts, generator=gen)
+    routing = case.get("routing", "random")
+    if routing == "skew":  # every token of every rank to the last rank's experts
+        logits[:, : num_experts - num_experts // world] -= 100.0
     w, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    ids = ids.to(torch.int32)
+    if routing == "pad":  # the last third of the rows are padding (id -1), as the MoE layer masks them
+        ids[num_tokens - num_tokens // 3 :] = -1
+    if routing == "idle" or (routing == "dummy" and rank == 1):  # rank 1 runs a dummy step: all rows padding
+        ids[:] = -1
     wgen = torch.Generator().manual_seed(99)  # same expert weights on every rank
     w13 = (0.1 * torch.randn(num_experts, 2 * inter, hidden, generator=wgen)).to(dtype)
     w2 = (0.1 * torch.randn(num_experts, hidden, inter, generator=wgen)).to(dtype)
-    return x, w.float(), ids.to(torch.int32), w13, w2
+    return x, w.float(), ids, w13, w2
 
 
-def _worker(rank: int, world: int, port: int, cases: list[tuple], result_dir: str) -> None:
+def _check_case(case: dict, parallel: ParallelState) -> list[str]:
+    from runtime.all2all_sparse import dequantize_rows, quantize_rows
+
+    rank, world = parallel.ep_rank, parallel.ep_size
+    dtype = case.get("dtype", torch.float32)
+    options = {k: case[k] for k in ("static_max_tokens", "fp8_dispatch") if k in case}
+    stats = ExpertStats(1, case["experts"], torch.device("cpu"))
+    disp = create_backend(case["backend"], parallel, case["experts"], case["capacity"], stats, **options)
+    if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
+        from kernels import all2all_pack
+
+        disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel = (
+            all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
+            all2all_pack.sparse_combine)
+    x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
+    n_loc = case["experts"] // world
+    lo = rank * n_loc
+    h_recv, w_recv, ids_recv, handle = disp.dispatch(x, w, ids)
+    errors = []
+    if ids_recv.numel() and int(ids_recv.max()) >= n_loc:
+        errors.append("local id out of range")
+    out = disp.combine(fused_experts_ref(h_recv, w13[lo : lo + n_loc], w2[lo : lo + n_loc], w_recv, ids_recv),
+                       handle)
+    x_ref = x
+    if case.get("fp8_dispatch"):  # compare with the same per-token FP8 rounding of the input rows
+        x_ref = dequantize_rows(*quantize_rows(x), dtype)
+    ref = fused_experts_ref(x_ref, w13, w2, w, ids)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    if out.shape != ref.shape or not torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol):
+        err = (out.float() - ref.float()).abs().max()
+        errors.append(f"case {case}: max err {err}")
+    # every (token, remote rank holding one of its experts) pair is counted once on each side
+    counters = torch.cat([stats.all2all, stats.layer_traffic[0, :2]])
+    dist.all_reduce(counters, group=parallel.ep_group)
+    tokens_sent, tokens_received, bytes_sent, bytes_received, collectives, layer_sent, layer_allgather = \
+        counters.tolist()
+    if case.get("routing") == "idle" and case["backend"] == "sparse" and collectives != world:
+        errors.append(f"an idle step ran {collectives} collectives over {world} ranks, not just the counts")
+    if tokens_sent != tokens_received or bytes_sent != bytes_received or layer_sent != bytes_sent:
+        errors.append(f"counters disagree: {counters.tolist()}")
+    if case["backend"] == "allgather" and case["capacity"] >= case["tokens"] and layer_sent != layer_allgather:
+        errors.append(f"allgather bytes {layer_sent} != its allgather-equivalent {layer_allgather}")
+    if case["backend"] == "sparse" and not case.get("static_max_tokens"):
+        # routing-aware: bytes <= allgather's x the mean fraction of remote ranks a token needs
+        fraction = tokens_sent / ((world - 1) * case["tokens"] * world)
+        if layer_sent > layer_allgather * fraction:
+            errors.append(f"sparse moved {layer_sent} B > allgather {layer_allgather} B x {fraction:.3f}")
+    valid = ids.reshape(-1) >= 0
+    expected = torch.zeros(case["experts"], dtype=torch.int64).scatter_add_(
+        0, ids.reshape(-1).long().clamp(min=0), valid.long())
+    if not torch.equal(stats.routed_tokens[0], expected):
+        errors.append("routed token counts differ")
+    return errors
+
+
+def _worker(rank: int, world: int, port: int, cases: list[dict], result_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
     parallel = ParallelState(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank,
                              ep_size=world, device=torch.device("cpu"), ep_group=group)
-    errors = []
-    for num_tokens, hidden, inter, num_experts, top_k, capacity, dtype in cases:
-        stats = ExpertStats(1, num_experts, torch.device("cpu"))
-        disp = make_dispatcher("all_to_all_single", parallel, num_experts, capacity, stats)
-        x, w, ids, w13, w2 = _inputs(num_tokens, hidden, inter, num_experts, top_k, rank, dtype)
-        n_loc = num_experts // world
-        lo = rank * n_loc
-        h_recv, w_recv, ids_recv, handle = disp.dispatch(x, w, ids)
-        assert int(ids_recv.max()) < n_loc
-        out = disp.combine(fused_experts_ref(h_recv, w13[lo : lo + n_loc], w2[lo : lo + n_loc], w_recv, ids_recv),
-                           handle)
-        ref = fused_experts_ref(x, w13, w2, w, ids)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        if out.shape != ref.shape or not torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol):
-            err = (out.float() - ref.float()).abs().max()
-            errors.append(f"case {num_tokens, hidden, capacity, dtype}: max err {err}")
-        # every (token, remote rank holding one of its experts) pair is counted once on each side
-        sent = stats.all2all[:2].clone()
-        dist.all_reduce(sent)
-        if sent[0] != sent[1]:
-            errors.append(f"tokens sent {sent[0]} != received {sent[1]}")
-        expected = torch.zeros(num_experts, dtype=torch.int64).scatter_add_(
-            0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.int64))
-        if not torch.equal(stats.routed_tokens[0], expected):
-            errors.append("routed token counts differ")
+    errors = [e for case in cases for e in _check_case(case, parallel)]
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
         f.write("\n".join(errors) if errors else "ok")
     dist.destroy_process_group()
@@ -96,15 +138,110 @@ def _run(world: int, cases: list[tuple]) -> None:
                 assert f.read() == "ok"
 
 
-# (tokens, hidden, inter, experts, top_k, capacity, dtype); odd sizes, one chunked batch, one empty rank's share
+def _case(backend: str, tokens: int, hidden: int, inter: int, experts: int, top_k: int, capacity: int,
+          **extra: object) -> dict:
+    return dict(backend=backend, tokens=tokens, hidden=hidden, inter=inter, experts=experts, top_k=top_k,
+                capacity=capacity, **extra)
+
+
+# odd sizes; chunked / several rounds (capacity below the rows a pair carries); padding rows; a dummy rank;
+# skewed routing; the graph-safe static mode; FP8 dispatch; top_k == experts
 CASES = [
-    (13, 37, 11, 8, 2, 64, torch.float32),
-    (29, 37, 11, 8, 3, 8, torch.float32),  # 4 chunks of 8
-    (7, 19, 5, 4, 2, 3, torch.bfloat16),
-    (1, 24, 8, 8, 8, 16, torch.float32),  # top_k == experts
+    _case("allgather", 13, 37, 11, 8, 2, 64),
+    _case("allgather", 29, 37, 11, 8, 3, 8),  # 4 chunks of 8
+    _case("allgather", 7, 19, 5, 4, 2, 3, dtype=torch.bfloat16),
+    _case("allgather", 9, 24, 8, 8, 8, 16, routing="dummy"),
+    _case("sparse", 13, 37, 11, 8, 2, 64),
+    _case("sparse", 29, 37, 11, 8, 3, 4),  # capacity overflow: up to 8 rounds
+    _case("sparse", 7, 19, 5, 4, 2, 3, dtype=torch.bfloat16),
+    _case("sparse", 17, 24, 8, 8, 2, 5, routing="skew"),  # one rank takes every token: 4 rounds
+    _case("sparse", 12, 24, 8, 8, 3, 64, routing="pad"),
+    _case("sparse", 9, 24, 8, 8, 8, 16, routing="dummy"),  # top_k == experts; rank 1 sends nothing
+    _case("sparse", 5, 24, 8, 8, 2, 64, routing="idle"),  # every rank idle: no payload collective at all
+    _case("sparse", 11, 37, 11, 8, 2, 64, static_max_tokens=16),  # static: equal splits, no counts
+    _case("sparse", 11, 24, 8, 8, 2, 64, static_max_tokens=16, routing="dummy"),
+    _case("sparse", 13, 40, 11, 8, 2, 64, fp8_dispatch=True),
+    _case("sparse", 6, 40, 11, 8, 2, 64, fp8_dispatch=True, static_max_tokens=8, dtype=torch.bfloat16),
+    _case("sparse", 10, 37, 11, 8, 3, 64, static_max_tokens=16, triton=True, routing="pad"),
+    _case("sparse", 19, 40, 11, 8, 2, 4, fp8_dispatch=True, triton=True, dtype=torch.float16),
 ]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_dispatch_combine_matches_single_rank(world: int) -> None:
     _run(world, CASES)
+
+
+def test_registry_and_config_names() -> None:
+    from runtime.all2all import _BACKENDS
+    from runtime.config import ALL2ALL_BACKENDS
+
+    assert sorted(_BACKENDS) == sorted(ALL2ALL_BACKENDS)
+    parallel = ParallelState(rank=0, world_size=2, dp_rank=0, dp_size=2, ep_rank=0, ep_size=2,
+                             device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="unknown --all2all-backend 'pplx'; available: allgather, sparse"):
+        create_backend("pplx", parallel, 8, 16)
+
+
+def test_unknown_backend_fails_fast_before_any_load() -> None:
+    import subprocess
+    import sys
+
+    from runtime.config import EngineConfig
+
+    for name in ("pplx", "deepep_low_latency"):
+        proc = subprocess.run([sys.executable, "-m", "runtime.serve", "--device", "cpu", "--data-parallel-size", "2",
+                               "--enable-expert-parallel", "--all2all-backend", name],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            f"error: unknown --all2all-backend {name!r}; available: allgather, sparse"]
+    with pytest.raises(ConfigError, match="needs --all2all-backend sparse"):
+        EngineConfig(all2all_backend="allgather", all2all_fp8_dispatch=True)
+    assert EngineConfig(all2all_backend="sparse", all2all_fp8_dispatch=True).all2all_fp8_dispatch
+
+
+def test_bytes_reach_metrics() -> None:
+    import zmq
+
+    from runtime.coordinator import Coordinator, CoordinatorSpec
+    from runtime.messages import Addresses, ExpertStatsSnapshot, RankStats, StatsReport
+    from server.metrics import Metrics
+
+    with tempfile.TemporaryDirectory() as d:
+        coord = Coordinator(CoordinatorSpec(num_ranks=2, lockstep=True), Addresses.ipc(d, 2), zmq.Context())
+        try:
+            for r in range(2):
+                expert = ExpertStatsSnapshot(rank=r, routed_tokens=[], all2all_bytes_sent=100 * (r + 1),
+                                             all2all_layer_bytes_sent=[60 * (r + 1), 40 * (r + 1)],
+                                             all2all_layer_allgather_bytes=[300, 200])
+                coord.handle(StatsReport(stats=RankStats(r, 0, 0, 0.0, 0, 0, 0, 0), expert=expert, first=True))
+            stats = coord.cluster_stats()
+        finally:
+            coord.ctx.destroy(linger=0)
+    assert stats.all2all_bytes_sent == [100, 200] and stats.all2all_allgather_bytes == [500, 500]
+    metrics = Metrics("m")
+    metrics.cluster.update(stats)
+    text = metrics.render().decode()
+    assert 'moe_all2all_bytes_sent_total{rank="1"} 200.0' in text
+    assert 'moe_all2all_allgather_equivalent_bytes_total{rank="0"} 500.0' in text
+
+
+def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
+    """The dispatch's FP8 rounding (per token, 128-channel groups) is the one the FP8 experts apply to their
+    input anyway: with --quantization fp8 the FP8 payload changes no output bit."""
+    from kernels.fp8 import quantize_weight_block
+    from runtime.all2all_sparse import dequantize_rows, quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, hidden, inter, num_experts = 9, 200, 64, 4  # 200: a partial last group
+    x = torch.randn(num_tokens, hidden, generator=gen).bfloat16()
+    w, ids = torch.randn(num_tokens, num_experts, generator=gen).softmax(-1).topk(2, dim=-1)
+    w13, w13_scale = quantize_weight_block(torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5)
+    w2, w2_scale = quantize_weight_block(torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5)
+    ids = ids.to(torch.int32)
+    plain = fused_experts_ref(x, w13, w2, w, ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    x8 = dequantize_rows(*quantize_rows(x), torch.bfloat16)
+    assert not torch.equal(x8, x)
+    assert torch.equal(fused_experts_ref(x8, w13, w2, w, ids, w13_scale=w13_scale, w2_scale=w2_scale), plain)

@@ -59,7 +59,7 @@ def _run_lockstep(engine, stats, group) -> dict[str, list[int]]:  # noqa: ANN001
             if agreed[1] == 0:
                 return out
             continue
-        stats.begin_step(num_tokens)
+        stats.begin_step()
         for d in engine.execute(pad_to=int(agreed[0])):
             out.setdefault(d.request_id, []).extend(d.new_token_ids)
 
@@ -113,8 +113,8 @@ def _reference(model: str) -> dict[str, object]:
         engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished():
-        n = engine.schedule()
-        stats.begin_step(n)
+        engine.schedule()
+        stats.begin_step()
         for d in engine.execute():
             tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
     return {"tokens": tokens, "load_bytes": engine.model.load_stats["bytes"], "routed": stats.routed_tokens.tolist()}

@@ -267,7 +267,8 @@ def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "model folder '/nonexistent/model' not found"),
     (["-dp", "3", "--enable-expert-parallel"], "8 experts are not divisible by the expert-parallel size 3"),
-    (["-dp", "2", "--enable-expert-parallel", "--expert-token-capacity", "4"], "--expert-token-capacity 4 is below"),
+    (["-dp", "2", "--enable-expert-parallel", "--all2all-backend", "allgather", "--expert-token-capacity", "4"],
+     "--expert-token-capacity 4 is below"),
 ])
 def test_bad_launch_fails_fast_with_one_line(tiny_models: dict[str, str], args: list[str], message: str) -> None:
     model = ["--model", tiny_models["Qwen3MoeForCausalLM"]] if "--model" not in args else []

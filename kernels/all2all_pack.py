@@ -1,0 +1,257 @@
+"""The sparse all2all's data movement (runtime/all2all_sparse.py): route, pack the send rows, combine replies.
+
+route (the static, CUDA-graph layout): each token's destination ranks and local ids, and the slot of each
+  (token, rank) pair in a block of T slots per destination (token order), with the inverse map and counts.
+
+pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
+  token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
+  hidden row (model dtype, or FP8 bytes) and, for FP8, its group scales. The outputs are strided views of
+  one uint8 row buffer, so one kernel fills a row's fields in one pass.
+unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
+combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
+Each has a Triton kernel, a checked wrapper and a torch reference with the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def sparse_route_ref(
+    topk_ids: torch.Tensor,  # [T, k] int global expert ids, -1 = padding
+    num_local_experts: int,  # experts per rank, placed in contiguous slices
+    num_ranks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The static layout (a block of T slots per destination, in token order): (dest [T, k], local [T, k],
+    slot_of [T, P] with P * T = no slot, pair_of [P * T] with T * P = empty row, counts [P]), all int64."""
+    num_tokens = topk_ids.shape[0]
+    ids = topk_ids.long()
+    dest = torch.where(ids >= 0, ids // num_local_experts, -1)
+    local = torch.where(ids >= 0, ids % num_local_experts, -1)
+    hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=ids.device)
+    hit.scatter_(1, dest.masked_fill(dest < 0, num_ranks), True)
+    hit = hit[:, :num_ranks]
+    num_rows = num_ranks * num_tokens
+    base = torch.arange(num_ranks, device=ids.device) * num_tokens
+    slot_of = torch.where(hit, base + hit.long().cumsum(0) - 1, num_rows)
+    pair_of = torch.full((num_rows + 1,), num_tokens * num_ranks, dtype=torch.int64, device=ids.device)
+    pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * num_ranks, device=ids.device))
+    return dest, local, slot_of, pair_of[:num_rows], hit.sum(0)
+
+
+@triton.jit
+def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T, n_loc,
+                  P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    # one program: slots are token order within each destination, so a running count carries across blocks
+    rr = tl.arange(0, BLOCK_P)
+    pmask = rr < P
+    running = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        tmask = tt < T
+        hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+        for j in tl.static_range(K):
+            e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
+            d = tl.where(e >= 0, e // n_loc, -1)
+            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
+            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
+            hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+        pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
+        slot = tl.where(hit > 0, rr[None, :].to(tl.int64) * T + pos, P * T)
+        both = tmask[:, None] & pmask[None, :]
+        tl.store(slot_ptr + tt[:, None] * P + rr[None, :], slot, mask=both)
+        tl.store(pair_ptr + slot, tt[:, None].to(tl.int64) * P + rr[None, :], mask=both & (hit > 0))
+        running += tl.sum(hit, axis=0)
+    tl.store(count_ptr + rr, running.to(tl.int64), mask=pmask)
+
+
+def sparse_route(topk_ids: torch.Tensor, num_local_experts: int,
+                 num_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64) or num_local_experts <= 0:
+        raise ValueError(f"sparse_route: topk_ids [T, k] int32/int64, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
+    num_tokens, top_k = topk_ids.shape
+    device = topk_ids.device
+    dest = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    local = torch.empty_like(dest)
+    slot_of = torch.empty(num_tokens, num_ranks, dtype=torch.int64, device=device)
+    pair_of = torch.full((num_ranks * num_tokens,), num_tokens * num_ranks, dtype=torch.int64, device=device)
+    counts = torch.empty(num_ranks, dtype=torch.int64, device=device)
+    _route_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, counts, num_tokens, num_local_experts,
+                        P=num_ranks, K=top_k, BLOCK_T=64, BLOCK_P=triton.next_power_of_2(num_ranks), num_warps=4)
+    return dest, local, slot_of, pair_of, counts
+
+
+def sparse_pack_ref(
+    hidden: torch.Tensor,  # [T, H'] model dtype, or FP8 bytes viewed as uint8
+    scales: torch.Tensor | None,  # [T, G] fp32 FP8 group scales, or None
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    dest: torch.Tensor,  # [T, k] int64 destination rank of each slot, -1 = padding
+    local: torch.Tensor,  # [T, k] int64 local expert id on that rank
+    pair_of: torch.Tensor,  # [N] int64
+    num_ranks: int,
+    out_weights: torch.Tensor,  # [N, k] fp32 view
+    out_ids: torch.Tensor,  # [N, k] int32 view
+    out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype
+    out_scales: torch.Tensor | None,  # [N, G] fp32 view, or None
+) -> None:
+    num_tokens = hidden.shape[0]
+    token = (pair_of // num_ranks).clamp(max=num_tokens - 1)  # an empty row's hidden is never read
+    on = (dest[token] == (pair_of % num_ranks).unsqueeze(1)) & (pair_of < num_tokens * num_ranks).unsqueeze(1)
+    out_weights.copy_(torch.where(on, topk_weights[token], 0.0))
+    out_ids.copy_(torch.where(on, local[token], -1))
+    out_hidden.copy_(hidden[token])
+    if scales is not None and out_scales is not None:
+        out_scales.copy_(scales[token])
+
+
+@triton.jit
+def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr,
+                 num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
+                 P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    pair = tl.load(pair_ptr + row)
+    valid = pair < num_tokens * P
+    t = tl.minimum(pair // P, num_tokens - 1)
+    r = pair % P
+    kk = tl.arange(0, BLOCK_K)
+    kmask = kk < K
+    d = tl.load(dest_ptr + t * K + kk, mask=kmask, other=-1)
+    on = (d == r) & valid
+    w = tl.load(w_ptr + t * K + kk, mask=kmask, other=0.0)
+    lid = tl.load(local_ptr + t * K + kk, mask=kmask, other=-1)
+    tl.store(ow_ptr + row * stride_ow + kk, tl.where(on, w, 0.0), mask=kmask)
+    tl.store(oid_ptr + row * stride_oid + kk, tl.where(on, lid, -1).to(tl.int32), mask=kmask)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hmask = hh < H
+        tl.store(ox_ptr + row * stride_ox + hh, tl.load(x_ptr + t * stride_x + hh, mask=hmask), mask=hmask)
+    if HAS_SCALES:
+        gg = tl.arange(0, BLOCK_G)
+        gmask = gg < G
+        tl.store(os_ptr + row * stride_os + gg, tl.load(xs_ptr + t * stride_xs + gg, mask=gmask), mask=gmask)
+
+
+def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights: torch.Tensor, dest: torch.Tensor,
+                local: torch.Tensor, pair_of: torch.Tensor, num_ranks: int, out_weights: torch.Tensor,
+                out_ids: torch.Tensor, out_hidden: torch.Tensor, out_scales: torch.Tensor | None) -> None:
+    num_tokens, h = hidden.shape
+    top_k = dest.shape[1]
+    n = pair_of.shape[0]
+    if (topk_weights.dtype != torch.float32 or dest.dtype != torch.int64 or local.dtype != torch.int64
+            or pair_of.dtype != torch.int64 or out_ids.dtype != torch.int32 or out_weights.dtype != torch.float32
+            or out_hidden.dtype != hidden.dtype):
+        raise ValueError("sparse_pack: weights fp32, dest/local/pair_of int64, out_ids int32, out_hidden as hidden")
+    if (topk_weights.shape != dest.shape or local.shape != dest.shape or dest.shape[0] != num_tokens
+            or out_weights.shape != (n, top_k) or out_ids.shape != (n, top_k) or out_hidden.shape != (n, h)):
+        raise ValueError(f"sparse_pack: shapes disagree (hidden {tuple(hidden.shape)}, ids {tuple(dest.shape)}, "
+                         f"{n} rows)")
+    if (scales is None) != (out_scales is None):
+        raise ValueError("sparse_pack: scales and out_scales go together")
+    for t in (hidden, topk_weights, dest, local, out_weights, out_ids, out_hidden):
+        if t.stride(-1) != 1:
+            raise ValueError("sparse_pack: rows must be contiguous")
+    if n == 0 or num_tokens == 0:
+        return
+    g = scales.shape[1] if scales is not None else 1
+    xs, os_ = (scales, out_scales) if scales is not None and out_scales is not None else (hidden, out_hidden)
+    _pack_kernel[(n,)](
+        pair_of, dest.contiguous(), local.contiguous(), topk_weights.contiguous(), hidden, xs,
+        out_weights, out_ids, out_hidden, os_, num_tokens, h, g, hidden.stride(0), xs.stride(0),
+        out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0),
+        P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
+        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, num_warps=4,
+    )
+
+
+def sparse_unpack_ref(
+    weights: torch.Tensor,  # [M, k] fp32 view of the received rows
+    ids: torch.Tensor,  # [M, k] int32 view
+    hidden: torch.Tensor,  # [M, H] view: model dtype, or FP8 e4m3 with scales
+    scales: torch.Tensor | None,  # [M, ceil(H / group)] fp32 view, or None
+    dtype: torch.dtype,
+    group: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Received rows -> contiguous (weights [M, k] fp32, local ids [M, k] int32, hidden [M, H] dtype)."""
+    if scales is None:
+        out = hidden.to(dtype, copy=True)
+    else:
+        out = (hidden.float() * scales.repeat_interleave(group, dim=1)[:, : hidden.shape[1]]).to(dtype)
+    return weights.contiguous(), ids.contiguous(), out
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, id_ptr, x_ptr, s_ptr, ow_ptr, oid_ptr, ox_ptr, H, stride_w, stride_id, stride_x,
+                   stride_s, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_SCALES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    kmask = kk < K
+    tl.store(ow_ptr + row * K + kk, tl.load(w_ptr + row * stride_w + kk, mask=kmask), mask=kmask)
+    tl.store(oid_ptr + row * K + kk, tl.load(id_ptr + row * stride_id + kk, mask=kmask), mask=kmask)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        hmask = hh < H
+        x = tl.load(x_ptr + row * stride_x + hh, mask=hmask, other=0.0)
+        if HAS_SCALES:
+            scale = tl.load(s_ptr + row * stride_s + hh // GROUP, mask=hmask, other=0.0)
+            x = x.to(tl.float32) * scale
+        tl.store(ox_ptr + row * H + hh, x.to(ox_ptr.dtype.element_ty), mask=hmask)
+
+
+def sparse_unpack(weights: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor, scales: torch.Tensor | None,
+                  dtype: torch.dtype, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_rows, top_k = weights.shape
+    h = hidden.shape[1]
+    if (weights.dtype != torch.float32 or ids.dtype != torch.int32 or ids.shape != weights.shape
+            or hidden.shape[0] != num_rows or (scales is None and hidden.dtype != dtype)):
+        raise ValueError(f"sparse_unpack: weights fp32 / ids int32 [M, k], hidden [M, H] ({hidden.dtype} -> {dtype})")
+    if any(t.stride(-1) != 1 for t in (weights, ids, hidden)):
+        raise ValueError("sparse_unpack: rows must be contiguous")
+    out_w = torch.empty(num_rows, top_k, dtype=torch.float32, device=weights.device)
+    out_ids = torch.empty(num_rows, top_k, dtype=torch.int32, device=weights.device)
+    out_x = torch.empty(num_rows, h, dtype=dtype, device=weights.device)
+    if num_rows:
+        s = scales if scales is not None else weights
+        _unpack_kernel[(num_rows,)](
+            weights, ids, hidden, s, out_w, out_ids, out_x, h, weights.stride(0), ids.stride(0), hidden.stride(0),
+            s.stride(0), K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
+            GROUP=group, HAS_SCALES=scales is not None, num_warps=4)
+    return out_w, out_ids, out_x
+
+
+def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """back [N + 1, H] (row N zero), slot_of [T, P] int64 -> [T, H] in back's dtype, fp32 sums in rank order."""
+    out = back[slot_of[:, 0]].float()
+    for r in range(1, slot_of.shape[1]):
+        out += back[slot_of[:, r]].float()
+    return out.to(back.dtype)
+
+
+@triton.jit
+def _combine_kernel(back_ptr, slot_ptr, out_ptr, H, N, stride_b, stride_o, P: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = hh < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for r in tl.static_range(P):
+        slot = tl.load(slot_ptr + t * P + r)
+        acc += tl.load(back_ptr + slot * stride_b + hh, mask=hmask & (slot < N), other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + hh, acc.to(out_ptr.dtype.element_ty), mask=hmask)
+
+
+def sparse_combine(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
+    if slot_of.dtype != torch.int64 or back.dim() != 2 or back.shape[0] != num_rows + 1 or back.stride(1) != 1:
+        raise ValueError(f"sparse_combine: back [N + 1, H] with contiguous rows and int64 slots, got "
+                         f"{tuple(back.shape)}, N={num_rows}, {slot_of.dtype}")
+    num_tokens, num_ranks = slot_of.shape
+    h = back.shape[1]
+    out = torch.empty(num_tokens, h, dtype=back.dtype, device=back.device)
+    if num_tokens:
+        block_h = min(1024, triton.next_power_of_2(h))
+        _combine_kernel[(num_tokens, triton.cdiv(h, block_h))](
+            back, slot_of.contiguous(), out, h, num_rows, back.stride(0), out.stride(0), P=num_ranks,
+            BLOCK_H=block_h, num_warps=4)
+    return out

@@ -1,0 +1,115 @@
+"""The sparse all2all backend end to end on 4 gloo ranks (DP=4/EP=4): greedy tokens equal the allgather
+backend and one rank, also with routing skewed onto one rank and a capacity that forces several rounds;
+the per-layer byte counters show the routing-aware saving. DP=2/EP=2 with the default (sparse) backend
+is in tests/test_parallel.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from runtime.all2all import row_layout
+from tests.test_all2all import free_port, spawn_ranks
+from tests.test_parallel import PROMPTS, _config, _params, _reference, _run_lockstep
+
+TIMEOUT_S = 120
+WORLD = 4
+# (name, checkpoint, --all2all-backend, --expert-token-capacity)
+RUNS = (("qwen/allgather", "qwen", "allgather", None), ("qwen/sparse", "qwen", "sparse", None),
+        ("glm_skew/sparse_cap2", "glm_skew", "sparse", 2))
+
+
+def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
+    from runtime.engine_proc import build_engine
+    from runtime.messages import AddRequest
+    from runtime.parallel import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    parallel = init_parallel(_config(models["qwen"], world))
+    group = dist.new_group(backend="gloo")
+    result: dict[str, object] = {}
+    for name, model, backend, capacity in RUNS:
+        config = _config(models[model], world).replace(all2all_backend=backend, expert_token_capacity=capacity)
+        engine, stats = build_engine(config, parallel)
+        for i, p in enumerate(PROMPTS):
+            if i % world == rank:
+                engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
+        tokens = _run_lockstep(engine, stats, group)
+        # collectives: at least 3 per MoE layer and step (counts, payload, reply); more where rounds were needed
+        result[name] = {"tokens": tokens, "traffic": stats.layer_traffic.tolist(),
+                        "extra_collectives": int(stats.all2all[4]) - 3 * stats.num_moe_layers * engine.num_steps}
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    destroy_parallel()
+
+
+def _skewed_copy(src: str, dst: str, num_experts: int = 8) -> str:
+    """GLM-4.5 whose router picks the last two experts for every token (all on the last EP rank)."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    tensors = load_file(path)
+    for name, t in tensors.items():
+        if name.endswith("e_score_correction_bias"):
+            t.copy_(torch.where(torch.arange(num_experts) >= num_experts - 2, 100.0, 0.0))
+    save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from tests.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("a2a_models")
+    glm = make_tiny_checkpoint(str(root / "glm"), "Glm4MoeForCausalLM")
+    return {"qwen": make_tiny_checkpoint(str(root / "qwen"), "Qwen3MoeForCausalLM"),
+            "glm_skew": _skewed_copy(glm, str(root / "glm_skew"))}
+
+
+def test_sparse_equals_allgather_and_one_rank(models: dict[str, str]) -> None:
+    refs = {name: _reference(path)["tokens"] for name, path in models.items()}
+    with tempfile.TemporaryDirectory() as d:
+        ctx = spawn_ranks(_worker, (WORLD, free_port(), models, d), WORLD, TIMEOUT_S, "all2all engine ranks")
+        results = []
+        for r in range(WORLD):
+            path = os.path.join(d, f"rank{r}.json")
+            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
+            with open(path) as f:
+                results.append(json.load(f))
+    for name, model, _, _ in RUNS:
+        merged: dict[str, list[int]] = {}
+        for res in results:
+            merged.update(res[name]["tokens"])
+        assert merged == refs[model], f"{name}: tokens differ from one rank"
+
+    # [rank, layer, (bytes sent, allgather-equivalent bytes, remote (token, rank) pairs sent)]
+    allgather = torch.tensor([res["qwen/allgather"]["traffic"] for res in results])
+    sparse = torch.tensor([res["qwen/sparse"]["traffic"] for res in results])
+    # the sparse run knows what allgather would have moved: exactly what the allgather run moved
+    assert torch.equal(sparse[..., 1], allgather[..., 0]) and torch.equal(allgather[..., 0], allgather[..., 1])
+    # per layer, all ranks: bytes <= allgather's x the mean fraction of remote ranks a row needed, where
+    # fraction = pairs / (remote ranks x rows), rows = what allgather sent / (remote ranks x bytes per row)
+    with open(os.path.join(models["qwen"], "config.json")) as f:
+        hf = json.load(f)
+    hidden, top_k = hf["hidden_size"], hf["num_experts_per_tok"]
+    row_bytes = row_layout(hidden, top_k, torch.float32)[1] + 4 * hidden  # dispatch row + combine row
+    sparse_bytes, allgather_bytes, pairs = sparse[..., 0].sum(0), allgather[..., 0].sum(0), sparse[..., 2].sum(0)
+    rows = allgather_bytes // ((WORLD - 1) * row_bytes)
+    assert (rows * (WORLD - 1) * row_bytes == allgather_bytes).all()
+    assert (sparse_bytes * (WORLD - 1) * rows <= allgather_bytes * pairs).all(), (sparse_bytes, allgather_bytes)
+    assert (2 * sparse_bytes < allgather_bytes).all()  # top-2 of 8 experts on 4 ranks: under half
+
+    # skewed + capacity 2: every token goes to the last rank in several rounds per prefill layer, still
+    # exact; the last rank's own tokens stay home, so it sends only combine replies
+    skew = torch.tensor([res["glm_skew/sparse_cap2"]["traffic"] for res in results])
+    assert (skew[-1, :, 2] == 0).all() and (skew[:-1, :, 2] > 0).all()
+    assert all(res["glm_skew/sparse_cap2"]["extra_collectives"] > 0 for res in results)
+    assert all(res["qwen/sparse"]["extra_collectives"] == 0 for res in results)  # capacity 16: one round

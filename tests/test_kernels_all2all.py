@@ -1,0 +1,110 @@
+"""The sparse all2all's pack and combine kernels vs their torch references (Triton interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.all2all_pack import (
+    sparse_combine,
+    sparse_combine_ref,
+    sparse_pack,
+    sparse_pack_ref,
+    sparse_route,
+    sparse_route_ref,
+    sparse_unpack,
+    sparse_unpack_ref,
+)
+
+
+def _pack_inputs(num_tokens: int, hidden: int, top_k: int, num_ranks: int, num_rows: int, dtype: torch.dtype,
+                 fp8: bool):  # noqa: ANN202
+    gen = torch.Generator().manual_seed(num_tokens * 7 + hidden)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    scales = None
+    if fp8:
+        x = x.to(torch.float8_e4m3fn).view(torch.uint8)
+        scales = torch.rand(num_tokens, -(-hidden // 128), generator=gen)
+    dest = torch.randint(-1, num_ranks, (num_tokens, top_k), generator=gen)
+    local = torch.randint(0, 5, (num_tokens, top_k), generator=gen)
+    w = torch.rand(num_tokens, top_k, generator=gen)
+    pair_of = torch.randint(0, num_tokens * num_ranks + 1, (num_rows,), generator=gen)  # incl. empty rows
+    return x, scales, w, dest, local, pair_of
+
+
+@pytest.mark.parametrize("num_tokens, hidden, top_k, num_ranks, num_rows, dtype, fp8", [
+    (7, 37, 3, 4, 11, torch.float32, False),
+    (5, 130, 2, 2, 9, torch.float16, False),
+    (6, 200, 8, 8, 20, torch.float32, True),  # FP8 bytes + 2 group scales, a partial group
+])
+def test_pack_matches_reference(num_tokens: int, hidden: int, top_k: int, num_ranks: int, num_rows: int,
+                                dtype: torch.dtype, fp8: bool) -> None:
+    x, scales, w, dest, local, pair_of = _pack_inputs(num_tokens, hidden, top_k, num_ranks, num_rows, dtype, fp8)
+    g = scales.shape[1] if scales is not None else 0
+    row = 8 * top_k + 4 * g + hidden * x.element_size() + 5  # odd row bytes: strided views, as in the backend
+    outs = []
+    for pack in (sparse_pack, sparse_pack_ref):
+        buf = torch.zeros(num_rows, row + (-row % 16), dtype=torch.uint8)
+        off = 8 * top_k + 4 * g
+        sparse_scales = buf[:, 8 * top_k : off].view(torch.float32) if fp8 else None
+        pack(x, scales, w, dest, local, pair_of, num_ranks, buf[:, : 4 * top_k].view(torch.float32),
+             buf[:, 4 * top_k : 8 * top_k].view(torch.int32),
+             buf[:, off : off + hidden * x.element_size()].view(x.dtype), sparse_scales)
+        outs.append(buf)
+    assert torch.equal(outs[0], outs[1])
+    ids = outs[1][:, 4 * top_k : 8 * top_k].view(torch.int32)
+    assert (ids >= 0).any() and (ids < 0).any()
+
+
+@pytest.mark.parametrize("num_tokens, hidden, num_ranks, dtype", [(9, 37, 4, torch.float32),
+                                                                  (4, 1100, 2, torch.float16)])
+def test_combine_matches_reference(num_tokens: int, hidden: int, num_ranks: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(hidden)
+    num_rows = num_tokens * num_ranks // 2
+    back = torch.randn(num_rows + 1, hidden, generator=gen).to(dtype)
+    back[num_rows] = 0
+    slot_of = torch.randint(0, num_rows + 1, (num_tokens, num_ranks), generator=gen)
+    out = sparse_combine(back, slot_of, num_rows)
+    ref = sparse_combine_ref(back, slot_of, num_rows)
+    assert out.dtype == dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks", [(1, 2, 2, 4), (70, 3, 2, 4), (13, 8, 4, 8),
+                                                                     (9, 2, 3, 3)])
+def test_route_matches_reference(num_tokens: int, top_k: int, num_local: int, num_ranks: int) -> None:
+    gen = torch.Generator().manual_seed(num_tokens)
+    logits = torch.randn(num_tokens, num_local * num_ranks, generator=gen)
+    ids = logits.topk(top_k, dim=-1).indices.to(torch.int32)
+    ids[num_tokens * 2 // 3 :] = -1  # padding rows
+    got = sparse_route(ids, num_local, num_ranks)
+    want = sparse_route_ref(ids, num_local, num_ranks)
+    for name, a, b in zip(("dest", "local", "slot_of", "pair_of", "counts"), got, want):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("rows, hidden, top_k, dtype, fp8", [(7, 37, 3, torch.float32, False),
+                                                             (5, 300, 2, torch.float16, True),
+                                                             (4, 130, 8, torch.bfloat16, True)])
+def test_unpack_matches_reference(rows: int, hidden: int, top_k: int, dtype: torch.dtype, fp8: bool) -> None:
+    gen = torch.Generator().manual_seed(rows + hidden)
+    g = -(-hidden // 128) if fp8 else 0
+    off = 8 * top_k + 4 * g
+    width = off + hidden * (1 if fp8 else dtype.itemsize)
+    buf = torch.zeros(rows, width + (-width % 16), dtype=torch.uint8)
+    buf[:, : 4 * top_k].view(torch.float32).copy_(torch.rand(rows, top_k, generator=gen))
+    buf[:, 4 * top_k : 8 * top_k].view(torch.int32).copy_(torch.randint(-1, 9, (rows, top_k), generator=gen))
+    x = torch.randn(rows, hidden, generator=gen)
+    if fp8:
+        buf[:, 8 * top_k : off].view(torch.float32).copy_(torch.rand(rows, g, generator=gen))
+        buf[:, off:width].view(torch.float8_e4m3fn).copy_(x.to(torch.float8_e4m3fn))
+    else:
+        buf[:, off:width].view(dtype).copy_(x.to(dtype))
+    views = (buf[:, : 4 * top_k].view(torch.float32), buf[:, 4 * top_k : 8 * top_k].view(torch.int32),
+             buf[:, off:width].view(torch.float8_e4m3fn if fp8 else dtype),
+             buf[:, 8 * top_k : off].view(torch.float32) if fp8 else None)
+    for a, b in zip(sparse_unpack(*views, dtype), sparse_unpack_ref(*views, dtype)):
+        assert a.is_contiguous() and a.dtype == b.dtype
+        if a.dtype == torch.bfloat16:  # the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest
+            torch.testing.assert_close(a, b, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(a, b)
