@@ -71,13 +71,8 @@ class LLMEngine:
         self.device = parallel.device if parallel is not None else config.resolved_device()
         self.hf_config = AutoConfig.from_pretrained(config.model)
         self.dtype = resolve_dtype(config, self.hf_config, self.device)
-        max_positions = getattr(self.hf_config, "max_position_embeddings", None) or 4096
-        if config.max_model_len is not None and config.max_model_len > max_positions:
-            raise ConfigError(
-                f"--max-model-len {config.max_model_len} is longer than the model's "
-                f"max_position_embeddings ({max_positions}); pass a value <= {max_positions}"
-            )
-        self.max_model_len = config.max_model_len or max_positions
+        # checked against max_position_embeddings and rope scaling when the config was built
+        self.max_model_len = config.resolved_max_model_len()
         self.use_triton = config.use_triton(self.device)
         torch.manual_seed(config.seed)
 
