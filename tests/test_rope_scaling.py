@@ -102,6 +102,8 @@ def test_dynamic_ntk_matches_transformers_decoding_past_the_original_length(
 
 
 def test_model_max_len_follows_rope_scaling(base_checkpoints: dict[str, str], tmp_path: Any) -> None:
+    from server.api_server import max_model_len_of
+
     src = base_checkpoints["Qwen3ForCausalLM"]
     qwen3_yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     cases = [(None, 32), (ROPES["linear"], 128), (ROPES["dynamic"], 128), (qwen3_yarn, 131072),
@@ -111,6 +113,7 @@ def test_model_max_len_follows_rope_scaling(base_checkpoints: dict[str, str], tm
         with open(os.path.join(path, "config.json")) as f:
             assert model_max_len(json.load(f)) == expected
         assert EngineConfig(model=path).resolved_max_model_len() == expected
+        assert max_model_len_of(EngineConfig(model=path)) == expected  # the front end's 400 uses the same limit
         with pytest.raises(ConfigError, match=f"--max-model-len {expected + 1} .* <= {expected}"):
             EngineConfig(model=path, max_model_len=expected + 1)
 
