@@ -3,8 +3,8 @@
 The cache layout, the slot rule and the FP8 scheme are those of kernels/attention.py. Each (sequence,
 KV head) is cut into NUM_SPLITS equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
 output and its log-sum-exp, and the last split of a (sequence, KV head) to finish (an atomic counter)
-merges them, so there is no second launch. At long context and small batch many splits keep every SM
-streaming KV: the step reads KV at close to copy bandwidth.
+merges them, so there is no second launch (fused_merge=False keeps the classic second reduce launch, to
+measure one against the other). At long context and small batch many splits keep every SM streaming KV.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     b = tl.program_id(0)
@@ -123,13 +123,34 @@ def _decode_kernel(
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=hmask)
-        # every thread's partial stores precede the release of the counter; the last split merges
-        tl.debug_barrier()
-        counter = counter_ptr + b * NUM_KV_HEADS + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, heads, hmask, d, dmask, stride_ob, stride_oh,
-                          NUM_HEADS, HEAD_DIM, NUM_SPLITS, SPLITS_PAD, GROUP_PAD, BLOCK_D)
-            tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
+        if FUSED_MERGE:
+            # every thread's partial stores precede the release of the counter; the last split merges
+            tl.debug_barrier()
+            counter = counter_ptr + b * NUM_KV_HEADS + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, heads, hmask, d, dmask, stride_ob, stride_oh,
+                              NUM_HEADS, HEAD_DIM, NUM_SPLITS, SPLITS_PAD, GROUP_PAD, BLOCK_D)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
+
+
+@triton.jit
+def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # the second launch of the two-launch variant: one program per (sequence, query head)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"))  # [SPLITS_PAD]
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -168,6 +189,7 @@ def paged_attention_decode(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     num_splits: int | None = None,
+    fused_merge: bool = True,  # False: merge the splits in a second launch (for A/B measurement)
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
@@ -191,7 +213,7 @@ def paged_attention_decode(
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        counters = _split_counters(batch * num_kv_heads, q.device)
+        counters = _split_counters(batch * num_kv_heads, q.device) if fused_merge else seq_lens
     else:
         part_out = part_lse = out  # unused
         counters = seq_lens
@@ -203,6 +225,13 @@ def paged_attention_decode(
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), FUSED_MERGE=fused_merge,
+        num_warps=4, num_stages=2,
     )
+    if num_splits > 1 and not fused_merge:
+        _reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4,
+        )
     return out

@@ -62,17 +62,33 @@ def test_store_kv(case):
 
 
 @pytest.mark.parametrize("case", CPU_CASES)
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode(case, num_splits):
+@pytest.mark.parametrize("num_splits,fused", [(1, True), (3, True), (3, False)])
+def test_decode(case, num_splits, fused):
+    from kernels.decode_attention import _COUNTERS
+
     heads, kv_heads, head_dim, block_size, dtype = case
     seq_lens = [37, 0, 1, 150, 64]
     k_cache, v_cache, tables = _make_cache(seq_lens, block_size, kv_heads, head_dim, dtype, "cpu")
     q = torch.randn(len(seq_lens), heads, head_dim).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     ref = paged_attention_decode_ref(q, k_cache, v_cache, lens, tables, head_dim**-0.5)
-    out = paged_attention_decode(q, k_cache, v_cache, lens, tables, head_dim**-0.5, num_splits=num_splits)
-    assert out[1].abs().max() == 0  # padding row
-    assert _rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 3e-3)
+    for _ in range(2 if fused and num_splits > 1 else 1):  # the fused merge leaves its counters at zero
+        out = paged_attention_decode(q, k_cache, v_cache, lens, tables, head_dim**-0.5, num_splits=num_splits,
+                                     fused_merge=fused)
+        assert out[1].abs().max() == 0  # padding row
+        assert _rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 3e-3)
+        assert all(int(c.count_nonzero()) == 0 for c in _COUNTERS.values())
+
+
+def test_decode_num_splits_grow_as_the_batch_shrinks():
+    from kernels.decode_attention import MAX_SPLITS, decode_num_splits
+
+    # one long request on 132 SMs: enough splits for ~4 programs per SM; a full batch needs none
+    assert decode_num_splits(1, 4, 131072, 132) == MAX_SPLITS
+    assert decode_num_splits(1, 8, 32768, 132) == 66
+    assert decode_num_splits(16, 4, 131072, 132) == 9
+    assert decode_num_splits(256, 4, 4096, 132) == 1
+    assert decode_num_splits(1, 4, 1024, 132) == 4  # at least 256 tokens per split
 
 
 @pytest.mark.parametrize("case", CPU_CASES)
