@@ -50,7 +50,8 @@ def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):
     return k_cache, v_cache, tables
 
 
-def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits: int | None = None) -> dict:
+def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits: int | None = None,
+                 fused_merge: bool = True) -> dict:
     kv_dtype = KV_DTYPES[kv]
     kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
     num_rot = min(16, -(-(256 << 20) // kv_bytes))  # rotate caches so that replays do not run from L2
@@ -60,11 +61,12 @@ def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits:
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     scale = HEAD_DIM**-0.5
     scales = FP8_SCALES if kv == "fp8" else (1.0, 1.0)
-    us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale, *scales, num_splits=num_splits)
-                              for kc, vc, tb in caches])
+    us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale, *scales, num_splits=num_splits,
+                                                     fused_merge=fused_merge) for kc, vc, tb in caches])
     us /= num_rot
     floor_us = kv_bytes / ceil["copy_tbps"] / 1e6
-    row = {"kind": "decode", "kv": kv, "B": batch, "ctx": ctx, "us": us, "floor_us": floor_us,
+    row = {"kind": "decode", "kv": kv, "merge": "fused" if fused_merge else "separate", "B": batch, "ctx": ctx,
+           "us": us, "floor_us": floor_us,
            "frac_bw": floor_us / us, "tbps": kv_bytes / us / 1e6}
     if kv == "fp8":  # accuracy vs the same values in a bf16 cache (dequantized: exactly what FP8 holds)
         ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale, *scales)
@@ -128,7 +130,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    dec = [r for r in rows if r["kind"] == "decode" and r.get("kv", "bf16") == "bf16"]
+    dec = [r for r in rows if r["kind"] == "decode" and r["kv"] == "bf16" and r["merge"] == "fused"]
     for ctx in sorted({r["ctx"] for r in dec}):
         rs = [r for r in dec if r["ctx"] == ctx]
         a1.plot([r["B"] for r in rs], [r["frac_bw"] for r in rs], "o-", label=f"ctx {ctx}")
@@ -153,6 +155,7 @@ def main() -> None:
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
     ap.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
     ap.add_argument("--num-splits", type=int, default=None, help="decode split-K count (default: the heuristic)")
+    ap.add_argument("--decode-merge", default="fused", help="comma list of fused (one launch), separate (two)")
     ap.add_argument("--extend", default="", help="comma list of CHUNK:PREFIX, e.g. 8192:122880")
     ap.add_argument("--no-prefill", action="store_true", help="skip the causal prefill rows")
     args = ap.parse_args()
@@ -164,12 +167,12 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             if batch * ctx > 256 * 16384:  # keep the KV under ~9 GB
                 continue
-            for kv in args.kv_dtypes.split(","):
-                r = bench_decode(batch, ctx, ceil, kv, args.num_splits)
+            for kv, merge in ((kv, m) for kv in args.kv_dtypes.split(",") for m in args.decode_merge.split(",")):
+                r = bench_decode(batch, ctx, ceil, kv, args.num_splits, merge == "fused")
                 rows.append(r)
                 sd = f"{r['sdpa_us']:8.1f}" if "sdpa_us" in r else "     n/a"
                 err = f" err_vs_dequant={r['rel_err_vs_dequant']:.1e}" if "rel_err_vs_dequant" in r else ""
-                print(f"attn decode kv={kv} B={batch:4d} ctx={ctx:6d} us={r['us']:8.1f} "
+                print(f"attn decode kv={kv} merge={merge} B={batch:4d} ctx={ctx:6d} us={r['us']:8.1f} "
                       f"floor_us={r['floor_us']:8.1f} frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} "
                       f"sdpa_us={sd}{err}", flush=True)
                 torch.cuda.empty_cache()
@@ -192,10 +195,11 @@ def main() -> None:
     if pre:
         plot(rows, out / "bench_attention.png")
     parts = []
-    for kv in args.kv_dtypes.split(","):
-        long = [r for r in rows if r["kind"] == "decode" and r["kv"] == kv and r["ctx"] >= 16384]
+    for kv, merge in ((kv, m) for kv in args.kv_dtypes.split(",") for m in args.decode_merge.split(",")):
+        long = [r for r in rows if r["kind"] == "decode" and r["kv"] == kv and r["merge"] == merge
+                and r["ctx"] >= 16384]
         if long:
-            parts.append(f"decode {kv} ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
+            parts.append(f"decode {kv} {merge} ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
                          f"max {max(r['frac_bw'] for r in long):.2f}")
     ext = [r for r in rows if r["kind"] == "extend"]
     if ext:
