@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels.attention import _LOG2E, attend, check_cache, gather_kv
 
-MAX_SPLITS = 128
+MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
 
 
 def paged_attention_decode_ref(
@@ -39,27 +39,22 @@ def paged_attention_decode_ref(
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, heads, hmask, d, dmask, stride_ob, stride_oh,
-                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    # out[b, heads] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max); .cg: other SMs wrote them
+def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, stride_ob, stride_oh,
+                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # out[b, h] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, head_dim] tile;
+    # .cg: the partials were written by other SMs, never through this SM's L1
     s = tl.arange(0, SPLITS_PAD)
-    rows = (b * NUM_HEADS + heads)[:, None] * NUM_SPLITS + s[None, :]  # [GROUP_PAD, SPLITS_PAD]
-    lse = tl.load(part_lse_ptr + rows, mask=hmask[:, None] & (s < NUM_SPLITS)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
-    m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # seq_len 0: every weight is 0 -> zeros
-    total = tl.sum(tl.exp2(lse - m[:, None]), 1)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    for i in range(NUM_SPLITS):
-        row = (b * NUM_HEADS + heads) * NUM_SPLITS + i
-        w = tl.exp2(tl.load(part_lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - m)
-        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=hmask[:, None] & dmask[None, :],
-                       other=0.0, cache_modifier=".cg")
-        acc += part * w[:, None]
-    o = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=hmask[:, None] & dmask[None, :])
+    d = tl.arange(0, BLOCK_D)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # seq_len 0: every weight is 0 -> zeros
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+    total = tl.sum(w, 0)
+    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -128,8 +123,9 @@ def _decode_kernel(
             tl.debug_barrier()
             counter = counter_ptr + b * NUM_KV_HEADS + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, b, heads, hmask, d, dmask, stride_ob, stride_oh,
-                              NUM_HEADS, HEAD_DIM, NUM_SPLITS, SPLITS_PAD, GROUP_PAD, BLOCK_D)
+                for g2 in range(GROUP):
+                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, stride_ob, stride_oh,
+                                NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS, SPLITS_PAD)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
 
@@ -138,19 +134,8 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
     # the second launch of the two-launch variant: one program per (sequence, query head)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, BLOCK_D)
-    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
-    lse = tl.load(part_lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"))  # [SPLITS_PAD]
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    total = tl.sum(w, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), stride_ob, stride_oh,
+                NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS, SPLITS_PAD)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -160,10 +145,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Splits per (sequence, kv head): enough programs for ~4 per SM, each with at least 256 tokens of the
+    """Splits per (sequence, kv head): enough programs for ~2 per SM, each with at least 256 tokens of the
     longest possible context; shapes only, never tensor values (CUDA graphs)."""
     programs = batch * num_kv_heads
-    want = triton.cdiv(4 * num_sms, programs)
+    want = triton.cdiv(2 * num_sms, programs)
     return max(1, min(want, triton.cdiv(max_context, 256), MAX_SPLITS))
 
 
