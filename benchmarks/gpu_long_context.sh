@@ -19,7 +19,7 @@ python benchmarks/bench_attention.py --out "$OUT" --batches 1,16 --ctxs 32768,13
 if [ "${E2E:-0}" = 1 ]; then
   for kv in auto fp8; do
     python benchmarks/bench_e2e.py --no-hf --batch-sizes 1,16 --ctx 131000 --max-model-len 131072 \
-      --prompt-len 131072 --prefill 8192 --steps 10 --kv-cache-dtype $kv --gpu-memory-utilization 0.9 \
+      --prompt-len 131000 --prefill 8192 --steps 10 --kv-cache-dtype $kv --gpu-memory-utilization 0.9 \
       --out "$OUT/e2e_long_$kv.json" | grep -E "^ours|SUMMARY|skip"
   done
 fi
