@@ -1,7 +1,7 @@
 """Paged decode attention (one query token per sequence), split-K over the context, one launch.
 
 The cache layout, the slot rule and the FP8 scheme are those of kernels/attention.py. Each (sequence,
-KV head) is cut into NUM_SPLITS equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
+KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
 output and its log-sum-exp, and the last split of a (sequence, KV head) to finish (an atomic counter)
 merges them, so there is no second launch (fused_merge=False keeps the classic second reduce launch, to
 measure one against the other). At long context and small batch many splits keep every SM streaming KV.
@@ -39,19 +39,18 @@ def paged_attention_decode_ref(
 
 
 @triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, stride_ob, stride_oh,
-                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, num_splits, stride_ob, stride_oh,
+                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     # out[b, h] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, head_dim] tile;
     # .cg: the partials were written by other SMs, never through this SM's L1
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
-    lse = tl.load(part_lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"), cache_modifier=".cg")
+    row = (b * NUM_HEADS + h) * num_splits + s
+    lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # seq_len 0: every weight is 0 -> zeros
     part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+                   mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
     total = tl.sum(w, 0)
     o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -63,11 +62,12 @@ def _decode_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
     v_scale,
+    num_splits,  # a runtime value: one compiled kernel serves every split count up to SPLITS_PAD
     stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_bt, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     b = tl.program_id(0)
@@ -81,7 +81,7 @@ def _decode_kernel(
     dmask = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
-    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -110,11 +110,11 @@ def _decode_kernel(
     has = l_i > 0
     o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     omask = hmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
+    if SPLITS_PAD == 1:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=omask)
     else:
-        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # part_out [B, H, S, D], part_lse [B, H, S]
+        row = (b * NUM_HEADS + heads) * num_splits + split  # part_out [B, H, S, D], part_lse [B, H, S]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=hmask)
@@ -122,20 +122,19 @@ def _decode_kernel(
             # every thread's partial stores precede the release of the counter; the last split merges
             tl.debug_barrier()
             counter = counter_ptr + b * NUM_KV_HEADS + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 for g2 in range(GROUP):
-                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, stride_ob, stride_oh,
-                                NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS, SPLITS_PAD)
+                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, num_splits, stride_ob,
+                                stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
 
 @triton.jit
-def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
-                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     # the second launch of the two-launch variant: one program per (sequence, query head)
-    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), stride_ob, stride_oh,
-                NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS, SPLITS_PAD)
+    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_ob,
+                stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -195,6 +194,8 @@ def paged_attention_decode(
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
     block_n = 64 if block_d <= 128 else 32
+    # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile)
+    splits_pad = 1 if num_splits == 1 else max(2, triton.next_power_of_2(num_splits))
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -204,19 +205,18 @@ def paged_attention_decode(
         counters = seq_lens
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
-        scale * k_scale * _LOG2E, v_scale,
+        scale * k_scale * _LOG2E, v_scale, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), FUSED_MERGE=fused_merge,
+        SPLITS_PAD=splits_pad, FUSED_MERGE=fused_merge,
         num_warps=4, num_stages=2,
     )
     if num_splits > 1 and not fused_merge:
         _reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-            BLOCK_D=block_d, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4,
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=splits_pad, num_warps=4,
         )
     return out
