@@ -100,9 +100,10 @@ def rope_table(rotary_dim: int, max_positions: int, params: dict[str, Any], devi
         # transformers takes L from the step's largest position; a table needs one L per position, so we
         # take each token's own: identical within max_position_embeddings and for every decoded token.
         factor, old_len = float(params["factor"]), float(params["max_position_embeddings"])
-        seq_len = (positions + 1).clamp(min=old_len)[:, None]  # [P, 1]
+        seq_len = (positions.double() + 1).clamp(min=old_len)[:, None]  # [P, 1]
+        # theta in float64 then rounded once, as transformers' Python-float base is
         thetas = theta * ((factor * seq_len / old_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
-        inv_freq = _inv_freq(rotary_dim, thetas, device)  # [P, rotary_dim / 2]
+        inv_freq = _inv_freq(rotary_dim, thetas.float(), device)  # [P, rotary_dim / 2]
         freqs = positions[:, None] * inv_freq
         return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     else:
