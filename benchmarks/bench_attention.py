@@ -34,6 +34,7 @@ from kernels.attention import paged_attention_prefill  # noqa: E402
 from kernels.decode_attention import paged_attention_decode  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
+SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
@@ -158,7 +159,10 @@ def main() -> None:
     ap.add_argument("--decode-merge", default="fused", help="comma list of fused (one launch), separate (two)")
     ap.add_argument("--extend", default="", help="comma list of CHUNK:PREFIX, e.g. 8192:122880")
     ap.add_argument("--no-prefill", action="store_true", help="skip the causal prefill rows")
+    ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b", help="attention heads of this model")
     args = ap.parse_args()
+    global HEADS, KV_HEADS
+    HEADS, KV_HEADS = SHAPES[args.shape]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ceil = measure_ceilings()
@@ -190,7 +194,8 @@ def main() -> None:
               f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f} sdpa_us={r['sdpa_us']:8.1f} "
               f"sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}", flush=True)
     (out / "bench_attention.json").write_text(json.dumps({"ceilings": ceil, "rows": rows,
-                                                          "device": torch.cuda.get_device_name()}, indent=1))
+                                                          "device": torch.cuda.get_device_name(),
+                                                          "shape": args.shape}, indent=1))
     pre = [r for r in rows if r["kind"] == "prefill"]
     if pre:
         plot(rows, out / "bench_attention.png")
@@ -207,7 +212,7 @@ def main() -> None:
     if pre:
         parts.append(f"prefill frac_mm {min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
                      f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
-    print("bench_attention summary: " + "; ".join(parts))
+    print(f"bench_attention summary ({args.shape}): " + "; ".join(parts))
 
 
 if __name__ == "__main__":
