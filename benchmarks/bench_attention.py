@@ -7,6 +7,11 @@ B in 1..256, context 1k..32k, CUDA-graph replay; its floor is the KV bytes over 
 gets the same KV as contiguous tensors (no paging) with enable_gqa. Prefill: causal, one or several
 sequences, vs SDPA's causal flash path; its floor is the causal FLOPs over the bf16 matmul rate. Prints one
 line per row and 'bench_attention summary' last.
+
+--kv-dtypes bf16,fp8 runs decode on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the floor counts the
+bytes of that dtype, and each FP8 row reports its output's error vs the bf16 cache. --extend CHUNK:PREFIX
+rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill of a long prompt).
+Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8 --extend 8192:122880.
 """
 
 from __future__ import annotations
@@ -25,34 +30,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_moe import bench_graph, measure_ceilings  # noqa: E402
 
-from kernels.attention import paged_attention_decode, paged_attention_prefill  # noqa: E402
+from kernels.attention import paged_attention_prefill  # noqa: E402
+from kernels.decode_attention import paged_attention_decode  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
+SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
-def paged_cache(batch: int, ctx: int):
+def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):
     blocks_per_seq = -(-ctx // BLOCK)
     num_blocks = batch * blocks_per_seq
     k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=DT)
     v_cache = torch.randn_like(k_cache)
+    if kv_dtype != DT:
+        k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)  # N(0, 1): e4m3's range, scale aside
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
     return k_cache, v_cache, tables
 
 
-def bench_decode(batch: int, ctx: int, ceil: dict) -> dict:
-    kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits: int | None = None,
+                 fused_merge: bool = True) -> dict:
+    kv_dtype = KV_DTYPES[kv]
+    kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
     num_rot = min(16, -(-(256 << 20) // kv_bytes))  # rotate caches so that replays do not run from L2
-    caches = [paged_cache(batch, ctx) for _ in range(num_rot)]
+    caches = [paged_cache(batch, ctx, kv_dtype) for _ in range(num_rot)]
     k_cache, v_cache, tables = caches[0]
     q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DT)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     scale = HEAD_DIM**-0.5
-    us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale) for kc, vc, tb in caches])
+    scales = FP8_SCALES if kv == "fp8" else (1.0, 1.0)
+    us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale, *scales, num_splits=num_splits,
+                                                     fused_merge=fused_merge) for kc, vc, tb in caches])
     us /= num_rot
     floor_us = kv_bytes / ceil["copy_tbps"] / 1e6
-    row = {"kind": "decode", "B": batch, "ctx": ctx, "us": us, "floor_us": floor_us, "frac_bw": floor_us / us,
-           "tbps": kv_bytes / us / 1e6}
+    row = {"kind": "decode", "kv": kv, "merge": "fused" if fused_merge else "separate", "B": batch, "ctx": ctx,
+           "us": us, "floor_us": floor_us,
+           "frac_bw": floor_us / us, "tbps": kv_bytes / us / 1e6}
+    if kv == "fp8":  # accuracy vs the same values in a bf16 cache (dequantized: exactly what FP8 holds)
+        ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale, *scales)
+        ref = paged_attention_decode(q, (k_cache.float() * scales[0]).to(DT), (v_cache.float() * scales[1]).to(DT),
+                                     lens, tables, scale)
+        row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+        return row
     if batch * ctx <= 1 << 21:  # SDPA needs its own contiguous copy of the KV
         k = k_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :ctx].transpose(1, 2).contiguous()
         v = v_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :ctx].transpose(1, 2).contiguous()
@@ -87,6 +109,21 @@ def bench_prefill(batch: int, seq: int, ceil: dict) -> dict:
             "sdpa_frac_mm": floor_us / sdpa_us, "rel_err": err}
 
 
+def bench_extend(chunk: int, prefix: int, ceil: dict) -> dict:
+    # one sequence: chunk new queries over prefix cached tokens plus themselves (causal)
+    k_cache, v_cache, tables = paged_cache(1, prefix + chunk)
+    q = torch.randn(chunk, HEADS, HEAD_DIM, device="cuda", dtype=DT)
+    cu = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([prefix + chunk], device="cuda", dtype=torch.int32)
+    us = triton.testing.do_bench(
+        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk), rep=100,
+        return_mode="median") * 1e3
+    flops = 4 * HEADS * HEAD_DIM * chunk * (prefix + chunk / 2)
+    floor_us = flops / ceil["bf16_tflops"] / 1e6
+    return {"kind": "extend", "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us, "floor_us": floor_us,
+            "frac_mm": floor_us / us, "tflops": flops / us / 1e6}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -94,7 +131,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    dec = [r for r in rows if r["kind"] == "decode"]
+    dec = [r for r in rows if r["kind"] == "decode" and r["kv"] == "bf16" and r["merge"] == "fused"]
     for ctx in sorted({r["ctx"] for r in dec}):
         rs = [r for r in dec if r["ctx"] == ctx]
         a1.plot([r["B"] for r in rs], [r["frac_bw"] for r in rs], "o-", label=f"ctx {ctx}")
@@ -117,7 +154,15 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
+    ap.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
+    ap.add_argument("--num-splits", type=int, default=None, help="decode split-K count (default: the heuristic)")
+    ap.add_argument("--decode-merge", default="fused", help="comma list of fused (one launch), separate (two)")
+    ap.add_argument("--extend", default="", help="comma list of CHUNK:PREFIX, e.g. 8192:122880")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the causal prefill rows")
+    ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b", help="attention heads of this model")
     args = ap.parse_args()
+    global HEADS, KV_HEADS
+    HEADS, KV_HEADS = SHAPES[args.shape]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ceil = measure_ceilings()
@@ -126,27 +171,48 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             if batch * ctx > 256 * 16384:  # keep the KV under ~9 GB
                 continue
-            r = bench_decode(batch, ctx, ceil)
-            rows.append(r)
-            sd = f"{r['sdpa_us']:8.1f}" if "sdpa_us" in r else "     n/a"
-            print(f"attn decode B={batch:4d} ctx={ctx:6d} us={r['us']:8.1f} floor_us={r['floor_us']:8.1f} "
-                  f"frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} sdpa_us={sd}", flush=True)
-            torch.cuda.empty_cache()
-    for batch, seq in ((1, 1024), (1, 4096), (1, 8192), (4, 2048), (1, 16384)):
+            for kv, merge in ((kv, m) for kv in args.kv_dtypes.split(",") for m in args.decode_merge.split(",")):
+                r = bench_decode(batch, ctx, ceil, kv, args.num_splits, merge == "fused")
+                rows.append(r)
+                sd = f"{r['sdpa_us']:8.1f}" if "sdpa_us" in r else "     n/a"
+                err = f" err_vs_dequant={r['rel_err_vs_dequant']:.1e}" if "rel_err_vs_dequant" in r else ""
+                print(f"attn decode kv={kv} merge={merge} B={batch:4d} ctx={ctx:6d} us={r['us']:8.1f} "
+                      f"floor_us={r['floor_us']:8.1f} frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} "
+                      f"sdpa_us={sd}{err}", flush=True)
+                torch.cuda.empty_cache()
+    for spec in filter(None, args.extend.split(",")):
+        chunk, prefix = map(int, spec.split(":"))
+        r = bench_extend(chunk, prefix, ceil)
+        rows.append(r)
+        print(f"attn extend chunk={chunk} prefix={prefix} us={r['us']:9.1f} floor_us={r['floor_us']:9.1f} "
+              f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}", flush=True)
+        torch.cuda.empty_cache()
+    for batch, seq in () if args.no_prefill else ((1, 1024), (1, 4096), (1, 8192), (4, 2048), (1, 16384)):
         r = bench_prefill(batch, seq, ceil)
         rows.append(r)
         print(f"attn prefill B={batch} seq={seq:6d} us={r['us']:8.1f} floor_us={r['floor_us']:8.1f} "
               f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f} sdpa_us={r['sdpa_us']:8.1f} "
               f"sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}", flush=True)
     (out / "bench_attention.json").write_text(json.dumps({"ceilings": ceil, "rows": rows,
-                                                          "device": torch.cuda.get_device_name()}, indent=1))
-    plot(rows, out / "bench_attention.png")
-    long = [r for r in rows if r["kind"] == "decode" and r["ctx"] >= 16384]
+                                                          "device": torch.cuda.get_device_name(),
+                                                          "shape": args.shape}, indent=1))
     pre = [r for r in rows if r["kind"] == "prefill"]
-    print(f"bench_attention summary: decode ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
-          f"max {max(r['frac_bw'] for r in long):.2f}; prefill frac_mm "
-          f"{min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
-          f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
+    if pre:
+        plot(rows, out / "bench_attention.png")
+    parts = []
+    for kv, merge in ((kv, m) for kv in args.kv_dtypes.split(",") for m in args.decode_merge.split(",")):
+        long = [r for r in rows if r["kind"] == "decode" and r["kv"] == kv and r["merge"] == merge
+                and r["ctx"] >= 16384]
+        if long:
+            parts.append(f"decode {kv} {merge} ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
+                         f"max {max(r['frac_bw'] for r in long):.2f}")
+    ext = [r for r in rows if r["kind"] == "extend"]
+    if ext:
+        parts.append(f"extend frac_mm {min(r['frac_mm'] for r in ext):.2f}-{max(r['frac_mm'] for r in ext):.2f}")
+    if pre:
+        parts.append(f"prefill frac_mm {min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
+                     f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
+    print(f"bench_attention summary ({args.shape}): " + "; ".join(parts))
 
 
 if __name__ == "__main__":

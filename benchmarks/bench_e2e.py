@@ -7,6 +7,10 @@ Floor: bytes a decode step must read (experts touched + attention/router weights
 device-to-device copy bandwidth measured in this run; prefill floor: FLOPs over the measured matmul rate.
 
     python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf]
+
+Long context: --max-model-len 131072 adds Qwen3's yarn block (factor 4 over 32768, as its model card says),
+--kv-cache-dtype fp8 puts the KV in FP8, --prompt-len 131072 times one prompt prefilled in --prefill chunks
+(time to first token); the start prints how many max-length sequences the KV pool holds.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def measure_ceilings(device: torch.device) -> tuple[float, float]:
     return bandwidth, 2 * 8192**3 / (ms * 1e-3)
 
 
-def decode_floor_bytes(cfg: dict, batch: int, ctx: int, weight_bytes: float) -> float:
+def decode_floor_bytes(cfg: dict, batch: int, ctx: int, weight_bytes: float, kv_elem_bytes: int = 2) -> float:
     h, i, e, k, layers = (cfg[n] for n in ("hidden_size", "moe_intermediate_size", "num_experts",
                                            "num_experts_per_tok", "num_hidden_layers"))
     q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
@@ -69,7 +73,7 @@ def decode_floor_bytes(cfg: dict, batch: int, ctx: int, weight_bytes: float) -> 
     experts_touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
     expert_bytes = experts_touched * 3 * h * i * weight_bytes
     attn_bytes = (h * (q_dim + 2 * kv_dim) + q_dim * h) * weight_bytes + h * e * 2  # qkv, o, router (bf16)
-    kv_bytes = batch * (ctx + 1) * 2 * kv_dim * 2
+    kv_bytes = batch * (ctx + 1) * 2 * kv_dim * kv_elem_bytes
     lm_head = cfg["vocab_size"] * h * 2
     return layers * (expert_bytes + attn_bytes + kv_bytes) + lm_head
 
@@ -92,12 +96,18 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
     from runtime.sequence import Sequence, Status
 
     max_b = max(args.batch_sizes)
+    max_len = args.max_model_len or max(args.ctx + 64, args.prefill + 16, args.prompt_len + 16)
     config = EngineConfig(model=model_dir, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
-                          max_model_len=max(args.ctx + 64, args.prefill + 16), max_num_seqs=max_b,
-                          max_num_batched_tokens=args.prefill, gpu_memory_utilization=0.92)
+                          max_model_len=max_len, max_num_seqs=max_b, max_num_batched_tokens=args.prefill,
+                          gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
     engine = LLMEngine(config)
+    kv_elem_bytes = engine.kv_dtype.itemsize
+    fit = engine.block_manager.num_blocks / -(-max_len // config.block_size)
+    print(f"ours kv {args.kv_cache_dtype}: {engine.block_manager.num_blocks} blocks = {fit:.2f} sequences of "
+          f"{max_len} tokens", flush=True)
+    rows = [{"engine": "ours", "phase": "kv_pool", "kv_cache_dtype": args.kv_cache_dtype, "max_model_len": max_len,
+             "num_blocks": engine.block_manager.num_blocks, "max_len_seqs_fit": fit}]
     weight_bytes = 1 if args.quantization == "fp8" else 2
-    rows = []
     params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for batch in args.batch_sizes:
@@ -127,7 +137,7 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
         graph_ms = time_graph_replay(engine, batch)
         if batch in args.profile:
             profile_eager_step(engine)
-        floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes) / bandwidth * 1e3
+        floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes, kv_elem_bytes) / bandwidth * 1e3
         rows.append({"engine": "ours", "phase": "decode", "batch": batch, "ctx": args.ctx, "step_ms": step_ms,
                      "graph_replay_ms": graph_ms,
                      "floor_ms": floor_ms, "floor_fraction": floor_ms / step_ms,
@@ -155,6 +165,20 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
                  "tokens_per_s": args.prefill / prefill_s})
     print(f"ours prefill {args.prefill} tokens: {prefill_s * 1e3:.1f} ms = {args.prefill / prefill_s:.0f} tok/s, "
           f"floor {floor_s * 1e3:.1f} ms", flush=True)
+    if args.prompt_len:  # time to first token of one long prompt, prefilled in --prefill chunks
+        long_prompt = torch.randint(0, 150000, (args.prompt_len,), generator=g).tolist()
+        engine.add_request(AddRequest("long", long_prompt, SamplingParams(temperature=0, max_tokens=1)))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        torch.cuda.synchronize()
+        ttft_s = time.perf_counter() - t0
+        floor_s = prefill_flops(cfg, args.prompt_len) / flops
+        rows.append({"engine": "ours", "phase": "ttft", "tokens": args.prompt_len, "chunk": args.prefill,
+                     "step_ms": ttft_s * 1e3, "floor_ms": floor_s * 1e3, "floor_fraction": floor_s / ttft_s})
+        print(f"ours ttft {args.prompt_len} tokens in {args.prefill}-token chunks: {ttft_s:.2f} s, floor "
+              f"{floor_s:.2f} s ({floor_s / ttft_s:.0%})", flush=True)
     del engine
     return rows
 
@@ -234,6 +258,10 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quantization", choices=["fp8"], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None, help="past 40960: Qwen3's yarn rope scaling")
+    parser.add_argument("--prompt-len", type=int, default=0, help="also time one prompt of this many tokens")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--profile", type=lambda s: [int(x) for x in s.split(",")], default=[],
                         help="batch sizes to profile eagerly, kernel by kernel")
@@ -244,15 +272,18 @@ def main() -> None:
     bandwidth, flops = measure_ceilings(device)
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     model_dir = tempfile.mkdtemp()
+    cfg = dict(QWEN3_30B_A3B)
+    if max(args.max_model_len or 0, args.prompt_len + 16, args.ctx + 64) > cfg["max_position_embeddings"]:
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(QWEN3_30B_A3B, f)
-    rows = bench_engine(model_dir, args, QWEN3_30B_A3B, bandwidth, flops)
+        json.dump(cfg, f)
+    rows = bench_engine(model_dir, args, cfg, bandwidth, flops)
     gc.collect()
     torch.cuda.empty_cache()
     if not args.no_hf:
-        rows += bench_transformers(model_dir, args, QWEN3_30B_A3B)
+        rows += bench_transformers(model_dir, args, cfg)
     result = {"gpu": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth, "matmul_flops": flops,
-              "quantization": args.quantization or "bf16", "rows": rows}
+              "quantization": args.quantization or "bf16", "kv_cache_dtype": args.kv_cache_dtype, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     ours = {r["batch"]: r for r in rows if r["engine"] == "ours" and r["phase"] == "decode"}
@@ -262,8 +293,12 @@ def main() -> None:
         for b, r in ours.items()
     )
     pre = next(r for r in rows if r["phase"] == "prefill")
-    print(f"SUMMARY e2e qwen3-30b-a3b {result['quantization']} {result['gpu']}: decode {summary} "
-          f"prefill8k={pre['tokens_per_s']:.0f}tok/s({pre['floor_fraction']:.0%})")
+    pool = next(r for r in rows if r["phase"] == "kv_pool")
+    ttft = "".join(f" ttft{r['tokens']}={r['step_ms'] / 1e3:.2f}s({r['floor_fraction']:.0%})"
+                   for r in rows if r["phase"] == "ttft")
+    print(f"SUMMARY e2e qwen3-30b-a3b {result['quantization']} kv {args.kv_cache_dtype} {result['gpu']}: "
+          f"ctx {args.ctx} decode {summary} prefill8k={pre['tokens_per_s']:.0f}tok/s({pre['floor_fraction']:.0%})"
+          f"{ttft} fit={pool['max_len_seqs_fit']:.2f}x{pool['max_model_len']}")
 
 
 if __name__ == "__main__":

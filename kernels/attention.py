@@ -4,6 +4,10 @@ Layout (one layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, hea
 A token's slot is block_id * block_size + offset; slot -1 marks a padding token.
 Query token i of sequence b sits at absolute position seq_lens[b] - q_len_b + i and attends
 causally to every cached position <= its own (the cached prefix included).
+
+FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-448), one scale per tensor
+(k_scale, v_scale per layer). The kernels upcast right after each load and fold the scales into the
+math: scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py.
 """
 
 from __future__ import annotations
@@ -12,7 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8 import FP8_DTYPE, FP8_MAX
+
 _LOG2E = 1.4426950408889634
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    # float -> the cache dtype; FP8 stores x / scale, saturated to e4m3's range
+    if dtype != FP8_DTYPE:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
 
 
 def store_kv_ref(
@@ -21,20 +34,24 @@ def store_kv_ref(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid].to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = quantize_kv(k[valid], k_scale, k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = quantize_kv(v[valid], v_scale, v_cache.dtype)
 
 
-def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float = 1.0) -> torch.Tensor:
+    # [seq_len, kv_heads, head_dim]; an FP8 cache comes back dequantized to fp32
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    return cache[block_table[:num_blocks].long()].reshape(-1, *cache.shape[2:])[:seq_len]
+    kv = cache[block_table[:num_blocks].long()].reshape(-1, *cache.shape[2:])[:seq_len]
+    return kv.float() * scale if cache.dtype == FP8_DTYPE else kv
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     # q [q_len, H, D], k/v [kv_len, KVH, D]; causal with the query block at the end of the kv range
     q_len, num_heads, _ = q.shape
     kv_len, num_kv_heads, _ = k.shape
@@ -58,6 +75,8 @@ def paged_attention_prefill_ref(
     block_tables: torch.Tensor,  # [batch, max_blocks_per_seq]
     scale: float,
     max_seqlen_q: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     out = torch.zeros_like(q)
     cu = cu_seqlens_q.tolist()
@@ -66,27 +85,9 @@ def paged_attention_prefill_ref(
         start, end = cu[b], cu[b + 1]
         if end == start or seq_len == 0:
             continue
-        k = _gather_kv(k_cache, block_tables[b], seq_len)
-        v = _gather_kv(v_cache, block_tables[b], seq_len)
-        out[start:end] = _attend(q[start:end], k, v, scale)
-    return out
-
-
-def paged_attention_decode_ref(
-    q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seq_lens: torch.Tensor,  # [batch]; 0 = padding row, output zeros
-    block_tables: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    out = torch.zeros_like(q)
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len == 0:
-            continue
-        k = _gather_kv(k_cache, block_tables[b], seq_len)
-        v = _gather_kv(v_cache, block_tables[b], seq_len)
-        out[b : b + 1] = _attend(q[b : b + 1], k, v, scale)
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
+        out[start:end] = attend(q[start:end], k, v, scale)
     return out
 
 
@@ -95,11 +96,11 @@ def paged_attention_decode_ref(
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, inv_k_scale, inv_v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr, FP8_MAX_C: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -112,94 +113,13 @@ def _store_kv_kernel(
     mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # saturate: e4m3 has no inf, an out-of-range cast would be NaN
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX_C, FP8_MAX_C)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX_C, FP8_MAX_C)
     kc = k_cache_ptr + blk * stride_kcb + off * stride_kcs + h * stride_kch + d
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
-    stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    stride_bt, stride_ob, stride_oh,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    g = tl.arange(0, GROUP_PAD)
-    heads = kvh * GROUP + g
-    d = tl.arange(0, BLOCK_D)
-    hmask = g < GROUP
-    dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
-    # each split takes an equal, BLOCK_N-aligned share of this sequence's tokens
-    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < end
-        page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        in_page = (n % BLOCK_SIZE).to(tl.int64)
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    omask = hmask[:, None] & dmask[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # part_out [B, H, S, D], part_lse [B, H, S]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=hmask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, BLOCK_D)
-    row = (b * NUM_HEADS + h) * NUM_SPLITS + s
-    lse = tl.load(part_lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"))  # [SPLITS_PAD]
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                   mask=(s < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    total = tl.sum(w, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # seq_len 0: all w = 0 -> zeros
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -212,10 +132,11 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, 
     page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
     in_page = (n % BLOCK_SIZE).to(tl.int64)
     kv_mask = nmask[:, None] & dmask[None, :]
+    # an FP8 cache is upcast to q's dtype right after the load (exact); its scales are in qk_scale / the output
     k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + k_head)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+                mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + v_head)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -228,10 +149,11 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, 
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width follows the batch
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
-    qk_scale,
+    qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
+    v_scale,
     stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -273,7 +195,7 @@ def _prefill_kernel(
     for n0 in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
                                       qk_scale, kv_off, BLOCK_SIZE, BLOCK_N, True)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -281,7 +203,7 @@ def _prefill_kernel(
 # ---------------------------------------------------------------- checked wrappers
 
 
-def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k/v cache must be [blocks, block_size, kv_heads, head_dim], got "
                          f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
@@ -290,8 +212,9 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     if q.shape[-1] != k_cache.shape[3] or q.shape[-2] % k_cache.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} does not match kv cache {tuple(k_cache.shape)} (GQA needs "
                          "num_heads divisible by num_kv_heads)")
-    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if k_cache.dtype not in (q.dtype, FP8_DTYPE) or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} (the cache "
+                         f"holds q's dtype or {FP8_DTYPE})")
 
 
 def store_kv(
@@ -300,6 +223,8 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape[2:] != k.shape[1:] or v_cache.shape != k_cache.shape:
@@ -313,76 +238,14 @@ def store_kv(
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        FP8=k_cache.dtype == FP8_DTYPE, FP8_MAX_C=FP8_MAX,
     )
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
-def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Splits per (sequence, kv head) so that the grid fills ~2 waves; shapes only, never tensor values."""
-    programs = batch * num_kv_heads
-    want = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(want, triton.cdiv(max_context, 64), 64))
-
-
-def paged_attention_decode(
-    q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seq_lens: torch.Tensor,  # [batch]; 0 = padding row, output zeros
-    block_tables: torch.Tensor,
-    scale: float,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    _check_cache(q, k_cache, v_cache)
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
-        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
-                         f"do not match batch {batch}")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be contiguous along its last dim")
-    out = torch.empty_like(q)
-    if batch == 0:
-        return out
-    group = num_heads // num_kv_heads
-    if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
-                                       _num_sms(q.device))
-    block_d = triton.next_power_of_2(head_dim)
-    block_n = 64 if block_d <= 128 else 32
-    if num_splits > 1:
-        part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
-        scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
-    )
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
-        )
-    return out
 
 
 def paged_attention_prefill(
@@ -394,8 +257,10 @@ def paged_attention_prefill(
     block_tables: torch.Tensor,  # [batch, max_blocks_per_seq]
     scale: float,
     max_seqlen_q: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    _check_cache(q, k_cache, v_cache)
+    check_cache(q, k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
@@ -415,7 +280,7 @@ def paged_attention_prefill(
     grid = (triton.cdiv(max_seqlen_q, block_m // pack), batch, num_heads // pack)
     _prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
-        scale * _LOG2E,
+        scale * k_scale * _LOG2E, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),

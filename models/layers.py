@@ -15,6 +15,7 @@ from torch import nn
 from kernels import norm as norm_kernels
 from kernels import rope as rope_kernels
 from models.args import ModelArgs
+from runtime.config import ROPE_TYPES, check_rope, model_max_len, rope_parameters
 from runtime.forward_batch import ForwardBatch
 
 
@@ -38,12 +39,42 @@ class RMSNorm(nn.Module):
 
 def rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 nests everything in rope_parameters; older config.json files use rope_theta + rope_scaling
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    if "partial_rotary_factor" in cfg:
-        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
-    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    params = rope_parameters(cfg)
+    check_rope(params)
     return params
+
+
+def _inv_freq(rotary_dim: int, theta: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    # [rotary_dim / 2], or [P, rotary_dim / 2] for a theta per position [P, 1]
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def _yarn_inv_freq(rotary_dim: int, params: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, float]:
+    # YaRN: long wavelengths interpolated by factor, short ones kept, a linear ramp between them; cos/sin
+    # are scaled by attention_factor (0.1 ln(factor) + 1 unless the checkpoint gives it)
+    theta, factor = float(params["rope_theta"]), float(params["factor"])
+    old_len = float(params["original_max_position_embeddings"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+
+    def correction_dim(num_rotations: float) -> float:  # the dim whose wavelength fits num_rotations in old_len
+        return rotary_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    inv_freq = _inv_freq(rotary_dim, theta, device)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate (frequency / factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
 
 
 def rope_table(rotary_dim: int, max_positions: int, params: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -51,7 +82,8 @@ def rope_table(rotary_dim: int, max_positions: int, params: dict[str, Any], devi
     rope_type, theta = params["rope_type"], float(params["rope_theta"])
     if rope_type == "default":
         return rope_kernels.rope_cos_sin(rotary_dim, max_positions, theta, device=device)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+    positions = torch.arange(max_positions, dtype=torch.float32, device=device)
+    inv_freq, attention_factor = _inv_freq(rotary_dim, theta, device), 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / float(params["factor"])
     elif rope_type == "llama3":
@@ -61,10 +93,23 @@ def rope_table(rotary_dim: int, max_positions: int, params: dict[str, Any], devi
         smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
         # long wavelengths are slowed by factor, short ones kept, the band between interpolated
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif rope_type == "yarn":
+        inv_freq, attention_factor = _yarn_inv_freq(rotary_dim, params, device)
+    elif rope_type == "dynamic":
+        # NTK-aware: theta grows with the sequence length L = max(position + 1, max_position_embeddings).
+        # transformers takes L from the step's largest position; a table needs one L per position, so we
+        # take each token's own: identical within max_position_embeddings and for every decoded token.
+        factor, old_len = float(params["factor"]), float(params["max_position_embeddings"])
+        seq_len = (positions.double() + 1).clamp(min=old_len)[:, None]  # [P, 1]
+        # theta in float64 then rounded once, as transformers' Python-float base is
+        thetas = theta * ((factor * seq_len / old_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+        inv_freq = _inv_freq(rotary_dim, thetas.float(), device)  # [P, rotary_dim / 2]
+        freqs = positions[:, None] * inv_freq
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     else:
-        raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (supported: default, linear, llama3)")
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    freqs = torch.outer(positions, inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor
 
 
 @dataclass(frozen=True)
@@ -102,7 +147,7 @@ class DecoderSpec:
             intermediate_size=cfg.get("intermediate_size", 0),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_positions=cfg.get("max_position_embeddings", 4096),
+            max_positions=model_max_len(cfg),  # the rope table covers the scaled context
             rope=rope_params(cfg),
             attention_bias=bool(cfg.get("attention_bias", False)),
         )

@@ -8,14 +8,18 @@ import torch
 
 from runtime.forward_batch import ForwardBatch
 
+KvScales = list[tuple[float, float]]  # per layer: (k_scale, v_scale) of an FP8 KV cache
+
 
 class PagedAttention:
     """One implementation of the AttentionBackend protocol, over a set of three kernels."""
 
-    def __init__(self, store_kv: Callable, prefill: Callable, decode: Callable) -> None:
+    def __init__(self, store_kv: Callable, prefill: Callable, decode: Callable,
+                 kv_scales: KvScales | None = None) -> None:
         self.store_kv = store_kv
         self.prefill = prefill
         self.decode = decode
+        self.kv_scales = kv_scales  # None: every scale is 1.0 (and a float cache ignores them)
 
     def forward(
         self,
@@ -29,24 +33,26 @@ class PagedAttention:
         if batch.is_dummy:  # lockstep filler: nothing real to attend to, nothing to store
             return torch.zeros_like(q)
         k_cache, v_cache = batch.kv_caches[layer_id]
-        self.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        k_scale, v_scale = self.kv_scales[layer_id] if self.kv_scales is not None else (1.0, 1.0)
+        self.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
         if batch.is_decode:
-            return self.decode(q, k_cache, v_cache, batch.seq_lens, batch.block_tables, scale)
-        return self.prefill(
-            q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, scale, batch.max_seqlen_q
-        )
+            return self.decode(q, k_cache, v_cache, batch.seq_lens, batch.block_tables, scale, k_scale, v_scale)
+        return self.prefill(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, scale,
+                            batch.max_seqlen_q, k_scale, v_scale)
 
 
-def torch_attention() -> PagedAttention:
-    from kernels.attention import paged_attention_decode_ref, paged_attention_prefill_ref, store_kv_ref
+def torch_attention(kv_scales: KvScales | None = None) -> PagedAttention:
+    from kernels.attention import paged_attention_prefill_ref, store_kv_ref
+    from kernels.decode_attention import paged_attention_decode_ref
 
-    return PagedAttention(store_kv_ref, paged_attention_prefill_ref, paged_attention_decode_ref)
-
-
-def triton_attention() -> PagedAttention:
-    from kernels.attention import paged_attention_decode, paged_attention_prefill, store_kv
-
-    return PagedAttention(store_kv, paged_attention_prefill, paged_attention_decode)
+    return PagedAttention(store_kv_ref, paged_attention_prefill_ref, paged_attention_decode_ref, kv_scales)
 
 
-ATTENTION_BACKENDS: dict[str, Callable[[], PagedAttention]] = {"torch": torch_attention, "triton": triton_attention}
+def triton_attention(kv_scales: KvScales | None = None) -> PagedAttention:
+    from kernels.attention import paged_attention_prefill, store_kv
+    from kernels.decode_attention import paged_attention_decode
+
+    return PagedAttention(store_kv, paged_attention_prefill, paged_attention_decode, kv_scales)
+
+
+ATTENTION_BACKENDS: dict[str, Callable[..., PagedAttention]] = {"torch": torch_attention, "triton": triton_attention}

@@ -23,6 +23,62 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message says what to do."""
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    # multimodal checkpoints nest the language model's config
+    return hf.get("text_config", hf) if "max_position_embeddings" not in hf else hf
+
+
+def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's RoPE as one flat dict with rope_type, rope_theta, max_position_embeddings and the
+    scaling fields; old `rope_scaling` wins over transformers-5 `rope_parameters`, as in transformers."""
+    raw = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError("per-layer-type rope_parameters are not supported")
+    params = dict(raw)
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    if "partial_rotary_factor" in hf:
+        params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    params["max_position_embeddings"] = int(hf.get("max_position_embeddings") or 4096)
+    if params["rope_type"] in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = int(
+            params.get("original_max_position_embeddings") or params["max_position_embeddings"])
+    if params["rope_type"] == "yarn" and params.get("factor") is None:
+        params["factor"] = params["max_position_embeddings"] / params["original_max_position_embeddings"]
+    return params
+
+
+def check_rope(params: dict[str, Any]) -> None:
+    """One-line ConfigError for a RoPE the runtime cannot reproduce exactly."""
+    rope_type = params["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"the checkpoint's rope_type {rope_type!r} is not supported (supported: "
+                          f"{', '.join(ROPE_TYPES)})")
+    needed = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    missing = [k for k in needed if params.get(k) is None]
+    if missing:
+        raise ConfigError(f"the checkpoint's rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
+    if rope_type in ("linear", "dynamic", "yarn", "llama3") and float(params["factor"]) < 1.0:
+        raise ConfigError(f"the checkpoint's rope scaling factor must be >= 1, got {params['factor']}")
+
+
+def model_max_len(hf: dict[str, Any]) -> int:
+    """Longest context the checkpoint's positions cover (vLLM's rule): max_position_embeddings, times the
+    scaling factor for linear / dynamic, original_max_position_embeddings * factor for yarn."""
+    params = rope_parameters(text_config(hf))
+    max_len = params["max_position_embeddings"]
+    if params["rope_type"] in ("linear", "dynamic"):
+        max_len = int(max_len * float(params["factor"]))
+    elif params["rope_type"] == "yarn":
+        max_len = int(params["original_max_position_embeddings"] * float(params["factor"]))
+    return max_len
+
+
 def default_model_path() -> str:
     """The built-in demo model shipped inside the package."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "demo")
@@ -48,6 +104,7 @@ class EngineConfig:
     enforce_eager: bool = False
     kernel_backend: str = "auto"  # auto | torch | triton
     max_cudagraph_batch_size: int | None = None
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3
     # parallelism
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
@@ -102,6 +159,17 @@ class EngineConfig:
             )
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ConfigError(f"{self.model!r} has no config.json: --model must be a Hugging Face model folder")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        # checked here, before any rank starts: a rank that fails on it would only be restarted
+        check_rope(rope_parameters(text_config(self.hf_config())))
+        limit = model_max_len(self.hf_config())
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ConfigError(f"--max-model-len {self.max_model_len} is longer than the model's context of {limit} "
+                              f"tokens (max_position_embeddings and rope scaling); pass a value <= {limit}")
 
     @property
     def tokenizer_path(self) -> str:
@@ -134,6 +202,9 @@ class EngineConfig:
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
+    def resolved_max_model_len(self) -> int:
+        return self.max_model_len or model_max_len(self.hf_config())
+
     def hf_config(self) -> dict[str, Any]:
         with open(os.path.join(self.model, "config.json")) as f:
             return json.load(f)
@@ -160,6 +231,8 @@ class EngineConfig:
         a("--enforce-eager", action="store_true", help="no CUDA graphs")
         a("--kernel-backend", choices=["auto", "torch", "triton"], default="auto")
         a("--max-cudagraph-batch-size", type=int, default=None)
+        a("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+          help="fp8 / fp8_e4m3: KV cache in FP8 e4m3 with per-tensor scales (twice the tokens per GiB)")
         a("--data-parallel-size", "-dp", type=int, default=1)
         a("--enable-expert-parallel", action="store_true")
         a("--expert-token-capacity", type=int, default=None)

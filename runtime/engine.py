@@ -20,6 +20,7 @@ from kernels.fused_moe import warmup_token_counts
 from runtime.attention_backend import ATTENTION_BACKENDS
 from runtime.block_manager import BlockManager
 from runtime.config import DTYPES, ConfigError, EngineConfig
+from runtime.kv_cache import kv_cache_dtype, read_kv_scales
 from runtime.messages import AddRequest, RankStats, TokenDelta
 from runtime.model_runner import ModelRunner, kv_bytes_per_block
 from runtime.sampler import Sampler
@@ -73,13 +74,8 @@ class LLMEngine:
         self.device = parallel.device if parallel is not None else config.resolved_device()
         self.hf_config = AutoConfig.from_pretrained(config.model)
         self.dtype = resolve_dtype(config, self.hf_config, self.device)
-        max_positions = getattr(self.hf_config, "max_position_embeddings", None) or 4096
-        if config.max_model_len is not None and config.max_model_len > max_positions:
-            raise ConfigError(
-                f"--max-model-len {config.max_model_len} is longer than the model's "
-                f"max_position_embeddings ({max_positions}); pass a value <= {max_positions}"
-            )
-        self.max_model_len = config.max_model_len or max_positions
+        # checked against max_position_embeddings and rope scaling when the config was built
+        self.max_model_len = config.resolved_max_model_len()
         self.use_triton = config.use_triton(self.device)
         if self.use_triton and self.device.type == "cuda":
             use_persistent_cache(torch.cuda.get_device_name(self.device))  # before the first compile
@@ -98,18 +94,21 @@ class LLMEngine:
         self.model = load_model(config.model, self.hf_config, args, config.load_format)
         logger.info("rank %d: model loaded in %.1f s", self.rank, time.perf_counter() - t0)
 
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         graph_max = config.cuda_graph_max_batch(self.device)
+        # an FP8 cache dequantizes with the checkpoint's per-layer scales (1.0 where it has none)
+        kv_scales = read_kv_scales(config.model, self.model.num_layers) if self.kv_dtype != self.dtype else None
         self.runner = ModelRunner(
             self.model,
             self.device,
-            self.dtype,
+            self.kv_dtype,
             num_blocks,
             config.block_size,
             self.max_model_len,
-            ATTENTION_BACKENDS["triton" if self.use_triton else "torch"](),
+            ATTENTION_BACKENDS["triton" if self.use_triton else "torch"](kv_scales),
             cuda_graph_max_batch=graph_max,
         )
         if self.use_triton and self.device.type == "cuda":
@@ -128,15 +127,18 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         logger.info(
-            "rank %d: %d KV blocks of %d tokens (%.2f GiB), max_model_len %d, kernels %s, cuda graphs %s",
+            "rank %d: %d KV blocks of %d tokens (%.2f GiB, %s), max_model_len %d: %.2f sequences of that "
+            "length fit, kernels %s, cuda graphs %s",
             self.rank, num_blocks, config.block_size,
-            num_blocks * kv_bytes_per_block(self.model, config.block_size, self.dtype) / 2**30,
-            self.max_model_len, "triton" if self.use_triton else "torch", "on" if graph_max else "off",
+            num_blocks * kv_bytes_per_block(self.model, config.block_size, self.kv_dtype) / 2**30,
+            str(self.kv_dtype).removeprefix("torch."), self.max_model_len,
+            num_blocks / -(-self.max_model_len // config.block_size),
+            "triton" if self.use_triton else "torch", "on" if graph_max else "off",
         )  # fmt: skip
 
     def _num_kv_blocks(self) -> int:
         config = self.config
-        per_block = kv_bytes_per_block(self.model, config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.model, config.block_size, self.kv_dtype)
         max_useful = config.max_num_seqs * -(-self.max_model_len // config.block_size) + 1
         if config.num_gpu_blocks_override is not None:
             return config.num_gpu_blocks_override
@@ -154,8 +156,9 @@ class LLMEngine:
         if num_blocks < min_blocks:
             raise ConfigError(
                 f"KV cache of {budget / 2**30:.2f} GiB holds {num_blocks} blocks, fewer than one sequence of "
-                f"max_model_len {self.max_model_len} needs ({min_blocks}): lower --max-model-len or give more "
+                f"max_model_len {self.max_model_len} needs ({min_blocks}): lower --max-model-len, give more "
                 "memory (--gpu-memory-utilization / --kv-cache-memory)"
+                + (" or use --kv-cache-dtype fp8" if self.kv_dtype == self.dtype else "")
             )
         return int(num_blocks)
 

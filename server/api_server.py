@@ -142,10 +142,8 @@ def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest], obj: di
 
 
 def max_model_len_of(config: EngineConfig) -> int:
-    # the engine's rule (runtime/engine.py): the flag, else the model's position limit
-    hf = config.hf_config()
-    hf = hf.get("text_config", hf) if "max_position_embeddings" not in hf else hf
-    return config.max_model_len or hf.get("max_position_embeddings") or 4096
+    # the engine's rule: the flag, else the model's position limit (rope scaling included)
+    return config.resolved_max_model_len()
 
 
 def vocab_size_of(config: EngineConfig) -> int:

@@ -107,3 +107,22 @@ def test_huge_body_and_api_key(stack: Stack) -> None:
     assert httpx.post(stack.base_url + "/v1/completions", json={"prompt": "x"}).status_code == 401
     assert httpx.get(stack.base_url + "/v1/nowhere", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
     assert stack.client.completions.create(model="fake", prompt="ok", max_tokens=1).choices[0].text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_longer_than_max_model_len_names_both_numbers(stack: Stack, path: str) -> None:
+    n = MAX_MODEL_LEN + 7
+    body: dict[str, Any] = {"model": "fake", "max_tokens": 1}
+    if path == "/v1/completions":
+        body["prompt"] = [5] * n  # token ids: exactly n prompt tokens
+    else:
+        body["messages"] = [{"role": "user", "content": "hi " * n}]
+    r = stack.post(path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt", err
+    num_prompt = int(err["message"].split(":")[1].split()[0])
+    assert num_prompt >= n and f"{num_prompt} tokens" in err["message"] and str(MAX_MODEL_LEN) in err["message"]
+    # a prompt that leaves room for one output token is served
+    ok = stack.post("/v1/completions", {"model": "fake", "prompt": [5] * (MAX_MODEL_LEN - 1), "max_tokens": 1})
+    assert ok.status_code == 200, ok.text

@@ -1,0 +1,222 @@
+"""Paged decode attention (one query token per sequence), split-K over the context, one launch.
+
+The cache layout, the slot rule and the FP8 scheme are those of kernels/attention.py. Each (sequence,
+KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
+output and its log-sum-exp, and the last split of a (sequence, KV head) to finish (an atomic counter)
+merges them, so there is no second launch (fused_merge=False keeps the classic second reduce launch, to
+measure one against the other). At long context and small batch many splits keep every SM streaming KV.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention import _LOG2E, attend, check_cache, gather_kv
+
+MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
+
+
+def paged_attention_decode_ref(
+    q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,  # [batch]; 0 = padding row, output zeros
+    block_tables: torch.Tensor,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    out = torch.zeros_like(q)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
+        out[b : b + 1] = attend(q[b : b + 1], k, v, scale)
+    return out
+
+
+@triton.jit
+def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, num_splits, stride_ob, stride_oh,
+                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # out[b, h] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, head_dim] tile;
+    # .cg: the partials were written by other SMs, never through this SM's L1
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    row = (b * NUM_HEADS + h) * num_splits + s
+    lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # seq_len 0: every weight is 0 -> zeros
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                   mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+    total = tl.sum(w, 0)
+    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one variant for all
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
+    v_scale,
+    num_splits,  # a runtime value: one compiled kernel serves every split count up to SPLITS_PAD
+    stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_bt, stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr,
+):
+    # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    g = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    hmask = g < GROUP
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        in_page = (n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = nmask[:, None] & dmask[None, :]
+        # an FP8 cache is upcast to q's dtype right after the load (exact); its scales are in qk_scale, v_scale
+        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
+                    + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    has = l_i > 0
+    o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
+    omask = hmask[:, None] & dmask[None, :]
+    if SPLITS_PAD == 1:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        row = (b * NUM_HEADS + heads) * num_splits + split  # part_out [B, H, S, D], part_lse [B, H, S]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=hmask)
+        if FUSED_MERGE:
+            # every thread's partial stores precede the release of the counter; the last split merges
+            tl.debug_barrier()
+            counter = counter_ptr + b * NUM_KV_HEADS + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                for g2 in range(GROUP):
+                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, num_splits, stride_ob,
+                                stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
+
+
+@triton.jit
+def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # the second launch of the two-launch variant: one program per (sequence, query head)
+    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_ob,
+                stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Splits per (sequence, kv head): enough programs for ~2 per SM, each with at least 256 tokens of the
+    longest possible context; shapes only, never tensor values (CUDA graphs)."""
+    programs = batch * num_kv_heads
+    want = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(want, triton.cdiv(max_context, 256), MAX_SPLITS))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    # zeros that the kernel leaves zeroed; grown (never shrunk) outside graph capture
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def paged_attention_decode(
+    q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,  # [batch]; 0 = padding row, output zeros
+    block_tables: torch.Tensor,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    num_splits: int | None = None,
+    fused_merge: bool = True,  # False: merge the splits in a second launch (for A/B measurement)
+) -> torch.Tensor:
+    check_cache(q, k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
+                         f"do not match batch {batch}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along its last dim")
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
+                                       _num_sms(q.device))
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = 64 if block_d <= 128 else 32
+    # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile)
+    splits_pad = 1 if num_splits == 1 else max(2, triton.next_power_of_2(num_splits))
+    if num_splits > 1:
+        part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        counters = _split_counters(batch * num_kv_heads, q.device) if fused_merge else seq_lens
+    else:
+        part_out = part_lse = out  # unused
+        counters = seq_lens
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
+        scale * k_scale * _LOG2E, v_scale, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        SPLITS_PAD=splits_pad, FUSED_MERGE=fused_merge,
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1 and not fused_merge:
+        _reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=splits_pad, num_warps=4,
+        )
+    return out
