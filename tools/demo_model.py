@@ -56,8 +56,11 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # the norms' float32 weights promote q and k; attention runs in v's dtype (bf16 under autocast)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        groups = self.num_heads // self.num_kv_heads  # GQA: query head h reads kv head h // groups
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -79,9 +82,11 @@ class DenseMixMoE(nn.Module):
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         top_w = (top_w / top_w.sum(dim=-1, keepdim=True)).to(logits.dtype)
         mix = torch.zeros_like(logits).scatter(1, top_i, top_w)  # [num_tokens, num_experts], zero off the top-k
-        gate, up = torch.einsum("nh,eih->eni", x, self.gate_up_proj.to(x.dtype)).chunk(2, dim=-1)
+        dtype = logits.dtype  # the compute dtype: bf16 under autocast, else the weights' float32
+        gate, up = torch.einsum("nh,eih->eni", x.to(dtype), self.gate_up_proj.to(dtype)).chunk(2, dim=-1)
         h = F.silu(gate) * up  # [num_experts, num_tokens, intermediate]
-        out = torch.einsum("eni,ehi,ne->nh", h, self.down_proj.to(x.dtype), mix.to(x.dtype))
+        out = torch.einsum("eni,ehi->enh", h, self.down_proj.to(dtype))  # [num_experts, num_tokens, hidden]
+        out = torch.einsum("enh,ne->nh", out, mix)
         return out.reshape(shape), logits
 
 

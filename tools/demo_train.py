@@ -53,6 +53,7 @@ class TrainArgs:
     moe_intermediate_size: int
     aux_coef: float
     dropout: float
+    bf16: bool | None
     seed: int
     threads: int
     eval_max_tokens: int
@@ -83,6 +84,10 @@ def make_config(args: TrainArgs, tokenizer: PreTrainedTokenizerBase) -> Qwen3Moe
     )
 
 
+def uses_bf16(args: TrainArgs) -> bool:
+    return args.device.startswith("cuda") if args.bf16 is None else args.bf16
+
+
 def lr_at(step: int, elapsed: float, args: TrainArgs) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -94,6 +99,7 @@ def lr_at(step: int, elapsed: float, args: TrainArgs) -> float:
 def train(model: DemoMoE, stream: torch.Tensor, heldout: torch.Tensor, args: TrainArgs) -> dict:
     """stream, heldout: 1-D token ids on the device. Returns the loss curves and counts."""
     cuda = args.device.startswith("cuda")
+    bf16 = uses_bf16(args)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -122,7 +128,7 @@ def train(model: DemoMoE, stream: torch.Tensor, heldout: torch.Tensor, args: Tra
         starts = torch.randint(0, len(stream) - args.seq_len - 1, (args.batch_size,), device=stream.device,
                                generator=gen)  # fmt: skip
         batch = stream[starts[:, None] + offsets].long()  # [batch, seq_len + 1]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(stream.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, router_logits = model(batch[:, :-1])
             lm_loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             aux_loss = per_layer_balance_loss(router_logits, top_k)
@@ -138,7 +144,7 @@ def train(model: DemoMoE, stream: torch.Tensor, heldout: torch.Tensor, args: Tra
             curve.append((step, round(values[0], 4), round(values[1], 4)))
             msg = f"step {step:5d}  lm_loss {values[0]:.3f}  aux {values[1]:.3f}  lr {lr:.2e}  {elapsed / 60:.2f} min"
             if step % (log_every * 10) == 0:
-                heldout_curve.append((step, round(heldout_loss(model, eval_batch, cuda), 4)))
+                heldout_curve.append((step, round(heldout_loss(model, eval_batch, bf16), 4)))
                 msg += f"  held-out {heldout_curve[-1][1]:.3f}"
             print(msg, flush=True)
     if cuda:
@@ -147,15 +153,15 @@ def train(model: DemoMoE, stream: torch.Tensor, heldout: torch.Tensor, args: Tra
     if not curve:  # fewer steps than one log interval (a dry run)
         values = torch.stack(pending).mean(dim=0).tolist()
         curve.append((step, round(values[0], 4), round(values[1], 4)))
-    heldout_curve.append((step, round(heldout_loss(model, eval_batch, cuda), 4)))
+    heldout_curve.append((step, round(heldout_loss(model, eval_batch, bf16), 4)))
     print(f"trained {step} steps in {seconds / 60:.2f} min; held-out loss {heldout_curve[-1][1]:.3f}", flush=True)
     return {"steps": step, "seconds": seconds, "curve": curve, "heldout_curve": heldout_curve}
 
 
 @torch.no_grad()
-def heldout_loss(model: DemoMoE, batch: torch.Tensor, cuda: bool) -> float:
+def heldout_loss(model: DemoMoE, batch: torch.Tensor, bf16: bool) -> float:
     model.eval()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits, _ = model(batch[:, :-1])
     model.train()
     return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).item()
@@ -199,6 +205,7 @@ def parse_args(argv: list[str] | None) -> TrainArgs:
     p.add_argument("--moe-intermediate-size", type=int, default=192)
     p.add_argument("--aux-coef", type=float, default=0.05, help="weight of the per-layer balance loss")
     p.add_argument("--dropout", type=float, default=0.1, help="residual dropout (training only; many epochs)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast (default: on cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--eval-max-tokens", type=int, default=0, help="score only this many held-out tokens (0: all)")
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
             "steps": result["steps"], "batch_size": args.batch_size, "seq_len": args.seq_len,
             "tokens_seen": tokens_seen, "epochs": tokens_seen / len(train_ids), "lr": args.lr,
             "max_minutes": args.max_minutes, "aux_coef": args.aux_coef, "dropout": args.dropout,
-            "precision": "bf16 autocast" if args.device.startswith("cuda") else "float32", "seconds": result["seconds"],
+            "precision": "bf16 autocast" if uses_bf16(args) else "float32", "seconds": result["seconds"],
             "tokens_per_second": tokens_seen / max(result["seconds"], 1e-9), "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
             "final_train_loss": sum(c[1] for c in result["curve"][-20:]) / len(result["curve"][-20:]),
