@@ -11,8 +11,8 @@ model in --compare-with and a unigram baseline, then writes training.json and TR
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
-import lzma
 import math
 import os
 import shutil
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     with open(os.path.join(args.data, "corpus.json")) as f:
         corpus = json.load(f)
-    with lzma.open(os.path.join(args.data, "train.u16.xz")) as f:
+    with gzip.open(os.path.join(args.data, "train.u16.gz")) as f:
         train_ids = np.frombuffer(f.read(), dtype=np.uint16)
     with open(os.path.join(args.data, "heldout_eval.txt"), encoding="utf-8") as f:
         heldout_text = f.read()
