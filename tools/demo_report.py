@@ -44,7 +44,7 @@ def render(r: dict) -> str:
         f"packages (ast, walked in sorted order), docstrings of builtins and C modules (introspected), and the "
         f".md/.rst/.txt files and READMEs shipped in the packages; skipped directories: {', '.join(c['skip_dirs'])}.",
         f"- {c['num_docs']} documents after exact deduplication ("
-        + ", ".join(f"{n} {kind}s" for kind, n in c["num_docs_by_kind"].items())
+        + ", ".join(f"{n} {kind}{'es' if kind.endswith('s') else 's'}" for kind, n in c["num_docs_by_kind"].items())
         + f") from {c['num_packages']} "
         f"top-level packages, {c['num_chars'] / 1e6:.1f} M characters.",
         f"- {c['num_chat_pairs']} ChatML pairs: a question from a public name (\"What does json.dumps do?\", "
