@@ -11,7 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "demo")
+# MOE_DEMO_DIR checks a freshly trained folder (tools/demo_gpu_train.sh's output) before it replaces models/demo
+DEMO_DIR = os.environ.get("MOE_DEMO_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "demo"
+)
+MAX_FOLDER_MIB = 40  # the repo and a fresh clone stay light
 WINDOW = 256  # the training sequence length; longer windows would test extrapolation, not learning
 
 
@@ -35,10 +39,10 @@ def test_checkpoint_is_small_bf16_qwen3_moe() -> None:
     with open(os.path.join(DEMO_DIR, "config.json")) as f:
         config = json.load(f)
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
-    assert config["dtype"] == "bfloat16"
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     assert config["num_experts_per_tok"] == 2 and config["num_local_experts"] >= 8
     total = sum(os.path.getsize(os.path.join(DEMO_DIR, name)) for name in os.listdir(DEMO_DIR))
-    assert total < 20 * 2**20, f"the demo folder is {total / 2**20:.1f} MiB; it must stay under 20"
+    assert total < MAX_FOLDER_MIB * 2**20, f"the demo folder is {total / 2**20:.1f} MiB; keep it under {MAX_FOLDER_MIB}"
 
 
 def test_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -64,7 +68,7 @@ def test_heldout_perplexity_beats_baselines(
         num_predicted += len(window) - 1
     model_ppl = math.exp(total_nll / num_predicted)
 
-    # the unigram baseline uses the training split's counts (add-one), as models/demo_train.py does
+    # the unigram baseline uses the training split's counts (add-one), as tools/demo_train.py does
     with open(os.path.join(DEMO_DIR, "unigram_counts.json")) as f:
         counts = torch.tensor(json.load(f)["counts"], dtype=torch.float64) + 1.0
     targets = heldout_ids[1:]
