@@ -49,6 +49,7 @@ class EngineConfig:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
+    tensor_parallel_size: int = 1  # ranks per DP rank; the world is DP x TP
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -77,7 +78,7 @@ class EngineConfig:
         object.__setattr__(self, "dtype", dtype)
         if self.block_size <= 0 or self.block_size % 8:
             raise ConfigError(f"--block-size must be a positive multiple of 8, got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size", "tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.engine_hang_timeout <= 0:
@@ -145,6 +146,8 @@ class EngineConfig:
         a("--data-parallel-size", "-dp", type=int, default=1)
         a("--enable-expert-parallel", action="store_true")
         a("--expert-token-capacity", type=int, default=None)
+        a("--tensor-parallel-size", "-tp", type=int, default=1,
+          help="ranks (GPUs) per data-parallel rank, the model's heads, MLPs and vocabulary split over them")
         a("--host", default=d["host"].default)
         a("--port", type=int, default=d["port"].default)
         a("--api-key", default=None)
