@@ -155,3 +155,77 @@ def test_tp_sizes_that_do_not_divide_fail_at_start(models: dict[str, str]) -> No
     with pytest.raises(ConfigError, match="--tensor-parallel-size must be positive"):
         _config(qwen, 1, 0)
     check_launch(_config(models["LlamaForCausalLM"], 1, 4), env={})  # 1 KV head: replicated, fine
+
+
+def _load(path: str, tp_rank: int = 0, tp_size: int = 1, **kw: object) -> torch.nn.Module:
+    from models.args import ModelArgs, TensorParallel
+    from models.loader import load_model
+    from tests.test_models import read_config
+
+    args = ModelArgs(dtype=torch.float32, tp=TensorParallel(tp_rank, tp_size), **kw)  # loading needs no group
+    return load_model(path, read_config(path), args)
+
+
+def _shard(full: torch.Tensor, name: str, rank: int, size: int, model: torch.nn.Module) -> torch.Tensor:
+    """What a TP rank's parameter must hold, cut out of the TP=1 model's parameter."""
+    def cut(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = -(-t.shape[dim] // size)  # vocab rows are padded with zeros to a multiple of size
+        t = torch.nn.functional.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, n * size - t.shape[dim]])
+        return t.narrow(dim, rank * n, n)
+
+    if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+        attn = model.get_submodule(name.rpartition(".")[0])
+        q, k, _ = attn.out_sizes
+        head = attn.head_dim
+        kv = k // head
+        kv_rank = rank * kv // size if kv < size else rank
+        parts = [cut(full[:q], 0)]
+        for off in (q, q + k):
+            part = full[off : off + k]
+            parts.append(part[kv_rank * head : (kv_rank + 1) * head] if kv < size else cut(part, 0))
+        return torch.cat(parts)
+    if name.endswith(("gate_up_proj.weight", "experts.w13")):
+        gate, up = full.chunk(2, dim=-2)
+        return torch.cat([cut(gate, gate.dim() - 2), cut(up, up.dim() - 2)], dim=-2)
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
+        return cut(full, full.dim() - 1)
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return cut(full, 0)
+    return full
+
+
+@pytest.mark.parametrize("tp_rank, tp_size", [(1, 2), (3, 4)])
+def test_weight_loaders_read_only_their_shard(models: dict[str, str], tp_rank: int, tp_size: int) -> None:
+    for arch, path in models.items():
+        full = _load(path)
+        part = _load(path, tp_rank, tp_size)
+        fulls = dict(full.named_parameters())
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p, _shard(fulls[name], name, tp_rank, tp_size, part), atol=0, rtol=0,
+                                       msg=f"{arch} {name} at TP rank {tp_rank}/{tp_size}")
+        assert part.load_stats["bytes"] < full.load_stats["bytes"] / 1.5, arch
+
+
+def test_fp8_checkpoint_under_tp(tmp_path) -> None:  # noqa: ANN001
+    from kernels.fp8 import dequantize_weight_block
+    from models.loader import LoadError
+    from tests.test_models import _fp8_checkpoint
+    from tests.tiny import make_tiny_checkpoint
+
+    # dense projections are dequantized on read; a TP shard starting inside a 128-block reads the whole block
+    src = make_tiny_checkpoint(str(tmp_path / "f"), "Qwen3MoeForCausalLM", moe_intermediate_size=256,
+                               num_hidden_layers=2)
+    _fp8_checkpoint(src, str(tmp_path / "fp8"))
+    full, part = _load(str(tmp_path / "fp8")), _load(str(tmp_path / "fp8"), 1, 2)
+    fulls = dict(full.named_parameters())
+    for name, p in part.named_parameters():
+        if p.dtype == torch.float32 and not name.endswith("_scale"):
+            torch.testing.assert_close(p, _shard(fulls[name], name, 1, 2, part), atol=0, rtol=0, msg=name)
+    # FP8 experts stay FP8: each rank's intermediate rows with their own block scales
+    e_full, e_part = full.model.layers[1].mlp.experts, part.model.layers[1].mlp.experts
+    w_full = dequantize_weight_block(e_full.w13, e_full.w13_scale, torch.float32)
+    w_part = dequantize_weight_block(e_part.w13, e_part.w13_scale, torch.float32)
+    torch.testing.assert_close(w_part, _shard(w_full, "experts.w13", 1, 2, part), atol=0, rtol=0)
+    # intermediate 256 / 4 ranks = 64 rows: not whole 128-blocks of scales
+    with pytest.raises(LoadError, match="multiple of 128"):
+        _load(str(tmp_path / "fp8"), 1, 4)
