@@ -253,8 +253,11 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         timed = config.expert_stats_file is not None and parallel.is_tp_leader
         engine, expert_stats = build_engine(config, parallel, timed=timed)
         if not parallel.is_tp_leader:  # a TP peer: no sockets, it runs the plans its TP rank 0 broadcasts
-            engine.runner.follow(tp_follower_stats(expert_stats, parallel))
+            engine.runner.follow(tp_follower_stats(expert_stats, parallel),
+                                 expert_stats.counters if expert_stats is not None else None)
             return
+        if expert_stats is not None and parallel.is_ep and parallel.tp_size > 1:
+            expert_stats.merge = engine.runner.sum_over_tp  # report the whole engine's routing, not one slice
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         EngineLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,

@@ -13,7 +13,7 @@ import torch
 from runtime.cuda_graph import CudaGraphRunner
 from runtime.forward_batch import AttentionBackend, ForwardBatch
 from runtime.scheduler import ScheduledBatch
-from runtime.tp_plan import DUMMY, RUN, STOP, StepPlan, broadcast_plan, receive_plan
+from runtime.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +153,18 @@ class ModelRunner:
     def stop_followers(self) -> None:
         self._send(StepPlan(STOP, 0))
 
-    def follow(self, before_step: Any = None) -> None:
+    def sum_over_tp(self, values: torch.Tensor) -> torch.Tensor:
+        """TP rank 0: the sum of an int64 host vector over its TP ranks (each peer adds its counters())."""
+        self._send(StepPlan(SUM, values.numel()))
+        return sum_over_group(values, self.plan_group)
+
+    def follow(self, before_step: Any = None, counters: Any = None) -> None:
         """A TP peer's whole life: run every plan TP rank 0 broadcasts until it says stop.
-        before_step(plan, rows_run): the rank's per-step hook (expert statistics)."""
+        before_step(plan, rows_run): the rank's per-step hook; counters(): its share of a SUM."""
         while (plan := receive_plan(self.plan_group, self.plan_src)).kind != STOP:
+            if plan.kind == SUM:
+                sum_over_group(counters(), self.plan_group)
+                continue
             if before_step is not None:
                 before_step(plan, self.rows_run(plan))
             self.run(plan)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-RUN, DUMMY, STOP = 1, 2, 3
+RUN, DUMMY, STOP, SUM = 1, 2, 3, 4  # SUM: add up an int64 vector of num_tokens entries over the TP ranks
 _HEADER = 10
 
 
@@ -58,3 +58,9 @@ def receive_plan(group: Any, src: int) -> StepPlan:
         plan.i32 = values[3 * n : 3 * n + num_i32].astype(np.int32)
         plan.sample_rows = values[3 * n + num_i32 :].tolist()
     return plan
+
+
+def sum_over_group(values: torch.Tensor, group: Any) -> torch.Tensor:
+    values = values.clone()
+    dist.all_reduce(values, group=group)
+    return values

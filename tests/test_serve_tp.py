@@ -6,6 +6,7 @@ Every answer is greedy and must equal the offline runtime.LLM's on one rank: tok
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,12 +109,26 @@ def _metric_ranks(base: str, name: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("ep", [False, True], ids=["dp2tp2", "dp2tp2ep4"])
-def test_dp2_tp2_openai_client(models: dict[str, str], offline: dict[str, list[str]], ep: bool) -> None:
-    cmd = [*SERVE, "--model", models["moe"], *CPU, "-dp", "2", "-tp", "2", *(["--enable-expert-parallel"] * ep)]
+def test_dp2_tp2_openai_client(models: dict[str, str], offline: dict[str, list[str]], ep: bool, tmp_path) -> None:  # noqa: ANN001
+    stats_file = str(tmp_path / "experts.json")
+    cmd = [*SERVE, "--model", models["moe"], *CPU, "-dp", "2", "-tp", "2", "--expert-stats-file", stats_file,
+           *(["--enable-expert-parallel"] * ep)]
     with serving(cmd) as (client, base):
-        assert _answers(client, "moe") == offline["moe/float32"]
+        outs = [client.completions.create(model="moe", prompt=p, max_tokens=8, temperature=0) for p in PROMPTS]
+        assert [o.choices[0].text for o in outs] == offline["moe/float32"]
         stream = client.completions.create(model="moe", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in stream) == offline["moe/float32"][1]
+        # expert statistics per engine: every (token, expert) pair of every forward token counted once, also
+        # under EP x TP where each TP rank routes a slice of its engine's tokens (top_k 2, 3 MoE layers)
+        forward = sum(o.usage.prompt_tokens + o.usage.completion_tokens - 1 for o in [*outs, outs[1]])
+        deadline = time.monotonic() + 15
+        while True:
+            data = json.load(open(stats_file)) if os.path.exists(stats_file) else {"ranks": []}
+            routed = [sum(sum(layer) for layer in r["routed_tokens"]) for r in data["ranks"]]
+            if len(routed) == 2 and sum(routed) == forward * 2 * 3:
+                break
+            assert time.monotonic() < deadline, f"expert stats {routed} never reached {forward * 6}"
+            time.sleep(0.3)
         # one engine per DP rank in /metrics (its TP ranks are one engine), both used
         deadline = time.monotonic() + 10
         while len(routed := _metric_ranks(base, "moe_requests_routed_total")) < 2 or sum(routed.values()) < 5:
