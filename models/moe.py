@@ -131,27 +131,31 @@ class Experts(nn.Module):
                 if w13:
                     for half in (0, 1):
                         rows = slice(half * inter + start, half * inter + start + local)
-                        self._load(param, source, j, half, (slice(e, e + 1), rows))
+                        self._load(param, source, j, half, e, (rows, slice(None)))
                 else:
-                    self._load(param, source, j, 0, (slice(e, e + 1), slice(None), slice(start, start + local)))
+                    self._load(param, source, j, 0, e, (slice(None), slice(start, start + local)))
             return
         j, half = shard_id
         if w13:
             source.check_shape([inter, hidden])
-            self._load(param, source, j, half, (slice(start, start + local),))
+            self._load(param, source, j, half, None, (slice(start, start + local), slice(None)))
         else:
             source.check_shape([hidden, inter])
-            self._load(param, source, j, 0, (slice(None), slice(start, start + local)))
+            self._load(param, source, j, 0, None, (slice(None), slice(start, start + local)))
 
-    def _load(self, param: nn.Parameter, source: Source, j: int, half: int, index: tuple[slice, ...]) -> None:
-        # one expert's gate or up half (w13) or its down projection (w2), already cut to this TP rank
+    def _load(self, param: nn.Parameter, source: Source, j: int, half: int, expert: int | None,
+              matrix: tuple[slice, slice]) -> None:
+        # one expert's gate or up half (w13) or its down projection (w2), already cut to this TP rank;
+        # expert: its index in a stacked source (None: a per-expert tensor); matrix: (rows, cols) of it
+        lead = (slice(expert, expert + 1),) if expert is not None else ()
+        index = (*lead, *matrix)
         w13, local = param is self.w13, self.local_inter
         dest = param[j, half * local : (half + 1) * local] if w13 else param[j]
         scale = self.w13_scale if w13 else self.w2_scale
         if scale is None:  # float experts (an FP8 checkpoint is dequantized by the source)
             dest.copy_(source.read(index, dest.dtype).reshape(dest.shape))
         elif getattr(source, "is_fp8", False):  # FP8 checkpoint, FP8 experts: raw e4m3 and its block scales
-            if any(s.start is not None and s.start % FP8_BLOCK for s in index[-2:]) or (
+            if any(s.start is not None and s.start % FP8_BLOCK for s in matrix) or (
                     self.tp.size > 1 and local % FP8_BLOCK):
                 raise LoadError(f"{source.key}: an FP8 expert split over {self.tp.size} tensor-parallel ranks needs "
                                 f"{local} (moe intermediate size / tp) to be a multiple of {FP8_BLOCK}")
@@ -159,8 +163,8 @@ class Experts(nn.Module):
                 raise LoadError(f"FP8 experts need an intermediate size that is a multiple of {FP8_BLOCK} to fuse "
                                 f"gate/up scales, got {local} ({source.key})")
             dest.copy_(source.read(index, FP8_DTYPE).reshape(dest.shape))
-            blocks = tuple(s if s.start is None else slice(s.start // FP8_BLOCK, -(-s.stop // FP8_BLOCK))
-                           for s in index)
+            blocks = (*lead, *(s if s.start is None else slice(s.start // FP8_BLOCK, -(-s.stop // FP8_BLOCK))
+                                for s in matrix))
             s_dest = scale[j, half * (local // FP8_BLOCK) : (half + 1) * (local // FP8_BLOCK)] if w13 else scale[j]
             s_dest.copy_(source.read_scale(blocks).reshape(s_dest.shape))
         else:  # online FP8: quantize each expert once its float weights are complete

@@ -229,3 +229,31 @@ def test_fp8_checkpoint_under_tp(tmp_path) -> None:  # noqa: ANN001
     # intermediate 256 / 4 ranks = 64 rows: not whole 128-blocks of scales
     with pytest.raises(LoadError, match="multiple of 128"):
         _load(str(tmp_path / "fp8"), 1, 4)
+
+
+def test_stacked_fp8_experts_under_tp(tmp_path) -> None:  # noqa: ANN001
+    # transformers-5 stacked experts in FP8 (gate_up_proj [E, 2I, H] + its block scales) load the same shard as
+    # the per-expert tensors, at expert ids > 0 of an EP slice too
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_models import _copy, _fp8_checkpoint
+    from tests.tiny import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(str(tmp_path / "f"), "Qwen3MoeForCausalLM", moe_intermediate_size=256,
+                               num_hidden_layers=2)
+    _fp8_checkpoint(src, str(tmp_path / "fp8"))
+    stacked = _copy(str(tmp_path / "fp8"), str(tmp_path / "stacked"))
+    tensors = load_file(os.path.join(stacked, "model.safetensors"))
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.experts"
+        for out, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            for suffix in ("", "_scale_inv"):
+                tensors[f"{p}.{out}{suffix}"] = torch.stack([
+                    torch.cat([tensors.pop(f"{p}.{e}.{part}.weight{suffix}") for part in parts]) for e in range(8)])
+    save_file(tensors, os.path.join(stacked, "model.safetensors"))
+    for kw in ({}, {"ep_rank": 1, "ep_size": 2}):
+        a, b = _load(str(tmp_path / "fp8"), 1, 2, **kw), _load(stacked, 1, 2, **kw)
+        for name in ("w13", "w2", "w13_scale", "w2_scale"):
+            x, y = (getattr(m.model.layers[1].mlp.experts, name) for m in (a, b))
+            assert torch.equal(x.view(torch.uint8) if x.dtype != torch.float32 else x,
+                               y.view(torch.uint8) if y.dtype != torch.float32 else y), (kw, name)
