@@ -257,3 +257,45 @@ def test_stacked_fp8_experts_under_tp(tmp_path) -> None:  # noqa: ANN001
             x, y = (getattr(m.model.layers[1].mlp.experts, name) for m in (a, b))
             assert torch.equal(x.view(torch.uint8) if x.dtype != torch.float32 else x,
                                y.view(torch.uint8) if y.dtype != torch.float32 else y), (kw, name)
+
+
+def _gpu_worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
+    from runtime.engine_proc import build_engine, tp_follower_stats
+    from runtime.parallel import destroy_parallel, init_parallel
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    result: dict[str, object] = {}
+    parallel = None
+    for arch, model in models.items():
+        # NCCL TP group, Triton kernels, CUDA graphs captured on both ranks (the decode steps replay them)
+        config = EngineConfig(model=model, device="cuda", dtype="float32", kv_cache_memory=64 << 20, block_size=16,
+                              max_num_seqs=8, max_model_len=128, tensor_parallel_size=world)
+        parallel = parallel or init_parallel(config)
+        engine, stats = build_engine(config, parallel)
+        result[f"{arch}/graphs"] = engine.runner.graphs is not None
+        if parallel.is_tp_leader:
+            tokens = _lead(engine, prompts())
+            result[arch] = {k: v for k, v in tokens.items()}
+        else:
+            engine.runner.follow(tp_follower_stats(stats, parallel))
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    destroy_parallel()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_tp2_nccl_cuda_graphs_equal_transformers(models: dict[str, str]) -> None:
+    refs = {arch: hf_greedy(path, prompts(), NUM_TOKENS) for arch, path in models.items()}
+    with tempfile.TemporaryDirectory() as d:
+        ctx = spawn_ranks(_gpu_worker, (2, free_port(), models, d), 2, 600, "TP GPU ranks")
+        results = []
+        for r in range(2):
+            path = os.path.join(d, f"rank{r}.json")
+            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
+            with open(path) as f:
+                results.append(json.load(f))
+    for arch, ref in refs.items():
+        assert results[0][f"{arch}/graphs"] and results[1][f"{arch}/graphs"]
+        assert results[0][arch] == {str(i): t for i, t in enumerate(ref)}, arch
