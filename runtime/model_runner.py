@@ -190,9 +190,9 @@ class ModelRunner:
             hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
         else:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
-        rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
         if not prepared.sample_rows:  # a prefill chunk with nothing to sample: no logits, no gather
             return torch.empty(0, 0, device=self.device)
+        rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     def _run_dummy(self, num_tokens: int) -> None:
