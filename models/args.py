@@ -1,14 +1,50 @@
-"""What a model needs to be built: dtype, device, kernel choice and its expert-parallel slice."""
+"""What a model needs to be built: dtype, device, kernel choice, its tensor-parallel group and expert-parallel slice."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from runtime.all2all import All2AllBackend
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in its TP group; the group is made in runtime/parallel.py and handed down."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch ProcessGroup of the TP ranks (None when size == 1)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tp rank must be in [0, tp size={self.size}), got {self.rank}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's x (same shape) concatenated along dim, in TP-rank order."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        if x.is_cuda:  # one NCCL call into one buffer (graph-capturable); gloo has only the list form
+            out = torch.empty((self.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x, group=self.group)
+            parts = list(out.chunk(self.size))
+        else:
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=dim)
 
 
 @dataclass(frozen=True)
@@ -21,6 +57,7 @@ class ModelArgs:
     ep_size: int = 1
     dispatcher: All2AllBackend | None = None  # the EP all2all; duck-typed (dispatch, combine)
     seed: int = 0  # for load_format="dummy"
+    tp: TensorParallel = field(default_factory=TensorParallel)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))

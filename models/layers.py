@@ -16,6 +16,13 @@ from kernels import norm as norm_kernels
 from kernels import rope as rope_kernels
 from models.args import ModelArgs
 from runtime.config import ROPE_TYPES, check_rope, model_max_len, rope_parameters
+from models.parallel_layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from runtime.forward_batch import ForwardBatch
 
 
@@ -156,10 +163,14 @@ class DecoderSpec:
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, args: ModelArgs) -> None:
+    # under TP: gate/up column-parallel, down row-parallel; reduce_results=False leaves the partial sum to the
+    # caller (a MoE block adds it to its routed experts' partial sum and reduces once)
+    def __init__(self, hidden_size: int, intermediate_size: int, args: ModelArgs, reduce_results: bool = True) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=args.dtype)  # gate; up
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=args.dtype)
+        what = "intermediate_size"
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False, args,
+                                                       what=what)  # [gate; up] rows of this rank
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, args, reduce_results, what=what)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
@@ -170,11 +181,13 @@ class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer_id: int, cos_sin: torch.Tensor, args: ModelArgs) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = nn.Linear(spec.hidden_size, q_size + 2 * kv_size, bias=spec.attention_bias, dtype=args.dtype)
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=False, dtype=args.dtype)
+        # under TP this rank's heads only: q/k/v column-parallel by whole heads, o row-parallel + all-reduce
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
+                                          spec.attention_bias, args)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
+        self.head_dim = spec.head_dim
+        self.split_sizes = self.qkv_proj.local_sizes
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, args)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, args) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, args) if spec.qk_norm else None
         self.scale = spec.head_dim**-0.5
@@ -222,7 +235,7 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     def __init__(self, spec: DecoderSpec, make_mlp: MlpFactory, args: ModelArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=args.dtype)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, args)
         # built on args.device explicitly: the loader builds the module tree on "meta"
         cos_sin = rope_table(spec.rotary_dim, spec.max_positions, spec.rope, args.device)
         self.layers = nn.ModuleList(
@@ -231,19 +244,52 @@ class DecoderBody(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, args)
 
 
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What the runner allocates per rank: [num_layers, 2, blocks, block_size, num_kv_heads, head_dim]."""
+
+    num_layers: int
+    num_kv_heads: int  # this TP rank's KV heads
+    head_dim: int
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
+Checkpoint = list[tuple[list[str], Any]]  # per source: (candidate checkpoint names, shard id for the weight loader)
+
+
 class DecoderLM(nn.Module):
     """Embedding -> decoder layers -> final norm; logits through lm_head (or the tied embedding)."""
 
     def __init__(self, spec: DecoderSpec, make_mlp: MlpFactory, args: ModelArgs, num_experts: int = 0) -> None:
         super().__init__()
         self.spec, self.args = spec, args
-        self.num_layers, self.num_kv_heads, self.head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         self.model = DecoderBody(spec, make_mlp, args)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=args.dtype)
+        attn = self.model.layers[0].self_attn
+        self.num_layers, self.num_kv_heads, self.head_dim = spec.num_layers, attn.num_kv_heads, spec.head_dim
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, args)
         self.tie_weights()
         self.num_experts = num_experts  # global routed experts per MoE layer; 0 = dense
         self.num_moe_layers = sum(1 for m in self.modules() if getattr(m, "is_moe", False))
         self.load_stats: dict[str, int] = {"tensors": 0, "bytes": 0}
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim)
+
+    def checkpoint_sources(self, param_name: str, has_key: Callable[[str], bool]) -> Checkpoint:
+        """The checkpoint tensors (Hugging Face names) that fill one parameter, each with the shard id its
+        weight_loader takes. A model with other names overrides this (Mixtral)."""
+        prefix, _, leaf = param_name.rpartition(".")
+        if prefix.endswith(".qkv_proj"):
+            attn = prefix[: -len(".qkv_proj")]
+            return [([f"{attn}.{p}_proj.{leaf}"], p) for p in ("q", "k", "v")]
+        if prefix.endswith(".gate_up_proj"):
+            mlp = prefix[: -len(".gate_up_proj")]
+            return [([f"{mlp}.gate_proj.{leaf}"], 0), ([f"{mlp}.up_proj.{leaf}"], 1)]
+        if prefix.endswith(".experts") and leaf in ("w13", "w2"):
+            return self.get_submodule(prefix).checkpoint_sources(prefix, leaf, has_key)
+        return [([param_name], None)]
 
     def tie_weights(self) -> None:
         # call again after to_empty(): moving off "meta" gives each module its own new Parameter
@@ -259,4 +305,4 @@ class DecoderLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()  # [N, V]
+        return self.lm_head.compute_logits(hidden)  # [N, V] fp32, the whole vocabulary on every TP rank

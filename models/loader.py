@@ -1,9 +1,10 @@
 """Builds a model on "meta", then fills its parameters straight from a Hugging Face folder's safetensors.
 
-Checkpoint tensors are read one at a time with safe_open and copied into (slices of) our parameters, so
-host memory holds at most one tensor beyond the model. q/k/v and gate/up are fused here; per-expert tensors
-(or transformers' stacked experts.gate_up_proj / experts.down_proj) are stacked into w13 / w2, and an EP rank
-reads only its own experts.
+Generic: the model maps each parameter to its checkpoint tensors (checkpoint_sources, per architecture), and
+each parameter's weight_loader (models/parallel_layers.py, models/moe.py) reads only its own slice of them:
+this rank's tensor-parallel shard, its expert-parallel experts. Reads go through safetensors slicing, so host
+memory holds at most one slice beyond the model. FP8 checkpoints are dequantized on read unless the parameter
+itself is FP8 (experts).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import glob
 import json
 import os
 import zlib
-from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,32 +22,15 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block, quantize_weight_block
+from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block
 from models.args import ModelArgs
+from models.moe import quantize_into
+from models.parallel_layers import LoadError, load_shard
 from models.registry import config_dict, get_model_class
 
+__all__ = ["LoadError", "load_model"]
+
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class LoadError(ValueError):
-    """The checkpoint folder does not match the model: the message names the file or tensor."""
-
-
-@dataclass
-class _Read:
-    key: str  # checkpoint tensor name
-    dest: torch.Tensor  # view into one of our parameters (or a staging buffer)
-    rows: tuple[int, int] | None = None  # read only [start, end) along dim 0 (an EP rank's experts)
-    scale_key: str | None = None  # an FP8 checkpoint tensor to dequantize with this block scale
-
-
-@dataclass
-class _ParamPlan:
-    reads: list[_Read] = field(default_factory=list)
-    # online FP8: prepare allocates a staging buffer and plans the reads into it just before they run,
-    # finalize quantizes it into the parameter; so one staging buffer lives at a time
-    prepare: Callable[[], None] | None = None
-    finalize: Callable[[], None] | None = None
 
 
 def _index_checkpoint(model_path: str) -> dict[str, str]:
@@ -75,180 +57,84 @@ def _index_checkpoint(model_path: str) -> dict[str, str]:
     return key_to_file
 
 
-def _aliases(key: str) -> list[str]:
-    # Mixtral's HF checkpoints name the MoE block block_sparse_moe
-    return [key, key.replace(".mlp.", ".block_sparse_moe.")] if ".mlp." in key else [key]
+class _Files:
+    """Open safetensors files, one handle each for the whole load; counts what was read."""
 
-
-class _Planner:
-    def __init__(self, model: nn.Module, key_to_file: dict[str, str], model_path: str, args: ModelArgs) -> None:
-        self.model, self.key_to_file, self.model_path, self.args = model, key_to_file, model_path, args
-        self.plans: list[_ParamPlan] = []
-        self.current = _ParamPlan()
-
-    def find(self, *candidates: str) -> str | None:
-        for cand in candidates:
-            for key in _aliases(cand):
-                if key in self.key_to_file:
-                    return key
-        return None
-
-    def require(self, param_name: str, *candidates: str) -> str:
-        key = self.find(*candidates)
-        if key is None:
-            raise LoadError(f"tensor {candidates[0]!r} (for parameter {param_name!r}) is missing from the checkpoint "
-                            f"in {self.model_path}: is this the right model folder for its config.json?")
-        return key
-
-    def add(self, param_name: str, dest: torch.Tensor, *candidates: str, rows: tuple[int, int] | None = None) -> str:
-        key = self.require(param_name, *candidates)
-        scale_key = key + "_scale_inv"  # HF FP8: weight -> weight_scale_inv, gate_up_proj -> gate_up_proj_scale_inv
-        dequantize = dest.dtype != FP8_DTYPE and scale_key in self.key_to_file
-        self.current.reads.append(_Read(key, dest, rows, scale_key if dequantize else None))
-        return key
-
-    def plan(self, name: str, param: torch.Tensor) -> None:
-        prefix, _, leaf = name.rpartition(".")
-        if leaf.endswith("_scale") and prefix.endswith(".experts"):
-            return  # filled together with its weight
-        self.current = _ParamPlan()
-        self.plans.append(self.current)
-        if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
-            attn = prefix[: -len(".qkv_proj")]
-            q_rows, k_rows, _ = _qkv_rows(param.shape[0], self, attn, leaf)
-            self.add(name, param[:q_rows], f"{attn}.q_proj.{leaf}")
-            self.add(name, param[q_rows : q_rows + k_rows], f"{attn}.k_proj.{leaf}")
-            self.add(name, param[q_rows + k_rows :], f"{attn}.v_proj.{leaf}")
-        elif name.endswith("gate_up_proj.weight"):
-            mlp, inter = prefix[: -len(".gate_up_proj")], param.shape[0] // 2
-            self.add(name, param[:inter], f"{mlp}.gate_proj.weight")
-            self.add(name, param[inter:], f"{mlp}.up_proj.weight")
-        elif leaf in ("w13", "w2") and prefix.endswith(".experts"):
-            self.plan_experts(name, param, prefix, leaf)
-        else:
-            self.add(name, param, name)
-
-    def plan_experts(self, name: str, param: torch.Tensor, prefix: str, leaf: str) -> None:
-        scale: torch.Tensor | None = getattr(self.model.get_submodule(prefix), f"{leaf}_scale")
-        first = self.args.ep_rank * param.shape[0]  # global id of this rank's first expert
-        stacked = self.find(f"{prefix}.gate_up_proj" if leaf == "w13" else f"{prefix}.down_proj")
-        e = f"{prefix}.{first}"
-        per_expert = ("gate_proj", "w1") if leaf == "w13" else ("down_proj", "w2")
-        probe = stacked or self.require(name, *(f"{e}.{p}.weight" for p in per_expert))
-        source_fp8 = probe + "_scale_inv" in self.key_to_file
-        if scale is not None and not source_fp8:  # online FP8: stage in args.dtype, quantize after the reads
-            plan = self.current
-            self._plan_expert_reads(name, torch.empty(param.shape, device="meta"), prefix, leaf, None, stacked, first)
-            plan.reads.clear()  # planned on "meta" only to report a missing tensor before anything is read
-
-            def prepare() -> None:
-                staged = torch.empty(param.shape, dtype=self.args.dtype, device=param.device)
-                self.current = plan
-                self._plan_expert_reads(name, staged, prefix, leaf, None, stacked, first)
-                plan.finalize = lambda: _quantize_into(staged, param, scale)
-
-            plan.prepare = prepare
-            return
-        self._plan_expert_reads(name, param, prefix, leaf, scale if source_fp8 else None, stacked, first)
-
-    def _plan_expert_reads(self, name: str, dest: torch.Tensor, prefix: str, leaf: str, scale: torch.Tensor | None,
-                           stacked: str | None, first: int) -> None:
-        # scale: the FP8 scale parameter to fill from the checkpoint's *_scale_inv (None: no scales to read)
-        num_local = dest.shape[0]
-        if stacked is not None:  # transformers-5 layout: [E, 2I, H] (gate; up) and [E, H, I]
-            self.add(name, dest, stacked, rows=(first, first + num_local))
-            if scale is not None:
-                self.add(name, scale, stacked + "_scale_inv", rows=(first, first + num_local))
-            return
-        inter = dest.shape[1] // 2
-        for j in range(num_local):
-            e = f"{prefix}.{first + j}"
-            if leaf == "w13":
-                gate = self.add(name, dest[j, :inter], f"{e}.gate_proj.weight", f"{e}.w1.weight")
-                up = self.add(name, dest[j, inter:], f"{e}.up_proj.weight", f"{e}.w3.weight")
-                if scale is not None:
-                    if inter % FP8_BLOCK:
-                        raise LoadError(f"FP8 experts need an intermediate size that is a multiple of {FP8_BLOCK} "
-                                        f"to fuse gate/up scales, got {inter} ({name})")
-                    split = inter // FP8_BLOCK
-                    self.add(name, scale[j, :split], gate + "_scale_inv")
-                    self.add(name, scale[j, split:], up + "_scale_inv")
-            else:
-                key = self.add(name, dest[j], f"{e}.down_proj.weight", f"{e}.w2.weight")
-                if scale is not None:
-                    self.add(name, scale[j], key + "_scale_inv")
-
-
-def _quantize_into(staged: torch.Tensor, param: torch.Tensor, scale: torch.Tensor) -> None:
-    q, s = quantize_weight_block(staged)
-    param.copy_(q)
-    scale.copy_(s)
-
-
-def _qkv_rows(total: int, planner: _Planner, attn: str, leaf: str) -> tuple[int, int, int]:
-    # row counts of q, k, v inside the fused qkv_proj, from the checkpoint headers' shapes
-    sizes = []
-    for part in ("q_proj", "k_proj", "v_proj"):
-        key = planner.require(f"{attn}.qkv_proj.{leaf}", f"{attn}.{part}.{leaf}")
-        with safe_open(planner.key_to_file[key], framework="pt") as f:
-            sizes.append(f.get_slice(key).get_shape()[0])
-    if sum(sizes) != total:
-        raise LoadError(f"{attn}.q/k/v_proj.{leaf} have {sizes} rows but the config implies {total} in all: "
-                        f"config.json does not match the weights")
-    return sizes[0], sizes[1], sizes[2]
-
-
-class _Reader:
     def __init__(self, key_to_file: dict[str, str], stack: ExitStack) -> None:
         self.key_to_file, self.stack = key_to_file, stack
-        self.files: dict[str, Any] = {}
+        self.handles: dict[str, Any] = {}
         self.stats = {"tensors": 0, "bytes": 0}
 
-    def read(self, key: str, expected: list[int], rows: tuple[int, int] | None) -> torch.Tensor:
+    def slice(self, key: str) -> Any:
         path = self.key_to_file[key]
-        if path not in self.files:
-            self.files[path] = self.stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-        slice_ = self.files[path].get_slice(key)
-        shape = list(slice_.get_shape())
-        if rows is not None:
-            if shape[0] < rows[1]:
-                raise LoadError(f"tensor {key!r} in {os.path.basename(path)} has {shape[0]} experts, need experts "
-                                f"up to {rows[1]}: config.json does not match the weights")
-            shape[0] = rows[1] - rows[0]
-        if shape != expected:
-            raise LoadError(f"tensor {key!r} in {os.path.basename(path)} has shape {shape}, expected {expected}: "
-                            f"config.json does not match the weights")
-        tensor = slice_[rows[0] : rows[1]] if rows is not None else self.files[path].get_tensor(key)
+        if path not in self.handles:
+            self.handles[path] = self.stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+        return self.handles[path].get_slice(key)
+
+    def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        tensor = self.slice(key)[index] if index else self.handles[self.key_to_file[key]].get_tensor(key)
         self.stats["tensors"] += 1
         self.stats["bytes"] += tensor.numel() * tensor.element_size()
         return tensor
 
 
-def _execute(plans: list[_ParamPlan], key_to_file: dict[str, str], show_progress: bool) -> dict[str, int]:
-    # parameter by parameter, so a staging buffer for online quantization lives only while its weight loads
-    total = sum(len(p.reads) for p in plans)
-    bar = tqdm(total=total, desc="loading weights", unit="tensor", disable=not show_progress)
-    with ExitStack() as stack, bar:
-        reader = _Reader(key_to_file, stack)
-        for plan in plans:
-            if plan.prepare is not None:
-                plan.prepare()
-                bar.total += len(plan.reads)
-            for r in plan.reads:
-                tensor = reader.read(r.key, list(r.dest.shape), r.rows)
-                if r.scale_key is not None:
-                    scale = reader.read(r.scale_key, _block_shape(tensor.shape), r.rows)
-                    tensor = dequantize_weight_block(tensor.to(r.dest.device), scale.to(r.dest.device), r.dest.dtype)
-                r.dest.copy_(tensor)
-                bar.update(1)
-            if plan.finalize is not None:
-                plan.finalize()
-            plan.reads, plan.finalize = [], None  # frees a staging buffer
-    return reader.stats
+class CheckpointTensor:
+    """A lazy checkpoint tensor handed to a weight_loader: the shape from the header, data only when read."""
+
+    def __init__(self, key: str, files: _Files) -> None:
+        self.key, self.files = key, files
+        self.shape: list[int] = list(files.slice(key).get_shape())
+        self.scale_key = key + "_scale_inv"  # HF block FP8: weight -> weight_scale_inv
+        self.is_fp8 = self.scale_key in files.key_to_file
+
+    def check_shape(self, expected: list[int]) -> None:
+        if self.shape != list(expected):
+            name = os.path.basename(self.files.key_to_file[self.key])
+            raise LoadError(f"tensor {self.key!r} in {name} has shape {self.shape}, expected {list(expected)}: "
+                            f"config.json does not match the weights")
+
+    def read(self, index: tuple[slice, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not self.is_fp8 or dtype == FP8_DTYPE:
+            return self.files.read(self.key, index)
+        # dequantize: widen the last two dims to whole [128, 128] scale blocks, then cut the slice back out
+        full = list(index) + [slice(None)] * (len(self.shape) - len(index))
+        raw, blocks, cut = list(full), list(full), [slice(None)] * len(full)
+        for d in (-2, -1):
+            start, stop, _ = full[d].indices(self.shape[d])
+            first = start // FP8_BLOCK * FP8_BLOCK
+            raw[d], blocks[d], cut[d] = slice(first, stop), slice(first // FP8_BLOCK, -(-stop // FP8_BLOCK)), \
+                slice(start - first, None)
+        q = self.files.read(self.key, tuple(raw))
+        return dequantize_weight_block(q, self.files.read(self.scale_key, tuple(blocks)), dtype)[tuple(cut)]
+
+    def read_scale(self, block_index: tuple[slice, ...]) -> torch.Tensor:
+        return self.files.read(self.scale_key, block_index)
 
 
-def _block_shape(shape: torch.Size) -> list[int]:
-    return [*shape[:-2], -(-shape[-2] // FP8_BLOCK), -(-shape[-1] // FP8_BLOCK)]
+def default_weight_loader(param: nn.Parameter, source: CheckpointTensor, shard_id: Any = None) -> None:
+    load_shard(param, source)  # replicated on every rank: the whole tensor
+
+
+def _load_checkpoint(model: nn.Module, model_path: str, show_progress: bool) -> dict[str, int]:
+    key_to_file = _index_checkpoint(model_path)
+    has_key = key_to_file.__contains__
+    plan: list[tuple[Any, nn.Parameter, str, Any]] = []
+    for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
+        if name.endswith("_scale"):
+            continue  # FP8 expert scales: filled by their weight's loader
+        for candidates, shard_id in model.checkpoint_sources(name, has_key):
+            key = next((k for k in candidates if has_key(k)), None)
+            if key is None:
+                raise LoadError(f"tensor {candidates[0]!r} (for parameter {name!r}) is missing from the checkpoint "
+                                f"in {model_path}: is this the right model folder for its config.json?")
+            owner = model.get_submodule(name.rpartition(".")[0])
+            plan.append((getattr(owner, "weight_loader", default_weight_loader), param, key, shard_id))
+    with ExitStack() as stack:
+        files = _Files(key_to_file, stack)
+        for weight_loader, param, key, shard_id in tqdm(plan, desc="loading weights", unit="tensor",
+                                                        disable=not show_progress):
+            weight_loader(param, CheckpointTensor(key, files), shard_id)
+    return files.stats
 
 
 def _init_dummy(model: nn.Module, args: ModelArgs, std: float = 0.02) -> None:
@@ -269,7 +155,7 @@ def _init_dummy(model: nn.Module, args: ModelArgs, std: float = 0.02) -> None:
                 if scale is None:
                     param[j].copy_(w)
                 else:
-                    _quantize_into(w, param[j], scale[j])
+                    quantize_into(w, param[j], scale[j])
         elif not name.endswith("_scale"):
             param.normal_(0.0, std, generator=gen.manual_seed(seed))
 
@@ -305,9 +191,6 @@ def load_model(model_path: str, hf_config: Any, args: ModelArgs, load_format: st
         if load_format == "dummy":
             _init_dummy(model, args)
         else:
-            key_to_file = _index_checkpoint(model_path)
-            planner = _Planner(model, key_to_file, model_path, args)
-            for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
-                planner.plan(name, param)
-            model.load_stats = _execute(planner.plans, key_to_file, show_progress=args.ep_rank == 0)
+            first_rank = args.ep_rank == 0 and args.tp.rank == 0
+            model.load_stats = _load_checkpoint(model, model_path, show_progress=first_rank)
     return model.eval()

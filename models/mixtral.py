@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from models.args import ModelArgs
-from models.layers import DecoderLM, DecoderSpec
+from models.layers import Checkpoint, DecoderLM, DecoderSpec
 from models.moe import RoutingSpec, moe_mlp_factory
 
 
@@ -17,3 +18,9 @@ class MixtralForCausalLM(DecoderLM):
         make_mlp = moe_mlp_factory(spec.hidden_size, 0, list(range(spec.num_layers)), spec.intermediate_size,
                                    routing, args)
         super().__init__(spec, make_mlp, args, num_experts=num_experts)
+
+    def checkpoint_sources(self, param_name: str, has_key: Callable[[str], bool]) -> Checkpoint:
+        # HF Mixtral names the MoE block block_sparse_moe and its experts' projections w1 / w3 / w2
+        alias = lambda k: k.replace(".mlp.", ".block_sparse_moe.")  # noqa: E731
+        sources = super().checkpoint_sources(param_name, lambda k: has_key(k) or has_key(alias(k)))
+        return [([n for k in keys for n in (k, alias(k))], shard_id) for keys, shard_id in sources]

@@ -1,4 +1,11 @@
-"""The MoE layer: router -> (EP dispatch) -> fused experts -> (EP combine) [+ shared experts]."""
+"""The MoE layer: router -> (EP dispatch) -> fused experts -> (EP combine) [+ shared experts].
+
+Under tensor parallelism without EP every TP rank holds all experts with 1/TP of their intermediate size and
+returns a partial sum (all-reduced once, together with the shared experts' partial sum). With EP the experts
+are split over the whole DP x TP world and are not TP-split; the TP ranks of one DP rank hold the same tokens,
+so each routes and dispatches only its 1/TP slice of them and the slices are all-gathered after the combine:
+no expert computes a token twice.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ from torch import nn
 from kernels import fused_moe as fused_moe_kernels
 from kernels import router as router_kernels
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE
-from models.args import ModelArgs
-from models.layers import MLP, pick_kernel
+from models.args import ModelArgs, TensorParallel
+from models.layers import MLP, Checkpoint, pick_kernel
+from models.parallel_layers import LoadError, Source, divide
 from runtime.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -57,14 +65,26 @@ class Router(nn.Module):
                            r.renormalize, r.routed_scaling_factor)
 
 
+def tp_token_slice(num_tokens: int, tp: TensorParallel) -> tuple[int, int]:
+    """(first row, rows) of this TP rank's share of a batch under EP x TP; the batch is padded to tp * rows."""
+    rows = -(-num_tokens // tp.size)
+    return tp.rank * rows, rows
+
+
 class Experts(nn.Module):
-    def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int, args: ModelArgs) -> None:
+    def __init__(self, num_local_experts: int, first_expert: int, hidden_size: int, intermediate_size: int,
+                 args: ModelArgs, tp: TensorParallel) -> None:
         super().__init__()
-        e, h, i = num_local_experts, hidden_size, intermediate_size
+        # tp: the group splitting each expert's intermediate dim (size 1 under EP: experts are whole)
+        self.tp, self.first_expert, self.args = tp, first_expert, args
+        self.intermediate_size = intermediate_size
+        e, h, i = num_local_experts, hidden_size, divide(intermediate_size, tp, "moe intermediate size")
+        self.local_inter = i
         fp8 = args.quantization == "fp8"
         dtype = FP8_DTYPE if fp8 else args.dtype
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype), requires_grad=False)  # gate rows; up
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype), requires_grad=False)
+        self._staged: dict[int, tuple[torch.Tensor, int]] = {}  # online FP8: expert -> (float w13, halves in)
         # FP8: e4m3 weights with fp32 [128, 128] block scales, w = q * scale (HF weight_scale_inv layout)
         self.w13_scale = self.w2_scale = None
         if fp8:
@@ -72,6 +92,82 @@ class Experts(nn.Module):
             self.w13_scale = nn.Parameter(torch.empty(e, blocks(2 * i), blocks(h)), requires_grad=False)
             self.w2_scale = nn.Parameter(torch.empty(e, blocks(h), blocks(i)), requires_grad=False)
         self._fused_experts = pick_kernel(fused_moe_kernels, "fused_experts", args.use_triton)
+
+    def checkpoint_sources(self, prefix: str, leaf: str, has_key: Any) -> Checkpoint:
+        # transformers-5 stacked layout ([E, 2I, H] gate;up and [E, H, I]) or one tensor per expert (HF, Mixtral)
+        stacked = f"{prefix}.gate_up_proj" if leaf == "w13" else f"{prefix}.down_proj"
+        if has_key(stacked):
+            return [([stacked], "stacked")]
+        ids = range(self.first_expert, self.first_expert + self.w13.shape[0])
+        if leaf == "w2":
+            return [([f"{prefix}.{e}.down_proj.weight", f"{prefix}.{e}.w2.weight"], (j, 0)) for j, e in enumerate(ids)]
+        return [([f"{prefix}.{e}.{name}.weight", f"{prefix}.{e}.{alt}.weight"], (j, half))
+                for j, e in enumerate(ids) for half, (name, alt) in enumerate((("gate_proj", "w1"), ("up_proj", "w3")))]
+
+    def weight_loader(self, param: nn.Parameter, source: Source, shard_id: Any) -> None:
+        w13 = param is self.w13
+        inter, local = self.intermediate_size, self.local_inter
+        start = self.tp.rank * local  # this rank's first intermediate row (w13) / column (w2)
+        hidden = self.w2.shape[1]
+        if shard_id == "stacked":
+            last = self.first_expert + param.shape[0]
+            if source.shape[0] < last:
+                raise LoadError(f"tensor {source.key!r} has {source.shape[0]} experts, need experts up to {last}: "
+                                f"config.json does not match the weights")
+            source.check_shape([source.shape[0], 2 * inter, hidden] if w13 else [source.shape[0], hidden, inter])
+            for j in range(param.shape[0]):
+                e = self.first_expert + j
+                if w13:
+                    for half in (0, 1):
+                        rows = slice(half * inter + start, half * inter + start + local)
+                        self._load(param, source, j, half, e, (rows, slice(None)))
+                else:
+                    self._load(param, source, j, 0, e, (slice(None), slice(start, start + local)))
+            return
+        j, half = shard_id
+        if w13:
+            source.check_shape([inter, hidden])
+            self._load(param, source, j, half, None, (slice(start, start + local), slice(None)))
+        else:
+            source.check_shape([hidden, inter])
+            self._load(param, source, j, 0, None, (slice(None), slice(start, start + local)))
+
+    def _load(self, param: nn.Parameter, source: Source, j: int, half: int, expert: int | None,
+              matrix: tuple[slice, slice]) -> None:
+        # one expert's gate or up half (w13) or its down projection (w2), already cut to this TP rank;
+        # expert: its index in a stacked source (None: a per-expert tensor); matrix: (rows, cols) of it
+        lead = (slice(expert, expert + 1),) if expert is not None else ()
+        index = (*lead, *matrix)
+        w13, local = param is self.w13, self.local_inter
+        dest = param[j, half * local : (half + 1) * local] if w13 else param[j]
+        scale = self.w13_scale if w13 else self.w2_scale
+        if scale is None:  # float experts (an FP8 checkpoint is dequantized by the source)
+            dest.copy_(source.read(index, dest.dtype).reshape(dest.shape))
+        elif getattr(source, "is_fp8", False):  # FP8 checkpoint, FP8 experts: raw e4m3 and its block scales
+            if any(s.start is not None and s.start % FP8_BLOCK for s in matrix) or (
+                    self.tp.size > 1 and local % FP8_BLOCK):
+                raise LoadError(f"{source.key}: an FP8 expert split over {self.tp.size} tensor-parallel ranks needs "
+                                f"{local} (moe intermediate size / tp) to be a multiple of {FP8_BLOCK}")
+            if w13 and local % FP8_BLOCK:
+                raise LoadError(f"FP8 experts need an intermediate size that is a multiple of {FP8_BLOCK} to fuse "
+                                f"gate/up scales, got {local} ({source.key})")
+            dest.copy_(source.read(index, FP8_DTYPE).reshape(dest.shape))
+            blocks = (*lead, *(s if s.start is None else slice(s.start // FP8_BLOCK, -(-s.stop // FP8_BLOCK))
+                                for s in matrix))
+            s_dest = scale[j, half * (local // FP8_BLOCK) : (half + 1) * (local // FP8_BLOCK)] if w13 else scale[j]
+            s_dest.copy_(source.read_scale(blocks).reshape(s_dest.shape))
+        else:  # online FP8: quantize each expert once its float weights are complete
+            w = source.read(index, self.args.dtype).reshape(dest.shape)
+            if not w13:
+                quantize_into(w, param[j], scale[j])
+                return
+            staged, halves = self._staged.get(j) or (torch.empty(param.shape[1:], dtype=w.dtype, device=w.device), 0)
+            staged[half * local : (half + 1) * local].copy_(w)
+            if halves + 1 < 2:
+                self._staged[j] = (staged, halves + 1)
+                return
+            self._staged.pop(j, None)
+            quantize_into(staged, param[j], scale[j])
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         # topk_ids: local expert ids, -1 = slot handled elsewhere
@@ -94,9 +190,15 @@ class MoE(nn.Module):
         self.first_local_expert = args.ep_rank * self.num_local_experts
         self.ep_size = args.ep_size
         self.dispatcher: All2AllBackend | None = args.dispatcher  # the EP all2all (runtime/all2all.py)
+        self.tp = args.tp
+        # TP without EP: experts TP-split, partial sums reduced once here; TP with EP: tokens split over TP
+        self.reduce_partial = args.tp.size > 1 and args.ep_size == 1
+        self.split_tokens = args.tp.size > 1 and args.ep_size > 1
         self.gate = Router(hidden_size, routing, args)
-        self.experts = Experts(self.num_local_experts, hidden_size, intermediate_size, args)
-        self.shared_experts = MLP(hidden_size, shared_intermediate_size, args) if shared_intermediate_size else None
+        self.experts = Experts(self.num_local_experts, self.first_local_expert, hidden_size, intermediate_size, args,
+                               args.tp if self.reduce_partial else TensorParallel())
+        self.shared_experts = (MLP(hidden_size, shared_intermediate_size, args, reduce_results=not self.reduce_partial)
+                               if shared_intermediate_size else None)
 
     def _count_experts(self, topk_ids: torch.Tensor, batch: ForwardBatch) -> None:
         counts = batch.extras.get("expert_counts")  # [num_moe_layers or num_layers, E] on the device
@@ -108,6 +210,22 @@ class MoE(nn.Module):
         counts[row].index_add_(0, ids, torch.ones(ids.shape, dtype=counts.dtype, device=counts.device))
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if self.split_tokens:
+            # the TP peers hold the same T tokens: each routes and dispatches rows [first, first + rows) of the
+            # batch padded to tp * rows, and the combined slices are gathered back in rank order
+            num_tokens = x.shape[0]
+            first, rows = tp_token_slice(num_tokens, self.tp)
+            padded = F.pad(x, (0, 0, 0, rows * self.tp.size - num_tokens)) if rows * self.tp.size > num_tokens else x
+            out = self.tp.all_gather(self._routed(padded[first : first + rows], batch), dim=0)[:num_tokens]
+        else:
+            out = self._routed(x, batch)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.reduce_partial:
+            self.tp.all_reduce(out)  # routed + shared partial sums over the intermediate split, one reduction
+        return out
+
+    def _routed(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # a dummy batch still runs router, dispatch and combine so every EP rank issues the same collectives
         topk_weights, topk_ids = self.gate(x)  # [T, k] fp32, [T, k] int32 global ids
         self._count_experts(topk_ids, batch)
@@ -125,8 +243,6 @@ class MoE(nn.Module):
             local_ids = topk_ids - self.first_local_expert
             local_ids = local_ids.masked_fill((local_ids < 0) | (local_ids >= self.num_local_experts), -1)
             out = self.experts(x, topk_weights, local_ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
         return out
 
 
@@ -141,3 +257,11 @@ def moe_mlp_factory(hidden_size: int, dense_intermediate_size: int, moe_layer_id
                    len(moe_layer_ids), shared_intermediate_size)
 
     return make_mlp
+
+
+def quantize_into(staged: torch.Tensor, param: torch.Tensor, scale: torch.Tensor) -> None:
+    from kernels.fp8 import quantize_weight_block
+
+    q, s = quantize_weight_block(staged)
+    param.copy_(q)
+    scale.copy_(s)

@@ -111,6 +111,7 @@ class EngineConfig:
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
     all2all_backend: str | None = None  # None: sparse when EP > 1 (see runtime/all2all.py)
     all2all_fp8_dispatch: bool = False  # sparse backend: FP8 hidden rows (scales per token and 128 channels)
+    tensor_parallel_size: int = 1  # ranks per DP rank; the world is DP x TP
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -146,7 +147,7 @@ class EngineConfig:
         object.__setattr__(self, "dtype", dtype)
         if self.block_size <= 0 or self.block_size % 8:
             raise ConfigError(f"--block-size must be a positive multiple of 8, got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size", "tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.engine_hang_timeout <= 0:
@@ -240,6 +241,8 @@ class EngineConfig:
           help=f"expert all2all: {' or '.join(ALL2ALL_BACKENDS)} (default: sparse when expert parallel)")
         a("--all2all-fp8-dispatch", action="store_true",
           help="sparse all2all: send hidden rows as FP8, scales per token and 128 channels (~half the bytes)")
+        a("--tensor-parallel-size", "-tp", type=int, default=1,
+          help="ranks (GPUs) per data-parallel rank, the model's heads, MLPs and vocabulary split over them")
         a("--host", default=d["host"].default)
         a("--port", type=int, default=d["port"].default)
         a("--api-key", default=None)

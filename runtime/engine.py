@@ -65,12 +65,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, parallel: Any = None, dispatcher: Any = None) -> None:
         from transformers import AutoConfig
 
-        from models.args import ModelArgs
+        from models.args import ModelArgs, TensorParallel
         from models.loader import load_model
 
         self.config = config
         self.parallel = parallel
-        self.rank = parallel.rank if parallel is not None else 0
+        self.rank = parallel.dp_rank if parallel is not None else 0  # a DP rank: its TP ranks are one engine
+        tp_size = parallel.tp_size if parallel is not None else 1
         self.device = parallel.device if parallel is not None else config.resolved_device()
         self.hf_config = AutoConfig.from_pretrained(config.model)
         self.dtype = resolve_dtype(config, self.hf_config, self.device)
@@ -89,6 +90,7 @@ class LLMEngine:
             ep_rank=parallel.ep_rank if parallel is not None else 0,
             ep_size=parallel.ep_size if parallel is not None else 1,
             dispatcher=dispatcher,
+            tp=TensorParallel(parallel.tp_rank, tp_size, parallel.tp_group) if tp_size > 1 else TensorParallel(),
         )
         t0 = time.perf_counter()
         self.model = load_model(config.model, self.hf_config, args, config.load_format)
@@ -110,6 +112,8 @@ class LLMEngine:
             self.max_model_len,
             ATTENTION_BACKENDS["triton" if self.use_triton else "torch"](kv_scales),
             cuda_graph_max_batch=graph_max,
+            plan_group=parallel.tp_cpu_group if tp_size > 1 else None,
+            plan_src=parallel.tp_src if tp_size > 1 else 0,
         )
         if self.use_triton and self.device.type == "cuda":
             t0 = time.perf_counter()
@@ -118,7 +122,7 @@ class LLMEngine:
             self.runner.warmup(sizes)
             logger.info("rank %d: kernels warmed up for %d step sizes in %.1f s (cache %s)", self.rank, len(sizes),
                         time.perf_counter() - t0, os.environ.get("TRITON_CACHE_DIR"))
-        self.sampler = Sampler(self.device, config.seed + self.rank)
+        self.sampler = Sampler(self.device, config.seed + self.rank)  # used on TP rank 0 only
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
@@ -152,6 +156,13 @@ class LLMEngine:
         else:
             budget = min(CPU_DEFAULT_KV_BYTES, max_useful * per_block)
         num_blocks = min(budget // per_block, max_useful)
+        if self.parallel is not None and self.parallel.tp_size > 1:
+            # TP rank 0's block tables index every peer's cache: all TP ranks take the smallest count
+            import torch.distributed as dist
+
+            agreed = torch.tensor([num_blocks], dtype=torch.int64)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.parallel.tp_cpu_group)
+            num_blocks = int(agreed.item())
         min_blocks = -(-self.max_model_len // config.block_size)
         if num_blocks < min_blocks:
             raise ConfigError(

@@ -247,12 +247,41 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     addrs = msgspec.json.decode(addrs_json, type=Addresses)
     parallel = init_parallel(config)
     try:
-        engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
+        # only TP rank 0 reports statistics, so only it times its steps
+        timed = config.expert_stats_file is not None and parallel.is_tp_leader
+        engine, expert_stats = build_engine(config, parallel, timed=timed)
+        if not parallel.is_tp_leader:  # a TP peer: no sockets, it runs the plans its TP rank 0 broadcasts
+            engine.runner.follow(tp_follower_stats(expert_stats, parallel),
+                                 expert_stats.counters if expert_stats is not None else None)
+            return
+        if expert_stats is not None and parallel.is_ep and parallel.tp_size > 1:
+            expert_stats.merge = engine.runner.sum_over_tp  # report the whole engine's routing, not one slice
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        EngineLoop(engine, parallel.rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
+        EngineLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
                    expert_stats=expert_stats, epoch=epoch).run()
+        engine.runner.stop_followers()
     except KeyboardInterrupt:
         logger.info("rank %d: interrupted", parallel.rank)
     finally:
         destroy_parallel()
+
+
+def tp_follower_stats(expert_stats: Any, parallel: Any) -> Any:
+    """A TP peer's per-step hook: tell its expert statistics (and through them its dispatcher) how many of the
+    rows it dispatches are real. Under EP x TP it dispatches only its slice of the batch (models/moe.py)."""
+    if expert_stats is None:
+        return None
+    from models.args import TensorParallel
+    from models.moe import tp_token_slice
+
+    tp = TensorParallel(parallel.tp_rank, parallel.tp_size)
+
+    def before_step(plan: Any, rows_run: int) -> None:
+        real = plan.num_real_tokens
+        if parallel.is_ep:
+            first, rows = tp_token_slice(rows_run, tp)
+            real = min(max(real - first, 0), rows)
+        expert_stats.begin_step(real)
+
+    return before_step

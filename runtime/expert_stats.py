@@ -81,6 +81,7 @@ class ExpertStats:
         # (token, remote rank) pairs sent]
         self.layer_traffic = torch.zeros(max(num_moe_layers, 1), 3, dtype=torch.int64, device=device)
         self._layer_cursor = 0  # MoE layers are dispatched in order, once each per forward
+        self.merge: Any = None  # counters -> their sum over the engine's TP ranks (set under EP x TP)
         self.num_forward_steps = 0
         self.timed = timed
         self.clock = _Clock(device)
@@ -161,11 +162,22 @@ class ExpertStats:
         return {"attention": s["attention"], "moe_compute": max(s["moe"] - a2a, 0.0), "all2all": a2a,
                 "other": max(s["total"] - s["attention"] - s["moe"], 0.0), "total": s["total"]}
 
+    def counters(self) -> torch.Tensor:
+        """Every counter in one int64 host tensor: routed tokens [num_moe_layers * E], per-layer traffic
+        [num_moe_layers * 3], then all2all [5]."""
+        n = self.num_moe_layers
+        return torch.cat([self.routed_tokens[:n].flatten(), self.layer_traffic[:n].flatten(), self.all2all]).cpu()
+
     def snapshot(self, rank: int) -> ExpertStatsSnapshot:
-        a2a = self.all2all.tolist()
-        layer_bytes = self.layer_traffic[: self.num_moe_layers].tolist()
+        counters = self.counters()
+        if self.merge is not None:  # EP x TP: this engine's TP ranks each routed and sent a slice of its tokens
+            counters = self.merge(counters)
+        n, e = self.num_moe_layers, self.routed_tokens.shape[1]
+        routed = counters[: n * e].view(n, e)
+        layer_bytes = counters[n * e : n * e + 3 * n].view(n, 3).tolist()
+        a2a = counters[-5:].tolist()
         return ExpertStatsSnapshot(
-            rank=rank, routed_tokens=self.routed_tokens[: self.num_moe_layers].tolist(),
+            rank=rank, routed_tokens=routed.tolist(),
             all2all_tokens_sent=a2a[0], all2all_tokens_received=a2a[1], all2all_bytes_sent=a2a[2],
             all2all_bytes_received=a2a[3], num_forward_steps=self.num_forward_steps, time_split=self.time_split(),
             all2all_layer_bytes_sent=[b[0] for b in layer_bytes],

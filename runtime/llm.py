@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from runtime.config import EngineConfig, default_model_path
+from runtime.config import ConfigError, EngineConfig, default_model_path
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine import LLMEngine
 from runtime.messages import AddRequest
@@ -19,6 +19,9 @@ Prompt = str | dict[str, Any]
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.config = EngineConfig(model=model or default_model_path(), **engine_args)
+        if self.config.tensor_parallel_size * self.config.data_parallel_size > 1:
+            raise ConfigError("the offline LLM runs one engine rank in this process: for tensor or data "
+                              "parallelism serve the model with python -m runtime.serve -tp N / -dp N")
         self.engine = LLMEngine(self.config)
         self.tokenizer = load_tokenizer(self.config.tokenizer_path)
         self._decoder = fast_decoding(self.tokenizer)  # same text, without transformers' Python decode wrapper

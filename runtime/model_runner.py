@@ -1,9 +1,11 @@
-"""Owns the model and its paged KV cache; turns a scheduled batch into tensors, runs it, returns logits."""
+"""Owns the model and its paged KV cache; turns a scheduled batch into a step plan (host arrays), runs it,
+returns logits. Under tensor parallelism TP rank 0 broadcasts each plan and its peers run it (follow())."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +13,7 @@ import torch
 from runtime.cuda_graph import CudaGraphRunner
 from runtime.forward_batch import AttentionBackend, ForwardBatch
 from runtime.scheduler import ScheduledBatch
+from runtime.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ class PreparedBatch:
 
 
 def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * dtype.itemsize
+    return int(model.kv_cache_spec().bytes_per_block(block_size, dtype))
 
 
 class ModelRunner:
@@ -38,17 +41,21 @@ class ModelRunner:
         max_model_len: int,
         attn_backend: AttentionBackend,
         cuda_graph_max_batch: int = 0,  # 0 = eager only
+        plan_group: Any = None,  # TP > 1: the TP group's gloo group; TP rank 0 broadcasts each step's plan on it
+        plan_src: int = 0,  # global rank of TP rank 0
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.attn_backend = attn_backend
+        self.plan_group, self.plan_src = plan_group, plan_src
+        spec = model.kv_cache_spec()  # this TP rank's KV heads
         # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]; zeros so stale slots are never NaN
         self.kv_cache = torch.zeros(
-            model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim, dtype=dtype, device=device
+            spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device
         )
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model.num_layers)]
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
         self._staging: dict[torch.dtype, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
@@ -56,7 +63,7 @@ class ModelRunner:
                 model, self.kv_caches, attn_backend, cuda_graph_max_batch, self.max_blocks_per_seq, device
             )
 
-    def prepare(self, batch: ScheduledBatch, pad_to: int = 0) -> PreparedBatch:
+    def plan(self, batch: ScheduledBatch, pad_to: int = 0) -> StepPlan:
         bs = self.block_size
         num_seqs = len(batch)
         q_lens = np.array(batch.num_new_tokens, dtype=np.int64)
@@ -69,14 +76,12 @@ class ModelRunner:
         width = max(1, max((len(s.block_table) for s in batch.seqs), default=1))
 
         # one int64 buffer [ids | positions | slots] and one int32 buffer [cu_seqlens | seq_lens | tables],
-        # each filled on the host and copied to the device once. Every part starts 16-byte aligned: Triton
-        # specializes kernels on pointer alignment, and an offset that follows the batch size would compile
-        # a second variant of each attention kernel on the serving path.
+        # each filled on the host and copied to the device once (parts aligned: StepPlan.i64_part / i32_part)
         n = num_tokens + pad
-        n64 = -(-n // 2) * 2
+        layout = StepPlan(RUN, n, num_rows)
+        n64, r32 = layout.i64_part, layout.i32_part
         i64 = np.zeros(3 * n64, dtype=np.int64)
         ids, pos, slots = i64[:n], i64[n64 : n64 + n], i64[2 * n64 : 2 * n64 + n]
-        r32 = -(-(num_rows + 1) // 4) * 4  # [cu_seqlens | seq_lens] parts, each padded to 16 bytes
         i32 = np.zeros(2 * r32 + num_rows * width, dtype=np.int32)
         cu, seq_lens = i32[: num_rows + 1], i32[r32 : r32 + num_rows]
         tables = i32[2 * r32 :].reshape(num_rows, width)
@@ -96,22 +101,27 @@ class ModelRunner:
             cu[num_seqs + 1 :] = num_tokens + np.arange(1, num_rows - num_seqs + 1) if is_decode else n
         sample_rows = [int(cu[row + 1]) - 1 for row, seq in enumerate(batch.seqs)
                        if int(seq_lens[row]) == len(seq)]
+        return StepPlan(RUN, n, num_rows, width, is_decode, int(np.diff(cu).max()) if num_rows else 1,
+                        int(seq_lens.max()) if num_rows else 0, num_tokens, i64, i32, sample_rows)
 
-        dev_i64 = self._to_device(i64)
-        dev_i32 = self._to_device(i32)
+    def prepare(self, plan: StepPlan) -> PreparedBatch:
+        n, num_rows, width = plan.num_tokens, plan.num_rows, plan.width
+        n64, r32 = plan.i64_part, plan.i32_part
+        dev_i64 = self._to_device(plan.i64)
+        dev_i32 = self._to_device(plan.i32)
         fb = ForwardBatch(
             slot_mapping=dev_i64[2 * n64 : 2 * n64 + n],
             cu_seqlens_q=dev_i32[: num_rows + 1],
             seq_lens=dev_i32[r32 : r32 + num_rows],
             block_tables=dev_i32[2 * r32 :].view(num_rows, width),
-            max_seqlen_q=int(np.diff(cu).max()) if num_rows else 1,
-            max_seqlen_k=int(seq_lens.max()) if num_rows else 0,
-            is_decode=is_decode,
+            max_seqlen_q=plan.max_seqlen_q,
+            max_seqlen_k=plan.max_seqlen_k,
+            is_decode=plan.is_decode,
             kv_caches=self.kv_caches,
             attn_backend=self.attn_backend,
-            num_real_tokens=num_tokens,
+            num_real_tokens=plan.num_real_tokens,
         )
-        return PreparedBatch(dev_i64[:n], dev_i64[n64 : n64 + n], fb, sample_rows)
+        return PreparedBatch(dev_i64[:n], dev_i64[n64 : n64 + n], fb, plan.sample_rows)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         host = torch.from_numpy(array)
@@ -131,16 +141,60 @@ class ModelRunner:
         self._staging[host.dtype] = (buf, event)
         return out
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, pad_to: int = 0) -> torch.Tensor:
         """Runs one step; returns fp32 logits [num_sampled_seqs, vocab]."""
-        prepared = self.prepare(batch, pad_to)
+        plan = self.plan(batch, pad_to)
+        self._send(plan)
+        return self.run(plan)
+
+    def execute_dummy(self, num_tokens: int) -> None:
+        """A lockstep filler step: the same collectives as a real step of num_tokens tokens, no KV, no output."""
+        plan = StepPlan(DUMMY, max(1, num_tokens))
+        self._send(plan)
+        self.run(plan)
+
+    def stop_followers(self) -> None:
+        self._send(StepPlan(STOP, 0))
+
+    def sum_over_tp(self, values: torch.Tensor) -> torch.Tensor:
+        """TP rank 0: the sum of an int64 host vector over its TP ranks (each peer adds its counters())."""
+        self._send(StepPlan(SUM, values.numel()))
+        return sum_over_group(values, self.plan_group)
+
+    def follow(self, before_step: Any = None, counters: Any = None) -> None:
+        """A TP peer's whole life: run every plan TP rank 0 broadcasts until it says stop.
+        before_step(plan, rows_run): the rank's per-step hook; counters(): its share of a SUM."""
+        while (plan := receive_plan(self.plan_group, self.plan_src)).kind != STOP:
+            if plan.kind == SUM:
+                sum_over_group(counters(), self.plan_group)
+                continue
+            if before_step is not None:
+                before_step(plan, self.rows_run(plan))
+            self.run(plan)
+
+    def rows_run(self, plan: StepPlan) -> int:
+        """Token rows the forward really runs: the CUDA graph's bucket when one is replayed."""
+        bucket = self.graphs.bucket(plan.num_tokens) if self.graphs is not None else None
+        return bucket if bucket is not None and (plan.kind == DUMMY or plan.is_decode) else plan.num_tokens
+
+    def _send(self, plan: StepPlan) -> None:
+        if self.plan_group is not None:
+            broadcast_plan(plan, self.plan_group, self.plan_src)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        if plan.kind == DUMMY:
+            self._run_dummy(plan.num_tokens)
+            return None
+        prepared = self.prepare(plan)
         fb = prepared.forward_batch
         num_padded = prepared.input_ids.shape[0]
         if self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
             hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
         else:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
+        if not prepared.sample_rows:  # a prefill chunk with nothing to sample: no logits, no gather
+            return torch.empty(0, 0, device=self.device)
         rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
@@ -168,10 +222,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
-    def execute_dummy(self, num_tokens: int) -> None:
-        """A lockstep filler step: the same collectives as a real step of num_tokens tokens, no KV, no output."""
-        num_tokens = max(1, num_tokens)
+    def _run_dummy(self, num_tokens: int) -> None:
         if self.graphs is not None and self.graphs.bucket(num_tokens) is not None:
             self.graphs.replay_dummy(num_tokens)
             return

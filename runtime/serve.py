@@ -1,7 +1,9 @@
 """Start a deployment: N engine ranks, the DP coordinator and the OpenAI API server.
 
-  torchrun --nproc-per-node N -m runtime.serve --model M --data-parallel-size N [--enable-expert-parallel]
-      every torchrun worker is one engine rank; rank 0 first starts the coordinator and the API server as
+  torchrun --nproc-per-node N -m runtime.serve --model M --data-parallel-size D [--tensor-parallel-size T]
+          [--enable-expert-parallel]
+      N = D x T workers; each group of T consecutive workers is one engine (DP rank), its TP rank 0 the one
+      that talks to the coordinator and the front end; rank 0 first starts the coordinator and the API server as
       separate processes with CUDA_VISIBLE_DEVICES="" (before it touches CUDA itself).
   python -m runtime.serve --model M --data-parallel-size N ...
       this process starts the coordinator and the API server, then the N ranks with torch's elastic
@@ -55,13 +57,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Na
 
 def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> None:
     """Fails fast (ConfigError) on layouts that cannot work, before any process starts."""
-    from runtime.parallel import LaunchEnv, check_sizes, num_experts_of
+    from runtime.parallel import LaunchEnv, check_sizes, check_tp_shapes, num_experts_of
 
     env = os.environ if env is None else env
     under_torchrun = "LOCAL_RANK" in env
     launch = LaunchEnv.from_env(env) if under_torchrun else None
-    world = launch.world_size if launch else config.data_parallel_size
-    local_world = launch.local_world_size if launch else config.data_parallel_size
+    world = launch.world_size if launch else config.data_parallel_size * config.tensor_parallel_size
+    local_world = launch.local_world_size if launch else world
     num_gpus = None
     if config.device != "cpu":
         import torch
@@ -72,6 +74,7 @@ def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> 
         if config.device == "cuda" and count == 0:
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     ep_size = check_sizes(config, world, local_world, num_gpus, num_experts_of(config.hf_config()))
+    check_tp_shapes(config.hf_config(), config.tensor_parallel_size, ep_size)
     if ep_size > 1 and config.expert_token_capacity is not None and config.all2all_backend == "allgather":
         from runtime.all2all import validate_capacity
 
@@ -140,12 +143,13 @@ def _free_port() -> int:
 
 
 def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:
-    """N engine ranks on this node through torch's elastic launcher (blocks until they exit)."""
+    """DP x TP engine ranks on this node through torch's elastic launcher (blocks until they exit)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from runtime.engine_proc import engine_main
 
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.data_parallel_size,
+    world = config.data_parallel_size * config.tensor_parallel_size
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
                           run_id=f"moe-rt-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=config.max_restarts,
                           monitor_interval=0.5, start_method="spawn")

@@ -212,8 +212,11 @@ async def _kill_when_busy(srv: Served, times: list[float], rank: int) -> float:
     return time.monotonic()
 
 
-def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str) -> None:
-    with served(checkpoint, max_restarts=2) as srv:
+# DP=2/EP=2, and DP=2 x TP=2 with EP over the 4 ranks (the victim may be a TP rank 0 or a peer that only
+# follows its plans: either way the whole group restarts)
+@pytest.mark.parametrize("extra", [(), ("-tp", "2")], ids=["dp2ep2", "dp2tp2ep4"])
+def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str, extra: tuple[str, ...]) -> None:
+    with served(checkpoint, max_restarts=2, extra=extra) as srv:
         expected, expected_seeded = offline(checkpoint)  # computed while the ranks sit idle
         times: list[float] = []
         degraded: list[str] = []

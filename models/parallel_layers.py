@@ -1,0 +1,179 @@
+"""Tensor-parallel layers and their weight loaders.
+
+Each layer receives its TP rank and size (models.args.TensorParallel) and never asks torch.distributed for them.
+A layer's weight_loader(param, source, shard_id) loads each of its parameters: the generic loader
+(models/loader.py) finds the checkpoint tensor a model maps to the parameter and hands over a lazy `source`;
+the weight loader reads only this rank's shard of it (safetensors slicing: no rank ever holds the full
+tensor) and copies it into place.
+
+A source (models.loader.CheckpointTensor) offers: key, shape (the full tensor's), check_shape(expected) and
+read(index, dtype) -> the slice, dequantized when the checkpoint is FP8 and dtype is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.args import ModelArgs, TensorParallel
+
+
+class LoadError(ValueError):
+    """The checkpoint folder does not match the model: the message names the file or tensor."""
+
+
+class Source(Protocol):
+    key: str
+    shape: list[int]
+
+    def check_shape(self, expected: list[int]) -> None: ...
+    def read(self, index: tuple[slice, ...], dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def divide(size: int, tp: TensorParallel, what: str) -> int:
+    if size % tp.size:
+        raise ValueError(f"{what} {size} is not divisible by the tensor-parallel size {tp.size}")
+    return size // tp.size
+
+
+def load_shard(dest: torch.Tensor, source: Source, dim: int | None = None, start: int = 0,
+               full: int | None = None) -> None:
+    """dest <- source[start : start + len] along dim (whole tensor when dim is None). full: the source's size
+    along dim; rows past its end (vocab padding) are zeroed."""
+    expected = list(dest.shape)
+    if dim is None:
+        source.check_shape(expected)
+        dest.copy_(source.read((), dest.dtype))
+        return
+    expected[dim] = full if full is not None else dest.shape[dim]
+    source.check_shape(expected)
+    length = max(0, min(dest.shape[dim], expected[dim] - start))
+    index = tuple(slice(None) for _ in range(dim)) + (slice(start, start + length),)
+    if length:
+        dest.narrow(dim, 0, length).copy_(source.read(index, dest.dtype))
+    if length < dest.shape[dim]:
+        dest.narrow(dim, length, dest.shape[dim] - length).zero_()
+
+
+def _param(shape: tuple[int, ...], args: ModelArgs) -> nn.Parameter:
+    # the weight loader is the owning module's method, not an attribute: to_empty() makes new Parameters
+    return nn.Parameter(torch.empty(shape, dtype=args.dtype), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over the TP ranks; the output stays split (a row-parallel layer
+    or a gather follows)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, args: ModelArgs,
+                 local_sizes: list[int] | None = None, what: str = "output size") -> None:
+        super().__init__()
+        self.tp = args.tp
+        # a merged layer (gate_up, qkv) holds several checkpoint tensors side by side, each split over the ranks
+        self.out_sizes = list(out_sizes)
+        self.local_sizes = local_sizes or [divide(s, args.tp, what) for s in out_sizes]
+        self.offsets = [sum(self.local_sizes[:i]) for i in range(len(out_sizes))]
+        rows = sum(self.local_sizes)
+        self.weight = _param((rows, in_features), args)
+        self.bias = _param((rows,), args) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, source: Source, shard_id: int | None = None) -> None:
+        i = shard_id or 0
+        dest = param.narrow(0, self.offsets[i], self.local_sizes[i])
+        load_shard(dest, source, 0, self.tp.rank * self.local_sizes[i], self.out_sizes[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """gate_up_proj: [gate; up] of this rank, loaded from gate_proj (shard 0) and up_proj (shard 1)."""
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v with whole heads per rank. KV heads split when num_kv_heads >= tp, else each KV head is
+    replicated on tp / num_kv_heads ranks (the ones whose query heads use it)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 args: ModelArgs) -> None:
+        tp = args.tp
+        self.num_local_heads = divide(num_heads, tp, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            self.num_local_kv_heads = divide(num_kv_heads, tp, "num_key_value_heads")
+            self.first_kv_head = tp.rank * self.num_local_kv_heads
+        else:
+            if tp.size % num_kv_heads:
+                raise ValueError(f"num_key_value_heads {num_kv_heads} is below the tensor-parallel size {tp.size} "
+                                 f"and does not divide it: choose a tensor-parallel size that it divides")
+            self.num_local_kv_heads = 1
+            self.first_kv_head = tp.rank // (tp.size // num_kv_heads)
+        self.head_dim = head_dim
+        q, kv = num_heads * head_dim, num_kv_heads * head_dim
+        local_kv = self.num_local_kv_heads * head_dim
+        super().__init__(hidden_size, [q, kv, kv], bias, args, [self.num_local_heads * head_dim, local_kv, local_kv])
+
+    def weight_loader(self, param: nn.Parameter, source: Source, shard_id: Any = None) -> None:
+        i = {"q": 0, "k": 1, "v": 2}[shard_id]
+        dest = param.narrow(0, self.offsets[i], self.local_sizes[i])
+        start = self.tp.rank * self.local_sizes[0] if i == 0 else self.first_kv_head * self.head_dim
+        load_shard(dest, source, 0, start, self.out_sizes[i])
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over the TP ranks: each rank's partial sum, all-reduced unless
+    the caller folds several partial sums into one all-reduce (reduce_results=False)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, args: ModelArgs,
+                 reduce_results: bool = True, what: str = "input size") -> None:
+        super().__init__()
+        self.tp, self.reduce_results = args.tp, reduce_results
+        self.in_features = in_features
+        self.local_in = divide(in_features, args.tp, what)
+        self.weight = _param((out_features, self.local_in), args)
+        self.bias = _param((out_features,), args) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, source: Source, shard_id: Any = None) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank, added once after the reduction
+            load_shard(param, source)
+        else:
+            load_shard(param, source, 1, self.tp.rank * self.local_in, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce_results:
+            self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows of the vocabulary split in ceil(vocab / tp) blocks (the last padded with zero rows); each rank looks
+    up the ids it holds, zeros for the others, and an all-reduce puts the rows together (exact: one nonzero
+    term per element)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.tp, self.vocab_size = args.tp, vocab_size
+        self.rows_per_rank = -(-vocab_size // args.tp.size)
+        self.first_row = args.tp.rank * self.rows_per_rank
+        self.weight = _param((self.rows_per_rank, hidden_size), args)
+
+    def weight_loader(self, param: nn.Parameter, source: Source, shard_id: Any = None) -> None:
+        load_shard(param, source, 0, self.first_row, self.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.first_row
+        mine = (local >= 0) & (local < self.rows_per_rank)  # [T]
+        x = F.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(x)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits of this rank's vocabulary rows, gathered over the TP ranks into the full [N, vocab]."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight).float()  # [N, rows_per_rank]
+        return self.tp.all_gather(logits, dim=-1)[:, : self.vocab_size]
