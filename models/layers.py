@@ -15,7 +15,6 @@ from torch import nn
 from kernels import norm as norm_kernels
 from kernels import rope as rope_kernels
 from models.args import ModelArgs
-from runtime.config import ROPE_TYPES, check_rope, model_max_len, rope_parameters
 from models.parallel_layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -23,6 +22,7 @@ from models.parallel_layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from runtime.config import ROPE_TYPES, check_rope, model_max_len, rope_parameters
 from runtime.forward_batch import ForwardBatch
 
 

@@ -200,38 +200,31 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(hidden_size, shared_intermediate_size, args, reduce_results=not self.reduce_partial)
                                if shared_intermediate_size else None)
 
-    def _count_experts(self, topk_ids: torch.Tensor, batch: ForwardBatch) -> None:
-        counts = batch.extras.get("expert_counts")  # [num_moe_layers or num_layers, E] on the device
-        if not isinstance(counts, torch.Tensor) or batch.is_dummy:
-            return
-        row = self.moe_layer_id if counts.shape[0] == self.num_moe_layers else self.layer_id
-        ids = topk_ids if batch.num_real_tokens is None else topk_ids[: batch.num_real_tokens]
-        ids = ids.reshape(-1).long()
-        counts[row].index_add_(0, ids, torch.ones(ids.shape, dtype=counts.dtype, device=counts.device))
-
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if self.split_tokens:
             # the TP peers hold the same T tokens: each routes and dispatches rows [first, first + rows) of the
             # batch padded to tp * rows, and the combined slices are gathered back in rank order
             num_tokens = x.shape[0]
             first, rows = tp_token_slice(num_tokens, self.tp)
-            padded = F.pad(x, (0, 0, 0, rows * self.tp.size - num_tokens)) if rows * self.tp.size > num_tokens else x
-            out = self.tp.all_gather(self._routed(padded[first : first + rows], batch), dim=0)[:num_tokens]
+            extra = rows * self.tp.size - num_tokens
+            padded = F.pad(x, (0, 0, 0, extra)) if extra else x
+            padding = F.pad(batch.slot_mapping < 0, (0, extra), value=True) if extra else batch.slot_mapping < 0
+            mine = slice(first, first + rows)
+            out = self.tp.all_gather(self._routed(padded[mine], padding[mine]), dim=0)[:num_tokens]
         else:
-            out = self._routed(x, batch)
+            out = self._routed(x, batch.slot_mapping < 0)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_partial:
             self.tp.all_reduce(out)  # routed + shared partial sums over the intermediate split, one reduction
         return out
 
-    def _routed(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def _routed(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         # a dummy batch still runs router, dispatch and combine so every EP rank issues the same collectives
         topk_weights, topk_ids = self.gate(x)  # [T, k] fp32, [T, k] int32 global ids
-        self._count_experts(topk_ids, batch)
-        # padding rows (slot -1: a padded batch's filler, every row of a dummy step) get expert id -1: no
-        # expert work, nothing sent, not counted (a device mask, so CUDA-graph replays stay exact)
-        topk_ids = topk_ids.masked_fill((batch.slot_mapping < 0).unsqueeze(1), -1)
+        # padding rows (slot -1: a padded batch's filler, every row of a dummy step; padding [T] bool) get
+        # expert id -1: no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
+        topk_ids = topk_ids.masked_fill(padding.unsqueeze(1), -1)
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
             out = self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)

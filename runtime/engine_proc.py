@@ -268,20 +268,12 @@ def engine_main(config_json: str, addrs_json: str) -> None:
 
 
 def tp_follower_stats(expert_stats: Any, parallel: Any) -> Any:
-    """A TP peer's per-step hook: tell its expert statistics (and through them its dispatcher) how many of the
-    rows it dispatches are real. Under EP x TP it dispatches only its slice of the batch (models/moe.py)."""
+    """A TP peer's per-step hook: start its expert statistics' step, as TP rank 0's rank loop does (padding
+    rows are masked inside the MoE layer, so no row count is needed)."""
     if expert_stats is None:
         return None
-    from models.args import TensorParallel
-    from models.moe import tp_token_slice
-
-    tp = TensorParallel(parallel.tp_rank, parallel.tp_size)
 
     def before_step(plan: Any, rows_run: int) -> None:
-        real = plan.num_real_tokens
-        if parallel.is_ep:
-            first, rows = tp_token_slice(rows_run, tp)
-            real = min(max(real - first, 0), rows)
-        expert_stats.begin_step(real)
+        expert_stats.begin_step()
 
     return before_step

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -34,8 +34,6 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     is_dummy: bool = False  # EP lockstep filler: run the collectives, skip KV writes and attention
     num_real_tokens: int | None = None  # tokens before padding (None = all)
-    # per-step MoE statistics hooks (expert counters live on the device, see runtime/expert_stats.py)
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
