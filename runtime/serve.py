@@ -36,13 +36,27 @@ from runtime.messages import Addresses
 logger = logging.getLogger("runtime.serve")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default after its help (unless the help names it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__, formatter_class=HelpFormatter)
     EngineConfig.add_cli_args(parser)
     parser.add_argument("--headless", action="store_true",
                         help="start no API server: a front end of your own binds the to_frontend socket")
     parser.add_argument("--ipc-dir", default=None, help="folder for the ZMQ ipc sockets (default: a temp folder)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = EngineConfig.from_cli(args)

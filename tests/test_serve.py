@@ -143,6 +143,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             for arch in ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM", "LlamaForCausalLM")}
 
 
+def has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _pids_with(text: bytes) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -261,7 +267,8 @@ def test_dp2_ep2_busy_rank_dummy_steps_tokens_equal_and_quiet(tiny_models: dict[
     out = subprocess.run([sys.executable, "benchmarks/plot_expert_stats.py", stats_file], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "rank_imbalance_mean=" in out.stdout and os.path.exists(str(tmp_path / "experts.png"))
+    assert "rank_imbalance_mean=" in out.stdout
+    assert os.path.exists(str(tmp_path / "experts.png")) or not has_matplotlib()  # plotting is optional
 
 
 @pytest.mark.parametrize("args, message", [
