@@ -46,6 +46,7 @@ from runtime.messages import (
     decode,
     encode,
 )
+from runtime.procs import set_title
 from runtime.rank_watch import RankWatch, process_alive
 
 logger = logging.getLogger("runtime.coordinator")
@@ -397,6 +398,7 @@ class Coordinator:
 def main(argv: list[str]) -> None:
     """python -m runtime.coordinator SPEC_JSON ADDRESSES_JSON (started by runtime.serve)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s coordinator: %(message)s")
+    set_title("moe-rt: coordinator")
     spec = msgspec.json.decode(argv[0], type=CoordinatorSpec)
     addrs = msgspec.json.decode(argv[1], type=Addresses)
     coordinator = Coordinator(spec, addrs)

@@ -32,8 +32,11 @@ import msgspec
 
 from runtime.config import ConfigError, EngineConfig
 from runtime.messages import Addresses
+from runtime.procs import check_port_free, exit_now, set_title
 
 logger = logging.getLogger("runtime.serve")
+
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's name; EngineConfig.from_cli reads it too
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -61,10 +64,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Na
     try:
         config = EngineConfig.from_cli(args)
         check_launch(config)
+        if not args.headless and starts_control_plane(os.environ):
+            check_port_free(config.host, config.port)  # before any process starts: a busy port is fatal
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if "LOCAL_RANK" in os.environ:  # a torchrun worker: end the launch, or torchrun restarts it blindly
+            os.kill(os.getppid(), signal.SIGTERM)
         sys.exit(2)
     return config, args
+
+
+def starts_control_plane(env: Mapping[str, str]) -> bool:
+    """python -m runtime.serve, or torchrun's rank 0 in its first incarnation (a restart keeps the old one)."""
+    return "LOCAL_RANK" not in env or (env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
 
 
 def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> None:
@@ -124,9 +136,14 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]
     if api_server:
+        # the API key travels in the environment (readable by this user only), never on a command line (ps)
+        env.pop(API_KEY_ENV, None)
+        if config.api_key:
+            env[API_KEY_ENV] = config.api_key
         code = "import sys; from runtime.serve import api_server_main; api_server_main(sys.argv[1], sys.argv[2])"
-        procs.append(subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config).decode(),
-                                       msgspec.json.encode(addrs).decode()], env=env, start_new_session=True))
+        procs.append(subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config.replace(api_key=None))
+                                       .decode(), msgspec.json.encode(addrs).decode()], env=env,
+                                      start_new_session=True))
     return procs
 
 
@@ -144,7 +161,10 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> No
 def api_server_main(config_json: str, addrs_json: str) -> None:
     from server.api_server import run_api_server
 
-    run_api_server(msgspec.json.decode(config_json, type=EngineConfig), msgspec.json.decode(addrs_json, type=Addresses))
+    set_title("moe-rt: api-server")
+    config = msgspec.json.decode(config_json, type=EngineConfig)
+    config = config.replace(api_key=os.environ.get(API_KEY_ENV) or None)  # start_control_plane put it there
+    run_api_server(config, msgspec.json.decode(addrs_json, type=Addresses))
 
 
 def _free_port() -> int:
@@ -157,13 +177,25 @@ def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:
     """N engine ranks on this node through torch's elastic launcher (blocks until they exit)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from runtime.engine_proc import engine_main
-
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.data_parallel_size,
                           run_id=f"moe-rt-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=config.max_restarts,
                           monitor_interval=0.5, start_method="spawn")
-    elastic_launch(launch, engine_main)(msgspec.json.encode(config).decode(), msgspec.json.encode(addrs).decode())
+    config = config.replace(api_key=None)  # the ranks never need it
+    elastic_launch(launch, elastic_rank_main)(msgspec.json.encode(config).decode(),
+                                              msgspec.json.encode(addrs).decode())
+
+
+def elastic_rank_main(config_json: str, addrs_json: str) -> None:
+    """One rank under the elastic launcher: stopped by a signal, it exits at once (runtime/procs.py)."""
+    from runtime.engine_proc import engine_main
+
+    try:
+        engine_main(config_json, addrs_json)
+    except SystemExit as e:
+        if isinstance(e.code, int) and e.code > 128:
+            exit_now(e.code)
+        raise
 
 
 def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = None) -> None:
@@ -173,13 +205,16 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     addrs = Addresses.ipc(run_dir, config.data_parallel_size)
     procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                 watch_pid=os.getpid(), max_restarts=config.max_restarts)
+    stopped = False
     try:
         launch_ranks(config, addrs)
     except KeyboardInterrupt:
         logger.info("interrupted: shutting down")
+        stopped = True
     except Exception as e:  # the launcher's SignalException (SIGTERM) / ChildFailedError, named not imported
         if type(e).__name__ == "SignalException":
             logger.info("%s: shutting down", e)
+            stopped = True
         elif type(e).__name__ == "ChildFailedError":
             print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
                   "the first failure's traceback is above", file=sys.stderr)
@@ -192,6 +227,8 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         stop_processes(procs)
         if ipc_dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if stopped:  # a clean stop; skip the seconds the interpreter's teardown of torch's launcher takes
+        exit_now(0)
 
 
 def _fail_clients(procs: list[subprocess.Popen], addrs: Addresses, reason: str, timeout_s: float = 15.0) -> None:
@@ -234,14 +271,26 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
         raise KeyboardInterrupt  # torchrun stops workers with SIGTERM: unwind, so rank 0 stops its children
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    code: object = None
     try:
         engine_main(msgspec.json.encode(config).decode(), msgspec.json.encode(addrs).decode())
+    except SystemExit as e:
+        code = e.code
+        raise
     finally:
+        if isinstance(code, int) and code > 128:
+            # stopped by a signal: the control plane (own session) finishes its shutdown while torchrun tears
+            # down; this rank skips the interpreter's teardown
+            for p in procs:
+                p.terminate()
+            exit_now(code)
         stop_processes(procs)
 
 
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        set_title("moe-rt: launcher")  # a torchrun worker is an engine rank: engine_main names it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if "LOCAL_RANK" in os.environ:
         serve_torchrun_worker(config, not args.headless, args.ipc_dir)

@@ -103,6 +103,7 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None, headle
         finally:
             if front is not None:
                 front.close()
+            tree = process_tree(proc.pid)  # titled processes no longer show ipc_dir in their command line
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)  # the launcher stops its ranks; rank 0 / main its children
                 try:
@@ -111,6 +112,7 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None, headle
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
             leaked = [p for p in _pids_with(ipc_dir.encode()) if p != os.getpid()]
+            leaked += [p for p in tree if p not in leaked and pid_alive(p)]
             for pid in leaked:
                 os.kill(pid, signal.SIGKILL)
             assert not leaked, "processes outlived runtime.serve"
@@ -160,6 +162,27 @@ def _pids_with(text: bytes) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def pid_alive(pid: int) -> bool:
+    """A zombie counts as gone: PID 1 of a container may never reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def process_tree(pid: int) -> set[int]:
+    """Every descendant of pid, now."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for kid in _children(todo.pop()):
+            if kid not in found:
+                found.add(kid)
+                todo.append(kid)
+    return found
 
 
 def _children(pid: int) -> list[int]:
@@ -216,7 +239,7 @@ def test_dp1_api_server_coordinator_engine(tiny_models: dict[str, str]) -> None:
         assert json.loads(body)["usage"]["completion_tokens"] == 6
         # the control plane (coordinator, API server) is CPU-only: no GPU visible, no CUDA library mapped
         control = [p for p in _children(proc.pid)
-                   if b"runtime.coordinator" in _cmdline(p) or b"api_server_main" in _cmdline(p)]
+                   if _cmdline(p).rstrip(b"\0") in (b"moe-rt: coordinator", b"moe-rt: api-server")]
         assert len(control) == 2
         for pid in control:
             with open(f"/proc/{pid}/environ", "rb") as f:

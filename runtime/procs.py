@@ -1,0 +1,94 @@
+"""Process plumbing of a deployment (no torch): readable titles, dying with the launcher, stop signals that
+end a rank at once, and the API port checked before anything starts."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import NoReturn
+
+from runtime.config import ConfigError
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def set_title(title: str) -> None:
+    """What ps, top and nvidia-smi show for this process ('moe-rt: coordinator', ...). The module is a
+    declared dependency; a machine without it only loses the names."""
+    # keep /proc/PID/environ intact (the title then has to fit the original command line, which ours do)
+    os.environ.setdefault("SPT_NOENV", "1")
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send sig to this process when its parent (the launcher) dies, kill -9 included, so
+    no rank is left orphaned holding its GPU. Linux only; False where unsupported.
+    The parent that counts is the thread that forked us: both launchers start ranks from their main thread."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent == 1 or os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind now (a KeyboardInterrupt, so every `except Exception` lets it pass)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention for 'ended by this signal'
+
+
+def exit_now(code: int) -> NoReturn:
+    """Ends the process without the interpreter's teardown, which can wait seconds on the threads of torch's
+    process groups and launcher; for a process stopped by a signal, whose work is over."""
+    logging.shutdown()  # flush the log first
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def raise_on_stop_signals() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise StopSignal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError naming the port when the API server could not bind it, checked before any process starts.
+    Bound the way uvicorn binds (SO_REUSEADDR), so a port in TIME_WAIT is not reported busy."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use: stop what holds it or pass --port "
+                                  "another port") from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): check --host and --port") from None
