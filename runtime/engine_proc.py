@@ -32,8 +32,10 @@ from runtime.messages import (
     StepCommand,
     StepReport,
     TokenDelta,
-    decode,
+    decode_or_drop,
     encode,
+    secret_from_env,
+    use_secret,
 )
 from runtime.procs import StopSignal, die_with_parent, raise_on_stop_signals, set_title
 
@@ -117,7 +119,7 @@ class EngineLoop:
             data = self.pull.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        return decode(data.buffer)
+        return decode_or_drop(data.buffer, f"rank {self.rank}")  # None (dropped) reads as 'no message'
 
     def _send_outputs(self, outputs: list[TokenDelta]) -> None:
         if outputs:
@@ -249,6 +251,7 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     # non-zero code (returning normally would leave the elastic worker waiting for an agent that is stopping)
     die_with_parent()
     raise_on_stop_signals()
+    use_secret(secret_from_env())  # the deployment's, from the launcher (messages.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = msgspec.json.decode(config_json, type=EngineConfig)
     addrs = msgspec.json.decode(addrs_json, type=Addresses)

@@ -7,10 +7,14 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
-from typing import NoReturn
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, NoReturn
 
 from runtime.config import ConfigError
 
@@ -92,3 +96,50 @@ def check_port_free(host: str, port: int) -> None:
                 raise ConfigError(f"port {port} on {host} is already in use: stop what holds it or pass --port "
                                   "another port") from None
             raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): check --host and --port") from None
+
+
+@contextmanager
+def loopback_worker_store() -> Iterator[None]:
+    """The elastic agent hosts the TCPStore its workers share, and torch binds it on every interface; on one
+    node nobody else needs it: hand torch a listening socket bound to 127.0.0.1 (TCPStore's master_listen_fd).
+    A torch without that hook keeps its default (and says so)."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    handler = dynamic_rendezvous.DynamicRendezvousHandler
+    original = getattr(handler, "_create_tcp_store_server", None)
+    if original is None:
+        logging.getLogger("runtime.serve").warning("this torch has no hook to bind the rank store to loopback")
+        yield
+        return
+
+    def create(self: Any, master_addr: str, master_port: int) -> Any:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", master_port))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        return dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach())
+
+    handler._create_tcp_store_server = create
+    try:
+        yield
+    finally:
+        handler._create_tcp_store_server = original
+
+
+SECRET_STORE_KEY = "moe-rt/secret"
+
+
+def torchrun_secret(env: Mapping[str, str], timeout_s: float = 300.0) -> str | None:
+    """The deployment secret for torchrun workers that were given none (MOE_RT_SECRET): rank 0 of the first
+    incarnation draws it and every other worker (and rank 0 after a restart) reads it from torchrun's agent
+    store, which lives as long as the launch. None when the workers do not share the agent's store."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    if env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        store.set(SECRET_STORE_KEY, secrets.token_hex(32))
+    return store.get(SECRET_STORE_KEY).decode()

@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,8 +33,8 @@ from collections.abc import Mapping
 import msgspec
 
 from runtime.config import ConfigError, EngineConfig
-from runtime.messages import Addresses
-from runtime.procs import check_port_free, exit_now, set_title
+from runtime.messages import SECRET_ENV, Addresses, secret_from_env, use_secret
+from runtime.procs import check_port_free, exit_now, loopback_worker_store, set_title, torchrun_secret
 
 logger = logging.getLogger("runtime.serve")
 
@@ -110,7 +112,14 @@ def torchrun_addresses(env: Mapping[str, str], num_ranks: int, ipc_dir: str | No
         return Addresses.tcp(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, num_ranks)
     run_id = env.get("TORCHELASTIC_RUN_ID", "none")
     run_dir = ipc_dir or os.path.join(tempfile.gettempdir(), f"moe-rt-{run_id}-{env.get('MASTER_PORT', '0')}")
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    if ipc_dir is None:
+        # a predictable name in a shared /tmp: it must be ours and closed to others (the sockets are the API)
+        st = os.lstat(run_dir)
+        if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{run_dir} exists and is not a folder of this user: remove it or pass --ipc-dir")
+        if st.st_mode & 0o077:
+            os.chmod(run_dir, 0o700)
     return Addresses.ipc(run_dir, num_ranks)
 
 
@@ -162,6 +171,7 @@ def api_server_main(config_json: str, addrs_json: str) -> None:
     from server.api_server import run_api_server
 
     set_title("moe-rt: api-server")
+    use_secret(secret_from_env())
     config = msgspec.json.decode(config_json, type=EngineConfig)
     config = config.replace(api_key=os.environ.get(API_KEY_ENV) or None)  # start_control_plane put it there
     run_api_server(config, msgspec.json.decode(addrs_json, type=Addresses))
@@ -177,13 +187,21 @@ def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:
     """N engine ranks on this node through torch's elastic launcher (blocks until they exit)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # one node, no network: the rendezvous store is a file in a private folder, the ranks' store listens on
+    # loopback only (torch's defaults listen on every interface)
+    rdzv_dir = tempfile.mkdtemp(prefix="moe-rt-rdzv-")
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=config.data_parallel_size,
                           run_id=f"moe-rt-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-                          rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=config.max_restarts,
-                          monitor_interval=0.5, start_method="spawn")
+                          rdzv_endpoint=os.path.join(rdzv_dir, "store"), rdzv_configs={"store_type": "file"},
+                          local_addr="127.0.0.1", max_restarts=config.max_restarts, monitor_interval=0.5,
+                          start_method="spawn")
     config = config.replace(api_key=None)  # the ranks never need it
-    elastic_launch(launch, elastic_rank_main)(msgspec.json.encode(config).decode(),
-                                              msgspec.json.encode(addrs).decode())
+    try:
+        with loopback_worker_store():
+            elastic_launch(launch, elastic_rank_main)(msgspec.json.encode(config).decode(),
+                                                      msgspec.json.encode(addrs).decode())
+    finally:
+        shutil.rmtree(rdzv_dir, ignore_errors=True)
 
 
 def elastic_rank_main(config_json: str, addrs_json: str) -> None:
@@ -200,6 +218,9 @@ def elastic_rank_main(config_json: str, addrs_json: str) -> None:
 
 def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = None) -> None:
     """python -m runtime.serve without torchrun: control plane here, ranks through the elastic launcher."""
+    # one secret per deployment, inherited by every process it starts: each socket frame carries its MAC
+    os.environ[SECRET_ENV] = secret_from_env() or secrets.token_hex(32)
+    use_secret(os.environ[SECRET_ENV])
     run_dir = ipc_dir or tempfile.mkdtemp(prefix="moe-rt-")
     os.makedirs(run_dir, exist_ok=True)
     addrs = Addresses.ipc(run_dir, config.data_parallel_size)
@@ -259,6 +280,11 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     from runtime.engine_proc import engine_main
 
     env = os.environ
+    secret = secret_from_env() or torchrun_secret(env)  # the user's (every node), else drawn by rank 0
+    if secret is None:
+        logger.warning("no %s and no shared agent store: engine sockets are not authenticated", SECRET_ENV)
+    else:
+        os.environ[SECRET_ENV] = secret  # for the control plane this rank starts, and engine_main
     addrs = torchrun_addresses(env, config.data_parallel_size, ipc_dir)
     procs: list[subprocess.Popen] = []
     # rank 0 owns the control plane; after an elastic restart it is still running. It watches torchrun's

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -227,3 +228,91 @@ def test_bench_serving_plot_is_optional(tmp_path: Any, monkeypatch: pytest.Monke
     assert not (tmp_path / "x.png").exists()
 
 
+
+
+# ---------------------------------------------------------------- item 10: authenticated frames, private sockets
+
+
+@pytest.fixture
+def secret() -> Iterator[str]:
+    from runtime.messages import use_secret
+
+    use_secret("s3cret")
+    yield "s3cret"
+    use_secret(None)
+
+
+def test_frames_carry_a_mac_and_forgeries_are_dropped(secret: str, caplog: pytest.LogCaptureFixture) -> None:
+    from runtime.messages import AuthError, StepCommand, decode, decode_or_drop, encode, use_secret
+
+    msg = StepCommand(step_id=3, pad_to=8, dummy=False)
+    frame = encode(msg)
+    assert decode(frame) == msg and decode(memoryview(frame)) == msg
+    forged = bytearray(frame)
+    forged[2] ^= 1  # one flipped bit in the payload
+    with pytest.raises(AuthError):
+        decode(bytes(forged))
+    use_secret("another")
+    other = encode(msg)
+    use_secret(secret)
+    with pytest.raises(AuthError):
+        decode(other)
+    use_secret(None)
+    bare = encode(msg)  # what an unauthenticated sender puts on the wire
+    use_secret(secret)
+    with pytest.raises(AuthError):
+        decode(bare)
+    assert decode_or_drop(bare, "test") is None and "dropped" in caplog.text
+
+
+def test_coordinator_drops_forged_requests(secret: str, tmp_path: Any) -> None:
+    import threading
+
+    import zmq
+
+    from runtime.coordinator import Coordinator, CoordinatorSpec
+    from runtime.messages import AddRequest, encode, use_secret
+
+    addrs = Addresses.ipc(str(tmp_path), 1)
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.PULL)
+    front.bind(addrs.to_frontend)
+    coordinator = Coordinator(CoordinatorSpec(num_ranks=1, lockstep=False, log_stats=False), addrs, ctx=ctx)
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(addrs.to_coordinator)
+    try:
+        use_secret("guessed")
+        push.send(encode(AddRequest(request_id="forged", prompt_token_ids=[1], params=SamplingParams())))
+        push.send(b"\x00garbage")
+        use_secret(secret)
+        push.send(encode(AddRequest(request_id="real", prompt_token_ids=[1], params=SamplingParams())))
+        deadline = time.time() + 10
+        while not coordinator.queued and time.time() < deadline:  # no rank is ready: requests wait in queue
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert [r.request_id for r in coordinator.queued] == ["real"] and thread.is_alive()
+    finally:
+        coordinator.running = False
+        thread.join(5)
+        ctx.destroy(linger=0)
+
+
+def test_torchrun_socket_folder_is_private(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from runtime.serve import torchrun_addresses
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        env = {"TORCHELASTIC_RUN_ID": "abc", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        addrs = torchrun_addresses(env, 2, None)
+        run_dir = addrs.to_coordinator.removeprefix("ipc://").rsplit("/", 1)[0]
+        assert os.stat(run_dir).st_mode & 0o777 == 0o700
+        os.chmod(run_dir, 0o755)  # made by an older version: closed again
+        torchrun_addresses(env, 2, None)
+        assert os.stat(run_dir).st_mode & 0o777 == 0o700
+    finally:
+        os.umask(old)

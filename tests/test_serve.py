@@ -18,10 +18,20 @@ from contextlib import contextmanager
 import pytest
 import zmq
 
-from runtime.messages import AddRequest, Addresses, ClusterStats, OutputBatch, decode, encode
+from runtime.messages import (
+    SECRET_ENV,
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    OutputBatch,
+    decode,
+    encode,
+    use_secret,
+)
 from runtime.sampling_params import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_SECRET = "test-deployment-secret"
 PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 3], [100, 101, 102, 103, 104, 105, 106], [7], [42, 43], [250, 2, 77, 8]]
 CPU_FLAGS = ["--device", "cpu", "--kv-cache-memory", str(8 << 20), "--max-num-seqs", "16",
              "--max-num-batched-tokens", "256", "--max-model-len", "256", "--log-stats-interval", "0.5"]
@@ -31,6 +41,7 @@ class Frontend:
     """The API server's side of the sockets, minus HTTP."""
 
     def __init__(self, addrs: Addresses) -> None:
+        use_secret(TEST_SECRET)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(addrs.to_frontend)
@@ -80,6 +91,7 @@ class Frontend:
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
+        use_secret(None)
 
 
 @contextmanager
@@ -96,8 +108,10 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None, headle
             cmd.append("--headless")
         if ep:
             cmd.append("--enable-expert-parallel")
-        # one torch thread per process: the ranks share few cores with each other and the test
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        # one torch thread per process: the ranks share few cores with each other and the test; the deployment
+        # secret is the test front end's too (every frame is authenticated, runtime/messages.py)
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", **{SECRET_ENV: TEST_SECRET}))
         try:
             yield front, proc  # type: ignore[misc]
         finally:

@@ -75,8 +75,33 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_dense")), "LlamaForCausalLM")
 
 
+def listening_addresses(pids: set[int]) -> list[str]:
+    """'ip:port' of every TCP socket these processes listen on (from /proc: no ss/netstat needed)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            pass
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ip_hex, port_hex = cols[1].split(":")
+                    ip = socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6,
+                                          b"".join(bytes.fromhex(ip_hex[i:i + 8])[::-1] for i in range(0, width, 8)))
+                    found.append(f"{ip}:{int(port_hex, 16)}")
+    return found
+
+
 @contextmanager
-def running(model: str, torchrun: bool, dp: int = 1) -> Iterator[tuple[subprocess.Popen, int, set[int], str]]:
+def running(model: str, torchrun: bool, dp: int = 1,
+            env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int, set[int], str]]:
     """A healthy deployment in its own session: (launcher, port, every process of it, log path). Whatever
     the test did, nothing of it outlives the block."""
     with tempfile.TemporaryDirectory(prefix="rt-sig-") as tmp:
@@ -87,7 +112,7 @@ def running(model: str, torchrun: bool, dp: int = 1) -> Iterator[tuple[subproces
         cmd = [*launcher, "-m", "runtime.serve", "--model", model, "-dp", str(dp), *CPU_FLAGS, "--port", str(port)]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                    env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
         pids: set[int] = set()
         try:
             deadline = time.monotonic() + 120
@@ -141,8 +166,15 @@ def test_stop_signal_ends_every_process_and_frees_the_port(model: str, torchrun:
 
 @pytest.mark.parametrize("torchrun", [False, True], ids=["python-m", "torchrun"])
 def test_kill9_of_the_launcher_takes_everything_with_it(model: str, torchrun: bool) -> None:
-    with running(model, torchrun) as (proc, port, pids, log_path):
+    key = "sk-not-on-any-command-line"
+    with running(model, torchrun, env={"VLLM_API_KEY": key}) as (proc, port, pids, log_path):
         titles = {p: _title(p) for p in pids}
+        # the API key comes from the environment and reaches the API server without a command line
+        assert not [t for t in titles.values() if key in t]
+        assert _http(f"http://127.0.0.1:{port}/v1/models")[0] == 401
+        if not torchrun:  # one node, our launcher: nothing listens beyond loopback
+            assert all(a.startswith(("127.", "::1:", "::ffff:127.")) for a in listening_addresses(pids)), \
+                listening_addresses(pids)
         t0 = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
         took = _wait_gone(proc, pids, port, t0, log_path)
