@@ -66,7 +66,12 @@ class StopSignal(KeyboardInterrupt):
 def exit_now(code: int) -> NoReturn:
     """Ends the process without the interpreter's teardown, which can wait seconds on the threads of torch's
     process groups and launcher; for a process stopped by a signal, whose work is over."""
-    logging.shutdown()  # flush the log first
+    from multiprocessing import util
+
+    # what a normal exit does first: finalizers unlink this process's semaphores (else the resource tracker
+    # warns of leaks); the slow part skipped is torch's C++ teardown
+    util._run_finalizers(0)
+    logging.shutdown()  # flush the log
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from runtime.messages import Addresses
@@ -271,7 +274,7 @@ def test_coordinator_drops_forged_requests(secret: str, tmp_path: Any) -> None:
     import zmq
 
     from runtime.coordinator import Coordinator, CoordinatorSpec
-    from runtime.messages import AddRequest, encode, use_secret
+    from runtime.messages import AddRequest, encode
 
     addrs = Addresses.ipc(str(tmp_path), 1)
     ctx = zmq.Context()
@@ -283,10 +286,11 @@ def test_coordinator_drops_forged_requests(secret: str, tmp_path: Any) -> None:
     push = ctx.socket(zmq.PUSH)
     push.connect(addrs.to_coordinator)
     try:
-        use_secret("guessed")
-        push.send(encode(AddRequest(request_id="forged", prompt_token_ids=[1], params=SamplingParams())))
+        # signed with a guessed key (built by hand: the process-wide key is the coordinator thread's too)
+        payload = msgspec.msgpack.encode(AddRequest(request_id="forged", prompt_token_ids=[1], params=SamplingParams()))
+        push.send(payload + hmac.new(b"guessed", payload, hashlib.sha256).digest())
+        push.send(payload)  # unsigned
         push.send(b"\x00garbage")
-        use_secret(secret)
         push.send(encode(AddRequest(request_id="real", prompt_token_ids=[1], params=SamplingParams())))
         deadline = time.time() + 10
         while not coordinator.queued and time.time() < deadline:  # no rank is ready: requests wait in queue

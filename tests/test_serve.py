@@ -125,8 +125,10 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None, headle
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
-            leaked = [p for p in _pids_with(ipc_dir.encode()) if p != os.getpid()]
-            leaked += [p for p in tree if p not in leaked and pid_alive(p)]
+            deadline = time.monotonic() + 5  # helpers (resource trackers) end once they see their parent gone
+            while (leaked := [p for p in _pids_with(ipc_dir.encode()) if p != os.getpid()]
+                   + [p for p in tree if pid_alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.1)
             for pid in leaked:
                 os.kill(pid, signal.SIGKILL)
             assert not leaked, "processes outlived runtime.serve"
