@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -177,12 +176,6 @@ def api_server_main(config_json: str, addrs_json: str) -> None:
     run_api_server(config, msgspec.json.decode(addrs_json, type=Addresses))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:
     """N engine ranks on this node through torch's elastic launcher (blocks until they exit)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -289,7 +282,7 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     procs: list[subprocess.Popen] = []
     # rank 0 owns the control plane; after an elastic restart it is still running. It watches torchrun's
     # agent (this worker's parent), not this worker: a SIGKILLed rank 0 must not orphan it, nor stop it
-    if env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if starts_control_plane(env):
         procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                     watch_pid=os.getppid(), max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
 
