@@ -46,7 +46,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if parent == 1 or os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect (launcher as PID 1 is fine)
         os.kill(os.getpid(), sig)
     return True
 

@@ -1,6 +1,7 @@
 """Hardening of the front end and the launcher's command line (issue 11): a fresh machine without matplotlib,
 integer fields that overflow the wire format, a request larger than the queue, client disconnects, a 500
-that must not cost the keep-alive connection, served model names, --help. Fake engine, no model."""
+that must not cost the keep-alive connection, served model names, --help, authenticated socket frames and a
+private socket folder. Fake engine, no model (the process-level items are in test_serve_signals.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from tests.test_server_unit import API_KEY, QUEUE_LEN, Stack
 
 stack = unit.stack  # the fake-engine stack fixture (module scope)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # ---------------------------------------------------------------- item 1: a machine without matplotlib
