@@ -116,7 +116,7 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None  # several names as vLLM; the first one is the primary
     max_queue_len: int = 1024
     chat_template: str | None = None
     disable_log_stats: bool = False
@@ -177,8 +177,17 @@ class EngineConfig:
         return self.tokenizer or self.model
 
     @property
+    def served_model_names(self) -> list[str]:
+        """What clients may send as "model": --served-model-name if given, else the --model string as given
+        (vLLM's name) and its folder name as an alias."""
+        if self.served_model_name:
+            names = [self.served_model_name] if isinstance(self.served_model_name, str) else self.served_model_name
+            return list(dict.fromkeys(names))
+        return list(dict.fromkeys([self.model, os.path.basename(os.path.normpath(self.model))]))
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
+        return self.served_model_names[0]
 
     def resolved_device(self) -> torch.device:
         import torch
@@ -217,42 +226,58 @@ class EngineConfig:
         a("--model", default=None, help="Hugging Face model folder (default: the built-in demo model)")
         a("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
         a("--dtype", default=d["dtype"].default, help="auto, bfloat16, float16 or float32")
-        a("--max-model-len", type=int, default=None, help="longest prompt + output, tokens")
-        a("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
-        a("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
-        a("--block-size", type=int, default=d["block_size"].default)
-        a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-        a("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default)
-        a("--kv-cache-memory", type=int, default=None, help="bytes of KV cache per rank (needed on the CPU)")
-        a("--num-gpu-blocks-override", type=int, default=None)
-        a("--load-format", choices=["auto", "dummy"], default="auto")
-        a("--quantization", choices=["fp8"], default=None)
-        a("--seed", type=int, default=0)
-        a("--device", choices=["auto", "cuda", "cpu"], default="auto")
+        a("--max-model-len", type=int, default=None,
+          help="longest prompt + output, tokens (default: the model's max_position_embeddings)")
+        a("--max-num-seqs", type=int, default=d["max_num_seqs"].default, help="most sequences in one batch, per rank")
+        a("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default,
+          help="most tokens in one step, per rank (longer prompts are prefilled in chunks)")
+        a("--block-size", type=int, default=d["block_size"].default, help="tokens per KV-cache block (a multiple of 8)")
+        a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+          help="reuse the KV blocks of a shared prompt prefix")
+        a("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"].default,
+          help="fraction of GPU memory for weights, activations and KV cache")
+        a("--kv-cache-memory", type=int, default=None,
+          help="bytes of KV cache per rank (needed on the CPU; default: from --gpu-memory-utilization)")
+        a("--num-gpu-blocks-override", type=int, default=None, help="KV blocks per rank (default: measured)")
+        a("--load-format", choices=["auto", "dummy"], default="auto",
+          help="dummy: random weights of the right shapes (benchmarks without a checkpoint)")
+        a("--quantization", choices=["fp8"], default=None,
+          help="fp8: expert weights in FP8 (default: none, the checkpoint's dtype)")
+        a("--seed", type=int, default=0, help="random seed (dummy weights, unseeded sampling)")
+        a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when a GPU is visible")
         a("--enforce-eager", action="store_true", help="no CUDA graphs")
-        a("--kernel-backend", choices=["auto", "torch", "triton"], default="auto")
-        a("--max-cudagraph-batch-size", type=int, default=None)
+        a("--kernel-backend", choices=["auto", "torch", "triton"], default="auto",
+          help="auto: Triton kernels on the GPU, the torch reference on the CPU")
+        a("--max-cudagraph-batch-size", type=int, default=None,
+          help="largest decode batch captured as a CUDA graph (default: --max-num-seqs)")
         a("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
           help="fp8 / fp8_e4m3: KV cache in FP8 e4m3 with per-tensor scales (twice the tokens per GiB)")
-        a("--data-parallel-size", "-dp", type=int, default=1)
-        a("--enable-expert-parallel", action="store_true")
-        a("--expert-token-capacity", type=int, default=None)
+        a("--data-parallel-size", "-dp", type=int, default=1, help="engine ranks, one GPU each")
+        a("--enable-expert-parallel", action="store_true",
+          help="split the experts of every MoE layer across the ranks (all2all, lockstep steps)")
+        a("--expert-token-capacity", type=int, default=None,
+          help="all2all buffer per rank, tokens (default: from --max-num-batched-tokens)")
         a("--all2all-backend", default=None,
           help=f"expert all2all: {' or '.join(ALL2ALL_BACKENDS)} (default: sparse when expert parallel)")
         a("--all2all-fp8-dispatch", action="store_true",
           help="sparse all2all: send hidden rows as FP8, scales per token and 128 channels (~half the bytes)")
         a("--tensor-parallel-size", "-tp", type=int, default=1,
           help="ranks (GPUs) per data-parallel rank, the model's heads, MLPs and vocabulary split over them")
-        a("--host", default=d["host"].default)
-        a("--port", type=int, default=d["port"].default)
-        a("--api-key", default=None)
-        a("--served-model-name", default=None)
-        a("--max-queue-len", type=int, default=d["max_queue_len"].default)
-        a("--chat-template", default=None, help="a Jinja chat template file, replacing the tokenizer's")
-        a("--disable-log-stats", action="store_true")
-        a("--log-stats-interval", type=float, default=d["log_stats_interval"].default)
-        a("--expert-stats-file", default=None, help="write per-rank expert statistics JSON here")
-        a("--max-restarts", type=int, default=d["max_restarts"].default)
+        a("--host", default=d["host"].default, help="address the API server listens on")
+        a("--port", type=int, default=d["port"].default, help="port the API server listens on")
+        a("--api-key", default=None,
+          help="clients must send 'Authorization: Bearer KEY' (default: $VLLM_API_KEY, which keeps it out of ps)")
+        a("--served-model-name", nargs="+", default=None,
+          help="the model name(s) clients send (default: the --model string and its folder name)")
+        a("--max-queue-len", type=int, default=d["max_queue_len"].default,
+          help="engine requests waiting for their first token before new ones get a 503")
+        a("--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)")
+        a("--disable-log-stats", action="store_true", help="no periodic throughput line in the log")
+        a("--log-stats-interval", type=float, default=d["log_stats_interval"].default,
+          help="seconds between stats lines and stats updates of the front end")
+        a("--expert-stats-file", default=None, help="write per-rank expert statistics JSON here (default: none)")
+        a("--max-restarts", type=int, default=d["max_restarts"].default,
+          help="restarts of the engine rank group after a rank dies, before giving up")
         a("--engine-hang-timeout", type=float, default=d["engine_hang_timeout"].default,
           help="seconds an engine rank may stay silent (hung step or collective) before it is killed and the "
                "rank group restarts")
@@ -262,4 +287,6 @@ class EngineConfig:
     def from_cli(args: argparse.Namespace) -> EngineConfig:
         names = {f.name for f in dataclasses.fields(EngineConfig)}
         kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        if "api_key" not in kwargs and os.environ.get("VLLM_API_KEY"):  # vLLM's variable: the key stays out of ps
+            kwargs["api_key"] = os.environ["VLLM_API_KEY"]
         return EngineConfig(**kwargs)

@@ -43,9 +43,12 @@ from runtime.messages import (
     StatsReport,
     StepCommand,
     StepReport,
-    decode,
+    decode_or_drop,
     encode,
+    secret_from_env,
+    use_secret,
 )
+from runtime.procs import set_title
 from runtime.rank_watch import RankWatch, process_alive
 
 logger = logging.getLogger("runtime.coordinator")
@@ -369,7 +372,8 @@ class Coordinator:
                         data = self.pull.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.handle(decode(data.buffer))
+                    if (msg := decode_or_drop(data.buffer, "coordinator")) is not None:
+                        self.handle(msg)
             for rank in range(self.spec.num_ranks):
                 self._flush(rank)
             now = time.monotonic()
@@ -400,6 +404,8 @@ class Coordinator:
 def main(argv: list[str]) -> None:
     """python -m runtime.coordinator SPEC_JSON ADDRESSES_JSON (started by runtime.serve)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s coordinator: %(message)s")
+    set_title("moe-rt: coordinator")
+    use_secret(secret_from_env())  # the launcher's (messages.py: every frame authenticated)
     spec = msgspec.json.decode(argv[0], type=CoordinatorSpec)
     addrs = msgspec.json.decode(argv[1], type=Addresses)
     coordinator = Coordinator(spec, addrs)

@@ -32,9 +32,12 @@ from runtime.messages import (
     StepCommand,
     StepReport,
     TokenDelta,
-    decode,
+    decode_or_drop,
     encode,
+    secret_from_env,
+    use_secret,
 )
+from runtime.procs import StopSignal, die_with_parent, raise_on_stop_signals, set_title
 
 logger = logging.getLogger("runtime.engine_proc")
 
@@ -116,7 +119,7 @@ class EngineLoop:
             data = self.pull.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        return decode(data.buffer)
+        return decode_or_drop(data.buffer, f"rank {self.rank}")  # None (dropped) reads as 'no message'
 
     def _send_outputs(self, outputs: list[TokenDelta]) -> None:
         if outputs:
@@ -242,10 +245,20 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     incarnation of the group this is (TORCHELASTIC_RESTART_COUNT, the same on every rank)."""
     from runtime.parallel import destroy_parallel, init_parallel
 
+    # the launcher's death (kill -9 included) takes this rank with it; Ctrl-C / SIGTERM end it at once with a
+    # non-zero code (returning normally would leave the elastic worker waiting for an agent that is stopping)
+    die_with_parent()
+    raise_on_stop_signals()
+    use_secret(secret_from_env())  # the deployment's, from the launcher (messages.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = msgspec.json.decode(config_json, type=EngineConfig)
     addrs = msgspec.json.decode(addrs_json, type=Addresses)
-    parallel = init_parallel(config)
+    try:
+        parallel = init_parallel(config)
+    except StopSignal as stop:
+        raise SystemExit(stop.exit_code) from None
+    set_title(engine_title(parallel))
+    stopped: StopSignal | None = None
     try:
         # only TP rank 0 reports statistics, so only it times its steps
         timed = config.expert_stats_file is not None and parallel.is_tp_leader
@@ -261,10 +274,23 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         EngineLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
                    expert_stats=expert_stats, epoch=epoch).run()
         engine.runner.stop_followers()
-    except KeyboardInterrupt:
-        logger.info("rank %d: interrupted", parallel.rank)
+    except StopSignal as stop:
+        logger.info("rank %d: %s, exiting", parallel.rank, stop)
+        stopped = stop
     finally:
-        destroy_parallel()
+        if stopped is None:  # after a stop signal the peers are going too: a collective teardown could hang
+            destroy_parallel()
+    if stopped is not None:
+        raise SystemExit(stopped.exit_code)
+
+
+def engine_title(parallel: Any) -> str:
+    """'moe-rt: engine DP1 EP1 (GPU 1)': who is who in ps, top and nvidia-smi."""
+    ep = f" EP{parallel.ep_rank}" if parallel.is_ep else ""
+    tp = f" TP{parallel.tp_rank}" if parallel.tp_size > 1 else ""
+    device = parallel.device
+    where = f"GPU {device.index}" if device.type == "cuda" else device.type.upper()
+    return f"moe-rt: engine DP{parallel.dp_rank}{tp}{ep} ({where})"
 
 
 def tp_follower_stats(expert_stats: Any, parallel: Any) -> Any:

@@ -20,9 +20,17 @@ by the front end, never delivered twice).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Mapping
+
 import msgspec
 
 from runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger("runtime.messages")
 
 # ranks report at least this often between steps; a rank silent for a few of these is suspect
 HEARTBEAT_INTERVAL_S = 1.0
@@ -150,13 +158,55 @@ Message = (AddRequest | AbortRequest | StepCommand | Shutdown | StepReport | Out
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
+# Authentication: with a deployment secret every frame ends in HMAC-SHA256(secret, payload); a frame whose tag
+# does not match is dropped. Without it, anyone who reaches a tcp:// socket of a multi-node deployment could
+# inject requests or fake outputs. One key per process, set once at its start (use_secret).
+SECRET_ENV = "MOE_RT_SECRET"
+MAC_BYTES = 32
+_mac_key: bytes | None = None
+
+
+class AuthError(msgspec.DecodeError):
+    """A frame without a valid MAC (forged, corrupted, or from a process with another secret)."""
+
+
+def use_secret(secret: str | bytes | None) -> None:
+    """This process's deployment secret (None: frames carry no MAC, the pre-authentication format)."""
+    global _mac_key
+    _mac_key = secret.encode() if isinstance(secret, str) else secret
+
+
+def secret_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    return (os.environ if env is None else env).get(SECRET_ENV) or None
+
 
 def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
+    data = _encoder.encode(msg)
+    if _mac_key is None:
+        return data
+    return data + hmac.new(_mac_key, data, hashlib.sha256).digest()
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes | memoryview) -> Message:
+    if _mac_key is not None:
+        view = memoryview(data)
+        if len(view) < MAC_BYTES:
+            raise AuthError("frame too short to carry a MAC")
+        payload, tag = view[:-MAC_BYTES], view[-MAC_BYTES:]
+        if not hmac.compare_digest(hmac.new(_mac_key, payload, hashlib.sha256).digest(), tag):
+            raise AuthError("bad MAC")
+        data = payload
     return _decoder.decode(data)
+
+
+def decode_or_drop(data: bytes | memoryview, where: str) -> Message | None:
+    """decode, but a frame that fails authentication or decoding is logged and dropped (None), never fatal:
+    whoever can reach a socket must not be able to crash the process behind it."""
+    try:
+        return decode(data)
+    except msgspec.DecodeError as e:
+        logger.warning("%s: dropped a %d-byte frame: %s", where, len(data), e)
+        return None
 
 
 class Addresses(msgspec.Struct):

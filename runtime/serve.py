@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
-import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,26 +34,52 @@ from collections.abc import Mapping
 import msgspec
 
 from runtime.config import ConfigError, EngineConfig
-from runtime.messages import Addresses
+from runtime.messages import SECRET_ENV, Addresses, secret_from_env, use_secret
+from runtime.procs import check_port_free, exit_now, loopback_worker_store, set_title, torchrun_secret
 
 logger = logging.getLogger("runtime.serve")
 
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's name; EngineConfig.from_cli reads it too
 
-def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default after its help (unless the help names it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__, formatter_class=HelpFormatter)
     EngineConfig.add_cli_args(parser)
     parser.add_argument("--headless", action="store_true",
                         help="start no API server: a front end of your own binds the to_frontend socket")
     parser.add_argument("--ipc-dir", default=None, help="folder for the ZMQ ipc sockets (default: a temp folder)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = EngineConfig.from_cli(args)
         check_launch(config)
+        if not args.headless and starts_control_plane(os.environ):
+            check_port_free(config.host, config.port)  # before any process starts: a busy port is fatal
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if "LOCAL_RANK" in os.environ:  # a torchrun worker: end the launch, or torchrun restarts it blindly
+            os.kill(os.getppid(), signal.SIGTERM)
         sys.exit(2)
     return config, args
+
+
+def starts_control_plane(env: Mapping[str, str]) -> bool:
+    """python -m runtime.serve, or torchrun's rank 0 in its first incarnation (a restart keeps the old one)."""
+    return "LOCAL_RANK" not in env or (env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
 
 
 def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> None:
@@ -87,7 +114,14 @@ def torchrun_addresses(env: Mapping[str, str], num_ranks: int, ipc_dir: str | No
         return Addresses.tcp(env["MASTER_ADDR"], int(env["MASTER_PORT"]) + 1, num_ranks)
     run_id = env.get("TORCHELASTIC_RUN_ID", "none")
     run_dir = ipc_dir or os.path.join(tempfile.gettempdir(), f"moe-rt-{run_id}-{env.get('MASTER_PORT', '0')}")
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    if ipc_dir is None:
+        # a predictable name in a shared /tmp: it must be ours and closed to others (the sockets are the API)
+        st = os.lstat(run_dir)
+        if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{run_dir} exists and is not a folder of this user: remove it or pass --ipc-dir")
+        if st.st_mode & 0o077:
+            os.chmod(run_dir, 0o700)
     return Addresses.ipc(run_dir, num_ranks)
 
 
@@ -113,9 +147,14 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]
     if api_server:
+        # the API key travels in the environment (readable by this user only), never on a command line (ps)
+        env.pop(API_KEY_ENV, None)
+        if config.api_key:
+            env[API_KEY_ENV] = config.api_key
         code = "import sys; from runtime.serve import api_server_main; api_server_main(sys.argv[1], sys.argv[2])"
-        procs.append(subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config).decode(),
-                                       msgspec.json.encode(addrs).decode()], env=env, start_new_session=True))
+        procs.append(subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config.replace(api_key=None))
+                                       .decode(), msgspec.json.encode(addrs).decode()], env=env,
+                                      start_new_session=True))
     return procs
 
 
@@ -133,43 +172,67 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> No
 def api_server_main(config_json: str, addrs_json: str) -> None:
     from server.api_server import run_api_server
 
-    run_api_server(msgspec.json.decode(config_json, type=EngineConfig), msgspec.json.decode(addrs_json, type=Addresses))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    set_title("moe-rt: api-server")
+    use_secret(secret_from_env())
+    config = msgspec.json.decode(config_json, type=EngineConfig)
+    config = config.replace(api_key=os.environ.get(API_KEY_ENV) or None)  # start_control_plane put it there
+    run_api_server(config, msgspec.json.decode(addrs_json, type=Addresses))
 
 
 def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:
     """DP x TP engine ranks on this node through torch's elastic launcher (blocks until they exit)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from runtime.engine_proc import engine_main
-
+    # one node, no network: the rendezvous store is a file in a private folder, the ranks' store listens on
+    # loopback only (torch's defaults listen on every interface)
+    rdzv_dir = tempfile.mkdtemp(prefix="moe-rt-rdzv-")
     world = config.data_parallel_size * config.tensor_parallel_size
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world,
                           run_id=f"moe-rt-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-                          rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=config.max_restarts,
-                          monitor_interval=0.5, start_method="spawn")
-    elastic_launch(launch, engine_main)(msgspec.json.encode(config).decode(), msgspec.json.encode(addrs).decode())
+                          rdzv_endpoint=os.path.join(rdzv_dir, "store"), rdzv_configs={"store_type": "file"},
+                          local_addr="127.0.0.1", max_restarts=config.max_restarts, monitor_interval=0.5,
+                          start_method="spawn")
+    config = config.replace(api_key=None)  # the ranks never need it
+    try:
+        with loopback_worker_store():
+            elastic_launch(launch, elastic_rank_main)(msgspec.json.encode(config).decode(),
+                                                      msgspec.json.encode(addrs).decode())
+    finally:
+        shutil.rmtree(rdzv_dir, ignore_errors=True)
+
+
+def elastic_rank_main(config_json: str, addrs_json: str) -> None:
+    """One rank under the elastic launcher: stopped by a signal, it exits at once (runtime/procs.py)."""
+    from runtime.engine_proc import engine_main
+
+    try:
+        engine_main(config_json, addrs_json)
+    except SystemExit as e:
+        if isinstance(e.code, int) and e.code > 128:
+            exit_now(e.code)
+        raise
 
 
 def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = None) -> None:
     """python -m runtime.serve without torchrun: control plane here, ranks through the elastic launcher."""
+    # one secret per deployment, inherited by every process it starts: each socket frame carries its MAC
+    os.environ[SECRET_ENV] = secret_from_env() or secrets.token_hex(32)
+    use_secret(os.environ[SECRET_ENV])
     run_dir = ipc_dir or tempfile.mkdtemp(prefix="moe-rt-")
     os.makedirs(run_dir, exist_ok=True)
     addrs = Addresses.ipc(run_dir, config.data_parallel_size)
     procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                 watch_pid=os.getpid(), max_restarts=config.max_restarts)
+    stopped = False
     try:
         launch_ranks(config, addrs)
     except KeyboardInterrupt:
         logger.info("interrupted: shutting down")
+        stopped = True
     except Exception as e:  # the launcher's SignalException (SIGTERM) / ChildFailedError, named not imported
         if type(e).__name__ == "SignalException":
             logger.info("%s: shutting down", e)
+            stopped = True
         elif type(e).__name__ == "ChildFailedError":
             print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
                   "the first failure's traceback is above", file=sys.stderr)
@@ -182,6 +245,8 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         stop_processes(procs)
         if ipc_dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if stopped:  # a clean stop; skip the seconds the interpreter's teardown of torch's launcher takes
+        exit_now(0)
 
 
 def _fail_clients(procs: list[subprocess.Popen], addrs: Addresses, reason: str, timeout_s: float = 15.0) -> None:
@@ -212,11 +277,16 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     from runtime.engine_proc import engine_main
 
     env = os.environ
+    secret = secret_from_env() or torchrun_secret(env)  # the user's (every node), else drawn by rank 0
+    if secret is None:
+        logger.warning("no %s and no shared agent store: engine sockets are not authenticated", SECRET_ENV)
+    else:
+        os.environ[SECRET_ENV] = secret  # for the control plane this rank starts, and engine_main
     addrs = torchrun_addresses(env, config.data_parallel_size, ipc_dir)
     procs: list[subprocess.Popen] = []
     # rank 0 owns the control plane; after an elastic restart it is still running. It watches torchrun's
     # agent (this worker's parent), not this worker: a SIGKILLed rank 0 must not orphan it, nor stop it
-    if env.get("RANK") == "0" and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if starts_control_plane(env):
         procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                     watch_pid=os.getppid(), max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
 
@@ -224,14 +294,26 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
         raise KeyboardInterrupt  # torchrun stops workers with SIGTERM: unwind, so rank 0 stops its children
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    code: object = None
     try:
         engine_main(msgspec.json.encode(config).decode(), msgspec.json.encode(addrs).decode())
+    except SystemExit as e:
+        code = e.code
+        raise
     finally:
+        if isinstance(code, int) and code > 128:
+            # stopped by a signal: the control plane (own session) finishes its shutdown while torchrun tears
+            # down; this rank skips the interpreter's teardown
+            for p in procs:
+                p.terminate()
+            exit_now(code)
         stop_processes(procs)
 
 
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        set_title("moe-rt: launcher")  # a torchrun worker is an engine rank: engine_main names it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if "LOCAL_RANK" in os.environ:
         serve_torchrun_worker(config, not args.headless, args.ipc_dir)

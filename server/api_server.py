@@ -6,12 +6,13 @@ detokenizes and streams. Bad input of any kind is a 4xx with an OpenAI-style err
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -128,7 +129,30 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int_range(obj: Any) -> None:
+    """Every integer anywhere in the body fits 64 bits (a 400 naming the field): the schema bounds each known
+    field tighter, this catches the rest before an oversized int reaches the msgpack encoder (a 500)."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            if value and all(type(v) is int for v in value):  # token ids: one pass, no per-item stack entries
+                bad = next((v for v in value if not _INT64_MIN <= v <= _INT64_MAX), None)
+                if bad is not None:
+                    raise APIError(f"{path}: integer {bad} is out of range", param=path or None)
+            else:
+                stack.extend((f"{path}.{i}", v) for i, v in enumerate(value))
+        elif type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+            raise APIError(f"{path}: integer {value} is out of range", param=path or None)
+
+
 def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest], obj: dict[str, Any]) -> Any:
+    check_int_range(obj)
     for name, used in _UNSUPPORTED.items():
         if name in obj and used(obj[name]):
             raise APIError(f"{name}: not supported by this server", param=name, code="unsupported")
@@ -139,6 +163,24 @@ def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest], obj: di
         return model.model_validate(obj, strict=True)
     except ValidationError as err:
         raise validation_error(err) from None
+
+
+def answer_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An unexpected exception becomes an APIError 500 inside the route: Starlette answers a bare Exception
+    in its outermost middleware and then re-raises it, and uvicorn closes the keep-alive connection."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (APIError, HTTPException):
+            raise
+        except Exception as err:
+            log.exception("internal error")
+            raise APIError(f"internal error: {type(err).__name__}: {err}", status_code=500,
+                           type="server_error") from None
+
+    return wrapped
 
 
 def max_model_len_of(config: EngineConfig) -> int:
@@ -163,7 +205,7 @@ def load_chat_template(path: str | None) -> str | None:
 def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, tokenizer: Any) -> ASGIApp:
     metrics.track_client(client)
     serving = Serving(
-        config.model_name,
+        config.served_model_names,
         max_model_len_of(config),
         vocab_size_of(config),
         tokenizer,
@@ -202,11 +244,13 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
         )
 
     @app.post("/v1/completions")
+    @answer_errors
     async def completions(request: Request) -> Response:
         req = _parse(CompletionRequest, await read_json(request))
         return await endpoints.create_completion(serving, req, request)
 
     @app.post("/v1/chat/completions")
+    @answer_errors
     async def chat_completions(request: Request) -> Response:
         if serving.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
             raise APIError(
@@ -219,8 +263,9 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = ModelCard(id=serving.model_name, max_model_len=serving.max_model_len, root=config.model)
-        return endpoints.json_response(ModelList([card]))
+        cards = [ModelCard(id=name, max_model_len=serving.max_model_len, root=config.model)
+                 for name in serving.model_names]
+        return endpoints.json_response(ModelList(cards))
 
     @app.get("/health")
     async def health() -> Response:

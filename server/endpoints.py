@@ -64,9 +64,11 @@ class GroupStream(StreamingResponse):
             self._release()
 
 
-async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response],
+                           on_disconnect: Callable[[], None] | None = None) -> Response:
     """Runs a non-streaming request, cancelling it when the client goes away (the body has been read,
-    so the next ASGI message can only be the disconnect)."""
+    so the next ASGI message can only be the disconnect). A disconnect is not an error: the answer is a
+    499 that nobody reads, and on_disconnect counts it."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -80,7 +82,11 @@ async def until_disconnect(request: Request, work: Coroutine[Any, Any, Response]
         watch.cancel()
         if not task.done():
             task.cancel()
+        # cancel() only asks: wait until both really ended (reading a result too early was a 500)
+        await asyncio.gather(task, watch, return_exceptions=True)
     if task.cancelled():
+        if on_disconnect is not None:
+            on_disconnect()
         return Response(status_code=499)  # nobody reads it; the client is gone
     return task.result()
 
@@ -157,7 +163,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
     name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens)
     release = _release(serving, group, choices)
-    model = serving.model_name
+    model = req.model or serving.model_name  # the name the client used (check_model accepted it)
 
     def prompt_of(c: Choice) -> int:
         return c.index // req.n
@@ -222,7 +228,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
         return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
 
     try:
-        return await until_disconnect(request, collect())
+        return await until_disconnect(request, collect(), serving.metrics.client_disconnects.inc)
     finally:
         release()
 
@@ -253,7 +259,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
     release = _release(serving, group, choices)
-    model = serving.model_name
+    model = req.model or serving.model_name  # the name the client used (check_model accepted it)
 
     if req.stream:
         include_usage, each_usage = _usage_options(req)
@@ -305,6 +311,6 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
         return json_response(ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices)))
 
     try:
-        return await until_disconnect(request, collect())
+        return await until_disconnect(request, collect(), serving.metrics.client_disconnects.inc)
     finally:
         release()

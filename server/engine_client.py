@@ -163,6 +163,13 @@ class EngineClient:
                 type="server_error",
                 code="engine_unavailable",
             )
+        if len(requests) > self.max_queue_len:  # it would never fit: waiting cannot help, so not a 503
+            raise APIError(
+                f"this request needs {len(requests)} engine requests (prompts x n), more than the queue holds "
+                f"(--max-queue-len {self.max_queue_len}); send fewer prompts or choices per request",
+                param="prompt",
+                code="too_many_prompts",
+            )
         if self.num_waiting_first_token + len(requests) > self.max_queue_len:
             raise APIError(
                 f"server busy: {self.num_waiting_first_token} requests already wait for the engine "
@@ -174,14 +181,20 @@ class EngineClient:
             )
         group = RequestGroup(self, [rid for rid, _, _ in requests])
         now = time.time()
-        for rid, prompt_ids, params in requests:
-            self.in_flight[rid] = InFlight(rid, prompt_ids, params, group, now, epoch=self.epoch)
-            self.num_waiting_first_token += 1
-            self._send(
-                AddRequest(
-                    request_id=rid, prompt_token_ids=prompt_ids, params=params, arrival_time=now, epoch=self.epoch
+        try:
+            for rid, prompt_ids, params in requests:
+                self.in_flight[rid] = InFlight(rid, prompt_ids, params, group, now, epoch=self.epoch)
+                self.num_waiting_first_token += 1
+                self._send(
+                    AddRequest(
+                        request_id=rid, prompt_token_ids=prompt_ids, params=params, arrival_time=now, epoch=self.epoch
+                    )
                 )
-            )
+        except BaseException:
+            # nothing between admission and the send may keep a queue slot: a leak per failure would end in a
+            # server that answers 503 forever; the engine drops aborts of ids it never got
+            self.release(group)
+            raise
         return group
 
     def resubmit_in_flight(self, older_than: int | None = None) -> int:

@@ -175,6 +175,9 @@ class Metrics:
         self.finished = Counter(
             "moe_request_finished", "engine requests by finish reason", ["finish_reason"], registry=r
         )
+        self.client_disconnects = Counter(
+            "moe_client_disconnects", "non-streamed requests whose client went away before the answer", registry=r
+        )
         self.prompt_tokens = Counter("moe_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("moe_generation_tokens", "tokens sent back to clients", registry=r)
         self.ttft = Histogram(

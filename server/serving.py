@@ -59,7 +59,7 @@ def _check_unicode(text: str, param: str) -> None:
 class Serving:
     def __init__(
         self,
-        model_name: str,
+        model_name: str | list[str],
         max_model_len: int,
         vocab_size: int,
         tokenizer: Any,
@@ -67,7 +67,9 @@ class Serving:
         client: EngineClient,
         metrics: Metrics,
     ) -> None:
-        self.model_name = model_name
+        # every name a client may send; the first is the one answers carry when the request names none
+        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.model_name = self.model_names[0]
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
@@ -80,9 +82,10 @@ class Serving:
     # ------------------------------------------------------------ request checks
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.model_names:
+            served = " or ".join(repr(m) for m in self.model_names)
             raise APIError(
-                f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                f"model {model!r} does not exist; this server serves {served}",
                 status_code=404,
                 param="model",
                 code="model_not_found",

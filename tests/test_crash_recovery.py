@@ -41,7 +41,7 @@ from runtime.messages import (
 from runtime.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 from server.protocol import APIError
-from tests.test_serve import _children, _pids_with
+from tests.test_serve import _children, _pids_with, pid_alive, process_tree
 from tests.tiny import make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,9 @@ def engine_rank_pids(launcher_pid: int, torchrun: bool) -> dict[int, int]:
     ranks = {}
     for pid in _children(launcher_pid):
         cmd, env = _read(f"/proc/{pid}/cmdline"), _read(f"/proc/{pid}/environ").split(b"\0")
-        if torchrun and b"runtime.serve" in cmd:
+        if titled := re.match(rb"moe-rt: engine DP(\d+)", cmd):  # named once its groups are up (engine_proc.py)
+            ranks[int(titled.group(1))] = pid
+        elif torchrun and b"runtime.serve" in cmd:
             rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), -1)
             ranks[rank] = pid
         elif not torchrun and b"multiprocessing.spawn" in cmd and b"resource_tracker" not in cmd:
@@ -140,6 +142,7 @@ def served(model: str, max_restarts: int, torchrun: bool = False, extra: tuple[s
             print(f"--- runtime.serve log (tail) ---\n{srv.log()[-8000:]}")
             raise
         finally:
+            tree = process_tree(proc.pid)  # titled processes no longer show ipc_dir in their command line
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
                 try:
@@ -148,7 +151,8 @@ def served(model: str, max_restarts: int, torchrun: bool = False, extra: tuple[s
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
             deadline = time.monotonic() + 10  # the control plane stops on its own once the launcher is gone
-            while (leaked := _pids_with(ipc_dir.encode())) and time.monotonic() < deadline:
+            while (leaked := _pids_with(ipc_dir.encode()) + [p for p in tree if pid_alive(p)]) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.2)
             for pid in leaked:
                 os.kill(pid, signal.SIGKILL)
