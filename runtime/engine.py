@@ -23,6 +23,7 @@ from runtime.model_runner import ModelRunner, kv_bytes_per_block
 from runtime.sampler import Sampler
 from runtime.scheduler import ScheduledBatch, Scheduler
 from runtime.sequence import Sequence
+from runtime.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(self.device, config.seed + self.rank)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
+        self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
         self.num_steps = 0
@@ -165,6 +167,10 @@ class LLMEngine:
         if max(req.prompt_token_ids) >= vocab or min(req.prompt_token_ids) < 0:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.arrival_time, req.num_generated_before)
+        if req.params.grammar is not None:
+            resumed = req.num_generated_before
+            generated = req.prompt_token_ids[num_prompt - resumed :] if resumed else []
+            self.structured.add(req.request_id, req.params.grammar, generated)
         self.requests[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -173,6 +179,7 @@ class LLMEngine:
             seq = self.requests.pop(rid, None)
             if seq is not None and not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+            self.structured.release(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -221,16 +228,21 @@ class LLMEngine:
                 to_sample.append(seq)
         if not to_sample:
             return []
-        token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids)
+        # grammar masks fill on the CPU while the forward may still run on the GPU; None when unconstrained
+        mask = self.structured.bitmask([s.request_id for s in to_sample]) if self.structured.active else None
+        token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids, mask)
         deltas = []
         for seq, token_id, lp in zip(to_sample, token_ids, logprobs):
             first = seq.num_output_tokens == 0
             seq.token_ids.append(token_id)
             self.generation_tokens += 1
             reason = self._finish_reason(seq, token_id)
+            if self.structured.active and self.structured.accept(seq.request_id, token_id) and reason is None:
+                reason = "stop"  # the grammar is complete (it only ends by EOS when eos is not ignored)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
+                self.structured.release(seq.request_id)
             deltas.append(
                 TokenDelta(
                     request_id=seq.request_id,

@@ -23,6 +23,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None  # top-N logprobs per generated token (0 = only the sampled one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: llguidance grammar text, built and validated by the front end
+    # (runtime/structured_output.py); the engine masks every step's logits to it
+    grammar: str | None = None
+    logit_bias: dict[int, float] | None = None  # added to the token's logit before sampling
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words_token_ids: list[list[int]] | None = None  # token sequences that must not be generated
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
