@@ -61,6 +61,9 @@ class EngineConfig:
     expert_stats_file: str | None = None
     max_restarts: int = 3
     engine_hang_timeout: float = 60.0  # seconds a rank may stay silent before it is killed and the group restarts
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of the model's text
+    tool_call_parser: str | None = None  # hermes | glm45
+    reasoning_parser: str | None = None  # qwen3 | glm45 | deepseek_r1
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -80,6 +83,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or glm45)")
         if self.engine_hang_timeout <= 0:
             raise ConfigError(f"--engine-hang-timeout must be positive seconds, got {self.engine_hang_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -158,6 +163,12 @@ class EngineConfig:
         a("--engine-hang-timeout", type=float, default=d["engine_hang_timeout"].default,
           help="seconds an engine rank may stay silent (hung step or collective) before it is killed and the "
                "rank group restarts")
+        a("--enable-auto-tool-choice", action="store_true",
+          help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
+        a("--tool-call-parser", choices=["hermes", "glm45"], default=None,
+          help="the model's tool-call format: hermes (Qwen3's <tool_call>{json}</tool_call>) or glm45")
+        a("--reasoning-parser", choices=["qwen3", "glm45", "deepseek_r1"], default=None,
+          help="split the model's <think>...</think> part into reasoning_content")
         return parser
 
     @staticmethod

@@ -173,6 +173,9 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
         client,
         metrics,
     )
+    serving.enable_auto_tool_choice = config.enable_auto_tool_choice
+    serving.tool_call_parser = config.tool_call_parser
+    serving.reasoning_parser = config.reasoning_parser
     if serving.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         log.warning(
             "the tokenizer has no chat template and no --chat-template was given: /v1/chat/completions will answer 400"

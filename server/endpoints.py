@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.chat_output import ChatOutput, finish_reason
 from server.protocol import (
     APIError,
     ChatChoice,
@@ -29,7 +30,9 @@ from server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
+from server.reasoning import starts_thinking
 from server.serving import Choice, Serving
+from server.structured import tool_plan, truncate_prompt
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
@@ -148,9 +151,9 @@ def _echo_logprobs(name: Callable[[int], str], prompt_ids: list[int]) -> Complet
 async def create_completion(serving: Serving, req: CompletionRequest, request: Request) -> Response:
     serving.check_model(req.model)
     prompts = await serving.completion_prompts(req)
-    prompt_ids = [ids for _, ids in prompts]
+    prompt_ids = [truncate_prompt(req, ids) for _, ids in prompts]
     max_tokens = [serving.resolve_max_tokens(len(ids), req.max_tokens, "max_tokens") for ids in prompt_ids]
-    params = serving.sampling_params(req, req.logprobs)
+    params = await serving.extras.apply(req, serving.sampling_params(req, req.logprobs))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     echo = [text if text is not None else serving.decode(ids) for text, ids in prompts] if req.echo else None
     want_logprobs = req.logprobs is not None
@@ -244,11 +247,20 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     serving.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs: needs logprobs set to true", param="top_logprobs")
-    prompt_ids = await serving.chat_prompt(req)
+    plan = tool_plan(req, serving.enable_auto_tool_choice)
+    prompt_ids = truncate_prompt(req, await serving.chat_prompt(req, req.tools if plan.mode != "none" else None))
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)
     params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
+    params = await serving.extras.apply(req, params, plan)
+    in_think = False
+    if serving.reasoning_parser is not None:
+        thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        in_think = starts_thinking(serving.reasoning_parser, serving.decode(prompt_ids[-8:]), thinking)
+
+    def parser() -> ChatOutput:
+        return ChatOutput(serving.reasoning_parser, in_think, plan, serving.tool_call_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
@@ -259,6 +271,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
         include_usage, each_usage = _usage_options(req)
 
         async def stream() -> AsyncIterator[bytes]:
+            outputs = {c.index: parser() for c in choices}
             try:
                 for c in choices:
                     yield sse(
@@ -268,15 +281,23 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     )
                 async for ev in serving.events(group, choices):
                     c = ev.choice
-                    if not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
+                    out = outputs[c.index]
+                    delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+                    if out.active:
+                        reasoning, content, calls = out.feed(ev.text, c.finish_reason is not None)
+                        delta = ChatDelta(content=content or None, reasoning_content=reasoning or None,
+                                          tool_calls=calls or None)
+                        if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
+                            continue
+                    elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
                         continue
                     lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
-                    delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+                    reason = finish_reason(c.finish_reason, out.num_calls)
                     yield sse(
                         ChatCompletionChunk(
                             request_id,
                             model,
-                            [ChatChunkChoice(c.index, delta, lp, c.finish_reason, c.stop_reason)],
+                            [ChatChunkChoice(c.index, delta, lp, reason, c.stop_reason)],
                             serving.usage([prompt_ids], choices) if each_usage else None,
                         )
                     )
@@ -291,17 +312,19 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     async def collect() -> Response:
         async for _ in serving.events(group, choices):
             pass
-        out = [
-            ChatChoice(
-                c.index,
-                ChatResponseMessage("assistant", c.text),
-                _chat_logprobs(name, c.logprobs) if req.logprobs else None,
-                c.finish_reason,
-                c.stop_reason,
-                *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),
+        out = []
+        for c in choices:
+            parts = parser().whole(c.text)
+            out.append(
+                ChatChoice(
+                    c.index,
+                    ChatResponseMessage("assistant", parts.content, parts.reasoning, parts.tool_calls),
+                    _chat_logprobs(name, c.logprobs) if req.logprobs else None,
+                    finish_reason(c.finish_reason, len(parts.tool_calls)),
+                    c.stop_reason,
+                    *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),
+                )
             )
-            for c in choices
-        ]
         return json_response(ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices)))
 
     try:

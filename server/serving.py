@@ -4,6 +4,7 @@ fan-out of n choices, incremental detokenization, and the events both endpoints 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from runtime.tokenizer import fast_decoding
 from server.engine_client import EngineClient, RequestGroup
 from server.metrics import Metrics
 from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Usage
+from server.structured import RequestExtras
 
 # Strings longer than this are tokenized in a worker thread, so one huge prompt cannot stall the
 # event loop that streams everybody else's tokens.
@@ -76,6 +78,11 @@ class Serving:
         self.client = client
         self.metrics = metrics
         self._token_text: dict[int, str] = {}
+        self.extras = RequestExtras(tokenizer, vocab_size)
+        # set from the config by build_app (tool_choice auto, tool-call and reasoning formats)
+        self.enable_auto_tool_choice = False
+        self.tool_call_parser: str | None = None
+        self.reasoning_parser: str | None = None
 
     # ------------------------------------------------------------ request checks
 
@@ -121,10 +128,10 @@ class Serving:
             raise APIError(f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
         return list(ids)
 
-    async def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None) -> list[int]:
         messages: list[dict[str, Any]] = []
         for i, m in enumerate(req.messages):
-            msg = m.model_dump(exclude_none=True)
+            msg = _tool_call_arguments(m.model_dump(exclude_none=True))
             if isinstance(m.content, list):
                 texts = []
                 for part in m.content:
@@ -145,6 +152,7 @@ class Serving:
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message,
+                **({"tools": tools} if tools else {}),
                 **(req.chat_template_kwargs or {}),
             )
         except Exception as err:  # a template that rejects these messages is the request's problem
@@ -291,6 +299,19 @@ class Serving:
             )
             self._token_text[token_id] = text
         return text
+
+
+def _tool_call_arguments(msg: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool_calls carry arguments as JSON text (OpenAI); templates iterate them as
+    a mapping (GLM's) or print them (Qwen's), so give them the object."""
+    for call in msg.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except ValueError:
+                pass
+    return msg
 
 
 def _fields(params: SamplingParams) -> dict[str, Any]:
