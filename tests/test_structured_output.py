@@ -94,7 +94,8 @@ def test_regex_choice_grammar_and_greedy(llm: Any, compiler: GrammarCompiler) ->
     cases = [
         ("regex", r"[A-Z]{3}-\d{2,4}", lambda t: re.fullmatch(r"[A-Z]{3}-\d{2,4}", t)),
         ("choice", ["alpha", "beta", "gamma delta"], lambda t: t in ("alpha", "beta", "gamma delta")),
-        ("grammar", 'root ::= "(" [a-c] [a-c]? [a-c]? ")" ("!" | "?")', lambda t: re.fullmatch(r"\([a-c]{1,3}\)[!?]", t)),
+        ("grammar", 'root ::= "(" [a-c] [a-c]? [a-c]? ")" ("!" | "?")',
+         lambda t: re.fullmatch(r"\([a-c]{1,3}\)[!?]", t)),
         ("grammar", 'start: "x" NUM\nNUM: /[0-9]{2}/', lambda t: re.fullmatch(r"x[0-9]{2}", t)),
     ]
     for temperature in (0.0, 1.0):

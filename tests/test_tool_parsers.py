@@ -108,7 +108,8 @@ def test_reasoning_split_whole_and_streamed(case: tuple) -> None:
 
 
 def test_reasoning_then_tool_call() -> None:
-    text = '<think>need weather</think>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    call = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    text = f"<think>need weather</think>\n<tool_call>\n{call}\n</tool_call>"
     plan = ToolPlan("auto", TOOLS)
     whole = ChatOutput("qwen3", False, plan, "hermes").whole(text)
     assert whole.reasoning == "need weather" and whole.content == "\n"
