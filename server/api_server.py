@@ -27,6 +27,7 @@ from runtime.config import ConfigError, EngineConfig
 from runtime.messages import Addresses
 from server import endpoints
 from server.engine_client import EngineClient
+from server.extra_routes import add_extra_routes
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, validation_error
 from server.serving import Serving
@@ -117,14 +118,10 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 # OpenAI features this server does not implement: refused by name rather than silently ignored
+# (structured outputs, tools, logit_bias and vLLM's extras are in server/structured.py)
 _UNSUPPORTED: dict[str, Any] = {
-    "logit_bias": bool,
     "suffix": bool,
-    "tools": bool,
     "functions": bool,
-    "response_format": lambda v: not (isinstance(v, dict) and v.get("type", "text") == "text"),
-    "guided_json": lambda v: v is not None,
-    "guided_regex": lambda v: v is not None,
 }
 
 
@@ -237,6 +234,8 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    add_extra_routes(app, serving, read_json)
 
     return FrontDoor(app, config.api_key, metrics)
 
