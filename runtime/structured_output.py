@@ -172,16 +172,19 @@ class StructuredOutputs:
 
 
 def apply_bitmask(logits: Any, rows: list[int], bitmask: Any) -> Any:
-    """Sets the logits of tokens a row's grammar forbids to -inf. logits [num_seqs, vocab];
-    bitmask [len(rows), ceil(vocab / 32)] int32, bit j of word w allows token 32 * w + j. Returns logits
-    (a masked copy)."""
+    """Sets the logits of tokens a row's grammar forbids to -inf, in place (the sampler owns this step's
+    logits). logits [num_seqs, vocab]; bitmask [len(rows), ceil(vocab / 32)] int32 on the CPU, bit j of
+    word w allows token 32 * w + j. One host-to-device copy, one kernel (Triton on the GPU)."""
     import torch
 
-    vocab = logits.shape[1]
-    mask = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab].bool()  # [rows, vocab]
-    index = torch.tensor(rows, device=logits.device)
-    logits = logits.clone()
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    from kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
+
+    dev = logits.device
+    with torch.inference_mode():  # the runner's logits are inference tensors: in-place only in this mode
+        if dev.type == "cuda":
+            mask = bitmask.pin_memory().to(dev, non_blocking=True)
+            index = torch.tensor(rows, dtype=torch.int32).pin_memory().to(dev, non_blocking=True)
+            apply_token_bitmask(logits, index, mask)
+        else:
+            apply_token_bitmask_ref(logits, torch.tensor(rows), bitmask)
     return logits

@@ -129,3 +129,23 @@ def test_apply_bitmask_rows_only() -> None:
     out = apply_bitmask(logits, [1], mask)
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [5, 67]
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+
+
+@pytest.mark.parametrize("vocab,num_words", [(70, 3), (1000, 32), (130, 4), (200, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bitmask_kernel_matches_reference(vocab: int, num_words: int, dtype: torch.dtype) -> None:
+    from kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=g).to(dtype)
+    rows = torch.tensor([4, 0, 5], dtype=torch.int32)
+    # random words, sign bit included (int32 arithmetic shifts must not leak it into other bits)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, num_words), generator=g, dtype=torch.int64).to(torch.int32)
+    want = logits.clone()
+    apply_token_bitmask_ref(want, rows, bitmask)
+    got = logits.clone()
+    apply_token_bitmask(got, rows, bitmask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got[[1, 2, 3]], logits[[1, 2, 3]])
+    if num_words * 32 < vocab:
+        assert torch.isinf(got[[4, 0, 5], num_words * 32 :]).all()
