@@ -228,6 +228,8 @@ class Serving:
                 choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detok, now))
         group = self.client.open([(c.request_id, c.prompt_token_ids, c.params) for c in choices])
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
+        for ids in prompts:
+            self.metrics.vllm.on_prompt(len(ids))
         return group, choices
 
     async def events(self, group: RequestGroup, choices: list[Choice]) -> AsyncIterator[Event]:

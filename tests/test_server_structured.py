@@ -56,7 +56,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cmd = [sys.executable, "-m", "runtime.serve", "--model", path, "--device", "cpu", "--dtype", "float32",
            "--kv-cache-memory", str(8 << 20), "--port", str(port), "--served-model-name", "tiny",
            "--chat-template", template, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-           "--reasoning-parser", "qwen3"]
+           "--reasoning-parser", "qwen3", "--log-stats-interval", "0.5"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -186,3 +186,29 @@ def test_tool_choice_checks(base_url: str) -> None:
     r = httpx.post(base_url + "/v1/chat/completions", json={**body, "tools": TOOLS, "bad_words": ["the"],
                                                             "truncate_prompt_tokens": 4, "return_token_ids": True})
     assert r.status_code == 200 and len(r.json()["choices"][0]["prompt_token_ids"]) == 4
+
+
+def test_vllm_named_metrics(base_url: str, client: openai.OpenAI) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        out = {}
+        for family in text_string_to_metric_families(httpx.get(base_url + "/metrics").text):
+            for s in family.samples:
+                out[s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))] = s.value
+        return out
+
+    before = scrape()
+    out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0.0,
+                                    extra_body={"ignore_eos": True})
+    time.sleep(1.2)  # a stats interval or two
+    after = scrape()
+    m = ",model_name=tiny"
+    assert after["vllm:generation_tokens_total" + m] - before["vllm:generation_tokens_total" + m] == 5
+    assert after["vllm:prompt_tokens_total" + m] - before["vllm:prompt_tokens_total" + m] == out.usage.prompt_tokens
+    assert after["vllm:request_success_total,finished_reason=length" + m] >= 1
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:time_per_output_token_seconds_count"):
+        assert after[name + m] > before.get(name + m, 0), name
+    assert "vllm:num_requests_running,engine=0" + m in after and "vllm:num_requests_waiting,engine=0" + m in after
+    assert "vllm:kv_cache_usage_perc,engine=0" + m in after
