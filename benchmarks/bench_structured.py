@@ -23,8 +23,9 @@ import torch
 
 from benchmarks.bench_e2e import QWEN3_30B_A3B
 
-SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {"name": {"type": "string"}, "tags": {
-    "type": "array", "items": {"type": "string"}}, "score": {"type": "number"}}, "required": ["name", "tags"]}}
+SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
+    "name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}},
+    "required": ["name", "tags"]}}
 
 
 def synthetic_tokenizer(path: str, vocab_size: int) -> None:

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.config import ConfigError, EngineConfig
 from runtime.messages import Addresses
+from runtime.model_source import generation_defaults
 from server import endpoints
 from server.engine_client import EngineClient
 from server.extra_routes import add_extra_routes
@@ -173,6 +174,9 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
     serving.enable_auto_tool_choice = config.enable_auto_tool_choice
     serving.tool_call_parser = config.tool_call_parser
     serving.reasoning_parser = config.reasoning_parser
+    serving.generation_defaults = generation_defaults(config.generation_config, config.model)
+    if serving.generation_defaults:
+        log.info("sampling defaults from generation_config.json: %s", serving.generation_defaults)
     if serving.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         log.warning(
             "the tokenizer has no chat template and no --chat-template was given: /v1/chat/completions will answer 400"

@@ -83,6 +83,7 @@ class Serving:
         self.enable_auto_tool_choice = False
         self.tool_call_parser: str | None = None
         self.reasoning_parser: str | None = None
+        self.generation_defaults: dict[str, float | int] = {}  # --generation-config
 
     # ------------------------------------------------------------ request checks
 
@@ -191,12 +192,13 @@ class Serving:
                 _check_unicode(s, "stop")
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        d = self.generation_defaults
         return _checked(
             n=1,  # the front end fans out: n engine requests of one choice each
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
+            temperature=d.get("temperature", 1.0) if req.temperature is None else req.temperature,
+            top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+            top_k=d.get("top_k", 0) if req.top_k is None else req.top_k,
+            min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
             seed=req.seed,
             max_tokens=None,
             min_tokens=req.min_tokens,
@@ -205,7 +207,8 @@ class Serving:
             ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if req.repetition_penalty is None
+            else req.repetition_penalty,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
