@@ -20,6 +20,7 @@ from runtime.block_manager import BlockManager
 from runtime.config import DTYPES, ConfigError, EngineConfig
 from runtime.messages import AddRequest, RankStats, TokenDelta
 from runtime.model_runner import ModelRunner, kv_bytes_per_block
+from runtime.prompt_logprobs import prompt_rows, record_prompt_logprobs, wants_prompt_logprobs
 from runtime.sampler import Sampler
 from runtime.scheduler import ScheduledBatch, Scheduler
 from runtime.sequence import Sequence
@@ -171,6 +172,8 @@ class LLMEngine:
             resumed = req.num_generated_before
             generated = req.prompt_token_ids[num_prompt - resumed :] if resumed else []
             self.structured.add(req.request_id, req.params.grammar, generated)
+        if req.params.prompt_logprobs is not None:
+            seq.prompt_logprobs = []  # sent (filled) with the first output token, also for a 1-token prompt
         self.requests[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -203,6 +206,12 @@ class LLMEngine:
             self.num_dummy_steps += 1
             self.runner.execute_dummy(pad_to or 1)
             return []
+        if any(wants_prompt_logprobs(s) for s in batch.seqs):
+            rows, plan = prompt_rows(batch)
+            if rows:
+                logits, hidden = self.runner.execute(batch, pad_to or 0, rows)
+                record_prompt_logprobs(self.model, hidden, plan)
+                return self._process(batch, logits)
         logits = self.runner.execute(batch, pad_to or 0)
         return self._process(batch, logits)
 
@@ -234,6 +243,9 @@ class LLMEngine:
         deltas = []
         for seq, token_id, lp in zip(to_sample, token_ids, logprobs):
             first = seq.num_output_tokens == 0
+            prompt_lps = None
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_lps, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             seq.token_ids.append(token_id)
             self.generation_tokens += 1
             reason = self._finish_reason(seq, token_id)
@@ -252,6 +264,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     num_prompt_tokens=seq.num_prompt_tokens if first else 0,
                     num_cached_tokens=seq.num_cached_tokens if first else 0,
+                    prompt_logprobs=prompt_lps,
                 )
             )
         return deltas

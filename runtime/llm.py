@@ -70,6 +70,8 @@ class LLM:
                 completion.token_ids += delta.new_token_ids
                 if delta.num_prompt_tokens:
                     out.num_cached_tokens = delta.num_cached_tokens
+                if delta.prompt_logprobs is not None and out.prompt_logprobs is None:
+                    out.prompt_logprobs = [None] + [{t: lp for t, lp, _ in e} for e in delta.prompt_logprobs]
                 if delta.logprobs is not None and completion.logprobs is not None:
                     completion.logprobs += [dict(entry) for entry in delta.logprobs]
                 stopped = False

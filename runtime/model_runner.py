@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,8 +129,11 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, pad_to: int = 0) -> torch.Tensor:
-        """Runs one step; returns fp32 logits [num_sampled_seqs, vocab]."""
+    def execute(
+        self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None
+    ) -> Any:
+        """Runs one step; returns fp32 logits [num_sampled_seqs, vocab], and with extra_rows (flat token rows,
+        for prompt logprobs) also their hidden states [len(extra_rows), hidden_size]."""
         prepared = self.prepare(batch, pad_to)
         fb = prepared.forward_batch
         num_padded = prepared.input_ids.shape[0]
@@ -138,7 +142,10 @@ class ModelRunner:
         else:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
         rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if extra_rows:
+            return logits, hidden.index_select(0, torch.tensor(extra_rows, dtype=torch.int64, device=self.device))
+        return logits
 
     @torch.inference_mode()
     def execute_dummy(self, num_tokens: int) -> None:
