@@ -134,17 +134,30 @@ def _completion_logprobs(
     return out
 
 
-def _echo_logprobs(name: Callable[[int], str], prompt_ids: list[int]) -> CompletionLogprobs:
-    # the engine computes no prompt logprobs: echoed prompt tokens carry null, as the first one does in OpenAI
+def _echo_logprobs(
+    name: Callable[[int], str], prompt_ids: list[int], entries: list[list[tuple[int, float, int]]] | None
+) -> CompletionLogprobs:
+    # the first prompt token has no logprob (null, as in OpenAI); the others come from the engine's prefill
     out = CompletionLogprobs()
     offset = 0
-    for t in prompt_ids:
+    for i, t in enumerate(prompt_ids):
         text = name(t)
+        entry = entries[i - 1] if entries is not None and 0 < i <= len(entries) else None
         out.tokens.append(text)
-        out.token_logprobs.append(None)
-        out.top_logprobs.append(None)
+        out.token_logprobs.append(entry[0][1] if entry else None)
+        out.top_logprobs.append({name(tid): lp for tid, lp, _ in (entry[1:] or entry[:1])} if entry else None)
         out.text_offset.append(offset)
         offset += len(text)
+    return out
+
+
+def _prompt_logprobs(name: Callable[[int], str], c: Choice) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: null for the first token, then {token_id: {logprob, rank, decoded_token}}."""
+    if c.params.prompt_logprobs is None or c.prompt_logprobs is None:
+        return None
+    out: list[dict[str, Any] | None] = [None]
+    for entry in c.prompt_logprobs:
+        out.append({str(t): {"logprob": lp, "rank": rank, "decoded_token": name(t)} for t, lp, rank in entry})
     return out
 
 
@@ -171,17 +184,23 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
         async def stream() -> AsyncIterator[bytes]:
             try:
                 offsets = {c.index: 0 for c in choices}
-                if echo is not None:
+                echoed: set[int] = set()
+
+                def echo_chunk(c: Choice) -> bytes:
+                    echoed.add(c.index)
+                    lp = _echo_logprobs(name, c.prompt_token_ids, c.prompt_logprobs) if want_logprobs else None
+                    offsets[c.index] = len(echo[prompt_of(c)])
+                    choice = CompletionChoice(c.index, echo[prompt_of(c)], lp,
+                                              prompt_logprobs=_prompt_logprobs(name, c))
+                    return sse(CompletionResponse(request_id, model, [choice], None))
+
+                if echo is not None and not want_logprobs:
                     for c in choices:
-                        lp = _echo_logprobs(name, c.prompt_token_ids) if want_logprobs else None
-                        offsets[c.index] = len(echo[prompt_of(c)])
-                        yield sse(
-                            CompletionResponse(
-                                request_id, model, [CompletionChoice(c.index, echo[prompt_of(c)], lp)], None
-                            )
-                        )
+                        yield echo_chunk(c)
                 async for ev in serving.events(group, choices):
                     c = ev.choice
+                    if echo is not None and c.index not in echoed:
+                        yield echo_chunk(c)  # with logprobs: they came with this first output
                     if not ev.text and c.finish_reason is None and not want_logprobs and serving.tokenizer is not None:
                         continue  # held back (partial character or possible stop string); a model without a
                         # tokenizer has no text at all, so each step's tokens still make a chunk
@@ -217,11 +236,12 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                 start = len(echo[prompt_of(c)]) if echo is not None else 0
                 lp = _completion_logprobs(name, c.logprobs, start)
                 if echo is not None:
-                    head = _echo_logprobs(name, c.prompt_token_ids)
+                    head = _echo_logprobs(name, c.prompt_token_ids, c.prompt_logprobs)
                     for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                         setattr(lp, f, getattr(head, f) + getattr(lp, f))
             ids = (c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)
-            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason, *ids))
+            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason, *ids,
+                                        prompt_logprobs=_prompt_logprobs(name, c)))
         return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
 
     try:
@@ -325,7 +345,9 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),
                 )
             )
-        return json_response(ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices)))
+        response = ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices))
+        response.prompt_logprobs = _prompt_logprobs(name, choices[0])
+        return json_response(response)
 
     try:
         return await until_disconnect(request, collect())

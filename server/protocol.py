@@ -111,9 +111,9 @@ class _SamplingFields(_Strict):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=1, le=2**31)
-    # refused with a 400 when set (server/structured.py: unsupported_fields)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # refused with a 400 when true (server/structured.py: refuse_unsupported)
     use_beam_search: bool = False
-    prompt_logprobs: int | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -173,6 +173,7 @@ class CompletionChoice(msgspec.Struct):
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(msgspec.Struct):
@@ -243,6 +244,7 @@ class ChatCompletionResponse(msgspec.Struct):
     usage: Usage | None
     object: str = "chat.completion"
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class ChatDelta(msgspec.Struct, omit_defaults=True):

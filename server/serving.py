@@ -41,6 +41,8 @@ class Choice:
     stop_reason: int | str | None = None
     first_token_time: float | None = None
     recorded: bool = False
+    # from the engine with the first token when asked: per prompt token after the first, (id, logprob, rank)
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
 
 @dataclass
@@ -260,6 +262,8 @@ class Serving:
         if c.first_token_time is None:
             c.first_token_time = time.time()
         c.token_ids.extend(delta.new_token_ids)
+        if delta.prompt_logprobs is not None and c.prompt_logprobs is None:
+            c.prompt_logprobs = delta.prompt_logprobs
         if delta.logprobs is not None:
             c.logprobs.extend(delta.logprobs)
         text, stopped = c.detok.update(delta.new_token_ids) if c.detok is not None else ("", False)

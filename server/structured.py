@@ -28,8 +28,6 @@ def _err(param: str, why: str) -> APIError:
 def refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     if req.use_beam_search:
         raise _err("use_beam_search", "beam search is not supported; use n with sampling")
-    if req.prompt_logprobs is not None:
-        raise _err("prompt_logprobs", "prompt logprobs are not supported")
 
 
 def guided_spec(req: CompletionRequest | ChatCompletionRequest) -> tuple[str, str, Any] | None:
@@ -159,6 +157,11 @@ class RequestExtras:
             spec = ("tool_choice", "json", tools.schema)
         if spec is not None:
             changes["grammar"] = await self.grammar(*spec)
+        prompt_lps = req.prompt_logprobs
+        if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+            prompt_lps = max(prompt_lps or 0, req.logprobs)  # echoed prompt tokens carry real logprobs
+        if prompt_lps is not None:
+            changes["prompt_logprobs"] = prompt_lps
         if req.logit_bias:
             bias: dict[int, float] = {}
             for key, value in req.logit_bias.items():

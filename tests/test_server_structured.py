@@ -167,7 +167,7 @@ def test_tool_messages_render_and_tokenize_round_trip(base_url: str) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_beam_search", True), ("prompt_logprobs", 1), ("guided_regex", "a("), ("guided_json", {"type": "zzz"}),
+    ("use_beam_search", True), ("prompt_logprobs", 21), ("guided_regex", "a("), ("guided_json", {"type": "zzz"}),
     ("logit_bias", {"999999": 1.0}), ("allowed_token_ids", [-1]),
 ])
 def test_unsupported_or_bad_fields_are_400_naming_them(base_url: str, field: str, value: Any) -> None:
@@ -212,3 +212,23 @@ def test_vllm_named_metrics(base_url: str, client: openai.OpenAI) -> None:
         assert after[name + m] > before.get(name + m, 0), name
     assert "vllm:num_requests_running,engine=0" + m in after and "vllm:num_requests_waiting,engine=0" + m in after
     assert "vllm:kv_cache_usage_perc,engine=0" + m in after
+
+
+def test_echo_and_prompt_logprobs(client: openai.OpenAI) -> None:
+    prompt = "The quick brown fox"
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2,
+                                      temperature=0.0, extra_body={"prompt_logprobs": 1, "return_token_ids": True})
+    c = whole.choices[0]
+    n = len(c.prompt_token_ids)
+    assert n > 2 and c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in c.logprobs.token_logprobs[1:])  # real values, not nulls
+    assert len(c.logprobs.tokens) == n + 3 and all(len(t) == 2 for t in c.logprobs.top_logprobs[1:n])
+    prompt_lps = c.model_extra["prompt_logprobs"]
+    assert prompt_lps[0] is None and len(prompt_lps) == n
+    for i in range(1, n):
+        mine = prompt_lps[i][str(c.prompt_token_ids[i])]
+        assert abs(mine["logprob"] - c.logprobs.token_logprobs[i]) < 1e-5 and mine["rank"] >= 1
+    streamed = [ch.choices[0] for ch in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2, temperature=0.0, stream=True) if ch.choices]
+    assert "".join(ch.text for ch in streamed) == c.text
+    assert sum((ch.logprobs.token_logprobs for ch in streamed), []) == c.logprobs.token_logprobs
