@@ -52,7 +52,7 @@ BAD = [
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
     ({"model": "fake", "prompt": "hi", "logit_bias": {"5": 1000}}, 400, "logit_bias"),
     ({"model": "fake", "prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
-    ({"model": "fake", "prompt": "hi", "prompt_logprobs": 2}, 400, "prompt_logprobs"),
+    ({"model": "fake", "prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ({"model": "fake", "prompt": "hi", "guided_choice": []}, 400, "guided_choice"),
     ({"model": "fake", "prompt": "hi", "guided_grammar": "root ::= ("}, 400, "guided_grammar"),
     ({"model": "fake", "prompt": "hi", "structured_outputs": {"xml": "a"}}, 400, "structured_outputs.xml"),
