@@ -75,6 +75,8 @@ class ChatOutput:
         mode = self.mode
         if mode == "auto":
             parts.content, calls = extract_tool_calls(self.tool_call_parser or "hermes", content or "", self.plan.tools)
+            if not self.plan.parallel:
+                calls = calls[:1]  # parallel_tool_calls false: the first call only
         elif mode == "named":
             calls, parts.content = [ParsedCall(self.plan.named or "", content or "")], None
         elif mode == "required":
@@ -117,6 +119,8 @@ class ChatOutput:
 
     def _deltas(self, calls: list[ParsedCall]) -> list[ToolCallDelta]:
         out = []
+        if self.plan is not None and not self.plan.parallel:
+            calls = calls[: max(0, 1 - self.num_calls)]
         for c in calls:
             out.append(ToolCallDelta(self.num_calls, _call_id(), "function", ToolCallFunction(c.name, c.arguments)))
             self.num_calls += 1

@@ -268,7 +268,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs: needs logprobs set to true", param="top_logprobs")
     plan = tool_plan(req, serving.enable_auto_tool_choice)
-    prompt_ids = truncate_prompt(req, await serving.chat_prompt(req, req.tools if plan.mode != "none" else None))
+    prompt_ids = truncate_prompt(req, await serving.chat_prompt(req, req.tools))  # listed even under "none", as vLLM
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)

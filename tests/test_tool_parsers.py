@@ -131,3 +131,11 @@ def test_named_and_required_outputs() -> None:
         ("get_weather", {"city": "Lima"}), ("search", {})]
     assert _stream(ChatOutput(None, False, required, None), text, 17)[2] == [
         ("get_weather", {"city": "Lima"}), ("search", {})]
+
+
+def test_parallel_tool_calls_false_keeps_the_first() -> None:
+    text = HERMES[1][0]
+    plan = ToolPlan("auto", TOOLS, parallel=False)
+    assert [c.function.name for c in ChatOutput(None, False, plan, "hermes").whole(text).tool_calls] == ["get_weather"]
+    for cut in range(0, len(text) + 1, 7):
+        assert [n for n, _ in _stream(ChatOutput(None, False, plan, "hermes"), text, cut)[2]] == ["get_weather"]
