@@ -107,6 +107,12 @@ class StructuredOutputs:
         self._executor: Any = None
         self.num_words = (vocab_size + 31) // 32
 
+    def warm_up(self) -> None:
+        """Builds llguidance's tokenizer view in the background now (~1 s for a 150k vocabulary), so the
+        first constrained request does not wait for it."""
+        if self._tokenizer is None:
+            self._tokenizer = self._pool.submit(self._load_tokenizer)
+
     @property
     def active(self) -> bool:
         return bool(self._matchers)
@@ -129,7 +135,14 @@ class StructuredOutputs:
         def build() -> Any:
             import llguidance
 
-            matcher = llguidance.LLMatcher(tokenizer.result(), grammar)
+            try:
+                matcher = llguidance.LLMatcher(tokenizer.result(), grammar)
+            except Exception:  # the front end validated it; a failure here must not take the rank down
+                logger.exception("request %s: its grammar could not be built; the request stops", request_id)
+                return None
+            if matcher.is_error():
+                logger.error("request %s: grammar error %s; the request stops", request_id, matcher.get_error())
+                return None
             if generated and not matcher.consume_tokens(generated):
                 logger.warning("request %s: its earlier output does not match its grammar", request_id)
             return matcher
@@ -145,14 +158,16 @@ class StructuredOutputs:
     def bitmask(self, request_ids: list[str]) -> tuple[list[int], Any] | None:
         """(rows, int32 bitmask [len(rows), num_words] on the CPU) for the constrained rows of a batch
         about to sample, or None when none is constrained."""
-        rows = [i for i, rid in enumerate(request_ids) if rid in self._matchers]
-        if not rows:
+        found = [(i, self._matchers[rid].result()) for i, rid in enumerate(request_ids) if rid in self._matchers]
+        found = [(i, m) for i, m in found if m is not None]  # a failed build stops its request in accept()
+        if not found:
             return None
         import llguidance
         import torch
 
+        rows = [i for i, _ in found]
         mask = torch.empty((len(rows), self.num_words), dtype=torch.int32)
-        matchers = [(self._matchers[request_ids[i]].result(), j) for j, i in enumerate(rows)]
+        matchers = [(m, j) for j, (_, m) in enumerate(found)]
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
         self._executor.unsafe_compute_mask_ptr(matchers, mask.data_ptr(), self.num_words * 4, len(rows))
@@ -165,6 +180,8 @@ class StructuredOutputs:
         if future is None:
             return False
         matcher = future.result()
+        if matcher is None:
+            return True
         ok = matcher.consume_token(token_id)
         if not ok:
             logger.warning("request %s: token %d outside its grammar: %s", request_id, token_id, matcher.get_error())

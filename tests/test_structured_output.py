@@ -149,3 +149,11 @@ def test_bitmask_kernel_matches_reference(vocab: int, num_words: int, dtype: tor
     assert torch.equal(got[[1, 2, 3]], logits[[1, 2, 3]])
     if num_words * 32 < vocab:
         assert torch.isinf(got[[4, 0, 5], num_words * 32 :]).all()
+
+
+def test_broken_grammar_stops_its_request_not_the_rank(llm: Any) -> None:
+    # the front end validates grammars; one that still fails in the engine ends its request, others run on
+    outs = llm.generate(["q", "q"], [SamplingParams(max_tokens=5, grammar="{not a grammar"),
+                                     SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)])
+    assert outs[0].outputs[0].finish_reason == "stop" and len(outs[0].outputs[0].token_ids) == 1
+    assert len(outs[1].outputs[0].token_ids) == 5
