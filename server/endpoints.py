@@ -274,6 +274,9 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)
     params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
     params = await serving.extras.apply(req, params, plan)
+    if plan.mode == "auto" and serving.tool_call_parser == "glm45":
+        # GLM's <tool_call> / <arg_key> markers are special tokens: keep them in the text the parser reads
+        params = msgspec.structs.replace(params, skip_special_tokens=False)
     in_think = False
     if serving.reasoning_parser is not None:
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False

@@ -81,6 +81,7 @@ class Serving:
         self.metrics = metrics
         self._token_text: dict[int, str] = {}
         self.extras = RequestExtras(tokenizer, vocab_size)
+        self._special_ids: set[int] = set(getattr(tokenizer, "all_special_ids", None) or [])
         # set from the config by build_app (tool_choice auto, tool-call and reasoning formats)
         self.enable_auto_tool_choice = False
         self.tool_call_parser: str | None = None
@@ -266,7 +267,11 @@ class Serving:
             c.prompt_logprobs = delta.prompt_logprobs
         if delta.logprobs is not None:
             c.logprobs.extend(delta.logprobs)
-        text, stopped = c.detok.update(delta.new_token_ids) if c.detok is not None else ("", False)
+        new_ids = delta.new_token_ids
+        if delta.finish_reason == "stop" and not c.params.skip_special_tokens and new_ids and \
+                new_ids[-1] in self._special_ids:
+            new_ids = new_ids[:-1]  # the EOS / stop token that ended it is not text, as in vLLM
+        text, stopped = c.detok.update(new_ids) if c.detok is not None else ("", False)
         if stopped:
             c.finish_reason = "stop"
             c.stop_reason = c.detok.stop_reason if c.detok is not None else None

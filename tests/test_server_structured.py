@@ -103,6 +103,11 @@ def test_response_format_json_schema(client: openai.OpenAI) -> None:
     out = client.completions.create(model="tiny", prompt="pick", max_tokens=20, temperature=1.0,
                                     extra_body={"guided_choice": ["left", "right"]})
     assert out.choices[0].text in ("left", "right")
+    # the EOS that ends it is not text, also when special tokens are kept (the glm45 tool parser keeps them)
+    out = client.completions.create(model="tiny", prompt="pick", max_tokens=20, temperature=1.0,
+                                    extra_body={"guided_regex": "left( [a-z]+)?", "skip_special_tokens": False,
+                                                "logit_bias": {"0": 100}})  # EOS (id 0) as soon as allowed
+    assert out.choices[0].text == "left" and out.choices[0].finish_reason == "stop"
     out = client.completions.create(model="tiny", prompt="n", max_tokens=20, temperature=1.0,
                                     extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
     assert out.choices[0].text.isdigit() and len(out.choices[0].text) == 4
