@@ -127,5 +127,21 @@ class ChatOutput:
         return out
 
 
+def split_tool_call_deltas(calls: list[ToolCallDelta]) -> tuple[list[ToolCallDelta], list[ToolCallDelta] | None]:
+    """(first deltas: each new call's id, type, name and empty arguments; then the arguments), as OpenAI
+    streams a call; a delta that only continues arguments stays in the second list."""
+    heads: list[ToolCallDelta] = []
+    rest: list[ToolCallDelta] = []
+    for d in calls:
+        if d.id is not None and d.function is not None and d.function.arguments:
+            heads.append(ToolCallDelta(d.index, d.id, d.type, ToolCallFunction(d.function.name, "")))
+            rest.append(ToolCallDelta(d.index, function=ToolCallFunction(arguments=d.function.arguments)))
+        elif d.id is not None:
+            heads.append(d)
+        else:
+            rest.append(d)
+    return heads, rest or None
+
+
 def finish_reason(reason: str | None, num_calls: int) -> str | None:
     return "tool_calls" if reason == "stop" and num_calls else reason

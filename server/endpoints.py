@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.chat_output import ChatOutput, finish_reason
+from server.chat_output import ChatOutput, finish_reason, split_tool_call_deltas
 from server.protocol import (
     APIError,
     ChatChoice,
@@ -312,6 +312,15 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                                           tool_calls=calls or None)
                         if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
                             continue
+                        if calls:  # OpenAI's shape: text first, then a call's id and name, then its arguments
+                            heads, rest = split_tool_call_deltas(calls)
+                            pieces = [ChatDelta(content=content or None, reasoning_content=reasoning or None)]
+                            pieces = pieces if content or reasoning else []
+                            if heads:
+                                pieces.append(ChatDelta(tool_calls=heads))
+                            for d in pieces:
+                                yield sse(ChatCompletionChunk(request_id, model, [ChatChunkChoice(c.index, d)]))
+                            delta = ChatDelta(tool_calls=rest)
                     elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
                         continue
                     lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
