@@ -139,3 +139,13 @@ def test_parallel_tool_calls_false_keeps_the_first() -> None:
     assert [c.function.name for c in ChatOutput(None, False, plan, "hermes").whole(text).tool_calls] == ["get_weather"]
     for cut in range(0, len(text) + 1, 7):
         assert [n for n, _ in _stream(ChatOutput(None, False, plan, "hermes"), text, cut)[2]] == ["get_weather"]
+
+
+def test_split_tool_call_deltas_openai_shape() -> None:
+    from server.chat_output import split_tool_call_deltas
+    from server.protocol import ToolCallDelta, ToolCallFunction
+
+    heads, rest = split_tool_call_deltas([ToolCallDelta(0, "call_a", "function", ToolCallFunction("f", '{"x": 1}')),
+                                          ToolCallDelta(1, function=ToolCallFunction(arguments="}"))])
+    assert [(h.index, h.id, h.function.name, h.function.arguments) for h in heads] == [(0, "call_a", "f", "")]
+    assert [(r.index, r.id, r.function.arguments) for r in rest] == [(0, None, '{"x": 1}'), (1, None, "}")]
