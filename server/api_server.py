@@ -123,6 +123,11 @@ async def read_json(request: Request) -> dict[str, Any]:
 _UNSUPPORTED: dict[str, Any] = {
     "suffix": bool,
     "functions": bool,
+    # vLLM extras we do not implement: refused when they would change the answer
+    "length_penalty": lambda v: v not in (None, 1, 1.0),
+    "logits_processors": bool,
+    "guided_whitespace_pattern": lambda v: v is not None,
+    "spaces_between_special_tokens": lambda v: v is False,
 }
 
 

@@ -58,6 +58,8 @@ BAD = [
     ({"model": "fake", "prompt": "hi", "structured_outputs": {"xml": "a"}}, 400, "structured_outputs.xml"),
     ({"model": "fake", "prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}, 400, "guided_choice"),
     ({"model": "fake", "prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"model": "fake", "prompt": "hi", "length_penalty": 2.0}, 400, "length_penalty"),
+    ({"model": "fake", "prompt": "hi", "logits_processors": ["x"]}, 400, "logits_processors"),
     ({"model": "fake", "prompt": "hi", "best_of": 3}, 400, "best_of"),
 ]
 

@@ -157,3 +157,28 @@ def test_broken_grammar_stops_its_request_not_the_rank(llm: Any) -> None:
                                      SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)])
     assert outs[0].outputs[0].finish_reason == "stop" and len(outs[0].outputs[0].token_ids) == 1
     assert len(outs[1].outputs[0].token_ids) == 5
+
+
+def test_abort_releases_and_resume_continues_the_grammar(llm: Any, compiler: GrammarCompiler) -> None:
+    from runtime.messages import AddRequest
+
+    engine = llm.engine
+    schema = SCHEMAS[0]
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=120, grammar=compiler("json", schema))
+    prompt = llm.tokenizer.encode("JSON please:")
+    engine.add_request(AddRequest("abort-me", prompt, params))
+    engine.step()
+    assert engine.structured.has("abort-me")
+    engine.abort_requests(["abort-me"])
+    assert not engine.structured.active
+    # an engine restart re-submits a request with its earlier output inside the prompt: the new matcher
+    # consumes those tokens first, so the continuation completes the same document
+    first = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
+    resumed = AddRequest("resumed", prompt + first[:4], params, num_generated_before=4)
+    engine.add_request(resumed)
+    tail: list[int] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tail += delta.new_token_ids
+    text = llm.tokenizer.decode(first[:4] + tail, skip_special_tokens=True)
+    jsonschema.validate(json.loads(text), schema)
