@@ -113,7 +113,8 @@ class LLMEngine:
         )
         self.sampler = Sampler(self.device, config.seed + self.rank)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
-        self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids)
+        self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids,
+                                            pin_memory=self.device.type == "cuda")
         self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None

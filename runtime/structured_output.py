@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # one canonical layout (', ' and ': ', no free whitespace): a model cannot wander off into endless newlines
 _JSON_OPTIONS = {"whitespace_flexible": False}
+_MAX_TEMPLATES = 64
 
 
 class GrammarError(ValueError):
@@ -97,7 +99,7 @@ class GrammarCompiler:
 class StructuredOutputs:
     """Engine-rank side: the matchers of this rank's constrained requests, and the per-step bitmask."""
 
-    def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: set[int]) -> None:
+    def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: set[int], pin_memory: bool = False) -> None:
         self._tokenizer_path = tokenizer_path
         self._vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
@@ -106,6 +108,13 @@ class StructuredOutputs:
         self._matchers: dict[str, Future[Any]] = {}
         self._executor: Any = None
         self.num_words = (vocab_size + 31) // 32
+        # GPU ranks fill one persistent pinned buffer (pinning per step costs more than the copy); reuse is safe
+        # because each step's sampling syncs with the stream after the copy was queued
+        self._pin = pin_memory
+        self._pinned: Any = None
+        # fresh matchers by grammar text: an agent's schema repeats on every request, and a deep copy of a
+        # built matcher is cheaper than building it again
+        self._templates: OrderedDict[str, Any] = OrderedDict()
 
     def warm_up(self) -> None:
         """Builds llguidance's tokenizer view in the background now (~1 s for a 150k vocabulary), so the
@@ -136,7 +145,14 @@ class StructuredOutputs:
             import llguidance
 
             try:
-                matcher = llguidance.LLMatcher(tokenizer.result(), grammar)
+                template = self._templates.get(grammar)
+                if template is None:
+                    template = llguidance.LLMatcher(tokenizer.result(), grammar)
+                    if not template.is_error():
+                        self._templates[grammar] = template
+                        while len(self._templates) > _MAX_TEMPLATES:
+                            self._templates.popitem(last=False)
+                matcher = template.deep_copy()
             except Exception:  # the front end validated it; a failure here must not take the rank down
                 logger.exception("request %s: its grammar could not be built; the request stops", request_id)
                 return None
@@ -166,7 +182,12 @@ class StructuredOutputs:
         import torch
 
         rows = [i for i, _ in found]
-        mask = torch.empty((len(rows), self.num_words), dtype=torch.int32)
+        if self._pin:
+            if self._pinned is None or self._pinned.shape[0] < len(rows):
+                self._pinned = torch.empty((max(len(rows), 64), self.num_words), dtype=torch.int32, pin_memory=True)
+            mask = self._pinned[: len(rows)]
+        else:
+            mask = torch.empty((len(rows), self.num_words), dtype=torch.int32)
         matchers = [(m, j) for j, (_, m) in enumerate(found)]
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
@@ -199,9 +220,8 @@ def apply_bitmask(logits: Any, rows: list[int], bitmask: Any) -> Any:
     dev = logits.device
     with torch.inference_mode():  # the runner's logits are inference tensors: in-place only in this mode
         if dev.type == "cuda":
-            mask = bitmask.pin_memory().to(dev, non_blocking=True)
-            index = torch.tensor(rows, dtype=torch.int32).pin_memory().to(dev, non_blocking=True)
-            apply_token_bitmask(logits, index, mask)
+            mask = (bitmask if bitmask.is_pinned() else bitmask.pin_memory()).to(dev, non_blocking=True)
+            apply_token_bitmask(logits, torch.tensor(rows, dtype=torch.int32, device=dev), mask)
         else:
             apply_token_bitmask_ref(logits, torch.tensor(rows), bitmask)
     return logits
