@@ -173,7 +173,7 @@ class LLMEngine:
         if req.params.grammar is not None:
             resumed = req.num_generated_before
             generated = req.prompt_token_ids[num_prompt - resumed :] if resumed else []
-            self.structured.add(req.request_id, req.params.grammar, generated)
+            self.structured.add(req.request_id, req.params.grammar, generated, req.params.grammar_after)
         if req.params.prompt_logprobs is not None:
             seq.prompt_logprobs = []  # sent (filled) with the first output token, also for a 1-token prompt
         self.requests[req.request_id] = seq

@@ -26,6 +26,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     # structured output: llguidance grammar text, built and validated by the front end
     # (runtime/structured_output.py); the engine masks every step's logits to it
     grammar: str | None = None
+    grammar_after: str | None = None  # the grammar starts once the output shows this text (a think block's end)
     logit_bias: dict[int, float] | None = None  # added to the token's logit before sampling
     allowed_token_ids: list[int] | None = None  # only these may be sampled
     bad_words_token_ids: list[list[int]] | None = None  # token sequences that must not be generated

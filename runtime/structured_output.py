@@ -115,6 +115,8 @@ class StructuredOutputs:
         # fresh matchers by grammar text: an agent's schema repeats on every request, and a deep copy of a
         # built matcher is cheaper than building it again
         self._templates: OrderedDict[str, Any] = OrderedDict()
+        # requests whose grammar starts after a marker (the reasoning's </think>): (marker, the output's last bytes)
+        self._waiting: dict[str, tuple[bytes, bytearray]] = {}
 
     def warm_up(self) -> None:
         """Builds llguidance's tokenizer view in the background now (~1 s for a 150k vocabulary), so the
@@ -134,12 +136,21 @@ class StructuredOutputs:
             raise GrammarError("structured output needs the model's tokenizer, and this model has none")
         return llg_tokenizer(hf, self._vocab_size, self._eos)
 
-    def add(self, request_id: str, grammar: str, generated: list[int]) -> None:
+    def add(self, request_id: str, grammar: str, generated: list[int], after: str | None = None) -> None:
         """Builds the request's matcher off the step path; generated: output tokens it already has (a
-        request resumed after an engine restart), which the matcher consumes first."""
+        request resumed after an engine restart), which the matcher consumes first; after: a token sequence
+        the grammar waits for (the model reasons freely until it closes its think block)."""
         if self._tokenizer is None:
             self._tokenizer = self._pool.submit(self._load_tokenizer)
         tokenizer = self._tokenizer
+        if after:
+            self._waiting[request_id] = (after.encode(), bytearray())
+            for i, token_id in enumerate(generated):  # a resumed request may be past the marker already
+                if self._wait(request_id, token_id):
+                    generated = generated[i + 1 :]
+                    break
+            else:
+                generated = []
 
         def build() -> Any:
             import llguidance
@@ -167,6 +178,7 @@ class StructuredOutputs:
 
     def release(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
+        self._waiting.pop(request_id, None)
 
     def has(self, request_id: str) -> bool:
         return request_id in self._matchers
@@ -174,7 +186,8 @@ class StructuredOutputs:
     def bitmask(self, request_ids: list[str]) -> tuple[list[int], Any] | None:
         """(rows, int32 bitmask [len(rows), num_words] on the CPU) for the constrained rows of a batch
         about to sample, or None when none is constrained."""
-        found = [(i, self._matchers[rid].result()) for i, rid in enumerate(request_ids) if rid in self._matchers]
+        found = [(i, self._matchers[rid].result()) for i, rid in enumerate(request_ids)
+                 if rid in self._matchers and rid not in self._waiting]
         found = [(i, m) for i, m in found if m is not None]  # a failed build stops its request in accept()
         if not found:
             return None
@@ -194,11 +207,30 @@ class StructuredOutputs:
         self._executor.unsafe_compute_mask_ptr(matchers, mask.data_ptr(), self.num_words * 4, len(rows))
         return rows, mask
 
+    def _wait(self, request_id: str, token_id: int) -> bool:
+        """Feeds a token to a waiting request; True (and no longer waiting) once its marker has shown, by
+        text, whatever tokens spelled it."""
+        marker, tail = self._waiting[request_id]
+        assert self._tokenizer is not None
+        try:
+            tail += self._tokenizer.result().decode_bytes([token_id])
+        except Exception:  # no tokenizer: the build fails too, and accept() stops the request
+            del self._waiting[request_id]
+            return True
+        if marker in tail:
+            del self._waiting[request_id]  # the grammar applies from the next token
+            return True
+        del tail[: -len(marker)]
+        return False
+
     def accept(self, request_id: str, token_id: int) -> bool:
         """Advances the request's matcher by its sampled token; True when the grammar is finished (or
         broken, which only a token outside the mask can do), i.e. the request must stop."""
         future = self._matchers.get(request_id)
         if future is None:
+            return False
+        if request_id in self._waiting:
+            self._wait(request_id, token_id)
             return False
         matcher = future.result()
         if matcher is None:

@@ -282,6 +282,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
         in_think = starts_thinking(serving.reasoning_parser, serving.decode(prompt_ids[-8:]), thinking)
 
+    if in_think and params.grammar is not None:
+        # the template opened a think block: the model reasons freely, the grammar shapes the answer after it
+        params = msgspec.structs.replace(params, grammar_after="</think>")
+
     def parser() -> ChatOutput:
         return ChatOutput(serving.reasoning_parser, in_think, plan, serving.tool_call_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -137,10 +137,10 @@ def test_named_and_required_tool_choice(client: openai.OpenAI) -> None:
     assert parts == {0: ["get_weather", call.function.arguments]}
 
 
-def test_reasoning_content_and_template_kwargs(client: openai.OpenAI) -> None:
-    # the template opens <think> when enable_thinking passes through; a regex makes the random model close it
+def test_reasoning_content_and_template_kwargs(client: openai.OpenAI, base_url: str) -> None:
+    # a regex makes the random model think in the qwen3 format: <think>, three letters, </think>, the answer
     kw: dict[str, Any] = dict(model="tiny", messages=MSGS, max_tokens=30, temperature=1.0, extra_body={
-        "chat_template_kwargs": {"enable_thinking": True}, "guided_regex": "[a-z]{3}</think>[a-z]{2}"})
+        "guided_regex": "<think>[a-z]{3}</think>[a-z]{2}"})
     msg = client.chat.completions.create(**kw).choices[0].message
     assert len(msg.reasoning_content) == 3 and len(msg.content) == 2
     reasoning, content = "", ""
@@ -149,6 +149,14 @@ def test_reasoning_content_and_template_kwargs(client: openai.OpenAI) -> None:
             reasoning += getattr(chunk.choices[0].delta, "reasoning_content", None) or ""
             content += chunk.choices[0].delta.content or ""
     assert len(reasoning) == 3 and len(content) == 2
+    # enable_thinking passes through to the template, which opens the think block in the prompt; the grammar
+    # then waits for </think> (which this random model never writes), so the whole output is reasoning
+    thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+    r = httpx.post(base_url + "/tokenize", json={"messages": MSGS, **thinking}).json()
+    assert httpx.post(base_url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"].endswith("<think>\n")
+    msg = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=6, temperature=0.0, extra_body={
+        **thinking, "guided_choice": ["yes"]}).choices[0].message
+    assert msg.reasoning_content and msg.content is None
 
 
 def test_tool_messages_render_and_tokenize_round_trip(base_url: str) -> None:

@@ -182,3 +182,27 @@ def test_abort_releases_and_resume_continues_the_grammar(llm: Any, compiler: Gra
             tail += delta.new_token_ids
     text = llm.tokenizer.decode(first[:4] + tail, skip_special_tokens=True)
     jsonschema.validate(json.loads(text), schema)
+
+
+def test_grammar_waits_for_the_end_of_thinking(llm: Any, compiler: GrammarCompiler) -> None:
+    from runtime.messages import AddRequest
+
+    grammar = compiler("choice", ["yes", "no"])
+    prompt = llm.tokenizer.encode("Think first:")
+    free = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    # the model never closes its think block: the grammar never starts, the reasoning runs free
+    waiting = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+        temperature=0.0, max_tokens=8, grammar=grammar, grammar_after="</think>"))[0]
+    assert waiting.outputs[0].token_ids == free.outputs[0].token_ids
+    assert not llm.engine.structured.active
+    # once "</think>" shows (here: in the earlier output of a resumed request, spelled by several tokens),
+    # the answer follows the grammar
+    earlier = llm.tokenizer.encode("hmm</think>", add_special_tokens=False)
+    engine = llm.engine
+    engine.add_request(AddRequest("after-think", prompt + earlier, SamplingParams(
+        temperature=0.0, max_tokens=20, grammar=grammar, grammar_after="</think>"), num_generated_before=len(earlier)))
+    tail: list[int] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tail += delta.new_token_ids
+    assert llm.tokenizer.decode(tail, skip_special_tokens=True) in ("yes", "no")
