@@ -274,8 +274,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)
     params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
     params = await serving.extras.apply(req, params, plan)
-    if plan.mode == "auto" and serving.tool_call_parser == "glm45":
-        # GLM's <tool_call> / <arg_key> markers are special tokens: keep them in the text the parser reads
+    glm = (plan.mode == "auto" and serving.tool_call_parser == "glm45") or serving.reasoning_parser == "glm45"
+    if glm and "skip_special_tokens" not in req.model_fields_set:
+        # GLM's <tool_call> / <arg_key> / <think> markers may be special tokens: keep them in the text the parsers
+        # read (the EOS that ends the answer never shows)
         params = msgspec.structs.replace(params, skip_special_tokens=False)
     in_think = False
     if serving.reasoning_parser is not None:
