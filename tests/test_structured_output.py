@@ -136,11 +136,13 @@ def test_apply_bitmask_rows_only() -> None:
 def test_bitmask_kernel_matches_reference(vocab: int, num_words: int, dtype: torch.dtype) -> None:
     from kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs the kernel in Triton's interpreter)
     g = torch.Generator().manual_seed(vocab)
-    logits = torch.randn(6, vocab, generator=g).to(dtype)
-    rows = torch.tensor([4, 0, 5], dtype=torch.int32)
+    logits = torch.randn(6, vocab, generator=g).to(dtype).to(dev)
+    rows = torch.tensor([4, 0, 5], dtype=torch.int32, device=dev)
     # random words, sign bit included (int32 arithmetic shifts must not leak it into other bits)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, num_words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask = bitmask.to(dev)
     want = logits.clone()
     apply_token_bitmask_ref(want, rows, bitmask)
     got = logits.clone()
