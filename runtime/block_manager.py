@@ -70,8 +70,8 @@ class BlockManager:
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks for the sequence's leading full blocks; the last token is always recomputed
         so that the step has a position to sample from."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # (prompt logprobs need every prompt position computed)
         matched: list[int] = []
         parent: int | None = None
         for i in range((len(seq) - 1) // self.block_size):

@@ -124,6 +124,10 @@ class EngineConfig:
     expert_stats_file: str | None = None
     max_restarts: int = 3
     engine_hang_timeout: float = 60.0  # seconds a rank may stay silent before it is killed and the group restarts
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of the model's text
+    tool_call_parser: str | None = None  # hermes | glm45
+    reasoning_parser: str | None = None  # qwen3 | glm45 | deepseek_r1
+    generation_config: str = "auto"  # auto (the model's generation_config.json) | vllm (none) | a folder
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -150,14 +154,30 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size", "tensor_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or glm45)")
         if self.engine_hang_timeout <= 0:
             raise ConfigError(f"--engine-hang-timeout must be positive seconds, got {self.engine_hang_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not os.path.isdir(self.model):
+            from runtime.model_source import resolve_model
+
+            try:
+                resolved = resolve_model(self.model)  # a Hugging Face id: the cached (or downloaded) snapshot
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if resolved is not None:
+                if self.served_model_name is None:  # served under the id as given, as vLLM does
+                    object.__setattr__(self, "served_model_name", self.model)
+                object.__setattr__(self, "model", resolved)
+        if not os.path.isdir(self.model):
             raise ConfigError(
                 f"model folder {self.model!r} not found: pass --model PATH to a Hugging Face checkpoint folder"
             )
+        gen = self.generation_config
+        if gen not in ("auto", "vllm") and not os.path.isfile(os.path.join(gen, "generation_config.json")):
+            raise ConfigError(f"--generation-config {gen!r}: give auto, vllm or a folder with generation_config.json")
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ConfigError(f"{self.model!r} has no config.json: --model must be a Hugging Face model folder")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -223,7 +243,8 @@ class EngineConfig:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         d = EngineConfig.__dataclass_fields__
         a = parser.add_argument
-        a("--model", default=None, help="Hugging Face model folder (default: the built-in demo model)")
+        a("--model", default=None, help="Hugging Face model folder or id org/name, resolved through the HF cache "
+          "(default: the built-in demo model)")
         a("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
         a("--dtype", default=d["dtype"].default, help="auto, bfloat16, float16 or float32")
         a("--max-model-len", type=int, default=None,
@@ -281,6 +302,15 @@ class EngineConfig:
         a("--engine-hang-timeout", type=float, default=d["engine_hang_timeout"].default,
           help="seconds an engine rank may stay silent (hung step or collective) before it is killed and the "
                "rank group restarts")
+        a("--enable-auto-tool-choice", action="store_true",
+          help="let the model decide to call tools (tool_choice auto); needs --tool-call-parser")
+        a("--tool-call-parser", choices=["hermes", "glm45"], default=None,
+          help="the model's tool-call format: hermes (Qwen3's <tool_call>{json}</tool_call>) or glm45")
+        a("--reasoning-parser", choices=["qwen3", "glm45", "deepseek_r1"], default=None,
+          help="split the model's <think>...</think> part into reasoning_content")
+        a("--generation-config", default=d["generation_config"].default,
+          help="default temperature/top_p/top_k/min_p/repetition_penalty of requests that leave them unset: "
+               "'auto' from the model's generation_config.json, 'vllm' none, or a folder holding one")
         return parser
 
     @staticmethod

@@ -23,9 +23,11 @@ from runtime.config import DTYPES, ConfigError, EngineConfig
 from runtime.kv_cache import kv_cache_dtype, read_kv_scales
 from runtime.messages import AddRequest, RankStats, TokenDelta
 from runtime.model_runner import ModelRunner, kv_bytes_per_block
+from runtime.prompt_logprobs import prompt_rows, record_prompt_logprobs, wants_prompt_logprobs
 from runtime.sampler import Sampler
 from runtime.scheduler import ScheduledBatch, Scheduler
 from runtime.sequence import Sequence
+from runtime.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ class LLMEngine:
                         time.perf_counter() - t0, os.environ.get("TRITON_CACHE_DIR"))
         self.sampler = Sampler(self.device, config.seed + self.rank)  # used on TP rank 0 only
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
+        self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids,
+                                            pin_memory=self.device.type == "cuda")
+        self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
         self.num_steps = 0
@@ -188,7 +193,16 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if max(req.prompt_token_ids) >= vocab or min(req.prompt_token_ids) < 0:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if req.params.prompt_logprobs is not None and self.runner.plan_group is not None:
+            # the TP peers would have to join the all-gather of the prompt rows' logits
+            raise RequestError("prompt_logprobs is not supported with --tensor-parallel-size > 1")
         seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.arrival_time, req.num_generated_before)
+        if req.params.grammar is not None:
+            resumed = req.num_generated_before
+            generated = req.prompt_token_ids[num_prompt - resumed :] if resumed else []
+            self.structured.add(req.request_id, req.params.grammar, generated, req.params.grammar_after)
+        if req.params.prompt_logprobs is not None:
+            seq.prompt_logprobs = []  # sent (filled) with the first output token, also for a 1-token prompt
         self.requests[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -197,6 +211,7 @@ class LLMEngine:
             seq = self.requests.pop(rid, None)
             if seq is not None and not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+            self.structured.release(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -220,6 +235,12 @@ class LLMEngine:
             self.num_dummy_steps += 1
             self.runner.execute_dummy(pad_to or 1)
             return []
+        if any(wants_prompt_logprobs(s) for s in batch.seqs):
+            rows, plan = prompt_rows(batch)
+            if rows:
+                logits, hidden = self.runner.execute(batch, pad_to or 0, rows)
+                record_prompt_logprobs(self.model, hidden, plan)
+                return self._process(batch, logits)
         logits = self.runner.execute(batch, pad_to or 0)
         return self._process(batch, logits)
 
@@ -245,16 +266,24 @@ class LLMEngine:
                 to_sample.append(seq)
         if not to_sample:
             return []
-        token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids)
+        # grammar masks fill on the CPU while the forward may still run on the GPU; None when unconstrained
+        mask = self.structured.bitmask([s.request_id for s in to_sample]) if self.structured.active else None
+        token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids, mask)
         deltas = []
         for seq, token_id, lp in zip(to_sample, token_ids, logprobs):
             first = seq.num_output_tokens == 0
+            prompt_lps = None
+            if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_lps, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             seq.token_ids.append(token_id)
             self.generation_tokens += 1
             reason = self._finish_reason(seq, token_id)
+            if self.structured.active and self.structured.accept(seq.request_id, token_id) and reason is None:
+                reason = "stop"  # the grammar is complete (it only ends by EOS when eos is not ignored)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
+                self.structured.release(seq.request_id)
             deltas.append(
                 TokenDelta(
                     request_id=seq.request_id,
@@ -264,6 +293,7 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                     num_prompt_tokens=seq.num_prompt_tokens if first else 0,
                     num_cached_tokens=seq.num_cached_tokens if first else 0,
+                    prompt_logprobs=prompt_lps,
                 )
             )
         return deltas

@@ -9,6 +9,7 @@ from runtime.config import ConfigError, EngineConfig, default_model_path
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine import LLMEngine
 from runtime.messages import AddRequest
+from runtime.model_source import generation_defaults
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams
 from runtime.tokenizer import apply_chat_template, fast_decoding, load_tokenizer
@@ -43,8 +44,8 @@ class LLM:
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        if sampling_params is None:
-            sampling_params = SamplingParams()
+        if sampling_params is None:  # the checkpoint's generation_config.json defaults, as vLLM's LLM does
+            sampling_params = SamplingParams(**generation_defaults(self.config.generation_config, self.config.model))
         params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
@@ -72,6 +73,8 @@ class LLM:
                 completion.token_ids += delta.new_token_ids
                 if delta.num_prompt_tokens:
                     out.num_cached_tokens = delta.num_cached_tokens
+                if delta.prompt_logprobs is not None and out.prompt_logprobs is None:
+                    out.prompt_logprobs = [None] + [{t: lp for t, lp, _ in e} for e in delta.prompt_logprobs]
                 if delta.logprobs is not None and completion.logprobs is not None:
                     completion.logprobs += [dict(entry) for entry in delta.logprobs]
                 stopped = False

@@ -85,6 +85,9 @@ class TokenDelta(msgspec.Struct):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # why the engine refused the request (finish_reason "abort")
+    # with the first output token when asked: per prompt token after the first, (token_id, logprob, rank)
+    # of the prompt token then the top-N (runtime/prompt_logprobs.py)
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
 
 class OutputBatch(msgspec.Struct, tag=True):

@@ -141,11 +141,12 @@ class ModelRunner:
         self._staging[host.dtype] = (buf, event)
         return out
 
-    def execute(self, batch: ScheduledBatch, pad_to: int = 0) -> torch.Tensor:
-        """Runs one step; returns fp32 logits [num_sampled_seqs, vocab]."""
+    def execute(self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None) -> Any:
+        """Runs one step; returns fp32 logits [num_sampled_seqs, vocab], and with extra_rows (flat token rows,
+        for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size]."""
         plan = self.plan(batch, pad_to)
         self._send(plan)
-        return self.run(plan)
+        return self.run(plan, extra_rows)
 
     def execute_dummy(self, num_tokens: int) -> None:
         """A lockstep filler step: the same collectives as a real step of num_tokens tokens, no KV, no output."""
@@ -182,7 +183,7 @@ class ModelRunner:
             broadcast_plan(plan, self.plan_group, self.plan_src)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
+    def run(self, plan: StepPlan, extra_rows: list[int] | None = None) -> Any:
         if plan.kind == DUMMY:
             self._run_dummy(plan.num_tokens)
             return None
@@ -193,10 +194,14 @@ class ModelRunner:
             hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
         else:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
-        if not prepared.sample_rows:  # a prefill chunk with nothing to sample: no logits, no gather
-            return torch.empty(0, 0, device=self.device)
-        rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        if prepared.sample_rows:
+            rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        else:  # a prefill chunk with nothing to sample: no logits, no gather
+            logits = torch.empty(0, 0, device=self.device)
+        if extra_rows:
+            return logits, hidden.index_select(0, torch.tensor(extra_rows, dtype=torch.int64, device=self.device))
+        return logits
 
     @torch.inference_mode()
     def warmup(self, token_counts: list[int]) -> None:

@@ -24,3 +24,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = False
+    # with SamplingParams(prompt_logprobs=N): None for the first prompt token, then {token_id: logprob}
+    # of the prompt token and the top-N
+    prompt_logprobs: list[dict[int, float] | None] | None = None

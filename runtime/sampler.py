@@ -1,6 +1,7 @@
 """Turns the last position's logits of each sequence into its next token.
 
-Order: penalties -> min_tokens mask -> greedy, or temperature -> top-k -> top-p -> min-p -> sample.
+Order: logit_bias / allowed_token_ids / bad_words -> penalties -> min_tokens mask -> grammar mask ->
+greedy, or temperature -> top-k -> top-p -> min-p -> sample.
 Logprobs are those of the raw model distribution (before penalties and temperature), as in vLLM.
 A seeded request draws its noise for output token i from a generator seeded by (seed, i), so its
 tokens do not depend on the batch it runs in, and it resumes its stream after a restart.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from runtime.sequence import Sequence
+from runtime.structured_output import apply_bitmask
 
 Logprobs = list[tuple[int, float]]  # the sampled token first, then the top-N
 
@@ -23,16 +25,24 @@ class Sampler:
         self._seeded = torch.Generator(device=device)
 
     def __call__(
-        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: set[int],
+        grammar_mask: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[list[int], list[Logprobs | None]]:
-        # logits: [num_seqs, vocab] fp32
+        # logits: [num_seqs, vocab] fp32; grammar_mask: (rows, int32 bitmask [len(rows), ceil(vocab/32)])
         logprobs_out: list[Logprobs | None] = [None] * len(seqs)
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = logits.log_softmax(dim=-1)
 
+        logits = self._apply_token_rules(logits, seqs)
         logits = self._apply_penalties(logits, seqs)
-        logits = self._mask_early_stop(logits, seqs, eos_token_ids)
+        constrained = set(grammar_mask[0]) if grammar_mask is not None else set()
+        logits = self._mask_early_stop(logits, seqs, eos_token_ids, constrained)
+        if grammar_mask is not None:
+            logits = apply_bitmask(logits, *grammar_mask)
 
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
@@ -77,10 +87,42 @@ class Sampler:
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def _mask_early_stop(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
+    def _apply_token_rules(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """vLLM's logit_bias, allowed_token_ids and bad_words (the last token of a banned sequence whose
+        other tokens were just generated is masked)."""
+        rows = [
+            i
+            for i, s in enumerate(seqs)
+            if s.params.logit_bias or s.params.allowed_token_ids or s.params.bad_words_token_ids
+        ]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:
+            p = seqs[i].params
+            if p.logit_bias:
+                ids = [t for t in p.logit_bias if 0 <= t < vocab]
+                bias = torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+                logits[i, ids] += bias
+            if p.allowed_token_ids:
+                keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+                keep[[t for t in p.allowed_token_ids if 0 <= t < vocab]] = True
+                logits[i] = logits[i].masked_fill(~keep, float("-inf"))
+            if p.bad_words_token_ids:
+                out = seqs[i].output_token_ids
+                banned = [w[-1] for w in p.bad_words_token_ids if len(w) == 1 or out[-(len(w) - 1) :] == w[:-1]]
+                if banned:
+                    logits[i, banned] = float("-inf")
+        return logits
+
+    def _mask_early_stop(
+        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int], constrained: set[int]
+    ) -> torch.Tensor:
         masked = False
         for i, s in enumerate(seqs):
-            if s.num_total_generated >= s.params.min_tokens:
+            # a grammar decides when its request may end (EOS only where the grammar accepts)
+            if s.num_total_generated >= s.params.min_tokens or i in constrained:
                 continue
             stop_ids = set(s.params.stop_token_ids or [])
             if not s.params.ignore_eos:

@@ -23,6 +23,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None  # top-N logprobs per generated token (0 = only the sampled one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: llguidance grammar text, built and validated by the front end
+    # (runtime/structured_output.py); the engine masks every step's logits to it
+    grammar: str | None = None
+    grammar_after: str | None = None  # the grammar starts once the output shows this text (a think block's end)
+    logit_bias: dict[int, float] | None = None  # added to the token's logit before sampling
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words_token_ids: list[list[int]] | None = None  # token sequences that must not be generated
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0 = only the prompt token's own)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +59,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             (0.0 < self.repetition_penalty <= 2.0 or self.repetition_penalty == 1.0, "repetition_penalty",
              "must be in (0, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
         ]
         for ok, name, why in checks:
             if not ok:

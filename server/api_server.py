@@ -26,8 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.config import ConfigError, EngineConfig
 from runtime.messages import Addresses
+from runtime.model_source import generation_defaults
 from server import endpoints
 from server.engine_client import EngineClient
+from server.extra_routes import add_extra_routes
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, validation_error
 from server.serving import Serving
@@ -118,14 +120,15 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 # OpenAI features this server does not implement: refused by name rather than silently ignored
+# (structured outputs, tools, logit_bias and vLLM's extras are in server/structured.py)
 _UNSUPPORTED: dict[str, Any] = {
-    "logit_bias": bool,
     "suffix": bool,
-    "tools": bool,
     "functions": bool,
-    "response_format": lambda v: not (isinstance(v, dict) and v.get("type", "text") == "text"),
-    "guided_json": lambda v: v is not None,
-    "guided_regex": lambda v: v is not None,
+    # vLLM extras we do not implement: refused when they would change the answer
+    "length_penalty": lambda v: v not in (None, 1, 1.0),
+    "logits_processors": bool,
+    "guided_whitespace_pattern": lambda v: v is not None,
+    "spaces_between_special_tokens": lambda v: v is False,
 }
 
 
@@ -213,6 +216,12 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
         client,
         metrics,
     )
+    serving.enable_auto_tool_choice = config.enable_auto_tool_choice
+    serving.tool_call_parser = config.tool_call_parser
+    serving.reasoning_parser = config.reasoning_parser
+    serving.generation_defaults = generation_defaults(config.generation_config, config.model)
+    if serving.generation_defaults:
+        log.info("sampling defaults from generation_config.json: %s", serving.generation_defaults)
     if serving.chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         log.warning(
             "the tokenizer has no chat template and no --chat-template was given: /v1/chat/completions will answer 400"
@@ -277,6 +286,8 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    add_extra_routes(app, serving, read_json)
 
     return FrontDoor(app, config.api_key, metrics)
 

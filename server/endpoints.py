@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.chat_output import ChatOutput, finish_reason, split_tool_call_deltas
 from server.protocol import (
     APIError,
     ChatChoice,
@@ -29,7 +30,9 @@ from server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
+from server.reasoning import starts_thinking
 from server.serving import Choice, Serving
+from server.structured import tool_plan, truncate_prompt
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
@@ -137,26 +140,39 @@ def _completion_logprobs(
     return out
 
 
-def _echo_logprobs(name: Callable[[int], str], prompt_ids: list[int]) -> CompletionLogprobs:
-    # the engine computes no prompt logprobs: echoed prompt tokens carry null, as the first one does in OpenAI
+def _echo_logprobs(
+    name: Callable[[int], str], prompt_ids: list[int], entries: list[list[tuple[int, float, int]]] | None
+) -> CompletionLogprobs:
+    # the first prompt token has no logprob (null, as in OpenAI); the others come from the engine's prefill
     out = CompletionLogprobs()
     offset = 0
-    for t in prompt_ids:
+    for i, t in enumerate(prompt_ids):
         text = name(t)
+        entry = entries[i - 1] if entries is not None and 0 < i <= len(entries) else None
         out.tokens.append(text)
-        out.token_logprobs.append(None)
-        out.top_logprobs.append(None)
+        out.token_logprobs.append(entry[0][1] if entry else None)
+        out.top_logprobs.append({name(tid): lp for tid, lp, _ in (entry[1:] or entry[:1])} if entry else None)
         out.text_offset.append(offset)
         offset += len(text)
+    return out
+
+
+def _prompt_logprobs(name: Callable[[int], str], c: Choice) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: null for the first token, then {token_id: {logprob, rank, decoded_token}}."""
+    if c.params.prompt_logprobs is None or c.prompt_logprobs is None:
+        return None
+    out: list[dict[str, Any] | None] = [None]
+    for entry in c.prompt_logprobs:
+        out.append({str(t): {"logprob": lp, "rank": rank, "decoded_token": name(t)} for t, lp, rank in entry})
     return out
 
 
 async def create_completion(serving: Serving, req: CompletionRequest, request: Request) -> Response:
     serving.check_model(req.model)
     prompts = await serving.completion_prompts(req)
-    prompt_ids = [ids for _, ids in prompts]
+    prompt_ids = [truncate_prompt(req, ids) for _, ids in prompts]
     max_tokens = [serving.resolve_max_tokens(len(ids), req.max_tokens, "max_tokens") for ids in prompt_ids]
-    params = serving.sampling_params(req, req.logprobs)
+    params = await serving.extras.apply(req, serving.sampling_params(req, req.logprobs))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     echo = [text if text is not None else serving.decode(ids) for text, ids in prompts] if req.echo else None
     want_logprobs = req.logprobs is not None
@@ -174,17 +190,23 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
         async def stream() -> AsyncIterator[bytes]:
             try:
                 offsets = {c.index: 0 for c in choices}
-                if echo is not None:
+                echoed: set[int] = set()
+
+                def echo_chunk(c: Choice) -> bytes:
+                    echoed.add(c.index)
+                    lp = _echo_logprobs(name, c.prompt_token_ids, c.prompt_logprobs) if want_logprobs else None
+                    offsets[c.index] = len(echo[prompt_of(c)])
+                    choice = CompletionChoice(c.index, echo[prompt_of(c)], lp,
+                                              prompt_logprobs=_prompt_logprobs(name, c))
+                    return sse(CompletionResponse(request_id, model, [choice], None))
+
+                if echo is not None and not want_logprobs:
                     for c in choices:
-                        lp = _echo_logprobs(name, c.prompt_token_ids) if want_logprobs else None
-                        offsets[c.index] = len(echo[prompt_of(c)])
-                        yield sse(
-                            CompletionResponse(
-                                request_id, model, [CompletionChoice(c.index, echo[prompt_of(c)], lp)], None
-                            )
-                        )
+                        yield echo_chunk(c)
                 async for ev in serving.events(group, choices):
                     c = ev.choice
+                    if echo is not None and c.index not in echoed:
+                        yield echo_chunk(c)  # with logprobs: they came with this first output
                     if not ev.text and c.finish_reason is None and not want_logprobs and serving.tokenizer is not None:
                         continue  # held back (partial character or possible stop string); a model without a
                         # tokenizer has no text at all, so each step's tokens still make a chunk
@@ -220,11 +242,12 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                 start = len(echo[prompt_of(c)]) if echo is not None else 0
                 lp = _completion_logprobs(name, c.logprobs, start)
                 if echo is not None:
-                    head = _echo_logprobs(name, c.prompt_token_ids)
+                    head = _echo_logprobs(name, c.prompt_token_ids, c.prompt_logprobs)
                     for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                         setattr(lp, f, getattr(head, f) + getattr(lp, f))
             ids = (c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)
-            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason, *ids))
+            out.append(CompletionChoice(c.index, text, lp, c.finish_reason, c.stop_reason, *ids,
+                                        prompt_logprobs=_prompt_logprobs(name, c)))
         return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
 
     try:
@@ -250,11 +273,29 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     serving.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs: needs logprobs set to true", param="top_logprobs")
-    prompt_ids = await serving.chat_prompt(req)
+    plan = tool_plan(req, serving.enable_auto_tool_choice)
+    prompt_ids = truncate_prompt(req, await serving.chat_prompt(req, req.tools))  # listed even under "none", as vLLM
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = serving.resolve_max_tokens(len(prompt_ids), limit, param)
     params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
+    params = await serving.extras.apply(req, params, plan)
+    glm = (plan.mode == "auto" and serving.tool_call_parser == "glm45") or serving.reasoning_parser == "glm45"
+    if glm and "skip_special_tokens" not in req.model_fields_set:
+        # GLM's <tool_call> / <arg_key> / <think> markers may be special tokens: keep them in the text the parsers
+        # read (the EOS that ends the answer never shows)
+        params = msgspec.structs.replace(params, skip_special_tokens=False)
+    in_think = False
+    if serving.reasoning_parser is not None:
+        thinking = (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        in_think = starts_thinking(serving.reasoning_parser, serving.decode(prompt_ids[-8:]), thinking)
+
+    if in_think and params.grammar is not None:
+        # the template opened a think block: the model reasons freely, the grammar shapes the answer after it
+        params = msgspec.structs.replace(params, grammar_after="</think>")
+
+    def parser() -> ChatOutput:
+        return ChatOutput(serving.reasoning_parser, in_think, plan, serving.tool_call_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
@@ -265,6 +306,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
         include_usage, each_usage = _usage_options(req)
 
         async def stream() -> AsyncIterator[bytes]:
+            outputs = {c.index: parser() for c in choices}
             try:
                 for c in choices:
                     yield sse(
@@ -274,15 +316,32 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     )
                 async for ev in serving.events(group, choices):
                     c = ev.choice
-                    if not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
+                    out = outputs[c.index]
+                    delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+                    if out.active:
+                        reasoning, content, calls = out.feed(ev.text, c.finish_reason is not None)
+                        delta = ChatDelta(content=content or None, reasoning_content=reasoning or None,
+                                          tool_calls=calls or None)
+                        if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
+                            continue
+                        if calls:  # OpenAI's shape: text first, then a call's id and name, then its arguments
+                            heads, rest = split_tool_call_deltas(calls)
+                            pieces = [ChatDelta(content=content or None, reasoning_content=reasoning or None)]
+                            pieces = pieces if content or reasoning else []
+                            if heads:
+                                pieces.append(ChatDelta(tool_calls=heads))
+                            for d in pieces:
+                                yield sse(ChatCompletionChunk(request_id, model, [ChatChunkChoice(c.index, d)]))
+                            delta = ChatDelta(tool_calls=rest)
+                    elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
                         continue
                     lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
-                    delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+                    reason = finish_reason(c.finish_reason, out.num_calls)
                     yield sse(
                         ChatCompletionChunk(
                             request_id,
                             model,
-                            [ChatChunkChoice(c.index, delta, lp, c.finish_reason, c.stop_reason)],
+                            [ChatChunkChoice(c.index, delta, lp, reason, c.stop_reason)],
                             serving.usage([prompt_ids], choices) if each_usage else None,
                         )
                     )
@@ -297,18 +356,22 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     async def collect() -> Response:
         async for _ in serving.events(group, choices):
             pass
-        out = [
-            ChatChoice(
-                c.index,
-                ChatResponseMessage("assistant", c.text),
-                _chat_logprobs(name, c.logprobs) if req.logprobs else None,
-                c.finish_reason,
-                c.stop_reason,
-                *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),
+        out = []
+        for c in choices:
+            parts = parser().whole(c.text)
+            out.append(
+                ChatChoice(
+                    c.index,
+                    ChatResponseMessage("assistant", parts.content, parts.reasoning, parts.tool_calls),
+                    _chat_logprobs(name, c.logprobs) if req.logprobs else None,
+                    finish_reason(c.finish_reason, len(parts.tool_calls)),
+                    c.stop_reason,
+                    *((c.token_ids, c.prompt_token_ids) if req.return_token_ids else (None, None)),
+                )
             )
-            for c in choices
-        ]
-        return json_response(ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices)))
+        response = ChatCompletionResponse(request_id, model, out, serving.usage([prompt_ids], choices))
+        response.prompt_logprobs = _prompt_logprobs(name, choices[0])
+        return json_response(response)
 
     try:
         return await until_disconnect(request, collect(), serving.metrics.client_disconnects.inc)

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from runtime.messages import ClusterStats
+from server.vllm_metrics import VllmMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -194,6 +195,7 @@ class Metrics:
         )
         self.cluster = _ClusterCollector()
         r.register(self.cluster)
+        self.vllm = VllmMetrics(r, model_name, self.cluster)
 
     def track_client(self, client: Any) -> None:
         """Front-end queue figures, read from the EngineClient at scrape time."""
@@ -225,6 +227,7 @@ class Metrics:
         self, arrival: float, first_token: float | None, end: float, num_tokens: int, finish_reason: str | None
     ) -> None:
         self.finished.labels(finish_reason or "abort").inc()
+        self.vllm.on_request_done(arrival, first_token, end, num_tokens, finish_reason)
         self.generation_tokens.inc(num_tokens)
         if first_token is not None:
             self.ttft.observe(first_token - arrival)

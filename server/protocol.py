@@ -98,6 +98,22 @@ class _SamplingFields(_Strict):
     return_token_ids: bool = False
     # vLLM's: logprob tokens as "token_id:N", unique where byte tokens all decode to the same '\ufffd'
     return_tokens_as_token_ids: bool = False
+    # structured outputs (server/structured.py): OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: one grammar engine serves all
+    # vLLM's token rules
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1, le=2**31)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # refused with a 400 when true (server/structured.py: refuse_unsupported)
+    use_beam_search: bool = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -128,6 +144,9 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 # ---------------------------------------------------------------- responses
@@ -154,6 +173,7 @@ class CompletionChoice(msgspec.Struct):
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(msgspec.Struct):
@@ -182,9 +202,29 @@ class ChatLogprobs(msgspec.Struct):
     content: list[TokenLogprob] | None
 
 
+class ToolCallFunction(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    function: ToolCallFunction
+    type: str = "function"
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: ToolCallFunction | None = None
+
+
 class ChatResponseMessage(msgspec.Struct):
     role: str
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
 
 
 class ChatChoice(msgspec.Struct):
@@ -204,11 +244,14 @@ class ChatCompletionResponse(msgspec.Struct):
     usage: Usage | None
     object: str = "chat.completion"
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

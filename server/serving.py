@@ -4,6 +4,7 @@ fan-out of n choices, incremental detokenization, and the events both endpoints 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from runtime.tokenizer import fast_decoding
 from server.engine_client import EngineClient, RequestGroup
 from server.metrics import Metrics
 from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Usage
+from server.structured import RequestExtras
 
 # Strings longer than this are tokenized in a worker thread, so one huge prompt cannot stall the
 # event loop that streams everybody else's tokens.
@@ -39,6 +41,8 @@ class Choice:
     stop_reason: int | str | None = None
     first_token_time: float | None = None
     recorded: bool = False
+    # from the engine with the first token when asked: per prompt token after the first, (id, logprob, rank)
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
 
 @dataclass
@@ -78,6 +82,13 @@ class Serving:
         self.client = client
         self.metrics = metrics
         self._token_text: dict[int, str] = {}
+        self.extras = RequestExtras(tokenizer, vocab_size)
+        self._special_ids: set[int] = set(getattr(tokenizer, "all_special_ids", None) or [])
+        # set from the config by build_app (tool_choice auto, tool-call and reasoning formats)
+        self.enable_auto_tool_choice = False
+        self.tool_call_parser: str | None = None
+        self.reasoning_parser: str | None = None
+        self.generation_defaults: dict[str, float | int] = {}  # --generation-config
 
     # ------------------------------------------------------------ request checks
 
@@ -124,10 +135,10 @@ class Serving:
             raise APIError(f"{param}: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
         return list(ids)
 
-    async def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None) -> list[int]:
         messages: list[dict[str, Any]] = []
         for i, m in enumerate(req.messages):
-            msg = m.model_dump(exclude_none=True)
+            msg = _tool_call_arguments(m.model_dump(exclude_none=True))
             if isinstance(m.content, list):
                 texts = []
                 for part in m.content:
@@ -148,6 +159,7 @@ class Serving:
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message,
+                **({"tools": tools} if tools else {}),
                 **(req.chat_template_kwargs or {}),
             )
         except Exception as err:  # a template that rejects these messages is the request's problem
@@ -186,12 +198,13 @@ class Serving:
                 _check_unicode(s, "stop")
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        d = self.generation_defaults
         return _checked(
             n=1,  # the front end fans out: n engine requests of one choice each
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
+            temperature=d.get("temperature", 1.0) if req.temperature is None else req.temperature,
+            top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+            top_k=d.get("top_k", 0) if req.top_k is None else req.top_k,
+            min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
             seed=req.seed,
             max_tokens=None,
             min_tokens=req.min_tokens,
@@ -200,7 +213,8 @@ class Serving:
             ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=d.get("repetition_penalty", 1.0) if req.repetition_penalty is None
+            else req.repetition_penalty,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
@@ -223,6 +237,8 @@ class Serving:
                 choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detok, now))
         group = self.client.open([(c.request_id, c.prompt_token_ids, c.params) for c in choices])
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
+        for ids in prompts:
+            self.metrics.vllm.on_prompt(len(ids))
         return group, choices
 
     async def events(self, group: RequestGroup, choices: list[Choice]) -> AsyncIterator[Event]:
@@ -250,9 +266,15 @@ class Serving:
         if c.first_token_time is None:
             c.first_token_time = time.time()
         c.token_ids.extend(delta.new_token_ids)
+        if delta.prompt_logprobs is not None and c.prompt_logprobs is None:
+            c.prompt_logprobs = delta.prompt_logprobs
         if delta.logprobs is not None:
             c.logprobs.extend(delta.logprobs)
-        text, stopped = c.detok.update(delta.new_token_ids) if c.detok is not None else ("", False)
+        new_ids = delta.new_token_ids
+        if delta.finish_reason == "stop" and not c.params.skip_special_tokens and new_ids and \
+                new_ids[-1] in self._special_ids:
+            new_ids = new_ids[:-1]  # the EOS / stop token that ended it is not text, as in vLLM
+        text, stopped = c.detok.update(new_ids) if c.detok is not None else ("", False)
         if stopped:
             c.finish_reason = "stop"
             c.stop_reason = c.detok.stop_reason if c.detok is not None else None
@@ -294,6 +316,19 @@ class Serving:
             )
             self._token_text[token_id] = text
         return text
+
+
+def _tool_call_arguments(msg: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool_calls carry arguments as JSON text (OpenAI); templates iterate them as
+    a mapping (GLM's) or print them (Qwen's), so give them the object."""
+    for call in msg.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except ValueError:
+                pass
+    return msg
 
 
 def _fields(params: SamplingParams) -> dict[str, Any]:

@@ -77,3 +77,19 @@ def test_stop_strings_cut_and_held_back():
     d = IncrementalDetokenizer(tok, [], SamplingParams(stop=["END"]))
     d.update([ord(c) for c in "abE"])
     assert d.finish() == "bE" and d.text == "abE"  # the last len("END") - 1 chars were held
+
+
+def test_logit_bias_allowed_token_ids_bad_words():
+    logits = torch.zeros(3, 20)
+    logits[:, 7] = 5.0  # every row would pick 7
+    seqs = [
+        make(SamplingParams(temperature=0, logit_bias={3: 10.0})),
+        make(SamplingParams(temperature=0, allowed_token_ids=[4, 9])),
+        # bad word [2, 7]: the output so far ends in 2, so 7 is banned; [11] is banned always
+        Sequence("b", [1, 2], SamplingParams(temperature=0, bad_words_token_ids=[[2, 7], [11]])),
+    ]
+    seqs[2].num_prompt_tokens = 1  # output so far: [2]
+    logits[2, 11] = 4.0
+    tokens, _ = Sampler(torch.device("cpu"))(logits, seqs, set())
+    assert tokens[0] == 3 and tokens[1] in (4, 9) and tokens[2] not in (7, 11)
+    assert Sampler(torch.device("cpu"))(logits[:1], [make(SamplingParams(temperature=0))], set())[0] == [7]

@@ -50,7 +50,16 @@ BAD = [
     ),
     ({"model": "fake", "prompt": "\ud800"}, 400, "prompt"),
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
-    ({"model": "fake", "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "hi", "logit_bias": {"5": 1000}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    ({"model": "fake", "prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ({"model": "fake", "prompt": "hi", "guided_choice": []}, 400, "guided_choice"),
+    ({"model": "fake", "prompt": "hi", "guided_grammar": "root ::= ("}, 400, "guided_grammar"),
+    ({"model": "fake", "prompt": "hi", "structured_outputs": {"xml": "a"}}, 400, "structured_outputs.xml"),
+    ({"model": "fake", "prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]}, 400, "guided_choice"),
+    ({"model": "fake", "prompt": "hi", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ({"model": "fake", "prompt": "hi", "length_penalty": 2.0}, 400, "length_penalty"),
+    ({"model": "fake", "prompt": "hi", "logits_processors": ["x"]}, 400, "logits_processors"),
     ({"model": "fake", "prompt": "hi", "best_of": 3}, 400, "best_of"),
 ]
 
@@ -68,9 +77,9 @@ BAD_CHAT = [
     ),
     ({"model": "fake", "messages": "hello"}, 400, "messages"),
     (
-        {"model": "fake", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        {"model": "fake", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
         400,
-        "response_format",
+        "response_format.type",
     ),
     (
         {"model": "fake", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"x": 1}, "n": -1},
