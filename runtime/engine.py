@@ -184,6 +184,11 @@ class LLMEngine:
             self._planned = None
         return self._planned.num_tokens if self._planned is not None else 0
 
+    @property
+    def planned(self) -> ScheduledBatch | None:
+        """The batch schedule() planned and execute() will run (None: nothing planned)."""
+        return self._planned
+
     def execute(self, pad_to: int | None = None) -> list[TokenDelta]:
         batch, self._planned = self._planned, None
         self.num_steps += 1

@@ -4,8 +4,11 @@ Lockstep (EP on): schedule -> StepReport -> wait for StepCommand (taking request
 that gets one schedules again and re-reports the same step) -> execute(pad_to) -> outputs to the front end.
 Free-running (no EP): take requests, step, send outputs; report load whenever it changes.
 Outputs go straight to the front end; the coordinator only sees reports.
-Liveness: a rank sends a StatsReport at least every HEARTBEAT_INTERVAL_S while it is between steps; the
-coordinator takes a long silence as a hang. Every message carries this incarnation's epoch (messages.py).
+Liveness: a heartbeat thread (runtime/heartbeat.py) beats every HEARTBEAT_INTERVAL_S, also inside a long
+step, with a progress counter that moves between layers: the coordinator tells busy from hung. Between steps
+the loop also sends a StatsReport that often, and, while it waits for a command, its step report again (a
+restarted coordinator learns the step from it). Every message carries this incarnation's epoch (messages.py).
+Under lockstep each command also says how many tokens the next step may schedule (the mixed-step budget).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import msgspec
 import zmq
 
 from runtime.config import EngineConfig
+from runtime.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
     AbortRequest,
@@ -31,6 +35,7 @@ from runtime.messages import (
     StatsReport,
     StepCommand,
     StepReport,
+    Sync,
     TokenDelta,
     decode,
     encode,
@@ -75,6 +80,12 @@ class EngineLoop:
         self.next_heartbeat = time.monotonic()
         self.last_load: tuple[int, int, int] | None = None
         self.step_id = 0
+        self.progress = Progress()
+        model = getattr(engine, "model", None)
+        if model is not None:
+            attach_layer_hooks(model, self.progress)
+        self.heartbeat = HeartbeatThread(self.ctx, addrs.to_coordinator, rank, epoch, self.progress)
+        self.num_decode_tokens = 0  # of the planned step
 
     # ---- messages ----
     def _handle(self, msg: object) -> StepCommand | None:
@@ -85,6 +96,8 @@ class EngineLoop:
                 logger.info("rank %d: dropped request %s of epoch %d", self.rank, msg.request_id, msg.epoch)
                 return None
             self.num_requests_received += 1
+            if msg.resend and msg.request_id in getattr(self.engine, "requests", ()):
+                return None  # re-sent after a coordinator restart, and it had reached this rank: already running
             try:
                 self.engine.add_request(msg)
             except ValueError as e:  # the engine's RequestError: tell the client, keep serving
@@ -96,6 +109,8 @@ class EngineLoop:
             self.engine.abort_requests(msg.request_ids)
         elif isinstance(msg, Shutdown):
             raise _Stop
+        elif isinstance(msg, Sync):
+            self._maybe_send_stats(force=True, synced=True)
         elif isinstance(msg, StepCommand):
             if msg.epoch != self.epoch:
                 logger.warning("rank %d: ignored a step command of epoch %d (this is %d)", self.rank, msg.epoch,
@@ -122,34 +137,56 @@ class EngineLoop:
         if outputs:
             self.to_frontend.send(encode(OutputBatch(rank=self.rank, outputs=outputs, epoch=self.epoch)), copy=False)
 
+    def _schedule(self) -> int:
+        num_tokens = self.engine.schedule()
+        planned = getattr(self.engine, "planned", None)
+        self.num_decode_tokens = sum(n == 1 for n in planned.num_new_tokens) if planned is not None else 0
+        return num_tokens
+
     def _report(self, num_tokens: int, is_decode: bool = False) -> None:
         s = self.engine.stats()
         self.last_load = (s.num_running, s.num_waiting, self.num_requests_received)
         self.to_coordinator.send(encode(StepReport(
             rank=self.rank, step_id=self.step_id, num_tokens=num_tokens, is_decode=is_decode,
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
-            num_requests_received=self.num_requests_received, epoch=self.epoch)))
+            num_requests_received=self.num_requests_received, epoch=self.epoch,
+            num_decode_tokens=self.num_decode_tokens if num_tokens else 0)))
 
-    def _maybe_send_stats(self, force: bool = False, first: bool = False) -> None:
+    def _set_token_budget(self, num_tokens: int) -> None:
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is not None:
+            scheduler.step_token_budget = num_tokens
+
+    def _maybe_send_stats(self, force: bool = False, first: bool = False, synced: bool = False) -> bool:
+        """True if it sent one (a heartbeat is due)."""
         now = time.monotonic()
         full = force or now >= self.next_stats
         if not full and now < self.next_heartbeat:
-            return
+            return False
         self.next_heartbeat = now + HEARTBEAT_INTERVAL_S
         expert = None
         if full:  # the expert snapshot reads device counters: only at the stats interval, not every heartbeat
             self.next_stats = now + self.stats_interval
             expert = self.expert_stats.snapshot(self.rank) if self.expert_stats is not None else None
-        hello = dict(pid=os.getpid(), hostname=socket.gethostname()) if first else {}
+        # where the rank runs, every time: a restarted coordinator must be able to kill a hung rank too
         self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert, first=first,
-                                                    epoch=self.epoch, **hello)))
+                                                    epoch=self.epoch, pid=os.getpid(), hostname=socket.gethostname(),
+                                                    num_requests_received=self.num_requests_received, synced=synced,
+                                                    request_ids=list(getattr(self.engine, "requests", ()))
+                                                    if synced else [])))
+        return True
 
     def _until_stats(self) -> float:
         return max(0.0, min(self.next_stats, self.next_heartbeat) - time.monotonic())
 
     def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
         t0 = self.expert_stats.begin_step(num_real_tokens) if self.expert_stats is not None else None
-        outputs = self.engine.execute(pad_to=pad_to)
+        planned = getattr(self.engine, "planned", None)
+        self.progress.begin(self.step_id, [s.request_id for s in planned.seqs] if planned is not None else [])
+        try:
+            outputs = self.engine.execute(pad_to=pad_to)
+        finally:
+            self.progress.end()
         if self.expert_stats is not None:
             self.expert_stats.end_step(t0)
         self._send_outputs(outputs)
@@ -163,6 +200,7 @@ class EngineLoop:
     # ---- loops ----
     def run(self) -> None:
         self._maybe_send_stats(force=True, first=True)  # the coordinator's "ready"
+        self.heartbeat.start()
         try:
             if self.lockstep:
                 self._run_lockstep()
@@ -171,6 +209,7 @@ class EngineLoop:
         except _Stop:
             logger.info("rank %d: shutdown", self.rank)
         finally:
+            self.heartbeat.stop()
             self.ctx.destroy(linger=2000)
 
     def _run_lockstep(self) -> None:
@@ -178,11 +217,12 @@ class EngineLoop:
             while (msg := self._recv(0)) is not None:
                 if self._handle(msg) is not None:
                     raise RuntimeError(f"rank {self.rank}: a StepCommand arrived before this rank reported")
-            num_tokens = self.engine.schedule()
+            num_tokens = self._schedule()
             self._report(num_tokens)
             cmd = None
             while cmd is None:
-                self._maybe_send_stats()
+                if self._maybe_send_stats():
+                    self._report(num_tokens)  # again: a coordinator that restarted meanwhile needs it
                 msg = self._recv(self._until_stats())
                 if msg is None:
                     continue
@@ -190,7 +230,7 @@ class EngineLoop:
                 cmd = self._handle(msg)
                 if cmd is None and num_tokens == 0 and self.num_requests_received != received:
                     # woken while idle: plan again and tell the coordinator (same step id)
-                    num_tokens = self.engine.schedule()
+                    num_tokens = self._schedule()
                     self._report(num_tokens)
             if cmd.step_id != self.step_id:
                 raise RuntimeError(f"rank {self.rank}: got the command of step {cmd.step_id}, "
@@ -198,6 +238,7 @@ class EngineLoop:
             if cmd.dummy and num_tokens > 0:
                 raise RuntimeError(f"rank {self.rank}: told to run a dummy step with {num_tokens} tokens planned")
             self._execute(num_tokens, self._agreed_size(cmd.pad_to))
+            self._set_token_budget(cmd.next_token_budget)
             self.step_id += 1
             self._maybe_send_stats()
 

@@ -43,6 +43,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # set by the rank loop under lockstep: the coordinator's cap on the next step's tokens (0: none)
+        self.step_token_budget = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -53,6 +55,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        if self.step_token_budget > 0:
+            budget = min(budget, self.step_token_budget)
         bm = self.block_manager
 
         # 1. running sequences, decodes first (a decode is one token; a partial prefill takes a chunk)
