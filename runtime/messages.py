@@ -178,8 +178,8 @@ class EngineDead(msgspec.Struct, tag=True):
     reason: str
 
 
-Message = (AddRequest | AbortRequest | StepCommand | Shutdown | Sync | StepReport | OutputBatch | StatsReport | ClusterStats
-           | EngineDead | Heartbeat | RankHung)
+Message = (AddRequest | AbortRequest | StepCommand | Shutdown | Sync | StepReport | OutputBatch | StatsReport
+           | ClusterStats | EngineDead | Heartbeat | RankHung)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

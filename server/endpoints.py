@@ -155,7 +155,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
     echo = [text if text is not None else serving.decode(ids) for text, ids in prompts] if req.echo else None
     want_logprobs = req.logprobs is not None
     name = serving.token_namer(req.return_tokens_as_token_ids)
-    group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens)
+    group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens, req.data_parallel_rank)
     release = _release(serving, group, choices)
     model = serving.model_name
 
@@ -251,7 +251,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     params = serving.sampling_params(req, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     name = serving.token_namer(req.return_tokens_as_token_ids)
-    group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
+    group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens], req.data_parallel_rank)
     release = _release(serving, group, choices)
     model = serving.model_name
 

@@ -98,6 +98,8 @@ class _SamplingFields(_Strict):
     return_token_ids: bool = False
     # vLLM's: logprob tokens as "token_id:N", unique where byte tokens all decode to the same '\ufffd'
     return_tokens_as_token_ids: bool = False
+    # vLLM's: run on this data-parallel rank (0..N-1; checked against the deployment), not routed
+    data_parallel_rank: int | None = Field(None, ge=0)
 
 
 class CompletionRequest(_SamplingFields):
