@@ -49,6 +49,8 @@ class EngineConfig:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
+    dp_routing: str = "prefix"  # prefix (expected prefix-cache hits against load) | load
+    mixed_step_token_budget: int = 512  # lockstep: tokens per rank per step while any rank decodes (0: no cap)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -80,6 +82,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "data_parallel_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.dp_routing not in ("prefix", "load"):
+            raise ConfigError(f"--dp-routing must be prefix or load, got {self.dp_routing!r}")
+        if self.mixed_step_token_budget < 0:
+            raise ConfigError(f"--mixed-step-token-budget must be >= 0 tokens, got {self.mixed_step_token_budget}")
         if self.engine_hang_timeout <= 0:
             raise ConfigError(f"--engine-hang-timeout must be positive seconds, got {self.engine_hang_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -145,6 +151,11 @@ class EngineConfig:
         a("--data-parallel-size", "-dp", type=int, default=1)
         a("--enable-expert-parallel", action="store_true")
         a("--expert-token-capacity", type=int, default=None)
+        a("--dp-routing", choices=["prefix", "load"], default=d["dp_routing"].default,
+          help="how the coordinator picks a DP rank: prefix-cache hits against load, or load alone")
+        a("--mixed-step-token-budget", type=int, default=d["mixed_step_token_budget"].default,
+          help="expert parallel: most tokens a rank schedules per step while another rank decodes, so a long "
+               "prefill goes in chunks and never freezes the others' streams (0: no cap)")
         a("--host", default=d["host"].default)
         a("--port", type=int, default=d["port"].default)
         a("--api-key", default=None)

@@ -290,6 +290,13 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     addrs = msgspec.json.decode(addrs_json, type=Addresses)
     parallel = init_parallel(config)
     try:
+        if parallel.world_size > 1:
+            import torch.distributed as dist
+
+            from runtime.config_agreement import check_agreement
+
+            # before the first collective of the model: refuse settings that would make ranks' collectives differ
+            check_agreement(config, dist.distributed_c10d._get_default_store(), parallel.rank, parallel.world_size)
         engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
