@@ -56,3 +56,12 @@ def check_agreement(config: EngineConfig, store: Any, rank: int, world_size: int
             raise ConfigError(
                 f"ranks disagree on {flag}: rank {rank} has {mine.get(name)}, rank {other} has "
                 f"{theirs.get(name)}; start every rank with the same settings (and the same model)")
+
+
+def check_group_agreement(config: EngineConfig, parallel: Any) -> None:
+    """check_agreement over the default process group's store (a no-op for one rank)."""
+    if parallel.world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    check_agreement(config, dist.distributed_c10d._get_default_store(), parallel.rank, parallel.world_size)

@@ -283,6 +283,7 @@ def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tu
 def engine_main(config_json: str, addrs_json: str) -> None:
     """Entry of one rank (torchrun worker or elastic-launcher worker); the env says which rank and which
     incarnation of the group this is (TORCHELASTIC_RESTART_COUNT, the same on every rank)."""
+    from runtime.config_agreement import check_group_agreement
     from runtime.parallel import destroy_parallel, init_parallel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -290,13 +291,8 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     addrs = msgspec.json.decode(addrs_json, type=Addresses)
     parallel = init_parallel(config)
     try:
-        if parallel.world_size > 1:
-            import torch.distributed as dist
-
-            from runtime.config_agreement import check_agreement
-
-            # before the first collective of the model: refuse settings that would make ranks' collectives differ
-            check_agreement(config, dist.distributed_c10d._get_default_store(), parallel.rank, parallel.world_size)
+        # before the model's first collective: refuse settings that would make the ranks' collectives differ
+        check_group_agreement(config, parallel)
         engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
