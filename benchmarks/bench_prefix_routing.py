@@ -5,8 +5,9 @@
 Each policy gets its own `python -m runtime.serve --headless -dp 2 --dp-routing POLICY` (a tiny random dense
 model on CPU ranks by default). Every conversation shares one long system prompt; turn k's prompt is the
 system prompt + the earlier user messages and answers + a new user message, sent when turn k-1 finished
-(all conversations at once). We report the ranks' prefix-cache hit rate (hit tokens / prompt tokens) and
-how often a turn ran on the rank of the conversation's previous turn.
+(all conversations at once, in a random order per turn: clients do not arrive in a fixed order). We report
+the ranks' prefix-cache hit rate (hit tokens / prompt tokens) and how often a turn ran on the rank of the
+conversation's previous turn.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
             params = SamplingParams(temperature=0.0, max_tokens=answer_len, ignore_eos=True)
             for turn in range(turns):
                 pending = set()
-                for c in range(conversations):
+                order = list(range(conversations))
+                rng.shuffle(order)
+                for c in order:
                     history[c] += users[c][turn]
                     rid = f"c{c}-t{turn}"
                     answer[rid] = []

@@ -2,11 +2,13 @@
 
 The coordinator sees every prompt, so it keeps, per rank, an LRU set of the block-hash chains of the prompts
 it sent there (the same chaining as the block manager's prefix cache: a block's hash covers all tokens before
-it). A prompt's expected hits on a rank are its leading blocks found there. Each rank's cost is in prompt
-tokens: those it would have to compute (prompt - expected hits) plus load_share x the mean prompt length per
-request already queued or running there; the cheapest rank wins (a second turn goes where the first one's KV
-is unless that rank is busier by more than the hits are worth). As in SGLang's cache-aware router, load alone
-decides when the ranks are clearly out of balance. Equal costs rotate, so ties do not all land on rank 0.
+it). A prompt's expected hits on a rank are its leading blocks found there. As in SGLang's cache-aware
+router: while the ranks' queues are in balance, the rank with the most expected hits wins, if they cover
+cache_threshold of the prompt (a second turn goes where the first one's KV is), else the least loaded rank;
+once the queues are clearly out of balance (by balance_abs requests and balance_rel times), load alone
+decides. Among equals the least loaded wins, and equal loads rotate, so ties do not all land on rank 0.
+(A score trading hits against queue length, in tokens, lost stickiness to the random swings of a burst's
+queues: a conversation's history is worth less than one queued request, but a burst finishes together.)
 
 The sets are an estimate (a rank evicts on its own); they are bounded per rank and dropped with a restart.
 """
@@ -32,7 +34,7 @@ def prefix_hashes(token_ids: list[int], block_size: int) -> list[int]:
 
 class Router:
     def __init__(self, num_ranks: int, policy: str = "prefix", block_size: int = 16,
-                 max_blocks_per_rank: int = 1 << 16, load_share: float = 0.1,
+                 max_blocks_per_rank: int = 1 << 16, cache_threshold: float = 0.5,
                  balance_abs: int = 16, balance_rel: float = 1.5) -> None:
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"routing policy must be one of {ROUTING_POLICIES}, got {policy!r}")
@@ -40,8 +42,7 @@ class Router:
         self.policy = policy
         self.block_size = block_size
         self.max_blocks_per_rank = max_blocks_per_rank
-        self.load_share = load_share  # what one queued request costs, in mean prompts
-        self.mean_prompt_len = 0.0  # running mean of the prompts routed with the cache on
+        self.cache_threshold = cache_threshold  # share of the prompt the best match must cover to count
         self.balance_abs, self.balance_rel = balance_abs, balance_rel  # "clearly out of balance"
         self.load: list[tuple[int, float]] = [(0, 0.0)] * num_ranks  # (running + waiting, kv usage)
         self.received = [0] * num_ranks  # AddRequests each rank has reported taking (since its start)
@@ -51,7 +52,6 @@ class Router:
         self.cached: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(num_ranks)]
         self.next_tie = 0
         self.num_expected_hit_blocks = 0  # sum over routed prompts of the chosen rank's match, for the log
-        self.num_expected_hit_picks = 0
 
     def update(self, r: StepReport) -> None:
         self.load[r.rank] = (r.num_running + r.num_waiting, r.kv_usage)
@@ -101,16 +101,12 @@ class Router:
         if data_parallel_rank is not None and 0 <= data_parallel_rank < self.num_ranks:
             rank = data_parallel_rank
         elif hashes:
-            num_tokens = len(prompt_token_ids or [])
-            self.mean_prompt_len += (num_tokens - self.mean_prompt_len) / min(self.num_expected_hit_picks + 1, 100)
-            self.num_expected_hit_picks += 1
             queue = [self.queue_len(r) for r in ranks]
             balanced = max(queue) - min(queue) <= self.balance_abs or max(queue) <= self.balance_rel * min(queue)
-            if balanced:
-                per_request = self.load_share * self.mean_prompt_len
-                cost = [num_tokens - self.matched_blocks(r, hashes) * self.block_size + per_request * queue[r]
-                        for r in ranks]
-                rank = self._rotate([r for r in ranks if cost[r] == min(cost)])
+            matched = [self.matched_blocks(r, hashes) for r in ranks]
+            best = max(matched)
+            if balanced and best * self.block_size >= self.cache_threshold * len(prompt_token_ids or []) > 0:
+                rank = self._least_loaded([r for r in ranks if matched[r] == best])
             else:
                 rank = self._least_loaded(ranks)
         else:
