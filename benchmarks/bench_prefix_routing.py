@@ -53,6 +53,8 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
         history = [list(system) for _ in range(conversations)]
         answer: dict[str, list[int]] = {}
         ranks: dict[tuple[int, int], int] = {}
+        per_request: list[tuple[int, int, int, int, int]] = []  # conversation, turn, rank, prompt, cached
+        cached = [[0, 0] for _ in range(turns)]  # per turn: (cached prompt tokens, prompt tokens), from the deltas
         stats: ClusterStats | None = None
         deadline = time.monotonic() + timeout_s
         t_start = time.monotonic()
@@ -81,6 +83,10 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
                             answer[delta.request_id] += delta.new_token_ids
                             c, t = (int(x[1:]) for x in delta.request_id.split("-"))
                             ranks[(c, t)] = msg.rank
+                            if delta.num_prompt_tokens:  # the request's first delta
+                                cached[t][0] += delta.num_cached_tokens
+                                cached[t][1] += delta.num_prompt_tokens
+                                per_request.append((c, t, msg.rank, delta.num_prompt_tokens, delta.num_cached_tokens))
                             if delta.finish_reason is not None:
                                 pending.discard(delta.request_id)
                 for c in range(conversations):
@@ -112,7 +118,8 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
     return {"policy": policy, "conversations": conversations, "turns": turns, "system_len": system_len,
             "hit_rate": hits / max(queries, 1), "hit_tokens": hits, "prompt_tokens": queries,
             "same_rank_as_previous_turn": same / (conversations * (turns - 1)), "requests_per_rank": per_rank,
-            "requests": total, "elapsed_s": elapsed}
+            "requests": total, "elapsed_s": elapsed,
+            "hit_rate_per_turn": [h / max(n, 1) for h, n in cached], "per_request": per_request}
 
 
 def main() -> None:
@@ -140,6 +147,7 @@ def main() -> None:
         print(f"prefix_routing policy={r['policy']} conversations={r['conversations']} turns={r['turns']} "
               f"hit_rate={100 * r['hit_rate']:.1f}% same_rank_as_previous_turn="
               f"{100 * r['same_rank_as_previous_turn']:.1f}% requests_per_rank={r['requests_per_rank']} "
+              f"hit_rate_per_turn={'/'.join(f'{100 * h:.0f}%' for h in r['hit_rate_per_turn'])} "
               f"elapsed_s={r['elapsed_s']:.1f}")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
