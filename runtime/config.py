@@ -50,7 +50,7 @@ class EngineConfig:
     enable_expert_parallel: bool = False
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
     dp_routing: str = "prefix"  # prefix (expected prefix-cache hits against load) | load
-    mixed_step_token_budget: int = 512  # lockstep: tokens per rank per step while any rank decodes (0: no cap)
+    mixed_step_token_budget: int = 2048  # tokens per step while any sequence decodes (0: no cap)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -154,8 +154,8 @@ class EngineConfig:
         a("--dp-routing", choices=["prefix", "load"], default=d["dp_routing"].default,
           help="how the coordinator picks a DP rank: prefix-cache hits against load, or load alone")
         a("--mixed-step-token-budget", type=int, default=d["mixed_step_token_budget"].default,
-          help="expert parallel: most tokens a rank schedules per step while another rank decodes, so a long "
-               "prefill goes in chunks and never freezes the others' streams (0: no cap)")
+          help="most tokens a step takes while some sequence decodes (under expert parallel: on every rank while "
+               "any rank decodes), so a long prefill goes in chunks and never freezes the streams (0: no cap)")
         a("--host", default=d["host"].default)
         a("--port", type=int, default=d["port"].default)
         a("--api-key", default=None)

@@ -294,6 +294,7 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         # before the model's first collective: refuse settings that would make the ranks' collectives differ
         check_group_agreement(config, parallel)
         engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
+        engine.scheduler.mixed_step_token_budget = config.mixed_step_token_budget  # served ranks only
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         EngineLoop(engine, parallel.rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,

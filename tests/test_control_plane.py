@@ -281,3 +281,30 @@ def test_control_plane_watch_restarts_a_killed_process_but_not_a_stopped_one() -
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+def test_scheduler_caps_prefill_chunks_while_sequences_decode() -> None:
+    from runtime.block_manager import BlockManager
+    from runtime.scheduler import Scheduler
+    from runtime.sequence import Sequence
+
+    sch = Scheduler(BlockManager(num_blocks=256, block_size=4), max_num_seqs=8, max_num_batched_tokens=512)
+    sch.mixed_step_token_budget = 32
+    long = Sequence("long", list(range(3, 403)), SamplingParams(max_tokens=4))
+    sch.add(long)
+    assert sch.schedule().num_tokens == 400  # nobody decodes: the whole prompt in one step
+    sch.finish(long, "abort")
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=99))
+    sch.add(a)
+    sch.schedule()
+    a.num_computed_tokens = 3
+    a.token_ids.append(5)  # a decodes now
+    long = Sequence("long2", list(range(3, 403)), SamplingParams(max_tokens=4))
+    sch.add(long)
+    batch = sch.schedule()
+    assert batch.seqs == [a, long] and batch.num_new_tokens == [1, 31]  # a's token, then a 31-token chunk
+    sch.step_token_budget = 16  # the coordinator's cap under lockstep is the tighter one here
+    long.num_computed_tokens += 31
+    a.num_computed_tokens += 1
+    a.token_ids.append(6)
+    assert sch.schedule().num_tokens == 16
