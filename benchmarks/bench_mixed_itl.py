@@ -26,7 +26,15 @@ import zmq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from runtime.messages import AbortRequest, AddRequest, Addresses, OutputBatch, decode, encode  # noqa: E402
+from runtime.messages import (  # noqa: E402
+    AbortRequest,
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    OutputBatch,
+    decode,
+    encode,
+)
 from runtime.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -56,6 +64,7 @@ def run_once(model: str, budget: int, long_len: int, device: str = "cpu", timeou
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times: dict[str, list[float]] = {"stream": [], "long": []}
+        health: list[tuple[float, bool]] = []  # the coordinator's verdict over time (/health follows it)
         deadline = time.monotonic() + timeout_s
 
         def poll(ms: int) -> None:
@@ -65,7 +74,9 @@ def run_once(model: str, budget: int, long_len: int, device: str = "cpu", timeou
                         msg = decode(pull.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         return
-                    if isinstance(msg, OutputBatch):
+                    if isinstance(msg, ClusterStats):
+                        health.append((time.monotonic(), msg.healthy))
+                    elif isinstance(msg, OutputBatch):
                         now = time.monotonic()
                         for delta in msg.outputs:
                             times[delta.request_id].extend([now] * len(delta.new_token_ids))
@@ -98,9 +109,11 @@ def run_once(model: str, budget: int, long_len: int, device: str = "cpu", timeou
         before = [t for t in times["stream"] if t < t0]
         marks = [before[-1], *inside, t1] if before else [t0, *inside, t1]
         gaps = [b - a for a, b in zip(marks, marks[1:])]  # the last one: until the window closes
+        verdicts = [ok for t, ok in health if t0 <= t <= t1]
         return {"budget": budget, "long_len": long_len, "ttft_long_s": t1 - t0, "tokens_in_window": len(inside),
                 "itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99),
-                "itl_max_ms": 1e3 * max(gaps), "itl_before_p50_ms": 1e3 * percentile(
+                "itl_max_ms": 1e3 * max(gaps), "health_reports_in_window": len(verdicts),
+                "unhealthy_reports_in_window": verdicts.count(False), "itl_before_p50_ms": 1e3 * percentile(
                     [b - a for a, b in zip(before, before[1:])], 50)}
 
 
@@ -110,6 +123,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--long-len", type=int, default=8000)
     ap.add_argument("--budgets", default="0,512")
+    ap.add_argument("--engine-hang-timeout", type=float, default=None,
+                    help="pass it on: a long step must not be taken for a hang")
     ap.add_argument("--out", default="mixed_itl.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -119,11 +134,13 @@ def main() -> None:
 
             model = make_tiny_checkpoint(os.path.join(d, "tiny"), "Qwen3MoeForCausalLM",
                                          max_position_embeddings=args.long_len + 128)
-        rows = [run_once(model, int(b), args.long_len, args.device) for b in args.budgets.split(",")]
+        extra = ["--engine-hang-timeout", str(args.engine_hang_timeout)] if args.engine_hang_timeout else []
+        rows = [run_once(model, int(b), args.long_len, args.device, extra=extra) for b in args.budgets.split(",")]
     for r in rows:
         print(f"mixed_itl budget={r['budget']} long_len={r['long_len']} ttft_long_s={r['ttft_long_s']:.2f} "
               f"tokens_in_window={r['tokens_in_window']} itl_p50_ms={r['itl_p50_ms']:.1f} "
               f"itl_p99_ms={r['itl_p99_ms']:.1f} itl_max_ms={r['itl_max_ms']:.1f} "
+              f"unhealthy={r['unhealthy_reports_in_window']}/{r['health_reports_in_window']} "
               f"(before the long prompt: p50 {r['itl_before_p50_ms']:.1f} ms)")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)

@@ -160,7 +160,7 @@ class Coordinator:
         self.outbox: list[deque[bytes]] = [deque() for _ in range(spec.num_ranks)]  # FIFO per rank
         self.running = True
         self.epoch = 0  # the rank group's incarnation (messages.py)
-        self.watch = RankWatch(spec.num_ranks, spec.hang_timeout_s)
+        self.watch = RankWatch(spec.num_ranks, spec.hang_timeout_s, lockstep=spec.lockstep)
         self.dead = False  # the ranks cannot come back; the front end has been told
         self.coordinator_id = random.getrandbits(31) + 1  # this process: a new one means a coordinator restart
         self.fresh = True  # no rank heard yet: the ranks' epoch is adopted, not taken for a restart

@@ -30,10 +30,12 @@ class Progress:
         self.step_id = 0
         self.busy = False
         self.request_ids: list[str] = []  # of the step in progress
+        self.num_tokens = 0  # of the step in progress
 
-    def begin(self, step_id: int, request_ids: list[str]) -> None:
+    def begin(self, step_id: int, request_ids: list[str], num_tokens: int = 0) -> None:
         self.step_id = step_id
         self.request_ids = request_ids
+        self.num_tokens = num_tokens
         self.busy = True
 
     def end(self) -> None:
@@ -73,7 +75,8 @@ class HeartbeatThread(threading.Thread):
         p = self.progress
         busy = p.busy
         msg = Heartbeat(rank=self.rank, epoch=self.epoch, step_id=p.step_id, busy=busy, progress=p.count,
-                        request_ids=list(p.request_ids) if busy else [], pid=self.where[0], hostname=self.where[1])
+                        request_ids=list(p.request_ids) if busy else [], pid=self.where[0], hostname=self.where[1],
+                        num_tokens=p.num_tokens if busy else 0)
         try:
             self.sock.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:

@@ -91,6 +91,7 @@ class Heartbeat(msgspec.Struct, tag=True):
     request_ids: list[str] = []  # the requests of the step in progress (busy only)
     pid: int = 0
     hostname: str = ""
+    num_tokens: int = 0  # tokens of the step in progress (busy only): the biggest step is blamed for a stall
 
 
 class TokenDelta(msgspec.Struct):

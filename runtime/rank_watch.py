@@ -4,10 +4,13 @@ Every rank runs a heartbeat thread (engine_proc.py) that sends a Heartbeat every
 while a long step runs, with a progress counter that moves between layers. So there are two ways to be hung:
 - silent: no message at all for SUSPECT_AFTER_S (the process is stopped, or wedged holding the GIL);
 - stalled: busy inside a step while its progress has not moved (stuck in a collective, a dead-locked kernel).
-A rank that is working, however long its step, is neither. Suspect ranks show the cluster as degraded; a rank
-silent or stalled for hang_timeout_s is killed when it runs on this host (one per incarnation: the elastic
-launcher then restarts the whole group rather than leave it hung in a collective forever). A rank that exits
-is the launcher's to notice: it restarts the group without our help.
+A rank that is working, however long its step, is neither. Under lockstep (expert parallel) the ranks run
+each layer together: a rank waiting in the all2all for a peer's long prefill layer is not stalled while a
+busy peer moves; when no busy rank moves, the one with the biggest step (the long prefill) is blamed.
+Suspect ranks show the cluster as degraded; a rank silent or stalled for hang_timeout_s is killed when it
+runs on this host (one per incarnation: the elastic launcher then restarts the whole group rather than leave
+it hung in a collective forever). A rank that exits is the launcher's to notice: it restarts the group
+without our help.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ class Killed:
 
 
 class RankWatch:
-    def __init__(self, num_ranks: int, hang_timeout_s: float) -> None:
+    def __init__(self, num_ranks: int, hang_timeout_s: float, lockstep: bool = False) -> None:
         self.num_ranks = num_ranks
+        self.lockstep = lockstep
         self.hang_timeout_s = hang_timeout_s
         self.hostname = socket.gethostname()
         now = time.monotonic()
@@ -47,6 +51,7 @@ class RankWatch:
         self.progress = [-1] * num_ranks
         self.last_progress = [now] * num_ranks  # when progress last moved (or the rank was last idle)
         self.request_ids: list[list[str]] = [[] for _ in range(num_ranks)]
+        self.step_tokens = [0] * num_ranks
 
     def reset(self) -> None:
         """A new incarnation: nothing of the old one is suspect any more."""
@@ -58,6 +63,7 @@ class RankWatch:
         self.progress = [-1] * self.num_ranks
         self.last_progress = [now] * self.num_ranks
         self.request_ids = [[] for _ in range(self.num_ranks)]
+        self.step_tokens = [0] * self.num_ranks
 
     def hello(self, rank: int, pid: int, hostname: str) -> None:
         if pid > 0:
@@ -85,29 +91,34 @@ class RankWatch:
         self.progress[r] = hb.progress
         self.busy[r] = hb.busy
         self.request_ids[r] = hb.request_ids if hb.busy else []
+        self.step_tokens[r] = hb.num_tokens if hb.busy else 0
         return self.heard(r, now)
 
     def check(self, now: float, ready: list[bool]) -> tuple[bool, Killed | None]:
         """Marks silent or stalled ranks suspect and kills one hung local rank.
         Returns (health changed, the rank killed now or None)."""
         changed = False
-        worst: tuple[float, int, str] | None = None
-        for rank in range(self.num_ranks):
-            if not ready[rank]:
-                continue
+        worst: tuple[float, int, int, str] | None = None
+        live = [r for r in range(self.num_ranks) if ready[r]]
+        # a rank between steps proves nothing about one inside a step: only busy ranks' progress counts
+        group_progress = max((self.last_progress[r] for r in live if self.busy[r]), default=now)
+        for rank in live:
             silent = now - self.last_heard[rank]
-            stalled = now - self.last_progress[rank] if self.busy[rank] else 0.0
+            moved = group_progress if self.lockstep else self.last_progress[rank]
+            stalled = now - moved if self.busy[rank] else 0.0
             if not self.suspect[rank] and (silent > SUSPECT_AFTER_S or stalled > self.hang_timeout_s / 2):
                 self.suspect[rank] = changed = True
                 what = f"silent for {silent:.1f} s" if silent > SUSPECT_AFTER_S else f"no progress for {stalled:.1f} s"
                 logger.warning("engine rank %d %s: cluster degraded", rank, what)
-            # silence first: a stopped rank leaves its peers stalled in a collective, it is the one to blame
+            # silence first: a stopped rank leaves its peers stalled in a collective, it is the one to blame;
+            # among stalled ranks (under lockstep all stall alike) the one with the biggest step
             for how, seconds, weight in (("silent", silent, 2.0), ("made no progress", stalled, 1.0)):
-                if seconds > self.hang_timeout_s and (worst is None or weight * seconds > worst[0]):
-                    worst = (weight * seconds, rank, f"{how} for {seconds:.0f} s")
+                key = (round(weight * seconds, 1), self.step_tokens[rank])
+                if seconds > self.hang_timeout_s and (worst is None or key > worst[:2]):
+                    worst = (key[0], key[1], rank, f"{how} for {seconds:.0f} s")
         if worst is None or self.killed is not None:
             return changed, None
-        _, rank, what = worst
+        _, _, rank, what = worst
         pid, host = self.where[rank]
         if pid <= 0 or host != self.hostname:
             return changed, None

@@ -308,3 +308,31 @@ def test_scheduler_caps_prefill_chunks_while_sequences_decode() -> None:
     a.num_computed_tokens += 1
     a.token_ids.append(6)
     assert sch.schedule().num_tokens == 16
+
+
+def test_lockstep_rank_waiting_for_a_peer_is_not_stalled_and_the_big_step_is_blamed() -> None:
+    victims = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        watch = RankWatch(2, hang_timeout_s=4.0, lockstep=True)
+        t0 = time.monotonic()
+
+        def beats(s: float, progress1: int) -> None:
+            # rank 0 decodes (1 token) and waits in the all2all; rank 1 prefills 8000 tokens
+            watch.beat(Heartbeat(rank=0, epoch=0, step_id=3, busy=True, progress=10, request_ids=["d"],
+                                 pid=victims[0].pid, hostname=watch.hostname, num_tokens=1), now=t0 + s)
+            watch.beat(Heartbeat(rank=1, epoch=0, step_id=3, busy=True, progress=progress1, request_ids=["p"],
+                                 pid=victims[1].pid, hostname=watch.hostname, num_tokens=8000), now=t0 + s)
+
+        for s in range(12):  # rank 1's layers move; rank 0 stands still for 12 s, three times the timeout
+            beats(s, 10 + s)
+            assert watch.check(t0 + s + 0.5, [True, True]) == (False, None), s
+        for s in range(12, 18):  # then nobody moves
+            beats(s, 21)
+        changed, killed = watch.check(t0 + 17.5, [True, True])
+        assert changed and killed is not None and killed.rank == 1 and killed.request_ids == ["p"]
+        assert victims[1].wait(5) == -signal.SIGKILL and victims[0].poll() is None
+    finally:
+        for v in victims:
+            if v.poll() is None:
+                v.kill()
+                v.wait(5)
