@@ -170,7 +170,7 @@ class Coordinator:
         for rank in range(spec.num_ranks):
             self._send(rank, Sync())  # new ranks answer with their hello anyway; running ranks need this
 
-    def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown) -> None:
+    def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown | Sync) -> None:
         # never block: a rank that is not connected yet (or died) must not stall the others' clock
         self.outbox[rank].append(encode(msg))
         self._flush(rank)
