@@ -62,8 +62,6 @@ from runtime.messages import (
 from runtime.rank_watch import RankWatch, process_alive
 from runtime.router import Router
 
-LoadBalancer = Router  # the old name
-
 logger = logging.getLogger("runtime.coordinator")
 
 

@@ -12,7 +12,7 @@ import time
 import msgspec
 import zmq
 
-from runtime.coordinator import CoordinatorSpec, LoadBalancer, StepClock
+from runtime.coordinator import CoordinatorSpec, StepClock
 from runtime.messages import (
     AddRequest,
     Addresses,
@@ -26,6 +26,7 @@ from runtime.messages import (
     decode,
     encode,
 )
+from runtime.router import Router
 from runtime.sampling_params import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def test_clock_waits_for_a_rank_that_was_sent_a_request() -> None:
 
 
 def test_balancer_spreads_by_load() -> None:
-    lb = LoadBalancer(4)
+    lb = Router(4, "load")
     assert [lb.pick() for _ in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
     lb.update(report(0, 0, 0, received=2, running=0))
     lb.update(report(1, 0, 0, received=2, running=5))
