@@ -102,6 +102,9 @@ class RankWatch:
         live = [r for r in range(self.num_ranks) if ready[r]]
         # a rank between steps proves nothing about one inside a step: only busy ranks' progress counts
         group_progress = max((self.last_progress[r] for r in live if self.busy[r]), default=now)
+        # while some rank is silent, its peers' stall is most likely its doing: only silence gets a rank killed
+        # then (the silent one crosses the timeout within a heartbeat or two of its peers)
+        any_silent = any(now - self.last_heard[r] > SUSPECT_AFTER_S for r in live)
         for rank in live:
             silent = now - self.last_heard[rank]
             moved = group_progress if self.lockstep else self.last_progress[rank]
@@ -114,6 +117,8 @@ class RankWatch:
             # among stalled ranks (under lockstep all stall alike) the one with the biggest step
             for how, seconds, weight in (("silent", silent, 2.0), ("made no progress", stalled, 1.0)):
                 key = (round(weight * seconds, 1), self.step_tokens[rank])
+                if any_silent and weight == 1.0:
+                    continue
                 if seconds > self.hang_timeout_s and (worst is None or key > worst[:2]):
                     worst = (key[0], key[1], rank, f"{how} for {seconds:.0f} s")
         if worst is None or self.killed is not None:

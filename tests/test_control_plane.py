@@ -336,3 +336,29 @@ def test_lockstep_rank_waiting_for_a_peer_is_not_stalled_and_the_big_step_is_bla
             if v.poll() is None:
                 v.kill()
                 v.wait(5)
+
+
+def test_a_peer_stalled_by_a_silent_rank_is_not_killed_first() -> None:
+    victims = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        watch = RankWatch(2, hang_timeout_s=4.0, lockstep=True)
+        t0 = time.monotonic()
+
+        def hb(rank: int, ids: list[str]) -> Heartbeat:
+            return Heartbeat(rank=rank, epoch=0, step_id=1, busy=True, progress=5, request_ids=ids,
+                             pid=victims[rank].pid, hostname=watch.hostname)
+
+        # rank 1 is stopped right after a heartbeat at t0 + 0.9; rank 0 waits for it in a collective from t0
+        watch.beat(hb(0, ["a"]), now=t0)
+        watch.beat(hb(1, ["b"]), now=t0 + 0.9)
+        for s in range(1, 5):
+            watch.beat(hb(0, ["a"]), now=t0 + s)
+        assert watch.check(t0 + 4.5, [True, True])[1] is None  # rank 0 stalled 4.5 s, but rank 1 is silent
+        killed = watch.check(t0 + 5.0, [True, True])[1]  # rank 1 silent 4.1 s: it is the one
+        assert killed is not None and killed.rank == 1 and killed.request_ids == ["b"]
+        assert victims[1].wait(5) == -signal.SIGKILL and victims[0].poll() is None
+    finally:
+        for v in victims:
+            if v.poll() is None:
+                v.kill()
+                v.wait(5)
