@@ -181,9 +181,8 @@ class EngineLoop:
 
     def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
         t0 = self.expert_stats.begin_step(num_real_tokens) if self.expert_stats is not None else None
-        planned = getattr(self.engine, "planned", None)
-        self.progress.begin(self.step_id, [s.request_id for s in planned.seqs] if planned is not None else [],
-                            num_real_tokens)
+        # the batch, not its ids: the heartbeat thread lists them only when it beats (once a second)
+        self.progress.begin(self.step_id, getattr(self.engine, "planned", None), num_real_tokens)
         try:
             outputs = self.engine.execute(pad_to=pad_to)
         finally:

@@ -29,19 +29,23 @@ class Progress:
         self.count = 0  # steps + layer forwards since start
         self.step_id = 0
         self.busy = False
-        self.request_ids: list[str] = []  # of the step in progress
+        self.batch: Any = None  # the step in progress (a ScheduledBatch): its ids are read only when beating
         self.num_tokens = 0  # of the step in progress
 
-    def begin(self, step_id: int, request_ids: list[str], num_tokens: int = 0) -> None:
+    def begin(self, step_id: int, batch: Any, num_tokens: int = 0) -> None:
         self.step_id = step_id
-        self.request_ids = request_ids
+        self.batch = batch
         self.num_tokens = num_tokens
         self.busy = True
 
     def end(self) -> None:
         self.busy = False
-        self.request_ids = []
+        self.batch = None
         self.count += 1
+
+    def request_ids(self) -> list[str]:
+        batch = self.batch
+        return [s.request_id for s in batch.seqs] if batch is not None else []
 
     def tick(self, *args: object) -> None:  # a forward pre-hook: (module, inputs)
         self.count += 1
@@ -75,7 +79,7 @@ class HeartbeatThread(threading.Thread):
         p = self.progress
         busy = p.busy
         msg = Heartbeat(rank=self.rank, epoch=self.epoch, step_id=p.step_id, busy=busy, progress=p.count,
-                        request_ids=list(p.request_ids) if busy else [], pid=self.where[0], hostname=self.where[1],
+                        request_ids=p.request_ids() if busy else [], pid=self.where[0], hostname=self.where[1],
                         num_tokens=p.num_tokens if busy else 0)
         try:
             self.sock.send(encode(msg), zmq.NOBLOCK)
