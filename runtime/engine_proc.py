@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from runtime.config import EngineConfig
+from runtime.config import ConfigError, EngineConfig
 from runtime.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -292,7 +292,11 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     parallel = init_parallel(config)
     try:
         # before the model's first collective: refuse settings that would make the ranks' collectives differ
-        check_group_agreement(config, parallel)
+        try:
+            check_group_agreement(config, parallel)
+        except ConfigError as e:
+            logger.error("rank %d: error: %s", parallel.rank, e)  # one line, no traceback
+            raise SystemExit(2) from None
         engine, expert_stats = build_engine(config, parallel, timed=config.expert_stats_file is not None)
         engine.scheduler.mixed_step_token_budget = config.mixed_step_token_budget  # served ranks only
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
