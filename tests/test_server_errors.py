@@ -52,6 +52,8 @@ BAD = [
     ({"model": "nope", "prompt": "hi"}, 404, "model"),
     ({"model": "fake", "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ({"model": "fake", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"model": "fake", "prompt": "hi", "data_parallel_rank": 5}, 400, "data_parallel_rank"),
+    ({"model": "fake", "prompt": "hi", "data_parallel_rank": -1}, 400, "data_parallel_rank"),
 ]
 
 BAD_CHAT = [
