@@ -150,7 +150,7 @@ def main() -> None:
               f"hit_rate_per_turn={'/'.join(f'{100 * h:.0f}%' for h in r['hit_rate_per_turn'])} "
               f"elapsed_s={r['elapsed_s']:.1f}")
     with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(rows, f)  # one line: per_request rows make an indented file thousands of lines long
 
 
 if __name__ == "__main__":
