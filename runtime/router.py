@@ -51,7 +51,6 @@ class Router:
         self.routed_before_start = [0] * num_ranks  # num_routed when the rank last (re)started
         self.cached: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(num_ranks)]
         self.next_tie = 0
-        self.num_expected_hit_blocks = 0  # sum over routed prompts of the chosen rank's match, for the log
 
     def update(self, r: StepReport) -> None:
         self.load[r.rank] = (r.num_running + r.num_waiting, r.kv_usage)
@@ -112,7 +111,6 @@ class Router:
         else:
             rank = self._least_loaded(ranks)
         if hashes:
-            self.num_expected_hit_blocks += self.matched_blocks(rank, hashes)
             self._remember(rank, hashes)
         self.num_routed[rank] += 1
         return rank
