@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="0,512")
     ap.add_argument("--engine-hang-timeout", type=float, default=None,
                     help="pass it on: a long step must not be taken for a hang")
+    ap.add_argument("--serve-args", default="", help="more runtime.serve flags, e.g. '--load-format dummy'")
     ap.add_argument("--out", default="mixed_itl.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -135,6 +136,7 @@ def main() -> None:
             model = make_tiny_checkpoint(os.path.join(d, "tiny"), "Qwen3MoeForCausalLM",
                                          max_position_embeddings=args.long_len + 128)
         extra = ["--engine-hang-timeout", str(args.engine_hang_timeout)] if args.engine_hang_timeout else []
+        extra += args.serve_args.split()
         rows = [run_once(model, int(b), args.long_len, args.device, extra=extra) for b in args.budgets.split(",")]
     for r in rows:
         print(f"mixed_itl budget={r['budget']} long_len={r['long_len']} ttft_long_s={r['ttft_long_s']:.2f} "

@@ -32,7 +32,7 @@ from runtime.sampling_params import SamplingParams  # noqa: E402
 
 
 def run_policy(model: str, policy: str, conversations: int, turns: int, system_len: int, user_len: int,
-               answer_len: int, timeout_s: float = 600.0) -> dict:
+               answer_len: int, timeout_s: float = 600.0, device: str = "cpu", extra: list[str] | None = None) -> dict:
     rng = random.Random(0)
     system = [rng.randrange(3, 500) for _ in range(system_len)]
     users = [[[rng.randrange(3, 500) for _ in range(user_len)] for _ in range(turns)] for _ in range(conversations)]
@@ -45,9 +45,11 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
         push = ctx.socket(zmq.PUSH)
         push.connect(addrs.to_coordinator)
         cmd = [sys.executable, "-m", "runtime.serve", "--headless", "--ipc-dir", d, "--model", model, "-dp", "2",
-               "--dp-routing", policy, "--device", "cpu", "--kv-cache-memory", str(64 << 20), "--max-model-len",
+               "--dp-routing", policy, "--device", device, "--max-model-len",
                str(max_len), "--max-num-seqs", str(conversations), "--max-num-batched-tokens", "4096",
-               "--log-stats-interval", "0.5"]
+               "--log-stats-interval", "0.5", *(extra or [])]
+        if device == "cpu":
+            cmd += ["--kv-cache-memory", str(64 << 20)]
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         history = [list(system) for _ in range(conversations)]
@@ -131,6 +133,8 @@ def main() -> None:
     ap.add_argument("--user-len", type=int, default=64)
     ap.add_argument("--answer-len", type=int, default=16)
     ap.add_argument("--policies", default="load,prefix")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--serve-args", default="", help="more runtime.serve flags, e.g. '--load-format dummy'")
     ap.add_argument("--out", default="prefix_routing.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
@@ -142,7 +146,8 @@ def main() -> None:
             model = make_tiny_checkpoint(os.path.join(d, "tiny"), "LlamaForCausalLM",
                                          max_position_embeddings=max(512, max_len))
         rows = [run_policy(model, p, args.conversations, args.turns, args.system_len, args.user_len,
-                           args.answer_len) for p in args.policies.split(",")]
+                           args.answer_len, device=args.device, extra=args.serve_args.split())
+                for p in args.policies.split(",")]
     for r in rows:
         print(f"prefix_routing policy={r['policy']} conversations={r['conversations']} turns={r['turns']} "
               f"hit_rate={100 * r['hit_rate']:.1f}% same_rank_as_previous_turn="
