@@ -51,6 +51,7 @@ class EngineConfig:
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
     dp_routing: str = "prefix"  # prefix (expected prefix-cache hits against load) | load
     mixed_step_token_budget: int = 2048  # tokens per step while any sequence decodes (0: no cap)
+    lockstep_lookahead: bool = False  # EP: report step s+1's plan while step s runs (runtime/lookahead.py)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -153,6 +154,9 @@ class EngineConfig:
         a("--expert-token-capacity", type=int, default=None)
         a("--dp-routing", choices=["prefix", "load"], default=d["dp_routing"].default,
           help="how the coordinator picks a DP rank: prefix-cache hits against load, or load alone")
+        a("--lockstep-lookahead", action="store_true",
+          help="expert parallel: each rank reports its next step's plan while the device runs this one, so the "
+               "coordinator's answer is back before the step ends (experimental)")
         a("--mixed-step-token-budget", type=int, default=d["mixed_step_token_budget"].default,
           help="most tokens a step takes while some sequence decodes (under expert parallel: on every rank while "
                "any rank decodes), so a long prefill goes in chunks and never freezes the streams (0: no cap)")

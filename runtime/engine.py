@@ -189,7 +189,9 @@ class LLMEngine:
         """The batch schedule() planned and execute() will run (None: nothing planned)."""
         return self._planned
 
-    def execute(self, pad_to: int | None = None) -> list[TokenDelta]:
+    def execute(self, pad_to: int | None = None, on_launched: Any = None) -> list[TokenDelta]:
+        """on_launched(): called once the step is queued on the device, before its tokens are read (the rank
+        loop tells the coordinator its next plan then, while the device works)."""
         batch, self._planned = self._planned, None
         self.num_steps += 1
         if batch is not None and any(s.is_finished for s in batch.seqs):
@@ -200,8 +202,12 @@ class LLMEngine:
         if batch is None:
             self.num_dummy_steps += 1
             self.runner.execute_dummy(pad_to or 1)
+            if on_launched is not None:
+                on_launched()
             return []
         logits = self.runner.execute(batch, pad_to or 0)
+        if on_launched is not None:
+            on_launched()
         return self._process(batch, logits)
 
     def padded_size(self, num_tokens: int) -> int:

@@ -24,6 +24,7 @@ import zmq
 
 from runtime.config import ConfigError, EngineConfig
 from runtime.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
+from runtime.lookahead import estimate_next_step
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
     AbortRequest,
@@ -60,8 +61,11 @@ class _Stop(Exception):
 
 class EngineLoop:
     def __init__(self, engine: Engine, rank: int, addrs: Addresses, lockstep: bool, stats_interval: float = 5.0,
-                 expert_stats: Any = None, ctx: zmq.Context | None = None, epoch: int = 0) -> None:
+                 expert_stats: Any = None, ctx: zmq.Context | None = None, epoch: int = 0,
+                 lookahead: bool = False) -> None:
         self.engine = engine
+        self.lookahead = lookahead  # runtime/lookahead.py (lockstep only)
+        self.next_budget = 0  # the last command's next_token_budget
         self.rank = rank
         self.epoch = epoch  # the rank group's incarnation: the elastic launcher's restart count
         self.lockstep = lockstep
@@ -143,11 +147,12 @@ class EngineLoop:
         self.num_decode_tokens = sum(n == 1 for n in planned.num_new_tokens) if planned is not None else 0
         return num_tokens
 
-    def _report(self, num_tokens: int, is_decode: bool = False) -> None:
+    def _report(self, num_tokens: int, is_decode: bool = False, step_id: int | None = None) -> None:
         s = self.engine.stats()
         self.last_load = (s.num_running, s.num_waiting, self.num_requests_received)
         self.to_coordinator.send(encode(StepReport(
-            rank=self.rank, step_id=self.step_id, num_tokens=num_tokens, is_decode=is_decode,
+            rank=self.rank, step_id=self.step_id if step_id is None else step_id, num_tokens=num_tokens,
+            is_decode=is_decode,
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
             num_requests_received=self.num_requests_received, epoch=self.epoch,
             num_decode_tokens=self.num_decode_tokens if num_tokens else 0)))
@@ -179,12 +184,15 @@ class EngineLoop:
     def _until_stats(self) -> float:
         return max(0.0, min(self.next_stats, self.next_heartbeat) - time.monotonic())
 
-    def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
+    def _execute(self, num_real_tokens: int, pad_to: int | None, on_launched: Any = None) -> None:
         t0 = self.expert_stats.begin_step(num_real_tokens) if self.expert_stats is not None else None
         # the batch, not its ids: the heartbeat thread lists them only when it beats (once a second)
         self.progress.begin(self.step_id, getattr(self.engine, "planned", None), num_real_tokens)
         try:
-            outputs = self.engine.execute(pad_to=pad_to)
+            if on_launched is None:
+                outputs = self.engine.execute(pad_to=pad_to)
+            else:
+                outputs = self.engine.execute(pad_to=pad_to, on_launched=on_launched)  # type: ignore[call-arg]
         finally:
             self.progress.end()
         if self.expert_stats is not None:
@@ -202,7 +210,9 @@ class EngineLoop:
         self._maybe_send_stats(force=True, first=True)  # the coordinator's "ready"
         self.heartbeat.start()
         try:
-            if self.lockstep:
+            if self.lockstep and self.lookahead:
+                self._run_lookahead()
+            elif self.lockstep:
                 self._run_lockstep()
             else:
                 self._run_free()
@@ -239,6 +249,53 @@ class EngineLoop:
                 raise RuntimeError(f"rank {self.rank}: told to run a dummy step with {num_tokens} tokens planned")
             self._execute(num_tokens, self._agreed_size(cmd.pad_to))
             self._set_token_budget(cmd.next_token_budget)
+            self.step_id += 1
+            self._maybe_send_stats()
+
+    def _estimate(self, batch: Any) -> int:
+        num_tokens, self.num_decode_tokens = estimate_next_step(self.engine.scheduler, batch,  # type: ignore[attr-defined]
+                                                                self.next_budget)
+        return num_tokens
+
+    def _run_lookahead(self) -> None:
+        """Lockstep with the next plan reported while the device runs this step (runtime/lookahead.py): the
+        reports are estimates; the rank schedules once the command is there, within its pad_to."""
+        scheduler = self.engine.scheduler  # type: ignore[attr-defined]
+        cmd: StepCommand | None = None
+        reported: int | None = None  # the estimate last sent for self.step_id
+        while True:
+            while (msg := self._recv(0)) is not None:
+                cmd = self._handle(msg) or cmd  # the command may be here already: it was sent during the step
+            if cmd is None and (estimate := self._estimate(None)) != reported:
+                self._report(estimate)  # less to do than estimated, or woken by a request: same step id
+                reported = estimate
+            while cmd is None:
+                if self._maybe_send_stats():
+                    self._report(reported or 0)  # again: a coordinator that restarted meanwhile needs it
+                msg = self._recv(self._until_stats())
+                if msg is None:
+                    continue
+                cmd = self._handle(msg)
+                if cmd is None and (estimate := self._estimate(None)) != reported:
+                    self._report(estimate)
+                    reported = estimate
+            if cmd.step_id != self.step_id:
+                raise RuntimeError(f"rank {self.rank}: got the command of step {cmd.step_id}, "
+                                   f"expected {self.step_id}")
+            # never more than every rank agreed on; what does not fit waits for the next step
+            scheduler.step_token_budget = min(self.next_budget or cmd.pad_to, cmd.pad_to)
+            num_tokens = self._schedule()
+            planned = getattr(self.engine, "planned", None)
+            self.next_budget = cmd.next_token_budget
+            pad_to = self._agreed_size(cmd.pad_to)
+            cmd = None
+
+            def report_next(batch: Any = planned) -> None:
+                nonlocal reported
+                reported = self._estimate(batch)
+                self._report(reported, step_id=self.step_id + 1)
+
+            self._execute(num_tokens, pad_to, on_launched=report_next)
             self.step_id += 1
             self._maybe_send_stats()
 
@@ -302,7 +359,7 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         EngineLoop(engine, parallel.rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
-                   expert_stats=expert_stats, epoch=epoch).run()
+                   expert_stats=expert_stats, epoch=epoch, lookahead=config.lockstep_lookahead).run()
     except KeyboardInterrupt:
         logger.info("rank %d: interrupted", parallel.rank)
     finally:
