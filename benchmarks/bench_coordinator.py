@@ -6,6 +6,7 @@ Model: Qwen3-30B-A3B shapes (dummy weights), --layers of them. B sequences decod
   raw       engine.schedule + execute in a plain loop (no sockets);
   free      the engine rank loop with outputs over ZMQ, the coordinator only routing (dense / no-EP mode);
   lockstep  the same with the coordinator clocking every step (StepReport -> StepCommand round trip);
+  lookahead lockstep with --lockstep-lookahead (the next step's report sent while this one runs);
   dummy     execute(pad_to=B) with nothing planned: the lockstep filler, same CUDA-graph bucket.
 The coordinator and the front end run as their own processes with CUDA_VISIBLE_DEVICES="", as under
 runtime.serve; this process is the engine rank.
@@ -85,7 +86,8 @@ def bench_raw(engine, batch: int, steps: int, sync) -> dict[str, float]:  # noqa
     return {"raw_step_us": median_us(real), "dummy_step_us": median_us(dummy), "real_decode_step_us": median_us(real)}
 
 
-def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: str) -> dict[str, object]:  # noqa: ANN001
+def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: str,  # noqa: ANN001
+                  lookahead: bool = False) -> dict[str, object]:
     """Coordinator and front end as their own processes (as under runtime.serve); this process is the rank."""
     with tempfile.TemporaryDirectory(prefix="bench-coord-") as d:
         addrs = Addresses.ipc(d, 1)
@@ -100,7 +102,8 @@ def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: st
                                  env=cpu_env)
         steps_before = engine.num_steps
         # runs until the front end stops the coordinator, which then sends Shutdown
-        EngineLoop(engine, 0, addrs, lockstep=lockstep, stats_interval=1.0, expert_stats=stats).run()
+        EngineLoop(engine, 0, addrs, lockstep=lockstep, stats_interval=1.0, expert_stats=stats,
+                   lookahead=lookahead).run()
         front.wait(60)
         coord.wait(10)
         with open(result_path) as f:
@@ -169,7 +172,11 @@ def main() -> None:
     result.update(bench_raw(engine, args.batch, args.steps, sync))
     result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=False, tag="free"))
     result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lockstep"))
+    # --lockstep-lookahead: the next plan is reported while the step runs (runtime/lookahead.py)
+    result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lookahead",
+                                lookahead=True))
     result["coordinator_overhead_us"] = result["lockstep_step_us"] - result["free_step_us"]  # type: ignore[operator]
+    result["lookahead_overhead_us"] = result["lookahead_step_us"] - result["free_step_us"]  # type: ignore[operator]
     result["loop_overhead_us"] = result["free_step_us"] - result["raw_step_us"]  # type: ignore[operator]
     result["dummy_over_real"] = result["dummy_step_us"] / result["real_decode_step_us"]  # type: ignore[operator]
     with open(args.out, "w") as f:

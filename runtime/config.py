@@ -112,6 +112,9 @@ class EngineConfig:
     all2all_backend: str | None = None  # None: sparse when EP > 1 (see runtime/all2all.py)
     all2all_fp8_dispatch: bool = False  # sparse backend: FP8 hidden rows (scales per token and 128 channels)
     tensor_parallel_size: int = 1  # ranks per DP rank; the world is DP x TP
+    dp_routing: str = "prefix"  # prefix (expected prefix-cache hits against load) | load
+    mixed_step_token_budget: int = 2048  # tokens per step while any sequence decodes (0: no cap)
+    lockstep_lookahead: bool = False  # EP: report step s+1's plan while step s runs (runtime/lookahead.py)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -156,6 +159,10 @@ class EngineConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or glm45)")
+        if self.dp_routing not in ("prefix", "load"):
+            raise ConfigError(f"--dp-routing must be prefix or load, got {self.dp_routing!r}")
+        if self.mixed_step_token_budget < 0:
+            raise ConfigError(f"--mixed-step-token-budget must be >= 0 tokens, got {self.mixed_step_token_budget}")
         if self.engine_hang_timeout <= 0:
             raise ConfigError(f"--engine-hang-timeout must be positive seconds, got {self.engine_hang_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -284,6 +291,14 @@ class EngineConfig:
           help="sparse all2all: send hidden rows as FP8, scales per token and 128 channels (~half the bytes)")
         a("--tensor-parallel-size", "-tp", type=int, default=1,
           help="ranks (GPUs) per data-parallel rank, the model's heads, MLPs and vocabulary split over them")
+        a("--dp-routing", choices=["prefix", "load"], default=d["dp_routing"].default,
+          help="how the coordinator picks a DP rank: prefix-cache hits against load, or load alone")
+        a("--lockstep-lookahead", action="store_true",
+          help="expert parallel: each rank reports its next step's plan while the device runs this one, so the "
+               "coordinator's answer is back before the step ends (experimental)")
+        a("--mixed-step-token-budget", type=int, default=d["mixed_step_token_budget"].default,
+          help="most tokens a step takes while some sequence decodes (under expert parallel: on every rank while "
+               "any rank decodes), so a long prefill goes in chunks and never freezes the streams (0: no cap)")
         a("--host", default=d["host"].default, help="address the API server listens on")
         a("--port", type=int, default=d["port"].default, help="port the API server listens on")
         a("--api-key", default=None,

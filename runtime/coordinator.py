@@ -1,7 +1,8 @@
 """The DP coordinator: its own process, no GPU (never imports torch). Routes requests, clocks EP steps.
 
-Routing: each AddRequest goes to the rank with the least load: running + waiting + requests sent but not
-yet seen in a report, then KV usage. Aborts go to every rank (a rank ignores ids it does not hold).
+Routing (runtime/router.py): an explicit data_parallel_rank, else expected prefix-cache hits against load
+(running + waiting + requests sent but not yet seen in a report), ties rotated. Aborts go to every rank (a
+rank ignores ids it does not hold).
 
 Lockstep (expert parallel): every rank schedules and sends StepReport(step_id, num_tokens). Once every rank
 has reported for the current step, and each report is current (it has seen every request sent to that rank,
@@ -9,12 +10,20 @@ or already has work), the coordinator answers all ranks StepCommand(pad_to=max, 
 When every rank reports 0 it answers nothing: the ranks sit in recv and the GPUs go quiet. A new request
 wakes its rank, which schedules again and sends a fresh report for the same step.
 
+Mixed steps: while any rank decodes, every command carries next_token_budget = mixed_step_token_budget, the
+most tokens a rank may schedule for its next step; so one rank's long prefill goes in chunks of that size, in
+step with the others, and nobody's decode waits behind (or is padded to) a whole long prompt.
+
 Free-running ranks (dense model, or DP without EP) only send reports for the load figures.
 
 Restarts: the elastic launcher restarts the whole rank group when one rank dies; the new ranks say hello
 with a higher epoch. The coordinator then forgets everything of the old incarnation (clock, queued commands,
 requests routed to it: the front end re-submits those) and drops any message of an older epoch. Silent and
 hung ranks: runtime/rank_watch.py. Once the launcher itself is gone, the front end is told (EngineDead).
+
+A restarted coordinator (kill -9; the launcher starts a new one) knows nothing: it adopts the ranks' epoch,
+request counts and step id from their heartbeats and re-sent step reports, and gets a new coordinator_id so
+the front end re-sends the requests that may have died with the old one (ranks ignore ids they hold).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -30,6 +40,7 @@ from collections import deque
 import msgspec
 import zmq
 
+from runtime.coordinator_stats import StatsAggregator
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
     AbortRequest,
@@ -37,12 +48,14 @@ from runtime.messages import (
     Addresses,
     ClusterStats,
     EngineDead,
-    ExpertStatsSnapshot,
+    Heartbeat,
+    RankHung,
     RankStats,
     Shutdown,
     StatsReport,
     StepCommand,
     StepReport,
+    Sync,
     decode_or_drop,
     encode,
     secret_from_env,
@@ -50,6 +63,7 @@ from runtime.messages import (
 )
 from runtime.procs import set_title
 from runtime.rank_watch import RankWatch, process_alive
+from runtime.router import Router
 
 logger = logging.getLogger("runtime.coordinator")
 
@@ -64,14 +78,19 @@ class CoordinatorSpec(msgspec.Struct):
     watch_pid: int | None = None
     hang_timeout_s: float = 60.0  # a rank silent this long (between steps or inside one) is killed
     max_restarts: int | None = None  # the launcher's restart budget, for the log (None: unknown)
+    routing: str = "prefix"  # runtime/router.py: "prefix" (cache hits against load) or "load"
+    block_size: int = 16  # the ranks' KV block size: the router hashes prompts in the same blocks
+    mixed_step_token_budget: int = 0  # lockstep: tokens per rank per step while any rank decodes (0: no cap)
 
 
 class StepClock:
     """Lockstep bookkeeping, free of sockets so it can be tested alone."""
 
-    def __init__(self, num_ranks: int) -> None:
+    def __init__(self, num_ranks: int, mixed_step_token_budget: int = 0) -> None:
         self.num_ranks = num_ranks
+        self.mixed_step_token_budget = mixed_step_token_budget
         self.step_id = 0
+        self.fresh = True  # nothing issued since (re)start: a rank's step id may be adopted
         self.reports: list[StepReport | None] = [None] * num_ranks
         self.num_sent = [0] * num_ranks  # AddRequests sent to each rank
         self.num_steps_issued = 0
@@ -81,6 +100,7 @@ class StepClock:
     def reset(self) -> None:
         """The ranks restarted (elastic launcher): their step ids begin again at 0, nothing is in flight."""
         self.step_id = 0
+        self.fresh = True
         self.reports = [None] * self.num_ranks
         self.num_sent = [0] * self.num_ranks
 
@@ -91,7 +111,11 @@ class StepClock:
     def on_report(self, report: StepReport) -> list[StepCommand] | None:
         """The commands to send (one per rank), or None while waiting or idle."""
         if report.step_id != self.step_id:
-            return None  # a late update for a step already issued (cannot change it any more)
+            if not (self.fresh and report.step_id > self.step_id):
+                return None  # a late update for a step already issued (cannot change it any more)
+            # a restarted coordinator meets ranks in the middle of their run: take up their step count
+            self.step_id = report.step_id
+            self.reports = [None] * self.num_ranks
         self.reports[report.rank] = report
         if not all(self.settled(r) for r in range(self.num_ranks)):
             return None
@@ -99,80 +123,18 @@ class StepClock:
         pad_to = max(num_tokens)
         if pad_to == 0:
             return None  # everyone idle: issue nothing
-        commands = [StepCommand(step_id=self.step_id, pad_to=pad_to, dummy=n == 0) for n in num_tokens]
+        # someone decodes: cap everybody's next step so a long prefill goes in chunks between its tokens
+        decoding = any(r is not None and r.num_decode_tokens > 0 for r in self.reports)
+        budget = self.mixed_step_token_budget if decoding else 0
+        commands = [StepCommand(step_id=self.step_id, pad_to=pad_to, dummy=n == 0, next_token_budget=budget)
+                    for n in num_tokens]
         self.step_id += 1
+        self.fresh = False
         self.reports = [None] * self.num_ranks
         self.num_steps_issued += 1
         self.num_commands += len(commands)
         self.num_dummy_commands += sum(c.dummy for c in commands)
         return commands
-
-
-class LoadBalancer:
-    def __init__(self, num_ranks: int) -> None:
-        self.load: list[tuple[int, float]] = [(0, 0.0)] * num_ranks  # (running + waiting, kv usage)
-        self.received = [0] * num_ranks  # AddRequests each rank has reported taking (since its start)
-        self.num_routed = [0] * num_ranks  # cumulative, for the metrics
-        self.routed_before_start = [0] * num_ranks  # num_routed when the rank last (re)started
-
-    def update(self, r: StepReport) -> None:
-        self.load[r.rank] = (r.num_running + r.num_waiting, r.kv_usage)
-        self.received[r.rank] = max(self.received[r.rank], r.num_requests_received)
-
-    def restart(self, rank: int) -> None:
-        self.load[rank] = (0, 0.0)
-        self.received[rank] = 0
-        self.routed_before_start[rank] = self.num_routed[rank]
-
-    def pick(self) -> int:
-        def key(rank: int) -> tuple[int, float, int]:
-            in_flight = self.num_routed[rank] - self.routed_before_start[rank] - self.received[rank]
-            return (self.load[rank][0] + in_flight, self.load[rank][1], rank)
-
-        rank = min(range(len(self.load)), key=key)
-        self.num_routed[rank] += 1
-        return rank
-
-
-class StatsAggregator:
-    """Sums per-rank cumulative counters into rates, one log line per interval."""
-
-    def __init__(self, num_ranks: int) -> None:
-        self.latest: list[RankStats | None] = [None] * num_ranks
-        self.previous: list[RankStats | None] = [None] * num_ranks
-        self.expert: list[ExpertStatsSnapshot | None] = [None] * num_ranks
-        self.last_time = time.monotonic()
-        self.last_commands = (0, 0)
-
-    def line(self, clock: StepClock | None, now: float) -> str:
-        dt = max(now - self.last_time, 1e-9)
-        prompt, gen = [], []
-        for cur, prev in zip(self.latest, self.previous):
-            p0, g0 = (prev.prompt_tokens, prev.generation_tokens) if prev else (0, 0)
-            p1, g1 = (cur.prompt_tokens, cur.generation_tokens) if cur else (p0, g0)
-            prompt.append((p1 - p0) / dt)
-            gen.append((g1 - g0) / dt)
-        ranks = [s for s in self.latest if s is not None]
-        running = sum(s.num_running for s in ranks)
-        waiting = sum(s.num_waiting for s in ranks)
-        kv = [s.kv_usage for s in ranks] or [0.0]
-        if clock is not None:
-            d_cmd = clock.num_commands - self.last_commands[0]
-            d_dummy = clock.num_dummy_commands - self.last_commands[1]
-            self.last_commands = (clock.num_commands, clock.num_dummy_commands)
-        else:
-            d_cmd = sum(s.num_steps for s in ranks) - sum(p.num_steps for p in self.previous if p)
-            d_dummy = sum(s.num_dummy_steps for s in ranks) - sum(p.num_dummy_steps for p in self.previous if p)
-        self.previous = list(self.latest)
-        self.last_time = now
-
-        def per_rank(xs: list[float]) -> str:
-            return "/".join(f"{x:.1f}" for x in xs)
-
-        kv_mean = 100 * sum(kv) / len(kv)
-        return (f"prompt {sum(prompt):.1f} tok/s [{per_rank(prompt)}], generation {sum(gen):.1f} tok/s "
-                f"[{per_rank(gen)}], running {running}, waiting {waiting}, KV usage mean {kv_mean:.1f}% "
-                f"max {100 * max(kv):.1f}%, dummy steps {100 * d_dummy / max(d_cmd, 1):.1f}%")
 
 
 class Coordinator:
@@ -190,8 +152,8 @@ class Coordinator:
         self.to_frontend = self.ctx.socket(zmq.PUSH)
         self.to_frontend.setsockopt(zmq.SNDHWM, 16)  # stats only: drop rather than pile up
         self.to_frontend.connect(addrs.to_frontend)
-        self.clock = StepClock(spec.num_ranks) if spec.lockstep else None
-        self.balancer = LoadBalancer(spec.num_ranks)
+        self.clock = StepClock(spec.num_ranks, spec.mixed_step_token_budget) if spec.lockstep else None
+        self.balancer = Router(spec.num_ranks, spec.routing, spec.block_size)
         self.stats = StatsAggregator(spec.num_ranks)
         self.ready = [False] * spec.num_ranks
         self.queued: deque[AddRequest] = deque()  # requests that arrived before every rank was ready
@@ -199,10 +161,17 @@ class Coordinator:
         self.outbox: list[deque[bytes]] = [deque() for _ in range(spec.num_ranks)]  # FIFO per rank
         self.running = True
         self.epoch = 0  # the rank group's incarnation (messages.py)
-        self.watch = RankWatch(spec.num_ranks, spec.hang_timeout_s)
+        self.watch = RankWatch(spec.num_ranks, spec.hang_timeout_s, lockstep=spec.lockstep)
         self.dead = False  # the ranks cannot come back; the front end has been told
+        self.coordinator_id = random.getrandbits(31) + 1  # this process: a new one means a coordinator restart
+        self.fresh = True  # no rank heard yet: the ranks' epoch is adopted, not taken for a restart
+        # request ids each rank held when it answered our Sync: a re-sent request that reached a rank before
+        # the old coordinator died must not start a second time elsewhere
+        self.held: list[set[str]] = [set() for _ in range(spec.num_ranks)]
+        for rank in range(spec.num_ranks):
+            self._send(rank, Sync())  # new ranks answer with their hello anyway; running ranks need this
 
-    def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown) -> None:
+    def _send(self, rank: int, msg: AddRequest | AbortRequest | StepCommand | Shutdown | Sync) -> None:
         # never block: a rank that is not connected yet (or died) must not stall the others' clock
         self.outbox[rank].append(encode(msg))
         self._flush(rank)
@@ -217,7 +186,9 @@ class Coordinator:
             box.popleft()
 
     def _route(self, req: AddRequest) -> None:
-        rank = self.balancer.pick()
+        if req.resend and any(req.request_id in ids for ids in self.held):
+            return  # it runs already
+        rank = self.balancer.pick(req.prompt_token_ids, req.data_parallel_rank)
         if self.clock is not None:
             self.clock.num_sent[rank] += 1
         self._send(rank, req)
@@ -239,7 +210,7 @@ class Coordinator:
             self.clock.reset()
         for r in range(self.spec.num_ranks):
             self.balancer.restart(r)
-            self.stats.previous[r] = None
+            self.stats.forget(r)
         self.push_stats()  # the front end re-submits now, while the other ranks still start
 
     def _heard(self, rank: int) -> None:
@@ -247,7 +218,15 @@ class Coordinator:
             self.push_stats()
 
     def check_liveness(self, now: float) -> None:
-        if self.watch.check(now, self.ready):
+        changed, killed = self.watch.check(now, self.ready)
+        if killed is not None:
+            try:  # before the new epoch: the front end must not re-submit these blindly
+                hung = RankHung(rank=killed.rank, epoch=self.epoch, request_ids=killed.request_ids,
+                                reason=killed.reason)
+                self.to_frontend.send(encode(hung), zmq.NOBLOCK)
+            except zmq.Again:
+                logger.error("could not tell the front end which requests hung")
+        if changed:
             self.push_stats()
 
     def check_launcher(self) -> None:
@@ -296,10 +275,19 @@ class Coordinator:
                 for rank, cmd in enumerate(commands or []):
                     cmd.epoch = self.epoch
                     self._send(rank, cmd)
+        elif isinstance(msg, Heartbeat):
+            if msg.epoch == self.epoch and self.watch.beat(msg):
+                self.push_stats()
         elif isinstance(msg, StatsReport):
             rank = msg.stats.rank
             if msg.epoch < self.epoch:
                 return
+            if self.fresh:
+                self.fresh = False
+                if msg.epoch > self.epoch:  # this coordinator restarted: the ranks are not new, it is
+                    logger.info("coordinator (re)started: the engine ranks are at epoch %d", msg.epoch)
+                    self.epoch = msg.epoch
+                    self.num_engine_restarts = msg.epoch
             if msg.epoch > self.epoch:
                 self._new_epoch(msg.epoch)
             elif msg.first and self.ready[rank]:
@@ -311,15 +299,21 @@ class Coordinator:
                     self.clock.reset()
                 for r in range(self.spec.num_ranks):
                     self.balancer.restart(r)
-                    self.stats.previous[r] = None
+                    self.stats.forget(r)
             self._heard(rank)
-            if msg.first:
-                self.watch.hello(rank, msg.pid, msg.hostname)
+            self.watch.hello(rank, msg.pid, msg.hostname)
             self.stats.latest[rank] = msg.stats
             if msg.expert is not None:
                 self.stats.expert[rank] = msg.expert
-            if not self.ready[rank]:
+            if msg.synced:
+                self.held[rank] = set(msg.request_ids)
+            # a rank that was running before this coordinator started is ready once it answered Sync
+            if not self.ready[rank] and (msg.first or msg.synced):
                 self.ready[rank] = True
+                # count from what the rank has taken so far (0 for a new rank; more when this coordinator restarted)
+                self.balancer.adopt(rank, msg.num_requests_received)
+                if self.clock is not None:
+                    self.clock.num_sent[rank] = msg.num_requests_received
                 logger.info("engine rank %d ready (%d/%d)", rank, sum(self.ready), self.spec.num_ranks)
                 if all(self.ready):
                     self.push_stats()  # healthy again, and the front end learns the epoch now
@@ -338,7 +332,8 @@ class Coordinator:
                             num_requests_routed=list(self.balancer.num_routed),
                             all2all_bytes_sent=[e.all2all_bytes_sent if e else 0 for e in self.stats.expert],
                             all2all_allgather_bytes=[sum(e.all2all_layer_allgather_bytes) if e else 0
-                                                     for e in self.stats.expert])
+                                                     for e in self.stats.expert],
+                            coordinator_id=self.coordinator_id)
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -223,7 +223,14 @@ class LLMEngine:
             self._planned = None
         return self._planned.num_tokens if self._planned is not None else 0
 
-    def execute(self, pad_to: int | None = None) -> list[TokenDelta]:
+    @property
+    def planned(self) -> ScheduledBatch | None:
+        """The batch schedule() planned and execute() will run (None: nothing planned)."""
+        return self._planned
+
+    def execute(self, pad_to: int | None = None, on_launched: Any = None) -> list[TokenDelta]:
+        """on_launched(): called once the step is queued on the device, before its tokens are read (the rank
+        loop tells the coordinator its next plan then, while the device works)."""
         batch, self._planned = self._planned, None
         self.num_steps += 1
         if batch is not None and any(s.is_finished for s in batch.seqs):
@@ -234,6 +241,8 @@ class LLMEngine:
         if batch is None:
             self.num_dummy_steps += 1
             self.runner.execute_dummy(pad_to or 1)
+            if on_launched is not None:
+                on_launched()
             return []
         if any(wants_prompt_logprobs(s) for s in batch.seqs):
             rows, plan = prompt_rows(batch)
@@ -242,6 +251,8 @@ class LLMEngine:
                 record_prompt_logprobs(self.model, hidden, plan)
                 return self._process(batch, logits)
         logits = self.runner.execute(batch, pad_to or 0)
+        if on_launched is not None:
+            on_launched()
         return self._process(batch, logits)
 
     def padded_size(self, num_tokens: int) -> int:

@@ -4,8 +4,11 @@ Lockstep (EP on): schedule -> StepReport -> wait for StepCommand (taking request
 that gets one schedules again and re-reports the same step) -> execute(pad_to) -> outputs to the front end.
 Free-running (no EP): take requests, step, send outputs; report load whenever it changes.
 Outputs go straight to the front end; the coordinator only sees reports.
-Liveness: a rank sends a StatsReport at least every HEARTBEAT_INTERVAL_S while it is between steps; the
-coordinator takes a long silence as a hang. Every message carries this incarnation's epoch (messages.py).
+Liveness: a heartbeat thread (runtime/heartbeat.py) beats every HEARTBEAT_INTERVAL_S, also inside a long
+step, with a progress counter that moves between layers: the coordinator tells busy from hung. Between steps
+the loop also sends a StatsReport that often, and, while it waits for a command, its step report again (a
+restarted coordinator learns the step from it). Every message carries this incarnation's epoch (messages.py).
+Under lockstep each command also says how many tokens the next step may schedule (the mixed-step budget).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from runtime.config import EngineConfig
+from runtime.config import ConfigError, EngineConfig
+from runtime.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
+from runtime.lookahead import estimate_next_step
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
     AbortRequest,
@@ -31,6 +36,7 @@ from runtime.messages import (
     StatsReport,
     StepCommand,
     StepReport,
+    Sync,
     TokenDelta,
     decode_or_drop,
     encode,
@@ -58,8 +64,11 @@ class _Stop(Exception):
 
 class EngineLoop:
     def __init__(self, engine: Engine, rank: int, addrs: Addresses, lockstep: bool, stats_interval: float = 5.0,
-                 expert_stats: Any = None, ctx: zmq.Context | None = None, epoch: int = 0) -> None:
+                 expert_stats: Any = None, ctx: zmq.Context | None = None, epoch: int = 0,
+                 lookahead: bool = False) -> None:
         self.engine = engine
+        self.lookahead = lookahead  # runtime/lookahead.py (lockstep only)
+        self.next_budget = 0  # the last command's next_token_budget
         self.rank = rank
         self.epoch = epoch  # the rank group's incarnation: the elastic launcher's restart count
         self.lockstep = lockstep
@@ -78,6 +87,12 @@ class EngineLoop:
         self.next_heartbeat = time.monotonic()
         self.last_load: tuple[int, int, int] | None = None
         self.step_id = 0
+        self.progress = Progress()
+        model = getattr(engine, "model", None)
+        if model is not None:
+            attach_layer_hooks(model, self.progress)
+        self.heartbeat = HeartbeatThread(self.ctx, addrs.to_coordinator, rank, epoch, self.progress)
+        self.num_decode_tokens = 0  # of the planned step
 
     # ---- messages ----
     def _handle(self, msg: object) -> StepCommand | None:
@@ -88,6 +103,8 @@ class EngineLoop:
                 logger.info("rank %d: dropped request %s of epoch %d", self.rank, msg.request_id, msg.epoch)
                 return None
             self.num_requests_received += 1
+            if msg.resend and msg.request_id in getattr(self.engine, "requests", ()):
+                return None  # re-sent after a coordinator restart, and it had reached this rank: already running
             try:
                 self.engine.add_request(msg)
             except ValueError as e:  # the engine's RequestError: tell the client, keep serving
@@ -99,6 +116,8 @@ class EngineLoop:
             self.engine.abort_requests(msg.request_ids)
         elif isinstance(msg, Shutdown):
             raise _Stop
+        elif isinstance(msg, Sync):
+            self._maybe_send_stats(force=True, synced=True)
         elif isinstance(msg, StepCommand):
             if msg.epoch != self.epoch:
                 logger.warning("rank %d: ignored a step command of epoch %d (this is %d)", self.rank, msg.epoch,
@@ -125,34 +144,60 @@ class EngineLoop:
         if outputs:
             self.to_frontend.send(encode(OutputBatch(rank=self.rank, outputs=outputs, epoch=self.epoch)), copy=False)
 
-    def _report(self, num_tokens: int, is_decode: bool = False) -> None:
+    def _schedule(self) -> int:
+        num_tokens = self.engine.schedule()
+        planned = getattr(self.engine, "planned", None)
+        self.num_decode_tokens = sum(n == 1 for n in planned.num_new_tokens) if planned is not None else 0
+        return num_tokens
+
+    def _report(self, num_tokens: int, is_decode: bool = False, step_id: int | None = None) -> None:
         s = self.engine.stats()
         self.last_load = (s.num_running, s.num_waiting, self.num_requests_received)
         self.to_coordinator.send(encode(StepReport(
-            rank=self.rank, step_id=self.step_id, num_tokens=num_tokens, is_decode=is_decode,
+            rank=self.rank, step_id=self.step_id if step_id is None else step_id, num_tokens=num_tokens,
+            is_decode=is_decode,
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
-            num_requests_received=self.num_requests_received, epoch=self.epoch)))
+            num_requests_received=self.num_requests_received, epoch=self.epoch,
+            num_decode_tokens=self.num_decode_tokens if num_tokens else 0)))
 
-    def _maybe_send_stats(self, force: bool = False, first: bool = False) -> None:
+    def _set_token_budget(self, num_tokens: int) -> None:
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is not None:
+            scheduler.step_token_budget = num_tokens
+
+    def _maybe_send_stats(self, force: bool = False, first: bool = False, synced: bool = False) -> bool:
+        """True if it sent one (a heartbeat is due)."""
         now = time.monotonic()
         full = force or now >= self.next_stats
         if not full and now < self.next_heartbeat:
-            return
+            return False
         self.next_heartbeat = now + HEARTBEAT_INTERVAL_S
         expert = None
         if full:  # the expert snapshot reads device counters: only at the stats interval, not every heartbeat
             self.next_stats = now + self.stats_interval
             expert = self.expert_stats.snapshot(self.rank) if self.expert_stats is not None else None
-        hello = dict(pid=os.getpid(), hostname=socket.gethostname()) if first else {}
+        # where the rank runs, every time: a restarted coordinator must be able to kill a hung rank too
         self.to_coordinator.send(encode(StatsReport(stats=self.engine.stats(), expert=expert, first=first,
-                                                    epoch=self.epoch, **hello)))
+                                                    epoch=self.epoch, pid=os.getpid(), hostname=socket.gethostname(),
+                                                    num_requests_received=self.num_requests_received, synced=synced,
+                                                    request_ids=list(getattr(self.engine, "requests", ()))
+                                                    if synced else [])))
+        return True
 
     def _until_stats(self) -> float:
         return max(0.0, min(self.next_stats, self.next_heartbeat) - time.monotonic())
 
-    def _execute(self, num_real_tokens: int, pad_to: int | None) -> None:
+    def _execute(self, num_real_tokens: int, pad_to: int | None, on_launched: Any = None) -> None:
         t0 = self.expert_stats.begin_step() if self.expert_stats is not None else None
-        outputs = self.engine.execute(pad_to=pad_to)
+        # the batch, not its ids: the heartbeat thread lists them only when it beats (once a second)
+        self.progress.begin(self.step_id, getattr(self.engine, "planned", None), num_real_tokens)
+        try:
+            if on_launched is None:
+                outputs = self.engine.execute(pad_to=pad_to)
+            else:
+                outputs = self.engine.execute(pad_to=pad_to, on_launched=on_launched)  # type: ignore[call-arg]
+        finally:
+            self.progress.end()
         if self.expert_stats is not None:
             self.expert_stats.end_step(t0)
         self._send_outputs(outputs)
@@ -166,14 +211,18 @@ class EngineLoop:
     # ---- loops ----
     def run(self) -> None:
         self._maybe_send_stats(force=True, first=True)  # the coordinator's "ready"
+        self.heartbeat.start()
         try:
-            if self.lockstep:
+            if self.lockstep and self.lookahead:
+                self._run_lookahead()
+            elif self.lockstep:
                 self._run_lockstep()
             else:
                 self._run_free()
         except _Stop:
             logger.info("rank %d: shutdown", self.rank)
         finally:
+            self.heartbeat.stop()
             self.ctx.destroy(linger=2000)
 
     def _run_lockstep(self) -> None:
@@ -181,11 +230,12 @@ class EngineLoop:
             while (msg := self._recv(0)) is not None:
                 if self._handle(msg) is not None:
                     raise RuntimeError(f"rank {self.rank}: a StepCommand arrived before this rank reported")
-            num_tokens = self.engine.schedule()
+            num_tokens = self._schedule()
             self._report(num_tokens)
             cmd = None
             while cmd is None:
-                self._maybe_send_stats()
+                if self._maybe_send_stats():
+                    self._report(num_tokens)  # again: a coordinator that restarted meanwhile needs it
                 msg = self._recv(self._until_stats())
                 if msg is None:
                     continue
@@ -193,7 +243,7 @@ class EngineLoop:
                 cmd = self._handle(msg)
                 if cmd is None and num_tokens == 0 and self.num_requests_received != received:
                     # woken while idle: plan again and tell the coordinator (same step id)
-                    num_tokens = self.engine.schedule()
+                    num_tokens = self._schedule()
                     self._report(num_tokens)
             if cmd.step_id != self.step_id:
                 raise RuntimeError(f"rank {self.rank}: got the command of step {cmd.step_id}, "
@@ -201,6 +251,54 @@ class EngineLoop:
             if cmd.dummy and num_tokens > 0:
                 raise RuntimeError(f"rank {self.rank}: told to run a dummy step with {num_tokens} tokens planned")
             self._execute(num_tokens, self._agreed_size(cmd.pad_to))
+            self._set_token_budget(cmd.next_token_budget)
+            self.step_id += 1
+            self._maybe_send_stats()
+
+    def _estimate(self, batch: Any) -> int:
+        num_tokens, self.num_decode_tokens = estimate_next_step(self.engine.scheduler, batch,  # type: ignore[attr-defined]
+                                                                self.next_budget)
+        return num_tokens
+
+    def _run_lookahead(self) -> None:
+        """Lockstep with the next plan reported while the device runs this step (runtime/lookahead.py): the
+        reports are estimates; the rank schedules once the command is there, within its pad_to."""
+        scheduler = self.engine.scheduler  # type: ignore[attr-defined]
+        cmd: StepCommand | None = None
+        reported: int | None = None  # the estimate last sent for self.step_id
+        while True:
+            while (msg := self._recv(0)) is not None:
+                cmd = self._handle(msg) or cmd  # the command may be here already: it was sent during the step
+            if cmd is None and (estimate := self._estimate(None)) != reported:
+                self._report(estimate)  # less to do than estimated, or woken by a request: same step id
+                reported = estimate
+            while cmd is None:
+                if self._maybe_send_stats():
+                    self._report(reported or 0)  # again: a coordinator that restarted meanwhile needs it
+                msg = self._recv(self._until_stats())
+                if msg is None:
+                    continue
+                cmd = self._handle(msg)
+                if cmd is None and (estimate := self._estimate(None)) != reported:
+                    self._report(estimate)
+                    reported = estimate
+            if cmd.step_id != self.step_id:
+                raise RuntimeError(f"rank {self.rank}: got the command of step {cmd.step_id}, "
+                                   f"expected {self.step_id}")
+            # never more than every rank agreed on; what does not fit waits for the next step
+            scheduler.step_token_budget = min(self.next_budget or cmd.pad_to, cmd.pad_to)
+            num_tokens = self._schedule()
+            planned = getattr(self.engine, "planned", None)
+            self.next_budget = cmd.next_token_budget
+            pad_to = self._agreed_size(cmd.pad_to)
+            cmd = None
+
+            def report_next(batch: Any = planned) -> None:
+                nonlocal reported
+                reported = self._estimate(batch)
+                self._report(reported, step_id=self.step_id + 1)
+
+            self._execute(num_tokens, pad_to, on_launched=report_next)
             self.step_id += 1
             self._maybe_send_stats()
 
@@ -243,6 +341,7 @@ def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tu
 def engine_main(config_json: str, addrs_json: str) -> None:
     """Entry of one rank (torchrun worker or elastic-launcher worker); the env says which rank and which
     incarnation of the group this is (TORCHELASTIC_RESTART_COUNT, the same on every rank)."""
+    from runtime.config_agreement import check_group_agreement
     from runtime.parallel import destroy_parallel, init_parallel
 
     # the launcher's death (kill -9 included) takes this rank with it; Ctrl-C / SIGTERM end it at once with a
@@ -260,6 +359,12 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     set_title(engine_title(parallel))
     stopped: StopSignal | None = None
     try:
+        # before the model's first collective: refuse settings that would make the ranks' collectives differ
+        try:
+            check_group_agreement(config, parallel)
+        except ConfigError as e:
+            logger.error("rank %d: error: %s", parallel.rank, e)  # one line, no traceback
+            raise SystemExit(2) from None
         # only TP rank 0 reports statistics, so only it times its steps
         timed = config.expert_stats_file is not None and parallel.is_tp_leader
         engine, expert_stats = build_engine(config, parallel, timed=timed)
@@ -269,10 +374,11 @@ def engine_main(config_json: str, addrs_json: str) -> None:
             return
         if expert_stats is not None and parallel.is_ep and parallel.tp_size > 1:
             expert_stats.merge = engine.runner.sum_over_tp  # report the whole engine's routing, not one slice
+        engine.scheduler.mixed_step_token_budget = config.mixed_step_token_budget  # served ranks only
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         EngineLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
-                   expert_stats=expert_stats, epoch=epoch).run()
+                   expert_stats=expert_stats, epoch=epoch, lookahead=config.lockstep_lookahead).run()
         engine.runner.stop_followers()
     except StopSignal as stop:
         logger.info("rank %d: %s, exiting", parallel.rank, stop)

@@ -2,10 +2,10 @@
 
 Sockets (ZMQ):
   front end  --PUSH-->  coordinator      AddRequest / AbortRequest
-  coordinator --PUSH--> engine rank r     AddRequest / AbortRequest / StepCommand / Shutdown
-  engine rank --PUSH--> coordinator      StepReport (after scheduling), StatsReport
+  coordinator --PUSH--> engine rank r     AddRequest / AbortRequest / StepCommand / Shutdown / Sync
+  engine rank --PUSH--> coordinator      StepReport (after scheduling), StatsReport, Heartbeat (own thread)
   engine rank --PUSH--> front end        OutputBatch (tokens, straight, not through the coordinator)
-  coordinator --PUSH--> front end        ClusterStats, EngineDead
+  coordinator --PUSH--> front end        ClusterStats, EngineDead, RankHung
 
 Who binds: the front end binds to_frontend; the coordinator binds to_coordinator and every to_engines[r];
 engine ranks only connect. So every bound address lives on the node of rank 0 and multi-node works with
@@ -44,6 +44,10 @@ class AddRequest(msgspec.Struct, tag=True):
     # Resumption after an engine restart: tokens already generated, and the seed stream offset.
     num_generated_before: int = 0
     epoch: int = 0  # the newest rank-group incarnation the front end knew when it sent this
+    data_parallel_rank: int | None = None  # the client's explicit placement (vLLM's field), else routed
+    # sent again after a coordinator restart, when it may already have reached a rank: a rank that holds the
+    # id already ignores it instead of refusing a duplicate
+    resend: bool = False
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -55,10 +59,17 @@ class StepCommand(msgspec.Struct, tag=True):
     pad_to: int  # tokens every rank pads its batch to (same CUDA-graph bucket everywhere)
     dummy: bool  # this rank has no work: run only the collectives
     epoch: int = 0
+    # tokens the rank may schedule for its NEXT step (0: its own --max-num-batched-tokens). Under lockstep a
+    # rank's prefill chunk sets every rank's step size, so while some rank decodes the coordinator caps it
+    next_token_budget: int = 0
 
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
+
+
+class Sync(msgspec.Struct, tag=True):
+    """A (re)started coordinator asks each rank for a StatsReport with synced=True and the ids it holds."""
 
 
 class StepReport(msgspec.Struct, tag=True):
@@ -73,6 +84,22 @@ class StepReport(msgspec.Struct, tag=True):
     kv_usage: float = 0.0
     num_requests_received: int = 0
     epoch: int = 0
+    num_decode_tokens: int = 0  # of num_tokens, one-token decodes (the rest is prefill)
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    """Sent by a rank's heartbeat thread every HEARTBEAT_INTERVAL_S, also in the middle of a long step, so
+    the coordinator tells a busy rank (progress moves) from a hung one (silent, or busy with no progress)."""
+
+    rank: int
+    epoch: int
+    step_id: int
+    busy: bool  # inside execute()
+    progress: int  # layers + steps run since start: moves between layers while a step runs
+    request_ids: list[str] = []  # the requests of the step in progress (busy only)
+    pid: int = 0
+    hostname: str = ""
+    num_tokens: int = 0  # tokens of the step in progress (busy only): the biggest step is blamed for a stall
 
 
 class TokenDelta(msgspec.Struct):
@@ -134,6 +161,9 @@ class StatsReport(msgspec.Struct, tag=True):
     # where the rank runs, so a coordinator on the same host can kill a rank that stopped answering
     pid: int = 0
     hostname: str = ""
+    num_requests_received: int = 0  # cumulative, as in StepReport: a restarted coordinator starts counting here
+    synced: bool = False  # the answer to Sync: request_ids are every request the rank holds
+    request_ids: list[str] = []
 
 
 class ClusterStats(msgspec.Struct, tag=True):
@@ -147,6 +177,17 @@ class ClusterStats(msgspec.Struct, tag=True):
     # per rank, cumulative: all2all bytes sent, and what the allgather backend would have sent (expert parallel)
     all2all_bytes_sent: list[int] = []
     all2all_allgather_bytes: list[int] = []
+    coordinator_id: int = 0  # changes when the coordinator restarts: requests it held may be lost
+
+
+class RankHung(msgspec.Struct, tag=True):
+    """The coordinator killed a rank that made no progress; request_ids were in its step. The front end
+    re-submits such a request once; hung twice, it fails (it would take every restart down with it)."""
+
+    rank: int
+    epoch: int
+    request_ids: list[str]
+    reason: str
 
 
 class EngineDead(msgspec.Struct, tag=True):
@@ -155,8 +196,8 @@ class EngineDead(msgspec.Struct, tag=True):
     reason: str
 
 
-Message = (AddRequest | AbortRequest | StepCommand | Shutdown | StepReport | OutputBatch | StatsReport | ClusterStats
-           | EngineDead)
+Message = (AddRequest | AbortRequest | StepCommand | Shutdown | Sync | StepReport | OutputBatch | StatsReport
+           | ClusterStats | EngineDead | Heartbeat | RankHung)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -43,6 +43,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # set by the rank loop under lockstep: the coordinator's cap on the next step's tokens (0: none)
+        self.step_token_budget = 0
+        # while sequences decode, a step takes at most this many tokens (0: no cap), so a long prompt is
+        # prefilled in chunks between their tokens instead of stalling them for one huge step
+        self.mixed_step_token_budget = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -53,6 +58,12 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        if self.step_token_budget > 0:
+            budget = min(budget, self.step_token_budget)
+        if self.mixed_step_token_budget > 0:
+            num_decodes = sum(1 for s in self.running if s.num_uncomputed_tokens == 1)
+            if num_decodes:
+                budget = min(budget, max(self.mixed_step_token_budget, num_decodes))
         bm = self.block_manager
 
         # 1. running sequences, decodes first (a decode is one token; a partial prefill takes a chunk)

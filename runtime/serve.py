@@ -34,6 +34,7 @@ from collections.abc import Mapping
 import msgspec
 
 from runtime.config import ConfigError, EngineConfig
+from runtime.control_watch import ControlPlaneWatch
 from runtime.messages import SECRET_ENV, Addresses, secret_from_env, use_secret
 from runtime.procs import check_port_free, exit_now, loopback_worker_store, set_title, torchrun_secret
 
@@ -142,7 +143,8 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
     spec = CoordinatorSpec(num_ranks=config.data_parallel_size, lockstep=lockstep,
                            log_stats=not config.disable_log_stats, log_stats_interval=config.log_stats_interval,
                            expert_stats_file=config.expert_stats_file, watch_pid=watch_pid, max_restarts=max_restarts,
-                           hang_timeout_s=config.engine_hang_timeout)
+                           hang_timeout_s=config.engine_hang_timeout, routing=config.dp_routing,
+                           block_size=config.block_size, mixed_step_token_budget=config.mixed_step_token_budget)
     env = _cpu_only_env()
     procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]
@@ -156,6 +158,13 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
                                        .decode(), msgspec.json.encode(addrs).decode()], env=env,
                                       start_new_session=True))
     return procs
+
+
+def watch_control_plane(procs: list[subprocess.Popen]) -> ControlPlaneWatch:
+    """Restart the coordinator / API server when one dies (runtime/control_watch.py)."""
+    watch = ControlPlaneWatch(procs, ["coordinator", "API server"][: len(procs)], _cpu_only_env())
+    watch.start()
+    return watch
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
@@ -224,6 +233,7 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                 watch_pid=os.getpid(), max_restarts=config.max_restarts)
     stopped = False
+    watch = watch_control_plane(procs)
     try:
         launch_ranks(config, addrs)
     except KeyboardInterrupt:
@@ -236,12 +246,14 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         elif type(e).__name__ == "ChildFailedError":
             print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
                   "the first failure's traceback is above", file=sys.stderr)
+            watch.stop()  # what stops now stays stopped
             _fail_clients(procs, addrs, f"the engine ranks failed and the restart budget (--max-restarts "
                                         f"{config.max_restarts}) is spent")
             sys.exit(1)
         else:
             raise
     finally:
+        watch.stop()
         stop_processes(procs)
         if ipc_dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -289,6 +301,8 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     if starts_control_plane(env):
         procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                     watch_pid=os.getppid(), max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
+    # only while this first rank 0 lives (a restarted rank 0 does not own the control plane)
+    watch = watch_control_plane(procs) if procs else None
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # torchrun stops workers with SIGTERM: unwind, so rank 0 stops its children
@@ -301,6 +315,8 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
         code = e.code
         raise
     finally:
+        if watch is not None:
+            watch.stop()
         if isinstance(code, int) and code > 128:
             # stopped by a signal: the control plane (own session) finishes its shutdown while torchrun tears
             # down; this rank skips the interpreter's teardown

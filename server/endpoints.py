@@ -177,7 +177,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
     echo = [text if text is not None else serving.decode(ids) for text, ids in prompts] if req.echo else None
     want_logprobs = req.logprobs is not None
     name = serving.token_namer(req.return_tokens_as_token_ids)
-    group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens)
+    group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens, req.data_parallel_rank)
     release = _release(serving, group, choices)
     model = req.model or serving.model_name  # the name the client used (check_model accepted it)
 
@@ -298,7 +298,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
         return ChatOutput(serving.reasoning_parser, in_think, plan, serving.tool_call_parser)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     name = serving.token_namer(req.return_tokens_as_token_ids)
-    group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens])
+    group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens], req.data_parallel_rank)
     release = _release(serving, group, choices)
     model = req.model or serving.model_name  # the name the client used (check_model accepted it)
 

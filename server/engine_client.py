@@ -20,6 +20,7 @@ from runtime.messages import (
     ClusterStats,
     EngineDead,
     OutputBatch,
+    RankHung,
     TokenDelta,
     decode,
     encode,
@@ -43,6 +44,8 @@ class InFlight:
     generated_token_ids: list[int] = field(default_factory=list)
     first_token_time: float | None = None
     epoch: int = 0  # the rank-group incarnation it was last submitted to
+    data_parallel_rank: int | None = None
+    num_hangs: int = 0  # times a rank was killed for a hang while this request was in its step
 
 
 class RequestGroup:
@@ -73,6 +76,8 @@ class RequestGroup:
                 self.unfinished.discard(delta.request_id)
         for delta in deltas:
             if delta.error is not None:
+                if delta.request_id in self.client.hung:
+                    raise APIError(delta.error, status_code=500, type="server_error", code="engine_hang")
                 if self.client.dead is not None:
                     raise APIError(
                         f"the engine is unavailable: {delta.error}",
@@ -110,6 +115,9 @@ class EngineClient:
         self.num_restarts_seen = 0
         self.num_stale_outputs = 0  # outputs of a dead incarnation, dropped
         self.dead: str | None = None  # why the engine ranks are gone for good
+        self.coordinator_id = 0  # of the coordinator process last heard; a new one may have lost requests
+        self.hung: set[str] = set()  # requests failed for taking ranks down twice (their error is a 500)
+        self.num_failed_hung = 0
         self.on_fatal: Callable[[str], None] | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._push: zmq.asyncio.Socket | None = None
@@ -153,7 +161,9 @@ class EngineClient:
 
     # ------------------------------------------------------------ requests
 
-    def open(self, requests: list[tuple[str, list[int], SamplingParams]]) -> RequestGroup:
+    def open(
+        self, requests: list[tuple[str, list[int], SamplingParams]], data_parallel_rank: int | None = None
+    ) -> RequestGroup:
         """Admits and submits a group of engine requests; 503 when the queue is full or the engines are gone.
         While the ranks restart, requests wait in the coordinator's queue (bounded here as always)."""
         if self.dead is not None:
@@ -179,15 +189,29 @@ class EngineClient:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
+        num_ranks = len(self.addrs.to_engines)
+        if data_parallel_rank is not None and not 0 <= data_parallel_rank < num_ranks:
+            raise APIError(
+                f"data_parallel_rank: {data_parallel_rank} is out of range; this deployment has "
+                f"{num_ranks} data-parallel rank(s): 0..{num_ranks - 1}",
+                param="data_parallel_rank",
+            )
         group = RequestGroup(self, [rid for rid, _, _ in requests])
         now = time.time()
         try:
             for rid, prompt_ids, params in requests:
-                self.in_flight[rid] = InFlight(rid, prompt_ids, params, group, now, epoch=self.epoch)
+                self.in_flight[rid] = InFlight(
+                    rid, prompt_ids, params, group, now, epoch=self.epoch, data_parallel_rank=data_parallel_rank
+                )
                 self.num_waiting_first_token += 1
                 self._send(
                     AddRequest(
-                        request_id=rid, prompt_token_ids=prompt_ids, params=params, arrival_time=now, epoch=self.epoch
+                        request_id=rid,
+                        prompt_token_ids=prompt_ids,
+                        params=params,
+                        arrival_time=now,
+                        epoch=self.epoch,
+                        data_parallel_rank=data_parallel_rank,
                     )
                 )
         except BaseException:
@@ -213,6 +237,7 @@ class EngineClient:
                     arrival_time=req.arrival_time,
                     num_generated_before=len(req.generated_token_ids),
                     epoch=self.epoch,
+                    data_parallel_rank=req.data_parallel_rank,
                 )
             )
         self.num_resubmitted += len(lost)
@@ -225,6 +250,49 @@ class EngineClient:
         self.epoch = epoch
         self.num_restarts_seen = max(self.num_restarts_seen, epoch)
         self.resubmit_in_flight(older_than=epoch)
+
+    def _coordinator_restarted(self) -> None:
+        """A new coordinator process: requests it had queued, or that were on their way through it, are lost.
+        Those with no output yet are sent again, marked resend (the one that reached a rank is not run twice);
+        the others are running on a rank and stream on."""
+        waiting = [r for r in self.in_flight.values() if r.first_token_time is None]
+        for req in waiting:
+            self._send(
+                AddRequest(
+                    request_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    params=req.params,
+                    arrival_time=req.arrival_time,
+                    epoch=self.epoch,
+                    data_parallel_rank=req.data_parallel_rank,
+                    resend=True,
+                )
+            )
+        log.warning("the coordinator restarted: re-sent %d requests that had no output yet", len(waiting))
+
+    def _rank_hung(self, msg: RankHung) -> None:
+        """A rank was killed for a hang. Its step's requests are re-submitted with the others after the restart,
+        once: a request in the step of a second hang fails, or it would spend the whole restart budget."""
+        for rid in msg.request_ids:
+            req = self.in_flight.get(rid)
+            if req is None:
+                continue
+            req.num_hangs += 1
+            if req.num_hangs < 2:
+                continue
+            self._forget(rid)
+            self.hung.add(rid)
+            self.num_failed_hung += 1
+            log.error("request %s was in the step of two hung engine ranks: failed, not retried", rid)
+            req.group.queue.put_nowait(
+                TokenDelta(
+                    request_id=rid,
+                    new_token_ids=[],
+                    finish_reason="abort",
+                    error=f"the request was running when an engine rank hung, twice ({msg.reason}); it is not "
+                    "retried: shorten the prompt, or raise --engine-hang-timeout if such steps are expected",
+                )
+            )
 
     def _fail(self, reason: str) -> None:
         """The ranks cannot come back: every waiting request ends with a 503 error, new ones get 503."""
@@ -250,6 +318,7 @@ class EngineClient:
         group.unfinished.clear()
         for rid in group.request_ids:
             self._forget(rid)
+            self.hung.discard(rid)
 
     def _forget(self, request_id: str) -> bool:
         req = self.in_flight.pop(request_id, None)
@@ -284,6 +353,10 @@ class EngineClient:
                         self._new_epoch(msg.epoch)
                     self._route(msg)
                 elif isinstance(msg, ClusterStats):
+                    if msg.coordinator_id != self.coordinator_id:
+                        if self.coordinator_id != 0:
+                            self._coordinator_restarted()
+                        self.coordinator_id = msg.coordinator_id
                     if msg.epoch > self.epoch:
                         self._new_epoch(msg.epoch)
                     elif self.stats is not None and msg.num_engine_restarts > self.num_restarts_seen:
@@ -292,6 +365,8 @@ class EngineClient:
                     self.stats, self.stats_time = msg, time.time()
                     if self.on_stats is not None:
                         self.on_stats(msg)
+                elif isinstance(msg, RankHung):
+                    self._rank_hung(msg)
                 elif isinstance(msg, EngineDead):
                     self._fail(msg.reason)
                 else:

@@ -114,6 +114,8 @@ class _SamplingFields(_Strict):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # refused with a 400 when true (server/structured.py: refuse_unsupported)
     use_beam_search: bool = False
+    # vLLM's: run on this data-parallel rank (0..N-1; checked against the deployment), not routed
+    data_parallel_rank: int | None = Field(None, ge=0)
 
 
 class CompletionRequest(_SamplingFields):

@@ -223,7 +223,13 @@ class Serving:
     # ------------------------------------------------------------ running
 
     def open(
-        self, request_id: str, prompts: list[list[int]], n: int, params: SamplingParams, max_tokens: list[int]
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        max_tokens: list[int],
+        data_parallel_rank: int | None = None,
     ) -> tuple[RequestGroup, list[Choice]]:
         now = time.time()
         choices: list[Choice] = []
@@ -235,7 +241,9 @@ class Serving:
                     IncrementalDetokenizer(self._detok_tokenizer, ids, child) if self.tokenizer is not None else None
                 )
                 choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detok, now))
-        group = self.client.open([(c.request_id, c.prompt_token_ids, c.params) for c in choices])
+        group = self.client.open(
+            [(c.request_id, c.prompt_token_ids, c.params) for c in choices], data_parallel_rank
+        )
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
         for ids in prompts:
             self.metrics.vllm.on_prompt(len(ids))

@@ -61,6 +61,8 @@ BAD = [
     ({"model": "fake", "prompt": "hi", "length_penalty": 2.0}, 400, "length_penalty"),
     ({"model": "fake", "prompt": "hi", "logits_processors": ["x"]}, 400, "logits_processors"),
     ({"model": "fake", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"model": "fake", "prompt": "hi", "data_parallel_rank": 5}, 400, "data_parallel_rank"),
+    ({"model": "fake", "prompt": "hi", "data_parallel_rank": -1}, 400, "data_parallel_rank"),
 ]
 
 BAD_CHAT = [
