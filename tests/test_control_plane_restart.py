@@ -13,22 +13,28 @@ import httpx
 import pytest
 
 from tests.test_crash_recovery import MAX_TOKENS, PROMPTS, _health, _stream, checkpoint, offline, served  # noqa: F401
-from tests.test_serve import _pids_with
+from tests.test_serve import _cmdline, process_tree
 
 pytestmark = pytest.mark.slow
 
 
-def _pid_of(srv, marker: bytes) -> int:  # noqa: ANN001
-    run_dir = os.path.dirname(srv.log_path).encode()
-    pids = [p for p in _pids_with(marker) if p in _pids_with(run_dir)]
-    assert len(pids) == 1, f"{marker!r}: {pids}"
+def _pid_of(srv, title: bytes) -> int:  # noqa: ANN001
+    """The deployment's one process with this title (moe-rt: coordinator / moe-rt: api-server)."""
+    pids = []
+    for pid in process_tree(srv.proc.pid):
+        try:
+            if _cmdline(pid).rstrip(b"\0") == title:
+                pids.append(pid)
+        except OSError:
+            pass
+    assert len(pids) == 1, f"{title!r}: {pids}"
     return pids[0]
 
 
 def test_kill_coordinator_then_api_server_both_come_back(checkpoint: str) -> None:  # noqa: F811
     with served(checkpoint, max_restarts=1) as srv:
         expected = offline(checkpoint)[0]
-        old = _pid_of(srv, b"runtime.coordinator")
+        old = _pid_of(srv, b"moe-rt: coordinator")
         times: list[float] = []
 
         async def kill_when_busy() -> None:
@@ -50,11 +56,11 @@ def test_kill_coordinator_then_api_server_both_come_back(checkpoint: str) -> Non
                                f"{expected[mismatched[0]]!r}"
         assert [n for _, n in results] == [MAX_TOKENS] * len(PROMPTS)
         assert after == [(expected[i], MAX_TOKENS) for i in range(4)]
-        assert _pid_of(srv, b"runtime.coordinator") != old
+        assert _pid_of(srv, b"moe-rt: coordinator") != old
         assert "the coordinator (pid" in srv.log() and "restarting it" in srv.log()
 
         # 2. the API server: a new one serves within 10 s
-        old = _pid_of(srv, b"api_server_main")
+        old = _pid_of(srv, b"moe-rt: api-server")
         os.kill(old, signal.SIGKILL)
         t0 = time.monotonic()
         while True:
@@ -69,5 +75,5 @@ def test_kill_coordinator_then_api_server_both_come_back(checkpoint: str) -> Non
             time.sleep(0.2)
         print(f"\napi_server_back_s={time.monotonic() - t0:.2f}")
         assert r.json()["choices"][0]["text"] == expected[0][: len(r.json()["choices"][0]["text"])]
-        assert _pid_of(srv, b"api_server_main") != old
+        assert _pid_of(srv, b"moe-rt: api-server") != old
         assert _health(srv.base_url) == (200, "ok")
