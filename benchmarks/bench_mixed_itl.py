@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from runtime.messages import (  # noqa: E402
+    SECRET_ENV,
     AbortRequest,
     AddRequest,
     Addresses,
@@ -34,6 +36,7 @@ from runtime.messages import (  # noqa: E402
     OutputBatch,
     decode,
     encode,
+    use_secret,
 )
 from runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -61,8 +64,12 @@ def run_once(model: str, budget: int, long_len: int, device: str = "cpu", timeou
                "--mixed-step-token-budget", str(budget), "--log-stats-interval", "1", *(extra or [])]
         if device == "cpu":
             cmd += ["--kv-cache-memory", str(256 << 20)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # this script is the deployment's front end: it shares the secret every frame is signed with
+        secret = secrets.token_hex(16)
+        use_secret(secret)
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{SECRET_ENV: secret})
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
         times: dict[str, list[float]] = {"stream": [], "long": []}
         health: list[tuple[float, bool]] = []  # the coordinator's verdict over time (/health follows it)
         deadline = time.monotonic() + timeout_s

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +28,16 @@ import zmq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from runtime.messages import AddRequest, Addresses, ClusterStats, OutputBatch, decode, encode  # noqa: E402
+from runtime.messages import (  # noqa: E402
+    SECRET_ENV,
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    OutputBatch,
+    decode,
+    encode,
+    use_secret,
+)
 from runtime.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -50,8 +60,12 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
                "--log-stats-interval", "0.5", *(extra or [])]
         if device == "cpu":
             cmd += ["--kv-cache-memory", str(64 << 20)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # this script is the deployment's front end: it shares the secret every frame is signed with
+        secret = secrets.token_hex(16)
+        use_secret(secret)
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{SECRET_ENV: secret})
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
         history = [list(system) for _ in range(conversations)]
         answer: dict[str, list[int]] = {}
         ranks: dict[tuple[int, int], int] = {}
