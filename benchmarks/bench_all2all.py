@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.all2all import AllGatherBackend  # noqa: E402
-from runtime.all2all_sparse import SparseBackend  # noqa: E402
-from runtime.parallel import ParallelState  # noqa: E402
+from runtime.distributed.all2all import AllGatherBackend  # noqa: E402
+from runtime.distributed.all2all_sparse import SparseBackend  # noqa: E402
+from runtime.distributed.parallel import ParallelState  # noqa: E402
 
 
 class _Loopback:

@@ -31,11 +31,11 @@ import zmq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_e2e import QWEN3_30B_A3B  # noqa: E402
+from runtime.cluster.coordinator import CoordinatorSpec  # noqa: E402
+from runtime.cluster.rank_loop import RankLoop, build_engine  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
-from runtime.coordinator import CoordinatorSpec  # noqa: E402
-from runtime.engine_proc import EngineLoop, build_engine  # noqa: E402
+from runtime.distributed.parallel import single_rank  # noqa: E402
 from runtime.messages import AbortRequest, AddRequest, Addresses, OutputBatch, decode, encode  # noqa: E402
-from runtime.parallel import single_rank  # noqa: E402
 from runtime.sampling_params import SamplingParams  # noqa: E402
 from tests.tiny import write_tokenizer  # noqa: E402
 
@@ -93,7 +93,8 @@ def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: st
         addrs = Addresses.ipc(d, 1)
         cpu_env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
         spec = CoordinatorSpec(num_ranks=1, lockstep=lockstep, log_stats=False, log_stats_interval=1.0)
-        coord = subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
+        coord = subprocess.Popen([sys.executable, "-m", "runtime.cluster.coordinator",
+                                  msgspec.json.encode(spec).decode(),
                                   msgspec.json.encode(addrs).decode()], env=cpu_env)
         result_path = os.path.join(d, "frontend.json")
         front = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--frontend",
@@ -102,7 +103,7 @@ def bench_sockets(engine, stats, batch: int, steps: int, lockstep: bool, tag: st
                                  env=cpu_env)
         steps_before = engine.num_steps
         # runs until the front end stops the coordinator, which then sends Shutdown
-        EngineLoop(engine, 0, addrs, lockstep=lockstep, stats_interval=1.0, expert_stats=stats,
+        RankLoop(engine, 0, addrs, lockstep=lockstep, stats_interval=1.0, expert_stats=stats,
                    lookahead=lookahead).run()
         front.wait(60)
         coord.wait(10)
@@ -172,7 +173,7 @@ def main() -> None:
     result.update(bench_raw(engine, args.batch, args.steps, sync))
     result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=False, tag="free"))
     result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lockstep"))
-    # --lockstep-lookahead: the next plan is reported while the step runs (runtime/lookahead.py)
+    # --lockstep-lookahead: the next plan is reported while the step runs (runtime/cluster/lookahead.py)
     result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lookahead",
                                 lookahead=True))
     result["coordinator_overhead_us"] = result["lockstep_step_us"] - result["free_step_us"]  # type: ignore[operator]

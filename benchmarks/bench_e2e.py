@@ -90,10 +90,10 @@ def prefill_flops(cfg: dict, tokens: int) -> float:
 
 def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth: float, flops: float) -> list[dict]:
     from runtime.config import EngineConfig
-    from runtime.engine import LLMEngine
+    from runtime.engine.llm_engine import LLMEngine
+    from runtime.engine.sequence import Sequence, Status
     from runtime.messages import AddRequest
     from runtime.sampling_params import SamplingParams
-    from runtime.sequence import Sequence, Status
 
     max_b = max(args.batch_sizes)
     max_len = args.max_model_len or max(args.ctx + 64, args.prefill + 16, args.prompt_len + 16)

@@ -58,9 +58,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     from runtime.config import EngineConfig
-    from runtime.engine import LLMEngine
+    from runtime.engine.llm_engine import LLMEngine
+    from runtime.engine.sequence import Sequence, Status
     from runtime.sampling_params import SamplingParams
-    from runtime.sequence import Sequence, Status
     from runtime.structured_output import GrammarCompiler
     from runtime.tokenizer import load_tokenizer
 

@@ -1,4 +1,5 @@
-"""The sparse all2all's data movement (runtime/all2all_sparse.py): route, pack the send rows, combine replies.
+"""The sparse all2all's data movement (runtime/distributed/all2all_sparse.py): route, pack the send rows,
+combine replies.
 
 route (the static, CUDA-graph layout): each token's destination ranks and local ids, and the slot of each
   (token, rank) pair in a block of T slots per destination (token order), with the inverse map and counts.

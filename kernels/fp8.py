@@ -2,8 +2,7 @@
 
 Weights [N, K] (or [E, N, K]) carry weight_scale_inv [ceil(N/128), ceil(K/128)]: w = q * scale_inv per
 [128, 128] block. Activations are quantized on the fly per token and 128 channels: x [M, K] ->
-q [M, K] e4m3 and scale [M, ceil(K/128)] fp32. fp8_linear multiplies the two on the tensor cores with the
-scales applied per 128-wide K step.
+q [M, K] e4m3 and scale [M, ceil(K/128)] fp32.
 """
 
 from __future__ import annotations
@@ -82,89 +81,3 @@ def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torc
             NUM_GROUPS=kg, GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
         )
     return q.view(*x.shape), s.view(*x.shape[:-1], kg)
-
-
-def fp8_linear_ref(
-    x: torch.Tensor,  # [M, K] bf16/fp16/fp32
-    weight: torch.Tensor,  # [N, K] e4m3
-    weight_scale_inv: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x @ dequant(weight).T with x rounded through the same per-token-group FP8 quantization; [M, N]."""
-    q, s = per_token_group_quant_ref(x)
-    xq = q.float() * s.repeat_interleave(FP8_BLOCK, dim=-1)[..., : x.shape[-1]]
-    y = xq @ dequantize_weight_block(weight, weight_scale_inv, torch.float32).t()
-    return (y if bias is None else y + bias.float()).to(x.dtype)
-
-
-@triton.jit
-def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
-    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # c[m, n] = sum over 128-wide K groups g of (a_q[m, g] . b_q[n, g]) * a_scale[m, g] * b_scale[n // 128, g]
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mmask = offs_m < M
-    nmask = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-    as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
-    bs_ptrs = bs_ptr + (offs_n // 128) * stride_bsn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = offs_k + k0 < K
-        a = tl.load(a_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + k0 // 128, mask=mmask, other=0.0)
-        b_s = tl.load(bs_ptrs + k0 // 128, mask=nmask, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-
-def fp8_linear(
-    x: torch.Tensor,  # [M, K] bf16/fp16/fp32
-    weight: torch.Tensor,  # [N, K] e4m3
-    weight_scale_inv: torch.Tensor,  # [ceil(N/128), ceil(K/128)] fp32
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    n, k = weight.shape
-    if x.shape[-1] != k or weight.dtype != FP8_DTYPE or not weight.is_contiguous():
-        raise ValueError(f"fp8_linear: x {tuple(x.shape)} vs contiguous e4m3 weight {tuple(weight.shape)} "
-                         f"({weight.dtype})")
-    if tuple(weight_scale_inv.shape) != (triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK)) \
-            or weight_scale_inv.dtype != torch.float32 or not weight_scale_inv.is_contiguous():
-        raise ValueError(f"weight_scale_inv must be contiguous fp32 [{triton.cdiv(n, FP8_BLOCK)}, "
-                         f"{triton.cdiv(k, FP8_BLOCK)}], got {tuple(weight_scale_inv.shape)}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    a, a_s = per_token_group_quant(x.reshape(-1, k))
-    m = a.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-        bn = 64 if m <= 64 else 128
-        _fp8_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-            a, a_s, weight, weight_scale_inv, bias if bias is not None else out, out, m, n, k,
-            a.stride(0), a_s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8,
-            num_warps=4 if bm <= 64 else 8, num_stages=4 if bm <= 64 else 3,
-        )
-    return out.view(*lead, n)

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from runtime.all2all import All2AllBackend
+    from runtime.distributed.all2all import All2AllBackend
 
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's place in its TP group; the group is made in runtime/parallel.py and handed down."""
+    """This rank's place in its TP group; the group is made in runtime/distributed/parallel.py and handed down."""
 
     rank: int = 0
     size: int = 1

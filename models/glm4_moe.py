@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.args import ModelArgs
+from models.info import moe_layer_ids, num_experts_of
 from models.layers import DecoderLM, DecoderSpec
 from models.moe import RoutingSpec, moe_mlp_factory
 
@@ -14,8 +15,7 @@ class Glm4MoeForCausalLM(DecoderLM):
     def __init__(self, cfg: dict[str, Any], args: ModelArgs) -> None:
         # num_hidden_layers excludes the MTP (next-token prediction) layers stored after them; they are not loaded
         spec = DecoderSpec.from_hf(cfg, qk_norm=bool(cfg.get("use_qk_norm", False)))
-        num_experts = cfg.get("n_routed_experts") or cfg["num_local_experts"]
-        moe_ids = list(range(cfg.get("first_k_dense_replace", 0), spec.num_layers))
+        num_experts, moe_ids = num_experts_of(cfg), moe_layer_ids(cfg)
         routing = RoutingSpec(
             num_experts, cfg["num_experts_per_tok"], bool(cfg.get("norm_topk_prob", True)), scoring="sigmoid_grouped",
             num_groups=cfg.get("n_group", 1), topk_groups=cfg.get("topk_group", 1),

@@ -15,6 +15,8 @@ from torch import nn
 from kernels import norm as norm_kernels
 from kernels import rope as rope_kernels
 from models.args import ModelArgs
+from models.forward_batch import ForwardBatch
+from models.info import ROPE_TYPES, check_rope, model_max_len, rope_parameters
 from models.parallel_layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -22,8 +24,6 @@ from models.parallel_layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from runtime.config import ROPE_TYPES, check_rope, model_max_len, rope_parameters
-from runtime.forward_batch import ForwardBatch
 
 
 def pick_kernel(module: ModuleType, name: str, use_triton: bool) -> Callable[..., Any]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from models.args import ModelArgs
+from models.info import moe_layer_ids
 from models.layers import Checkpoint, DecoderLM, DecoderSpec
 from models.moe import RoutingSpec, moe_mlp_factory
 
@@ -15,8 +16,7 @@ class MixtralForCausalLM(DecoderLM):
         spec = DecoderSpec.from_hf(cfg)
         num_experts = cfg["num_local_experts"]
         routing = RoutingSpec(num_experts, cfg["num_experts_per_tok"], renormalize=True)
-        make_mlp = moe_mlp_factory(spec.hidden_size, 0, list(range(spec.num_layers)), spec.intermediate_size,
-                                   routing, args)
+        make_mlp = moe_mlp_factory(spec.hidden_size, 0, moe_layer_ids(cfg), spec.intermediate_size, routing, args)
         super().__init__(spec, make_mlp, args, num_experts=num_experts)
 
     def checkpoint_sources(self, param_name: str, has_key: Callable[[str], bool]) -> Checkpoint:

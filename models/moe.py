@@ -20,12 +20,12 @@ from kernels import fused_moe as fused_moe_kernels
 from kernels import router as router_kernels
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE
 from models.args import ModelArgs, TensorParallel
+from models.forward_batch import ForwardBatch
 from models.layers import MLP, Checkpoint, pick_kernel
 from models.parallel_layers import LoadError, Source, divide
-from runtime.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
-    from runtime.all2all import All2AllBackend
+    from runtime.distributed.all2all import All2AllBackend
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class MoE(nn.Module):
         self.num_local_experts = routing.num_experts // args.ep_size
         self.first_local_expert = args.ep_rank * self.num_local_experts
         self.ep_size = args.ep_size
-        self.dispatcher: All2AllBackend | None = args.dispatcher  # the EP all2all (runtime/all2all.py)
+        self.dispatcher: All2AllBackend | None = args.dispatcher  # the EP all2all (runtime/distributed/all2all.py)
         self.tp = args.tp
         # TP without EP: experts TP-split, partial sums reduced once here; TP with EP: tokens split over TP
         self.reduce_partial = args.tp.size > 1 and args.ep_size == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.args import ModelArgs
+from models.info import moe_layer_ids, num_experts_of
 from models.layers import DecoderLM, DecoderSpec
 from models.moe import RoutingSpec, moe_mlp_factory
 
@@ -12,11 +13,7 @@ from models.moe import RoutingSpec, moe_mlp_factory
 class Qwen3MoeForCausalLM(DecoderLM):
     def __init__(self, cfg: dict[str, Any], args: ModelArgs) -> None:
         spec = DecoderSpec.from_hf(cfg, qk_norm=True)
-        num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0  # transformers 5 saves the latter
-        step = cfg.get("decoder_sparse_step", 1)
-        dense_ids = set(cfg.get("mlp_only_layers") or [])
-        moe_ids = [i for i in range(spec.num_layers)
-                   if i not in dense_ids and num_experts > 0 and (i + 1) % step == 0]
+        num_experts, moe_ids = num_experts_of(cfg), moe_layer_ids(cfg)
         routing = RoutingSpec(num_experts, cfg["num_experts_per_tok"], bool(cfg.get("norm_topk_prob", False)))
         make_mlp = moe_mlp_factory(spec.hidden_size, spec.intermediate_size, moe_ids, cfg["moe_intermediate_size"],
                                    routing, args)

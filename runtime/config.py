@@ -9,74 +9,19 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from models.info import ConfigError, ModelInfo, check_rope, model_max_len, rope_parameters, text_config
+
 if TYPE_CHECKING:  # torch stays out of the light processes (API server, coordinator) that read the config
     import torch
 
 DTYPES = ("float32", "float16", "bfloat16")
-# all2all backends by name (runtime/all2all.py registers these; kept here so the light processes validate
+# all2all backends by name (runtime/distributed/all2all.py registers these; kept here so the light processes validate
 # --all2all-backend without importing torch)
 ALL2ALL_BACKENDS = ("allgather", "sparse")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message says what to do."""
-
-
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-
-
-def text_config(hf: dict[str, Any]) -> dict[str, Any]:
-    # multimodal checkpoints nest the language model's config
-    return hf.get("text_config", hf) if "max_position_embeddings" not in hf else hf
-
-
-def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's RoPE as one flat dict with rope_type, rope_theta, max_position_embeddings and the
-    scaling fields; old `rope_scaling` wins over transformers-5 `rope_parameters`, as in transformers."""
-    raw = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if any(isinstance(v, dict) for v in raw.values()):
-        raise ConfigError("per-layer-type rope_parameters are not supported")
-    params = dict(raw)
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    if "partial_rotary_factor" in hf:
-        params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
-    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-    params["max_position_embeddings"] = int(hf.get("max_position_embeddings") or 4096)
-    if params["rope_type"] in ("yarn", "llama3"):
-        params["original_max_position_embeddings"] = int(
-            params.get("original_max_position_embeddings") or params["max_position_embeddings"])
-    if params["rope_type"] == "yarn" and params.get("factor") is None:
-        params["factor"] = params["max_position_embeddings"] / params["original_max_position_embeddings"]
-    return params
-
-
-def check_rope(params: dict[str, Any]) -> None:
-    """One-line ConfigError for a RoPE the runtime cannot reproduce exactly."""
-    rope_type = params["rope_type"]
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"the checkpoint's rope_type {rope_type!r} is not supported (supported: "
-                          f"{', '.join(ROPE_TYPES)})")
-    needed = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
-    missing = [k for k in needed if params.get(k) is None]
-    if missing:
-        raise ConfigError(f"the checkpoint's rope_type {rope_type!r} needs {', '.join(missing)} in rope_scaling")
-    if rope_type in ("linear", "dynamic", "yarn", "llama3") and float(params["factor"]) < 1.0:
-        raise ConfigError(f"the checkpoint's rope scaling factor must be >= 1, got {params['factor']}")
-
-
-def model_max_len(hf: dict[str, Any]) -> int:
-    """Longest context the checkpoint's positions cover (vLLM's rule): max_position_embeddings, times the
-    scaling factor for linear / dynamic, original_max_position_embeddings * factor for yarn."""
-    params = rope_parameters(text_config(hf))
-    max_len = params["max_position_embeddings"]
-    if params["rope_type"] in ("linear", "dynamic"):
-        max_len = int(max_len * float(params["factor"]))
-    elif params["rope_type"] == "yarn":
-        max_len = int(params["original_max_position_embeddings"] * float(params["factor"]))
-    return max_len
 
 
 def default_model_path() -> str:
@@ -109,12 +54,12 @@ class EngineConfig:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     expert_token_capacity: int | None = None  # per-rank all2all capacity, tokens
-    all2all_backend: str | None = None  # None: sparse when EP > 1 (see runtime/all2all.py)
+    all2all_backend: str | None = None  # None: sparse when EP > 1 (see runtime/distributed/all2all.py)
     all2all_fp8_dispatch: bool = False  # sparse backend: FP8 hidden rows (scales per token and 128 channels)
     tensor_parallel_size: int = 1  # ranks per DP rank; the world is DP x TP
     dp_routing: str = "prefix"  # prefix (expected prefix-cache hits against load) | load
     mixed_step_token_budget: int = 2048  # tokens per step while any sequence decodes (0: no cap)
-    lockstep_lookahead: bool = False  # EP: report step s+1's plan while step s runs (runtime/lookahead.py)
+    lockstep_lookahead: bool = False  # EP: report step s+1's plan while step s runs (runtime/cluster/lookahead.py)
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -241,6 +186,9 @@ class EngineConfig:
 
     def resolved_max_model_len(self) -> int:
         return self.max_model_len or model_max_len(self.hf_config())
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo.read(self.model)
 
     def hf_config(self) -> dict[str, Any]:
         with open(os.path.join(self.model, "config.json")) as f:

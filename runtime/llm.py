@@ -7,7 +7,7 @@ from typing import Any
 
 from runtime.config import ConfigError, EngineConfig, default_model_path
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.engine import LLMEngine
+from runtime.engine.llm_engine import LLMEngine
 from runtime.messages import AddRequest
 from runtime.model_source import generation_defaults
 from runtime.outputs import CompletionOutput, RequestOutput

@@ -113,7 +113,7 @@ class TokenDelta(msgspec.Struct):
     num_cached_tokens: int = 0
     error: str | None = None  # why the engine refused the request (finish_reason "abort")
     # with the first output token when asked: per prompt token after the first, (token_id, logprob, rank)
-    # of the prompt token then the top-N (runtime/prompt_logprobs.py)
+    # of the prompt token then the top-N (runtime/engine/prompt_logprobs.py)
     prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
 
@@ -137,7 +137,7 @@ class RankStats(msgspec.Struct):
 
 
 class ExpertStatsSnapshot(msgspec.Struct):
-    """One rank's expert statistics (runtime/expert_stats.py), cumulative since start."""
+    """One rank's expert statistics (runtime/distributed/expert_stats.py), cumulative since start."""
 
     rank: int
     routed_tokens: list[list[int]]  # [num_moe_layers][num_experts] (token, expert) pairs routed on this rank

@@ -33,10 +33,10 @@ from collections.abc import Mapping
 
 import msgspec
 
+from runtime.cluster.control_watch import ControlPlaneWatch
+from runtime.cluster.procs import check_port_free, exit_now, loopback_worker_store, set_title, torchrun_secret
 from runtime.config import ConfigError, EngineConfig
-from runtime.control_watch import ControlPlaneWatch
 from runtime.messages import SECRET_ENV, Addresses, secret_from_env, use_secret
-from runtime.procs import check_port_free, exit_now, loopback_worker_store, set_title, torchrun_secret
 
 logger = logging.getLogger("runtime.serve")
 
@@ -85,7 +85,7 @@ def starts_control_plane(env: Mapping[str, str]) -> bool:
 
 def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> None:
     """Fails fast (ConfigError) on layouts that cannot work, before any process starts."""
-    from runtime.parallel import LaunchEnv, check_sizes, check_tp_shapes, num_experts_of
+    from runtime.distributed.parallel import LaunchEnv, check_sizes, check_tp_shapes
 
     env = os.environ if env is None else env
     under_torchrun = "LOCAL_RANK" in env
@@ -101,10 +101,10 @@ def check_launch(config: EngineConfig, env: Mapping[str, str] | None = None) -> 
         num_gpus = count if count > 0 or config.device == "cuda" else None
         if config.device == "cuda" and count == 0:
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    ep_size = check_sizes(config, world, local_world, num_gpus, num_experts_of(config.hf_config()))
+    ep_size = check_sizes(config, world, local_world, num_gpus, config.model_info().num_experts)
     check_tp_shapes(config.hf_config(), config.tensor_parallel_size, ep_size)
     if ep_size > 1 and config.expert_token_capacity is not None and config.all2all_backend == "allgather":
-        from runtime.all2all import validate_capacity
+        from runtime.distributed.all2all import validate_capacity
 
         validate_capacity(config.expert_token_capacity, config.max_num_seqs, config.max_num_batched_tokens)
 
@@ -138,7 +138,7 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
                         watch_pid: int | None = None, max_restarts: int | None = None) -> list[subprocess.Popen]:
     """The coordinator (and the API server) in their own sessions, so a restart of the ranks spares them.
     watch_pid: the launcher that restarts the ranks; the control plane stops once it has exited."""
-    from runtime.coordinator import CoordinatorSpec
+    from runtime.cluster.coordinator import CoordinatorSpec
 
     spec = CoordinatorSpec(num_ranks=config.data_parallel_size, lockstep=lockstep,
                            log_stats=not config.disable_log_stats, log_stats_interval=config.log_stats_interval,
@@ -146,7 +146,7 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
                            hang_timeout_s=config.engine_hang_timeout, routing=config.dp_routing,
                            block_size=config.block_size, mixed_step_token_budget=config.mixed_step_token_budget)
     env = _cpu_only_env()
-    procs = [subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
+    procs = [subprocess.Popen([sys.executable, "-m", "runtime.cluster.coordinator", msgspec.json.encode(spec).decode(),
                                msgspec.json.encode(addrs).decode()], env=env, start_new_session=True)]
     if api_server:
         # the API key travels in the environment (readable by this user only), never on a command line (ps)
@@ -161,7 +161,7 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
 
 
 def watch_control_plane(procs: list[subprocess.Popen]) -> ControlPlaneWatch:
-    """Restart the coordinator / API server when one dies (runtime/control_watch.py)."""
+    """Restart the coordinator / API server when one dies (runtime/cluster/control_watch.py)."""
     watch = ControlPlaneWatch(procs, ["coordinator", "API server"][: len(procs)], _cpu_only_env())
     watch.start()
     return watch
@@ -211,8 +211,8 @@ def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:
 
 
 def elastic_rank_main(config_json: str, addrs_json: str) -> None:
-    """One rank under the elastic launcher: stopped by a signal, it exits at once (runtime/procs.py)."""
-    from runtime.engine_proc import engine_main
+    """One rank under the elastic launcher: stopped by a signal, it exits at once (runtime/cluster/procs.py)."""
+    from runtime.cluster.rank_loop import engine_main
 
     try:
         engine_main(config_json, addrs_json)
@@ -286,7 +286,7 @@ def _fail_clients(procs: list[subprocess.Popen], addrs: Addresses, reason: str, 
 
 
 def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str | None) -> None:
-    from runtime.engine_proc import engine_main
+    from runtime.cluster.rank_loop import engine_main
 
     env = os.environ
     secret = secret_from_env() or torchrun_secret(env)  # the user's (every node), else drawn by rank 0

@@ -16,15 +16,6 @@ def load_tokenizer(path: str) -> Any | None:
     return AutoTokenizer.from_pretrained(path)
 
 
-def read_chat_template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"chat template file {path!r} not found: pass --chat-template FILE (a Jinja file)")
-    with open(path) as f:
-        return f.read()
-
-
 def apply_chat_template(
     tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None = None, add_generation_prompt: bool = True
 ) -> list[int]:

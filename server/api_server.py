@@ -192,8 +192,7 @@ def max_model_len_of(config: EngineConfig) -> int:
 
 
 def vocab_size_of(config: EngineConfig) -> int:
-    hf = config.hf_config()
-    return int(hf.get("vocab_size") or hf.get("text_config", {}).get("vocab_size"))
+    return config.model_info().vocab_size
 
 
 def load_chat_template(path: str | None) -> str | None:

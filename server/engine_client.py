@@ -50,20 +50,14 @@ class InFlight:
 
 class RequestGroup:
     """The engine requests behind one HTTP request (n choices x prompts); their outputs share one
-    queue, so the handler reads one stream. Leaving the `async with` aborts whatever is unfinished:
-    that is how a disconnected client frees its KV blocks."""
+    queue, so the handler reads one stream. client.release(group) aborts whatever is unfinished: that is
+    how a disconnected client frees its KV blocks."""
 
     def __init__(self, client: EngineClient, request_ids: list[str]) -> None:
         self.client = client
         self.request_ids = request_ids
         self.unfinished = set(request_ids)
         self.queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
-
-    async def __aenter__(self) -> RequestGroup:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.client.release(self)
 
     async def next_batch(self) -> list[TokenDelta]:
         """Every output that is waiting (at least one): when the front end lags behind the engines

@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kernels.fused_moe import fused_experts_ref
-from runtime.all2all import create_backend
 from runtime.config import ConfigError
-from runtime.expert_stats import ExpertStats
-from runtime.parallel import ParallelState
+from runtime.distributed.all2all import create_backend
+from runtime.distributed.expert_stats import ExpertStats
+from runtime.distributed.parallel import ParallelState
 
 TIMEOUT_S = 60
 
@@ -49,7 +49,7 @@ def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN
 
 
 def _check_case(case: dict, parallel: ParallelState) -> list[str]:
-    from runtime.all2all_sparse import dequantize_rows, quantize_rows
+    from runtime.distributed.all2all_sparse import dequantize_rows, quantize_rows
 
     rank, world = parallel.ep_rank, parallel.ep_size
     dtype = case.get("dtype", torch.float32)
@@ -173,8 +173,8 @@ def test_dispatch_combine_matches_single_rank(world: int) -> None:
 
 
 def test_registry_and_config_names() -> None:
-    from runtime.all2all import _BACKENDS
     from runtime.config import ALL2ALL_BACKENDS
+    from runtime.distributed.all2all import _BACKENDS
 
     assert sorted(_BACKENDS) == sorted(ALL2ALL_BACKENDS)
     parallel = ParallelState(rank=0, world_size=2, dp_rank=0, dp_size=2, ep_rank=0, ep_size=2,
@@ -205,7 +205,7 @@ def test_unknown_backend_fails_fast_before_any_load() -> None:
 def test_bytes_reach_metrics() -> None:
     import zmq
 
-    from runtime.coordinator import Coordinator, CoordinatorSpec
+    from runtime.cluster.coordinator import Coordinator, CoordinatorSpec
     from runtime.messages import Addresses, ExpertStatsSnapshot, RankStats, StatsReport
     from server.metrics import Metrics
 
@@ -232,7 +232,7 @@ def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
     """The dispatch's FP8 rounding (per token, 128-channel groups) is the one the FP8 experts apply to their
     input anyway: with --quantization fp8 the FP8 payload changes no output bit."""
     from kernels.fp8 import quantize_weight_block
-    from runtime.all2all_sparse import dequantize_rows, quantize_rows
+    from runtime.distributed.all2all_sparse import dequantize_rows, quantize_rows
 
     gen = torch.Generator().manual_seed(0)
     num_tokens, hidden, inter, num_experts = 9, 200, 64, 4  # 200: a partial last group

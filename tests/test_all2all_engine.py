@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from runtime.all2all import row_layout
+from runtime.distributed.all2all import row_layout
 from tests.test_all2all import free_port, spawn_ranks
 from tests.test_parallel import PROMPTS, _config, _params, _reference, _run_lockstep
 
@@ -27,9 +27,9 @@ RUNS = (("qwen/allgather", "qwen", "allgather", None), ("qwen/sparse", "qwen", "
 
 
 def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
-    from runtime.engine_proc import build_engine
+    from runtime.cluster.rank_loop import build_engine
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
     from runtime.messages import AddRequest
-    from runtime.parallel import destroy_parallel, init_parallel
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),

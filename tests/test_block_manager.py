@@ -1,7 +1,7 @@
-from runtime.block_manager import BlockManager
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.scheduler import Scheduler
+from runtime.engine.sequence import Sequence
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence
 
 
 def seq(rid: str, tokens: list[int]) -> Sequence:

@@ -15,8 +15,8 @@ TIMEOUT_S = 60.0
 
 def _worker(rank: int, world: int, port: int, model_dir: str, overrides: list[dict], out_dir: str) -> None:
     from runtime.config import ConfigError, EngineConfig
-    from runtime.config_agreement import check_group_agreement
-    from runtime.parallel import destroy_parallel, init_parallel
+    from runtime.distributed.config_agreement import check_group_agreement
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
 
     config = EngineConfig(model=model_dir, device="cpu", data_parallel_size=world, **overrides[rank])
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),

@@ -15,8 +15,10 @@ import time
 import pytest
 import zmq
 
-from runtime.coordinator import StepClock
-from runtime.coordinator_stats import StatsAggregator
+from runtime.cluster.coordinator import StepClock
+from runtime.cluster.coordinator_stats import StatsAggregator
+from runtime.cluster.rank_watch import RankWatch
+from runtime.cluster.router import Router, prefix_hashes
 from runtime.messages import (
     AddRequest,
     Addresses,
@@ -30,8 +32,6 @@ from runtime.messages import (
     decode,
     encode,
 )
-from runtime.rank_watch import RankWatch
-from runtime.router import Router, prefix_hashes
 from runtime.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 from server.protocol import APIError
@@ -256,7 +256,7 @@ def test_front_end_resends_waiting_requests_to_a_restarted_coordinator() -> None
 
 
 def test_control_plane_watch_restarts_a_killed_process_but_not_a_stopped_one() -> None:
-    from runtime.control_watch import ControlPlaneWatch
+    from runtime.cluster.control_watch import ControlPlaneWatch
 
     cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
     procs = [subprocess.Popen(cmd, start_new_session=True), subprocess.Popen(cmd, start_new_session=True)]
@@ -284,9 +284,9 @@ def test_control_plane_watch_restarts_a_killed_process_but_not_a_stopped_one() -
 
 
 def test_scheduler_caps_prefill_chunks_while_sequences_decode() -> None:
-    from runtime.block_manager import BlockManager
-    from runtime.scheduler import Scheduler
-    from runtime.sequence import Sequence
+    from runtime.engine.block_manager import BlockManager
+    from runtime.engine.scheduler import Scheduler
+    from runtime.engine.sequence import Sequence
 
     sch = Scheduler(BlockManager(num_blocks=256, block_size=4), max_num_seqs=8, max_num_batched_tokens=512)
     sch.mixed_step_token_budget = 32

@@ -12,7 +12,8 @@ import time
 import msgspec
 import zmq
 
-from runtime.coordinator import CoordinatorSpec, StepClock
+from runtime.cluster.coordinator import CoordinatorSpec, StepClock
+from runtime.cluster.router import Router
 from runtime.messages import (
     AddRequest,
     Addresses,
@@ -26,7 +27,6 @@ from runtime.messages import (
     decode,
     encode,
 )
-from runtime.router import Router
 from runtime.sampling_params import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +108,8 @@ def test_coordinator_process_lockstep_without_torch() -> None:
         front_push.connect(addrs.to_coordinator)
         spec = CoordinatorSpec(num_ranks=2, lockstep=True, log_stats_interval=0.2)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cluster.coordinator",
+                                 msgspec.json.encode(spec).decode(),
                                  msgspec.json.encode(addrs).decode()], cwd=ROOT, env=env)
         try:
             ranks = [FakeRank(ctx, addrs, r) for r in range(2)]
@@ -156,7 +157,7 @@ def test_coordinator_process_lockstep_without_torch() -> None:
 
 
 def test_restart_resets_the_clock() -> None:
-    from runtime.coordinator import Coordinator
+    from runtime.cluster.coordinator import Coordinator
 
     with tempfile.TemporaryDirectory() as d:
         addrs = Addresses.ipc(d, 2)

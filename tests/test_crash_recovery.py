@@ -24,7 +24,7 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.coordinator import Coordinator, CoordinatorSpec
+from runtime.cluster.coordinator import Coordinator, CoordinatorSpec
 from runtime.messages import (
     AddRequest,
     Addresses,

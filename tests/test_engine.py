@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runtime import LLM, SamplingParams
-from runtime.engine import RequestError
+from runtime.engine.llm_engine import RequestError
 from runtime.messages import AddRequest
 from tests.tiny import ARCHS, make_tiny_checkpoint
 

@@ -273,7 +273,7 @@ def test_coordinator_drops_forged_requests(secret: str, tmp_path: Any) -> None:
 
     import zmq
 
-    from runtime.coordinator import Coordinator, CoordinatorSpec
+    from runtime.cluster.coordinator import Coordinator, CoordinatorSpec
     from runtime.messages import AddRequest, encode
 
     addrs = Addresses.ipc(str(tmp_path), 1)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.attention_backend import torch_attention
 from runtime.config import ConfigError
-from runtime.kv_cache import read_kv_scales
+from runtime.engine.attention_backend import torch_attention
+from runtime.engine.kv_cache import read_kv_scales
 from tests.test_engine import make_llm, ours, prompts
 from tests.test_models import PagedRun, load
 from tests.tiny import make_tiny_checkpoint
@@ -78,7 +78,7 @@ def test_checkpoint_kv_scales(checkpoints: dict[str, str], tmp_path: Any) -> Non
 def test_engine_fp8_kv_pool_and_planning_log(checkpoints: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
     path = checkpoints["Qwen3ForCausalLM"]
     kw: dict[str, Any] = {"kv_cache_memory": 1 << 20, "max_num_seqs": 512, "max_model_len": 256}
-    with caplog.at_level(logging.INFO, logger="runtime.engine"):
+    with caplog.at_level(logging.INFO, logger="runtime.engine.llm_engine"):
         fp32 = make_llm(path, **kw)
         fp8 = make_llm(path, kv_cache_dtype="fp8", **kw)
     assert fp32.engine.runner.kv_cache.dtype == torch.float32 and fp8.engine.runner.kv_cache.dtype == FP8

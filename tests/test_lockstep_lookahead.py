@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from runtime.block_manager import BlockManager
-from runtime.lookahead import estimate_next_step
+from runtime.cluster.lookahead import estimate_next_step
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.scheduler import Scheduler
+from runtime.engine.sequence import Sequence
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence
 from tests.test_serve import PROMPTS, reference_tokens, served, tiny_models  # noqa: F401
 
 

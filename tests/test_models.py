@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from kernels.attention import paged_attention_prefill_ref, store_kv_ref
 from models.args import ModelArgs
+from models.forward_batch import ForwardBatch
 from models.loader import LoadError, load_model
 from models.registry import UnsupportedArchitectureError
-from runtime.forward_batch import ForwardBatch
 from tests.tiny import ARCHS, make_tiny_checkpoint
 
 BLOCK_SIZE = 8
@@ -305,7 +305,7 @@ def test_fp8_checkpoint_and_online_quantization(tmp_path: Any) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_triton_kernels_match_reference_on_gpu(arch: str, quantization: str | None, tmp_path: Any) -> None:
-    from runtime.attention_backend import ATTENTION_BACKENDS
+    from runtime.engine.attention_backend import ATTENTION_BACKENDS
 
     if quantization and arch not in MOE_ARCHS:
         pytest.skip("FP8 applies to the experts")

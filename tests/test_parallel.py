@@ -17,7 +17,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from runtime.config import ConfigError, EngineConfig
-from runtime.parallel import check_sizes, single_rank
+from runtime.distributed.parallel import check_sizes, single_rank
 from tests.test_all2all import free_port, spawn_ranks
 
 TIMEOUT_S = 150
@@ -72,9 +72,9 @@ def _params(i: int):  # noqa: ANN202
 
 
 def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
-    from runtime.engine_proc import build_engine
+    from runtime.cluster.rank_loop import build_engine
+    from runtime.distributed.parallel import ParallelState, destroy_parallel, init_parallel
     from runtime.messages import AddRequest
-    from runtime.parallel import ParallelState, destroy_parallel, init_parallel
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -105,7 +105,7 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
 
 
 def _reference(model: str) -> dict[str, object]:
-    from runtime.engine_proc import build_engine
+    from runtime.cluster.rank_loop import build_engine
     from runtime.messages import AddRequest
 
     engine, stats = build_engine(_config(model, 1), single_rank())

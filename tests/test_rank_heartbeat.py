@@ -1,5 +1,5 @@
 """A long step is not a hang, a stalled one is: the real coordinator process against a real rank loop
-(EngineLoop + heartbeat thread) whose engine takes seconds per step, with --engine-hang-timeout 2 s."""
+(RankLoop + heartbeat thread) whose engine takes seconds per step, with --engine-hang-timeout 2 s."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import time
 import msgspec
 import zmq
 
-from runtime.coordinator import CoordinatorSpec
+from runtime.cluster.coordinator import CoordinatorSpec
+from runtime.engine.scheduler import ScheduledBatch
 from runtime.messages import AddRequest, Addresses, ClusterStats, OutputBatch, RankHung, decode, encode
 from runtime.sampling_params import SamplingParams
-from runtime.scheduler import ScheduledBatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_TIMEOUT_S = 2.0
@@ -85,10 +85,10 @@ class SlowEngine:
 
 
 def _rank(addrs_json: str) -> None:
-    from runtime.engine_proc import EngineLoop
+    from runtime.cluster.rank_loop import RankLoop
 
     addrs = msgspec.json.decode(addrs_json, type=Addresses)
-    EngineLoop(SlowEngine(), 0, addrs, lockstep=False, stats_interval=0.5).run()  # type: ignore[arg-type]
+    RankLoop(SlowEngine(), 0, addrs, lockstep=False, stats_interval=0.5).run()  # type: ignore[arg-type]
 
 
 def test_long_step_keeps_health_and_a_stalled_step_is_killed_and_named() -> None:
@@ -100,7 +100,8 @@ def test_long_step_keeps_health_and_a_stalled_step_is_killed_and_named() -> None
         front_push = ctx.socket(zmq.PUSH)
         front_push.connect(addrs.to_coordinator)
         spec = CoordinatorSpec(num_ranks=1, lockstep=False, log_stats_interval=0.2, hang_timeout_s=HANG_TIMEOUT_S)
-        coord = subprocess.Popen([sys.executable, "-m", "runtime.coordinator", msgspec.json.encode(spec).decode(),
+        coord = subprocess.Popen([sys.executable, "-m", "runtime.cluster.coordinator",
+                                  msgspec.json.encode(spec).decode(),
                                   msgspec.json.encode(addrs).decode()], cwd=ROOT,
                                  env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         rank = mp.get_context("spawn").Process(target=_rank, args=(msgspec.json.encode(addrs).decode(),))

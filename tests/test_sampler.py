@@ -1,9 +1,9 @@
 import torch
 
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.sampler import Sampler
+from runtime.engine.sampler import Sampler
+from runtime.engine.sequence import Sequence
 from runtime.sampling_params import SamplingParams
-from runtime.sequence import Sequence
 
 
 def make(params: SamplingParams, tokens=(1, 2, 3), rid="r") -> Sequence:

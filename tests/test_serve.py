@@ -137,7 +137,7 @@ def served(model: str, dp: int, ep: bool, extra: list[str] | None = None, headle
 def reference_tokens(model: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy tokens from one in-process engine (no parallelism)."""
     from runtime.config import EngineConfig
-    from runtime.engine import LLMEngine
+    from runtime.engine.llm_engine import LLMEngine
 
     config = EngineConfig(model=model, device="cpu", kv_cache_memory=8 << 20, max_num_seqs=16,
                           max_num_batched_tokens=256, max_model_len=256)

@@ -11,7 +11,7 @@ import httpx
 
 from runtime.config import EngineConfig
 from runtime.messages import Addresses
-from server.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine
 from tests.test_server_unit import _free_port
 
 

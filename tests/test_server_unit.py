@@ -22,7 +22,7 @@ from runtime.config import EngineConfig
 from runtime.messages import (
     Addresses,
 )
-from server.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine
 from tests.tiny import write_tokenizer
 
 API_KEY = "sk-unit"

@@ -73,8 +73,8 @@ def _lead(engine, prompt_ids: list[list[int]], leaders=None) -> dict[str, list[i
 
 
 def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
-    from runtime.engine_proc import build_engine, tp_follower_stats
-    from runtime.parallel import destroy_parallel, init_parallel
+    from runtime.cluster.rank_loop import build_engine, tp_follower_stats
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -260,8 +260,8 @@ def test_stacked_fp8_experts_under_tp(tmp_path) -> None:  # noqa: ANN001
 
 
 def _gpu_worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
-    from runtime.engine_proc import build_engine, tp_follower_stats
-    from runtime.parallel import destroy_parallel, init_parallel
+    from runtime.cluster.rank_loop import build_engine, tp_follower_stats
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

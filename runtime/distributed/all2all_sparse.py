@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from kernels import all2all_pack as pack_kernels
 from kernels import fp8 as fp8_kernels
-from runtime.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, register, row_layout
+from runtime.distributed.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, register, row_layout
 
 
 @dataclass(frozen=True)

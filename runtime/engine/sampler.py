@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.sequence import Sequence
+from runtime.engine.sequence import Sequence
 from runtime.structured_output import apply_bitmask
 
 Logprobs = list[tuple[int, float]]  # the sampled token first, then the top-N

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from runtime.forward_batch import AttentionBackend, ForwardBatch
+from models.forward_batch import AttentionBackend, ForwardBatch
 
 logger = logging.getLogger(__name__)
 

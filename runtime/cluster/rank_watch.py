@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from runtime.messages import HEARTBEAT_INTERVAL_S, Heartbeat
 
-logger = logging.getLogger("runtime.coordinator")
+logger = logging.getLogger("runtime.cluster.coordinator")
 
 SUSPECT_AFTER_S = 3 * HEARTBEAT_INTERVAL_S  # of complete silence: the heartbeat thread beats through long steps
 

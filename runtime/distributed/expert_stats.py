@@ -22,16 +22,6 @@ from runtime.messages import ExpertStatsSnapshot
 PARTS = ("attention", "moe_compute", "all2all", "other")
 
 
-def count_moe_layers(hf_config: dict[str, Any]) -> int:
-    """MoE layers of the model, found by building it on the meta device (no memory, exact per architecture)."""
-    from models.args import ModelArgs
-    from models.registry import build_model
-
-    with torch.device("meta"):
-        model = build_model(hf_config, ModelArgs(dtype=torch.float32, device="meta"))
-    return sum(1 for m in model.modules() if getattr(m, "is_moe", False))
-
-
 class _Clock:
     """Intervals on the host (CPU) or with CUDA events resolved lazily at read time (no per-step sync)."""
 

@@ -5,7 +5,7 @@ world_size = DP * TP; global rank = dp_rank * TP + tp_rank, so a TP group is TP 
 with the usual --nproc-per-node). Each DP rank (a TP group) is a full replica of the model with its own KV
 cache; with expert parallel on, the experts of each MoE layer are split over the whole DP x TP world
 (ep_size = world_size, ep_rank = global rank). NCCL on GPUs (device from LOCAL_RANK), gloo on the CPU; every
-TP group also gets a gloo group for the step plans its TP rank 0 broadcasts (runtime/tp_plan.py).
+TP group also gets a gloo group for the step plans its TP rank 0 broadcasts (runtime/engine/tp_plan.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import torch
 import torch.distributed as dist
 
 from runtime.config import ConfigError, EngineConfig
-
-_NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 @dataclass(frozen=True)
@@ -53,18 +51,6 @@ class ParallelState:
     def tp_src(self) -> int:
         """Global rank of this TP group's rank 0 (the source of its step plans)."""
         return self.rank - self.tp_rank
-
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.device.type == "cuda" else "gloo"
-
-
-def num_experts_of(hf_config: Mapping[str, Any]) -> int:
-    """Routed experts per MoE layer (0 for a dense model)."""
-    for key in _NUM_EXPERTS_KEYS:
-        if hf_config.get(key):
-            return int(hf_config[key])
-    return 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +120,7 @@ def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
     device = config.resolved_device()
     num_gpus = torch.cuda.device_count() if device.type == "cuda" else None
     ep_size = check_sizes(config, launch.world_size, launch.local_world_size, num_gpus,
-                          num_experts_of(config.hf_config()))
+                          config.model_info().num_experts)
     tp_size = config.tensor_parallel_size
     check_tp_shapes(config.hf_config(), tp_size, ep_size)
     if device.type == "cuda":

@@ -37,7 +37,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | None = None
         self.num_preemptions = 0
-        # per prompt position j, the scored prompt token j + 1 (runtime/prompt_logprobs.py), when asked
+        # per prompt position j, the scored prompt token j + 1 (runtime/engine/prompt_logprobs.py), when asked
         self.prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
         self.prompt_logprobs_sent = False
 

@@ -33,7 +33,6 @@ class ForwardBatch:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
     attn_backend: AttentionBackend
     is_dummy: bool = False  # EP lockstep filler: run the collectives, skip KV writes and attention
-    num_real_tokens: int | None = None  # tokens before padding (None = all)
 
     @property
     def batch_size(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from runtime.sequence import Sequence
+from runtime.engine.sequence import Sequence
 
 
 def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:

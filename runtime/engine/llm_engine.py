@@ -7,7 +7,6 @@ every rank agreed on, or a dummy step of that size when this rank has nothing to
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,16 +16,16 @@ import torch
 
 from kernels import use_persistent_cache
 from kernels.fused_moe import warmup_token_counts
-from runtime.attention_backend import ATTENTION_BACKENDS
-from runtime.block_manager import BlockManager
 from runtime.config import DTYPES, ConfigError, EngineConfig
-from runtime.kv_cache import kv_cache_dtype, read_kv_scales
+from runtime.engine.attention_backend import ATTENTION_BACKENDS
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.kv_cache import kv_cache_dtype, read_kv_scales
+from runtime.engine.model_runner import ModelRunner, kv_bytes_per_block
+from runtime.engine.prompt_logprobs import prompt_rows, record_prompt_logprobs, wants_prompt_logprobs
+from runtime.engine.sampler import Sampler
+from runtime.engine.scheduler import ScheduledBatch, Scheduler
+from runtime.engine.sequence import Sequence
 from runtime.messages import AddRequest, RankStats, TokenDelta
-from runtime.model_runner import ModelRunner, kv_bytes_per_block
-from runtime.prompt_logprobs import prompt_rows, record_prompt_logprobs, wants_prompt_logprobs
-from runtime.sampler import Sampler
-from runtime.scheduler import ScheduledBatch, Scheduler
-from runtime.sequence import Sequence
 from runtime.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -47,20 +46,6 @@ def resolve_dtype(config: EngineConfig, hf_config: Any, device: torch.device) ->
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype) if dtype in DTYPES else None
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def eos_token_ids(model_path: str, hf_config: Any) -> set[int]:
-    ids: set[int] = set()
-    for value in (getattr(hf_config, "eos_token_id", None),):
-        if value is not None:
-            ids |= set(value) if isinstance(value, list) else {value}
-    gen_path = os.path.join(model_path, "generation_config.json")
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            value = json.load(f).get("eos_token_id")
-        if value is not None:
-            ids |= set(value) if isinstance(value, list) else {value}
-    return ids
 
 
 class LLMEngine:
@@ -125,7 +110,7 @@ class LLMEngine:
             logger.info("rank %d: kernels warmed up for %d step sizes in %.1f s (cache %s)", self.rank, len(sizes),
                         time.perf_counter() - t0, os.environ.get("TRITON_CACHE_DIR"))
         self.sampler = Sampler(self.device, config.seed + self.rank)  # used on TP rank 0 only
-        self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
+        self.eos_token_ids = set(config.model_info().eos_token_ids)
         self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids,
                                             pin_memory=self.device.type == "cuda")
         self.structured.warm_up()
@@ -256,10 +241,7 @@ class LLMEngine:
         return self._process(batch, logits)
 
     def padded_size(self, num_tokens: int) -> int:
-        """Tokens a step of num_tokens really runs: the CUDA-graph bucket when one covers it."""
-        graphs = self.runner.graphs
-        bucket = graphs.bucket(num_tokens) if graphs is not None else None
-        return bucket or num_tokens
+        return self.runner.padded_size(num_tokens)
 
     def step(self) -> list[TokenDelta]:
         if self.schedule() == 0:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from runtime.forward_batch import ForwardBatch
+from models.forward_batch import ForwardBatch
 
 KvScales = list[tuple[float, float]]  # per layer: (k_scale, v_scale) of an FP8 KV cache
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from runtime.scheduler import ScheduledBatch
-from runtime.sequence import Sequence
+from runtime.engine.scheduler import ScheduledBatch
+from runtime.engine.sequence import Sequence
 
 # per scored prompt token: (token_id, logprob, rank) of the prompt token, then the top-N as (id, logprob, rank)
 PromptLogprob = list[tuple[int, float, int]]

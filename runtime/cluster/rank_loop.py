@@ -4,7 +4,7 @@ Lockstep (EP on): schedule -> StepReport -> wait for StepCommand (taking request
 that gets one schedules again and re-reports the same step) -> execute(pad_to) -> outputs to the front end.
 Free-running (no EP): take requests, step, send outputs; report load whenever it changes.
 Outputs go straight to the front end; the coordinator only sees reports.
-Liveness: a heartbeat thread (runtime/heartbeat.py) beats every HEARTBEAT_INTERVAL_S, also inside a long
+Liveness: a heartbeat thread (runtime/cluster/heartbeat.py) beats every HEARTBEAT_INTERVAL_S, also inside a long
 step, with a progress counter that moves between layers: the coordinator tells busy from hung. Between steps
 the loop also sends a StatsReport that often, and, while it waits for a command, its step report again (a
 restarted coordinator learns the step from it). Every message carries this incarnation's epoch (messages.py).
@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
+from runtime.cluster.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
+from runtime.cluster.lookahead import estimate_next_step
+from runtime.cluster.procs import StopSignal, die_with_parent, raise_on_stop_signals, set_title
 from runtime.config import ConfigError, EngineConfig
-from runtime.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
-from runtime.lookahead import estimate_next_step
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
     AbortRequest,
@@ -43,12 +44,11 @@ from runtime.messages import (
     secret_from_env,
     use_secret,
 )
-from runtime.procs import StopSignal, die_with_parent, raise_on_stop_signals, set_title
 
-logger = logging.getLogger("runtime.engine_proc")
+logger = logging.getLogger("runtime.cluster.rank_loop")
 
 
-class Engine(Protocol):
+class SteppedEngine(Protocol):  # what a rank loop steps: LLMEngine, or the tests' fakes
     def add_request(self, req: AddRequest) -> None: ...
     def abort_requests(self, ids: list[str]) -> None: ...
     def has_unfinished(self) -> bool: ...
@@ -62,18 +62,18 @@ class _Stop(Exception):
     pass
 
 
-class EngineLoop:
-    def __init__(self, engine: Engine, rank: int, addrs: Addresses, lockstep: bool, stats_interval: float = 5.0,
+class RankLoop:
+    def __init__(self, engine: SteppedEngine, rank: int, addrs: Addresses, lockstep: bool, stats_interval: float = 5.0,
                  expert_stats: Any = None, ctx: zmq.Context | None = None, epoch: int = 0,
                  lookahead: bool = False) -> None:
         self.engine = engine
-        self.lookahead = lookahead  # runtime/lookahead.py (lockstep only)
+        self.lookahead = lookahead  # runtime/cluster/lookahead.py (lockstep only)
         self.next_budget = 0  # the last command's next_token_budget
         self.rank = rank
         self.epoch = epoch  # the rank group's incarnation: the elastic launcher's restart count
         self.lockstep = lockstep
         self.stats_interval = stats_interval
-        self.expert_stats = expert_stats  # runtime.expert_stats.ExpertStats or None
+        self.expert_stats = expert_stats  # runtime.distributed.expert_stats.ExpertStats or None
         self.ctx = ctx or zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.connect(addrs.to_engines[rank])
@@ -261,7 +261,7 @@ class EngineLoop:
         return num_tokens
 
     def _run_lookahead(self) -> None:
-        """Lockstep with the next plan reported while the device runs this step (runtime/lookahead.py): the
+        """Lockstep with the next plan reported while the device runs this step (runtime/cluster/lookahead.py): the
         reports are estimates; the rank schedules once the command is there, within its pad_to."""
         scheduler = self.engine.scheduler  # type: ignore[attr-defined]
         cmd: StepCommand | None = None
@@ -322,17 +322,15 @@ class EngineLoop:
 
 def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tuple[Any, Any]:
     """LLMEngine with this rank's dispatcher and expert statistics (None for a dense model)."""
-    from runtime.all2all import make_backend
-    from runtime.engine import LLMEngine
-    from runtime.expert_stats import ExpertStats, count_moe_layers
-    from runtime.parallel import num_experts_of
+    from runtime.distributed.all2all import make_backend
+    from runtime.distributed.expert_stats import ExpertStats
+    from runtime.engine.llm_engine import LLMEngine
 
-    hf = config.hf_config()
-    num_experts = num_experts_of(hf)
-    if num_experts == 0:
+    info = config.model_info()
+    if info.num_experts == 0:
         return LLMEngine(config, parallel), None
-    stats = ExpertStats(count_moe_layers(hf), num_experts, parallel.device, timed=timed)
-    dispatcher = make_backend(config, parallel, num_experts, stats)
+    stats = ExpertStats(info.num_moe_layers, info.num_experts, parallel.device, timed=timed)
+    dispatcher = make_backend(config, parallel, info.num_experts, stats)
     engine = LLMEngine(config, parallel, dispatcher)
     stats.attach_timers(engine.model)
     return engine, stats
@@ -341,8 +339,8 @@ def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tu
 def engine_main(config_json: str, addrs_json: str) -> None:
     """Entry of one rank (torchrun worker or elastic-launcher worker); the env says which rank and which
     incarnation of the group this is (TORCHELASTIC_RESTART_COUNT, the same on every rank)."""
-    from runtime.config_agreement import check_group_agreement
-    from runtime.parallel import destroy_parallel, init_parallel
+    from runtime.distributed.config_agreement import check_group_agreement
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
 
     # the launcher's death (kill -9 included) takes this rank with it; Ctrl-C / SIGTERM end it at once with a
     # non-zero code (returning normally would leave the elastic worker waiting for an agent that is stopping)
@@ -377,7 +375,7 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         engine.scheduler.mixed_step_token_budget = config.mixed_step_token_budget  # served ranks only
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        EngineLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
+        RankLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
                    expert_stats=expert_stats, epoch=epoch, lookahead=config.lockstep_lookahead).run()
         engine.runner.stop_followers()
     except StopSignal as stop:

@@ -2,7 +2,7 @@
 started again with the same command line, while the engine ranks run on.
 
 A restarted API server binds the same port and the same ipc socket (the ranks' output sockets reconnect by
-themselves); a restarted coordinator asks the ranks where they are (Sync, runtime/coordinator.py). An exit
+themselves); a restarted coordinator asks the ranks where they are (Sync, runtime/cluster/coordinator.py). An exit
 with status 0 or by SIGTERM/SIGINT is a deliberate stop (shutdown, restart budget spent), never undone.
 """
 

@@ -1,6 +1,6 @@
 """The DP coordinator: its own process, no GPU (never imports torch). Routes requests, clocks EP steps.
 
-Routing (runtime/router.py): an explicit data_parallel_rank, else expected prefix-cache hits against load
+Routing (runtime/cluster/router.py): an explicit data_parallel_rank, else expected prefix-cache hits against load
 (running + waiting + requests sent but not yet seen in a report), ties rotated. Aborts go to every rank (a
 rank ignores ids it does not hold).
 
@@ -19,7 +19,7 @@ Free-running ranks (dense model, or DP without EP) only send reports for the loa
 Restarts: the elastic launcher restarts the whole rank group when one rank dies; the new ranks say hello
 with a higher epoch. The coordinator then forgets everything of the old incarnation (clock, queued commands,
 requests routed to it: the front end re-submits those) and drops any message of an older epoch. Silent and
-hung ranks: runtime/rank_watch.py. Once the launcher itself is gone, the front end is told (EngineDead).
+hung ranks: runtime/cluster/rank_watch.py. Once the launcher itself is gone, the front end is told (EngineDead).
 
 A restarted coordinator (kill -9; the launcher starts a new one) knows nothing: it adopts the ranks' epoch,
 request counts and step id from their heartbeats and re-sent step reports, and gets a new coordinator_id so
@@ -40,7 +40,10 @@ from collections import deque
 import msgspec
 import zmq
 
-from runtime.coordinator_stats import StatsAggregator
+from runtime.cluster.coordinator_stats import StatsAggregator
+from runtime.cluster.procs import set_title
+from runtime.cluster.rank_watch import RankWatch, process_alive
+from runtime.cluster.router import Router
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
     AbortRequest,
@@ -61,11 +64,8 @@ from runtime.messages import (
     secret_from_env,
     use_secret,
 )
-from runtime.procs import set_title
-from runtime.rank_watch import RankWatch, process_alive
-from runtime.router import Router
 
-logger = logging.getLogger("runtime.coordinator")
+logger = logging.getLogger("runtime.cluster.coordinator")
 
 
 class CoordinatorSpec(msgspec.Struct):
@@ -78,7 +78,7 @@ class CoordinatorSpec(msgspec.Struct):
     watch_pid: int | None = None
     hang_timeout_s: float = 60.0  # a rank silent this long (between steps or inside one) is killed
     max_restarts: int | None = None  # the launcher's restart budget, for the log (None: unknown)
-    routing: str = "prefix"  # runtime/router.py: "prefix" (cache hits against load) or "load"
+    routing: str = "prefix"  # runtime/cluster/router.py: "prefix" (cache hits against load) or "load"
     block_size: int = 16  # the ranks' KV block size: the router hashes prompts in the same blocks
     mixed_step_token_budget: int = 0  # lockstep: tokens per rank per step while any rank decodes (0: no cap)
 
@@ -397,7 +397,7 @@ class Coordinator:
 
 
 def main(argv: list[str]) -> None:
-    """python -m runtime.coordinator SPEC_JSON ADDRESSES_JSON (started by runtime.serve)."""
+    """python -m runtime.cluster.coordinator SPEC_JSON ADDRESSES_JSON (started by runtime.serve)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s coordinator: %(message)s")
     set_title("moe-rt: coordinator")
     use_secret(secret_from_env())  # the launcher's (messages.py: every frame authenticated)

@@ -4,7 +4,7 @@ It lets the front end be tested, and its own ceiling measured, with no model: a 
 token is prompt[i % len(prompt)], one token per tick for every active request (max_tokens,
 stop_token_ids, logprobs, aborts and re-submissions after a restart honored).
 
-    python -m server.fake_engine --model MODEL_DIR --port 8000 --tick-ms 10
+    python -m tests.fake_engine --model MODEL_DIR --port 8000 --tick-ms 10
     python -m benchmarks.bench_serving --port 8000 --max-concurrency 256 --output-len 256
 """
 

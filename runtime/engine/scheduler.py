@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from runtime.block_manager import BlockManager
-from runtime.sequence import Sequence, Status
+from runtime.engine.block_manager import BlockManager
+from runtime.engine.sequence import Sequence, Status
 
 
 @dataclass

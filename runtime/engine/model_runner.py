@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.cuda_graph import CudaGraphRunner
-from runtime.forward_batch import AttentionBackend, ForwardBatch
-from runtime.scheduler import ScheduledBatch
-from runtime.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
+from models.forward_batch import AttentionBackend, ForwardBatch
+from runtime.engine.cuda_graph import CudaGraphRunner
+from runtime.engine.scheduler import ScheduledBatch
+from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,6 @@ class ModelRunner:
             is_decode=plan.is_decode,
             kv_caches=self.kv_caches,
             attn_backend=self.attn_backend,
-            num_real_tokens=plan.num_real_tokens,
         )
         return PreparedBatch(dev_i64[:n], dev_i64[n64 : n64 + n], fb, plan.sample_rows)
 
@@ -172,6 +171,12 @@ class ModelRunner:
             if before_step is not None:
                 before_step(plan, self.rows_run(plan))
             self.run(plan)
+
+    def padded_size(self, num_tokens: int) -> int:
+        """Tokens a step of num_tokens really runs: the CUDA-graph bucket when one covers it (the runner is
+        the one owner of the buckets; the rank loop agrees on this size with the other ranks)."""
+        bucket = self.graphs.bucket(num_tokens) if self.graphs is not None else None
+        return bucket or num_tokens
 
     def rows_run(self, plan: StepPlan) -> int:
         """Token rows the forward really runs: the CUDA graph's bucket when one is replayed."""
@@ -243,6 +248,5 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             attn_backend=self.attn_backend,
             is_dummy=True,
-            num_real_tokens=0,
         )
         self.model(ids, ids, fb)

@@ -4,7 +4,7 @@ dispatch hands each of this rank's tokens to the EP ranks holding its experts (w
 expert ids, -1 elsewhere, and the routing weights); the rank runs its local experts on what it received;
 combine sends the weighted partial sums back and adds them per token. What dispatch does, combine undoes.
 Backends, chosen by --all2all-backend (runtime/config.py ALL2ALL_BACKENDS):
-- "sparse" (runtime/all2all_sparse.py, the default): each token goes once to each rank that holds one of
+- "sparse" (runtime/distributed/all2all_sparse.py, the default): each token goes once to each rank that holds one of
   its experts;
 - "allgather": every token to every rank, masked on arrival; fixed equal splits, the simple baseline.
 With ep_size == 1 nothing moves ("local"). Every EP rank must call with the same T: the coordinator's
@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from runtime.config import ALL2ALL_BACKENDS, ConfigError, EngineConfig
-from runtime.expert_stats import ExpertStats
-from runtime.parallel import ParallelState
+from runtime.distributed.expert_stats import ExpertStats
+from runtime.distributed.parallel import ParallelState
 
 _ALIGN = 16  # bytes; rows of a packed send buffer start aligned for any dtype view
 

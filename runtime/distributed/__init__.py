@@ -1,0 +1,1 @@
+"""Process groups (a DP x TP mesh, EP derived), all2all backends, expert statistics."""
