@@ -80,9 +80,9 @@ def num_experts_of(cfg: dict[str, Any]) -> int:
 
 def moe_layer_ids(cfg: dict[str, Any]) -> list[int]:
     """The decoder layers whose MLP is a mixture of experts, by the architecture's own rule."""
-    num_layers = int(cfg["num_hidden_layers"])
     if num_experts_of(cfg) == 0:
         return []
+    num_layers = int(cfg["num_hidden_layers"])
     if "first_k_dense_replace" in cfg:  # GLM-4.5 / DeepSeek: leading dense layers
         return list(range(cfg["first_k_dense_replace"] or 0, num_layers))
     if "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg:  # Qwen-MoE: every step-th layer, minus some

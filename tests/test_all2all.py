@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from kernels.fused_moe import fused_experts_ref
 from runtime.config import ConfigError
-from runtime.distributed.all2all import create_backend
+from runtime.distributed.backends import create_backend
 from runtime.distributed.expert_stats import ExpertStats
 from runtime.distributed.parallel import ParallelState
 
@@ -174,9 +174,9 @@ def test_dispatch_combine_matches_single_rank(world: int) -> None:
 
 def test_registry_and_config_names() -> None:
     from runtime.config import ALL2ALL_BACKENDS
-    from runtime.distributed.all2all import _BACKENDS
+    from runtime.distributed.backends import BACKENDS
 
-    assert sorted(_BACKENDS) == sorted(ALL2ALL_BACKENDS)
+    assert sorted(BACKENDS) == sorted(ALL2ALL_BACKENDS)
     parallel = ParallelState(rank=0, world_size=2, dp_rank=0, dp_size=2, ep_rank=0, ep_size=2,
                              device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="unknown --all2all-backend 'pplx'; available: allgather, sparse"):

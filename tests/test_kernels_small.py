@@ -8,7 +8,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.norm import rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin  # noqa: E402
 
@@ -48,13 +47,6 @@ def test_rope(head_dim, rotary_dim, dtype):
         _close(got, want, dtype)
 
 
-@pytest.mark.parametrize("inter", [40, 96])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_silu_and_mul(inter, dtype):
-    x = torch.randn(9, 2 * inter).to(dtype)
-    _close(silu_and_mul(x), silu_and_mul_ref(x), dtype)
-
-
 @pytest.mark.gpu
 def test_small_kernels_gpu():
     dt = torch.bfloat16
@@ -67,5 +59,3 @@ def test_small_kernels_gpu():
     pos = torch.randint(0, 40000, (333,), device="cuda")
     for got, want in zip(apply_rope(pos, q, k, cs), apply_rope_ref(pos, q, k, cs)):
         _close(got, want, dt)
-    y = torch.randn(333, 2 * 768, device="cuda", dtype=dt)
-    _close(silu_and_mul(y), silu_and_mul_ref(y), dt)

@@ -15,7 +15,17 @@ import zmq
 
 from runtime.cluster.coordinator import CoordinatorSpec
 from runtime.engine.scheduler import ScheduledBatch
-from runtime.messages import AddRequest, Addresses, ClusterStats, OutputBatch, RankHung, decode, encode
+from runtime.messages import (
+    SECRET_ENV,
+    AddRequest,
+    Addresses,
+    ClusterStats,
+    OutputBatch,
+    RankHung,
+    decode,
+    encode,
+    use_secret,
+)
 from runtime.sampling_params import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,14 +94,19 @@ class SlowEngine:
         return num_tokens
 
 
+SECRET = "heartbeat-test-secret"  # every frame is signed (runtime/messages.py): the test is the front end
+
+
 def _rank(addrs_json: str) -> None:
     from runtime.cluster.rank_loop import RankLoop
 
+    use_secret(SECRET)
     addrs = msgspec.json.decode(addrs_json, type=Addresses)
     RankLoop(SlowEngine(), 0, addrs, lockstep=False, stats_interval=0.5).run()  # type: ignore[arg-type]
 
 
 def test_long_step_keeps_health_and_a_stalled_step_is_killed_and_named() -> None:
+    use_secret(SECRET)
     with tempfile.TemporaryDirectory() as d:
         addrs = Addresses.ipc(d, 1)
         ctx = zmq.Context()
@@ -103,7 +118,7 @@ def test_long_step_keeps_health_and_a_stalled_step_is_killed_and_named() -> None
         coord = subprocess.Popen([sys.executable, "-m", "runtime.cluster.coordinator",
                                   msgspec.json.encode(spec).decode(),
                                   msgspec.json.encode(addrs).decode()], cwd=ROOT,
-                                 env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+                                 env=dict(os.environ, CUDA_VISIBLE_DEVICES="", **{SECRET_ENV: SECRET}))
         rank = mp.get_context("spawn").Process(target=_rank, args=(msgspec.json.encode(addrs).decode(),))
         rank.start()
         try:
@@ -138,5 +153,6 @@ def test_long_step_keeps_health_and_a_stalled_step_is_killed_and_named() -> None
             if rank.is_alive():
                 rank.kill()
             coord.terminate()
+            use_secret(None)
             coord.wait(10)
             ctx.destroy(linger=0)

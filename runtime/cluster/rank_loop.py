@@ -322,7 +322,7 @@ class RankLoop:
 
 def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tuple[Any, Any]:
     """LLMEngine with this rank's dispatcher and expert statistics (None for a dense model)."""
-    from runtime.distributed.all2all import make_backend
+    from runtime.distributed.backends import make_backend
     from runtime.distributed.expert_stats import ExpertStats
     from runtime.engine.llm_engine import LLMEngine
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from runtime.config import ALL2ALL_BACKENDS, ConfigError, EngineConfig
+from runtime.config import ConfigError
 from runtime.distributed.expert_stats import ExpertStats
 from runtime.distributed.parallel import ParallelState
 
@@ -73,42 +72,6 @@ class All2AllBackend(ABC):
 
     @abstractmethod
     def combine(self, out_recv: torch.Tensor, handle: Any) -> torch.Tensor: ...
-
-
-_BACKENDS: dict[str, type[All2AllBackend]] = {}
-
-
-def register(name: str) -> Callable[[type[All2AllBackend]], type[All2AllBackend]]:
-    def wrap(cls: type[All2AllBackend]) -> type[All2AllBackend]:
-        _BACKENDS[name] = cls
-        return cls
-    return wrap
-
-
-def create_backend(name: str, parallel: ParallelState, num_experts: int, capacity: int,
-                   stats: ExpertStats | None = None, **options: Any) -> All2AllBackend:
-    if name not in _BACKENDS:
-        raise ConfigError(f"unknown --all2all-backend {name!r}; available: {', '.join(ALL2ALL_BACKENDS)}")
-    return _BACKENDS[name](parallel, num_experts, capacity, stats, **options)
-
-
-def make_backend(config: EngineConfig, parallel: ParallelState, num_experts: int,
-                 stats: ExpertStats | None = None) -> All2AllBackend:
-    """This rank's backend as the config asks (sparse by default when EP > 1; "local" when EP == 1)."""
-    mnbt = config.max_num_batched_tokens
-    if parallel.ep_size == 1:
-        return LocalBackend(parallel, num_experts, mnbt, stats)
-    name = config.all2all_backend or "sparse"
-    if name == "allgather":
-        capacity = config.expert_token_capacity or default_capacity(config.max_num_seqs, mnbt)
-        return create_backend(name, parallel, num_experts,
-                              validate_capacity(capacity, config.max_num_seqs, mnbt), stats)
-    # sparse: a (source, destination) pair never carries more than T <= max_num_batched_tokens rows (a token
-    # goes at most once to each rank), so this default never needs a second round; a smaller
-    # --expert-token-capacity bounds each collective's message at the price of more rounds
-    return create_backend(name, parallel, num_experts, config.expert_token_capacity or mnbt, stats,
-                          static_max_tokens=config.cuda_graph_max_batch(parallel.device),
-                          fp8_dispatch=config.all2all_fp8_dispatch)
 
 
 def validate_capacity(capacity: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
@@ -163,7 +126,6 @@ class _Handle:
     layer: int
 
 
-@register("allgather")
 class AllGatherBackend(All2AllBackend):
     """Fixed-size blocks: rank r sends [ep, chunk, row] and receives the same, one all_to_all_single with
     equal splits per direction per chunk (chunk = min(T, capacity)): no sizes ever reach the host, so a
@@ -235,4 +197,3 @@ class AllGatherBackend(All2AllBackend):
 
 
 # registers "sparse"; at the end since it builds on the interface above
-from runtime import all2all_sparse  # noqa: E402, F401

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from kernels import all2all_pack as pack_kernels
 from kernels import fp8 as fp8_kernels
-from runtime.distributed.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, register, row_layout
+from runtime.distributed.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, row_layout
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.float() * scale.repeat_interleave(FP8_GROUP, dim=1)[:, : q.shape[1]]).to(dtype)  # as unpack does
 
 
-@register("sparse")
 class SparseBackend(All2AllBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
