@@ -6,10 +6,10 @@ import itertools
 from typing import Any
 
 from runtime.config import ConfigError, EngineConfig, default_model_path
-from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine.llm_engine import LLMEngine
 from runtime.messages import AddRequest
 from runtime.model_source import generation_defaults
+from runtime.output_processor import RequestState, detokenizer, fan_out
 from runtime.outputs import CompletionOutput, RequestOutput
 from runtime.sampling_params import SamplingParams
 from runtime.tokenizer import apply_chat_template, fast_decoding, load_tokenizer
@@ -25,7 +25,9 @@ class LLM:
                               "parallelism serve the model with python -m runtime.serve -tp N / -dp N")
         self.engine = LLMEngine(self.config)
         self.tokenizer = load_tokenizer(self.config.tokenizer_path)
-        self._decoder = fast_decoding(self.tokenizer)  # same text, without transformers' Python decode wrapper
+        # same text, without transformers' Python decode wrapper; None: no tokenizer, no text
+        self._decoder = fast_decoding(self.tokenizer) if self.tokenizer is not None else None
+        self._special_ids: set[int] = set(getattr(self.tokenizer, "all_special_ids", None) or [])
         self._ids = itertools.count()
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -51,44 +53,31 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
 
         results: list[RequestOutput] = []
-        children: dict[str, tuple[RequestOutput, CompletionOutput, IncrementalDetokenizer | None]] = {}
+        states: dict[str, tuple[RequestOutput, RequestState]] = {}
         for prompt, params in zip(prompts, params_list):
             text, ids = self._encode(prompt)
             out = RequestOutput(request_id=str(next(self._ids)), prompt=text, prompt_token_ids=ids)
             results.append(out)
-            for i in range(params.n):
-                child = msgspec_replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            for i, child in enumerate(fan_out(params, params.n)):
                 rid = f"{out.request_id}-{i}"
-                completion = CompletionOutput(index=i, text="", token_ids=[])
-                if child.logprobs is not None:
-                    completion.logprobs = []
-                out.outputs.append(completion)
-                detok = IncrementalDetokenizer(self._decoder, ids, child) if self.tokenizer is not None else None
-                children[rid] = (out, completion, detok)
+                states[rid] = (out, RequestState(i, rid, ids, child, detokenizer(self._decoder, ids, child),
+                                                 special_ids=self._special_ids))
                 self.engine.add_request(AddRequest(rid, ids, child))
 
         while self.engine.has_unfinished():
             for delta in self.engine.step():
-                out, completion, detok = children[delta.request_id]
-                completion.token_ids += delta.new_token_ids
-                if delta.num_prompt_tokens:
-                    out.num_cached_tokens = delta.num_cached_tokens
-                if delta.prompt_logprobs is not None and out.prompt_logprobs is None:
-                    out.prompt_logprobs = [None] + [{t: lp for t, lp, _ in e} for e in delta.prompt_logprobs]
-                if delta.logprobs is not None and completion.logprobs is not None:
-                    completion.logprobs += [dict(entry) for entry in delta.logprobs]
-                stopped = False
-                if detok is not None:
-                    _, stopped = detok.update(delta.new_token_ids)
-                    completion.text = detok.text
-                if stopped:  # a stop string: the engine would not know, so end it here
+                _, state = states[delta.request_id]
+                if state.finished:
+                    continue  # ended by a stop string; the engine's last outputs are moot
+                if state.apply(delta)[1]:  # a stop string: the engine would not know, so end it here
                     self.engine.abort_requests([delta.request_id])
-                    completion.finish_reason = "stop"
-                    completion.stop_reason = detok.stop_reason if detok is not None else None
-                elif delta.finish_reason is not None:
-                    completion.finish_reason = delta.finish_reason
-                    completion.stop_reason = delta.stop_reason
-        for out in results:
+        for out, state in states.values():
+            out.num_cached_tokens = state.num_cached_tokens
+            if state.prompt_logprobs is not None and out.prompt_logprobs is None:
+                out.prompt_logprobs = [None] + [{t: lp for t, lp, _ in e} for e in state.prompt_logprobs]
+            logprobs = [dict(e) for e in state.logprobs] if state.params.logprobs is not None else None
+            out.outputs.append(CompletionOutput(state.index, state.text, state.token_ids, state.finish_reason,
+                                                state.stop_reason, logprobs))
             out.finished = True
         return results
 
@@ -108,9 +97,3 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
-
-
-def msgspec_replace(params: SamplingParams, **changes: Any) -> SamplingParams:
-    import msgspec
-
-    return msgspec.structs.replace(params, **changes)

@@ -7,11 +7,11 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from runtime.detokenizer import IncrementalDetokenizer
 from runtime.messages import TokenDelta
+from runtime.output_processor import RequestState, detokenizer, fan_out
 from runtime.sampling_params import SamplingParams
 from runtime.tokenizer import fast_decoding
 from server.engine_client import EngineClient, RequestGroup
@@ -25,24 +25,12 @@ _THREAD_TOKENIZE_CHARS = 4096
 
 
 @dataclass
-class Choice:
-    """One engine request: one of the n choices of one prompt."""
+class Choice(RequestState):
+    """One engine request (one of the n choices of one prompt) as the front end follows it."""
 
-    index: int
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    detok: IncrementalDetokenizer | None  # None: the model has no tokenizer, answers carry no text
-    arrival: float
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+    arrival: float = 0.0
     first_token_time: float | None = None
     recorded: bool = False
-    # from the engine with the first token when asked: per prompt token after the first, (id, logprob, rank)
-    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
 
 @dataclass
@@ -233,14 +221,15 @@ class Serving:
     ) -> tuple[RequestGroup, list[Choice]]:
         now = time.time()
         choices: list[Choice] = []
+        decoder = self._detok_tokenizer if self.tokenizer is not None else None
         for p, ids in enumerate(prompts):
-            for i in range(n):
-                seed = None if params.seed is None else params.seed + i
-                child = _checked(**{**_fields(params), "seed": seed, "max_tokens": max_tokens[p]})
-                detok = (
-                    IncrementalDetokenizer(self._detok_tokenizer, ids, child) if self.tokenizer is not None else None
-                )
-                choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detok, now))
+            try:
+                children = fan_out(params, n, max_tokens=max_tokens[p])
+            except ValueError as err:  # SamplingParams' check of the per-prompt fields (it names the field)
+                raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None
+            for i, child in enumerate(children):
+                choices.append(Choice(p * n + i, f"{request_id}-{p}-{i}", ids, child, detokenizer(decoder, ids, child),
+                                      special_ids=self._special_ids, arrival=now))
         group = self.client.open(
             [(c.request_id, c.prompt_token_ids, c.params) for c in choices], data_parallel_rank
         )
@@ -273,27 +262,10 @@ class Serving:
         """Takes one engine output into its choice; returns the text that may be shown now."""
         if c.first_token_time is None:
             c.first_token_time = time.time()
-        c.token_ids.extend(delta.new_token_ids)
-        if delta.prompt_logprobs is not None and c.prompt_logprobs is None:
-            c.prompt_logprobs = delta.prompt_logprobs
-        if delta.logprobs is not None:
-            c.logprobs.extend(delta.logprobs)
-        new_ids = delta.new_token_ids
-        if delta.finish_reason == "stop" and not c.params.skip_special_tokens and new_ids and \
-                new_ids[-1] in self._special_ids:
-            new_ids = new_ids[:-1]  # the EOS / stop token that ended it is not text, as in vLLM
-        text, stopped = c.detok.update(new_ids) if c.detok is not None else ("", False)
-        if stopped:
-            c.finish_reason = "stop"
-            c.stop_reason = c.detok.stop_reason if c.detok is not None else None
+        text, stopped = c.apply(delta)
+        if stopped:  # a stop string: the engine would not know, so end it here
             group.finish(c.request_id)
-        elif delta.finish_reason is not None:
-            c.finish_reason = delta.finish_reason
-            c.stop_reason = delta.stop_reason
-            if c.detok is not None:
-                text += c.detok.finish()
-        c.text += text
-        if c.finish_reason is not None:
+        if c.finished:
             self.record(c)
         return text
 
@@ -337,10 +309,6 @@ def _tool_call_arguments(msg: dict[str, Any]) -> dict[str, Any]:
             except ValueError:
                 pass
     return msg
-
-
-def _fields(params: SamplingParams) -> dict[str, Any]:
-    return {f: getattr(params, f) for f in params.__struct_fields__}
 
 
 def _checked(**fields: Any) -> SamplingParams:

@@ -405,7 +405,8 @@ def test_waiting_outputs_merge_into_one_event(stack: Stack) -> None:
     serving = Serving("fake", MAX_MODEL_LEN, 512, stack.tokenizer, None, None, Metrics("fake"))  # type: ignore[arg-type]
     ids = stack.tokenizer.encode("Hello world!")
     params = SamplingParams(max_tokens=3)
-    choice = Choice(0, "r-0", ids, params, IncrementalDetokenizer(stack.tokenizer, ids, params), time.time())
+    choice = Choice(0, "r-0", ids, params, IncrementalDetokenizer(stack.tokenizer, ids, params),
+                    arrival=time.time())
     group = RequestGroup(None, ["r-0"])  # type: ignore[arg-type]
     for k, token in enumerate(ids[:3]):  # the front end fell behind: three outputs wait
         group.queue.put_nowait(TokenDelta("r-0", [token], finish_reason="length" if k == 2 else None))
