@@ -34,7 +34,15 @@ from collections.abc import Mapping
 import msgspec
 
 from runtime.cluster.control_watch import ControlPlaneWatch
-from runtime.cluster.procs import check_port_free, exit_now, loopback_worker_store, set_title, torchrun_secret
+from runtime.cluster.procs import (
+    FATAL_FILE_ENV,
+    check_port_free,
+    exit_now,
+    loopback_worker_store,
+    read_fatal,
+    set_title,
+    torchrun_secret,
+)
 from runtime.config import ConfigError, EngineConfig
 from runtime.messages import SECRET_ENV, Addresses, secret_from_env, use_secret
 
@@ -233,6 +241,8 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
                                 watch_pid=os.getpid(), max_restarts=config.max_restarts)
     stopped = False
+    fatal_path = os.environ[FATAL_FILE_ENV] = os.path.join(run_dir, "fatal")  # a rank's reason to end it all
+    fatal: str | None = None
     watch = watch_control_plane(procs)
     try:
         launch_ranks(config, addrs)
@@ -241,7 +251,9 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         stopped = True
     except Exception as e:  # the launcher's SignalException (SIGTERM) / ChildFailedError, named not imported
         if type(e).__name__ == "SignalException":
-            logger.info("%s: shutting down", e)
+            fatal = read_fatal(fatal_path)  # a rank ended the launch (end_launch): say why, exit 2
+            if fatal is None:
+                logger.info("%s: shutting down", e)
             stopped = True
         elif type(e).__name__ == "ChildFailedError":
             print(f"error: engine ranks failed (restarts used up, --max-restarts {config.max_restarts}); "
@@ -257,6 +269,9 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
         stop_processes(procs)
         if ipc_dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if fatal is not None:
+        print(f"error: {fatal}", file=sys.stderr)
+        exit_now(2)
     if stopped:  # a clean stop; skip the seconds the interpreter's teardown of torch's launcher takes
         exit_now(0)
 

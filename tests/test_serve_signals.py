@@ -209,3 +209,18 @@ def test_busy_port_is_one_line_and_fatal(model: str, torchrun: bool) -> None:
         assert [x for x in out.stderr.splitlines() if x.strip()] == [x for x in out.stderr.splitlines()
                                                                      if x.startswith("error: ")], out.stderr
     print(f"\nbusy port {'torchrun' if torchrun else 'python -m'}: exit {out.returncode} after {took:.2f} s")
+
+
+def test_a_rank_that_cannot_start_ends_the_launch_without_restarts(model: str) -> None:
+    # a KV cache too small for one sequence: every restart would fail the same way (FINDINGS: such errors
+    # used to restart the rank group until --max-restarts was spent)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "runtime.serve", "--model", model, "--device", "cpu",
+                          "--kv-cache-memory", "4096", "--max-restarts", "3", "--port", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, start_new_session=True)
+    took = time.monotonic() - t0
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "KV cache" in errors[0] and "max_model_len" in errors[0], out.stderr[-3000:]
+    assert "restart" not in out.stderr.lower().replace("--max-restarts", ""), out.stderr[-3000:]
+    print(f"\nrank config error: exit 2 after {took:.1f} s")

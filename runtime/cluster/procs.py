@@ -63,6 +63,32 @@ class StopSignal(KeyboardInterrupt):
         return 128 + self.signum  # the shell's convention for 'ended by this signal'
 
 
+FATAL_FILE_ENV = "MOE_RT_FATAL_FILE"  # set by the launcher: where a rank leaves the reason it ended the launch
+
+
+def end_launch(message: str) -> NoReturn:
+    """A rank's settings cannot work (too little memory for one sequence, ranks that disagree): a restart
+    would fail the same way, so the rank tells its launcher (its parent: the elastic agent or torchrun) to
+    stop rather than restart the rank group, leaves the reason for it, and exits 2."""
+    path = os.environ.get(FATAL_FILE_ENV)
+    if path:  # python -m runtime.serve: the launcher prints it, once
+        with open(path, "a") as f:
+            f.write(message.replace("\n", " ") + "\n")
+    else:  # torchrun: this is the only place it can be said
+        print(f"error: {message}", file=sys.stderr)
+    os.kill(os.getppid(), signal.SIGTERM)
+    exit_now(2)
+
+
+def read_fatal(path: str) -> str | None:
+    """The first reason a rank left for ending the launch, if any."""
+    try:
+        with open(path) as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
 def exit_now(code: int) -> NoReturn:
     """Ends the process without the interpreter's teardown, which can wait seconds on the threads of torch's
     process groups and launcher; for a process stopped by a signal, whose work is over."""

@@ -24,7 +24,7 @@ import zmq
 
 from runtime.cluster.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
 from runtime.cluster.lookahead import estimate_next_step
-from runtime.cluster.procs import StopSignal, die_with_parent, raise_on_stop_signals, set_title
+from runtime.cluster.procs import StopSignal, die_with_parent, end_launch, raise_on_stop_signals, set_title
 from runtime.config import ConfigError, EngineConfig
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -358,14 +358,13 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     stopped: StopSignal | None = None
     try:
         # before the model's first collective: refuse settings that would make the ranks' collectives differ
-        try:
-            check_group_agreement(config, parallel)
-        except ConfigError as e:
-            logger.error("rank %d: error: %s", parallel.rank, e)  # one line, no traceback
-            raise SystemExit(2) from None
         # only TP rank 0 reports statistics, so only it times its steps
         timed = config.expert_stats_file is not None and parallel.is_tp_leader
-        engine, expert_stats = build_engine(config, parallel, timed=timed)
+        try:
+            check_group_agreement(config, parallel)
+            engine, expert_stats = build_engine(config, parallel, timed=timed)
+        except ConfigError as e:  # one line, no traceback, and no restart: it would fail the same way
+            end_launch(f"rank {parallel.rank}: {e}")
         if not parallel.is_tp_leader:  # a TP peer: no sockets, it runs the plans its TP rank 0 broadcasts
             engine.runner.follow(tp_follower_stats(expert_stats, parallel),
                                  expert_stats.counters if expert_stats is not None else None)
