@@ -103,6 +103,34 @@ def _release(serving: Serving, group: Any, choices: list[Choice]) -> Callable[[]
     return release
 
 
+async def respond(serving: Serving, request: Request, group: Any, choices: list[Choice], stream: bool,
+                  chunks: Callable[[], AsyncIterator[bytes]], whole: Callable[[], Response]) -> Response:
+    """The one skeleton of both endpoints: a stream of SSE chunks (an error inside it becomes an error event,
+    then [DONE]), or one JSON body once every choice has ended; either way the engine requests are released
+    (a disconnected client frees its KV blocks)."""
+    release = _release(serving, group, choices)
+    if stream:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks():
+                    yield chunk
+            except Exception as err:
+                yield await _error_event(err)
+            yield DONE
+
+        return GroupStream(body(), release)
+
+    async def collect() -> Response:
+        async for _ in serving.events(group, choices):
+            pass
+        return whole()
+
+    try:
+        return await until_disconnect(request, collect(), serving.metrics.client_disconnects.inc)
+    finally:
+        release()
+
+
 async def _error_event(err: Exception) -> bytes:
     # headers are gone once a stream started: report in-band, as OpenAI does
     if isinstance(err, APIError):  # e.g. the engine became unavailable mid-stream: keep its type and code
@@ -178,61 +206,49 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
     want_logprobs = req.logprobs is not None
     name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, prompt_ids, req.n, params, max_tokens, req.data_parallel_rank)
-    release = _release(serving, group, choices)
     model = req.model or serving.model_name  # the name the client used (check_model accepted it)
+    include_usage, each_usage = _usage_options(req)
 
     def prompt_of(c: Choice) -> int:
         return c.index // req.n
 
-    if req.stream:
-        include_usage, each_usage = _usage_options(req)
+    async def chunks() -> AsyncIterator[bytes]:
+        offsets = {c.index: 0 for c in choices}
+        echoed: set[int] = set()
 
-        async def stream() -> AsyncIterator[bytes]:
-            try:
-                offsets = {c.index: 0 for c in choices}
-                echoed: set[int] = set()
+        def echo_chunk(c: Choice) -> bytes:
+            echoed.add(c.index)
+            lp = _echo_logprobs(name, c.prompt_token_ids, c.prompt_logprobs) if want_logprobs else None
+            offsets[c.index] = len(echo[prompt_of(c)])
+            choice = CompletionChoice(c.index, echo[prompt_of(c)], lp, prompt_logprobs=_prompt_logprobs(name, c))
+            return sse(CompletionResponse(request_id, model, [choice], None))
 
-                def echo_chunk(c: Choice) -> bytes:
-                    echoed.add(c.index)
-                    lp = _echo_logprobs(name, c.prompt_token_ids, c.prompt_logprobs) if want_logprobs else None
-                    offsets[c.index] = len(echo[prompt_of(c)])
-                    choice = CompletionChoice(c.index, echo[prompt_of(c)], lp,
-                                              prompt_logprobs=_prompt_logprobs(name, c))
-                    return sse(CompletionResponse(request_id, model, [choice], None))
+        if echo is not None and not want_logprobs:
+            for c in choices:
+                yield echo_chunk(c)
+        async for ev in serving.events(group, choices):
+            c = ev.choice
+            if echo is not None and c.index not in echoed:
+                yield echo_chunk(c)  # with logprobs: they came with this first output
+            if not ev.text and c.finish_reason is None and not want_logprobs and serving.tokenizer is not None:
+                continue  # held back (partial character or possible stop string); a model without a
+                # tokenizer has no text at all, so each step's tokens still make a chunk
+            lp = None
+            if want_logprobs and ev.logprobs:
+                lp = _completion_logprobs(name, ev.logprobs, offsets[c.index])
+            offsets[c.index] += len(ev.text)
+            yield sse(
+                CompletionResponse(
+                    request_id,
+                    model,
+                    [CompletionChoice(c.index, ev.text, lp, c.finish_reason, c.stop_reason)],
+                    serving.usage(prompt_ids, choices) if each_usage else None,
+                )
+            )
+        if include_usage:
+            yield sse(CompletionResponse(request_id, model, [], serving.usage(prompt_ids, choices)))
 
-                if echo is not None and not want_logprobs:
-                    for c in choices:
-                        yield echo_chunk(c)
-                async for ev in serving.events(group, choices):
-                    c = ev.choice
-                    if echo is not None and c.index not in echoed:
-                        yield echo_chunk(c)  # with logprobs: they came with this first output
-                    if not ev.text and c.finish_reason is None and not want_logprobs and serving.tokenizer is not None:
-                        continue  # held back (partial character or possible stop string); a model without a
-                        # tokenizer has no text at all, so each step's tokens still make a chunk
-                    lp = None
-                    if want_logprobs and ev.logprobs:
-                        lp = _completion_logprobs(name, ev.logprobs, offsets[c.index])
-                    offsets[c.index] += len(ev.text)
-                    yield sse(
-                        CompletionResponse(
-                            request_id,
-                            model,
-                            [CompletionChoice(c.index, ev.text, lp, c.finish_reason, c.stop_reason)],
-                            serving.usage(prompt_ids, choices) if each_usage else None,
-                        )
-                    )
-                if include_usage:
-                    yield sse(CompletionResponse(request_id, model, [], serving.usage(prompt_ids, choices)))
-            except Exception as err:
-                yield await _error_event(err)
-            yield DONE
-
-        return GroupStream(stream(), release)
-
-    async def collect() -> Response:
-        async for _ in serving.events(group, choices):
-            pass
+    def whole() -> Response:
         out = []
         for c in choices:
             text, lp = c.text, None
@@ -250,10 +266,7 @@ async def create_completion(serving: Serving, req: CompletionRequest, request: R
                                         prompt_logprobs=_prompt_logprobs(name, c)))
         return json_response(CompletionResponse(request_id, model, out, serving.usage(prompt_ids, choices)))
 
-    try:
-        return await until_disconnect(request, collect(), serving.metrics.client_disconnects.inc)
-    finally:
-        release()
+    return await respond(serving, request, group, choices, req.stream, chunks, whole)
 
 
 # ---------------------------------------------------------------- /v1/chat/completions
@@ -299,63 +312,52 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     name = serving.token_namer(req.return_tokens_as_token_ids)
     group, choices = serving.open(request_id, [prompt_ids], req.n, params, [max_tokens], req.data_parallel_rank)
-    release = _release(serving, group, choices)
     model = req.model or serving.model_name  # the name the client used (check_model accepted it)
+    include_usage, each_usage = _usage_options(req)
 
-    if req.stream:
-        include_usage, each_usage = _usage_options(req)
+    async def chunks() -> AsyncIterator[bytes]:
+        outputs = {c.index: parser() for c in choices}
+        for c in choices:
+            yield sse(
+                ChatCompletionChunk(
+                    request_id, model, [ChatChunkChoice(c.index, ChatDelta(role="assistant", content=""))]
+                )
+            )
+        async for ev in serving.events(group, choices):
+            c = ev.choice
+            out = outputs[c.index]
+            delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
+            if out.active:
+                reasoning, content, calls = out.feed(ev.text, c.finish_reason is not None)
+                delta = ChatDelta(content=content or None, reasoning_content=reasoning or None,
+                                  tool_calls=calls or None)
+                if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
+                    continue
+                if calls:  # OpenAI's shape: text first, then a call's id and name, then its arguments
+                    heads, rest = split_tool_call_deltas(calls)
+                    pieces = [ChatDelta(content=content or None, reasoning_content=reasoning or None)]
+                    pieces = pieces if content or reasoning else []
+                    if heads:
+                        pieces.append(ChatDelta(tool_calls=heads))
+                    for d in pieces:
+                        yield sse(ChatCompletionChunk(request_id, model, [ChatChunkChoice(c.index, d)]))
+                    delta = ChatDelta(tool_calls=rest)
+            elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
+                continue
+            lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
+            reason = finish_reason(c.finish_reason, out.num_calls)
+            yield sse(
+                ChatCompletionChunk(
+                    request_id,
+                    model,
+                    [ChatChunkChoice(c.index, delta, lp, reason, c.stop_reason)],
+                    serving.usage([prompt_ids], choices) if each_usage else None,
+                )
+            )
+        if include_usage:
+            yield sse(ChatCompletionChunk(request_id, model, [], serving.usage([prompt_ids], choices)))
 
-        async def stream() -> AsyncIterator[bytes]:
-            outputs = {c.index: parser() for c in choices}
-            try:
-                for c in choices:
-                    yield sse(
-                        ChatCompletionChunk(
-                            request_id, model, [ChatChunkChoice(c.index, ChatDelta(role="assistant", content=""))]
-                        )
-                    )
-                async for ev in serving.events(group, choices):
-                    c = ev.choice
-                    out = outputs[c.index]
-                    delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
-                    if out.active:
-                        reasoning, content, calls = out.feed(ev.text, c.finish_reason is not None)
-                        delta = ChatDelta(content=content or None, reasoning_content=reasoning or None,
-                                          tool_calls=calls or None)
-                        if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
-                            continue
-                        if calls:  # OpenAI's shape: text first, then a call's id and name, then its arguments
-                            heads, rest = split_tool_call_deltas(calls)
-                            pieces = [ChatDelta(content=content or None, reasoning_content=reasoning or None)]
-                            pieces = pieces if content or reasoning else []
-                            if heads:
-                                pieces.append(ChatDelta(tool_calls=heads))
-                            for d in pieces:
-                                yield sse(ChatCompletionChunk(request_id, model, [ChatChunkChoice(c.index, d)]))
-                            delta = ChatDelta(tool_calls=rest)
-                    elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
-                        continue
-                    lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
-                    reason = finish_reason(c.finish_reason, out.num_calls)
-                    yield sse(
-                        ChatCompletionChunk(
-                            request_id,
-                            model,
-                            [ChatChunkChoice(c.index, delta, lp, reason, c.stop_reason)],
-                            serving.usage([prompt_ids], choices) if each_usage else None,
-                        )
-                    )
-                if include_usage:
-                    yield sse(ChatCompletionChunk(request_id, model, [], serving.usage([prompt_ids], choices)))
-            except Exception as err:
-                yield await _error_event(err)
-            yield DONE
-
-        return GroupStream(stream(), release)
-
-    async def collect() -> Response:
-        async for _ in serving.events(group, choices):
-            pass
+    def whole() -> Response:
         out = []
         for c in choices:
             parts = parser().whole(c.text)
@@ -373,7 +375,4 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
         response.prompt_logprobs = _prompt_logprobs(name, choices[0])
         return json_response(response)
 
-    try:
-        return await until_disconnect(request, collect(), serving.metrics.client_disconnects.inc)
-    finally:
-        release()
+    return await respond(serving, request, group, choices, req.stream, chunks, whole)
