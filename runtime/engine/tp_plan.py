@@ -3,8 +3,8 @@
 The peers hold no scheduler, sequences or sampler: TP rank 0 schedules, builds the step's host arrays (token
 ids, positions, KV slots, cu_seqlens, seq_lens, block tables) and broadcasts them over the TP group's gloo
 group as two int64 tensors (a fixed header, then the payload): no serialized Python objects. Every TP rank
-then runs the same forward (same shapes, same CUDA graph bucket, same collectives); only rank 0 samples, on logits gathered from
-every rank's vocabulary shard, so tokens do not depend on the TP size.
+then runs the same forward (same shapes, same CUDA graph bucket, same collectives); only rank 0 samples, on
+logits gathered from every rank's vocabulary shard, so tokens do not depend on the TP size.
 """
 
 from __future__ import annotations
