@@ -324,8 +324,10 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
 
     signal.signal(signal.SIGTERM, on_sigterm)
     code: object = None
+    clean = False
     try:
         engine_main(msgspec.json.encode(config).decode(), msgspec.json.encode(addrs).decode())
+        clean = True
     except SystemExit as e:
         code = e.code
         raise
@@ -333,12 +335,19 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
         if watch is not None:
             watch.stop()
         if isinstance(code, int) and code > 128:
-            # stopped by a signal: the control plane (own session) finishes its shutdown while torchrun tears
-            # down; this rank skips the interpreter's teardown
-            for p in procs:
-                p.terminate()
+            # stopped by a signal; this rank skips the interpreter's teardown. SIGTERM is also how torchrun's
+            # agent stops the group to restart it after a rank died, and the control plane must outlive that:
+            # it watches the agent and ends once the agent has exited (which is how a SIGTERM to torchrun
+            # ends it). Ctrl-C (SIGINT) only ever means stop: the control plane, in its own session, gets it
+            # from here.
+            if code == 128 + signal.SIGINT:
+                for p in procs:
+                    p.terminate()
             exit_now(code)
-        stop_processes(procs)
+        if clean:
+            stop_processes(procs)
+        # else this rank failed (a peer died under it, say): torchrun restarts the group and the control plane
+        # carries on, or gives up and exits, which the coordinator sees (it fails every client and ends)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -218,9 +218,13 @@ async def _kill_when_busy(srv: Served, times: list[float], rank: int) -> float:
 
 # DP=2/EP=2, and DP=2 x TP=2 with EP over the 4 ranks (the victim may be a TP rank 0 or a peer that only
 # follows its plans: either way the whole group restarts)
-@pytest.mark.parametrize("extra", [(), ("-tp", "2")], ids=["dp2ep2", "dp2tp2ep4"])
-def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str, extra: tuple[str, ...]) -> None:
-    with served(checkpoint, max_restarts=2, extra=extra) as srv:
+# under torchrun too: its agent restarts the group with a SIGTERM to every rank, rank 0 included, and the
+# control plane rank 0 started must outlive that
+@pytest.mark.parametrize("extra,torchrun", [((), False), (("-tp", "2"), False), ((), True)],
+                         ids=["dp2ep2", "dp2tp2ep4", "dp2ep2-torchrun"])
+def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str, extra: tuple[str, ...],
+                                                         torchrun: bool) -> None:
+    with served(checkpoint, max_restarts=2, extra=extra, torchrun=torchrun) as srv:
         expected, expected_seeded = offline(checkpoint)  # computed while the ranks sit idle
         times: list[float] = []
         degraded: list[str] = []
@@ -234,7 +238,8 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str, extra: 
 
         async def arrive_during_restart(killer: asyncio.Task[float]) -> list[tuple[str, int]]:
             await killer
-            while "degraded" not in degraded:
+            # torchrun's agent restarts the group within ~2 s, before /health calls a silent rank degraded
+            while "degraded" not in degraded and not srv.torchrun:
                 await asyncio.sleep(0.05)
             return await asyncio.gather(*(_stream(srv.client, p, []) for p in PROMPTS[:4]))
 
@@ -265,7 +270,7 @@ def test_kill_one_rank_mid_stream_every_request_resumes(checkpoint: str, extra: 
         assert late == [(expected[i], MAX_TOKENS) for i in range(4)]  # queued while the ranks were down
         assert seeded == [(text, MAX_TOKENS) for text in expected_seeded]
         assert recovery_s < 60
-        assert "degraded" in degraded, "/health never said degraded during the restart"
+        assert "degraded" in degraded or srv.torchrun, "/health never said degraded during the restart"
         m = srv.metrics()
         assert m["moe_engine_restarts_total"] == 1
         assert m["moe_requests_resubmitted_total"] >= 1
