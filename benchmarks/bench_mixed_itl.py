@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,16 +24,14 @@ import zmq
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.headless import HeadlessServer  # noqa: E402
 from runtime.messages import (  # noqa: E402
-    SECRET_ENV,
     AbortRequest,
     AddRequest,
-    Addresses,
     ClusterStats,
     OutputBatch,
     decode,
     encode,
-    use_secret,
 )
 from runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -51,25 +46,12 @@ def percentile(xs: list[float], q: float) -> float:
 def run_once(model: str, budget: int, long_len: int, device: str = "cpu", timeout_s: float = 300.0,
              extra: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rt-itl-") as d:
-        addrs = Addresses.ipc(d, 2)
-        ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        pull.bind(addrs.to_frontend)
-        push = ctx.socket(zmq.PUSH)
-        push.connect(addrs.to_coordinator)
         max_len = long_len + 64
-        cmd = [sys.executable, "-m", "runtime.serve", "--headless", "--ipc-dir", d, "--model", model, "-dp", "2",
-               "--enable-expert-parallel", "--device", device, "--max-model-len", str(max_len),
-               "--max-num-batched-tokens", str(max(8192, long_len)), "--max-num-seqs", "8",
-               "--mixed-step-token-budget", str(budget), "--log-stats-interval", "1", *(extra or [])]
-        if device == "cpu":
-            cmd += ["--kv-cache-memory", str(256 << 20)]
-        # this script is the deployment's front end: it shares the secret every frame is signed with
-        secret = secrets.token_hex(16)
-        use_secret(secret)
-        env = dict(os.environ, OMP_NUM_THREADS="1", **{SECRET_ENV: secret})
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
+        srv = HeadlessServer(d, 2, ["--model", model, "--enable-expert-parallel", "--max-model-len", str(max_len),
+                                    "--max-num-batched-tokens", str(max(8192, long_len)), "--max-num-seqs", "8",
+                                    "--mixed-step-token-budget", str(budget), "--log-stats-interval", "1",
+                                    *(extra or [])], device, 256 << 20)
+        pull, push, proc = srv.pull, srv.push, srv.proc
         times: dict[str, list[float]] = {"stream": [], "long": []}
         health: list[tuple[float, bool]] = []  # the coordinator's verdict over time (/health follows it)
         deadline = time.monotonic() + timeout_s
@@ -106,12 +88,7 @@ def run_once(model: str, budget: int, long_len: int, device: str = "cpu", timeou
             t1 = times["long"][0]
             push.send(encode(AbortRequest(["stream"])))
         finally:
-            ctx.destroy(linger=0)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            srv.close()
         inside = [t for t in times["stream"] if t0 <= t <= t1]
         before = [t for t in times["stream"] if t < t0]
         marks = [before[-1], *inside, t1] if before else [t0, *inside, t1]

@@ -16,27 +16,20 @@ import argparse
 import json
 import os
 import random
-import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-import zmq
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.headless import HeadlessServer  # noqa: E402
 from runtime.messages import (  # noqa: E402
-    SECRET_ENV,
     AddRequest,
-    Addresses,
     ClusterStats,
     OutputBatch,
     decode,
     encode,
-    use_secret,
 )
 from runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -48,24 +41,10 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
     users = [[[rng.randrange(3, 500) for _ in range(user_len)] for _ in range(turns)] for _ in range(conversations)]
     max_len = system_len + turns * (user_len + answer_len) + 16
     with tempfile.TemporaryDirectory(prefix="rt-route-") as d:
-        addrs = Addresses.ipc(d, 2)
-        ctx = zmq.Context()
-        pull = ctx.socket(zmq.PULL)
-        pull.bind(addrs.to_frontend)
-        push = ctx.socket(zmq.PUSH)
-        push.connect(addrs.to_coordinator)
-        cmd = [sys.executable, "-m", "runtime.serve", "--headless", "--ipc-dir", d, "--model", model, "-dp", "2",
-               "--dp-routing", policy, "--device", device, "--max-model-len",
-               str(max_len), "--max-num-seqs", str(conversations), "--max-num-batched-tokens", "4096",
-               "--log-stats-interval", "0.5", *(extra or [])]
-        if device == "cpu":
-            cmd += ["--kv-cache-memory", str(64 << 20)]
-        # this script is the deployment's front end: it shares the secret every frame is signed with
-        secret = secrets.token_hex(16)
-        use_secret(secret)
-        env = dict(os.environ, OMP_NUM_THREADS="1", **{SECRET_ENV: secret})
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
+        srv = HeadlessServer(d, 2, ["--model", model, "--dp-routing", policy, "--max-model-len", str(max_len),
+                                    "--max-num-seqs", str(conversations), "--max-num-batched-tokens", "4096",
+                                    "--log-stats-interval", "0.5", *(extra or [])], device, 64 << 20)
+        pull, push, proc = srv.pull, srv.push, srv.proc
         history = [list(system) for _ in range(conversations)]
         answer: dict[str, list[int]] = {}
         ranks: dict[tuple[int, int], int] = {}
@@ -121,12 +100,7 @@ def run_policy(model: str, policy: str, conversations: int, turns: int, system_l
                 msg = decode(pull.recv())
                 stats = msg if isinstance(msg, ClusterStats) else stats
         finally:
-            ctx.destroy(linger=0)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            srv.close()
     queries = sum(r.prefix_cache_queries for r in stats.ranks)
     hits = sum(r.prefix_cache_hits for r in stats.ranks)
     same = sum(ranks[(c, t)] == ranks[(c, t - 1)] for c in range(conversations) for t in range(1, turns))
