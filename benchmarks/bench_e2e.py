@@ -137,11 +137,12 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
         graph_ms = time_graph_replay(engine, batch)
         if batch in args.profile:
             profile_eager_step(engine)
+        mixed = time_mixed_steps(engine, args.mixed, g) if batch == max_b else {}
         floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes, kv_elem_bytes) / bandwidth * 1e3
         rows.append({"engine": "ours", "phase": "decode", "batch": batch, "ctx": args.ctx, "step_ms": step_ms,
                      "graph_replay_ms": graph_ms,
                      "floor_ms": floor_ms, "floor_fraction": floor_ms / step_ms,
-                     "tokens_per_s": batch / step_ms * 1e3})
+                     "tokens_per_s": batch / step_ms * 1e3, **mixed})
         print(f"ours decode B={batch:4d} ctx={args.ctx}: {step_ms:8.3f} ms/step (graph alone {graph_ms:.3f} ms), "
               f"floor {floor_ms:.3f} ms "
               f"({floor_ms / step_ms:.0%} of floor speed)", flush=True)
@@ -183,6 +184,36 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
     return rows
 
 
+def time_mixed_steps(engine, prompt_lens: list[int], g: torch.Generator) -> dict[str, float]:
+    """The running decode batch's step time when it carries a new prompt of n tokens (a mixed step, run
+    eagerly), and the same decode step forced eager (no graph): what a prefill arrival costs the streams."""
+    from runtime.messages import AddRequest
+    from runtime.sampling_params import SamplingParams
+
+    def timed_step() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    out: dict[str, float] = {}
+    graphs, engine.runner.graphs = engine.runner.graphs, None
+    out["eager_decode_ms"] = sorted(timed_step() for _ in range(5))[2]
+    engine.runner.graphs = graphs
+    for n in prompt_lens:
+        times = []
+        for r in range(3):
+            prompt = torch.randint(0, 150000, (n,), generator=g).tolist()
+            engine.add_request(AddRequest(f"mixed{n}-{r}", prompt, SamplingParams(temperature=0, max_tokens=1)))
+            times.append(timed_step())
+            while f"mixed{n}-{r}" in engine.requests:  # a prompt over one chunk: finish it
+                engine.step()
+        out[f"mixed_{n}_ms"] = sorted(times)[1]
+    print("  " + " ".join(f"{k}={v:.1f}" for k, v in out.items()), flush=True)
+    return out
+
+
 def time_graph_replay(engine, batch: int) -> float:
     """GPU time of the decode graph alone (no scheduling, input copies, lm head or sampling)."""
     graphs = engine.runner.graphs
@@ -210,6 +241,9 @@ def profile_eager_step(engine) -> None:
             engine.step()
         torch.cuda.synchronize()
     engine.runner.graphs = graphs
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels) / 3
+    print(f"  eager decode step: {len(kernels) / 3:.0f} GPU kernels/copies, {busy_us:.0f} us of GPU time")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
@@ -265,6 +299,8 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--profile", type=lambda s: [int(x) for x in s.split(",")], default=[],
                         help="batch sizes to profile eagerly, kernel by kernel")
+    parser.add_argument("--mixed", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                        help="prompt lengths: time the largest batch's decode step carrying one such prompt")
     parser.add_argument("--out", default="e2e.json")
     args = parser.parse_args()
 
