@@ -242,7 +242,7 @@ def profile_eager_step(engine) -> None:
         torch.cuda.synchronize()
     engine.runner.graphs = graphs
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(e.device_time for e in kernels) / 3
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels) / 3
     print(f"  eager decode step: {len(kernels) / 3:.0f} GPU kernels/copies, {busy_us:.0f} us of GPU time")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
