@@ -241,6 +241,38 @@ class StructuredOutputs:
         return not ok or matcher.is_stopped()
 
 
+    def accept_many(self, pairs: list[tuple[str, int]]) -> set[str]:
+        """accept() for a whole batch: the plain constrained rows advance in parallel (llguidance's executor
+        drops the GIL and uses its thread pool: one consume_token costs tens of us on a 150k vocabulary, so a
+        serial loop over a large batch costs milliseconds). Returns the ids whose request must stop."""
+        done: set[str] = set()
+        plain: list[tuple[str, Any, int]] = []
+        for rid, token_id in pairs:
+            future = self._matchers.get(rid)
+            if future is None:
+                continue
+            if rid in self._waiting or future.result() is None:
+                if self.accept(rid, token_id):
+                    done.add(rid)
+                continue
+            plain.append((rid, future.result(), token_id))
+        if len(plain) == 1:
+            rid, _, token_id = plain[0]
+            return done | ({rid} if self.accept(rid, token_id) else set())
+        if plain:
+            import llguidance
+
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            oks = self._executor.consume_token_par([(m, t) for _, m, t in plain])
+            for (rid, matcher, token_id), ok in zip(plain, oks):
+                if not ok:
+                    logger.warning("request %s: token %d outside its grammar: %s", rid, token_id, matcher.get_error())
+                if not ok or matcher.is_stopped():
+                    done.add(rid)
+        return done
+
+
 def apply_bitmask(logits: Any, rows: list[int], bitmask: Any) -> Any:
     """Sets the logits of tokens a row's grammar forbids to -inf, in place (the sampler owns this step's
     logits). logits [num_seqs, vocab]; bitmask [len(rows), ceil(vocab / 32)] int32 on the CPU, bit j of

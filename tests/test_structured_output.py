@@ -16,12 +16,15 @@ from runtime.sampling_params import SamplingParams
 from runtime.structured_output import GrammarCompiler, GrammarError, apply_bitmask
 from tests.tiny import make_tiny_checkpoint
 
+# every string and object bounded: a random model ends any bounded grammar within max_tokens, but an open
+# one (a free property name) can run on past it
 S = {"type": "string", "maxLength": 12}
 SCHEMAS: list[dict[str, Any]] = [
     {"type": "object", "properties": {"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
      "required": ["name", "age"], "additionalProperties": False},
     {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False},
-    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+     "additionalProperties": False},
     {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
     {"type": "object", "properties": {"tags": {"type": "array", "items": S, "maxItems": 3}}, "required": ["tags"],
      "additionalProperties": False},
@@ -33,17 +36,19 @@ SCHEMAS: list[dict[str, Any]] = [
         "additionalProperties": False}}, "required": ["a"], "additionalProperties": False},
     {"type": "string", "enum": ["yes", "no", "maybe"]},
     {"type": "integer", "minimum": 100, "maximum": 999},
-    {"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-f0-9]{8}$"}}, "required": ["id"]},
+    {"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-f0-9]{8}$"}}, "required": ["id"], "additionalProperties": False},
     {"type": "object", "properties": {"kind": {"const": "circle"}, "radius": {"type": "number", "minimum": 0,
      "maximum": 10}}, "required": ["kind", "radius"], "additionalProperties": False},
     {"anyOf": [{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
                 "required": ["n"], "additionalProperties": False}, {"type": "null"}]},
     {"type": "object", "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
         "type": "object", "properties": {"sku": S, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
-        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"]},
-    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"]},
+        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"],
+     "additionalProperties": False},
     {"type": "object", "properties": {"v": {"type": ["integer", "null"], "minimum": 0, "maximum": 50}},
-     "required": ["v"]},
+     "required": ["v"], "additionalProperties": False},
     {"type": "array", "prefixItems": [{"type": "boolean"}, {"enum": [1, 2]}], "items": False, "minItems": 2},
     {"type": "object", "properties": {"m": {"type": "object", "additionalProperties": {"type": "integer",
      "minimum": 0, "maximum": 3}, "maxProperties": 2}}, "required": ["m"], "additionalProperties": False},

@@ -262,6 +262,8 @@ class LLMEngine:
         # grammar masks fill on the CPU while the forward may still run on the GPU; None when unconstrained
         mask = self.structured.bitmask([s.request_id for s in to_sample]) if self.structured.active else None
         token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids, mask)
+        grammar_done = self.structured.accept_many([(s.request_id, t) for s, t in zip(to_sample, token_ids)]) \
+            if self.structured.active else set()
         deltas = []
         for seq, token_id, lp in zip(to_sample, token_ids, logprobs):
             first = seq.num_output_tokens == 0
@@ -271,7 +273,7 @@ class LLMEngine:
             seq.token_ids.append(token_id)
             self.generation_tokens += 1
             reason = self._finish_reason(seq, token_id)
-            if self.structured.active and self.structured.accept(seq.request_id, token_id) and reason is None:
+            if seq.request_id in grammar_done and reason is None:
                 reason = "stop"  # the grammar is complete (it only ends by EOS when eos is not ignored)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
