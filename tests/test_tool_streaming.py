@@ -189,3 +189,39 @@ def test_json_scanner_renders_like_json_dumps_and_grows_by_prefixes() -> None:
         scan.feed(bad)
         scan.finish()
         assert not scan.ok, bad
+
+
+def test_tool_choice_none_leaves_the_text_as_content() -> None:
+    text = CASES[0][2]
+    out = ChatOutput(None, False, ToolPlan("none", TOOLS), "hermes")
+    assert not out.active and out.whole(text).content == text and not out.whole(text).tool_calls
+    r, c, calls, _ = _stream(ChatOutput("qwen3", False, ToolPlan("none", TOOLS), "hermes"), list(text))
+    assert (r, c, calls) == ("", text, [])
+
+
+def test_tool_plan_checks() -> None:
+    from server.protocol import APIError, ChatCompletionRequest
+    from server.structured import tool_plan
+
+    tools = [{"type": "function", "function": t} for t in TOOLS]
+    msgs = [{"role": "user", "content": "x"}]
+
+    def plan(auto: bool = True, **kw: Any) -> ToolPlan:
+        return tool_plan(ChatCompletionRequest(model="m", messages=msgs, **kw), auto)
+
+    assert plan().mode == "none" and plan(tools=tools).mode == "auto"  # tools without tool_choice: auto
+    assert plan(tools=tools, tool_choice="none").mode == "none"
+    search = {"type": "function", "function": {"name": "search"}}
+    named = plan(tools=tools, tool_choice=search, parallel_tool_calls=False)
+    assert (named.mode, named.named, named.parallel, named.schema) == ("named", "search", False, TOOLS[1]["parameters"])
+    assert plan(tools=tools, tool_choice="required", parallel_tool_calls=False).schema["maxItems"] == 1
+    for kw, auto, words in [
+        (dict(tools=tools), False, "--enable-auto-tool-choice"),  # auto needs the server's flag, as vLLM
+        (dict(tool_choice="required"), True, "needs tools"),
+        (dict(tools=tools, tool_choice="any"), True, "must be"),
+        (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}), True, "'nope'"),
+        (dict(tools=[{"type": "function", "function": {"parameters": {}}}]), True, "tools.0"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]), True, "parameters"),
+    ]:
+        with pytest.raises(APIError, match=words):
+            plan(auto, **kw)
