@@ -273,7 +273,8 @@ class Serving:
         """Metrics of one finished (or abandoned) choice, once."""
         if not c.recorded:
             c.recorded = True
-            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason)
+            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason,
+                                         c.params.max_tokens)
 
     def usage(self, prompts: list[list[int]], choices: list[Choice]) -> Usage:
         num_prompt = sum(len(p) for p in prompts)

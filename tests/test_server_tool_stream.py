@@ -136,3 +136,33 @@ def test_required_and_named_stream_arguments(stack: tuple[Any, ...]) -> None:
     _, _, streamed, reason = _reassemble(list(client.chat.completions.create(stream=True, **kw)))
     assert [(n, a) for _, n, a, _ in streamed.values()] == [("search", '{"query":"weather in Oslo"}')]
     assert reason == "tool_calls" and streamed[0][3] > 1
+
+
+def test_vllm_dashboard_metrics(stack: tuple[Any, ...]) -> None:
+    """Every series vLLM's Grafana board reads, but queue and prefill time (they need the engine's scheduling
+    time, which the front end does not see)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, _, _ = stack
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
+        out: dict[str, float] = {}  # summed over labels but buckets
+        for s in (s for f in text_string_to_metric_families(text) for s in f.samples if "le" not in s.labels):
+            out[s.name] = out.get(s.name, 0.0) + s.value
+        return out
+
+    before = scrape()
+    client.completions.create(model="fake", prompt="The quick brown fox", max_tokens=7)
+    time.sleep(0.2)  # the fake's stats interval
+    after = scrape()
+    for name in ("e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total",
+                 "time_per_output_token_seconds_count", "time_to_first_token_seconds_count",
+                 "request_prompt_tokens_count", "request_generation_tokens_count", "request_success_total",
+                 "request_decode_time_seconds_count"):
+        assert after["vllm:" + name] > before.get("vllm:" + name, 0), name
+    for name in ("num_requests_running", "num_requests_waiting", "gpu_cache_usage_perc", "kv_cache_usage_perc"):
+        assert "vllm:" + name in after, name
+    name = "vllm:request_max_num_generation_tokens_sum"
+    assert after[name] - before.get(name, 0) == 7
