@@ -1,7 +1,9 @@
-"""Streamed tool calls over HTTP, through the openai client, against the fake engine (it echoes the prompt,
-and the chat template here makes the prompt the last message's text, so the 'model' writes what the test
-says): the deltas come in OpenAI's shape (index, id, type and name first, then argument pieces over many
-chunks) and reassemble to the message.tool_calls of the non-streamed reply, finish_reason tool_calls."""
+"""vLLM's OpenAI surface over HTTP against the fake engine (it echoes the prompt, and the chat template here
+makes the prompt the last message's text, so the 'model' writes what the test says). Streamed tool calls,
+through the openai client: the deltas come in OpenAI's shape (index, id, type and name first, then argument
+pieces over many chunks) and reassemble to the message.tool_calls of the non-streamed reply, finish_reason
+tool_calls. Also /tokenize and /detokenize round trips, /version, /ping, and the series of vLLM's Grafana
+board."""
 
 from __future__ import annotations
 
@@ -166,3 +168,24 @@ def test_vllm_dashboard_metrics(stack: tuple[Any, ...]) -> None:
         assert "vllm:" + name in after, name
     name = "vllm:request_max_num_generation_tokens_sum"
     assert after[name] - before.get(name, 0) == 7
+
+
+def test_tokenize_detokenize_version_ping(stack: tuple[Any, ...]) -> None:
+    import httpx
+
+    client, _, _ = stack
+    base = str(client.base_url).removesuffix("/v1/")
+    text = "Hello wörld, 1 + 1 <tool_call>"
+    r = httpx.post(base + "/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert r["count"] == len(r["tokens"]) == len(r["token_strs"]) and r["max_model_len"] == 1024
+    assert httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == text
+    # messages go through the chat template (this one: the last message's text, then EOS)
+    r = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": text}], "tools": TOOLS}).json()
+    back = httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"]
+    assert back == text + "<|endoftext|>"
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": []}, "prompt"),
+                              ("/tokenize", {"prompt": "a", "model": "nope"}, "model"),
+                              ("/detokenize", {"tokens": [10**6]}, "tokens")]:
+        r = httpx.post(base + path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+    assert httpx.get(base + "/version").json()["version"] and httpx.get(base + "/ping").status_code == 200
