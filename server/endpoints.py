@@ -329,6 +329,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
             delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
             if out.active:
                 reasoning, content, calls = out.feed(ev.text, c.finish_reason is not None)
+                reasoning = reasoning if req.include_reasoning else ""
                 delta = ChatDelta(content=content or None, reasoning_content=reasoning or None,
                                   tool_calls=calls or None)
                 if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
@@ -364,7 +365,8 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
             out.append(
                 ChatChoice(
                     c.index,
-                    ChatResponseMessage("assistant", parts.content, parts.reasoning, parts.tool_calls),
+                    ChatResponseMessage("assistant", parts.content, parts.reasoning if req.include_reasoning else None,
+                                        parts.tool_calls),
                     _chat_logprobs(name, c.logprobs) if req.logprobs else None,
                     finish_reason(c.finish_reason, len(parts.tool_calls)),
                     c.stop_reason,

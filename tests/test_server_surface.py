@@ -23,7 +23,8 @@ from tests.fake_engine import FakeEngine
 from tests.test_server_unit import _free_port
 from tests.tiny import write_tokenizer
 
-TEMPLATE = "{{ messages[-1]['content'] }}<|endoftext|>"  # the fake echoes it: the output is this text, then EOS
+# the fake echoes the prompt: the output is the last message's text (after any documents), then EOS
+TEMPLATE = "{% for d in documents or [] %}[{{ d.title }}]{% endfor %}{{ messages[-1]['content'] }}<|endoftext|>"
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
         "city": {"type": "string"}, "days": {"type": "integer"}}}}},
@@ -65,6 +66,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     engine = FakeEngine(addrs)
     engine.start()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    from tokenizers.processors import TemplateProcessing
+
+    # a tokenizer that adds BOS, as Llama's does (add_special_tokens decides)
+    bos = ("<|bos|>", tokenizer.convert_tokens_to_ids("<|bos|>"))
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", special_tokens=[bos])
     metrics = Metrics("fake")
     app = build_app(config, EngineClient(addrs, config.max_queue_len, on_stats=metrics.cluster.update), metrics,
                     tokenizer)
@@ -76,7 +82,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         time.sleep(0.02)
     assert server.started
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=20)
-    yield client, OUTPUTS[request.param], tokenizer.eos_token_id
+    yield client, OUTPUTS[request.param], tokenizer.eos_token_id, bos[1]
     server.should_exit = True
     thread.join(5)
     engine.stopping.set()
@@ -104,7 +110,7 @@ def _reassemble(chunks: list[Any]) -> tuple[str, str, dict[int, list[Any]], str 
 
 
 def test_streamed_tool_calls_reassemble_to_the_whole_reply(stack: tuple[Any, ...]) -> None:
-    client, output, eos = stack
+    client, output, eos, _ = stack
     kw: dict[str, Any] = dict(model="fake", messages=[{"role": "user", "content": output}], tools=TOOLS,
                               extra_body={"stop_token_ids": [eos]})
     whole = client.chat.completions.create(**kw).choices[0]
@@ -120,7 +126,7 @@ def test_streamed_tool_calls_reassemble_to_the_whole_reply(stack: tuple[Any, ...
 
 
 def test_required_and_named_stream_arguments(stack: tuple[Any, ...]) -> None:
-    client, _, eos = stack
+    client, _, eos, _ = stack
     text = '[{"name":"get_weather","parameters":{"city":"Lima","days":2}},{"name":"search","parameters":{"query":"x"}}]'
     kw: dict[str, Any] = dict(model="fake", messages=[{"role": "user", "content": text}], tools=TOOLS,
                               tool_choice="required", extra_body={"stop_token_ids": [eos]})
@@ -146,7 +152,7 @@ def test_vllm_dashboard_metrics(stack: tuple[Any, ...]) -> None:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    client, _, _ = stack
+    client, *_ = stack
 
     def scrape() -> dict[str, float]:
         text = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
@@ -173,11 +179,13 @@ def test_vllm_dashboard_metrics(stack: tuple[Any, ...]) -> None:
 def test_tokenize_detokenize_version_ping(stack: tuple[Any, ...]) -> None:
     import httpx
 
-    client, _, _ = stack
+    client, *_ = stack
     base = str(client.base_url).removesuffix("/v1/")
     text = "Hello wörld, 1 + 1 <tool_call>"
     r = httpx.post(base + "/tokenize", json={"prompt": text, "return_token_strs": True}).json()
     assert r["count"] == len(r["tokens"]) == len(r["token_strs"]) and r["max_model_len"] == 1024
+    assert httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "<|bos|>" + text
+    r = httpx.post(base + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
     assert httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == text
     # messages go through the chat template (this one: the last message's text, then EOS)
     r = httpx.post(base + "/tokenize", json={"messages": [{"role": "user", "content": text}], "tools": TOOLS}).json()
@@ -189,3 +197,28 @@ def test_tokenize_detokenize_version_ping(stack: tuple[Any, ...]) -> None:
         r = httpx.post(base + path, json=body)
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
     assert httpx.get(base + "/version").json()["version"] and httpx.get(base + "/ping").status_code == 200
+
+
+def test_include_reasoning_documents_and_add_special_tokens(stack: tuple[Any, ...]) -> None:
+    client, output, eos, _ = stack
+    kw: dict[str, Any] = dict(model="fake", messages=[{"role": "user", "content": output}], tools=TOOLS)
+    extra = {"stop_token_ids": [eos], "include_reasoning": False}
+    whole = client.chat.completions.create(extra_body=extra, **kw).choices[0].message
+    assert whole.model_extra.get("reasoning_content") is None and whole.tool_calls and whole.content
+    chunks = list(client.chat.completions.create(stream=True, extra_body=extra, **kw))
+    reasoning, content, calls, _ = _reassemble(chunks)
+    assert (reasoning, content, len(calls)) == ("", whole.content, 2)
+    # documents reach the template; the chat prompt gets BOS only when asked (the template writes its own)
+    docs = {"documents": [{"title": "A", "text": "a"}, {"title": "B", "text": "b"}], "stop_token_ids": [eos]}
+    r = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}], extra_body=docs)
+    assert r.choices[0].message.content == "[A][B]hi"
+    for special, bos in ((None, False), (True, True)):
+        body = {**docs, **({"add_special_tokens": special} if special is not None else {}), "return_token_ids": True}
+        r = client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}], extra_body=body)
+        first = r.choices[0].model_extra["prompt_token_ids"][0]
+        assert (first == stack[3]) == bos
+    r = client.completions.create(model="fake", prompt="hi", max_tokens=1, extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["prompt_token_ids"][0] == stack[3]
+    r = client.completions.create(model="fake", prompt="hi", max_tokens=1, extra_body={"return_token_ids": True,
+                                                                                       "add_special_tokens": False})
+    assert r.choices[0].model_extra["prompt_token_ids"][0] != stack[3]
