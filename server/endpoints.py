@@ -338,11 +338,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     heads, rest = split_tool_call_deltas(calls)
                     pieces = [ChatDelta(content=content or None, reasoning_content=reasoning or None)]
                     pieces = pieces if content or reasoning else []
-                    if heads:
-                        pieces.append(ChatDelta(tool_calls=heads))
-                    for d in pieces:
+                    pieces += [ChatDelta(tool_calls=d) for d in (heads, rest) if d]
+                    *firsts, delta = pieces  # the last piece carries the logprobs and finish_reason
+                    for d in firsts:
                         yield sse(ChatCompletionChunk(request_id, model, [ChatChunkChoice(c.index, d)]))
-                    delta = ChatDelta(tool_calls=rest)
             elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
                 continue
             lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None

@@ -95,6 +95,9 @@ def _reassemble(chunks: list[Any]) -> tuple[str, str, dict[int, list[Any]], str 
         if not chunk.choices:
             continue
         choice = chunk.choices[0]
+        d = choice.delta
+        assert d.role or d.content or getattr(d, "reasoning_content", None) or d.tool_calls or choice.finish_reason, \
+            "no empty chunks"
         reasoning += getattr(choice.delta, "reasoning_content", None) or ""
         content += choice.delta.content or ""
         reason = choice.finish_reason or reason
