@@ -225,3 +225,27 @@ def test_tool_plan_checks() -> None:
     ]:
         with pytest.raises(APIError, match=words):
             plan(auto, **kw)
+
+
+def test_random_calls_stream_like_the_whole_reply() -> None:
+    rng = random.Random(2)
+    for _ in range(150):
+        calls = [(rng.choice(["get_weather", "search"]), _random_value(rng, 2)) for _ in range(rng.randrange(1, 4))]
+        if rng.random() < 0.5:  # hermes
+            parser = "hermes"
+            blocks = [json.dumps({"name": n, "arguments": a}, ensure_ascii=rng.random() < 0.5,
+                                 indent=rng.choice([None, 1])) for n, a in calls]
+        else:  # glm45: string values bare, the rest as JSON
+            parser = "glm45"
+            calls = [(n, a if isinstance(a, dict) else {"v": a}) for n, a in calls]
+            blocks = [n + "\n" + "".join(
+                f"<arg_key>{k}</arg_key>\n<arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>\n"
+                for k, v in a.items()) for n, a in calls]
+        text = "Sure.\n" + "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
+        whole = _output(parser, None).whole(text)
+        expected = [(c.function.name, c.function.arguments) for c in whole.tool_calls]
+        assert len(expected) == len(calls) and whole.content == "Sure.\n"
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(1, 12))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        _, content, got, _ = _stream(_output(parser, None), pieces)
+        assert (content, got) == ("Sure.\n", expected), pieces
