@@ -110,9 +110,10 @@ class Serving:
         if not items:
             raise APIError("prompt: must not be empty", param="prompt")
         out: list[tuple[str | None, list[int]]] = []
+        special = req.add_special_tokens is not False
         for item in items:
             if isinstance(item, str):
-                out.append((item, await self.encode(item, "prompt")))
+                out.append((item, await self.encode(item, "prompt", add_special_tokens=special)))
             else:
                 out.append((None, self.check_token_ids(item, "prompt")))
         return out
@@ -148,12 +149,13 @@ class Serving:
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message,
                 **({"tools": tools} if tools else {}),
+                **({"documents": req.documents} if req.documents else {}),
                 **(req.chat_template_kwargs or {}),
             )
         except Exception as err:  # a template that rejects these messages is the request's problem
             raise APIError(f"messages: the chat template failed on them: {err}", param="messages") from None
         # the template already wrote the special tokens (BOS, role markers) it wants
-        return await self.encode(text, "messages", add_special_tokens=False)
+        return await self.encode(text, "messages", add_special_tokens=req.add_special_tokens is True)
 
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
         if prompt_len == 0:
@@ -273,7 +275,8 @@ class Serving:
         """Metrics of one finished (or abandoned) choice, once."""
         if not c.recorded:
             c.recorded = True
-            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason)
+            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason,
+                                         c.params.max_tokens)
 
     def usage(self, prompts: list[list[int]], choices: list[Choice]) -> Usage:
         num_prompt = sum(len(p) for p in prompts)

@@ -70,6 +70,10 @@ class VllmMetrics:
                                         buckets=_TOKENS, registry=r)
         self.request_generation = Histogram("vllm:request_generation_tokens", "Number of generation tokens "
                                             "processed.", m, buckets=_TOKENS, registry=r)
+        self.decode_time = Histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase "
+                                     "for request.", m, buckets=_E2E, registry=r)
+        self.max_generation = Histogram("vllm:request_max_num_generation_tokens", "Histogram of maximum number of "
+                                        "requested generation tokens.", m, buckets=_TOKENS, registry=r)
         r.register(_EngineGauges(model_name, cluster))
         for metric in (self.prompt_tokens, self.generation_tokens):
             metric.labels(model_name)  # present at 0 from the start, as vLLM's are
@@ -79,8 +83,10 @@ class VllmMetrics:
         self.request_prompt.labels(self.model_name).observe(num_tokens)
 
     def on_request_done(self, arrival: float, first_token: float | None, end: float, num_tokens: int,
-                        finish_reason: str | None) -> None:
+                        finish_reason: str | None, max_tokens: int | None = None) -> None:
         name = self.model_name
+        if max_tokens is not None:
+            self.max_generation.labels(name).observe(max_tokens)
         self.generation_tokens.labels(name).inc(num_tokens)
         if finish_reason in ("stop", "length", "abort"):
             self.success.labels(name, finish_reason).inc()
@@ -88,6 +94,7 @@ class VllmMetrics:
         if first_token is not None:
             self.ttft.labels(name).observe(first_token - arrival)
             self.e2e.labels(name).observe(end - arrival)
+            self.decode_time.labels(name).observe(end - first_token)  # first to last token, as vLLM's
             if num_tokens > 1:
                 gap = (end - first_token) / (num_tokens - 1)
                 self.tpot.labels(name).observe(gap)
