@@ -115,6 +115,10 @@ class TokenDelta(msgspec.Struct):
     # with the first output token when asked: per prompt token after the first, (token_id, logprob, rank)
     # of the prompt token then the top-N (runtime/engine/prompt_logprobs.py)
     prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
+    # with the first output token, seconds on the engine's clock: reached the engine -> first scheduled
+    # (a preemption does not restart it), and first scheduled -> this token (vLLM's queue and prefill time)
+    queue_time: float | None = None
+    prefill_time: float | None = None
 
 
 class OutputBatch(msgspec.Struct, tag=True):

@@ -225,10 +225,11 @@ class Metrics:
 
     def on_request_done(
         self, arrival: float, first_token: float | None, end: float, num_tokens: int, finish_reason: str | None,
-        max_tokens: int | None = None,
+        max_tokens: int | None = None, queue_time: float | None = None, prefill_time: float | None = None,
     ) -> None:
         self.finished.labels(finish_reason or "abort").inc()
-        self.vllm.on_request_done(arrival, first_token, end, num_tokens, finish_reason, max_tokens)
+        self.vllm.on_request_done(arrival, first_token, end, num_tokens, finish_reason, max_tokens, queue_time,
+                                  prefill_time)
         self.generation_tokens.inc(num_tokens)
         if first_token is not None:
             self.ttft.observe(first_token - arrival)

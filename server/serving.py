@@ -31,6 +31,9 @@ class Choice(RequestState):
     arrival: float = 0.0
     first_token_time: float | None = None
     recorded: bool = False
+    # the engine's queue and first-scheduled-to-first-token durations (TokenDelta), from its first output
+    queue_time: float | None = None
+    prefill_time: float | None = None
 
 
 @dataclass
@@ -264,6 +267,8 @@ class Serving:
         """Takes one engine output into its choice; returns the text that may be shown now."""
         if c.first_token_time is None:
             c.first_token_time = time.time()
+        if c.queue_time is None and delta.queue_time is not None:  # a resumed request's next first is moot
+            c.queue_time, c.prefill_time = delta.queue_time, delta.prefill_time
         text, stopped = c.apply(delta)
         if stopped:  # a stop string: the engine would not know, so end it here
             group.finish(c.request_id)
@@ -276,7 +281,7 @@ class Serving:
         if not c.recorded:
             c.recorded = True
             self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason,
-                                         c.params.max_tokens)
+                                         c.params.max_tokens, c.queue_time, c.prefill_time)
 
     def usage(self, prompts: list[list[int]], choices: list[Choice]) -> Usage:
         num_prompt = sum(len(p) for p in prompts)

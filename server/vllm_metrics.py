@@ -72,6 +72,11 @@ class VllmMetrics:
                                             "processed.", m, buckets=_TOKENS, registry=r)
         self.decode_time = Histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase "
                                      "for request.", m, buckets=_E2E, registry=r)
+        # the engine's durations (TokenDelta.queue_time / prefill_time), on vLLM's request latency buckets
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase "
+                                    "for request.", m, buckets=_E2E, registry=r)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL "
+                                      "phase for request.", m, buckets=_E2E, registry=r)
         self.max_generation = Histogram("vllm:request_max_num_generation_tokens", "Histogram of maximum number of "
                                         "requested generation tokens.", m, buckets=_TOKENS, registry=r)
         r.register(_EngineGauges(model_name, cluster))
@@ -83,7 +88,8 @@ class VllmMetrics:
         self.request_prompt.labels(self.model_name).observe(num_tokens)
 
     def on_request_done(self, arrival: float, first_token: float | None, end: float, num_tokens: int,
-                        finish_reason: str | None, max_tokens: int | None = None) -> None:
+                        finish_reason: str | None, max_tokens: int | None = None, queue_time: float | None = None,
+                        prefill_time: float | None = None) -> None:
         name = self.model_name
         if max_tokens is not None:
             self.max_generation.labels(name).observe(max_tokens)
@@ -91,6 +97,9 @@ class VllmMetrics:
         if finish_reason in ("stop", "length", "abort"):
             self.success.labels(name, finish_reason).inc()
         self.request_generation.labels(name).observe(num_tokens)
+        if queue_time is not None and prefill_time is not None:  # the engine's, from the first output
+            self.queue_time.labels(name).observe(queue_time)
+            self.prefill_time.labels(name).observe(prefill_time)
         if first_token is not None:
             self.ttft.labels(name).observe(first_token - arrival)
             self.e2e.labels(name).observe(end - arrival)

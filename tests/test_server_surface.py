@@ -150,8 +150,8 @@ def test_required_and_named_stream_arguments(stack: tuple[Any, ...]) -> None:
 
 
 def test_vllm_dashboard_metrics(stack: tuple[Any, ...]) -> None:
-    """Every series vLLM's Grafana board reads, but queue and prefill time (they need the engine's scheduling
-    time, which the front end does not see)."""
+    """Every series vLLM's Grafana board reads; queue and prefill time are the engine's durations, carried by
+    the first TokenDelta."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -171,7 +171,8 @@ def test_vllm_dashboard_metrics(stack: tuple[Any, ...]) -> None:
     for name in ("e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total",
                  "time_per_output_token_seconds_count", "time_to_first_token_seconds_count",
                  "request_prompt_tokens_count", "request_generation_tokens_count", "request_success_total",
-                 "request_decode_time_seconds_count"):
+                 "request_decode_time_seconds_count", "request_queue_time_seconds_count",
+                 "request_prefill_time_seconds_count"):
         assert after["vllm:" + name] > before.get("vllm:" + name, 0), name
     for name in ("num_requests_running", "num_requests_waiting", "gpu_cache_usage_perc", "kv_cache_usage_perc"):
         assert "vllm:" + name in after, name
