@@ -2,7 +2,8 @@
 backend and one rank, also with routing skewed onto one rank and a capacity that forces several rounds;
 the per-layer byte counters show the routing-aware saving. The fixed-capacity (CUDA-graph) exchange runs on
 the CPU too (--all2all-static-max-tokens): at DP=4/EP=4 and DP=2/EP=2 (ranks {0, 1} and {2, 3}), with
-random routing and with skewed routing that overflows the slots, every overflowed step re-run exactly.
+random routing and with skewed routing that overflows the slots, every overflowed step re-run exactly; and
+DP=2 x TP=2 x EP=4 (each TP rank's share of the rows, TP followers re-running with their leader).
 DP=2/EP=2 with the default (sparse) backend is in tests/test_parallel.py."""
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
         result[name] = {"tokens": tokens, "traffic": stats.layer_traffic.tolist(),
                         "extra_collectives": int(stats.all2all[4]) - 3 * stats.num_moe_layers * engine.num_steps,
                         "routed": stats.routed_tokens.tolist()}
+    result["qwen/capacity_tp2"] = _tp_capacity_run(models["qwen"], rank)
     for name, model, factor, ep in CAPACITY_RUNS:
         config = _config(models[model], ep).replace(all2all_static_max_tokens=16, all2all_capacity_factor=factor)
         run_parallel, run_group = (parallel, group) if ep == WORLD else (parallel2, pairs[2 * (rank // 2) + 1])
@@ -75,6 +77,30 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     destroy_parallel()
+
+
+def _tp_capacity_run(model: str, rank: int) -> dict[str, object]:
+    """DP=2 x TP=2, experts over all 4 ranks: each TP rank dispatches its half of the rows through slots small
+    enough to overflow; the TP leaders run lockstep steps, their followers the plans they broadcast."""
+    from runtime.cluster.rank_loop import build_engine, tp_follower_stats
+    from runtime.distributed.parallel import init_parallel
+    from runtime.messages import AddRequest
+
+    config = _config(model, 2).replace(tensor_parallel_size=2, all2all_static_max_tokens=16,
+                                       all2all_capacity_factor=0.3)
+    parallel = init_parallel(config)
+    leaders = dist.new_group([0, 2], backend="gloo")
+    engine, stats = build_engine(config, parallel)
+    tokens: dict[str, list[int]] = {}
+    if parallel.is_tp_leader:
+        for i, p in enumerate(PROMPTS):
+            if i % 2 == parallel.dp_rank:
+                engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
+        tokens = _run_lockstep(engine, stats, leaders)
+        engine.runner.stop_followers()
+    else:
+        engine.runner.follow(tp_follower_stats(stats, parallel))
+    return {"tokens": tokens, "reruns": stats.num_overflow_reruns}
 
 
 def _skewed_copy(src: str, dst: str, num_experts: int = 8) -> str:
@@ -151,6 +177,11 @@ def _check_capacity_runs(results: list[dict], refs: dict[str, dict[str, list[int
             assert merged == refs[model], f"{name}: tokens differ from one rank"
             # every rank of a deployment re-ran the same steps (each decided alone, from the flags it received)
             assert len({res[name]["reruns"] for res in group}) == 1, name
+    # EP x TP: leaders and followers re-ran the same steps, and the tokens are exact
+    tp_tokens = results[0]["qwen/capacity_tp2"]["tokens"] | results[2]["qwen/capacity_tp2"]["tokens"]
+    assert tp_tokens == refs["qwen"], "DP=2 x TP=2 x EP=4 with fixed capacity: tokens differ from one rank"
+    tp_reruns = {res["qwen/capacity_tp2"]["reruns"] for res in results}
+    assert len(tp_reruns) == 1 and tp_reruns.pop() > 0
     skewed = [res[f"glm_skew/{run}"] for res in results for run in ("capacity", "capacity_ep2")]
     assert all(r["reruns"] > 0 for r in skewed)  # the slots overflowed, and the tokens above are still exact
     # the ranks that routed tokens to the last rank overflowed; a re-run step counts its routing once, so the
