@@ -75,8 +75,9 @@ def capacity_slots(num_tokens: int, num_experts: int, num_ranks: int, top_k: int
     """Slots per destination of a static exchange of T rows. Under uniform routing the rows one source sends
     one destination are Binomial(T, f): mean T f, standard deviation sqrt(T f (1 - f)). The slots hold the mean
     plus HEADROOM_SD deviations (a 3e-5 tail per pair), times factor for skewed routers; at most T, at least 1.
-    factor <= 0: T slots (nothing can overflow). Top-8 of 128 over 8 ranks, factor 1.25: C/T = 1 up to T = 64,
-    0.94 at T = 256; top-8 of 256 over 32 ranks: 0.41 at T = 256."""
+    factor <= 0: T slots (nothing can overflow). Top-8 of 128 over 8 ranks (f = 0.67), factor 1.25: C = T up to
+    T = 64, C/T = 0.98 at T = 256, 0.94 at 512 (factor 1.0: 0.79, 0.75); top-8 of 256 over 32 ranks (f = 0.23):
+    0.55 at T = 64, 0.42 at 256; top-2 of 8 over 8 ranks: 0.45 at 256."""
     if factor <= 0 or num_tokens <= 1:
         return num_tokens
     f = rank_hit_fraction(num_experts, num_ranks, top_k)
