@@ -295,3 +295,27 @@ def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
     x8 = dequantize_rows(*quantize_rows(x), torch.bfloat16)
     assert not torch.equal(x8, x)
     assert torch.equal(fused_experts_ref(x8, w13, w2, w, ids, w13_scale=w13_scale, w2_scale=w2_scale), plain)
+
+
+def test_capacity_slots_cover_uniform_routing() -> None:
+    """The static slots: the hit fraction f is what uniform top-k routing gives, the slots (factor 1: mean + 4 sd)
+    hold every block of 400 random steps, C <= T, factor 0 = T, and bad flags are one-line errors."""
+    from runtime.config import EngineConfig
+    from runtime.distributed.all2all_sparse import capacity_slots, rank_hit_fraction
+
+    num_experts, num_ranks, top_k, num_tokens = 128, 8, 8, 256
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.rand(400, num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices  # [steps, T, k]
+    hit = torch.zeros(400, num_tokens, num_ranks, dtype=torch.bool).scatter_(2, ids // (num_experts // num_ranks), True)
+    per_block = hit.sum(1)  # [steps, P] rows one source sends one destination
+    f = rank_hit_fraction(num_experts, num_ranks, top_k)
+    assert abs(per_block.float().mean().item() / num_tokens - f) < 0.01 and abs(f - 0.667) < 0.001
+    cap = capacity_slots(num_tokens, num_experts, num_ranks, top_k, 1.0)
+    assert cap < num_tokens and int(per_block.max()) <= cap
+    assert capacity_slots(num_tokens, num_experts, num_ranks, top_k, 1.25) > cap
+    assert capacity_slots(num_tokens, num_experts, num_ranks, top_k, 0.0) == num_tokens
+    assert all(1 <= capacity_slots(t, 8, 4, 2, 0.01) <= t for t in range(1, 40))
+    with pytest.raises(ConfigError, match="--all2all-capacity-factor must be >= 0"):
+        EngineConfig(all2all_capacity_factor=-1.0)
+    with pytest.raises(ConfigError, match="--all2all-static-max-tokens must be >= 0"):
+        EngineConfig(all2all_static_max_tokens=-1)

@@ -104,7 +104,7 @@ class SparseBackend(All2AllBackend):
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing and (num_tokens > self.static_max_tokens or self._exact):
             raise RuntimeError(f"sparse all2all: a CUDA graph of {num_tokens} tokens is above static_max_tokens "
-                               f"{self.static_max_tokens}; the dynamic mode reads counts on the host")
+                               f"{self.static_max_tokens} or inside exact(); the dynamic mode reads counts on the host")
         return not self._exact and (num_tokens <= self.static_max_tokens or capturing)
 
     def slots(self, num_tokens: int, top_k: int) -> int:
