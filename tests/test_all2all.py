@@ -265,17 +265,19 @@ def test_bytes_reach_metrics() -> None:
             for r in range(2):
                 expert = ExpertStatsSnapshot(rank=r, routed_tokens=[], all2all_bytes_sent=100 * (r + 1),
                                              all2all_layer_bytes_sent=[60 * (r + 1), 40 * (r + 1)],
-                                             all2all_layer_allgather_bytes=[300, 200])
+                                             all2all_layer_allgather_bytes=[300, 200], all2all_overflow_reruns=3 * r)
                 coord.handle(StatsReport(stats=RankStats(r, 0, 0, 0.0, 0, 0, 0, 0), expert=expert, first=True))
             stats = coord.cluster_stats()
         finally:
             coord.ctx.destroy(linger=0)
     assert stats.all2all_bytes_sent == [100, 200] and stats.all2all_allgather_bytes == [500, 500]
+    assert stats.all2all_overflow_reruns == [0, 3]
     metrics = Metrics("m")
     metrics.cluster.update(stats)
     text = metrics.render().decode()
     assert 'moe_all2all_bytes_sent_total{rank="1"} 200.0' in text
     assert 'moe_all2all_allgather_equivalent_bytes_total{rank="0"} 500.0' in text
+    assert 'moe_all2all_overflow_reruns_total{rank="1"} 3.0' in text
 
 
 def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
