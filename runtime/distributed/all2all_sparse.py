@@ -7,8 +7,8 @@ the same collectives even when one replays a CUDA graph and another runs a prefi
 - static, T <= static_max_tokens (the largest CUDA-graph batch, or --all2all-static-max-tokens; 0 when off):
   a block of C(T) slots per destination, one all_to_all_single with equal splits each way, no counts, no host
   sync, so it is captured inside the decode graphs. C(T) = capacity_slots(): the rows a destination gets on
-  average under uniform routing plus headroom, times --all2all-capacity-factor, at most T; the wire bytes are
-  C/T of allgather's. Empty slots carry expert id -1 and cost no expert work. A (token, rank) pair past the
+  average under uniform routing plus headroom, times --all2all-capacity-factor (T when that saves under 10%);
+  the wire bytes are C/T of allgather's. Empty slots carry expert id -1 and cost no expert work. A (token, rank) pair past the
   C slots is not sent: the sender sets the flag word that rows carry when C < T (4 bytes, padded to 16), so
   every rank learns in the same
   exchange whether any rank overflowed (all agree, no extra collective). After the step, outside any graph,
@@ -63,6 +63,9 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 HEADROOM_SD = 4.0  # standard deviations of a destination's row count above its mean that the slots absorb
+# slots that would save less than this fraction of the bytes are not worth the overflow check (one host read
+# after the step, before sampling): such steps get T slots
+MIN_SAVING = 0.1
 
 
 def rank_hit_fraction(num_experts: int, num_ranks: int, top_k: int) -> float:
@@ -74,15 +77,17 @@ def rank_hit_fraction(num_experts: int, num_ranks: int, top_k: int) -> float:
 def capacity_slots(num_tokens: int, num_experts: int, num_ranks: int, top_k: int, factor: float) -> int:
     """Slots per destination of a static exchange of T rows. Under uniform routing the rows one source sends
     one destination are Binomial(T, f): mean T f, standard deviation sqrt(T f (1 - f)). The slots hold the mean
-    plus HEADROOM_SD deviations (a 3e-5 tail per pair), times factor for skewed routers; at most T, at least 1.
-    factor <= 0: T slots (nothing can overflow). Top-8 of 128 over 8 ranks (f = 0.67), factor 1.25: C = T up to
-    T = 64, C/T = 0.98 at T = 256, 0.94 at 512 (factor 1.0: 0.79, 0.75); top-8 of 256 over 32 ranks (f = 0.23):
-    0.55 at T = 64, 0.42 at 256; top-2 of 8 over 8 ranks: 0.45 at 256."""
+    plus HEADROOM_SD deviations (a 3e-5 tail per pair), times factor for skewed routers; at least 1, and T (no
+    limit) when that would save less than MIN_SAVING of T. factor <= 0: T slots (nothing can overflow).
+    Top-8 of 128 over 8 ranks (f = 0.67), factor 1.25: no limit (C/T would be 1.0 up to T = 64, 0.98 at 256, 0.94
+    at 512; factor 1.0: 0.79 at 256, 0.75 at 512); top-8 of 256 over 32 ranks (f = 0.23): 0.55 at T = 64, 0.42 at
+    256; top-2 of 8 over 8 ranks: 0.59 at 64, 0.45 at 256."""
     if factor <= 0 or num_tokens <= 1:
         return num_tokens
     f = rank_hit_fraction(num_experts, num_ranks, top_k)
     mean, sd = num_tokens * f, math.sqrt(num_tokens * f * (1.0 - f))
-    return min(num_tokens, max(1, math.ceil(factor * (mean + HEADROOM_SD * sd))))
+    slots = max(1, math.ceil(factor * (mean + HEADROOM_SD * sd)))
+    return slots if slots <= (1.0 - MIN_SAVING) * num_tokens else num_tokens
 
 
 class SparseBackend(All2AllBackend):
