@@ -8,13 +8,14 @@ the same collectives even when one replays a CUDA graph and another runs a prefi
   a block of C(T) slots per destination, one all_to_all_single with equal splits each way, no counts, no host
   sync, so it is captured inside the decode graphs. C(T) = capacity_slots(): the rows a destination gets on
   average under uniform routing plus headroom, times --all2all-capacity-factor (T when that saves under 10%);
-  the wire bytes are C/T of allgather's. Empty slots carry expert id -1 and cost no expert work. A (token, rank) pair past the
-  C slots is not sent: the sender sets the flag word that rows carry when C < T (4 bytes, padded to 16), so
-  every rank learns in the same
-  exchange whether any rank overflowed (all agree, no extra collective). After the step, outside any graph,
-  the model runner asks overflowed(T) (one host read) and, if so, runs the whole step again eagerly under
-  exact() (dynamic mode) on every rank, before anything is sampled; the step's KV writes are the same values
-  into the same slots, so the re-run is exact. A factor of 0 gives T slots: nothing can overflow.
+  the wire bytes are C/T of allgather's. Empty slots carry expert id -1 and cost no expert work. A (token,
+  rank) pair past the C slots is not sent: the sender sets the flag word that rows carry when C < T (4 bytes,
+  padded to 16), so every rank learns in the same exchange whether any rank overflowed (all agree, no extra
+  collective). After the step, outside any graph, the model runner asks overflowed(T) (one host read) and, if
+  so, runs the whole step again eagerly under exact() (dynamic mode) on every rank, before anything is
+  sampled; the step's KV writes are the same values into the same slots, so the re-run is exact. A factor of
+  0 gives T slots: nothing can overflow. (A second fixed round for the overflow would need T - C more slots,
+  i.e. allgather's bytes again, and a data-dependent one cannot be captured: NCCL's splits are host ints.)
 - dynamic, larger T (prefill; every step when graphs are off) and every re-run: each rank's per-destination
   counts go to every rank (one all_reduce of a [P, P] matrix, capturable), one host read, then
   all_to_all_single with uneven splits moving exactly the rows needed, in rounds of at most `capacity` rows
