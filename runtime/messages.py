@@ -155,6 +155,10 @@ class ExpertStatsSnapshot(msgspec.Struct):
     # per MoE layer: all2all bytes this rank sent, and what the allgather backend would have sent
     all2all_layer_bytes_sent: list[int] = []
     all2all_layer_allgather_bytes: list[int] = []
+    # sparse all2all, fixed-capacity (static) exchanges: (token, rank) pairs past the slots, and the steps re-run
+    # exactly because of them
+    all2all_overflow_pairs: int = 0
+    all2all_overflow_reruns: int = 0
 
 
 class StatsReport(msgspec.Struct, tag=True):
@@ -182,6 +186,7 @@ class ClusterStats(msgspec.Struct, tag=True):
     all2all_bytes_sent: list[int] = []
     all2all_allgather_bytes: list[int] = []
     coordinator_id: int = 0  # changes when the coordinator restarts: requests it held may be lost
+    all2all_overflow_reruns: list[int] = []  # per rank: steps re-run after a fixed-capacity all2all overflowed
 
 
 class RankHung(msgspec.Struct, tag=True):

@@ -144,6 +144,8 @@ class _ClusterCollector(Collector):
              "expert all2all bytes the rank sent to other ranks (dispatch + combine)"),
             ("all2all_allgather_equivalent_bytes", getattr(stats, "all2all_allgather_bytes", None),
              "bytes the allgather backend would have sent for the same steps"),
+            ("all2all_overflow_reruns", getattr(stats, "all2all_overflow_reruns", None),
+             "steps re-run exactly because a fixed-capacity (CUDA-graph) all2all overflowed its slots"),
         ):
             c = CounterMetricFamily(f"moe_{name}", doc, labels=["rank"])
             for rank, num in enumerate(values or []):

@@ -57,6 +57,9 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
         self._staging: dict[torch.dtype, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        # an all2all whose fixed-capacity (graph) exchange can overflow: such a step runs again, exactly (_rerun)
+        self.dispatcher = next((m.dispatcher for m in model.modules()
+                                if hasattr(getattr(m, "dispatcher", None), "overflowed")), None)
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
             self.graphs = CudaGraphRunner(
@@ -199,6 +202,9 @@ class ModelRunner:
             hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
         else:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
+        if self._rerun(self.rows_run(plan)):
+            with self.dispatcher.exact():  # type: ignore[union-attr]
+                hidden = self.model(prepared.input_ids, prepared.positions, fb)
         if prepared.sample_rows:
             rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
@@ -232,10 +238,22 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _rerun(self, num_tokens: int) -> bool:
+        """After a forward, before anything is sampled: did its all2all overflow a fixed capacity on any EP
+        rank? Then every rank runs the step again, eagerly and exactly (the KV writes repeat the same values)."""
+        return self.dispatcher is not None and self.dispatcher.overflowed(num_tokens)
+
     def _run_dummy(self, num_tokens: int) -> None:
-        if self.graphs is not None and self.graphs.bucket(num_tokens) is not None:
+        bucket = self.graphs.bucket(num_tokens) if self.graphs is not None else None
+        if bucket is not None:
             self.graphs.replay_dummy(num_tokens)
-            return
+        else:
+            self._dummy_forward(num_tokens)
+        if self._rerun(bucket or num_tokens):  # another rank's exchange overflowed: join its re-run
+            with self.dispatcher.exact():  # type: ignore[union-attr]
+                self._dummy_forward(num_tokens)
+
+    def _dummy_forward(self, num_tokens: int) -> None:
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         fb = ForwardBatch(
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
