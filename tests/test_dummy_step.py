@@ -87,6 +87,20 @@ class CollectiveLog:
         return recorded
 
 
+class ModuleLog:
+    """Forward calls per module type of a model while `on`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.on = False
+        self.counts: collections.Counter = collections.Counter()
+        for m in model.modules():
+            m.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any) -> None:
+        if self.on:
+            self.counts[type(module).__name__] += 1
+
+
 def _engine(model: str, variant: str, parallel: Any) -> tuple[Any, Any]:
     from runtime.distributed.backends import create_backend, make_backend
     from runtime.distributed.expert_stats import ExpertStats
@@ -104,8 +118,8 @@ def _engine(model: str, variant: str, parallel: Any) -> tuple[Any, Any]:
     return LLMEngine(config, parallel, dispatcher), stats
 
 
-def _lockstep(engine: Any, stats: Any, group: Any, log: CollectiveLog, modules: collections.Counter,
-              hook_on: list[bool]) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
+def _lockstep(engine: Any, stats: Any, group: Any, log: CollectiveLog,
+              modules: ModuleLog) -> tuple[dict[str, list[int]], list[dict[str, Any]]]:
     """Steps as the coordinator clocks them (pad_to = max over ranks); per step: dummy or not, its collectives
     and (dummy steps) the modules it ran."""
     tokens: dict[str, list[int]] = {}
@@ -120,12 +134,12 @@ def _lockstep(engine: Any, stats: Any, group: Any, log: CollectiveLog, modules: 
             continue
         dummy = engine.planned is None
         stats.begin_step()
-        modules.clear()
-        log.calls, hook_on[0] = [], dummy
+        modules.counts.clear()
+        log.calls, modules.on = [], dummy
         for d in engine.execute(pad_to=int(agreed[0])):
             tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
-        steps.append({"dummy": dummy, "pad_to": int(agreed[0]), "calls": log.calls, "modules": dict(modules)})
-        log.calls, hook_on[0] = None, False
+        steps.append({"dummy": dummy, "pad_to": int(agreed[0]), "calls": log.calls, "modules": dict(modules.counts)})
+        log.calls, modules.on = None, False
 
 
 def _time_steps(engine: Any, group: Any, rank: int) -> dict[str, float]:
@@ -166,15 +180,10 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
     for arch, model in models.items():
         for variant in VARIANTS:
             engine, stats = _engine(model, variant, parallel)
-            modules: collections.Counter = collections.Counter()
-            hook_on = [False]
-            for m in engine.model.modules():
-                m.register_forward_pre_hook(lambda mod, args: modules.update([type(mod).__name__]) if hook_on[0]
-                                            else None)
             if rank == 0:  # rank 1 stays idle: every step it runs is a dummy step
                 for i, p in enumerate(PROMPTS):
                     engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params()))
-            tokens, steps = _lockstep(engine, stats, group, log, modules, hook_on)
+            tokens, steps = _lockstep(engine, stats, group, log, ModuleLog(engine.model))
             result[f"{arch}/{variant}"] = {"tokens": tokens, "steps": steps, "timing": _time_steps(engine, group, rank),
                                            "num_moe_layers": engine.model.num_moe_layers}
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
