@@ -232,8 +232,12 @@ class MoE(nn.Module):
         static) or from the count matrix every rank shares (sparse dynamic). Under EP x TP the TP all-gather
         of forward() is left out: every TP peer of this rank runs the same dummy plan, so none waits for it."""
         assert self.dispatcher is not None
+        stats = self.dispatcher.stats  # timed as a MoE block, as forward() is by its module hooks (eager only)
+        t0 = stats.time_start() if stats is not None else None
         hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(hidden, topk_weights, topk_ids)
         self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)
+        if stats is not None:
+            stats.time_stop("moe", t0)
 
     def _routed(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)  # [T, k] fp32, [T, k] int32 global ids

@@ -51,8 +51,8 @@ COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "all_gather_into
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(model: str, dp: int, **changes: Any) -> EngineConfig:
-    return EngineConfig(model=model, device="cpu", dtype="float32", kv_cache_memory=8 << 20, max_num_seqs=8,
+def _config(model: str, dp: int, device: str = "cpu", **changes: Any) -> EngineConfig:
+    return EngineConfig(model=model, device=device, dtype="float32", kv_cache_memory=8 << 20, max_num_seqs=8,
                         max_num_batched_tokens=16, max_model_len=128, data_parallel_size=dp,
                         enable_expert_parallel=dp > 1, **changes)
 
@@ -107,7 +107,7 @@ def _engine(model: str, variant: str, parallel: Any) -> tuple[Any, Any]:
     from runtime.engine.llm_engine import LLMEngine
 
     changes, static_max_tokens = VARIANTS[variant]
-    config = _config(model, parallel.dp_size, **changes)
+    config = _config(model, parallel.dp_size, parallel.device.type, **changes)
     info = config.model_info()
     stats = ExpertStats(info.num_moe_layers, info.num_experts, parallel.device)
     if static_max_tokens:  # the decode-graph mode, eagerly: what a GPU rank replays for steps up to that size
@@ -133,12 +133,13 @@ def _lockstep(engine: Any, stats: Any, group: Any, log: CollectiveLog,
                 return tokens, steps
             continue
         dummy = engine.planned is None
+        pad_to = engine.padded_size(int(agreed[0]))  # a CUDA graph's bucket when one covers it
         stats.begin_step()
         modules.counts.clear()
         log.calls, modules.on = [], dummy
-        for d in engine.execute(pad_to=int(agreed[0])):
+        for d in engine.execute(pad_to=pad_to):
             tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
-        steps.append({"dummy": dummy, "pad_to": int(agreed[0]), "calls": log.calls, "modules": dict(modules.counts)})
+        steps.append({"dummy": dummy, "pad_to": pad_to, "calls": log.calls, "modules": dict(modules.counts)})
         log.calls, modules.on = None, False
 
 
@@ -150,42 +151,50 @@ def _time_steps(engine: Any, group: Any, rank: int) -> dict[str, float]:
         engine.add_request(AddRequest(f"t{rank}-{i}", [7 + i, 8], _params(TIMED_STEPS + 4)))
     assert engine.schedule() == 2 * TIMED_BATCH
     engine.execute(pad_to=2 * TIMED_BATCH)  # the prefill, two ranks alike
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"real": [], "dummy": []}
     for _ in range(TIMED_STEPS):
+        sync()
         dist.barrier(group=group)
         t0 = time.perf_counter()
         assert engine.schedule() == TIMED_BATCH
         engine.execute(pad_to=TIMED_BATCH)
+        sync()
         times["real"].append(time.perf_counter() - t0)
     for _ in range(TIMED_STEPS):
+        sync()
         dist.barrier(group=group)
         t0 = time.perf_counter()
-        engine.runner.execute_dummy(TIMED_BATCH)
+        engine.runner.execute_dummy(engine.padded_size(TIMED_BATCH))
+        sync()
         times["dummy"].append(time.perf_counter() - t0)
     engine.abort_requests([f"t{rank}-{i}" for i in range(TIMED_BATCH)])
     return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str, device: str = "cpu") -> None:
     from runtime.distributed.parallel import destroy_parallel, init_parallel
     from runtime.messages import AddRequest
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    parallel = init_parallel(_config(next(iter(models.values())), world))
+    parallel = init_parallel(_config(next(iter(models.values())), world, device))
     group = dist.new_group(backend="gloo")  # stands in for the coordinator's sockets
     log = CollectiveLog()
     result: dict[str, Any] = {}
     for arch, model in models.items():
-        for variant in VARIANTS:
+        # on a GPU the sparse backend runs static inside the decode graphs by itself (sparse-static is for the CPU)
+        for variant in VARIANTS if device == "cpu" else ("allgather", "sparse"):
             engine, stats = _engine(model, variant, parallel)
             if rank == 0:  # rank 1 stays idle: every step it runs is a dummy step
                 for i, p in enumerate(PROMPTS):
                     engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params()))
             tokens, steps = _lockstep(engine, stats, group, log, ModuleLog(engine.model))
+            graphs = engine.runner.graphs
             result[f"{arch}/{variant}"] = {"tokens": tokens, "steps": steps, "timing": _time_steps(engine, group, rank),
-                                           "num_moe_layers": engine.model.num_moe_layers}
+                                           "num_moe_layers": engine.model.num_moe_layers,
+                                           "dummy_graphs": len(graphs.dummy_graphs) if graphs is not None else 0}
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     destroy_parallel()
@@ -214,37 +223,60 @@ def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {arch: make_tiny_checkpoint(str(root / arch), arch) for arch in ARCHS}
 
 
-def test_idle_rank_dummy_steps_collectives_only(moe_models: dict[str, str]) -> None:
-    world = 2
-    refs = {arch: _reference(model) for arch, model in moe_models.items()}
+def _spawn(models: dict[str, str], device: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (world, free_port(), moe_models, d), world, TIMEOUT_S, "EP ranks")
+        ctx = spawn_ranks(_worker, (2, free_port(), models, d, device), 2, TIMEOUT_S if device == "cpu" else 600,
+                          "EP ranks")
         results = []
-        for r in range(world):
+        for r in range(2):
             path = os.path.join(d, f"rank{r}.json")
             assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
             with open(path) as f:
                 results.append(json.load(f))
-    print("\ndummy vs real decode step, CPU gloo DP=2/EP=2, both ranks alike, batch "
-          f"{TIMED_BATCH} (median ms over {TIMED_STEPS} steps, rank 0)")
-    for arch in ARCHS:
-        for variant in VARIANTS:
-            key = f"{arch}/{variant}"
-            real, busy = results[0][key], results[1][key]
-            assert real["tokens"] == refs[arch], f"{key}: tokens differ from one rank's"
-            assert busy["tokens"] == {}
-            assert len(real["steps"]) == len(busy["steps"])
-            assert sum(s["dummy"] for s in busy["steps"]) == len(busy["steps"]) and not any(
-                s["dummy"] for s in real["steps"])
-            assert {s["pad_to"] for s in busy["steps"]} >= {16, 2}  # a prefill-sized and a decode-sized dummy
-            num_moe_layers = real["num_moe_layers"]
-            for i, (mine, theirs) in enumerate(zip(busy["steps"], real["steps"])):
-                assert mine["calls"], f"{key} step {i}: the dummy step issued no collective"
-                assert mine["calls"] == theirs["calls"], f"{key} step {i}: dummy and real collectives differ"
-                # the local experts once per MoE layer, nothing else of the model
-                assert mine["modules"] == {"Experts": num_moe_layers}, f"{key} step {i}: {mine['modules']}"
-            t = results[0][key]["timing"]
-            print(f"  {key:40s} real {t['real']:7.2f}  dummy {t['dummy']:7.2f}  ratio {t['dummy'] / t['real']:.2f}")
+    return results
+
+
+def _check_tokens_and_print_times(results: list[dict[str, Any]], refs: dict[str, dict[str, list[int]]],
+                                  what: str) -> None:
+    print(f"\ndummy vs real decode step, {what}, both ranks alike, batch {TIMED_BATCH} (median ms over "
+          f"{TIMED_STEPS} steps, rank 0)")
+    for key, real in results[0].items():
+        idle = results[1][key]
+        assert real["tokens"] == refs[key.split("/")[0]], f"{key}: tokens differ from one rank's"
+        assert idle["tokens"] == {} and len(real["steps"]) == len(idle["steps"])
+        assert all(s["dummy"] for s in idle["steps"]) and not any(s["dummy"] for s in real["steps"])
+        t = real["timing"]
+        print(f"  {key:40s} real {t['real']:7.2f}  dummy {t['dummy']:7.2f}  ratio {t['dummy'] / t['real']:.2f}")
+
+
+def test_idle_rank_dummy_steps_collectives_only(moe_models: dict[str, str]) -> None:
+    refs = {arch: _reference(model) for arch, model in moe_models.items()}
+    results = _spawn(moe_models, "cpu")
+    assert len(results[0]) == len(ARCHS) * len(VARIANTS)
+    _check_tokens_and_print_times(results, refs, "CPU gloo DP=2/EP=2")
+    for key, real in results[0].items():
+        idle = results[1][key]
+        assert {s["pad_to"] for s in idle["steps"]} >= {16, 2}  # a prefill-sized and a decode-sized dummy
+        num_moe_layers = real["num_moe_layers"]
+        for i, (mine, theirs) in enumerate(zip(idle["steps"], real["steps"])):
+            assert mine["calls"], f"{key} step {i}: the dummy step issued no collective"
+            assert mine["calls"] == theirs["calls"], f"{key} step {i}: dummy and real collectives differ"
+            # the local experts once per MoE layer, nothing else of the model
+            assert mine["modules"] == {"Experts": num_moe_layers}, f"{key} step {i}: {mine['modules']}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_idle_rank_dummy_graphs_nccl(moe_models: dict[str, str]) -> None:
+    """The same on 2 GPUs (NCCL, Triton, CUDA graphs): decode-sized dummy steps replay their own graph
+    against the busy rank's decode graph (same all2all inside), prefill-sized ones run eagerly."""
+    refs = {arch: _reference(model) for arch, model in moe_models.items()}
+    results = _spawn(moe_models, "cuda")
+    _check_tokens_and_print_times(results, refs, "2 GPUs NCCL DP=2/EP=2, CUDA graphs")
+    for key, idle in results[1].items():
+        assert idle["dummy_graphs"] > 0, key
+        # a replayed dummy graph runs no Python: no module call, no collective call from the host
+        assert any(s["calls"] == [] and s["modules"] == {} for s in idle["steps"]), key
 
 
 def test_lockstep_only_where_dp_ranks_share_collectives(tmp_path) -> None:  # noqa: ANN001
