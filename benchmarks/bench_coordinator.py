@@ -190,7 +190,8 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("bench_coordinator: " + " ".join(
-        f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k != "device")
+        (f"{k}={v:.3f}" if k.endswith("_over_real") else f"{k}={v:.1f}") if isinstance(v, float) else f"{k}={v}"
+        for k, v in result.items() if k != "device")
         + f" device={result['device']!r}")
 
 
