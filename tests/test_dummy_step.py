@@ -45,7 +45,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], int]] = {
 }
 PROMPTS = [[1, 5, 9, 200, 17, 3, 3, 8, 44, 45, 46], [100, 101, 102, 103, 104]]  # 16 tokens: one full chunk
 MAX_TOKENS = 6
-TIMED_BATCH, TIMED_STEPS = 8, 8
+TIMED_BATCH, TIMED_STEPS = 8, 10
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                "broadcast", "all_to_all")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,21 +153,18 @@ def _time_steps(engine: Any, group: Any, rank: int) -> dict[str, float]:
     engine.execute(pad_to=2 * TIMED_BATCH)  # the prefill, two ranks alike
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"real": [], "dummy": []}
-    for _ in range(TIMED_STEPS):
+    for step in range(2 * TIMED_STEPS):  # interleaved: both kinds see the same background load
+        kind = "dummy" if step % 2 else "real"
         sync()
         dist.barrier(group=group)
         t0 = time.perf_counter()
-        assert engine.schedule() == TIMED_BATCH
-        engine.execute(pad_to=TIMED_BATCH)
+        if kind == "real":
+            assert engine.schedule() == TIMED_BATCH
+            engine.execute(pad_to=engine.padded_size(TIMED_BATCH))
+        else:
+            engine.runner.execute_dummy(engine.padded_size(TIMED_BATCH))
         sync()
-        times["real"].append(time.perf_counter() - t0)
-    for _ in range(TIMED_STEPS):
-        sync()
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        engine.runner.execute_dummy(engine.padded_size(TIMED_BATCH))
-        sync()
-        times["dummy"].append(time.perf_counter() - t0)
+        times[kind].append(time.perf_counter() - t0)
     engine.abort_requests([f"t{rank}-{i}" for i in range(TIMED_BATCH)])
     return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
 
