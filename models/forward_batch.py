@@ -32,7 +32,6 @@ class ForwardBatch:
     is_decode: bool  # every sequence has exactly one query token (row b = token b)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
     attn_backend: AttentionBackend
-    is_dummy: bool = False  # EP lockstep filler: run the collectives, skip KV writes and attention
 
     @property
     def batch_size(self) -> int:

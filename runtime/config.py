@@ -193,6 +193,13 @@ class EngineConfig:
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def needs_lockstep(self) -> bool:
+        """The DP ranks step together (the coordinator issues every step; an idle rank runs dummy steps) only
+        when their forwards share collectives: expert parallel over two or more DP ranks. Pure DP, dense
+        models and EP inside one DP rank (its TP peers follow its plans) run freely."""
+        return self.enable_expert_parallel and self.data_parallel_size > 1
+
     def resolved_max_model_len(self) -> int:
         return self.max_model_len or model_max_len(self.hf_config())
 

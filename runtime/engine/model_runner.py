@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.forward_batch import AttentionBackend, ForwardBatch
+from models.moe import DummyForward
 from runtime.engine.cuda_graph import CudaGraphRunner
 from runtime.engine.scheduler import ScheduledBatch
 from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
@@ -60,10 +61,13 @@ class ModelRunner:
         # an all2all whose fixed-capacity (graph) exchange can overflow: such a step runs again, exactly (_rerun)
         self.dispatcher = next((m.dispatcher for m in model.modules()
                                 if hasattr(getattr(m, "dispatcher", None), "overflowed")), None)
+        # a dummy step's forward: the MoE layers' collectives and local experts only (static inputs for the graphs)
+        self.dummy_forward = DummyForward(model, cuda_graph_max_batch)
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
             self.graphs = CudaGraphRunner(
-                model, self.kv_caches, attn_backend, cuda_graph_max_batch, self.max_blocks_per_seq, device
+                model, self.kv_caches, attn_backend, cuda_graph_max_batch, self.max_blocks_per_seq, device,
+                self.dummy_forward,
             )
 
     def plan(self, batch: ScheduledBatch, pad_to: int = 0) -> StepPlan:
@@ -151,7 +155,8 @@ class ModelRunner:
         return self.run(plan, extra_rows)
 
     def execute_dummy(self, num_tokens: int) -> None:
-        """A lockstep filler step: the same collectives as a real step of num_tokens tokens, no KV, no output."""
+        """A lockstep filler step: the same collectives as a real step of num_tokens tokens (each MoE layer's
+        dispatch and combine, the local experts on what arrives), nothing else: no KV, no output."""
         plan = StepPlan(DUMMY, max(1, num_tokens))
         self._send(plan)
         self.run(plan)
@@ -244,27 +249,12 @@ class ModelRunner:
         return self.dispatcher is not None and self.dispatcher.overflowed(num_tokens)
 
     def _run_dummy(self, num_tokens: int) -> None:
+        # the agreed size is already a graph bucket when one covers it (padded_size); eager otherwise
         bucket = self.graphs.bucket(num_tokens) if self.graphs is not None else None
         if bucket is not None:
             self.graphs.replay_dummy(num_tokens)
         else:
-            self._dummy_forward(num_tokens)
+            self.dummy_forward(num_tokens)
         if self._rerun(bucket or num_tokens):  # another rank's exchange overflowed: join its re-run
             with self.dispatcher.exact():  # type: ignore[union-attr]
-                self._dummy_forward(num_tokens)
-
-    def _dummy_forward(self, num_tokens: int) -> None:
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        fb = ForwardBatch(
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
-            cu_seqlens_q=torch.arange(num_tokens + 1, dtype=torch.int32, device=self.device),
-            seq_lens=torch.zeros(num_tokens, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(num_tokens, 1, dtype=torch.int32, device=self.device),
-            max_seqlen_q=1,
-            max_seqlen_k=0,
-            is_decode=True,
-            kv_caches=self.kv_caches,
-            attn_backend=self.attn_backend,
-            is_dummy=True,
-        )
-        self.model(ids, ids, fb)
+                self.dummy_forward(num_tokens)
