@@ -125,3 +125,35 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES]
     plan = ta.compile_plan([ac.DecodeCase(1, 90, "fp8", 4, 2)], [ac.PrefillCase(24, 40, "fp8", 4, 2)], 8)
     assert len(plan) == 2 * 2 + 2  # per tile: one split count 1..2 (pad 2) and one of 3..4 (pad 4); 2 prefill
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", [torch.bfloat16, FP8])
+def test_swept_configs_gpu(kv):
+    # every tile the tuner sweeps, compiled for this GPU (pipelined: the interpreter does not pipeline), at
+    # Qwen3-30B-A3B heads: decode and an extend over a cached prefix vs the fp32 torch reference
+    import tune_attention as ta
+
+    torch.manual_seed(5)
+    seq_lens = [3000, 1, 700, 0]
+    scales = (1.0, 0.5) if kv == FP8 else (1.0, 1.0)
+    k, v, tables = _make_cache(seq_lens, 16, 4, 128, torch.bfloat16, "cuda")
+    k, v = k.to(kv), v.to(kv)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(seq_lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+    ref = paged_attention_decode_ref(q, k, v, lens, tables, 128**-0.5, *scales)
+    for tile in ta.DECODE_TILES:
+        for rule in ta.SPLIT_RULES[:3]:
+            out = paged_attention_decode(q, k, v, lens, tables, 128**-0.5, *scales, config=ta.decode_cfg(tile, rule))
+            assert _rel_err(out, ref) < 1e-2, (tile, rule)
+    q_ext = torch.randn(600, 32, 128, device="cuda", dtype=torch.bfloat16)
+    args = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
+            600, *scales)
+    ref = paged_attention_prefill_ref(*args)
+    for tile in ta.PREFILL_TILES:
+        try:
+            out = paged_attention_prefill(*args, config=ta.prefill_cfg(tile))
+        except Exception as exc:  # noqa: BLE001  a tile beyond this GPU's shared memory: the tuner skips it too
+            assert "OutOfResources" in type(exc).__name__ or "shared memory" in str(exc), exc
+            continue
+        assert _rel_err(out, ref) < 1e-2, tile
