@@ -10,7 +10,8 @@ line per row and 'bench_attention summary' last.
 
 --kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
 floor counts the bytes of that dtype, and each FP8 decode row reports its output's error vs the bf16 cache.
---extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill of a long prompt).
+--extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
+of a long prompt).
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8 --extend 8192:122880.
 """
 
