@@ -5,7 +5,7 @@ python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--on
 Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
 4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens; extend: an
 8k chunk over a 120k cached prefix with Qwen3 heads (bf16 and FP8 KV) and GLM-4.5-Air heads (96 q / 8 KV).
-Each config is timed like triton.testing.do_bench, without CUDA graphs: L2 flushed (a 256 MB memset) before
+Each config is timed like triton.testing.do_bench, without CUDA graphs: L2 flushed (a 512 MB memset) before
 every call, CUDA events around the call, the median of the calls that fit in --rep-ms. Next to it: the
 floor (decode: KV bytes over the measured copy bandwidth; prefill / extend: FLOPs over the measured bf16
 matmul rate) and torch SDPA on contiguous KV. Every config's output is checked against the torch reference
@@ -85,7 +85,7 @@ def time_us(fn, rep_ms: float) -> float:
         fn()
         return (time.perf_counter() - t0) * 1e6
     if not _FLUSH:
-        _FLUSH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+        _FLUSH.append(torch.empty(512 << 20, dtype=torch.uint8, device="cuda"))
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -96,13 +96,24 @@ def time_us(fn, rep_ms: float) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for s, e in zip(starts, ends):
-        _FLUSH[0].zero_()  # ~80 us of GPU work: the host enqueues fn meanwhile, so launch cost stays hidden
+        _FLUSH[0].zero_()  # ~150 us of GPU work: the host enqueues fn meanwhile, so launch cost stays hidden
         s.record()
         fn()
         e.record()
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     return times[len(times) // 2] * 1e3
+
+
+def time_sdpa(fn, rep_ms: float) -> float:
+    # the baseline; NaN where no SDPA backend takes the case (or it would need too large a copy)
+    if fn is None:
+        return math.nan
+    try:
+        return time_us(fn, rep_ms)
+    except Exception as exc:  # noqa: BLE001
+        print(f"    sdpa: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        return math.nan
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,14 +153,19 @@ def precompile(items: list[tuple], jobs: int) -> None:
 
 
 def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int) -> list[tuple]:
-    plan = []
+    """One item per distinct binary: the split kernel per tile for 1 and for > 1 splits, the merge kernel per
+    power of two of the split count (whatever the tile), the prefill kernel per tile and head shape."""
+    plan, pads = [], set()
     for c in decode_cases:
         for tile in DECODE_TILES:
-            for splits in sorted({c.splits(decode_cfg(tile, r), num_sms) for r in SPLIT_RULES}):
-                # the split kernel compiles once for 1 and once for > 1 splits; the merge once per power of two
+            cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
+            for splits in {c.splits(decode_cfg(tile, r), num_sms) for r in SPLIT_RULES}:
                 pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
-                plan.append(("decode", c.heads, c.kv_heads, c.kv, tuple(sorted(decode_cfg(tile, (2, 128)).items())),
-                             min(pad, 64)))
+                plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2)))
+                if pad > 2:
+                    pads.add((c.heads, c.kv_heads, c.kv, pad))
+    default = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128)).items()))
+    plan += [("decode", h, kvh, kv, default, pad) for h, kvh, kv, pad in sorted(pads)]
     for c in prefill_cases:
         for tile in PREFILL_TILES:
             plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None))
@@ -185,7 +201,7 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
     case.build()
     ref = case.reference()
     floor_us = case.kv_bytes() / ceil["copy_tbps"] / 1e6
-    sdpa_us = time_us(case.sdpa, rep_ms) if case.sdpa is not None else math.nan
+    sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows, seen = [], {}
     for tile in DECODE_TILES:
         for rule in SPLIT_RULES:
@@ -210,11 +226,7 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) 
     case.build()
     ref = case.reference()
     floor_us = case.flops() / ceil["bf16_tflops"] / 1e6
-    try:
-        sdpa_us = time_us(case.sdpa, rep_ms) if case.sdpa is not None else math.nan
-    except Exception as exc:  # noqa: BLE001  an SDPA backend that does not take this mask
-        print(f"    sdpa: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        sdpa_us = math.nan
+    sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows = []
     for tile in PREFILL_TILES:
         if not budget.left(f"{case.kind} {case.name} {tile}"):
