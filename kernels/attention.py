@@ -296,7 +296,8 @@ def paged_attention_prefill(
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
     cfg = prefill_config(head_dim, k_cache.dtype, q.device) if config is None else config
-    check_config(cfg, PREFILL_KEYS, head_dim)
+    if config is not None:
+        check_config(cfg, PREFILL_KEYS, head_dim)
     out = torch.zeros_like(q)  # tokens past cu_seqlens_q[-1] (padding) stay zero
     if batch == 0 or max_seqlen_q == 0 or num_tokens == 0:
         return out

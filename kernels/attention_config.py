@@ -54,25 +54,31 @@ def _load(path: str) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _lookup(kind: str, head_dim: int, kv_dtype: torch.dtype, device: torch.device | None) -> dict | None:
+@functools.lru_cache(maxsize=64)
+def _resolve(kind: str, head_dim: int, kv_dtype: torch.dtype, device: torch.device | None) -> dict:
+    # cached: the kernels ask once per layer call, and the table lookup reads files
     gpu = device_name(device)
     table = _load(str(CONFIG_DIR / config_file_name(gpu)))
     if not table and gpu != "cpu":  # another GPU's table (e.g. H200's on an H100) beats the generic default
         others = sorted(CONFIG_DIR.glob(config_file_name("*")))
         table = _load(str(others[0])) if others else {}
-    return table.get(kind, {}).get(config_key(head_dim, kv_dtype))
+    cfg = default_decode_config(head_dim) if kind == "decode" else default_prefill_config(head_dim)
+    cfg.update(table.get(kind, {}).get(config_key(head_dim, kv_dtype)) or {})
+    check_config(cfg, DECODE_KEYS if kind == "decode" else PREFILL_KEYS, head_dim)
+    return cfg
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
+    _resolve.cache_clear()
 
 
 def decode_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device | None = None) -> dict:
-    cfg = default_decode_config(head_dim)
-    cfg.update(_lookup("decode", head_dim, kv_dtype, device) or {})
-    return cfg
+    return dict(_resolve("decode", head_dim, kv_dtype, device))
 
 
 def prefill_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device | None = None) -> dict:
-    cfg = default_prefill_config(head_dim)
-    cfg.update(_lookup("prefill", head_dim, kv_dtype, device) or {})
-    return cfg
+    return dict(_resolve("prefill", head_dim, kv_dtype, device))
 
 
 def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:

@@ -204,7 +204,8 @@ def paged_attention_decode(
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
     cfg = decode_config(head_dim, k_cache.dtype, q.device) if config is None else config
-    check_config(cfg, DECODE_KEYS, head_dim)
+    if config is not None:
+        check_config(cfg, DECODE_KEYS, head_dim)
     out = torch.empty_like(q)
     if batch == 0:
         return out

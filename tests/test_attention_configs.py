@@ -86,14 +86,14 @@ def test_config_table_lookup(tmp_path, monkeypatch):
              "prefill": {"d128_bf16": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}}}
     (tmp_path / acfg.config_file_name("cpu")).write_text(json.dumps(tuned))
     monkeypatch.setattr(acfg, "CONFIG_DIR", tmp_path)
-    acfg._load.cache_clear()
+    acfg.clear_cache()
     try:
         assert acfg.decode_config(128, FP8) == dict(default, BLOCK_N=128, num_stages=3)  # missing keys: default
         assert acfg.decode_config(128, torch.bfloat16) == default
         assert acfg.prefill_config(128, torch.bfloat16)["BLOCK_N"] == 128
         assert acfg.prefill_config(64, torch.bfloat16) == acfg.default_prefill_config(64)  # another head_dim
     finally:
-        acfg._load.cache_clear()
+        acfg.clear_cache()
     with pytest.raises(ValueError, match="power of two"):
         acfg.check_config(dict(default, BLOCK_N=48), acfg.DECODE_KEYS, 128)
     with pytest.raises(ValueError, match="lacks"):
