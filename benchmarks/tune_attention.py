@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,10 +128,10 @@ def _compile_worker(items: list) -> str:
     # runs each candidate once on a tiny problem with the same heads / dtypes / strides: the same binaries,
     # now in Triton's disk cache for the timing process
     done = 0
-    for kind, heads, kv_heads, kv, cfg, splits in items:
+    for kind, heads, kv_heads, kv, cfg, splits, batch in items:
         try:
             if kind == "decode":
-                case = DecodeCase(2, 256, kv, heads, kv_heads)
+                case = DecodeCase(batch, 256, kv, heads, kv_heads)
                 case.build()
                 case.run(cfg, splits)
             else:
@@ -154,22 +155,24 @@ def precompile(items: list[tuple], jobs: int) -> None:
 
 def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int) -> list[tuple]:
     """One item per distinct binary: the split kernel per tile for 1 and for > 1 splits, the merge kernel per
-    power of two of the split count (whatever the tile), the prefill kernel per tile and head shape."""
-    plan, pads = [], set()
+    power of two of the split count and column width (whatever the tile), the prefill kernel per tile and head
+    shape. Each item: (kind, heads, kv_heads, kv, cfg, splits, batch)."""
+    plan, merges = [], set()
     for c in decode_cases:
         for tile in DECODE_TILES:
             cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
             for splits in {c.splits(decode_cfg(tile, r), num_sms) for r in SPLIT_RULES}:
                 pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
-                plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2)))
-                if pad > 2:
-                    pads.add((c.heads, c.kv_heads, c.kv, pad))
+                plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
+                # the merge splits its columns while batch x heads < SMs: a batch on each side of that line
+                few = c.batch * c.heads < num_sms
+                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads)))
     default = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128)).items()))
-    plan += [("decode", h, kvh, kv, default, pad) for h, kvh, kv, pad in sorted(pads)]
+    plan += [("decode", h, kvh, "bf16", default, pad, b) for h, kvh, pad, b in sorted(merges) if pad > 1]
     for c in prefill_cases:
         for tile in PREFILL_TILES:
-            plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None))
-    return [(k, h, kvh, kv, dict(cfg), s) for k, h, kvh, kv, cfg, s in dict.fromkeys(plan)]
+            plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None, 1))
+    return [(k, h, kvh, kv, dict(cfg), s, b) for k, h, kvh, kv, cfg, s, b in dict.fromkeys(plan)]
 
 
 # ---------------------------------------------------------------- sweeps

@@ -47,12 +47,12 @@ def paged_attention_decode_ref(
 
 
 @triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, num_splits, stride_ob, stride_oh,
+def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # out[b, h] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, head_dim] tile;
-    # .cg: the partials were written by other SMs, never through this SM's L1
+    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, BLOCK_D]
+    # tile; .cg: the partials were written by other SMs, never through this SM's L1
     s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, BLOCK_D)
+    d = d0 + tl.arange(0, BLOCK_D)
     row = (b * NUM_HEADS + h) * num_splits + s
     lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
     m = tl.max(lse, 0)
@@ -141,7 +141,7 @@ def _decode_kernel(
             counter = counter_ptr + b * NUM_KV_HEADS + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 for g2 in range(GROUP):
-                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, num_splits, stride_ob,
+                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, 0, num_splits, stride_ob,
                                 stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
@@ -149,9 +149,9 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])  # one variant per SPLITS_PAD, not per count
 def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # the second launch of the two-launch variant: one program per (sequence, query head)
-    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_ob,
-                stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+    # the second launch of the two-launch variant: one program per (sequence, query head, BLOCK_D columns)
+    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_D,
+                num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -238,9 +238,12 @@ def paged_attention_decode(
         FP8_AS_F16=fp8_as_f16(q, k_cache), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1 and not fused_merge:
-        _reduce_kernel[(batch, num_heads)](
+        # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each
+        # reading [splits, head_dim] partials one after the other
+        merge_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
+        _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=splits_pad, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, num_warps=4,
         )
     return out
 
