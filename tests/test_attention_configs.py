@@ -132,8 +132,8 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", [torch.bfloat16, FP8])
 def test_swept_configs_gpu(kv):
-    # every tile the tuner sweeps, compiled for this GPU (pipelined: the interpreter does not pipeline), at
-    # Qwen3-30B-A3B heads: decode and an extend over a cached prefix vs the fp32 torch reference
+    # tiles of each pipelining depth, compiled for this GPU (the interpreter does not pipeline), at Qwen3-30B-A3B
+    # heads: decode and an extend over a cached prefix vs the fp32 torch reference (the tuner checks the rest)
     import tune_attention as ta
 
     torch.manual_seed(5)
@@ -144,7 +144,7 @@ def test_swept_configs_gpu(kv):
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
     q = torch.randn(len(seq_lens), 32, 128, device="cuda", dtype=torch.bfloat16)
     ref = paged_attention_decode_ref(q, k, v, lens, tables, 128**-0.5, *scales)
-    for tile in ta.DECODE_TILES:
+    for tile in [(64, 4, 2), (64, 4, 3), (128, 8, 3)]:
         for rule in ta.SPLIT_RULES[:3]:
             out = paged_attention_decode(q, k, v, lens, tables, 128**-0.5, *scales, config=ta.decode_cfg(tile, rule))
             assert _rel_err(out, ref) < 1e-2, (tile, rule)
@@ -152,7 +152,7 @@ def test_swept_configs_gpu(kv):
     args = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
             600, *scales)
     ref = paged_attention_prefill_ref(*args)
-    for tile in ta.PREFILL_TILES:
+    for tile in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)]:
         try:
             out = paged_attention_prefill(*args, config=ta.prefill_cfg(tile))
         except Exception as exc:  # noqa: BLE001  a tile beyond this GPU's shared memory: the tuner skips it too
