@@ -9,9 +9,10 @@ so two launches are the default. At long context and small batch many splits kee
 
 Tile sizes, warps, stages and the split rule come from kernels/attention_config.py (tuned per GPU by
 benchmarks/tune_attention.py). An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
-e4m3 -> fp16 is exact and one packed conversion per two values, where -> bf16 costs a second, slower
-conversion per value (it made the FP8 kernel run at the bf16 kernel's speed); q is rounded to fp16 once per
-program, p per tile, both with fp32 accumulation; k_scale is in the softmax scale, v_scale on the output.
+e4m3 -> fp16 is exact and one packed conversion per two values, where -> bf16 adds a second, slower one per
+value (sm90 SASS: 128 F2F per thread per 64-token tile, the likely reason the FP8 kernel ran at the bf16
+kernel's speed, 0.31-0.48 of its floor); q is rounded to fp16 once per program, p per tile, both with fp32
+accumulation; k_scale is in the softmax scale, v_scale on the output.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
                       min_split_tokens: int = 128) -> int:
     """Splits per (sequence, kv head): enough programs for programs_per_sm per SM, each with at least
     min_split_tokens tokens of the longest possible context; shapes only, never tensor values (CUDA graphs).
-    One sequence at 4k-32k on 132 SMs: 33-64 splits per KV head, so every SM streams KV."""
+    One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV."""
     programs = batch * num_kv_heads
     want = triton.cdiv(programs_per_sm * num_sms, programs)
     return max(1, min(want, triton.cdiv(max_context, min_split_tokens), MAX_SPLITS))
