@@ -7,8 +7,8 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context;
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
   num_warps, num_stages.
-A key the file lacks (another head_dim) falls back to the default, which is what the kernels ran before
-the table existed, except for the split rule (more splits at small batch: issue 16).
+A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
+before the table existed, except for the split rule (more splits at small batch: issue 16).
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def default_decode_config(head_dim: int) -> dict:
 
 
 def default_prefill_config(head_dim: int) -> dict:
+    # num_stages 2 is what stages=3 compiled to before the page ids moved a tile ahead (double-buffered K/V that
+    # is waited for in full each step, ~96 KiB of shared memory: two programs per SM); 3 now prefetches
     block_d = triton.next_power_of_2(head_dim)
     return {"BLOCK_M": 128 if block_d <= 128 else 64, "BLOCK_N": 64 if block_d <= 128 else 32,
-            "num_warps": 8 if block_d >= 128 else 4, "num_stages": 3}
+            "num_warps": 8 if block_d >= 128 else 4, "num_stages": 2}
 
 
 @functools.lru_cache(maxsize=16)
