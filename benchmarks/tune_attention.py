@@ -204,6 +204,8 @@ def measure(run, ref: torch.Tensor, rep_ms: float) -> tuple[float, float]:
 
 
 def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep_ms: float) -> list[dict]:
+    if not budget.left(case.name):  # not even the set-up (cache, reference, SDPA) once the budget is spent
+        return []
     case.build()
     ref = case.reference()
     floor_us = case.kv_bytes() / ceil["copy_tbps"] / 1e6
@@ -229,6 +231,8 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
 
 
 def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) -> list[dict]:
+    if not budget.left(case.name):
+        return []
     case.build()
     ref = case.reference()
     floor_us = case.flops() / ceil["bf16_tflops"] / 1e6
