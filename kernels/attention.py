@@ -148,12 +148,14 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, page, n0, kv_end, q_pos, d, dmask
                 mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + v_head)[:, None] + d[None, :],
                 mask=kv_mask, other=0.0).to(q.dtype)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
+    s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
     if MASKED:
         s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # the running max is in scaled (base-2) units; scaling inside the exponent makes one FFMA per score
+    # (qk_scale > 0: the max commutes with it)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
