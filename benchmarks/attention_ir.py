@@ -79,11 +79,10 @@ def report(kernel) -> dict:
 
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
-            warps: int = 4, stages: int = 2) -> dict:
+            warps: int = 4, stages: int = 2, off64: bool = False) -> dict:
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
-    strides = {"stride_kcb": BLOCK * kv_heads * HEAD_DIM, "stride_kcs": kv_heads * HEAD_DIM, "stride_kch": HEAD_DIM,
-               "stride_vcb": BLOCK * kv_heads * HEAD_DIM, "stride_vcs": kv_heads * HEAD_DIM, "stride_vch": HEAD_DIM,
+    strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
                "stride_bt": 2048}
     common = {"q_ptr": "bf16", "k_cache_ptr": kv_type, "v_cache_ptr": kv_type, "seq_lens_ptr": "i32",
               "block_tables_ptr": "i32", "out_ptr": "bf16", "qk_scale": 0.1, "v_scale": 0.1, **strides}
@@ -94,14 +93,14 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
                   "GROUP_PAD": max(16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM,
                   "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
-                  "FP8_AS_F16": kv == "fp8"}
+                  "FP8_AS_F16": kv == "fp8", "OFF64": off64}
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,
                     stride_ot=num_heads * HEAD_DIM, stride_oh=HEAD_DIM)
         pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
         consts = {"GROUP": group, "PACK": pack, "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK,
-                  "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8"}
+                  "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64}
         compiled = compile_sm90(_prefill_kernel, args, consts, warps, stages)
     return report(compiled)
 
@@ -117,8 +116,10 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
     a = ap.parse_args()
-    print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages))))
+    print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
+                                             a.off64))))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import _FP16_MAX, _LOG2E, attend, check_cache, fp8_as_f16, gather_kv
+from kernels.attention import _FP16_MAX, _LOG2E, _kv_rows, attend, check_cache, fp8_as_f16, gather_kv, needs_off64
 from kernels.attention_config import DECODE_KEYS, check_config, decode_config
 
 MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
@@ -72,11 +72,11 @@ def _decode_kernel(
     qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
     v_scale,
     num_splits,  # a runtime value: one compiled kernel serves every split count up to SPLITS_PAD
-    stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,  # cache strides (K and V share one layout)
     stride_bt, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     b = tl.program_id(0)
@@ -104,19 +104,17 @@ def _decode_kernel(
     # iteration make Triton's pipeliner single-buffer K/V and issue the next tile's copy after the dots
     # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR)
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
+    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs
         nmask = n < end
-        page = page_next.to(tl.int64)
+        rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         page_next = tl.load(bt + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
-        in_page = (n % BLOCK_SIZE).to(tl.int64)
         kv_mask = nmask[:, None] & dmask[None, :]
         # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
         # v_scale
-        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -231,12 +229,12 @@ def paged_attention_decode(
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=fp8_as_f16(q, k_cache), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1 and not fused_merge:
         # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each

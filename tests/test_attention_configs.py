@@ -79,6 +79,39 @@ def test_fp8_kv_with_bf16_range_q_saturates_not_nan():
     assert torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_64bit_cache_offsets(kernel, monkeypatch):
+    # a cache past 2^31 elements switches the kernels to 64-bit row offsets: the same results (forced here)
+    import kernels.attention as attn
+    import kernels.decode_attention as dec
+
+    big = torch.empty(1 << 20, 16, 8, 256, device="meta")  # 2^35 elements: offsets past int32
+    assert attn.needs_off64(big) and not attn.needs_off64(torch.empty(1000, 16, 8, 128, device="meta"))
+    monkeypatch.setattr(attn, "needs_off64", lambda cache: True)
+    monkeypatch.setattr(dec, "needs_off64", lambda cache: True)
+    seq_lens = [40, 0, 75]
+    k, v, tables = _make_cache(seq_lens, 16, 2, 32, torch.float16, "cpu")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    if kernel == "decode":
+        q = torch.randn(3, 4, 32).half()
+        args = (q, k, v, lens, tables, 32**-0.5)
+        out, ref = paged_attention_decode(*args, num_splits=2), paged_attention_decode_ref(*args)
+    else:
+        q = torch.randn(30, 4, 32).half()
+        cu = torch.tensor([0, 10, 10, 30], dtype=torch.int32)
+        args = (q, k, v, cu, lens, tables, 32**-0.5, 20)
+        out, ref = paged_attention_prefill(*args), paged_attention_prefill_ref(*args)
+    assert _rel_err(out, ref) < 3e-3
+
+
+def test_k_and_v_caches_must_share_strides():
+    # the kernels compute one row offset for K and V: a V with the same shape but other strides is refused
+    k, v, tables = _make_cache([20], 16, 2, 32, torch.float32, "cpu")
+    v_pad = torch.empty(v.shape[0], v.shape[1], v.shape[2], 64)[..., :32].copy_(v)  # head_dim padded to 64
+    with pytest.raises(ValueError, match="same strides"):
+        paged_attention_decode(torch.randn(1, 4, 32), k, v_pad, torch.tensor([20], dtype=torch.int32), tables, 0.2)
+
+
 def test_config_table_lookup(tmp_path, monkeypatch):
     default = acfg.decode_config(128, torch.bfloat16)
     assert default == acfg.default_decode_config(128)
