@@ -71,6 +71,22 @@ def test_prefill_configs(cfg, kv, heads):
     assert _rel_err(out, paged_attention_prefill_ref(*args)) < (1e-4 if q_dtype == torch.float32 else 3e-3)
 
 
+def test_tiles_narrower_than_a_page():
+    # BLOCK_N < block_size: tiles start inside pages, so the in-page offset is computed per tile
+    seq_lens, q_lens = [150, 0, 61], [20, 0, 61]
+    k, v, tables = _make_cache(seq_lens, 64, 2, 32, torch.float16, "cpu")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(3, 4, 32).half()
+    dec_cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "min_split_tokens": 16}
+    out = paged_attention_decode(q, k, v, lens, tables, 32**-0.5, num_splits=3, config=dec_cfg)
+    assert _rel_err(out, paged_attention_decode_ref(q, k, v, lens, tables, 32**-0.5)) < 3e-3
+    q = torch.randn(sum(q_lens), 4, 32).half()
+    cu = torch.tensor([0, 20, 20, 81], dtype=torch.int32)
+    args = (q, k, v, cu, lens, tables, 32**-0.5, 61)
+    out = paged_attention_prefill(*args, config={"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2})
+    assert _rel_err(out, paged_attention_prefill_ref(*args)) < 3e-3
+
+
 def test_fp8_kv_with_bf16_range_q_saturates_not_nan():
     # the FP8 path runs its dots in fp16: a bf16 q beyond fp16's range must saturate, not become inf / NaN
     k, v, tables = _fp8_cache([20], 16, 1, 16, (1.0, 1.0))
