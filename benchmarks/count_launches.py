@@ -45,7 +45,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 # aten ops that run no kernel: allocation, views and metadata
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
-         "resolve_conj", "resolve_neg", "set_", "promote_types", "_unsafe_view", "t", "split", "split_with_sizes", "chunk", "unbind"}
+         "resolve_conj", "resolve_neg", "set_", "promote_types", "_unsafe_view", "t", "split", "split_with_sizes",
+         "chunk", "unbind"}
 
 
 @dataclass
