@@ -58,7 +58,7 @@ def qkv_prologue_ref(
     return q
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])  # per-token scalars: any slice, one variant
 def _qkv_prologue_kernel(
     qkv_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     eps, inv_k_scale, inv_v_scale,
@@ -179,8 +179,9 @@ def qkv_prologue(
     if num_tokens == 0:
         return q
     heads = num_heads + num_kv_heads
-    # few tokens (decode): 4 heads a program, so that even one token spreads over several SMs
-    block_h = min(triton.next_power_of_2(heads), 4 if num_tokens <= 256 else 16)
+    # 4 heads a program: one decode token still spreads over several SMs (Qwen3-30B-A3B: 9 programs a token),
+    # and one compiled variant serves every step size
+    block_h = min(triton.next_power_of_2(heads), 4)
     half, rest = rotary_dim // 2, head_dim - rotary_dim
     qk_norm = q_norm_weight is not None
     qw = q_norm_weight if qk_norm else cos_sin  # unused pointers when there is no norm
@@ -195,6 +196,6 @@ def qkv_prologue(
         QK_NORM=qk_norm, FP8=k_cache.dtype == FP8_DTYPE, FP8_MAX_C=FP8_MAX,
         BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
         BLOCK_REST=triton.next_power_of_2(rest) if rest else 0, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4 if block_h * head_dim >= 1024 else 2,
+        num_warps=4 if block_h * head_dim >= 1024 else 2,  # [4, 128] tiles: 2 warps, 8 values a thread
     )
     return q

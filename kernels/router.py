@@ -71,7 +71,8 @@ def _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS: tl.constexpr):
     return top_ids
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every step size
+# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _topk_softmax_kernel(
     logits_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
@@ -99,7 +100,8 @@ def _topk_softmax_kernel(
     tl.store(ids_ptr + t[:, None] * TOP_K + k, _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS), mask=omask)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every step size
+# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t, routed_scaling_factor,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
