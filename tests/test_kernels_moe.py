@@ -183,3 +183,37 @@ def test_moe_align_gpu(num_tokens):
     _, ids = _routing(num_tokens, 128, 8, "cuda", drop_every=7)
     for block_m in (16, 64, 128):
         _check_align(ids, 128, block_m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_sum_gpu(shape, fp8):
+    # the cross-program top-k sum (atomic counter, .cg loads) gives the separate sum kernel's bits, also when
+    # replayed from a CUDA graph with new routings (the counters must re-arm themselves)
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    dt = torch.bfloat16
+    torch.manual_seed(5)
+    x = torch.randn(1, hidden, device="cuda", dtype=dt)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(dt)
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).to(dt)
+    kw = {}
+    if fp8:
+        w13, s13 = quantize_weight_block(w13)
+        w2, s2 = quantize_weight_block(w2)
+        kw = {"w13_scale": s13, "w2_scale": s2}
+    cfg = get_moe_config(1, num_experts, hidden, inter, top_k, "fp8" if fp8 else "bfloat16")
+    fused = dict(cfg, fused_sum=True)
+    weights, ids = _routing(1, num_experts, top_k, "cuda", drop_every=0)
+    out = fused_experts(x, w13, w2, weights, ids, config=fused, **kw)  # warm: compile, counters allocated
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, w13, w2, weights, ids, config=fused, **kw)
+    for i in range(50):
+        new_w, new_ids = _routing(1, num_experts, top_k, "cuda", drop_every=0)
+        new_ids[0, : i % (top_k + 1)] = -1  # 0..top_k slots handled elsewhere (all of them: a zero sum)
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        graph.replay()
+        want = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
+        assert torch.equal(out, want), i
