@@ -34,7 +34,7 @@ _COMMON: dict[str, Any] = dict(vocab_size=256, hidden_size=64, num_hidden_layers
 # a leading dense layer, grouped sigmoid routing, shared experts, partial rotary, qkv bias)
 CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": _COMMON | dict(architectures=["Qwen3MoeForCausalLM"], intermediate_size=96, moe_intermediate_size=32,
-                                num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
+                                num_experts=128, num_experts_per_tok=8, norm_topk_prob=True),
     "glm4_moe": _COMMON | dict(architectures=["Glm4MoeForCausalLM"], intermediate_size=96, moe_intermediate_size=32,
                                n_routed_experts=16, num_experts_per_tok=4, n_group=2, topk_group=1,
                                n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
