@@ -23,7 +23,17 @@ def topk_softmax_ref(
 
 def _mask_padding(ids: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
     # padding rows (slot -1) route nowhere: expert id -1 means no expert work, nothing sent, not counted
-    return ids if slots is None else ids.masked_fill(slots.unsqueeze(1) < 0, -1)
+    if slots is None:
+        return ids
+    _check_slots(slots, ids.shape[0])
+    return ids.masked_fill(slots.unsqueeze(1) < 0, -1)
+
+
+def _check_slots(slots: torch.Tensor, num_tokens: int) -> None:
+    # slot ids, not a padding mask: a bool tensor here would silently mask nothing
+    if slots.shape != (num_tokens,) or slots.stride(0) != 1 or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be contiguous int32/int64 [{num_tokens}] slot ids (< 0: padding), got "
+                         f"{slots.dtype} {tuple(slots.shape)}")
 
 
 def topk_sigmoid_grouped_ref(
@@ -159,9 +169,8 @@ def _check_logits(router_logits: torch.Tensor, top_k: int, slots: torch.Tensor |
     num_tokens, num_experts = router_logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    if slots is not None and (slots.shape != (num_tokens,) or slots.stride(0) != 1 or slots.is_floating_point()):
-        raise ValueError(f"slots must be a contiguous int [{num_tokens}] tensor, got {slots.dtype} "
-                         f"{tuple(slots.shape)}")
+    if slots is not None:
+        _check_slots(slots, num_tokens)
     return num_tokens, num_experts
 
 

@@ -62,8 +62,10 @@ def test_padding_rows_get_no_experts(grouped):
     assert (ids[pad] == -1).all() and (ref_ids[pad] == -1).all() and (ids_all[pad] >= 0).all()
     _check(w[~pad], ids[~pad], ref_w[~pad], ref_ids[~pad])
     assert torch.equal(ids[~pad], ids_all[~pad]) and torch.equal(w, w_all)
-    with pytest.raises(ValueError, match="slots"):
-        route(slots[:-1])
+    for bad in (slots[:-1], slots < 0):  # a bool padding mask is not slot ids
+        for fn in (route, ref):
+            with pytest.raises(ValueError, match="slots"):
+                fn(bad)
 
 
 @pytest.mark.gpu
