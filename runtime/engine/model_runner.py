@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.forward_batch import AttentionBackend, ForwardBatch
+from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
 from runtime.engine.scheduler import ScheduledBatch
 from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
@@ -140,12 +141,15 @@ class ModelRunner:
         self._staging[host.dtype] = (buf, event)
         return out
 
-    def execute(self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None) -> Any:
+    def execute(self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None,
+                prev_token_ids: torch.Tensor | None = None) -> Any:
         """Runs one step; returns fp32 logits [num_sampled_seqs, vocab], and with extra_rows (flat token rows,
-        for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size]."""
+        for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size].
+        prev_token_ids: the sampled tokens [m] (device) of the step in flight, which the batch's placeholder
+        ids stand for (async scheduling, TP=1 only)."""
         plan = self.plan(batch, pad_to)
         self._send(plan)
-        return self.run(plan, extra_rows)
+        return self.run(plan, extra_rows, prev_token_ids)
 
     def execute_dummy(self, num_tokens: int) -> None:
         """A lockstep filler step: the same collectives as a real step of num_tokens tokens, no KV, no output."""
@@ -188,17 +192,21 @@ class ModelRunner:
             broadcast_plan(plan, self.plan_group, self.plan_src)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, extra_rows: list[int] | None = None) -> Any:
+    def run(self, plan: StepPlan, extra_rows: list[int] | None = None,
+            prev_token_ids: torch.Tensor | None = None) -> Any:
         if plan.kind == DUMMY:
             self._run_dummy(plan.num_tokens)
             return None
         prepared = self.prepare(plan)
         fb = prepared.forward_batch
-        num_padded = prepared.input_ids.shape[0]
+        input_ids = prepared.input_ids
+        if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
+            input_ids = fill_placeholders(input_ids, prev_token_ids)  # the previous step's tokens, on the device
+        num_padded = input_ids.shape[0]
         if self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
-            hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
+            hidden = self.graphs.replay(input_ids, prepared.positions, fb)
         else:
-            hidden = self.model(prepared.input_ids, prepared.positions, fb)
+            hidden = self.model(input_ids, prepared.positions, fb)
         if prepared.sample_rows:
             rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))

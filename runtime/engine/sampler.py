@@ -9,12 +9,62 @@ tokens do not depend on the batch it runs in, and it resumes its stream after a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from runtime.engine.sequence import Sequence
 from runtime.structured_output import apply_bitmask
 
 Logprobs = list[tuple[int, float]]  # the sampled token first, then the top-N
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens and their logprobs, on the device until to_host(): nothing here syncs, so
+    the next step can be queued before they are read (async scheduling)."""
+
+    token_ids: torch.Tensor  # [num_seqs] int64
+    logprob_rows: list[int]  # rows that asked for logprobs, and how many top entries each wants
+    top_n: list[int]
+    chosen_logprobs: torch.Tensor | None = None  # [len(logprob_rows)] fp32
+    top_ids: torch.Tensor | None = None  # [len(logprob_rows), max(top_n)] int64
+    top_logprobs: torch.Tensor | None = None  # [len(logprob_rows), max(top_n)] fp32
+    copied: torch.cuda.Event | None = None  # recorded after the non-blocking copies to pinned host memory
+
+    def to_host(self) -> SampledTokens:
+        """Starts the copies to pinned host memory; lists() waits for them."""
+        if self.token_ids.device.type != "cuda":
+            return self
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # torch's caching host allocator
+            return host.copy_(t, non_blocking=True)
+
+        host = SampledTokens(pinned(self.token_ids), self.logprob_rows, self.top_n,  # type: ignore[arg-type]
+                             pinned(self.chosen_logprobs), pinned(self.top_ids), pinned(self.top_logprobs),
+                             torch.cuda.Event())
+        host.copied.record()  # type: ignore[union-attr]
+        return host
+
+    def lists(self) -> tuple[list[int], list[Logprobs | None]]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens = self.token_ids.tolist()
+        logprobs: list[Logprobs | None] = [None] * len(tokens)
+        if self.logprob_rows:
+            assert self.chosen_logprobs is not None
+            chosen = self.chosen_logprobs.tolist()
+            top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            top_lps = self.top_logprobs.tolist() if self.top_logprobs is not None else None
+            for j, (row, n) in enumerate(zip(self.logprob_rows, self.top_n)):
+                entry = [(tokens[row], chosen[j])]
+                if n > 0 and top_ids is not None and top_lps is not None:
+                    entry += list(zip(top_ids[j][:n], top_lps[j][:n]))
+                logprobs[row] = entry
+        return tokens, logprobs
 
 
 class Sampler:
@@ -31,10 +81,19 @@ class Sampler:
         eos_token_ids: set[int],
         grammar_mask: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[list[int], list[Logprobs | None]]:
+        return self.sample(logits, seqs, eos_token_ids, grammar_mask).lists()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: set[int],
+        grammar_mask: tuple[list[int], torch.Tensor] | None = None,
+    ) -> SampledTokens:
         # logits: [num_seqs, vocab] fp32; grammar_mask: (rows, int32 bitmask [len(rows), ceil(vocab/32)])
-        logprobs_out: list[Logprobs | None] = [None] * len(seqs)
         raw_logprobs = None
-        if any(s.params.logprobs is not None for s in seqs):
+        logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if logprob_rows:
             raw_logprobs = logits.log_softmax(dim=-1)
 
         logits = self._apply_token_rules(logits, seqs)
@@ -49,20 +108,16 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)
         else:
             token_ids = self._sample(logits, seqs, greedy)
-        token_list = token_ids.tolist()
 
+        top_n = [seqs[i].params.logprobs or 0 for i in logprob_rows]
+        out = SampledTokens(token_ids, logprob_rows, top_n)
         if raw_logprobs is not None:
-            for i, seq in enumerate(seqs):
-                n = seq.params.logprobs
-                if n is None:
-                    continue
-                chosen = token_list[i]
-                entry = [(chosen, raw_logprobs[i, chosen].item())]
-                if n > 0:
-                    values, ids = raw_logprobs[i].topk(n)
-                    entry += list(zip(ids.tolist(), values.tolist()))
-                logprobs_out[i] = entry
-        return token_list, logprobs_out
+            rows = torch.tensor(logprob_rows, dtype=torch.int64, device=logits.device)
+            picked = raw_logprobs.index_select(0, rows)  # [len(rows), vocab]
+            out.chosen_logprobs = picked.gather(1, token_ids.index_select(0, rows)[:, None])[:, 0]
+            if max(top_n) > 0:
+                out.top_logprobs, out.top_ids = picked.topk(max(top_n), dim=-1)
+        return out
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [
