@@ -311,7 +311,7 @@ class RankLoop:
                 msg = self._recv(0)
             if self.engine.has_unfinished():
                 num_tokens = self.engine.schedule()
-                if num_tokens:
+                if num_tokens or getattr(self.engine, "step_pending", False):  # async scheduling: read its tokens
                     self._execute(num_tokens, None)
                     self.step_id += 1
             s = self.engine.stats()

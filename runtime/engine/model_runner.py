@@ -13,6 +13,7 @@ import torch
 from models.forward_batch import AttentionBackend, ForwardBatch
 from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
+from runtime.engine.sampler import device_tensor
 from runtime.engine.scheduler import ScheduledBatch
 from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
 
@@ -207,13 +208,16 @@ class ModelRunner:
             hidden = self.graphs.replay(input_ids, prepared.positions, fb)
         else:
             hidden = self.model(input_ids, prepared.positions, fb)
-        if prepared.sample_rows:
-            rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
+        num_sampled = len(prepared.sample_rows)
+        if num_sampled and prepared.sample_rows[-1] == num_sampled - 1:  # rows 0..k-1: a decode step, no gather
+            logits = self.model.compute_logits(hidden[:num_sampled])
+        elif num_sampled:
+            rows = device_tensor(prepared.sample_rows, torch.int64, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         else:  # a prefill chunk with nothing to sample: no logits, no gather
             logits = torch.empty(0, 0, device=self.device)
         if extra_rows:
-            return logits, hidden.index_select(0, torch.tensor(extra_rows, dtype=torch.int64, device=self.device))
+            return logits, hidden.index_select(0, device_tensor(extra_rows, torch.int64, self.device))
         return logits
 
     @torch.inference_mode()

@@ -19,6 +19,15 @@ from runtime.structured_output import apply_bitmask
 Logprobs = list[tuple[int, float]]  # the sampled token first, then the top-N
 
 
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a sync: torch.tensor(values, device=cuda) copies from pageable
+    memory and then waits for the whole stream, which would make the host wait for the step in flight."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SampledTokens:
     """One step's sampled tokens and their logprobs, on the device until to_host(): nothing here syncs, so
@@ -112,7 +121,7 @@ class Sampler:
         top_n = [seqs[i].params.logprobs or 0 for i in logprob_rows]
         out = SampledTokens(token_ids, logprob_rows, top_n)
         if raw_logprobs is not None:
-            rows = torch.tensor(logprob_rows, dtype=torch.int64, device=logits.device)
+            rows = device_tensor(logprob_rows, torch.int64, logits.device)
             picked = raw_logprobs.index_select(0, rows)  # [len(rows), vocab]
             out.chosen_logprobs = picked.gather(1, token_ids.index_select(0, rows)[:, None])[:, 0]
             if max(top_n) > 0:
@@ -158,11 +167,11 @@ class Sampler:
             p = seqs[i].params
             if p.logit_bias:
                 ids = [t for t in p.logit_bias if 0 <= t < vocab]
-                bias = torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
-                logits[i, ids] += bias
+                bias = device_tensor([p.logit_bias[t] for t in ids], logits.dtype, logits.device)
+                logits[i, device_tensor(ids, torch.int64, logits.device)] += bias
             if p.allowed_token_ids:
                 keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-                keep[[t for t in p.allowed_token_ids if 0 <= t < vocab]] = True
+                keep[device_tensor([t for t in p.allowed_token_ids if 0 <= t < vocab], torch.int64, keep.device)] = True
                 logits[i] = logits[i].masked_fill(~keep, float("-inf"))
             if p.bad_words_token_ids:
                 out = seqs[i].output_token_ids
@@ -185,23 +194,23 @@ class Sampler:
             if stop_ids:
                 if not masked:
                     logits, masked = logits.clone(), True
-                logits[i, sorted(stop_ids)] = float("-inf")
+                logits[i, device_tensor(sorted(stop_ids), torch.int64, logits.device)] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         params = [s.params for s in seqs]
         dev = logits.device
-        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
+        temperature = device_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev)
         logits = logits / temperature[:, None]
 
         top_k = [p.top_k for p in params]
         if any(k > 0 for k in top_k):
             vocab = logits.shape[1]
-            k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=dev)
+            k = device_tensor([min(k, vocab) if k > 0 else vocab for k in top_k], torch.int64, dev)
             kth = logits.sort(dim=-1, descending=True)[0].gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            top_p = device_tensor([p.top_p for p in params], torch.float32, dev)
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)
             # drop a token when the mass before it already reaches top_p (the top token always stays)
@@ -210,7 +219,7 @@ class Sampler:
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            min_p = device_tensor([p.min_p for p in params], torch.float32, dev)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True)[0], 0.0)
 
         # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p.
@@ -220,5 +229,5 @@ class Sampler:
                 self._seeded.manual_seed((p.seed * 1_000_003 + seq.num_total_generated) % (2**63))
                 noise[i].exponential_(generator=self._seeded)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy_mask = torch.tensor(greedy, device=dev)
+        greedy_mask = device_tensor(greedy, torch.bool, dev)
         return torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
