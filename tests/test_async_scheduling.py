@@ -1,0 +1,235 @@
+"""--async-scheduling: step s+1 is queued before step s's tokens are read (runtime/engine/async_step.py). On the
+CPU the tokens must equal the synchronous engine's exactly: batches whose sequences end at different steps,
+stop tokens and EOS, chunked prefill, prefix caching, preemption, aborts, seeded sampling with logprobs, and
+requests that fall back to synchronous steps (grammar, penalties, bad words) mixed in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from runtime import LLM, SamplingParams
+from runtime.messages import AddRequest
+from tests.tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runner shares two cores with other jobs; one thread is as fast here
+    try:
+        yield make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_async")), "Qwen3MoeForCausalLM")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=g).tolist()} for n in lengths]
+
+
+def make_llm(path: str, async_scheduling: bool, **kw: Any) -> LLM:
+    kw = {"dtype": "float32", "device": "cpu", "kv_cache_memory": 8 << 20, "block_size": 8, **kw}
+    return LLM(model=path, async_scheduling=async_scheduling, **kw)
+
+
+def results(outs: list[Any]) -> list[tuple[list[int], str | None, Any, int]]:
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason, o.num_cached_tokens)
+            for o in outs]
+
+
+def assert_no_leak(llm: LLM) -> None:
+    assert llm.engine.block_manager.num_used_blocks == 0
+    assert not llm.engine.has_unfinished() and not llm.engine.requests and not llm.engine.step_pending
+
+
+def both(path: str, batch: list[dict[str, Any]], params: list[SamplingParams], min_overlapped: int = 1,
+         **kw: Any) -> tuple[list[Any], list[Any], LLM]:
+    sync, overlapped = make_llm(path, False, **kw), make_llm(path, True, **kw)
+    want, got = sync.generate(batch, params), overlapped.generate(batch, params)
+    assert sync.engine.num_overlapped_steps == 0
+    assert overlapped.engine.num_overlapped_steps >= min_overlapped  # the async path really ran
+    assert_no_leak(sync)
+    assert_no_leak(overlapped)
+    return want, got, overlapped
+
+
+def test_greedy_equal_with_different_ends_stop_tokens_and_eos(checkpoint: str) -> None:
+    batch = prompts((5, 11, 17, 30, 9, 4))
+    plain = [SamplingParams(temperature=0, max_tokens=m) for m in (7, 20, 13, 32, 3, 1)]
+    sync = make_llm(checkpoint, False)
+    ref = [o.outputs[0].token_ids for o in sync.generate(batch, plain)]
+    params = list(plain)
+    params[1] = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[ref[1][4]])  # ends at its 5th token
+    # EOS (id 0) made certain: at once, and after min_tokens (masked before, so that count must be right)
+    params[2] = SamplingParams(temperature=0, max_tokens=13, logit_bias={0: 100.0})
+    params[4] = SamplingParams(temperature=0, max_tokens=30, min_tokens=6, logit_bias={0: 100.0})
+    want, got, _ = both(checkpoint, batch, params)
+    assert results(got) == results(want)
+    ends = [(len(t), r) for t, r, _, _ in results(got)]
+    assert ends[1] == (ref[1].index(ref[1][4]) + 1, "stop") and ends[2] == (1, "stop") and ends[4] == (7, "stop")
+    assert ends[0] == (7, "length") and ends[3] == (32, "length") and ends[5] == (1, "length")
+
+
+def test_chunked_prefill_and_max_model_len(checkpoint: str) -> None:
+    batch = prompts((19, 9, 23, 40), seed=1)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (12, 25, 6)]
+    params.append(SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))  # runs into max_model_len
+    want, got, _ = both(checkpoint, batch, params, max_num_batched_tokens=7, max_model_len=56)
+    assert results(got) == results(want)
+    assert len(got[3].outputs[0].token_ids) == 56 - 40 and got[3].outputs[0].finish_reason == "length"
+
+
+def test_prefix_cache_hits_and_preemption(checkpoint: str) -> None:
+    shared = prompts((24,), seed=2)[0]["prompt_token_ids"]
+    a, b = shared + [7, 8, 9], shared + [11, 12, 13, 14, 15]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    for llm_kw in ({}, {"num_gpu_blocks_override": 14, "max_model_len": 64}):
+        sync, overlapped = make_llm(checkpoint, False, **llm_kw), make_llm(checkpoint, True, **llm_kw)
+        # a first, then b and a repeat of a in one batch: the repeat hits every full block but the last
+        runs = [[{"prompt_token_ids": a}], [{"prompt_token_ids": b}, {"prompt_token_ids": a}]]
+        if llm_kw:  # 14 blocks of 8 tokens cannot hold 4 x 44 tokens: the newest get preempted
+            runs = [prompts((17, 13, 15, 11), seed=3)]
+        for run in runs:
+            want = sync.generate(run, params)
+            assert results(overlapped.generate(run, params)) == results(want)
+        if not llm_kw:  # a follow-up turn: the blocks of the generated tokens are cached too (real tokens only)
+            turn = [{"prompt_token_ids": a + want[1].outputs[0].token_ids + [5, 6]}]
+            want = sync.generate(turn, params)
+            assert results(overlapped.generate(turn, params)) == results(want)
+            assert want[0].num_cached_tokens == 40  # 27 prompt + 20 output + 2 tokens: 5 full blocks
+        if llm_kw:
+            assert overlapped.engine.scheduler.num_preemptions > 0
+        else:
+            assert overlapped.engine.block_manager.num_prefix_hits == sync.engine.block_manager.num_prefix_hits > 0
+        assert overlapped.engine.num_overlapped_steps > 0
+        assert_no_leak(overlapped)
+
+
+def test_abort_mid_stream(checkpoint: str) -> None:
+    batch = [p["prompt_token_ids"] for p in prompts((6, 9, 12), seed=4)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    runs = []
+    for async_scheduling in (False, True):
+        engine = make_llm(checkpoint, async_scheduling).engine
+        for i, p in enumerate(batch):
+            engine.add_request(AddRequest(str(i), p, params))
+        out: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
+        steps = 0
+        while engine.has_unfinished():
+            for d in engine.step():
+                assert not (d.request_id == "1" and steps > 5), "a token of an aborted request was emitted"
+                out[d.request_id].extend(d.new_token_ids)
+            steps += 1
+            if steps == 5:
+                engine.abort_requests(["1"])  # its token of the step in flight (async) is discarded
+        assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+        runs.append(out)
+    sync, overlapped = runs
+    assert overlapped["0"] == sync["0"] and overlapped["2"] == sync["2"] and len(sync["0"]) == 16
+    assert len(sync["1"]) == 5 and len(overlapped["1"]) == 4  # the async engine emits each token a step later
+    assert overlapped["1"] == sync["1"][:4]
+
+
+def test_seeded_sampling_and_logprobs(checkpoint: str) -> None:
+    batch = prompts((5, 13, 8), seed=5)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=s, max_tokens=m, logprobs=2)
+              for s, m in ((1, 12), (2, 7), (3, 15))]
+    want, got, _ = both(checkpoint, batch, params)
+    assert results(got) == results(want)
+    for w, g in zip(want, got):
+        for lw, lg in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
+            assert lw.keys() == lg.keys() and all(abs(lw[t] - lg[t]) < 1e-5 for t in lw)
+
+
+def test_fallback_requests_mixed_in(checkpoint: str) -> None:
+    from runtime.structured_output import GrammarCompiler
+
+    sync = make_llm(checkpoint, False)
+    compiler = GrammarCompiler(sync.tokenizer, sync.engine.hf_config.vocab_size, [0])
+    batch = prompts((5, 9, 14, 7, 11), seed=6)
+    params = [
+        SamplingParams(temperature=0, max_tokens=24),
+        SamplingParams(temperature=0, max_tokens=40, grammar=compiler("regex", r"[a-c]{2,6}")),
+        SamplingParams(temperature=0, max_tokens=18, repetition_penalty=1.3, presence_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=30),
+        SamplingParams(temperature=0, max_tokens=10, bad_words_token_ids=[[5, 6]], prompt_logprobs=1),
+    ]
+    want = sync.generate(batch, params)
+    overlapped = make_llm(checkpoint, True)
+    got = overlapped.generate(batch, params)
+    assert results(got) == results(want)
+    assert got[1].outputs[0].finish_reason == "stop"  # the grammar ended it
+    # the grammar request ends within a few steps; the plain ones run on, overlapped, after it
+    assert overlapped.engine.num_overlapped_steps > 0
+    assert_no_leak(overlapped)
+    # only fallback requests: no step overlaps
+    only = make_llm(checkpoint, True)
+    assert results(only.generate(batch[2:3], params[2:3])) == results(want[2:3])
+    assert only.engine.num_overlapped_steps == 0
+
+
+def test_host_time_per_step(checkpoint: str) -> None:
+    """Prints the host time of a decode step outside the model's own work (forward + logits): on a GPU that is
+    the time the device waits per step when synchronous, and what async scheduling overlaps. Not asserted."""
+    batch = prompts((16,) * 32, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for async_scheduling in (False, True):
+        llm = make_llm(checkpoint, async_scheduling)
+        model = llm.engine.runner.model
+        spent = [0.0]
+        forward, logits = model.forward, model.compute_logits
+
+        def timed(fn: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    spent[0] += time.perf_counter() - t0
+            return run
+
+        model.forward, model.compute_logits = timed(forward), timed(logits)
+        llm.generate(batch, params)  # warm up
+        spent[0], steps = 0.0, llm.engine.num_steps
+        t0 = time.perf_counter()
+        llm.generate(batch, params)
+        wall = time.perf_counter() - t0
+        steps = llm.engine.num_steps - steps
+        host_ms = (wall - spent[0]) / steps * 1e3
+        print(f"\nasync_scheduling={async_scheduling}: {steps} steps of 32 sequences, {wall / steps * 1e3:.2f} ms/step, "
+              f"host {host_ms:.2f} ms/step outside forward + logits "
+              + ("(overlapped with the device's step on a GPU)" if async_scheduling else
+                 "(the device waits this long per step on a GPU)"))
+
+
+def test_openai_server_with_async_scheduling(checkpoint: str) -> None:
+    """python -m runtime.serve --async-scheduling: the rank loop's free-running path; greedy text equals the
+    offline synchronous engine's."""
+    import json
+
+    from tests.test_all2all import free_port
+    from tests.test_serve import _http, served
+
+    port = free_port()
+    body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with served(checkpoint, dp=1, ep=False, headless=False,
+                extra=["--port", str(port), "--served-model-name", "tiny", "--async-scheduling"]) as (_, proc):
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while _http(f"{base}/health", timeout_s=2)[0] != 200:
+            assert proc.poll() is None, "runtime.serve exited"
+            assert time.monotonic() < deadline, "API server not healthy after 90 s"
+            time.sleep(0.5)
+        answers = [_http(f"{base}/v1/completions", body) for _ in range(2)]
+    offline = LLM(model=checkpoint, device="cpu", kv_cache_memory=8 << 20, max_model_len=256)
+    want = offline.generate("Hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    for status, raw in answers:
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["usage"]["completion_tokens"] == 12
+        assert answer["choices"][0]["text"] == want.outputs[0].text
