@@ -173,6 +173,20 @@ def test_fallback_requests_mixed_in(checkpoint: str) -> None:
     assert only.engine.num_overlapped_steps == 0
 
 
+class _Timed:
+    """Wraps a model method and adds up the seconds spent inside it."""
+
+    def __init__(self, fn: Any, total: list[float]) -> None:
+        self.fn, self.total = fn, total
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.total[0] += time.perf_counter() - t0
+
+
 def test_host_time_per_step(checkpoint: str) -> None:
     """Prints the host time of a decode step outside the model's own work (forward + logits): on a GPU that is
     the time the device waits per step when synchronous, and what async scheduling overlaps. Not asserted."""
@@ -182,18 +196,7 @@ def test_host_time_per_step(checkpoint: str) -> None:
         llm = make_llm(checkpoint, async_scheduling)
         model = llm.engine.runner.model
         spent = [0.0]
-        forward, logits = model.forward, model.compute_logits
-
-        def timed(fn: Any) -> Any:
-            def run(*args: Any, **kwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    spent[0] += time.perf_counter() - t0
-            return run
-
-        model.forward, model.compute_logits = timed(forward), timed(logits)
+        model.forward, model.compute_logits = _Timed(model.forward, spent), _Timed(model.compute_logits, spent)
         llm.generate(batch, params)  # warm up
         spent[0], steps = 0.0, llm.engine.num_steps
         t0 = time.perf_counter()
@@ -201,10 +204,9 @@ def test_host_time_per_step(checkpoint: str) -> None:
         wall = time.perf_counter() - t0
         steps = llm.engine.num_steps - steps
         host_ms = (wall - spent[0]) / steps * 1e3
-        print(f"\nasync_scheduling={async_scheduling}: {steps} steps of 32 sequences, {wall / steps * 1e3:.2f} ms/step, "
-              f"host {host_ms:.2f} ms/step outside forward + logits "
-              + ("(overlapped with the device's step on a GPU)" if async_scheduling else
-                 "(the device waits this long per step on a GPU)"))
+        where = "overlapped with the device's step on a GPU" if async_scheduling else "the GPU waits this long"
+        print(f"\nasync_scheduling={async_scheduling}: {steps} steps of 32 sequences, {wall / steps * 1e3:.2f} "
+              f"ms/step, host {host_ms:.2f} ms/step outside forward + logits ({where})")
 
 
 def test_openai_server_with_async_scheduling(checkpoint: str) -> None:
