@@ -235,3 +235,15 @@ def test_openai_server_with_async_scheduling(checkpoint: str) -> None:
         answer = json.loads(raw)
         assert answer["usage"]["completion_tokens"] == 12
         assert answer["choices"][0]["text"] == want.outputs[0].text
+
+
+def test_fill_placeholders() -> None:
+    import numpy as np
+
+    from runtime.engine.async_step import fill_placeholders
+
+    prev = torch.tensor([40, 41, 42, 43])
+    steady = np.array([-1, -2, -3])  # the same sequences in the same order: a view, no kernel
+    assert fill_placeholders(torch.from_numpy(steady), prev, steady).tolist() == [40, 41, 42]
+    mixed = np.array([-2, -4, 7, 8, 9, -1])  # one ended (row 2), a prefill chunk, a prompt's first token
+    assert fill_placeholders(torch.from_numpy(mixed), prev, mixed).tolist() == [41, 43, 7, 8, 9, 40]

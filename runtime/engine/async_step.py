@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from runtime.engine.sampler import SampledTokens
@@ -52,8 +53,13 @@ class PendingStep:
     positions: list[int] = field(default_factory=list)
 
 
-def fill_placeholders(input_ids: torch.Tensor, prev_token_ids: torch.Tensor) -> torch.Tensor:
-    """input_ids [n] with placeholders -(k + 1) -> the same ids with prev_token_ids[k] in their place; on the
-    device, no sync. prev_token_ids: [m] int64, the step in flight's sampled tokens."""
+def fill_placeholders(input_ids: torch.Tensor, prev_token_ids: torch.Tensor, host_ids: np.ndarray) -> torch.Tensor:
+    """input_ids [n] (device) with placeholders -(k + 1) -> the same ids with prev_token_ids[k] in their place;
+    on the device, no sync. prev_token_ids: [m] int64, the step in flight's sampled tokens; host_ids: the host
+    copy of input_ids."""
+    n = input_ids.shape[0]
+    if n <= prev_token_ids.shape[0] and host_ids[0] == -1 and host_ids[-1] == -n and \
+            np.array_equal(host_ids, np.arange(-1, -n - 1, -1)):
+        return prev_token_ids[:n]  # the steady decode step: the same sequences in the same order, no kernel
     rows = (-1 - input_ids).clamp_(0, prev_token_ids.shape[0] - 1)
     return torch.where(input_ids < 0, prev_token_ids.index_select(0, rows), input_ids)

@@ -202,7 +202,8 @@ class ModelRunner:
         fb = prepared.forward_batch
         input_ids = prepared.input_ids
         if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
-            input_ids = fill_placeholders(input_ids, prev_token_ids)  # the previous step's tokens, on the device
+            # the previous step's tokens, on the device
+            input_ids = fill_placeholders(input_ids, prev_token_ids, plan.i64[: plan.num_tokens])
         num_padded = input_ids.shape[0]
         if self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
             hidden = self.graphs.replay(input_ids, prepared.positions, fb)
