@@ -247,3 +247,42 @@ def test_fill_placeholders() -> None:
     assert fill_placeholders(torch.from_numpy(steady), prev, steady).tolist() == [40, 41, 42]
     mixed = np.array([-2, -4, 7, 8, 9, -1])  # one ended (row 2), a prefill chunk, a prompt's first token
     assert fill_placeholders(torch.from_numpy(mixed), prev, mixed).tolist() == [41, 43, 7, 8, 9, 40]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_async_equal_and_decode_never_syncs(tmp_path: Any) -> None:
+    """CUDA graphs + Triton: the same tokens as the synchronous engine, and a decode step never waits for the
+    stream (torch's sync debug mode raises on any stream or device sync; the event wait for the previous
+    step's tokens is the one wait, and it is no stream sync)."""
+    path = make_tiny_checkpoint(str(tmp_path / "qwen3moe"), "Qwen3MoeForCausalLM")
+    batch = [p["prompt_token_ids"] for p in prompts((5, 11, 17, 33, 2, 9))]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, min_tokens=4),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias={7: 1.0}),
+              SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(model=path, dtype="float32", device="cuda", block_size=16, kv_cache_memory=64 << 20,
+                  async_scheduling=async_scheduling)
+        engine = llm.engine
+        for i, (p, sp) in enumerate(zip(batch, params)):
+            engine.add_request(AddRequest(str(i), p, sp))
+        out: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
+        while engine.has_unfinished():
+            decode = all(s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running) \
+                and not engine.scheduler.waiting
+            torch.cuda.set_sync_debug_mode("error" if decode and async_scheduling else 0)
+            try:
+                deltas = engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            for d in deltas:
+                out[d.request_id].extend(d.new_token_ids)
+        assert engine.block_manager.num_used_blocks == 0
+        runs.append(out)
+        if async_scheduling:
+            assert engine.num_overlapped_steps > 20
+    assert runs[1] == runs[0]
