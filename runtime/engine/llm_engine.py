@@ -117,14 +117,14 @@ class LLMEngine:
         self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
-        # --async-scheduling (runtime/engine/async_step.py): on a free-running rank of TP 1 only. A TP peer would
-        # need the sampled tokens that only TP rank 0 has; under EP lockstep the rank loop plans on the host's
-        # view of every token (the coordinator's step sizes), so both stay synchronous
-        lockstep = parallel is not None and parallel.is_ep
-        self.async_scheduling = config.async_scheduling and tp_size == 1 and not lockstep
+        # --async-scheduling (runtime/engine/async_step.py), with TP 1 only: a TP peer would need the sampled
+        # tokens that only TP rank 0 has. Not with --lockstep-lookahead either: its estimate of the next step
+        # is made while a step runs, from the host's view of the step before
+        lookahead = parallel is not None and parallel.is_ep and config.lockstep_lookahead
+        self.async_scheduling = config.async_scheduling and tp_size == 1 and not lookahead
         if config.async_scheduling and not self.async_scheduling:
             logger.info("rank %d: --async-scheduling is off here (%s): steps run synchronously", self.rank,
-                        "expert-parallel lockstep" if lockstep else "tensor parallel")
+                        "--lockstep-lookahead" if lookahead else "tensor parallel")
         self._pending: PendingStep | None = None  # the step in flight whose tokens are not read yet
         self.num_overlapped_steps = 0  # steps queued while the previous one's tokens were still unread
         self.num_steps = 0
@@ -277,9 +277,14 @@ class LLMEngine:
         return self.runner.padded_size(num_tokens)
 
     def step(self) -> list[TokenDelta]:
-        if self.schedule() == 0 and self._pending is None:
-            return []
+        if self.schedule() == 0:
+            return self.drain()
         return self.execute()
+
+    def drain(self) -> list[TokenDelta]:
+        """The pending step's outputs, read now (async scheduling, when no step follows it yet)."""
+        pending, self._pending = self._pending, None
+        return self._collect(pending) if pending is not None else []
 
     def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingStep | None:
         """Queues sampling for the sequences whose last token this step computes; nothing is read back."""
