@@ -260,6 +260,62 @@ def test_dp2_ep2_lockstep_with_async_scheduling(tmp_path: Any) -> None:
         assert front.wait_stats(10).num_steps_issued == before  # quiet when idle
 
 
+def _tp_worker(rank: int, world: int, port: int, model: str, result_dir: str) -> None:
+    import json
+    import os
+
+    from runtime.cluster.rank_loop import build_engine
+    from runtime.config import EngineConfig
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    config = EngineConfig(model=model, device="cpu", dtype="float32", kv_cache_memory=8 << 20, block_size=8,
+                          max_num_batched_tokens=16, tensor_parallel_size=world, async_scheduling=True)
+    parallel = init_parallel(config)
+    engine, _ = build_engine(config, parallel)
+    if parallel.is_tp_leader:
+        for i, (p, sp) in enumerate(TP_REQUESTS):
+            engine.add_request(AddRequest(str(i), p, sp))
+        out: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for d in engine.step():
+                out.setdefault(d.request_id, []).extend(d.new_token_ids)
+        engine.runner.stop_followers()
+        with open(os.path.join(result_dir, "tokens.json"), "w") as f:
+            json.dump({"tokens": out, "overlapped": engine.num_overlapped_steps}, f)
+    else:
+        engine.runner.follow()
+    destroy_parallel()
+
+
+TP_REQUESTS = [(p["prompt_token_ids"], SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
+               for p, m in zip(prompts((5, 21, 9), seed=8), (12, 6, 17))]
+
+
+@pytest.mark.slow
+def test_tp2_async_scheduling_broadcasts_the_sampled_tokens(checkpoint: str) -> None:
+    """TP=2 on gloo ranks: TP rank 0 samples; its peer gets the tokens of the step in flight by a broadcast on the
+    TP group before each forward. Tokens equal one synchronous rank's, chunked prefill included."""
+    import json
+    import os
+    import tempfile
+
+    from tests.test_all2all import free_port, spawn_ranks
+
+    sync = make_llm(checkpoint, False, max_num_batched_tokens=16)
+    want = sync.generate([{"prompt_token_ids": p} for p, _ in TP_REQUESTS], [sp for _, sp in TP_REQUESTS])
+    with tempfile.TemporaryDirectory() as d:
+        ctx = spawn_ranks(_tp_worker, (2, free_port(), checkpoint, d), 2, 120, "TP ranks")
+        path = os.path.join(d, "tokens.json")
+        assert os.path.exists(path), f"TP rank 0 crashed (exit code {ctx.processes[0].exitcode})"
+        with open(path) as f:
+            got = json.load(f)
+    assert got["overlapped"] > 0
+    assert [got["tokens"][str(i)] for i in range(len(TP_REQUESTS))] == [o.outputs[0].token_ids for o in want]
+
+
 def test_fill_placeholders() -> None:
     import numpy as np
 

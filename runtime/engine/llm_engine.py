@@ -102,6 +102,7 @@ class LLMEngine:
             cuda_graph_max_batch=graph_max,
             plan_group=parallel.tp_cpu_group if tp_size > 1 else None,
             plan_src=parallel.tp_src if tp_size > 1 else 0,
+            tp_group=parallel.tp_group if tp_size > 1 else None,
         )
         if self.use_triton and self.device.type == "cuda":
             t0 = time.perf_counter()
@@ -117,14 +118,13 @@ class LLMEngine:
         self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
-        # --async-scheduling (runtime/engine/async_step.py), with TP 1 only: a TP peer would need the sampled
-        # tokens that only TP rank 0 has. Not with --lockstep-lookahead either: its estimate of the next step
-        # is made while a step runs, from the host's view of the step before
+        # --async-scheduling (runtime/engine/async_step.py); not with --lockstep-lookahead: its estimate of the
+        # next step is made while a step runs, from the host's view of the step before
         lookahead = parallel is not None and parallel.is_ep and config.lockstep_lookahead
-        self.async_scheduling = config.async_scheduling and tp_size == 1 and not lookahead
-        if config.async_scheduling and not self.async_scheduling:
-            logger.info("rank %d: --async-scheduling is off here (%s): steps run synchronously", self.rank,
-                        "--lockstep-lookahead" if lookahead else "tensor parallel")
+        self.async_scheduling = config.async_scheduling and not lookahead
+        if config.async_scheduling and lookahead:
+            logger.info("rank %d: --async-scheduling is off with --lockstep-lookahead: steps run synchronously",
+                        self.rank)
         self._pending: PendingStep | None = None  # the step in flight whose tokens are not read yet
         self.num_overlapped_steps = 0  # steps queued while the previous one's tokens were still unread
         self.num_steps = 0

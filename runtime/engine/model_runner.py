@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from models.forward_batch import AttentionBackend, ForwardBatch
 from runtime.engine.async_step import fill_placeholders
@@ -45,13 +46,14 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,  # 0 = eager only
         plan_group: Any = None,  # TP > 1: the TP group's gloo group; TP rank 0 broadcasts each step's plan on it
         plan_src: int = 0,  # global rank of TP rank 0
+        tp_group: Any = None,  # TP > 1: the TP device group; async scheduling broadcasts sampled tokens on it
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.attn_backend = attn_backend
-        self.plan_group, self.plan_src = plan_group, plan_src
+        self.plan_group, self.plan_src, self.tp_group = plan_group, plan_src, tp_group
         spec = model.kv_cache_spec()  # this TP rank's KV heads
         # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]; zeros so stale slots are never NaN
         self.kv_cache = torch.zeros(
@@ -149,6 +151,8 @@ class ModelRunner:
         prev_token_ids: the sampled tokens [m] (device) of the step in flight, which the batch's placeholder
         ids stand for (async scheduling, TP=1 only)."""
         plan = self.plan(batch, pad_to)
+        if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
+            plan.num_prev_tokens = prev_token_ids.shape[0]
         self._send(plan)
         return self.run(plan, extra_rows, prev_token_ids)
 
@@ -201,8 +205,12 @@ class ModelRunner:
         prepared = self.prepare(plan)
         fb = prepared.forward_batch
         input_ids = prepared.input_ids
-        if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
-            # the previous step's tokens, on the device
+        if plan.num_prev_tokens:  # placeholders: the previous step's tokens go in on the device
+            if self.plan_group is not None:  # TP: only TP rank 0 sampled them
+                if prev_token_ids is None:
+                    prev_token_ids = torch.empty(plan.num_prev_tokens, dtype=torch.int64, device=self.device)
+                dist.broadcast(prev_token_ids, self.plan_src, group=self.tp_group)
+            assert prev_token_ids is not None
             input_ids = fill_placeholders(input_ids, prev_token_ids, plan.i64[: plan.num_tokens])
         num_padded = input_ids.shape[0]
         if self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
