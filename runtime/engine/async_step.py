@@ -12,8 +12,9 @@ blocks are hashed over real tokens only (the placeholder is never inside a commi
 
 A sequence whose next token needs the host's view of its previous one falls back: a step that holds one
 first reads the pending step's tokens (the device idles for that step, as in the synchronous engine) and is
-itself read before the next one is planned (needs_host_tokens). Tensor parallelism and expert-parallel
-lockstep run synchronously (LLMEngine.async_scheduling says why).
+itself read before the next one is planned (needs_host_tokens). Under tensor parallelism TP rank 0 broadcasts
+the pending step's tokens to its peers on the TP device group before the forward (no host sync either).
+Expert-parallel lockstep plans step s+1 while step s runs too; with --lockstep-lookahead it stays synchronous.
 """
 
 from __future__ import annotations

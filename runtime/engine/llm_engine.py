@@ -3,6 +3,8 @@
 A free-running rank calls step(). Under expert-parallel lockstep the coordinator splits it:
 schedule() plans the next batch and reports its size, execute(pad_to) runs it padded to the size
 every rank agreed on, or a dummy step of that size when this rank has nothing to do.
+With --async-scheduling execute() returns the previous step's outputs, read once this step is queued on the
+device (runtime/engine/async_step.py); drain() reads a pending step that no step follows.
 """
 
 from __future__ import annotations
