@@ -244,7 +244,8 @@ class LLMEngine:
             return self._collect(pending)  # nothing new to run: only the pending step's tokens
         self.num_steps += 1
         if batch is not None and any(s.is_finished for s in batch.seqs):
-            # aborted between schedule() and execute(): drop them; padding keeps the agreed size
+            # aborted between schedule() and execute() (or ended by the step just read): drop them; padding
+            # keeps the agreed size
             kept = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
             batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept]) if kept else None
             pad_to = pad_to or sum(n for _, n in kept)
