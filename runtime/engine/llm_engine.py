@@ -128,6 +128,7 @@ class LLMEngine:
             logger.info("rank %d: --async-scheduling is off with --lockstep-lookahead: steps run synchronously",
                         self.rank)
         self._pending: PendingStep | None = None  # the step in flight whose tokens are not read yet
+        self._host_token_requests: set[str] = set()  # ids of the requests whose steps run synchronously
         self.num_overlapped_steps = 0  # steps queued while the previous one's tokens were still unread
         self.num_steps = 0
         self.num_dummy_steps = 0
@@ -202,6 +203,8 @@ class LLMEngine:
         if req.params.prompt_logprobs is not None:
             seq.prompt_logprobs = []  # sent (filled) with the first output token, also for a 1-token prompt
         self.requests[req.request_id] = seq
+        if needs_host_tokens(req.params):
+            self._host_token_requests.add(req.request_id)
         self.scheduler.add(seq)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -210,6 +213,7 @@ class LLMEngine:
             if seq is not None and not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
             self.structured.release(rid)
+            self._host_token_requests.discard(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._pending is not None
@@ -238,7 +242,7 @@ class LLMEngine:
         batch, self._planned = self._planned, None
         pending, self._pending = self._pending, None
         outputs: list[TokenDelta] = []
-        if pending is not None and batch is not None and any(needs_host_tokens(s.params) for s in batch.seqs):
+        if pending is not None and batch is not None and self._needs_host_tokens(batch):
             outputs, pending = self._collect(pending), None  # this step samples on the host's view of them
         if batch is None and pending is not None and pad_to is None:
             return self._collect(pending)  # nothing new to run: only the pending step's tokens
@@ -270,7 +274,7 @@ class LLMEngine:
             self.num_overlapped_steps += 1
             outputs += self._collect(pending)
         if step is not None:
-            if self.async_scheduling and not any(needs_host_tokens(s.params) for s in batch.seqs):
+            if self.async_scheduling and not self._needs_host_tokens(batch):
                 self._pending = step  # read by the next execute(), once the step after it is queued
             else:
                 outputs += self._collect(step)
@@ -288,6 +292,10 @@ class LLMEngine:
         """The pending step's outputs, read now (async scheduling, when no step follows it yet)."""
         pending, self._pending = self._pending, None
         return self._collect(pending) if pending is not None else []
+
+    def _needs_host_tokens(self, batch: ScheduledBatch) -> bool:
+        ids = self._host_token_requests
+        return bool(ids) and any(s.request_id in ids for s in batch.seqs)
 
     def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingStep | None:
         """Queues sampling for the sequences whose last token this step computes; nothing is read back."""
@@ -347,6 +355,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
                 self.structured.release(seq.request_id)
+                self._host_token_requests.discard(seq.request_id)
             elif seq.status == Status.RUNNING:  # (not preempted meanwhile) a block that ended in the placeholder
                 self.block_manager.commit(seq, len(seq) - 1 if seq.token_ids[-1] < 0 else None)
             deltas.append(
