@@ -146,7 +146,9 @@ def test_seeded_sampling_and_logprobs(checkpoint: str) -> None:
             assert lw.keys() == lg.keys() and all(abs(lw[t] - lg[t]) < 1e-5 for t in lw)
 
 
-def test_fallback_requests_mixed_in(checkpoint: str) -> None:
+def test_host_token_requests_mixed_in(checkpoint: str) -> None:
+    """A grammar, penalties and bad words read the previous token on the host before sampling: their steps read
+    the step in flight's tokens early (after queuing the forward); prompt logprobs are read within their step."""
     from runtime.structured_output import GrammarCompiler
 
     sync = make_llm(checkpoint, False)
@@ -155,22 +157,25 @@ def test_fallback_requests_mixed_in(checkpoint: str) -> None:
     params = [
         SamplingParams(temperature=0, max_tokens=24),
         SamplingParams(temperature=0, max_tokens=40, grammar=compiler("regex", r"[a-c]{2,6}")),
-        SamplingParams(temperature=0, max_tokens=18, repetition_penalty=1.3, presence_penalty=0.5),
-        SamplingParams(temperature=0, max_tokens=30),
+        SamplingParams(temperature=0, max_tokens=18, repetition_penalty=1.3, presence_penalty=0.5,
+                       frequency_penalty=0.3),
+        SamplingParams(temperature=0.7, seed=9, max_tokens=30, grammar=compiler("choice", ["alpha", "beta"])),
         SamplingParams(temperature=0, max_tokens=10, bad_words_token_ids=[[5, 6]], prompt_logprobs=1),
     ]
     want = sync.generate(batch, params)
     overlapped = make_llm(checkpoint, True)
     got = overlapped.generate(batch, params)
     assert results(got) == results(want)
-    assert got[1].outputs[0].finish_reason == "stop"  # the grammar ended it
-    # the grammar request ends within a few steps; the plain ones run on, overlapped, after it
+    assert got[1].outputs[0].finish_reason == "stop" and got[3].outputs[0].text in ("alpha", "beta")
+    assert got[4].prompt_logprobs is not None and len(got[4].prompt_logprobs) == len(batch[4]["prompt_token_ids"])
+    for lw, lg in zip(want[4].prompt_logprobs[1:], got[4].prompt_logprobs[1:]):
+        assert lw.keys() == lg.keys() and all(abs(lw[t] - lg[t]) < 1e-5 for t in lw)
     assert overlapped.engine.num_overlapped_steps > 0
     assert_no_leak(overlapped)
-    # only fallback requests: no step overlaps
-    only = make_llm(checkpoint, True)
-    assert results(only.generate(batch[2:3], params[2:3])) == results(want[2:3])
-    assert only.engine.num_overlapped_steps == 0
+    # penalties alone (the output history on the host every step): still overlapped, same tokens
+    alone = make_llm(checkpoint, True)
+    assert results(alone.generate(batch[2:3], params[2:3])) == results(want[2:3])
+    assert alone.engine.num_overlapped_steps > 0
 
 
 class _Timed:

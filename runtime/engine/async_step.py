@@ -10,11 +10,14 @@ runs the finish checks. A sequence that ended at step s has its step s+1 token d
 freed at once, which is safe because every later step runs after step s+1 on the same stream. Prefix-cache
 blocks are hashed over real tokens only (the placeholder is never inside a committed block).
 
-A sequence whose next token needs the host's view of its previous one falls back: a step that holds one
-first reads the pending step's tokens (the device idles for that step, as in the synchronous engine) and is
-itself read before the next one is planned (needs_host_tokens). Under tensor parallelism TP rank 0 broadcasts
-the pending step's tokens to its peers on the TP device group before the forward (no host sync either).
-Expert-parallel lockstep plans step s+1 while step s runs too; with --lockstep-lookahead it stays synchronous.
+A request whose sampling needs the host's view of its previous token (a grammar, penalties, bad words:
+needs_host_tokens) costs overlap only partly: a step holding one queues its forward with the placeholders
+filled on the device as always, then reads the previous step's tokens (the device runs the forward
+meanwhile), then builds its masks and samples. A step with prompt logprobs reads them on the host, which
+waits for its forward: the device idles after that step, as in the synchronous engine. Under tensor
+parallelism TP rank 0 broadcasts the pending step's tokens to its peers on the TP device group before the
+forward (no host sync either). Expert-parallel lockstep plans step s+1 while step s runs too; with
+--lockstep-lookahead it stays synchronous.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ def placeholder(row: int) -> int:
 
 def needs_host_tokens(params: SamplingParams) -> bool:
     """Whether sampling this request reads its earlier tokens on the host: a grammar matcher advanced by each
-    token, penalties and bad words built from the output so far, prompt logprobs computed on the host."""
+    token, penalties and bad words built from the output so far. A step holding one reads the previous step's
+    tokens once its own forward is queued, before it samples."""
     return (params.grammar is not None or params.repetition_penalty != 1.0 or bool(params.presence_penalty)
-            or bool(params.frequency_penalty) or bool(params.bad_words_token_ids)
-            or params.prompt_logprobs is not None)
+            or bool(params.frequency_penalty) or bool(params.bad_words_token_ids))
 
 
 @dataclass

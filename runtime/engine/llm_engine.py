@@ -241,15 +241,12 @@ class LLMEngine:
         outputs are those of the previous step, whose tokens are read once this one is queued."""
         batch, self._planned = self._planned, None
         pending, self._pending = self._pending, None
-        outputs: list[TokenDelta] = []
-        if pending is not None and batch is not None and self._needs_host_tokens(batch):
-            outputs, pending = self._collect(pending), None  # this step samples on the host's view of them
         if batch is None and pending is not None and pad_to is None:
             return self._collect(pending)  # nothing new to run: only the pending step's tokens
         self.num_steps += 1
+        outputs: list[TokenDelta] = []
         if batch is not None and any(s.is_finished for s in batch.seqs):
-            # aborted between schedule() and execute() (or ended by the step just read): drop them; padding
-            # keeps the agreed size
+            # aborted between schedule() and execute(): drop them; padding keeps the agreed size
             kept = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
             batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept]) if kept else None
             pad_to = pad_to or sum(n for _, n in kept)
@@ -268,13 +265,18 @@ class LLMEngine:
             logits = self.runner.execute(batch, pad_to or 0, prev_token_ids=prev_token_ids)
         if on_launched is not None:
             on_launched()
+        if pending is not None:
+            self.num_overlapped_steps += 1
+            if self._needs_host_tokens(batch):
+                # its sampling reads the host's view of the previous step's tokens: read them now, while the
+                # forward runs (a sequence they end is sampled for nothing, and skipped below)
+                outputs, pending = self._collect(pending), None
         step = self._sample(batch, logits)
         self._advance(batch, step)
         if pending is not None:
-            self.num_overlapped_steps += 1
             outputs += self._collect(pending)
         if step is not None:
-            if self.async_scheduling and not self._needs_host_tokens(batch):
+            if self.async_scheduling:
                 self._pending = step  # read by the next execute(), once the step after it is queued
             else:
                 outputs += self._collect(step)
@@ -311,6 +313,8 @@ class LLMEngine:
         """The host's view of a queued step: tokens computed, full blocks of real tokens into the prefix cache,
         and a placeholder for each token being sampled, so the next step can be planned now."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:
+                continue  # ended by the previous step's tokens, read early (_needs_host_tokens); blocks freed
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
@@ -321,6 +325,8 @@ class LLMEngine:
         for row, seq in enumerate(step.seqs):
             pos = len(seq)
             step.positions.append(pos)
+            if seq.is_finished:
+                continue  # its token is discarded when read
             if self._ends_anyway(seq, pos + 1):
                 self.scheduler.retire(seq)  # its blocks stay until its token is read
             else:

@@ -9,6 +9,7 @@ tokens do not depend on the batch it runs in, and it resumes its stream after a 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -137,18 +138,20 @@ class Sampler:
         if not rows:
             return logits
         logits = logits.clone()
-        vocab = logits.shape[1]
+        dev = logits.device
         for i in rows:
             p = seqs[i].params
             row = logits[i]
-            output_ids = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=logits.device)
+            # ids and counts on the host: unique() and bincount() on the device would wait for the stream
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(seqs[i].token_ids, dtype=torch.long, device=logits.device).unique()
+                seen = device_tensor(sorted(set(seqs[i].token_ids)), torch.int64, dev)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if output_ids.numel() and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(output_ids, minlength=vocab)[:vocab].to(row.dtype)
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            counts = Counter(seqs[i].output_token_ids)
+            if counts and (p.presence_penalty or p.frequency_penalty):
+                ids = device_tensor(list(counts), torch.int64, dev)
+                num = device_tensor(list(counts.values()), row.dtype, dev)
+                row[ids] -= p.frequency_penalty * num + p.presence_penalty
         return logits
 
     def _apply_token_rules(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -177,7 +180,7 @@ class Sampler:
                 out = seqs[i].output_token_ids
                 banned = [w[-1] for w in p.bad_words_token_ids if len(w) == 1 or out[-(len(w) - 1) :] == w[:-1]]
                 if banned:
-                    logits[i, banned] = float("-inf")
+                    logits[i, device_tensor(banned, torch.int64, logits.device)] = float("-inf")
         return logits
 
     def _mask_early_stop(
