@@ -339,18 +339,26 @@ def test_gpu_async_equal_and_decode_never_syncs(tmp_path: Any) -> None:
     """CUDA graphs + Triton: the same tokens as the synchronous engine, and a decode step never waits for the
     stream (torch's sync debug mode raises on any stream or device sync; the event wait for the previous
     step's tokens is the one wait, and it is no stream sync)."""
+    from runtime.structured_output import GrammarCompiler
+
     path = make_tiny_checkpoint(str(tmp_path / "qwen3moe"), "Qwen3MoeForCausalLM")
-    batch = [p["prompt_token_ids"] for p in prompts((5, 11, 17, 33, 2, 9))]
+    batch = [p["prompt_token_ids"] for p in prompts((5, 11, 17, 33, 2, 9, 6, 8))]
+    compiler = None
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, min_tokens=4),
               SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias={7: 1.0}),
               SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=16, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.2,
+                             frequency_penalty=0.4, bad_words_token_ids=[[9], [3, 4]])]
     runs = []
     for async_scheduling in (False, True):
         llm = LLM(model=path, dtype="float32", device="cuda", block_size=16, kv_cache_memory=64 << 20,
                   async_scheduling=async_scheduling)
+        compiler = compiler or GrammarCompiler(llm.tokenizer, llm.engine.hf_config.vocab_size, [0])
+        if len(params) < len(batch):  # a grammar: its mask goes to the device without a sync too
+            params.append(SamplingParams(temperature=0, max_tokens=40, grammar=compiler("regex", "[a-z]{12,20}")))
         engine = llm.engine
         for i, (p, sp) in enumerate(zip(batch, params)):
             engine.add_request(AddRequest(str(i), p, sp))
