@@ -231,8 +231,8 @@ class EngineConfig:
           help="fp8 / fp8_e4m3: KV cache in FP8 e4m3 with per-tensor scales (twice the tokens per GiB)")
         a("--async-scheduling", action="store_true",
           help="queue each step on the device before the previous step's tokens are read, so the GPU never waits "
-               "on the host between steps (steps holding a request with a grammar, penalties, bad words or "
-               "prompt logprobs run synchronously, and so does --lockstep-lookahead)")
+               "on the host between steps (a step with prompt logprobs runs synchronously, and so does "
+               "--lockstep-lookahead)")
         a("--data-parallel-size", "-dp", type=int, default=1, help="engine ranks, one GPU each")
         a("--enable-expert-parallel", action="store_true",
           help="split the experts of every MoE layer across the ranks (all2all, lockstep steps)")
