@@ -195,23 +195,24 @@ class _Timed:
 def test_host_time_per_step(checkpoint: str) -> None:
     """Prints the host time of a decode step outside the model's own work (forward + logits): on a GPU that is
     the time the device waits per step when synchronous, and what async scheduling overlaps. Not asserted."""
-    batch = prompts((16,) * 32, seed=7)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    for async_scheduling in (False, True):
-        llm = make_llm(checkpoint, async_scheduling)
-        model = llm.engine.runner.model
-        spent = [0.0]
-        model.forward, model.compute_logits = _Timed(model.forward, spent), _Timed(model.compute_logits, spent)
-        llm.generate(batch, params)  # warm up
-        spent[0], steps = 0.0, llm.engine.num_steps
-        t0 = time.perf_counter()
-        llm.generate(batch, params)
-        wall = time.perf_counter() - t0
-        steps = llm.engine.num_steps - steps
-        host_ms = (wall - spent[0]) / steps * 1e3
-        where = "overlapped with the device's step on a GPU" if async_scheduling else "the GPU waits this long"
-        print(f"\nasync_scheduling={async_scheduling}: {steps} steps of 32 sequences, {wall / steps * 1e3:.2f} "
-              f"ms/step, host {host_ms:.2f} ms/step outside forward + logits ({where})")
+    for num_seqs in (1, 64):
+        batch = prompts((16,) * num_seqs, seed=7)
+        for async_scheduling in (False, True):
+            llm = make_llm(checkpoint, async_scheduling, max_num_seqs=64)
+            model = llm.engine.runner.model
+            spent = [0.0]
+            model.forward, model.compute_logits = _Timed(model.forward, spent), _Timed(model.compute_logits, spent)
+            llm.generate(batch, params)  # warm up
+            spent[0], steps = 0.0, llm.engine.num_steps
+            t0 = time.perf_counter()
+            llm.generate(batch, params)
+            wall = time.perf_counter() - t0
+            steps = llm.engine.num_steps - steps
+            host_ms = (wall - spent[0]) / steps * 1e3
+            where = "overlapped with the device's step on a GPU" if async_scheduling else "the GPU waits this long"
+            print(f"\nB={num_seqs} async_scheduling={async_scheduling}: {steps} steps, {wall / steps * 1e3:.2f} "
+                  f"ms/step, host {host_ms:.2f} ms/step outside forward + logits ({where})")
 
 
 @pytest.mark.slow
