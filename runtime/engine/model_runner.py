@@ -149,7 +149,7 @@ class ModelRunner:
         """Runs one step; returns fp32 logits [num_sampled_seqs, vocab], and with extra_rows (flat token rows,
         for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size].
         prev_token_ids: the sampled tokens [m] (device) of the step in flight, which the batch's placeholder
-        ids stand for (async scheduling, TP=1 only)."""
+        ids stand for (async scheduling; TP peers get them broadcast in run())."""
         plan = self.plan(batch, pad_to)
         if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
             plan.num_prev_tokens = prev_token_ids.shape[0]
