@@ -35,8 +35,8 @@ class SampledTokens:
     the next step can be queued before they are read (async scheduling)."""
 
     token_ids: torch.Tensor  # [num_seqs] int64
-    logprob_rows: list[int]  # rows that asked for logprobs, and how many top entries each wants
-    top_n: list[int]
+    logprob_rows: list[int]  # rows that asked for logprobs
+    top_n: list[int]  # how many top entries each of them wants
     chosen_logprobs: torch.Tensor | None = None  # [len(logprob_rows)] fp32
     top_ids: torch.Tensor | None = None  # [len(logprob_rows), max(top_n)] int64
     top_logprobs: torch.Tensor | None = None  # [len(logprob_rows), max(top_n)] fp32
