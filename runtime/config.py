@@ -50,6 +50,7 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | triton
     max_cudagraph_batch_size: int | None = None
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3
+    async_scheduling: bool = False  # plan and queue step s+1 before step s's tokens are read (engine/async_step.py)
     # parallelism
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
@@ -244,6 +245,10 @@ class EngineConfig:
           help="largest decode batch captured as a CUDA graph (default: --max-num-seqs)")
         a("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
           help="fp8 / fp8_e4m3: KV cache in FP8 e4m3 with per-tensor scales (twice the tokens per GiB)")
+        a("--async-scheduling", action="store_true",
+          help="queue each step on the device before the previous step's tokens are read, so the GPU never waits "
+               "on the host between steps (a step with prompt logprobs runs synchronously, and so does "
+               "--lockstep-lookahead)")
         a("--data-parallel-size", "-dp", type=int, default=1, help="engine ranks, one GPU each")
         a("--enable-expert-parallel", action="store_true",
           help="split the experts of every MoE layer across the ranks (all2all, lockstep steps)")
