@@ -342,7 +342,7 @@ def test_hung_rank_is_killed_and_the_group_restarts(checkpoint: str) -> None:
         assert results == [(expected[i], MAX_TOKENS) for i in range(8)]
         print(f"\nhang_recovery_s={max(times) - t_stop:.2f} (SIGSTOP of one rank -> last answer complete)")
         log = srv.log()
-        assert re.search(r"engine rank \d silent for [\d.]+ s: cluster degraded", log), log[-3000:]
+        assert re.search(r"engine rank \d (silent|no progress) for [\d.]+ s: cluster degraded", log), log[-3000:]
         assert re.search(r"engine rank \d \(pid \d+\) silent for \d+ s \(--engine-hang-timeout 4\): killing it", log), \
             log[-3000:]
         assert srv.metrics()["moe_engine_restarts_total"] == 1
