@@ -77,6 +77,7 @@ def paged_attention_prefill_ref(
     max_seqlen_q: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    tile_map: torch.Tensor | None = None,  # [num_tiles, 2] (row, q block); only tokens of listed tiles are computed
 ) -> torch.Tensor:
     out = torch.zeros_like(q)
     cu = cu_seqlens_q.tolist()
@@ -88,7 +89,22 @@ def paged_attention_prefill_ref(
         k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
         v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
         out[start:end] = attend(q[start:end], k, v, scale)
+    if tile_map is not None:  # as the kernel: a token no tile covers stays zero
+        tile_q = prefill_tile_q(q.shape[1], k_cache.shape[2], q.shape[2])
+        covered = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        for b, qb in tile_map.tolist():
+            if b >= 0:
+                covered[cu[b] + qb * tile_q : min(cu[b] + (qb + 1) * tile_q, cu[b + 1])] = True
+        out[~covered] = 0
     return out
+
+
+def prefill_tile_q(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Query tokens per prefill program (BLOCK_M // PACK of paged_attention_prefill): the unit of a tile map."""
+    group = num_heads // num_kv_heads
+    block_m = 128 if triton.next_power_of_2(head_dim) <= 128 else 64
+    pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
+    return block_m // pack
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -158,6 +174,7 @@ def _prefill_kernel(
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -165,6 +182,11 @@ def _prefill_kernel(
     qb = tl.program_id(0)
     b = tl.program_id(1)
     head0 = tl.program_id(2) * PACK
+    if TILE_MAP:  # a fixed grid (CUDA graphs): program (t, 0, h) runs tile t = (row, q block); row -1: no tile
+        b = tl.load(tile_map_ptr + 2 * qb)
+        qb = tl.load(tile_map_ptr + 2 * qb + 1)
+        if b < 0:
+            return
     kvh = head0 // GROUP
     q_start = tl.load(cu_seqlens_ptr + b)
     q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
@@ -259,18 +281,24 @@ def paged_attention_prefill(
     max_seqlen_q: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    tile_map: torch.Tensor | None = None,  # [num_tiles, 2] int32 (row, q block), row -1 = none: a fixed grid
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
+    if tile_map is not None and (tile_map.dim() != 2 or tile_map.shape[1] != 2 or tile_map.dtype != torch.int32
+                                 or not tile_map.is_contiguous()):
+        raise ValueError(f"tile_map must be contiguous int32 [num_tiles, 2], got {tile_map.dtype} "
+                         f"{tuple(tile_map.shape)}")
     if cu_seqlens_q.shape != (batch + 1,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} / block_tables "
                          f"{tuple(block_tables.shape)} do not match batch {batch}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
     out = torch.zeros_like(q)  # tokens past cu_seqlens_q[-1] (padding) stay zero
-    if batch == 0 or max_seqlen_q == 0 or num_tokens == 0:
+    if batch == 0 or num_tokens == 0 or (tile_map is None and max_seqlen_q == 0) or (
+            tile_map is not None and tile_map.shape[0] == 0):
         return out
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
@@ -278,6 +306,12 @@ def paged_attention_prefill(
     block_n = 64 if block_d <= 128 else 32
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
     grid = (triton.cdiv(max_seqlen_q, block_m // pack), batch, num_heads // pack)
+    tiles: dict = {}
+    if tile_map is not None:  # the grid no longer depends on max_seqlen_q or the batch: one program per tile
+        if block_m // pack != prefill_tile_q(num_heads, num_kv_heads, head_dim):
+            raise ValueError("tile map unit (prefill_tile_q) differs from the kernel's BLOCK_M // PACK")
+        grid = (tile_map.shape[0], 1, num_heads // pack)
+        tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
     _prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * k_scale * _LOG2E, v_scale,
@@ -285,6 +319,6 @@ def paged_attention_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_d >= 128 else 4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_d >= 128 else 4, num_stages=3, **tiles,
     )
     return out

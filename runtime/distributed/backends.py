@@ -42,5 +42,6 @@ def make_backend(config: EngineConfig, parallel: ParallelState, num_experts: int
     # goes at most once to each rank), so this default never needs a second round; a smaller
     # --expert-token-capacity bounds each collective's message at the price of more rounds
     return create_backend(name, parallel, num_experts, config.expert_token_capacity or mnbt, stats,
-                          static_max_tokens=config.cuda_graph_max_batch(parallel.device),
+                          static_max_tokens=max(config.cuda_graph_max_batch(parallel.device),
+                                                config.mixed_cudagraph_tokens(parallel.device)),
                           fp8_dispatch=config.all2all_fp8_dispatch)

@@ -19,7 +19,7 @@ from runtime.config import ConfigError, EngineConfig
 AGREED_FIELDS = (
     "data_parallel_size", "enable_expert_parallel", "expert_token_capacity", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "block_size", "dtype", "quantization", "kernel_backend",
-    "enforce_eager", "max_cudagraph_batch_size", "device", "tensor_parallel_size",
+    "enforce_eager", "max_cudagraph_batch_size", "device", "tensor_parallel_size", "max_mixed_cudagraph_tokens",
 )
 KEY = "moe-rt/config-agreement"
 
