@@ -178,3 +178,81 @@ def test_lockstep_pads_every_step_to_the_agreed_bucket(checkpoint, plain):
     padded, steps = _staggered(checkpoint, [8, 16, 32], pad_to=32)
     assert padded == plain
     assert all(n == 32 and bucketed for n, bucketed, _, _ in steps)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,group", [(128, 8), (128, 4), (64, 6)])
+def test_tile_map_prefill_gpu(head_dim, group):
+    # real sizes: a 2k chunk, long-context decode rows, a first chunk, padding rows and tokens
+    torch.manual_seed(4)
+    kv_heads, block_size = 4, 16
+    q_lens = [1, 2048, 1, 300, 1, 77] + [0] * 10
+    seq_lens = [4000, 3000, 17, 300, 1, 1100] + [0] * 10
+    blocks = [-(-s // block_size) for s in seq_lens]
+    tables = torch.zeros(len(q_lens), max(blocks), dtype=torch.int32)
+    perm, at = torch.randperm(sum(blocks) + 1), 0
+    for b, n in enumerate(blocks):
+        tables[b, :n] = perm[at : at + n]
+        at += n
+    shape = (sum(blocks) + 1, block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    num_tokens = 4096  # the bucket
+    q = torch.randn(num_tokens, kv_heads * group, head_dim, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device="cuda")
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    tiles = _tiles(np.array(q_lens), lens.cpu(), prefill_tile_q(kv_heads * group, kv_heads, head_dim), num_tokens)
+    args = (q, k_cache, v_cache, cu, lens, tables.cuda(), head_dim**-0.5)
+    ref = paged_attention_prefill(*args, max(q_lens))  # the eager grid
+    out = paged_attention_prefill(*args, 0, tile_map=tiles.cuda())
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-3  # the same programs, placed
+    assert out[int(cu[-1]) :].abs().max() == 0
+    real = int(cu[-1])
+    check = paged_attention_prefill_ref(q[:real], k_cache, v_cache, cu, lens, tables.cuda(), head_dim**-0.5, 2048)
+    assert ((out[:real].float() - check.float()).norm() / check.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mixed_graphs_match_eager(tmp_path):
+    # prompts arriving while others decode, chunked: mixed steps replayed from their bucket's CUDA graph give
+    # the greedy tokens of the same steps run eagerly
+    from runtime import LLM, SamplingParams
+    from runtime.messages import AddRequest
+    from tests.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path / "qwen3moe"), "Qwen3MoeForCausalLM")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 300, 1, 40, 130, 9, 17)]
+
+    def run(**kw) -> tuple[dict, int]:
+        llm = LLM(model=path, dtype="float32", device="cuda", block_size=16, kv_cache_memory=64 << 20,
+                  max_num_seqs=8, max_num_batched_tokens=256, **kw)
+        engine, mixed = llm.engine, llm.engine.runner.mixed
+        replays = []
+        if mixed is not None and mixed.captured:
+            replay = mixed.replay
+
+            def counting_replay(input_ids, positions, fb):
+                replays.append(input_ids.shape[0])
+                return replay(input_ids, positions, fb)
+
+            mixed.replay = counting_replay
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        tokens: dict[str, list[int]] = {}
+        step = 0
+        while step < 2 * len(prompts) or engine.has_unfinished():
+            if step % 2 == 0 and step // 2 < len(prompts):
+                engine.add_request(AddRequest(f"r{step // 2}", prompts[step // 2], params))
+            for delta in engine.step():
+                tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+            step += 1
+        return tokens, len(set(replays))
+
+    eager, _ = run(enforce_eager=True)
+    decode_graphs_only, _ = run(max_mixed_cudagraph_tokens=0)
+    graphs, num_buckets = run()
+    assert num_buckets >= 2  # several buckets replayed
+    assert graphs == eager == decode_graphs_only
