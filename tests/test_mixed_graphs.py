@@ -116,7 +116,7 @@ def checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qwen3moe"), "Qwen3MoeForCausalLM")
 
 
-def _staggered(path: str, buckets: list[int] | None, pad_to: int = 0) -> tuple[dict, list]:
+def _staggered(path: str, buckets: list[int] | None, pad_to: int = 0) -> tuple[dict, list, object]:
     """Greedy tokens of prompts arriving one every two steps while the others decode (chunked prefill of 24
     tokens a step): most steps mix decodes and a prompt's chunk. buckets: run mixed steps padded to these
     token buckets (the CUDA-graph layout, eagerly); pad_to: every step padded to this agreed size (lockstep)."""
@@ -153,18 +153,18 @@ def _staggered(path: str, buckets: list[int] | None, pad_to: int = 0) -> tuple[d
                 tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
         step += 1
     assert engine.block_manager.num_used_blocks == 0
-    return tokens, steps
+    return tokens, steps, runner
 
 
 @pytest.fixture(scope="module")
 def plain(checkpoint):
-    tokens, steps = _staggered(checkpoint, None)
+    tokens, steps, _ = _staggered(checkpoint, None)
     assert not any(bucketed for _, bucketed, _, _ in steps)
     return tokens
 
 
 def test_mixed_steps_through_buckets_give_the_same_greedy_tokens(checkpoint, plain):
-    bucketed, steps = _staggered(checkpoint, [8, 16, 32])
+    bucketed, steps, _ = _staggered(checkpoint, [8, 16, 32])
     assert bucketed == plain and all(len(t) == 12 for t in plain.values())
     mixed = [s for s in steps if s[1]]
     assert any(decodes and prefills for _, _, decodes, prefills in mixed)  # decodes and a chunk in one bucket
@@ -175,9 +175,11 @@ def test_mixed_steps_through_buckets_give_the_same_greedy_tokens(checkpoint, pla
 def test_lockstep_pads_every_step_to_the_agreed_bucket(checkpoint, plain):
     # an EP rank runs the size all ranks agreed on: a decode step padded to a mixed bucket runs the mixed
     # layout (the other rank may replay that bucket's graph), a mixed step runs exactly that bucket
-    padded, steps = _staggered(checkpoint, [8, 16, 32], pad_to=32)
+    padded, steps, runner = _staggered(checkpoint, [8, 16, 32], pad_to=32)
     assert padded == plain
     assert all(n == 32 and bucketed for n, bucketed, _, _ in steps)
+    # the size every rank pads to: the smallest bucket that holds the step (no decode graphs on the CPU)
+    assert (runner.padded_size(3), runner.padded_size(17), runner.padded_size(33)) == (8, 32, 33)
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -79,7 +79,7 @@ class ModelRunner:
         starts = np.array([s.num_computed_tokens for s in batch.seqs], dtype=np.int64)
         num_tokens = int(q_lens.sum())
         is_decode = batch.is_decode and num_seqs > 0
-        mixed = self._mixed_bucket(num_tokens, pad_to, is_decode)  # 0: not a bucketed mixed step
+        mixed = self._mixed_bucket(num_tokens, num_seqs, pad_to, is_decode)  # 0: not a bucketed mixed step
         is_decode = is_decode and not mixed
         pad = max(0, (mixed or pad_to) - num_tokens)
         # padding: decode rows are sequences of length 0; a prefill gets one padding sequence with no KV; a
@@ -200,19 +200,23 @@ class ModelRunner:
         mixed = self.mixed.bucket(num_tokens) if self.mixed is not None else None
         return min((b for b in (bucket, mixed) if b is not None), default=num_tokens)
 
-    def _mixed_bucket(self, num_tokens: int, pad_to: int, is_decode: bool) -> int:
+    def _mixed_bucket(self, num_tokens: int, num_seqs: int, pad_to: int, is_decode: bool) -> int:
         """The bucket a step is planned at in the mixed layout (0: not bucketed). Alone, a step with a prefill
-        takes the smallest bucket that holds it. Under lockstep (pad_to: the size every rank agreed on, from
-        padded_size) it must run exactly pad_to tokens: a bucket of that size, unless a decode graph of that
-        size runs a pure decode step; otherwise it stays eager."""
+        (or a decode no decode graph holds) takes the smallest bucket that holds it. Under lockstep (pad_to: the
+        size every rank agreed on, from padded_size) it must run exactly pad_to tokens: a bucket of that size,
+        unless a decode graph of that size runs a pure decode step; otherwise it stays eager."""
         if self.mixed is None or num_tokens == 0:
             return 0
         if pad_to <= 0:
-            return 0 if is_decode else self.mixed.bucket(num_tokens) or 0
-        size = max(pad_to, num_tokens)
-        if size not in self.mixed.sizes or (is_decode and self.graphs is not None and self.graphs.bucket(size) == size):
-            return 0
-        return size
+            if is_decode and (self.graphs is None or self.graphs.bucket(num_tokens) is not None):
+                return 0
+            size = self.mixed.bucket(num_tokens) or 0
+        else:
+            size = max(pad_to, num_tokens)
+            if size not in self.mixed.sizes or (is_decode and self.graphs is not None
+                                                and self.graphs.bucket(size) == size):
+                return 0
+        return size if size and num_seqs <= self.mixed.rows(size) else 0
 
     def rows_run(self, plan: StepPlan) -> int:
         """Token rows the forward really runs: the CUDA graph's bucket when one is replayed."""
