@@ -90,7 +90,7 @@ def paged_attention_prefill_ref(
         v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
         out[start:end] = attend(q[start:end], k, v, scale)
     if tile_map is not None:  # as the kernel: a token no tile covers stays zero
-        tile_q = prefill_tile_q(q.shape[1], k_cache.shape[2], q.shape[2])
+        tile_q = prefill_tile_q(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.dtype, q.device)
         covered = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
         for b, qb in tile_map.tolist():
             if b >= 0:
@@ -99,8 +99,11 @@ def paged_attention_prefill_ref(
     return out
 
 
-def prefill_tile_q(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
-    """Query tokens per prefill program (BLOCK_M // PACK of paged_attention_prefill): the unit of a tile map."""
+def prefill_tile_q(num_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> int:
+    """Query tokens per prefill program (BLOCK_M // PACK of paged_attention_prefill): the unit of a tile map.
+    Give it what the wrapper's tile config depends on (a tuned per-GPU, per-cache-dtype table may set BLOCK_M);
+    the wrapper checks that a tile map's unit is its own."""
     group = num_heads // num_kv_heads
     block_m = 128 if triton.next_power_of_2(head_dim) <= 128 else 64
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
@@ -182,9 +185,11 @@ def _prefill_kernel(
     qb = tl.program_id(0)
     b = tl.program_id(1)
     head0 = tl.program_id(2) * PACK
-    if TILE_MAP:  # a fixed grid (CUDA graphs): program (t, 0, h) runs tile t = (row, q block); row -1: no tile
-        b = tl.load(tile_map_ptr + 2 * qb)
-        qb = tl.load(tile_map_ptr + 2 * qb + 1)
+    if TILE_MAP:  # a fixed grid (CUDA graphs): program (h, t, 0) runs tile t = (row, q block); row -1: no tile
+        t = tl.program_id(1)
+        head0 = tl.program_id(0) * PACK
+        b = tl.load(tile_map_ptr + 2 * t)
+        qb = tl.load(tile_map_ptr + 2 * t + 1)
         if b < 0:
             return
     kvh = head0 // GROUP
@@ -308,9 +313,9 @@ def paged_attention_prefill(
     grid = (triton.cdiv(max_seqlen_q, block_m // pack), batch, num_heads // pack)
     tiles: dict = {}
     if tile_map is not None:  # the grid no longer depends on max_seqlen_q or the batch: one program per tile
-        if block_m // pack != prefill_tile_q(num_heads, num_kv_heads, head_dim):
+        if block_m // pack != prefill_tile_q(num_heads, num_kv_heads, head_dim, k_cache.dtype, q.device):
             raise ValueError("tile map unit (prefill_tile_q) differs from the kernel's BLOCK_M // PACK")
-        grid = (tile_map.shape[0], 1, num_heads // pack)
+        grid = (num_heads // pack, tile_map.shape[0], 1)
         tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
     _prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,

@@ -56,7 +56,7 @@ def _tiles(q_lens: np.ndarray, seq_lens: torch.Tensor, tile_q: int, num_tokens: 
 def test_tile_map_prefill_matches_reference(case, seed):
     heads, kv_heads, head_dim, block_size, dtype = case
     q, k_cache, v_cache, cu, lens, tables, q_lens = _varlen_batch(seed, heads, kv_heads, head_dim, block_size, dtype)
-    tiles = _tiles(q_lens, lens, prefill_tile_q(heads, kv_heads, head_dim), q.shape[0])
+    tiles = _tiles(q_lens, lens, prefill_tile_q(heads, kv_heads, head_dim, dtype, q.device), q.shape[0])
     assert (tiles[:, 0] == -1).any()  # the fixed grid has programs with nothing to do
     ref = paged_attention_prefill_ref(q, k_cache, v_cache, cu, lens, tables, head_dim**-0.5, int(q_lens.max()))
     # max_seqlen_q 0: with a tile map the grid must not depend on it (a graph captures a stale value)
@@ -70,7 +70,7 @@ def test_tile_map_is_what_runs():
     # a token whose tile is left out stays zero, in the kernel as in the reference (the map drives the grid)
     heads, kv_heads, head_dim, block_size, dtype = CASES[1]
     q, k_cache, v_cache, cu, lens, tables, q_lens = _varlen_batch(3, heads, kv_heads, head_dim, block_size, dtype)
-    tile_q = prefill_tile_q(heads, kv_heads, head_dim)
+    tile_q = prefill_tile_q(heads, kv_heads, head_dim, dtype, q.device)
     tiles = _tiles(q_lens, lens, tile_q, q.shape[0])
     dropped = int(np.nonzero((tiles[:, 0] == 3).numpy() & (tiles[:, 1] == 1).numpy())[0][0])
     tiles[dropped] = torch.tensor([-1, 0])
@@ -128,7 +128,7 @@ def _staggered(path: str, buckets: list[int] | None, pad_to: int = 0) -> tuple[d
               max_num_batched_tokens=24, max_mixed_cudagraph_tokens=0)
     engine, runner = llm.engine, llm.engine.runner
     if buckets:
-        runner.mixed = MixedGraphs(buckets, 6, model_tile_q(runner.model))
+        runner.mixed = MixedGraphs(buckets, 6, model_tile_q(runner.model, runner.kv_cache.dtype, runner.device))
     steps = []  # per step: (tokens run, bucketed, rows with q_len 1, rows with q_len > 1)
     prepare = runner.prepare
 
@@ -205,7 +205,8 @@ def test_tile_map_prefill_gpu(head_dim, group):
     q = torch.randn(num_tokens, kv_heads * group, head_dim, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32, device="cuda")
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    tiles = _tiles(np.array(q_lens), lens.cpu(), prefill_tile_q(kv_heads * group, kv_heads, head_dim), num_tokens)
+    tile_q = prefill_tile_q(kv_heads * group, kv_heads, head_dim, k_cache.dtype, q.device)
+    tiles = _tiles(np.array(q_lens), lens.cpu(), tile_q, num_tokens)
     args = (q, k_cache, v_cache, cu, lens, tables.cuda(), head_dim**-0.5)
     ref = paged_attention_prefill(*args, max(q_lens))  # the eager grid
     out = paged_attention_prefill(*args, 0, tile_map=tiles.cuda())

@@ -51,7 +51,8 @@ def _worker(rank: int, world: int, port: int, model: str, result_dir: str) -> No
     group = dist.new_group(backend="gloo")
     engine, _ = build_engine(config, parallel)
     runner = engine.runner
-    runner.mixed = MixedGraphs(BUCKETS, config.max_num_seqs, model_tile_q(runner.model))  # eager buckets
+    tile_q = model_tile_q(runner.model, runner.kv_cache.dtype, runner.device)
+    runner.mixed = MixedGraphs(BUCKETS, config.max_num_seqs, tile_q)  # eager buckets (no graphs on the CPU)
     bucketed: list[bool] = []
     prepare = runner.prepare
 

@@ -36,10 +36,10 @@ def mixed_graph_sizes(max_tokens: int) -> list[int]:
     return sizes + [max_tokens]
 
 
-def model_tile_q(model: torch.nn.Module) -> int:
-    """The prefill kernel's query tokens per tile for this model's (TP-local) attention heads."""
+def model_tile_q(model: torch.nn.Module, kv_dtype: torch.dtype, device: torch.device) -> int:
+    """The prefill kernel's query tokens per tile for this model's (TP-local) attention heads and KV cache."""
     attn = model.model.layers[0].self_attn  # every architecture here is a DecoderLM
-    return prefill_tile_q(attn.num_heads, attn.num_kv_heads, attn.head_dim)
+    return prefill_tile_q(attn.num_heads, attn.num_kv_heads, attn.head_dim, kv_dtype, device)
 
 
 def fill_tile_map(

@@ -68,7 +68,8 @@ class ModelRunner:
         # mixed steps padded to buckets; captured on the GPU, eager (the same padded plan) where set up without
         self.mixed: MixedGraphs | None = None
         if mixed_graph_tokens > 0:
-            self.mixed = MixedGraphs(mixed_graph_sizes(mixed_graph_tokens), max_num_seqs, model_tile_q(model))
+            tile_q = model_tile_q(model, self.kv_cache.dtype, device)
+            self.mixed = MixedGraphs(mixed_graph_sizes(mixed_graph_tokens), max_num_seqs, tile_q)
             if device.type == "cuda":
                 self.mixed.capture(model, self.kv_caches, attn_backend, self.max_blocks_per_seq, device)
 
