@@ -230,7 +230,7 @@ def test_gpu_mixed_graphs_match_eager(tmp_path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 300, 1, 40, 130, 9, 17)]
 
-    def run(**kw) -> tuple[dict, int]:
+    def run(pad_to: int = 0, **kw) -> tuple[dict, int]:
         llm = LLM(model=path, dtype="float32", device="cuda", block_size=16, kv_cache_memory=64 << 20,
                   max_num_seqs=8, max_num_batched_tokens=256, **kw)
         engine, mixed = llm.engine, llm.engine.runner.mixed
@@ -249,7 +249,12 @@ def test_gpu_mixed_graphs_match_eager(tmp_path):
         while step < 2 * len(prompts) or engine.has_unfinished():
             if step % 2 == 0 and step // 2 < len(prompts):
                 engine.add_request(AddRequest(f"r{step // 2}", prompts[step // 2], params))
-            for delta in engine.step():
+            if not engine.schedule():
+                step += 1
+                continue
+            if pad_to:  # as a lockstep rank: every step at the agreed size, a dummy step of it in between
+                engine.runner.execute_dummy(pad_to)
+            for delta in engine.execute(pad_to=pad_to or None):
                 tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
             step += 1
         return tokens, len(set(replays))
@@ -259,3 +264,5 @@ def test_gpu_mixed_graphs_match_eager(tmp_path):
     graphs, num_buckets = run()
     assert num_buckets >= 2  # several buckets replayed
     assert graphs == eager == decode_graphs_only
+    padded, num_buckets = run(pad_to=256)  # decodes too run in the 256 bucket's graph (no decode graph holds 256)
+    assert num_buckets == 1 and padded == eager
