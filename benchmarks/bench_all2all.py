@@ -11,7 +11,10 @@ kernels/all2all_pack.py): the backend's own cost on top of the transport. Next t
 it: one copy of the same number of bytes (the floor for moving them once through HBM), and the copy
 bandwidth measured now. Routing: uniform random top-k. Steps up to --static-max-tokens run the sparse
 backend's static (CUDA-graph) mode and are timed as graph replays; larger ones its dynamic mode (one host
-read of the counts per call), timed eagerly. Prints one line per row and 'bench_all2all summary' last.
+read of the counts per call), timed eagerly. Backends: allgather; sparse (static blocks of T slots per
+destination: allgather's bytes); sparse_cap (static blocks of C(T) slots, --capacity-factor: C/T of the
+bytes; 'overflow' says whether this rank's own blocks overflowed, which would make the engine re-run the
+step); sparse_fp8 (T slots, FP8 rows). Prints one line per row and 'bench_all2all summary' last.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.distributed.all2all import AllGatherBackend  # noqa: E402
-from runtime.distributed.all2all_sparse import SparseBackend  # noqa: E402
+from runtime.distributed.all2all_sparse import SparseBackend, rank_hit_fraction  # noqa: E402
 from runtime.distributed.parallel import ParallelState  # noqa: E402
 
 
@@ -100,6 +103,8 @@ def bench_row(backend: Any, num_tokens: int, args: argparse.Namespace, device: t
     step()
     num_bytes = backend.bytes_moved
     static = isinstance(backend, SparseBackend) and num_tokens <= backend.static_max_tokens
+    slots = backend.slots(num_tokens, args.top_k) if static else num_tokens
+    overflow = static and backend.overflowed(num_tokens)  # loopback: only this rank's own flag comes back
     graph = static or isinstance(backend, AllGatherBackend)
     us = timer(device, graph)(step)
     src = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
@@ -107,7 +112,8 @@ def bench_row(backend: Any, num_tokens: int, args: argparse.Namespace, device: t
     copy_us = timer(device, True)(lambda: dst.copy_(src))
     hit = torch.zeros(num_tokens, args.ep, dtype=torch.bool, device=device)
     hit.scatter_(1, (ids.long() // (args.experts // args.ep)), True)
-    return {"tokens": num_tokens, "us": us, "bytes": num_bytes, "copy_us": copy_us,
+    return {"tokens": num_tokens, "us": us, "bytes": num_bytes, "copy_us": copy_us, "slots": slots,
+            "overflow": overflow,
             "mode": "static" if static else ("dynamic" if isinstance(backend, SparseBackend) else "fixed"),
             "copy_fraction": copy_us / us, "ranks_hit_mean": hit.sum(1).float().mean().item()}
 
@@ -122,7 +128,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--tokens", default=",".join(str(1 << i) for i in range(13)))
     p.add_argument("--static-max-tokens", type=int, default=512, help="largest CUDA-graph batch (decode)")
-    p.add_argument("--backends", default="allgather,sparse,sparse_fp8")
+    p.add_argument("--backends", default="allgather,sparse,sparse_cap,sparse_fp8")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="sparse_cap: --all2all-capacity-factor")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16
@@ -135,12 +142,14 @@ def main() -> None:
                 backend: Any = LoopbackAllGather(parallel, args.experts, max(tokens))
             else:
                 backend = LoopbackSparse(parallel, args.experts, max(tokens), static_max_tokens=args.static_max_tokens,
-                                         fp8_dispatch=name == "sparse_fp8")
+                                         fp8_dispatch=name == "sparse_fp8",
+                                         capacity_factor=args.capacity_factor if name == "sparse_cap" else 0.0)
             row = {"backend": name, **bench_row(backend, num_tokens, args, device, dtype)}
             rows.append(row)
-            print(f"all2all {name:10s} T={num_tokens:5d} {row['mode']:7s} us={row['us']:9.1f} "
+            print(f"all2all {name:10s} T={num_tokens:5d} {row['mode']:7s} C={row['slots']:5d} us={row['us']:9.1f} "
                   f"MB={row['bytes'] / 1e6:8.3f} copy_us={row['copy_us']:8.1f} "
-                  f"copy/ours={row['copy_fraction']:.2f} ranks_hit={row['ranks_hit_mean']:.2f}", flush=True)
+                  f"copy/ours={row['copy_fraction']:.2f} ranks_hit={row['ranks_hit_mean']:.2f}"
+                  f"{' OVERFLOW' if row['overflow'] else ''}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=1)
@@ -148,6 +157,13 @@ def main() -> None:
     big = max(tokens)
     parts = [f"{b} T={big} {by[(b, big)]['us']:.0f}us copy/ours={by[(b, big)]['copy_fraction']:.2f}"
              for b in args.backends.split(",") if (b, big) in by]
+    static = [t for t in tokens if t <= args.static_max_tokens and ("sparse_cap", t) in by and ("allgather", t) in by]
+    if static:  # the fixed-capacity exchange's bytes next to allgather's at the largest graph size
+        t = max(static)
+        cap, ag = by[("sparse_cap", t)], by[("allgather", t)]
+        parts.append(f"sparse_cap T={t} C={cap['slots']} bytes/allgather={cap['bytes'] / ag['bytes']:.2f} "
+                     f"(uniform hit fraction {rank_hit_fraction(args.experts, args.ep, args.top_k):.2f}) "
+                     f"{cap['us']:.0f}us vs {ag['us']:.0f}us")
     print(f"bench_all2all summary: ep={args.ep} H={args.hidden} k={args.top_k}; " + "; ".join(parts)
           + f"; rows in {args.out}")
 

@@ -8,9 +8,10 @@ gets the same KV as contiguous tensors (no paging) with enable_gqa. Prefill: cau
 sequences, vs SDPA's causal flash path; its floor is the causal FLOPs over the bf16 matmul rate. Prints one
 line per row and 'bench_attention summary' last.
 
---kv-dtypes bf16,fp8 runs decode on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the floor counts the
-bytes of that dtype, and each FP8 row reports its output's error vs the bf16 cache. --extend CHUNK:PREFIX
-rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill of a long prompt).
+--kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
+floor counts the bytes of that dtype, and each FP8 decode row reports its output's error vs the bf16 cache.
+--extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
+of a long prompt).
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8 --extend 8192:122880.
 """
 
@@ -52,7 +53,7 @@ def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):
 
 
 def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits: int | None = None,
-                 fused_merge: bool = True) -> dict:
+                 fused_merge: bool = False) -> dict:
     kv_dtype = KV_DTYPES[kv]
     kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
     num_rot = min(16, -(-(256 << 20) // kv_bytes))  # rotate caches so that replays do not run from L2
@@ -109,19 +110,20 @@ def bench_prefill(batch: int, seq: int, ceil: dict) -> dict:
             "sdpa_frac_mm": floor_us / sdpa_us, "rel_err": err}
 
 
-def bench_extend(chunk: int, prefix: int, ceil: dict) -> dict:
+def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16") -> dict:
     # one sequence: chunk new queries over prefix cached tokens plus themselves (causal)
-    k_cache, v_cache, tables = paged_cache(1, prefix + chunk)
+    k_cache, v_cache, tables = paged_cache(1, prefix + chunk, KV_DTYPES[kv])
     q = torch.randn(chunk, HEADS, HEAD_DIM, device="cuda", dtype=DT)
     cu = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
     lens = torch.tensor([prefix + chunk], device="cuda", dtype=torch.int32)
+    scales = FP8_SCALES if kv == "fp8" else (1.0, 1.0)
     us = triton.testing.do_bench(
-        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk), rep=100,
-        return_mode="median") * 1e3
+        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales),
+        rep=100, return_mode="median") * 1e3
     flops = 4 * HEADS * HEAD_DIM * chunk * (prefix + chunk / 2)
     floor_us = flops / ceil["bf16_tflops"] / 1e6
-    return {"kind": "extend", "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us, "floor_us": floor_us,
-            "frac_mm": floor_us / us, "tflops": flops / us / 1e6}
+    return {"kind": "extend", "kv": kv, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
+            "floor_us": floor_us, "frac_mm": floor_us / us, "tflops": flops / us / 1e6}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -131,7 +133,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    dec = [r for r in rows if r["kind"] == "decode" and r["kv"] == "bf16" and r["merge"] == "fused"]
+    dec = [r for r in rows if r["kind"] == "decode" and r["kv"] == "bf16"]
+    dec = [r for r in dec if r["merge"] == dec[0]["merge"]] if dec else []  # one merge mode: the first timed
     for ctx in sorted({r["ctx"] for r in dec}):
         rs = [r for r in dec if r["ctx"] == ctx]
         a1.plot([r["B"] for r in rs], [r["frac_bw"] for r in rs], "o-", label=f"ctx {ctx}")
@@ -156,7 +159,8 @@ def main() -> None:
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
     ap.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
     ap.add_argument("--num-splits", type=int, default=None, help="decode split-K count (default: the heuristic)")
-    ap.add_argument("--decode-merge", default="fused", help="comma list of fused (one launch), separate (two)")
+    ap.add_argument("--decode-merge", default="separate",
+                    help="comma list of separate (two launches: the kernels' default), fused (one launch)")
     ap.add_argument("--extend", default="", help="comma list of CHUNK:PREFIX, e.g. 8192:122880")
     ap.add_argument("--no-prefill", action="store_true", help="skip the causal prefill rows")
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b", help="attention heads of this model")
@@ -180,11 +184,11 @@ def main() -> None:
                       f"floor_us={r['floor_us']:8.1f} frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} "
                       f"sdpa_us={sd}{err}", flush=True)
                 torch.cuda.empty_cache()
-    for spec in filter(None, args.extend.split(",")):
+    for spec, kv in ((s, kv) for s in filter(None, args.extend.split(",")) for kv in args.kv_dtypes.split(",")):
         chunk, prefix = map(int, spec.split(":"))
-        r = bench_extend(chunk, prefix, ceil)
+        r = bench_extend(chunk, prefix, ceil, kv)
         rows.append(r)
-        print(f"attn extend chunk={chunk} prefix={prefix} us={r['us']:9.1f} floor_us={r['floor_us']:9.1f} "
+        print(f"attn extend kv={kv} chunk={chunk} prefix={prefix} us={r['us']:9.1f} floor_us={r['floor_us']:9.1f} "
               f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}", flush=True)
         torch.cuda.empty_cache()
     for batch, seq in () if args.no_prefill else ((1, 1024), (1, 4096), (1, 8192), (4, 2048), (1, 16384)):

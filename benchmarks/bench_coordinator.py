@@ -7,7 +7,10 @@ Model: Qwen3-30B-A3B shapes (dummy weights), --layers of them. B sequences decod
   free      the engine rank loop with outputs over ZMQ, the coordinator only routing (dense / no-EP mode);
   lockstep  the same with the coordinator clocking every step (StepReport -> StepCommand round trip);
   lookahead lockstep with --lockstep-lookahead (the next step's report sent while this one runs);
-  dummy     execute(pad_to=B) with nothing planned: the lockstep filler, same CUDA-graph bucket.
+  dummy     execute(pad_to=B) with nothing planned: the lockstep filler, same bucket, its own CUDA graph
+            (per MoE layer: dispatch an all-padding batch, local experts on what arrives, combine; one rank
+            here, so the all2all is the local no-op and the ratio is the filler's own cost).
+  python benchmarks/bench_coordinator.py --dummy-only   measures raw and dummy only (no sockets).
 The coordinator and the front end run as their own processes with CUDA_VISIBLE_DEVICES="", as under
 runtime.serve; this process is the engine rank.
 """
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default="bench_coordinator.json")
+    parser.add_argument("--dummy-only", action="store_true", help="only the raw and dummy steps (no sockets)")
     parser.add_argument("--frontend", default=None, help=argparse.SUPPRESS)  # internal: the front-end process
     parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
     parser.add_argument("--coordinator-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -171,19 +175,23 @@ def main() -> None:
     result: dict[str, object] = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "layers": args.layers,
                                  "batch": args.batch, "steps": args.steps}
     result.update(bench_raw(engine, args.batch, args.steps, sync))
-    result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=False, tag="free"))
-    result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lockstep"))
-    # --lockstep-lookahead: the next plan is reported while the step runs (runtime/cluster/lookahead.py)
-    result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lookahead",
-                                lookahead=True))
-    result["coordinator_overhead_us"] = result["lockstep_step_us"] - result["free_step_us"]  # type: ignore[operator]
-    result["lookahead_overhead_us"] = result["lookahead_step_us"] - result["free_step_us"]  # type: ignore[operator]
-    result["loop_overhead_us"] = result["free_step_us"] - result["raw_step_us"]  # type: ignore[operator]
+    graphs = engine.runner.graphs
+    result["dummy_graphs"] = len(graphs.dummy_graphs) if graphs is not None else 0  # 0: eager dummy steps
     result["dummy_over_real"] = result["dummy_step_us"] / result["real_decode_step_us"]  # type: ignore[operator]
+    if not args.dummy_only:
+        result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=False, tag="free"))
+        result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lockstep"))
+        # --lockstep-lookahead: the next plan is reported while the step runs (runtime/cluster/lookahead.py)
+        result.update(bench_sockets(engine, stats, args.batch, args.steps, lockstep=True, tag="lookahead",
+                                    lookahead=True))
+        result["coordinator_overhead_us"] = result["lockstep_step_us"] - result["free_step_us"]  # type: ignore[operator]
+        result["lookahead_overhead_us"] = result["lookahead_step_us"] - result["free_step_us"]  # type: ignore[operator]
+        result["loop_overhead_us"] = result["free_step_us"] - result["raw_step_us"]  # type: ignore[operator]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("bench_coordinator: " + " ".join(
-        f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items() if k != "device")
+        (f"{k}={v:.3f}" if k.endswith("_over_real") else f"{k}={v:.1f}") if isinstance(v, float) else f"{k}={v}"
+        for k, v in result.items() if k != "device")
         + f" device={result['device']!r}")
 
 

@@ -2,11 +2,13 @@
 combine replies.
 
 route (the static, CUDA-graph layout): each token's destination ranks and local ids, and the slot of each
-  (token, rank) pair in a block of T slots per destination (token order), with the inverse map and counts.
+  (token, rank) pair in a block of C slots per destination (token order; C = T by default, a smaller capacity
+  leaves the pairs past C without a slot), with the inverse map and the full counts (which may exceed C).
 
 pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
   token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
-  hidden row (model dtype, or FP8 bytes) and, for FP8, its group scales. The outputs are strided views of
+  hidden row (model dtype, or FP8 bytes), for FP8 its group scales, and optionally one int32 flag word (the
+  same device scalar in every row: the sender's capacity-overflow flag). The outputs are strided views of
   one uint8 row buffer, so one kernel fills a row's fields in one pass.
 unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
 combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
@@ -24,26 +26,30 @@ def sparse_route_ref(
     topk_ids: torch.Tensor,  # [T, k] int global expert ids, -1 = padding
     num_local_experts: int,  # experts per rank, placed in contiguous slices
     num_ranks: int,
+    capacity: int | None = None,  # C slots per destination; None = T (nothing can overflow)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The static layout (a block of T slots per destination, in token order): (dest [T, k], local [T, k],
-    slot_of [T, P] with P * T = no slot, pair_of [P * T] with T * P = empty row, counts [P]), all int64."""
+    """The static layout (a block of C slots per destination, in token order): (dest [T, k], local [T, k],
+    slot_of [T, P] with P * C = no slot, pair_of [P * C] with T * P = empty row, counts [P] of every pair
+    wanted, also those past C), all int64."""
     num_tokens = topk_ids.shape[0]
+    cap = num_tokens if capacity is None else capacity
     ids = topk_ids.long()
     dest = torch.where(ids >= 0, ids // num_local_experts, -1)
     local = torch.where(ids >= 0, ids % num_local_experts, -1)
     hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=ids.device)
     hit.scatter_(1, dest.masked_fill(dest < 0, num_ranks), True)
     hit = hit[:, :num_ranks]
-    num_rows = num_ranks * num_tokens
-    base = torch.arange(num_ranks, device=ids.device) * num_tokens
-    slot_of = torch.where(hit, base + hit.long().cumsum(0) - 1, num_rows)
+    num_rows = num_ranks * cap
+    pos = hit.long().cumsum(0) - 1  # [T, P] place of each pair among the tokens going to that rank
+    base = torch.arange(num_ranks, device=ids.device) * cap
+    slot_of = torch.where(hit & (pos < cap), base + pos, num_rows)
     pair_of = torch.full((num_rows + 1,), num_tokens * num_ranks, dtype=torch.int64, device=ids.device)
     pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * num_ranks, device=ids.device))
     return dest, local, slot_of, pair_of[:num_rows], hit.sum(0)
 
 
 @triton.jit
-def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T, n_loc,
+def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T, C, n_loc,
                   P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     # one program: slots are token order within each destination, so a running count carries across blocks
     rr = tl.arange(0, BLOCK_P)
@@ -60,26 +66,31 @@ def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T
             tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
             hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
         pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
-        slot = tl.where(hit > 0, rr[None, :].to(tl.int64) * T + pos, P * T)
+        kept = (hit > 0) & (pos < C)  # pairs past the capacity get no slot (the caller counts the overflow)
+        slot = tl.where(kept, rr[None, :].to(tl.int64) * C + pos, P * C)
         both = tmask[:, None] & pmask[None, :]
         tl.store(slot_ptr + tt[:, None] * P + rr[None, :], slot, mask=both)
-        tl.store(pair_ptr + slot, tt[:, None].to(tl.int64) * P + rr[None, :], mask=both & (hit > 0))
+        tl.store(pair_ptr + slot, tt[:, None].to(tl.int64) * P + rr[None, :], mask=both & kept)
         running += tl.sum(hit, axis=0)
     tl.store(count_ptr + rr, running.to(tl.int64), mask=pmask)
 
 
-def sparse_route(topk_ids: torch.Tensor, num_local_experts: int,
-                 num_ranks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sparse_route(topk_ids: torch.Tensor, num_local_experts: int, num_ranks: int, capacity: int | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64) or num_local_experts <= 0:
         raise ValueError(f"sparse_route: topk_ids [T, k] int32/int64, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
     num_tokens, top_k = topk_ids.shape
+    cap = num_tokens if capacity is None else capacity
+    if not 0 <= cap <= max(num_tokens, 1):
+        raise ValueError(f"sparse_route: capacity {capacity} must be in [0, T={num_tokens}]")
     device = topk_ids.device
     dest = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
     local = torch.empty_like(dest)
     slot_of = torch.empty(num_tokens, num_ranks, dtype=torch.int64, device=device)
-    pair_of = torch.full((num_ranks * num_tokens,), num_tokens * num_ranks, dtype=torch.int64, device=device)
+    pair_of = torch.full((num_ranks * cap,), num_tokens * num_ranks, dtype=torch.int64, device=device)
     counts = torch.empty(num_ranks, dtype=torch.int64, device=device)
-    _route_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, counts, num_tokens, num_local_experts,
+    _route_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, counts, num_tokens, cap,
+                        num_local_experts,
                         P=num_ranks, K=top_k, BLOCK_T=64, BLOCK_P=triton.next_power_of_2(num_ranks), num_warps=4)
     return dest, local, slot_of, pair_of, counts
 
@@ -96,6 +107,8 @@ def sparse_pack_ref(
     out_ids: torch.Tensor,  # [N, k] int32 view
     out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype
     out_scales: torch.Tensor | None,  # [N, G] fp32 view, or None
+    flag: torch.Tensor | None = None,  # [1] int32 on the device: written into every row's flag word
+    out_flags: torch.Tensor | None = None,  # [N] int32 view (one word per row), or None
 ) -> None:
     num_tokens = hidden.shape[0]
     token = (pair_of // num_ranks).clamp(max=num_tokens - 1)  # an empty row's hidden is never read
@@ -105,13 +118,15 @@ def sparse_pack_ref(
     out_hidden.copy_(hidden[token])
     if scales is not None and out_scales is not None:
         out_scales.copy_(scales[token])
+    if flag is not None and out_flags is not None:
+        out_flags.copy_(flag.expand_as(out_flags))
 
 
 @triton.jit
-def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr,
-                 num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
-                 P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr):
+def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr, flag_ptr,
+                 of_ptr, num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
+                 stride_of, P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_FLAG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     pair = tl.load(pair_ptr + row)
     valid = pair < num_tokens * P
@@ -133,11 +148,14 @@ def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oi
         gg = tl.arange(0, BLOCK_G)
         gmask = gg < G
         tl.store(os_ptr + row * stride_os + gg, tl.load(xs_ptr + t * stride_xs + gg, mask=gmask), mask=gmask)
+    if HAS_FLAG:
+        tl.store(of_ptr + row * stride_of, tl.load(flag_ptr))
 
 
 def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights: torch.Tensor, dest: torch.Tensor,
                 local: torch.Tensor, pair_of: torch.Tensor, num_ranks: int, out_weights: torch.Tensor,
-                out_ids: torch.Tensor, out_hidden: torch.Tensor, out_scales: torch.Tensor | None) -> None:
+                out_ids: torch.Tensor, out_hidden: torch.Tensor, out_scales: torch.Tensor | None,
+                flag: torch.Tensor | None = None, out_flags: torch.Tensor | None = None) -> None:
     num_tokens, h = hidden.shape
     top_k = dest.shape[1]
     n = pair_of.shape[0]
@@ -149,8 +167,11 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
             or out_weights.shape != (n, top_k) or out_ids.shape != (n, top_k) or out_hidden.shape != (n, h)):
         raise ValueError(f"sparse_pack: shapes disagree (hidden {tuple(hidden.shape)}, ids {tuple(dest.shape)}, "
                          f"{n} rows)")
-    if (scales is None) != (out_scales is None):
-        raise ValueError("sparse_pack: scales and out_scales go together")
+    if (scales is None) != (out_scales is None) or (flag is None) != (out_flags is None):
+        raise ValueError("sparse_pack: scales and out_scales, flag and out_flags go together")
+    if flag is not None and out_flags is not None and (
+            flag.dtype != torch.int32 or out_flags.dtype != torch.int32 or out_flags.shape != (n,)):
+        raise ValueError(f"sparse_pack: flag [1] int32 and out_flags [{n}] int32")
     for t in (hidden, topk_weights, dest, local, out_weights, out_ids, out_hidden):
         if t.stride(-1) != 1:
             raise ValueError("sparse_pack: rows must be contiguous")
@@ -158,12 +179,13 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
         return
     g = scales.shape[1] if scales is not None else 1
     xs, os_ = (scales, out_scales) if scales is not None and out_scales is not None else (hidden, out_hidden)
+    fl, of = (flag, out_flags) if flag is not None and out_flags is not None else (out_ids, out_ids)
     _pack_kernel[(n,)](
         pair_of, dest.contiguous(), local.contiguous(), topk_weights.contiguous(), hidden, xs,
-        out_weights, out_ids, out_hidden, os_, num_tokens, h, g, hidden.stride(0), xs.stride(0),
-        out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0),
+        out_weights, out_ids, out_hidden, os_, fl, of, num_tokens, h, g, hidden.stride(0), xs.stride(0),
+        out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0), of.stride(0),
         P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
-        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, num_warps=4,
+        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, num_warps=4,
     )
 
 

@@ -6,8 +6,10 @@ Query token i of sequence b sits at absolute position seq_lens[b] - q_len_b + i 
 causally to every cached position <= its own (the cached prefix included).
 
 FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-448), one scale per tensor
-(k_scale, v_scale per layer). The kernels upcast right after each load and fold the scales into the
-math: scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py.
+(k_scale, v_scale per layer). The kernels read the cache as FP8 and widen each tile to fp16 right after the load
+(exact; under a float32 q, the CPU tests, to fp32), with q in fp16 too, and fold the scales into the math:
+scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py; tile
+configs in kernels/attention_config.py.
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
+_FP16_MAX = tl.constexpr(65504.0)
+
+
+def fp8_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    # an FP8 cache under a 16-bit q: the dots run in fp16 (e4m3 -> fp16 is exact and one packed conversion per
+    # two values; -> bf16 needs a second, slower one per value); a float32 q (CPU tests) keeps fp32 dots
+    return k_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -105,7 +115,7 @@ def prefill_tile_q(num_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: t
     Give it what the wrapper's tile config depends on (a tuned per-GPU, per-cache-dtype table may set BLOCK_M);
     the wrapper checks that a tile map's unit is its own."""
     group = num_heads // num_kv_heads
-    block_m = 128 if triton.next_power_of_2(head_dim) <= 128 else 64
+    block_m = prefill_config(head_dim, kv_dtype, device)["BLOCK_M"]
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
     return block_m // pack
 
@@ -142,26 +152,38 @@ def _store_kv_kernel(
 
 
 @triton.jit
-def _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale, kv_off,
-                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    # one online-softmax step over keys [n0, n0 + BLOCK_N); q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]
-    k_head, v_head, stride_kcb, stride_kcs, stride_vcb, stride_vcs = kv_off
+def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
+             OFF64: tl.constexpr):
+    # [BLOCK_N] element offset of each key's row (this KV head) in a cache, from its page id; K and V share it
+    if ALIGNED:  # every tile starts on a page boundary: the in-page part is the same each tile (hoisted)
+        in_page = offs % BLOCK_SIZE
+    else:
+        in_page = (n0 + offs) % BLOCK_SIZE
+    if OFF64:  # a cache of 2^31 elements or more
+        page = page.to(tl.int64)
+    return page * stride_cb + in_page * stride_cs + kvh * stride_ch
+
+
+@triton.jit
+def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    # one online-softmax step over keys [n0, n0 + BLOCK_N) whose cache rows start at `rows` [BLOCK_N];
+    # q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]
     n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < kv_end
-    page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-    in_page = (n % BLOCK_SIZE).to(tl.int64)
     kv_mask = nmask[:, None] & dmask[None, :]
-    # an FP8 cache is upcast to q's dtype right after the load (exact); its scales are in qk_scale / the output
-    k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + k_head)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + v_head)[:, None] + d[None, :],
-                mask=kv_mask, other=0.0).to(q.dtype)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [BLOCK_M, BLOCK_N]
+    # an FP8 cache is widened to q's dtype (fp16) right after the load (exact); its scales are in qk_scale / the
+    # output
+    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
     if MASKED:
         s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # the running max is in scaled (base-2) units; scaling inside the exponent makes one FFMA per score
+    # (qk_scale > 0: the max commutes with it)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
@@ -173,18 +195,21 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
     qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
     v_scale,
-    stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch,  # cache strides (K and V share one layout)
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_AS_F16: tl.constexpr,
+    OFF64: tl.constexpr,
     tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
+    # Grid (head groups, query blocks, batch), the last query block first: the longest causal rows start
+    # first and the short ones fill the tail of the launch.
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
-    qb = tl.program_id(0)
-    b = tl.program_id(1)
-    head0 = tl.program_id(2) * PACK
+    qb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = tl.program_id(2)
+    head0 = tl.program_id(0) * PACK
     if TILE_MAP:  # a fixed grid (CUDA graphs): program (h, t, 0) runs tile t = (row, q block); row -1: no tile
         t = tl.program_id(1)
         head0 = tl.program_id(0) * PACK
@@ -207,6 +232,8 @@ def _prefill_kernel(
     rmask = tok < q_len
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if FP8_AS_F16:  # saturate a bf16 q beyond fp16's range
+        q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
     q_pos = ctx + tok
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -215,13 +242,23 @@ def _prefill_kernel(
     # keys below the block's first query position are visible to every row: those tiles skip the mask
     full_end = (tl.minimum(ctx + qb * BLOCK_Q + 1, kv_end) // BLOCK_N) * BLOCK_N
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
-    kv_off = (kvh * stride_kch, kvh * stride_vch, stride_kcb, stride_kcs, stride_vcb, stride_vcs)
+    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0
+    # page ids one tile ahead: K/V addresses that wait on a load of the same iteration make Triton's pipeliner
+    # single-buffer K/V and issue the next copy after the dots (seen in the sm90 TTGIR)
+    offs = tl.arange(0, BLOCK_N)
+    page_next = tl.load(bt + offs // BLOCK_SIZE, mask=offs < kv_end, other=0)
     for n0 in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
-                                      qk_scale, kv_off, BLOCK_SIZE, BLOCK_N, False)
+        rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+        nxt = n0 + BLOCK_N + offs
+        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
+                                      qk_scale, BLOCK_N, False)
     for n0 in range(full_end, kv_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, bt, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
-                                      qk_scale, kv_off, BLOCK_SIZE, BLOCK_N, True)
+        rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+        nxt = n0 + BLOCK_N + offs
+        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
+                                      qk_scale, BLOCK_N, True)
     o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -230,12 +267,19 @@ def _prefill_kernel(
 # ---------------------------------------------------------------- checked wrappers
 
 
+def needs_off64(cache: torch.Tensor) -> bool:
+    # element offsets into a cache past int32: 64-bit address math in the kernels (else 32-bit, cheaper)
+    return sum((n - 1) * st for n, st in zip(cache.shape, cache.stride())) >= 2**31 - 1
+
+
 def check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k/v cache must be [blocks, block_size, kv_heads, head_dim], got "
                          f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(-1) != 1:
         raise ValueError("q and the kv cache need a contiguous head_dim")
+    if k_cache.stride() != v_cache.stride():  # the kernels compute one row offset for both
+        raise ValueError(f"k and v caches need the same strides, got {k_cache.stride()} / {v_cache.stride()}")
     if q.shape[-1] != k_cache.shape[3] or q.shape[-2] % k_cache.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} does not match kv cache {tuple(k_cache.shape)} (GQA needs "
                          "num_heads divisible by num_kv_heads)")
@@ -286,6 +330,7 @@ def paged_attention_prefill(
     max_seqlen_q: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
     tile_map: torch.Tensor | None = None,  # [num_tiles, 2] int32 (row, q block), row -1 = none: a fixed grid
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
@@ -301,16 +346,19 @@ def paged_attention_prefill(
                          f"{tuple(block_tables.shape)} do not match batch {batch}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
+    cfg = prefill_config(head_dim, k_cache.dtype, q.device) if config is None else config
+    if config is not None:
+        check_config(cfg, PREFILL_KEYS, head_dim)
     out = torch.zeros_like(q)  # tokens past cu_seqlens_q[-1] (padding) stay zero
     if batch == 0 or num_tokens == 0 or (tile_map is None and max_seqlen_q == 0) or (
             tile_map is not None and tile_map.shape[0] == 0):
         return out
     group = num_heads // num_kv_heads
-    block_d = triton.next_power_of_2(head_dim)
-    block_m = 128 if block_d <= 128 else 64
-    block_n = 64 if block_d <= 128 else 32
+    block_m = cfg["BLOCK_M"]
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
-    grid = (triton.cdiv(max_seqlen_q, block_m // pack), batch, num_heads // pack)
+    grid = (num_heads // pack, triton.cdiv(max_seqlen_q, block_m // pack), batch)
+    if grid[1] > 65535 or batch > 65535:
+        raise ValueError(f"prefill grid {grid} too large: at most 65535 query blocks and sequences per launch")
     tiles: dict = {}
     if tile_map is not None:  # the grid no longer depends on max_seqlen_q or the batch: one program per tile
         if block_m // pack != prefill_tile_q(num_heads, num_kv_heads, head_dim, k_cache.dtype, q.device):
@@ -321,9 +369,9 @@ def paged_attention_prefill(
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * k_scale * _LOG2E, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_d >= 128 else 4, num_stages=3, **tiles,
+        GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
     )
     return out

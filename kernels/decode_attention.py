@@ -6,6 +6,13 @@ output and its log-sum-exp, and a second launch merges them. fused_merge=True in
 of a (sequence, KV head) to finish (an atomic counter) merge them in the same launch; measured on an H200
 it loses (B=1 ctx 32k: 77.5 us fused vs 48.7 us two launches; one program reads every split's partials),
 so two launches are the default. At long context and small batch many splits keep every SM streaming KV.
+
+Tile sizes, warps, stages and the split rule come from kernels/attention_config.py (tuned per GPU by
+benchmarks/tune_attention.py). An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
+e4m3 -> fp16 is exact and one packed conversion per two values, where -> bf16 adds a second, slower one per
+value (sm90 SASS: 128 F2F per thread per 64-token tile, the likely reason the FP8 kernel ran at the bf16
+kernel's speed, 0.31-0.48 of its floor); q is rounded to fp16 once per program, p per tile, both with fp32
+accumulation; k_scale is in the softmax scale, v_scale on the output.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import _LOG2E, attend, check_cache, gather_kv
+from kernels.attention import _FP16_MAX, _LOG2E, _kv_rows, attend, check_cache, fp8_as_f16, gather_kv, needs_off64
+from kernels.attention_config import DECODE_KEYS, check_config, decode_config
 
 MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
 
@@ -40,12 +48,12 @@ def paged_attention_decode_ref(
 
 
 @triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, num_splits, stride_ob, stride_oh,
+def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # out[b, h] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, head_dim] tile;
-    # .cg: the partials were written by other SMs, never through this SM's L1
+    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, BLOCK_D]
+    # tile; .cg: the partials were written by other SMs, never through this SM's L1
     s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, BLOCK_D)
+    d = d0 + tl.arange(0, BLOCK_D)
     row = (b * NUM_HEADS + h) * num_splits + s
     lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
     m = tl.max(lse, 0)
@@ -64,11 +72,11 @@ def _decode_kernel(
     qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
     v_scale,
     num_splits,  # a runtime value: one compiled kernel serves every split count up to SPLITS_PAD
-    stride_qb, stride_qh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,  # cache strides (K and V share one layout)
     stride_bt, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     b = tl.program_id(0)
@@ -82,6 +90,8 @@ def _decode_kernel(
     dmask = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+    if FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
+        q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
     chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
@@ -89,17 +99,22 @@ def _decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    offs = tl.arange(0, BLOCK_N)
+    # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
+    # iteration make Triton's pipeliner single-buffer K/V and issue the next tile's copy after the dots
+    # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR)
+    page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
+    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
     for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+        n = n0 + offs
         nmask = n < end
-        page = tl.load(bt + n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        in_page = (n % BLOCK_SIZE).to(tl.int64)
+        rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+        page_next = tl.load(bt + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
         kv_mask = nmask[:, None] & dmask[None, :]
-        # an FP8 cache is upcast to q's dtype right after the load (exact); its scales are in qk_scale, v_scale
-        k = tl.load(k_cache_ptr + (page * stride_kcb + in_page * stride_kcs + kvh * stride_kch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + (page * stride_vcb + in_page * stride_vcs + kvh * stride_vch)[:, None]
-                    + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
+        # v_scale
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -125,17 +140,17 @@ def _decode_kernel(
             counter = counter_ptr + b * NUM_KV_HEADS + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
                 for g2 in range(GROUP):
-                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, num_splits, stride_ob,
+                    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + g2, 0, num_splits, stride_ob,
                                 stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # one variant per SPLITS_PAD, not per count
 def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # the second launch of the two-launch variant: one program per (sequence, query head)
-    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_ob,
-                stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+    # the second launch of the two-launch variant: one program per (sequence, query head, BLOCK_D columns)
+    _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_D,
+                num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -144,12 +159,14 @@ def _num_sms(device: torch.device) -> int:
     return 132
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Splits per (sequence, kv head): enough programs for ~2 per SM, each with at least 256 tokens of the
-    longest possible context; shapes only, never tensor values (CUDA graphs)."""
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int, programs_per_sm: int = 2,
+                      min_split_tokens: int = 128) -> int:
+    """Splits per (sequence, kv head): enough programs for programs_per_sm per SM, each with at least
+    min_split_tokens tokens of the longest possible context; shapes only, never tensor values (CUDA graphs).
+    One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV."""
     programs = batch * num_kv_heads
-    want = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(want, triton.cdiv(max_context, 256), MAX_SPLITS))
+    want = triton.cdiv(programs_per_sm * num_sms, programs)
+    return max(1, min(want, triton.cdiv(max_context, min_split_tokens), MAX_SPLITS))
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -175,6 +192,7 @@ def paged_attention_decode(
     v_scale: float = 1.0,
     num_splits: int | None = None,
     fused_merge: bool = False,  # True: the last split merges in the same launch (slower on H200; for A/B)
+    config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
@@ -184,18 +202,21 @@ def paged_attention_decode(
                          f"do not match batch {batch}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
+    cfg = decode_config(head_dim, k_cache.dtype, q.device) if config is None else config
+    if config is not None:
+        check_config(cfg, DECODE_KEYS, head_dim)
     out = torch.empty_like(q)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
-                                       _num_sms(q.device))
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
+                                       cfg["programs_per_sm"], cfg["min_split_tokens"])
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
-    block_n = 64 if block_d <= 128 else 32
-    # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile)
+    # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile); the
+    # split kernel itself needs the tile only when it merges (fused), so two-launch runs compile it once
     splits_pad = 1 if num_splits == 1 else max(2, triton.next_power_of_2(num_splits))
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -208,16 +229,20 @@ def paged_attention_decode(
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SPLITS_PAD=splits_pad, FUSED_MERGE=fused_merge,
-        num_warps=4, num_stages=2,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
+        SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
+        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1 and not fused_merge:
-        _reduce_kernel[(batch, num_heads)](
+        # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each
+        # reading [splits, head_dim] partials one after the other
+        merge_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
+        _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=splits_pad, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, num_warps=4,
         )
     return out
+

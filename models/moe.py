@@ -186,6 +186,7 @@ class MoE(nn.Module):
         if routing.num_experts % args.ep_size:
             raise ValueError(f"{routing.num_experts} experts cannot be split evenly over ep_size={args.ep_size}")
         self.layer_id, self.moe_layer_id, self.num_moe_layers = layer_id, moe_layer_id, num_moe_layers
+        self.hidden_size, self.top_k, self.dtype = hidden_size, routing.top_k, args.dtype  # what dispatch carries
         self.num_local_experts = routing.num_experts // args.ep_size
         self.first_local_expert = args.ep_rank * self.num_local_experts
         self.ep_size = args.ep_size
@@ -219,10 +220,28 @@ class MoE(nn.Module):
             self.tp.all_reduce(out)  # routed + shared partial sums over the intermediate split, one reduction
         return out
 
+    def dummy_rows(self, num_tokens: int) -> int:
+        """Rows this rank dispatches in a step of num_tokens (padded) tokens: its TP slice under EP x TP."""
+        return tp_token_slice(num_tokens, self.tp)[1] if self.split_tokens else num_tokens
+
+    def forward_dummy(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """A lockstep dummy step's share of this layer: dispatch an all-padding batch, run the local experts on
+        what the other EP ranks send, combine; the result is dropped. hidden [rows, H] (self.dtype), topk_weights
+        [rows, k] fp32, topk_ids [rows, k] int32 all -1, rows = dummy_rows(agreed size). The collectives are
+        those of forward() on the same size: the backends derive them from rows alone (allgather, sparse
+        static) or from the count matrix every rank shares (sparse dynamic). Under EP x TP the TP all-gather
+        of forward() is left out: every TP peer of this rank runs the same dummy plan, so none waits for it."""
+        assert self.dispatcher is not None
+        stats = self.dispatcher.stats  # timed as a MoE block, as forward() is by its module hooks (eager only)
+        t0 = stats.time_start() if stats is not None else None
+        hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(hidden, topk_weights, topk_ids)
+        self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)
+        if stats is not None:
+            stats.time_stop("moe", t0)
+
     def _routed(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        # a dummy batch still runs router, dispatch and combine so every EP rank issues the same collectives
         topk_weights, topk_ids = self.gate(x)  # [T, k] fp32, [T, k] int32 global ids
-        # padding rows (slot -1: a padded batch's filler, every row of a dummy step; padding [T] bool) get
+        # padding rows (slot -1: a padded batch's filler; padding [T] bool) get
         # expert id -1: no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
         topk_ids = topk_ids.masked_fill(padding.unsqueeze(1), -1)
         if self.dispatcher is not None:
@@ -237,6 +256,37 @@ class MoE(nn.Module):
             local_ids = local_ids.masked_fill((local_ids < 0) | (local_ids >= self.num_local_experts), -1)
             out = self.experts(x, topk_weights, local_ids)
         return out
+
+
+class DummyForward:
+    """The forward of a lockstep dummy step (a rank with nothing to run while other EP ranks run a step of
+    num_tokens padded tokens): for each MoE layer in order, MoE.forward_dummy; no embedding, attention, norms,
+    dense layers, shared experts or router (every id is -1: there is nothing to route). Layers without a
+    dispatcher issue no collective and are skipped. The all-padding inputs are allocated once for up to
+    max_tokens rows and never replaced, so a CUDA graph may capture slices of them."""
+
+    def __init__(self, model: nn.Module, max_tokens: int = 0) -> None:
+        self.layers: list[MoE] = sorted((m for m in model.modules() if isinstance(m, MoE) and m.dispatcher is not None),
+                                        key=lambda m: m.moe_layer_id)
+        self.static = self._inputs(max_tokens) if self.layers and max_tokens > 0 else None
+
+    def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layer = self.layers[0]  # every MoE layer of a model has the same hidden size, top-k and dtype
+        device = layer.experts.w13.device
+        return (torch.zeros(rows, layer.hidden_size, dtype=layer.dtype, device=device),
+                torch.zeros(rows, layer.top_k, dtype=torch.float32, device=device),
+                torch.full((rows, layer.top_k), -1, dtype=torch.int32, device=device))
+
+    def __call__(self, num_tokens: int) -> None:
+        if not self.layers:
+            return
+        rows = self.layers[0].dummy_rows(num_tokens)  # the same for every layer (one TP split)
+        static = self.static
+        # above the static size (eager steps only): a fresh all-padding batch for this step
+        inputs = static if static is not None and rows <= static[0].shape[0] else self._inputs(rows)
+        hidden, topk_weights, topk_ids = (t[:rows] for t in inputs)
+        for layer in self.layers:
+            layer.forward_dummy(hidden, topk_weights, topk_ids)
 
 
 def moe_mlp_factory(hidden_size: int, dense_intermediate_size: int, moe_layer_ids: list[int],

@@ -61,6 +61,10 @@ class EngineConfig:
     dp_routing: str = "prefix"  # prefix (expected prefix-cache hits against load) | load
     mixed_step_token_budget: int = 2048  # tokens per step while any sequence decodes (0: no cap)
     lockstep_lookahead: bool = False  # EP: report step s+1's plan while step s runs (runtime/cluster/lookahead.py)
+    # sparse all2all, fixed-size (CUDA-graph) steps: slots per destination = the uniform-routing mean + 4 sd, times
+    # this (runtime/distributed/all2all_sparse.py capacity_slots); an overflowing step is re-run exactly; 0 = T slots
+    all2all_capacity_factor: float = 1.25
+    all2all_static_max_tokens: int | None = None  # steps up to this size use fixed-size exchanges (default: graphs')
     # server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -94,6 +98,11 @@ class EngineConfig:
             raise ConfigError(f"--expert-token-capacity must be positive, got {self.expert_token_capacity}")
         if self.all2all_fp8_dispatch and self.all2all_backend == "allgather":
             raise ConfigError("--all2all-fp8-dispatch needs --all2all-backend sparse (allgather sends full rows)")
+        if not self.all2all_capacity_factor >= 0:  # also refuses NaN
+            raise ConfigError(f"--all2all-capacity-factor must be >= 0 (0: no capacity limit), got "
+                              f"{self.all2all_capacity_factor}")
+        if self.all2all_static_max_tokens is not None and self.all2all_static_max_tokens < 0:
+            raise ConfigError(f"--all2all-static-max-tokens must be >= 0, got {self.all2all_static_max_tokens}")
         dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if dtype != "auto" and dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
@@ -194,6 +203,13 @@ class EngineConfig:
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def needs_lockstep(self) -> bool:
+        """The DP ranks step together (the coordinator issues every step; an idle rank runs dummy steps) only
+        when their forwards share collectives: expert parallel over two or more DP ranks. Pure DP, dense
+        models and EP inside one DP rank (its TP peers follow its plans) run freely."""
+        return self.enable_expert_parallel and self.data_parallel_size > 1
+
     def resolved_max_model_len(self) -> int:
         return self.max_model_len or model_max_len(self.hf_config())
 
@@ -261,6 +277,12 @@ class EngineConfig:
         a("--mixed-step-token-budget", type=int, default=d["mixed_step_token_budget"].default,
           help="most tokens a step takes while some sequence decodes (under expert parallel: on every rank while "
                "any rank decodes), so a long prefill goes in chunks and never freezes the streams (0: no cap)")
+        a("--all2all-capacity-factor", type=float, default=d["all2all_capacity_factor"].default,
+          help="sparse all2all in CUDA-graph steps: slots per destination = (uniform-routing mean + 4 sd) x this, "
+               "at most the step's tokens; a step that overflows is re-run exactly (0: as many slots as tokens)")
+        a("--all2all-static-max-tokens", type=int, default=None,
+          help="steps up to this many tokens use the sparse all2all's fixed-size exchange (default: the largest "
+               "CUDA-graph batch; on the CPU 0, set it to run the graph path there)")
         a("--host", default=d["host"].default, help="address the API server listens on")
         a("--port", type=int, default=d["port"].default, help="port the API server listens on")
         a("--api-key", default=None,

@@ -115,6 +115,10 @@ class TokenDelta(msgspec.Struct):
     # with the first output token when asked: per prompt token after the first, (token_id, logprob, rank)
     # of the prompt token then the top-N (runtime/engine/prompt_logprobs.py)
     prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
+    # with the first output token, seconds on the engine's clock: reached the engine -> first scheduled
+    # (a preemption does not restart it), and first scheduled -> this token (vLLM's queue and prefill time)
+    queue_time: float | None = None
+    prefill_time: float | None = None
 
 
 class OutputBatch(msgspec.Struct, tag=True):
@@ -151,6 +155,10 @@ class ExpertStatsSnapshot(msgspec.Struct):
     # per MoE layer: all2all bytes this rank sent, and what the allgather backend would have sent
     all2all_layer_bytes_sent: list[int] = []
     all2all_layer_allgather_bytes: list[int] = []
+    # sparse all2all, fixed-capacity (static) exchanges: (token, rank) pairs past the slots, and the steps re-run
+    # exactly because of them
+    all2all_overflow_pairs: int = 0
+    all2all_overflow_reruns: int = 0
 
 
 class StatsReport(msgspec.Struct, tag=True):
@@ -178,6 +186,7 @@ class ClusterStats(msgspec.Struct, tag=True):
     all2all_bytes_sent: list[int] = []
     all2all_allgather_bytes: list[int] = []
     coordinator_id: int = 0  # changes when the coordinator restarts: requests it held may be lost
+    all2all_overflow_reruns: list[int] = []  # per rank: steps re-run after a fixed-capacity all2all overflowed
 
 
 class RankHung(msgspec.Struct, tag=True):

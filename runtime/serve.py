@@ -238,7 +238,7 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
     run_dir = ipc_dir or tempfile.mkdtemp(prefix="moe-rt-")
     os.makedirs(run_dir, exist_ok=True)
     addrs = Addresses.ipc(run_dir, config.data_parallel_size)
-    procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
+    procs = start_control_plane(config, addrs, lockstep=config.needs_lockstep, api_server=api_server,
                                 watch_pid=os.getpid(), max_restarts=config.max_restarts)
     stopped = False
     fatal_path = os.environ[FATAL_FILE_ENV] = os.path.join(run_dir, "fatal")  # a rank's reason to end it all
@@ -314,7 +314,7 @@ def serve_torchrun_worker(config: EngineConfig, api_server: bool, ipc_dir: str |
     # rank 0 owns the control plane; after an elastic restart it is still running. It watches torchrun's
     # agent (this worker's parent), not this worker: a SIGKILLed rank 0 must not orphan it, nor stop it
     if starts_control_plane(env):
-        procs = start_control_plane(config, addrs, lockstep=config.enable_expert_parallel, api_server=api_server,
+        procs = start_control_plane(config, addrs, lockstep=config.needs_lockstep, api_server=api_server,
                                     watch_pid=os.getppid(), max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
     # only while this first rank 0 lives (a restarted rank 0 does not own the control plane)
     watch = watch_control_plane(procs) if procs else None

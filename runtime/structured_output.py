@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 # kinds a request may give (the front end maps OpenAI's and vLLM's fields to these)
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
-# one canonical layout (', ' and ': ', no free whitespace): a model cannot wander off into endless newlines
+# one canonical layout, compact ("," and ":", no free whitespace): a model cannot wander off into endless newlines
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _MAX_TEMPLATES = 64
 

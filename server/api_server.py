@@ -129,6 +129,9 @@ _UNSUPPORTED: dict[str, Any] = {
     "logits_processors": bool,
     "guided_whitespace_pattern": lambda v: v is not None,
     "spaces_between_special_tokens": lambda v: v is False,
+    "chat_template": lambda v: v is not None,  # a request's own template: vLLM refuses it too unless trusted
+    "priority": lambda v: v not in (None, 0),  # no priority scheduling
+    "cache_salt": lambda v: v is not None,  # no per-tenant prefix-cache isolation: refuse rather than pretend
 }
 
 
@@ -159,6 +162,8 @@ def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest], obj: di
     for name, used in _UNSUPPORTED.items():
         if name in obj and used(obj[name]):
             raise APIError(f"{name}: not supported by this server", param=name, code="unsupported")
+    if model is ChatCompletionRequest and obj.get("echo"):
+        raise APIError("echo: not supported on chat completions", param="echo", code="unsupported")
     best_of = obj.get("best_of")
     if best_of is not None and best_of != obj.get("n", 1):
         raise APIError("best_of: only best_of == n is supported", param="best_of", code="unsupported")

@@ -329,6 +329,7 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
             delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
             if out.active:
                 reasoning, content, calls = out.feed(ev.text, c.finish_reason is not None)
+                reasoning = reasoning if req.include_reasoning else ""
                 delta = ChatDelta(content=content or None, reasoning_content=reasoning or None,
                                   tool_calls=calls or None)
                 if not (reasoning or content or calls) and c.finish_reason is None and not req.logprobs:
@@ -337,11 +338,10 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
                     heads, rest = split_tool_call_deltas(calls)
                     pieces = [ChatDelta(content=content or None, reasoning_content=reasoning or None)]
                     pieces = pieces if content or reasoning else []
-                    if heads:
-                        pieces.append(ChatDelta(tool_calls=heads))
-                    for d in pieces:
+                    pieces += [ChatDelta(tool_calls=d) for d in (heads, rest) if d]
+                    *firsts, delta = pieces  # the last piece carries the logprobs and finish_reason
+                    for d in firsts:
                         yield sse(ChatCompletionChunk(request_id, model, [ChatChunkChoice(c.index, d)]))
-                    delta = ChatDelta(tool_calls=rest)
             elif not ev.text and c.finish_reason is None and not req.logprobs and serving.tokenizer is not None:
                 continue
             lp = _chat_logprobs(name, ev.logprobs) if req.logprobs and ev.logprobs else None
@@ -364,7 +364,8 @@ async def create_chat_completion(serving: Serving, req: ChatCompletionRequest, r
             out.append(
                 ChatChoice(
                     c.index,
-                    ChatResponseMessage("assistant", parts.content, parts.reasoning, parts.tool_calls),
+                    ChatResponseMessage("assistant", parts.content, parts.reasoning if req.include_reasoning else None,
+                                        parts.tool_calls),
                     _chat_logprobs(name, c.logprobs) if req.logprobs else None,
                     finish_reason(c.finish_reason, len(parts.tool_calls)),
                     c.stop_reason,

@@ -144,6 +144,8 @@ class _ClusterCollector(Collector):
              "expert all2all bytes the rank sent to other ranks (dispatch + combine)"),
             ("all2all_allgather_equivalent_bytes", getattr(stats, "all2all_allgather_bytes", None),
              "bytes the allgather backend would have sent for the same steps"),
+            ("all2all_overflow_reruns", getattr(stats, "all2all_overflow_reruns", None),
+             "steps re-run exactly because a fixed-capacity (CUDA-graph) all2all overflowed its slots"),
         ):
             c = CounterMetricFamily(f"moe_{name}", doc, labels=["rank"])
             for rank, num in enumerate(values or []):
@@ -224,10 +226,12 @@ class Metrics:
         self.registry.register(_FrontEnd())
 
     def on_request_done(
-        self, arrival: float, first_token: float | None, end: float, num_tokens: int, finish_reason: str | None
+        self, arrival: float, first_token: float | None, end: float, num_tokens: int, finish_reason: str | None,
+        max_tokens: int | None = None, queue_time: float | None = None, prefill_time: float | None = None,
     ) -> None:
         self.finished.labels(finish_reason or "abort").inc()
-        self.vllm.on_request_done(arrival, first_token, end, num_tokens, finish_reason)
+        self.vllm.on_request_done(arrival, first_token, end, num_tokens, finish_reason, max_tokens, queue_time,
+                                  prefill_time)
         self.generation_tokens.inc(num_tokens)
         if first_token is not None:
             self.ttft.observe(first_token - arrival)

@@ -116,6 +116,9 @@ class _SamplingFields(_Strict):
     use_beam_search: bool = False
     # vLLM's: run on this data-parallel rank (0..N-1; checked against the deployment), not routed
     data_parallel_rank: int | None = Field(None, ge=0)
+    # vLLM's: add the tokenizer's special tokens (BOS) to the prompt; unset: yes for completions, no for chat
+    # (the chat template writes its own)
+    add_special_tokens: bool | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -149,6 +152,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    # vLLM's: false leaves reasoning_content out of the reply; documents reach the chat template (RAG templates)
+    include_reasoning: bool = True
+    documents: list[dict[str, str]] | None = None
 
 
 # ---------------------------------------------------------------- responses

@@ -41,33 +41,33 @@ def split_reasoning(text: str, in_think: bool) -> tuple[str | None, str | None]:
 
 @dataclass
 class StreamingReasoningParser:
-    in_think: bool  # the output starts inside the think block
-    text: str = ""
-    sent_reasoning: int = 0
-    sent_content: int = 0
+    """Streams split_reasoning's answer; each feed costs O(its text), however long the reasoning."""
 
-    def _split(self, final: bool) -> tuple[str, str]:
-        """The reasoning and content that are certain so far (a possible partial tag is held back)."""
-        text = self.text
-        if not self.in_think:
-            stripped = text.lstrip()
-            if THINK.startswith(stripped) and not final:
-                return "", ""  # may still open with <think>
-            if not stripped.startswith(THINK):
-                return "", text
-            text = stripped[len(THINK) :]
-        end = text.find(END_THINK)
-        if end < 0:
-            hold = 0 if final else _partial_tag_len(text, END_THINK)
-            return text[: len(text) - hold], ""
-        return text[:end], text[end + len(END_THINK) :]
+    in_think: bool  # the output starts inside the think block
+    _phase: str = ""  # "start" (may still open with <think>), "think" or "content"
+    _held: str = ""  # text not yet sent: a possible opening <think> or a partial </think>
+
+    def __post_init__(self) -> None:
+        self._phase = "think" if self.in_think else "start"
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         """(new reasoning, new content) that may be shown now."""
-        self.text += delta
-        reasoning, content = self._split(final)
-        new_r = reasoning[self.sent_reasoning :]
-        new_c = content[self.sent_content :]
-        self.sent_reasoning = max(self.sent_reasoning, len(reasoning))
-        self.sent_content = max(self.sent_content, len(content))
-        return new_r, new_c
+        text, self._held = self._held + delta, ""
+        if self._phase == "start":
+            stripped = text.lstrip()
+            if THINK.startswith(stripped) and not final:
+                self._held = text  # may still open with <think>
+                return "", ""
+            if not stripped.startswith(THINK):
+                self._phase = "content"
+                return "", text
+            self._phase, text = "think", stripped[len(THINK) :]
+        if self._phase == "content":
+            return "", text
+        end = text.find(END_THINK)
+        if end >= 0:
+            self._phase = "content"
+            return text[:end], text[end + len(END_THINK) :]
+        hold = 0 if final else _partial_tag_len(text, END_THINK)
+        self._held = text[len(text) - hold :]
+        return text[: len(text) - hold], ""

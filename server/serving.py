@@ -31,6 +31,9 @@ class Choice(RequestState):
     arrival: float = 0.0
     first_token_time: float | None = None
     recorded: bool = False
+    # the engine's queue and first-scheduled-to-first-token durations (TokenDelta), from its first output
+    queue_time: float | None = None
+    prefill_time: float | None = None
 
 
 @dataclass
@@ -110,9 +113,10 @@ class Serving:
         if not items:
             raise APIError("prompt: must not be empty", param="prompt")
         out: list[tuple[str | None, list[int]]] = []
+        special = req.add_special_tokens is not False
         for item in items:
             if isinstance(item, str):
-                out.append((item, await self.encode(item, "prompt")))
+                out.append((item, await self.encode(item, "prompt", add_special_tokens=special)))
             else:
                 out.append((None, self.check_token_ids(item, "prompt")))
         return out
@@ -148,12 +152,13 @@ class Serving:
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message,
                 **({"tools": tools} if tools else {}),
+                **({"documents": req.documents} if req.documents else {}),
                 **(req.chat_template_kwargs or {}),
             )
         except Exception as err:  # a template that rejects these messages is the request's problem
             raise APIError(f"messages: the chat template failed on them: {err}", param="messages") from None
         # the template already wrote the special tokens (BOS, role markers) it wants
-        return await self.encode(text, "messages", add_special_tokens=False)
+        return await self.encode(text, "messages", add_special_tokens=req.add_special_tokens is True)
 
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
         if prompt_len == 0:
@@ -262,6 +267,8 @@ class Serving:
         """Takes one engine output into its choice; returns the text that may be shown now."""
         if c.first_token_time is None:
             c.first_token_time = time.time()
+        if c.queue_time is None and delta.queue_time is not None:  # a resumed request's next first is moot
+            c.queue_time, c.prefill_time = delta.queue_time, delta.prefill_time
         text, stopped = c.apply(delta)
         if stopped:  # a stop string: the engine would not know, so end it here
             group.finish(c.request_id)
@@ -273,7 +280,8 @@ class Serving:
         """Metrics of one finished (or abandoned) choice, once."""
         if not c.recorded:
             c.recorded = True
-            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason)
+            self.metrics.on_request_done(c.arrival, c.first_token_time, time.time(), len(c.token_ids), c.finish_reason,
+                                         c.params.max_tokens, c.queue_time, c.prefill_time)
 
     def usage(self, prompts: list[list[int]], choices: list[Choice]) -> Usage:
         num_prompt = sum(len(p) for p in prompts)

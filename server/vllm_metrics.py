@@ -70,6 +70,15 @@ class VllmMetrics:
                                         buckets=_TOKENS, registry=r)
         self.request_generation = Histogram("vllm:request_generation_tokens", "Number of generation tokens "
                                             "processed.", m, buckets=_TOKENS, registry=r)
+        self.decode_time = Histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase "
+                                     "for request.", m, buckets=_E2E, registry=r)
+        # the engine's durations (TokenDelta.queue_time / prefill_time), on vLLM's request latency buckets
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase "
+                                    "for request.", m, buckets=_E2E, registry=r)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL "
+                                      "phase for request.", m, buckets=_E2E, registry=r)
+        self.max_generation = Histogram("vllm:request_max_num_generation_tokens", "Histogram of maximum number of "
+                                        "requested generation tokens.", m, buckets=_TOKENS, registry=r)
         r.register(_EngineGauges(model_name, cluster))
         for metric in (self.prompt_tokens, self.generation_tokens):
             metric.labels(model_name)  # present at 0 from the start, as vLLM's are
@@ -79,15 +88,22 @@ class VllmMetrics:
         self.request_prompt.labels(self.model_name).observe(num_tokens)
 
     def on_request_done(self, arrival: float, first_token: float | None, end: float, num_tokens: int,
-                        finish_reason: str | None) -> None:
+                        finish_reason: str | None, max_tokens: int | None = None, queue_time: float | None = None,
+                        prefill_time: float | None = None) -> None:
         name = self.model_name
+        if max_tokens is not None:
+            self.max_generation.labels(name).observe(max_tokens)
         self.generation_tokens.labels(name).inc(num_tokens)
         if finish_reason in ("stop", "length", "abort"):
             self.success.labels(name, finish_reason).inc()
         self.request_generation.labels(name).observe(num_tokens)
+        if queue_time is not None and prefill_time is not None:  # the engine's, from the first output
+            self.queue_time.labels(name).observe(queue_time)
+            self.prefill_time.labels(name).observe(prefill_time)
         if first_token is not None:
             self.ttft.labels(name).observe(first_token - arrival)
             self.e2e.labels(name).observe(end - arrival)
+            self.decode_time.labels(name).observe(end - first_token)  # first to last token, as vLLM's
             if num_tokens > 1:
                 gap = (end - first_token) / (num_tokens - 1)
                 self.tpot.labels(name).observe(gap)

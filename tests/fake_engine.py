@@ -40,6 +40,7 @@ class FakeEngine(threading.Thread):
         self.vocab_size = vocab_size
         self.tick_s = tick_s
         self.active: dict[str, tuple[AddRequest, int]] = {}
+        self.received: dict[str, float] = {}  # monotonic time each request came in, until its first token
         self.added: list[AddRequest] = []
         self.aborted: list[str] = []
         self.paused = threading.Event()  # admit requests but generate nothing
@@ -56,6 +57,7 @@ class FakeEngine(threading.Thread):
             if self.restart.is_set():
                 self.restart.clear()
                 self.active.clear()
+                self.received.clear()
                 self.num_restarts += 1
                 last_stats = 0.0
             while self.pull.poll(0):
@@ -80,10 +82,12 @@ class FakeEngine(threading.Thread):
         if isinstance(msg, AddRequest):
             self.added.append(msg)
             self.active[msg.request_id] = (msg, 0)
+            self.received[msg.request_id] = time.monotonic()
         elif isinstance(msg, AbortRequest):
             for rid in msg.request_ids:
                 self.aborted.append(rid)
                 self.active.pop(rid, None)
+                self.received.pop(rid, None)
 
     def _tick(self) -> None:
         deltas = []
@@ -101,7 +105,11 @@ class FakeEngine(threading.Thread):
             lps = None
             if p.logprobs is not None:
                 lps = [[(token, -0.5)] + [((token + k) % self.vocab_size, -1.0 - k) for k in range(p.logprobs)]]
-            deltas.append(TokenDelta(rid, [token], lps, reason, token if reason == "stop" else None))
+            delta = TokenDelta(rid, [token], lps, reason, token if reason == "stop" else None)
+            received = self.received.pop(rid, None)
+            if received is not None:  # the first token: waited for this tick, produced in it (no prefill)
+                delta.queue_time, delta.prefill_time = time.monotonic() - received, 0.0
+            deltas.append(delta)
             self.num_generated += 1
             if reason is None:
                 self.active[rid] = (req, i + 1)

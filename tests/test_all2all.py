@@ -34,13 +34,13 @@ def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
     logits = torch.randn(num_tokens, num_experts, generator=gen)
     routing = case.get("routing", "random")
-    if routing == "skew":  # every token of every rank to the last rank's experts
+    if routing in ("skew", "skew_dummy"):  # every token of every rank to the last rank's experts
         logits[:, : num_experts - num_experts // world] -= 100.0
     w, ids = logits.softmax(-1).topk(top_k, dim=-1)
     ids = ids.to(torch.int32)
     if routing == "pad":  # the last third of the rows are padding (id -1), as the MoE layer masks them
         ids[num_tokens - num_tokens // 3 :] = -1
-    if routing == "idle" or (routing == "dummy" and rank == 1):  # rank 1 runs a dummy step: all rows padding
+    if routing == "idle" or (routing in ("dummy", "skew_dummy") and rank == 1):  # rank 1 runs a dummy step
         ids[:] = -1
     wgen = torch.Generator().manual_seed(99)  # same expert weights on every rank
     w13 = (0.1 * torch.randn(num_experts, 2 * inter, hidden, generator=wgen)).to(dtype)
@@ -53,7 +53,7 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
 
     rank, world = parallel.ep_rank, parallel.ep_size
     dtype = case.get("dtype", torch.float32)
-    options = {k: case[k] for k in ("static_max_tokens", "fp8_dispatch") if k in case}
+    options = {k: case[k] for k in ("static_max_tokens", "fp8_dispatch", "capacity_factor") if k in case}
     stats = ExpertStats(1, case["experts"], torch.device("cpu"))
     disp = create_backend(case["backend"], parallel, case["experts"], case["capacity"], stats, **options)
     if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
@@ -65,12 +65,28 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
     n_loc = case["experts"] // world
     lo = rank * n_loc
-    h_recv, w_recv, ids_recv, handle = disp.dispatch(x, w, ids)
     errors = []
-    if ids_recv.numel() and int(ids_recv.max()) >= n_loc:
-        errors.append("local id out of range")
-    out = disp.combine(fused_experts_ref(h_recv, w13[lo : lo + n_loc], w2[lo : lo + n_loc], w_recv, ids_recv),
-                       handle)
+
+    def step() -> torch.Tensor:
+        h_recv, w_recv, ids_recv, handle = disp.dispatch(x, w, ids)
+        if ids_recv.numel() and int(ids_recv.max()) >= n_loc:
+            errors.append("local id out of range")
+        return disp.combine(fused_experts_ref(h_recv, w13[lo : lo + n_loc], w2[lo : lo + n_loc], w_recv, ids_recv),
+                            handle)
+
+    out = step()
+    # as the model runner does after a step: a fixed-capacity exchange that overflowed on any rank is re-run
+    # exactly on every rank (each rank must reach the same verdict on its own, without a collective)
+    overflowed = hasattr(disp, "overflowed") and disp.overflowed(case["tokens"])
+    if overflowed:
+        with disp.exact():
+            out = step()
+    verdicts = torch.tensor([int(overflowed), -int(overflowed)])
+    dist.all_reduce(verdicts, op=dist.ReduceOp.MAX, group=parallel.ep_group)
+    if verdicts[0] != -verdicts[1]:
+        errors.append(f"case {case}: the ranks disagree on the overflow")
+    if "overflow" in case and overflowed != case["overflow"]:
+        errors.append(f"case {case}: overflow {overflowed}, expected {case['overflow']}")
     x_ref = x
     if case.get("fp8_dispatch"):  # compare with the same per-token FP8 rounding of the input rows
         x_ref = dequantize_rows(*quantize_rows(x), dtype)
@@ -82,8 +98,10 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     # every (token, remote rank holding one of its experts) pair is counted once on each side
     counters = torch.cat([stats.all2all, stats.layer_traffic[0, :2]])
     dist.all_reduce(counters, group=parallel.ep_group)
-    tokens_sent, tokens_received, bytes_sent, bytes_received, collectives, layer_sent, layer_allgather = \
-        counters.tolist()
+    tokens_sent, tokens_received, bytes_sent, bytes_received, collectives, overflow_pairs, layer_sent, \
+        layer_allgather = counters.tolist()
+    if (overflow_pairs > 0) != overflowed or stats.num_overflow_reruns != int(overflowed):
+        errors.append(f"case {case}: {overflow_pairs} pairs over capacity, {stats.num_overflow_reruns} re-runs")
     if case.get("routing") == "idle" and case["backend"] == "sparse" and collectives != world:
         errors.append(f"an idle step ran {collectives} collectives over {world} ranks, not just the counts")
     if tokens_sent != tokens_received or bytes_sent != bytes_received or layer_sent != bytes_sent:
@@ -95,11 +113,33 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
         fraction = tokens_sent / ((world - 1) * case["tokens"] * world)
         if layer_sent > layer_allgather * fraction:
             errors.append(f"sparse moved {layer_sent} B > allgather {layer_allgather} B x {fraction:.3f}")
+    if case.get("capacity_factor") and not overflowed:
+        errors += _check_capacity_bytes(case, world, dtype, layer_sent, layer_allgather)
     valid = ids.reshape(-1) >= 0
     expected = torch.zeros(case["experts"], dtype=torch.int64).scatter_add_(
         0, ids.reshape(-1).long().clamp(min=0), valid.long())
     if not torch.equal(stats.routed_tokens[0], expected):
         errors.append("routed token counts differ")
+    return errors
+
+
+def _check_capacity_bytes(case: dict, world: int, dtype: torch.dtype, layer_sent: int,
+                          layer_allgather: int) -> list[str]:
+    """Fixed capacity, no overflow: every rank sent C < T rows to each remote rank and got C back: exactly
+    allgather's bytes x C / T (x the sparse row's size over allgather's, which carries no flag word)."""
+    from runtime.distributed.all2all import row_layout
+    from runtime.distributed.all2all_sparse import capacity_slots
+
+    num_tokens, hidden, experts, top_k = (case[k] for k in ("tokens", "hidden", "experts", "top_k"))
+    cap = capacity_slots(num_tokens, experts, world, top_k, case["capacity_factor"])
+    sparse_row = row_layout(hidden, top_k, dtype, case.get("fp8_dispatch", False), flag=True)[1]
+    ag_row = row_layout(hidden, top_k, dtype)[1]
+    reply = hidden * dtype.itemsize
+    errors = []
+    if cap >= num_tokens or layer_sent != world * (world - 1) * cap * (sparse_row + reply):
+        errors.append(f"case {case}: {layer_sent} B sent, capacity {cap} of {num_tokens}")
+    if layer_sent * num_tokens * (ag_row + reply) != layer_allgather * cap * (sparse_row + reply):
+        errors.append(f"case {case}: {layer_sent} B is not allgather's {layer_allgather} B x {cap} / {num_tokens}")
     return errors
 
 
@@ -164,6 +204,16 @@ CASES = [
     _case("sparse", 6, 40, 11, 8, 2, 64, fp8_dispatch=True, static_max_tokens=8, dtype=torch.bfloat16),
     _case("sparse", 10, 37, 11, 8, 3, 64, static_max_tokens=16, triton=True, routing="pad"),
     _case("sparse", 19, 40, 11, 8, 2, 4, fp8_dispatch=True, triton=True, dtype=torch.float16),
+    # fixed capacity (the graph path): C < T slots per destination; random routing fits, skew overflows and
+    # is re-run exactly, also with a dummy rank (which sends nothing but joins the re-run) and in Triton
+    _case("sparse", 64, 37, 11, 16, 1, 64, static_max_tokens=64, capacity_factor=1.0, overflow=False),
+    _case("sparse", 64, 40, 11, 16, 1, 64, static_max_tokens=64, capacity_factor=1.0, overflow=False,
+          fp8_dispatch=True, dtype=torch.bfloat16),
+    _case("sparse", 24, 24, 8, 8, 2, 64, static_max_tokens=32, capacity_factor=0.5, routing="skew", overflow=True),
+    _case("sparse", 24, 24, 8, 8, 2, 64, static_max_tokens=32, capacity_factor=0.5, routing="skew_dummy",
+          overflow=True),
+    _case("sparse", 12, 40, 11, 8, 2, 4, static_max_tokens=16, capacity_factor=0.5, routing="skew", overflow=True,
+          triton=True, fp8_dispatch=True, dtype=torch.float16),
 ]
 
 
@@ -215,17 +265,19 @@ def test_bytes_reach_metrics() -> None:
             for r in range(2):
                 expert = ExpertStatsSnapshot(rank=r, routed_tokens=[], all2all_bytes_sent=100 * (r + 1),
                                              all2all_layer_bytes_sent=[60 * (r + 1), 40 * (r + 1)],
-                                             all2all_layer_allgather_bytes=[300, 200])
+                                             all2all_layer_allgather_bytes=[300, 200], all2all_overflow_reruns=3 * r)
                 coord.handle(StatsReport(stats=RankStats(r, 0, 0, 0.0, 0, 0, 0, 0), expert=expert, first=True))
             stats = coord.cluster_stats()
         finally:
             coord.ctx.destroy(linger=0)
     assert stats.all2all_bytes_sent == [100, 200] and stats.all2all_allgather_bytes == [500, 500]
+    assert stats.all2all_overflow_reruns == [0, 3]
     metrics = Metrics("m")
     metrics.cluster.update(stats)
     text = metrics.render().decode()
     assert 'moe_all2all_bytes_sent_total{rank="1"} 200.0' in text
     assert 'moe_all2all_allgather_equivalent_bytes_total{rank="0"} 500.0' in text
+    assert 'moe_all2all_overflow_reruns_total{rank="1"} 3.0' in text
 
 
 def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
@@ -245,3 +297,29 @@ def test_fp8_dispatch_is_lossless_for_fp8_experts() -> None:
     x8 = dequantize_rows(*quantize_rows(x), torch.bfloat16)
     assert not torch.equal(x8, x)
     assert torch.equal(fused_experts_ref(x8, w13, w2, w, ids, w13_scale=w13_scale, w2_scale=w2_scale), plain)
+
+
+def test_capacity_slots_cover_uniform_routing() -> None:
+    """The static slots: the hit fraction f is what uniform top-k routing gives, the slots (factor 1: mean + 4 sd)
+    hold every block of 400 random steps, C <= T, factor 0 = T, and bad flags are one-line errors."""
+    from runtime.config import EngineConfig
+    from runtime.distributed.all2all_sparse import capacity_slots, rank_hit_fraction
+
+    num_experts, num_ranks, top_k, num_tokens = 128, 8, 8, 256
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.rand(400, num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices  # [steps, T, k]
+    hit = torch.zeros(400, num_tokens, num_ranks, dtype=torch.bool).scatter_(2, ids // (num_experts // num_ranks), True)
+    per_block = hit.sum(1)  # [steps, P] rows one source sends one destination
+    f = rank_hit_fraction(num_experts, num_ranks, top_k)
+    assert abs(per_block.float().mean().item() / num_tokens - f) < 0.01 and abs(f - 0.667) < 0.001
+    cap = capacity_slots(num_tokens, num_experts, num_ranks, top_k, 1.0)
+    assert cap < num_tokens and int(per_block.max()) <= cap
+    assert capacity_slots(num_tokens, num_experts, num_ranks, top_k, 1.1) > cap
+    # factor 1.25 would keep 252 of 256 slots: not worth an overflow check, no limit
+    assert capacity_slots(num_tokens, num_experts, num_ranks, top_k, 1.25) == num_tokens
+    assert capacity_slots(num_tokens, num_experts, num_ranks, top_k, 0.0) == num_tokens
+    assert all(1 <= capacity_slots(t, 8, 4, 2, 0.01) <= t for t in range(1, 40))
+    with pytest.raises(ConfigError, match="--all2all-capacity-factor must be >= 0"):
+        EngineConfig(all2all_capacity_factor=-1.0)
+    with pytest.raises(ConfigError, match="--all2all-static-max-tokens must be >= 0"):
+        EngineConfig(all2all_static_max_tokens=-1)

@@ -117,3 +117,25 @@ def test_scheduler_preempts_newest_and_frees_everything():
     sch.finish(a, "stop")
     sch.finish(b, "abort")
     assert bm.num_free_blocks == 4 and not sch.has_unfinished()
+
+
+def test_scheduler_first_scheduled_time_survives_preemption():
+    # vLLM's queue time ends at the first scheduling; a preempted and re-queued request keeps it
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = seq("a", list(range(7))), seq("b", list(range(10, 17)))
+    assert b.first_scheduled_time is None and b.queued_time <= a.queued_time + 1.0
+    sch.add(a)
+    sch.add(b)
+    sch.schedule()
+    first = b.first_scheduled_time
+    assert first is not None and first >= b.queued_time
+    for s in (a, b):
+        s.num_computed_tokens = len(s)
+        s.token_ids += [1, 2]
+    sch.schedule()
+    assert b.num_preemptions == 1 and b.first_scheduled_time == first
+    sch.finish(a, "stop")
+    assert sch.schedule().seqs == [b] and b.first_scheduled_time == first
+    queue_time, prefill_time = b.first_token_timings()
+    assert queue_time == first - b.queued_time and prefill_time > 0

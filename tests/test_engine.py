@@ -100,6 +100,25 @@ def test_preemption_by_recompute(checkpoints):
     assert_no_leak(llm)
 
 
+def test_first_delta_carries_queue_and_prefill_time(checkpoints):
+    # one sequence at a time: the second request waits in the engine's queue while the first runs
+    llm = make_llm(checkpoints["Qwen3MoeForCausalLM"], max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for rid, ids in zip("ab", prompts((9, 7))):
+        llm.engine.add_request(AddRequest(rid, ids, params))
+    deltas = []
+    while llm.engine.has_unfinished():
+        deltas += llm.engine.step()
+    timed = {d.request_id: (d.queue_time, d.prefill_time) for d in deltas if d.queue_time is not None}
+    assert [d.request_id for d in deltas if d.prefill_time is not None] == ["a", "b"]  # the first delta only
+    assert [d.num_prompt_tokens > 0 for d in deltas] == [d.queue_time is not None for d in deltas]
+    (queue_a, prefill_a), (queue_b, prefill_b) = timed["a"], timed["b"]
+    assert 0 <= queue_a < queue_b and prefill_a > 0 and prefill_b > 0
+    # b's wait spans a's whole run, its prefill included, on the same clock
+    assert queue_b >= prefill_a
+    assert_no_leak(llm)
+
+
 def test_stop_strings_n_seeds_and_errors(checkpoints):
     llm = make_llm(checkpoints["Qwen3MoeForCausalLM"])
     tok = llm.get_tokenizer()

@@ -56,6 +56,22 @@ def test_pack_matches_reference(num_tokens: int, hidden: int, top_k: int, num_ra
     assert (ids >= 0).any() and (ids < 0).any()
 
 
+def test_pack_writes_the_flag_word() -> None:
+    """The overflow flag (a device scalar) lands in every row's flag word, Triton and reference alike."""
+    num_tokens, hidden, top_k, num_ranks, num_rows = 5, 33, 2, 4, 12
+    x, _, w, dest, local, pair_of = _pack_inputs(num_tokens, hidden, top_k, num_ranks, num_rows, torch.float32, False)
+    off = 8 * top_k + 4
+    outs = []
+    for pack in (sparse_pack, sparse_pack_ref):
+        buf = torch.zeros(num_rows, off + 4 * hidden + 12, dtype=torch.uint8)
+        pack(x, None, w, dest, local, pair_of, num_ranks, buf[:, : 4 * top_k].view(torch.float32),
+             buf[:, 4 * top_k : 8 * top_k].view(torch.int32), buf[:, off : off + 4 * hidden].view(torch.float32),
+             None, torch.tensor([1], dtype=torch.int32), buf[:, 8 * top_k : off].view(torch.int32).view(-1))
+        outs.append(buf)
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0][:, 8 * top_k : off].view(torch.int32) == 1).all()
+
+
 @pytest.mark.parametrize("num_tokens, hidden, num_ranks, dtype", [(9, 37, 4, torch.float32),
                                                                   (4, 1100, 2, torch.float16)])
 def test_combine_matches_reference(num_tokens: int, hidden: int, num_ranks: int, dtype: torch.dtype) -> None:
@@ -80,6 +96,30 @@ def test_route_matches_reference(num_tokens: int, top_k: int, num_local: int, nu
     want = sparse_route_ref(ids, num_local, num_ranks)
     for name, a, b in zip(("dest", "local", "slot_of", "pair_of", "counts"), got, want):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks, capacity", [(70, 3, 2, 4, 9), (13, 8, 4, 8, 5),
+                                                                               (9, 2, 3, 3, 1)])
+def test_route_with_capacity(num_tokens: int, top_k: int, num_local: int, num_ranks: int, capacity: int) -> None:
+    """C slots per destination: the first C pairs of each destination (token order) keep their slot, the rest
+    get none; the counts still hold every pair wanted (what overflowed = counts - C)."""
+    gen = torch.Generator().manual_seed(num_tokens + capacity)
+    logits = torch.randn(num_tokens, num_local * num_ranks, generator=gen)
+    ids = logits.topk(top_k, dim=-1).indices.to(torch.int32)
+    ids[num_tokens - 2 :] = -1
+    got = sparse_route(ids, num_local, num_ranks, capacity)
+    want = sparse_route_ref(ids, num_local, num_ranks, capacity)
+    for name, a, b in zip(("dest", "local", "slot_of", "pair_of", "counts"), got, want):
+        assert torch.equal(a, b), name
+    dest, _, slot_of, pair_of, counts = want
+    full = sparse_route_ref(ids, num_local, num_ranks)
+    assert pair_of.shape == (num_ranks * capacity,) and torch.equal(counts, full[4])
+    assert (counts > capacity).any()  # the sizes above overflow
+    kept = slot_of < num_ranks * capacity  # [T, P]
+    assert torch.equal(kept.sum(0), counts.clamp(max=capacity))
+    # a kept pair sits in its destination's block at the same place as without the capacity
+    rank_of = torch.arange(num_ranks).expand_as(slot_of)
+    assert torch.equal(slot_of[kept] - rank_of[kept] * capacity, full[2][kept] - rank_of[kept] * num_tokens)
 
 
 @pytest.mark.parametrize("rows, hidden, top_k, dtype, fp8", [(7, 37, 3, torch.float32, False),

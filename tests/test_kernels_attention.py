@@ -88,7 +88,11 @@ def test_decode_num_splits_grow_as_the_batch_shrinks():
     assert decode_num_splits(1, 8, 32768, 132) == 33
     assert decode_num_splits(16, 4, 131072, 132) == 5
     assert decode_num_splits(256, 4, 4096, 132) == 1
-    assert decode_num_splits(1, 4, 1024, 132) == 4  # at least 256 tokens per split
+    # B=1 at 4k fills the GPU: 4 KV heads x 32 splits of 128 tokens (it was 16 splits of 256: 64 of 132 SMs)
+    assert decode_num_splits(1, 4, 4096, 132) == 32
+    assert decode_num_splits(1, 4, 1024, 132) == 8  # at least min_split_tokens (128) per split
+    assert decode_num_splits(1, 4, 4096, 132, programs_per_sm=4, min_split_tokens=64) == 64
+    assert decode_num_splits(2, 4, 4096, 132, programs_per_sm=1, min_split_tokens=64) == 17
 
 
 @pytest.mark.parametrize("case", CPU_CASES)

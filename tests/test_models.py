@@ -29,8 +29,7 @@ class RefAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch,
                 scale: float) -> torch.Tensor:
         k_cache, v_cache = batch.kv_caches[layer_id]
-        if not batch.is_dummy:
-            store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
+        store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
         return paged_attention_prefill_ref(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens,
                                            batch.block_tables, scale, batch.max_seqlen_q)
 

@@ -63,6 +63,8 @@ BAD = [
     ({"model": "fake", "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"model": "fake", "prompt": "hi", "data_parallel_rank": 5}, 400, "data_parallel_rank"),
     ({"model": "fake", "prompt": "hi", "data_parallel_rank": -1}, 400, "data_parallel_rank"),
+    ({"model": "fake", "prompt": "hi", "priority": 1}, 400, "priority"),
+    ({"model": "fake", "prompt": "hi", "cache_salt": "tenant-a"}, 400, "cache_salt"),
 ]
 
 BAD_CHAT = [
@@ -83,6 +85,10 @@ BAD_CHAT = [
         400,
         "response_format.type",
     ),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"}, 400,
+     "chat_template"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "documents": "a"}, 400, "documents"),
     (
         {"model": "fake", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"x": 1}, "n": -1},
         400,

@@ -221,10 +221,15 @@ def test_vllm_named_metrics(base_url: str, client: openai.OpenAI) -> None:
     assert after["vllm:prompt_tokens_total" + m] - before["vllm:prompt_tokens_total" + m] == out.usage.prompt_tokens
     assert after["vllm:request_success_total,finished_reason=length" + m] >= 1
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
-                 "vllm:time_per_output_token_seconds_count"):
+                 "vllm:time_per_output_token_seconds_count", "vllm:request_queue_time_seconds_count",
+                 "vllm:request_prefill_time_seconds_count"):
         assert after[name + m] > before.get(name + m, 0), name
     assert "vllm:num_requests_running,engine=0" + m in after and "vllm:num_requests_waiting,engine=0" + m in after
     assert "vllm:kv_cache_usage_perc,engine=0" + m in after
+    # the engine's durations, through the rank loop's msgpack: a prefill of a few tokens, under a minute
+    name = "vllm:request_prefill_time_seconds_sum" + m
+    prefill = after[name] - before.get(name, 0)
+    assert 0 < prefill < 60
 
 
 def test_echo_and_prompt_logprobs(client: openai.OpenAI) -> None:

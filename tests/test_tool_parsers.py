@@ -105,6 +105,9 @@ def test_reasoning_split_whole_and_streamed(case: tuple) -> None:
     for cut in range(len(text) + 1):
         r, c, _ = _stream(ChatOutput(parser, in_think, None, None), text, cut)
         assert ((r or None), (c or None)) == (reasoning, content), cut
+    out = ChatOutput(parser, in_think, None, None)  # character by character
+    pieces = [out.feed(ch, final=i == len(text) - 1)[:2] for i, ch in enumerate(text)]
+    assert ("".join(r for r, _ in pieces) or None, "".join(c for _, c in pieces) or None) == (reasoning, content)
 
 
 def test_reasoning_then_tool_call() -> None:

@@ -333,6 +333,8 @@ class Coordinator:
                             all2all_bytes_sent=[e.all2all_bytes_sent if e else 0 for e in self.stats.expert],
                             all2all_allgather_bytes=[sum(e.all2all_layer_allgather_bytes) if e else 0
                                                      for e in self.stats.expert],
+                            all2all_overflow_reruns=[e.all2all_overflow_reruns if e else 0
+                                                     for e in self.stats.expert],
                             coordinator_id=self.coordinator_id)
 
     def tick(self) -> None:

@@ -1,8 +1,9 @@
 """One engine rank's process: init the groups, build dispatcher + LLMEngine, then serve the sockets.
 
-Lockstep (EP on): schedule -> StepReport -> wait for StepCommand (taking requests meanwhile; an idle rank
-that gets one schedules again and re-reports the same step) -> execute(pad_to) -> outputs to the front end.
-Free-running (no EP): take requests, step, send outputs; report load whenever it changes.
+Lockstep (EP over 2+ DP ranks: config.needs_lockstep): schedule -> StepReport -> wait for StepCommand (taking
+requests meanwhile; an idle rank that gets one schedules again and re-reports the same step) -> execute(pad_to)
+-> outputs to the front end.
+Free-running (no EP, or a single DP rank): take requests, step, send outputs; report load whenever it changes.
 Outputs go straight to the front end; the coordinator only sees reports.
 Liveness: a heartbeat thread (runtime/cluster/heartbeat.py) beats every HEARTBEAT_INTERVAL_S, also inside a long
 step, with a progress counter that moves between layers: the coordinator tells busy from hung. Between steps
@@ -374,7 +375,7 @@ def engine_main(config_json: str, addrs_json: str) -> None:
         engine.scheduler.mixed_step_token_budget = config.mixed_step_token_budget  # served ranks only
         interval = 1e9 if config.disable_log_stats and not config.expert_stats_file else config.log_stats_interval
         epoch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        RankLoop(engine, parallel.dp_rank, addrs, lockstep=parallel.is_ep, stats_interval=interval,
+        RankLoop(engine, parallel.dp_rank, addrs, lockstep=config.needs_lockstep, stats_interval=interval,
                    expert_stats=expert_stats, epoch=epoch, lookahead=config.lockstep_lookahead).run()
         engine.runner.stop_followers()
     except StopSignal as stop:

@@ -91,10 +91,12 @@ def default_capacity(max_num_seqs: int, max_num_batched_tokens: int) -> int:
 FP8_GROUP = 128  # FP8 dispatch: one scale per 128 channels of a token, as the FP8 experts quantize activations
 
 
-def row_layout(hidden_size: int, top_k: int, dtype: torch.dtype, fp8: bool = False) -> tuple[int, int]:
-    """One packed row: fp32 weights [k] | int32 local ids [k] | (fp8: fp32 scales [ceil(H / 128)]) | hidden,
-    padded to 16 B. Returns (byte offset of the hidden part, row bytes); fields start aligned for their views."""
-    hidden_offset = 8 * top_k + (4 * -(-hidden_size // FP8_GROUP) if fp8 else 0)
+def row_layout(hidden_size: int, top_k: int, dtype: torch.dtype, fp8: bool = False,
+               flag: bool = False) -> tuple[int, int]:
+    """One packed row: fp32 weights [k] | int32 local ids [k] | (flag: one int32 word) | (fp8: fp32 scales
+    [ceil(H / 128)]) | hidden, padded to 16 B. Returns (byte offset of the hidden part, row bytes); fields start
+    aligned for their views (every field is a multiple of 4 bytes)."""
+    hidden_offset = 8 * top_k + (4 if flag else 0) + (4 * -(-hidden_size // FP8_GROUP) if fp8 else 0)
     hidden_bytes = hidden_size * (1 if fp8 else dtype.itemsize)
     return hidden_offset, math.ceil((hidden_offset + hidden_bytes) / _ALIGN) * _ALIGN
 

@@ -19,7 +19,9 @@ from runtime.config import ConfigError, EngineConfig
 AGREED_FIELDS = (
     "data_parallel_size", "enable_expert_parallel", "expert_token_capacity", "max_num_seqs",
     "max_num_batched_tokens", "max_model_len", "block_size", "dtype", "quantization", "kernel_backend",
-    "enforce_eager", "max_cudagraph_batch_size", "device", "tensor_parallel_size", "max_mixed_cudagraph_tokens",
+    "enforce_eager", "max_cudagraph_batch_size", "device", "tensor_parallel_size",
+    "all2all_backend", "all2all_fp8_dispatch", "all2all_capacity_factor", "all2all_static_max_tokens",
+    "max_mixed_cudagraph_tokens",
 )
 KEY = "moe-rt/config-agreement"
 

@@ -3,7 +3,9 @@
 - routed tokens per (MoE layer, expert): a [num_moe_layers, num_experts] int64 counter on the device, updated
   inside the forward (CUDA-graph safe: no host sync; padding and dummy rows arrive with expert id -1);
 - all2all traffic: (token, remote rank) pairs and bytes sent / received, also device counters, and per MoE
-  layer the bytes sent next to what the allgather backend would have sent (the routing-aware saving);
+  layer the bytes sent next to what the allgather backend would have sent (the routing-aware saving); the
+  bytes include both passes of a step whose fixed-capacity exchange overflowed and was re-run, the
+  allgather-equivalent counts each step once; the pairs that did not fit and the number of such re-runs;
 - with timing on (eager steps only: graph replays run no Python), the step time split into attention /
   MoE compute / all2all / other, from module hooks and the dispatcher's collectives.
 Everything is read once per stats interval (the only host sync) and travels as an ExpertStatsSnapshot.
@@ -64,9 +66,14 @@ class ExpertStats:
         self.device = device
         self.routed_tokens = torch.zeros(max(num_moe_layers, 1), max(num_experts, 1), dtype=torch.int64,
                                          device=device)
-        # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives]; tokens are (token,
-        # remote rank) pairs, bytes those that left / reached this rank (a rank's copy to itself excluded)
-        self.all2all = torch.zeros(5, dtype=torch.int64, device=device)
+        # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives, overflow_pairs]; tokens
+        # are (token, remote rank) pairs, bytes those that left / reached this rank (a rank's copy to itself
+        # excluded); overflow_pairs: (token, rank) pairs past a static exchange's slots (the step was re-run)
+        self.all2all = torch.zeros(6, dtype=torch.int64, device=device)
+        # routed_tokens before the current step, kept while a step may still be re-run (its first pass's
+        # routing is then taken back: the re-run counts the step's real routing)
+        self.routed_before = torch.zeros_like(self.routed_tokens)
+        self.num_overflow_reruns = 0  # steps re-run because a fixed-capacity exchange overflowed
         # per MoE layer: [bytes sent, bytes the allgather backend would have sent for the same steps,
         # (token, remote rank) pairs sent]
         self.layer_traffic = torch.zeros(max(num_moe_layers, 1), 3, dtype=torch.int64, device=device)
@@ -79,11 +86,14 @@ class ExpertStats:
         self._hooks: list[Any] = []
 
     # ---- inside the forward (called by the all2all backend) ----
-    def record_routing(self, topk_ids: torch.Tensor) -> int:
-        """Counts (token, expert) pairs; returns the MoE layer index for record_exchange."""
+    def record_routing(self, topk_ids: torch.Tensor, checkpoint: bool = False) -> int:
+        """Counts (token, expert) pairs; returns the MoE layer index for record_exchange. checkpoint: this step
+        may be re-run (rerun_step), so its first MoE layer keeps a copy of the counts (a device copy: graph-safe)."""
         # topk_ids: [T, k] global expert ids of this rank's tokens, -1 on padding rows (the MoE layer masks them)
         ids = topk_ids.reshape(-1).long()
         layer = self._layer_cursor
+        if checkpoint and layer == 0:
+            self.routed_before.copy_(self.routed_tokens)
         self.routed_tokens[layer].scatter_add_(0, ids.clamp(min=0), (ids >= 0).to(torch.int64))
         self._layer_cursor = (layer + 1) % max(self.num_moe_layers, 1)
         return layer
@@ -102,6 +112,14 @@ class ExpertStats:
         self.all2all[4] += num_collectives
         self.layer_traffic[layer, 0] += bytes_sent
         self.layer_traffic[layer, 1] += allgather_bytes
+
+    def record_overflow(self, num_pairs: torch.Tensor) -> None:
+        self.all2all[5] += num_pairs
+
+    def rerun_step(self) -> None:
+        """The step just run overflowed a static exchange and runs again: take back its routing counts."""
+        self.routed_tokens.copy_(self.routed_before)
+        self.num_overflow_reruns += 1
 
     def time_start(self) -> Any:
         return self.clock.now() if self.timed else None
@@ -154,7 +172,7 @@ class ExpertStats:
 
     def counters(self) -> torch.Tensor:
         """Every counter in one int64 host tensor: routed tokens [num_moe_layers * E], per-layer traffic
-        [num_moe_layers * 3], then all2all [5]."""
+        [num_moe_layers * 3], then all2all [6]."""
         n = self.num_moe_layers
         return torch.cat([self.routed_tokens[:n].flatten(), self.layer_traffic[:n].flatten(), self.all2all]).cpu()
 
@@ -165,11 +183,13 @@ class ExpertStats:
         n, e = self.num_moe_layers, self.routed_tokens.shape[1]
         routed = counters[: n * e].view(n, e)
         layer_bytes = counters[n * e : n * e + 3 * n].view(n, 3).tolist()
-        a2a = counters[-5:].tolist()
+        a2a = counters[-6:].tolist()
         return ExpertStatsSnapshot(
             rank=rank, routed_tokens=routed.tolist(),
             all2all_tokens_sent=a2a[0], all2all_tokens_received=a2a[1], all2all_bytes_sent=a2a[2],
             all2all_bytes_received=a2a[3], num_forward_steps=self.num_forward_steps, time_split=self.time_split(),
             all2all_layer_bytes_sent=[b[0] for b in layer_bytes],
             all2all_layer_allgather_bytes=[b[1] for b in layer_bytes],
+            # every TP rank of an engine re-runs the same steps: the engine's count is this rank's
+            all2all_overflow_pairs=a2a[5], all2all_overflow_reruns=self.num_overflow_reruns,
         )

@@ -30,8 +30,6 @@ class PagedAttention:
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        if batch.is_dummy:  # lockstep filler: nothing real to attend to, nothing to store
-            return torch.zeros_like(q)
         k_cache, v_cache = batch.kv_caches[layer_id]
         k_scale, v_scale = self.kv_scales[layer_id] if self.kv_scales is not None else (1.0, 1.0)
         self.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)

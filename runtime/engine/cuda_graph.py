@@ -1,8 +1,9 @@
 """Decode steps captured as CUDA graphs, one per padded batch size, sharing one memory pool.
 
 Inputs live in static buffers that each step copies into; padding rows have seq_len 0 and slot -1,
-which the kernels skip. A dummy (lockstep) step replays the same graph with every row padding, so it
-issues exactly the collectives of a real step of that size.
+which the kernels skip. A dummy (lockstep) step replays a graph of its own per size: only the MoE layers'
+dispatch / local experts / combine (models/moe.py DummyForward), the same collectives as a real step of
+that size and nothing else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import torch
 
 from models.forward_batch import AttentionBackend, ForwardBatch
+from models.moe import DummyForward
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class CudaGraphRunner:
         max_batch: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        dummy: DummyForward | None = None,
     ) -> None:
         self.model = model
         self.sizes = graph_batch_sizes(max_batch)
@@ -46,6 +49,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.batches: dict[int, ForwardBatch] = {}
+        self.dummy_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # empty: no MoE layer with collectives
         pool = None
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             fb = ForwardBatch(
@@ -68,8 +72,16 @@ class CudaGraphRunner:
             pool = graph.pool()
             self.graphs[size] = graph
             self.batches[size] = fb
+            if dummy is not None and dummy.layers:
+                # every EP rank captures the same sizes in the same order, so the warm-up collectives pair up
+                dummy(size)
+                torch.cuda.synchronize(device)
+                self.dummy_graphs[size] = graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    dummy(size)
         torch.cuda.synchronize(device)
-        logger.info("captured %d CUDA graphs for decode batch sizes up to %d", len(self.sizes), n)
+        logger.info("captured %d CUDA graphs for decode batch sizes up to %d (%d for dummy steps)", len(self.sizes), n,
+                    len(self.dummy_graphs))
 
     def bucket(self, num_tokens: int) -> int | None:
         for size in self.sizes:
@@ -95,6 +107,5 @@ class CudaGraphRunner:
     def replay_dummy(self, num_tokens: int) -> None:
         size = self.bucket(num_tokens)
         assert size is not None
-        self.slot_mapping[:size].fill_(-1)
-        self.seq_lens[:size].zero_()
-        self.graphs[size].replay()
+        if size in self.dummy_graphs:
+            self.dummy_graphs[size].replay()

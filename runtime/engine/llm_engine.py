@@ -281,6 +281,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
                 self.structured.release(seq.request_id)
+            timings = seq.first_token_timings() if first else (None, None)
             deltas.append(
                 TokenDelta(
                     request_id=seq.request_id,
@@ -291,6 +292,8 @@ class LLMEngine:
                     num_prompt_tokens=seq.num_prompt_tokens if first else 0,
                     num_cached_tokens=seq.num_cached_tokens if first else 0,
                     prompt_logprobs=prompt_lps,
+                    queue_time=timings[0],
+                    prefill_time=timings[1],
                 )
             )
         return deltas

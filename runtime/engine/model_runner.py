@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.forward_batch import AttentionBackend, ForwardBatch
+from models.moe import DummyForward
 from runtime.engine.cuda_graph import CudaGraphRunner
 from runtime.engine.mixed_graphs import MixedGraphs, fill_tile_map, mixed_graph_sizes, model_tile_q
 from runtime.engine.scheduler import ScheduledBatch
@@ -60,10 +61,16 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(spec.num_layers)]
         self._staging: dict[torch.dtype, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        # an all2all whose fixed-capacity (graph) exchange can overflow: such a step runs again, exactly (_rerun)
+        self.dispatcher = next((m.dispatcher for m in model.modules()
+                                if hasattr(getattr(m, "dispatcher", None), "overflowed")), None)
+        # a dummy step's forward: the MoE layers' collectives and local experts only (static inputs for the graphs)
+        self.dummy_forward = DummyForward(model, max(cuda_graph_max_batch, mixed_graph_tokens))
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
             self.graphs = CudaGraphRunner(
-                model, self.kv_caches, attn_backend, cuda_graph_max_batch, self.max_blocks_per_seq, device
+                model, self.kv_caches, attn_backend, cuda_graph_max_batch, self.max_blocks_per_seq, device,
+                self.dummy_forward,
             )
         # mixed steps padded to buckets; captured on the GPU, eager (the same padded plan) where set up without
         self.mixed: MixedGraphs | None = None
@@ -170,7 +177,8 @@ class ModelRunner:
         return self.run(plan, extra_rows)
 
     def execute_dummy(self, num_tokens: int) -> None:
-        """A lockstep filler step: the same collectives as a real step of num_tokens tokens, no KV, no output."""
+        """A lockstep filler step: the same collectives as a real step of num_tokens tokens (each MoE layer's
+        dispatch and combine, the local experts on what arrives), nothing else: no KV, no output."""
         plan = StepPlan(DUMMY, max(1, num_tokens))
         self._send(plan)
         self.run(plan)
@@ -242,6 +250,9 @@ class ModelRunner:
             hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
         else:
             hidden = self.model(prepared.input_ids, prepared.positions, fb)
+        if self._rerun(self.rows_run(plan)):
+            with self.dispatcher.exact():  # type: ignore[union-attr]
+                hidden = self.model(prepared.input_ids, prepared.positions, fb)
         if prepared.sample_rows:
             rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
@@ -275,24 +286,18 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _rerun(self, num_tokens: int) -> bool:
+        """After a forward, before anything is sampled: did its all2all overflow a fixed capacity on any EP
+        rank? Then every rank runs the step again, eagerly and exactly (the KV writes repeat the same values)."""
+        return self.dispatcher is not None and self.dispatcher.overflowed(num_tokens)
+
     def _run_dummy(self, num_tokens: int) -> None:
-        if self.graphs is not None and self.graphs.bucket(num_tokens) is not None:
+        # the agreed size is already a graph bucket when one covers it (padded_size); eager otherwise
+        bucket = self.graphs.bucket(num_tokens) if self.graphs is not None else None
+        if bucket is not None:
             self.graphs.replay_dummy(num_tokens)
-            return
-        if self.mixed is not None and self.mixed.captured and num_tokens in self.mixed.sizes:
-            self.mixed.replay_dummy(num_tokens)  # a mixed size: the same collectives as the others' mixed graph
-            return
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        fb = ForwardBatch(
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
-            cu_seqlens_q=torch.arange(num_tokens + 1, dtype=torch.int32, device=self.device),
-            seq_lens=torch.zeros(num_tokens, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(num_tokens, 1, dtype=torch.int32, device=self.device),
-            max_seqlen_q=1,
-            max_seqlen_k=0,
-            is_decode=True,
-            kv_caches=self.kv_caches,
-            attn_backend=self.attn_backend,
-            is_dummy=True,
-        )
-        self.model(ids, ids, fb)
+        else:
+            self.dummy_forward(num_tokens)
+        if self._rerun(bucket or num_tokens):  # another rank's exchange overflowed: join its re-run
+            with self.dispatcher.exact():  # type: ignore[union-attr]
+                self.dummy_forward(num_tokens)

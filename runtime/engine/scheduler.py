@@ -111,6 +111,7 @@ class Scheduler:
             num_new = min(seq.num_uncomputed_tokens, budget)
             bm.grow(seq, seq.num_computed_tokens + num_new)
             seq.status = Status.RUNNING
+            seq.mark_scheduled()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)

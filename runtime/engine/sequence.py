@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 from runtime.sampling_params import SamplingParams
 
@@ -40,6 +41,10 @@ class Sequence:
         # per prompt position j, the scored prompt token j + 1 (runtime/engine/prompt_logprobs.py), when asked
         self.prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
         self.prompt_logprobs_sent = False
+        # on the engine's own monotonic clock, for vLLM's queue and prefill time histograms: only durations
+        # leave the engine, so no clock of another process or node is compared with it
+        self.queued_time = time.monotonic()  # reached the engine
+        self.first_scheduled_time: float | None = None  # first admitted to a batch; a preemption keeps it
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -60,6 +65,15 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    def mark_scheduled(self) -> None:
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = time.monotonic()
+
+    def first_token_timings(self) -> tuple[float, float]:
+        """(queue time, first scheduled to now) in seconds: called as the first output token is sampled."""
+        scheduled = self.first_scheduled_time if self.first_scheduled_time is not None else self.queued_time
+        return scheduled - self.queued_time, time.monotonic() - scheduled
 
     @property
     def is_finished(self) -> bool:

@@ -1,0 +1,174 @@
+"""Problems for benchmarks/tune_attention.py: one paged KV cache + queries each, the kernel call, the torch
+reference (fp32) and torch SDPA on contiguous KV (the baseline)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels.attention import paged_attention_prefill
+from kernels.decode_attention import decode_num_splits, paged_attention_decode, paged_attention_decode_ref
+
+HEAD_DIM, BLOCK = 128, 16
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+FP8_SCALES = (1.0, 0.5)  # k_scale, v_scale: the cache holds x / scale; N(0, 1) values sit well inside e4m3
+DT = torch.bfloat16
+DEVICE = "cuda"  # "cpu" (with TRITON_INTERPRET=1 and float16) for the smoke test in tests/
+
+
+def paged_cache(batch: int, ctx: int, kv_heads: int, kv: str, seed: int = 0):
+    # randomly permuted pages (no two consecutive blocks adjacent in memory, as after a while of serving)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    blocks_per_seq = triton.cdiv(ctx, BLOCK)
+    num_blocks = batch * blocks_per_seq
+    k = torch.randn(num_blocks, BLOCK, kv_heads, HEAD_DIM, device=DEVICE, dtype=DT, generator=g)
+    v = torch.randn(num_blocks, BLOCK, kv_heads, HEAD_DIM, device=DEVICE, dtype=DT, generator=g)
+    if kv == "fp8":
+        k, v = k.to(KV_DTYPES[kv]), v.to(KV_DTYPES[kv])
+    tables = torch.randperm(num_blocks, device=DEVICE, generator=g).to(torch.int32).view(batch, blocks_per_seq)
+    return k, v, tables
+
+
+def contiguous_kv(cache: torch.Tensor, tables: torch.Tensor, ctx: int, scale: float) -> torch.Tensor:
+    # [batch, ctx, kv_heads, head_dim] in bf16 (an FP8 cache dequantized)
+    kv = cache[tables.long()].flatten(1, 2)[:, :ctx]
+    return (kv.float() * scale).to(DT) if kv.dtype != DT else kv
+
+
+@dataclass
+class DecodeCase:
+    batch: int
+    ctx: int
+    kv: str
+    heads: int = 32
+    kv_heads: int = 4
+    t: dict = field(default_factory=dict)  # the tensors, between build() and free()
+    sdpa: object = None
+
+    @property
+    def name(self) -> str:
+        return f"decode B={self.batch} ctx={self.ctx} {self.kv} {self.heads}/{self.kv_heads}"
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        return FP8_SCALES if self.kv == "fp8" else (1.0, 1.0)
+
+    def kv_bytes(self) -> int:
+        return 2 * self.batch * self.ctx * self.kv_heads * HEAD_DIM * KV_DTYPES[self.kv].itemsize
+
+    def splits(self, cfg: dict, num_sms: int) -> int:
+        # what paged_attention_decode picks: the block table is exactly as wide as the context
+        return decode_num_splits(self.batch, self.kv_heads, triton.cdiv(self.ctx, BLOCK) * BLOCK, num_sms,
+                                 cfg["programs_per_sm"], cfg["min_split_tokens"])
+
+    def build(self) -> None:
+        k, v, tables = paged_cache(self.batch, self.ctx, self.kv_heads, self.kv)
+        q = torch.randn(self.batch, self.heads, HEAD_DIM, device=DEVICE, dtype=DT)
+        lens = torch.full((self.batch,), self.ctx, device=DEVICE, dtype=torch.int32)
+        self.t = {"q": q, "k": k, "v": v, "lens": lens, "tables": tables}
+        if self.batch * self.ctx <= 1 << 21:  # SDPA gets its own contiguous bf16 copy
+            kc = contiguous_kv(k, tables, self.ctx, self.scales[0]).transpose(1, 2)
+            vc = contiguous_kv(v, tables, self.ctx, self.scales[1]).transpose(1, 2)
+            qs = q[:, :, None, :]
+            self.sdpa = lambda: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5, enable_gqa=True)
+
+    def run(self, cfg: dict, splits: int) -> torch.Tensor:
+        t = self.t
+        return paged_attention_decode(t["q"], t["k"], t["v"], t["lens"], t["tables"], HEAD_DIM**-0.5, *self.scales,
+                                      num_splits=splits, config=cfg)
+
+    def reference(self) -> torch.Tensor:
+        t = self.t
+        return paged_attention_decode_ref(t["q"], t["k"], t["v"], t["lens"], t["tables"], HEAD_DIM**-0.5,
+                                          *self.scales)
+
+    def free(self) -> None:
+        self.t, self.sdpa = {}, None
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class PrefillCase:
+    q_len: int
+    prefix: int  # cached tokens before the chunk: 0 = a plain causal prefill
+    kv: str
+    heads: int = 32
+    kv_heads: int = 4
+    t: dict = field(default_factory=dict)
+    sdpa: object = None
+
+    @property
+    def kind(self) -> str:
+        return "extend" if self.prefix else "prefill"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.q_len}+{self.prefix} {self.kv} {self.heads}/{self.kv_heads}"
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        return FP8_SCALES if self.kv == "fp8" else (1.0, 1.0)
+
+    def flops(self) -> float:
+        return 4 * self.heads * HEAD_DIM * self.q_len * (self.prefix + self.q_len / 2)
+
+    def build(self) -> None:
+        kv_len = self.prefix + self.q_len
+        k, v, tables = paged_cache(1, kv_len, self.kv_heads, self.kv, seed=1)
+        q = torch.randn(self.q_len, self.heads, HEAD_DIM, device=DEVICE, dtype=DT)
+        cu = torch.tensor([0, self.q_len], device=DEVICE, dtype=torch.int32)
+        lens = torch.tensor([kv_len], device=DEVICE, dtype=torch.int32)
+        self.t = {"q": q, "k": k, "v": v, "cu": cu, "lens": lens, "tables": tables}
+        kc = contiguous_kv(k, tables, kv_len, self.scales[0]).transpose(1, 2)  # [1, kv_heads, kv_len, d]
+        vc = contiguous_kv(v, tables, kv_len, self.scales[1]).transpose(1, 2)
+        qs = q.transpose(0, 1)[None]  # [1, heads, q_len, d]
+        if not self.prefix:
+            self.sdpa = lambda: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5, is_causal=True,
+                                                               enable_gqa=True)
+            return
+        from torch.nn.attention.bias import causal_lower_right
+
+        group = self.heads // self.kv_heads  # the lower-right causal bias path takes no enable_gqa: repeat KV
+        kr, vr = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
+        mask = causal_lower_right(self.q_len, kv_len)
+        self.sdpa = lambda: F.scaled_dot_product_attention(qs, kr, vr, attn_mask=mask, scale=HEAD_DIM**-0.5)
+
+    def run(self, cfg: dict) -> torch.Tensor:
+        t = self.t
+        return paged_attention_prefill(t["q"], t["k"], t["v"], t["cu"], t["lens"], t["tables"], HEAD_DIM**-0.5,
+                                       self.q_len, *self.scales, config=cfg)
+
+    def reference(self) -> torch.Tensor:
+        # fp32, query rows in chunks so that one chunk's scores stay under ~4 GB
+        t = self.t
+        kv_len = self.prefix + self.q_len
+        k = t["k"][t["tables"][0].long()].flatten(0, 1)[:kv_len].float() * self.scales[0]  # [kv_len, kvh, d]
+        v = t["v"][t["tables"][0].long()].flatten(0, 1)[:kv_len].float() * self.scales[1]
+        group = self.heads // self.kv_heads
+        rows = max(16, 2 ** int(math.log2(max(1, (1 << 30) // (self.heads * kv_len)))))
+        out = torch.empty_like(t["q"])
+        pos = torch.arange(kv_len, device=DEVICE)
+        for r0 in range(0, self.q_len, rows):
+            q = t["q"][r0 : r0 + rows].float().view(-1, self.kv_heads, group, HEAD_DIM)  # [c, kvh, g, d]
+            s = torch.einsum("ckgd,nkd->kgcn", q, k) * HEAD_DIM**-0.5
+            q_pos = self.prefix + r0 + torch.arange(q.shape[0], device=DEVICE)
+            s.masked_fill_(pos[None, :] > q_pos[:, None], float("-inf"))
+            o = torch.einsum("kgcn,nkd->ckgd", s.softmax(-1), v)
+            out[r0 : r0 + rows] = o.reshape(q.shape[0], self.heads, HEAD_DIM).to(out.dtype)
+            del s
+        return out
+
+    def free(self) -> None:
+        self.t, self.sdpa = {}, None
+        torch.cuda.empty_cache()
+
+
+DECODE_CASES = [DecodeCase(b, ctx, kv) for kv in ("bf16", "fp8")
+                for b, ctx in ((1, 4096), (1, 32768), (1, 131072), (16, 4096), (64, 4096))]
+EXTEND_CASES = [PrefillCase(8192, 122880, "bf16"), PrefillCase(8192, 122880, "fp8"),
+                PrefillCase(8192, 122880, "bf16", 96, 8)]
+PREFILL_CASES = [PrefillCase(n, 0, "bf16") for n in (1024, 4096, 16384)]

@@ -1,0 +1,127 @@
+"""Compile the paged attention kernels for a Hopper GPU (sm90) on any machine, no GPU needed, and report
+what the compiler made of a tile config: registers, spills, shared memory, how deep K/V are buffered and
+whether the next tile's copy overlaps the dots, and the conversion instructions in the SASS.
+
+python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3
+python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
+
+Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
+arguments get the specializations a launch gives them (pointers and strides divisible by 16), so the binary
+is the one the GPU would run for Qwen3-30B-A3B heads (32 q / 4 KV, head_dim 128, 16-token pages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.attention import _prefill_kernel  # noqa: E402
+from kernels.decode_attention import _decode_kernel  # noqa: E402
+
+HEAD_DIM, BLOCK = 128, 16
+_TYPES = {"bf16": "bf16", "fp8": "fp8e4nv"}
+
+
+def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """triton.compile with the signature and divisibility attributes a launch with these values would get."""
+    sig, attrs, consts = {}, {}, {}
+    unspecialized = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name], consts[(i,)] = "constexpr", constexprs[name]
+        elif isinstance(args[name], str):  # a pointer: its element type
+            sig[name], attrs[(i,)] = "*" + args[name], [["tt.divisibility", 16]]
+        elif isinstance(args[name], float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if args[name] % 16 == 0 and name not in unspecialized:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                         "num_stages": num_stages})
+
+
+def report(kernel) -> dict:
+    ttgir = kernel.asm["ttgir"]
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+    kv_buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x(\w+)", ttgir)
+    return {
+        "registers": int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else None,
+        "spill_bytes": int(m.group(1)) if (m := re.search(r"STACK:(\d+)", res)) else None,
+        "shared_bytes": kernel.metadata.shared,
+        "mma": "wgmma" if "wgmma" in kernel.asm["ptx"] else "mma.sync" if "mma.sync" in kernel.asm["ptx"] else None,
+        # depth of each [BLOCK_N, head_dim] K/V ring, and the cp.async groups left in flight at each wait: 0
+        # everywhere means the next tile's copy never overlaps this tile's dots
+        "kv_buffer_depths": [int(d) for d, _ in kv_buffers],
+        "async_wait_in_flight": [int(n) for n in re.findall(r"async_wait[^{]*\{num = (\d+)", ttgir)],
+        "sass_ops": {op: ops.count(op) for op in ("F2F", "F2FP", "HMMA", "LDS", "LDSM", "LDGSTS", "MUFU")},
+        "sass_total": len(ops),
+    }
+
+
+def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
+            warps: int = 4, stages: int = 2, off64: bool = False) -> dict:
+    num_heads, kv_heads = map(int, heads.split("/"))
+    group, kv_type = num_heads // kv_heads, _TYPES[kv]
+    strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
+               "stride_bt": 2048}
+    common = {"q_ptr": "bf16", "k_cache_ptr": kv_type, "v_cache_ptr": kv_type, "seq_lens_ptr": "i32",
+              "block_tables_ptr": "i32", "out_ptr": "bf16", "qk_scale": 0.1, "v_scale": 0.1, **strides}
+    if kernel == "decode":
+        args = dict(common, part_out_ptr="fp32", part_lse_ptr="fp32", counter_ptr="i32", num_splits=64,
+                    stride_qb=num_heads * HEAD_DIM, stride_qh=HEAD_DIM, stride_ob=num_heads * HEAD_DIM,
+                    stride_oh=HEAD_DIM)
+        consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
+                  "GROUP_PAD": max(16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM,
+                  "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
+                  "FP8_AS_F16": kv == "fp8", "OFF64": off64}
+        compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
+    else:
+        args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,
+                    stride_ot=num_heads * HEAD_DIM, stride_oh=HEAD_DIM)
+        pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
+        consts = {"GROUP": group, "PACK": pack, "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK,
+                  "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64,
+                  "tile_map_ptr": None, "TILE_MAP": False}  # the eager grid (a tile map: mixed-step graphs)
+        compiled = compile_sm90(_prefill_kernel, args, consts, warps, stages)
+    return report(compiled)
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("attention_ir.py compiles for the GPU: unset TRITON_INTERPRET")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=["decode", "prefill"])
+    ap.add_argument("--kv", choices=list(_TYPES), default="bf16")
+    ap.add_argument("--heads", default="32/4", help="query heads / KV heads")
+    ap.add_argument("--block-m", type=int, default=128)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
+    a = ap.parse_args()
+    print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
+                                             a.off64))))
+
+
+if __name__ == "__main__":
+    main()

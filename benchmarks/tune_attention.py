@@ -1,0 +1,339 @@
+"""Sweep the paged attention kernels' tile configs on this GPU and pick the best per kernel and cache dtype.
+
+python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--only decode,extend,prefill]
+
+Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
+4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens; extend: an
+8k chunk over a 120k cached prefix with Qwen3 heads (bf16 and FP8 KV) and GLM-4.5-Air heads (96 q / 8 KV).
+Each config is timed like triton.testing.do_bench, without CUDA graphs: L2 flushed (a 512 MB memset) before
+every call, CUDA events around the call, the median of the calls that fit in --rep-ms. Next to it: the
+floor (decode: KV bytes over the measured copy bandwidth; prefill / extend: FLOPs over the measured bf16
+matmul rate) and torch SDPA on contiguous KV. Every config's output is checked against the torch reference
+(fp32) and a config off by more than 2e-2 (relative) is dropped.
+
+Decode sweeps tiles (BLOCK_N, warps, stages) x the split rule (programs per SM, minimum tokens per split);
+the rule that wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
+kernel and one table entry per dtype: the best geometric mean over its cases.
+
+Bounded GPU time: every distinct binary is compiled first in --jobs worker processes (Triton's disk cache
+then serves this process), each measurement runs at most --rep-ms (heavy extend cases: 2-3 calls), and
+once --budget-s has passed the remaining candidates are skipped and listed.
+
+Writes DIR/tune_attention.json (every row, the best per case and per table key) and
+DIR/configs/attention_{gpu}.json, the file kernels/attention_config.py looks up (copy it to kernels/configs/).
+Prints one line per measurement and 'tune_attention summary' last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import attention_cases as ac  # noqa: E402
+from attention_cases import (  # noqa: E402
+    DECODE_CASES,
+    EXTEND_CASES,
+    HEAD_DIM,
+    KV_DTYPES,
+    PREFILL_CASES,
+    DecodeCase,
+    PrefillCase,
+)
+from bench_moe import measure_ceilings  # noqa: E402
+
+from kernels.attention_config import config_file_name, config_key  # noqa: E402
+from kernels.moe_config import device_name  # noqa: E402
+
+DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3)]
+SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)]  # (programs_per_sm, min_split_tokens)
+# (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128,
+# 4, 2), (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory
+# (225 KiB), stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a
+# long prefix streams the prefix from L2 once per query block).
+PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3)]
+TOL = 2e-2
+
+
+def decode_cfg(tile: tuple, rule: tuple) -> dict:
+    return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
+            "min_split_tokens": rule[1]}
+
+
+def prefill_cfg(tile: tuple) -> dict:
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+
+
+# ---------------------------------------------------------------- timing
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def time_us(fn, rep_ms: float, warm: bool = True) -> float:
+    """Median microseconds of fn(), each call after an L2 flush (do_bench style, no CUDA graph)."""
+    if ac.DEVICE == "cpu":  # the interpreter smoke test: wall time
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(512 << 20, dtype=torch.uint8, device="cuda"))
+    if warm:  # compiles, allocates
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est_ms = (time.perf_counter() - t0) * 1e3
+    n = max(2, min(100, int(rep_ms / max(est_ms, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        _FLUSH[0].zero_()  # ~150 us of GPU work: the host enqueues fn meanwhile, so launch cost stays hidden
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
+def time_sdpa(fn, rep_ms: float) -> float:
+    # the baseline; NaN where no SDPA backend takes the case (or it would need too large a copy)
+    if fn is None:
+        return math.nan
+    try:
+        return time_us(fn, rep_ms)
+    except Exception as exc:  # noqa: BLE001
+        print(f"    sdpa: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        return math.nan
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+# ---------------------------------------------------------------- compile first, in parallel
+
+
+def _compile_worker(items: list) -> str:
+    # runs each candidate once on a tiny problem with the same heads / dtypes / strides: the same binaries,
+    # now in Triton's disk cache for the timing process
+    done = 0
+    for kind, heads, kv_heads, kv, cfg, splits, batch in items:
+        try:
+            if kind == "decode":
+                case = DecodeCase(batch, 256, kv, heads, kv_heads)
+                case.build()
+                case.run(cfg, splits)
+            else:
+                case = PrefillCase(64, 64, kv, heads, kv_heads)
+                case.build()
+                case.run(cfg)
+            torch.cuda.synchronize()
+            done += 1
+        except Exception:  # noqa: BLE001  e.g. out of shared memory: the timing pass reports it
+            torch.cuda.synchronize()
+    return f"{done}/{len(items)}"
+
+
+def precompile(items: list[tuple], jobs: int) -> None:
+    t0 = time.time()
+    chunks = [items[i::jobs] for i in range(jobs) if items[i::jobs]]
+    with mp.get_context("spawn").Pool(len(chunks)) as pool:
+        done = pool.map(_compile_worker, chunks)
+    print(f"precompiled {len(items)} variants in {time.time() - t0:.0f} s ({', '.join(done)})", flush=True)
+
+
+def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int) -> list[tuple]:
+    """One item per distinct binary: the split kernel per tile for 1 and for > 1 splits, the merge kernel per
+    power of two of the split count and column width (whatever the tile), the prefill kernel per tile and head
+    shape. Each item: (kind, heads, kv_heads, kv, cfg, splits, batch)."""
+    plan, merges = [], set()
+    for c in decode_cases:
+        for tile in DECODE_TILES:
+            cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
+            for splits in {c.splits(decode_cfg(tile, r), num_sms) for r in SPLIT_RULES}:
+                pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
+                plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
+                # the merge splits its columns while batch x heads < SMs: a batch on each side of that line
+                few = c.batch * c.heads < num_sms
+                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads)))
+    default = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128)).items()))
+    plan += [("decode", h, kvh, "bf16", default, pad, b) for h, kvh, pad, b in sorted(merges) if pad > 1]
+    for c in prefill_cases:
+        for tile in PREFILL_TILES:
+            plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None, 1))
+    return [(k, h, kvh, kv, dict(cfg), s, b) for k, h, kvh, kv, cfg, s, b in dict.fromkeys(plan)]
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.time() + seconds
+        self.skipped: list[str] = []
+
+    def left(self, what: str) -> bool:
+        if time.time() < self.deadline:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+def measure(run, ref: torch.Tensor, rep_ms: float) -> tuple[float, float]:
+    try:
+        err = rel_err(run(), ref)  # also the warm-up call
+        return (time_us(run, rep_ms, warm=False) if err < TOL else math.inf), err
+    except Exception as exc:  # noqa: BLE001  out of shared memory etc.
+        torch.cuda.synchronize()
+        print(f"    skip: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        return math.inf, math.nan
+
+
+def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep_ms: float) -> list[dict]:
+    if not budget.left(case.name):  # not even the set-up (cache, reference, SDPA) once the budget is spent
+        return []
+    case.build()
+    ref = case.reference()
+    floor_us = case.kv_bytes() / ceil["copy_tbps"] / 1e6
+    sdpa_us = time_sdpa(case.sdpa, rep_ms)
+    rows, seen = [], {}
+    for tile in DECODE_TILES:
+        for rule in SPLIT_RULES:
+            cfg = decode_cfg(tile, rule)
+            splits = case.splits(cfg, num_sms)
+            if (tile, splits) not in seen:
+                if not budget.left(f"decode {case.name} {tile} splits={splits}"):
+                    continue
+                seen[(tile, splits)] = measure(lambda c=cfg, s=splits: case.run(c, s), ref, rep_ms)
+                us, err = seen[(tile, splits)]
+                print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
+                      f"us={us:8.1f} frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
+            if (tile, splits) in seen:
+                us, err = seen[(tile, splits)]
+                rows.append({"kind": "decode", "case": case.name, "kv": case.kv, "cfg": cfg, "splits": splits,
+                             "us": us, "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
+    case.free()
+    return rows
+
+
+def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) -> list[dict]:
+    if not budget.left(case.name):
+        return []
+    case.build()
+    ref = case.reference()
+    floor_us = case.flops() / ceil["bf16_tflops"] / 1e6
+    sdpa_us = time_sdpa(case.sdpa, rep_ms)
+    rows = []
+    for tile in PREFILL_TILES:
+        if not budget.left(f"{case.kind} {case.name} {tile}"):
+            continue
+        cfg = prefill_cfg(tile)
+        us, err = measure(lambda c=cfg: case.run(c), ref, rep_ms)
+        print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]} "
+              f"us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
+              f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
+        rows.append({"kind": case.kind, "case": case.name, "kv": case.kv, "cfg": cfg, "us": us,
+                     "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
+    case.free()
+    return rows
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs)) if xs else 0.0
+
+
+def pick(rows: list[dict]) -> dict:
+    """Per table key: the config with the best geometric mean of frac over the key's cases (every case timed)."""
+    table: dict[str, dict] = {}
+    for kind in ("decode", "prefill"):
+        mine = [r for r in rows if (r["kind"] == "decode") == (kind == "decode")]
+        for kv in sorted({r["kv"] for r in mine}):
+            sub = [r for r in mine if r["kv"] == kv]
+            cases = {r["case"] for r in sub}
+            by_cfg: dict[str, list[float]] = {}
+            for r in sub:
+                by_cfg.setdefault(json.dumps(r["cfg"], sort_keys=True), []).append(r["frac"])
+            full = {c: geomean(f) for c, f in by_cfg.items() if len(f) == len(cases)}
+            if full:
+                best = max(full, key=full.get)
+                table.setdefault(kind, {})[config_key(HEAD_DIM, KV_DTYPES[kv])] = dict(json.loads(best),
+                                                                                        geomean_frac=full[best])
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    ap.add_argument("--budget-s", type=float, default=200.0, help="stop timing new candidates after this long")
+    ap.add_argument("--rep-ms", type=float, default=15.0, help="timing window per candidate")
+    ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (1: compile while timing)")
+    ap.add_argument("--only", default="decode,extend,prefill")
+    args = ap.parse_args()
+    t_start = time.time()
+    out = Path(args.out)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    only = args.only.split(",")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    decode_cases = DECODE_CASES if "decode" in only else []
+    prefill_cases = (EXTEND_CASES if "extend" in only else []) + (PREFILL_CASES if "prefill" in only else [])
+    if args.jobs > 1:
+        precompile(compile_plan(decode_cases, prefill_cases, num_sms), args.jobs)
+    ceil = measure_ceilings()  # ~3 s
+    print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s, {num_sms} SMs",
+          flush=True)
+    budget = Budget(args.budget_s - (time.time() - t_start))
+    rows: list[dict] = []
+    for case in decode_cases:
+        rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms)
+    for case in prefill_cases:
+        rows += sweep_prefill(case, ceil, budget, args.rep_ms)
+    table = pick(rows)
+    best_per_case = {}
+    for r in rows:
+        b = best_per_case.get(r["case"])
+        if b is None or r["us"] < b["us"]:
+            best_per_case[r["case"]] = r
+    print("\ncase                                  best us  frac   sdpa us  default us  best config")
+    for name, r in best_per_case.items():
+        dflt = [x for x in rows if x["case"] == name and _is_default(x)]
+        d_us = f"{dflt[0]['us']:10.1f}" if dflt else "       n/a"
+        extra = f" splits={r['splits']}" if "splits" in r else ""
+        print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
+    gpu = device_name(torch.device("cuda"))
+    (out / "configs" / config_file_name(gpu)).write_text(json.dumps(
+        {k: {kk: {x: y for x, y in v.items() if x != "geomean_frac"} for kk, v in t.items()} for k, t in table.items()},
+        indent=1))
+    (out / "tune_attention.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,
+         "rows": rows, "skipped": budget.skipped, "seconds": time.time() - t_start}, indent=1, default=str))
+    picks = "; ".join(f"{k} {kk}: {v}" for k, t in table.items() for kk, v in t.items())
+    print(f"\ntune_attention summary ({gpu}, {time.time() - t_start:.0f} s, {len(rows)} timed, "
+          f"{len(budget.skipped)} skipped for the budget): {picks}")
+    print(f"table: {out / 'configs' / config_file_name(gpu)} (copy to kernels/configs/)")
+
+
+def _is_default(row: dict) -> bool:
+    from kernels.attention_config import default_decode_config, default_prefill_config
+
+    if row["kind"] == "decode":
+        return row["cfg"] == default_decode_config(HEAD_DIM)
+    return row["cfg"] == default_prefill_config(HEAD_DIM)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,95 @@
+"""Tile configs of the paged attention kernels: a tuned JSON file per GPU in kernels/configs/, else a default.
+
+The file is attention_{gpu}.json (gpu: torch's device name, spaces as '_'), written by
+benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: cfg}} with key
+"d{head_dim}_{kv}" (kv: the cache dtype, bf16 / fp16 / fp32 / fp8):
+- decode: BLOCK_N (tokens per inner step), num_warps, num_stages, and the split rule: enough splits for
+  programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context;
+- prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
+  num_warps, num_stages.
+A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
+before the table existed, except for the split rule (more splits at small batch: issue 16).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels.fp8 import FP8_DTYPE
+from kernels.moe_config import device_name
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
+DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens")
+PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def config_key(head_dim: int, kv_dtype: torch.dtype) -> str:
+    return f"d{head_dim}_{_KV_NAMES.get(kv_dtype, str(kv_dtype).removeprefix('torch.'))}"
+
+
+def config_file_name(gpu: str) -> str:
+    return f"attention_{gpu}.json"
+
+
+def default_decode_config(head_dim: int) -> dict:
+    block_n = 64 if triton.next_power_of_2(head_dim) <= 128 else 32
+    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 2 * block_n}
+
+
+def default_prefill_config(head_dim: int) -> dict:
+    # num_stages 2 is what stages=3 compiled to before the page ids moved a tile ahead (double-buffered K/V that
+    # is waited for in full each step, ~96 KiB of shared memory: two programs per SM); 3 now prefetches
+    block_d = triton.next_power_of_2(head_dim)
+    return {"BLOCK_M": 128 if block_d <= 128 else 64, "BLOCK_N": 64 if block_d <= 128 else 32,
+            "num_warps": 8 if block_d >= 128 else 4, "num_stages": 2}
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path: str) -> dict:
+    p = Path(path)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(kind: str, head_dim: int, kv_dtype: torch.dtype, device: torch.device | None) -> dict:
+    # cached: the kernels ask once per layer call, and the table lookup reads files
+    gpu = device_name(device)
+    table = _load(str(CONFIG_DIR / config_file_name(gpu)))
+    if not table and gpu != "cpu":  # another GPU's table (e.g. H200's on an H100) beats the generic default
+        others = sorted(CONFIG_DIR.glob(config_file_name("*")))
+        table = _load(str(others[0])) if others else {}
+    cfg = default_decode_config(head_dim) if kind == "decode" else default_prefill_config(head_dim)
+    cfg.update(table.get(kind, {}).get(config_key(head_dim, kv_dtype)) or {})
+    check_config(cfg, DECODE_KEYS if kind == "decode" else PREFILL_KEYS, head_dim)
+    return cfg
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
+    _resolve.cache_clear()
+
+
+def decode_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device | None = None) -> dict:
+    return dict(_resolve("decode", head_dim, kv_dtype, device))
+
+
+def prefill_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device | None = None) -> dict:
+    return dict(_resolve("prefill", head_dim, kv_dtype, device))
+
+
+def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
+    # a hand-written or tuned config: every tile size a power of two (tl.arange), the tile no wider than needed
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise ValueError(f"attention config {cfg} lacks {missing}")
+    for k in ("BLOCK_M", "BLOCK_N", "num_warps"):
+        if k in cfg and (cfg[k] < 1 or cfg[k] & (cfg[k] - 1)):
+            raise ValueError(f"attention config {k}={cfg[k]} must be a power of two")
+    if cfg.get("BLOCK_N", 16) < 16 or cfg.get("BLOCK_M", 16) < 16:
+        raise ValueError(f"attention config {cfg}: BLOCK_M and BLOCK_N must be >= 16 (tl.dot)")

@@ -1,0 +1,242 @@
+"""Attention tile configs: every config the tuner sweeps computes the same attention (Triton interpreter, small
+odd sizes, fp16 / fp32 q, bf16-like and FP8 caches); the per-GPU table lookup; the tuner's sweep and pick
+logic on tiny CPU cases."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels.attention_config as acfg  # noqa: E402
+from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
+from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+FP8 = torch.float8_e4m3fn
+# tile configs of the tuner's kinds, small enough for the interpreter (64-wide blocks)
+DECODE_CFGS = [
+    {"BLOCK_N": 16, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "min_split_tokens": 16},
+    {"BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "programs_per_sm": 4, "min_split_tokens": 64},
+]
+PREFILL_CFGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+]
+
+
+@pytest.mark.parametrize("cfg", DECODE_CFGS)
+@pytest.mark.parametrize("kv", ["fp16", "fp8"])
+def test_decode_configs(cfg, kv):
+    heads, kv_heads, head_dim, block_size = 6, 2, 48, 16  # GQA group 3, head_dim not a power of two
+    seq_lens = [77, 0, 1, 200, 33]
+    scales = (0.5, 2.0) if kv == "fp8" else (1.0, 1.0)
+    if kv == "fp8":
+        k, v, tables = _fp8_cache(seq_lens, block_size, kv_heads, head_dim, scales)
+    else:
+        k, v, tables = _make_cache(seq_lens, block_size, kv_heads, head_dim, torch.float16, "cpu")
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=torch.Generator().manual_seed(9)).to(torch.float16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    ref = paged_attention_decode_ref(q, k, v, lens, tables, head_dim**-0.5, *scales)
+    for splits in (None, 5):  # the config's split rule, and a count that leaves some splits empty
+        out = paged_attention_decode(q, k, v, lens, tables, head_dim**-0.5, *scales, num_splits=splits, config=cfg)
+        assert out[1].abs().max() == 0
+        assert _rel_err(out, ref) < 3e-3
+
+
+@pytest.mark.parametrize("cfg", PREFILL_CFGS)
+@pytest.mark.parametrize("kv,heads", [("fp32", 8), ("fp8", 8), ("fp16", 6)])
+def test_prefill_configs(cfg, kv, heads):
+    kv_heads, head_dim, block_size = 2, 32, 16  # group 4 packs into the tile (BLOCK_M >= 64); group 3 does not
+    q_lens, seq_lens = [5, 1, 0, 70], [5, 40, 9, 131]
+    scales = (2.0, 0.25) if kv == "fp8" else (1.0, 1.0)
+    if kv == "fp8":
+        k, v, tables = _fp8_cache(seq_lens, block_size, kv_heads, head_dim, scales)
+    else:
+        k, v, tables = _make_cache(seq_lens, block_size, kv_heads, head_dim, getattr(torch, f"float{kv[2:]}"), "cpu")
+    q_dtype = torch.float32 if kv == "fp32" else torch.float16
+    q = torch.randn(sum(q_lens) + 1, heads, head_dim, generator=torch.Generator().manual_seed(4)).to(q_dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    args = (q, k, v, cu, torch.tensor(seq_lens, dtype=torch.int32), tables, head_dim**-0.5, max(q_lens), *scales)
+    out = paged_attention_prefill(*args, config=cfg)
+    assert out[-1].abs().max() == 0
+    assert _rel_err(out, paged_attention_prefill_ref(*args)) < (1e-4 if q_dtype == torch.float32 else 3e-3)
+
+
+def test_tiles_narrower_than_a_page():
+    # BLOCK_N < block_size: tiles start inside pages, so the in-page offset is computed per tile
+    seq_lens, q_lens = [150, 0, 61], [20, 0, 61]
+    k, v, tables = _make_cache(seq_lens, 64, 2, 32, torch.float16, "cpu")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(3, 4, 32).half()
+    dec_cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "min_split_tokens": 16}
+    out = paged_attention_decode(q, k, v, lens, tables, 32**-0.5, num_splits=3, config=dec_cfg)
+    assert _rel_err(out, paged_attention_decode_ref(q, k, v, lens, tables, 32**-0.5)) < 3e-3
+    q = torch.randn(sum(q_lens), 4, 32).half()
+    cu = torch.tensor([0, 20, 20, 81], dtype=torch.int32)
+    args = (q, k, v, cu, lens, tables, 32**-0.5, 61)
+    out = paged_attention_prefill(*args, config={"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2})
+    assert _rel_err(out, paged_attention_prefill_ref(*args)) < 3e-3
+
+
+def test_fp8_kv_with_bf16_range_q_saturates_not_nan():
+    # the FP8 path runs its dots in fp16: a bf16 q beyond fp16's range must saturate, not become inf / NaN
+    k, v, tables = _fp8_cache([20], 16, 1, 16, (1.0, 1.0))
+    q = torch.full((1, 2, 16), 1e5, dtype=torch.bfloat16)
+    out = paged_attention_decode(q, k, v, torch.tensor([20], dtype=torch.int32), tables, 0.25)
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_64bit_cache_offsets(kernel, monkeypatch):
+    # a cache past 2^31 elements switches the kernels to 64-bit row offsets: the same results (forced here)
+    import kernels.attention as attn
+    import kernels.decode_attention as dec
+
+    big = torch.empty(1 << 20, 16, 8, 256, device="meta")  # 2^35 elements: offsets past int32
+    assert attn.needs_off64(big) and not attn.needs_off64(torch.empty(1000, 16, 8, 128, device="meta"))
+    monkeypatch.setattr(attn, "needs_off64", lambda cache: True)
+    monkeypatch.setattr(dec, "needs_off64", lambda cache: True)
+    seq_lens = [40, 0, 75]
+    k, v, tables = _make_cache(seq_lens, 16, 2, 32, torch.float16, "cpu")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    if kernel == "decode":
+        q = torch.randn(3, 4, 32).half()
+        args = (q, k, v, lens, tables, 32**-0.5)
+        out, ref = paged_attention_decode(*args, num_splits=2), paged_attention_decode_ref(*args)
+    else:
+        q = torch.randn(30, 4, 32).half()
+        cu = torch.tensor([0, 10, 10, 30], dtype=torch.int32)
+        args = (q, k, v, cu, lens, tables, 32**-0.5, 20)
+        out, ref = paged_attention_prefill(*args), paged_attention_prefill_ref(*args)
+    assert _rel_err(out, ref) < 3e-3
+
+
+def test_k_and_v_caches_must_share_strides():
+    # the kernels compute one row offset for K and V: a V with the same shape but other strides is refused
+    k, v, tables = _make_cache([20], 16, 2, 32, torch.float32, "cpu")
+    v_pad = torch.empty(v.shape[0], v.shape[1], v.shape[2], 64)[..., :32].copy_(v)  # head_dim padded to 64
+    with pytest.raises(ValueError, match="same strides"):
+        paged_attention_decode(torch.randn(1, 4, 32), k, v_pad, torch.tensor([20], dtype=torch.int32), tables, 0.2)
+
+
+def test_config_table_lookup(tmp_path, monkeypatch):
+    default = acfg.decode_config(128, torch.bfloat16)
+    assert default == acfg.default_decode_config(128)
+    assert acfg.prefill_config(128, FP8) == acfg.default_prefill_config(128)
+    tuned = {"decode": {"d128_fp8": {"BLOCK_N": 128, "num_stages": 3}},
+             "prefill": {"d128_bf16": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}}}
+    (tmp_path / acfg.config_file_name("cpu")).write_text(json.dumps(tuned))
+    monkeypatch.setattr(acfg, "CONFIG_DIR", tmp_path)
+    acfg.clear_cache()
+    try:
+        assert acfg.decode_config(128, FP8) == dict(default, BLOCK_N=128, num_stages=3)  # missing keys: default
+        assert acfg.decode_config(128, torch.bfloat16) == default
+        assert acfg.prefill_config(128, torch.bfloat16)["BLOCK_N"] == 128
+        assert acfg.prefill_config(64, torch.bfloat16) == acfg.default_prefill_config(64)  # another head_dim
+    finally:
+        acfg.clear_cache()
+    with pytest.raises(ValueError, match="power of two"):
+        acfg.check_config(dict(default, BLOCK_N=48), acfg.DECODE_KEYS, 128)
+    with pytest.raises(ValueError, match="lacks"):
+        acfg.check_config({"BLOCK_N": 64}, acfg.DECODE_KEYS, 128)
+
+
+_SM90_PROBE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from attention_ir import inspect
+print(json.dumps([inspect("decode", "bf16", stages=3), inspect("decode", "fp8", stages=3),
+                  inspect("prefill", "bf16", warps=8, stages=3)]))
+"""
+
+
+def test_kernels_compile_for_sm90_with_overlapped_kv_copies():
+    # no GPU needed: the kernels compiled for Hopper (Triton's own ptxas) with the launch's specializations.
+    # Double-buffered K/V with the next tile's copy in flight during the dots (the page ids loaded a tile
+    # ahead; before, K/V waited on a same-iteration page load and were single-buffered, every wait on all
+    # copies), and an FP8 cache widened to fp16 with no per-value F2F (fp16 -> bf16) conversion
+    bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "cuobjdump").exists():
+        pytest.skip("this Triton build has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dec_bf16, dec_fp8, pre = json.loads(res.stdout.strip().splitlines()[-1])
+    for r in (dec_bf16, dec_fp8, pre):
+        assert r["spill_bytes"] == 0
+        assert min(r["kv_buffer_depths"]) >= 2 and max(r["async_wait_in_flight"]) > 0, r
+    assert dec_fp8["sass_ops"]["F2F"] == 0 and dec_fp8["sass_ops"]["F2FP"] > 0
+    assert dec_fp8["shared_bytes"] < dec_bf16["shared_bytes"]  # the FP8 tiles stay FP8 in shared memory
+
+
+def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
+    import attention_cases as ac
+    import tune_attention as ta
+
+    monkeypatch.setattr(ac, "DEVICE", "cpu")
+    monkeypatch.setattr(ac, "DT", torch.float16)
+    monkeypatch.setattr(ac, "HEAD_DIM", 32)
+    monkeypatch.setattr(ta, "HEAD_DIM", 32)
+    monkeypatch.setattr(ta, "DECODE_TILES", [(16, 4, 2), (32, 4, 3)])
+    monkeypatch.setattr(ta, "SPLIT_RULES", [(1, 16), (2, 64)])
+    monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2), (16, 32, 4, 3)])
+    ceil = {"copy_tbps": 1.0, "bf16_tflops": 1.0}
+    budget = ta.Budget(600)
+    rows = []
+    rows += ta.sweep_decode(ac.DecodeCase(1, 90, "fp8", 4, 2), ceil, 8, budget, 1.0)
+    rows += ta.sweep_prefill(ac.PrefillCase(24, 40, "fp8", 4, 2), ceil, budget, 1.0)
+    rows += ta.sweep_prefill(ac.PrefillCase(30, 0, "bf16", 6, 2), ceil, budget, 1.0)
+    assert len(rows) == 2 * 2 + 2 + 2 and all(r["err"] < ta.TOL for r in rows)
+    assert {r["splits"] for r in rows if r["kind"] == "decode"} == {2, 4}  # (1 per SM, 16) / (2 per SM, 64)
+    table = ta.pick(rows)
+    assert set(table["decode"]) == {"d32_fp8"} and set(table["prefill"]) == {"d32_bf16", "d32_fp8"}
+    best = table["prefill"]["d32_fp8"]
+    assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES]
+    plan = ta.compile_plan([ac.DecodeCase(1, 90, "fp8", 4, 2)], [ac.PrefillCase(24, 40, "fp8", 4, 2)], 8)
+    # per tile the split kernel for > 1 splits (2 and 4 splits share it); the merge for 2 and for 4 splits
+    # (whatever the tile); one prefill binary per tile
+    assert len(plan) == 2 + 2 + 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", [torch.bfloat16, FP8])
+def test_swept_configs_gpu(kv):
+    # tiles of each pipelining depth, compiled for this GPU (the interpreter does not pipeline), at Qwen3-30B-A3B
+    # heads: decode and an extend over a cached prefix vs the fp32 torch reference (the tuner checks the rest)
+    import tune_attention as ta
+
+    torch.manual_seed(5)
+    seq_lens = [3000, 1, 700, 0]
+    scales = (1.0, 0.5) if kv == FP8 else (1.0, 1.0)
+    k, v, tables = _make_cache(seq_lens, 16, 4, 128, torch.bfloat16, "cuda")
+    k, v = k.to(kv), v.to(kv)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(seq_lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+    ref = paged_attention_decode_ref(q, k, v, lens, tables, 128**-0.5, *scales)
+    for tile in [(64, 4, 2), (64, 4, 3), (128, 8, 3)]:
+        for rule in ta.SPLIT_RULES[:3]:
+            out = paged_attention_decode(q, k, v, lens, tables, 128**-0.5, *scales, config=ta.decode_cfg(tile, rule))
+            assert _rel_err(out, ref) < 1e-2, (tile, rule)
+    q_ext = torch.randn(600, 32, 128, device="cuda", dtype=torch.bfloat16)
+    args = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
+            600, *scales)
+    ref = paged_attention_prefill_ref(*args)
+    for tile in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)]:
+        try:
+            out = paged_attention_prefill(*args, config=ta.prefill_cfg(tile))
+        except Exception as exc:  # noqa: BLE001  a tile beyond this GPU's shared memory: the tuner skips it too
+            assert "OutOfResources" in type(exc).__name__ or "shared memory" in str(exc), exc
+            continue
+        assert _rel_err(out, ref) < 1e-2, tile
