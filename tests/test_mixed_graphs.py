@@ -182,6 +182,19 @@ def test_lockstep_pads_every_step_to_the_agreed_bucket(checkpoint, plain):
     assert (runner.padded_size(3), runner.padded_size(17), runner.padded_size(33)) == (8, 32, 33)
 
 
+def test_flag(checkpoint):
+    from runtime.config import ConfigError, EngineConfig
+
+    cuda = torch.device("cuda")  # a device object only: what the config decides for a GPU
+    assert EngineConfig(model=checkpoint).mixed_cudagraph_tokens(cuda) == 2048
+    assert EngineConfig(model=checkpoint, max_num_batched_tokens=512).mixed_cudagraph_tokens(cuda) == 512
+    assert EngineConfig(model=checkpoint).mixed_cudagraph_tokens(torch.device("cpu")) == 0
+    assert EngineConfig(model=checkpoint, enforce_eager=True).mixed_cudagraph_tokens(cuda) == 0
+    assert EngineConfig(model=checkpoint, max_mixed_cudagraph_tokens=0).mixed_cudagraph_tokens(cuda) == 0
+    with pytest.raises(ConfigError, match="--max-mixed-cudagraph-tokens must be >= 0"):
+        EngineConfig(model=checkpoint, max_mixed_cudagraph_tokens=-1)
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 
