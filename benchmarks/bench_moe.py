@@ -114,6 +114,12 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
     row = {"shape": shape, "M": m, "dtype": dtype, "config": cfg, "rel_err": err,
            "us": bench_graph(ours) / NUM_ROT, "gemm_us": bench_graph(gemms) / NUM_ROT,
            "align_us": bench_graph(align) / NUM_ROT}
+    if m == 1:  # A/B of config "fused_sum": the top-k sum inside the down GEMM (one launch fewer)
+        cfg_sum = dict(cfg, fused_sum=True)
+        row["fused_sum_us"] = bench_graph(lambda: [fused_experts(xx, w13, w2, ww, ii, config=cfg_sum, **kw)
+                                                   for xx, ww, ii in sets]) / NUM_ROT
+        out_sum = fused_experts(x, w13, w2, w, ids, config=cfg_sum, **kw)
+        row["fused_sum_equal"] = bool(torch.equal(out_sum, fused_experts(x, w13, w2, w, ids, config=cfg, **kw)))
     if not fp8:
         w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
         try:
@@ -203,7 +209,9 @@ def main() -> None:
                       f"align_us={r['align_us']:5.1f} floor_us={r['floor_us']:8.1f} "
                       f"roofline={r['frac_roofline']:.2f} (gemm {r['frac_roofline_gemm']:.2f}) "
                       f"TB/s={r['weight_tbps']:.2f} TFLOP/s={r['tflops']:.0f} grouped_mm_us={gm} ref_us={ref} "
-                      f"err={r['rel_err']:.1e}", flush=True)
+                      f"err={r['rel_err']:.1e}" + (f" fused_sum_us={r['fused_sum_us']:.1f} "
+                                                   f"(equal {r['fused_sum_equal']})" if "fused_sum_us" in r else ""),
+                      flush=True)
             del weights
     (out / "bench_moe.json").write_text(json.dumps({"ceilings": ceil, "device": torch.cuda.get_device_name(),
                                                     "rows": rows}, indent=1))

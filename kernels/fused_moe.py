@@ -1,9 +1,10 @@
 """Fused MoE experts: a grouped GEMM over (token, slot) pairs sorted by expert.
 
 fused_experts runs: moe_align (kernels/moe_align.py) -> gate_up GEMM with SiLU-and-mul in its epilogue
--> down GEMM with the router weight in its epilogue -> a top-k sum. The FP8 path takes e4m3 weights with
-fp32 [128, 128] block scales (w13_scale, w2_scale in the HF weight_scale_inv layout) and quantizes the
-activations per token and 128 channels on the fly.
+-> down GEMM with the router weight in its epilogue -> a top-k sum. One token needs no align, and with
+config["fused_sum"] the down GEMM does the top-k sum too (the last slot to finish a column tile sums it).
+The FP8 path takes e4m3 weights with fp32 [128, 128] block scales (w13_scale, w2_scale in the HF
+weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly.
 """
 
 from __future__ import annotations
@@ -145,22 +146,49 @@ def _moe_up_kernel(
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _one_token_sum(y_ptr, ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N,
+                   TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # FUSED_SUM (one token): the last of the token's handled slots to finish column tile pid_n sums the
+    # token's y rows into sum_ptr, in the order and precision of _moe_sum_kernel, and re-arms the counter
+    tl.debug_barrier()  # every thread's y stores precede the counter's release
+    counter = counter_ptr + pid_n
+    if tl.atomic_add(counter, 1, sem="acq_rel") == num_handled - 1:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k in tl.static_range(TOP_K):
+            handled = tl.load(ids_ptr + k) >= 0
+            # .cg: the other slots' rows were written by other SMs, never through this SM's L1
+            y = tl.load(y_ptr + k * N + offs_n, mask=nmask & handled, other=0.0, cache_modifier=".cg")
+            acc += y.to(tl.float32)
+        tl.store(sum_ptr + offs_n, acc.to(sum_ptr.dtype.element_ty), mask=nmask)
+        tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
+
+
 @triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M"])
 def _moe_down_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
-    topk_weights_ptr, num_pairs, K, N, NUM_PID_M,
+    topk_weights_ptr, sum_ptr, counter_ptr, num_pairs, K, N, NUM_PID_M,
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
 ):
-    # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p
+    # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p.
+    # FUSED_SUM (DIRECT only, so one token): also sum_ptr[n] = sum over the handled slots of out[slot, n]
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e, offs_m, pair = _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, DIRECT, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    if FUSED_SUM:
+        kk = tl.arange(0, TOP_K_PAD)  # expert_ids_ptr is topk_ids [1, TOP_K] here
+        num_handled = tl.sum((tl.load(expert_ids_ptr + kk, mask=kk < TOP_K, other=-1) >= 0).to(tl.int32), 0)
+        if num_handled == 0:  # no slot of the token is handled here: its sum is zero, written by slot 0
+            if pid_m == 0:
+                zero = tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty)
+                tl.store(sum_ptr + offs_n, zero, mask=nmask)
     if e < 0:
         return
     rmask = pair < num_pairs
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_at + offs_k[None, :]
     w_ptrs = w_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
@@ -190,6 +218,9 @@ def _moe_down_kernel(
     acc *= tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)[:, None]
     o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+    if FUSED_SUM:
+        _one_token_sum(out_ptr, expert_ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N, TOP_K,
+                       BLOCK_N)
 
 
 @triton.jit
@@ -281,19 +312,38 @@ def fused_experts_aligned(
     )
     a, a_scale = per_token_group_quant(inter_out) if act_fp8 else (inter_out, inter_out)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
-    _moe_down_kernel[(num_pid_m * triton.cdiv(h, down["BLOCK_N"]),)](
-        a, a_scale, w2, w2s, y, sorted_ids, expert_ids, num_post_pad, topk_weights,
+    out = torch.empty_like(hidden)
+    num_tiles_n = triton.cdiv(h, down["BLOCK_N"])
+    # one token: the down GEMM's last slot per column tile may do the top-k sum (config "fused_sum", an A/B
+    # switch: one launch fewer, a serial tail in the GEMM instead)
+    fused_sum = direct and bool(config.get("fused_sum", False))
+    counters = _sum_counters(num_tiles_n, hidden.device) if fused_sum else topk_ids
+    _moe_down_kernel[(num_pid_m * num_tiles_n,)](
+        a, a_scale, w2, w2s, y, sorted_ids, expert_ids, num_post_pad, topk_weights, out, counters,
         num_pairs, inter, h, num_pid_m,
         a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
         USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=inter % down["BLOCK_K"] == 0, DIRECT=direct, BLOCK_M=bm,
         BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
-        num_stages=down["num_stages"],
+        num_stages=down["num_stages"], FUSED_SUM=fused_sum, TOP_K=top_k if fused_sum else 1,
+        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1,
     )
-    out = torch.empty_like(hidden)
-    block_n = min(1024, triton.next_power_of_2(h))
-    _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n)
+    if not fused_sum:
+        block_n = min(1024, triton.next_power_of_2(h))
+        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _sum_counters(n: int, device: torch.device) -> torch.Tensor:
+    # zeros that the down kernel leaves zeroed; grown (never shrunk) on the eager warm-up before graph capture
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def fused_experts(

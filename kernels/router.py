@@ -11,13 +11,29 @@ def topk_softmax_ref(
     router_logits: torch.Tensor,  # [num_tokens, num_experts]
     top_k: int,
     renormalize: bool,
+    slots: torch.Tensor | None = None,  # [num_tokens] int: a row whose slot is < 0 is padding, its ids -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax routing (Qwen3-MoE, Mixtral). Returns weights fp32 [T, k] and ids int32 [T, k]."""
     probs = router_logits.float().softmax(dim=-1)
     weights, ids = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    return weights, _mask_padding(ids.to(torch.int32), slots)
+
+
+def _mask_padding(ids: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    # padding rows (slot -1) route nowhere: expert id -1 means no expert work, nothing sent, not counted
+    if slots is None:
+        return ids
+    _check_slots(slots, ids.shape[0])
+    return ids.masked_fill(slots.unsqueeze(1) < 0, -1)
+
+
+def _check_slots(slots: torch.Tensor, num_tokens: int) -> None:
+    # slot ids, not a padding mask: a bool tensor here would silently mask nothing
+    if slots.shape != (num_tokens,) or slots.stride(0) != 1 or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be contiguous int32/int64 [{num_tokens}] slot ids (< 0: padding), got "
+                         f"{slots.dtype} {tuple(slots.shape)}")
 
 
 def topk_sigmoid_grouped_ref(
@@ -28,6 +44,7 @@ def topk_sigmoid_grouped_ref(
     topk_groups: int,
     renormalize: bool,
     routed_scaling_factor: float,
+    slots: torch.Tensor | None = None,  # [num_tokens] int: a row whose slot is < 0 is padding, its ids -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased sigmoid routing with group-limited top-k (DeepSeek-V3, GLM-4.5)."""
     num_tokens, num_experts = router_logits.shape
@@ -41,7 +58,7 @@ def topk_sigmoid_grouped_ref(
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
+    return weights * routed_scaling_factor, _mask_padding(ids.to(torch.int32), slots)
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -55,10 +72,20 @@ def _pick_max(x, e, BIG: tl.constexpr):
     return m, idx
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every step size
+@triton.jit
+def _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS: tl.constexpr):
+    # top_ids [BLOCK_T, BLOCK_K]: rows whose slot is < 0 (padding) get expert id -1
+    if HAS_SLOTS:
+        pad = tl.load(slots_ptr + t, mask=tmask, other=0) < 0
+        top_ids = tl.where(pad[:, None], -1, top_ids)
+    return top_ids
+
+
+# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _topk_softmax_kernel(
-    logits_ptr, weights_ptr, ids_ptr, num_tokens, stride_t,
-    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    logits_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -80,15 +107,16 @@ def _topk_softmax_kernel(
         denom = tl.sum(top_vals, 1)
     omask = tmask[:, None] & (k < TOP_K)
     tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals / denom[:, None], mask=omask)
-    tl.store(ids_ptr + t[:, None] * TOP_K + k, top_ids, mask=omask)
+    tl.store(ids_ptr + t[:, None] * TOP_K + k, _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS), mask=omask)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # one variant for every step size
+# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _topk_sigmoid_grouped_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, stride_t, routed_scaling_factor,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t, routed_scaling_factor,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)[None, :]
@@ -128,19 +156,21 @@ def _topk_sigmoid_grouped_kernel(
         top_vals = top_vals / (tl.sum(top_vals, 1)[:, None] + 1e-20)
     omask = tmask[:, None] & (k < TOP_K)
     tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals * routed_scaling_factor, mask=omask)
-    tl.store(ids_ptr + t[:, None] * TOP_K + k, top_ids, mask=omask)
+    tl.store(ids_ptr + t[:, None] * TOP_K + k, _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS), mask=omask)
 
 
 # ---------------------------------------------------------------- checked wrappers
 
 
-def _check_logits(router_logits: torch.Tensor, top_k: int) -> tuple[int, int]:
+def _check_logits(router_logits: torch.Tensor, top_k: int, slots: torch.Tensor | None) -> tuple[int, int]:
     if router_logits.dim() != 2 or router_logits.stride(1) != 1:
         raise ValueError(f"router_logits must be [num_tokens, num_experts] with contiguous rows, "
                          f"got {tuple(router_logits.shape)} strides {router_logits.stride()}")
     num_tokens, num_experts = router_logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    if slots is not None:
+        _check_slots(slots, num_tokens)
     return num_tokens, num_experts
 
 
@@ -152,16 +182,17 @@ def topk_softmax(
     router_logits: torch.Tensor,  # [num_tokens, num_experts]
     top_k: int,
     renormalize: bool,
+    slots: torch.Tensor | None = None,  # [num_tokens] int: a row whose slot is < 0 is padding, its ids -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    num_tokens, num_experts = _check_logits(router_logits, top_k)
+    num_tokens, num_experts = _check_logits(router_logits, top_k, slots)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
     if num_tokens == 0:
         return weights, ids
     block_t = _block_t(num_experts)
     _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
-        router_logits, weights, ids, num_tokens, router_logits.stride(0),
-        NUM_EXPERTS=num_experts, TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t,
+        router_logits, weights, ids, slots if slots is not None else ids, num_tokens, router_logits.stride(0),
+        NUM_EXPERTS=num_experts, TOP_K=top_k, RENORMALIZE=renormalize, HAS_SLOTS=slots is not None, BLOCK_T=block_t,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k), num_warps=4,
     )
     return weights, ids
@@ -175,8 +206,9 @@ def topk_sigmoid_grouped(
     topk_groups: int,
     renormalize: bool,
     routed_scaling_factor: float,
+    slots: torch.Tensor | None = None,  # [num_tokens] int: a row whose slot is < 0 is padding, its ids -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    num_tokens, num_experts = _check_logits(router_logits, top_k)
+    num_tokens, num_experts = _check_logits(router_logits, top_k, slots)
     if correction_bias.shape != (num_experts,) or not correction_bias.is_contiguous():
         raise ValueError(f"correction_bias must be contiguous [{num_experts}], got {tuple(correction_bias.shape)}")
     if num_experts % num_groups or not 0 < topk_groups <= num_groups:
@@ -190,10 +222,11 @@ def topk_sigmoid_grouped(
         return weights, ids
     block_t = _block_t(num_experts)
     _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
-        router_logits, correction_bias, weights, ids, num_tokens, router_logits.stride(0),
-        float(routed_scaling_factor),
+        router_logits, correction_bias, weights, ids, slots if slots is not None else ids, num_tokens,
+        router_logits.stride(0), float(routed_scaling_factor),
         NUM_EXPERTS=num_experts, TOP_K=top_k, NUM_GROUPS=num_groups, TOPK_GROUPS=topk_groups,
-        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4,
+        RENORMALIZE=renormalize, HAS_SLOTS=slots is not None, BLOCK_T=block_t,
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4,
     )
     return weights, ids

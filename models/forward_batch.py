@@ -19,6 +19,12 @@ class AttentionBackend(Protocol):
         scale: float,
     ) -> torch.Tensor: ...  # [num_tokens, num_heads, head_dim]
 
+    def kv_target(self, layer_id: int, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        ...  # (k_cache, v_cache, k_scale, v_scale): where this step's K/V go
+
+    def forward_stored(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        ...  # forward with this step's K/V already in the cache (a dummy batch: zeros)
+
 
 @dataclass
 class ForwardBatch:

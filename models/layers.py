@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import norm as norm_kernels
+from kernels import qkv_prologue as qkv_prologue_kernels
 from kernels import rope as rope_kernels
 from models.args import ModelArgs
 from models.forward_batch import ForwardBatch
@@ -186,26 +187,25 @@ class Attention(nn.Module):
                                           spec.attention_bias, args)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
         self.head_dim = spec.head_dim
-        self.split_sizes = self.qkv_proj.local_sizes
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, args)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, args) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, args) if spec.qk_norm else None
         self.scale = spec.head_dim**-0.5
         self.cos_sin = cos_sin  # shared by all layers; a plain attribute so meta-device init leaves it alone
-        self._apply_rope = pick_kernel(rope_kernels, "apply_rope", args.use_triton)
+        self.eps = spec.rms_norm_eps
+        # q/k norm + RoPE + the KV-cache store in one launch (the norms above only hold their weights)
+        self._prologue = pick_kernel(qkv_prologue_kernels, "qkv_prologue", args.use_triton)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            # per-head RMSNorm over head_dim (Qwen3, GLM use_qk_norm)
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q, k = self._apply_rope(positions, q, k, self.cos_sin)
-        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)  # [T, heads, head_dim]
+        backend = batch.attn_backend
+        k_cache, v_cache, k_scale, v_scale = backend.kv_target(self.layer_id, batch)
+        q_norm = self.q_norm.weight if self.q_norm is not None else None
+        k_norm = self.k_norm.weight if self.k_norm is not None else None
+        # q [T, heads, head_dim]; this step's k and v go straight into the cache (slot -1: padding, skipped)
+        q = self._prologue(self.qkv_proj(x), positions, self.cos_sin, q_norm, k_norm, self.eps, k_cache, v_cache,
+                           batch.slot_mapping, k_scale, v_scale)
+        out = backend.forward_stored(q, self.layer_id, batch, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

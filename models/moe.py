@@ -56,13 +56,14 @@ class Router(nn.Module):
         name = "topk_sigmoid_grouped" if grouped else "topk_softmax"
         self._route = pick_kernel(router_kernels, name, args.use_triton)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # slots [T]: rows with slot < 0 are padding and get expert ids -1, in the top-k kernel itself
         r = self.routing
-        logits = F.linear(x.to(self.weight.dtype), self.weight)  # [T, E]
+        logits = F.linear(x.to(self.weight.dtype), self.weight)  # [T, E]; .to is free when the dtypes match
         if self.e_score_correction_bias is None:
-            return self._route(logits, r.top_k, r.renormalize)
+            return self._route(logits, r.top_k, r.renormalize, slots)
         return self._route(logits, self.e_score_correction_bias, r.top_k, r.num_groups, r.topk_groups,
-                           r.renormalize, r.routed_scaling_factor)
+                           r.renormalize, r.routed_scaling_factor, slots)
 
 
 def tp_token_slice(num_tokens: int, tp: TensorParallel) -> tuple[int, int]:
@@ -209,11 +210,11 @@ class MoE(nn.Module):
             first, rows = tp_token_slice(num_tokens, self.tp)
             extra = rows * self.tp.size - num_tokens
             padded = F.pad(x, (0, 0, 0, extra)) if extra else x
-            padding = F.pad(batch.slot_mapping < 0, (0, extra), value=True) if extra else batch.slot_mapping < 0
+            slots = F.pad(batch.slot_mapping, (0, extra), value=-1) if extra else batch.slot_mapping
             mine = slice(first, first + rows)
-            out = self.tp.all_gather(self._routed(padded[mine], padding[mine]), dim=0)[:num_tokens]
+            out = self.tp.all_gather(self._routed(padded[mine], slots[mine]), dim=0)[:num_tokens]
         else:
-            out = self._routed(x, batch.slot_mapping < 0)
+            out = self._routed(x, batch.slot_mapping)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_partial:
@@ -239,11 +240,10 @@ class MoE(nn.Module):
         if stats is not None:
             stats.time_stop("moe", t0)
 
-    def _routed(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.gate(x)  # [T, k] fp32, [T, k] int32 global ids
-        # padding rows (slot -1: a padded batch's filler; padding [T] bool) get
-        # expert id -1: no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
-        topk_ids = topk_ids.masked_fill(padding.unsqueeze(1), -1)
+    def _routed(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        # padding rows (slot -1: a padded batch's filler; slots [T]) get expert id -1 inside the top-k kernel:
+        # no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
+        topk_weights, topk_ids = self.gate(x, slots)  # [T, k] fp32, [T, k] int32 global ids
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
             out = self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)

@@ -51,6 +51,7 @@ class EngineConfig:
     max_cudagraph_batch_size: int | None = None
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3
     max_mixed_cudagraph_tokens: int = 2048  # steps with a prefill up to this many tokens replay CUDA graphs; 0: off
+    async_scheduling: bool = False  # plan and queue step s+1 before step s's tokens are read (engine/async_step.py)
     # parallelism
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
@@ -258,6 +259,10 @@ class EngineConfig:
           help="steps that carry a prefill (decodes + a prompt's chunk) up to this many tokens are padded to a "
                "token bucket (64, 128, ... powers of two) and replayed as CUDA graphs (capped by "
                "--max-num-batched-tokens; 0: such steps run eagerly)")
+        a("--async-scheduling", action="store_true",
+          help="queue each step on the device before the previous step's tokens are read, so the GPU never waits "
+               "on the host between steps (a step with prompt logprobs runs synchronously, and so does "
+               "--lockstep-lookahead)")
         a("--data-parallel-size", "-dp", type=int, default=1, help="engine ranks, one GPU each")
         a("--enable-expert-parallel", action="store_true",
           help="split the experts of every MoE layer across the ranks (all2all, lockstep steps)")

@@ -285,7 +285,9 @@ def apply_bitmask(logits: Any, rows: list[int], bitmask: Any) -> Any:
     with torch.inference_mode():  # the runner's logits are inference tensors: in-place only in this mode
         if dev.type == "cuda":
             mask = (bitmask if bitmask.is_pinned() else bitmask.pin_memory()).to(dev, non_blocking=True)
-            apply_token_bitmask(logits, torch.tensor(rows, dtype=torch.int32, device=dev), mask)
+            # rows through pinned memory: torch.tensor(rows, device=dev) would wait for the whole stream
+            rows_dev = torch.tensor(rows, dtype=torch.int32).pin_memory().to(dev, non_blocking=True)
+            apply_token_bitmask(logits, rows_dev, mask)
         else:
             apply_token_bitmask_ref(logits, torch.tensor(rows), bitmask)
     return logits

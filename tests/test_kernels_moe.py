@@ -9,6 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_align import SMALL_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
@@ -74,6 +75,32 @@ def test_fused_experts(num_tokens, num_experts, hidden, inter, top_k, dtype):
     assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
     cfg = default_config(200, num_experts, top_k, False)  # another BLOCK_M, same answer
     assert _rel_err(fused_experts(x, w13, w2, weights, ids, config=cfg), ref) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_sum_one_token(dtype):
+    # config "fused_sum": the down GEMM's last slot per column tile does the top-k sum; the same numbers as
+    # the separate sum kernel, counters re-armed after each launch, zeros for a token with no slot handled here
+    import kernels.fused_moe as fm
+
+    torch.manual_seed(11)
+    num_experts, hidden, inter, top_k = 8, 96, 64, 4
+    x = torch.randn(1, hidden).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).to(dtype)
+    cfg = default_config(1, num_experts, top_k, False)
+    fused = dict(cfg, fused_sum=True, down=dict(cfg["down"], BLOCK_N=32))  # 3 column tiles
+    weights = torch.rand(1, top_k) + 0.1
+    for ids in ([[3, 0, 6, 1]], [[-1, 5, -1, 2]], [[-1, -1, -1, -1]], [[7, 4, 2, 5]]):
+        ids = torch.tensor(ids, dtype=torch.int32)
+        with count_launches() as log:
+            got = fused_experts(x, w13, w2, weights, ids, config=fused)
+        want = fused_experts(x, w13, w2, weights, ids, config=dict(cfg, down=fused["down"]))
+        assert torch.equal(got, want), (ids, got, want)
+        assert _rel_err(got, fused_experts_ref(x, w13, w2, weights, ids)) < 2e-3 or not (ids >= 0).any()
+        assert "triton:_moe_sum_kernel" not in log.events and log.events.count("triton:_moe_down_kernel") == 1
+        assert fm._COUNTERS[x.device].eq(0).all()
+    assert not got.eq(0).all()
 
 
 def _blocky(shape, block=128):
@@ -156,3 +183,37 @@ def test_moe_align_gpu(num_tokens):
     _, ids = _routing(num_tokens, 128, 8, "cuda", drop_every=7)
     for block_m in (16, 64, 128):
         _check_align(ids, 128, block_m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fused_sum_gpu(shape, fp8):
+    # the cross-program top-k sum (atomic counter, .cg loads) gives the separate sum kernel's bits, also when
+    # replayed from a CUDA graph with new routings (the counters must re-arm themselves)
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    dt = torch.bfloat16
+    torch.manual_seed(5)
+    x = torch.randn(1, hidden, device="cuda", dtype=dt)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(dt)
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).to(dt)
+    kw = {}
+    if fp8:
+        w13, s13 = quantize_weight_block(w13)
+        w2, s2 = quantize_weight_block(w2)
+        kw = {"w13_scale": s13, "w2_scale": s2}
+    cfg = get_moe_config(1, num_experts, hidden, inter, top_k, "fp8" if fp8 else "bfloat16")
+    fused = dict(cfg, fused_sum=True)
+    weights, ids = _routing(1, num_experts, top_k, "cuda", drop_every=0)
+    out = fused_experts(x, w13, w2, weights, ids, config=fused, **kw)  # warm: compile, counters allocated
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, w13, w2, weights, ids, config=fused, **kw)
+    for i in range(50):
+        new_w, new_ids = _routing(1, num_experts, top_k, "cuda", drop_every=0)
+        new_ids[0, : i % (top_k + 1)] = -1  # 0..top_k slots handled elsewhere (all of them: a zero sum)
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        graph.replay()
+        want = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
+        assert torch.equal(out, want), i

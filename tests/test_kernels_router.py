@@ -44,6 +44,30 @@ def test_topk_sigmoid_grouped(num_experts, top_k, groups, topk_groups, renormali
     _check(*topk_sigmoid_grouped(*args), *topk_sigmoid_grouped_ref(*args))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_padding_rows_get_no_experts(grouped):
+    # slots < 0 (padding) -> ids -1 in the top-k kernel itself, no separate mask launch; other rows unchanged
+    torch.manual_seed(3)
+    logits = torch.randn(21, 64) * 2
+    slots = torch.randint(0, 1000, (21,))
+    slots[[0, 5, 6, 20]] = -1
+    if grouped:
+        bias = torch.randn(64) * 0.5
+        route, ref = (lambda s, f=f: f(logits, bias, 6, 8, 3, True, 2.5, s) for f in (topk_sigmoid_grouped,
+                                                                               topk_sigmoid_grouped_ref))
+    else:
+        route, ref = (lambda s, f=f: f(logits, 4, True, s) for f in (topk_softmax, topk_softmax_ref))
+    (w, ids), (ref_w, ref_ids), (w_all, ids_all) = route(slots), ref(slots), route(None)
+    pad = slots < 0
+    assert (ids[pad] == -1).all() and (ref_ids[pad] == -1).all() and (ids_all[pad] >= 0).all()
+    _check(w[~pad], ids[~pad], ref_w[~pad], ref_ids[~pad])
+    assert torch.equal(ids[~pad], ids_all[~pad]) and torch.equal(w, w_all)
+    for bad in (slots[:-1], slots < 0):  # a bool padding mask is not slot ids
+        for fn in (route, ref):
+            with pytest.raises(ValueError, match="slots"):
+                fn(bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 333, 4096])
 def test_routers_gpu(num_tokens):

@@ -30,6 +30,13 @@ class RefAttentionBackend:
                 scale: float) -> torch.Tensor:
         k_cache, v_cache = batch.kv_caches[layer_id]
         store_kv_ref(k, v, k_cache, v_cache, batch.slot_mapping)
+        return self.forward_stored(q, layer_id, batch, scale)
+
+    def kv_target(self, layer_id: int, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        return (*batch.kv_caches[layer_id], 1.0, 1.0)
+
+    def forward_stored(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        k_cache, v_cache = batch.kv_caches[layer_id]
         return paged_attention_prefill_ref(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens,
                                            batch.block_tables, scale, batch.max_seqlen_q)
 

@@ -228,6 +228,18 @@ def test_twenty_json_schemas_on_the_gpu(tmp_path: Any) -> None:
               for i, s in enumerate(SCHEMAS)]
     params += [SamplingParams(temperature=0.0, max_tokens=16)] * 20  # unconstrained neighbours
     outs = llm.generate(["Answer in JSON:"] * len(params), params)
-    for schema, out in zip(SCHEMAS, outs):
-        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
-        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    import llguidance
+
+    finished = 0
+    for i, (schema, out) in enumerate(zip(SCHEMAS, outs)):
+        completion = out.outputs[0]
+        if completion.finish_reason == "stop":
+            jsonschema.validate(json.loads(completion.text), schema)
+            finished += 1
+            continue
+        # a JSON number's digits are unbounded: a random model sampling at temperature 1 may still be writing
+        # one at max_tokens. Such an output must be a prefix the grammar accepts, token by token.
+        assert completion.finish_reason == "length", (i, completion.finish_reason)
+        matcher = llguidance.LLMatcher(compiler._tokenizer, params[i].grammar)
+        assert matcher.consume_tokens(list(completion.token_ids)), (i, schema, completion.text)
+    assert finished >= 15, f"only {finished} of 20 schemas completed within 300 tokens"

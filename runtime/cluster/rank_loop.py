@@ -232,6 +232,11 @@ class RankLoop:
                 if self._handle(msg) is not None:
                     raise RuntimeError(f"rank {self.rank}: a StepCommand arrived before this rank reported")
             num_tokens = self._schedule()
+            if num_tokens == 0 and getattr(self.engine, "step_pending", False):
+                # async scheduling: nothing follows the step in flight, and an idle group issues no step that
+                # would read its tokens: read them now
+                self._send_outputs(self.engine.drain())  # type: ignore[attr-defined]
+                num_tokens = self._schedule()
             self._report(num_tokens)
             cmd = None
             while cmd is None:
@@ -312,7 +317,7 @@ class RankLoop:
                 msg = self._recv(0)
             if self.engine.has_unfinished():
                 num_tokens = self.engine.schedule()
-                if num_tokens:
+                if num_tokens or getattr(self.engine, "step_pending", False):  # async scheduling: read its tokens
                     self._execute(num_tokens, None)
                     self.step_id += 1
             s = self.engine.stats()

@@ -1,4 +1,4 @@
-"""Attention backends: store this step's K/V into the paged cache, then attend over it."""
+"""Attention backends: store this step's K/V into the paged cache (or take them stored), then attend over it."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ class PagedAttention:
         self.decode = decode
         self.kv_scales = kv_scales  # None: every scale is 1.0 (and a float cache ignores them)
 
+    def kv_target(self, layer_id: int, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(k_cache, v_cache, k_scale, v_scale) of a layer: where a fused prologue stores this step's K/V."""
+        k_cache, v_cache = batch.kv_caches[layer_id]
+        k_scale, v_scale = self.kv_scales[layer_id] if self.kv_scales is not None else (1.0, 1.0)
+        return k_cache, v_cache, k_scale, v_scale
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -30,9 +36,14 @@ class PagedAttention:
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        k_cache, v_cache = batch.kv_caches[layer_id]
-        k_scale, v_scale = self.kv_scales[layer_id] if self.kv_scales is not None else (1.0, 1.0)
+        k_cache, v_cache, k_scale, v_scale = self.kv_target(layer_id, batch)
         self.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
+        return self.forward_stored(q, layer_id, batch, scale)
+
+    def forward_stored(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """Attention over the cache, this step's K/V already in it (stored by the caller, e.g. the fused
+        q/k-norm + RoPE + KV-store prologue); q [num_tokens, num_heads, head_dim]."""
+        k_cache, v_cache, k_scale, v_scale = self.kv_target(layer_id, batch)
         if batch.is_decode:
             return self.decode(q, k_cache, v_cache, batch.seq_lens, batch.block_tables, scale, k_scale, v_scale)
         return self.prefill(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, scale,

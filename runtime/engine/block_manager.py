@@ -115,12 +115,13 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_tokens)):
             seq.block_table.append(self._take_free_block())
 
-    def commit(self, seq: Sequence) -> None:
-        """Registers the sequence's newly completed full blocks in the prefix cache."""
+    def commit(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Registers the sequence's newly completed full blocks in the prefix cache; num_tokens: of its computed
+        tokens, only the first this many (the rest is not known yet: async scheduling's placeholder)."""
         if not self.enable_prefix_caching:
             return
         hashes = self._seq_hashes.setdefault(seq.request_id, [])
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq) if num_tokens is None else num_tokens) // self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])

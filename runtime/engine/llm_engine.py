@@ -3,6 +3,8 @@
 A free-running rank calls step(). Under expert-parallel lockstep the coordinator splits it:
 schedule() plans the next batch and reports its size, execute(pad_to) runs it padded to the size
 every rank agreed on, or a dummy step of that size when this rank has nothing to do.
+With --async-scheduling execute() returns the previous step's outputs, read once this step is queued on the
+device (runtime/engine/async_step.py); drain() reads a pending step that no step follows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from kernels import use_persistent_cache
 from kernels.fused_moe import warmup_token_counts
 from runtime.config import DTYPES, ConfigError, EngineConfig
+from runtime.engine.async_step import PendingStep, needs_host_tokens, placeholder
 from runtime.engine.attention_backend import ATTENTION_BACKENDS
 from runtime.engine.block_manager import BlockManager
 from runtime.engine.kv_cache import kv_cache_dtype, read_kv_scales
@@ -24,7 +27,7 @@ from runtime.engine.model_runner import ModelRunner, kv_bytes_per_block
 from runtime.engine.prompt_logprobs import prompt_rows, record_prompt_logprobs, wants_prompt_logprobs
 from runtime.engine.sampler import Sampler
 from runtime.engine.scheduler import ScheduledBatch, Scheduler
-from runtime.engine.sequence import Sequence
+from runtime.engine.sequence import Sequence, Status
 from runtime.messages import AddRequest, RankStats, TokenDelta
 from runtime.structured_output import StructuredOutputs
 
@@ -103,6 +106,7 @@ class LLMEngine:
             plan_src=parallel.tp_src if tp_size > 1 else 0,
             mixed_graph_tokens=config.mixed_cudagraph_tokens(self.device),
             max_num_seqs=config.max_num_seqs,
+            tp_group=parallel.tp_group if tp_size > 1 else None,
         )
         if self.use_triton and self.device.type == "cuda":
             t0 = time.perf_counter()
@@ -118,6 +122,16 @@ class LLMEngine:
         self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
+        # --async-scheduling (runtime/engine/async_step.py); not with --lockstep-lookahead: its estimate of the
+        # next step is made while a step runs, from the host's view of the step before
+        lookahead = parallel is not None and parallel.is_ep and config.lockstep_lookahead
+        self.async_scheduling = config.async_scheduling and not lookahead
+        if config.async_scheduling and lookahead:
+            logger.info("rank %d: --async-scheduling is off with --lockstep-lookahead: steps run synchronously",
+                        self.rank)
+        self._pending: PendingStep | None = None  # the step in flight whose tokens are not read yet
+        self._host_token_requests: set[str] = set()  # ids of the requests whose steps run synchronously
+        self.num_overlapped_steps = 0  # steps queued while the previous one's tokens were still unread
         self.num_steps = 0
         self.num_dummy_steps = 0
         self.prompt_tokens = 0
@@ -191,6 +205,8 @@ class LLMEngine:
         if req.params.prompt_logprobs is not None:
             seq.prompt_logprobs = []  # sent (filled) with the first output token, also for a 1-token prompt
         self.requests[req.request_id] = seq
+        if needs_host_tokens(req.params):
+            self._host_token_requests.add(req.request_id)
         self.scheduler.add(seq)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -199,9 +215,15 @@ class LLMEngine:
             if seq is not None and not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
             self.structured.release(rid)
+            self._host_token_requests.discard(rid)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pending is not None
+
+    @property
+    def step_pending(self) -> bool:
+        """A step's tokens are still unread: execute() must run even with nothing new planned."""
+        return self._pending is not None
 
     # ---- stepping ----
     def schedule(self) -> int:
@@ -217,9 +239,14 @@ class LLMEngine:
 
     def execute(self, pad_to: int | None = None, on_launched: Any = None) -> list[TokenDelta]:
         """on_launched(): called once the step is queued on the device, before its tokens are read (the rank
-        loop tells the coordinator its next plan then, while the device works)."""
+        loop tells the coordinator its next plan then, while the device works). With async scheduling the
+        outputs are those of the previous step, whose tokens are read once this one is queued."""
         batch, self._planned = self._planned, None
+        pending, self._pending = self._pending, None
+        if batch is None and pending is not None and pad_to is None:
+            return self._collect(pending)  # nothing new to run: only the pending step's tokens
         self.num_steps += 1
+        outputs: list[TokenDelta] = []
         if batch is not None and any(s.is_finished for s in batch.seqs):
             # aborted between schedule() and execute(): drop them; padding keeps the agreed size
             kept = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
@@ -230,57 +257,118 @@ class LLMEngine:
             self.runner.execute_dummy(pad_to or 1)
             if on_launched is not None:
                 on_launched()
-            return []
-        if any(wants_prompt_logprobs(s) for s in batch.seqs):
-            rows, plan = prompt_rows(batch)
-            if rows:
-                logits, hidden = self.runner.execute(batch, pad_to or 0, rows)
-                record_prompt_logprobs(self.model, hidden, plan)
-                return self._process(batch, logits)
-        logits = self.runner.execute(batch, pad_to or 0)
+            return outputs + (self._collect(pending) if pending is not None else [])
+        prev_token_ids = pending.token_ids if pending is not None else None
+        rows, plan = prompt_rows(batch) if any(wants_prompt_logprobs(s) for s in batch.seqs) else ([], [])
+        if rows:
+            logits, hidden = self.runner.execute(batch, pad_to or 0, rows, prev_token_ids=prev_token_ids)
+            record_prompt_logprobs(self.model, hidden, plan)
+        else:
+            logits = self.runner.execute(batch, pad_to or 0, prev_token_ids=prev_token_ids)
         if on_launched is not None:
             on_launched()
-        return self._process(batch, logits)
+        if pending is not None:
+            self.num_overlapped_steps += 1
+            if self._needs_host_tokens(batch):
+                # its sampling reads the host's view of the previous step's tokens: read them now, while the
+                # forward runs (a sequence they end is sampled for nothing, and skipped below)
+                outputs, pending = self._collect(pending), None
+        step = self._sample(batch, logits)
+        self._advance(batch, step)
+        if pending is not None:
+            outputs += self._collect(pending)
+        if step is not None:
+            if self.async_scheduling:
+                self._pending = step  # read by the next execute(), once the step after it is queued
+            else:
+                outputs += self._collect(step)
+        return outputs
 
     def padded_size(self, num_tokens: int) -> int:
         return self.runner.padded_size(num_tokens)
 
     def step(self) -> list[TokenDelta]:
         if self.schedule() == 0:
-            return []
+            return self.drain()
         return self.execute()
 
-    def _process(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[TokenDelta]:
-        to_sample: list[Sequence] = []
+    def drain(self) -> list[TokenDelta]:
+        """The pending step's outputs, read now (async scheduling, when no step follows it yet)."""
+        pending, self._pending = self._pending, None
+        return self._collect(pending) if pending is not None else []
+
+    def _needs_host_tokens(self, batch: ScheduledBatch) -> bool:
+        ids = self._host_token_requests
+        return bool(ids) and any(s.request_id in ids for s in batch.seqs)
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> PendingStep | None:
+        """Queues sampling for the sequences whose last token this step computes; nothing is read back."""
+        to_sample = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        if not to_sample:
+            return None
+        # grammar masks fill on the CPU while the forward may still run on the GPU; None when unconstrained
+        mask = self.structured.bitmask([s.request_id for s in to_sample]) if self.structured.active else None
+        sampled = self.sampler.sample(logits, to_sample, self.eos_token_ids, mask)
+        return PendingStep(to_sample, sampled.token_ids, sampled.to_host())
+
+    def _advance(self, batch: ScheduledBatch, step: PendingStep | None) -> None:
+        """The host's view of a queued step: tokens computed, full blocks of real tokens into the prefix cache,
+        and a placeholder for each token being sampled, so the next step can be planned now."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:
+                continue  # ended by the previous step's tokens, read early (_needs_host_tokens); blocks freed
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
-            if seq.num_computed_tokens == len(seq):
-                to_sample.append(seq)
-        if not to_sample:
-            return []
-        # grammar masks fill on the CPU while the forward may still run on the GPU; None when unconstrained
-        mask = self.structured.bitmask([s.request_id for s in to_sample]) if self.structured.active else None
-        token_ids, logprobs = self.sampler(logits, to_sample, self.eos_token_ids, mask)
-        grammar_done = self.structured.accept_many([(s.request_id, t) for s, t in zip(to_sample, token_ids)]) \
+            # the previous step's placeholder (async) is the last token: hash only the blocks before it
+            self.block_manager.commit(seq, len(seq) - 1 if seq.token_ids[-1] < 0 else None)
+        if step is None:
+            return
+        for row, seq in enumerate(step.seqs):
+            pos = len(seq)
+            step.positions.append(pos)
+            if seq.is_finished:
+                continue  # its token is discarded when read
+            if self._ends_anyway(seq, pos + 1):
+                self.scheduler.retire(seq)  # its blocks stay until its token is read
+            else:
+                seq.token_ids.append(placeholder(row))
+
+    def _ends_anyway(self, seq: Sequence, length: int) -> bool:
+        """Whether the token that makes seq `length` tokens long ends it, whatever token it is."""
+        p = seq.params
+        generated = seq.num_generated_before + length - seq.num_prompt_tokens
+        return (p.max_tokens is not None and generated >= p.max_tokens) or length >= self.max_model_len
+
+    def _collect(self, step: PendingStep) -> list[TokenDelta]:
+        """Reads a step's sampled tokens (waiting for the device), puts them in place, emits the deltas."""
+        token_ids, logprobs = step.sampled.lists()
+        grammar_done = self.structured.accept_many(
+            [(s.request_id, t) for s, t in zip(step.seqs, token_ids) if not s.is_finished]) \
             if self.structured.active else set()
         deltas = []
-        for seq, token_id, lp in zip(to_sample, token_ids, logprobs):
-            first = seq.num_output_tokens == 0
+        for seq, pos, token_id, lp in zip(step.seqs, step.positions, token_ids, logprobs):
+            if seq.is_finished:
+                continue  # aborted, or ended by the step before, while this step ran: its token is discarded
+            if pos < len(seq):
+                seq.token_ids[pos] = token_id
+            else:
+                seq.token_ids.append(token_id)
+            first = pos == seq.num_prompt_tokens
             prompt_lps = None
             if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
                 prompt_lps, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
-            seq.token_ids.append(token_id)
             self.generation_tokens += 1
-            reason = self._finish_reason(seq, token_id)
+            reason = self._finish_reason(seq, token_id, pos + 1)
             if seq.request_id in grammar_done and reason is None:
                 reason = "stop"  # the grammar is complete (it only ends by EOS when eos is not ignored)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
                 self.structured.release(seq.request_id)
+                self._host_token_requests.discard(seq.request_id)
+            elif seq.status == Status.RUNNING:  # (not preempted meanwhile) a block that ended in the placeholder
+                self.block_manager.commit(seq, len(seq) - 1 if seq.token_ids[-1] < 0 else None)
             timings = seq.first_token_timings() if first else (None, None)
             deltas.append(
                 TokenDelta(
@@ -298,17 +386,17 @@ class LLMEngine:
             )
         return deltas
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token_id: int, length: int) -> str | None:
+        """length: the sequence's tokens up to and including token_id (a placeholder may follow it)."""
         p = seq.params
-        if seq.num_total_generated >= p.min_tokens:
+        generated = seq.num_generated_before + length - seq.num_prompt_tokens
+        if generated >= p.min_tokens:
             if p.stop_token_ids and token_id in p.stop_token_ids:
                 seq.stop_reason = token_id
                 return "stop"
             if not p.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
-        if p.max_tokens is not None and seq.num_total_generated >= p.max_tokens:
-            return "length"
-        if len(seq) >= self.max_model_len:
+        if self._ends_anyway(seq, length):
             return "length"
         return None
 

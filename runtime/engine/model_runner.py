@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from models.forward_batch import AttentionBackend, ForwardBatch
 from models.moe import DummyForward
+from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
 from runtime.engine.mixed_graphs import MixedGraphs, fill_tile_map, mixed_graph_sizes, model_tile_q
+from runtime.engine.sampler import device_tensor
 from runtime.engine.scheduler import ScheduledBatch
 from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
 
@@ -47,13 +50,14 @@ class ModelRunner:
         plan_src: int = 0,  # global rank of TP rank 0
         mixed_graph_tokens: int = 0,  # > 0: mixed steps up to this many tokens replay CUDA graphs (mixed_graphs.py)
         max_num_seqs: int = 0,  # rows of a mixed graph
+        tp_group: Any = None,  # TP > 1: the TP device group; async scheduling broadcasts sampled tokens on it
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.attn_backend = attn_backend
-        self.plan_group, self.plan_src = plan_group, plan_src
+        self.plan_group, self.plan_src, self.tp_group = plan_group, plan_src, tp_group
         spec = model.kv_cache_spec()  # this TP rank's KV heads
         # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]; zeros so stale slots are never NaN
         self.kv_cache = torch.zeros(
@@ -169,12 +173,17 @@ class ModelRunner:
         self._staging[host.dtype] = (buf, event)
         return out
 
-    def execute(self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None) -> Any:
+    def execute(self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None,
+                prev_token_ids: torch.Tensor | None = None) -> Any:
         """Runs one step; returns fp32 logits [num_sampled_seqs, vocab], and with extra_rows (flat token rows,
-        for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size]."""
+        for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size].
+        prev_token_ids: the sampled tokens [m] (device) of the step in flight, which the batch's placeholder
+        ids stand for (async scheduling; TP peers get them broadcast in run())."""
         plan = self.plan(batch, pad_to)
+        if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
+            plan.num_prev_tokens = prev_token_ids.shape[0]
         self._send(plan)
-        return self.run(plan, extra_rows)
+        return self.run(plan, extra_rows, prev_token_ids)
 
     def execute_dummy(self, num_tokens: int) -> None:
         """A lockstep filler step: the same collectives as a real step of num_tokens tokens (each MoE layer's
@@ -237,29 +246,41 @@ class ModelRunner:
             broadcast_plan(plan, self.plan_group, self.plan_src)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, extra_rows: list[int] | None = None) -> Any:
+    def run(self, plan: StepPlan, extra_rows: list[int] | None = None,
+            prev_token_ids: torch.Tensor | None = None) -> Any:
         if plan.kind == DUMMY:
             self._run_dummy(plan.num_tokens)
             return None
         prepared = self.prepare(plan)
         fb = prepared.forward_batch
-        num_padded = prepared.input_ids.shape[0]
+        input_ids = prepared.input_ids
+        if plan.num_prev_tokens:  # placeholders: the previous step's tokens go in on the device
+            if self.plan_group is not None:  # TP: only TP rank 0 sampled them
+                if prev_token_ids is None:
+                    prev_token_ids = torch.empty(plan.num_prev_tokens, dtype=torch.int64, device=self.device)
+                dist.broadcast(prev_token_ids, self.plan_src, group=self.tp_group)
+            assert prev_token_ids is not None
+            input_ids = fill_placeholders(input_ids, prev_token_ids, plan.i64[: plan.num_tokens])
+        num_padded = input_ids.shape[0]
         if fb.prefill_tiles is not None and self.mixed is not None and self.mixed.captured:
-            hidden = self.mixed.replay(prepared.input_ids, prepared.positions, fb)
+            hidden = self.mixed.replay(input_ids, prepared.positions, fb)
         elif self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
-            hidden = self.graphs.replay(prepared.input_ids, prepared.positions, fb)
+            hidden = self.graphs.replay(input_ids, prepared.positions, fb)
         else:
-            hidden = self.model(prepared.input_ids, prepared.positions, fb)
+            hidden = self.model(input_ids, prepared.positions, fb)
         if self._rerun(self.rows_run(plan)):
             with self.dispatcher.exact():  # type: ignore[union-attr]
-                hidden = self.model(prepared.input_ids, prepared.positions, fb)
-        if prepared.sample_rows:
-            rows = torch.tensor(prepared.sample_rows, dtype=torch.int64, device=self.device)
+                hidden = self.model(input_ids, prepared.positions, fb)
+        num_sampled = len(prepared.sample_rows)
+        if num_sampled and prepared.sample_rows[-1] == num_sampled - 1:  # rows 0..k-1: a decode step, no gather
+            logits = self.model.compute_logits(hidden[:num_sampled])
+        elif num_sampled:
+            rows = device_tensor(prepared.sample_rows, torch.int64, self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows))
         else:  # a prefill chunk with nothing to sample: no logits, no gather
             logits = torch.empty(0, 0, device=self.device)
         if extra_rows:
-            return logits, hidden.index_select(0, torch.tensor(extra_rows, dtype=torch.int64, device=self.device))
+            return logits, hidden.index_select(0, device_tensor(extra_rows, torch.int64, self.device))
         return logits
 
     @torch.inference_mode()

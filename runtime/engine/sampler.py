@@ -9,12 +9,72 @@ tokens do not depend on the batch it runs in, and it resumes its stream after a 
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 
 from runtime.engine.sequence import Sequence
 from runtime.structured_output import apply_bitmask
 
 Logprobs = list[tuple[int, float]]  # the sampled token first, then the top-N
+
+
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a sync: torch.tensor(values, device=cuda) copies from pageable
+    memory and then waits for the whole stream, which would make the host wait for the step in flight."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens and their logprobs, on the device until to_host(): nothing here syncs, so
+    the next step can be queued before they are read (async scheduling)."""
+
+    token_ids: torch.Tensor  # [num_seqs] int64
+    logprob_rows: list[int]  # rows that asked for logprobs
+    top_n: list[int]  # how many top entries each of them wants
+    chosen_logprobs: torch.Tensor | None = None  # [len(logprob_rows)] fp32
+    top_ids: torch.Tensor | None = None  # [len(logprob_rows), max(top_n)] int64
+    top_logprobs: torch.Tensor | None = None  # [len(logprob_rows), max(top_n)] fp32
+    copied: torch.cuda.Event | None = None  # recorded after the non-blocking copies to pinned host memory
+
+    def to_host(self) -> SampledTokens:
+        """Starts the copies to pinned host memory; lists() waits for them."""
+        if self.token_ids.device.type != "cuda":
+            return self
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # torch's caching host allocator
+            return host.copy_(t, non_blocking=True)
+
+        host = SampledTokens(pinned(self.token_ids), self.logprob_rows, self.top_n,  # type: ignore[arg-type]
+                             pinned(self.chosen_logprobs), pinned(self.top_ids), pinned(self.top_logprobs),
+                             torch.cuda.Event())
+        host.copied.record()  # type: ignore[union-attr]
+        return host
+
+    def lists(self) -> tuple[list[int], list[Logprobs | None]]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens = self.token_ids.tolist()
+        logprobs: list[Logprobs | None] = [None] * len(tokens)
+        if self.logprob_rows:
+            assert self.chosen_logprobs is not None
+            chosen = self.chosen_logprobs.tolist()
+            top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            top_lps = self.top_logprobs.tolist() if self.top_logprobs is not None else None
+            for j, (row, n) in enumerate(zip(self.logprob_rows, self.top_n)):
+                entry = [(tokens[row], chosen[j])]
+                if n > 0 and top_ids is not None and top_lps is not None:
+                    entry += list(zip(top_ids[j][:n], top_lps[j][:n]))
+                logprobs[row] = entry
+        return tokens, logprobs
 
 
 class Sampler:
@@ -31,10 +91,19 @@ class Sampler:
         eos_token_ids: set[int],
         grammar_mask: tuple[list[int], torch.Tensor] | None = None,
     ) -> tuple[list[int], list[Logprobs | None]]:
+        return self.sample(logits, seqs, eos_token_ids, grammar_mask).lists()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_ids: set[int],
+        grammar_mask: tuple[list[int], torch.Tensor] | None = None,
+    ) -> SampledTokens:
         # logits: [num_seqs, vocab] fp32; grammar_mask: (rows, int32 bitmask [len(rows), ceil(vocab/32)])
-        logprobs_out: list[Logprobs | None] = [None] * len(seqs)
         raw_logprobs = None
-        if any(s.params.logprobs is not None for s in seqs):
+        logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if logprob_rows:
             raw_logprobs = logits.log_softmax(dim=-1)
 
         logits = self._apply_token_rules(logits, seqs)
@@ -49,20 +118,16 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)
         else:
             token_ids = self._sample(logits, seqs, greedy)
-        token_list = token_ids.tolist()
 
+        top_n = [seqs[i].params.logprobs or 0 for i in logprob_rows]
+        out = SampledTokens(token_ids, logprob_rows, top_n)
         if raw_logprobs is not None:
-            for i, seq in enumerate(seqs):
-                n = seq.params.logprobs
-                if n is None:
-                    continue
-                chosen = token_list[i]
-                entry = [(chosen, raw_logprobs[i, chosen].item())]
-                if n > 0:
-                    values, ids = raw_logprobs[i].topk(n)
-                    entry += list(zip(ids.tolist(), values.tolist()))
-                logprobs_out[i] = entry
-        return token_list, logprobs_out
+            rows = device_tensor(logprob_rows, torch.int64, logits.device)
+            picked = raw_logprobs.index_select(0, rows)  # [len(rows), vocab]
+            out.chosen_logprobs = picked.gather(1, token_ids.index_select(0, rows)[:, None])[:, 0]
+            if max(top_n) > 0:
+                out.top_logprobs, out.top_ids = picked.topk(max(top_n), dim=-1)
+        return out
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [
@@ -73,18 +138,20 @@ class Sampler:
         if not rows:
             return logits
         logits = logits.clone()
-        vocab = logits.shape[1]
+        dev = logits.device
         for i in rows:
             p = seqs[i].params
             row = logits[i]
-            output_ids = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=logits.device)
+            # ids and counts on the host: unique() and bincount() on the device would wait for the stream
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(seqs[i].token_ids, dtype=torch.long, device=logits.device).unique()
+                seen = device_tensor(sorted(set(seqs[i].token_ids)), torch.int64, dev)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if output_ids.numel() and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(output_ids, minlength=vocab)[:vocab].to(row.dtype)
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+            counts = Counter(seqs[i].output_token_ids)
+            if counts and (p.presence_penalty or p.frequency_penalty):
+                ids = device_tensor(list(counts), torch.int64, dev)
+                num = device_tensor(list(counts.values()), row.dtype, dev)
+                row[ids] -= p.frequency_penalty * num + p.presence_penalty
         return logits
 
     def _apply_token_rules(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -103,17 +170,17 @@ class Sampler:
             p = seqs[i].params
             if p.logit_bias:
                 ids = [t for t in p.logit_bias if 0 <= t < vocab]
-                bias = torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
-                logits[i, ids] += bias
+                bias = device_tensor([p.logit_bias[t] for t in ids], logits.dtype, logits.device)
+                logits[i, device_tensor(ids, torch.int64, logits.device)] += bias
             if p.allowed_token_ids:
                 keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-                keep[[t for t in p.allowed_token_ids if 0 <= t < vocab]] = True
+                keep[device_tensor([t for t in p.allowed_token_ids if 0 <= t < vocab], torch.int64, keep.device)] = True
                 logits[i] = logits[i].masked_fill(~keep, float("-inf"))
             if p.bad_words_token_ids:
                 out = seqs[i].output_token_ids
                 banned = [w[-1] for w in p.bad_words_token_ids if len(w) == 1 or out[-(len(w) - 1) :] == w[:-1]]
                 if banned:
-                    logits[i, banned] = float("-inf")
+                    logits[i, device_tensor(banned, torch.int64, logits.device)] = float("-inf")
         return logits
 
     def _mask_early_stop(
@@ -130,23 +197,23 @@ class Sampler:
             if stop_ids:
                 if not masked:
                     logits, masked = logits.clone(), True
-                logits[i, sorted(stop_ids)] = float("-inf")
+                logits[i, device_tensor(sorted(stop_ids), torch.int64, logits.device)] = float("-inf")
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         params = [s.params for s in seqs]
         dev = logits.device
-        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
+        temperature = device_tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev)
         logits = logits / temperature[:, None]
 
         top_k = [p.top_k for p in params]
         if any(k > 0 for k in top_k):
             vocab = logits.shape[1]
-            k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=dev)
+            k = device_tensor([min(k, vocab) if k > 0 else vocab for k in top_k], torch.int64, dev)
             kth = logits.sort(dim=-1, descending=True)[0].gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            top_p = device_tensor([p.top_p for p in params], torch.float32, dev)
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)
             # drop a token when the mass before it already reaches top_p (the top token always stays)
@@ -155,7 +222,7 @@ class Sampler:
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            min_p = device_tensor([p.min_p for p in params], torch.float32, dev)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True)[0], 0.0)
 
         # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p.
@@ -165,5 +232,5 @@ class Sampler:
                 self._seeded.manual_seed((p.seed * 1_000_003 + seq.num_total_generated) % (2**63))
                 noise[i].exponential_(generator=self._seeded)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy_mask = torch.tensor(greedy, device=dev)
+        greedy_mask = device_tensor(greedy, torch.bool, dev)
         return torch.where(greedy_mask, logits.argmax(dim=-1), sampled)

@@ -134,6 +134,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def retire(self, seq: Sequence) -> None:
+        """Schedules the sequence no more (its token in flight ends it, whatever it is); it keeps its blocks
+        until finish()."""
+        if seq in self.running:
+            self.running.remove(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 RUN, DUMMY, STOP, SUM = 1, 2, 3, 4  # SUM: add up an int64 vector of num_tokens entries over the TP ranks
-_HEADER = 10
+_HEADER = 11
 
 
 @dataclass
@@ -33,6 +33,9 @@ class StepPlan:
     i64: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # ids | positions | slots
     i32: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # cu | seq_lens | tables
     sample_rows: list[int] = field(default_factory=list)  # token rows whose logits are sampled
+    # async scheduling: the ids hold placeholders for the previous step's sampled tokens, this many, which TP
+    # rank 0 broadcasts on the device group before the forward (runtime/engine/async_step.py)
+    num_prev_tokens: int = 0
 
     # Every part of i64 and i32 starts 16-byte aligned: Triton specializes kernels on pointer alignment, and
     # an offset that followed the batch size would compile a second variant of each kernel while serving.
@@ -48,7 +51,7 @@ class StepPlan:
 def broadcast_plan(plan: StepPlan, group: Any, src: int) -> None:
     header = torch.tensor([plan.kind, plan.num_tokens, plan.num_rows, plan.width, int(plan.is_decode),
                            plan.max_seqlen_q, plan.max_seqlen_k, plan.num_real_tokens, len(plan.sample_rows),
-                           plan.i32.size], dtype=torch.int64)
+                           plan.i32.size, plan.num_prev_tokens], dtype=torch.int64)
     dist.broadcast(header, src, group=group)
     if plan.kind == RUN:
         payload = np.concatenate([plan.i64, plan.i32.astype(np.int64), np.asarray(plan.sample_rows, dtype=np.int64)])
@@ -58,8 +61,8 @@ def broadcast_plan(plan: StepPlan, group: Any, src: int) -> None:
 def receive_plan(group: Any, src: int) -> StepPlan:
     header = torch.empty(_HEADER, dtype=torch.int64)
     dist.broadcast(header, src, group=group)
-    kind, n, rows, width, decode, max_q, max_k, real, num_sample, num_i32 = header.tolist()
-    plan = StepPlan(kind, n, rows, width, bool(decode), max_q, max_k, real)
+    kind, n, rows, width, decode, max_q, max_k, real, num_sample, num_i32, num_prev = header.tolist()
+    plan = StepPlan(kind, n, rows, width, bool(decode), max_q, max_k, real, num_prev_tokens=num_prev)
     if kind == RUN:
         n64 = 3 * plan.i64_part
         payload = torch.empty(n64 + num_i32 + num_sample, dtype=torch.int64)
