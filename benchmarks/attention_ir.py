@@ -100,7 +100,8 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                     stride_ot=num_heads * HEAD_DIM, stride_oh=HEAD_DIM)
         pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
         consts = {"GROUP": group, "PACK": pack, "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK,
-                  "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64}
+                  "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64,
+                  "tile_map_ptr": None, "TILE_MAP": False}  # the eager grid (a tile map: mixed-step graphs)
         compiled = compile_sm90(_prefill_kernel, args, consts, warps, stages)
     return report(compiled)
 

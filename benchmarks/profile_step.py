@@ -1,5 +1,6 @@
 """Where one engine step's time goes, CPU and GPU side by side (Qwen3-30B-A3B shapes, dummy weights, one GPU):
-a graph-replayed decode step, the same step eager, and a decode step carrying a new prompt (mixed, eager).
+a graph-replayed decode step, the same step eager, and a decode step carrying a new prompt (mixed), eager and
+replayed from its token bucket's CUDA graph (runtime/engine/mixed_graphs.py; --max-mixed-cudagraph-tokens).
 
     python benchmarks/profile_step.py --batch 64 --prompt-len 1024 --out-dir prof/
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--max-mixed-cudagraph-tokens", type=int, default=2048)
     parser.add_argument("--out-dir", default="prof")
     args = parser.parse_args()
     from runtime.config import EngineConfig
@@ -40,7 +42,9 @@ def main() -> None:
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump({**QWEN3_30B_A3B, "num_hidden_layers": args.layers}, f)
     engine = LLMEngine(EngineConfig(model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-                                    max_num_seqs=max(args.batch, 8), max_num_batched_tokens=8192,
+                                    # room for the new prompt beside the batch, or it never joins it
+                                    max_num_seqs=args.batch + 8, max_num_batched_tokens=8192,
+                                    max_mixed_cudagraph_tokens=args.max_mixed_cudagraph_tokens,
                                     gpu_memory_utilization=0.9))
     params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
@@ -52,10 +56,12 @@ def main() -> None:
         seq.status = Status.RUNNING
         engine.scheduler.running.append(seq)
         engine.requests[seq.request_id] = seq
-    graphs = engine.runner.graphs
+    graphs, mixed = engine.runner.graphs, engine.runner.mixed
+    walls: dict[str, float] = {}
 
     def case(name: str, eager: bool, prompt: bool) -> None:
         engine.runner.graphs = None if eager else graphs
+        engine.runner.mixed = None if eager else mixed
         for i in range(4):  # the last one profiled
             if prompt:
                 ids = torch.randint(0, 150000, (args.prompt_len,), generator=g).tolist()
@@ -73,14 +79,19 @@ def main() -> None:
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             gpu = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
             print(f"== {name}: wall {wall:.1f} ms, {len(kernels)} GPU kernels, GPU busy {gpu:.1f} ms", flush=True)
+            walls[name] = wall
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
         while any(r.startswith(name) for r in engine.requests):
             engine.step()
-        engine.runner.graphs = graphs
+        engine.runner.graphs, engine.runner.mixed = graphs, mixed
 
     case("graph_decode", eager=False, prompt=False)
     case("eager_decode", eager=True, prompt=False)
-    case("mixed", eager=False, prompt=True)
+    case("mixed_eager", eager=True, prompt=True)
+    if mixed is not None:
+        case("mixed_graph", eager=False, prompt=True)
+    summary = ", ".join(f"{k} {v:.1f} ms" for k, v in walls.items())
+    print(f"profile_step: batch {args.batch} ctx {args.ctx} prompt {args.prompt_len}: {summary}")
 
 
 if __name__ == "__main__":

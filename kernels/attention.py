@@ -87,6 +87,7 @@ def paged_attention_prefill_ref(
     max_seqlen_q: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    tile_map: torch.Tensor | None = None,  # [num_tiles, 2] (row, q block); only tokens of listed tiles are computed
 ) -> torch.Tensor:
     out = torch.zeros_like(q)
     cu = cu_seqlens_q.tolist()
@@ -98,7 +99,25 @@ def paged_attention_prefill_ref(
         k = gather_kv(k_cache, block_tables[b], seq_len, k_scale)
         v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
         out[start:end] = attend(q[start:end], k, v, scale)
+    if tile_map is not None:  # as the kernel: a token no tile covers stays zero
+        tile_q = prefill_tile_q(q.shape[1], k_cache.shape[2], q.shape[2], k_cache.dtype, q.device)
+        covered = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        for b, qb in tile_map.tolist():
+            if b >= 0:
+                covered[cu[b] + qb * tile_q : min(cu[b] + (qb + 1) * tile_q, cu[b + 1])] = True
+        out[~covered] = 0
     return out
+
+
+def prefill_tile_q(num_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> int:
+    """Query tokens per prefill program (BLOCK_M // PACK of paged_attention_prefill): the unit of a tile map.
+    Give it what the wrapper's tile config depends on (a tuned per-GPU, per-cache-dtype table may set BLOCK_M);
+    the wrapper checks that a tile map's unit is its own."""
+    group = num_heads // num_kv_heads
+    block_m = prefill_config(head_dim, kv_dtype, device)["BLOCK_M"]
+    pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
+    return block_m // pack
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -181,6 +200,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_AS_F16: tl.constexpr,
     OFF64: tl.constexpr,
+    tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -190,6 +210,13 @@ def _prefill_kernel(
     qb = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
     head0 = tl.program_id(0) * PACK
+    if TILE_MAP:  # a fixed grid (CUDA graphs): program (h, t, 0) runs tile t = (row, q block); row -1: no tile
+        t = tl.program_id(1)
+        head0 = tl.program_id(0) * PACK
+        b = tl.load(tile_map_ptr + 2 * t)
+        qb = tl.load(tile_map_ptr + 2 * t + 1)
+        if b < 0:
+            return
     kvh = head0 // GROUP
     q_start = tl.load(cu_seqlens_ptr + b)
     q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
@@ -304,11 +331,16 @@ def paged_attention_prefill(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
+    tile_map: torch.Tensor | None = None,  # [num_tiles, 2] int32 (row, q block), row -1 = none: a fixed grid
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
+    if tile_map is not None and (tile_map.dim() != 2 or tile_map.shape[1] != 2 or tile_map.dtype != torch.int32
+                                 or not tile_map.is_contiguous()):
+        raise ValueError(f"tile_map must be contiguous int32 [num_tiles, 2], got {tile_map.dtype} "
+                         f"{tuple(tile_map.shape)}")
     if cu_seqlens_q.shape != (batch + 1,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
         raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} / block_tables "
                          f"{tuple(block_tables.shape)} do not match batch {batch}")
@@ -318,7 +350,8 @@ def paged_attention_prefill(
     if config is not None:
         check_config(cfg, PREFILL_KEYS, head_dim)
     out = torch.zeros_like(q)  # tokens past cu_seqlens_q[-1] (padding) stay zero
-    if batch == 0 or max_seqlen_q == 0 or num_tokens == 0:
+    if batch == 0 or num_tokens == 0 or (tile_map is None and max_seqlen_q == 0) or (
+            tile_map is not None and tile_map.shape[0] == 0):
         return out
     group = num_heads // num_kv_heads
     block_m = cfg["BLOCK_M"]
@@ -326,6 +359,12 @@ def paged_attention_prefill(
     grid = (num_heads // pack, triton.cdiv(max_seqlen_q, block_m // pack), batch)
     if grid[1] > 65535 or batch > 65535:
         raise ValueError(f"prefill grid {grid} too large: at most 65535 query blocks and sequences per launch")
+    tiles: dict = {}
+    if tile_map is not None:  # the grid no longer depends on max_seqlen_q or the batch: one program per tile
+        if block_m // pack != prefill_tile_q(num_heads, num_kv_heads, head_dim, k_cache.dtype, q.device):
+            raise ValueError("tile map unit (prefill_tile_q) differs from the kernel's BLOCK_M // PACK")
+        grid = (num_heads // pack, tile_map.shape[0], 1)
+        tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
     _prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * k_scale * _LOG2E, v_scale,
@@ -333,6 +372,6 @@ def paged_attention_prefill(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
     )
     return out

@@ -38,6 +38,9 @@ class ForwardBatch:
     is_decode: bool  # every sequence has exactly one query token (row b = token b)
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
     attn_backend: AttentionBackend
+    # [num_tiles, 2] int32 (row, q block), row -1 = none: the prefill attention runs this fixed grid instead of
+    # one sized by max_seqlen_q and the batch (CUDA-graph-replayed mixed steps, runtime/engine/mixed_graphs.py)
+    prefill_tiles: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -50,6 +50,7 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | triton
     max_cudagraph_batch_size: int | None = None
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3
+    max_mixed_cudagraph_tokens: int = 2048  # steps with a prefill up to this many tokens replay CUDA graphs; 0: off
     async_scheduling: bool = False  # plan and queue step s+1 before step s's tokens are read (engine/async_step.py)
     # parallelism
     data_parallel_size: int = 1
@@ -116,6 +117,9 @@ class EngineConfig:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or glm45)")
         if self.dp_routing not in ("prefix", "load"):
             raise ConfigError(f"--dp-routing must be prefix or load, got {self.dp_routing!r}")
+        if self.max_mixed_cudagraph_tokens < 0:
+            raise ConfigError(f"--max-mixed-cudagraph-tokens must be >= 0 (0: off), got "
+                              f"{self.max_mixed_cudagraph_tokens}")
         if self.mixed_step_token_budget < 0:
             raise ConfigError(f"--mixed-step-token-budget must be >= 0 tokens, got {self.mixed_step_token_budget}")
         if self.engine_hang_timeout <= 0:
@@ -191,6 +195,12 @@ class EngineConfig:
             return 0
         return min(self.max_num_seqs, self.max_cudagraph_batch_size or 512)
 
+    def mixed_cudagraph_tokens(self, device: torch.device) -> int:
+        """Largest step with a prefill (padded to a token bucket) captured as a CUDA graph; 0 = eager only."""
+        if not self.cuda_graph_max_batch(device):
+            return 0
+        return min(self.max_mixed_cudagraph_tokens, self.max_num_batched_tokens)
+
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
@@ -245,6 +255,10 @@ class EngineConfig:
           help="largest decode batch captured as a CUDA graph (default: --max-num-seqs)")
         a("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
           help="fp8 / fp8_e4m3: KV cache in FP8 e4m3 with per-tensor scales (twice the tokens per GiB)")
+        a("--max-mixed-cudagraph-tokens", type=int, default=d["max_mixed_cudagraph_tokens"].default,
+          help="steps that carry a prefill (decodes + a prompt's chunk) up to this many tokens are padded to a "
+               "token bucket (64, 128, ... powers of two) and replayed as CUDA graphs (capped by "
+               "--max-num-batched-tokens; 0: such steps run eagerly)")
         a("--async-scheduling", action="store_true",
           help="queue each step on the device before the previous step's tokens are read, so the GPU never waits "
                "on the host between steps (a step with prompt logprobs runs synchronously, and so does "

@@ -41,7 +41,8 @@ def make_backend(config: EngineConfig, parallel: ParallelState, num_experts: int
     # sparse: a (source, destination) pair never carries more than T <= max_num_batched_tokens rows (a token
     # goes at most once to each rank), so this default never needs a second round; a smaller
     # --expert-token-capacity bounds each collective's message at the price of more rounds
-    graph_max = config.cuda_graph_max_batch(parallel.device)
+    # decode and mixed-step graphs capture the exchange: both need the fixed-size path
+    graph_max = max(config.cuda_graph_max_batch(parallel.device), config.mixed_cudagraph_tokens(parallel.device))
     static_max = config.all2all_static_max_tokens
     if static_max is not None and static_max < graph_max:
         raise ConfigError(f"--all2all-static-max-tokens {static_max} is below the largest CUDA-graph batch "

@@ -21,6 +21,7 @@ AGREED_FIELDS = (
     "max_num_batched_tokens", "max_model_len", "block_size", "dtype", "quantization", "kernel_backend",
     "enforce_eager", "max_cudagraph_batch_size", "device", "tensor_parallel_size",
     "all2all_backend", "all2all_fp8_dispatch", "all2all_capacity_factor", "all2all_static_max_tokens",
+    "max_mixed_cudagraph_tokens",
 )
 KEY = "moe-rt/config-agreement"
 

@@ -47,7 +47,7 @@ class PagedAttention:
         if batch.is_decode:
             return self.decode(q, k_cache, v_cache, batch.seq_lens, batch.block_tables, scale, k_scale, v_scale)
         return self.prefill(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, scale,
-                            batch.max_seqlen_q, k_scale, v_scale)
+                            batch.max_seqlen_q, k_scale, v_scale, tile_map=batch.prefill_tiles)
 
 
 def torch_attention(kv_scales: KvScales | None = None) -> PagedAttention:

@@ -104,6 +104,8 @@ class LLMEngine:
             cuda_graph_max_batch=graph_max,
             plan_group=parallel.tp_cpu_group if tp_size > 1 else None,
             plan_src=parallel.tp_src if tp_size > 1 else 0,
+            mixed_graph_tokens=config.mixed_cudagraph_tokens(self.device),
+            max_num_seqs=config.max_num_seqs,
             tp_group=parallel.tp_group if tp_size > 1 else None,
         )
         if self.use_triton and self.device.type == "cuda":

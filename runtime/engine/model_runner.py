@@ -15,6 +15,7 @@ from models.forward_batch import AttentionBackend, ForwardBatch
 from models.moe import DummyForward
 from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
+from runtime.engine.mixed_graphs import MixedGraphs, fill_tile_map, mixed_graph_sizes, model_tile_q
 from runtime.engine.sampler import device_tensor
 from runtime.engine.scheduler import ScheduledBatch
 from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
@@ -47,6 +48,8 @@ class ModelRunner:
         cuda_graph_max_batch: int = 0,  # 0 = eager only
         plan_group: Any = None,  # TP > 1: the TP group's gloo group; TP rank 0 broadcasts each step's plan on it
         plan_src: int = 0,  # global rank of TP rank 0
+        mixed_graph_tokens: int = 0,  # > 0: mixed steps up to this many tokens replay CUDA graphs (mixed_graphs.py)
+        max_num_seqs: int = 0,  # rows of a mixed graph
         tp_group: Any = None,  # TP > 1: the TP device group; async scheduling broadcasts sampled tokens on it
     ) -> None:
         self.model = model
@@ -66,13 +69,20 @@ class ModelRunner:
         self.dispatcher = next((m.dispatcher for m in model.modules()
                                 if hasattr(getattr(m, "dispatcher", None), "overflowed")), None)
         # a dummy step's forward: the MoE layers' collectives and local experts only (static inputs for the graphs)
-        self.dummy_forward = DummyForward(model, cuda_graph_max_batch)
+        self.dummy_forward = DummyForward(model, max(cuda_graph_max_batch, mixed_graph_tokens))
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
             self.graphs = CudaGraphRunner(
                 model, self.kv_caches, attn_backend, cuda_graph_max_batch, self.max_blocks_per_seq, device,
                 self.dummy_forward,
             )
+        # mixed steps padded to buckets; captured on the GPU, eager (the same padded plan) where set up without
+        self.mixed: MixedGraphs | None = None
+        if mixed_graph_tokens > 0:
+            tile_q = model_tile_q(model, self.kv_cache.dtype, device)
+            self.mixed = MixedGraphs(mixed_graph_sizes(mixed_graph_tokens), max_num_seqs, tile_q)
+            if device.type == "cuda":
+                self.mixed.capture(model, self.kv_caches, attn_backend, self.max_blocks_per_seq, device)
 
     def plan(self, batch: ScheduledBatch, pad_to: int = 0) -> StepPlan:
         bs = self.block_size
@@ -81,21 +91,27 @@ class ModelRunner:
         starts = np.array([s.num_computed_tokens for s in batch.seqs], dtype=np.int64)
         num_tokens = int(q_lens.sum())
         is_decode = batch.is_decode and num_seqs > 0
-        pad = max(0, pad_to - num_tokens)
-        # padding: decode rows are sequences of length 0; a prefill gets one padding sequence with no KV
+        mixed = self._mixed_bucket(num_tokens, num_seqs, pad_to, is_decode)  # 0: not a bucketed mixed step
+        is_decode = is_decode and not mixed
+        pad = max(0, (mixed or pad_to) - num_tokens)
+        # padding: decode rows are sequences of length 0; a prefill gets one padding sequence with no KV; a
+        # bucket has a fixed row count (rows past the batch: q_len 0) and padding tokens in no sequence
         num_rows = num_seqs + (pad if is_decode else int(pad > 0))
+        num_rows = self.mixed.rows(mixed) if self.mixed is not None and mixed else num_rows
         width = max(1, max((len(s.block_table) for s in batch.seqs), default=1))
 
-        # one int64 buffer [ids | positions | slots] and one int32 buffer [cu_seqlens | seq_lens | tables],
+        # one int64 buffer [ids | positions | slots] and one int32 buffer [cu_seqlens | seq_lens | tables (| tiles)],
         # each filled on the host and copied to the device once (parts aligned: StepPlan.i64_part / i32_part)
         n = num_tokens + pad
         layout = StepPlan(RUN, n, num_rows)
         n64, r32 = layout.i64_part, layout.i32_part
         i64 = np.zeros(3 * n64, dtype=np.int64)
         ids, pos, slots = i64[:n], i64[n64 : n64 + n], i64[2 * n64 : 2 * n64 + n]
-        i32 = np.zeros(2 * r32 + num_rows * width, dtype=np.int32)
+        tiles_at = -(-num_rows * width // 4) * 4 + 2 * r32  # a bucket's tile map follows the tables, aligned
+        num_tiles = self.mixed.num_tiles(mixed) if self.mixed is not None and mixed else 0
+        i32 = np.zeros(tiles_at + 2 * num_tiles if num_tiles else 2 * r32 + num_rows * width, dtype=np.int32)
         cu, seq_lens = i32[: num_rows + 1], i32[r32 : r32 + num_rows]
-        tables = i32[2 * r32 :].reshape(num_rows, width)
+        tables = i32[2 * r32 : 2 * r32 + num_rows * width].reshape(num_rows, width)
         cu[1 : num_seqs + 1] = np.cumsum(q_lens)
         seq_lens[:num_seqs] = starts + q_lens
         for row, (seq, start, q) in enumerate(zip(batch.seqs, starts.tolist(), batch.num_new_tokens)):
@@ -108,7 +124,10 @@ class ModelRunner:
             np.repeat(starts, q_lens)
         slots[:num_tokens] = tables[token_row, pos[:num_tokens] // bs].astype(np.int64) * bs + pos[:num_tokens] % bs
         slots[num_tokens:] = -1
-        if pad:
+        if self.mixed is not None and mixed:
+            cu[num_seqs + 1 :] = num_tokens
+            fill_tile_map(i32[tiles_at:].reshape(num_tiles, 2), q_lens, seq_lens[:num_seqs], self.mixed.tile_q)
+        elif pad:
             cu[num_seqs + 1 :] = num_tokens + np.arange(1, num_rows - num_seqs + 1) if is_decode else n
         sample_rows = [int(cu[row + 1]) - 1 for row, seq in enumerate(batch.seqs)
                        if int(seq_lens[row]) == len(seq)]
@@ -120,16 +139,19 @@ class ModelRunner:
         n64, r32 = plan.i64_part, plan.i32_part
         dev_i64 = self._to_device(plan.i64)
         dev_i32 = self._to_device(plan.i32)
+        tiles_at = -(-num_rows * width // 4) * 4 + 2 * r32
         fb = ForwardBatch(
             slot_mapping=dev_i64[2 * n64 : 2 * n64 + n],
             cu_seqlens_q=dev_i32[: num_rows + 1],
             seq_lens=dev_i32[r32 : r32 + num_rows],
-            block_tables=dev_i32[2 * r32 :].view(num_rows, width),
+            block_tables=dev_i32[2 * r32 : 2 * r32 + num_rows * width].view(num_rows, width),
             max_seqlen_q=plan.max_seqlen_q,
             max_seqlen_k=plan.max_seqlen_k,
             is_decode=plan.is_decode,
             kv_caches=self.kv_caches,
             attn_backend=self.attn_backend,
+            # a bucketed mixed step's plan carries its tile map after the tables (plan(): num_tiles)
+            prefill_tiles=dev_i32[tiles_at:].view(-1, 2) if plan.i32.size > 2 * r32 + num_rows * width else None,
         )
         return PreparedBatch(dev_i64[:n], dev_i64[n64 : n64 + n], fb, plan.sample_rows)
 
@@ -193,7 +215,26 @@ class ModelRunner:
         """Tokens a step of num_tokens really runs: the CUDA-graph bucket when one covers it (the runner is
         the one owner of the buckets; the rank loop agrees on this size with the other ranks)."""
         bucket = self.graphs.bucket(num_tokens) if self.graphs is not None else None
-        return bucket or num_tokens
+        mixed = self.mixed.bucket(num_tokens) if self.mixed is not None else None
+        return min((b for b in (bucket, mixed) if b is not None), default=num_tokens)
+
+    def _mixed_bucket(self, num_tokens: int, num_seqs: int, pad_to: int, is_decode: bool) -> int:
+        """The bucket a step is planned at in the mixed layout (0: not bucketed). Alone, a step with a prefill
+        (or a decode no decode graph holds) takes the smallest bucket that holds it. Under lockstep (pad_to: the
+        size every rank agreed on, from padded_size) it must run exactly pad_to tokens: a bucket of that size,
+        unless a decode graph of that size runs a pure decode step; otherwise it stays eager."""
+        if self.mixed is None or num_tokens == 0:
+            return 0
+        if pad_to <= 0:
+            if is_decode and (self.graphs is None or self.graphs.bucket(num_tokens) is not None):
+                return 0
+            size = self.mixed.bucket(num_tokens) or 0
+        else:
+            size = max(pad_to, num_tokens)
+            if size not in self.mixed.sizes or (is_decode and self.graphs is not None
+                                                and self.graphs.bucket(size) == size):
+                return 0
+        return size if size and num_seqs <= self.mixed.rows(size) else 0
 
     def rows_run(self, plan: StepPlan) -> int:
         """Token rows the forward really runs: the CUDA graph's bucket when one is replayed."""
@@ -221,7 +262,9 @@ class ModelRunner:
             assert prev_token_ids is not None
             input_ids = fill_placeholders(input_ids, prev_token_ids, plan.i64[: plan.num_tokens])
         num_padded = input_ids.shape[0]
-        if self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
+        if fb.prefill_tiles is not None and self.mixed is not None and self.mixed.captured:
+            hidden = self.mixed.replay(input_ids, prepared.positions, fb)
+        elif self.graphs is not None and fb.is_decode and self.graphs.bucket(num_padded) is not None:
             hidden = self.graphs.replay(input_ids, prepared.positions, fb)
         else:
             hidden = self.model(input_ids, prepared.positions, fb)
