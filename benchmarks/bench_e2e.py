@@ -98,7 +98,7 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
     max_b = max(args.batch_sizes)
     max_len = args.max_model_len or max(args.ctx + 64, args.prefill + 16, args.prompt_len + 16)
     config = EngineConfig(model=model_dir, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
-                          max_model_len=max_len, max_num_seqs=max_b, max_num_batched_tokens=args.prefill,
+                          max_model_len=max_len, max_num_seqs=max_b + 8, max_num_batched_tokens=args.prefill,
                           gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
                           async_scheduling=args.async_scheduling)
     engine = LLMEngine(config)
