@@ -174,13 +174,15 @@ class Sampler:
                 logits[i, device_tensor(ids, torch.int64, logits.device)] += bias
             if p.allowed_token_ids:
                 keep = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-                keep[device_tensor([t for t in p.allowed_token_ids if 0 <= t < vocab], torch.int64, keep.device)] = True
+                # index_fill_ with a Python scalar: an assignment would copy a CPU scalar tensor over (a sync)
+                keep.index_fill_(0, device_tensor([t for t in p.allowed_token_ids if 0 <= t < vocab], torch.int64,
+                                                  keep.device), True)
                 logits[i] = logits[i].masked_fill(~keep, float("-inf"))
             if p.bad_words_token_ids:
                 out = seqs[i].output_token_ids
                 banned = [w[-1] for w in p.bad_words_token_ids if len(w) == 1 or out[-(len(w) - 1) :] == w[:-1]]
                 if banned:
-                    logits[i, device_tensor(banned, torch.int64, logits.device)] = float("-inf")
+                    logits[i].index_fill_(0, device_tensor(banned, torch.int64, logits.device), float("-inf"))
         return logits
 
     def _mask_early_stop(
@@ -197,7 +199,7 @@ class Sampler:
             if stop_ids:
                 if not masked:
                     logits, masked = logits.clone(), True
-                logits[i, device_tensor(sorted(stop_ids), torch.int64, logits.device)] = float("-inf")
+                logits[i].index_fill_(0, device_tensor(sorted(stop_ids), torch.int64, logits.device), float("-inf"))
         return logits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
