@@ -22,9 +22,9 @@ def test_6k_prompt_in_512_token_chunks_matches_transformers(tmp_path: Any) -> No
     steps = []
     inner = llm.engine.runner.execute
 
-    def spy(batch: Any, pad_to: int = 0) -> torch.Tensor:
+    def spy(batch: Any, pad_to: int = 0, **kwargs: Any) -> torch.Tensor:
         steps.append(batch.num_tokens)
-        return inner(batch, pad_to)
+        return inner(batch, pad_to, **kwargs)
 
     llm.engine.runner.execute = spy  # type: ignore[method-assign]
     got = ours(llm, [prompt], 8)
