@@ -14,6 +14,7 @@ MODEL=$(mktemp -d)
 python3 -c "import json,sys; from benchmarks.bench_e2e import QWEN3_30B_A3B as c; json.dump(c, open(sys.argv[1]+'/config.json','w'))" $MODEL
 setsid python3 -m runtime.serve --model $MODEL --load-format dummy --max-model-len 4096 --max-num-seqs 256 \
   --port 8011 --served-model-name qwen3-30b-a3b-dummy > $OUT/serve.log 2>&1 &
+SERVE_PID=$!
 for i in $(seq 1 150); do curl -sf localhost:8011/health | grep -q '"ok"' && break; sleep 2; done
 curl -s localhost:8011/health; echo
 for c in 16 64 256; do
@@ -21,5 +22,5 @@ for c in 16 64 256; do
     --request-rate inf --max-concurrency $c --token-id-range 10 150000 --result-file $OUT/serving_c$c.json 2>&1 | tail -4
 done
 curl -s localhost:8011/metrics | grep -vE "^#" | grep -E "kv|generation_tokens|restart" | head -8
-pkill -f runtime.serve; sleep 3
+kill $SERVE_PID; while kill -0 $SERVE_PID 2>/dev/null; do sleep 0.5; done  # (processes retitle: no pkill -f)
 tail -5 $OUT/serve.log

@@ -19,6 +19,7 @@ BENCH="--port 8011 --input-len 1024 --output-len 128 --token-id-range 10 150000"
 t0=$(date +%s.%N)
 setsid python3 -m runtime.serve --model $MODEL --load-format dummy --max-model-len 4096 --max-num-seqs 256 \
   --port 8011 --served-model-name q ${SERVE_ARGS:-} > $OUT/serve.log 2>&1 &
+SERVE_PID=$!
 for i in $(seq 1 200); do curl -sf localhost:8011/health | grep -q '"ok"' && break; sleep 1; done
 echo "ready after $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
 python3 benchmarks/bench_serving.py $BENCH --num-prompts 192 --max-concurrency 64 --result-file $OUT/c64.json 2>&1 \
@@ -29,4 +30,4 @@ python3 benchmarks/bench_serving.py $BENCH --num-prompts 192 --request-rate 20 -
 python3 benchmarks/bench_serving.py $BENCH --num-prompts 192 --request-rate 20 --seed 7 --result-file $OUT/poisson_fresh.json \
   2>&1 | grep "^bench_serving rate"
 grep -h "captured\|warmed up\|silent" $OUT/serve.log | head -5
-pkill -f runtime.serve; sleep 2
+kill $SERVE_PID; while kill -0 $SERVE_PID 2>/dev/null; do sleep 0.5; done  # (processes retitle: no pkill -f)

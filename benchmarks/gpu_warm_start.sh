@@ -20,13 +20,15 @@ start() {  # start MNBT LOG: waits for /health ok, prints seconds to ready and t
   local t0=$(now)
   setsid python3 -m runtime.serve --model $MODEL --load-format dummy --max-model-len 4096 --max-num-seqs 256 \
     --max-num-batched-tokens $1 --port 8011 --served-model-name q > $2 2>&1 &
+  SERVE_PID=$!
   for i in $(seq 1 200); do curl -sf localhost:8011/health | grep -q '"ok"' && break; sleep 1; done
   local ready=$(since $t0)
   curl -s localhost:8011/v1/completions -H 'Content-Type: application/json' \
     -d '{"model":"q","prompt":[11,12,13],"max_tokens":1}' > /dev/null
   echo "START mnbt=$1 ready_s=$ready first_token_s=$(since $t0) kernels=$(kernels)"
 }
-stop() { pkill -f runtime.serve; sleep 4; }
+# the processes retitle themselves (moe-rt: launcher, ...): signal the launcher by pid, it takes the rest down
+stop() { kill $SERVE_PID; while kill -0 $SERVE_PID 2>/dev/null; do sleep 0.5; done; }
 
 start 8192 $OUT/serve_cold.log
 for r in 1 2 3; do
