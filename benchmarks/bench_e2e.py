@@ -91,7 +91,6 @@ def prefill_flops(cfg: dict, tokens: int) -> float:
 def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth: float, flops: float) -> list[dict]:
     from runtime.config import EngineConfig
     from runtime.engine.llm_engine import LLMEngine
-    from runtime.engine.sequence import Sequence, Status
     from runtime.messages import AddRequest
     from runtime.sampling_params import SamplingParams
 
@@ -109,24 +108,13 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
     rows = [{"engine": "ours", "phase": "kv_pool", "kv_cache_dtype": args.kv_cache_dtype, "max_model_len": max_len,
              "num_blocks": engine.block_manager.num_blocks, "max_len_seqs_fit": fit}]
     weight_bytes = 1 if args.quantization == "fp8" else 2
-    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     for batch in args.batch_sizes:
         need = batch * -(-(args.ctx + 1 + args.steps + 3) // config.block_size)
         if need > engine.block_manager.num_free_blocks:
             print(f"skip decode B={batch}: needs {need} KV blocks, {engine.block_manager.num_free_blocks} free")
             continue
-        # B sequences with ctx tokens "already computed": blocks allocated, KV left as it is
-        seqs = []
-        for b in range(batch):
-            seq = Sequence(f"d{batch}-{b}", torch.randint(0, 150000, (args.ctx + 1,), generator=g).tolist(), params)
-            engine.block_manager.allocate(seq)
-            engine.block_manager.grow(seq, args.ctx + 1)
-            seq.num_computed_tokens = args.ctx
-            seq.status = Status.RUNNING
-            engine.scheduler.running.append(seq)
-            engine.requests[seq.request_id] = seq
-            seqs.append(seq)
+        seqs = add_decoding(engine, batch, args.ctx, g, prefix=f"d{batch}-")
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
@@ -183,6 +171,26 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
               f"{floor_s:.2f} s ({floor_s / ttft_s:.0%})", flush=True)
     del engine
     return rows
+
+
+def add_decoding(engine, batch: int, ctx: int, g: torch.Generator, prefix: str = "d") -> list:
+    """B sequences with ctx tokens "already computed" (blocks allocated, KV left as it is), decoding from the
+    next step on with greedy sampling and no end."""
+    from runtime.engine.sequence import Sequence, Status
+    from runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
+    seqs = []
+    for b in range(batch):
+        seq = Sequence(f"{prefix}{b}", torch.randint(0, 150000, (ctx + 1,), generator=g).tolist(), params)
+        engine.block_manager.allocate(seq)
+        engine.block_manager.grow(seq, ctx + 1)
+        seq.num_computed_tokens = ctx
+        seq.status = Status.RUNNING
+        engine.scheduler.running.append(seq)
+        engine.requests[seq.request_id] = seq
+        seqs.append(seq)
+    return seqs
 
 
 def time_mixed_steps(engine, prompt_lens: list[int], g: torch.Generator) -> dict[str, float]:

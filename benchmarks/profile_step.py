@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_e2e import QWEN3_30B_A3B
+from benchmarks.bench_e2e import QWEN3_30B_A3B, add_decoding
 
 
 def main() -> None:
@@ -33,7 +33,6 @@ def main() -> None:
     args = parser.parse_args()
     from runtime.config import EngineConfig
     from runtime.engine.llm_engine import LLMEngine
-    from runtime.engine.sequence import Sequence, Status
     from runtime.messages import AddRequest
     from runtime.sampling_params import SamplingParams
 
@@ -46,16 +45,8 @@ def main() -> None:
                                     max_num_seqs=args.batch + 8, max_num_batched_tokens=8192,
                                     max_mixed_cudagraph_tokens=args.max_mixed_cudagraph_tokens,
                                     gpu_memory_utilization=0.9))
-    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
-    for b in range(args.batch):
-        seq = Sequence(f"d{b}", torch.randint(0, 150000, (args.ctx + 1,), generator=g).tolist(), params)
-        engine.block_manager.allocate(seq)
-        engine.block_manager.grow(seq, args.ctx + 1)
-        seq.num_computed_tokens = args.ctx
-        seq.status = Status.RUNNING
-        engine.scheduler.running.append(seq)
-        engine.requests[seq.request_id] = seq
+    add_decoding(engine, args.batch, args.ctx, g)
     graphs, mixed = engine.runner.graphs, engine.runner.mixed
     walls: dict[str, float] = {}
 
