@@ -1,0 +1,120 @@
+"""Block-scaled FP8 linear (W8A8): y = x W^T with W e4m3 in [128, 128] blocks (HF weight_scale_inv layout).
+
+The activations are quantized on the fly per token and 128 columns (kernels.fp8.per_token_group_quant, dynamic
+scales); the GEMM multiplies e4m3 tiles, scales each 128-wide K step's partial product by a_scale[m, k] *
+w_scale[n, k] and accumulates in fp32; the output is in the activations' dtype. N and K must be multiples of 128
+(one weight scale per tile and K step); M is any size: decode (M <= 256) reads half the weight bytes of bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+           bias: torch.Tensor | None) -> tuple[int, int]:
+    if weight.dtype != FP8_DTYPE or weight.dim() != 2:
+        raise ValueError(f"w8a8_block_linear needs a 2-D {FP8_DTYPE} weight, got {weight.dtype} {list(weight.shape)}")
+    n, k = weight.shape
+    if n % FP8_BLOCK or k % FP8_BLOCK:
+        raise ValueError(f"w8a8_block_linear needs N and K in whole {FP8_BLOCK}-blocks, got weight [{n}, {k}]: "
+                         f"keep such a layer in 16-bit")
+    if x.shape[-1] != k:
+        raise ValueError(f"w8a8_block_linear: x has {x.shape[-1]} columns, the weight {k}")
+    blocks = (n // FP8_BLOCK, k // FP8_BLOCK)
+    if weight_scale_inv.dtype != torch.float32 or tuple(weight_scale_inv.shape) != blocks:
+        raise ValueError(f"w8a8_block_linear needs fp32 weight_scale_inv of shape {list(blocks)}, got "
+                         f"{weight_scale_inv.dtype} {list(weight_scale_inv.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"w8a8_block_linear: bias of shape {list(bias.shape)}, expected [{n}]")
+    return n, k
+
+
+def w8a8_block_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] float, weight [N, K] e4m3, weight_scale_inv [N/128, K/128] fp32 -> [..., N] in x.dtype."""
+    n, k = _check(x, weight, weight_scale_inv, bias)
+    q, s = per_token_group_quant_ref(x.reshape(-1, k))  # [M, K] e4m3, [M, K/128]
+    a = q.float() * s.repeat_interleave(FP8_BLOCK, dim=-1)
+    y = a @ dequantize_weight_block(weight, weight_scale_inv, torch.float32).t()  # [M, N] fp32
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+@triton.jit(do_not_specialize=["M"])  # one variant per (BLOCK_M, BLOCK_N) for every step size
+def _w8a8_block_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = 128  # one activation / weight scale per K step
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = N // BLOCK_N
+    # grouped order: GROUP_M row tiles walk the column tiles together, so a weight tile is reused from L2
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # always < N: N % BLOCK_N == 0
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] = W^T tile
+    as_ptrs = a_scale_ptr + offs_m64 * stride_asm  # [BLOCK_M]
+    ws_ptr = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_wsn  # BLOCK_N divides 128: one scale row per tile
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs, mask=mmask[:, None], other=0.0)
+        w = tl.load(w_ptrs)
+        a_s = tl.load(as_ptrs + kb, mask=mmask, other=0.0)
+        w_s = tl.load(ws_ptr + kb)
+        acc += tl.dot(a, w) * (a_s[:, None] * w_s)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
+
+
+def _config(m: int) -> dict[str, int]:
+    # decode (few rows): narrow column tiles for more programs over the SMs, the weight read once;
+    # prefill: square 128 tiles (two K-step loads of 16 KiB each per stage)
+    if m <= 64:
+        return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4,
+                "num_stages": 4}
+    if m <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = _check(x, weight, weight_scale_inv, bias)
+    if weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
+        raise ValueError("w8a8_block_linear needs a weight and weight_scale_inv with contiguous rows")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        q, s = per_token_group_quant(x2)  # [M, K] e4m3, [M, K/128] fp32
+        cfg = _config(m)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * (n // cfg["BLOCK_N"]),)
+        _w8a8_block_kernel[grid](
+            q, s, weight, weight_scale_inv, bias if bias is not None else s, out, m, n, k,
+            q.stride(0), s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out.view(*x.shape[:-1], n)
