@@ -4,9 +4,13 @@ The activations are quantized on the fly per token and 128 columns (kernels.fp8.
 scales); the GEMM multiplies e4m3 tiles, scales each 128-wide K step's partial product by a_scale[m, k] *
 w_scale[n, k] and accumulates in fp32; the output is in the activations' dtype. N and K must be multiples of 128
 (one weight scale per tile and K step); M is any size: decode (M <= 256) reads half the weight bytes of bf16.
+Few rows give few output tiles: the K loop is then split over several programs (fp32 partial sums, one small
+reduce launch) so that enough weight bytes are in flight to reach the copy bandwidth.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -48,12 +52,15 @@ def w8a8_block_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale_in
 
 @triton.jit(do_not_specialize=["M"])  # one variant per (BLOCK_M, BLOCK_N) for every step size
 def _w8a8_block_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
-    stride_am, stride_asm, stride_wn, stride_wsn, stride_om,
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, k_blocks_per_split,
+    stride_am, stride_asm, stride_wn, stride_wsn, stride_om, stride_osplit,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    # SPLIT_K > 1: program (tile, s) sums K blocks [s * per, (s + 1) * per) into out[s] (fp32 partials)
     BLOCK_K: tl.constexpr = 128  # one activation / weight scale per K step
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = N // BLOCK_N
     # grouped order: GROUP_M row tiles walk the column tiles together, so a weight tile is reused from L2
@@ -71,8 +78,11 @@ def _w8a8_block_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] = W^T tile
     as_ptrs = a_scale_ptr + offs_m64 * stride_asm  # [BLOCK_M]
     ws_ptr = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_wsn  # BLOCK_N divides 128: one scale row per tile
+    first_kb = pid_k * k_blocks_per_split
+    a_ptrs += first_kb * BLOCK_K
+    w_ptrs += first_kb * BLOCK_K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb in range(0, K // BLOCK_K):
+    for kb in range(first_kb, tl.minimum(first_kb + k_blocks_per_split, K // BLOCK_K)):
         a = tl.load(a_ptrs, mask=mmask[:, None], other=0.0)
         w = tl.load(w_ptrs)
         a_s = tl.load(as_ptrs + kb, mask=mmask, other=0.0)
@@ -80,25 +90,54 @@ def _w8a8_block_kernel(
         acc += tl.dot(a, w) * (a_s[:, None] * w_s)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_BIAS:
+    if HAS_BIAS and SPLIT_K == 1:
         acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + pid_k * stride_osplit + offs_m64[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
 
 
-def _config(m: int) -> dict[str, int]:
-    # decode (few rows): narrow column tiles for more programs over the SMs, the weight read once;
-    # prefill: square 128 tiles (two K-step loads of 16 KiB each per stage)
+@triton.jit(do_not_specialize=["numel"])
+def _split_k_reduce_kernel(part_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    # out[m, n] = sum_s part[s, m, n] (+ bias[n]), part [SPLIT_K, M, N] fp32 contiguous
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    # the CPU interpreter: a pretend 4-SM device, so that small test shapes take the split-K path too
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
+    # decode (few rows): narrow column tiles, the weight read once; prefill: square 128 tiles (two K-step loads
+    # of 16 KiB each per stage)
     if m <= 64:
-        return {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4,
-                "num_stages": 4}
-    if m <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+        cfg = {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4,
+               "num_stages": 4}
+    elif m <= 128:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    # fewer tiles than two waves of programs: split K so ~2 programs per SM keep weight loads in flight
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * (n // cfg["BLOCK_N"])
+    k_blocks = k // FP8_BLOCK
+    split = max(1, min(k_blocks, 16, 2 * num_sms // tiles))
+    per = triton.cdiv(k_blocks, split)
+    cfg["k_blocks_per_split"], cfg["SPLIT_K"] = per, triton.cdiv(k_blocks, per)  # no empty split
+    return cfg
 
 
 def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
+    # config: the tiling (tests, tuning); by default _config for this shape and device
     n, k = _check(x, weight, weight_scale_inv, bias)
     if weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:
         raise ValueError("w8a8_block_linear needs a weight and weight_scale_inv with contiguous rows")
@@ -109,12 +148,20 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         q, s = per_token_group_quant(x2)  # [M, K] e4m3, [M, K/128] fp32
-        cfg = _config(m)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * (n // cfg["BLOCK_N"]),)
+        cfg = config or _config(m, n, k, _num_sms(x.device))
+        split = cfg["SPLIT_K"]
+        # split K: fp32 partials [SPLIT_K, M, N], summed (+ bias) by one reduce launch
+        part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        bias_arg = bias if bias is not None else s
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * (n // cfg["BLOCK_N"]), split)
         _w8a8_block_kernel[grid](
-            q, s, weight, weight_scale_inv, bias if bias is not None else s, out, m, n, k,
-            q.stride(0), s.stride(0), weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
+            q, s, weight, weight_scale_inv, bias_arg, part, m, n, k, cfg["k_blocks_per_split"],
+            q.stride(0), s.stride(0), weight.stride(0), weight_scale_inv.stride(0), n, m * n,
             HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        if split > 1:
+            block = 1024
+            _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
+                part, bias_arg, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
     return out.view(*x.shape[:-1], n)

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, quantize_weight_block  # noqa: E402
-from kernels.fp8_linear import w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,6 +45,28 @@ def test_w8a8_block_linear_matches_reference(m: int, n: int, k: int) -> None:
     assert _rel_err(y, ref) < (0.01 if DEVICE == "cuda" else 0.15)
     # and the reference is the W8A8 product, close to the float one
     assert _rel_err(ref, x.float() @ w.t() + (0 if bias is None else bias.float())) < 0.05
+
+
+@pytest.mark.parametrize("m,split", [(1, 1), (3, 2), (20, 3), (130, 5)])
+def test_w8a8_block_linear_split_k(m: int, split: int) -> None:
+    # K = 5 blocks over `split` programs (uneven shares), the partials reduced with the bias
+    gen = torch.Generator().manual_seed(m)
+    q, s, w = _weight(256, 640, gen)
+    x = torch.randn(m, 640, generator=gen).to(DEVICE)
+    bias = torch.randn(256, generator=gen).to(DEVICE)
+    cfg = _config(m, 256, 640, num_sms=10**6)  # as many splits as there are K blocks ...
+    cfg["k_blocks_per_split"] = -(-5 // split)  # ... then as asked
+    cfg["SPLIT_K"] = -(-5 // cfg["k_blocks_per_split"])
+    y = w8a8_block_linear(x, q, s, bias, config=cfg)
+    a, a_s = per_token_group_quant(x)
+    exact = (a.float() * a_s.repeat_interleave(FP8_BLOCK, -1)) @ w.t() + bias
+    torch.testing.assert_close(y, exact, atol=2e-3, rtol=2e-3)
+
+
+def test_config_splits_k_only_for_few_tiles() -> None:
+    assert _config(1, 2048, 4096, num_sms=132)["SPLIT_K"] == 8  # o_proj at decode: 32 tiles -> 256 programs
+    assert _config(1, 5120, 2048, num_sms=132)["SPLIT_K"] == 3  # qkv: 80 tiles, 16 K blocks in 6 / 6 / 4
+    assert _config(4096, 5120, 2048, num_sms=132)["SPLIT_K"] == 1  # prefill: 1280 tiles
 
 
 def test_w8a8_block_linear_leading_dims_and_empty() -> None:
