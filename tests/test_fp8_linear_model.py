@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from typing import Any
 
 import pytest
@@ -152,6 +154,42 @@ def test_online_fp8_quantizes_linears(fp8_glm: Any) -> None:
     for name, m in _linears(dummy).items():
         assert m.weight.dtype == FP8_DTYPE and m.weight_scale_inv.gt(0).all(), name
         assert m.weight.float().abs().max() == 448  # each block's largest element maps to the e4m3 maximum
+
+
+def _tp_worker(rank: int, world: int, port: int, path: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        tp = TensorParallel(rank, world, dist.group.WORLD)
+        model = load_model(path, read_config(path), ModelArgs(dtype=torch.float32, tp=tp))
+        assert all(m.weight.dtype == FP8_DTYPE for m in _linears(model).values())
+        with torch.no_grad():
+            logits = PagedRun(model, 24, 3).step(prompts(512), [0, 0, 0])
+        torch.save(logits, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp8_linears_tp2_forward_matches_tp1(tmp_path: Any) -> None:
+    # TP=2 on gloo: q/k/v and gate/up split by whole 128-row blocks, o and down by whole 128-column blocks (each
+    # rank quantizes its own activation groups, the same groups as TP=1), partial sums all-reduced
+    from tests.test_all2all import free_port, spawn_ranks
+
+    src = make_tiny_checkpoint(str(tmp_path / "f32"), "Qwen3ForCausalLM", **{k: SHAPES[k] for k in (
+        "hidden_size", "num_attention_heads", "head_dim", "intermediate_size")}, num_key_value_heads=4)
+    _fp8_checkpoint(src, str(tmp_path / "fp8"))
+    path = str(tmp_path / "fp8")
+    with torch.no_grad():
+        ref = PagedRun(load(path), 24, 3).step(prompts(512), [0, 0, 0])
+    with tempfile.TemporaryDirectory() as d:
+        ctx = spawn_ranks(_tp_worker, (2, free_port(), path, d), 2, 60, "TP ranks")
+        for r in range(2):
+            out = os.path.join(d, f"rank{r}.pt")
+            assert os.path.exists(out), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
+            # the all-reduce sums in another order: fp32 rounding, and rarely an e4m3 step of an activation
+            torch.testing.assert_close(torch.load(out), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
