@@ -1,9 +1,10 @@
 """Block-scaled FP8 linear (W8A8): y = x W^T with W e4m3 in [128, 128] blocks (HF weight_scale_inv layout).
 
 The activations are quantized on the fly per token and 128 columns (kernels.fp8.per_token_group_quant, dynamic
-scales); the GEMM multiplies e4m3 tiles, scales each 128-wide K step's partial product by a_scale[m, k] *
-w_scale[n, k] and accumulates in fp32; the output is in the activations' dtype. N and K must be multiples of 128
-(one weight scale per tile and K step); M is any size: decode (M <= 256) reads half the weight bytes of bf16.
+scales; for few rows the GEMM does it itself on each tile it loads, one launch fewer); the GEMM multiplies e4m3
+tiles, scales each 128-wide K step's partial product by a_scale[m, k] * w_scale[n, k] and accumulates in fp32; the
+output is in the activations' dtype. N and K must be multiples of 128 (one weight scale per tile and K step); M is
+any size: decode (M <= 256) reads half the weight bytes of bf16.
 Few rows give few output tiles: the K loop is then split over several programs (fp32 partial sums, one small
 reduce launch) so that enough weight bytes are in flight to reach the copy bandwidth.
 """
@@ -16,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
+from kernels.fp8 import (
+    _MIN_SCALE,
+    FP8_BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize_weight_block,
+    per_token_group_quant,
+    per_token_group_quant_ref,
+)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -55,9 +64,11 @@ def _w8a8_block_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, k_blocks_per_split,
     stride_am, stride_asm, stride_wn, stride_wsn, stride_om, stride_osplit,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
-    # SPLIT_K > 1: program (tile, s) sums K blocks [s * per, (s + 1) * per) into out[s] (fp32 partials)
+    # SPLIT_K > 1: program (tile, s) sums K blocks [s * per, (s + 1) * per) into out[s] (fp32 partials).
+    # QUANT_A: a is the 16/32-bit input, quantized per row and K step here as per_token_group_quant does (few
+    # rows: cheaper than one more launch); else a is e4m3 with a_scale [M, K/128].
     BLOCK_K: tl.constexpr = 128  # one activation / weight scale per K step
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -85,7 +96,12 @@ def _w8a8_block_kernel(
     for kb in range(first_kb, tl.minimum(first_kb + k_blocks_per_split, K // BLOCK_K)):
         a = tl.load(a_ptrs, mask=mmask[:, None], other=0.0)
         w = tl.load(w_ptrs)
-        a_s = tl.load(as_ptrs + kb, mask=mmask, other=0.0)
+        if QUANT_A:
+            a = a.to(tl.float32)
+            a_s = tl.maximum(tl.max(tl.abs(a), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_M]
+            a = tl.clamp(a / a_s[:, None], -FP8_MAX_C, FP8_MAX_C).to(w.dtype)
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=mmask, other=0.0)
         w_s = tl.load(ws_ptr + kb)
         acc += tl.dot(a, w) * (a_s[:, None] * w_s)
         a_ptrs += BLOCK_K
@@ -121,7 +137,7 @@ def _config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
     # of 16 KiB each per stage)
     if m <= 64:
         cfg = {"BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4,
-               "num_stages": 4}
+               "num_stages": 4, "QUANT_A": 1}
     elif m <= 128:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     else:
@@ -147,8 +163,10 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
-        q, s = per_token_group_quant(x2)  # [M, K] e4m3, [M, K/128] fp32
         cfg = config or _config(m, n, k, _num_sms(x.device))
+        quant_a = bool(cfg.get("QUANT_A", 0))
+        # [M, K] e4m3, [M, K/128] fp32; or quantized inside the GEMM (x2 and a dummy scale pointer)
+        q, s = (x2, x2) if quant_a else per_token_group_quant(x2)
         split = cfg["SPLIT_K"]
         # split K: fp32 partials [SPLIT_K, M, N], summed (+ bias) by one reduce launch
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
@@ -158,7 +176,8 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
             q, s, weight, weight_scale_inv, bias_arg, part, m, n, k, cfg["k_blocks_per_split"],
             q.stride(0), s.stride(0), weight.stride(0), weight_scale_inv.stride(0), n, m * n,
             HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], GROUP_M=cfg["GROUP_M"],
-            SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SPLIT_K=split, QUANT_A=quant_a, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
         if split > 1:
             block = 1024
