@@ -85,7 +85,7 @@ def _use_fp8(args: ModelArgs, what: str, rows: list[int], cols: int) -> bool:
     if all(r % FP8_BLOCK == 0 for r in rows) and cols % FP8_BLOCK == 0:
         return True
     msg = (f"FP8: {what} weight of local rows {rows} x cols {cols} (tp={args.tp.size}) is not in whole "
-           f"{FP8_BLOCK}x{FP8_BLOCK} blocks: kept in {args.dtype} (dequantized at load)")
+           f"{FP8_BLOCK}x{FP8_BLOCK} blocks: kept in {args.dtype} (an FP8 checkpoint's weight dequantized at load)")
     if msg not in _LOGGED:
         _LOGGED.add(msg)
         logger.info(msg)
@@ -116,7 +116,11 @@ def load_fp8_shard(weight: torch.Tensor, scale: torch.Tensor, source: Source, di
     if getattr(source, "is_fp8", False):
         weight.copy_(source.read(index, FP8_DTYPE))
         block_index = (slice(None),) * dim + (slice(start // FP8_BLOCK, (start + weight.shape[dim]) // FP8_BLOCK),)
-        scale.copy_(source.read_scale(block_index))  # type: ignore[attr-defined]
+        blocks = source.read_scale(block_index)  # type: ignore[attr-defined]
+        if blocks.shape != scale.shape:  # any float dtype is taken (copied into fp32)
+            raise LoadError(f"{source.key}_scale_inv: expected [128, 128] block scales of shape {list(scale.shape)} "
+                            f"for this shard, got {list(blocks.shape)}: weight_block_size does not match the tensors")
+        scale.copy_(blocks)
     else:
         q, s = quantize_weight_block(source.read(index, torch.float32).to(weight.device))
         weight.copy_(q)
