@@ -210,3 +210,17 @@ def test_fp8_linears_triton_match_reference_on_gpu(fp8_glm: Any) -> None:
         logits.append(torch.cat([prefill, decode]))
     cos = torch.nn.functional.cosine_similarity(*logits, dim=-1)
     assert (cos > 0.99).float().mean() > 0.9, cos  # bf16 router near-ties may flip a few tokens' experts
+
+
+def test_wrong_scale_blocks_fail_clearly(fp8_glm: Any, tmp_path: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from models.loader import LoadError
+    from tests.test_models import _copy
+
+    path = _copy(fp8_glm[1], str(tmp_path / "bad"))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 1)  # [2, 2] blocks expected
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with pytest.raises(LoadError, match="o_proj.weight_scale_inv: expected .* shape \\[2, 2\\]"):
+        load(path)
