@@ -145,7 +145,8 @@ def _config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
     # fewer tiles than two waves of programs: split K so ~2 programs per SM keep weight loads in flight
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * (n // cfg["BLOCK_N"])
     k_blocks = k // FP8_BLOCK
-    split = max(1, min(k_blocks, 16, 2 * num_sms // tiles))
+    # ... while the fp32 partials (written and read: 8 * split * M * N bytes) stay below the weight's N * K bytes
+    split = max(1, min(k_blocks, 16, 2 * num_sms // tiles, k // (8 * m)))
     per = triton.cdiv(k_blocks, split)
     cfg["k_blocks_per_split"], cfg["SPLIT_K"] = per, triton.cdiv(k_blocks, per)  # no empty split
     return cfg

@@ -67,6 +67,7 @@ def test_config_splits_k_only_for_few_tiles() -> None:
     assert _config(1, 2048, 4096, num_sms=132)["SPLIT_K"] == 8  # o_proj at decode: 32 tiles -> 256 programs
     assert _config(1, 5120, 2048, num_sms=132)["SPLIT_K"] == 3  # qkv: 80 tiles, 16 K blocks in 6 / 6 / 4
     assert _config(4096, 5120, 2048, num_sms=132)["SPLIT_K"] == 1  # prefill: 1280 tiles
+    assert _config(256, 2048, 4096, num_sms=132)["SPLIT_K"] == 2  # 32 tiles, but partials capped by weight bytes
 
 
 def test_w8a8_block_linear_leading_dims_and_empty() -> None:
