@@ -4,7 +4,8 @@ Generic: the model maps each parameter to its checkpoint tensors (checkpoint_sou
 each parameter's weight_loader (models/parallel_layers.py, models/moe.py) reads only its own slice of them:
 this rank's tensor-parallel shard, its expert-parallel experts. Reads go through safetensors slicing, so host
 memory holds at most one slice beyond the model. FP8 checkpoints are dequantized on read unless the parameter
-itself is FP8 (experts).
+itself is FP8 (experts; attention and dense linears in whole 128-blocks, models/parallel_layers.py): then the raw
+e4m3 and its weight_scale_inv are copied.
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def _load_checkpoint(model: nn.Module, model_path: str, show_progress: bool) -> 
     has_key = key_to_file.__contains__
     plan: list[tuple[Any, nn.Parameter, str, Any]] = []
     for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
-        if name.endswith("_scale"):
-            continue  # FP8 expert scales: filled by their weight's loader
+        if name.endswith(("_scale", "_scale_inv")):
+            continue  # FP8 scales (experts, linears): filled by their weight's loader
         for candidates, shard_id in model.checkpoint_sources(name, has_key):
             key = next((k for k in candidates if has_key(k)), None)
             if key is None:
@@ -156,7 +157,11 @@ def _init_dummy(model: nn.Module, args: ModelArgs, std: float = 0.02) -> None:
                     param[j].copy_(w)
                 else:
                     quantize_into(w, param[j], scale[j])
-        elif not name.endswith("_scale"):
+        elif param.dtype == FP8_DTYPE:  # an FP8 linear: a float draw, quantized with its block scales
+            w = torch.empty(param.shape, dtype=args.dtype, device=param.device)
+            w.normal_(0.0, std, generator=gen.manual_seed(seed))
+            quantize_into(w, param, model.get_parameter(name + "_scale_inv"))
+        elif not name.endswith(("_scale", "_scale_inv")):
             param.normal_(0.0, std, generator=gen.manual_seed(seed))
 
 
@@ -172,7 +177,8 @@ def _check_quantization(cfg: dict[str, Any], args: ModelArgs) -> ModelArgs:
         raise NotImplementedError(f"FP8 checkpoints need weight_block_size [128, 128], got {block}")
     if quant.get("activation_scheme", "dynamic") != "dynamic":
         raise NotImplementedError(f"FP8 activation_scheme {quant['activation_scheme']!r} is not supported (dynamic)")
-    # experts stay FP8 (as stored); the other linears are dequantized to args.dtype at load
+    # experts and the block-aligned attention / dense linears stay FP8 (as stored); the rest is dequantized to
+    # args.dtype at load (lm head, embeddings, router, linears a TP split cuts mid-block)
     return dataclasses.replace(args, quantization="fp8")
 
 

@@ -7,18 +7,29 @@ the weight loader reads only this rank's shard of it (safetensors slicing: no ra
 tensor) and copies it into place.
 
 A source (models.loader.CheckpointTensor) offers: key, shape (the full tensor's), check_shape(expected) and
-read(index, dtype) -> the slice, dequantized when the checkpoint is FP8 and dtype is not.
+read(index, dtype) -> the slice, dequantized when the checkpoint is FP8 and dtype is not; an FP8 one also offers
+is_fp8 and read_scale(block_index) -> its weight_scale_inv blocks.
+
+FP8 (ModelArgs.quantization == "fp8"): the column- and row-parallel linears (attention q/k/v and o, dense and
+shared-expert MLPs) keep e4m3 `weight` with fp32 `weight_scale_inv` [N/128, K/128] (the HF layout) and run the
+block-scaled W8A8 GEMM (kernels/fp8_linear.py). A layer whose local shard is not in whole [128, 128] blocks (a
+TP split that cuts a block, a small model) stays in args.dtype, with a log line.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import fp8_linear
+from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, quantize_weight_block
 from models.args import ModelArgs, TensorParallel
+
+logger = logging.getLogger(__name__)
 
 
 class LoadError(ValueError):
@@ -58,9 +69,62 @@ def load_shard(dest: torch.Tensor, source: Source, dim: int | None = None, start
         dest.narrow(dim, length, dest.shape[dim] - length).zero_()
 
 
-def _param(shape: tuple[int, ...], args: ModelArgs) -> nn.Parameter:
+def _param(shape: tuple[int, ...], args: ModelArgs, dtype: torch.dtype | None = None) -> nn.Parameter:
     # the weight loader is the owning module's method, not an attribute: to_empty() makes new Parameters
-    return nn.Parameter(torch.empty(shape, dtype=args.dtype), requires_grad=False)
+    return nn.Parameter(torch.empty(shape, dtype=dtype or args.dtype), requires_grad=False)
+
+
+_LOGGED: set[str] = set()  # fallback messages already logged (one line per shape, not one per layer)
+
+
+def _use_fp8(args: ModelArgs, what: str, rows: list[int], cols: int) -> bool:
+    """FP8 for a linear whose local weight is [sum(rows), cols], each merged part (rows) and cols in whole blocks:
+    then every TP shard starts on a block boundary of the checkpoint's scale grid too."""
+    if args.quantization != "fp8":
+        return False
+    if all(r % FP8_BLOCK == 0 for r in rows) and cols % FP8_BLOCK == 0:
+        return True
+    msg = (f"FP8: {what} weight of local rows {rows} x cols {cols} (tp={args.tp.size}) is not in whole "
+           f"{FP8_BLOCK}x{FP8_BLOCK} blocks: kept in {args.dtype} (an FP8 checkpoint's weight dequantized at load)")
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logger.info(msg)
+    return False
+
+
+def _init_weight(module: nn.Module, rows: int, cols: int, args: ModelArgs, fp8: bool) -> None:
+    module.weight = _param((rows, cols), args, FP8_DTYPE if fp8 else None)
+    module.weight_scale_inv = _param((rows // FP8_BLOCK, cols // FP8_BLOCK), args, torch.float32) if fp8 else None
+    module._fp8_linear = fp8_linear.w8a8_block_linear if args.use_triton else fp8_linear.w8a8_block_linear_ref
+
+
+def _linear(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if module.weight_scale_inv is None:
+        return F.linear(x, module.weight, bias)
+    return module._fp8_linear(x, module.weight, module.weight_scale_inv, bias)
+
+
+def load_fp8_shard(weight: torch.Tensor, scale: torch.Tensor, source: Source, dim: int, start: int,
+                   full: int) -> None:
+    """weight [R, C] e4m3 <- source rows (dim 0) or columns (dim 1) [start, start + R or C), scale [R/128, C/128]
+    <- its block scales: copied raw from an FP8 checkpoint (start and size are whole blocks, _use_fp8), or
+    quantized here from a float one (online FP8)."""
+    expected = list(weight.shape)
+    expected[dim] = full
+    source.check_shape(expected)
+    index = (slice(None),) * dim + (slice(start, start + weight.shape[dim]),)
+    if getattr(source, "is_fp8", False):
+        weight.copy_(source.read(index, FP8_DTYPE))
+        block_index = (slice(None),) * dim + (slice(start // FP8_BLOCK, (start + weight.shape[dim]) // FP8_BLOCK),)
+        blocks = source.read_scale(block_index)  # type: ignore[attr-defined]
+        if blocks.shape != scale.shape:  # any float dtype is taken (copied into fp32)
+            raise LoadError(f"{source.key}_scale_inv: expected [128, 128] block scales of shape {list(scale.shape)} "
+                            f"for this shard, got {list(blocks.shape)}: weight_block_size does not match the tensors")
+        scale.copy_(blocks)
+    else:
+        q, s = quantize_weight_block(source.read(index, torch.float32).to(weight.device))
+        weight.copy_(q)
+        scale.copy_(s)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -76,16 +140,24 @@ class ColumnParallelLinear(nn.Module):
         self.local_sizes = local_sizes or [divide(s, args.tp, what) for s in out_sizes]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(out_sizes))]
         rows = sum(self.local_sizes)
-        self.weight = _param((rows, in_features), args)
+        _init_weight(self, rows, in_features, args, _use_fp8(args, type(self).__name__, self.local_sizes, in_features))
         self.bias = _param((rows,), args) if bias else None
+
+    def _load_rows(self, param: nn.Parameter, source: Source, i: int, start: int) -> None:
+        # merged part i: this rank's rows [start, start + local) of the checkpoint tensor
+        dest = param.narrow(0, self.offsets[i], self.local_sizes[i])
+        if param.dtype != FP8_DTYPE:
+            load_shard(dest, source, 0, start, self.out_sizes[i])
+            return
+        blocks = slice(self.offsets[i] // FP8_BLOCK, (self.offsets[i] + self.local_sizes[i]) // FP8_BLOCK)
+        load_fp8_shard(dest, self.weight_scale_inv[blocks], source, 0, start, self.out_sizes[i])
 
     def weight_loader(self, param: nn.Parameter, source: Source, shard_id: int | None = None) -> None:
         i = shard_id or 0
-        dest = param.narrow(0, self.offsets[i], self.local_sizes[i])
-        load_shard(dest, source, 0, self.tp.rank * self.local_sizes[i], self.out_sizes[i])
+        self._load_rows(param, source, i, self.tp.rank * self.local_sizes[i])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -116,9 +188,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, source: Source, shard_id: Any = None) -> None:
         i = {"q": 0, "k": 1, "v": 2}[shard_id]
-        dest = param.narrow(0, self.offsets[i], self.local_sizes[i])
         start = self.tp.rank * self.local_sizes[0] if i == 0 else self.first_kv_head * self.head_dim
-        load_shard(dest, source, 0, start, self.out_sizes[i])
+        self._load_rows(param, source, i, start)
 
 
 class RowParallelLinear(nn.Module):
@@ -131,17 +202,21 @@ class RowParallelLinear(nn.Module):
         self.tp, self.reduce_results = args.tp, reduce_results
         self.in_features = in_features
         self.local_in = divide(in_features, args.tp, what)
-        self.weight = _param((out_features, self.local_in), args)
+        fp8 = _use_fp8(args, type(self).__name__, [out_features], self.local_in)
+        _init_weight(self, out_features, self.local_in, args, fp8)
         self.bias = _param((out_features,), args) if bias else None
 
     def weight_loader(self, param: nn.Parameter, source: Source, shard_id: Any = None) -> None:
+        start = self.tp.rank * self.local_in
         if param.dim() == 1:  # the bias is whole on every rank, added once after the reduction
             load_shard(param, source)
+        elif param.dtype == FP8_DTYPE:
+            load_fp8_shard(param, self.weight_scale_inv, source, 1, start, self.in_features)
         else:
-            load_shard(param, source, 1, self.tp.rank * self.local_in, self.in_features)
+            load_shard(param, source, 1, start, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _linear(self, x, None)
         if self.reduce_results:
             self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

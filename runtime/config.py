@@ -245,7 +245,8 @@ class EngineConfig:
         a("--load-format", choices=["auto", "dummy"], default="auto",
           help="dummy: random weights of the right shapes (benchmarks without a checkpoint)")
         a("--quantization", choices=["fp8"], default=None,
-          help="fp8: expert weights in FP8 (default: none, the checkpoint's dtype)")
+          help="fp8: expert, attention and dense MLP weights in FP8 with 128x128 block scales "
+               "(default: none, the checkpoint's dtype)")
         a("--seed", type=int, default=0, help="random seed (dummy weights, unseeded sampling)")
         a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when a GPU is visible")
         a("--enforce-eager", action="store_true", help="no CUDA graphs")

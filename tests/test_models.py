@@ -287,7 +287,7 @@ def test_fp8_checkpoint_and_online_quantization(tmp_path: Any) -> None:
     deq = lambda k: dequantize_weight_block(stored[k], stored[k + "_scale_inv"], torch.float32)  # noqa: E731
     w13 = dequantize_weight_block(experts.w13, experts.w13_scale, torch.float32)
     torch.testing.assert_close(w13[1], torch.cat([deq(f"{p}.gate_proj.weight"), deq(f"{p}.up_proj.weight")]))
-    # non-expert projections are dequantized at load
+    # non-expert projections not in whole 128-blocks (this tiny model's) are dequantized at load
     attn = ep1.model.layers[1].self_attn.qkv_proj.weight
     torch.testing.assert_close(attn[:64], deq("model.layers.1.self_attn.q_proj.weight"))
     # online: a float checkpoint with quantization="fp8" keeps its experts in FP8; logits stay close

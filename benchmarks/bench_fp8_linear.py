@@ -1,0 +1,89 @@
+"""Block-scaled FP8 linear (W8A8) on the GPU: our Triton kernel vs bf16 F.linear (cuBLAS) and the floor.
+
+python benchmarks/bench_fp8_linear.py --out DIR [--m 1,8,64,256,1024,4096] [--shapes qkv,o,...]
+
+Times CUDA-graph replays (median) of NUM_ROT weight copies in turn, so that replays do not find the previous
+one's weights in L2 (a Qwen3-30B-A3B qkv weight is 10 MiB; L2 is 50-60 MiB). The floor is max(bytes / copy
+bandwidth, FLOPs / FP8 matmul rate), both measured in this run; bytes count the FP8 weight and its scales, the
+bf16 input and output. Prints one line per row and 'bench_fp8_linear summary' last; DIR/bench_fp8_linear.json
+holds every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
+from kernels.fp8 import quantize_weight_block  # noqa: E402
+from kernels.fp8_linear import _config, _num_sms, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+
+SHAPES = {  # name: (N, K)
+    "qkv": (5120, 2048),  # Qwen3-30B-A3B: 32 q + 4 k + 4 v heads of 128, hidden 2048
+    "o": (2048, 4096),
+    "gate_up": (2 * 14336, 4096),  # a dense 8B MLP (Llama-3-8B)
+    "down": (4096, 14336),
+}
+NUM_ROT = 8
+
+
+def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
+    n, k = SHAPES[name]
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    ws = [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5 for _ in range(NUM_ROT)]
+    qs = [quantize_weight_block(w) for w in ws]
+    x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    ref = w8a8_block_linear_ref(x, *qs[0])
+    err = ((w8a8_block_linear(x, *qs[0]).float() - ref.float()).norm() / ref.float().norm()).item()
+
+    def ours() -> None:
+        for q, s in qs:
+            w8a8_block_linear(x, q, s)
+
+    def bf16() -> None:
+        for w in ws:
+            F.linear(x, w)
+
+    us = bench_graph(ours) / NUM_ROT
+    bf16_us = bench_graph(bf16) / NUM_ROT
+    weight_bytes = n * k + 4 * (n // 128) * (k // 128)
+    io_bytes = 2 * m * (k + n)
+    floor_us = max((weight_bytes + io_bytes) / ceil["copy_tbps"] / 1e6, 2 * m * n * k / ceil["fp8_tflops"] / 1e6)
+    cfg = _config(m, n, k, _num_sms(x.device))
+    row = {"shape": name, "n": n, "k": k, "m": m, "us": us, "bf16_us": bf16_us, "floor_us": floor_us,
+           "of_floor": floor_us / us, "vs_bf16": bf16_us / us, "weight_tbps": weight_bytes / us / 1e6,
+           "rel_err_vs_ref": err, "config": cfg}
+    print(f"{name:8s} M={m:5d} [{n}x{k}] ours {us:8.1f} us  bf16 {bf16_us:8.1f} us  floor {floor_us:7.1f} us  "
+          f"of floor {row['of_floor']:.2f}  x bf16 {row['vs_bf16']:.2f}  split {cfg['SPLIT_K']}  err {err:.1e}",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--m", default="1,8,64,256,1024,4096")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fp8_linear needs a CUDA GPU (FP8 tensor cores: sm89 or newer)")
+    ceil = measure_ceilings()
+    print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s, fp8 {ceil['fp8_tflops']:.0f} TFLOP/s", flush=True)
+    rows = [bench_one(s, int(m), ceil) for s in args.shapes.split(",") for m in args.m.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_fp8_linear.json").write_text(json.dumps(
+        {"ceilings": ceil, "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    worst = min(rows, key=lambda r: r["of_floor"])
+    print(f"bench_fp8_linear summary: of floor min {worst['of_floor']:.2f} ({worst['shape']} M={worst['m']}), "
+          f"x bf16 at M=1: " + ", ".join(f"{r['shape']} {r['vs_bf16']:.2f}" for r in rows if r["m"] == 1))
+
+
+if __name__ == "__main__":
+    main()
