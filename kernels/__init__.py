@@ -14,3 +14,16 @@ def use_persistent_cache(gpu_name: str) -> str:
         name = f"{gpu}-triton{triton.__version__}"
         os.environ["TRITON_CACHE_DIR"] = os.path.join(base, "moe-runtime", "triton", name)
     return os.environ["TRITON_CACHE_DIR"]
+
+
+def zeroed_counters(pool: dict, n: int, device, min_numel: int):
+    """int32 counters [>= n] for a kernel whose programs count their arrivals and leave the counters at zero
+    again: one buffer per device in pool (the caller's module dict), grown, never shrunk, so a CUDA graph that
+    captured it keeps a valid pointer (grow it on an eager run before capture)."""
+    import torch
+
+    buf = pool.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, min_numel), dtype=torch.int32, device=device)
+        pool[device] = buf
+    return buf

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import zeroed_counters
 from kernels.attention import _FP16_MAX, _LOG2E, _kv_rows, attend, check_cache, fp8_as_f16, gather_kv, needs_off64
 from kernels.attention_config import DECODE_KEYS, check_config, decode_config
 
@@ -173,12 +174,7 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    # zeros that the kernel leaves zeroed; grown (never shrunk) outside graph capture
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    return zeroed_counters(_COUNTERS, n, device, 4096)  # the fused merge's arrivals per (sequence, kv head)
 
 
 def paged_attention_decode(

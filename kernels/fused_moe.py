@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import zeroed_counters
 from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
 from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
@@ -338,12 +339,7 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _sum_counters(n: int, device: torch.device) -> torch.Tensor:
-    # zeros that the down kernel leaves zeroed; grown (never shrunk) on the eager warm-up before graph capture
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    return zeroed_counters(_COUNTERS, n, device, 1024)  # the fused top-k sum's arrivals per column tile
 
 
 def fused_experts(
