@@ -49,6 +49,48 @@ QWEN3_30B_A3B = {
     "torch_dtype": "bfloat16",
 }
 
+GLM_4_5_AIR = {  # 106B total / 12B active: fits one H200 only with --quantization fp8
+    "architectures": ["Glm4MoeForCausalLM"],
+    "model_type": "glm4_moe",
+    "hidden_size": 4096,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "n_routed_experts": 128,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "norm_topk_prob": True,
+    "num_hidden_layers": 46,
+    "num_attention_heads": 96,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "partial_rotary_factor": 0.5,
+    "attention_bias": True,
+    "use_qk_norm": False,
+    "vocab_size": 151552,
+    "max_position_embeddings": 131072,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": [151329, 151336, 151338],
+    "torch_dtype": "bfloat16",
+}
+SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "glm-4.5-air": GLM_4_5_AIR}
+
+
+def _moe_dims(cfg: dict) -> tuple[int, int, int, int, int, int, int]:
+    """(hidden, moe inter, experts, top-k, MoE layers, dense layers, shared-expert inter) of either shape."""
+    layers = cfg["num_hidden_layers"]
+    dense = cfg.get("first_k_dense_replace", 0)
+    experts = cfg.get("num_experts", cfg.get("n_routed_experts"))
+    shared = cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 0)
+    return (cfg["hidden_size"], cfg["moe_intermediate_size"], experts, cfg["num_experts_per_tok"], layers - dense,
+            dense, shared)
+
 
 def measure_ceilings(device: torch.device) -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
@@ -66,26 +108,30 @@ def measure_ceilings(device: torch.device) -> tuple[float, float]:
 
 
 def decode_floor_bytes(cfg: dict, batch: int, ctx: int, weight_bytes: float, kv_elem_bytes: int = 2) -> float:
-    h, i, e, k, layers = (cfg[n] for n in ("hidden_size", "moe_intermediate_size", "num_experts",
-                                           "num_experts_per_tok", "num_hidden_layers"))
+    h, i, e, k, moe_layers, dense_layers, shared = _moe_dims(cfg)
     q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
     kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
     experts_touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
-    expert_bytes = experts_touched * 3 * h * i * weight_bytes
-    attn_bytes = (h * (q_dim + 2 * kv_dim) + q_dim * h) * weight_bytes + h * e * 2  # qkv, o, router (bf16)
+    expert_bytes = (experts_touched * i + shared) * 3 * h * weight_bytes
+    router_bytes = h * e * (4 if cfg.get("n_group") else 2)  # GLM keeps its router in fp32
+    attn_bytes = (h * (q_dim + 2 * kv_dim) + q_dim * h) * weight_bytes  # qkv, o
     kv_bytes = batch * (ctx + 1) * 2 * kv_dim * kv_elem_bytes
     lm_head = cfg["vocab_size"] * h * 2
-    return layers * (expert_bytes + attn_bytes + kv_bytes) + lm_head
+    dense_bytes = 3 * h * cfg["intermediate_size"] * weight_bytes
+    layers = moe_layers + dense_layers
+    return (layers * (attn_bytes + kv_bytes) + moe_layers * (expert_bytes + router_bytes)
+            + dense_layers * dense_bytes + lm_head)
 
 
 def prefill_flops(cfg: dict, tokens: int) -> float:
-    h, i, k, layers = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"], \
-        cfg["num_hidden_layers"]
+    h, i, _, k, moe_layers, dense_layers, shared = _moe_dims(cfg)
     q_dim = cfg["num_attention_heads"] * cfg["head_dim"]
     kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
-    linear = 2 * tokens * (h * (q_dim + 2 * kv_dim) + q_dim * h + k * 3 * h * i)
-    attention = 2 * 2 * q_dim * tokens * tokens / 2  # causal QK^T and PV
-    return layers * (linear + attention) + 2 * cfg["vocab_size"] * h  # logits of the last token only
+    attn = 2 * tokens * (h * (q_dim + 2 * kv_dim) + q_dim * h) + 2 * 2 * q_dim * tokens * tokens / 2  # causal
+    moe = 2 * tokens * (k * i + shared) * 3 * h
+    dense = 2 * tokens * 3 * h * cfg["intermediate_size"]
+    return ((moe_layers + dense_layers) * attn + moe_layers * moe + dense_layers * dense
+            + 2 * cfg["vocab_size"] * h)  # logits of the last token only
 
 
 def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth: float, flops: float) -> list[dict]:
@@ -296,6 +342,7 @@ def bench_transformers(model_dir: str, args: argparse.Namespace, cfg: dict) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 256])
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--prefill", type=int, default=8192)
@@ -319,8 +366,9 @@ def main() -> None:
     bandwidth, flops = measure_ceilings(device)
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     model_dir = tempfile.mkdtemp()
-    cfg = dict(QWEN3_30B_A3B)
-    if max(args.max_model_len or 0, args.prompt_len + 16, args.ctx + 64) > cfg["max_position_embeddings"]:
+    cfg = dict(SHAPES[args.shape])
+    longest = max(args.max_model_len or 0, args.prompt_len + 16, args.ctx + 64)
+    if args.shape == "qwen3-30b-a3b" and longest > cfg["max_position_embeddings"]:
         cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
@@ -344,7 +392,7 @@ def main() -> None:
     pool = next(r for r in rows if r["phase"] == "kv_pool")
     ttft = "".join(f" ttft{r['tokens']}={r['step_ms'] / 1e3:.2f}s({r['floor_fraction']:.0%})"
                    for r in rows if r["phase"] == "ttft")
-    print(f"SUMMARY e2e qwen3-30b-a3b {result['quantization']} kv {args.kv_cache_dtype} {result['gpu']}: "
+    print(f"SUMMARY e2e {args.shape} {result['quantization']} kv {args.kv_cache_dtype} {result['gpu']}: "
           f"ctx {args.ctx} decode {summary} prefill8k={pre['tokens_per_s']:.0f}tok/s({pre['floor_fraction']:.0%})"
           f"{ttft} fit={pool['max_len_seqs_fit']:.2f}x{pool['max_model_len']}")
 
