@@ -1,0 +1,143 @@
+"""The large-M MoE path: tokens permuted expert-contiguous, then persistent grouped GEMMs over TMA descriptors.
+
+fused_experts_tma runs: moe_align -> permute_tokens (kernels/moe_permute.py: a_perm, each expert's rows
+padded to BLOCK_M) -> gate_up grouped GEMM with SiLU-and-mul in its epilogue -> down grouped GEMM -> the
+weighted top-k sum through the inverse permutation. Both GEMMs read dense [BLOCK_M, BLOCK_K] activation tiles
+and [BLOCK_N, BLOCK_K] weight tiles with TMA (host TensorDescriptors; the interpreter runs the same code),
+and write their output tiles with TMA. One program per SM loops over the (row block, column tile) pairs; the
+tile count comes from align's num_post_pad on the device, so the launch never syncs to the host.
+fused_moe.fused_experts takes this path when the config has a "tma" entry and the rows reach its min_rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from kernels.moe_align import moe_align
+from kernels.moe_permute import permute_tokens, unpermute_sum
+
+TMA_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "warp_specialize", "store_tma")
+
+
+def default_tma_config(min_rows: int = 0, float32: bool = False) -> dict:
+    """A sane TMA config (not a tuned one: fused_experts takes this path only from a tuned table)."""
+    g = {"BLOCK_N": 128, "BLOCK_K": 32 if float32 else 64, "GROUP_M": 8, "num_warps": 8,
+         "num_stages": 2 if float32 else 3, "warp_specialize": False}
+    return {"min_rows": min_rows, "BLOCK_M": 128, "up": dict(g), "down": dict(g)}
+
+
+@triton.jit
+def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M row blocks (mostly of one expert at large M) sweep the column tiles together
+    in_group = GROUP_M * num_pid_n
+    first_m = (tile // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % in_group) % group_m
+    pid_n = (tile % in_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_desc, w_desc, out_desc, out_ptr, expert_ids_ptr, num_post_pad_ptr, K, N, W_ROWS, stride_o,
+    SILU_MUL: tl.constexpr, STORE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    # a [rows, K] permuted activations; w the experts' weights stacked [E * W_ROWS, K] (w13: W_ROWS = 2N, the
+    # gate rows e * 2N + n and the up rows e * 2N + N + n; w2: W_ROWS = N); out [rows, N].
+    # out[p, n] = a[p] . w[e, n]  or, SILU_MUL, silu(a[p] . w[e, n]) * (a[p] . w[e, N + n]), e = the block's
+    # expert. A weight tile past row n = N reads the next rows (or TMA's zeros): only columns >= N see them,
+    # and the output descriptor clips those; K tails are TMA's zeros on both operands.
+    num_pid_m = tl.load(num_post_pad_ptr) // BLOCK_M  # the blocks align used, all of them with an expert
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
+        e = tl.load(expert_ids_ptr + pid_m)
+        off_m = pid_m * BLOCK_M
+        row = e * W_ROWS + pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            a = a_desc.load([off_m, off_k])
+            acc = tl.dot(a, w_desc.load([row, off_k]).T, acc)
+            if SILU_MUL:
+                acc_up = tl.dot(a, w_desc.load([row + N, off_k]).T, acc_up)
+        if SILU_MUL:
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if STORE_TMA:
+            out_desc.store([off_m, pid_n * BLOCK_N], acc.to(out_desc.dtype))
+        else:  # pointer stores: Hopper's warp specialization splits a 128-row tile, a TMA store cannot take the parts
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :]
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=offs_n[None, :] < N)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 3  # the interpreter: few programs, so each loops over several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def grouped_gemm(
+    a: torch.Tensor,  # [rows, K], rows a multiple of block_m, expert-contiguous blocks
+    w: torch.Tensor,  # [E * w_rows, K]
+    out: torch.Tensor,  # [rows, N]
+    expert_ids: torch.Tensor,  # [rows // block_m] int32, from moe_align
+    num_post_pad: torch.Tensor,  # [1] int32
+    n: int, w_rows: int, silu_mul: bool, block_m: int, g: dict, num_sms: int | None = None,
+) -> None:
+    rows, k = a.shape
+    bn, bk = g["BLOCK_N"], g["BLOCK_K"]
+    a_desc = TensorDescriptor.from_tensor(a, [block_m, bk])
+    w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
+    out_desc = TensorDescriptor.from_tensor(out, [block_m, bn])
+    num_sms = num_sms or _num_sms(a.device)
+    ws = bool(g.get("warp_specialize", False))
+    # Hopper's warp specialization splits the tile between two consumer warp groups: a TMA store of the whole
+    # tile then fails to compile, so it stores through pointers (config "store_tma" overrides)
+    store_tma = bool(g.get("store_tma", not ws))
+    max_tiles = rows // block_m * triton.cdiv(n, bn)
+    _grouped_gemm_kernel[(max(1, min(num_sms, max_tiles)),)](
+        a_desc, w_desc, out_desc, out, expert_ids, num_post_pad, k, n, w_rows, out.stride(0),
+        SILU_MUL=silu_mul, STORE_TMA=store_tma, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g["GROUP_M"],
+        NUM_SMS=num_sms, WARP_SPECIALIZE=ws, num_warps=g["num_warps"], num_stages=g["num_stages"],
+    )
+
+
+def tma_supported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides (H and I times the element size)."""
+    elem = hidden.element_size()
+    return (hidden.shape[1] * elem % 16 == 0 and w2.shape[2] * elem % 16 == 0
+            and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0)
+
+
+def fused_experts_tma(
+    hidden: torch.Tensor,  # [num_tokens, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
+    cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}
+    num_sms: int | None = None,
+) -> torch.Tensor:
+    """fused_experts' answer on the permuted path (16-bit weights; inputs checked by fused_experts)."""
+    num_tokens, h = hidden.shape
+    num_experts, _, inter = w2.shape
+    top_k = topk_ids.shape[1]
+    bm = cfg["BLOCK_M"]
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, bm)
+    a_perm, inv = permute_tokens(hidden, sorted_ids, num_post_pad, top_k)  # [rows, H]
+    rows = a_perm.shape[0]
+    act = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
+    grouped_gemm(a_perm, w13.view(num_experts * 2 * inter, h), act, expert_ids, num_post_pad, inter, 2 * inter,
+                 True, bm, cfg["up"], num_sms)
+    y = torch.empty(rows, h, dtype=hidden.dtype, device=hidden.device)  # unweighted per-row outputs
+    grouped_gemm(act, w2.view(num_experts * h, inter), y, expert_ids, num_post_pad, h, h, False, bm, cfg["down"],
+                 num_sms)
+    return unpermute_sum(y, inv, topk_weights, topk_ids)

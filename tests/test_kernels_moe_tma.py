@@ -1,0 +1,156 @@
+"""The large-M MoE path: permute / un-permute and the persistent TMA grouped GEMMs vs the torch references."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from benchmarks.count_launches import count_launches  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
+from kernels.moe_align import moe_align  # noqa: E402
+from kernels.moe_config import default_config  # noqa: E402
+from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
+from kernels.moe_permute import permute_tokens, permute_tokens_ref, unpermute_sum, unpermute_sum_ref  # noqa: E402
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _skewed_routing(num_tokens: int, num_experts: int, top_k: int, seed: int):
+    # uneven loads: expert 0 takes most tokens (several blocks), half the experts none; every third token has
+    # one slot owned by another expert-parallel rank (-1)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.zeros(num_experts)
+    probs[0], probs[1], probs[num_experts - 1] = 8.0, 2.0, 1.0
+    if num_experts > 4:
+        probs[num_experts // 2] = 0.5
+    ids = torch.stack([torch.multinomial(probs, top_k, generator=g) for _ in range(num_tokens)]).to(torch.int32)
+    ids[::3, 1] = -1
+    weights = torch.rand(num_tokens, top_k, generator=g) + 0.1
+    return weights, ids
+
+
+def _small_tma(block_m: int = 16, float32: bool = False) -> dict:
+    cfg = default_tma_config(float32=float32)
+    return dict(cfg, BLOCK_M=block_m, up=dict(cfg["up"], BLOCK_N=32, BLOCK_K=32),
+                down=dict(cfg["down"], BLOCK_N=64, BLOCK_K=32))
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,block_m", [(37, 8, 16), (5, 4, 16), (29, 4, 32)])
+def test_permute_and_unpermute(num_tokens, num_experts, block_m):
+    torch.manual_seed(num_tokens)
+    hidden = 72
+    x = torch.randn(num_tokens, hidden, dtype=torch.float16)
+    weights, ids = _skewed_routing(num_tokens, num_experts, 2, num_tokens)
+    sorted_ids, _, num_post_pad = moe_align(ids, num_experts, block_m)
+    a_perm, inv = permute_tokens(x, sorted_ids, num_post_pad, 2)
+    ref_perm, ref_inv = permute_tokens_ref(x, sorted_ids, num_post_pad, 2)
+    n = int(num_post_pad.item())
+    handled = (ids >= 0).reshape(-1)
+    assert torch.equal(a_perm[:n], ref_perm[:n])  # padding rows are zeros in both
+    assert torch.equal(inv[handled], ref_inv[handled])
+    y = torch.randn(a_perm.shape[0], hidden, dtype=torch.float16)
+    got = unpermute_sum(y, inv, weights, ids)
+    want = unpermute_sum_ref(y, inv, weights, ids)
+    assert _rel_err(got, want) < 1e-3
+    # the round trip: permuting x and summing its rows back with unit weights gives x times the handled slots
+    back = unpermute_sum(a_perm, inv, torch.ones_like(weights), ids)
+    assert torch.allclose(back.float(), x.float() * handled.view(-1, 2).sum(1, keepdim=True), atol=1e-2)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,dtype,block_m", [
+    (37, 8, 96, 80, torch.float32, 16),  # N and K not multiples of the tiles: TMA's zero fill / store clipping
+    (23, 4, 64, 48, torch.float16, 16),
+    (41, 8, 128, 64, torch.float16, 32),
+])
+def test_fused_experts_tma(num_tokens, num_experts, hidden, inter, dtype, block_m):
+    torch.manual_seed(num_tokens + hidden)
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).to(dtype)
+    weights, ids = _skewed_routing(num_tokens, num_experts, 2, hidden)
+    assert (torch.bincount(ids[ids >= 0].long(), minlength=num_experts) == 0).any()  # some experts are empty
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    cfg = _small_tma(block_m, dtype == torch.float32)
+    assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=2), ref) < tol
+    assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=64), ref) < tol  # one tile each
+
+
+def test_dispatch_by_min_rows():
+    # fused_experts takes the TMA path only when the config has "tma" and num_tokens * top_k reaches min_rows
+    torch.manual_seed(1)
+    num_tokens, num_experts, hidden, inter, top_k = 19, 4, 64, 32, 2
+    x = torch.randn(num_tokens, hidden, dtype=torch.float16)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).half()
+    w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).half()
+    weights, ids = _skewed_routing(num_tokens, num_experts, top_k, 5)
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    base = default_config(num_tokens, num_experts, top_k, False)
+    for min_rows, tma_path in ((num_tokens * top_k, True), (num_tokens * top_k + 1, False)):
+        cfg = dict(base, tma=dict(_small_tma(), min_rows=min_rows))
+        with count_launches() as log:
+            out = fused_experts(x, w13, w2, weights, ids, config=cfg)
+        assert ("triton:_grouped_gemm_kernel" in log.events) == tma_path
+        assert ("triton:_moe_up_kernel" in log.events) != tma_path
+        assert _rel_err(out, ref) < 2e-3
+    with count_launches() as log:
+        fused_experts(x, w13, w2, weights, ids, config=base)  # no "tma" entry: the old path
+    assert "triton:_grouped_gemm_kernel" not in log.events
+
+
+def test_tma_entry_only_from_this_gpus_table(tmp_path, monkeypatch):
+    import kernels.moe_config as mc
+
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    entry = dict(default_config(4096, 8, 2, False), tma=default_tma_config(min_rows=8192))
+    (tmp_path / mc.config_file_name(8, 64, 32, "bfloat16", "GPU_A")).write_text(json.dumps({"4096": entry}))
+    mc._load.cache_clear()
+    monkeypatch.setattr(mc, "device_name", lambda device=None: "GPU_A")
+    assert mc.get_moe_config(4096, 8, 64, 32, 2, "bfloat16")["tma"]["min_rows"] == 8192
+    monkeypatch.setattr(mc, "device_name", lambda device=None: "GPU_B")  # borrows GPU_A's blocks, not its TMA
+    cfg = mc.get_moe_config(4096, 8, 64, 32, 2, "bfloat16")
+    assert "tma" not in cfg and cfg["BLOCK_M"] == entry["BLOCK_M"]
+    assert "tma" not in default_config(1 << 16, 8, 2, False)
+
+
+_SM90_PROBE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from tune_moe_tma import compile_grouped_gemm_sm90
+from attention_ir import report
+out = []
+for silu, ws in ((True, False), (False, False), (True, True), (False, True)):
+    k = compile_grouped_gemm_sm90(silu, 128, 128, 64, 4 if ws else 8, 3, ws)
+    r = report(k)
+    r["warp_specialized"] = "ttg.warp_specialize(" in k.asm["ttgir"]
+    r["tma_loads"] = "cp.async.bulk.tensor" in k.asm["ptx"]
+    out.append(r)
+print(json.dumps(out))
+"""
+
+
+def test_grouped_gemm_compiles_for_sm90():
+    # no GPU needed: Triton's compiler for Hopper with the launch's specializations. TMA loads and wgmma in
+    # every variant, no spills, and the warp-specialized ones really split into producer / consumer warps
+    bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "cuobjdump").exists():
+        pytest.skip("this Triton build has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for r in rows:
+        assert r["mma"] == "wgmma" and r["tma_loads"] and r["spill_bytes"] == 0, r
+    assert [r["warp_specialized"] for r in rows] == [False, False, True, True]
