@@ -97,8 +97,8 @@ def _measure_m(shape: str, m: int, w13: torch.Tensor, w2: torch.Tensor, ceil: di
                                                      for (x, _, _), (s, _, npp) in zip(sets, al)]) / 2
         used = sum(int(npp.item()) for _, _, npp in aligned) / 2
         permute_floor_us = (used * h * 2 + m * h * 2) / ceil["copy_tbps"] / 1e6  # rows written, tokens read
-        acts = [torch.randn(p.shape[0], inter, device="cuda", dtype=torch.bfloat16) for p, _ in perms]
-        ys = [torch.empty(p.shape[0], h, device="cuda", dtype=torch.bfloat16) for p, _ in perms]
+        acts = [torch.randn(p.shape[0], inter, device=w2.device, dtype=w2.dtype) for p, _ in perms]
+        ys = [torch.empty(p.shape[0], h, device=w2.device, dtype=w2.dtype) for p, _ in perms]
 
         def launches(kind: str, gc: dict, bm=bm, aligned=aligned, perms=perms, acts=acts, ys=ys):
             def run() -> None:
@@ -129,36 +129,45 @@ def _measure_m(shape: str, m: int, w13: torch.Tensor, w2: torch.Tensor, ceil: di
 def tune_tma(shape: str, ms: list[int], out: Path) -> None:
     from bench_moe import SHAPES, measure_ceilings
 
-    from kernels.moe_config import get_moe_config
-
     t0 = time.time()
-    e, h, inter, top_k = SHAPES[shape]
+    e, h, inter, _ = SHAPES[shape]
     ceil = measure_ceilings()
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=g, dtype=torch.bfloat16) * h**-0.5
     w2 = torch.randn(e, h, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter**-0.5
-    rows, winners = [], {}
+    rows = []
     for m in ms:
         r = _measure_m(shape, m, w13, w2, ceil)
         torch.cuda.empty_cache()
         rows.append(r)
-        if r["tma_us"] < r["old_us"]:
-            winners[m] = r["tma"]
         print(f"moe_tma {shape} bf16 M={m:6d} old_us={r['old_us']:9.1f} tma_us={r['tma_us']:9.1f} "
               f"floor_us={r['floor_us']:8.1f} roofline old={r['old_frac']:.2f} tma={r['tma_frac']:.2f} "
               f"speedup={r['old_us'] / r['tma_us']:.2f} permute_us={r['permute_us']:.1f} (floor "
               f"{r['permute_floor_us']:.1f}, {r['permute_floor_us'] / r['permute_us']:.2f} of BW) "
               f"err={r['err_vs_old']:.1e} tma={json.dumps(r['tma'])}", flush=True)
-    name, path = _table_path(shape)
-    table = json.loads(path.read_text()) if path.exists() else {}
-    if winners:
-        min_rows = min(winners) * top_k
-        for m, cfg in winners.items():
-            nearest = get_moe_config(m, e, h, inter, top_k, "bfloat16")
-            table[str(m)] = dict({k: v for k, v in nearest.items() if k != "tma"}, tma=dict(cfg, min_rows=min_rows))
+    name, table = with_tma_entries(shape, rows)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / name).write_text(json.dumps(table, indent=1))
     (out / "tune_moe_tma.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
+    num_tma = sum("tma" in c for c in table.values())
     print(f"tune_moe_tma summary: {shape} " + " ".join(f"M={r['M']}:{r['old_frac']:.2f}->{r['tma_frac']:.2f}"
                                                        for r in rows)
-          + f" (fraction of floor, old->tma); wrote {name} ({len(winners)} tma buckets) in {time.time() - t0:.0f} s")
+          + f" (fraction of floor, old->tma); wrote {name} ({num_tma} tma buckets) in {time.time() - t0:.0f} s")
+
+
+def with_tma_entries(shape: str, rows: list[dict]) -> tuple[str, dict]:
+    """This GPU's table for shape with a "tma" entry in each measured bucket where the TMA path won; min_rows is
+    the rows of the smallest winning M, so smaller counts that share a bucket keep the old path."""
+    from bench_moe import SHAPES
+
+    from kernels.moe_config import get_moe_config
+
+    e, h, inter, top_k = SHAPES[shape]
+    name, path = _table_path(shape)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    winners = {r["M"]: r["tma"] for r in rows if r["tma_us"] < r["old_us"]}
+    for m, cfg in winners.items():
+        nearest = get_moe_config(m, e, h, inter, top_k, "bfloat16")
+        table[str(m)] = dict({k: v for k, v in nearest.items() if k != "tma"},
+                             tma=dict(cfg, min_rows=min(winners) * top_k))
+    return name, table

@@ -122,6 +122,43 @@ def test_tma_entry_only_from_this_gpus_table(tmp_path, monkeypatch):
     assert "tma" not in default_config(1 << 16, 8, 2, False)
 
 
+def test_tuner_measures_and_writes_tma_entries(monkeypatch, tmp_path):
+    # tune_moe --tma on a tiny shape in the interpreter: every candidate runs, the picked TMA config gives the old
+    # path's answer, and the table gets "tma" entries only where the new path won, min_rows from the smallest M
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_moe
+    import tune_moe
+    import tune_moe_tma
+
+    import kernels.moe_config as mc
+
+    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(num_tokens, hidden, generator=g).half()
+        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
+        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
+
+    ran = []
+    monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 64, 32, 2))
+    monkeypatch.setattr(bench_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(bench_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
+    monkeypatch.setattr(tune_moe, "time_run", lambda run, n: (ran.append(run()), 1.0)[1])
+    monkeypatch.setattr(tune_moe_tma, "TMA_CANDIDATES", [(16, 32, 32, 4, 2, False), (16, 64, 32, 4, 2, True),
+                                                         (32, 32, 32, 4, 2, False)])
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    mc._load.cache_clear()
+    e, h, inter, _ = bench_moe.SHAPES["tiny"]
+    w13 = (torch.randn(e, 2 * inter, h) / h**0.5).half()
+    w2 = (torch.randn(e, h, inter) / inter**0.5).half()
+    row = tune_moe_tma._measure_m("tiny", 21, w13, w2, {"copy_tbps": 1.0, "bf16_tflops": 1.0})
+    assert len(ran) == 2 + 2 + 1 + 1  # per BLOCK_M each candidate of it, for up and for down
+    assert row["err_vs_old"] < 2e-3 and row["tma"]["BLOCK_M"] in (16, 32) and row["permute_us"] == 0.5  # per routing
+    rows = [dict(row, M=m, old_us=10.0, tma_us=t) for m, t in ((16, 12.0), (64, 9.0), (256, 5.0))]
+    name, table = tune_moe_tma.with_tma_entries("tiny", rows)
+    assert name == mc.config_file_name(e, h, inter, "bfloat16", mc.device_name())
+    assert sorted(table, key=int) == ["64", "256"] and all(c["tma"]["min_rows"] == 64 * 2 for c in table.values())
+
+
 _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
@@ -134,6 +171,14 @@ for silu, ws in ((True, False), (False, False), (True, True), (False, True)):
     r["warp_specialized"] = "ttg.warp_specialize(" in k.asm["ttgir"]
     r["tma_loads"] = "cp.async.bulk.tensor" in k.asm["ptx"]
     out.append(r)
+from attention_ir import compile_sm90
+from kernels.moe_permute import _permute_kernel, _unpermute_sum_kernel
+ptr = {"hidden_ptr": "bf16", "sorted_ptr": "i32", "num_post_pad_ptr": "i32", "out_ptr": "bf16", "inv_ptr": "i32",
+       "y_ptr": "bf16", "w_ptr": "fp32", "ids_ptr": "i32"}
+compile_sm90(_permute_kernel, dict(ptr, num_pairs=7, top_k=8, H=2048, stride_h=2048, stride_o=2048),
+             {"ROWS": 8, "BLOCK_H": 512}, 4, 3)
+compile_sm90(_unpermute_sum_kernel, dict(ptr, H=2048, stride_y=2048, stride_o=2048), {"TOP_K": 8, "BLOCK_H": 1024},
+             4, 3)
 print(json.dumps(out))
 """
 
@@ -154,3 +199,54 @@ def test_grouped_gemm_compiles_for_sm90():
     for r in rows:
         assert r["mma"] == "wgmma" and r["tma_loads"] and r["spill_bytes"] == 0, r
     assert [r["warp_specialized"] for r in rows] == [False, False, True, True]
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "glm45air": (128, 4096, 1408, 8)}
+
+
+def _gpu_problem(shape: str, num_tokens: int, seed: int = 0):
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    torch.manual_seed(num_tokens + seed)
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).bfloat16()
+    ids = torch.stack([torch.randperm(num_experts, device="cuda")[:top_k] for _ in range(num_tokens)]).int()
+    ids[::5, 0] = -1
+    weights = torch.rand(num_tokens, top_k, device="cuda") + 0.1
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("num_tokens", [777, 4096])
+@pytest.mark.parametrize("cand", [(128, 128, 64, 8, 3, False), (128, 128, 64, 4, 3, True), (64, 128, 64, 4, 4, True)])
+def test_fused_experts_tma_gpu(shape, num_tokens, cand):
+    from benchmarks.tune_moe_tma import gemm_cfg
+
+    x, w13, w2, weights, ids = _gpu_problem(shape, num_tokens)
+    cfg = {"min_rows": 0, "BLOCK_M": cand[0], "up": gemm_cfg(cand), "down": gemm_cfg(cand)}
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg), ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_fused_experts_tma_graph_replay_gpu():
+    # descriptors are captured by value; new routings (other tile counts) replayed from one graph stay right
+    x, w13, w2, weights, ids = _gpu_problem("qwen3", 512)
+    cfg = {"min_rows": 0, "BLOCK_M": 128, "up": dict(default_tma_config()["up"], num_warps=4, warp_specialize=True),
+           "down": default_tma_config()["down"]}
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts_tma(x, w13, w2, weights, ids, cfg)
+    for i in range(4):
+        _, _, _, new_w, new_ids = _gpu_problem("qwen3", 512, seed=i + 1)
+        if i == 3:
+            new_ids[:, :] = new_ids[:, :1] % 4  # four experts take every slot: few, long segments
+            new_ids[:, 1:] = -1
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        graph.replay()
+        assert _rel_err(out, fused_experts_ref(x, w13, w2, weights, ids)) < 1e-2, i
