@@ -39,14 +39,17 @@ def gemm_cfg(c: tuple) -> dict:
 
 
 def compile_grouped_gemm_sm90(silu_mul: bool, bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
-                              warp_specialize: bool, dtype: str = "bf16"):
-    """triton.compile of _grouped_gemm_kernel for Hopper (no GPU needed), with a launch's specializations."""
+                              warp_specialize: bool, fp8: bool = False):
+    """triton.compile of _grouped_gemm_kernel for Hopper (no GPU needed), with a launch's specializations
+    (bf16 output; e4m3 operands with fp8)."""
     fn = _grouped_gemm_kernel
-    types = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>", "w_desc": f"tensordesc<{dtype}[{bn}, {bk}]>",
-             "out_desc": f"tensordesc<{dtype}[{bm}, {bn}]>", "out_ptr": f"*{dtype}", "expert_ids_ptr": "*i32",
-             "num_post_pad_ptr": "*i32", "K": "i32", "N": "i32", "W_ROWS": "i32", "stride_o": "i32"}
-    consts = {"SILU_MUL": silu_mul, "STORE_TMA": not warp_specialize, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-              "GROUP_M": 8, "NUM_SMS": 132, "WARP_SPECIALIZE": warp_specialize}
+    op = "fp8e4nv" if fp8 else "bf16"
+    types = {"a_desc": f"tensordesc<{op}[{bm}, {bk}]>", "w_desc": f"tensordesc<{op}[{bn}, {bk}]>",
+             "out_desc": f"tensordesc<bf16[{bm}, {bn}]>", "out_ptr": "*bf16", "a_scale_ptr": "*fp32",
+             "w_scale_ptr": "*fp32", "expert_ids_ptr": "*i32", "num_post_pad_ptr": "*i32", "K": "i32", "N": "i32",
+             "W_ROWS": "i32", "stride_o": "i32", "stride_as": "i32", "stride_wse": "i32", "stride_wsn": "i32"}
+    consts = {"SILU_MUL": silu_mul, "STORE_TMA": not warp_specialize, "USE_FP8": fp8, "BLOCK_M": bm, "BLOCK_N": bn,
+              "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132, "WARP_SPECIALIZE": warp_specialize}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -92,7 +95,7 @@ def _measure_m(shape: str, m: int, w13: torch.Tensor, w2: torch.Tensor, ceil: di
     best = None
     for bm in sorted({c[0] for c in TMA_CANDIDATES}):
         aligned = [moe_align(i, e, bm) for _, _, i in sets]
-        perms = [permute_tokens(x, s, npp, top_k) for (x, _, _), (s, _, npp) in zip(sets, aligned)]
+        perms = [permute_tokens(x, s, npp, top_k)[:2] for (x, _, _), (s, _, npp) in zip(sets, aligned)]
         permute_us = bench_graph(lambda al=aligned: [permute_tokens(x, s, npp, top_k)
                                                      for (x, _, _), (s, _, npp) in zip(sets, al)]) / 2
         used = sum(int(npp.item()) for _, _, npp in aligned) / 2

@@ -7,8 +7,8 @@ shared: one align serves both). act_fp8 (FP8 only): quantize activations too and
 dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant launches; best while few rows
 per expert keep the layer bandwidth-bound).
 A bucket may also hold "tma": {"min_rows": int, "BLOCK_M": int, "up": {...}, "down": {...}}, the permuted
-TMA path of kernels/moe_grouped_tma.py (16-bit weights), taken when num_tokens * top_k >= min_rows; its
-up/down add warp_specialize (and store_tma). Only a table measured on this GPU turns it on.
+TMA path of kernels/moe_grouped_tma.py (FP8: BLOCK_K 128, FP8 activations), taken when num_tokens * top_k
+>= min_rows; its up/down add warp_specialize (and store_tma). Only a table measured on this GPU turns it on.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.fp8 import FP8_BLOCK, per_token_group_quant
 from kernels.moe_align import moe_align
 from kernels.moe_permute import permute_tokens, unpermute_sum
 
@@ -42,15 +43,19 @@ def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_desc, w_desc, out_desc, out_ptr, expert_ids_ptr, num_post_pad_ptr, K, N, W_ROWS, stride_o,
-    SILU_MUL: tl.constexpr, STORE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    a_desc, w_desc, out_desc, out_ptr, a_scale_ptr, w_scale_ptr, expert_ids_ptr, num_post_pad_ptr,
+    K, N, W_ROWS, stride_o, stride_as, stride_wse, stride_wsn,
+    SILU_MUL: tl.constexpr, STORE_TMA: tl.constexpr, USE_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     # a [rows, K] permuted activations; w the experts' weights stacked [E * W_ROWS, K] (w13: W_ROWS = 2N, the
     # gate rows e * 2N + n and the up rows e * 2N + N + n; w2: W_ROWS = N); out [rows, N].
     # out[p, n] = a[p] . w[e, n]  or, SILU_MUL, silu(a[p] . w[e, n]) * (a[p] . w[e, N + n]), e = the block's
     # expert. A weight tile past row n = N reads the next rows (or TMA's zeros): only columns >= N see them,
     # and the output descriptor clips those; K tails are TMA's zeros on both operands.
+    # USE_FP8 (BLOCK_K = 128, one scale step per K step): e4m3 a and w, a_scale [rows, K / 128] per row and
+    # group, w_scale [E, W_ROWS / 128, K / 128] per 128 x 128 weight block (HF weight_scale_inv).
     num_pid_m = tl.load(num_post_pad_ptr) // BLOCK_M  # the blocks align used, all of them with an expert
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -61,12 +66,26 @@ def _grouped_gemm_kernel(
         row = e * W_ROWS + pid_n * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if USE_FP8:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N
+            as_ptrs = a_scale_ptr + (off_m + tl.arange(0, BLOCK_M)).to(tl.int64) * stride_as  # [BLOCK_M]
+            ws_ptrs = w_scale_ptr + e.to(tl.int64) * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N]
+            wsu_ptrs = w_scale_ptr + e.to(tl.int64) * stride_wse + ((offs_n + N) // 128) * stride_wsn
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = a_desc.load([off_m, off_k])
-            acc = tl.dot(a, w_desc.load([row, off_k]).T, acc)
-            if SILU_MUL:
-                acc_up = tl.dot(a, w_desc.load([row + N, off_k]).T, acc_up)
+            if USE_FP8:
+                a_s = tl.load(as_ptrs + ki)[:, None]
+                w_s = tl.load(ws_ptrs + ki, mask=nmask, other=0.0)[None, :]
+                acc += tl.dot(a, w_desc.load([row, off_k]).T) * a_s * w_s
+                if SILU_MUL:
+                    wu_s = tl.load(wsu_ptrs + ki, mask=nmask, other=0.0)[None, :]
+                    acc_up += tl.dot(a, w_desc.load([row + N, off_k]).T) * a_s * wu_s
+            else:
+                acc = tl.dot(a, w_desc.load([row, off_k]).T, acc)
+                if SILU_MUL:
+                    acc_up = tl.dot(a, w_desc.load([row + N, off_k]).T, acc_up)
         if SILU_MUL:
             acc = acc * tl.sigmoid(acc) * acc_up
         if STORE_TMA:
@@ -91,9 +110,15 @@ def grouped_gemm(
     expert_ids: torch.Tensor,  # [rows // block_m] int32, from moe_align
     num_post_pad: torch.Tensor,  # [1] int32
     n: int, w_rows: int, silu_mul: bool, block_m: int, g: dict, num_sms: int | None = None,
+    a_scale: torch.Tensor | None = None,  # FP8: [rows, ceil(K / 128)] fp32
+    w_scale: torch.Tensor | None = None,  # FP8: [E, ceil(w_rows / 128), ceil(K / 128)] fp32
 ) -> None:
     rows, k = a.shape
     bn, bk = g["BLOCK_N"], g["BLOCK_K"]
+    fp8 = w_scale is not None
+    if fp8 and (bk != FP8_BLOCK or a_scale is None):
+        raise ValueError(f"the FP8 grouped GEMM needs BLOCK_K = {FP8_BLOCK} and activation scales, got {bk}")
+    a_s, w_s = (a_scale, w_scale) if fp8 else (expert_ids, expert_ids[:1].view(1, 1))  # (unused without FP8)
     a_desc = TensorDescriptor.from_tensor(a, [block_m, bk])
     w_desc = TensorDescriptor.from_tensor(w, [bn, bk])
     out_desc = TensorDescriptor.from_tensor(out, [block_m, bn])
@@ -104,15 +129,16 @@ def grouped_gemm(
     store_tma = bool(g.get("store_tma", not ws))
     max_tiles = rows // block_m * triton.cdiv(n, bn)
     _grouped_gemm_kernel[(max(1, min(num_sms, max_tiles)),)](
-        a_desc, w_desc, out_desc, out, expert_ids, num_post_pad, k, n, w_rows, out.stride(0),
-        SILU_MUL=silu_mul, STORE_TMA=store_tma, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g["GROUP_M"],
-        NUM_SMS=num_sms, WARP_SPECIALIZE=ws, num_warps=g["num_warps"], num_stages=g["num_stages"],
+        a_desc, w_desc, out_desc, out, a_s, w_s, expert_ids, num_post_pad, k, n, w_rows, out.stride(0),
+        a_s.stride(0), w_s.stride(0), w_s.stride(1),
+        SILU_MUL=silu_mul, STORE_TMA=store_tma, USE_FP8=fp8, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=g["GROUP_M"], NUM_SMS=num_sms, WARP_SPECIALIZE=ws, num_warps=g["num_warps"], num_stages=g["num_stages"],
     )
 
 
 def tma_supported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases and row strides (H and I times the element size)."""
-    elem = hidden.element_size()
+    """TMA needs 16-byte aligned bases and row strides (H and I times the weights' element size)."""
+    elem = min(hidden.element_size(), w2.element_size())
     return (hidden.shape[1] * elem % 16 == 0 and w2.shape[2] * elem % 16 == 0
             and w13.data_ptr() % 16 == 0 and w2.data_ptr() % 16 == 0)
 
@@ -125,19 +151,26 @@ def fused_experts_tma(
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
     cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}
     num_sms: int | None = None,
+    w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
+    w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
 ) -> torch.Tensor:
-    """fused_experts' answer on the permuted path (16-bit weights; inputs checked by fused_experts)."""
+    """fused_experts' answer on the permuted path (inputs checked by fused_experts). FP8: activations quantized
+    per token and 128 channels (before the permute, and again between the GEMMs), FP8 MMA."""
     num_tokens, h = hidden.shape
     num_experts, _, inter = w2.shape
     top_k = topk_ids.shape[1]
     bm = cfg["BLOCK_M"]
+    fp8 = w13_scale is not None
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, bm)
-    a_perm, inv = permute_tokens(hidden, sorted_ids, num_post_pad, top_k)  # [rows, H]
+    x, x_scale = per_token_group_quant(hidden) if fp8 else (hidden, None)
+    a_perm, inv, a_scale = permute_tokens(x, sorted_ids, num_post_pad, top_k, x_scale)  # [rows, H]
     rows = a_perm.shape[0]
     act = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
     grouped_gemm(a_perm, w13.view(num_experts * 2 * inter, h), act, expert_ids, num_post_pad, inter, 2 * inter,
-                 True, bm, cfg["up"], num_sms)
+                 True, bm, cfg["up"], num_sms, a_scale, w13_scale)
+    # (FP8: rows past num_post_pad are quantized too, unused: the buffer's size is fixed by shapes)
+    act, act_scale = per_token_group_quant(act) if fp8 else (act, None)
     y = torch.empty(rows, h, dtype=hidden.dtype, device=hidden.device)  # unweighted per-row outputs
     grouped_gemm(act, w2.view(num_experts * h, inter), y, expert_ids, num_post_pad, h, h, False, bm, cfg["down"],
-                 num_sms)
+                 num_sms, act_scale, w2_scale)
     return unpermute_sum(y, inv, topk_weights, topk_ids)

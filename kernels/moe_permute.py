@@ -3,7 +3,7 @@
 The two undo each other around the dense grouped GEMMs of kernels/moe_grouped_tma.py:
   permute_tokens: a_perm[p] = hidden[sorted_ids[p] // top_k] for each position p < num_post_pad of moe_align's
       layout (each expert's rows padded to BLOCK_M; padding rows are zeros), and inv[pair] = p, the position
-      pair (t * top_k + k) landed at;
+      pair (t * top_k + k) landed at; FP8 activations bring their per-token group scales along the same way;
   unpermute_sum: out[t] = sum over the token's handled slots k (topk_ids >= 0) of w[t, k] * y[inv[t * top_k + k]].
 Both are bandwidth-bound gathers with sizes fixed by shapes (no host sync, CUDA-graph safe): programs past
 num_post_pad exit at once, and rows past it are left unwritten (no GEMM tile reads them).
@@ -17,8 +17,9 @@ import triton.language as tl
 
 
 def permute_tokens_ref(
-    hidden: torch.Tensor, sorted_ids: torch.Tensor, num_post_pad: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, sorted_ids: torch.Tensor, num_post_pad: torch.Tensor, top_k: int,
+    scales: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     num_tokens, h = hidden.shape
     num_pairs = num_tokens * top_k
     n = int(num_post_pad.item())
@@ -29,7 +30,11 @@ def permute_tokens_ref(
     pos = torch.arange(n, device=hidden.device)[valid]
     a_perm[pos] = hidden[pairs[valid] // top_k]
     inv[pairs[valid]] = pos.to(torch.int32)
-    return a_perm, inv
+    s_perm = None
+    if scales is not None:
+        s_perm = torch.zeros(sorted_ids.numel(), scales.shape[1], dtype=scales.dtype, device=scales.device)
+        s_perm[pos] = scales[pairs[valid] // top_k]
+    return a_perm, inv, s_perm
 
 
 def unpermute_sum_ref(
@@ -44,8 +49,9 @@ def unpermute_sum_ref(
 
 @triton.jit(do_not_specialize=["num_pairs", "top_k"])
 def _permute_kernel(
-    hidden_ptr, sorted_ptr, num_post_pad_ptr, out_ptr, inv_ptr, num_pairs, top_k, H,
-    stride_h, stride_o, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr, sorted_ptr, num_post_pad_ptr, out_ptr, inv_ptr, scale_ptr, scale_out_ptr, num_pairs, top_k, H,
+    NUM_GROUPS, stride_h, stride_o, stride_s, stride_so,
+    ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # rows [ROWS] of out, all H columns in BLOCK_H chunks; padding rows (sorted id == num_pairs) get zeros
     pid = tl.program_id(0)
@@ -65,6 +71,11 @@ def _permute_kernel(
         cmask = (cols + h0 < H)[None, :]
         x = tl.load(src + h0, mask=valid[:, None] & cmask, other=0.0)
         tl.store(dst + h0, x, mask=rmask[:, None] & cmask)
+    if HAS_SCALES:  # FP8: the rows' group scales [ROWS, NUM_GROUPS] (zeros for padding rows)
+        g = tl.arange(0, BLOCK_G)
+        gmask = (g < NUM_GROUPS)[None, :]
+        s = tl.load(scale_ptr + tok[:, None] * stride_s + g[None, :], mask=valid[:, None] & gmask, other=0.0)
+        tl.store(scale_out_ptr + rows[:, None].to(tl.int64) * stride_so + g[None, :], s, mask=rmask[:, None] & gmask)
 
 
 @triton.jit
@@ -96,23 +107,30 @@ def permute_tokens(
     sorted_ids: torch.Tensor,  # [max_blocks * BLOCK_M] int32, from moe_align
     num_post_pad: torch.Tensor,  # [1] int32
     top_k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a_perm [max_blocks * BLOCK_M, H], inv [num_tokens * top_k] int32); see the module docstring."""
+    scales: torch.Tensor | None = None,  # FP8: [num_tokens, groups] fp32 per-token group scales of hidden
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(a_perm [max_blocks * BLOCK_M, H], inv [num_tokens * top_k] int32, the scales permuted alike or None)."""
     _check_layout(sorted_ids, num_post_pad)
     if hidden.dim() != 2 or hidden.stride(1) != 1:
         raise ValueError(f"hidden must be [tokens, H] with contiguous rows, got {tuple(hidden.shape)}")
     num_tokens, h = hidden.shape
+    if scales is not None and (scales.dim() != 2 or scales.shape[0] != num_tokens or scales.stride(1) != 1):
+        raise ValueError(f"scales must be [{num_tokens}, groups] with contiguous rows, got {tuple(scales.shape)}")
     a_perm = torch.empty(sorted_ids.numel(), h, dtype=hidden.dtype, device=hidden.device)
     inv = torch.empty(num_tokens * top_k, dtype=torch.int32, device=hidden.device)
+    s_perm = None if scales is None else scales.new_empty(sorted_ids.numel(), scales.shape[1])
     if sorted_ids.numel() == 0:
-        return a_perm, inv
+        return a_perm, inv, s_perm
     block_h = min(512, triton.next_power_of_2(h))
     rows = max(1, min(32, 4096 // block_h))  # a [rows, block_h] tile of ~4k elements in flight per step
+    sc, sco = (scales, s_perm) if scales is not None else (inv, inv)  # (unused without HAS_SCALES)
     _permute_kernel[(triton.cdiv(sorted_ids.numel(), rows),)](
-        hidden, sorted_ids, num_post_pad, a_perm, inv, num_tokens * top_k, top_k, h,
-        hidden.stride(0), a_perm.stride(0), ROWS=rows, BLOCK_H=block_h, num_warps=4,
+        hidden, sorted_ids, num_post_pad, a_perm, inv, sc, sco, num_tokens * top_k, top_k, h,
+        sc.shape[-1], hidden.stride(0), a_perm.stride(0), sc.stride(0), sco.stride(0),
+        ROWS=rows, BLOCK_H=block_h, HAS_SCALES=scales is not None,
+        BLOCK_G=triton.next_power_of_2(sc.shape[-1]) if scales is not None else 1, num_warps=4,
     )
-    return a_perm, inv
+    return a_perm, inv, s_perm
 
 
 def unpermute_sum(

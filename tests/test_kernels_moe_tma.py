@@ -51,11 +51,13 @@ def test_permute_and_unpermute(num_tokens, num_experts, block_m):
     x = torch.randn(num_tokens, hidden, dtype=torch.float16)
     weights, ids = _skewed_routing(num_tokens, num_experts, 2, num_tokens)
     sorted_ids, _, num_post_pad = moe_align(ids, num_experts, block_m)
-    a_perm, inv = permute_tokens(x, sorted_ids, num_post_pad, 2)
-    ref_perm, ref_inv = permute_tokens_ref(x, sorted_ids, num_post_pad, 2)
+    scales = torch.rand(num_tokens, 3) + 0.5  # FP8's per-token group scales travel with their rows
+    a_perm, inv, s_perm = permute_tokens(x, sorted_ids, num_post_pad, 2, scales)
+    ref_perm, ref_inv, ref_s = permute_tokens_ref(x, sorted_ids, num_post_pad, 2, scales)
     n = int(num_post_pad.item())
     handled = (ids >= 0).reshape(-1)
-    assert torch.equal(a_perm[:n], ref_perm[:n])  # padding rows are zeros in both
+    assert torch.equal(a_perm[:n], ref_perm[:n]) and torch.equal(s_perm[:n], ref_s[:n])  # padding rows: zeros
+    assert torch.equal(permute_tokens(x, sorted_ids, num_post_pad, 2)[0][:n], a_perm[:n])
     assert torch.equal(inv[handled], ref_inv[handled])
     y = torch.randn(a_perm.shape[0], hidden, dtype=torch.float16)
     got = unpermute_sum(y, inv, weights, ids)
@@ -83,6 +85,29 @@ def test_fused_experts_tma(num_tokens, num_experts, hidden, inter, dtype, block_
     cfg = _small_tma(block_m, dtype == torch.float32)
     assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=2), ref) < tol
     assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=64), ref) < tol  # one tile each
+
+
+def test_fused_experts_tma_fp8(monkeypatch):
+    # FP8 block-scaled: e4m3 weights with [128, 128] block scales, activations quantized per token and 128
+    # channels (permuted with their scales); I = 192 puts a scale-block edge inside a column tile of the up half
+    import kernels.moe_grouped_tma as mg
+    from kernels.fp8 import per_token_group_quant_ref, quantize_weight_block
+    from tests.test_kernels_moe import _blocky
+
+    monkeypatch.setattr(mg, "per_token_group_quant", per_token_group_quant_ref)  # the interpreter's e4m3 rounding
+    torch.manual_seed(3)
+    num_tokens, num_experts, hidden, inter, top_k = 21, 8, 256, 192, 2
+    x = _blocky((num_tokens, hidden))
+    w13, s13 = quantize_weight_block(_blocky((num_experts, 2 * inter, hidden)) / 16)
+    w2, s2 = quantize_weight_block(_blocky((num_experts, hidden, inter)) / 16)
+    weights, ids = _skewed_routing(num_tokens, num_experts, top_k, 7)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    cfg = _small_tma(16)
+    cfg = dict(cfg, up=dict(cfg["up"], BLOCK_K=128), down=dict(cfg["down"], BLOCK_K=128))
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=3, w13_scale=s13, w2_scale=s2)
+    assert _rel_err(out, ref) < 1e-4
+    with pytest.raises(ValueError, match="BLOCK_K = 128"):
+        fused_experts_tma(x, w13, w2, weights, ids, _small_tma(16), w13_scale=s13, w2_scale=s2)
 
 
 def test_dispatch_by_min_rows():
@@ -165,8 +190,11 @@ sys.path.insert(0, "benchmarks")
 from tune_moe_tma import compile_grouped_gemm_sm90
 from attention_ir import report
 out = []
-for silu, ws in ((True, False), (False, False), (True, True), (False, True)):
-    k = compile_grouped_gemm_sm90(silu, 128, 128, 64, 4 if ws else 8, 3, ws)
+for silu, ws, fp8 in ((True, False, False), (False, False, False), (True, True, False), (False, True, False),
+                      (True, False, True), (False, True, True), (True, True, True)):
+    # FP8 keeps each step's partial product beside the accumulators: the gate_up tile is narrower there
+    k = compile_grouped_gemm_sm90(silu, 128, 64 if fp8 and silu else 128, 128 if fp8 else 64, 4 if ws else 8, 3, ws,
+                                  fp8)
     r = report(k)
     r["warp_specialized"] = "ttg.warp_specialize(" in k.asm["ttgir"]
     r["tma_loads"] = "cp.async.bulk.tensor" in k.asm["ptx"]
@@ -174,9 +202,11 @@ for silu, ws in ((True, False), (False, False), (True, True), (False, True)):
 from attention_ir import compile_sm90
 from kernels.moe_permute import _permute_kernel, _unpermute_sum_kernel
 ptr = {"hidden_ptr": "bf16", "sorted_ptr": "i32", "num_post_pad_ptr": "i32", "out_ptr": "bf16", "inv_ptr": "i32",
-       "y_ptr": "bf16", "w_ptr": "fp32", "ids_ptr": "i32"}
-compile_sm90(_permute_kernel, dict(ptr, num_pairs=7, top_k=8, H=2048, stride_h=2048, stride_o=2048),
-             {"ROWS": 8, "BLOCK_H": 512}, 4, 3)
+       "scale_ptr": "fp32", "scale_out_ptr": "fp32", "y_ptr": "bf16", "w_ptr": "fp32", "ids_ptr": "i32"}
+sizes = dict(num_pairs=7, top_k=8, H=2048, NUM_GROUPS=16, stride_h=2048, stride_o=2048, stride_s=16, stride_so=16)
+compile_sm90(_permute_kernel, dict(ptr, **sizes), {"ROWS": 8, "BLOCK_H": 512, "HAS_SCALES": False, "BLOCK_G": 1}, 4, 3)
+compile_sm90(_permute_kernel, dict(ptr, hidden_ptr="fp8e4nv", out_ptr="fp8e4nv", **sizes),
+             {"ROWS": 8, "BLOCK_H": 512, "HAS_SCALES": True, "BLOCK_G": 16}, 4, 3)
 compile_sm90(_unpermute_sum_kernel, dict(ptr, H=2048, stride_y=2048, stride_o=2048), {"TOP_K": 8, "BLOCK_H": 1024},
              4, 3)
 print(json.dumps(out))
@@ -198,7 +228,7 @@ def test_grouped_gemm_compiles_for_sm90():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     for r in rows:
         assert r["mma"] == "wgmma" and r["tma_loads"] and r["spill_bytes"] == 0, r
-    assert [r["warp_specialized"] for r in rows] == [False, False, True, True]
+    assert [r["warp_specialized"] for r in rows] == [False, False, True, True, False, True, True]
 
 
 # ------------------------------------------------------------------------------------------- GPU
