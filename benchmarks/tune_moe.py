@@ -1,15 +1,15 @@
 """Tune the fused MoE block shapes per (experts, hidden, inter, token bucket, dtype, GPU).
 
 python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8] [--jobs 12]
-python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384]   (the large-M path)
+python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8]
 
 For each BLOCK_M allowed at a token count (and for FP8, each activation mode), times every candidate of the
 gate_up GEMM and of the down GEMM separately (CUDA-graph replay, median), keeps the best pair, then the best
 BLOCK_M / mode overall (FP8 activation quantization launches included in its total). All candidates are
 first compiled in parallel worker processes (Triton's disk cache then serves the timing process).
 Writes DIR/configs/moe_E.._H.._I.._{dtype}_{gpu}.json, the files kernels/moe_config.py looks up.
---tma (bf16): times the permuted TMA path (benchmarks/tune_moe_tma.py) against the table's old path at each
-M, and writes the table with a "tma" entry in the buckets from the smallest M where it wins.
+--tma: times the permuted TMA path (benchmarks/tune_moe_tma.py) against the table's old path at each M, and
+writes the table with a "tma" entry in the buckets from the smallest M where it wins (default qwen3, bf16).
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ def main() -> None:
 
         ms = [int(m) for m in (args.m if args.m != ap.get_default("m") else "1024,4096,16384").split(",")]
         for shape in args.shapes.split(",") if args.shapes != ap.get_default("shapes") else ["qwen3"]:
-            tune_tma(shape, ms, Path(args.out))
+            for dtype in args.dtypes.split(",") if args.dtypes != ap.get_default("dtypes") else ["bf16"]:
+                tune_tma(shape, dtype, ms, Path(args.out))
         return
     ms = [int(m) for m in args.m.split(",")]
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")

@@ -23,11 +23,12 @@ from kernels.moe_permute import permute_tokens, unpermute_sum
 TMA_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "warp_specialize", "store_tma")
 
 
-def default_tma_config(min_rows: int = 0, float32: bool = False) -> dict:
+def default_tma_config(min_rows: int = 0, float32: bool = False, fp8: bool = False) -> dict:
     """A sane TMA config (not a tuned one: fused_experts takes this path only from a tuned table)."""
-    g = {"BLOCK_N": 128, "BLOCK_K": 32 if float32 else 64, "GROUP_M": 8, "num_warps": 8,
+    g = {"BLOCK_N": 128, "BLOCK_K": 128 if fp8 else 32 if float32 else 64, "GROUP_M": 8, "num_warps": 8,
          "num_stages": 2 if float32 else 3, "warp_specialize": False}
-    return {"min_rows": min_rows, "BLOCK_M": 128, "up": dict(g), "down": dict(g)}
+    # FP8's per-step partial product sits beside the gate_up kernel's two accumulators: a narrower tile
+    return {"min_rows": min_rows, "BLOCK_M": 128, "up": dict(g, BLOCK_N=64 if fp8 else 128), "down": dict(g)}
 
 
 @triton.jit

@@ -175,11 +175,11 @@ def test_tuner_measures_and_writes_tma_entries(monkeypatch, tmp_path):
     e, h, inter, _ = bench_moe.SHAPES["tiny"]
     w13 = (torch.randn(e, 2 * inter, h) / h**0.5).half()
     w2 = (torch.randn(e, h, inter) / inter**0.5).half()
-    row = tune_moe_tma._measure_m("tiny", 21, w13, w2, {"copy_tbps": 1.0, "bf16_tflops": 1.0})
+    row = tune_moe_tma._measure_m("tiny", "bf16", 21, {"w13": w13, "w2": w2}, {"copy_tbps": 1.0, "bf16_tflops": 1.0})
     assert len(ran) == 2 + 2 + 1 + 1  # per BLOCK_M each candidate of it, for up and for down
     assert row["err_vs_old"] < 2e-3 and row["tma"]["BLOCK_M"] in (16, 32) and row["permute_us"] == 0.5  # per routing
     rows = [dict(row, M=m, old_us=10.0, tma_us=t) for m, t in ((16, 12.0), (64, 9.0), (256, 5.0))]
-    name, table = tune_moe_tma.with_tma_entries("tiny", rows)
+    name, table = tune_moe_tma.with_tma_entries("tiny", "bf16", rows)
     assert name == mc.config_file_name(e, h, inter, "bfloat16", mc.device_name())
     assert sorted(table, key=int) == ["64", "256"] and all(c["tma"]["min_rows"] == 64 * 2 for c in table.values())
 
@@ -259,6 +259,23 @@ def test_fused_experts_tma_gpu(shape, num_tokens, cand):
     cfg = {"min_rows": 0, "BLOCK_M": cand[0], "up": gemm_cfg(cand), "down": gemm_cfg(cand)}
     ref = fused_experts_ref(x, w13, w2, weights, ids)
     assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("ws", [False, True])
+def test_fused_experts_tma_fp8_gpu(shape, ws):
+    from kernels.fp8 import quantize_weight_block
+
+    x, w13, w2, weights, ids = _gpu_problem(shape, 2048)
+    (w13, s13), (w2, s2) = quantize_weight_block(w13), quantize_weight_block(w2)
+    cfg = default_tma_config(fp8=True)
+    if ws:
+        cfg = dict(cfg, up=dict(cfg["up"], num_warps=4, warp_specialize=True),
+                   down=dict(cfg["down"], num_warps=4, warp_specialize=True))
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
+    assert _rel_err(out, ref) < 4e-2  # as test_fused_experts_gpu: a bf16 rounding can flip an e4m3 step
 
 
 @pytest.mark.gpu
