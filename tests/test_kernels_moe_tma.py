@@ -87,6 +87,15 @@ def test_fused_experts_tma(num_tokens, num_experts, hidden, inter, dtype, block_
     assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=64), ref) < tol  # one tile each
 
 
+def test_fused_experts_tma_no_slot_handled_here():
+    # expert parallel: every slot owned by another rank -> no tiles at all, and zeros (not stale rows) out
+    x = torch.randn(6, 64, dtype=torch.float16)
+    w13, w2 = torch.randn(4, 64, 64).half(), torch.randn(4, 64, 32).half()
+    ids = torch.full((6, 2), -1, dtype=torch.int32)
+    out = fused_experts_tma(x, w13, w2, torch.rand(6, 2), ids, _small_tma())
+    assert out.shape == x.shape and out.eq(0).all()
+
+
 def test_fused_experts_tma_fp8(monkeypatch):
     # FP8 block-scaled: e4m3 weights with [128, 128] block scales, activations quantized per token and 128
     # channels (permuted with their scales); I = 192 puts a scale-block edge inside a column tile of the up half
