@@ -217,7 +217,8 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,64,256,1024,4096")
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--jobs", type=int, default=12)
-    ap.add_argument("--tma", action="store_true", help="tune the large-M TMA path against the old one (default qwen3 bf16, M 1024,4096,16384)")
+    ap.add_argument("--tma", action="store_true",
+                    help="the large-M TMA path vs the old one (default qwen3 bf16 at M 1024,4096,16384)")
     args = ap.parse_args()
     if args.tma:
         from tune_moe_tma import tune_tma
