@@ -24,7 +24,8 @@ from triton.compiler import ASTSource
 from kernels.moe_grouped_tma import _grouped_gemm_kernel
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize); warp-specialized tiles take 4 consumer
-# warps per group (the pass adds the producer and a second consumer group: 12 warps in all)
+# warps per group (the pass adds the producer and a second consumer group: 12 warps in all); the others run
+# the flattened persistent loop (kernels/moe_grouped_tma.py: "flatten" defaults to not warp_specialize)
 TMA_CANDIDATES = [
     (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 3, True),
     (128, 256, 64, 4, 3, True), (128, 128, 64, 4, 4, True), (128, 64, 64, 4, 4, True),
@@ -39,7 +40,7 @@ def gemm_cfg(c: tuple, fp8: bool = False) -> dict:
 
 
 def compile_grouped_gemm_sm90(silu_mul: bool, bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
-                              warp_specialize: bool, fp8: bool = False):
+                              warp_specialize: bool, fp8: bool = False, flatten: bool | None = None):
     """triton.compile of _grouped_gemm_kernel for Hopper (no GPU needed), with a launch's specializations
     (bf16 output; e4m3 operands with fp8)."""
     fn = _grouped_gemm_kernel
@@ -49,7 +50,8 @@ def compile_grouped_gemm_sm90(silu_mul: bool, bm: int, bn: int, bk: int, num_war
              "w_scale_ptr": "*fp32", "expert_ids_ptr": "*i32", "num_post_pad_ptr": "*i32", "K": "i32", "N": "i32",
              "W_ROWS": "i32", "stride_o": "i32", "stride_as": "i32", "stride_wse": "i32", "stride_wsn": "i32"}
     consts = {"SILU_MUL": silu_mul, "STORE_TMA": not warp_specialize, "USE_FP8": fp8, "BLOCK_M": bm, "BLOCK_N": bn,
-              "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132, "WARP_SPECIALIZE": warp_specialize}
+              "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132, "WARP_SPECIALIZE": warp_specialize,
+              "FLATTEN": not warp_specialize if flatten is None else flatten}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:

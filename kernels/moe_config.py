@@ -8,7 +8,8 @@ dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant laun
 per expert keep the layer bandwidth-bound).
 A bucket may also hold "tma": {"min_rows": int, "BLOCK_M": int, "up": {...}, "down": {...}}, the permuted
 TMA path of kernels/moe_grouped_tma.py (FP8: BLOCK_K 128, FP8 activations), taken when num_tokens * top_k
->= min_rows; its up/down add warp_specialize (and store_tma). Only a table measured on this GPU turns it on.
+>= min_rows; its up/down add warp_specialize (and store_tma, flatten). Only a table measured on this GPU turns
+it on.
 """
 
 from __future__ import annotations

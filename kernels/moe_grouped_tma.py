@@ -20,7 +20,8 @@ from kernels.fp8 import FP8_BLOCK, per_token_group_quant
 from kernels.moe_align import moe_align
 from kernels.moe_permute import permute_tokens, unpermute_sum
 
-TMA_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "warp_specialize", "store_tma")
+TMA_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "warp_specialize", "store_tma",
+                 "flatten")
 
 
 def default_tma_config(min_rows: int = 0, float32: bool = False, fp8: bool = False) -> dict:
@@ -48,7 +49,7 @@ def _grouped_gemm_kernel(
     K, N, W_ROWS, stride_o, stride_as, stride_wse, stride_wsn,
     SILU_MUL: tl.constexpr, STORE_TMA: tl.constexpr, USE_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     # a [rows, K] permuted activations; w the experts' weights stacked [E * W_ROWS, K] (w13: W_ROWS = 2N, the
     # gate rows e * 2N + n and the up rows e * 2N + N + n; w2: W_ROWS = N); out [rows, N].
@@ -60,7 +61,10 @@ def _grouped_gemm_kernel(
     num_pid_m = tl.load(num_post_pad_ptr) // BLOCK_M  # the blocks align used, all of them with an expert
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, warp_specialize=WARP_SPECIALIZE):
+    # FLATTEN (without warp specialization): one pipelined loop over (tile, k step), so the next tile's first
+    # loads overlap this tile's last MMAs and its epilogue
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
         e = tl.load(expert_ids_ptr + pid_m)
         off_m = pid_m * BLOCK_M
@@ -128,12 +132,14 @@ def grouped_gemm(
     # Hopper's warp specialization splits the tile between two consumer warp groups: a TMA store of the whole
     # tile then fails to compile, so it stores through pointers (config "store_tma" overrides)
     store_tma = bool(g.get("store_tma", not ws))
+    flatten = bool(g.get("flatten", not ws))
     max_tiles = rows // block_m * triton.cdiv(n, bn)
     _grouped_gemm_kernel[(max(1, min(num_sms, max_tiles)),)](
         a_desc, w_desc, out_desc, out, a_s, w_s, expert_ids, num_post_pad, k, n, w_rows, out.stride(0),
         a_s.stride(0), w_s.stride(0), w_s.stride(1),
         SILU_MUL=silu_mul, STORE_TMA=store_tma, USE_FP8=fp8, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=g["GROUP_M"], NUM_SMS=num_sms, WARP_SPECIALIZE=ws, num_warps=g["num_warps"], num_stages=g["num_stages"],
+        GROUP_M=g["GROUP_M"], NUM_SMS=num_sms, WARP_SPECIALIZE=ws, FLATTEN=flatten,
+        num_warps=g["num_warps"], num_stages=g["num_stages"],
     )
 
 

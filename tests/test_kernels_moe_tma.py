@@ -199,11 +199,12 @@ sys.path.insert(0, "benchmarks")
 from tune_moe_tma import compile_grouped_gemm_sm90
 from attention_ir import report
 out = []
-for silu, ws, fp8 in ((True, False, False), (False, False, False), (True, True, False), (False, True, False),
-                      (True, False, True), (False, True, True), (True, True, True)):
+for silu, ws, fp8, flatten in ((True, False, False, None), (False, False, False, None), (True, True, False, None),
+                               (False, True, False, None), (True, False, True, None), (False, True, True, None),
+                               (True, True, True, None), (True, False, False, False)):
     # FP8 keeps each step's partial product beside the accumulators: the gate_up tile is narrower there
     k = compile_grouped_gemm_sm90(silu, 128, 64 if fp8 and silu else 128, 128 if fp8 else 64, 4 if ws else 8, 3, ws,
-                                  fp8)
+                                  fp8, flatten)
     r = report(k)
     r["warp_specialized"] = "ttg.warp_specialize(" in k.asm["ttgir"]
     r["tma_loads"] = "cp.async.bulk.tensor" in k.asm["ptx"]
@@ -224,7 +225,8 @@ print(json.dumps(out))
 
 def test_grouped_gemm_compiles_for_sm90():
     # no GPU needed: Triton's compiler for Hopper with the launch's specializations. TMA loads and wgmma in
-    # every variant, no spills, and the warp-specialized ones really split into producer / consumer warps
+    # every variant (bf16 / FP8, warp-specialized or the flattened loop, or neither), no spills, and the
+    # warp-specialized ones really split into producer / consumer warps
     bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
     if not (bin_dir / "cuobjdump").exists():
         pytest.skip("this Triton build has no NVIDIA backend tools")
@@ -237,7 +239,7 @@ def test_grouped_gemm_compiles_for_sm90():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     for r in rows:
         assert r["mma"] == "wgmma" and r["tma_loads"] and r["spill_bytes"] == 0, r
-    assert [r["warp_specialized"] for r in rows] == [False, False, True, True, False, True, True]
+    assert [r["warp_specialized"] for r in rows] == [False, False, True, True, False, True, True, False]
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -260,12 +262,16 @@ def _gpu_problem(shape: str, num_tokens: int, seed: int = 0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
 @pytest.mark.parametrize("num_tokens", [777, 4096])
-@pytest.mark.parametrize("cand", [(128, 128, 64, 8, 3, False), (128, 128, 64, 4, 3, True), (64, 128, 64, 4, 4, True)])
-def test_fused_experts_tma_gpu(shape, num_tokens, cand):
+@pytest.mark.parametrize("cand,extra", [
+    ((128, 128, 64, 8, 3, False), {}), ((128, 128, 64, 8, 3, False), {"flatten": False}),  # flattened loop or not
+    ((128, 128, 64, 4, 3, True), {}), ((64, 128, 64, 4, 4, True), {}),  # warp-specialized
+])
+def test_fused_experts_tma_gpu(shape, num_tokens, cand, extra):
     from benchmarks.tune_moe_tma import gemm_cfg
 
     x, w13, w2, weights, ids = _gpu_problem(shape, num_tokens)
-    cfg = {"min_rows": 0, "BLOCK_M": cand[0], "up": gemm_cfg(cand), "down": gemm_cfg(cand)}
+    g = dict(gemm_cfg(cand), **extra)
+    cfg = {"min_rows": 0, "BLOCK_M": cand[0], "up": g, "down": g}
     ref = fused_experts_ref(x, w13, w2, weights, ids)
     assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg), ref) < 1e-2
 
