@@ -32,7 +32,7 @@ from bench_moe import SHAPES, bench_graph, make_inputs  # noqa: E402
 import kernels.fused_moe as fm  # noqa: E402
 from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
-from kernels.moe_config import config_file_name, device_name  # noqa: E402
+from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa: E402
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
@@ -205,9 +205,21 @@ def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
         del prob
         torch.cuda.empty_cache()
     name = config_file_name(e, h, inter, "fp8" if fp8 else "bfloat16", device_name())
+    table = keep_tma_entries(table, CONFIG_DIR / name)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / name).write_text(json.dumps(table, indent=1))
     print(f"tune_moe wrote {name}", flush=True)
+
+
+def keep_tma_entries(table: dict, old_path: Path) -> dict:
+    """The new table with the "tma" entries of the table in use (tune_moe --tma measures those; this tuner does
+    not): a bucket only the old table has comes along whole."""
+    if not old_path.exists():
+        return table
+    for m, cfg in json.loads(old_path.read_text()).items():
+        if "tma" in cfg:
+            table[m] = dict(table.get(m, cfg), tma=cfg["tma"])
+    return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
 def main() -> None:

@@ -193,6 +193,19 @@ def test_tuner_measures_and_writes_tma_entries(monkeypatch, tmp_path):
     assert sorted(table, key=int) == ["64", "256"] and all(c["tma"]["min_rows"] == 64 * 2 for c in table.values())
 
 
+def test_block_tuner_keeps_tma_entries(tmp_path, monkeypatch):
+    # re-running the block tuner (tune_moe.py without --tma) must not drop the measured TMA entries
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe
+
+    old = {"1024": {"BLOCK_M": 64, "tma": {"min_rows": 8192}}, "16384": {"BLOCK_M": 128, "tma": {"min_rows": 8192}},
+           "8": {"BLOCK_M": 16}}
+    (tmp_path / "t.json").write_text(json.dumps(old))
+    new = tune_moe.keep_tma_entries({"8": {"BLOCK_M": 32}, "1024": {"BLOCK_M": 128}}, tmp_path / "t.json")
+    assert list(new) == ["8", "1024", "16384"] and new["8"] == {"BLOCK_M": 32}
+    assert new["1024"] == {"BLOCK_M": 128, "tma": {"min_rows": 8192}} and new["16384"] == old["16384"]
+
+
 _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
