@@ -29,7 +29,7 @@ from kernels.moe_grouped_tma import _grouped_gemm_kernel
 TMA_CANDIDATES = [
     (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 3, True),
     (128, 256, 64, 4, 3, True), (128, 128, 64, 4, 4, True), (128, 64, 64, 4, 4, True),
-    (64, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False), (64, 128, 64, 4, 4, True),
+    (64, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False), (64, 128, 64, 4, 4, True), (64, 256, 64, 4, 3, True),
 ]
 
 
@@ -129,9 +129,14 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
 
         cands = [gemm_cfg(c, fp8) for c in TMA_CANDIDATES if c[0] == bm]
         max_up_n = 64 if fp8 else 128  # two accumulators (+ FP8's per-step partial) must stay in registers
-        up = min((time_run(*launches("up", gc)), j) for j, gc in enumerate(cands) if gc["BLOCK_N"] <= max_up_n)
+        up_cands = []
+        for gc in cands:
+            gc = dict(gc, BLOCK_N=min(gc["BLOCK_N"], max_up_n))
+            if gc not in up_cands:
+                up_cands.append(gc)
+        up = min((time_run(*launches("up", gc)), j) for j, gc in enumerate(up_cands))
         down = min((time_run(*launches("down", gc)), j) for j, gc in enumerate(cands))
-        cfg = {"min_rows": 0, "BLOCK_M": bm, "up": cands[up[1]], "down": cands[down[1]]}
+        cfg = {"min_rows": 0, "BLOCK_M": bm, "up": up_cands[up[1]], "down": cands[down[1]]}
         total = bench_graph(lambda cfg=cfg: [fused_experts_tma(x, w13, w2, w, i, cfg, **kw) for x, w, i in sets]) / 2
         print(f"  {shape} {dtype} M={m} BM={bm}: up {up[0]:.1f} down {down[0]:.1f} permute {permute_us:.1f} "
               f"(floor {permute_floor_us:.1f}) layer {total:.1f} us", flush=True)
