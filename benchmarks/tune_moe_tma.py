@@ -29,8 +29,8 @@ from kernels.moe_grouped_tma import _grouped_gemm_kernel
 TMA_CANDIDATES = [
     (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 3, True),
     (128, 256, 64, 4, 3, True), (128, 128, 64, 4, 4, True), (128, 64, 64, 4, 4, True),
-    (64, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False), (64, 128, 64, 4, 4, True), (64, 256, 64, 4, 3, True),
-]
+    (64, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False), (64, 128, 64, 4, 4, True),
+]  # (64, 256, 64, 4, 3, True) does not compile in Triton 3.6 (Hopper warp specialization)
 
 
 def gemm_cfg(c: tuple, fp8: bool = False) -> dict:
@@ -127,13 +127,15 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
                         grouped_gemm(act, w2_2d, y, ex, npp, h, h, False, bm, gc, None, act_s, kw.get("w2_scale"))
             return run, len(perms)
 
-        cands = [gemm_cfg(c, fp8) for c in TMA_CANDIDATES if c[0] == bm]
-        max_up_n = 64 if fp8 else 128  # two accumulators (+ FP8's per-step partial) must stay in registers
-        up_cands = []
-        for gc in cands:
-            gc = dict(gc, BLOCK_N=min(gc["BLOCK_N"], max_up_n))
-            if gc not in up_cands:
-                up_cands.append(gc)
+        # the accumulators (two in gate_up, + FP8's per-step partial product) must stay in registers: FP8 spills
+        # at a 256-wide down tile (sm90 compile, 3.6), and the gate_up tile is half the down tile
+        max_n = 128 if fp8 else 256
+        cands, up_cands = [], []
+        for c in TMA_CANDIDATES:
+            for n, dst in ((max_n, cands), (max_n // 2, up_cands)):
+                gc = dict(gemm_cfg(c, fp8), BLOCK_N=min(c[1], n))
+                if c[0] == bm and gc not in dst:
+                    dst.append(gc)
         up = min((time_run(*launches("up", gc)), j) for j, gc in enumerate(up_cands))
         down = min((time_run(*launches("down", gc)), j) for j, gc in enumerate(cands))
         cfg = {"min_rows": 0, "BLOCK_M": bm, "up": up_cands[up[1]], "down": cands[down[1]]}
