@@ -1,11 +1,13 @@
 """Fused MoE layer on the GPU: our Triton kernels vs torch._grouped_mm and the torch reference.
 
-python benchmarks/bench_moe.py --out DIR [--shapes qwen3,mixtral,glm45air] [--m 1,8,...] [--dtypes bf16,fp8]
+python benchmarks/bench_moe.py --out DIR [--shapes qwen3,mixtral,glm45air] [--m 1,8,...] [--dtypes bf16,fp8] [--tma]
 
 Times CUDA-graph replays (triton.testing.do_bench_cudagraph, median), rotating over 4 routings so that
 replays do not find the previous one's weights in L2. Reports microseconds, TB/s of the expert weights
 actually touched, TFLOP/s, and the fraction of the roofline max(bytes / copy bandwidth, FLOPs / matmul
 rate), both ceilings measured in this run. Prints one summary line per row and 'bench_moe summary' last.
+--tma: also the old path alone (the config without its "tma" entry) and the permuted TMA path
+alone (the config's "tma" entry, else moe_grouped_tma's default), and the permute's time vs its floor.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.fp8 import quantize_weight_block  # noqa: E402
+from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_aligned, fused_experts_ref, moe_dtype_name  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import get_moe_config  # noqa: E402
+from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
+from kernels.moe_permute import permute_tokens  # noqa: E402
 
 SHAPES = {  # name: (num_experts, hidden, inter, top_k)
     "qwen3": (128, 2048, 768, 8),  # Qwen3-30B-A3B
@@ -84,7 +88,35 @@ def make_inputs(num_tokens: int, num_experts: int, hidden: int, top_k: int, seed
     return x, (weights / weights.sum(-1, keepdim=True)).float().contiguous(), ids.to(torch.int32).contiguous()
 
 
-def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_ref: bool) -> dict:
+def bench_tma(sets: list, cfg: dict, w13: torch.Tensor, w2: torch.Tensor, kw: dict, ceil: dict,
+              ref: torch.Tensor) -> dict:
+    """The old path and the TMA path side by side, and the permute alone vs bytes / copy bandwidth (FP8: the
+    e4m3 rows and their scales; ref is the old path's FP8 mode, so tma_rel_err includes W8A16 vs W8A8)."""
+    num_experts, _, inter = w2.shape
+    hidden, top_k = sets[0][0].shape[1], sets[0][2].shape[1]
+    old = {k: v for k, v in cfg.items() if k != "tma"}
+    tma = cfg.get("tma") or default_tma_config(fp8=bool(kw))
+    aligned = [moe_align(ids, num_experts, tma["BLOCK_M"]) for _, _, ids in sets]
+    used = sum(int(npp.item()) for _, _, npp in aligned) / len(sets)
+    xs = [per_token_group_quant(xx) if kw else (xx, None) for xx, _, _ in sets]
+    x, w, ids = sets[0]
+    err = ((fused_experts_tma(x, w13, w2, w, ids, tma, **kw).float() - ref.float()).norm()
+           / ref.float().norm()).item()
+    return {
+        "old_us": bench_graph(lambda: [fused_experts(xx, w13, w2, ww, ii, config=old, **kw) for xx, ww, ii in sets])
+        / len(sets),
+        "tma_us": bench_graph(lambda: [fused_experts_tma(xx, w13, w2, ww, ii, tma, **kw) for xx, ww, ii in sets])
+        / len(sets),
+        "tma_config": tma, "tma_rel_err": err,
+        "permute_us": bench_graph(lambda: [permute_tokens(xq, s, npp, top_k, xsc)
+                                           for (xq, xsc), (s, _, npp) in zip(xs, aligned)]) / len(sets),
+        # rows written (padding rows too) and the tokens read once
+        "permute_floor_us": (used + x.shape[0]) * hidden * xs[0][0].element_size() / ceil["copy_tbps"] / 1e6,
+    }
+
+
+def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_ref: bool,
+              with_tma: bool = False) -> dict:
     num_experts, hidden, inter, top_k = SHAPES[shape]
     fp8 = dtype == "fp8"
     w13, w2 = weights["w13"], weights["w2"]
@@ -127,6 +159,8 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
                                                         for xx, ww, ii in sets]) / NUM_ROT
         except Exception as exc:  # noqa: BLE001  report, keep going
             row["grouped_mm_error"] = repr(exc)[:200]
+    if with_tma:
+        row.update(bench_tma(sets, cfg, w13, w2, kw, ceil, ref))
     if with_ref:
         row["ref_us"] = triton.testing.do_bench(lambda: fused_experts_ref(x, w13, w2, w, ids, **ref_kw), rep=100,
                                                 return_mode="median") * 1e3
@@ -144,6 +178,8 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
                frac_roofline_gemm=floor_us / row["gemm_us"], bound="memory" if mem_us >= floor_us else "compute")
     if "grouped_mm_us" in row:
         row["grouped_mm_frac"] = floor_us / row["grouped_mm_us"]
+    if "tma_us" in row:
+        row.update(old_frac=floor_us / row["old_us"], tma_frac=floor_us / row["tma_us"])
     return row
 
 
@@ -179,6 +215,7 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,64,256,1024,4096")
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--no-ref", action="store_true", help="skip timing the slow torch reference")
+    ap.add_argument("--tma", action="store_true", help="old path vs the permuted TMA path, and the permute")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +238,7 @@ def main() -> None:
             else:
                 weights = {"w13": w13, "w2": w2}
             for m in map(int, args.m.split(",")):
-                r = bench_one(shape, m, dtype, weights, ceil, with_ref=not args.no_ref)
+                r = bench_one(shape, m, dtype, weights, ceil, with_ref=not args.no_ref, with_tma=args.tma)
                 rows.append(r)
                 gm = f"{r['grouped_mm_us']:9.1f}" if "grouped_mm_us" in r else "      n/a"
                 ref = f"{r['ref_us']:9.1f}" if "ref_us" in r else "      n/a"
@@ -210,8 +247,10 @@ def main() -> None:
                       f"roofline={r['frac_roofline']:.2f} (gemm {r['frac_roofline_gemm']:.2f}) "
                       f"TB/s={r['weight_tbps']:.2f} TFLOP/s={r['tflops']:.0f} grouped_mm_us={gm} ref_us={ref} "
                       f"err={r['rel_err']:.1e}" + (f" fused_sum_us={r['fused_sum_us']:.1f} "
-                                                   f"(equal {r['fused_sum_equal']})" if "fused_sum_us" in r else ""),
-                      flush=True)
+                                                   f"(equal {r['fused_sum_equal']})" if "fused_sum_us" in r else "")
+                      + (f" old_us={r['old_us']:.1f} tma_us={r['tma_us']:.1f} roofline old={r['old_frac']:.2f} "
+                         f"tma={r['tma_frac']:.2f} tma_err={r['tma_rel_err']:.1e} permute_us={r['permute_us']:.1f} "
+                         f"(floor {r['permute_floor_us']:.1f})" if "tma_us" in r else ""), flush=True)
             del weights
     (out / "bench_moe.json").write_text(json.dumps({"ceilings": ceil, "device": torch.cuda.get_device_name(),
                                                     "rows": rows}, indent=1))

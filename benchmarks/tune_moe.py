@@ -1,12 +1,15 @@
 """Tune the fused MoE block shapes per (experts, hidden, inter, token bucket, dtype, GPU).
 
 python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8] [--jobs 12]
+python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8]
 
 For each BLOCK_M allowed at a token count (and for FP8, each activation mode), times every candidate of the
 gate_up GEMM and of the down GEMM separately (CUDA-graph replay, median), keeps the best pair, then the best
 BLOCK_M / mode overall (FP8 activation quantization launches included in its total). All candidates are
 first compiled in parallel worker processes (Triton's disk cache then serves the timing process).
 Writes DIR/configs/moe_E.._H.._I.._{dtype}_{gpu}.json, the files kernels/moe_config.py looks up.
+--tma: times the permuted TMA path (benchmarks/tune_moe_tma.py) against the table's old path at each M, and
+writes the table with a "tma" entry in the buckets from the smallest M where it wins (default qwen3, bf16).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from bench_moe import SHAPES, bench_graph, make_inputs  # noqa: E402
 import kernels.fused_moe as fm  # noqa: E402
 from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
-from kernels.moe_config import config_file_name, device_name  # noqa: E402
+from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa: E402
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
@@ -202,9 +205,21 @@ def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
         del prob
         torch.cuda.empty_cache()
     name = config_file_name(e, h, inter, "fp8" if fp8 else "bfloat16", device_name())
+    table = keep_tma_entries(table, CONFIG_DIR / name)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / name).write_text(json.dumps(table, indent=1))
     print(f"tune_moe wrote {name}", flush=True)
+
+
+def keep_tma_entries(table: dict, old_path: Path) -> dict:
+    """The new table with the "tma" entries of the table in use (tune_moe --tma measures those; this tuner does
+    not): a bucket only the old table has comes along whole."""
+    if not old_path.exists():
+        return table
+    for m, cfg in json.loads(old_path.read_text()).items():
+        if "tma" in cfg:
+            table[m] = dict(table.get(m, cfg), tma=cfg["tma"])
+    return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
 def main() -> None:
@@ -214,7 +229,17 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,64,256,1024,4096")
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--jobs", type=int, default=12)
+    ap.add_argument("--tma", action="store_true",
+                    help="the large-M TMA path vs the old one (default qwen3 bf16 at M 1024,4096,16384)")
     args = ap.parse_args()
+    if args.tma:
+        from tune_moe_tma import tune_tma
+
+        ms = [int(m) for m in (args.m if args.m != ap.get_default("m") else "1024,4096,16384").split(",")]
+        for shape in args.shapes.split(",") if args.shapes != ap.get_default("shapes") else ["qwen3"]:
+            for dtype in args.dtypes.split(",") if args.dtypes != ap.get_default("dtypes") else ["bf16"]:
+                tune_tma(shape, dtype, ms, Path(args.out))
+        return
     ms = [int(m) for m in args.m.split(",")]
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
     t0 = time.time()

@@ -5,6 +5,7 @@ fused_experts runs: moe_align (kernels/moe_align.py) -> gate_up GEMM with SiLU-a
 config["fused_sum"] the down GEMM does the top-k sum too (the last slot to finish a column tile sums it).
 The FP8 path takes e4m3 weights with fp32 [128, 128] block scales (w13_scale, w2_scale in the HF
 weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly.
+At many rows (config["tma"], from a tuned table) the experts take kernels/moe_grouped_tma.py instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kernels import zeroed_counters
 from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
 from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
+from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
 
 
 def fused_experts_ref(
@@ -362,6 +364,10 @@ def fused_experts(
     if config is None:
         config = get_moe_config(num_tokens, num_experts, h, inter, top_k, moe_dtype_name(hidden, fp8),
                                 hidden.device)
+    tma = config.get("tma")  # the permuted, TMA-fed path: only where a tuned table measured it
+    if tma is not None and num_tokens * top_k >= tma["min_rows"] and tma_supported(hidden, w13, w2):
+        return fused_experts_tma(hidden, w13, w2, topk_weights, topk_ids, tma, w13_scale=w13_scale,
+                                 w2_scale=w2_scale)
     if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
         raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")
     if num_tokens == 1:  # a token's top-k experts are distinct: no sorting needed, and no align launch

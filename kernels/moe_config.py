@@ -6,6 +6,10 @@ up/down hold BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages for the gate_up an
 shared: one align serves both). act_fp8 (FP8 only): quantize activations too and use FP8 MMA, or
 dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant launches; best while few rows
 per expert keep the layer bandwidth-bound).
+A bucket may also hold "tma": {"min_rows": int, "BLOCK_M": int, "up": {...}, "down": {...}}, the permuted
+TMA path of kernels/moe_grouped_tma.py (FP8: BLOCK_K 128, FP8 activations), taken when num_tokens * top_k
+>= min_rows; its up/down add warp_specialize (and store_tma, flatten). Only a table measured on this GPU turns
+it on.
 """
 
 from __future__ import annotations
@@ -61,12 +65,16 @@ def get_moe_config(
     """Tuned config of the nearest token bucket (log scale) if a file exists for this shape and GPU."""
     name = config_file_name(num_experts, hidden, inter, dtype, device_name(device))
     table = _load(str(CONFIG_DIR / name))
+    foreign = False
     if not table and device_name(device) != "cpu":
         # another GPU's table for this shape (e.g. H200's on an H100) beats the generic default
         others = sorted(CONFIG_DIR.glob(config_file_name(num_experts, hidden, inter, dtype, "*")))
         table = _load(str(others[0])) if others else None
+        foreign = True
     if not table:
         return default_config(num_tokens, num_experts, top_k, dtype == "fp8", dtype == "float32")
     m = max(num_tokens, 1)
     best = min(table, key=lambda b: abs(math.log(max(b, 1)) - math.log(m)))
+    if foreign and "tma" in table[best]:  # the TMA path stays off where it was never measured
+        return {k: v for k, v in table[best].items() if k != "tma"}
     return table[best]

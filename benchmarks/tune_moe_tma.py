@@ -1,0 +1,206 @@
+"""Tune the large-M MoE path (kernels/moe_grouped_tma.py) against the old one, side by side; sm90 compile helper.
+
+python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384]
+
+Per M: the old path (the table's config, align included) and, per BLOCK_M, each TMA candidate of the gate_up
+and of the down grouped GEMM timed alone (CUDA-graph replay, median), then the whole permuted layer with the
+best pair; plus the permute's own time against its floor (bytes written and read over copy bandwidth). Prints
+one 'moe_tma' line per M and 'tune_moe_tma summary' last; writes DIR/configs/<the table> with a "tma" entry
+(min_rows: the smallest measured M at which the new path won, in rows) in every bucket where it won, and
+DIR/tune_moe_tma.json with all numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.moe_grouped_tma import _grouped_gemm_kernel
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize); warp-specialized tiles take 4 consumer
+# warps per group (the pass adds the producer and a second consumer group: 12 warps in all); the others run
+# the flattened persistent loop (kernels/moe_grouped_tma.py: "flatten" defaults to not warp_specialize)
+TMA_CANDIDATES = [
+    (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 3, True),
+    (128, 256, 64, 4, 3, True), (128, 128, 64, 4, 4, True), (128, 64, 64, 4, 4, True),
+    (64, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False), (64, 128, 64, 4, 4, True),
+]  # (64, 256, 64, 4, 3, True) does not compile in Triton 3.6 (Hopper warp specialization)
+
+
+def gemm_cfg(c: tuple, fp8: bool = False) -> dict:
+    _, bn, bk, warps, stages, ws = c
+    return {"BLOCK_N": bn, "BLOCK_K": 128 if fp8 else bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages,
+            "warp_specialize": ws}
+
+
+def compile_grouped_gemm_sm90(silu_mul: bool, bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
+                              warp_specialize: bool, fp8: bool = False, flatten: bool | None = None):
+    """triton.compile of _grouped_gemm_kernel for Hopper (no GPU needed), with a launch's specializations
+    (bf16 output; e4m3 operands with fp8)."""
+    fn = _grouped_gemm_kernel
+    op = "fp8e4nv" if fp8 else "bf16"
+    types = {"a_desc": f"tensordesc<{op}[{bm}, {bk}]>", "w_desc": f"tensordesc<{op}[{bn}, {bk}]>",
+             "out_desc": f"tensordesc<bf16[{bm}, {bn}]>", "out_ptr": "*bf16", "a_scale_ptr": "*fp32",
+             "w_scale_ptr": "*fp32", "expert_ids_ptr": "*i32", "num_post_pad_ptr": "*i32", "K": "i32", "N": "i32",
+             "W_ROWS": "i32", "stride_o": "i32", "stride_as": "i32", "stride_wse": "i32", "stride_wsn": "i32"}
+    consts = {"SILU_MUL": silu_mul, "STORE_TMA": not warp_specialize, "USE_FP8": fp8, "BLOCK_M": bm, "BLOCK_N": bn,
+              "BLOCK_K": bk, "GROUP_M": 8, "NUM_SMS": 132, "WARP_SPECIALIZE": warp_specialize,
+              "FLATTEN": not warp_specialize if flatten is None else flatten}
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], constexprs[(i,)] = "constexpr", consts[name]
+        else:  # pointers aligned, the model's sizes (2048, 768, ...) divisible by 16
+            sig[name] = types[name]
+            if not types[name].startswith("tensordesc"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _table_path(shape: str, dtype: str) -> tuple[str, Path]:
+    from bench_moe import SHAPES
+
+    from kernels.moe_config import CONFIG_DIR, config_file_name, device_name
+
+    e, h, inter, _ = SHAPES[shape]
+    name = config_file_name(e, h, inter, dtype, device_name())
+    return name, CONFIG_DIR / name
+
+
+def _dtype_name(dtype: str) -> str:
+    return "fp8" if dtype == "fp8" else "bfloat16"
+
+
+def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dict:
+    """Old path vs the best TMA config at m tokens, and the permute vs its floor; weights: w13, w2 (+ s13, s2)."""
+    from bench_moe import SHAPES, bench_graph, make_inputs
+    from tune_moe import time_run
+
+    from kernels.fp8 import per_token_group_quant
+    from kernels.fused_moe import fused_experts
+    from kernels.moe_align import moe_align
+    from kernels.moe_config import get_moe_config
+    from kernels.moe_grouped_tma import fused_experts_tma, grouped_gemm
+    from kernels.moe_permute import permute_tokens
+
+    e, h, inter, top_k = SHAPES[shape]
+    fp8 = dtype == "fp8"
+    w13, w2 = weights["w13"], weights["w2"]
+    kw = {"w13_scale": weights["s13"], "w2_scale": weights["s2"]} if fp8 else {}
+    w13_2d, w2_2d = w13.view(e * 2 * inter, h), w2.view(e * h, inter)
+    sets = [make_inputs(m, e, h, top_k, seed) for seed in range(2)]
+    old_cfg = {k: v for k, v in get_moe_config(m, e, h, inter, top_k, _dtype_name(dtype)).items() if k != "tma"}
+    old_us = bench_graph(lambda: [fused_experts(x, w13, w2, w, i, config=old_cfg, **kw) for x, w, i in sets]) / 2
+    touched = sum(i.unique().numel() for _, _, i in sets) / 2
+    elem = 1 if fp8 else 2
+    floor_us = max((touched * 3 * h * inter * elem + 4 * m * h) / ceil["copy_tbps"] / 1e6,
+                   6 * m * top_k * h * inter / ceil["fp8_tflops" if fp8 else "bf16_tflops"] / 1e6)
+    xs = [per_token_group_quant(x) if fp8 else (x, None) for x, _, _ in sets]  # the permute's inputs
+    best = None
+    for bm in sorted({c[0] for c in TMA_CANDIDATES}):
+        aligned = [moe_align(i, e, bm) for _, _, i in sets]
+        perms = [permute_tokens(x, s, npp, top_k, xsc) for (x, xsc), (s, _, npp) in zip(xs, aligned)]
+        permute_us = bench_graph(lambda al=aligned: [permute_tokens(x, s, npp, top_k, xsc)
+                                                     for (x, xsc), (s, _, npp) in zip(xs, al)]) / 2
+        used = sum(int(npp.item()) for _, _, npp in aligned) / 2
+        permute_floor_us = (used + m) * h * elem / ceil["copy_tbps"] / 1e6  # rows written, tokens read
+        acts = [torch.randn(p.shape[0], inter, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
+        acts = [per_token_group_quant(a) if fp8 else (a, None) for a in acts]
+        ups = [torch.empty(p.shape[0], inter, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
+        ys = [torch.empty(p.shape[0], h, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
+
+        def launches(kind: str, gc: dict, bm=bm, aligned=aligned, perms=perms, acts=acts, ups=ups, ys=ys):
+            def run() -> None:
+                for (_, ex, npp), (ap, _, aps), (act, act_s), up, y in zip(aligned, perms, acts, ups, ys):
+                    if kind == "up":
+                        grouped_gemm(ap, w13_2d, up, ex, npp, inter, 2 * inter, True, bm, gc, None, aps,
+                                     kw.get("w13_scale"))
+                    else:
+                        grouped_gemm(act, w2_2d, y, ex, npp, h, h, False, bm, gc, None, act_s, kw.get("w2_scale"))
+            return run, len(perms)
+
+        # the accumulators (two in gate_up, + FP8's per-step partial product) must stay in registers: FP8 spills
+        # at a 256-wide down tile (sm90 compile, 3.6), and the gate_up tile is half the down tile
+        max_n = 128 if fp8 else 256
+        cands, up_cands = [], []
+        for c in TMA_CANDIDATES:
+            for n, dst in ((max_n, cands), (max_n // 2, up_cands)):
+                gc = dict(gemm_cfg(c, fp8), BLOCK_N=min(c[1], n))
+                if c[0] == bm and gc not in dst:
+                    dst.append(gc)
+        up = min((time_run(*launches("up", gc)), j) for j, gc in enumerate(up_cands))
+        down = min((time_run(*launches("down", gc)), j) for j, gc in enumerate(cands))
+        cfg = {"min_rows": 0, "BLOCK_M": bm, "up": up_cands[up[1]], "down": cands[down[1]]}
+        total = bench_graph(lambda cfg=cfg: [fused_experts_tma(x, w13, w2, w, i, cfg, **kw) for x, w, i in sets]) / 2
+        print(f"  {shape} {dtype} M={m} BM={bm}: up {up[0]:.1f} down {down[0]:.1f} permute {permute_us:.1f} "
+              f"(floor {permute_floor_us:.1f}) layer {total:.1f} us", flush=True)
+        if best is None or total < best[0]:
+            best = (total, cfg, permute_us, permute_floor_us)
+    x, w, i = sets[0]
+    ref = fused_experts(x, w13, w2, w, i, config=old_cfg, **kw).float()
+    err = ((fused_experts_tma(x, w13, w2, w, i, best[1], **kw).float() - ref).norm() / ref.norm()).item()
+    return {"shape": shape, "dtype": dtype, "M": m, "old_us": old_us, "tma_us": best[0], "floor_us": floor_us,
+            "old_frac": floor_us / old_us, "tma_frac": floor_us / best[0], "permute_us": best[2],
+            "permute_floor_us": best[3], "err_vs_old": err, "tma": best[1], "old": old_cfg}
+
+
+def tune_tma(shape: str, dtype: str, ms: list[int], out: Path) -> None:
+    from bench_moe import SHAPES, measure_ceilings
+
+    from kernels.fp8 import quantize_weight_block
+
+    t0 = time.time()
+    e, h, inter, _ = SHAPES[shape]
+    ceil = measure_ceilings()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=g, dtype=torch.bfloat16) * h**-0.5
+    w2 = torch.randn(e, h, inter, device="cuda", generator=g, dtype=torch.bfloat16) * inter**-0.5
+    if dtype == "fp8":
+        (w13, s13), (w2, s2) = quantize_weight_block(w13), quantize_weight_block(w2)
+        weights = {"w13": w13, "w2": w2, "s13": s13, "s2": s2}
+    else:
+        weights = {"w13": w13, "w2": w2}
+    rows = []
+    for m in ms:
+        r = _measure_m(shape, dtype, m, weights, ceil)
+        torch.cuda.empty_cache()
+        rows.append(r)
+        print(f"moe_tma {shape} {dtype} M={m:6d} old_us={r['old_us']:9.1f} tma_us={r['tma_us']:9.1f} "
+              f"floor_us={r['floor_us']:8.1f} roofline old={r['old_frac']:.2f} tma={r['tma_frac']:.2f} "
+              f"speedup={r['old_us'] / r['tma_us']:.2f} permute_us={r['permute_us']:.1f} (floor "
+              f"{r['permute_floor_us']:.1f}, {r['permute_floor_us'] / r['permute_us']:.2f} of BW) "
+              f"err={r['err_vs_old']:.1e} tma={json.dumps(r['tma'])}", flush=True)
+    name, table = with_tma_entries(shape, dtype, rows)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "configs" / name).write_text(json.dumps(table, indent=1))
+    (out / f"tune_moe_tma_{shape}_{dtype}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
+    num_tma = sum("tma" in c for c in table.values())
+    print(f"tune_moe_tma summary: {shape} {dtype} " + " ".join(
+        f"M={r['M']}:{r['old_frac']:.2f}->{r['tma_frac']:.2f}" for r in rows)
+        + f" (fraction of floor, old->tma); wrote {name} ({num_tma} tma buckets) in {time.time() - t0:.0f} s")
+
+
+def with_tma_entries(shape: str, dtype: str, rows: list[dict]) -> tuple[str, dict]:
+    """This GPU's table for shape with a "tma" entry in each measured bucket where the TMA path won; min_rows is
+    the rows of the smallest winning M, so smaller counts that share a bucket keep the old path."""
+    from bench_moe import SHAPES
+
+    from kernels.moe_config import get_moe_config
+
+    e, h, inter, top_k = SHAPES[shape]
+    name, path = _table_path(shape, _dtype_name(dtype))
+    table = json.loads(path.read_text()) if path.exists() else {}
+    winners = {r["M"]: r["tma"] for r in rows if r["tma_us"] < r["old_us"]}
+    for m, cfg in winners.items():
+        nearest = get_moe_config(m, e, h, inter, top_k, _dtype_name(dtype))
+        table[str(m)] = dict({k: v for k, v in nearest.items() if k != "tma"},
+                             tma=dict(cfg, min_rows=min(winners) * top_k))
+    return name, table

@@ -1,0 +1,327 @@
+"""The large-M MoE path: permute / un-permute and the persistent TMA grouped GEMMs vs the torch references."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from benchmarks.count_launches import count_launches  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
+from kernels.moe_align import moe_align  # noqa: E402
+from kernels.moe_config import default_config  # noqa: E402
+from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
+from kernels.moe_permute import permute_tokens, permute_tokens_ref, unpermute_sum, unpermute_sum_ref  # noqa: E402
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _skewed_routing(num_tokens: int, num_experts: int, top_k: int, seed: int):
+    # uneven loads: expert 0 takes most tokens (several blocks), half the experts none; every third token has
+    # one slot owned by another expert-parallel rank (-1)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.zeros(num_experts)
+    probs[0], probs[1], probs[num_experts - 1] = 8.0, 2.0, 1.0
+    if num_experts > 4:
+        probs[num_experts // 2] = 0.5
+    ids = torch.stack([torch.multinomial(probs, top_k, generator=g) for _ in range(num_tokens)]).to(torch.int32)
+    ids[::3, 1] = -1
+    weights = torch.rand(num_tokens, top_k, generator=g) + 0.1
+    return weights, ids
+
+
+def _small_tma(block_m: int = 16, float32: bool = False) -> dict:
+    cfg = default_tma_config(float32=float32)
+    return dict(cfg, BLOCK_M=block_m, up=dict(cfg["up"], BLOCK_N=32, BLOCK_K=32),
+                down=dict(cfg["down"], BLOCK_N=64, BLOCK_K=32))
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,block_m", [(37, 8, 16), (5, 4, 16), (29, 4, 32)])
+def test_permute_and_unpermute(num_tokens, num_experts, block_m):
+    torch.manual_seed(num_tokens)
+    hidden = 72
+    x = torch.randn(num_tokens, hidden, dtype=torch.float16)
+    weights, ids = _skewed_routing(num_tokens, num_experts, 2, num_tokens)
+    sorted_ids, _, num_post_pad = moe_align(ids, num_experts, block_m)
+    scales = torch.rand(num_tokens, 3) + 0.5  # FP8's per-token group scales travel with their rows
+    a_perm, inv, s_perm = permute_tokens(x, sorted_ids, num_post_pad, 2, scales)
+    ref_perm, ref_inv, ref_s = permute_tokens_ref(x, sorted_ids, num_post_pad, 2, scales)
+    n = int(num_post_pad.item())
+    handled = (ids >= 0).reshape(-1)
+    assert torch.equal(a_perm[:n], ref_perm[:n]) and torch.equal(s_perm[:n], ref_s[:n])  # padding rows: zeros
+    assert torch.equal(permute_tokens(x, sorted_ids, num_post_pad, 2)[0][:n], a_perm[:n])
+    assert torch.equal(inv[handled], ref_inv[handled])
+    y = torch.randn(a_perm.shape[0], hidden, dtype=torch.float16)
+    got = unpermute_sum(y, inv, weights, ids)
+    want = unpermute_sum_ref(y, inv, weights, ids)
+    assert _rel_err(got, want) < 1e-3
+    # the round trip: permuting x and summing its rows back with unit weights gives x times the handled slots
+    back = unpermute_sum(a_perm, inv, torch.ones_like(weights), ids)
+    assert torch.allclose(back.float(), x.float() * handled.view(-1, 2).sum(1, keepdim=True), atol=1e-2)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,dtype,block_m", [
+    (37, 8, 96, 80, torch.float32, 16),  # N and K not multiples of the tiles: TMA's zero fill / store clipping
+    (23, 4, 64, 48, torch.float16, 16),
+    (41, 8, 128, 64, torch.float16, 32),
+])
+def test_fused_experts_tma(num_tokens, num_experts, hidden, inter, dtype, block_m):
+    torch.manual_seed(num_tokens + hidden)
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).to(dtype)
+    weights, ids = _skewed_routing(num_tokens, num_experts, 2, hidden)
+    assert (torch.bincount(ids[ids >= 0].long(), minlength=num_experts) == 0).any()  # some experts are empty
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    cfg = _small_tma(block_m, dtype == torch.float32)
+    assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=2), ref) < tol
+    assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=64), ref) < tol  # one tile each
+
+
+def test_fused_experts_tma_no_slot_handled_here():
+    # expert parallel: every slot owned by another rank -> no tiles at all, and zeros (not stale rows) out
+    x = torch.randn(6, 64, dtype=torch.float16)
+    w13, w2 = torch.randn(4, 64, 64).half(), torch.randn(4, 64, 32).half()
+    ids = torch.full((6, 2), -1, dtype=torch.int32)
+    out = fused_experts_tma(x, w13, w2, torch.rand(6, 2), ids, _small_tma())
+    assert out.shape == x.shape and out.eq(0).all()
+
+
+def test_fused_experts_tma_fp8(monkeypatch):
+    # FP8 block-scaled: e4m3 weights with [128, 128] block scales, activations quantized per token and 128
+    # channels (permuted with their scales); I = 192 puts a scale-block edge inside a column tile of the up half
+    import kernels.moe_grouped_tma as mg
+    from kernels.fp8 import per_token_group_quant_ref, quantize_weight_block
+    from tests.test_kernels_moe import _blocky
+
+    monkeypatch.setattr(mg, "per_token_group_quant", per_token_group_quant_ref)  # the interpreter's e4m3 rounding
+    torch.manual_seed(3)
+    num_tokens, num_experts, hidden, inter, top_k = 21, 8, 256, 192, 2
+    x = _blocky((num_tokens, hidden))
+    w13, s13 = quantize_weight_block(_blocky((num_experts, 2 * inter, hidden)) / 16)
+    w2, s2 = quantize_weight_block(_blocky((num_experts, hidden, inter)) / 16)
+    weights, ids = _skewed_routing(num_tokens, num_experts, top_k, 7)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    cfg = _small_tma(16)
+    cfg = dict(cfg, up=dict(cfg["up"], BLOCK_K=128), down=dict(cfg["down"], BLOCK_K=128))
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg, num_sms=3, w13_scale=s13, w2_scale=s2)
+    assert _rel_err(out, ref) < 1e-4
+    with pytest.raises(ValueError, match="BLOCK_K = 128"):
+        fused_experts_tma(x, w13, w2, weights, ids, _small_tma(16), w13_scale=s13, w2_scale=s2)
+
+
+def test_dispatch_by_min_rows():
+    # fused_experts takes the TMA path only when the config has "tma" and num_tokens * top_k reaches min_rows
+    torch.manual_seed(1)
+    num_tokens, num_experts, hidden, inter, top_k = 19, 4, 64, 32, 2
+    x = torch.randn(num_tokens, hidden, dtype=torch.float16)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5).half()
+    w2 = (torch.randn(num_experts, hidden, inter) / inter**0.5).half()
+    weights, ids = _skewed_routing(num_tokens, num_experts, top_k, 5)
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    base = default_config(num_tokens, num_experts, top_k, False)
+    for min_rows, tma_path in ((num_tokens * top_k, True), (num_tokens * top_k + 1, False)):
+        cfg = dict(base, tma=dict(_small_tma(), min_rows=min_rows))
+        with count_launches() as log:
+            out = fused_experts(x, w13, w2, weights, ids, config=cfg)
+        assert ("triton:_grouped_gemm_kernel" in log.events) == tma_path
+        assert ("triton:_moe_up_kernel" in log.events) != tma_path
+        assert _rel_err(out, ref) < 2e-3
+    with count_launches() as log:
+        fused_experts(x, w13, w2, weights, ids, config=base)  # no "tma" entry: the old path
+    assert "triton:_grouped_gemm_kernel" not in log.events
+
+
+def test_tma_entry_only_from_this_gpus_table(tmp_path, monkeypatch):
+    import kernels.moe_config as mc
+
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    entry = dict(default_config(4096, 8, 2, False), tma=default_tma_config(min_rows=8192))
+    (tmp_path / mc.config_file_name(8, 64, 32, "bfloat16", "GPU_A")).write_text(json.dumps({"4096": entry}))
+    mc._load.cache_clear()
+    monkeypatch.setattr(mc, "device_name", lambda device=None: "GPU_A")
+    assert mc.get_moe_config(4096, 8, 64, 32, 2, "bfloat16")["tma"]["min_rows"] == 8192
+    monkeypatch.setattr(mc, "device_name", lambda device=None: "GPU_B")  # borrows GPU_A's blocks, not its TMA
+    cfg = mc.get_moe_config(4096, 8, 64, 32, 2, "bfloat16")
+    assert "tma" not in cfg and cfg["BLOCK_M"] == entry["BLOCK_M"]
+    assert "tma" not in default_config(1 << 16, 8, 2, False)
+
+
+def test_tuner_measures_and_writes_tma_entries(monkeypatch, tmp_path):
+    # tune_moe --tma on a tiny shape in the interpreter: every candidate runs, the picked TMA config gives the old
+    # path's answer, and the table gets "tma" entries only where the new path won, min_rows from the smallest M
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_moe
+    import tune_moe
+    import tune_moe_tma
+
+    import kernels.moe_config as mc
+
+    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(num_tokens, hidden, generator=g).half()
+        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
+        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
+
+    ran = []
+    monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 64, 32, 2))
+    monkeypatch.setattr(bench_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(bench_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
+    monkeypatch.setattr(tune_moe, "time_run", lambda run, n: (ran.append(run()), 1.0)[1])
+    monkeypatch.setattr(tune_moe_tma, "TMA_CANDIDATES", [(16, 32, 32, 4, 2, False), (16, 64, 32, 4, 2, True),
+                                                         (32, 32, 32, 4, 2, False)])
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    mc._load.cache_clear()
+    e, h, inter, _ = bench_moe.SHAPES["tiny"]
+    w13 = (torch.randn(e, 2 * inter, h) / h**0.5).half()
+    w2 = (torch.randn(e, h, inter) / inter**0.5).half()
+    row = tune_moe_tma._measure_m("tiny", "bf16", 21, {"w13": w13, "w2": w2}, {"copy_tbps": 1.0, "bf16_tflops": 1.0})
+    assert len(ran) == 2 + 2 + 1 + 1  # per BLOCK_M each candidate of it, for up and for down
+    assert row["err_vs_old"] < 2e-3 and row["tma"]["BLOCK_M"] in (16, 32) and row["permute_us"] == 0.5  # per routing
+    rows = [dict(row, M=m, old_us=10.0, tma_us=t) for m, t in ((16, 12.0), (64, 9.0), (256, 5.0))]
+    name, table = tune_moe_tma.with_tma_entries("tiny", "bf16", rows)
+    assert name == mc.config_file_name(e, h, inter, "bfloat16", mc.device_name())
+    assert sorted(table, key=int) == ["64", "256"] and all(c["tma"]["min_rows"] == 64 * 2 for c in table.values())
+
+
+def test_block_tuner_keeps_tma_entries(tmp_path, monkeypatch):
+    # re-running the block tuner (tune_moe.py without --tma) must not drop the measured TMA entries
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe
+
+    old = {"1024": {"BLOCK_M": 64, "tma": {"min_rows": 8192}}, "16384": {"BLOCK_M": 128, "tma": {"min_rows": 8192}},
+           "8": {"BLOCK_M": 16}}
+    (tmp_path / "t.json").write_text(json.dumps(old))
+    new = tune_moe.keep_tma_entries({"8": {"BLOCK_M": 32}, "1024": {"BLOCK_M": 128}}, tmp_path / "t.json")
+    assert list(new) == ["8", "1024", "16384"] and new["8"] == {"BLOCK_M": 32}
+    assert new["1024"] == {"BLOCK_M": 128, "tma": {"min_rows": 8192}} and new["16384"] == old["16384"]
+
+
+_SM90_PROBE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from tune_moe_tma import compile_grouped_gemm_sm90
+from attention_ir import report
+out = []
+for silu, ws, fp8, flatten in ((True, False, False, None), (False, False, False, None), (True, True, False, None),
+                               (False, True, False, None), (True, False, True, None), (False, True, True, None),
+                               (True, True, True, None), (True, False, False, False)):
+    # FP8 keeps each step's partial product beside the accumulators: the gate_up tile is narrower there
+    k = compile_grouped_gemm_sm90(silu, 128, 64 if fp8 and silu else 128, 128 if fp8 else 64, 4 if ws else 8, 3, ws,
+                                  fp8, flatten)
+    r = report(k)
+    r["warp_specialized"] = "ttg.warp_specialize(" in k.asm["ttgir"]
+    r["tma_loads"] = "cp.async.bulk.tensor" in k.asm["ptx"]
+    out.append(r)
+from attention_ir import compile_sm90
+from kernels.moe_permute import _permute_kernel, _unpermute_sum_kernel
+ptr = {"hidden_ptr": "bf16", "sorted_ptr": "i32", "num_post_pad_ptr": "i32", "out_ptr": "bf16", "inv_ptr": "i32",
+       "scale_ptr": "fp32", "scale_out_ptr": "fp32", "y_ptr": "bf16", "w_ptr": "fp32", "ids_ptr": "i32"}
+sizes = dict(num_pairs=7, top_k=8, H=2048, NUM_GROUPS=16, stride_h=2048, stride_o=2048, stride_s=16, stride_so=16)
+compile_sm90(_permute_kernel, dict(ptr, **sizes), {"ROWS": 8, "BLOCK_H": 512, "HAS_SCALES": False, "BLOCK_G": 1}, 4, 3)
+compile_sm90(_permute_kernel, dict(ptr, hidden_ptr="fp8e4nv", out_ptr="fp8e4nv", **sizes),
+             {"ROWS": 8, "BLOCK_H": 512, "HAS_SCALES": True, "BLOCK_G": 16}, 4, 3)
+compile_sm90(_unpermute_sum_kernel, dict(ptr, H=2048, stride_y=2048, stride_o=2048), {"TOP_K": 8, "BLOCK_H": 1024},
+             4, 3)
+print(json.dumps(out))
+"""
+
+
+def test_grouped_gemm_compiles_for_sm90():
+    # no GPU needed: Triton's compiler for Hopper with the launch's specializations. TMA loads and wgmma in
+    # every variant (bf16 / FP8, warp-specialized or the flattened loop, or neither), no spills, and the
+    # warp-specialized ones really split into producer / consumer warps
+    bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "cuobjdump").exists():
+        pytest.skip("this Triton build has no NVIDIA backend tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for r in rows:
+        assert r["mma"] == "wgmma" and r["tma_loads"] and r["spill_bytes"] == 0, r
+    assert [r["warp_specialized"] for r in rows] == [False, False, True, True, False, True, True, False]
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "glm45air": (128, 4096, 1408, 8)}
+
+
+def _gpu_problem(shape: str, num_tokens: int, seed: int = 0):
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    torch.manual_seed(num_tokens + seed)
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).bfloat16()
+    ids = torch.stack([torch.randperm(num_experts, device="cuda")[:top_k] for _ in range(num_tokens)]).int()
+    ids[::5, 0] = -1
+    weights = torch.rand(num_tokens, top_k, device="cuda") + 0.1
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("num_tokens", [777, 4096])
+@pytest.mark.parametrize("cand,extra", [
+    ((128, 128, 64, 8, 3, False), {}), ((128, 128, 64, 8, 3, False), {"flatten": False}),  # flattened loop or not
+    ((128, 128, 64, 4, 3, True), {}), ((64, 128, 64, 4, 4, True), {}),  # warp-specialized
+])
+def test_fused_experts_tma_gpu(shape, num_tokens, cand, extra):
+    from benchmarks.tune_moe_tma import gemm_cfg
+
+    x, w13, w2, weights, ids = _gpu_problem(shape, num_tokens)
+    g = dict(gemm_cfg(cand), **extra)
+    cfg = {"min_rows": 0, "BLOCK_M": cand[0], "up": g, "down": g}
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    assert _rel_err(fused_experts_tma(x, w13, w2, weights, ids, cfg), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+@pytest.mark.parametrize("ws", [False, True])
+def test_fused_experts_tma_fp8_gpu(shape, ws):
+    from kernels.fp8 import quantize_weight_block
+
+    x, w13, w2, weights, ids = _gpu_problem(shape, 2048)
+    (w13, s13), (w2, s2) = quantize_weight_block(w13), quantize_weight_block(w2)
+    cfg = default_tma_config(fp8=True)
+    if ws:
+        cfg = dict(cfg, up=dict(cfg["up"], num_warps=4, warp_specialize=True),
+                   down=dict(cfg["down"], num_warps=4, warp_specialize=True))
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
+    assert _rel_err(out, ref) < 4e-2  # as test_fused_experts_gpu: a bf16 rounding can flip an e4m3 step
+
+
+@pytest.mark.gpu
+def test_fused_experts_tma_graph_replay_gpu():
+    # descriptors are captured by value; new routings (other tile counts) replayed from one graph stay right
+    x, w13, w2, weights, ids = _gpu_problem("qwen3", 512)
+    cfg = {"min_rows": 0, "BLOCK_M": 128, "up": dict(default_tma_config()["up"], num_warps=4, warp_specialize=True),
+           "down": default_tma_config()["down"]}
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts_tma(x, w13, w2, weights, ids, cfg)
+    for i in range(4):
+        _, _, _, new_w, new_ids = _gpu_problem("qwen3", 512, seed=i + 1)
+        if i == 3:
+            new_ids[:, :] = new_ids[:, :1] % 4  # four experts take every slot: few, long segments
+            new_ids[:, 1:] = -1
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        graph.replay()
+        assert _rel_err(out, fused_experts_ref(x, w13, w2, weights, ids)) < 1e-2, i
