@@ -71,8 +71,9 @@ def _route_fused_kernel(
     num_tokens, stride_x, routed_scaling_factor,
     HIDDEN: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, SIGMOID_GROUPED: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_T: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     # grid (expert tiles, H splits, token blocks)
     pid_e, pid_s, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -97,25 +98,30 @@ def _route_fused_kernel(
     tl.debug_barrier()
     counter = counter_ptr + pid_t
     if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(0) * NUM_SPLITS - 1:
+        # scored in a [TAIL_T, BLOCK_E_ALL] tile: TAIL_T covers the block's rows (next power of two of a small
+        # batch: one token scores one row, not sixteen)
+        rt = tl.arange(0, TAIL_T)
+        tail_t = pid_t * BLOCK_T + rt
+        tail_mask = tail_t < num_tokens
         ec = tl.arange(0, BLOCK_E_ALL)[None, :]
         k = tl.arange(0, BLOCK_K)[None, :]
-        lmask = tmask[:, None] & (ec < NUM_EXPERTS)
-        logits = tl.zeros([BLOCK_T, BLOCK_E_ALL], tl.float32)
+        lmask = tail_mask[:, None] & (ec < NUM_EXPERTS)
+        logits = tl.zeros([TAIL_T, BLOCK_E_ALL], tl.float32)
         for s in tl.static_range(NUM_SPLITS):  # a fixed order: deterministic sums
-            rows = (pid_t * NUM_SPLITS + s) * BLOCK_T + tt
+            tail_rows = (pid_t * NUM_SPLITS + s) * BLOCK_T + rt
             # .cg: the other programs' partials were written by other SMs, never through this SM's L1
-            logits += tl.load(partial_ptr + rows[:, None] * BLOCK_E_ALL + ec, mask=lmask, other=0.0,
+            logits += tl.load(partial_ptr + tail_rows[:, None] * BLOCK_E_ALL + ec, mask=lmask, other=0.0,
                               cache_modifier=".cg")
         logits = logits.to(w_ptr.dtype.element_ty).to(tl.float32)  # the logits F.linear would return
         if SIGMOID_GROUPED:
             bias = tl.load(bias_ptr + ec, mask=ec < NUM_EXPERTS, other=0.0).to(tl.float32)
             top_vals, top_ids = _sigmoid_grouped_top_k(logits, bias, ec, k, routed_scaling_factor, NUM_EXPERTS,
-                                                       TOP_K, NUM_GROUPS, TOPK_GROUPS, RENORMALIZE, BLOCK_T,
+                                                       TOP_K, NUM_GROUPS, TOPK_GROUPS, RENORMALIZE, TAIL_T,
                                                        BLOCK_K, BLOCK_G)
         else:
             logits = tl.where(ec < NUM_EXPERTS, logits, float("-inf"))
-            top_vals, top_ids = _softmax_top_k(logits, ec, k, TOP_K, RENORMALIZE, BLOCK_T, BLOCK_K)
-        _store_top_k(weights_ptr, ids_ptr, slots_ptr, top_vals, top_ids, t, tmask, k, TOP_K, HAS_SLOTS)
+            top_vals, top_ids = _softmax_top_k(logits, ec, k, TOP_K, RENORMALIZE, TAIL_T, BLOCK_K)
+        _store_top_k(weights_ptr, ids_ptr, slots_ptr, top_vals, top_ids, tail_t, tail_mask, k, TOP_K, HAS_SLOTS)
         tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
 
@@ -201,7 +207,8 @@ def route_fused(
         slots if slots is not None else ids, num_tokens, x.stride(0), float(routed_scaling_factor),
         HIDDEN=hidden, NUM_EXPERTS=num_experts, TOP_K=top_k, SIGMOID_GROUPED=grouped, NUM_GROUPS=num_groups,
         TOPK_GROUPS=topk_groups, RENORMALIZE=renormalize, HAS_SLOTS=slots is not None, NUM_SPLITS=splits,
-        SPLIT_H=split_h, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_H=block_h,
+        SPLIT_H=split_h, BLOCK_T=BLOCK_T,
+        TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E, BLOCK_H=block_h,
         BLOCK_E_ALL=block_e_all, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4,
     )
