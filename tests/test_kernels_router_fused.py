@@ -130,3 +130,40 @@ def test_router_takes_fused_path_at_decode_sizes(grouped):
         ref, keep = routers[0](x[:rows], slots[:rows]), slots[:rows] >= 0
         assert (out[1][~keep] == -1).all() and (ref[1][~keep] == -1).all()
         _check((out[0][keep], out[1][keep]), (ref[0][keep], ref[1][keep]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 5, 8, 33, 64])
+@pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
+def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape):
+    # Qwen3-30B-A3B (bf16 weight, softmax) and GLM-4.5-Air (fp32 weight, sigmoid, 1 group): the same ids in the
+    # same order as F.linear + the top-k kernel; a CUDA graph of the fused router replays exactly with new inputs
+    from kernels.router import topk_sigmoid_grouped, topk_softmax
+
+    grouped = shape == "glm45air"
+    hidden, wdtype = (4096, torch.float32) if grouped else (2048, torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    w = (torch.randn(128, hidden, device="cuda", generator=gen) / hidden**0.5).to(wdtype)
+    bias = torch.randn(128, device="cuda", generator=gen) * 0.1 if grouped else None
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
+    slots = torch.arange(num_tokens, device="cuda")
+    slots[1::3] = -1
+    extra = (bias, 1, 1, 1.0) if grouped else ()
+    out = route_fused(x, w, 8, True, slots, *extra)
+    logits = torch.nn.functional.linear(x.to(wdtype), w)
+    ref = (topk_sigmoid_grouped(logits, bias, 8, 1, 1, True, 1.0, slots) if grouped
+           else topk_softmax(logits, 8, True, slots))
+    assert torch.equal(out[1], ref[1])
+    # bf16: a logit summed in another order may round one bf16 ulp apart (cuBLAS vs our split sums)
+    tol = dict(rtol=1e-5, atol=1e-6) if grouped else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(out[0], ref[0], **tol)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = [route_fused(x, w, 8, True, slots, *extra) for _ in range(3)]  # counters re-arm in between
+    x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = route_fused(x, w, 8, True, slots, *extra)
+        for got in captured:
+            assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
