@@ -31,8 +31,10 @@ from kernels.router import (
     topk_softmax_ref,
 )
 
-# the Router takes this path for at most this many rows (decode and small mixed steps); above it the GEMM has
-# enough rows to be worth cuBLAS's tiles, and every token block's partials would be re-read from L2 anyway
+# the Router takes this path for at most this many rows: the decode batches of issue 16's table up to B=64,
+# where the grid is still about one program per SM (4 H splits x 8 expert tiles x 4 token blocks, each
+# program 16 KB of weight). Past it the splits fall to 1-2, every program streams whole rows of H for its 16
+# tokens and cuBLAS's GEMM tiles start to pay; bench_router.py --m ...,128,256 measures where they cross
 FUSED_MAX_TOKENS = 64
 BLOCK_T = 16  # tokens per program: the smallest tl.dot tile, and the top-k kernels' row block at E <= 256
 BLOCK_E = 16  # experts per program
@@ -149,8 +151,8 @@ def _fused_config(num_tokens: int, num_experts: int, hidden: int, num_sms: int) 
     """(num_splits, BLOCK_H) from shapes only. About one program per SM in all (a program per SM hides DRAM
     latency with one tile in flight; more programs only queue), splits a power of two so that few variants
     compile, and at most MAX_PARTIAL_BYTES of partials per token block for its last program to sum.
-    Qwen3-30B-A3B (E=128, H=2048) on 132 SMs: M=1 16 splits (128 programs of 16 x 128 weights, 8 KB of
-    partials), M=8 8 splits, M=16..64 4 splits per token block."""
+    Qwen3-30B-A3B (E=128, H=2048) on 132 SMs: M=1..4 16 splits (128 programs of 16 x 128 weights, 8-32 KB of
+    partials), M=5..8 8 splits, M=9..64 4 splits per token block."""
     num_tiles = triton.cdiv(num_experts, BLOCK_E) * triton.cdiv(num_tokens, BLOCK_T)
     rows = min(num_tokens, BLOCK_T)
     splits = 1
