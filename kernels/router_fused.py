@@ -7,7 +7,9 @@ and writes fp32 partial logits to a scratch buffer; the last program of a token 
 self-resetting atomic counter per token block) sums that block's partials in a fixed split order (no float
 atomics: the same inputs give the same bits every run, so greedy tokens are reproducible) and scores them with
 the same helpers as kernels/router.py. One launch instead of two (three for GLM's fp32 router, whose input
-cast is folded in too), and the logits never go through memory in the output dtype.
+cast is folded in too): no second launch's latency, and the logits are read back from L2 by one program.
+The counters are shared by every launch on a device: launches on one stream (a model's layers) run one after
+another, so each finds them at zero.
 
 Semantics are those of F.linear(x.to(W.dtype), W) followed by the top-k kernels: the summed logits are rounded
 to W's dtype (bf16 logits, as cuBLAS returns them) before scoring, so near-ties resolve as on the unfused path.
@@ -203,15 +205,15 @@ def route_fused(
     num_e_tiles, num_t_blocks = triton.cdiv(num_experts, BLOCK_E), triton.cdiv(num_tokens, BLOCK_T)
     block_e_all = triton.next_power_of_2(num_e_tiles * BLOCK_E)  # the last program's tile of all experts
     partials = torch.empty(num_t_blocks * splits * BLOCK_T, block_e_all, dtype=torch.float32, device=x.device)
-    counters = zeroed_counters(_COUNTERS, num_t_blocks, x.device, 64)  # arrivals per token block
+    # arrivals per token block; 64 covers 1024 rows, so the Router's sizes never grow (replace) the buffer
+    counters = zeroed_counters(_COUNTERS, num_t_blocks, x.device, 64)
     _route_fused_kernel[(num_e_tiles, splits, num_t_blocks)](
         x, weight, correction_bias if grouped else weight, partials, counters, weights, ids,
         slots if slots is not None else ids, num_tokens, x.stride(0), float(routed_scaling_factor),
         HIDDEN=hidden, NUM_EXPERTS=num_experts, TOP_K=top_k, SIGMOID_GROUPED=grouped, NUM_GROUPS=num_groups,
         TOPK_GROUPS=topk_groups, RENORMALIZE=renormalize, HAS_SLOTS=slots is not None, NUM_SPLITS=splits,
-        SPLIT_H=split_h, BLOCK_T=BLOCK_T,
-        TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E, BLOCK_H=block_h,
-        BLOCK_E_ALL=block_e_all, BLOCK_K=triton.next_power_of_2(top_k),
+        SPLIT_H=split_h, BLOCK_T=BLOCK_T, TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E,
+        BLOCK_H=block_h, BLOCK_E_ALL=block_e_all, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4,
     )
     return weights, ids
