@@ -7,7 +7,9 @@ totalling >= ROT_BYTES, so that a replay never finds its weight in L2 (a model's
 step), and once more with one weight (L2-hot). The unfused path is what Router.forward ran before: F.linear(x
 .to(W.dtype), W) then topk_softmax / topk_sigmoid_grouped. Checks on the GPU that both return the same ids (in
 order) and weights. The floor is the weight's bytes over the copy bandwidth measured now (the GEMM is latency
-bound: it shows how far from bandwidth both are). --sweep also times the fused kernel at each forced H split.
+bound: it shows how far from bandwidth both are). --sweep also times the fused kernel at each forced H split;
+up to 16 rows both of its GEMM forms are timed (products summed in registers, used up to GEMV_MAX_TOKENS
+rows, and a tl.dot tile).
 Prints one line per row and 'bench_router summary' last; DIR/bench_router.json holds every number.
 """
 
@@ -25,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
 from kernels.router import topk_sigmoid_grouped, topk_softmax  # noqa: E402
-from kernels.router_fused import FUSED_MAX_TOKENS, _fused_config, _num_sms, route_fused  # noqa: E402
+from kernels.router_fused import FUSED_MAX_TOKENS, GEMV_MAX_TOKENS, _fused_config, _num_sms, route_fused  # noqa: E402
 
 # name: (num_experts, hidden, top_k, grouped, router weight dtype); GLM-4.5-Air: n_group=1, topk_group=1
 SHAPES = {
     "qwen3": (128, 2048, 8, False, torch.bfloat16),  # Qwen3-30B-A3B
     "glm45air": (128, 4096, 8, True, torch.float32),  # GLM-4.5-Air, routed_scaling_factor 1.0
 }
-ROT_BYTES = 256 << 20  # > 2x an H200's 60 MB L2
+ROT_BYTES = 128 << 20  # > 2x an H200's 60 MB L2
 
 
 def unfused(x, w, bias, top_k):
@@ -42,8 +44,8 @@ def unfused(x, w, bias, top_k):
     return topk_sigmoid_grouped(logits, bias, top_k, 1, 1, True, 1.0)
 
 
-def fused(x, w, bias, top_k, num_splits=None):
-    return route_fused(x, w, top_k, True, None, bias, 1, 1, 1.0, num_splits=num_splits)
+def fused(x, w, bias, top_k, num_splits=None, gemv=None):
+    return route_fused(x, w, top_k, True, None, bias, 1, 1, 1.0, num_splits=num_splits, gemv=gemv)
 
 
 def compare(a, b) -> dict:
@@ -85,7 +87,11 @@ def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int]) -> di
            "max_weight_diff": max(c["max_weight_diff"] for c in check), "deterministic": deterministic}
     row["speedup"] = row["unfused_us"] / row["fused_us"]
     row["sweep_us"] = {s: timed(lambda *a, s=s: fused(*a, num_splits=s), True) for s in sweep}
+    # both GEMM forms where both apply (one token block): where products summed in registers stop paying
+    row["forms_us"] = ({form: timed(lambda *a, g=form == "gemv": fused(*a, gemv=g), True) for form in ("gemv", "dot")}
+                       if m <= 16 else {})
     best = f"  best split {min(row['sweep_us'], key=row['sweep_us'].get)}" if sweep else ""
+    best += "".join(f"  {form} {us:.2f}" for form, us in row["forms_us"].items())
     print(f"{name:9s} M={m:3d} fused {row['fused_us']:6.2f} us  unfused {row['unfused_us']:6.2f} us  "
           f"x{row['speedup']:.2f}  (L2-hot {row['fused_hot_us']:5.2f} / {row['unfused_hot_us']:5.2f})  "
           f"floor {row['floor_us']:.2f}  splits {row['num_splits']}{best}  ids differ in {row['rows_ids_differ']} "
@@ -105,7 +111,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_router needs a CUDA GPU")
     ceil = measure_ceilings()
-    print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s", flush=True)
+    print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s; fused up to {FUSED_MAX_TOKENS} rows, gemv form up to "
+          f"{GEMV_MAX_TOKENS}", flush=True)
     sweep = [int(s) for s in args.sweep.split(",") if s]
     rows = [bench_one(s, int(m), ceil, sweep) for s in args.shapes.split(",") for m in args.m.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,5 +7,5 @@ python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fast
   setproctitle llguidance jsonschema 2>&1 | tail -1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 timeout 200 python3 -m pytest -q -m gpu tests/test_kernels_router_fused.py tests/test_kernels_router.py 2>&1 | tail -4
-timeout 300 python3 benchmarks/bench_router.py --out $OUT/router --m 1,8,32,64,128,256 --sweep 1,2,4,8,16,32 2>&1 | tail -30
+timeout 420 python3 benchmarks/bench_router.py --out $OUT/router --m 1,8,32,64,128,256 --sweep 1,2,4,8,16,32 2>&1 | tail -30
 timeout 150 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8,64 --async-scheduling --out $OUT/e2e_router.json 2>&1 | tail -8

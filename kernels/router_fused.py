@@ -40,6 +40,9 @@ from kernels.router import (
 FUSED_MAX_TOKENS = 64
 BLOCK_T = 16  # tokens per program: the smallest tl.dot tile, and the top-k kernels' row block at E <= 256
 BLOCK_E = 16  # experts per program
+# up to this many rows the products are summed in registers ([rows, BLOCK_E, BLOCK_H] fp32, 16-64 values a
+# thread): no shared-memory staging for a 16-row tl.dot tile that is mostly padding
+GEMV_MAX_TOKENS = 4
 MAX_PARTIAL_BYTES = 32 << 10  # fp32 partials one token block's last program reads: one short serial tail
 
 
@@ -54,6 +57,7 @@ def route_fused_ref(
     topk_groups: int = 1,
     routed_scaling_factor: float = 1.0,
     num_splits: int | None = None,  # the fused kernel's H split (A/B and tests); unused here
+    gemv: bool | None = None,  # the fused kernel's GEMM form (A/B and tests); unused here
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k (no correction_bias) or biased sigmoid group-limited top-k of x @ weight^T.
     Returns weights fp32 [T, k] and ids int32 [T, k]."""
@@ -77,16 +81,18 @@ def _route_fused_kernel(
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_T: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_G: tl.constexpr, GEMV: tl.constexpr,
 ):
     # grid (expert tiles, H splits, token blocks)
     pid_e, pid_s, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    tt = tl.arange(0, BLOCK_T)
+    # GEMV (a few tokens, one token block): TAIL_T rows of products summed in registers; else a BLOCK_T-row dot
+    GEMM_T: tl.constexpr = TAIL_T if GEMV else BLOCK_T
+    tt = tl.arange(0, GEMM_T)
     t = pid_t * BLOCK_T + tt
     tmask = t < num_tokens
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = e < NUM_EXPERTS
-    acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+    acc = tl.zeros([GEMM_T, BLOCK_E], tl.float32)
     for h0 in range(pid_s * SPLIT_H, pid_s * SPLIT_H + SPLIT_H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         hmask = h < HIDDEN
@@ -94,7 +100,11 @@ def _route_fused_kernel(
                      other=0.0)
         wt = tl.load(w_ptr + e[:, None] * HIDDEN + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
         # x is cast to W's dtype as F.linear(x.to(W.dtype), W) does; fp32 W (GLM): exact fp32 products, no tf32
-        acc = tl.dot(xt.to(wt.dtype), tl.trans(wt), acc, input_precision="ieee")
+        xt = xt.to(wt.dtype)
+        if GEMV:
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], 2)
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
     # partials [token blocks, NUM_SPLITS, BLOCK_T, BLOCK_E_ALL] fp32; only real token rows are written and read
     rows = (pid_t * NUM_SPLITS + pid_s) * BLOCK_T + tt
     tl.store(partial_ptr + rows[:, None] * BLOCK_E_ALL + e[None, :], acc, mask=tmask[:, None] & emask[None, :])
@@ -178,6 +188,7 @@ def route_fused(
     topk_groups: int = 1,
     routed_scaling_factor: float = 1.0,
     num_splits: int | None = None,  # H split; None: _fused_config's choice
+    gemv: bool | None = None,  # products summed in registers, not tl.dot; None: up to GEMV_MAX_TOKENS rows
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, weight, correction_bias)
     num_tokens, hidden = x.shape
@@ -190,6 +201,8 @@ def route_fused(
     if grouped and (num_experts % num_groups or not 0 < topk_groups <= num_groups):
         raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts} and "
                          f"topk_groups={topk_groups} be in [1, num_groups]")
+    if gemv and num_tokens > BLOCK_T:
+        raise ValueError(f"gemv takes at most {BLOCK_T} rows, got {num_tokens}")
     if grouped and top_k > topk_groups * (num_experts // num_groups):
         raise ValueError(f"top_k={top_k} exceeds the experts of the {topk_groups} chosen groups")
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
@@ -214,6 +227,7 @@ def route_fused(
         TOPK_GROUPS=topk_groups, RENORMALIZE=renormalize, HAS_SLOTS=slots is not None, NUM_SPLITS=splits,
         SPLIT_H=split_h, BLOCK_T=BLOCK_T, TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E,
         BLOCK_H=block_h, BLOCK_E_ALL=block_e_all, BLOCK_K=triton.next_power_of_2(top_k),
-        BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4,
+        BLOCK_G=triton.next_power_of_2(num_groups), GEMV=num_tokens <= GEMV_MAX_TOKENS if gemv is None else gemv,
+        num_warps=4,
     )
     return weights, ids

@@ -87,6 +87,17 @@ def test_fused_splits_and_token_blocks(num_splits):
            route_fused_ref(x, w, 6, True, None, bias, 8, 3, 1.0))
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 7, 16])
+def test_fused_gemm_forms_agree(num_tokens):
+    # products summed in registers (the default up to GEMV_MAX_TOKENS rows) or a 16-row tl.dot tile: same routing
+    x, w, bias = _inputs(num_tokens, 64, 200, torch.float32, 11)
+    ref = route_fused_ref(x, w, 6, True, None, bias, 8, 3, 2.5)
+    for gemv in (True, False):
+        _check(route_fused(x, w, 6, True, None, bias, 8, 3, 2.5, gemv=gemv), ref)
+    with pytest.raises(ValueError, match="gemv"):
+        route_fused(x.repeat(17, 1), w, 6, True, gemv=True)  # more rows than one token block
+
+
 def test_fused_config_is_from_shapes():
     # Qwen3-30B-A3B on an H200: one program per SM or fewer, partials per token block within the bound
     for num_tokens in (1, 8, 16, 33, 64):
