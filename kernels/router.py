@@ -81,53 +81,37 @@ def _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS: tl.constexpr):
     return top_ids
 
 
-# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
-@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
-def _topk_softmax_kernel(
-    logits_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t,
-    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)[None, :]
-    k = tl.arange(0, BLOCK_K)[None, :]
-    tmask = t < num_tokens
-    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + e,
-                mask=tmask[:, None] & (e < NUM_EXPERTS), other=float("-inf")).to(tl.float32)
+@triton.jit
+def _softmax_top_k(x, e, k, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # x [BLOCK_T, BLOCK_E] fp32 logits, -inf past the last expert; e [1, BLOCK_E], k [1, BLOCK_K] column ids.
+    # Returns weights [BLOCK_T, BLOCK_K] fp32 and ids [BLOCK_T, BLOCK_K] int32 (columns >= TOP_K: junk)
     row_max = tl.max(x, 1)
     denom = tl.sum(tl.exp(x - row_max[:, None]), 1)  # [BLOCK_T]
     top_vals = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     top_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for i in tl.static_range(TOP_K):
-        m, idx = _pick_max(x, e, BLOCK_E)
+        m, idx = _pick_max(x, e, x.shape[1])
         top_vals = tl.where(k == i, tl.exp(m - row_max)[:, None], top_vals)
         top_ids = tl.where(k == i, idx[:, None], top_ids)
         x = tl.where(e == idx[:, None], float("-inf"), x)
     if RENORMALIZE:
         denom = tl.sum(top_vals, 1)
-    omask = tmask[:, None] & (k < TOP_K)
-    tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals / denom[:, None], mask=omask)
-    tl.store(ids_ptr + t[:, None] * TOP_K + k, _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS), mask=omask)
+    return top_vals / denom[:, None], top_ids
 
 
-# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
-@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
-def _topk_sigmoid_grouped_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t, routed_scaling_factor,
-    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-    RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+@triton.jit
+def _sigmoid_grouped_top_k(
+    x, bias, e, k, routed_scaling_factor, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)[None, :]
-    k = tl.arange(0, BLOCK_K)[None, :]
-    tmask = t < num_tokens
+    # x [BLOCK_T, BLOCK_E] fp32 logits, bias [1, BLOCK_E] fp32 (any value past the last expert); e, k column ids.
+    # Returns weights [BLOCK_T, BLOCK_K] fp32 (scaled) and ids [BLOCK_T, BLOCK_K] int32 (columns >= TOP_K: junk)
+    BLOCK_E: tl.constexpr = x.shape[1]
     emask = e < NUM_EXPERTS
-    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + e,
-                mask=tmask[:, None] & emask, other=0.0).to(tl.float32)
     scores = tl.sigmoid(x)
-    choice = scores + tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
-    choice = tl.where(emask, choice, float("-inf"))
+    choice = tl.where(emask, scores + bias, float("-inf"))
     if NUM_GROUPS > 1:
         # group score = sum of its two best experts; keep the TOPK_GROUPS best groups
         group = e // (NUM_EXPERTS // NUM_GROUPS)
@@ -154,9 +138,54 @@ def _topk_sigmoid_grouped_kernel(
         choice = tl.where(e == idx[:, None], float("-inf"), choice)
     if RENORMALIZE:
         top_vals = top_vals / (tl.sum(top_vals, 1)[:, None] + 1e-20)
+    return top_vals * routed_scaling_factor, top_ids
+
+
+@triton.jit
+def _store_top_k(weights_ptr, ids_ptr, slots_ptr, top_vals, top_ids, t, tmask, k, TOP_K: tl.constexpr,
+                 HAS_SLOTS: tl.constexpr):
+    # rows t of the [num_tokens, TOP_K] outputs; padding rows (slot < 0) get ids -1
     omask = tmask[:, None] & (k < TOP_K)
-    tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals * routed_scaling_factor, mask=omask)
+    tl.store(weights_ptr + t[:, None] * TOP_K + k, top_vals, mask=omask)
     tl.store(ids_ptr + t[:, None] * TOP_K + k, _mask_padding_ids(top_ids, slots_ptr, t, tmask, HAS_SLOTS), mask=omask)
+
+
+# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
+def _topk_softmax_kernel(
+    logits_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)[None, :]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    tmask = t < num_tokens
+    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + e,
+                mask=tmask[:, None] & (e < NUM_EXPERTS), other=float("-inf")).to(tl.float32)
+    top_vals, top_ids = _softmax_top_k(x, e, k, TOP_K, RENORMALIZE, BLOCK_T, BLOCK_K)
+    _store_top_k(weights_ptr, ids_ptr, slots_ptr, top_vals, top_ids, t, tmask, k, TOP_K, HAS_SLOTS)
+
+
+# one variant for every step size, and for a slots slice at any offset (a TP rank's share of the batch)
+@triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
+def _topk_sigmoid_grouped_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, slots_ptr, num_tokens, stride_t, routed_scaling_factor,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+    RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)[None, :]
+    k = tl.arange(0, BLOCK_K)[None, :]
+    tmask = t < num_tokens
+    emask = e < NUM_EXPERTS
+    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + e,
+                mask=tmask[:, None] & emask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)
+    top_vals, top_ids = _sigmoid_grouped_top_k(x, bias, e, k, routed_scaling_factor, NUM_EXPERTS, TOP_K, NUM_GROUPS,
+                                               TOPK_GROUPS, RENORMALIZE, BLOCK_T, BLOCK_K, BLOCK_G)
+    _store_top_k(weights_ptr, ids_ptr, slots_ptr, top_vals, top_ids, t, tmask, k, TOP_K, HAS_SLOTS)
 
 
 # ---------------------------------------------------------------- checked wrappers
