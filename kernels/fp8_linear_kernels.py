@@ -48,7 +48,8 @@ def _epilogue(acc, offs_m64, offs_n, mmask, tile, pid_k, M, N, split_k, bias_ptr
                 tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next launch
 
 
-@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "split_k", "group_m"])  # one variant for every M
+# one variant for every M and K: the scale strides (K / 128) and the runtime counts are not specialized on
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "split_k", "group_m", "stride_asm", "stride_wsn"])
 def _w8a8_dot_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_blocks_per_split,
     split_k, group_m, stride_am, stride_asm, stride_wn, stride_wsn, stride_om,
@@ -121,7 +122,7 @@ def _w8a8_dot_kernel(
               stride_om, HAS_BIAS, SPLIT_MODE)
 
 
-@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "split_k"])
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "split_k", "stride_wsn"])
 def _w8a8_gemv_kernel(
     a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_blocks_per_split, split_k,
     stride_am, stride_wn, stride_wsn, stride_om,
@@ -147,8 +148,14 @@ def _w8a8_gemv_kernel(
     a_row0 = a_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am + offs_k + first_kb * BLOCK_K  # [BLOCK_K]
     ws_ptr = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_wsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb in range(first_kb, tl.minimum(first_kb + k_blocks_per_split, K // BLOCK_K)):
-        w = tl.load(w_ptrs).to(tl.float32)
+    last_kb = tl.minimum(first_kb + k_blocks_per_split, K // BLOCK_K)
+    w_next = tl.load(w_ptrs)
+    for kb in range(first_kb, last_kb):
+        # the next K step's weight tile is requested before this one is used: two tiles in flight per program
+        # whether or not the compiler pipelines a load that feeds no dot
+        w = w_next.to(tl.float32)
+        w_ptrs += BLOCK_K
+        w_next = tl.load(w_ptrs, mask=(kb + 1 < last_kb) & (offs_k < BLOCK_K)[None, :], other=0.0)
         w_s = tl.load(ws_ptr + kb)
         for i in tl.static_range(BLOCK_M):
             a = tl.load(a_row0 + i * stride_am, mask=(pid_m * BLOCK_M + i < M) & (offs_k < BLOCK_K),
@@ -157,7 +164,6 @@ def _w8a8_gemv_kernel(
             q = tl.clamp(a / a_s, -FP8_MAX_C, FP8_MAX_C).to(w_ptr.dtype.element_ty).to(tl.float32)
             p = tl.sum(w * q[None, :], 1) * (a_s * w_s)  # [BLOCK_N]
             acc += tl.where(rows[:, None] == i, p[None, :], 0.0)
-        w_ptrs += BLOCK_K
         a_row0 += BLOCK_K
     _epilogue(acc, offs_m64, offs_n, mmask, pid, pid_k, M, N, split_k, bias_ptr, out_ptr, part_ptr, counter_ptr,
               stride_om, HAS_BIAS, SPLIT_MODE)
@@ -177,7 +183,7 @@ def _split_k_reduce_kernel(part_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.co
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "stride_s"])
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, stride_x, stride_q, stride_s, BLOCK_R: tl.constexpr,
                       FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr):
     # program (r, g): rows [r * BLOCK_R, +BLOCK_R) x columns [g * 128, +128) -> q e4m3, s[row, g] fp32
