@@ -65,11 +65,11 @@ def tiles_for(m: int) -> list[dict]:
     """The tile configs tried at M rows (split K is added by candidates())."""
     p2 = 1 << max(0, (m - 1).bit_length())  # next power of two
     out: list[dict] = []
+    # the lists leave out what spills when compiled for sm90 (acc plus the unscaled dot result of a K step are two
+    # fp32 tiles in registers): 128x256 / 256x128 on 8 warps, 128x128 and 64x256 on 4, a gemv 128 wide on 2
     if m <= 16:
-        for bn in (32, 64, 128):
-            for warps in (2, 4):
-                for stages in (2, 3):
-                    out.append(_cfg("gemv", min(p2, 8), bn, warps, stages))
+        for bn, warps in ((32, 2), (32, 4), (64, 2), (64, 4), (128, 4), (128, 8)):
+            out.append(_cfg("gemv", min(p2, 8), bn, warps, 2))
         for bn in (64, 128):
             for stages in (3, 5):
                 out.append(_cfg("dot", 16, bn, 4, stages, quant_a=1, swap=1))
@@ -78,19 +78,18 @@ def tiles_for(m: int) -> list[dict]:
         bm = max(16, p2)
         for bn in (32, 64, 128):
             for quant_a in (0, 1):
+                out.append(_cfg("dot", bm, bn, 4, 4, quant_a=quant_a))
                 for stages in (3, 5):
                     out.append(_cfg("dot", bm, bn, 4, stages, quant_a=quant_a, swap=1))
-                    out.append(_cfg("dot", bm, bn, 4, stages, quant_a=quant_a))
     if 64 < m <= 256:
-        for bm, warps in ((64, 4), (128, 8), (128, 4)):
-            for bn in (64, 128, 256):
-                for quant_a in (0, 1):
-                    out.append(_cfg("dot", bm, bn, warps, 4 if bn < 256 else 3, quant_a=quant_a, group_m=8))
-        out.append(_cfg("dot", 64, 128, 4, 5, group_m=8))
+        for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 256, 8)):
+            for quant_a in (0, 1) if bn <= 128 else (0,):
+                out.append(_cfg("dot", bm, bn, warps, 4 if bn < 256 else 3, quant_a=quant_a, group_m=8))
+        out += [_cfg("dot", 64, 128, 4, 5, group_m=8), _cfg("dot", 64, 64, 4, 6, group_m=8)]
     if m > 256:
-        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 256, 8, 3),
-                                      (128, 256, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4),
-                                      (64, 256, 8, 3), (256, 64, 8, 3)):
+        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (128, 64, 8, 3),
+                                      (64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 16, 4), (64, 256, 8, 3),
+                                      (256, 64, 8, 3), (128, 64, 4, 4)):
             for group_m in (1, 8):
                 out.append(_cfg("dot", bm, bn, warps, stages, group_m=group_m))
     return [c for c in out if _smem(c) <= SMEM_BYTES]
