@@ -1,6 +1,7 @@
 """Sweep the block-scaled FP8 linear's configs on this GPU and write the table kernels/fp8_linear_config.py reads.
 
 python benchmarks/tune_fp8_linear.py --out DIR [--budget-s 200] [--jobs 12] [--m 1,2,4,...] [--shapes qkv,o,...]
+                                     [--extra-shapes 2560x2048,...]  (N x K of other layers, e.g. a TP shard's)
 
 For each shape (bench_fp8_linear.py's, Qwen3-30B-A3B and a dense 8B MLP, and GLM-4.5-Air's attention and
 shared-expert shapes) and M bucket, candidates by M range:
@@ -249,16 +250,26 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (1: compile while timing)")
     ap.add_argument("--m", default=M_BUCKETS)
     ap.add_argument("--shapes", default=",".join(ALL_SHAPES))
+    ap.add_argument("--extra-shapes", default="", help="more N x K shapes, e.g. 2560x2048,1024x4096")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_fp8_linear needs a CUDA GPU (FP8 tensor cores: sm89 or newer)")
     t_start = time.time()
     out = Path(args.out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    names = args.shapes.split(",")
+    names = args.shapes.split(",") if args.shapes else []
     unknown = [s for s in names if s not in ALL_SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; known: {','.join(ALL_SHAPES)}")
+    for spec in filter(None, args.extra_shapes.split(",")):
+        try:
+            n, k = (int(v) for v in spec.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--extra-shapes: {spec!r} is not NxK (e.g. 2560x2048)") from None
+        if n % FP8_BLOCK or k % FP8_BLOCK:
+            raise SystemExit(f"--extra-shapes: {spec} is not in whole {FP8_BLOCK}-blocks")
+        ALL_SHAPES[spec] = (n, k)
+        names.append(spec)
     ms = sorted(int(m) for m in args.m.split(","))
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     if args.jobs > 1:

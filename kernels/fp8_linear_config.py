@@ -118,7 +118,10 @@ def table_config(m: int, n: int, k: int, device: torch.device | None) -> dict | 
     if not buckets:
         return None
     best = min(buckets, key=lambda b: (abs(math.log(max(b, 1)) - math.log(max(m, 1))), b))
-    cfg = normalize(buckets[best], k)
+    cfg = dict(buckets[best])
+    # a bucket's split K, used for more rows, stays under the cap of the heuristic: partials <= the weight's bytes
+    cfg["SPLIT_K"] = max(1, min(cfg.get("SPLIT_K", 1), k // (8 * max(m, 1))))
+    cfg = normalize(cfg, k)
     check_config(cfg)
     return cfg
 

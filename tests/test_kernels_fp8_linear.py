@@ -185,6 +185,14 @@ def test_table_lookup_nearest_bucket_and_fallback(tmp_path, monkeypatch, fresh_c
     assert fp8_linear_config.table_config(5000, 256, 384, dev)["BLOCK_M"] == 64
     got = fp8_linear_config.table_config(1, 256, 384, dev)
     assert got["SPLIT_K"] == 3 and got["k_blocks_per_split"] == 1  # capped at the 3 K blocks
+    assert fp8_linear_config.table_config(3, 256, 384, dev)["SPLIT_K"] == 3
+    assert fp8_linear_config.table_config(20, 256, 2048, dev) is None
+    _write_table(tmp_path, monkeypatch, {"n256_k2048": {"1": small}})
+    fp8_linear_config.clear_cache()
+    assert fp8_linear_config.table_config(1, 256, 2048, dev)["SPLIT_K"] == 4
+    assert fp8_linear_config.table_config(100, 256, 2048, dev)["SPLIT_K"] == 2  # fp32 partials <= weight bytes
+    _write_table(tmp_path, monkeypatch, {"n256_k384": {"1": small, "64": mid}})
+    fp8_linear_config.clear_cache()
     assert fp8_linear_config.table_config(1, 128, 384, dev) is None  # a shape the table lacks
     assert fp8_linear_config.get_config(1, 128, 384, dev, 4) == _config(1, 128, 384, 4)
     # the wrapper takes the table's config: a gemv that the heuristic never picks, same result
