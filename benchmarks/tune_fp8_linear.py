@@ -2,6 +2,7 @@
 
 python benchmarks/tune_fp8_linear.py --out DIR [--budget-s 200] [--jobs 12] [--m 1,2,4,...] [--shapes qkv,o,...]
                                      [--extra-shapes 2560x2048,...]  (N x K of other layers, e.g. a TP shard's)
+TRITON_INTERPRET=1 python benchmarks/tune_fp8_linear.py --smoke --m 1,20  (a CPU: the script's logic on a tiny shape)
 
 For each shape (bench_fp8_linear.py's, Qwen3-30B-A3B and a dense 8B MLP, and GLM-4.5-Air's attention and
 shared-expert shapes) and M bucket, candidates by M range:
@@ -46,9 +47,13 @@ from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref
 from kernels.fp8_linear_config import KEYS, _split, config_file_name, shape_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
-TOL = 2e-2
 M_BUCKETS = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096"
 SMEM_BYTES = 220 * 1024  # a config whose pipeline stages need more is not tried
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --smoke under TRITON_INTERPRET=1 (the logic only)
+SMOKE_SHAPES = {"smoke": (256, 384)}
+# relative error vs w8a8_block_linear_ref above which a config is dropped; the interpreter rounds fp32 -> e4m3
+# differently from torch (see tests/test_kernels_fp8_linear.py)
+TOL = 2e-2 if DEVICE == "cuda" else 0.15
 
 
 def _cfg(kernel: str, bm: int, bn: int, warps: int, stages: int, quant_a: int = 0, swap: int = 0,
@@ -156,6 +161,10 @@ def precompile(cfgs: list[dict], jobs: int) -> None:
 
 def time_graph_us(fn, rep_ms: float) -> float:
     """Median microseconds of one replay of a CUDA graph holding fn() (fn already ran once eagerly)."""
+    if DEVICE == "cpu":  # the interpreter smoke test: one call's wall time
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -198,9 +207,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budget: Budget, rep_ms: float) -> dict:
     n, k = ALL_SHAPES[name]
     qs, ws = weights[name]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(m))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype, generator=torch.Generator(DEVICE).manual_seed(m))
     ref = w8a8_block_linear_ref(x, *qs[0])
-    bf16_us = time_graph_us(lambda: [F.linear(x, w) for w in ws], rep_ms) / NUM_ROT
+    bf16_us = time_graph_us(lambda: [F.linear(x, w) for w in ws], rep_ms) / len(ws)
     weight_bytes = n * k + 4 * (n // 128) * (k // 128)
     floor_us = max((weight_bytes + 2 * m * (k + n)) / ceil["copy_tbps"] / 1e6,
                    2 * m * n * k / ceil["fp8_tflops"] / 1e6)
@@ -210,10 +220,11 @@ def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budge
             continue
         try:
             err = rel_err(w8a8_block_linear(x, *qs[0], config=cfg), ref)  # also the eager warm-up call
-            us = time_graph_us(lambda c=cfg: [w8a8_block_linear(x, q, s, config=c) for q, s in qs], rep_ms) / NUM_ROT
+            us = time_graph_us(lambda c=cfg: [w8a8_block_linear(x, q, s, config=c) for q, s in qs], rep_ms) / len(qs)
             us = us if err < TOL else math.inf
         except Exception as exc:  # noqa: BLE001  out of shared memory / registers
-            torch.cuda.synchronize()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             us, err = math.inf, math.nan
             print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
         rows.append({"cfg": cfg, "us": us, "err": err})
@@ -222,7 +233,9 @@ def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budge
     heuristic = rows[0] if rows else None  # candidates() puts the heuristic's config first
     case = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": bf16_us, "floor_us": floor_us, "rows": rows,
             "best": best, "heuristic_us": heuristic["us"] if heuristic else math.nan}
-    if best:
+    if not best:
+        print(f"{name:16s} M={m:5d} [{n}x{k}] no candidate passed ({len(rows)} tried)", flush=True)
+    else:
         c = best["cfg"]
         print(f"{name:16s} M={m:5d} [{n}x{k}] best {best['us']:8.1f} us (heuristic {case['heuristic_us']:8.1f}, "
               f"bf16 {bf16_us:8.1f}, floor {floor_us:7.1f}: {floor_us / best['us']:.2f} of floor, "
@@ -232,17 +245,18 @@ def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budge
     return case
 
 
-def make_weights(names: list[str]) -> dict:
+def make_weights(names: list[str], num_rot: int) -> dict:
     out = {}
     for name in names:
         n, k = ALL_SHAPES[name]
-        gen = torch.Generator(device="cuda").manual_seed(n + k)
-        ws = [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5 for _ in range(NUM_ROT)]
+        gen = torch.Generator(device=DEVICE).manual_seed(n + k)
+        dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+        ws = [torch.randn(n, k, device=DEVICE, generator=gen, dtype=dtype) / k**0.5 for _ in range(num_rot)]
         out[name] = ([quantize_weight_block(w) for w in ws], ws)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--budget-s", type=float, default=200.0, help="stop timing new candidates after this long")
@@ -251,12 +265,17 @@ def main() -> None:
     ap.add_argument("--m", default=M_BUCKETS)
     ap.add_argument("--shapes", default=",".join(ALL_SHAPES))
     ap.add_argument("--extra-shapes", default="", help="more N x K shapes, e.g. 2560x2048,1024x4096")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("tune_fp8_linear needs a CUDA GPU (FP8 tensor cores: sm89 or newer)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1: one tiny shape, the logic only")
+    args = ap.parse_args(argv)
+    if DEVICE == "cpu" and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise SystemExit("tune_fp8_linear needs a CUDA GPU (FP8 tensor cores: sm89 or newer); on a CPU only "
+                         "TRITON_INTERPRET=1 ... --smoke")
     t_start = time.time()
     out = Path(args.out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        ALL_SHAPES.update(SMOKE_SHAPES)
+        args.shapes, args.jobs = ",".join(SMOKE_SHAPES), 1
     names = args.shapes.split(",") if args.shapes else []
     unknown = [s for s in names if s not in ALL_SHAPES]
     if unknown:
@@ -271,7 +290,7 @@ def main() -> None:
         ALL_SHAPES[spec] = (n, k)
         names.append(spec)
     ms = sorted(int(m) for m in args.m.split(","))
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
     if args.jobs > 1:
         plan = {}
         for name in names:
@@ -280,21 +299,21 @@ def main() -> None:
                 for cfg in candidates(m, n, k, num_sms):
                     plan.setdefault(binary_key(cfg), cfg)
         precompile(list(plan.values()), args.jobs)
-    ceil = measure_ceilings()
+    ceil = measure_ceilings() if DEVICE == "cuda" else {"copy_tbps": 1.0, "bf16_tflops": 1.0, "fp8_tflops": 1.0}
     print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s, fp8 {ceil['fp8_tflops']:.0f} TFLOP/s, {num_sms} SMs",
           flush=True)
-    weights = make_weights(names)
+    weights = make_weights(names, NUM_ROT if DEVICE == "cuda" else 1)
     budget = Budget(args.budget_s - (time.time() - t_start))
     cases = [sweep_case(name, m, weights, ceil, num_sms, budget, args.rep_ms) for m in ms for name in names]
     table: dict[str, dict[str, dict]] = {}
     for c in cases:
         if c["best"]:
             table.setdefault(shape_key(c["n"], c["k"]), {})[str(c["m"])] = c["best"]["cfg"]
-    gpu = device_name(torch.device("cuda"))
+    gpu = device_name(torch.device(DEVICE))
     path = out / "configs" / config_file_name(gpu)
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
     (out / "tune_fp8_linear.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "ceilings": ceil, "cases": cases, "skipped": budget.skipped,
+        {"device": gpu, "ceilings": ceil, "cases": cases, "skipped": budget.skipped,
          "seconds": time.time() - t_start}, indent=1, default=str))
     done = [c for c in cases if c["best"]]
     fracs = [c["floor_us"] / c["best"]["us"] for c in done]

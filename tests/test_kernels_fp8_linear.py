@@ -221,3 +221,16 @@ def test_bad_config_is_rejected(tmp_path, monkeypatch, fresh_config_cache) -> No
         w8a8_block_linear(torch.randn(1, 384), q, s, config=dict(bad, KERNEL="gemv", BLOCK_N=256))
     with pytest.raises(ValueError, match="does not divide"):
         w8a8_block_linear(torch.randn(1, 384), q[:128], s[:1], config=dict(bad, BLOCK_M=16, BLOCK_N=256))
+
+
+def test_tuner_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, fresh_config_cache) -> None:
+    # benchmarks/tune_fp8_linear.py end to end on one tiny shape (the interpreter on a CPU: its logic, not timings)
+    from benchmarks import tune_fp8_linear
+
+    tune_fp8_linear.main(["--smoke", "--m", "1", "--budget-s", "3", "--rep-ms", "1", "--out", str(tmp_path)])
+    (table_file,) = (tmp_path / "configs").glob("fp8_linear_*.json")
+    monkeypatch.setattr(fp8_linear_config, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setattr(fp8_linear_config, "device_name", lambda device: table_file.stem.removeprefix("fp8_linear_"))
+    cfg = fp8_linear_config.table_config(2, 256, 384, torch.device(DEVICE))
+    assert cfg is not None and set(fp8_linear_config.KEYS) <= set(cfg)
+    assert json.loads((tmp_path / "tune_fp8_linear.json").read_text())["cases"][0]["best"] is not None
