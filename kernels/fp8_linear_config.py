@@ -51,13 +51,15 @@ def _split(m: int, n: int, k: int, block_m: int, block_n: int, num_sms: int, pro
 def default_config(m: int, n: int, k: int, num_sms: int) -> dict:
     """The heuristic, for a GPU or shape without a table entry.
 
-    Decode (M <= 64): narrow column tiles, the activations quantized inside the GEMM (no extra launch), K split
-    until ~2 programs per SM stream the weight, the partials summed by the tile's last program (no extra launch).
-    M <= 256: a separate (fully parallel) quantization launch, 64-row tiles, column tiles narrow enough for a
-    wave of programs. Prefill: square 128 tiles, grouped for L2 reuse."""
+    Decode (M <= 64): narrow column tiles, K split until ~2 programs per SM stream the weight, the partials summed
+    by the tile's last program (no extra launch). Up to 16 rows the GEMM quantizes the activations itself (one
+    launch fewer; measured on an H200: M=8 as fast as M=1); beyond, a separate fully parallel launch does (with
+    64-row tiles the in-GEMM quantization made M=64 1.3-2.9x slower than M=1 at the same weight bytes).
+    M <= 256: 64-row tiles, column tiles narrow enough for a wave of programs. Prefill: square 128 tiles,
+    grouped for L2 reuse."""
     if m <= 64:
         cfg = {"KERNEL": "dot", "BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "GROUP_M": 1,
-               "num_warps": 4, "num_stages": 4, "QUANT_A": 1, "SWAP_AB": 0}
+               "num_warps": 4, "num_stages": 4, "QUANT_A": int(m <= 16), "SWAP_AB": 0}
     elif m <= 256:
         block_n = 128 if triton.cdiv(m, 64) * (n // 128) >= num_sms else 64
         cfg = {"KERNEL": "dot", "BLOCK_M": 64, "BLOCK_N": block_n, "GROUP_M": 8, "num_warps": 4, "num_stages": 4,

@@ -78,6 +78,16 @@ def test_config_splits_k_only_for_few_tiles() -> None:
     assert _config(256, 2048, 4096, num_sms=132)["SPLIT_K"] == 2  # 32 tiles, but partials capped by weight bytes
 
 
+def test_heuristic_quantizes_in_the_gemm_only_for_few_rows() -> None:
+    # the H200 numbers behind it: in-GEMM quantization free at 16-row tiles, costly at 64; the reduce launch saved
+    assert _config(8, 5120, 2048, num_sms=132)["QUANT_A"] == 1
+    assert _config(64, 5120, 2048, num_sms=132)["QUANT_A"] == 0
+    cfg = _config(1, 2048, 4096, num_sms=132)
+    assert cfg["SPLIT_K"] > 1 and cfg["FUSED_REDUCE"] == 1
+    cfg = _config(256, 2048, 4096, num_sms=132)  # 4 x 32 tiles of 64 x 64: a wave of programs, not 2 x 16 of 128
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["QUANT_A"]) == (64, 64, 0)
+
+
 def test_w8a8_block_linear_leading_dims_and_empty() -> None:
     gen = torch.Generator().manual_seed(0)
     q, s, _ = _weight(128, 256, gen)
