@@ -18,6 +18,7 @@ import functools
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import zeroed_counters
 from kernels.fp8 import (
@@ -33,6 +34,7 @@ from kernels.fp8_linear_kernels import (
     _act_quant_kernel,
     _split_k_reduce_kernel,
     _w8a8_dot_kernel,
+    _w8a8_dot_tma_kernel,
     _w8a8_gemv_kernel,
 )
 
@@ -131,12 +133,21 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     counters = zeroed_counters(_COUNTERS, tiles, x.device, 4096) if mode == 2 else out
     bias_arg = bias if has_bias else out
     grid = (tiles, split)
-    common = dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_MODE=mode, FP8_MAX_C=FP8_MAX,
-                  MIN_SCALE=_MIN_SCALE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_MODE=mode, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    quant = dict(FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE)  # the kernels that quantize the activations themselves
+    use_tma = bool(cfg["TMA"]) and weight.data_ptr() % 16 == 0 and weight.stride(0) % 16 == 0
     if cfg["KERNEL"] == "gemv":
         _w8a8_gemv_kernel[grid](
             x2, weight, weight_scale_inv, bias_arg, out, part, counters, m, n, k, cfg["k_blocks_per_split"], split,
-            x2.stride(0), weight.stride(0), weight_scale_inv.stride(0), n, **common)
+            x2.stride(0), weight.stride(0), weight_scale_inv.stride(0), n, **common, **quant)
+    elif use_tma:
+        q, s = quantize_activations(x2)
+        a_desc = TensorDescriptor(q, [m, k], [q.stride(0), 1], [block_m, FP8_BLOCK])
+        w_desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [block_n, FP8_BLOCK])
+        _w8a8_dot_tma_kernel[grid](
+            a_desc, s, w_desc, weight_scale_inv, bias_arg, out, part, counters, m, n, k, cfg["k_blocks_per_split"],
+            split, cfg["GROUP_M"], s.stride(0), weight_scale_inv.stride(0), n, **common)
     else:
         quant_a = bool(cfg["QUANT_A"])
         # [M, K] e4m3, [M, K/128] fp32; or quantized inside the GEMM (x2 and a dummy scale pointer)
@@ -144,7 +155,7 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
         _w8a8_dot_kernel[grid](
             q, s, weight, weight_scale_inv, bias_arg, out, part, counters, m, n, k, cfg["k_blocks_per_split"],
             split, cfg["GROUP_M"], q.stride(0), s.stride(0), weight.stride(0), weight_scale_inv.stride(0), n,
-            QUANT_A=quant_a, SWAP_AB=bool(cfg["SWAP_AB"]), **common)
+            QUANT_A=quant_a, SWAP_AB=bool(cfg["SWAP_AB"]), **common, **quant)
     if mode == 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](

@@ -10,6 +10,7 @@ bucket (log scale); a shape or GPU the table lacks gets default_config. A config
 - QUANT_A (dot): 1 quantizes the activations on every tile the GEMM loads, 0 in a separate launch first
   (the gemv always quantizes its few rows itself);
 - SWAP_AB (dot): 1 computes each tile as W x^T (the weight rows on the MMA's 64-row side);
+- TMA (dot, QUANT_A 0, SWAP_AB 0): 1 loads both operands with tensor descriptors (Hopper TMA);
 - SPLIT_K: programs per output tile along K (fp32 partials), FUSED_REDUCE: 1 = the tile's last program sums
   them, 0 = one more launch does.
 The wrapper adds k_blocks_per_split (normalize()).
@@ -30,7 +31,7 @@ from kernels.moe_config import device_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 KEYS = ("KERNEL", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "QUANT_A", "SWAP_AB", "SPLIT_K",
-        "FUSED_REDUCE")
+        "FUSED_REDUCE", "TMA")
 
 
 def config_file_name(gpu: str) -> str:
@@ -75,7 +76,7 @@ def default_config(m: int, n: int, k: int, num_sms: int) -> dict:
 def normalize(cfg: dict, k: int) -> dict:
     """A copy with the defaults of older / hand-written configs filled in, SPLIT_K capped at the K blocks and
     evened out so that no split is empty, and k_blocks_per_split added."""
-    cfg = {"KERNEL": "dot", "GROUP_M": 1, "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, **cfg}
+    cfg = {"KERNEL": "dot", "GROUP_M": 1, "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, "TMA": 0, **cfg}
     k_blocks = k // FP8_BLOCK
     if "k_blocks_per_split" in cfg:  # a test's explicit split
         per = cfg["k_blocks_per_split"]
@@ -98,6 +99,8 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"fp8 linear config BLOCK_N={cfg['BLOCK_N']} too wide for the {cfg['KERNEL']} kernel")
     if cfg["KERNEL"] == "dot" and min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
         raise ValueError(f"fp8 linear config {cfg}: the dot kernel needs BLOCK_M and BLOCK_N >= 16 (tl.dot)")
+    if cfg["TMA"] and (cfg["KERNEL"] != "dot" or cfg["QUANT_A"] or cfg["SWAP_AB"]):
+        raise ValueError(f"fp8 linear config {cfg}: TMA is for the dot kernel on pre-quantized activations, unswapped")
     if cfg["SPLIT_K"] < 1 or cfg["GROUP_M"] < 1:
         raise ValueError(f"fp8 linear config {cfg}: SPLIT_K and GROUP_M must be >= 1")
 

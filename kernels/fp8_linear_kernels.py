@@ -4,6 +4,8 @@
   (one activation / weight scale each). QUANT_A quantizes the 16/32-bit activations on each tile it loads;
   SWAP_AB computes the tile as W x^T ([BLOCK_N, BLOCK_M]: the weight rows fill the MMA's 64-row side when there
   are only a few tokens).
+- _w8a8_dot_tma_kernel: the same GEMM on pre-quantized activations with both operands loaded by TMA (Hopper
+  tensor descriptors).
 - _w8a8_gemv_kernel: no tensor cores, for a handful of rows: each program streams a [BLOCK_N, 128] weight tile
   per K step, dequantized to fp32 and multiply-reduced against each (quantized) activation row; tl.dot pads the
   rows to 16 and a tile to the MMA shape, this pays only for the weight bytes.
@@ -48,6 +50,17 @@ def _epilogue(acc, offs_m64, offs_n, mmask, tile, pid_k, M, N, split_k, bias_ptr
                 tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next launch
 
 
+@triton.jit
+def _tile_of(pid, M, N, group_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grouped order: group_m row tiles walk the column tiles together, so a weight tile is reused from L2
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = N // BLOCK_N
+    width = group_m * num_pid_n
+    first_m = (pid // width) * group_m
+    group_rows = tl.minimum(num_pid_m - first_m, group_m)
+    return first_m + (pid % width) % group_rows, (pid % width) // group_rows
+
+
 # one variant for every M and K: the scale strides (K / 128) and the runtime counts are not specialized on
 @triton.jit(do_not_specialize=["M", "k_blocks_per_split", "split_k", "group_m", "stride_asm", "stride_wsn"])
 def _w8a8_dot_kernel(
@@ -61,14 +74,7 @@ def _w8a8_dot_kernel(
     BLOCK_K: tl.constexpr = 128
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = N // BLOCK_N
-    # grouped order: group_m row tiles walk the column tiles together, so a weight tile is reused from L2
-    width = group_m * num_pid_n
-    first_m = (pid // width) * group_m
-    group_rows = tl.minimum(num_pid_m - first_m, group_m)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = _tile_of(pid, M, N, group_m, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < M
     offs_m64 = offs_m.to(tl.int64)
@@ -118,6 +124,43 @@ def _w8a8_dot_kernel(
         w_ptrs += BLOCK_K
     if SWAP_AB:
         acc = tl.trans(acc)
+    _epilogue(acc, offs_m64, offs_n, mmask, pid, pid_k, M, N, split_k, bias_ptr, out_ptr, part_ptr, counter_ptr,
+              stride_om, HAS_BIAS, SPLIT_MODE)
+
+
+@triton.jit(do_not_specialize=["M", "k_blocks_per_split", "split_k", "group_m", "stride_asm", "stride_wsn"])
+def _w8a8_dot_tma_kernel(
+    a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_blocks_per_split,
+    split_k, group_m, stride_asm, stride_wsn, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MODE: tl.constexpr,
+):
+    # _w8a8_dot_kernel with pre-quantized activations, both operands loaded by TMA (tensor descriptors a [M, K]
+    # e4m3, block [BLOCK_M, 128], rows past M read as zeros; w [N, K] e4m3, block [BLOCK_N, 128]): no address
+    # registers per element, so wider tiles fit
+    BLOCK_K: tl.constexpr = 128
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_of(pid, M, N, group_m, BLOCK_M, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    as_ptrs = a_scale_ptr + offs_m64 * stride_asm  # [BLOCK_M]
+    if BLOCK_N <= 128:
+        ws_ptrs = w_scale_ptr + (pid_n * BLOCK_N // 128) * stride_wsn
+    else:
+        ws_ptrs = w_scale_ptr + (offs_n // 128) * stride_wsn  # [BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    first_kb = pid_k * k_blocks_per_split
+    for kb in range(first_kb, tl.minimum(first_kb + k_blocks_per_split, K // BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        a_s = tl.load(as_ptrs + kb, mask=mmask, other=0.0)
+        w_s = tl.load(ws_ptrs + kb)
+        if BLOCK_N <= 128:
+            acc += tl.dot(a, w.T) * (a_s[:, None] * w_s)
+        else:
+            acc += tl.dot(a, w.T) * (a_s[:, None] * w_s[None, :])
     _epilogue(acc, offs_m64, offs_n, mmask, pid, pid_k, M, N, split_k, bias_ptr, out_ptr, part_ptr, counter_ptr,
               stride_om, HAS_BIAS, SPLIT_MODE)
 

@@ -112,30 +112,32 @@ def _exact(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch
     return (a.float() * a_s.repeat_interleave(FP8_BLOCK, -1)) @ w.t() + (0 if bias is None else bias.float())
 
 
-VARIANTS = [  # (kernel, BLOCK_M, BLOCK_N, QUANT_A, SWAP_AB, SPLIT_K, FUSED_REDUCE)
-    ("gemv", 1, 32, 0, 0, 1, 0),
-    ("gemv", 2, 128, 0, 0, 2, 1),
-    ("gemv", 4, 64, 0, 0, 3, 0),
-    ("gemv", 8, 16, 0, 0, 2, 1),
-    ("dot", 16, 64, 1, 1, 2, 1),  # swapped, activations quantized in the GEMM
-    ("dot", 32, 32, 0, 1, 1, 0),  # swapped, separate quantization launch
-    ("dot", 16, 256, 0, 0, 3, 1),  # two weight-scale rows per tile
-    ("dot", 32, 256, 1, 1, 2, 0),
-    ("dot", 16, 128, 0, 0, 2, 0),  # split K, one reduce launch
+VARIANTS = [  # (kernel, BLOCK_M, BLOCK_N, QUANT_A, SWAP_AB, SPLIT_K, FUSED_REDUCE, TMA)
+    ("gemv", 1, 32, 0, 0, 1, 0, 0),
+    ("gemv", 2, 128, 0, 0, 2, 1, 0),
+    ("gemv", 4, 64, 0, 0, 3, 0, 0),
+    ("gemv", 8, 16, 0, 0, 2, 1, 0),
+    ("dot", 16, 64, 1, 1, 2, 1, 0),  # swapped, activations quantized in the GEMM
+    ("dot", 32, 32, 0, 1, 1, 0, 0),  # swapped, separate quantization launch
+    ("dot", 16, 256, 0, 0, 3, 1, 0),  # two weight-scale rows per tile
+    ("dot", 32, 256, 1, 1, 2, 0, 0),
+    ("dot", 16, 128, 0, 0, 2, 0, 0),  # split K, one reduce launch
+    ("dot", 16, 64, 0, 0, 2, 1, 1),  # tensor descriptors (TMA)
+    ("dot", 32, 256, 0, 0, 1, 0, 1),
 ]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("m", [1, 3, 21])
 def test_w8a8_block_linear_variants(variant: tuple, m: int) -> None:
-    kernel, block_m, block_n, quant_a, swap, split, fused = variant
+    kernel, block_m, block_n, quant_a, swap, split, fused, tma = variant
     gen = torch.Generator().manual_seed(m + block_n)
     q, s, w = _weight(256, 384, gen)
     dtype = torch.float16 if (m + block_m) % 2 else torch.float32
     x = (torch.randn(m, 384, generator=gen) * torch.logspace(-1, 1, 384)).to(DEVICE, dtype)
     bias = torch.randn(256, generator=gen).to(DEVICE, dtype) if m != 3 else None
     cfg = {"KERNEL": kernel, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
-           "QUANT_A": quant_a, "SWAP_AB": swap, "SPLIT_K": split, "FUSED_REDUCE": fused}
+           "QUANT_A": quant_a, "SWAP_AB": swap, "SPLIT_K": split, "FUSED_REDUCE": fused, "TMA": tma}
     y = w8a8_block_linear(x, q, s, bias, config=cfg)
     assert y.dtype == dtype and y.shape == (m, 256)
     tol = 2e-3 if dtype == torch.float32 else 5e-3
@@ -227,6 +229,8 @@ def test_bad_config_is_rejected(tmp_path, monkeypatch, fresh_config_cache) -> No
     with pytest.raises(ValueError, match="BLOCK_M and BLOCK_N >= 16"):
         fp8_linear_config.table_config(1, 256, 384, torch.device("cpu"))
     q, s = quantize_weight_block(torch.randn(256, 384))
+    with pytest.raises(ValueError, match="TMA is for"):
+        w8a8_block_linear(torch.randn(1, 384), q, s, config=dict(bad, BLOCK_M=16, QUANT_A=1, TMA=1))
     with pytest.raises(ValueError, match="too wide"):
         w8a8_block_linear(torch.randn(1, 384), q, s, config=dict(bad, KERNEL="gemv", BLOCK_N=256))
     with pytest.raises(ValueError, match="does not divide"):
