@@ -9,7 +9,8 @@ bytes of bf16. For a handful of rows a dot-free GEMV kernel streams the weight i
 Few rows give few output tiles: the K loop is then split over several programs (fp32 partials, summed by the
 last program of each tile or by one small reduce launch) so that enough weight bytes are in flight.
 The tiling comes from a table tuned on the GPU (kernels/configs/fp8_linear_<gpu>.json, nearest M bucket) or a
-heuristic (kernels/fp8_linear_config.py); the kernels are in kernels/fp8_linear_kernels.py.
+heuristic (kernels/fp8_linear_config.py); the kernels (tensor-core GEMM, its TMA variant, the GEMV, the
+activation quantization) are in kernels/fp8_linear_kernels.py.
 """
 
 from __future__ import annotations

@@ -113,10 +113,10 @@ def _exact(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 VARIANTS = [  # (kernel, BLOCK_M, BLOCK_N, QUANT_A, SWAP_AB, SPLIT_K, FUSED_REDUCE, TMA)
-    ("gemv", 1, 32, 0, 0, 1, 0, 0),
-    ("gemv", 2, 128, 0, 0, 2, 1, 0),
+    ("gemv", 1, 128, 0, 0, 1, 0, 0),
+    ("gemv", 2, 64, 0, 0, 2, 1, 0),
     ("gemv", 4, 64, 0, 0, 3, 0, 0),
-    ("gemv", 8, 16, 0, 0, 2, 1, 0),
+    ("gemv", 8, 32, 0, 0, 2, 1, 0),
     ("dot", 16, 64, 1, 1, 2, 1, 0),  # swapped, activations quantized in the GEMM
     ("dot", 32, 32, 0, 1, 1, 0, 0),  # swapped, separate quantization launch
     ("dot", 16, 256, 0, 0, 3, 1, 0),  # two weight-scale rows per tile
@@ -128,14 +128,14 @@ VARIANTS = [  # (kernel, BLOCK_M, BLOCK_N, QUANT_A, SWAP_AB, SPLIT_K, FUSED_REDU
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
-@pytest.mark.parametrize("m", [1, 3, 21])
+@pytest.mark.parametrize("m", [1, 21])
 def test_w8a8_block_linear_variants(variant: tuple, m: int) -> None:
     kernel, block_m, block_n, quant_a, swap, split, fused, tma = variant
     gen = torch.Generator().manual_seed(m + block_n)
     q, s, w = _weight(256, 384, gen)
     dtype = torch.float16 if (m + block_m) % 2 else torch.float32
     x = (torch.randn(m, 384, generator=gen) * torch.logspace(-1, 1, 384)).to(DEVICE, dtype)
-    bias = torch.randn(256, generator=gen).to(DEVICE, dtype) if m != 3 else None
+    bias = torch.randn(256, generator=gen).to(DEVICE, dtype) if (m + block_n) % 3 else None
     cfg = {"KERNEL": kernel, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
            "QUANT_A": quant_a, "SWAP_AB": swap, "SPLIT_K": split, "FUSED_REDUCE": fused, "TMA": tma}
     y = w8a8_block_linear(x, q, s, bias, config=cfg)
@@ -148,10 +148,10 @@ def test_w8a8_block_linear_variants(variant: tuple, m: int) -> None:
 def test_fused_split_reduce_leaves_counters_at_zero() -> None:
     # the last program of each tile resets its counter: a second call (a CUDA graph replay) counts from zero again
     gen = torch.Generator().manual_seed(5)
-    q, s, w = _weight(256, 512, gen)
-    x = torch.randn(5, 512, generator=gen).to(DEVICE)
-    cfg = {"KERNEL": "gemv", "BLOCK_M": 4, "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
-           "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 4, "FUSED_REDUCE": 1}
+    q, s, w = _weight(128, 384, gen)
+    x = torch.randn(5, 384, generator=gen).to(DEVICE)
+    cfg = {"KERNEL": "gemv", "BLOCK_M": 8, "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+           "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 3, "FUSED_REDUCE": 1}
     first = w8a8_block_linear(x, q, s, config=cfg)
     assert int(fp8_linear._COUNTERS[x.device].abs().sum()) == 0
     torch.testing.assert_close(w8a8_block_linear(x, q, s, config=cfg), first)
