@@ -40,10 +40,11 @@ def _epilogue(acc, offs_m64, offs_n, mmask, tile, pid_k, M, N, split_k, bias_ptr
             # every thread's partial stores precede the release of the counter; the last split of the tile sums
             tl.debug_barrier()
             if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == split_k - 1:
+                # summed in split order, its own share too: the same bits whichever split finished last
+                acc = tl.zeros_like(acc)
                 for s in range(split_k):
-                    if s != pid_k:  # its own share is still in registers
-                        acc += tl.load(part_ptr + s * numel + tile_offs, mask=mmask[:, None], other=0.0,
-                                       cache_modifier=".cg")
+                    acc += tl.load(part_ptr + s * numel + tile_offs, mask=mmask[:, None], other=0.0,
+                                   cache_modifier=".cg")
                 if HAS_BIAS:
                     acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
                 tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None])

@@ -158,6 +158,18 @@ def test_fused_split_reduce_leaves_counters_at_zero() -> None:
     torch.testing.assert_close(first, _exact(x, w, None), atol=2e-3, rtol=2e-3)
 
 
+def test_fused_split_reduce_is_deterministic() -> None:
+    # the tile's last program sums the partials in split order, as the reduce launch does: the same bits whichever
+    # split finished last (fp32 output, so that no rounding to 16 bits hides a different summation order)
+    gen = torch.Generator().manual_seed(6)
+    q, s, _ = _weight(128, 640, gen)
+    x = torch.randn(3, 640, generator=gen).to(DEVICE)
+    cfg = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+           "QUANT_A": 1, "SWAP_AB": 0, "SPLIT_K": 5, "FUSED_REDUCE": 1}
+    fused = w8a8_block_linear(x, q, s, config=cfg)
+    assert torch.equal(fused, w8a8_block_linear(x, q, s, config=dict(cfg, FUSED_REDUCE=0)))
+
+
 def test_quantize_activations_matches_group_quant() -> None:
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(37, 384, generator=gen) * torch.logspace(-2, 2, 384)).to(DEVICE)
