@@ -8,8 +8,10 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 rm -f kernels/configs/fp8_linear_*.json  # the first benchmark runs the heuristic
 timeout 100 python3 -m pytest -q tests/test_kernels_fp8_linear.py tests/test_fp8_linear_model.py 2>&1 | tail -4
-timeout 100 python3 benchmarks/bench_fp8_linear.py --out $OUT/heuristic --m 1,8,64,256,1024,4096 2>&1 | tail -26
-timeout 220 python3 benchmarks/tune_fp8_linear.py --out $OUT/tune --budget-s 170 --jobs 14 2>&1 \
-  | grep -v "^    skip" | tail -110
+timeout 100 python3 benchmarks/bench_fp8_linear.py --out $OUT/heuristic --m 1,8,64,256,1024,4096 2>&1 \
+  | tee $OUT/bench_heuristic.log | tail -3
+timeout 220 python3 benchmarks/tune_fp8_linear.py --out $OUT/tune --budget-s 170 --jobs 14 > $OUT/tune.log 2>&1
+grep -v "^    skip" $OUT/tune.log | tail -12
 cp $OUT/tune/configs/fp8_linear_*.json kernels/configs/
-timeout 150 python3 benchmarks/bench_fp8_linear.py --out $OUT/tuned --m 1,8,64,256,1024,4096 2>&1 | tail -26
+timeout 150 python3 benchmarks/bench_fp8_linear.py --out $OUT/tuned --m 1,8,64,256,1024,4096 2>&1 \
+  | tee $OUT/bench_tuned.log | tail -26
