@@ -2,6 +2,10 @@
 
 python benchmarks/bench_fp8_linear.py --out DIR [--m 1,8,64,256,1024,4096] [--shapes qkv,o,...]
 
+Each row runs the config the wrapper picks: the tuned table's (kernels/configs/fp8_linear_<gpu>.json, written by
+benchmarks/tune_fp8_linear.py) or, without one, the heuristic's (the row's JSON holds it); 'heuristic' times the
+heuristic's config too where the table picked another.
+
 Times CUDA-graph replays (median) of NUM_ROT weight copies in turn, so that replays do not find the previous
 one's weights in L2 (a Qwen3-30B-A3B qkv weight is 10 MiB; L2 is 50-60 MiB). The floor is max(bytes / copy
 bandwidth, FLOPs / FP8 matmul rate), both measured in this run; bytes count the FP8 weight and its scales, the
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.fp8_linear import _config, _num_sms, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.fp8_linear import _config, _num_sms, _resolve, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 SHAPES = {  # name: (N, K)
     "qkv": (5120, 2048),  # Qwen3-30B-A3B: 32 q + 4 k + 4 v heads of 128, hidden 2048
@@ -31,11 +35,18 @@ SHAPES = {  # name: (N, K)
     "gate_up": (2 * 14336, 4096),  # a dense 8B MLP (Llama-3-8B)
     "down": (4096, 14336),
 }
+GLM_SHAPES = {  # GLM-4.5-Air: 96 q + 8 k + 8 v heads of 128, hidden 4096; the shared expert (intermediate 1408)
+    "glm_qkv": (14336, 4096),
+    "glm_o": (4096, 12288),
+    "glm_shared_gate_up": (2 * 1408, 4096),
+    "glm_shared_down": (4096, 1408),
+}
+ALL_SHAPES = {**SHAPES, **GLM_SHAPES}
 NUM_ROT = 8
 
 
 def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
-    n, k = SHAPES[name]
+    n, k = ALL_SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(m)
     ws = [torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5 for _ in range(NUM_ROT)]
     qs = [quantize_weight_block(w) for w in ws]
@@ -56,12 +67,16 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
     weight_bytes = n * k + 4 * (n // 128) * (k // 128)
     io_bytes = 2 * m * (k + n)
     floor_us = max((weight_bytes + io_bytes) / ceil["copy_tbps"] / 1e6, 2 * m * n * k / ceil["fp8_tflops"] / 1e6)
-    cfg = _config(m, n, k, _num_sms(x.device))
+    cfg = _resolve(m, n, k, x.device)  # the tuned table's (kernels/configs/fp8_linear_<gpu>.json) or heuristic's
+    heur = _config(m, n, k, _num_sms(x.device))
+    heur_us = us if heur == cfg else bench_graph(
+        lambda: [w8a8_block_linear(x, q, s, config=heur) for q, s in qs]) / NUM_ROT
     row = {"shape": name, "n": n, "k": k, "m": m, "us": us, "bf16_us": bf16_us, "floor_us": floor_us,
            "of_floor": floor_us / us, "vs_bf16": bf16_us / us, "weight_tbps": weight_bytes / us / 1e6,
-           "rel_err_vs_ref": err, "config": cfg}
+           "rel_err_vs_ref": err, "config": cfg, "heuristic_us": heur_us}
     print(f"{name:8s} M={m:5d} [{n}x{k}] ours {us:8.1f} us  bf16 {bf16_us:8.1f} us  floor {floor_us:7.1f} us  "
-          f"of floor {row['of_floor']:.2f}  x bf16 {row['vs_bf16']:.2f}  split {cfg['SPLIT_K']}  err {err:.1e}",
+          f"of floor {row['of_floor']:.2f}  x bf16 {row['vs_bf16']:.2f}  heuristic {heur_us:8.1f} us  "
+          f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} split {cfg['SPLIT_K']}  err {err:.1e}",
           flush=True)
     return row
 
@@ -70,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--m", default="1,8,64,256,1024,4096")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {','.join(ALL_SHAPES)}")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_linear needs a CUDA GPU (FP8 tensor cores: sm89 or newer)")

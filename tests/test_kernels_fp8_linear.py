@@ -1,5 +1,6 @@
-"""Block-scaled FP8 linear (W8A8): the Triton kernel against its torch reference."""
+"""Block-scaled FP8 linear (W8A8): the Triton kernels against their torch reference, the config table lookup."""
 
+import json
 import os
 
 import pytest
@@ -8,7 +9,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, quantize_weight_block  # noqa: E402
+from kernels import fp8_linear, fp8_linear_config  # noqa: E402
+from kernels.fp8 import (  # noqa: E402
+    FP8_BLOCK,
+    dequantize_weight_block,
+    per_token_group_quant,
+    per_token_group_quant_ref,
+    quantize_weight_block,
+)
 from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,6 +78,16 @@ def test_config_splits_k_only_for_few_tiles() -> None:
     assert _config(256, 2048, 4096, num_sms=132)["SPLIT_K"] == 2  # 32 tiles, but partials capped by weight bytes
 
 
+def test_heuristic_quantizes_in_the_gemm_only_for_few_rows() -> None:
+    # the H200 numbers behind it: in-GEMM quantization free at 16-row tiles, costly at 64; the reduce launch saved
+    assert _config(8, 5120, 2048, num_sms=132)["QUANT_A"] == 1
+    assert _config(64, 5120, 2048, num_sms=132)["QUANT_A"] == 0
+    cfg = _config(1, 2048, 4096, num_sms=132)
+    assert cfg["SPLIT_K"] > 1 and cfg["FUSED_REDUCE"] == 1
+    cfg = _config(256, 2048, 4096, num_sms=132)  # 4 x 32 tiles of 64 x 64: a wave of programs, not 2 x 16 of 128
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["QUANT_A"]) == (64, 64, 0)
+
+
 def test_w8a8_block_linear_leading_dims_and_empty() -> None:
     gen = torch.Generator().manual_seed(0)
     q, s, _ = _weight(128, 256, gen)
@@ -86,3 +104,159 @@ def test_w8a8_block_linear_rejects_unaligned() -> None:
     q, s = quantize_weight_block(torch.randn(128, 128))
     with pytest.raises(ValueError, match="weight_scale_inv"):
         w8a8_block_linear(torch.randn(2, 128), q, s[:, :0])
+
+
+def _exact(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # the W8A8 product given the kernels' own activation quantization (the interpreter's e4m3 rounding)
+    a, a_s = per_token_group_quant(x)
+    return (a.float() * a_s.repeat_interleave(FP8_BLOCK, -1)) @ w.t() + (0 if bias is None else bias.float())
+
+
+VARIANTS = [  # (kernel, BLOCK_M, BLOCK_N, QUANT_A, SWAP_AB, SPLIT_K, FUSED_REDUCE, TMA)
+    ("gemv", 1, 128, 0, 0, 1, 0, 0),
+    ("gemv", 2, 64, 0, 0, 2, 1, 0),
+    ("gemv", 4, 64, 0, 0, 3, 0, 0),
+    ("gemv", 8, 32, 0, 0, 2, 1, 0),
+    ("dot", 16, 64, 1, 1, 2, 1, 0),  # swapped, activations quantized in the GEMM
+    ("dot", 32, 32, 0, 1, 1, 0, 0),  # swapped, separate quantization launch
+    ("dot", 16, 256, 0, 0, 3, 1, 0),  # two weight-scale rows per tile
+    ("dot", 32, 256, 1, 1, 2, 0, 0),
+    ("dot", 16, 128, 0, 0, 2, 0, 0),  # split K, one reduce launch
+    ("dot", 16, 64, 0, 0, 2, 1, 1),  # tensor descriptors (TMA)
+    ("dot", 32, 256, 0, 0, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("m", [1, 21])
+def test_w8a8_block_linear_variants(variant: tuple, m: int) -> None:
+    kernel, block_m, block_n, quant_a, swap, split, fused, tma = variant
+    gen = torch.Generator().manual_seed(m + block_n)
+    q, s, w = _weight(256, 384, gen)
+    dtype = torch.float16 if (m + block_m) % 2 else torch.float32
+    x = (torch.randn(m, 384, generator=gen) * torch.logspace(-1, 1, 384)).to(DEVICE, dtype)
+    bias = torch.randn(256, generator=gen).to(DEVICE, dtype) if (m + block_n) % 3 else None
+    cfg = {"KERNEL": kernel, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 2, "num_warps": 4, "num_stages": 2,
+           "QUANT_A": quant_a, "SWAP_AB": swap, "SPLIT_K": split, "FUSED_REDUCE": fused, "TMA": tma}
+    y = w8a8_block_linear(x, q, s, bias, config=cfg)
+    assert y.dtype == dtype and y.shape == (m, 256)
+    tol = 2e-3 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(y.float(), _exact(x, w, bias), atol=tol, rtol=tol)
+    assert _rel_err(y, w8a8_block_linear_ref(x, q, s, bias)) < (0.01 if DEVICE == "cuda" else 0.15)
+
+
+def test_fused_split_reduce_leaves_counters_at_zero() -> None:
+    # the last program of each tile resets its counter: a second call (a CUDA graph replay) counts from zero again
+    gen = torch.Generator().manual_seed(5)
+    q, s, w = _weight(128, 384, gen)
+    x = torch.randn(5, 384, generator=gen).to(DEVICE)
+    cfg = {"KERNEL": "gemv", "BLOCK_M": 8, "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+           "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 3, "FUSED_REDUCE": 1}
+    first = w8a8_block_linear(x, q, s, config=cfg)
+    assert int(fp8_linear._COUNTERS[x.device].abs().sum()) == 0
+    torch.testing.assert_close(w8a8_block_linear(x, q, s, config=cfg), first)
+    torch.testing.assert_close(first, _exact(x, w, None), atol=2e-3, rtol=2e-3)
+
+
+def test_fused_split_reduce_is_deterministic() -> None:
+    # the tile's last program sums the partials in split order, as the reduce launch does: the same bits whichever
+    # split finished last (fp32 output, so that no rounding to 16 bits hides a different summation order)
+    gen = torch.Generator().manual_seed(6)
+    q, s, _ = _weight(128, 640, gen)
+    x = torch.randn(3, 640, generator=gen).to(DEVICE)
+    cfg = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+           "QUANT_A": 1, "SWAP_AB": 0, "SPLIT_K": 5, "FUSED_REDUCE": 1}
+    fused = w8a8_block_linear(x, q, s, config=cfg)
+    assert torch.equal(fused, w8a8_block_linear(x, q, s, config=dict(cfg, FUSED_REDUCE=0)))
+
+
+def test_quantize_activations_matches_group_quant() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(37, 384, generator=gen) * torch.logspace(-2, 2, 384)).to(DEVICE)
+    q, s = fp8_linear.quantize_activations(x)
+    q_ref, s_ref = per_token_group_quant(x)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(q.float(), q_ref.float())
+    _, s_torch = per_token_group_quant_ref(x)
+    torch.testing.assert_close(s, s_torch)
+
+
+@pytest.fixture
+def fresh_config_cache():
+    # the table file and the resolved configs are cached: a test that swaps the table starts and ends clean
+    fp8_linear_config.clear_cache()
+    fp8_linear._resolve.cache_clear()
+    yield
+    fp8_linear_config.clear_cache()
+    fp8_linear._resolve.cache_clear()
+
+
+def _write_table(tmp_path, monkeypatch, table: dict) -> None:
+    (tmp_path / fp8_linear_config.config_file_name("cpu")).write_text(json.dumps(table))
+    monkeypatch.setattr(fp8_linear_config, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(fp8_linear_config, "device_name", lambda device: "cpu")
+
+
+def test_table_lookup_nearest_bucket_and_fallback(tmp_path, monkeypatch, fresh_config_cache) -> None:
+    small = {"KERNEL": "gemv", "BLOCK_M": 1, "BLOCK_N": 32, "GROUP_M": 1, "num_warps": 2, "num_stages": 3,
+             "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 4, "FUSED_REDUCE": 1}
+    mid = dict(small, KERNEL="dot", BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, QUANT_A=1, SWAP_AB=1)
+    _write_table(tmp_path, monkeypatch, {"n256_k384": {"1": small, "64": mid}})
+    dev = torch.device("cpu")
+    assert fp8_linear_config.table_config(1, 256, 384, dev)["KERNEL"] == "gemv"
+    assert fp8_linear_config.table_config(7, 256, 384, dev)["KERNEL"] == "gemv"  # log-nearest: 1 (not 64)
+    assert fp8_linear_config.table_config(9, 256, 384, dev)["BLOCK_M"] == 64
+    assert fp8_linear_config.table_config(5000, 256, 384, dev)["BLOCK_M"] == 64
+    got = fp8_linear_config.table_config(1, 256, 384, dev)
+    assert got["SPLIT_K"] == 3 and got["k_blocks_per_split"] == 1  # capped at the 3 K blocks
+    assert fp8_linear_config.table_config(3, 256, 384, dev)["SPLIT_K"] == 3
+    assert fp8_linear_config.table_config(20, 256, 2048, dev) is None
+    _write_table(tmp_path, monkeypatch, {"n256_k2048": {"1": small}})
+    fp8_linear_config.clear_cache()
+    assert fp8_linear_config.table_config(1, 256, 2048, dev)["SPLIT_K"] == 4
+    assert fp8_linear_config.table_config(100, 256, 2048, dev)["SPLIT_K"] == 2  # fp32 partials <= weight bytes
+    _write_table(tmp_path, monkeypatch, {"n256_k384": {"1": small, "64": mid}})
+    fp8_linear_config.clear_cache()
+    assert fp8_linear_config.table_config(1, 128, 384, dev) is None  # a shape the table lacks
+    assert fp8_linear_config.get_config(1, 128, 384, dev, 4) == _config(1, 128, 384, 4)
+    # the wrapper takes the table's config: a gemv that the heuristic never picks, same result
+    gen = torch.Generator().manual_seed(2)
+    q, s, w = _weight(256, 384, gen)
+    x = torch.randn(2, 384, generator=gen).to(DEVICE)
+    assert fp8_linear._resolve(2, 256, 384, x.device)["KERNEL"] == "gemv"
+    torch.testing.assert_close(w8a8_block_linear(x, q, s), _exact(x, w, None), atol=2e-3, rtol=2e-3)
+
+
+def test_missing_table_gives_heuristic(tmp_path, monkeypatch, fresh_config_cache) -> None:
+    monkeypatch.setattr(fp8_linear_config, "CONFIG_DIR", tmp_path)  # empty: no table for any GPU
+    fp8_linear_config.clear_cache()
+    for m in (1, 64, 256, 4096):
+        assert fp8_linear_config.get_config(m, 5120, 2048, None, 132) == _config(m, 5120, 2048, 132)
+
+
+def test_bad_config_is_rejected(tmp_path, monkeypatch, fresh_config_cache) -> None:
+    bad = {"KERNEL": "dot", "BLOCK_M": 8, "BLOCK_N": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+           "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0}
+    _write_table(tmp_path, monkeypatch, {"n256_k384": {"1": bad}})
+    with pytest.raises(ValueError, match="BLOCK_M and BLOCK_N >= 16"):
+        fp8_linear_config.table_config(1, 256, 384, torch.device("cpu"))
+    q, s = quantize_weight_block(torch.randn(256, 384))
+    with pytest.raises(ValueError, match="TMA is for"):
+        w8a8_block_linear(torch.randn(1, 384), q, s, config=dict(bad, BLOCK_M=16, QUANT_A=1, TMA=1))
+    with pytest.raises(ValueError, match="too wide"):
+        w8a8_block_linear(torch.randn(1, 384), q, s, config=dict(bad, KERNEL="gemv", BLOCK_N=256))
+    with pytest.raises(ValueError, match="does not divide"):
+        w8a8_block_linear(torch.randn(1, 384), q[:128], s[:1], config=dict(bad, BLOCK_M=16, BLOCK_N=256))
+
+
+def test_tuner_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, fresh_config_cache) -> None:
+    # benchmarks/tune_fp8_linear.py end to end on one tiny shape (the interpreter on a CPU: its logic, not timings)
+    from benchmarks import tune_fp8_linear
+
+    tune_fp8_linear.main(["--smoke", "--m", "1", "--budget-s", "3", "--rep-ms", "1", "--out", str(tmp_path)])
+    (table_file,) = (tmp_path / "configs").glob("fp8_linear_*.json")
+    monkeypatch.setattr(fp8_linear_config, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setattr(fp8_linear_config, "device_name", lambda device: table_file.stem.removeprefix("fp8_linear_"))
+    cfg = fp8_linear_config.table_config(2, 256, 384, torch.device(DEVICE))
+    assert cfg is not None and set(fp8_linear_config.KEYS) <= set(cfg)
+    assert json.loads((tmp_path / "tune_fp8_linear.json").read_text())["cases"][0]["best"] is not None
