@@ -2,7 +2,7 @@
 what the compiler made of a tile config: registers, spills, shared memory, how deep K/V are buffered and
 whether the next tile's copy overlaps the dots, and the conversion instructions in the SASS.
 
-python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3
+python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3  [env V_WORDS=0: the byte path]
 python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
 
 Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
@@ -32,6 +32,9 @@ from kernels.decode_attention import _decode_kernel  # noqa: E402
 
 HEAD_DIM, BLOCK = 128, 16
 _TYPES = {"bf16": "bf16", "fp8": "fp8e4nv"}
+# A/B knobs for the FP8 V word reader and its PTX conversion (kernels/attention.py fp8_words_f16)
+V_WORDS = os.environ.get("V_WORDS", "1") == "1"
+CVT_ASM = os.environ.get("CVT_ASM", "1") == "1"
 
 
 def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
@@ -63,6 +66,8 @@ def report(kernel) -> dict:
         res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+    # byte-wide shared loads: an FP8 operand gathered one byte at a time (what the V word reader removes)
+    lds_u8 = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?LDS\.U8", sass))
     kv_buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x(\w+)", ttgir)
     return {
         "registers": int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else None,
@@ -73,7 +78,8 @@ def report(kernel) -> dict:
         # everywhere means the next tile's copy never overlaps this tile's dots
         "kv_buffer_depths": [int(d) for d, _ in kv_buffers],
         "async_wait_in_flight": [int(n) for n in re.findall(r"async_wait[^{]*\{num = (\d+)", ttgir)],
-        "sass_ops": {op: ops.count(op) for op in ("F2F", "F2FP", "HMMA", "LDS", "LDSM", "LDGSTS", "MUFU")},
+        "sass_ops": dict({op: ops.count(op) for op in ("F2F", "F2FP", "HMMA", "LDS", "LDSM", "LDGSTS", "MUFU", "PRMT")},
+                         LDS_U8=lds_u8),
         "sass_total": len(ops),
     }
 
@@ -93,7 +99,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
                   "GROUP_PAD": max(16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM,
                   "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
-                  "FP8_AS_F16": kv == "fp8", "OFF64": off64}
+                  "FP8_AS_F16": kv == "fp8", "OFF64": off64, "V_WORDS": kv == "fp8" and V_WORDS, "CVT_ASM": CVT_ASM}
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,

@@ -14,6 +14,8 @@ configs in kernels/attention_config.py.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,17 @@ def fp8_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     # an FP8 cache under a 16-bit q: the dots run in fp16 (e4m3 -> fp16 is exact and one packed conversion per
     # two values; -> bf16 needs a second, slower one per value); a float32 q (CPU tests) keeps fp32 dots
     return k_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def fp8_v_words(q: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    # FP8 V tiles read as 32-bit words (fp8_words_f16): the rows must start on 4-byte boundaries
+    return (fp8_as_f16(q, v_cache) and v_cache.shape[3] % 4 == 0 and v_cache.data_ptr() % 4 == 0
+            and all(st % 4 == 0 for st in v_cache.stride()[:3]))
+
+
+def ptx_cvt(q: torch.Tensor) -> bool:
+    # inline PTX conversions: on the GPU only (the Triton interpreter runs no PTX)
+    return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -149,6 +162,30 @@ def _store_kv_kernel(
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fp8_words_f16(ptr, rows, nmask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ASM: tl.constexpr):
+    # an FP8 (e4m3) [BLOCK_N, BLOCK_D] tile (row starts `rows` [BLOCK_N], in elements, multiples of 4) read as 32-bit
+    # words and widened to fp16 (exact). Loaded as FP8, a V tile goes into the PV dot's operand layout byte by byte:
+    # its reduction dim (keys) is the strided one, and Triton moves that layout change above the widening (sm90
+    # SASS: 128 LDS.U8 + byte shuffles per thread per 128-key tile, what kept FP8 decode at bf16's speed). Built from
+    # words by join + reshape, the layout change happens after the widening, on 16-bit values (ldmatrix.trans).
+    w = tl.arange(0, BLOCK_D // 4)
+    x = tl.load(ptr.to(tl.pointer_type(tl.int32)) + (rows // 4)[:, None] + w[None, :],
+                mask=nmask[:, None] & (w < HEAD_DIM // 4)[None, :], other=0)  # [BLOCK_N, BLOCK_D // 4]
+    if ASM:  # two packed cvts per word, no byte shuffles (GPU only: the interpreter runs no PTX)
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 a, lo; "
+            "cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }",
+            "=h,=h,=h,=h,r", [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        b0 = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        b1 = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        b2 = ((x >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        b3 = ((x >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    # join(join(b0, b2), join(b1, b3)): [.., word, 2, 2] with byte index 2 * inner + outer -> b0 b1 b2 b3
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [rows.shape[0], BLOCK_D])
 
 
 @triton.jit
