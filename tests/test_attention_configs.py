@@ -179,6 +179,7 @@ def test_kernels_compile_for_sm90_with_overlapped_kv_copies():
         assert min(r["kv_buffer_depths"]) >= 2 and max(r["async_wait_in_flight"]) > 0, r
     assert dec_fp8["sass_ops"]["F2F"] == 0 and dec_fp8["sass_ops"]["F2FP"] > 0
     assert dec_fp8["shared_bytes"] < dec_bf16["shared_bytes"]  # the FP8 tiles stay FP8 in shared memory
+    assert dec_fp8["sass_ops"]["LDS_U8"] == 0  # V read as words: no byte-by-byte gather into the PV operand
 
 
 def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
