@@ -23,6 +23,6 @@ fi
 timeout 300 python benchmarks/tune_attention.py --out "$OUT/tune" ${TUNE_ARGS:-}
 cp "$OUT"/tune/configs/attention_*.json kernels/configs/ 2>/dev/null && echo "tuned table in use: $(ls kernels/configs/attention_*.json)"
 timeout 240 python benchmarks/bench_attention.py --out "$OUT/bench" --batches 1,16,64 --ctxs 4096,32768,131072 \
-  --kv-dtypes bf16,fp8 --extend 8192:122880 ${ATTN_ARGS:-}
+  --kv-dtypes bf16,fp8,fp8-bytes --extend 8192:122880 ${ATTN_ARGS:-}
 echo "==== summary"
 grep -h "summary" "$OUT/attention_tune.log" | grep -v "^grep"

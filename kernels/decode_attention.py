@@ -206,6 +206,7 @@ def paged_attention_decode(
     num_splits: int | None = None,
     fused_merge: bool = False,  # True: the last split merges in the same launch (slower on H200; for A/B)
     config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
+    v_words: bool = True,  # False: an FP8 V tile loaded per byte, the path before the word reader (A/B benchmarks)
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
@@ -246,7 +247,7 @@ def paged_attention_decode(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), V_WORDS=fp8_v_words(q, v_cache),
+        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), V_WORDS=v_words and fp8_v_words(q, v_cache),
         CVT_ASM=ptx_cvt(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1 and not fused_merge:

@@ -241,3 +241,18 @@ def test_swept_configs_gpu(kv):
             assert "OutOfResources" in type(exc).__name__ or "shared memory" in str(exc), exc
             continue
         assert _rel_err(out, ref) < 1e-2, tile
+
+
+def test_decode_case_rotates_disjoint_pages(monkeypatch):
+    # the tuner's decode timing: one graph call per block table, each over its own pages of one pool
+    import attention_cases as ac
+
+    monkeypatch.setattr(ac, "DEVICE", "cpu")
+    monkeypatch.setattr(ac, "DT", torch.float16)
+    monkeypatch.setattr(ac, "HEAD_DIM", 32)
+    case = ac.DecodeCase(2, 40, "bf16", 4, 2)
+    case.build()
+    tables = case.t["all_tables"]  # [rotations, batch, blocks]
+    assert tables.shape[:2] == (case.rotations, 2) and case.rotations == 2
+    assert not set(tables[0].flatten().tolist()) & set(tables[1].flatten().tolist())
+    assert len(case.sdpa) == case.rotations
