@@ -65,9 +65,9 @@ def report(kernel) -> dict:
         f.flush()
         res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+    ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
     # byte-wide shared loads: an FP8 operand gathered one byte at a time (what the V word reader removes)
-    lds_u8 = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?LDS\.U8", sass))
+    lds_u8 = len(re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?LDS\.U8", sass))
     kv_buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x(\w+)", ttgir)
     return {
         "registers": int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else None,
@@ -81,11 +81,14 @@ def report(kernel) -> dict:
         "sass_ops": dict({op: ops.count(op) for op in ("F2F", "F2FP", "HMMA", "LDS", "LDSM", "LDGSTS", "MUFU", "PRMT")},
                          LDS_U8=lds_u8),
         "sass_total": len(ops),
+        # wgmma groups vs waits on them: a wait after every HGMMA means ptxas serialized them (its C7514 note)
+        "hgmma": sum(op.startswith("HGMMA") for op in ops),
+        "wgmma_waits": len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
     }
 
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
-            warps: int = 4, stages: int = 2, off64: bool = False) -> dict:
+            warps: int = 4, stages: int = 2, off64: bool = False, pipe_qk: bool = False) -> dict:
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -107,7 +110,8 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
         consts = {"GROUP": group, "PACK": pack, "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK,
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64,
-                  "tile_map_ptr": None, "TILE_MAP": False}  # the eager grid (a tile map: mixed-step graphs)
+                  "tile_map_ptr": None, "TILE_MAP": False,
+                  "PIPE_QK": pipe_qk}  # the eager grid (a tile map: mixed-step graphs)
         compiled = compile_sm90(_prefill_kernel, args, consts, warps, stages)
     return report(compiled)
 
@@ -124,9 +128,10 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
+    ap.add_argument("--pipe-qk", action="store_true", help="prefill: the next tile's QK^T issued before the softmax")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
-                                             a.off64))))
+                                             a.off64, a.pipe_qk))))
 
 
 if __name__ == "__main__":

@@ -61,12 +61,15 @@ from kernels.moe_config import device_name  # noqa: E402
 
 DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3)]
 SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)]  # (programs_per_sm, min_split_tokens)
-# (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128,
-# 4, 2), (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory
+# (BLOCK_M, BLOCK_N, warps, stages[, PIPE_QK]); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64,
+# 128, 4, 2), (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory
 # (225 KiB), stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a
-# long prefix streams the prefix from L2 once per query block).
+# long prefix streams the prefix from L2 once per query block). PIPE_QK=1 (the next tile's QK^T in flight through
+# the softmax; benchmarks/attention_ir.py --pipe-qk): only 128 x 64 with 8 warps fits (255 registers; 128 x 128
+# spills and overflows shared memory).
 PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3)]
+                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 64, 8, 3, 1),
+                 (128, 64, 8, 2, 1)]
 TOL = 2e-2
 
 
@@ -76,7 +79,7 @@ def decode_cfg(tile: tuple, rule: tuple) -> dict:
 
 
 def prefill_cfg(tile: tuple) -> dict:
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "PIPE_QK"), tile))
 
 
 # ---------------------------------------------------------------- timing
@@ -254,6 +257,7 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) 
         cfg = prefill_cfg(tile)
         us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms)
         print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]} "
+              f"pipe_qk={cfg.get('PIPE_QK', 0)} "
               f"us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
               f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
         rows.append({"kind": case.kind, "case": case.name, "kv": case.kv, "cfg": cfg, "us": us,

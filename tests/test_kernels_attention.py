@@ -337,3 +337,28 @@ def test_decode_fp8_f16_q(head_dim, num_splits):
     out = paged_attention_decode(q, k8, v8, lens, tables, head_dim**-0.5, *scales, num_splits=num_splits)
     assert out[1].abs().max() == 0
     assert _rel_err(out, ref) < 3e-3
+
+
+# ----------------------------------------------------------- prefill with the QK^T software-pipelined (PIPE_QK)
+
+
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_prefill_pipelined_qk(block_n):
+    # odd and even counts of unmasked tiles, none at all (short rows, the first query blocks), a long cached prefix,
+    # an FP16 and an FP8 cache: the same as the reference (and as the unpipelined kernel)
+    heads, kv_heads, head_dim, block_size = 4, 2, 32, 16
+    q_lens, seq_lens = [5, 1, 37, 70, 3], [5, 20, 101, 70, 150]
+    k_cache, v_cache, tables = _make_cache(seq_lens, block_size, kv_heads, head_dim, torch.float16, "cpu")
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=torch.Generator().manual_seed(9)).to(torch.float16)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    args = (q, k_cache, v_cache, cu, torch.tensor(seq_lens, dtype=torch.int32), tables, head_dim**-0.5, max(q_lens))
+    cfg = {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+    ref = paged_attention_prefill_ref(*args)
+    out = paged_attention_prefill(*args, config=dict(cfg, PIPE_QK=1))
+    assert _rel_err(out, ref) < 3e-3
+    assert _rel_err(out, paged_attention_prefill(*args, config=cfg)) < 1e-3
+    scales = (2.0, 0.125)
+    k8, v8, tables8 = _fp8_cache(seq_lens, block_size, kv_heads, head_dim, scales)
+    args8 = (q, k8, v8, cu, args[4], tables8, head_dim**-0.5, max(q_lens), *scales)
+    assert _rel_err(paged_attention_prefill(*args8, config=dict(cfg, PIPE_QK=1)),
+                    paged_attention_prefill_ref(*args8)) < 3e-3
