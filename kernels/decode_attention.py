@@ -26,17 +26,16 @@ from kernels import zeroed_counters
 from kernels.attention import (
     _FP16_MAX,
     _LOG2E,
-    _kv_rows,
     attend,
     check_cache,
     fp8_as_f16,
     fp8_v_words,
-    fp8_words_f16,
     gather_kv,
     needs_off64,
     ptx_cvt,
 )
 from kernels.attention_config import DECODE_KEYS, check_config, decode_config
+from kernels.attention_tiles import _kv_rows, fp8_words_f16
 
 MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
 

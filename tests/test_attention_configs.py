@@ -238,7 +238,7 @@ def test_swept_configs_gpu(kv):
     args = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
             600, *scales)
     ref = paged_attention_prefill_ref(*args)
-    for tile in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)]:
+    for tile in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2), (128, 64, 8, 3, 1), (128, 64, 8, 2, 1)]:
         try:
             out = paged_attention_prefill(*args, config=ta.prefill_cfg(tile))
         except Exception as exc:  # noqa: BLE001  a tile beyond this GPU's shared memory: the tuner skips it too

@@ -13,12 +13,12 @@ import triton.language as tl  # noqa: E402
 
 from kernels.attention import (  # noqa: E402
     fp8_v_words,
-    fp8_words_f16,
     paged_attention_prefill,
     paged_attention_prefill_ref,
     store_kv,
     store_kv_ref,
 )
+from kernels.attention_tiles import fp8_words_f16  # noqa: E402
 from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 
 
