@@ -9,7 +9,8 @@ FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-44
 (k_scale, v_scale per layer). The kernels read the cache as FP8 and widen each tile to fp16 right after the load
 (exact; under a float32 q, the CPU tests, to fp32), with q in fp16 too, and fold the scales into the math:
 scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py; tile
-configs in kernels/attention_config.py.
+configs in kernels/attention_config.py; the tile-level pieces (and the prefill's software-pipelined loop, config
+key PIPE_QK) in kernels/attention_tiles.py.
 """
 
 from __future__ import annotations
