@@ -18,6 +18,7 @@ KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_SCALES = (1.0, 0.5)  # k_scale, v_scale: the cache holds x / scale; N(0, 1) values sit well inside e4m3
 DT = torch.bfloat16
 DEVICE = "cuda"  # "cpu" (with TRITON_INTERPRET=1 and float16) for the smoke test in tests/
+ROTATE_BYTES = 256 << 20  # decode timing: KV pages cycled per graph replay, ~5x the H200's L2 (no flush needed)
 
 
 def paged_cache(batch: int, ctx: int, kv_heads: int, kv: str, seed: int = 0):
@@ -47,7 +48,8 @@ class DecodeCase:
     heads: int = 32
     kv_heads: int = 4
     t: dict = field(default_factory=dict)  # the tensors, between build() and free()
-    sdpa: object = None
+    sdpa: list | None = None  # the baseline's calls (decode: one per rotation)
+    rotations: int = 1  # disjoint page sets (block tables) over one pool, set by build(): one per timed call
 
     @property
     def name(self) -> str:
@@ -66,20 +68,28 @@ class DecodeCase:
                                  cfg["programs_per_sm"], cfg["min_split_tokens"])
 
     def build(self) -> None:
-        k, v, tables = paged_cache(self.batch, self.ctx, self.kv_heads, self.kv)
+        # a pool of `rotations` x the pages one call reads, and one block table per page set: the timed graph
+        # runs the call once per table, so no call finds its KV in L2 from the one before (a small case's 8 MB
+        # would), with no flush to subtract
+        self.rotations = max(1, min(32, -(-ROTATE_BYTES // self.kv_bytes()))) if DEVICE != "cpu" else 2
+        k, v, tables = paged_cache(self.batch * self.rotations, self.ctx, self.kv_heads, self.kv)
+        tables = tables.view(self.rotations, self.batch, -1)  # [rotations, batch, blocks_per_seq]
         q = torch.randn(self.batch, self.heads, HEAD_DIM, device=DEVICE, dtype=DT)
         lens = torch.full((self.batch,), self.ctx, device=DEVICE, dtype=torch.int32)
-        self.t = {"q": q, "k": k, "v": v, "lens": lens, "tables": tables}
-        if self.batch * self.ctx <= 1 << 21:  # SDPA gets its own contiguous bf16 copy
-            kc = contiguous_kv(k, tables, self.ctx, self.scales[0]).transpose(1, 2)
-            vc = contiguous_kv(v, tables, self.ctx, self.scales[1]).transpose(1, 2)
+        self.t = {"q": q, "k": k, "v": v, "lens": lens, "tables": tables[0], "all_tables": tables}
+        if self.batch * self.ctx <= 1 << 21:  # SDPA gets its own contiguous bf16 copies, one per rotation
             qs = q[:, :, None, :]
-            self.sdpa = lambda: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5, enable_gqa=True)
+            self.sdpa = []
+            for tb in tables:
+                kc = contiguous_kv(k, tb, self.ctx, self.scales[0]).transpose(1, 2)
+                vc = contiguous_kv(v, tb, self.ctx, self.scales[1]).transpose(1, 2)
+                self.sdpa.append(lambda kc=kc, vc=vc: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5,
+                                                                                      enable_gqa=True))
 
-    def run(self, cfg: dict, splits: int) -> torch.Tensor:
+    def run(self, cfg: dict, splits: int, rotation: int = 0) -> torch.Tensor:
         t = self.t
-        return paged_attention_decode(t["q"], t["k"], t["v"], t["lens"], t["tables"], HEAD_DIM**-0.5, *self.scales,
-                                      num_splits=splits, config=cfg)
+        return paged_attention_decode(t["q"], t["k"], t["v"], t["lens"], t["all_tables"][rotation], HEAD_DIM**-0.5,
+                                      *self.scales, num_splits=splits, config=cfg)
 
     def reference(self) -> torch.Tensor:
         t = self.t
@@ -99,7 +109,7 @@ class PrefillCase:
     heads: int = 32
     kv_heads: int = 4
     t: dict = field(default_factory=dict)
-    sdpa: object = None
+    sdpa: list | None = None  # the baseline's calls (decode: one per rotation)
 
     @property
     def kind(self) -> str:
@@ -127,15 +137,15 @@ class PrefillCase:
         vc = contiguous_kv(v, tables, kv_len, self.scales[1]).transpose(1, 2)
         qs = q.transpose(0, 1)[None]  # [1, heads, q_len, d]
         if not self.prefix:
-            self.sdpa = lambda: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5, is_causal=True,
-                                                               enable_gqa=True)
+            self.sdpa = [lambda: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5, is_causal=True,
+                                                                enable_gqa=True)]
             return
         from torch.nn.attention.bias import causal_lower_right
 
         group = self.heads // self.kv_heads  # the lower-right causal bias path takes no enable_gqa: repeat KV
         kr, vr = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
         mask = causal_lower_right(self.q_len, kv_len)
-        self.sdpa = lambda: F.scaled_dot_product_attention(qs, kr, vr, attn_mask=mask, scale=HEAD_DIM**-0.5)
+        self.sdpa = [lambda: F.scaled_dot_product_attention(qs, kr, vr, attn_mask=mask, scale=HEAD_DIM**-0.5)]
 
     def run(self, cfg: dict) -> torch.Tensor:
         t = self.t

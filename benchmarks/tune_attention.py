@@ -5,11 +5,14 @@ python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--on
 Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
 4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens; extend: an
 8k chunk over a 120k cached prefix with Qwen3 heads (bf16 and FP8 KV) and GLM-4.5-Air heads (96 q / 8 KV).
-Each config is timed like triton.testing.do_bench, without CUDA graphs: L2 flushed (a 512 MB memset) before
-every call, CUDA events around the call, the median of the calls that fit in --rep-ms. Next to it: the
+Each config is timed from CUDA-graph replays, as the runtime runs it (no launch or host cost in the time): one
+graph holds one call per rotation (decode: the case's pool holds ~256 MB of pages, one block table per disjoint
+page set, so no call finds its KV in L2; prefill / extend: one call, compute-bound), and the time per call is
+the median replay over the rotations. (Timed like do_bench instead, every small decode case read ~44 us of
+launch and flush overhead and the decode table followed noise.) Next to it: the
 floor (decode: KV bytes over the measured copy bandwidth; prefill / extend: FLOPs over the measured bf16
-matmul rate) and torch SDPA on contiguous KV. Every config's output is checked against the torch reference
-(fp32) and a config off by more than 2e-2 (relative) is dropped.
+matmul rate) and torch SDPA on contiguous KV, timed the same way. Every config's output is checked against the
+torch reference (fp32) and a config off by more than 2e-2 (relative) is dropped.
 
 Decode sweeps tiles (BLOCK_N, warps, stages) x the split rule (programs per SM, minimum tokens per split);
 the rule that wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
@@ -56,14 +59,21 @@ from bench_moe import measure_ceilings  # noqa: E402
 from kernels.attention_config import config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
-DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3)]
+# (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
+# a bf16 cache runs out of shared memory on (256, 8, 3): skipped)
+DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3),
+                (128, 4, 4), (256, 8, 3)]
 SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)]  # (programs_per_sm, min_split_tokens)
-# (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128,
-# 4, 2), (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory
+# (BLOCK_M, BLOCK_N, warps, stages[, PIPE_QK]); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64,
+# 128, 4, 2), (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory
 # (225 KiB), stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a
-# long prefix streams the prefix from L2 once per query block).
+# long prefix streams the prefix from L2 once per query block). PIPE_QK=1 (the next tile's QK^T in flight through
+# the softmax; benchmarks/attention_ir.py --pipe-qk): only 128 x 64 with 8 warps fits (255 registers; 128 x 128
+# spills and overflows shared memory). An FP8 cache's tiles take half the shared memory: stages 3 compile to
+# double-buffered K/V there (triple with a bf16 cache), so 4 and 5 (too large for bf16: skipped) go deeper.
 PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3)]
+                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 64, 8, 3, 1),
+                 (128, 64, 8, 2, 1), (128, 128, 8, 4), (128, 128, 8, 5)]
 TOL = 2e-2
 
 
@@ -73,48 +83,53 @@ def decode_cfg(tile: tuple, rule: tuple) -> dict:
 
 
 def prefill_cfg(tile: tuple) -> dict:
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "PIPE_QK"), tile))
 
 
 # ---------------------------------------------------------------- timing
 
-_FLUSH: list[torch.Tensor] = []
-
-
-def time_us(fn, rep_ms: float, warm: bool = True) -> float:
-    """Median microseconds of fn(), each call after an L2 flush (do_bench style, no CUDA graph)."""
+def time_us(calls: list, rep_ms: float) -> float:
+    """Median microseconds per call of CUDA-graph replays of one graph that holds each of `calls` once."""
     if ac.DEVICE == "cpu":  # the interpreter smoke test: wall time
         t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6
-    if not _FLUSH:
-        _FLUSH.append(torch.empty(512 << 20, dtype=torch.uint8, device="cuda"))
-    if warm:  # compiles, allocates
-        fn()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t0) * 1e6 / len(calls)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, allocates (a graph captures no first launch)
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fn()
+    graph.replay()
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3
-    n = max(2, min(100, int(rep_ms / max(est_ms, 1e-3))))
+    n = max(3, min(200, int(rep_ms / max(est_ms, 1e-3))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for s, e in zip(starts, ends):
-        _FLUSH[0].zero_()  # ~150 us of GPU work: the host enqueues fn meanwhile, so launch cost stays hidden
         s.record()
-        fn()
+        graph.replay()
         e.record()
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2] * 1e3
+    del graph
+    return times[len(times) // 2] * 1e3 / len(calls)
 
 
-def time_sdpa(fn, rep_ms: float) -> float:
-    # the baseline; NaN where no SDPA backend takes the case (or it would need too large a copy)
-    if fn is None:
+def time_sdpa(calls: list | None, rep_ms: float) -> float:
+    # the baseline, timed as ours; NaN where no SDPA backend takes the case (or it would need too large a copy)
+    if not calls:
         return math.nan
     try:
-        return time_us(fn, rep_ms)
+        return time_us(calls, rep_ms)
     except Exception as exc:  # noqa: BLE001
         print(f"    sdpa: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
         return math.nan
@@ -193,10 +208,11 @@ class Budget:
         return False
 
 
-def measure(run, ref: torch.Tensor, rep_ms: float) -> tuple[float, float]:
+def measure(calls: list, ref: torch.Tensor, rep_ms: float) -> tuple[float, float]:
+    # calls: what one graph replays (decode: one call per rotation); the first one's output is checked
     try:
-        err = rel_err(run(), ref)  # also the warm-up call
-        return (time_us(run, rep_ms, warm=False) if err < TOL else math.inf), err
+        err = rel_err(calls[0](), ref)
+        return (time_us(calls, rep_ms) if err < TOL else math.inf), err
     except Exception as exc:  # noqa: BLE001  out of shared memory etc.
         torch.cuda.synchronize()
         print(f"    skip: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
@@ -218,7 +234,8 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
             if (tile, splits) not in seen:
                 if not budget.left(f"decode {case.name} {tile} splits={splits}"):
                     continue
-                seen[(tile, splits)] = measure(lambda c=cfg, s=splits: case.run(c, s), ref, rep_ms)
+                calls = [lambda c=cfg, s=splits, r=r: case.run(c, s, r) for r in range(case.rotations)]
+                seen[(tile, splits)] = measure(calls, ref, rep_ms)
                 us, err = seen[(tile, splits)]
                 print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
                       f"us={us:8.1f} frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
@@ -242,8 +259,9 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) 
         if not budget.left(f"{case.kind} {case.name} {tile}"):
             continue
         cfg = prefill_cfg(tile)
-        us, err = measure(lambda c=cfg: case.run(c), ref, rep_ms)
+        us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms)
         print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]} "
+              f"pipe_qk={cfg.get('PIPE_QK', 0)} "
               f"us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
               f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
         rows.append({"kind": case.kind, "case": case.name, "kv": case.kv, "cfg": cfg, "us": us,
@@ -313,6 +331,11 @@ def main() -> None:
         d_us = f"{dflt[0]['us']:10.1f}" if dflt else "       n/a"
         extra = f" splits={r['splits']}" if "splits" in r else ""
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
+    print("\nprefill / extend, best without vs with the pipelined QK^T (PIPE_QK), frac of the matmul rate:")
+    for name in dict.fromkeys(r["case"] for r in rows if r["kind"] != "decode"):
+        best = {p: max((x["frac"] for x in rows if x["case"] == name and x["cfg"].get("PIPE_QK", 0) == p),
+                       default=0.0) for p in (0, 1)}
+        print(f"  {name:36s} plain {best[0]:.2f}  pipe_qk {best[1]:.2f}")
     gpu = device_name(torch.device("cuda"))
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(
         {k: {kk: {x: y for x, y in v.items() if x != "geomean_frac"} for kk, v in t.items()} for k, t in table.items()},

@@ -9,16 +9,20 @@ FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-44
 (k_scale, v_scale per layer). The kernels read the cache as FP8 and widen each tile to fp16 right after the load
 (exact; under a float32 q, the CPU tests, to fp32), with q in fp16 too, and fold the scales into the math:
 scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py; tile
-configs in kernels/attention_config.py.
+configs in kernels/attention_config.py; the tile-level pieces (and the prefill's software-pipelined loop, config
+key PIPE_QK) in kernels/attention_tiles.py.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
+from kernels.attention_tiles import _kv_rows, _pipelined_tiles, _prefill_tile, _softmax_pv
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
@@ -29,6 +33,17 @@ def fp8_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     # an FP8 cache under a 16-bit q: the dots run in fp16 (e4m3 -> fp16 is exact and one packed conversion per
     # two values; -> bf16 needs a second, slower one per value); a float32 q (CPU tests) keeps fp32 dots
     return k_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def fp8_v_words(q: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    # FP8 V tiles read as 32-bit words (fp8_words_f16): the rows must start on 4-byte boundaries
+    return (fp8_as_f16(q, v_cache) and v_cache.shape[3] % 4 == 0 and v_cache.data_ptr() % 4 == 0
+            and all(st % 4 == 0 for st in v_cache.stride()[:3]))
+
+
+def ptx_cvt(q: torch.Tensor) -> bool:
+    # inline PTX conversions: on the GPU only (the Triton interpreter runs no PTX)
+    return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -151,45 +166,6 @@ def _store_kv_kernel(
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
-             OFF64: tl.constexpr):
-    # [BLOCK_N] element offset of each key's row (this KV head) in a cache, from its page id; K and V share it
-    if ALIGNED:  # every tile starts on a page boundary: the in-page part is the same each tile (hoisted)
-        in_page = offs % BLOCK_SIZE
-    else:
-        in_page = (n0 + offs) % BLOCK_SIZE
-    if OFF64:  # a cache of 2^31 elements or more
-        page = page.to(tl.int64)
-    return page * stride_cb + in_page * stride_cs + kvh * stride_ch
-
-
-@triton.jit
-def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    # one online-softmax step over keys [n0, n0 + BLOCK_N) whose cache rows start at `rows` [BLOCK_N];
-    # q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]
-    n = n0 + tl.arange(0, BLOCK_N)
-    nmask = n < kv_end
-    kv_mask = nmask[:, None] & dmask[None, :]
-    # an FP8 cache is widened to q's dtype (fp16) right after the load (exact); its scales are in qk_scale / the
-    # output
-    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
-    if MASKED:
-        s = tl.where(nmask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-    # the running max is in scaled (base-2) units; scaling inside the exponent makes one FFMA per score
-    # (qk_scale > 0: the max commutes with it)
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
-    p = tl.exp2(s * qk_scale - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=["stride_bt"])  # the block-table width follows the batch
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
@@ -200,7 +176,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_AS_F16: tl.constexpr,
     OFF64: tl.constexpr,
-    tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
+    tile_map_ptr=None, TILE_MAP: tl.constexpr = False, PIPE_QK: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -247,13 +223,26 @@ def _prefill_kernel(
     # single-buffer K/V and issue the next copy after the dots (seen in the sm90 TTGIR)
     offs = tl.arange(0, BLOCK_N)
     page_next = tl.load(bt + offs // BLOCK_SIZE, mask=offs < kv_end, other=0)
-    for n0 in range(0, full_end, BLOCK_N):
-        rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
-        nxt = n0 + BLOCK_N + offs
-        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
-        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
-                                      qk_scale, BLOCK_N, False)
-    for n0 in range(full_end, kv_end, BLOCK_N):
+    if PIPE_QK:
+        # software-pipelined (_pipelined_tiles): tile t's softmax overlaps tile t+1's QK^T on the tensor cores (in
+        # the loops below, both dots of a tile come before its softmax, and every exp2 waits on them)
+        m_i, l_i, acc, s, rows, page_next = _pipelined_tiles(
+            q, k_cache_ptr, v_cache_ptr, bt, page_next, full_end, kv_end, q_pos, d, dmask, offs, kvh, m_i, l_i, acc,
+            qk_scale, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N, ALIGNED, OFF64)
+        # s, rows: the tile at max(full_end, BLOCK_N), the diagonal (or keys all past kv_end: a no-op)
+        pipe_end = tl.maximum(full_end, BLOCK_N)
+        m_i, l_i, acc = _softmax_pv(s, q, v_cache_ptr, rows, pipe_end, kv_end, q_pos, d, dmask, m_i, l_i, acc,
+                                    qk_scale, BLOCK_N, True)
+        masked_start = pipe_end + BLOCK_N
+    else:
+        for n0 in range(0, full_end, BLOCK_N):
+            rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+            nxt = n0 + BLOCK_N + offs
+            page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
+            m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i,
+                                          acc, qk_scale, BLOCK_N, False)
+        masked_start = full_end
+    for n0 in range(masked_start, kv_end, BLOCK_N):
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         nxt = n0 + BLOCK_N + offs
         page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
@@ -372,6 +361,6 @@ def paged_attention_prefill(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
+        PIPE_QK=bool(cfg.get("PIPE_QK", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
     )
     return out

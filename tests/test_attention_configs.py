@@ -155,7 +155,8 @@ import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
 print(json.dumps([inspect("decode", "bf16", stages=3), inspect("decode", "fp8", stages=3),
-                  inspect("prefill", "bf16", warps=8, stages=3)]))
+                  inspect("prefill", "bf16", warps=8, stages=3),
+                  inspect("prefill", "bf16", block_n=64, warps=8, stages=3, pipe_qk=True)]))
 """
 
 
@@ -173,12 +174,16 @@ def test_kernels_compile_for_sm90_with_overlapped_kv_copies():
     res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    dec_bf16, dec_fp8, pre = json.loads(res.stdout.strip().splitlines()[-1])
-    for r in (dec_bf16, dec_fp8, pre):
+    dec_bf16, dec_fp8, pre, pipe = json.loads(res.stdout.strip().splitlines()[-1])
+    for r in (dec_bf16, dec_fp8, pre, pipe):
         assert r["spill_bytes"] == 0
         assert min(r["kv_buffer_depths"]) >= 2 and max(r["async_wait_in_flight"]) > 0, r
     assert dec_fp8["sass_ops"]["F2F"] == 0 and dec_fp8["sass_ops"]["F2FP"] > 0
     assert dec_fp8["shared_bytes"] < dec_bf16["shared_bytes"]  # the FP8 tiles stay FP8 in shared memory
+    assert dec_fp8["sass_ops"]["LDS_U8"] == 0  # V read as words: no byte-by-byte gather into the PV operand
+    # the pipelined QK^T: wgmmas in groups, not one wait per instruction (ptxas serializes them when the scores in
+    # flight are copied or read before their wait)
+    assert pipe["hgmma"] > 0 and pipe["wgmma_waits"] * 4 < pipe["hgmma"], pipe
 
 
 def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
@@ -233,10 +238,25 @@ def test_swept_configs_gpu(kv):
     args = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
             600, *scales)
     ref = paged_attention_prefill_ref(*args)
-    for tile in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)]:
+    for tile in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2), (128, 64, 8, 3, 1), (128, 64, 8, 2, 1)]:
         try:
             out = paged_attention_prefill(*args, config=ta.prefill_cfg(tile))
         except Exception as exc:  # noqa: BLE001  a tile beyond this GPU's shared memory: the tuner skips it too
             assert "OutOfResources" in type(exc).__name__ or "shared memory" in str(exc), exc
             continue
         assert _rel_err(out, ref) < 1e-2, tile
+
+
+def test_decode_case_rotates_disjoint_pages(monkeypatch):
+    # the tuner's decode timing: one graph call per block table, each over its own pages of one pool
+    import attention_cases as ac
+
+    monkeypatch.setattr(ac, "DEVICE", "cpu")
+    monkeypatch.setattr(ac, "DT", torch.float16)
+    monkeypatch.setattr(ac, "HEAD_DIM", 32)
+    case = ac.DecodeCase(2, 40, "bf16", 4, 2)
+    case.build()
+    tables = case.t["all_tables"]  # [rotations, batch, blocks]
+    assert tables.shape[:2] == (case.rotations, 2) and case.rotations == 2
+    assert not set(tables[0].flatten().tolist()) & set(tables[1].flatten().tolist())
+    assert len(case.sdpa) == case.rotations
