@@ -83,7 +83,7 @@ def _blocky(shape, block=128):
 
 @pytest.mark.parametrize("dtype,up,down", [
     (torch.float32, (8, 64), (16, 64)),  # K steps inside one scale block
-    (torch.float32, (4, 256), (8, 256)),  # steps over two scale blocks (per-128 partial sums), K not even
+    (torch.float32, (8, 256), (16, 256)),  # steps over two scale blocks (per-128 partial sums), K not even
     (torch.float16, (16, 128), (32, 128)),
 ])
 def test_gemv_fp8_weights(dtype, up, down):
@@ -166,3 +166,41 @@ def test_gemv_compiles_for_sm90():
     for r in (up8, down8):
         assert r["sass_ops"]["F2F"] == 0 and r["sass_ops"]["F2FP"] > 0, r
     assert up16["sass_ops"]["LDGSTS"] > 0 and up8["sass_ops"]["LDGSTS"] > 0  # cp.async ring at 3 stages
+
+
+def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
+    # the tuner's plumbing in the interpreter: candidates timed (a fake clock that favours the first of each
+    # sweep and calls the tl.dot layer slowest), the bucket's "gemv" key written, other buckets kept as they were
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe_gemv as tg
+
+    from kernels.moe_config import config_file_name, device_name
+
+    monkeypatch.setattr(tg, "SHAPES", {"tiny": (4, 64, 48, 2)})
+    monkeypatch.setattr(tg, "DEVICE", "cpu")
+    monkeypatch.setattr(tg, "DTYPE", torch.float32)
+    monkeypatch.setattr(tg, "NUM_ROT", 1)
+    monkeypatch.setattr(tg, "CONFIG_DIR", tmp_path / "base")
+    monkeypatch.setattr(tg, "gemv_candidates", lambda fp8, k, two: [
+        {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}])
+    calls = []
+
+    def fake_time(run, n=1):
+        run()
+        calls.append(run)
+        return float(len(calls))
+
+    monkeypatch.setattr(tg, "_time", fake_time)
+    name = config_file_name(4, 64, 48, "bfloat16", device_name())
+    (tmp_path / "base").mkdir()
+    base = {"1": default_config(1, 4, 2, False), "64": default_config(64, 4, 2, False)}
+    (tmp_path / "base" / name).write_text(json.dumps(base))
+    rows = tg.tune_gemv("tiny", [1, 64], "bf16", tmp_path / "out", {"copy_tbps": 1.0})
+    assert len(rows) == 1 and rows[0]["chosen"] == "gemv"
+    assert len(calls) == 2 + 2 + 4 + 1  # up and down tiles, 4 layer variants (fused_sum x pdl), the dot layer
+    table = json.loads((tmp_path / "out" / "configs" / name).read_text())
+    assert table["64"] == base["64"]
+    first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    assert table["1"] == dict(base["1"], gemv={"up": first, "down": first, "max_tokens": 1, "fused_sum": False,
+                                                "pdl": False})
