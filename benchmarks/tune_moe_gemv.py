@@ -32,15 +32,16 @@ DEVICE, DTYPE = "cuda", torch.bfloat16  # (a CPU test runs the tuner in the inte
 
 
 def gemv_candidates(fp8: bool, k: int, two_tiles: bool) -> list[dict]:
-    """GEMV tiles worth timing for a K of k: at least one 16-byte vector per thread, the cp.async ring in
-    shared memory, no K step wider than k needs."""
+    """GEMV tiles worth timing for a K of k: at least one 16-byte vector per thread and at most 16 KiB per
+    tile (fewer warps and more rows give each thread several rows that share one activation load and
+    conversion), the cp.async ring in shared memory, no K step wider than k needs."""
     elem = 1 if fp8 else 2
     out = []
-    for bn in (4, 8, 16, 32):
+    for bn in (4, 8, 16, 32, 64):
         for bk in (128, 256, 512):
-            for warps, stages in ((4, 1), (4, 3), (8, 1), (8, 3)):
+            for warps, stages in ((2, 1), (2, 3), (4, 1), (4, 3), (8, 1)):
                 tile = bn * bk * elem
-                if tile < warps * 32 * 16 or tile * (2 if two_tiles else 1) * stages > _MAX_SMEM:
+                if not warps * 32 * 16 <= tile <= 16 << 10 or tile * (2 if two_tiles else 1) * stages > _MAX_SMEM:
                     continue
                 if bk > max(128, triton.next_power_of_2(k)):
                     continue
@@ -112,11 +113,11 @@ class GemvProblem:
         return run
 
 
-def _time(run, n: int = NUM_ROT) -> float:
+def _time(run, rep_ms: int = 10) -> float:
     try:
         run()
         torch.cuda.synchronize()
-        return bench_graph(run, rep_ms=25) / n
+        return bench_graph(run, rep_ms=rep_ms) / NUM_ROT
     except Exception as exc:  # noqa: BLE001  out of resources, no PDL in graphs, ...: skip the candidate
         print(f"  skip: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         torch.cuda.synchronize()
@@ -182,9 +183,9 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         for fused_sum in ([False, True] if m == 1 else [False]):
             for pdl in (False, True):
                 gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl}
-                layers.append((_time(prob.layer_run(dict(base, gemv=gemv))), len(layers), gemv))
+                layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
         new_us, _, gemv = min(layers)
-        old_us = _time(prob.layer_run(base))
+        old_us = _time(prob.layer_run(base), 25)
         floor = _floor_us(prob, ceil)
         use = new_us < old_us
         table[str(m)] = dict(base, gemv=gemv) if use else base

@@ -5,7 +5,9 @@ a token-count bucket ("1", "8", ...) to {"BLOCK_M": int, "up": {...}, "down": {.
 up/down hold BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is
 shared: one align serves both). act_fp8 (FP8 only): quantize activations too and use FP8 MMA, or
 dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant launches; best while few rows
-per expert keep the layer bandwidth-bound).
+per expert keep the layer bandwidth-bound). An entry may add "gemv" (kernels/moe_gemv.py: per-pair GEMV
+kernels, no align, for up to gemv["max_tokens"] tokens; written by benchmarks/tune_moe.py --gemv where measured
+faster, absent by default).
 """
 
 from __future__ import annotations

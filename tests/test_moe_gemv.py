@@ -186,7 +186,7 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
         {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}])
     calls = []
 
-    def fake_time(run, n=1):
+    def fake_time(run, rep_ms=10):
         run()
         calls.append(run)
         return float(len(calls))
@@ -204,3 +204,49 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
     first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     assert table["1"] == dict(base["1"], gemv={"up": first, "down": first, "max_tokens": 1, "fused_sum": False,
                                                 "pdl": False})
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_tokens", [1, 8])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("pdl,fused_sum", [(False, False), (True, False), (True, True)])
+def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum):
+    # Qwen3-30B-A3B experts: the reference's answer, the same bits on every run, and in CUDA-graph replays with
+    # new routings (PDL edges and the fused sum's counters inside a graph)
+    num_experts, hidden, inter, top_k = 128, 2048, 768, 8
+    torch.manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(torch.bfloat16)
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).to(torch.bfloat16)
+    kw = {}
+    if fp8:
+        (w13, s13), (w2, s2) = quantize_weight_block(w13), quantize_weight_block(w2)
+        kw = {"w13_scale": s13, "w2_scale": s2}
+
+    def routing():
+        ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).to(torch.int32)
+        ids[0, 1] = -1
+        return (torch.rand(num_tokens, top_k) + 0.1).cuda(), ids.cuda()
+
+    weights, ids = routing()
+    gemv = {"up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+            "down": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 1},
+            "max_tokens": 8, "fused_sum": fused_sum, "pdl": pdl}
+    cfg = dict(default_config(num_tokens, num_experts, top_k, fp8), gemv=gemv)
+    out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, **kw, **({"act_fp8": False} if fp8 else {}))
+    assert _rel_err(out, ref) < 1e-2
+    assert torch.equal(out, fused_experts(x, w13, w2, weights, ids, config=cfg, **kw))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
+    for _ in range(5):
+        new_w, new_ids = routing()
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        graph.replay()
+        assert torch.equal(g_out, fused_experts(x, w13, w2, weights, ids, config=cfg, **kw))
