@@ -4,7 +4,7 @@ python benchmarks/tune_moe.py --gemv --out DIR [--shapes qwen3] [--m 1,8] [--dty
 
 For each bucket M <= 8 of the GPU's existing table (kernels/configs/, or DIR/configs/ if that holds one):
 times every GEMV tile for the gate_up and the down kernel separately (CUDA-graph replay over 4 routings),
-then the whole layer for the best pair with and without "fused_sum" (M=1) and "pdl", and the whole layer of
+then the whole layer for the best pair with and without "fused_sum" (M=1), "pdl" and "prefetch", and the whole layer of
 the table's tl.dot entry; prints them side by side with the bandwidth floor, and writes the table to
 DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). Other buckets and keys
 are copied unchanged.
@@ -86,10 +86,12 @@ class GemvProblem:
                     "NUM_STAGES": g["num_stages"], "PDL": False, "num_warps": g["num_warps"]}
             if kind == "up":
                 out = torch.empty(num_pairs, inter, dtype=DTYPE, device=DEVICE)
-                args = (x, self.w13, self.s13, out, ids, num_pairs, h, inter, top_k, x.stride(0), self.w13.stride(0),
-                        self.w13.stride(1), self.s13.stride(0), self.s13.stride(1), out.stride(0))
+                args = (x, self.w13, self.s13, out, ids, self.w2, num_pairs, h, inter, top_k, x.stride(0),
+                        self.w13.stride(0), self.w13.stride(1), self.s13.stride(0), self.s13.stride(1), out.stride(0),
+                        self.w2.stride(0))
                 grid = (triton.cdiv(inter, g["BLOCK_N"]) * num_pairs,)
-                calls.append((_gemv_up_kernel, grid, args, dict(meta, EVEN_K=h % g["BLOCK_K"] == 0)))
+                calls.append((_gemv_up_kernel, grid, args, dict(meta, EVEN_K=h % g["BLOCK_K"] == 0, PREFETCH=False,
+                                                                 PIECES=32 * g["num_warps"])))
             else:
                 a = torch.randn(num_pairs, inter, device=DEVICE, dtype=DTYPE)
                 y = torch.empty(num_pairs, h, dtype=DTYPE, device=DEVICE)
@@ -182,8 +184,10 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         layers = []
         for fused_sum in ([False, True] if m == 1 else [False]):
             for pdl in (False, True):
-                gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl}
-                layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
+                for prefetch in (False, True):
+                    gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl,
+                            "prefetch": prefetch}
+                    layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
         new_us, _, gemv = min(layers)
         old_us = _time(prob.layer_run(base), 25)
         floor = _floor_us(prob, ceil)
@@ -194,7 +198,7 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         rows.append(row)
         print(f"gemv {shape} {dtype} M={m}: tl.dot {old_us:.1f} us ({floor / old_us:.2f} of floor) | gemv "
               f"{new_us:.1f} us ({floor / new_us:.2f}) | floor {floor:.1f} us -> {row['chosen']} "
-              f"[fused_sum/pdl variants: {' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
+              f"[fused_sum/pdl/prefetch variants: {' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
         del prob
         torch.cuda.empty_cache()
     (out / "configs").mkdir(parents=True, exist_ok=True)

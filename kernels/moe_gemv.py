@@ -14,8 +14,11 @@ config "fused_sum" at one token the last slot per column tile, as in fused_moe).
 activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused_moe.py, act_fp8=False).
 
 Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
-"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool}. pdl: the down kernel is launched with
-programmatic dependent launch and loads its first weight tile before waiting for the up kernel's output.
+"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: the down kernel is
+launched with programmatic dependent launch and loads its first weight tile before waiting for the up kernel's
+output. prefetch: the up kernel's programs first hand the pair's down weights w2[e] to the bulk-copy engine
+(cp.async.bulk.prefetch.L2), so HBM streams both GEMMs' weights during the up kernel and the down kernel reads
+L2 (worth it while the touched w2 fits in L2: few tokens, FP8).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ def _load_vec(ptrs, k0, K, offs_k, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptrs, k0, K, offs_k, nmask, EVEN_K: tl.constexpr):
+def _load_tile(ptrs, k0, K, offs_k, nmask, EVEN_K: tl.constexpr, EVICT: tl.constexpr):
     # [BLOCK_N, BLOCK_K] weights of one K step, as stored (16-bit or e4m3)
     if EVEN_K:
-        return tl.load(ptrs + k0, mask=nmask[:, None], other=0.0)
+        return tl.load(ptrs + k0, mask=nmask[:, None], other=0.0, eviction_policy=EVICT)
     else:
-        return tl.load(ptrs + k0, mask=nmask[:, None] & (offs_k + k0 < K)[None, :], other=0.0)
+        return tl.load(ptrs + k0, mask=nmask[:, None] & (offs_k + k0 < K)[None, :], other=0.0, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -68,12 +71,25 @@ def _partial(w, x, s_ptrs, k0, K, nmask, USE_FP8: tl.constexpr, BLOCK_N: tl.cons
     return res
 
 
+@triton.jit
+def _prefetch_l2(ptr, nbytes, PIECES: tl.constexpr):
+    # bytes [ptr, ptr + nbytes) into L2 by the sm90 bulk-copy engine (no registers, no load slots), one piece
+    # per thread (PIECES = threads): ptr 16-byte aligned, nbytes a multiple of 16
+    piece = tl.cdiv(nbytes, PIECES * 16) * 16
+    start = tl.arange(0, PIECES) * piece
+    size = tl.minimum(nbytes - start, piece).to(tl.int32)
+    addr = ptr.to(tl.pointer_type(tl.int8)) + start
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _gemv_up_kernel(
-    x_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, num_pairs, K, INTER, top_k,
-    stride_xt, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
+    x_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, w2_ptr, num_pairs, K, INTER, top_k,
+    stride_xt, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot, stride_w2e,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PIECES: tl.constexpr,
 ):
     # out[p, n] = silu(x[tok(p)] . w[e, n]) * (x[tok(p)] . w[e, INTER + n]), e = ids[p]; out [num_pairs, INTER]
     pid = tl.program_id(0)
@@ -84,6 +100,15 @@ def _gemv_up_kernel(
         tl.extra.cuda.gdc_launch_dependents()  # the down kernel (launched with PDL) may start its prologue
     if e < 0:
         return
+    if PREFETCH:
+        # the down GEMM's weights for this pair, w2[e] ([N_down, INTER], contiguous), into L2 now: HBM streams
+        # them alongside w13 and the down kernel reads them from L2. Column tile pid_n takes its share.
+        num_tiles = tl.cdiv(INTER, BLOCK_N)
+        w2_bytes = stride_w2e * w2_ptr.dtype.element_ty.primitive_bitwidth // 8
+        share = tl.cdiv(w2_bytes, num_tiles * 16) * 16
+        start = pid_n * share
+        _prefetch_l2(w2_ptr.to(tl.pointer_type(tl.int8)) + e * w2_bytes + start,
+                     tl.maximum(tl.minimum(share, w2_bytes - start), 0), PIECES)
     tok = (pair // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < INTER
@@ -93,12 +118,14 @@ def _gemv_up_kernel(
     wu_ptrs = wg_ptrs + INTER * stride_wn  # the up rows, INTER below the gate rows
     sg_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
     su_ptrs = ws_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
+    # with the prefetch, w13 streams through L2 marked evict-first: it must not push out the prefetched w2
+    EVICT: tl.constexpr = "evict_first" if PREFETCH else ""
     acc_g = tl.zeros([BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_N], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         x = _load_vec(x_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
-        wg = _load_tile(wg_ptrs, k0, K, offs_k, nmask, EVEN_K)
-        wu = _load_tile(wu_ptrs, k0, K, offs_k, nmask, EVEN_K)
+        wg = _load_tile(wg_ptrs, k0, K, offs_k, nmask, EVEN_K, EVICT)
+        wu = _load_tile(wu_ptrs, k0, K, offs_k, nmask, EVEN_K, EVICT)
         acc_g += _partial(wg, x, sg_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
         acc_u += _partial(wu, x, su_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -137,7 +164,7 @@ def _gemv_down_kernel(
     s_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
     if PDL:
         # the first K step's weights do not depend on the up kernel: read them while that kernel drains
-        w = _load_tile(w_ptrs, 0, K, offs_k, nmask, EVEN_K)
+        w = _load_tile(w_ptrs, 0, K, offs_k, nmask, EVEN_K, "")
         tl.extra.cuda.gdc_wait()  # the up kernel's output (a) is complete and visible from here on
         a = _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K)
         acc = _partial(w, a, s_ptrs, 0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
@@ -146,7 +173,7 @@ def _gemv_down_kernel(
         acc = tl.zeros([BLOCK_N], tl.float32)
         k_start: tl.constexpr = 0
     for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
-        w = _load_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K)
+        w = _load_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K, "")
         a = _load_vec(a_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
         acc += _partial(w, a, s_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
     acc *= tl.load(topk_weights_ptr + pair)
@@ -186,11 +213,14 @@ def gemv_experts(
     fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
     pdl = bool(gemv.get("pdl", False)) and hidden.is_cuda
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
+    # L2 prefetch of w2 (sm90 bulk copies): rows of whole 16-byte units keep every piece aligned
+    prefetch = bool(gemv.get("prefetch", False)) and hidden.is_cuda and inter * w2.element_size() % 16 == 0
     _gemv_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]) * num_pairs,)](
-        hidden, w13, w13s, inter_out, topk_ids, num_pairs, h, inter, top_k,
+        hidden, w13, w13s, inter_out, topk_ids, w2, num_pairs, h, inter, top_k,
         hidden.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1), inter_out.stride(0),
-        USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
-        NUM_STAGES=up["num_stages"], PDL=pdl, num_warps=up["num_warps"],
+        w2.stride(0), USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
+        NUM_STAGES=up["num_stages"], PDL=pdl, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
+        num_warps=up["num_warps"],
     )
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     out = torch.empty_like(hidden)

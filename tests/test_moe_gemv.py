@@ -133,11 +133,14 @@ E, H, I = 128, 2048, 768  # Qwen3-30B-A3B experts
 out = []
 for fp8 in (False, True):
     wt, st = ("fp8e4nv", "fp32") if fp8 else ("bf16", "bf16")
-    up = dict(x_ptr="bf16", w_ptr=wt, ws_ptr=st, out_ptr="bf16", ids_ptr="i32", num_pairs=8, K=H, INTER=I, top_k=8,
-              stride_xt=H, stride_we=2 * I * H, stride_wn=H, stride_wse=192, stride_wsn=16, stride_ot=I)
-    k = compile_sm90(_gemv_up_kernel, up, dict(USE_FP8=fp8, EVEN_K=True, BLOCK_N=16, BLOCK_K=256, NUM_STAGES=3,
-                                                PDL=True), 4, 3)
-    out.append(dict(report(k), pdl="griddepcontrol.launch_dependents" in k.asm["ptx"]))
+    up = dict(x_ptr="bf16", w_ptr=wt, ws_ptr=st, out_ptr="bf16", ids_ptr="i32", w2_ptr=wt, num_pairs=8, K=H, INTER=I,
+              top_k=8, stride_xt=H, stride_we=2 * I * H, stride_wn=H, stride_wse=192, stride_wsn=16, stride_ot=I,
+              stride_w2e=H * I)
+    stages = 1 if fp8 else 3  # (cp.async copies drop the eviction hint)
+    k = compile_sm90(_gemv_up_kernel, up, dict(USE_FP8=fp8, EVEN_K=True, BLOCK_N=16, BLOCK_K=256, NUM_STAGES=stages,
+                                                PDL=True, PREFETCH=True, PIECES=128), 4, stages)
+    out.append(dict(report(k), pdl="griddepcontrol.launch_dependents" in k.asm["ptx"]
+                    and "cp.async.bulk.prefetch.L2.global" in k.asm["ptx"], evict="evict_first" in k.asm["ptx"]))
     down = dict(a_ptr="bf16", w_ptr=wt, ws_ptr=st, y_ptr="bf16", ids_ptr="i32", topk_weights_ptr="fp32",
                 sum_ptr="bf16", counter_ptr="i32", num_pairs=8, K=I, N=H, stride_at=I, stride_we=I * H, stride_wn=I,
                 stride_wse=96, stride_wsn=6, stride_yt=H)
@@ -150,7 +153,8 @@ print(json.dumps(out))
 
 def test_gemv_compiles_for_sm90():
     # no GPU needed: Triton's own ptxas for Hopper. No MMA and no spills; FP8 widened e4m3 -> f16 by packed
-    # F2FP only (no per-value F2F); num_stages > 1 streams the tiles through cp.async; PDL emits griddepcontrol
+    # F2FP only (no per-value F2F); num_stages > 1 streams the tiles through cp.async; PDL emits griddepcontrol,
+    # the w2 prefetch a bulk L2 prefetch and (one stage) evict-first w13 loads
     bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
     if not (bin_dir / "cuobjdump").exists():
         pytest.skip("this Triton build has no NVIDIA backend tools")
@@ -165,7 +169,7 @@ def test_gemv_compiles_for_sm90():
         assert r["spill_bytes"] == 0 and r["mma"] is None and r["sass_ops"]["HMMA"] == 0 and r["pdl"], r
     for r in (up8, down8):
         assert r["sass_ops"]["F2F"] == 0 and r["sass_ops"]["F2FP"] > 0, r
-    assert up16["sass_ops"]["LDGSTS"] > 0 and up8["sass_ops"]["LDGSTS"] > 0  # cp.async ring at 3 stages
+    assert up16["sass_ops"]["LDGSTS"] > 0 and up8["evict"]  # a cp.async ring at 3 stages; evict-first w13 loads
 
 
 def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
@@ -198,12 +202,12 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
     (tmp_path / "base" / name).write_text(json.dumps(base))
     rows = tg.tune_gemv("tiny", [1, 64], "bf16", tmp_path / "out", {"copy_tbps": 1.0})
     assert len(rows) == 1 and rows[0]["chosen"] == "gemv"
-    assert len(calls) == 2 + 2 + 4 + 1  # up and down tiles, 4 layer variants (fused_sum x pdl), the dot layer
+    assert len(calls) == 2 + 2 + 8 + 1  # up and down tiles, layers: fused_sum x pdl x prefetch, the tl.dot one
     table = json.loads((tmp_path / "out" / "configs" / name).read_text())
     assert table["64"] == base["64"]
     first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     assert table["1"] == dict(base["1"], gemv={"up": first, "down": first, "max_tokens": 1, "fused_sum": False,
-                                                "pdl": False})
+                                                "pdl": False, "prefetch": False})
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -213,8 +217,9 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_tokens", [1, 8])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("pdl,fused_sum", [(False, False), (True, False), (True, True)])
-def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum):
+@pytest.mark.parametrize("pdl,fused_sum,prefetch", [(False, False, False), (True, False, True), (True, True, True),
+                                                    (False, True, True)])
+def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch):
     # Qwen3-30B-A3B experts: the reference's answer, the same bits on every run, and in CUDA-graph replays with
     # new routings (PDL edges and the fused sum's counters inside a graph)
     num_experts, hidden, inter, top_k = 128, 2048, 768, 8
@@ -235,7 +240,7 @@ def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum):
     weights, ids = routing()
     gemv = {"up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
             "down": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 1},
-            "max_tokens": 8, "fused_sum": fused_sum, "pdl": pdl}
+            "max_tokens": 8, "fused_sum": fused_sum, "pdl": pdl, "prefetch": prefetch}
     cfg = dict(default_config(num_tokens, num_experts, top_k, fp8), gemv=gemv)
     out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
     ref = fused_experts_ref(x, w13, w2, weights, ids, **kw, **({"act_fp8": False} if fp8 else {}))
