@@ -3,11 +3,11 @@
 python benchmarks/tune_moe.py --gemv --out DIR [--shapes qwen3] [--m 1,8] [--dtypes bf16,fp8] [--jobs 12]
 
 For each bucket M <= 8 of the GPU's existing table (kernels/configs/, or DIR/configs/ if that holds one):
-times every GEMV tile for the gate_up and the down kernel separately (CUDA-graph replay over 4 routings),
-then the whole layer for the best pair with and without "fused_sum" (M=1), "pdl" and "prefetch", and the whole layer of
-the table's tl.dot entry; prints them side by side with the bandwidth floor, and writes the table to
-DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). Other buckets and keys
-are copied unchanged.
+times every GEMV tile for the gate_up and the down kernel separately (CUDA-graph replay over 4 routings,
+5 ms each), then the whole layer for the best pair with and without "fused_sum" (M=1), "pdl" and "prefetch",
+and the whole layer of the table's tl.dot entry; prints them side by side with the bandwidth floor and writes
+the table to DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). Other
+buckets and keys are copied unchanged. A full tune_moe.py run writes tables without "gemv": run this after it.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class GemvProblem:
         return run
 
 
-def _time(run, rep_ms: int = 10) -> float:
+def _time(run, rep_ms: int = 5) -> float:
     try:
         run()
         torch.cuda.synchronize()

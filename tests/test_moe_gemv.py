@@ -190,7 +190,7 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
         {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}])
     calls = []
 
-    def fake_time(run, rep_ms=10):
+    def fake_time(run, rep_ms=5):
         run()
         calls.append(run)
         return float(len(calls))
