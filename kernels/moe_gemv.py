@@ -213,6 +213,11 @@ def gemv_experts(
     fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
     pdl = bool(gemv.get("pdl", False)) and hidden.is_cuda
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
+    y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
+    out = torch.empty_like(hidden)
+    num_tiles_n = triton.cdiv(h, down["BLOCK_N"])
+    # (before the up launch: with PDL no other kernel, e.g. the counters' first zeroing, may sit between the two)
+    counters = _sum_counters(num_tiles_n, hidden.device) if fused_sum else topk_ids
     # L2 prefetch of w2 (sm90 bulk copies): rows of whole 16-byte units keep every piece aligned
     prefetch = bool(gemv.get("prefetch", False)) and hidden.is_cuda and inter * w2.element_size() % 16 == 0
     _gemv_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]) * num_pairs,)](
@@ -222,10 +227,6 @@ def gemv_experts(
         NUM_STAGES=up["num_stages"], PDL=pdl, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
         num_warps=up["num_warps"],
     )
-    y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
-    out = torch.empty_like(hidden)
-    num_tiles_n = triton.cdiv(h, down["BLOCK_N"])
-    counters = _sum_counters(num_tiles_n, hidden.device) if fused_sum else topk_ids
     _gemv_down_kernel[(num_tiles_n * num_pairs,)](
         inter_out, w2, w2s, y, topk_ids, topk_weights, out, counters, num_pairs, inter, h,
         inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
