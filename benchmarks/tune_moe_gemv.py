@@ -169,12 +169,20 @@ def _floor_us(prob: GemvProblem, ceil: dict) -> float:
 def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> list[dict]:
     e, h, inter, top_k = SHAPES[shape]
     fp8 = dtype == "fp8"
-    name = config_file_name(e, h, inter, "fp8" if fp8 else "bfloat16", device_name())
+    dtype_name = "fp8" if fp8 else "bfloat16"
+    name = config_file_name(e, h, inter, dtype_name, device_name())
     src = out / "configs" / name if (out / "configs" / name).exists() else CONFIG_DIR / name
-    table = json.loads(src.read_text()) if src.exists() else {}
+    if not src.exists():  # extend what the lookup uses now: another GPU's table for the shape (a table holding
+        # only the small buckets would serve every M)
+        others = sorted(CONFIG_DIR.glob(config_file_name(e, h, inter, dtype_name, "*")))
+        if not others:
+            print(f"tune_moe --gemv: no table {name} to extend for {shape} {dtype}: run tune_moe.py first", flush=True)
+            return []
+        src = others[0]
+    table = json.loads(src.read_text())
     rows = []
     for m in [m for m in ms if m <= MAX_GEMV_TOKENS]:
-        base = table.get(str(m)) or get_moe_config(m, e, h, inter, top_k, "fp8" if fp8 else "bfloat16")
+        base = table.get(str(m)) or get_moe_config(m, e, h, inter, top_k, dtype_name)
         base = {k: v for k, v in base.items() if k != "gemv"}
         prob = GemvProblem(shape, dtype, m)
         up = min((_time(prob.kernel_run("up", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, h, True)))

@@ -4,9 +4,11 @@ At one decode token a (token, expert) pair is a GEMV: the tl.dot kernels of kern
 16-row MMA (15 rows of zeros) and, for FP8, dequantize each weight tile to bf16 in registers, which kept FP8 at
 0.38 of its bandwidth floor. Here each program multiplies the token's activation vector by a [BLOCK_N, BLOCK_K]
 weight tile in fp32 (multiply, then a row reduce), so each weight element costs one widening and one FMA; FP8
-weights are widened e4m3 -> fp32 once and the [128, 128] block scale multiplies each row's per-128-K partial
-sum, not every element. Rows are split finely (BLOCK_N of 2..32) so that thousands of programs keep HBM busy
-without splitting K: the result is a fixed-order fp32 sum, bit-reproducible run to run.
+weights are widened once (e4m3 -> f16, one packed F2FP per two values on sm90, then -> fp32) and the [128, 128]
+block scale multiplies each row's per-128-K partial sum, not every element. The activations are loaded per tile
+row (L1 hits; a thread's rows share one load and conversion), which avoids a shared-memory layout change per K
+step. Rows are split finely (BLOCK_N of 4..64) so that thousands of programs keep HBM busy without splitting
+K: each output is one fixed-order fp32 sum, bit-reproducible run to run (no atomics on values).
 
 Outputs are defined as fused_moe's: up writes silu(gate) * up rounded to the activation dtype per pair, down
 writes y[pair] = topk_weight * (h . w2[e]) rounded per pair, then the top-k sum (a launch, or with

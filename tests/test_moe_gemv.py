@@ -200,6 +200,8 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
     (tmp_path / "base").mkdir()
     base = {"1": default_config(1, 4, 2, False), "64": default_config(64, 4, 2, False)}
     (tmp_path / "base" / name).write_text(json.dumps(base))
+    # no FP8 table for the shape on any GPU: nothing to extend (a table of only small buckets would serve every M)
+    assert tg.tune_gemv("tiny", [1], "fp8", tmp_path / "out", {"copy_tbps": 1.0}) == [] and not calls
     rows = tg.tune_gemv("tiny", [1, 64], "bf16", tmp_path / "out", {"copy_tbps": 1.0})
     assert len(rows) == 1 and rows[0]["chosen"] == "gemv"
     assert len(calls) == 2 + 2 + 8 + 1  # up and down tiles, layers: fused_sum x pdl x prefetch, the tl.dot one
