@@ -13,6 +13,7 @@ buckets and keys are copied unchanged. A full tune_moe.py run writes tables with
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -166,6 +167,19 @@ def _floor_us(prob: GemvProblem, ceil: dict) -> float:
     return (weight_bytes + 4 * prob.m * h) / ceil["copy_tbps"] / 1e6
 
 
+def extend_max_tokens(table: dict) -> None:
+    """A bucket that chose GEMV also serves the larger M its lookup maps to (nearest bucket on a log scale, as
+    kernels/moe_config.py picks), up to the largest M where GEMV was measured faster: both paths scale with
+    the pairs in between (e.g. with GEMV at 1 and 8, bucket 1 keeps M=2 off the aligned tl.dot path)."""
+    buckets = [int(b) for b in table]
+    gemv_ms = [b for b in buckets if table[str(b)].get("gemv")]
+    for b in gemv_ms:
+        m = b
+        while m + 1 <= max(gemv_ms) and min(buckets, key=lambda x: abs(math.log(max(x, 1)) - math.log(m + 1))) == b:
+            m += 1
+        table[str(b)]["gemv"]["max_tokens"] = m
+
+
 def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> list[dict]:
     e, h, inter, top_k = SHAPES[shape]
     fp8 = dtype == "fp8"
@@ -209,6 +223,7 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
               f"[fused_sum/pdl/prefetch variants: {' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
         del prob
         torch.cuda.empty_cache()
+    extend_max_tokens(table)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / name).write_text(json.dumps(table, indent=1))
     print(f"tune_moe --gemv wrote {name}", flush=True)

@@ -257,3 +257,15 @@ def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch):
         ids.copy_(new_ids)
         graph.replay()
         assert torch.equal(g_out, fused_experts(x, w13, w2, weights, ids, config=cfg, **kw))
+
+
+def test_gemv_tuner_extends_max_tokens():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe_gemv as tg
+
+    table = {"1": {"gemv": {"max_tokens": 1}}, "8": {"gemv": {"max_tokens": 8}}, "64": {"BLOCK_M": 16}}
+    tg.extend_max_tokens(table)  # M=2 looks up bucket 1 and M=3..8 bucket 8; nothing past 8 was measured
+    assert table["1"]["gemv"]["max_tokens"] == 2 and table["8"]["gemv"]["max_tokens"] == 8
+    table = {"1": {"gemv": {"max_tokens": 1}}, "8": {"BLOCK_M": 16}}
+    tg.extend_max_tokens(table)  # GEMV lost at 8: M=2 is not extrapolated
+    assert table["1"]["gemv"]["max_tokens"] == 1
