@@ -139,7 +139,7 @@ def _gemv_down_kernel(
     a_ptr, w_ptr, ws_ptr, y_ptr, ids_ptr, topk_weights_ptr, sum_ptr, counter_ptr, num_pairs, K, N,
     stride_at, stride_we, stride_wn, stride_wse, stride_wsn, stride_yt,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr, FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr,
     TOP_K_PAD: tl.constexpr,
 ):
     # y[p, n] = topk_weights[p] * a[p] . w[e, n], e = ids[p]; a [num_pairs, K] (the up output), y [num_pairs, N].
@@ -155,8 +155,8 @@ def _gemv_down_kernel(
         num_handled = tl.sum((tl.load(ids_ptr + kk, mask=kk < TOP_K, other=-1) >= 0).to(tl.int32), 0)
         if num_handled == 0:  # no slot of the token is handled here: slot 0 writes its zero sum
             if pair == 0:
-                if PDL:
-                    tl.extra.cuda.gdc_wait()  # the previous layer's readers of sum_ptr are done
+                if PDL and GDC:
+                    tl.extra.cuda.gdc_wait()  # the up kernel is done (it does not touch sum_ptr: cheap safety)
                 tl.store(sum_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty), mask=nmask)
     if e < 0:
         return
@@ -167,7 +167,8 @@ def _gemv_down_kernel(
     if PDL:
         # the first K step's weights do not depend on the up kernel: read them while that kernel drains
         w = _load_tile(w_ptrs, 0, K, offs_k, nmask, EVEN_K, "")
-        tl.extra.cuda.gdc_wait()  # the up kernel's output (a) is complete and visible from here on
+        if GDC:  # (GDC False: the interpreter, which has no griddepcontrol, runs the same peeled loop)
+            tl.extra.cuda.gdc_wait()  # the up kernel's output (a) is complete and visible from here on
         a = _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K)
         acc = _partial(w, a, s_ptrs, 0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
         k_start: tl.constexpr = BLOCK_K
@@ -213,7 +214,7 @@ def gemv_experts(
     w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)  # (scale pointers unused without FP8)
     up, down = gemv["up"], gemv["down"]
     fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
-    pdl = bool(gemv.get("pdl", False)) and hidden.is_cuda
+    pdl = bool(gemv.get("pdl", False))
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     out = torch.empty_like(hidden)
@@ -226,16 +227,17 @@ def gemv_experts(
         hidden, w13, w13s, inter_out, topk_ids, w2, num_pairs, h, inter, top_k,
         hidden.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1), inter_out.stride(0),
         w2.stride(0), USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
-        NUM_STAGES=up["num_stages"], PDL=pdl, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
+        NUM_STAGES=up["num_stages"], PDL=pdl and hidden.is_cuda, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
         num_warps=up["num_warps"],
     )
     _gemv_down_kernel[(num_tiles_n * num_pairs,)](
         inter_out, w2, w2s, y, topk_ids, topk_weights, out, counters, num_pairs, inter, h,
         inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
         USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
-        NUM_STAGES=down["num_stages"], PDL=pdl, FUSED_SUM=fused_sum, TOP_K=top_k if fused_sum else 1,
-        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, num_warps=down["num_warps"],
-        **({"launch_pdl": True} if pdl else {}),
+        NUM_STAGES=down["num_stages"], PDL=pdl, GDC=hidden.is_cuda, FUSED_SUM=fused_sum,
+        TOP_K=top_k if fused_sum else 1, TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1,
+        num_warps=down["num_warps"],
+        **({"launch_pdl": True} if pdl and hidden.is_cuda else {}),
     )
     if not fused_sum:
         block_n = min(1024, triton.next_power_of_2(h))

@@ -47,15 +47,16 @@ def _run(x, w13, w2, weights, ids, gemv, **kw):
     return out, kernels
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,top_k,dtype,up,down", [
-    (1, 8, 200, 72, 4, torch.float32, (8, 64), (16, 32)),  # H, I not multiples of the blocks
-    (3, 5, 96, 40, 2, torch.float16, (4, 32), (32, 16)),  # tiles wider than INTER's last block
-    (8, 6, 130, 50, 3, torch.float32, (16, 128), (8, 64)),  # a repeated expert across tokens
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,top_k,dtype,up,down,pdl", [
+    (1, 8, 200, 72, 4, torch.float32, (8, 64), (16, 32), False),  # H, I not multiples of the blocks
+    (3, 5, 96, 40, 2, torch.float16, (4, 32), (32, 16), True),  # tiles wider than INTER's last block
+    (8, 6, 130, 50, 3, torch.float32, (16, 128), (8, 64), True),  # a repeated expert across tokens; K < BLOCK_K
 ])
-def test_gemv_matches_reference(num_tokens, num_experts, hidden, inter, top_k, dtype, up, down):
+def test_gemv_matches_reference(num_tokens, num_experts, hidden, inter, top_k, dtype, up, down, pdl):
+    # pdl: the down kernel's first K step peeled off the loop (on the GPU, issued before the PDL wait)
     x, w13, w2, weights, ids = _problem(num_tokens, num_experts, hidden, inter, top_k, dtype, seed=hidden)
     ref = fused_experts_ref(x, w13, w2, weights, ids)
-    out, kernels = _run(x, w13, w2, weights, ids, _gemv(up, down))
+    out, kernels = _run(x, w13, w2, weights, ids, _gemv(up, down, pdl=pdl))
     # no align, no tl.dot kernels: the GEMV pair and the top-k sum
     assert kernels == ["_gemv_up_kernel", "_gemv_down_kernel", "_moe_sum_kernel"], kernels
     assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
@@ -81,12 +82,12 @@ def _blocky(shape, block=128):
     return w * mag.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., : shape[-2], : shape[-1]]
 
 
-@pytest.mark.parametrize("dtype,up,down", [
-    (torch.float32, (8, 64), (16, 64)),  # K steps inside one scale block
-    (torch.float32, (8, 256), (16, 256)),  # steps over two scale blocks (per-128 partial sums), K not even
-    (torch.float16, (16, 128), (32, 128)),
+@pytest.mark.parametrize("dtype,up,down,pdl", [
+    (torch.float32, (8, 64), (16, 64), True),  # K steps inside one scale block
+    (torch.float32, (8, 256), (16, 256), False),  # steps over two scale blocks (per-128 partial sums), K not even
+    (torch.float16, (16, 128), (32, 128), True),
 ])
-def test_gemv_fp8_weights(dtype, up, down):
+def test_gemv_fp8_weights(dtype, up, down, pdl):
     torch.manual_seed(7)
     num_tokens, num_experts, hidden, inter, top_k = 2, 4, 320, 200, 3  # 3 / 2 scale blocks, the last partial
     x = _blocky((num_tokens, hidden)).to(dtype)
@@ -97,7 +98,7 @@ def test_gemv_fp8_weights(dtype, up, down):
     weights = torch.rand(num_tokens, top_k) + 0.1
     # weight-only FP8 (W8A16): the reference dequantizes the weights to the activation dtype
     ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=False)
-    out, kernels = _run(x, w13, w2, weights, ids, _gemv(up, down), w13_scale=s13, w2_scale=s2)
+    out, kernels = _run(x, w13, w2, weights, ids, _gemv(up, down, pdl=pdl), w13_scale=s13, w2_scale=s2)
     assert kernels[:2] == ["_gemv_up_kernel", "_gemv_down_kernel"]
     # fp32: only the summation order differs; fp16: the reference rounds each dequantized weight to fp16
     assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
@@ -116,7 +117,7 @@ def test_gemv_fused_sum_one_token(fp8):
         kw = {"w13_scale": s13, "w2_scale": s2}
     for ids in ([[3, 0, 6, 1]], [[-1, 5, -1, 2]], [[-1, -1, -1, -1]]):
         ids = torch.tensor(ids, dtype=torch.int32)
-        got, kernels = _run(x, w13, w2, weights, ids, _gemv(down=(32, 64), fused_sum=True), **kw)
+        got, kernels = _run(x, w13, w2, weights, ids, _gemv(down=(32, 64), fused_sum=True, pdl=fp8), **kw)
         want, _ = _run(x, w13, w2, weights, ids, _gemv(down=(32, 64)), **kw)
         assert torch.equal(got, want), ids
         assert kernels == ["_gemv_up_kernel", "_gemv_down_kernel"]
@@ -145,7 +146,8 @@ for fp8 in (False, True):
                 sum_ptr="bf16", counter_ptr="i32", num_pairs=8, K=I, N=H, stride_at=I, stride_we=I * H, stride_wn=I,
                 stride_wse=96, stride_wsn=6, stride_yt=H)
     k = compile_sm90(_gemv_down_kernel, down, dict(USE_FP8=fp8, EVEN_K=True, BLOCK_N=16, BLOCK_K=128, NUM_STAGES=1,
-                                                    PDL=True, FUSED_SUM=True, TOP_K=8, TOP_K_PAD=8), 4, 1)
+                                                    PDL=True, GDC=True, FUSED_SUM=True, TOP_K=8,
+                                                    TOP_K_PAD=8), 4, 1)
     out.append(dict(report(k), pdl="griddepcontrol.wait" in k.asm["ptx"]))
 print(json.dumps(out))
 """
