@@ -28,6 +28,7 @@ from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E4
 from kernels.fused_moe import fused_experts, fused_experts_aligned, fused_experts_ref, moe_dtype_name  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import get_moe_config  # noqa: E402
+from kernels.moe_gemv import gemv_experts  # noqa: E402
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from kernels.moe_permute import permute_tokens  # noqa: E402
 
@@ -123,8 +124,11 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
     kw = {"w13_scale": weights["s13"], "w2_scale": weights["s2"]} if fp8 else {}
     sets = [make_inputs(m, num_experts, hidden, top_k, seed) for seed in range(NUM_ROT)]
     cfg = get_moe_config(m, num_experts, hidden, inter, top_k, moe_dtype_name(sets[0][0], fp8))
+    # few tokens may take the GEMV kernels (kernels/moe_gemv.py, config "gemv"): no align, 16-bit activations
+    gemv_on = bool(cfg.get("gemv")) and m <= cfg["gemv"].get("max_tokens", 1)
     # one token runs without align (fused_experts' no-align path); the GEMM timing follows it
-    aligned = [(None, None, None) if m == 1 else moe_align(ids, num_experts, cfg["BLOCK_M"]) for _, _, ids in sets]
+    aligned = [(None, None, None) if m == 1 or gemv_on else moe_align(ids, num_experts, cfg["BLOCK_M"])
+               for _, _, ids in sets]
 
     def ours():
         for x, w, ids in sets:
@@ -132,22 +136,29 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
 
     def gemms():
         for (x, w, ids), al in zip(sets, aligned):
-            fused_experts_aligned(x, w13, w2, w, ids, *al, cfg, kw.get("w13_scale"), kw.get("w2_scale"))
+            if gemv_on:
+                gemv_experts(x, w13, w2, w, ids, cfg["gemv"], kw.get("w13_scale"), kw.get("w2_scale"))
+            else:
+                fused_experts_aligned(x, w13, w2, w, ids, *al, cfg, kw.get("w13_scale"), kw.get("w2_scale"))
 
     def align():
         for _, _, ids in sets:
             moe_align(ids, num_experts, cfg["BLOCK_M"])
 
     x, w, ids = sets[0]
-    ref_kw = dict(kw, act_fp8=cfg.get("act_fp8", True)) if fp8 else kw  # the ref mirrors the FP8 mode
+    ref_kw = dict(kw, act_fp8=cfg.get("act_fp8", True) and not gemv_on) if fp8 else kw  # the ref mirrors the FP8 mode
     ref = fused_experts_ref(x, w13, w2, w, ids, **ref_kw)
     err = ((fused_experts(x, w13, w2, w, ids, config=cfg, **kw).float() - ref.float()).norm()
            / ref.float().norm()).item()
     row = {"shape": shape, "M": m, "dtype": dtype, "config": cfg, "rel_err": err,
            "us": bench_graph(ours) / NUM_ROT, "gemm_us": bench_graph(gemms) / NUM_ROT,
            "align_us": bench_graph(align) / NUM_ROT}
+    if gemv_on:  # A/B: the table's tl.dot entry for the same M
+        cfg_dot = {k: v for k, v in cfg.items() if k != "gemv"}
+        row["no_gemv_us"] = bench_graph(lambda: [fused_experts(xx, w13, w2, ww, ii, config=cfg_dot, **kw)
+                                                 for xx, ww, ii in sets]) / NUM_ROT
     if m == 1:  # A/B of config "fused_sum": the top-k sum inside the down GEMM (one launch fewer)
-        cfg_sum = dict(cfg, fused_sum=True)
+        cfg_sum = dict(cfg, gemv=dict(cfg["gemv"], fused_sum=True)) if gemv_on else dict(cfg, fused_sum=True)
         row["fused_sum_us"] = bench_graph(lambda: [fused_experts(xx, w13, w2, ww, ii, config=cfg_sum, **kw)
                                                    for xx, ww, ii in sets]) / NUM_ROT
         out_sum = fused_experts(x, w13, w2, w, ids, config=cfg_sum, **kw)
@@ -250,7 +261,9 @@ def main() -> None:
                                                    f"(equal {r['fused_sum_equal']})" if "fused_sum_us" in r else "")
                       + (f" old_us={r['old_us']:.1f} tma_us={r['tma_us']:.1f} roofline old={r['old_frac']:.2f} "
                          f"tma={r['tma_frac']:.2f} tma_err={r['tma_rel_err']:.1e} permute_us={r['permute_us']:.1f} "
-                         f"(floor {r['permute_floor_us']:.1f})" if "tma_us" in r else ""), flush=True)
+                         f"(floor {r['permute_floor_us']:.1f})" if "tma_us" in r else "")
+                      + (f" gemv (tl.dot {r['no_gemv_us']:.1f} us)" if "no_gemv_us" in r else ""),
+                      flush=True)
             del weights
     (out / "bench_moe.json").write_text(json.dumps({"ceilings": ceil, "device": torch.cuda.get_device_name(),
                                                     "rows": rows}, indent=1))

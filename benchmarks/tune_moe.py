@@ -2,6 +2,7 @@
 
 python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8] [--jobs 12]
 python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8]
+python benchmarks/tune_moe.py --gemv ...  (the few-token GEMV kernels vs the table's entries: tune_moe_gemv.py)
 
 For each BLOCK_M allowed at a token count (and for FP8, each activation mode), times every candidate of the
 gate_up GEMM and of the down GEMM separately (CUDA-graph replay, median), keeps the best pair, then the best
@@ -231,6 +232,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--tma", action="store_true",
                     help="the large-M TMA path vs the old one (default qwen3 bf16 at M 1024,4096,16384)")
+    ap.add_argument("--gemv", action="store_true", help="only time GEMV vs the table at M <= 8 and update it")
     args = ap.parse_args()
     if args.tma:
         from tune_moe_tma import tune_tma
@@ -242,6 +244,10 @@ def main() -> None:
         return
     ms = [int(m) for m in args.m.split(",")]
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+    if args.gemv:
+        from tune_moe_gemv import main_gemv
+
+        return main_gemv(shapes, ms, dtypes, Path(args.out), args.jobs)
     t0 = time.time()
     if args.jobs > 1:
         precompile(shapes, dtypes, ms, args.jobs)

@@ -368,6 +368,10 @@ def fused_experts(
     if tma is not None and num_tokens * top_k >= tma["min_rows"] and tma_supported(hidden, w13, w2):
         return fused_experts_tma(hidden, w13, w2, topk_weights, topk_ids, tma, w13_scale=w13_scale,
                                  w2_scale=w2_scale)
+    if config.get("gemv") and num_tokens <= config["gemv"].get("max_tokens", 1):  # per-pair GEMVs, no align
+        from kernels.moe_gemv import gemv_experts  # (imports this module)
+
+        return gemv_experts(hidden, w13, w2, topk_weights, topk_ids, config["gemv"], w13_scale, w2_scale)
     if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
         raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")
     if num_tokens == 1:  # a token's top-k experts are distinct: no sorting needed, and no align launch

@@ -10,6 +10,8 @@ A bucket may also hold "tma": {"min_rows": int, "BLOCK_M": int, "up": {...}, "do
 TMA path of kernels/moe_grouped_tma.py (FP8: BLOCK_K 128, FP8 activations), taken when num_tokens * top_k
 >= min_rows; its up/down add warp_specialize (and store_tma, flatten). Only a table measured on this GPU turns
 it on.
+An entry may add "gemv" (kernels/moe_gemv.py: per-pair GEMV kernels, no align, for up to gemv["max_tokens"]
+tokens; written by benchmarks/tune_moe.py --gemv where measured faster, absent by default).
 """
 
 from __future__ import annotations

@@ -1,0 +1,245 @@
+"""Fused MoE experts for a few tokens as matrix-vector products: one program per (column tile, pair).
+
+At one decode token a (token, expert) pair is a GEMV: the tl.dot kernels of kernels/fused_moe.py pad it to a
+16-row MMA (15 rows of zeros) and, for FP8, dequantize each weight tile to bf16 in registers, which kept FP8 at
+0.38 of its bandwidth floor. Here each program multiplies the token's activation vector by a [BLOCK_N, BLOCK_K]
+weight tile in fp32 (multiply, then a row reduce), so each weight element costs one widening and one FMA; FP8
+weights are widened once (e4m3 -> f16, one packed F2FP per two values on sm90, then -> fp32) and the [128, 128]
+block scale multiplies each row's per-128-K partial sum, not every element. The activations are loaded per tile
+row (L1 hits; a thread's rows share one load and conversion), which avoids a shared-memory layout change per K
+step. Rows are split finely (BLOCK_N of 4..64) so that thousands of programs keep HBM busy without splitting
+K: each output is one fixed-order fp32 sum, bit-reproducible run to run (no atomics on values).
+
+Outputs are defined as fused_moe's: up writes silu(gate) * up rounded to the activation dtype per pair, down
+writes y[pair] = topk_weight * (h . w2[e]) rounded per pair, then the top-k sum (a launch, or with
+config "fused_sum" at one token the last slot per column tile, as in fused_moe). FP8 runs weight-only (W8A16):
+activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused_moe.py, act_fp8=False).
+
+Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
+"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: the down kernel is
+launched with programmatic dependent launch and loads its first weight tile before waiting for the up kernel's
+output. prefetch: the up kernel's programs first hand the pair's down weights w2[e] to the bulk-copy engine
+(cp.async.bulk.prefetch.L2), so HBM streams both GEMMs' weights during the up kernel and the down kernel reads
+L2 (worth it while the touched w2 fits in L2: few tokens, FP8).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fused_moe import _moe_sum_kernel, _one_token_sum, _sum_counters
+
+GEMV_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+@triton.jit
+def _load_vec(ptrs, k0, K, offs_k, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr):
+    # the activations of one K step, fp32, loaded once per row of the weight tile: [BLOCK_N, BLOCK_K]. The
+    # repeats are L1 hits; a [BLOCK_K] load broadcast to the tile would take a shared-memory layout change and
+    # barriers every step
+    ptrs2 = ptrs[None, :] + k0 + tl.zeros([BLOCK_N, 1], tl.int32)
+    if EVEN_K:
+        return tl.load(ptrs2).to(tl.float32)
+    else:
+        return tl.load(ptrs2, mask=(offs_k + k0 < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_tile(ptrs, k0, K, offs_k, nmask, EVEN_K: tl.constexpr, EVICT: tl.constexpr):
+    # [BLOCK_N, BLOCK_K] weights of one K step, as stored (16-bit or e4m3)
+    if EVEN_K:
+        return tl.load(ptrs + k0, mask=nmask[:, None], other=0.0, eviction_policy=EVICT)
+    else:
+        return tl.load(ptrs + k0, mask=nmask[:, None] & (offs_k + k0 < K)[None, :], other=0.0, eviction_policy=EVICT)
+
+
+@triton.jit
+def _partial(w, x, s_ptrs, k0, K, nmask, USE_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # sum_k w[n, k] * x[n, k] over one K step in fp32: [BLOCK_N]. FP8: s_ptrs [BLOCK_N] point at the rows' scale
+    # rows, and each row's 128-wide partial sums are scaled once (not every element)
+    prod = w.to(tl.float32) * x
+    KB: tl.constexpr = BLOCK_K // 128
+    if not USE_FP8:
+        res = tl.sum(prod, 1)
+    elif KB <= 1:  # the step lies inside one 128-wide scale block
+        res = tl.sum(prod, 1) * tl.load(s_ptrs + k0 // 128, mask=nmask, other=0.0)
+    else:
+        part = tl.sum(tl.reshape(prod, [BLOCK_N, KB, 128]), 2)  # [BLOCK_N, KB] per-scale-block sums
+        kb = k0 // 128 + tl.arange(0, KB)
+        s = tl.load(s_ptrs[:, None] + kb[None, :], mask=nmask[:, None] & (kb * 128 < K)[None, :], other=0.0)
+        res = tl.sum(part * s, 1)
+    return res
+
+
+@triton.jit
+def _prefetch_l2(ptr, nbytes, PIECES: tl.constexpr):
+    # bytes [ptr, ptr + nbytes) into L2 by the sm90 bulk-copy engine (no registers, no load slots), one piece
+    # per thread (PIECES = threads): ptr 16-byte aligned, nbytes a multiple of 16
+    piece = tl.cdiv(nbytes, PIECES * 16) * 16
+    start = tl.arange(0, PIECES) * piece
+    size = tl.minimum(nbytes - start, piece).to(tl.int32)
+    addr = ptr.to(tl.pointer_type(tl.int8)) + start
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gemv_up_kernel(
+    x_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, w2_ptr, num_pairs, K, INTER, top_k,
+    stride_xt, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot, stride_w2e,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, PIECES: tl.constexpr,
+):
+    # out[p, n] = silu(x[tok(p)] . w[e, n]) * (x[tok(p)] . w[e, INTER + n]), e = ids[p]; out [num_pairs, INTER]
+    pid = tl.program_id(0)
+    pid_n = pid // num_pairs  # pairs inner: the pairs of a tile run together, a repeated expert hits L2
+    pair = pid % num_pairs
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the down kernel (launched with PDL) may start its prologue
+    if e < 0:
+        return
+    if PREFETCH:
+        # the down GEMM's weights for this pair, w2[e] ([N_down, INTER], contiguous), into L2 now: HBM streams
+        # them alongside w13 and the down kernel reads them from L2. Column tile pid_n takes its share.
+        num_tiles = tl.cdiv(INTER, BLOCK_N)
+        w2_bytes = stride_w2e * w2_ptr.dtype.element_ty.primitive_bitwidth // 8
+        share = tl.cdiv(w2_bytes, num_tiles * 16) * 16
+        start = pid_n * share
+        _prefetch_l2(w2_ptr.to(tl.pointer_type(tl.int8)) + e * w2_bytes + start,
+                     tl.maximum(tl.minimum(share, w2_bytes - start), 0), PIECES)
+    tok = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < INTER
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok * stride_xt + offs_k  # [BLOCK_K]
+    wg_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    wu_ptrs = wg_ptrs + INTER * stride_wn  # the up rows, INTER below the gate rows
+    sg_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
+    su_ptrs = ws_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
+    # with the prefetch, w13 streams through L2 marked evict-first: it must not push out the prefetched w2
+    EVICT: tl.constexpr = "evict_first" if PREFETCH else ""
+    acc_g = tl.zeros([BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        x = _load_vec(x_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
+        wg = _load_tile(wg_ptrs, k0, K, offs_k, nmask, EVEN_K, EVICT)
+        wu = _load_tile(wu_ptrs, k0, K, offs_k, nmask, EVEN_K, EVICT)
+        acc_g += _partial(wg, x, sg_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
+        acc_u += _partial(wu, x, su_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(out_ptr + pair.to(tl.int64) * stride_ot + offs_n, h.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _gemv_down_kernel(
+    a_ptr, w_ptr, ws_ptr, y_ptr, ids_ptr, topk_weights_ptr, sum_ptr, counter_ptr, num_pairs, K, N,
+    stride_at, stride_we, stride_wn, stride_wse, stride_wsn, stride_yt,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr, FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr,
+    TOP_K_PAD: tl.constexpr,
+):
+    # y[p, n] = topk_weights[p] * a[p] . w[e, n], e = ids[p]; a [num_pairs, K] (the up output), y [num_pairs, N].
+    # FUSED_SUM (one token): also sum_ptr[n] = sum over the handled slots of y[slot, n] (fused_moe's rule)
+    pid = tl.program_id(0)
+    pid_n = pid // num_pairs
+    pair = pid % num_pairs
+    e = tl.load(ids_ptr + pair).to(tl.int64)  # written before the up kernel ran: safe before the PDL wait
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    if FUSED_SUM:
+        kk = tl.arange(0, TOP_K_PAD)
+        num_handled = tl.sum((tl.load(ids_ptr + kk, mask=kk < TOP_K, other=-1) >= 0).to(tl.int32), 0)
+        if num_handled == 0:  # no slot of the token is handled here: slot 0 writes its zero sum
+            if pair == 0:
+                if PDL and GDC:
+                    tl.extra.cuda.gdc_wait()  # the up kernel is done (it does not touch sum_ptr: cheap safety)
+                tl.store(sum_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty), mask=nmask)
+    if e < 0:
+        return
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pair.to(tl.int64) * stride_at + offs_k  # [BLOCK_K]
+    w_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    s_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
+    if PDL:
+        # the first K step's weights do not depend on the up kernel: read them while that kernel drains
+        w = _load_tile(w_ptrs, 0, K, offs_k, nmask, EVEN_K, "")
+        if GDC:  # (GDC False: the interpreter, which has no griddepcontrol, runs the same peeled loop)
+            tl.extra.cuda.gdc_wait()  # the up kernel's output (a) is complete and visible from here on
+        a = _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K)
+        acc = _partial(w, a, s_ptrs, 0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
+        k_start: tl.constexpr = BLOCK_K
+    else:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        k_start: tl.constexpr = 0
+    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
+        w = _load_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K, "")
+        a = _load_vec(a_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
+        acc += _partial(w, a, s_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
+    acc *= tl.load(topk_weights_ptr + pair)
+    tl.store(y_ptr + pair.to(tl.int64) * stride_yt + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+    if FUSED_SUM:
+        _one_token_sum(y_ptr, ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N, TOP_K, BLOCK_N)
+
+
+def check_gemv_config(gemv: dict) -> None:
+    for g in ("up", "down"):
+        tile = gemv.get(g)
+        if not isinstance(tile, dict) or any(not isinstance(tile.get(k), int) for k in GEMV_KEYS):
+            raise ValueError(f"MoE config 'gemv' needs '{g}' with integer {', '.join(GEMV_KEYS)}; got {tile!r}")
+        if any(tile[k] & (tile[k] - 1) for k in ("BLOCK_N", "BLOCK_K")):
+            raise ValueError(f"MoE config 'gemv' {g}: BLOCK_N and BLOCK_K must be powers of two, got {tile}")
+
+
+def gemv_experts(
+    hidden: torch.Tensor,  # [num_tokens, hidden]
+    w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]
+    w2: torch.Tensor,  # [num_experts, hidden, inter]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
+    gemv: dict,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fused_experts by per-pair GEMVs, given fused_experts' input checks; [num_tokens, hidden]."""
+    check_gemv_config(gemv)
+    num_tokens, h = hidden.shape
+    top_k = topk_ids.shape[1]
+    inter = w2.shape[2]
+    num_pairs = num_tokens * top_k
+    fp8 = w13_scale is not None
+    w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)  # (scale pointers unused without FP8)
+    up, down = gemv["up"], gemv["down"]
+    fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
+    pdl = bool(gemv.get("pdl", False))
+    inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
+    y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
+    out = torch.empty_like(hidden)
+    num_tiles_n = triton.cdiv(h, down["BLOCK_N"])
+    # (before the up launch: with PDL no other kernel, e.g. the counters' first zeroing, may sit between the two)
+    counters = _sum_counters(num_tiles_n, hidden.device) if fused_sum else topk_ids
+    # L2 prefetch of w2 (sm90 bulk copies): rows of whole 16-byte units keep every piece aligned
+    prefetch = bool(gemv.get("prefetch", False)) and hidden.is_cuda and inter * w2.element_size() % 16 == 0
+    _gemv_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]) * num_pairs,)](
+        hidden, w13, w13s, inter_out, topk_ids, w2, num_pairs, h, inter, top_k,
+        hidden.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1), inter_out.stride(0),
+        w2.stride(0), USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
+        NUM_STAGES=up["num_stages"], PDL=pdl and hidden.is_cuda, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
+        num_warps=up["num_warps"],
+    )
+    _gemv_down_kernel[(num_tiles_n * num_pairs,)](
+        inter_out, w2, w2s, y, topk_ids, topk_weights, out, counters, num_pairs, inter, h,
+        inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
+        USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+        NUM_STAGES=down["num_stages"], PDL=pdl, GDC=hidden.is_cuda, FUSED_SUM=fused_sum,
+        TOP_K=top_k if fused_sum else 1, TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1,
+        num_warps=down["num_warps"],
+        **({"launch_pdl": True} if pdl and hidden.is_cuda else {}),
+    )
+    if not fused_sum:
+        block_n = min(1024, triton.next_power_of_2(h))
+        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n)
+    return out
