@@ -38,6 +38,9 @@ from kernels.router import (
 # program 16 KB of weight). Past it the splits fall to 1-2, every program streams whole rows of H for its 16
 # tokens and cuBLAS's GEMM tiles start to pay; bench_router.py --m ...,128,256 measures where they cross
 FUSED_MAX_TOKENS = 64
+# an fp32 router weight (GLM-4.5) streams twice the bytes per row: on the H200 the fused kernel won at 1 and 8
+# rows (8.5 vs 22.8 us, 22.1 vs 29.0) and lost from 32 on (37.6 vs 28.3 us, bench_router.py)
+FUSED_MAX_TOKENS_FP32 = 8
 BLOCK_T = 16  # tokens per program: the smallest tl.dot tile, and the top-k kernels' row block at E <= 256
 BLOCK_E = 16  # experts per program
 # up to this many rows the products are summed in registers ([rows, BLOCK_E, BLOCK_H] fp32, 16-64 values a

@@ -19,7 +19,7 @@ from torch import nn
 from kernels import fused_moe as fused_moe_kernels
 from kernels import router as router_kernels
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE
-from kernels.router_fused import FUSED_MAX_TOKENS, route_fused
+from kernels.router_fused import FUSED_MAX_TOKENS, FUSED_MAX_TOKENS_FP32, route_fused
 from models.args import ModelArgs, TensorParallel
 from models.forward_batch import ForwardBatch
 from models.layers import MLP, Checkpoint, pick_kernel
@@ -57,11 +57,12 @@ class Router(nn.Module):
         name = "topk_sigmoid_grouped" if grouped else "topk_softmax"
         self._route = pick_kernel(router_kernels, name, args.use_triton)
         self._route_fused = route_fused if args.use_triton else None  # GEMM + top-k in one launch, decode sizes
+        self._fused_max_tokens = FUSED_MAX_TOKENS_FP32 if grouped else FUSED_MAX_TOKENS
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # slots [T]: rows with slot < 0 are padding and get expert ids -1, in the top-k kernel itself
         r = self.routing
-        if self._route_fused is not None and x.shape[0] <= FUSED_MAX_TOKENS:
+        if self._route_fused is not None and x.shape[0] <= self._fused_max_tokens:
             return self._route_fused(x, self.weight, r.top_k, r.renormalize, slots, self.e_score_correction_bias,
                                      r.num_groups, r.topk_groups, r.routed_scaling_factor)
         logits = F.linear(x.to(self.weight.dtype), self.weight)  # [T, E]; .to is free when the dtypes match

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels import router_fused  # noqa: E402
-from kernels.router_fused import FUSED_MAX_TOKENS, route_fused, route_fused_ref  # noqa: E402
+from kernels.router_fused import FUSED_MAX_TOKENS, FUSED_MAX_TOKENS_FP32, route_fused, route_fused_ref  # noqa: E402
 from models.args import ModelArgs  # noqa: E402
 from models.moe import Router, RoutingSpec  # noqa: E402
 
@@ -134,10 +134,11 @@ def test_router_takes_fused_path_at_decode_sizes(grouped):
             r.e_score_correction_bias.data.copy_(bias)
     slots = torch.arange(x.shape[0], device=DEVICE)
     slots[::5] = -1
-    for rows in (2, FUSED_MAX_TOKENS + 1):
+    limit = FUSED_MAX_TOKENS_FP32 if grouped else FUSED_MAX_TOKENS  # GLM's fp32 weight: fused only to 8 rows
+    for rows in (2, limit + 1, FUSED_MAX_TOKENS + 1):
         with count_launches() as log:
             out = routers[1](x[:rows], slots[:rows])
-        assert (log.events.count("triton:_route_fused_kernel") == 1) == (rows <= FUSED_MAX_TOKENS), log.events
+        assert (log.events.count("triton:_route_fused_kernel") == 1) == (rows <= limit), log.events
         ref, keep = routers[0](x[:rows], slots[:rows]), slots[:rows] >= 0
         assert (out[1][~keep] == -1).all() and (ref[1][~keep] == -1).all()
         _check((out[0][keep], out[1][keep]), (ref[0][keep], ref[1][keep]))
