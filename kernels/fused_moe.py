@@ -15,11 +15,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import zeroed_counters
 from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
 from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
+from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
+from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
 
 
 def fused_experts_ref(
@@ -149,24 +150,6 @@ def _moe_up_kernel(
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
-def _one_token_sum(y_ptr, ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N,
-                   TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    # FUSED_SUM (one token): the last of the token's handled slots to finish column tile pid_n sums the
-    # token's y rows into sum_ptr, in the order and precision of _moe_sum_kernel, and re-arms the counter
-    tl.debug_barrier()  # every thread's y stores precede the counter's release
-    counter = counter_ptr + pid_n
-    if tl.atomic_add(counter, 1, sem="acq_rel") == num_handled - 1:
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for k in tl.static_range(TOP_K):
-            handled = tl.load(ids_ptr + k) >= 0
-            # .cg: the other slots' rows were written by other SMs, never through this SM's L1
-            y = tl.load(y_ptr + k * N + offs_n, mask=nmask & handled, other=0.0, cache_modifier=".cg")
-            acc += y.to(tl.float32)
-        tl.store(sum_ptr + offs_n, acc.to(sum_ptr.dtype.element_ty), mask=nmask)
-        tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
-
-
 @triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M"])
 def _moe_down_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
@@ -224,21 +207,6 @@ def _moe_down_kernel(
     if FUSED_SUM:
         _one_token_sum(out_ptr, expert_ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N, TOP_K,
                        BLOCK_N)
-
-
-@triton.jit
-def _moe_sum_kernel(
-    y_ptr, ids_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # out[t] = sum over the token's handled slots (id >= 0) of y[t * TOP_K + k]; y [pairs, N]
-    t = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k in tl.static_range(TOP_K):
-        handled = tl.load(ids_ptr + t * TOP_K + k) >= 0
-        acc += tl.load(y_ptr + (t * TOP_K + k) * N + n, mask=nmask & handled, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * N + n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 # ---------------------------------------------------------------- checked wrappers
@@ -337,13 +305,6 @@ def fused_experts_aligned(
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _sum_counters(n: int, device: torch.device) -> torch.Tensor:
-    return zeroed_counters(_COUNTERS, n, device, 1024)  # the fused top-k sum's arrivals per column tile
-
-
 def fused_experts(
     hidden: torch.Tensor,  # [num_tokens, hidden]
     w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]  (gate rows then up rows)
@@ -369,8 +330,6 @@ def fused_experts(
         return fused_experts_tma(hidden, w13, w2, topk_weights, topk_ids, tma, w13_scale=w13_scale,
                                  w2_scale=w2_scale)
     if config.get("gemv") and num_tokens <= config["gemv"].get("max_tokens", 1):  # per-pair GEMVs, no align
-        from kernels.moe_gemv import gemv_experts  # (imports this module)
-
         return gemv_experts(hidden, w13, w2, topk_weights, topk_ids, config["gemv"], w13_scale, w2_scale)
     if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
         raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")

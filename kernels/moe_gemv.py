@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fused_moe import _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
 
 GEMV_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 

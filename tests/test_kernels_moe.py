@@ -81,7 +81,7 @@ def test_fused_experts(num_tokens, num_experts, hidden, inter, top_k, dtype):
 def test_fused_sum_one_token(dtype):
     # config "fused_sum": the down GEMM's last slot per column tile does the top-k sum; the same numbers as
     # the separate sum kernel, counters re-armed after each launch, zeros for a token with no slot handled here
-    import kernels.fused_moe as fm
+    import kernels.moe_sum as fm
 
     torch.manual_seed(11)
     num_experts, hidden, inter, top_k = 8, 96, 64, 4

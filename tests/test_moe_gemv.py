@@ -108,7 +108,7 @@ def test_gemv_fp8_weights(dtype, up, down, pdl):
 def test_gemv_fused_sum_one_token(fp8):
     # config "fused_sum": the down GEMV's last slot per column tile sums the token's rows: the separate sum
     # kernel's bits, counters re-armed, zeros when no slot is handled here
-    import kernels.fused_moe as fm
+    import kernels.moe_sum as fm
 
     x, w13, w2, weights, _ = _problem(1, 8, 96, 64, 4, torch.float32, seed=3)
     kw = {}
