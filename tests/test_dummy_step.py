@@ -126,10 +126,6 @@ def _lockstep(engine: Any, stats: Any, group: Any, log: CollectiveLog,
     steps: list[dict[str, Any]] = []
     while True:
         num_tokens = engine.schedule()
-        if num_tokens == 0 and engine.step_pending:  # as the rank loop: nothing follows the step in flight (async)
-            for d in engine.drain():
-                tokens.setdefault(d.request_id, []).extend(d.new_token_ids)
-            num_tokens = engine.schedule()
         agreed = torch.tensor([num_tokens, int(engine.has_unfinished())])
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
         if agreed[0] == 0:

@@ -275,9 +275,11 @@ class LLMEngine:
         if pending is not None:
             outputs += self._collect(pending)
         if step is not None:
-            if self.async_scheduling:
+            if self.async_scheduling and self.scheduler.has_unfinished():
                 self._pending = step  # read by the next execute(), once the step after it is queued
             else:
+                # synchronous, or no step can follow this one (every sequence in it ends with it): nothing to
+                # overlap the read with, and a caller that finds nothing more to schedule has no step left unread
                 outputs += self._collect(step)
         return outputs
 
