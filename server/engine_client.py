@@ -29,6 +29,8 @@ from server.protocol import APIError
 
 log = logging.getLogger(__name__)
 
+READ_BURST = 64  # engine messages handled in one turn of the event loop, before the streams get theirs
+
 
 @dataclass
 class InFlight:
@@ -336,11 +338,20 @@ class EngineClient:
     # ------------------------------------------------------------ outputs
 
     def _on_readable(self) -> None:
-        """Handles every message waiting. zmq's FD only says that the socket's events changed: ask ZMQ_EVENTS
-        (which also processes zmq's pending commands) until no message is left."""
+        """Handles the messages waiting. zmq's FD only says that the socket's events changed: ask ZMQ_EVENTS
+        (which also processes zmq's pending commands) until no message is left, or come back after the event
+        loop's other work when a burst is long (the FD may not signal again for what is left)."""
         pull = self._pull
-        while self._reading and pull is not None and pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._handle(pull.recv(zmq.NOBLOCK))
+        for _ in range(READ_BURST):
+            if not (self._reading and pull is not None and pull.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                return
+            try:
+                data = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(data)
+        if self._loop is not None:
+            self._loop.call_soon(self._on_readable)
 
     def _handle(self, data: bytes) -> None:
         try:
