@@ -6,7 +6,7 @@ Decode: B sequences whose first `ctx` tokens are already in the KV cache; we tim
 Floor: bytes a decode step must read (experts touched + attention/router weights + lm head + KV) over the
 device-to-device copy bandwidth measured in this run; prefill floor: FLOPs over the measured matmul rate.
 
-    python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf] [--no-async-scheduling]
+    python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf] [--no-async-scheduling] [--as-served]
 
 Long context: --max-model-len 131072 adds Qwen3's yarn block (factor 4 over 32768, as its model card says),
 --kv-cache-dtype fp8 puts the KV in FP8, --prompt-len 131072 times one prompt prefilled in --prefill chunks
