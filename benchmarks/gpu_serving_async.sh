@@ -23,12 +23,13 @@ serve() {  # $1: tag, then extra server flags
     --port 8011 --served-model-name q "$@" > $OUT/serve_$tag.log 2>&1 &
   local pid=$!
   for i in $(seq 1 150); do curl -sf localhost:8011/health | grep -q '"ok"' && break; sleep 1; done
-  python3 benchmarks/bench_serving.py $BENCH --num-prompts 4 --max-concurrency 1 --result-file $OUT/warm_$tag.json \
-    > /dev/null 2>&1  # first requests compile what the warm-up did not
-  python3 benchmarks/bench_serving.py $BENCH --num-prompts 12 --max-concurrency 1 --result-file $OUT/c1_$tag.json \
-    2>&1 | grep "^bench_serving rate"
-  python3 benchmarks/bench_serving.py $BENCH --num-prompts 192 --max-concurrency 64 --result-file $OUT/c64_$tag.json \
-    2>&1 | grep "^bench_serving rate"
+  # a warm-up load compiles what start-up did not; each load has prompts of its own seed (no prefix-cache hits)
+  python3 benchmarks/bench_serving.py $BENCH --num-prompts 4 --max-concurrency 1 --seed 1 \
+    --result-file $OUT/warm_$tag.json > /dev/null 2>&1
+  python3 benchmarks/bench_serving.py $BENCH --num-prompts 12 --max-concurrency 1 --seed 2 \
+    --result-file $OUT/c1_$tag.json 2>&1 | grep "^bench_serving rate"
+  python3 benchmarks/bench_serving.py $BENCH --num-prompts 192 --max-concurrency 64 --seed 3 \
+    --result-file $OUT/c64_$tag.json 2>&1 | grep "^bench_serving rate"
   kill $pid; while kill -0 $pid 2>/dev/null; do sleep 0.5; done  # (processes retitle: no pkill -f)
 }
 serve async
