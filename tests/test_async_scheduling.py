@@ -355,6 +355,19 @@ def test_on_by_default_off_by_flag_and_where_it_cannot_run(checkpoint: str, capl
     assert config("--lockstep-lookahead").use_async_scheduling  # no lockstep (one DP rank): nothing to fall back
 
 
+def test_a_step_no_step_can_follow_is_read_at_once(checkpoint: str) -> None:
+    """The step whose sequences all end with it (max_tokens) has nothing to overlap with: execute() reads it, so a
+    caller that stops when schedule() plans nothing (lockstep loops) never leaves a token unread."""
+    engine = make_llm(checkpoint, True).engine
+    engine.add_request(AddRequest("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+    out = []
+    while engine.schedule():
+        out += engine.execute()
+    assert [d.finish_reason for d in out] == [None, None, None, "length"]
+    assert not engine.step_pending and engine.num_overlapped_steps == 3
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+
+
 def test_fill_placeholders() -> None:
     import numpy as np
 
