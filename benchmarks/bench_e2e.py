@@ -6,7 +6,7 @@ Decode: B sequences whose first `ctx` tokens are already in the KV cache; we tim
 Floor: bytes a decode step must read (experts touched + attention/router weights + lm head + KV) over the
 device-to-device copy bandwidth measured in this run; prefill floor: FLOPs over the measured matmul rate.
 
-    python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf] [--async-scheduling]
+    python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf] [--no-async-scheduling] [--as-served]
 
 Long context: --max-model-len 131072 adds Qwen3's yarn block (factor 4 over 32768, as its model card says),
 --kv-cache-dtype fp8 puts the KV in FP8, --prompt-len 131072 times one prompt prefilled in --prefill chunks
@@ -146,7 +146,13 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
                           max_model_len=max_len, max_num_seqs=max_b + 8, max_num_batched_tokens=args.prefill,
                           gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
                           async_scheduling=args.async_scheduling)
-    engine = LLMEngine(config)
+    if args.as_served:  # a served rank's engine: MoE layers through the dispatcher, routed tokens counted
+        from runtime.cluster.rank_loop import build_engine
+        from runtime.distributed.parallel import single_rank
+
+        engine = build_engine(config, single_rank(config.resolved_device()))[0]
+    else:
+        engine = LLMEngine(config)
     kv_elem_bytes = engine.kv_dtype.itemsize
     fit = engine.block_manager.num_blocks / -(-max_len // config.block_size)
     print(f"ours kv {args.kv_cache_dtype}: {engine.block_manager.num_blocks} blocks = {fit:.2f} sequences of "
@@ -353,8 +359,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=0, help="also time one prompt of this many tokens")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--async-scheduling", action="store_true",
-                        help="the engine's --async-scheduling: step s+1 queued before step s's tokens are read")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's --[no-]async-scheduling (default: its default, on): step s+1 queued "
+                             "before step s's tokens are read")
+    parser.add_argument("--as-served", action="store_true",
+                        help="build the engine as python -m runtime.serve does (its expert statistics included)")
     parser.add_argument("--profile", type=lambda s: [int(x) for x in s.split(",")], default=[],
                         help="batch sizes to profile eagerly, kernel by kernel")
     parser.add_argument("--mixed", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
@@ -379,7 +388,8 @@ def main() -> None:
         rows += bench_transformers(model_dir, args, cfg)
     result = {"gpu": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth, "matmul_flops": flops,
               "quantization": args.quantization or "bf16", "kv_cache_dtype": args.kv_cache_dtype,
-              "async_scheduling": args.async_scheduling, "rows": rows}
+              "async_scheduling": args.async_scheduling is not False, "as_served": args.as_served,
+              "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     ours = {r["batch"]: r for r in rows if r["engine"] == "ours" and r["phase"] == "decode"}

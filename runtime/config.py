@@ -51,7 +51,9 @@ class EngineConfig:
     max_cudagraph_batch_size: int | None = None
     kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3
     max_mixed_cudagraph_tokens: int = 2048  # steps with a prefill up to this many tokens replay CUDA graphs; 0: off
-    async_scheduling: bool = False  # plan and queue step s+1 before step s's tokens are read (engine/async_step.py)
+    # plan and queue step s+1 before step s's tokens are read (engine/async_step.py); None (the default): on, unless
+    # sync_scheduling_reason() names a setting it cannot run with; True there is an error, False: synchronous steps
+    async_scheduling: bool | None = None
     # parallelism
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
@@ -122,6 +124,8 @@ class EngineConfig:
                               f"{self.max_mixed_cudagraph_tokens}")
         if self.mixed_step_token_budget < 0:
             raise ConfigError(f"--mixed-step-token-budget must be >= 0 tokens, got {self.mixed_step_token_budget}")
+        if self.async_scheduling and (reason := self.sync_scheduling_reason()) is not None:
+            raise ConfigError(f"--async-scheduling cannot run with {reason}: drop one of the two")
         if self.engine_hang_timeout <= 0:
             raise ConfigError(f"--engine-hang-timeout must be positive seconds, got {self.engine_hang_timeout}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -211,6 +215,18 @@ class EngineConfig:
         models and EP inside one DP rank (its TP peers follow its plans) run freely."""
         return self.enable_expert_parallel and self.data_parallel_size > 1
 
+    def sync_scheduling_reason(self) -> str | None:
+        """The setting under which steps run synchronously whatever the default says; None: async scheduling
+        can run."""
+        if self.lockstep_lookahead and self.needs_lockstep:
+            # the rank reports its next plan while a step runs, estimated from the host's view of the step before
+            return "--lockstep-lookahead (expert-parallel lockstep)"
+        return None
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        return self.async_scheduling is not False and self.sync_scheduling_reason() is None
+
     def resolved_max_model_len(self) -> int:
         return self.max_model_len or model_max_len(self.hf_config())
 
@@ -260,10 +276,10 @@ class EngineConfig:
           help="steps that carry a prefill (decodes + a prompt's chunk) up to this many tokens are padded to a "
                "token bucket (64, 128, ... powers of two) and replayed as CUDA graphs (capped by "
                "--max-num-batched-tokens; 0: such steps run eagerly)")
-        a("--async-scheduling", action="store_true",
+        a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
           help="queue each step on the device before the previous step's tokens are read, so the GPU never waits "
-               "on the host between steps (a step with prompt logprobs runs synchronously, and so does "
-               "--lockstep-lookahead)")
+               "on the host between steps (default: on; a step with prompt logprobs runs synchronously, and "
+               "--lockstep-lookahead turns it off; --no-async-scheduling: every step synchronous)")
         a("--data-parallel-size", "-dp", type=int, default=1, help="engine ranks, one GPU each")
         a("--enable-expert-parallel", action="store_true",
           help="split the experts of every MoE layer across the ranks (all2all, lockstep steps)")

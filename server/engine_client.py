@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from runtime.messages import (
     AbortRequest,
@@ -29,6 +28,8 @@ from runtime.sampling_params import SamplingParams
 from server.protocol import APIError
 
 log = logging.getLogger(__name__)
+
+READ_BURST = 64  # engine messages handled in one turn of the event loop, before the streams get theirs
 
 
 @dataclass
@@ -113,15 +114,16 @@ class EngineClient:
         self.hung: set[str] = set()  # requests failed for taking ranks down twice (their error is a 500)
         self.num_failed_hung = 0
         self.on_fatal: Callable[[str], None] | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self._push: zmq.asyncio.Socket | None = None
-        self._pull: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._ctx: zmq.Context | None = None
+        self._push: zmq.Socket | None = None
+        self._pull: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # the output reader is registered with the event loop
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 0)  # never make an engine block on a slow front end
         self._pull.bind(self.addrs.to_frontend)
@@ -129,11 +131,17 @@ class EngineClient:
         self._push.setsockopt(zmq.SNDHWM, 0)
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(self.addrs.to_coordinator)
-        self._reader = asyncio.create_task(self._read_loop(), name="engine-output-reader")
+        # outputs are read in a reader callback of the event loop, not by awaiting zmq.asyncio's recv: that made a
+        # future and two epoll changes per message (one per token at concurrency 1)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._pull.getsockopt(zmq.FD), self._on_readable)
+        self._reading = True
+        self._loop.call_soon(self._on_readable)  # what arrived before the reader was added
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._reading and self._loop is not None and self._pull is not None:
+            self._loop.remove_reader(self._pull.getsockopt(zmq.FD))
+        self._reading = False
         for sock in (self._push, self._pull):
             if sock is not None:
                 sock.close(linger=0)
@@ -145,7 +153,7 @@ class EngineClient:
         coordinator silent for stale_after seconds) or 'failed' (the ranks are gone for good)."""
         if self.dead is not None:
             return "failed"
-        if self._reader is None or self._reader.done():
+        if not self._reading:
             return "degraded"
         if self.stats is None:
             return "starting"
@@ -329,44 +337,57 @@ class EngineClient:
 
     # ------------------------------------------------------------ outputs
 
-    async def _read_loop(self) -> None:
-        assert self._pull is not None
-        while True:
-            data = await self._pull.recv()
+    def _on_readable(self) -> None:
+        """Handles the messages waiting. zmq's FD only says that the socket's events changed: ask ZMQ_EVENTS
+        (which also processes zmq's pending commands) until no message is left, or come back after the event
+        loop's other work when a burst is long (the FD may not signal again for what is left)."""
+        pull = self._pull
+        for _ in range(READ_BURST):
+            if not (self._reading and pull is not None and pull.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                return
             try:
-                msg = decode(data)
-            except msgspec.DecodeError as err:
-                log.error("dropped an undecodable message on the front-end socket: %s", err)
-                continue
-            try:
-                if isinstance(msg, OutputBatch):
-                    if msg.epoch < self.epoch:
-                        self.num_stale_outputs += 1  # a dead incarnation's: its requests were re-submitted
-                        continue
-                    if msg.epoch > self.epoch:
-                        self._new_epoch(msg.epoch)
-                    self._route(msg)
-                elif isinstance(msg, ClusterStats):
-                    if msg.coordinator_id != self.coordinator_id:
-                        if self.coordinator_id != 0:
-                            self._coordinator_restarted()
-                        self.coordinator_id = msg.coordinator_id
-                    if msg.epoch > self.epoch:
-                        self._new_epoch(msg.epoch)
-                    elif self.stats is not None and msg.num_engine_restarts > self.num_restarts_seen:
-                        self.resubmit_in_flight()  # a launcher that keeps no epochs: re-send everything
-                    self.num_restarts_seen = max(self.num_restarts_seen, msg.num_engine_restarts)
-                    self.stats, self.stats_time = msg, time.time()
-                    if self.on_stats is not None:
-                        self.on_stats(msg)
-                elif isinstance(msg, RankHung):
-                    self._rank_hung(msg)
-                elif isinstance(msg, EngineDead):
-                    self._fail(msg.reason)
-                else:
-                    log.warning("unexpected %s on the front-end socket", type(msg).__name__)
-            except Exception:  # a bug in routing must not kill the reader and wedge every request
-                log.exception("failed to handle %s", type(msg).__name__)
+                data = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(data)
+        if self._loop is not None:
+            self._loop.call_soon(self._on_readable)
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            msg = decode(data)
+        except msgspec.DecodeError as err:
+            log.error("dropped an undecodable message on the front-end socket: %s", err)
+            return
+        try:
+            if isinstance(msg, OutputBatch):
+                if msg.epoch < self.epoch:
+                    self.num_stale_outputs += 1  # a dead incarnation's: its requests were re-submitted
+                    return
+                if msg.epoch > self.epoch:
+                    self._new_epoch(msg.epoch)
+                self._route(msg)
+            elif isinstance(msg, ClusterStats):
+                if msg.coordinator_id != self.coordinator_id:
+                    if self.coordinator_id != 0:
+                        self._coordinator_restarted()
+                    self.coordinator_id = msg.coordinator_id
+                if msg.epoch > self.epoch:
+                    self._new_epoch(msg.epoch)
+                elif self.stats is not None and msg.num_engine_restarts > self.num_restarts_seen:
+                    self.resubmit_in_flight()  # a launcher that keeps no epochs: re-send everything
+                self.num_restarts_seen = max(self.num_restarts_seen, msg.num_engine_restarts)
+                self.stats, self.stats_time = msg, time.time()
+                if self.on_stats is not None:
+                    self.on_stats(msg)
+            elif isinstance(msg, RankHung):
+                self._rank_hung(msg)
+            elif isinstance(msg, EngineDead):
+                self._fail(msg.reason)
+            else:
+                log.warning("unexpected %s on the front-end socket", type(msg).__name__)
+        except Exception:  # a bug in routing must not kill the reader and wedge every request
+            log.exception("failed to handle %s", type(msg).__name__)
 
     def _route(self, batch: OutputBatch) -> None:
         now = time.time()

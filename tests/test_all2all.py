@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -323,3 +324,31 @@ def test_capacity_slots_cover_uniform_routing() -> None:
         EngineConfig(all2all_capacity_factor=-1.0)
     with pytest.raises(ConfigError, match="--all2all-static-max-tokens must be >= 0"):
         EngineConfig(all2all_static_max_tokens=-1)
+
+
+def test_routed_token_counts_take_two_launches_per_moe_layer() -> None:
+    """A served rank counts each MoE layer's routing inside the forward (in the decode graph): padding rows (id -1)
+    count nowhere, int32 and int64 ids alike, in two kernels (remainder, index_add) rather than five."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from runtime.distributed.expert_stats import ExpertStats
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not func.is_view:
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    stats = ExpertStats(num_moe_layers=2, num_experts=6, device=torch.device("cpu"))
+    ids = torch.tensor([[0, 5], [-1, -1], [5, 2], [3, -1]], dtype=torch.int32)  # [T, k], a padding row
+    for layer_ids in (ids, ids.long()):
+        kernels = Kernels()
+        with kernels:
+            stats.record_routing(layer_ids)
+        assert kernels.ops == ["aten.remainder", "aten.index_add_"]
+    assert stats.routed_tokens.tolist() == [[1, 0, 1, 1, 0, 2], [1, 0, 1, 1, 0, 2]]
+    assert stats.counters().tolist()[:12] == [1, 0, 1, 1, 0, 2] * 2  # the snapshot leaves the padding out

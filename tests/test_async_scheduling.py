@@ -32,7 +32,7 @@ def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[dict[str, Any]]:
     return [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=g).tolist()} for n in lengths]
 
 
-def make_llm(path: str, async_scheduling: bool, **kw: Any) -> LLM:
+def make_llm(path: str, async_scheduling: bool | None, **kw: Any) -> LLM:
     kw = {"dtype": "float32", "device": "cpu", "kv_cache_memory": 8 << 20, "block_size": 8, **kw}
     return LLM(model=path, async_scheduling=async_scheduling, **kw)
 
@@ -320,6 +320,52 @@ def test_tp2_async_scheduling_broadcasts_the_sampled_tokens(checkpoint: str) -> 
             got = json.load(f)
     assert got["overlapped"] > 0
     assert [got["tokens"][str(i)] for i in range(len(TP_REQUESTS))] == [o.outputs[0].token_ids for o in want]
+
+
+def test_on_by_default_off_by_flag_and_where_it_cannot_run(checkpoint: str, caplog: Any) -> None:
+    """On unless --no-async-scheduling; under --lockstep-lookahead the default falls back to synchronous steps
+    with one log line, while an explicit --async-scheduling there is a one-line error."""
+    import argparse
+    import logging
+
+    from runtime.config import ConfigError, EngineConfig
+    from runtime.engine.llm_engine import LLMEngine
+
+    parser = EngineConfig.add_cli_args(argparse.ArgumentParser())
+
+    def config(*flags: str) -> EngineConfig:
+        args = ["--model", checkpoint, "--device", "cpu", "--kv-cache-memory", str(8 << 20), *flags]
+        return EngineConfig.from_cli(parser.parse_args(args))
+
+    assert config().async_scheduling is None and config().use_async_scheduling
+    assert config("--async-scheduling").use_async_scheduling
+    assert not config("--no-async-scheduling").use_async_scheduling
+    assert make_llm(checkpoint, None).engine.async_scheduling  # the offline API's default too
+    lookahead = ("--data-parallel-size", "2", "--enable-expert-parallel", "--lockstep-lookahead")
+    with pytest.raises(ConfigError, match="--async-scheduling cannot run with --lockstep-lookahead"):
+        config(*lookahead, "--async-scheduling")
+    assert not config(*lookahead, "--no-async-scheduling").use_async_scheduling
+    fallback = config(*lookahead)
+    assert not fallback.use_async_scheduling
+    with caplog.at_level(logging.INFO, logger="runtime.engine.llm_engine"):
+        assert not LLMEngine(fallback).async_scheduling
+    assert [r.message for r in caplog.records if "async scheduling is off" in r.message] == [
+        "rank 0: async scheduling is off with --lockstep-lookahead (expert-parallel lockstep): steps run "
+        "synchronously"]
+    assert config("--lockstep-lookahead").use_async_scheduling  # no lockstep (one DP rank): nothing to fall back
+
+
+def test_a_step_no_step_can_follow_is_read_at_once(checkpoint: str) -> None:
+    """The step whose sequences all end with it (max_tokens) has nothing to overlap with: execute() reads it, so a
+    caller that stops when schedule() plans nothing (lockstep loops) never leaves a token unread."""
+    engine = make_llm(checkpoint, True).engine
+    engine.add_request(AddRequest("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+    out = []
+    while engine.schedule():
+        out += engine.execute()
+    assert [d.finish_reason for d in out] == [None, None, None, "length"]
+    assert not engine.step_pending and engine.num_overlapped_steps == 3
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
 
 
 def test_fill_placeholders() -> None:

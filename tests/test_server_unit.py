@@ -417,3 +417,40 @@ def test_waiting_outputs_merge_into_one_event(stack: Stack) -> None:
     events = asyncio.run(collect())
     assert len(events) == 1 and events[0].token_ids == ids[:3]
     assert events[0].text == stack.tokenizer.decode(ids[:3]) and choice.finish_reason == "length"
+
+
+def test_output_reader_drains_a_burst_longer_than_one_turn(tmp_path: Any) -> None:
+    """The front end reads engine outputs in an event-loop reader callback, READ_BURST messages a turn: a burst
+    that is all waiting at once (zmq's FD announces it once) reaches its request whole and in order."""
+    import zmq
+
+    from runtime.messages import OutputBatch, TokenDelta, encode
+    from runtime.sampling_params import SamplingParams
+    from server.engine_client import READ_BURST, EngineClient
+
+    addrs = Addresses(to_coordinator=f"ipc://{tmp_path}/coord", to_frontend=f"ipc://{tmp_path}/front", to_engines=[])
+    num_outputs = 3 * READ_BURST + 5
+
+    async def run() -> list[int]:
+        client = EngineClient(addrs, max_queue_len=4)
+        ctx = zmq.Context()
+        coordinator = ctx.socket(zmq.PULL)
+        coordinator.bind(addrs.to_coordinator)
+        rank = ctx.socket(zmq.PUSH)
+        try:
+            await client.start()
+            group = client.open([("r", [1, 2], SamplingParams(max_tokens=num_outputs))])
+            rank.connect(addrs.to_frontend)
+            for i in range(num_outputs):
+                rank.send(encode(OutputBatch(rank=0, outputs=[TokenDelta("r", [i])])))
+            time.sleep(0.5)  # the event loop stays blocked while the whole burst reaches the socket
+            tokens: list[int] = []
+            while len(tokens) < num_outputs:
+                for delta in await asyncio.wait_for(group.next_batch(), 5):
+                    tokens += delta.new_token_ids
+            return tokens
+        finally:
+            await client.close()
+            ctx.destroy(linger=0)
+
+    assert asyncio.run(run()) == list(range(num_outputs))

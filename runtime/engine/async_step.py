@@ -1,5 +1,5 @@
-"""Async scheduling (--async-scheduling): step s+1 is planned and queued on the device before the host has read
-step s's sampled tokens, so the device never waits on Python between steps.
+"""Async scheduling (on by default; --no-async-scheduling turns it off): step s+1 is planned and queued on the device
+before the host has read step s's sampled tokens, so the device never waits on Python between steps.
 
 While step s is in flight, each sequence it samples for holds a placeholder at the end of its token_ids: the
 negative number -(k + 1), k being its row in step s's sampled-token tensor. The scheduler sees one more

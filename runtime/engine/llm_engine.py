@@ -3,7 +3,7 @@
 A free-running rank calls step(). Under expert-parallel lockstep the coordinator splits it:
 schedule() plans the next batch and reports its size, execute(pad_to) runs it padded to the size
 every rank agreed on, or a dummy step of that size when this rank has nothing to do.
-With --async-scheduling execute() returns the previous step's outputs, read once this step is queued on the
+With async scheduling (the default) execute() returns the previous step's outputs, read once this step is queued on the
 device (runtime/engine/async_step.py); drain() reads a pending step that no step follows.
 """
 
@@ -122,13 +122,10 @@ class LLMEngine:
         self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
-        # --async-scheduling (runtime/engine/async_step.py); not with --lockstep-lookahead: its estimate of the
-        # next step is made while a step runs, from the host's view of the step before
-        lookahead = parallel is not None and parallel.is_ep and config.lockstep_lookahead
-        self.async_scheduling = config.async_scheduling and not lookahead
-        if config.async_scheduling and lookahead:
-            logger.info("rank %d: --async-scheduling is off with --lockstep-lookahead: steps run synchronously",
-                        self.rank)
+        # --async-scheduling (runtime/engine/async_step.py): on by default, where the config allows it
+        self.async_scheduling = config.use_async_scheduling
+        if config.async_scheduling is None and (reason := config.sync_scheduling_reason()) is not None:
+            logger.info("rank %d: async scheduling is off with %s: steps run synchronously", self.rank, reason)
         self._pending: PendingStep | None = None  # the step in flight whose tokens are not read yet
         self._host_token_requests: set[str] = set()  # ids of the requests whose steps run synchronously
         self.num_overlapped_steps = 0  # steps queued while the previous one's tokens were still unread
@@ -278,9 +275,11 @@ class LLMEngine:
         if pending is not None:
             outputs += self._collect(pending)
         if step is not None:
-            if self.async_scheduling:
+            if self.async_scheduling and self.scheduler.has_unfinished():
                 self._pending = step  # read by the next execute(), once the step after it is queued
             else:
+                # synchronous, or no step can follow this one (every sequence in it ends with it): nothing to
+                # overlap the read with, and a caller that finds nothing more to schedule has no step left unread
                 outputs += self._collect(step)
         return outputs
 
