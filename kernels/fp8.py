@@ -49,20 +49,21 @@ def per_token_group_quant_ref(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[
 @triton.jit(do_not_specialize=["num_rows"])  # one variant for every step size
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr, num_rows, K, stride_x, stride_q, stride_s,
-    NUM_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr,
-    MIN_SCALE: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
+    # program (r, g): rows [r * BLOCK_R, +BLOCK_R) x columns [g * GROUP, +GROUP), every group in parallel (a loop
+    # over the groups in one program per row block ran them one after another, each load waiting on memory)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1)
     rmask = r < num_rows
     r64 = r.to(tl.int64)
-    for g in range(NUM_GROUPS):
-        c = g * GROUP + tl.arange(0, GROUP)
-        mask = rmask[:, None] & (c < K)[None, :]
-        x = tl.load(x_ptr + r64[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_R]
-        q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
-        tl.store(q_ptr + r64[:, None] * stride_q + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + r64 * stride_s + g, scale, mask=rmask)
+    c = g * GROUP + tl.arange(0, GROUP)
+    mask = rmask[:, None] & (c < K)[None, :]
+    x = tl.load(x_ptr + r64[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_R]
+    q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
+    tl.store(q_ptr + r64[:, None] * stride_q + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + r64 * stride_s + g, scale, mask=rmask)
 
 
 def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +77,8 @@ def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torc
     s = torch.empty(rows, kg, dtype=torch.float32, device=x.device)
     if rows:
         block_r = 16
-        _group_quant_kernel[(triton.cdiv(rows, block_r),)](
+        _group_quant_kernel[(triton.cdiv(rows, block_r), kg)](
             x2, q, s, rows, k, x2.stride(0), q.stride(0), s.stride(0),
-            NUM_GROUPS=kg, GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
+            GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
         )
     return q.view(*x.shape), s.view(*x.shape[:-1], kg)

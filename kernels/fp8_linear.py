@@ -28,11 +28,11 @@ from kernels.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
     dequantize_weight_block,
+    per_token_group_quant,
     per_token_group_quant_ref,
 )
 from kernels.fp8_linear_config import check_config, default_config, get_config, normalize
 from kernels.fp8_linear_kernels import (
-    _act_quant_kernel,
     _split_k_reduce_kernel,
     _w8a8_dot_kernel,
     _w8a8_dot_tma_kernel,
@@ -91,17 +91,9 @@ def _resolve(m: int, n: int, k: int, device: torch.device) -> dict:
 
 
 def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] float (contiguous rows) -> (q [M, K] e4m3, scale [M, K/128] fp32), one program per 16 rows x 128
-    columns (as per_token_group_quant, K in whole 128 groups)."""
-    m, k = x2.shape
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x2.device)
-    s = torch.empty(m, k // FP8_BLOCK, dtype=torch.float32, device=x2.device)
-    if m:
-        block_r = 16
-        _act_quant_kernel[(triton.cdiv(m, block_r), k // FP8_BLOCK)](
-            x2, q, s, m, x2.stride(0), q.stride(0), s.stride(0), BLOCK_R=block_r, FP8_MAX_C=FP8_MAX,
-            MIN_SCALE=_MIN_SCALE, num_warps=4)
-    return q, s
+    """[M, K] float (contiguous rows) -> (q [M, K] e4m3, scale [M, K/128] fp32): per_token_group_quant, one
+    program per 16 rows x 128 columns."""
+    return per_token_group_quant(x2)
 
 
 def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,

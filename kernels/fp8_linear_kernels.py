@@ -12,8 +12,8 @@
 - Split K (SPLIT_MODE 1 / 2): program (tile, s) sums its share of the K blocks into fp32 partials part[s]; either
   one more launch (_split_k_reduce_kernel) adds them up, or the last program of a tile to finish does (an atomic
   counter per tile, left at zero again for the next launch / CUDA graph replay).
-- _act_quant_kernel: per-token, per-128-column dynamic e4m3 quantization, one program per (16 rows, 128 columns):
-  every row block and K group in parallel (the generic per_token_group_quant walks the groups in a loop).
+The activations of rows the GEMM does not quantize itself come from kernels.fp8.per_token_group_quant (one
+program per 16 rows x 128 columns).
 """
 
 from __future__ import annotations
@@ -225,19 +225,3 @@ def _split_k_reduce_kernel(part_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.co
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["M", "stride_s"])
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, stride_x, stride_q, stride_s, BLOCK_R: tl.constexpr,
-                      FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr):
-    # program (r, g): rows [r * BLOCK_R, +BLOCK_R) x columns [g * 128, +128) -> q e4m3, s[row, g] fp32
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = tl.program_id(1)
-    c = g * 128 + tl.arange(0, 128)
-    rmask = r < M
-    r64 = r.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * stride_x + c[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_R]
-    q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
-    tl.store(q_ptr + r64[:, None] * stride_q + c[None, :], q.to(q_ptr.dtype.element_ty), mask=rmask[:, None])
-    tl.store(s_ptr + r64 * stride_s + g, scale, mask=rmask)
