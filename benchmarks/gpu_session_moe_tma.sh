@@ -7,9 +7,9 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DTYPES=${DTYPES:-bf16}
-timeout 150 python3 -m pytest -q -m gpu tests/test_kernels_moe_tma.py 2>&1 | tail -4
-timeout 240 python3 benchmarks/tune_moe.py --tma --shapes qwen3 --dtypes "$DTYPES" --m 1024,4096,16384 --out "$OUT" \
+timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_moe_tma.py 2>&1 | tail -4
+timeout 330 python3 benchmarks/tune_moe.py --tma --shapes qwen3 --dtypes "$DTYPES" --m 1024,4096,16384 --out "$OUT" \
   2>&1 | grep -v "^  "
 cp "$OUT"/configs/*.json kernels/configs/ 2>/dev/null || true
-timeout 180 python3 benchmarks/bench_moe.py --shapes qwen3 --dtypes "$DTYPES" --m 256,1024,4096,16384 --tma --no-ref \
+timeout 120 python3 benchmarks/bench_moe.py --shapes qwen3 --dtypes "$DTYPES" --m 256,1024,4096,16384 --tma --no-ref \
   --out "$OUT" 2>&1 | tail -6

@@ -178,10 +178,12 @@ def tune_tma(shape: str, dtype: str, ms: list[int], out: Path) -> None:
               f"speedup={r['old_us'] / r['tma_us']:.2f} permute_us={r['permute_us']:.1f} (floor "
               f"{r['permute_floor_us']:.1f}, {r['permute_floor_us'] / r['permute_us']:.2f} of BW) "
               f"err={r['err_vs_old']:.1e} tma={json.dumps(r['tma'])}", flush=True)
-    name, table = with_tma_entries(shape, dtype, rows)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "configs" / name).write_text(json.dumps(table, indent=1))
-    (out / f"tune_moe_tma_{shape}_{dtype}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
+        # after every M: a run cut by a timeout (the first H200 run was, at 200 s) keeps what it measured
+        name, table = with_tma_entries(shape, dtype, rows)
+        (out / "configs").mkdir(parents=True, exist_ok=True)
+        (out / "configs" / name).write_text(json.dumps(table, indent=1))
+        (out / f"tune_moe_tma_{shape}_{dtype}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows},
+                                                                           indent=1))
     num_tma = sum("tma" in c for c in table.values())
     print(f"tune_moe_tma summary: {shape} {dtype} " + " ".join(
         f"M={r['M']}:{r['old_frac']:.2f}->{r['tma_frac']:.2f}" for r in rows)
