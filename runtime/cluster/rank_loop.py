@@ -135,6 +135,8 @@ class RankLoop:
             ms = -1 if timeout_s is None else max(1, int(timeout_s * 1e3))
             if not self.pull.poll(ms):
                 return None
+        elif not self.pull.get(zmq.EVENTS) & zmq.POLLIN:  # nothing queued: no raised zmq.Again on every step
+            return None
         try:
             data = self.pull.recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
