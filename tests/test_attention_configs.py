@@ -4,12 +4,13 @@ logic on tiny CPU cases."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.sm90 import run_sm90_probe
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -165,16 +166,7 @@ def test_kernels_compile_for_sm90_with_overlapped_kv_copies():
     # Double-buffered K/V with the next tile's copy in flight during the dots (the page ids loaded a tile
     # ahead; before, K/V waited on a same-iteration page load and were single-buffered, every wait on all
     # copies), and an FP8 cache widened to fp16 with no per-value F2F (fp16 -> bf16) conversion
-    bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "cuobjdump").exists():
-        pytest.skip("this Triton build has no NVIDIA backend tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    dec_bf16, dec_fp8, pre, pipe = json.loads(res.stdout.strip().splitlines()[-1])
+    dec_bf16, dec_fp8, pre, pipe = run_sm90_probe(_SM90_PROBE)
     for r in (dec_bf16, dec_fp8, pre, pipe):
         assert r["spill_bytes"] == 0
         assert min(r["kv_buffer_depths"]) >= 2 and max(r["async_wait_in_flight"]) > 0, r

@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.sm90 import run_sm90_probe
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -240,16 +240,7 @@ def test_grouped_gemm_compiles_for_sm90():
     # no GPU needed: Triton's compiler for Hopper with the launch's specializations. TMA loads and wgmma in
     # every variant (bf16 / FP8, warp-specialized or the flattened loop, or neither), no spills, and the
     # warp-specialized ones really split into producer / consumer warps
-    bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "cuobjdump").exists():
-        pytest.skip("this Triton build has no NVIDIA backend tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = run_sm90_probe(_SM90_PROBE)
     for r in rows:
         assert r["mma"] == "wgmma" and r["tma_loads"] and r["spill_bytes"] == 0, r
     assert [r["warp_specialized"] for r in rows] == [False, False, True, True, False, True, True, False]

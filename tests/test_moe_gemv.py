@@ -2,12 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.sm90 import run_sm90_probe
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -157,16 +158,7 @@ def test_gemv_compiles_for_sm90():
     # no GPU needed: Triton's own ptxas for Hopper. No MMA and no spills; FP8 widened e4m3 -> f16 by packed
     # F2FP only (no per-value F2F); num_stages > 1 streams the tiles through cp.async; PDL emits griddepcontrol,
     # the w2 prefetch a bulk L2 prefetch and (one stage) evict-first w13 loads
-    bin_dir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
-    if not (bin_dir / "cuobjdump").exists():
-        pytest.skip("this Triton build has no NVIDIA backend tools")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    up16, down16, up8, down8 = json.loads(res.stdout.strip().splitlines()[-1])
+    up16, down16, up8, down8 = run_sm90_probe(_SM90_PROBE)
     for r in (up16, down16, up8, down8):
         assert r["spill_bytes"] == 0 and r["mma"] is None and r["sass_ops"]["HMMA"] == 0 and r["pdl"], r
     for r in (up8, down8):
