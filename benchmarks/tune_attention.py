@@ -55,6 +55,7 @@ from attention_cases import (  # noqa: E402
     PrefillCase,
 )
 from bench_moe import measure_ceilings  # noqa: E402
+from graph_timing import time_graph_us  # noqa: E402
 
 from kernels.attention_config import config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
@@ -90,38 +91,7 @@ def prefill_cfg(tile: tuple) -> dict:
 
 def time_us(calls: list, rep_ms: float) -> float:
     """Median microseconds per call of CUDA-graph replays of one graph that holds each of `calls` once."""
-    if ac.DEVICE == "cpu":  # the interpreter smoke test: wall time
-        t0 = time.perf_counter()
-        for c in calls:
-            c()
-        return (time.perf_counter() - t0) * 1e6 / len(calls)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles, allocates (a graph captures no first launch)
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    est_ms = (time.perf_counter() - t0) * 1e3
-    n = max(3, min(200, int(rep_ms / max(est_ms, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for s, e in zip(starts, ends):
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    del graph
-    return times[len(times) // 2] * 1e3 / len(calls)
+    return time_graph_us(calls, rep_ms, device=ac.DEVICE)
 
 
 def time_sdpa(calls: list | None, rep_ms: float) -> float:

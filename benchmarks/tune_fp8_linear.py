@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import graph_timing  # noqa: E402
 from benchmarks.bench_fp8_linear import ALL_SHAPES, NUM_ROT  # noqa: E402
 from benchmarks.bench_moe import measure_ceilings  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
@@ -164,31 +165,7 @@ def precompile(cfgs: list[dict], jobs: int) -> None:
 
 def time_graph_us(fn, rep_ms: float) -> float:
     """Median microseconds of one replay of a CUDA graph holding fn() (fn already ran once eagerly)."""
-    if DEVICE == "cpu":  # the interpreter smoke test: one call's wall time
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    est_ms = (time.perf_counter() - t0) * 1e3
-    n = max(3, min(50, int(rep_ms / max(est_ms, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for start, end in zip(starts, ends):
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    del graph
-    return times[len(times) // 2] * 1e3
+    return graph_timing.time_graph_us([fn], rep_ms, max_reps=50, device=DEVICE)
 
 
 class Budget:
