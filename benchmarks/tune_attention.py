@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attention_cases as ac  # noqa: E402
+import tuning  # noqa: E402
 from attention_cases import (  # noqa: E402
     DECODE_CASES,
     EXTEND_CASES,
@@ -55,7 +55,6 @@ from attention_cases import (  # noqa: E402
     PrefillCase,
 )
 from bench_moe import measure_ceilings  # noqa: E402
-from graph_timing import time_graph_us  # noqa: E402
 
 from kernels.attention_config import config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
@@ -91,7 +90,7 @@ def prefill_cfg(tile: tuple) -> dict:
 
 def time_us(calls: list, rep_ms: float) -> float:
     """Median microseconds per call of CUDA-graph replays of one graph that holds each of `calls` once."""
-    return time_graph_us(calls, rep_ms, device=ac.DEVICE)
+    return tuning.time_graph_us(calls, rep_ms, device=ac.DEVICE)
 
 
 def time_sdpa(calls: list | None, rep_ms: float) -> float:
@@ -134,11 +133,7 @@ def _compile_worker(items: list) -> str:
 
 
 def precompile(items: list[tuple], jobs: int) -> None:
-    t0 = time.time()
-    chunks = [items[i::jobs] for i in range(jobs) if items[i::jobs]]
-    with mp.get_context("spawn").Pool(len(chunks)) as pool:
-        done = pool.map(_compile_worker, chunks)
-    print(f"precompiled {len(items)} variants in {time.time() - t0:.0f} s ({', '.join(done)})", flush=True)
+    tuning.precompile(items, _compile_worker, jobs)
 
 
 def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int) -> list[tuple]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import graph_timing  # noqa: E402
+from benchmarks import tuning  # noqa: E402
 from benchmarks.bench_fp8_linear import ALL_SHAPES, NUM_ROT  # noqa: E402
 from benchmarks.bench_moe import measure_ceilings  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
@@ -153,11 +152,7 @@ def _compile_worker(cfgs: list[dict]) -> str:
 
 
 def precompile(cfgs: list[dict], jobs: int) -> None:
-    t0 = time.time()
-    chunks = [cfgs[i::jobs] for i in range(jobs) if cfgs[i::jobs]]
-    with mp.get_context("spawn").Pool(len(chunks)) as pool:
-        done = pool.map(_compile_worker, chunks)
-    print(f"precompiled {len(cfgs)} variants in {time.time() - t0:.0f} s ({', '.join(done)})", flush=True)
+    tuning.precompile(cfgs, _compile_worker, jobs)
 
 
 # ---------------------------------------------------------------- timing
@@ -165,7 +160,7 @@ def precompile(cfgs: list[dict], jobs: int) -> None:
 
 def time_graph_us(fn, rep_ms: float) -> float:
     """Median microseconds of one replay of a CUDA graph holding fn() (fn already ran once eagerly)."""
-    return graph_timing.time_graph_us([fn], rep_ms, max_reps=50, device=DEVICE)
+    return tuning.time_graph_us([fn], rep_ms, max_reps=50, device=DEVICE)
 
 
 class Budget:

@@ -1,10 +1,12 @@
-"""Kernel timing from CUDA-graph replays, for the tuners: one graph holds each call once, so a small kernel's
-time is its GPU time, not the host's launch latency (do_bench's eager loop reads ~40 us for every small call)."""
+"""What the kernel tuners share: timing from CUDA-graph replays (one graph holds each call once, so a small
+kernel's time is its GPU time, not the host's launch latency: do_bench's eager loop reads ~40 us for every small
+call), and compiling the candidates first in parallel processes (Triton's disk cache keeps the binaries)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -45,3 +47,13 @@ def time_graph_us(calls: list[Callable[[], object]], rep_ms: float, max_reps: in
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     del graph
     return times[len(times) // 2] * 1e3 / len(calls)
+
+
+def precompile(items: Sequence, worker: Callable[[list], str], jobs: int) -> None:
+    """worker(chunk) -> a short status, run over `jobs` interleaved chunks of items in spawned processes (worker
+    must be a module-level function: it is pickled by name)."""
+    t0 = time.time()
+    chunks = [list(items[i::jobs]) for i in range(jobs) if items[i::jobs]]
+    with mp.get_context("spawn").Pool(len(chunks)) as pool:
+        done = pool.map(worker, chunks)
+    print(f"precompiled {len(items)} variants in {time.time() - t0:.0f} s ({', '.join(done)})", flush=True)
