@@ -24,6 +24,14 @@ def zeroed_counters(pool: dict, n: int, device, min_numel: int):
 
     buf = pool.get(device)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            # kept alive: a CUDA graph captured before this growth (a larger batch's graph, captured first, whose
+            # layer needed fewer counters) still points at the old buffer; freed, its memory would go to other
+            # tensors and each replay would count on (and corrupt) whatever they hold
+            _RETIRED_COUNTERS.append(buf)
         buf = torch.zeros(max(n, min_numel), dtype=torch.int32, device=device)
         pool[device] = buf
     return buf
+
+
+_RETIRED_COUNTERS: list = []  # counter buffers replaced by larger ones, never freed (see zeroed_counters)

@@ -170,6 +170,24 @@ def test_fused_split_reduce_is_deterministic() -> None:
     assert torch.equal(fused, w8a8_block_linear(x, q, s, config=dict(cfg, FUSED_REDUCE=0)))
 
 
+def test_grown_counters_keep_the_old_buffer() -> None:
+    # a CUDA graph captured before the counters grew (largest batch first) still points at the old buffer: it must
+    # stay allocated, or each replay counts on whatever tensor the allocator put there next
+    import gc
+    import weakref
+
+    from kernels import zeroed_counters
+
+    pool: dict = {}
+    old = zeroed_counters(pool, 3, DEVICE, 4)
+    ref = weakref.ref(old)
+    del old
+    grown = zeroed_counters(pool, 9, DEVICE, 4)
+    gc.collect()
+    assert grown.numel() == 9 and ref() is not None and ref() is not grown
+    assert zeroed_counters(pool, 5, DEVICE, 4) is grown  # never shrunk
+
+
 def test_quantize_activations_matches_torch() -> None:
     # every (16-row block, 128-column group) is its own program: rows past a block and groups of very different
     # magnitude must each get their own scale
