@@ -167,7 +167,7 @@ def _gemv_down_kernel(
     if PDL:
         # the first K step's weights do not depend on the up kernel: read them while that kernel drains
         w = _load_tile(w_ptrs, 0, K, offs_k, nmask, EVEN_K, "")
-        if GDC:  # (GDC False: the interpreter, which has no griddepcontrol, runs the same peeled loop)
+        if GDC:  # (GDC False: the interpreter or a pre-Hopper GPU, no griddepcontrol: the same peeled loop)
             tl.extra.cuda.gdc_wait()  # the up kernel's output (a) is complete and visible from here on
         a = _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K)
         acc = _partial(w, a, s_ptrs, 0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
@@ -194,6 +194,12 @@ def check_gemv_config(gemv: dict) -> None:
             raise ValueError(f"MoE config 'gemv' {g}: BLOCK_N and BLOCK_K must be powers of two, got {tile}")
 
 
+def _sm90(device: torch.device) -> bool:
+    # griddepcontrol (PDL) and cp.async.bulk.prefetch are sm_90+ PTX, which ptxas rejects for older GPUs; those can
+    # still get a table with pdl/prefetch on: moe_config falls back to another GPU's table (the H200's) for a shape
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def gemv_experts(
     hidden: torch.Tensor,  # [num_tokens, hidden]
     w13: torch.Tensor,  # [num_experts, 2 * inter, hidden]
@@ -215,6 +221,7 @@ def gemv_experts(
     up, down = gemv["up"], gemv["down"]
     fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
     pdl = bool(gemv.get("pdl", False))
+    gdc = _sm90(hidden.device)  # PDL for real (else, with pdl, only the down kernel's peeled first K step)
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     out = torch.empty_like(hidden)
@@ -222,22 +229,22 @@ def gemv_experts(
     # (before the up launch: with PDL no other kernel, e.g. the counters' first zeroing, may sit between the two)
     counters = _sum_counters(num_tiles_n, hidden.device) if fused_sum else topk_ids
     # L2 prefetch of w2 (sm90 bulk copies): rows of whole 16-byte units keep every piece aligned
-    prefetch = bool(gemv.get("prefetch", False)) and hidden.is_cuda and inter * w2.element_size() % 16 == 0
+    prefetch = bool(gemv.get("prefetch", False)) and gdc and inter * w2.element_size() % 16 == 0
     _gemv_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]) * num_pairs,)](
         hidden, w13, w13s, inter_out, topk_ids, w2, num_pairs, h, inter, top_k,
         hidden.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1), inter_out.stride(0),
         w2.stride(0), USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
-        NUM_STAGES=up["num_stages"], PDL=pdl and hidden.is_cuda, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
+        NUM_STAGES=up["num_stages"], PDL=pdl and gdc, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
         num_warps=up["num_warps"],
     )
     _gemv_down_kernel[(num_tiles_n * num_pairs,)](
         inter_out, w2, w2s, y, topk_ids, topk_weights, out, counters, num_pairs, inter, h,
         inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
         USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
-        NUM_STAGES=down["num_stages"], PDL=pdl, GDC=hidden.is_cuda, FUSED_SUM=fused_sum,
+        NUM_STAGES=down["num_stages"], PDL=pdl, GDC=gdc, FUSED_SUM=fused_sum,
         TOP_K=top_k if fused_sum else 1, TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1,
         num_warps=down["num_warps"],
-        **({"launch_pdl": True} if pdl and hidden.is_cuda else {}),
+        **({"launch_pdl": True} if pdl and gdc else {}),
     )
     if not fused_sum:
         block_n = min(1024, triton.next_power_of_2(h))

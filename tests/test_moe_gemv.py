@@ -126,6 +126,17 @@ def test_gemv_fused_sum_one_token(fp8):
     assert got.eq(0).all()
 
 
+def test_gemv_pdl_and_prefetch_only_from_sm90(monkeypatch):
+    # griddepcontrol / cp.async.bulk.prefetch do not assemble before sm_90, and a pre-Hopper GPU can get the
+    # H200's table (pdl on) through moe_config's other-GPU fallback: those flags must fall away there
+    from kernels import moe_gemv
+
+    for cap, want in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert moe_gemv._sm90(torch.device("cuda", 0)) is want, cap
+    assert moe_gemv._sm90(torch.device("cpu")) is False
+
+
 _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
