@@ -220,8 +220,9 @@ def _split_k_reduce_kernel(part_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.co
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros([BLOCK], tl.float32)
+    numel64 = numel.to(tl.int64)  # s * numel in int32 would wrap once SPLIT_K * M * N >= 2^31 (numel itself fits)
     for s in range(SPLIT_K):
-        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + s * numel64 + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
