@@ -454,3 +454,72 @@ def test_output_reader_drains_a_burst_longer_than_one_turn(tmp_path: Any) -> Non
             ctx.destroy(linger=0)
 
     assert asyncio.run(run()) == list(range(num_outputs))
+
+
+def test_output_reader_keeps_order_under_concurrent_bursts(tmp_path: Any) -> None:
+    """Three ranks push outputs in bursts around READ_BURST (one short of a turn, a turn exactly, one over, three
+    turns) with pauses, while the event loop has other work: outputs arrive during a read turn, between turns
+    and after the reader found the socket empty, and each request still gets all of its outputs in order."""
+    import random
+
+    import zmq
+
+    from runtime.messages import OutputBatch, TokenDelta, encode
+    from runtime.sampling_params import SamplingParams
+    from server.engine_client import READ_BURST, EngineClient
+
+    addrs = Addresses(to_coordinator=f"ipc://{tmp_path}/coord", to_frontend=f"ipc://{tmp_path}/front", to_engines=[])
+    num_ranks, num_outputs = 3, 2000
+    bursts = [1, 2, 5, READ_BURST - 1, READ_BURST, READ_BURST + 1, 3 * READ_BURST]
+
+    def rank(idx: int, ctx: zmq.Context) -> None:
+        rng = random.Random(idx)
+        push = ctx.socket(zmq.PUSH)
+        push.connect(addrs.to_frontend)
+        sent = 0
+        while sent < num_outputs:
+            burst = min(rng.choice(bursts), num_outputs - sent)
+            for i in range(sent, sent + burst):
+                push.send(encode(OutputBatch(rank=idx, outputs=[TokenDelta(f"r{idx}", [i])])))
+            sent += burst
+            pause = rng.random()
+            if pause < 0.3:
+                time.sleep(0.003 * rng.random())  # the reader is likely mid-turn or between turns
+            elif pause < 0.35:
+                time.sleep(0.02)  # it has emptied the socket and waits for the FD to signal
+        push.close(linger=-1)
+
+    async def other_work() -> None:
+        while True:
+            time.sleep(0.0005)  # a handler's CPU work between the reader's turns
+            await asyncio.sleep(0)
+
+    async def run() -> list[list[int]]:
+        client = EngineClient(addrs, max_queue_len=16)
+        ctx = zmq.Context()
+        coordinator = ctx.socket(zmq.PULL)
+        coordinator.bind(addrs.to_coordinator)
+        ranks = [threading.Thread(target=rank, args=(k, ctx), daemon=True) for k in range(num_ranks)]
+        busy = asyncio.ensure_future(other_work())
+        try:
+            await client.start()
+            groups = [client.open([(f"r{k}", [1], SamplingParams(max_tokens=num_outputs))]) for k in range(num_ranks)]
+            for t in ranks:
+                t.start()
+            received = []
+            for group in groups:
+                tokens: list[int] = []
+                while len(tokens) < num_outputs:
+                    for delta in await asyncio.wait_for(group.next_batch(), 10):
+                        tokens += delta.new_token_ids
+                received.append(tokens)
+            return received
+        finally:
+            busy.cancel()
+            for t in ranks:
+                if t.is_alive():
+                    t.join(timeout=10)
+            await client.close()
+            ctx.destroy(linger=0)
+
+    assert asyncio.run(run()) == [list(range(num_outputs))] * num_ranks
