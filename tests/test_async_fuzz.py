@@ -28,7 +28,6 @@ from runtime.messages import AddRequest, TokenDelta
 from tests.test_async_scheduling import make_llm
 from tests.tiny import make_tiny_checkpoint
 
-BLOCK_SIZE = 8
 # what every seed list must make happen, in the reference's outcome or in the async run
 OUTCOME_KINDS = {"stop_token", "eos_after_min_tokens", "max_tokens", "max_model_len", "penalties",
                  "seeded_logprobs", "preemption"}
@@ -100,6 +99,9 @@ class Outcome:
     finish_reasons: dict[str, str] = field(default_factory=dict)
     stop_reasons: dict[str, Any] = field(default_factory=dict)
     logprobs: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)
+    # not compared with the reference: under async scheduling a finished sequence's blocks are freed, and a block
+    # completed by the step in flight's token is cached, when that token is read (a step later), so preemptions
+    # and prefix-cache hits may differ from the synchronous engine's; the tokens may not
     num_cached_tokens: dict[str, int] = field(default_factory=dict)
     aborted: set[str] = field(default_factory=set)
     kinds: set[str] = field(default_factory=set)
@@ -135,7 +137,7 @@ def check_step(engine: LLMEngine) -> None:
         assert tokens is not None and min(tokens) >= 0, f"a prefix-cache block holds a placeholder: {tokens}"
     for seq in engine.requests.values():
         if seq.status == Status.RUNNING:
-            assert len(seq.block_table) * BLOCK_SIZE >= seq.num_computed_tokens, seq.request_id
+            assert len(seq.block_table) * bm.block_size >= seq.num_computed_tokens, seq.request_id
 
 
 def assert_drained(engine: LLMEngine) -> None:
@@ -183,7 +185,8 @@ def drive_lockstep(engine: LLMEngine, requests: list[Request], aborts: dict[int,
         deltas = []
         if num_tokens == 0 and engine.step_pending:
             drained = engine.drain()  # nothing plannable until the step in flight's tokens free its blocks
-            out.kinds |= {"drain"} if drained else set()
+            if drained:
+                out.kinds.add("drain")
             deltas += drained
             num_tokens = engine.schedule()
         for rid in aborts.get(step, []):
@@ -193,10 +196,12 @@ def drive_lockstep(engine: LLMEngine, requests: list[Request], aborts: dict[int,
         other_rank = rng.choice([0, 0, 3, 9])
         pad = max(num_tokens, other_rank)
         if pad > 0:
-            out.kinds |= {"padded"} if 0 < num_tokens < other_rank else set()
-            dummies = engine.num_dummy_steps
+            if 0 < num_tokens < other_rank:
+                out.kinds.add("padded")
+            num_dummy_steps = engine.num_dummy_steps
             deltas += engine.execute(pad_to=engine.padded_size(pad))
-            out.kinds |= {"dummy_step"} if engine.num_dummy_steps > dummies else set()
+            if engine.num_dummy_steps > num_dummy_steps:
+                out.kinds.add("dummy_step")  # nothing planned here (or all of it aborted): a padded no-op forward
         out.take(deltas)
         check_step(engine)
         step += 1
