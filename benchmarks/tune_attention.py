@@ -55,6 +55,7 @@ from attention_cases import (  # noqa: E402
     PrefillCase,
 )
 from bench_moe import measure_ceilings  # noqa: E402
+from tuning import Budget, rel_err  # noqa: E402
 
 from kernels.attention_config import config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
@@ -102,10 +103,6 @@ def time_sdpa(calls: list | None, rep_ms: float) -> float:
     except Exception as exc:  # noqa: BLE001
         print(f"    sdpa: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
         return math.nan
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 # ---------------------------------------------------------------- compile first, in parallel
@@ -159,18 +156,6 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
 
 
 # ---------------------------------------------------------------- sweeps
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.time() + seconds
-        self.skipped: list[str] = []
-
-    def left(self, what: str) -> bool:
-        if time.time() < self.deadline:
-            return True
-        self.skipped.append(what)
-        return False
 
 
 def measure(calls: list, ref: torch.Tensor, rep_ms: float) -> tuple[float, float]:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import tuning  # noqa: E402
 from benchmarks.bench_fp8_linear import ALL_SHAPES, NUM_ROT  # noqa: E402
 from benchmarks.bench_moe import measure_ceilings  # noqa: E402
+from benchmarks.tuning import Budget, rel_err  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
 from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 from kernels.fp8_linear_config import KEYS, _split, config_file_name, shape_key  # noqa: E402
@@ -161,22 +162,6 @@ def precompile(cfgs: list[dict], jobs: int) -> None:
 def time_graph_us(fn, rep_ms: float) -> float:
     """Median microseconds of one replay of a CUDA graph holding fn() (fn already ran once eagerly)."""
     return tuning.time_graph_us([fn], rep_ms, max_reps=50, device=DEVICE)
-
-
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.time() + seconds
-        self.skipped: list[str] = []
-
-    def left(self, what: str) -> bool:
-        if time.time() < self.deadline:
-            return True
-        self.skipped.append(what)
-        return False
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budget: Budget, rep_ms: float) -> dict:

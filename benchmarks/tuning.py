@@ -57,3 +57,21 @@ def precompile(items: Sequence, worker: Callable[[list], str], jobs: int) -> Non
     with mp.get_context("spawn").Pool(len(chunks)) as pool:
         done = pool.map(worker, chunks)
     print(f"precompiled {len(items)} variants in {time.time() - t0:.0f} s ({', '.join(done)})", flush=True)
+
+
+class Budget:
+    """A tuner's time budget: left(what) is False once it is spent, and remembers what was skipped."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.time() + seconds
+        self.skipped: list[str] = []
+
+    def left(self, what: str) -> bool:
+        if time.time() < self.deadline:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
