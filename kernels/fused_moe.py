@@ -21,6 +21,7 @@ from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
 from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.tiles import grouped_tile
 
 
 def fused_experts_ref(
@@ -66,14 +67,7 @@ def _fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _tile_ids(NUM_PID_M, NUM_PID_N, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row blocks sweep the column tiles together, so their weight tiles hit in L2
-    pid = tl.program_id(0)
-    in_group = GROUP_M * NUM_PID_N
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(NUM_PID_M - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-    return pid_m, pid_n
+    return grouped_tile(tl.program_id(0), NUM_PID_M, NUM_PID_N, GROUP_M)
 
 
 @triton.jit

@@ -19,6 +19,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.fp8 import FP8_BLOCK, per_token_group_quant
 from kernels.moe_align import moe_align
 from kernels.moe_permute import permute_tokens, unpermute_sum
+from kernels.tiles import grouped_tile
 
 TMA_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages", "warp_specialize", "store_tma",
                  "flatten")
@@ -30,17 +31,6 @@ def default_tma_config(min_rows: int = 0, float32: bool = False, fp8: bool = Fal
          "num_stages": 2 if float32 else 3, "warp_specialize": False}
     # FP8's per-step partial product sits beside the gate_up kernel's two accumulators: a narrower tile
     return {"min_rows": min_rows, "BLOCK_M": 128, "up": dict(g, BLOCK_N=64 if fp8 else 128), "down": dict(g)}
-
-
-@triton.jit
-def _tile_of(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row blocks (mostly of one expert at large M) sweep the column tiles together
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % in_group) % group_m
-    pid_n = (tile % in_group) // group_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -65,7 +55,7 @@ def _grouped_gemm_kernel(
     # loads overlap this tile's last MMAs and its epilogue
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_of(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         e = tl.load(expert_ids_ptr + pid_m)
         off_m = pid_m * BLOCK_M
         row = e * W_ROWS + pid_n * BLOCK_N
