@@ -3,6 +3,7 @@ backends, and the byte counters show the routing-aware saving."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -156,9 +157,16 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], result_dir: str
     dist.destroy_process_group()
 
 
+def _traced(rank: int, worker, dump_after_s: float, *args) -> None:  # noqa: ANN001
+    faulthandler.dump_traceback_later(dump_after_s, exit=False)  # a hung rank says where it hangs
+    worker(rank, *args)
+
+
 def spawn_ranks(worker, args: tuple, world: int, timeout_s: float, what: str) -> mp.ProcessContext:
-    """Starts worker(rank, *args) on `world` gloo ranks and waits; a hang fails the test instead of wedging it."""
-    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    """Starts worker(rank, *args) on `world` ranks and waits; a hang fails the test instead of wedging it, and
+    every rank still alive shortly before the deadline prints its Python stacks to stderr."""
+    ctx = mp.start_processes(_traced, args=(worker, max(1.0, timeout_s - 5), *args), nprocs=world, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + timeout_s  # one deadline for the group: a crashed rank strands the rest
     for p in ctx.processes:
         p.join(max(0.0, deadline - time.monotonic()))

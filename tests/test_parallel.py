@@ -170,3 +170,23 @@ def test_dp_ep_tokens_equal_one_rank(moe_models: dict[str, str]) -> None:
                 # expert counters: the ranks' routed tokens add up to the single rank's
                 total = torch.tensor([res[key]["routed"] for res in ranks]).sum(0)
                 assert torch.equal(total, torch.tensor(ref["routed"])), f"{key}: routed token counts differ"
+
+
+def test_destroy_parallel_releases_captured_graphs_first(monkeypatch) -> None:  # noqa: ANN001
+    """An NCCL collective captured in a live CUDA graph makes destroy_process_group() hang (pytorch#115388,
+    seen on 2 H200s: every NCCL + graphs test hung at its end): the graphs go first."""
+    from runtime.distributed import parallel
+
+    order: list[str] = []
+
+    class Graph:  # stands in for torch.cuda.CUDAGraph, which needs a GPU
+        def reset(self) -> None:
+            order.append("reset")
+
+    graphs = [parallel.track_cuda_graph(Graph()) for _ in range(2)]
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel.dist, "destroy_process_group", lambda: order.append("destroy"))
+    parallel.destroy_parallel()
+    assert order == ["reset", "reset", "destroy"]
+    parallel.destroy_parallel()  # released once: a second teardown resets nothing
+    assert order == ["reset", "reset", "destroy", "destroy"] and len(graphs) == 2

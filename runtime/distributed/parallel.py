@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,21 @@ def single_rank(device: torch.device | str = "cpu") -> ParallelState:
                          device=torch.device(device))
 
 
+# CUDA graphs alive when the process group goes: with an NCCL collective captured in one, destroy_process_group()
+# hangs in ncclCommDestroy (pytorch/pytorch#115388), so every captured graph is tracked and released first
+_captured_graphs: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def track_cuda_graph(graph: torch.cuda.CUDAGraph) -> torch.cuda.CUDAGraph:
+    _captured_graphs.add(graph)
+    return graph
+
+
 def destroy_parallel() -> None:
+    if _captured_graphs and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    for graph in list(_captured_graphs):
+        graph.reset()
+    _captured_graphs.clear()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ import torch
 
 from models.forward_batch import AttentionBackend, ForwardBatch
 from models.moe import DummyForward
+from runtime.distributed.parallel import track_cuda_graph
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class CudaGraphRunner:
             args = (self.input_ids[:size], self.positions[:size], fb)
             self.model(*args)  # warm up: compile kernels, allocate workspaces outside the graph
             torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
+            graph = track_cuda_graph(torch.cuda.CUDAGraph())
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self.model(*args)
             pool = graph.pool()
@@ -76,7 +77,7 @@ class CudaGraphRunner:
                 # every EP rank captures the same sizes in the same order, so the warm-up collectives pair up
                 dummy(size)
                 torch.cuda.synchronize(device)
-                self.dummy_graphs[size] = graph = torch.cuda.CUDAGraph()
+                self.dummy_graphs[size] = graph = track_cuda_graph(torch.cuda.CUDAGraph())
                 with torch.cuda.graph(graph, pool=pool):
                     dummy(size)
         torch.cuda.synchronize(device)

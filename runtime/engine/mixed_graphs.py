@@ -22,6 +22,7 @@ import torch
 
 from kernels.attention import prefill_tile_q
 from models.forward_batch import AttentionBackend, ForwardBatch
+from runtime.distributed.parallel import track_cuda_graph
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class MixedGraphs:
             args = (self.input_ids[:size], self.positions[:size], fb)
             model(*args)  # warm up: compile kernels, allocate workspaces outside the graph
             torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
+            graph = track_cuda_graph(torch.cuda.CUDAGraph())
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = model(*args)
             pool = graph.pool()
