@@ -79,7 +79,7 @@ async def run(args: argparse.Namespace) -> dict:
         ref = await asyncio.gather(*(stream(client, model, p, args.max_tokens, times) for p in prompts))
 
         times = []
-        log("the same streams, kill -9 of DP rank %d once every stream has a few tokens" % args.rank)
+        log(f"the same streams, kill -9 of DP rank {args.rank} once every stream has a few tokens")
         tasks = [asyncio.create_task(stream(client, model, p, args.max_tokens, times)) for p in prompts]
         deadline = time.monotonic() + args.timeout
         while len(times) < 4 * args.streams and time.monotonic() < deadline:
