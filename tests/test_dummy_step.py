@@ -287,6 +287,19 @@ def test_lockstep_only_where_dp_ranks_share_collectives(tmp_path) -> None:  # no
     assert not config.replace(data_parallel_size=1, tensor_parallel_size=2, enable_expert_parallel=True).needs_lockstep
 
 
+def test_no_dummy_layers_without_an_exchange(tmp_path) -> None:  # noqa: ANN001
+    """One EP rank (one GPU, or DP/TP without EP): nothing moves, so there is no dummy step; its forward holds no
+    layer (on 2 H200s every such rank captured 20 unused dummy CUDA graphs before this)."""
+    from runtime.cluster.rank_loop import build_engine
+    from runtime.distributed.parallel import single_rank
+    from tests.tiny import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(str(tmp_path / "m"), "Qwen3MoeForCausalLM")
+    engine = build_engine(_config(model, 1), single_rank())[0]
+    assert engine.runner.dummy_forward.layers == [] and engine.runner.dummy_forward.static is None
+    engine.runner.dummy_forward(4)  # a no-op, not an error
+
+
 def test_dp2_without_ep_idle_rank_runs_nothing(tmp_path) -> None:  # noqa: ANN001
     """Free-running DP=2 (no EP): the real coordinator process and two real rank loops (threads), one request
     placed on rank 0. The idle rank 1 runs no step and no dummy step; the coordinator clocks nothing."""
