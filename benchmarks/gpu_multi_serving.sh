@@ -3,7 +3,8 @@
 #   CONFIGS="gpu1 dp2 dp2ep" bash benchmarks/gpu_multi_serving.sh      (then CONFIGS="tp2 ...")
 # Qwen3-30B-A3B shapes, dummy weights, bf16, CUDA graphs, NCCL. For each config one server
 # (`python -m runtime.serve`), an nvidia-smi snapshot after it is up and idle (which processes hold GPU memory,
-# utilization), a warm-up load, then bench_serving at 1024 in / 128 out, 256 concurrent, 512 prompts. KILL=1 also
+# utilization), a warm-up load, then bench_serving at 1024 in / 128 out, CONC (256) concurrent, 2 x CONC prompts
+# (CONC=512: each of two DP ranks as full as one GPU at 256, --max-num-seqs 256 per rank). KILL=1 also
 # runs benchmarks/kill_rank_streams.py on the dp2ep server (kill -9 of DP rank 1 mid-stream). Configs: gpu1 (GPU 0
 # alone), dp2, dp2ep, tp2, dp2tp2ep (4 GPUs), dp4ep (4 GPUs). Everything in $OUT/serving.tgz; summary lines last.
 set -uo pipefail
@@ -16,6 +17,7 @@ MODEL=$(mktemp -d)
 python3 -c "import json,sys; from benchmarks.bench_e2e import QWEN3_30B_A3B as c; json.dump(c, open(sys.argv[1]+'/config.json','w'))" $MODEL
 BENCH="--port 8011 --input-len 1024 --output-len 128 --token-id-range 10 150000"
 START_S=${START_S:-240}
+CONC=${CONC:-256}
 
 serve() {  # $1: tag, then server flags
   local tag=$1; shift
@@ -40,8 +42,8 @@ serve() {  # $1: tag, then server flags
     ps -eo pid,args | grep "[m]oe-rt"; } > $R/smi_$tag.txt 2>&1
   python3 benchmarks/bench_serving.py $BENCH --num-prompts 32 --max-concurrency 32 --seed 1 \
     --result-file $R/warm_$tag.json > /dev/null 2>&1
-  python3 benchmarks/bench_serving.py $BENCH --num-prompts 512 --max-concurrency 256 --seed 3 \
-    --result-file $R/tput_$tag.json 2>&1 | grep "^bench_serving rate" | sed "s/^/SUMMARY $tag: /"
+  python3 benchmarks/bench_serving.py $BENCH --num-prompts $((2 * CONC)) --max-concurrency $CONC --seed 3 \
+    --result-file $R/tput_${tag}_c$CONC.json 2>&1 | grep "^bench_serving rate" | sed "s/^/SUMMARY $tag: /"
   if [ "$tag" = dp2ep ] && [ "${KILL:-0}" = 1 ]; then
     timeout 200 python3 benchmarks/kill_rank_streams.py --port 8011 --rank 1 --out $R/kill_$tag.json 2>&1 \
       | sed -u "s/^/SUMMARY $tag: /"
