@@ -2,7 +2,7 @@
 what the compiler made of a tile config: registers, spills, shared memory, how deep K/V are buffered and
 whether the next tile's copy overlaps the dots, and the conversion instructions in the SASS.
 
-python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3  [env V_WORDS=0: the byte path]
+python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3
 python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
 
 Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
@@ -32,9 +32,6 @@ from kernels.decode_attention import _decode_kernel  # noqa: E402
 
 HEAD_DIM, BLOCK = 128, 16
 _TYPES = {"bf16": "bf16", "fp8": "fp8e4nv"}
-# A/B knobs for the FP8 V word reader and its PTX conversion (kernels/attention.py fp8_words_f16)
-V_WORDS = os.environ.get("V_WORDS", "1") == "1"
-CVT_ASM = os.environ.get("CVT_ASM", "1") == "1"
 
 
 def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
@@ -66,7 +63,7 @@ def report(kernel) -> dict:
         res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
-    # byte-wide shared loads: an FP8 operand gathered one byte at a time (what the V word reader removes)
+    # byte-wide shared loads: an FP8 operand gathered one byte at a time into a dot's layout (FP8 decode's V)
     lds_u8 = len(re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?LDS\.U8", sass))
     kv_buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x(\w+)", ttgir)
     return {
@@ -88,7 +85,7 @@ def report(kernel) -> dict:
 
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
-            warps: int = 4, stages: int = 2, off64: bool = False, pipe_qk: bool = False) -> dict:
+            warps: int = 4, stages: int = 2, off64: bool = False) -> dict:
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -102,7 +99,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
                   "GROUP_PAD": max(16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM,
                   "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
-                  "FP8_AS_F16": kv == "fp8", "OFF64": off64, "V_WORDS": kv == "fp8" and V_WORDS, "CVT_ASM": CVT_ASM}
+                  "FP8_AS_F16": kv == "fp8", "OFF64": off64}
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,
@@ -110,8 +107,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
         consts = {"GROUP": group, "PACK": pack, "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK,
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64,
-                  "tile_map_ptr": None, "TILE_MAP": False,
-                  "PIPE_QK": pipe_qk}  # the eager grid (a tile map: mixed-step graphs)
+                  "tile_map_ptr": None, "TILE_MAP": False}  # the eager grid (a tile map: mixed-step graphs)
         compiled = compile_sm90(_prefill_kernel, args, consts, warps, stages)
     return report(compiled)
 
@@ -128,10 +124,9 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
-    ap.add_argument("--pipe-qk", action="store_true", help="prefill: the next tile's QK^T issued before the softmax")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
-                                             a.off64, a.pipe_qk))))
+                                             a.off64))))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,7 @@ from kernels.decode_attention import paged_attention_decode  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
-# fp8-bytes: an FP8 cache with the V tile loaded per byte (the decode kernel before its word reader), for A/B
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8-bytes": torch.float8_e4m3fn}
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
@@ -65,7 +64,7 @@ def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits:
     scale = HEAD_DIM**-0.5
     scales = FP8_SCALES if kv_dtype != DT else (1.0, 1.0)
     us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale, *scales, num_splits=num_splits,
-                                                     fused_merge=fused_merge, v_words=kv != "fp8-bytes")
+                                                     fused_merge=fused_merge)
                               for kc, vc, tb in caches])
     us /= num_rot
     floor_us = kv_bytes / ceil["copy_tbps"] / 1e6
@@ -73,7 +72,7 @@ def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits:
            "us": us, "floor_us": floor_us,
            "frac_bw": floor_us / us, "tbps": kv_bytes / us / 1e6}
     if kv_dtype != DT:  # accuracy vs the same values in a bf16 cache (dequantized: exactly what FP8 holds)
-        ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale, *scales, v_words=kv != "fp8-bytes")
+        ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale, *scales)
         ref = paged_attention_decode(q, (k_cache.float() * scales[0]).to(DT), (v_cache.float() * scales[1]).to(DT),
                                      lens, tables, scale)
         row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -159,7 +158,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
-    ap.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8, fp8-bytes (decode only: old V path)")
+    ap.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
     ap.add_argument("--num-splits", type=int, default=None, help="decode split-K count (default: the heuristic)")
     ap.add_argument("--decode-merge", default="separate",
                     help="comma list of separate (two launches: the kernels' default), fused (one launch)")
@@ -167,6 +166,8 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true", help="skip the causal prefill rows")
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b", help="attention heads of this model")
     args = ap.parse_args()
+    if unknown := set(args.kv_dtypes.split(",")) - set(KV_DTYPES):
+        ap.error(f"--kv-dtypes: unknown {sorted(unknown)}, choose from {list(KV_DTYPES)}")
     global HEADS, KV_HEADS
     HEADS, KV_HEADS = SHAPES[args.shape]
     out = Path(args.out)
@@ -186,8 +187,7 @@ def main() -> None:
                       f"floor_us={r['floor_us']:8.1f} frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} "
                       f"sdpa_us={sd}{err}", flush=True)
                 torch.cuda.empty_cache()
-    for spec, kv in ((s, kv) for s in filter(None, args.extend.split(",")) for kv in args.kv_dtypes.split(",")
-                     if kv != "fp8-bytes"):
+    for spec, kv in ((s, kv) for s in filter(None, args.extend.split(",")) for kv in args.kv_dtypes.split(",")):
         chunk, prefix = map(int, spec.split(":"))
         r = bench_extend(chunk, prefix, ceil, kv)
         rows.append(r)

@@ -65,16 +65,13 @@ from kernels.moe_config import device_name  # noqa: E402
 DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3),
                 (128, 4, 4), (256, 8, 3)]
 SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)]  # (programs_per_sm, min_split_tokens)
-# (BLOCK_M, BLOCK_N, warps, stages[, PIPE_QK]); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64,
-# 128, 4, 2), (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory
-# (225 KiB), stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a
-# long prefix streams the prefix from L2 once per query block). PIPE_QK=1 (the next tile's QK^T in flight through
-# the softmax; benchmarks/attention_ir.py --pipe-qk): only 128 x 64 with 8 warps fits (255 registers; 128 x 128
-# spills and overflows shared memory). An FP8 cache's tiles take half the shared memory: stages 3 compile to
-# double-buffered K/V there (triple with a bf16 cache), so 4 and 5 (too large for bf16: skipped) go deeper.
+# (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128, 4, 2),
+# (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory (225 KiB),
+# stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a long prefix
+# streams the prefix from L2 once per query block). An FP8 cache's tiles take half the shared memory: stages 3
+# compile to double-buffered K/V there (triple with a bf16 cache), so 4 and 5 (too large for bf16: skipped) go deeper.
 PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 64, 8, 3, 1),
-                 (128, 64, 8, 2, 1), (128, 128, 8, 4), (128, 128, 8, 5)]
+                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 128, 8, 4), (128, 128, 8, 5)]
 TOL = 2e-2
 
 
@@ -84,7 +81,7 @@ def decode_cfg(tile: tuple, rule: tuple) -> dict:
 
 
 def prefill_cfg(tile: tuple) -> dict:
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "PIPE_QK"), tile))
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
 
 
 # ---------------------------------------------------------------- timing
@@ -211,7 +208,6 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) 
         cfg = prefill_cfg(tile)
         us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms)
         print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]} "
-              f"pipe_qk={cfg.get('PIPE_QK', 0)} "
               f"us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
               f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
         rows.append({"kind": case.kind, "case": case.name, "kv": case.kv, "cfg": cfg, "us": us,
@@ -281,11 +277,6 @@ def main() -> None:
         d_us = f"{dflt[0]['us']:10.1f}" if dflt else "       n/a"
         extra = f" splits={r['splits']}" if "splits" in r else ""
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
-    print("\nprefill / extend, best without vs with the pipelined QK^T (PIPE_QK), frac of the matmul rate:")
-    for name in dict.fromkeys(r["case"] for r in rows if r["kind"] != "decode"):
-        best = {p: max((x["frac"] for x in rows if x["case"] == name and x["cfg"].get("PIPE_QK", 0) == p),
-                       default=0.0) for p in (0, 1)}
-        print(f"  {name:36s} plain {best[0]:.2f}  pipe_qk {best[1]:.2f}")
     gpu = device_name(torch.device("cuda"))
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(
         {k: {kk: {x: y for x, y in v.items() if x != "geomean_frac"} for kk, v in t.items()} for k, t in table.items()},

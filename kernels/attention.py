@@ -9,20 +9,17 @@ FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-44
 (k_scale, v_scale per layer). The kernels read the cache as FP8 and widen each tile to fp16 right after the load
 (exact; under a float32 q, the CPU tests, to fp32), with q in fp16 too, and fold the scales into the math:
 scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py; tile
-configs in kernels/attention_config.py; the tile-level pieces (and the prefill's software-pipelined loop, config
-key PIPE_QK) in kernels/attention_tiles.py.
+configs in kernels/attention_config.py; the tile-level pieces in kernels/attention_tiles.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
-from kernels.attention_tiles import _kv_rows, _pipelined_tiles, _prefill_tile, _softmax_pv
+from kernels.attention_tiles import _kv_rows, _prefill_tile
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
@@ -33,17 +30,6 @@ def fp8_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     # an FP8 cache under a 16-bit q: the dots run in fp16 (e4m3 -> fp16 is exact and one packed conversion per
     # two values; -> bf16 needs a second, slower one per value); a float32 q (CPU tests) keeps fp32 dots
     return k_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16)
-
-
-def fp8_v_words(q: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    # FP8 V tiles read as 32-bit words (fp8_words_f16): the rows must start on 4-byte boundaries
-    return (fp8_as_f16(q, v_cache) and v_cache.shape[3] % 4 == 0 and v_cache.data_ptr() % 4 == 0
-            and all(st % 4 == 0 for st in v_cache.stride()[:3]))
-
-
-def ptx_cvt(q: torch.Tensor) -> bool:
-    # inline PTX conversions: on the GPU only (the Triton interpreter runs no PTX)
-    return q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -176,7 +162,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_AS_F16: tl.constexpr,
     OFF64: tl.constexpr,
-    tile_map_ptr=None, TILE_MAP: tl.constexpr = False, PIPE_QK: tl.constexpr = False,
+    tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -223,26 +209,16 @@ def _prefill_kernel(
     # single-buffer K/V and issue the next copy after the dots (seen in the sm90 TTGIR)
     offs = tl.arange(0, BLOCK_N)
     page_next = tl.load(bt + offs // BLOCK_SIZE, mask=offs < kv_end, other=0)
-    if PIPE_QK:
-        # software-pipelined (_pipelined_tiles): tile t's softmax overlaps tile t+1's QK^T on the tensor cores (in
-        # the loops below, both dots of a tile come before its softmax, and every exp2 waits on them)
-        m_i, l_i, acc, s, rows, page_next = _pipelined_tiles(
-            q, k_cache_ptr, v_cache_ptr, bt, page_next, full_end, kv_end, q_pos, d, dmask, offs, kvh, m_i, l_i, acc,
-            qk_scale, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_N, ALIGNED, OFF64)
-        # s, rows: the tile at max(full_end, BLOCK_N), the diagonal (or keys all past kv_end: a no-op)
-        pipe_end = tl.maximum(full_end, BLOCK_N)
-        m_i, l_i, acc = _softmax_pv(s, q, v_cache_ptr, rows, pipe_end, kv_end, q_pos, d, dmask, m_i, l_i, acc,
-                                    qk_scale, BLOCK_N, True)
-        masked_start = pipe_end + BLOCK_N
-    else:
-        for n0 in range(0, full_end, BLOCK_N):
-            rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
-            nxt = n0 + BLOCK_N + offs
-            page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
-            m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i,
-                                          acc, qk_scale, BLOCK_N, False)
-        masked_start = full_end
-    for n0 in range(masked_start, kv_end, BLOCK_N):
+    # (tried: the next tile's QK^T in flight through this tile's softmax lost every case on an H200, matmul-rate
+    # fraction plain vs pipelined: extend 8k over 120k 0.68/0.59 bf16 32/4, 0.64/0.60 96/8, 0.48/0.46 fp8;
+    # prefill 1k / 4k / 16k 0.35/0.30, 0.57/0.51, 0.70/0.59)
+    for n0 in range(0, full_end, BLOCK_N):
+        rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+        nxt = n0 + BLOCK_N + offs
+        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
+                                      qk_scale, BLOCK_N, False)
+    for n0 in range(full_end, kv_end, BLOCK_N):
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         nxt = n0 + BLOCK_N + offs
         page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
@@ -361,6 +337,6 @@ def paged_attention_prefill(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
-        PIPE_QK=bool(cfg.get("PIPE_QK", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
     )
     return out

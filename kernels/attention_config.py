@@ -6,8 +6,8 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
 - decode: BLOCK_N (tokens per inner step), num_warps, num_stages, and the split rule: enough splits for
   programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context;
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
-  num_warps, num_stages, and optionally PIPE_QK (1: the next key tile's QK^T issued before this tile's softmax,
-  so the two overlap; kernels/attention.py _pipelined_tiles).
+  num_warps, num_stages.
+Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
 """

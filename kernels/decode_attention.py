@@ -11,9 +11,10 @@ Tile sizes, warps, stages and the split rule come from kernels/attention_config.
 benchmarks/tune_attention.py). An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
 e4m3 -> fp16 is exact and one packed conversion per two values, where -> bf16 adds a second, slower one per
 value; q is rounded to fp16 once per program, p per tile, both with fp32 accumulation; k_scale is in the softmax
-scale, v_scale on the output. The V tile is read as 32-bit words (kernels/attention.py fp8_words_f16): loaded as
-FP8, Triton gathered it into the PV dot's operand layout one byte at a time (sm90 SASS per 128-key tile and
-thread: 128 LDS.U8 and 2048 instructions in all, 1544 as words), which kept FP8 decode at bf16's speed.
+scale, v_scale on the output. Reading the V tile as 32-bit words (to avoid Triton's byte-by-byte gather into the
+PV dot's operand layout) was tried and measured slower on an H200 than loading it as FP8 and widening, at every
+size (fraction of copy bandwidth, words vs bytes: B=1 ctx 32k 0.40 vs 0.45, B=1 128k 0.58 vs 0.67, B=16 128k 0.52
+vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64).
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ from kernels.attention import (
     attend,
     check_cache,
     fp8_as_f16,
-    fp8_v_words,
     gather_kv,
     needs_off64,
-    ptx_cvt,
 )
 from kernels.attention_config import DECODE_KEYS, check_config, decode_config
-from kernels.attention_tiles import _kv_rows, fp8_words_f16
+from kernels.attention_tiles import _kv_rows
 
 MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
 
@@ -90,7 +89,6 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
-    V_WORDS: tl.constexpr = False, CVT_ASM: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     b = tl.program_id(0)
@@ -128,10 +126,7 @@ def _decode_kernel(
         # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        if V_WORDS:
-            v = fp8_words_f16(v_cache_ptr, rows, nmask, HEAD_DIM, BLOCK_D, CVT_ASM)
-        else:
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -205,7 +200,6 @@ def paged_attention_decode(
     num_splits: int | None = None,
     fused_merge: bool = False,  # True: the last split merges in the same launch (slower on H200; for A/B)
     config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
-    v_words: bool = True,  # False: an FP8 V tile loaded per byte, the path before the word reader (A/B benchmarks)
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
@@ -246,8 +240,8 @@ def paged_attention_decode(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), V_WORDS=v_words and fp8_v_words(q, v_cache),
-        CVT_ASM=ptx_cvt(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     if num_splits > 1 and not fused_merge:
         # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each

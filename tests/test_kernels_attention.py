@@ -8,17 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
 from kernels.attention import (  # noqa: E402
-    fp8_v_words,
     paged_attention_prefill,
     paged_attention_prefill_ref,
     store_kv,
     store_kv_ref,
 )
-from kernels.attention_tiles import fp8_words_f16  # noqa: E402
 from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 
 
@@ -302,63 +297,16 @@ def test_store_kv_fp8_gpu():
     _assert_fp8_close(v8, vr)
 
 
-# ------------------------------------------------------------------- FP8 V tiles read as 32-bit words
-
-
-def test_fp8_words_f16():
-    # the word reader vs a plain FP8 load + widening, on scattered rows of an odd-width tile (9 words of 16 used)
-    @triton.jit
-    def _tile(src, rows_ptr, out, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        r = tl.arange(0, BLOCK_N)
-        d = tl.arange(0, BLOCK_D)
-        rows = tl.load(rows_ptr + r, mask=r < n, other=0)
-        t = fp8_words_f16(src, rows, r < n, HEAD_DIM, BLOCK_D, False)
-        tl.store(out + r[:, None] * HEAD_DIM + d[None, :], t, mask=(r < n)[:, None] & (d < HEAD_DIM)[None, :])
-
-    head_dim, num_rows = 36, 13
-    src = (torch.randn(40, head_dim, generator=torch.Generator().manual_seed(3)) * 30).clamp(-448, 448).to(FP8)
-    rows = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:num_rows].to(torch.int32) * head_dim
-    out = torch.full((num_rows, head_dim), -1.0, dtype=torch.float16)
-    _tile[(1,)](src, rows, out, num_rows, HEAD_DIM=head_dim, BLOCK_D=64, BLOCK_N=16)
-    assert torch.equal(out, src[rows.long() // head_dim].to(torch.float16))
-
-
-@pytest.mark.parametrize("head_dim,num_splits", [(36, 1), (36, 3), (18, 2)])  # 18: not whole words, per-byte path
+@pytest.mark.parametrize("head_dim,num_splits", [(36, 1), (36, 3), (18, 2)])
 def test_decode_fp8_f16_q(head_dim, num_splits):
-    # a 16-bit q over an FP8 cache: the dots run in fp16, V read as words where head_dim allows
+    # a 16-bit q over an FP8 cache: the dots run in fp16
     heads, kv_heads, block_size = 6, 2, 16
     seq_lens = [37, 0, 1, 150]
     scales = (0.25, 0.5)
     k8, v8, tables = _fp8_cache(seq_lens, block_size, kv_heads, head_dim, scales)
     q = torch.randn(len(seq_lens), heads, head_dim, generator=torch.Generator().manual_seed(8)).to(torch.float16)
-    assert fp8_v_words(q, v8) == (head_dim % 4 == 0)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     ref = paged_attention_decode_ref(q, k8, v8, lens, tables, head_dim**-0.5, *scales)
     out = paged_attention_decode(q, k8, v8, lens, tables, head_dim**-0.5, *scales, num_splits=num_splits)
     assert out[1].abs().max() == 0
     assert _rel_err(out, ref) < 3e-3
-
-
-# ----------------------------------------------------------- prefill with the QK^T software-pipelined (PIPE_QK)
-
-
-@pytest.mark.parametrize("block_n", [16, 32])
-def test_prefill_pipelined_qk(block_n):
-    # odd and even counts of unmasked tiles, none at all (short rows, the first query blocks), a long cached prefix,
-    # an FP16 and an FP8 cache: the same as the reference (and as the unpipelined kernel)
-    heads, kv_heads, head_dim, block_size = 4, 2, 32, 16
-    q_lens, seq_lens = [5, 1, 37, 70, 3], [5, 20, 101, 70, 150]
-    k_cache, v_cache, tables = _make_cache(seq_lens, block_size, kv_heads, head_dim, torch.float16, "cpu")
-    q = torch.randn(sum(q_lens), heads, head_dim, generator=torch.Generator().manual_seed(9)).to(torch.float16)
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    args = (q, k_cache, v_cache, cu, torch.tensor(seq_lens, dtype=torch.int32), tables, head_dim**-0.5, max(q_lens))
-    cfg = {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
-    ref = paged_attention_prefill_ref(*args)
-    out = paged_attention_prefill(*args, config=dict(cfg, PIPE_QK=1))
-    assert _rel_err(out, ref) < 3e-3
-    assert _rel_err(out, paged_attention_prefill(*args, config=cfg)) < 1e-3
-    scales = (2.0, 0.125)
-    k8, v8, tables8 = _fp8_cache(seq_lens, block_size, kv_heads, head_dim, scales)
-    args8 = (q, k8, v8, cu, args[4], tables8, head_dim**-0.5, max(q_lens), *scales)
-    assert _rel_err(paged_attention_prefill(*args8, config=dict(cfg, PIPE_QK=1)),
-                    paged_attention_prefill_ref(*args8)) < 3e-3
