@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block
 from models.args import ModelArgs
-from models.moe import quantize_into
 from models.parallel_layers import LoadError, load_shard
 from models.registry import config_dict, get_model_class
 
@@ -138,31 +137,40 @@ def _load_checkpoint(model: nn.Module, model_path: str, show_progress: bool) -> 
     return files.stats
 
 
+class DummyTensor:
+    """A checkpoint tensor that is not on disk (load_format="dummy"): its full shape is the one its weight loader
+    expects (check_shape comes before every read), its values one seeded fp32 draw of that whole shape per
+    checkpoint name (norm weights 1, biases 0). The weight loaders cut it like a real tensor, so every TP / EP
+    shard of a dummy model is a slice of one and the same unsharded model, whatever the parallel layout."""
+
+    is_fp8 = False  # FP8 parameters quantize it on load, as they do a bf16 checkpoint
+
+    def __init__(self, key: str, seed: int, device: torch.device, std: float) -> None:
+        self.key, self.seed, self.device, self.std = key, seed, device, std
+        self.shape: list[int] = []
+
+    def check_shape(self, expected: list[int]) -> None:
+        self.shape = list(expected)
+
+    def read(self, index: tuple[slice, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.key.endswith("norm.weight"):
+            return torch.ones(self.shape, dtype=dtype, device=self.device)[index]
+        if self.key.endswith("bias"):
+            return torch.zeros(self.shape, dtype=dtype, device=self.device)[index]
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + zlib.crc32(self.key.encode()))
+        full = torch.empty(self.shape, dtype=torch.float32, device=self.device).normal_(0.0, self.std, generator=gen)
+        return full[index].to(dtype)
+
+
 def _init_dummy(model: nn.Module, args: ModelArgs, std: float = 0.02) -> None:
-    # deterministic per parameter name and global expert id, so EP-sharded dummy models match the unsharded one
-    gen = torch.Generator(device=args.device)
+    # every parameter through its weight loader, from the checkpoint names it would read (one tensor per expert)
+    seed = args.seed * 1_000_003
     for name, param in model.named_parameters():
-        seed = args.seed * 1_000_003 + zlib.crc32(name.encode())
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif name.endswith("bias"):
-            param.zero_()
-        elif name.endswith((".experts.w13", ".experts.w2")):
-            first = args.ep_rank * param.shape[0]
-            scale = model.get_parameter(name + "_scale") if param.dtype == FP8_DTYPE else None
-            for j in range(param.shape[0]):
-                w = torch.empty(param.shape[1:], dtype=args.dtype, device=param.device)
-                w.normal_(0.0, std, generator=gen.manual_seed(seed + first + j))
-                if scale is None:
-                    param[j].copy_(w)
-                else:
-                    quantize_into(w, param[j], scale[j])
-        elif param.dtype == FP8_DTYPE:  # an FP8 linear: a float draw, quantized with its block scales
-            w = torch.empty(param.shape, dtype=args.dtype, device=param.device)
-            w.normal_(0.0, std, generator=gen.manual_seed(seed))
-            quantize_into(w, param, model.get_parameter(name + "_scale_inv"))
-        elif not name.endswith(("_scale", "_scale_inv")):
-            param.normal_(0.0, std, generator=gen.manual_seed(seed))
+        if name.endswith(("_scale", "_scale_inv")):
+            continue  # FP8 scales: filled by their weight's loader
+        loader = getattr(model.get_submodule(name.rpartition(".")[0]), "weight_loader", default_weight_loader)
+        for candidates, shard_id in model.checkpoint_sources(name, lambda key: False):
+            loader(param, DummyTensor(candidates[0], seed, param.device, std), shard_id)
 
 
 def _check_quantization(cfg: dict[str, Any], args: ModelArgs) -> ModelArgs:

@@ -206,6 +206,23 @@ def test_weight_loaders_read_only_their_shard(models: dict[str, str], tp_rank: i
         assert part.load_stats["bytes"] < full.load_stats["bytes"] / 1.5, arch
 
 
+@pytest.mark.parametrize("tp_rank, tp_size", [(1, 2), (3, 4)])
+def test_dummy_weights_are_shards_of_one_model(models: dict[str, str], tp_rank: int, tp_size: int) -> None:
+    """--load-format dummy under TP: each rank holds its slice of the TP=1 dummy model (not a draw of its own),
+    so dummy runs compare across TP sizes (issue 18: real-shaped tokens of TP=2 vs one GPU)."""
+    from models.args import ModelArgs, TensorParallel
+    from models.loader import load_model
+    from tests.test_models import read_config
+
+    for arch, path in models.items():
+        full, part = (load_model(path, read_config(path), ModelArgs(dtype=torch.float32, tp=TensorParallel(r, n)),
+                                 load_format="dummy") for r, n in ((0, 1), (tp_rank, tp_size)))
+        fulls = dict(full.named_parameters())
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(p, _shard(fulls[name], name, tp_rank, tp_size, part), atol=0, rtol=0,
+                                       msg=f"{arch} {name} at TP rank {tp_rank}/{tp_size}")
+
+
 def test_fp8_checkpoint_under_tp(tmp_path) -> None:  # noqa: ANN001
     from kernels.fp8 import dequantize_weight_block
     from models.loader import LoadError
