@@ -6,7 +6,9 @@
 # utilization), a warm-up load, then bench_serving at 1024 in / 128 out, CONC (256) concurrent, 2 x CONC prompts
 # (CONC=512: each of two DP ranks as full as one GPU at 256, --max-num-seqs 256 per rank). KILL=1 also
 # runs benchmarks/kill_rank_streams.py on the dp2ep server (kill -9 of DP rank 1 mid-stream). Configs: gpu1 (GPU 0
-# alone), dp2, dp2ep, tp2, dp2tp2ep (4 GPUs), dp4ep (4 GPUs). Everything in $OUT/serving.tgz; summary lines last.
+# alone), dp2, dp2ep, tp2, dp2tp2ep (4 GPUs), dp4ep (4 GPUs). STATS=1: every server eager (--enforce-eager: the
+# split is timed by module hooks, which a graph replay does not run) with --expert-stats-file, whose per-rank
+# time_split is attention / MoE compute / all2all / other per step. Everything in $OUT/serving.tgz.
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema 2>&1 | tail -1
@@ -22,6 +24,7 @@ CONC=${CONC:-256}
 serve() {  # $1: tag, then server flags
   local tag=$1; shift
   local t0=$SECONDS
+  [ "${STATS:-0}" = 1 ] && set -- "$@" --enforce-eager --expert-stats-file $R/stats_$tag.json
   setsid python3 -m runtime.serve --model $MODEL --load-format dummy --max-model-len 4096 --max-num-seqs 256 \
     --port 8011 --served-model-name q "$@" > $R/serve_$tag.log 2>&1 &
   local pid=$!
