@@ -48,7 +48,7 @@ serve() {  # $1: tag, then server flags
   python3 benchmarks/bench_serving.py $BENCH --num-prompts $((2 * CONC)) --max-concurrency $CONC --seed 3 \
     --result-file $R/tput_${tag}_c$CONC.json 2>&1 | grep "^bench_serving rate" | sed "s/^/SUMMARY $tag: /"
   if [ "$tag" = dp2ep ] && [ "${KILL:-0}" = 1 ]; then
-    timeout 200 python3 benchmarks/kill_rank_streams.py --port 8011 --rank 1 --out $R/kill_$tag.json 2>&1 \
+    timeout 200 python3 benchmarks/kill_rank_streams.py --port 8011 --rank 1 --timeout 150 --out $R/kill_$tag.json 2>&1 \
       | sed -u "s/^/SUMMARY $tag: /"
   fi
   kill -TERM $pid; for i in $(seq 1 30); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done

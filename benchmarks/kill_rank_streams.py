@@ -3,11 +3,11 @@
   python benchmarks/kill_rank_streams.py --port 8011 [--streams 32] [--max-tokens 128] [--rank 1] [--out F]
 
 Sends --streams greedy streams (random token-id prompts, ignore_eos) twice: once undisturbed (the reference
-texts), once with `kill -9` of the process titled `moe-rt: engine DP<rank>` after every stream has a few tokens.
-Reports how many streams finished with all their tokens, how many texts equal the undisturbed run, and the
+token ids), once with `kill -9` of the process titled `moe-rt: engine DP<rank>` after every stream has a few tokens.
+Reports how many streams finished with all their tokens, how many token sequences equal the undisturbed run, and the
 outage: the longest silence after the kill (kill -> first token from the restarted ranks). In bf16 on a GPU a
 resumed request re-prefills prompt + tokens so far, so its logits can round differently from the incremental
-decode: a text can then differ after the kill point even when recovery is right; the report says where.
+decode: a sequence can then differ after the kill point even when recovery is right; the report says where.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ def rank_pid(rank: int) -> int:
 
 
 async def stream(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
-                 times: list[float]) -> tuple[str, int]:
+                 times: list[float]) -> tuple[list[str], int]:
+    # the tokens as ids (logprobs with return_tokens_as_token_ids): a model folder without a tokenizer streams
+    # chunks with empty text, so text cannot count or compare tokens
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    text, num = "", -1
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0,
+            "return_tokens_as_token_ids": True}
+    tokens: list[str] = []
+    num = -1
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}")
@@ -54,12 +58,13 @@ async def stream(client: httpx.AsyncClient, model: str, prompt: list[int], max_t
             chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
-                text += chunk["choices"][0]["text"]
+            new = ((chunk.get("choices") or [{}])[0].get("logprobs") or {}).get("tokens") or []
+            if new:
+                tokens += new
                 times.append(time.monotonic())
             if chunk.get("usage"):
                 num = chunk["usage"]["completion_tokens"]
-    return text, num
+    return tokens, num
 
 
 def log(msg: str) -> None:
@@ -81,8 +86,10 @@ async def run(args: argparse.Namespace) -> dict:
         times = []
         log(f"the same streams, kill -9 of DP rank {args.rank} once every stream has a few tokens")
         tasks = [asyncio.create_task(stream(client, model, p, args.max_tokens, times)) for p in prompts]
-        deadline = time.monotonic() + args.timeout
-        while len(times) < 4 * args.streams and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while len(times) < 4 * args.streams:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"kill_rank_streams: only {len(times)} token chunks in 60 s: nothing killed")
             await asyncio.sleep(0.005)
         victim = rank_pid(args.rank)
         t_kill = time.monotonic()
@@ -96,10 +103,10 @@ async def run(args: argparse.Namespace) -> dict:
     complete = sum(n == args.max_tokens for _, n in ok)
     equal = sum(isinstance(r, tuple) and r[0] == t for r, (t, _) in zip(results, ref))
     first_diff = [next((i for i, (a, b) in enumerate(zip(r[0], t)) if a != b), min(len(r[0]), len(t)))
-                  for r, (t, _) in zip(results, ref) if isinstance(r, tuple) and r[0] != t]
+                  for r, (t, _) in zip(results, ref) if isinstance(r, tuple) and r[0] != t]  # in tokens
     errors = [repr(r)[:200] for r in results if isinstance(r, BaseException)]
-    return {"streams": args.streams, "complete": complete, "texts_equal": equal, "errors": errors,
-            "first_diff_chars": first_diff, "outage_s": outage, "victim_pid": victim,
+    return {"streams": args.streams, "complete": complete, "sequences_equal": equal, "errors": errors,
+            "first_diff_tokens": first_diff, "outage_s": outage, "victim_pid": victim,
             "ref_complete": sum(n == args.max_tokens for _, n in ref)}
 
 
@@ -116,7 +123,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     r = asyncio.run(run(args))
-    log(f"{r['complete']}/{r['streams']} streams complete, {r['texts_equal']} texts equal "
+    log(f"{r['complete']}/{r['streams']} streams complete, {r['sequences_equal']} token sequences equal "
           f"the undisturbed run, outage {r['outage_s']:.2f} s, errors {len(r['errors'])} {r['errors'][:2]}")
     if args.out:
         with open(args.out, "w") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -158,7 +159,9 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], result_dir: str
 
 
 def _traced(rank: int, worker, dump_after_s: float, *args) -> None:  # noqa: ANN001
-    faulthandler.dump_traceback_later(dump_after_s, exit=False)  # a hung rank says where it hangs
+    # a hung rank says where it hangs: before the test's deadline, and when killed from outside (an outer timeout)
+    faulthandler.dump_traceback_later(dump_after_s, exit=False)
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     worker(rank, *args)
 
 

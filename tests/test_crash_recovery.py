@@ -445,3 +445,24 @@ def test_front_end_drops_stale_outputs_and_resubmits_once() -> None:
             asyncio.run(asyncio.wait_for(scenario(Addresses.ipc(d, 1), ctx), 30))
         finally:
             ctx.destroy(linger=0)
+
+
+def test_kill_rank_streams_script(checkpoint: str, tmp_path) -> None:  # noqa: ANN001
+    """benchmarks/kill_rank_streams.py as the GPU runs call it, on a folder without a tokenizer (their dummy models:
+    every streamed text is empty, so the script counts and compares token ids): kill -9 of DP rank 1 mid-stream,
+    every stream complete and equal to the undisturbed run."""
+    import json
+    import shutil
+
+    model = tmp_path / "no_tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(checkpoint, name), model / name)
+    out = tmp_path / "kill.json"
+    with served(str(model), max_restarts=2) as srv:
+        port = srv.base_url.rsplit(":", 1)[1]
+        subprocess.run([sys.executable, "benchmarks/kill_rank_streams.py", "--port", port, "--streams", "6",
+                        "--input-len", "12", "--max-tokens", "40", "--vocab", "500", "--timeout", "90",
+                        "--out", str(out)], cwd=ROOT, timeout=150, check=True)
+    r = json.loads(out.read_text())
+    assert r["errors"] == [] and r["complete"] == r["ref_complete"] == r["sequences_equal"] == 6, r

@@ -192,6 +192,7 @@ def test_fp8_linears_tp2_forward_matches_tp1(tmp_path: Any) -> None:
             torch.testing.assert_close(torch.load(out), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_linears_triton_match_reference_on_gpu(fp8_glm: Any) -> None:
     # bf16 on the GPU: the W8A8 Triton GEMM (and the other Triton kernels) vs the torch references

@@ -219,6 +219,18 @@ class LoopbackDispatcher:
         return out_recv
 
 
+def test_seed_reaches_dummy_weights(checkpoints: dict[str, str]) -> None:
+    # --seed is documented to pick the dummy weights: the engine must hand it to the loader
+    from runtime.config import EngineConfig
+    from runtime.engine.llm_engine import LLMEngine
+
+    path = next(iter(checkpoints.values()))
+    weights = [LLMEngine(EngineConfig(model=path, device="cpu", dtype="float32", load_format="dummy", seed=seed,
+                                      kv_cache_memory=1 << 20, max_model_len=64)).model.model.embed_tokens.weight
+               for seed in (0, 0, 1)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
 def test_dispatcher_seam_and_dummy_load(checkpoints: dict[str, str]) -> None:
     path = checkpoints["Glm4MoeForCausalLM"]
     cfg = read_config(path)

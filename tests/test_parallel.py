@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 
 import pytest
 import torch
@@ -183,6 +184,7 @@ def test_destroy_parallel_releases_captured_graphs_first(monkeypatch) -> None:  
         def reset(self) -> None:
             order.append("reset")
 
+    monkeypatch.setattr(parallel, "_captured_graphs", weakref.WeakSet())  # leave any real graph of this process be
     graphs = [parallel.track_cuda_graph(Graph()) for _ in range(2)]
     monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(parallel.dist, "destroy_process_group", lambda: order.append("destroy"))

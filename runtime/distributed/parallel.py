@@ -11,6 +11,7 @@ TP group also gets a gloo group for the step plans its TP rank 0 broadcasts (run
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import weakref
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from runtime.config import ConfigError, EngineConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,14 @@ def track_cuda_graph(graph: torch.cuda.CUDAGraph) -> torch.cuda.CUDAGraph:
 
 
 def destroy_parallel() -> None:
-    if _captured_graphs and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    for graph in list(_captured_graphs):
-        graph.reset()
+    # best effort: on the error path a sticky CUDA error can make the sync or a reset raise; the group still goes
+    try:
+        if _captured_graphs and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        for graph in list(_captured_graphs):
+            graph.reset()
+    except RuntimeError as e:
+        logger.warning("releasing CUDA graphs before the process group teardown failed: %s", e)
     _captured_graphs.clear()
     if dist.is_initialized():
         dist.destroy_process_group()

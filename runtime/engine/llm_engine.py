@@ -80,6 +80,7 @@ class LLMEngine:
             ep_rank=parallel.ep_rank if parallel is not None else 0,
             ep_size=parallel.ep_size if parallel is not None else 1,
             dispatcher=dispatcher,
+            seed=config.seed,  # dummy weights
             tp=TensorParallel(parallel.tp_rank, tp_size, parallel.tp_group) if tp_size > 1 else TensorParallel(),
         )
         t0 = time.perf_counter()
