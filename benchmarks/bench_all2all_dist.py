@@ -315,7 +315,7 @@ def print_row(row: dict[str, Any]) -> None:
     else:
         body = (part("dispatch", row["dispatch_bytes"], row["dispatch_us"], row.get("nccl_even_dispatch_us")) + " | "
                 + part("combine", row["combine_bytes"], row["combine_us"], row.get("nccl_even_combine_us")))
-    slots = f" C={row['slots']}" if "slots" in row else ""
+    slots = f" C={row['slots']}" if row["mode"] == "static" else ""
     print(f"{head}{slots} {body}{' OVERFLOW' if row.get('overflow') else ''}", flush=True)
 
 
@@ -347,7 +347,8 @@ def worker(args: argparse.Namespace) -> int:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=600),
+    # a rank that fails leaves the others in a collective: they give up after --timeout-s, not the default 10 min
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout_s),
                             device_id=device if cuda else None)
     group = dist.new_group(list(range(world)))  # the EP group, as init_parallel makes it
     cpu_group = dist.new_group(list(range(world)), backend="gloo") if cuda else group
@@ -405,6 +406,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     p.add_argument("--check", action="store_true", help="assert the round trip and the byte counts")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     p.add_argument("--world", type=int, default=0, help="spawn this many ranks here (no torchrun)")
     p.add_argument("--out", default="benchmarks/results/all2all_dist.json")
     args = p.parse_args(argv)
