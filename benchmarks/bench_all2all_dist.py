@@ -34,10 +34,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -47,47 +44,13 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.dist_timing import Plain, Timer, gbps  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.distributed.all2all import row_layout  # noqa: E402
 from runtime.distributed.all2all_sparse import SparseBackend  # noqa: E402
 from runtime.distributed.backends import make_backend  # noqa: E402
 from runtime.distributed.expert_stats import ExpertStats  # noqa: E402
 from runtime.distributed.parallel import ParallelState, destroy_parallel, track_cuda_graph  # noqa: E402
-
-
-class Timer:
-    """Per rep: barrier (gloo, on the host), the parts in order, one interval each; a rep counts as its slowest
-    rank's (every rank's intervals, MAX-reduced after the reps); returns the median microseconds per part."""
-
-    def __init__(self, device: torch.device, cpu_group: Any, reps: int, warmup: int) -> None:
-        self.cuda = device.type == "cuda"
-        self.cpu_group, self.reps, self.warmup = cpu_group, reps, warmup
-
-    def __call__(self, parts: list[Callable[[], Any]]) -> list[float]:
-        for _ in range(self.warmup):
-            for part in parts:
-                part()
-        times = torch.zeros(self.reps, len(parts), dtype=torch.float64)
-        for i in range(self.reps):
-            if self.cuda:
-                torch.cuda.synchronize()
-            dist.barrier(group=self.cpu_group)
-            if self.cuda:
-                events = [torch.cuda.Event(enable_timing=True) for _ in range(len(parts) + 1)]
-                events[0].record()
-                for part, end in zip(parts, events[1:]):
-                    part()
-                    end.record()
-                events[-1].synchronize()
-                times[i] = torch.tensor([a.elapsed_time(b) * 1e3 for a, b in zip(events, events[1:])])
-            else:
-                stamps = [time.perf_counter()]
-                for part in parts:
-                    part()
-                    stamps.append(time.perf_counter())
-                times[i] = torch.tensor([(b - a) * 1e6 for a, b in zip(stamps, stamps[1:])])
-        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return [statistics.median(times[:, j].tolist()) for j in range(len(parts))]
 
 
 def routing(num_tokens: int, args: argparse.Namespace, rank: int, device: torch.device,
@@ -111,29 +74,6 @@ def weighted_identity(hidden_recv: torch.Tensor, weights_recv: torch.Tensor, ids
     # what the local experts return if every expert were the identity: each row times its local weights' sum
     scale = (weights_recv * (ids_recv >= 0)).sum(1, keepdim=True)
     return (hidden_recv.float() * scale).to(hidden_recv.dtype)
-
-
-class Plain:
-    """dist.all_to_all_single on uint8 buffers, the transport alone."""
-
-    def __init__(self, group: Any, device: torch.device, world: int) -> None:
-        self.group, self.device, self.world = group, device, world
-
-    def even(self, remote_bytes: int) -> Callable[[], Any]:
-        block = max(1, -(-remote_bytes // (self.world - 1)))  # bytes per destination, own block included
-        send = torch.ones(self.world * block, dtype=torch.uint8, device=self.device)
-        recv = torch.empty_like(send)
-        return lambda: dist.all_to_all_single(recv, send, group=self.group)
-
-    def uneven(self, send_bytes: list[int], recv_bytes: list[int]) -> Callable[[], Any]:
-        send = torch.ones(max(1, sum(send_bytes)), dtype=torch.uint8, device=self.device)[: sum(send_bytes)]
-        recv = torch.empty(sum(recv_bytes), dtype=torch.uint8, device=self.device)
-        return lambda: dist.all_to_all_single(recv, send, output_split_sizes=recv_bytes,
-                                              input_split_sizes=send_bytes, group=self.group)
-
-
-def gbps(num_bytes: float, us: float | None) -> float | None:
-    return num_bytes / (us * 1e3) if us else None
 
 
 @dataclass
@@ -320,25 +260,20 @@ def print_row(row: dict[str, Any]) -> None:
 
 
 def summary(rows: list[dict[str, Any]], args: argparse.Namespace, world: int) -> str:
-    big = max(args.token_list)
-    parts = []
-    for row in rows:
-        if row["tokens"] != big and not (row["mode"] == "graph" and row["tokens"] == max(
-                r["tokens"] for r in rows if r["backend"] == row["backend"])):
-            continue
-        if row["mode"] == "graph":
-            parts.append(f"{row['backend']} T={row['tokens']} {row['total_us']:.0f}us {row['total_gbps'] or 0:.1f}GB/s")
-        else:
-            even = row.get("nccl_even_dispatch_gbps")
-            parts.append(f"{row['backend']} T={big} dispatch {row['dispatch_gbps'] or 0:.1f}GB/s"
-                         + (f" (nccl_even {even or 0:.1f})" if "nccl_even_dispatch_gbps" in row else "")
-                         + f" combine {row['combine_gbps'] or 0:.1f}GB/s {row['total_us']:.0f}us")
+    last = {row["backend"]: row for row in rows}  # per backend its largest T (graph rows stop at the static max)
+    parts = [f"{b} T={r['tokens']} {r['total_us']:.0f}us" + (
+        f" dispatch {r['dispatch_gbps'] or 0:.1f}GB/s combine {r['combine_gbps'] or 0:.1f}GB/s" if r["dispatch_us"]
+        else f" {r['total_gbps'] or 0:.1f}GB/s") + (
+        f" (nccl_even {r['nccl_even_dispatch_gbps'] or 0:.1f} / {r['nccl_even_combine_gbps'] or 0:.1f})"
+        if r.get("nccl_even_dispatch_us") and r["dispatch_us"] else "") for b, r in last.items()]
     return (f"bench_all2all_dist summary: world={world} H={args.hidden} E={args.experts} k={args.top_k} "
             f"{args.dtype}; " + "; ".join(parts) + f"; rows in {args.out}")
 
 
 def worker(args: argparse.Namespace) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world < 2:
+        sys.exit("error: an all2all needs 2 or more ranks (torchrun --nproc-per-node 2, or --world 2)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = args.device == "cuda"
     if cuda:
@@ -371,7 +306,7 @@ def worker(args: argparse.Namespace) -> int:
         for e in all_errors:
             print(f"CHECK FAILED: {e}", flush=True)
         out = {"args": vars(args), "world": world, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None, "torch": torch.__version__,
+               "nccl": str(torch.cuda.nccl.version()) if cuda else None, "torch": torch.__version__,
                "check": ("failed" if all_errors else "ok") if args.check else None, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
