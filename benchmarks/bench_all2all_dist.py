@@ -16,7 +16,8 @@ buffers moving those bytes per rank with even splits ("nccl_even"), and per T wi
 this routing's exact per-destination rows ("nccl_exact": the dynamic mode's rows without its count exchange and
 packing). On cuda, steps up to the static max are also CUDA-graph captured (dispatch + combine in one graph,
 backend "<name>_graph"), as the decode and mixed-step graphs hold them. Backend "sparse_exact": the sparse
-backend held in its dynamic mode at every T (what prefills and overflow re-runs use).
+backend held in its dynamic mode at every T (what prefills and overflow re-runs use); "sparse_fp8": sparse with
+--all2all-fp8-dispatch (FP8 hidden rows out, the combine in the model dtype).
 --check: combine(dispatch(x)) with a weighted identity expert equals x * sum(top-k weights), the bytes equal
 what the routing implies, and a graph replay returns each token once per rank it went to; exit 1 otherwise.
 Prints one line per row and 'bench_all2all_dist summary' last; rank 0 writes the JSON.
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.dist_timing import Plain, Timer, gbps  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.distributed.all2all import row_layout  # noqa: E402
-from runtime.distributed.all2all_sparse import SparseBackend  # noqa: E402
+from runtime.distributed.all2all_sparse import SparseBackend, dequantize_rows, quantize_rows  # noqa: E402
 from runtime.distributed.backends import make_backend  # noqa: E402
 from runtime.distributed.expert_stats import ExpertStats  # noqa: E402
 from runtime.distributed.parallel import ParallelState, destroy_parallel, track_cuda_graph  # noqa: E402
@@ -112,10 +113,11 @@ def build(name: str, run: Run, stats: ExpertStats) -> Any:
                      max_cudagraph_batch_size=max(1, min(512, args.static_max_tokens)),
                      max_mixed_cudagraph_tokens=args.static_max_tokens, enforce_eager=args.static_max_tokens == 0)
     # max_num_batched_tokens: the default, or more, so that a dynamic exchange is one round as in the engine
+    # sparse_fp8: --all2all-fp8-dispatch (FP8 hidden rows); sparse_exact: the sparse backend, held dynamic below
     config = EngineConfig(device=parallel.device.type, data_parallel_size=parallel.world_size,
-                          enable_expert_parallel=True, all2all_backend=name,
-                          max_num_batched_tokens=max(8192, max(args.token_list)),
-                          all2all_capacity_factor=args.capacity_factor, **extra)
+                          enable_expert_parallel=True, all2all_backend="allgather" if name == "allgather" else "sparse",
+                          all2all_fp8_dispatch=name == "sparse_fp8", all2all_capacity_factor=args.capacity_factor,
+                          max_num_batched_tokens=max(8192, max(args.token_list)), **extra)
     run.graph_max_tokens = max(config.cuda_graph_max_batch(parallel.device),
                                config.mixed_cudagraph_tokens(parallel.device))
     return make_backend(config, parallel, args.experts, stats)
@@ -143,9 +145,9 @@ def exact_row(num_tokens: int, run: Run) -> dict[str, Any]:
 
 def bench_backend(name: str, num_tokens: int, run: Run) -> list[dict[str, Any]]:
     stats = ExpertStats(1, run.args.experts, run.parallel.device)  # the engine's backends always carry one
+    backend = build(name, run, stats)
     if name != "sparse_exact":
-        return _bench_backend(name, build(name, run, stats), stats, num_tokens, run)
-    backend = build("sparse", run, stats)
+        return _bench_backend(name, backend, stats, num_tokens, run)
     with backend.exact():  # the dynamic exact-rows mode at every T, as prefills and overflow re-runs use it
         return _bench_backend(name, backend, stats, num_tokens, run)
 
@@ -153,7 +155,9 @@ def bench_backend(name: str, num_tokens: int, run: Run) -> list[dict[str, Any]]:
 def _bench_backend(name: str, backend: Any, stats: ExpertStats, num_tokens: int, run: Run) -> list[dict[str, Any]]:
     args, parallel = run.args, run.parallel
     hidden, weights, ids = routing(num_tokens, args, parallel.ep_rank, parallel.device, run.dtype)
-    static = name == "sparse" and num_tokens <= backend.static_max_tokens
+    static = name in ("sparse", "sparse_fp8") and num_tokens <= backend.static_max_tokens
+    # what comes back is the input as the FP8 dispatch rounds it (per token and 128-channel group)
+    x_ref = dequantize_rows(*quantize_rows(hidden), hidden.dtype) if backend.fp8_dispatch else hidden
     mode = ("static" if static else "dynamic") if isinstance(backend, SparseBackend) else "fixed"
     slots = backend.slots(num_tokens, args.top_k) if static else num_tokens
 
@@ -169,7 +173,7 @@ def _bench_backend(name: str, backend: Any, stats: ExpertStats, num_tokens: int,
             h_recv, w_recv, i_recv, handle = backend.dispatch(hidden, weights, ids)
             out = backend.combine(weighted_identity(h_recv, w_recv, i_recv), handle)
     if args.check:
-        check_pass(f"{name} {mode} T={num_tokens}", backend, mode, hidden, weights, ids, out,
+        check_pass(f"{name} {mode} T={num_tokens}", backend, mode, x_ref, weights, ids, out,
                    (dispatch_bytes, combine_bytes), slots, run)
 
     # the slowest rank sets the pace: bytes (and times) are the max over ranks; the even splits need one size
@@ -206,7 +210,7 @@ def _bench_backend(name: str, backend: Any, stats: ExpertStats, num_tokens: int,
             hits = torch.zeros(num_tokens, parallel.ep_size, dtype=torch.bool, device=hidden.device)
             hits.scatter_(1, ids.long() // (args.experts // parallel.ep_size), True)
             times = hits.sum(1, keepdim=True) if mode == "static" else parallel.ep_size
-            if not torch.allclose(state["out"].float(), hidden.float() * times, atol=3e-2, rtol=3e-2):
+            if not torch.allclose(state["out"].float(), x_ref.float() * times, atol=3e-2, rtol=3e-2):
                 run.errors.append(f"rank {parallel.rank}: {name} T={num_tokens}: graph replay output is wrong")
         total = dispatch_bytes + combine_bytes
         rows.append(dict(row, backend=f"{name}_graph", mode="graph", dispatch_us=None, combine_us=None,
@@ -233,12 +237,12 @@ def check_pass(where: str, backend: Any, mode: str, hidden: torch.Tensor, weight
         row_bytes = row_layout(args.hidden, args.top_k, dtype)[1]
         expected = ((world - 1) * rows * row_bytes, (world - 1) * rows * hidden_bytes)
     elif mode == "static":  # C slots per destination, flag word when C < T
-        row_bytes = row_layout(args.hidden, args.top_k, dtype, flag=slots < num_tokens)[1]
+        row_bytes = row_layout(args.hidden, args.top_k, dtype, backend.fp8_dispatch, flag=slots < num_tokens)[1]
         expected = ((world - 1) * slots * row_bytes, (world - 1) * slots * hidden_bytes)
     else:  # exact rows: what this rank routes to others, and what the others route to it
         matrix = run.count_matrix(ids)
         sent, received = matrix[me], [row[me] for row in matrix]
-        expected = ((sum(sent) - sent[me]) * row_layout(args.hidden, args.top_k, dtype)[1],
+        expected = ((sum(sent) - sent[me]) * row_layout(args.hidden, args.top_k, dtype, backend.fp8_dispatch)[1],
                     (sum(received) - received[me]) * hidden_bytes)
     if got_bytes != expected:
         run.errors.append(f"{where}: bytes (dispatch, combine) = {got_bytes}, expected {expected}")
@@ -332,7 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--backends", default="sparse,allgather",
-                   help="sparse, allgather, sparse_exact (sparse forced into its dynamic exact-rows mode at every T)")
+                   help="sparse, allgather, sparse_exact (sparse held in its dynamic exact-rows mode at every T), "
+                        "sparse_fp8 (--all2all-fp8-dispatch)")
     p.add_argument("--capacity-factor", type=float, default=EngineConfig.all2all_capacity_factor,
                    help="--all2all-capacity-factor (sparse static mode)")
     p.add_argument("--static-max-tokens", type=int, default=None,
@@ -351,9 +356,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
     if min(args.token_list) < 1:
         p.error("--tokens must be >= 1")
-    unknown = set(args.backends.split(",")) - {"sparse", "sparse_exact", "allgather"}
+    unknown = set(args.backends.split(",")) - {"sparse", "sparse_exact", "sparse_fp8", "allgather"}
     if unknown:
-        p.error(f"unknown --backends {','.join(sorted(unknown))}; available: sparse, sparse_exact, allgather")
+        p.error(f"unknown --backends {','.join(sorted(unknown))}; available: sparse, sparse_exact, sparse_fp8, "
+                f"allgather")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible; use --device cpu")
     return args
