@@ -278,6 +278,8 @@ def worker(args: argparse.Namespace) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world < 2:
         sys.exit("error: an all2all needs 2 or more ranks (torchrun --nproc-per-node 2, or --world 2)")
+    if args.experts % world:
+        sys.exit(f"error: --experts {args.experts} is not divisible by the {world} ranks")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = args.device == "cuda"
     if cuda:
