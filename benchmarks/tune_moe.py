@@ -240,7 +240,7 @@ def main() -> None:
         ms = [int(m) for m in (args.m if args.m != ap.get_default("m") else "1024,4096,16384").split(",")]
         for shape in args.shapes.split(",") if args.shapes != ap.get_default("shapes") else ["qwen3"]:
             for dtype in args.dtypes.split(",") if args.dtypes != ap.get_default("dtypes") else ["bf16"]:
-                tune_tma(shape, dtype, ms, Path(args.out))
+                tune_tma(shape, dtype, ms, Path(args.out), args.jobs)
         return
     ms = [int(m) for m in args.m.split(",")]
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")

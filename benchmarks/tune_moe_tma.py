@@ -39,6 +39,61 @@ def gemm_cfg(c: tuple, fp8: bool = False) -> dict:
             "warp_specialize": ws}
 
 
+def candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
+    """(gate_up configs, down configs) of TMA_CANDIDATES at this BLOCK_M. The accumulators (two in gate_up, +
+    FP8's per-step partial product) must stay in registers: FP8 spills at a 256-wide down tile (sm90 compile,
+    3.6), and the gate_up tile is half the down tile."""
+    max_n = 128 if fp8 else 256
+    cands: list[dict] = []
+    up_cands: list[dict] = []
+    for c in TMA_CANDIDATES:
+        for n, dst in ((max_n, cands), (max_n // 2, up_cands)):
+            gc = dict(gemm_cfg(c, fp8), BLOCK_N=min(c[1], n))
+            if c[0] == bm and gc not in dst:
+                dst.append(gc)
+    return up_cands, cands
+
+
+def _compile_worker(items: list) -> str:
+    """Launches each (shape, dtype, BLOCK_M, up|down, config) once on one block of rows at the real K / N / row
+    counts (the same specializations as the timed launches): its binary lands in Triton's disk cache. On a cold
+    cache the timing pass compiled ~20 variants one after another and the first H200 runs ran out of time."""
+    from bench_moe import SHAPES
+
+    from kernels.fp8 import per_token_group_quant, quantize_weight_block
+    from kernels.moe_grouped_tma import grouped_gemm
+
+    done = 0
+    for shape, dtype, bm, kind, gc in items:
+        try:
+            _, h, inter, _ = SHAPES[shape]
+            k, n, w_rows = (h, inter, 2 * inter) if kind == "up" else (inter, h, h)
+            a = torch.randn(bm, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(2 * w_rows, k, device="cuda", dtype=torch.bfloat16)  # two experts
+            a_scale = w_scale = None
+            if dtype == "fp8":
+                a, a_scale = per_token_group_quant(a)
+                w, w_scale = quantize_weight_block(w.view(2, w_rows, k))
+                w = w.view(2 * w_rows, k)
+            out = torch.empty(bm, n, device="cuda", dtype=torch.bfloat16)
+            expert_ids = torch.zeros(1, device="cuda", dtype=torch.int32)
+            num_post_pad = torch.full((1,), bm, device="cuda", dtype=torch.int32)
+            grouped_gemm(a, w, out, expert_ids, num_post_pad, n, w_rows, kind == "up", bm, gc, None, a_scale, w_scale)
+            torch.cuda.synchronize()
+            done += 1
+        except Exception:  # noqa: BLE001, S112  the timing pass reports a config that cannot run
+            continue
+    return f"{done}/{len(items)}"
+
+
+def precompile(shape: str, dtype: str, jobs: int) -> None:
+    import tuning
+
+    items = [(shape, dtype, bm, kind, gc) for bm in sorted({c[0] for c in TMA_CANDIDATES})
+             for kind, cfgs in zip(("up", "down"), candidates(bm, dtype == "fp8")) for gc in cfgs]
+    tuning.precompile(items, _compile_worker, jobs)
+
+
 def compile_grouped_gemm_sm90(silu_mul: bool, bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
                               warp_specialize: bool, fp8: bool = False, flatten: bool | None = None):
     """triton.compile of _grouped_gemm_kernel for Hopper (no GPU needed), with a launch's specializations
@@ -127,15 +182,7 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
                         grouped_gemm(act, w2_2d, y, ex, npp, h, h, False, bm, gc, None, act_s, kw.get("w2_scale"))
             return run, len(perms)
 
-        # the accumulators (two in gate_up, + FP8's per-step partial product) must stay in registers: FP8 spills
-        # at a 256-wide down tile (sm90 compile, 3.6), and the gate_up tile is half the down tile
-        max_n = 128 if fp8 else 256
-        cands, up_cands = [], []
-        for c in TMA_CANDIDATES:
-            for n, dst in ((max_n, cands), (max_n // 2, up_cands)):
-                gc = dict(gemm_cfg(c, fp8), BLOCK_N=min(c[1], n))
-                if c[0] == bm and gc not in dst:
-                    dst.append(gc)
+        up_cands, cands = candidates(bm, fp8)
         up = min((time_run(*launches("up", gc)), j) for j, gc in enumerate(up_cands))
         down = min((time_run(*launches("down", gc)), j) for j, gc in enumerate(cands))
         cfg = {"min_rows": 0, "BLOCK_M": bm, "up": up_cands[up[1]], "down": cands[down[1]]}
@@ -152,13 +199,15 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
             "permute_floor_us": best[3], "err_vs_old": err, "tma": best[1], "old": old_cfg}
 
 
-def tune_tma(shape: str, dtype: str, ms: list[int], out: Path) -> None:
+def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12) -> None:
     from bench_moe import SHAPES, measure_ceilings
 
     from kernels.fp8 import quantize_weight_block
 
     t0 = time.time()
     e, h, inter, _ = SHAPES[shape]
+    if jobs > 1:
+        precompile(shape, dtype, jobs)
     ceil = measure_ceilings()
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=g, dtype=torch.bfloat16) * h**-0.5
