@@ -8,8 +8,9 @@ Model: Qwen3-30B-A3B shapes (dummy weights), --layers of them. B sequences decod
   lockstep  the same with the coordinator clocking every step (StepReport -> StepCommand round trip);
   lookahead lockstep with --lockstep-lookahead (the next step's report sent while this one runs);
   dummy     execute(pad_to=B) with nothing planned: the lockstep filler, same bucket, its own CUDA graph
-            (per MoE layer: dispatch an all-padding batch, local experts on what arrives, combine; one rank
-            here, so the all2all is the local no-op and the ratio is the filler's own cost).
+            (per MoE layer: dispatch an all-padding batch, local experts on what arrives, combine). One rank
+            here: since 2026-11-29 a rank with no exchange runs no dummy forward at all, so this times an
+            empty step; the filler's cost shows only with EP over several ranks (tests/test_dummy_step.py).
   python benchmarks/bench_coordinator.py --dummy-only   measures raw and dummy only (no sockets).
 The coordinator and the front end run as their own processes with CUDA_VISIBLE_DEVICES="", as under
 runtime.serve; this process is the engine rank.

@@ -272,8 +272,9 @@ class DummyForward:
     then there is no dummy step to run or capture. The all-padding inputs are allocated once for up to
     max_tokens rows and never replaced, so a CUDA graph may capture slices of them."""
 
-    def __init__(self, model: nn.Module, max_tokens: int = 0) -> None:
-        self.layers: list[MoE] = sorted((m for m in model.modules() if isinstance(m, MoE) and m.dispatcher is not None
+    def __init__(self, model: nn.Module | None, max_tokens: int = 0) -> None:
+        modules = model.modules() if model is not None else ()  # None: a rank that never runs dummy steps
+        self.layers: list[MoE] = sorted((m for m in modules if isinstance(m, MoE) and m.dispatcher is not None
                                          and m.dispatcher.ep_size > 1), key=lambda m: m.moe_layer_id)
         self.static = self._inputs(max_tokens) if self.layers and max_tokens > 0 else None
 

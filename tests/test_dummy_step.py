@@ -291,13 +291,20 @@ def test_no_dummy_layers_without_an_exchange(tmp_path) -> None:  # noqa: ANN001
     """One EP rank (one GPU, or DP/TP without EP): nothing moves, so there is no dummy step; its forward holds no
     layer (on 2 H200s every such rank captured 20 unused dummy CUDA graphs before this)."""
     from runtime.cluster.rank_loop import build_engine
-    from runtime.distributed.parallel import single_rank
+    from runtime.distributed.parallel import ParallelState, single_rank
     from tests.tiny import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(str(tmp_path / "m"), "Qwen3MoeForCausalLM")
     engine = build_engine(_config(model, 1), single_rank())[0]
     assert engine.runner.dummy_forward.layers == [] and engine.runner.dummy_forward.static is None
     engine.runner.dummy_forward(4)  # a no-op, not an error
+    # EP over two ranks (a real exchange; building it issues no collective): dummy layers only where DP ranks
+    # step together; EP inside one DP rank (DP=1 x TP=2 x EP=2: its TP peer follows its plans) runs none
+    ep2 = ParallelState(rank=0, world_size=2, dp_rank=0, dp_size=2, ep_rank=0, ep_size=2, device=torch.device("cpu"))
+    lockstep = build_engine(_config(model, 2), ep2)[0]
+    assert len(lockstep.runner.dummy_forward.layers) > 0
+    free = build_engine(_config(model, 1).replace(enable_expert_parallel=True, tensor_parallel_size=2), ep2)[0]
+    assert free.runner.dummy_forward.layers == []
 
 
 def test_dp2_without_ep_idle_rank_runs_nothing(tmp_path) -> None:  # noqa: ANN001

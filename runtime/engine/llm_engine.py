@@ -108,6 +108,7 @@ class LLMEngine:
             mixed_graph_tokens=config.mixed_cudagraph_tokens(self.device),
             max_num_seqs=config.max_num_seqs,
             tp_group=parallel.tp_group if tp_size > 1 else None,
+            dummy_steps=config.needs_lockstep,
         )
         if self.use_triton and self.device.type == "cuda":
             t0 = time.perf_counter()

@@ -51,6 +51,7 @@ class ModelRunner:
         mixed_graph_tokens: int = 0,  # > 0: mixed steps up to this many tokens replay CUDA graphs (mixed_graphs.py)
         max_num_seqs: int = 0,  # rows of a mixed graph
         tp_group: Any = None,  # TP > 1: the TP device group; async scheduling broadcasts sampled tokens on it
+        dummy_steps: bool = False,  # lockstep DP ranks: an idle rank runs dummy steps (their graphs are captured)
     ) -> None:
         self.model = model
         self.device = device
@@ -69,7 +70,7 @@ class ModelRunner:
         self.dispatcher = next((m.dispatcher for m in model.modules()
                                 if hasattr(getattr(m, "dispatcher", None), "overflowed")), None)
         # a dummy step's forward: the MoE layers' collectives and local experts only (static inputs for the graphs)
-        self.dummy_forward = DummyForward(model, max(cuda_graph_max_batch, mixed_graph_tokens))
+        self.dummy_forward = DummyForward(model if dummy_steps else None, max(cuda_graph_max_batch, mixed_graph_tokens))
         self.graphs: CudaGraphRunner | None = None
         if cuda_graph_max_batch > 0:
             self.graphs = CudaGraphRunner(
