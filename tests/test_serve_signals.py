@@ -224,3 +224,42 @@ def test_a_rank_that_cannot_start_ends_the_launch_without_restarts(model: str) -
     assert len(errors) == 1 and "KV cache" in errors[0] and "max_model_len" in errors[0], out.stderr[-3000:]
     assert "restart" not in out.stderr.lower().replace("--max-restarts", ""), out.stderr[-3000:]
     print(f"\nrank config error: exit 2 after {took:.1f} s")
+
+
+_BLOCKED_RANK = """
+import os, sys, time
+import torch, torch.distributed as dist
+from runtime.cluster.procs import raise_on_stop_signals
+dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2, init_method="tcp://127.0.0.1:" + sys.argv[2])
+if sys.argv[1] == "0":
+    time.sleep(60)  # never joins the broadcast: rank 1 waits inside gloo, in C++, as a GPU rank waits on NCCL
+else:
+    raise_on_stop_signals()
+    print("ready", flush=True)
+    dist.broadcast(torch.zeros(1), src=0)
+"""
+
+
+def test_a_rank_blocked_in_a_collective_stops_on_sigterm() -> None:
+    """A rank stuck in a collective whose peer is gone runs no Python, so its StopSignal handler never runs
+    (the elastic agent then waits 30 s before SIGKILL: each kill -9 recovery on GPUs took that much longer): the
+    stop-signal watcher ends it with the signal's exit code a grace period later."""
+    from runtime.cluster.procs import STOP_GRACE_S
+
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _BLOCKED_RANK, str(r), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    try:
+        assert procs[1].stdout.readline().strip() == b"ready"
+        time.sleep(0.5)  # inside the broadcast
+        t0 = time.monotonic()
+        procs[1].send_signal(signal.SIGTERM)
+        rc = procs[1].wait(timeout=STOP_GRACE_S + 10)
+        took = time.monotonic() - t0
+        print(f"\nblocked rank stopped {took:.1f} s after SIGTERM")
+        assert rc == 128 + signal.SIGTERM and took < STOP_GRACE_S + 5
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -11,6 +11,8 @@ import secrets
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -106,12 +108,36 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+STOP_GRACE_S = 2.0  # how long a stop signal waits for the main thread to unwind before the process just ends
+
+
 def raise_on_stop_signals() -> None:
+    """SIGINT / SIGTERM raise StopSignal in the main thread. Python runs that handler only once the main thread
+    is back in the interpreter, and a rank waiting on the GPU for a collective whose peer died (kill -9 of
+    another rank: NCCL spins until its timeout) never is: torch's elastic agent then waits its 30 s before a
+    SIGKILL. The signal also reaches a watcher thread (through the wakeup fd), which ends the process with the
+    same code STOP_GRACE_S later if it is still there."""
     def handler(signum: int, frame: object) -> None:
         raise StopSignal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            got = os.read(r, 1)
+            if got and got[0] in (signal.SIGINT, signal.SIGTERM):
+                break
+        time.sleep(STOP_GRACE_S)
+        logging.getLogger(__name__).warning("%s: the main thread did not stop in %.0f s (blocked in a GPU or "
+                                            "collective call): ending the process",
+                                            signal.Signals(got[0]).name, STOP_GRACE_S)
+        exit_now(128 + got[0])
+
+    threading.Thread(target=watch, name="stop-watch", daemon=True).start()
 
 
 def check_port_free(host: str, port: int) -> None:

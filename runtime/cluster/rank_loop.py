@@ -25,7 +25,14 @@ import zmq
 
 from runtime.cluster.heartbeat import HeartbeatThread, Progress, attach_layer_hooks
 from runtime.cluster.lookahead import estimate_next_step
-from runtime.cluster.procs import StopSignal, die_with_parent, end_launch, raise_on_stop_signals, set_title
+from runtime.cluster.procs import (
+    StopSignal,
+    die_with_parent,
+    end_launch,
+    exit_now,
+    raise_on_stop_signals,
+    set_title,
+)
 from runtime.config import ConfigError, EngineConfig
 from runtime.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -388,6 +395,11 @@ def engine_main(config_json: str, addrs_json: str) -> None:
     except StopSignal as stop:
         logger.info("rank %d: %s, exiting", parallel.rank, stop)
         stopped = stop
+    except Exception:
+        # the peers may be waiting in this rank's collectives: a collective teardown could hang (and on the GPU a
+        # sync with them does); the launcher restarts the group from the exit code
+        logger.exception("rank %d failed", parallel.rank)
+        exit_now(1)
     finally:
         if stopped is None:  # after a stop signal the peers are going too: a collective teardown could hang
             destroy_parallel()
