@@ -268,14 +268,14 @@ class DummyForward:
     """The forward of a lockstep dummy step (a rank with nothing to run while other EP ranks run a step of
     num_tokens padded tokens): for each MoE layer in order, MoE.forward_dummy; no embedding, attention, norms,
     dense layers, shared experts or router (every id is -1: there is nothing to route). Layers without a
-    dispatcher, or with one over a single EP rank (nothing to exchange), issue no collective and are skipped:
-    then there is no dummy step to run or capture. The all-padding inputs are allocated once for up to
-    max_tokens rows and never replaced, so a CUDA graph may capture slices of them."""
+    dispatcher issue no collective and are skipped; model None (a rank whose DP group does not step in lockstep:
+    config.needs_lockstep) has no dummy step to run or capture. The all-padding inputs are allocated once for up
+    to max_tokens rows and never replaced, so a CUDA graph may capture slices of them."""
 
     def __init__(self, model: nn.Module | None, max_tokens: int = 0) -> None:
-        modules = model.modules() if model is not None else ()  # None: a rank that never runs dummy steps
-        self.layers: list[MoE] = sorted((m for m in modules if isinstance(m, MoE) and m.dispatcher is not None
-                                         and m.dispatcher.ep_size > 1), key=lambda m: m.moe_layer_id)
+        modules = model.modules() if model is not None else ()
+        self.layers: list[MoE] = sorted((m for m in modules if isinstance(m, MoE) and m.dispatcher is not None),
+                                        key=lambda m: m.moe_layer_id)
         self.static = self._inputs(max_tokens) if self.layers and max_tokens > 0 else None
 
     def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
