@@ -76,4 +76,8 @@ def test_kill_coordinator_then_api_server_both_come_back(checkpoint: str) -> Non
         print(f"\napi_server_back_s={time.monotonic() - t0:.2f}")
         assert r.json()["choices"][0]["text"] == expected[0][: len(r.json()["choices"][0]["text"])]
         assert _pid_of(srv, b"moe-rt: api-server") != old
+        # the new API server knows the deployment's state at the coordinator's next push (one a second)
+        deadline = time.monotonic() + 3
+        while _health(srv.base_url) != (200, "ok") and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert _health(srv.base_url) == (200, "ok")

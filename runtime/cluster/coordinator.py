@@ -341,7 +341,6 @@ class Coordinator:
         now = time.monotonic()
         if self.spec.log_stats and any(s is not None for s in self.stats.latest):
             logger.info("%s", self.stats.line(self.clock, now))
-        self.push_stats()
         if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
             self.write_expert_stats(self.spec.expert_stats_file)
 
@@ -357,11 +356,11 @@ class Coordinator:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         next_tick = time.monotonic() + self.spec.log_stats_interval
-        next_check = time.monotonic()
+        next_check = next_push = time.monotonic()
         while self.running:
             for rank, sock in enumerate(self.to_engines):
                 poller.register(sock, zmq.POLLOUT if self.outbox[rank] else 0)  # 0 = unregister
-            timeout_ms = max(0.0, min(next_tick, next_check) - time.monotonic()) * 1e3
+            timeout_ms = max(0.0, min(next_tick, next_check, next_push) - time.monotonic()) * 1e3
             events = dict(poller.poll(timeout_ms))
             if self.pull in events:
                 while True:  # drain everything that is there, then look at the clock
@@ -378,6 +377,10 @@ class Coordinator:
                 self.check_liveness(now)
                 self.check_launcher()
                 next_check = now + HEARTBEAT_INTERVAL_S / 4
+            if now >= next_push:  # at least every second, not only every --log-stats-interval: a restarted front
+                # end (or /health after a rank went down) knows where the deployment stands within a second
+                self.push_stats()
+                next_push = now + min(HEARTBEAT_INTERVAL_S, self.spec.log_stats_interval)
             if now >= next_tick:
                 self.tick()
                 next_tick = time.monotonic() + self.spec.log_stats_interval
