@@ -46,6 +46,18 @@ class TensorParallel:
             dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def gather_to_first(self, x: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """Every rank's x (same shape) concatenated along dim on TP rank 0, in TP-rank order; None on the others
+        (the logits: only TP rank 0 samples, so the peers need not receive them)."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, parts, group=self.group, group_dst=0)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
 
 @dataclass(frozen=True)
 class ModelArgs:

@@ -304,5 +304,5 @@ class DecoderLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)  # [N, V] fp32, the whole vocabulary on every TP rank
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head.compute_logits(hidden)  # [N, V] fp32 on TP rank 0, None on its peers

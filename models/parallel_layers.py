@@ -247,8 +247,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits of this rank's vocabulary rows, gathered over the TP ranks into the full [N, vocab]."""
+    """Logits of this rank's vocabulary rows, gathered on TP rank 0 (the one that samples) into the full
+    [N, vocab] fp32; the peers get None. Gathered in the weights' dtype, which is what the linear wrote: the
+    upcast after the gather gives the same numbers for half the bytes."""
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight).float()  # [N, rows_per_rank]
-        return self.tp.all_gather(logits, dim=-1)[:, : self.vocab_size]
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.tp.gather_to_first(F.linear(hidden, self.weight), dim=-1)  # [N, rows_per_rank] per rank
+        return logits[:, : self.vocab_size].float() if logits is not None else None

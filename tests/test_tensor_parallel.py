@@ -1,5 +1,6 @@
 """Tensor parallelism on gloo ranks: greedy tokens with TP=2 and TP=4 (and DP=2 x TP=2 x EP=4) equal
-transformers' for every architecture, with odd vocabularies and fewer KV heads than TP ranks.
+transformers' for every architecture, with odd vocabularies and fewer KV heads than TP ranks; so do the
+prompt logprobs that some requests ask for (scored over chunked prefills, the peers joining each gather).
 
 One spawn of 4 ranks runs every layout: TP=4 (one engine), DP=2 x TP=2 (two engines, free running) and, for
 the MoE models, DP=2 x TP=2 with expert parallel over all 4 ranks (lockstep, a gloo all-reduce of the two TP
@@ -39,19 +40,24 @@ def _config(model: str, dp: int, tp: int, ep: bool = False, **kw: object) -> Eng
                         tensor_parallel_size=tp, enable_expert_parallel=ep, **kw)
 
 
-def _params():  # noqa: ANN202
+PROMPT_LOGPROBS = 2  # asked by the even-numbered prompts
+
+
+def _params(i: int):  # noqa: ANN202
     from runtime.sampling_params import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS)
+    return SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, prompt_logprobs=None if i % 2 else PROMPT_LOGPROBS)
 
 
-def _lead(engine, prompt_ids: list[list[int]], leaders=None) -> dict[str, list[int]]:  # noqa: ANN001
-    """TP rank 0: schedule, run, sample; free running, or lockstep with the other DP leaders."""
+def _lead(engine, prompts: dict[int, list[int]], leaders=None) -> tuple[dict, dict]:  # noqa: ANN001
+    """TP rank 0: schedule, run, sample; free running, or lockstep with the other DP leaders.
+    Returns the tokens and the prompt logprobs of each request (by prompt index)."""
     from runtime.messages import AddRequest
 
-    for i, p in enumerate(prompt_ids):
-        engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params()))
+    for i, p in prompts.items():
+        engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
     out: dict[str, list[int]] = {}
+    prompt_lps: dict[str, list] = {}
     while True:
         num_tokens = engine.schedule()
         if leaders is None:
@@ -68,8 +74,10 @@ def _lead(engine, prompt_ids: list[list[int]], leaders=None) -> dict[str, list[i
             deltas = engine.execute(pad_to=engine.padded_size(int(agreed[0])))
         for d in deltas:
             out.setdefault(d.request_id, []).extend(d.new_token_ids)
+            if d.prompt_logprobs is not None:
+                prompt_lps[d.request_id] = d.prompt_logprobs
     engine.runner.stop_followers()
-    return out
+    return out, prompt_lps
 
 
 def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir: str) -> None:
@@ -92,11 +100,8 @@ def _worker(rank: int, world: int, port: int, models: dict[str, str], result_dir
             engine, stats = build_engine(_config(model, parallel.dp_size, parallel.tp_size, ep), parallel)
             if parallel.is_tp_leader:
                 # each DP rank serves its own share of the prompts
-                mine = [p if i % parallel.dp_size == parallel.dp_rank else None
-                        for i, p in enumerate(prompts())]
-                tokens = _lead(engine, [p for p in mine if p is not None], leaders if ep else None)
-                ids = [i for i, p in enumerate(mine) if p is not None]
-                result[f"{arch}/{name}"] = {str(ids[int(k)]): v for k, v in tokens.items()}
+                mine = {i: p for i, p in enumerate(prompts()) if i % parallel.dp_size == parallel.dp_rank}
+                result[f"{arch}/{name}"], result[f"{arch}/{name}/plp"] = _lead(engine, mine, leaders if ep else None)
             else:
                 engine.runner.follow(tp_follower_stats(stats, parallel))
             spec = engine.model.kv_cache_spec()
@@ -115,9 +120,37 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {arch: make_tiny_checkpoint(str(root / arch), arch, **kw) for arch, kw in OVERRIDES.items()}
 
 
+def hf_prompt_logprobs(path: str, prompt_ids: list[list[int]], top_n: int) -> list[list]:
+    """transformers' logprob and rank of each prompt token after the first, and the top_n, as we report them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out = []
+    for ids in prompt_ids:
+        with torch.no_grad():
+            lps = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)  # [n - 1, vocab]
+        target = torch.tensor(ids[1:])
+        token_lp = lps.gather(1, target[:, None])[:, 0]
+        ranks = (lps > token_lp[:, None]).sum(-1) + 1
+        top_lp, top_ids = lps.topk(top_n, dim=-1)
+        out.append([[[t, lp, r]] + [[i, v, k + 1] for k, (i, v) in enumerate(zip(ti, tl))]
+                    for t, lp, r, ti, tl in zip(ids[1:], token_lp.tolist(), ranks.tolist(), top_ids.tolist(),
+                                                top_lp.tolist())])
+    return out
+
+
+def _assert_prompt_logprobs_close(got: list, want: list, what: str) -> None:
+    assert len(got) == len(want), f"{what}: {len(got)} scored prompt tokens, expected {len(want)}"
+    for pos, (g, w) in enumerate(zip(got, want)):
+        assert [e[0] for e in g] == [e[0] for e in w] and [e[2] for e in g] == [e[2] for e in w], \
+            f"{what}: prompt position {pos + 1}: ids/ranks {g} vs {w}"
+        assert max(abs(a[1] - b[1]) for a, b in zip(g, w)) < 1e-4, f"{what}: prompt position {pos + 1}: {g} vs {w}"
+
+
 def test_tp_greedy_tokens_equal_transformers(models: dict[str, str]) -> None:
     world = 4
     refs = {arch: hf_greedy(path, prompts(), NUM_TOKENS) for arch, path in models.items()}
+    ref_lps = {arch: hf_prompt_logprobs(path, prompts(), PROMPT_LOGPROBS) for arch, path in models.items()}
     with tempfile.TemporaryDirectory() as d:
         ctx = spawn_ranks(_worker, (world, free_port(), models, d), world, TIMEOUT_S, "TP ranks")
         results = []
@@ -134,6 +167,11 @@ def test_tp_greedy_tokens_equal_transformers(models: dict[str, str]) -> None:
         if arch in MOE:
             ep = results[0][f"{arch}/dp2tp2ep4"] | results[2][f"{arch}/dp2tp2ep4"]
             assert ep == expected, f"{arch}: DP=2 x TP=2 x EP=4 tokens differ from transformers"
+        for name in ("tp4", "dp2tp2") + (("dp2tp2ep4",) if arch in MOE else ()):
+            got = results[0][f"{arch}/{name}/plp"] | results[2].get(f"{arch}/{name}/plp", {})
+            assert sorted(got) == [str(i) for i in range(0, len(ref), 2)], f"{arch}/{name}: prompt logprobs of {got}"
+            for i, lps in got.items():
+                _assert_prompt_logprobs_close(lps, ref_lps[arch][int(i)], f"{arch}/{name} prompt {i}")
         # each rank holds (and read) only its share: fewer bytes than the whole checkpoint at TP=2, fewer at 4
         tp4, tp2 = results[1][f"{arch}/tp4/bytes"], results[1][f"{arch}/dp2tp2/bytes"]
         assert tp4 < tp2, f"{arch}: a TP=4 rank read {tp4} bytes, a TP=2 rank {tp2}"

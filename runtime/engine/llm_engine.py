@@ -193,9 +193,6 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if max(req.prompt_token_ids) >= vocab or min(req.prompt_token_ids) < 0:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        if req.params.prompt_logprobs is not None and self.runner.plan_group is not None:
-            # the TP peers would have to join the all-gather of the prompt rows' logits
-            raise RequestError("prompt_logprobs is not supported with --tensor-parallel-size > 1")
         seq = Sequence(req.request_id, req.prompt_token_ids, req.params, req.arrival_time, req.num_generated_before)
         if req.params.grammar is not None:
             resumed = req.num_generated_before

@@ -16,6 +16,7 @@ from models.moe import DummyForward
 from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
 from runtime.engine.mixed_graphs import MixedGraphs, fill_tile_map, mixed_graph_sizes, model_tile_q
+from runtime.engine.prompt_logprobs import join_prompt_logprobs
 from runtime.engine.sampler import device_tensor
 from runtime.engine.scheduler import ScheduledBatch
 from runtime.engine.tp_plan import DUMMY, RUN, STOP, SUM, StepPlan, broadcast_plan, receive_plan, sum_over_group
@@ -177,14 +178,16 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, pad_to: int = 0, extra_rows: list[int] | None = None,
                 prev_token_ids: torch.Tensor | None = None) -> Any:
         """Runs one step; returns fp32 logits [num_sampled_seqs, vocab], and with extra_rows (flat token rows,
-        for prompt logprobs; TP=1 only) also their hidden states [len(extra_rows), hidden_size].
+        for prompt logprobs) also their hidden states [len(extra_rows), hidden_size]: the caller scores them
+        with record_prompt_logprobs before the next step (under TP the peers join those logits gathers).
         prev_token_ids: the sampled tokens [m] (device) of the step in flight, which the batch's placeholder
         ids stand for (async scheduling; TP peers get them broadcast in run())."""
         plan = self.plan(batch, pad_to)
         if prev_token_ids is not None and bool((plan.i64[: plan.num_real_tokens] < 0).any()):
             plan.num_prev_tokens = prev_token_ids.shape[0]
+        plan.extra_rows = list(extra_rows or [])
         self._send(plan)
-        return self.run(plan, extra_rows, prev_token_ids)
+        return self.run(plan, plan.extra_rows, prev_token_ids)
 
     def execute_dummy(self, num_tokens: int) -> None:
         """A lockstep filler step: the same collectives as a real step of num_tokens tokens (each MoE layer's
@@ -210,7 +213,9 @@ class ModelRunner:
                 continue
             if before_step is not None:
                 before_step(plan, self.rows_run(plan))
-            self.run(plan)
+            out = self.run(plan, plan.extra_rows)
+            if plan.extra_rows:  # TP rank 0 scores these rows now: join its logits gathers
+                join_prompt_logprobs(self.model, out[1])
 
     def padded_size(self, num_tokens: int) -> int:
         """Tokens a step of num_tokens really runs: the CUDA-graph bucket when one covers it (the runner is

@@ -39,28 +39,44 @@ def prompt_rows(batch: ScheduledBatch) -> tuple[list[int], list[tuple[Sequence, 
     return rows, plan
 
 
+def _chunks(num_rows: int) -> list[tuple[int, int]]:
+    # the one chunking of the scored rows: under TP every rank gathers the logits of the same chunks
+    return [(lo, min(num_rows, lo + _CHUNK_ROWS)) for lo in range(0, num_rows, _CHUNK_ROWS)]
+
+
 @torch.inference_mode()
 def record_prompt_logprobs(model: Any, hidden: torch.Tensor, plan: list[tuple[Sequence, int, int]]) -> None:
     """hidden [sum of counts, hidden_size], the plan's rows in order; appends to each seq.prompt_logprobs."""
+    targets = [t for seq, first, count in plan for t in seq.token_ids[first + 1 : first + 1 + count]]
+    top_n = max(seq.params.prompt_logprobs or 0 for seq, _, _ in plan)
+    target_ids = torch.tensor(targets, device=hidden.device)
+    token_lps: list[float] = []
+    ranks: list[int] = []
+    tops: list[tuple[list[int], list[float]]] = []
+    for lo, hi in _chunks(len(targets)):
+        logprobs = model.compute_logits(hidden[lo:hi]).float().log_softmax(dim=-1)  # [rows, vocab]
+        token_lp = logprobs.gather(1, target_ids[lo:hi, None])  # [rows, 1]
+        ranks += ((logprobs > token_lp).sum(dim=-1) + 1).tolist()
+        token_lps += token_lp[:, 0].tolist()
+        if top_n > 0:
+            top_lp, top_ids = logprobs.topk(top_n, dim=-1)
+            tops += zip(top_ids.tolist(), top_lp.tolist())
     row = 0
-    for seq, first, count in plan:
-        targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + count], device=hidden.device)
-        top_n = seq.params.prompt_logprobs or 0
+    for seq, _, count in plan:
+        n = seq.params.prompt_logprobs or 0
         entries = seq.prompt_logprobs if seq.prompt_logprobs is not None else []
-        for lo in range(0, count, _CHUNK_ROWS):
-            hi = min(count, lo + _CHUNK_ROWS)
-            logprobs = model.compute_logits(hidden[row + lo : row + hi]).float().log_softmax(dim=-1)  # [rows, vocab]
-            target = targets[lo:hi]
-            token_lp = logprobs.gather(1, target[:, None])  # [rows, 1]
-            ranks = (logprobs > token_lp).sum(dim=-1) + 1
-            top_ids = top_lp = None
-            if top_n > 0:
-                top_lp, top_ids = logprobs.topk(top_n, dim=-1)
-                top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-            for i, (t, lp, rank) in enumerate(zip(target.tolist(), token_lp[:, 0].tolist(), ranks.tolist())):
-                entry = [(t, lp, rank)]
-                if top_ids is not None:
-                    entry += [(tid, tlp, k + 1) for k, (tid, tlp) in enumerate(zip(top_ids[i], top_lp[i]))]
-                entries.append(entry)
+        for i in range(row, row + count):
+            entry = [(targets[i], token_lps[i], ranks[i])]
+            if n > 0:
+                ids, lps = tops[i]
+                entry += [(tid, tlp, k + 1) for k, (tid, tlp) in enumerate(zip(ids[:n], lps[:n]))]
+            entries.append(entry)
         seq.prompt_logprobs = entries
         row += count
+
+
+@torch.inference_mode()
+def join_prompt_logprobs(model: Any, hidden: torch.Tensor) -> None:
+    """A TP peer's part of record_prompt_logprobs on TP rank 0: the same chunks' logits gathers."""
+    for lo, hi in _chunks(hidden.shape[0]):
+        model.compute_logits(hidden[lo:hi])
