@@ -161,9 +161,10 @@ def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
                 if launch.rank in ranks:
                     tp_group, tp_cpu_group = group, cpu_group
         if ep_size > 1:
-            # ep_size == world_size: the EP group is the whole DP x TP world; made explicitly so a future
-            # DP x EP split (several EP groups) changes only this line.
-            ep_group = dist.new_group(list(range(ep_size)))
+            # ep_size == world_size: the EP group is the whole DP x TP world, i.e. the default group, whose NCCL
+            # communicator exists anyway (device_id makes it at init): a second one for the same ranks would only
+            # hold more GPU memory. A future DP x EP split (several EP groups) changes only these lines.
+            ep_group = dist.group.WORLD if ep_size == launch.world_size else dist.new_group(list(range(ep_size)))
     rank = launch.rank
     return ParallelState(rank=rank, world_size=launch.world_size, dp_rank=rank // tp_size,
                          dp_size=launch.world_size // tp_size, ep_rank=rank % ep_size, ep_size=ep_size, device=device,
