@@ -132,9 +132,9 @@ def test_model_linears_take_the_gemv_only_where_the_table_says(table, monkeypatc
     dtype = torch.float16
     args = ModelArgs(dtype=dtype, device=DEVICE, use_triton=True)
     torch.manual_seed(0)
-    col = ColumnParallelLinear(130, [97], True, args)
-    qkv = QKVParallelLinear(64, 16, 4, 2, True, args)  # N = (4 + 2 * 2) * 16 = 128
-    row = RowParallelLinear(257, 200, False, args)
+    col = ColumnParallelLinear(130, [97], True, args).to(DEVICE)  # (layers are built on the CPU, then moved)
+    qkv = QKVParallelLinear(64, 16, 4, 2, True, args).to(DEVICE)  # N = (4 + 2 * 2) * 16 = 128
+    row = RowParallelLinear(257, 200, False, args).to(DEVICE)
     for mod in (col, qkv, row):
         mod.weight.data.copy_(torch.randn_like(mod.weight, dtype=torch.float32) / mod.weight.shape[1] ** 0.5)
         if mod.bias is not None:
@@ -153,7 +153,7 @@ def test_model_linears_take_the_gemv_only_where_the_table_says(table, monkeypatc
     for other in (ModelArgs(dtype=torch.float32, device=DEVICE, use_triton=True),
                   ModelArgs(dtype=dtype, device=DEVICE, use_triton=False)):
         calls.clear()
-        lin = ColumnParallelLinear(130, [97], False, other)
+        lin = ColumnParallelLinear(130, [97], False, other).to(DEVICE)
         lin.weight.data.normal_()
         lin(torch.randn(1, 130, device=DEVICE).to(other.dtype))
         assert not calls
@@ -256,7 +256,7 @@ def test_gemv_bf16_real_shapes_and_cuda_graph(n: int, k: int, bias: bool) -> Non
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_model_linear_takes_the_gemv_in_a_cuda_graph(table, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ModelArgs(dtype=torch.bfloat16, device="cuda", use_triton=True)
-    o = RowParallelLinear(4096, 2048, False, args)
+    o = RowParallelLinear(4096, 2048, False, args).to("cuda")
     o.weight.data.normal_(std=4096**-0.5)
     table({"n2048_k4096": {"1": _cfg(bn=32, bk=256, split=4), "8": _cfg(bn=64, bk=128, split=4, dot=1, stages=3)}})
     calls = []
