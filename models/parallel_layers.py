@@ -14,6 +14,9 @@ FP8 (ModelArgs.quantization == "fp8"): the column- and row-parallel linears (att
 shared-expert MLPs) keep e4m3 `weight` with fp32 `weight_scale_inv` [N/128, K/128] (the HF layout) and run the
 block-scaled W8A8 GEMM (kernels/fp8_linear.py). A layer whose local shard is not in whole [128, 128] blocks (a
 TP split that cuts a block, a small model) stays in args.dtype, with a log line.
+
+16-bit weights with args.use_triton: at most 16 rows (decode) run the GEMV of kernels/linear_gemv.py where the GPU's
+measured table (kernels/configs/linear_gemv_<gpu>.json) has the shape and row count, i.e. where it beat cuBLAS.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import fp8_linear
+from kernels import fp8_linear, linear_gemv
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, quantize_weight_block
 from models.args import ModelArgs, TensorParallel
 
@@ -96,10 +99,16 @@ def _init_weight(module: nn.Module, rows: int, cols: int, args: ModelArgs, fp8: 
     module.weight = _param((rows, cols), args, FP8_DTYPE if fp8 else None)
     module.weight_scale_inv = _param((rows // FP8_BLOCK, cols // FP8_BLOCK), args, torch.float32) if fp8 else None
     module._fp8_linear = fp8_linear.w8a8_block_linear if args.use_triton else fp8_linear.w8a8_block_linear_ref
+    # 16-bit weights with Triton kernels: the GEMV (kernels/linear_gemv.py) for a few rows where the GPU's measured
+    # table has the shape (it beat cuBLAS there), else F.linear
+    module._gemv = args.use_triton and not fp8 and args.dtype in (torch.float16, torch.bfloat16)
 
 
 def _linear(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if module.weight_scale_inv is None:
+        cfg = linear_gemv.dispatch_config(x, module.weight) if module._gemv else None
+        if cfg is not None:
+            return linear_gemv.gemv_linear(x, module.weight, bias, cfg)
         return F.linear(x, module.weight, bias)
     return module._fp8_linear(x, module.weight, module.weight_scale_inv, bias)
 

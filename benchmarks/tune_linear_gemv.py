@@ -1,0 +1,280 @@
+"""Measure the 16-bit dense GEMV linear (kernels/linear_gemv.py) against cuBLAS on this GPU and write its table.
+
+python benchmarks/tune_linear_gemv.py --shapes qwen3,glm45air --tp 1,2 --m 1,2,4,8,16 --out-dir DIR
+    [--budget-s 200] [--jobs 14] [--rep-ms 2] [--min-speedup 1.03]      (--shapes also takes N x K: 5120x2048)
+TRITON_INTERPRET=1 python benchmarks/tune_linear_gemv.py --dry-run --out-dir DIR   (a CPU: the logic on tiny shapes)
+
+Shapes: the 16-bit dense linears of a decoder layer (bench_e2e.py's configs), as one TP rank holds them for each
+--tp size: Qwen3-30B-A3B qkv and o; GLM-4.5-Air qkv (with its bias), o, the shared expert's gate_up and down and
+the first (dense) layer's gate_up and down. Per shape and M bucket: cuBLAS (F.linear) and each candidate config
+(fp32-FMA tiles 16-128 columns wide; tl.dot tiles 32-128 wide for the rows padded to 16; split K for 1-8 programs
+per SM) as CUDA-graph replays of one call per weight copy, the copies rotated so that no call finds its weight in
+L2 (>= 4 copies and > 2x L2 in all). Each candidate's output is checked against F.linear before it is timed.
+
+The table (DIR/configs/linear_gemv_{gpu}.json; copy it to kernels/configs/) gets a bucket ONLY where the best GEMV
+beat cuBLAS by --min-speedup (3%): elsewhere the model keeps cuBLAS. DIR/tune_linear_gemv.json holds one report row
+per case {shape, n, k, m, cublas_us, gemv_us, cfg, floor_us, fraction, ...} (floor: weight + activation bytes over
+the copy bandwidth measured in this process) and every candidate's time. Every distinct binary is compiled first in
+--jobs processes; after --budget-s (counted from the start) the remaining candidates are skipped and listed.
+Prints one line per case and 'tune_linear_gemv summary' last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import tuning  # noqa: E402
+from benchmarks.bench_e2e import GLM_4_5_AIR, QWEN3_30B_A3B  # noqa: E402
+from benchmarks.tuning import Budget, rel_err  # noqa: E402
+from kernels.linear_gemv import gemv_linear  # noqa: E402
+from kernels.linear_gemv_config import MAX_ROWS, check_config, config_file_name, shape_key  # noqa: E402
+from kernels.moe_config import device_name  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry-run under TRITON_INTERPRET=1 (the logic only)
+MODELS = {"qwen3": QWEN3_30B_A3B, "glm45air": GLM_4_5_AIR}
+DRY_SHAPES = [("dry_qkv", 48, 160, True), ("dry_o", 40, 96, False)]  # (name, N, K, bias): odd-ish, a few tiles
+TOL = 1e-2  # relative error vs F.linear (bf16 outputs on the GPU; fp32 in the interpreter)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per path; the fp32-FMA tiles keep BLOCK_M accumulator rows, so fewer
+# and narrower ones as M grows (sm90 compile: 54 registers at M=1 32x256, 187 at M=16); num_stages > 1 on the FMA
+# path stages the activation broadcast through shared memory too (65 KB at 32x256, 3 stages), so mostly 1
+FMA_TILES = {1: [(16, 256, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1), (16, 512, 4, 1), (32, 512, 8, 1),
+                 (64, 128, 4, 1), (32, 256, 4, 2), (128, 128, 8, 1)],
+             4: [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (64, 128, 4, 1), (32, 128, 4, 1)],
+             16: [(16, 256, 4, 1), (16, 128, 4, 1), (32, 128, 4, 1)]}
+DOT_TILES = [(64, 128, 4, 3), (64, 128, 4, 5), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4)]
+PER_SM = {0: (2, 4, 8), 1: (1, 2, 4)}  # split-K targets: programs per SM (FMA programs are small: more of them)
+
+
+def model_linears(name: str, tp: int) -> list[tuple[str, int, int, bool]]:
+    """(name, N, K, has_bias) of the 16-bit dense linears one TP rank holds (models/parallel_layers.py's split)."""
+    cfg = MODELS[name]
+    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+
+    def div(v: int, what: str) -> int:
+        if v % tp:
+            raise SystemExit(f"{name}: {what} {v} does not split over tp={tp}")
+        return v // tp
+
+    # QKVParallelLinear: whole heads per rank, a KV head replicated when there are fewer than tp
+    kv_local = div(kv, "num_key_value_heads") if kv >= tp else 1
+    out = [(f"{name}_qkv", (div(heads, "num_attention_heads") + 2 * kv_local) * d, h, bool(cfg.get("attention_bias"))),
+           (f"{name}_o", h, div(heads * d, "o input"), False)]
+    shared = cfg.get("moe_intermediate_size", 0) * cfg.get("n_shared_experts", 0)
+    if shared:
+        out += [(f"{name}_shared_gate_up", 2 * div(shared, "shared expert"), h, False),
+                (f"{name}_shared_down", h, div(shared, "shared expert"), False)]
+    if cfg.get("first_k_dense_replace", 0) or cfg.get("mlp_only_layers"):
+        inter = div(cfg["intermediate_size"], "intermediate_size")
+        out += [(f"{name}_dense_gate_up", 2 * inter, h, False), (f"{name}_dense_down", h, inter, False)]
+    return [(f"{n}_tp{tp}" if tp > 1 else n, rows, cols, bias) for n, rows, cols, bias in out]
+
+
+def parse_shapes(spec: str, tps: list[int]) -> list[tuple[str, int, int, bool]]:
+    """Model names (split for each tp) and explicit NxK (taken as given), deduplicated by (N, K, bias)."""
+    shapes: dict[tuple[int, int, bool], str] = {}
+    for item in filter(None, spec.split(",")):
+        if item in MODELS:
+            found = [s for tp in tps for s in model_linears(item, tp)]
+        else:
+            try:
+                n, k = (int(v) for v in item.lower().split("x"))
+            except ValueError:
+                raise SystemExit(f"--shapes: {item!r} is neither a model ({', '.join(MODELS)}) nor NxK") from None
+            found = [(item, n, k, False)]
+        for name, n, k, bias in found:
+            key = (n, k, bias)
+            if key not in shapes:
+                shapes[key] = name
+            elif name not in shapes[key].split("+"):
+                shapes[key] += f"+{name}"
+    return [(name, n, k, bias) for (n, k, bias), name in shapes.items()]
+
+
+def _splits(n: int, k: int, block_n: int, block_k: int, per_sm: tuple[int, ...], num_sms: int) -> list[int]:
+    # powers of two near per_sm programs per SM (fewer distinct binaries: SPLIT_K is a constexpr), at most one
+    # split per K step; what the wrapper actually runs (no empty split)
+    tiles, steps = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    out = set()
+    for p in per_sm:
+        want = max(1.0, p * num_sms / tiles)
+        split = min(1 << round(math.log2(want)), steps, 16)
+        out.add(triton.cdiv(steps, triton.cdiv(steps, split)))
+    return sorted(out)
+
+
+def candidates(m: int, n: int, k: int, num_sms: int, dry_run: bool = False) -> list[dict]:
+    if dry_run:  # two configs: an FMA tile without split, a tl.dot tile with split K
+        return [{"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1, "DOT": 0},
+                {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2, "DOT": 1}]
+    fma = FMA_TILES[1 if m <= 2 else 4 if m <= 8 else 16]
+    out = []
+    for dot, tiles in ((0, fma), (1, DOT_TILES)):
+        for bn, bk, warps, stages in tiles:
+            for split in _splits(n, k, bn, bk, PER_SM[dot], num_sms):
+                out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages,
+                            "DOT": dot})
+    for c in out:
+        check_config(c)
+    return out
+
+
+def binary_key(m: int, n: int, k: int, bias: bool, cfg: dict) -> tuple:
+    # what the wrapper's launch specializes on (N, K and the strides only by divisibility by 16)
+    return (16 if cfg["DOT"] else triton.next_power_of_2(m), cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"],
+            cfg["num_warps"], cfg["num_stages"], cfg["DOT"], bias, k % cfg["BLOCK_K"] == 0, n % 16 == 0, k % 16 == 0)
+
+
+def _compile_worker(items: list) -> str:
+    # each binary launched once at its real shape (the same specializations as the timed launches): its binary lands
+    # in Triton's disk cache for the timing process
+    done, cached = 0, {}
+    for m, n, k, bias, cfg in items:
+        try:
+            if (n, k, bias) not in cached:
+                cached.clear()
+                w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                cached[(n, k, bias)] = (w, torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None)
+            w, b = cached[(n, k, bias)]
+            gemv_linear(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), w, b, cfg)
+            torch.cuda.synchronize()
+            done += 1
+        except Exception:  # noqa: BLE001  e.g. out of shared memory: the timing pass reports it
+            torch.cuda.synchronize()
+    return f"{done}/{len(items)}"
+
+
+def _time(calls: list, rep_ms: float) -> float:
+    return tuning.time_graph_us(calls, rep_ms, max_reps=40, device=DEVICE)
+
+
+def make_weights(n: int, k: int, bias: bool, dtype: torch.dtype, l2_bytes: int) -> tuple[list, torch.Tensor | None]:
+    # enough copies that the rotation holds > 2x L2: a replayed call never finds its weight there (>= 4)
+    copies = 1 if DEVICE == "cpu" else min(32, max(4, math.ceil(2 * l2_bytes / (n * k * 2))))
+    gen = torch.Generator(device=DEVICE).manual_seed(n * 7 + k)
+    ws = [torch.randn(n, k, device=DEVICE, generator=gen, dtype=dtype) / k**0.5 for _ in range(copies)]
+    b = torch.randn(n, device=DEVICE, generator=gen, dtype=dtype) if bias else None
+    return ws, b
+
+
+def sweep_case(shape: tuple, m: int, ws: list, b: torch.Tensor | None, copy_tbps: float, num_sms: int,
+               budget: Budget, args: argparse.Namespace) -> dict:
+    name, n, k, bias = shape
+    x = torch.randn(m, k, device=DEVICE, dtype=ws[0].dtype, generator=torch.Generator(DEVICE).manual_seed(m))
+    ref = F.linear(x, ws[0], b)
+    cublas_us = _time([lambda w=w: F.linear(x, w, b) for w in ws], args.rep_ms)
+    elt = ws[0].element_size()
+    floor_us = (n * k + n * bias + m * (k + n)) * elt / copy_tbps / 1e6
+    rows = []
+    for cfg in candidates(m, n, k, num_sms, args.dry_run):
+        if not budget.left(f"{name} M={m} {cfg}"):
+            continue
+        try:
+            err = rel_err(gemv_linear(x, ws[0], b, cfg), ref)  # also the eager warm-up call
+            us = _time([lambda w=w, c=cfg: gemv_linear(x, w, b, c) for w in ws], args.rep_ms) if err < TOL else math.inf
+        except Exception as exc:  # noqa: BLE001  out of shared memory / registers
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            us, err = math.inf, math.nan
+            print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        rows.append({"cfg": cfg, "us": us, "err": err})
+    timed = [r for r in rows if math.isfinite(r["us"])]
+    best = min(timed, key=lambda r: r["us"]) if timed else None
+    gemv_us = best["us"] if best else math.inf
+    entry = best is not None and cublas_us >= args.min_speedup * gemv_us
+    case = {"shape": name, "n": n, "k": k, "m": m, "bias": bias, "cublas_us": cublas_us, "gemv_us": gemv_us,
+            "cfg": best["cfg"] if best else None, "err": best["err"] if best else math.nan, "floor_us": floor_us,
+            "fraction": floor_us / gemv_us, "cublas_fraction": floor_us / cublas_us, "speedup": cublas_us / gemv_us,
+            "entry": entry, "rows": rows}
+    c = best["cfg"] if best else {}
+    print(f"{name:28s} M={m:2d} [{n}x{k}] cublas {cublas_us:7.2f} us  gemv {gemv_us:7.2f} us  floor {floor_us:6.2f} us "
+          f"(gemv {case['fraction']:.2f} / cublas {case['cublas_fraction']:.2f} of floor, x{case['speedup']:.2f}) "
+          f"{'TABLE' if entry else 'cublas'} {json.dumps(c)} ({len(timed)}/{len(rows)} timed)", flush=True)
+    return case
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", "--out", dest="out_dir", default=os.environ.get("OUT", "benchmarks/out"))
+    ap.add_argument("--shapes", default="qwen3,glm45air", help="model names (qwen3, glm45air) and/or NxK")
+    ap.add_argument("--tp", default="1,2", help="TP sizes whose per-rank shards of the model shapes to tune")
+    ap.add_argument("--m", default="1,2,4,8,16", help=f"row buckets (<= {MAX_ROWS})")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="skip the remaining candidates after this long")
+    ap.add_argument("--rep-ms", type=float, default=2.0, help="timing window per candidate")
+    ap.add_argument("--jobs", type=int, default=14, help="compile worker processes (1: compile while timing)")
+    ap.add_argument("--min-speedup", type=float, default=1.03, help="a bucket is written where cuBLAS / GEMV >= this")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1: tiny shapes, two configs")
+    args = ap.parse_args(argv)
+    if DEVICE == "cpu" and not (args.dry_run and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise SystemExit("tune_linear_gemv needs a CUDA GPU; on a CPU only TRITON_INTERPRET=1 ... --dry-run")
+    t_start = time.time()
+    out = Path(args.out_dir)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    try:
+        ms = sorted({int(v) for v in args.m.split(",")})
+        tps = sorted({int(v) for v in args.tp.split(",")})
+    except ValueError:
+        raise SystemExit(f"--m {args.m!r} / --tp {args.tp!r}: comma-separated integers expected") from None
+    if not ms or ms[0] < 1 or ms[-1] > MAX_ROWS or not tps or tps[0] < 1:
+        raise SystemExit(f"--m needs buckets in 1..{MAX_ROWS} and --tp sizes >= 1, got --m {args.m} --tp {args.tp}")
+    shapes = DRY_SHAPES if args.dry_run else parse_shapes(args.shapes, tps)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # (the interpreter computes bf16 wrongly)
+    if DEVICE == "cuda":
+        from benchmarks.bench_moe import measure_ceilings
+
+        props = torch.cuda.get_device_properties(0)
+        num_sms, l2_bytes = props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
+        if args.jobs > 1:
+            plan = {}
+            for _, n, k, bias in shapes:
+                for m in ms:
+                    for cfg in candidates(m, n, k, num_sms, args.dry_run):
+                        plan.setdefault(binary_key(m, n, k, bias, cfg), (m, n, k, bias, cfg))
+            items = sorted(plan.values(), key=lambda it: (it[1], it[2], it[3]))  # a worker allocates per shape
+            tuning.precompile(items, _compile_worker, args.jobs)
+        copy_tbps = measure_ceilings()["copy_tbps"]
+    else:
+        num_sms, l2_bytes, copy_tbps = 4, 0, 1.0
+    print(f"copy {copy_tbps:.2f} TB/s, {num_sms} SMs, L2 {l2_bytes >> 20} MiB, {len(shapes)} shapes x M {ms}",
+          flush=True)
+    budget = Budget(args.budget_s - (time.time() - t_start))
+    cases = []
+    for shape in shapes:
+        ws, b = make_weights(shape[1], shape[2], shape[3], dtype, l2_bytes)
+        cases += [sweep_case(shape, m, ws, b, copy_tbps, num_sms, budget, args) for m in ms]
+        del ws, b
+    table: dict[str, dict[str, dict]] = {}
+    for c in cases:
+        if c["entry"]:
+            table.setdefault(shape_key(c["n"], c["k"]), {})[str(c["m"])] = c["cfg"]
+    gpu = device_name(torch.device(DEVICE))
+    path = out / "configs" / config_file_name(gpu)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    report = [{key: c[key] for key in c if key != "rows"} for c in cases]
+    (out / "tune_linear_gemv.json").write_text(json.dumps(
+        {"device": gpu, "copy_tbps": copy_tbps, "min_speedup": args.min_speedup, "report": report, "cases": cases,
+         "skipped": budget.skipped, "seconds": time.time() - t_start}, indent=1, default=str))
+    won = [c for c in cases if c["entry"]]
+    fracs = [c["fraction"] for c in cases if math.isfinite(c["gemv_us"])]
+    print(f"\ntune_linear_gemv summary ({gpu}, {time.time() - t_start:.0f} s): GEMV in the table for {len(won)}/"
+          f"{len(cases)} cases (>= x{args.min_speedup:.2f} cuBLAS), speedup there geomean "
+          f"x{math.exp(sum(math.log(c['speedup']) for c in won) / max(len(won), 1)):.2f}; GEMV of floor geomean "
+          f"{math.exp(sum(map(math.log, fracs)) / max(len(fracs), 1)):.2f}; {len(budget.skipped)} candidates "
+          f"skipped for the budget")
+    print(f"table: {path} (copy to kernels/configs/)")
+
+
+if __name__ == "__main__":
+    main()

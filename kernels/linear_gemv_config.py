@@ -1,0 +1,112 @@
+"""Configs of the 16-bit dense GEMV linear (kernels/linear_gemv.py): a table measured per GPU, and nothing else.
+
+The table is kernels/configs/linear_gemv_{gpu}.json (gpu: kernels.moe_config.device_name), written by
+benchmarks/tune_linear_gemv.py: {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets <= MAX_ROWS. The tuner writes a bucket
+only where the GEMV beat cuBLAS (F.linear) on that GPU; a shape, bucket or GPU the table lacks runs cuBLAS. There is
+no heuristic default: the GEMV runs only where a measurement showed it faster.
+
+Lookup rule for M rows: the smallest bucket b of the shape with M <= b <= next_pow2(M) (the exact M when it was
+measured, else the next one up inside the same power-of-two range: the kernel's BLOCK_M = next_pow2(M) is the
+measured one, and never more rows run than were measured). No such bucket, or M > MAX_ROWS: None (cuBLAS). With the
+tuner's default buckets 1, 2, 4, 8, 16, M = 3 reads bucket 4, M = 5..7 bucket 8, M = 9..16 bucket 16.
+
+A config: BLOCK_N (output columns per program), BLOCK_K (K step), SPLIT_K (programs along K; fp32 partials summed
+by the tile's last program), num_warps, num_stages (software pipelining of the K loop; 1 = none), and optional DOT
+(0: fp32 multiply + reduce per row, default; 1: tl.dot of the weight tile with the rows padded to 16).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels.moe_config import device_name
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+OPTIONAL_KEYS = ("DOT",)
+MAX_ROWS = 16  # the kernel keeps every row's accumulator in registers: above this, cuBLAS
+MAX_SPLIT_K = 32
+
+
+def config_file_name(gpu: str) -> str:
+    return f"linear_gemv_{gpu}.json"
+
+
+def shape_key(n: int, k: int) -> str:
+    return f"n{n}_k{k}"
+
+
+def _pow2(v: object) -> bool:
+    return isinstance(v, int) and v >= 1 and not v & (v - 1)
+
+
+def check_config(cfg: dict) -> None:
+    """One-line ValueError for a config the kernel cannot run."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"linear GEMV config must be a dict, got {cfg!r}")
+    missing = [key for key in KEYS if key not in cfg]
+    unknown = [key for key in cfg if key not in KEYS + OPTIONAL_KEYS]
+    if missing or unknown:
+        raise ValueError(f"linear GEMV config {cfg}: missing {missing}, unknown {unknown} "
+                         f"(keys: {KEYS + OPTIONAL_KEYS})")
+    for key in ("BLOCK_N", "BLOCK_K", "num_warps"):
+        if not _pow2(cfg[key]):
+            raise ValueError(f"linear GEMV config {key}={cfg[key]!r} must be a power of two")
+    if cfg.get("DOT", 0) not in (0, 1):
+        raise ValueError(f"linear GEMV config DOT={cfg['DOT']!r}: expected 0 or 1")
+    if cfg["BLOCK_K"] < 16 or (cfg.get("DOT", 0) and cfg["BLOCK_N"] < 16):
+        raise ValueError(f"linear GEMV config {cfg}: BLOCK_K (and BLOCK_N with DOT) must be >= 16")
+    if cfg["BLOCK_N"] * cfg["BLOCK_K"] > 32768:
+        raise ValueError(f"linear GEMV config {cfg}: a {cfg['BLOCK_N']}x{cfg['BLOCK_K']} weight tile is too big")
+    if not isinstance(cfg["SPLIT_K"], int) or not 1 <= cfg["SPLIT_K"] <= MAX_SPLIT_K:
+        raise ValueError(f"linear GEMV config SPLIT_K={cfg['SPLIT_K']!r} must be an int in [1, {MAX_SPLIT_K}]")
+    if not isinstance(cfg["num_stages"], int) or not 1 <= cfg["num_stages"] <= 8:
+        raise ValueError(f"linear GEMV config num_stages={cfg['num_stages']!r} must be an int in [1, 8]")
+
+
+@functools.lru_cache(maxsize=16)
+def _load(path: str) -> dict[str, dict[int, dict]]:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    try:
+        raw = json.loads(p.read_text())
+        table = {key: {int(m): cfg for m, cfg in buckets.items()} for key, buckets in raw.items()}
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{p}: not a linear GEMV table {{'n<N>_k<K>': {{'<M>': config}}}} ({exc})") from None
+    for key, buckets in table.items():
+        for m, cfg in buckets.items():
+            if not 1 <= m <= MAX_ROWS:
+                raise ValueError(f"{p}: {key} bucket {m} is outside 1..{MAX_ROWS}")
+            try:
+                check_config(cfg)
+            except ValueError as exc:
+                raise ValueError(f"{p}: {key} bucket {m}: {exc}") from None
+    return table
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
+    table_config.cache_clear()
+
+
+def pick_bucket(buckets: list[int] | dict[int, dict], m: int) -> int | None:
+    """The lookup rule of the module docstring: the smallest bucket in [m, next_pow2(m)], or None."""
+    if not 1 <= m <= MAX_ROWS:
+        return None
+    fits = [b for b in buckets if m <= b <= triton.next_power_of_2(m)]
+    return min(fits) if fits else None
+
+
+@functools.lru_cache(maxsize=1024)
+def table_config(m: int, n: int, k: int, device: torch.device | None) -> dict | None:
+    """The measured config for M rows of an [N, K] weight on this device's GPU, or None (then cuBLAS). Cached: the
+    model asks once per layer and step, also while a CUDA graph is captured (host work only, no GPU call)."""
+    buckets = _load(str(CONFIG_DIR / config_file_name(device_name(device)))).get(shape_key(n, k))
+    bucket = pick_bucket(buckets, m) if buckets else None
+    return None if bucket is None else dict(buckets[bucket])
