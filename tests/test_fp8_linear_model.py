@@ -188,6 +188,9 @@ def test_fp8_linears_tp2_forward_matches_tp1(tmp_path: Any) -> None:
         for r in range(2):
             out = os.path.join(d, f"rank{r}.pt")
             assert os.path.exists(out), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
+            if r > 0:  # the logits are gathered onto TP rank 0, the one that samples
+                assert torch.load(out) is None
+                continue
             # the all-reduce sums in another order: fp32 rounding, and rarely an e4m3 step of an activation
             torch.testing.assert_close(torch.load(out), ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
 
