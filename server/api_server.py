@@ -282,8 +282,8 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
 
     @app.get("/health")
     async def health() -> Response:
-        # the coordinator sends ClusterStats every --log-stats-interval: a few missed ones mean trouble
-        status = client.health(stale_after=3 * config.log_stats_interval + 5.0)
+        # the coordinator sends ClusterStats at least every second: a few missed ones mean trouble
+        status = client.health(stale_after=3 * min(1.0, config.log_stats_interval) + 5.0)
         body = msgspec.json.encode({"status": status})
         return Response(body, status_code=200 if status == "ok" else 503, media_type="application/json")
 

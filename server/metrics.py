@@ -63,9 +63,12 @@ _TPOT_BUCKETS = (
 
 class _ClusterCollector(Collector):
     """Per-rank gauges from the coordinator's latest ClusterStats, and throughputs computed from the
-    change of the ranks' cumulative token counts between two snapshots."""
+    change of the ranks' cumulative token counts over windows of at least rate_window seconds. The counts move
+    in steps (a rank reports them with its heartbeat, about once a second) while ClusterStats arrive every
+    second: a window as short as the push period would read 0 or twice the rate."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate_window: float = 5.0) -> None:
+        self.rate_window = rate_window
         self.stats: ClusterStats | None = None
         self._prev: tuple[float, dict[int, tuple[int, int]]] | None = None
         self.prompt_tps: dict[int, float] = {}
@@ -74,7 +77,7 @@ class _ClusterCollector(Collector):
     def update(self, stats: ClusterStats, now: float | None = None) -> None:
         now = time.time() if now is None else now
         counts = {r.rank: (r.prompt_tokens, r.generation_tokens) for r in stats.ranks}
-        if self._prev is not None and now - self._prev[0] >= 0.5:  # too close: the rate would be noise
+        if self._prev is not None and now - self._prev[0] >= self.rate_window:
             then, prev = self._prev
             dt = now - then
             for rank, (p, g) in counts.items():

@@ -38,3 +38,31 @@ def test_prompt_logprobs_match_transformers(tmp_path: pytest.TempPathFactory) ->
                 assert tid in entry
     again = llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
     assert again.num_cached_tokens == 0 and len(again.prompt_logprobs) == len(prompts[0])
+
+
+def test_prompt_top_n_does_not_depend_on_the_batch() -> None:
+    """Logits with many ties (bf16 upcast): a request's top-N ids are those of topk(N), whatever else shares its
+    scoring chunk (a larger N beside it must not reorder its ties)."""
+    from runtime.engine.prompt_logprobs import record_prompt_logprobs
+    from runtime.engine.sequence import Sequence
+
+    class Identity:  # the hidden rows are the logits
+        def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden
+
+    vocab = 64
+    logits = (torch.arange(vocab) // 8).float().repeat(4, 1)  # 8 ids per value: ties everywhere
+
+    def score(with_other: bool) -> list:
+        a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams(prompt_logprobs=2), 0.0)
+        plan = [(a, 0, 4)]
+        hidden = logits
+        if with_other:
+            plan.append((Sequence("b", [9, 8, 7, 6, 5], SamplingParams(prompt_logprobs=20), 0.0), 0, 4))
+            hidden = torch.cat([logits, logits])
+        record_prompt_logprobs(Identity(), hidden, plan)
+        return a.prompt_logprobs
+
+    alone = score(False)
+    assert [len(e) for e in alone] == [3] * 4
+    assert score(True) == alone

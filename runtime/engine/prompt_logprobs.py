@@ -48,7 +48,7 @@ def _chunks(num_rows: int) -> list[tuple[int, int]]:
 def record_prompt_logprobs(model: Any, hidden: torch.Tensor, plan: list[tuple[Sequence, int, int]]) -> None:
     """hidden [sum of counts, hidden_size], the plan's rows in order; appends to each seq.prompt_logprobs."""
     targets = [t for seq, first, count in plan for t in seq.token_ids[first + 1 : first + 1 + count]]
-    top_n = max(seq.params.prompt_logprobs or 0 for seq, _, _ in plan)
+    top_n = [seq.params.prompt_logprobs or 0 for seq, _, count in plan for _ in range(count)]  # per row
     target_ids = torch.tensor(targets, device=hidden.device)
     token_lps: list[float] = []
     ranks: list[int] = []
@@ -58,19 +58,20 @@ def record_prompt_logprobs(model: Any, hidden: torch.Tensor, plan: list[tuple[Se
         token_lp = logprobs.gather(1, target_ids[lo:hi, None])  # [rows, 1]
         ranks += ((logprobs > token_lp).sum(dim=-1) + 1).tolist()
         token_lps += token_lp[:, 0].tolist()
-        if top_n > 0:
-            top_lp, top_ids = logprobs.topk(top_n, dim=-1)
-            tops += zip(top_ids.tolist(), top_lp.tolist())
+        tops += [([], [])] * (hi - lo)
+        # topk(n) per distinct n (not the batch's largest, cut): ties then fall the same whatever else is batched
+        for n in set(top_n[lo:hi]) - {0}:
+            rows = [i for i in range(lo, hi) if top_n[i] == n]
+            top_lp, top_ids = logprobs[[i - lo for i in rows]].topk(n, dim=-1)
+            for i, ids, lps in zip(rows, top_ids.tolist(), top_lp.tolist()):
+                tops[i] = (ids, lps)
     row = 0
     for seq, _, count in plan:
-        n = seq.params.prompt_logprobs or 0
         entries = seq.prompt_logprobs if seq.prompt_logprobs is not None else []
         for i in range(row, row + count):
-            entry = [(targets[i], token_lps[i], ranks[i])]
-            if n > 0:
-                ids, lps = tops[i]
-                entry += [(tid, tlp, k + 1) for k, (tid, tlp) in enumerate(zip(ids[:n], lps[:n]))]
-            entries.append(entry)
+            ids, lps = tops[i]
+            entries.append([(targets[i], token_lps[i], ranks[i])] + [(t, lp, k + 1) for k, (t, lp) in
+                                                                     enumerate(zip(ids, lps))])
         seq.prompt_logprobs = entries
         row += count
 
