@@ -1,14 +1,14 @@
 """Configs of the 16-bit dense GEMV linear (kernels/linear_gemv.py): a table measured per GPU, and nothing else.
 
 The table is kernels/configs/linear_gemv_{gpu}.json (gpu: kernels.moe_config.device_name), written by
-benchmarks/tune_linear_gemv.py: {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets <= MAX_ROWS. The tuner writes a bucket
-only where the GEMV beat cuBLAS (F.linear) on that GPU; a shape, bucket or GPU the table lacks runs cuBLAS. There is
+benchmarks/tune_linear_gemv.py: {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets powers of two <= MAX_ROWS. The tuner
+writes a bucket only where the GEMV beat cuBLAS (F.linear) on that GPU; a shape, bucket or GPU the table lacks runs cuBLAS. There is
 no heuristic default: the GEMV runs only where a measurement showed it faster.
 
-Lookup rule for M rows: the smallest bucket b of the shape with M <= b <= next_pow2(M) (the exact M when it was
-measured, else the next one up inside the same power-of-two range: the kernel's BLOCK_M = next_pow2(M) is the
-measured one, and never more rows run than were measured). No such bucket, or M > MAX_ROWS: None (cuBLAS). With the
-tuner's default buckets 1, 2, 4, 8, 16, M = 3 reads bucket 4, M = 5..7 bucket 8, M = 9..16 bucket 16.
+Lookup rule for M rows: bucket next_pow2(M) if the shape has it, else None (cuBLAS); M > MAX_ROWS: None. So M = 3
+reads bucket 4, M = 5..7 bucket 8, M = 9..16 bucket 16: the kernel runs those with BLOCK_M = next_pow2(M) and M
+unspecialized, i.e. the very binary that was measured, and that the engine's warm-up and CUDA-graph capture (power-of-
+two batch sizes) compile before serving (a bucket of 3 rows would compile while serving, after an eager 3-row step).
 
 A config: BLOCK_N (output columns per program), BLOCK_K (K step), SPLIT_K (programs along K; fp32 partials summed
 by the tile's last program), num_warps, num_stages (software pipelining of the K loop; 1 = none), and optional DOT
@@ -81,8 +81,8 @@ def _load(path: str) -> dict[str, dict[int, dict]]:
         raise ValueError(f"{p}: not a linear GEMV table {{'n<N>_k<K>': {{'<M>': config}}}} ({exc})") from None
     for key, buckets in table.items():
         for m, cfg in buckets.items():
-            if not 1 <= m <= MAX_ROWS:
-                raise ValueError(f"{p}: {key} bucket {m} is outside 1..{MAX_ROWS}")
+            if not 1 <= m <= MAX_ROWS or not _pow2(m):
+                raise ValueError(f"{p}: {key} bucket {m} is not a power of two in 1..{MAX_ROWS}")
             try:
                 check_config(cfg)
             except ValueError as exc:
@@ -96,11 +96,11 @@ def clear_cache() -> None:
 
 
 def pick_bucket(buckets: list[int] | dict[int, dict], m: int) -> int | None:
-    """The lookup rule of the module docstring: the smallest bucket in [m, next_pow2(m)], or None."""
+    """The lookup rule of the module docstring: next_pow2(m) when it is a bucket, else None."""
     if not 1 <= m <= MAX_ROWS:
         return None
-    fits = [b for b in buckets if m <= b <= triton.next_power_of_2(m)]
-    return min(fits) if fits else None
+    bucket = triton.next_power_of_2(m)
+    return bucket if bucket in buckets else None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -94,7 +94,7 @@ def test_bad_inputs_and_configs_fail_in_one_line(tmp_path: Path, monkeypatch: py
     (tmp_path / linear_gemv_config.config_file_name(device_name(x.device))).write_text(
         json.dumps({"n97_k130": {"32": _cfg()}}))
     linear_gemv_config.clear_cache()
-    with pytest.raises(ValueError, match="n97_k130 bucket 32 is outside 1..16"):
+    with pytest.raises(ValueError, match="n97_k130 bucket 32 is not a power of two in 1..16"):
         linear_gemv_config.table_config(1, 97, 130, x.device)
     linear_gemv_config.clear_cache()
 
@@ -103,7 +103,7 @@ def test_bucket_rule() -> None:
     pick = linear_gemv_config.pick_bucket
     buckets = [1, 2, 4, 16]
     assert [pick(buckets, m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, None, None, 16, 16, None]
-    assert pick([3, 4], 3) == 3 and pick([6, 8], 5) == 6 and pick([2], 1) is None
+    assert pick([8], 5) == 8 and pick([2], 1) is None
 
 
 @pytest.fixture
@@ -165,17 +165,19 @@ def test_tuner_dry_run_writes_a_table(tmp_path: Path, monkeypatch: pytest.Monkey
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import tune_linear_gemv as tune
 
-    tune.main(["--dry-run", "--out-dir", str(tmp_path / "a"), "--m", "1,3", "--min-speedup", "0", "--jobs", "1"])
+    with pytest.raises(SystemExit, match="powers of two"):
+        tune.main(["--dry-run", "--out-dir", str(tmp_path / "c"), "--m", "1,3"])
+    tune.main(["--dry-run", "--out-dir", str(tmp_path / "a"), "--m", "1,4", "--min-speedup", "0", "--jobs", "1"])
     report = json.loads((tmp_path / "a" / "tune_linear_gemv.json").read_text())["report"]
-    assert {(r["shape"], r["m"]) for r in report} == {(s, m) for s, *_ in tune.DRY_SHAPES for m in (1, 3)}
+    assert {(r["shape"], r["m"]) for r in report} == {(s, m) for s, *_ in tune.DRY_SHAPES for m in (1, 4)}
     for r in report:
         assert r["entry"] and r["err"] < 1e-4 and r["floor_us"] > 0 and r["cublas_us"] > 0 and r["gemv_us"] > 0
     monkeypatch.setattr(linear_gemv_config, "CONFIG_DIR", tmp_path / "a" / "configs")
     linear_gemv_config.clear_cache()
     for _, n, k, _ in tune.DRY_SHAPES:
-        for m in (1, 3, 4):  # 4: no bucket in [4, 4]
+        for m in (1, 2, 3, 4):  # 2: no bucket 2
             cfg = linear_gemv_config.table_config(m, n, k, torch.device(DEVICE))
-            assert (cfg is None) == (m == 4)
+            assert (cfg is None) == (m == 2)
             if cfg:
                 linear_gemv_config.check_config(cfg)
     linear_gemv_config.clear_cache()
