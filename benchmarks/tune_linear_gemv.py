@@ -13,12 +13,11 @@ L2 (>= 4 copies and > 2x L2 in all, at most 32: weights under ~3 MB rotate throu
 is checked against F.linear before it is timed.
 
 The table (DIR/configs/linear_gemv_{gpu}.json; copy it to kernels/configs/) gets a bucket ONLY where the best GEMV,
-timed again against cuBLAS (interleaved, median of 3 each), beat it by --min-speedup (3%): elsewhere the model keeps cuBLAS. DIR/tune_linear_gemv.json holds one report row
-per case {shape, n, k, m, cublas_us, gemv_us, cfg, floor_us, fraction, ...} (floor: weight + activation bytes over
-the copy bandwidth measured in this process) and every candidate's time. Every distinct binary is compiled first in
---jobs processes; after --budget-s (counted from the start) the remaining candidates are skipped and listed.
-Prints one line per case and 'tune_linear_gemv summary' last.
-"""
+timed again against cuBLAS (interleaved, median of 3 each), beat it by --min-speedup (3%): elsewhere the model keeps
+cuBLAS. DIR/tune_linear_gemv.json holds one report row per case {shape, n, k, m, cublas_us, gemv_us, cfg, floor_us,
+fraction, ...} (floor: weight + activation bytes over the copy bandwidth measured in this process) and every candidate's
+time. Every distinct binary is compiled first in --jobs processes; after --budget-s (counted from the start) the
+remaining candidates are skipped and listed. Prints one line per case and 'tune_linear_gemv summary' last."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Configs of the 16-bit dense GEMV linear (kernels/linear_gemv.py): a table measured per GPU, and nothing else.
 
 The table is kernels/configs/linear_gemv_{gpu}.json (gpu: kernels.moe_config.device_name), written by
-benchmarks/tune_linear_gemv.py: {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets powers of two <= MAX_ROWS. The tuner
-writes a bucket only where the GEMV beat cuBLAS (F.linear) on that GPU; a shape, bucket or GPU the table lacks runs cuBLAS. There is
-no heuristic default: the GEMV runs only where a measurement showed it faster.
+benchmarks/tune_linear_gemv.py: {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets powers of two <= MAX_ROWS. The tuner writes
+a bucket only where the GEMV beat cuBLAS (F.linear) on that GPU; a shape, bucket or GPU the table lacks runs cuBLAS.
+There is no heuristic default: the GEMV runs only where a measurement showed it faster.
 
 Lookup rule for M rows: bucket next_pow2(M) if the shape has it, else None (cuBLAS); M > MAX_ROWS: None. So M = 3
 reads bucket 4, M = 5..7 bucket 8, M = 9..16 bucket 16: the kernel runs those with BLOCK_M = next_pow2(M) and M
