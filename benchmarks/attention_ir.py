@@ -45,6 +45,8 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name], consts[(i,)] = "constexpr", constexprs[name]
+        elif isinstance(args[name], str) and args[name].startswith("tensordesc"):  # e.g. tensordesc<fp8e4nv[64, 128]>
+            sig[name] = args[name]
         elif isinstance(args[name], str):  # a pointer: its element type
             sig[name], attrs[(i,)] = "*" + args[name], [["tt.divisibility", 16]]
         elif isinstance(args[name], float):

@@ -20,6 +20,8 @@ from attention_ir import compile_sm90  # noqa: E402
 
 from kernels import (  # noqa: E402
     decode_attention,
+    fp8,
+    fp8_linear_kernels,
     fused_moe,
     linear_gemv,
     moe_align,
@@ -80,6 +82,36 @@ def _moe_dot(kind: str) -> tuple:
                                                    TOP_K_PAD=1), 4, 4, [])
 
 
+def _fp8_linear() -> dict[str, tuple]:
+    n = QKV
+    out = dict(bias_ptr="bf16", out_ptr="bf16", part_ptr="fp32", counter_ptr="i32", N=n, K=H, stride_om=n)
+    quant = dict(FP8_MAX_C=448.0, MIN_SCALE=1e-12)
+    fp8k = fp8_linear_kernels
+    return {
+        "fp8_group_quant": (fp8._group_quant_kernel, dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32", num_rows=64, K=H,
+                                                          stride_x=H, stride_q=H, stride_s=H // 128),
+                            dict(GROUP=128, BLOCK_R=16, **quant), 4, 1, []),
+        "fp8_dot_decode": (fp8k._w8a8_dot_kernel, dict(out, a_ptr="bf16", a_scale_ptr="bf16", w_ptr="fp8e4nv",
+                                                       w_scale_ptr="fp32", M=1, k_blocks_per_split=8, split_k=2,
+                                                       group_m=1, stride_am=H, stride_asm=H, stride_wn=H,
+                                                       stride_wsn=H // 128),
+                           dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=128, SPLIT_MODE=2, QUANT_A=True, SWAP_AB=True,
+                                **quant), 4, 3, []),
+        "fp8_dot_tma": (fp8k._w8a8_dot_tma_kernel, dict(out, a_desc="tensordesc<fp8e4nv[64, 128]>",
+                                                        w_desc="tensordesc<fp8e4nv[128, 128]>", a_scale_ptr="fp32",
+                                                        w_scale_ptr="fp32", M=128, k_blocks_per_split=16, split_k=1,
+                                                        group_m=8, stride_asm=H // 128, stride_wsn=H // 128),
+                        dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128, SPLIT_MODE=0), 4, 4, []),
+        "fp8_gemv": (fp8k._w8a8_gemv_kernel, dict(out, a_ptr="bf16", w_ptr="fp8e4nv", w_scale_ptr="fp32", M=1,
+                                                  k_blocks_per_split=4, split_k=4, stride_am=H, stride_wn=H,
+                                                  stride_wsn=H // 128),
+                     dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, SPLIT_MODE=1, **quant), 4, 1, ["w_ptr"]),
+        "fp8_split_k_reduce": (fp8k._split_k_reduce_kernel, dict(part_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
+                                                                 numel=n, N=n),
+                               dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=1024), 4, 1, []),
+    }
+
+
 def cases() -> dict[str, tuple]:
     """name: (kernel, args, constexprs without PDL, num_warps, num_stages, pointers allowed before the wait)."""
     decode_args = dict(q_ptr="bf16", k_cache_ptr="bf16", v_cache_ptr="bf16", seq_lens_ptr="i32",
@@ -132,6 +164,7 @@ def cases() -> dict[str, tuple]:
                           dict(NUM_EXPERTS=E, BLOCK_M=16, E_PAD=E, CHUNK=256, ROWS=32), 8, 1, []),
         "fused_moe_up": _moe_dot("up"),
         "fused_moe_down": _moe_dot("down"),
+        **_fp8_linear(),
     }
 
 

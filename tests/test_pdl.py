@@ -124,8 +124,8 @@ def _jit_kernels_with_pdl() -> set[str]:
     import importlib
 
     names = set()
-    for mod in ("decode_attention", "fused_moe", "linear_gemv", "moe_align", "moe_gemv", "moe_sum", "norm",
-                "qkv_prologue", "router_fused"):
+    for mod in ("decode_attention", "fp8", "fp8_linear_kernels", "fused_moe", "linear_gemv", "moe_align", "moe_gemv",
+                "moe_sum", "norm", "qkv_prologue", "router_fused"):
         for name, obj in vars(importlib.import_module(f"kernels.{mod}")).items():
             if "PDL" in getattr(obj, "arg_names", ()) and name.endswith("_kernel"):
                 names.add(name)
