@@ -28,6 +28,12 @@ and a PDL kernel after it finds it complete at its wait: mixed chains stay corre
 
 Each kernel here releases right after its wait: its dependents are scheduled once every CTA of its grid has passed
 the wait (for a grid of one wave, at once), and they then run their weight prefetch (1) while this one computes.
+
+What each kernel reads before its wait (tests/test_pdl.py checks these on the PTX):
+  norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
+  router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear_gemv and the FP8 GEMV: the first
+  K step's weight tile. Nothing: decode attention and its reduce, the MoE GEMVs and the tl.dot experts (their
+  weights follow the router's ids), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
 """
 
 from __future__ import annotations

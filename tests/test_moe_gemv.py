@@ -54,7 +54,7 @@ def _run(x, w13, w2, weights, ids, gemv, **kw):
     (8, 6, 130, 50, 3, torch.float32, (16, 128), (8, 64), True),  # a repeated expert across tokens; K < BLOCK_K
 ])
 def test_gemv_matches_reference(num_tokens, num_experts, hidden, inter, top_k, dtype, up, down, pdl):
-    # pdl: the down kernel's first K step peeled off the loop (on the GPU, issued before the PDL wait)
+    # pdl: launched with PDL on an sm90+ GPU only (kernels/pdl.py); here it must change nothing
     x, w13, w2, weights, ids = _problem(num_tokens, num_experts, hidden, inter, top_k, dtype, seed=hidden)
     ref = fused_experts_ref(x, w13, w2, weights, ids)
     out, kernels = _run(x, w13, w2, weights, ids, _gemv(up, down, pdl=pdl))

@@ -185,7 +185,8 @@ def _problem(device: str, dtype: torch.dtype, batch: int, hidden: int, heads: in
     pages = -(-(ctx + 1) // page)
     p = dict(ln1=rnd(hidden, scale=0.1) + 1, ln2=rnd(hidden, scale=0.1) + 1, qn=rnd(head_dim, scale=0.1) + 1,
              kn=rnd(head_dim, scale=0.1) + 1, qkv=rnd(qkv_n, hidden, scale=hidden**-0.5),
-             o=rnd(hidden, heads * head_dim, scale=(heads * head_dim) ** -0.5), router=rnd(experts, hidden),
+             o=rnd(hidden, heads * head_dim, scale=(heads * head_dim) ** -0.5),
+             router=rnd(experts, hidden, scale=hidden**-0.5),
              w13=rnd(experts, 2 * inter, hidden, scale=hidden**-0.5), w2=rnd(experts, hidden, inter, scale=inter**-0.5),
              cos_sin=rope_cos_sin(head_dim, ctx + 8, 10000.0, device=device), top_k=top_k)
     # the GEMV linear up to 16 rows (split K: the counters in the chain), cuBLAS above; MoE GEMVs up to 8 tokens
@@ -291,31 +292,36 @@ def _flat(outs: list[dict]) -> list[torch.Tensor]:
 @pytest.mark.skipif(not _HOPPER, reason="needs an sm90+ GPU")
 @pytest.mark.parametrize("batch", [1, 8, 64])
 def test_pdl_chain_in_cuda_graph_equals_serial(monkeypatch, batch):
-    # Qwen3-30B-A3B shapes, two layers: eager with PDL off against the references, then PDL on (eager and captured
-    # in a CUDA graph, replayed on new inputs) bit for bit equal to PDL off: the kernels are deterministic, so any
-    # difference is a race the rule of kernels/pdl.py should have excluded
+    # Qwen3-30B-A3B shapes, two layers (B=1/8: the GEMV linears and MoE GEMVs, B=64: cuBLAS linears, align and the
+    # tl.dot experts): PDL off against the references, then PDL on bit for bit equal to PDL off, eager and in CUDA
+    # graphs replayed on new inputs. The kernels are deterministic: any difference is a race that the rule of
+    # kernels/pdl.py should have excluded
     p, step = _problem("cuda", torch.bfloat16, batch, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128,
                        inter=768, top_k=8, ctx=1000, page=16)
     _switch(monkeypatch, "0")
     off = _two_layers(p, step)
     _check_against_references(p, step, off[0], step["x"], step["residual"], step["caches"][0], step["caches"][1],
                               2e-2)
-    off = _flat(off)
-    _switch(monkeypatch, "1")
-    assert pdl.pdl_enabled(torch.device("cuda"))
-    assert all(torch.equal(a, b) for a, b in zip(_flat(_two_layers(p, step)), off))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = _two_layers(p, step)
+    graphs = {}
+    for value in ("0", "1"):  # eager first (compiles, sizes the counters), then captured
+        _switch(monkeypatch, value)
+        assert pdl.pdl_enabled(torch.device("cuda")) is (value == "1")
+        eager = _flat(_two_layers(p, step))
+        if value == "1":
+            assert all(torch.equal(a, b) for a, b in zip(eager, _flat(off)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = _two_layers(p, step)
+        graphs[value] = (graph, outs)
     gen = torch.Generator(device="cuda").manual_seed(1)
     for _ in range(5):
         step["x"].copy_(torch.randn(step["x"].shape, device="cuda", generator=gen))
-        graph.replay()
-        on = _flat(captured)
-        _switch(monkeypatch, "0")
-        want = _flat(_two_layers(p, step))
-        _switch(monkeypatch, "1")
-        assert all(torch.equal(a, b) for a, b in zip(on, want))
+        got = {}
+        for value, (graph, outs) in graphs.items():
+            graph.replay()
+            got[value] = _flat(outs)
+        assert all(torch.equal(a, b) for a, b in zip(got["1"], got["0"]))
+        assert not torch.equal(got["1"][0], eager[0])  # new inputs went through
 
 
 @pytest.mark.gpu
