@@ -21,8 +21,9 @@ The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks i
   (2) gdc_wait.
   (3) gdc_launch_dependents only after its own gdc_wait. Then, transitively, when kernel N+1 starts every kernel
       before N has completed, and when N+1 passes its wait, N has too: every kernel's post-wait part runs after all
-      earlier kernels completed, exactly as on a serialized stream. (Triggering before the wait would let N+1's wait
-      return while N-1 still runs: N+1 waits only on its direct predecessor.)
+      earlier kernels completed, exactly as on a serialized stream. (A trigger before the wait would let N+1 start
+      while N-1 still runs; N+1's wait covers N only, and N-1's stores are made visible to N by N's wait, which
+      promises nothing to N+1. A kernel launched with PDL must also wait at all, even with nothing to read.)
 A kernel launched without PDL (cuBLAS, torch ops, the sampler) waits for its predecessor to complete, as always,
 and a PDL kernel after it finds it complete at its wait: mixed chains stay correct.
 
