@@ -18,9 +18,10 @@ activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused
 Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
 "down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: both kernels (and the
 top-k sum) are launched with programmatic dependent launch on an sm90+ GPU (kernels/pdl.py; the global switch
-MOE_RT_PDL=1 turns it on whatever the table says). They wait first: the weights they read depend on the router's
-ids, and rule (1) of kernels/pdl.py allows nothing but fixed data before the wait (until this change the down
-kernel read the ids and its first weight tile before its wait, which a full PDL chain makes unsafe). prefetch: the
+MOE_RT_PDL=1 turns it on whatever the table says). The up kernel waits first (its ids are its predecessor's
+output); the down kernel reads the ids and its first K step's weights before its wait (rule (1') of kernels/pdl.py:
+the router wrote them two kernels back), which is what the table's pdl variant measured (25.4 -> 23.6 us per layer
+at one bf16 token on an H200). prefetch: the
 up kernel's programs first hand the pair's down weights w2[e] to the bulk-copy engine (cp.async.bulk.prefetch.L2),
 so HBM streams both GEMMs' weights during the up kernel and the down kernel reads L2 (worth it while the touched w2
 fits in L2: few tokens, FP8).
@@ -151,25 +152,38 @@ def _gemv_down_kernel(
     pid = tl.program_id(0)
     pid_n = pid // num_pairs
     pair = pid % num_pairs
-    pdl_wait(PDL)  # a is the up kernel's output; the ids too are read only after the wait (kernels/pdl.py)
-    pdl_release(PDL)
+    # the ids and, through them, the first K step's weights are read before the wait: the router wrote the ids
+    # two kernels back, complete before the up kernel passed its wait and released this one (rule (1') of
+    # kernels/pdl.py); a (the up kernel's output) only after it
     e = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     if FUSED_SUM:
         kk = tl.arange(0, TOP_K_PAD)
         num_handled = tl.sum((tl.load(ids_ptr + kk, mask=kk < TOP_K, other=-1) >= 0).to(tl.int32), 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pair.to(tl.int64) * stride_at + offs_k  # [BLOCK_K]
+    e_row = tl.maximum(e, 0)  # (a slot not handled here loads nothing and returns after the wait)
+    w_ptrs = w_ptr + e_row * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
+    s_ptrs = ws_ptr + e_row * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
+    if PDL:  # while the up kernel drains
+        w_first = _load_tile(w_ptrs, 0, K, offs_k, nmask & (e >= 0), EVEN_K, "")
+    pdl_wait(PDL)
+    pdl_release(PDL)
+    if FUSED_SUM:
         if num_handled == 0:  # no slot of the token is handled here: slot 0 writes its zero sum
             if pair == 0:
                 tl.store(sum_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty), mask=nmask)
     if e < 0:
         return
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + pair.to(tl.int64) * stride_at + offs_k  # [BLOCK_K]
-    w_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-    s_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    if PDL:
+        acc = _partial(w_first, _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K), s_ptrs, 0, K, nmask, USE_FP8,
+                       BLOCK_N, BLOCK_K)
+        k_start: tl.constexpr = BLOCK_K
+    else:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        k_start: tl.constexpr = 0
+    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
         w = _load_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K, "")
         a = _load_vec(a_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
         acc += _partial(w, a, s_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)

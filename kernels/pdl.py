@@ -18,6 +18,11 @@ The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks i
       caching allocator) a tensor freed after kernel N was enqueued can be reused by kernel N+1's outputs, so an
       early store could clobber what N still reads; and a load of mutable data could hit an SM's L1 line left
       stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for them.
+  (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
+      released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
+      wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts
+      after them). The MoE GEMV down kernel reads the router's topk ids (written before the up kernel) and, through
+      them, its first weight tile this way; nothing else does.
   (2) gdc_wait.
   (3) gdc_launch_dependents only after its own gdc_wait. Then, transitively, when kernel N+1 starts every kernel
       before N has completed, and when N+1 passes its wait, N has too: every kernel's post-wait part runs after all
@@ -33,8 +38,9 @@ the wait (for a grid of one wave, at once), and they then run their weight prefe
 What each kernel reads before its wait (tests/test_pdl.py checks these on the PTX):
   norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
   router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear_gemv and the FP8 GEMV: the first
-  K step's weight tile. Nothing: decode attention and its reduce, the MoE GEMVs and the tl.dot experts (their
-  weights follow the router's ids), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
+  K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing:
+  decode attention and its reduce, the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
+  ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
 """
 
 from __future__ import annotations
