@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from inspect import Parameter
 from pathlib import Path
 
 import triton
@@ -37,10 +38,15 @@ _TYPES = {"bf16": "bf16", "fp8": "fp8e4nv"}
 def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int):
     """triton.compile with the signature and divisibility attributes a launch with these values would get."""
     sig, attrs, consts = {}, {}, {}
+    # constexprs with a default (e.g. PDL=False) take it unless given
+    constexprs = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not Parameter.empty
+                  and p.name not in constexprs} | constexprs
     unspecialized = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name], consts[(i,)] = "constexpr", constexprs[name]
+        elif isinstance(args[name], str) and args[name].startswith("tensordesc"):  # e.g. tensordesc<fp8e4nv[64, 128]>
+            sig[name] = args[name]
         elif isinstance(args[name], str):  # a pointer: its element type
             sig[name], attrs[(i,)] = "*" + args[name], [["tt.divisibility", 16]]
         elif isinstance(args[name], float):

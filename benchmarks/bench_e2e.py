@@ -7,6 +7,7 @@ Floor: bytes a decode step must read (experts touched + attention/router weights
 device-to-device copy bandwidth measured in this run; prefill floor: FLOPs over the measured matmul rate.
 
     python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf] [--no-async-scheduling] [--as-served]
+        [--pdl]
 
 Long context: --max-model-len 131072 adds Qwen3's yarn block (factor 4 over 32768, as its model card says),
 --kv-cache-dtype fp8 puts the KV in FP8, --prompt-len 131072 times one prompt prefilled in --prefill chunks
@@ -368,8 +369,15 @@ def main() -> None:
                         help="batch sizes to profile eagerly, kernel by kernel")
     parser.add_argument("--mixed", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                         help="prompt lengths: time the largest batch's decode step carrying one such prompt")
+    parser.add_argument("--pdl", action="store_true",
+                        help="programmatic dependent launch for the decode chain's kernels (sets MOE_RT_PDL=1 before "
+                             "any kernel launches; kernels/pdl.py)")
     parser.add_argument("--out", default="e2e.json")
     args = parser.parse_args()
+    if args.pdl:
+        os.environ["MOE_RT_PDL"] = "1"
+
+    from kernels.pdl import pdl_enabled
 
     device = torch.device("cuda")
     bandwidth, flops = measure_ceilings(device)
@@ -389,7 +397,7 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth, "matmul_flops": flops,
               "quantization": args.quantization or "bf16", "kv_cache_dtype": args.kv_cache_dtype,
               "async_scheduling": args.async_scheduling is not False, "as_served": args.as_served,
-              "rows": rows}
+              "pdl": pdl_enabled(device), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     ours = {r["batch"]: r for r in rows if r["engine"] == "ours" and r["phase"] == "decode"}
@@ -402,7 +410,8 @@ def main() -> None:
     pool = next(r for r in rows if r["phase"] == "kv_pool")
     ttft = "".join(f" ttft{r['tokens']}={r['step_ms'] / 1e3:.2f}s({r['floor_fraction']:.0%})"
                    for r in rows if r["phase"] == "ttft")
-    print(f"SUMMARY e2e {args.shape} {result['quantization']} kv {args.kv_cache_dtype} {result['gpu']}: "
+    print(f"SUMMARY e2e {args.shape} {result['quantization']} kv {args.kv_cache_dtype} pdl {int(result['pdl'])} "
+          f"{result['gpu']}: "
           f"ctx {args.ctx} decode {summary} prefill8k={pre['tokens_per_s']:.0f}tok/s({pre['floor_fraction']:.0%})"
           f"{ttft} fit={pool['max_len_seqs_fit']:.2f}x{pool['max_model_len']}")
 

@@ -99,7 +99,7 @@ class GemvProblem:
                 args = (a, self.w2, self.s2, y, ids, w, y, ids, num_pairs, inter, h, a.stride(0), self.w2.stride(0),
                         self.w2.stride(1), self.s2.stride(0), self.s2.stride(1), y.stride(0))
                 grid = (triton.cdiv(h, g["BLOCK_N"]) * num_pairs,)
-                calls.append((_gemv_down_kernel, grid, args, dict(meta, EVEN_K=inter % g["BLOCK_K"] == 0, GDC=True,
+                calls.append((_gemv_down_kernel, grid, args, dict(meta, EVEN_K=inter % g["BLOCK_K"] == 0,
                                                                    FUSED_SUM=False, TOP_K=1, TOP_K_PAD=1)))
 
         def run() -> None:

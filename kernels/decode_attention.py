@@ -35,6 +35,7 @@ from kernels.attention import (
 )
 from kernels.attention_config import DECODE_KEYS, check_config, decode_config
 from kernels.attention_tiles import _kv_rows
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
 
@@ -89,8 +90,12 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
+    # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -159,8 +164,11 @@ def _decode_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])  # one variant per SPLITS_PAD, not per count
 def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   PDL: tl.constexpr = False):
     # the second launch of the two-launch variant: one program per (sequence, query head, BLOCK_D columns)
+    pdl_wait(PDL)  # the partials are the split kernel's output
+    pdl_release(PDL)
     _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_D,
                 num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
 
@@ -232,6 +240,7 @@ def paged_attention_decode(
     else:
         part_out = part_lse = out  # unused
         counters = seq_lens
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
@@ -240,8 +249,8 @@ def paged_attention_decode(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), PDL=pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
         # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each
@@ -249,7 +258,7 @@ def paged_attention_decode(
         merge_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
         _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
         )
     return out
 

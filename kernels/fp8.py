@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
+
 FP8_BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -50,9 +52,12 @@ def per_token_group_quant_ref(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr, num_rows, K, stride_x, stride_q, stride_s,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # program (r, g): rows [r * BLOCK_R, +BLOCK_R) x columns [g * GROUP, +GROUP), every group in parallel (a loop
     # over the groups in one program per row block ran them one after another, each load waiting on memory)
+    pdl_wait(PDL)  # x is the previous kernel's output (kernels/pdl.py)
+    pdl_release(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     rmask = r < num_rows
@@ -77,8 +82,10 @@ def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torc
     s = torch.empty(rows, kg, dtype=torch.float32, device=x.device)
     if rows:
         block_r = 16
+        pdl = pdl_enabled(x.device)
         _group_quant_kernel[(triton.cdiv(rows, block_r), kg)](
             x2, q, s, rows, k, x2.stride(0), q.stride(0), s.stride(0),
-            GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
+            GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, PDL=pdl, num_warps=4,
+            **launch_kwargs(pdl),
         )
     return q.view(*x.shape), s.view(*x.shape[:-1], kg)

@@ -38,6 +38,7 @@ from kernels.fp8_linear_kernels import (
     _w8a8_dot_tma_kernel,
     _w8a8_gemv_kernel,
 )
+from kernels.pdl import launch_kwargs, pdl_enabled
 
 _COUNTERS: dict = {}  # per device: the fused split-K reduce's arrivals per output tile
 
@@ -126,8 +127,9 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     counters = zeroed_counters(_COUNTERS, tiles, x.device, 4096) if mode == 2 else out
     bias_arg = bias if has_bias else out
     grid = (tiles, split)
+    pdl = pdl_enabled(x.device)
     common = dict(HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_MODE=mode, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+                  num_stages=cfg["num_stages"], PDL=pdl, **launch_kwargs(pdl))
     quant = dict(FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE)  # the kernels that quantize the activations themselves
     use_tma = bool(cfg["TMA"]) and weight.data_ptr() % 16 == 0 and weight.stride(0) % 16 == 0
     if cfg["KERNEL"] == "gemv":
@@ -152,5 +154,6 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     if mode == 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, bias_arg, out, m * n, n, SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=block)
+            part, bias_arg, out, m * n, n, SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=block, PDL=pdl,
+            **launch_kwargs(pdl))
     return out.view(*x.shape[:-1], n)

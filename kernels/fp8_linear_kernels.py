@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_release, pdl_wait
+
 
 @triton.jit
 def _epilogue(acc, offs_m64, offs_n, mmask, tile, pid_k, M, N, split_k, bias_ptr, out_ptr, part_ptr, counter_ptr,
@@ -69,10 +71,13 @@ def _w8a8_dot_kernel(
     split_k, group_m, stride_am, stride_asm, stride_wn, stride_wsn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MODE: tl.constexpr,
     QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # QUANT_A: a is the 16/32-bit input, quantized per row and K step here as per_token_group_quant does; else a is
     # e4m3 with a_scale [M, K/128]. BLOCK_N > 128 spans several weight-scale rows (a scale vector per K step).
     BLOCK_K: tl.constexpr = 128
+    pdl_wait(PDL)  # the activations (and their scales) are this step's: wait first (kernels/pdl.py)
+    pdl_release(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _tile_of(pid, M, N, group_m, BLOCK_M, BLOCK_N)
@@ -134,11 +139,14 @@ def _w8a8_dot_tma_kernel(
     a_desc, a_scale_ptr, w_desc, w_scale_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_blocks_per_split,
     split_k, group_m, stride_asm, stride_wsn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # _w8a8_dot_kernel with pre-quantized activations, both operands loaded by TMA (tensor descriptors a [M, K]
     # e4m3, block [BLOCK_M, 128], rows past M read as zeros; w [N, K] e4m3, block [BLOCK_N, 128]): no address
     # registers per element, so wider tiles fit
     BLOCK_K: tl.constexpr = 128
+    pdl_wait(PDL)  # the quantized activations are the quantization launch's output (kernels/pdl.py)
+    pdl_release(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _tile_of(pid, M, N, group_m, BLOCK_M, BLOCK_N)
@@ -171,7 +179,7 @@ def _w8a8_gemv_kernel(
     a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_blocks_per_split, split_k,
     stride_am, stride_wn, stride_wsn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MODE: tl.constexpr,
-    FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
+    FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # a: the 16/32-bit input [M, K]; each row quantized per 128 columns as per_token_group_quant does, then used as
     # fp32 q * scale. BLOCK_N <= 128: one weight scale per program and K step.
@@ -194,6 +202,10 @@ def _w8a8_gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     last_kb = tl.minimum(first_kb + k_blocks_per_split, K // BLOCK_K)
     w_next = tl.load(w_ptrs)
+    # PDL: the first weight tile above is the only read before the wait (kernels/pdl.py); a, the partials and the
+    # counters come after it
+    pdl_wait(PDL)
+    pdl_release(PDL)
     for kb in range(first_kb, last_kb):
         # the next K step's weight tile is requested before this one is used: two tiles in flight per program
         # whether or not the compiler pipelines a load that feeds no dot
@@ -215,8 +227,10 @@ def _w8a8_gemv_kernel(
 
 @triton.jit(do_not_specialize=["numel"])
 def _split_k_reduce_kernel(part_ptr, bias_ptr, out_ptr, numel, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     # out[m, n] = sum_s part[s, m, n] (+ bias[n]), part [SPLIT_K, M, N] fp32 contiguous
+    pdl_wait(PDL)  # the partials are the GEMM's output (kernels/pdl.py)
+    pdl_release(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros([BLOCK], tl.float32)

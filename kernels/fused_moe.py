@@ -21,6 +21,7 @@ from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
 from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.tiles import grouped_tile
 
 
@@ -93,9 +94,12 @@ def _moe_up_kernel(
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # out[p, n] = silu(a[tok(p)] . w[e, n]) * (a[tok(p)] . w[e, INTER + n]) for sorted position p
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    pdl_wait(PDL)  # the weights to read follow the align's (or router's) expert ids: nothing before (kernels/pdl.py)
+    pdl_release(PDL)
     e, offs_m, pair = _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, DIRECT, BLOCK_M)
     if e < 0:
         return
@@ -151,11 +155,13 @@ def _moe_down_kernel(
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+    FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p.
     # FUSED_SUM (DIRECT only, so one token): also sum_ptr[n] = sum over the handled slots of out[slot, n]
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pdl_wait(PDL)  # a is the up kernel's output, the weights follow the expert ids (kernels/pdl.py)
+    pdl_release(PDL)
     e, offs_m, pair = _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, DIRECT, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
@@ -267,13 +273,15 @@ def fused_experts_aligned(
     a, a_scale = per_token_group_quant(hidden) if act_fp8 else (hidden, hidden)  # (a_scale unused if not)
     w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)
     inter_out = torch.empty(num_pid_m * bm, inter, dtype=hidden.dtype, device=hidden.device)
+    pdl = pdl_enabled(hidden.device)
     _moe_up_kernel[(num_pid_m * triton.cdiv(inter, up["BLOCK_N"]),)](
         a, a_scale, w13, w13s, inter_out, sorted_ids, expert_ids, num_post_pad,
         num_pairs, h, inter, num_pid_m, top_k,
         a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1),
         inter_out.stride(0),
         USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=h % up["BLOCK_K"] == 0, DIRECT=direct, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
-        BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], num_warps=up["num_warps"], num_stages=up["num_stages"],
+        BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], PDL=pdl, num_warps=up["num_warps"],
+        num_stages=up["num_stages"], **launch_kwargs(pdl),
     )
     a, a_scale = per_token_group_quant(inter_out) if act_fp8 else (inter_out, inter_out)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
@@ -291,11 +299,12 @@ def fused_experts_aligned(
         BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
         num_stages=down["num_stages"], FUSED_SUM=fused_sum, TOP_K=top_k if fused_sum else 1,
-        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1,
+        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl, **launch_kwargs(pdl),
     )
     if not fused_sum:
         block_n = min(1024, triton.next_power_of_2(h))
-        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n)
+        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n,
+                                                               PDL=pdl, **launch_kwargs(pdl))
     return out
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from kernels import zeroed_counters
 from kernels.linear_gemv_config import MAX_ROWS, check_config, table_config
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 _COUNTERS: dict = {}  # per device: arrivals per column tile of the split-K reduce (kernels.zeroed_counters)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,11 +41,41 @@ def _row_vec(x_row_ptr, k0, K, offs_k, row_ok, BLOCK_N: tl.constexpr, EVEN_K: tl
         return tl.load(ptrs, mask=row_ok & (k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _w_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K: tl.constexpr):
+    # the [BLOCK_N, BLOCK_K] weight tile of the K step at k0
+    if EVEN_K:
+        return tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
+    else:
+        return tl.load(w_ptrs + k0, mask=nmask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _k_step(acc, w, x_ptr, xt_ptrs, k0, K, M, offs_k, rows, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            EVEN_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
+    # one K step with the weight tile w: acc (DOT: out^T [BLOCK_N, BLOCK_M], else out [BLOCK_M, BLOCK_N]) updated
+    if DOT:
+        xmask = (rows < M)[None, :] if EVEN_K else (rows < M)[None, :] & (k0 + offs_k < K)[:, None]
+        xt = tl.load(xt_ptrs + k0, mask=xmask, other=0.0)
+        if IEEE:  # fp32 inputs: exact products (the default would round them to tf32)
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    else:
+        wf = w.to(tl.float32)
+        for i in tl.static_range(BLOCK_M):
+            xi = _row_vec(x_ptr + i * stride_xm, k0, K, offs_k, i < M, BLOCK_N, EVEN_K)
+            p = tl.sum(wf * xi, 1)  # [BLOCK_N]: row i's share of this K step
+            acc += tl.where(rows[:, None] == i, p[None, :], 0.0)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # x [M, K], w [N, K] (rows contiguous), out [M, N]; part [SPLIT_K, M, N] fp32 and counter [>= num tiles] int32
     # when SPLIT_K > 1. BLOCK_M: next_pow2(M) (DOT: 16). k_per_split: a multiple of BLOCK_K
@@ -57,31 +88,26 @@ def _gemv_linear_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K] at k = 0
+    xt_ptrs = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M] at k = 0 (DOT)
     if DOT:
-        acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # out^T of the tile
-        xt_ptrs = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M] at k = 0
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # out^T of the tile
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptrs + k0, mask=nmask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-        if DOT:
-            xmask = (rows < M)[None, :] if EVEN_K else (rows < M)[None, :] & (k0 + offs_k < K)[:, None]
-            xt = tl.load(xt_ptrs + k0, mask=xmask, other=0.0)
-            if IEEE:  # fp32 inputs: exact products (the default would round them to tf32)
-                acc_t = tl.dot(w, xt, acc_t, input_precision="ieee")
-            else:
-                acc_t = tl.dot(w, xt, acc_t)
-        else:
-            wf = w.to(tl.float32)
-            for i in tl.static_range(BLOCK_M):
-                xi = _row_vec(x_ptr + i * stride_xm, k0, K, offs_k, i < M, BLOCK_N, EVEN_K)
-                p = tl.sum(wf * xi, 1)  # [BLOCK_N]: row i's share of this K step
-                acc += tl.where(rows[:, None] == i, p[None, :], 0.0)
+    k_lo = k_start
+    if PDL:
+        # the first K step's weights are no kernel's output: read them while the predecessor drains
+        # (kernels/pdl.py); x, the partials and the counters only after the wait
+        w = _w_tile(w_ptrs, k_start, K, offs_k, nmask, EVEN_K)
+        pdl_wait(PDL)
+        pdl_release(PDL)
+        acc = _k_step(acc, w, x_ptr, xt_ptrs, k_start, K, M, offs_k, rows, stride_xm, BLOCK_M, BLOCK_N, EVEN_K, DOT,
+                      IEEE)
+        k_lo += BLOCK_K
+    for k0 in tl.range(k_lo, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        w = _w_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K)
+        acc = _k_step(acc, w, x_ptr, xt_ptrs, k0, K, M, offs_k, rows, stride_xm, BLOCK_M, BLOCK_N, EVEN_K, DOT, IEEE)
     if DOT:
-        acc = tl.trans(acc_t)
+        acc = tl.trans(acc)
     # epilogue: acc [BLOCK_M, BLOCK_N] fp32
     omask = (rows < M)[:, None] & nmask[None, :]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -161,12 +187,14 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = zeroed_counters(_COUNTERS, tiles, x.device, 4096)
+    pdl = pdl_enabled(x.device)
     _gemv_linear_kernel[(tiles, split)](
         x2, weight, bias if bias is not None else out, out, part, counters, m, n, k, steps_per_split * block_k,
         x2.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=16 if dot else triton.next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split, EVEN_K=k % block_k == 0, DOT=dot, IEEE=x.dtype == torch.float32,
-        NUM_STAGES=cfg["num_stages"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        NUM_STAGES=cfg["num_stages"], PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_kwargs(pdl),
     )
     return out.view(*x.shape[:-1], n)
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
+
 SMALL_PAIRS = 256  # largest chunk of pairs one program handles
 
 
@@ -73,8 +75,10 @@ def _rank_in_chunk(ids_ptr, ids, chunk_start, num_pairs, CHUNK: tl.constexpr, SU
 def _align_small_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, num_blocks,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
-    FILL: tl.constexpr,
+    FILL: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # the ids are the router's output (kernels/pdl.py)
+    pdl_release(PDL)
     i = tl.arange(0, N_PAD)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
@@ -96,8 +100,10 @@ def _align_small_kernel(
 @triton.jit(do_not_specialize=["num_pairs", "sorted_len", "fill_per_program"])
 def _align_count_kernel(
     ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs, sorted_len, fill_per_program,
-    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # the ids are the router's output (kernels/pdl.py)
+    pdl_release(PDL)
     # chunk_counts [num_chunks, E_PAD]: how many of this chunk's pairs go to each expert
     pid = tl.program_id(0)
     i = pid * CHUNK + tl.arange(0, CHUNK)
@@ -115,8 +121,10 @@ def _align_count_kernel(
 def _align_scatter_kernel(
     ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, num_chunks, num_blocks,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)  # the counts are the count kernel's output (kernels/pdl.py)
+    pdl_release(PDL)
     # pair i goes to start[e] + (pairs of e in earlier chunks) + (rank among e's pairs in this chunk)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
@@ -164,12 +172,13 @@ def moe_align(
         num_post_pad.zero_()
         return sorted_ids, expert_ids, num_post_pad
     e_pad = max(16, triton.next_power_of_2(num_experts))
+    pdl = pdl_enabled(device)
     chunk = _chunk(e_pad)
     if num_pairs <= chunk:
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
             NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
-            E_PAD=e_pad, FILL=1024, num_warps=8,
+            E_PAD=e_pad, FILL=1024, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
         )
         return sorted_ids, expert_ids, num_post_pad
     num_chunks = triton.cdiv(num_pairs, chunk)
@@ -177,11 +186,11 @@ def moe_align(
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
     _align_count_kernel[(num_chunks,)](
         topk_ids, chunk_counts, sorted_ids, num_pairs, nblocks * block_m, fill,
-        NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, num_warps=4,
+        NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
     )
     _align_scatter_kernel[(num_chunks,)](
         topk_ids, chunk_counts, sorted_ids, expert_ids, num_post_pad, num_pairs, num_chunks, nblocks,
         NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
-        ROWS=max(1, min(32, 4096 // e_pad)), num_warps=8,
+        ROWS=max(1, min(32, 4096 // e_pad)), PDL=pdl, num_warps=8, **launch_kwargs(pdl),
     )
     return sorted_ids, expert_ids, num_post_pad

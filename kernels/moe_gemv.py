@@ -16,11 +16,15 @@ config "fused_sum" at one token the last slot per column tile, as in fused_moe).
 activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused_moe.py, act_fp8=False).
 
 Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
-"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: the down kernel is
-launched with programmatic dependent launch and loads its first weight tile before waiting for the up kernel's
-output. prefetch: the up kernel's programs first hand the pair's down weights w2[e] to the bulk-copy engine
-(cp.async.bulk.prefetch.L2), so HBM streams both GEMMs' weights during the up kernel and the down kernel reads
-L2 (worth it while the touched w2 fits in L2: few tokens, FP8).
+"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: both kernels (and the
+top-k sum) are launched with programmatic dependent launch on an sm90+ GPU (kernels/pdl.py; the global switch
+MOE_RT_PDL=1 turns it on whatever the table says). The up kernel waits first (its ids are its predecessor's
+output); the down kernel reads the ids and its first K step's weights before its wait (rule (1') of kernels/pdl.py:
+the router wrote them two kernels back), which is what the table's pdl variant measured (25.4 -> 23.6 us per layer
+at one bf16 token on an H200). prefetch: the
+up kernel's programs first hand the pair's down weights w2[e] to the bulk-copy engine (cp.async.bulk.prefetch.L2),
+so HBM streams both GEMMs' weights during the up kernel and the down kernel reads L2 (worth it while the touched w2
+fits in L2: few tokens, FP8).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.pdl import env_switch, launch_kwargs, pdl_release, pdl_wait
 
 GEMV_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
@@ -97,9 +102,9 @@ def _gemv_up_kernel(
     pid = tl.program_id(0)
     pid_n = pid // num_pairs  # pairs inner: the pairs of a tile run together, a repeated expert hits L2
     pair = pid % num_pairs
+    pdl_wait(PDL)  # the ids are the router's output, x the norm's (kernels/pdl.py)
+    pdl_release(PDL)
     e = tl.load(ids_ptr + pair).to(tl.int64)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the down kernel (launched with PDL) may start its prologue
     if e < 0:
         return
     if PREFETCH:
@@ -139,7 +144,7 @@ def _gemv_down_kernel(
     a_ptr, w_ptr, ws_ptr, y_ptr, ids_ptr, topk_weights_ptr, sum_ptr, counter_ptr, num_pairs, K, N,
     stride_at, stride_we, stride_wn, stride_wse, stride_wsn, stride_yt,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, GDC: tl.constexpr, FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr,
     TOP_K_PAD: tl.constexpr,
 ):
     # y[p, n] = topk_weights[p] * a[p] . w[e, n], e = ids[p]; a [num_pairs, K] (the up output), y [num_pairs, N].
@@ -147,30 +152,33 @@ def _gemv_down_kernel(
     pid = tl.program_id(0)
     pid_n = pid // num_pairs
     pair = pid % num_pairs
-    e = tl.load(ids_ptr + pair).to(tl.int64)  # written before the up kernel ran: safe before the PDL wait
+    # the ids and, through them, the first K step's weights are read before the wait: the router wrote the ids
+    # two kernels back, complete before the up kernel passed its wait and released this one (rule (1') of
+    # kernels/pdl.py); a (the up kernel's output) only after it
+    e = tl.load(ids_ptr + pair).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     if FUSED_SUM:
         kk = tl.arange(0, TOP_K_PAD)
         num_handled = tl.sum((tl.load(ids_ptr + kk, mask=kk < TOP_K, other=-1) >= 0).to(tl.int32), 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pair.to(tl.int64) * stride_at + offs_k  # [BLOCK_K]
+    e_row = tl.maximum(e, 0)  # (a slot not handled here loads nothing and returns after the wait)
+    w_ptrs = w_ptr + e_row * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN, BK]
+    s_ptrs = ws_ptr + e_row * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
+    if PDL:  # while the up kernel drains
+        w_first = _load_tile(w_ptrs, 0, K, offs_k, nmask & (e >= 0), EVEN_K, "")
+    pdl_wait(PDL)
+    pdl_release(PDL)
+    if FUSED_SUM:
         if num_handled == 0:  # no slot of the token is handled here: slot 0 writes its zero sum
             if pair == 0:
-                if PDL and GDC:
-                    tl.extra.cuda.gdc_wait()  # the up kernel is done (it does not touch sum_ptr: cheap safety)
                 tl.store(sum_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty), mask=nmask)
     if e < 0:
         return
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + pair.to(tl.int64) * stride_at + offs_k  # [BLOCK_K]
-    w_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-    s_ptrs = ws_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N] scale rows (FP8)
     if PDL:
-        # the first K step's weights do not depend on the up kernel: read them while that kernel drains
-        w = _load_tile(w_ptrs, 0, K, offs_k, nmask, EVEN_K, "")
-        if GDC:  # (GDC False: the interpreter or a pre-Hopper GPU, no griddepcontrol: the same peeled loop)
-            tl.extra.cuda.gdc_wait()  # the up kernel's output (a) is complete and visible from here on
-        a = _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K)
-        acc = _partial(w, a, s_ptrs, 0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
+        acc = _partial(w_first, _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K), s_ptrs, 0, K, nmask, USE_FP8,
+                       BLOCK_N, BLOCK_K)
         k_start: tl.constexpr = BLOCK_K
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
@@ -220,33 +228,33 @@ def gemv_experts(
     w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)  # (scale pointers unused without FP8)
     up, down = gemv["up"], gemv["down"]
     fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
-    pdl = bool(gemv.get("pdl", False))
-    gdc = _sm90(hidden.device)  # PDL for real (else, with pdl, only the down kernel's peeled first K step)
+    sm90 = _sm90(hidden.device)
+    pdl = sm90 and (bool(gemv.get("pdl", False)) or env_switch())  # the table's choice or the global switch
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     out = torch.empty_like(hidden)
     num_tiles_n = triton.cdiv(h, down["BLOCK_N"])
-    # (before the up launch: with PDL no other kernel, e.g. the counters' first zeroing, may sit between the two)
+    # (before the up launch: the counters' first zeroing, a torch launch, stays out of the up -> down PDL pair)
     counters = _sum_counters(num_tiles_n, hidden.device) if fused_sum else topk_ids
     # L2 prefetch of w2 (sm90 bulk copies): rows of whole 16-byte units keep every piece aligned
-    prefetch = bool(gemv.get("prefetch", False)) and gdc and inter * w2.element_size() % 16 == 0
+    prefetch = bool(gemv.get("prefetch", False)) and sm90 and inter * w2.element_size() % 16 == 0
     _gemv_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]) * num_pairs,)](
         hidden, w13, w13s, inter_out, topk_ids, w2, num_pairs, h, inter, top_k,
         hidden.stride(0), w13.stride(0), w13.stride(1), w13s.stride(0), w13s.stride(1), inter_out.stride(0),
         w2.stride(0), USE_FP8=fp8, EVEN_K=h % up["BLOCK_K"] == 0, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
-        NUM_STAGES=up["num_stages"], PDL=pdl and gdc, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
-        num_warps=up["num_warps"],
+        NUM_STAGES=up["num_stages"], PDL=pdl, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
+        num_warps=up["num_warps"], **launch_kwargs(pdl),
     )
     _gemv_down_kernel[(num_tiles_n * num_pairs,)](
         inter_out, w2, w2s, y, topk_ids, topk_weights, out, counters, num_pairs, inter, h,
         inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),
         USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
-        NUM_STAGES=down["num_stages"], PDL=pdl, GDC=gdc, FUSED_SUM=fused_sum,
+        NUM_STAGES=down["num_stages"], PDL=pdl, FUSED_SUM=fused_sum,
         TOP_K=top_k if fused_sum else 1, TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1,
-        num_warps=down["num_warps"],
-        **({"launch_pdl": True} if pdl and gdc else {}),
+        num_warps=down["num_warps"], **launch_kwargs(pdl),
     )
     if not fused_sum:
         block_n = min(1024, triton.next_power_of_2(h))
-        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n)
+        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n,
+                                                               PDL=pdl, **launch_kwargs(pdl))
     return out

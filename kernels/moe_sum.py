@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
+from kernels.pdl import pdl_release, pdl_wait
 
 
 @triton.jit
@@ -33,9 +34,11 @@ def _one_token_sum(y_ptr, ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, n
 
 @triton.jit
 def _moe_sum_kernel(
-    y_ptr, ids_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr, ids_ptr, out_ptr, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # out[t] = sum over the token's handled slots (id >= 0) of y[t * TOP_K + k]; y [pairs, N]
+    pdl_wait(PDL)  # y is the down GEMM's output (kernels/pdl.py)
+    pdl_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N

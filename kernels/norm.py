@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
+
 
 def rms_norm_ref(
     x: torch.Tensor,  # [num_tokens, hidden]
@@ -25,11 +27,15 @@ def rms_norm_ref(
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps, stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     mask = c < N
+    if PDL:  # the norm weight is no kernel's output: read it while the predecessor drains (kernels/pdl.py)
+        w = tl.load(w_ptr + c, mask=mask)
+        pdl_wait(PDL)
+        pdl_release(PDL)
     x = tl.load(x_ptr + t * stride_x + c, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # the sum is rounded to the activation dtype first, as the HF layers do
@@ -38,7 +44,10 @@ def _rms_norm_kernel(
         tl.store(res_out_ptr + t * stride_ro + c, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
-    y = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + c, mask=mask).to(tl.float32)
+    y = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if not PDL:
+        w = tl.load(w_ptr + c, mask=mask)
+    y = y * w.to(tl.float32)
     tl.store(out_ptr + t * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -59,9 +68,10 @@ def rms_norm(
     if num_tokens:
         block = triton.next_power_of_2(hidden)
         res = residual if residual is not None else x
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(num_tokens,)](
             x, res, weight, out, res_out, hidden, eps, x.stride(0), res.stride(0), out.stride(0),
-            res_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 512)),
+            res_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+            num_warps=min(16, max(1, block // 512)), **launch_kwargs(pdl),
         )
     return out if residual is None else (out, res_out)

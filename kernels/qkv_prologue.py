@@ -16,6 +16,7 @@ import triton.language as tl
 from kernels.attention import store_kv_ref
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 from kernels.norm import rms_norm_ref
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.rope import apply_rope_ref
 
 
@@ -58,6 +59,12 @@ def qkv_prologue_ref(
     return q
 
 
+@triton.jit
+def _norm_weight(qw_ptr, kw_ptr, is_q, cols, mask):
+    # the q or the k norm weight of each head of the tile at channels cols [1, C]: [BLOCK_H, C]
+    return tl.where(is_q, tl.load(qw_ptr + cols, mask=mask, other=0.0), tl.load(kw_ptr + cols, mask=mask, other=0.0))
+
+
 @triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])  # per-token scalars: any slice, one variant
 def _qkv_prologue_kernel(
     qkv_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -67,6 +74,7 @@ def _qkv_prologue_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, QK_NORM: tl.constexpr, FP8: tl.constexpr, FP8_MAX_C: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # program (t, b): heads [b * BLOCK_H, (b + 1) * BLOCK_H) of the q heads followed by the k heads (qkv's
     # column order); a k head also moves its v head. Tiles are [BLOCK_H, channels].
@@ -78,6 +86,17 @@ def _qkv_prologue_kernel(
     src = qkv_ptr + t * stride_t + h * HEAD_DIM
     j = tl.arange(0, BLOCK_HALF)[None, :]
     jmask = hmask & (j < HALF)
+    if PDL:
+        # the q/k norm weights are no kernel's output: read them while the predecessor drains (kernels/pdl.py);
+        # qkv, positions and slots only after the wait
+        if QK_NORM:
+            w1 = _norm_weight(qw_ptr, kw_ptr, is_q, j, j < HALF)
+            w2 = _norm_weight(qw_ptr, kw_ptr, is_q, HALF + j, j < HALF)
+            if BLOCK_REST > 0:
+                rw = 2 * HALF + tl.arange(0, BLOCK_REST)[None, :]
+                wr = _norm_weight(qw_ptr, kw_ptr, is_q, rw, rw < HEAD_DIM)
+        pdl_wait(PDL)
+        pdl_release(PDL)
     x1 = tl.load(src + j, mask=jmask, other=0.0).to(tl.float32)  # rotary channels [0, HALF)
     x2 = tl.load(src + HALF + j, mask=jmask, other=0.0).to(tl.float32)  # [HALF, 2 HALF)
     if BLOCK_REST > 0:  # partial rotary: channels [2 HALF, HEAD_DIM) are normed but not rotated
@@ -89,16 +108,15 @@ def _qkv_prologue_kernel(
         if BLOCK_REST > 0:
             ss += tl.sum(xr * xr, 1)
         inv = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]  # [BLOCK_H, 1]
-        w1 = tl.where(is_q, tl.load(qw_ptr + j, mask=j < HALF, other=0.0),
-                      tl.load(kw_ptr + j, mask=j < HALF, other=0.0))
-        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + j, mask=j < HALF, other=0.0),
-                      tl.load(kw_ptr + HALF + j, mask=j < HALF, other=0.0))
+        if not PDL:
+            w1 = _norm_weight(qw_ptr, kw_ptr, is_q, j, j < HALF)
+            w2 = _norm_weight(qw_ptr, kw_ptr, is_q, HALF + j, j < HALF)
         # rounded as rms_norm does: the normed value, then the product with the weight
         x1 = ((x1 * inv).to(act).to(tl.float32) * w1.to(tl.float32)).to(act).to(tl.float32)
         x2 = ((x2 * inv).to(act).to(tl.float32) * w2.to(tl.float32)).to(act).to(tl.float32)
         if BLOCK_REST > 0:
-            wr = tl.where(is_q, tl.load(qw_ptr + r, mask=r < HEAD_DIM, other=0.0),
-                          tl.load(kw_ptr + r, mask=r < HEAD_DIM, other=0.0))
+            if not PDL:
+                wr = _norm_weight(qw_ptr, kw_ptr, is_q, r, r < HEAD_DIM)
             xr = ((xr * inv).to(act).to(tl.float32) * wr.to(tl.float32)).to(act).to(tl.float32)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # [1, BLOCK_HALF]
@@ -186,6 +204,7 @@ def qkv_prologue(
     qk_norm = q_norm_weight is not None
     qw = q_norm_weight if qk_norm else cos_sin  # unused pointers when there is no norm
     kw = k_norm_weight if qk_norm else cos_sin
+    pdl = pdl_enabled(qkv.device)
     _qkv_prologue_kernel[(num_tokens, triton.cdiv(heads, block_h))](
         qkv, positions, cos_sin, qw, kw, q, k_cache, v_cache, slot_mapping,
         eps, 1.0 / k_scale, 1.0 / v_scale,
@@ -196,6 +215,7 @@ def qkv_prologue(
         QK_NORM=qk_norm, FP8=k_cache.dtype == FP8_DTYPE, FP8_MAX_C=FP8_MAX,
         BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
         BLOCK_REST=triton.next_power_of_2(rest) if rest else 0, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4 if block_h * head_dim >= 1024 else 2,  # [4, 128] tiles: 2 warps, 8 values a thread
+        PDL=pdl, num_warps=4 if block_h * head_dim >= 1024 else 2,  # [4, 128] tiles: 2 warps, 8 values a thread
+        **launch_kwargs(pdl),
     )
     return q

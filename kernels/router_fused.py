@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
+from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.router import (
     _check_slots,
     _sigmoid_grouped_top_k,
@@ -75,6 +76,25 @@ def route_fused_ref(
 # ---------------------------------------------------------------- Triton kernel
 
 
+@triton.jit
+def _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN: tl.constexpr):
+    # [GEMM_T, BLOCK_H] activations of the tokens t at columns h
+    return tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_x + h[None, :], mask=tmask[:, None] & (h < HIDDEN)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _logits_step(acc, xt, wt, GEMV: tl.constexpr):
+    # acc [GEMM_T, BLOCK_E] += xt [GEMM_T, BLOCK_H] @ wt^T ([BLOCK_E, BLOCK_H] router weights)
+    # x is cast to W's dtype as F.linear(x.to(W.dtype), W) does; fp32 W (GLM): exact fp32 products, no tf32
+    xt = xt.to(wt.dtype)
+    if GEMV:
+        acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], 2)
+    else:
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+    return acc
+
+
 # one variant per (split, token block) shape, not per count; slots may be a TP rank's slice at any offset
 @triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _route_fused_kernel(
@@ -84,7 +104,7 @@ def _route_fused_kernel(
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_T: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, GEMV: tl.constexpr,
+    BLOCK_G: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # grid (expert tiles, H splits, token blocks)
     pid_e, pid_s, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -96,18 +116,21 @@ def _route_fused_kernel(
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = e < NUM_EXPERTS
     acc = tl.zeros([GEMM_T, BLOCK_E], tl.float32)
-    for h0 in range(pid_s * SPLIT_H, pid_s * SPLIT_H + SPLIT_H, BLOCK_H):
+    h_start = pid_s * SPLIT_H
+    if PDL:
+        # the split's first weight tile is no kernel's output: read it while the predecessor drains (kernels/pdl.py);
+        # x, slots and the counters only after the wait
+        h = h_start + tl.arange(0, BLOCK_H)
+        wt = tl.load(w_ptr + e[:, None] * HIDDEN + h[None, :], mask=emask[:, None] & (h < HIDDEN)[None, :], other=0.0)
+        pdl_wait(PDL)
+        pdl_release(PDL)
+        acc = _logits_step(acc, _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN), wt, GEMV)
+        h_start += BLOCK_H
+    for h0 in range(h_start, pid_s * SPLIT_H + SPLIT_H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        hmask = h < HIDDEN
-        xt = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_x + h[None, :], mask=tmask[:, None] & hmask[None, :],
-                     other=0.0)
-        wt = tl.load(w_ptr + e[:, None] * HIDDEN + h[None, :], mask=emask[:, None] & hmask[None, :], other=0.0)
-        # x is cast to W's dtype as F.linear(x.to(W.dtype), W) does; fp32 W (GLM): exact fp32 products, no tf32
-        xt = xt.to(wt.dtype)
-        if GEMV:
-            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], 2)
-        else:
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+        xt = _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN)
+        wt = tl.load(w_ptr + e[:, None] * HIDDEN + h[None, :], mask=emask[:, None] & (h < HIDDEN)[None, :], other=0.0)
+        acc = _logits_step(acc, xt, wt, GEMV)
     # partials [token blocks, NUM_SPLITS, BLOCK_T, BLOCK_E_ALL] fp32; only real token rows are written and read
     rows = (pid_t * NUM_SPLITS + pid_s) * BLOCK_T + tt
     tl.store(partial_ptr + rows[:, None] * BLOCK_E_ALL + e[None, :], acc, mask=tmask[:, None] & emask[None, :])
@@ -223,6 +246,7 @@ def route_fused(
     partials = torch.empty(num_t_blocks * splits * BLOCK_T, block_e_all, dtype=torch.float32, device=x.device)
     # arrivals per token block; 64 covers 1024 rows, so the Router's sizes never grow (replace) the buffer
     counters = zeroed_counters(_COUNTERS, num_t_blocks, x.device, 64)
+    pdl = pdl_enabled(x.device)
     _route_fused_kernel[(num_e_tiles, splits, num_t_blocks)](
         x, weight, correction_bias if grouped else weight, partials, counters, weights, ids,
         slots if slots is not None else ids, num_tokens, x.stride(0), float(routed_scaling_factor),
@@ -231,6 +255,6 @@ def route_fused(
         SPLIT_H=split_h, BLOCK_T=BLOCK_T, TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E,
         BLOCK_H=block_h, BLOCK_E_ALL=block_e_all, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(num_groups), GEMV=num_tokens <= GEMV_MAX_TOKENS if gemv is None else gemv,
-        num_warps=4,
+        PDL=pdl, num_warps=4, **launch_kwargs(pdl),
     )
     return weights, ids

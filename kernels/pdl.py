@@ -1,0 +1,101 @@
+"""Programmatic dependent launch (PDL, sm90+) for the kernels of a decode step, behind one switch.
+
+At batch 1 a decode layer is ~11 kernels of 1-25 us, and each kernel boundary costs a fixed launch, CTA
+scheduling and prologue time. A kernel launched with `launch_pdl=True` may be scheduled while its predecessor in
+the stream still runs: `griddepcontrol.wait` (gdc_wait) then blocks until the predecessor grid has completed and
+its memory is visible, and `griddepcontrol.launch_dependents` (gdc_launch_dependents) lets the successor be
+scheduled once every CTA of this grid has executed it or exited.
+
+The switch: `MOE_RT_PDL=1` in the environment (read once) on a CUDA device of compute capability >= 9 (griddepcontrol
+is sm_90 PTX); everywhere else, the CPU interpreter included, PDL is off. Each kernel takes a `PDL: tl.constexpr`
+and calls pdl_wait / pdl_release, which compile to nothing when it is False, and its wrapper launches with
+launch_kwargs(pdl): with the switch off the kernels are compiled and launched exactly as before.
+
+The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks it on the sm90 PTX):
+  (1) before its gdc_wait: no stores at all, and loads only of data that no kernel of the forward writes
+      (weights, norm weights, weight scales, the cos/sin cache), never activations, ids, positions, block tables,
+      sequence lengths or counters. The predecessor may still be writing those; in a CUDA graph (and with the
+      caching allocator) a tensor freed after kernel N was enqueued can be reused by kernel N+1's outputs, so an
+      early store could clobber what N still reads; and a load of mutable data could hit an SM's L1 line left
+      stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for them.
+  (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
+      released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
+      wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts
+      after them). The MoE GEMV down kernel reads the router's topk ids (written before the up kernel) and, through
+      them, its first weight tile this way; nothing else does.
+  (2) gdc_wait.
+  (3) gdc_launch_dependents only after its own gdc_wait. Then, transitively, when kernel N+1 starts every kernel
+      before N has completed, and when N+1 passes its wait, N has too: every kernel's post-wait part runs after all
+      earlier kernels completed, exactly as on a serialized stream. (A trigger before the wait would let N+1 start
+      while N-1 still runs; N+1's wait covers N only, and N-1's stores are made visible to N by N's wait, which
+      promises nothing to N+1. A kernel launched with PDL must also wait at all, even with nothing to read.)
+A kernel launched without PDL (cuBLAS, torch ops, the sampler) waits for its predecessor to complete, as always,
+and a PDL kernel after it finds it complete at its wait: mixed chains stay correct.
+
+Each kernel here releases right after its wait: its dependents are scheduled once every CTA of its grid has passed
+the wait (for a grid of one wave, at once), and they then run their weight prefetch (1) while this one computes.
+
+What each kernel reads before its wait (tests/test_pdl.py checks these on the PTX):
+  norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
+  router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear_gemv and the FP8 GEMV: the first
+  K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing:
+  decode attention and its reduce, the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
+  ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ENV_VAR = "MOE_RT_PDL"
+
+
+@functools.cache
+def env_switch() -> bool:
+    """MOE_RT_PDL: "1" on, unset / "" / "0" off (read once; tests call env_switch.cache_clear())."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV_VAR} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """griddepcontrol assembles for sm_90+ only (and the interpreter has no launch attribute to give)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """The global switch for the decode chain's kernels: MOE_RT_PDL=1 and an sm90+ GPU."""
+    return env_switch() and pdl_supported(device)
+
+
+def launch_kwargs(pdl: bool) -> dict:
+    """Extra launch arguments of a Triton kernel compiled with PDL=pdl."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    # rule (2): from here on the predecessor grid has completed and its stores are visible
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    # rule (3): call only after pdl_wait; the successor may be scheduled once every CTA got here (or exited)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
