@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import tuning  # noqa: E402
 from benchmarks.bench_fp8_linear import ALL_SHAPES, NUM_ROT  # noqa: E402
 from benchmarks.bench_moe import measure_ceilings  # noqa: E402
-from benchmarks.tuning import Budget, rel_err  # noqa: E402
+from benchmarks.tuning import Budget, sweep  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
 from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 from kernels.fp8_linear_config import KEYS, _split, config_file_name, shape_key  # noqa: E402
@@ -174,22 +174,10 @@ def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budge
     weight_bytes = n * k + 4 * (n // 128) * (k // 128)
     floor_us = max((weight_bytes + 2 * m * (k + n)) / ceil["copy_tbps"] / 1e6,
                    2 * m * n * k / ceil["fp8_tflops"] / 1e6)
-    rows = []
-    for cfg in candidates(m, n, k, num_sms):
-        if not budget.left(f"{name} M={m} {cfg}"):
-            continue
-        try:
-            err = rel_err(w8a8_block_linear(x, *qs[0], config=cfg), ref)  # also the eager warm-up call
-            us = time_graph_us(lambda c=cfg: [w8a8_block_linear(x, q, s, config=c) for q, s in qs], rep_ms) / len(qs)
-            us = us if err < TOL else math.inf
-        except Exception as exc:  # noqa: BLE001  out of shared memory / registers
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            us, err = math.inf, math.nan
-            print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        rows.append({"cfg": cfg, "us": us, "err": err})
+    rows, best = sweep(candidates(m, n, k, num_sms), lambda c: w8a8_block_linear(x, *qs[0], config=c), ref,
+                       lambda c: time_graph_us(lambda: [w8a8_block_linear(x, q, s, config=c) for q, s in qs], rep_ms)
+                       / len(qs), TOL, budget, f"{name} M={m}", DEVICE)
     timed = [r for r in rows if math.isfinite(r["us"])]
-    best = min(timed, key=lambda r: r["us"]) if timed else None
     heuristic = rows[0] if rows else None  # candidates() puts the heuristic's config first
     case = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": bf16_us, "floor_us": floor_us, "rows": rows,
             "best": best, "heuristic_us": heuristic["us"] if heuristic else math.nan}

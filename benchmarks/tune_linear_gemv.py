@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import tuning  # noqa: E402
 from benchmarks.bench_e2e import GLM_4_5_AIR, QWEN3_30B_A3B  # noqa: E402
-from benchmarks.tuning import Budget, rel_err  # noqa: E402
+from benchmarks.tuning import Budget  # noqa: E402
 from kernels.linear_gemv import gemv_linear  # noqa: E402
 from kernels.linear_gemv_config import MAX_ROWS, check_config, config_file_name, shape_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
@@ -177,21 +177,10 @@ def sweep_case(shape: tuple, m: int, ws: list, b: torch.Tensor | None, copy_tbps
     cublas_us = _time([lambda w=w: F.linear(x, w, b) for w in ws], args.rep_ms)
     elt = ws[0].element_size()
     floor_us = (n * k + n * bias + m * (k + n)) * elt / copy_tbps / 1e6
-    rows = []
-    for cfg in candidates(m, n, k, num_sms, args.dry_run):
-        if not budget.left(f"{name} M={m} {cfg}"):
-            continue
-        try:
-            err = rel_err(gemv_linear(x, ws[0], b, cfg), ref)  # also the eager warm-up call
-            us = _time([lambda w=w, c=cfg: gemv_linear(x, w, b, c) for w in ws], args.rep_ms) if err < TOL else math.inf
-        except Exception as exc:  # noqa: BLE001  out of shared memory / registers
-            if DEVICE == "cuda":
-                torch.cuda.synchronize()
-            us, err = math.inf, math.nan
-            print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        rows.append({"cfg": cfg, "us": us, "err": err})
+    rows, best = tuning.sweep(candidates(m, n, k, num_sms, args.dry_run), lambda c: gemv_linear(x, ws[0], b, c), ref,
+                              lambda c: _time([lambda w=w: gemv_linear(x, w, b, c) for w in ws], args.rep_ms), TOL,
+                              budget, f"{name} M={m}", DEVICE)
     timed = [r for r in rows if math.isfinite(r["us"])]
-    best = min(timed, key=lambda r: r["us"]) if timed else None
     gemv_us = best["us"] if best else math.inf
     if best is not None:
         # the minimum over many noisy candidates is biased low: the gate compares the winner and cuBLAS timed

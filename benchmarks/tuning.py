@@ -75,3 +75,26 @@ class Budget:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def sweep(configs: Sequence[dict], run: Callable[[dict], torch.Tensor], ref: torch.Tensor,
+          time_us: Callable[[dict], float], tol: float, budget: Budget, what: str,
+          device: str = "cuda") -> tuple[list[dict], dict | None]:
+    """Each config that the budget allows: its output run(cfg) checked against ref (also the eager warm-up call), then
+    time_us(cfg) if within tol. A config that fails to compile or launch (out of shared memory / registers) is
+    skipped with a line. Returns the rows [{cfg, us, err}] and the fastest row (None if none was timed)."""
+    rows = []
+    for cfg in configs:
+        if not budget.left(f"{what} {cfg}"):
+            continue
+        try:
+            err = rel_err(run(cfg), ref)
+            us = time_us(cfg) if err < tol else float("inf")
+        except Exception as exc:  # noqa: BLE001
+            if device == "cuda":
+                torch.cuda.synchronize()
+            us, err = float("inf"), float("nan")
+            print(f"    skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        rows.append({"cfg": cfg, "us": us, "err": err})
+    timed = [r for r in rows if r["us"] < float("inf")]
+    return rows, (min(timed, key=lambda r: r["us"]) if timed else None)
