@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,31 +63,35 @@ _TPOT_BUCKETS = (
 
 
 class _ClusterCollector(Collector):
-    """Per-rank gauges from the coordinator's latest ClusterStats, and throughputs computed from the
-    change of the ranks' cumulative token counts over windows of at least rate_window seconds. The counts move
-    in steps (a rank reports them with its heartbeat, about once a second) while ClusterStats arrive every
-    second: a window as short as the push period would read 0 or twice the rate."""
+    """Per-rank gauges from the coordinator's latest ClusterStats, and throughputs computed from the change of the
+    ranks' cumulative token counts over a sliding window of about rate_window seconds. The counts move in steps (a
+    rank reports them with its heartbeat, about once a second) while ClusterStats arrive every second: a window as
+    short as the push period would read 0 or twice the rate. Until rate_window has passed, the window is what there
+    is (from 0.5 s on); every rank has a gauge (0) from its first snapshot."""
 
     def __init__(self, rate_window: float = 5.0) -> None:
         self.rate_window = rate_window
         self.stats: ClusterStats | None = None
-        self._prev: tuple[float, dict[int, tuple[int, int]]] | None = None
+        self._snapshots: deque[tuple[float, dict[int, tuple[int, int]]]] = deque()
         self.prompt_tps: dict[int, float] = {}
         self.generation_tps: dict[int, float] = {}
 
     def update(self, stats: ClusterStats, now: float | None = None) -> None:
         now = time.time() if now is None else now
         counts = {r.rank: (r.prompt_tokens, r.generation_tokens) for r in stats.ranks}
-        if self._prev is not None and now - self._prev[0] >= self.rate_window:
-            then, prev = self._prev
-            dt = now - then
+        for rank in counts:
+            self.prompt_tps.setdefault(rank, 0.0)
+            self.generation_tps.setdefault(rank, 0.0)
+        # the window starts at the newest snapshot at least rate_window old (older ones are dropped)
+        while len(self._snapshots) > 1 and now - self._snapshots[1][0] >= self.rate_window:
+            self._snapshots.popleft()
+        if self._snapshots and now - self._snapshots[0][0] >= 0.5:
+            then, prev = self._snapshots[0]
             for rank, (p, g) in counts.items():
                 p0, g0 = prev.get(rank, (p, g))
-                self.prompt_tps[rank] = max(p - p0, 0) / dt
-                self.generation_tps[rank] = max(g - g0, 0) / dt
-            self._prev = (now, counts)
-        elif self._prev is None:
-            self._prev = (now, counts)
+                self.prompt_tps[rank] = max(p - p0, 0) / (now - then)
+                self.generation_tps[rank] = max(g - g0, 0) / (now - then)
+        self._snapshots.append((now, counts))
         self.stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
