@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
-from kernels.pdl import env_switch, launch_kwargs, pdl_release, pdl_wait
+from kernels.pdl import env_switch, launch_kwargs, pdl_release, pdl_supported, pdl_wait
 
 GEMV_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 
@@ -155,12 +155,14 @@ def _gemv_down_kernel(
     # the ids and, through them, the first K step's weights are read before the wait: the router wrote the ids
     # two kernels back, complete before the up kernel passed its wait and released this one (rule (1') of
     # kernels/pdl.py); a (the up kernel's output) only after it
-    e = tl.load(ids_ptr + pair).to(tl.int64)
+    # (.cg: from L2, never a line this SM's L1 may still hold from an earlier layer's ids at the same address)
+    e = tl.load(ids_ptr + pair, cache_modifier=".cg").to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     if FUSED_SUM:
         kk = tl.arange(0, TOP_K_PAD)
-        num_handled = tl.sum((tl.load(ids_ptr + kk, mask=kk < TOP_K, other=-1) >= 0).to(tl.int32), 0)
+        num_handled = tl.sum((tl.load(ids_ptr + kk, mask=kk < TOP_K, other=-1, cache_modifier=".cg") >= 0)
+                             .to(tl.int32), 0)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + pair.to(tl.int64) * stride_at + offs_k  # [BLOCK_K]
     e_row = tl.maximum(e, 0)  # (a slot not handled here loads nothing and returns after the wait)
@@ -229,7 +231,8 @@ def gemv_experts(
     up, down = gemv["up"], gemv["down"]
     fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
     sm90 = _sm90(hidden.device)
-    pdl = sm90 and (bool(gemv.get("pdl", False)) or env_switch())  # the table's choice or the global switch
+    # the table's choice or the global switch, on a GPU where PDL is supported (kernels/pdl.py)
+    pdl = pdl_supported(hidden.device) and (bool(gemv.get("pdl", False)) or env_switch())
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     out = torch.empty_like(hidden)

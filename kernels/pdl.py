@@ -6,10 +6,12 @@ the stream still runs: `griddepcontrol.wait` (gdc_wait) then blocks until the pr
 its memory is visible, and `griddepcontrol.launch_dependents` (gdc_launch_dependents) lets the successor be
 scheduled once every CTA of this grid has executed it or exited.
 
-The switch: `MOE_RT_PDL=1` in the environment (read once) on a CUDA device of compute capability >= 9 (griddepcontrol
-is sm_90 PTX); everywhere else, the CPU interpreter included, PDL is off. Each kernel takes a `PDL: tl.constexpr`
-and calls pdl_wait / pdl_release, which compile to nothing when it is False, and its wrapper launches with
-launch_kwargs(pdl): with the switch off the kernels are compiled and launched exactly as before.
+The switch: `MOE_RT_PDL=1` in the environment (read once) on a Hopper GPU (compute capability 9: griddepcontrol is
+sm_90 PTX, and PDL is tested there alone); everywhere else, the CPU interpreter included, PDL is off. Each kernel
+takes a `PDL: tl.constexpr` and calls pdl_wait / pdl_release, which compile to nothing when it is False, and its
+wrapper launches with launch_kwargs(pdl): with the switch off the kernels are compiled and launched as before, except
+the MoE GEMV pair, whose per-table "pdl" variant (the H200 tables' choice at 1 and 8 tokens) now follows these rules
+too (kernels/moe_gemv.py).
 
 The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks it on the sm90 PTX):
   (1) before its gdc_wait: no stores at all, and loads only of data that no kernel of the forward writes
@@ -53,6 +55,9 @@ import triton
 import triton.language as tl
 
 ENV_VAR = "MOE_RT_PDL"
+# the interpreter has no griddepcontrol: kernels compiled with PDL=True still run there (their peeled first steps and
+# early weight loads, checked against the references on the CPU), without the two instructions
+_GDC = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 @functools.cache
@@ -70,15 +75,17 @@ def _capability_major(index: int) -> int:
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """griddepcontrol assembles for sm_90+ only (and the interpreter has no launch attribute to give)."""
+    """Hopper (sm_90) only: griddepcontrol assembles for sm_90+, but PDL is tested on H100/H200 alone (another
+    engine saw CUDA-graph capture fail with the PDL launch attribute on sm_120); the interpreter has no launch
+    attribute to give."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability_major(index) >= 9
+    return _capability_major(index) == 9
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """The global switch for the decode chain's kernels: MOE_RT_PDL=1 and an sm90+ GPU."""
+    """The global switch for the decode chain's kernels: MOE_RT_PDL=1 and a Hopper GPU."""
     return env_switch() and pdl_supported(device)
 
 
@@ -91,11 +98,13 @@ def launch_kwargs(pdl: bool) -> dict:
 def pdl_wait(PDL: tl.constexpr):
     # rule (2): from here on the predecessor grid has completed and its stores are visible
     if PDL:
-        tl.extra.cuda.gdc_wait()
+        if _GDC:
+            tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
 def pdl_release(PDL: tl.constexpr):
     # rule (3): call only after pdl_wait; the successor may be scheduled once every CTA got here (or exited)
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+        if _GDC:
+            tl.extra.cuda.gdc_launch_dependents()

@@ -59,7 +59,7 @@ def test_enabled_only_on_sm90_cuda(monkeypatch):
     _switch(monkeypatch, "1")
     assert pdl.pdl_enabled(torch.device("cpu")) is False  # the interpreter: never
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for major, want in ((8, False), (9, True), (10, True)):
+    for major, want in ((8, False), (10, False), (12, False), (9, True)):  # Hopper only (kernels/pdl.py)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, m=major: (m, 0))
         pdl._capability_major.cache_clear()
         assert pdl.pdl_supported(torch.device("cuda", 0)) is want
@@ -279,6 +279,65 @@ def test_decode_layer_kernels_with_switch_set_match_references(monkeypatch, batc
     assert not torch.equal(caches[0], step["caches"][0])  # the prologue stored this step's k
 
 
+_PDL_MODULES = ("decode_attention", "fp8", "fp8_linear", "fused_moe", "linear_gemv", "moe_align", "norm",
+                "qkv_prologue", "router_fused")
+
+
+def _force_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every wrapper as on a Hopper GPU with the switch on; the interpreter runs the PDL=True kernels without the two
+    # griddepcontrol instructions (kernels/pdl.py _GDC)
+    import importlib
+
+    for name in _PDL_MODULES:
+        monkeypatch.setattr(importlib.import_module(f"kernels.{name}"), "pdl_enabled", lambda device: True)
+    monkeypatch.setattr(importlib.import_module("kernels.moe_gemv"), "pdl_supported", lambda device: True)
+    _switch(monkeypatch, "1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's launches")
+def test_every_launch_has_launch_pdl_exactly_when_compiled_with_pdl(monkeypatch):
+    # a kernel launched with PDL but compiled without its wait would race; compiled with it but launched without,
+    # it would only lose the overlap: both are wrapper bugs. No kernel runs here (the launches are recorded)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels import fp8_linear
+
+    seen = []
+
+    def record(self, *args, grid, warmup, **kw):  # noqa: ANN001, ANN202
+        seen.append((self.fn.__name__, kw.get("PDL", "absent"), kw.get("launch_pdl", False)))
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    _force_pdl(monkeypatch)
+    for batch in (1, 3, 64):
+        p, step = _problem("cpu", torch.float32, batch, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8,
+                           inter=32, top_k=2, ctx=9, page=4)
+        if "gemv" in p["moe_cfg"]:
+            p["moe_cfg"]["gemv"]["pdl"] = True
+        _two_layers(p, step)
+    fp8_linear.w8a8_block_linear(torch.randn(2, 256), torch.zeros(256, 256, dtype=torch.float8_e4m3fn),
+                                 torch.ones(2, 2))
+    assert len({name for name, *_ in seen}) >= 8, seen
+    assert all(pdl_arg is True and launch is True for _, pdl_arg, launch in seen), seen
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pdl_variants_run_in_the_interpreter_and_match_references(monkeypatch, batch):
+    # the PDL=True kernels' own code (peeled first K steps, weight tiles loaded before the wait, the MoE GEMV down
+    # kernel's early ids) against the references: the GPU adds only the two griddepcontrol instructions
+    _force_pdl(monkeypatch)
+    p, step = _problem("cpu", torch.float32, batch, hidden=64, heads=4, kv_heads=2, head_dim=16, experts=8, inter=32,
+                       top_k=2, ctx=9, page=4)
+    if "gemv" in p["moe_cfg"]:
+        p["moe_cfg"]["gemv"]["pdl"] = True
+    first, second = _two_layers(p, step)
+    _check_against_references(p, step, first, step["x"], step["residual"], step["caches"][0], step["caches"][1],
+                              1e-4)
+    _check_against_references(p, step, second, first["y"], first["res2"], step["caches"][2], step["caches"][3],
+                              1e-4)
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 _HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
@@ -302,25 +361,36 @@ def test_pdl_chain_in_cuda_graph_equals_serial(monkeypatch, batch):
     off = _two_layers(p, step)
     _check_against_references(p, step, off[0], step["x"], step["residual"], step["caches"][0], step["caches"][1],
                               2e-2)
+    # each graph its own KV cache (a race between the prologue's store and the attention's read must show in the
+    # graph that has it, not be masked by the other graph's identical store) and its own inputs
+    steps = {"0": step, "1": dict(step, x=step["x"].clone(), caches=[c.clone() for c in step["caches"]])}
     graphs = {}
     for value in ("0", "1"):  # eager first (compiles, sizes the counters), then captured
         _switch(monkeypatch, value)
         assert pdl.pdl_enabled(torch.device("cuda")) is (value == "1")
-        eager = _flat(_two_layers(p, step))
+        eager = _flat(_two_layers(p, steps[value]))
         if value == "1":
             assert all(torch.equal(a, b) for a, b in zip(eager, _flat(off)))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outs = _two_layers(p, step)
+            outs = _two_layers(p, steps[value])
         graphs[value] = (graph, outs)
     gen = torch.Generator(device="cuda").manual_seed(1)
-    for _ in range(5):
-        step["x"].copy_(torch.randn(step["x"].shape, device="cuda", generator=gen))
+    for i in range(200):  # many replays: a race need not show every time
+        x = torch.randn(step["x"].shape, device="cuda", generator=gen)
         got = {}
         for value, (graph, outs) in graphs.items():
+            s = steps[value]
+            s["x"].copy_(x)
+            for layer in outs:  # poisoned: a value read before its kernel wrote it turns the result into NaN
+                for t in layer.values():
+                    if t.is_floating_point():
+                        t.fill_(float("nan"))
+            for c in s["caches"]:  # this step's k / v rows, which the prologue stores and the attention reads
+                c.view(-1, c.shape[2], c.shape[3])[s["slots"]] = float("nan")
             graph.replay()
             got[value] = _flat(outs)
-        assert all(torch.equal(a, b) for a, b in zip(got["1"], got["0"]))
+        assert all(torch.equal(a, b) for a, b in zip(got["1"], got["0"])), f"replay {i}"
         assert not torch.equal(got["1"][0], eager[0])  # new inputs went through
 
 
