@@ -16,11 +16,27 @@ import httpx
 import openai
 import pytest
 
-from tests.test_all2all import free_port
 from tests.test_serve import ROOT, _cmdline, process_tree
 from tests.test_serve_tp import CPU, PROMPTS, _answers, _metric_ranks, models, offline  # noqa: F401
 
 pytestmark = pytest.mark.slow
+
+
+def _free_block(n: int) -> int:
+    """A port p with p .. p + n - 1 free, below Linux's ephemeral range (32768+): an outgoing connection of another
+    test (or of the ranks' own gloo) can take an ephemeral port between our bind checks and the server's bind."""
+    import random
+    import socket
+
+    while True:
+        p = random.randrange(20000, 32000 - n)
+        try:
+            for q in range(p, p + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
 
 
 def _titles(pid: int) -> set[bytes]:
@@ -33,29 +49,37 @@ def _titles(pid: int) -> set[bytes]:
     return out
 
 
-def test_two_nodes_one_endpoint(models: dict[str, str], offline: dict[str, list[str]]) -> None:  # noqa: F811
-    port, master = free_port(), free_port()
-    nodes = []
+def test_two_nodes_one_endpoint(models: dict[str, str], offline: dict[str, list[str]], tmp_path) -> None:  # noqa: ANN001, F811
+    master = _free_block(5)  # the ranks' sockets take master + 1 .. master + 4 (runtime/serve.py)
+    port = _free_block(1)
+    nodes, logs = [], []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(master),
                "-m", "runtime.serve", "--model", models["moe"], *CPU, "--data-parallel-size", "2",
                "--enable-expert-parallel", "--port", str(port)]
-        nodes.append(subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+        # a file, not a pipe nobody reads while waiting: a full pipe would stall the node's processes
+        logs.append(open(tmp_path / f"node{node}.log", "wb"))
+        nodes.append(subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=logs[-1],
                                       stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")))
+
+    def tails() -> str:
+        return "\n".join(f"--- node {i}:\n" + (tmp_path / f"node{i}.log").read_text(errors="replace")[-3000:]
+                         for i in (0, 1))
+
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             for n in nodes:
                 if n.poll() is not None:
-                    pytest.fail(f"a node's torchrun exited with {n.returncode}:\n{n.stdout.read().decode()[-3000:]}")
+                    pytest.fail(f"a node's torchrun exited with {n.returncode}:\n{tails()}")
             try:
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "two nodes: not healthy after 120 s"
+            assert time.monotonic() < deadline, f"two nodes: not healthy after 120 s\n{tails()}"
             time.sleep(0.3)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert _answers(client, "moe") == offline["moe/float32"]
@@ -82,3 +106,5 @@ def test_two_nodes_one_endpoint(models: dict[str, str], offline: dict[str, list[
             if n.poll() is None:
                 os.killpg(n.pid, signal.SIGKILL)
                 n.wait(10)
+        for f in logs:
+            f.close()
