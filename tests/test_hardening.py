@@ -320,3 +320,21 @@ def test_torchrun_socket_folder_is_private(tmp_path: Any, monkeypatch: pytest.Mo
         assert os.stat(run_dir).st_mode & 0o777 == 0o700
     finally:
         os.umask(old)
+
+
+def test_busy_control_port_across_nodes_is_one_line() -> None:
+    import socket
+
+    from runtime.config import ConfigError
+    from runtime.serve import check_control_ports
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port - 3)}  # the first engine's socket is busy
+        with pytest.raises(ConfigError, match=f"port {port} is in use .* needs ports {port - 2}..{port + 1} "
+                                              r"\(MASTER_PORT \+ 1 ..\): pick another --master-port"):
+            check_control_ports(env, 2)
+        check_control_ports(dict(env, LOCAL_WORLD_SIZE="2"), 2)  # one node: ipc sockets, nothing to check
