@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, argparse.Na
         if not args.headless and starts_control_plane(os.environ):
             check_port_free(config.host, config.port)  # before any process starts: a busy port is fatal
         if starts_control_plane(os.environ):
-            check_control_ports(os.environ, config.data_parallel_size)
+            check_control_ports(os.environ, config.data_parallel_size, front_end=not args.headless)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         if "LOCAL_RANK" in os.environ:  # a torchrun worker: end the launch, or torchrun restarts it blindly
@@ -136,20 +136,25 @@ def torchrun_addresses(env: Mapping[str, str], num_ranks: int, ipc_dir: str | No
     return Addresses.ipc(run_dir, num_ranks)
 
 
-def check_control_ports(env: Mapping[str, str], num_ranks: int) -> None:
+def check_control_ports(env: Mapping[str, str], num_ranks: int, front_end: bool = True) -> None:
     """Across nodes the control plane's sockets are tcp ports MASTER_PORT + 1 .. on node 0 (torchrun_addresses):
-    one already in use is a one-line error now, not a coordinator that dies binding it after the ranks started."""
+    one already in use is a one-line error now, not a coordinator that dies binding it after the ranks started.
+    front_end False (--headless): the front end's port is the user's own front end's, bound already."""
     if "LOCAL_RANK" not in env or int(env.get("LOCAL_WORLD_SIZE", "1")) >= int(env.get("WORLD_SIZE", "1")):
         return  # one node: ipc:// sockets in a folder
+    first = int(env["MASTER_PORT"]) + 1
+    advice = "pick another --master-port (with c10d rendezvous: launch again)"
+    if first + 1 + num_ranks > 65535:
+        raise ConfigError(f"the control plane needs ports {first}..{first + 1 + num_ranks} (MASTER_PORT + 1 ..), "
+                          f"past 65535: {advice}")
     addrs = torchrun_addresses(env, num_ranks, None)
-    for address in (addrs.to_coordinator, addrs.to_frontend, *addrs.to_engines):
+    for address in (addrs.to_coordinator, *([addrs.to_frontend] if front_end else []), *addrs.to_engines):
         port = int(address.rsplit(":", 1)[1])
         try:
             check_port_free("0.0.0.0", port)
         except ConfigError:
-            first = int(env["MASTER_PORT"]) + 1
             raise ConfigError(f"port {port} is in use on this node, and the control plane needs ports {first}.."
-                              f"{first + 1 + num_ranks} (MASTER_PORT + 1 ..): pick another --master-port") from None
+                              f"{first + 1 + num_ranks} (MASTER_PORT + 1 ..): {advice}") from None
 
 
 def _cpu_only_env() -> dict[str, str]:

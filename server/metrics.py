@@ -77,18 +77,17 @@ class _ClusterCollector(Collector):
         self.generation_tps: dict[int, float] = {}
 
     def update(self, stats: ClusterStats, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+        now = time.monotonic() if now is None else now
         counts = {r.rank: (r.prompt_tokens, r.generation_tokens) for r in stats.ranks}
-        for rank in counts:
-            self.prompt_tps.setdefault(rank, 0.0)
-            self.generation_tps.setdefault(rank, 0.0)
         # the window starts at the newest snapshot at least rate_window old (older ones are dropped)
         while len(self._snapshots) > 1 and now - self._snapshots[1][0] >= self.rate_window:
             self._snapshots.popleft()
-        if self._snapshots and now - self._snapshots[0][0] >= 0.5:
-            then, prev = self._snapshots[0]
-            for rank, (p, g) in counts.items():
-                p0, g0 = prev.get(rank, (p, g))
+        for rank, (p, g) in counts.items():
+            self.prompt_tps.setdefault(rank, 0.0)
+            self.generation_tps.setdefault(rank, 0.0)
+            # the oldest snapshot that has this rank (a rank that joined later has a shorter window)
+            then, (p0, g0) = next(((t, c[rank]) for t, c in self._snapshots if rank in c), (now, (p, g)))
+            if now - then >= 0.5:
                 self.prompt_tps[rank] = max(p - p0, 0) / (now - then)
                 self.generation_tps[rank] = max(g - g0, 0) / (now - then)
         self._snapshots.append((now, counts))

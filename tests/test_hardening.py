@@ -323,18 +323,45 @@ def test_torchrun_socket_folder_is_private(tmp_path: Any, monkeypatch: pytest.Mo
 
 
 def test_busy_control_port_across_nodes_is_one_line() -> None:
+    import random
     import socket
+
+    import zmq
 
     from runtime.config import ConfigError
     from runtime.serve import check_control_ports
 
+    def free_block(n: int) -> int:  # below the ephemeral range: no other connection takes one meanwhile
+        while True:
+            p = random.randrange(20000, 32000 - n)
+            try:
+                for q in range(p, p + n):
+                    with socket.socket() as sock:
+                        sock.bind(("0.0.0.0", q))
+                return p
+            except OSError:
+                continue
+
+    master = free_block(5)  # coordinator master+1, front end master+2, engines master+3, master+4
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(master)}
+    check_control_ports(env, 2)
     with socket.socket() as busy:
-        busy.bind(("0.0.0.0", 0))
+        busy.bind(("0.0.0.0", master + 3))  # the first engine's socket
         busy.listen()
-        port = busy.getsockname()[1]
-        env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port - 3)}  # the first engine's socket is busy
-        with pytest.raises(ConfigError, match=f"port {port} is in use .* needs ports {port - 2}..{port + 1} "
-                                              r"\(MASTER_PORT \+ 1 ..\): pick another --master-port"):
+        with pytest.raises(ConfigError, match=f"port {master + 3} is in use .* needs ports {master + 1}.."
+                                              rf"{master + 4} \(MASTER_PORT \+ 1 ..\): pick another --master-port"):
             check_control_ports(env, 2)
-        check_control_ports(dict(env, LOCAL_WORLD_SIZE="2"), 2)  # one node: ipc sockets, nothing to check
+    check_control_ports(dict(env, LOCAL_WORLD_SIZE="2"), 2)  # one node: ipc sockets, nothing to check
+    # --headless: the front end's port is the user's own front end, already bound on node 0
+    ctx = zmq.Context()
+    try:
+        front = ctx.socket(zmq.PULL)
+        front.bind(f"tcp://127.0.0.1:{master + 2}")
+        check_control_ports(env, 2, front_end=False)
+        with pytest.raises(ConfigError, match=f"port {master + 2} is in use"):
+            check_control_ports(env, 2)
+    finally:
+        ctx.destroy(linger=0)
+    with pytest.raises(ConfigError, match="past 65535"):
+        check_control_ports(dict(env, MASTER_PORT="65533"), 2)

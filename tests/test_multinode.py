@@ -50,8 +50,8 @@ def _titles(pid: int) -> set[bytes]:
 
 
 def test_two_nodes_one_endpoint(models: dict[str, str], offline: dict[str, list[str]], tmp_path) -> None:  # noqa: ANN001, F811
-    master = _free_block(5)  # the ranks' sockets take master + 1 .. master + 4 (runtime/serve.py)
-    port = _free_block(1)
+    master = _free_block(6)  # the ranks' sockets take master + 1 .. master + 4 (runtime/serve.py), the API + 5
+    port = master + 5
     nodes, logs = [], []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",

@@ -528,10 +528,16 @@ def test_output_reader_keeps_order_under_concurrent_bursts(tmp_path: Any) -> Non
 def test_throughput_gauge_does_not_alias_with_the_stats_pushes() -> None:
     """The ranks' token counts move once a second (with their heartbeat) and ClusterStats arrive every second,
     out of phase: the rate of each window must stay near the true 1000 tok/s (a 1 s window read 0 or 2000)."""
+    from prometheus_client import generate_latest
+
     from runtime.messages import ClusterStats, RankStats
     from server.metrics import _ClusterCollector
 
     collector = _ClusterCollector()
+    collector.update(ClusterStats(ranks=[RankStats(0, 1, 0, 0.1, 0, 0, 0, 0)]), now=99.0)
+    assert collector.generation_tps == {0: 0.0}  # a gauge (0) from the first report on
+    assert 'moe_generation_throughput_tokens_per_second{rank="0"} 0.0' in \
+        generate_latest(_registry(collector)).decode()
     rates = []
     for i in range(120):
         now = 100.0 + i * 1.0 + 0.37 * (i % 3)  # pushes with jitter
@@ -540,3 +546,17 @@ def test_throughput_gauge_does_not_alias_with_the_stats_pushes() -> None:
         if i >= 6:  # past the first rate window
             rates.append(collector.generation_tps[0])
     assert rates and min(rates) > 750 and max(rates) < 1250, (min(rates), max(rates))
+    # a rank that joins later gets its own (shorter) window, not 0 until the first one has passed
+    for i in range(120, 124):
+        now = 100.0 + i
+        collector.update(ClusterStats(ranks=[RankStats(0, 1, 0, 0.1, 0, 0, i, 0),
+                                             RankStats(1, 1, 0, 0.1, 0, 500 * (i - 120), i, 0)]), now=now)
+    assert 400 < collector.generation_tps[1] < 600
+
+
+def _registry(collector):  # noqa: ANN001, ANN202
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
