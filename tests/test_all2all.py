@@ -31,6 +31,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int) -> int:
+    """A port p with p .. p + n - 1 free on every interface, below Linux's ephemeral range (32768+): there no
+    outgoing connection (another test's, the ranks' own gloo) takes one between this check and a server's bind."""
+    import random
+
+    while True:
+        p = random.randrange(20000, 32000 - n)
+        try:
+            for q in range(p, p + n):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", q))
+            return p
+        except OSError:
+            continue
+
+
 def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN202
     num_tokens, hidden, inter, num_experts, top_k = (case[k] for k in ("tokens", "hidden", "inter", "experts", "top_k"))
     gen = torch.Generator().manual_seed(1234 + rank)

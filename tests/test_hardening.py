@@ -323,26 +323,15 @@ def test_torchrun_socket_folder_is_private(tmp_path: Any, monkeypatch: pytest.Mo
 
 
 def test_busy_control_port_across_nodes_is_one_line() -> None:
-    import random
     import socket
 
     import zmq
 
     from runtime.config import ConfigError
     from runtime.serve import check_control_ports
+    from tests.test_all2all import free_port_block
 
-    def free_block(n: int) -> int:  # below the ephemeral range: no other connection takes one meanwhile
-        while True:
-            p = random.randrange(20000, 32000 - n)
-            try:
-                for q in range(p, p + n):
-                    with socket.socket() as sock:
-                        sock.bind(("0.0.0.0", q))
-                return p
-            except OSError:
-                continue
-
-    master = free_block(5)  # coordinator master+1, front end master+2, engines master+3, master+4
+    master = free_port_block(5)  # coordinator master+1, front end master+2, engines master+3, master+4
     env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(master)}
     check_control_ports(env, 2)

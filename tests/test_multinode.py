@@ -16,27 +16,11 @@ import httpx
 import openai
 import pytest
 
+from tests.test_all2all import free_port_block
 from tests.test_serve import ROOT, _cmdline, process_tree
 from tests.test_serve_tp import CPU, PROMPTS, _answers, _metric_ranks, models, offline  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-def _free_block(n: int) -> int:
-    """A port p with p .. p + n - 1 free, below Linux's ephemeral range (32768+): an outgoing connection of another
-    test (or of the ranks' own gloo) can take an ephemeral port between our bind checks and the server's bind."""
-    import random
-    import socket
-
-    while True:
-        p = random.randrange(20000, 32000 - n)
-        try:
-            for q in range(p, p + n):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
 
 
 def _titles(pid: int) -> set[bytes]:
@@ -50,7 +34,7 @@ def _titles(pid: int) -> set[bytes]:
 
 
 def test_two_nodes_one_endpoint(models: dict[str, str], offline: dict[str, list[str]], tmp_path) -> None:  # noqa: ANN001, F811
-    master = _free_block(6)  # the ranks' sockets take master + 1 .. master + 4 (runtime/serve.py), the API + 5
+    master = free_port_block(6)  # the ranks' sockets take master + 1 .. master + 4 (runtime/serve.py), the API + 5
     port = master + 5
     nodes, logs = [], []
     for node in (0, 1):
