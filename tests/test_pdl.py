@@ -396,13 +396,21 @@ def test_pdl_chain_in_cuda_graph_equals_serial(monkeypatch, batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Glm4MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Glm4MoeForCausalLM", "fp8"])
 def test_engine_greedy_tokens_with_pdl(tmp_path, monkeypatch, arch):
-    # the engine (Triton kernels, CUDA graphs) gives the same greedy tokens with MOE_RT_PDL=1 as without
+    # the engine (Triton kernels, CUDA graphs) gives the same greedy tokens with MOE_RT_PDL=1 as without; "fp8": a
+    # GLM-4.5 checkpoint with block-scaled FP8 linears (the W8A8 kernels, their activation quant and split K)
     from runtime import LLM, SamplingParams
     from tests.tiny import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(str(tmp_path / arch), arch, dtype=torch.bfloat16)
+    if arch == "fp8":
+        from tests.test_fp8_linear_model import SHAPES, _fp8_checkpoint
+
+        src = make_tiny_checkpoint(str(tmp_path / "f32"), "Glm4MoeForCausalLM", **SHAPES)
+        path = str(tmp_path / "fp8")
+        _fp8_checkpoint(src, path)
+    else:
+        path = make_tiny_checkpoint(str(tmp_path / arch), arch, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 11, 17, 33, 2, 9)]
 
