@@ -184,9 +184,10 @@ def start_control_plane(config: EngineConfig, addrs: Addresses, lockstep: bool, 
         env.pop(API_KEY_ENV, None)
         if config.api_key:
             env[API_KEY_ENV] = config.api_key
-        code = "import sys; from runtime.serve import api_server_main; api_server_main(sys.argv[1], sys.argv[2])"
+        code = ("import sys; from runtime.serve import api_server_main; "
+                "api_server_main(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
         procs.append(subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config.replace(api_key=None))
-                                       .decode(), msgspec.json.encode(addrs).decode()], env=env,
+                                       .decode(), msgspec.json.encode(addrs).decode(), str(watch_pid or 0)], env=env,
                                       start_new_session=True))
     return procs
 
@@ -209,14 +210,15 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> No
             p.kill()
 
 
-def api_server_main(config_json: str, addrs_json: str) -> None:
+def api_server_main(config_json: str, addrs_json: str, watch_pid: int = 0) -> None:
+    """watch_pid: the launcher; the API server stops once it has exited (0: none)."""
     from server.api_server import run_api_server
 
     set_title("moe-rt: api-server")
     use_secret(secret_from_env())
     config = msgspec.json.decode(config_json, type=EngineConfig)
     config = config.replace(api_key=os.environ.get(API_KEY_ENV) or None)  # start_control_plane put it there
-    run_api_server(config, msgspec.json.decode(addrs_json, type=Addresses))
+    run_api_server(config, msgspec.json.decode(addrs_json, type=Addresses), watch_pid or None)
 
 
 def launch_ranks(config: EngineConfig, addrs: Addresses) -> None:

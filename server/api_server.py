@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -296,8 +298,27 @@ def build_app(config: EngineConfig, client: EngineClient, metrics: Metrics, toke
     return FrontDoor(app, config.api_key, metrics)
 
 
-def run_api_server(config: EngineConfig, addrs: Addresses) -> None:
-    """Process entry (blocking). The launcher starts it with CUDA_VISIBLE_DEVICES=""."""
+def watch_launcher(pid: int, interval_s: float = 1.0) -> threading.Thread:
+    """The API server stops once the launcher that owns the deployment (python -m runtime.serve, or torchrun's
+    agent) has exited. Normally the coordinator says so first (EngineDead: every waiting client gets its 503); this
+    is for when the coordinator is gone too (killed with the launcher, or never bound its sockets): without it the
+    API server would outlive everything, holding its port."""
+    from runtime.cluster.rank_watch import process_alive
+
+    def run() -> None:
+        while process_alive(pid):
+            time.sleep(interval_s)
+        time.sleep(FATAL_EXIT_GRACE_S + 1.0)  # the coordinator's EngineDead path, if it is alive, goes first
+        log.error("the launcher (pid %d) has exited: the API server stops", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="watch-launcher", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_api_server(config: EngineConfig, addrs: Addresses, watch_pid: int | None = None) -> None:
+    """Process entry (blocking). The launcher starts it with CUDA_VISIBLE_DEVICES="" and its own pid (watch_pid)."""
     import uvicorn
 
     from runtime.tokenizer import load_tokenizer
@@ -313,6 +334,8 @@ def run_api_server(config: EngineConfig, addrs: Addresses) -> None:
         asyncio.get_running_loop().call_later(FATAL_EXIT_GRACE_S, os.kill, os.getpid(), signal.SIGTERM)
 
     client.on_fatal = exit_soon
+    if watch_pid:
+        watch_launcher(watch_pid)
     app = build_app(config, client, metrics, tokenizer)
     log.info(
         "OpenAI API for %r on http://%s:%d (max_model_len %d)",

@@ -354,3 +354,45 @@ def test_busy_control_port_across_nodes_is_one_line() -> None:
         ctx.destroy(linger=0)
     with pytest.raises(ConfigError, match="past 65535"):
         check_control_ports(dict(env, MASTER_PORT="65533"), 2)
+
+
+def test_api_server_stops_once_its_launcher_is_gone(tmp_path: Any) -> None:
+    # no coordinator ever comes (a launcher killed with its coordinator, or one whose coordinator never bound its
+    # sockets): the API server must not outlive the launcher, holding its port
+    import httpx
+
+    from runtime.config import EngineConfig
+    from runtime.serve import _cpu_only_env
+    from tests.tiny import write_tokenizer
+
+    path = str(tmp_path)
+    write_tokenizer(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"vocab_size": 512, "max_position_embeddings": 64, "architectures": ["Fake"]}, f)
+    port = unit._free_port()
+    config = EngineConfig(model=path, port=port, served_model_name="fake")
+    addrs = Addresses(to_coordinator=f"ipc://{path}/coord", to_frontend=f"ipc://{path}/front", to_engines=[])
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+    code = ("import sys; from runtime.serve import api_server_main; "
+            "api_server_main(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+    api = subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config).decode(),
+                            msgspec.json.encode(addrs).decode(), str(launcher.pid)], env=_cpu_only_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # it serves while the launcher lives (health: no engine has reported yet)
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 503:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, "the API server did not come up"
+            time.sleep(0.2)
+        launcher.wait(10)
+        api.wait(30)  # the launcher's exit + the grace for a coordinator's own EngineDead + uvicorn's shutdown
+        assert "the launcher (pid" in api.stdout.read().decode()
+    finally:
+        for p in (launcher, api):
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
