@@ -12,13 +12,12 @@ import sys
 import tempfile
 import time
 
-import httpx
 import openai
 import pytest
 
 from tests.test_all2all import free_port_block
 from tests.test_serve import ROOT, _cmdline, process_tree
-from tests.test_serve_tp import CPU, PROMPTS, _answers, _metric_ranks, models, offline  # noqa: F401
+from tests.test_serve_tp import CPU, PROMPTS, _answers, _metric_ranks, models, offline, wait_healthy  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +52,7 @@ def test_two_nodes_one_endpoint(models: dict[str, str], offline: dict[str, list[
 
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            for n in nodes:
-                if n.poll() is not None:
-                    pytest.fail(f"a node's torchrun exited with {n.returncode}:\n{tails()}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"two nodes: not healthy after 120 s\n{tails()}"
-            time.sleep(0.3)
+        wait_healthy(base, nodes, 120, tails)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert _answers(client, "moe") == offline["moe/float32"]
         assert _answers(client, "moe") == offline["moe/float32"]  # (round two: every prompt on the other rank)

@@ -61,6 +61,22 @@ def offline(models: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
+def wait_healthy(base: str, procs: list[subprocess.Popen], timeout_s: float, describe: Any) -> None:
+    """Until base/health is 200; fails at once when one of procs exits, or at the deadline (describe(): the logs)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"exited with {p.returncode}: {describe()}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"not healthy after {timeout_s} s: {describe()}"
+        time.sleep(0.3)
+
+
 @contextmanager
 def serving(cmd: list[str], timeout_s: float = 120.0) -> Iterator[tuple[openai.OpenAI, str]]:
     """Starts cmd (+ a free port), waits for /health; always torn down, no process left behind."""
@@ -70,17 +86,7 @@ def serving(cmd: list[str], timeout_s: float = 120.0) -> Iterator[tuple[openai.O
                             stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"not healthy after {timeout_s} s: {' '.join(cmd)}"
-            time.sleep(0.3)
+        wait_healthy(base, [proc], timeout_s, lambda: f"{' '.join(cmd)}:\n{proc.stdout.read().decode()[-3000:]}")
         yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60), base
     finally:
         if proc.poll() is None:
