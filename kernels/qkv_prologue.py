@@ -86,17 +86,19 @@ def _qkv_prologue_kernel(
     src = qkv_ptr + t * stride_t + h * HEAD_DIM
     j = tl.arange(0, BLOCK_HALF)[None, :]
     jmask = hmask & (j < HALF)
-    if PDL:
-        # the q/k norm weights are no kernel's output: read them while the predecessor drains (kernels/pdl.py);
-        # qkv, positions and slots only after the wait
-        if QK_NORM:
-            w1 = _norm_weight(qw_ptr, kw_ptr, is_q, j, j < HALF)
-            w2 = _norm_weight(qw_ptr, kw_ptr, is_q, HALF + j, j < HALF)
-            if BLOCK_REST > 0:
-                rw = 2 * HALF + tl.arange(0, BLOCK_REST)[None, :]
-                wr = _norm_weight(qw_ptr, kw_ptr, is_q, rw, rw < HEAD_DIM)
-        pdl_wait(PDL)
-        pdl_release(PDL)
+    # the q/k norm weights are no kernel's output: read first, with PDL while the predecessor drains
+    # (kernels/pdl.py); qkv, positions and slots only after the wait. The same code with PDL off: the two variants
+    # then differ by the two griddepcontrol instructions alone (measured: when only the PDL variant loaded them
+    # early, the compiler rounded q differently, 1 ulp in ~3% of tokens, which tests/test_pdl.py's bit-for-bit
+    # comparison of PDL on and off reads as a race)
+    if QK_NORM:
+        w1 = _norm_weight(qw_ptr, kw_ptr, is_q, j, j < HALF)
+        w2 = _norm_weight(qw_ptr, kw_ptr, is_q, HALF + j, j < HALF)
+        if BLOCK_REST > 0:
+            rw = 2 * HALF + tl.arange(0, BLOCK_REST)[None, :]
+            wr = _norm_weight(qw_ptr, kw_ptr, is_q, rw, rw < HEAD_DIM)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     x1 = tl.load(src + j, mask=jmask, other=0.0).to(tl.float32)  # rotary channels [0, HALF)
     x2 = tl.load(src + HALF + j, mask=jmask, other=0.0).to(tl.float32)  # [HALF, 2 HALF)
     if BLOCK_REST > 0:  # partial rotary: channels [2 HALF, HEAD_DIM) are normed but not rotated
@@ -108,15 +110,10 @@ def _qkv_prologue_kernel(
         if BLOCK_REST > 0:
             ss += tl.sum(xr * xr, 1)
         inv = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]  # [BLOCK_H, 1]
-        if not PDL:
-            w1 = _norm_weight(qw_ptr, kw_ptr, is_q, j, j < HALF)
-            w2 = _norm_weight(qw_ptr, kw_ptr, is_q, HALF + j, j < HALF)
         # rounded as rms_norm does: the normed value, then the product with the weight
         x1 = ((x1 * inv).to(act).to(tl.float32) * w1.to(tl.float32)).to(act).to(tl.float32)
         x2 = ((x2 * inv).to(act).to(tl.float32) * w2.to(tl.float32)).to(act).to(tl.float32)
         if BLOCK_REST > 0:
-            if not PDL:
-                wr = _norm_weight(qw_ptr, kw_ptr, is_q, r, r < HEAD_DIM)
             xr = ((xr * inv).to(act).to(tl.float32) * wr.to(tl.float32)).to(act).to(tl.float32)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # [1, BLOCK_HALF]

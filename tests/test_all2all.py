@@ -7,8 +7,10 @@ import faulthandler
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 import pytest
@@ -178,7 +180,12 @@ def _traced(rank: int, worker, dump_after_s: float, *args) -> None:  # noqa: ANN
     # a hung rank says where it hangs: before the test's deadline, and when killed from outside (an outer timeout)
     faulthandler.dump_traceback_later(dump_after_s, exit=False)
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    worker(rank, *args)
+    try:
+        worker(rank, *args)
+    except BaseException:  # torch's spawn wrapper only queues the traceback for a join() the tests do not call
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
 
 
 def spawn_ranks(worker, args: tuple, world: int, timeout_s: float, what: str) -> mp.ProcessContext:

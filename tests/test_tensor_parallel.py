@@ -330,7 +330,7 @@ def _gpu_worker(rank: int, world: int, port: int, models: dict[str, str], result
         engine, stats = build_engine(config, parallel)
         result[f"{arch}/graphs"] = engine.runner.graphs is not None
         if parallel.is_tp_leader:
-            tokens = _lead(engine, prompts())
+            tokens, _ = _lead(engine, dict(enumerate(prompts())))
             result[arch] = {k: v for k, v in tokens.items()}
         else:
             engine.runner.follow(tp_follower_stats(stats, parallel))
