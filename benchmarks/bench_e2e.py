@@ -7,7 +7,7 @@ Floor: bytes a decode step must read (experts touched + attention/router weights
 device-to-device copy bandwidth measured in this run; prefill floor: FLOPs over the measured matmul rate.
 
     python benchmarks/bench_e2e.py --out e2e.json [--quantization fp8] [--no-hf] [--no-async-scheduling] [--as-served]
-        [--pdl]
+        [--pdl | --no-pdl]
 
 Long context: --max-model-len 131072 adds Qwen3's yarn block (factor 4 over 32768, as its model card says),
 --kv-cache-dtype fp8 puts the KV in FP8, --prompt-len 131072 times one prompt prefilled in --prefill chunks
@@ -369,13 +369,14 @@ def main() -> None:
                         help="batch sizes to profile eagerly, kernel by kernel")
     parser.add_argument("--mixed", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                         help="prompt lengths: time the largest batch's decode step carrying one such prompt")
-    parser.add_argument("--pdl", action="store_true",
-                        help="programmatic dependent launch for the decode chain's kernels (sets MOE_RT_PDL=1 before "
-                             "any kernel launches; kernels/pdl.py)")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                        help="programmatic dependent launch for the decode chain's kernels, on by default on Hopper "
+                             "(--no-pdl sets MOE_RT_PDL=0, --pdl MOE_RT_PDL=1 before any kernel launches; "
+                             "kernels/pdl.py)")
     parser.add_argument("--out", default="e2e.json")
     args = parser.parse_args()
-    if args.pdl:
-        os.environ["MOE_RT_PDL"] = "1"
+    if args.pdl is not None:
+        os.environ["MOE_RT_PDL"] = "1" if args.pdl else "0"
 
     from kernels.pdl import pdl_enabled
 

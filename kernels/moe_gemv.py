@@ -17,8 +17,8 @@ activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused
 
 Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
 "down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: both kernels (and the
-top-k sum) are launched with programmatic dependent launch on a Hopper GPU (kernels/pdl.py; the global switch
-MOE_RT_PDL=1 turns it on whatever the table says). The up kernel waits first (its ids are its predecessor's
+top-k sum) are launched with programmatic dependent launch on a Hopper GPU (kernels/pdl.py; the global switch,
+on by default there, turns it on whatever the table says). The up kernel waits first (its ids are its predecessor's
 output); the down kernel reads the ids and its first K step's weights before its wait (rule (1') of kernels/pdl.py:
 the router wrote them two kernels back), which is what the table's pdl variant measured (25.4 -> 23.6 us per layer
 at one bf16 token on an H200). prefetch: the

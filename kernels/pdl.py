@@ -6,12 +6,14 @@ the stream still runs: `griddepcontrol.wait` (gdc_wait) then blocks until the pr
 its memory is visible, and `griddepcontrol.launch_dependents` (gdc_launch_dependents) lets the successor be
 scheduled once every CTA of this grid has executed it or exited.
 
-The switch: `MOE_RT_PDL=1` in the environment (read once) on a Hopper GPU (compute capability 9: griddepcontrol is
-sm_90 PTX, and PDL is tested there alone); everywhere else, the CPU interpreter included, PDL is off. Each kernel
-takes a `PDL: tl.constexpr` and calls pdl_wait / pdl_release, which compile to nothing when it is False, and its
-wrapper launches with launch_kwargs(pdl): with the switch off the kernels are compiled and launched as before, except
-the MoE GEMV pair, whose per-table "pdl" variant (the H200 tables' choice at 1 and 8 tokens) now follows these rules
-too (kernels/moe_gemv.py).
+The switch: on by default on a Hopper GPU (compute capability 9: griddepcontrol is sm_90 PTX, and PDL is tested
+there alone), `MOE_RT_PDL=0` in the environment (read once) turns it off; everywhere else, the CPU interpreter
+included, PDL is off. Measured on an H200 (2026-11-29, benchmarks/RESULTS.md), Qwen3-30B-A3B decode step at batch
+1: bf16 3.19 -> 2.97 ms, FP8 2.80 -> 2.57 ms; outputs bit for bit those without PDL (tests/test_pdl.py, 200 graph
+replays at 1 / 8 / 64 tokens). Each kernel takes a `PDL: tl.constexpr` and calls pdl_wait / pdl_release, which
+compile to nothing when it is False, and its wrapper launches with launch_kwargs(pdl). With the switch off the
+kernels are compiled and launched without PDL, except the MoE GEMV pair where its table's "pdl" variant says so
+(the H200 tables at 1 and 8 tokens; kernels/moe_gemv.py).
 
 The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks it on the sm90 PTX):
   (1) before its gdc_wait: no stores at all, and loads only of data that no kernel of the forward writes
@@ -62,11 +64,11 @@ _GDC = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 @functools.cache
 def env_switch() -> bool:
-    """MOE_RT_PDL: "1" on, unset / "" / "0" off (read once; tests call env_switch.cache_clear())."""
+    """MOE_RT_PDL: unset / "" / "1" on, "0" off (read once; tests call env_switch.cache_clear())."""
     value = os.environ.get(ENV_VAR, "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{ENV_VAR} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return value != "0"
 
 
 @functools.cache
@@ -85,7 +87,7 @@ def pdl_supported(device: torch.device) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """The global switch for the decode chain's kernels: MOE_RT_PDL=1 and a Hopper GPU."""
+    """The global switch for the decode chain's kernels: a Hopper GPU, unless MOE_RT_PDL=0."""
     return env_switch() and pdl_supported(device)
 
 

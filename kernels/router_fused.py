@@ -215,6 +215,7 @@ def route_fused(
     routed_scaling_factor: float = 1.0,
     num_splits: int | None = None,  # H split; None: _fused_config's choice
     gemv: bool | None = None,  # products summed in registers, not tl.dot; None: up to GEMV_MAX_TOKENS rows
+    ids_out: torch.Tensor | None = None,  # [num_tokens, top_k] int32 contiguous: the ids written here
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, weight, correction_bias)
     num_tokens, hidden = x.shape
@@ -232,7 +233,11 @@ def route_fused(
     if grouped and top_k > topk_groups * (num_experts // num_groups):
         raise ValueError(f"top_k={top_k} exceeds the experts of the {topk_groups} chosen groups")
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+    if ids_out is not None and (ids_out.shape != (num_tokens, top_k) or ids_out.dtype != torch.int32
+                                or not ids_out.is_contiguous() or ids_out.device != x.device):
+        raise ValueError(f"ids_out must be a contiguous int32 [{num_tokens}, {top_k}] tensor on {x.device}, got "
+                         f"{ids_out.dtype} {tuple(ids_out.shape)} on {ids_out.device}")
+    ids = ids_out if ids_out is not None else torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
     if num_tokens == 0:
         return weights, ids
     splits, block_h = _fused_config(num_tokens, num_experts, hidden, _num_sms(x.device))

@@ -59,12 +59,14 @@ class Router(nn.Module):
         self._route_fused = route_fused if args.use_triton else None  # GEMM + top-k in one launch, decode sizes
         self._fused_max_tokens = FUSED_MAX_TOKENS_FP32 if grouped else FUSED_MAX_TOKENS
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # slots [T]: rows with slot < 0 are padding and get expert ids -1, in the top-k kernel itself
+    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None,
+                ids_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # slots [T]: rows with slot < 0 are padding and get expert ids -1, in the top-k kernel itself; ids_out
+        # [T, k] int32: where the fused kernel may write the ids (the expert statistics' step buffer)
         r = self.routing
         if self._route_fused is not None and x.shape[0] <= self._fused_max_tokens:
             return self._route_fused(x, self.weight, r.top_k, r.renormalize, slots, self.e_score_correction_bias,
-                                     r.num_groups, r.topk_groups, r.routed_scaling_factor)
+                                     r.num_groups, r.topk_groups, r.routed_scaling_factor, ids_out=ids_out)
         logits = F.linear(x.to(self.weight.dtype), self.weight)  # [T, E]; .to is free when the dtypes match
         if self.e_score_correction_bias is None:
             return self._route(logits, r.top_k, r.renormalize, slots)
@@ -249,7 +251,9 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # padding rows (slot -1: a padded batch's filler; slots [T]) get expert id -1 inside the top-k kernel:
         # no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
-        topk_weights, topk_ids = self.gate(x, slots)  # [T, k] fp32, [T, k] int32 global ids
+        ids_out = (self.dispatcher.routing_ids_out(x.shape[0], self.gate.routing.top_k)
+                   if self.dispatcher is not None else None)
+        topk_weights, topk_ids = self.gate(x, slots, ids_out)  # [T, k] fp32, [T, k] int32 global ids
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
             out = self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)

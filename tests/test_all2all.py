@@ -360,29 +360,92 @@ def test_capacity_slots_cover_uniform_routing() -> None:
         EngineConfig(all2all_static_max_tokens=-1)
 
 
-def test_routed_token_counts_take_two_launches_per_moe_layer() -> None:
-    """A served rank counts each MoE layer's routing inside the forward (in the decode graph): padding rows (id -1)
-    count nowhere, int32 and int64 ids alike, in two kernels (remainder, index_add) rather than five."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _Ops:
+    """Records the aten ops (kernels, on a GPU) run inside it; views are free."""
 
+    def __new__(cls) -> Any:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Ops(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ops: list[str] = []
+
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                if not func.is_view:
+                    self.ops.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        return Ops()
+
+
+def test_routed_token_counts_per_layer_without_a_step_buffer() -> None:
+    """Without a step buffer (max_tokens 0, or a step larger than it) each MoE layer's routing is counted where it
+    is recorded: padding rows (id -1) count nowhere, int32 and int64 ids alike, in two kernels (remainder,
+    index_add) rather than five."""
     from runtime.distributed.expert_stats import ExpertStats
-
-    class Kernels(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if not func.is_view:
-                self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
 
     stats = ExpertStats(num_moe_layers=2, num_experts=6, device=torch.device("cpu"))
     ids = torch.tensor([[0, 5], [-1, -1], [5, 2], [3, -1]], dtype=torch.int32)  # [T, k], a padding row
     for layer_ids in (ids, ids.long()):
-        kernels = Kernels()
+        kernels = _Ops()
         with kernels:
             stats.record_routing(layer_ids)
         assert kernels.ops == ["aten.remainder", "aten.index_add_"]
     assert stats.routed_tokens.tolist() == [[1, 0, 1, 1, 0, 2], [1, 0, 1, 1, 0, 2]]
     assert stats.counters().tolist()[:12] == [1, 0, 1, 1, 0, 2] * 2  # the snapshot leaves the padding out
+
+
+def test_routed_token_counts_once_per_step_from_the_step_buffer() -> None:
+    """A served rank (max_tokens > 0): each MoE layer's ids go to a step buffer, the fused router writes them there
+    itself (then the layer runs no kernel), and the last MoE layer counts the whole step in three kernels. Counts
+    equal the per-layer path's, over steps of different sizes (stale rows of a larger earlier step count nowhere),
+    a re-run step and a step too large for the buffer."""
+    from kernels.router_fused import route_fused
+    from runtime.distributed.expert_stats import ExpertStats
+
+    layers, experts, k = 3, 6, 2
+    gen = torch.Generator().manual_seed(0)
+    buffered = ExpertStats(layers, experts, torch.device("cpu"), max_tokens=5)
+    direct = ExpertStats(layers, experts, torch.device("cpu"))
+    for num_tokens in (5, 2, 7, 3):
+        for stats in (buffered, direct):
+            stats.begin_step(), stats.end_step(None)
+        for layer in range(layers):
+            ids = torch.randint(-1, experts, (num_tokens, k), generator=gen, dtype=torch.int32)
+            ids[0] = -1  # a padding row
+            out = buffered.routing_ids_out(num_tokens, k)
+            assert (out is None) is (num_tokens > 5)
+            if out is not None and layer % 2 == 0:  # as the router does: written in place, nothing to move
+                out.copy_(ids)
+                ids = out
+            given = ids.long() if layer == 1 else ids  # the torch router's int64 ids
+            kernels = _Ops()
+            with kernels:
+                assert buffered.record_routing(given) == layer
+            direct.record_routing(ids.clone())
+            if num_tokens > 5:
+                assert kernels.ops == ["aten.remainder", "aten.index_add_"]
+            else:
+                moved = [] if layer % 2 == 0 else ["aten.copy_"]
+                counted = ["aten.remainder", "aten.add", "aten.index_add_"] if layer == layers - 1 else []
+                assert kernels.ops == moved + counted, (layer, kernels.ops)
+        assert torch.equal(buffered.routed_tokens, direct.routed_tokens), num_tokens
+    # a step re-run (a static exchange overflowed): its first pass is taken back, the re-run counts
+    before = buffered.routed_tokens.clone()
+    ids = torch.randint(0, experts, (4, k), generator=gen, dtype=torch.int32)
+    for _ in range(2):
+        buffered.begin_step()
+        for layer in range(layers):
+            buffered.record_routing(ids, checkpoint=True)
+        if _ == 0:
+            buffered.rerun_step()
+    want = before + torch.stack([torch.bincount(ids.flatten().long(), minlength=experts)] * layers)
+    assert torch.equal(buffered.routed_tokens, want)
+    # the fused router (interpreter) writes its ids into the given buffer and returns it
+    x, w = torch.randn(3, 64, generator=gen), torch.randn(experts, 64, generator=gen)
+    out = buffered.routing_ids_out(3, k)
+    weights, got = route_fused(x, w, k, True, ids_out=out)
+    assert got is out and torch.equal(got, route_fused(x, w, k, True)[1])
+    with pytest.raises(ValueError, match="ids_out must be a contiguous int32"):
+        route_fused(x, w, k, True, ids_out=torch.empty(3, k, dtype=torch.int64))

@@ -45,8 +45,8 @@ def _fresh_switch():
 
 
 def test_env_switch_parses_and_is_read_once(monkeypatch):
-    for value, want in ((None, False), ("", False), ("0", False), ("1", True), (" 1 ", True)):
-        _switch(monkeypatch, value)
+    for value, want in ((None, True), ("", True), ("0", False), (" 0 ", False), ("1", True), (" 1 ", True)):
+        _switch(monkeypatch, value)  # on unless turned off
         assert pdl.env_switch() is want, value
     monkeypatch.setenv(pdl.ENV_VAR, "0")  # cached: a change after the first read is not seen
     assert pdl.env_switch() is True

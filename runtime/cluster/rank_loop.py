@@ -344,7 +344,8 @@ def build_engine(config: EngineConfig, parallel: Any, timed: bool = False) -> tu
     info = config.model_info()
     if info.num_experts == 0:
         return LLMEngine(config, parallel), None
-    stats = ExpertStats(info.num_moe_layers, info.num_experts, parallel.device, timed=timed)
+    stats = ExpertStats(info.num_moe_layers, info.num_experts, parallel.device, timed=timed,
+                        max_tokens=config.max_num_batched_tokens)
     dispatcher = make_backend(config, parallel, info.num_experts, stats)
     engine = LLMEngine(config, parallel, dispatcher)
     stats.attach_timers(engine.model)

@@ -66,6 +66,10 @@ class All2AllBackend(ABC):
     def record_routing(self, topk_ids: torch.Tensor) -> int:
         return self.stats.record_routing(topk_ids) if self.stats is not None else 0
 
+    def routing_ids_out(self, num_tokens: int, top_k: int) -> torch.Tensor | None:
+        """Where the next MoE layer's router may put its ids (the statistics' step buffer), or None."""
+        return self.stats.routing_ids_out(num_tokens, top_k) if self.stats is not None else None
+
     @abstractmethod
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]: ...
