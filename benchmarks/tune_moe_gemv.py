@@ -15,13 +15,17 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import triton
 from bench_moe import NUM_ROT, SHAPES, bench_graph, measure_ceilings
 
+from kernels import pdl as pdl_switch
 from kernels.fp8 import quantize_weight_block
 from kernels.fused_moe import fused_experts
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name, get_moe_config
@@ -116,6 +120,24 @@ class GemvProblem:
         return run
 
 
+@contextmanager
+def _global_pdl_off() -> Iterator[None]:
+    """The global PDL switch off (kernels/pdl.py: on by default on Hopper, where it launches the GEMV pair with PDL
+    whatever its "pdl" key says): inside, a variant's "pdl" key alone decides, as the key means
+    (kernels/moe_gemv.py)."""
+    old = os.environ.get(pdl_switch.ENV_VAR)
+    os.environ[pdl_switch.ENV_VAR] = "0"
+    pdl_switch.env_switch.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(pdl_switch.ENV_VAR, None)
+        else:
+            os.environ[pdl_switch.ENV_VAR] = old
+        pdl_switch.env_switch.cache_clear()
+
+
 def _time(run, rep_ms: int = 5) -> float:
     try:
         run()
@@ -204,12 +226,13 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         print(f"  {shape} {dtype} M={m}: gemv up {up[0]:.1f} us {json.dumps(up[2])}, down {down[0]:.1f} us "
               f"{json.dumps(down[2])}", flush=True)
         layers = []
-        for fused_sum in ([False, True] if m == 1 else [False]):
-            for pdl in (False, True):
-                for prefetch in (False, True):
-                    gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl,
-                            "prefetch": prefetch}
-                    layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
+        with _global_pdl_off():  # else "pdl": False would be timed with PDL too
+            for fused_sum in ([False, True] if m == 1 else [False]):
+                for pdl in (False, True):
+                    for prefetch in (False, True):
+                        gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl,
+                                "prefetch": prefetch}
+                        layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
         new_us, _, gemv = min(layers)
         old_us = _time(prob.layer_run(base), 25)
         floor = _floor_us(prob, ceil)

@@ -177,7 +177,7 @@ def test_gemv_compiles_for_sm90():
     assert up16["sass_ops"]["LDGSTS"] > 0 and up8["evict"]  # a cp.async ring at 3 stages; evict-first w13 loads
 
 
-def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
+def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
     # the tuner's plumbing in the interpreter: candidates timed (a fake clock that favours the first of each
     # sweep and calls the tl.dot layer slowest), the bucket's "gemv" key written, other buckets kept as they were
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -194,10 +194,17 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
         {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
         {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}])
     calls = []
+    from kernels import pdl
+
+    monkeypatch.delenv(pdl.ENV_VAR, raising=False)  # the default: PDL on where supported
+    pdl.env_switch.cache_clear()
+    request.addfinalizer(pdl.env_switch.cache_clear)  # later tests read the environment as it is again
+    switch = []  # the global PDL switch at each timing: off for the GEMV variants, whose "pdl" key decides
 
     def fake_time(run, rep_ms=5):
         run()
         calls.append(run)
+        switch.append(pdl.env_switch())
         return float(len(calls))
 
     monkeypatch.setattr(tg, "_time", fake_time)
@@ -210,6 +217,7 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
     rows = tg.tune_gemv("tiny", [1, 64], "bf16", tmp_path / "out", {"copy_tbps": 1.0})
     assert len(rows) == 1 and rows[0]["chosen"] == "gemv"
     assert len(calls) == 2 + 2 + 8 + 1  # up and down tiles, layers: fused_sum x pdl x prefetch, the tl.dot one
+    assert switch[4:] == [False] * 8 + [True] and pdl.env_switch() is True  # the tl.dot layer as served
     table = json.loads((tmp_path / "out" / "configs" / name).read_text())
     assert table["64"] == base["64"]
     first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
@@ -226,9 +234,15 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("pdl,fused_sum,prefetch", [(False, False, False), (True, False, True), (True, True, True),
                                                     (False, True, True)])
-def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch):
+def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch, monkeypatch, request):
     # Qwen3-30B-A3B experts: the reference's answer, the same bits on every run, and in CUDA-graph replays with
     # new routings (PDL edges and the fused sum's counters inside a graph)
+    from kernels import pdl as pdl_switch
+
+    # the global switch (on by default on Hopper) would launch the pair with PDL whatever the table's "pdl" says
+    monkeypatch.setenv(pdl_switch.ENV_VAR, "1" if pdl else "0")
+    pdl_switch.env_switch.cache_clear()
+    request.addfinalizer(pdl_switch.env_switch.cache_clear)
     num_experts, hidden, inter, top_k = 128, 2048, 768, 8
     torch.manual_seed(num_tokens)
     x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
