@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call for issue 16's small-batch decode (the dense GEMV linear and PDL, both built without a GPU on
-# 2026-11-29 and off until measured). Two lanes, in parallel on nvidia-h200-x2 (one per GPU), one after the other
+# One device call for issue 16's small-batch decode: the dense GEMV linear and PDL (built without a GPU on
+# 2026-11-29 and measured the same day: the GEMV table is committed, PDL is on by default on Hopper, so the
+# baselines pass --no-pdl). Two lanes, in parallel on nvidia-h200-x2 (one per GPU), one after the other
 # on a single GPU (then give LANES=a or LANES=b per call: each lane is ~8 minutes).
 #   lane a (GPU 0, bf16): bench_e2e B=1,8,64 as today (the baseline); the GEMV tuner (its own cuBLAS baseline in
 #     the same process; a table entry only where the GEMV wins by >= 3%, re-timed); bench_e2e with that table;
@@ -20,12 +21,12 @@ E2E="--no-hf --batch-sizes 1,8,64 --async-scheduling --steps 30"
 
 lane_a() {
   export TRITON_CACHE_DIR=/tmp/triton_a
-  timeout 100 python3 benchmarks/bench_e2e.py $E2E --out $R/e2e_bf16_base.json 2>&1 | grep -E "^ours decode|SUMMARY"
+  timeout 100 python3 benchmarks/bench_e2e.py $E2E --no-pdl --out $R/e2e_bf16_base.json 2>&1 | grep -E "^ours decode|SUMMARY"
   timeout 170 python3 benchmarks/tune_linear_gemv.py --shapes qwen3 --tp 1 --m 1,2,4,8,16 --budget-s 130 \
     --out-dir $R/gemv 2>&1 | grep -E "M=|summary" | cut -c1-220
   cp $R/gemv/configs/linear_gemv_*.json kernels/configs/ 2>/dev/null && cp $R/gemv/configs/linear_gemv_*.json \
     $OUT/linear_gemv_table.json && echo "GEMV table in use: $(cat kernels/configs/linear_gemv_*.json | tr -d ' \n' | cut -c1-300)"
-  timeout 100 python3 benchmarks/bench_e2e.py $E2E --out $R/e2e_bf16_gemv.json 2>&1 | grep -E "^ours decode|SUMMARY"
+  timeout 100 python3 benchmarks/bench_e2e.py $E2E --no-pdl --out $R/e2e_bf16_gemv.json 2>&1 | grep -E "^ours decode|SUMMARY"
   timeout 100 python3 benchmarks/bench_e2e.py $E2E --pdl --out $R/e2e_bf16_gemv_pdl.json 2>&1 \
     | grep -E "^ours decode|SUMMARY"
 }
@@ -33,7 +34,7 @@ lane_a() {
 lane_b() {
   cd /tmp/lane_b_tree
   export TRITON_CACHE_DIR=/tmp/triton_b
-  timeout 100 python3 benchmarks/bench_e2e.py $E2E --quantization fp8 --out $R/e2e_fp8_base.json 2>&1 \
+  timeout 100 python3 benchmarks/bench_e2e.py $E2E --quantization fp8 --no-pdl --out $R/e2e_fp8_base.json 2>&1 \
     | grep -E "^ours decode|SUMMARY"
   timeout 100 python3 benchmarks/bench_e2e.py $E2E --quantization fp8 --pdl --out $R/e2e_fp8_pdl.json 2>&1 \
     | grep -E "^ours decode|SUMMARY"

@@ -31,7 +31,8 @@ MODULES = ["decode_attention", "fused_moe", "linear_gemv", "moe_align", "norm", 
 
 
 def fresh(step: dict) -> dict:
-    return dict(step, x=step["x"].clone(), residual=step["residual"].clone(), caches=[c.clone() for c in step["caches"]])
+    return dict(step, x=step["x"].clone(), residual=step["residual"].clone(),
+                caches=[c.clone() for c in step["caches"]])
 
 
 def set_mode(mp: pytest.MonkeyPatch, mode: str, p: dict) -> None:
@@ -48,7 +49,8 @@ def first_difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> str |
     for i, (a, b) in enumerate(zip(got, want)):
         if not torch.equal(a, b):
             d = (a.float() - b.float()).abs().nan_to_num(float("inf")).max().item()
-            return f"{NAMES[i % len(NAMES)]} of layer {i // len(NAMES)}: max |diff| {d:.3g}, NaN {a.isnan().sum().item()}"
+            name = f"{NAMES[i % len(NAMES)]} of layer {i // len(NAMES)}"
+            return f"{name}: max |diff| {d:.3g}, NaN {a.isnan().sum().item()}"
     return None
 
 

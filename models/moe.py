@@ -251,8 +251,9 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         # padding rows (slot -1: a padded batch's filler; slots [T]) get expert id -1 inside the top-k kernel:
         # no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
-        ids_out = (self.dispatcher.routing_ids_out(x.shape[0], self.gate.routing.top_k)
-                   if self.dispatcher is not None else None)
+        # the expert statistics' step buffer, if the dispatcher keeps one (a duck-typed dispatcher need not)
+        ids_slot = getattr(self.dispatcher, "routing_ids_out", None)
+        ids_out = ids_slot(x.shape[0], self.gate.routing.top_k) if ids_slot is not None else None
         topk_weights, topk_ids = self.gate(x, slots, ids_out)  # [T, k] fp32, [T, k] int32 global ids
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)

@@ -434,11 +434,11 @@ def test_routed_token_counts_once_per_step_from_the_step_buffer() -> None:
     # a step re-run (a static exchange overflowed): its first pass is taken back, the re-run counts
     before = buffered.routed_tokens.clone()
     ids = torch.randint(0, experts, (4, k), generator=gen, dtype=torch.int32)
-    for _ in range(2):
+    for attempt in range(2):
         buffered.begin_step()
-        for layer in range(layers):
+        for _layer in range(layers):
             buffered.record_routing(ids, checkpoint=True)
-        if _ == 0:
+        if attempt == 0:
             buffered.rerun_step()
     want = before + torch.stack([torch.bincount(ids.flatten().long(), minlength=experts)] * layers)
     assert torch.equal(buffered.routed_tokens, want)
