@@ -12,6 +12,8 @@ pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: a
   one uint8 row buffer, so one kernel fills a row's fields in one pass.
 unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
 combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
+exchange_pairs: a static exchange's (token, rank) pairs sent to and received from the other ranks, added into the
+  expert statistics' counters in one launch (runtime/distributed/expert_stats.py).
 Each has a Triton kernel, a checked wrapper and a torch reference with the same signature.
 """
 
@@ -278,3 +280,47 @@ def sparse_combine(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> 
             back, slot_of.contiguous(), out, h, num_rows, back.stride(0), out.stride(0), P=num_ranks,
             BLOCK_H=block_h, num_warps=4)
     return out
+
+
+def exchange_pairs_ref(counts: torch.Tensor, recv_ids: torch.Tensor, capacity: int, rank: int,
+                       out: torch.Tensor) -> None:
+    """A static exchange's traffic, added into out [2] int64: the (token, rank) pairs this rank sent to the other
+    ranks (min(counts[r], C) for r != rank: those that found a slot) and those it received from them (the rows of
+    the other ranks' blocks of recv_ids [P * C, k] that carry an expert id)."""
+    num_ranks = counts.shape[0]
+    sent = counts.clamp(max=capacity)
+    got = (recv_ids.reshape(num_ranks, capacity, -1) >= 0).any(dim=2).sum(1)
+    remote = torch.arange(num_ranks, device=counts.device) != rank
+    out.add_(torch.stack([sent, got]).mul(remote).sum(1))
+
+
+@triton.jit
+def _exchange_pairs_kernel(count_ptr, ids_ptr, out_ptr, C, rank, stride_id, K: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    # program r: the block of rank r (nothing for this rank's own); integer atomics, so the sums are exact
+    r = tl.program_id(0)
+    if r != rank:
+        cols = tl.arange(0, BLOCK_K)
+        hits = tl.zeros([BLOCK_R], tl.int32)
+        for start in range(0, C, BLOCK_R):
+            rows = start + tl.arange(0, BLOCK_R)
+            ptrs = ids_ptr + (r * C + rows).to(tl.int64)[:, None] * stride_id + cols[None, :]
+            ids = tl.load(ptrs, mask=(rows < C)[:, None] & (cols < K)[None, :], other=-1)
+            hits += tl.max((ids >= 0).to(tl.int32), 1)
+        sent = tl.minimum(tl.load(count_ptr + r), C)
+        tl.atomic_add(out_ptr, sent.to(tl.int64))
+        tl.atomic_add(out_ptr + 1, tl.sum(hits, 0).to(tl.int64))
+
+
+def exchange_pairs(counts: torch.Tensor, recv_ids: torch.Tensor, capacity: int, rank: int,
+                   out: torch.Tensor) -> None:
+    num_ranks = counts.shape[0]
+    if (counts.dim() != 1 or recv_ids.dim() != 2 or recv_ids.shape[0] != num_ranks * capacity
+            or recv_ids.stride(1) != 1 or out.shape != (2,) or out.dtype != torch.int64 or not 0 <= rank < num_ranks):
+        raise ValueError(f"exchange_pairs: counts [P], recv_ids [P * C, k] with contiguous rows, out [2] int64, got "
+                         f"{tuple(counts.shape)}, {tuple(recv_ids.shape)} (C={capacity}), {tuple(out.shape)}")
+    if capacity == 0:
+        return
+    _exchange_pairs_kernel[(num_ranks,)](counts, recv_ids, out, capacity, rank, recv_ids.stride(0),
+                                         K=recv_ids.shape[1], BLOCK_R=min(64, triton.next_power_of_2(capacity)),
+                                         BLOCK_K=triton.next_power_of_2(recv_ids.shape[1]), num_warps=4)

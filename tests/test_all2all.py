@@ -80,9 +80,9 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
         from kernels import all2all_pack
 
-        disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel = (
+        disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel, disp._pairs_kernel = (
             all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
-            all2all_pack.sparse_combine)
+            all2all_pack.sparse_combine, all2all_pack.exchange_pairs)
     x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
     n_loc = case["experts"] // world
     lo = rank * n_loc
@@ -394,6 +394,29 @@ def test_routed_token_counts_per_layer_without_a_step_buffer() -> None:
         assert kernels.ops == ["aten.remainder", "aten.index_add_"]
     assert stats.routed_tokens.tolist() == [[1, 0, 1, 1, 0, 2], [1, 0, 1, 1, 0, 2]]
     assert stats.counters().tolist()[:12] == [1, 0, 1, 1, 0, 2] * 2  # the snapshot leaves the padding out
+
+
+def test_exchange_counters_take_one_launch_per_exchange() -> None:
+    """A served EP rank records each exchange's traffic inside the forward (in the decode graphs): the host-int
+    part (bytes, collectives, the allgather-equivalent) is one row add of a cached device row, device token counts
+    one more; the per-layer and total views keep their meaning (before: two kernels per counter, ~30 per layer)."""
+    from runtime.distributed.expert_stats import ExpertStats
+
+    stats = ExpertStats(num_moe_layers=2, num_experts=4, device=torch.device("cpu"))
+    stats.record_exchange(1, 3, 5, 100, 80, 400, 2)  # the dynamic mode: host ints (the first: makes the row)
+    kernels = _Ops()
+    with kernels:
+        stats.record_exchange(1, 3, 5, 100, 80, 400, 2)  # the same values again: the cached row
+    assert kernels.ops == ["aten.add_"]
+    kernels = _Ops()
+    with kernels:
+        stats.record_exchange(0, torch.tensor(7), torch.tensor(6), 64, 64, 256)  # a static exchange
+    assert kernels.ops.count("aten.add_") == 2 and len(kernels.ops) <= 4, kernels.ops
+    stats.record_overflow(0, torch.tensor(2))
+    stats.pair_counters(1).add_(torch.tensor([1, 1]))  # where the sparse backend's kernel adds its pairs
+    assert stats.all2all.tolist() == [3 + 3 + 7 + 1, 5 + 5 + 6 + 1, 264, 224, 5, 2]
+    assert stats.layer_traffic.tolist() == [[64, 256, 7], [200, 800, 7]]
+    assert stats.counters().tolist()[-(2 * 3 + 6):] == [64, 256, 7, 200, 800, 7, 14, 17, 264, 224, 5, 2]
 
 
 def test_routed_token_counts_once_per_step_from_the_step_buffer() -> None:

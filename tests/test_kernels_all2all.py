@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from kernels.all2all_pack import (
+    exchange_pairs,
+    exchange_pairs_ref,
     sparse_combine,
     sparse_combine_ref,
     sparse_pack,
@@ -148,3 +150,22 @@ def test_unpack_matches_reference(rows: int, hidden: int, top_k: int, dtype: tor
             torch.testing.assert_close(a, b, atol=0, rtol=2**-7)
         else:
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("num_ranks, capacity, top_k, rank", [(4, 9, 3, 1), (2, 70, 8, 0), (8, 1, 2, 7)])
+def test_exchange_pairs_matches_reference(num_ranks: int, capacity: int, top_k: int, rank: int) -> None:
+    """The static exchange's pair counts, added into a counter: the received ids as a strided view of packed rows
+    (as the sparse backend passes them), counts above the capacity clamped, this rank's own block left out."""
+    gen = torch.Generator().manual_seed(num_ranks * capacity)
+    rows = torch.randint(-1, 5, (num_ranks * capacity, 4 * top_k + 3), generator=gen, dtype=torch.int32)
+    rows[torch.rand(rows.shape[0], generator=gen) < 0.4, 2 * top_k : 3 * top_k] = -1  # empty slots
+    ids = rows[:, 2 * top_k : 3 * top_k]  # [P * C, k], row stride 4k + 3
+    counts = torch.randint(0, 2 * capacity + 1, (num_ranks,), generator=gen)
+    got, want = torch.tensor([5, 7]), torch.tensor([5, 7])  # added to what was there
+    exchange_pairs(counts, ids, capacity, rank, got)
+    exchange_pairs_ref(counts, ids, capacity, rank, want)
+    assert torch.equal(got, want)
+    remote = [r for r in range(num_ranks) if r != rank]
+    hit = (ids.view(num_ranks, capacity, top_k) >= 0).any(2).sum(1)
+    assert want.tolist() == [5 + sum(min(int(counts[r]), capacity) for r in remote),
+                             7 + sum(int(hit[r]) for r in remote)]

@@ -105,6 +105,7 @@ class SparseBackend(All2AllBackend):
         self._combine_kernel = pack_kernels.sparse_combine if use_triton else pack_kernels.sparse_combine_ref
         self._route_kernel = pack_kernels.sparse_route if use_triton else pack_kernels.sparse_route_ref
         self._unpack_kernel = pack_kernels.sparse_unpack if use_triton else pack_kernels.sparse_unpack_ref
+        self._pairs_kernel = pack_kernels.exchange_pairs if use_triton else pack_kernels.exchange_pairs_ref
 
     def _is_static(self, num_tokens: int) -> bool:
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -175,7 +176,7 @@ class SparseBackend(All2AllBackend):
                 overflow = (counts - cap).clamp(min=0).sum()  # pairs this rank could not send
                 flag = (overflow > 0).to(torch.int32).view(1)
                 if self.stats is not None:
-                    self.stats.record_overflow(overflow)
+                    self.stats.record_overflow(layer, overflow)
         else:
             dest, local = self.place(topk_ids)  # [T, k]
             # hit[t, r]: token t needs rank r; pos[t, r]: its slot among the tokens this rank sends to r
@@ -202,12 +203,10 @@ class SparseBackend(All2AllBackend):
             self._timed(dist.all_to_all_single, recv, send)  # equal splits: [P blocks of C rows]
             if limited:  # every sender's flag (own block included): the same OR on every rank
                 torch.maximum(self._overflow, self._flags_view(recv, top_k).amax().view(1), out=self._overflow)
-            if self.stats is not None:
-                sent = counts.clamp(max=cap)  # [P] pairs that found a slot
-                got = (self._ids_view(recv, top_k).view(ep, cap, top_k) >= 0).any(dim=2)  # [P, C]
-                got[me] = False
+            if self.stats is not None:  # (token, rank) pairs counted on the device, in one launch
+                self._pairs_kernel(counts, self._ids_view(recv, top_k), cap, me, self.stats.pair_counters(layer))
                 remote = (ep - 1) * cap * row_bytes
-                self.stats.record_exchange(layer, sent.sum() - sent[me], got.sum(), remote, remote, ag_dispatch)
+                self.stats.record_exchange(layer, None, None, remote, remote, ag_dispatch)
         else:
             recv, plan = self._exchange_rounds(send, matrix, plan)
             if self.stats is not None:

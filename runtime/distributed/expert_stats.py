@@ -25,6 +25,8 @@ from torch import nn
 from runtime.messages import ExpertStatsSnapshot
 
 PARTS = ("attention", "moe_compute", "all2all", "other")
+TRAFFIC = ("tokens_sent", "tokens_received", "bytes_sent", "bytes_received", "num_collectives", "overflow_pairs",
+           "allgather_bytes")  # the columns of ExpertStats' per-layer all2all counters
 
 
 class _Clock:
@@ -79,17 +81,17 @@ class ExpertStats:
         self.max_tokens = max_tokens
         self._step_ids: torch.Tensor | None = None
         self._layer_offsets = torch.arange(max(num_moe_layers, 1), device=device).view(-1, 1, 1) * self._routed.shape[1]
-        # [tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives, overflow_pairs]; tokens
-        # are (token, remote rank) pairs, bytes those that left / reached this rank (a rank's copy to itself
-        # excluded); overflow_pairs: (token, rank) pairs past a static exchange's slots (the step was re-run)
-        self.all2all = torch.zeros(6, dtype=torch.int64, device=device)
+        # all2all traffic per MoE layer, int64 [num_moe_layers, 7]: TRAFFIC's columns. Tokens are (token, remote
+        # rank) pairs, bytes those that left / reached this rank (a rank's copy to itself excluded); overflow_pairs:
+        # (token, rank) pairs past a static exchange's slots (the step was re-run); allgather_bytes: what the
+        # allgather backend would have sent for the same steps. One row add per exchange (the host-int part as a
+        # cached device row inside a CUDA graph): 2-3 launches per MoE layer where 2 per counter took ~30
+        self._traffic = torch.zeros(max(num_moe_layers, 1), len(TRAFFIC), dtype=torch.int64, device=device)
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # host-int rows made on the device, by value
         # routed_tokens before the current step, kept while a step may still be re-run (its first pass's
         # routing is then taken back: the re-run counts the step's real routing)
         self.routed_before = torch.zeros_like(self.routed_tokens)
         self.num_overflow_reruns = 0  # steps re-run because a fixed-capacity exchange overflowed
-        # per MoE layer: [bytes sent, bytes the allgather backend would have sent for the same steps,
-        # (token, remote rank) pairs sent]
-        self.layer_traffic = torch.zeros(max(num_moe_layers, 1), 3, dtype=torch.int64, device=device)
         self._layer_cursor = 0  # MoE layers are dispatched in order, once each per forward
         self.merge: Any = None  # counters -> their sum over the engine's TP ranks (set under EP x TP)
         self.num_forward_steps = 0
@@ -138,23 +140,59 @@ class ExpertStats:
         self._layer_cursor = (layer + 1) % max(self.num_moe_layers, 1)
         return layer
 
+    @property
+    def all2all(self) -> torch.Tensor:
+        """[tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives, overflow_pairs], all layers."""
+        return self._traffic[:, :6].sum(0)
+
+    @property
+    def layer_traffic(self) -> torch.Tensor:
+        """Per MoE layer: [bytes sent, bytes the allgather backend would have sent, (token, remote rank) pairs sent]."""
+        return self._traffic[:, [2, 6, 0]]
+
+    def _host_row(self, values: tuple[int, ...]) -> torch.Tensor:
+        """A [len(TRAFFIC)] int64 device row of host ints. Inside a CUDA graph the capture bakes in a persistent
+        row (made earlier by the eager warm-up of the same size, or now by fills); outside, a fresh one."""
+        row = self._rows.get(values)
+        if row is not None:
+            return row
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            row = torch.tensor(values, dtype=torch.int64, device=self.device)  # one small host-to-device copy
+            if len(self._rows) >= 256:  # (the dynamic mode's values vary step to step: keep only what graphs need)
+                return row
+        else:  # no host-to-device copy inside a capture
+            row = torch.zeros(len(values), dtype=torch.int64, device=self.device)
+            for i, v in enumerate(values):
+                if v:
+                    row[i].fill_(v)
+        self._rows[values] = row
+        return row
+
     def record_exchange(self, layer: int, tokens_sent: torch.Tensor | int | None,
                         tokens_received: torch.Tensor | int | None, bytes_sent: int, bytes_received: int,
                         allgather_bytes: int, num_collectives: int = 1) -> None:
-        if tokens_sent is not None:
-            self.all2all[0] += tokens_sent
-            self.layer_traffic[layer, 2] += tokens_sent
-        if tokens_received is not None:
-            self.all2all[1] += tokens_received
-        # byte counts are host ints: a CUDA graph replays the same adds, right since its shapes are fixed
-        self.all2all[2] += bytes_sent
-        self.all2all[3] += bytes_received
-        self.all2all[4] += num_collectives
-        self.layer_traffic[layer, 0] += bytes_sent
-        self.layer_traffic[layer, 1] += allgather_bytes
+        """One exchange of an MoE layer: tokens as device scalars (static exchanges: counted on the device) or host
+        ints; bytes and collectives are host ints (a CUDA graph replays the same ones: its shapes are fixed)."""
+        device_tokens = [t if isinstance(t, torch.Tensor) else None for t in (tokens_sent, tokens_received)]
+        host_tokens = [int(t) if t is not None and d is None else 0 for t, d in zip((tokens_sent, tokens_received),
+                                                                                 device_tokens)]
+        values = (*host_tokens, bytes_sent, bytes_received, num_collectives, 0, allgather_bytes)
+        if any(values):
+            self._traffic[layer].add_(self._host_row(values))
+        if device_tokens[0] is not None and device_tokens[1] is not None:
+            self._traffic[layer, :2].add_(torch.stack(device_tokens))
+        else:
+            for i, t in enumerate(device_tokens):
+                if t is not None:
+                    self._traffic[layer, i].add_(t)
 
-    def record_overflow(self, num_pairs: torch.Tensor) -> None:
-        self.all2all[5] += num_pairs
+    def pair_counters(self, layer: int) -> torch.Tensor:
+        """[2] int64 view of a layer's (token, remote rank) pairs sent and received, for a kernel to add into."""
+        return self._traffic[layer, :2]
+
+    def record_overflow(self, layer: int, num_pairs: torch.Tensor) -> None:
+        self._traffic[layer, 5].add_(num_pairs)
 
     def rerun_step(self) -> None:
         """The step just run overflowed a static exchange and runs again: take back its routing counts."""
