@@ -29,6 +29,11 @@ TRAFFIC = ("tokens_sent", "tokens_received", "bytes_sent", "bytes_received", "nu
            "allgather_bytes")  # the columns of ExpertStats' per-layer all2all counters
 
 
+def _capturing(device: torch.device) -> bool:
+    """Inside a CUDA-graph capture on the current stream: what is launched there runs only when the graph replays."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class _Clock:
     """Intervals on the host (CPU) or with CUDA events resolved lazily at read time (no per-step sync)."""
 
@@ -152,21 +157,24 @@ class ExpertStats:
 
     def _host_row(self, values: tuple[int, ...]) -> torch.Tensor:
         """A [len(TRAFFIC)] int64 device row of host ints. Inside a CUDA graph the capture bakes in a persistent
-        row (made earlier by the eager warm-up of the same size, or now by fills); outside, a fresh one."""
+        row (made earlier by the eager warm-up of the same size), else a row of its own made by fills; outside, a
+        fresh one."""
         row = self._rows.get(values)
         if row is not None:
             return row
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
-            row = torch.tensor(values, dtype=torch.int64, device=self.device)  # one small host-to-device copy
-            if len(self._rows) >= 256:  # (the dynamic mode's values vary step to step: keep only what graphs need)
-                return row
-        else:  # no host-to-device copy inside a capture
+        if _capturing(self.device):  # no host-to-device copy inside a capture
+            # the zeros and fills are captured, not run: the row holds its values only once this graph has replayed
+            # (before: undefined memory). Cached, an eager step or another graph with the same values (a dummy
+            # step's warm-up and graph of this size, an eager prefill of as many tokens) would add whatever is
+            # there; uncached, it is this graph's temporary, filled before its add on every replay
             row = torch.zeros(len(values), dtype=torch.int64, device=self.device)
             for i, v in enumerate(values):
                 if v:
                     row[i].fill_(v)
-        self._rows[values] = row
+            return row
+        row = torch.tensor(values, dtype=torch.int64, device=self.device)  # one small host-to-device copy
+        if len(self._rows) < 256:  # (the dynamic mode's values vary step to step: keep only what graphs need)
+            self._rows[values] = row
         return row
 
     def record_exchange(self, layer: int, tokens_sent: torch.Tensor | int | None,
