@@ -289,7 +289,7 @@ def exchange_pairs_ref(counts: torch.Tensor, recv_ids: torch.Tensor, capacity: i
     the other ranks' blocks of recv_ids [P * C, k] that carry an expert id)."""
     num_ranks = counts.shape[0]
     sent = counts.clamp(max=capacity)
-    got = (recv_ids.reshape(num_ranks, capacity, -1) >= 0).any(dim=2).sum(1)
+    got = (recv_ids.reshape(num_ranks, capacity, recv_ids.shape[1]) >= 0).any(dim=2).sum(1)  # (C 0: no -1)
     remote = torch.arange(num_ranks, device=counts.device) != rank
     out.add_(torch.stack([sent, got]).mul(remote).sum(1))
 

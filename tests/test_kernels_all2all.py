@@ -152,7 +152,7 @@ def test_unpack_matches_reference(rows: int, hidden: int, top_k: int, dtype: tor
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("num_ranks, capacity, top_k, rank", [(4, 9, 3, 1), (2, 70, 8, 0), (8, 1, 2, 7)])
+@pytest.mark.parametrize("num_ranks, capacity, top_k, rank", [(4, 9, 3, 1), (2, 70, 8, 0), (8, 1, 2, 7), (2, 0, 2, 1)])
 def test_exchange_pairs_matches_reference(num_ranks: int, capacity: int, top_k: int, rank: int) -> None:
     """The static exchange's pair counts, added into a counter: the received ids as a strided view of packed rows
     (as the sparse backend passes them), counts above the capacity clamped, this rank's own block left out."""
