@@ -47,3 +47,17 @@ def test_a_row_made_inside_a_capture_is_not_reused_outside_it(monkeypatch: pytes
     assert torch.equal(stats._traffic, before)  # the capture ran nothing
     stats.record_exchange(0, None, None, 64, 64, 256)  # eager, the same values, before any replay
     assert (stats._traffic - before).tolist() == [[0, 0, 64, 64, 1, 0, 256]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA stream sync")
+def test_an_eager_exchange_of_new_values_does_not_wait_for_the_gpu() -> None:
+    """The dynamic mode's host ints differ step to step: each makes a row, whose copy must not wait for the stream
+    (the all2all just launched; a pageable torch.tensor(..., device=cuda) copy does)."""
+    stats = ExpertStats(num_moe_layers=1, num_experts=4, device=torch.device("cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats.record_exchange(0, 3, 5, 100, 80, 400, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert stats._traffic[0].tolist() == [3, 5, 100, 80, 2, 0, 400]

@@ -172,7 +172,10 @@ class ExpertStats:
                 if v:
                     row[i].fill_(v)
             return row
-        row = torch.tensor(values, dtype=torch.int64, device=self.device)  # one small host-to-device copy
+        # one small host-to-device copy, from pinned memory: a pageable one (torch.tensor(..., device=cuda)) waits for
+        # the stream, i.e. for the all2all just launched, in every eager exchange of new values (the dynamic mode)
+        cuda = self.device.type == "cuda"
+        row = torch.tensor(values, dtype=torch.int64, pin_memory=cuda).to(self.device, non_blocking=cuda)
         if len(self._rows) < 256:  # (the dynamic mode's values vary step to step: keep only what graphs need)
             self._rows[values] = row
         return row
