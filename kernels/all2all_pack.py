@@ -11,6 +11,9 @@ pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: a
   same device scalar in every row: the sender's capacity-overflow flag). The outputs are strided views of
   one uint8 row buffer, so one kernel fills a row's fields in one pass.
 unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
+route_exact (the dynamic, exact-rows layout): as route, in two passes over the tokens (the counts, then each pair's
+  send row in round order), with the count matrix that the all2all's count exchange all-reduces: the host reads
+  that matrix once and sizes everything from it; nothing else of the layout goes to the host.
 combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
 exchange_pairs: a static exchange's (token, rank) pairs sent to and received from the other ranks, added into the
   expert statistics' counters in one launch (runtime/distributed/expert_stats.py).
@@ -95,6 +98,107 @@ def sparse_route(topk_ids: torch.Tensor, num_local_experts: int, num_ranks: int,
                         num_local_experts,
                         P=num_ranks, K=top_k, BLOCK_T=64, BLOCK_P=triton.next_power_of_2(num_ranks), num_warps=4)
     return dest, local, slot_of, pair_of, counts
+
+
+def sparse_route_exact_ref(
+    topk_ids: torch.Tensor,  # [T, k] int global expert ids, -1 = padding
+    num_local_experts: int,
+    num_ranks: int,
+    round_rows: int,  # R: rows per destination per collective round
+    rank: int,  # this rank: its counts go to row `rank` of the count matrix
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact-rows (dynamic) layout, sized on the device before anything is read on the host: the send rows are
+    in round order, round j holding rows [j R, (j + 1) R) of each destination's pairs (token order) in destination
+    order, so every round is one contiguous run of the send buffer. Returns (dest [T, k], local [T, k],
+    slot_of [T, P] send row of each (token, rank) pair with N = sum(counts) = no row, pair_of [T * P] the inverse,
+    first N entries (the rest unspecified), count matrix [P, P] zero but row `rank` = counts), all int64."""
+    num_tokens, device = topk_ids.shape[0], topk_ids.device
+    ids = topk_ids.long()
+    dest = torch.where(ids >= 0, ids // num_local_experts, -1)
+    local = torch.where(ids >= 0, ids % num_local_experts, -1)
+    hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=device)
+    hit.scatter_(1, dest.masked_fill(dest < 0, num_ranks), True)
+    hit = hit[:, :num_ranks]
+    pos = hit.long().cumsum(0) - 1  # [T, P] place of each pair among the tokens going to that rank
+    counts = hit.sum(0)  # [P]
+    lo = (pos.clamp(min=0) // round_rows * round_rows).unsqueeze(2)  # [T, P, 1] first row of the pair's round
+    before_round = torch.minimum(counts, lo).sum(2)  # rows of the earlier rounds, every destination
+    in_round = (counts - lo).clamp(0, round_rows)  # [T, P, P'] rows of destination r' in the pair's round
+    earlier = torch.arange(num_ranks, device=device) < torch.arange(num_ranks, device=device).unsqueeze(1)
+    row = before_round + (in_round * earlier).sum(2) + pos - lo.squeeze(2)
+    num_rows = counts.sum()
+    slot_of = torch.where(hit, row, num_rows)
+    pair_of = torch.zeros(num_tokens * num_ranks + 1, dtype=torch.int64, device=device)
+    pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * num_ranks, device=device))
+    matrix = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=device)
+    matrix[rank] = counts
+    return dest, local, slot_of, pair_of[: num_tokens * num_ranks], matrix
+
+
+@triton.jit
+def _route_exact_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, matrix_ptr, T, R, n_loc, rank,
+                        P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    # one program, two passes over the tokens: the counts, then (knowing them) each pair's send row
+    rr = tl.arange(0, BLOCK_P)
+    pmask = rr < P
+    counts = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        tmask = tt < T
+        hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+        for j in tl.static_range(K):
+            e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
+            d = tl.where(e >= 0, e // n_loc, -1)
+            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
+            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
+            hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+        counts += tl.sum(hit, axis=0)
+    for q in range(0, P):  # the all_reduce's input: this rank's row, zeros elsewhere
+        tl.store(matrix_ptr + q * P + rr, tl.where(q == rank, counts, 0).to(tl.int64), mask=pmask)
+    num_rows = tl.sum(counts, axis=0).to(tl.int64)
+    num_rounds = tl.maximum((tl.max(counts, axis=0) + R - 1) // R, 1)  # a pass marks the pairs without a row
+    for j in range(0, num_rounds):
+        lo = j * R
+        in_round = tl.minimum(tl.maximum(counts - lo, 0), R)  # [P] rows of each destination in round j
+        base = (tl.sum(tl.minimum(counts, lo), axis=0) + tl.cumsum(in_round, axis=0) - in_round - lo).to(tl.int64)
+        running = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            tmask = tt < T
+            hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+            for k in tl.static_range(K):  # from the ids again: other threads stored dest, unfenced
+                e = tl.load(ids_ptr + tt * K + k, mask=tmask, other=-1).to(tl.int64)
+                d = tl.where(e >= 0, e // n_loc, -1)
+                hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+            pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
+            mine = (hit > 0) & (pos >= lo) & (pos < lo + R)  # the pairs of round j
+            both = tmask[:, None] & pmask[None, :]
+            slot = base[None, :] + pos
+            # round 0 also marks the pairs that go nowhere (slot N)
+            tl.store(slot_ptr + tt[:, None] * P + rr[None, :], tl.where(mine, slot, num_rows),
+                     mask=both & (mine | ((hit == 0) & (j == 0))))
+            tl.store(pair_ptr + slot, tt[:, None].to(tl.int64) * P + rr[None, :], mask=both & mine)
+            running += tl.sum(hit, axis=0)
+
+
+def sparse_route_exact(topk_ids: torch.Tensor, num_local_experts: int, num_ranks: int, round_rows: int, rank: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64) or num_local_experts <= 0:
+        raise ValueError(f"sparse_route_exact: topk_ids [T, k] int32/int64, got {tuple(topk_ids.shape)} "
+                         f"{topk_ids.dtype}")
+    if round_rows <= 0 or not 0 <= rank < num_ranks:
+        raise ValueError(f"sparse_route_exact: round_rows {round_rows} must be > 0, rank {rank} in [0, {num_ranks})")
+    num_tokens, top_k = topk_ids.shape
+    device = topk_ids.device
+    dest = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    local = torch.empty_like(dest)
+    slot_of = torch.empty(num_tokens, num_ranks, dtype=torch.int64, device=device)
+    pair_of = torch.empty(num_tokens * num_ranks, dtype=torch.int64, device=device)
+    matrix = torch.empty(num_ranks, num_ranks, dtype=torch.int64, device=device)
+    _route_exact_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, matrix, num_tokens, round_rows,
+                              num_local_experts, rank, P=num_ranks, K=top_k, BLOCK_T=64,
+                              BLOCK_P=triton.next_power_of_2(num_ranks), num_warps=4)
+    return dest, local, slot_of, pair_of, matrix
 
 
 def sparse_pack_ref(
@@ -248,10 +352,12 @@ def sparse_unpack(weights: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor
 
 
 def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """back [N + 1, H] (row N zero), slot_of [T, P] int64 -> [T, H] in back's dtype, fp32 sums in rank order."""
-    out = back[slot_of[:, 0]].float()
+    """back [N + 1, H] (row N never read: it may be uninitialized), slot_of [T, P] int64 (N = no reply) -> [T, H] in
+    back's dtype, fp32 sums in rank order."""
+    replied = (slot_of < num_rows).unsqueeze(2)  # [T, P, 1]
+    out = torch.where(replied[:, 0], back[slot_of[:, 0]].float(), 0.0)
     for r in range(1, slot_of.shape[1]):
-        out += back[slot_of[:, r]].float()
+        out += torch.where(replied[:, r], back[slot_of[:, r]].float(), 0.0)
     return out.to(back.dtype)
 
 
