@@ -121,11 +121,14 @@ def sparse_route_exact_ref(
     hit = hit[:, :num_ranks]
     pos = hit.long().cumsum(0) - 1  # [T, P] place of each pair among the tokens going to that rank
     counts = hit.sum(0)  # [P]
-    lo = (pos.clamp(min=0) // round_rows * round_rows).unsqueeze(2)  # [T, P, 1] first row of the pair's round
-    before_round = torch.minimum(counts, lo).sum(2)  # rows of the earlier rounds, every destination
-    in_round = (counts - lo).clamp(0, round_rows)  # [T, P, P'] rows of destination r' in the pair's round
-    earlier = torch.arange(num_ranks, device=device) < torch.arange(num_ranks, device=device).unsqueeze(1)
-    row = before_round + (in_round * earlier).sum(2) + pos - lo.squeeze(2)
+    if round_rows >= num_tokens:  # one round (a pair carries at most T rows): destination after destination
+        row = counts.cumsum(0) - counts + pos
+    else:
+        lo = (pos.clamp(min=0) // round_rows * round_rows).unsqueeze(2)  # [T, P, 1] first row of the pair's round
+        before_round = torch.minimum(counts, lo).sum(2)  # rows of the earlier rounds, every destination
+        in_round = (counts - lo).clamp(0, round_rows)  # [T, P, P'] rows of destination r' in the pair's round
+        earlier = torch.arange(num_ranks, device=device) < torch.arange(num_ranks, device=device).unsqueeze(1)
+        row = before_round + (in_round * earlier).sum(2) + pos - lo.squeeze(2)
     num_rows = counts.sum()
     slot_of = torch.where(hit, row, num_rows)
     pair_of = torch.zeros(num_tokens * num_ranks + 1, dtype=torch.int64, device=device)
@@ -135,7 +138,7 @@ def sparse_route_exact_ref(
     return dest, local, slot_of, pair_of[: num_tokens * num_ranks], matrix
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compile for every prefill size
 def _route_exact_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, matrix_ptr, T, R, n_loc, rank,
                         P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     # one program, two passes over the tokens: the counts, then (knowing them) each pair's send row
@@ -195,9 +198,12 @@ def sparse_route_exact(topk_ids: torch.Tensor, num_local_experts: int, num_ranks
     slot_of = torch.empty(num_tokens, num_ranks, dtype=torch.int64, device=device)
     pair_of = torch.empty(num_tokens * num_ranks, dtype=torch.int64, device=device)
     matrix = torch.empty(num_ranks, num_ranks, dtype=torch.int64, device=device)
+    # one program walks the tokens (twice): tiles of up to [512, P] pairs keep the walk to a few steps at a
+    # prefill's sizes (2048 tokens over 8 ranks: 4 per pass)
+    block_p = triton.next_power_of_2(num_ranks)
     _route_exact_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, matrix, num_tokens, round_rows,
-                              num_local_experts, rank, P=num_ranks, K=top_k, BLOCK_T=64,
-                              BLOCK_P=triton.next_power_of_2(num_ranks), num_warps=4)
+                              num_local_experts, rank, P=num_ranks, K=top_k, BLOCK_T=max(16, min(512, 4096 // block_p)),
+                              BLOCK_P=block_p, num_warps=4)
     return dest, local, slot_of, pair_of, matrix
 
 
@@ -352,12 +358,11 @@ def sparse_unpack(weights: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor
 
 
 def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """back [N + 1, H] (row N never read: it may be uninitialized), slot_of [T, P] int64 (N = no reply) -> [T, H] in
-    back's dtype, fp32 sums in rank order."""
-    replied = (slot_of < num_rows).unsqueeze(2)  # [T, P, 1]
-    out = torch.where(replied[:, 0], back[slot_of[:, 0]].float(), 0.0)
+    """back [N + 1, H] (row N zero here; the Triton kernel never reads it), slot_of [T, P] int64 (N = no reply) ->
+    [T, H] in back's dtype, fp32 sums in rank order."""
+    out = back[slot_of[:, 0]].float()
     for r in range(1, slot_of.shape[1]):
-        out += torch.where(replied[:, r], back[slot_of[:, r]].float(), 0.0)
+        out += back[slot_of[:, r]].float()
     return out.to(back.dtype)
 
 

@@ -268,8 +268,11 @@ class SparseBackend(All2AllBackend):
         num_tokens, ep = plan.slot_of.shape
         hidden_size = out_recv.shape[1]
         out_recv = out_recv.to(plan.dtype).contiguous()
-        # back: [N + 1, H], row i = the partial sum for send row i; row N (pairs that went nowhere) is never read
+        # back: [N + 1, H], row i = the partial sum for send row i; row N (pairs that went nowhere) is zero for the
+        # torch reference, never read by the Triton kernel (no launch for it there)
         back = out_recv.new_empty(plan.num_rows_sent + 1, hidden_size)
+        if self._combine_kernel is not pack_kernels.sparse_combine:
+            back[plan.num_rows_sent].zero_()
         row_bytes = hidden_size * out_recv.element_size()
         if plan.rounds is None:  # static: P blocks of C rows
             self._timed(dist.all_to_all_single, back[: plan.num_rows_sent], out_recv.contiguous())
