@@ -3,6 +3,7 @@
   torchrun --nproc-per-node 2 benchmarks/bench_all2all_dist.py [--tokens 1,8,64,256,1024,4096]
       [--hidden 2048 --experts 128 --top-k 8] [--backends sparse,allgather] [--out F.json] [--check]
   python benchmarks/bench_all2all_dist.py --world 2 --device cpu ...   (spawns the gloo ranks itself)
+  eager (dynamic-mode) host cost: ... --no-graphs --backends sparse_exact --tokens 64,512,2048 --host-cost
 
 Every rank builds its backend as the engine does (runtime/distributed/backends.py make_backend, EngineConfig
 defaults: on the GPU the sparse backend's fixed-size "static" mode up to the largest CUDA-graph step, 2048
@@ -20,6 +21,11 @@ backend held in its dynamic mode at every T (what prefills and overflow re-runs 
 --all2all-fp8-dispatch (FP8 hidden rows out, the combine in the model dtype).
 --check: combine(dispatch(x)) with a weighted identity expert equals x * sum(top-k weights), the bytes equal
 what the routing implies, and a graph replay returns each token once per rank it went to; exit 1 otherwise.
+--host-cost: per backend and T also a "<name>_host" row: the host's wall time from the dispatch call to the combine's
+return (the device idle at the start, not synchronized at the end: only the syncs inside count; the slowest rank),
+the part inside the collectives, and the kernel-running aten ops / Triton launches and host syncs (reads, uploads,
+data-dependent shapes) of one dispatch + combine (benchmarks/bench_all2all_hostcost.py). An eager prefill under EP
+pays this per MoE layer.
 Prints one line per row and 'bench_all2all_dist summary' last; rank 0 writes the JSON.
 """
 
@@ -198,8 +204,13 @@ def _bench_backend(name: str, backend: Any, stats: ExpertStats, num_tokens: int,
                nccl_even_dispatch_gbps=gbps(dispatch_bytes, even_d_us),
                nccl_even_combine_gbps=gbps(combine_bytes, even_c_us))
     rows = [row]
-    if args.host_cost:  # the host's side of the same exchange: wall, ops, syncs (no device sync around it)
-        cost = host_cost(lambda: (dispatch(), combine()), lambda: dist.barrier(group=run.cpu_group), args.reps)
+    if args.host_cost:  # the host's side of the same exchange: wall, ops, syncs (the device idle at the start)
+        def settle() -> None:
+            if parallel.device.type == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier(group=run.cpu_group)
+
+        cost = host_cost(lambda: (dispatch(), combine()), settle, args.reps)
         wall, own = run.max_over_ranks([round(cost["wall_us"] * 1e3), round(cost["own_us"] * 1e3)])
         rows.append(dict(row, backend=f"{name}_host", mode="host", total_us=wall / 1e3, own_us=own / 1e3,
                          **{k: v for k, v in cost.items() if k not in ("wall_us", "own_us")}))

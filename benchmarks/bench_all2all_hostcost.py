@@ -148,9 +148,9 @@ class CollectiveClock:
 
 
 def host_cost(step: Callable[[], Any], barrier: Callable[[], None], reps: int, warmup: int = 2) -> dict[str, Any]:
-    """step() = one dispatch + expert + combine. Per rep (after a barrier): host wall from the call to the return
-    (no device sync after it: only the syncs inside count), and the part inside the collectives; medians. One
-    more rep counts the ops and the syncs."""
+    """step() = one dispatch + expert + combine. Per rep (after barrier(), which should also let the device go
+    idle): host wall from the call to the return (no device sync after it: only the syncs inside count), and the
+    part inside the collectives; medians. One more rep counts the ops and the syncs."""
     for _ in range(warmup):
         step()
     walls, inside = [], []

@@ -20,7 +20,11 @@ the same collectives even when one replays a CUDA graph and another runs a prefi
   counts go to every rank (one all_reduce of a [P, P] matrix, capturable), one host read, then
   all_to_all_single with uneven splits moving exactly the rows needed, in rounds of at most `capacity` rows
   per (source, destination) pair. Every rank derives the same number of rounds from the same matrix; a step
-  in which no rank routes anything (all dummy) moves no payload.
+  in which no rank routes anything (all dummy) moves no payload. That read is the only host sync of a dispatch
+  + combine: one kernel (route_exact) lays out the send rows, round after round, before it, so the read sizes
+  everything (each round is a contiguous run of the send and receive buffers), and combine replays the plan
+  (kernels and collectives only; its traffic counters are added on the host). Eager EP prefills pay this per
+  MoE layer: route, count all_reduce, read, pack, all2all per round, unpack; all2all per round, combine.
 """
 
 from __future__ import annotations
