@@ -7,7 +7,9 @@ route (the static, CUDA-graph layout): each token's destination ranks and local 
 
 pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
   token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
-  hidden row (model dtype, or FP8 bytes), for FP8 its group scales, and optionally one int32 flag word (the
+  hidden row (model dtype, or FP8: quantized per token and 128-channel group in the same pass, as
+  kernels/fp8.py per_token_group_quant does, or given as bytes), for FP8 its group scales, and optionally one
+  int32 flag word (the
   same device scalar in every row: the sender's capacity-overflow flag). The outputs are strided views of
   one uint8 row buffer, so one kernel fills a row's fields in one pass.
 unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.fp8 import _MIN_SCALE, FP8_BLOCK, FP8_DTYPE, FP8_MAX, per_token_group_quant_ref
 
 
 def sparse_route_ref(
@@ -209,7 +213,7 @@ def sparse_route_exact(topk_ids: torch.Tensor, num_local_experts: int, num_ranks
 
 def sparse_pack_ref(
     hidden: torch.Tensor,  # [T, H'] model dtype, or FP8 bytes viewed as uint8
-    scales: torch.Tensor | None,  # [T, G] fp32 FP8 group scales, or None
+    scales: torch.Tensor | None,  # [T, G] fp32 FP8 group scales of FP8 bytes; None: none, or quantize (below)
     topk_weights: torch.Tensor,  # [T, k] fp32
     dest: torch.Tensor,  # [T, k] int64 destination rank of each slot, -1 = padding
     local: torch.Tensor,  # [T, k] int64 local expert id on that rank
@@ -217,11 +221,13 @@ def sparse_pack_ref(
     num_ranks: int,
     out_weights: torch.Tensor,  # [N, k] fp32 view
     out_ids: torch.Tensor,  # [N, k] int32 view
-    out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype
+    out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype; FP8 e4m3 with scales None: quantize hidden here
     out_scales: torch.Tensor | None,  # [N, G] fp32 view, or None
     flag: torch.Tensor | None = None,  # [1] int32 on the device: written into every row's flag word
     out_flags: torch.Tensor | None = None,  # [N] int32 view (one word per row), or None
 ) -> None:
+    if scales is None and out_scales is not None:  # quantize: per token and 128-channel group
+        hidden, scales = per_token_group_quant_ref(hidden, FP8_BLOCK)
     num_tokens = hidden.shape[0]
     token = (pair_of // num_ranks).clamp(max=num_tokens - 1)  # an empty row's hidden is never read
     on = (dest[token] == (pair_of % num_ranks).unsqueeze(1)) & (pair_of < num_tokens * num_ranks).unsqueeze(1)
@@ -238,7 +244,8 @@ def sparse_pack_ref(
 def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr, flag_ptr,
                  of_ptr, num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
                  stride_of, P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_FLAG: tl.constexpr):
+                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_FLAG: tl.constexpr, QUANT: tl.constexpr = False,
+                 GROUP: tl.constexpr = 128, FP8_MAX_C: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1e-12):
     row = tl.program_id(0).to(tl.int64)
     pair = tl.load(pair_ptr + row)
     valid = pair < num_tokens * P
@@ -252,10 +259,20 @@ def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oi
     lid = tl.load(local_ptr + t * K + kk, mask=kmask, other=-1)
     tl.store(ow_ptr + row * stride_ow + kk, tl.where(on, w, 0.0), mask=kmask)
     tl.store(oid_ptr + row * stride_oid + kk, tl.where(on, lid, -1).to(tl.int32), mask=kmask)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        hmask = hh < H
-        tl.store(ox_ptr + row * stride_ox + hh, tl.load(x_ptr + t * stride_x + hh, mask=hmask), mask=hmask)
+    if QUANT:  # per 128-channel group: the arithmetic of kernels/fp8.py _group_quant_kernel, element for element
+        for g0 in range(0, H, GROUP):
+            hh = g0 + tl.arange(0, GROUP)
+            hmask = hh < H
+            x = tl.load(x_ptr + t * stride_x + hh, mask=hmask, other=0.0).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, MIN_SCALE)
+            q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
+            tl.store(ox_ptr + row * stride_ox + hh, q.to(ox_ptr.dtype.element_ty), mask=hmask)
+            tl.store(os_ptr + row * stride_os + g0 // GROUP, scale)
+    else:
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            hmask = hh < H
+            tl.store(ox_ptr + row * stride_ox + hh, tl.load(x_ptr + t * stride_x + hh, mask=hmask), mask=hmask)
     if HAS_SCALES:
         gg = tl.arange(0, BLOCK_G)
         gmask = gg < G
@@ -271,16 +288,22 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
     num_tokens, h = hidden.shape
     top_k = dest.shape[1]
     n = pair_of.shape[0]
+    quant = scales is None and out_scales is not None  # FP8 rows quantized here from model-dtype hidden rows
     if (topk_weights.dtype != torch.float32 or dest.dtype != torch.int64 or local.dtype != torch.int64
             or pair_of.dtype != torch.int64 or out_ids.dtype != torch.int32 or out_weights.dtype != torch.float32
-            or out_hidden.dtype != hidden.dtype):
-        raise ValueError("sparse_pack: weights fp32, dest/local/pair_of int64, out_ids int32, out_hidden as hidden")
+            or out_hidden.dtype != (FP8_DTYPE if quant else hidden.dtype)):
+        raise ValueError("sparse_pack: weights fp32, dest/local/pair_of int64, out_ids int32, out_hidden as hidden "
+                         "(FP8 e4m3 when quantizing)")
+    if quant and out_scales is not None and (hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                                             or out_scales.shape != (n, triton.cdiv(h, FP8_BLOCK))
+                                             or out_scales.dtype != torch.float32):
+        raise ValueError(f"sparse_pack: quantizing needs float hidden rows and out_scales [{n}, ceil(H / 128)] fp32")
     if (topk_weights.shape != dest.shape or local.shape != dest.shape or dest.shape[0] != num_tokens
             or out_weights.shape != (n, top_k) or out_ids.shape != (n, top_k) or out_hidden.shape != (n, h)):
         raise ValueError(f"sparse_pack: shapes disagree (hidden {tuple(hidden.shape)}, ids {tuple(dest.shape)}, "
                          f"{n} rows)")
-    if (scales is None) != (out_scales is None) or (flag is None) != (out_flags is None):
-        raise ValueError("sparse_pack: scales and out_scales, flag and out_flags go together")
+    if (scales is not None and out_scales is None) or (flag is None) != (out_flags is None):
+        raise ValueError("sparse_pack: scales need out_scales, flag and out_flags go together")
     if flag is not None and out_flags is not None and (
             flag.dtype != torch.int32 or out_flags.dtype != torch.int32 or out_flags.shape != (n,)):
         raise ValueError(f"sparse_pack: flag [1] int32 and out_flags [{n}] int32")
@@ -290,14 +313,16 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
     if n == 0 or num_tokens == 0:
         return
     g = scales.shape[1] if scales is not None else 1
-    xs, os_ = (scales, out_scales) if scales is not None and out_scales is not None else (hidden, out_hidden)
+    xs = scales if scales is not None else hidden
+    os_ = out_scales if out_scales is not None else out_hidden
     fl, of = (flag, out_flags) if flag is not None and out_flags is not None else (out_ids, out_ids)
     _pack_kernel[(n,)](
         pair_of, dest.contiguous(), local.contiguous(), topk_weights.contiguous(), hidden, xs,
         out_weights, out_ids, out_hidden, os_, fl, of, num_tokens, h, g, hidden.stride(0), xs.stride(0),
         out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0), of.stride(0),
         P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
-        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, num_warps=4,
+        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, QUANT=quant,
+        GROUP=FP8_BLOCK, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
     )
 
 

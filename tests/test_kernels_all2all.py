@@ -76,6 +76,39 @@ def test_pack_writes_the_flag_word() -> None:
     assert (outs[0][:, 8 * top_k : off].view(torch.int32) == 1).all()
 
 
+@pytest.mark.parametrize("num_tokens, hidden, top_k, num_ranks, num_rows, dtype", [
+    (6, 200, 3, 4, 13, torch.bfloat16),  # a partial last group
+    (5, 256, 2, 2, 7, torch.float16), (3, 37, 8, 8, 5, torch.float32)])
+def test_pack_quantizes_as_per_token_group_quant(num_tokens: int, hidden: int, top_k: int, num_ranks: int,
+                                                  num_rows: int, dtype: torch.dtype) -> None:
+    """FP8 dispatch: the pack quantizes each row as it writes it (scales None, an FP8 out_hidden), byte for byte
+    what quantizing first (kernels/fp8.py, one launch more) and packing the bytes gives: Triton against Triton
+    (the interpreter's own e4m3 rounding on both sides), the reference against the reference."""
+    from kernels.fp8 import FP8_DTYPE, per_token_group_quant, per_token_group_quant_ref
+
+    x, _, w, dest, local, pair_of = _pack_inputs(num_tokens, hidden, top_k, num_ranks, num_rows, dtype, False)
+    x = x * torch.logspace(-2, 2, hidden).to(dtype)  # groups of very different magnitude
+    x[1, :128] = 0  # an all-zero group: the minimum scale
+    g = -(-hidden // 128)
+    off = 8 * top_k + 4 * g
+
+    def packed(pack, quant) -> torch.Tensor:  # noqa: ANN001
+        buf = torch.zeros(num_rows, off + hidden + (-(off + hidden) % 16), dtype=torch.uint8)
+        q, scales = quant(x) if quant is not None else (x, None)
+        pack(q.view(torch.uint8) if quant is not None else x, scales, w, dest, local, pair_of, num_ranks,
+             buf[:, : 4 * top_k].view(torch.float32), buf[:, 4 * top_k : 8 * top_k].view(torch.int32),
+             buf[:, off : off + hidden].view(torch.uint8 if quant is not None else FP8_DTYPE),
+             buf[:, 8 * top_k : off].view(torch.float32))
+        return buf
+
+    assert torch.equal(packed(sparse_pack, None), packed(sparse_pack, per_token_group_quant))
+    assert torch.equal(packed(sparse_pack_ref, None), packed(sparse_pack_ref, per_token_group_quant_ref))
+    with pytest.raises(ValueError, match="out_hidden as hidden"):
+        sparse_pack(x, None, w, dest, local, pair_of, num_ranks, torch.empty(num_rows, top_k),
+                    torch.empty(num_rows, top_k, dtype=torch.int32), torch.empty(num_rows, hidden, dtype=dtype),
+                    torch.empty(num_rows, g))
+
+
 @pytest.mark.parametrize("num_tokens, hidden, num_ranks, dtype", [(9, 37, 4, torch.float32),
                                                                   (4, 1100, 2, torch.float16)])
 def test_combine_matches_reference(num_tokens: int, hidden: int, num_ranks: int, dtype: torch.dtype) -> None:

@@ -219,13 +219,13 @@ class SparseBackend(All2AllBackend):
         has_flag = flag is not None
         offset, row_bytes = row_layout(hidden_size, top_k, hidden.dtype, self.fp8_dispatch, has_flag)
         send = torch.empty(pair_of.shape[0], row_bytes, dtype=torch.uint8, device=hidden.device)
-        scales = out_scales = None
-        if self.fp8_dispatch:
-            q, scales = quantize_rows(hidden)
-            hidden = q.view(torch.uint8)
+        out_scales = None
+        if self.fp8_dispatch:  # the pack quantizes each row as it writes it (quantize_rows' arithmetic, no launch)
             out_scales = send[:, 8 * top_k + 4 * has_flag : offset].view(torch.float32)
-        out_hidden = send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype)
-        self._pack_kernel(hidden.contiguous(), scales, topk_weights.float().contiguous(), dest, local, pair_of,
+            out_hidden = send[:, offset : offset + hidden_size].view(fp8_kernels.FP8_DTYPE)
+        else:
+            out_hidden = send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype)
+        self._pack_kernel(hidden.contiguous(), None, topk_weights.float().contiguous(), dest, local, pair_of,
                           self.ep_size, send[:, : 4 * top_k].view(torch.float32),
                           send[:, 4 * top_k : 8 * top_k].view(torch.int32), out_hidden, out_scales, flag,
                           self._flags_view(send, top_k) if has_flag else None)
