@@ -5,7 +5,8 @@ A host sync is anything that makes the host wait for the device, counted the sam
 waits) as on a GPU:
 - reads: .tolist() / .item() / int() of a tensor, a copy to the host;
 - uploads: a tensor made from host data (torch.tensor(list, device=...), a copy from the host), which waits for the
-  stream unless it comes from pinned memory, non-blocking;
+  stream unless it comes from pinned memory, non-blocking (a Python scalar stored into a tensor is a fill, not
+  counted);
 - shapes: ops whose output size depends on the data (nonzero, masked_select, boolean-mask indexing,
   repeat_interleave without output_size, unique): the host reads the size.
 """
@@ -97,7 +98,8 @@ class HostSyncs(TorchDispatchMode):
             self.ops.append(name)
         if name == "_local_scalar_dense" and not self._in_tolist:
             self._sync("reads", "item")
-        elif name == "lift_fresh":
+        elif name == "lift_fresh" and (args[0].dim() > 0 or args[0].device.type != "cpu"):
+            # (a 0-dim host tensor is how `t[i] = 3` passes its scalar: a fill on the device, no copy)
             self._sync("uploads", "tensor(host data)")
         elif name in ("_to_copy", "copy_") and not self._in_tolist:
             src = args[1] if name == "copy_" else args[0]

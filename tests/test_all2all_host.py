@@ -94,6 +94,7 @@ def test_host_sync_counter_sees_each_kind() -> None:
         x.tolist()
         int(x[1])
         torch.tensor([1, 2])
+        torch.zeros(3)[0] = 5  # a scalar fill, no upload
         x[x > 2]
         x.nonzero()
         x.repeat_interleave(x)
