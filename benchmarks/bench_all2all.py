@@ -47,7 +47,7 @@ class _Loopback:
             self.bytes_moved += send.numel() * send.element_size()
 
     def _count_matrix(self, counts: torch.Tensor) -> list[list[int]]:
-        mine = counts.tolist()  # the real backend's one host read
+        mine = counts[self.ep_rank].tolist()  # the real backend's one host read ([P, P], this rank's row set)
         matrix = [[0] * self.ep_size for _ in range(self.ep_size)]
         matrix[self.ep_rank] = list(mine)
         for src in range(self.ep_size):

@@ -3,6 +3,7 @@
   torchrun --nproc-per-node 2 benchmarks/bench_all2all_dist.py [--tokens 1,8,64,256,1024,4096]
       [--hidden 2048 --experts 128 --top-k 8] [--backends sparse,allgather] [--out F.json] [--check]
   python benchmarks/bench_all2all_dist.py --world 2 --device cpu ...   (spawns the gloo ranks itself)
+  eager (dynamic-mode) host cost: ... --no-graphs --backends sparse_exact --tokens 64,512,2048 --host-cost
 
 Every rank builds its backend as the engine does (runtime/distributed/backends.py make_backend, EngineConfig
 defaults: on the GPU the sparse backend's fixed-size "static" mode up to the largest CUDA-graph step, 2048
@@ -20,6 +21,11 @@ backend held in its dynamic mode at every T (what prefills and overflow re-runs 
 --all2all-fp8-dispatch (FP8 hidden rows out, the combine in the model dtype).
 --check: combine(dispatch(x)) with a weighted identity expert equals x * sum(top-k weights), the bytes equal
 what the routing implies, and a graph replay returns each token once per rank it went to; exit 1 otherwise.
+--host-cost: per backend and T also a "<name>_host" row: the host's wall time from the dispatch call to the combine's
+return (the device idle at the start, not synchronized at the end: only the syncs inside count; the slowest rank),
+the part inside the collectives, and the kernel-running aten ops / Triton launches and host syncs (reads, uploads,
+data-dependent shapes) of one dispatch + combine (benchmarks/bench_all2all_hostcost.py). An eager prefill under EP
+pays this per MoE layer.
 Prints one line per row and 'bench_all2all_dist summary' last; rank 0 writes the JSON.
 """
 
@@ -45,6 +51,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_all2all_hostcost import host_cost  # noqa: E402
 from benchmarks.dist_timing import Plain, Timer, gbps  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.distributed.all2all import row_layout  # noqa: E402
@@ -197,6 +204,16 @@ def _bench_backend(name: str, backend: Any, stats: ExpertStats, num_tokens: int,
                nccl_even_dispatch_gbps=gbps(dispatch_bytes, even_d_us),
                nccl_even_combine_gbps=gbps(combine_bytes, even_c_us))
     rows = [row]
+    if args.host_cost:  # the host's side of the same exchange: wall, ops, syncs (the device idle at the start)
+        def settle() -> None:
+            if parallel.device.type == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier(group=run.cpu_group)
+
+        cost = host_cost(lambda: (dispatch(), combine()), settle, args.reps)
+        wall, own = run.max_over_ranks([round(cost["wall_us"] * 1e3), round(cost["own_us"] * 1e3)])
+        rows.append(dict(row, backend=f"{name}_host", mode="host", total_us=wall / 1e3, own_us=own / 1e3,
+                         **{k: v for k, v in cost.items() if k not in ("wall_us", "own_us")}))
     # the engine captures this exchange in its decode / mixed-step graphs: time it the same way
     if parallel.device.type == "cuda" and not args.no_graphs and num_tokens <= run.graph_max_tokens \
             and mode in ("static", "fixed"):
@@ -254,6 +271,11 @@ def print_row(row: dict[str, Any]) -> None:
         return text + (f" (nccl_even {gbps(num_bytes, even_us) or 0:7.2f}GB/s)" if even_us else "")
 
     head = f"all2all_dist {row['backend']:15s} {row['mode']:7s} T={row['tokens']:5d}"
+    if row["mode"] == "host":
+        syncs = " ".join(f"{k} {v}" for k, v in sorted(row["syncs"].items()))
+        print(f"{head} host wall {row['total_us']:9.1f}us (collectives {row['collectives_us']:9.1f}us, rest "
+              f"{row['own_us']:9.1f}us) ops {row['num_ops']} syncs {row['num_syncs']} ({syncs})", flush=True)
+        return
     if row["mode"] == "graph":
         body = part("dispatch+combine", row["dispatch_bytes"] + row["combine_bytes"], row["total_us"])
     else:
@@ -264,7 +286,8 @@ def print_row(row: dict[str, Any]) -> None:
 
 
 def summary(rows: list[dict[str, Any]], args: argparse.Namespace, world: int) -> str:
-    last = {row["backend"]: row for row in rows}  # per backend its largest T (graph rows stop at the static max)
+    # per backend its largest T (graph rows stop at the static max)
+    last = {row["backend"]: row for row in rows if row["mode"] != "host"}
     parts = [f"{b} T={r['tokens']} {r['total_us']:.0f}us" + (
         f" dispatch {r['dispatch_gbps'] or 0:.1f}GB/s combine {r['combine_gbps'] or 0:.1f}GB/s" if r["dispatch_us"]
         else f" {r['total_gbps'] or 0:.1f}GB/s") + (
@@ -347,6 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
+    p.add_argument("--host-cost", action="store_true",
+                   help="also the host's cost of each dispatch + combine: wall (no device sync), ops, host syncs")
     p.add_argument("--check", action="store_true", help="assert the round trip and the byte counts")
     p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     p.add_argument("--world", type=int, default=0, help="spawn this many ranks here (no torchrun)")

@@ -19,7 +19,7 @@ a2a() {  # $1: tag, then flags
     | grep -vE "^(W|\*)" | tail -40
   echo "all2all $tag done at ${SECONDS} s"
 }
-a2a eager --no-graphs --backends sparse,sparse_exact,sparse_fp8,allgather --tokens 1,8,64,256,1024,2048,4096
+a2a eager --no-graphs --host-cost --backends sparse,sparse_exact,sparse_fp8,allgather --tokens 1,8,64,256,1024,2048,4096
 a2a graphs --backends sparse,sparse_fp8,allgather --tokens 1,8,64,256,1024,2048
 timeout 200 python3 benchmarks/bench_coordinator_ranks.py --ranks 2,4,8 --work-us 0,5000 \
   --out "$OUT/coordinator_ranks.json" ${COORD_EXTRA:-} 2>&1 | tee "$OUT/coordinator_ranks.log" | tail -20

@@ -7,10 +7,15 @@ route (the static, CUDA-graph layout): each token's destination ranks and local 
 
 pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
   token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its
-  hidden row (model dtype, or FP8 bytes), for FP8 its group scales, and optionally one int32 flag word (the
+  hidden row (model dtype, or FP8: quantized per token and 128-channel group in the same pass, as
+  kernels/fp8.py per_token_group_quant does, or given as bytes), for FP8 its group scales, and optionally one
+  int32 flag word (the
   same device scalar in every row: the sender's capacity-overflow flag). The outputs are strided views of
   one uint8 row buffer, so one kernel fills a row's fields in one pass.
 unpack: the received rows -> contiguous weights, local ids and hidden rows (FP8 dequantized) for the experts.
+route_exact (the dynamic, exact-rows layout): as route, in two passes over the tokens (the counts, then each pair's
+  send row in round order), with the count matrix that the all2all's count exchange all-reduces: the host reads
+  that matrix once and sizes everything from it; nothing else of the layout goes to the host.
 combine: out[t] = sum over ranks r of back[slot_of[t, r]] in fp32, in rank order; slot N means no reply.
 exchange_pairs: a static exchange's (token, rank) pairs sent to and received from the other ranks, added into the
   expert statistics' counters in one launch (runtime/distributed/expert_stats.py).
@@ -22,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.fp8 import _MIN_SCALE, FP8_BLOCK, FP8_DTYPE, FP8_MAX, per_token_group_quant_ref
 
 
 def sparse_route_ref(
@@ -97,9 +104,117 @@ def sparse_route(topk_ids: torch.Tensor, num_local_experts: int, num_ranks: int,
     return dest, local, slot_of, pair_of, counts
 
 
+def sparse_route_exact_ref(
+    topk_ids: torch.Tensor,  # [T, k] int global expert ids, -1 = padding
+    num_local_experts: int,
+    num_ranks: int,
+    round_rows: int,  # R: rows per destination per collective round
+    rank: int,  # this rank: its counts go to row `rank` of the count matrix
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact-rows (dynamic) layout, sized on the device before anything is read on the host: the send rows are
+    in round order, round j holding rows [j R, (j + 1) R) of each destination's pairs (token order) in destination
+    order, so every round is one contiguous run of the send buffer. Returns (dest [T, k], local [T, k],
+    slot_of [T, P] send row of each (token, rank) pair with N = sum(counts) = no row, pair_of [T * P] the inverse,
+    first N entries (the rest unspecified), count matrix [P, P] zero but row `rank` = counts), all int64."""
+    num_tokens, device = topk_ids.shape[0], topk_ids.device
+    ids = topk_ids.long()
+    dest = torch.where(ids >= 0, ids // num_local_experts, -1)
+    local = torch.where(ids >= 0, ids % num_local_experts, -1)
+    hit = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=device)
+    hit.scatter_(1, dest.masked_fill(dest < 0, num_ranks), True)
+    hit = hit[:, :num_ranks]
+    pos = hit.long().cumsum(0) - 1  # [T, P] place of each pair among the tokens going to that rank
+    counts = hit.sum(0)  # [P]
+    if round_rows >= num_tokens:  # one round (a pair carries at most T rows): destination after destination
+        row = counts.cumsum(0) - counts + pos
+    else:
+        lo = (pos.clamp(min=0) // round_rows * round_rows).unsqueeze(2)  # [T, P, 1] first row of the pair's round
+        before_round = torch.minimum(counts, lo).sum(2)  # rows of the earlier rounds, every destination
+        in_round = (counts - lo).clamp(0, round_rows)  # [T, P, P'] rows of destination r' in the pair's round
+        earlier = torch.arange(num_ranks, device=device) < torch.arange(num_ranks, device=device).unsqueeze(1)
+        row = before_round + (in_round * earlier).sum(2) + pos - lo.squeeze(2)
+    num_rows = counts.sum()
+    slot_of = torch.where(hit, row, num_rows)
+    pair_of = torch.zeros(num_tokens * num_ranks + 1, dtype=torch.int64, device=device)
+    pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * num_ranks, device=device))
+    matrix = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=device)
+    matrix[rank] = counts
+    return dest, local, slot_of, pair_of[: num_tokens * num_ranks], matrix
+
+
+@triton.jit(do_not_specialize=["T"])  # one compile for every prefill size
+def _route_exact_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, matrix_ptr, T, R, n_loc, rank,
+                        P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    # one program, two passes over the tokens: the counts, then (knowing them) each pair's send row
+    rr = tl.arange(0, BLOCK_P)
+    pmask = rr < P
+    counts = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)
+        tmask = tt < T
+        hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+        for j in tl.static_range(K):
+            e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
+            d = tl.where(e >= 0, e // n_loc, -1)
+            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
+            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
+            hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+        counts += tl.sum(hit, axis=0)
+    for q in range(0, P):  # the all_reduce's input: this rank's row, zeros elsewhere
+        tl.store(matrix_ptr + q * P + rr, tl.where(q == rank, counts, 0).to(tl.int64), mask=pmask)
+    num_rows = tl.sum(counts, axis=0).to(tl.int64)
+    num_rounds = tl.maximum((tl.max(counts, axis=0) + R - 1) // R, 1)  # a pass marks the pairs without a row
+    for j in range(0, num_rounds):
+        lo = j * R
+        in_round = tl.minimum(tl.maximum(counts - lo, 0), R)  # [P] rows of each destination in round j
+        base = (tl.sum(tl.minimum(counts, lo), axis=0) + tl.cumsum(in_round, axis=0) - in_round - lo).to(tl.int64)
+        running = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + tl.arange(0, BLOCK_T)
+            tmask = tt < T
+            hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+            for k in tl.static_range(K):  # from the ids again: other threads stored dest, unfenced
+                e = tl.load(ids_ptr + tt * K + k, mask=tmask, other=-1).to(tl.int64)
+                d = tl.where(e >= 0, e // n_loc, -1)
+                hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+            pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
+            mine = (hit > 0) & (pos >= lo) & (pos < lo + R)  # the pairs of round j
+            both = tmask[:, None] & pmask[None, :]
+            slot = base[None, :] + pos
+            # round 0 also marks the pairs that go nowhere (slot N)
+            tl.store(slot_ptr + tt[:, None] * P + rr[None, :], tl.where(mine, slot, num_rows),
+                     mask=both & (mine | ((hit == 0) & (j == 0))))
+            tl.store(pair_ptr + slot, tt[:, None].to(tl.int64) * P + rr[None, :], mask=both & mine)
+            running += tl.sum(hit, axis=0)
+
+
+def sparse_route_exact(topk_ids: torch.Tensor, num_local_experts: int, num_ranks: int, round_rows: int, rank: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64) or num_local_experts <= 0:
+        raise ValueError(f"sparse_route_exact: topk_ids [T, k] int32/int64, got {tuple(topk_ids.shape)} "
+                         f"{topk_ids.dtype}")
+    if round_rows <= 0 or not 0 <= rank < num_ranks:
+        raise ValueError(f"sparse_route_exact: round_rows {round_rows} must be > 0, rank {rank} in [0, {num_ranks})")
+    num_tokens, top_k = topk_ids.shape
+    device = topk_ids.device
+    dest = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    local = torch.empty_like(dest)
+    slot_of = torch.empty(num_tokens, num_ranks, dtype=torch.int64, device=device)
+    pair_of = torch.empty(num_tokens * num_ranks, dtype=torch.int64, device=device)
+    matrix = torch.empty(num_ranks, num_ranks, dtype=torch.int64, device=device)
+    # one program walks the tokens (twice): tiles of up to [512, P] pairs keep the walk to a few steps at a
+    # prefill's sizes (2048 tokens over 8 ranks: 4 per pass); 8 warps hold a 4096-pair tile without spilling
+    # (sm_90 compile: 226 registers at P = 8, 255 at P = 64; 4 warps spilled at P >= 8)
+    block_p = triton.next_power_of_2(num_ranks)
+    _route_exact_kernel[(1,)](topk_ids.contiguous(), dest, local, slot_of, pair_of, matrix, num_tokens, round_rows,
+                              num_local_experts, rank, P=num_ranks, K=top_k, BLOCK_T=max(16, min(512, 4096 // block_p)),
+                              BLOCK_P=block_p, num_warps=8)
+    return dest, local, slot_of, pair_of, matrix
+
+
 def sparse_pack_ref(
     hidden: torch.Tensor,  # [T, H'] model dtype, or FP8 bytes viewed as uint8
-    scales: torch.Tensor | None,  # [T, G] fp32 FP8 group scales, or None
+    scales: torch.Tensor | None,  # [T, G] fp32 FP8 group scales of FP8 bytes; None: none, or quantize (below)
     topk_weights: torch.Tensor,  # [T, k] fp32
     dest: torch.Tensor,  # [T, k] int64 destination rank of each slot, -1 = padding
     local: torch.Tensor,  # [T, k] int64 local expert id on that rank
@@ -107,11 +222,13 @@ def sparse_pack_ref(
     num_ranks: int,
     out_weights: torch.Tensor,  # [N, k] fp32 view
     out_ids: torch.Tensor,  # [N, k] int32 view
-    out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype
+    out_hidden: torch.Tensor,  # [N, H'] view, hidden's dtype; FP8 e4m3 with scales None: quantize hidden here
     out_scales: torch.Tensor | None,  # [N, G] fp32 view, or None
     flag: torch.Tensor | None = None,  # [1] int32 on the device: written into every row's flag word
     out_flags: torch.Tensor | None = None,  # [N] int32 view (one word per row), or None
 ) -> None:
+    if scales is None and out_scales is not None:  # quantize: per token and 128-channel group
+        hidden, scales = per_token_group_quant_ref(hidden, FP8_BLOCK)
     num_tokens = hidden.shape[0]
     token = (pair_of // num_ranks).clamp(max=num_tokens - 1)  # an empty row's hidden is never read
     on = (dest[token] == (pair_of % num_ranks).unsqueeze(1)) & (pair_of < num_tokens * num_ranks).unsqueeze(1)
@@ -128,7 +245,8 @@ def sparse_pack_ref(
 def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr, flag_ptr,
                  of_ptr, num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
                  stride_of, P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_FLAG: tl.constexpr):
+                 BLOCK_G: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_FLAG: tl.constexpr, QUANT: tl.constexpr = False,
+                 GROUP: tl.constexpr = 128, FP8_MAX_C: tl.constexpr = 448.0, MIN_SCALE: tl.constexpr = 1e-12):
     row = tl.program_id(0).to(tl.int64)
     pair = tl.load(pair_ptr + row)
     valid = pair < num_tokens * P
@@ -142,10 +260,20 @@ def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oi
     lid = tl.load(local_ptr + t * K + kk, mask=kmask, other=-1)
     tl.store(ow_ptr + row * stride_ow + kk, tl.where(on, w, 0.0), mask=kmask)
     tl.store(oid_ptr + row * stride_oid + kk, tl.where(on, lid, -1).to(tl.int32), mask=kmask)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        hmask = hh < H
-        tl.store(ox_ptr + row * stride_ox + hh, tl.load(x_ptr + t * stride_x + hh, mask=hmask), mask=hmask)
+    if QUANT:  # per 128-channel group: the arithmetic of kernels/fp8.py _group_quant_kernel, element for element
+        for g0 in range(0, H, GROUP):
+            hh = g0 + tl.arange(0, GROUP)
+            hmask = hh < H
+            x = tl.load(x_ptr + t * stride_x + hh, mask=hmask, other=0.0).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, MIN_SCALE)
+            q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
+            tl.store(ox_ptr + row * stride_ox + hh, q.to(ox_ptr.dtype.element_ty), mask=hmask)
+            tl.store(os_ptr + row * stride_os + g0 // GROUP, scale)
+    else:
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            hmask = hh < H
+            tl.store(ox_ptr + row * stride_ox + hh, tl.load(x_ptr + t * stride_x + hh, mask=hmask), mask=hmask)
     if HAS_SCALES:
         gg = tl.arange(0, BLOCK_G)
         gmask = gg < G
@@ -161,16 +289,22 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
     num_tokens, h = hidden.shape
     top_k = dest.shape[1]
     n = pair_of.shape[0]
+    quant = scales is None and out_scales is not None  # FP8 rows quantized here from model-dtype hidden rows
     if (topk_weights.dtype != torch.float32 or dest.dtype != torch.int64 or local.dtype != torch.int64
             or pair_of.dtype != torch.int64 or out_ids.dtype != torch.int32 or out_weights.dtype != torch.float32
-            or out_hidden.dtype != hidden.dtype):
-        raise ValueError("sparse_pack: weights fp32, dest/local/pair_of int64, out_ids int32, out_hidden as hidden")
+            or out_hidden.dtype != (FP8_DTYPE if quant else hidden.dtype)):
+        raise ValueError("sparse_pack: weights fp32, dest/local/pair_of int64, out_ids int32, out_hidden as hidden "
+                         "(FP8 e4m3 when quantizing)")
+    if quant and out_scales is not None and (hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                                             or out_scales.shape != (n, triton.cdiv(h, FP8_BLOCK))
+                                             or out_scales.dtype != torch.float32):
+        raise ValueError(f"sparse_pack: quantizing needs float hidden rows and out_scales [{n}, ceil(H / 128)] fp32")
     if (topk_weights.shape != dest.shape or local.shape != dest.shape or dest.shape[0] != num_tokens
             or out_weights.shape != (n, top_k) or out_ids.shape != (n, top_k) or out_hidden.shape != (n, h)):
         raise ValueError(f"sparse_pack: shapes disagree (hidden {tuple(hidden.shape)}, ids {tuple(dest.shape)}, "
                          f"{n} rows)")
-    if (scales is None) != (out_scales is None) or (flag is None) != (out_flags is None):
-        raise ValueError("sparse_pack: scales and out_scales, flag and out_flags go together")
+    if (scales is not None and out_scales is None) or (flag is None) != (out_flags is None):
+        raise ValueError("sparse_pack: scales need out_scales, flag and out_flags go together")
     if flag is not None and out_flags is not None and (
             flag.dtype != torch.int32 or out_flags.dtype != torch.int32 or out_flags.shape != (n,)):
         raise ValueError(f"sparse_pack: flag [1] int32 and out_flags [{n}] int32")
@@ -180,14 +314,16 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
     if n == 0 or num_tokens == 0:
         return
     g = scales.shape[1] if scales is not None else 1
-    xs, os_ = (scales, out_scales) if scales is not None and out_scales is not None else (hidden, out_hidden)
+    xs = scales if scales is not None else hidden
+    os_ = out_scales if out_scales is not None else out_hidden
     fl, of = (flag, out_flags) if flag is not None and out_flags is not None else (out_ids, out_ids)
     _pack_kernel[(n,)](
         pair_of, dest.contiguous(), local.contiguous(), topk_weights.contiguous(), hidden, xs,
         out_weights, out_ids, out_hidden, os_, fl, of, num_tokens, h, g, hidden.stride(0), xs.stride(0),
         out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0), of.stride(0),
         P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
-        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, num_warps=4,
+        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, QUANT=quant,
+        GROUP=FP8_BLOCK, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
     )
 
 
@@ -248,7 +384,8 @@ def sparse_unpack(weights: torch.Tensor, ids: torch.Tensor, hidden: torch.Tensor
 
 
 def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """back [N + 1, H] (row N zero), slot_of [T, P] int64 -> [T, H] in back's dtype, fp32 sums in rank order."""
+    """back [N + 1, H] (row N zero here; the Triton kernel never reads it), slot_of [T, P] int64 (N = no reply) ->
+    [T, H] in back's dtype, fp32 sums in rank order."""
     out = back[slot_of[:, 0]].float()
     for r in range(1, slot_of.shape[1]):
         out += back[slot_of[:, r]].float()

@@ -20,7 +20,7 @@ def test_bench_all2all_dist_two_gloo_ranks(tmp_path) -> None:  # noqa: ANN001
     cmd = [sys.executable, "benchmarks/bench_all2all_dist.py", "--world", "2", "--device", "cpu", "--hidden", "40",
            "--experts", "8", "--top-k", "2", "--tokens", "1,16,24", "--backends", ",".join(backends),
            "--static-max-tokens", "16", "--capacity-factor", "0.5", "--reps", "2", "--warmup", "1",
-           "--dtype", "float32", "--check", "--timeout-s", "60", "--out", str(out)]
+           "--dtype", "float32", "--check", "--timeout-s", "60", "--host-cost", "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -28,7 +28,12 @@ def test_bench_all2all_dist_two_gloo_ranks(tmp_path) -> None:  # noqa: ANN001
     assert proc.stdout.strip().splitlines()[-1].startswith("bench_all2all_dist summary: world=2")
     data = json.loads(out.read_text())
     assert data["check"] == "ok" and data["world"] == 2
-    rows = {(r["backend"], r["tokens"]): r for r in data["rows"]}
+    rows = {(r["backend"], r["tokens"]): r for r in data["rows"] if r["mode"] != "host"}
+    host = {(r["backend"], r["tokens"]): r for r in data["rows"] if r["mode"] == "host"}
+    assert set(host) == {(f"{b}_host", t) for b in backends for t in (1, 16, 24)}
+    for t in (16, 24):  # --host-cost: an eager (dynamic) dispatch + combine reads the host once, nothing else
+        row = host[("sparse_exact_host", t)]
+        assert row["syncs"] == {"reads": 1} and row["num_ops"] > 0 and row["total_us"] > 0, row
     assert set(rows) == {(b, t) for b in ("nccl_exact", *backends) for t in (1, 16, 24)}
     assert [rows[("sparse", t)]["mode"] for t in (1, 16, 24)] == ["static", "static", "dynamic"]
     assert rows[("sparse", 16)]["slots"] < 16 and rows[("sparse_exact", 16)]["mode"] == "dynamic"

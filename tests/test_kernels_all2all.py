@@ -13,6 +13,8 @@ from kernels.all2all_pack import (
     sparse_pack,
     sparse_pack_ref,
     sparse_route,
+    sparse_route_exact,
+    sparse_route_exact_ref,
     sparse_route_ref,
     sparse_unpack,
     sparse_unpack_ref,
@@ -74,6 +76,39 @@ def test_pack_writes_the_flag_word() -> None:
     assert (outs[0][:, 8 * top_k : off].view(torch.int32) == 1).all()
 
 
+@pytest.mark.parametrize("num_tokens, hidden, top_k, num_ranks, num_rows, dtype", [
+    (6, 200, 3, 4, 13, torch.bfloat16),  # a partial last group
+    (5, 256, 2, 2, 7, torch.float16), (3, 37, 8, 8, 5, torch.float32)])
+def test_pack_quantizes_as_per_token_group_quant(num_tokens: int, hidden: int, top_k: int, num_ranks: int,
+                                                  num_rows: int, dtype: torch.dtype) -> None:
+    """FP8 dispatch: the pack quantizes each row as it writes it (scales None, an FP8 out_hidden), byte for byte
+    what quantizing first (kernels/fp8.py, one launch more) and packing the bytes gives: Triton against Triton
+    (the interpreter's own e4m3 rounding on both sides), the reference against the reference."""
+    from kernels.fp8 import FP8_DTYPE, per_token_group_quant, per_token_group_quant_ref
+
+    x, _, w, dest, local, pair_of = _pack_inputs(num_tokens, hidden, top_k, num_ranks, num_rows, dtype, False)
+    x = x * torch.logspace(-2, 2, hidden).to(dtype)  # groups of very different magnitude
+    x[1, :128] = 0  # an all-zero group: the minimum scale
+    g = -(-hidden // 128)
+    off = 8 * top_k + 4 * g
+
+    def packed(pack, quant) -> torch.Tensor:  # noqa: ANN001
+        buf = torch.zeros(num_rows, off + hidden + (-(off + hidden) % 16), dtype=torch.uint8)
+        q, scales = quant(x) if quant is not None else (x, None)
+        pack(q.view(torch.uint8) if quant is not None else x, scales, w, dest, local, pair_of, num_ranks,
+             buf[:, : 4 * top_k].view(torch.float32), buf[:, 4 * top_k : 8 * top_k].view(torch.int32),
+             buf[:, off : off + hidden].view(torch.uint8 if quant is not None else FP8_DTYPE),
+             buf[:, 8 * top_k : off].view(torch.float32))
+        return buf
+
+    assert torch.equal(packed(sparse_pack, None), packed(sparse_pack, per_token_group_quant))
+    assert torch.equal(packed(sparse_pack_ref, None), packed(sparse_pack_ref, per_token_group_quant_ref))
+    with pytest.raises(ValueError, match="out_hidden as hidden"):
+        sparse_pack(x, None, w, dest, local, pair_of, num_ranks, torch.empty(num_rows, top_k),
+                    torch.empty(num_rows, top_k, dtype=torch.int32), torch.empty(num_rows, hidden, dtype=dtype),
+                    torch.empty(num_rows, g))
+
+
 @pytest.mark.parametrize("num_tokens, hidden, num_ranks, dtype", [(9, 37, 4, torch.float32),
                                                                   (4, 1100, 2, torch.float16)])
 def test_combine_matches_reference(num_tokens: int, hidden: int, num_ranks: int, dtype: torch.dtype) -> None:
@@ -82,9 +117,10 @@ def test_combine_matches_reference(num_tokens: int, hidden: int, num_ranks: int,
     back = torch.randn(num_rows + 1, hidden, generator=gen).to(dtype)
     back[num_rows] = 0
     slot_of = torch.randint(0, num_rows + 1, (num_tokens, num_ranks), generator=gen)
-    out = sparse_combine(back, slot_of, num_rows)
     ref = sparse_combine_ref(back, slot_of, num_rows)
-    assert out.dtype == dtype and torch.equal(out, ref)
+    back[num_rows] = float("nan")  # the kernel never reads row N (the backend leaves it uninitialized there)
+    out = sparse_combine(back, slot_of, num_rows)
+    assert out.dtype == dtype and torch.equal(out, ref) and not out.isnan().any()
 
 
 @pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks", [(1, 2, 2, 4), (70, 3, 2, 4), (13, 8, 4, 8),
@@ -122,6 +158,41 @@ def test_route_with_capacity(num_tokens: int, top_k: int, num_local: int, num_ra
     # a kept pair sits in its destination's block at the same place as without the capacity
     rank_of = torch.arange(num_ranks).expand_as(slot_of)
     assert torch.equal(slot_of[kept] - rank_of[kept] * capacity, full[2][kept] - rank_of[kept] * num_tokens)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks, round_rows, rank", [
+    (1, 2, 2, 4, 64, 3), (70, 3, 2, 4, 9, 0), (13, 8, 4, 8, 5, 5), (9, 2, 3, 3, 1, 1), (29, 2, 3, 3, 100, 2),
+    (0, 2, 2, 2, 4, 1), (1100, 2, 2, 8, 100, 6)])  # last: 3 tiles of tokens carry the counts, 2 rounds
+def test_route_exact_matches_reference(num_tokens: int, top_k: int, num_local: int, num_ranks: int, round_rows: int,
+                                       rank: int) -> None:
+    """The dynamic layout: Triton equals the reference, and the send rows are, round after round (R rows of each
+    destination per round), each destination's pairs in token order; slot N = no row; the count matrix holds this
+    rank's counts in its row and zeros elsewhere (the all_reduce's input)."""
+    gen = torch.Generator().manual_seed(num_tokens + round_rows)
+    ids = torch.randn(num_tokens, num_local * num_ranks, generator=gen).topk(top_k, dim=-1).indices.to(torch.int32)
+    ids[num_tokens * 2 // 3 :] = -1  # padding rows (T = 1: all)
+    got = sparse_route_exact(ids, num_local, num_ranks, round_rows, rank)
+    want = sparse_route_exact_ref(ids, num_local, num_ranks, round_rows, rank)
+    dest, local, slot_of, pair_of, matrix = want
+    counts = sparse_route_ref(ids, num_local, num_ranks)[4]
+    num_rows = int(counts.sum())
+    for name, a, b in zip(("dest", "local", "slot_of", "pair_of", "matrix"), got, want):
+        n = num_rows if name == "pair_of" else None  # past N: unspecified
+        assert torch.equal(a[:n], b[:n]), name
+    expected_matrix = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
+    expected_matrix[rank] = counts
+    assert torch.equal(matrix, expected_matrix)
+    order = []  # the pairs (t * P + r) in send order, built the slow way
+    for j in range(-(-int(counts.max()) // round_rows) if num_rows else 0):
+        for r in range(num_ranks):
+            tokens = [t for t in range(num_tokens) if (dest[t] == r).any()]
+            order += [t * num_ranks + r for t in tokens[j * round_rows : (j + 1) * round_rows]]
+    assert pair_of[:num_rows].tolist() == order
+    for row, pair in enumerate(order):
+        assert slot_of[pair // num_ranks, pair % num_ranks] == row
+    assert int((slot_of == num_rows).sum()) == num_tokens * num_ranks - num_rows
+    with pytest.raises(ValueError, match="round_rows 0 must be > 0"):
+        sparse_route_exact(ids, num_local, num_ranks, 0, rank)
 
 
 @pytest.mark.parametrize("rows, hidden, top_k, dtype, fp8", [(7, 37, 3, torch.float32, False),

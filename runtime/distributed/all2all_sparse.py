@@ -20,7 +20,11 @@ the same collectives even when one replays a CUDA graph and another runs a prefi
   counts go to every rank (one all_reduce of a [P, P] matrix, capturable), one host read, then
   all_to_all_single with uneven splits moving exactly the rows needed, in rounds of at most `capacity` rows
   per (source, destination) pair. Every rank derives the same number of rounds from the same matrix; a step
-  in which no rank routes anything (all dummy) moves no payload.
+  in which no rank routes anything (all dummy) moves no payload. That read is the only host sync of a dispatch
+  + combine: one kernel (route_exact) lays out the send rows, round after round, before it, so the read sizes
+  everything (each round is a contiguous run of the send and receive buffers), and combine replays the plan
+  (kernels and collectives only; its traffic counters are added on the host). Eager EP prefills pay this per
+  MoE layer: route, count all_reduce, read, pack, all2all per round, unpack; all2all per round, combine.
 """
 
 from __future__ import annotations
@@ -47,10 +51,9 @@ class _Plan:
     num_rows_sent: int  # N
     layer: int
     dtype: torch.dtype
-    # dynamic mode only: per round (rows sent to each rank, rows received from each rank), and for several
-    # rounds the send-buffer rows of each round in order ([N] int64 on the device)
+    # dynamic mode only: per round (rows sent to each rank, rows received from each rank); the rounds are
+    # consecutive runs of the send rows (and of the received rows), so combine needs nothing else
     rounds: list[tuple[list[int], list[int]]] | None = None
-    send_order: torch.Tensor | None = None
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +109,8 @@ class SparseBackend(All2AllBackend):
         self._route_kernel = pack_kernels.sparse_route if use_triton else pack_kernels.sparse_route_ref
         self._unpack_kernel = pack_kernels.sparse_unpack if use_triton else pack_kernels.sparse_unpack_ref
         self._pairs_kernel = pack_kernels.exchange_pairs if use_triton else pack_kernels.exchange_pairs_ref
+        self._route_exact_kernel = (pack_kernels.sparse_route_exact if use_triton
+                                    else pack_kernels.sparse_route_exact_ref)
 
     def _is_static(self, num_tokens: int) -> bool:
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -151,18 +156,17 @@ class SparseBackend(All2AllBackend):
         if self.stats is not None:
             self.stats.time_stop("all2all", t0)
 
-    def _count_matrix(self, counts: torch.Tensor) -> list[list[int]]:
-        # counts: [P] rows this rank sends to each rank -> [P, P] on every rank, [source][destination]
-        matrix = torch.zeros(self.ep_size, self.ep_size, dtype=torch.int64, device=counts.device)
-        matrix[self.ep_rank] = counts
+    def _count_matrix(self, matrix: torch.Tensor) -> list[list[int]]:
+        # matrix: [P, P] int64, this rank's row = rows it sends each rank, zeros elsewhere -> every rank's rows,
+        # [source][destination], on the host
         self._timed(dist.all_reduce, matrix)
-        return matrix.tolist()  # the one host read of a dynamic step
+        return matrix.tolist()  # the one host read of a dynamic dispatch (combine reuses its plan)
 
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         num_tokens, hidden_size = hidden.shape
         top_k = topk_ids.shape[1]
-        ep, me, device = self.ep_size, self.ep_rank, hidden.device
+        ep, me = self.ep_size, self.ep_rank
         static = self._is_static(num_tokens)
         cap = self.slots(num_tokens, top_k) if static else num_tokens
         limited = cap < num_tokens  # pairs past the slots possible: overflow flag, and a re-run may follow
@@ -177,21 +181,13 @@ class SparseBackend(All2AllBackend):
                 flag = (overflow > 0).to(torch.int32).view(1)
                 if self.stats is not None:
                     self.stats.record_overflow(layer, overflow)
-        else:
-            dest, local = self.place(topk_ids)  # [T, k]
-            # hit[t, r]: token t needs rank r; pos[t, r]: its slot among the tokens this rank sends to r
-            hit = torch.zeros(num_tokens, ep + 1, dtype=torch.bool, device=device)
-            hit.scatter_(1, dest.masked_fill(dest < 0, ep), True)
-            hit = hit[:, :ep]
-            matrix = self._count_matrix(hit.sum(0))
+        else:  # one kernel lays the send rows out (in rounds) before the counts reach the host, so one read sizes all
+            dest, local, slot_of, pair_of, counts = self._route_exact_kernel(topk_ids, self.num_local_experts, ep,
+                                                                             self.capacity, me)
+            matrix = self._count_matrix(counts)
             send_counts = matrix[me]
             num_rows = sum(send_counts)
-            base = torch.tensor([0, *send_counts[:-1]], device=device).cumsum(0)
-            slot_of = torch.where(hit, base + hit.long().cumsum(0) - 1, num_rows)  # [T, P], N = no slot
-            # inverse map: send row -> (token, rank) pair t * P + r; pairs that go nowhere all land on row N
-            pair_of = torch.full((num_rows + 1,), num_tokens * ep, dtype=torch.int64, device=device)
-            pair_of.scatter_(0, slot_of.reshape(-1), torch.arange(num_tokens * ep, device=device))
-            pair_of = pair_of[:num_rows]
+            pair_of = pair_of[:num_rows]  # [N] (past N: unspecified)
         send = self._pack(hidden, topk_weights, dest, local, pair_of, flag)  # [N, row_bytes] uint8
 
         plan = _Plan(slot_of, num_rows, layer, hidden.dtype)
@@ -209,11 +205,11 @@ class SparseBackend(All2AllBackend):
                 self.stats.record_exchange(layer, None, None, remote, remote, ag_dispatch)
         else:
             recv, plan = self._exchange_rounds(send, matrix, plan)
-            if self.stats is not None:
+            if self.stats is not None:  # host ints, added on the host: no upload, no launch
                 recv_counts = [matrix[src][me] for src in range(ep)]
                 sent_rows, recv_rows = sum(send_counts) - send_counts[me], sum(recv_counts) - recv_counts[me]
-                self.stats.record_exchange(layer, sent_rows, recv_rows, sent_rows * row_bytes,
-                                           recv_rows * row_bytes, ag_dispatch, 1 + len(plan.rounds or []))
+                self.stats.record_exchange_host(layer, sent_rows, recv_rows, sent_rows * row_bytes,
+                                                recv_rows * row_bytes, ag_dispatch, 1 + len(plan.rounds or []))
         weights_recv, ids_recv, hidden_recv = self._unpack(recv, top_k, hidden_size, hidden.dtype, limited)
         return hidden_recv, weights_recv, ids_recv, plan
 
@@ -223,13 +219,13 @@ class SparseBackend(All2AllBackend):
         has_flag = flag is not None
         offset, row_bytes = row_layout(hidden_size, top_k, hidden.dtype, self.fp8_dispatch, has_flag)
         send = torch.empty(pair_of.shape[0], row_bytes, dtype=torch.uint8, device=hidden.device)
-        scales = out_scales = None
-        if self.fp8_dispatch:
-            q, scales = quantize_rows(hidden)
-            hidden = q.view(torch.uint8)
+        out_scales = None
+        if self.fp8_dispatch:  # the pack quantizes each row as it writes it (quantize_rows' arithmetic, no launch)
             out_scales = send[:, 8 * top_k + 4 * has_flag : offset].view(torch.float32)
-        out_hidden = send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype)
-        self._pack_kernel(hidden.contiguous(), scales, topk_weights.float().contiguous(), dest, local, pair_of,
+            out_hidden = send[:, offset : offset + hidden_size].view(fp8_kernels.FP8_DTYPE)
+        else:
+            out_hidden = send[:, offset : offset + hidden_size * hidden.dtype.itemsize].view(hidden.dtype)
+        self._pack_kernel(hidden.contiguous(), None, topk_weights.float().contiguous(), dest, local, pair_of,
                           self.ep_size, send[:, : 4 * top_k].view(torch.float32),
                           send[:, 4 * top_k : 8 * top_k].view(torch.int32), out_hidden, out_scales, flag,
                           self._flags_view(send, top_k) if has_flag else None)
@@ -255,59 +251,52 @@ class SparseBackend(All2AllBackend):
 
     def _exchange_rounds(self, send: torch.Tensor, matrix: list[list[int]],
                          plan: _Plan) -> tuple[torch.Tensor, _Plan]:
-        """Dynamic payload exchange: uneven splits, at most `capacity` rows per pair per round."""
+        """Dynamic payload exchange: uneven splits, at most `capacity` rows per pair per round. Round j moves
+        rows [j C, (j + 1) C) of each pair: one contiguous run of the send rows (route_exact laid them out so),
+        received into the next run of one buffer."""
         ep, me, cap = self.ep_size, self.ep_rank, self.capacity
-        send_counts = matrix[me]
         recv_counts = [matrix[src][me] for src in range(ep)]
         num_rounds = -(-max(max(row) for row in matrix) // cap)  # 0 when nobody routes anything
-        rounds, order, parts = [], [], []
-        starts = [sum(send_counts[:r]) for r in range(ep)]
-        for j in range(num_rounds):
-            sizes = [min(cap, max(0, n - j * cap)) for n in send_counts]
-            recv_sizes = [min(cap, max(0, n - j * cap)) for n in recv_counts]
-            rounds.append((sizes, recv_sizes))
-            chunk = send
-            if num_rounds > 1:  # round j: rows [j * cap, j * cap + size) of every destination's run
-                rows = [i for r in range(ep) for i in range(starts[r] + j * cap, starts[r] + j * cap + sizes[r])]
-                order += rows
-                chunk = send[torch.tensor(rows, dtype=torch.int64, device=send.device)]
-            recv = send.new_empty(sum(recv_sizes), send.shape[1])
-            self._timed(dist.all_to_all_single, recv, chunk, output_split_sizes=recv_sizes,
-                        input_split_sizes=sizes)
-            parts.append(recv)
-        recv = torch.cat(parts) if parts else send.new_empty(0, send.shape[1])
-        send_order = torch.tensor(order, dtype=torch.int64, device=send.device) if num_rounds > 1 else None
-        return recv, _Plan(plan.slot_of, plan.num_rows_sent, plan.layer, plan.dtype, rounds, send_order)
+        rounds = [([min(cap, max(0, n - j * cap)) for n in matrix[me]],
+                   [min(cap, max(0, n - j * cap)) for n in recv_counts]) for j in range(num_rounds)]
+        recv = send.new_empty(sum(recv_counts), send.shape[1])
+        sent = received = 0
+        for sizes, recv_sizes in rounds:
+            num_sent, num_received = sum(sizes), sum(recv_sizes)
+            self._timed(dist.all_to_all_single, recv[received : received + num_received], send[sent : sent + num_sent],
+                        output_split_sizes=recv_sizes, input_split_sizes=sizes)
+            sent, received = sent + num_sent, received + num_received
+        return recv, _Plan(plan.slot_of, plan.num_rows_sent, plan.layer, plan.dtype, rounds)
 
     def combine(self, out_recv: torch.Tensor, plan: _Plan) -> torch.Tensor:
         num_tokens, ep = plan.slot_of.shape
         hidden_size = out_recv.shape[1]
-        out_recv = out_recv.to(plan.dtype)
-        # back: [N + 1, H], row i = the partial sum for send row i; row N stays zero (pairs that went nowhere)
-        back = out_recv.new_zeros(plan.num_rows_sent + 1, hidden_size)
+        out_recv = out_recv.to(plan.dtype).contiguous()
+        # back: [N + 1, H], row i = the partial sum for send row i; row N (pairs that went nowhere) is zero for the
+        # torch reference, never read by the Triton kernel (no launch for it there)
+        back = out_recv.new_empty(plan.num_rows_sent + 1, hidden_size)
+        if self._combine_kernel is not pack_kernels.sparse_combine:
+            back[plan.num_rows_sent].zero_()
         row_bytes = hidden_size * out_recv.element_size()
         if plan.rounds is None:  # static: P blocks of C rows
             self._timed(dist.all_to_all_single, back[: plan.num_rows_sent], out_recv.contiguous())
             sent = received = (ep - 1) * (plan.num_rows_sent // ep) * row_bytes
             num_collectives = 1
         else:
-            parts, lo = [], 0
-            for sizes, recv_sizes in plan.rounds:  # send back what came in, in the same rounds
-                # one round: the rows come back in send order, straight into place
-                part = back[: plan.num_rows_sent] if plan.send_order is None else out_recv.new_empty(sum(sizes),
-                                                                                                    hidden_size)
-                self._timed(dist.all_to_all_single, part, out_recv[lo : lo + sum(recv_sizes)].contiguous(),
-                            output_split_sizes=sizes, input_split_sizes=recv_sizes)
-                parts.append(part)
-                lo += sum(recv_sizes)
-            if plan.send_order is not None:
-                back[plan.send_order] = torch.cat(parts)
+            sent_rows = received_rows = 0
+            for sizes, recv_sizes in plan.rounds:  # send back what came in, in the same rounds, straight into place
+                num_sent, num_received = sum(sizes), sum(recv_sizes)
+                self._timed(dist.all_to_all_single, back[sent_rows : sent_rows + num_sent],
+                            out_recv[received_rows : received_rows + num_received], output_split_sizes=sizes,
+                            input_split_sizes=recv_sizes)
+                sent_rows, received_rows = sent_rows + num_sent, received_rows + num_received
             me = self.ep_rank
             sent = sum(sum(r[1]) - r[1][me] for r in plan.rounds) * row_bytes
             received = sum(sum(r[0]) - r[0][me] for r in plan.rounds) * row_bytes
             num_collectives = len(plan.rounds)
         if self.stats is not None:
             ag_combine = 0 if self._exact else allgather_bytes(num_tokens, hidden_size, 1, plan.dtype, ep)[1]
-            self.stats.record_exchange(plan.layer, None, None, sent, received, ag_combine, num_collectives)
+            record = self.stats.record_exchange if plan.rounds is None else self.stats.record_exchange_host
+            record(plan.layer, None, None, sent, received, ag_combine, num_collectives)
         # each token's partial sums from every rank, added in rank order (deterministic, fp32)
         return self._combine_kernel(back, plan.slot_of, plan.num_rows_sent)

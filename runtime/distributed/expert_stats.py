@@ -93,6 +93,9 @@ class ExpertStats:
         # cached device row inside a CUDA graph): 2-3 launches per MoE layer where 2 per counter took ~30
         self._traffic = torch.zeros(max(num_moe_layers, 1), len(TRAFFIC), dtype=torch.int64, device=device)
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}  # host-int rows made on the device, by value
+        # the same columns for exchanges known only on the host and never in a graph (the sparse backend's dynamic
+        # mode): plain ints, added to the device counters when read
+        self._host_traffic = [[0] * len(TRAFFIC) for _ in range(max(num_moe_layers, 1))]
         # routed_tokens before the current step, kept while a step may still be re-run (its first pass's
         # routing is then taken back: the re-run counts the step's real routing)
         self.routed_before = torch.zeros_like(self.routed_tokens)
@@ -145,15 +148,19 @@ class ExpertStats:
         self._layer_cursor = (layer + 1) % max(self.num_moe_layers, 1)
         return layer
 
+    def _all_traffic(self) -> torch.Tensor:
+        """[num_moe_layers, len(TRAFFIC)]: the device counters plus the host-side ones (one upload per read)."""
+        return self._traffic + torch.tensor(self._host_traffic, dtype=torch.int64).to(self.device)
+
     @property
     def all2all(self) -> torch.Tensor:
         """[tokens_sent, tokens_received, bytes_sent, bytes_received, num_collectives, overflow_pairs], all layers."""
-        return self._traffic[:, :6].sum(0)
+        return self._all_traffic()[:, :6].sum(0)
 
     @property
     def layer_traffic(self) -> torch.Tensor:
         """Per MoE layer: [bytes sent, bytes the allgather backend would have sent, (token, remote rank) pairs sent]."""
-        return self._traffic[:, [2, 6, 0]]
+        return self._all_traffic()[:, [2, 6, 0]]
 
     def _host_row(self, values: tuple[int, ...]) -> torch.Tensor:
         """A [len(TRAFFIC)] int64 device row of host ints. Inside a CUDA graph the capture bakes in a persistent
@@ -197,6 +204,16 @@ class ExpertStats:
             for i, t in enumerate(device_tokens):
                 if t is not None:
                     self._traffic[layer, i].add_(t)
+
+    def record_exchange_host(self, layer: int, tokens_sent: int | None, tokens_received: int | None, bytes_sent: int,
+                             bytes_received: int, allgather_bytes: int, num_collectives: int = 1) -> None:
+        """record_exchange for an eager exchange whose numbers are all host ints (the sparse backend's dynamic mode,
+        never captured): added on the host, no upload and no launch (a device row per new set of values was an
+        upload and an add per dispatch and per combine of every MoE layer)."""
+        row = self._host_traffic[layer]
+        for i, v in enumerate((tokens_sent or 0, tokens_received or 0, bytes_sent, bytes_received, num_collectives, 0,
+                               allgather_bytes)):
+            row[i] += v
 
     def pair_counters(self, layer: int) -> torch.Tensor:
         """[2] int64 view of a layer's (token, remote rank) pairs sent and received, for a kernel to add into."""
