@@ -65,7 +65,7 @@ class DecodeCase:
     def splits(self, cfg: dict, num_sms: int) -> int:
         # what paged_attention_decode picks: the block table is exactly as wide as the context
         return decode_num_splits(self.batch, self.kv_heads, triton.cdiv(self.ctx, BLOCK) * BLOCK, num_sms,
-                                 cfg["programs_per_sm"], cfg["min_split_tokens"])
+                                 cfg["programs_per_sm"], cfg["min_split_tokens"], cfg.get("max_splits", 64))
 
     def build(self) -> None:
         # a pool of `rotations` x the pages one call reads, and one block table per page set: the timed graph

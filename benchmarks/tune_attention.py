@@ -57,14 +57,18 @@ from attention_cases import (  # noqa: E402
 from bench_moe import measure_ceilings  # noqa: E402
 from tuning import Budget, rel_err  # noqa: E402
 
-from kernels.attention_config import config_file_name, config_key  # noqa: E402
+from kernels.attention_config import DECODE_KNOB_DEFAULTS, config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 # (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
 # a bf16 cache runs out of shared memory on (256, 8, 3): skipped)
 DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3),
                 (128, 4, 4), (256, 8, 3)]
-SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)]  # (programs_per_sm, min_split_tokens)
+# (programs_per_sm, min_split_tokens[, max_splits[, merge_block_d]]), the rest at DECODE_KNOB_DEFAULTS (today's
+# kernel); the last ones go past 64 splits at small batch and long context (B=1 at 32k: 132-256 splits of
+# 128-256 tokens, 4-8 programs per SM to hide each program's start and the merge), and narrow the merge's columns
+DECODE_SPLIT_RULES_MORE = [(4, 128, 256), (8, 64, 256), (8, 128, 512), (4, 64, 256, 16), (8, 64, 256, 16)]
+SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE_SPLIT_RULES_MORE
 # (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128, 4, 2),
 # (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory (225 KiB),
 # stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a long prefix
@@ -76,8 +80,9 @@ TOL = 2e-2
 
 
 def decode_cfg(tile: tuple, rule: tuple) -> dict:
+    knobs = dict(DECODE_KNOB_DEFAULTS, **dict(zip(("max_splits", "merge_block_d"), rule[2:])))
     return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
-            "min_split_tokens": rule[1]}
+            "min_split_tokens": rule[1], **knobs}
 
 
 def prefill_cfg(tile: tuple) -> dict:
@@ -138,14 +143,16 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
     for c in decode_cases:
         for tile in DECODE_TILES:
             cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
-            for splits in {c.splits(decode_cfg(tile, r), num_sms) for r in SPLIT_RULES}:
+            for rule in SPLIT_RULES:
+                splits = c.splits(decode_cfg(tile, rule), num_sms)
                 pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
                 plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
                 # the merge splits its columns while batch x heads < SMs: a batch on each side of that line
                 few = c.batch * c.heads < num_sms
-                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads)))
-    default = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128)).items()))
-    plan += [("decode", h, kvh, "bf16", default, pad, b) for h, kvh, pad, b in sorted(merges) if pad > 1]
+                merge_d = decode_cfg(tile, rule)["merge_block_d"]
+                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads), merge_d))
+    plan += [("decode", h, kvh, "bf16", tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, 64, md)).items())), pad, b)
+             for h, kvh, pad, b, md in sorted(merges) if pad > 1]
     for c in prefill_cases:
         for tile in PREFILL_TILES:
             plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None, 1))
@@ -178,16 +185,18 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
         for rule in SPLIT_RULES:
             cfg = decode_cfg(tile, rule)
             splits = case.splits(cfg, num_sms)
-            if (tile, splits) not in seen:
-                if not budget.left(f"decode {case.name} {tile} splits={splits}"):
+            key = (tile, splits, cfg["merge_block_d"])  # what the launch depends on (the rule only picks splits)
+            if key not in seen:
+                if not budget.left(f"decode {case.name} {tile} splits={splits} merge_d={cfg['merge_block_d']}"):
                     continue
                 calls = [lambda c=cfg, s=splits, r=r: case.run(c, s, r) for r in range(case.rotations)]
-                seen[(tile, splits)] = measure(calls, ref, rep_ms)
-                us, err = seen[(tile, splits)]
+                seen[key] = measure(calls, ref, rep_ms)
+                us, err = seen[key]
                 print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
-                      f"us={us:8.1f} frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
-            if (tile, splits) in seen:
-                us, err = seen[(tile, splits)]
+                      f"merge_d={cfg['merge_block_d']} us={us:8.1f} frac_bw={floor_us / us:.2f} "
+                      f"sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
+            if key in seen:
+                us, err = seen[key]
                 rows.append({"kind": "decode", "case": case.name, "kv": case.kv, "cfg": cfg, "splits": splits,
                              "us": us, "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
     case.free()

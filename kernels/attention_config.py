@@ -26,7 +26,13 @@ from kernels.moe_config import device_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
-DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens")
+DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
+               "merge_block_d")
+# decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
+# hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
+# decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
+# batch x heads fills the SMs, else 32)
+DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
@@ -40,7 +46,8 @@ def config_file_name(gpu: str) -> str:
 
 def default_decode_config(head_dim: int) -> dict:
     block_n = 64 if triton.next_power_of_2(head_dim) <= 128 else 32
-    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 2 * block_n}
+    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 2 * block_n,
+            **DECODE_KNOB_DEFAULTS}
 
 
 def default_prefill_config(head_dim: int) -> dict:
@@ -94,3 +101,7 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
             raise ValueError(f"attention config {k}={cfg[k]} must be a power of two")
     if cfg.get("BLOCK_N", 16) < 16 or cfg.get("BLOCK_M", 16) < 16:
         raise ValueError(f"attention config {cfg}: BLOCK_M and BLOCK_N must be >= 16 (tl.dot)")
+    if cfg.get("max_splits", 1) < 1 or cfg.get("programs_per_sm", 1) < 1 or cfg.get("min_split_tokens", 1) < 1:
+        raise ValueError(f"attention config {cfg}: max_splits, programs_per_sm and min_split_tokens must be >= 1")
+    if cfg.get("merge_block_d", 0) and (cfg["merge_block_d"] < 1 or cfg["merge_block_d"] & (cfg["merge_block_d"] - 1)):
+        raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")

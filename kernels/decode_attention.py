@@ -33,11 +33,12 @@ from kernels.attention import (
     gather_kv,
     needs_off64,
 )
-from kernels.attention_config import DECODE_KEYS, check_config, decode_config
+from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config
 from kernels.attention_tiles import _kv_rows
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
-MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
+MAX_SPLITS = 512  # splits per (sequence, KV head); the config's max_splits (default 64) caps the split rule
+MERGE_SPLITS = tl.constexpr(64)  # the merge's tile of splits: more splits are merged MERGE_SPLITS at a time
 
 
 def paged_attention_decode_ref(
@@ -63,18 +64,30 @@ def paged_attention_decode_ref(
 @triton.jit
 def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, BLOCK_D]
-    # tile; .cg: the partials were written by other SMs, never through this SM's L1
-    s = tl.arange(0, SPLITS_PAD)
+    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), over [SPLITS_BLOCK,
+    # BLOCK_D] tiles of splits in a fixed order (an online log-sum-exp merge: the same bits every run). Up to
+    # MERGE_SPLITS splits it is one tile, bit for bit the single-tile merge; the chunks are unrolled, so every
+    # chunk's loads are issued before the first one's sums. .cg: the partials were written by other SMs, never
+    # through this SM's L1
+    SPLITS_BLOCK: tl.constexpr = min(SPLITS_PAD, MERGE_SPLITS)
     d = d0 + tl.arange(0, BLOCK_D)
-    row = (b * NUM_HEADS + h) * num_splits + s
-    lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # seq_len 0: every weight is 0 -> zeros
-    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                   mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
-    total = tl.sum(w, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c in tl.static_range(0, SPLITS_PAD, SPLITS_BLOCK):
+        s = c + tl.arange(0, SPLITS_BLOCK)
+        row = (b * NUM_HEADS + h) * num_splits + s
+        lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                       mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with a token yet: every weight is 0
+        alpha = tl.exp2(m - m_safe)  # 0 on the first chunk (m = -inf): the single-tile sums, unchanged
+        w = tl.exp2(lse - m_safe)
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        m = m_new
+    o = acc / tl.where(total > 0, total, 1.0)  # seq_len 0: zeros
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -180,13 +193,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int, programs_per_sm: int = 2,
-                      min_split_tokens: int = 128) -> int:
+                      min_split_tokens: int = 128, max_splits: int = 64) -> int:
     """Splits per (sequence, kv head): enough programs for programs_per_sm per SM, each with at least
-    min_split_tokens tokens of the longest possible context; shapes only, never tensor values (CUDA graphs).
-    One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV."""
+    min_split_tokens tokens of the longest possible context, at most max_splits; shapes only, never tensor values
+    (CUDA graphs). One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV; more
+    (max_splits up to MAX_SPLITS) give each SM more programs to hide latency with at long context."""
+    if not 1 <= max_splits <= MAX_SPLITS:
+        raise ValueError(f"max_splits must be in [1, {MAX_SPLITS}], got {max_splits}")
     programs = batch * num_kv_heads
     want = triton.cdiv(programs_per_sm * num_sms, programs)
-    return max(1, min(want, triton.cdiv(max_context, min_split_tokens), MAX_SPLITS))
+    return max(1, min(want, triton.cdiv(max_context, min_split_tokens), max_splits))
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -219,6 +235,7 @@ def paged_attention_decode(
         raise ValueError("block_tables must be contiguous along its last dim")
     cfg = decode_config(head_dim, k_cache.dtype, q.device) if config is None else config
     if config is not None:
+        cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
         check_config(cfg, DECODE_KEYS, head_dim)
     out = torch.empty_like(q)
     if batch == 0:
@@ -226,7 +243,7 @@ def paged_attention_decode(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
-                                       cfg["programs_per_sm"], cfg["min_split_tokens"])
+                                       cfg["programs_per_sm"], cfg["min_split_tokens"], cfg["max_splits"])
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
@@ -255,7 +272,9 @@ def paged_attention_decode(
     if num_splits > 1 and not fused_merge:
         # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each
         # reading [splits, head_dim] partials one after the other
-        merge_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
+        # (merge_block_d > 0: the config's column width instead of that rule)
+        auto_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
+        merge_d = min(block_d, cfg["merge_block_d"]) if cfg["merge_block_d"] else auto_d
         _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
             HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, PDL=pdl, num_warps=4, **launch_kwargs(pdl),

@@ -1,0 +1,100 @@
+"""Decode attention's long-context knobs (Triton interpreter, small odd sizes, fp32 / fp16 inputs, bf16-like and
+FP8 caches): more than 64 splits per (sequence, KV head) merged in chunks of 64 with an online log-sum-exp, the
+config's max_splits cap on the split rule, and the merge's column width (merge_block_d)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels.decode_attention as dec  # noqa: E402
+from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config  # noqa: E402
+from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
+
+# 16-token tiles and 16 tokens per split at least: a 1100-token sequence fills 69 splits
+CFG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 16}
+
+
+def _inputs(dtype: torch.dtype, kv: str = "float", seq_lens: tuple = (1100, 0, 70)):
+    heads, kv_heads, head_dim, block_size = 3, 1, 24, 16  # GQA group 3, head_dim not a power of two
+    scales = (0.5, 2.0) if kv == "fp8" else (1.0, 1.0)
+    if kv == "fp8":
+        k, v, tables = _fp8_cache(list(seq_lens), block_size, kv_heads, head_dim, scales)
+    else:
+        k, v, tables = _make_cache(list(seq_lens), block_size, kv_heads, head_dim, dtype, "cpu")
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=torch.Generator().manual_seed(5)).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return (q, k, v, lens, tables, head_dim**-0.5, *scales)
+
+
+@pytest.mark.parametrize("dtype,kv,num_splits", [(torch.float32, "float", 130), (torch.float16, "float", 69),
+                                                  (torch.float16, "fp8", 100)])
+def test_more_than_64_splits(dtype, kv, num_splits):
+    # 69 / 100 / 130 splits: two or three 64-split chunks in the merge, the last ones partly masked, some splits
+    # of the short rows empty (lse -inf); a 0-length row stays zeros
+    args = _inputs(dtype, kv)
+    ref = paged_attention_decode_ref(*args)
+    out = paged_attention_decode(*args, num_splits=num_splits, config=CFG)
+    assert out[1].abs().max() == 0
+    assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
+def test_fused_merge_more_than_64_splits():
+    args = _inputs(torch.float32)
+    for _ in range(2):  # the counters are back at zero after the first launch
+        out = paged_attention_decode(*args, num_splits=70, fused_merge=True, config=CFG)
+        assert _rel_err(out, paged_attention_decode_ref(*args)) < 1e-5
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_attention_decode(*args, num_splits=dec.MAX_SPLITS + 1, config=CFG)
+
+
+def _spy_splits(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = dec.decode_num_splits
+
+    def spy(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(dec, "decode_num_splits", spy)
+    return seen
+
+
+def test_max_splits_caps_the_split_rule(monkeypatch):
+    # 8 programs per SM on 132 SMs with one 1100-token sequence in a table of 70 pages: 264 splits wanted,
+    # 70 pages of 16 tokens allow 70; max_splits caps that at 64 by default and at 67 here
+    seen = _spy_splits(monkeypatch)
+    args = _inputs(torch.float32, seq_lens=(1100,))
+    ref = paged_attention_decode_ref(*args)
+    cfg = dict(CFG, programs_per_sm=8)
+    out = paged_attention_decode(*args, config=cfg)
+    assert seen[-1] == 64 and _rel_err(out, ref) < 1e-5
+    out = paged_attention_decode(*args, config=dict(cfg, max_splits=67))
+    assert seen[-1] == 67 and _rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="max_splits"):
+        paged_attention_decode(*args, config=dict(cfg, max_splits=0))
+
+
+def test_merge_block_d(monkeypatch):
+    # the merge's grid is (batch, heads, head_dim / merge columns): 0 keeps the rule (32 columns at small batch,
+    # one tile of 32 for head_dim 24), 8 gives three programs per head
+    grids: list[tuple] = []
+    real = dec._reduce_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(dec, "_reduce_kernel", Spy())
+    args = _inputs(torch.float16)
+    ref = paged_attention_decode_ref(*args)
+    for merge_d, cols in ((0, 1), (8, 3), (16, 2)):
+        out = paged_attention_decode(*args, num_splits=5, config=dict(CFG, merge_block_d=merge_d))
+        assert grids[-1] == (3, 3, cols) and _rel_err(out, ref) < 3e-3
+    with pytest.raises(ValueError, match="merge_block_d"):
+        check_config({**CFG, **DECODE_KNOB_DEFAULTS, "merge_block_d": 12}, DECODE_KEYS, 24)
