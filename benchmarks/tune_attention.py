@@ -14,8 +14,9 @@ floor (decode: KV bytes over the measured copy bandwidth; prefill / extend: FLOP
 matmul rate) and torch SDPA on contiguous KV, timed the same way. Every config's output is checked against the
 torch reference (fp32) and a config off by more than 2e-2 (relative) is dropped.
 
-Decode sweeps tiles (BLOCK_N, warps, stages) x the split rule (programs per SM, minimum tokens per split);
-the rule that wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
+Decode sweeps tiles (BLOCK_N, warps, stages; an FP8 cache also the fp8_widen variants) x the split rule
+(programs per SM, minimum tokens per split, and past 64 splits max_splits, a narrower merge); the config that
+wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
 kernel and one table entry per dtype: the best geometric mean over its cases.
 
 Bounded GPU time: every distinct binary is compiled first in --jobs worker processes (Triton's disk cache
@@ -64,6 +65,11 @@ from kernels.moe_config import device_name  # noqa: E402
 # a bf16 cache runs out of shared memory on (256, 8, 3): skipped)
 DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3),
                 (128, 4, 4), (256, 8, 3)]
+# FP8 cache only: (BLOCK_N, warps, stages, fp8_widen): the V (1) or K and V (2) tiles widened by PTX before their
+# layout change into the dots' operands (sm90: ~1/3 fewer instructions and 106-186 registers where the cast takes
+# 147-198, for a 16-bit staging tile in shared memory: (256, 8, 3, 2) would not fit, (256, 8, 3, 1) just does)
+DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 3, 1),
+                    (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
 # (programs_per_sm, min_split_tokens[, max_splits[, merge_block_d]]), the rest at DECODE_KNOB_DEFAULTS (today's
 # kernel); the last ones go past 64 splits at small batch and long context (B=1 at 32k: 132-256 splits of
 # 128-256 tokens, 4-8 programs per SM to hide each program's start and the merge), and narrow the merge's columns
@@ -80,9 +86,14 @@ TOL = 2e-2
 
 
 def decode_cfg(tile: tuple, rule: tuple) -> dict:
-    knobs = dict(DECODE_KNOB_DEFAULTS, **dict(zip(("max_splits", "merge_block_d"), rule[2:])))
+    knobs = dict(DECODE_KNOB_DEFAULTS, **dict(zip(("max_splits", "merge_block_d"), rule[2:])), fp8_widen=0)
+    knobs.update(dict(zip(("fp8_widen",), tile[3:])))
     return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
             "min_split_tokens": rule[1], **knobs}
+
+
+def decode_tiles(kv: str) -> list[tuple]:
+    return DECODE_TILES + (DECODE_TILES_FP8 if kv == "fp8" else [])
 
 
 def prefill_cfg(tile: tuple) -> dict:
@@ -141,7 +152,7 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
     shape. Each item: (kind, heads, kv_heads, kv, cfg, splits, batch)."""
     plan, merges = [], set()
     for c in decode_cases:
-        for tile in DECODE_TILES:
+        for tile in decode_tiles(c.kv):
             cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
             for rule in SPLIT_RULES:
                 splits = c.splits(decode_cfg(tile, rule), num_sms)
@@ -181,7 +192,7 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
     floor_us = case.kv_bytes() / ceil["copy_tbps"] / 1e6
     sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows, seen = [], {}
-    for tile in DECODE_TILES:
+    for tile in decode_tiles(case.kv):
         for rule in SPLIT_RULES:
             cfg = decode_cfg(tile, rule)
             splits = case.splits(cfg, num_sms)
@@ -193,8 +204,8 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
                 seen[key] = measure(calls, ref, rep_ms)
                 us, err = seen[key]
                 print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
-                      f"merge_d={cfg['merge_block_d']} us={us:8.1f} frac_bw={floor_us / us:.2f} "
-                      f"sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
+                      f"merge_d={cfg['merge_block_d']} widen={cfg['fp8_widen']} us={us:8.1f} "
+                      f"frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
             if key in seen:
                 us, err = seen[key]
                 rows.append({"kind": "decode", "case": case.name, "kv": case.kv, "cfg": cfg, "splits": splits,

@@ -27,12 +27,13 @@ from kernels.moe_config import device_name
 CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
-               "merge_block_d")
+               "merge_block_d", "fp8_widen")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
-# batch x heads fills the SMs, else 32)
-DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0}
+# batch x heads fills the SMs, else 32); fp8_widen (an FP8 cache on sm89+): 0 Triton's cast of the K / V tiles
+# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (decode_attention._widen_fp8)
+DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
@@ -105,3 +106,5 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
         raise ValueError(f"attention config {cfg}: max_splits, programs_per_sm and min_split_tokens must be >= 1")
     if cfg.get("merge_block_d", 0) and (cfg["merge_block_d"] < 1 or cfg["merge_block_d"] & (cfg["merge_block_d"] - 1)):
         raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")
+    if cfg.get("fp8_widen", 0) not in (0, 1, 2):
+        raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")

@@ -5,7 +5,10 @@ KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; eve
 output and its log-sum-exp, and a second launch merges them. fused_merge=True instead lets the last split
 of a (sequence, KV head) to finish (an atomic counter) merge them in the same launch; measured on an H200
 it loses (B=1 ctx 32k: 77.5 us fused vs 48.7 us two launches; one program reads every split's partials),
-so two launches are the default. At long context and small batch many splits keep every SM streaming KV.
+so two launches are the default. At long context and small batch many splits keep every SM streaming KV: up to
+MAX_SPLITS per (sequence, KV head), capped by the config's max_splits (64 by default, the old limit); the merge
+reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
+run, and up to 64 splits are merged exactly as before.
 
 Tile sizes, warps, stages and the split rule come from kernels/attention_config.py (tuned per GPU by
 benchmarks/tune_attention.py). An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
@@ -14,10 +17,16 @@ value; q is rounded to fp16 once per program, p per tile, both with fp32 accumul
 scale, v_scale on the output. Reading the V tile as 32-bit words (to avoid Triton's byte-by-byte gather into the
 PV dot's operand layout) was tried and measured slower on an H200 than loading it as FP8 and widening, at every
 size (fraction of copy bandwidth, words vs bytes: B=1 ctx 32k 0.40 vs 0.45, B=1 128k 0.58 vs 0.67, B=16 128k 0.52
-vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64).
+vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64). What those byte loads were: Triton hoists the tile's layout
+change into the dot's operand above the widening, so V (whose dot operand runs along the tokens, across rows) is
+gathered from shared memory one FP8 byte per load. The config's fp8_widen widens in registers by PTX the compiler
+cannot hoist through (_widen_fp8): the layout change then moves fp16 through ldmatrix (an extra 16-bit staging tile
+in shared memory); default 0 until the tuner measures it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -91,6 +100,19 @@ def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, strid
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+@triton.jit
+def _widen_fp8(x):
+    # e4m3 -> fp16 (exact; sm89+), two values per instruction as in Triton's own cast, four per asm instance (one
+    # 32-bit register of bytes, no byte shuffles). The asm is marked impure so that Triton cannot hoist the
+    # tile's layout change into the dot's operand above it: the change then moves fp16 (ldmatrix) instead of
+    # gathering single FP8 bytes from shared memory (the V tile: LDS.U8 per value; compiled for sm90 at BLOCK_N 64 /
+    # 128: 1528 / 2048 SASS instructions -> 1024 / 1312, 147 / 198 registers -> 106 / 186, at the cost of a 16-bit
+    # staging tile in shared memory)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one variant for all
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
@@ -103,7 +125,7 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -143,8 +165,16 @@ def _decode_kernel(
         kv_mask = nmask[:, None] & dmask[None, :]
         # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
         # v_scale
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
+            k = _widen_fp8(k)
+        else:
+            k = k.to(q.dtype)
+        if FP8_WIDEN >= 1:
+            v = _widen_fp8(v)
+        else:
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -184,6 +214,13 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, s
     pdl_release(PDL)
     _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_D,
                 num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+
+
+def _native_fp8_cvt(device: torch.device) -> bool:
+    # cvt.*.e4m3x2 is sm89+ PTX, and the interpreter runs no PTX
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -258,6 +295,9 @@ def paged_attention_decode(
         part_out = part_lse = out  # unused
         counters = seq_lens
     pdl = pdl_enabled(q.device)
+    f16_dots = fp8_as_f16(q, k_cache)
+    # fp8_widen needs sm89+ PTX and the compiler (not the interpreter); elsewhere Triton's cast, the same values
+    fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) else 0
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
@@ -266,7 +306,7 @@ def paged_attention_decode(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), PDL=pdl, num_warps=cfg["num_warps"],
+        FP8_AS_F16=f16_dots, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
