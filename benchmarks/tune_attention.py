@@ -70,10 +70,18 @@ DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128
 # 147-198, for a 16-bit staging tile in shared memory: (256, 8, 3, 2) would not fit, (256, 8, 3, 1) just does)
 DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 3, 1),
                     (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
-# (programs_per_sm, min_split_tokens[, max_splits[, merge_block_d]]), the rest at DECODE_KNOB_DEFAULTS (today's
-# kernel); the last ones go past 64 splits at small batch and long context (B=1 at 32k: 132-256 splits of
-# 128-256 tokens, 4-8 programs per SM to hide each program's start and the merge), and narrow the merge's columns
-DECODE_SPLIT_RULES_MORE = [(4, 128, 256), (8, 64, 256), (8, 128, 512), (4, 64, 256, 16), (8, 64, 256, 16)]
+# (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
+# kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
+# programs per SM to hide each program's start), most of them at batch <= 4 only (small_batch: a full batch keeps
+# its 2 per SM), and narrow the merge's columns
+_SMALL = {"small_batch": 4, "max_splits": 256}
+DECODE_SPLIT_RULES_MORE = [
+    (2, 64, dict(_SMALL, small_batch_programs_per_sm=4)), (2, 64, dict(_SMALL, small_batch_programs_per_sm=8)),
+    (1, 64, dict(_SMALL, small_batch_programs_per_sm=8)), (2, 128, dict(_SMALL, small_batch_programs_per_sm=8)),
+    (2, 64, dict(_SMALL, small_batch_programs_per_sm=4, merge_block_d=16)),
+    (2, 64, dict(_SMALL, small_batch_programs_per_sm=8, merge_block_d=16, max_splits=512)),
+    (4, 128, {"max_splits": 256}),
+]
 SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE_SPLIT_RULES_MORE
 # (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128, 4, 2),
 # (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory (225 KiB),
@@ -86,7 +94,7 @@ TOL = 2e-2
 
 
 def decode_cfg(tile: tuple, rule: tuple) -> dict:
-    knobs = dict(DECODE_KNOB_DEFAULTS, **dict(zip(("max_splits", "merge_block_d"), rule[2:])), fp8_widen=0)
+    knobs = dict(DECODE_KNOB_DEFAULTS, **(rule[2] if len(rule) > 2 else {}))
     knobs.update(dict(zip(("fp8_widen",), tile[3:])))
     return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
             "min_split_tokens": rule[1], **knobs}
@@ -162,8 +170,10 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
                 few = c.batch * c.heads < num_sms
                 merge_d = decode_cfg(tile, rule)["merge_block_d"]
                 merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads), merge_d))
-    plan += [("decode", h, kvh, "bf16", tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, 64, md)).items())), pad, b)
-             for h, kvh, pad, b, md in sorted(merges) if pad > 1]
+    for h, kvh, pad, b, md in sorted(merges):
+        if pad > 1:
+            cfg = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, {"merge_block_d": md})).items()))
+            plan.append(("decode", h, kvh, "bf16", cfg, pad, b))
     for c in prefill_cases:
         for tile in PREFILL_TILES:
             plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None, 1))

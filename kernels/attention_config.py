@@ -27,13 +27,15 @@ from kernels.moe_config import device_name
 CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
-               "merge_block_d", "fp8_widen")
+               "merge_block_d", "fp8_widen", "small_batch", "small_batch_programs_per_sm")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
 # batch x heads fills the SMs, else 32); fp8_widen (an FP8 cache on sm89+): 0 Triton's cast of the K / V tiles
-# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (decode_attention._widen_fp8)
-DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0}
+# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (decode_attention._widen_fp8);
+# at batch <= small_batch (0: never) the split rule counts small_batch_programs_per_sm programs per SM instead
+DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
+                        "small_batch_programs_per_sm": 2}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
@@ -102,8 +104,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
             raise ValueError(f"attention config {k}={cfg[k]} must be a power of two")
     if cfg.get("BLOCK_N", 16) < 16 or cfg.get("BLOCK_M", 16) < 16:
         raise ValueError(f"attention config {cfg}: BLOCK_M and BLOCK_N must be >= 16 (tl.dot)")
-    if cfg.get("max_splits", 1) < 1 or cfg.get("programs_per_sm", 1) < 1 or cfg.get("min_split_tokens", 1) < 1:
-        raise ValueError(f"attention config {cfg}: max_splits, programs_per_sm and min_split_tokens must be >= 1")
+    counts = ("max_splits", "programs_per_sm", "min_split_tokens", "small_batch_programs_per_sm")
+    if any(cfg.get(k, 1) < 1 for k in counts) or cfg.get("small_batch", 0) < 0:
+        raise ValueError(f"attention config {cfg}: {', '.join(counts)} must be >= 1, small_batch >= 0")
     if cfg.get("merge_block_d", 0) and (cfg["merge_block_d"] < 1 or cfg["merge_block_d"] & (cfg["merge_block_d"] - 1)):
         raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")
     if cfg.get("fp8_widen", 0) not in (0, 1, 2):

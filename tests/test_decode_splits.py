@@ -81,6 +81,22 @@ def test_max_splits_caps_the_split_rule(monkeypatch):
         paged_attention_decode(*args, config=dict(cfg, max_splits=0))
 
 
+def test_small_batch_programs_per_sm(monkeypatch):
+    # a few long requests get more programs per SM than a full batch: B=1 at 32k 256 splits, B=16 keeps 5
+    assert dec.decode_num_splits(1, 4, 32768, 132, 2, 64, 256, small_batch=4, small_batch_programs_per_sm=8) == 256
+    assert dec.decode_num_splits(16, 4, 32768, 132, 2, 64, 256, small_batch=4, small_batch_programs_per_sm=8) == 5
+    assert dec.decode_num_splits(1, 4, 32768, 132, 2, 64, 256) == 66  # small_batch 0: off
+    seen = _spy_splits(monkeypatch)
+    args = _inputs(torch.float32, seq_lens=(1100, 0))  # a table of 70 pages: 70 splits of 16 tokens at most
+    ref = paged_attention_decode_ref(*args)
+    cfg = dict(CFG, programs_per_sm=1, max_splits=128, small_batch_programs_per_sm=2)
+    for small_batch, splits in ((0, 66), (1, 66), (2, 70)):  # 1 x 132 SMs / 2 (sequence, KV head) pairs, or 2 x
+        out = paged_attention_decode(*args, config=dict(cfg, small_batch=small_batch))
+        assert seen[-1] == splits and _rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="small_batch"):
+        paged_attention_decode(*args, config=dict(cfg, small_batch=-1))
+
+
 def test_merge_block_d(monkeypatch):
     # the merge's grid is (batch, heads, head_dim / merge columns): 0 keeps the rule (32 columns at small batch,
     # one tile of 32 for head_dim 24), 8 gives three programs per head
