@@ -4,7 +4,8 @@ The file is attention_{gpu}.json (gpu: torch's device name, spaces as '_'), writ
 benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: cfg}} with key
 "d{head_dim}_{kv}" (kv: the cache dtype, bf16 / fp16 / fp32 / fp8):
 - decode: BLOCK_N (tokens per inner step), num_warps, num_stages, and the split rule: enough splits for
-  programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context;
+  programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context; the later
+  knobs of DECODE_KNOB_DEFAULTS (more splits, at small batch only, the merge's width, the FP8 widening);
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
   num_warps, num_stages.
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).

@@ -26,6 +26,7 @@ in shared memory); default 0 until the tuner measures it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -216,6 +217,7 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, s
                 num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
 
 
+@functools.lru_cache(maxsize=8)
 def _native_fp8_cvt(device: torch.device) -> bool:
     # cvt.*.e4m3x2 is sm89+ PTX, and the interpreter runs no PTX
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
