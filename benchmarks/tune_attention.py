@@ -72,16 +72,12 @@ DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1),
                     (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
-# programs per SM to hide each program's start), most of them at batch <= 4 only (small_batch: a full batch keeps
-# its 2 per SM), and narrow the merge's columns
-_SMALL = {"small_batch": 4, "max_splits": 256}
-DECODE_SPLIT_RULES_MORE = [
-    (2, 64, dict(_SMALL, small_batch_programs_per_sm=4)), (2, 64, dict(_SMALL, small_batch_programs_per_sm=8)),
-    (1, 64, dict(_SMALL, small_batch_programs_per_sm=8)), (2, 128, dict(_SMALL, small_batch_programs_per_sm=8)),
-    (2, 64, dict(_SMALL, small_batch_programs_per_sm=4, merge_block_d=16)),
-    (2, 64, dict(_SMALL, small_batch_programs_per_sm=8, merge_block_d=16, max_splits=512)),
-    (4, 128, {"max_splits": 256}),
-]
+# programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small
+# batches have them (their own config) while the full batches keep theirs
+DECODE_SPLIT_RULES_MORE = [(4, 64, {"max_splits": 256}), (8, 64, {"max_splits": 256}), (8, 128, {"max_splits": 512}),
+                           (4, 64, {"max_splits": 256, "merge_block_d": 16}),
+                           (8, 64, {"max_splits": 256, "merge_block_d": 16}), (2, 64, {"merge_block_d": 16})]
+SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SMALL_BATCH (tuned on the B=1 cases)
 SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE_SPLIT_RULES_MORE
 # (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128, 4, 2),
 # (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory (225 KiB),
@@ -218,7 +214,8 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
                       f"frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
             if key in seen:
                 us, err = seen[key]
-                rows.append({"kind": "decode", "case": case.name, "kv": case.kv, "cfg": cfg, "splits": splits,
+                rows.append({"kind": "decode", "case": case.name, "batch": case.batch, "kv": case.kv, "cfg": cfg,
+                             "splits": splits,
                              "us": us, "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
     case.free()
     return rows
@@ -269,6 +266,22 @@ def pick(rows: list[dict]) -> dict:
     return table
 
 
+def pick_small_batch(rows: list[dict], table: dict) -> dict:
+    """Decode entries with both small (batch <= SMALL_BATCH) and larger cases: the config with the best geometric
+    mean over the larger cases, carrying the best one over the small cases as its small_batch_config."""
+    for key, entry in table.get("decode", {}).items():
+        sub = [r for r in rows if r["kind"] == "decode" and config_key(HEAD_DIM, KV_DTYPES[r["kv"]]) == key]
+        small = pick([r for r in sub if r["batch"] <= SMALL_BATCH]).get("decode", {}).get(key)
+        large = pick([r for r in sub if r["batch"] > SMALL_BATCH]).get("decode", {}).get(key)
+        if small and large:
+            small_frac, large_frac = small.pop("geomean_frac"), large.pop("geomean_frac")
+            entry.clear()
+            entry.update(large, geomean_frac=large_frac)
+            if small != large:
+                entry.update(small_batch=SMALL_BATCH, small_batch_config=small, small_batch_geomean_frac=small_frac)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -295,7 +308,7 @@ def main() -> None:
         rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms)
     for case in prefill_cases:
         rows += sweep_prefill(case, ceil, budget, args.rep_ms)
-    table = pick(rows)
+    table = pick_small_batch(rows, pick(rows))
     best_per_case = {}
     for r in rows:
         b = best_per_case.get(r["case"])
@@ -309,7 +322,8 @@ def main() -> None:
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
     gpu = device_name(torch.device("cuda"))
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(
-        {k: {kk: {x: y for x, y in v.items() if x != "geomean_frac"} for kk, v in t.items()} for k, t in table.items()},
+        {k: {kk: {x: y for x, y in v.items() if not x.endswith("geomean_frac")} for kk, v in t.items()}
+         for k, t in table.items()},
         indent=1))
     (out / "tune_attention.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,

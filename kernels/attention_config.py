@@ -28,15 +28,16 @@ from kernels.moe_config import device_name
 CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
-               "merge_block_d", "fp8_widen", "small_batch", "small_batch_programs_per_sm")
+               "merge_block_d", "fp8_widen", "small_batch", "small_batch_config")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
 # batch x heads fills the SMs, else 32); fp8_widen (an FP8 cache on sm89+): 0 Triton's cast of the K / V tiles
 # to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (decode_attention._widen_fp8);
-# at batch <= small_batch (0: never) the split rule counts small_batch_programs_per_sm programs per SM instead
+# at batch <= small_batch (0: never) the kernel runs small_batch_config instead (a decode config of its own, tiles
+# and split rule: a few long requests want more splits and maybe other tiles than a full batch; decode_config_for)
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
-                        "small_batch_programs_per_sm": 2}
+                        "small_batch_config": None}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
@@ -95,6 +96,15 @@ def prefill_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device | 
     return dict(_resolve("prefill", head_dim, kv_dtype, device))
 
 
+def decode_config_for(cfg: dict, batch: int) -> dict:
+    """The decode config a launch of `batch` sequences runs: cfg's small_batch_config at batch <= small_batch;
+    keys a config lacks (written before they existed) at DECODE_KNOB_DEFAULTS."""
+    cfg = {**DECODE_KNOB_DEFAULTS, **cfg}
+    if cfg["small_batch_config"] and batch <= cfg["small_batch"]:
+        cfg = {**DECODE_KNOB_DEFAULTS, **cfg["small_batch_config"]}
+    return cfg
+
+
 def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     # a hand-written or tuned config: every tile size a power of two (tl.arange), the tile no wider than needed
     missing = [k for k in keys if k not in cfg]
@@ -105,9 +115,13 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
             raise ValueError(f"attention config {k}={cfg[k]} must be a power of two")
     if cfg.get("BLOCK_N", 16) < 16 or cfg.get("BLOCK_M", 16) < 16:
         raise ValueError(f"attention config {cfg}: BLOCK_M and BLOCK_N must be >= 16 (tl.dot)")
-    counts = ("max_splits", "programs_per_sm", "min_split_tokens", "small_batch_programs_per_sm")
+    counts = ("max_splits", "programs_per_sm", "min_split_tokens")
     if any(cfg.get(k, 1) < 1 for k in counts) or cfg.get("small_batch", 0) < 0:
         raise ValueError(f"attention config {cfg}: {', '.join(counts)} must be >= 1, small_batch >= 0")
+    if small := cfg.get("small_batch_config"):
+        if not isinstance(small, dict) or small.get("small_batch_config"):
+            raise ValueError(f"attention config small_batch_config={small} must be a decode config, not nested")
+        check_config({**DECODE_KNOB_DEFAULTS, **small}, keys, head_dim)
     if cfg.get("merge_block_d", 0) and (cfg["merge_block_d"] < 1 or cfg["merge_block_d"] & (cfg["merge_block_d"] - 1)):
         raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")
     if cfg.get("fp8_widen", 0) not in (0, 1, 2):

@@ -43,7 +43,7 @@ from kernels.attention import (
     gather_kv,
     needs_off64,
 )
-from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config
+from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
 from kernels.attention_tiles import _kv_rows
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
@@ -232,28 +232,23 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int, programs_per_sm: int = 2,
-                      min_split_tokens: int = 128, max_splits: int = 64, small_batch: int = 0,
-                      small_batch_programs_per_sm: int = 2) -> int:
-    """Splits per (sequence, kv head): enough programs for programs_per_sm per SM (small_batch_programs_per_sm at
-    batch <= small_batch), each with at least min_split_tokens tokens of the longest possible context, at most
-    max_splits; shapes only, never tensor values (CUDA graphs). One sequence at 4k-32k on 132 SMs: 32-64 splits per
-    KV head, so every SM streams KV; more (max_splits up to MAX_SPLITS) give each SM more programs to hide latency
-    with at long context, and small_batch lets a few long requests have them while a full batch keeps its own."""
+                      min_split_tokens: int = 128, max_splits: int = 64) -> int:
+    """Splits per (sequence, kv head): enough programs for programs_per_sm per SM, each with at least
+    min_split_tokens tokens of the longest possible context, at most max_splits; shapes only, never tensor values
+    (CUDA graphs). One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV; more
+    (max_splits up to MAX_SPLITS) give each SM more programs to hide latency with at long context."""
     if not 1 <= max_splits <= MAX_SPLITS:
         raise ValueError(f"max_splits must be in [1, {MAX_SPLITS}], got {max_splits}")
-    if batch <= small_batch:
-        programs_per_sm = small_batch_programs_per_sm
     programs = batch * num_kv_heads
     want = triton.cdiv(programs_per_sm * num_sms, programs)
     return max(1, min(want, triton.cdiv(max_context, min_split_tokens), max_splits))
 
 
 def decode_config_splits(cfg: dict, batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    # the split rule of a decode config (kernels/attention_config.py); a config without the later knobs: defaults
-    knobs = {**DECODE_KNOB_DEFAULTS, **cfg}
-    return decode_num_splits(batch, num_kv_heads, max_context, num_sms, knobs["programs_per_sm"],
-                             knobs["min_split_tokens"], knobs["max_splits"], knobs["small_batch"],
-                             knobs["small_batch_programs_per_sm"])
+    # the split rule of a decode config (kernels/attention_config.py) at this batch (its small-batch config there)
+    cfg = decode_config_for(cfg, batch)
+    return decode_num_splits(batch, num_kv_heads, max_context, num_sms, cfg["programs_per_sm"],
+                             cfg["min_split_tokens"], cfg["max_splits"])
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -291,6 +286,7 @@ def paged_attention_decode(
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    cfg = decode_config_for(cfg, batch)  # the small-batch config at batch <= small_batch
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = decode_config_splits(cfg, batch, num_kv_heads, block_tables.shape[1] * block_size,

@@ -1,9 +1,12 @@
 """Decode attention's long-context knobs (Triton interpreter, small odd sizes, fp32 / fp16 inputs, bf16-like and
 FP8 caches): more than 64 splits per (sequence, KV head) merged in chunks of 64 with an online log-sum-exp, the
-config's max_splits cap on the split rule, the merge's column width (merge_block_d), and fp8_widen (its PTX path
-compiled for sm90 here, run by the GPU test)."""
+config's max_splits cap on the split rule, the merge's column width (merge_block_d), a config of its own at small
+batch (small_batch, small_batch_config; the tuner's pick of it), and fp8_widen (its PTX path compiled for sm90
+here, run by the GPU test)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +14,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import kernels.attention_config as acfg  # noqa: E402
 import kernels.decode_attention as dec  # noqa: E402
 from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config  # noqa: E402
 from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # 16-token tiles and 16 tokens per split at least: a 1100-token sequence fills 69 splits
 CFG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 16}
@@ -81,20 +87,44 @@ def test_max_splits_caps_the_split_rule(monkeypatch):
         paged_attention_decode(*args, config=dict(cfg, max_splits=0))
 
 
-def test_small_batch_programs_per_sm(monkeypatch):
-    # a few long requests get more programs per SM than a full batch: B=1 at 32k 256 splits, B=16 keeps 5
-    assert dec.decode_num_splits(1, 4, 32768, 132, 2, 64, 256, small_batch=4, small_batch_programs_per_sm=8) == 256
-    assert dec.decode_num_splits(16, 4, 32768, 132, 2, 64, 256, small_batch=4, small_batch_programs_per_sm=8) == 5
-    assert dec.decode_num_splits(1, 4, 32768, 132, 2, 64, 256) == 66  # small_batch 0: off
+def test_small_batch_config(monkeypatch):
+    # batch <= small_batch runs small_batch_config, its own tiles and split rule: here 32-token tiles and splits
+    # (35 over the 70-page table) where the batch's own rule says 1 program per SM (66 splits for 2 (sequence,
+    # KV head) pairs on 132 SMs)
     seen = _spy_splits(monkeypatch)
     args = _inputs(torch.float32, seq_lens=(1100, 0))  # a table of 70 pages: 70 splits of 16 tokens at most
     ref = paged_attention_decode_ref(*args)
-    cfg = dict(CFG, programs_per_sm=1, max_splits=128, small_batch_programs_per_sm=2)
-    for small_batch, splits in ((0, 66), (1, 66), (2, 70)):  # 1 x 132 SMs / 2 (sequence, KV head) pairs, or 2 x
+    small = dict(CFG, BLOCK_N=32, num_stages=3, programs_per_sm=2, min_split_tokens=32, max_splits=128)  # 35 splits
+    cfg = dict(CFG, programs_per_sm=1, max_splits=128, small_batch_config=small)
+    for small_batch, splits in ((0, 66), (1, 66), (2, 35)):
         out = paged_attention_decode(*args, config=dict(cfg, small_batch=small_batch))
         assert seen[-1] == splits and _rel_err(out, ref) < 1e-5
+    assert acfg.decode_config_for(dict(cfg, small_batch=2), 2)["BLOCK_N"] == 32
+    assert acfg.decode_config_for(dict(cfg, small_batch=2), 3) == {**acfg.DECODE_KNOB_DEFAULTS, **cfg, "small_batch": 2}
     with pytest.raises(ValueError, match="small_batch"):
         paged_attention_decode(*args, config=dict(cfg, small_batch=-1))
+    with pytest.raises(ValueError, match="small_batch_config"):  # not nested
+        nested = dict(small, small_batch_config=small)
+        paged_attention_decode(*args, config=dict(cfg, small_batch=2, small_batch_config=nested))
+    with pytest.raises(ValueError, match="power of two"):  # checked as a config of its own
+        paged_attention_decode(*args, config=dict(cfg, small_batch=2, small_batch_config=dict(small, BLOCK_N=48)))
+
+
+def test_tuner_picks_a_small_batch_config():
+    # the tuner's table entry: the best config over the larger batches, with the best over batch <= 4 inside it
+    import tune_attention as ta
+
+    a, b = ta.decode_cfg((64, 4, 3), (2, 64)), ta.decode_cfg((64, 4, 3), (8, 64, {"max_splits": 256}))
+    rows = [{"kind": "decode", "case": f"B={batch}", "batch": batch, "kv": "bf16", "cfg": cfg, "frac": frac}
+            for batch, cfg, frac in ((1, a, 0.6), (1, b, 0.8), (16, a, 0.9), (16, b, 0.7))]
+    table = ta.pick_small_batch(rows, ta.pick(rows))
+    entry = table["decode"][f"d{ta.HEAD_DIM}_bf16"]
+    assert entry["small_batch"] == ta.SMALL_BATCH and entry["small_batch_config"] == b
+    assert {k: entry[k] for k in a if k not in ("small_batch", "small_batch_config")} == {
+        k: v for k, v in a.items() if k not in ("small_batch", "small_batch_config")}
+    acfg.check_config({k: v for k, v in entry.items() if not k.endswith("geomean_frac")}, acfg.DECODE_KEYS, 128)
+    # one batch class only: pick's choice, unchanged
+    assert ta.pick_small_batch(rows[:2], ta.pick(rows[:2]))["decode"][f"d{ta.HEAD_DIM}_bf16"]["programs_per_sm"] == 8
 
 
 def test_merge_block_d(monkeypatch):
@@ -165,8 +195,9 @@ def test_long_context_knobs_gpu(kv, head_dim):
     args = (q, k, v, lens, tables, head_dim**-0.5, *scales)
     ref = paged_attention_decode_ref(*args)
     base = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 8, "min_split_tokens": 64}
+    small = dict(base, BLOCK_N=128, programs_per_sm=16, max_splits=256, fp8_widen=1)
     for knobs in ({"max_splits": 256}, {"max_splits": 512, "merge_block_d": 16}, {"fp8_widen": 1},
-                  {"fp8_widen": 2, "max_splits": 256}):
+                  {"fp8_widen": 2, "max_splits": 256}, {"small_batch": 4, "small_batch_config": small}):
         cfg = dict(base, **knobs)
         out = paged_attention_decode(*args, config=cfg)
         assert _rel_err(out, ref) < 1e-2 and out[1].abs().max() == 0, knobs
