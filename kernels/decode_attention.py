@@ -11,7 +11,10 @@ reads them 64 at a time with an online log-sum-exp in a fixed order, so the outp
 run, and up to 64 splits are merged exactly as before.
 
 Tile sizes, warps, stages and the split rule come from kernels/attention_config.py (tuned per GPU by
-benchmarks/tune_attention.py). An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
+benchmarks/tune_attention.py; at batch <= small_batch its small_batch_config: a few long requests want more
+splits, and maybe other tiles, than a full batch).
+
+An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
 e4m3 -> fp16 is exact and one packed conversion per two values, where -> bf16 adds a second, slower one per
 value; q is rounded to fp16 once per program, p per tile, both with fp32 accumulation; k_scale is in the softmax
 scale, v_scale on the output. Reading the V tile as 32-bit words (to avoid Triton's byte-by-byte gather into the
