@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels.attention import paged_attention_prefill
-from kernels.decode_attention import decode_num_splits, paged_attention_decode, paged_attention_decode_ref
+from kernels.decode_attention import decode_config_splits, paged_attention_decode, paged_attention_decode_ref
 
 HEAD_DIM, BLOCK = 128, 16
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -64,8 +64,7 @@ class DecodeCase:
 
     def splits(self, cfg: dict, num_sms: int) -> int:
         # what paged_attention_decode picks: the block table is exactly as wide as the context
-        return decode_num_splits(self.batch, self.kv_heads, triton.cdiv(self.ctx, BLOCK) * BLOCK, num_sms,
-                                 cfg["programs_per_sm"], cfg["min_split_tokens"])
+        return decode_config_splits(cfg, self.batch, self.kv_heads, triton.cdiv(self.ctx, BLOCK) * BLOCK, num_sms)
 
     def build(self) -> None:
         # a pool of `rotations` x the pages one call reads, and one block table per page set: the timed graph

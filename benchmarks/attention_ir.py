@@ -2,7 +2,7 @@
 what the compiler made of a tile config: registers, spills, shared memory, how deep K/V are buffered and
 whether the next tile's copy overlaps the dots, and the conversion instructions in the SASS.
 
-python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3
+python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 [--fp8-widen 1]
 python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
 
 Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
@@ -91,7 +91,7 @@ def report(kernel) -> dict:
 
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
-            warps: int = 4, stages: int = 2, off64: bool = False) -> dict:
+            warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0) -> dict:
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -105,7 +105,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
                   "GROUP_PAD": max(16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM,
                   "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
-                  "FP8_AS_F16": kv == "fp8", "OFF64": off64}
+                  "FP8_AS_F16": kv == "fp8", "OFF64": off64, "FP8_WIDEN": fp8_widen if kv == "fp8" else 0}
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,
@@ -130,9 +130,10 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
+    ap.add_argument("--fp8-widen", type=int, default=0, help="decode, FP8 cache: the config's fp8_widen (0, 1, 2)")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
-                                             a.off64))))
+                                             a.off64, a.fp8_widen))))
 
 
 if __name__ == "__main__":

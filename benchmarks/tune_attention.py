@@ -14,8 +14,9 @@ floor (decode: KV bytes over the measured copy bandwidth; prefill / extend: FLOP
 matmul rate) and torch SDPA on contiguous KV, timed the same way. Every config's output is checked against the
 torch reference (fp32) and a config off by more than 2e-2 (relative) is dropped.
 
-Decode sweeps tiles (BLOCK_N, warps, stages) x the split rule (programs per SM, minimum tokens per split);
-the rule that wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
+Decode sweeps tiles (BLOCK_N, warps, stages; an FP8 cache also the fp8_widen variants) x the split rule
+(programs per SM, minimum tokens per split, and past 64 splits max_splits, a narrower merge); the config that
+wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
 kernel and one table entry per dtype: the best geometric mean over its cases.
 
 Bounded GPU time: every distinct binary is compiled first in --jobs worker processes (Triton's disk cache
@@ -57,14 +58,27 @@ from attention_cases import (  # noqa: E402
 from bench_moe import measure_ceilings  # noqa: E402
 from tuning import Budget, rel_err  # noqa: E402
 
-from kernels.attention_config import config_file_name, config_key  # noqa: E402
+from kernels.attention_config import DECODE_KNOB_DEFAULTS, config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 # (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
 # a bf16 cache runs out of shared memory on (256, 8, 3): skipped)
 DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3),
                 (128, 4, 4), (256, 8, 3)]
-SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)]  # (programs_per_sm, min_split_tokens)
+# FP8 cache only: (BLOCK_N, warps, stages, fp8_widen): the V (1) or K and V (2) tiles widened by PTX before their
+# layout change into the dots' operands (sm90: ~1/3 fewer instructions and 106-186 registers where the cast takes
+# 147-198, for a 16-bit staging tile in shared memory: (256, 8, 3, 2) would not fit, (256, 8, 3, 1) just does)
+DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 3, 1),
+                    (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
+# (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
+# kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
+# programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small
+# batches have them (their own config) while the full batches keep theirs
+DECODE_SPLIT_RULES_MORE = [(4, 64, {"max_splits": 256}), (8, 64, {"max_splits": 256}), (8, 128, {"max_splits": 512}),
+                           (4, 64, {"max_splits": 256, "merge_block_d": 16}),
+                           (8, 64, {"max_splits": 256, "merge_block_d": 16}), (2, 64, {"merge_block_d": 16})]
+SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SMALL_BATCH (tuned on the B=1 cases)
+SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE_SPLIT_RULES_MORE
 # (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128, 4, 2),
 # (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory (225 KiB),
 # stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a long prefix
@@ -76,8 +90,14 @@ TOL = 2e-2
 
 
 def decode_cfg(tile: tuple, rule: tuple) -> dict:
+    knobs = dict(DECODE_KNOB_DEFAULTS, **(rule[2] if len(rule) > 2 else {}))
+    knobs.update(dict(zip(("fp8_widen",), tile[3:])))
     return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
-            "min_split_tokens": rule[1]}
+            "min_split_tokens": rule[1], **knobs}
+
+
+def decode_tiles(kv: str) -> list[tuple]:
+    return DECODE_TILES + (DECODE_TILES_FP8 if kv == "fp8" else [])
 
 
 def prefill_cfg(tile: tuple) -> dict:
@@ -136,16 +156,20 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
     shape. Each item: (kind, heads, kv_heads, kv, cfg, splits, batch)."""
     plan, merges = [], set()
     for c in decode_cases:
-        for tile in DECODE_TILES:
+        for tile in decode_tiles(c.kv):
             cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
-            for splits in {c.splits(decode_cfg(tile, r), num_sms) for r in SPLIT_RULES}:
+            for rule in SPLIT_RULES:
+                splits = c.splits(decode_cfg(tile, rule), num_sms)
                 pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
                 plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
                 # the merge splits its columns while batch x heads < SMs: a batch on each side of that line
                 few = c.batch * c.heads < num_sms
-                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads)))
-    default = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128)).items()))
-    plan += [("decode", h, kvh, "bf16", default, pad, b) for h, kvh, pad, b in sorted(merges) if pad > 1]
+                merge_d = decode_cfg(tile, rule)["merge_block_d"]
+                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads), merge_d))
+    for h, kvh, pad, b, md in sorted(merges):
+        if pad > 1:
+            cfg = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, {"merge_block_d": md})).items()))
+            plan.append(("decode", h, kvh, "bf16", cfg, pad, b))
     for c in prefill_cases:
         for tile in PREFILL_TILES:
             plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None, 1))
@@ -174,21 +198,24 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
     floor_us = case.kv_bytes() / ceil["copy_tbps"] / 1e6
     sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows, seen = [], {}
-    for tile in DECODE_TILES:
+    for tile in decode_tiles(case.kv):
         for rule in SPLIT_RULES:
             cfg = decode_cfg(tile, rule)
             splits = case.splits(cfg, num_sms)
-            if (tile, splits) not in seen:
-                if not budget.left(f"decode {case.name} {tile} splits={splits}"):
+            key = (tile, splits, cfg["merge_block_d"])  # what the launch depends on (the rule only picks splits)
+            if key not in seen:
+                if not budget.left(f"decode {case.name} {tile} splits={splits} merge_d={cfg['merge_block_d']}"):
                     continue
                 calls = [lambda c=cfg, s=splits, r=r: case.run(c, s, r) for r in range(case.rotations)]
-                seen[(tile, splits)] = measure(calls, ref, rep_ms)
-                us, err = seen[(tile, splits)]
+                seen[key] = measure(calls, ref, rep_ms)
+                us, err = seen[key]
                 print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
-                      f"us={us:8.1f} frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
-            if (tile, splits) in seen:
-                us, err = seen[(tile, splits)]
-                rows.append({"kind": "decode", "case": case.name, "kv": case.kv, "cfg": cfg, "splits": splits,
+                      f"merge_d={cfg['merge_block_d']} widen={cfg['fp8_widen']} us={us:8.1f} "
+                      f"frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
+            if key in seen:
+                us, err = seen[key]
+                rows.append({"kind": "decode", "case": case.name, "batch": case.batch, "kv": case.kv, "cfg": cfg,
+                             "splits": splits,
                              "us": us, "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
     case.free()
     return rows
@@ -239,6 +266,22 @@ def pick(rows: list[dict]) -> dict:
     return table
 
 
+def pick_small_batch(rows: list[dict], table: dict) -> dict:
+    """Decode entries with both small (batch <= SMALL_BATCH) and larger cases: the config with the best geometric
+    mean over the larger cases, carrying the best one over the small cases as its small_batch_config."""
+    for key, entry in table.get("decode", {}).items():
+        sub = [r for r in rows if r["kind"] == "decode" and config_key(HEAD_DIM, KV_DTYPES[r["kv"]]) == key]
+        small = pick([r for r in sub if r["batch"] <= SMALL_BATCH]).get("decode", {}).get(key)
+        large = pick([r for r in sub if r["batch"] > SMALL_BATCH]).get("decode", {}).get(key)
+        if small and large:
+            small_frac, large_frac = small.pop("geomean_frac"), large.pop("geomean_frac")
+            entry.clear()
+            entry.update(large, geomean_frac=large_frac)
+            if small != large:
+                entry.update(small_batch=SMALL_BATCH, small_batch_config=small, small_batch_geomean_frac=small_frac)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -265,7 +308,7 @@ def main() -> None:
         rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms)
     for case in prefill_cases:
         rows += sweep_prefill(case, ceil, budget, args.rep_ms)
-    table = pick(rows)
+    table = pick_small_batch(rows, pick(rows))
     best_per_case = {}
     for r in rows:
         b = best_per_case.get(r["case"])
@@ -279,7 +322,8 @@ def main() -> None:
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
     gpu = device_name(torch.device("cuda"))
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(
-        {k: {kk: {x: y for x, y in v.items() if x != "geomean_frac"} for kk, v in t.items()} for k, t in table.items()},
+        {k: {kk: {x: y for x, y in v.items() if not x.endswith("geomean_frac")} for kk, v in t.items()}
+         for k, t in table.items()},
         indent=1))
     (out / "tune_attention.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,

@@ -4,7 +4,8 @@ The file is attention_{gpu}.json (gpu: torch's device name, spaces as '_'), writ
 benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: cfg}} with key
 "d{head_dim}_{kv}" (kv: the cache dtype, bf16 / fp16 / fp32 / fp8):
 - decode: BLOCK_N (tokens per inner step), num_warps, num_stages, and the split rule: enough splits for
-  programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context;
+  programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context; the later
+  knobs of DECODE_KNOB_DEFAULTS (more splits, at small batch only, the merge's width, the FP8 widening);
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
   num_warps, num_stages.
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
@@ -26,7 +27,17 @@ from kernels.moe_config import device_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
-DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens")
+DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
+               "merge_block_d", "fp8_widen", "small_batch", "small_batch_config")
+# decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
+# hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
+# decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
+# batch x heads fills the SMs, else 32); fp8_widen (an FP8 cache on sm89+): 0 Triton's cast of the K / V tiles
+# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (decode_attention._widen_fp8);
+# at batch <= small_batch (0: never) the kernel runs small_batch_config instead (a decode config of its own, tiles
+# and split rule: a few long requests want more splits and maybe other tiles than a full batch; decode_config_for)
+DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
+                        "small_batch_config": None}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
@@ -40,7 +51,8 @@ def config_file_name(gpu: str) -> str:
 
 def default_decode_config(head_dim: int) -> dict:
     block_n = 64 if triton.next_power_of_2(head_dim) <= 128 else 32
-    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 2 * block_n}
+    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2, "min_split_tokens": 2 * block_n,
+            **DECODE_KNOB_DEFAULTS}
 
 
 def default_prefill_config(head_dim: int) -> dict:
@@ -84,6 +96,15 @@ def prefill_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device | 
     return dict(_resolve("prefill", head_dim, kv_dtype, device))
 
 
+def decode_config_for(cfg: dict, batch: int) -> dict:
+    """The decode config a launch of `batch` sequences runs: cfg's small_batch_config at batch <= small_batch;
+    keys a config lacks (written before they existed) at DECODE_KNOB_DEFAULTS."""
+    cfg = {**DECODE_KNOB_DEFAULTS, **cfg}
+    if cfg["small_batch_config"] and batch <= cfg["small_batch"]:
+        cfg = {**DECODE_KNOB_DEFAULTS, **cfg["small_batch_config"]}
+    return cfg
+
+
 def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     # a hand-written or tuned config: every tile size a power of two (tl.arange), the tile no wider than needed
     missing = [k for k in keys if k not in cfg]
@@ -94,3 +115,14 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
             raise ValueError(f"attention config {k}={cfg[k]} must be a power of two")
     if cfg.get("BLOCK_N", 16) < 16 or cfg.get("BLOCK_M", 16) < 16:
         raise ValueError(f"attention config {cfg}: BLOCK_M and BLOCK_N must be >= 16 (tl.dot)")
+    counts = ("max_splits", "programs_per_sm", "min_split_tokens")
+    if any(cfg.get(k, 1) < 1 for k in counts) or cfg.get("small_batch", 0) < 0:
+        raise ValueError(f"attention config {cfg}: {', '.join(counts)} must be >= 1, small_batch >= 0")
+    if small := cfg.get("small_batch_config"):
+        if not isinstance(small, dict) or small.get("small_batch_config"):
+            raise ValueError(f"attention config small_batch_config={small} must be a decode config, not nested")
+        check_config({**DECODE_KNOB_DEFAULTS, **small}, keys, head_dim)
+    if cfg.get("merge_block_d", 0) and (cfg["merge_block_d"] < 1 or cfg["merge_block_d"] & (cfg["merge_block_d"] - 1)):
+        raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")
+    if cfg.get("fp8_widen", 0) not in (0, 1, 2):
+        raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")

@@ -5,19 +5,32 @@ KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; eve
 output and its log-sum-exp, and a second launch merges them. fused_merge=True instead lets the last split
 of a (sequence, KV head) to finish (an atomic counter) merge them in the same launch; measured on an H200
 it loses (B=1 ctx 32k: 77.5 us fused vs 48.7 us two launches; one program reads every split's partials),
-so two launches are the default. At long context and small batch many splits keep every SM streaming KV.
+so two launches are the default. At long context and small batch many splits keep every SM streaming KV: up to
+MAX_SPLITS per (sequence, KV head), capped by the config's max_splits (64 by default, the old limit); the merge
+reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
+run, and up to 64 splits are merged exactly as before.
 
 Tile sizes, warps, stages and the split rule come from kernels/attention_config.py (tuned per GPU by
-benchmarks/tune_attention.py). An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
+benchmarks/tune_attention.py; at batch <= small_batch its small_batch_config: a few long requests want more
+splits, and maybe other tiles, than a full batch).
+
+An FP8 cache is read as FP8 (half the bytes) and widened to fp16 for the dots:
 e4m3 -> fp16 is exact and one packed conversion per two values, where -> bf16 adds a second, slower one per
 value; q is rounded to fp16 once per program, p per tile, both with fp32 accumulation; k_scale is in the softmax
 scale, v_scale on the output. Reading the V tile as 32-bit words (to avoid Triton's byte-by-byte gather into the
 PV dot's operand layout) was tried and measured slower on an H200 than loading it as FP8 and widening, at every
 size (fraction of copy bandwidth, words vs bytes: B=1 ctx 32k 0.40 vs 0.45, B=1 128k 0.58 vs 0.67, B=16 128k 0.52
-vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64).
+vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64). What those byte loads were: Triton hoists the tile's layout
+change into the dot's operand above the widening, so V (whose dot operand runs along the tokens, across rows) is
+gathered from shared memory one FP8 byte per load. The config's fp8_widen widens in registers by PTX the compiler
+cannot hoist through (_widen_fp8): the layout change then moves fp16 through ldmatrix (an extra 16-bit staging tile
+in shared memory); default 0 until the tuner measures it.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -33,11 +46,12 @@ from kernels.attention import (
     gather_kv,
     needs_off64,
 )
-from kernels.attention_config import DECODE_KEYS, check_config, decode_config
+from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
 from kernels.attention_tiles import _kv_rows
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
-MAX_SPLITS = 64  # the merge reads [splits, head_dim] fp32 partials per query head: keep that tile small
+MAX_SPLITS = 512  # splits per (sequence, KV head); the config's max_splits (default 64) caps the split rule
+MERGE_SPLITS = tl.constexpr(64)  # the merge's tile of splits: more splits are merged MERGE_SPLITS at a time
 
 
 def paged_attention_decode_ref(
@@ -63,19 +77,44 @@ def paged_attention_decode_ref(
 @triton.jit
 def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), one [splits, BLOCK_D]
-    # tile; .cg: the partials were written by other SMs, never through this SM's L1
-    s = tl.arange(0, SPLITS_PAD)
+    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), over [SPLITS_BLOCK,
+    # BLOCK_D] tiles of splits in a fixed order (an online log-sum-exp merge: the same bits every run). Up to
+    # MERGE_SPLITS splits it is one tile, bit for bit the single-tile merge; the chunks are unrolled, so every
+    # chunk's loads are issued before the first one's sums. .cg: the partials were written by other SMs, never
+    # through this SM's L1
+    SPLITS_BLOCK: tl.constexpr = min(SPLITS_PAD, MERGE_SPLITS)
     d = d0 + tl.arange(0, BLOCK_D)
-    row = (b * NUM_HEADS + h) * num_splits + s
-    lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # seq_len 0: every weight is 0 -> zeros
-    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                   mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
-    total = tl.sum(w, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c in tl.static_range(0, SPLITS_PAD, SPLITS_BLOCK):
+        s = c + tl.arange(0, SPLITS_BLOCK)
+        row = (b * NUM_HEADS + h) * num_splits + s
+        lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                       mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with a token yet: every weight is 0
+        alpha = tl.exp2(m - m_safe)  # 0 on the first chunk (m = -inf): the single-tile sums, unchanged
+        w = tl.exp2(lse - m_safe)
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        m = m_new
+    o = acc / tl.where(total > 0, total, 1.0)  # seq_len 0: zeros
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _widen_fp8(x):
+    # e4m3 -> fp16 (exact; sm89+), two values per instruction as in Triton's own cast, four per asm instance (one
+    # 32-bit register of bytes, no byte shuffles). The asm is marked impure so that Triton cannot hoist the
+    # tile's layout change into the dot's operand above it: the change then moves fp16 (ldmatrix) instead of
+    # gathering single FP8 bytes from shared memory (the V tile: LDS.U8 per value; compiled for sm90 at BLOCK_N 64 /
+    # 128: 1528 / 2048 SASS instructions -> 1024 / 1312, 147 / 198 registers -> 106 / 186, at the cost of a 16-bit
+    # staging tile in shared memory)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one variant for all
@@ -90,7 +129,7 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -130,8 +169,16 @@ def _decode_kernel(
         kv_mask = nmask[:, None] & dmask[None, :]
         # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
         # v_scale
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
+            k = _widen_fp8(k)
+        else:
+            k = k.to(q.dtype)
+        if FP8_WIDEN >= 1:
+            v = _widen_fp8(v)
+        else:
+            v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -173,6 +220,14 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, s
                 num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
 
 
+@functools.lru_cache(maxsize=8)
+def _native_fp8_cvt(device: torch.device) -> bool:
+    # cvt.*.e4m3x2 is sm89+ PTX, and the interpreter runs no PTX
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -180,13 +235,23 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int, programs_per_sm: int = 2,
-                      min_split_tokens: int = 128) -> int:
+                      min_split_tokens: int = 128, max_splits: int = 64) -> int:
     """Splits per (sequence, kv head): enough programs for programs_per_sm per SM, each with at least
-    min_split_tokens tokens of the longest possible context; shapes only, never tensor values (CUDA graphs).
-    One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV."""
+    min_split_tokens tokens of the longest possible context, at most max_splits; shapes only, never tensor values
+    (CUDA graphs). One sequence at 4k-32k on 132 SMs: 32-64 splits per KV head, so every SM streams KV; more
+    (max_splits up to MAX_SPLITS) give each SM more programs to hide latency with at long context."""
+    if not 1 <= max_splits <= MAX_SPLITS:
+        raise ValueError(f"max_splits must be in [1, {MAX_SPLITS}], got {max_splits}")
     programs = batch * num_kv_heads
     want = triton.cdiv(programs_per_sm * num_sms, programs)
-    return max(1, min(want, triton.cdiv(max_context, min_split_tokens), MAX_SPLITS))
+    return max(1, min(want, triton.cdiv(max_context, min_split_tokens), max_splits))
+
+
+def decode_config_splits(cfg: dict, batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    # the split rule of a decode config (kernels/attention_config.py) at this batch (its small-batch config there)
+    cfg = decode_config_for(cfg, batch)
+    return decode_num_splits(batch, num_kv_heads, max_context, num_sms, cfg["programs_per_sm"],
+                             cfg["min_split_tokens"], cfg["max_splits"])
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -219,14 +284,16 @@ def paged_attention_decode(
         raise ValueError("block_tables must be contiguous along its last dim")
     cfg = decode_config(head_dim, k_cache.dtype, q.device) if config is None else config
     if config is not None:
+        cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
         check_config(cfg, DECODE_KEYS, head_dim)
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    cfg = decode_config_for(cfg, batch)  # the small-batch config at batch <= small_batch
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
-                                       cfg["programs_per_sm"], cfg["min_split_tokens"])
+        num_splits = decode_config_splits(cfg, batch, num_kv_heads, block_tables.shape[1] * block_size,
+                                          _num_sms(q.device))
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
@@ -241,6 +308,9 @@ def paged_attention_decode(
         part_out = part_lse = out  # unused
         counters = seq_lens
     pdl = pdl_enabled(q.device)
+    f16_dots = fp8_as_f16(q, k_cache)
+    # fp8_widen needs sm89+ PTX and the compiler (not the interpreter); elsewhere Triton's cast, the same values
+    fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) else 0
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
@@ -249,13 +319,15 @@ def paged_attention_decode(
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache), PDL=pdl, num_warps=cfg["num_warps"],
+        FP8_AS_F16=f16_dots, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
         # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each
         # reading [splits, head_dim] partials one after the other
-        merge_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
+        # (merge_block_d > 0: the config's column width instead of that rule)
+        auto_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
+        merge_d = min(block_d, cfg["merge_block_d"]) if cfg["merge_block_d"] else auto_d
         _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
             HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, PDL=pdl, num_warps=4, **launch_kwargs(pdl),

@@ -183,6 +183,7 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     monkeypatch.setattr(ac, "HEAD_DIM", 32)
     monkeypatch.setattr(ta, "HEAD_DIM", 32)
     monkeypatch.setattr(ta, "DECODE_TILES", [(16, 4, 2), (32, 4, 3)])
+    monkeypatch.setattr(ta, "DECODE_TILES_FP8", [(16, 4, 2, 1)])  # an FP8 cache's extra tile: fp8_widen 1
     monkeypatch.setattr(ta, "SPLIT_RULES", [(1, 16), (2, 64)])
     monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2), (16, 32, 4, 3)])
     ceil = {"copy_tbps": 1.0, "bf16_tflops": 1.0}
@@ -191,7 +192,8 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     rows += ta.sweep_decode(ac.DecodeCase(1, 90, "fp8", 4, 2), ceil, 8, budget, 1.0)
     rows += ta.sweep_prefill(ac.PrefillCase(24, 40, "fp8", 4, 2), ceil, budget, 1.0)
     rows += ta.sweep_prefill(ac.PrefillCase(30, 0, "bf16", 6, 2), ceil, budget, 1.0)
-    assert len(rows) == 2 * 2 + 2 + 2 and all(r["err"] < ta.TOL for r in rows)
+    assert len(rows) == 3 * 2 + 2 + 2 and all(r["err"] < ta.TOL for r in rows)
+    assert sorted(r["cfg"]["fp8_widen"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 1, 1]
     assert {r["splits"] for r in rows if r["kind"] == "decode"} == {2, 4}  # (1 per SM, 16) / (2 per SM, 64)
     table = ta.pick(rows)
     assert set(table["decode"]) == {"d32_fp8"} and set(table["prefill"]) == {"d32_bf16", "d32_fp8"}
@@ -200,7 +202,7 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     plan = ta.compile_plan([ac.DecodeCase(1, 90, "fp8", 4, 2)], [ac.PrefillCase(24, 40, "fp8", 4, 2)], 8)
     # per tile the split kernel for > 1 splits (2 and 4 splits share it); the merge for 2 and for 4 splits
     # (whatever the tile); one prefill binary per tile
-    assert len(plan) == 2 + 2 + 2
+    assert len(plan) == 3 + 2 + 2
 
 
 @pytest.mark.gpu

@@ -81,10 +81,10 @@ def test_decode(case, num_splits, fused):
 
 
 def test_decode_num_splits_grow_as_the_batch_shrinks():
-    from kernels.decode_attention import MAX_SPLITS, decode_num_splits
+    from kernels.decode_attention import decode_num_splits
 
     # one long request on 132 SMs: enough splits for ~2 programs per SM; a full batch needs none
-    assert decode_num_splits(1, 4, 131072, 132) == MAX_SPLITS
+    assert decode_num_splits(1, 4, 131072, 132) == 64  # the default max_splits
     assert decode_num_splits(1, 8, 32768, 132) == 33
     assert decode_num_splits(16, 4, 131072, 132) == 5
     assert decode_num_splits(256, 4, 4096, 132) == 1
@@ -93,6 +93,12 @@ def test_decode_num_splits_grow_as_the_batch_shrinks():
     assert decode_num_splits(1, 4, 1024, 132) == 8  # at least min_split_tokens (128) per split
     assert decode_num_splits(1, 4, 4096, 132, programs_per_sm=4, min_split_tokens=64) == 64
     assert decode_num_splits(2, 4, 4096, 132, programs_per_sm=1, min_split_tokens=64) == 17
+    # more than 64 splits where max_splits allows them: 8 programs per SM at 32k / 128k, 128 tokens each at most
+    assert decode_num_splits(1, 4, 131072, 132, programs_per_sm=8, max_splits=512) == 264
+    assert decode_num_splits(1, 4, 32768, 132, programs_per_sm=8, max_splits=256) == 256
+    assert decode_num_splits(1, 4, 32768, 132, programs_per_sm=4, min_split_tokens=512, max_splits=256) == 64
+    with pytest.raises(ValueError, match="max_splits"):
+        decode_num_splits(1, 4, 32768, 132, max_splits=1024)
 
 
 @pytest.mark.parametrize("case", CPU_CASES)
