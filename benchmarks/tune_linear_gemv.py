@@ -41,7 +41,6 @@ from benchmarks.tuning import Budget  # noqa: E402
 from kernels.linear_gemv import gemv_linear  # noqa: E402
 from kernels.linear_gemv_config import MAX_ROWS, check_config, config_file_name, shape_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
-from kernels.pdl import pdl_enabled  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry-run under TRITON_INTERPRET=1 (the logic only)
 MODELS = {"qwen3": QWEN3_30B_A3B, "glm45air": GLM_4_5_AIR}
@@ -116,12 +115,10 @@ def _splits(n: int, k: int, block_n: int, block_k: int, per_sm: tuple[int, ...],
     return sorted(out)
 
 
-def candidates(m: int, n: int, k: int, num_sms: int, dry_run: bool = False, prefetch: bool = False) -> list[dict]:
-    # prefetch: also every tile with PREFETCH (only where PDL is on: the prefetch is issued before the PDL wait)
-    if dry_run:  # three configs: an FMA tile without split, a tl.dot tile with split K, the FMA tile with PREFETCH
+def candidates(m: int, n: int, k: int, num_sms: int, dry_run: bool = False) -> list[dict]:
+    if dry_run:  # two configs: an FMA tile without split, a tl.dot tile with split K
         return [{"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1, "DOT": 0},
-                {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2, "DOT": 1},
-                {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1, "DOT": 0, "PREFETCH": 1}]
+                {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2, "DOT": 1}]
     fma = FMA_TILES[1 if m <= 2 else 4 if m <= 8 else 16]
     out = []
     for dot, tiles in ((0, fma), (1, DOT_TILES)):
@@ -129,23 +126,15 @@ def candidates(m: int, n: int, k: int, num_sms: int, dry_run: bool = False, pref
             for split in _splits(n, k, bn, bk, PER_SM[dot], num_sms):
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages,
                             "DOT": dot})
-    if prefetch:  # each tile again with the L2 prefetch of its weight slice before the PDL wait
-        out += [dict(c, PREFETCH=1) for c in out]
     for c in out:
         check_config(c)
     return out
 
 
-def _prefetch_variants() -> bool:
-    # the PREFETCH tiles only where the model runs the GEMV under PDL (a Hopper GPU with the switch on)
-    return DEVICE == "cuda" and pdl_enabled(torch.device(DEVICE))
-
-
 def binary_key(m: int, n: int, k: int, bias: bool, cfg: dict) -> tuple:
     # what the wrapper's launch specializes on (N, K and the strides only by divisibility by 16)
     return (16 if cfg["DOT"] else triton.next_power_of_2(m), cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"],
-            cfg["num_warps"], cfg["num_stages"], cfg["DOT"], cfg.get("PREFETCH", 0), bias, k % cfg["BLOCK_K"] == 0,
-            n % 16 == 0, k % 16 == 0)
+            cfg["num_warps"], cfg["num_stages"], cfg["DOT"], bias, k % cfg["BLOCK_K"] == 0, n % 16 == 0, k % 16 == 0)
 
 
 def _compile_worker(items: list) -> str:
@@ -188,8 +177,7 @@ def sweep_case(shape: tuple, m: int, ws: list, b: torch.Tensor | None, copy_tbps
     cublas_us = _time([lambda w=w: F.linear(x, w, b) for w in ws], args.rep_ms)
     elt = ws[0].element_size()
     floor_us = (n * k + n * bias + m * (k + n)) * elt / copy_tbps / 1e6
-    cands = candidates(m, n, k, num_sms, args.dry_run, _prefetch_variants())
-    rows, best = tuning.sweep(cands, lambda c: gemv_linear(x, ws[0], b, c), ref,
+    rows, best = tuning.sweep(candidates(m, n, k, num_sms, args.dry_run), lambda c: gemv_linear(x, ws[0], b, c), ref,
                               lambda c: _time([lambda w=w: gemv_linear(x, w, b, c) for w in ws], args.rep_ms), TOL,
                               budget, f"{name} M={m}", DEVICE)
     timed = [r for r in rows if math.isfinite(r["us"])]
@@ -250,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             plan = {}
             for _, n, k, bias in shapes:
                 for m in ms:
-                    for cfg in candidates(m, n, k, num_sms, args.dry_run, _prefetch_variants()):
+                    for cfg in candidates(m, n, k, num_sms, args.dry_run):
                         plan.setdefault(binary_key(m, n, k, bias, cfg), (m, n, k, bias, cfg))
             items = sorted(plan.values(), key=lambda it: (it[1], it[2], it[3]))  # a worker allocates per shape
             tuning.precompile(items, _compile_worker, args.jobs)

@@ -70,32 +70,15 @@ def _k_step(acc, w, x_ptr, xt_ptrs, k0, K, M, offs_k, rows, stride_xm, BLOCK_M: 
     return acc
 
 
-@triton.jit
-def _prefetch_rows(w_ptr, offs_n, nmask, stride_wn, k_start, k_end, PER_ROW: tl.constexpr):
-    # this program's weight rows, columns [k_start, k_end), into L2 by the sm90 bulk-copy engine (no registers, no
-    # load slots), PER_ROW pieces a row (one per thread): issued before the PDL wait, so HBM streams the whole
-    # slice while the predecessor drains and the K loop reads L2. Row starts 16-byte aligned, lengths a multiple
-    # of 16 (the wrapper checks)
-    row_bytes = (k_end - k_start) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    piece = tl.cdiv(row_bytes, PER_ROW * 16) * 16
-    start = tl.arange(0, PER_ROW) * piece  # [PER_ROW]
-    size = tl.where(nmask[:, None], tl.minimum(row_bytes - start, piece)[None, :], 0).to(tl.int32)
-    rows = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + k_start).to(tl.pointer_type(tl.int8))
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [rows + start[None, :], size], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemv_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PER_ROW: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     # x [M, K], w [N, K] (rows contiguous), out [M, N]; part [SPLIT_K, M, N] fp32 and counter [>= num tiles] int32
-    # when SPLIT_K > 1. BLOCK_M: next_pow2(M) (DOT: 16). k_per_split: a multiple of BLOCK_K. PREFETCH (with PDL):
-    # the program's whole weight slice goes to L2 before the wait
+    # when SPLIT_K > 1. BLOCK_M: next_pow2(M) (DOT: 16). k_per_split: a multiple of BLOCK_K
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -114,8 +97,6 @@ def _gemv_linear_kernel(
     if PDL:
         # the first K step's weights are no kernel's output: read them while the predecessor drains
         # (kernels/pdl.py); x, the partials and the counters only after the wait
-        if PREFETCH:
-            _prefetch_rows(w_ptr, offs_n, nmask, stride_wn, k_start, k_end, PER_ROW)
         w = _w_tile(w_ptrs, k_start, K, offs_k, nmask, EVEN_K)
         pdl_wait(PDL)
         pdl_release(PDL)
@@ -207,19 +188,12 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = zeroed_counters(_COUNTERS, tiles, x.device, 4096)
     pdl = pdl_enabled(x.device)
-    # the L2 prefetch runs under PDL only (before the wait, while the predecessor drains), and needs 16-byte
-    # aligned row starts and lengths (a hint: off where they are not)
-    elt = weight.element_size()
-    prefetch = (pdl and bool(cfg.get("PREFETCH", 0)) and weight.data_ptr() % 16 == 0
-                and weight.stride(0) * elt % 16 == 0 and k * elt % 16 == 0 and block_k * elt % 16 == 0)
     _gemv_linear_kernel[(tiles, split)](
         x2, weight, bias if bias is not None else out, out, part, counters, m, n, k, steps_per_split * block_k,
         x2.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=16 if dot else triton.next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split, EVEN_K=k % block_k == 0, DOT=dot, IEEE=x.dtype == torch.float32,
-        NUM_STAGES=cfg["num_stages"], PDL=pdl, PREFETCH=prefetch,
-        PER_ROW=max(1, 32 * cfg["num_warps"] // block_n) if prefetch else 1, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        NUM_STAGES=cfg["num_stages"], PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **launch_kwargs(pdl),
     )
     return out.view(*x.shape[:-1], n)

@@ -12,8 +12,7 @@ two batch sizes) compile before serving (a bucket of 3 rows would compile while 
 
 A config: BLOCK_N (output columns per program), BLOCK_K (K step), SPLIT_K (programs along K; fp32 partials summed
 by the tile's last program), num_warps, num_stages (software pipelining of the K loop; 1 = none), and optional DOT
-(0: fp32 multiply + reduce per row, default; 1: tl.dot of the weight tile with the rows padded to 16) and PREFETCH
-(1: under PDL each program hands its whole weight slice to the L2 bulk prefetch before its wait; default 0).
+(0: fp32 multiply + reduce per row, default; 1: tl.dot of the weight tile with the rows padded to 16).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from kernels.moe_config import device_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
-OPTIONAL_KEYS = ("DOT", "PREFETCH")
+OPTIONAL_KEYS = ("DOT",)
 MAX_ROWS = 16  # the kernel keeps every row's accumulator in registers: above this, cuBLAS
 MAX_SPLIT_K = 32
 
@@ -58,9 +57,8 @@ def check_config(cfg: dict) -> None:
     for key in ("BLOCK_N", "BLOCK_K", "num_warps"):
         if not _pow2(cfg[key]):
             raise ValueError(f"linear GEMV config {key}={cfg[key]!r} must be a power of two")
-    for key in OPTIONAL_KEYS:
-        if cfg.get(key, 0) not in (0, 1):
-            raise ValueError(f"linear GEMV config {key}={cfg[key]!r}: expected 0 or 1")
+    if cfg.get("DOT", 0) not in (0, 1):
+        raise ValueError(f"linear GEMV config DOT={cfg['DOT']!r}: expected 0 or 1")
     if cfg["BLOCK_K"] < 16 or (cfg.get("DOT", 0) and cfg["BLOCK_N"] < 16):
         raise ValueError(f"linear GEMV config {cfg}: BLOCK_K (and BLOCK_N with DOT) must be >= 16")
     if cfg["BLOCK_N"] * cfg["BLOCK_K"] > 32768:

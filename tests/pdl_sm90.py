@@ -58,12 +58,12 @@ def _router(tokens: int, splits: int, gemv: bool) -> tuple:
     return router_fused._route_fused_kernel, args, consts, 4, 1, ["w_ptr"]
 
 
-def _linear(bm: int, bn: int, bk: int, warps: int, stages: int, split: int, dot: int, prefetch: bool = False) -> tuple:
+def _linear(bm: int, bn: int, bk: int, warps: int, stages: int, split: int, dot: int) -> tuple:
     n = QKV
     args = dict(x_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", out_ptr="bf16", part_ptr="fp32", counter_ptr="i32",
                 M=bm, N=n, K=H, k_per_split=H // split, stride_xm=H, stride_wn=H, stride_om=n)
     consts = dict(HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, DOT=dot, IEEE=False,
-                  NUM_STAGES=stages, PREFETCH=prefetch, PER_ROW=max(1, 32 * warps // bn))
+                  NUM_STAGES=stages)
     return linear_gemv._gemv_linear_kernel, args, consts, warps, stages, ["w_ptr"]
 
 
@@ -140,7 +140,6 @@ def cases() -> dict[str, tuple]:
         "router_m64": _router(64, 4, False),
         "linear_gemv_fma": _linear(1, 32, 256, 4, 1, 4, 0),
         "linear_gemv_dot": _linear(16, 64, 128, 4, 3, 4, 1),
-        "linear_gemv_prefetch": _linear(1, 16, 512, 4, 1, 2, 0, prefetch=True),
         "moe_gemv_up": (moe_gemv._gemv_up_kernel, dict(wt, x_ptr="bf16", out_ptr="bf16", w2_ptr="bf16", K=H,
                                                        INTER=INTER, top_k=TOPK, stride_xt=H, stride_we=2 * INTER * H,
                                                        stride_wn=H, stride_ot=INTER, stride_w2e=H * INTER),

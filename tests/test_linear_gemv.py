@@ -84,8 +84,7 @@ def test_bad_inputs_and_configs_fail_in_one_line(tmp_path: Path, monkeypatch: py
         gemv_linear(x[:2].half(), w, None, _cfg())
     for bad, msg in [(dict(_cfg(), BLOCK_N=24), "BLOCK_N=24 must be a power of two"),
                      (dict(_cfg(), SPLIT_K=0), "SPLIT_K=0"), ({"BLOCK_N": 16}, "missing"),
-                     (dict(_cfg(), GROUP_M=8), "unknown \\['GROUP_M'\\]"), (_cfg(bn=8, dot=1), "BLOCK_N with DOT"),
-                     (dict(_cfg(), PREFETCH=2), "PREFETCH=2: expected 0 or 1")]:
+                     (dict(_cfg(), GROUP_M=8), "unknown \\['GROUP_M'\\]"), (_cfg(bn=8, dot=1), "BLOCK_N with DOT")]:
         with pytest.raises(ValueError, match=msg):
             linear_gemv_config.check_config(bad)
     monkeypatch.setattr(linear_gemv_config, "CONFIG_DIR", tmp_path)  # no table: no config, a clear error
@@ -211,16 +210,6 @@ for bm, bn, bk, warps, stages, split, dot in ((1, 32, 256, 4, 1, 4, 0), (16, 64,
     k = compile_sm90(_gemv_linear_kernel, args, dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
                      EVEN_K=True, DOT=dot, IEEE=False, NUM_STAGES=stages), warps, stages)
     out.append(dict(report(k), vec_loads="ld.global.v4" in k.asm["ptx"]))
-# PDL with the L2 prefetch of the program's weight slice: 32 rows x 4 pieces a row at 4 warps
-args = dict(x_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", out_ptr="bf16", part_ptr="fp32", counter_ptr="i32",
-            M=1, N=N, K=K, k_per_split=K // 4, stride_xm=K, stride_wn=K, stride_om=N)
-for prefetch in (False, True):
-    k = compile_sm90(_gemv_linear_kernel, args, dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
-                     EVEN_K=True, DOT=0, IEEE=False, NUM_STAGES=1, PDL=True, PREFETCH=prefetch, PER_ROW=4), 4, 1)
-    ptx = k.asm["ptx"]
-    at = ptx.find("cp.async.bulk.prefetch.L2.global")
-    out.append(dict(report(k), prefetches=ptx.count("cp.async.bulk.prefetch.L2.global"), before_wait=0 <= at < ptx.find(
-        "griddepcontrol.wait")))
 print(json.dumps(out))
 """
 
@@ -229,14 +218,10 @@ def test_gemv_compiles_for_sm90() -> None:
     # no GPU needed: Triton's ptxas for Hopper. The FMA tile: no MMA, no shared-memory staging at 1 stage, 16-byte
     # weight loads, few registers (many programs per SM keep the weight stream in flight); the dot tile: wgmma
     # fed by a cp.async ring. Neither spills.
-    fma, dot, pdl, prefetch = run_sm90_probe(_SM90_PROBE)
+    fma, dot = run_sm90_probe(_SM90_PROBE)
     assert fma["spill_bytes"] == 0 and fma["mma"] is None and fma["vec_loads"] and fma["registers"] <= 96, fma
     assert fma["sass_ops"]["LDGSTS"] == 0, fma
     assert dot["spill_bytes"] == 0 and dot["mma"] == "wgmma" and dot["sass_ops"]["LDGSTS"] > 0, dot
-    # PREFETCH: the bulk L2 prefetches are issued before the PDL wait (one per thread: 32 rows x 4 pieces), and
-    # only with PREFETCH; no spills either way
-    assert pdl["prefetches"] == 0 and prefetch["prefetches"] >= 1 and prefetch["before_wait"], (pdl, prefetch)
-    assert pdl["spill_bytes"] == 0 and prefetch["spill_bytes"] == 0, (pdl, prefetch)
 
 
 @pytest.mark.gpu
@@ -252,11 +237,9 @@ def test_gemv_bf16_real_shapes_and_cuda_graph(n: int, k: int, bias: bool) -> Non
         for cfg in (_cfg(bn=32, bk=256), _cfg(bn=16, bk=256, split=4), _cfg(bn=64, bk=128, split=4, dot=1, stages=3)):
             err = ((gemv_linear(x, w, b, cfg).float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (m, cfg, err)
-            # the L2 prefetch (under PDL, on by default on Hopper) changes where the weights come from, not the bits
-            assert torch.equal(gemv_linear(x, w, b, dict(cfg, PREFETCH=1)), gemv_linear(x, w, b, cfg)), (m, cfg)
     # captured with split K (the arrival counters) and replayed on new inputs: equal to F.linear, bit-stable
     x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    cfg = _cfg(bn=32, bk=256, split=4) | {"PREFETCH": 1}
+    cfg = _cfg(bn=32, bk=256, split=4)
     gemv_linear(x, w, b, cfg)  # eager first: compiles, allocates the counters
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
