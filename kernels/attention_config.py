@@ -6,7 +6,10 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
 - decode: BLOCK_N (tokens per inner step), num_warps, num_stages, and the split rule: enough splits for
   programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context;
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
-  num_warps, num_stages.
+  num_warps, num_stages; optional 0/1 variant keys (absent: 0, the kernel as before they existed):
+  MASK_FREE (no predicates on the K/V copies of tiles that are whole by construction), LPT_GRID (query blocks
+  x sequences on one grid axis, every sequence's longest block first), RAGGED (the chunk's own keys read from
+  the contiguous K/V the caller passes, through tensor descriptors: TMA on Hopper; the cached prefix from pages).
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
@@ -28,6 +31,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens")
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED")  # optional, 0 / 1
 
 
 def config_key(head_dim: int, kv_dtype: torch.dtype) -> str:
@@ -94,3 +98,6 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
             raise ValueError(f"attention config {k}={cfg[k]} must be a power of two")
     if cfg.get("BLOCK_N", 16) < 16 or cfg.get("BLOCK_M", 16) < 16:
         raise ValueError(f"attention config {cfg}: BLOCK_M and BLOCK_N must be >= 16 (tl.dot)")
+    bad = {k: cfg[k] for k in PREFILL_VARIANT_KEYS if k in cfg and cfg[k] not in (0, 1, False, True)}
+    if bad:
+        raise ValueError(f"attention config {bad}: variant keys are 0 or 1")
