@@ -3,6 +3,8 @@ output that starts empty: the same attention as the torch reference at odd sizes
 fp16), this step's K/V really read on the ragged path, and what each variant changes in the Hopper binary."""
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ if not torch.cuda.is_available():
 
 from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref, ragged_kv_ok  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 ALL = {"MASK_FREE": 1, "LPT_GRID": 1, "RAGGED": 1}
 
@@ -162,3 +166,59 @@ def test_prefill_variants_compile_for_sm90():
         assert r["spill_bytes"] == 0 and r["shared_bytes"] <= 232448, r
     assert mask_free["sass_total"] < base["sass_total"]
     assert ragged["tma_loads"] > 0 and base["tma_loads"] == 0
+
+
+def test_backend_forward_passes_this_steps_kv_to_prefill():
+    # the unfused path (store_kv, then attention) hands its K/V on, so a RAGGED config can read the chunk from them
+    from models.forward_batch import ForwardBatch
+    from runtime.engine.attention_backend import PagedAttention
+
+    seen = {}
+
+    def prefill(q, *args, tile_map=None, k=None, v=None):
+        seen.update(k=k, v=v, tile_map=tile_map)
+        return torch.zeros_like(q)
+
+    backend = PagedAttention(lambda *a: None, prefill, None)
+    cache = torch.zeros(4, 16, 2, 32)
+    i32 = torch.int32
+    batch = ForwardBatch(slot_mapping=torch.arange(5), cu_seqlens_q=torch.tensor([0, 5], dtype=i32),
+                         seq_lens=torch.tensor([5], dtype=i32), block_tables=torch.zeros(1, 4, dtype=i32),
+                         max_seqlen_q=5, max_seqlen_k=5, is_decode=False, kv_caches=[(cache, cache)],
+                         attn_backend=backend)
+    k, v = torch.randn(2, 5, 2, 32)
+    backend.forward(torch.randn(5, 8, 32), k, v, 0, batch, 0.2)
+    assert seen["k"] is k and seen["v"] is v
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 4), (96, 8)])
+def test_prefill_variants_gpu(kv, heads, kv_heads):
+    # every variant the tuner sweeps, compiled for this GPU (TMA on the ragged path, the pipelined loops), at real
+    # head shapes: plain prefills, chunks over cached prefixes (one not page-aligned), a 1-token chunk, a row with
+    # no keys and padding, vs the fp32 torch reference
+    import tune_attention as ta
+
+    torch.manual_seed(6)
+    q_lens, seq_lens = [1000, 1, 300, 2048, 3, 77], [1000, 901, 4396, 2048, 0, 1077]
+    scales = (1.0, 0.5) if kv != torch.bfloat16 else (1.0, 1.0)
+    k, v, tables = _make_cache(seq_lens, 16, kv_heads, 128, torch.bfloat16, "cuda")
+    k_new = _chunk_kv(k.cpu(), tables.cpu(), q_lens, seq_lens, sum(q_lens) + 5).cuda()
+    v_new = _chunk_kv(v.cpu(), tables.cpu(), q_lens, seq_lens, sum(q_lens) + 5).cuda()
+    k, v = k.to(kv), v.to(kv)
+    q = torch.randn(sum(q_lens) + 5, heads, 128, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32, device="cuda")
+    args = (q, k, v, cu, torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), tables, 128**-0.5, max(q_lens),
+            *scales)
+    ref = paged_attention_prefill_ref(*args)
+    kv_name = "bf16" if kv == torch.bfloat16 else "fp8"
+    variants = [{}, *ta.PREFILL_VARIANTS]
+    for cfg in [ta.prefill_cfg(t, var) for t in ta.PREFILL_VARIANT_TILES[kv_name] for var in variants]:
+        try:
+            out = paged_attention_prefill(*args, config=cfg, k=k_new, v=v_new)
+        except Exception as exc:  # noqa: BLE001  a tile beyond this GPU's shared memory: the tuner skips it too
+            assert "OutOfResources" in type(exc).__name__ or "shared memory" in str(exc), exc
+            continue
+        assert out[-5:].abs().max() == 0 and out[sum(q_lens[:4]) : sum(q_lens[:5])].abs().max() == 0, cfg
+        assert _rel_err(out, ref) < 1e-2, cfg
