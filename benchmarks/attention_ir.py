@@ -118,6 +118,8 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                   "tile_map_ptr": None, "TILE_MAP": False,  # the eager grid (a tile map: mixed-step graphs)
                   "ZERO_FILL": True, **{v: True for v in variants}}
         args.update(num_tokens=4096, batch=1)
+        if "Q_F16" in variants:  # the wrapper casts q to fp16 before the launch
+            args.update(q_ptr="fp16")
         if "RAGGED" in variants:  # this step's K/V as [tokens, kv_heads * head_dim] descriptors of q's dtype
             args.update(k_new_desc=f"tensordesc<bf16[{block_n}, {HEAD_DIM}]>",
                         v_new_desc=f"tensordesc<bf16[{block_n}, {HEAD_DIM}]>")

@@ -80,11 +80,12 @@ PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8
                  (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 128, 8, 4), (128, 128, 8, 5),
                  (256, 64, 16, 3)]
 # prefill variant keys (kernels/attention_config.py), each timed on the tiles the last H200 table chose (and the
-# runner-up): RAGGED reads the chunk's keys from the contiguous K/V the case passes (a bf16 cache only: with FP8 it
-# is the plain kernel again, so not swept there); its rows are printed beside the others, and enter the table only
-# with --pick-ragged (the model passes no K/V to the kernel yet: its fused prologue stores them straight into pages)
+# runner-up). RAGGED reads the chunk's keys from the contiguous K/V the case passes (a bf16 cache only: with FP8 it
+# is the plain kernel again, not swept); its rows are printed beside the others and enter the table only with
+# --pick-ragged (the model passes no K/V to the kernel yet: its fused prologue stores them straight into pages).
+# Q_F16 only matters with an FP8 cache (swept there only).
 PREFILL_VARIANTS = [{"MASK_FREE": 1}, {"MASK_FREE": 1, "LPT_GRID": 1}, {"MASK_FREE": 1, "RAGGED": 1},
-                    {"MASK_FREE": 1, "LPT_GRID": 1, "RAGGED": 1}]
+                    {"MASK_FREE": 1, "LPT_GRID": 1, "RAGGED": 1}, {"MASK_FREE": 1, "Q_F16": 1}]
 PREFILL_VARIANT_TILES = {"bf16": [(128, 128, 8, 3), (128, 64, 8, 3)], "fp8": [(128, 128, 8, 5), (128, 128, 8, 3)]}
 TOL = 2e-2
 
@@ -100,7 +101,7 @@ def prefill_cfg(tile: tuple, variant: dict | None = None) -> dict:
 
 def prefill_cfgs(kv: str) -> list[dict]:
     """Every prefill config swept for a cache dtype: the plain tiles, then the variants on the chosen tiles."""
-    variants = [v for v in PREFILL_VARIANTS if kv != "fp8" or "RAGGED" not in v]
+    variants = [v for v in PREFILL_VARIANTS if ("RAGGED" not in v or kv != "fp8") and ("Q_F16" not in v or kv == "fp8")]
     return [prefill_cfg(t) for t in PREFILL_TILES] + [prefill_cfg(t, v) for t in PREFILL_VARIANT_TILES.get(kv, [])
                                                       for v in variants]
 

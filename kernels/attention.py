@@ -181,7 +181,7 @@ def _prefill_kernel(
     tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
     num_tokens=0, batch=0, ZERO_FILL: tl.constexpr = False,
     k_new_desc=None, v_new_desc=None, RAGGED: tl.constexpr = False,
-    MASK_FREE: tl.constexpr = False, LPT_GRID: tl.constexpr = False,
+    MASK_FREE: tl.constexpr = False, LPT_GRID: tl.constexpr = False, Q_F16: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -192,6 +192,8 @@ def _prefill_kernel(
     # sequence owns ([0, cu[0]) and [cu[batch], num_tokens): padding), instead of a memset of all of out.
     # RAGGED: keys of this step's own chunk (positions >= the cached prefix) come from the contiguous K/V
     # (k_new_desc / v_new_desc: [num_tokens, kv_heads * head_dim] tensor descriptors), only the prefix from pages.
+    # Q_F16 (an FP8 cache): q comes saturated to fp16 already (the wrapper's cast): loaded as is, it stays in shared
+    # memory as the dots' operand (a q converted here is reloaded into registers every tile: sm90 TTGIR)
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     head0 = tl.program_id(0) * PACK
@@ -236,7 +238,7 @@ def _prefill_kernel(
     rmask = tok < q_len
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if FP8_AS_F16:  # saturate a bf16 q beyond fp16's range
+    if FP8_AS_F16 and not Q_F16:  # saturate a bf16 q beyond fp16's range
         q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
     q_pos = ctx + tok
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -408,6 +410,8 @@ def paged_attention_prefill(
             raise ValueError("tile map unit (prefill_tile_q) differs from the kernel's BLOCK_M // PACK")
         grid = (num_heads // pack, tile_map.shape[0], 1)
         tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
+    q_f16 = bool(cfg.get("Q_F16")) and fp8_as_f16(q, k_cache) and q.dtype != torch.float16
+    q_in = q.to(torch.float16).clamp_(-_FP16_MAX.value, _FP16_MAX.value) if q_f16 else q  # inf -> fp16's max
     ragged: dict = {}
     if cfg.get("RAGGED") and ragged_kv_ok(q, k_cache, k, v):
         block_d = [cfg["BLOCK_N"], head_dim]  # one KV head's dims of BLOCK_N consecutive tokens
@@ -416,14 +420,14 @@ def paged_attention_prefill(
                       v_new_desc=TensorDescriptor(v, [num_tokens, num_kv_heads * head_dim], [v.stride(0), 1],
                                                   block_d))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
+        q_in, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * k_scale * _LOG2E, v_scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
         num_tokens=num_tokens, batch=batch, ZERO_FILL=zero_fill, MASK_FREE=bool(cfg.get("MASK_FREE")),
-        LPT_GRID=lpt and tile_map is None, **tiles, **ragged,
+        LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, **tiles, **ragged,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -9,7 +9,8 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   num_warps, num_stages; optional 0/1 variant keys (absent: 0, the kernel as before they existed):
   MASK_FREE (no predicates on the K/V copies of tiles that are whole by construction), LPT_GRID (query blocks
   x sequences on one grid axis, every sequence's longest block first), RAGGED (the chunk's own keys read from
-  the contiguous K/V the caller passes, through tensor descriptors: TMA on Hopper; the cached prefix from pages).
+  the contiguous K/V the caller passes, through tensor descriptors: TMA on Hopper; the cached prefix from pages),
+  Q_F16 (an FP8 cache under a bf16 q: q cast to fp16 before the launch, so the kernel keeps it in shared memory).
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
@@ -31,7 +32,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens")
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED")  # optional, 0 / 1
+PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16")  # optional, 0 / 1
 
 
 def config_key(head_dim: int, kv_dtype: torch.dtype) -> str:

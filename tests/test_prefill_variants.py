@@ -114,6 +114,24 @@ def test_prefill_fp8_variants(variant):
     assert _rel_err(out, paged_attention_prefill_ref(*args)) < 3e-3
 
 
+def test_q_f16_with_an_fp8_cache_under_a_bf16_q():
+    # Q_F16: the wrapper casts q to fp16 (saturating) before the launch instead of the kernel: the same values
+    q_lens, seq_lens, scales = [5, 37], [20, 101], (2.0, 0.125)
+    k8, v8, tables = _fp8_cache(seq_lens, 16, 2, 32, scales)
+    q = torch.randn(sum(q_lens), 4, 32, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    q[3, 1, :4] = 1e5  # beyond fp16: saturates, no inf / NaN
+    cu = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32)
+    args = (q, k8, v8, cu, torch.tensor(seq_lens, dtype=torch.int32), tables, 32**-0.5, max(q_lens), *scales)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+    plain = paged_attention_prefill(*args, config=cfg)
+    cast = paged_attention_prefill(*args, config=dict(cfg, Q_F16=1, MASK_FREE=1))
+    assert torch.isfinite(cast.float()).all() and torch.equal(cast, plain)
+    keep = torch.ones(q.shape[0], dtype=torch.bool)
+    keep[3] = False
+    ref = paged_attention_prefill_ref(*args)
+    assert _rel_err(cast[keep], ref[keep]) < 1e-2  # a bf16 output
+
+
 def test_eager_prefill_needs_no_memset_of_out(monkeypatch):
     # the eager grid writes every token itself (zeros where no sequence's rows are): out starts as garbage and
     # no zeros_like (a memset of all of out, ~25 us of a 4 x 2k prefill on an H200) is launched
@@ -153,19 +171,23 @@ import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
 base = dict(kv="bf16", block_m=128, block_n=128, warps=8, stages=3)
+fp8 = dict(base, kv="fp8", stages=5)
 print(json.dumps([inspect("prefill", **base), inspect("prefill", **base, variants=("MASK_FREE",)),
-                  inspect("prefill", **base, variants=("RAGGED",))]))
+                  inspect("prefill", **base, variants=("RAGGED",)), inspect("prefill", **fp8),
+                  inspect("prefill", **fp8, variants=("Q_F16",))]))
 """
 
 
 def test_prefill_variants_compile_for_sm90():
     # no GPU needed: MASK_FREE drops the K/V copies' predicates (fewer instructions), RAGGED adds a TMA-fed
-    # chunk loop beside the paged one; both within shared memory and without spills at the table's tile
-    base, mask_free, ragged = run_sm90_probe(_SM90_PROBE)
-    for r in (base, mask_free, ragged):
+    # chunk loop beside the paged one, Q_F16 keeps q in shared memory under an FP8 cache (no reload of q into
+    # registers every tile: fewer ldmatrix); all within shared memory and without spills at the table's tiles
+    base, mask_free, ragged, fp8, fp8_q16 = run_sm90_probe(_SM90_PROBE)
+    for r in (base, mask_free, ragged, fp8, fp8_q16):
         assert r["spill_bytes"] == 0 and r["shared_bytes"] <= 232448, r
     assert mask_free["sass_total"] < base["sass_total"]
     assert ragged["tma_loads"] > 0 and base["tma_loads"] == 0
+    assert fp8_q16["sass_ops"]["LDSM"] < fp8["sass_ops"]["LDSM"] and fp8_q16["registers"] < fp8["registers"]
 
 
 def test_backend_forward_passes_this_steps_kv_to_prefill():
