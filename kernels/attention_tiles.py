@@ -22,10 +22,10 @@ def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: t
 
 
 @triton.jit
-def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
-    # one online-softmax step: q [BLOCK_M, BLOCK_D], k / v [BLOCK_N, BLOCK_D] in q's dtype, s_mask [BLOCK_M, BLOCK_N]
-    # (read only when MASKED), acc [BLOCK_M, BLOCK_D] fp32
-    s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
+def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    # one online-softmax step from the scores s [BLOCK_M, BLOCK_N] (QK^T, not yet scaled): v [BLOCK_N, BLOCK_D] in
+    # q's dtype, s_mask [BLOCK_M, BLOCK_N] (read only when MASKED), acc [BLOCK_M, BLOCK_D] fp32. (V's load sits after
+    # the QK^T dot in the callers: with an FP8 cache, V widened before it took another 32 KiB of shared memory)
     if MASKED:
         s = tl.where(s_mask, s, float("-inf"))
     # the running max is in scaled (base-2) units; scaling inside the exponent makes one FFMA per score
@@ -53,16 +53,19 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask
     if MASK_FREE and not MASKED:
         if EVEN_D:
             k = tl.load(k_cache_ptr + offs).to(q.dtype)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)
             v = tl.load(v_cache_ptr + offs).to(q.dtype)
         else:
             k = tl.load(k_cache_ptr + offs, mask=dmask[None, :], other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)
             v = tl.load(v_cache_ptr + offs, mask=dmask[None, :], other=0.0).to(q.dtype)
     else:
         kv_mask = (n < kv_end)[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     s_mask = (n < kv_end)[None, :] & (n[None, :] <= q_pos[:, None])
-    return _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, MASKED)
+    return _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED)
 
 
 @triton.jit
@@ -74,7 +77,8 @@ def _chunk_tile(q, k_desc, v_desc, row0, col, j0, tok, m_i, l_i, acc, qk_scale, 
     # chunk (the next sequence's keys, or zeros past T) are masked out on the diagonal tile, the only tile
     # that reaches them: j <= tok < q_len
     k = k_desc.load([row0 + j0, col])  # [BLOCK_N, BLOCK_D]
+    s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
     v = v_desc.load([row0 + j0, col])
     j = j0 + tl.arange(0, BLOCK_N)
     s_mask = j[None, :] <= tok[:, None]
-    return _softmax_step(q, k.to(q.dtype), v.to(q.dtype), s_mask, m_i, l_i, acc, qk_scale, MASKED)
+    return _softmax_step(s, v.to(q.dtype), s_mask, m_i, l_i, acc, qk_scale, MASKED)
