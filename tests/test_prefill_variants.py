@@ -217,9 +217,9 @@ def test_backend_forward_passes_this_steps_kv_to_prefill():
 @pytest.mark.parametrize("kv", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("heads,kv_heads", [(32, 4), (96, 8)])
 def test_prefill_variants_gpu(kv, heads, kv_heads):
-    # every variant the tuner sweeps, on the table's tile, compiled for this GPU (TMA on the ragged path, the pipelined loops), at real
-    # head shapes: plain prefills, chunks over cached prefixes (one not page-aligned), a 1-token chunk, a row with
-    # no keys and padding, vs the fp32 torch reference
+    # every variant the tuner sweeps, on the table's tile, compiled for this GPU (TMA on the ragged path, the
+    # pipelined loops), at real head shapes: plain prefills, chunks over cached prefixes (one not page-aligned), a
+    # 1-token chunk, a row with no keys and padding, vs the fp32 torch reference
     import tune_attention as ta
 
     torch.manual_seed(6)
