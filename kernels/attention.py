@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
-from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile
+from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
@@ -153,19 +153,6 @@ def _store_kv_kernel(
     vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h * stride_vch + d
     tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _zero_rows(out_ptr, t0, t1, head0, d, stride_ot, stride_oh, PACK: tl.constexpr, BLOCK_Q: tl.constexpr,
-               BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, STEP):
-    # zeros for tokens [t0, t1) x heads [head0, head0 + PACK), BLOCK_Q tokens at a time, then STEP on
-    r = tl.arange(0, BLOCK_Q * PACK)
-    head = head0 + r % PACK
-    zero = tl.zeros([BLOCK_Q * PACK, BLOCK_D], out_ptr.dtype.element_ty)
-    for s0 in range(t0, t1, STEP):
-        tok = s0 + r // PACK
-        off = tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        tl.store(out_ptr + off, zero, mask=(tok < t1)[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=["stride_bt", "num_tokens", "batch"])  # the block-table width follows the batch

@@ -1,6 +1,7 @@
 """Tile-level pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py): cache
 row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
-from this step's contiguous K/V through tensor descriptors). Shapes in the comments."""
+from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
+sequence owns. Shapes in the comments."""
 
 from __future__ import annotations
 
@@ -82,3 +83,16 @@ def _chunk_tile(q, k_desc, v_desc, row0, col, j0, tok, m_i, l_i, acc, qk_scale, 
     j = j0 + tl.arange(0, BLOCK_N)
     s_mask = j[None, :] <= tok[:, None]
     return _softmax_step(s, v.to(q.dtype), s_mask, m_i, l_i, acc, qk_scale, MASKED)
+
+
+@triton.jit
+def _zero_rows(out_ptr, t0, t1, head0, d, stride_ot, stride_oh, PACK: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, STEP):
+    # zeros for tokens [t0, t1) x heads [head0, head0 + PACK), BLOCK_Q tokens at a time, then STEP on
+    r = tl.arange(0, BLOCK_Q * PACK)
+    head = head0 + r % PACK
+    zero = tl.zeros([BLOCK_Q * PACK, BLOCK_D], out_ptr.dtype.element_ty)
+    for s0 in range(t0, t1, STEP):
+        tok = s0 + r // PACK
+        off = tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + off, zero, mask=(tok < t1)[:, None] & (d < HEAD_DIM)[None, :])
