@@ -52,12 +52,14 @@ def _batch(dtype, heads=8, kv_heads=2, head_dim=32, block_size=16, seed=0):
                                                                                num_tokens)
 
 
-@pytest.mark.parametrize("dtype,head_dim,variant", [
-    (torch.float32, 32, ALL), (torch.float32, 32, {"RAGGED": 1}), (torch.float32, 32, {"MASK_FREE": 1, "LPT_GRID": 1}),
-    (torch.float16, 32, ALL), (torch.float16, 48, ALL), (torch.float16, 48, {"MASK_FREE": 1})])
-def test_prefill_variants_match_reference(dtype, head_dim, variant):
-    # head_dim 48: not a power of two, so MASK_FREE keeps the head-dim mask and RAGGED falls back to the pages
-    args, k_new, v_new = _batch(dtype, head_dim=head_dim)
+@pytest.mark.parametrize("dtype,head_dim,block_size,variant", [
+    (torch.float32, 32, 16, ALL), (torch.float32, 32, 16, {"RAGGED": 1}),
+    (torch.float32, 32, 16, {"MASK_FREE": 1, "LPT_GRID": 1}), (torch.float16, 32, 16, ALL),
+    (torch.float16, 32, 64, ALL), (torch.float16, 48, 16, ALL), (torch.float16, 48, 16, {"MASK_FREE": 1})])
+def test_prefill_variants_match_reference(dtype, head_dim, block_size, variant):
+    # head_dim 48: not a power of two, so MASK_FREE keeps the head-dim mask and RAGGED falls back to the pages;
+    # 64-token pages: key tiles start inside pages
+    args, k_new, v_new = _batch(dtype, head_dim=head_dim, block_size=block_size)
     cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, **variant}
     out = paged_attention_prefill(*args, config=cfg, k=k_new, v=v_new)
     assert out[-3:].abs().max() == 0 and out[67:70].abs().max() == 0  # padding; the row with no keys
