@@ -14,11 +14,11 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/prefill_variants.log") 2>&1
-timeout 170 python benchmarks/tune_attention.py --out "$OUT/tune" --only extend,prefill --jobs 16 \
-  ${TUNE_ARGS:---budget-s 110}
+timeout 150 python benchmarks/tune_attention.py --out "$OUT/tune" --only extend,prefill --jobs 16 \
+  ${TUNE_ARGS:---budget-s 100}
 echo "tuning done at ${SECONDS} s"
 cp "$OUT"/tune/configs/attention_*.json kernels/configs/ && echo "tuned table in use: $(ls kernels/configs/attention_*.json)"
-timeout 120 python benchmarks/bench_attention.py --out "$OUT/bench" --batches 1 --ctxs 1024 --kv-dtypes bf16,fp8 \
+timeout 110 python benchmarks/bench_attention.py --out "$OUT/bench" --batches 1 --ctxs 1024 --kv-dtypes bf16,fp8 \
   --extend 8192:122880 --ragged
 echo "bench done at ${SECONDS} s"
 timeout 150 python -m pytest -m gpu -q tests/test_prefill_variants.py tests/test_kernels_attention.py \
