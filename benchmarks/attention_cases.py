@@ -109,6 +109,7 @@ class PrefillCase:
     kv_heads: int = 4
     t: dict = field(default_factory=dict)
     sdpa: list | None = None  # the baseline's calls (decode: one per rotation)
+    batch: int = 1  # sequences of q_len new tokens each (a varlen launch of equal lengths)
 
     @property
     def kind(self) -> str:
@@ -116,25 +117,31 @@ class PrefillCase:
 
     @property
     def name(self) -> str:
-        return f"{self.kind} {self.q_len}+{self.prefix} {self.kv} {self.heads}/{self.kv_heads}"
+        many = f"{self.batch}x" if self.batch > 1 else ""
+        return f"{self.kind} {many}{self.q_len}+{self.prefix} {self.kv} {self.heads}/{self.kv_heads}"
 
     @property
     def scales(self) -> tuple[float, float]:
         return FP8_SCALES if self.kv == "fp8" else (1.0, 1.0)
 
     def flops(self) -> float:
-        return 4 * self.heads * HEAD_DIM * self.q_len * (self.prefix + self.q_len / 2)
+        return 4 * self.batch * self.heads * HEAD_DIM * self.q_len * (self.prefix + self.q_len / 2)
 
     def build(self) -> None:
-        kv_len = self.prefix + self.q_len
-        k, v, tables = paged_cache(1, kv_len, self.kv_heads, self.kv, seed=1)
-        q = torch.randn(self.q_len, self.heads, HEAD_DIM, device=DEVICE, dtype=DT)
-        cu = torch.tensor([0, self.q_len], device=DEVICE, dtype=torch.int32)
-        lens = torch.tensor([kv_len], device=DEVICE, dtype=torch.int32)
-        self.t = {"q": q, "k": k, "v": v, "cu": cu, "lens": lens, "tables": tables}
-        kc = contiguous_kv(k, tables, kv_len, self.scales[0]).transpose(1, 2)  # [1, kv_heads, kv_len, d]
-        vc = contiguous_kv(v, tables, kv_len, self.scales[1]).transpose(1, 2)
-        qs = q.transpose(0, 1)[None]  # [1, heads, q_len, d]
+        kv_len, nb = self.prefix + self.q_len, self.batch
+        k, v, tables = paged_cache(nb, kv_len, self.kv_heads, self.kv, seed=1)
+        q = torch.randn(nb * self.q_len, self.heads, HEAD_DIM, device=DEVICE, dtype=DT)
+        cu = torch.arange(nb + 1, device=DEVICE, dtype=torch.int32) * self.q_len
+        lens = torch.full((nb,), kv_len, device=DEVICE, dtype=torch.int32)
+        kc = contiguous_kv(k, tables, kv_len, self.scales[0])  # [batch, kv_len, kv_heads, d] bf16
+        vc = contiguous_kv(v, tables, kv_len, self.scales[1])
+        # this step's K/V as the model has them before the cache store ([tokens, kv_heads, d]): a config's RAGGED
+        # reads the chunk from here (a bf16 cache only; an FP8 one is read back from the pages)
+        k_new = kc[:, self.prefix :].reshape(-1, self.kv_heads, HEAD_DIM).contiguous()
+        v_new = vc[:, self.prefix :].reshape(-1, self.kv_heads, HEAD_DIM).contiguous()
+        self.t = {"q": q, "k": k, "v": v, "cu": cu, "lens": lens, "tables": tables, "k_new": k_new, "v_new": v_new}
+        kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # [batch, kv_heads, kv_len, d]
+        qs = q.view(nb, self.q_len, self.heads, HEAD_DIM).transpose(1, 2)  # [batch, heads, q_len, d]
         if not self.prefix:
             self.sdpa = [lambda: F.scaled_dot_product_attention(qs, kc, vc, scale=HEAD_DIM**-0.5, is_causal=True,
                                                                 enable_gqa=True)]
@@ -149,26 +156,28 @@ class PrefillCase:
     def run(self, cfg: dict) -> torch.Tensor:
         t = self.t
         return paged_attention_prefill(t["q"], t["k"], t["v"], t["cu"], t["lens"], t["tables"], HEAD_DIM**-0.5,
-                                       self.q_len, *self.scales, config=cfg)
+                                       self.q_len, *self.scales, config=cfg, k=t["k_new"], v=t["v_new"])
 
     def reference(self) -> torch.Tensor:
-        # fp32, query rows in chunks so that one chunk's scores stay under ~4 GB
+        # fp32, per sequence, query rows in chunks so that one chunk's scores stay under ~4 GB
         t = self.t
         kv_len = self.prefix + self.q_len
-        k = t["k"][t["tables"][0].long()].flatten(0, 1)[:kv_len].float() * self.scales[0]  # [kv_len, kvh, d]
-        v = t["v"][t["tables"][0].long()].flatten(0, 1)[:kv_len].float() * self.scales[1]
         group = self.heads // self.kv_heads
         rows = max(16, 2 ** int(math.log2(max(1, (1 << 30) // (self.heads * kv_len)))))
         out = torch.empty_like(t["q"])
         pos = torch.arange(kv_len, device=DEVICE)
-        for r0 in range(0, self.q_len, rows):
-            q = t["q"][r0 : r0 + rows].float().view(-1, self.kv_heads, group, HEAD_DIM)  # [c, kvh, g, d]
-            s = torch.einsum("ckgd,nkd->kgcn", q, k) * HEAD_DIM**-0.5
-            q_pos = self.prefix + r0 + torch.arange(q.shape[0], device=DEVICE)
-            s.masked_fill_(pos[None, :] > q_pos[:, None], float("-inf"))
-            o = torch.einsum("kgcn,nkd->ckgd", s.softmax(-1), v)
-            out[r0 : r0 + rows] = o.reshape(q.shape[0], self.heads, HEAD_DIM).to(out.dtype)
-            del s
+        for b in range(self.batch):
+            k = t["k"][t["tables"][b].long()].flatten(0, 1)[:kv_len].float() * self.scales[0]  # [kv_len, kvh, d]
+            v = t["v"][t["tables"][b].long()].flatten(0, 1)[:kv_len].float() * self.scales[1]
+            for r0 in range(0, self.q_len, rows):
+                t0 = b * self.q_len + r0
+                q = t["q"][t0 : t0 + min(rows, self.q_len - r0)].float().view(-1, self.kv_heads, group, HEAD_DIM)
+                s = torch.einsum("ckgd,nkd->kgcn", q, k) * HEAD_DIM**-0.5  # [kvh, g, c, kv_len]
+                q_pos = self.prefix + r0 + torch.arange(q.shape[0], device=DEVICE)
+                s.masked_fill_(pos[None, :] > q_pos[:, None], float("-inf"))
+                o = torch.einsum("kgcn,nkd->ckgd", s.softmax(-1), v)
+                out[t0 : t0 + q.shape[0]] = o.reshape(q.shape[0], self.heads, HEAD_DIM).to(out.dtype)
+                del s
         return out
 
     def free(self) -> None:
@@ -180,4 +189,4 @@ DECODE_CASES = [DecodeCase(b, ctx, kv) for kv in ("bf16", "fp8")
                 for b, ctx in ((1, 4096), (1, 32768), (1, 131072), (16, 4096), (64, 4096))]
 EXTEND_CASES = [PrefillCase(8192, 122880, "bf16"), PrefillCase(8192, 122880, "fp8"),
                 PrefillCase(8192, 122880, "bf16", 96, 8)]
-PREFILL_CASES = [PrefillCase(n, 0, "bf16") for n in (1024, 4096, 16384)]
+PREFILL_CASES = [PrefillCase(n, 0, "bf16") for n in (1024, 4096, 16384)] + [PrefillCase(2048, 0, "bf16", batch=4)]

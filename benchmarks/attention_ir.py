@@ -81,6 +81,7 @@ def report(kernel) -> dict:
         # everywhere means the next tile's copy never overlaps this tile's dots
         "kv_buffer_depths": [int(d) for d, _ in kv_buffers],
         "async_wait_in_flight": [int(n) for n in re.findall(r"async_wait[^{]*\{num = (\d+)", ttgir)],
+        "tma_loads": ttgir.count("async_tma_copy_global_to_local"),  # tensor-descriptor (TMA) copies in the TTGIR
         "sass_ops": dict({op: ops.count(op) for op in ("F2F", "F2FP", "HMMA", "LDS", "LDSM", "LDGSTS", "MUFU", "PRMT")},
                          LDS_U8=lds_u8),
         "sass_total": len(ops),
@@ -91,7 +92,9 @@ def report(kernel) -> dict:
 
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
-            warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0) -> dict:
+            warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0,
+            variants: tuple[str, ...] = ()) -> dict:
+    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED)
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -113,7 +116,16 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
         pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
         consts = {"GROUP": group, "PACK": pack, "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK,
                   "BLOCK_M": block_m, "BLOCK_N": block_n, "FP8_AS_F16": kv == "fp8", "OFF64": off64,
-                  "tile_map_ptr": None, "TILE_MAP": False}  # the eager grid (a tile map: mixed-step graphs)
+                  "tile_map_ptr": None, "TILE_MAP": False,  # the eager grid (a tile map: mixed-step graphs)
+                  "ZERO_FILL": True, **{v: True for v in variants}}
+        args.update(num_tokens=4096, batch=1)
+        if "Q_F16" in variants:  # the wrapper casts q to fp16 before the launch
+            args.update(q_ptr="fp16")
+        if "RAGGED" in variants:  # this step's K/V as [tokens, kv_heads * head_dim] descriptors of q's dtype
+            args.update(k_new_desc=f"tensordesc<bf16[{block_n}, {HEAD_DIM}]>",
+                        v_new_desc=f"tensordesc<bf16[{block_n}, {HEAD_DIM}]>")
+        else:
+            consts.update(k_new_desc=None, v_new_desc=None)
         compiled = compile_sm90(_prefill_kernel, args, consts, warps, stages)
     return report(compiled)
 
@@ -131,9 +143,10 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
     ap.add_argument("--fp8-widen", type=int, default=0, help="decode, FP8 cache: the config's fp8_widen (0, 1, 2)")
+    ap.add_argument("--variants", default="", help="prefill variant keys set to 1, e.g. MASK_FREE,RAGGED")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
-                                             a.off64, a.fp8_widen))))
+                                             a.off64, a.fp8_widen, tuple(filter(None, a.variants.split(",")))))))
 
 
 if __name__ == "__main__":

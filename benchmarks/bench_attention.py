@@ -88,14 +88,23 @@ def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits:
     return row
 
 
-def bench_prefill(batch: int, seq: int, ceil: dict) -> dict:
+def chunk_kv(cache: torch.Tensor, tables: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    # [batch * (end - start), kv_heads, head_dim]: positions [start, end) of each sequence, contiguous (this step's
+    # K or V as the model has them before the cache store: what --ragged passes to the prefill kernel)
+    batch = tables.shape[0]
+    return cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, start:end].reshape(-1, KV_HEADS,
+                                                                                          HEAD_DIM).contiguous()
+
+
+def bench_prefill(batch: int, seq: int, ceil: dict, ragged: bool = False) -> dict:
     k_cache, v_cache, tables = paged_cache(batch, seq)
     q = torch.randn(batch * seq, HEADS, HEAD_DIM, device="cuda", dtype=DT)
     cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
     lens = torch.full((batch,), seq, device="cuda", dtype=torch.int32)
     scale = HEAD_DIM**-0.5
+    new = dict(k=chunk_kv(k_cache, tables, 0, seq), v=chunk_kv(v_cache, tables, 0, seq)) if ragged else {}
     us = triton.testing.do_bench(
-        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq), rep=100,
+        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq, **new), rep=100,
         return_mode="median") * 1e3
     flops = batch * 4 * HEADS * HEAD_DIM * seq * seq / 2  # causal: half of QK^T and PV
     floor_us = flops / ceil["bf16_tflops"] / 1e6
@@ -104,26 +113,30 @@ def bench_prefill(batch: int, seq: int, ceil: dict) -> dict:
     qs = q.view(batch, seq, HEADS, HEAD_DIM).transpose(1, 2)
     sdpa = lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, is_causal=True, enable_gqa=True)
     sdpa_us = triton.testing.do_bench(sdpa, rep=100, return_mode="median") * 1e3
-    ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq)
+    ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq, **new)
     err = ((ours.float() - sdpa().transpose(1, 2).reshape_as(ours).float()).norm() / ours.float().norm()).item()
-    return {"kind": "prefill", "B": batch, "ctx": seq, "us": us, "floor_us": floor_us,
+    return {"kind": "prefill", "ragged": ragged, "B": batch, "ctx": seq, "us": us, "floor_us": floor_us,
             "frac_mm": floor_us / us, "tflops": flops / us / 1e6, "sdpa_us": sdpa_us,
             "sdpa_frac_mm": floor_us / sdpa_us, "rel_err": err}
 
 
-def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16") -> dict:
+def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: bool = False) -> dict:
     # one sequence: chunk new queries over prefix cached tokens plus themselves (causal)
     k_cache, v_cache, tables = paged_cache(1, prefix + chunk, KV_DTYPES[kv])
     q = torch.randn(chunk, HEADS, HEAD_DIM, device="cuda", dtype=DT)
     cu = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
     lens = torch.tensor([prefix + chunk], device="cuda", dtype=torch.int32)
     scales = FP8_SCALES if kv == "fp8" else (1.0, 1.0)
+    # (an FP8 cache: the kernel reads the chunk back from the pages whatever is passed)
+    new = dict(k=chunk_kv(k_cache, tables, prefix, prefix + chunk).to(DT),
+               v=chunk_kv(v_cache, tables, prefix, prefix + chunk).to(DT)) if ragged else {}
     us = triton.testing.do_bench(
-        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales),
+        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
+                                        **new),
         rep=100, return_mode="median") * 1e3
     flops = 4 * HEADS * HEAD_DIM * chunk * (prefix + chunk / 2)
     floor_us = flops / ceil["bf16_tflops"] / 1e6
-    return {"kind": "extend", "kv": kv, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
+    return {"kind": "extend", "kv": kv, "ragged": ragged, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
             "floor_us": floor_us, "frac_mm": floor_us / us, "tflops": flops / us / 1e6}
 
 
@@ -143,7 +156,7 @@ def plot(rows: list[dict], path: Path) -> None:
     a1.set(xscale="log", xlabel="batch", ylabel="fraction of copy bandwidth", title="decode (Triton, paged)",
            ylim=(0, 1.05))
     a1.legend(fontsize=7)
-    pre = [r for r in rows if r["kind"] == "prefill"]
+    pre = [r for r in rows if r["kind"] == "prefill" and not r.get("ragged")]
     labels = [f"{r['B']}x{r['ctx']}" for r in pre]
     a2.plot(labels, [r["frac_mm"] for r in pre], "o-", label="triton paged")
     a2.plot(labels, [r["sdpa_frac_mm"] for r in pre], "s--", label="torch SDPA (contiguous)")
@@ -165,6 +178,8 @@ def main() -> None:
     ap.add_argument("--extend", default="", help="comma list of CHUNK:PREFIX, e.g. 8192:122880")
     ap.add_argument("--no-prefill", action="store_true", help="skip the causal prefill rows")
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b", help="attention heads of this model")
+    ap.add_argument("--ragged", action="store_true", help="prefill / extend rows also with this step's K/V passed "
+                    "to the kernel (its RAGGED path when the config has it; the model passes none yet)")
     args = ap.parse_args()
     if unknown := set(args.kv_dtypes.split(",")) - set(KV_DTYPES):
         ap.error(f"--kv-dtypes: unknown {sorted(unknown)}, choose from {list(KV_DTYPES)}")
@@ -187,23 +202,26 @@ def main() -> None:
                       f"floor_us={r['floor_us']:8.1f} frac_bw={r['frac_bw']:.2f} TB/s={r['tbps']:.2f} "
                       f"sdpa_us={sd}{err}", flush=True)
                 torch.cuda.empty_cache()
-    for spec, kv in ((s, kv) for s in filter(None, args.extend.split(",")) for kv in args.kv_dtypes.split(",")):
+    modes = (False, True) if args.ragged else (False,)
+    for spec, kv, ragged in ((s, kv, m) for s in filter(None, args.extend.split(","))
+                             for kv in args.kv_dtypes.split(",") for m in modes):
         chunk, prefix = map(int, spec.split(":"))
-        r = bench_extend(chunk, prefix, ceil, kv)
+        r = bench_extend(chunk, prefix, ceil, kv, ragged)
         rows.append(r)
-        print(f"attn extend kv={kv} chunk={chunk} prefix={prefix} us={r['us']:9.1f} floor_us={r['floor_us']:9.1f} "
-              f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}", flush=True)
+        print(f"attn extend kv={kv} ragged={int(ragged)} chunk={chunk} prefix={prefix} us={r['us']:9.1f} "
+              f"floor_us={r['floor_us']:9.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}", flush=True)
         torch.cuda.empty_cache()
-    for batch, seq in () if args.no_prefill else ((1, 1024), (1, 4096), (1, 8192), (4, 2048), (1, 16384)):
-        r = bench_prefill(batch, seq, ceil)
+    for (batch, seq), ragged in ((c, m) for c in (() if args.no_prefill else ((1, 1024), (1, 4096), (1, 8192),
+                                                                           (4, 2048), (1, 16384))) for m in modes):
+        r = bench_prefill(batch, seq, ceil, ragged)
         rows.append(r)
-        print(f"attn prefill B={batch} seq={seq:6d} us={r['us']:8.1f} floor_us={r['floor_us']:8.1f} "
-              f"frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f} sdpa_us={r['sdpa_us']:8.1f} "
-              f"sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}", flush=True)
+        print(f"attn prefill ragged={int(ragged)} B={batch} seq={seq:6d} us={r['us']:8.1f} "
+              f"floor_us={r['floor_us']:8.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f} "
+              f"sdpa_us={r['sdpa_us']:8.1f} sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}", flush=True)
     (out / "bench_attention.json").write_text(json.dumps({"ceilings": ceil, "rows": rows,
                                                           "device": torch.cuda.get_device_name(),
                                                           "shape": args.shape}, indent=1))
-    pre = [r for r in rows if r["kind"] == "prefill"]
+    pre = [r for r in rows if r["kind"] == "prefill" and not r["ragged"]]
     if pre:
         plot(rows, out / "bench_attention.png")
     parts = []
@@ -213,9 +231,13 @@ def main() -> None:
         if long:
             parts.append(f"decode {kv} {merge} ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
                          f"max {max(r['frac_bw'] for r in long):.2f}")
-    ext = [r for r in rows if r["kind"] == "extend"]
+    ext = [r for r in rows if r["kind"] == "extend" and not r["ragged"]]
     if ext:
         parts.append(f"extend frac_mm {min(r['frac_mm'] for r in ext):.2f}-{max(r['frac_mm'] for r in ext):.2f}")
+    rag = [r for r in rows if r["kind"] in ("prefill", "extend") and r["ragged"]]
+    if rag:
+        parts.append(f"ragged (K/V passed) frac_mm {min(r['frac_mm'] for r in rag):.2f}-"
+                     f"{max(r['frac_mm'] for r in rag):.2f}")
     if pre:
         parts.append(f"prefill frac_mm {min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
                      f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")

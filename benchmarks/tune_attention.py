@@ -1,10 +1,13 @@
 """Sweep the paged attention kernels' tile configs on this GPU and pick the best per kernel and cache dtype.
 
 python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--only decode,extend,prefill]
+    [--pick-ragged]
 
 Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
-4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens; extend: an
-8k chunk over a 120k cached prefix with Qwen3 heads (bf16 and FP8 KV) and GLM-4.5-Air heads (96 q / 8 KV).
+4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens and of 4 x 2k
+(one varlen launch); extend: an 8k chunk over a 120k cached prefix with Qwen3 heads (bf16 and FP8 KV) and
+GLM-4.5-Air heads (96 q / 8 KV). Prefill / extend sweep the tiles, then the variant keys (PREFILL_VARIANTS) on
+the tiles of the current table.
 Each config is timed from CUDA-graph replays, as the runtime runs it (no launch or host cost in the time): one
 graph holds one call per rotation (decode: the case's pool holds ~256 MB of pages, one block table per disjoint
 page set, so no call finds its KV in L2; prefill / extend: one call, compute-bound), and the time per call is
@@ -58,7 +61,8 @@ from attention_cases import (  # noqa: E402
 from bench_moe import measure_ceilings  # noqa: E402
 from tuning import Budget, rel_err  # noqa: E402
 
-from kernels.attention_config import DECODE_KNOB_DEFAULTS, config_file_name, config_key  # noqa: E402
+import kernels.attention_config as acfg  # noqa: E402
+from kernels.attention_config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 # (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
@@ -84,8 +88,19 @@ SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE
 # stages >= 3 double-buffer K/V. 256 query rows halve the K/V traffic per FLOP (an extend over a long prefix
 # streams the prefix from L2 once per query block). An FP8 cache's tiles take half the shared memory: stages 3
 # compile to double-buffered K/V there (triple with a bf16 cache), so 4 and 5 (too large for bf16: skipped) go deeper.
+# (256, 64, 16, 3): 128 registers, 48 bytes of spill on sm90, 160 KiB of shared memory; half the K/V traffic per FLOP
+# of the 128-row tiles
 PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 128, 8, 4), (128, 128, 8, 5)]
+                 (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 128, 8, 4), (128, 128, 8, 5),
+                 (256, 64, 16, 3)]
+# prefill variant keys (kernels/attention_config.py), each timed on the tiles the last H200 table chose (and the
+# runner-up). RAGGED reads the chunk's keys from the contiguous K/V the case passes (a bf16 cache only: with FP8 it
+# is the plain kernel again, not swept); its rows are printed beside the others and enter the table only with
+# --pick-ragged (the model passes no K/V to the kernel yet: its fused prologue stores them straight into pages).
+# Q_F16 only matters with an FP8 cache (swept there only).
+PREFILL_VARIANTS = [{"MASK_FREE": 1}, {"MASK_FREE": 1, "LPT_GRID": 1}, {"MASK_FREE": 1, "RAGGED": 1},
+                    {"MASK_FREE": 1, "LPT_GRID": 1, "RAGGED": 1}, {"MASK_FREE": 1, "Q_F16": 1}]
+PREFILL_VARIANT_TILES = {"bf16": [(128, 128, 8, 3), (128, 64, 8, 3)], "fp8": [(128, 128, 8, 5), (128, 128, 8, 3)]}
 TOL = 2e-2
 
 
@@ -100,8 +115,15 @@ def decode_tiles(kv: str) -> list[tuple]:
     return DECODE_TILES + (DECODE_TILES_FP8 if kv == "fp8" else [])
 
 
-def prefill_cfg(tile: tuple) -> dict:
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+def prefill_cfg(tile: tuple, variant: dict | None = None) -> dict:
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile), **(variant or {}))
+
+
+def prefill_cfgs(kv: str) -> list[dict]:
+    """Every prefill config swept for a cache dtype: the plain tiles, then the variants on the chosen tiles."""
+    variants = [v for v in PREFILL_VARIANTS if ("RAGGED" not in v or kv != "fp8") and ("Q_F16" not in v or kv == "fp8")]
+    return [prefill_cfg(t) for t in PREFILL_TILES] + [prefill_cfg(t, v) for t in PREFILL_VARIANT_TILES.get(kv, [])
+                                                      for v in variants]
 
 
 # ---------------------------------------------------------------- timing
@@ -171,8 +193,8 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
             cfg = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, {"merge_block_d": md})).items()))
             plan.append(("decode", h, kvh, "bf16", cfg, pad, b))
     for c in prefill_cases:
-        for tile in PREFILL_TILES:
-            plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(prefill_cfg(tile).items())), None, 1))
+        for cfg in prefill_cfgs(c.kv):
+            plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(cfg.items())), None, 1))
     return [(k, h, kvh, kv, dict(cfg), s, b) for k, h, kvh, kv, cfg, s, b in dict.fromkeys(plan)]
 
 
@@ -229,13 +251,14 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) 
     floor_us = case.flops() / ceil["bf16_tflops"] / 1e6
     sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows = []
-    for tile in PREFILL_TILES:
-        if not budget.left(f"{case.kind} {case.name} {tile}"):
+    for cfg in prefill_cfgs(case.kv):
+        tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+        variant = "".join(f" {k}" for k in acfg.PREFILL_VARIANT_KEYS if cfg.get(k))
+        if not budget.left(f"{case.kind} {case.name} {tile}{variant}"):
             continue
-        cfg = prefill_cfg(tile)
         us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms)
-        print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]} "
-              f"us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
+        print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]}"
+              f"{variant} us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
               f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
         rows.append({"kind": case.kind, "case": case.name, "kv": case.kv, "cfg": cfg, "us": us,
                      "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
@@ -247,11 +270,13 @@ def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs)) if xs else 0.0
 
 
-def pick(rows: list[dict]) -> dict:
-    """Per table key: the config with the best geometric mean of frac over the key's cases (every case timed)."""
+def pick(rows: list[dict], pick_ragged: bool = False) -> dict:
+    """Per table key: the config with the best geometric mean of frac over the key's cases (every case timed).
+    RAGGED prefill configs only with pick_ragged (they need the caller to pass this step's K/V)."""
     table: dict[str, dict] = {}
     for kind in ("decode", "prefill"):
-        mine = [r for r in rows if (r["kind"] == "decode") == (kind == "decode")]
+        mine = [r for r in rows if (r["kind"] == "decode") == (kind == "decode")
+                and (pick_ragged or not r["cfg"].get("RAGGED"))]
         for kv in sorted({r["kv"] for r in mine}):
             sub = [r for r in mine if r["kv"] == kv]
             cases = {r["case"] for r in sub}
@@ -289,6 +314,8 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=float, default=15.0, help="timing window per candidate")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (1: compile while timing)")
     ap.add_argument("--only", default="decode,extend,prefill")
+    ap.add_argument("--pick-ragged", action="store_true",
+                    help="let RAGGED prefill configs into the table (callers that pass this step's K/V)")
     args = ap.parse_args()
     t_start = time.time()
     out = Path(args.out)
@@ -308,7 +335,7 @@ def main() -> None:
         rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms)
     for case in prefill_cases:
         rows += sweep_prefill(case, ceil, budget, args.rep_ms)
-    table = pick_small_batch(rows, pick(rows))
+    table = pick_small_batch(rows, pick(rows, args.pick_ragged))
     best_per_case = {}
     for r in rows:
         b = best_per_case.get(r["case"])
@@ -321,10 +348,12 @@ def main() -> None:
         extra = f" splits={r['splits']}" if "splits" in r else ""
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
     gpu = device_name(torch.device("cuda"))
-    (out / "configs" / config_file_name(gpu)).write_text(json.dumps(
-        {k: {kk: {x: y for x, y in v.items() if not x.endswith("geomean_frac")} for kk, v in t.items()}
-         for k, t in table.items()},
-        indent=1))
+    # a kind this run did not sweep (--only) keeps the checked-in table's entries, so the file can be copied as is
+    old = CONFIG_DIR / config_file_name(gpu)
+    written = json.loads(old.read_text()) if old.exists() else {}
+    written.update({k: {kk: {x: y for x, y in v.items() if not x.endswith("geomean_frac")} for kk, v in t.items()}
+                    for k, t in table.items()})
+    (out / "configs" / config_file_name(gpu)).write_text(json.dumps(written, indent=1))
     (out / "tune_attention.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,
          "rows": rows, "skipped": budget.skipped, "seconds": time.time() - t_start}, indent=1, default=str))

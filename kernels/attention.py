@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
-from kernels.attention_tiles import _kv_rows, _prefill_tile
+from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
@@ -89,6 +90,8 @@ def paged_attention_prefill_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     tile_map: torch.Tensor | None = None,  # [num_tiles, 2] (row, q block); only tokens of listed tiles are computed
+    k: torch.Tensor | None = None,  # this step's K / V as the kernel takes them: the cache holds them too (unused)
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.zeros_like(q)
     cu = cu_seqlens_q.tolist()
@@ -152,7 +155,7 @@ def _store_kv_kernel(
     tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width follows the batch
+@triton.jit(do_not_specialize=["stride_bt", "num_tokens", "batch"])  # the block-table width follows the batch
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, cu_seqlens_ptr, seq_lens_ptr, block_tables_ptr, out_ptr,
     qk_scale,  # softmax scale * k_scale * log2(e): the kernel works in base 2
@@ -163,67 +166,108 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8_AS_F16: tl.constexpr,
     OFF64: tl.constexpr,
     tile_map_ptr=None, TILE_MAP: tl.constexpr = False,
+    num_tokens=0, batch=0, ZERO_FILL: tl.constexpr = False,
+    k_new_desc=None, v_new_desc=None, RAGGED: tl.constexpr = False,
+    MASK_FREE: tl.constexpr = False, LPT_GRID: tl.constexpr = False, Q_F16: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
     # Grid (head groups, query blocks, batch), the last query block first: the longest causal rows start
-    # first and the short ones fill the tail of the launch.
+    # first and the short ones fill the tail of the launch. LPT_GRID: (head groups, query blocks x sequences),
+    # sequence fastest: every sequence's last (longest) query block before any sequence's second-to-last.
+    # ZERO_FILL (out is torch.empty): one more sequence slot, b == batch, writes zeros over the tokens no
+    # sequence owns ([0, cu[0]) and [cu[batch], num_tokens): padding), instead of a memset of all of out.
+    # RAGGED: keys of this step's own chunk (positions >= the cached prefix) come from the contiguous K/V
+    # (k_new_desc / v_new_desc: [num_tokens, kv_heads * head_dim] tensor descriptors), only the prefix from pages.
+    # Q_F16 (an FP8 cache): q comes saturated to fp16 already (the wrapper's cast): loaded as is, it stays in shared
+    # memory as the dots' operand (a q converted here is reloaded into registers every tile: sm90 TTGIR)
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
-    qb = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     head0 = tl.program_id(0) * PACK
     if TILE_MAP:  # a fixed grid (CUDA graphs): program (h, t, 0) runs tile t = (row, q block); row -1: no tile
         t = tl.program_id(1)
-        head0 = tl.program_id(0) * PACK
         b = tl.load(tile_map_ptr + 2 * t)
         qb = tl.load(tile_map_ptr + 2 * t + 1)
+        num_qb = 1
         if b < 0:
+            return
+    elif LPT_GRID:
+        slots = batch + 1 if ZERO_FILL else batch
+        num_qb = tl.num_programs(1) // slots
+        qb = num_qb - 1 - tl.program_id(1) // slots
+        b = tl.program_id(1) % slots
+    else:
+        num_qb = tl.num_programs(1)
+        qb = num_qb - 1 - tl.program_id(1)
+        b = tl.program_id(2)
+    d = tl.arange(0, BLOCK_D)
+    if ZERO_FILL:
+        if b == batch:  # the padding slot: zeros where no sequence writes
+            _zero_rows(out_ptr, qb * BLOCK_Q, tl.load(cu_seqlens_ptr), head0, d, stride_ot, stride_oh, PACK,
+                       BLOCK_Q, BLOCK_D, HEAD_DIM, num_qb * BLOCK_Q)
+            _zero_rows(out_ptr, tl.load(cu_seqlens_ptr + batch) + qb * BLOCK_Q, num_tokens, head0, d, stride_ot,
+                       stride_oh, PACK, BLOCK_Q, BLOCK_D, HEAD_DIM, num_qb * BLOCK_Q)
             return
     kvh = head0 // GROUP
     q_start = tl.load(cu_seqlens_ptr + b)
     q_len = tl.load(cu_seqlens_ptr + b + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + b)
-    if qb * BLOCK_Q >= q_len or seq_len == 0:
+    if qb * BLOCK_Q >= q_len:
         return
+    if not ZERO_FILL:
+        if seq_len == 0:  # out is zeros already
+            return
     ctx = seq_len - q_len  # cached prefix before this chunk
     r = tl.arange(0, BLOCK_M)
     tok = qb * BLOCK_Q + r // PACK
     head = head0 + r % PACK
-    d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
     rmask = tok < q_len
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if FP8_AS_F16:  # saturate a bf16 q beyond fp16's range
+    if FP8_AS_F16 and not Q_F16:  # saturate a bf16 q beyond fp16's range
         q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
     q_pos = ctx + tok
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    kv_end = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+    # a sequence with no keys (seq_len 0; out not zeroed beforehand under ZERO_FILL) runs no tile: zeros
+    kv_end = tl.maximum(tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q), 0)
+    # keys from the pages: all of them, or (RAGGED) the cached prefix only
+    kv_pages = tl.maximum(tl.minimum(ctx, kv_end), 0) if RAGGED else kv_end
     # keys below the block's first query position are visible to every row: those tiles skip the mask
-    full_end = (tl.minimum(ctx + qb * BLOCK_Q + 1, kv_end) // BLOCK_N) * BLOCK_N
+    full_end = (tl.maximum(tl.minimum(ctx + qb * BLOCK_Q + 1, kv_pages), 0) // BLOCK_N) * BLOCK_N
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0
     # page ids one tile ahead: K/V addresses that wait on a load of the same iteration make Triton's pipeliner
     # single-buffer K/V and issue the next copy after the dots (seen in the sm90 TTGIR)
     offs = tl.arange(0, BLOCK_N)
-    page_next = tl.load(bt + offs // BLOCK_SIZE, mask=offs < kv_end, other=0)
+    page_next = tl.load(bt + offs // BLOCK_SIZE, mask=offs < kv_pages, other=0)
     # (tried: the next tile's QK^T in flight through this tile's softmax lost every case on an H200, matmul-rate
     # fraction plain vs pipelined: extend 8k over 120k 0.68/0.59 bf16 32/4, 0.64/0.60 96/8, 0.48/0.46 fp8;
     # prefill 1k / 4k / 16k 0.35/0.30, 0.57/0.51, 0.70/0.59)
     for n0 in range(0, full_end, BLOCK_N):
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         nxt = n0 + BLOCK_N + offs
-        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
-        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
-                                      qk_scale, BLOCK_N, False)
-    for n0 in range(full_end, kv_end, BLOCK_N):
+        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_pages, other=0)
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_pages, q_pos, d, dmask, m_i, l_i,
+                                      acc, qk_scale, BLOCK_N, False, MASK_FREE, EVEN_D)
+    for n0 in range(full_end, kv_pages, BLOCK_N):
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         nxt = n0 + BLOCK_N + offs
-        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_end, other=0)
-        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc,
-                                      qk_scale, BLOCK_N, True)
+        page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_pages, other=0)
+        m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_pages, q_pos, d, dmask, m_i, l_i,
+                                      acc, qk_scale, BLOCK_N, True)
+    if RAGGED:  # the chunk's own keys j = position - ctx, tiles aligned to the chunk's first token
+        c_end = kv_end - kv_pages  # min(q_len, (qb + 1) * BLOCK_Q) for a sequence with keys
+        c_full = tl.minimum((qb * BLOCK_Q + 1) // BLOCK_N * BLOCK_N, c_end)  # visible to every row of the block
+        col = kvh * HEAD_DIM
+        for j0 in range(0, c_full, BLOCK_N):
+            m_i, l_i, acc = _chunk_tile(q, k_new_desc, v_new_desc, q_start, col, j0, tok, m_i, l_i, acc, qk_scale,
+                                        BLOCK_N, False)
+        for j0 in range(c_full, c_end, BLOCK_N):
+            m_i, l_i, acc = _chunk_tile(q, k_new_desc, v_new_desc, q_start, col, j0, tok, m_i, l_i, acc, qk_scale,
+                                        BLOCK_N, True)
     o = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -284,6 +328,21 @@ def store_kv(
     )
 
 
+def ragged_kv_ok(q: torch.Tensor, k_cache: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None) -> bool:
+    """Whether this step's K/V [num_tokens, kv_heads, head_dim] can feed the prefill's ragged path: the cache holds
+    q's dtype (an FP8 cache is read back as stored, so decode and prefill see the same values), a power-of-two
+    head_dim, and a layout a tensor descriptor takes ([num_tokens, kv_heads * head_dim] rows, 16-byte aligned)."""
+    if k is None or v is None or k_cache.dtype != q.dtype:
+        return False
+    head_dim = k_cache.shape[3]
+    want = (q.shape[0], k_cache.shape[2], head_dim)
+    for x in (k, v):
+        if (tuple(x.shape) != want or x.dtype != q.dtype or x.stride(2) != 1 or x.stride(1) != head_dim
+                or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16):
+            return False
+    return head_dim == triton.next_power_of_2(head_dim) and head_dim * k.element_size() >= 16
+
+
 def paged_attention_prefill(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,
@@ -297,6 +356,8 @@ def paged_attention_prefill(
     v_scale: float = 1.0,
     config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
     tile_map: torch.Tensor | None = None,  # [num_tiles, 2] int32 (row, q block), row -1 = none: a fixed grid
+    k: torch.Tensor | None = None,  # [num_tokens, kv_heads, head_dim]: this step's K/V, already in the cache too;
+    v: torch.Tensor | None = None,  # with a config's RAGGED the chunk's keys are read from here (see ragged_kv_ok)
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
@@ -314,15 +375,21 @@ def paged_attention_prefill(
     cfg = prefill_config(head_dim, k_cache.dtype, q.device) if config is None else config
     if config is not None:
         check_config(cfg, PREFILL_KEYS, head_dim)
-    out = torch.zeros_like(q)  # tokens past cu_seqlens_q[-1] (padding) stay zero
-    if batch == 0 or num_tokens == 0 or (tile_map is None and max_seqlen_q == 0) or (
-            tile_map is not None and tile_map.shape[0] == 0):
-        return out
     group = num_heads // num_kv_heads
     block_m = cfg["BLOCK_M"]
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
-    grid = (num_heads // pack, triton.cdiv(max_seqlen_q, block_m // pack), batch)
-    if grid[1] > 65535 or batch > 65535:
+    num_qb = triton.cdiv(max_seqlen_q, block_m // pack)
+    # eager grid: out starts empty and the kernel writes every token (zeros where no sequence's rows are);
+    # a tile map (a fixed grid, graphs) may leave tokens uncovered: those must read zero, so out starts zeroed
+    zero_fill = tile_map is None
+    out = torch.empty_like(q) if zero_fill and num_tokens else torch.zeros_like(q)
+    if batch == 0 or num_tokens == 0 or (tile_map is None and max_seqlen_q == 0) or (
+            tile_map is not None and tile_map.shape[0] == 0):
+        return out.zero_() if zero_fill else out
+    slots = batch + 1  # the last slot zero-fills the tokens no sequence owns
+    lpt = bool(cfg.get("LPT_GRID")) and num_qb * slots <= 65535
+    grid = (num_heads // pack, num_qb * slots, 1) if lpt else (num_heads // pack, num_qb, slots)
+    if num_qb > 65535 or slots > 65535:
         raise ValueError(f"prefill grid {grid} too large: at most 65535 query blocks and sequences per launch")
     tiles: dict = {}
     if tile_map is not None:  # the grid no longer depends on max_seqlen_q or the batch: one program per tile
@@ -330,13 +397,24 @@ def paged_attention_prefill(
             raise ValueError("tile map unit (prefill_tile_q) differs from the kernel's BLOCK_M // PACK")
         grid = (num_heads // pack, tile_map.shape[0], 1)
         tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
+    q_f16 = bool(cfg.get("Q_F16")) and fp8_as_f16(q, k_cache) and q.dtype != torch.float16
+    q_in = q.to(torch.float16).clamp_(-_FP16_MAX.value, _FP16_MAX.value) if q_f16 else q  # inf -> fp16's max
+    ragged: dict = {}
+    if cfg.get("RAGGED") and ragged_kv_ok(q, k_cache, k, v):
+        block_d = [cfg["BLOCK_N"], head_dim]  # one KV head's dims of BLOCK_N consecutive tokens
+        ragged = dict(RAGGED=True, k_new_desc=TensorDescriptor(k, [num_tokens, num_kv_heads * head_dim],
+                                                               [k.stride(0), 1], block_d),
+                      v_new_desc=TensorDescriptor(v, [num_tokens, num_kv_heads * head_dim], [v.stride(0), 1],
+                                                  block_d))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
+        q_in, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out,
         scale * k_scale * _LOG2E, v_scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **tiles,
+        num_tokens=num_tokens, batch=batch, ZERO_FILL=zero_fill, MASK_FREE=bool(cfg.get("MASK_FREE")),
+        LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, **tiles, **ragged,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -7,7 +7,11 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context; the later
   knobs of DECODE_KNOB_DEFAULTS (more splits, at small batch only, the merge's width, the FP8 widening);
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
-  num_warps, num_stages.
+  num_warps, num_stages; optional 0/1 variant keys (absent: 0, the kernel as before they existed):
+  MASK_FREE (no predicates on the K/V copies of tiles that are whole by construction), LPT_GRID (query blocks
+  x sequences on one grid axis, every sequence's longest block first), RAGGED (the chunk's own keys read from
+  the contiguous K/V the caller passes, through tensor descriptors: TMA on Hopper; the cached prefix from pages),
+  Q_F16 (an FP8 cache under a bf16 q: q cast to fp16 before the launch, so the kernel keeps it in shared memory).
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
@@ -39,6 +43,7 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
                         "small_batch_config": None}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16")  # optional, 0 / 1
 
 
 def config_key(head_dim: int, kv_dtype: torch.dtype) -> str:
@@ -126,3 +131,6 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
         raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")
     if cfg.get("fp8_widen", 0) not in (0, 1, 2):
         raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")
+    bad = {k: cfg[k] for k in PREFILL_VARIANT_KEYS if k in cfg and cfg[k] not in (0, 1, False, True)}
+    if bad:
+        raise ValueError(f"attention config {bad}: variant keys are 0 or 1")

@@ -1,5 +1,7 @@
 """Tile-level pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py): cache
-row offsets from page ids and the prefill's online-softmax step over one key tile. Shapes in the comments."""
+row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
+from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
+sequence owns. Shapes in the comments."""
 
 from __future__ import annotations
 
@@ -21,18 +23,12 @@ def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: t
 
 
 @triton.jit
-def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    # one online-softmax step over keys [n0, n0 + BLOCK_N) whose cache rows start at `rows` [BLOCK_N];
-    # q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]. An FP8 cache is widened to q's dtype (fp16) right after the
-    # load (exact); its scales are in qk_scale and on the output
-    n = n0 + tl.arange(0, BLOCK_N)
-    kv_mask = (n < kv_end)[:, None] & dmask[None, :]
-    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-    s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
-    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    # one online-softmax step from the scores s [BLOCK_M, BLOCK_N] (QK^T, not yet scaled): v [BLOCK_N, BLOCK_D] in
+    # q's dtype, s_mask [BLOCK_M, BLOCK_N] (read only when MASKED), acc [BLOCK_M, BLOCK_D] fp32. (V's load sits after
+    # the QK^T dot in the callers: with an FP8 cache, V widened before it took another 32 KiB of shared memory)
     if MASKED:
-        s = tl.where((n < kv_end)[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        s = tl.where(s_mask, s, float("-inf"))
     # the running max is in scaled (base-2) units; scaling inside the exponent makes one FFMA per score
     # (qk_scale > 0: the max commutes with it)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -42,3 +38,61 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_FREE: tl.constexpr = False,
+                  EVEN_D: tl.constexpr = False):
+    # one online-softmax step over keys [n0, n0 + BLOCK_N) whose cache rows start at `rows` [BLOCK_N];
+    # q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]. An FP8 cache is widened to q's dtype (fp16) right after the
+    # load (exact); its scales are in qk_scale and on the output.
+    # MASK_FREE on an unmasked tile (every key < kv_end by construction): no key-bound predicate on the K/V
+    # copies, and none at all when the head dim fills the tile (EVEN_D)
+    n = n0 + tl.arange(0, BLOCK_N)
+    offs = rows[:, None] + d[None, :]
+    if MASK_FREE and not MASKED:
+        if EVEN_D:
+            k = tl.load(k_cache_ptr + offs).to(q.dtype)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)
+            v = tl.load(v_cache_ptr + offs).to(q.dtype)
+        else:
+            k = tl.load(k_cache_ptr + offs, mask=dmask[None, :], other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32)
+            v = tl.load(v_cache_ptr + offs, mask=dmask[None, :], other=0.0).to(q.dtype)
+    else:
+        kv_mask = (n < kv_end)[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+    s_mask = (n < kv_end)[None, :] & (n[None, :] <= q_pos[:, None])
+    return _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED)
+
+
+@triton.jit
+def _chunk_tile(q, k_desc, v_desc, row0, col, j0, tok, m_i, l_i, acc, qk_scale, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):
+    # the ragged path: keys j0 .. j0 + BLOCK_N - 1 of this step's own chunk (relative to its first token), read from
+    # the contiguous [T, kv_heads * head_dim] K/V through tensor descriptors (TMA on Hopper) at row row0 + j0,
+    # column col (the KV head's first dim). tok [BLOCK_M]: each row's token index in the chunk. Rows past the
+    # chunk (the next sequence's keys, or zeros past T) are masked out on the diagonal tile, the only tile
+    # that reaches them: j <= tok < q_len
+    k = k_desc.load([row0 + j0, col])  # [BLOCK_N, BLOCK_D]
+    s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32)
+    v = v_desc.load([row0 + j0, col])
+    j = j0 + tl.arange(0, BLOCK_N)
+    s_mask = j[None, :] <= tok[:, None]
+    return _softmax_step(s, v.to(q.dtype), s_mask, m_i, l_i, acc, qk_scale, MASKED)
+
+
+@triton.jit
+def _zero_rows(out_ptr, t0, t1, head0, d, stride_ot, stride_oh, PACK: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, STEP):
+    # zeros for tokens [t0, t1) x heads [head0, head0 + PACK), BLOCK_Q tokens at a time, then STEP on
+    r = tl.arange(0, BLOCK_Q * PACK)
+    head = head0 + r % PACK
+    zero = tl.zeros([BLOCK_Q * PACK, BLOCK_D], out_ptr.dtype.element_ty)
+    for s0 in range(t0, t1, STEP):
+        tok = s0 + r // PACK
+        off = tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptr + off, zero, mask=(tok < t1)[:, None] & (d < HEAD_DIM)[None, :])

@@ -186,23 +186,32 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     monkeypatch.setattr(ta, "DECODE_TILES_FP8", [(16, 4, 2, 1)])  # an FP8 cache's extra tile: fp8_widen 1
     monkeypatch.setattr(ta, "SPLIT_RULES", [(1, 16), (2, 64)])
     monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2), (16, 32, 4, 3)])
+    monkeypatch.setattr(ta, "PREFILL_VARIANT_TILES", {"bf16": [(32, 16, 4, 2)], "fp8": [(32, 16, 4, 2)]})
     ceil = {"copy_tbps": 1.0, "bf16_tflops": 1.0}
     budget = ta.Budget(600)
     rows = []
     rows += ta.sweep_decode(ac.DecodeCase(1, 90, "fp8", 4, 2), ceil, 8, budget, 1.0)
     rows += ta.sweep_prefill(ac.PrefillCase(24, 40, "fp8", 4, 2), ceil, budget, 1.0)
-    rows += ta.sweep_prefill(ac.PrefillCase(30, 0, "bf16", 6, 2), ceil, budget, 1.0)
-    assert len(rows) == 3 * 2 + 2 + 2 and all(r["err"] < ta.TOL for r in rows)
+    # a varlen launch of 2 sequences: the case's k / v of the chunk feed the RAGGED variants
+    rows += ta.sweep_prefill(ac.PrefillCase(30, 0, "bf16", 6, 2, batch=2), ceil, budget, 1.0)
+    # decode: 3 tiles x 2 dtypes (fp8_widen on the FP8 tiles); prefill fp8: 2 tiles + 3 variants (no RAGGED on an
+    # FP8 cache); bf16: 2 tiles + 4 variants (no Q_F16)
+    assert len(rows) == 3 * 2 + 5 + 6 and all(r["err"] < ta.TOL for r in rows)
     assert sorted(r["cfg"]["fp8_widen"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 1, 1]
     assert {r["splits"] for r in rows if r["kind"] == "decode"} == {2, 4}  # (1 per SM, 16) / (2 per SM, 64)
     table = ta.pick(rows)
     assert set(table["decode"]) == {"d32_fp8"} and set(table["prefill"]) == {"d32_bf16", "d32_fp8"}
     best = table["prefill"]["d32_fp8"]
     assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES]
+    assert not table["prefill"]["d32_bf16"].get("RAGGED")  # the model passes no K/V: RAGGED only when asked
+    ragged = [r for r in rows if r["cfg"].get("RAGGED")]
+    for r in ragged:
+        r["frac"] = 1e3
+    assert ta.pick(rows, pick_ragged=True)["prefill"]["d32_bf16"]["RAGGED"] == 1
     plan = ta.compile_plan([ac.DecodeCase(1, 90, "fp8", 4, 2)], [ac.PrefillCase(24, 40, "fp8", 4, 2)], 8)
     # per tile the split kernel for > 1 splits (2 and 4 splits share it); the merge for 2 and for 4 splits
-    # (whatever the tile); one prefill binary per tile
-    assert len(plan) == 3 + 2 + 2
+    # (whatever the tile); one prefill binary per tile and per variant
+    assert len(plan) == 3 + 2 + 2 + 3
 
 
 @pytest.mark.gpu

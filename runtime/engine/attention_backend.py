@@ -38,16 +38,19 @@ class PagedAttention:
     ) -> torch.Tensor:
         k_cache, v_cache, k_scale, v_scale = self.kv_target(layer_id, batch)
         self.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
-        return self.forward_stored(q, layer_id, batch, scale)
+        return self.forward_stored(q, layer_id, batch, scale, k, v)
 
-    def forward_stored(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    def forward_stored(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, scale: float,
+                       k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over the cache, this step's K/V already in it (stored by the caller, e.g. the fused
-        q/k-norm + RoPE + KV-store prologue); q [num_tokens, num_heads, head_dim]."""
+        q/k-norm + RoPE + KV-store prologue); q [num_tokens, num_heads, head_dim]. k / v: this step's K/V
+        [num_tokens, num_kv_heads, head_dim] if the caller has them: a prefill config's RAGGED path reads the
+        chunk's keys from there instead of the pages."""
         k_cache, v_cache, k_scale, v_scale = self.kv_target(layer_id, batch)
         if batch.is_decode:
             return self.decode(q, k_cache, v_cache, batch.seq_lens, batch.block_tables, scale, k_scale, v_scale)
         return self.prefill(q, k_cache, v_cache, batch.cu_seqlens_q, batch.seq_lens, batch.block_tables, scale,
-                            batch.max_seqlen_q, k_scale, v_scale, tile_map=batch.prefill_tiles)
+                            batch.max_seqlen_q, k_scale, v_scale, tile_map=batch.prefill_tiles, k=k, v=v)
 
 
 def torch_attention(kv_scales: KvScales | None = None) -> PagedAttention:
