@@ -240,3 +240,51 @@ def test_exchange_pairs_matches_reference(num_ranks: int, capacity: int, top_k: 
     hit = (ids.view(num_ranks, capacity, top_k) >= 0).any(2).sum(1)
     assert want.tolist() == [5 + sum(min(int(counts[r]), capacity) for r in remote),
                              7 + sum(int(hit[r]) for r in remote)]
+
+
+_SM90_PROBE = """
+import json, re, sys
+sys.path.insert(0, "benchmarks")
+from attention_ir import compile_sm90, report
+from kernels.all2all_pack import _pack_kernel, _route_exact_kernel, sparse_route_exact
+from kernels.fp8 import _group_quant_kernel
+import inspect
+src = inspect.getsource(sparse_route_exact)
+warps = int(re.search(r"num_warps=(\\d+)", src).group(1))  # the wrapper's launch, not a copy of it
+out = {}
+for p in (1, 3, 8, 64):  # the wrapper's tile: up to [512, P] pairs
+    bp = 1 << (p - 1).bit_length()
+    args = dict(ids_ptr="i32", dest_ptr="i64", local_ptr="i64", slot_ptr="i64", pair_ptr="i64", matrix_ptr="i64",
+                T=1000, R=1024, n_loc=16, rank=0)
+    k = compile_sm90(_route_exact_kernel, args, dict(P=p, K=8, BLOCK_T=max(16, min(512, 4096 // bp)), BLOCK_P=bp),
+                     warps, 3)
+    out[f"route_exact P={p}"] = report(k)["spill_bytes"]
+QUANT_OPS = r"\\b(div\\.[a-z0-9.]+|rcp\\.[a-z0-9.]+|cvt\\.[a-z.]*e4m3[a-z0-9.]*|(?:max|min)\\.[a-zA-Z.]*f32)"
+def quant_ops(ptx):  # the instructions that decide an FP8 byte and its scale
+    return sorted(set(re.findall(QUANT_OPS, ptx)))
+args = dict(pair_ptr="i64", dest_ptr="i64", local_ptr="i64", w_ptr="fp32", x_ptr="bf16", xs_ptr="bf16", ow_ptr="fp32",
+            oid_ptr="i32", ox_ptr="fp8e4nv", os_ptr="fp32", flag_ptr="i32", of_ptr="i32", num_tokens=100, H=2048, G=1,
+            stride_x=2048, stride_xs=2048, stride_ow=532, stride_oid=532, stride_ox=2128, stride_os=532, stride_of=532)
+k = compile_sm90(_pack_kernel, args, dict(P=8, K=8, BLOCK_K=8, BLOCK_H=1024, BLOCK_G=1, HAS_SCALES=False, HAS_FLAG=True,
+                                          QUANT=True, GROUP=128, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
+out["pack quant"] = dict(spill=report(k)["spill_bytes"], ops=quant_ops(k.asm["ptx"]))
+args = dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32", num_rows=100, K=2048, stride_x=2048, stride_q=2048,
+            stride_s=16)
+k = compile_sm90(_group_quant_kernel, args, dict(GROUP=128, BLOCK_R=16, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
+out["group quant"] = quant_ops(k.asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+def test_route_exact_and_quantizing_pack_compile_for_sm90() -> None:
+    """No GPU needed (Triton's ptxas for Hopper): the dynamic mode's layout kernel keeps its [512, P] tile in
+    registers at every P from 1 to 64 (4 warps spilled at P >= 8), and the pack's FP8 quantization compiles to the
+    instructions kernels/fp8.py's per_token_group_quant uses (the same division, e4m3 conversion with its
+    rounding and saturation, and max), so the bytes it sends are that kernel's on a GPU too."""
+    from tests.sm90 import run_sm90_probe
+
+    out = run_sm90_probe(_SM90_PROBE)
+    assert all(out[f"route_exact P={p}"] == 0 for p in (1, 3, 8, 64)), out
+    pack = out["pack quant"]
+    assert pack["spill"] == 0 and pack["ops"] == out["group quant"], out
+    assert any(op.startswith("cvt.rn.satfinite.e4m3") for op in pack["ops"]), out
