@@ -78,7 +78,8 @@ def test_pack_writes_the_flag_word() -> None:
 
 @pytest.mark.parametrize("num_tokens, hidden, top_k, num_ranks, num_rows, dtype", [
     (6, 200, 3, 4, 13, torch.bfloat16),  # a partial last group
-    (5, 256, 2, 2, 7, torch.float16), (3, 37, 8, 8, 5, torch.float32)])
+    (5, 256, 2, 2, 7, torch.float16), (3, 37, 8, 8, 5, torch.float32),
+    (2, 2100, 2, 2, 3, torch.bfloat16)])  # 17 groups: two steps of up to 16, a partial last group
 def test_pack_quantizes_as_per_token_group_quant(num_tokens: int, hidden: int, top_k: int, num_ranks: int,
                                                   num_rows: int, dtype: torch.dtype) -> None:
     """FP8 dispatch: the pack quantizes each row as it writes it (scales None, an FP8 out_hidden), byte for byte
@@ -265,9 +266,10 @@ def quant_ops(ptx):  # the instructions that decide an FP8 byte and its scale
 args = dict(pair_ptr="i64", dest_ptr="i64", local_ptr="i64", w_ptr="fp32", x_ptr="bf16", xs_ptr="bf16", ow_ptr="fp32",
             oid_ptr="i32", ox_ptr="fp8e4nv", os_ptr="fp32", flag_ptr="i32", of_ptr="i32", num_tokens=100, H=2048, G=1,
             stride_x=2048, stride_xs=2048, stride_ow=532, stride_oid=532, stride_ox=2128, stride_os=532, stride_of=532)
-k = compile_sm90(_pack_kernel, args, dict(P=8, K=8, BLOCK_K=8, BLOCK_H=1024, BLOCK_G=1, HAS_SCALES=False, HAS_FLAG=True,
-                                          QUANT=True, GROUP=128, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
-out["pack quant"] = dict(spill=report(k)["spill_bytes"], ops=quant_ops(k.asm["ptx"]))
+k = compile_sm90(_pack_kernel, args, dict(P=8, K=8, BLOCK_K=8, BLOCK_H=1024, BLOCK_G=16, HAS_SCALES=False,
+                                          HAS_FLAG=True, QUANT=True, GROUP=128, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
+out["pack quant"] = dict(spill=report(k)["spill_bytes"], ops=quant_ops(k.asm["ptx"]),
+                         vec_loads=len(re.findall(r"ld\\.global[.a-z0-9]*\\.v[248]", k.asm["ptx"])))
 args = dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32", num_rows=100, K=2048, stride_x=2048, stride_q=2048,
             stride_s=16)
 k = compile_sm90(_group_quant_kernel, args, dict(GROUP=128, BLOCK_R=16, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
@@ -280,11 +282,15 @@ def test_route_exact_and_quantizing_pack_compile_for_sm90() -> None:
     """No GPU needed (Triton's ptxas for Hopper): the dynamic mode's layout kernel keeps its [512, P] tile in
     registers at every P from 1 to 64 (4 warps spilled at P >= 8), and the pack's FP8 quantization compiles to the
     instructions kernels/fp8.py's per_token_group_quant uses (the same division, e4m3 conversion with its
-    rounding and saturation, and max), so the bytes it sends are that kernel's on a GPU too."""
+    rounding and saturation, and max), so the bytes it sends are that kernel's on a GPU too; it reads the row
+    with vector loads, many groups per step."""
     from tests.sm90 import run_sm90_probe
 
     out = run_sm90_probe(_SM90_PROBE)
     assert all(out[f"route_exact P={p}"] == 0 for p in (1, 3, 8, 64)), out
     pack = out["pack quant"]
     assert pack["spill"] == 0 and pack["ops"] == out["group quant"], out
+    # a [16, 128] tile of the row per step: vector loads (one group of 128 at a time loaded 2 bytes per thread and
+    # reduced across the warps 16 times in turn at H = 2048)
+    assert pack["vec_loads"] > 0, out
     assert any(op.startswith("cvt.rn.satfinite.e4m3") for op in pack["ops"]), out
