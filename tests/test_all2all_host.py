@@ -116,9 +116,11 @@ def _gpu_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     parallel = ParallelState(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank, ep_size=world,
                              device=device, ep_group=dist.new_group(list(range(world))))
     errors = []
-    for num_tokens, fp8 in ((64, False), (513, False), (2048, False), (513, True)):
+    # capacity 100 at T = 513: about 510 rows per (source, destination) pair, 6 rounds each way
+    for num_tokens, fp8, capacity in ((64, False, 8192), (513, False, 8192), (2048, False, 8192), (513, True, 8192),
+                                      (513, True, 100)):
         stats = ExpertStats(1, 128, device)
-        backend = create_backend("sparse", parallel, 128, 8192, stats, fp8_dispatch=fp8)  # dynamic at every T
+        backend = create_backend("sparse", parallel, 128, capacity, stats, fp8_dispatch=fp8)  # dynamic at every T
         gen = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(num_tokens, 2048, generator=gen, device=device).bfloat16()
         weights, ids = torch.randn(num_tokens, 128, generator=gen, device=device).softmax(-1).topk(8, dim=-1)
@@ -137,7 +139,9 @@ def _gpu_worker(rank: int, world: int, port: int, result_dir: str) -> None:
                     num_combine = len(caught) - num_expert
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
-        where = f"rank {rank} T={num_tokens} fp8={fp8}"
+        where = f"rank {rank} T={num_tokens} fp8={fp8} C={capacity}"
+        if (len(plan.rounds) > 1) != (capacity < num_tokens):
+            errors.append(f"{where}: {len(plan.rounds)} rounds")
         if num_dispatch != 1 or num_combine != 0:
             errors.append(f"{where}: {num_dispatch} syncs in dispatch, {num_combine} in combine: "
                           f"{[str(w.message)[:80] for w in caught]}")

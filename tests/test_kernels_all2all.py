@@ -294,3 +294,32 @@ def test_route_exact_and_quantizing_pack_compile_for_sm90() -> None:
     # reduced across the warps 16 times in turn at H = 2048)
     assert pack["vec_loads"] > 0, out
     assert any(op.startswith("cvt.rn.satfinite.e4m3") for op in pack["ops"]), out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hidden", [2048, 2100, 7168])
+def test_pack_quantizes_as_per_token_group_quant_on_gpu(hidden: int) -> None:
+    """On the GPU (real e4m3 conversion, approximate fp32 division): the quantizing pack's bytes and scales equal
+    per_token_group_quant's then a plain pack, bf16 rows of mixed magnitudes, an all-zero group, a partial group."""
+    from kernels.fp8 import FP8_DTYPE, per_token_group_quant
+
+    num_tokens, top_k, num_ranks, num_rows = 300, 8, 8, 1500
+    x, _, w, dest, local, pair_of = (t.cuda() if t is not None else None for t in _pack_inputs(
+        num_tokens, hidden, top_k, num_ranks, num_rows, torch.float32, False))
+    x = (x * torch.logspace(-3, 3, hidden, device="cuda")).bfloat16()
+    x[1, :128] = 0
+    g = -(-hidden // 128)
+
+    def packed(quantize_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        out_h = torch.empty(num_rows, hidden, dtype=FP8_DTYPE, device="cuda")
+        out_s = torch.empty(num_rows, g, dtype=torch.float32, device="cuda")
+        q, s = per_token_group_quant(x, 128) if quantize_first else (x, None)
+        sparse_pack(q.view(torch.uint8) if quantize_first else x, s, w, dest, local, pair_of, num_ranks,
+                    torch.empty(num_rows, top_k, device="cuda"),
+                    torch.empty(num_rows, top_k, dtype=torch.int32, device="cuda"),
+                    out_h.view(torch.uint8) if quantize_first else out_h, out_s)
+        return out_h.view(torch.uint8), out_s
+
+    (fused_q, fused_s), (ref_q, ref_s) = packed(False), packed(True)
+    assert torch.equal(fused_s, ref_s) and torch.equal(fused_q, ref_q)
