@@ -163,7 +163,9 @@ def test_route_with_capacity(num_tokens: int, top_k: int, num_local: int, num_ra
 
 @pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks, round_rows, rank", [
     (1, 2, 2, 4, 64, 3), (70, 3, 2, 4, 9, 0), (13, 8, 4, 8, 5, 5), (9, 2, 3, 3, 1, 1), (29, 2, 3, 3, 100, 2),
-    (0, 2, 2, 2, 4, 1), (1100, 2, 2, 8, 100, 6)])  # last: 3 tiles of tokens carry the counts, 2 rounds
+    (0, 2, 2, 2, 4, 1), (1100, 2, 2, 8, 100, 6),  # 3 tiles of tokens carry the counts, 2 rounds
+    (8, 2, 2, 1, 2, 0),  # one rank (a [512, 1] tile), 3 rounds
+    (40, 2, 1, 5, 3, 4)])  # skewed (below): every token to rank 0 (9 rounds), none to rank 4, P not a power of 2
 def test_route_exact_matches_reference(num_tokens: int, top_k: int, num_local: int, num_ranks: int, round_rows: int,
                                        rank: int) -> None:
     """The dynamic layout: Triton equals the reference, and the send rows are, round after round (R rows of each
@@ -171,6 +173,8 @@ def test_route_exact_matches_reference(num_tokens: int, top_k: int, num_local: i
     rank's counts in its row and zeros elsewhere (the all_reduce's input)."""
     gen = torch.Generator().manual_seed(num_tokens + round_rows)
     ids = torch.randn(num_tokens, num_local * num_ranks, generator=gen).topk(top_k, dim=-1).indices.to(torch.int32)
+    if num_ranks == 5:  # expert 0 always, then one of 1 .. E - 2: ranks 0 and 1-3 get rows in different rounds
+        ids[:, 0], ids[:, 1] = 0, 1 + ids[:, 1] % (num_ranks * num_local - 2)
     ids[num_tokens * 2 // 3 :] = -1  # padding rows (T = 1: all)
     got = sparse_route_exact(ids, num_local, num_ranks, round_rows, rank)
     want = sparse_route_exact_ref(ids, num_local, num_ranks, round_rows, rank)
