@@ -261,14 +261,18 @@ def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oi
     tl.store(ow_ptr + row * stride_ow + kk, tl.where(on, w, 0.0), mask=kmask)
     tl.store(oid_ptr + row * stride_oid + kk, tl.where(on, lid, -1).to(tl.int32), mask=kmask)
     if QUANT:  # per 128-channel group: the arithmetic of kernels/fp8.py _group_quant_kernel, element for element
-        for g0 in range(0, H, GROUP):
-            hh = g0 + tl.arange(0, GROUP)
+        # BLOCK_G groups at a time, a [BLOCK_G, GROUP] tile with one max per tile row: a loop over single groups
+        # waited on memory and on a cross-warp reduction once per group (16 in turn at H = 2048)
+        gg = tl.arange(0, BLOCK_G)
+        for h0 in range(0, H, BLOCK_G * GROUP):
+            grp = h0 // GROUP + gg  # [BLOCK_G] group ids
+            hh = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
             hmask = hh < H
             x = tl.load(x_ptr + t * stride_x + hh, mask=hmask, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, MIN_SCALE)
-            q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
+            scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_G]
+            q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
             tl.store(ox_ptr + row * stride_ox + hh, q.to(ox_ptr.dtype.element_ty), mask=hmask)
-            tl.store(os_ptr + row * stride_os + g0 // GROUP, scale)
+            tl.store(os_ptr + row * stride_os + grp, scale, mask=grp * GROUP < H)
     else:
         for h0 in range(0, H, BLOCK_H):
             hh = h0 + tl.arange(0, BLOCK_H)
@@ -322,7 +326,9 @@ def sparse_pack(hidden: torch.Tensor, scales: torch.Tensor | None, topk_weights:
         out_weights, out_ids, out_hidden, os_, fl, of, num_tokens, h, g, hidden.stride(0), xs.stride(0),
         out_weights.stride(0), out_ids.stride(0), out_hidden.stride(0), os_.stride(0), of.stride(0),
         P=num_ranks, K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=min(1024, triton.next_power_of_2(h)),
-        BLOCK_G=triton.next_power_of_2(g), HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, QUANT=quant,
+        # BLOCK_G: the scales' width, or when quantizing the groups of one step (a [16, 128] tile at most)
+        BLOCK_G=min(16, triton.next_power_of_2(triton.cdiv(h, FP8_BLOCK))) if quant else triton.next_power_of_2(g),
+        HAS_SCALES=scales is not None, HAS_FLAG=flag is not None, QUANT=quant,
         GROUP=FP8_BLOCK, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=4,
     )
 

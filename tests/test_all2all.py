@@ -83,6 +83,7 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
         disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel, disp._pairs_kernel = (
             all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
             all2all_pack.sparse_combine, all2all_pack.exchange_pairs)
+        disp._route_exact_kernel = all2all_pack.sparse_route_exact  # the dynamic mode's layout (and its rounds)
     x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
     n_loc = case["experts"] // world
     lo = rank * n_loc

@@ -55,6 +55,8 @@ def _check(parallel: ParallelState, triton: bool) -> list[str]:
         if (num_rounds > 1) != (capacity < num_tokens) or collectives != ["allreduce_"] + ["alltoall_base_"] * (
                 2 * num_rounds):
             errors.append(f"{where}: {num_rounds} rounds, collectives {collectives}")
+        if not triton:  # the dynamic mode's host-int counters read as the static mode's device counters do
+            errors += _same_pairs_as_static(parallel, x, weights, ids, experts, where)
         if triton:  # one all_to_all per round and direction, the rest as listed
             launches = [op for op in dispatched.ops + combined.ops if op != "alltoall_base_"]
             expected = [op for op in LAUNCHES if op != "alltoall_base_"
@@ -62,6 +64,25 @@ def _check(parallel: ParallelState, triton: bool) -> list[str]:
             if launches != expected:
                 errors.append(f"{where}: launches {dispatched.ops} + {combined.ops}")
     return errors
+
+
+def _same_pairs_as_static(parallel: ParallelState, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                          experts: int, where: str) -> list[str]:
+    """One dispatch + combine each way, fresh statistics: the (token, remote rank) pairs sent and received and
+    the collectives, as read (stats.all2all, layer_traffic: device counters plus the host ints), agree between the
+    dynamic mode (host ints) and the static mode with T slots (device counters: nothing can overflow)."""
+    read = []
+    for static_max in (0, x.shape[0]):
+        stats = ExpertStats(1, experts, torch.device("cpu"))
+        backend = create_backend("sparse", parallel, experts, x.shape[0], stats, static_max_tokens=static_max)
+        h_recv, _, _, plan = backend.dispatch(x, weights, ids)
+        backend.combine(h_recv, plan)
+        read.append((stats.all2all[[0, 1, 4]].tolist(), int(stats.layer_traffic[0, 2]), stats.counters().tolist()))
+    (dyn, dyn_layer, dyn_all), (sta, sta_layer, sta_all) = read
+    # pairs equal; collectives: count all_reduce + 1 round + 1 back (dynamic), 1 + 1 (static)
+    if dyn[:2] != sta[:2] or dyn_layer != sta_layer or dyn[2] != sta[2] + 1 or dyn_all[-6:-4] != sta_all[-6:-4]:
+        return [f"{where}: dynamic counters {dyn} {dyn_layer} vs static {sta} {sta_layer}"]
+    return []
 
 
 def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
@@ -116,9 +137,11 @@ def _gpu_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     parallel = ParallelState(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank, ep_size=world,
                              device=device, ep_group=dist.new_group(list(range(world))))
     errors = []
-    for num_tokens, fp8 in ((64, False), (513, False), (2048, False), (513, True)):
+    # capacity 100 at T = 513: about 510 rows per (source, destination) pair, 6 rounds each way
+    for num_tokens, fp8, capacity in ((64, False, 8192), (513, False, 8192), (2048, False, 8192), (513, True, 8192),
+                                      (513, True, 100)):
         stats = ExpertStats(1, 128, device)
-        backend = create_backend("sparse", parallel, 128, 8192, stats, fp8_dispatch=fp8)  # dynamic at every T
+        backend = create_backend("sparse", parallel, 128, capacity, stats, fp8_dispatch=fp8)  # dynamic at every T
         gen = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(num_tokens, 2048, generator=gen, device=device).bfloat16()
         weights, ids = torch.randn(num_tokens, 128, generator=gen, device=device).softmax(-1).topk(8, dim=-1)
@@ -137,7 +160,9 @@ def _gpu_worker(rank: int, world: int, port: int, result_dir: str) -> None:
                     num_combine = len(caught) - num_expert
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
-        where = f"rank {rank} T={num_tokens} fp8={fp8}"
+        where = f"rank {rank} T={num_tokens} fp8={fp8} C={capacity}"
+        if (len(plan.rounds) > 1) != (capacity < num_tokens):
+            errors.append(f"{where}: {len(plan.rounds)} rounds")
         if num_dispatch != 1 or num_combine != 0:
             errors.append(f"{where}: {num_dispatch} syncs in dispatch, {num_combine} in combine: "
                           f"{[str(w.message)[:80] for w in caught]}")

@@ -22,14 +22,17 @@ pytestmark = pytest.mark.gpu
 WORLD = 2
 # (name, --all2all-capacity-factor): 0 = T slots; 0.3 = 2 of 4 and 4 of 8 slots at the decode graph sizes
 FACTORS = (("slots_T", 0.0), ("capacity", 0.3))
+# FP8 dispatch (the pack kernel quantizes each row), qwen only: inside the decode graphs (with overflow re-runs) and
+# eagerly without graphs (the dynamic mode at every size) the rows carry the same bytes, so the same tokens
+FP8_RUNS = (("fp8_graphs", 0.3, False), ("fp8_eager", 0.0, True))
 
 
-def _config(model: str, factor: float):  # noqa: ANN202
+def _config(model: str, factor: float, **extra: object):  # noqa: ANN202
     from runtime.config import EngineConfig
 
     return EngineConfig(model=model, device="cuda", dtype="float32", kv_cache_memory=64 << 20, max_num_seqs=8,
                         max_num_batched_tokens=16, max_model_len=128, data_parallel_size=WORLD,
-                        enable_expert_parallel=True, all2all_capacity_factor=factor)
+                        enable_expert_parallel=True, all2all_capacity_factor=factor, **extra)
 
 
 def _lockstep(engine, group) -> dict[str, list[int]]:  # noqa: ANN001
@@ -57,14 +60,16 @@ def _worker(rank: int, port: int, models: dict[str, str], result_dir: str) -> No
     parallel = init_parallel(_config(models["qwen"], 0.0))
     group = dist.new_group(backend="gloo")
     result: dict[str, object] = {}
-    for model, path in models.items():
-        for name, factor in FACTORS:
-            engine, stats = build_engine(_config(path, factor), parallel)
-            assert engine.runner.graphs is not None
-            for i, p in enumerate(PROMPTS):
-                if i % WORLD == rank:
-                    engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
-            result[f"{model}/{name}"] = {"tokens": _lockstep(engine, group), "reruns": stats.num_overflow_reruns}
+    runs = [(model, path, name, factor, {}) for model, path in models.items() for name, factor in FACTORS]
+    runs += [("qwen", models["qwen"], name, factor, dict(all2all_fp8_dispatch=True, enforce_eager=eager))
+             for name, factor, eager in FP8_RUNS]
+    for model, path, name, factor, extra in runs:
+        engine, stats = build_engine(_config(path, factor, **extra), parallel)
+        assert (engine.runner.graphs is not None) != bool(extra.get("enforce_eager"))
+        for i, p in enumerate(PROMPTS):
+            if i % WORLD == rank:
+                engine.add_request(AddRequest(request_id=str(i), prompt_token_ids=p, params=_params(i)))
+        result[f"{model}/{name}"] = {"tokens": _lockstep(engine, group), "reruns": stats.num_overflow_reruns}
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     destroy_parallel()
@@ -93,3 +98,5 @@ def test_fixed_capacity_in_cuda_graphs(tmp_path) -> None:  # noqa: ANN001
             assert tokens == refs[model], f"{run}: tokens differ from one rank"
             assert results[0][run]["reruns"] == results[1][run]["reruns"], run
     assert results[0]["glm_skew/capacity"]["reruns"] > 0 and results[0]["glm_skew/slots_T"]["reruns"] == 0
+    fp8 = [results[0][f"qwen/{name}"]["tokens"] | results[1][f"qwen/{name}"]["tokens"] for name, _, _ in FP8_RUNS]
+    assert fp8[0] == fp8[1] and len(fp8[0]) == len(PROMPTS), "FP8 dispatch: graph and eager tokens differ"

@@ -78,7 +78,8 @@ def test_pack_writes_the_flag_word() -> None:
 
 @pytest.mark.parametrize("num_tokens, hidden, top_k, num_ranks, num_rows, dtype", [
     (6, 200, 3, 4, 13, torch.bfloat16),  # a partial last group
-    (5, 256, 2, 2, 7, torch.float16), (3, 37, 8, 8, 5, torch.float32)])
+    (5, 256, 2, 2, 7, torch.float16), (3, 37, 8, 8, 5, torch.float32),
+    (2, 2100, 2, 2, 3, torch.bfloat16)])  # 17 groups: two steps of up to 16, a partial last group
 def test_pack_quantizes_as_per_token_group_quant(num_tokens: int, hidden: int, top_k: int, num_ranks: int,
                                                   num_rows: int, dtype: torch.dtype) -> None:
     """FP8 dispatch: the pack quantizes each row as it writes it (scales None, an FP8 out_hidden), byte for byte
@@ -162,7 +163,9 @@ def test_route_with_capacity(num_tokens: int, top_k: int, num_local: int, num_ra
 
 @pytest.mark.parametrize("num_tokens, top_k, num_local, num_ranks, round_rows, rank", [
     (1, 2, 2, 4, 64, 3), (70, 3, 2, 4, 9, 0), (13, 8, 4, 8, 5, 5), (9, 2, 3, 3, 1, 1), (29, 2, 3, 3, 100, 2),
-    (0, 2, 2, 2, 4, 1), (1100, 2, 2, 8, 100, 6)])  # last: 3 tiles of tokens carry the counts, 2 rounds
+    (0, 2, 2, 2, 4, 1), (1100, 2, 2, 8, 100, 6),  # 3 tiles of tokens carry the counts, 2 rounds
+    (8, 2, 2, 1, 2, 0),  # one rank (a [512, 1] tile), 3 rounds
+    (40, 2, 1, 5, 3, 4)])  # skewed (below): every token to rank 0 (9 rounds), none to rank 4, P not a power of 2
 def test_route_exact_matches_reference(num_tokens: int, top_k: int, num_local: int, num_ranks: int, round_rows: int,
                                        rank: int) -> None:
     """The dynamic layout: Triton equals the reference, and the send rows are, round after round (R rows of each
@@ -170,6 +173,8 @@ def test_route_exact_matches_reference(num_tokens: int, top_k: int, num_local: i
     rank's counts in its row and zeros elsewhere (the all_reduce's input)."""
     gen = torch.Generator().manual_seed(num_tokens + round_rows)
     ids = torch.randn(num_tokens, num_local * num_ranks, generator=gen).topk(top_k, dim=-1).indices.to(torch.int32)
+    if num_ranks == 5:  # expert 0 always, then one of 1 .. E - 2: ranks 0 and 1-3 get rows in different rounds
+        ids[:, 0], ids[:, 1] = 0, 1 + ids[:, 1] % (num_ranks * num_local - 2)
     ids[num_tokens * 2 // 3 :] = -1  # padding rows (T = 1: all)
     got = sparse_route_exact(ids, num_local, num_ranks, round_rows, rank)
     want = sparse_route_exact_ref(ids, num_local, num_ranks, round_rows, rank)
@@ -240,3 +245,85 @@ def test_exchange_pairs_matches_reference(num_ranks: int, capacity: int, top_k: 
     hit = (ids.view(num_ranks, capacity, top_k) >= 0).any(2).sum(1)
     assert want.tolist() == [5 + sum(min(int(counts[r]), capacity) for r in remote),
                              7 + sum(int(hit[r]) for r in remote)]
+
+
+_SM90_PROBE = """
+import json, re, sys
+sys.path.insert(0, "benchmarks")
+from attention_ir import compile_sm90, report
+from kernels.all2all_pack import _pack_kernel, _route_exact_kernel, sparse_route_exact
+from kernels.fp8 import _group_quant_kernel
+import inspect
+src = inspect.getsource(sparse_route_exact)
+warps = int(re.search(r"num_warps=(\\d+)", src).group(1))  # the wrapper's launch, not a copy of it
+out = {}
+for p in (1, 3, 8, 64):  # the wrapper's tile: up to [512, P] pairs
+    bp = 1 << (p - 1).bit_length()
+    args = dict(ids_ptr="i32", dest_ptr="i64", local_ptr="i64", slot_ptr="i64", pair_ptr="i64", matrix_ptr="i64",
+                T=1000, R=1024, n_loc=16, rank=0)
+    k = compile_sm90(_route_exact_kernel, args, dict(P=p, K=8, BLOCK_T=max(16, min(512, 4096 // bp)), BLOCK_P=bp),
+                     warps, 3)
+    out[f"route_exact P={p}"] = report(k)["spill_bytes"]
+QUANT_OPS = r"\\b(div\\.[a-z0-9.]+|rcp\\.[a-z0-9.]+|cvt\\.[a-z.]*e4m3[a-z0-9.]*|(?:max|min)\\.[a-zA-Z.]*f32)"
+def quant_ops(ptx):  # the instructions that decide an FP8 byte and its scale
+    return sorted(set(re.findall(QUANT_OPS, ptx)))
+args = dict(pair_ptr="i64", dest_ptr="i64", local_ptr="i64", w_ptr="fp32", x_ptr="bf16", xs_ptr="bf16", ow_ptr="fp32",
+            oid_ptr="i32", ox_ptr="fp8e4nv", os_ptr="fp32", flag_ptr="i32", of_ptr="i32", num_tokens=100, H=2048, G=1,
+            stride_x=2048, stride_xs=2048, stride_ow=532, stride_oid=532, stride_ox=2128, stride_os=532, stride_of=532)
+k = compile_sm90(_pack_kernel, args, dict(P=8, K=8, BLOCK_K=8, BLOCK_H=1024, BLOCK_G=16, HAS_SCALES=False,
+                                          HAS_FLAG=True, QUANT=True, GROUP=128, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
+out["pack quant"] = dict(spill=report(k)["spill_bytes"], ops=quant_ops(k.asm["ptx"]),
+                         vec_loads=len(re.findall(r"ld\\.global[.a-z0-9]*\\.v[248]", k.asm["ptx"])))
+args = dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32", num_rows=100, K=2048, stride_x=2048, stride_q=2048,
+            stride_s=16)
+k = compile_sm90(_group_quant_kernel, args, dict(GROUP=128, BLOCK_R=16, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
+out["group quant"] = quant_ops(k.asm["ptx"])
+print(json.dumps(out))
+"""
+
+
+def test_route_exact_and_quantizing_pack_compile_for_sm90() -> None:
+    """No GPU needed (Triton's ptxas for Hopper): the dynamic mode's layout kernel keeps its [512, P] tile in
+    registers at every P from 1 to 64 (4 warps spilled at P >= 8), and the pack's FP8 quantization compiles to the
+    instructions kernels/fp8.py's per_token_group_quant uses (the same division, e4m3 conversion with its
+    rounding and saturation, and max), so the bytes it sends are that kernel's on a GPU too; it reads the row
+    with vector loads, many groups per step."""
+    from tests.sm90 import run_sm90_probe
+
+    out = run_sm90_probe(_SM90_PROBE)
+    assert all(out[f"route_exact P={p}"] == 0 for p in (1, 3, 8, 64)), out
+    pack = out["pack quant"]
+    assert pack["spill"] == 0 and pack["ops"] == out["group quant"], out
+    # a [16, 128] tile of the row per step: vector loads (one group of 128 at a time loaded 2 bytes per thread and
+    # reduced across the warps 16 times in turn at H = 2048)
+    assert pack["vec_loads"] > 0, out
+    assert any(op.startswith("cvt.rn.satfinite.e4m3") for op in pack["ops"]), out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hidden", [2048, 2100, 7168])
+def test_pack_quantizes_as_per_token_group_quant_on_gpu(hidden: int) -> None:
+    """On the GPU (real e4m3 conversion, approximate fp32 division): the quantizing pack's bytes and scales equal
+    per_token_group_quant's then a plain pack, bf16 rows of mixed magnitudes, an all-zero group, a partial group."""
+    from kernels.fp8 import FP8_DTYPE, per_token_group_quant
+
+    num_tokens, top_k, num_ranks, num_rows = 300, 8, 8, 1500
+    x, _, w, dest, local, pair_of = (t.cuda() if t is not None else None for t in _pack_inputs(
+        num_tokens, hidden, top_k, num_ranks, num_rows, torch.float32, False))
+    x = (x * torch.logspace(-3, 3, hidden, device="cuda")).bfloat16()
+    x[1, :128] = 0
+    g = -(-hidden // 128)
+
+    def packed(quantize_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        out_h = torch.empty(num_rows, hidden, dtype=FP8_DTYPE, device="cuda")
+        out_s = torch.empty(num_rows, g, dtype=torch.float32, device="cuda")
+        q, s = per_token_group_quant(x, 128) if quantize_first else (x, None)
+        sparse_pack(q.view(torch.uint8) if quantize_first else x, s, w, dest, local, pair_of, num_ranks,
+                    torch.empty(num_rows, top_k, device="cuda"),
+                    torch.empty(num_rows, top_k, dtype=torch.int32, device="cuda"),
+                    out_h.view(torch.uint8) if quantize_first else out_h, out_s)
+        return out_h.view(torch.uint8), out_s
+
+    (fused_q, fused_s), (ref_q, ref_s) = packed(False), packed(True)
+    assert torch.equal(fused_s, ref_s) and torch.equal(fused_q, ref_q)
