@@ -29,7 +29,7 @@ from kernels import pdl as pdl_switch
 from kernels.fp8 import quantize_weight_block
 from kernels.fused_moe import fused_experts
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name, get_moe_config
-from kernels.moe_gemv import _gemv_down_kernel, _gemv_up_kernel
+from kernels.moe_gemv import _gemv_down_kernel, _gemv_down_topk_kernel, _gemv_up_kernel
 
 MAX_GEMV_TOKENS = 8
 _MAX_SMEM = 160 << 10
@@ -49,6 +49,23 @@ def gemv_candidates(fp8: bool, k: int, two_tiles: bool) -> list[dict]:
                 if not warps * 32 * 16 <= tile <= 16 << 10 or tile * (2 if two_tiles else 1) * stages > _MAX_SMEM:
                     continue
                 if bk > max(128, triton.next_power_of_2(k)):
+                    continue
+                out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def topk_candidates(fp8: bool, k: int, top_k: int) -> list[dict]:
+    """Tiles of the "down_topk" kernel (all of a token's top-k slots per program: rows = top_k (padded) x
+    BLOCK_N): one 16-byte weight vector to 64 values per thread (the activations add as many, one row each)."""
+    elem, rows_per_col = (1 if fp8 else 2), triton.next_power_of_2(top_k)
+    out = []
+    for bn in (1, 2, 4, 8):
+        for bk in (128, 256, 512):
+            for warps, stages in ((2, 1), (4, 1), (4, 3), (8, 1)):
+                per_thread = rows_per_col * bn * bk // (warps * 32)
+                if per_thread * elem < 16 or per_thread > 64 or bk > max(128, triton.next_power_of_2(k)):
+                    continue
+                if rows_per_col * bn * bk * (elem + 2) * stages > _MAX_SMEM:  # weights and activations ring
                     continue
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
     return out
@@ -97,6 +114,14 @@ class GemvProblem:
                 grid = (triton.cdiv(inter, g["BLOCK_N"]) * num_pairs,)
                 calls.append((_gemv_up_kernel, grid, args, dict(meta, EVEN_K=h % g["BLOCK_K"] == 0, PREFETCH=False,
                                                                  PIECES=32 * g["num_warps"])))
+            elif kind == "down_topk":  # the down GEMM and the top-k sum per (column tile, token)
+                a = torch.randn(num_pairs, inter, device=DEVICE, dtype=DTYPE)
+                out = torch.empty(self.m, h, dtype=DTYPE, device=DEVICE)
+                args = (a, self.w2, self.s2, out, ids, w, self.m, inter, h, a.stride(0), self.w2.stride(0),
+                        self.w2.stride(1), self.s2.stride(0), self.s2.stride(1), out.stride(0))
+                grid = (triton.cdiv(h, g["BLOCK_N"]) * self.m,)
+                calls.append((_gemv_down_topk_kernel, grid, args, dict(
+                    meta, EVEN_K=inter % g["BLOCK_K"] == 0, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k))))
             else:
                 a = torch.randn(num_pairs, inter, device=DEVICE, dtype=DTYPE)
                 y = torch.empty(num_pairs, h, dtype=DTYPE, device=DEVICE)
@@ -172,6 +197,7 @@ def precompile_gemv(shapes: list[str], dtypes: list[str], jobs: int) -> None:
             fp8 = dtype == "fp8"
             items = [("up", g) for g in gemv_candidates(fp8, h, True)]
             items += [("down", g) for g in gemv_candidates(fp8, inter, False)]
+            items += [("down_topk", g) for g in topk_candidates(fp8, inter, SHAPES[shape][3])]
             step = max(1, -(-len(items) // max(1, jobs // (len(shapes) * len(dtypes)))))
             work += [(shape, dtype, items[i : i + step]) for i in range(0, len(items), step)]
     t0 = time.time()
@@ -223,15 +249,19 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         prob = GemvProblem(shape, dtype, m)
         up = min((_time(prob.kernel_run("up", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, h, True)))
         down = min((_time(prob.kernel_run("down", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, inter, False)))
+        # (the per-pair down kernel's time leaves out its top-k sum, this one's includes it)
+        topk = min((_time(prob.kernel_run("down_topk", g)), i, g)
+                   for i, g in enumerate(topk_candidates(fp8, inter, top_k)))
         print(f"  {shape} {dtype} M={m}: gemv up {up[0]:.1f} us {json.dumps(up[2])}, down {down[0]:.1f} us "
-              f"{json.dumps(down[2])}", flush=True)
+              f"{json.dumps(down[2])}, down_topk {topk[0]:.1f} us {json.dumps(topk[2])}", flush=True)
         layers = []
         with _global_pdl_off():  # else "pdl": False would be timed with PDL too
-            for fused_sum in ([False, True] if m == 1 else [False]):
+            # per-pair down then the sum (a launch, or at M=1 "fused_sum"), or "down_topk" (its own tile)
+            for down_topk, fused_sum in [(False, False)] + [(False, True)] * (m == 1) + [(True, False)]:
                 for pdl in (False, True):
                     for prefetch in (False, True):
-                        gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl,
-                                "prefetch": prefetch}
+                        gemv = {"up": up[2], "down": (topk if down_topk else down)[2], "max_tokens": m,
+                                "fused_sum": fused_sum, "pdl": pdl, "prefetch": prefetch, "down_topk": down_topk}
                         layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
         new_us, _, gemv = min(layers)
         old_us = _time(prob.layer_run(base), 25)
@@ -243,7 +273,8 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         rows.append(row)
         print(f"gemv {shape} {dtype} M={m}: tl.dot {old_us:.1f} us ({floor / old_us:.2f} of floor) | gemv "
               f"{new_us:.1f} us ({floor / new_us:.2f}) | floor {floor:.1f} us -> {row['chosen']} "
-              f"[fused_sum/pdl/prefetch variants: {' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
+              f"[(down_topk, fused_sum) x pdl x prefetch variants: "
+              f"{' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
         del prob
         torch.cuda.empty_cache()
     extend_max_tokens(table)

@@ -193,6 +193,9 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
     monkeypatch.setattr(tg, "gemv_candidates", lambda fp8, k, two: [
         {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
         {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}])
+    monkeypatch.setattr(tg, "topk_candidates", lambda fp8, k, top_k: [
+        {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 2, "num_stages": 1},
+        {"BLOCK_N": 2, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}])
     calls = []
     from kernels import pdl
 
@@ -216,13 +219,14 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
     assert tg.tune_gemv("tiny", [1], "fp8", tmp_path / "out", {"copy_tbps": 1.0}) == [] and not calls
     rows = tg.tune_gemv("tiny", [1, 64], "bf16", tmp_path / "out", {"copy_tbps": 1.0})
     assert len(rows) == 1 and rows[0]["chosen"] == "gemv"
-    assert len(calls) == 2 + 2 + 8 + 1  # up and down tiles, layers: fused_sum x pdl x prefetch, the tl.dot one
-    assert switch[4:] == [False] * 8 + [True] and pdl.env_switch() is True  # the tl.dot layer as served
+    # up, down and down_topk tiles; layers: (per-pair, fused_sum, down_topk) x pdl x prefetch; the tl.dot one
+    assert len(calls) == 2 + 2 + 2 + 12 + 1
+    assert switch[6:] == [False] * 12 + [True] and pdl.env_switch() is True  # the tl.dot layer as served
     table = json.loads((tmp_path / "out" / "configs" / name).read_text())
     assert table["64"] == base["64"]
     first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     assert table["1"] == dict(base["1"], gemv={"up": first, "down": first, "max_tokens": 1, "fused_sum": False,
-                                                "pdl": False, "prefetch": False})
+                                                "pdl": False, "prefetch": False, "down_topk": False})
 
 
 # ------------------------------------------------------------------------------------------- GPU
