@@ -1,12 +1,16 @@
 """Tune the few-token GEMV MoE kernels (kernels/moe_gemv.py) and decide, per token bucket, GEMV vs tl.dot.
 
 python benchmarks/tune_moe.py --gemv --out DIR [--shapes qwen3] [--m 1,8] [--dtypes bf16,fp8] [--jobs 12]
+                               [--gemv-keep-up]
 
 For each bucket M <= 8 of the GPU's existing table (kernels/configs/, or DIR/configs/ if that holds one):
 times every GEMV tile for the gate_up and the down kernel separately (CUDA-graph replay over 4 routings,
 5 ms each), then the whole layer for the best pair with and without "fused_sum" (M=1), "pdl" and "prefetch",
 and the whole layer of the table's tl.dot entry; prints them side by side with the bandwidth floor and writes
-the table to DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). Other
+the table to DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). The down
+GEMM is timed in both forms: per pair (then the top-k sum) and "down_topk" (all of a token's slots per program,
+the sum in registers). --gemv-keep-up takes the gate_up tile from the table's GEMV entry nearest to each M
+instead of timing every one (about half the time, for a down-only retune). Other
 buckets and keys are copied unchanged. A full tune_moe.py run writes tables without "gemv": run this after it.
 """
 
@@ -189,13 +193,13 @@ def _compile_worker(job: tuple) -> str:
         return f"{shape}/{dtype}: compile worker failed: {exc!r}"[:300]
 
 
-def precompile_gemv(shapes: list[str], dtypes: list[str], jobs: int) -> None:
+def precompile_gemv(shapes: list[str], dtypes: list[str], jobs: int, keep_up: bool = False) -> None:
     work = []
     for shape in shapes:
         _, h, inter, _ = SHAPES[shape]
         for dtype in dtypes:
             fp8 = dtype == "fp8"
-            items = [("up", g) for g in gemv_candidates(fp8, h, True)]
+            items = [] if keep_up else [("up", g) for g in gemv_candidates(fp8, h, True)]
             items += [("down", g) for g in gemv_candidates(fp8, inter, False)]
             items += [("down_topk", g) for g in topk_candidates(fp8, inter, SHAPES[shape][3])]
             step = max(1, -(-len(items) // max(1, jobs // (len(shapes) * len(dtypes)))))
@@ -228,7 +232,15 @@ def extend_max_tokens(table: dict) -> None:
         table[str(b)]["gemv"]["max_tokens"] = m
 
 
-def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> list[dict]:
+def _table_up(table: dict, m: int) -> dict | None:
+    # the gate_up tile of the table's GEMV entry nearest to m on a log scale (None: no entry has one)
+    with_gemv = [int(b) for b, entry in table.items() if entry.get("gemv")]
+    if not with_gemv:
+        return None
+    return table[str(min(with_gemv, key=lambda b: abs(math.log(max(b, 1)) - math.log(m))))]["gemv"]["up"]
+
+
+def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict, keep_up: bool = False) -> list[dict]:
     e, h, inter, top_k = SHAPES[shape]
     fp8 = dtype == "fp8"
     dtype_name = "fp8" if fp8 else "bfloat16"
@@ -247,7 +259,11 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         base = table.get(str(m)) or get_moe_config(m, e, h, inter, top_k, dtype_name)
         base = {k: v for k, v in base.items() if k != "gemv"}
         prob = GemvProblem(shape, dtype, m)
-        up = min((_time(prob.kernel_run("up", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, h, True)))
+        kept = _table_up(table, m) if keep_up else None
+        if kept is not None:  # untimed (nan): the table's tile
+            up = (float("nan"), 0, kept)
+        else:
+            up = min((_time(prob.kernel_run("up", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, h, True)))
         down = min((_time(prob.kernel_run("down", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, inter, False)))
         # (the per-pair down kernel's time leaves out its top-k sum, this one's includes it)
         topk = min((_time(prob.kernel_run("down_topk", g)), i, g)
@@ -284,12 +300,12 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
     return rows
 
 
-def main_gemv(shapes: list[str], ms: list[int], dtypes: list[str], out: Path, jobs: int) -> None:
+def main_gemv(shapes: list[str], ms: list[int], dtypes: list[str], out: Path, jobs: int, keep_up: bool = False) -> None:
     t0 = time.time()
     ceil = measure_ceilings()
     if jobs > 1:
-        precompile_gemv(shapes, dtypes, jobs)
-    rows = [r for shape in shapes for dtype in dtypes for r in tune_gemv(shape, ms, dtype, out, ceil)]
+        precompile_gemv(shapes, dtypes, jobs, keep_up)
+    rows = [r for shape in shapes for dtype in dtypes for r in tune_gemv(shape, ms, dtype, out, ceil, keep_up)]
     (out / "tune_moe_gemv.json").write_text(json.dumps({"ceilings": ceil, "device": torch.cuda.get_device_name(),
                                                         "rows": rows}, indent=1))
     worst = min((r["floor_us"] / min(r["old_us"], r["gemv_us"]) for r in rows), default=float("nan"))

@@ -292,6 +292,11 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
     first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     assert table["1"] == dict(base["1"], gemv={"up": first, "down": first, "max_tokens": 1, "fused_sum": False,
                                                 "pdl": False, "prefetch": False, "down_topk": False})
+    # --gemv-keep-up: the gate_up tile of the nearest GEMV entry (bucket 1's, just written), only the down tiles
+    calls.clear()
+    rows = tg.tune_gemv("tiny", [2], "bf16", tmp_path / "out", {"copy_tbps": 1.0}, keep_up=True)
+    assert len(calls) == 2 + 2 + 8 + 1 and rows[0]["gemv"]["up"] == first  # (per-pair, down_topk) x pdl x prefetch
+    assert json.loads((tmp_path / "out" / "configs" / name).read_text())["2"]["gemv"]["up"] == first
 
 
 # ------------------------------------------------------------------------------------------- GPU
