@@ -16,7 +16,12 @@ config "fused_sum" at one token the last slot per column tile, as in fused_moe).
 activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused_moe.py, act_fp8=False).
 
 Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
-"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: both kernels (and the
+"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool, "down_topk": bool}.
+down_topk (default off): the down GEMM runs one program per (column tile, token) over all of the token's top-k slots
+(_gemv_down_topk_kernel: a [top_k x BLOCK_N, BLOCK_K] tile of rows from top_k experts per K step, top_k times the
+per-pair kernel's bytes in flight), each slot weighted and rounded as y would be and the slots added in registers in
+slot order: the bits of the per-pair kernel + the top-k sum, with no y buffer, no atomic tail and no sum launch at
+any token count; "down" is then its tile (BLOCK_N columns per slot) and fused_sum is moot. pdl: both kernels (and the
 top-k sum) are launched with programmatic dependent launch on a Hopper GPU (kernels/pdl.py; the global switch,
 on by default there, turns it on whatever the table says). The up kernel waits first (its ids are its predecessor's
 output); the down kernel reads the ids and its first K step's weights before its wait (rule (1') of kernels/pdl.py:

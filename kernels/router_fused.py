@@ -14,6 +14,12 @@ another, so each finds them at zero.
 Semantics are those of F.linear(x.to(W.dtype), W) followed by the top-k kernels: the summed logits are rounded
 to W's dtype (bf16 logits, as cuBLAS returns them) before scoring, so near-ties resolve as on the unfused path.
 The grid is a function of shapes only (CUDA graphs): see _fused_config.
+
+The scoring tail is one program's serial chain, so its reductions set its length: at 4 warps and one token each
+of top-8's 16 picks (a float max, then an index min) and the softmax max crosses warps through shared memory with
+barriers. Its variants (TAIL_CONFIG, chosen by measurement): fewer warps (at one warp no reduction leaves the warp)
+and the packed top-k (_softmax_top_k_packed: one integer max per pick over keys (logit, -expert id), first inside
+each warp's 32 columns, then among the candidates after one exchange). Both keep the ids, their order and ties.
 """
 
 from __future__ import annotations
