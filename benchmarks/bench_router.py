@@ -10,10 +10,10 @@ step), and once more with one weight (L2-hot). The unfused path is what Router.f
 order) and weights. The floor is the weight's bytes over the copy bandwidth measured now (the GEMM is latency
 bound: it shows how far from bandwidth both are). --sweep also times the fused kernel at each forced H split;
 up to 16 rows both of its GEMM forms are timed (products summed in registers, used up to GEMV_MAX_TOKENS
-rows, and a tl.dot tile). --tails times the scoring tail's variants (kernels/router_fused.py TAIL_CONFIG): "W" is
+rows, and a tl.dot tile). --tails times the scoring tail's variants (kernels/router_fused.py TAIL_CONFIGS): "W" is
 the launch at W warps, "Wp" with the packed-key softmax top-k; each is checked to give the default's ids in
-order (weights: the largest difference is printed), and the fastest per row is printed (set TAIL_CONFIG to the
-one that wins at 1-8 rows).
+order (weights: the largest difference is printed), and the fastest per row is printed (set TAIL_CONFIGS to the
+ones that win).
 Prints one line per row and 'bench_router summary' last; DIR/bench_router.json holds every number.
 """
 

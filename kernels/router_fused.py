@@ -17,9 +17,10 @@ The grid is a function of shapes only (CUDA graphs): see _fused_config.
 
 The scoring tail is one program's serial chain, so its reductions set its length: at 4 warps and one token each
 of top-8's 16 picks (a float max, then an index min) and the softmax max crosses warps through shared memory with
-barriers. Its variants (TAIL_CONFIG, chosen by measurement): fewer warps (at one warp no reduction leaves the warp)
-and the packed top-k (_softmax_top_k_packed: one integer max per pick over keys (logit, -expert id), first inside
-each warp's 32 columns, then among the candidates after one exchange). Both keep the ids, their order and ties.
+barriers. Its variants (TAIL_CONFIGS, chosen by measurement per row count): fewer warps (at one warp no reduction
+leaves the warp) and the packed top-k (_softmax_top_k_packed: one integer max per pick over keys (logit, -expert
+id), first inside each warp's 32 columns, then among the candidates after one exchange). Both keep the ids, their
+order and ties.
 """
 
 from __future__ import annotations
@@ -54,10 +55,16 @@ BLOCK_E = 16  # experts per program
 # thread): no shared-memory staging for a 16-row tl.dot tile that is mostly padding
 GEMV_MAX_TOKENS = 4
 MAX_PARTIAL_BYTES = 32 << 10  # fp32 partials one token block's last program reads: one short serial tail
-# the variants bench_router.py times (today's behaviour by default): "num_warps" of the launch (the scoring tail's
-# reductions cross warps through shared memory and a barrier each, 18 of them at top-8; with one warp none do),
-# "packed" softmax top-k (_softmax_top_k_packed: one integer max per pick, inside a warp, in two levels)
-TAIL_CONFIG = {"num_warps": 4, "packed": False}
+# the variants bench_router.py --tails times (today's behaviour by default), per row count: (up to this many rows,
+# config), the first that covers the batch applies; past the last one, the default. "num_warps" of the launch (the
+# scoring tail's reductions cross warps through shared memory and a barrier each, 18 of them at top-8 and one row;
+# with one warp none do), "packed" softmax top-k (_softmax_top_k_packed: one integer max per pick)
+TAIL_DEFAULT = {"num_warps": 4, "packed": False}
+TAIL_CONFIGS: tuple[tuple[int, dict], ...] = ((FUSED_MAX_TOKENS, TAIL_DEFAULT),)
+
+
+def tail_config(num_tokens: int) -> dict:
+    return next((cfg for rows, cfg in TAIL_CONFIGS if num_tokens <= rows), TAIL_DEFAULT)
 
 
 def route_fused_ref(
@@ -299,12 +306,13 @@ def route_fused(
     num_splits: int | None = None,  # H split; None: _fused_config's choice
     gemv: bool | None = None,  # products summed in registers, not tl.dot; None: up to GEMV_MAX_TOKENS rows
     ids_out: torch.Tensor | None = None,  # [num_tokens, top_k] int32 contiguous: the ids written here
-    num_warps: int | None = None,  # None: TAIL_CONFIG's
-    packed: bool | None = None,  # the softmax top-k by packed keys (not the grouped scoring); None: TAIL_CONFIG's
+    num_warps: int | None = None,  # None: tail_config's
+    packed: bool | None = None,  # the softmax top-k by packed keys (not the grouped scoring); None: tail_config's
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, weight, correction_bias)
-    num_warps = TAIL_CONFIG["num_warps"] if num_warps is None else num_warps
-    packed = TAIL_CONFIG["packed"] if packed is None else packed
+    tail = tail_config(x.shape[0])
+    num_warps = tail["num_warps"] if num_warps is None else num_warps
+    packed = tail["packed"] if packed is None else packed
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps}")
     num_tokens, hidden = x.shape

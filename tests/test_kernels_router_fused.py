@@ -101,7 +101,7 @@ def test_fused_gemm_forms_agree(num_tokens):
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 128, 8), (3, 48, 5), (20, 64, 40), (2, 8, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_fused_tail_variants_same_bits(num_tokens, num_experts, top_k, dtype):
-    # the tail variants (TAIL_CONFIG): the packed-key softmax top-k (bf16 logits: int32 keys, else int64; one group
+    # the tail variants (TAIL_CONFIGS): the packed-key softmax top-k (bf16 logits: int32 keys, else int64; one group
     # of all columns at one warp, groups of 32 past it: 48 experts = a group and a half, top_k 40 > 32 per group,
     # 20 rows = two token blocks) picks the same ids in the same order, and the same weights, as the default tail
     x, w, _ = _inputs(num_tokens, num_experts, 72, dtype, num_tokens + top_k)
@@ -116,6 +116,13 @@ def test_fused_tail_variants_same_bits(num_tokens, num_experts, top_k, dtype):
             torch.testing.assert_close(got[0], want[0], rtol=0 if DEVICE == "cpu" else 1e-6, atol=0)
     with pytest.raises(ValueError, match="num_warps"):
         route_fused(x, w, top_k, True, num_warps=3)
+
+
+def test_tail_config_by_rows(monkeypatch):
+    # TAIL_CONFIGS: the first entry covering the batch, the default past the last
+    one, few = {"num_warps": 1, "packed": True}, {"num_warps": 2, "packed": True}
+    monkeypatch.setattr(router_fused, "TAIL_CONFIGS", ((2, one), (8, few)))
+    assert [router_fused.tail_config(m) for m in (1, 2, 3, 8, 9)] == [one, one, few, few, router_fused.TAIL_DEFAULT]
 
 
 def test_fused_ties_pick_lowest_expert():
@@ -200,7 +207,7 @@ def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape, tail):
     slots = torch.arange(num_tokens, device="cuda")
     slots[1::3] = -1
     extra = (bias, 1, 1, 1.0) if grouped else ()
-    variant = dict(num_warps=tail[0], packed=tail[1])  # the tail variants (TAIL_CONFIG) bench_router.py times
+    variant = dict(num_warps=tail[0], packed=tail[1])  # the tail variants (TAIL_CONFIGS) bench_router.py times
     out = route_fused(x, w, 8, True, slots, *extra, **variant)
     logits = torch.nn.functional.linear(x.to(wdtype), w)
     ref = (topk_sigmoid_grouped(logits, bias, 8, 1, 1, True, 1.0, slots) if grouped
