@@ -65,7 +65,7 @@ def topk_candidates(fp8: bool, k: int, top_k: int) -> list[dict]:
     out = []
     for bn in (1, 2, 4, 8):
         for bk in (128, 256, 512):
-            for warps, stages in ((2, 1), (4, 1), (4, 3), (8, 1)):
+            for warps, stages in ((2, 1), (2, 3), (4, 1), (4, 3), (8, 1)):
                 per_thread = rows_per_col * bn * bk // (warps * 32)
                 if per_thread * elem < 16 or per_thread > 64 or bk > max(128, triton.next_power_of_2(k)):
                     continue

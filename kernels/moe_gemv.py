@@ -183,6 +183,7 @@ def _gemv_down_kernel(
                 tl.store(sum_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty), mask=nmask)
     if e < 0:
         return
+    wk = tl.load(topk_weights_ptr + pair)  # issued before the K loop: its latency hides under the weight loads
     if PDL:
         acc = _partial(w_first, _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K), s_ptrs, 0, K, nmask, USE_FP8,
                        BLOCK_N, BLOCK_K)
@@ -194,7 +195,7 @@ def _gemv_down_kernel(
         w = _load_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K, "")
         a = _load_vec(a_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
         acc += _partial(w, a, s_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
-    acc *= tl.load(topk_weights_ptr + pair)
+    acc *= wk
     tl.store(y_ptr + pair.to(tl.int64) * stride_yt + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
     if FUSED_SUM:
         _one_token_sum(y_ptr, ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N, TOP_K, BLOCK_N)
@@ -244,6 +245,7 @@ def _gemv_down_topk_kernel(
         w_first = _load_tile(w_ptrs, 0, K, offs_k, rmask, EVEN_K, "")
     pdl_wait(PDL)
     pdl_release(PDL)
+    wk = tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)  # before the K loop: hidden under its loads
     if PDL:
         acc = _partial(w_first, _load_rows(a_ptrs, 0, K, offs_k, rmask, EVEN_K), s_ptrs, 0, K, rmask, USE_FP8,
                        ROWS, BLOCK_K)
@@ -255,7 +257,6 @@ def _gemv_down_topk_kernel(
         w = _load_tile(w_ptrs, k0, K, offs_k, rmask, EVEN_K, "")
         a = _load_rows(a_ptrs, k0, K, offs_k, rmask, EVEN_K)
         acc += _partial(w, a, s_ptrs, k0, K, rmask, USE_FP8, ROWS, BLOCK_K)
-    wk = tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)
     # per slot as _gemv_down_kernel stores y: the weighted dot rounded to out's dtype; unhandled slots add 0.0
     y = tl.where(rmask, (acc * wk).to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
     y = tl.reshape(y, [TOP_K_PAD, BLOCK_N])
