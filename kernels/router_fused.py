@@ -55,8 +55,9 @@ BLOCK_E = 16  # experts per program
 # thread): no shared-memory staging for a 16-row tl.dot tile that is mostly padding
 GEMV_MAX_TOKENS = 4
 MAX_PARTIAL_BYTES = 32 << 10  # fp32 partials one token block's last program reads: one short serial tail
-# the variants bench_router.py --tails times (today's behaviour by default), per row count: (up to this many rows,
-# config), the first that covers the batch applies; past the last one, the default. "num_warps" of the launch (the
+# the variants bench_router.py --tails times (today's behaviour by default), per row count of softmax routing (the
+# grouped sigmoid one keeps the default): (up to this many rows, config), the first that covers the batch applies;
+# past the last one, the default. "num_warps" of the launch (the
 # scoring tail's reductions cross warps through shared memory and a barrier each, 18 of them at top-8 and one row;
 # with one warp none do), "packed" softmax top-k (_softmax_top_k_packed: one integer max per pick)
 TAIL_DEFAULT = {"num_warps": 4, "packed": False}
@@ -310,7 +311,8 @@ def route_fused(
     packed: bool | None = None,  # the softmax top-k by packed keys (not the grouped scoring); None: tail_config's
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, weight, correction_bias)
-    tail = tail_config(x.shape[0])
+    # (TAIL_CONFIGS is for softmax routing, what bench_router.py --shapes qwen3 measures; grouped: the default)
+    tail = tail_config(x.shape[0]) if correction_bias is None else TAIL_DEFAULT
     num_warps = tail["num_warps"] if num_warps is None else num_warps
     packed = tail["packed"] if packed is None else packed
     if num_warps not in (1, 2, 4, 8):
