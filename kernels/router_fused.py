@@ -57,9 +57,9 @@ GEMV_MAX_TOKENS = 4
 MAX_PARTIAL_BYTES = 32 << 10  # fp32 partials one token block's last program reads: one short serial tail
 # the variants bench_router.py --tails times (today's behaviour by default), per row count of softmax routing (the
 # grouped sigmoid one keeps the default): (up to this many rows, config), the first that covers the batch applies;
-# past the last one, the default. "num_warps" of the launch (the
-# scoring tail's reductions cross warps through shared memory and a barrier each, 18 of them at top-8 and one row;
-# with one warp none do), "packed" softmax top-k (_softmax_top_k_packed: one integer max per pick)
+# past the last one, the default. "num_warps" of the launch (the scoring tail's reductions cross warps through
+# shared memory and a barrier each, 18 of them at top-8 and one row; with one warp none do), "packed" softmax
+# top-k (_softmax_top_k_packed: one integer max per pick)
 TAIL_DEFAULT = {"num_warps": 4, "packed": False}
 TAIL_CONFIGS: tuple[tuple[int, dict], ...] = ((FUSED_MAX_TOKENS, TAIL_DEFAULT),)
 
@@ -147,7 +147,8 @@ def _softmax_top_k_packed(x, e, k, TOP_K: tl.constexpr, RENORMALIZE: tl.constexp
     # kernels/router.py _softmax_top_k's result (the same ids in the same order, the same weights) with one integer
     # max per pick instead of a float max and an index min, and the picks in two levels: the TOP_K best of each
     # GROUP columns (a reduction inside one warp, no shared memory or barrier), then the TOP_K best of those
-    # candidates (a few hundred values). x [TAIL_T, BLOCK_E] fp32 logits, -inf past the last expert
+    # BLOCK_E / GROUP x BLOCK_K candidates (32 at 128 experts, top-8). x [TAIL_T, BLOCK_E] fp32 logits, -inf past
+    # the last expert
     BLOCK_E: tl.constexpr = x.shape[1]
     NG: tl.constexpr = BLOCK_E // GROUP
     LOCAL: tl.constexpr = TOP_K if TOP_K < GROUP else GROUP  # a group gives at most all of its columns
