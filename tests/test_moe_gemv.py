@@ -128,8 +128,8 @@ def test_gemv_fused_sum_one_token(fp8):
 
 @pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,top_k,dtype,down,pdl", [
     (1, 8, 200, 72, 4, torch.float32, (4, 32), False),  # H not a multiple of BLOCK_N, I not of BLOCK_K
-    (3, 5, 96, 40, 3, torch.float16, (8, 16), True),  # top_k 3: padded slot rows; a token with no slot here
-    (8, 6, 130, 50, 3, torch.float32, (2, 64), True),  # a repeated expert across tokens; K < BLOCK_K
+    (3, 5, 96, 40, 3, torch.float16, (2, 16), True),  # top_k 3: padded slot rows; a token with no slot here
+    (8, 6, 70, 50, 3, torch.float32, (8, 64), True),  # a repeated expert across tokens; K < BLOCK_K
 ])
 def test_gemv_down_topk_same_bits(num_tokens, num_experts, hidden, inter, top_k, dtype, down, pdl):
     # config "down_topk": one program per (column tile, token) runs all of the token's slots and sums them in
@@ -140,7 +140,7 @@ def test_gemv_down_topk_same_bits(num_tokens, num_experts, hidden, inter, top_k,
         ids[1] = -1  # every slot of this token on other expert-parallel ranks: a zero row
     got, kernels = _run(x, w13, w2, weights, ids, _gemv(down=down, pdl=pdl, down_topk=True, fused_sum=True))
     assert kernels == ["_gemv_up_kernel", "_gemv_down_topk_kernel"], kernels
-    for fused_sum in (False, True):
+    for fused_sum in (False, True) if num_tokens == 1 else (False,):
         want, _ = _run(x, w13, w2, weights, ids, _gemv(down=down, pdl=pdl, fused_sum=fused_sum))
         assert torch.equal(got, want), fused_sum
     if num_tokens > 1:
@@ -149,7 +149,8 @@ def test_gemv_down_topk_same_bits(num_tokens, num_experts, hidden, inter, top_k,
     assert _rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-@pytest.mark.parametrize("dtype,down", [(torch.float32, (2, 64)), (torch.float32, (4, 256)), (torch.float16, (1, 128))])
+@pytest.mark.parametrize("dtype,down", [(torch.float32, (8, 64)), (torch.float32, (4, 256)),
+                                        (torch.float16, (16, 128))])
 def test_gemv_down_topk_fp8_weights(dtype, down):
     # FP8 weights (W8A16) in the down_topk kernel: per-row [128, 128] block scales for every slot's rows (K steps
     # inside one scale block, over two with a partial last one), the per-pair kernel's bits
