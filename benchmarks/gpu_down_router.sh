@@ -4,6 +4,8 @@
 # down GEMM timed per pair and as down_topk; tables written where GEMV wins), then the router tails at 1..64 rows.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
+  setproctitle llguidance jsonschema 2>&1 | tail -1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout 240 python3 -m pytest -q -m gpu -x tests/test_moe_gemv.py tests/test_kernels_router_fused.py \
   tests/test_kernels_router.py 2>&1 | tail -4
