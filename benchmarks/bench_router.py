@@ -1,6 +1,7 @@
 """The MoE router at decode sizes on the GPU: the fused one-launch router vs F.linear (cuBLAS) + the top-k kernel.
 
 python benchmarks/bench_router.py --out DIR [--m 1,8,32,64] [--shapes qwen3,glm45air] [--sweep 1,2,4,8,16,32]
+                                 [--tails 4,4p,2,2p,1,1p]
 
 Times CUDA-graph replays (triton.testing.do_bench_cudagraph, median) of calls over NUM_ROT-weight rotations
 totalling >= ROT_BYTES, so that a replay never finds its weight in L2 (a model's 48 routers are far apart in a
@@ -9,7 +10,10 @@ step), and once more with one weight (L2-hot). The unfused path is what Router.f
 order) and weights. The floor is the weight's bytes over the copy bandwidth measured now (the GEMM is latency
 bound: it shows how far from bandwidth both are). --sweep also times the fused kernel at each forced H split;
 up to 16 rows both of its GEMM forms are timed (products summed in registers, used up to GEMV_MAX_TOKENS
-rows, and a tl.dot tile).
+rows, and a tl.dot tile). --tails times the scoring tail's variants (kernels/router_fused.py TAIL_CONFIGS): "W" is
+the launch at W warps, "Wp" with the packed-key softmax top-k; each is checked to give the default's ids in
+order (weights: the largest difference is printed), and the fastest per row is printed (set TAIL_CONFIGS to the
+ones that win).
 Prints one line per row and 'bench_router summary' last; DIR/bench_router.json holds every number.
 """
 
@@ -44,8 +48,14 @@ def unfused(x, w, bias, top_k):
     return topk_sigmoid_grouped(logits, bias, top_k, 1, 1, True, 1.0)
 
 
-def fused(x, w, bias, top_k, num_splits=None, gemv=None):
-    return route_fused(x, w, top_k, True, None, bias, 1, 1, 1.0, num_splits=num_splits, gemv=gemv)
+def fused(x, w, bias, top_k, num_splits=None, gemv=None, num_warps=None, packed=None):
+    return route_fused(x, w, top_k, True, None, bias, 1, 1, 1.0, num_splits=num_splits, gemv=gemv,
+                       num_warps=num_warps, packed=packed)
+
+
+def parse_tail(name: str) -> dict:
+    # "4" / "4p": num_warps, and the packed-key top-k when it ends in p
+    return {"num_warps": int(name.rstrip("p")), "packed": name.endswith("p")}
 
 
 def compare(a, b) -> dict:
@@ -56,7 +66,7 @@ def compare(a, b) -> dict:
     return {"rows_ids_differ": rows_differ, "max_weight_diff": w_err}
 
 
-def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int]) -> dict:
+def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int], tails: list[str]) -> dict:
     num_experts, hidden, top_k, grouped, wdtype = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(m)
     w_bytes = num_experts * hidden * wdtype.itemsize
@@ -90,7 +100,17 @@ def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int]) -> di
     # both GEMM forms where both apply (one token block): where products summed in registers stop paying
     row["forms_us"] = ({form: timed(lambda *a, g=form == "gemv": fused(*a, gemv=g), True) for form in ("gemv", "dot")}
                        if m <= 16 else {})
+    # the tail variants: the default's ids in the same order and its weights (to the order of an 8-value sum at
+    # another warp count), then timed
+    pairs = [(fused(x, w, bias, top_k, **parse_tail(t)), fused(x, w, bias, top_k)) for t in tails for w in ws[:4]]
+    row["tails_same_ids"] = all(torch.equal(u[1], v[1]) for u, v in pairs)
+    row["tails_max_weight_diff"] = max((float((u[0] - v[0]).abs().max()) for u, v in pairs), default=0.0)
+    row["tails_us"] = {t: timed(lambda *a, t=t: fused(*a, **parse_tail(t)), True) for t in tails}
     best = f"  best split {min(row['sweep_us'], key=row['sweep_us'].get)}" if sweep else ""
+    if tails:
+        best += (f"  tails {' '.join(f'{t}:{us:.2f}' for t, us in row['tails_us'].items())} best "
+                 f"{min(row['tails_us'], key=row['tails_us'].get)} same ids {row['tails_same_ids']} max dw "
+                 f"{row['tails_max_weight_diff']:.1e}")
     best += "".join(f"  {form} {us:.2f}" for form, us in row["forms_us"].items())
     print(f"{name:9s} M={m:3d} fused {row['fused_us']:6.2f} us  unfused {row['unfused_us']:6.2f} us  "
           f"x{row['speedup']:.2f}  (L2-hot {row['fused_hot_us']:5.2f} / {row['unfused_hot_us']:5.2f})  "
@@ -107,6 +127,8 @@ def main() -> None:
     parser.add_argument("--m", default="1,8,32,64", help=f"rows; the Router fuses up to {FUSED_MAX_TOKENS}")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--sweep", default="", help="H splits to time the fused kernel at, e.g. 1,2,4,8,16,32")
+    parser.add_argument("--tails", default="", help="tail variants to time: W warps, Wp with the packed top-k, "
+                        "e.g. 4,4p,2,2p,1,1p")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_router needs a CUDA GPU")
@@ -114,20 +136,28 @@ def main() -> None:
     print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s; fused up to {FUSED_MAX_TOKENS} rows, gemv form up to "
           f"{GEMV_MAX_TOKENS}", flush=True)
     sweep = [int(s) for s in args.sweep.split(",") if s]
-    rows = [bench_one(s, int(m), ceil, sweep) for s in args.shapes.split(",") for m in args.m.split(",")]
+    tails = [t for t in args.tails.split(",") if t]
+    for t in tails:
+        if not t.rstrip("p").isdigit():
+            raise SystemExit(f"--tails: {t!r} is not W or Wp (W warps, p: packed top-k), e.g. 4,4p,1,1p")
+    rows = [bench_one(s, int(m), ceil, sweep, tails) for s in args.shapes.split(",") for m in args.m.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_router.json").write_text(json.dumps(
         {"ceilings": ceil, "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     differ = sum(r["rows_ids_differ"] for r in rows)
     checked = sum(r["rows_checked"] for r in rows)
     deterministic = all(r["deterministic"] for r in rows)
+    same_ids = all(r["tails_same_ids"] for r in rows)
     worst = min(rows, key=lambda r: r["speedup"])
     print("bench_router summary: fused vs unfused us " + ", ".join(
         f"{r['shape']} M={r['m']} {r['fused_us']:.2f}/{r['unfused_us']:.2f}" for r in rows)
         + f"; worst x{worst['speedup']:.2f} ({worst['shape']} M={worst['m']}); ids differ in {differ} of {checked} "
-        f"tokens; deterministic: {'yes' if deterministic else 'NO'}")
+        f"tokens; deterministic: {'yes' if deterministic else 'NO'}"
+        + (f"; tails same ids: {'yes' if same_ids else 'NO'}; best tail per M: " + ", ".join(
+            f"{r['shape']} M={r['m']} {min(r['tails_us'], key=r['tails_us'].get)} "
+            f"{min(r['tails_us'].values()):.2f}" for r in rows) if tails else ""))
     # a logit summed in another order may round to the other side of a bf16 step: rare, never systematic
-    if not deterministic or differ > checked // 100:
+    if not deterministic or not same_ids or differ > checked // 100:
         sys.exit(1)
 
 

@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--tma", action="store_true",
                     help="the large-M TMA path vs the old one (default qwen3 bf16 at M 1024,4096,16384)")
     ap.add_argument("--gemv", action="store_true", help="only time GEMV vs the table at M <= 8 and update it")
+    ap.add_argument("--gemv-keep-up", action="store_true",
+                    help="with --gemv: the gate_up tile from the table's nearest GEMV entry, only the down GEMM timed")
     args = ap.parse_args()
     if args.tma:
         from tune_moe_tma import tune_tma
@@ -247,7 +249,7 @@ def main() -> None:
     if args.gemv:
         from tune_moe_gemv import main_gemv
 
-        return main_gemv(shapes, ms, dtypes, Path(args.out), args.jobs)
+        return main_gemv(shapes, ms, dtypes, Path(args.out), args.jobs, args.gemv_keep_up)
     t0 = time.time()
     if args.jobs > 1:
         precompile(shapes, dtypes, ms, args.jobs)

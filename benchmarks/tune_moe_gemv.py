@@ -1,12 +1,16 @@
 """Tune the few-token GEMV MoE kernels (kernels/moe_gemv.py) and decide, per token bucket, GEMV vs tl.dot.
 
 python benchmarks/tune_moe.py --gemv --out DIR [--shapes qwen3] [--m 1,8] [--dtypes bf16,fp8] [--jobs 12]
+                               [--gemv-keep-up]
 
 For each bucket M <= 8 of the GPU's existing table (kernels/configs/, or DIR/configs/ if that holds one):
 times every GEMV tile for the gate_up and the down kernel separately (CUDA-graph replay over 4 routings,
 5 ms each), then the whole layer for the best pair with and without "fused_sum" (M=1), "pdl" and "prefetch",
 and the whole layer of the table's tl.dot entry; prints them side by side with the bandwidth floor and writes
-the table to DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). Other
+the table to DIR/configs/ with the entry's "gemv" key set where GEMV is faster (removed where not). The down
+GEMM is timed in both forms: per pair (then the top-k sum) and "down_topk" (all of a token's slots per program,
+the sum in registers). --gemv-keep-up takes the gate_up tile from the table's GEMV entry nearest to each M
+instead of timing every one (about half the time, for a down-only retune). Other
 buckets and keys are copied unchanged. A full tune_moe.py run writes tables without "gemv": run this after it.
 """
 
@@ -29,7 +33,7 @@ from kernels import pdl as pdl_switch
 from kernels.fp8 import quantize_weight_block
 from kernels.fused_moe import fused_experts
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name, get_moe_config
-from kernels.moe_gemv import _gemv_down_kernel, _gemv_up_kernel
+from kernels.moe_gemv import _gemv_down_kernel, _gemv_down_topk_kernel, _gemv_up_kernel
 
 MAX_GEMV_TOKENS = 8
 _MAX_SMEM = 160 << 10
@@ -49,6 +53,23 @@ def gemv_candidates(fp8: bool, k: int, two_tiles: bool) -> list[dict]:
                 if not warps * 32 * 16 <= tile <= 16 << 10 or tile * (2 if two_tiles else 1) * stages > _MAX_SMEM:
                     continue
                 if bk > max(128, triton.next_power_of_2(k)):
+                    continue
+                out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def topk_candidates(fp8: bool, k: int, top_k: int) -> list[dict]:
+    """Tiles of the "down_topk" kernel (all of a token's top-k slots per program: rows = top_k (padded) x
+    BLOCK_N): one 16-byte weight vector to 64 values per thread (the activations add as many, one row each)."""
+    elem, rows_per_col = (1 if fp8 else 2), triton.next_power_of_2(top_k)
+    out = []
+    for bn in (1, 2, 4, 8):
+        for bk in (128, 256, 512):
+            for warps, stages in ((2, 1), (2, 3), (4, 1), (4, 3), (8, 1)):
+                per_thread = rows_per_col * bn * bk // (warps * 32)
+                if per_thread * elem < 16 or per_thread > 64 or bk > max(128, triton.next_power_of_2(k)):
+                    continue
+                if rows_per_col * bn * bk * (elem + 2) * stages > _MAX_SMEM:  # weights and activations ring
                     continue
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
     return out
@@ -97,6 +118,14 @@ class GemvProblem:
                 grid = (triton.cdiv(inter, g["BLOCK_N"]) * num_pairs,)
                 calls.append((_gemv_up_kernel, grid, args, dict(meta, EVEN_K=h % g["BLOCK_K"] == 0, PREFETCH=False,
                                                                  PIECES=32 * g["num_warps"])))
+            elif kind == "down_topk":  # the down GEMM and the top-k sum per (column tile, token)
+                a = torch.randn(num_pairs, inter, device=DEVICE, dtype=DTYPE)
+                out = torch.empty(self.m, h, dtype=DTYPE, device=DEVICE)
+                args = (a, self.w2, self.s2, out, ids, w, self.m, inter, h, a.stride(0), self.w2.stride(0),
+                        self.w2.stride(1), self.s2.stride(0), self.s2.stride(1), out.stride(0))
+                grid = (triton.cdiv(h, g["BLOCK_N"]) * self.m,)
+                calls.append((_gemv_down_topk_kernel, grid, args, dict(
+                    meta, EVEN_K=inter % g["BLOCK_K"] == 0, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k))))
             else:
                 a = torch.randn(num_pairs, inter, device=DEVICE, dtype=DTYPE)
                 y = torch.empty(num_pairs, h, dtype=DTYPE, device=DEVICE)
@@ -164,14 +193,15 @@ def _compile_worker(job: tuple) -> str:
         return f"{shape}/{dtype}: compile worker failed: {exc!r}"[:300]
 
 
-def precompile_gemv(shapes: list[str], dtypes: list[str], jobs: int) -> None:
+def precompile_gemv(shapes: list[str], dtypes: list[str], jobs: int, keep_up: bool = False) -> None:
     work = []
     for shape in shapes:
         _, h, inter, _ = SHAPES[shape]
         for dtype in dtypes:
             fp8 = dtype == "fp8"
-            items = [("up", g) for g in gemv_candidates(fp8, h, True)]
+            items = [] if keep_up else [("up", g) for g in gemv_candidates(fp8, h, True)]
             items += [("down", g) for g in gemv_candidates(fp8, inter, False)]
+            items += [("down_topk", g) for g in topk_candidates(fp8, inter, SHAPES[shape][3])]
             step = max(1, -(-len(items) // max(1, jobs // (len(shapes) * len(dtypes)))))
             work += [(shape, dtype, items[i : i + step]) for i in range(0, len(items), step)]
     t0 = time.time()
@@ -202,7 +232,15 @@ def extend_max_tokens(table: dict) -> None:
         table[str(b)]["gemv"]["max_tokens"] = m
 
 
-def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> list[dict]:
+def _table_up(table: dict, m: int) -> dict | None:
+    # the gate_up tile of the table's GEMV entry nearest to m on a log scale (None: no entry has one)
+    with_gemv = [int(b) for b, entry in table.items() if entry.get("gemv")]
+    if not with_gemv:
+        return None
+    return table[str(min(with_gemv, key=lambda b: abs(math.log(max(b, 1)) - math.log(m))))]["gemv"]["up"]
+
+
+def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict, keep_up: bool = False) -> list[dict]:
     e, h, inter, top_k = SHAPES[shape]
     fp8 = dtype == "fp8"
     dtype_name = "fp8" if fp8 else "bfloat16"
@@ -221,17 +259,25 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         base = table.get(str(m)) or get_moe_config(m, e, h, inter, top_k, dtype_name)
         base = {k: v for k, v in base.items() if k != "gemv"}
         prob = GemvProblem(shape, dtype, m)
-        up = min((_time(prob.kernel_run("up", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, h, True)))
+        kept = _table_up(table, m) if keep_up else None
+        if kept is not None:  # untimed (nan): the table's tile
+            up = (float("nan"), 0, kept)
+        else:
+            up = min((_time(prob.kernel_run("up", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, h, True)))
         down = min((_time(prob.kernel_run("down", g)), i, g) for i, g in enumerate(gemv_candidates(fp8, inter, False)))
+        # (the per-pair down kernel's time leaves out its top-k sum, this one's includes it)
+        topk = min((_time(prob.kernel_run("down_topk", g)), i, g)
+                   for i, g in enumerate(topk_candidates(fp8, inter, top_k)))
         print(f"  {shape} {dtype} M={m}: gemv up {up[0]:.1f} us {json.dumps(up[2])}, down {down[0]:.1f} us "
-              f"{json.dumps(down[2])}", flush=True)
+              f"{json.dumps(down[2])}, down_topk {topk[0]:.1f} us {json.dumps(topk[2])}", flush=True)
         layers = []
         with _global_pdl_off():  # else "pdl": False would be timed with PDL too
-            for fused_sum in ([False, True] if m == 1 else [False]):
+            # per-pair down then the sum (a launch, or at M=1 "fused_sum"), or "down_topk" (its own tile)
+            for down_topk, fused_sum in [(False, False)] + [(False, True)] * (m == 1) + [(True, False)]:
                 for pdl in (False, True):
                     for prefetch in (False, True):
-                        gemv = {"up": up[2], "down": down[2], "max_tokens": m, "fused_sum": fused_sum, "pdl": pdl,
-                                "prefetch": prefetch}
+                        gemv = {"up": up[2], "down": (topk if down_topk else down)[2], "max_tokens": m,
+                                "fused_sum": fused_sum, "pdl": pdl, "prefetch": prefetch, "down_topk": down_topk}
                         layers.append((_time(prob.layer_run(dict(base, gemv=gemv)), 25), len(layers), gemv))
         new_us, _, gemv = min(layers)
         old_us = _time(prob.layer_run(base), 25)
@@ -243,7 +289,8 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
         rows.append(row)
         print(f"gemv {shape} {dtype} M={m}: tl.dot {old_us:.1f} us ({floor / old_us:.2f} of floor) | gemv "
               f"{new_us:.1f} us ({floor / new_us:.2f}) | floor {floor:.1f} us -> {row['chosen']} "
-              f"[fused_sum/pdl/prefetch variants: {' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
+              f"[(down_topk, fused_sum) x pdl x prefetch variants: "
+              f"{' '.join(f'{t:.1f}' for t in row['gemv_variants_us'])}]", flush=True)
         del prob
         torch.cuda.empty_cache()
     extend_max_tokens(table)
@@ -253,12 +300,12 @@ def tune_gemv(shape: str, ms: list[int], dtype: str, out: Path, ceil: dict) -> l
     return rows
 
 
-def main_gemv(shapes: list[str], ms: list[int], dtypes: list[str], out: Path, jobs: int) -> None:
+def main_gemv(shapes: list[str], ms: list[int], dtypes: list[str], out: Path, jobs: int, keep_up: bool = False) -> None:
     t0 = time.time()
     ceil = measure_ceilings()
     if jobs > 1:
-        precompile_gemv(shapes, dtypes, jobs)
-    rows = [r for shape in shapes for dtype in dtypes for r in tune_gemv(shape, ms, dtype, out, ceil)]
+        precompile_gemv(shapes, dtypes, jobs, keep_up)
+    rows = [r for shape in shapes for dtype in dtypes for r in tune_gemv(shape, ms, dtype, out, ceil, keep_up)]
     (out / "tune_moe_gemv.json").write_text(json.dumps({"ceilings": ceil, "device": torch.cuda.get_device_name(),
                                                         "rows": rows}, indent=1))
     worst = min((r["floor_us"] / min(r["old_us"], r["gemv_us"]) for r in rows), default=float("nan"))

@@ -16,7 +16,12 @@ config "fused_sum" at one token the last slot per column tile, as in fused_moe).
 activations stay 16-bit. The torch reference is fused_experts_ref (kernels/fused_moe.py, act_fp8=False).
 
 Config (the "gemv" key of a moe_config table entry): {"up": {BLOCK_N, BLOCK_K, num_warps, num_stages},
-"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool}. pdl: both kernels (and the
+"down": {...}, "max_tokens": int, "fused_sum": bool, "pdl": bool, "prefetch": bool, "down_topk": bool}.
+down_topk (default off): the down GEMM runs one program per (column tile, token) over all of the token's top-k slots
+(_gemv_down_topk_kernel: a [top_k x BLOCK_N, BLOCK_K] tile of rows from top_k experts per K step, top_k times the
+per-pair kernel's bytes in flight), each slot weighted and rounded as y would be and the slots added in registers in
+slot order: the bits of the per-pair kernel + the top-k sum, with no y buffer, no atomic tail and no sum launch at
+any token count; "down" is then its tile (BLOCK_N columns per slot) and fused_sum is moot. pdl: both kernels (and the
 top-k sum) are launched with programmatic dependent launch on a Hopper GPU (kernels/pdl.py; the global switch,
 on by default there, turns it on whatever the table says). The up kernel waits first (its ids are its predecessor's
 output); the down kernel reads the ids and its first K step's weights before its wait (rule (1') of kernels/pdl.py:
@@ -178,6 +183,7 @@ def _gemv_down_kernel(
                 tl.store(sum_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32).to(sum_ptr.dtype.element_ty), mask=nmask)
     if e < 0:
         return
+    wk = tl.load(topk_weights_ptr + pair)  # issued before the K loop: its latency hides under the weight loads
     if PDL:
         acc = _partial(w_first, _load_vec(a_ptrs, 0, K, offs_k, BLOCK_N, EVEN_K), s_ptrs, 0, K, nmask, USE_FP8,
                        BLOCK_N, BLOCK_K)
@@ -189,10 +195,78 @@ def _gemv_down_kernel(
         w = _load_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K, "")
         a = _load_vec(a_ptrs, k0, K, offs_k, BLOCK_N, EVEN_K)
         acc += _partial(w, a, s_ptrs, k0, K, nmask, USE_FP8, BLOCK_N, BLOCK_K)
-    acc *= tl.load(topk_weights_ptr + pair)
+    acc *= wk
     tl.store(y_ptr + pair.to(tl.int64) * stride_yt + offs_n, acc.to(y_ptr.dtype.element_ty), mask=nmask)
     if FUSED_SUM:
         _one_token_sum(y_ptr, ids_ptr, sum_ptr, counter_ptr, pid_n, offs_n, nmask, num_handled, N, TOP_K, BLOCK_N)
+
+
+@triton.jit
+def _load_rows(ptrs, k0, K, offs_k, rmask, EVEN_K: tl.constexpr):
+    # [ROWS, BLOCK_K] activations, each row its own pair's vector (fp32); rows not handled here load zeros (the
+    # up kernel wrote nothing there)
+    if EVEN_K:
+        return tl.load(ptrs + k0, mask=rmask[:, None], other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptrs + k0, mask=rmask[:, None] & (offs_k + k0 < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _gemv_down_topk_kernel(
+    a_ptr, w_ptr, ws_ptr, out_ptr, ids_ptr, topk_weights_ptr, num_tokens, K, N,
+    stride_at, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr,
+):
+    # the down GEMM and the top-k sum of one token's column tile in one program (config "down_topk"): rows r of the
+    # [TOP_K_PAD * BLOCK_N, BLOCK_K] weight tile are row n = r % BLOCK_N of the expert of slot k = r // BLOCK_N,
+    # so one K step has all the token's experts' loads in flight (TOP_K times _gemv_down_kernel's bytes) and the
+    # sum needs no y round trip, no atomic and no second launch. Per slot the dot, the weight and the rounding to
+    # out's dtype are _gemv_down_kernel's; the rounded rows are added in slot order in fp32 as _moe_sum_kernel
+    # does: out[t, n] = sum_k round(topk_weights[t, k] * a[t * TOP_K + k] . w[e_k, n]) over the handled slots
+    pid = tl.program_id(0)
+    pid_n = pid // num_tokens  # tokens inner: the tokens of a column tile run together, a shared expert hits L2
+    tok = pid % num_tokens
+    ROWS: tl.constexpr = TOP_K_PAD * BLOCK_N
+    r = tl.arange(0, ROWS)
+    slot = r // BLOCK_N
+    offs_n = pid_n * BLOCK_N + r % BLOCK_N  # [ROWS]
+    pair = tok.to(tl.int64) * TOP_K + slot  # [ROWS]
+    # the ids (rule (1') of kernels/pdl.py: the router wrote them two kernels back) and the first K step's
+    # weights before the wait; .cg: never a line this SM's L1 may hold from an earlier layer's ids
+    e = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=-1, cache_modifier=".cg").to(tl.int64)
+    rmask = (offs_n < N) & (e >= 0)  # rows of this tile that exist and whose slot is handled here
+    e_row = tl.maximum(e, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + e_row[:, None] * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    a_ptrs = a_ptr + pair[:, None] * stride_at + offs_k[None, :]  # [ROWS, BLOCK_K]
+    s_ptrs = ws_ptr + e_row * stride_wse + (offs_n // 128) * stride_wsn  # [ROWS] scale rows (FP8)
+    if PDL:  # while the up kernel drains
+        w_first = _load_tile(w_ptrs, 0, K, offs_k, rmask, EVEN_K, "")
+    pdl_wait(PDL)
+    pdl_release(PDL)
+    wk = tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)  # before the K loop: hidden under its loads
+    if PDL:
+        acc = _partial(w_first, _load_rows(a_ptrs, 0, K, offs_k, rmask, EVEN_K), s_ptrs, 0, K, rmask, USE_FP8,
+                       ROWS, BLOCK_K)
+        k_start: tl.constexpr = BLOCK_K
+    else:
+        acc = tl.zeros([ROWS], tl.float32)
+        k_start: tl.constexpr = 0
+    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
+        w = _load_tile(w_ptrs, k0, K, offs_k, rmask, EVEN_K, "")
+        a = _load_rows(a_ptrs, k0, K, offs_k, rmask, EVEN_K)
+        acc += _partial(w, a, s_ptrs, k0, K, rmask, USE_FP8, ROWS, BLOCK_K)
+    # per slot as _gemv_down_kernel stores y: the weighted dot rounded to out's dtype; unhandled slots add 0.0
+    y = tl.where(rmask, (acc * wk).to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    y = tl.reshape(y, [TOP_K_PAD, BLOCK_N])
+    kk = tl.arange(0, TOP_K_PAD)[:, None]
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for k in tl.static_range(TOP_K):  # slot order; each column sum adds one row to zeros: exact
+        total += tl.sum(tl.where(kk == k, y, 0.0), 0)
+    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + tok.to(tl.int64) * stride_ot + offs_out, total.to(out_ptr.dtype.element_ty),
+             mask=offs_out < N)
 
 
 def check_gemv_config(gemv: dict) -> None:
@@ -229,12 +303,12 @@ def gemv_experts(
     fp8 = w13_scale is not None
     w13s, w2s = (w13_scale, w2_scale) if fp8 else (w13, w2)  # (scale pointers unused without FP8)
     up, down = gemv["up"], gemv["down"]
-    fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False))
+    down_topk = bool(gemv.get("down_topk", False))
+    fused_sum = num_tokens == 1 and bool(gemv.get("fused_sum", False)) and not down_topk
     sm90 = _sm90(hidden.device)
     # the table's choice or the global switch, on a GPU where PDL is supported (kernels/pdl.py)
     pdl = pdl_supported(hidden.device) and (bool(gemv.get("pdl", False)) or env_switch())
     inter_out = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
-    y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     out = torch.empty_like(hidden)
     num_tiles_n = triton.cdiv(h, down["BLOCK_N"])
     # (before the up launch: the counters' first zeroing, a torch launch, stays out of the up -> down PDL pair)
@@ -248,6 +322,16 @@ def gemv_experts(
         NUM_STAGES=up["num_stages"], PDL=pdl, PREFETCH=prefetch, PIECES=32 * up["num_warps"],
         num_warps=up["num_warps"], **launch_kwargs(pdl),
     )
+    if down_topk:  # the down GEMM and the top-k sum per (column tile, token): no y, no counters, no sum launch
+        _gemv_down_topk_kernel[(num_tiles_n * num_tokens,)](
+            inter_out, w2, w2s, out, topk_ids, topk_weights, num_tokens, inter, h,
+            inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), out.stride(0),
+            USE_FP8=fp8, EVEN_K=inter % down["BLOCK_K"] == 0, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+            NUM_STAGES=down["num_stages"], PDL=pdl, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+            num_warps=down["num_warps"], **launch_kwargs(pdl),
+        )
+        return out
+    y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
     _gemv_down_kernel[(num_tiles_n * num_pairs,)](
         inter_out, w2, w2s, y, topk_ids, topk_weights, out, counters, num_pairs, inter, h,
         inter_out.stride(0), w2.stride(0), w2.stride(1), w2s.stride(0), w2s.stride(1), y.stride(0),

@@ -14,6 +14,13 @@ another, so each finds them at zero.
 Semantics are those of F.linear(x.to(W.dtype), W) followed by the top-k kernels: the summed logits are rounded
 to W's dtype (bf16 logits, as cuBLAS returns them) before scoring, so near-ties resolve as on the unfused path.
 The grid is a function of shapes only (CUDA graphs): see _fused_config.
+
+The scoring tail is one program's serial chain, so its reductions set its length: at 4 warps and one token each
+of top-8's 16 picks (a float max, then an index min) and the softmax max crosses warps through shared memory with
+barriers. Its variants (TAIL_CONFIGS, chosen by measurement per row count): fewer warps (at one warp no reduction
+leaves the warp) and the packed top-k (_softmax_top_k_packed: one integer max per pick over keys (logit, -expert
+id), first inside each warp's 32 columns, then among the candidates after one exchange). Both keep the ids, their
+order and ties.
 """
 
 from __future__ import annotations
@@ -48,6 +55,17 @@ BLOCK_E = 16  # experts per program
 # thread): no shared-memory staging for a 16-row tl.dot tile that is mostly padding
 GEMV_MAX_TOKENS = 4
 MAX_PARTIAL_BYTES = 32 << 10  # fp32 partials one token block's last program reads: one short serial tail
+# the variants bench_router.py --tails times (today's behaviour by default), per row count of softmax routing (the
+# grouped sigmoid one keeps the default): (up to this many rows, config), the first that covers the batch applies;
+# past the last one, the default. "num_warps" of the launch (the scoring tail's reductions cross warps through
+# shared memory and a barrier each, 18 of them at top-8 and one row; with one warp none do), "packed" softmax
+# top-k (_softmax_top_k_packed: one integer max per pick)
+TAIL_DEFAULT = {"num_warps": 4, "packed": False}
+TAIL_CONFIGS: tuple[tuple[int, dict], ...] = ((FUSED_MAX_TOKENS, TAIL_DEFAULT),)
+
+
+def tail_config(num_tokens: int) -> dict:
+    return next((cfg for rows, cfg in TAIL_CONFIGS if num_tokens <= rows), TAIL_DEFAULT)
 
 
 def route_fused_ref(
@@ -62,6 +80,8 @@ def route_fused_ref(
     routed_scaling_factor: float = 1.0,
     num_splits: int | None = None,  # the fused kernel's H split (A/B and tests); unused here
     gemv: bool | None = None,  # the fused kernel's GEMM form (A/B and tests); unused here
+    num_warps: int | None = None,  # the fused kernel's tail variants (A/B and tests); unused here
+    packed: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k (no correction_bias) or biased sigmoid group-limited top-k of x @ weight^T.
     Returns weights fp32 [T, k] and ids int32 [T, k]."""
@@ -95,6 +115,73 @@ def _logits_step(acc, xt, wt, GEMV: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _order_key(x, e, KEY16: tl.constexpr):
+    # a distinct integer per column ordered as (x, -e): the max key is x's max at its lowest column, the pick rule
+    # of kernels/router.py _pick_max. x fp32 [rows, cols] (-0.0 ranks as +0.0, as == does), e int32 column ids.
+    # KEY16 (x holds bf16 values: its low 16 bits are zero): int32 keys, value bits << 16 | 0xFFFF - e; else int64
+    b = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    if KEY16:
+        b = b >> 16
+        return (tl.where(b < 0, b ^ 0x7FFF, b) << 16) | (0xFFFF - e)
+    else:
+        b = tl.where(b < 0, b ^ 0x7FFFFFFF, b)  # sign-magnitude -> two's complement order
+        return (b.to(tl.int64) << 32) | (0x7FFFFFFF - e).to(tl.int64)
+
+
+@triton.jit
+def _key_value(key, KEY16: tl.constexpr):
+    # (x, e) back from _order_key's keys
+    if KEY16:
+        b = key >> 16
+        return (tl.where(b < 0, b ^ 0x7FFF, b) << 16).to(tl.float32, bitcast=True), 0xFFFF - (key & 0xFFFF)
+    else:
+        b = (key >> 32).to(tl.int32)
+        return (tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.float32, bitcast=True),
+                0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32))
+
+
+@triton.jit
+def _softmax_top_k_packed(x, e, k, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, TAIL_T: tl.constexpr,
+                          BLOCK_K: tl.constexpr, KEY16: tl.constexpr, GROUP: tl.constexpr):
+    # kernels/router.py _softmax_top_k's result (the same ids in the same order, the same weights) with one integer
+    # max per pick instead of a float max and an index min, and the picks in two levels: the TOP_K best of each
+    # GROUP columns (a reduction inside one warp, no shared memory or barrier), then the TOP_K best of those
+    # BLOCK_E / GROUP x BLOCK_K candidates (32 at 128 experts, top-8). x [TAIL_T, BLOCK_E] fp32 logits, -inf past
+    # the last expert
+    BLOCK_E: tl.constexpr = x.shape[1]
+    NG: tl.constexpr = BLOCK_E // GROUP
+    LOCAL: tl.constexpr = TOP_K if TOP_K < GROUP else GROUP  # a group gives at most all of its columns
+    keys = tl.reshape(_order_key(x, e, KEY16), [TAIL_T, NG, GROUP])
+    lowest = tl.full([1], -(2**31), tl.int32) if KEY16 else tl.full([1], -(2**63), tl.int64)
+    kc = tl.arange(0, BLOCK_K)[None, None, :]
+    cand = tl.zeros([TAIL_T, NG, BLOCK_K], keys.dtype) + lowest[:, None, None]
+    for i in tl.static_range(LOCAL):
+        m = tl.max(keys, 2, keep_dims=True)  # [TAIL_T, NG, 1]
+        cand = tl.where(kc == i, m, cand)
+        keys = tl.where(keys == m, lowest[:, None, None], keys)
+    cand = tl.reshape(cand, [TAIL_T, NG * BLOCK_K])
+    if NG == 1:  # one group: its picks are the answer
+        top = cand
+    else:
+        # a gather into an arange's layout, i.e. one shared-memory exchange after which every warp holds every
+        # candidate: the picks among them reduce inside each warp (the reshape alone left them across warps)
+        cand = tl.gather(cand, tl.zeros([TAIL_T, NG * BLOCK_K], tl.int32) + tl.arange(0, NG * BLOCK_K)[None, :], 1)
+        top = tl.zeros([TAIL_T, BLOCK_K], keys.dtype) + lowest[:, None]
+        for i in tl.static_range(TOP_K):
+            m = tl.max(cand, 1, keep_dims=True)  # [TAIL_T, 1]
+            top = tl.where(k == i, m, top)
+            cand = tl.where(cand == m, lowest[:, None], cand)
+    vals, top_ids = _key_value(top, KEY16)
+    row_max = tl.max(tl.where(k == 0, vals, float("-inf")), 1)  # the first pick: max(x)
+    top_vals = tl.where(k < TOP_K, tl.exp(vals - row_max[:, None]), 0.0)
+    if RENORMALIZE:
+        denom = tl.sum(top_vals, 1)
+    else:
+        denom = tl.sum(tl.exp(x - row_max[:, None]), 1)
+    return top_vals / denom[:, None], top_ids
+
+
 # one variant per (split, token block) shape, not per count; slots may be a TP rank's slice at any offset
 @triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _route_fused_kernel(
@@ -104,7 +191,8 @@ def _route_fused_kernel(
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_T: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_G: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr = False, PACKED: tl.constexpr = False,
+    KEY16: tl.constexpr = False, GROUP: tl.constexpr = 32,
 ):
     # grid (expert tiles, H splits, token blocks)
     pid_e, pid_s, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -160,7 +248,11 @@ def _route_fused_kernel(
                                                        BLOCK_K, BLOCK_G)
         else:
             logits = tl.where(ec < NUM_EXPERTS, logits, float("-inf"))
-            top_vals, top_ids = _softmax_top_k(logits, ec, k, TOP_K, RENORMALIZE, TAIL_T, BLOCK_K)
+            if PACKED:
+                top_vals, top_ids = _softmax_top_k_packed(logits, ec, k, TOP_K, RENORMALIZE, TAIL_T, BLOCK_K, KEY16,
+                                                          GROUP)
+            else:
+                top_vals, top_ids = _softmax_top_k(logits, ec, k, TOP_K, RENORMALIZE, TAIL_T, BLOCK_K)
         _store_top_k(weights_ptr, ids_ptr, slots_ptr, top_vals, top_ids, tail_t, tail_mask, k, TOP_K, HAS_SLOTS)
         tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
@@ -216,8 +308,16 @@ def route_fused(
     num_splits: int | None = None,  # H split; None: _fused_config's choice
     gemv: bool | None = None,  # products summed in registers, not tl.dot; None: up to GEMV_MAX_TOKENS rows
     ids_out: torch.Tensor | None = None,  # [num_tokens, top_k] int32 contiguous: the ids written here
+    num_warps: int | None = None,  # None: tail_config's
+    packed: bool | None = None,  # the softmax top-k by packed keys (not the grouped scoring); None: tail_config's
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, weight, correction_bias)
+    # (TAIL_CONFIGS is for softmax routing, what bench_router.py --shapes qwen3 measures; grouped: the default)
+    tail = tail_config(x.shape[0]) if correction_bias is None else TAIL_DEFAULT
+    num_warps = tail["num_warps"] if num_warps is None else num_warps
+    packed = tail["packed"] if packed is None else packed
+    if num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps}")
     num_tokens, hidden = x.shape
     num_experts = weight.shape[0]
     if not 0 < top_k <= num_experts:
@@ -260,6 +360,9 @@ def route_fused(
         SPLIT_H=split_h, BLOCK_T=BLOCK_T, TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E,
         BLOCK_H=block_h, BLOCK_E_ALL=block_e_all, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(num_groups), GEMV=num_tokens <= GEMV_MAX_TOKENS if gemv is None else gemv,
-        PDL=pdl, num_warps=4, **launch_kwargs(pdl),
+        PDL=pdl, PACKED=bool(packed), KEY16=weight.dtype == torch.bfloat16 and block_e_all <= 1 << 16,
+        # one warp: each thread holds several columns, so one group of all (its picks are the answer); more: a group
+        # per warp's 32 lanes
+        GROUP=block_e_all if num_warps == 1 else min(32, block_e_all), num_warps=num_warps, **launch_kwargs(pdl),
     )
     return weights, ids

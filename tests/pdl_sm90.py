@@ -150,6 +150,12 @@ def cases() -> dict[str, tuple]:
                                                            stride_yt=H),
                           dict(gemv, BLOCK_K=256, FUSED_SUM=True, TOP_K=TOPK, TOP_K_PAD=TOPK), 4, 1,
                           ["ids_ptr", "w_ptr", "LOADED"]),  # rule (1'): the router's ids, two kernels back
+        "moe_gemv_down_topk": (moe_gemv._gemv_down_topk_kernel,
+                               dict(w_ptr="bf16", ws_ptr="bf16", ids_ptr="i32", a_ptr="bf16", out_ptr="bf16",
+                                    topk_weights_ptr="fp32", num_tokens=1, K=INTER, N=H, stride_at=INTER,
+                                    stride_we=H * INTER, stride_wn=INTER, stride_wse=16, stride_wsn=16, stride_ot=H),
+                               dict(gemv, BLOCK_N=2, BLOCK_K=256, TOP_K=TOPK, TOP_K_PAD=TOPK), 4, 1,
+                               ["ids_ptr", "w_ptr", "LOADED"]),  # rule (1'): the router's ids, two kernels back
         "moe_sum": (moe_sum._moe_sum_kernel, dict(y_ptr="bf16", ids_ptr="i32", out_ptr="bf16", N=H),
                     dict(TOP_K=TOPK, BLOCK_N=1024), 4, 1, []),
         "align_small": (moe_align._align_small_kernel, dict(ids_ptr="i32", sorted_ptr="i32", expert_ids_ptr="i32",

@@ -98,6 +98,51 @@ def test_fused_gemm_forms_agree(num_tokens):
         route_fused(x.repeat(17, 1), w, 6, True, gemv=True)  # more rows than one token block
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 128, 8), (3, 48, 5), (20, 64, 40), (2, 8, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_tail_variants_same_bits(num_tokens, num_experts, top_k, dtype):
+    # the tail variants (TAIL_CONFIGS): the packed-key softmax top-k (bf16 logits: int32 keys, else int64; one group
+    # of all columns at one warp, groups of 32 past it: 48 experts = a group and a half, top_k 40 > 32 per group,
+    # 20 rows = two token blocks) picks the same ids in the same order, and the same weights, as the default tail
+    x, w, _ = _inputs(num_tokens, num_experts, 72, dtype, num_tokens + top_k)
+    for renormalize in (True, False):
+        want = route_fused(x, w, top_k, renormalize)
+        if dtype == torch.float32:
+            _check(want, route_fused_ref(x, w, top_k, renormalize))
+        for num_warps in (1, 2, 4):
+            got = route_fused(x, w, top_k, renormalize, num_warps=num_warps, packed=True)
+            assert torch.equal(got[1], want[1]), (num_warps, renormalize)
+            # (on a GPU the weights' 8-value sum may run in another order at another warp count)
+            torch.testing.assert_close(got[0], want[0], rtol=0 if DEVICE == "cpu" else 1e-6, atol=0)
+    with pytest.raises(ValueError, match="num_warps"):
+        route_fused(x, w, top_k, True, num_warps=3)
+
+
+def test_tail_config_by_rows(monkeypatch):
+    # TAIL_CONFIGS: the first entry covering the batch, the default past the last
+    one, few = {"num_warps": 1, "packed": True}, {"num_warps": 2, "packed": True}
+    monkeypatch.setattr(router_fused, "TAIL_CONFIGS", ((2, one), (8, few)))
+    assert [router_fused.tail_config(m) for m in (1, 2, 3, 8, 9)] == [one, one, few, few, router_fused.TAIL_DEFAULT]
+
+
+def test_fused_ties_pick_lowest_expert():
+    # exact ties (logits from a few bf16 values, -inf-free, zeros among them): the lowest expert id first in every
+    # round, kernels/router.py's rule; the packed keys order (value, -id)
+    num_experts, hidden = 64, 32
+    x = torch.zeros(2, hidden)
+    x[:, 0] = 1.0
+    x[1, 0] = -1.0  # the second row's order reversed: ties among other values
+    vals = torch.tensor([0.5, -0.25, 0.0, 0.5, 1.0, 0.0, -0.25, 1.0])
+    w = torch.zeros(num_experts, hidden)
+    w[:, 0] = vals.repeat(num_experts // len(vals))
+    x, w = x.to(DEVICE, torch.bfloat16), w.to(DEVICE, torch.bfloat16)
+    logits = torch.nn.functional.linear(x, w).float()
+    # descending by value, ascending id among equals (a stable sort keeps the lower id first)
+    want = logits.sort(dim=-1, descending=True, stable=True)[1][:, :20].to(torch.int32)
+    for packed in (False, True):
+        assert torch.equal(route_fused(x, w, 20, True, packed=packed)[1], want), packed
+
+
 def test_fused_config_is_from_shapes():
     # Qwen3-30B-A3B on an H200: one program per SM or fewer, partials per token block within the bound
     for num_tokens in (1, 8, 16, 33, 64):
@@ -147,7 +192,8 @@ def test_router_takes_fused_path_at_decode_sizes(grouped):
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 3, 5, 16, 33, 64])
 @pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
-def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape):
+@pytest.mark.parametrize("tail", [(4, False), (1, True), (4, True)])
+def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape, tail):
     # Qwen3-30B-A3B (bf16 weight, softmax) and GLM-4.5-Air (fp32 weight, sigmoid, 1 group): the same ids in the
     # same order as F.linear + the top-k kernel; a CUDA graph of the fused router replays exactly with new inputs
     from kernels.router import topk_sigmoid_grouped, topk_softmax
@@ -161,7 +207,8 @@ def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape):
     slots = torch.arange(num_tokens, device="cuda")
     slots[1::3] = -1
     extra = (bias, 1, 1, 1.0) if grouped else ()
-    out = route_fused(x, w, 8, True, slots, *extra)
+    variant = dict(num_warps=tail[0], packed=tail[1])  # the tail variants (TAIL_CONFIGS) bench_router.py times
+    out = route_fused(x, w, 8, True, slots, *extra, **variant)
     logits = torch.nn.functional.linear(x.to(wdtype), w)
     ref = (topk_sigmoid_grouped(logits, bias, 8, 1, 1, True, 1.0, slots) if grouped
            else topk_softmax(logits, 8, True, slots))
@@ -171,11 +218,11 @@ def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape):
     torch.testing.assert_close(out[0], ref[0], **tol)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = [route_fused(x, w, 8, True, slots, *extra) for _ in range(3)]  # counters re-arm in between
+        captured = [route_fused(x, w, 8, True, slots, *extra, **variant) for _ in range(3)]  # counters re-arm
     x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
     for _ in range(2):
         graph.replay()
         torch.cuda.synchronize()
-        expect = route_fused(x, w, 8, True, slots, *extra)
+        expect = route_fused(x, w, 8, True, slots, *extra, **variant)
         for got in captured:
             assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])

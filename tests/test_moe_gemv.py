@@ -126,6 +126,51 @@ def test_gemv_fused_sum_one_token(fp8):
     assert got.eq(0).all()
 
 
+@pytest.mark.parametrize("num_tokens,num_experts,hidden,inter,top_k,dtype,down,pdl", [
+    (1, 8, 200, 72, 4, torch.float32, (4, 32), False),  # H not a multiple of BLOCK_N, I not of BLOCK_K
+    (3, 5, 96, 40, 3, torch.float16, (2, 16), True),  # top_k 3: padded slot rows; a token with no slot here
+    (8, 6, 70, 50, 3, torch.float32, (8, 64), True),  # a repeated expert across tokens; K < BLOCK_K
+])
+def test_gemv_down_topk_same_bits(num_tokens, num_experts, hidden, inter, top_k, dtype, down, pdl):
+    # config "down_topk": one program per (column tile, token) runs all of the token's slots and sums them in
+    # registers: two launches, and the bits of the per-pair down kernel + the top-k sum (a launch, or at one token
+    # the fused sum), i.e. each slot rounded to the output dtype, then added in slot order in fp32
+    x, w13, w2, weights, ids = _problem(num_tokens, num_experts, hidden, inter, top_k, dtype, seed=hidden + 1)
+    if num_tokens > 1:
+        ids[1] = -1  # every slot of this token on other expert-parallel ranks: a zero row
+    got, kernels = _run(x, w13, w2, weights, ids, _gemv(down=down, pdl=pdl, down_topk=True, fused_sum=True))
+    assert kernels == ["_gemv_up_kernel", "_gemv_down_topk_kernel"], kernels
+    for fused_sum in (False, True) if num_tokens == 1 else (False,):
+        want, _ = _run(x, w13, w2, weights, ids, _gemv(down=down, pdl=pdl, fused_sum=fused_sum))
+        assert torch.equal(got, want), fused_sum
+    if num_tokens > 1:
+        assert got[1].eq(0).all()
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    assert _rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype,down", [(torch.float32, (8, 64)), (torch.float32, (4, 256)),
+                                        (torch.float16, (16, 128))])
+def test_gemv_down_topk_fp8_weights(dtype, down):
+    # FP8 weights (W8A16) in the down_topk kernel: per-row [128, 128] block scales for every slot's rows (K steps
+    # inside one scale block, over two with a partial last one), the per-pair kernel's bits
+    torch.manual_seed(11)
+    num_tokens, num_experts, hidden, inter, top_k = 2, 4, 320, 200, 3
+    x = _blocky((num_tokens, hidden)).to(dtype)
+    w13, s13 = quantize_weight_block(_blocky((num_experts, 2 * inter, hidden)) / 16)
+    w2, s2 = quantize_weight_block(_blocky((num_experts, hidden, inter)) / 16)
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).to(torch.int32)
+    ids[1, 0] = -1
+    weights = torch.rand(num_tokens, top_k) + 0.1
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    got, kernels = _run(x, w13, w2, weights, ids, _gemv(down=down, pdl=True, down_topk=True), **kw)
+    assert kernels == ["_gemv_up_kernel", "_gemv_down_topk_kernel"]
+    want, _ = _run(x, w13, w2, weights, ids, _gemv(down=down, pdl=True), **kw)
+    assert torch.equal(got, want)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=False)
+    assert _rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+
+
 def test_gemv_pdl_and_prefetch_only_from_sm90(monkeypatch):
     # griddepcontrol / cp.async.bulk.prefetch do not assemble before sm_90, and a pre-Hopper GPU can get the
     # H200's table (pdl on) through moe_config's other-GPU fallback: those flags must fall away there
@@ -137,11 +182,24 @@ def test_gemv_pdl_and_prefetch_only_from_sm90(monkeypatch):
     assert moe_gemv._sm90(torch.device("cpu")) is False
 
 
-_SM90_PROBE = """
-import json, sys
+_SM90_PROBE = r"""
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
 sys.path.insert(0, "benchmarks")
 from attention_ir import compile_sm90, report
-from kernels.moe_gemv import _gemv_down_kernel, _gemv_up_kernel
+
+
+def e4m3_f2f(k):  # per-value e4m3 conversions (F2F.*.E4M3) in the SASS; F2F.BF16.F32 roundings are not counted
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return len(re.findall(r"F2F\.\w*E4M3", subprocess.run([str(tool), "-sass", f.name], capture_output=True,
+                                                               text=True).stdout))
+
+
+from kernels.moe_gemv import _gemv_down_kernel, _gemv_down_topk_kernel, _gemv_up_kernel
 E, H, I = 128, 2048, 768  # Qwen3-30B-A3B experts
 out = []
 for fp8 in (False, True):
@@ -161,6 +219,12 @@ for fp8 in (False, True):
                                                     PDL=True, FUSED_SUM=True, TOP_K=8,
                                                     TOP_K_PAD=8), 4, 1)
     out.append(dict(report(k), pdl="griddepcontrol.wait" in k.asm["ptx"]))
+    topk = dict(a_ptr="bf16", w_ptr=wt, ws_ptr=st, out_ptr="bf16", ids_ptr="i32", topk_weights_ptr="fp32",
+                num_tokens=1, K=I, N=H, stride_at=I, stride_we=I * H, stride_wn=I, stride_wse=96, stride_wsn=6,
+                stride_ot=H)
+    k = compile_sm90(_gemv_down_topk_kernel, topk, dict(USE_FP8=fp8, EVEN_K=True, BLOCK_N=4, BLOCK_K=256,
+                                                         NUM_STAGES=1, PDL=True, TOP_K=8, TOP_K_PAD=8), 4, 1)
+    out.append(dict(report(k), pdl="griddepcontrol.wait" in k.asm["ptx"], e4m3_f2f=e4m3_f2f(k)))
 print(json.dumps(out))
 """
 
@@ -169,11 +233,13 @@ def test_gemv_compiles_for_sm90():
     # no GPU needed: Triton's own ptxas for Hopper. No MMA and no spills; FP8 widened e4m3 -> f16 by packed
     # F2FP only (no per-value F2F); num_stages > 1 streams the tiles through cp.async; PDL emits griddepcontrol,
     # the w2 prefetch a bulk L2 prefetch and (one stage) evict-first w13 loads
-    up16, down16, up8, down8 = run_sm90_probe(_SM90_PROBE)
-    for r in (up16, down16, up8, down8):
+    up16, down16, topk16, up8, down8, topk8 = run_sm90_probe(_SM90_PROBE)
+    for r in (up16, down16, topk16, up8, down8, topk8):
         assert r["spill_bytes"] == 0 and r["mma"] is None and r["sass_ops"]["HMMA"] == 0 and r["pdl"], r
     for r in (up8, down8):
         assert r["sass_ops"]["F2F"] == 0 and r["sass_ops"]["F2FP"] > 0, r
+    # (the top-k kernel rounds each slot's fp32 result to bf16 alone, F2F.BF16.F32, before the slot-order sum)
+    assert topk8["e4m3_f2f"] == 0 and topk8["sass_ops"]["F2FP"] > 0, topk8
     assert up16["sass_ops"]["LDGSTS"] > 0 and up8["evict"]  # a cp.async ring at 3 stages; evict-first w13 loads
 
 
@@ -193,6 +259,9 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
     monkeypatch.setattr(tg, "gemv_candidates", lambda fp8, k, two: [
         {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
         {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}])
+    monkeypatch.setattr(tg, "topk_candidates", lambda fp8, k, top_k: [
+        {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 2, "num_stages": 1},
+        {"BLOCK_N": 2, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}])
     calls = []
     from kernels import pdl
 
@@ -216,13 +285,19 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
     assert tg.tune_gemv("tiny", [1], "fp8", tmp_path / "out", {"copy_tbps": 1.0}) == [] and not calls
     rows = tg.tune_gemv("tiny", [1, 64], "bf16", tmp_path / "out", {"copy_tbps": 1.0})
     assert len(rows) == 1 and rows[0]["chosen"] == "gemv"
-    assert len(calls) == 2 + 2 + 8 + 1  # up and down tiles, layers: fused_sum x pdl x prefetch, the tl.dot one
-    assert switch[4:] == [False] * 8 + [True] and pdl.env_switch() is True  # the tl.dot layer as served
+    # up, down and down_topk tiles; layers: (per-pair, fused_sum, down_topk) x pdl x prefetch; the tl.dot one
+    assert len(calls) == 2 + 2 + 2 + 12 + 1
+    assert switch[6:] == [False] * 12 + [True] and pdl.env_switch() is True  # the tl.dot layer as served
     table = json.loads((tmp_path / "out" / "configs" / name).read_text())
     assert table["64"] == base["64"]
     first = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     assert table["1"] == dict(base["1"], gemv={"up": first, "down": first, "max_tokens": 1, "fused_sum": False,
-                                                "pdl": False, "prefetch": False})
+                                                "pdl": False, "prefetch": False, "down_topk": False})
+    # --gemv-keep-up: the gate_up tile of the nearest GEMV entry (bucket 1's, just written), only the down tiles
+    calls.clear()
+    rows = tg.tune_gemv("tiny", [2], "bf16", tmp_path / "out", {"copy_tbps": 1.0}, keep_up=True)
+    assert len(calls) == 2 + 2 + 8 + 1 and rows[0]["gemv"]["up"] == first  # (per-pair, down_topk) x pdl x prefetch
+    assert json.loads((tmp_path / "out" / "configs" / name).read_text())["2"]["gemv"]["up"] == first
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -232,9 +307,10 @@ def test_gemv_tuner_writes_table_on_tiny_case(tmp_path, monkeypatch, request):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("num_tokens", [1, 8])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("pdl,fused_sum,prefetch", [(False, False, False), (True, False, True), (True, True, True),
-                                                    (False, True, True)])
-def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch, monkeypatch, request):
+@pytest.mark.parametrize("pdl,fused_sum,prefetch,down_topk", [
+    (False, False, False, False), (True, False, True, False), (True, True, True, False), (False, True, True, False),
+    (True, False, False, True), (False, False, True, True)])
+def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch, down_topk, monkeypatch, request):
     # Qwen3-30B-A3B experts: the reference's answer, the same bits on every run, and in CUDA-graph replays with
     # new routings (PDL edges and the fused sum's counters inside a graph)
     from kernels import pdl as pdl_switch
@@ -261,7 +337,9 @@ def test_gemv_gpu(num_tokens, fp8, pdl, fused_sum, prefetch, monkeypatch, reques
     weights, ids = routing()
     gemv = {"up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
             "down": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 2, "num_stages": 1},
-            "max_tokens": 8, "fused_sum": fused_sum, "pdl": pdl, "prefetch": prefetch}
+            "max_tokens": 8, "fused_sum": fused_sum, "pdl": pdl, "prefetch": prefetch, "down_topk": down_topk}
+    if down_topk:  # 8 slots x 2 columns a program
+        gemv["down"] = {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
     cfg = dict(default_config(num_tokens, num_experts, top_k, fp8), gemv=gemv)
     out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
     ref = fused_experts_ref(x, w13, w2, weights, ids, **kw, **({"act_fp8": False} if fp8 else {}))
