@@ -61,7 +61,14 @@ MAX_PARTIAL_BYTES = 32 << 10  # fp32 partials one token block's last program rea
 # shared memory and a barrier each, 18 of them at top-8 and one row; with one warp none do), "packed" softmax
 # top-k (_softmax_top_k_packed: one integer max per pick)
 TAIL_DEFAULT = {"num_warps": 4, "packed": False}
-TAIL_CONFIGS: tuple[tuple[int, dict], ...] = ((FUSED_MAX_TOKENS, TAIL_DEFAULT),)
+# Measured on an H200 (bench_router.py --shapes qwen3 --tails 4,4p,2p,1,1p, 2026-11-30; us per fused router, the
+# default first): M=1 6.74 -> 3.36 (1 warp, packed), M=2 5.88 -> 4.41 (1p), M=4 4.88 (default best), M=8 5.22 -> 4.95
+# (4p), M=16 6.89 -> 5.96 (4p), M=64 6.97 -> 6.02 (4p); the same ids in every variant
+TAIL_CONFIGS: tuple[tuple[int, dict], ...] = (
+    (2, {"num_warps": 1, "packed": True}),
+    (4, TAIL_DEFAULT),
+    (FUSED_MAX_TOKENS, {"num_warps": 4, "packed": True}),
+)
 
 
 def tail_config(num_tokens: int) -> dict:
