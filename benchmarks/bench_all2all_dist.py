@@ -275,6 +275,9 @@ def print_row(row: dict[str, Any]) -> None:
         syncs = " ".join(f"{k} {v}" for k, v in sorted(row["syncs"].items()))
         print(f"{head} host wall {row['total_us']:9.1f}us (collectives {row['collectives_us']:9.1f}us, rest "
               f"{row['own_us']:9.1f}us) ops {row['num_ops']} syncs {row['num_syncs']} ({syncs})", flush=True)
+        top = ", ".join(f"{name} {us:.1f}" for name, us in list(row.get("op_us", {}).items())[:8])
+        print(f"{head} host us by op (OpClock, its own cost included; sum {sum(row.get('op_us', {}).values()):.1f}"
+              f"): {top}", flush=True)
         return
     if row["mode"] == "graph":
         body = part("dispatch+combine", row["dispatch_bytes"] + row["combine_bytes"], row["total_us"])

@@ -149,10 +149,54 @@ class CollectiveClock:
             setattr(dist, name, fn)
 
 
+class OpClock(TorchDispatchMode):
+    """Host seconds per aten op name and per Triton kernel ('triton:<name>', the whole Python launch path) while
+    on: where an eager exchange's host time goes when it is neither syncs nor collectives. The mode's own cost
+    (a Python call per op) is in every entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: Counter[str] = Counter()
+        self._triton_runs: dict[type, Any] = {}
+
+    def __enter__(self) -> OpClock:
+        from torch.utils._python_dispatch import _pop_mode_temporarily
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        self._triton_runs = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+        clock = self
+
+        def wrap(original: Any) -> Any:
+            def run(fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                with _pop_mode_temporarily():
+                    out = original(fn, *args, grid=grid, warmup=warmup, **kwargs)
+                clock.seconds[f"triton:{fn.fn.__name__}"] += time.perf_counter() - t0
+                return out
+            return run
+
+        for cls, original in self._triton_runs.items():
+            cls.run = wrap(original)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, run in self._triton_runs.items():
+            cls.run = run
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[func.overloadpacket.__name__] += time.perf_counter() - t0
+        return out
+
+
 def host_cost(step: Callable[[], Any], barrier: Callable[[], None], reps: int, warmup: int = 2) -> dict[str, Any]:
     """step() = one dispatch + expert + combine. Per rep (after barrier(), which should also let the device go
     idle): host wall from the call to the return (no device sync after it: only the syncs inside count), and the
-    part inside the collectives; medians. One more rep counts the ops and the syncs."""
+    part inside the collectives; medians. One more rep counts the ops and the syncs, and reps more split the host
+    time by op and Triton kernel (OpClock; op_us: median microseconds per rep, largest first)."""
     for _ in range(warmup):
         step()
     walls, inside = [], []
@@ -166,7 +210,16 @@ def host_cost(step: Callable[[], Any], barrier: Callable[[], None], reps: int, w
     barrier()
     with HostSyncs() as counted:
         step()
+    split: dict[str, list[float]] = {}
+    for _ in range(reps):
+        barrier()
+        with OpClock() as ops:
+            step()
+        for name, sec in ops.seconds.items():
+            split.setdefault(name, []).append(sec * 1e6)
+    op_us = {name: statistics.median(v + [0.0] * (reps - len(v))) for name, v in split.items()}
+    op_us = dict(sorted(op_us.items(), key=lambda kv: -kv[1]))
     wall_us, coll_us = statistics.median(walls) * 1e6, statistics.median(inside) * 1e6
     return dict(wall_us=wall_us, collectives_us=coll_us, own_us=statistics.median(w - c for w, c in zip(walls, inside))
                 * 1e6, num_ops=len(counted.ops), num_syncs=counted.num_syncs, syncs=dict(counted.syncs),
-                sync_ops=counted.sync_ops, ops=dict(Counter(counted.ops)))
+                sync_ops=counted.sync_ops, ops=dict(Counter(counted.ops)), op_us=op_us)

@@ -34,6 +34,10 @@ def test_bench_all2all_dist_two_gloo_ranks(tmp_path) -> None:  # noqa: ANN001
     for t in (16, 24):  # --host-cost: an eager (dynamic) dispatch + combine reads the host once, nothing else
         row = host[("sparse_exact_host", t)]
         assert row["syncs"] == {"reads": 1} and row["num_ops"] > 0 and row["total_us"] > 0, row
+        # the host time split by op (and Triton kernel on a GPU), largest first; the collectives among them
+        op_us = row["op_us"]
+        assert list(op_us.values()) == sorted(op_us.values(), reverse=True) and sum(op_us.values()) > 0, row
+        assert {"allreduce_", "alltoall_base_"} <= set(op_us), op_us
     assert set(rows) == {(b, t) for b in ("nccl_exact", *backends) for t in (1, 16, 24)}
     assert [rows[("sparse", t)]["mode"] for t in (1, 16, 24)] == ["static", "static", "dynamic"]
     assert rows[("sparse", 16)]["slots"] < 16 and rows[("sparse_exact", 16)]["mode"] == "dynamic"
