@@ -307,6 +307,17 @@ def pick_small_batch(rows: list[dict], table: dict) -> dict:
     return table
 
 
+def merge_table(old: dict, table: dict) -> dict:
+    """The table file to write: the checked-in one (old) with this run's picks over it key by key, so that a kind
+    (--only) or a cache dtype this run did not time (its cases skipped for the budget) keeps its checked-in entry
+    and the file can be copied as is. The picks lose their geomean_frac bookkeeping."""
+    written = {kind: dict(entries) for kind, entries in old.items()}
+    for kind, entries in table.items():
+        for key, cfg in entries.items():
+            written.setdefault(kind, {})[key] = {x: y for x, y in cfg.items() if not x.endswith("geomean_frac")}
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -348,11 +359,8 @@ def main() -> None:
         extra = f" splits={r['splits']}" if "splits" in r else ""
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
     gpu = device_name(torch.device("cuda"))
-    # a kind this run did not sweep (--only) keeps the checked-in table's entries, so the file can be copied as is
     old = CONFIG_DIR / config_file_name(gpu)
-    written = json.loads(old.read_text()) if old.exists() else {}
-    written.update({k: {kk: {x: y for x, y in v.items() if not x.endswith("geomean_frac")} for kk, v in t.items()}
-                    for k, t in table.items()})
+    written = merge_table(json.loads(old.read_text()) if old.exists() else {}, table)
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(written, indent=1))
     (out / "tune_attention.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,
