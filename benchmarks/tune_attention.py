@@ -293,11 +293,15 @@ def pick(rows: list[dict], pick_ragged: bool = False) -> dict:
 
 def pick_small_batch(rows: list[dict], table: dict) -> dict:
     """Decode entries with both small (batch <= SMALL_BATCH) and larger cases: the config with the best geometric
-    mean over the larger cases, carrying the best one over the small cases as its small_batch_config."""
+    mean over the larger cases, carrying the best one over the small cases as its small_batch_config. An entry whose
+    cases are of one class only (the other's skipped for the budget) stays pick's choice, marked with that class
+    (batch_class "small" / "large"): merge_table then keeps the checked-in config of the other class."""
     for key, entry in table.get("decode", {}).items():
         sub = [r for r in rows if r["kind"] == "decode" and config_key(HEAD_DIM, KV_DTYPES[r["kv"]]) == key]
         small = pick([r for r in sub if r["batch"] <= SMALL_BATCH]).get("decode", {}).get(key)
         large = pick([r for r in sub if r["batch"] > SMALL_BATCH]).get("decode", {}).get(key)
+        if bool(small) != bool(large):
+            entry["batch_class"] = "small" if small else "large"
         if small and large:
             small_frac, large_frac = small.pop("geomean_frac"), large.pop("geomean_frac")
             entry.clear()
@@ -305,6 +309,26 @@ def pick_small_batch(rows: list[dict], table: dict) -> dict:
             if small != large:
                 entry.update(small_batch=SMALL_BATCH, small_batch_config=small, small_batch_geomean_frac=small_frac)
     return table
+
+
+def merge_table(old: dict, table: dict) -> dict:
+    """The table file to write: the checked-in one (old) with this run's picks over it key by key, so that a kind
+    (--only) or a cache dtype this run did not time (its cases skipped for the budget) keeps its checked-in entry
+    and the file can be copied as is. The picks lose their geomean_frac bookkeeping. A decode pick timed on one
+    batch class only (pick_small_batch's batch_class) replaces that class's config in the checked-in entry: a B=1
+    pick becomes its small_batch_config, not the config of every batch; a pick over the larger batches keeps the
+    checked-in small_batch_config."""
+    written = {kind: dict(entries) for kind, entries in old.items()}
+    for kind, entries in table.items():
+        for key, cfg in entries.items():
+            new = {x: y for x, y in cfg.items() if not x.endswith("geomean_frac") and x != "batch_class"}
+            prev = written.get(kind, {}).get(key)
+            if prev and cfg.get("batch_class") == "small":
+                new = {**prev, "small_batch": SMALL_BATCH, "small_batch_config": new}
+            elif prev and cfg.get("batch_class") == "large" and prev.get("small_batch_config"):
+                new.update(small_batch=prev["small_batch"], small_batch_config=prev["small_batch_config"])
+            written.setdefault(kind, {})[key] = new
+    return written
 
 
 def main() -> None:
@@ -348,11 +372,8 @@ def main() -> None:
         extra = f" splits={r['splits']}" if "splits" in r else ""
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
     gpu = device_name(torch.device("cuda"))
-    # a kind this run did not sweep (--only) keeps the checked-in table's entries, so the file can be copied as is
     old = CONFIG_DIR / config_file_name(gpu)
-    written = json.loads(old.read_text()) if old.exists() else {}
-    written.update({k: {kk: {x: y for x, y in v.items() if not x.endswith("geomean_frac")} for kk, v in t.items()}
-                    for k, t in table.items()})
+    written = merge_table(json.loads(old.read_text()) if old.exists() else {}, table)
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(written, indent=1))
     (out / "tune_attention.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,

@@ -214,6 +214,49 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     assert len(plan) == 3 + 2 + 2 + 3
 
 
+def test_tuner_table_merge_keeps_unswept_keys():
+    # a run whose FP8 cases were all skipped for the budget picks bf16 entries only: the checked-in FP8 entries of
+    # the same kinds stay (a per-kind update dropped them, and FP8 fell back to the default tiles), a kind this run
+    # did not sweep stays, the picks replace their keys without the geomean_frac bookkeeping
+    import tune_attention as ta
+
+    old = json.loads((acfg.CONFIG_DIR / acfg.config_file_name("NVIDIA_H200")).read_text())
+    dec = {**ta.decode_cfg((64, 4, 3), (2, 64)), "geomean_frac": 0.5, "small_batch_geomean_frac": 0.6}
+    pre = {**ta.prefill_cfg((128, 64, 8, 3)), "geomean_frac": 0.4}
+    written = ta.merge_table(old, {"decode": {"d128_bf16": dec}, "prefill": {"d128_bf16": pre}})
+    assert written["decode"]["d128_fp8"] == old["decode"]["d128_fp8"]
+    assert written["prefill"]["d128_fp8"] == old["prefill"]["d128_fp8"]
+    assert written["decode"]["d128_bf16"] == ta.decode_cfg((64, 4, 3), (2, 64))
+    assert written["prefill"]["d128_bf16"] == ta.prefill_cfg((128, 64, 8, 3))
+    assert ta.merge_table(old, {"prefill": {"d128_bf16": pre}})["decode"] == old["decode"]
+    assert ta.merge_table({}, {"prefill": {"d128_bf16": pre}}) == {"prefill": {"d128_bf16": ta.prefill_cfg(
+        (128, 64, 8, 3))}}
+    assert "geomean_frac" in pre  # the picks themselves are left as they are (tune_attention.json prints them)
+
+
+def test_tuner_table_merge_of_one_batch_class():
+    # the budget ran out after an FP8 decode sweep's B=1 cases: that pick is the checked-in entry's small-batch
+    # config, not the config of every batch (B=64 with a B=1 tile and split rule); a sweep of the larger batches only
+    # keeps the checked-in small-batch config
+    import tune_attention as ta
+
+    old = json.loads((acfg.CONFIG_DIR / acfg.config_file_name("NVIDIA_H200")).read_text())
+    a, b = ta.decode_cfg((64, 4, 3), (2, 64)), ta.decode_cfg((32, 4, 2), (8, 64, {"max_splits": 256}))
+    key = f"d{ta.HEAD_DIM}_fp8"
+    for batches, cfg in (((1,), b), ((16, 64), a)):
+        rows = [{"kind": "decode", "case": f"B={n}", "batch": n, "kv": "fp8", "cfg": cfg, "frac": 0.5} for n in batches]
+        table = ta.pick_small_batch(rows, ta.pick(rows))
+        assert table["decode"][key]["batch_class"] == ("small" if batches == (1,) else "large")
+        entry = ta.merge_table(old, table)["decode"][key]
+        if batches == (1,):
+            assert entry == {**old["decode"][key], "small_batch": ta.SMALL_BATCH, "small_batch_config": b}
+        else:
+            assert entry == {**a, "small_batch": ta.SMALL_BATCH, "small_batch_config": old["decode"][key][
+                "small_batch_config"]}
+        acfg.check_config(entry, acfg.DECODE_KEYS, ta.HEAD_DIM)
+    assert ta.merge_table({}, table)["decode"][key] == a  # nothing checked in: the pick as it is
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", [torch.bfloat16, FP8])
 def test_swept_configs_gpu(kv):

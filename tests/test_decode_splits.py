@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -202,3 +204,27 @@ def test_long_context_knobs_gpu(kv, head_dim):
         out = paged_attention_decode(*args, config=cfg)
         assert _rel_err(out, ref) < 1e-2 and out[1].abs().max() == 0, knobs
         assert torch.equal(out, paged_attention_decode(*args, config=cfg))
+
+
+
+@triton.jit
+def _widen_tile(x_ptr, out_ptr, N: tl.constexpr, D: tl.constexpr):
+    offs = tl.arange(0, N)[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(out_ptr + offs, dec._widen_fp8(tl.load(x_ptr + offs)))
+
+
+@pytest.mark.gpu
+def test_fp8_widen_is_exact_for_every_byte_gpu():
+    # _widen_fp8's PTX against torch's e4m3 -> fp16 for all 256 bit patterns at every position of a decode tile
+    # [64, 128] (the asm packs four bytes per register: a swapped byte order or half would move values): the same
+    # fp16 bits (subnormals, +-0, +-448), NaN where torch has NaN
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("cvt.f16x2.e4m3x2 is sm89+ PTX")
+    bits = torch.randperm(64 * 128, device="cuda") % 256  # every pattern 32 times, at scattered positions
+    x = bits.to(torch.uint8).view(torch.float8_e4m3fn).view(64, 128)
+    out = torch.empty(64, 128, dtype=torch.float16, device="cuda")
+    _widen_tile[(1,)](x, out, N=64, D=128, num_warps=4)
+    want = x.to(torch.float16)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
