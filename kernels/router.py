@@ -65,10 +65,18 @@ def topk_sigmoid_grouped_ref(
 
 
 @triton.jit
+def _max_nan_first(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _pick_max(x, e, BIG: tl.constexpr):
-    # per row: the max of x and the lowest column holding it; x [BLOCK_T, BLOCK_E], e [1, BLOCK_E]
-    m = tl.max(x, 1)
-    idx = tl.min(tl.where(x == m[:, None], e, BIG), 1)
+    # per row: the max of x and the lowest column holding it; x [BLOCK_T, BLOCK_E], e [1, BLOCK_E]. NaN ranks above
+    # every number (torch.topk's order, and the packed keys' of kernels/router_fused.py): tl.max skips NaN, so a row
+    # of NaN (a NaN hidden state) matched no column and got expert id BIG (>= num_experts, or a padding column's)
+    m = tl.reduce(x, 1, _max_nan_first)
+    hit = tl.where(m[:, None] != m[:, None], x != x, x == m[:, None])
+    idx = tl.min(tl.where(hit, e, BIG), 1)
     return m, idx
 
 

@@ -127,7 +127,8 @@ def _order_key(x, e, KEY16: tl.constexpr):
     # a distinct integer per column ordered as (x, -e): the max key is x's max at its lowest column, the pick rule
     # of kernels/router.py _pick_max. x fp32 [rows, cols] (-0.0 ranks as +0.0, as == does), e int32 column ids.
     # KEY16 (x holds bf16 values: its low 16 bits are zero): int32 keys, value bits << 16 | 0xFFFF - e; else int64
-    b = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    # every NaN as one positive NaN: above +inf whatever its sign or payload, ties by column (router.py _pick_max)
+    b = tl.where(x != x, 0x7FC00000, tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True))
     if KEY16:
         b = b >> 16
         return (tl.where(b < 0, b ^ 0x7FFF, b) << 16) | (0xFFFF - e)
