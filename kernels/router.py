@@ -75,8 +75,7 @@ def _pick_max(x, e, BIG: tl.constexpr):
     # every number (torch.topk's order, and the packed keys' of kernels/router_fused.py): tl.max skips NaN, so a row
     # of NaN (a NaN hidden state) matched no column and got expert id BIG (>= num_experts, or a padding column's)
     m = tl.reduce(x, 1, _max_nan_first)
-    hit = tl.where(m[:, None] != m[:, None], x != x, x == m[:, None])
-    idx = tl.min(tl.where(hit, e, BIG), 1)
+    idx = tl.min(tl.where((x == m[:, None]) | (x != x), e, BIG), 1)  # (m is NaN while any NaN is left)
     return m, idx
 
 
