@@ -94,16 +94,20 @@ def _softmax_top_k(x, e, k, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOC
     # x [BLOCK_T, BLOCK_E] fp32 logits, -inf past the last expert; e [1, BLOCK_E], k [1, BLOCK_K] column ids.
     # Returns weights [BLOCK_T, BLOCK_K] fp32 and ids [BLOCK_T, BLOCK_K] int32 (columns >= TOP_K: junk)
     row_max = tl.max(x, 1)
-    denom = tl.sum(tl.exp(x - row_max[:, None]), 1)  # [BLOCK_T]
+    if RENORMALIZE:  # the picks' exps added one by one in pick order: the same bits in any layout (router_fused)
+        denom = tl.zeros([BLOCK_T], tl.float32)
+    else:
+        denom = tl.sum(tl.exp(x - row_max[:, None]), 1)  # [BLOCK_T]
     top_vals = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     top_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for i in tl.static_range(TOP_K):
         m, idx = _pick_max(x, e, x.shape[1])
-        top_vals = tl.where(k == i, tl.exp(m - row_max)[:, None], top_vals)
+        v = tl.exp(m - row_max)
+        top_vals = tl.where(k == i, v[:, None], top_vals)
         top_ids = tl.where(k == i, idx[:, None], top_ids)
         x = tl.where(e == idx[:, None], float("-inf"), x)
-    if RENORMALIZE:
-        denom = tl.sum(top_vals, 1)
+        if RENORMALIZE:
+            denom += v
     return top_vals / denom[:, None], top_ids
 
 
