@@ -31,7 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
 from kernels.router import topk_sigmoid_grouped, topk_softmax  # noqa: E402
-from kernels.router_fused import FUSED_MAX_TOKENS, GEMV_MAX_TOKENS, _fused_config, _num_sms, route_fused  # noqa: E402
+from kernels.router_fused import (  # noqa: E402
+    FUSED_MAX_TOKENS,
+    GEMV_MAX_TOKENS,
+    TAIL_DEFAULT,
+    _fused_config,
+    _num_sms,
+    route_fused,
+)
 
 # name: (num_experts, hidden, top_k, grouped, router weight dtype); GLM-4.5-Air: n_group=1, topk_group=1
 SHAPES = {
@@ -101,8 +108,9 @@ def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int], tails
     row["forms_us"] = ({form: timed(lambda *a, g=form == "gemv": fused(*a, gemv=g), True) for form in ("gemv", "dot")}
                        if m <= 16 else {})
     # the tail variants: the default's ids in the same order and its weights (to the order of an 8-value sum at
-    # another warp count), then timed
-    pairs = [(fused(x, w, bias, top_k, **parse_tail(t)), fused(x, w, bias, top_k)) for t in tails for w in ws[:4]]
+    # another warp count), then timed. The default spelled out: with TAIL_CONFIGS on, fused()'s own pick is a variant
+    pairs = [(fused(x, w, bias, top_k, **parse_tail(t)), fused(x, w, bias, top_k, **TAIL_DEFAULT))
+             for t in tails for w in ws[:4]]
     row["tails_same_ids"] = all(torch.equal(u[1], v[1]) for u, v in pairs)
     row["tails_max_weight_diff"] = max((float((u[0] - v[0]).abs().max()) for u, v in pairs), default=0.0)
     row["tails_us"] = {t: timed(lambda *a, t=t: fused(*a, **parse_tail(t)), True) for t in tails}

@@ -65,10 +65,17 @@ def topk_sigmoid_grouped_ref(
 
 
 @triton.jit
+def _max_nan_first(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _pick_max(x, e, BIG: tl.constexpr):
-    # per row: the max of x and the lowest column holding it; x [BLOCK_T, BLOCK_E], e [1, BLOCK_E]
-    m = tl.max(x, 1)
-    idx = tl.min(tl.where(x == m[:, None], e, BIG), 1)
+    # per row: the max of x and the lowest column holding it; x [BLOCK_T, BLOCK_E], e [1, BLOCK_E]. NaN ranks above
+    # every number (torch.topk's order, and the packed keys' of kernels/router_fused.py): tl.max skips NaN, so a row
+    # of NaN (a NaN hidden state) matched no column and got expert id BIG (>= num_experts, or a padding column's)
+    m = tl.reduce(x, 1, _max_nan_first)
+    idx = tl.min(tl.where((x == m[:, None]) | (x != x), e, BIG), 1)  # (m is NaN while any NaN is left)
     return m, idx
 
 
@@ -87,16 +94,20 @@ def _softmax_top_k(x, e, k, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOC
     # x [BLOCK_T, BLOCK_E] fp32 logits, -inf past the last expert; e [1, BLOCK_E], k [1, BLOCK_K] column ids.
     # Returns weights [BLOCK_T, BLOCK_K] fp32 and ids [BLOCK_T, BLOCK_K] int32 (columns >= TOP_K: junk)
     row_max = tl.max(x, 1)
-    denom = tl.sum(tl.exp(x - row_max[:, None]), 1)  # [BLOCK_T]
+    if RENORMALIZE:  # the picks' exps added one by one in pick order: the same bits in any layout (router_fused)
+        denom = tl.zeros([BLOCK_T], tl.float32)
+    else:
+        denom = tl.sum(tl.exp(x - row_max[:, None]), 1)  # [BLOCK_T]
     top_vals = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
     top_ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
     for i in tl.static_range(TOP_K):
         m, idx = _pick_max(x, e, x.shape[1])
-        top_vals = tl.where(k == i, tl.exp(m - row_max)[:, None], top_vals)
+        v = tl.exp(m - row_max)
+        top_vals = tl.where(k == i, v[:, None], top_vals)
         top_ids = tl.where(k == i, idx[:, None], top_ids)
         x = tl.where(e == idx[:, None], float("-inf"), x)
-    if RENORMALIZE:
-        denom = tl.sum(top_vals, 1)
+        if RENORMALIZE:
+            denom += v
     return top_vals / denom[:, None], top_ids
 
 

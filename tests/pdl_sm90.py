@@ -55,7 +55,10 @@ def _router(tokens: int, splits: int, gemv: bool) -> tuple:
     consts = dict(HIDDEN=H, NUM_EXPERTS=E, TOP_K=TOPK, SIGMOID_GROUPED=False, NUM_GROUPS=1, TOPK_GROUPS=1,
                   RENORMALIZE=True, HAS_SLOTS=True, NUM_SPLITS=splits, SPLIT_H=H // splits, BLOCK_T=16,
                   TAIL_T=min(16, tokens), BLOCK_E=16, BLOCK_H=128, BLOCK_E_ALL=E, BLOCK_K=TOPK, BLOCK_G=1, GEMV=gemv)
-    return router_fused._route_fused_kernel, args, consts, 4, 1, ["w_ptr"]
+    # the tail route_fused launches at this row count (TAIL_CONFIGS: at one row one warp and the packed top-k)
+    tail = router_fused.tail_config(tokens)
+    consts.update(PACKED=tail["packed"], KEY16=True, GROUP=E if tail["num_warps"] == 1 else 32)
+    return router_fused._route_fused_kernel, args, consts, tail["num_warps"], 1, ["w_ptr"]
 
 
 def _linear(bm: int, bn: int, bk: int, warps: int, stages: int, split: int, dot: int) -> tuple:

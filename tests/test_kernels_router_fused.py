@@ -106,14 +106,18 @@ def test_fused_tail_variants_same_bits(num_tokens, num_experts, top_k, dtype):
     # 20 rows = two token blocks) picks the same ids in the same order, and the same weights, as the default tail
     x, w, _ = _inputs(num_tokens, num_experts, 72, dtype, num_tokens + top_k)
     for renormalize in (True, False):
-        want = route_fused(x, w, top_k, renormalize)
+        # the default tail spelled out: with TAIL_CONFIGS on, route_fused's own choice at 1, 2 and 20 rows is packed
+        want = route_fused(x, w, top_k, renormalize, **router_fused.TAIL_DEFAULT)
         if dtype == torch.float32:
             _check(want, route_fused_ref(x, w, top_k, renormalize))
         for num_warps in (1, 2, 4):
             got = route_fused(x, w, top_k, renormalize, num_warps=num_warps, packed=True)
             assert torch.equal(got[1], want[1]), (num_warps, renormalize)
-            # (on a GPU the weights' 8-value sum may run in another order at another warp count)
-            torch.testing.assert_close(got[0], want[0], rtol=0 if DEVICE == "cpu" else 1e-6, atol=0)
+            # renormalize: the picks' exps summed one by one in pick order in both tails, the same bits on a GPU too
+            # (a tl.sum over the [rows, top_k] tile ran in its layout's order: 4 warps and 1 or 4p differ); without
+            # it the softmax denominator sums every expert in the layout's order
+            exact = renormalize or DEVICE == "cpu"
+            torch.testing.assert_close(got[0], want[0], rtol=0 if exact else 1e-6, atol=0)
     with pytest.raises(ValueError, match="num_warps"):
         route_fused(x, w, top_k, True, num_warps=3)
 
@@ -226,3 +230,29 @@ def test_fused_router_gpu_matches_unfused_and_replays(num_tokens, shape, tail):
         expect = route_fused(x, w, 8, True, slots, *extra, **variant)
         for got in captured:
             assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
+@pytest.mark.parametrize("num_experts", [64, 60])
+def test_nan_logits_rank_first_with_valid_ids(num_experts):
+    # NaN logits (a NaN hidden state, a NaN router weight row): tl.max skips NaN, so the float pick of
+    # kernels/router.py matched no column on a row of NaN and gave expert id num_experts (E=64) or a padding column's
+    # (E=60), which the GEMV/one-token MoE kernels index with. Now every path ranks NaN (of either sign) above every
+    # number, lowest id first, as the packed keys do: the same ids in range and distinct, and NaN weights
+    from kernels.router import topk_sigmoid_grouped, topk_softmax
+
+    x, w, bias = _inputs(4, num_experts, 32, torch.float32, 3)
+    w[5] = float("nan")  # expert 5's logit is NaN in every row: picked first
+    x[1] = float("nan")  # every logit of row 1 NaN
+    x[2] = -x[1]  # negative NaNs
+    w[7, 0] = float("inf")
+    x[3, 0] = 1.0  # row 3: expert 7's logit +inf, after NaN
+    logits = torch.nn.functional.linear(x, w)
+    want = torch.tensor([[5, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]], dtype=torch.int32)
+    outs = [route_fused(x, w, 6, renormalize, **variant) for renormalize in (True, False)
+            for variant in (router_fused.TAIL_DEFAULT, dict(num_warps=1, packed=True), dict(num_warps=4, packed=True))]
+    outs += [topk_softmax(logits, 6, renormalize) for renormalize in (True, False)]
+    for weights, ids in outs:
+        assert torch.equal(ids[1:3], want[1:]) and ids[0, 0] == 5 and ids[3, :2].tolist() == [5, 7], ids
+        assert torch.equal(ids, outs[0][1]) and weights.isnan().all()
+    ids = topk_sigmoid_grouped(logits, bias, 6, 4, 2, True, 1.0)[1]
+    assert ((ids >= 0) & (ids < num_experts)).all() and all(len(set(r)) == 6 for r in ids.tolist()), ids

@@ -366,3 +366,23 @@ def test_gemv_tuner_extends_max_tokens():
     table = {"1": {"gemv": {"max_tokens": 1}}, "8": {"BLOCK_M": 16}}
     tg.extend_max_tokens(table)  # GEMV lost at 8: M=2 is not extrapolated
     assert table["1"]["gemv"]["max_tokens"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
+def test_h200_qwen3_tables_keep_gemv_up_to_8_tokens(dtype, monkeypatch):
+    # the retuned Qwen3-30B-A3B tables (buckets 1, 2, 4, 8 with GEMV): moe_config's nearest bucket on a log scale
+    # gives M=3 and 5 bucket 4 and M=6, 7 bucket 8, and each entry's max_tokens covers the M it is looked up for, so
+    # no M <= 8 falls to the aligned tl.dot path (bucket 1's max_tokens went 2 -> 1 with the new "2" key: without
+    # that key M=2 would); every gemv entry passes check_gemv_config
+    import kernels.moe_config as mc
+    from kernels.moe_gemv import check_gemv_config
+
+    monkeypatch.setattr(mc, "device_name", lambda device=None: "NVIDIA_H200")
+    table = json.loads((mc.CONFIG_DIR / mc.config_file_name(128, 2048, 768, dtype, "NVIDIA_H200")).read_text())
+    bucket = {1: "1", 2: "2", 3: "4", 4: "4", 5: "4", 6: "8", 7: "8", 8: "8", 9: "8"}
+    for m, b in bucket.items():
+        cfg = mc.get_moe_config(m, 128, 2048, 768, 8, dtype)
+        assert cfg == table[b], m
+        assert (m <= cfg["gemv"]["max_tokens"]) == (m <= 8), m
+        check_gemv_config(cfg["gemv"])
+        assert not cfg["gemv"].get("down_topk"), m  # measured slower: off everywhere
