@@ -3,7 +3,7 @@
 #   phase 1 (both GPUs): where the eager expert exchange's host time goes: bench_all2all_dist --host-cost now splits
 #     it by aten op and Triton launch (OpClock); on 2 H200s an eager dispatch + combine spent ~0.7 ms outside the
 #     collectives with 10-12 ops and at most one sync (session 7, call 4).
-#   phase 2, lane a (GPU 0, issue 16): the eager kernel profile at B=1 and B=64 with this session's tables (router
+#   phase 2, lane a (GPU 0, issue 16): GPU tests of the changes verified on the CPU only, then the eager kernel profile at B=1 and B=64 with this session's tables (router
 #     tails, MoE GEMV retune), PDL off for clean kernel times: the issue's "top kernels by time" table.
 #   phase 2, lane b (GPU 1, issue 16): the same for FP8 weights at B=1 (2.42 ms against a 0.82 ms floor, the
 #     farthest target; its attention projections run the FP8 linear at M=1).
@@ -25,6 +25,10 @@ fi
 
 lane_a() {
   export TRITON_CACHE_DIR=/tmp/triton_a
+  # first: the session-7 review's router changes (NaN ranked first, the renormalize sum in pick order) and the
+  # decode fp8_widen byte check were verified on the CPU and in the sm90 compile only
+  timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_router_fused.py tests/test_kernels_router.py \
+    tests/test_decode_splits.py tests/test_gpu_engine.py 2>&1 | tail -2
   timeout 150 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,64 --async-scheduling --steps 30 --no-pdl \
     --profile 1,64 --out $R/a/e2e_profile.json 2>&1 | grep -vE "^\s*$" | cut -c1-200 | tail -60
 }
