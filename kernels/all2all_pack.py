@@ -58,6 +58,22 @@ def sparse_route_ref(
 
 
 @triton.jit
+def _block_hits(ids_ptr, dest_ptr, local_ptr, tt, tmask, rr, n_loc, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_P: tl.constexpr, STORE: tl.constexpr):
+    # [BLOCK_T, BLOCK_P] int32: 1 where token tt has a pair on rank rr. STORE: also each pair's destination rank and
+    # local expert id (-1 on padding ids)
+    hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+    for j in tl.static_range(K):
+        e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
+        d = tl.where(e >= 0, e // n_loc, -1)
+        if STORE:
+            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
+            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
+        hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+    return hit
+
+
+@triton.jit
 def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T, C, n_loc,
                   P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     # one program: slots are token order within each destination, so a running count carries across blocks
@@ -67,13 +83,7 @@ def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T
     for t0 in range(0, T, BLOCK_T):
         tt = t0 + tl.arange(0, BLOCK_T)
         tmask = tt < T
-        hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
-        for j in tl.static_range(K):
-            e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
-            d = tl.where(e >= 0, e // n_loc, -1)
-            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
-            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
-            hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+        hit = _block_hits(ids_ptr, dest_ptr, local_ptr, tt, tmask, rr, n_loc, K, BLOCK_T, BLOCK_P, True)
         pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
         kept = (hit > 0) & (pos < C)  # pairs past the capacity get no slot (the caller counts the overflow)
         slot = tl.where(kept, rr[None, :].to(tl.int64) * C + pos, P * C)
@@ -152,13 +162,7 @@ def _route_exact_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, matrix
     for t0 in range(0, T, BLOCK_T):
         tt = t0 + tl.arange(0, BLOCK_T)
         tmask = tt < T
-        hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
-        for j in tl.static_range(K):
-            e = tl.load(ids_ptr + tt * K + j, mask=tmask, other=-1).to(tl.int64)
-            d = tl.where(e >= 0, e // n_loc, -1)
-            tl.store(dest_ptr + tt * K + j, d, mask=tmask)
-            tl.store(local_ptr + tt * K + j, tl.where(e >= 0, e % n_loc, -1), mask=tmask)
-            hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+        hit = _block_hits(ids_ptr, dest_ptr, local_ptr, tt, tmask, rr, n_loc, K, BLOCK_T, BLOCK_P, True)
         counts += tl.sum(hit, axis=0)
     for q in range(0, P):  # the all_reduce's input: this rank's row, zeros elsewhere
         tl.store(matrix_ptr + q * P + rr, tl.where(q == rank, counts, 0).to(tl.int64), mask=pmask)
@@ -172,11 +176,8 @@ def _route_exact_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, matrix
         for t0 in range(0, T, BLOCK_T):
             tt = t0 + tl.arange(0, BLOCK_T)
             tmask = tt < T
-            hit = tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
-            for k in tl.static_range(K):  # from the ids again: other threads stored dest, unfenced
-                e = tl.load(ids_ptr + tt * K + k, mask=tmask, other=-1).to(tl.int64)
-                d = tl.where(e >= 0, e // n_loc, -1)
-                hit = tl.maximum(hit, (d[:, None] == rr[None, :]).to(tl.int32))
+            # from the ids again: other threads stored dest, unfenced
+            hit = _block_hits(ids_ptr, dest_ptr, local_ptr, tt, tmask, rr, n_loc, K, BLOCK_T, BLOCK_P, False)
             pos = tl.cumsum(hit, axis=0) - 1 + running[None, :]
             mine = (hit > 0) & (pos >= lo) & (pos < lo + R)  # the pairs of round j
             both = tmask[:, None] & pmask[None, :]
