@@ -78,12 +78,12 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     stats = ExpertStats(1, case["experts"], torch.device("cpu"))
     disp = create_backend(case["backend"], parallel, case["experts"], case["capacity"], stats, **options)
     if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
-        from kernels import all2all_pack
+        from kernels import all2all_pack, all2all_route
 
         disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel, disp._pairs_kernel = (
-            all2all_pack.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
+            all2all_route.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
             all2all_pack.sparse_combine, all2all_pack.exchange_pairs)
-        disp._route_exact_kernel = all2all_pack.sparse_route_exact  # the dynamic mode's layout (and its rounds)
+        disp._route_exact_kernel = all2all_route.sparse_route_exact  # the dynamic mode's layout (and its rounds)
     x, w, ids, w13, w2 = _inputs(case, rank, world, dtype)
     n_loc = case["experts"] // world
     lo = rank * n_loc

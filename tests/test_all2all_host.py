@@ -26,7 +26,7 @@ LAUNCHES = ["remainder", "index_add_", "triton:_route_exact_kernel", "allreduce_
 
 
 def _check(parallel: ParallelState, triton: bool) -> list[str]:
-    from kernels import all2all_pack
+    from kernels import all2all_pack, all2all_route
 
     rank, errors = parallel.ep_rank, []
     for num_tokens, hidden, experts, top_k, capacity, routing in CASES:
@@ -34,7 +34,7 @@ def _check(parallel: ParallelState, triton: bool) -> list[str]:
         backend = create_backend("sparse", parallel, experts, capacity, stats)  # static max 0: always dynamic
         if triton:
             backend._route_exact_kernel, backend._pack_kernel, backend._unpack_kernel, backend._combine_kernel = (
-                all2all_pack.sparse_route_exact, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
+                all2all_route.sparse_route_exact, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,
                 all2all_pack.sparse_combine)
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(num_tokens, hidden, generator=gen)

@@ -1,4 +1,4 @@
-"""The sparse all2all's pack and combine kernels vs their torch references (Triton interpreter on the CPU)."""
+"""The sparse all2all's route, pack and combine kernels vs their torch references (Triton interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from kernels.all2all_pack import (
     sparse_combine_ref,
     sparse_pack,
     sparse_pack_ref,
-    sparse_route,
-    sparse_route_exact,
-    sparse_route_exact_ref,
-    sparse_route_ref,
     sparse_unpack,
     sparse_unpack_ref,
 )
+from kernels.all2all_route import sparse_route, sparse_route_exact, sparse_route_exact_ref, sparse_route_ref
 
 
 def _pack_inputs(num_tokens: int, hidden: int, top_k: int, num_ranks: int, num_rows: int, dtype: torch.dtype,
@@ -251,7 +248,8 @@ _SM90_PROBE = """
 import json, re, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import compile_sm90, report
-from kernels.all2all_pack import _pack_kernel, _route_exact_kernel, sparse_route_exact
+from kernels.all2all_pack import _pack_kernel
+from kernels.all2all_route import _route_exact_kernel, sparse_route_exact
 from kernels.fp8 import _group_quant_kernel
 import inspect
 src = inspect.getsource(sparse_route_exact)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from kernels import all2all_pack as pack_kernels
+from kernels import all2all_route as route_kernels
 from kernels import fp8 as fp8_kernels
 from runtime.distributed.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, row_layout
 
@@ -106,11 +107,11 @@ class SparseBackend(All2AllBackend):
         use_triton = device.type == "cuda"
         self._pack_kernel = pack_kernels.sparse_pack if use_triton else pack_kernels.sparse_pack_ref
         self._combine_kernel = pack_kernels.sparse_combine if use_triton else pack_kernels.sparse_combine_ref
-        self._route_kernel = pack_kernels.sparse_route if use_triton else pack_kernels.sparse_route_ref
+        self._route_kernel = route_kernels.sparse_route if use_triton else route_kernels.sparse_route_ref
         self._unpack_kernel = pack_kernels.sparse_unpack if use_triton else pack_kernels.sparse_unpack_ref
         self._pairs_kernel = pack_kernels.exchange_pairs if use_triton else pack_kernels.exchange_pairs_ref
-        self._route_exact_kernel = (pack_kernels.sparse_route_exact if use_triton
-                                    else pack_kernels.sparse_route_exact_ref)
+        self._route_exact_kernel = (route_kernels.sparse_route_exact if use_triton
+                                    else route_kernels.sparse_route_exact_ref)
 
     def _is_static(self, num_tokens: int) -> bool:
         capturing = self.parallel.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
