@@ -149,8 +149,7 @@ def test_gemv_down_topk_same_bits(num_tokens, num_experts, hidden, inter, top_k,
     assert _rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-@pytest.mark.parametrize("dtype,down", [(torch.float32, (8, 64)), (torch.float32, (4, 256)),
-                                        (torch.float16, (16, 128))])
+@pytest.mark.parametrize("dtype,down", [(torch.float32, (4, 256)), (torch.float16, (16, 128))])
 def test_gemv_down_topk_fp8_weights(dtype, down):
     # FP8 weights (W8A16) in the down_topk kernel: per-row [128, 128] block scales for every slot's rows (K steps
     # inside one scale block, over two with a partial last one), the per-pair kernel's bits
