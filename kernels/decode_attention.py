@@ -282,8 +282,9 @@ def paged_attention_decode(
                          f"do not match batch {batch}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
-    cfg = decode_config(head_dim, k_cache.dtype, q.device) if config is None else config
-    if config is not None:
+    if config is None:
+        cfg = decode_config(head_dim, k_cache.dtype, q.device)
+    else:
         cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
         check_config(cfg, DECODE_KEYS, head_dim)
     out = torch.empty_like(q)
@@ -292,8 +293,8 @@ def paged_attention_decode(
     cfg = decode_config_for(cfg, batch)  # the small-batch config at batch <= small_batch
     group = num_heads // num_kv_heads
     if num_splits is None:
-        num_splits = decode_config_splits(cfg, batch, num_kv_heads, block_tables.shape[1] * block_size,
-                                          _num_sms(q.device))
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
+                                       cfg["programs_per_sm"], cfg["min_split_tokens"], cfg["max_splits"])
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
