@@ -205,8 +205,9 @@ from kernels.linear_gemv import _gemv_linear_kernel
 N, K = 5120, 2048  # Qwen3-30B-A3B qkv
 out = []
 for bm, bn, bk, warps, stages, split, dot in ((1, 32, 256, 4, 1, 4, 0), (16, 64, 128, 4, 3, 4, 1)):
-    args = dict(x_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", out_ptr="bf16", part_ptr="fp32", counter_ptr="i32",
-                M=bm, N=N, K=K, k_per_split=K // split, stride_xm=K, stride_wn=K, stride_om=N)
+    args = dict(x_ptr="bf16", w_ptr="bf16", ws_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", part_ptr="fp32",
+                counter_ptr="i32", M=bm, N=N, K=K, k_per_split=K // split, stride_xm=K, stride_wn=K, stride_wsn=0,
+                stride_om=N)
     k = compile_sm90(_gemv_linear_kernel, args, dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
                      EVEN_K=True, DOT=dot, IEEE=False, NUM_STAGES=stages), warps, stages)
     out.append(dict(report(k), vec_loads="ld.global.v4" in k.asm["ptx"]))
