@@ -1,4 +1,4 @@
-"""16-bit dense linear for a few rows (decode): y = x W^T (+ b) as a weight stream, M <= 16 rows.
+"""Dense linear for a few rows (decode): y = x W^T (+ b) as a weight stream, M <= 16 rows; 16-bit or FP8 weights.
 
 At batch 1-16 an attention projection reads its whole weight once per call, so its time is bytes / bandwidth; cuBLAS
 reached 0.53-0.65 of that floor on an H200 (Qwen3-30B-A3B qkv 7.7 us for 21 MB, o_proj 7.3 us + a 1.7 us split-K
@@ -18,6 +18,16 @@ without: 7.80 vs 7.68 us at M=1, 8.88 vs 8.04 at M=8; qkv 9.18 vs 8.83 at M=1: t
 from it and the extra requests cost. Not kept.) The config comes from the measured table
 (kernels/linear_gemv_config.py) or the caller; the model uses the GEMV only where the table has one
 (models/parallel_layers.py `_linear`), else cuBLAS.
+
+FP8 weights (gemv_linear_fp8, weight-only W8A16): W e4m3 [N, K] with fp32 weight_scale_inv [N/128, K/128] (the HF
+block layout); x stays 16-bit, nothing is quantized on the fly. The same kernel (FP8=True) reads half the bytes of
+bf16; each tile is widened to fp16 (exact: one packed cvt.rn.f16x2.e4m3x2 per two values on sm89+, through inline
+PTX that the compiler cannot move into a dot operand's layout change; Triton's cast in the interpreter), then to fp32
+(FMA tiles) or x's dtype (tl.dot tiles). The block scale multiplies each row's sum over a 128-wide K block once, not
+every element (kernels/moe_gemv.py _partial): FMA tiles sum each K step per scale block ([BLOCK_N, BLOCK_K / 128]
+partials when BLOCK_K > 128), tl.dot tiles take BLOCK_K <= 128 and scale the step's [BLOCK_N, 16] product. The
+measured FP8 table (kernels/configs/linear_gemv_fp8_<gpu>.json) has an entry only where this beat the W8A8 block
+linear (kernels/fp8_linear.py, which also rounds x to e4m3: the W8A16 result is the closer one to x @ W^T).
 """
 
 from __future__ import annotations

@@ -252,3 +252,95 @@ def test_fp8_gemv_compiles_for_sm90() -> None:
     assert fma["packed"] and fma["sass_ops"]["LDGSTS"] == 0 and fma["sass_ops"]["F2F"] == 0, fma
     assert dot["spill_bytes"] == 0 and dot["mma"] == "wgmma" and dot["sass_ops"]["LDGSTS"] > 0, dot
     assert dot["packed"] and dot["sass_ops"]["LDS_U8"] == 0 and dot["sass_ops"]["F2F"] == 0, dot
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k,bias", [(5120, 2048, False), (2048, 4096, False), (14336, 4096, True)])
+def test_fp8_gemv_real_shapes_and_cuda_graph(n: int, k: int, bias: bool) -> None:
+    # bf16 activations (the inline-PTX widening on sm89+) at Qwen3-30B-A3B's qkv / o and GLM-4.5-Air's qkv
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    q, s = quantize_weight_block(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
+    s = s * 4.0 ** (torch.rand(s.shape, device="cuda", generator=gen) * 2 - 1)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if bias else None
+    for m in (1, 3, 8, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ref = gemv_linear_fp8_ref(x, q, s, b).float()
+        for cfg in (_cfg(bn=32, bk=256), _cfg(bn=32, bk=256, split=4), _cfg(bn=64, bk=128, split=8),
+                    _cfg(bn=64, bk=128, split=4, dot=1, stages=3), _cfg(bn=128, bk=128, split=2, dot=1, stages=3)):
+            assert _rel(gemv_linear_fp8(x, q, s, b, cfg), ref) < 1e-2, (m, cfg)
+    # captured with split K (the arrival counters) and replayed on new inputs: equal to the reference, bit-stable
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for cfg in (_cfg(bn=32, bk=256, split=4), _cfg(bn=64, bk=128, split=4, dot=1, stages=3)):
+        gemv_linear_fp8(x, q, s, b, cfg)  # eager first: compiles, allocates the counters
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = gemv_linear_fp8(x, q, s, b, cfg)
+        for _ in range(3):
+            x.copy_(torch.randn(4, k, device="cuda", dtype=torch.bfloat16, generator=gen))
+            graph.replay()
+            first = y.clone()
+            graph.replay()
+            assert torch.equal(first, y)
+            assert _rel(y, gemv_linear_fp8_ref(x, q, s, b)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_model_linear_takes_the_gemv_in_a_cuda_graph(tables, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ModelArgs(dtype=torch.bfloat16, device="cuda", use_triton=True, quantization="fp8")
+    o = RowParallelLinear(4096, 2048, False, args).to("cuda")
+    q, s = quantize_weight_block(torch.randn(2048, 4096, device="cuda") / 64)
+    o.weight.data.copy_(q)
+    o.weight_scale_inv.data.copy_(s)
+    tables({"n2048_k4096": {"1": _cfg(bn=32, bk=256, split=4), "8": _cfg(bn=64, bk=128, split=4, dot=1, stages=3)}},
+           fp8=True)
+    calls = []
+    real = linear_gemv.gemv_linear_fp8
+    monkeypatch.setattr(linear_gemv, "gemv_linear_fp8", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for m in (1, 8):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        o(x)  # eager warm-up, as the model runner does before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = o(x)
+        x.normal_()
+        graph.replay()
+        assert _rel(y, gemv_linear_fp8_ref(x, o.weight, o.weight_scale_inv)) < 1e-2
+    assert len(calls) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_tiny_model_decodes_through_the_gemv(tables, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a tiny dense FP8 checkpoint in bf16 with the Triton kernels: with an FP8 table for all its linears the decode
+    # step's linears run the GEMV (prefill, 17 rows and more, the W8A8 linear); logits close to the torch path's
+    from runtime.engine.attention_backend import ATTENTION_BACKENDS
+    from tests.test_models import PagedRun, _fp8_checkpoint, load, prompts
+    from tests.tiny import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(str(tmp_path / "f32"), "Qwen3ForCausalLM", hidden_size=256, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=64, intermediate_size=256, num_hidden_layers=2)
+    _fp8_checkpoint(src, str(tmp_path / "fp8"))
+    fma, dot = _cfg(bn=16, bk=128, split=2), _cfg(bn=32, bk=128, split=2, dot=1, stages=2)
+    # qkv [512, 256], o and down [256, 256], gate_up [512, 256]
+    tables({key: {"1": fma, "2": fma, "4": dot} for key in ("n512_k256", "n256_k256")}, fp8=True)
+    calls = []
+    real = linear_gemv.gemv_linear_fp8
+    monkeypatch.setattr(linear_gemv, "gemv_linear_fp8", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    toks = prompts(512)  # 3 prompts
+    logits = []
+    for use_triton in (False, True):
+        model = load(str(tmp_path / "fp8"), dtype=torch.bfloat16, device="cuda", use_triton=use_triton)
+        run = PagedRun(model, 25, len(toks), ATTENTION_BACKENDS["triton" if use_triton else "torch"]())
+        with torch.no_grad():
+            run.step(toks, [0] * len(toks))
+            assert not calls
+            logits.append(run.step([t[-1:] for t in toks], [len(t) for t in toks]))  # 3 rows: bucket 4
+    assert len(calls) == 2 * 4  # qkv, o, gate_up, down per layer
+    cos = torch.nn.functional.cosine_similarity(logits[0].float(), logits[1].float(), dim=-1)
+    assert cos.min() > 0.99, cos  # the reference path also rounds x to e4m3 (W8A8 reference)
