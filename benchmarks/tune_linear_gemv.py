@@ -8,7 +8,8 @@ TRITON_INTERPRET=1 python benchmarks/tune_linear_gemv.py --dry-run --out-dir DIR
 [128, 128] block scales, the weight-only FP8 GEMV (gemv_linear_fp8, activations stay bf16) against the W8A8 block
 linear (kernels/fp8_linear.py w8a8_block_linear with its own tuned table or heuristic config), on the shapes whose
 merged parts are in whole 128-blocks (the ones the model keeps in FP8); candidates checked against the dequantized
-weight's product in fp32.
+weight's product in fp32. FP8 candidates: FMA tiles 4-64 columns wide with K steps of 128-1024 bytes a row, split K
+for 2-16 programs per SM (the M=1 projections are latency-bound); tl.dot tiles with one scale block per K step.
 
 Shapes: the 16-bit dense linears of a decoder layer (bench_e2e.py's configs), as one TP rank holds them for each
 --tp size: Qwen3-30B-A3B qkv and o; GLM-4.5-Air qkv (with its bias), o, the shared expert's gate_up and down and
@@ -65,14 +66,17 @@ FMA_TILES = {1: [(16, 256, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1), (16, 512, 4,
              4: [(16, 256, 4, 1), (32, 256, 4, 1), (16, 512, 4, 1), (64, 128, 4, 1), (32, 128, 4, 1)],
              16: [(16, 256, 4, 1), (16, 128, 4, 1), (32, 128, 4, 1)]}
 DOT_TILES = [(64, 128, 4, 3), (64, 128, 4, 5), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4)]
-# FP8 (e4m3, a byte per weight): K steps of 128-512 bytes per row, as many bytes per tile as the 16-bit tiles; tl.dot
-# tiles take one 128-wide scale block per K step (BLOCK_K <= 128)
-FP8_FMA_TILES = {1: [(32, 256, 4, 1), (64, 256, 8, 1), (32, 512, 4, 1), (16, 512, 4, 1), (64, 128, 4, 1),
-                     (128, 128, 8, 1), (32, 256, 4, 2)],
-                 4: [(16, 256, 4, 1), (32, 256, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1)],
-                 16: [(16, 256, 4, 1), (16, 128, 4, 1), (32, 128, 4, 1)]}
-FP8_DOT_TILES = [(64, 128, 4, 3), (64, 128, 4, 5), (128, 128, 4, 3), (128, 128, 8, 4), (32, 128, 4, 4)]
+# FP8 (e4m3, a byte per weight). The M=1 projections are latency-bound (K steps in series, the split-K tail; session
+# 8's probes: the best bf16 o_proj tile was 8 columns wide, split 8; the FP8 MoE GEMV's 4 x 1024 on 2 warps): narrow
+# tiles with long K steps (up to 1024 bytes a row) and up to 16 programs per SM among them. tl.dot tiles take one
+# 128-wide scale block per K step (BLOCK_K <= 128)
+FP8_FMA_TILES = {1: [(4, 1024, 2, 1), (8, 1024, 4, 1), (8, 512, 2, 1), (16, 512, 4, 1), (16, 1024, 4, 1),
+                     (32, 256, 4, 1), (32, 512, 4, 1), (64, 256, 8, 1)],
+                 4: [(8, 512, 2, 1), (16, 512, 2, 1), (16, 256, 4, 1), (32, 256, 4, 1), (32, 128, 4, 1)],
+                 16: [(8, 512, 2, 1), (16, 256, 4, 1), (16, 128, 4, 1), (32, 128, 4, 1)]}
+FP8_DOT_TILES = [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 4), (32, 128, 4, 4)]
 PER_SM = {0: (2, 4, 8), 1: (1, 2, 4)}  # split-K targets: programs per SM (FMA programs are small: more of them)
+FP8_PER_SM = {0: (2, 4, 8, 16), 1: (1, 2, 4)}
 
 
 def model_linears(name: str, tp: int, fp8: bool = False) -> list[tuple[str, int, int, bool]]:
@@ -150,7 +154,7 @@ def candidates(m: int, n: int, k: int, num_sms: int, dry_run: bool = False, fp8:
     out = []
     for dot, tiles in ((0, fma), (1, FP8_DOT_TILES if fp8 else DOT_TILES)):
         for bn, bk, warps, stages in tiles:
-            for split in _splits(n, k, bn, bk, PER_SM[dot], num_sms):
+            for split in _splits(n, k, bn, bk, (FP8_PER_SM if fp8 else PER_SM)[dot], num_sms):
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": warps, "num_stages": stages,
                             "DOT": dot})
     for c in out:
