@@ -8,7 +8,7 @@ TRITON_INTERPRET=1 python benchmarks/tune_linear_gemv.py --dry-run --out-dir DIR
 [128, 128] block scales, the weight-only FP8 GEMV (gemv_linear_fp8, activations stay bf16) against the W8A8 block
 linear (kernels/fp8_linear.py w8a8_block_linear with its own tuned table or heuristic config), on the shapes whose
 merged parts are in whole 128-blocks (the ones the model keeps in FP8); candidates checked against the dequantized
-weight's product in fp32. FP8 candidates: FMA tiles 4-64 columns wide with K steps of 128-1024 bytes a row, split K
+weight's product in fp32. FP8 candidates: FMA tiles 4-64 columns wide with K steps of 128-2048 bytes a row, split K
 for 2-16 programs per SM (the M=1 projections are latency-bound); tl.dot tiles with one scale block per K step.
 
 Shapes: the 16-bit dense linears of a decoder layer (bench_e2e.py's configs), as one TP rank holds them for each
@@ -68,10 +68,10 @@ FMA_TILES = {1: [(16, 256, 4, 1), (32, 256, 4, 1), (64, 256, 8, 1), (16, 512, 4,
 DOT_TILES = [(64, 128, 4, 3), (64, 128, 4, 5), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4)]
 # FP8 (e4m3, a byte per weight). The M=1 projections are latency-bound (K steps in series, the split-K tail; session
 # 8's probes: the best bf16 o_proj tile was 8 columns wide, split 8; the FP8 MoE GEMV's 4 x 1024 on 2 warps): narrow
-# tiles with long K steps (up to 1024 bytes a row) and up to 16 programs per SM among them. tl.dot tiles take one
-# 128-wide scale block per K step (BLOCK_K <= 128)
-FP8_FMA_TILES = {1: [(4, 1024, 2, 1), (8, 1024, 4, 1), (8, 512, 2, 1), (16, 512, 4, 1), (16, 1024, 4, 1),
-                     (32, 256, 4, 1), (32, 512, 4, 1), (64, 256, 8, 1)],
+# tiles with long K steps (up to 2048 bytes a row: all of Qwen3's qkv row in one step) and up to 16 programs per SM
+# among them. tl.dot tiles take one 128-wide scale block per K step (BLOCK_K <= 128)
+FP8_FMA_TILES = {1: [(4, 2048, 4, 1), (4, 1024, 2, 1), (8, 1024, 4, 1), (8, 512, 2, 1), (16, 512, 4, 1),
+                     (16, 1024, 4, 1), (32, 256, 4, 1), (32, 512, 4, 1), (64, 256, 8, 1)],
                  4: [(8, 512, 2, 1), (16, 512, 2, 1), (16, 256, 4, 1), (32, 256, 4, 1), (32, 128, 4, 1)],
                  16: [(8, 512, 2, 1), (16, 256, 4, 1), (16, 128, 4, 1), (32, 128, 4, 1)]}
 FP8_DOT_TILES = [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 4), (32, 128, 4, 4)]
