@@ -347,4 +347,4 @@ def test_fp8_tiny_model_decodes_through_the_gemv(tables, tmp_path: Path, monkeyp
         assert len(calls) == 5 * 2 * 4  # 5 steps x 2 layers x (qkv, o, gate_up, down), all from the FP8 model
     cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
     assert cos.min() > 0.999, cos  # fp16 in the interpreter: 1.0000, max |diff| 0.15% of the largest logit
-    assert (logits[0] - logits[1]).abs().max() < 0.03 * logits[1].abs().max()
+    assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[1].abs().max()
