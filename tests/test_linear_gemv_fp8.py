@@ -56,6 +56,7 @@ def _dequantized(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     (5, 200, 257, False, _cfg(bn=64, bk=512), torch.float32),  # one K step over all 3 blocks (masked 4th)
     (8, 264, 384, True, _cfg(bn=128, bk=128, split=3), torch.float16),  # N = 2 tiles + 8 rows, split per block
     (16, 97, 257, True, _cfg(bn=16, bk=64, split=3), torch.float32),
+    (2, 22, 2100, True, _cfg(bn=4, bk=1024, split=2, warps=2), torch.float32),  # the tuner's narrow, long-K tile
     (4, 200, 257, True, _cfg(bn=32, bk=64, split=2, dot=1), torch.float32),  # tl.dot, fp32 (ieee)
     (16, 200, 130, False, _cfg(bn=64, bk=128, dot=1, stages=2), torch.float16),
     (1, 97, 384, False, _cfg(bn=16, bk=32, split=4, dot=1), torch.float16),
