@@ -1,9 +1,11 @@
-"""Configs of the 16-bit dense GEMV linear (kernels/linear_gemv.py): a table measured per GPU, and nothing else.
+"""Configs of the dense GEMV linear (kernels/linear_gemv.py): tables measured per GPU, and nothing else.
 
-The table is kernels/configs/linear_gemv_{gpu}.json (gpu: kernels.moe_config.device_name), written by
-benchmarks/tune_linear_gemv.py: {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets powers of two <= MAX_ROWS. The tuner writes
-a bucket only where the GEMV beat cuBLAS (F.linear) on that GPU; a shape, bucket or GPU the table lacks runs cuBLAS.
-There is no heuristic default: the GEMV runs only where a measurement showed it faster.
+Two tables per GPU (gpu: kernels.moe_config.device_name), each {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets powers of
+two <= MAX_ROWS, written by benchmarks/tune_linear_gemv.py: kernels/configs/linear_gemv_{gpu}.json for 16-bit weights
+(a bucket only where the GEMV beat cuBLAS, F.linear, on that GPU) and kernels/configs/linear_gemv_fp8_{gpu}.json for
+e4m3 block-scaled weights (W8A16, a bucket only where it beat the W8A8 block linear, kernels/fp8_linear.py, with that
+one's tuned config). A shape, bucket or GPU a table lacks runs cuBLAS / the W8A8 linear. There is no heuristic
+default: the GEMV runs only where a measurement showed it faster.
 
 Lookup rule for M rows: bucket next_pow2(M) if the shape has it, else None (cuBLAS); M > MAX_ROWS: None. So M = 3
 reads bucket 4, M = 5..7 bucket 8, M = 9..16 bucket 16: the kernel runs those with BLOCK_M = next_pow2(M) and M
@@ -12,7 +14,8 @@ two batch sizes) compile before serving (a bucket of 3 rows would compile while 
 
 A config: BLOCK_N (output columns per program), BLOCK_K (K step), SPLIT_K (programs along K; fp32 partials summed
 by the tile's last program), num_warps, num_stages (software pipelining of the K loop; 1 = none), and optional DOT
-(0: fp32 multiply + reduce per row, default; 1: tl.dot of the weight tile with the rows padded to 16).
+(0: fp32 multiply + reduce per row, default; 1: tl.dot of the weight tile with the rows padded to 16). FP8 DOT tiles
+take BLOCK_K <= 128: one weight scale per row and K step, applied to the step's dot product.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ MAX_ROWS = 16  # the kernel keeps every row's accumulator in registers: above th
 MAX_SPLIT_K = 32
 
 
-def config_file_name(gpu: str) -> str:
-    return f"linear_gemv_{gpu}.json"
+def config_file_name(gpu: str, fp8: bool = False) -> str:
+    return f"linear_gemv_fp8_{gpu}.json" if fp8 else f"linear_gemv_{gpu}.json"
 
 
 def shape_key(n: int, k: int) -> str:
@@ -45,8 +48,8 @@ def _pow2(v: object) -> bool:
     return isinstance(v, int) and v >= 1 and not v & (v - 1)
 
 
-def check_config(cfg: dict) -> None:
-    """One-line ValueError for a config the kernel cannot run."""
+def check_config(cfg: dict, fp8: bool = False) -> None:
+    """One-line ValueError for a config the kernel cannot run (fp8: for e4m3 weights)."""
     if not isinstance(cfg, dict):
         raise ValueError(f"linear GEMV config must be a dict, got {cfg!r}")
     missing = [key for key in KEYS if key not in cfg]
@@ -61,6 +64,8 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"linear GEMV config DOT={cfg['DOT']!r}: expected 0 or 1")
     if cfg["BLOCK_K"] < 16 or (cfg.get("DOT", 0) and cfg["BLOCK_N"] < 16):
         raise ValueError(f"linear GEMV config {cfg}: BLOCK_K (and BLOCK_N with DOT) must be >= 16")
+    if fp8 and cfg.get("DOT", 0) and cfg["BLOCK_K"] > 128:
+        raise ValueError(f"linear GEMV config {cfg}: an FP8 DOT tile takes BLOCK_K <= 128 (one scale per K step)")
     if cfg["BLOCK_N"] * cfg["BLOCK_K"] > 32768:
         raise ValueError(f"linear GEMV config {cfg}: a {cfg['BLOCK_N']}x{cfg['BLOCK_K']} weight tile is too big")
     if not isinstance(cfg["SPLIT_K"], int) or not 1 <= cfg["SPLIT_K"] <= MAX_SPLIT_K:
@@ -70,7 +75,7 @@ def check_config(cfg: dict) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _load(path: str) -> dict[str, dict[int, dict]]:
+def _load(path: str, fp8: bool = False) -> dict[str, dict[int, dict]]:
     p = Path(path)
     if not p.exists():
         return {}
@@ -84,7 +89,7 @@ def _load(path: str) -> dict[str, dict[int, dict]]:
             if not 1 <= m <= MAX_ROWS or not _pow2(m):
                 raise ValueError(f"{p}: {key} bucket {m} is not a power of two in 1..{MAX_ROWS}")
             try:
-                check_config(cfg)
+                check_config(cfg, fp8)
             except ValueError as exc:
                 raise ValueError(f"{p}: {key} bucket {m}: {exc}") from None
     return table
@@ -104,9 +109,10 @@ def pick_bucket(buckets: list[int] | dict[int, dict], m: int) -> int | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def table_config(m: int, n: int, k: int, device: torch.device | None) -> dict | None:
-    """The measured config for M rows of an [N, K] weight on this device's GPU, or None (then cuBLAS). Cached: the
-    model asks once per layer and step, also while a CUDA graph is captured (host work only, no GPU call)."""
-    buckets = _load(str(CONFIG_DIR / config_file_name(device_name(device)))).get(shape_key(n, k))
+def table_config(m: int, n: int, k: int, device: torch.device | None, fp8: bool = False) -> dict | None:
+    """The measured config for M rows of an [N, K] weight (fp8: e4m3, the FP8 table) on this device's GPU, or None
+    (then cuBLAS / the W8A8 linear). Cached: the model asks once per layer and step, also while a CUDA graph is
+    captured (host work only, no GPU call)."""
+    buckets = _load(str(CONFIG_DIR / config_file_name(device_name(device), fp8)), fp8).get(shape_key(n, k))
     bucket = pick_bucket(buckets, m) if buckets else None
     return None if bucket is None else dict(buckets[bucket])

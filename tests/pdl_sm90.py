@@ -61,12 +61,13 @@ def _router(tokens: int, splits: int, gemv: bool) -> tuple:
     return router_fused._route_fused_kernel, args, consts, tail["num_warps"], 1, ["w_ptr"]
 
 
-def _linear(bm: int, bn: int, bk: int, warps: int, stages: int, split: int, dot: int) -> tuple:
+def _linear(bm: int, bn: int, bk: int, warps: int, stages: int, split: int, dot: int, fp8: bool = False) -> tuple:
     n = QKV
-    args = dict(x_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", out_ptr="bf16", part_ptr="fp32", counter_ptr="i32",
-                M=bm, N=n, K=H, k_per_split=H // split, stride_xm=H, stride_wn=H, stride_om=n)
+    args = dict(x_ptr="bf16", w_ptr="fp8e4nv" if fp8 else "bf16", ws_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
+                part_ptr="fp32", counter_ptr="i32", M=bm, N=n, K=H, k_per_split=H // split, stride_xm=H, stride_wn=H,
+                stride_wsn=H // 128, stride_om=n)
     consts = dict(HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, EVEN_K=True, DOT=dot, IEEE=False,
-                  NUM_STAGES=stages)
+                  NUM_STAGES=stages, FP8=fp8, WIDEN_ASM=fp8)
     return linear_gemv._gemv_linear_kernel, args, consts, warps, stages, ["w_ptr"]
 
 
@@ -143,6 +144,8 @@ def cases() -> dict[str, tuple]:
         "router_m64": _router(64, 4, False),
         "linear_gemv_fma": _linear(1, 32, 256, 4, 1, 4, 0),
         "linear_gemv_dot": _linear(16, 64, 128, 4, 3, 4, 1),
+        "linear_gemv_fp8_fma": _linear(1, 32, 256, 4, 1, 4, 0, fp8=True),
+        "linear_gemv_fp8_dot": _linear(16, 64, 128, 4, 3, 4, 1, fp8=True),
         "moe_gemv_up": (moe_gemv._gemv_up_kernel, dict(wt, x_ptr="bf16", out_ptr="bf16", w2_ptr="bf16", K=H,
                                                        INTER=INTER, top_k=TOPK, stride_xt=H, stride_we=2 * INTER * H,
                                                        stride_wn=H, stride_ot=INTER, stride_w2e=H * INTER),
