@@ -116,7 +116,7 @@ def _logits(arch: str, defer: bool) -> tuple[torch.Tensor, list[str], list[bool]
     from models.loader import load_model
     from runtime.engine.attention_backend import triton_attention
 
-    cfg = dict(CONFIGS[arch], num_hidden_layers=3)
+    cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2)  # GLM: dense, MoE, MoE
     model = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=3), "dummy")
     for layer in model.model.layers:
         layer.defer_moe_sum = layer.defer_moe_sum and defer
@@ -158,7 +158,7 @@ def test_model_logits_unchanged_by_fusion(arch: str) -> None:
     fused, fused_launches, deferred = _logits(arch, defer=True)
     assert torch.equal(fused, plain)
     assert fused.abs().max() > 1e-3 and fused.argmax(-1).unique().numel() > 1  # a real signal
-    num_moe = {"qwen3_moe": 3, "glm4_moe": 2, "llama": 0}[arch]
+    num_moe = {"qwen3_moe": 2, "glm4_moe": 2, "llama": 0}[arch]
     assert sum(deferred) == num_moe
     # each MoE layer's separate top-k sum (and GLM's shared-experts add) is gone from both steps
     assert plain_launches.count("triton:_moe_sum_kernel") == 2 * num_moe
@@ -193,3 +193,37 @@ def test_moe_defers_only_where_it_owns_the_sum() -> None:
         assert isinstance(out, TopKSlots) is can, kw
         if can:
             torch.testing.assert_close(out.sum(), layer.mlp(x, batch), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 8, 64])
+def test_fused_norm_after_experts_in_cuda_graph_gpu(num_tokens: int) -> None:
+    # Qwen3-30B-A3B shapes, bf16, the GPU's tuned MoE table (H200: the GEMVs at 1 / 8 tokens, align + tl.dot at 64)
+    # and PDL where it is on: the experts then the fused sum + residual + norm, eager and as CUDA-graph replays on
+    # new inputs, bit for bit the experts' own sum then the norm
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    e, h, i, top_k, dt = 128, 2048, 768, 8, torch.bfloat16
+    w13 = torch.randn(e, 2 * i, h, device="cuda", generator=gen).mul_(h**-0.5).to(dt)
+    w2 = torch.randn(e, h, i, device="cuda", generator=gen).mul_(i**-0.5).to(dt)
+    w = torch.rand(h, device="cuda", generator=gen).to(dt) + 0.5
+    x, res = (torch.randn(num_tokens, h, device="cuda", generator=gen).to(dt) for _ in "xr")
+    weights = torch.rand(num_tokens, top_k, device="cuda", generator=gen)
+    ids = torch.rand(num_tokens, e, device="cuda", generator=gen).argsort(-1)[:, :top_k].to(torch.int32)
+
+    def both() -> list[torch.Tensor]:
+        slots = fused_experts(x, w13, w2, weights, ids, defer_sum=True)
+        assert isinstance(slots, TopKSlots)
+        return [*rms_norm(slots, w, EPS, res), *rms_norm(fused_experts(x, w13, w2, weights, ids), w, EPS, res)]
+
+    eager = both()
+    assert torch.equal(eager[0], eager[2]) and torch.equal(eager[1], eager[3])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = both()
+    for _ in range(50):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+        res.copy_(torch.randn(res.shape, device="cuda", generator=gen))
+        ids.copy_(torch.rand(num_tokens, e, device="cuda", generator=gen).argsort(-1)[:, :top_k])
+        graph.replay()
+        assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    torch.cuda.synchronize()
