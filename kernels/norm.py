@@ -52,7 +52,8 @@ def _rms_norm_kernel(
         pdl_release(PDL)
     if TOP_K > 0:
         # the top-k sum of kernels/moe_sum.py, rounded to the activation dtype as its kernel stores it
-        x = _slots_sum(x_ptr + t * TOP_K * stride_x, ids_ptr + t * TOP_K, c, mask, stride_x, TOP_K, BLOCK)
+        # (without EP every slot but a padding token's is handled here: all rows are loaded, not waiting for ids)
+        x = _slots_sum(x_ptr + t * TOP_K * stride_x, ids_ptr + t * TOP_K, c, mask, stride_x, TOP_K, BLOCK, True)
         x = x.to(x_ptr.dtype.element_ty)
         if HAS_EXTRA:  # `routed + shared` as torch adds them: in fp32, rounded
             e = tl.load(extra_ptr + t * stride_e + c, mask=mask, other=0.0)
