@@ -107,9 +107,9 @@ def test_experts_defer_sum(num_tokens: int, path: str) -> None:
 # ------------------------------------------------------------------------------------------- whole models
 
 
-def _logits(arch: str, defer: bool) -> tuple[torch.Tensor, list[str], list[bool]]:
+def _logits(arch: str, defer: bool, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[str], list[bool]]:
     """(logits of a 2-sequence prefill and a 1-token decode step, the Triton path's launches, each layer's
-    defer_moe_sum); tiny model, fp32, the Triton kernels (interpreter on the CPU)."""
+    defer_moe_sum); tiny model, the Triton kernels (interpreter on the CPU)."""
     from benchmarks.count_launches import CONFIGS, count_launches
     from models.args import ModelArgs
     from models.forward_batch import ForwardBatch
@@ -117,11 +117,11 @@ def _logits(arch: str, defer: bool) -> tuple[torch.Tensor, list[str], list[bool]
     from runtime.engine.attention_backend import triton_attention
 
     cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2)  # GLM: dense, MoE, MoE
-    model = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=3), "dummy")
+    model = load_model("", cfg, ModelArgs(dtype=dtype, device=DEV, use_triton=True, seed=3), "dummy")
     for layer in model.model.layers:
         layer.defer_moe_sum = layer.defer_moe_sum and defer
     page = 4
-    kv = [tuple(torch.zeros(6, page, model.num_kv_heads, model.head_dim, device=DEV) for _ in "kv")
+    kv = [tuple(torch.zeros(6, page, model.num_kv_heads, model.head_dim, device=DEV, dtype=dtype) for _ in "kv")
           for _ in range(model.num_layers)]
     tables = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32, device=DEV)
     slot = lambda b, pos: int(tables[b, pos // page]) * page + pos % page  # noqa: E731
@@ -169,6 +169,14 @@ def test_model_logits_unchanged_by_fusion(arch: str) -> None:
     assert fused_launches == fused_or_gone, (fused_launches, plain_launches)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
+def test_model_logits_unchanged_by_fusion_bf16_gpu(arch: str) -> None:
+    plain, _, _ = _logits(arch, defer=False, dtype=torch.bfloat16)
+    fused, launches, deferred = _logits(arch, defer=True, dtype=torch.bfloat16)
+    assert torch.equal(fused, plain) and any(deferred) and "triton:_moe_sum_kernel" not in launches
+
+
 def test_moe_defers_only_where_it_owns_the_sum() -> None:
     # EP (the combine sums), TP (the all-reduce needs the sum) and the torch reference keep today's output
     from benchmarks.count_launches import CONFIGS
@@ -208,7 +216,7 @@ def test_fused_norm_after_experts_in_cuda_graph_gpu(num_tokens: int) -> None:
     w = torch.rand(h, device="cuda", generator=gen).to(dt) + 0.5
     x, res = (torch.randn(num_tokens, h, device="cuda", generator=gen).to(dt) for _ in "xr")
     weights = torch.rand(num_tokens, top_k, device="cuda", generator=gen)
-    ids = torch.rand(num_tokens, e, device="cuda", generator=gen).argsort(-1)[:, :top_k].to(torch.int32)
+    ids = torch.rand(num_tokens, e, device="cuda", generator=gen).argsort(-1)[:, :top_k].to(torch.int32).contiguous()
 
     def both() -> list[torch.Tensor]:
         slots = fused_experts(x, w13, w2, weights, ids, defer_sum=True)
