@@ -20,7 +20,7 @@ from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
-from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.moe_sum import TopKSlots, _moe_sum_kernel, _one_token_sum, _sum_counters
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.tiles import grouped_tile
 
@@ -253,7 +253,8 @@ def fused_experts_aligned(
     topk_ids: torch.Tensor, sorted_ids: torch.Tensor | None, expert_ids: torch.Tensor | None,
     num_post_pad: torch.Tensor | None,
     config: dict, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    defer_sum: bool = False,
+) -> torch.Tensor | TopKSlots:
     """The GEMMs and the top-k sum, given moe_align's outputs for config["BLOCK_M"] (unchecked).
 
     sorted_ids None: the one-token path, one (token, slot) pair per block and no align at all."""
@@ -302,6 +303,8 @@ def fused_experts_aligned(
         TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl, **launch_kwargs(pdl),
     )
     if not fused_sum:
+        if defer_sum:  # the consumer sums (kernels/norm.py: with the residual add and the next norm)
+            return TopKSlots(y, topk_ids)
         block_n = min(1024, triton.next_power_of_2(h))
         _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n,
                                                                PDL=pdl, **launch_kwargs(pdl))
@@ -318,7 +321,10 @@ def fused_experts(
     w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
     w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
     config: dict | None = None,
-) -> torch.Tensor:
+    defer_sum: bool = False,
+) -> torch.Tensor | TopKSlots:
+    # defer_sum: where this path writes per-slot outputs and would launch the top-k sum, return them un-summed
+    # (TopKSlots) instead; else (the TMA path, fused_sum, down_topk, no tokens) the summed tensor as always
     fp8 = _check_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     num_tokens, h = hidden.shape
     num_experts, _, inter = w2.shape
@@ -333,7 +339,7 @@ def fused_experts(
         return fused_experts_tma(hidden, w13, w2, topk_weights, topk_ids, tma, w13_scale=w13_scale,
                                  w2_scale=w2_scale)
     if config.get("gemv") and num_tokens <= config["gemv"].get("max_tokens", 1):  # per-pair GEMVs, no align
-        return gemv_experts(hidden, w13, w2, topk_weights, topk_ids, config["gemv"], w13_scale, w2_scale)
+        return gemv_experts(hidden, w13, w2, topk_weights, topk_ids, config["gemv"], w13_scale, w2_scale, defer_sum)
     if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
         raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")
     if num_tokens == 1:  # a token's top-k experts are distinct: no sorting needed, and no align launch
@@ -341,7 +347,7 @@ def fused_experts(
     else:
         sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
-                                 config, w13_scale, w2_scale)
+                                 config, w13_scale, w2_scale, defer_sum)
 
 
 def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_sum import _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.moe_sum import TopKSlots, _moe_sum_kernel, _one_token_sum, _sum_counters
 from kernels.pdl import env_switch, launch_kwargs, pdl_release, pdl_supported, pdl_wait
 
 GEMV_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -293,8 +293,10 @@ def gemv_experts(
     gemv: dict,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """fused_experts by per-pair GEMVs, given fused_experts' input checks; [num_tokens, hidden]."""
+    defer_sum: bool = False,
+) -> torch.Tensor | TopKSlots:
+    """fused_experts by per-pair GEMVs, given fused_experts' input checks; [num_tokens, hidden] (or, defer_sum, its
+    per-slot outputs where the top-k sum would be a launch of its own)."""
     check_gemv_config(gemv)
     num_tokens, h = hidden.shape
     top_k = topk_ids.shape[1]
@@ -341,6 +343,8 @@ def gemv_experts(
         num_warps=down["num_warps"], **launch_kwargs(pdl),
     )
     if not fused_sum:
+        if defer_sum:  # the consumer sums (kernels/norm.py: with the residual add and the next norm)
+            return TopKSlots(y, topk_ids)
         block_n = min(1024, triton.next_power_of_2(h))
         _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n,
                                                                PDL=pdl, **launch_kwargs(pdl))

@@ -15,6 +15,7 @@ from torch import nn
 from kernels import norm as norm_kernels
 from kernels import qkv_prologue as qkv_prologue_kernels
 from kernels import rope as rope_kernels
+from kernels.moe_sum import TopKSlots
 from models.args import ModelArgs
 from models.forward_batch import ForwardBatch
 from models.info import ROPE_TYPES, check_rope, model_max_len, rope_parameters
@@ -40,8 +41,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self._rms_norm = pick_kernel(norm_kernels, "rms_norm", args.use_triton)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
-        # residual given: returns (norm(x + residual), x + residual)
+    def forward(self, x: torch.Tensor | TopKSlots, residual: torch.Tensor | None = None) -> Any:
+        # residual given: returns (norm(x + residual), x + residual); x may be a MoE layer's un-summed top-k slots
+        # (with a residual): the kernel sums them first, bit for bit as kernels/moe_sum.py would
         return self._rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -220,15 +222,22 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec, layer_id, cos_sin, args)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, args)
         self.mlp = mlp
+        # a MoE block that can return its output un-summed (TopKSlots): the next layer's input norm, or the final
+        # norm, then does the top-k sum, the residual add and the norm in one launch (bit for bit the two kernels).
+        # A plain attribute: set False for the separate sum (tests compare the two)
+        self.defer_moe_sum = bool(getattr(mlp, "can_defer_sum", False))
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | TopKSlots, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor | TopKSlots, torch.Tensor]:
+        # x: the embedding (residual None) or the previous layer's MLP output (summed or not) with its residual
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, batch)
         x, residual = self.post_attention_layernorm(x, residual)
+        if self.defer_moe_sum:
+            return self.mlp(x, batch, defer_sum=True), residual
         return self.mlp(x, batch), residual
 
 
@@ -299,9 +308,10 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, H]
         residual: torch.Tensor | None = None
+        h: torch.Tensor | TopKSlots = x
         for layer in self.model.layers:
-            x, residual = layer(positions, x, residual, batch)
-        x, _ = self.model.norm(x, residual)
+            h, residual = layer(positions, h, residual, batch)
+        x, _ = self.model.norm(h, residual)  # (a last MoE layer's top-k sum happens in here)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ from torch import nn
 from kernels import fused_moe as fused_moe_kernels
 from kernels import router as router_kernels
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE
+from kernels.moe_sum import TopKSlots
 from kernels.router_fused import FUSED_MAX_TOKENS, FUSED_MAX_TOKENS_FP32, route_fused
 from models.args import ModelArgs, TensorParallel
 from models.forward_batch import ForwardBatch
@@ -178,12 +179,14 @@ class Experts(nn.Module):
             self._staged.pop(j, None)
             quantize_into(staged, param[j], scale[j])
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        # topk_ids: local expert ids, -1 = slot handled elsewhere
-        if self.w13_scale is None:
-            return self._fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
-        return self._fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids,
-                                   w13_scale=self.w13_scale, w2_scale=self.w2_scale)
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                defer_sum: bool = False) -> torch.Tensor | TopKSlots:
+        # topk_ids: local expert ids, -1 = slot handled elsewhere. defer_sum: the Triton experts may return their
+        # per-slot outputs un-summed (TopKSlots); the torch reference always sums
+        kw: dict[str, Any] = {"defer_sum": True} if defer_sum and self.args.use_triton else {}
+        if self.w13_scale is not None:
+            kw.update(w13_scale=self.w13_scale, w2_scale=self.w2_scale)
+        return self._fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids, **kw)
 
 
 class MoE(nn.Module):
@@ -209,9 +212,25 @@ class MoE(nn.Module):
                                args.tp if self.reduce_partial else TensorParallel())
         self.shared_experts = (MLP(hidden_size, shared_intermediate_size, args, reduce_results=not self.reduce_partial)
                                if shared_intermediate_size else None)
+        self.use_triton = args.use_triton
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if self.split_tokens:
+    @property
+    def can_defer_sum(self) -> bool:
+        """Whether forward(defer_sum=True) may leave the top-k sum to the next RMSNorm (kernels/norm.py sums, adds
+        the residual and normalizes in one launch): where this rank's experts see whole tokens and their sum is the
+        layer's output, i.e. the Triton experts without EP (the combine sums) and without TP (the all-reduce needs
+        the sum)."""
+        return self.use_triton and self.ep_size == 1 and self.dispatcher is None and self.tp.size == 1
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, defer_sum: bool = False) -> torch.Tensor | TopKSlots:
+        # defer_sum (where can_defer_sum): may return the routed experts' per-slot outputs, with the shared experts'
+        # output as their extra term, for the consumer to sum; else (or where the experts' path sums itself) [T, H]
+        if defer_sum and self.can_defer_sum:
+            routed = self._routed(x, batch.slot_mapping, defer_sum=True)
+            if isinstance(routed, TopKSlots):
+                return routed if self.shared_experts is None else routed.with_extra(self.shared_experts(x))
+            out = routed
+        elif self.split_tokens:
             # the TP peers hold the same T tokens: each routes and dispatches rows [first, first + rows) of the
             # batch padded to tp * rows, and the combined slices are gathered back in rank order
             num_tokens = x.shape[0]
@@ -248,7 +267,7 @@ class MoE(nn.Module):
         if stats is not None:
             stats.time_stop("moe", t0)
 
-    def _routed(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _routed(self, x: torch.Tensor, slots: torch.Tensor, defer_sum: bool = False) -> torch.Tensor | TopKSlots:
         # padding rows (slot -1: a padded batch's filler; slots [T]) get expert id -1 inside the top-k kernel:
         # no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
         # the expert statistics' step buffer, if the dispatcher keeps one (a duck-typed dispatcher need not)
@@ -259,7 +278,7 @@ class MoE(nn.Module):
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
             out = self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)
         elif self.ep_size == 1:
-            out = self.experts(x, topk_weights, topk_ids)
+            out = self.experts(x, topk_weights, topk_ids, defer_sum)
         else:
             # no dispatcher on an EP slice: this rank's partial sum over its own experts (summing the ranks'
             # outputs gives the full result)

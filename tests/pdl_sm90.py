@@ -128,11 +128,13 @@ def cases() -> dict[str, tuple]:
                          OFF64=False)
     wt = dict(w_ptr="bf16", ws_ptr="bf16", ids_ptr="i32", num_pairs=TOPK, stride_wse=16, stride_wsn=16)
     gemv = dict(USE_FP8=False, EVEN_K=True, BLOCK_N=16, NUM_STAGES=1)
+    norm_args = dict(x_ptr="bf16", res_ptr="bf16", w_ptr="bf16", out_ptr="bf16", res_out_ptr="bf16", ids_ptr="i32",
+                     extra_ptr="bf16", N=H, eps=1e-6, stride_x=H, stride_r=H, stride_o=H, stride_ro=H, stride_e=H)
     return {
-        "rms_norm": (norm._rms_norm_kernel, dict(x_ptr="bf16", res_ptr="bf16", w_ptr="bf16", out_ptr="bf16",
-                                                  res_out_ptr="bf16", N=H, eps=1e-6, stride_x=H, stride_r=H,
-                                                  stride_o=H, stride_ro=H),
-                     dict(HAS_RESIDUAL=True, BLOCK=H), 4, 1, ["w_ptr"]),
+        "rms_norm": (norm._rms_norm_kernel, norm_args, dict(HAS_RESIDUAL=True, BLOCK=H), 4, 1, ["w_ptr"]),
+        # the MoE top-k sum (+ shared experts) fused in: the slots' rows and ids only after the wait
+        "rms_norm_topk": (norm._rms_norm_kernel, norm_args, dict(HAS_RESIDUAL=True, BLOCK=H, TOP_K=TOPK,
+                                                                 HAS_EXTRA=True), 4, 1, ["w_ptr"]),
         "qkv_prologue": _prologue(HEADS, KV_HEADS, D // 2, 0),
         "qkv_prologue_partial_rotary": _prologue(96, 8, D // 4, D // 2),
         "decode_attention": (decode_attention._decode_kernel, decode_args, decode_consts, 4, 3, []),
