@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -224,8 +225,10 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         # a MoE block that can return its output un-summed (TopKSlots): the next layer's input norm, or the final
         # norm, then does the top-k sum, the residual add and the norm in one launch (bit for bit the two kernels).
-        # A plain attribute: set False for the separate sum (tests compare the two)
-        self.defer_moe_sum = bool(getattr(mlp, "can_defer_sum", False))
+        # A plain attribute: set False for the separate sum (tests compare the two); MOE_RT_FUSE_MOE_SUM=0 turns it
+        # off for a whole process (a before/after benchmark, benchmarks/gpu_fusion_fp8.sh)
+        self.defer_moe_sum = (bool(getattr(mlp, "can_defer_sum", False))
+                              and os.environ.get("MOE_RT_FUSE_MOE_SUM", "1").strip() != "0")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor | TopKSlots, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor | TopKSlots, torch.Tensor]:
