@@ -114,6 +114,17 @@ def decode_config_for(cfg: dict, batch: int) -> dict:
     return cfg
 
 
+def with_fp8_dot(cfg: dict, kind: str) -> dict:
+    """cfg (a decode or prefill config, kind "decode" / "prefill") with the FP8 tensor-core variant on: decode's
+    fp8_dot (its small-batch config's too), prefill's FP8_DOT; tiles and split rule as they are (benchmarks, tests)."""
+    if kind == "prefill":
+        return {**cfg, "FP8_DOT": 1}
+    cfg = {**DECODE_KNOB_DEFAULTS, **cfg, "fp8_dot": 1}
+    if cfg["small_batch_config"]:
+        cfg["small_batch_config"] = {**cfg["small_batch_config"], "fp8_dot": 1}
+    return cfg
+
+
 def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     # a hand-written or tuned config: every tile size a power of two (tl.arange), the tile no wider than needed
     missing = [k for k in keys if k not in cfg]
