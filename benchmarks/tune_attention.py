@@ -334,12 +334,15 @@ def merge_table(old: dict, table: dict) -> dict:
     and the file can be copied as is. The picks lose their geomean_frac bookkeeping. A decode pick timed on one
     batch class only (pick_small_batch's batch_class) replaces that class's config in the checked-in entry: a B=1
     pick becomes its small_batch_config, not the config of every batch; a pick over the larger batches keeps the
-    checked-in small_batch_config."""
+    checked-in small_batch_config. A decode entry this run writes gets every knob (DECODE_KNOB_DEFAULTS for those a
+    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is."""
     written = {kind: dict(entries) for kind, entries in old.items()}
     for kind, entries in table.items():
         for key, cfg in entries.items():
             new = {x: y for x, y in cfg.items() if not x.endswith("geomean_frac") and x != "batch_class"}
             prev = written.get(kind, {}).get(key)
+            if prev and kind == "decode":
+                prev = {**DECODE_KNOB_DEFAULTS, **prev}
             if prev and cfg.get("batch_class") == "small":
                 new = {**prev, "small_batch": SMALL_BATCH, "small_batch_config": new}
             elif prev and cfg.get("batch_class") == "large" and prev.get("small_batch_config"):
