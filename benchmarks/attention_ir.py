@@ -4,7 +4,7 @@ whether the next tile's copy overlaps the dots, and the conversion instructions 
 
 python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 [--fp8-widen 1]
 python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
-python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 --fp8-dot   (e4m3 x e4m3 dots)
+python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 --fp8-dot 1   (e4m3 x e4m3 dots)
 python benchmarks/attention_ir.py prefill --kv fp8 --block-m 128 --block-n 128 --warps 8 --stages 3 --variants FP8_DOT
 
 Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
@@ -96,7 +96,7 @@ def report(kernel) -> dict:
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
             warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0,
-            variants: tuple[str, ...] = (), fp8_dot: bool = False) -> dict:
+            variants: tuple[str, ...] = (), fp8_dot: int = 0) -> dict:
     # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot: decode's knob
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
@@ -109,7 +109,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                     stride_qb=num_heads * HEAD_DIM, stride_qh=HEAD_DIM, stride_ob=num_heads * HEAD_DIM,
                     stride_oh=HEAD_DIM)
         consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
-                  "GROUP_PAD": max(64 if fp8_dot else 16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM,
+                  "GROUP_PAD": max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM,
                   "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
                   "FP8_AS_F16": kv == "fp8" and not fp8_dot, "OFF64": off64,
                   "FP8_WIDEN": fp8_widen if kv == "fp8" and not fp8_dot else 0, "FP8_DOT": fp8_dot}
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
     ap.add_argument("--fp8-widen", type=int, default=0, help="decode, FP8 cache: the config's fp8_widen (0, 1, 2)")
     ap.add_argument("--variants", default="", help="prefill variant keys set to 1, e.g. MASK_FREE,RAGGED")
-    ap.add_argument("--fp8-dot", action="store_true", help="decode, FP8 cache: the config's fp8_dot")
+    ap.add_argument("--fp8-dot", type=int, default=0, help="decode, FP8 cache: the config's fp8_dot (0, 1, 2)")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
                                              a.off64, a.fp8_widen, tuple(filter(None, a.variants.split(","))),

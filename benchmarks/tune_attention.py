@@ -75,10 +75,11 @@ DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128
 # 147-198, for a 16-bit staging tile in shared memory: (256, 8, 3, 2) would not fit, (256, 8, 3, 1) just does)
 DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 3, 1),
                     (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
-# FP8 cache only: (BLOCK_N, warps, stages, fp8_widen, fp8_dot): e4m3 x e4m3 tensor-core dots on the tiles as stored
-# (the query rows padded to 64 for wgmma; sm90: 221 / 248 registers at 4 warps and BLOCK_N 64 / 128, 126 / 184 at 8,
-# no spills, no byte-wide V gathers)
-DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 4, 3, 0, 1), (128, 8, 3, 0, 1)]
+# FP8 cache only: (BLOCK_N, warps, stages, fp8_widen, fp8_dot): e4m3 x e4m3 tensor-core dots on the tiles as stored,
+# wgmma on sm90 with no spills and no byte-wide V gathers. fp8_dot 1 (query rows padded to 64): 221 registers at
+# (64, 4, 3), 184 at (128, 8, 3); 2 (transposed, the tokens as rows): 86 / 114 / 80 registers at (64, 4, 3) /
+# (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2
+DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (128, 4, 3, 0, 2), (128, 8, 3, 0, 2)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
 # programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small

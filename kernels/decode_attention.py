@@ -132,14 +132,16 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
-    PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = False,
+    PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     RNE_EMU: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
-    # (kernels/attention.py); GROUP_PAD >= 64 there, so that Hopper runs them as wgmma (16 rows: mma.sync, which
-    # Triton runs on sm90 as fp16 after widening both operands)
+    # (kernels/attention.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which Triton
+    # runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
+    # (S^T = K q^T [BLOCK_N, GROUP_PAD], O^T += V^T P^T [BLOCK_D, GROUP_PAD]): wgmma at BLOCK_N >= 64 per warpgroup
+    # with 16 query rows, a quarter of the exp2 of 1
     pdl_wait(PDL)
     pdl_release(PDL)
     b = tl.program_id(0)
@@ -163,7 +165,10 @@ def _decode_kernel(
     end = tl.minimum(start + chunk, seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if FP8_DOT == 2:
+        acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)  # O^T
+    else:
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
     offs = tl.arange(0, BLOCK_N)
     # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
@@ -181,29 +186,40 @@ def _decode_kernel(
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
-            s = tl.dot(q, tl.trans(k)) * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
+        if FP8_DOT == 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0
+            st = tl.where(nmask[:, None], tl.dot(k, tl.trans(q)) * row_scale[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(st, 0))
+            alpha = tl.exp2(m_i - m_new)
+            pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), _to_e4m3(pt, RNE_EMU))
+            l_i = l_i * alpha + tl.sum(pt, 0)
+            m_i = m_new
         else:
-            if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
-                k = _widen_fp8(k)
+            if FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
+                s = tl.dot(q, tl.trans(k)) * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
             else:
-                k = k.to(q.dtype)
-            if FP8_WIDEN >= 1:
-                v = _widen_fp8(v)
+                if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
+                    k = _widen_fp8(k)
+                else:
+                    k = k.to(q.dtype)
+                if FP8_WIDEN >= 1:
+                    v = _widen_fp8(v)
+                else:
+                    v = v.to(q.dtype)
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            if FP8_DOT:  # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
+                p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
+                acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, RNE_EMU), v)
             else:
-                v = v.to(q.dtype)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        if FP8_DOT:  # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
-            p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
-            acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, RNE_EMU), v)
-        else:
-            p = tl.exp2(s - m_new[:, None])
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+                p = tl.exp2(s - m_new[:, None])
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    if FP8_DOT == 2:
+        acc = tl.trans(acc)
     has = l_i > 0
     o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     omask = hmask[:, None] & dmask[None, :]
@@ -329,10 +345,10 @@ def paged_attention_decode(
     pdl = pdl_enabled(q.device)
     f16_dots = fp8_as_f16(q, k_cache)
     # fp8_widen needs sm89+ PTX and the compiler (not the interpreter); elsewhere Triton's cast, the same values
-    fp8_dot = bool(cfg["fp8_dot"]) and k_cache.dtype == FP8_DTYPE
+    fp8_dot = cfg["fp8_dot"] if k_cache.dtype == FP8_DTYPE else 0
     fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) and not fp8_dot else 0
-    # fp8_dot: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros)
-    group_pad = max(64 if fp8_dot else 16, triton.next_power_of_2(group))
+    # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros)
+    group_pad = max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group))
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
@@ -342,8 +358,8 @@ def paged_attention_decode(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
-        FP8_DOT=fp8_dot, RNE_EMU=fp8_dot and interpreted(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **launch_kwargs(pdl),
+        FP8_DOT=fp8_dot, RNE_EMU=fp8_dot > 0 and interpreted(), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
         # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each

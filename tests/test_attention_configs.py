@@ -184,7 +184,7 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     monkeypatch.setattr(ta, "HEAD_DIM", 32)
     monkeypatch.setattr(ta, "DECODE_TILES", [(16, 4, 2), (32, 4, 3)])
     monkeypatch.setattr(ta, "DECODE_TILES_FP8", [(16, 4, 2, 1)])  # an FP8 cache's extra tile: fp8_widen 1
-    monkeypatch.setattr(ta, "DECODE_TILES_FP8_DOT", [(16, 4, 2, 0, 1)])  # and its tensor-core variant: fp8_dot 1
+    monkeypatch.setattr(ta, "DECODE_TILES_FP8_DOT", [(16, 4, 2, 0, 2)])  # and a tensor-core variant: fp8_dot 2
     monkeypatch.setattr(ta, "PREFILL_FP8_DOT_TILES", [(32, 16, 4, 2)])
     monkeypatch.setattr(ta, "SPLIT_RULES", [(1, 16), (2, 64)])
     monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2), (16, 32, 4, 3)])
@@ -200,7 +200,7 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     # (no RAGGED on an FP8 cache) + FP8_DOT on its tile; bf16: 2 tiles + 4 variants (no Q_F16, no FP8_DOT)
     assert len(rows) == 4 * 2 + 6 + 6 and all(r["err"] < ta.tolerance(r["cfg"]) for r in rows)
     assert sorted(r["cfg"]["fp8_widen"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 0, 0, 1, 1]
-    assert sorted(r["cfg"]["fp8_dot"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert sorted(r["cfg"]["fp8_dot"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 0, 0, 2, 2]
     assert [r["kv"] for r in rows if r["cfg"].get("FP8_DOT")] == ["fp8"]
     assert all(ta.tolerance(r["cfg"]) == ta.TOL_FP8_DOT for r in rows if r["cfg"].get("FP8_DOT") or
                r["cfg"].get("fp8_dot"))

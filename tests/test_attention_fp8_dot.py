@@ -74,14 +74,16 @@ def _decode_case(heads: int, kv_heads: int, head_dim: int, seq_lens: list[int], 
 def test_decode_fp8_dot(dtype, heads, kv_heads, head_dim):
     # GQA group 3 / 8, head_dim not a power of two; a padding row, one-token and multi-tile sequences; one split,
     # and a count that leaves some empty (the merge reads p's scale out of each split's lse)
+    # fp8_dot 1 (query rows padded to 64) and 2 (transposed: tokens as rows), each its own arithmetic layout
     args = _decode_case(heads, kv_heads, head_dim, [77, 0, 1, 200, 33], dtype)
     ref = paged_attention_decode_ref(*args)
-    for splits in (1, 5):
+    for splits, fp8_dot in ((1, 1), (5, 1), (1, 2), (5, 2)):
         widen = paged_attention_decode(*args, num_splits=splits, config=DECODE_CFG)
-        out = paged_attention_decode(*args, num_splits=splits, config={**DECODE_CFG, "fp8_dot": 1})
+        out = paged_attention_decode(*args, num_splits=splits, config={**DECODE_CFG, "fp8_dot": fp8_dot})
         assert out[1].abs().max() == 0
-        print(f"decode splits={splits} rel err vs ref {_rel_err(out, ref):.4f}, vs widen {_rel_err(out, widen):.4f}")
-        assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (splits, _rel_err(out, ref))
+        err = _rel_err(out, ref)
+        print(f"decode fp8_dot={fp8_dot} splits={splits} rel err vs ref {err:.4f}, vs widen {_rel_err(out, widen):.4f}")
+        assert err < TOL and _rel_err(out, widen) < TOL, (splits, fp8_dot, err)
         assert _rel_err(out, widen) > 1e-3  # q and p really are rounded to e4m3 (the widening kernel is exact)
         assert _rel_err(widen, ref) < 3e-3
 
@@ -122,13 +124,14 @@ def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale):
     return torch.einsum("hn,nhd->hd", p.to(FP8).float(), v) * v_scale / p.sum(-1, keepdim=True)
 
 
-def test_decode_fp8_dot_single_tile_matches_emulation():
+@pytest.mark.parametrize("fp8_dot", [1, 2])
+def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot):
     # seq lens within one BLOCK_N tile and one split: the kernel's output equals the torch emulation of the same
     # roundings up to fp32 summation order (a rounding flip of one p would show as ~1e-2)
     heads, kv_heads, head_dim = 6, 2, 48
     args = _decode_case(heads, kv_heads, head_dim, [13, 16, 1], torch.float32, seed=4)
     q, k8, v8, lens, tables, scale, k_scale, v_scale = args
-    out = paged_attention_decode(*args, num_splits=1, config={**DECODE_CFG, "fp8_dot": 1})
+    out = paged_attention_decode(*args, num_splits=1, config={**DECODE_CFG, "fp8_dot": fp8_dot})
     for b, n in enumerate(lens.tolist()):
         rows = k8[tables[b, :1].long()].flatten(0, 1)[:n], v8[tables[b, :1].long()].flatten(0, 1)[:n]
         want = _emulate_one_tile(q[b], *rows, n, scale, k_scale, v_scale)
@@ -141,8 +144,8 @@ def test_fp8_dot_config_keys():
         assert acfg.decode_config(128, dtype)["fp8_dot"] == 0
         assert not acfg.prefill_config(128, dtype).get("FP8_DOT")
     default = acfg.default_decode_config(128)
-    with pytest.raises(ValueError, match="fp8_dot=2"):
-        acfg.check_config(dict(default, fp8_dot=2), acfg.DECODE_KEYS, 128)
+    with pytest.raises(ValueError, match="fp8_dot=3"):
+        acfg.check_config(dict(default, fp8_dot=3), acfg.DECODE_KEYS, 128)
     with pytest.raises(ValueError, match="variant keys are 0 or 1"):
         acfg.check_config(dict(acfg.default_prefill_config(128), FP8_DOT=3), acfg.PREFILL_KEYS, 128)
     small = dict(default, small_batch=4, small_batch_config=dict(default, BLOCK_N=32))
@@ -165,16 +168,19 @@ _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
-print(json.dumps([inspect("decode", "fp8", block_n=64, warps=4, stages=3, fp8_dot=True),
-                  inspect("decode", "fp8", block_n=128, warps=8, stages=3, fp8_dot=True),
+print(json.dumps([inspect("decode", "fp8", block_n=64, warps=4, stages=3, fp8_dot=1),
+                  inspect("decode", "fp8", block_n=128, warps=8, stages=3, fp8_dot=1),
+                  inspect("decode", "fp8", block_n=64, warps=4, stages=3, fp8_dot=2),
+                  inspect("decode", "fp8", block_n=128, warps=8, stages=3, fp8_dot=2),
                   inspect("prefill", "fp8", block_m=128, block_n=128, warps=8, stages=3,
                           variants=("MASK_FREE", "FP8_DOT"))]))
 """
 
 
 def test_fp8_dot_compiles_to_fp8_wgmma_for_sm90():
-    # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; the decode's 64 query rows make
-    # its dots wgmma, 16 would be mma.sync, which Triton runs on sm90 in fp16 after widening), no spills, K copied
+    # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; decode's fp8_dot 1 pads the query
+    # rows to 64, 2 makes the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
+    # after widening), no spills, K copied
     # ahead asynchronously, V never gathered byte by byte (the transposed V operand: Triton stores it to shared
     # memory in the K-major layout wgmma needs), no e4m3 -> fp16 widening
     for r in run_sm90_probe(_SM90_PROBE):
@@ -190,7 +196,8 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("fp8dot") / "qwen3"), "Qwen3ForCausalLM")
 
 
-def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str):
+@pytest.mark.parametrize("fp8_dot", [1, 2])  # decode's variant (the prefill has one)
+def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str, fp8_dot: int):
     # the Triton kernels (interpreted) through a tiny Qwen3 on an FP8 cache: a prefill of 3 prompts, then greedy
     # decode steps; the variant's logits vs the widening kernels' within a stated tolerance (logits' std ~0.65:
     # cosine > 0.99 per token, no logit off by more than 0.25), the same greedy tokens
@@ -203,11 +210,11 @@ def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str):
     g = torch.Generator().manual_seed(1)
     toks = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (40, 9, 17)]
 
-    def run(fp8_dot: bool) -> tuple[torch.Tensor, list[list[int]]]:
+    def run(fp8_dot: int) -> tuple[torch.Tensor, list[list[int]]]:
         pre = acfg.prefill_config(model.head_dim, FP8)
         dec = acfg.decode_config(model.head_dim, FP8)
         if fp8_dot:
-            pre, dec = acfg.with_fp8_dot(pre, "prefill"), acfg.with_fp8_dot(dec, "decode")
+            pre, dec = acfg.with_fp8_dot(pre, "prefill"), acfg.with_fp8_dot(dec, "decode", fp8_dot)
         backend = PagedAttention(store_kv, partial(paged_attention_prefill, config=pre),
                                  partial(paged_attention_decode, config=dec), scales)
         paged = PagedRun(model, 64, len(toks), backend)
@@ -226,8 +233,8 @@ def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str):
                 logits.append(last)
         return torch.cat(logits), greedy
 
-    ref, ref_greedy = run(False)
-    out, greedy = run(True)
+    ref, ref_greedy = run(0)
+    out, greedy = run(fp8_dot)
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
     print(f"tiny model: cos min {cos.min():.5f}, max |logit diff| {(ref - out).abs().max():.4f}")
     assert cos.min() > 0.99 and (ref - out).abs().max() < 0.25, (cos.min(), (ref - out).abs().max())
@@ -249,13 +256,15 @@ def test_fp8_dot_gpu():
     args = (q, k, v, lens, tables, 128**-0.5, *scales)
     ref = paged_attention_decode_ref(*args)
     table = acfg.decode_config(128, FP8, q.device)
-    for block_n, warps in ((64, 4), (128, 4), (128, 8)):
-        cfg = acfg.with_fp8_dot(dict(table, BLOCK_N=block_n, num_warps=warps, num_stages=3, small_batch=0), "decode")
+    for block_n, warps, fp8_dot in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2)):
+        cfg = acfg.with_fp8_dot(dict(table, BLOCK_N=block_n, num_warps=warps, num_stages=3, small_batch=0), "decode",
+                                fp8_dot)
         for splits in (None, 1):
             out = paged_attention_decode(*args, num_splits=splits, config=cfg)
             widen = paged_attention_decode(*args, num_splits=splits, config=dict(cfg, fp8_dot=0))
             assert out[3].abs().max() == 0
-            assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (block_n, warps, splits)
+            assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (block_n, warps, fp8_dot, splits)
+            assert _rel_err(out, widen) > 1e-3
     q_ext = torch.randn(600, 32, 128, device="cuda", dtype=torch.bfloat16)
     ext = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
            600, *scales)
