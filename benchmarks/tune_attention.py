@@ -1,7 +1,7 @@
 """Sweep the paged attention kernels' tile configs on this GPU and pick the best per kernel and cache dtype.
 
 python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--only decode,extend,prefill]
-    [--pick-ragged]
+    [--pick-ragged] [--kv-dtypes bf16,fp8]
 
 Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
 4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens and of 4 x 2k
@@ -359,6 +359,8 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=float, default=15.0, help="timing window per candidate")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (1: compile while timing)")
     ap.add_argument("--only", default="decode,extend,prefill")
+    ap.add_argument("--kv-dtypes", default="bf16,fp8", help="the cases of these cache dtypes only (e.g. fp8: the "
+                    "budget on the FP8 cases, where the FP8 tensor-core variants are swept; the table keeps the rest)")
     ap.add_argument("--pick-ragged", action="store_true",
                     help="let RAGGED prefill configs into the table (callers that pass this step's K/V)")
     args = ap.parse_args()
@@ -367,8 +369,10 @@ def main() -> None:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     only = args.only.split(",")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    decode_cases = DECODE_CASES if "decode" in only else []
-    prefill_cases = (EXTEND_CASES if "extend" in only else []) + (PREFILL_CASES if "prefill" in only else [])
+    kvs = args.kv_dtypes.split(",")
+    decode_cases = [c for c in DECODE_CASES if c.kv in kvs] if "decode" in only else []
+    prefill_cases = [c for c in (EXTEND_CASES if "extend" in only else []) + (PREFILL_CASES if "prefill" in only
+                                                                                else []) if c.kv in kvs]
     if args.jobs > 1:
         precompile(compile_plan(decode_cases, prefill_cases, num_sms), args.jobs)
     ceil = measure_ceilings()  # ~3 s
