@@ -44,6 +44,7 @@ DT = torch.bfloat16
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8dot": torch.float8_e4m3fn,
              "fp8dot2": torch.float8_e4m3fn}
 FP8_DOT = {"fp8dot": 1, "fp8dot2": 2}  # decode's fp8_dot per pseudo cache dtype
+FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
 def kernel_config(kind: str, kv: str) -> dict | None:
@@ -52,7 +53,6 @@ def kernel_config(kind: str, kv: str) -> dict | None:
         return None
     get = decode_config if kind == "decode" else prefill_config
     return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv])
-FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
 def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):

@@ -47,7 +47,6 @@ def _quantize_q(q, RNE_EMU: tl.constexpr):
     return q8, 1.0 / inv
 
 
-
 @triton.jit
 def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
              OFF64: tl.constexpr):
