@@ -86,6 +86,12 @@ def test_decode_fp8_dot(dtype, heads, kv_heads, head_dim):
         assert err < TOL and _rel_err(out, widen) < TOL, (splits, fp8_dot, err)
         assert _rel_err(out, widen) > 1e-3  # q and p really are rounded to e4m3 (the widening kernel is exact)
         assert _rel_err(widen, ref) < 3e-3
+    # the key belongs to an FP8 cache's config: on a float cache it changes nothing (bit for bit)
+    k, v, tables = _make_cache([40, 7], 16, 2, 32, torch.float32, "cpu")
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2))
+    args = (q, k, v, torch.tensor([40, 7], dtype=torch.int32), tables, 32**-0.5)
+    assert torch.equal(paged_attention_decode(*args, config={**DECODE_CFG, "fp8_dot": 2}),
+                       paged_attention_decode(*args, config=DECODE_CFG))
 
 
 @pytest.mark.parametrize("cfg", PREFILL_CFGS)
@@ -153,15 +159,6 @@ def test_fp8_dot_config_keys():
     assert on["fp8_dot"] == 1 and on["small_batch_config"]["fp8_dot"] == 1 and small["fp8_dot"] == 0
     assert acfg.decode_config_for(on, 1)["fp8_dot"] == 1 and acfg.decode_config_for(on, 1)["BLOCK_N"] == 32
     assert acfg.with_fp8_dot(acfg.default_prefill_config(128), "prefill")["FP8_DOT"] == 1
-
-
-def test_fp8_dot_on_a_float_cache_is_the_plain_kernel():
-    # the key belongs to an FP8 cache's config; on a float cache it changes nothing (bit for bit)
-    k, v, tables = _make_cache([40, 7], 16, 2, 32, torch.float32, "cpu")
-    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2))
-    args = (q, k, v, torch.tensor([40, 7], dtype=torch.int32), tables, 32**-0.5)
-    assert torch.equal(paged_attention_decode(*args, config={**DECODE_CFG, "fp8_dot": 1}),
-                       paged_attention_decode(*args, config=DECODE_CFG))
 
 
 _SM90_PROBE = """
