@@ -94,8 +94,7 @@ def test_decode_fp8_dot(dtype, heads, kv_heads, head_dim):
                        paged_attention_decode(*args, config=DECODE_CFG))
 
 
-@pytest.mark.parametrize("cfg", PREFILL_CFGS)
-@pytest.mark.parametrize("dtype,heads", [(torch.float32, 8), (torch.float16, 6)])
+@pytest.mark.parametrize("cfg,dtype,heads", [(PREFILL_CFGS[0], torch.float32, 8), (PREFILL_CFGS[1], torch.float16, 6)])
 def test_prefill_fp8_dot(cfg, dtype, heads):
     # group 4 packs into the tile, group 3 does not; a chunk over a cached prefix, a 1-token chunk, an empty one
     kv_heads, head_dim = 2, 32
@@ -193,10 +192,9 @@ def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("fp8dot") / "qwen3"), "Qwen3ForCausalLM")
 
 
-@pytest.mark.parametrize("fp8_dot", [1, 2])  # decode's variant (the prefill has one)
-def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str, fp8_dot: int):
+def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str, fp8_dot: int = 2):
     # the Triton kernels (interpreted) through a tiny Qwen3 on an FP8 cache: a prefill of 3 prompts, then greedy
-    # decode steps; the variant's logits vs the widening kernels' within a stated tolerance (logits' std ~0.65:
+    # decode steps (decode's fp8_dot 2; 1 computes the same roundings in another layout: test_decode_fp8_dot); the variant's logits vs the widening kernels' within a stated tolerance (logits' std ~0.65:
     # cosine > 0.99 per token, no logit off by more than 0.25), the same greedy tokens
     from kernels.attention import store_kv
     from runtime.engine.attention_backend import PagedAttention
