@@ -76,9 +76,9 @@ DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128
 DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 3, 1),
                     (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
 # FP8 cache only: (BLOCK_N, warps, stages, fp8_widen, fp8_dot): e4m3 x e4m3 tensor-core dots on the tiles as stored,
-# wgmma on sm90 with no spills and no byte-wide V gathers. fp8_dot 1 (query rows padded to 64): 221 registers at
-# (64, 4, 3), 184 at (128, 8, 3); 2 (transposed, the tokens as rows): 86 / 114 / 80 registers at (64, 4, 3) /
-# (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2
+# wgmma on sm90 with no spills, K and V copied ahead asynchronously (rings of 3 / 2 at stages 3), no byte-wide V
+# gathers. fp8_dot 1 (query rows padded to 64): 223 registers at (64, 4, 3), 220 at (128, 8, 3); 2 (transposed, the
+# tokens as rows): 125 / 133 / 104 registers at (64, 4, 3) / (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2
 DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (128, 4, 3, 0, 2), (128, 8, 3, 0, 2)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
@@ -108,8 +108,9 @@ PREFILL_VARIANTS = [{"MASK_FREE": 1}, {"MASK_FREE": 1, "LPT_GRID": 1}, {"MASK_FR
                     {"MASK_FREE": 1, "LPT_GRID": 1, "RAGGED": 1}, {"MASK_FREE": 1, "Q_F16": 1}]
 PREFILL_VARIANT_TILES = {"bf16": [(128, 128, 8, 3), (128, 64, 8, 3)], "fp8": [(128, 128, 8, 5), (128, 128, 8, 3)]}
 # FP8 cache only: FP8_DOT (e4m3 x e4m3 dots, q and p rounded to e4m3 in the kernel) on its own tiles: sm90 at 8 warps
-# 252-255 registers, no spills at these three ((128, 128, 8, 4) spills 8 bytes, 4-warp and 16-warp tiles spill more)
-PREFILL_FP8_DOT_TILES = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4)]
+# 254-255 registers and no spills at these (4-warp and 16-warp tiles spill), K / V rings of 3 / 2 at stages 3, 4 / 3
+# at 4 (112-144 KiB of shared memory at BLOCK_N 128)
+PREFILL_FP8_DOT_TILES = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4)]
 PREFILL_FP8_DOT = {"MASK_FREE": 1, "FP8_DOT": 1}
 TOL = 2e-2
 # the FP8 tensor-core variants round q and the probabilities to e4m3 (3-bit mantissa: <= 2^-4 relative per value, ~0.026

@@ -181,7 +181,7 @@ def _prefill_kernel(
     num_tokens=0, batch=0, ZERO_FILL: tl.constexpr = False,
     k_new_desc=None, v_new_desc=None, RAGGED: tl.constexpr = False,
     MASK_FREE: tl.constexpr = False, LPT_GRID: tl.constexpr = False, Q_F16: tl.constexpr = False,
-    FP8_DOT: tl.constexpr = False, RNE_EMU: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False, INTERP: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -195,7 +195,7 @@ def _prefill_kernel(
     # Q_F16 (an FP8 cache): q comes saturated to fp16 already (the wrapper's cast): loaded as is, it stays in shared
     # memory as the dots' operand (a q converted here is reloaded into registers every tile: sm90 TTGIR)
     # FP8_DOT (an FP8 cache): q rounded to e4m3 here with a per-row (token, head) scale from its absmax, folded into
-    # the softmax scale; QK^T and PV as e4m3 x e4m3 dots (attention_tiles._softmax_step); RNE_EMU: interpreter only
+    # the softmax scale; QK^T and PV as e4m3 x e4m3 dots (attention_tiles._softmax_step); INTERP: interpreter only
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     head0 = tl.program_id(0) * PACK
@@ -241,7 +241,7 @@ def _prefill_kernel(
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     if FP8_DOT:
-        q, q_scale = _quantize_q(q, RNE_EMU)
+        q, q_scale = _quantize_q(q, INTERP)
         row_scale = qk_scale * q_scale  # [BLOCK_M]
     else:
         row_scale = qk_scale
@@ -271,13 +271,13 @@ def _prefill_kernel(
         nxt = n0 + BLOCK_N + offs
         page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_pages, other=0)
         m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_pages, q_pos, d, dmask, m_i, l_i,
-                                      acc, row_scale, BLOCK_N, False, MASK_FREE, EVEN_D, FP8_DOT, RNE_EMU)
+                                      acc, row_scale, BLOCK_N, False, MASK_FREE, EVEN_D, FP8_DOT, INTERP)
     for n0 in range(full_end, kv_pages, BLOCK_N):
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         nxt = n0 + BLOCK_N + offs
         page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_pages, other=0)
         m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_pages, q_pos, d, dmask, m_i, l_i,
-                                      acc, row_scale, BLOCK_N, True, False, False, FP8_DOT, RNE_EMU)
+                                      acc, row_scale, BLOCK_N, True, False, False, FP8_DOT, INTERP)
     if RAGGED:  # the chunk's own keys j = position - ctx, tiles aligned to the chunk's first token
         c_end = kv_end - kv_pages  # min(q_len, (qb + 1) * BLOCK_Q) for a sequence with keys
         c_full = tl.minimum((qb * BLOCK_Q + 1) // BLOCK_N * BLOCK_N, c_end)  # visible to every row of the block
@@ -436,7 +436,7 @@ def paged_attention_prefill(
         BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache) and not fp8_dot,
         OFF64=needs_off64(k_cache),
         num_tokens=num_tokens, batch=batch, ZERO_FILL=zero_fill, MASK_FREE=bool(cfg.get("MASK_FREE")),
-        LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, FP8_DOT=fp8_dot, RNE_EMU=fp8_dot and interpreted(),
+        LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, FP8_DOT=fp8_dot, INTERP=fp8_dot and interpreted(),
         **tiles, **ragged,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -29,21 +29,33 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _to_e4m3(x, RNE_EMU: tl.constexpr):
-    # fp32 within +-448 -> e4m3 (RNE_EMU: under the interpreter, see _round_e4m3)
-    if RNE_EMU:
+def _to_e4m3(x, INTERP: tl.constexpr):
+    # fp32 within +-448 -> e4m3 (INTERP: under the interpreter, see _round_e4m3)
+    if INTERP:
         x = _round_e4m3(x)
     return x.to(tl.float8e4nv)
 
 
 @triton.jit
-def _quantize_q(q, RNE_EMU: tl.constexpr):
+def _hold_fp8(x, INTERP: tl.constexpr):
+    # an e4m3 tile [BLOCK_N, BLOCK_D] as is, through an impure no-op Triton cannot move: V's copy into the K-major
+    # shared layout its FP8 dot needs (it is the B operand of P @ V along the tokens, stored along head_dim) goes
+    # through registers, and Triton places it at the value's definition, so right after a plain load its wait for
+    # global memory would stall every tile before the QK^T dot; placed here (before the PV dot) the load overlaps
+    # QK^T and the softmax. (The interpreter runs no PTX: there it is x.)
+    if INTERP:
+        return x
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float8e4nv, is_pure=False, pack=4)
+
+
+@triton.jit
+def _quantize_q(q, INTERP: tl.constexpr):
     # q [ROWS, BLOCK_D] -> (e4m3 q / row scale, row scale [ROWS] fp32): each row (one token's head) scaled so its
     # largest |value| maps to 448; an all-zero row (padding) gets scale 1
     qf = q.to(tl.float32)
     amax = tl.max(tl.abs(qf), 1)
     inv = tl.where(amax > 0, E4M3_MAX / tl.maximum(amax, 1e-30), 1.0)
-    q8 = _to_e4m3(tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), RNE_EMU)
+    q8 = _to_e4m3(tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), INTERP)
     return q8, 1.0 / inv
 
 
@@ -62,7 +74,7 @@ def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: t
 
 @triton.jit
 def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, FP8_DOT: tl.constexpr = False,
-                  RNE_EMU: tl.constexpr = False):
+                  INTERP: tl.constexpr = False):
     # one online-softmax step from the scores s [BLOCK_M, BLOCK_N] (QK^T, not yet scaled): v [BLOCK_N, BLOCK_D] in
     # q's dtype, s_mask [BLOCK_M, BLOCK_N] (read only when MASKED), acc [BLOCK_M, BLOCK_D] fp32. (V's load sits after
     # the QK^T dot in the callers: with an FP8 cache, V widened before it took another 32 KiB of shared memory)
@@ -79,7 +91,7 @@ def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, F
     if FP8_DOT:
         p = tl.exp2(s * qk_scale[:, None] - (m_safe - P_LOG2_SCALE)[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, RNE_EMU), v)
+        acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
     else:
         p = tl.exp2(s * qk_scale - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -90,7 +102,7 @@ def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, F
 @triton.jit
 def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_FREE: tl.constexpr = False,
-                  EVEN_D: tl.constexpr = False, FP8_DOT: tl.constexpr = False, RNE_EMU: tl.constexpr = False):
+                  EVEN_D: tl.constexpr = False, FP8_DOT: tl.constexpr = False, INTERP: tl.constexpr = False):
     # one online-softmax step over keys [n0, n0 + BLOCK_N) whose cache rows start at `rows` [BLOCK_N];
     # q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]. An FP8 cache is widened to q's dtype (fp16) right after the
     # load (exact); its scales are in qk_scale and on the output. FP8_DOT: q is e4m3 already (the casts to q.dtype
@@ -114,7 +126,7 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask
         s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     s_mask = (n < kv_end)[None, :] & (n[None, :] <= q_pos[:, None])
-    return _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED, FP8_DOT, RNE_EMU)
+    return _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED, FP8_DOT, INTERP)
 
 
 @triton.jit

@@ -49,7 +49,7 @@ from kernels.attention import (
     needs_off64,
 )
 from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
-from kernels.attention_tiles import P_LOG2_SCALE, _kv_rows, _quantize_q, _to_e4m3
+from kernels.attention_tiles import P_LOG2_SCALE, _hold_fp8, _kv_rows, _quantize_q, _to_e4m3
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
@@ -133,7 +133,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
-    RNE_EMU: tl.constexpr = False,
+    INTERP: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -156,7 +156,7 @@ def _decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
     if FP8_DOT:  # per-head q scale from its absmax, folded into the softmax scale: [GROUP_PAD]
-        q, q_scale = _quantize_q(q, RNE_EMU)
+        q, q_scale = _quantize_q(q, INTERP)
         row_scale = qk_scale * q_scale
     elif FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
         q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
@@ -191,7 +191,7 @@ def _decode_kernel(
             m_new = tl.maximum(m_i, tl.max(st, 0))
             alpha = tl.exp2(m_i - m_new)
             pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), _to_e4m3(pt, RNE_EMU))
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, INTERP)), _to_e4m3(pt, INTERP))
             l_i = l_i * alpha + tl.sum(pt, 0)
             m_i = m_new
         else:
@@ -212,7 +212,7 @@ def _decode_kernel(
             alpha = tl.exp2(m_i - m_new)
             if FP8_DOT:  # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
                 p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
-                acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, RNE_EMU), v)
+                acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
             else:
                 p = tl.exp2(s - m_new[:, None])
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
@@ -358,7 +358,7 @@ def paged_attention_decode(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
-        FP8_DOT=fp8_dot, RNE_EMU=fp8_dot > 0 and interpreted(), num_warps=cfg["num_warps"],
+        FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:

@@ -176,13 +176,15 @@ print(json.dumps([inspect("decode", "fp8", block_n=64, warps=4, stages=3, fp8_do
 def test_fp8_dot_compiles_to_fp8_wgmma_for_sm90():
     # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; decode's fp8_dot 1 pads the query
     # rows to 64, 2 makes the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
-    # after widening), no spills, K copied
-    # ahead asynchronously, V never gathered byte by byte (the transposed V operand: Triton stores it to shared
-    # memory in the K-major layout wgmma needs), no e4m3 -> fp16 widening
+    # after widening), no spills, K and V both copied
+    # ahead asynchronously (a ring each; without attention_tiles._hold_fp8 V was a plain load waited for before the
+    # dots: its register-staged copy into the K-major layout wgmma needs sat at the load), V never gathered byte by
+    # byte, no e4m3 -> fp16 widening
     for r in run_sm90_probe(_SM90_PROBE):
         assert r["mma"] == "wgmma" and r["qgmma"] > 0 and r["hgmma"] == 0, r
         assert r["spill_bytes"] == 0 and r["sass_ops"]["LDS_U8"] == 0 and r["sass_ops"]["HMMA"] == 0, r
-        assert min(r["kv_buffer_depths"]) >= 2 and max(r["async_wait_in_flight"]) > 0, r
+        assert len(r["kv_buffer_depths"]) in (2, 4) and min(r["kv_buffer_depths"]) >= 2, r
+        assert max(r["async_wait_in_flight"]) > 0, r
 
 
 @pytest.fixture(scope="module")
