@@ -78,8 +78,10 @@ DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1),
 # FP8 cache only: (BLOCK_N, warps, stages, fp8_widen, fp8_dot): e4m3 x e4m3 tensor-core dots on the tiles as stored,
 # wgmma on sm90 with no spills, K and V copied ahead asynchronously (rings of 3 / 2 at stages 3), no byte-wide V
 # gathers. fp8_dot 1 (query rows padded to 64): 223 registers at (64, 4, 3), 220 at (128, 8, 3); 2 (transposed, the
-# tokens as rows): 125 / 133 / 104 registers at (64, 4, 3) / (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2
-DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (128, 4, 3, 0, 2), (128, 8, 3, 0, 2)]
+# tokens as rows): 125 / 133 / 104 registers at (64, 4, 3) / (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2, V
+# gathered bytewise into its operand; 3 (2 with V loaded and staged before the dots, not pipelined): 86 / 114
+DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (128, 4, 3, 0, 2), (128, 8, 3, 0, 2),
+                        (64, 4, 3, 0, 3), (128, 4, 3, 0, 3)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
 # programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small

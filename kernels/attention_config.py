@@ -44,7 +44,8 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 # and split rule: a few long requests want more splits and maybe other tiles than a full batch; decode_config_for);
 # fp8_dot (an FP8 cache): e4m3 x e4m3 tensor-core dots on the tiles as stored, q and p rounded to e4m3 in the kernel
 # (the prefill's FP8_DOT, kernels/attention.py); 1: the query rows padded to 64 (wgmma's M), 2: transposed, the
-# tile's tokens as the dots' rows (wgmma at BLOCK_N >= 64 per warpgroup); fp8_widen is then unused
+# tile's tokens as the dots' rows (wgmma at BLOCK_N >= 64 per warpgroup), 3: 2 with V's copy not pipelined
+# (decode_attention._decode_kernel says why both); fp8_widen is then unused
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
                         "small_batch_config": None, "fp8_dot": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -117,7 +118,7 @@ def decode_config_for(cfg: dict, batch: int) -> dict:
 
 def with_fp8_dot(cfg: dict, kind: str, fp8_dot: int = 1) -> dict:
     """cfg (a decode or prefill config, kind "decode" / "prefill") with the FP8 tensor-core variant on: decode's
-    fp8_dot (its small-batch config's too; 1 or 2), prefill's FP8_DOT; tiles and split rule as they are."""
+    fp8_dot (its small-batch config's too; 1, 2 or 3), prefill's FP8_DOT; tiles and split rule as they are."""
     if kind == "prefill":
         return {**cfg, "FP8_DOT": 1}
     cfg = {**DECODE_KNOB_DEFAULTS, **cfg, "fp8_dot": fp8_dot}
@@ -147,8 +148,8 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
         raise ValueError(f"attention config merge_block_d={cfg['merge_block_d']} must be 0 (auto) or a power of two")
     if cfg.get("fp8_widen", 0) not in (0, 1, 2):
         raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")
-    if cfg.get("fp8_dot", 0) not in (0, 1, 2):
-        raise ValueError(f"attention config fp8_dot={cfg['fp8_dot']} must be 0, 1 or 2")
+    if cfg.get("fp8_dot", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"attention config fp8_dot={cfg['fp8_dot']} must be 0, 1, 2 or 3")
     bad = {k: cfg[k] for k in PREFILL_VARIANT_KEYS if k in cfg and cfg[k] not in (0, 1, False, True)}
     if bad:
         raise ValueError(f"attention config {bad}: variant keys are 0 or 1")

@@ -141,7 +141,11 @@ def _decode_kernel(
     # (kernels/attention.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which Triton
     # runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
     # (S^T = K q^T [BLOCK_N, GROUP_PAD], O^T += V^T P^T [BLOCK_D, GROUP_PAD]): wgmma at BLOCK_N >= 64 per warpgroup
-    # with 16 query rows, a quarter of the exp2 of 1
+    # with 16 query rows, a quarter of the exp2 of 1; V reaches the PV dot (its A operand, in registers) through
+    # _hold_fp8, so its copy is pipelined, but the transposed operand is gathered from shared memory a byte at a time
+    # (sm90 SASS: LDS.U8); 3: as 2 without the hold: V loaded before the dots and staged straight into shared memory
+    # (no byte gathers, the A operand read from there), its load waited for every tile
+    V_DIRECT: tl.constexpr = INTERP or FP8_DOT == 3
     pdl_wait(PDL)
     pdl_release(PDL)
     b = tl.program_id(0)
@@ -165,7 +169,7 @@ def _decode_kernel(
     end = tl.minimum(start + chunk, seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    if FP8_DOT == 2:
+    if FP8_DOT >= 2:
         acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)  # O^T
     else:
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -186,12 +190,12 @@ def _decode_kernel(
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8_DOT == 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0
+        if FP8_DOT >= 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0
             st = tl.where(nmask[:, None], tl.dot(k, tl.trans(q)) * row_scale[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(st, 0))
             alpha = tl.exp2(m_i - m_new)
             pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, INTERP)), _to_e4m3(pt, INTERP))
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))
             l_i = l_i * alpha + tl.sum(pt, 0)
             m_i = m_new
         else:
@@ -218,7 +222,7 @@ def _decode_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
-    if FP8_DOT == 2:
+    if FP8_DOT >= 2:
         acc = tl.trans(acc)
     has = l_i > 0
     o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
@@ -347,7 +351,7 @@ def paged_attention_decode(
     # fp8_widen needs sm89+ PTX and the compiler (not the interpreter); elsewhere Triton's cast, the same values
     fp8_dot = cfg["fp8_dot"] if k_cache.dtype == FP8_DTYPE else 0
     fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) and not fp8_dot else 0
-    # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros)
+    # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros); 2, 3: 16
     group_pad = max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group))
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,

@@ -74,10 +74,10 @@ def _decode_case(heads: int, kv_heads: int, head_dim: int, seq_lens: list[int], 
 def test_decode_fp8_dot(dtype, heads, kv_heads, head_dim):
     # GQA group 3 / 8, head_dim not a power of two; a padding row, one-token and multi-tile sequences; one split,
     # and a count that leaves some empty (the merge reads p's scale out of each split's lse)
-    # fp8_dot 1 (query rows padded to 64) and 2 (transposed: tokens as rows), each its own arithmetic layout
+    # fp8_dot 1 (query rows padded to 64) and 2 / 3 (transposed: tokens as rows), each its own arithmetic layout
     args = _decode_case(heads, kv_heads, head_dim, [77, 0, 1, 200, 33], dtype)
     ref = paged_attention_decode_ref(*args)
-    for splits, fp8_dot in ((1, 1), (5, 1), (1, 2), (5, 2)):
+    for splits, fp8_dot in ((1, 1), (5, 1), (1, 2), (5, 2), (5, 3)):
         widen = paged_attention_decode(*args, num_splits=splits, config=DECODE_CFG)
         out = paged_attention_decode(*args, num_splits=splits, config={**DECODE_CFG, "fp8_dot": fp8_dot})
         assert out[1].abs().max() == 0
@@ -149,8 +149,8 @@ def test_fp8_dot_config_keys():
         assert acfg.decode_config(128, dtype)["fp8_dot"] == 0
         assert not acfg.prefill_config(128, dtype).get("FP8_DOT")
     default = acfg.default_decode_config(128)
-    with pytest.raises(ValueError, match="fp8_dot=3"):
-        acfg.check_config(dict(default, fp8_dot=3), acfg.DECODE_KEYS, 128)
+    with pytest.raises(ValueError, match="fp8_dot=4"):
+        acfg.check_config(dict(default, fp8_dot=4), acfg.DECODE_KEYS, 128)
     with pytest.raises(ValueError, match="variant keys are 0 or 1"):
         acfg.check_config(dict(acfg.default_prefill_config(128), FP8_DOT=3), acfg.PREFILL_KEYS, 128)
     small = dict(default, small_batch=4, small_batch_config=dict(default, BLOCK_N=32))
@@ -164,27 +164,28 @@ _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
-print(json.dumps([inspect("decode", "fp8", block_n=64, warps=4, stages=3, fp8_dot=1),
-                  inspect("decode", "fp8", block_n=128, warps=8, stages=3, fp8_dot=1),
-                  inspect("decode", "fp8", block_n=64, warps=4, stages=3, fp8_dot=2),
-                  inspect("decode", "fp8", block_n=128, warps=8, stages=3, fp8_dot=2),
-                  inspect("prefill", "fp8", block_m=128, block_n=128, warps=8, stages=3,
-                          variants=("MASK_FREE", "FP8_DOT"))]))
+dec = {f"decode {n} {w} {f}": inspect("decode", "fp8", block_n=n, warps=w, stages=3, fp8_dot=f)
+       for n, w, f in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 8, 2), (128, 4, 3))}
+pre = {"prefill": inspect("prefill", "fp8", block_m=128, block_n=128, warps=8, stages=3,
+                          variants=("MASK_FREE", "FP8_DOT"))}
+print(json.dumps(dec | pre))
 """
 
 
 def test_fp8_dot_compiles_to_fp8_wgmma_for_sm90():
     # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; decode's fp8_dot 1 pads the query
-    # rows to 64, 2 makes the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
-    # after widening), no spills, K and V both copied
-    # ahead asynchronously (a ring each; without attention_tiles._hold_fp8 V was a plain load waited for before the
-    # dots: its register-staged copy into the K-major layout wgmma needs sat at the load), V never gathered byte by
-    # byte, no e4m3 -> fp16 widening
-    for r in run_sm90_probe(_SM90_PROBE):
-        assert r["mma"] == "wgmma" and r["qgmma"] > 0 and r["hgmma"] == 0, r
-        assert r["spill_bytes"] == 0 and r["sass_ops"]["LDS_U8"] == 0 and r["sass_ops"]["HMMA"] == 0, r
-        assert len(r["kv_buffer_depths"]) in (2, 4) and min(r["kv_buffer_depths"]) >= 2, r
-        assert max(r["async_wait_in_flight"]) > 0, r
+    # rows to 64, 2 / 3 make the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
+    # after widening), no spills, no e4m3 -> fp16 widening, K copied ahead asynchronously. V: copied ahead too (a
+    # ring of its own; without attention_tiles._hold_fp8 V was a plain load waited for before the dots, its
+    # register-staged copy into the K-major layout wgmma needs sitting at the load), never gathered byte by byte
+    # as a B operand (fp8_dot 1, prefill); as fp8_dot 2's A operand it is (LDS.U8), 3 trades that for the blocking load
+    for name, r in run_sm90_probe(_SM90_PROBE).items():
+        assert r["mma"] == "wgmma" and r["qgmma"] > 0 and r["hgmma"] == 0, (name, r)
+        assert r["spill_bytes"] == 0 and r["sass_ops"]["HMMA"] == 0 and r["sass_ops"]["F2F"] == 0, (name, r)
+        assert min(r["kv_buffer_depths"]) >= 2 and max(r["async_wait_in_flight"]) > 0, (name, r)
+        pipelined_v = not name.endswith(" 3")
+        assert len(r["kv_buffer_depths"]) == (1 + pipelined_v) * (2 if name == "prefill" else 1), (name, r)
+        assert (r["sass_ops"]["LDS_U8"] > 0) == (name.endswith(" 2")), (name, r)
 
 
 @pytest.fixture(scope="module")
