@@ -10,12 +10,13 @@ line per row and 'bench_attention summary' last.
 
 --kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
 floor counts the bytes of that dtype, and each FP8 decode row reports its output's error vs the bf16 cache.
-kv "fp8dot" / "fp8dot2" is the FP8 cache with the tensor-core variant on (the table's tiles with decode fp8_dot 1 /
-2, prefill FP8_DOT: e4m3 x e4m3 dots, q and p rounded to e4m3), side by side with "fp8" (the widening kernels);
-fp8dot2 differs in decode only (its extend rows are fp8dot's: skipped).
+kv "fp8dot" / "fp8dot2" / "fp8dot3" is the FP8 cache with the tensor-core variant on (the table's tiles with decode
+fp8_dot 1 / 2 / 3, prefill FP8_DOT: e4m3 x e4m3 dots, q and p rounded to e4m3), side by side with "fp8" (the widening
+kernels); fp8dot2 / 3 differ in decode only (their extend rows would be fp8dot's: skipped).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
-Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8,fp8dot,fp8dot2 --extend 8192:122880.
+Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8,fp8dot,fp8dot2,fp8dot3
+--extend 8192:122880.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ from kernels.decode_attention import paged_attention_decode  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8dot": torch.float8_e4m3fn,
-             "fp8dot2": torch.float8_e4m3fn}
-FP8_DOT = {"fp8dot": 1, "fp8dot2": 2}  # decode's fp8_dot per pseudo cache dtype
+FP8_DOT = {"fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3}  # decode's fp8_dot per pseudo cache dtype (an FP8 cache)
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn} | dict.fromkeys(FP8_DOT, torch.float8_e4m3fn)
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
@@ -227,7 +227,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     modes = (False, True) if args.ragged else (False,)
     for spec, kv, ragged in ((s, kv, m) for s in filter(None, args.extend.split(","))
-                             for kv in args.kv_dtypes.split(",") if kv != "fp8dot2" for m in modes):
+                             for kv in args.kv_dtypes.split(",") if FP8_DOT.get(kv, 1) == 1 for m in modes):
         chunk, prefix = map(int, spec.split(":"))
         r = bench_extend(chunk, prefix, ceil, kv, ragged)
         rows.append(r)
