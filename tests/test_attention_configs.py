@@ -218,6 +218,12 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     # per tile the split kernel for > 1 splits (2 and 4 splits share it); the merge for 2 and for 4 splits
     # (whatever the tile); one prefill binary per tile and per variant (FP8_DOT's included)
     assert len(plan) == 4 + 2 + 2 + 3 + 1
+    # --fp8-dot-only: the table's config as it is (here the default: no CPU table), then the fp8_dot tiles
+    only = ta.sweep_decode(ac.DecodeCase(1, 90, "fp8", 4, 2), ceil, 8, budget, 1.0, fp8_dot_only=True)
+    assert [r["cfg"]["fp8_dot"] for r in only] == [0, 2, 2] and only[0]["cfg"] == acfg.decode_config(32, FP8)
+    assert ta.prefill_cfgs("fp8", True) == [acfg.prefill_config(32, FP8), ta.prefill_cfg((32, 16, 4, 2),
+                                                                                         ta.PREFILL_FP8_DOT)]
+    assert ta.prefill_cfgs("bf16", True) == ta.prefill_cfgs("bf16")
 
 
 def test_tuner_table_merge_keeps_unswept_keys():
