@@ -255,7 +255,8 @@ def test_fp8_dot_gpu():
     args = (q, k, v, lens, tables, 128**-0.5, *scales)
     ref = paged_attention_decode_ref(*args)
     table = acfg.decode_config(128, FP8, q.device)
-    for block_n, warps, fp8_dot in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2)):
+    for block_n, warps, fp8_dot in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3),
+                                    (128, 4, 3)):
         cfg = acfg.with_fp8_dot(dict(table, BLOCK_N=block_n, num_warps=warps, num_stages=3, small_batch=0), "decode",
                                 fp8_dot)
         for splits in (None, 1):
@@ -268,7 +269,7 @@ def test_fp8_dot_gpu():
     ext = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
            600, *scales)
     ref = paged_attention_prefill_ref(*ext)
-    for tile in ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4)):
+    for tile in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)):
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile), MASK_FREE=1, FP8_DOT=1)
         out = paged_attention_prefill(*ext, config=cfg)
         widen = paged_attention_prefill(*ext, config=dict(cfg, FP8_DOT=0))
