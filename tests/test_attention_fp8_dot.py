@@ -86,6 +86,10 @@ def test_decode_fp8_dot(dtype, heads, kv_heads, head_dim):
         assert err < TOL and _rel_err(out, widen) < TOL, (splits, fp8_dot, err)
         assert _rel_err(out, widen) > 1e-3  # q and p really are rounded to e4m3 (the widening kernel is exact)
         assert _rel_err(widen, ref) < 3e-3
+    # the fused merge (the last split merges in the same launch) reads the same lse: the same output
+    two = paged_attention_decode(*args, num_splits=5, config={**DECODE_CFG, "fp8_dot": 1})
+    fused = paged_attention_decode(*args, num_splits=5, fused_merge=True, config={**DECODE_CFG, "fp8_dot": 1})
+    assert _rel_err(fused, two) < 1e-5
     # the key belongs to an FP8 cache's config: on a float cache it changes nothing (bit for bit)
     k, v, tables = _make_cache([40, 7], 16, 2, 32, torch.float32, "cpu")
     q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(2))
