@@ -150,6 +150,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
         raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")
     if cfg.get("fp8_dot", 0) not in (0, 1, 2, 3):
         raise ValueError(f"attention config fp8_dot={cfg['fp8_dot']} must be 0, 1, 2 or 3")
+    if (cfg.get("fp8_dot") or cfg.get("FP8_DOT")) and min(cfg["BLOCK_N"], triton.next_power_of_2(head_dim)) < 32:
+        raise ValueError(f"attention config {cfg}: the FP8 dots (fp8_dot / FP8_DOT) need BLOCK_N >= 32 and head_dim "
+                         f"> 16, got head_dim {head_dim} (an e4m3 tl.dot's K is at least 32)")
     bad = {k: cfg[k] for k in PREFILL_VARIANT_KEYS if k in cfg and cfg[k] not in (0, 1, False, True)}
     if bad:
         raise ValueError(f"attention config {bad}: variant keys are 0 or 1")

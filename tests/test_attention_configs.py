@@ -184,8 +184,8 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     monkeypatch.setattr(ta, "HEAD_DIM", 32)
     monkeypatch.setattr(ta, "DECODE_TILES", [(16, 4, 2), (32, 4, 3)])
     monkeypatch.setattr(ta, "DECODE_TILES_FP8", [(16, 4, 2, 1)])  # an FP8 cache's extra tile: fp8_widen 1
-    monkeypatch.setattr(ta, "DECODE_TILES_FP8_DOT", [(16, 4, 2, 0, 2)])  # and a tensor-core variant: fp8_dot 2
-    monkeypatch.setattr(ta, "PREFILL_FP8_DOT_TILES", [(32, 16, 4, 2)])
+    monkeypatch.setattr(ta, "DECODE_TILES_FP8_DOT", [(32, 4, 2, 0, 2)])  # and a tensor-core variant: fp8_dot 2
+    monkeypatch.setattr(ta, "PREFILL_FP8_DOT_TILES", [(32, 32, 4, 2)])
     monkeypatch.setattr(ta, "SPLIT_RULES", [(1, 16), (2, 64)])
     monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2), (16, 32, 4, 3)])
     monkeypatch.setattr(ta, "PREFILL_VARIANT_TILES", {"bf16": [(32, 16, 4, 2)], "fp8": [(32, 16, 4, 2)]})
@@ -208,7 +208,8 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     table = ta.pick(rows)
     assert set(table["decode"]) == {"d32_fp8"} and set(table["prefill"]) == {"d32_bf16", "d32_fp8"}
     best = table["prefill"]["d32_fp8"]
-    assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES]
+    assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES +
+                                                       ta.PREFILL_FP8_DOT_TILES]
     assert not table["prefill"]["d32_bf16"].get("RAGGED")  # the model passes no K/V: RAGGED only when asked
     ragged = [r for r in rows if r["cfg"].get("RAGGED")]
     for r in ragged:
@@ -221,7 +222,7 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     # --fp8-dot-only: the table's config as it is (here the default: no CPU table), then the fp8_dot tiles
     only = ta.sweep_decode(ac.DecodeCase(1, 90, "fp8", 4, 2), ceil, 8, budget, 1.0, fp8_dot_only=True)
     assert [r["cfg"]["fp8_dot"] for r in only] == [0, 2, 2] and only[0]["cfg"] == acfg.decode_config(32, FP8)
-    assert ta.prefill_cfgs("fp8", True) == [acfg.prefill_config(32, FP8), ta.prefill_cfg((32, 16, 4, 2),
+    assert ta.prefill_cfgs("fp8", True) == [acfg.prefill_config(32, FP8), ta.prefill_cfg((32, 32, 4, 2),
                                                                                          ta.PREFILL_FP8_DOT)]
     assert ta.prefill_cfgs("bf16", True) == ta.prefill_cfgs("bf16")
 

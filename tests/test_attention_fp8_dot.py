@@ -32,8 +32,9 @@ from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # no
 
 FP8 = torch.float8_e4m3fn
 TOL = 2**-4  # the output's relative (norm) error: see the module docstring
-DECODE_CFG = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "min_split_tokens": 16}
-PREFILL_CFGS = [{"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 3, "MASK_FREE": 1},
+# the FP8 dots' K (BLOCK_N for PV, head_dim for QK^T) is at least 32 on the GPU: the tests run such tiles only
+DECODE_CFG = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "min_split_tokens": 32}
+PREFILL_CFGS = [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "MASK_FREE": 1},
                 {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
 
 
@@ -157,6 +158,10 @@ def test_fp8_dot_config_keys():
         acfg.check_config(dict(default, fp8_dot=4), acfg.DECODE_KEYS, 128)
     with pytest.raises(ValueError, match="variant keys are 0 or 1"):
         acfg.check_config(dict(acfg.default_prefill_config(128), FP8_DOT=3), acfg.PREFILL_KEYS, 128)
+    with pytest.raises(ValueError, match="need BLOCK_N >= 32 and head_dim > 16"):
+        acfg.check_config(dict(default, BLOCK_N=16, fp8_dot=2), acfg.DECODE_KEYS, 128)
+    with pytest.raises(ValueError, match="need BLOCK_N >= 32 and head_dim > 16"):
+        acfg.check_config(dict(acfg.default_prefill_config(16), FP8_DOT=1), acfg.PREFILL_KEYS, 16)
     small = dict(default, small_batch=4, small_batch_config=dict(default, BLOCK_N=32))
     on = acfg.with_fp8_dot(small, "decode")
     assert on["fp8_dot"] == 1 and on["small_batch_config"]["fp8_dot"] == 1 and small["fp8_dot"] == 0
