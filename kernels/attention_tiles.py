@@ -1,7 +1,8 @@
 """Tile-level pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py): cache
 row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
 from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
-sequence owns. Shapes in the comments."""
+sequence owns, and the FP8 tensor-core variant's pieces (q's and p's rounding to e4m3, V held for its dot).
+Shapes in the comments."""
 
 from __future__ import annotations
 
