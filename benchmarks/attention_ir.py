@@ -4,6 +4,8 @@ whether the next tile's copy overlaps the dots, and the conversion instructions 
 
 python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 [--fp8-widen 1]
 python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
+python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 --fp8-dot 1   (e4m3 x e4m3 dots)
+python benchmarks/attention_ir.py prefill --kv fp8 --block-m 128 --block-n 128 --warps 8 --stages 3 --variants FP8_DOT
 
 Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
 arguments get the specializations a launch gives them (pointers and strides divisible by 16), so the binary
@@ -87,14 +89,15 @@ def report(kernel) -> dict:
         "sass_total": len(ops),
         # wgmma groups vs waits on them: a wait after every HGMMA means ptxas serialized them (its C7514 note)
         "hgmma": sum(op.startswith("HGMMA") for op in ops),
+        "qgmma": sum(op.startswith("QGMMA") for op in ops),  # FP8 (e4m3) wgmma: the FP8_DOT / fp8_dot variants
         "wgmma_waits": len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
     }
 
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
             warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0,
-            variants: tuple[str, ...] = ()) -> dict:
-    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED)
+            variants: tuple[str, ...] = (), fp8_dot: int = 0) -> dict:
+    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot: decode's knob
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -106,9 +109,10 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                     stride_qb=num_heads * HEAD_DIM, stride_qh=HEAD_DIM, stride_ob=num_heads * HEAD_DIM,
                     stride_oh=HEAD_DIM)
         consts = {"NUM_HEADS": num_heads, "NUM_KV_HEADS": kv_heads, "GROUP": group,
-                  "GROUP_PAD": max(16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM, "BLOCK_D": HEAD_DIM,
-                  "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
-                  "FP8_AS_F16": kv == "fp8", "OFF64": off64, "FP8_WIDEN": fp8_widen if kv == "fp8" else 0}
+                  "GROUP_PAD": max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM,
+                  "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
+                  "FP8_AS_F16": kv == "fp8" and not fp8_dot, "OFF64": off64,
+                  "FP8_WIDEN": fp8_widen if kv == "fp8" and not fp8_dot else 0, "FP8_DOT": fp8_dot}
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,
@@ -119,7 +123,9 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                   "tile_map_ptr": None, "TILE_MAP": False,  # the eager grid (a tile map: mixed-step graphs)
                   "ZERO_FILL": True, **{v: True for v in variants}}
         args.update(num_tokens=4096, batch=1)
-        if "Q_F16" in variants:  # the wrapper casts q to fp16 before the launch
+        if "FP8_DOT" in variants:  # the wrapper's q stays bf16 (rounded to e4m3 in the kernel)
+            consts.update(Q_F16=False, FP8_AS_F16=False)
+        elif "Q_F16" in variants:  # the wrapper casts q to fp16 before the launch
             args.update(q_ptr="fp16")
         if "RAGGED" in variants:  # this step's K/V as [tokens, kv_heads * head_dim] descriptors of q's dtype
             args.update(k_new_desc=f"tensordesc<bf16[{block_n}, {HEAD_DIM}]>",
@@ -144,9 +150,11 @@ def main() -> None:
     ap.add_argument("--off64", action="store_true", help="64-bit cache offsets (a cache of 2^31 elements or more)")
     ap.add_argument("--fp8-widen", type=int, default=0, help="decode, FP8 cache: the config's fp8_widen (0, 1, 2)")
     ap.add_argument("--variants", default="", help="prefill variant keys set to 1, e.g. MASK_FREE,RAGGED")
+    ap.add_argument("--fp8-dot", type=int, default=0, help="decode, FP8 cache: the config's fp8_dot (0, 1, 2)")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
-                                             a.off64, a.fp8_widen, tuple(filter(None, a.variants.split(",")))))))
+                                             a.off64, a.fp8_widen, tuple(filter(None, a.variants.split(","))),
+                                             a.fp8_dot))))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ line per row and 'bench_attention summary' last.
 
 --kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
 floor counts the bytes of that dtype, and each FP8 decode row reports its output's error vs the bf16 cache.
+kv "fp8dot" / "fp8dot2" / "fp8dot3" is the FP8 cache with the tensor-core variant on (the table's tiles with decode
+fp8_dot 1 / 2 / 3, prefill FP8_DOT: e4m3 x e4m3 dots, q and p rounded to e4m3), side by side with "fp8" (the widening
+kernels); fp8dot2 / 3 differ in decode only (their extend rows would be fp8dot's: skipped).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
-Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8 --extend 8192:122880.
+Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8,fp8dot,fp8dot2,fp8dot3
+--extend 8192:122880.
 """
 
 from __future__ import annotations
@@ -32,13 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import bench_graph, measure_ceilings  # noqa: E402
 
 from kernels.attention import paged_attention_prefill  # noqa: E402
+from kernels.attention_config import decode_config, prefill_config, with_fp8_dot  # noqa: E402
 from kernels.decode_attention import paged_attention_decode  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+FP8_DOT = {"fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3}  # decode's fp8_dot per pseudo cache dtype (an FP8 cache)
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn} | dict.fromkeys(FP8_DOT, torch.float8_e4m3fn)
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
+
+
+def kernel_config(kind: str, kv: str) -> dict | None:
+    # None: the kernels' own lookup (this GPU's table); fp8dot: that config with the FP8 tensor-core variant on
+    if kv not in FP8_DOT:
+        return None
+    get = decode_config if kind == "decode" else prefill_config
+    return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv])
 
 
 def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):
@@ -63,8 +77,9 @@ def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits:
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     scale = HEAD_DIM**-0.5
     scales = FP8_SCALES if kv_dtype != DT else (1.0, 1.0)
+    cfg = kernel_config("decode", kv)
     us = bench_graph(lambda: [paged_attention_decode(q, kc, vc, lens, tb, scale, *scales, num_splits=num_splits,
-                                                     fused_merge=fused_merge)
+                                                     fused_merge=fused_merge, config=cfg)
                               for kc, vc, tb in caches])
     us /= num_rot
     floor_us = kv_bytes / ceil["copy_tbps"] / 1e6
@@ -72,7 +87,7 @@ def bench_decode(batch: int, ctx: int, ceil: dict, kv: str = "bf16", num_splits:
            "us": us, "floor_us": floor_us,
            "frac_bw": floor_us / us, "tbps": kv_bytes / us / 1e6}
     if kv_dtype != DT:  # accuracy vs the same values in a bf16 cache (dequantized: exactly what FP8 holds)
-        ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale, *scales)
+        ours = paged_attention_decode(q, k_cache, v_cache, lens, tables, scale, *scales, config=cfg)
         ref = paged_attention_decode(q, (k_cache.float() * scales[0]).to(DT), (v_cache.float() * scales[1]).to(DT),
                                      lens, tables, scale)
         row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -126,18 +141,26 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
     q = torch.randn(chunk, HEADS, HEAD_DIM, device="cuda", dtype=DT)
     cu = torch.tensor([0, chunk], device="cuda", dtype=torch.int32)
     lens = torch.tensor([prefix + chunk], device="cuda", dtype=torch.int32)
-    scales = FP8_SCALES if kv == "fp8" else (1.0, 1.0)
+    scales = FP8_SCALES if KV_DTYPES[kv] != DT else (1.0, 1.0)
+    cfg = kernel_config("prefill", kv)
     # (an FP8 cache: the kernel reads the chunk back from the pages whatever is passed)
     new = dict(k=chunk_kv(k_cache, tables, prefix, prefix + chunk).to(DT),
                v=chunk_kv(v_cache, tables, prefix, prefix + chunk).to(DT)) if ragged else {}
     us = triton.testing.do_bench(
         lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
-                                        **new),
+                                        config=cfg, **new),
         rep=100, return_mode="median") * 1e3
     flops = 4 * HEADS * HEAD_DIM * chunk * (prefix + chunk / 2)
     floor_us = flops / ceil["bf16_tflops"] / 1e6
-    return {"kind": "extend", "kv": kv, "ragged": ragged, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
-            "floor_us": floor_us, "frac_mm": floor_us / us, "tflops": flops / us / 1e6}
+    row = {"kind": "extend", "kv": kv, "ragged": ragged, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
+           "floor_us": floor_us, "frac_mm": floor_us / us, "tflops": flops / us / 1e6}
+    if scales != (1.0, 1.0) and not ragged:  # accuracy vs the same values in a bf16 cache, as decode's rows
+        ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
+                                       config=cfg)
+        kd, vd = ((c.float() * sc).to(DT) for c, sc in zip((k_cache, v_cache), scales))
+        ref = paged_attention_prefill(q, kd, vd, cu, lens, tables, HEAD_DIM**-0.5, chunk)
+        row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+    return row
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -204,12 +227,13 @@ def main() -> None:
                 torch.cuda.empty_cache()
     modes = (False, True) if args.ragged else (False,)
     for spec, kv, ragged in ((s, kv, m) for s in filter(None, args.extend.split(","))
-                             for kv in args.kv_dtypes.split(",") for m in modes):
+                             for kv in args.kv_dtypes.split(",") if FP8_DOT.get(kv, 1) == 1 for m in modes):
         chunk, prefix = map(int, spec.split(":"))
         r = bench_extend(chunk, prefix, ceil, kv, ragged)
         rows.append(r)
+        err = f" err_vs_dequant={r['rel_err_vs_dequant']:.1e}" if "rel_err_vs_dequant" in r else ""
         print(f"attn extend kv={kv} ragged={int(ragged)} chunk={chunk} prefix={prefix} us={r['us']:9.1f} "
-              f"floor_us={r['floor_us']:9.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}", flush=True)
+              f"floor_us={r['floor_us']:9.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}{err}", flush=True)
         torch.cuda.empty_cache()
     for (batch, seq), ragged in ((c, m) for c in (() if args.no_prefill else ((1, 1024), (1, 4096), (1, 8192),
                                                                            (4, 2048), (1, 16384))) for m in modes):
@@ -231,9 +255,11 @@ def main() -> None:
         if long:
             parts.append(f"decode {kv} {merge} ctx>=16k frac_bw min {min(r['frac_bw'] for r in long):.2f} "
                          f"max {max(r['frac_bw'] for r in long):.2f}")
-    ext = [r for r in rows if r["kind"] == "extend" and not r["ragged"]]
-    if ext:
-        parts.append(f"extend frac_mm {min(r['frac_mm'] for r in ext):.2f}-{max(r['frac_mm'] for r in ext):.2f}")
+    for kv in args.kv_dtypes.split(","):
+        ext = [r for r in rows if r["kind"] == "extend" and not r["ragged"] and r["kv"] == kv]
+        if ext:
+            parts.append(f"extend {kv} frac_mm {min(r['frac_mm'] for r in ext):.2f}-"
+                         f"{max(r['frac_mm'] for r in ext):.2f}")
     rag = [r for r in rows if r["kind"] in ("prefill", "extend") and r["ragged"]]
     if rag:
         parts.append(f"ragged (K/V passed) frac_mm {min(r['frac_mm'] for r in rag):.2f}-"

@@ -1,7 +1,7 @@
 """Sweep the paged attention kernels' tile configs on this GPU and pick the best per kernel and cache dtype.
 
 python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--only decode,extend,prefill]
-    [--pick-ragged]
+    [--pick-ragged] [--kv-dtypes bf16,fp8] [--fp8-dot-only]
 
 Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
 4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens and of 4 x 2k
@@ -15,7 +15,10 @@ the median replay over the rotations. (Timed like do_bench instead, every small 
 launch and flush overhead and the decode table followed noise.) Next to it: the
 floor (decode: KV bytes over the measured copy bandwidth; prefill / extend: FLOPs over the measured bf16
 matmul rate) and torch SDPA on contiguous KV, timed the same way. Every config's output is checked against the
-torch reference (fp32) and a config off by more than 2e-2 (relative) is dropped.
+torch reference (fp32) and a config off by more than 2e-2 (relative) is dropped (2^-4 for the FP8 tensor-core
+variants, decode fp8_dot / prefill FP8_DOT, timed on the FP8-cache cases only: they round q and p to e4m3).
+--kv-dtypes fp8 --fp8-dot-only: the budget on those variants alone, against the table's FP8 configs as they are
+(the table changes only where a variant beats them; the bf16 entries stay as checked in).
 
 Decode sweeps tiles (BLOCK_N, warps, stages; an FP8 cache also the fp8_widen variants) x the split rule
 (programs per SM, minimum tokens per split, and past 64 splits max_splits, a narrower merge); the config that
@@ -74,6 +77,13 @@ DECODE_TILES = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (64, 8, 3), (128
 # 147-198, for a 16-bit staging tile in shared memory: (256, 8, 3, 2) would not fit, (256, 8, 3, 1) just does)
 DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1), (128, 4, 3, 1), (128, 8, 3, 1),
                     (256, 8, 2, 1), (64, 4, 3, 2), (128, 4, 3, 2), (128, 8, 3, 2)]
+# FP8 cache only: (BLOCK_N, warps, stages, fp8_widen, fp8_dot): e4m3 x e4m3 tensor-core dots on the tiles as stored,
+# wgmma on sm90 with no spills, K and V copied ahead asynchronously (rings of 3 / 2 at stages 3), no byte-wide V
+# gathers. fp8_dot 1 (query rows padded to 64): 223 registers at (64, 4, 3), 220 at (128, 8, 3); 2 (transposed, the
+# tokens as rows): 125 / 133 / 104 registers at (64, 4, 3) / (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2, V
+# gathered bytewise into its operand; 3 (2 with V loaded and staged before the dots, not pipelined): 86 / 114
+DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (128, 4, 3, 0, 2), (128, 8, 3, 0, 2),
+                        (64, 4, 3, 0, 3), (128, 4, 3, 0, 3)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
 # programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small
@@ -101,29 +111,62 @@ PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8
 PREFILL_VARIANTS = [{"MASK_FREE": 1}, {"MASK_FREE": 1, "LPT_GRID": 1}, {"MASK_FREE": 1, "RAGGED": 1},
                     {"MASK_FREE": 1, "LPT_GRID": 1, "RAGGED": 1}, {"MASK_FREE": 1, "Q_F16": 1}]
 PREFILL_VARIANT_TILES = {"bf16": [(128, 128, 8, 3), (128, 64, 8, 3)], "fp8": [(128, 128, 8, 5), (128, 128, 8, 3)]}
+# FP8 cache only: FP8_DOT (e4m3 x e4m3 dots, q and p rounded to e4m3 in the kernel) on its own tiles: sm90 at 8 warps
+# 254-255 registers and no spills at these (4-warp and 16-warp tiles spill), K / V rings of 3 / 2 at stages 3, 4 / 3
+# at 4 (112-144 KiB of shared memory at BLOCK_N 128)
+PREFILL_FP8_DOT_TILES = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4)]
+PREFILL_FP8_DOT = {"MASK_FREE": 1, "FP8_DOT": 1}
 TOL = 2e-2
+# the FP8 tensor-core variants round q and the probabilities to e4m3 (3-bit mantissa: <= 2^-4 relative per value, ~0.026
+# rms), and on random data the output's relative error is about that rms: their bound is the per-value one
+TOL_FP8_DOT = 2**-4
 
 
 def decode_cfg(tile: tuple, rule: tuple) -> dict:
     knobs = dict(DECODE_KNOB_DEFAULTS, **(rule[2] if len(rule) > 2 else {}))
-    knobs.update(dict(zip(("fp8_widen",), tile[3:])))
+    knobs.update(dict(zip(("fp8_widen", "fp8_dot"), tile[3:])))
     return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
             "min_split_tokens": rule[1], **knobs}
 
 
 def decode_tiles(kv: str) -> list[tuple]:
-    return DECODE_TILES + (DECODE_TILES_FP8 if kv == "fp8" else [])
+    return DECODE_TILES + (DECODE_TILES_FP8 + DECODE_TILES_FP8_DOT if kv == "fp8" else [])
+
+
+def decode_tile(cfg: dict) -> tuple:
+    # what the split kernel's binary depends on (the split rule only picks the split count)
+    return cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"], cfg["fp8_widen"], cfg["fp8_dot"]
+
+
+def checked_in_decode(kv: str) -> list[dict]:
+    """The decode configs this GPU's table runs now for a cache dtype (the small-batch one and the one of larger
+    batches), each as a flat config: the baseline a sweep of the FP8 variants alone is picked against."""
+    entry = acfg.decode_config(HEAD_DIM, KV_DTYPES[kv], torch.device(ac.DEVICE))
+    flat = [{**acfg.decode_config_for(entry, n), "small_batch": 0, "small_batch_config": None} for n in (1, 1 << 30)]
+    return [c for i, c in enumerate(flat) if c not in flat[:i]]
+
+
+def decode_cfgs(kv: str, fp8_dot_only: bool = False) -> list[dict]:
+    """Every decode config swept for a cache dtype: tiles x split rules; fp8_dot_only (an FP8 cache): the table's
+    configs as they are, then the fp8_dot tiles x split rules."""
+    if fp8_dot_only and kv == "fp8":
+        return checked_in_decode(kv) + [decode_cfg(t, r) for t in DECODE_TILES_FP8_DOT for r in SPLIT_RULES]
+    return [decode_cfg(t, r) for t in decode_tiles(kv) for r in SPLIT_RULES]
 
 
 def prefill_cfg(tile: tuple, variant: dict | None = None) -> dict:
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile), **(variant or {}))
 
 
-def prefill_cfgs(kv: str) -> list[dict]:
-    """Every prefill config swept for a cache dtype: the plain tiles, then the variants on the chosen tiles."""
+def prefill_cfgs(kv: str, fp8_dot_only: bool = False) -> list[dict]:
+    """Every prefill config swept for a cache dtype: the plain tiles, then the variants on the chosen tiles;
+    fp8_dot_only (an FP8 cache): the table's config as it is, then the FP8_DOT tiles."""
     variants = [v for v in PREFILL_VARIANTS if ("RAGGED" not in v or kv != "fp8") and ("Q_F16" not in v or kv == "fp8")]
+    fp8_dot = [prefill_cfg(t, PREFILL_FP8_DOT) for t in PREFILL_FP8_DOT_TILES] if kv == "fp8" else []
+    if fp8_dot_only and kv == "fp8":
+        return [acfg.prefill_config(HEAD_DIM, KV_DTYPES[kv], torch.device(ac.DEVICE))] + fp8_dot
     return [prefill_cfg(t) for t in PREFILL_TILES] + [prefill_cfg(t, v) for t in PREFILL_VARIANT_TILES.get(kv, [])
-                                                      for v in variants]
+                                                      for v in variants] + fp8_dot
 
 
 # ---------------------------------------------------------------- timing
@@ -172,28 +215,27 @@ def precompile(items: list[tuple], jobs: int) -> None:
     tuning.precompile(items, _compile_worker, jobs)
 
 
-def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int) -> list[tuple]:
+def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int,
+                 fp8_dot_only: bool = False) -> list[tuple]:
     """One item per distinct binary: the split kernel per tile for 1 and for > 1 splits, the merge kernel per
     power of two of the split count and column width (whatever the tile), the prefill kernel per tile and head
     shape. Each item: (kind, heads, kv_heads, kv, cfg, splits, batch)."""
     plan, merges = [], set()
     for c in decode_cases:
-        for tile in decode_tiles(c.kv):
-            cfg = tuple(sorted(decode_cfg(tile, (2, 128)).items()))
-            for rule in SPLIT_RULES:
-                splits = c.splits(decode_cfg(tile, rule), num_sms)
-                pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
-                plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
-                # the merge splits its columns while batch x heads < SMs: a batch on each side of that line
-                few = c.batch * c.heads < num_sms
-                merge_d = decode_cfg(tile, rule)["merge_block_d"]
-                merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads), merge_d))
+        for full in decode_cfgs(c.kv, fp8_dot_only):
+            cfg = tuple(sorted(decode_cfg(decode_tile(full), (2, 128)).items()))
+            splits = c.splits(full, num_sms)
+            pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
+            plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
+            # the merge splits its columns while batch x heads < SMs: a batch on each side of that line
+            few = c.batch * c.heads < num_sms
+            merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads), full["merge_block_d"]))
     for h, kvh, pad, b, md in sorted(merges):
         if pad > 1:
             cfg = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, {"merge_block_d": md})).items()))
             plan.append(("decode", h, kvh, "bf16", cfg, pad, b))
     for c in prefill_cases:
-        for cfg in prefill_cfgs(c.kv):
+        for cfg in prefill_cfgs(c.kv, fp8_dot_only):
             plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(cfg.items())), None, 1))
     return [(k, h, kvh, kv, dict(cfg), s, b) for k, h, kvh, kv, cfg, s, b in dict.fromkeys(plan)]
 
@@ -201,18 +243,23 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
 # ---------------------------------------------------------------- sweeps
 
 
-def measure(calls: list, ref: torch.Tensor, rep_ms: float) -> tuple[float, float]:
+def tolerance(cfg: dict) -> float:
+    return TOL_FP8_DOT if cfg.get("fp8_dot") or cfg.get("FP8_DOT") else TOL
+
+
+def measure(calls: list, ref: torch.Tensor, rep_ms: float, tol: float = TOL) -> tuple[float, float]:
     # calls: what one graph replays (decode: one call per rotation); the first one's output is checked
     try:
         err = rel_err(calls[0](), ref)
-        return (time_us(calls, rep_ms) if err < TOL else math.inf), err
+        return (time_us(calls, rep_ms) if err < tol else math.inf), err
     except Exception as exc:  # noqa: BLE001  out of shared memory etc.
         torch.cuda.synchronize()
         print(f"    skip: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
         return math.inf, math.nan
 
 
-def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep_ms: float) -> list[dict]:
+def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep_ms: float,
+                 fp8_dot_only: bool = False) -> list[dict]:
     if not budget.left(case.name):  # not even the set-up (cache, reference, SDPA) once the budget is spent
         return []
     case.build()
@@ -220,30 +267,30 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
     floor_us = case.kv_bytes() / ceil["copy_tbps"] / 1e6
     sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows, seen = [], {}
-    for tile in decode_tiles(case.kv):
-        for rule in SPLIT_RULES:
-            cfg = decode_cfg(tile, rule)
-            splits = case.splits(cfg, num_sms)
-            key = (tile, splits, cfg["merge_block_d"])  # what the launch depends on (the rule only picks splits)
-            if key not in seen:
-                if not budget.left(f"decode {case.name} {tile} splits={splits} merge_d={cfg['merge_block_d']}"):
-                    continue
-                calls = [lambda c=cfg, s=splits, r=r: case.run(c, s, r) for r in range(case.rotations)]
-                seen[key] = measure(calls, ref, rep_ms)
-                us, err = seen[key]
-                print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
-                      f"merge_d={cfg['merge_block_d']} widen={cfg['fp8_widen']} us={us:8.1f} "
-                      f"frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
-            if key in seen:
-                us, err = seen[key]
-                rows.append({"kind": "decode", "case": case.name, "batch": case.batch, "kv": case.kv, "cfg": cfg,
-                             "splits": splits,
-                             "us": us, "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
+    for cfg in decode_cfgs(case.kv, fp8_dot_only):
+        tile = decode_tile(cfg)
+        splits = case.splits(cfg, num_sms)
+        key = (tile, splits, cfg["merge_block_d"])  # what the launch depends on (the rule only picks splits)
+        if key not in seen:
+            if not budget.left(f"decode {case.name} {tile} splits={splits} merge_d={cfg['merge_block_d']}"):
+                continue
+            calls = [lambda c=cfg, s=splits, r=r: case.run(c, s, r) for r in range(case.rotations)]
+            seen[key] = measure(calls, ref, rep_ms, tolerance(cfg))
+            us, err = seen[key]
+            print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
+                  f"merge_d={cfg['merge_block_d']} widen={cfg['fp8_widen']} fp8_dot={cfg['fp8_dot']} us={us:8.1f} "
+                  f"frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
+        if key in seen:
+            us, err = seen[key]
+            rows.append({"kind": "decode", "case": case.name, "batch": case.batch, "kv": case.kv, "cfg": cfg,
+                         "splits": splits,
+                         "us": us, "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
     case.free()
     return rows
 
 
-def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) -> list[dict]:
+def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float,
+                  fp8_dot_only: bool = False) -> list[dict]:
     if not budget.left(case.name):
         return []
     case.build()
@@ -251,12 +298,12 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float) 
     floor_us = case.flops() / ceil["bf16_tflops"] / 1e6
     sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows = []
-    for cfg in prefill_cfgs(case.kv):
+    for cfg in prefill_cfgs(case.kv, fp8_dot_only):
         tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
         variant = "".join(f" {k}" for k in acfg.PREFILL_VARIANT_KEYS if cfg.get(k))
         if not budget.left(f"{case.kind} {case.name} {tile}{variant}"):
             continue
-        us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms)
+        us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms, tolerance(cfg))
         print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]}"
               f"{variant} us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
               f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
@@ -317,12 +364,15 @@ def merge_table(old: dict, table: dict) -> dict:
     and the file can be copied as is. The picks lose their geomean_frac bookkeeping. A decode pick timed on one
     batch class only (pick_small_batch's batch_class) replaces that class's config in the checked-in entry: a B=1
     pick becomes its small_batch_config, not the config of every batch; a pick over the larger batches keeps the
-    checked-in small_batch_config."""
+    checked-in small_batch_config. A decode entry this run writes gets every knob (DECODE_KNOB_DEFAULTS for those a
+    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is."""
     written = {kind: dict(entries) for kind, entries in old.items()}
     for kind, entries in table.items():
         for key, cfg in entries.items():
             new = {x: y for x, y in cfg.items() if not x.endswith("geomean_frac") and x != "batch_class"}
             prev = written.get(kind, {}).get(key)
+            if prev and kind == "decode":
+                prev = {**DECODE_KNOB_DEFAULTS, **prev}
             if prev and cfg.get("batch_class") == "small":
                 new = {**prev, "small_batch": SMALL_BATCH, "small_batch_config": new}
             elif prev and cfg.get("batch_class") == "large" and prev.get("small_batch_config"):
@@ -338,6 +388,10 @@ def main() -> None:
     ap.add_argument("--rep-ms", type=float, default=15.0, help="timing window per candidate")
     ap.add_argument("--jobs", type=int, default=12, help="compile worker processes (1: compile while timing)")
     ap.add_argument("--only", default="decode,extend,prefill")
+    ap.add_argument("--kv-dtypes", default="bf16,fp8", help="the cases of these cache dtypes only (e.g. fp8: the "
+                    "budget on the FP8 cases, where the FP8 tensor-core variants are swept; the table keeps the rest)")
+    ap.add_argument("--fp8-dot-only", action="store_true", help="FP8 cases: the table's configs as they are against "
+                    "the FP8 tensor-core variants' tiles only (decode fp8_dot, prefill FP8_DOT), not the whole sweep")
     ap.add_argument("--pick-ragged", action="store_true",
                     help="let RAGGED prefill configs into the table (callers that pass this step's K/V)")
     args = ap.parse_args()
@@ -346,19 +400,21 @@ def main() -> None:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     only = args.only.split(",")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    decode_cases = DECODE_CASES if "decode" in only else []
-    prefill_cases = (EXTEND_CASES if "extend" in only else []) + (PREFILL_CASES if "prefill" in only else [])
+    kvs = args.kv_dtypes.split(",")
+    decode_cases = [c for c in DECODE_CASES if c.kv in kvs] if "decode" in only else []
+    prefill_cases = [c for c in (EXTEND_CASES if "extend" in only else []) + (PREFILL_CASES if "prefill" in only
+                                                                                else []) if c.kv in kvs]
     if args.jobs > 1:
-        precompile(compile_plan(decode_cases, prefill_cases, num_sms), args.jobs)
+        precompile(compile_plan(decode_cases, prefill_cases, num_sms, args.fp8_dot_only), args.jobs)
     ceil = measure_ceilings()  # ~3 s
     print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s, {num_sms} SMs",
           flush=True)
     budget = Budget(args.budget_s - (time.time() - t_start))
     rows: list[dict] = []
     for case in decode_cases:
-        rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms)
+        rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms, args.fp8_dot_only)
     for case in prefill_cases:
-        rows += sweep_prefill(case, ceil, budget, args.rep_ms)
+        rows += sweep_prefill(case, ceil, budget, args.rep_ms, args.fp8_dot_only)
     table = pick_small_batch(rows, pick(rows, args.pick_ragged))
     best_per_case = {}
     for r in rows:

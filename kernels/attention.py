@@ -8,11 +8,18 @@ causally to every cached position <= its own (the cached prefix included).
 FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-448), one scale per tensor
 (k_scale, v_scale per layer). The kernels read the cache as FP8 and widen each tile to fp16 right after the load
 (exact; under a float32 q, the CPU tests, to fp32), with q in fp16 too, and fold the scales into the math:
-scores times k_scale, the output times v_scale. The decode kernels are in kernels/decode_attention.py; tile
+scores times k_scale, the output times v_scale. A config's FP8_DOT (kernels/attention_config.py) instead runs the
+dots on FP8 tensor cores, as FlashAttention-3's FP8 path: q rounded to e4m3 in the kernel with a per-(token, head)
+scale from its absmax (folded into the softmax scale with k_scale), QK^T as e4m3 x e4m3 with fp32 accumulation, the
+probabilities (in [0, 1] after the running max, times 256) rounded to e4m3 for an e4m3 x e4m3 PV dot with V as
+stored, v_scale and the 256 on the output. Its error (e4m3's 3-bit mantissa: <= 2^-4 relative per rounded q / p
+value) is checked in tests/test_attention_fp8_dot.py. The decode kernels are in kernels/decode_attention.py; tile
 configs in kernels/attention_config.py; the tile-level pieces in kernels/attention_tiles.py.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,11 +27,16 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
-from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
+from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _quantize_q, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
 _FP16_MAX = tl.constexpr(65504.0)
+
+
+def interpreted() -> bool:
+    # under the Triton interpreter (CPU tests): the FP8_DOT variant rounds to e4m3 itself (attention_tiles._round_e4m3)
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp8_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -169,6 +181,7 @@ def _prefill_kernel(
     num_tokens=0, batch=0, ZERO_FILL: tl.constexpr = False,
     k_new_desc=None, v_new_desc=None, RAGGED: tl.constexpr = False,
     MASK_FREE: tl.constexpr = False, LPT_GRID: tl.constexpr = False, Q_F16: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False, INTERP: tl.constexpr = False,
 ):
     # One program: BLOCK_M // PACK query tokens of one sequence x PACK query heads that share one KV head
     # (rows r = token * PACK + head), so each K/V tile is loaded once for the packed heads.
@@ -181,6 +194,8 @@ def _prefill_kernel(
     # (k_new_desc / v_new_desc: [num_tokens, kv_heads * head_dim] tensor descriptors), only the prefix from pages.
     # Q_F16 (an FP8 cache): q comes saturated to fp16 already (the wrapper's cast): loaded as is, it stays in shared
     # memory as the dots' operand (a q converted here is reloaded into registers every tile: sm90 TTGIR)
+    # FP8_DOT (an FP8 cache): q rounded to e4m3 here with a per-row (token, head) scale from its absmax, folded into
+    # the softmax scale; QK^T and PV as e4m3 x e4m3 dots (attention_tiles._softmax_step); INTERP: interpreter only
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     head0 = tl.program_id(0) * PACK
@@ -225,8 +240,13 @@ def _prefill_kernel(
     rmask = tok < q_len
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if FP8_AS_F16 and not Q_F16:  # saturate a bf16 q beyond fp16's range
-        q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
+    if FP8_DOT:
+        q, q_scale = _quantize_q(q, INTERP)
+        row_scale = qk_scale * q_scale  # [BLOCK_M]
+    else:
+        row_scale = qk_scale
+        if FP8_AS_F16 and not Q_F16:  # saturate a bf16 q beyond fp16's range
+            q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
     q_pos = ctx + tok
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -251,13 +271,13 @@ def _prefill_kernel(
         nxt = n0 + BLOCK_N + offs
         page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_pages, other=0)
         m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_pages, q_pos, d, dmask, m_i, l_i,
-                                      acc, qk_scale, BLOCK_N, False, MASK_FREE, EVEN_D)
+                                      acc, row_scale, BLOCK_N, False, MASK_FREE, EVEN_D, FP8_DOT, INTERP)
     for n0 in range(full_end, kv_pages, BLOCK_N):
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         nxt = n0 + BLOCK_N + offs
         page_next = tl.load(bt + nxt // BLOCK_SIZE, mask=nxt < kv_pages, other=0)
         m_i, l_i, acc = _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_pages, q_pos, d, dmask, m_i, l_i,
-                                      acc, qk_scale, BLOCK_N, True)
+                                      acc, row_scale, BLOCK_N, True, False, False, FP8_DOT, INTERP)
     if RAGGED:  # the chunk's own keys j = position - ctx, tiles aligned to the chunk's first token
         c_end = kv_end - kv_pages  # min(q_len, (qb + 1) * BLOCK_Q) for a sequence with keys
         c_full = tl.minimum((qb * BLOCK_Q + 1) // BLOCK_N * BLOCK_N, c_end)  # visible to every row of the block
@@ -397,7 +417,8 @@ def paged_attention_prefill(
             raise ValueError("tile map unit (prefill_tile_q) differs from the kernel's BLOCK_M // PACK")
         grid = (num_heads // pack, tile_map.shape[0], 1)
         tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
-    q_f16 = bool(cfg.get("Q_F16")) and fp8_as_f16(q, k_cache) and q.dtype != torch.float16
+    fp8_dot = bool(cfg.get("FP8_DOT")) and k_cache.dtype == FP8_DTYPE
+    q_f16 = bool(cfg.get("Q_F16")) and fp8_as_f16(q, k_cache) and q.dtype != torch.float16 and not fp8_dot
     q_in = q.to(torch.float16).clamp_(-_FP16_MAX.value, _FP16_MAX.value) if q_f16 else q  # inf -> fp16's max
     ragged: dict = {}
     if cfg.get("RAGGED") and ragged_kv_ok(q, k_cache, k, v):
@@ -412,9 +433,11 @@ def paged_attention_prefill(
         q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache), OFF64=needs_off64(k_cache),
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache) and not fp8_dot,
+        OFF64=needs_off64(k_cache),
         num_tokens=num_tokens, batch=batch, ZERO_FILL=zero_fill, MASK_FREE=bool(cfg.get("MASK_FREE")),
-        LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, **tiles, **ragged,
+        LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, FP8_DOT=fp8_dot, INTERP=fp8_dot and interpreted(),
+        **tiles, **ragged,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

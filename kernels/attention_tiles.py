@@ -1,12 +1,63 @@
 """Tile-level pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py): cache
 row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
 from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
-sequence owns. Shapes in the comments."""
+sequence owns, and the FP8 tensor-core variant's pieces (q's and p's rounding to e4m3, V held for its dot).
+Shapes in the comments."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# FP8 tensor-core attention (the FP8_DOT variant): q and the softmax probabilities rounded to e4m3 for e4m3 x e4m3
+# dots with fp32 accumulation, as FlashAttention-3's FP8 path. p is scaled by 2^P_LOG2_SCALE (exact) so that its
+# [0, 1] range sits on e4m3's normal numbers down to 2^-14 instead of the subnormals below 2^-6.
+P_LOG2_SCALE = tl.constexpr(8.0)
+E4M3_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def _round_e4m3(x):
+    # fp32 -> the nearest e4m3 value (ties to even) as fp32, for |x| <= 448. The Triton interpreter's cast to e4m3
+    # rounds a value that should carry into the next power of two down to the current one (1.97 -> 1.0), so under
+    # the interpreter the kernels round here first (the cast of an e4m3 value is exact there); the GPU's cast
+    # (cvt.rn.satfinite) is round-to-nearest-even already. Normals: keep 3 of the 23 mantissa bits (the carry
+    # moves into the exponent); below 2^-6 (subnormal steps of 2^-9): add and subtract 1.5 * 2^14, whose ulp is 2^-9
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576: 0xFFF00000
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, sub, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _to_e4m3(x, INTERP: tl.constexpr):
+    # fp32 within +-448 -> e4m3 (INTERP: under the interpreter, see _round_e4m3)
+    if INTERP:
+        x = _round_e4m3(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _hold_fp8(x, INTERP: tl.constexpr):
+    # an e4m3 tile [BLOCK_N, BLOCK_D] as is, through an impure no-op Triton cannot move: V's copy into the K-major
+    # shared layout its FP8 dot needs (it is the B operand of P @ V along the tokens, stored along head_dim) goes
+    # through registers, and Triton places it at the value's definition, so right after a plain load its wait for
+    # global memory would stall every tile before the QK^T dot; placed here (before the PV dot) the load overlaps
+    # QK^T and the softmax. (The interpreter runs no PTX: there it is x.)
+    if INTERP:
+        return x
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float8e4nv, is_pure=False, pack=4)
+
+
+@triton.jit
+def _quantize_q(q, INTERP: tl.constexpr):
+    # q [ROWS, BLOCK_D] -> (e4m3 q / row scale, row scale [ROWS] fp32): each row (one token's head) scaled so its
+    # largest |value| maps to 448; an all-zero row (padding) gets scale 1
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), 1)
+    inv = tl.where(amax > 0, E4M3_MAX / tl.maximum(amax, 1e-30), 1.0)
+    q8 = _to_e4m3(tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), INTERP)
+    return q8, 1.0 / inv
 
 
 @triton.jit
@@ -23,30 +74,40 @@ def _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: t
 
 
 @triton.jit
-def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+def _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr, FP8_DOT: tl.constexpr = False,
+                  INTERP: tl.constexpr = False):
     # one online-softmax step from the scores s [BLOCK_M, BLOCK_N] (QK^T, not yet scaled): v [BLOCK_N, BLOCK_D] in
     # q's dtype, s_mask [BLOCK_M, BLOCK_N] (read only when MASKED), acc [BLOCK_M, BLOCK_D] fp32. (V's load sits after
     # the QK^T dot in the callers: with an FP8 cache, V widened before it took another 32 KiB of shared memory)
+    # FP8_DOT: v is the e4m3 tile as stored, qk_scale a per-row [BLOCK_M] scale (q's dynamic scale folded in), and
+    # p = exp2(score - max + P_LOG2_SCALE) in [0, 256] is rounded to e4m3 for an e4m3 x e4m3 PV dot; l_i sums the
+    # unrounded p in the same units, so the 256 cancels in acc / l_i
     if MASKED:
         s = tl.where(s_mask, s, float("-inf"))
     # the running max is in scaled (base-2) units; scaling inside the exponent makes one FFMA per score
     # (qk_scale > 0: the max commutes with it)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past q_len may see no key yet
-    p = tl.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    if FP8_DOT:
+        p = tl.exp2(s * qk_scale[:, None] - (m_safe - P_LOG2_SCALE)[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
+    else:
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask, m_i, l_i, acc, qk_scale,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_FREE: tl.constexpr = False,
-                  EVEN_D: tl.constexpr = False):
+                  EVEN_D: tl.constexpr = False, FP8_DOT: tl.constexpr = False, INTERP: tl.constexpr = False):
     # one online-softmax step over keys [n0, n0 + BLOCK_N) whose cache rows start at `rows` [BLOCK_N];
     # q [BLOCK_M, BLOCK_D], acc [BLOCK_M, BLOCK_D]. An FP8 cache is widened to q's dtype (fp16) right after the
-    # load (exact); its scales are in qk_scale and on the output.
+    # load (exact); its scales are in qk_scale and on the output. FP8_DOT: q is e4m3 already (the casts to q.dtype
+    # keep the tiles as stored), qk_scale per row [BLOCK_M] (see _softmax_step)
     # MASK_FREE on an unmasked tile (every key < kv_end by construction): no key-bound predicate on the K/V
     # copies, and none at all when the head dim fills the tile (EVEN_D)
     n = n0 + tl.arange(0, BLOCK_N)
@@ -66,7 +127,7 @@ def _prefill_tile(q, k_cache_ptr, v_cache_ptr, rows, n0, kv_end, q_pos, d, dmask
         s = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N], not yet scaled
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     s_mask = (n < kv_end)[None, :] & (n[None, :] <= q_pos[:, None])
-    return _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED)
+    return _softmax_step(s, v, s_mask, m_i, l_i, acc, qk_scale, MASKED, FP8_DOT, INTERP)
 
 
 @triton.jit

@@ -24,7 +24,8 @@ vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64). What those byte loads wer
 change into the dot's operand above the widening, so V (whose dot operand runs along the tokens, across rows) is
 gathered from shared memory one FP8 byte per load. The config's fp8_widen widens in registers by PTX the compiler
 cannot hoist through (_widen_fp8): the layout change then moves fp16 through ldmatrix (an extra 16-bit staging tile
-in shared memory); default 0 until the tuner measures it.
+in shared memory); default 0 until the tuner measures it. The config's fp8_dot instead keeps K and V as e4m3 for
+e4m3 x e4m3 tensor-core dots (q and p rounded to e4m3: kernels/attention.py's FP8_DOT), no widening at all.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ from kernels.attention import (
     check_cache,
     fp8_as_f16,
     gather_kv,
+    interpreted,
     needs_off64,
 )
 from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
-from kernels.attention_tiles import _kv_rows
+from kernels.attention_tiles import P_LOG2_SCALE, _hold_fp8, _kv_rows, _quantize_q, _to_e4m3
+from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 MAX_SPLITS = 512  # splits per (sequence, KV head); the config's max_splits (default 64) caps the split rule
@@ -129,10 +132,20 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
-    PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0,
+    PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
+    INTERP: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
+    # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
+    # (kernels/attention.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which Triton
+    # runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
+    # (S^T = K q^T [BLOCK_N, GROUP_PAD], O^T += V^T P^T [BLOCK_D, GROUP_PAD]): wgmma at BLOCK_N >= 64 per warpgroup
+    # with 16 query rows, a quarter of the exp2 of 1; V reaches the PV dot (its A operand, in registers) through
+    # _hold_fp8, so its copy is pipelined, but the transposed operand is gathered from shared memory a byte at a time
+    # (sm90 SASS: LDS.U8); 3: as 2 without the hold: V loaded before the dots and staged straight into shared memory
+    # (no byte gathers, the A operand read from there), its load waited for every tile
+    V_DIRECT: tl.constexpr = INTERP or FP8_DOT == 3
     pdl_wait(PDL)
     pdl_release(PDL)
     b = tl.program_id(0)
@@ -146,14 +159,20 @@ def _decode_kernel(
     dmask = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
-    if FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
+    if FP8_DOT:  # per-head q scale from its absmax, folded into the softmax scale: [GROUP_PAD]
+        q, q_scale = _quantize_q(q, INTERP)
+        row_scale = qk_scale * q_scale
+    elif FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
         q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
     chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if FP8_DOT >= 2:
+        acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)  # O^T
+    else:
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
     offs = tl.arange(0, BLOCK_N)
     # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
@@ -171,22 +190,40 @@ def _decode_kernel(
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
-            k = _widen_fp8(k)
+        if FP8_DOT >= 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0
+            st = tl.where(nmask[:, None], tl.dot(k, tl.trans(q)) * row_scale[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(st, 0))
+            alpha = tl.exp2(m_i - m_new)
+            pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))
+            l_i = l_i * alpha + tl.sum(pt, 0)
+            m_i = m_new
         else:
-            k = k.to(q.dtype)
-        if FP8_WIDEN >= 1:
-            v = _widen_fp8(v)
-        else:
-            v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+            if FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
+                s = tl.dot(q, tl.trans(k)) * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
+            else:
+                if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
+                    k = _widen_fp8(k)
+                else:
+                    k = k.to(q.dtype)
+                if FP8_WIDEN >= 1:
+                    v = _widen_fp8(v)
+                else:
+                    v = v.to(q.dtype)
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            if FP8_DOT:  # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
+                p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
+                acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
+            else:
+                p = tl.exp2(s - m_new[:, None])
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+    if FP8_DOT >= 2:
+        acc = tl.trans(acc)
     has = l_i > 0
     o = acc * (v_scale / tl.where(has, l_i, 1.0))[:, None]
     omask = hmask[:, None] & dmask[None, :]
@@ -196,7 +233,8 @@ def _decode_kernel(
     else:
         row = (b * NUM_HEADS + heads) * num_splits + split  # part_out [B, H, S, D], part_lse [B, H, S]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        l_log2 = tl.log2(tl.where(has, l_i, 1.0)) - (P_LOG2_SCALE if FP8_DOT else 0.0)  # l_i in p's units
+        lse = tl.where(has, m_i + l_log2, float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=hmask)
         if FUSED_MERGE:
             # every thread's partial stores precede the release of the counter; the last split merges
@@ -311,16 +349,20 @@ def paged_attention_decode(
     pdl = pdl_enabled(q.device)
     f16_dots = fp8_as_f16(q, k_cache)
     # fp8_widen needs sm89+ PTX and the compiler (not the interpreter); elsewhere Triton's cast, the same values
-    fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) else 0
+    fp8_dot = cfg["fp8_dot"] if k_cache.dtype == FP8_DTYPE else 0
+    fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) and not fp8_dot else 0
+    # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros); 2, 3: 16
+    group_pad = max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group))
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
-        FP8_AS_F16=f16_dots, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen, num_warps=cfg["num_warps"],
+        FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
+        FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:

@@ -184,6 +184,8 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     monkeypatch.setattr(ta, "HEAD_DIM", 32)
     monkeypatch.setattr(ta, "DECODE_TILES", [(16, 4, 2), (32, 4, 3)])
     monkeypatch.setattr(ta, "DECODE_TILES_FP8", [(16, 4, 2, 1)])  # an FP8 cache's extra tile: fp8_widen 1
+    monkeypatch.setattr(ta, "DECODE_TILES_FP8_DOT", [(32, 4, 2, 0, 2)])  # and a tensor-core variant: fp8_dot 2
+    monkeypatch.setattr(ta, "PREFILL_FP8_DOT_TILES", [(32, 32, 4, 2)])
     monkeypatch.setattr(ta, "SPLIT_RULES", [(1, 16), (2, 64)])
     monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2), (16, 32, 4, 3)])
     monkeypatch.setattr(ta, "PREFILL_VARIANT_TILES", {"bf16": [(32, 16, 4, 2)], "fp8": [(32, 16, 4, 2)]})
@@ -194,15 +196,20 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     rows += ta.sweep_prefill(ac.PrefillCase(24, 40, "fp8", 4, 2), ceil, budget, 1.0)
     # a varlen launch of 2 sequences: the case's k / v of the chunk feed the RAGGED variants
     rows += ta.sweep_prefill(ac.PrefillCase(30, 0, "bf16", 6, 2, batch=2), ceil, budget, 1.0)
-    # decode: 3 tiles x 2 dtypes (fp8_widen on the FP8 tiles); prefill fp8: 2 tiles + 3 variants (no RAGGED on an
-    # FP8 cache); bf16: 2 tiles + 4 variants (no Q_F16)
-    assert len(rows) == 3 * 2 + 5 + 6 and all(r["err"] < ta.TOL for r in rows)
-    assert sorted(r["cfg"]["fp8_widen"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 1, 1]
+    # decode (FP8): 4 tiles (fp8_widen, fp8_dot on the FP8 ones) x 2 split counts; prefill fp8: 2 tiles + 3 variants
+    # (no RAGGED on an FP8 cache) + FP8_DOT on its tile; bf16: 2 tiles + 4 variants (no Q_F16, no FP8_DOT)
+    assert len(rows) == 4 * 2 + 6 + 6 and all(r["err"] < ta.tolerance(r["cfg"]) for r in rows)
+    assert sorted(r["cfg"]["fp8_widen"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert sorted(r["cfg"]["fp8_dot"] for r in rows if r["kind"] == "decode") == [0, 0, 0, 0, 0, 0, 2, 2]
+    assert [r["kv"] for r in rows if r["cfg"].get("FP8_DOT")] == ["fp8"]
+    assert all(ta.tolerance(r["cfg"]) == ta.TOL_FP8_DOT for r in rows if r["cfg"].get("FP8_DOT") or
+               r["cfg"].get("fp8_dot"))
     assert {r["splits"] for r in rows if r["kind"] == "decode"} == {2, 4}  # (1 per SM, 16) / (2 per SM, 64)
     table = ta.pick(rows)
     assert set(table["decode"]) == {"d32_fp8"} and set(table["prefill"]) == {"d32_bf16", "d32_fp8"}
     best = table["prefill"]["d32_fp8"]
-    assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES]
+    assert {k: best[k] for k in acfg.PREFILL_KEYS} in [ta.prefill_cfg(t) for t in ta.PREFILL_TILES +
+                                                       ta.PREFILL_FP8_DOT_TILES]
     assert not table["prefill"]["d32_bf16"].get("RAGGED")  # the model passes no K/V: RAGGED only when asked
     ragged = [r for r in rows if r["cfg"].get("RAGGED")]
     for r in ragged:
@@ -210,8 +217,14 @@ def test_tuner_sweeps_and_picks_on_tiny_cases(monkeypatch):
     assert ta.pick(rows, pick_ragged=True)["prefill"]["d32_bf16"]["RAGGED"] == 1
     plan = ta.compile_plan([ac.DecodeCase(1, 90, "fp8", 4, 2)], [ac.PrefillCase(24, 40, "fp8", 4, 2)], 8)
     # per tile the split kernel for > 1 splits (2 and 4 splits share it); the merge for 2 and for 4 splits
-    # (whatever the tile); one prefill binary per tile and per variant
-    assert len(plan) == 3 + 2 + 2 + 3
+    # (whatever the tile); one prefill binary per tile and per variant (FP8_DOT's included)
+    assert len(plan) == 4 + 2 + 2 + 3 + 1
+    # --fp8-dot-only: the table's config as it is (here the default: no CPU table), then the fp8_dot tiles
+    only = ta.sweep_decode(ac.DecodeCase(1, 90, "fp8", 4, 2), ceil, 8, budget, 1.0, fp8_dot_only=True)
+    assert [r["cfg"]["fp8_dot"] for r in only] == [0, 2, 2] and only[0]["cfg"] == acfg.decode_config(32, FP8)
+    assert ta.prefill_cfgs("fp8", True) == [acfg.prefill_config(32, FP8), ta.prefill_cfg((32, 32, 4, 2),
+                                                                                         ta.PREFILL_FP8_DOT)]
+    assert ta.prefill_cfgs("bf16", True) == ta.prefill_cfgs("bf16")
 
 
 def test_tuner_table_merge_keeps_unswept_keys():
@@ -249,7 +262,9 @@ def test_tuner_table_merge_of_one_batch_class():
         assert table["decode"][key]["batch_class"] == ("small" if batches == (1,) else "large")
         entry = ta.merge_table(old, table)["decode"][key]
         if batches == (1,):
-            assert entry == {**old["decode"][key], "small_batch": ta.SMALL_BATCH, "small_batch_config": b}
+            # (a knob the checked-in entry predates, e.g. fp8_dot, written at its default)
+            assert entry == {**acfg.DECODE_KNOB_DEFAULTS, **old["decode"][key], "small_batch": ta.SMALL_BATCH,
+                             "small_batch_config": b}
         else:
             assert entry == {**a, "small_batch": ta.SMALL_BATCH, "small_batch_config": old["decode"][key][
                 "small_batch_config"]}
