@@ -219,8 +219,10 @@ class MoE(nn.Module):
         """Whether forward(defer_sum=True) may leave the top-k sum to the next RMSNorm (kernels/norm.py sums, adds
         the residual and normalizes in one launch): where this rank's experts see whole tokens and their sum is the
         layer's output, i.e. the Triton experts without EP (the combine sums) and without TP (the all-reduce needs
-        the sum)."""
-        return self.use_triton and self.ep_size == 1 and self.dispatcher is None and self.tp.size == 1
+        the sum). A served rank's EP-of-one dispatcher (LocalBackend: it counts the routing, its combine hands the
+        output back as it is) is no EP."""
+        local = self.dispatcher is None or bool(getattr(self.dispatcher, "combine_is_identity", False))
+        return self.use_triton and self.ep_size == 1 and local and self.tp.size == 1
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, defer_sum: bool = False) -> torch.Tensor | TopKSlots:
         # defer_sum (where can_defer_sum): may return the routed experts' per-slot outputs, with the shared experts'
@@ -276,7 +278,10 @@ class MoE(nn.Module):
         topk_weights, topk_ids = self.gate(x, slots, ids_out)  # [T, k] fp32, [T, k] int32 global ids
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
-            out = self.dispatcher.combine(self.experts(hidden_recv, weights_recv, local_ids_recv), handle)
+            out = self.experts(hidden_recv, weights_recv, local_ids_recv, defer_sum)
+            if isinstance(out, TopKSlots):  # defer_sum: only where the combine is the identity (can_defer_sum)
+                return out
+            out = self.dispatcher.combine(out, handle)
         elif self.ep_size == 1:
             out = self.experts(x, topk_weights, topk_ids, defer_sum)
         else:

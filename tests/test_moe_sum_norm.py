@@ -203,6 +203,50 @@ def test_moe_defers_only_where_it_owns_the_sum() -> None:
             torch.testing.assert_close(out.sum(), layer.mlp(x, batch), atol=0, rtol=0)
 
 
+def test_served_rank_with_its_local_dispatcher_defers() -> None:
+    # a served MoE rank (runtime/cluster/rank_loop.py build_engine) always has a dispatcher, at EP 1 the LocalBackend
+    # that counts the routing for the expert statistics: the fusion must hold there too (it was off in every server),
+    # the routing still counted; a dispatcher whose combine is not known to be the identity keeps the sum
+    from benchmarks.count_launches import CONFIGS
+    from models.args import ModelArgs
+    from models.forward_batch import ForwardBatch
+    from models.loader import load_model
+    from runtime.distributed.all2all import LocalBackend
+    from runtime.distributed.expert_stats import ExpertStats
+    from runtime.distributed.parallel import single_rank
+
+    cfg = dict(CONFIGS["qwen3_moe"], num_hidden_layers=1)
+    x = torch.randn(3, cfg["hidden_size"], device=DEV)
+    batch = ForwardBatch(slot_mapping=torch.arange(3, device=DEV), cu_seqlens_q=None, seq_lens=None,
+                         block_tables=None, max_seqlen_q=1, max_seqlen_k=1, is_decode=True, kv_caches=[],
+                         attn_backend=None)
+    num_experts = cfg["num_experts"]
+    stats = ExpertStats(1, num_experts, torch.device(DEV), max_tokens=16)
+    local = LocalBackend(single_rank(DEV), num_experts, 16, stats)
+    served = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=1, dispatcher=local),
+                        "dummy")
+    plain = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=1), "dummy")
+    layer = served.model.layers[0]
+    assert layer.defer_moe_sum and layer.mlp.can_defer_sum
+    out = layer.mlp(x, batch, defer_sum=True)
+    assert isinstance(out, TopKSlots)
+    torch.testing.assert_close(out.sum(), plain.model.layers[0].mlp(x, batch), atol=0, rtol=0)
+    assert int(stats.routed_tokens.sum()) == 3 * cfg["num_experts_per_tok"]  # every (token, slot) counted
+
+    class Opaque:  # a duck-typed dispatcher (tests/test_models.py LoopbackDispatcher): nothing known of its combine
+        def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> tuple:
+            return hidden, topk_weights, topk_ids, None
+
+        def combine(self, out_recv: torch.Tensor, handle: None) -> torch.Tensor:
+            assert isinstance(out_recv, torch.Tensor)
+            return out_recv
+
+    model = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=1,
+                                          dispatcher=Opaque()), "dummy")
+    assert not model.model.layers[0].defer_moe_sum
+    assert isinstance(model.model.layers[0].mlp(x, batch, defer_sum=True), torch.Tensor)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 8, 64])
 def test_fused_norm_after_experts_in_cuda_graph_gpu(num_tokens: int) -> None:

@@ -114,6 +114,10 @@ def allgather_bytes(num_tokens: int, hidden_size: int, top_k: int, dtype: torch.
 class LocalBackend(All2AllBackend):
     """ep_size == 1: nothing moves; global ids are local ids. Keeps one code path in the MoE layer."""
 
+    # combine() hands the experts' output back as it is: the MoE layer may then leave its top-k sum to the next
+    # RMSNorm (models/moe.py can_defer_sum); dispatch() still counts the routing for the expert statistics
+    combine_is_identity = True
+
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         self.record_routing(topk_ids)
