@@ -117,10 +117,11 @@ def decode_config_for(cfg: dict, batch: int) -> dict:
 
 
 def with_fp8_dot(cfg: dict, kind: str, fp8_dot: int = 1) -> dict:
-    """cfg (a decode or prefill config, kind "decode" / "prefill") with the FP8 tensor-core variant on: decode's
-    fp8_dot (its small-batch config's too; 1, 2 or 3), prefill's FP8_DOT; tiles and split rule as they are."""
+    """cfg (a decode or prefill config, kind "decode" / "prefill") with the FP8 tensor-core variant set: decode's
+    fp8_dot (its small-batch config's too; 1, 2 or 3, or 0: off), prefill's FP8_DOT (1, or 0 for fp8_dot 0); tiles
+    and split rule as they are."""
     if kind == "prefill":
-        return {**cfg, "FP8_DOT": 1}
+        return {**cfg, "FP8_DOT": int(fp8_dot > 0)}
     cfg = {**DECODE_KNOB_DEFAULTS, **cfg, "fp8_dot": fp8_dot}
     if cfg["small_batch_config"]:
         cfg["small_batch_config"] = {**cfg["small_batch_config"], "fp8_dot": fp8_dot}

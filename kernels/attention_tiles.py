@@ -14,6 +14,7 @@ import triton.language as tl
 # [0, 1] range sits on e4m3's normal numbers down to 2^-14 instead of the subnormals below 2^-6.
 P_LOG2_SCALE = tl.constexpr(8.0)
 E4M3_MAX = tl.constexpr(448.0)
+FP16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
@@ -52,8 +53,12 @@ def _hold_fp8(x, INTERP: tl.constexpr):
 @triton.jit
 def _quantize_q(q, INTERP: tl.constexpr):
     # q [ROWS, BLOCK_D] -> (e4m3 q / row scale, row scale [ROWS] fp32): each row (one token's head) scaled so its
-    # largest |value| maps to 448; an all-zero row (padding) gets scale 1
+    # largest |value| maps to 448; an all-zero row (padding) gets scale 1. A 16-bit q is saturated to fp16's range
+    # first, as the widening kernels do (their dots run in fp16): an inf (or a bf16 value near its max) would make
+    # the row's scale inf (or its scores overflow) and its output NaN, or zeros through the split merge
     qf = q.to(tl.float32)
+    if q.dtype.is_fp16() or q.dtype.is_bf16():
+        qf = tl.clamp(qf, -FP16_MAX, FP16_MAX)
     amax = tl.max(tl.abs(qf), 1)
     inv = tl.where(amax > 0, E4M3_MAX / tl.maximum(amax, 1e-30), 1.0)
     q8 = _to_e4m3(tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), INTERP)

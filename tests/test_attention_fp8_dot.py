@@ -11,6 +11,7 @@ attention_tiles._round_e4m3, checked bit for bit against torch here)."""
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
 
@@ -119,6 +120,31 @@ def test_prefill_fp8_dot(cfg, dtype, heads):
     assert per_token.max() < 2 * TOL, per_token.max()  # no token far off (a lone token's sum averages less)
 
 
+def test_fp8_dot_saturates_a_16bit_q_as_the_widening_kernels():
+    # a bf16 q with an inf, or values past fp16's range, in some heads: saturated to +-65504 before the row's absmax
+    # scale, as the widening kernels saturate it for their fp16 dots, the output stays finite (unsaturated: the row's
+    # scale is inf, or its scores overflow, and its output NaN or, through the split merge, zeros)
+    seq_lens = [45, 20]
+    k, v, tables = _fp8_cache(seq_lens, 16, 2, 32, (0.5, 2.0))
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    q[0, 1, 3] = float("inf")
+    q[1, 2] = 1e38  # every score past fp32's range unsaturated; saturated, one key wins in both kernels
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    args = (q, k, v, lens, tables, 32**-0.5, 0.5, 2.0)
+    plain = torch.ones(2, 4, dtype=torch.bool)
+    plain[0, 1] = plain[1, 2] = False
+    for splits, fp8_dot in ((1, 1), (3, 2)):
+        out = paged_attention_decode(*args, num_splits=splits, config={**DECODE_CFG, "fp8_dot": fp8_dot})
+        widen = paged_attention_decode(*args, num_splits=splits, config=DECODE_CFG)
+        assert torch.isfinite(out.float()).all() and out[0, 1].abs().max() > 0, (splits, fp8_dot)
+        assert _rel_err(out[plain], widen[plain]) < TOL and _rel_err(out[1, 2], widen[1, 2]) < 1e-2
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    pre = (q, k, v, cu, lens, tables, 32**-0.5, 1, 0.5, 2.0)
+    out = paged_attention_prefill(*pre, config={**PREFILL_CFGS[1], "FP8_DOT": 1})
+    widen = paged_attention_prefill(*pre, config=PREFILL_CFGS[1])
+    assert torch.isfinite(out.float()).all() and _rel_err(out[plain], widen[plain]) < TOL
+
+
 def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale):
     # the kernels' arithmetic for one sequence whose keys fit one tile (the running max is the row max), in torch:
     # q [H, D] (one decode token), k8 / v8 [seq_len, KVH, D] e4m3 as stored
@@ -149,10 +175,11 @@ def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot):
 
 
 def test_fp8_dot_config_keys():
-    # default off (today's kernels, and the checked-in tables, which predate the key); 0 / 1 only
+    # default off (the kernels without a table: on the CPU, or another GPU); 0 / 1 only
+    cpu = torch.device("cpu")  # (no device: the current GPU's table where there is one)
     for dtype in (FP8, torch.bfloat16):
-        assert acfg.decode_config(128, dtype)["fp8_dot"] == 0
-        assert not acfg.prefill_config(128, dtype).get("FP8_DOT")
+        assert acfg.decode_config(128, dtype, cpu)["fp8_dot"] == 0
+        assert not acfg.prefill_config(128, dtype, cpu).get("FP8_DOT")
     default = acfg.default_decode_config(128)
     with pytest.raises(ValueError, match="fp8_dot=4"):
         acfg.check_config(dict(default, fp8_dot=4), acfg.DECODE_KEYS, 128)
@@ -167,6 +194,52 @@ def test_fp8_dot_config_keys():
     assert on["fp8_dot"] == 1 and on["small_batch_config"]["fp8_dot"] == 1 and small["fp8_dot"] == 0
     assert acfg.decode_config_for(on, 1)["fp8_dot"] == 1 and acfg.decode_config_for(on, 1)["BLOCK_N"] == 32
     assert acfg.with_fp8_dot(acfg.default_prefill_config(128), "prefill")["FP8_DOT"] == 1
+    off = acfg.with_fp8_dot(on, "decode", 0)
+    assert off["fp8_dot"] == 0 and off["small_batch_config"]["fp8_dot"] == 0
+    assert acfg.with_fp8_dot({**acfg.default_prefill_config(128), "FP8_DOT": 1}, "prefill", 0)["FP8_DOT"] == 0
+
+
+def test_h200_table_runs_fp8_dot_for_d128_fp8_only(monkeypatch):
+    # the checked-in H200 table (read as this GPU's): decode on an FP8 cache of head_dim 128 runs fp8_dot 2 at every
+    # batch (its small-batch config too); a bf16 cache, and an FP8 cache of another head_dim (no key of its own: the
+    # default), do not; prefill stays the widening kernel
+    monkeypatch.setattr(acfg, "device_name", lambda device=None: "NVIDIA_H200")
+    acfg.clear_cache()
+    try:
+        entry = acfg.decode_config(128, FP8)
+        assert [acfg.decode_config_for(entry, b)["fp8_dot"] for b in (1, 4, 5, 256)] == [2, 2, 2, 2]
+        assert entry["small_batch"] > 0 and entry["small_batch_config"]["fp8_dot"] == 2
+        assert acfg.decode_config(128, torch.bfloat16)["fp8_dot"] == 0
+        for head_dim in (64, 96, 256):
+            assert acfg.decode_config(head_dim, FP8) == acfg.default_decode_config(head_dim)
+        assert not acfg.prefill_config(128, FP8).get("FP8_DOT")
+    finally:
+        acfg.clear_cache()
+
+
+def test_bench_fp8_rows_keep_the_widening_kernels_measurable(monkeypatch, tmp_path):
+    # with a table that turns decode's fp8_dot on (H200's), bench_attention's kv "fp8" runs the table as it is and
+    # "fp8widen" the widening kernels (fp8_dot 0 at every batch), so the two stay side by side
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_attention as ba
+
+    table = {"decode": {"d128_fp8": acfg.with_fp8_dot(acfg.default_decode_config(128), "decode", 2)},
+             "prefill": {"d128_fp8": {**acfg.default_prefill_config(128), "FP8_DOT": 1}}}
+    (tmp_path / acfg.config_file_name("cpu")).write_text(json.dumps(table))
+    monkeypatch.setattr(acfg, "CONFIG_DIR", tmp_path)
+    acfg.clear_cache()
+    try:
+        assert ba.kernel_config("decode", "fp8") is None  # the kernels' own lookup: fp8_dot 2 here
+        widen = ba.kernel_config("decode", "fp8widen")
+        assert widen["fp8_dot"] == 0 and widen == {**table["decode"]["d128_fp8"], "fp8_dot": 0}
+        assert ba.kernel_config("prefill", "fp8widen")["FP8_DOT"] == 0
+        assert ba.kernel_config("decode", "fp8dot3")["fp8_dot"] == 3
+        assert ba.kernel_config("prefill", "fp8dot")["FP8_DOT"] == 1
+    finally:
+        acfg.clear_cache()
 
 
 _SM90_PROBE = """
