@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 8 (issue 17), one H200, ~5 minutes: the FP8 tensor-core attention variants (prefill FP8_DOT, decode
-# fp8_dot 1/2/3; the H200 table's decode runs 2: kv fp8) next to the FP8-widening kernels (kv fp8widen) at B=1 32k/128k and extend 8k over 120k, then
-# the GPU tests of this session's fused top-k sum + RMSNorm and of the FP8 variants.
+# fp8_dot 1/2/3; the H200 table's decode runs 2: kv fp8) next to the FP8-widening kernels (kv fp8widen) at B=1
+# 32k/128k and extend 8k over 120k, then the GPU tests of this session's fused top-k sum + RMSNorm and of the FP8
+# variants.
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema 2>&1 | tail -1

@@ -39,7 +39,7 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
 # batch x heads fills the SMs, else 32); fp8_widen (an FP8 cache on sm89+): 0 Triton's cast of the K / V tiles
-# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (decode_attention._widen_fp8);
+# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (attention_fp8._widen_fp8);
 # at batch <= small_batch (0: never) the kernel runs small_batch_config instead (a decode config of its own, tiles
 # and split rule: a few long requests want more splits and maybe other tiles than a full batch; decode_config_for);
 # fp8_dot (an FP8 cache): e4m3 x e4m3 tensor-core dots on the tiles as stored, q and p rounded to e4m3 in the kernel

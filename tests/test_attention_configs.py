@@ -248,6 +248,17 @@ def test_tuner_table_merge_keeps_unswept_keys():
     assert "geomean_frac" in pre  # the picks themselves are left as they are (tune_attention.json prints them)
 
 
+def test_tuner_refuses_an_unknown_kv_dtype(monkeypatch, tmp_path, capsys):
+    # a typo in --kv-dtypes is a one-line usage error before any GPU work (it used to time no case and write the
+    # checked-in table back as this run's)
+    import tune_attention as ta
+
+    monkeypatch.setattr(sys, "argv", ["tune_attention.py", "--out", str(tmp_path), "--kv-dtypes", "fp8,bf61"])
+    with pytest.raises(SystemExit):
+        ta.main()
+    assert "--kv-dtypes: unknown ['bf61']" in capsys.readouterr().err
+
+
 def test_tuner_table_merge_of_one_batch_class():
     # the budget ran out after an FP8 decode sweep's B=1 cases: that pick is the checked-in entry's small-batch
     # config, not the config of every batch (B=64 with a B=1 tile and split rule); a sweep of the larger batches only

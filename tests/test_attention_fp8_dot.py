@@ -7,7 +7,7 @@ the output, a sum of V rows, is then off by about the rms (random V: the errors 
 the per-value worst case, 2^-4 of the output's norm, against the fp32 reference on the dequantized cache and against
 the widening kernel; a single-tile case (the running max is the row max) is checked much tighter against a torch
 emulation of the same roundings. CPU: Triton interpreter, small odd sizes, fp32 / fp16 q (its e4m3 cast is emulated:
-attention_tiles._round_e4m3, checked bit for bit against torch here)."""
+attention_fp8._round_e4m3, checked bit for bit against torch here)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 import kernels.attention_config as acfg  # noqa: E402
 from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
-from kernels.attention_tiles import _round_e4m3, _to_e4m3  # noqa: E402
+from kernels.attention_fp8 import _round_e4m3, _to_e4m3  # noqa: E402
 from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 
@@ -258,7 +258,7 @@ def test_fp8_dot_compiles_to_fp8_wgmma_for_sm90():
     # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; decode's fp8_dot 1 pads the query
     # rows to 64, 2 / 3 make the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
     # after widening), no spills, no e4m3 -> fp16 widening, K copied ahead asynchronously. V: copied ahead too (a
-    # ring of its own; without attention_tiles._hold_fp8 V was a plain load waited for before the dots, its
+    # ring of its own; without attention_fp8._hold_fp8 V was a plain load waited for before the dots, its
     # register-staged copy into the K-major layout wgmma needs sitting at the load), never gathered byte by byte
     # as a B operand (fp8_dot 1, prefill); as fp8_dot 2's A operand it is (LDS.U8), 3 trades that for the blocking load
     for name, r in run_sm90_probe(_SM90_PROBE).items():
