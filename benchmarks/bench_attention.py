@@ -13,8 +13,8 @@ floor counts the bytes of that dtype, and each FP8 decode row reports its output
 kv "fp8" runs the kernels as this GPU's table configures them (what --kv-cache-dtype fp8 runs: on an H200 decode's
 fp8_dot 2); "fp8widen" the same tiles with the tensor-core variant off (decode fp8_dot 0, prefill FP8_DOT 0: the FP8
 tiles widened to fp16), "fp8dot" / "fp8dot2" / "fp8dot3" with it on (decode fp8_dot 1 / 2 / 3, prefill FP8_DOT:
-e4m3 x e4m3 dots, q and p rounded to e4m3); fp8dot2 / 3 differ in decode only (their extend rows would be fp8dot's:
-skipped).
+e4m3 x e4m3 dots, q and p rounded to e4m3), "fp8dot2q2" decode's fp8_dot 2 with fp8_q2 (q as two e4m3 terms: the
+accuracy option); fp8dot2 / 3 / 2q2 differ in decode only (their extend rows would be fp8dot's: skipped).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8widen,fp8dot,fp8dot2,fp8dot3
@@ -45,7 +45,7 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
 # decode's fp8_dot per pseudo cache dtype (an FP8 cache; prefill's FP8_DOT: on where > 0); "fp8": the table's own
-FP8_DOT = {"fp8widen": 0, "fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3}
+FP8_DOT = {"fp8widen": 0, "fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3, "fp8dot2q2": 2}
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn} | dict.fromkeys(FP8_DOT, torch.float8_e4m3fn)
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
@@ -56,7 +56,7 @@ def kernel_config(kind: str, kv: str) -> dict | None:
     if kv not in FP8_DOT:
         return None
     get = decode_config if kind == "decode" else prefill_config
-    return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv])
+    return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv], int(kv.endswith("q2")))
 
 
 def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):

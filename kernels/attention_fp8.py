@@ -9,8 +9,8 @@ e4m3 in the kernel with a per-(token, head) scale from its absmax (folded into t
 _quantize_q), QK^T as e4m3 x e4m3 with fp32 accumulation, the probabilities (in [0, 1] after the running max, times
 2^P_LOG2_SCALE) rounded to e4m3 for an e4m3 x e4m3 PV dot with V as stored, v_scale and the 2^P_LOG2_SCALE on the
 output (a split's log-sum-exp takes the P_LOG2_SCALE off again). Its error (e4m3's 3-bit mantissa: <= 2^-4 relative
-per rounded q / p value) is checked in tests/test_attention_fp8_dot.py; kernels/decode_attention.py gives the
-measured numbers.
+per rounded q / p value; through q, a score's error grows with its size) is checked in tests/test_attention_fp8_dot.py;
+kernels/decode_attention.py gives the measured numbers, and decode's fp8_q2 (q as two e4m3 terms, _q_low_part).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from kernels.fp8 import FP8_DTYPE, FP8_MAX
 # [0, 1] range sits on e4m3's normal numbers down to 2^-14 instead of the subnormals below 2^-6.
 P_LOG2_SCALE = tl.constexpr(8.0)
 E4M3_MAX = tl.constexpr(448.0)
+# decode's fp8_q2: q as two e4m3 terms, q8 + q_lo / 16 (_q_low_part)
+Q_LO_SCALE = tl.constexpr(16.0)
+Q_LO_INV = tl.constexpr(0.0625)
 FP16_MAX = tl.constexpr(65504.0)
 
 
@@ -66,18 +69,32 @@ def _hold_fp8(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quantize_q(q, INTERP: tl.constexpr):
-    # q [ROWS, BLOCK_D] -> (e4m3 q / row scale, row scale [ROWS] fp32): each row (one token's head) scaled so its
-    # largest |value| maps to 448; an all-zero row (padding) gets scale 1. A 16-bit q is saturated to fp16's range
-    # first, as the widening kernels do (their dots run in fp16): an inf (or a bf16 value near its max) would make
-    # the row's scale inf (or its scores overflow) and its output NaN, or zeros through the split merge
+def _scale_q(q):
+    # q [ROWS, BLOCK_D] -> (q / row scale in fp32, within +-448; row scale [ROWS] fp32): each row (one token's head)
+    # scaled so its largest |value| maps to 448; an all-zero row (padding) gets scale 1. A 16-bit q is saturated to
+    # fp16's range first, as the widening kernels do (their dots run in fp16): an inf (or a bf16 value near its max)
+    # would make the row's scale inf (or its scores overflow) and its output NaN, or zeros through the split merge
     qf = q.to(tl.float32)
     if q.dtype.is_fp16() or q.dtype.is_bf16():
         qf = tl.clamp(qf, -FP16_MAX, FP16_MAX)
     amax = tl.max(tl.abs(qf), 1)
     inv = tl.where(amax > 0, E4M3_MAX / tl.maximum(amax, 1e-30), 1.0)
-    q8 = _to_e4m3(tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), INTERP)
-    return q8, 1.0 / inv
+    return tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), 1.0 / inv
+
+
+@triton.jit
+def _quantize_q(q, INTERP: tl.constexpr):
+    # q [ROWS, BLOCK_D] -> (e4m3 q / row scale, row scale [ROWS] fp32): _scale_q, rounded to e4m3
+    qs, q_scale = _scale_q(q)
+    return _to_e4m3(qs, INTERP), q_scale
+
+
+@triton.jit
+def _q_low_part(qs, q8, INTERP: tl.constexpr):
+    # the decode's fp8_q2: what q's rounding to e4m3 left (qs: _scale_q's fp32 q, q8 its e4m3), times 16 (exact; the
+    # residual is at most half an ulp of 448, 16, so 256 at most), rounded to e4m3 too: qs ~ q8 + q_lo / 16 to ~2^-8
+    # of each value instead of 2^-4, for one more QK^T dot on the same K tile
+    return _to_e4m3((qs - q8.to(tl.float32)) * Q_LO_SCALE, INTERP)
 
 
 @triton.jit

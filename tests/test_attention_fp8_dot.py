@@ -1,13 +1,14 @@
-"""The FP8 tensor-core attention variant (prefill FP8_DOT / decode fp8_dot, kernels/attention.py): e4m3 x e4m3 dots,
+"""The FP8 tensor-core attention variant (prefill FP8_DOT / decode fp8_dot, kernels/attention_fp8.py): e4m3 x e4m3 dots,
 q rounded to e4m3 with a per-(token, head) scale, the probabilities (x 256) rounded to e4m3.
 
 Tolerance, derived: e4m3 keeps 3 mantissa bits, so rounding a value is off by at most 2^-4 of it (~0.026 rms over a
-binade). Rounded q moves each score by ~that fraction of its size; rounded p weighs each V row off by ~that fraction;
-the output, a sum of V rows, is then off by about the rms (random V: the errors add like the values). The bound is
-the per-value worst case, 2^-4 of the output's norm, against the fp32 reference on the dequantized cache and against
-the widening kernel; a single-tile case (the running max is the row max) is checked much tighter against a torch
-emulation of the same roundings. CPU: Triton interpreter, small odd sizes, fp32 / fp16 q (its e4m3 cast is emulated:
-attention_fp8._round_e4m3, checked bit for bit against torch here)."""
+binade). Rounded q moves each score by ~that fraction of its size; rounded p weighs each V row off by ~that
+fraction; the output, a sum of V rows, is then off by about the rms (random V: the errors add like the values). The
+bound is the per-value worst case, 2^-4 of the output's norm, against the fp32 reference on the dequantized cache
+and against the widening kernel, on scores of about unit spread (wider ones: q's share grows with them, see
+test_decode_fp8_q2_keeps_spread_scores_accurate); a single-tile case (the running max is the row max) is checked
+much tighter against a torch emulation of the same roundings. CPU: Triton interpreter, small odd sizes, fp32 / fp16
+q (its e4m3 cast is emulated: attention_fp8._round_e4m3, checked bit for bit against torch here)."""
 
 from __future__ import annotations
 
@@ -145,13 +146,17 @@ def test_fp8_dot_saturates_a_16bit_q_as_the_widening_kernels():
     assert torch.isfinite(out.float()).all() and _rel_err(out[plain], widen[plain]) < TOL
 
 
-def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale):
+def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale, q2=False):
     # the kernels' arithmetic for one sequence whose keys fit one tile (the running max is the row max), in torch:
-    # q [H, D] (one decode token), k8 / v8 [seq_len, KVH, D] e4m3 as stored
+    # q [H, D] (one decode token), k8 / v8 [seq_len, KVH, D] e4m3 as stored; q2: decode's fp8_q2 (q as e4m3 plus
+    # what that rounding left, x 16, in e4m3 too)
     q = q.float()
     amax = q.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 448.0 / amax, torch.ones_like(amax))
-    q8 = (q * inv).clamp(-448, 448).to(FP8).float()
+    qs = (q * inv).clamp(-448, 448)
+    q8 = qs.to(FP8).float()
+    if q2:
+        q8 = q8 + ((qs - q8) * 16).to(FP8).float() / 16
     group = q.shape[0] // k8.shape[1]
     k = k8.float().repeat_interleave(group, 1)  # [seq_len, H, D]
     v = v8.float().repeat_interleave(group, 1)
@@ -160,18 +165,31 @@ def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale):
     return torch.einsum("hn,nhd->hd", p.to(FP8).float(), v) * v_scale / p.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("fp8_dot", [1, 2])
-def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot):
+@pytest.mark.parametrize("fp8_dot,fp8_q2", [(1, 0), (2, 0), (1, 1), (2, 1)])
+def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot, fp8_q2):
     # seq lens within one BLOCK_N tile and one split: the kernel's output equals the torch emulation of the same
     # roundings up to fp32 summation order (a rounding flip of one p would show as ~1e-2)
     heads, kv_heads, head_dim = 6, 2, 48
     args = _decode_case(heads, kv_heads, head_dim, [13, 16, 1], torch.float32, seed=4)
     q, k8, v8, lens, tables, scale, k_scale, v_scale = args
-    out = paged_attention_decode(*args, num_splits=1, config={**DECODE_CFG, "fp8_dot": fp8_dot})
+    out = paged_attention_decode(*args, num_splits=1, config={**DECODE_CFG, "fp8_dot": fp8_dot, "fp8_q2": fp8_q2})
     for b, n in enumerate(lens.tolist()):
         rows = k8[tables[b, :1].long()].flatten(0, 1)[:n], v8[tables[b, :1].long()].flatten(0, 1)[:n]
-        want = _emulate_one_tile(q[b], *rows, n, scale, k_scale, v_scale)
+        want = _emulate_one_tile(q[b], *rows, n, scale, k_scale, v_scale, bool(fp8_q2))
         assert _rel_err(out[b], want) < 1e-5, b
+
+
+def test_decode_fp8_q2_keeps_spread_scores_accurate():
+    # scores that spread over several units (q x 4: score std ~4, as in a trained model's peaked heads): q's rounding
+    # to e4m3 moves them by ~2^-4 of their size and the output by ~5% (past 2^-4 at other spreads: the module
+    # docstring of kernels/decode_attention.py); fp8_q2 (q as two e4m3 terms) leaves p's rounding, well under 1e-2
+    args = list(_decode_case(8, 2, 64, [300, 77], torch.float16, seed=3))
+    args[0] = args[0] * 4
+    ref = paged_attention_decode_ref(*args)
+    for fp8_dot in (1, 2):
+        one = paged_attention_decode(*args, num_splits=3, config={**DECODE_CFG, "fp8_dot": fp8_dot})
+        two = paged_attention_decode(*args, num_splits=3, config={**DECODE_CFG, "fp8_dot": fp8_dot, "fp8_q2": 1})
+        assert _rel_err(one, ref) > 3e-2 and _rel_err(two, ref) < 1e-2, (fp8_dot, _rel_err(one, ref))
 
 
 def test_fp8_dot_config_keys():
@@ -194,6 +212,10 @@ def test_fp8_dot_config_keys():
     assert on["fp8_dot"] == 1 and on["small_batch_config"]["fp8_dot"] == 1 and small["fp8_dot"] == 0
     assert acfg.decode_config_for(on, 1)["fp8_dot"] == 1 and acfg.decode_config_for(on, 1)["BLOCK_N"] == 32
     assert acfg.with_fp8_dot(acfg.default_prefill_config(128), "prefill")["FP8_DOT"] == 1
+    with pytest.raises(ValueError, match="fp8_q2=2"):
+        acfg.check_config(dict(default, fp8_q2=2), acfg.DECODE_KEYS, 128)
+    q2 = acfg.with_fp8_dot(small, "decode", 2, 1)
+    assert q2["fp8_q2"] == 1 and q2["small_batch_config"]["fp8_q2"] == 1 and on["fp8_q2"] == 0
     off = acfg.with_fp8_dot(on, "decode", 0)
     assert off["fp8_dot"] == 0 and off["small_batch_config"]["fp8_dot"] == 0
     assert acfg.with_fp8_dot({**acfg.default_prefill_config(128), "FP8_DOT": 1}, "prefill", 0)["FP8_DOT"] == 0
@@ -238,6 +260,8 @@ def test_bench_fp8_rows_keep_the_widening_kernels_measurable(monkeypatch, tmp_pa
         assert ba.kernel_config("prefill", "fp8widen")["FP8_DOT"] == 0
         assert ba.kernel_config("decode", "fp8dot3")["fp8_dot"] == 3
         assert ba.kernel_config("prefill", "fp8dot")["FP8_DOT"] == 1
+        assert ba.kernel_config("decode", "fp8dot2q2")["fp8_q2"] == 1
+        assert ba.kernel_config("decode", "fp8dot2")["fp8_q2"] == 0
     finally:
         acfg.clear_cache()
 
@@ -248,6 +272,8 @@ sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
 dec = {f"decode {n} {w} {f}": inspect("decode", "fp8", block_n=n, warps=w, stages=3, fp8_dot=f)
        for n, w, f in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 8, 2), (128, 4, 3))}
+dec |= {f"decode {n} {w} q2 {f}": inspect("decode", "fp8", block_n=n, warps=w, stages=3, fp8_dot=f, fp8_q2=True)
+        for n, w, f in ((128, 4, 2), (64, 4, 1))}
 pre = {"prefill": inspect("prefill", "fp8", block_m=128, block_n=128, warps=8, stages=3,
                           variants=("MASK_FREE", "FP8_DOT"))}
 print(json.dumps(dec | pre))
