@@ -363,15 +363,15 @@ def test_fp8_dot_gpu():
     args = (q, k, v, lens, tables, 128**-0.5, *scales)
     ref = paged_attention_decode_ref(*args)
     table = acfg.decode_config(128, FP8, q.device)
-    for block_n, warps, fp8_dot in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3),
-                                    (128, 4, 3)):
+    for block_n, warps, fp8_dot, q2 in ((64, 4, 1, 0), (128, 8, 1, 0), (64, 4, 2, 0), (128, 4, 2, 0), (128, 8, 2, 0),
+                                        (64, 4, 3, 0), (128, 4, 3, 0), (128, 4, 2, 1), (64, 4, 1, 1)):
         cfg = acfg.with_fp8_dot(dict(table, BLOCK_N=block_n, num_warps=warps, num_stages=3, small_batch=0), "decode",
-                                fp8_dot)
+                                fp8_dot, q2)
         for splits in (None, 1):
             out = paged_attention_decode(*args, num_splits=splits, config=cfg)
             widen = paged_attention_decode(*args, num_splits=splits, config=dict(cfg, fp8_dot=0))
             assert out[3].abs().max() == 0
-            assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (block_n, warps, fp8_dot, splits)
+            assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (block_n, warps, fp8_dot, q2, splits)
             assert _rel_err(out, widen) > 1e-3
     q_ext = torch.randn(600, 32, 128, device="cuda", dtype=torch.bfloat16)
     ext = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
