@@ -96,8 +96,8 @@ def report(kernel) -> dict:
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
             warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0,
-            variants: tuple[str, ...] = (), fp8_dot: int = 0) -> dict:
-    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot: decode's knob
+            variants: tuple[str, ...] = (), fp8_dot: int = 0, fp8_q2: bool = False) -> dict:
+    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot, fp8_q2: decode's knobs
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -112,7 +112,8 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                   "GROUP_PAD": max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group)), "HEAD_DIM": HEAD_DIM,
                   "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
                   "FP8_AS_F16": kv == "fp8" and not fp8_dot, "OFF64": off64,
-                  "FP8_WIDEN": fp8_widen if kv == "fp8" and not fp8_dot else 0, "FP8_DOT": fp8_dot}
+                  "FP8_WIDEN": fp8_widen if kv == "fp8" and not fp8_dot else 0, "FP8_DOT": fp8_dot,
+                  "FP8_Q2": bool(fp8_dot and fp8_q2)}
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,

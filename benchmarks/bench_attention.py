@@ -10,12 +10,14 @@ line per row and 'bench_attention summary' last.
 
 --kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
 floor counts the bytes of that dtype, and each FP8 decode row reports its output's error vs the bf16 cache.
-kv "fp8dot" / "fp8dot2" / "fp8dot3" is the FP8 cache with the tensor-core variant on (the table's tiles with decode
-fp8_dot 1 / 2 / 3, prefill FP8_DOT: e4m3 x e4m3 dots, q and p rounded to e4m3), side by side with "fp8" (the widening
-kernels); fp8dot2 / 3 differ in decode only (their extend rows would be fp8dot's: skipped).
+kv "fp8" runs the kernels as this GPU's table configures them (what --kv-cache-dtype fp8 runs: on an H200 decode's
+fp8_dot 2); "fp8widen" the same tiles with the tensor-core variant off (decode fp8_dot 0, prefill FP8_DOT 0: the FP8
+tiles widened to fp16), "fp8dot" / "fp8dot2" / "fp8dot3" with it on (decode fp8_dot 1 / 2 / 3, prefill FP8_DOT:
+e4m3 x e4m3 dots, q and p rounded to e4m3), "fp8dot2q2" decode's fp8_dot 2 with fp8_q2 (q as two e4m3 terms: the
+accuracy option); fp8dot2 / 3 / 2q2 differ in decode only (their extend rows would be fp8dot's: skipped).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
-Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8,fp8dot,fp8dot2,fp8dot3
+Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8widen,fp8dot,fp8dot2,fp8dot3
 --extend 8192:122880.
 """
 
@@ -42,17 +44,19 @@ from kernels.decode_attention import paged_attention_decode  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)
 DT = torch.bfloat16
-FP8_DOT = {"fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3}  # decode's fp8_dot per pseudo cache dtype (an FP8 cache)
+# decode's fp8_dot per pseudo cache dtype (an FP8 cache; prefill's FP8_DOT: on where > 0); "fp8": the table's own
+FP8_DOT = {"fp8widen": 0, "fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3, "fp8dot2q2": 2}
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn} | dict.fromkeys(FP8_DOT, torch.float8_e4m3fn)
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
 def kernel_config(kind: str, kv: str) -> dict | None:
-    # None: the kernels' own lookup (this GPU's table); fp8dot: that config with the FP8 tensor-core variant on
+    # None: the kernels' own lookup (this GPU's table); fp8widen / fp8dot*: that config with the FP8 tensor-core
+    # variant off / on (the table may have it on: H200's decode)
     if kv not in FP8_DOT:
         return None
     get = decode_config if kind == "decode" else prefill_config
-    return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv])
+    return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv], int(kv.endswith("q2")))
 
 
 def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):
@@ -194,7 +198,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--ctxs", default="1024,4096,16384,32768")
-    ap.add_argument("--kv-dtypes", default="bf16", help="comma list of bf16, fp8")
+    ap.add_argument("--kv-dtypes", default="bf16", help=f"comma list of {', '.join(KV_DTYPES)}")
     ap.add_argument("--num-splits", type=int, default=None, help="decode split-K count (default: the heuristic)")
     ap.add_argument("--decode-merge", default="separate",
                     help="comma list of separate (two launches: the kernels' default), fused (one launch)")
@@ -227,7 +231,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     modes = (False, True) if args.ragged else (False,)
     for spec, kv, ragged in ((s, kv, m) for s in filter(None, args.extend.split(","))
-                             for kv in args.kv_dtypes.split(",") if FP8_DOT.get(kv, 1) == 1 for m in modes):
+                             for kv in args.kv_dtypes.split(",") if FP8_DOT.get(kv, 1) <= 1 for m in modes):
         chunk, prefix = map(int, spec.split(":"))
         r = bench_extend(chunk, prefix, ceil, kv, ragged)
         rows.append(r)

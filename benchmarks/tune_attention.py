@@ -23,7 +23,8 @@ variants, decode fp8_dot / prefill FP8_DOT, timed on the FP8-cache cases only: t
 Decode sweeps tiles (BLOCK_N, warps, stages; an FP8 cache also the fp8_widen variants) x the split rule
 (programs per SM, minimum tokens per split, and past 64 splits max_splits, a narrower merge); the config that
 wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
-kernel and one table entry per dtype: the best geometric mean over its cases.
+kernel and one table entry per dtype: the best geometric mean over its cases (benchmarks/attention_pick.py picks
+and merges the table).
 
 Bounded GPU time: every distinct binary is compiled first in --jobs worker processes (Triton's disk cache
 then serves this process), each measurement runs at most --rep-ms (heavy extend cases: 2-3 calls), and
@@ -61,11 +62,12 @@ from attention_cases import (  # noqa: E402
     DecodeCase,
     PrefillCase,
 )
+from attention_pick import SMALL_BATCH, merge_table, pick, pick_small_batch  # noqa: E402, F401
 from bench_moe import measure_ceilings  # noqa: E402
 from tuning import Budget, rel_err  # noqa: E402
 
 import kernels.attention_config as acfg  # noqa: E402
-from kernels.attention_config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name, config_key  # noqa: E402
+from kernels.attention_config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 # (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
@@ -82,8 +84,10 @@ DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1),
 # gathers. fp8_dot 1 (query rows padded to 64): 223 registers at (64, 4, 3), 220 at (128, 8, 3); 2 (transposed, the
 # tokens as rows): 125 / 133 / 104 registers at (64, 4, 3) / (128, 4, 3) / (128, 8, 3), a quarter of 1's exp2, V
 # gathered bytewise into its operand; 3 (2 with V loaded and staged before the dots, not pipelined): 86 / 114
+# (a sixth value 1: fp8_q2, q as two e4m3 terms, a second QK^T dot: 140 registers at (128, 4, 3), no spills; it is
+# the accuracy option, timed beside the table's tile so that its cost shows; picked, as any tile, where fastest)
 DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (128, 4, 3, 0, 2), (128, 8, 3, 0, 2),
-                        (64, 4, 3, 0, 3), (128, 4, 3, 0, 3)]
+                        (64, 4, 3, 0, 3), (128, 4, 3, 0, 3), (128, 4, 3, 0, 2, 1)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
 # programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small
@@ -91,7 +95,6 @@ DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 1), (128, 8, 3, 0, 1), (64, 4, 3, 0, 2), (
 DECODE_SPLIT_RULES_MORE = [(4, 64, {"max_splits": 256}), (8, 64, {"max_splits": 256}), (8, 128, {"max_splits": 512}),
                            (4, 64, {"max_splits": 256, "merge_block_d": 16}),
                            (8, 64, {"max_splits": 256, "merge_block_d": 16}), (2, 64, {"merge_block_d": 16})]
-SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SMALL_BATCH (tuned on the B=1 cases)
 SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE_SPLIT_RULES_MORE
 # (BLOCK_M, BLOCK_N, warps, stages); compiled for sm90 on a CPU box: none spills with a bf16 cache ((64, 128, 4, 2),
 # (128, 64, 4, 3) and 16-warp tiles with BLOCK_N >= 64 did), (128, 128, 8, 3) just fits shared memory (225 KiB),
@@ -124,7 +127,7 @@ TOL_FP8_DOT = 2**-4
 
 def decode_cfg(tile: tuple, rule: tuple) -> dict:
     knobs = dict(DECODE_KNOB_DEFAULTS, **(rule[2] if len(rule) > 2 else {}))
-    knobs.update(dict(zip(("fp8_widen", "fp8_dot"), tile[3:])))
+    knobs.update(dict(zip(("fp8_widen", "fp8_dot", "fp8_q2"), tile[3:])))
     return {"BLOCK_N": tile[0], "num_warps": tile[1], "num_stages": tile[2], "programs_per_sm": rule[0],
             "min_split_tokens": rule[1], **knobs}
 
@@ -135,7 +138,7 @@ def decode_tiles(kv: str) -> list[tuple]:
 
 def decode_tile(cfg: dict) -> tuple:
     # what the split kernel's binary depends on (the split rule only picks the split count)
-    return cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"], cfg["fp8_widen"], cfg["fp8_dot"]
+    return cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"], cfg["fp8_widen"], cfg["fp8_dot"], cfg["fp8_q2"]
 
 
 def checked_in_decode(kv: str) -> list[dict]:
@@ -278,7 +281,8 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
             seen[key] = measure(calls, ref, rep_ms, tolerance(cfg))
             us, err = seen[key]
             print(f"  decode {case.name} BLOCK_N={tile[0]} warps={tile[1]} stages={tile[2]} splits={splits:2d} "
-                  f"merge_d={cfg['merge_block_d']} widen={cfg['fp8_widen']} fp8_dot={cfg['fp8_dot']} us={us:8.1f} "
+                  f"merge_d={cfg['merge_block_d']} widen={cfg['fp8_widen']} fp8_dot={cfg['fp8_dot']} "
+                  f"q2={cfg['fp8_q2']} us={us:8.1f} "
                   f"frac_bw={floor_us / us:.2f} sdpa_us={sdpa_us:7.1f} err={err:.1e}", flush=True)
         if key in seen:
             us, err = seen[key]
@@ -313,74 +317,6 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float,
     return rows
 
 
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs)) if xs else 0.0
-
-
-def pick(rows: list[dict], pick_ragged: bool = False) -> dict:
-    """Per table key: the config with the best geometric mean of frac over the key's cases (every case timed).
-    RAGGED prefill configs only with pick_ragged (they need the caller to pass this step's K/V)."""
-    table: dict[str, dict] = {}
-    for kind in ("decode", "prefill"):
-        mine = [r for r in rows if (r["kind"] == "decode") == (kind == "decode")
-                and (pick_ragged or not r["cfg"].get("RAGGED"))]
-        for kv in sorted({r["kv"] for r in mine}):
-            sub = [r for r in mine if r["kv"] == kv]
-            cases = {r["case"] for r in sub}
-            by_cfg: dict[str, list[float]] = {}
-            for r in sub:
-                by_cfg.setdefault(json.dumps(r["cfg"], sort_keys=True), []).append(r["frac"])
-            full = {c: geomean(f) for c, f in by_cfg.items() if len(f) == len(cases)}
-            if full:
-                best = max(full, key=full.get)
-                table.setdefault(kind, {})[config_key(HEAD_DIM, KV_DTYPES[kv])] = dict(json.loads(best),
-                                                                                        geomean_frac=full[best])
-    return table
-
-
-def pick_small_batch(rows: list[dict], table: dict) -> dict:
-    """Decode entries with both small (batch <= SMALL_BATCH) and larger cases: the config with the best geometric
-    mean over the larger cases, carrying the best one over the small cases as its small_batch_config. An entry whose
-    cases are of one class only (the other's skipped for the budget) stays pick's choice, marked with that class
-    (batch_class "small" / "large"): merge_table then keeps the checked-in config of the other class."""
-    for key, entry in table.get("decode", {}).items():
-        sub = [r for r in rows if r["kind"] == "decode" and config_key(HEAD_DIM, KV_DTYPES[r["kv"]]) == key]
-        small = pick([r for r in sub if r["batch"] <= SMALL_BATCH]).get("decode", {}).get(key)
-        large = pick([r for r in sub if r["batch"] > SMALL_BATCH]).get("decode", {}).get(key)
-        if bool(small) != bool(large):
-            entry["batch_class"] = "small" if small else "large"
-        if small and large:
-            small_frac, large_frac = small.pop("geomean_frac"), large.pop("geomean_frac")
-            entry.clear()
-            entry.update(large, geomean_frac=large_frac)
-            if small != large:
-                entry.update(small_batch=SMALL_BATCH, small_batch_config=small, small_batch_geomean_frac=small_frac)
-    return table
-
-
-def merge_table(old: dict, table: dict) -> dict:
-    """The table file to write: the checked-in one (old) with this run's picks over it key by key, so that a kind
-    (--only) or a cache dtype this run did not time (its cases skipped for the budget) keeps its checked-in entry
-    and the file can be copied as is. The picks lose their geomean_frac bookkeeping. A decode pick timed on one
-    batch class only (pick_small_batch's batch_class) replaces that class's config in the checked-in entry: a B=1
-    pick becomes its small_batch_config, not the config of every batch; a pick over the larger batches keeps the
-    checked-in small_batch_config. A decode entry this run writes gets every knob (DECODE_KNOB_DEFAULTS for those a
-    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is."""
-    written = {kind: dict(entries) for kind, entries in old.items()}
-    for kind, entries in table.items():
-        for key, cfg in entries.items():
-            new = {x: y for x, y in cfg.items() if not x.endswith("geomean_frac") and x != "batch_class"}
-            prev = written.get(kind, {}).get(key)
-            if prev and kind == "decode":
-                prev = {**DECODE_KNOB_DEFAULTS, **prev}
-            if prev and cfg.get("batch_class") == "small":
-                new = {**prev, "small_batch": SMALL_BATCH, "small_batch_config": new}
-            elif prev and cfg.get("batch_class") == "large" and prev.get("small_batch_config"):
-                new.update(small_batch=prev["small_batch"], small_batch_config=prev["small_batch_config"])
-            written.setdefault(kind, {})[key] = new
-    return written
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
@@ -395,6 +331,8 @@ def main() -> None:
     ap.add_argument("--pick-ragged", action="store_true",
                     help="let RAGGED prefill configs into the table (callers that pass this step's K/V)")
     args = ap.parse_args()
+    if unknown := sorted(set(args.kv_dtypes.split(",")) - set(KV_DTYPES)):
+        ap.error(f"--kv-dtypes: unknown {unknown}, choose from {list(KV_DTYPES)}")
     t_start = time.time()
     out = Path(args.out)
     (out / "configs").mkdir(parents=True, exist_ok=True)

@@ -5,21 +5,13 @@ A token's slot is block_id * block_size + offset; slot -1 marks a padding token.
 Query token i of sequence b sits at absolute position seq_lens[b] - q_len_b + i and attends
 causally to every cached position <= its own (the cached prefix included).
 
-FP8 KV (cache dtype float8_e4m3fn): a stored value is x / scale (clamped to +-448), one scale per tensor
-(k_scale, v_scale per layer). The kernels read the cache as FP8 and widen each tile to fp16 right after the load
-(exact; under a float32 q, the CPU tests, to fp32), with q in fp16 too, and fold the scales into the math:
-scores times k_scale, the output times v_scale. A config's FP8_DOT (kernels/attention_config.py) instead runs the
-dots on FP8 tensor cores, as FlashAttention-3's FP8 path: q rounded to e4m3 in the kernel with a per-(token, head)
-scale from its absmax (folded into the softmax scale with k_scale), QK^T as e4m3 x e4m3 with fp32 accumulation, the
-probabilities (in [0, 1] after the running max, times 256) rounded to e4m3 for an e4m3 x e4m3 PV dot with V as
-stored, v_scale and the 256 on the output. Its error (e4m3's 3-bit mantissa: <= 2^-4 relative per rounded q / p
-value) is checked in tests/test_attention_fp8_dot.py. The decode kernels are in kernels/decode_attention.py; tile
-configs in kernels/attention_config.py; the tile-level pieces in kernels/attention_tiles.py.
+FP8 KV (cache dtype float8_e4m3fn, per-tensor k_scale / v_scale): read as FP8 and widened to fp16 per tile, or
+(a config's FP8_DOT) run on FP8 tensor cores with q and p rounded to e4m3: kernels/attention_fp8.py says how, and
+its accuracy. The decode kernels are in kernels/decode_attention.py; tile configs in kernels/attention_config.py;
+the tile-level pieces in kernels/attention_tiles.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -27,29 +19,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
-from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _quantize_q, _zero_rows
+from kernels.attention_fp8 import FP16_MAX, _quantize_q, fp8_as_f16, interpreted, quantize_kv
+from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
-_FP16_MAX = tl.constexpr(65504.0)
-
-
-def interpreted() -> bool:
-    # under the Triton interpreter (CPU tests): the FP8_DOT variant rounds to e4m3 itself (attention_tiles._round_e4m3)
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def fp8_as_f16(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    # an FP8 cache under a 16-bit q: the dots run in fp16 (e4m3 -> fp16 is exact and one packed conversion per
-    # two values; -> bf16 needs a second, slower one per value); a float32 q (CPU tests) keeps fp32 dots
-    return k_cache.dtype == FP8_DTYPE and q.dtype in (torch.bfloat16, torch.float16)
-
-
-def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    # float -> the cache dtype; FP8 stores x / scale, saturated to e4m3's range
-    if dtype != FP8_DTYPE:
-        return x.to(dtype)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
 
 
 def store_kv_ref(
@@ -246,7 +220,7 @@ def _prefill_kernel(
     else:
         row_scale = qk_scale
         if FP8_AS_F16 and not Q_F16:  # saturate a bf16 q beyond fp16's range
-            q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
+            q = tl.clamp(q.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
     q_pos = ctx + tok
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -419,7 +393,7 @@ def paged_attention_prefill(
         tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
     fp8_dot = bool(cfg.get("FP8_DOT")) and k_cache.dtype == FP8_DTYPE
     q_f16 = bool(cfg.get("Q_F16")) and fp8_as_f16(q, k_cache) and q.dtype != torch.float16 and not fp8_dot
-    q_in = q.to(torch.float16).clamp_(-_FP16_MAX.value, _FP16_MAX.value) if q_f16 else q  # inf -> fp16's max
+    q_in = q.to(torch.float16).clamp_(-FP16_MAX.value, FP16_MAX.value) if q_f16 else q  # inf -> fp16's max
     ragged: dict = {}
     if cfg.get("RAGGED") and ragged_kv_ok(q, k_cache, k, v):
         block_d = [cfg["BLOCK_N"], head_dim]  # one KV head's dims of BLOCK_N consecutive tokens

@@ -1,63 +1,14 @@
 """Tile-level pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py): cache
 row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
 from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
-sequence owns, and the FP8 tensor-core variant's pieces (q's and p's rounding to e4m3, V held for its dot).
-Shapes in the comments."""
+sequence owns (the FP8 pieces: kernels/attention_fp8.py). Shapes in the comments."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-# FP8 tensor-core attention (the FP8_DOT variant): q and the softmax probabilities rounded to e4m3 for e4m3 x e4m3
-# dots with fp32 accumulation, as FlashAttention-3's FP8 path. p is scaled by 2^P_LOG2_SCALE (exact) so that its
-# [0, 1] range sits on e4m3's normal numbers down to 2^-14 instead of the subnormals below 2^-6.
-P_LOG2_SCALE = tl.constexpr(8.0)
-E4M3_MAX = tl.constexpr(448.0)
-
-
-@triton.jit
-def _round_e4m3(x):
-    # fp32 -> the nearest e4m3 value (ties to even) as fp32, for |x| <= 448. The Triton interpreter's cast to e4m3
-    # rounds a value that should carry into the next power of two down to the current one (1.97 -> 1.0), so under
-    # the interpreter the kernels round here first (the cast of an e4m3 value is exact there); the GPU's cast
-    # (cvt.rn.satfinite) is round-to-nearest-even already. Normals: keep 3 of the 23 mantissa bits (the carry
-    # moves into the exponent); below 2^-6 (subnormal steps of 2^-9): add and subtract 1.5 * 2^14, whose ulp is 2^-9
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576: 0xFFF00000
-    sub = (x + 24576.0) - 24576.0
-    return tl.where(tl.abs(x) < 0.015625, sub, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _to_e4m3(x, INTERP: tl.constexpr):
-    # fp32 within +-448 -> e4m3 (INTERP: under the interpreter, see _round_e4m3)
-    if INTERP:
-        x = _round_e4m3(x)
-    return x.to(tl.float8e4nv)
-
-
-@triton.jit
-def _hold_fp8(x, INTERP: tl.constexpr):
-    # an e4m3 tile [BLOCK_N, BLOCK_D] as is, through an impure no-op Triton cannot move: V's copy into the K-major
-    # shared layout its FP8 dot needs (it is the B operand of P @ V along the tokens, stored along head_dim) goes
-    # through registers, and Triton places it at the value's definition, so right after a plain load its wait for
-    # global memory would stall every tile before the QK^T dot; placed here (before the PV dot) the load overlaps
-    # QK^T and the softmax. (The interpreter runs no PTX: there it is x.)
-    if INTERP:
-        return x
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float8e4nv, is_pure=False, pack=4)
-
-
-@triton.jit
-def _quantize_q(q, INTERP: tl.constexpr):
-    # q [ROWS, BLOCK_D] -> (e4m3 q / row scale, row scale [ROWS] fp32): each row (one token's head) scaled so its
-    # largest |value| maps to 448; an all-zero row (padding) gets scale 1
-    qf = q.to(tl.float32)
-    amax = tl.max(tl.abs(qf), 1)
-    inv = tl.where(amax > 0, E4M3_MAX / tl.maximum(amax, 1e-30), 1.0)
-    q8 = _to_e4m3(tl.clamp(qf * inv[:, None], -E4M3_MAX, E4M3_MAX), INTERP)
-    return q8, 1.0 / inv
+from kernels.attention_fp8 import P_LOG2_SCALE, _hold_fp8, _to_e4m3
 
 
 @triton.jit

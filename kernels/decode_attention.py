@@ -23,33 +23,48 @@ size (fraction of copy bandwidth, words vs bytes: B=1 ctx 32k 0.40 vs 0.45, B=1 
 vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64). What those byte loads were: Triton hoists the tile's layout
 change into the dot's operand above the widening, so V (whose dot operand runs along the tokens, across rows) is
 gathered from shared memory one FP8 byte per load. The config's fp8_widen widens in registers by PTX the compiler
-cannot hoist through (_widen_fp8): the layout change then moves fp16 through ldmatrix (an extra 16-bit staging tile
-in shared memory); default 0 until the tuner measures it. The config's fp8_dot instead keeps K and V as e4m3 for
-e4m3 x e4m3 tensor-core dots (q and p rounded to e4m3: kernels/attention.py's FP8_DOT), no widening at all.
+cannot hoist through (kernels/attention_fp8.py _widen_fp8): the layout change then moves fp16 through ldmatrix (an
+extra 16-bit staging tile in shared memory); default 0 until the tuner measures it. The config's fp8_dot instead
+keeps K and V as e4m3 for e4m3 x e4m3 tensor-core dots, no widening at all (kernels/attention_fp8.py); the H200
+table runs fp8_dot 2 for head_dim 128 at every batch (B=1 128k 0.64 -> 0.78 of copy bandwidth, B=64 4k 0.76 -> 0.89),
+so it is what --kv-cache-dtype fp8 decodes with there (another head_dim: the widening kernel, fp8_dot 0).
+
+Accuracy: with fp8_dot the FP8-KV decode rounds q (per-(token, head) absmax scale) and the probabilities to e4m3,
+as FlashAttention-3's FP8 path does: its output's error vs attention over the dequantized cache is ~3.5e-2 relative
+on random data at real shapes (measured on an H200), against 2.8e-3 for the widening path; tests bound it by 2^-4 on
+such data. q's rounding moves each score by up to 2^-4 of its terms, so the error grows with the scores' spread, as in
+a trained model's peaked heads: in a torch emulation (head_dim 128, 2000 keys, 5 seeds) 3.4-3.8e-2 at score std 1
+(nats), 6-8e-2 at 4, 9-13e-2 at 8-16. The config's fp8_q2 keeps q as two e4m3 terms (a second QK^T dot on the
+same K tile): q's part drops to ~2^-8 and p's rounding is left, 2.4-2.7e-2 at std 1 and under 1.5e-2 past it
+(sm90: 140 registers instead of 133, no spills; its cost on the GPU is not measured yet, so it is off by default).
+Probabilities below 2^-18 of a split's running max round to 0 in the PV dot (below 2^-14: e4m3 subnormals, fewer
+mantissa bits) while the normalizer still counts them: such tokens' weight is lost (a split's own max bounds the loss
+to its share of the tokens; many splits at long context keep that share small).
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
-from kernels.attention import (
-    _FP16_MAX,
-    _LOG2E,
-    attend,
-    check_cache,
-    fp8_as_f16,
-    gather_kv,
-    interpreted,
-    needs_off64,
-)
+from kernels.attention import _LOG2E, attend, check_cache, gather_kv, needs_off64
 from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
-from kernels.attention_tiles import P_LOG2_SCALE, _hold_fp8, _kv_rows, _quantize_q, _to_e4m3
+from kernels.attention_fp8 import (
+    FP16_MAX,
+    P_LOG2_SCALE,
+    Q_LO_INV,
+    _hold_fp8,
+    _native_fp8_cvt,
+    _q_low_part,
+    _scale_q,
+    _to_e4m3,
+    _widen_fp8,
+    fp8_as_f16,
+    interpreted,
+)
+from kernels.attention_tiles import _kv_rows
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
@@ -107,19 +122,6 @@ def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, strid
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@triton.jit
-def _widen_fp8(x):
-    # e4m3 -> fp16 (exact; sm89+), two values per instruction as in Triton's own cast, four per asm instance (one
-    # 32-bit register of bytes, no byte shuffles). The asm is marked impure so that Triton cannot hoist the
-    # tile's layout change into the dot's operand above it: the change then moves fp16 (ldmatrix) instead of
-    # gathering single FP8 bytes from shared memory (the V tile: LDS.U8 per value; compiled for sm90 at BLOCK_N 64 /
-    # 128: 1528 / 2048 SASS instructions -> 1024 / 1312, 147 / 198 registers -> 106 / 186, at the cost of a 16-bit
-    # staging tile in shared memory)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
-
-
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one variant for all
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
@@ -133,7 +135,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
-    INTERP: tl.constexpr = False,
+    INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -144,7 +146,9 @@ def _decode_kernel(
     # with 16 query rows, a quarter of the exp2 of 1; V reaches the PV dot (its A operand, in registers) through
     # _hold_fp8, so its copy is pipelined, but the transposed operand is gathered from shared memory a byte at a time
     # (sm90 SASS: LDS.U8); 3: as 2 without the hold: V loaded before the dots and staged straight into shared memory
-    # (no byte gathers, the A operand read from there), its load waited for every tile
+    # (no byte gathers, the A operand read from there), its load waited for every tile. FP8_Q2 (the config's fp8_q2):
+    # q as two e4m3 terms (attention_fp8._q_low_part), a second QK^T dot on the same K tile: q's rounding error drops
+    # from 2^-4 to ~2^-8 per value, which matters once scores spread (see the module docstring)
     V_DIRECT: tl.constexpr = INTERP or FP8_DOT == 3
     pdl_wait(PDL)
     pdl_release(PDL)
@@ -159,11 +163,15 @@ def _decode_kernel(
     dmask = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+    q_lo = q  # FP8_Q2 only
     if FP8_DOT:  # per-head q scale from its absmax, folded into the softmax scale: [GROUP_PAD]
-        q, q_scale = _quantize_q(q, INTERP)
+        qs, q_scale = _scale_q(q)
+        q = _to_e4m3(qs, INTERP)
+        if FP8_Q2:  # and what that rounding left, a second e4m3 term (scores: q8 . k + (q_lo . k) / 16)
+            q_lo = _q_low_part(qs, q, INTERP)
         row_scale = qk_scale * q_scale
     elif FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
-        q = tl.clamp(q.to(tl.float32), -_FP16_MAX, _FP16_MAX).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
     chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
@@ -191,7 +199,11 @@ def _decode_kernel(
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if FP8_DOT >= 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0
-            st = tl.where(nmask[:, None], tl.dot(k, tl.trans(q)) * row_scale[None, :], float("-inf"))
+            if FP8_Q2:
+                st = tl.dot(k, tl.trans(q), tl.dot(k, tl.trans(q_lo)) * Q_LO_INV)
+            else:
+                st = tl.dot(k, tl.trans(q))
+            st = tl.where(nmask[:, None], st * row_scale[None, :], float("-inf"))
             m_new = tl.maximum(m_i, tl.max(st, 0))
             alpha = tl.exp2(m_i - m_new)
             pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
@@ -200,7 +212,11 @@ def _decode_kernel(
             m_i = m_new
         else:
             if FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
-                s = tl.dot(q, tl.trans(k)) * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
+                if FP8_Q2:
+                    s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = s * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
             else:
                 if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
                     k = _widen_fp8(k)
@@ -256,14 +272,6 @@ def _reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, s
     pdl_release(PDL)
     _merge_head(part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2) * BLOCK_D,
                 num_splits, stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD)
-
-
-@functools.lru_cache(maxsize=8)
-def _native_fp8_cvt(device: torch.device) -> bool:
-    # cvt.*.e4m3x2 is sm89+ PTX, and the interpreter runs no PTX
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -362,7 +370,8 @@ def paged_attention_decode(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
-        FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), num_warps=cfg["num_warps"],
+        FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), FP8_Q2=bool(fp8_dot and cfg["fp8_q2"]),
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:

@@ -72,7 +72,7 @@ def _w_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K: tl.constexpr):
 def _e4m3_to_f16(w):
     # e4m3 -> fp16, exact (sm89+ PTX): one packed conversion per two values, four values (one register of bytes) per
     # asm instance. Impure, so that Triton cannot hoist a dot operand's layout change above it: the change then moves
-    # fp16, not single FP8 bytes (kernels/decode_attention.py _widen_fp8)
+    # fp16, not single FP8 bytes (kernels/attention_fp8.py _widen_fp8)
     return tl.inline_asm_elementwise(
         "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
         "=r,=r,r", [w], dtype=tl.float16, is_pure=False, pack=4)

@@ -130,9 +130,10 @@ def test_k_and_v_caches_must_share_strides():
 
 
 def test_config_table_lookup(tmp_path, monkeypatch):
-    default = acfg.decode_config(128, torch.bfloat16)
+    cpu = torch.device("cpu")  # the CPU's table (none checked in), on a GPU host too
+    default = acfg.decode_config(128, torch.bfloat16, cpu)
     assert default == acfg.default_decode_config(128)
-    assert acfg.prefill_config(128, FP8) == acfg.default_prefill_config(128)
+    assert acfg.prefill_config(128, FP8, cpu) == acfg.default_prefill_config(128)
     tuned = {"decode": {"d128_fp8": {"BLOCK_N": 128, "num_stages": 3}},
              "prefill": {"d128_bf16": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2,
                                        "PIPE_QK": 1}}}  # an older table's key: ignored
@@ -140,10 +141,10 @@ def test_config_table_lookup(tmp_path, monkeypatch):
     monkeypatch.setattr(acfg, "CONFIG_DIR", tmp_path)
     acfg.clear_cache()
     try:
-        assert acfg.decode_config(128, FP8) == dict(default, BLOCK_N=128, num_stages=3)  # missing keys: default
-        assert acfg.decode_config(128, torch.bfloat16) == default
-        assert acfg.prefill_config(128, torch.bfloat16)["BLOCK_N"] == 128
-        assert acfg.prefill_config(64, torch.bfloat16) == acfg.default_prefill_config(64)  # another head_dim
+        assert acfg.decode_config(128, FP8, cpu) == dict(default, BLOCK_N=128, num_stages=3)  # missing keys: default
+        assert acfg.decode_config(128, torch.bfloat16, cpu) == default
+        assert acfg.prefill_config(128, torch.bfloat16, cpu)["BLOCK_N"] == 128
+        assert acfg.prefill_config(64, torch.bfloat16, cpu) == acfg.default_prefill_config(64)  # another head_dim
     finally:
         acfg.clear_cache()
     with pytest.raises(ValueError, match="power of two"):
@@ -245,6 +246,17 @@ def test_tuner_table_merge_keeps_unswept_keys():
     assert ta.merge_table({}, {"prefill": {"d128_bf16": pre}}) == {"prefill": {"d128_bf16": ta.prefill_cfg(
         (128, 64, 8, 3))}}
     assert "geomean_frac" in pre  # the picks themselves are left as they are (tune_attention.json prints them)
+
+
+def test_tuner_refuses_an_unknown_kv_dtype(monkeypatch, tmp_path, capsys):
+    # a typo in --kv-dtypes is a one-line usage error before any GPU work (it used to time no case and write the
+    # checked-in table back as this run's)
+    import tune_attention as ta
+
+    monkeypatch.setattr(sys, "argv", ["tune_attention.py", "--out", str(tmp_path), "--kv-dtypes", "fp8,bf61"])
+    with pytest.raises(SystemExit):
+        ta.main()
+    assert "--kv-dtypes: unknown ['bf61']" in capsys.readouterr().err
 
 
 def test_tuner_table_merge_of_one_batch_class():

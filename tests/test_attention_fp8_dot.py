@@ -1,16 +1,18 @@
-"""The FP8 tensor-core attention variant (prefill FP8_DOT / decode fp8_dot, kernels/attention.py): e4m3 x e4m3 dots,
+"""The FP8 tensor-core attention variant (prefill FP8_DOT / decode fp8_dot, kernels/attention_fp8.py): e4m3 x e4m3 dots,
 q rounded to e4m3 with a per-(token, head) scale, the probabilities (x 256) rounded to e4m3.
 
 Tolerance, derived: e4m3 keeps 3 mantissa bits, so rounding a value is off by at most 2^-4 of it (~0.026 rms over a
-binade). Rounded q moves each score by ~that fraction of its size; rounded p weighs each V row off by ~that fraction;
-the output, a sum of V rows, is then off by about the rms (random V: the errors add like the values). The bound is
-the per-value worst case, 2^-4 of the output's norm, against the fp32 reference on the dequantized cache and against
-the widening kernel; a single-tile case (the running max is the row max) is checked much tighter against a torch
-emulation of the same roundings. CPU: Triton interpreter, small odd sizes, fp32 / fp16 q (its e4m3 cast is emulated:
-attention_tiles._round_e4m3, checked bit for bit against torch here)."""
+binade). Rounded q moves each score by ~that fraction of its size; rounded p weighs each V row off by ~that
+fraction; the output, a sum of V rows, is then off by about the rms (random V: the errors add like the values). The
+bound is the per-value worst case, 2^-4 of the output's norm, against the fp32 reference on the dequantized cache
+and against the widening kernel, on scores of about unit spread (wider ones: q's share grows with them, see
+test_decode_fp8_q2_keeps_spread_scores_accurate); a single-tile case (the running max is the row max) is checked
+much tighter against a torch emulation of the same roundings. CPU: Triton interpreter, small odd sizes, fp32 / fp16
+q (its e4m3 cast is emulated: attention_fp8._round_e4m3, checked bit for bit against torch here)."""
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
 
@@ -26,7 +28,7 @@ if not torch.cuda.is_available():
 
 import kernels.attention_config as acfg  # noqa: E402
 from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
-from kernels.attention_tiles import _round_e4m3, _to_e4m3  # noqa: E402
+from kernels.attention_fp8 import _round_e4m3, _to_e4m3  # noqa: E402
 from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 
@@ -119,13 +121,42 @@ def test_prefill_fp8_dot(cfg, dtype, heads):
     assert per_token.max() < 2 * TOL, per_token.max()  # no token far off (a lone token's sum averages less)
 
 
-def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale):
+def test_fp8_dot_saturates_a_16bit_q_as_the_widening_kernels():
+    # a bf16 q with an inf, or values past fp16's range, in some heads: saturated to +-65504 before the row's absmax
+    # scale, as the widening kernels saturate it for their fp16 dots, the output stays finite (unsaturated: the row's
+    # scale is inf, or its scores overflow, and its output NaN or, through the split merge, zeros)
+    seq_lens = [45, 20]
+    k, v, tables = _fp8_cache(seq_lens, 16, 2, 32, (0.5, 2.0))
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    q[0, 1, 3] = float("inf")
+    q[1, 2] = 1e38  # every score past fp32's range unsaturated; saturated, one key wins in both kernels
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    args = (q, k, v, lens, tables, 32**-0.5, 0.5, 2.0)
+    plain = torch.ones(2, 4, dtype=torch.bool)
+    plain[0, 1] = plain[1, 2] = False
+    for splits, fp8_dot in ((1, 1), (3, 2)):
+        out = paged_attention_decode(*args, num_splits=splits, config={**DECODE_CFG, "fp8_dot": fp8_dot})
+        widen = paged_attention_decode(*args, num_splits=splits, config=DECODE_CFG)
+        assert torch.isfinite(out.float()).all() and out[0, 1].abs().max() > 0, (splits, fp8_dot)
+        assert _rel_err(out[plain], widen[plain]) < TOL and _rel_err(out[1, 2], widen[1, 2]) < 1e-2
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    pre = (q, k, v, cu, lens, tables, 32**-0.5, 1, 0.5, 2.0)
+    out = paged_attention_prefill(*pre, config={**PREFILL_CFGS[1], "FP8_DOT": 1})
+    widen = paged_attention_prefill(*pre, config=PREFILL_CFGS[1])
+    assert torch.isfinite(out.float()).all() and _rel_err(out[plain], widen[plain]) < TOL
+
+
+def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale, q2=False):
     # the kernels' arithmetic for one sequence whose keys fit one tile (the running max is the row max), in torch:
-    # q [H, D] (one decode token), k8 / v8 [seq_len, KVH, D] e4m3 as stored
+    # q [H, D] (one decode token), k8 / v8 [seq_len, KVH, D] e4m3 as stored; q2: decode's fp8_q2 (q as e4m3 plus
+    # what that rounding left, x 16, in e4m3 too)
     q = q.float()
     amax = q.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 448.0 / amax, torch.ones_like(amax))
-    q8 = (q * inv).clamp(-448, 448).to(FP8).float()
+    qs = (q * inv).clamp(-448, 448)
+    q8 = qs.to(FP8).float()
+    if q2:
+        q8 = q8 + ((qs - q8) * 16).to(FP8).float() / 16
     group = q.shape[0] // k8.shape[1]
     k = k8.float().repeat_interleave(group, 1)  # [seq_len, H, D]
     v = v8.float().repeat_interleave(group, 1)
@@ -134,25 +165,40 @@ def _emulate_one_tile(q, k8, v8, seq_len, scale, k_scale, v_scale):
     return torch.einsum("hn,nhd->hd", p.to(FP8).float(), v) * v_scale / p.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("fp8_dot", [1, 2])
-def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot):
+@pytest.mark.parametrize("fp8_dot,fp8_q2", [(1, 0), (2, 0), (1, 1), (2, 1)])
+def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot, fp8_q2):
     # seq lens within one BLOCK_N tile and one split: the kernel's output equals the torch emulation of the same
     # roundings up to fp32 summation order (a rounding flip of one p would show as ~1e-2)
     heads, kv_heads, head_dim = 6, 2, 48
     args = _decode_case(heads, kv_heads, head_dim, [13, 16, 1], torch.float32, seed=4)
     q, k8, v8, lens, tables, scale, k_scale, v_scale = args
-    out = paged_attention_decode(*args, num_splits=1, config={**DECODE_CFG, "fp8_dot": fp8_dot})
+    out = paged_attention_decode(*args, num_splits=1, config={**DECODE_CFG, "fp8_dot": fp8_dot, "fp8_q2": fp8_q2})
     for b, n in enumerate(lens.tolist()):
         rows = k8[tables[b, :1].long()].flatten(0, 1)[:n], v8[tables[b, :1].long()].flatten(0, 1)[:n]
-        want = _emulate_one_tile(q[b], *rows, n, scale, k_scale, v_scale)
+        want = _emulate_one_tile(q[b], *rows, n, scale, k_scale, v_scale, bool(fp8_q2))
         assert _rel_err(out[b], want) < 1e-5, b
 
 
+def test_decode_fp8_q2_keeps_spread_scores_accurate():
+    # scores that spread over several units (q x 4: score std ~4, as in a trained model's peaked heads): q's rounding
+    # to e4m3 moves them by ~2^-4 of their size and the output by ~5% (past 2^-4 at other spreads: the module
+    # docstring of kernels/decode_attention.py); fp8_q2 (q as two e4m3 terms) leaves p's rounding, well under 1e-2.
+    # GLM-4.5-Air's GQA group of 12 (query rows padded to 16 / 64)
+    args = list(_decode_case(24, 2, 64, [300, 77], torch.float16, seed=3))
+    args[0] = args[0] * 4
+    ref = paged_attention_decode_ref(*args)
+    for fp8_dot in (1, 2):
+        one = paged_attention_decode(*args, num_splits=3, config={**DECODE_CFG, "fp8_dot": fp8_dot})
+        two = paged_attention_decode(*args, num_splits=3, config={**DECODE_CFG, "fp8_dot": fp8_dot, "fp8_q2": 1})
+        assert _rel_err(one, ref) > 3e-2 and _rel_err(two, ref) < 1e-2, (fp8_dot, _rel_err(one, ref))
+
+
 def test_fp8_dot_config_keys():
-    # default off (today's kernels, and the checked-in tables, which predate the key); 0 / 1 only
+    # default off (the kernels without a table: on the CPU, or another GPU); 0 / 1 only
+    cpu = torch.device("cpu")  # (no device: the current GPU's table where there is one)
     for dtype in (FP8, torch.bfloat16):
-        assert acfg.decode_config(128, dtype)["fp8_dot"] == 0
-        assert not acfg.prefill_config(128, dtype).get("FP8_DOT")
+        assert acfg.decode_config(128, dtype, cpu)["fp8_dot"] == 0
+        assert not acfg.prefill_config(128, dtype, cpu).get("FP8_DOT")
     default = acfg.default_decode_config(128)
     with pytest.raises(ValueError, match="fp8_dot=4"):
         acfg.check_config(dict(default, fp8_dot=4), acfg.DECODE_KEYS, 128)
@@ -167,6 +213,58 @@ def test_fp8_dot_config_keys():
     assert on["fp8_dot"] == 1 and on["small_batch_config"]["fp8_dot"] == 1 and small["fp8_dot"] == 0
     assert acfg.decode_config_for(on, 1)["fp8_dot"] == 1 and acfg.decode_config_for(on, 1)["BLOCK_N"] == 32
     assert acfg.with_fp8_dot(acfg.default_prefill_config(128), "prefill")["FP8_DOT"] == 1
+    with pytest.raises(ValueError, match="fp8_q2=2"):
+        acfg.check_config(dict(default, fp8_q2=2), acfg.DECODE_KEYS, 128)
+    q2 = acfg.with_fp8_dot(small, "decode", 2, 1)
+    assert q2["fp8_q2"] == 1 and q2["small_batch_config"]["fp8_q2"] == 1 and on["fp8_q2"] == 0
+    off = acfg.with_fp8_dot(on, "decode", 0)
+    assert off["fp8_dot"] == 0 and off["small_batch_config"]["fp8_dot"] == 0
+    assert acfg.with_fp8_dot({**acfg.default_prefill_config(128), "FP8_DOT": 1}, "prefill", 0)["FP8_DOT"] == 0
+
+
+def test_h200_table_runs_fp8_dot_for_d128_fp8_only(monkeypatch):
+    # the checked-in H200 table (read as this GPU's): decode on an FP8 cache of head_dim 128 runs fp8_dot 2 at every
+    # batch (its small-batch config too); a bf16 cache, and an FP8 cache of another head_dim (no key of its own: the
+    # default), do not; prefill stays the widening kernel
+    monkeypatch.setattr(acfg, "device_name", lambda device=None: "NVIDIA_H200")
+    acfg.clear_cache()
+    try:
+        entry = acfg.decode_config(128, FP8)
+        assert [acfg.decode_config_for(entry, b)["fp8_dot"] for b in (1, 4, 5, 256)] == [2, 2, 2, 2]
+        assert entry["small_batch"] > 0 and entry["small_batch_config"]["fp8_dot"] == 2
+        assert acfg.decode_config(128, torch.bfloat16)["fp8_dot"] == 0
+        for head_dim in (64, 96, 256):
+            assert acfg.decode_config(head_dim, FP8) == acfg.default_decode_config(head_dim)
+        assert not acfg.prefill_config(128, FP8).get("FP8_DOT")
+    finally:
+        acfg.clear_cache()
+
+
+def test_bench_fp8_rows_keep_the_widening_kernels_measurable(monkeypatch, tmp_path):
+    # with a table that turns decode's fp8_dot on (H200's), bench_attention's kv "fp8" runs the table as it is and
+    # "fp8widen" the widening kernels (fp8_dot 0 at every batch), so the two stay side by side
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_attention as ba
+
+    table = {"decode": {"d128_fp8": acfg.with_fp8_dot(acfg.default_decode_config(128), "decode", 2)},
+             "prefill": {"d128_fp8": {**acfg.default_prefill_config(128), "FP8_DOT": 1}}}
+    (tmp_path / acfg.config_file_name("cpu")).write_text(json.dumps(table))
+    monkeypatch.setattr(acfg, "CONFIG_DIR", tmp_path)
+    acfg.clear_cache()
+    try:
+        assert ba.kernel_config("decode", "fp8") is None  # the kernels' own lookup: fp8_dot 2 here
+        widen = ba.kernel_config("decode", "fp8widen")
+        assert widen["fp8_dot"] == 0 and widen == {**table["decode"]["d128_fp8"], "fp8_dot": 0}
+        assert ba.kernel_config("prefill", "fp8widen")["FP8_DOT"] == 0
+        assert ba.kernel_config("decode", "fp8dot3")["fp8_dot"] == 3
+        assert ba.kernel_config("prefill", "fp8dot")["FP8_DOT"] == 1
+        assert ba.kernel_config("decode", "fp8dot2q2")["fp8_q2"] == 1
+        assert ba.kernel_config("decode", "fp8dot2")["fp8_q2"] == 0
+    finally:
+        acfg.clear_cache()
 
 
 _SM90_PROBE = """
@@ -175,6 +273,8 @@ sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
 dec = {f"decode {n} {w} {f}": inspect("decode", "fp8", block_n=n, warps=w, stages=3, fp8_dot=f)
        for n, w, f in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 8, 2), (128, 4, 3))}
+dec |= {f"decode {n} {w} q2 {f}": inspect("decode", "fp8", block_n=n, warps=w, stages=3, fp8_dot=f, fp8_q2=True)
+        for n, w, f in ((128, 4, 2), (64, 4, 1))}
 pre = {"prefill": inspect("prefill", "fp8", block_m=128, block_n=128, warps=8, stages=3,
                           variants=("MASK_FREE", "FP8_DOT"))}
 print(json.dumps(dec | pre))
@@ -185,7 +285,7 @@ def test_fp8_dot_compiles_to_fp8_wgmma_for_sm90():
     # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; decode's fp8_dot 1 pads the query
     # rows to 64, 2 / 3 make the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
     # after widening), no spills, no e4m3 -> fp16 widening, K copied ahead asynchronously. V: copied ahead too (a
-    # ring of its own; without attention_tiles._hold_fp8 V was a plain load waited for before the dots, its
+    # ring of its own; without attention_fp8._hold_fp8 V was a plain load waited for before the dots, its
     # register-staged copy into the K-major layout wgmma needs sitting at the load), never gathered byte by byte
     # as a B operand (fp8_dot 1, prefill); as fp8_dot 2's A operand it is (LDS.U8), 3 trades that for the blocking load
     for name, r in run_sm90_probe(_SM90_PROBE).items():
@@ -264,15 +364,15 @@ def test_fp8_dot_gpu():
     args = (q, k, v, lens, tables, 128**-0.5, *scales)
     ref = paged_attention_decode_ref(*args)
     table = acfg.decode_config(128, FP8, q.device)
-    for block_n, warps, fp8_dot in ((64, 4, 1), (128, 8, 1), (64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3),
-                                    (128, 4, 3)):
+    for block_n, warps, fp8_dot, q2 in ((64, 4, 1, 0), (128, 8, 1, 0), (64, 4, 2, 0), (128, 4, 2, 0), (128, 8, 2, 0),
+                                        (64, 4, 3, 0), (128, 4, 3, 0), (128, 4, 2, 1), (64, 4, 1, 1)):
         cfg = acfg.with_fp8_dot(dict(table, BLOCK_N=block_n, num_warps=warps, num_stages=3, small_batch=0), "decode",
-                                fp8_dot)
+                                fp8_dot, q2)
         for splits in (None, 1):
             out = paged_attention_decode(*args, num_splits=splits, config=cfg)
             widen = paged_attention_decode(*args, num_splits=splits, config=dict(cfg, fp8_dot=0))
             assert out[3].abs().max() == 0
-            assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (block_n, warps, fp8_dot, splits)
+            assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, (block_n, warps, fp8_dot, q2, splits)
             assert _rel_err(out, widen) > 1e-3
     q_ext = torch.randn(600, 32, 128, device="cuda", dtype=torch.bfloat16)
     ext = (q_ext, k, v, torch.tensor([0, 600], dtype=torch.int32, device="cuda"), lens[:1], tables[:1], 128**-0.5,
