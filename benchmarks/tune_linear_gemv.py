@@ -21,7 +21,8 @@ is checked against F.linear before it is timed.
 
 The table (DIR/configs/linear_gemv_{gpu}.json, fp8: linear_gemv_fp8_{gpu}.json; copy it to kernels/configs/) gets a
 bucket ONLY where the best GEMV, timed again against the baseline (interleaved, median of 3 each), beat it by
---min-speedup (3%): elsewhere the model keeps the baseline. DIR/tune_linear_gemv.json holds one report row per case
+--min-speedup (3%): elsewhere the model keeps the baseline. It starts from the checked-in table for this GPU: the
+buckets this run timed are replaced (or removed where the baseline won), all others kept. DIR/tune_linear_gemv.json holds one report row per case
 {weights, shape, n, k, m, base, base_us, gemv_us, cfg, floor_us, fraction, ...} (floor: weight (+ scale) + activation
 bytes over the copy bandwidth measured in this process) and every candidate's time. Every distinct binary is compiled
 first in --jobs processes; after --budget-s (counted from the start) the remaining candidates are skipped and listed.
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import tuning  # noqa: E402
 from benchmarks.bench_e2e import GLM_4_5_AIR, QWEN3_30B_A3B  # noqa: E402
 from benchmarks.tuning import Budget  # noqa: E402
+from kernels import linear_gemv_config  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
 from kernels.fp8_linear import w8a8_block_linear  # noqa: E402
 from kernels.linear_gemv import gemv_linear, gemv_linear_fp8, gemv_linear_fp8_ref  # noqa: E402
@@ -332,17 +334,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_table(out: Path, gpu: str, cases: list[dict], fp8: bool) -> Path:
-    """The winners of one weight kind as its table file under out/configs."""
-    table: dict[str, dict[str, dict]] = {}
+    """One weight kind's table file under out/configs: the checked-in table for this GPU (kernels/configs/) with
+    every bucket this run measured replaced by its result: the winner's config, or removed where the baseline won.
+    Shapes and buckets the run did not time keep their entries (a run over one shape must not drop the others:
+    session 8 lost o_proj's entries that way when tables were merged by hand)."""
+    base = linear_gemv_config.CONFIG_DIR / config_file_name(gpu, fp8)
+    table: dict[str, dict[str, dict]] = json.loads(base.read_text()) if base.exists() else {}
     biased = {}  # the table is keyed by (N, K): a shape tuned with and without a bias must agree to be entered
     for c in cases:
         biased.setdefault(shape_key(c["n"], c["k"]), set()).add(c["bias"])
     for c in cases:
-        key = shape_key(c["n"], c["k"])
+        key, bucket = shape_key(c["n"], c["k"]), str(c["m"])
         if c["entry"] and len(biased[key]) > 1:
             print(f"{key}: tuned with and without a bias; not entered (the table has one config per N x K)")
+            table.get(key, {}).pop(bucket, None)
         elif c["entry"]:
-            table.setdefault(key, {})[str(c["m"])] = c["cfg"]
+            table.setdefault(key, {})[bucket] = c["cfg"]
+        else:
+            table.get(key, {}).pop(bucket, None)
+    table = {key: buckets for key, buckets in table.items() if buckets}
     path = out / "configs" / config_file_name(gpu, fp8)
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
     return path

@@ -369,3 +369,23 @@ def test_fp8_tiny_model_decodes_through_the_gemv(tables, tmp_path: Path, monkeyp
     cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
     assert cos.min() > 0.999, cos  # fp16 in the interpreter: 1.0000, max |diff| 0.15% of the largest logit
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[1].abs().max()
+
+
+def test_tuner_table_keeps_what_the_run_did_not_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run over one shape starts from the checked-in table: its own buckets replaced (a loss removes one), the other
+    # shapes and buckets kept (session 8 lost o_proj's entries when tables were merged by hand)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_linear_gemv as tune
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (tmp_path / "out" / "configs").mkdir(parents=True)
+    monkeypatch.setattr(linear_gemv_config, "CONFIG_DIR", base)
+    old = _cfg(bn=32, bk=256, split=4)
+    name = linear_gemv_config.config_file_name("gpu_x", True)
+    (base / name).write_text(json.dumps({"n5120_k2048": {"1": old, "2": old}, "n2048_k4096": {"1": old, "4": old}}))
+    new = _cfg(bn=4, bk=2048, split=1)
+    cases = [dict(n=2048, k=4096, m=1, bias=False, entry=True, cfg=new),
+             dict(n=2048, k=4096, m=4, bias=False, entry=False, cfg=None)]
+    path = tune.write_table(tmp_path / "out", "gpu_x", cases, True)
+    assert json.loads(path.read_text()) == {"n5120_k2048": {"1": old, "2": old}, "n2048_k4096": {"1": new}}
