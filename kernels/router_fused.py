@@ -230,7 +230,7 @@ def _route_fused_kernel(
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr = False, PACKED: tl.constexpr = False,
     KEY16: tl.constexpr = False, GROUP: tl.constexpr = 32, NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1,
-    NORM_W: tl.constexpr = 0, LOG_W: tl.constexpr = 0, SPT: tl.constexpr = 0, REPS: tl.constexpr = 0,
+    NORM_W: tl.constexpr = 0, LOG_W: tl.constexpr = 0, REPS: tl.constexpr = 0,
 ):
     # NORM (route_fused_norm): x_ptr holds the attention output h and res_ptr the residual; the logits are of
     # x = rms_norm(h + res) * nw (kernels/router_norm.py), written with r = h + res to x_out / r_out
@@ -254,8 +254,10 @@ def _route_fused_kernel(
         pdl_release(PDL)
     inv = tl.zeros([GEMM_T], tl.float32)
     if NORM:  # [GEMM_T] the rows' rsqrt(mean(r^2) + eps): every program sums its whole rows (router_norm.py)
-        inv = _inv_rms(x_ptr, res_ptr, pid_t * BLOCK_T, num_tokens, stride_x, stride_r, N, eps, GEMM_T, NORM_BLOCK,
-                       NORM_W, LOG_W, SPT, REPS)
+        # over TAIL_T rows (all of them where that is less than a token block: one block), repeated to GEMM_T
+        inv = _inv_rms(x_ptr, res_ptr, pid_t * BLOCK_T, num_tokens, stride_x, stride_r, N, eps, TAIL_T, NORM_BLOCK,
+                       NORM_W, LOG_W, REPS)
+        inv = tl.reshape(tl.broadcast_to(inv[None, :], [GEMM_T // TAIL_T, TAIL_T]), [GEMM_T])
     if PDL:
         xt = _in_tile(x_ptr, res_ptr, nw_ptr, x_out_ptr, r_out_ptr, inv, t, tmask, h, pid_e, stride_x, stride_r,
                       HIDDEN, NORM)

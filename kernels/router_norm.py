@@ -12,11 +12,12 @@ depend on its order, which Triton derives from the layout (elements per thread, 
 min(16, max(1, BLOCK / 512)) warps, the router at its tail config's (one warp at batch 1), so the router cannot
 just call tl.sum: it replays the norm kernel's order explicitly (_sum_squares_tree), with additions of two
 values only (whose bits do not depend on order) and explicit FMAs. The order, read off the norm kernel's sm90 PTX
-(Triton 3.6, hidden a multiple of 16, 16-bit activations: 16-byte vectors of SPT = 8 elements; tests/pdl_sm90.py
-norm_layout checks the layout on every change): thread t of 32 * W holds elements (j % SPT) + SPT * t +
-(j // SPT) * SPT * 32 * W for j < REPS * SPT and folds them in j order, the first two as fma(e0, e0, round(e1 *
-e1)), the rest fma(ej, ej, acc); then lanes are combined by a butterfly over lane bits 4..0 (shfl.bfly 16..1),
-then warps by one over warp bits high..0. The interpreter instead sums with np.sum as the norm kernel does there
+(Triton 3.6, hidden a multiple of 16, 16-bit activations: 16-byte vectors of SPT = 8 elements;
+tests/test_router_norm.py test_norm_kernel_order_on_sm90 checks the layout, the FMA count and the shuffles on every
+run, no GPU needed): thread t of 32 * W holds elements (j % SPT) + SPT * t + (j // SPT) * SPT * 32 * W for
+j < REPS * SPT and folds them in j order, the first two as fma(e0, e0, round(e1 * e1)), the rest fma(ej, ej, acc);
+then lanes are combined by a butterfly over lane bits 4..0 (shfl.bfly 16..1), then warps by one over warp bits
+high..0 (W/2..1). The interpreter instead sums with np.sum as the norm kernel does there
 (_sum_squares_rows: the same [BLOCK] row, the same call). Other shapes (hidden not a multiple of 16, fp32
 activations on a GPU) keep the separate norm (norm_layout returns None).
 """
@@ -70,8 +71,10 @@ class FusedNorm:
 
     def constexprs(self, hidden: int) -> dict:
         warps, spt, reps = self.layout
+        if warps and spt != TREE_SPT:
+            raise ValueError(f"the router replays the norm's sum with {TREE_SPT}-element vectors, got {self.layout}")
         return dict(NORM=True, NORM_BLOCK=triton.next_power_of_2(hidden), NORM_W=warps,
-                    LOG_W=max(warps, 1).bit_length() - 1, SPT=spt, REPS=reps)
+                    LOG_W=max(warps, 1).bit_length() - 1, REPS=reps)
 
 
 @triton.jit
@@ -99,29 +102,41 @@ def _sum_squares_rows(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, R
 
 
 @triton.jit
+def _split8(v, ROWS: tl.constexpr, THREADS: tl.constexpr):
+    # [ROWS, THREADS, 8] -> its 8 [ROWS, THREADS] slices in element order (tl.split halves the last axis of 2:
+    # register moves where the 8 are one thread's vector)
+    ev, od = tl.split(tl.reshape(v, [ROWS, THREADS, 4, 2]))  # elements 0 2 4 6 | 1 3 5 7
+    e04, e26 = tl.split(tl.reshape(ev, [ROWS, THREADS, 2, 2]))
+    e15, e37 = tl.split(tl.reshape(od, [ROWS, THREADS, 2, 2]))
+    e0, e4 = tl.split(e04)
+    e2, e6 = tl.split(e26)
+    e1, e5 = tl.split(e15)
+    e3, e7 = tl.split(e37)
+    return e0, e1, e2, e3, e4, e5, e6, e7
+
+
+@triton.jit
 def _sum_squares_tree(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, ROWS: tl.constexpr,
-                      NORM_W: tl.constexpr, LOG_W: tl.constexpr, SPT: tl.constexpr, REPS: tl.constexpr):
-    # [ROWS] fp32: the same sums in the order of the norm kernel's sm90 reduction at NORM_W warps (module docstring);
-    # each [ROWS, 32 * NORM_W] tile holds one register j of every thread
+                      NORM_W: tl.constexpr, LOG_W: tl.constexpr, REPS: tl.constexpr):
+    # [ROWS] fp32: the same sums in the order of the norm kernel's sm90 reduction at NORM_W warps, SPT = 8 (module
+    # docstring): thread t's repeat rep is the 16-byte vector at columns rep * 8 * THREADS + 8 * t
     THREADS: tl.constexpr = 32 * NORM_W
     t = row0 + tl.arange(0, ROWS)
-    lane = tl.arange(0, THREADS)
     rmask = t < num_tokens
-    hp = h_ptr + t.to(tl.int64)[:, None] * stride_h
-    rp = res_ptr + t.to(tl.int64)[:, None] * stride_r
-    first = tl.zeros([ROWS, THREADS], tl.float32)
+    hp = h_ptr + t.to(tl.int64)[:, None, None] * stride_h
+    rp = res_ptr + t.to(tl.int64)[:, None, None] * stride_r
+    vec = (8 * tl.arange(0, THREADS))[:, None] + tl.arange(0, 8)[None, :]  # [THREADS, 8]
     acc = tl.zeros([ROWS, THREADS], tl.float32)
-    for j in tl.static_range(REPS * SPT):
-        col = (j % SPT) + SPT * lane + (j // SPT) * (SPT * THREADS)
-        mask = rmask[:, None] & (col < N)[None, :]
-        e = _round_sum(tl.load(hp + col[None, :], mask=mask, other=0.0),
-                       tl.load(rp + col[None, :], mask=mask, other=0.0)).to(tl.float32)
-        if j == 0:
-            first = e
-        elif j == 1:
-            acc = tl.fma(first, first, e * e)
+    for rep in tl.static_range(REPS):
+        col = (rep * 8 * THREADS + vec)[None, :, :]
+        mask = rmask[:, None, None] & (col < N)
+        v = _round_sum(tl.load(hp + col, mask=mask, other=0.0), tl.load(rp + col, mask=mask, other=0.0))
+        e0, e1, e2, e3, e4, e5, e6, e7 = _split8(v.to(tl.float32), ROWS, THREADS)
+        if rep == 0:  # the fold's first add, as the norm kernel's PTX has it: fma(e0, e0, e1 * e1)
+            acc = tl.fma(e0, e0, e1 * e1)
         else:
-            acc = tl.fma(e, e, acc)
+            acc = tl.fma(e1, e1, tl.fma(e0, e0, acc))
+        acc = tl.fma(e7, e7, tl.fma(e6, e6, tl.fma(e5, e5, tl.fma(e4, e4, tl.fma(e3, e3, tl.fma(e2, e2, acc))))))
     # lanes: shfl.bfly 16, 8, 4, 2, 1, i.e. pairs differing in lane bit 4 first; each step adds two values
     s = tl.reshape(acc, [ROWS, NORM_W, 32])
     for b in tl.static_range(5):
@@ -135,13 +150,12 @@ def _sum_squares_tree(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, R
 
 @triton.jit
 def _inv_rms(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-             NORM_W: tl.constexpr, LOG_W: tl.constexpr, SPT: tl.constexpr, REPS: tl.constexpr):
+             NORM_W: tl.constexpr, LOG_W: tl.constexpr, REPS: tl.constexpr):
     # [ROWS] fp32 rsqrt(mean(r^2) + eps) of rows row0.., as _rms_norm_kernel computes it (N a runtime int there too)
     if NORM_W == 0:
         s = _sum_squares_rows(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, ROWS, BLOCK)
     else:
-        s = _sum_squares_tree(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, ROWS, NORM_W, LOG_W, SPT,
-                              REPS)
+        s = _sum_squares_tree(h_ptr, res_ptr, row0, num_tokens, stride_h, stride_r, N, ROWS, NORM_W, LOG_W, REPS)
     return tl.rsqrt(s / N + eps)
 
 

@@ -61,8 +61,8 @@ def _router(tokens: int, splits: int, gemv: bool, norm: bool = False) -> tuple:
     tail = router_fused.tail_config(tokens)
     consts.update(PACKED=tail["packed"], KEY16=True, GROUP=E if tail["num_warps"] == 1 else 32)
     if norm:  # the post-attention norm inside (kernels/router_norm.py): h, residual and norm weight after the wait
-        warps, spt, reps = router_norm.norm_layout(H, torch.bfloat16, torch.device("cuda"))
-        consts.update(NORM=True, NORM_BLOCK=H, NORM_W=warps, LOG_W=warps.bit_length() - 1, SPT=spt, REPS=reps)
+        warps, _, reps = router_norm.norm_layout(H, torch.bfloat16, torch.device("cuda"))
+        consts.update(NORM=True, NORM_BLOCK=H, NORM_W=warps, LOG_W=warps.bit_length() - 1, REPS=reps)
     return router_fused._route_fused_kernel, args, consts, tail["num_warps"], 1, ["w_ptr"]
 
 
@@ -150,6 +150,7 @@ def cases() -> dict[str, tuple]:
         "router_m1": _router(1, 16, True),
         "router_m64": _router(64, 4, False),
         "router_norm_m1": _router(1, 16, True, norm=True),
+        "router_norm_m8": _router(8, 8, False, norm=True),
         "router_norm_m16": _router(16, 4, False, norm=True),
         "linear_gemv_fma": _linear(1, 32, 256, 4, 1, 4, 0),
         "linear_gemv_dot": _linear(16, 64, 128, 4, 3, 4, 1),

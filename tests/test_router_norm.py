@@ -23,20 +23,21 @@ EPS = 1e-6
 HIDDEN = 200  # not a power of two: masked columns in the norm's 256-wide row
 
 
-def _inputs(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int, router_dtype: torch.dtype | None = None):
+def _inputs(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int, router_dtype: torch.dtype | None = None,
+            hidden: int = HIDDEN):
     gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(num_tokens, HIDDEN, generator=gen).to(dtype)
-    res = (torch.randn(num_tokens, HIDDEN, generator=gen) * 3).to(dtype)
-    norm_w = (torch.rand(HIDDEN, generator=gen) + 0.5).to(dtype)
-    w = (torch.randn(num_experts, HIDDEN, generator=gen) * 2 / HIDDEN**0.5).to(router_dtype or dtype)
+    h = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    res = (torch.randn(num_tokens, hidden, generator=gen) * 3).to(dtype)
+    norm_w = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    w = (torch.randn(num_experts, hidden, generator=gen) * 2 / hidden**0.5).to(router_dtype or dtype)
     bias = torch.randn(num_experts, generator=gen) * 0.3
     return tuple(t.to(DEV) for t in (h, res, norm_w, w, bias))
 
 
-# (num_tokens, tail): the tail configs' row classes (1-2 rows: one warp, packed; 3-4: the default; 5-64: packed)
-# and the GEMM forms (GEMV up to 4 rows, tl.dot past), two token blocks at 17
-@pytest.mark.parametrize("num_tokens", [1, 3, 17])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+# the tail configs' row classes (1-2 rows: one warp, packed; 3-4: the default; 5-64: packed), the GEMM forms (GEMV
+# up to 4 rows, tl.dot past: at 6 rows the norm's 8 rows repeated to the dot's 16), two token blocks at 17
+@pytest.mark.parametrize("num_tokens,dtype", [(1, torch.float16), (3, torch.float32), (6, torch.float16),
+                                              (17, torch.float32)])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_fused_norm_equals_norm_then_router(num_tokens: int, dtype: torch.dtype, grouped: bool) -> None:
     h, res, norm_w, w, bias = _inputs(num_tokens, 24, dtype, num_tokens + grouped,
@@ -88,20 +89,21 @@ def _tree_sum(rows: torch.Tensor, warps: int, spt: int, reps: int) -> torch.Tens
     return s.view(-1)
 
 
-@pytest.mark.parametrize("layout", [(1, 8, 1), (2, 4, 1), (4, 2, 1), (1, 2, 4)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_gpu_sum_order_replayed(layout: tuple[int, int, int], dtype: torch.dtype) -> None:
-    # the GPU path's sum of squares (_sum_squares_tree, in the interpreter) equals the tree it replays; fp32: the
-    # order shows in x's bits, which the interpreter's own order (np.sum) does not give
-    h, res, norm_w, w, _ = _inputs(17, 24, dtype, sum(layout))
+@pytest.mark.parametrize("layout,num_tokens,dtype", [((1, 8, 4), 1, torch.float16), ((2, 8, 2), 3, torch.float32),
+                                                     ((4, 8, 1), 17, torch.float32), ((1, 8, 4), 17, torch.float32)])
+def test_gpu_sum_order_replayed(layout: tuple[int, int, int], num_tokens: int, dtype: torch.dtype) -> None:
+    # the GPU path's sum of squares (_sum_squares_tree, in the interpreter) equals the tree it replays, at hidden
+    # 1000 (a 1024 row); fp32: the order shows in x's bits, which the interpreter's own order (np.sum) does not give
+    hidden = 1000
+    h, res, norm_w, w, _ = _inputs(num_tokens, 24, dtype, sum(layout), hidden=hidden)
     got = route_fused_norm(h, res, norm_w, EPS, w, 4, True, layout=layout)
     r = ((h.float() + res.float()).to(dtype)).cpu()
     total = _tree_sum(r, *layout).numpy()
-    inv = torch.from_numpy(np.float32(1) / np.sqrt(total / np.float32(HIDDEN) + np.float32(EPS)))  # as the interpreter
+    inv = torch.from_numpy(np.float32(1) / np.sqrt(total / np.float32(hidden) + np.float32(EPS)))  # as the interpreter
     x = ((r.float() * inv[:, None]).to(dtype).float() * norm_w.cpu().float()).to(dtype)
     assert torch.equal(got[3].cpu(), r) and torch.equal(got[2].cpu(), x)
     assert torch.equal(got[1], route_fused(got[2], w, 4, True)[1])
-    if dtype == torch.float32 and layout == (4, 2, 1):
+    if num_tokens == 17:
         assert not torch.equal(x, rms_norm(h, norm_w, EPS, res)[0].cpu())  # another order: other bits
 
 
@@ -201,3 +203,49 @@ def test_fusion_only_where_the_router_sees_every_row() -> None:
             assert layer.fuse_router_norm
             fused = [n for n in (1, 3, 8, 16, 17, 64) if layer.mlp.can_fuse_norm(torch.zeros(n, cfg["hidden_size"]))]
             assert fused == [n for n in (1, 3, 8, 16, 17, 64) if n <= rows], (arch, kw, fused)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "glm"])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4, 8, 16])
+def test_fused_norm_gpu_bit_exact_and_replays(shape: str, num_tokens: int) -> None:
+    # the GPU sum order (_sum_squares_tree) against the norm kernel at the models' shapes, bf16, realistic scales
+    # (a residual stream ~10x the attention output); then 20 CUDA-graph replays of the fused launch give the same
+    hidden, experts, top_k = (2048, 128, 8) if shape == "qwen3" else (5120, 160, 8)
+    if shape == "glm" and num_tokens > 8:
+        pytest.skip("GLM's fp32 router is fused up to 8 rows")
+    gen = torch.Generator().manual_seed(num_tokens)
+    h = torch.randn(num_tokens, hidden, generator=gen).to(DEV, torch.bfloat16)
+    res = (torch.randn(num_tokens, hidden, generator=gen) * 10).to(DEV, torch.bfloat16)
+    norm_w = (torch.rand(hidden, generator=gen) + 0.5).to(DEV, torch.bfloat16)
+    w = (torch.randn(experts, hidden, generator=gen) * hidden**-0.5).to(DEV, torch.float32 if shape == "glm"
+                                                                         else torch.bfloat16)
+    routing = (torch.randn(experts, generator=gen).to(DEV) * 0.3, 8, 4, 2.5) if shape == "glm" else (None,)
+    x, r = rms_norm(h, norm_w, EPS, res)
+    want = route_fused(x, w, top_k, True, None, *routing)
+    got = route_fused_norm(h, res, norm_w, EPS, w, top_k, True, None, *routing)
+    assert torch.equal(got[3], r) and torch.equal(got[2], x), (got[2] != x).sum()
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = route_fused_norm(h, res, norm_w, EPS, w, top_k, True, None, *routing)
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(out, got))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
+def test_model_logits_unchanged_by_fusion_bf16_gpu(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_moe_sum_norm import _logits
+
+    monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "0")
+    plain, plain_launches, _ = _logits(arch, defer=True, dtype=torch.bfloat16)
+    monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "1")
+    fused, fused_launches, _ = _logits(arch, defer=True, dtype=torch.bfloat16)
+    norm = "triton:_rms_norm_kernel"
+    assert torch.equal(fused, plain) and fused_launches.count(norm) < plain_launches.count(norm)
