@@ -24,6 +24,7 @@ activations on a GPU) keep the separate norm (norm_layout returns None).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -31,10 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-# the fusion is taken up to this many rows (a static choice per batch size: CUDA graphs). Each program re-reads
-# its token block's rows (up to 16 of 8 KB at hidden 2048) for the sum of squares: cheap at a few rows, about the
-# saved launch at 16; unmeasured past it, so the separate norm stays there
-FUSED_NORM_MAX_TOKENS = 16
+# the fusion is taken up to this many rows (a static choice per batch size: CUDA graphs). Every program re-reads
+# its rows whole for the sum of squares (8 KB of h and residual a row at hidden 2048, from L2): nothing at one row,
+# 64 KB a program at 8 against the ~1.7 us launch it saves; unmeasured past 8 (the kernel takes up to 16 rows per
+# token block without spilling, tests/pdl_sm90.py router_norm_m16), so the separate norm stays there
+FUSED_NORM_MAX_TOKENS = 8
 # columns of x and r each program writes in turn: column c by expert tile (c // WRITE_CHUNK) % tiles
 WRITE_CHUNK = tl.constexpr(16)
 TREE_SPT = 8  # elements per thread of the norm kernel's 16-byte vectors of a 16-bit row
@@ -51,6 +53,12 @@ def norm_layout(hidden: int, dtype: torch.dtype, device: torch.device) -> tuple[
     (the caller keeps the separate norm)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
         return (0, 0, 0)
+    return _gpu_layout(hidden, dtype)
+
+
+@functools.cache
+def _gpu_layout(hidden: int, dtype: torch.dtype) -> tuple[int, int, int] | None:
+    # (asked per MoE layer of every eager forward)
     block = triton.next_power_of_2(hidden)
     warps = norm_warps(block)
     if dtype.itemsize != 2 or hidden % 16 or block < TREE_SPT * 32 * warps:

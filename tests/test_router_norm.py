@@ -13,6 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import models.moe  # noqa: E402
 from kernels import router_fused, router_norm  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
 from kernels.router_fused import route_fused, route_fused_norm, route_fused_norm_ref  # noqa: E402
@@ -164,10 +165,12 @@ def test_norm_kernel_order_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
 def test_model_logits_unchanged_by_fusion(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # tiny models, the Triton path (interpreter on the CPU), with the MoE sum deferred as by default: a 12-token
-    # prefill and a 1-token decode step. Qwen3-MoE fuses both steps (2 MoE layers); GLM-4.5 (dense, MoE, MoE; an
-    # fp32 router: fused up to 8 rows) only the decode step
+    # prefill and a 1-token decode step. Qwen3-MoE (2 MoE layers) fuses both steps (the row limit raised to take
+    # the prefill: 12 rows in one token block); GLM-4.5 (dense, MoE, MoE; an fp32 router: fused up to 8 rows) only
+    # the decode step
     from tests.test_moe_sum_norm import _logits
 
+    monkeypatch.setattr(models.moe, "FUSED_NORM_MAX_TOKENS", 16)
     monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "0")
     plain, plain_launches, _ = _logits(arch, defer=True)
     monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "1")
