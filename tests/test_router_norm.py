@@ -138,8 +138,15 @@ for hidden in (2048, 4096, 5120):
     k = compile_sm90(norm._rms_norm_kernel, args, dict(HAS_RESIDUAL=True, BLOCK=block, PDL=True),
                      router_norm.norm_warps(block), 1)
     ptx = k.asm["ptx"]
+    # each fp32 register's element j in its thread's register order: the unpacked bf16 pairs in program order
+    half = {}
+    for p, (lo, hi) in enumerate(re.findall(r"mov.b32\\s+\\{(%rs\\d+), (%rs\\d+)\\}", ptx)):
+        half[lo], half[hi] = 2 * p, 2 * p + 1
+    elem = {r: half[rs] for r, rs in re.findall(r"cvt.f32.bf16\\s+(%r\\d+), (%rs\\d+);", ptx) if rs in half}
+    squares = re.findall(r"(?:mul.f32|fma.rn.f32)\\s+%r\\d+, (%r\\d+), (%r\\d+)", ptx)
+    fold = [elem.get(a, -1) for a, b in squares if a == b]
     out[hidden] = dict(layout=re.findall(r"#blocked\\d* = (.*)", k.asm["ttgir"]),
-                       fma=len(re.findall(r"fma.rn.f32", ptx)),
+                       fma=len(re.findall(r"fma.rn.f32", ptx)), fold=fold,
                        bfly=[int(m) for m in re.findall(r"shfl.sync.bfly.b32\\s+%r\\d+, %r\\d+, (\\d+),", ptx)])
 print(json.dumps(out))
 """
@@ -156,6 +163,8 @@ def test_norm_kernel_order_on_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
         assert got["layout"] == [f"#ttg.blocked<{{sizePerThread = [{spt}], threadsPerWarp = [32], warpsPerCTA = "
                                  f"[{warps}], order = [0]}}>"], (hidden, got)
         assert got["fma"] == reps * spt - 1, (hidden, got)
+        # the fold's squares in order: round(e1 * e1) first, then fma(e0, e0, .), fma(e2, e2, .), ...
+        assert got["fold"] == [1, 0, *range(2, reps * spt)], (hidden, got)
         assert got["bfly"] == [16, 8, 4, 2, 1] + [warps >> (b + 1) for b in range(warps.bit_length() - 1)], got
 
 
