@@ -21,6 +21,9 @@ barriers. Its variants (TAIL_CONFIGS, chosen by measurement per row count): fewe
 leaves the warp) and the packed top-k (_softmax_top_k_packed: one integer max per pick over keys (logit, -expert
 id), first inside each warp's 32 columns, then among the candidates after one exchange). Both keep the ids, their
 order and ties.
+
+route_fused_norm takes the attention output and the residual instead of x and does the post-attention residual add +
+RMSNorm itself, bit for bit kernels/norm.py (kernels/router_norm.py): one launch fewer per MoE layer at decode sizes.
 """
 
 from __future__ import annotations
@@ -484,8 +487,14 @@ def route_fused_norm_ref(
     num_groups: int = 1,
     topk_groups: int = 1,
     routed_scaling_factor: float = 1.0,
-    **unused: object,  # the fused kernel's variants (num_splits, gemv, ids_out, num_warps, packed, layout)
+    num_splits: int | None = None,  # the fused kernel's variants (A/B and tests); unused here
+    gemv: bool | None = None,
+    ids_out: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    packed: bool | None = None,
+    layout: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rms_norm_ref then route_fused_ref: (weights, ids, x, h + residual)."""
     x, r = rms_norm_ref(h, norm_weight, eps, residual)
     weights, ids = route_fused_ref(x, weight, top_k, renormalize, slots, correction_bias, num_groups, topk_groups,
                                    routed_scaling_factor)
