@@ -1,7 +1,7 @@
 """The MoE router at decode sizes on the GPU: the fused one-launch router vs F.linear (cuBLAS) + the top-k kernel.
 
 python benchmarks/bench_router.py --out DIR [--m 1,8,32,64] [--shapes qwen3,glm45air] [--sweep 1,2,4,8,16,32]
-                                 [--tails 4,4p,2,2p,1,1p]
+                                 [--tails 4,4p,2,2p,1,1p] [--norm]
 
 Times CUDA-graph replays (triton.testing.do_bench_cudagraph, median) of calls over NUM_ROT-weight rotations
 totalling >= ROT_BYTES, so that a replay never finds its weight in L2 (a model's 48 routers are far apart in a
@@ -13,7 +13,9 @@ up to 16 rows both of its GEMM forms are timed (products summed in registers, us
 rows, and a tl.dot tile). --tails times the scoring tail's variants (kernels/router_fused.py TAIL_CONFIGS): "W" is
 the launch at W warps, "Wp" with the packed-key softmax top-k; each is checked to give the default's ids in
 order (weights: the largest difference is printed), and the fastest per row is printed (set TAIL_CONFIGS to the
-ones that win).
+ones that win). --norm also times the post-attention residual add + RMSNorm fused into the router
+(route_fused_norm, kernels/router_norm.py) against the norm kernel then the fused router, and checks that x, the
+new residual, the ids and the weights are the same bits.
 Prints one line per row and 'bench_router summary' last; DIR/bench_router.json holds every number.
 """
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
+from kernels.norm import rms_norm  # noqa: E402
 from kernels.router import topk_sigmoid_grouped, topk_softmax  # noqa: E402
 from kernels.router_fused import (  # noqa: E402
     FUSED_MAX_TOKENS,
@@ -38,6 +41,7 @@ from kernels.router_fused import (  # noqa: E402
     _fused_config,
     _num_sms,
     route_fused,
+    route_fused_norm,
 )
 
 # name: (num_experts, hidden, top_k, grouped, router weight dtype); GLM-4.5-Air: n_group=1, topk_group=1
@@ -60,6 +64,14 @@ def fused(x, w, bias, top_k, num_splits=None, gemv=None, num_warps=None, packed=
                        num_warps=num_warps, packed=packed)
 
 
+def with_norm(h, res, norm_w, w, bias, top_k, fuse: bool):
+    # the post-attention norm then the router: one launch (fuse) or two; (weights, ids, x, new residual)
+    if fuse:
+        return route_fused_norm(h, res, norm_w, 1e-6, w, top_k, True, None, bias, 1, 1, 1.0)
+    x, r = rms_norm(h, norm_w, 1e-6, res)
+    return (*fused(x, w, bias, top_k), x, r)
+
+
 def parse_tail(name: str) -> dict:
     # "4" / "4p": num_warps, and the packed-key top-k when it ends in p
     return {"num_warps": int(name.rstrip("p")), "packed": name.endswith("p")}
@@ -73,7 +85,7 @@ def compare(a, b) -> dict:
     return {"rows_ids_differ": rows_differ, "max_weight_diff": w_err}
 
 
-def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int], tails: list[str]) -> dict:
+def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int], tails: list[str], norm: bool) -> dict:
     num_experts, hidden, top_k, grouped, wdtype = SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(m)
     w_bytes = num_experts * hidden * wdtype.itemsize
@@ -114,7 +126,18 @@ def bench_one(name: str, m: int, ceil: dict[str, float], sweep: list[int], tails
     row["tails_same_ids"] = all(torch.equal(u[1], v[1]) for u, v in pairs)
     row["tails_max_weight_diff"] = max((float((u[0] - v[0]).abs().max()) for u, v in pairs), default=0.0)
     row["tails_us"] = {t: timed(lambda *a, t=t: fused(*a, **parse_tail(t)), True) for t in tails}
+    if norm:  # h the attention output, res the residual stream (~10x larger), as in a decoder layer
+        res = torch.randn(m, hidden, device="cuda", generator=gen).to(torch.bfloat16) * 10
+        norm_w = torch.rand(hidden, device="cuda", generator=gen).to(torch.bfloat16) + 0.5
+        row["norm_bit_exact"] = all(all(torch.equal(u, v) for u, v in zip(
+            with_norm(x, res, norm_w, w, bias, top_k, True), with_norm(x, res, norm_w, w, bias, top_k, False)))
+            for w in ws[:16])
+        row["norm_us"] = {kind: timed(lambda x, w, bias, top_k, f=kind == "fused": with_norm(
+            x, res, norm_w, w, bias, top_k, f), True) for kind in ("separate", "fused")}
     best = f"  best split {min(row['sweep_us'], key=row['sweep_us'].get)}" if sweep else ""
+    if norm:
+        best += (f"  norm+router {row['norm_us']['separate']:.2f} -> fused {row['norm_us']['fused']:.2f} us "
+                 f"bit exact {row['norm_bit_exact']}")
     if tails:
         best += (f"  tails {' '.join(f'{t}:{us:.2f}' for t, us in row['tails_us'].items())} best "
                  f"{min(row['tails_us'], key=row['tails_us'].get)} same ids {row['tails_same_ids']} max dw "
@@ -137,6 +160,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="", help="H splits to time the fused kernel at, e.g. 1,2,4,8,16,32")
     parser.add_argument("--tails", default="", help="tail variants to time: W warps, Wp with the packed top-k, "
                         "e.g. 4,4p,2,2p,1,1p")
+    parser.add_argument("--norm", action="store_true", help="also time the post-attention norm fused into the router")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_router needs a CUDA GPU")
@@ -148,7 +172,8 @@ def main() -> None:
     for t in tails:
         if not t.rstrip("p").isdigit():
             raise SystemExit(f"--tails: {t!r} is not W or Wp (W warps, p: packed top-k), e.g. 4,4p,1,1p")
-    rows = [bench_one(s, int(m), ceil, sweep, tails) for s in args.shapes.split(",") for m in args.m.split(",")]
+    rows = [bench_one(s, int(m), ceil, sweep, tails, args.norm) for s in args.shapes.split(",")
+            for m in args.m.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_router.json").write_text(json.dumps(
         {"ceilings": ceil, "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
@@ -163,9 +188,13 @@ def main() -> None:
         f"tokens; deterministic: {'yes' if deterministic else 'NO'}"
         + (f"; tails same ids: {'yes' if same_ids else 'NO'}; best tail per M: " + ", ".join(
             f"{r['shape']} M={r['m']} {min(r['tails_us'], key=r['tails_us'].get)} "
-            f"{min(r['tails_us'].values()):.2f}" for r in rows) if tails else ""))
+            f"{min(r['tails_us'].values()):.2f}" for r in rows) if tails else "")
+        + ("; norm + router separate/fused us: " + ", ".join(
+            f"{r['shape']} M={r['m']} {r['norm_us']['separate']:.2f}/{r['norm_us']['fused']:.2f}" for r in rows)
+           + f"; norm bit exact: {'yes' if all(r['norm_bit_exact'] for r in rows) else 'NO'}" if args.norm else ""))
     # a logit summed in another order may round to the other side of a bf16 step: rare, never systematic
-    if not deterministic or not same_ids or differ > checked // 100:
+    if not deterministic or not same_ids or differ > checked // 100 or not all(r.get("norm_bit_exact", True)
+                                                                               for r in rows):
         sys.exit(1)
 
 

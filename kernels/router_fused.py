@@ -21,6 +21,9 @@ barriers. Its variants (TAIL_CONFIGS, chosen by measurement per row count): fewe
 leaves the warp) and the packed top-k (_softmax_top_k_packed: one integer max per pick over keys (logit, -expert
 id), first inside each warp's 32 columns, then among the candidates after one exchange). Both keep the ids, their
 order and ties.
+
+route_fused_norm takes the attention output and the residual instead of x and does the post-attention residual add +
+RMSNorm itself, bit for bit kernels/norm.py (kernels/router_norm.py): one launch fewer per MoE layer at decode sizes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
+from kernels.norm import rms_norm_ref
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.router import (
     _check_slots,
@@ -40,6 +44,7 @@ from kernels.router import (
     topk_sigmoid_grouped_ref,
     topk_softmax_ref,
 )
+from kernels.router_norm import FusedNorm, _inv_rms, _normed_tile, norm_layout
 
 # the Router takes this path for at most this many rows: the decode batches of issue 16's table up to B=64,
 # where the grid is still about one program per SM (4 H splits x 8 expert tiles x 4 token blocks, each
@@ -108,6 +113,17 @@ def _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN: tl.constexpr):
     # [GEMM_T, BLOCK_H] activations of the tokens t at columns h
     return tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_x + h[None, :], mask=tmask[:, None] & (h < HIDDEN)[None, :],
                    other=0.0)
+
+
+@triton.jit
+def _in_tile(x_ptr, res_ptr, nw_ptr, x_out_ptr, r_out_ptr, inv, t, tmask, h, pid_e, stride_x, stride_r,
+             HIDDEN: tl.constexpr, NORM: tl.constexpr):
+    # the GEMM's activations at columns h: x itself, or (NORM) the normalized h + res, stored in turns on the way
+    if NORM:
+        return _normed_tile(x_ptr, res_ptr, nw_ptr, x_out_ptr, r_out_ptr, inv, t, tmask, h, pid_e,
+                            tl.num_programs(0), stride_x, stride_r, HIDDEN)
+    else:
+        return _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN)
 
 
 @triton.jit
@@ -209,14 +225,18 @@ def _softmax_top_k_packed(x, e, k, TOP_K: tl.constexpr, RENORMALIZE: tl.constexp
 @triton.jit(do_not_specialize=["num_tokens"], do_not_specialize_on_alignment=["slots_ptr"])
 def _route_fused_kernel(
     x_ptr, w_ptr, bias_ptr, partial_ptr, counter_ptr, weights_ptr, ids_ptr, slots_ptr,
-    num_tokens, stride_x, routed_scaling_factor,
+    res_ptr, nw_ptr, x_out_ptr, r_out_ptr,
+    num_tokens, stride_x, routed_scaling_factor, stride_r, N, eps,
     HIDDEN: tl.constexpr, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, SIGMOID_GROUPED: tl.constexpr,
     NUM_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT_H: tl.constexpr, BLOCK_T: tl.constexpr, TAIL_T: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E_ALL: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, GEMV: tl.constexpr, PDL: tl.constexpr = False, PACKED: tl.constexpr = False,
-    KEY16: tl.constexpr = False, GROUP: tl.constexpr = 32,
+    KEY16: tl.constexpr = False, GROUP: tl.constexpr = 32, NORM: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1,
+    NORM_W: tl.constexpr = 0, LOG_W: tl.constexpr = 0, REPS: tl.constexpr = 0,
 ):
+    # NORM (route_fused_norm): x_ptr holds the attention output h and res_ptr the residual; the logits are of
+    # x = rms_norm(h + res) * nw (kernels/router_norm.py), written with r = h + res to x_out / r_out
     # grid (expert tiles, H splits, token blocks)
     pid_e, pid_s, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # GEMV (a few tokens, one token block): TAIL_T rows of products summed in registers; else a BLOCK_T-row dot
@@ -235,11 +255,21 @@ def _route_fused_kernel(
         wt = tl.load(w_ptr + e[:, None] * HIDDEN + h[None, :], mask=emask[:, None] & (h < HIDDEN)[None, :], other=0.0)
         pdl_wait(PDL)
         pdl_release(PDL)
-        acc = _logits_step(acc, _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN), wt, GEMV)
+    inv = tl.zeros([GEMM_T], tl.float32)
+    if NORM:  # [GEMM_T] the rows' rsqrt(mean(r^2) + eps): every program sums its whole rows (router_norm.py)
+        # over TAIL_T rows (all of them where that is less than a token block: one block), repeated to GEMM_T
+        inv = _inv_rms(x_ptr, res_ptr, pid_t * BLOCK_T, num_tokens, stride_x, stride_r, N, eps, TAIL_T, NORM_BLOCK,
+                       NORM_W, LOG_W, REPS)
+        inv = tl.reshape(tl.broadcast_to(inv[None, :], [GEMM_T // TAIL_T, TAIL_T]), [GEMM_T])
+    if PDL:
+        xt = _in_tile(x_ptr, res_ptr, nw_ptr, x_out_ptr, r_out_ptr, inv, t, tmask, h, pid_e, stride_x, stride_r,
+                      HIDDEN, NORM)
+        acc = _logits_step(acc, xt, wt, GEMV)
         h_start += BLOCK_H
     for h0 in range(h_start, pid_s * SPLIT_H + SPLIT_H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        xt = _x_tile(x_ptr, t, tmask, h, stride_x, HIDDEN)
+        xt = _in_tile(x_ptr, res_ptr, nw_ptr, x_out_ptr, r_out_ptr, inv, t, tmask, h, pid_e, stride_x, stride_r,
+                      HIDDEN, NORM)
         wt = tl.load(w_ptr + e[:, None] * HIDDEN + h[None, :], mask=emask[:, None] & (h < HIDDEN)[None, :], other=0.0)
         acc = _logits_step(acc, xt, wt, GEMV)
     # partials [token blocks, NUM_SPLITS, BLOCK_T, BLOCK_E_ALL] fp32; only real token rows are written and read
@@ -334,6 +364,15 @@ def route_fused(
     num_warps: int | None = None,  # None: tail_config's
     packed: bool | None = None,  # the softmax top-k by packed keys (not the grouped scoring); None: tail_config's
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route(x, weight, top_k, renormalize, slots, correction_bias, num_groups, topk_groups, routed_scaling_factor,
+                  num_splits, gemv, ids_out, num_warps, packed)
+
+
+def _route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, slots: torch.Tensor | None,
+           correction_bias: torch.Tensor | None, num_groups: int, topk_groups: int, routed_scaling_factor: float,
+           num_splits: int | None, gemv: bool | None, ids_out: torch.Tensor | None, num_warps: int | None,
+           packed: bool | None, norm: FusedNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # norm: x is the attention output h, normalized with norm.residual inside (route_fused_norm)
     _check_inputs(x, weight, correction_bias)
     # (TAIL_CONFIGS is for softmax routing, what bench_router.py --shapes qwen3 measures; grouped: the default)
     tail = tail_config(x.shape[0]) if correction_bias is None else TAIL_DEFAULT
@@ -377,7 +416,10 @@ def route_fused(
     pdl = pdl_enabled(x.device)
     _route_fused_kernel[(num_e_tiles, splits, num_t_blocks)](
         x, weight, correction_bias if grouped else weight, partials, counters, weights, ids,
-        slots if slots is not None else ids, num_tokens, x.stride(0), float(routed_scaling_factor),
+        slots if slots is not None else ids,
+        *((norm.residual, norm.weight, norm.x_out, norm.r_out) if norm is not None else (x, x, x, x)),
+        num_tokens, x.stride(0), float(routed_scaling_factor),
+        norm.residual.stride(0) if norm is not None else 0, hidden, float(norm.eps) if norm is not None else 0.0,
         HIDDEN=hidden, NUM_EXPERTS=num_experts, TOP_K=top_k, SIGMOID_GROUPED=grouped, NUM_GROUPS=num_groups,
         TOPK_GROUPS=topk_groups, RENORMALIZE=renormalize, HAS_SLOTS=slots is not None, NUM_SPLITS=splits,
         SPLIT_H=split_h, BLOCK_T=BLOCK_T, TAIL_T=min(BLOCK_T, triton.next_power_of_2(num_tokens)), BLOCK_E=BLOCK_E,
@@ -387,5 +429,73 @@ def route_fused(
         # one warp: each thread holds several columns, so one group of all (its picks are the answer); more: a group
         # per warp's 32 lanes
         GROUP=block_e_all if num_warps == 1 else min(32, block_e_all), num_warps=num_warps, **launch_kwargs(pdl),
+        **(norm.constexprs(hidden) if norm is not None else {}),
     )
     return weights, ids
+
+
+def route_fused_norm(
+    h: torch.Tensor,  # [num_tokens, hidden] the attention output
+    residual: torch.Tensor,  # [num_tokens, hidden]
+    norm_weight: torch.Tensor,  # [hidden] the post-attention RMSNorm's
+    eps: float,
+    weight: torch.Tensor,  # [num_experts, hidden]
+    top_k: int,
+    renormalize: bool,
+    slots: torch.Tensor | None = None,
+    correction_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    num_splits: int | None = None,
+    gemv: bool | None = None,
+    ids_out: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    packed: bool | None = None,
+    layout: tuple[int, int, int] | None = None,  # the sum of squares' order (tests); None: norm_layout's
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels/norm.py rms_norm(h, norm_weight, eps, residual) -> (x, r), then route_fused(x, ...), in one launch:
+    returns (weights, ids, x, r), bit for bit the two kernels' (kernels/router_norm.py)."""
+    _check_inputs(h, weight, correction_bias)
+    if residual.shape != h.shape or residual.stride(1) != 1 or residual.dtype != h.dtype:
+        raise ValueError(f"residual must be {h.dtype} {tuple(h.shape)} with contiguous rows, got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    if norm_weight.shape != (h.shape[1],) or not norm_weight.is_contiguous():
+        raise ValueError(f"norm_weight must be contiguous [{h.shape[1]}], got {tuple(norm_weight.shape)}")
+    layout = norm_layout(h.shape[1], h.dtype, h.device) if layout is None else layout
+    if layout is None:
+        raise ValueError(f"the router's norm has no known sum order for hidden {h.shape[1]} {h.dtype} on "
+                         f"{h.device}: use rms_norm, then route_fused")
+    x_out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, norm_weight.dtype), device=h.device)
+    r_out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    norm = FusedNorm(residual, norm_weight, eps, x_out, r_out, layout)
+    weights, ids = _route(h, weight, top_k, renormalize, slots, correction_bias, num_groups, topk_groups,
+                          routed_scaling_factor, num_splits, gemv, ids_out, num_warps, packed, norm)
+    return weights, ids, x_out, r_out
+
+
+def route_fused_norm_ref(
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    slots: torch.Tensor | None = None,
+    correction_bias: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling_factor: float = 1.0,
+    num_splits: int | None = None,  # the fused kernel's variants (A/B and tests); unused here
+    gemv: bool | None = None,
+    ids_out: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    packed: bool | None = None,
+    layout: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rms_norm_ref then route_fused_ref: (weights, ids, x, h + residual)."""
+    x, r = rms_norm_ref(h, norm_weight, eps, residual)
+    weights, ids = route_fused_ref(x, weight, top_k, renormalize, slots, correction_bias, num_groups, topk_groups,
+                                   routed_scaling_factor)
+    return weights, ids, x, r

@@ -229,6 +229,11 @@ class DecoderLayer(nn.Module):
         # off for a whole process (a before/after benchmark, benchmarks/gpu_fusion_fp8.sh)
         self.defer_moe_sum = (bool(getattr(mlp, "can_defer_sum", False))
                               and os.environ.get("MOE_RT_FUSE_MOE_SUM", "1").strip() != "0")
+        # a MoE block whose router can do the post-attention norm itself (mlp.can_fuse_norm, per batch size):
+        # kernels/router_norm.py, one launch fewer. Set False for the separate norm; MOE_RT_FUSE_ROUTER_NORM=0 turns
+        # it off for a whole process
+        self.fuse_router_norm = (hasattr(mlp, "forward_norm")
+                                 and os.environ.get("MOE_RT_FUSE_ROUTER_NORM", "1").strip() != "0")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor | TopKSlots, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor | TopKSlots, torch.Tensor]:
@@ -238,6 +243,9 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, batch)
+        if self.fuse_router_norm and self.mlp.can_fuse_norm(x):
+            norm = self.post_attention_layernorm
+            return self.mlp.forward_norm(x, residual, norm.weight, norm.eps, batch, self.defer_moe_sum)
         x, residual = self.post_attention_layernorm(x, residual)
         if self.defer_moe_sum:
             return self.mlp(x, batch, defer_sum=True), residual

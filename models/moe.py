@@ -20,7 +20,8 @@ from kernels import fused_moe as fused_moe_kernels
 from kernels import router as router_kernels
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE
 from kernels.moe_sum import TopKSlots
-from kernels.router_fused import FUSED_MAX_TOKENS, FUSED_MAX_TOKENS_FP32, route_fused
+from kernels.router_fused import FUSED_MAX_TOKENS, FUSED_MAX_TOKENS_FP32, route_fused, route_fused_norm
+from kernels.router_norm import FUSED_NORM_MAX_TOKENS, norm_layout
 from models.args import ModelArgs, TensorParallel
 from models.forward_batch import ForwardBatch
 from models.layers import MLP, Checkpoint, pick_kernel
@@ -73,6 +74,22 @@ class Router(nn.Module):
             return self._route(logits, r.top_k, r.renormalize, slots)
         return self._route(logits, self.e_score_correction_bias, r.top_k, r.num_groups, r.topk_groups,
                            r.renormalize, r.routed_scaling_factor, slots)
+
+    def can_fuse_norm(self, h: torch.Tensor) -> bool:
+        """Whether forward_norm takes h [T, H] (a static choice per T: CUDA graphs): the fused Triton router at its
+        sizes, with a known order for the norm's sum (kernels/router_norm.py)."""
+        return (self._route_fused is not None and h.shape[0] <= min(self._fused_max_tokens, FUSED_NORM_MAX_TOKENS)
+                and norm_layout(h.shape[1], h.dtype, h.device) is not None)
+
+    def forward_norm(self, h: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     slots: torch.Tensor | None = None, ids_out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # where can_fuse_norm: the post-attention RMSNorm of h + residual in the router's launch; returns
+        # (weights, ids, x, h + residual), bit for bit the norm then forward(x)
+        r = self.routing
+        return route_fused_norm(h, residual, norm_weight, eps, self.weight, r.top_k, r.renormalize, slots,
+                                self.e_score_correction_bias, r.num_groups, r.topk_groups, r.routed_scaling_factor,
+                                ids_out=ids_out)
 
 
 def tp_token_slice(num_tokens: int, tp: TensorParallel) -> tuple[int, int]:
@@ -224,15 +241,34 @@ class MoE(nn.Module):
         local = self.dispatcher is None or bool(getattr(self.dispatcher, "combine_is_identity", False))
         return self.use_triton and self.ep_size == 1 and local and self.tp.size == 1
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, defer_sum: bool = False) -> torch.Tensor | TopKSlots:
+    def can_fuse_norm(self, h: torch.Tensor) -> bool:
+        """Whether forward_norm takes the attention output h [T, H]: where the router routes every row of the
+        batch (not under EP x TP, whose ranks route slices) and the fused Triton router runs at T rows."""
+        return not self.split_tokens and self.gate.can_fuse_norm(h)
+
+    def forward_norm(self, h: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     batch: ForwardBatch, defer_sum: bool = False) -> tuple[torch.Tensor | TopKSlots, torch.Tensor]:
+        """forward(rms_norm(h + residual)) with the norm done by the router's kernel (where can_fuse_norm): returns
+        (forward's output, h + residual), bit for bit the separate norm's."""
+        ids_out = self._ids_out(h.shape[0])
+        topk_weights, topk_ids, x, residual = self.gate.forward_norm(h, residual, norm_weight, eps,
+                                                                     batch.slot_mapping, ids_out)
+        # through __call__: the module hooks (expert statistics' timers) see the experts' part; the fused router
+        # and norm count with the norms, outside it
+        return self(x, batch, defer_sum, routing=(topk_weights, topk_ids)), residual
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, defer_sum: bool = False,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKSlots:
         # defer_sum (where can_defer_sum): may return the routed experts' per-slot outputs, with the shared experts'
-        # output as their extra term, for the consumer to sum; else (or where the experts' path sums itself) [T, H]
+        # output as their extra term, for the consumer to sum; else (or where the experts' path sums itself) [T, H].
+        # routing: x's (topk weights, ids), already computed (forward_norm; never under EP x TP)
         if defer_sum and self.can_defer_sum:
-            routed = self._routed(x, batch.slot_mapping, defer_sum=True)
+            routed = self._routed(x, batch.slot_mapping, defer_sum=True, routing=routing)
             if isinstance(routed, TopKSlots):
                 return routed if self.shared_experts is None else routed.with_extra(self.shared_experts(x))
             out = routed
         elif self.split_tokens:
+            assert routing is None, "under EP x TP each rank routes its own slice of the batch"
             # the TP peers hold the same T tokens: each routes and dispatches rows [first, first + rows) of the
             # batch padded to tp * rows, and the combined slices are gathered back in rank order
             num_tokens = x.shape[0]
@@ -243,7 +279,7 @@ class MoE(nn.Module):
             mine = slice(first, first + rows)
             out = self.tp.all_gather(self._routed(padded[mine], slots[mine]), dim=0)[:num_tokens]
         else:
-            out = self._routed(x, batch.slot_mapping)
+            out = self._routed(x, batch.slot_mapping, routing=routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.reduce_partial:
@@ -269,13 +305,18 @@ class MoE(nn.Module):
         if stats is not None:
             stats.time_stop("moe", t0)
 
-    def _routed(self, x: torch.Tensor, slots: torch.Tensor, defer_sum: bool = False) -> torch.Tensor | TopKSlots:
-        # padding rows (slot -1: a padded batch's filler; slots [T]) get expert id -1 inside the top-k kernel:
-        # no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
+    def _ids_out(self, num_tokens: int) -> torch.Tensor | None:
         # the expert statistics' step buffer, if the dispatcher keeps one (a duck-typed dispatcher need not)
         ids_slot = getattr(self.dispatcher, "routing_ids_out", None)
-        ids_out = ids_slot(x.shape[0], self.gate.routing.top_k) if ids_slot is not None else None
-        topk_weights, topk_ids = self.gate(x, slots, ids_out)  # [T, k] fp32, [T, k] int32 global ids
+        return ids_slot(num_tokens, self.gate.routing.top_k) if ids_slot is not None else None
+
+    def _routed(self, x: torch.Tensor, slots: torch.Tensor, defer_sum: bool = False,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | TopKSlots:
+        # padding rows (slot -1: a padded batch's filler; slots [T]) get expert id -1 inside the top-k kernel:
+        # no expert work, nothing sent, not counted (a device mask: graph replays stay exact)
+        if routing is None:
+            routing = self.gate(x, slots, self._ids_out(x.shape[0]))
+        topk_weights, topk_ids = routing  # [T, k] fp32, [T, k] int32 global ids
         if self.dispatcher is not None:
             hidden_recv, weights_recv, local_ids_recv, handle = self.dispatcher.dispatch(x, topk_weights, topk_ids)
             out = self.experts(hidden_recv, weights_recv, local_ids_recv, defer_sum)

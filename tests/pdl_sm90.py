@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import torch  # noqa: E402
 from attention_ir import compile_sm90  # noqa: E402
 
 from kernels import (  # noqa: E402
@@ -30,6 +31,7 @@ from kernels import (  # noqa: E402
     norm,
     qkv_prologue,
     router_fused,
+    router_norm,
 )
 
 H, INTER, E, TOPK = 2048, 768, 128, 8  # hidden, expert intermediate, experts, top-k
@@ -48,16 +50,19 @@ def _prologue(heads: int, kv_heads: int, half: int, rest: int) -> tuple:
     return qkv_prologue._qkv_prologue_kernel, args, consts, 2, 1, ["qw_ptr", "kw_ptr"]
 
 
-def _router(tokens: int, splits: int, gemv: bool) -> tuple:
+def _router(tokens: int, splits: int, gemv: bool, norm: bool = False) -> tuple:
     args = dict(x_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", partial_ptr="fp32", counter_ptr="i32",
-                weights_ptr="fp32", ids_ptr="i32", slots_ptr="i32", num_tokens=tokens, stride_x=H,
-                routed_scaling_factor=1.0)
+                weights_ptr="fp32", ids_ptr="i32", slots_ptr="i32", res_ptr="bf16", nw_ptr="bf16", x_out_ptr="bf16",
+                r_out_ptr="bf16", num_tokens=tokens, stride_x=H, routed_scaling_factor=1.0, stride_r=H, N=H, eps=1e-6)
     consts = dict(HIDDEN=H, NUM_EXPERTS=E, TOP_K=TOPK, SIGMOID_GROUPED=False, NUM_GROUPS=1, TOPK_GROUPS=1,
                   RENORMALIZE=True, HAS_SLOTS=True, NUM_SPLITS=splits, SPLIT_H=H // splits, BLOCK_T=16,
                   TAIL_T=min(16, tokens), BLOCK_E=16, BLOCK_H=128, BLOCK_E_ALL=E, BLOCK_K=TOPK, BLOCK_G=1, GEMV=gemv)
     # the tail route_fused launches at this row count (TAIL_CONFIGS: at one row one warp and the packed top-k)
     tail = router_fused.tail_config(tokens)
     consts.update(PACKED=tail["packed"], KEY16=True, GROUP=E if tail["num_warps"] == 1 else 32)
+    if norm:  # the post-attention norm inside (kernels/router_norm.py): h, residual and norm weight after the wait
+        warps, _, reps = router_norm.norm_layout(H, torch.bfloat16, torch.device("cuda"))
+        consts.update(NORM=True, NORM_BLOCK=H, NORM_W=warps, LOG_W=warps.bit_length() - 1, REPS=reps)
     return router_fused._route_fused_kernel, args, consts, tail["num_warps"], 1, ["w_ptr"]
 
 
@@ -144,6 +149,9 @@ def cases() -> dict[str, tuple]:
                           dict(NUM_HEADS=HEADS, HEAD_DIM=D, BLOCK_D=32, SPLITS_PAD=32), 4, 1, []),
         "router_m1": _router(1, 16, True),
         "router_m64": _router(64, 4, False),
+        "router_norm_m1": _router(1, 16, True, norm=True),
+        "router_norm_m8": _router(8, 8, False, norm=True),
+        "router_norm_m16": _router(16, 4, False, norm=True),
         "linear_gemv_fma": _linear(1, 32, 256, 4, 1, 4, 0),
         "linear_gemv_dot": _linear(16, 64, 128, 4, 3, 4, 1),
         "linear_gemv_fp8_fma": _linear(1, 32, 256, 4, 1, 4, 0, fp8=True),
