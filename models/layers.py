@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -225,15 +224,13 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         # a MoE block that can return its output un-summed (TopKSlots): the next layer's input norm, or the final
         # norm, then does the top-k sum, the residual add and the norm in one launch (bit for bit the two kernels).
-        # A plain attribute: set False for the separate sum (tests compare the two); MOE_RT_FUSE_MOE_SUM=0 turns it
-        # off for a whole process (a before/after benchmark, benchmarks/gpu_fusion_fp8.sh)
-        self.defer_moe_sum = (bool(getattr(mlp, "can_defer_sum", False))
-                              and os.environ.get("MOE_RT_FUSE_MOE_SUM", "1").strip() != "0")
+        # A plain attribute: set False for the separate sum (tests compare the two); args.fuse_moe_sum (on by
+        # default; MOE_RT_FUSE_MOE_SUM=0, models/args.py) turns it off for a whole model
+        self.defer_moe_sum = bool(getattr(mlp, "can_defer_sum", False)) and args.fuse_moe_sum
         # a MoE block whose router can do the post-attention norm itself (mlp.can_fuse_norm, per batch size):
-        # kernels/router_norm.py, one launch fewer. Set False for the separate norm; MOE_RT_FUSE_ROUTER_NORM=0 turns
-        # it off for a whole process
-        self.fuse_router_norm = (hasattr(mlp, "forward_norm")
-                                 and os.environ.get("MOE_RT_FUSE_ROUTER_NORM", "1").strip() != "0")
+        # kernels/router_norm.py, one launch fewer. args.fuse_router_norm (off by default until measured on a GPU;
+        # MOE_RT_FUSE_ROUTER_NORM=1) turns it on
+        self.fuse_router_norm = hasattr(mlp, "forward_norm") and args.fuse_router_norm
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor | TopKSlots, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor | TopKSlots, torch.Tensor]:

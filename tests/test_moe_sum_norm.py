@@ -279,3 +279,19 @@ def test_fused_norm_after_experts_in_cuda_graph_gpu(num_tokens: int) -> None:
         graph.replay()
         assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
     torch.cuda.synchronize()
+
+
+def test_fusion_switches_read_once_when_model_args_are_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    # models/args.py: 0 / 1 / unset (the default: the MoE sum fused, the router norm not), anything else an error
+    from models.args import ModelArgs
+
+    monkeypatch.delenv("MOE_RT_FUSE_MOE_SUM", raising=False)
+    monkeypatch.delenv("MOE_RT_FUSE_ROUTER_NORM", raising=False)
+    args = ModelArgs()
+    assert args.fuse_moe_sum and not args.fuse_router_norm
+    monkeypatch.setenv("MOE_RT_FUSE_MOE_SUM", "0")
+    monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "1")
+    assert not ModelArgs().fuse_moe_sum and ModelArgs().fuse_router_norm
+    monkeypatch.setenv("MOE_RT_FUSE_MOE_SUM", "yes")
+    with pytest.raises(ValueError, match="MOE_RT_FUSE_MOE_SUM must be 0 or 1"):
+        ModelArgs()

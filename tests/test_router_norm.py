@@ -193,13 +193,14 @@ def test_model_logits_unchanged_by_fusion(arch: str, monkeypatch: pytest.MonkeyP
     assert [e for e in fused_launches if e != norm] == [e for e in plain_launches if e != norm]
 
 
-def test_fusion_only_where_the_router_sees_every_row() -> None:
+def test_fusion_only_where_the_router_sees_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
     # the torch reference path, EP x TP (each TP rank routes a slice) and dense layers keep the separate norm; past
     # the row limit (or GLM's fp32 router's) the choice is the separate norm too
     from benchmarks.count_launches import CONFIGS
     from models.args import ModelArgs, TensorParallel
     from models.loader import load_model
 
+    monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "1")  # off by default until measured on a GPU (models/args.py)
     limit = router_norm.FUSED_NORM_MAX_TOKENS
     for arch, kw, rows in (("qwen3_moe", dict(use_triton=True), limit), ("glm4_moe", dict(use_triton=True), 8),
                            ("qwen3_moe", dict(use_triton=False), 0),
@@ -213,6 +214,8 @@ def test_fusion_only_where_the_router_sees_every_row() -> None:
                 assert not layer.fuse_router_norm  # GLM's dense first layer
                 continue
             assert layer.fuse_router_norm
+            assert not load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, seed=1, fuse_router_norm=False,
+                                                     **kw), "dummy").model.layers[1].fuse_router_norm
             fused = [n for n in (1, 3, 8, 16, 17, 64) if layer.mlp.can_fuse_norm(torch.zeros(n, cfg["hidden_size"]))]
             assert fused == [n for n in (1, 3, 8, 16, 17, 64) if n <= rows], (arch, kw, fused)
 
