@@ -7,7 +7,7 @@ becomes a device-to-device copy of its send buffer into its receive buffer (what
 wire, self-copy included), and the sparse backend's counts exchange returns symmetric traffic (each peer
 sends this rank as many rows as it sends that peer). What is timed is therefore the pack, the index work,
 the loopback copies and the combine's gather-sum (on CUDA the pack and the combine are the Triton kernels of
-kernels/all2all_pack.py): the backend's own cost on top of the transport. Next to
+kernels/all2all/pack.py): the backend's own cost on top of the transport. Next to
 it: one copy of the same number of bytes (the floor for moving them once through HBM), and the copy
 bandwidth measured now. Routing: uniform random top-k. Steps up to --static-max-tokens run the sparse
 backend's static (CUDA-graph) mode and are timed as graph replays; larger ones its dynamic mode (one host

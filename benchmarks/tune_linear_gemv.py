@@ -22,9 +22,10 @@ is checked against F.linear before it is timed.
 The table (DIR/configs/linear_gemv_{gpu}.json, fp8: linear_gemv_fp8_{gpu}.json; copy it to kernels/configs/) gets a
 bucket ONLY where the best GEMV, timed again against the baseline (interleaved, median of 3 each), beat it by
 --min-speedup (3%): elsewhere the model keeps the baseline. It starts from the checked-in table for this GPU: the
-buckets this run timed are replaced (or removed where the baseline won), all others kept. DIR/tune_linear_gemv.json holds one report row per case
-{weights, shape, n, k, m, base, base_us, gemv_us, cfg, floor_us, fraction, ...} (floor: weight (+ scale) + activation
-bytes over the copy bandwidth measured in this process) and every candidate's time. Every distinct binary is compiled
+buckets this run timed are replaced (or removed where the baseline won), all others kept. DIR/tune_linear_gemv.json
+holds one report row per case {weights, shape, n, k, m, base, base_us, gemv_us, cfg, floor_us, fraction, ...}
+(floor: weight (+ scale) + activation bytes over the copy bandwidth measured in this process) and every candidate's
+time. Every distinct binary is compiled
 first in --jobs processes; after --budget-s (counted from the start) the remaining candidates are skipped and listed.
 Prints one line per case and 'tune_linear_gemv summary' last."""
 

@@ -78,7 +78,8 @@ def _check_case(case: dict, parallel: ParallelState) -> list[str]:
     stats = ExpertStats(1, case["experts"], torch.device("cpu"))
     disp = create_backend(case["backend"], parallel, case["experts"], case["capacity"], stats, **options)
     if case.get("triton"):  # the GPU's kernels (Triton interpreter here) instead of their torch references
-        from kernels import all2all_pack, all2all_route
+        from kernels.all2all import pack as all2all_pack
+        from kernels.all2all import route as all2all_route
 
         disp._route_kernel, disp._pack_kernel, disp._unpack_kernel, disp._combine_kernel, disp._pairs_kernel = (
             all2all_route.sparse_route, all2all_pack.sparse_pack, all2all_pack.sparse_unpack,

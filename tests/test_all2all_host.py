@@ -26,7 +26,8 @@ LAUNCHES = ["remainder", "index_add_", "triton:_route_exact_kernel", "allreduce_
 
 
 def _check(parallel: ParallelState, triton: bool) -> list[str]:
-    from kernels import all2all_pack, all2all_route
+    from kernels.all2all import pack as all2all_pack
+    from kernels.all2all import route as all2all_route
 
     rank, errors = parallel.ep_rank, []
     for num_tokens, hidden, experts, top_k, capacity, routing in CASES:

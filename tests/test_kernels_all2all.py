@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.all2all_pack import (
+from kernels.all2all.pack import (
     exchange_pairs,
     exchange_pairs_ref,
     sparse_combine,
@@ -15,7 +15,7 @@ from kernels.all2all_pack import (
     sparse_unpack,
     sparse_unpack_ref,
 )
-from kernels.all2all_route import sparse_route, sparse_route_exact, sparse_route_exact_ref, sparse_route_ref
+from kernels.all2all.route import sparse_route, sparse_route_exact, sparse_route_exact_ref, sparse_route_ref
 
 
 def _pack_inputs(num_tokens: int, hidden: int, top_k: int, num_ranks: int, num_rows: int, dtype: torch.dtype,
@@ -248,8 +248,8 @@ _SM90_PROBE = """
 import json, re, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import compile_sm90, report
-from kernels.all2all_pack import _pack_kernel
-from kernels.all2all_route import _route_exact_kernel, sparse_route_exact
+from kernels.all2all.pack import _pack_kernel
+from kernels.all2all.route import _route_exact_kernel, sparse_route_exact
 from kernels.fp8 import _group_quant_kernel
 import inspect
 src = inspect.getsource(sparse_route_exact)

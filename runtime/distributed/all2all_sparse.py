@@ -38,9 +38,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels import all2all_pack as pack_kernels
-from kernels import all2all_route as route_kernels
 from kernels import fp8 as fp8_kernels
+from kernels.all2all import pack as pack_kernels
+from kernels.all2all import route as route_kernels
 from runtime.distributed.all2all import FP8_GROUP, All2AllBackend, allgather_bytes, row_layout
 
 

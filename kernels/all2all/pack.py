@@ -1,5 +1,5 @@
 """The sparse all2all's data movement (runtime/distributed/all2all_sparse.py) after the routing layout
-(kernels/all2all_route.py): pack the send rows, unpack them, combine replies, count the exchanged pairs.
+(kernels/all2all/route.py): pack the send rows, unpack them, combine replies, count the exchanged pairs.
 
 pack: send row i carries the (token, rank) pair pair_of[i] = t * P + r (T * P: an empty row): the
   token's routing weights (0 where the slot's expert is not on rank r), r's local expert ids (-1 there), its

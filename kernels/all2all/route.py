@@ -1,5 +1,5 @@
 """The sparse all2all's routing layouts (runtime/distributed/all2all_sparse.py); the data movement that follows is
-kernels/all2all_pack.py.
+kernels/all2all/pack.py.
 
 route (the static, CUDA-graph layout): each token's destination ranks and local ids, and the slot of each
   (token, rank) pair in a block of C slots per destination (token order; C = T by default, a smaller capacity
