@@ -64,7 +64,8 @@ def test_fused_norm_equals_norm_then_router(num_tokens: int, dtype: torch.dtype,
 
 @pytest.mark.parametrize("variant", [dict(num_splits=3), dict(num_splits=1, gemv=True), dict(num_warps=2)])
 def test_fused_norm_grid_variants(variant: dict) -> None:
-    # any H split (3: a split boundary inside a write chunk), GEMM form or warp count writes all of x and r (40
+    # any H split (3: 128-column splits, the third past the last column: all masked; a split is whole BLOCK_H steps,
+    # so its boundaries never cut a 16-column write chunk), GEMM form or warp count writes all of x and r (40
     # experts: 3 expert tiles take the 16-column chunks in turn) and routes as the separate router would
     h, res, norm_w, w, _ = _inputs(5, 40, torch.float32, 7)
     x, r = rms_norm(h, norm_w, EPS, res)
