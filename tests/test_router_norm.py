@@ -75,6 +75,33 @@ def test_fused_norm_grid_variants(variant: dict) -> None:
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's stores")
+@pytest.mark.parametrize("num_tokens,num_experts,variant", [(3, 40, {}), (17, 40, {}), (5, 40, dict(num_splits=3)),
+                                                            (2, 72, dict(num_splits=1, gemv=True))])
+def test_fused_norm_stores_each_element_once(num_tokens: int, num_experts: int, variant: dict,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel's own stores, counted per address: every element of x and r exactly once over the grid (hidden 200
+    # is no multiple of 16 x the 3 or 5 expert tiles; two token blocks at 17; an empty split; the GEMV form)
+    from triton.runtime import interpreter
+
+    addresses: list[np.ndarray] = []
+    store = interpreter.InterpreterBuilder.create_masked_store
+
+    def counted(self, ptrs, value, mask, *args):  # noqa: ANN001, ANN202
+        addresses.append(ptrs.data[mask.data].astype(np.int64).ravel())
+        return store(self, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", counted)
+    h, res, norm_w, w, _ = _inputs(num_tokens, num_experts, torch.float32, 11)
+    _, _, x, r = route_fused_norm(h, res, norm_w, EPS, w, 3, True, **variant)
+    stored = np.concatenate(addresses)
+    for out in (x, r):
+        first = out.data_ptr()
+        mine = stored[(stored >= first) & (stored < first + out.numel() * out.element_size())]
+        counts = np.bincount((mine - first) // out.element_size(), minlength=out.numel())
+        assert counts.min() == 1 and counts.max() == 1, (counts.min(), counts.max())
+
+
 def _tree_sum(rows: torch.Tensor, warps: int, spt: int, reps: int) -> torch.Tensor:
     """sum(rows^2) per row [T] fp32 in the order of the norm kernel's sm90 reduction (kernels/router_norm.py): each
     of 32 * warps threads folds its REPS x SPT elements in register order, then a butterfly over lane bits 4..0 and
