@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import models.moe  # noqa: E402
 from kernels import router_fused, router_norm  # noqa: E402
+from kernels.moe_sum import TopKSlots  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
 from kernels.router_fused import route_fused, route_fused_norm, route_fused_norm_ref  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
@@ -225,6 +226,39 @@ def test_model_logits_unchanged_by_fusion(arch: str, monkeypatch: pytest.MonkeyP
     assert plain_launches.count(norm) - fused_launches.count(norm) == fused_norms
     # nothing else changed: the same launches in the same order, less the fused norms
     assert [e for e in fused_launches if e != norm] == [e for e in plain_launches if e != norm]
+
+
+def test_served_rank_fuses_and_counts_the_routing() -> None:
+    # a served rank's MoE (runtime/cluster/rank_loop.py build_engine: the LocalBackend dispatcher with the expert
+    # statistics) takes the fusion too, its sum deferred: the same slots as the separate norm then the layer, and the
+    # routing counted once per step in the statistics' step buffer, which the fused router writes itself
+    from benchmarks.count_launches import CONFIGS
+    from models.args import ModelArgs
+    from models.forward_batch import ForwardBatch
+    from models.loader import load_model
+    from runtime.distributed.all2all import LocalBackend
+    from runtime.distributed.expert_stats import ExpertStats
+    from runtime.distributed.parallel import single_rank
+
+    cfg = dict(CONFIGS["qwen3_moe"], num_hidden_layers=1)
+    stats = ExpertStats(1, cfg["num_experts"], torch.device(DEV), max_tokens=16)
+    local = LocalBackend(single_rank(DEV), cfg["num_experts"], 16, stats)
+    model = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=1,
+                                          fuse_router_norm=True, dispatcher=local), "dummy")
+    layer = model.model.layers[0]
+    h, res, norm_w = (t.to(DEV) for t in _inputs(3, 4, torch.float32, 5, hidden=cfg["hidden_size"])[:3])
+    layer.post_attention_layernorm.weight.data.copy_(norm_w)
+    batch = ForwardBatch(slot_mapping=torch.arange(3, device=DEV), cu_seqlens_q=None, seq_lens=None,
+                         block_tables=None, max_seqlen_q=1, max_seqlen_k=1, is_decode=True, kv_caches=[],
+                         attn_backend=None)
+    assert layer.fuse_router_norm and layer.defer_moe_sum and layer.mlp.can_fuse_norm(h)
+    fused, r = layer.mlp.forward_norm(h, res, norm_w, EPS, batch, defer_sum=True)
+    assert int(stats.routed_tokens.sum()) == 3 * cfg["num_experts_per_tok"]
+    x, want_r = rms_norm(h, norm_w, EPS, res)
+    plain = layer.mlp(x, batch, defer_sum=True)
+    assert isinstance(fused, TopKSlots) and torch.equal(r, want_r) and torch.equal(fused.topk_ids, plain.topk_ids)
+    assert torch.equal(fused.sum(), plain.sum())
+    assert int(stats.routed_tokens.sum()) == 2 * 3 * cfg["num_experts_per_tok"]
 
 
 def test_fusion_only_where_the_router_sees_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
