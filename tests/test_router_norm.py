@@ -335,3 +335,29 @@ def test_model_logits_unchanged_by_fusion_bf16_gpu(arch: str, monkeypatch: pytes
     norm = "triton:_rms_norm_kernel"
     assert plain_launches.count(norm) - fused_launches.count(norm) == 2, (plain_launches, fused_launches)
     assert torch.equal(fused, plain) and fused.abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Glm4MoeForCausalLM"])
+def test_engine_graphs_same_tokens_with_fusion_gpu(arch: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine with CUDA graphs, bf16, hidden GPU_MODEL_HIDDEN: 12 sequences finishing one by one, so the decode
+    # batches run from 12 (past the row limit: the separate norm) down to 1 (fused) in captured graphs; the same
+    # greedy tokens with the fusion on and off
+    from runtime import LLM, SamplingParams
+    from tests.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path / arch), arch, hidden_size=GPU_MODEL_HIDDEN)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=gen).tolist()} for n in range(3, 15)]
+    params = [SamplingParams(temperature=0, max_tokens=4 + 2 * i, ignore_eos=True) for i in range(len(prompts))]
+    tokens = {}
+    for fuse in ("0", "1"):
+        monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", fuse)
+        llm = LLM(model=path, dtype="bfloat16", device="cuda", block_size=16, kv_cache_memory=64 << 20,
+                  max_num_seqs=16)
+        fusing = [layer.fuse_router_norm for layer in llm.engine.model.model.layers]
+        assert any(fusing) == (fuse == "1"), fusing
+        tokens[fuse] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert tokens["1"] == tokens["0"] and [len(t) for t in tokens["1"]] == [p.max_tokens for p in params]
