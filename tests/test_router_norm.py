@@ -159,6 +159,26 @@ def test_norm_layout_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         route_fused_norm(*(torch.zeros(1, 64),) * 2, torch.ones(64), EPS, torch.zeros(4, 64), 2, True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's launches")
+def test_norm_layout_follows_the_norm_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the warps norm_layout replays (and the sm90 probe below compiles the norm kernel at) are those rms_norm really
+    # launches with, recorded (nothing runs), at the sizes of the models and of the GPU tests
+    from triton.runtime.interpreter import InterpretedFunction
+
+    hiddens = (256, 1024, 2048, 4096, 5120, 7168)
+    launched = []
+
+    def record(self, *args, grid, warmup, **kw):  # noqa: ANN001, ANN202
+        launched.append((self.fn.__name__, kw["num_warps"]))
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    for hidden in hiddens:
+        rms_norm(torch.zeros(1, hidden), torch.ones(hidden), EPS, torch.zeros(1, hidden))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # norm_layout's GPU answer
+    want = [router_norm.norm_layout(h, torch.bfloat16, torch.device("cuda"))[0] for h in hiddens]
+    assert launched == [("_rms_norm_kernel", w) for w in want], launched
+
+
 _NORM_PTX_PROBE = """
 import json, re, sys, torch, triton
 sys.path.insert(0, "benchmarks")
