@@ -374,7 +374,7 @@ def test_engine_graphs_same_tokens_with_fusion_gpu(arch: str, tmp_path, monkeypa
     for fuse in ("0", "1"):
         monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", fuse)
         llm = LLM(model=path, dtype="bfloat16", device="cuda", block_size=16, kv_cache_memory=64 << 20,
-                  max_num_seqs=16)
+                  max_num_seqs=16, max_num_batched_tokens=128, max_model_len=64)  # a short warm-up
         fusing = [layer.fuse_router_norm for layer in llm.engine.model.model.layers]
         assert any(fusing) == (fuse == "1"), fusing
         tokens[fuse] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
