@@ -74,6 +74,12 @@ def _rms_norm_kernel(
     tl.store(out_ptr + t * stride_o + c, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def rms_norm_num_warps(block: int) -> int:
+    # the launch's warps for a [block] row: they set the order of the row's fp32 sum of squares, which
+    # kernels/router_norm.py replays bit for bit (its norm_layout asks here)
+    return min(16, max(1, block // 512))
+
+
 def rms_norm(
     x: torch.Tensor | TopKSlots,  # [num_tokens, hidden], or a MoE layer's top-k slots (residual required)
     weight: torch.Tensor,  # [hidden]
@@ -107,6 +113,6 @@ def rms_norm(
             res_out.stride(0), extra.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
             TOP_K=slots.topk_ids.shape[1] if slots is not None else 0,
             HAS_EXTRA=slots is not None and slots.extra is not None, PDL=pdl,
-            num_warps=min(16, max(1, block // 512)), **launch_kwargs(pdl),
+            num_warps=rms_norm_num_warps(block), **launch_kwargs(pdl),
         )
     return out if residual is None else (out, res_out)

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.norm import rms_norm_num_warps
+
 # the fusion is taken up to this many rows (a static choice per batch size: CUDA graphs). Every program re-reads
 # its rows whole for the sum of squares (8 KB of h and residual a row at hidden 2048, from L2): nothing at one row,
 # 64 KB a program at 8 against the ~1.7 us launch it saves; unmeasured past 8 (the kernel takes up to 16 rows per
@@ -43,8 +45,8 @@ TREE_SPT = 8  # elements per thread of the norm kernel's 16-byte vectors of a 16
 
 
 def norm_warps(block: int) -> int:
-    # kernels/norm.py rms_norm's launch
-    return min(16, max(1, block // 512))
+    # kernels/norm.py rms_norm's launch (one definition: a retuned norm launch moves the replayed order with it)
+    return rms_norm_num_warps(block)
 
 
 def norm_layout(hidden: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int] | None:

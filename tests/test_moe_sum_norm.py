@@ -5,6 +5,7 @@ and off."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -107,16 +108,18 @@ def test_experts_defer_sum(num_tokens: int, path: str) -> None:
 # ------------------------------------------------------------------------------------------- whole models
 
 
-def _logits(arch: str, defer: bool, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[str], list[bool]]:
+def _logits(arch: str, defer: bool, dtype: torch.dtype = torch.float32,
+            **overrides: Any) -> tuple[torch.Tensor, list[str], list[bool]]:
     """(logits of a 2-sequence prefill and a 1-token decode step, the Triton path's launches, each layer's
-    defer_moe_sum); tiny model, the Triton kernels (interpreter on the CPU)."""
+    defer_moe_sum); tiny model (overrides: config.json keys, e.g. hidden_size), the Triton kernels (interpreter on
+    the CPU)."""
     from benchmarks.count_launches import CONFIGS, count_launches
     from models.args import ModelArgs
     from models.forward_batch import ForwardBatch
     from models.loader import load_model
     from runtime.engine.attention_backend import triton_attention
 
-    cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2)  # GLM: dense, MoE, MoE
+    cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2, **overrides)  # GLM: dense, MoE, MoE
     model = load_model("", cfg, ModelArgs(dtype=dtype, device=DEV, use_triton=True, seed=3), "dummy")
     for layer in model.model.layers:
         layer.defer_moe_sum = layer.defer_moe_sum and defer

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import models.moe  # noqa: E402
 from kernels import router_fused, router_norm  # noqa: E402
+from kernels.moe_sum import TopKSlots  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
 from kernels.router_fused import route_fused, route_fused_norm, route_fused_norm_ref  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
@@ -22,6 +23,10 @@ from tests.sm90 import run_sm90_probe  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 HIDDEN = 200  # not a power of two: masked columns in the norm's 256-wide row
+# the bf16 GPU model test's hidden size: the tiny configs' 64 has no known GPU sum order (norm_layout None: a
+# 64-wide row is under one warp's 16-byte vectors), so there the fusion would not run at all; 1024 is a 2-warp,
+# 2-repeat layout (the warp butterfly and the second repeat in play)
+GPU_MODEL_HIDDEN = 1024
 
 
 def _inputs(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int, router_dtype: torch.dtype | None = None,
@@ -60,7 +65,8 @@ def test_fused_norm_equals_norm_then_router(num_tokens: int, dtype: torch.dtype,
 
 @pytest.mark.parametrize("variant", [dict(num_splits=3), dict(num_splits=1, gemv=True), dict(num_warps=2)])
 def test_fused_norm_grid_variants(variant: dict) -> None:
-    # any H split (3: a split boundary inside a write chunk), GEMM form or warp count writes all of x and r (40
+    # any H split (3: 128-column splits, the third past the last column: all masked; a split is whole BLOCK_H steps,
+    # so its boundaries never cut a 16-column write chunk), GEMM form or warp count writes all of x and r (40
     # experts: 3 expert tiles take the 16-column chunks in turn) and routes as the separate router would
     h, res, norm_w, w, _ = _inputs(5, 40, torch.float32, 7)
     x, r = rms_norm(h, norm_w, EPS, res)
@@ -68,6 +74,33 @@ def test_fused_norm_grid_variants(variant: dict) -> None:
     got = route_fused_norm(h, res, norm_w, EPS, w, 3, False, **variant)
     assert torch.equal(got[2], x) and torch.equal(got[3], r)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's stores")
+@pytest.mark.parametrize("num_tokens,num_experts,variant", [(3, 40, {}), (17, 40, {}), (5, 40, dict(num_splits=3)),
+                                                            (2, 72, dict(num_splits=1, gemv=True))])
+def test_fused_norm_stores_each_element_once(num_tokens: int, num_experts: int, variant: dict,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel's own stores, counted per address: every element of x and r exactly once over the grid (hidden 200
+    # is no multiple of 16 x the 3 or 5 expert tiles; two token blocks at 17; an empty split; the GEMV form)
+    from triton.runtime import interpreter
+
+    addresses: list[np.ndarray] = []
+    store = interpreter.InterpreterBuilder.create_masked_store
+
+    def counted(self, ptrs, value, mask, *args):  # noqa: ANN001, ANN202
+        addresses.append(ptrs.data[mask.data].astype(np.int64).ravel())
+        return store(self, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", counted)
+    h, res, norm_w, w, _ = _inputs(num_tokens, num_experts, torch.float32, 11)
+    _, _, x, r = route_fused_norm(h, res, norm_w, EPS, w, 3, True, **variant)
+    stored = np.concatenate(addresses)
+    for out in (x, r):
+        first = out.data_ptr()
+        mine = stored[(stored >= first) & (stored < first + out.numel() * out.element_size())]
+        counts = np.bincount((mine - first) // out.element_size(), minlength=out.numel())
+        assert counts.min() == 1 and counts.max() == 1, (counts.min(), counts.max())
 
 
 def _tree_sum(rows: torch.Tensor, warps: int, spt: int, reps: int) -> torch.Tensor:
@@ -119,9 +152,31 @@ def test_norm_layout_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert router_norm.norm_layout(256, torch.bfloat16, cuda) == (1, 8, 1)
     for hidden, dtype in ((2040, torch.bfloat16), (2048, torch.float32), (64, torch.bfloat16)):
         assert router_norm.norm_layout(hidden, dtype, cuda) is None  # unknown order: the separate norm
+    # the GPU model test's hidden size is one the fusion takes on a GPU (the tiny configs' 64 is not)
+    assert router_norm.norm_layout(GPU_MODEL_HIDDEN, torch.bfloat16, cuda) == (2, 8, 2)
     monkeypatch.setattr(router_fused, "norm_layout", lambda *_: None)
     with pytest.raises(ValueError, match="no known sum order"):
         route_fused_norm(*(torch.zeros(1, 64),) * 2, torch.ones(64), EPS, torch.zeros(4, 64), 2, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's launches")
+def test_norm_layout_follows_the_norm_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the warps norm_layout replays (and the sm90 probe below compiles the norm kernel at) are those rms_norm really
+    # launches with, recorded (nothing runs), at the sizes of the models and of the GPU tests
+    from triton.runtime.interpreter import InterpretedFunction
+
+    hiddens = (256, 1024, 2048, 4096, 5120, 7168)
+    launched = []
+
+    def record(self, *args, grid, warmup, **kw):  # noqa: ANN001, ANN202
+        launched.append((self.fn.__name__, kw["num_warps"]))
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    for hidden in hiddens:
+        rms_norm(torch.zeros(1, hidden), torch.ones(hidden), EPS, torch.zeros(1, hidden))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # norm_layout's GPU answer
+    want = [router_norm.norm_layout(h, torch.bfloat16, torch.device("cuda"))[0] for h in hiddens]
+    assert launched == [("_rms_norm_kernel", w) for w in want], launched
 
 
 _NORM_PTX_PROBE = """
@@ -193,6 +248,39 @@ def test_model_logits_unchanged_by_fusion(arch: str, monkeypatch: pytest.MonkeyP
     assert [e for e in fused_launches if e != norm] == [e for e in plain_launches if e != norm]
 
 
+def test_served_rank_fuses_and_counts_the_routing() -> None:
+    # a served rank's MoE (runtime/cluster/rank_loop.py build_engine: the LocalBackend dispatcher with the expert
+    # statistics) takes the fusion too, its sum deferred: the same slots as the separate norm then the layer, and the
+    # routing counted once per step in the statistics' step buffer, which the fused router writes itself
+    from benchmarks.count_launches import CONFIGS
+    from models.args import ModelArgs
+    from models.forward_batch import ForwardBatch
+    from models.loader import load_model
+    from runtime.distributed.all2all import LocalBackend
+    from runtime.distributed.expert_stats import ExpertStats
+    from runtime.distributed.parallel import single_rank
+
+    cfg = dict(CONFIGS["qwen3_moe"], num_hidden_layers=1)
+    stats = ExpertStats(1, cfg["num_experts"], torch.device(DEV), max_tokens=16)
+    local = LocalBackend(single_rank(DEV), cfg["num_experts"], 16, stats)
+    model = load_model("", cfg, ModelArgs(dtype=torch.float32, device=DEV, use_triton=True, seed=1,
+                                          fuse_router_norm=True, dispatcher=local), "dummy")
+    layer = model.model.layers[0]
+    h, res, norm_w = (t.to(DEV) for t in _inputs(3, 4, torch.float32, 5, hidden=cfg["hidden_size"])[:3])
+    layer.post_attention_layernorm.weight.data.copy_(norm_w)
+    batch = ForwardBatch(slot_mapping=torch.arange(3, device=DEV), cu_seqlens_q=None, seq_lens=None,
+                         block_tables=None, max_seqlen_q=1, max_seqlen_k=1, is_decode=True, kv_caches=[],
+                         attn_backend=None)
+    assert layer.fuse_router_norm and layer.defer_moe_sum and layer.mlp.can_fuse_norm(h)
+    fused, r = layer.mlp.forward_norm(h, res, norm_w, EPS, batch, defer_sum=True)
+    assert int(stats.routed_tokens.sum()) == 3 * cfg["num_experts_per_tok"]
+    x, want_r = rms_norm(h, norm_w, EPS, res)
+    plain = layer.mlp(x, batch, defer_sum=True)
+    assert isinstance(fused, TopKSlots) and torch.equal(r, want_r) and torch.equal(fused.topk_ids, plain.topk_ids)
+    assert torch.equal(fused.sum(), plain.sum())
+    assert int(stats.routed_tokens.sum()) == 2 * 3 * cfg["num_experts_per_tok"]
+
+
 def test_fusion_only_where_the_router_sees_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
     # the torch reference path, EP x TP (each TP rank routes a slice) and dense layers keep the separate norm; past
     # the row limit (or GLM's fp32 router's) the choice is the separate norm too
@@ -256,11 +344,40 @@ def test_fused_norm_gpu_bit_exact_and_replays(shape: str, num_tokens: int) -> No
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
 def test_model_logits_unchanged_by_fusion_bf16_gpu(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the GPU sum order inside whole models: hidden GPU_MODEL_HIDDEN (at the tiny configs' 64 nothing would fuse);
+    # the 1-token decode step fuses each MoE layer's norm (2 in both), the 12-token prefill is past the row limit
     from tests.test_moe_sum_norm import _logits
 
     monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "0")
-    plain, plain_launches, _ = _logits(arch, defer=True, dtype=torch.bfloat16)
+    plain, plain_launches, _ = _logits(arch, defer=True, dtype=torch.bfloat16, hidden_size=GPU_MODEL_HIDDEN)
     monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", "1")
-    fused, fused_launches, _ = _logits(arch, defer=True, dtype=torch.bfloat16)
+    fused, fused_launches, _ = _logits(arch, defer=True, dtype=torch.bfloat16, hidden_size=GPU_MODEL_HIDDEN)
     norm = "triton:_rms_norm_kernel"
-    assert torch.equal(fused, plain) and fused_launches.count(norm) < plain_launches.count(norm)
+    assert plain_launches.count(norm) - fused_launches.count(norm) == 2, (plain_launches, fused_launches)
+    assert torch.equal(fused, plain) and fused.abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Glm4MoeForCausalLM"])
+def test_engine_graphs_same_tokens_with_fusion_gpu(arch: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine with CUDA graphs, bf16, hidden GPU_MODEL_HIDDEN: 12 sequences finishing one by one, so the decode
+    # batches run from 12 (past the row limit: the separate norm) down to 1 (fused) in captured graphs; the same
+    # greedy tokens with the fusion on and off
+    from runtime import LLM, SamplingParams
+    from tests.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path / arch), arch, hidden_size=GPU_MODEL_HIDDEN)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(3, 500, (n,), generator=gen).tolist()} for n in range(3, 15)]
+    params = [SamplingParams(temperature=0, max_tokens=4 + 2 * i, ignore_eos=True) for i in range(len(prompts))]
+    tokens = {}
+    for fuse in ("0", "1"):
+        monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", fuse)
+        llm = LLM(model=path, dtype="bfloat16", device="cuda", block_size=16, kv_cache_memory=64 << 20,
+                  max_num_seqs=16, max_num_batched_tokens=128, max_model_len=64)  # a short warm-up
+        fusing = [layer.fuse_router_norm for layer in llm.engine.model.model.layers]
+        assert any(fusing) == (fuse == "1"), fusing
+        tokens[fuse] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert tokens["1"] == tokens["0"] and [len(t) for t in tokens["1"]] == [p.max_tokens for p in params]
