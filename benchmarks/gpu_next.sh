@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device calls after 2026-11-30's session 8 (issues 16, 17). One H200 unless said; PHASES picks (default 123).
-#   phase 1 (~4 min): GPU tests of what session 8 merged after its last GPU call (the served engine's fused top-k sum,
+#   phase 1 (~6 min): GPU tests of what session 8 merged after its last GPU call (the served engine's fused top-k sum,
 #     the restored FP8 o_proj GEMV entries, the router-norm fusion's bit-exactness, the attention q saturation), then
 #     the decode step with the router norm off/on (MOE_RT_FUSE_ROUTER_NORM, default off until this measures it) and
 #     the served engine's step with the fused top-k sum off/on (it was not fused there before the review).
@@ -17,8 +17,10 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 PHASES=${PHASES:-123}
 if [[ $PHASES == *1* ]]; then
-  timeout 200 python3 -m pytest -q -m gpu tests/test_router_norm.py tests/test_moe_sum_norm.py \
-    tests/test_linear_gemv_fp8.py tests/test_attention_fp8_dot.py tests/test_pdl.py 2>&1 | tail -3
+  timeout 300 python3 -m pytest -q -m gpu tests/test_router_norm.py 2>&1 | tail -3
+  timeout 200 python3 -m pytest -q -m gpu tests/test_moe_sum_norm.py tests/test_linear_gemv_fp8.py \
+    tests/test_attention_fp8_dot.py tests/test_pdl.py 2>&1 | tail -3
+  timeout 60 python3 benchmarks/bench_router.py --out $OUT/br --m 1,2,4,8 --shapes qwen3,glm45air --norm 2>&1 | tail -8
   for f in 0 1; do
     MOE_RT_FUSE_ROUTER_NORM=$f timeout 100 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8,64 \
       --async-scheduling --steps 30 --out $OUT/e2e_router_norm$f.json 2>&1 | grep SUMMARY | sed "s/^/router_norm=$f /"
