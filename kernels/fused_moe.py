@@ -20,7 +20,7 @@ from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
-from kernels.moe_sum import TopKSlots, _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.moe_sum import TopKSlots, _one_token_sum, _sum_counters, moe_sum
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.tiles import grouped_tile
 
@@ -303,11 +303,10 @@ def fused_experts_aligned(
         TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl, **launch_kwargs(pdl),
     )
     if not fused_sum:
+        slots = TopKSlots(y, topk_ids)
         if defer_sum:  # the consumer sums (kernels/norm.py: with the residual add and the next norm)
-            return TopKSlots(y, topk_ids)
-        block_n = min(1024, triton.next_power_of_2(h))
-        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n,
-                                                               PDL=pdl, **launch_kwargs(pdl))
+            return slots
+        moe_sum(slots, out, pdl)
     return out
 
 

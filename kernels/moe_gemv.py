@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_sum import TopKSlots, _moe_sum_kernel, _one_token_sum, _sum_counters
+from kernels.moe_sum import TopKSlots, _one_token_sum, _sum_counters, moe_sum
 from kernels.pdl import env_switch, launch_kwargs, pdl_release, pdl_supported, pdl_wait
 
 GEMV_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -343,9 +343,8 @@ def gemv_experts(
         num_warps=down["num_warps"], **launch_kwargs(pdl),
     )
     if not fused_sum:
+        slots = TopKSlots(y, topk_ids)
         if defer_sum:  # the consumer sums (kernels/norm.py: with the residual add and the next norm)
-            return TopKSlots(y, topk_ids)
-        block_n = min(1024, triton.next_power_of_2(h))
-        _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, topk_ids, out, h, TOP_K=top_k, BLOCK_N=block_n,
-                                                               PDL=pdl, **launch_kwargs(pdl))
+            return slots
+        moe_sum(slots, out, pdl)
     return out

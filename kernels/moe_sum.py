@@ -132,17 +132,20 @@ def _sum_counters(n: int, device: torch.device) -> torch.Tensor:
     return zeroed_counters(_COUNTERS, n, device, 1024)  # the fused top-k sum's arrivals per column tile
 
 
-def moe_sum(slots: TopKSlots) -> torch.Tensor:
-    """The sum TopKSlots defines, [num_tokens, hidden] in y's dtype (the MoE layer's output as it is today)."""
+def moe_sum(slots: TopKSlots, out: torch.Tensor | None = None, pdl: bool | None = None) -> torch.Tensor:
+    """The sum TopKSlots defines, [num_tokens, hidden] in y's dtype (the MoE layer's output as it is today), into
+    out (contiguous [num_tokens, hidden], y's dtype) when given: the experts' own separate top-k sum launch, with
+    their PDL choice (None: the global switch)."""
     slots.check()
     num_tokens, top_k = slots.topk_ids.shape
     y, h = slots.y, slots.hidden
     if y.stride(0) != h:
         raise ValueError(f"moe_sum needs contiguous y rows of {h}, got stride {y.stride(0)}")
-    out = torch.empty(num_tokens, h, dtype=y.dtype, device=y.device)
+    if out is None:
+        out = torch.empty(num_tokens, h, dtype=y.dtype, device=y.device)
     if num_tokens:
         block_n = min(1024, triton.next_power_of_2(h))
-        pdl = pdl_enabled(y.device)
+        pdl = pdl_enabled(y.device) if pdl is None else pdl
         _moe_sum_kernel[(num_tokens, triton.cdiv(h, block_n))](y, slots.topk_ids, out, h, TOP_K=top_k,
                                                                BLOCK_N=block_n, PDL=pdl, **launch_kwargs(pdl))
     if slots.extra is not None:
