@@ -15,7 +15,6 @@ kernels/decode_attention.py gives the measured numbers, and decode's fp8_q2 (q a
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -23,6 +22,8 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
+from kernels.fp8 import native_e4m3_cvt as _native_fp8_cvt  # noqa: F401 (the attention kernels' name)
+from kernels.fp8 import widen_e4m3 as _widen_fp8  # noqa: F401 (the attention kernels' name)
 
 # FP8 tensor-core attention (the FP8_DOT variant): q and the softmax probabilities rounded to e4m3 for e4m3 x e4m3
 # dots with fp32 accumulation, as FlashAttention-3's FP8 path. p is scaled by 2^P_LOG2_SCALE (exact) so that its
@@ -97,19 +98,6 @@ def _q_low_part(qs, q8, INTERP: tl.constexpr):
     return _to_e4m3((qs - q8.to(tl.float32)) * Q_LO_SCALE, INTERP)
 
 
-@triton.jit
-def _widen_fp8(x):
-    # e4m3 -> fp16 (exact; sm89+), two values per instruction as in Triton's own cast, four per asm instance (one
-    # 32-bit register of bytes, no byte shuffles). The asm is marked impure so that Triton cannot hoist the
-    # tile's layout change into the dot's operand above it: the change then moves fp16 (ldmatrix) instead of
-    # gathering single FP8 bytes from shared memory (the V tile: LDS.U8 per value; compiled for sm90 at BLOCK_N 64 /
-    # 128: 1528 / 2048 SASS instructions -> 1024 / 1312, 147 / 198 registers -> 106 / 186, at the cost of a 16-bit
-    # staging tile in shared memory)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
-
-
 # ---------------------------------------------------------------- host side
 
 
@@ -129,11 +117,3 @@ def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tens
     if dtype != FP8_DTYPE:
         return x.to(dtype)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def _native_fp8_cvt(device: torch.device) -> bool:
-    # cvt.*.e4m3x2 is sm89+ PTX, and the interpreter runs no PTX
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)

@@ -7,6 +7,9 @@ q [M, K] e4m3 and scale [M, ceil(K/128)] fp32.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -18,6 +21,28 @@ FP8_BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 _MIN_SCALE = 1e-12  # an all-zero group still gets a finite, positive scale
+
+
+@triton.jit
+def widen_e4m3(x):
+    # e4m3 -> fp16 (exact; sm89+ PTX), two values per instruction as in Triton's own cast, four per asm instance (one
+    # 32-bit register of bytes, no byte shuffles). Impure, so that Triton cannot hoist a dot operand's layout change
+    # above it: the change then moves fp16 (ldmatrix) instead of gathering single FP8 bytes from shared memory (the
+    # attention's V tile: LDS.U8 per value; compiled for sm90 at BLOCK_N 64 / 128: 1528 / 2048 SASS instructions ->
+    # 1024 / 1312, 147 / 198 registers -> 106 / 186, at the cost of a 16-bit staging tile in shared memory).
+    # Used where native_e4m3_cvt says so (kernels/attention_fp8.py, kernels/linear_gemv.py)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@functools.lru_cache(maxsize=8)
+def native_e4m3_cvt(device: torch.device) -> bool:
+    """Whether widen_e4m3's PTX runs here: cvt.*.e4m3x2 is sm89+, and the interpreter runs no PTX (Triton's cast
+    there, the same values)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def quantize_weight_block(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

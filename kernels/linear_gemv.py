@@ -32,15 +32,12 @@ linear (kernels/fp8_linear.py, which also rounds x to e4m3: the W8A16 result is 
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
-from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block
+from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block, native_e4m3_cvt, widen_e4m3
 from kernels.linear_gemv_config import MAX_ROWS, check_config, table_config
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
@@ -69,21 +66,11 @@ def _w_tile(w_ptrs, k0, K, offs_k, nmask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_to_f16(w):
-    # e4m3 -> fp16, exact (sm89+ PTX): one packed conversion per two values, four values (one register of bytes) per
-    # asm instance. Impure, so that Triton cannot hoist a dot operand's layout change above it: the change then moves
-    # fp16, not single FP8 bytes (kernels/attention_fp8.py _widen_fp8)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-        "=r,=r,r", [w], dtype=tl.float16, is_pure=False, pack=4)
-
-
-@triton.jit
 def _widen(w, dtype: tl.constexpr, FP8: tl.constexpr, WIDEN_ASM: tl.constexpr):
     # the weight tile in dtype: e4m3 through fp16 (exact, every e4m3 value is an fp16 and a bf16 one); without
     # WIDEN_ASM (the interpreter, pre-sm89) Triton's cast, the same values
     if FP8 and WIDEN_ASM:
-        w = _e4m3_to_f16(w)
+        w = widen_e4m3(w)  # kernels/fp8.py: impure, so no layout change is hoisted above it
     return w.to(dtype)
 
 
@@ -254,14 +241,6 @@ def gemv_linear_fp8_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv:
     return y.to(x.dtype)
 
 
-@functools.cache
-def _native_e4m3(device: torch.device) -> bool:
-    # cvt.rn.f16x2.e4m3x2 is sm89+ PTX; the interpreter runs no PTX (Triton's cast there, the same values)
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
             config: dict | None, n: int, k: int, what: str) -> torch.Tensor:
     # both wrappers after their checks: scale is weight_scale_inv for an e4m3 weight, else None
@@ -298,7 +277,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         steps_per_split * block_k, x2.stride(0), weight.stride(0), scale.stride(0) if fp8 else 0, out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=16 if dot else triton.next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split, EVEN_K=k % block_k == 0, DOT=dot, IEEE=x.dtype == torch.float32,
-        NUM_STAGES=cfg["num_stages"], PDL=pdl, FP8=fp8, WIDEN_ASM=fp8 and _native_e4m3(x.device),
+        NUM_STAGES=cfg["num_stages"], PDL=pdl, FP8=fp8, WIDEN_ASM=fp8 and native_e4m3_cvt(x.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     return out.view(*x.shape[:-1], n)
