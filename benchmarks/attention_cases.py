@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.attention import paged_attention_prefill
-from kernels.decode_attention import decode_config_splits, paged_attention_decode, paged_attention_decode_ref
+from kernels.attention.decode import decode_config_splits, paged_attention_decode, paged_attention_decode_ref
+from kernels.attention.prefill import paged_attention_prefill
 
 HEAD_DIM, BLOCK = 128, 16
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}

@@ -30,8 +30,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.attention import _prefill_kernel  # noqa: E402
-from kernels.decode_attention import _decode_kernel  # noqa: E402
+from kernels.attention.decode import _decode_kernel  # noqa: E402
+from kernels.attention.prefill import _prefill_kernel  # noqa: E402
 
 HEAD_DIM, BLOCK = 128, 16
 _TYPES = {"bf16": "bf16", "fp8": "fp8e4nv"}

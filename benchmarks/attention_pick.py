@@ -9,7 +9,7 @@ import math
 
 import attention_cases as ac
 
-from kernels.attention_config import DECODE_KNOB_DEFAULTS, config_key
+from kernels.attention.config import DECODE_KNOB_DEFAULTS, config_key
 
 SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SMALL_BATCH (tuned on the B=1 cases)
 

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_moe import bench_graph, measure_ceilings  # noqa: E402
 
-from kernels.attention import paged_attention_prefill  # noqa: E402
-from kernels.attention_config import decode_config, prefill_config, with_fp8_dot  # noqa: E402
-from kernels.decode_attention import paged_attention_decode  # noqa: E402
+from kernels.attention.config import decode_config, prefill_config, with_fp8_dot  # noqa: E402
+from kernels.attention.decode import paged_attention_decode  # noqa: E402
+from kernels.attention.prefill import paged_attention_prefill  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
 SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV heads (head_dim 128 both)

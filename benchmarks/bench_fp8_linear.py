@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.fp8_linear import _config, _num_sms, _resolve, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.linear.w8a8 import _config, _num_sms, _resolve, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 SHAPES = {  # name: (N, K)
     "qkv": (5120, 2048),  # Qwen3-30B-A3B: 32 q + 4 k + 4 v heads of 128, hidden 2048

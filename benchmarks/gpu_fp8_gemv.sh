@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 8 (issue 16): the weight-only FP8 GEMV of the attention projections (kernels/linear_gemv.py) tuned against
+# Session 8 (issue 16): the weight-only FP8 GEMV of the attention projections (kernels/linear/gemv.py) tuned against
 # the W8A8 linear on one H200, its table put in use, the FP8 decode step at B=1/8, then its GPU tests (~7 minutes).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \

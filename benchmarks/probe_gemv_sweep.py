@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import tuning
-from kernels.linear_gemv import gemv_linear
-from kernels.linear_gemv_config import check_config
+from kernels.linear.gemv import gemv_linear
+from kernels.linear.gemv_config import check_config
 
 COPY_TBPS = 4.24  # an H200's measured copy bandwidth
 L2_BYTES = 50e6

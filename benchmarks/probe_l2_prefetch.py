@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import linear_gemv
+from kernels.linear import gemv as linear_gemv
 from kernels.moe_gemv import _prefetch_l2
 
 COPY_TBPS = 4.24  # an H200's measured copy bandwidth (benchmarks/RESULTS.md)

@@ -31,7 +31,7 @@ then serves this process), each measurement runs at most --rep-ms (heavy extend 
 once --budget-s has passed the remaining candidates are skipped and listed.
 
 Writes DIR/tune_attention.json (every row, the best per case and per table key) and
-DIR/configs/attention_{gpu}.json, the file kernels/attention_config.py looks up (copy it to kernels/configs/).
+DIR/configs/attention_{gpu}.json, the file kernels/attention/config.py looks up (copy it to kernels/configs/).
 Prints one line per measurement and 'tune_attention summary' last.
 """
 
@@ -66,8 +66,8 @@ from attention_pick import SMALL_BATCH, merge_table, pick, pick_small_batch  # n
 from bench_moe import measure_ceilings  # noqa: E402
 from tuning import Budget, rel_err  # noqa: E402
 
-import kernels.attention_config as acfg  # noqa: E402
-from kernels.attention_config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name  # noqa: E402
+import kernels.attention.config as acfg  # noqa: E402
+from kernels.attention.config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 # (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
@@ -110,7 +110,7 @@ SPLIT_RULES = [(1, 64), (2, 64), (2, 128), (2, 256), (4, 64), (4, 128)] + DECODE
 PREFILL_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
                  (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (256, 32, 16, 3), (128, 128, 8, 4), (128, 128, 8, 5),
                  (256, 64, 16, 3)]
-# prefill variant keys (kernels/attention_config.py), each timed on the tiles the last H200 table chose (and the
+# prefill variant keys (kernels/attention/config.py), each timed on the tiles the last H200 table chose (and the
 # runner-up). RAGGED reads the chunk's keys from the contiguous K/V the case passes (a bf16 cache only: with FP8 it
 # is the plain kernel again, not swept); its rows are printed beside the others and enter the table only with
 # --pick-ragged (the model passes no K/V to the kernel yet: its fused prologue stores them straight into pages).
@@ -385,7 +385,7 @@ def main() -> None:
 
 
 def _is_default(row: dict) -> bool:
-    from kernels.attention_config import default_decode_config, default_prefill_config
+    from kernels.attention.config import default_decode_config, default_prefill_config
 
     if row["kind"] == "decode":
         return row["cfg"] == default_decode_config(HEAD_DIM)

@@ -1,4 +1,4 @@
-"""Sweep the block-scaled FP8 linear's configs on this GPU and write the table kernels/fp8_linear_config.py reads.
+"""Sweep the block-scaled FP8 linear's configs on this GPU and write the table kernels/linear/w8a8_config.py reads.
 
 python benchmarks/tune_fp8_linear.py --out DIR [--budget-s 200] [--jobs 12] [--m 1,2,4,...] [--shapes qkv,o,...]
                                      [--extra-shapes 2560x2048,...]  (N x K of other layers, e.g. a TP shard's)
@@ -44,8 +44,8 @@ from benchmarks.bench_fp8_linear import ALL_SHAPES, NUM_ROT  # noqa: E402
 from benchmarks.bench_moe import measure_ceilings  # noqa: E402
 from benchmarks.tuning import Budget, sweep  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
-from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
-from kernels.fp8_linear_config import KEYS, _split, config_file_name, shape_key  # noqa: E402
+from kernels.linear.w8a8 import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.linear.w8a8_config import KEYS, _split, config_file_name, shape_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 M_BUCKETS = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096"

@@ -1,4 +1,4 @@
-"""Measure the dense GEMV linear (kernels/linear_gemv.py) against its baseline on this GPU and write its tables.
+"""Measure the dense GEMV linear (kernels/linear/gemv.py) against its baseline on this GPU and write its tables.
 
 python benchmarks/tune_linear_gemv.py --shapes qwen3,glm45air --tp 1,2 --m 1,2,4,8,16 --out-dir DIR [--weights bf16,fp8]
     [--budget-s 200] [--jobs 14] [--rep-ms 2] [--min-speedup 1.03]      (--shapes also takes N x K: 5120x2048)
@@ -6,7 +6,7 @@ TRITON_INTERPRET=1 python benchmarks/tune_linear_gemv.py --dry-run --out-dir DIR
 
 --weights bf16 (the default): 16-bit weights, the GEMV against cuBLAS (F.linear). --weights fp8: e4m3 weights with
 [128, 128] block scales, the weight-only FP8 GEMV (gemv_linear_fp8, activations stay bf16) against the W8A8 block
-linear (kernels/fp8_linear.py w8a8_block_linear with its own tuned table or heuristic config), on the shapes whose
+linear (kernels/linear/w8a8.py w8a8_block_linear with its own tuned table or heuristic config), on the shapes whose
 merged parts are in whole 128-blocks (the ones the model keeps in FP8); candidates checked against the dequantized
 weight's product in fp32. FP8 candidates: FMA tiles 4-64 columns wide with K steps of 128-2048 bytes a row, split K
 for 2-16 programs per SM (the M=1 projections are latency-bound); tl.dot tiles with one scale block per K step.
@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import tuning  # noqa: E402
 from benchmarks.bench_e2e import GLM_4_5_AIR, QWEN3_30B_A3B  # noqa: E402
 from benchmarks.tuning import Budget  # noqa: E402
-from kernels import linear_gemv_config  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
-from kernels.fp8_linear import w8a8_block_linear  # noqa: E402
-from kernels.linear_gemv import gemv_linear, gemv_linear_fp8, gemv_linear_fp8_ref  # noqa: E402
-from kernels.linear_gemv_config import MAX_ROWS, check_config, config_file_name, shape_key  # noqa: E402
+from kernels.linear import gemv_config as linear_gemv_config  # noqa: E402
+from kernels.linear.gemv import gemv_linear, gemv_linear_fp8, gemv_linear_fp8_ref  # noqa: E402
+from kernels.linear.gemv_config import MAX_ROWS, check_config, config_file_name, shape_key  # noqa: E402
+from kernels.linear.w8a8 import w8a8_block_linear  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --dry-run under TRITON_INTERPRET=1 (the logic only)

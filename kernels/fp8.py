@@ -30,7 +30,7 @@ def widen_e4m3(x):
     # above it: the change then moves fp16 (ldmatrix) instead of gathering single FP8 bytes from shared memory (the
     # attention's V tile: LDS.U8 per value; compiled for sm90 at BLOCK_N 64 / 128: 1528 / 2048 SASS instructions ->
     # 1024 / 1312, 147 / 198 registers -> 106 / 186, at the cost of a 16-bit staging tile in shared memory).
-    # Used where native_e4m3_cvt says so (kernels/attention_fp8.py, kernels/linear_gemv.py)
+    # Used where native_e4m3_cvt says so (kernels/attention/fp8_dot.py, kernels/linear/gemv.py)
     return tl.inline_asm_elementwise(
         "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
         "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)

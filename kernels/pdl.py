@@ -41,7 +41,7 @@ the wait (for a grid of one wave, at once), and they then run their weight prefe
 
 What each kernel reads before its wait (tests/test_pdl.py checks these on the PTX):
   norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
-  router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear_gemv and the FP8 GEMV: the first
+  router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear.gemv (16-bit and FP8 weights): the first
   K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing:
   decode attention and its reduce, the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
   ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import norm as norm_kernels
-from kernels import qkv_prologue as qkv_prologue_kernels
 from kernels import rope as rope_kernels
+from kernels.attention import qkv_prologue as qkv_prologue_kernels
 from kernels.moe_sum import TopKSlots
 from models.args import ModelArgs
 from models.forward_batch import ForwardBatch

@@ -12,10 +12,10 @@ is_fp8 and read_scale(block_index) -> its weight_scale_inv blocks.
 
 FP8 (ModelArgs.quantization == "fp8"): the column- and row-parallel linears (attention q/k/v and o, dense and
 shared-expert MLPs) keep e4m3 `weight` with fp32 `weight_scale_inv` [N/128, K/128] (the HF layout) and run the
-block-scaled W8A8 GEMM (kernels/fp8_linear.py). A layer whose local shard is not in whole [128, 128] blocks (a
+block-scaled W8A8 GEMM (kernels/linear/w8a8.py). A layer whose local shard is not in whole [128, 128] blocks (a
 TP split that cuts a block, a small model) stays in args.dtype, with a log line.
 
-16-bit weights with args.use_triton: at most 16 rows (decode) run the GEMV of kernels/linear_gemv.py where the GPU's
+16-bit weights with args.use_triton: at most 16 rows (decode) run the GEMV of kernels/linear/gemv.py where the GPU's
 measured table (kernels/configs/linear_gemv_<gpu>.json) has the shape and row count, i.e. where it beat cuBLAS. FP8
 weights likewise run its weight-only FP8 variant (W8A16) where kernels/configs/linear_gemv_fp8_<gpu>.json has them,
 i.e. where it beat the W8A8 GEMM.
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import fp8_linear, linear_gemv
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, quantize_weight_block
+from kernels.linear import gemv, w8a8
 from models.args import ModelArgs, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -100,20 +100,20 @@ def _use_fp8(args: ModelArgs, what: str, rows: list[int], cols: int) -> bool:
 def _init_weight(module: nn.Module, rows: int, cols: int, args: ModelArgs, fp8: bool) -> None:
     module.weight = _param((rows, cols), args, FP8_DTYPE if fp8 else None)
     module.weight_scale_inv = _param((rows // FP8_BLOCK, cols // FP8_BLOCK), args, torch.float32) if fp8 else None
-    module._fp8_linear = fp8_linear.w8a8_block_linear if args.use_triton else fp8_linear.w8a8_block_linear_ref
-    # 16-bit or FP8 weights under 16-bit activations, with Triton kernels: the GEMV (kernels/linear_gemv.py) for a few
+    module._fp8_linear = w8a8.w8a8_block_linear if args.use_triton else w8a8.w8a8_block_linear_ref
+    # 16-bit or FP8 weights under 16-bit activations, with Triton kernels: the GEMV (kernels/linear/gemv.py) for a few
     # rows where the GPU's measured table has the shape (it beat cuBLAS / the W8A8 linear there), else those
     module._gemv = args.use_triton and args.dtype in (torch.float16, torch.bfloat16)
 
 
 def _linear(module: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    cfg = linear_gemv.dispatch_config(x, module.weight) if module._gemv else None
+    cfg = gemv.dispatch_config(x, module.weight) if module._gemv else None
     if module.weight_scale_inv is None:
         if cfg is not None:
-            return linear_gemv.gemv_linear(x, module.weight, bias, cfg)
+            return gemv.gemv_linear(x, module.weight, bias, cfg)
         return F.linear(x, module.weight, bias)
     if cfg is not None:  # W8A16: x stays 16-bit
-        return linear_gemv.gemv_linear_fp8(x, module.weight, module.weight_scale_inv, bias, cfg)
+        return gemv.gemv_linear_fp8(x, module.weight, module.weight_scale_inv, bias, cfg)
     return module._fp8_linear(x, module.weight, module.weight_scale_inv, bias)
 
 

@@ -20,19 +20,19 @@ import torch  # noqa: E402
 from attention_ir import compile_sm90  # noqa: E402
 
 from kernels import (  # noqa: E402
-    decode_attention,
     fp8,
-    fp8_linear_kernels,
     fused_moe,
-    linear_gemv,
     moe_align,
     moe_gemv,
     moe_sum,
     norm,
-    qkv_prologue,
     router_fused,
     router_norm,
 )
+from kernels.attention import decode as decode_attention  # noqa: E402
+from kernels.attention import qkv_prologue  # noqa: E402
+from kernels.linear import gemv as linear_gemv  # noqa: E402
+from kernels.linear import w8a8_kernels as fp8_linear_kernels  # noqa: E402
 
 H, INTER, E, TOPK = 2048, 768, 128, 8  # hidden, expert intermediate, experts, top-k
 HEADS, KV_HEADS, D, PAGE = 32, 4, 128, 16

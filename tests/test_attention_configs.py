@@ -15,9 +15,9 @@ from tests.sm90 import run_sm90_probe
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import kernels.attention_config as acfg  # noqa: E402
-from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
-from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+import kernels.attention.config as acfg  # noqa: E402
+from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.prefill import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -99,8 +99,8 @@ def test_fp8_kv_with_bf16_range_q_saturates_not_nan():
 @pytest.mark.parametrize("kernel", ["decode", "prefill"])
 def test_64bit_cache_offsets(kernel, monkeypatch):
     # a cache past 2^31 elements switches the kernels to 64-bit row offsets: the same results (forced here)
-    import kernels.attention as attn
-    import kernels.decode_attention as dec
+    import kernels.attention.decode as dec
+    import kernels.attention.prefill as attn
 
     big = torch.empty(1 << 20, 16, 8, 256, device="meta")  # 2^35 elements: offsets past int32
     assert attn.needs_off64(big) and not attn.needs_off64(torch.empty(1000, 16, 8, 128, device="meta"))

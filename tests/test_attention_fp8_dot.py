@@ -1,4 +1,5 @@
-"""The FP8 tensor-core attention variant (prefill FP8_DOT / decode fp8_dot, kernels/attention_fp8.py): e4m3 x e4m3 dots,
+"""The FP8 tensor-core attention variant (prefill FP8_DOT / decode fp8_dot, kernels/attention/fp8_dot.py): e4m3 x e4m3
+dots,
 q rounded to e4m3 with a per-(token, head) scale, the probabilities (x 256) rounded to e4m3.
 
 Tolerance, derived: e4m3 keeps 3 mantissa bits, so rounding a value is off by at most 2^-4 of it (~0.026 rms over a
@@ -8,7 +9,7 @@ bound is the per-value worst case, 2^-4 of the output's norm, against the fp32 r
 and against the widening kernel, on scores of about unit spread (wider ones: q's share grows with them, see
 test_decode_fp8_q2_keeps_spread_scores_accurate); a single-tile case (the running max is the row max) is checked
 much tighter against a torch emulation of the same roundings. CPU: Triton interpreter, small odd sizes, fp32 / fp16
-q (its e4m3 cast is emulated: attention_fp8._round_e4m3, checked bit for bit against torch here)."""
+q (its e4m3 cast is emulated: fp8_dot._round_e4m3, checked bit for bit against torch here)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ from tests.sm90 import run_sm90_probe
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import kernels.attention_config as acfg  # noqa: E402
-from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
-from kernels.attention_fp8 import _round_e4m3, _to_e4m3  # noqa: E402
-from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+import kernels.attention.config as acfg  # noqa: E402
+from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.fp8_dot import _round_e4m3, _to_e4m3  # noqa: E402
+from kernels.attention.prefill import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -182,7 +183,7 @@ def test_decode_fp8_dot_single_tile_matches_emulation(fp8_dot, fp8_q2):
 def test_decode_fp8_q2_keeps_spread_scores_accurate():
     # scores that spread over several units (q x 4: score std ~4, as in a trained model's peaked heads): q's rounding
     # to e4m3 moves them by ~2^-4 of their size and the output by ~5% (past 2^-4 at other spreads: the module
-    # docstring of kernels/decode_attention.py); fp8_q2 (q as two e4m3 terms) leaves p's rounding, well under 1e-2.
+    # docstring of kernels/attention/decode.py); fp8_q2 (q as two e4m3 terms) leaves p's rounding, well under 1e-2.
     # GLM-4.5-Air's GQA group of 12 (query rows padded to 16 / 64)
     args = list(_decode_case(24, 2, 64, [300, 77], torch.float16, seed=3))
     args[0] = args[0] * 4
@@ -222,16 +223,18 @@ def test_fp8_dot_config_keys():
     assert acfg.with_fp8_dot({**acfg.default_prefill_config(128), "FP8_DOT": 1}, "prefill", 0)["FP8_DOT"] == 0
 
 
-def test_h200_table_keeps_fp8_decode_on_the_widening_kernels(monkeypatch):
-    # the checked-in H200 table (read as this GPU's): decode on an FP8 cache runs the widening kernels (fp8_dot 0) at
-    # every batch. fp8_dot 2 was faster there (B=1 128k 0.78 vs 0.64 of copy bandwidth) but one-term q loses
-    # accuracy as scores spread (tune_attention.DECODE_TILES_FP8_DOT): off until the two-term q (fp8_q2) is measured
+def test_h200_table_runs_fp8_decode_dots_only_with_the_two_term_q(monkeypatch):
+    # the checked-in H200 table (read as this GPU's): decode on an FP8 cache runs the e4m3 dots at every batch, and
+    # only with the two-term q (fp8_q2): one-term q loses accuracy as scores spread (DECODE_TILES_FP8_DOT in
+    # benchmarks/tune_attention.py). Measured 2026-11-30: fp8_dot 2 + fp8_q2 at B=1 128k 0.76 of copy bandwidth,
+    # the widening kernels 0.63
     monkeypatch.setattr(acfg, "device_name", lambda device=None: "NVIDIA_H200")
     acfg.clear_cache()
     try:
         entry = acfg.decode_config(128, FP8)
-        assert [acfg.decode_config_for(entry, b)["fp8_dot"] for b in (1, 4, 5, 256)] == [0, 0, 0, 0]
-        assert entry["small_batch"] > 0 and entry["small_batch_config"]["fp8_dot"] == 0
+        picked = [acfg.decode_config_for(entry, b) for b in (1, 4, 5, 256)]
+        assert [(c["fp8_dot"], c["fp8_q2"]) for c in picked] == [(2, 1)] * 4
+        assert entry["small_batch"] > 0 and entry["small_batch_config"]["fp8_q2"] == 1
         assert acfg.decode_config(128, torch.bfloat16)["fp8_dot"] == 0
         for head_dim in (64, 96, 256):
             assert acfg.decode_config(head_dim, FP8) == acfg.default_decode_config(head_dim)
@@ -298,7 +301,7 @@ def test_fp8_dot_compiles_to_fp8_wgmma_for_sm90():
     # no GPU needed: both dots of both kernels are e4m3 x e4m3 wgmma (SASS QGMMA; decode's fp8_dot 1 pads the query
     # rows to 64, 2 / 3 make the tokens the rows: 16 query rows would be mma.sync, which Triton runs on sm90 in fp16
     # after widening), no spills, no e4m3 -> fp16 widening, K copied ahead asynchronously. V: copied ahead too (a
-    # ring of its own; without attention_fp8._hold_fp8 V was a plain load waited for before the dots, its
+    # ring of its own; without fp8_dot._hold_fp8 V was a plain load waited for before the dots, its
     # register-staged copy into the K-major layout wgmma needs sitting at the load), never gathered byte by byte
     # as a B operand (fp8_dot 1, prefill); as fp8_dot 2's A operand it is (LDS.U8), 3 trades that for the blocking load
     for name, r in run_sm90_probe(_SM90_PROBE).items():
@@ -322,7 +325,7 @@ def test_tiny_model_logits_and_greedy_with_fp8_dot(tiny_qwen3: str):
     # decode steps (decode's fp8_dot 2; 1 computes the same roundings in another layout: test_decode_fp8_dot); the
     # variant's logits vs the widening kernels' within a stated tolerance (logits' std ~0.65: cosine > 0.99 per
     # token, no logit off by more than 0.25), the same greedy tokens
-    from kernels.attention import store_kv
+    from kernels.attention.prefill import store_kv
     from runtime.engine.attention_backend import PagedAttention
     from tests.test_models import PagedRun, load
 

@@ -16,10 +16,10 @@ import triton.language as tl
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import kernels.attention_config as acfg  # noqa: E402
-import kernels.decode_attention as dec  # noqa: E402
-from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config  # noqa: E402
-from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+import kernels.attention.config as acfg  # noqa: E402
+import kernels.attention.decode as dec  # noqa: E402
+from kernels.attention.config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config  # noqa: E402
+from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 

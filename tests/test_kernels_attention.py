@@ -8,13 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.attention import (  # noqa: E402
+from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.prefill import (  # noqa: E402
     paged_attention_prefill,
     paged_attention_prefill_ref,
     store_kv,
     store_kv_ref,
 )
-from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,7 +64,7 @@ def test_store_kv(case):
 @pytest.mark.parametrize("case", CPU_CASES)
 @pytest.mark.parametrize("num_splits,fused", [(1, True), (3, True), (3, False)])
 def test_decode(case, num_splits, fused):
-    from kernels.decode_attention import _COUNTERS
+    from kernels.attention.decode import _COUNTERS
 
     heads, kv_heads, head_dim, block_size, dtype = case
     seq_lens = [37, 0, 1, 150, 64]
@@ -81,7 +81,7 @@ def test_decode(case, num_splits, fused):
 
 
 def test_decode_num_splits_grow_as_the_batch_shrinks():
-    from kernels.decode_attention import decode_num_splits
+    from kernels.attention.decode import decode_num_splits
 
     # one long request on 132 SMs: enough splits for ~2 programs per SM; a full batch needs none
     assert decode_num_splits(1, 4, 131072, 132) == 64  # the default max_splits
@@ -210,7 +210,7 @@ def _assert_fp8_close(got: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_fp8(num_splits):
-    from kernels.decode_attention import paged_attention_decode_ref as ref_fn
+    from kernels.attention.decode import paged_attention_decode_ref as ref_fn
 
     heads, kv_heads, head_dim, block_size = 8, 2, 32, 16
     seq_lens = [37, 0, 1, 150]
@@ -246,7 +246,7 @@ def test_prefill_fp8():
 def test_fp8_kv_attention_gpu(heads, kv_heads):
     # real shapes: the FP8 cache written by store_kv, read by decode and by an extend over a long prefix;
     # vs the same kernels on a bf16 cache (accuracy) and vs the FP8 torch reference (kernel correctness)
-    from kernels.decode_attention import paged_attention_decode_ref as decode_ref
+    from kernels.attention.decode import paged_attention_decode_ref as decode_ref
 
     torch.manual_seed(3)
     head_dim, block_size, scales = 128, 16, (0.05, 0.02)

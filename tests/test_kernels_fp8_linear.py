@@ -9,7 +9,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import fp8_linear, fp8_linear_config  # noqa: E402
 from kernels.fp8 import (  # noqa: E402
     FP8_BLOCK,
     dequantize_weight_block,
@@ -17,7 +16,9 @@ from kernels.fp8 import (  # noqa: E402
     per_token_group_quant_ref,
     quantize_weight_block,
 )
-from kernels.fp8_linear import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.linear import w8a8 as fp8_linear  # noqa: E402
+from kernels.linear import w8a8_config as fp8_linear_config  # noqa: E402
+from kernels.linear.w8a8 import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

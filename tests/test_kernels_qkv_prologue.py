@@ -9,10 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.attention import store_kv  # noqa: E402
+from kernels.attention.prefill import store_kv  # noqa: E402
+from kernels.attention.qkv_prologue import qkv_prologue, qkv_prologue_ref  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
 from kernels.norm import rms_norm  # noqa: E402
-from kernels.qkv_prologue import qkv_prologue, qkv_prologue_ref  # noqa: E402
 from kernels.rope import apply_rope, rope_cos_sin  # noqa: E402
 
 BLOCK_SIZE = 4

@@ -1,4 +1,4 @@
-"""16-bit dense GEMV linear (kernels/linear_gemv.py): kernel vs torch, its measured-table gate in the model's linears,
+"""16-bit dense GEMV linear (kernels/linear/gemv.py): kernel vs torch, its measured-table gate in the model's linears,
 and the tuner's dry run. CPU: Triton's interpreter on fp32 / fp16 (it computes bf16 wrongly)."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import linear_gemv, linear_gemv_config  # noqa: E402
-from kernels.linear_gemv import gemv_linear, gemv_linear_ref  # noqa: E402
+from kernels.linear import gemv as linear_gemv  # noqa: E402
+from kernels.linear import gemv_config as linear_gemv_config  # noqa: E402
+from kernels.linear.gemv import gemv_linear, gemv_linear_ref  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 from models.args import ModelArgs  # noqa: E402
 from models.parallel_layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear  # noqa: E402
@@ -202,7 +203,7 @@ _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import compile_sm90, report
-from kernels.linear_gemv import _gemv_linear_kernel
+from kernels.linear.gemv import _gemv_linear_kernel
 N, K = 5120, 2048  # Qwen3-30B-A3B qkv
 out = []
 for bm, bn, bk, warps, stages, split, dot in ((1, 32, 256, 4, 1, 4, 0), (16, 64, 128, 4, 3, 4, 1)):

@@ -1,4 +1,4 @@
-"""Weight-only FP8 (W8A16) dense GEMV (kernels/linear_gemv.py gemv_linear_fp8): kernel vs the dequantized weight's
+"""Weight-only FP8 (W8A16) dense GEMV (kernels/linear/gemv.py gemv_linear_fp8): kernel vs the dequantized weight's
 product, its FP8 table and the model's gate between it and the W8A8 linear, the tuner's FP8 shapes and dry run, and
 the sm90 code of the FP8 tiles. CPU: Triton's interpreter on fp32 / fp16 (it computes bf16 wrongly)."""
 
@@ -15,9 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels import fp8_linear, linear_gemv, linear_gemv_config  # noqa: E402
 from kernels.fp8 import FP8_DTYPE, quantize_weight_block  # noqa: E402
-from kernels.linear_gemv import dispatch_config, gemv_linear_fp8, gemv_linear_fp8_ref  # noqa: E402
+from kernels.linear import gemv as linear_gemv  # noqa: E402
+from kernels.linear import gemv_config as linear_gemv_config  # noqa: E402
+from kernels.linear import w8a8 as fp8_linear  # noqa: E402
+from kernels.linear.gemv import dispatch_config, gemv_linear_fp8, gemv_linear_fp8_ref  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 from models.args import ModelArgs  # noqa: E402
 from models.parallel_layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear  # noqa: E402
@@ -250,7 +252,7 @@ _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import compile_sm90, report
-from kernels.linear_gemv import _gemv_linear_kernel
+from kernels.linear.gemv import _gemv_linear_kernel
 N, K = 5120, 2048  # Qwen3-30B-A3B qkv
 out = []
 for bm, bn, bk, warps, stages, split, dot in ((1, 32, 256, 4, 1, 4, 0), (16, 64, 128, 4, 3, 4, 1)):

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref, prefill_tile_q  # noqa: E402
+from kernels.attention.prefill import paged_attention_prefill, paged_attention_prefill_ref, prefill_tile_q  # noqa: E402
 from runtime.engine.mixed_graphs import MixedGraphs, fill_tile_map, mixed_graph_sizes  # noqa: E402
 
 CASES = [  # (heads, kv_heads, head_dim, block_size, dtype): tile_q 64, 16 and 128

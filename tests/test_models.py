@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.attention import paged_attention_prefill_ref, store_kv_ref
+from kernels.attention.prefill import paged_attention_prefill_ref, store_kv_ref
 from models.args import ModelArgs
 from models.forward_batch import ForwardBatch
 from models.loader import LoadError, load_model

@@ -15,12 +15,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from kernels import pdl  # noqa: E402
-from kernels.decode_attention import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.qkv_prologue import qkv_prologue, qkv_prologue_ref  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
-from kernels.linear_gemv import gemv_linear  # noqa: E402
+from kernels.linear.gemv import gemv_linear  # noqa: E402
 from kernels.moe_config import default_config  # noqa: E402
 from kernels.norm import rms_norm, rms_norm_ref  # noqa: E402
-from kernels.qkv_prologue import qkv_prologue, qkv_prologue_ref  # noqa: E402
 from kernels.rope import rope_cos_sin  # noqa: E402
 from kernels.router_fused import route_fused, route_fused_ref  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
@@ -124,8 +124,8 @@ def _jit_kernels_with_pdl() -> set[str]:
     import importlib
 
     names = set()
-    for mod in ("decode_attention", "fp8", "fp8_linear_kernels", "fused_moe", "linear_gemv", "moe_align", "moe_gemv",
-                "moe_sum", "norm", "qkv_prologue", "router_fused"):
+    for mod in ("attention.decode", "fp8", "linear.w8a8_kernels", "fused_moe", "linear.gemv", "moe_align", "moe_gemv",
+                "moe_sum", "norm", "attention.qkv_prologue", "router_fused"):
         for name, obj in vars(importlib.import_module(f"kernels.{mod}")).items():
             if "PDL" in getattr(obj, "arg_names", ()) and name.endswith("_kernel"):
                 names.add(name)
@@ -279,8 +279,8 @@ def test_decode_layer_kernels_with_switch_set_match_references(monkeypatch, batc
     assert not torch.equal(caches[0], step["caches"][0])  # the prologue stored this step's k
 
 
-_PDL_MODULES = ("decode_attention", "fp8", "fp8_linear", "fused_moe", "linear_gemv", "moe_align", "norm",
-                "qkv_prologue", "router_fused")
+_PDL_MODULES = ("attention.decode", "fp8", "linear.w8a8", "fused_moe", "linear.gemv", "moe_align", "norm",
+                "attention.qkv_prologue", "router_fused")
 
 
 def _force_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,7 +300,7 @@ def test_every_launch_has_launch_pdl_exactly_when_compiled_with_pdl(monkeypatch)
     # it would only lose the overlap: both are wrapper bugs. No kernel runs here (the launches are recorded)
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels import fp8_linear
+    from kernels.linear import w8a8 as fp8_linear
 
     seen = []
 

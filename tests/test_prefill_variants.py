@@ -1,4 +1,4 @@
-"""Prefill attention variant keys (kernels/attention_config.py: MASK_FREE, LPT_GRID, RAGGED) and the eager
+"""Prefill attention variant keys (kernels/attention/config.py: MASK_FREE, LPT_GRID, RAGGED) and the eager
 output that starts empty: the same attention as the torch reference at odd sizes (Triton interpreter, fp32 /
 fp16), this step's K/V really read on the ragged path, and what each variant changes in the Hopper binary."""
 
@@ -15,7 +15,7 @@ from tests.sm90 import run_sm90_probe
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels.attention import paged_attention_prefill, paged_attention_prefill_ref, ragged_kv_ok  # noqa: E402
+from kernels.attention.prefill import paged_attention_prefill, paged_attention_prefill_ref, ragged_kv_ok  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -152,8 +152,8 @@ def test_eager_prefill_needs_no_memset_of_out(monkeypatch):
 
 def test_ragged_with_a_tile_map():
     # the graph path (a fixed grid from a tile map, out zeroed beforehand) on the ragged path
-    from kernels.attention import prefill_tile_q
-    from kernels.attention_config import prefill_config
+    from kernels.attention.config import prefill_config
+    from kernels.attention.prefill import prefill_tile_q
     from runtime.engine.mixed_graphs import fill_tile_map
 
     args, k_new, v_new = _batch(torch.float16)

@@ -54,15 +54,15 @@ class PagedAttention:
 
 
 def torch_attention(kv_scales: KvScales | None = None) -> PagedAttention:
-    from kernels.attention import paged_attention_prefill_ref, store_kv_ref
-    from kernels.decode_attention import paged_attention_decode_ref
+    from kernels.attention.decode import paged_attention_decode_ref
+    from kernels.attention.prefill import paged_attention_prefill_ref, store_kv_ref
 
     return PagedAttention(store_kv_ref, paged_attention_prefill_ref, paged_attention_decode_ref, kv_scales)
 
 
 def triton_attention(kv_scales: KvScales | None = None) -> PagedAttention:
-    from kernels.attention import paged_attention_prefill, store_kv
-    from kernels.decode_attention import paged_attention_decode
+    from kernels.attention.decode import paged_attention_decode
+    from kernels.attention.prefill import paged_attention_prefill, store_kv
 
     return PagedAttention(store_kv, paged_attention_prefill, paged_attention_decode, kv_scales)
 

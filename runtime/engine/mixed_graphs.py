@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from kernels.attention import prefill_tile_q
+from kernels.attention.prefill import prefill_tile_q
 from models.forward_batch import AttentionBackend, ForwardBatch
 from runtime.distributed.parallel import track_cuda_graph
 

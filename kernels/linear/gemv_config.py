@@ -1,9 +1,9 @@
-"""Configs of the dense GEMV linear (kernels/linear_gemv.py): tables measured per GPU, and nothing else.
+"""Configs of the dense GEMV linear (kernels/linear/gemv.py): tables measured per GPU, and nothing else.
 
 Two tables per GPU (gpu: kernels.moe_config.device_name), each {"n{N}_k{K}": {"{M bucket}": cfg}}, buckets powers of
 two <= MAX_ROWS, written by benchmarks/tune_linear_gemv.py: kernels/configs/linear_gemv_{gpu}.json for 16-bit weights
 (a bucket only where the GEMV beat cuBLAS, F.linear, on that GPU) and kernels/configs/linear_gemv_fp8_{gpu}.json for
-e4m3 block-scaled weights (W8A16, a bucket only where it beat the W8A8 block linear, kernels/fp8_linear.py, with that
+e4m3 block-scaled weights (W8A16, a bucket only where it beat the W8A8 block linear, kernels/linear/w8a8.py, with that
 one's tuned config). A shape, bucket or GPU a table lacks runs cuBLAS / the W8A8 linear. There is no heuristic
 default: the GEMV runs only where a measurement showed it faster.
 
@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels.moe_config import device_name
+from kernels.moe_config import CONFIG_DIR, device_name
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 OPTIONAL_KEYS = ("DOT",)
 MAX_ROWS = 16  # the kernel keeps every row's accumulator in registers: above this, cuBLAS

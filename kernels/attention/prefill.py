@@ -6,9 +6,9 @@ Query token i of sequence b sits at absolute position seq_lens[b] - q_len_b + i 
 causally to every cached position <= its own (the cached prefix included).
 
 FP8 KV (cache dtype float8_e4m3fn, per-tensor k_scale / v_scale): read as FP8 and widened to fp16 per tile, or
-(a config's FP8_DOT) run on FP8 tensor cores with q and p rounded to e4m3: kernels/attention_fp8.py says how, and
-its accuracy. The decode kernels are in kernels/decode_attention.py; tile configs in kernels/attention_config.py;
-the tile-level pieces in kernels/attention_tiles.py.
+(a config's FP8_DOT) run on FP8 tensor cores with q and p rounded to e4m3: kernels/attention/fp8_dot.py says how, and
+its accuracy. The decode kernels are in kernels/attention/decode.py; tile configs in kernels/attention/config.py;
+the tile-level pieces in kernels/attention/tiles.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.attention_config import PREFILL_KEYS, check_config, prefill_config
-from kernels.attention_fp8 import FP16_MAX, _quantize_q, fp8_as_f16, interpreted, quantize_kv
-from kernels.attention_tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
+from kernels.attention.config import PREFILL_KEYS, check_config, prefill_config
+from kernels.attention.fp8_dot import FP16_MAX, _quantize_q, fp8_as_f16, interpreted, quantize_kv
+from kernels.attention.tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
 _LOG2E = 1.4426950408889634
@@ -169,7 +169,7 @@ def _prefill_kernel(
     # Q_F16 (an FP8 cache): q comes saturated to fp16 already (the wrapper's cast): loaded as is, it stays in shared
     # memory as the dots' operand (a q converted here is reloaded into registers every tile: sm90 TTGIR)
     # FP8_DOT (an FP8 cache): q rounded to e4m3 here with a per-row (token, head) scale from its absmax, folded into
-    # the softmax scale; QK^T and PV as e4m3 x e4m3 dots (attention_tiles._softmax_step); INTERP: interpreter only
+    # the softmax scale; QK^T and PV as e4m3 x e4m3 dots (tiles._softmax_step); INTERP: interpreter only
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     head0 = tl.program_id(0) * PACK
@@ -348,7 +348,7 @@ def paged_attention_prefill(
     max_seqlen_q: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
-    config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
+    config: dict | None = None,  # tile config (kernels/attention/config.py); None: this GPU's table or the default
     tile_map: torch.Tensor | None = None,  # [num_tiles, 2] int32 (row, q block), row -1 = none: a fixed grid
     k: torch.Tensor | None = None,  # [num_tokens, kv_heads, head_dim]: this step's K/V, already in the cache too;
     v: torch.Tensor | None = None,  # with a config's RAGGED the chunk's keys are read from here (see ragged_kv_ok)

@@ -1,4 +1,4 @@
-"""Triton kernels of the block-scaled FP8 linear (kernels/fp8_linear.py launches them; configs in fp8_linear_config).
+"""Triton kernels of the block-scaled FP8 linear (kernels/linear/w8a8.py launches them; its table: w8a8_config.py).
 
 - _w8a8_dot_kernel: the tensor-core GEMM, one [BLOCK_M, BLOCK_N] output tile per program and 128-wide K steps
   (one activation / weight scale each). QUANT_A quantizes the 16/32-bit activations on each tile it loads;

@@ -1,14 +1,14 @@
-"""Tile-level pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py): cache
+"""Tile-level pieces of the paged attention kernels (kernels/attention/prefill.py, kernels/attention/decode.py): cache
 row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
 from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
-sequence owns (the FP8 pieces: kernels/attention_fp8.py). Shapes in the comments."""
+sequence owns (the FP8 pieces: kernels/attention/fp8_dot.py). Shapes in the comments."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from kernels.attention_fp8 import P_LOG2_SCALE, _hold_fp8, _to_e4m3
+from kernels.attention.fp8_dot import P_LOG2_SCALE, _hold_fp8, _to_e4m3
 
 
 @triton.jit

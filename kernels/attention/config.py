@@ -13,7 +13,7 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   the contiguous K/V the caller passes, through tensor descriptors: TMA on Hopper; the cached prefix from pages),
   Q_F16 (an FP8 cache under a bf16 q: q cast to fp16 before the launch, so the kernel keeps it in shared memory),
   FP8_DOT (an FP8 cache: e4m3 x e4m3 tensor-core dots, q and the probabilities rounded to e4m3 in the kernel, as
-  FlashAttention-3's FP8 path; Q_F16 is then unused; how, and its accuracy: kernels/attention_fp8.py).
+  FlashAttention-3's FP8 path; Q_F16 is then unused; how, and its accuracy: kernels/attention/fp8_dot.py).
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
@@ -29,24 +29,23 @@ import torch
 import triton
 
 from kernels.fp8 import FP8_DTYPE
-from kernels.moe_config import device_name
+from kernels.moe_config import CONFIG_DIR, device_name
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
                "merge_block_d", "fp8_widen", "small_batch", "small_batch_config", "fp8_dot", "fp8_q2")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
-# decode_attention.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
+# decode.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
 # batch x heads fills the SMs, else 32); fp8_widen (an FP8 cache on sm89+): 0 Triton's cast of the K / V tiles
-# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (attention_fp8._widen_fp8);
+# to fp16, 1 V widened by PTX before its layout change into the dot's operand, 2 K and V (fp8_dot._widen_fp8);
 # at batch <= small_batch (0: never) the kernel runs small_batch_config instead (a decode config of its own, tiles
 # and split rule: a few long requests want more splits and maybe other tiles than a full batch; decode_config_for);
 # fp8_dot (an FP8 cache): e4m3 x e4m3 tensor-core dots on the tiles as stored, q and p rounded to e4m3 in the kernel
-# (the prefill's FP8_DOT, kernels/attention.py); 1: the query rows padded to 64 (wgmma's M), 2: transposed, the
+# (the prefill's FP8_DOT, kernels/attention/prefill.py); 1: the query rows padded to 64 (wgmma's M), 2: transposed, the
 # tile's tokens as the dots' rows (wgmma at BLOCK_N >= 64 per warpgroup), 3: 2 with V's copy not pipelined
-# (decode_attention._decode_kernel says why both); fp8_widen is then unused; fp8_q2 (with fp8_dot): q as two e4m3
-# terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/decode_attention.py: accuracy)
+# (decode._decode_kernel says why both); fp8_widen is then unused; fp8_q2 (with fp8_dot): q as two e4m3
+# terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy)
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
                         "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")

@@ -9,8 +9,8 @@ bytes of bf16. For a handful of rows a dot-free GEMV kernel streams the weight i
 Few rows give few output tiles: the K loop is then split over several programs (fp32 partials, summed by the
 last program of each tile or by one small reduce launch) so that enough weight bytes are in flight.
 The tiling comes from a table tuned on the GPU (kernels/configs/fp8_linear_<gpu>.json, nearest M bucket) or a
-heuristic (kernels/fp8_linear_config.py); the kernels (tensor-core GEMM, its TMA variant, the GEMV, the
-activation quantization) are in kernels/fp8_linear_kernels.py.
+heuristic (kernels/linear/w8a8_config.py); the kernels (tensor-core GEMM, its TMA variant, the GEMV, the
+activation quantization) are in kernels/linear/w8a8_kernels.py.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from kernels.fp8 import (
     per_token_group_quant,
     per_token_group_quant_ref,
 )
-from kernels.fp8_linear_config import check_config, default_config, get_config, normalize
-from kernels.fp8_linear_kernels import (
+from kernels.linear.w8a8_config import check_config, default_config, get_config, normalize
+from kernels.linear.w8a8_kernels import (
     _split_k_reduce_kernel,
     _w8a8_dot_kernel,
     _w8a8_dot_tma_kernel,
@@ -99,7 +99,7 @@ def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                       bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    # config: the tiling (tests, tuning; see kernels/fp8_linear_config.py); by default the tuned table's or the
+    # config: the tiling (tests, tuning; see kernels/linear/w8a8_config.py); by default the tuned table's or the
     # heuristic's for this shape and device
     n, k = _check(x, weight, weight_scale_inv, bias)
     if weight.stride(-1) != 1 or weight_scale_inv.stride(-1) != 1:

@@ -4,7 +4,7 @@ RoPE on q and k (neox layout, partial rotary), q written out, k and v stored int
 Replaces q_norm + k_norm + apply_rope + store_kv (and the copies that reshaping strided q/k views costs):
 the numerics are those of the four separate kernels, rounding to the activation dtype where they do (after
 the norm, after its weight, after RoPE), and FP8 KV stores x * (1 / scale) saturated to e4m3's range, as
-kernels/attention.py store_kv does.
+kernels/attention/prefill.py store_kv does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import store_kv_ref
+from kernels.attention.prefill import store_kv_ref
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 from kernels.norm import rms_norm_ref
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait

@@ -16,7 +16,7 @@ x's dtype. (Tried: under PDL each program handing its whole weight slice to the 
 wait, so HBM would stream it while the predecessor drains. On an H200, Qwen3-30B-A3B o_proj, best tile with vs
 without: 7.80 vs 7.68 us at M=1, 8.88 vs 8.04 at M=8; qkv 9.18 vs 8.83 at M=1: the latency-bound GEMV does not gain
 from it and the extra requests cost. Not kept.) The config comes from the measured table
-(kernels/linear_gemv_config.py) or the caller; the model uses the GEMV only where the table has one
+(kernels/linear/gemv_config.py) or the caller; the model uses the GEMV only where the table has one
 (models/parallel_layers.py `_linear`), else cuBLAS.
 
 FP8 weights (gemv_linear_fp8, weight-only W8A16): W e4m3 [N, K] with fp32 weight_scale_inv [N/128, K/128] (the HF
@@ -27,7 +27,7 @@ PTX that the compiler cannot move into a dot operand's layout change; Triton's c
 every element (kernels/moe_gemv.py _partial): FMA tiles sum each K step per scale block ([BLOCK_N, BLOCK_K / 128]
 partials when BLOCK_K > 128), tl.dot tiles take BLOCK_K <= 128 and scale the step's [BLOCK_N, 16] product. The
 measured FP8 table (kernels/configs/linear_gemv_fp8_<gpu>.json) has an entry only where this beat the W8A8 block
-linear (kernels/fp8_linear.py, which also rounds x to e4m3: the W8A16 result is the closer one to x @ W^T).
+linear (kernels/linear/w8a8.py, which also rounds x to e4m3: the W8A16 result is the closer one to x @ W^T).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from kernels import zeroed_counters
 from kernels.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize_weight_block, native_e4m3_cvt, widen_e4m3
-from kernels.linear_gemv_config import MAX_ROWS, check_config, table_config
+from kernels.linear.gemv_config import MAX_ROWS, check_config, table_config
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 _COUNTERS: dict = {}  # per device: arrivals per column tile of the split-K reduce (kernels.zeroed_counters)
@@ -286,7 +286,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
 def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 config: dict | None = None) -> torch.Tensor:
     """x [..., K] with at most MAX_ROWS rows, weight [N, K] -> [..., N] in x.dtype. config: the tiling (see
-    kernels/linear_gemv_config.py); by default the measured table's for this shape and GPU (an error without one)."""
+    kernels/linear/gemv_config.py); by default the measured table's for this shape and GPU (an error without one)."""
     n, k = _check(x, weight, bias)
     return _launch(x, weight, None, bias, config, n, k, "gemv_linear")
 

@@ -1,6 +1,6 @@
 """Paged decode attention (one query token per sequence), split-K over the context.
 
-The cache layout, the slot rule and the FP8 scheme are those of kernels/attention.py. Each (sequence,
+The cache layout, the slot rule and the FP8 scheme are those of kernels/attention/prefill.py. Each (sequence,
 KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
 output and its log-sum-exp, and a second launch merges them. fused_merge=True instead lets the last split
 of a (sequence, KV head) to finish (an atomic counter) merge them in the same launch; measured on an H200
@@ -10,7 +10,7 @@ MAX_SPLITS per (sequence, KV head), capped by the config's max_splits (64 by def
 reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
 run, and up to 64 splits are merged exactly as before.
 
-Tile sizes, warps, stages and the split rule come from kernels/attention_config.py (tuned per GPU by
+Tile sizes, warps, stages and the split rule come from kernels/attention/config.py (tuned per GPU by
 benchmarks/tune_attention.py; at batch <= small_batch its small_batch_config: a few long requests want more
 splits, and maybe other tiles, than a full batch).
 
@@ -23,9 +23,9 @@ size (fraction of copy bandwidth, words vs bytes: B=1 ctx 32k 0.40 vs 0.45, B=1 
 vs 0.68, B=64 32k 0.67 vs 0.75, B=64 4k 0.57 vs 0.64). What those byte loads were: Triton hoists the tile's layout
 change into the dot's operand above the widening, so V (whose dot operand runs along the tokens, across rows) is
 gathered from shared memory one FP8 byte per load. The config's fp8_widen widens in registers by PTX the compiler
-cannot hoist through (kernels/attention_fp8.py _widen_fp8): the layout change then moves fp16 through ldmatrix (an
+cannot hoist through (kernels/attention/fp8_dot.py _widen_fp8): the layout change then moves fp16 through ldmatrix (an
 extra 16-bit staging tile in shared memory); default 0 until the tuner measures it. The config's fp8_dot instead
-keeps K and V as e4m3 for e4m3 x e4m3 tensor-core dots, no widening at all (kernels/attention_fp8.py); the H200
+keeps K and V as e4m3 for e4m3 x e4m3 tensor-core dots, no widening at all (kernels/attention/fp8_dot.py); the H200
 table runs fp8_dot 2 for head_dim 128 at every batch (B=1 128k 0.64 -> 0.78 of copy bandwidth, B=64 4k 0.76 -> 0.89),
 so it is what --kv-cache-dtype fp8 decodes with there (another head_dim: the widening kernel, fp8_dot 0).
 
@@ -49,9 +49,8 @@ import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
-from kernels.attention import _LOG2E, attend, check_cache, gather_kv, needs_off64
-from kernels.attention_config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
-from kernels.attention_fp8 import (
+from kernels.attention.config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config, decode_config, decode_config_for
+from kernels.attention.fp8_dot import (
     FP16_MAX,
     P_LOG2_SCALE,
     Q_LO_INV,
@@ -64,7 +63,8 @@ from kernels.attention_fp8 import (
     fp8_as_f16,
     interpreted,
 )
-from kernels.attention_tiles import _kv_rows
+from kernels.attention.prefill import _LOG2E, attend, check_cache, gather_kv, needs_off64
+from kernels.attention.tiles import _kv_rows
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
@@ -140,15 +140,15 @@ def _decode_kernel(
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
-    # (kernels/attention.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which Triton
-    # runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
-    # (S^T = K q^T [BLOCK_N, GROUP_PAD], O^T += V^T P^T [BLOCK_D, GROUP_PAD]): wgmma at BLOCK_N >= 64 per warpgroup
-    # with 16 query rows, a quarter of the exp2 of 1; V reaches the PV dot (its A operand, in registers) through
-    # _hold_fp8, so its copy is pipelined, but the transposed operand is gathered from shared memory a byte at a time
-    # (sm90 SASS: LDS.U8); 3: as 2 without the hold: V loaded before the dots and staged straight into shared memory
-    # (no byte gathers, the A operand read from there), its load waited for every tile. FP8_Q2 (the config's fp8_q2):
-    # q as two e4m3 terms (attention_fp8._q_low_part), a second QK^T dot on the same K tile: q's rounding error drops
-    # from 2^-4 to ~2^-8 per value, which matters once scores spread (see the module docstring)
+    # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
+    # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
+    # (S^T = K q^T [BLOCK_N, GROUP_PAD], O^T += V^T P^T [BLOCK_D, GROUP_PAD]): wgmma at BLOCK_N >= 64 per warpgroup with
+    # 16 query rows, a quarter of the exp2 of 1; V reaches the PV dot (its A operand, in registers) through _hold_fp8,
+    # so its copy is pipelined, but the transposed operand is gathered from shared memory a byte at a time (sm90 SASS:
+    # LDS.U8); 3: as 2 without the hold: V loaded before the dots and staged straight into shared memory (no byte
+    # gathers, the A operand read from there), its load waited for every tile. FP8_Q2 (the config's fp8_q2): q as two
+    # e4m3 terms (fp8_dot._q_low_part), a second QK^T dot on the same K tile: q's rounding error drops from 2^-4
+    # to ~2^-8 per value, which matters once scores spread (see the module docstring)
     V_DIRECT: tl.constexpr = INTERP or FP8_DOT == 3
     pdl_wait(PDL)
     pdl_release(PDL)
@@ -294,7 +294,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 
 
 def decode_config_splits(cfg: dict, batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    # the split rule of a decode config (kernels/attention_config.py) at this batch (its small-batch config there)
+    # the split rule of a decode config (kernels/attention/config.py) at this batch (its small-batch config there)
     cfg = decode_config_for(cfg, batch)
     return decode_num_splits(batch, num_kv_heads, max_context, num_sms, cfg["programs_per_sm"],
                              cfg["min_split_tokens"], cfg["max_splits"])
@@ -318,7 +318,7 @@ def paged_attention_decode(
     v_scale: float = 1.0,
     num_splits: int | None = None,
     fused_merge: bool = False,  # True: the last split merges in the same launch (slower on H200; for A/B)
-    config: dict | None = None,  # tile config (kernels/attention_config.py); None: this GPU's table or the default
+    config: dict | None = None,  # tile config (kernels/attention/config.py); None: this GPU's table or the default
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape

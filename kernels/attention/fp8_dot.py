@@ -1,16 +1,16 @@
-"""FP8 (e4m3) KV cache pieces of the paged attention kernels (kernels/attention.py, kernels/decode_attention.py).
+"""FP8 (e4m3) KV cache pieces of the paged attention kernels (kernels/attention/prefill.py and decode.py).
 
 A stored value is x / scale (clamped to +-448), one scale per tensor (k_scale, v_scale per layer). The kernels read
 the cache as FP8 and widen each tile to fp16 right after the load (exact; under a float32 q, the CPU tests, to fp32),
 with q in fp16 too, and fold the scales into the math: scores times k_scale, the output times v_scale (decode's
 fp8_widen: the widening by PTX, _widen_fp8). A config's FP8_DOT (prefill) / fp8_dot (decode;
-kernels/attention_config.py) instead runs the dots on FP8 tensor cores, as FlashAttention-3's FP8 path: q rounded to
+kernels/attention/config.py) instead runs the dots on FP8 tensor cores, as FlashAttention-3's FP8 path: q rounded to
 e4m3 in the kernel with a per-(token, head) scale from its absmax (folded into the softmax scale with k_scale;
 _quantize_q), QK^T as e4m3 x e4m3 with fp32 accumulation, the probabilities (in [0, 1] after the running max, times
 2^P_LOG2_SCALE) rounded to e4m3 for an e4m3 x e4m3 PV dot with V as stored, v_scale and the 2^P_LOG2_SCALE on the
 output (a split's log-sum-exp takes the P_LOG2_SCALE off again). Its error (e4m3's 3-bit mantissa: <= 2^-4 relative
 per rounded q / p value; through q, a score's error grows with its size) is checked in tests/test_attention_fp8_dot.py;
-kernels/decode_attention.py gives the measured numbers, and decode's fp8_q2 (q as two e4m3 terms, _q_low_part).
+kernels/attention/decode.py gives the measured numbers, and decode's fp8_q2 (q as two e4m3 terms, _q_low_part).
 """
 
 from __future__ import annotations

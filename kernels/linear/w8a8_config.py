@@ -27,9 +27,8 @@ import torch
 import triton
 
 from kernels.fp8 import FP8_BLOCK
-from kernels.moe_config import device_name
+from kernels.moe_config import CONFIG_DIR, device_name
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 KEYS = ("KERNEL", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "QUANT_A", "SWAP_AB", "SPLIT_K",
         "FUSED_REDUCE", "TMA")
 
