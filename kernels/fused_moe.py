@@ -4,7 +4,8 @@ fused_experts runs: moe_align (kernels/moe_align.py) -> gate_up GEMM with SiLU-a
 -> down GEMM with the router weight in its epilogue -> a top-k sum. One token needs no align, and with
 config["fused_sum"] the down GEMM does the top-k sum too (the last slot to finish a column tile sums it).
 The FP8 path takes e4m3 weights with fp32 [128, 128] block scales (w13_scale, w2_scale in the HF
-weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly.
+weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly, or (act_fp8
+false, few rows) keeps them 16-bit: each GEMM's "w8_mma" then picks how weights meet them (w8_mma_meta).
 At many rows (config["tma"], from a tuned table) the experts take kernels/moe_grouped_tma.py instead.
 """
 
@@ -15,7 +16,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
+from kernels.fp8 import (
+    FP8_BLOCK,
+    dequantize_weight_block,
+    f16_pow2_split,
+    native_e4m3_cvt,
+    per_token_group_quant,
+    per_token_group_quant_ref,
+    widen_e4m3,
+)
 from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
@@ -87,6 +96,20 @@ def _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, 
     return e, offs_m, pair
 
 
+@triton.jit
+def _w8_f16_dot(a16, a_s, w, w_s, WIDEN_ASM: tl.constexpr, SWAP_AB: tl.constexpr):
+    # weight-only FP8, fp16 MMA: a16 [BLOCK_M, BLOCK_K] fp16 with row scales a_s [BLOCK_M] (f16_pow2_split), w
+    # [BLOCK_K, BLOCK_N] e4m3 with column scales w_s [BLOCK_N] (one 128-wide K block) -> the step's [BLOCK_M, BLOCK_N]
+    # product (SWAP_AB: its transpose, the weight columns on the MMA's M side), scaled once per tile, not per weight
+    if WIDEN_ASM:
+        w16 = widen_e4m3(w)  # one cvt.rn.f16x2.e4m3x2 per two weights (kernels/fp8.py); e4m3 is exact in fp16
+    else:
+        w16 = w.to(tl.float16)
+    if SWAP_AB:
+        return tl.dot(tl.trans(w16), tl.trans(a16)) * (w_s[:, None] * a_s[None, :])
+    return tl.dot(a16, w16) * (a_s[:, None] * w_s[None, :])
+
+
 @triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M", "top_k"])
 def _moe_up_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
@@ -94,7 +117,8 @@ def _moe_up_kernel(
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, F16_MMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    WIDEN_ASM: tl.constexpr = False,
 ):
     # out[p, n] = silu(a[tok(p)] . w[e, n]) * (a[tok(p)] . w[e, INTER + n]) for sorted position p
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(INTER, BLOCK_N), GROUP_M)
@@ -115,8 +139,12 @@ def _moe_up_kernel(
         as_ptrs = a_scale_ptr + tok * stride_ast  # [BLOCK_M] per-token group scales (ACT_FP8)
         wsg_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N]
         wsu_ptrs = w_scale_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP_AB:  # out^T tiles (F16_MMA only)
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
@@ -134,6 +162,10 @@ def _moe_up_kernel(
                 a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
                 acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
                 acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
+            elif F16_MMA:  # weight-only, widened to fp16, scaled after the dot (_w8_f16_dot)
+                a16, a16_s = f16_pow2_split(a)
+                acc_g += _w8_f16_dot(a16, a16_s, wg, wg_s, WIDEN_ASM, SWAP_AB)
+                acc_u += _w8_f16_dot(a16, a16_s, wu, wu_s, WIDEN_ASM, SWAP_AB)
             else:  # weight-only: dequantize the tile in registers, 16-bit MMA (few rows: bandwidth-bound)
                 acc_g = tl.dot(a, (wg.to(tl.float32) * wg_s[None, :]).to(a.dtype), acc_g)
                 acc_u = tl.dot(a, (wu.to(tl.float32) * wu_s[None, :]).to(a.dtype), acc_u)
@@ -144,6 +176,8 @@ def _moe_up_kernel(
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
     h = acc_g * tl.sigmoid(acc_g) * acc_u
+    if SWAP_AB:
+        h = tl.trans(h)
     o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
@@ -156,6 +190,7 @@ def _moe_down_kernel(
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, PDL: tl.constexpr = False,
+    F16_MMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
 ):
     # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p.
     # FUSED_SUM (DIRECT only, so one token): also sum_ptr[n] = sum over the handled slots of out[slot, n]
@@ -181,7 +216,10 @@ def _moe_down_kernel(
     if USE_FP8:
         as_ptrs = a_scale_ptr + offs_m.to(tl.int64) * stride_ast
         ws_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
@@ -195,12 +233,17 @@ def _moe_down_kernel(
             if ACT_FP8:
                 a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
                 acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+            elif F16_MMA:  # silu(g) * u may exceed fp16's range: f16_pow2_split's row scales keep it exact
+                a16, a16_s = f16_pow2_split(a)
+                acc += _w8_f16_dot(a16, a16_s, w, w_s, WIDEN_ASM, SWAP_AB)
             else:
                 acc = tl.dot(a, (w.to(tl.float32) * w_s[None, :]).to(a.dtype), acc)
         else:
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
     acc *= tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)[:, None]
     o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
@@ -248,6 +291,23 @@ def moe_dtype_name(hidden: torch.Tensor, fp8: bool) -> str:
     return "fp8" if fp8 else str(hidden.dtype).removeprefix("torch.")
 
 
+W8_MMA_MODES = ("dequant", "f16", "f16_swap")
+
+
+def w8_mma_meta(g: dict, fp8: bool, act_fp8: bool, device: torch.device) -> dict:
+    """The kernel switches for a GEMM entry's "w8_mma" (FP8 weights, act_fp8 false; default "dequant"): "dequant"
+    scales each weight tile to 16 bits in registers; "f16" widens it to fp16 (one packed PTX cvt per two weights),
+    runs the MMA in fp16 on row-scaled activations (f16_pow2_split) and scales each step's product; "f16_swap" also
+    puts the weight columns on the MMA's M side (a few rows would fill 16 of its 64)."""
+    mode = g.get("w8_mma", "dequant")
+    if mode not in W8_MMA_MODES:
+        raise ValueError(f"MoE config w8_mma must be one of {W8_MMA_MODES}, got {mode!r}")
+    if mode != "dequant" and (not fp8 or act_fp8):
+        raise ValueError(f"MoE config w8_mma {mode!r} needs FP8 weights with act_fp8 false")
+    f16 = mode != "dequant"
+    return {"F16_MMA": f16, "SWAP_AB": mode == "f16_swap", "WIDEN_ASM": f16 and native_e4m3_cvt(device)}
+
+
 def fused_experts_aligned(
     hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
     topk_ids: torch.Tensor, sorted_ids: torch.Tensor | None, expert_ids: torch.Tensor | None,
@@ -282,7 +342,7 @@ def fused_experts_aligned(
         inter_out.stride(0),
         USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=h % up["BLOCK_K"] == 0, DIRECT=direct, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], PDL=pdl, num_warps=up["num_warps"],
-        num_stages=up["num_stages"], **launch_kwargs(pdl),
+        num_stages=up["num_stages"], **w8_mma_meta(up, fp8, act_fp8, hidden.device), **launch_kwargs(pdl),
     )
     a, a_scale = per_token_group_quant(inter_out) if act_fp8 else (inter_out, inter_out)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
@@ -300,7 +360,8 @@ def fused_experts_aligned(
         BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
         num_stages=down["num_stages"], FUSED_SUM=fused_sum, TOP_K=top_k if fused_sum else 1,
-        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl, **launch_kwargs(pdl),
+        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl,
+        **w8_mma_meta(down, fp8, act_fp8, hidden.device), **launch_kwargs(pdl),
     )
     if not fused_sum:
         slots = TopKSlots(y, topk_ids)

@@ -1,0 +1,151 @@
+"""Weight-only FP8 experts in fp16 MMA (config "w8_mma": "f16" / "f16_swap") vs the torch reference and the old
+"dequant" mode, and the exact power-of-two row split that keeps 16-bit activations inside fp16's range."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels.fp8 import f16_pow2_split, quantize_weight_block  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
+from kernels.moe_config import default_config  # noqa: E402
+
+MODES = ("f16", "f16_swap")
+
+
+@triton.jit
+def _split_kernel(x_ptr, q_ptr, s_ptr, R, C, R_PAD: tl.constexpr, C_PAD: tl.constexpr):
+    r = tl.arange(0, R_PAD)
+    c = tl.arange(0, C_PAD)
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.0)
+    q, s = f16_pow2_split(x)
+    tl.store(q_ptr + r[:, None] * C + c[None, :], q, mask=mask)
+    tl.store(s_ptr + r, s, mask=r < R)
+
+
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.empty(x.shape, dtype=torch.float16)
+    s = torch.empty(x.shape[0], dtype=torch.float32)
+    r, c = x.shape
+    _split_kernel[(1,)](x, q, s, r, c, R_PAD=triton.next_power_of_2(r), C_PAD=triton.next_power_of_2(c))
+    return q, s
+
+
+def test_f16_pow2_split_is_exact_at_any_range():
+    # bf16-valued rows from 1e-35 to 3e38 (and a zero row): fp16 values below 2^14 whose product with the row's power
+    # of two gives every input back bit for bit, where a plain fp16 cast gives inf or 0
+    torch.manual_seed(0)
+    mags = torch.tensor([1e-35, 1e-20, 1e-6, 1.0, 7e4, 3e5, 1e20, 3e38, 0.0])
+    x = (torch.randn(len(mags), 40).clamp(-1.1, 1.1) * mags[:, None]).to(torch.bfloat16).float()
+    q, s = _split(x)
+    assert torch.isfinite(q).all() and q.abs().max() < 2**15 and q[3].abs().max() >= 2**13
+    assert torch.equal(q.float() * s[:, None], x)
+    assert (s.log2() == s.log2().round()).all()  # powers of two
+    assert not torch.isfinite(x[5].half()).all()  # what the split avoids
+
+
+def _blocky(shape, block=128):
+    # per-[128, 128]-block magnitudes 2^-3..2^3: a scale taken from the wrong block, or applied twice or never, shows
+    w = torch.randn(shape)
+    nb, kb = -(-shape[-2] // block), -(-shape[-1] // block)
+    mag = 2.0 ** torch.randint(-3, 4, (*shape[:-2], nb, kb)).float()
+    return w * mag.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., : shape[-2], : shape[-1]]
+
+
+def _experts(num_experts, hidden, inter, seed):
+    torch.manual_seed(seed)
+    w13, s13 = quantize_weight_block(_blocky((num_experts, 2 * inter, hidden)) / hidden**0.5)
+    w2, s2 = quantize_weight_block(_blocky((num_experts, hidden, inter)) / inter**0.5)
+    return w13, s13, w2, s2
+
+
+def _routing(num_tokens, num_experts, top_k):
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)]).to(torch.int32)
+    ids[::3, 0] = -1  # slots another rank handles
+    return torch.rand(num_tokens, top_k) + 0.1, ids
+
+
+def _config(num_tokens, num_experts, top_k, mode, block_m=16, bn_up=64, bn_down=64):
+    cfg = default_config(num_tokens, num_experts, top_k, True)
+    up = dict(cfg["up"], BLOCK_N=bn_up, BLOCK_K=128, w8_mma=mode)
+    return dict(cfg, BLOCK_M=block_m, act_fp8=False, up=up, down=dict(up, BLOCK_N=bn_down))
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tokens,hidden,inter,block_m,bn_up,bn_down", [
+    (9, 256, 192, 16, 128, 64),  # up: EVEN_K, N masked (192 of 256); down: K 192 uneven, N even
+    (13, 200, 128, 32, 64, 128),  # up: K 200 uneven, N even; down: EVEN_K, N masked (200 of 256)
+    (1, 200, 192, 16, 64, 64),  # one token: the no-align path
+])
+def test_w8_f16_vs_reference_and_dequant(mode, dtype, num_tokens, hidden, inter, block_m, bn_up, bn_down):
+    num_experts, top_k = 5, 3
+    w13, s13, w2, s2 = _experts(num_experts, hidden, inter, seed=num_tokens)
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    ref = fused_experts_ref(x, w13, w2, weights, ids, act_fp8=False, **kw)
+    old = fused_experts(x, w13, w2, weights, ids, config=_config(num_tokens, num_experts, top_k, "dequant", block_m,
+                                                                   bn_up, bn_down), **kw)
+    new = fused_experts(x, w13, w2, weights, ids, config=_config(num_tokens, num_experts, top_k, mode, block_m,
+                                                                   bn_up, bn_down), **kw)
+    tol = 2e-3 if dtype == torch.float16 else 1e-3  # fp32 inputs are rounded to fp16 for the MMA
+    assert new.dtype == dtype and _rel_err(new, ref) < tol and _rel_err(new, old) < tol
+
+
+@pytest.mark.parametrize("mode", ("dequant",) + MODES)
+def test_w8_block_scale_applied_once(mode):
+    # the output is linear in the down's scales and in the up half's (silu(g) * u): scaling those by 2 and 4 must
+    # scale the output by exactly 8 (powers of two: no rounding moves); applied twice it would be 64, never 1
+    num_tokens, num_experts, hidden, inter, top_k = 6, 4, 200, 128, 2
+    w13, s13, w2, s2 = _experts(num_experts, hidden, inter, seed=7)
+    x = torch.randn(num_tokens, hidden)
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    cfg = _config(num_tokens, num_experts, top_k, mode)
+    out = fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, config=cfg)
+    s13_up = s13.clone()
+    s13_up[:, inter // 128:] *= 4  # the up rows' blocks (inter is a multiple of 128: no block mixes gate and up)
+    out8 = fused_experts(x, w13, w2, weights, ids, w13_scale=s13_up, w2_scale=s2 * 2, config=cfg)
+    assert out.abs().max() > 0 and torch.allclose(out8, 8 * out, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scale", [3e5, 1e-7])
+def test_w8_f16_activations_beyond_fp16_range(mode, scale):
+    # fp32 hidden states past fp16's 65504 (and the down's input silu(g) * u ~ scale^2), or so small that fp16 would
+    # flush them: the per-row powers of two keep both GEMMs at the reference's accuracy
+    num_tokens, num_experts, hidden, inter, top_k = 7, 4, 256, 128, 2
+    w13, s13, w2, s2 = _experts(num_experts, hidden, inter, seed=3)
+    x = torch.randn(num_tokens, hidden) * scale
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    ref = fused_experts_ref(x, w13, w2, weights, ids, act_fp8=False, **kw)
+    out = fused_experts(x, w13, w2, weights, ids, config=_config(num_tokens, num_experts, top_k, mode), **kw)
+    assert torch.isfinite(out).all() and _rel_err(out, ref) < 1e-3
+
+
+def test_w8_mma_config_errors():
+    num_experts, hidden, inter, top_k = 4, 128, 128, 2
+    w13, s13, w2, s2 = _experts(num_experts, hidden, inter, seed=1)
+    x = torch.randn(3, hidden)
+    weights, ids = _routing(3, num_experts, top_k)
+    cfg = _config(3, num_experts, top_k, "f16")
+    with pytest.raises(ValueError, match="act_fp8 false"):
+        fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, config=dict(cfg, act_fp8=True))
+    with pytest.raises(ValueError, match="act_fp8 false"):  # 16-bit weights
+        fused_experts(x, torch.randn(num_experts, 2 * inter, hidden), torch.randn(num_experts, hidden, inter),
+                      weights, ids, config=cfg)
+    with pytest.raises(ValueError, match="w8_mma must be one of"):
+        fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
+                      config=dict(cfg, down=dict(cfg["down"], w8_mma="fp16")))
