@@ -149,3 +149,78 @@ def test_w8_mma_config_errors():
     with pytest.raises(ValueError, match="w8_mma must be one of"):
         fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
                       config=dict(cfg, down=dict(cfg["down"], w8_mma="fp16")))
+
+
+def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
+    # tune_moe on a tiny FP8 shape in the interpreter: weight-only plans time each tile in every w8_mma mode (each
+    # launch runs), the fastest per GEMM lands in the table, and the table in use keeps its other buckets and "gemv"
+    import functools
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe
+
+    import kernels.moe_config as mc
+
+    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(num_tokens, hidden, generator=g).half()
+        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
+        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
+
+    launched = []
+
+    class Recorded(tune_moe.Problem):
+        def launches(self, kind, g, bm, act_fp8):
+            launched.append((kind, g))
+            return super().launches(kind, g, bm, act_fp8)
+
+    def fake_time(run, n):  # runs the candidate; up fastest in f16_swap, down in f16, narrow tiles first
+        run()
+        kind, g = launched[-1]
+        fastest = "f16_swap" if kind == "up" else "f16"
+        return (1.0 if g["w8_mma"] == fastest else 2.0) + g["BLOCK_N"] / 1000
+
+    monkeypatch.setitem(tune_moe.SHAPES, "tiny", (4, 160, 96, 2))
+    monkeypatch.setattr(tune_moe, "SMALL", [(16, 128, 4, 2), (32, 128, 4, 2)])
+    monkeypatch.setattr(tune_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(tune_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
+    monkeypatch.setattr(tune_moe, "time_run", fake_time)
+    monkeypatch.setattr(tune_moe, "Problem", functools.partial(Recorded, device="cpu"))
+    monkeypatch.setattr(tune_moe, "CONFIG_DIR", tmp_path)
+    name = mc.config_file_name(4, 160, 96, "fp8", mc.device_name())
+    old = {"1": {"BLOCK_M": 16, "gemv": {"max_tokens": 1}}, "4": {"BLOCK_M": 64, "gemv": {"max_tokens": 4}}}
+    (tmp_path / name).write_text(json.dumps(old))
+    tune_moe.tune_shape("tiny", [4], "fp8", tmp_path / "out")
+    assert sorted((k, g["BLOCK_N"], g["w8_mma"]) for k, g in launched) == sorted(
+        (k, bn, mode) for k in ("up", "down") for bn in (16, 32) for mode in ("dequant", "f16", "f16_swap"))
+    table = json.loads((tmp_path / "out" / "configs" / name).read_text())
+    assert table["1"] == old["1"] and table["4"]["gemv"] == old["4"]["gemv"]
+    assert table["4"]["act_fp8"] is False and table["4"]["BLOCK_M"] == 16
+    assert (table["4"]["up"]["w8_mma"], table["4"]["up"]["BLOCK_N"]) == ("f16_swap", 16)
+    assert (table["4"]["down"]["w8_mma"], table["4"]["down"]["BLOCK_N"]) == ("f16", 16)
+
+
+def test_bench_moe_times_each_w8_mode(monkeypatch):
+    # bench_moe's FP8 weight-only rows: the layer in each w8_mma mode with the same tiles, each near the reference
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_moe
+
+    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(num_tokens, hidden, generator=g).half()
+        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
+        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
+
+    monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 160, 96, 2))
+    monkeypatch.setattr(bench_moe, "NUM_ROT", 1)
+    monkeypatch.setattr(bench_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(bench_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
+    w13, s13, w2, s2 = _experts(4, 160, 96, seed=2)
+    row = bench_moe.bench_one("tiny", 3, "fp8", {"w13": w13, "w2": w2, "s13": s13, "s2": s2},
+                              {"copy_tbps": 1.0, "bf16_tflops": 1.0, "fp8_tflops": 1.0}, with_ref=False)
+    assert row["config"]["act_fp8"] is False and set(row["w8_mma_us"]) == {"dequant", "f16", "f16_swap"}
+    assert max(row["w8_mma_err"].values()) < 2e-3
