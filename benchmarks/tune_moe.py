@@ -38,6 +38,8 @@ from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
+# weight-only FP8 with swapped operands also tries wide weight tiles: they are the MMA's M side (64 rows a warpgroup)
+SWAP_EXTRA = [(128, 128, 8, 4), (256, 128, 8, 3)]
 
 
 def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bool]]:
@@ -51,12 +53,14 @@ def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bo
 def candidates(block_m: int, fp8: bool, act_fp8: bool = True) -> list[dict]:
     """Tile candidates of one GEMM; weight-only FP8 (fp8, not act_fp8) times each in every "w8_mma" mode."""
     out = []
-    for bn, bk, warps, stages in SMALL if block_m <= 32 else LARGE:
+    w8 = fp8 and not act_fp8
+    tiles = [(t, None) for t in (SMALL if block_m <= 32 else LARGE)] + [(t, "f16_swap") for t in SWAP_EXTRA if w8]
+    for (bn, bk, warps, stages), only in tiles:
         if fp8 and 128 % bk:
             bk = 128
         g = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if block_m <= 32 else 8, "num_warps": warps,
              "num_stages": stages}
-        for mode in fm.W8_MMA_MODES if fp8 and not act_fp8 else [None]:
+        for mode in [None] if not w8 else [only] if only else fm.W8_MMA_MODES:
             gm = g if mode is None else dict(g, w8_mma=mode)
             if gm not in out:
                 out.append(gm)

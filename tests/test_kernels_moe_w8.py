@@ -184,6 +184,7 @@ def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
 
     monkeypatch.setitem(tune_moe.SHAPES, "tiny", (4, 160, 96, 2))
     monkeypatch.setattr(tune_moe, "SMALL", [(16, 128, 4, 2), (32, 128, 4, 2)])
+    monkeypatch.setattr(tune_moe, "SWAP_EXTRA", [(64, 128, 4, 2)])
     monkeypatch.setattr(tune_moe, "make_inputs", make_inputs)
     monkeypatch.setattr(tune_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
     monkeypatch.setattr(tune_moe, "time_run", fake_time)
@@ -194,7 +195,8 @@ def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
     (tmp_path / name).write_text(json.dumps(old))
     tune_moe.tune_shape("tiny", [4], "fp8", tmp_path / "out")
     assert sorted((k, g["BLOCK_N"], g["w8_mma"]) for k, g in launched) == sorted(
-        (k, bn, mode) for k in ("up", "down") for bn in (16, 32) for mode in ("dequant", "f16", "f16_swap"))
+        [(k, bn, mode) for k in ("up", "down") for bn in (16, 32) for mode in ("dequant", "f16", "f16_swap")]
+        + [("up", 64, "f16_swap"), ("down", 64, "f16_swap")])
     table = json.loads((tmp_path / "out" / "configs" / name).read_text())
     assert table["1"] == old["1"] and table["4"]["gemv"] == old["4"]["gemv"]
     assert table["4"]["act_fp8"] is False and table["4"]["BLOCK_M"] == 16
