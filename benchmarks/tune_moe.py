@@ -38,8 +38,9 @@ from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
-# weight-only FP8 with swapped operands also tries wide weight tiles: they are the MMA's M side (64 rows a warpgroup)
-SWAP_EXTRA = [(128, 128, 8, 4), (256, 128, 8, 3)]
+# weight-only FP8 also tries wide 8-warp tiles: fewer registers a thread for the widened weights (sm90 compiles,
+# benchmarks/moe_ir.py: up 128 x 128 at 4 warps 248-255 registers), and with swapped operands the MMA's M side
+W8_EXTRA = [(128, 128, 8, 4), (256, 128, 8, 3)]
 
 
 def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bool]]:
@@ -54,13 +55,12 @@ def candidates(block_m: int, fp8: bool, act_fp8: bool = True) -> list[dict]:
     """Tile candidates of one GEMM; weight-only FP8 (fp8, not act_fp8) times each in every "w8_mma" mode."""
     out = []
     w8 = fp8 and not act_fp8
-    tiles = [(t, None) for t in (SMALL if block_m <= 32 else LARGE)] + [(t, "f16_swap") for t in SWAP_EXTRA if w8]
-    for (bn, bk, warps, stages), only in tiles:
+    for bn, bk, warps, stages in (SMALL if block_m <= 32 else LARGE) + (W8_EXTRA if w8 else []):
         if fp8 and 128 % bk:
             bk = 128
         g = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if block_m <= 32 else 8, "num_warps": warps,
              "num_stages": stages}
-        for mode in [None] if not w8 else [only] if only else fm.W8_MMA_MODES:
+        for mode in fm.W8_MMA_MODES if w8 else [None]:
             gm = g if mode is None else dict(g, w8_mma=mode)
             if gm not in out:
                 out.append(gm)

@@ -105,9 +105,11 @@ def _w8_f16_dot(a16, a_s, w, w_s, WIDEN_ASM: tl.constexpr, SWAP_AB: tl.constexpr
         w16 = widen_e4m3(w)  # one cvt.rn.f16x2.e4m3x2 per two weights (kernels/fp8.py); e4m3 is exact in fp16
     else:
         w16 = w.to(tl.float16)
-    if SWAP_AB:
-        return tl.dot(tl.trans(w16), tl.trans(a16)) * (w_s[:, None] * a_s[None, :])
-    return tl.dot(a16, w16) * (a_s[:, None] * w_s[None, :])
+    if SWAP_AB:  # (one return: Triton wants one type per function, whichever branch)
+        p = tl.dot(tl.trans(w16), tl.trans(a16)) * (w_s[:, None] * a_s[None, :])
+    else:
+        p = tl.dot(a16, w16) * (a_s[:, None] * w_s[None, :])
+    return p
 
 
 @triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M", "top_k"])
@@ -291,21 +293,24 @@ def moe_dtype_name(hidden: torch.Tensor, fp8: bool) -> str:
     return "fp8" if fp8 else str(hidden.dtype).removeprefix("torch.")
 
 
-W8_MMA_MODES = ("dequant", "f16", "f16_swap")
+W8_MMA_MODES = ("dequant", "f16", "f16_swap", "f16_cast", "f16_swap_cast")
 
 
 def w8_mma_meta(g: dict, fp8: bool, act_fp8: bool, device: torch.device) -> dict:
     """The kernel switches for a GEMM entry's "w8_mma" (FP8 weights, act_fp8 false; default "dequant"): "dequant"
     scales each weight tile to 16 bits in registers; "f16" widens it to fp16 (one packed PTX cvt per two weights),
-    runs the MMA in fp16 on row-scaled activations (f16_pow2_split) and scales each step's product; "f16_swap" also
-    puts the weight columns on the MMA's M side (a few rows would fill 16 of its 64)."""
+    runs the MMA in fp16 on row-scaled activations (f16_pow2_split) and scales each step's product; "_swap" also
+    puts the weight columns on the MMA's M side (a few rows fill 16 of its 64; sm90: wgmma instead of mma.sync);
+    "_cast" widens with Triton's cast, which the compiler may move after the operand's layout change (no fp16 tile
+    staged in shared memory; benchmarks/moe_ir.py shows either's SASS)."""
     mode = g.get("w8_mma", "dequant")
     if mode not in W8_MMA_MODES:
         raise ValueError(f"MoE config w8_mma must be one of {W8_MMA_MODES}, got {mode!r}")
     if mode != "dequant" and (not fp8 or act_fp8):
         raise ValueError(f"MoE config w8_mma {mode!r} needs FP8 weights with act_fp8 false")
     f16 = mode != "dequant"
-    return {"F16_MMA": f16, "SWAP_AB": mode == "f16_swap", "WIDEN_ASM": f16 and native_e4m3_cvt(device)}
+    return {"F16_MMA": f16, "SWAP_AB": "_swap" in mode,
+            "WIDEN_ASM": f16 and not mode.endswith("_cast") and native_e4m3_cvt(device)}
 
 
 def fused_experts_aligned(
