@@ -27,18 +27,13 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
-from kernels.fused_moe import (  # noqa: E402
-    W8_MMA_MODES,
-    fused_experts,
-    fused_experts_aligned,
-    fused_experts_ref,
-    moe_dtype_name,
-)
+from kernels.fused_moe import fused_experts, fused_experts_aligned, fused_experts_ref, moe_dtype_name  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import get_moe_config  # noqa: E402
 from kernels.moe_gemv import gemv_experts  # noqa: E402
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from kernels.moe_permute import permute_tokens  # noqa: E402
+from kernels.moe_w8 import W8_MMA_MODES  # noqa: E402
 
 SHAPES = {  # name: (num_experts, hidden, inter, top_k)
     "qwen3": (128, 2048, 768, 8),  # Qwen3-30B-A3B

@@ -25,6 +25,7 @@ from attention_ir import compile_sm90, report  # noqa: E402
 from bench_moe import SHAPES  # noqa: E402
 
 import kernels.fused_moe as fm  # noqa: E402
+from kernels.moe_w8 import W8_MMA_MODES, w8_mma_meta  # noqa: E402
 
 
 def inspect_moe(kind: str, block_n: int, warps: int, stages: int, mode: str = "dequant", shape: str = "qwen3",
@@ -41,7 +42,7 @@ def inspect_moe(kind: str, block_n: int, warps: int, stages: int, mode: str = "d
             "stride_ot": n}
     consts = {"USE_FP8": True, "ACT_FP8": act_fp8, "EVEN_K": k % 128 == 0, "DIRECT": False, "BLOCK_M": block_m,
               "BLOCK_N": block_n, "BLOCK_K": 128, "GROUP_M": 1 if block_m <= 32 else 8}
-    meta = fm.w8_mma_meta({"w8_mma": mode}, True, act_fp8, torch.device("cpu"))
+    meta = w8_mma_meta({"w8_mma": mode}, True, act_fp8, torch.device("cpu"))
     consts.update(meta, WIDEN_ASM=meta["F16_MMA"] and not mode.endswith("_cast"))  # the PTX widening, as on sm89+
     if kind == "up":
         args.update(INTER=inter, top_k=top_k)
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=4)
-    ap.add_argument("--mode", default="dequant", choices=list(fm.W8_MMA_MODES))
+    ap.add_argument("--mode", default="dequant", choices=list(W8_MMA_MODES))
     a = ap.parse_args()
     print(json.dumps(inspect_moe(a.kind, a.block_n, a.warps, a.stages, a.mode, a.shape, a.block_m)))
 

@@ -35,6 +35,7 @@ import kernels.fused_moe as fm  # noqa: E402
 from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa: E402
+from kernels.moe_w8 import W8_MMA_MODES, w8_mma_meta  # noqa: E402
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
@@ -60,7 +61,7 @@ def candidates(block_m: int, fp8: bool, act_fp8: bool = True) -> list[dict]:
             bk = 128
         g = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if block_m <= 32 else 8, "num_warps": warps,
              "num_stages": stages}
-        for mode in fm.W8_MMA_MODES if w8 else [None]:
+        for mode in W8_MMA_MODES if w8 else [None]:
             gm = g if mode is None else dict(g, w8_mma=mode)
             if gm not in out:
                 out.append(gm)
@@ -121,7 +122,7 @@ class Problem:
                 kernel = fm._moe_down_kernel
             meta.update(USE_FP8=self.fp8, ACT_FP8=act_fp8, DIRECT=False, BLOCK_M=bm, BLOCK_N=g["BLOCK_N"],
                         BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], num_warps=g["num_warps"],
-                        num_stages=g["num_stages"], **fm.w8_mma_meta(g, self.fp8, act_fp8, self.w13.device))
+                        num_stages=g["num_stages"], **w8_mma_meta(g, self.fp8, act_fp8, self.w13.device))
             calls.append((kernel, grid, args, meta))
 
         def run() -> None:

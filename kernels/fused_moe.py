@@ -5,7 +5,7 @@ fused_experts runs: moe_align (kernels/moe_align.py) -> gate_up GEMM with SiLU-a
 config["fused_sum"] the down GEMM does the top-k sum too (the last slot to finish a column tile sums it).
 The FP8 path takes e4m3 weights with fp32 [128, 128] block scales (w13_scale, w2_scale in the HF
 weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly, or (act_fp8
-false, few rows) keeps them 16-bit: each GEMM's "w8_mma" then picks how weights meet them (w8_mma_meta).
+false, few rows) keeps them 16-bit: each GEMM's "w8_mma" then picks how weights meet them (kernels/moe_w8.py).
 At many rows (config["tma"], from a tuned table) the experts take kernels/moe_grouped_tma.py instead.
 """
 
@@ -20,16 +20,15 @@ from kernels.fp8 import (
     FP8_BLOCK,
     dequantize_weight_block,
     f16_pow2_split,
-    native_e4m3_cvt,
     per_token_group_quant,
     per_token_group_quant_ref,
-    widen_e4m3,
 )
 from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
 from kernels.moe_sum import TopKSlots, _one_token_sum, _sum_counters, moe_sum
+from kernels.moe_w8 import w8_f16_dot, w8_mma_meta
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.tiles import grouped_tile
 
@@ -96,22 +95,6 @@ def _block_rows(sorted_ptr, expert_ids_ptr, num_post_pad_ptr, pid_m, num_pairs, 
     return e, offs_m, pair
 
 
-@triton.jit
-def _w8_f16_dot(a16, a_s, w, w_s, WIDEN_ASM: tl.constexpr, SWAP_AB: tl.constexpr):
-    # weight-only FP8, fp16 MMA: a16 [BLOCK_M, BLOCK_K] fp16 with row scales a_s [BLOCK_M] (f16_pow2_split), w
-    # [BLOCK_K, BLOCK_N] e4m3 with column scales w_s [BLOCK_N] (one 128-wide K block) -> the step's [BLOCK_M, BLOCK_N]
-    # product (SWAP_AB: its transpose, the weight columns on the MMA's M side), scaled once per tile, not per weight
-    if WIDEN_ASM:
-        w16 = widen_e4m3(w)  # one cvt.rn.f16x2.e4m3x2 per two weights (kernels/fp8.py); e4m3 is exact in fp16
-    else:
-        w16 = w.to(tl.float16)
-    if SWAP_AB:  # (one return: Triton wants one type per function, whichever branch)
-        p = tl.dot(tl.trans(w16), tl.trans(a16)) * (w_s[:, None] * a_s[None, :])
-    else:
-        p = tl.dot(a16, w16) * (a_s[:, None] * w_s[None, :])
-    return p
-
-
 @triton.jit(do_not_specialize=["num_pairs", "NUM_PID_M", "top_k"])
 def _moe_up_kernel(
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr,
@@ -164,10 +147,10 @@ def _moe_up_kernel(
                 a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
                 acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
                 acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
-            elif F16_MMA:  # weight-only, widened to fp16, scaled after the dot (_w8_f16_dot)
+            elif F16_MMA:  # weight-only, widened to fp16, scaled after the dot (w8_f16_dot)
                 a16, a16_s = f16_pow2_split(a)
-                acc_g += _w8_f16_dot(a16, a16_s, wg, wg_s, WIDEN_ASM, SWAP_AB)
-                acc_u += _w8_f16_dot(a16, a16_s, wu, wu_s, WIDEN_ASM, SWAP_AB)
+                acc_g += w8_f16_dot(a16, a16_s, wg, wg_s, WIDEN_ASM, SWAP_AB)
+                acc_u += w8_f16_dot(a16, a16_s, wu, wu_s, WIDEN_ASM, SWAP_AB)
             else:  # weight-only: dequantize the tile in registers, 16-bit MMA (few rows: bandwidth-bound)
                 acc_g = tl.dot(a, (wg.to(tl.float32) * wg_s[None, :]).to(a.dtype), acc_g)
                 acc_u = tl.dot(a, (wu.to(tl.float32) * wu_s[None, :]).to(a.dtype), acc_u)
@@ -237,7 +220,7 @@ def _moe_down_kernel(
                 acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
             elif F16_MMA:  # silu(g) * u may exceed fp16's range: f16_pow2_split's row scales keep it exact
                 a16, a16_s = f16_pow2_split(a)
-                acc += _w8_f16_dot(a16, a16_s, w, w_s, WIDEN_ASM, SWAP_AB)
+                acc += w8_f16_dot(a16, a16_s, w, w_s, WIDEN_ASM, SWAP_AB)
             else:
                 acc = tl.dot(a, (w.to(tl.float32) * w_s[None, :]).to(a.dtype), acc)
         else:
@@ -291,26 +274,6 @@ def _check_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> 
 
 def moe_dtype_name(hidden: torch.Tensor, fp8: bool) -> str:
     return "fp8" if fp8 else str(hidden.dtype).removeprefix("torch.")
-
-
-W8_MMA_MODES = ("dequant", "f16", "f16_swap", "f16_cast", "f16_swap_cast")
-
-
-def w8_mma_meta(g: dict, fp8: bool, act_fp8: bool, device: torch.device) -> dict:
-    """The kernel switches for a GEMM entry's "w8_mma" (FP8 weights, act_fp8 false; default "dequant"): "dequant"
-    scales each weight tile to 16 bits in registers; "f16" widens it to fp16 (one packed PTX cvt per two weights),
-    runs the MMA in fp16 on row-scaled activations (f16_pow2_split) and scales each step's product; "_swap" also
-    puts the weight columns on the MMA's M side (a few rows fill 16 of its 64; sm90: wgmma instead of mma.sync);
-    "_cast" widens with Triton's cast, which the compiler may move after the operand's layout change (no fp16 tile
-    staged in shared memory; benchmarks/moe_ir.py shows either's SASS)."""
-    mode = g.get("w8_mma", "dequant")
-    if mode not in W8_MMA_MODES:
-        raise ValueError(f"MoE config w8_mma must be one of {W8_MMA_MODES}, got {mode!r}")
-    if mode != "dequant" and (not fp8 or act_fp8):
-        raise ValueError(f"MoE config w8_mma {mode!r} needs FP8 weights with act_fp8 false")
-    f16 = mode != "dequant"
-    return {"F16_MMA": f16, "SWAP_AB": "_swap" in mode,
-            "WIDEN_ASM": f16 and not mode.endswith("_cast") and native_e4m3_cvt(device)}
 
 
 def fused_experts_aligned(

@@ -13,8 +13,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kernels.fp8 import f16_pow2_split, quantize_weight_block  # noqa: E402
-from kernels.fused_moe import W8_MMA_MODES, fused_experts, fused_experts_ref  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_config import default_config  # noqa: E402
+from kernels.moe_w8 import W8_MMA_MODES  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
 
 MODES = ("f16", "f16_swap")  # (the "_cast" variants differ only where the PTX runs, not in the interpreter)
