@@ -124,6 +124,9 @@ def _moe_up_kernel(
         as_ptrs = a_scale_ptr + tok * stride_ast  # [BLOCK_M] per-token group scales (ACT_FP8)
         wsg_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N]
         wsu_ptrs = w_scale_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
+    if F16_MMA:  # the scales meet the product, not a dot operand: the pipeliner would leave their loads synchronous
+        wg_s = tl.load(wsg_ptrs, mask=nmask, other=0.0)  # so each step's are fetched a step ahead
+        wu_s = tl.load(wsu_ptrs, mask=nmask, other=0.0)
     if SWAP_AB:  # out^T tiles (F16_MMA only)
         acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -140,17 +143,21 @@ def _moe_up_kernel(
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if USE_FP8:
+        if F16_MMA:  # weight-only FP8, widened to fp16, scaled after the dot (kernels/moe_w8.py)
+            kn = k0 + BLOCK_K
+            wg_s_next = tl.load(wsg_ptrs + kn // 128, mask=nmask & (kn < K), other=0.0)
+            wu_s_next = tl.load(wsu_ptrs + kn // 128, mask=nmask & (kn < K), other=0.0)
+            a16, a16_s = f16_pow2_split(a)
+            acc_g += w8_f16_dot(a16, a16_s, wg, wg_s, WIDEN_ASM, SWAP_AB)
+            acc_u += w8_f16_dot(a16, a16_s, wu, wu_s, WIDEN_ASM, SWAP_AB)
+            wg_s, wu_s = wg_s_next, wu_s_next
+        elif USE_FP8:
             wg_s = tl.load(wsg_ptrs + k0 // 128, mask=nmask, other=0.0)
             wu_s = tl.load(wsu_ptrs + k0 // 128, mask=nmask, other=0.0)
             if ACT_FP8:
                 a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
                 acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
                 acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
-            elif F16_MMA:  # weight-only, widened to fp16, scaled after the dot (w8_f16_dot)
-                a16, a16_s = f16_pow2_split(a)
-                acc_g += w8_f16_dot(a16, a16_s, wg, wg_s, WIDEN_ASM, SWAP_AB)
-                acc_u += w8_f16_dot(a16, a16_s, wu, wu_s, WIDEN_ASM, SWAP_AB)
             else:  # weight-only: dequantize the tile in registers, 16-bit MMA (few rows: bandwidth-bound)
                 acc_g = tl.dot(a, (wg.to(tl.float32) * wg_s[None, :]).to(a.dtype), acc_g)
                 acc_u = tl.dot(a, (wu.to(tl.float32) * wu_s[None, :]).to(a.dtype), acc_u)
@@ -201,6 +208,8 @@ def _moe_down_kernel(
     if USE_FP8:
         as_ptrs = a_scale_ptr + offs_m.to(tl.int64) * stride_ast
         ws_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
+    if F16_MMA:  # fetched a step ahead (see the up kernel)
+        w_s = tl.load(ws_ptrs, mask=nmask, other=0.0)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -213,14 +222,17 @@ def _moe_down_kernel(
             kmask = offs_k + k0 < K
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if USE_FP8:
+        if F16_MMA:  # silu(g) * u may exceed fp16's range: f16_pow2_split's row scales keep it exact
+            kn = k0 + BLOCK_K
+            w_s_next = tl.load(ws_ptrs + kn // 128, mask=nmask & (kn < K), other=0.0)
+            a16, a16_s = f16_pow2_split(a)
+            acc += w8_f16_dot(a16, a16_s, w, w_s, WIDEN_ASM, SWAP_AB)
+            w_s = w_s_next
+        elif USE_FP8:
             w_s = tl.load(ws_ptrs + k0 // 128, mask=nmask, other=0.0)
             if ACT_FP8:
                 a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
                 acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-            elif F16_MMA:  # silu(g) * u may exceed fp16's range: f16_pow2_split's row scales keep it exact
-                a16, a16_s = f16_pow2_split(a)
-                acc += w8_f16_dot(a16, a16_s, w, w_s, WIDEN_ASM, SWAP_AB)
             else:
                 acc = tl.dot(a, (w.to(tl.float32) * w_s[None, :]).to(a.dtype), acc)
         else:
