@@ -6,6 +6,8 @@ Times CUDA-graph replays (triton.testing.do_bench_cudagraph, median), rotating o
 replays do not find the previous one's weights in L2. Reports microseconds, TB/s of the expert weights
 actually touched, TFLOP/s, and the fraction of the roofline max(bytes / copy bandwidth, FLOPs / matmul
 rate), both ceilings measured in this run. Prints one summary line per row and 'bench_moe summary' last.
+FP8 rows whose config is weight-only (act_fp8 false) also time the same tiles in each "w8_mma" mode of
+kernels/fused_moe.py (both GEMMs in that mode, without the GEMV entry): w8_mma dequant=.. f16=.. f16_swap=.. us.
 --tma: also the old path alone (the config without its "tma" entry) and the permuted TMA path
 alone (the config's "tma" entry, else moe_grouped_tma's default), and the permute's time vs its floor.
 """
@@ -31,6 +33,7 @@ from kernels.moe_config import get_moe_config  # noqa: E402
 from kernels.moe_gemv import gemv_experts  # noqa: E402
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from kernels.moe_permute import permute_tokens  # noqa: E402
+from kernels.moe_w8 import W8_MMA_MODES  # noqa: E402
 
 SHAPES = {  # name: (num_experts, hidden, inter, top_k)
     "qwen3": (128, 2048, 768, 8),  # Qwen3-30B-A3B
@@ -157,6 +160,16 @@ def bench_one(shape: str, m: int, dtype: str, weights: dict, ceil: dict, with_re
         cfg_dot = {k: v for k, v in cfg.items() if k != "gemv"}
         row["no_gemv_us"] = bench_graph(lambda: [fused_experts(xx, w13, w2, ww, ii, config=cfg_dot, **kw)
                                                  for xx, ww, ii in sets]) / NUM_ROT
+    if fp8 and not cfg.get("act_fp8", True):  # A/B of the weight-only MMA modes (kernels/fused_moe.py "w8_mma")
+        row["w8_mma_us"] = {}
+        for mode in W8_MMA_MODES:  # the same tiles, both GEMMs in this mode, the GEMV entry (if any) left out
+            cfg_m = {k: v for k, v in cfg.items() if k != "gemv"}
+            cfg_m.update(up=dict(cfg["up"], w8_mma=mode), down=dict(cfg["down"], w8_mma=mode))
+            row["w8_mma_us"][mode] = bench_graph(lambda c=cfg_m: [fused_experts(xx, w13, w2, ww, ii, config=c, **kw)
+                                                                  for xx, ww, ii in sets]) / NUM_ROT
+            row.setdefault("w8_mma_err", {})[mode] = (
+                (fused_experts(x, w13, w2, w, ids, config=cfg_m, **kw).float() - ref.float()).norm()
+                / ref.float().norm()).item()
     if m == 1:  # A/B of config "fused_sum": the top-k sum inside the down GEMM (one launch fewer)
         cfg_sum = dict(cfg, gemv=dict(cfg["gemv"], fused_sum=True)) if gemv_on else dict(cfg, fused_sum=True)
         row["fused_sum_us"] = bench_graph(lambda: [fused_experts(xx, w13, w2, ww, ii, config=cfg_sum, **kw)
@@ -262,7 +275,9 @@ def main() -> None:
                       + (f" old_us={r['old_us']:.1f} tma_us={r['tma_us']:.1f} roofline old={r['old_frac']:.2f} "
                          f"tma={r['tma_frac']:.2f} tma_err={r['tma_rel_err']:.1e} permute_us={r['permute_us']:.1f} "
                          f"(floor {r['permute_floor_us']:.1f})" if "tma_us" in r else "")
-                      + (f" gemv (tl.dot {r['no_gemv_us']:.1f} us)" if "no_gemv_us" in r else ""),
+                      + (f" gemv (tl.dot {r['no_gemv_us']:.1f} us)" if "no_gemv_us" in r else "")
+                      + ("".join(f" w8_mma {k}={v:.1f} us (err {r['w8_mma_err'][k]:.1e})"
+                                 for k, v in r["w8_mma_us"].items()) if "w8_mma_us" in r else ""),
                       flush=True)
             del weights
     (out / "bench_moe.json").write_text(json.dumps({"ceilings": ceil, "device": torch.cuda.get_device_name(),

@@ -4,7 +4,8 @@ python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dt
 python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8]
 python benchmarks/tune_moe.py --gemv ...  (the few-token GEMV kernels vs the table's entries: tune_moe_gemv.py)
 
-For each BLOCK_M allowed at a token count (and for FP8, each activation mode), times every candidate of the
+For each BLOCK_M allowed at a token count (and for FP8, each activation mode; weight-only FP8 also each
+"w8_mma" mode of kernels/fused_moe.py, the best of each printed), times every candidate of the
 gate_up GEMM and of the down GEMM separately (CUDA-graph replay, median), keeps the best pair, then the best
 BLOCK_M / mode overall (FP8 activation quantization launches included in its total). All candidates are
 first compiled in parallel worker processes (Triton's disk cache then serves the timing process).
@@ -34,9 +35,13 @@ import kernels.fused_moe as fm  # noqa: E402
 from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa: E402
+from kernels.moe_w8 import W8_MMA_MODES, w8_mma_meta  # noqa: E402
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
+# weight-only FP8 also tries wide 8-warp tiles: fewer registers a thread for the widened weights (sm90 compiles,
+# benchmarks/moe_ir.py: up 128 x 128 at 4 warps 248-255 registers), and with swapped operands the MMA's M side
+W8_EXTRA = [(128, 128, 8, 4), (256, 128, 8, 3)]
 
 
 def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bool]]:
@@ -47,15 +52,19 @@ def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bo
     return [(bm, act) for bm in bms for act in (modes if fp8 else [False])]
 
 
-def candidates(block_m: int, fp8: bool) -> list[dict]:
+def candidates(block_m: int, fp8: bool, act_fp8: bool = True) -> list[dict]:
+    """Tile candidates of one GEMM; weight-only FP8 (fp8, not act_fp8) times each in every "w8_mma" mode."""
     out = []
-    for bn, bk, warps, stages in SMALL if block_m <= 32 else LARGE:
+    w8 = fp8 and not act_fp8
+    for bn, bk, warps, stages in (SMALL if block_m <= 32 else LARGE) + (W8_EXTRA if w8 else []):
         if fp8 and 128 % bk:
             bk = 128
         g = {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if block_m <= 32 else 8, "num_warps": warps,
              "num_stages": stages}
-        if g not in out:
-            out.append(g)
+        for mode in W8_MMA_MODES if w8 else [None]:
+            gm = g if mode is None else dict(g, w8_mma=mode)
+            if gm not in out:
+                out.append(gm)
     return out
 
 
@@ -63,22 +72,22 @@ class Problem:
     """Weights and rotated inputs of one (shape, dtype, M), aligned for each BLOCK_M."""
 
     def __init__(self, shape: str, dtype: str, m: int, block_ms: list[int], num_sets: int = 2,
-                 real_weights: bool = True) -> None:
+                 real_weights: bool = True, device: str = "cuda") -> None:
         e, h, inter, top_k = SHAPES[shape]
         self.shape, self.fp8 = SHAPES[shape], dtype == "fp8"
         if real_weights:
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=gen, dtype=torch.bfloat16) * h**-0.5
-            w2 = torch.randn(e, h, inter, device="cuda", generator=gen, dtype=torch.bfloat16) * inter**-0.5
+            gen = torch.Generator(device=device).manual_seed(0)
+            w13 = torch.randn(e, 2 * inter, h, device=device, generator=gen, dtype=torch.bfloat16) * h**-0.5
+            w2 = torch.randn(e, h, inter, device=device, generator=gen, dtype=torch.bfloat16) * inter**-0.5
         else:  # compile-only: any bits will do
             wdt = torch.float8_e4m3fn if self.fp8 else torch.bfloat16
-            w13 = torch.empty(e, 2 * inter, h, device="cuda", dtype=wdt)
-            w2 = torch.empty(e, h, inter, device="cuda", dtype=wdt)
+            w13 = torch.empty(e, 2 * inter, h, device=device, dtype=wdt)
+            w2 = torch.empty(e, h, inter, device=device, dtype=wdt)
         if self.fp8 and real_weights:
             (w13, self.s13), (w2, self.s2) = quantize_weight_block(w13), quantize_weight_block(w2)
         elif self.fp8:
-            self.s13 = torch.ones(e, triton.cdiv(2 * inter, 128), triton.cdiv(h, 128), device="cuda")
-            self.s2 = torch.ones(e, triton.cdiv(h, 128), triton.cdiv(inter, 128), device="cuda")
+            self.s13 = torch.ones(e, triton.cdiv(2 * inter, 128), triton.cdiv(h, 128), device=device)
+            self.s2 = torch.ones(e, triton.cdiv(h, 128), triton.cdiv(inter, 128), device=device)
         else:
             self.s13, self.s2 = w13, w2
         self.w13, self.w2 = w13, w2
@@ -93,7 +102,7 @@ class Problem:
             num_pairs = ids.numel()
             if kind == "up":
                 a, a_s = per_token_group_quant(x) if act_fp8 else (x, x)
-                out = torch.empty(sorted_ids.numel(), inter, dtype=torch.bfloat16, device="cuda")
+                out = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)
                 grid = (num_pid_m * triton.cdiv(inter, g["BLOCK_N"]),)
                 args = (a, a_s, self.w13, self.s13, out, sorted_ids, expert_ids, npp, num_pairs, h, inter,
                         num_pid_m, top_k, a.stride(0), a_s.stride(0), self.w13.stride(0), self.w13.stride(1),
@@ -101,18 +110,19 @@ class Problem:
                 meta = {"EVEN_K": h % g["BLOCK_K"] == 0}
                 kernel = fm._moe_up_kernel
             else:
-                act = torch.randn(sorted_ids.numel(), inter, device="cuda", dtype=torch.bfloat16)
+                act = torch.randn(sorted_ids.numel(), inter, device=x.device, dtype=x.dtype)
                 a, a_s = per_token_group_quant(act) if act_fp8 else (act, act)
-                y = torch.empty(num_pairs, h, dtype=torch.bfloat16, device="cuda")
+                y = torch.empty(num_pairs, h, dtype=x.dtype, device=x.device)
                 grid = (num_pid_m * triton.cdiv(h, g["BLOCK_N"]),)
-                args = (a, a_s, self.w2, self.s2, y, sorted_ids, expert_ids, npp, w_pairs.reshape(-1), num_pairs,
-                        inter, h, num_pid_m, a.stride(0), a_s.stride(0), self.w2.stride(0), self.w2.stride(1),
-                        self.s2.stride(0), self.s2.stride(1), y.stride(0))
-                meta = {"EVEN_K": inter % g["BLOCK_K"] == 0}
+                # (sum_ptr, counter_ptr: unused without FUSED_SUM, the one-token option)
+                args = (a, a_s, self.w2, self.s2, y, sorted_ids, expert_ids, npp, w_pairs.reshape(-1), y, ids,
+                        num_pairs, inter, h, num_pid_m, a.stride(0), a_s.stride(0), self.w2.stride(0),
+                        self.w2.stride(1), self.s2.stride(0), self.s2.stride(1), y.stride(0))
+                meta = {"EVEN_K": inter % g["BLOCK_K"] == 0, "FUSED_SUM": False, "TOP_K": 1, "TOP_K_PAD": 1}
                 kernel = fm._moe_down_kernel
             meta.update(USE_FP8=self.fp8, ACT_FP8=act_fp8, DIRECT=False, BLOCK_M=bm, BLOCK_N=g["BLOCK_N"],
                         BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], num_warps=g["num_warps"],
-                        num_stages=g["num_stages"])
+                        num_stages=g["num_stages"], **w8_mma_meta(g, self.fp8, act_fp8, self.w13.device))
             calls.append((kernel, grid, args, meta))
 
         def run() -> None:
@@ -147,7 +157,7 @@ def precompile(shapes: list[str], dtypes: list[str], ms: list[int], jobs: int) -
         for dtype in dtypes:
             for m in ms:
                 for bm, act in plans(m, top_k, e, dtype == "fp8"):
-                    for g in candidates(bm, dtype == "fp8"):
+                    for g in candidates(bm, dtype == "fp8", act):
                         for kind in ("up", "down"):
                             even = (h if kind == "up" else inter) % g["BLOCK_K"] == 0
                             key = json.dumps([dtype, kind, g, bm, act, even])
@@ -188,14 +198,14 @@ def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
         quant_us = 0.0
         if fp8:  # the two activation-quant launches that act_fp8 adds
             x = prob.sets[0][0]
-            act = torch.randn(prob.aligned[ps[0][0]][0][0].numel(), inter, device="cuda", dtype=torch.bfloat16)
+            act = torch.randn(prob.aligned[ps[0][0]][0][0].numel(), inter, device=x.device, dtype=x.dtype)
             quant_us = bench_graph(lambda x=x, act=act: (per_token_group_quant(x), per_token_group_quant(act)),
                                    rep_ms=25)
         best = None
         for bm, act_fp8 in ps:
-            cands = candidates(bm, fp8)
-            up = min((time_run(*prob.launches("up", g, bm, act_fp8)), i) for i, g in enumerate(cands))
-            down = min((time_run(*prob.launches("down", g, bm, act_fp8)), i) for i, g in enumerate(cands))
+            cands = candidates(bm, fp8, act_fp8)
+            up = best_per_mode([time_run(*prob.launches("up", g, bm, act_fp8)) for g in cands], cands, "up")
+            down = best_per_mode([time_run(*prob.launches("down", g, bm, act_fp8)) for g in cands], cands, "down")
             total = up[0] + down[0] + (quant_us if act_fp8 else 0.0)
             print(f"  {shape} {dtype} M={m} BM={bm} act_fp8={act_fp8}: up {up[0]:.1f} down {down[0]:.1f} "
                   f"total {total:.1f} us", flush=True)
@@ -212,14 +222,28 @@ def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
     print(f"tune_moe wrote {name}", flush=True)
 
 
+def best_per_mode(times: list[float], cands: list[dict], kind: str) -> tuple[float, int]:
+    """(best time, its candidate index); prints the best of each "w8_mma" mode where there are several (the A/B of
+    weight-only FP8's MMA modes at the same tile choices)."""
+    modes = {g.get("w8_mma") for g in cands}
+    if len(modes) > 1:
+        for mode in sorted(modes, key=str):
+            t, i = min((t, i) for i, (t, g) in enumerate(zip(times, cands)) if g.get("w8_mma") == mode)
+            print(f"    {kind} w8_mma={mode}: {t:.1f} us {json.dumps(cands[i])}", flush=True)
+    best = min((t, i) for i, t in enumerate(times))
+    if best[0] == float("inf"):
+        raise RuntimeError(f"tune_moe: every {kind} candidate failed (the skip lines above say why)")
+    return best
+
+
 def keep_tma_entries(table: dict, old_path: Path) -> dict:
-    """The new table with the "tma" entries of the table in use (tune_moe --tma measures those; this tuner does
-    not): a bucket only the old table has comes along whole."""
+    """The table in use with this run's buckets replaced: a tuned bucket keeps the old entry's "tma" and "gemv"
+    entries (tune_moe --tma / --gemv measure those; this tuner does not), a bucket not tuned now comes along whole
+    (so a run over a few M, e.g. --m 64, gives the whole table to install)."""
     if not old_path.exists():
         return table
     for m, cfg in json.loads(old_path.read_text()).items():
-        if "tma" in cfg:
-            table[m] = dict(table.get(m, cfg), tma=cfg["tma"])
+        table[m] = dict(table[m], **{k: cfg[k] for k in ("tma", "gemv") if k in cfg}) if m in table else cfg
     return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 

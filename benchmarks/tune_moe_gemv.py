@@ -11,7 +11,7 @@ the table to DIR/configs/ with the entry's "gemv" key set where GEMV is faster (
 GEMM is timed in both forms: per pair (then the top-k sum) and "down_topk" (all of a token's slots per program,
 the sum in registers). --gemv-keep-up takes the gate_up tile from the table's GEMV entry nearest to each M
 instead of timing every one (about half the time, for a down-only retune). Other
-buckets and keys are copied unchanged. A full tune_moe.py run writes tables without "gemv": run this after it.
+buckets and keys are copied unchanged. tune_moe.py keeps the "gemv" entries it finds: run this after it anyway.
 """
 
 from __future__ import annotations

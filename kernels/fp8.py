@@ -36,6 +36,21 @@ def widen_e4m3(x):
         "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
 
 
+@triton.jit
+def f16_pow2_split(x):
+    # x [R, C] float -> (x16 [R, C] fp16, s [R] fp32) with x = x16 * s[:, None]: each row is scaled by the power of two
+    # that puts its largest magnitude in [2^13, 2^14). Only exponents change, so a 16-bit row is exact in fp16 (10
+    # mantissa bits hold bf16's 7; values below 2^-27 of the row max go subnormal) whatever its range: bf16 activations
+    # beyond fp16's 65504 can feed an fp16 MMA. The exponent is clamped to [-113, 126] so that s and 1 / s are normal:
+    # a zero row or one below 2^-113 then scales to < 2^13, one above 2^126 to < 2^15. inf / nan stay inf / nan
+    amax = tl.max(tl.abs(x.to(tl.float32)), 1)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the row max
+    e = tl.minimum(tl.maximum(e, 14), 253)
+    s = ((e - 13) << 23).to(tl.float32, bitcast=True)  # 2^(E - 13), E = e - 127
+    inv = ((267 - e) << 23).to(tl.float32, bitcast=True)  # 2^(13 - E)
+    return (x.to(tl.float32) * inv[:, None]).to(tl.float16), s
+
+
 @functools.lru_cache(maxsize=8)
 def native_e4m3_cvt(device: torch.device) -> bool:
     """Whether widen_e4m3's PTX runs here: cvt.*.e4m3x2 is sm89+, and the interpreter runs no PTX (Triton's cast

@@ -4,7 +4,8 @@ fused_experts runs: moe_align (kernels/moe_align.py) -> gate_up GEMM with SiLU-a
 -> down GEMM with the router weight in its epilogue -> a top-k sum. One token needs no align, and with
 config["fused_sum"] the down GEMM does the top-k sum too (the last slot to finish a column tile sums it).
 The FP8 path takes e4m3 weights with fp32 [128, 128] block scales (w13_scale, w2_scale in the HF
-weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly.
+weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly, or (act_fp8
+false, few rows) keeps them 16-bit: each GEMM's "w8_mma" then picks how weights meet them (kernels/moe_w8.py).
 At many rows (config["tma"], from a tuned table) the experts take kernels/moe_grouped_tma.py instead.
 """
 
@@ -15,12 +16,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.fp8 import FP8_BLOCK, dequantize_weight_block, per_token_group_quant, per_token_group_quant_ref
+from kernels.fp8 import (
+    FP8_BLOCK,
+    dequantize_weight_block,
+    f16_pow2_split,
+    per_token_group_quant,
+    per_token_group_quant_ref,
+)
 from kernels.moe_align import SMALL_PAIRS, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
 from kernels.moe_sum import TopKSlots, _one_token_sum, _sum_counters, moe_sum
+from kernels.moe_w8 import w8_f16_dot, w8_mma_meta
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 from kernels.tiles import grouped_tile
 
@@ -94,7 +102,8 @@ def _moe_up_kernel(
     stride_at, stride_ast, stride_we, stride_wn, stride_wse, stride_wsn, stride_ot,
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, F16_MMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    WIDEN_ASM: tl.constexpr = False,
 ):
     # out[p, n] = silu(a[tok(p)] . w[e, n]) * (a[tok(p)] . w[e, INTER + n]) for sorted position p
     pid_m, pid_n = _tile_ids(NUM_PID_M, tl.cdiv(INTER, BLOCK_N), GROUP_M)
@@ -115,8 +124,15 @@ def _moe_up_kernel(
         as_ptrs = a_scale_ptr + tok * stride_ast  # [BLOCK_M] per-token group scales (ACT_FP8)
         wsg_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn  # [BLOCK_N]
         wsu_ptrs = w_scale_ptr + e * stride_wse + ((offs_n + INTER) // 128) * stride_wsn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if F16_MMA:  # the scales meet the product, not a dot operand: the pipeliner would leave their loads synchronous
+        wg_s = tl.load(wsg_ptrs, mask=nmask, other=0.0)  # so each step's are fetched a step ahead
+        wu_s = tl.load(wsu_ptrs, mask=nmask, other=0.0)
+    if SWAP_AB:  # out^T tiles (F16_MMA only)
+        acc_g = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
@@ -127,7 +143,15 @@ def _moe_up_kernel(
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if USE_FP8:
+        if F16_MMA:  # weight-only FP8, widened to fp16, scaled after the dot (kernels/moe_w8.py)
+            kn = k0 + BLOCK_K
+            wg_s_next = tl.load(wsg_ptrs + kn // 128, mask=nmask & (kn < K), other=0.0)
+            wu_s_next = tl.load(wsu_ptrs + kn // 128, mask=nmask & (kn < K), other=0.0)
+            a16, a16_s = f16_pow2_split(a)
+            acc_g += w8_f16_dot(a16, a16_s, wg, wg_s, WIDEN_ASM, SWAP_AB)
+            acc_u += w8_f16_dot(a16, a16_s, wu, wu_s, WIDEN_ASM, SWAP_AB)
+            wg_s, wu_s = wg_s_next, wu_s_next
+        elif USE_FP8:
             wg_s = tl.load(wsg_ptrs + k0 // 128, mask=nmask, other=0.0)
             wu_s = tl.load(wsu_ptrs + k0 // 128, mask=nmask, other=0.0)
             if ACT_FP8:
@@ -144,6 +168,8 @@ def _moe_up_kernel(
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
     h = acc_g * tl.sigmoid(acc_g) * acc_u
+    if SWAP_AB:
+        h = tl.trans(h)
     o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, h.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
@@ -156,6 +182,7 @@ def _moe_down_kernel(
     USE_FP8: tl.constexpr, ACT_FP8: tl.constexpr, EVEN_K: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FUSED_SUM: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, PDL: tl.constexpr = False,
+    F16_MMA: tl.constexpr = False, SWAP_AB: tl.constexpr = False, WIDEN_ASM: tl.constexpr = False,
 ):
     # out[pair(p), n] = topk_weight[pair(p)] * a[p] . w[e, n]; a is indexed by sorted position p.
     # FUSED_SUM (DIRECT only, so one token): also sum_ptr[n] = sum over the handled slots of out[slot, n]
@@ -181,7 +208,12 @@ def _moe_down_kernel(
     if USE_FP8:
         as_ptrs = a_scale_ptr + offs_m.to(tl.int64) * stride_ast
         ws_ptrs = w_scale_ptr + e * stride_wse + (offs_n // 128) * stride_wsn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if F16_MMA:  # fetched a step ahead (see the up kernel)
+        w_s = tl.load(ws_ptrs, mask=nmask, other=0.0)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
@@ -190,7 +222,13 @@ def _moe_down_kernel(
             kmask = offs_k + k0 < K
             a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if USE_FP8:
+        if F16_MMA:  # silu(g) * u may exceed fp16's range: f16_pow2_split's row scales keep it exact
+            kn = k0 + BLOCK_K
+            w_s_next = tl.load(ws_ptrs + kn // 128, mask=nmask & (kn < K), other=0.0)
+            a16, a16_s = f16_pow2_split(a)
+            acc += w8_f16_dot(a16, a16_s, w, w_s, WIDEN_ASM, SWAP_AB)
+            w_s = w_s_next
+        elif USE_FP8:
             w_s = tl.load(ws_ptrs + k0 // 128, mask=nmask, other=0.0)
             if ACT_FP8:
                 a_s = tl.load(as_ptrs + k0 // 128, mask=rmask, other=0.0)
@@ -201,6 +239,8 @@ def _moe_down_kernel(
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
     acc *= tl.load(topk_weights_ptr + pair, mask=rmask, other=0.0)[:, None]
     o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
@@ -282,7 +322,7 @@ def fused_experts_aligned(
         inter_out.stride(0),
         USE_FP8=fp8, ACT_FP8=act_fp8, EVEN_K=h % up["BLOCK_K"] == 0, DIRECT=direct, BLOCK_M=bm, BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"], PDL=pdl, num_warps=up["num_warps"],
-        num_stages=up["num_stages"], **launch_kwargs(pdl),
+        num_stages=up["num_stages"], **w8_mma_meta(up, fp8, act_fp8, hidden.device), **launch_kwargs(pdl),
     )
     a, a_scale = per_token_group_quant(inter_out) if act_fp8 else (inter_out, inter_out)
     y = torch.empty(num_pairs, h, dtype=hidden.dtype, device=hidden.device)  # weighted per-pair outputs
@@ -300,7 +340,8 @@ def fused_experts_aligned(
         BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], GROUP_M=down["GROUP_M"], num_warps=down["num_warps"],
         num_stages=down["num_stages"], FUSED_SUM=fused_sum, TOP_K=top_k if fused_sum else 1,
-        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl, **launch_kwargs(pdl),
+        TOP_K_PAD=triton.next_power_of_2(top_k) if fused_sum else 1, PDL=pdl,
+        **w8_mma_meta(down, fp8, act_fp8, hidden.device), **launch_kwargs(pdl),
     )
     if not fused_sum:
         slots = TopKSlots(y, topk_ids)

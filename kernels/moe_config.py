@@ -5,7 +5,8 @@ a token-count bucket ("1", "8", ...) to {"BLOCK_M": int, "up": {...}, "down": {.
 up/down hold BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is
 shared: one align serves both). act_fp8 (FP8 only): quantize activations too and use FP8 MMA, or
 dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant launches; best while few rows
-per expert keep the layer bandwidth-bound).
+per expert keep the layer bandwidth-bound). With act_fp8 false, up/down may add "w8_mma" (kernels/moe_w8.py: how
+the e4m3 tile meets the 16-bit activations; default "dequant", the tile scaled to 16 bits before the dot).
 A bucket may also hold "tma": {"min_rows": int, "BLOCK_M": int, "up": {...}, "down": {...}}, the permuted
 TMA path of kernels/moe_grouped_tma.py (FP8: BLOCK_K 128, FP8 activations), taken when num_tokens * top_k
 >= min_rows; its up/down add warp_specialize (and store_tma, flatten). Only a table measured on this GPU turns
