@@ -171,6 +171,8 @@ def test_fused_experts_gpu(shape, num_tokens, fp8, act_fp8):
         kw = {"w13_scale": s13, "w2_scale": s2}
     cfg = get_moe_config(num_tokens, num_experts, hidden, inter, top_k, "fp8" if fp8 else "bfloat16")
     cfg = dict(cfg, act_fp8=act_fp8)
+    if act_fp8:  # the table's GEMV (<= its max_tokens) keeps activations 16-bit: test the act-quantized GEMMs
+        cfg.pop("gemv", None)
     ref = fused_experts_ref(x, w13, w2, weights, ids, **kw, **({"act_fp8": act_fp8} if fp8 else {}))
     out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
     # fp8: a bf16 rounding difference before the activation quant can flip an e4m3 step (1/16)
