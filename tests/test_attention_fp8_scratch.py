@@ -1,0 +1,164 @@
+"""FP8 extend through a 16-bit scratch (kernels/attention/fp8_scratch.py): the page-widening kernel vs torch, the
+prefill over the scratch vs the in-loop FP8 widening (bit for bit at the same tiles) and vs the torch reference, the
+rule that picks it, and a tiny FP8-KV engine's greedy tokens for a long prompt in chunks with it on and off."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels.attention.fp8_scratch as fs  # noqa: E402
+from kernels.attention.config import PREFILL_KNOB_DEFAULTS, check_config, default_prefill_config  # noqa: E402
+from kernels.attention.prefill import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+SCALES = (0.5, 0.125)  # k_scale, v_scale
+
+
+def _fp8_pages(seq_lens: list[int], block_size: int, kv_heads: int, head_dim: int, seed: int = 0,
+               strided: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # FP8 K/V caches over shuffled pages (every e4m3 magnitude class: values up to ~448 and subnormals), block
+    # tables one page wider than the longest sequence, padded with a page id that must not be read (-> garbage);
+    # strided: the caches are views of one [2, ..., head_dim + 8] pool, as a layer's slice of a larger buffer
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(pages) + 2
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    pool = torch.randn(2, *shape[:3], head_dim + 8 * strided, generator=g) * torch.exp2(
+        torch.randint(-12, 9, (2, *shape[:3], head_dim + 8 * strided), generator=g).float())
+    pool = pool.clamp(-448, 448).to(FP8)
+    k8, v8 = pool[0, ..., :head_dim], pool[1, ..., :head_dim]
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.full((len(seq_lens), max(pages) + 1), int(perm[-1]), dtype=torch.int32)
+    pos = 0
+    for b, n in enumerate(pages):
+        tables[b, :n] = perm[pos : pos + n]
+        pos += n
+    return k8, v8, tables
+
+
+@pytest.mark.parametrize("block_size,kv_heads,head_dim,strided", [(8, 3, 24, False), (16, 2, 32, True),
+                                                                   (32, 3, 128, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_widen_pages_matches_torch(block_size: int, kv_heads: int, head_dim: int, strided: bool,
+                                   dtype: torch.dtype) -> None:
+    # prefixes off the page grid, one empty row, more pages than one program's (4); (32, 3, 128): a page's 96 rows
+    # in two row chunks of 64
+    seq_lens = [37, 0, 5 * block_size + 1, 9 * block_size] if block_size < 32 else [70, 0, 33]
+    k8, v8, tables = _fp8_pages(seq_lens, block_size, kv_heads, head_dim, strided=strided)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    rows, width = tables.shape
+    shape = (rows * width + 3, block_size, kv_heads, head_dim)
+    got = [torch.full(shape, float("nan"), dtype=dtype) for _ in range(2)]
+    ref = [torch.full(shape, float("nan"), dtype=dtype) for _ in range(2)]
+    fs.widen_kv_pages(k8, v8, lens, tables, *got)
+    fs.widen_kv_pages_ref(k8, v8, lens, tables, *ref)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0, equal_nan=True)  # exact, untouched pages stay NaN
+    # and the reference is what the cache holds: page j of row b at b * width + j, e4m3 -> dtype exact
+    b, j = 2, (seq_lens[2] - 1) // block_size  # the last (partial) page of row 2
+    assert torch.equal(ref[0][b * width + j].double(), k8[int(tables[b, j])].double())
+    assert torch.isnan(ref[1][1 * width]).all()  # the empty row widened nothing
+
+
+def test_widen_pages_checks_shapes() -> None:
+    k8, v8, tables = _fp8_pages([20], 8, 2, 16)
+    small = torch.empty(tables.numel() - 1, 8, 2, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="does not hold"):
+        fs.widen_kv_pages(k8, v8, torch.tensor([20], dtype=torch.int32), tables, small, small.clone())
+
+
+def _extend_case(q_dtype: torch.dtype, block_size: int = 8):
+    # four sequences: chunks of 37 / 5 / 0 / 20 new tokens over cached prefixes of 50 / 0 / 13 / 31 tokens (none a
+    # multiple of the page), heads 6 / kv 2 (GROUP 3: no packing) and head_dim 32
+    heads, kv_heads, head_dim = 6, 2, 32
+    q_lens, prefixes = [37, 5, 0, 20], [50, 0, 13, 31]
+    seq_lens = [p + q for p, q in zip(prefixes, q_lens)]
+    k8, v8, tables = _fp8_pages(seq_lens, block_size, kv_heads, head_dim, seed=1)
+    # |stored| up to 448 times k_scale 0.5: a q of ~1/50 keeps the scores in a softmax that is neither flat nor one-hot
+    k8, v8 = (c.float().clamp(-8, 8).to(FP8) for c in (k8, v8))
+    q = (torch.randn(sum(q_lens), heads, head_dim, generator=torch.Generator().manual_seed(2)) * 0.3).to(q_dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return (q, k8, v8, cu, lens, tables, head_dim**-0.5, max(q_lens)), head_dim
+
+
+@pytest.fixture
+def widen_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    inner = fs.widen_kv_pages
+
+    def spy(*args: Any) -> None:
+        calls.append(args[3].shape[0])
+        inner(*args)
+
+    monkeypatch.setattr(fs, "widen_kv_pages", spy)
+    return calls
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_extend_through_scratch_equals_in_loop_widening(q_dtype: torch.dtype, widen_calls: list[int]) -> None:
+    args, head_dim = _extend_case(q_dtype)
+    tiles = {**default_prefill_config(head_dim), "BLOCK_M": 32, "BLOCK_N": 16}
+    in_loop = paged_attention_prefill(*args, *SCALES, config={**tiles, "FP8_SCRATCH_MIN_Q": 0})
+    assert widen_calls == []
+    scratch = paged_attention_prefill(*args, *SCALES, config={**tiles, "FP8_SCRATCH_MIN_Q": 37})
+    assert widen_calls == [4]  # one widening of the batch's four rows
+    # the same fp16 (fp32) values in the same tiles and order: bit for bit
+    assert torch.equal(scratch, in_loop)
+    ref = paged_attention_prefill_ref(*args, *SCALES)
+    err = ((scratch.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < {torch.float16: 3e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[q_dtype], err  # out in q's dtype
+    assert scratch[37 + 5 :].abs().amax() > 0  # the row after the empty one was attended
+
+
+def test_extend_through_scratch_other_tiles_within_rounding(widen_calls: list[int]) -> None:
+    # the scratch launch runs q's dtype's tiles (its table entry, or the caller's config): another BLOCK_N moves the
+    # online softmax's tile boundaries, so the result equals the in-loop one within fp rounding only
+    args, head_dim = _extend_case(torch.float16, block_size=16)
+    base = {**default_prefill_config(head_dim), "BLOCK_M": 32}
+    in_loop = paged_attention_prefill(*args, *SCALES, config={**base, "BLOCK_N": 32, "FP8_SCRATCH_MIN_Q": 0})
+    scratch = paged_attention_prefill(*args, *SCALES, config={**base, "BLOCK_N": 16, "FP8_SCRATCH_MIN_Q": 1})
+    assert widen_calls == [4]
+    torch.testing.assert_close(scratch, in_loop, rtol=2e-3, atol=2e-3)
+
+
+def test_scratch_rule(widen_calls: list[int]) -> None:
+    args, head_dim = _extend_case(torch.float16)
+    q, k8, _, _, _, tables, _, max_q = args
+    cfg = {**default_prefill_config(head_dim), "FP8_SCRATCH_MIN_Q": max_q}
+    plan = lambda c, **kw: fs.fp8_scratch_plan(c, kw.get("q", q), kw.get("k", k8), tables, 4,  # noqa: E731
+                                               kw.get("max_q", max_q), kw.get("tile_map"))
+    assert plan(cfg)
+    assert not plan(cfg, max_q=max_q - 1)  # the step's longest query below the threshold
+    assert not plan({**cfg, "FP8_SCRATCH_MIN_Q": 0})  # off
+    assert not plan({**cfg, "FP8_DOT": 1})  # e4m3 dots: the stored tiles, another arithmetic
+    assert not plan(cfg, tile_map=torch.zeros(1, 2, dtype=torch.int32))  # a fixed grid (CUDA graphs)
+    assert not plan(cfg, k=k8.to(torch.float16))  # a 16-bit cache needs no widening
+    cap = 4 * tables.shape[1] * k8.shape[1]  # rows x width pages of block_size tokens
+    assert plan({**cfg, "FP8_SCRATCH_MAX_TOKENS": cap}) and not plan({**cfg, "FP8_SCRATCH_MAX_TOKENS": cap - 1})
+    assert PREFILL_KNOB_DEFAULTS["FP8_SCRATCH_MIN_Q"] > 0  # on by default
+    # below the threshold the prefill widens in its loop, as before
+    paged_attention_prefill(*args, *SCALES, config={**cfg, "FP8_SCRATCH_MIN_Q": max_q + 1})
+    assert widen_calls == []
+    with pytest.raises(ValueError, match="FP8_SCRATCH"):
+        check_config({**cfg, "FP8_SCRATCH_MIN_Q": -1}, ("BLOCK_M",), head_dim)
+
+
+def test_scratch_grows_and_is_reused() -> None:
+    fs._SCRATCH.clear()
+    page = (8, 2, 16)
+    k1, v1, t1 = fs.scratch_pages(2, 3, page, torch.float16, torch.device("cpu"))
+    assert k1.shape == (6, *page) and t1.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert k1.stride() == v1.stride() and k1.data_ptr() != v1.data_ptr()
+    k2, _, _ = fs.scratch_pages(1, 5, page, torch.float16, torch.device("cpu"))
+    assert k2.data_ptr() == k1.data_ptr()  # 5 of the 8 pages allocated (6 rounded up)
+    k3, _, t3 = fs.scratch_pages(3, 4, page, torch.float16, torch.device("cpu"))
+    assert k3.shape[0] == 12 and t3[2].tolist() == [8, 9, 10, 11]
+    assert [buf.shape[1] for buf, _ in fs._SCRATCH.values()] == [16]  # grown to a power of two, the old one dropped
