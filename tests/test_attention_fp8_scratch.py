@@ -162,3 +162,23 @@ def test_scratch_grows_and_is_reused() -> None:
     k3, _, t3 = fs.scratch_pages(3, 4, page, torch.float16, torch.device("cpu"))
     assert k3.shape[0] == 12 and t3[2].tolist() == [8, 9, 10, 11]
     assert [buf.shape[1] for buf, _ in fs._SCRATCH.values()] == [16]  # grown to a power of two, the old one dropped
+
+
+def test_engine_fp8_kv_long_prompt_same_tokens_with_scratch(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                            widen_calls: list[int]) -> None:
+    # a tiny FP8-KV engine on the Triton kernels (interpreter): a 139-token prompt in 64-token chunks, each chunk an
+    # extend over the cache of the earlier ones; the chunks widen through the scratch (threshold 32) and give the
+    # greedy tokens of the in-loop widening (threshold 0: the code before the scratch)
+    from tests.test_engine import make_llm, ours
+    from tests.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(str(tmp_path / "qwen3"), "Qwen3ForCausalLM", num_hidden_layers=1)
+    prompt = torch.randint(3, 500, (139,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = {}
+    for min_q in (0, 32):
+        monkeypatch.setitem(PREFILL_KNOB_DEFAULTS, "FP8_SCRATCH_MIN_Q", min_q)
+        llm = make_llm(path, kv_cache_dtype="fp8", kernel_backend="triton", max_num_batched_tokens=64)
+        got[min_q] = ours(llm, [prompt], 3)
+        # one per 64-token chunk (one layer); the last chunk's 11 tokens stay under the threshold: in-loop widening
+        assert widen_calls == ([] if min_q == 0 else [1, 1]), widen_calls
+    assert got[32] == got[0] and len(got[0][0]) == 3
