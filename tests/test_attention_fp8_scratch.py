@@ -153,15 +153,17 @@ def test_scratch_rule(widen_calls: list[int]) -> None:
 
 def test_scratch_grows_and_is_reused() -> None:
     fs._SCRATCH.clear()
-    page = (8, 2, 16)
-    k1, v1, t1 = fs.scratch_pages(2, 3, page, torch.float16, torch.device("cpu"))
-    assert k1.shape == (6, *page) and t1.tolist() == [[0, 1, 2], [3, 4, 5]]
+    page, cpu = (8, 2, 16), torch.device("cpu")
+    pages = lambda: [buf.shape[1] for buf, _ in fs._SCRATCH.values()]  # noqa: E731
+    k1, v1, t1 = fs.scratch_pages(2, 3, page, torch.float16, cpu, max_pages=100)
+    assert k1.shape == (6, *page) and t1.tolist() == [[0, 1, 2], [3, 4, 5]] and pages() == [8]  # a power of two
     assert k1.stride() == v1.stride() and k1.data_ptr() != v1.data_ptr()
-    k2, _, _ = fs.scratch_pages(1, 5, page, torch.float16, torch.device("cpu"))
-    assert k2.data_ptr() == k1.data_ptr()  # 5 of the 8 pages allocated (6 rounded up)
-    k3, _, t3 = fs.scratch_pages(3, 4, page, torch.float16, torch.device("cpu"))
-    assert k3.shape[0] == 12 and t3[2].tolist() == [8, 9, 10, 11]
-    assert [buf.shape[1] for buf, _ in fs._SCRATCH.values()] == [16]  # grown to a power of two, the old one dropped
+    k2, _, _ = fs.scratch_pages(1, 5, page, torch.float16, cpu, max_pages=100)
+    assert k2.data_ptr() == k1.data_ptr()  # fits: reused
+    k3, _, t3 = fs.scratch_pages(3, 4, page, torch.float16, cpu, max_pages=13)
+    assert k3.shape[0] == 12 and t3[2].tolist() == [8, 9, 10, 11] and pages() == [13]  # the cap, the old one dropped
+    fs.scratch_pages(5, 4, page, torch.float16, cpu, max_pages=13)
+    assert pages() == [20]  # a step past the cap (a config's) gets what it needs
 
 
 def test_engine_fp8_kv_long_prompt_same_tokens_with_scratch(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,

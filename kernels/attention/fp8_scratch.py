@@ -42,6 +42,7 @@ from kernels.fp8 import FP8_DTYPE
 _SCRATCH: dict = {}  # (device, dtype, page shape) -> (k/v scratch [2, pages, block_size, kv_heads, head_dim], ids)
 _PAGES_PER_PROGRAM = 4
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PagedKv = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # k cache, v cache, block tables
 
 
 def scratch_dtype(q_dtype: torch.dtype) -> torch.dtype:
@@ -62,16 +63,17 @@ def fp8_scratch_plan(cfg: dict, q: torch.Tensor, k_cache: torch.Tensor, block_ta
     return batch * block_tables.shape[1] * k_cache.shape[1] <= max_tokens
 
 
-def scratch_pages(rows: int, width: int, page_shape: tuple[int, ...], dtype: torch.dtype,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def scratch_pages(rows: int, width: int, page_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  max_pages: int = 0) -> PagedKv:
     """(k scratch, v scratch [rows * width, *page_shape], block table [rows, width] int32: row b -> pages
     b * width ...): one buffer per (device, dtype, page shape), reused by every layer (they run in stream order)
-    and grown to a power of two of pages, so a long prompt's growing prefix reallocates it a few times only."""
+    and grown to a power of two of pages (at most max_pages, the cap, unless the need is larger), so a long
+    prompt's growing prefix reallocates it a few times only."""
     key = (device, dtype, tuple(page_shape))
     need = rows * width
     buf, ids = _SCRATCH.get(key, (None, None))
     if buf is None or buf.shape[1] < need:
-        pages = triton.next_power_of_2(need)
+        pages = max(need, min(triton.next_power_of_2(need), max_pages or need))
         _SCRATCH.pop(key, None)  # free the old one first: never graph-captured (module docstring)
         buf = torch.empty((2, pages, *page_shape), dtype=dtype, device=device)
         ids = torch.arange(pages, dtype=torch.int32, device=device)
@@ -154,11 +156,13 @@ def widen_kv_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch
 
 
 def widen_to_scratch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     block_tables: torch.Tensor, cfg: dict | None = None) -> PagedKv:
     """The batch's pages widened into the scratch: (k, v [rows * width, block_size, kv_heads, head_dim] in
-    scratch_dtype(q.dtype), block table [rows, width] int32), a paged cache the prefill kernel takes as is."""
+    scratch_dtype(q.dtype), block table [rows, width] int32), a paged cache the prefill kernel takes as is; the
+    scratch grows to cfg's FP8_SCRATCH_MAX_TOKENS at most (unless this step needs more)."""
     rows = seq_lens.shape[0]
+    max_tokens = {**PREFILL_KNOB_DEFAULTS, **(cfg or {})}["FP8_SCRATCH_MAX_TOKENS"]
     k16, v16, table = scratch_pages(rows, block_tables.shape[1], tuple(k_cache.shape[1:]), scratch_dtype(q.dtype),
-                                    q.device)
+                                    q.device, max_tokens // k_cache.shape[1])
     widen_kv_pages(k_cache, v_cache, seq_lens, block_tables[:rows], k16, v16)
     return k16, v16, table
