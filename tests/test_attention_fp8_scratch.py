@@ -184,3 +184,43 @@ def test_engine_fp8_kv_long_prompt_same_tokens_with_scratch(tmp_path: Any, monke
         # one per 64-token chunk (one layer); the last chunk's 11 tokens stay under the threshold: in-loop widening
         assert widen_calls == ([] if min_q == 0 else [1, 1]), widen_calls
     assert got[32] == got[0] and len(got[0][0]) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(32, 4), (96, 8)])  # Qwen3-30B-A3B, GLM-4.5-Air
+def test_fp8_scratch_gpu(heads: int, kv_heads: int) -> None:
+    # real shapes: two sequences, a 2048-token chunk over a 20000-token prefix and a 300-token chunk over 777 (off
+    # the page grid): the widening vs torch exactly; the extend through the scratch vs the in-loop widening at the
+    # same tiles, at the tables' tiles (the bf16 entry's for the scratch: within rounding), and vs the
+    # torch reference
+    from kernels.attention.config import prefill_config
+
+    torch.manual_seed(0)
+    head_dim, block_size, dev = 128, 16, torch.device("cuda")
+    q_lens, seq_lens = [2048, 300], [22048, 1077]
+    k8, v8, tables = (t.to(dev) for t in _fp8_pages(seq_lens, block_size, kv_heads, head_dim))
+    k8, v8 = ((0.05 * c.float().clamp(-8, 8)).to(FP8) for c in (k8, v8))  # |stored| <= 0.4: std ~1 scores below
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    rows, width = tables.shape
+    got = [torch.full((rows * width, block_size, kv_heads, head_dim), float("nan"), dtype=torch.float16, device=dev)
+           for _ in range(2)]
+    ref = [g.clone() for g in got]
+    fs.widen_kv_pages(k8, v8, lens, tables, *got)
+    fs.widen_kv_pages_ref(k8, v8, lens, tables, *ref)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0, equal_nan=True)
+    q = 4 * torch.randn(sum(q_lens), heads, head_dim, device=dev, dtype=torch.bfloat16)
+    cu = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32, device=dev)
+    args = (q, k8, v8, cu, lens, tables, head_dim**-0.5, max(q_lens), *SCALES)
+    fp8_cfg = {**prefill_config(head_dim, FP8, dev), "FP8_DOT": 0}
+    in_loop = paged_attention_prefill(*args, config={**fp8_cfg, "FP8_SCRATCH_MIN_Q": 0})
+    same_tiles = paged_attention_prefill(*args, config={**fp8_cfg, "FP8_SCRATCH_MIN_Q": 1})
+    table = paged_attention_prefill(*args)  # the table path: the scratch (2048 >= the threshold), bf16 tiles
+    ref_out = paged_attention_prefill_ref(*args)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    print(f"heads {heads}/{kv_heads}: same tiles max diff {(same_tiles.float() - in_loop.float()).abs().max():.1e}, "
+          f"table path max diff {(table.float() - in_loop.float()).abs().max():.1e}, vs ref {rel(table, ref_out):.1e}")
+    # the same fp16 operands in the same tiles: equal unless the two compilations pick different MMA instructions
+    # (the printed max diff says which); the tables' tiles move the softmax's tile boundaries: rounding only
+    assert rel(same_tiles, in_loop) < 1e-3
+    assert rel(table, in_loop) < 1e-2 and rel(table, ref_out) < 1e-2

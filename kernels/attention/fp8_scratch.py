@@ -120,8 +120,8 @@ def _widen_pages_kernel(
                 src = page * stride_cb + (slot * stride_cs + head * stride_ch)[:, None] + d[None, :]
                 out = dst * stride_ob + (slot * stride_os + head * stride_oh)[:, None] + d[None, :]
                 k = tl.load(k_ptr + src, mask=mask)
+                v = tl.load(v_ptr + src, mask=mask)  # both loads in flight before the stores
                 tl.store(k_out_ptr + out, k.to(k_out_ptr.dtype.element_ty), mask=mask)
-                v = tl.load(v_ptr + src, mask=mask)
                 tl.store(v_out_ptr + out, v.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
