@@ -186,6 +186,46 @@ def test_engine_fp8_kv_long_prompt_same_tokens_with_scratch(tmp_path: Any, monke
     assert got[32] == got[0] and len(got[0][0]) == 3
 
 
+_SM90_PROBE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from attention_ir import BLOCK, HEAD_DIM, compile_sm90, report
+from kernels.attention.fp8_scratch import _widen_pages_kernel
+from kernels.attention.prefill import _prefill_kernel
+
+def prefill(q, kv, fp8_as_f16, q_f16):  # the H200 table's d128_bf16 tiles at Qwen3-30B-A3B heads (32 / 4)
+    args = dict(q_ptr=q, k_cache_ptr=kv, v_cache_ptr=kv, seq_lens_ptr="i32", block_tables_ptr="i32", out_ptr="bf16",
+                qk_scale=0.1, v_scale=0.1, stride_cb=BLOCK * 4 * HEAD_DIM, stride_cs=4 * HEAD_DIM, stride_ch=HEAD_DIM,
+                stride_bt=2048, cu_seqlens_ptr="i32", stride_qt=32 * HEAD_DIM, stride_qh=HEAD_DIM,
+                stride_ot=32 * HEAD_DIM, stride_oh=HEAD_DIM, num_tokens=4096, batch=1)
+    consts = dict(GROUP=8, PACK=8, HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_SIZE=BLOCK, BLOCK_M=128, BLOCK_N=128,
+                  FP8_AS_F16=fp8_as_f16, OFF64=False, tile_map_ptr=None, TILE_MAP=False, ZERO_FILL=True,
+                  MASK_FREE=True, Q_F16=q_f16, k_new_desc=None, v_new_desc=None)
+    return report(compile_sm90(_prefill_kernel, args, consts, 8, 3))
+
+args = dict(k_ptr="fp8e4nv", v_ptr="fp8e4nv", k_out_ptr="fp16", v_out_ptr="fp16", seq_lens_ptr="i32",
+            block_tables_ptr="i32", stride_bt=8192, width=8192, stride_cb=8192, stride_cs=512, stride_ch=128,
+            stride_ob=8192, stride_os=512, stride_oh=128)
+consts = dict(BLOCK_SIZE=16, NUM_KV_HEADS=4, HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128, PAGES=4)
+widen = report(compile_sm90(_widen_pages_kernel, args, consts, 4, 1))
+print(json.dumps([prefill("bf16", "bf16", False, False), prefill("fp16", "fp16", True, True), widen]))
+"""
+
+
+def test_scratch_launch_compiles_as_the_bf16_kernel_for_sm90() -> None:
+    # no GPU needed: the launch over the scratch (fp16 q and tiles; FP8_AS_F16 with Q_F16: no cast in the kernel) is
+    # the 16-bit kernel a bf16 cache runs, instruction for instruction in count: triple-buffered K/V (the in-loop
+    # FP8 widening compiles single-buffered), the same registers and shared memory, wgmma; the widening kernel spills
+    # nothing
+    from tests.sm90 import run_sm90_probe
+
+    bf16, scratch, widen = run_sm90_probe(_SM90_PROBE)
+    keys = ("registers", "spill_bytes", "shared_bytes", "mma", "hgmma", "kv_buffer_depths", "sass_total")
+    assert {k: scratch[k] for k in keys} == {k: bf16[k] for k in keys}, (scratch, bf16)
+    assert scratch["spill_bytes"] == 0 and scratch["mma"] == "wgmma" and min(scratch["kv_buffer_depths"]) >= 2
+    assert widen["spill_bytes"] == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads", [(32, 4), (96, 8)])  # Qwen3-30B-A3B, GLM-4.5-Air
 def test_fp8_scratch_gpu(heads: int, kv_heads: int) -> None:
