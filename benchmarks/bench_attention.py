@@ -23,7 +23,8 @@ from FP8_SCRATCH_MIN_Q query tokens, default 256); fp8scratch has no decode rows
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8widen,fp8dot,fp8dot2,fp8dot3
---extend 8192:122880.
+--extend 8192:122880. FP8 extend, old vs new, no decode rows: --ctxs "" --kv-dtypes bf16,fp8widen,fp8scratch,fp8
+--extend 8192:122880 --no-prefill.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ceil = measure_ceilings()
     rows = []
-    for ctx in map(int, args.ctxs.split(",")):
+    for ctx in map(int, filter(None, args.ctxs.split(","))):  # --ctxs "": no decode rows
         for batch in map(int, args.batches.split(",")):
             if batch * ctx > 256 * 16384:  # keep the KV under ~9 GB
                 continue
