@@ -14,16 +14,17 @@ cast to fp16 as on an FP8 cache. The widened launch therefore computes on the sa
 output equals the in-loop path's bit for bit when both run the same BLOCK_M / BLOCK_N (num_warps, num_stages,
 MASK_FREE, LPT_GRID change no arithmetic), and within fp rounding (the online softmax's tile boundaries) otherwise.
 
-When it pays (fp8_scratch_plan): per cached element, widening once costs ~3 bytes of traffic (e4m3 read, fp16 write)
-plus a second byte when the kernel reads it, ~0.6 ps at an H200's ~4.8 TB/s; the in-loop widening costs ~0.23 ps
-per element per program that reads it (measured: (51.6 - 36.5) ms over 512 programs x 126M elements). A KV element is
-read by GROUP * q_len / BLOCK_M programs (GROUP query heads per KV head), 8 * q_len / 128 at Qwen3's 32 / 4 heads:
-break-even near 3 programs (q_len ~48); FP8_SCRATCH_MIN_Q (prefill config, default 256: ~16 programs per element,
-GLM-4.5-Air's 96 / 8 heads ~24) leaves a margin for short prefixes, where the launch itself costs. The step's longest
-query is the rule's input (the wrapper knows no other per-sequence length without a device sync): every row of such a
-step is widened. The scratch (rows x width pages of K and V) is capped at FP8_SCRATCH_MAX_TOKENS tokens (default
-262144: one 128k sequence plus a lockstep padding row; Qwen3-30B-A3B: 512 MiB, GLM-4.5-Air: 1 GiB at TP 1): a larger
-step keeps the in-loop widening. The scratch is not in the KV memory plan: it is allocated on first use and grown.
+When it pays (fp8_scratch_plan): per cached element, widening once costs ~3 bytes of traffic (e4m3 read, fp16 write),
+~0.6 ps at an H200's ~4.8 TB/s (the kernel then reads 2 bytes instead of 1, from L2 mostly: its programs share the
+prefix); the in-loop widening costs ~0.23 ps per element per program that reads it (measured: (51.6 - 36.5) ms over
+512 programs x 126M elements). A KV element is read by GROUP * q_len / BLOCK_M programs (GROUP query heads per KV
+head), 8 * q_len / 128 at Qwen3's 32 / 4 heads: break-even near 3 programs (q_len ~48); FP8_SCRATCH_MIN_Q (prefill
+config, default 256: ~16 programs per element, GLM-4.5-Air's 96 / 8 heads ~24) leaves a margin for short prefixes,
+where the launch itself costs. The step's longest query is the rule's input (the wrapper knows no other per-sequence
+length without a device sync): every row of such a step is widened. The scratch (rows x width pages of K and V) is
+capped at FP8_SCRATCH_MAX_TOKENS tokens (default 262144: one 128k sequence plus a lockstep padding row; Qwen3-30B-A3B:
+512 MiB, GLM-4.5-Air: 1 GiB at TP 1): a larger step keeps the in-loop widening. The scratch is not in the KV memory
+plan: it is allocated on first use and grown.
 
 CUDA graphs: the mixed-step graphs replay the prefill over a fixed tile map (tile_map); that path never widens (the
 scratch size follows the step's block table), nor does anything under stream capture, so no graph holds a scratch
