@@ -15,10 +15,16 @@ fp8_dot 2); "fp8widen" the same tiles with the tensor-core variant off (decode f
 tiles widened to fp16), "fp8dot" / "fp8dot2" / "fp8dot3" with it on (decode fp8_dot 1 / 2 / 3, prefill FP8_DOT:
 e4m3 x e4m3 dots, q and p rounded to e4m3), "fp8dot2q2" decode's fp8_dot 2 with fp8_q2 (q as two e4m3 terms: the
 accuracy option); fp8dot2 / 3 / 2q2 differ in decode only (their extend rows would be fp8dot's: skipped).
+Extend on an FP8 cache: "fp8widen" widens every tile in the kernel's loop (FP8_SCRATCH_MIN_Q 0: the path before the
+scratch), "fp8scratch" widens the pages once into a 16-bit scratch and runs the bf16 cache's tiles over it
+(kernels/attention/fp8_scratch.py; its rows add widen_us, the widening alone, and maxdiff, the largest difference
+to fp8widen's output: 0 where both run the same BLOCK_M / BLOCK_N), "fp8" whatever the table picks (the scratch
+from FP8_SCRATCH_MIN_Q query tokens, default 256); fp8scratch has no decode rows (decode reads the cache as is).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8widen,fp8dot,fp8dot2,fp8dot3
---extend 8192:122880.
+--extend 8192:122880. FP8 extend, old vs new, no decode rows: --ctxs "" --kv-dtypes bf16,fp8widen,fp8scratch,fp8
+--extend 8192:122880 --no-prefill.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from bench_moe import bench_graph, measure_ceilings  # noqa: E402
 
 from kernels.attention.config import decode_config, prefill_config, with_fp8_dot  # noqa: E402
 from kernels.attention.decode import paged_attention_decode  # noqa: E402
+from kernels.attention.fp8_scratch import widen_to_scratch  # noqa: E402
 from kernels.attention.prefill import paged_attention_prefill  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 4, 128, 16
@@ -46,17 +53,23 @@ SHAPES = {"qwen3-30b-a3b": (32, 4), "glm-4.5-air": (96, 8)}  # query heads, KV h
 DT = torch.bfloat16
 # decode's fp8_dot per pseudo cache dtype (an FP8 cache; prefill's FP8_DOT: on where > 0); "fp8": the table's own
 FP8_DOT = {"fp8widen": 0, "fp8dot": 1, "fp8dot2": 2, "fp8dot3": 3, "fp8dot2q2": 2}
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn} | dict.fromkeys(FP8_DOT, torch.float8_e4m3fn)
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn} | dict.fromkeys([*FP8_DOT, "fp8scratch"],
+                                                                                  torch.float8_e4m3fn)
 FP8_SCALES = (0.02, 0.02)  # k_scale, v_scale: the cache holds x / scale
 
 
 def kernel_config(kind: str, kv: str) -> dict | None:
     # None: the kernels' own lookup (this GPU's table); fp8widen / fp8dot*: that config with the FP8 tensor-core
-    # variant off / on (the table may have it on: H200's decode)
+    # variant off / on (the table may have it on: H200's decode) and the prefill's scratch off (fp8widen: the in-loop
+    # widening); fp8scratch: the prefill's scratch forced, with the bf16 cache's tiles (what the table path runs)
+    dev = torch.device("cuda")
+    if kv == "fp8scratch":
+        return {**prefill_config(HEAD_DIM, DT, dev), "FP8_SCRATCH_MIN_Q": 1}
     if kv not in FP8_DOT:
         return None
     get = decode_config if kind == "decode" else prefill_config
-    return with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], torch.device("cuda")), kind, FP8_DOT[kv], int(kv.endswith("q2")))
+    cfg = with_fp8_dot(get(HEAD_DIM, KV_DTYPES[kv], dev), kind, FP8_DOT[kv], int(kv.endswith("q2")))
+    return {**cfg, "FP8_SCRATCH_MIN_Q": 0} if kind == "prefill" else cfg
 
 
 def paged_cache(batch: int, ctx: int, kv_dtype: torch.dtype = DT):
@@ -164,6 +177,16 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
         kd, vd = ((c.float() * sc).to(DT) for c, sc in zip((k_cache, v_cache), scales))
         ref = paged_attention_prefill(q, kd, vd, cu, lens, tables, HEAD_DIM**-0.5, chunk)
         row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+    if kv == "fp8scratch" and not ragged:  # the widening alone (traffic: e4m3 read, fp16 written); the in-loop output
+        row["widen_us"] = triton.testing.do_bench(lambda: widen_to_scratch(q, k_cache, v_cache, lens, tables),
+                                                  rep=100, return_mode="median") * 1e3
+        widen_bytes = 2 * (prefix + chunk) * KV_HEADS * HEAD_DIM * 3
+        row["widen_frac_bw"] = widen_bytes / ceil["copy_tbps"] / 1e6 / row["widen_us"]
+        in_loop = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
+                                          config=kernel_config("prefill", "fp8widen"))
+        ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
+                                       config=cfg)
+        row["maxdiff_vs_fp8widen"] = (ours.float() - in_loop.float()).abs().max().item()
     return row
 
 
@@ -216,11 +239,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ceil = measure_ceilings()
     rows = []
-    for ctx in map(int, args.ctxs.split(",")):
+    for ctx in map(int, filter(None, args.ctxs.split(","))):  # --ctxs "": no decode rows
         for batch in map(int, args.batches.split(",")):
             if batch * ctx > 256 * 16384:  # keep the KV under ~9 GB
                 continue
-            for kv, merge in ((kv, m) for kv in args.kv_dtypes.split(",") for m in args.decode_merge.split(",")):
+            for kv, merge in ((kv, m) for kv in args.kv_dtypes.split(",") for m in args.decode_merge.split(",")
+                              if kv != "fp8scratch"):  # an extend-only path
                 r = bench_decode(batch, ctx, ceil, kv, args.num_splits, merge == "fused")
                 rows.append(r)
                 sd = f"{r['sdpa_us']:8.1f}" if "sdpa_us" in r else "     n/a"
@@ -236,6 +260,9 @@ def main() -> None:
         r = bench_extend(chunk, prefix, ceil, kv, ragged)
         rows.append(r)
         err = f" err_vs_dequant={r['rel_err_vs_dequant']:.1e}" if "rel_err_vs_dequant" in r else ""
+        if "widen_us" in r:
+            err += (f" widen_us={r['widen_us']:.1f} widen_frac_bw={r['widen_frac_bw']:.2f} "
+                    f"maxdiff_vs_fp8widen={r['maxdiff_vs_fp8widen']:.1e}")
         print(f"attn extend kv={kv} ragged={int(ragged)} chunk={chunk} prefix={prefix} us={r['us']:9.1f} "
               f"floor_us={r['floor_us']:9.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}{err}", flush=True)
         torch.cuda.empty_cache()

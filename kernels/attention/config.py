@@ -13,7 +13,10 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   the contiguous K/V the caller passes, through tensor descriptors: TMA on Hopper; the cached prefix from pages),
   Q_F16 (an FP8 cache under a bf16 q: q cast to fp16 before the launch, so the kernel keeps it in shared memory),
   FP8_DOT (an FP8 cache: e4m3 x e4m3 tensor-core dots, q and the probabilities rounded to e4m3 in the kernel, as
-  FlashAttention-3's FP8 path; Q_F16 is then unused; how, and its accuracy: kernels/attention/fp8_dot.py).
+  FlashAttention-3's FP8 path; Q_F16 is then unused; how, and its accuracy: kernels/attention/fp8_dot.py);
+  optional counts FP8_SCRATCH_MIN_Q / FP8_SCRATCH_MAX_TOKENS (PREFILL_KNOB_DEFAULTS: an FP8 cache's pages widened
+  once into a 16-bit scratch before the launch, kernels/attention/fp8_scratch.py; the scratch then runs the tiles of
+  q's dtype's entry, e.g. d128_bf16, unless the caller passes a config).
 Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
@@ -50,6 +53,10 @@ DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "s
                         "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16", "FP8_DOT")  # optional, 0 / 1
+# prefill knobs (counts; a config without them gets these): an FP8 cache's pages widened once into a 16-bit scratch
+# when the step's longest query has >= FP8_SCRATCH_MIN_Q tokens (0: never) and the scratch (rows x block-table
+# width pages) holds <= FP8_SCRATCH_MAX_TOKENS tokens; kernels/attention/fp8_scratch.py says why these defaults
+PREFILL_KNOB_DEFAULTS = {"FP8_SCRATCH_MIN_Q": 256, "FP8_SCRATCH_MAX_TOKENS": 262144}
 
 
 def config_key(head_dim: int, kv_dtype: torch.dtype) -> str:
@@ -157,6 +164,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     if (cfg.get("fp8_dot") or cfg.get("FP8_DOT")) and min(cfg["BLOCK_N"], triton.next_power_of_2(head_dim)) < 32:
         raise ValueError(f"attention config {cfg}: the FP8 dots (fp8_dot / FP8_DOT) need BLOCK_N >= 32 and head_dim "
                          f"> 16, got head_dim {head_dim} (an e4m3 tl.dot's K is at least 32)")
+    bad = {k: cfg[k] for k in PREFILL_KNOB_DEFAULTS if k in cfg and (not isinstance(cfg[k], int) or cfg[k] < 0)}
+    if bad:
+        raise ValueError(f"attention config {bad}: FP8_SCRATCH_* are token counts >= 0")
     bad = {k: cfg[k] for k in PREFILL_VARIANT_KEYS if k in cfg and cfg[k] not in (0, 1, False, True)}
     if bad:
         raise ValueError(f"attention config {bad}: variant keys are 0 or 1")

@@ -7,8 +7,10 @@ causally to every cached position <= its own (the cached prefix included).
 
 FP8 KV (cache dtype float8_e4m3fn, per-tensor k_scale / v_scale): read as FP8 and widened to fp16 per tile, or
 (a config's FP8_DOT) run on FP8 tensor cores with q and p rounded to e4m3: kernels/attention/fp8_dot.py says how, and
-its accuracy. The decode kernels are in kernels/attention/decode.py; tile configs in kernels/attention/config.py;
-the tile-level pieces in kernels/attention/tiles.py.
+its accuracy. An extend with enough query tokens widens the FP8 pages once into a 16-bit scratch first and runs as a
+16-bit cache (kernels/attention/fp8_scratch.py: when, and why the result is the same). The decode kernels are in
+kernels/attention/decode.py; tile configs in kernels/attention/config.py; the tile-level pieces in
+kernels/attention/tiles.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.attention.config import PREFILL_KEYS, check_config, prefill_config
 from kernels.attention.fp8_dot import FP16_MAX, _quantize_q, fp8_as_f16, interpreted, quantize_kv
+from kernels.attention.fp8_scratch import fp8_scratch_plan, widen_to_scratch
 from kernels.attention.tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
@@ -369,6 +372,12 @@ def paged_attention_prefill(
     cfg = prefill_config(head_dim, k_cache.dtype, q.device) if config is None else config
     if config is not None:
         check_config(cfg, PREFILL_KEYS, head_dim)
+    widened = fp8_scratch_plan(cfg, q, k_cache, block_tables, batch, max_seqlen_q, tile_map)
+    if widened:  # an FP8 cache's pages widened once into a 16-bit scratch, run as a 16-bit cache (fp8_scratch.py)
+        k_cache, v_cache, block_tables = widen_to_scratch(q, k_cache, v_cache, seq_lens, block_tables, cfg)
+        cfg = cfg if config is not None else prefill_config(head_dim, q.dtype, q.device)
+    # fp16 dots on FP8 values (an FP8 cache widened in the loop, or the scratch) under a 16-bit q
+    f16_dots = fp8_as_f16(q, k_cache) or (widened and q.dtype != torch.float32)
     group = num_heads // num_kv_heads
     block_m = cfg["BLOCK_M"]
     pack = group if (group & (group - 1)) == 0 and group <= block_m // 16 else 1
@@ -392,10 +401,11 @@ def paged_attention_prefill(
         grid = (num_heads // pack, tile_map.shape[0], 1)
         tiles = dict(tile_map_ptr=tile_map, TILE_MAP=True)
     fp8_dot = bool(cfg.get("FP8_DOT")) and k_cache.dtype == FP8_DTYPE
-    q_f16 = bool(cfg.get("Q_F16")) and fp8_as_f16(q, k_cache) and q.dtype != torch.float16 and not fp8_dot
+    # (the scratch always: its launch is then the 16-bit kernel a bf16 cache runs, with q in fp16)
+    q_f16 = bool(cfg.get("Q_F16") or widened) and f16_dots and q.dtype != torch.float16 and not fp8_dot
     q_in = q.to(torch.float16).clamp_(-FP16_MAX.value, FP16_MAX.value) if q_f16 else q  # inf -> fp16's max
     ragged: dict = {}
-    if cfg.get("RAGGED") and ragged_kv_ok(q, k_cache, k, v):
+    if cfg.get("RAGGED") and not widened and ragged_kv_ok(q, k_cache, k, v):  # the scratch holds the chunk too
         block_d = [cfg["BLOCK_N"], head_dim]  # one KV head's dims of BLOCK_N consecutive tokens
         ragged = dict(RAGGED=True, k_new_desc=TensorDescriptor(k, [num_tokens, num_kv_heads * head_dim],
                                                                [k.stride(0), 1], block_d),
@@ -407,7 +417,7 @@ def paged_attention_prefill(
         q_in.stride(0), q_in.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=fp8_as_f16(q, k_cache) and not fp8_dot,
+        BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], FP8_AS_F16=f16_dots and not fp8_dot,
         OFF64=needs_off64(k_cache),
         num_tokens=num_tokens, batch=batch, ZERO_FILL=zero_fill, MASK_FREE=bool(cfg.get("MASK_FREE")),
         LPT_GRID=lpt and tile_map is None, Q_F16=q_f16, FP8_DOT=fp8_dot, INTERP=fp8_dot and interpreted(),
