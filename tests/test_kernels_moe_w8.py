@@ -53,6 +53,23 @@ def test_f16_pow2_split_is_exact_at_any_range():
     assert not torch.isfinite(x[5].half()).all()  # what the split avoids
 
 
+def test_f16_pow2_split_every_bf16_value():
+    # each of the 65536 bf16 bit patterns (both zeros, subnormals, the extremes, inf, nan) alone in a row, then beside
+    # a row max 2^30 times larger: x16 * s gives it back bit for bit (inf / nan stay so), |x16| < 2^15, and s is a
+    # normal power of two (the exponent clamp: without it a zero or subnormal row gets s = 0 and 1 / s = inf)
+    v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    q, s = _split(torch.stack([v, torch.zeros_like(v)], 1))
+    num = ~v.isnan()
+    assert torch.equal(q[num, 0].float() * s[num], v[num]) and q[~num, 0].isnan().all() and (q[:, 1] == 0).all()
+    assert torch.equal(q[num, 0].signbit(), v[num].signbit())  # -0.0 stays -0.0
+    assert q[v.isfinite()].float().abs().max() < 2**15
+    assert ((s >= 2.0**-126) & (s < 2.0**127)).all() and (s.log2() == s.log2().round()).all()
+    big = (v * 2.0**30).to(torch.bfloat16).float()
+    x = torch.stack([v, big], 1)[v.isfinite() & big.isfinite()]
+    q, s = _split(x)
+    assert torch.equal(q.float() * s[:, None], x)
+
+
 def _blocky(shape, block=128):
     # per-[128, 128]-block magnitudes 2^-3..2^3: a scale taken from the wrong block, or applied twice or never, shows
     w = torch.randn(shape)
@@ -74,9 +91,9 @@ def _routing(num_tokens, num_experts, top_k):
     return torch.rand(num_tokens, top_k) + 0.1, ids
 
 
-def _config(num_tokens, num_experts, top_k, mode, block_m=16, bn_up=64, bn_down=64):
+def _config(num_tokens, num_experts, top_k, mode, block_m=16, bn_up=64, bn_down=64, block_k=128):
     cfg = default_config(num_tokens, num_experts, top_k, True)
-    up = dict(cfg["up"], BLOCK_N=bn_up, BLOCK_K=128, w8_mma=mode)
+    up = dict(cfg["up"], BLOCK_N=bn_up, BLOCK_K=block_k, w8_mma=mode)
     return dict(cfg, BLOCK_M=block_m, act_fp8=False, up=up, down=dict(up, BLOCK_N=bn_down))
 
 
@@ -104,6 +121,22 @@ def test_w8_f16_vs_reference_and_dequant(mode, dtype, num_tokens, hidden, inter,
                                                                    bn_up, bn_down), **kw)
     tol = 2e-3 if dtype == torch.float16 else 1e-3  # fp32 inputs are rounded to fp16 for the MMA
     assert new.dtype == dtype and _rel_err(new, ref) < tol and _rel_err(new, old) < tol
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_w8_f16_block_k_below_128_and_wide_tiles(mode, block_k):
+    # BLOCK_K 64 / 32 (the tuner's LARGE tiles, BLOCK_M >= 64): one 128-block's scale serves 2-4 K steps and each
+    # step's is fetched a step ahead; BLOCK_N 256 (W8_EXTRA): a column tile spans two or three scale blocks. Up: K 320
+    # (EVEN_K, the last block half full), N 200 (gate and up blocks 0-3 in one tile); down: K 200 uneven, N 320
+    num_tokens, num_experts, hidden, inter, top_k = 11, 4, 320, 200, 2
+    w13, s13, w2, s2 = _experts(num_experts, hidden, inter, seed=11)
+    x = torch.randn(num_tokens, hidden).half()
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    ref = fused_experts_ref(x, w13, w2, weights, ids, act_fp8=False, **kw)
+    cfg = _config(num_tokens, num_experts, top_k, mode, 16, 256, 256, block_k)
+    assert _rel_err(fused_experts(x, w13, w2, weights, ids, config=cfg, **kw), ref) < 2e-3
 
 
 @pytest.mark.parametrize("mode", ("dequant",) + MODES)
