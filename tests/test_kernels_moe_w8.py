@@ -239,6 +239,32 @@ def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
     assert (table["4"]["down"]["w8_mma"], table["4"]["down"]["BLOCK_N"]) == ("f16", 16)
 
 
+def test_tuner_starts_from_another_gpus_table(monkeypatch, tmp_path):
+    # a GPU without its own table runs on another GPU's (moe_config's fallback, "tma" off): a tune over a few M must
+    # start from that one, not write a table of those buckets alone (whose nearest bucket would then serve every M)
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe
+
+    import kernels.moe_config as mc
+
+    monkeypatch.setattr(tune_moe, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tune_moe, "device_name", lambda: "GPU_B")
+    other = {"1": {"BLOCK_M": 16, "gemv": {"max_tokens": 1}}, "64": {"BLOCK_M": 16, "tma": {"min_rows": 9}},
+             "4096": {"BLOCK_M": 64, "tma": {"min_rows": 8192}}}
+    (tmp_path / mc.config_file_name(4, 160, 96, "fp8", "GPU_A")).write_text(json.dumps(other))
+    path, foreign = tune_moe.table_in_use(4, 160, 96, "fp8")
+    assert foreign and tune_moe.table_in_use(4, 160, 96, "bfloat16") == (
+        tmp_path / mc.config_file_name(4, 160, 96, "bfloat16", "GPU_B"), False)
+    table = tune_moe.keep_tma_entries({"64": {"BLOCK_M": 32}}, path, foreign)
+    assert table == {"1": other["1"], "64": {"BLOCK_M": 32}, "4096": {"BLOCK_M": 64}}
+    (tmp_path / mc.config_file_name(4, 160, 96, "fp8", "GPU_B")).write_text(json.dumps(other))  # its own: all kept
+    assert tune_moe.keep_tma_entries({"64": {"BLOCK_M": 32}}, *tune_moe.table_in_use(4, 160, 96, "fp8")) == dict(
+        other, **{"64": {"BLOCK_M": 32, "tma": {"min_rows": 9}}})
+
+
 def test_bench_moe_times_each_w8_mode(monkeypatch):
     # bench_moe's FP8 weight-only rows: the layer in each w8_mma mode with the same tiles, each near the reference
     from pathlib import Path
