@@ -184,6 +184,9 @@ def test_w8_mma_config_errors():
     with pytest.raises(ValueError, match="w8_mma must be one of"):
         fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
                       config=dict(cfg, down=dict(cfg["down"], w8_mma="fp16")))
+    for bad13, bad2 in ((s13.bfloat16(), s2), (s13, s2.bfloat16())):  # the kernels read scales as fp32 per block
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            fused_experts(x, w13, w2, weights, ids, w13_scale=bad13, w2_scale=bad2, config=cfg)
 
 
 def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
