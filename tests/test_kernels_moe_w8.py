@@ -337,3 +337,26 @@ def test_w8_f16_gpu(mode, num_tokens, scale):
     cfg = dict(cfg, up=dict(cfg["up"], w8_mma=mode), down=dict(cfg["down"], w8_mma=mode))
     new = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
     assert torch.isfinite(new).all() and _rel_err(new, ref) < max(1e-2, 1.5 * _rel_err(old, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swap", [False, True])
+def test_w8_widen_asm_matches_cast_gpu(swap):
+    # the PTX widening (cvt.rn.f16x2.e4m3x2, "f16") and Triton's cast ("f16_cast", also the interpreter's path) give
+    # the same fp16 weights: the two layers agree to accumulation-order noise, every e4m3 byte value in the weights
+    num_experts, hidden, inter, top_k, num_tokens = 8, 512, 256, 2, 40
+    torch.manual_seed(0)
+    w13 = torch.arange(256, dtype=torch.uint8).repeat(num_experts * 2 * inter * hidden // 256)
+    w13[(w13 & 0x7F) == 0x7F] = 0  # (e4m3's nan bytes)
+    w13 = w13.view(torch.float8_e4m3fn).view(num_experts, 2 * inter, hidden).cuda()
+    s13 = torch.rand(num_experts, 2 * inter // 128, hidden // 128, device="cuda") / 448
+    w2, s2 = quantize_weight_block(torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5)
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    weights, ids = weights.cuda(), ids.cuda()
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    mode = "f16_swap" if swap else "f16"
+    asm, cast = (fused_experts(x, w13, w2, weights, ids, config=_config(num_tokens, num_experts, top_k, m, 16, 64, 64),
+                               **kw) for m in (mode, mode + "_cast"))
+    ref = fused_experts_ref(x, w13, w2, weights, ids, act_fp8=False, **kw)
+    assert _rel_err(cast, ref) < 1e-2 and _rel_err(asm, cast) < 1e-5
