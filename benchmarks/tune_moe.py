@@ -216,7 +216,7 @@ def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
         del prob
         torch.cuda.empty_cache()
     name = config_file_name(e, h, inter, "fp8" if fp8 else "bfloat16", device_name())
-    table = keep_tma_entries(table, CONFIG_DIR / name)
+    table = keep_tma_entries(table, *table_in_use(e, h, inter, "fp8" if fp8 else "bfloat16"))
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "configs" / name).write_text(json.dumps(table, indent=1))
     print(f"tune_moe wrote {name}", flush=True)
@@ -236,13 +236,24 @@ def best_per_mode(times: list[float], cands: list[dict], kind: str) -> tuple[flo
     return best
 
 
-def keep_tma_entries(table: dict, old_path: Path) -> dict:
+def table_in_use(num_experts: int, hidden: int, inter: int, dtype: str) -> tuple[Path, bool]:
+    """(the table kernels/moe_config.py looks up here for the shape, whether it is another GPU's): this GPU's file,
+    else another GPU's, as get_moe_config falls back to (its "tma" entries then stay off)."""
+    own = CONFIG_DIR / config_file_name(num_experts, hidden, inter, dtype, device_name())
+    others = sorted(CONFIG_DIR.glob(config_file_name(num_experts, hidden, inter, dtype, "*")))
+    return (own, False) if own.exists() or not others else (others[0], True)
+
+
+def keep_tma_entries(table: dict, old_path: Path, foreign: bool = False) -> dict:
     """The table in use with this run's buckets replaced: a tuned bucket keeps the old entry's "tma" and "gemv"
     entries (tune_moe --tma / --gemv measure those; this tuner does not), a bucket not tuned now comes along whole
-    (so a run over a few M, e.g. --m 64, gives the whole table to install)."""
+    (so a run over a few M, e.g. --m 64, gives the whole table to install). foreign (another GPU's table): without
+    its "tma" entries, never measured here."""
     if not old_path.exists():
         return table
     for m, cfg in json.loads(old_path.read_text()).items():
+        if foreign:
+            cfg = {k: v for k, v in cfg.items() if k != "tma"}
         table[m] = dict(table[m], **{k: cfg[k] for k in ("tma", "gemv") if k in cfg}) if m in table else cfg
     return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 

@@ -39,10 +39,11 @@ def widen_e4m3(x):
 @triton.jit
 def f16_pow2_split(x):
     # x [R, C] float -> (x16 [R, C] fp16, s [R] fp32) with x = x16 * s[:, None]: each row is scaled by the power of two
-    # that puts its largest magnitude in [2^13, 2^14). Only exponents change, so a 16-bit row is exact in fp16 (10
-    # mantissa bits hold bf16's 7; values below 2^-27 of the row max go subnormal) whatever its range: bf16 activations
-    # beyond fp16's 65504 can feed an fp16 MMA. The exponent is clamped to [-113, 126] so that s and 1 / s are normal:
-    # a zero row or one below 2^-113 then scales to < 2^13, one above 2^126 to < 2^15. inf / nan stay inf / nan
+    # that puts its largest magnitude in [2^13, 2^14). Only exponents change, so a 16-bit row is exact in fp16 whatever
+    # its range (bf16 activations beyond fp16's 65504 can feed an fp16 MMA), down to 2^-30 (bf16) / 2^-27 (fp16) of
+    # the row max: smaller ones lose low bits in fp16's subnormals (tests/test_kernels_moe_w8.py; fp32 rows round).
+    # The exponent is clamped below at -113 so that s is normal (a zero or subnormal row would get s = 0, 1 / s = inf;
+    # a row below 2^-113 scales to < 2^13) and above at 126 (a row above 2^126 scales to < 2^15); inf / nan stay so
     amax = tl.max(tl.abs(x.to(tl.float32)), 1)
     e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the row max
     e = tl.minimum(tl.maximum(e, 14), 253)

@@ -277,7 +277,7 @@ def _check_moe(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> 
             raise ValueError(f"FP8 experts need w13_scale {want13} and w2_scale {want2} (128x128 blocks)")
         if w13.dtype != torch.float8_e4m3fn or w2.dtype != torch.float8_e4m3fn:
             raise ValueError(f"FP8 experts need e4m3 weights, got {w13.dtype}, {w2.dtype}")
-        if w13_scale.dtype != torch.float32 or not w13_scale.is_contiguous() or not w2_scale.is_contiguous():
+        if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (w13_scale, w2_scale)):
             raise ValueError("FP8 scales must be contiguous fp32")
     elif w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
         raise ValueError(f"dtype mismatch: hidden {hidden.dtype}, w13 {w13.dtype}, w2 {w2.dtype}")

@@ -4,9 +4,11 @@ A file is named moe_E{E}_H{H}_I{I}_{dtype}_{gpu}.json (gpu: torch's device name,
 a token-count bucket ("1", "8", ...) to {"BLOCK_M": int, "up": {...}, "down": {...}, "act_fp8": bool}:
 up/down hold BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages for the gate_up and down GEMMs (BLOCK_M is
 shared: one align serves both). act_fp8 (FP8 only): quantize activations too and use FP8 MMA, or
-dequantize weight tiles to 16 bits in registers (W8A16: no activation-quant launches; best while few rows
+keep them 16-bit for a 16-bit MMA with the e4m3 weight tiles (W8A16: no activation-quant launches; best while few rows
 per expert keep the layer bandwidth-bound). With act_fp8 false, up/down may add "w8_mma" (kernels/moe_w8.py: how
-the e4m3 tile meets the 16-bit activations; default "dequant", the tile scaled to 16 bits before the dot).
+the e4m3 tile meets the 16-bit activations): "dequant" (default) scales the tile to 16 bits before the dot; "f16",
+"f16_cast" widen it to fp16 and scale each K step's product; "f16_swap", "f16_swap_cast" also swap the MMA operands.
+Another value, or a mode other than "dequant" with act_fp8 true or 16-bit weights, is an error at launch.
 A bucket may also hold "tma": {"min_rows": int, "BLOCK_M": int, "up": {...}, "down": {...}}, the permuted
 TMA path of kernels/moe_grouped_tma.py (FP8: BLOCK_K 128, FP8 activations), taken when num_tokens * top_k
 >= min_rows; its up/down add warp_specialize (and store_tma, flatten). Only a table measured on this GPU turns

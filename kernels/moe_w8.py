@@ -4,8 +4,9 @@ At a few rows per expert the layer is bandwidth-bound and the activations stay 1
 e4m3 weight tile has to meet them in a 16-bit MMA. "dequant" (the default) scales every weight to 16 bits before the
 dot: per weight an e4m3 -> fp32 convert, a multiply and a convert back, ALU work on every byte streamed. The fp16
 modes convert only (e4m3 is exact in fp16), take the activations as fp16 times a power of two per row
-(kernels/fp8.py f16_pow2_split: exact, whatever their range) and apply the weight's block scale (constant over a
-[128 n, 128 k] block, so over each 128-wide K step of a column) once to the step's [rows, columns] product.
+(kernels/fp8.py f16_pow2_split: exact for bf16 / fp16 rows whatever their range; fp32 ones round to fp16) and
+apply the weight's block scale (constant over a [128 n, 128 k] block, so over each K step of a column: BLOCK_K
+divides 128) once to the step's [rows, columns] product.
 """
 
 from __future__ import annotations

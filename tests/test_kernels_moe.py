@@ -144,6 +144,34 @@ def test_config_lookup(tmp_path, monkeypatch):
     assert get_moe_config(2, 8, 64, 48, 2, "float32") == default_config(2, 8, 2, False)
 
 
+def _with_act_fp8(cfg: dict, act_fp8: bool) -> dict:
+    # a table entry with act_fp8 forced; forced true, the weight-only parts go: the GEMV (<= its max_tokens) and the
+    # GEMMs' "w8_mma" (kernels/moe_w8.py refuses a 16-bit-activation MMA mode with act_fp8 true)
+    cfg = dict(cfg, act_fp8=act_fp8)
+    if act_fp8:
+        cfg.pop("gemv", None)
+        cfg.update({g: {k: v for k, v in cfg[g].items() if k != "w8_mma"} for g in ("up", "down")})
+    return cfg
+
+
+def test_forced_act_fp8_keeps_every_table_entry_valid():
+    # test_fused_experts_gpu forces act_fp8 both ways on each checked-in table's entries: each forced entry must pass
+    # the kernels' config checks (the H200 FP8 table's bucket 64 has "w8_mma": "f16_cast", an error with act_fp8 true)
+    from kernels.moe_config import CONFIG_DIR
+    from kernels.moe_w8 import w8_mma_meta
+
+    tables = sorted(CONFIG_DIR.glob("moe_*_fp8_*.json"))
+    assert tables
+    for path in tables:
+        for bucket, entry in json.loads(path.read_text()).items():
+            for act_fp8 in (False, True):
+                cfg = _with_act_fp8(entry, act_fp8)
+                assert act_fp8 or cfg == dict(entry, act_fp8=False), (path.name, bucket)
+                assert not (act_fp8 and "gemv" in cfg), (path.name, bucket)
+                for g in ("up", "down"):
+                    w8_mma_meta(cfg[g], True, act_fp8, torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "mixtral": (8, 4096, 14336, 2), "glm45air": (128, 4096, 1408, 8)}
@@ -169,10 +197,8 @@ def test_fused_experts_gpu(shape, num_tokens, fp8, act_fp8):
         w13, s13 = quantize_weight_block(w13)
         w2, s2 = quantize_weight_block(w2)
         kw = {"w13_scale": s13, "w2_scale": s2}
-    cfg = get_moe_config(num_tokens, num_experts, hidden, inter, top_k, "fp8" if fp8 else "bfloat16")
-    cfg = dict(cfg, act_fp8=act_fp8)
-    if act_fp8:  # the table's GEMV (<= its max_tokens) keeps activations 16-bit: test the act-quantized GEMMs
-        cfg.pop("gemv", None)
+    cfg = _with_act_fp8(get_moe_config(num_tokens, num_experts, hidden, inter, top_k, "fp8" if fp8 else "bfloat16"),
+                        act_fp8)
     ref = fused_experts_ref(x, w13, w2, weights, ids, **kw, **({"act_fp8": act_fp8} if fp8 else {}))
     out = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
     # fp8: a bf16 rounding difference before the activation quant can flip an e4m3 step (1/16)

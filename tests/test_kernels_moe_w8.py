@@ -53,6 +53,23 @@ def test_f16_pow2_split_is_exact_at_any_range():
     assert not torch.isfinite(x[5].half()).all()  # what the split avoids
 
 
+def test_f16_pow2_split_every_bf16_value():
+    # each of the 65536 bf16 bit patterns (both zeros, subnormals, the extremes, inf, nan) alone in a row, then beside
+    # a row max 2^30 times larger: x16 * s gives it back bit for bit (inf / nan stay so), |x16| < 2^15, and s is a
+    # normal power of two (the exponent clamp: without it a zero or subnormal row gets s = 0 and 1 / s = inf)
+    v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    q, s = _split(torch.stack([v, torch.zeros_like(v)], 1))
+    num = ~v.isnan()
+    assert torch.equal(q[num, 0].float() * s[num], v[num]) and q[~num, 0].isnan().all() and (q[:, 1] == 0).all()
+    assert torch.equal(q[num, 0].signbit(), v[num].signbit())  # -0.0 stays -0.0
+    assert q[v.isfinite()].float().abs().max() < 2**15
+    assert ((s >= 2.0**-126) & (s < 2.0**127)).all() and (s.log2() == s.log2().round()).all()
+    big = (v * 2.0**30).to(torch.bfloat16).float()
+    x = torch.stack([v, big], 1)[v.isfinite() & big.isfinite()]
+    q, s = _split(x)
+    assert torch.equal(q.float() * s[:, None], x)
+
+
 def _blocky(shape, block=128):
     # per-[128, 128]-block magnitudes 2^-3..2^3: a scale taken from the wrong block, or applied twice or never, shows
     w = torch.randn(shape)
@@ -74,9 +91,9 @@ def _routing(num_tokens, num_experts, top_k):
     return torch.rand(num_tokens, top_k) + 0.1, ids
 
 
-def _config(num_tokens, num_experts, top_k, mode, block_m=16, bn_up=64, bn_down=64):
+def _config(num_tokens, num_experts, top_k, mode, block_m=16, bn_up=64, bn_down=64, block_k=128):
     cfg = default_config(num_tokens, num_experts, top_k, True)
-    up = dict(cfg["up"], BLOCK_N=bn_up, BLOCK_K=128, w8_mma=mode)
+    up = dict(cfg["up"], BLOCK_N=bn_up, BLOCK_K=block_k, w8_mma=mode)
     return dict(cfg, BLOCK_M=block_m, act_fp8=False, up=up, down=dict(up, BLOCK_N=bn_down))
 
 
@@ -104,6 +121,22 @@ def test_w8_f16_vs_reference_and_dequant(mode, dtype, num_tokens, hidden, inter,
                                                                    bn_up, bn_down), **kw)
     tol = 2e-3 if dtype == torch.float16 else 1e-3  # fp32 inputs are rounded to fp16 for the MMA
     assert new.dtype == dtype and _rel_err(new, ref) < tol and _rel_err(new, old) < tol
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("block_k", [32, 64])
+def test_w8_f16_block_k_below_128_and_wide_tiles(mode, block_k):
+    # BLOCK_K 64 / 32 (the tuner's LARGE tiles, BLOCK_M >= 64): one 128-block's scale serves 2-4 K steps and each
+    # step's is fetched a step ahead; BLOCK_N 256 (W8_EXTRA): a column tile spans two or three scale blocks. Up: K 320
+    # (EVEN_K, the last block half full), N 200 (gate and up blocks 0-3 in one tile); down: K 200 uneven, N 320
+    num_tokens, num_experts, hidden, inter, top_k = 11, 4, 320, 200, 2
+    w13, s13, w2, s2 = _experts(num_experts, hidden, inter, seed=11)
+    x = torch.randn(num_tokens, hidden).half()
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    ref = fused_experts_ref(x, w13, w2, weights, ids, act_fp8=False, **kw)
+    cfg = _config(num_tokens, num_experts, top_k, mode, 16, 256, 256, block_k)
+    assert _rel_err(fused_experts(x, w13, w2, weights, ids, config=cfg, **kw), ref) < 2e-3
 
 
 @pytest.mark.parametrize("mode", ("dequant",) + MODES)
@@ -151,6 +184,9 @@ def test_w8_mma_config_errors():
     with pytest.raises(ValueError, match="w8_mma must be one of"):
         fused_experts(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2,
                       config=dict(cfg, down=dict(cfg["down"], w8_mma="fp16")))
+    for bad13, bad2 in ((s13.bfloat16(), s2), (s13, s2.bfloat16())):  # the kernels read scales as fp32 per block
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            fused_experts(x, w13, w2, weights, ids, w13_scale=bad13, w2_scale=bad2, config=cfg)
 
 
 def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
@@ -204,6 +240,32 @@ def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
     assert table["4"]["act_fp8"] is False and table["4"]["BLOCK_M"] == 16
     assert (table["4"]["up"]["w8_mma"], table["4"]["up"]["BLOCK_N"]) == ("f16_swap", 16)
     assert (table["4"]["down"]["w8_mma"], table["4"]["down"]["BLOCK_N"]) == ("f16", 16)
+
+
+def test_tuner_starts_from_another_gpus_table(monkeypatch, tmp_path):
+    # a GPU without its own table runs on another GPU's (moe_config's fallback, "tma" off): a tune over a few M must
+    # start from that one, not write a table of those buckets alone (whose nearest bucket would then serve every M)
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe
+
+    import kernels.moe_config as mc
+
+    monkeypatch.setattr(tune_moe, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(tune_moe, "device_name", lambda: "GPU_B")
+    other = {"1": {"BLOCK_M": 16, "gemv": {"max_tokens": 1}}, "64": {"BLOCK_M": 16, "tma": {"min_rows": 9}},
+             "4096": {"BLOCK_M": 64, "tma": {"min_rows": 8192}}}
+    (tmp_path / mc.config_file_name(4, 160, 96, "fp8", "GPU_A")).write_text(json.dumps(other))
+    path, foreign = tune_moe.table_in_use(4, 160, 96, "fp8")
+    assert foreign and tune_moe.table_in_use(4, 160, 96, "bfloat16") == (
+        tmp_path / mc.config_file_name(4, 160, 96, "bfloat16", "GPU_B"), False)
+    table = tune_moe.keep_tma_entries({"64": {"BLOCK_M": 32}}, path, foreign)
+    assert table == {"1": other["1"], "64": {"BLOCK_M": 32}, "4096": {"BLOCK_M": 64}}
+    (tmp_path / mc.config_file_name(4, 160, 96, "fp8", "GPU_B")).write_text(json.dumps(other))  # its own: all kept
+    assert tune_moe.keep_tma_entries({"64": {"BLOCK_M": 32}}, *tune_moe.table_in_use(4, 160, 96, "fp8")) == dict(
+        other, **{"64": {"BLOCK_M": 32, "tma": {"min_rows": 9}}})
 
 
 def test_bench_moe_times_each_w8_mode(monkeypatch):
@@ -275,3 +337,26 @@ def test_w8_f16_gpu(mode, num_tokens, scale):
     cfg = dict(cfg, up=dict(cfg["up"], w8_mma=mode), down=dict(cfg["down"], w8_mma=mode))
     new = fused_experts(x, w13, w2, weights, ids, config=cfg, **kw)
     assert torch.isfinite(new).all() and _rel_err(new, ref) < max(1e-2, 1.5 * _rel_err(old, ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swap", [False, True])
+def test_w8_widen_asm_matches_cast_gpu(swap):
+    # the PTX widening (cvt.rn.f16x2.e4m3x2, "f16") and Triton's cast ("f16_cast", also the interpreter's path) give
+    # the same fp16 weights: the two layers agree to accumulation-order noise, every e4m3 byte value in the weights
+    num_experts, hidden, inter, top_k, num_tokens = 8, 512, 256, 2, 40
+    torch.manual_seed(0)
+    w13 = torch.arange(256, dtype=torch.uint8).repeat(num_experts * 2 * inter * hidden // 256)
+    w13[(w13 & 0x7F) == 0x7F] = 0  # (e4m3's nan bytes)
+    w13 = w13.view(torch.float8_e4m3fn).view(num_experts, 2 * inter, hidden).cuda()
+    s13 = torch.rand(num_experts, 2 * inter // 128, hidden // 128, device="cuda") / 448
+    w2, s2 = quantize_weight_block(torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5)
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    weights, ids = _routing(num_tokens, num_experts, top_k)
+    weights, ids = weights.cuda(), ids.cuda()
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    mode = "f16_swap" if swap else "f16"
+    asm, cast = (fused_experts(x, w13, w2, weights, ids, config=_config(num_tokens, num_experts, top_k, m, 16, 64, 64),
+                               **kw) for m in (mode, mode + "_cast"))
+    ref = fused_experts_ref(x, w13, w2, weights, ids, act_fp8=False, **kw)
+    assert _rel_err(cast, ref) < 1e-2 and _rel_err(asm, cast) < 1e-5
