@@ -264,3 +264,32 @@ def test_fp8_scratch_gpu(heads: int, kv_heads: int) -> None:
     # (the printed max diff says which); the tables' tiles move the softmax's tile boundaries: rounding only
     assert rel(same_tiles, in_loop) < 1e-3
     assert rel(table, in_loop) < 1e-2 and rel(table, ref_out) < 1e-2
+
+
+_SPEC_PROBE = """
+import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from kernels.attention.fp8_scratch import _widen_pages_kernel as kernel
+
+binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+ptr = torch.empty(16, dtype=torch.int32)
+
+def specialization(width):  # what a launch's compile key holds for each argument
+    _, spec, _ = binder(*[ptr] * 6, width, width, 8192, 512, 128, 8192, 512, 128, BLOCK_SIZE=16, NUM_KV_HEADS=4,
+                        HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128, PAGES=4)
+    return [list(s) for s in spec]
+
+print(json.dumps([specialization(w) for w in (512, 37, 1)]))
+"""
+
+
+def test_widen_kernel_one_variant_for_every_table_width() -> None:
+    # the block table's width (stride and count) follows the step: a value Triton specialized on (== 1, % 16) would
+    # compile another variant on the serving path when a real step's width is not a warm-up's (powers of two)
+    from tests.sm90 import run_sm90_probe
+
+    w512, w37, w1 = run_sm90_probe(_SPEC_PROBE)
+    assert w512 == w37 == w1

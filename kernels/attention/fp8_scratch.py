@@ -94,7 +94,7 @@ def widen_kv_pages_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: t
         v_out[b * width : b * width + n] = v_cache[src].to(v_out.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "width"])  # the block-table width follows the step: one variant for all
 def _widen_pages_kernel(
     k_ptr, v_ptr, k_out_ptr, v_out_ptr, seq_lens_ptr, block_tables_ptr, stride_bt, width,
     stride_cb, stride_cs, stride_ch,  # the cache's strides (K and V share them; head_dim contiguous)
