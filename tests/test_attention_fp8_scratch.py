@@ -332,3 +332,24 @@ def test_scratch_over_an_engine_step_layout(widen_calls: list[int]) -> None:
     assert scratch[56:].abs().max() == 0  # the padding row and the tokens past it
     ref = paged_attention_prefill_ref(*args, *SCALES)
     assert ((scratch.float() - ref.float()).norm() / ref.float().norm()).item() < 3e-3
+
+
+def test_scratch_reserve_bytes(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the KV memory plan keeps the scratch's largest size free: the cap at Qwen3-30B-A3B's pages (512 MiB), a power
+    # of two of the largest step's pages below it, nothing with the scratch off; an FP8-KV engine on the Triton
+    # kernels reserves it for max_num_seqs + 1 rows of max_model_len, a bf16 one (or the torch kernels) nothing
+    from tests.test_engine import make_llm
+    from tests.tiny import make_tiny_checkpoint
+
+    assert fs.scratch_reserve_bytes(16, 4, 128, torch.bfloat16, 10**6) == 512 << 20
+    assert fs.scratch_reserve_bytes(16, 4, 128, torch.bfloat16, 100) == 2 * 128 * 16 * 4 * 128 * 2
+    path = make_tiny_checkpoint(str(tmp_path / "qwen3"), "Qwen3ForCausalLM", num_hidden_layers=1)
+    llm = make_llm(path, kv_cache_dtype="fp8", kernel_backend="triton", max_num_seqs=3, max_model_len=100)
+    spec = llm.engine.model.kv_cache_spec()
+    want = fs.scratch_reserve_bytes(8, spec.num_kv_heads, spec.head_dim, torch.float32, 4 * 13)
+    assert llm.engine._fp8_scratch_bytes() == want == 2 * 64 * 8 * spec.num_kv_heads * spec.head_dim * 4
+    monkeypatch.setitem(PREFILL_KNOB_DEFAULTS, "FP8_SCRATCH_MIN_Q", 0)
+    assert fs.scratch_reserve_bytes(16, 4, 128, torch.bfloat16, 10**6) == 0 and llm.engine._fp8_scratch_bytes() == 0
+    for kw in ({"kernel_backend": "triton"}, {"kv_cache_dtype": "fp8", "kernel_backend": "torch"}):
+        monkeypatch.setitem(PREFILL_KNOB_DEFAULTS, "FP8_SCRATCH_MIN_Q", 256)
+        assert make_llm(path, **kw).engine._fp8_scratch_bytes() == 0, kw
