@@ -264,3 +264,92 @@ def test_fp8_scratch_gpu(heads: int, kv_heads: int) -> None:
     # (the printed max diff says which); the tables' tiles move the softmax's tile boundaries: rounding only
     assert rel(same_tiles, in_loop) < 1e-3
     assert rel(table, in_loop) < 1e-2 and rel(table, ref_out) < 1e-2
+
+
+_SPEC_PROBE = """
+import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from kernels.attention.fp8_scratch import _widen_pages_kernel as kernel
+
+binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+ptr = torch.empty(16, dtype=torch.int32)
+
+def specialization(width):  # what a launch's compile key holds for each argument
+    _, spec, _ = binder(*[ptr] * 6, width, width, 8192, 512, 128, 8192, 512, 128, BLOCK_SIZE=16, NUM_KV_HEADS=4,
+                        HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128, PAGES=4)
+    return [list(s) for s in spec]
+
+print(json.dumps([specialization(w) for w in (512, 37, 1)]))
+"""
+
+
+def test_widen_kernel_one_variant_for_every_table_width() -> None:
+    # the block table's width (stride and count) follows the step: a value Triton specialized on (== 1, % 16) would
+    # compile another variant on the serving path when a real step's width is not a warm-up's (powers of two)
+    from tests.sm90 import run_sm90_probe
+
+    w512, w37, w1 = run_sm90_probe(_SPEC_PROBE)
+    assert w512 == w37 == w1
+
+
+def test_scratch_over_an_engine_step_layout(widen_calls: list[int]) -> None:
+    # what model_runner.plan() builds: two rows sharing their first 5 pages (a prefix-cache hit), tables padded with
+    # -1 past each row's pages, a row with no tokens, a lockstep padding row (q_len = the padding, no keys, table of
+    # zeros) and padding tokens past the last row; this step's K/V stored into the FP8 cache first, then passed too
+    # (PagedAttention.forward) under a RAGGED config: the scratch must read the chunk as stored (e4m3), as the in-loop
+    # path and decode do, not the unrounded k / v
+    from kernels.attention.prefill import store_kv_ref
+
+    g = torch.Generator().manual_seed(3)
+    block_size, heads, kv_heads, head_dim = 8, 4, 2, 32
+    prefixes, q_lens = [40, 40, 0], [30, 26, 0]
+    seq_lens = [p + q for p, q in zip(prefixes, q_lens)] + [0]  # + the padding row
+    num_blocks = 20
+    k8, v8 = ((torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g) * 2).to(FP8) for _ in range(2))
+    shared, own0, own1 = [3, 7, 1, 12, 5], [9, 0, 17, 14], [2, 19, 11, 6]
+    tables = torch.full((4, 11), -1, dtype=torch.int32)
+    tables[0, :9], tables[1, :9], tables[2:] = torch.tensor(shared + own0), torch.tensor(shared + own1), 0
+    pad = 7
+    num_tokens = sum(q_lens) + pad + 3  # 3 tokens past the last row (cu[-1] < num_tokens)
+    cu = torch.tensor([0, 30, 56, 56, 56 + pad], dtype=torch.int32)
+    q = (torch.randn(num_tokens, heads, head_dim, generator=g) * 0.3).half()
+    k_new, v_new = (torch.randn(num_tokens, kv_heads, head_dim, generator=g).half() for _ in range(2))
+    slots = torch.full((num_tokens,), -1, dtype=torch.int64)
+    for b in range(2):
+        pos = torch.arange(prefixes[b], seq_lens[b])
+        slots[int(cu[b]) : int(cu[b + 1])] = tables[b, pos // block_size].long() * block_size + pos % block_size
+    store_kv_ref(k_new, v_new, k8, v8, slots, *SCALES)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    args = (q, k8, v8, cu, lens, tables, head_dim**-0.5, max(q_lens + [pad]))
+    cfg = {**default_prefill_config(head_dim), "BLOCK_M": 32, "BLOCK_N": 16, "RAGGED": 1}
+    in_loop = paged_attention_prefill(*args, *SCALES, config={**cfg, "FP8_SCRATCH_MIN_Q": 0}, k=k_new, v=v_new)
+    scratch = paged_attention_prefill(*args, *SCALES, config={**cfg, "FP8_SCRATCH_MIN_Q": 1}, k=k_new, v=v_new)
+    assert widen_calls == [4]
+    assert torch.equal(scratch, in_loop)
+    assert scratch[56:].abs().max() == 0  # the padding row and the tokens past it
+    ref = paged_attention_prefill_ref(*args, *SCALES)
+    assert ((scratch.float() - ref.float()).norm() / ref.float().norm()).item() < 3e-3
+
+
+def test_scratch_reserve_bytes(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the KV memory plan keeps the scratch's largest size free: the cap at Qwen3-30B-A3B's pages (512 MiB), a power
+    # of two of the largest step's pages below it, nothing with the scratch off; an FP8-KV engine on the Triton
+    # kernels reserves it for max_num_seqs + 1 rows of max_model_len, a bf16 one (or the torch kernels) nothing
+    from tests.test_engine import make_llm
+    from tests.tiny import make_tiny_checkpoint
+
+    assert fs.scratch_reserve_bytes(16, 4, 128, torch.bfloat16, 10**6) == 512 << 20
+    assert fs.scratch_reserve_bytes(16, 4, 128, torch.bfloat16, 100) == 2 * 128 * 16 * 4 * 128 * 2
+    path = make_tiny_checkpoint(str(tmp_path / "qwen3"), "Qwen3ForCausalLM", num_hidden_layers=1)
+    llm = make_llm(path, kv_cache_dtype="fp8", kernel_backend="triton", max_num_seqs=3, max_model_len=100)
+    spec = llm.engine.model.kv_cache_spec()
+    want = fs.scratch_reserve_bytes(8, spec.num_kv_heads, spec.head_dim, torch.float32, 4 * 13)
+    assert llm.engine._fp8_scratch_bytes() == want == 2 * 64 * 8 * spec.num_kv_heads * spec.head_dim * 4
+    monkeypatch.setitem(PREFILL_KNOB_DEFAULTS, "FP8_SCRATCH_MIN_Q", 0)
+    assert fs.scratch_reserve_bytes(16, 4, 128, torch.bfloat16, 10**6) == 0 and llm.engine._fp8_scratch_bytes() == 0
+    for kw in ({"kernel_backend": "triton"}, {"kv_cache_dtype": "fp8", "kernel_backend": "torch"}):
+        monkeypatch.setitem(PREFILL_KNOB_DEFAULTS, "FP8_SCRATCH_MIN_Q", 256)
+        assert make_llm(path, **kw).engine._fp8_scratch_bytes() == 0, kw

@@ -17,14 +17,17 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch,experts", [("Qwen3MoeForCausalLM", {"num_experts": 64, "num_experts_per_tok": 8}),
-                                          ("Glm4MoeForCausalLM", {"n_routed_experts": 16, "num_experts_per_tok": 6})])
-def test_no_compile_after_startup(tmp_path, arch, experts):
+@pytest.mark.parametrize("arch,experts,kv", [
+    ("Qwen3MoeForCausalLM", {"num_experts": 64, "num_experts_per_tok": 8}, "auto"),
+    ("Glm4MoeForCausalLM", {"n_routed_experts": 16, "num_experts_per_tok": 6}, "auto"),
+    # an FP8 cache: chunks of >= 256 tokens widen their pages into the 16-bit scratch (kernels/attention/fp8_scratch.py)
+    ("Qwen3MoeForCausalLM", {"num_experts": 64, "num_experts_per_tok": 8}, "fp8")])
+def test_no_compile_after_startup(tmp_path, arch, experts, kv):
     import triton
 
     path = make_tiny_checkpoint(str(tmp_path / arch), arch, max_position_embeddings=4096, **experts)
     llm = LLM(model=path, dtype="bfloat16", device="cuda", max_num_batched_tokens=1024, max_num_seqs=48,
-              kv_cache_memory=256 << 20, max_model_len=4096)
+              kv_cache_memory=256 << 20, max_model_len=4096, kv_cache_dtype=kv)
     compiled: list[str] = []
     previous = triton.knobs.runtime.jit_cache_hook
 

@@ -23,8 +23,8 @@ config, default 256: ~16 programs per element, GLM-4.5-Air's 96 / 8 heads ~24) l
 where the launch itself costs. The step's longest query is the rule's input (the wrapper knows no other per-sequence
 length without a device sync): every row of such a step is widened. The scratch (rows x width pages of K and V) is
 capped at FP8_SCRATCH_MAX_TOKENS tokens (default 262144: one 128k sequence plus a lockstep padding row; Qwen3-30B-A3B:
-512 MiB, GLM-4.5-Air: 1 GiB at TP 1): a larger step keeps the in-loop widening. The scratch is not in the KV memory
-plan: it is allocated on first use and grown.
+512 MiB, GLM-4.5-Air: 1 GiB at TP 1): a larger step keeps the in-loop widening. The scratch is allocated on first use
+and grown; the KV memory plan keeps its largest size free (scratch_reserve_bytes).
 
 CUDA graphs: the mixed-step graphs replay the prefill over a fixed tile map (tile_map); that path never widens (the
 scratch size follows the step's block table), nor does anything under stream capture, so no graph holds a scratch
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.config import PREFILL_KNOB_DEFAULTS
+from kernels.attention.config import PREFILL_KNOB_DEFAULTS, prefill_config
 from kernels.fp8 import FP8_DTYPE
 
 _SCRATCH: dict = {}  # (device, dtype, page shape) -> (k/v scratch [2, pages, block_size, kv_heads, head_dim], ids)
@@ -82,6 +82,19 @@ def scratch_pages(rows: int, width: int, page_shape: tuple[int, ...], dtype: tor
     return buf[0, :need], buf[1, :need], ids[:need].view(rows, width)
 
 
+def scratch_reserve_bytes(block_size: int, num_kv_heads: int, head_dim: int, q_dtype: torch.dtype, max_pages: int,
+                          device: torch.device | None = None) -> int:
+    """The most memory the scratch can take under an FP8 cache of this page shape (this rank's KV heads) when no
+    step's block tables hold more than max_pages pages (rows x width), at this device's prefill config: what the KV
+    memory plan keeps free for it (scratch_pages' growth: a power of two of pages, at most the cap)."""
+    knobs = {**PREFILL_KNOB_DEFAULTS, **prefill_config(head_dim, FP8_DTYPE, device)}
+    cap_pages = knobs["FP8_SCRATCH_MAX_TOKENS"] // block_size
+    if knobs["FP8_SCRATCH_MIN_Q"] <= 0 or knobs.get("FP8_DOT") or cap_pages == 0 or max_pages <= 0:
+        return 0
+    pages = min(cap_pages, triton.next_power_of_2(max_pages))
+    return 2 * pages * block_size * num_kv_heads * head_dim * scratch_dtype(q_dtype).itemsize
+
+
 def widen_kv_pages_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                        block_tables: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
     # pages [0, ceil(seq_lens[b] / block_size)) of row b, as stored, widened to the scratch's dtype at page
@@ -94,7 +107,7 @@ def widen_kv_pages_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: t
         v_out[b * width : b * width + n] = v_cache[src].to(v_out.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "width"])  # the block-table width follows the step: one variant for all
 def _widen_pages_kernel(
     k_ptr, v_ptr, k_out_ptr, v_out_ptr, seq_lens_ptr, block_tables_ptr, stride_bt, width,
     stride_cb, stride_cs, stride_ch,  # the cache's strides (K and V share them; head_dim contiguous)

@@ -157,6 +157,7 @@ class LLMEngine:
             free, total = torch.cuda.mem_get_info(self.device)
             # activations of the largest step are not yet allocated: keep room for them
             activation_reserve = config.max_num_batched_tokens * self.hf_config.hidden_size * 64
+            activation_reserve += self._fp8_scratch_bytes()
             budget = int(free - total * (1 - config.gpu_memory_utilization)) - activation_reserve
         else:
             budget = min(CPU_DEFAULT_KV_BYTES, max_useful * per_block)
@@ -177,6 +178,17 @@ class LLMEngine:
                 + (" or use --kv-cache-dtype fp8" if self.kv_dtype == self.dtype else "")
             )
         return int(num_blocks)
+
+    def _fp8_scratch_bytes(self) -> int:
+        # an FP8 cache's extend widens its pages into a 16-bit scratch allocated on the first long step, outside the
+        # cache (kernels/attention/fp8_scratch.py): its largest size, for a step of max_num_seqs rows + a padding row
+        if not self.use_triton or self.kv_dtype == self.dtype:
+            return 0
+        from kernels.attention.fp8_scratch import scratch_reserve_bytes
+
+        spec, block_size = self.model.kv_cache_spec(), self.config.block_size
+        max_pages = (self.config.max_num_seqs + 1) * -(-self.max_model_len // block_size)
+        return scratch_reserve_bytes(block_size, spec.num_kv_heads, spec.head_dim, self.dtype, max_pages, self.device)
 
     # ---- requests ----
     def add_request(self, req: AddRequest) -> None:
