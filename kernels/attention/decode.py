@@ -64,6 +64,7 @@ from kernels.attention.fp8_dot import (
     interpreted,
 )
 from kernels.attention.prefill import _LOG2E, attend, check_cache, gather_kv, needs_off64
+from kernels.attention.prologue_rows import _decode_prologue
 from kernels.attention.tiles import _kv_rows
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
@@ -122,7 +123,8 @@ def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, strid
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one variant for all
+# per-step values: one variant for all (the fused prologue's positions / slots: any slice of their buffers)
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
@@ -131,11 +133,15 @@ def _decode_kernel(
     num_splits,  # a runtime value: one compiled kernel serves every split count up to SPLITS_PAD
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,  # cache strides (K and V share one layout)
     stride_bt, stride_ob, stride_oh,
+    # PROLOGUE only (else None): the attention prologue fused in (kernels/attention/decode_fused.py)
+    pos_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, eps, inv_k_scale, inv_v_scale, stride_cos,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
+    PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False,
+    BLOCK_HALF: tl.constexpr = 1, BLOCK_REST: tl.constexpr = 0, FP8_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -161,8 +167,15 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     hmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+    if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
+        q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
+                                           slot_ptr, k_cache_ptr, v_cache_ptr, b, kvh, split, seq_len, num_splits,
+                                           heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos, stride_cb,
+                                           stride_cs, stride_ch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF,
+                                           BLOCK_HALF, BLOCK_REST, BLOCK_D, BLOCK_SIZE, BLOCK_N, QK_NORM, FP8_KV)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
     q_lo = q  # FP8_Q2 only
     if FP8_DOT:  # per-head q scale from its absmax, folded into the softmax scale: [GROUP_PAD]
         qs, q_scale = _scale_q(q)
@@ -188,12 +201,15 @@ def _decode_kernel(
     # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR)
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
+    # PROLOGUE: the new token (seq_len - 1) is never read from the cache (the split that owns it stores it there in
+    # this launch): its k / v rows come from registers, the tile otherwise as loaded
+    load_end = tl.minimum(end, seq_len - 1) if PROLOGUE else end
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs
         nmask = n < end
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         page_next = tl.load(bt + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
-        kv_mask = nmask[:, None] & dmask[None, :]
+        kv_mask = (n < load_end)[:, None] & dmask[None, :]
         # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -226,6 +242,10 @@ def _decode_kernel(
                     v = _widen_fp8(v)
                 else:
                     v = v.to(q.dtype)
+                if PROLOGUE:  # widening is exact: the rows as the loads would have widened them
+                    is_new = (n == seq_len - 1)[:, None]
+                    k = tl.where(is_new, k_new.to(q.dtype), k)
+                    v = tl.where(is_new, v_new.to(q.dtype), v)
                 s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -307,6 +327,26 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
     return zeroed_counters(_COUNTERS, n, device, 4096)  # the fused merge's arrivals per (sequence, kv head)
 
 
+def decode_launch_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device, batch: int,
+                         config: dict | None = None) -> dict:
+    """The decode config a launch of `batch` sequences runs: config (checked) or this GPU's table / the default, its
+    small-batch config at batch <= small_batch (kernels/attention/config.py)."""
+    if config is None:
+        cfg = decode_config(head_dim, kv_dtype, device)
+    else:
+        cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
+        check_config(cfg, DECODE_KEYS, head_dim)
+    return decode_config_for(cfg, batch)
+
+
+def check_tables(seq_lens: torch.Tensor, block_tables: torch.Tensor, batch: int) -> None:
+    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
+                         f"do not match batch {batch}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along its last dim")
+
+
 def paged_attention_decode(
     q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
     k_cache: torch.Tensor,
@@ -321,22 +361,28 @@ def paged_attention_decode(
     config: dict | None = None,  # tile config (kernels/attention/config.py); None: this GPU's table or the default
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
-        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
-                         f"do not match batch {batch}")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be contiguous along its last dim")
-    if config is None:
-        cfg = decode_config(head_dim, k_cache.dtype, q.device)
-    else:
-        cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
-        check_config(cfg, DECODE_KEYS, head_dim)
+    batch = q.shape[0]
+    check_tables(seq_lens, block_tables, batch)
+    cfg = decode_launch_config(q.shape[2], k_cache.dtype, q.device, batch, config)
     out = torch.empty_like(q)
-    if batch == 0:
-        return out
-    cfg = decode_config_for(cfg, batch)  # the small-batch config at batch <= small_batch
+    if batch > 0:
+        launch_decode(q, out, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale, num_splits,
+                      fused_merge, cfg)
+    return out
+
+
+_NO_PROLOGUE = dict.fromkeys(("pos_ptr", "cs_ptr", "qw_ptr", "kw_ptr", "slot_ptr", "eps", "inv_k_scale", "inv_v_scale",
+                              "stride_cos"))
+
+
+def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, k_scale: float, v_scale: float,
+                  num_splits: int | None, fused_merge: bool, cfg: dict, prologue: dict | None = None) -> None:
+    # the launches behind the checked wrappers, batch >= 1: q [batch, num_heads, head_dim], or with prologue (the
+    # fused prologue's kernel arguments, kernels/attention/decode_fused.py) the raw QKV rows [batch, width]; out
+    # [batch, num_heads, head_dim]; cfg from decode_launch_config
+    batch, num_heads, head_dim = out.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
@@ -361,11 +407,13 @@ def paged_attention_decode(
     fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) and not fp8_dot else 0
     # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros); 2, 3: 16
     group_pad = max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group))
+    if prologue and fp8_dot:
+        raise ValueError("the fused prologue has no fp8_dot variant (decode_fused.py runs the prologue separately)")
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        q.stride(0), head_dim if prologue else q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), **(prologue or _NO_PROLOGUE),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
@@ -384,5 +432,3 @@ def paged_attention_decode(
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
             HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
         )
-    return out
-

@@ -31,6 +31,35 @@ def _split_heads(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, in
     return num_heads, num_kv_heads, head_dim
 
 
+def check_prologue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                   q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of the prologue's inputs, or a ValueError saying what does not fit."""
+    num_heads, num_kv_heads, head_dim = _split_heads(qkv, k_cache)
+    num_tokens = qkv.shape[0]
+    rotary_dim = cos_sin.shape[1]
+    if qkv.stride(1) != 1 or positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"qkv_prologue needs qkv with contiguous rows and positions / slot_mapping "
+                         f"[{num_tokens}], got {tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32/int64, got {slot_mapping.dtype}")
+    if rotary_dim % 2 or rotary_dim > head_dim or cos_sin.stride(1) != 1 or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin must be fp32 [positions, rotary_dim <= {head_dim}, even], "
+                         f"got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight go together")
+    for w in (q_norm_weight, k_norm_weight):
+        if w is not None and (w.shape != (head_dim,) or not w.is_contiguous()):
+            raise ValueError(f"q/k norm weights must be contiguous [{head_dim}], got {tuple(w.shape)}")
+    if v_cache.shape != k_cache.shape or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError(f"k/v cache must match with a contiguous head_dim, got {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.dtype not in (qkv.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"dtype mismatch: qkv {qkv.dtype}, kv cache {k_cache.dtype} (the cache holds qkv's dtype or "
+                         f"{FP8_DTYPE})")
+    return num_heads, num_kv_heads, head_dim
+
+
 def qkv_prologue_ref(
     qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]: q heads, k heads, v heads
     positions: torch.Tensor,  # [num_tokens]
@@ -168,28 +197,10 @@ def qkv_prologue(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    num_heads, num_kv_heads, head_dim = _split_heads(qkv, k_cache)
+    num_heads, num_kv_heads, head_dim = check_prologue(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, k_cache,
+                                                       v_cache, slot_mapping)
     num_tokens = qkv.shape[0]
     rotary_dim = cos_sin.shape[1]
-    if qkv.stride(1) != 1 or positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"qkv_prologue needs qkv with contiguous rows and positions / slot_mapping "
-                         f"[{num_tokens}], got {tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
-    if slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be int32/int64, got {slot_mapping.dtype}")
-    if rotary_dim % 2 or rotary_dim > head_dim or cos_sin.stride(1) != 1 or cos_sin.dtype != torch.float32:
-        raise ValueError(f"cos_sin must be fp32 [positions, rotary_dim <= {head_dim}, even], "
-                         f"got {cos_sin.dtype} {tuple(cos_sin.shape)}")
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("q_norm_weight and k_norm_weight go together")
-    for w in (q_norm_weight, k_norm_weight):
-        if w is not None and (w.shape != (head_dim,) or not w.is_contiguous()):
-            raise ValueError(f"q/k norm weights must be contiguous [{head_dim}], got {tuple(w.shape)}")
-    if v_cache.shape != k_cache.shape or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError(f"k/v cache must match with a contiguous head_dim, got {tuple(k_cache.shape)} / "
-                         f"{tuple(v_cache.shape)}")
-    if k_cache.dtype not in (qkv.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"dtype mismatch: qkv {qkv.dtype}, kv cache {k_cache.dtype} (the cache holds qkv's dtype or "
-                         f"{FP8_DTYPE})")
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q
