@@ -123,6 +123,34 @@ def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, strid
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+@triton.jit
+def _widen_kv(k, v, dtype: tl.constexpr, FP8_WIDEN: tl.constexpr):
+    # K / V tiles [BLOCK_N, BLOCK_D] as loaded -> q's dtype: an FP8 cache widened (exact; fp8_widen: by PTX,
+    # _widen_fp8), a float cache as it is
+    if FP8_WIDEN >= 2:
+        k = _widen_fp8(k)
+    else:
+        k = k.to(dtype)
+    if FP8_WIDEN >= 1:
+        v = _widen_fp8(v)
+    else:
+        v = v.to(dtype)
+    return k, v
+
+
+@triton.jit
+def _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale):
+    # one online-softmax step of the widening path over a K / V tile of q's dtype: q [GROUP_PAD, BLOCK_D], nmask
+    # [BLOCK_N] (the tile's keys in this split), acc [GROUP_PAD, BLOCK_D] fp32; the running max in base-2 units
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+    s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
 # per-step values: one variant for all (the fused prologue's positions / slots: any slice of their buffers)
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _decode_kernel(
@@ -202,14 +230,19 @@ def _decode_kernel(
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
     # PROLOGUE: the new token (seq_len - 1) is never read from the cache (the split that owns it stores it there in
-    # this launch): its k / v rows come from registers, the tile otherwise as loaded
-    load_end = tl.minimum(end, seq_len - 1) if PROLOGUE else end
-    for n0 in range(start, end, BLOCK_N):
+    # this launch): that split's last tile runs after the loop, with the token's k / v rows from registers (a select
+    # inside the loop kept their broadcast tiles live across it: sm90, 116 -> 241 registers at BLOCK_N 64)
+    loop_end = end
+    if PROLOGUE:
+        owns = (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end)
+        last = start + (seq_len - 1 - start) // BLOCK_N * BLOCK_N  # the owner's last tile
+        loop_end = tl.where(owns, last, end)
+    for n0 in range(start, loop_end, BLOCK_N):
         n = n0 + offs
         nmask = n < end
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
         page_next = tl.load(bt + (n + BLOCK_N) // BLOCK_SIZE, mask=n + BLOCK_N < end, other=0)
-        kv_mask = (n < load_end)[:, None] & dmask[None, :]
+        kv_mask = nmask[:, None] & dmask[None, :]
         # an FP8 cache is widened to q's (fp16) dtype right after the load (exact); its scales are in qk_scale,
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -226,38 +259,34 @@ def _decode_kernel(
             acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))
             l_i = l_i * alpha + tl.sum(pt, 0)
             m_i = m_new
-        else:
-            if FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
-                if FP8_Q2:
-                    s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = s * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
+        elif FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
+            if FP8_Q2:
+                s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
             else:
-                if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
-                    k = _widen_fp8(k)
-                else:
-                    k = k.to(q.dtype)
-                if FP8_WIDEN >= 1:
-                    v = _widen_fp8(v)
-                else:
-                    v = v.to(q.dtype)
-                if PROLOGUE:  # widening is exact: the rows as the loads would have widened them
-                    is_new = (n == seq_len - 1)[:, None]
-                    k = tl.where(is_new, k_new.to(q.dtype), k)
-                    v = tl.where(is_new, v_new.to(q.dtype), v)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-            s = tl.where(nmask[None, :], s, float("-inf"))
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(nmask[None, :], s * row_scale[:, None], float("-inf"))  # [GROUP_PAD, BLOCK_N]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
-            if FP8_DOT:  # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
-                p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
-                acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
-            else:
-                p = tl.exp2(s - m_new[:, None])
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
+            p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
+            acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
+        else:
+            k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
+            m_i, l_i, acc = _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale)
+    if PROLOGUE:  # the new token's tile, peeled (the loop above stops before it in the split that owns it)
+        if owns:
+            n = last + offs
+            rows = _kv_rows(page_next, last, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+            kv_mask = (n < seq_len - 1)[:, None] & dmask[None, :]  # every row but the new token's
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
+            is_new = (n == seq_len - 1)[:, None]  # its row from registers (widening is exact: as a load would)
+            k = tl.where(is_new, k_new.to(q.dtype), k)
+            v = tl.where(is_new, v_new.to(q.dtype), v)
+            m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
     if FP8_DOT >= 2:
         acc = tl.trans(acc)
     has = l_i > 0
