@@ -2,13 +2,12 @@
 fused variant (kernels/attention/decode_fused.py) builds its q heads and the new token's k / v from the raw QKV row
 with these.
 
-The numerics are kernels/attention/qkv_prologue.py's, operation for operation: the RMS statistic from the same
-[rows, BLOCK_HALF] (+ [rows, BLOCK_REST]) tiles summed in the same order, rounding to the activation dtype after
-the norm and after its weight, RoPE as x1 cos - x2 sin / x2 cos + x1 sin in fp32 rounded once. Only the layout
-differs: the rows come out whole, [rows, BLOCK_D] (channel d at column d), as a dot operand wants them, where the
-prologue keeps the two rotary halves in separate tiles. Each column computes both halves' formulas on its pair
-(j = d mod HALF) and keeps its own, so every product has one use, as in the prologue (the GPU compiler contracts a
-product with one use into an FMA the same way in both kernels).
+The numerics are kernels/attention/qkv_prologue.py's, operation for operation: the RMS statistic summed in fp64
+(_sum_squares: exact for 16-bit activations, so independent of the tiles' layouts), rounding to the activation
+dtype after the norm and after its weight, RoPE as x1 cos - x2 sin / x2 cos + x1 sin by explicit FMAs in fp32
+(_rotate), rounded once. Only the layout differs: the rows come out whole, [rows, BLOCK_D] (channel d at column d), as
+a dot operand wants them, where the prologue keeps the two rotary halves in separate tiles (each column here computes
+both halves' formulas on its pair, j = d mod HALF, and keeps its own).
 """
 
 from __future__ import annotations
@@ -19,6 +18,25 @@ import triton.language as tl
 from kernels.fp8 import FP8_MAX
 
 _FP8_MAX = tl.constexpr(FP8_MAX)  # e4m3's largest finite value: FP8 stores saturate there (it has no inf)
+
+
+@triton.jit
+def _sum_squares(x):
+    # [R, C] fp32 -> [R] fp64 sums of squares. A 16-bit value's square is exact in fp64 and so are the partial sums
+    # (while a row's magnitudes span less than ~2^15), so the sum does not depend on the order a tile's layout gives
+    # the reduction (sm90: the prologue sums [4, 64] tiles over 16 lanes x 4 values, the fused decode [16, 64] over
+    # 8 x 8 and its k row over 4 warps): rounded to fp32 once, the same statistic in every kernel
+    xd = x.to(tl.float64)
+    return tl.sum(xd * xd, 1)
+
+
+@triton.jit
+def _rotate(x1, x2, cos, sin):
+    # RoPE on a rotary pair in fp32: (x1 cos - x2 sin, x2 cos + x1 sin), each as one explicit FMA over a rounded
+    # product. Left to the compiler, the sm90 build contracts each element by its own operands' use counts (seen in the
+    # prologue's PTX: 3 of 4 values fma(x1, cos, -x2 sin), 1 fma(-x2, sin, x1 cos)), which differ between tile
+    # layouts: 1-ulp differences between kernels. (The interpreter's fma rounds twice, in both kernels alike.)
+    return tl.fma(x1, cos, -(x2 * sin)), tl.fma(x2, cos, x1 * sin)
 
 
 @triton.jit
@@ -34,12 +52,12 @@ def _prologue_rows(row_ptr, heads, rmask, w_ptr, cs_row, eps, HALF: tl.constexpr
         jmask = rmask & (jh < HALF)
         x1 = tl.load(src + jh, mask=jmask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + jh, mask=jmask, other=0.0).to(tl.float32)
-        ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+        ss = _sum_squares(x1) + _sum_squares(x2)
         if BLOCK_REST > 0:
             rh = 2 * HALF + tl.arange(0, BLOCK_REST)[None, :]
             xr = tl.load(src + rh, mask=rmask & (rh < HEAD_DIM), other=0.0).to(tl.float32)
-            ss += tl.sum(xr * xr, 1)
-        inv = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]  # [R, 1]
+            ss += _sum_squares(xr)
+        inv = tl.rsqrt(ss.to(tl.float32) / HEAD_DIM + eps)[:, None]  # [R, 1]
     d = tl.arange(0, BLOCK_D)[None, :]
     first = d < HALF
     rot = d < 2 * HALF
@@ -57,8 +75,7 @@ def _prologue_rows(row_ptr, heads, rmask, w_ptr, cs_row, eps, HALF: tl.constexpr
         ar = ((ar * inv).to(act).to(tl.float32) * wr).to(act).to(tl.float32)
     cos = tl.load(cs_row + j, mask=rot, other=0.0)  # [1, BLOCK_D]
     sin = tl.load(cs_row + HALF + j, mask=rot, other=0.0)
-    o1 = a1 * cos - a2 * sin  # channel j of the first half
-    o2 = a2 * cos + a1 * sin  # channel HALF + j
+    o1, o2 = _rotate(a1, a2, cos, sin)  # channel j of the first half, channel HALF + j
     return tl.where(first, o1, tl.where(rot, o2, ar)).to(act)
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention.prefill import store_kv_ref
+from kernels.attention.prologue_rows import _rotate, _sum_squares
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 from kernels.norm import rms_norm_ref
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
@@ -135,10 +136,12 @@ def _qkv_prologue_kernel(
         rmask = hmask & (r < HEAD_DIM)
         xr = tl.load(src + r, mask=rmask, other=0.0).to(tl.float32)
     if QK_NORM:
-        ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+        # summed in fp64 (exact for 16-bit values): the same bits as the decode kernel's fused prologue, whose tiles
+        # have other layouts (kernels/attention/prologue_rows.py)
+        ss = _sum_squares(x1) + _sum_squares(x2)
         if BLOCK_REST > 0:
-            ss += tl.sum(xr * xr, 1)
-        inv = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]  # [BLOCK_H, 1]
+            ss += _sum_squares(xr)
+        inv = tl.rsqrt(ss.to(tl.float32) / HEAD_DIM + eps)[:, None]  # [BLOCK_H, 1]
         # rounded as rms_norm does: the normed value, then the product with the weight
         x1 = ((x1 * inv).to(act).to(tl.float32) * w1.to(tl.float32)).to(act).to(tl.float32)
         x2 = ((x2 * inv).to(act).to(tl.float32) * w2.to(tl.float32)).to(act).to(tl.float32)
@@ -147,8 +150,9 @@ def _qkv_prologue_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # [1, BLOCK_HALF]
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
-    o1 = (x1 * cos - x2 * sin).to(act)
-    o2 = (x2 * cos + x1 * sin).to(act)
+    o1, o2 = _rotate(x1, x2, cos, sin)  # explicit FMAs: the fused decode's bits (prologue_rows.py)
+    o1 = o1.to(act)
+    o2 = o2.to(act)
 
     q_dst = q_ptr + t * stride_qt + h * stride_qh
     tl.store(q_dst + j, o1, mask=jmask & is_q)
