@@ -30,20 +30,20 @@ SMALL = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2, "
 
 
 def _inputs(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, rotary_dim: int, dtype: torch.dtype,
-            cache_dtype: torch.dtype, qk_norm: bool = True, seed: int = 0, device: str = DEV) -> dict:
+            cache_dtype: torch.dtype, qk_norm: bool = True, seed: int = 0, device: str = DEV, page: int = PAGE) -> dict:
     # one decode step: row b's new token at position seq_lens[b] - 1 (seq_len 0: a padding row, slot -1), its
     # earlier tokens already in the (random) cache; the rows of qkv a strided view, as a slice of a wider output
     gen = torch.Generator().manual_seed(seed)
     batch, width = len(seq_lens), (heads + 2 * kv_heads) * head_dim
     qkv = (torch.randn(batch, width + head_dim, generator=gen) * 2).to(dtype).to(device)[:, :width]
-    pages = max(1, -(-max(seq_lens) // PAGE))
+    pages = max(1, -(-max(seq_lens) // page))
     num_blocks = batch * pages + 3
     tables = torch.randperm(num_blocks, generator=gen)[: batch * pages].view(batch, pages).to(torch.int32)
     pos = torch.tensor([max(n - 1, 0) for n in seq_lens])
-    slots = torch.where(torch.tensor(seq_lens) > 0, tables[torch.arange(batch), pos // PAGE].long() * PAGE + pos % PAGE,
+    slots = torch.where(torch.tensor(seq_lens) > 0, tables[torch.arange(batch), pos // page].long() * page + pos % page,
                         -1)
-    k_cache = torch.randn(num_blocks, PAGE, kv_heads, head_dim, generator=gen).to(cache_dtype)
-    v_cache = (torch.randn(num_blocks, PAGE, kv_heads, head_dim, generator=gen) * 0.5).to(cache_dtype)
+    k_cache = torch.randn(num_blocks, page, kv_heads, head_dim, generator=gen).to(cache_dtype)
+    v_cache = (torch.randn(num_blocks, page, kv_heads, head_dim, generator=gen) * 0.5).to(cache_dtype)
     weights = [(torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(device) if qk_norm else None for _ in "qk"]
     return dict(qkv=qkv, positions=pos.to(device), cos_sin=rope_cos_sin(rotary_dim, max(seq_lens) + 8, 10000.0,
                                                                         device=device),
@@ -133,3 +133,36 @@ def test_fused_checks_inputs():
     empty = dict(kw, qkv=kw["qkv"][:0], positions=kw["positions"][:0], slot_mapping=kw["slot_mapping"][:0],
                  seq_lens=kw["seq_lens"][:0], block_tables=kw["block_tables"][:0])
     assert paged_attention_decode_fused(**empty).shape == (0, 4, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_fused_gpu_bit_exact_and_graph_safe(batch, cache):
+    # Qwen3-30B-A3B's attention (32 q / 4 KV heads of 128, q/k norm, full rotary, 16-token pages), contexts around 1k
+    # ending anywhere in a page, padding rows as a graph bucket has them, this GPU's tiles and split rule; "fp8": the
+    # widening decode (the H200 table's fp8_dot would run the separate prologue). Bit for bit the two launches: the
+    # prologue's math is layout-independent (fp64 RMS statistic, explicit FMAs: kernels/attention/prologue_rows.py)
+    # and the decode's tiles are the same. Then 20 CUDA-graph replays on new rows give the eager results
+    from kernels.attention.config import decode_config, with_fp8_dot
+
+    lens = [1000 + 37 * b for b in range(batch)] + [0, 0]
+    cache_dtype = torch.bfloat16 if cache == "bf16" else FP8_DTYPE
+    kw = _inputs(lens, 32, 4, 128, 128, torch.bfloat16, cache_dtype, seed=batch, page=16)
+    cfg = with_fp8_dot(decode_config(128, cache_dtype, torch.device("cuda")), "decode", 0)
+    scales = dict(k_scale=0.05, v_scale=0.02) if cache == "fp8" else {}
+    got = _run(paged_attention_decode_fused, kw, config=cfg, **scales)
+    _same(got, _run(_two_launches, kw, config=cfg, **scales))
+    ref = _run(paged_attention_decode_fused_ref, kw, **scales)
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=0.05 if cache == "fp8" else 2e-2, atol=2e-2)
+    k_cache, v_cache = kw["k_cache"].clone(), kw["v_cache"].clone()
+    graph_kw = dict(kw, k_cache=k_cache, v_cache=v_cache)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention_decode_fused(**graph_kw, config=cfg, **scales)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(20):
+        kw["qkv"].copy_(torch.randn(kw["qkv"].shape, device="cuda", generator=gen) * 2)
+        graph.replay()
+        want = _run(_two_launches, kw, config=cfg, **scales)
+        _same((out, k_cache, v_cache), want)

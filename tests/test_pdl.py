@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from kernels import pdl  # noqa: E402
 from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.decode_fused import paged_attention_decode_fused  # noqa: E402
 from kernels.attention.qkv_prologue import qkv_prologue, qkv_prologue_ref  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.linear.gemv import gemv_linear  # noqa: E402
@@ -315,6 +316,12 @@ def test_every_launch_has_launch_pdl_exactly_when_compiled_with_pdl(monkeypatch)
         if "gemv" in p["moe_cfg"]:
             p["moe_cfg"]["gemv"]["pdl"] = True
         _two_layers(p, step)
+    # the decode attention with the prologue fused in (kernels/attention/decode_fused.py), one launch of _decode_kernel
+    qkv = torch.randn(64, (4 + 2 * 2) * 16)
+    before = len(seen)
+    paged_attention_decode_fused(qkv, step["positions"], p["cos_sin"], p["qn"], p["kn"], EPS, *step["caches"][:2],
+                                 step["slots"], step["seq_lens"], step["block_tables"], 0.25)
+    assert [name for name, *_ in seen[before:]][:1] == ["_decode_kernel"], seen[before:]
     fp8_linear.w8a8_block_linear(torch.randn(2, 256), torch.zeros(256, 256, dtype=torch.float8_e4m3fn),
                                  torch.ones(2, 2))
     assert len({name for name, *_ in seen}) >= 8, seen

@@ -59,18 +59,16 @@ from kernels.attention.fp8_dot import (
     _q_low_part,
     _scale_q,
     _to_e4m3,
-    _widen_fp8,
     fp8_as_f16,
     interpreted,
 )
 from kernels.attention.prefill import _LOG2E, attend, check_cache, gather_kv, needs_off64
 from kernels.attention.prologue_rows import _decode_prologue
-from kernels.attention.tiles import _kv_rows
+from kernels.attention.tiles import _kv_rows, _merge_head, _softmax_update, _widen_kv
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 MAX_SPLITS = 512  # splits per (sequence, KV head); the config's max_splits (default 64) caps the split rule
-MERGE_SPLITS = tl.constexpr(64)  # the merge's tile of splits: more splits are merged MERGE_SPLITS at a time
 
 
 def paged_attention_decode_ref(
@@ -91,64 +89,6 @@ def paged_attention_decode_ref(
         v = gather_kv(v_cache, block_tables[b], seq_len, v_scale)
         out[b : b + 1] = attend(q[b : b + 1], k, v, scale)
     return out
-
-
-@triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
-                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), over [SPLITS_BLOCK,
-    # BLOCK_D] tiles of splits in a fixed order (an online log-sum-exp merge: the same bits every run). Up to
-    # MERGE_SPLITS splits it is one tile, bit for bit the single-tile merge; the chunks are unrolled, so every
-    # chunk's loads are issued before the first one's sums. .cg: the partials were written by other SMs, never
-    # through this SM's L1
-    SPLITS_BLOCK: tl.constexpr = min(SPLITS_PAD, MERGE_SPLITS)
-    d = d0 + tl.arange(0, BLOCK_D)
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for c in tl.static_range(0, SPLITS_PAD, SPLITS_BLOCK):
-        s = c + tl.arange(0, SPLITS_BLOCK)
-        row = (b * NUM_HEADS + h) * num_splits + s
-        lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                       mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with a token yet: every weight is 0
-        alpha = tl.exp2(m - m_safe)  # 0 on the first chunk (m = -inf): the single-tile sums, unchanged
-        w = tl.exp2(lse - m_safe)
-        total = total * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(part * w[:, None], 0)
-        m = m_new
-    o = acc / tl.where(total > 0, total, 1.0)  # seq_len 0: zeros
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
-@triton.jit
-def _widen_kv(k, v, dtype: tl.constexpr, FP8_WIDEN: tl.constexpr):
-    # K / V tiles [BLOCK_N, BLOCK_D] as loaded -> q's dtype: an FP8 cache widened (exact; fp8_widen: by PTX,
-    # _widen_fp8), a float cache as it is
-    if FP8_WIDEN >= 2:
-        k = _widen_fp8(k)
-    else:
-        k = k.to(dtype)
-    if FP8_WIDEN >= 1:
-        v = _widen_fp8(v)
-    else:
-        v = v.to(dtype)
-    return k, v
-
-
-@triton.jit
-def _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale):
-    # one online-softmax step of the widening path over a K / V tile of q's dtype: q [GROUP_PAD, BLOCK_D], nmask
-    # [BLOCK_N] (the tile's keys in this split), acc [GROUP_PAD, BLOCK_D] fp32; the running max in base-2 units
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-    s = tl.where(nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 # per-step values: one variant for all (the fused prologue's positions / slots: any slice of their buffers)
