@@ -121,8 +121,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
             args.update(stride_qb=(num_heads + 2 * kv_heads) * HEAD_DIM, pos_ptr="i64", cs_ptr="fp32", qw_ptr="bf16",
                         kw_ptr="bf16", slot_ptr="i64", eps=1e-6, inv_k_scale=0.5, inv_v_scale=0.5,
                         stride_cos=HEAD_DIM)
-            consts.update(PROLOGUE=True, HALF=HEAD_DIM // 2, QK_NORM=True, BLOCK_HALF=HEAD_DIM // 2, BLOCK_REST=0,
-                          FP8_KV=kv == "fp8")
+            consts.update(PROLOGUE=True, HALF=HEAD_DIM // 2, QK_NORM=True, FP8_KV=kv == "fp8")
         else:
             consts.update(dict.fromkeys(_PROLOGUE_ARGS))
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)

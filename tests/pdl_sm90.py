@@ -135,8 +135,7 @@ def cases() -> dict[str, tuple]:
     # are read after the wait too (nothing before it)
     prologue_args = dict(decode_args, stride_qb=QKV, pos_ptr="i64", cs_ptr="fp32", qw_ptr="bf16", kw_ptr="bf16",
                          slot_ptr="i64", eps=1e-6, inv_k_scale=1.0, inv_v_scale=1.0, stride_cos=D)
-    prologue_consts = dict(decode_consts, BLOCK_N=64, PROLOGUE=True, HALF=D // 2, QK_NORM=True, BLOCK_HALF=D // 2,
-                           BLOCK_REST=0, FP8_KV=False)
+    prologue_consts = dict(decode_consts, BLOCK_N=64, PROLOGUE=True, HALF=D // 2, QK_NORM=True, FP8_KV=False)
     decode_consts.update(dict.fromkeys(decode_attention._NO_PROLOGUE))
     wt = dict(w_ptr="bf16", ws_ptr="bf16", ids_ptr="i32", num_pairs=TOPK, stride_wse=16, stride_wsn=16)
     gemv = dict(USE_FP8=False, EVEN_K=True, BLOCK_N=16, NUM_STAGES=1)

@@ -63,7 +63,7 @@ from kernels.attention.fp8_dot import (
     interpreted,
 )
 from kernels.attention.prefill import _LOG2E, attend, check_cache, gather_kv, needs_off64
-from kernels.attention.prologue_rows import _decode_prologue
+from kernels.attention.prologue_rows import _decode_prologue, _store_new_kv
 from kernels.attention.tiles import _kv_rows, _merge_head, _softmax_update, _widen_kv
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
@@ -108,8 +108,7 @@ def _decode_kernel(
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
-    PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False,
-    BLOCK_HALF: tl.constexpr = 1, BLOCK_REST: tl.constexpr = 0, FP8_KV: tl.constexpr = False,
+    PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -135,12 +134,21 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     hmask = g < GROUP
     dmask = d < HEAD_DIM
+    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    offs = tl.arange(0, BLOCK_N)
+    # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
+    # iteration make Triton's pipeliner single-buffer K/V and issue the next tile's copy after the dots
+    # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR); the first ones before q,
+    # whose fused prologue (PROLOGUE) then runs while they are in flight
+    page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
-        q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
-                                           slot_ptr, k_cache_ptr, v_cache_ptr, b, kvh, split, seq_len, num_splits,
-                                           heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos, stride_cb,
-                                           stride_cs, stride_ch, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF,
-                                           BLOCK_HALF, BLOCK_REST, BLOCK_D, BLOCK_SIZE, BLOCK_N, QK_NORM, FP8_KV)
+        q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr, b,
+                                           kvh, heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos,
+                                           k_cache_ptr.dtype.element_ty, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF,
+                                           BLOCK_D, QK_NORM, FP8_KV)
     else:
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
@@ -153,24 +161,15 @@ def _decode_kernel(
         row_scale = qk_scale * q_scale
     elif FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
         q = tl.clamp(q.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
-    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     if FP8_DOT >= 2:
         acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)  # O^T
     else:
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
-    offs = tl.arange(0, BLOCK_N)
-    # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
-    # iteration make Triton's pipeliner single-buffer K/V and issue the next tile's copy after the dots
-    # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR)
-    page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
-    # PROLOGUE: the new token (seq_len - 1) is never read from the cache (the split that owns it stores it there in
-    # this launch): that split's last tile runs after the loop, with the token's k / v rows from registers (a select
+    # PROLOGUE: the new token (seq_len - 1) is never read from the cache (the split that owns it stores it there at
+    # the end): that split's last tile runs after the loop, with the token's k / v rows from registers (a select
     # inside the loop kept their broadcast tiles live across it: sm90, 116 -> 241 registers at BLOCK_N 64)
     loop_end = end
     if PROLOGUE:
@@ -227,6 +226,9 @@ def _decode_kernel(
             k = tl.where(is_new, k_new.to(q.dtype), k)
             v = tl.where(is_new, v_new.to(q.dtype), v)
             m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
+        # this step's k / v into the cache, after every load of this program: no K/V copy waits behind these stores
+        _store_new_kv(k_cache_ptr, v_cache_ptr, slot_ptr, b, kvh, owns, k_new, v_new, d, stride_cb, stride_cs,
+                      stride_ch, HEAD_DIM, BLOCK_SIZE)
     if FP8_DOT >= 2:
         acc = tl.trans(acc)
     has = l_i > 0

@@ -21,7 +21,6 @@ variant: there this runs the separate prologue, then the decode kernel, the same
 from __future__ import annotations
 
 import torch
-import triton
 
 from kernels.attention.decode import (
     check_tables,
@@ -95,14 +94,13 @@ def paged_attention_decode_fused(
     out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0:
         return out
-    half, rest = cos_sin.shape[1] // 2, head_dim - cos_sin.shape[1]
+    half = cos_sin.shape[1] // 2  # rotary channels per half; past 2 * half: normed, not rotated
     qk_norm = q_norm_weight is not None
     prologue = dict(
         pos_ptr=positions, cs_ptr=cos_sin, qw_ptr=q_norm_weight if qk_norm else cos_sin,  # unused without the norm
         kw_ptr=k_norm_weight if qk_norm else cos_sin, slot_ptr=slot_mapping, eps=eps, inv_k_scale=1.0 / k_scale,
         inv_v_scale=1.0 / v_scale, stride_cos=cos_sin.stride(0),
-        PROLOGUE=True, HALF=half, QK_NORM=qk_norm, BLOCK_HALF=triton.next_power_of_2(max(half, 1)),
-        BLOCK_REST=triton.next_power_of_2(rest) if rest else 0, FP8_KV=k_cache.dtype == FP8_DTYPE,
+        PROLOGUE=True, HALF=half, QK_NORM=qk_norm, FP8_KV=k_cache.dtype == FP8_DTYPE,
     )
     cfg = decode_launch_config(head_dim, k_cache.dtype, qkv.device, batch, config)
     launch_decode(qkv, out, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale, num_splits,
