@@ -10,6 +10,9 @@ MAX_SPLITS per (sequence, KV head), capped by the config's max_splits (64 by def
 reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
 run, and up to 64 splits are merged exactly as before.
 
+PROLOGUE (kernels/attention/decode_fused.py): the attention prologue (q/k norm, RoPE, the new token's K/V store) inside
+this kernel, from the raw QKV rows: one launch fewer per decode layer; bit for bit the two launches.
+
 Tile sizes, warps, stages and the split rule come from kernels/attention/config.py (tuned per GPU by
 benchmarks/tune_attention.py; at batch <= small_batch its small_batch_config: a few long requests want more
 splits, and maybe other tiles, than a full batch).

@@ -9,10 +9,12 @@ stores them into the paged cache (bf16, or FP8 with the prologue's saturating qu
 takes that token's row of its K / V tile from registers, never from the cache: the loads stop before it, so no
 program reads what this launch writes. A split that does not own it never reaches that position.
 
-Bit for bit the two launches under the CPU interpreter (tests/test_decode_fused.py). On a GPU the q / k / v values
-are the prologue's operation for operation; the RMS statistic's sum order follows the compiler's layout of the
-tiles, so a value may differ from the separate prologue's by one activation-dtype ulp where the sum lands on a
-rounding boundary (the GPU test states the bound).
+Bit for bit the two launches (tests/test_decode_fused.py: the interpreter; on the GPU at Qwen3-30B-A3B shapes): the q /
+k / v values are the prologue's operation for operation, and the two steps whose result the compiler could make
+depend on a kernel's tile layout are pinned down in both kernels (kernels/attention/prologue_rows.py: the RMS
+statistic summed in fp64, exact for 16-bit values; RoPE by explicit FMAs); the attention's tiles are the plain
+kernel's, the new token's one after the loop (sm90: the fused kernel holds 166 registers at BLOCK_N 64 against the
+plain one's 116, no spills, the same shared memory).
 
 An FP8 cache whose decode config runs FP8 tensor-core dots (fp8_dot, the H200 table's FP8-KV decode) has no fused
 variant: there this runs the separate prologue, then the decode kernel, the same results as before.
