@@ -88,12 +88,13 @@ def test_fused_equals_prologue_then_decode(heads, kv_heads, head_dim, rotary_dim
         assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))  # the padding row
 
 
-@pytest.mark.parametrize("cache", ["fp16", "fp8"])
-def test_fused_fp16_and_fp8_cache(cache):
-    # fp16 activations into an fp16 cache, and into an FP8 one (scaled, some values saturated at 448: the
-    # prologue's quantization; the decode's fp16 widening path), several splits, the default tiles
-    cache_dtype = torch.float16 if cache == "fp16" else FP8_DTYPE
-    kw = _inputs([70, 9, 0], 4, 2, 32, 32, torch.float16, cache_dtype, seed=1)
+@pytest.mark.parametrize("cache", ["fp16", "bf16", "fp8"])
+def test_fused_16_bit_and_fp8_cache(cache):
+    # fp16 / bf16 activations into a cache of their dtype, and fp16 into an FP8 one (scaled, some values saturated at
+    # 448: the prologue's quantization; the decode's fp16 widening path), several splits, the default tiles
+    dtype = torch.bfloat16 if cache == "bf16" else torch.float16
+    cache_dtype = FP8_DTYPE if cache == "fp8" else dtype
+    kw = _inputs([70, 9, 0], 4, 2, 32, 32, dtype, cache_dtype, seed=1)
     scales = dict(k_scale=0.02, v_scale=0.05) if cache == "fp8" else {}
     if cache == "fp8":
         kw["qkv"] = kw["qkv"] * 20  # past 448 * v_scale: saturated, not NaN
