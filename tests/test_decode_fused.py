@@ -75,9 +75,9 @@ def _same(got: tuple, want: tuple) -> None:
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_fused_equals_prologue_then_decode(heads, kv_heads, head_dim, rotary_dim, qk_norm):
     # GQA groups 1 / 2 / 4; head_dim 24: a partial rotary with channels past the tile's power of two; contexts that
-    # end mid-page (37, 50) and on a page boundary (20), a padding row, one split and three (the new token in the
-    # last non-empty split, an empty split at 20 tokens)
-    kw = _inputs([37, 0, 20, 50], heads, kv_heads, head_dim, rotary_dim, torch.float32, torch.float32, qk_norm)
+    # end mid-page (37, 50) and on a page boundary (20), the new token first in its page and tile (17) or alone (1),
+    # a padding row; one split and three (the new token in the last non-empty split, an empty split at 20 tokens)
+    kw = _inputs([37, 0, 20, 50, 17, 1], heads, kv_heads, head_dim, rotary_dim, torch.float32, torch.float32, qk_norm)
     for splits in (1, 3):
         got = _run(paged_attention_decode_fused, kw, num_splits=splits, config=SMALL)
         _same(got, _run(_two_launches, kw, num_splits=splits, config=SMALL))
