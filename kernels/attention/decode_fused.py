@@ -58,10 +58,15 @@ def paged_attention_decode_fused_ref(
     return paged_attention_decode_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale)
 
 
+def _has_fused_variant(cfg: dict, kv_dtype: torch.dtype) -> bool:
+    # a decode config (decode_launch_config) that runs the FP8 tensor-core dots (fp8_dot) has no fused variant
+    return kv_dtype != FP8_DTYPE or not cfg["fp8_dot"]
+
+
 def fused_decode_supported(head_dim: int, kv_dtype: torch.dtype, device: torch.device, batch: int,
                            config: dict | None = None) -> bool:
-    # False where this batch's decode config runs the FP8 tensor-core dots (fp8_dot): no fused variant there
-    return kv_dtype != FP8_DTYPE or not decode_launch_config(head_dim, kv_dtype, device, batch, config)["fp8_dot"]
+    """Whether paged_attention_decode_fused runs one fused launch at this batch (else the separate prologue)."""
+    return _has_fused_variant(decode_launch_config(head_dim, kv_dtype, device, batch, config), kv_dtype)
 
 
 def paged_attention_decode_fused(
@@ -88,7 +93,8 @@ def paged_attention_decode_fused(
     batch = qkv.shape[0]
     check_cache(qkv.unflatten(1, (-1, head_dim)), k_cache, v_cache)  # the strides K and V share
     check_tables(seq_lens, block_tables, batch)
-    if not fused_decode_supported(head_dim, k_cache.dtype, qkv.device, batch, config):
+    cfg = decode_launch_config(head_dim, k_cache.dtype, qkv.device, batch, config)
+    if not _has_fused_variant(cfg, k_cache.dtype):
         q = qkv_prologue(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache, slot_mapping,
                          k_scale, v_scale)
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale,
@@ -104,7 +110,6 @@ def paged_attention_decode_fused(
         inv_v_scale=1.0 / v_scale, stride_cos=cos_sin.stride(0),
         PROLOGUE=True, HALF=half, QK_NORM=qk_norm, FP8_KV=k_cache.dtype == FP8_DTYPE,
     )
-    cfg = decode_launch_config(head_dim, k_cache.dtype, qkv.device, batch, config)
     launch_decode(qkv, out, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale, num_splits,
                   fused_merge, cfg, prologue)
     return out
