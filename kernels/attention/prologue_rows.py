@@ -24,9 +24,10 @@ _FP8_MAX = tl.constexpr(FP8_MAX)  # e4m3's largest finite value: FP8 stores satu
 @triton.jit
 def _sum_squares(x):
     # [R, C] fp32 -> [R] fp64 sums of squares. A 16-bit value's square is exact in fp64 and so are the partial sums
-    # (while a row's magnitudes span less than ~2^15), so the sum does not depend on the order a tile's layout gives
-    # the reduction (sm90: the prologue sums [4, 64] tiles over 16 lanes x 4 values, the fused decode [16, 64] over
-    # 8 x 8 and its k row over 4 warps): rounded to fp32 once, the same statistic in every kernel
+    # (while a row's magnitudes span less than ~2^15), so the sum depends neither on the order a tile's layout gives
+    # the reduction nor on zero padding (sm90: the prologue sums [4, 64] half-head tiles over 16 lanes x 4 values; the
+    # fused decode whole-head [16, 128] and [1, 128] tiles, the other half zeroed, over other lanes and warps): rounded
+    # to fp32 once, the same statistic in every kernel
     xd = x.to(tl.float64)
     return tl.sum(xd * xd, 1)
 
