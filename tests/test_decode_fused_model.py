@@ -72,10 +72,11 @@ def test_switch_read_when_model_args_are_made(monkeypatch: pytest.MonkeyPatch) -
         ModelArgs()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
 def test_model_logits_unchanged_by_fused_decode_prologue(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # qwen3_moe: q/k norm; glm4_moe: q/k norm, partial rotary; llama: neither. A 2-sequence prefill (never fused),
-    # then a decode step of both (and a padding row), whose layers each run the decode kernel with the prologue inside
+    # qwen3_moe: q/k norm; glm4_moe: q/k norm, partial rotary (no norm: tests/test_decode_fused.py). A 2-sequence
+    # prefill (never fused), then a decode step of both (and a padding row), whose layers each run the decode kernel
+    # with the prologue inside
     monkeypatch.setenv(ENV, "0")
     plain, plain_launches = _logits(arch)
     monkeypatch.setenv(ENV, "1")
