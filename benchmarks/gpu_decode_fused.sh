@@ -13,6 +13,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 timeout 115 python3 -m pytest -q -m gpu tests/test_decode_fused.py tests/test_decode_fused_model.py 2>&1 | tail -3
 timeout 115 python3 -m pytest -q -m gpu tests/test_kernels_qkv_prologue.py tests/test_pdl.py -k "not engine" 2>&1 | tail -3
 timeout 115 python3 -m pytest -q -m gpu tests/test_pdl.py -k engine 2>&1 | tail -3
+MOE_RT_FUSE_DECODE_PROLOGUE=1 timeout 115 python3 -m pytest -q -m gpu tests/test_gpu_compile.py \
+  -k "Qwen3MoeForCausalLM and auto" 2>&1 | tail -3  # no compile on the serving path with the fusion on
 timeout 115 python3 benchmarks/bench_decode_fused.py --batches 1,8,64 --ctxs 1024,4096 --kv bf16,fp8w \
   --out $OUT/decode_fused.json 2>&1 | tail -13
 for f in 0 1; do
