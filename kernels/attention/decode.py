@@ -224,10 +224,10 @@ def _decode_kernel(
             kv_mask = (n < seq_len - 1)[:, None] & dmask[None, :]  # every row but the new token's
             k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            is_new = (n == seq_len - 1)[:, None]  # its row from registers, in the cache's dtype as a load gives it
+            k = tl.where(is_new, k_new, k)
+            v = tl.where(is_new, v_new, v)
             k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
-            is_new = (n == seq_len - 1)[:, None]  # its row from registers (widening is exact: as a load would)
-            k = tl.where(is_new, k_new.to(q.dtype), k)
-            v = tl.where(is_new, v_new.to(q.dtype), v)
             m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
         # this step's k / v into the cache, after every load of this program: no K/V copy waits behind these stores
         _store_new_kv(k_cache_ptr, v_cache_ptr, slot_ptr, b, kvh, owns, k_new, v_new, d, stride_cb, stride_cs,

@@ -13,8 +13,9 @@ Bit for bit the two launches (tests/test_decode_fused.py: the interpreter; on th
 k / v values are the prologue's operation for operation, and the two steps whose result the compiler could make
 depend on a kernel's tile layout are pinned down in both kernels (kernels/attention/prologue_rows.py: the RMS
 statistic summed in fp64, exact for 16-bit values; RoPE by explicit FMAs); the attention's tiles are the plain
-kernel's, the new token's one after the loop (sm90: the fused kernel holds 166 registers at BLOCK_N 64 against the
-plain one's 116, no spills, the same shared memory).
+kernel's, the new token's one after the loop (sm90, no spills and the plain kernel's shared memory; registers at
+BLOCK_N 64 / 32: 166 / 128 against 116 / 80; an FP8 cache's widening path at the H200 table's BLOCK_N 128: 255 against
+196).
 
 An FP8 cache whose decode config runs FP8 tensor-core dots (fp8_dot, the H200 table's FP8-KV decode) has no fused
 variant: there this runs the separate prologue, then the decode kernel, the same results as before.
