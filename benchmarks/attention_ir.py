@@ -5,6 +5,7 @@ whether the next tile's copy overlaps the dots, and the conversion instructions 
 python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 [--fp8-widen 1]
 python benchmarks/attention_ir.py prefill --kv bf16 --block-m 128 --block-n 64 --warps 8 --stages 3 [--heads 96/8]
 python benchmarks/attention_ir.py decode --kv fp8 --block-n 64 --warps 4 --stages 3 --fp8-dot 1   (e4m3 x e4m3 dots)
+python benchmarks/attention_ir.py decode --kv bf16 --block-n 64 --warps 4 --stages 3 --prologue   (prologue fused in)
 python benchmarks/attention_ir.py prefill --kv fp8 --block-m 128 --block-n 128 --warps 8 --stages 3 --variants FP8_DOT
 
 Prints one JSON line. Must run without TRITON_INTERPRET (it needs the compiler, not the interpreter). The
@@ -30,6 +31,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.attention.decode import _NO_PROLOGUE as _PROLOGUE_ARGS  # noqa: E402
 from kernels.attention.decode import _decode_kernel  # noqa: E402
 from kernels.attention.prefill import _prefill_kernel  # noqa: E402
 
@@ -96,8 +98,9 @@ def report(kernel) -> dict:
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
             warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0,
-            variants: tuple[str, ...] = (), fp8_dot: int = 0, fp8_q2: bool = False) -> dict:
-    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot, fp8_q2: decode's knobs
+            variants: tuple[str, ...] = (), fp8_dot: int = 0, fp8_q2: bool = False, prologue: bool = False) -> dict:
+    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot, fp8_q2: decode's knobs;
+    # prologue: decode with the q/k norm + RoPE + KV store fused in (Qwen3's full rotary and q/k norm)
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
     strides = {"stride_cb": BLOCK * kv_heads * HEAD_DIM, "stride_cs": kv_heads * HEAD_DIM, "stride_ch": HEAD_DIM,
@@ -114,6 +117,13 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                   "FP8_AS_F16": kv == "fp8" and not fp8_dot, "OFF64": off64,
                   "FP8_WIDEN": fp8_widen if kv == "fp8" and not fp8_dot else 0, "FP8_DOT": fp8_dot,
                   "FP8_Q2": bool(fp8_dot and fp8_q2)}
+        if prologue:  # the attention prologue fused in (kernels/attention/decode_fused.py): q_ptr is the QKV row
+            args.update(stride_qb=(num_heads + 2 * kv_heads) * HEAD_DIM, pos_ptr="i64", cs_ptr="fp32", qw_ptr="bf16",
+                        kw_ptr="bf16", slot_ptr="i64", eps=1e-6, inv_k_scale=0.5, inv_v_scale=0.5,
+                        stride_cos=HEAD_DIM)
+            consts.update(PROLOGUE=True, HALF=HEAD_DIM // 2, QK_NORM=True, FP8_KV=kv == "fp8")
+        else:
+            consts.update(dict.fromkeys(_PROLOGUE_ARGS))
         compiled = compile_sm90(_decode_kernel, args, consts, warps, stages)
     else:
         args = dict(common, cu_seqlens_ptr="i32", stride_qt=num_heads * HEAD_DIM, stride_qh=HEAD_DIM,
@@ -152,10 +162,11 @@ def main() -> None:
     ap.add_argument("--fp8-widen", type=int, default=0, help="decode, FP8 cache: the config's fp8_widen (0, 1, 2)")
     ap.add_argument("--variants", default="", help="prefill variant keys set to 1, e.g. MASK_FREE,RAGGED")
     ap.add_argument("--fp8-dot", type=int, default=0, help="decode, FP8 cache: the config's fp8_dot (0, 1, 2)")
+    ap.add_argument("--prologue", action="store_true", help="decode: the attention prologue fused in")
     a = ap.parse_args()
     print(json.dumps(dict(vars(a), **inspect(a.kernel, a.kv, a.heads, a.block_m, a.block_n, a.warps, a.stages,
                                              a.off64, a.fp8_widen, tuple(filter(None, a.variants.split(","))),
-                                             a.fp8_dot))))
+                                             a.fp8_dot, prologue=a.prologue))))
 
 
 if __name__ == "__main__":

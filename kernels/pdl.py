@@ -45,6 +45,8 @@ What each kernel reads before its wait (tests/test_pdl.py checks these on the PT
   K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing:
   decode attention and its reduce, the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
   ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
+  (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after the
+  wait too.)
 """
 
 from __future__ import annotations

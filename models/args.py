@@ -61,14 +61,17 @@ class TensorParallel:
 
 
 FUSION_SWITCHES = {"fuse_moe_sum": ("MOE_RT_FUSE_MOE_SUM", True),
-                   "fuse_router_norm": ("MOE_RT_FUSE_ROUTER_NORM", False)}
+                   "fuse_router_norm": ("MOE_RT_FUSE_ROUTER_NORM", False),
+                   "fuse_decode_prologue": ("MOE_RT_FUSE_DECODE_PROLOGUE", False)}
 
 
 def fusion_switch(name: str) -> bool:
     """A kernel-fusion switch's default: its environment variable (0 off, 1 on, unset: the default of
     FUSION_SWITCHES; anything else is an error), read here only, when a ModelArgs is made. fuse_moe_sum (on: measured
     on an H200, B=1 2.79 -> 2.75 ms): the MoE top-k sum inside the next RMSNorm. fuse_router_norm (off until measured
-    on a GPU): the post-attention residual add + RMSNorm inside the fused router (kernels/router_norm.py)."""
+    on a GPU): the post-attention residual add + RMSNorm inside the fused router (kernels/router_norm.py).
+    fuse_decode_prologue (off until measured on a GPU): a decode step's attention prologue (q/k norm, RoPE, the KV
+    store) inside the decode attention kernel (kernels/attention/decode_fused.py)."""
     var, default = FUSION_SWITCHES[name]
     value = os.environ.get(var, "").strip()
     if value not in ("", "0", "1"):
@@ -90,6 +93,7 @@ class ModelArgs:
     # kernel fusions of the decoder layer where they apply (models/layers.py DecoderLayer; defaults: fusion_switch)
     fuse_moe_sum: bool = field(default_factory=lambda: fusion_switch("fuse_moe_sum"))
     fuse_router_norm: bool = field(default_factory=lambda: fusion_switch("fuse_router_norm"))
+    fuse_decode_prologue: bool = field(default_factory=lambda: fusion_switch("fuse_decode_prologue"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))

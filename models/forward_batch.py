@@ -25,6 +25,11 @@ class AttentionBackend(Protocol):
     def forward_stored(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
         ...  # forward with this step's K/V already in the cache (a dummy batch: zeros)
 
+    # optional (where decode_fused is set): a decode step from the QKV rows, the attention prologue (q/k norm, RoPE,
+    # the K/V store) inside the decode kernel; runtime/engine/attention_backend.py PagedAttention
+    # def forward_decode_fused(self, qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, layer_id, batch,
+    #                          scale) -> torch.Tensor: [batch, num_heads, head_dim]
+
 
 @dataclass
 class ForwardBatch:

@@ -197,6 +197,9 @@ class Attention(nn.Module):
         self.eps = spec.rms_norm_eps
         # q/k norm + RoPE + the KV-cache store in one launch (the norms above only hold their weights)
         self._prologue = pick_kernel(qkv_prologue_kernels, "qkv_prologue", args.use_triton)
+        # decode steps on the Triton path: that prologue inside the decode attention kernel, one launch fewer
+        # (args.fuse_decode_prologue, off by default until measured on a GPU; MOE_RT_FUSE_DECODE_PROLOGUE=1)
+        self.fuse_decode_prologue = args.use_triton and args.fuse_decode_prologue
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -204,10 +207,16 @@ class Attention(nn.Module):
         k_cache, v_cache, k_scale, v_scale = backend.kv_target(self.layer_id, batch)
         q_norm = self.q_norm.weight if self.q_norm is not None else None
         k_norm = self.k_norm.weight if self.k_norm is not None else None
-        # q [T, heads, head_dim]; this step's k and v go straight into the cache (slot -1: padding, skipped)
-        q = self._prologue(self.qkv_proj(x), positions, self.cos_sin, q_norm, k_norm, self.eps, k_cache, v_cache,
-                           batch.slot_mapping, k_scale, v_scale)
-        out = backend.forward_stored(q, self.layer_id, batch, self.scale)  # [T, heads, head_dim]
+        qkv = self.qkv_proj(x)
+        # (a backend without a fused decode, e.g. a test's own, takes the separate prologue)
+        if self.fuse_decode_prologue and batch.is_decode and getattr(backend, "decode_fused", None) is not None:
+            out = backend.forward_decode_fused(qkv, positions, self.cos_sin, q_norm, k_norm, self.eps, self.layer_id,
+                                               batch, self.scale)
+        else:
+            # q [T, heads, head_dim]; this step's k and v go straight into the cache (slot -1: padding, skipped)
+            q = self._prologue(qkv, positions, self.cos_sin, q_norm, k_norm, self.eps, k_cache, v_cache,
+                               batch.slot_mapping, k_scale, v_scale)
+            out = backend.forward_stored(q, self.layer_id, batch, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

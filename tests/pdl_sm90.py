@@ -131,6 +131,12 @@ def cases() -> dict[str, tuple]:
     decode_consts = dict(NUM_HEADS=HEADS, NUM_KV_HEADS=KV_HEADS, GROUP=HEADS // KV_HEADS, GROUP_PAD=16, HEAD_DIM=D,
                          BLOCK_D=D, BLOCK_SIZE=PAGE, BLOCK_N=32, SPLITS_PAD=2, FUSED_MERGE=False, FP8_AS_F16=False,
                          OFF64=False)
+    # the attention prologue fused in (kernels/attention/decode_fused.py): q_ptr is the QKV row; the q/k norm weights
+    # are read after the wait too (nothing before it)
+    prologue_args = dict(decode_args, stride_qb=QKV, pos_ptr="i64", cs_ptr="fp32", qw_ptr="bf16", kw_ptr="bf16",
+                         slot_ptr="i64", eps=1e-6, inv_k_scale=1.0, inv_v_scale=1.0, stride_cos=D)
+    prologue_consts = dict(decode_consts, BLOCK_N=64, PROLOGUE=True, HALF=D // 2, QK_NORM=True, FP8_KV=False)
+    decode_consts.update(dict.fromkeys(decode_attention._NO_PROLOGUE))
     wt = dict(w_ptr="bf16", ws_ptr="bf16", ids_ptr="i32", num_pairs=TOPK, stride_wse=16, stride_wsn=16)
     gemv = dict(USE_FP8=False, EVEN_K=True, BLOCK_N=16, NUM_STAGES=1)
     norm_args = dict(x_ptr="bf16", res_ptr="bf16", w_ptr="bf16", out_ptr="bf16", res_out_ptr="bf16", ids_ptr="i32",
@@ -143,6 +149,7 @@ def cases() -> dict[str, tuple]:
         "qkv_prologue": _prologue(HEADS, KV_HEADS, D // 2, 0),
         "qkv_prologue_partial_rotary": _prologue(96, 8, D // 4, D // 2),
         "decode_attention": (decode_attention._decode_kernel, decode_args, decode_consts, 4, 3, []),
+        "decode_attention_prologue": (decode_attention._decode_kernel, prologue_args, prologue_consts, 4, 3, []),
         "decode_reduce": (decode_attention._reduce_kernel, dict(part_out_ptr="fp32", part_lse_ptr="fp32",
                                                                 out_ptr="bf16", num_splits=32, stride_ob=HEADS * D,
                                                                 stride_oh=D),

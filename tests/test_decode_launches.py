@@ -25,21 +25,24 @@ REPLACED = {"triton:_rope_kernel", "triton:_store_kv_kernel", "torch:lt", "torch
             "triton:_topk_softmax_kernel", "triton:_topk_sigmoid_grouped_kernel", "torch:_to_copy"}
 
 
-@pytest.mark.parametrize("router_norm", [0, 1])
+@pytest.mark.parametrize("router_norm,decode_prologue", [(0, 0), (1, 0), (1, 1)])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_qwen3_moe_decode_layer_launches(batch_size: int, router_norm: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_qwen3_moe_decode_layer_launches(batch_size: int, router_norm: int, decode_prologue: int,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOE_RT_FUSE_ROUTER_NORM", str(router_norm))  # models/args.py fusion_switch
+    monkeypatch.setenv("MOE_RT_FUSE_DECODE_PROLOGUE", str(decode_prologue))
     layers = decode_launches(CONFIGS["qwen3_moe"], batch_size, ctx=40)
     for name in ("layer0", "layer1"):
         launches = layers[name]
         assert not REPLACED & set(launches), launches
-        # input norm (+ the previous layer's top-k sum), qkv, prologue, decode attention (+ split merge), o, the
-        # post norm (inside the router with router_norm), router GEMM + top-k in one launch, (align when B > 1), up
-        # GEMM, down GEMM
-        assert launches.count("triton:_qkv_prologue_kernel") == 1
+        # input norm (+ the previous layer's top-k sum), qkv, prologue (inside the decode attention with
+        # decode_prologue), decode attention (+ split merge), o, the post norm (inside the router with router_norm),
+        # router GEMM + top-k in one launch, (align when B > 1), up GEMM, down GEMM
+        assert launches.count("triton:_qkv_prologue_kernel") == 1 - decode_prologue
+        assert launches.count("triton:_decode_kernel") == 1, launches
         assert launches.count("triton:_rms_norm_kernel") == 2 - router_norm, launches
         assert launches.count("triton:_route_fused_kernel") == 1, launches
-        assert len(launches) <= 11 - router_norm + (batch_size > 1), launches
+        assert len(launches) <= 11 - router_norm - decode_prologue + (batch_size > 1), launches
 
 
 def _step(model: torch.nn.Module, backend: Any, kv_caches: list, ids: list[int], positions: list[int],

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from kernels import pdl  # noqa: E402
 from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.attention.decode_fused import paged_attention_decode_fused  # noqa: E402
 from kernels.attention.qkv_prologue import qkv_prologue, qkv_prologue_ref  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.linear.gemv import gemv_linear  # noqa: E402
@@ -218,14 +219,20 @@ def _layer(p: dict, x: torch.Tensor, residual: torch.Tensor, step: dict, kc: tor
     batch, head_dim = x.shape[0], kc.shape[3]
     h, res = rms_norm(x, p["ln1"], EPS, residual)
     qkv = _linear(h, p["qkv"], p["lin_cfg"])
-    q = qkv_prologue(qkv, step["positions"], p["cos_sin"], p["qn"], p["kn"], EPS, kc, vc, step["slots"])
-    attn = paged_attention_decode(q, kc, vc, step["seq_lens"], step["block_tables"], head_dim**-0.5)
+    if p.get("fused_prologue"):  # the prologue inside the decode kernel (kernels/attention/decode_fused.py)
+        q = None
+        attn = paged_attention_decode_fused(qkv, step["positions"], p["cos_sin"], p["qn"], p["kn"], EPS, kc, vc,
+                                            step["slots"], step["seq_lens"], step["block_tables"], head_dim**-0.5)
+    else:
+        q = qkv_prologue(qkv, step["positions"], p["cos_sin"], p["qn"], p["kn"], EPS, kc, vc, step["slots"])
+        attn = paged_attention_decode(q, kc, vc, step["seq_lens"], step["block_tables"], head_dim**-0.5)
     o = _linear(attn.reshape(batch, -1), p["o"], p["lin_cfg"])
     h2, res2 = rms_norm(o, p["ln2"], EPS, res)
     topk_weights, topk_ids = route_fused(h2, p["router"], p["top_k"], True)
     y = fused_experts(h2, p["w13"], p["w2"], topk_weights, topk_ids, config=p["moe_cfg"])
-    return dict(h=h, res=res, qkv=qkv, q=q, attn=attn, o=o, h2=h2, res2=res2, topk_weights=topk_weights,
+    outs = dict(h=h, res=res, qkv=qkv, q=q, attn=attn, o=o, h2=h2, res2=res2, topk_weights=topk_weights,
                 topk_ids=topk_ids, y=y)
+    return {k: t for k, t in outs.items() if t is not None}
 
 
 def _two_layers(p: dict, step: dict) -> list[dict[str, torch.Tensor]]:
@@ -315,6 +322,12 @@ def test_every_launch_has_launch_pdl_exactly_when_compiled_with_pdl(monkeypatch)
         if "gemv" in p["moe_cfg"]:
             p["moe_cfg"]["gemv"]["pdl"] = True
         _two_layers(p, step)
+    # the decode attention with the prologue fused in (kernels/attention/decode_fused.py), one launch of _decode_kernel
+    qkv = torch.randn(64, (4 + 2 * 2) * 16)
+    before = len(seen)
+    paged_attention_decode_fused(qkv, step["positions"], p["cos_sin"], p["qn"], p["kn"], EPS, *step["caches"][:2],
+                                 step["slots"], step["seq_lens"], step["block_tables"], 0.25)
+    assert [name for name, *_ in seen[before:]][:1] == ["_decode_kernel"], seen[before:]
     fp8_linear.w8a8_block_linear(torch.randn(2, 256), torch.zeros(256, 256, dtype=torch.float8_e4m3fn),
                                  torch.ones(2, 2))
     assert len({name for name, *_ in seen}) >= 8, seen
@@ -349,18 +362,21 @@ def _flat(outs: list[dict]) -> list[torch.Tensor]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("batch", [1, 8, 64])
-def test_pdl_chain_in_cuda_graph_equals_serial(monkeypatch, batch):
+@pytest.mark.parametrize("batch,fused_prologue", [(1, False), (8, False), (64, False), (1, True), (64, True)])
+def test_pdl_chain_in_cuda_graph_equals_serial(monkeypatch, batch, fused_prologue):
     # Qwen3-30B-A3B shapes, two layers (B=1/8: the GEMV linears and MoE GEMVs, B=64: cuBLAS linears, align and the
     # tl.dot experts): PDL off against the references, then PDL on bit for bit equal to PDL off, eager and in CUDA
     # graphs replayed on new inputs. The kernels are deterministic: any difference is a race that the rule of
-    # kernels/pdl.py should have excluded
+    # kernels/pdl.py should have excluded. fused_prologue: the decode attention with the prologue inside (its own
+    # references: tests/test_decode_fused.py)
     p, step = _problem("cuda", torch.bfloat16, batch, hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128,
                        inter=768, top_k=8, ctx=1000, page=16)
+    p["fused_prologue"] = fused_prologue
     _switch(monkeypatch, "0")
     off = _two_layers(p, step)
-    _check_against_references(p, step, off[0], step["x"], step["residual"], step["caches"][0], step["caches"][1],
-                              2e-2)
+    if not fused_prologue:
+        _check_against_references(p, step, off[0], step["x"], step["residual"], step["caches"][0], step["caches"][1],
+                                  2e-2)
     # each graph its own KV cache (a race between the prologue's store and the attention's read must show in the
     # graph that has it, not be masked by the other graph's identical store) and its own inputs
     steps = {"0": step, "1": dict(step, x=step["x"].clone(), caches=[c.clone() for c in step["caches"]])}

@@ -10,6 +10,9 @@ MAX_SPLITS per (sequence, KV head), capped by the config's max_splits (64 by def
 reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
 run, and up to 64 splits are merged exactly as before.
 
+PROLOGUE (kernels/attention/decode_fused.py): the attention prologue (q/k norm, RoPE, the new token's K/V store) inside
+this kernel, from the raw QKV rows: one launch fewer per decode layer; bit for bit the two launches.
+
 Tile sizes, warps, stages and the split rule come from kernels/attention/config.py (tuned per GPU by
 benchmarks/tune_attention.py; at batch <= small_batch its small_batch_config: a few long requests want more
 splits, and maybe other tiles, than a full batch).
@@ -59,17 +62,16 @@ from kernels.attention.fp8_dot import (
     _q_low_part,
     _scale_q,
     _to_e4m3,
-    _widen_fp8,
     fp8_as_f16,
     interpreted,
 )
 from kernels.attention.prefill import _LOG2E, attend, check_cache, gather_kv, needs_off64
-from kernels.attention.tiles import _kv_rows
+from kernels.attention.prologue_rows import _decode_prologue, _store_new_kv
+from kernels.attention.tiles import _kv_rows, _merge_head, _softmax_update, _widen_kv
 from kernels.fp8 import FP8_DTYPE
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 MAX_SPLITS = 512  # splits per (sequence, KV head); the config's max_splits (default 64) caps the split rule
-MERGE_SPLITS = tl.constexpr(64)  # the merge's tile of splits: more splits are merged MERGE_SPLITS at a time
 
 
 def paged_attention_decode_ref(
@@ -92,37 +94,8 @@ def paged_attention_decode_ref(
     return out
 
 
-@triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
-                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), over [SPLITS_BLOCK,
-    # BLOCK_D] tiles of splits in a fixed order (an online log-sum-exp merge: the same bits every run). Up to
-    # MERGE_SPLITS splits it is one tile, bit for bit the single-tile merge; the chunks are unrolled, so every
-    # chunk's loads are issued before the first one's sums. .cg: the partials were written by other SMs, never
-    # through this SM's L1
-    SPLITS_BLOCK: tl.constexpr = min(SPLITS_PAD, MERGE_SPLITS)
-    d = d0 + tl.arange(0, BLOCK_D)
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for c in tl.static_range(0, SPLITS_PAD, SPLITS_BLOCK):
-        s = c + tl.arange(0, SPLITS_BLOCK)
-        row = (b * NUM_HEADS + h) * num_splits + s
-        lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                       mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with a token yet: every weight is 0
-        alpha = tl.exp2(m - m_safe)  # 0 on the first chunk (m = -inf): the single-tile sums, unchanged
-        w = tl.exp2(lse - m_safe)
-        total = total * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(part * w[:, None], 0)
-        m = m_new
-    o = acc / tl.where(total > 0, total, 1.0)  # seq_len 0: zeros
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: one variant for all
+# per-step values: one variant for all (the fused prologue's positions / slots: any slice of their buffers)
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
@@ -131,11 +104,14 @@ def _decode_kernel(
     num_splits,  # a runtime value: one compiled kernel serves every split count up to SPLITS_PAD
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,  # cache strides (K and V share one layout)
     stride_bt, stride_ob, stride_oh,
+    # PROLOGUE only (else None): the attention prologue fused in (kernels/attention/decode_fused.py)
+    pos_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, eps, inv_k_scale, inv_v_scale, stride_cos,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr, FUSED_MERGE: tl.constexpr, FP8_AS_F16: tl.constexpr, OFF64: tl.constexpr,
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
+    PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py)
@@ -161,8 +137,24 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     hmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
+    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    offs = tl.arange(0, BLOCK_N)
+    # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
+    # iteration make Triton's pipeliner single-buffer K/V and issue the next tile's copy after the dots
+    # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR); the first ones before q,
+    # whose fused prologue (PROLOGUE) then runs while they are in flight
+    page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
+    if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
+        q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr, b,
+                                           kvh, heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos,
+                                           k_cache_ptr.dtype.element_ty, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF,
+                                           BLOCK_D, QK_NORM, FP8_KV)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=hmask[:, None] & dmask[None, :], other=0.0)  # [GROUP_PAD, BLOCK_D]
     q_lo = q  # FP8_Q2 only
     if FP8_DOT:  # per-head q scale from its absmax, folded into the softmax scale: [GROUP_PAD]
         qs, q_scale = _scale_q(q)
@@ -172,23 +164,22 @@ def _decode_kernel(
         row_scale = qk_scale * q_scale
     elif FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
         q = tl.clamp(q.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
-    chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     if FP8_DOT >= 2:
         acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)  # O^T
     else:
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
-    offs = tl.arange(0, BLOCK_N)
-    # the page ids of a tile are loaded one tile ahead: K/V addresses that wait on a load of the same
-    # iteration make Triton's pipeliner single-buffer K/V and issue the next tile's copy after the dots
-    # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR)
-    page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
-    for n0 in range(start, end, BLOCK_N):
+    # PROLOGUE: the new token (seq_len - 1) is never read from the cache (the split that owns it stores it there at
+    # the end): that split's last tile runs after the loop, with the token's k / v rows from registers (a select
+    # inside the loop kept their broadcast tiles live across it: sm90, 116 -> 241 registers at BLOCK_N 64)
+    loop_end = end
+    if PROLOGUE:
+        owns = (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end)
+        last = start + (seq_len - 1 - start) // BLOCK_N * BLOCK_N  # the owner's last tile
+        loop_end = tl.where(owns, last, end)
+    for n0 in range(start, loop_end, BLOCK_N):
         n = n0 + offs
         nmask = n < end
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
@@ -210,34 +201,37 @@ def _decode_kernel(
             acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))
             l_i = l_i * alpha + tl.sum(pt, 0)
             m_i = m_new
-        else:
-            if FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
-                if FP8_Q2:
-                    s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = s * row_scale[:, None]  # [GROUP_PAD, BLOCK_N]
+        elif FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
+            if FP8_Q2:
+                s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
             else:
-                if FP8_WIDEN >= 2:  # FP8 cache, config fp8_widen (see _widen_fp8)
-                    k = _widen_fp8(k)
-                else:
-                    k = k.to(q.dtype)
-                if FP8_WIDEN >= 1:
-                    v = _widen_fp8(v)
-                else:
-                    v = v.to(q.dtype)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-            s = tl.where(nmask[None, :], s, float("-inf"))
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(nmask[None, :], s * row_scale[:, None], float("-inf"))  # [GROUP_PAD, BLOCK_N]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
-            if FP8_DOT:  # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
-                p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
-                acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
-            else:
-                p = tl.exp2(s - m_new[:, None])
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
+            p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
+            acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
+        else:
+            k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
+            m_i, l_i, acc = _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale)
+    if PROLOGUE:  # the new token's tile, peeled (the loop above stops before it in the split that owns it)
+        if owns:
+            n = last + offs
+            rows = _kv_rows(page_next, last, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+            kv_mask = (n < seq_len - 1)[:, None] & dmask[None, :]  # every row but the new token's
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            is_new = (n == seq_len - 1)[:, None]  # its row from registers, in the cache's dtype as a load gives it
+            k = tl.where(is_new, k_new, k)
+            v = tl.where(is_new, v_new, v)
+            k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
+            m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
+        # this step's k / v into the cache, after every load of this program: no K/V copy waits behind these stores
+        _store_new_kv(k_cache_ptr, v_cache_ptr, slot_ptr, b, kvh, owns, k_new, v_new, d, stride_cb, stride_cs,
+                      stride_ch, HEAD_DIM, BLOCK_SIZE)
     if FP8_DOT >= 2:
         acc = tl.trans(acc)
     has = l_i > 0
@@ -307,6 +301,26 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
     return zeroed_counters(_COUNTERS, n, device, 4096)  # the fused merge's arrivals per (sequence, kv head)
 
 
+def decode_launch_config(head_dim: int, kv_dtype: torch.dtype, device: torch.device, batch: int,
+                         config: dict | None = None) -> dict:
+    """The decode config a launch of `batch` sequences runs: config (checked) or this GPU's table / the default, its
+    small-batch config at batch <= small_batch (kernels/attention/config.py)."""
+    if config is None:
+        cfg = decode_config(head_dim, kv_dtype, device)
+    else:
+        cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
+        check_config(cfg, DECODE_KEYS, head_dim)
+    return decode_config_for(cfg, batch)
+
+
+def check_tables(seq_lens: torch.Tensor, block_tables: torch.Tensor, batch: int) -> None:
+    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
+                         f"do not match batch {batch}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along its last dim")
+
+
 def paged_attention_decode(
     q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
     k_cache: torch.Tensor,
@@ -321,22 +335,28 @@ def paged_attention_decode(
     config: dict | None = None,  # tile config (kernels/attention/config.py); None: this GPU's table or the default
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    if seq_lens.shape != (batch,) or block_tables.dim() != 2 or block_tables.shape[0] < batch:
-        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} / block_tables {tuple(block_tables.shape)} "
-                         f"do not match batch {batch}")
-    if block_tables.stride(1) != 1:
-        raise ValueError("block_tables must be contiguous along its last dim")
-    if config is None:
-        cfg = decode_config(head_dim, k_cache.dtype, q.device)
-    else:
-        cfg = {**DECODE_KNOB_DEFAULTS, **config}  # a config written before a knob existed runs as it did
-        check_config(cfg, DECODE_KEYS, head_dim)
+    batch = q.shape[0]
+    check_tables(seq_lens, block_tables, batch)
+    cfg = decode_launch_config(q.shape[2], k_cache.dtype, q.device, batch, config)
     out = torch.empty_like(q)
-    if batch == 0:
-        return out
-    cfg = decode_config_for(cfg, batch)  # the small-batch config at batch <= small_batch
+    if batch > 0:
+        launch_decode(q, out, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale, num_splits,
+                      fused_merge, cfg)
+    return out
+
+
+_NO_PROLOGUE = dict.fromkeys(("pos_ptr", "cs_ptr", "qw_ptr", "kw_ptr", "slot_ptr", "eps", "inv_k_scale", "inv_v_scale",
+                              "stride_cos"))
+
+
+def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, k_scale: float, v_scale: float,
+                  num_splits: int | None, fused_merge: bool, cfg: dict, prologue: dict | None = None) -> None:
+    # the launches behind the checked wrappers, batch >= 1: q [batch, num_heads, head_dim], or with prologue (the
+    # fused prologue's kernel arguments, kernels/attention/decode_fused.py) the raw QKV rows [batch, width]; out
+    # [batch, num_heads, head_dim]; cfg from decode_launch_config
+    batch, num_heads, head_dim = out.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
@@ -361,11 +381,13 @@ def paged_attention_decode(
     fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) and not fp8_dot else 0
     # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros); 2, 3: 16
     group_pad = max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group))
+    if prologue and fp8_dot:
+        raise ValueError("the fused prologue has no fp8_dot variant (decode_fused.py runs the prologue separately)")
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        q.stride(0), head_dim if prologue else q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), **(prologue or _NO_PROLOGUE),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=group_pad,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
@@ -384,5 +406,3 @@ def paged_attention_decode(
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
             HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
         )
-    return out
-

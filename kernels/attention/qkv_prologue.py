@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention.prefill import store_kv_ref
+from kernels.attention.prologue_rows import _rotate, _sum_squares
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 from kernels.norm import rms_norm_ref
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
@@ -28,6 +29,35 @@ def _split_heads(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, in
     if num_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"qkv {tuple(qkv.shape)} is not [tokens, (heads + 2 * {num_kv_heads}) * {head_dim}] with "
                          f"heads a multiple of the cache's {num_kv_heads} kv heads")
+    return num_heads, num_kv_heads, head_dim
+
+
+def check_prologue(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                   q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of the prologue's inputs, or a ValueError saying what does not fit."""
+    num_heads, num_kv_heads, head_dim = _split_heads(qkv, k_cache)
+    num_tokens = qkv.shape[0]
+    rotary_dim = cos_sin.shape[1]
+    if qkv.stride(1) != 1 or positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"qkv_prologue needs qkv with contiguous rows and positions / slot_mapping "
+                         f"[{num_tokens}], got {tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32/int64, got {slot_mapping.dtype}")
+    if rotary_dim % 2 or rotary_dim > head_dim or cos_sin.stride(1) != 1 or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin must be fp32 [positions, rotary_dim <= {head_dim}, even], "
+                         f"got {cos_sin.dtype} {tuple(cos_sin.shape)}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight go together")
+    for w in (q_norm_weight, k_norm_weight):
+        if w is not None and (w.shape != (head_dim,) or not w.is_contiguous()):
+            raise ValueError(f"q/k norm weights must be contiguous [{head_dim}], got {tuple(w.shape)}")
+    if v_cache.shape != k_cache.shape or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError(f"k/v cache must match with a contiguous head_dim, got {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}")
+    if k_cache.dtype not in (qkv.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"dtype mismatch: qkv {qkv.dtype}, kv cache {k_cache.dtype} (the cache holds qkv's dtype or "
+                         f"{FP8_DTYPE})")
     return num_heads, num_kv_heads, head_dim
 
 
@@ -106,10 +136,12 @@ def _qkv_prologue_kernel(
         rmask = hmask & (r < HEAD_DIM)
         xr = tl.load(src + r, mask=rmask, other=0.0).to(tl.float32)
     if QK_NORM:
-        ss = tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)
+        # summed in fp64 (exact for 16-bit values): the same bits as the decode kernel's fused prologue, whose tiles
+        # have other layouts (kernels/attention/prologue_rows.py)
+        ss = _sum_squares(x1) + _sum_squares(x2)
         if BLOCK_REST > 0:
-            ss += tl.sum(xr * xr, 1)
-        inv = tl.rsqrt(ss / HEAD_DIM + eps)[:, None]  # [BLOCK_H, 1]
+            ss += _sum_squares(xr)
+        inv = tl.rsqrt(ss.to(tl.float32) / HEAD_DIM + eps)[:, None]  # [BLOCK_H, 1]
         # rounded as rms_norm does: the normed value, then the product with the weight
         x1 = ((x1 * inv).to(act).to(tl.float32) * w1.to(tl.float32)).to(act).to(tl.float32)
         x2 = ((x2 * inv).to(act).to(tl.float32) * w2.to(tl.float32)).to(act).to(tl.float32)
@@ -118,8 +150,9 @@ def _qkv_prologue_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # [1, BLOCK_HALF]
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
-    o1 = (x1 * cos - x2 * sin).to(act)
-    o2 = (x2 * cos + x1 * sin).to(act)
+    o1, o2 = _rotate(x1, x2, cos, sin)  # explicit FMAs: the fused decode's bits (prologue_rows.py)
+    o1 = o1.to(act)
+    o2 = o2.to(act)
 
     q_dst = q_ptr + t * stride_qt + h * stride_qh
     tl.store(q_dst + j, o1, mask=jmask & is_q)
@@ -168,28 +201,10 @@ def qkv_prologue(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    num_heads, num_kv_heads, head_dim = _split_heads(qkv, k_cache)
+    num_heads, num_kv_heads, head_dim = check_prologue(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, k_cache,
+                                                       v_cache, slot_mapping)
     num_tokens = qkv.shape[0]
     rotary_dim = cos_sin.shape[1]
-    if qkv.stride(1) != 1 or positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"qkv_prologue needs qkv with contiguous rows and positions / slot_mapping "
-                         f"[{num_tokens}], got {tuple(positions.shape)} / {tuple(slot_mapping.shape)}")
-    if slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be int32/int64, got {slot_mapping.dtype}")
-    if rotary_dim % 2 or rotary_dim > head_dim or cos_sin.stride(1) != 1 or cos_sin.dtype != torch.float32:
-        raise ValueError(f"cos_sin must be fp32 [positions, rotary_dim <= {head_dim}, even], "
-                         f"got {cos_sin.dtype} {tuple(cos_sin.shape)}")
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("q_norm_weight and k_norm_weight go together")
-    for w in (q_norm_weight, k_norm_weight):
-        if w is not None and (w.shape != (head_dim,) or not w.is_contiguous()):
-            raise ValueError(f"q/k norm weights must be contiguous [{head_dim}], got {tuple(w.shape)}")
-    if v_cache.shape != k_cache.shape or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError(f"k/v cache must match with a contiguous head_dim, got {tuple(k_cache.shape)} / "
-                         f"{tuple(v_cache.shape)}")
-    if k_cache.dtype not in (qkv.dtype, FP8_DTYPE) or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"dtype mismatch: qkv {qkv.dtype}, kv cache {k_cache.dtype} (the cache holds qkv's dtype or "
-                         f"{FP8_DTYPE})")
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q

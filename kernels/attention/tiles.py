@@ -1,14 +1,17 @@
 """Tile-level pieces of the paged attention kernels (kernels/attention/prefill.py, kernels/attention/decode.py): cache
 row offsets from page ids and the prefill's online-softmax step over one key tile (from the paged cache, or
 from this step's contiguous K/V through tensor descriptors), the zeros the eager prefill writes over tokens no
-sequence owns (the FP8 pieces: kernels/attention/fp8_dot.py). Shapes in the comments."""
+sequence owns, the decode's widening step and its split merge (the FP8 pieces: kernels/attention/fp8_dot.py). Shapes
+in the comments."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from kernels.attention.fp8_dot import P_LOG2_SCALE, _hold_fp8, _to_e4m3
+from kernels.attention.fp8_dot import P_LOG2_SCALE, _hold_fp8, _to_e4m3, _widen_fp8
+
+MERGE_SPLITS = tl.constexpr(64)  # the decode merge's tile of splits: more splits are merged MERGE_SPLITS at a time
 
 
 @triton.jit
@@ -108,3 +111,61 @@ def _zero_rows(out_ptr, t0, t1, head0, d, stride_ot, stride_oh, PACK: tl.constex
         tok = s0 + r // PACK
         off = tok.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(out_ptr + off, zero, mask=(tok < t1)[:, None] & (d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, b, h, d0, num_splits, stride_ob, stride_oh,
+                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # out[b, h, d0:d0+BLOCK_D] = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), over [SPLITS_BLOCK,
+    # BLOCK_D] tiles of splits in a fixed order (an online log-sum-exp merge: the same bits every run). Up to
+    # MERGE_SPLITS splits it is one tile, bit for bit the single-tile merge; the chunks are unrolled, so every
+    # chunk's loads are issued before the first one's sums. .cg: the partials were written by other SMs, never
+    # through this SM's L1
+    SPLITS_BLOCK: tl.constexpr = min(SPLITS_PAD, MERGE_SPLITS)
+    d = d0 + tl.arange(0, BLOCK_D)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c in tl.static_range(0, SPLITS_PAD, SPLITS_BLOCK):
+        s = c + tl.arange(0, SPLITS_BLOCK)
+        row = (b * NUM_HEADS + h) * num_splits + s
+        lse = tl.load(part_lse_ptr + row, mask=s < num_splits, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                       mask=(s < num_splits)[:, None] & (d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with a token yet: every weight is 0
+        alpha = tl.exp2(m - m_safe)  # 0 on the first chunk (m = -inf): the single-tile sums, unchanged
+        w = tl.exp2(lse - m_safe)
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        m = m_new
+    o = acc / tl.where(total > 0, total, 1.0)  # seq_len 0: zeros
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _widen_kv(k, v, dtype: tl.constexpr, FP8_WIDEN: tl.constexpr):
+    # K / V tiles [BLOCK_N, BLOCK_D] as loaded -> q's dtype: an FP8 cache widened (exact; fp8_widen: by PTX,
+    # _widen_fp8), a float cache as it is
+    if FP8_WIDEN >= 2:
+        k = _widen_fp8(k)
+    else:
+        k = k.to(dtype)
+    if FP8_WIDEN >= 1:
+        v = _widen_fp8(v)
+    else:
+        v = v.to(dtype)
+    return k, v
+
+
+@triton.jit
+def _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale):
+    # one online-softmax step of the widening path over a K / V tile of q's dtype: q [GROUP_PAD, BLOCK_D], nmask
+    # [BLOCK_N] (the tile's keys in this split), acc [GROUP_PAD, BLOCK_D] fp32; the running max in base-2 units
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+    s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc

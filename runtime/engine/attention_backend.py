@@ -15,11 +15,12 @@ class PagedAttention:
     """One implementation of the AttentionBackend protocol, over a set of three kernels."""
 
     def __init__(self, store_kv: Callable, prefill: Callable, decode: Callable,
-                 kv_scales: KvScales | None = None) -> None:
+                 kv_scales: KvScales | None = None, decode_fused: Callable | None = None) -> None:
         self.store_kv = store_kv
         self.prefill = prefill
         self.decode = decode
         self.kv_scales = kv_scales  # None: every scale is 1.0 (and a float cache ignores them)
+        self.decode_fused = decode_fused  # from the QKV rows, the prologue inside (kernels/attention/decode_fused.py)
 
     def kv_target(self, layer_id: int, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """(k_cache, v_cache, k_scale, v_scale) of a layer: where a fused prologue stores this step's K/V."""
@@ -53,18 +54,32 @@ class PagedAttention:
                             batch.max_seqlen_q, k_scale, v_scale, tile_map=batch.prefill_tiles, k=k, v=v)
 
 
+    def forward_decode_fused(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                             q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float,
+                             layer_id: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """A decode step from the QKV projection's rows qkv [batch, (heads + 2 kv_heads) * head_dim]: q/k norm, RoPE
+        and this step's K/V store inside the decode attention; [batch, num_heads, head_dim]."""
+        k_cache, v_cache, k_scale, v_scale = self.kv_target(layer_id, batch)
+        return self.decode_fused(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                                 batch.slot_mapping, batch.seq_lens, batch.block_tables, scale, k_scale, v_scale)
+
+
 def torch_attention(kv_scales: KvScales | None = None) -> PagedAttention:
     from kernels.attention.decode import paged_attention_decode_ref
+    from kernels.attention.decode_fused import paged_attention_decode_fused_ref
     from kernels.attention.prefill import paged_attention_prefill_ref, store_kv_ref
 
-    return PagedAttention(store_kv_ref, paged_attention_prefill_ref, paged_attention_decode_ref, kv_scales)
+    return PagedAttention(store_kv_ref, paged_attention_prefill_ref, paged_attention_decode_ref, kv_scales,
+                          paged_attention_decode_fused_ref)
 
 
 def triton_attention(kv_scales: KvScales | None = None) -> PagedAttention:
     from kernels.attention.decode import paged_attention_decode
+    from kernels.attention.decode_fused import paged_attention_decode_fused
     from kernels.attention.prefill import paged_attention_prefill, store_kv
 
-    return PagedAttention(store_kv, paged_attention_prefill, paged_attention_decode, kv_scales)
+    return PagedAttention(store_kv, paged_attention_prefill, paged_attention_decode, kv_scales,
+                          paged_attention_decode_fused)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[..., PagedAttention]] = {"torch": torch_attention, "triton": triton_attention}
