@@ -180,6 +180,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+# the fused decode prologue's rows: measured faster at B=1 and 8 on an H200; larger batches keep the two launches
+# (unmeasured there, and the fused kernel's registers cut the large-batch tile's occupancy from 6 to 4 blocks an SM)
+FUSED_DECODE_MAX_ROWS = 16
+
+
 class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer_id: int, cos_sin: torch.Tensor, args: ModelArgs) -> None:
         super().__init__()
@@ -198,7 +203,7 @@ class Attention(nn.Module):
         # q/k norm + RoPE + the KV-cache store in one launch (the norms above only hold their weights)
         self._prologue = pick_kernel(qkv_prologue_kernels, "qkv_prologue", args.use_triton)
         # decode steps on the Triton path: that prologue inside the decode attention kernel, one launch fewer
-        # (args.fuse_decode_prologue, off by default until measured on a GPU; MOE_RT_FUSE_DECODE_PROLOGUE=1)
+        # (args.fuse_decode_prologue, on by default; MOE_RT_FUSE_DECODE_PROLOGUE=0 turns it off)
         self.fuse_decode_prologue = args.use_triton and args.fuse_decode_prologue
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -209,7 +214,8 @@ class Attention(nn.Module):
         k_norm = self.k_norm.weight if self.k_norm is not None else None
         qkv = self.qkv_proj(x)
         # (a backend without a fused decode, e.g. a test's own, takes the separate prologue)
-        if self.fuse_decode_prologue and batch.is_decode and getattr(backend, "decode_fused", None) is not None:
+        if (self.fuse_decode_prologue and batch.is_decode and num_tokens <= FUSED_DECODE_MAX_ROWS
+                and getattr(backend, "decode_fused", None) is not None):
             out = backend.forward_decode_fused(qkv, positions, self.cos_sin, q_norm, k_norm, self.eps, self.layer_id,
                                                batch, self.scale)
         else:

@@ -64,9 +64,9 @@ def test_switch_read_when_model_args_are_made(monkeypatch: pytest.MonkeyPatch) -
     from models.args import ModelArgs
 
     monkeypatch.delenv(ENV, raising=False)
-    assert not ModelArgs().fuse_decode_prologue  # off until measured on a GPU
-    monkeypatch.setenv(ENV, "1")
-    assert ModelArgs().fuse_decode_prologue
+    assert ModelArgs().fuse_decode_prologue  # on: measured on an H200 (B=1 2.77 -> 2.68 ms)
+    monkeypatch.setenv(ENV, "0")
+    assert not ModelArgs().fuse_decode_prologue
     monkeypatch.setenv(ENV, "on")
     with pytest.raises(ValueError, match=f"{ENV} must be 0 or 1"):
         ModelArgs()

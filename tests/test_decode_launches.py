@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 from benchmarks.count_launches import CONFIGS, count_launches, decode_launches  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
+from models import layers  # noqa: E402
 from models.args import ModelArgs  # noqa: E402
 from models.forward_batch import ForwardBatch  # noqa: E402
 from models.loader import load_model  # noqa: E402
@@ -81,8 +82,10 @@ def _both_paths(arch: str, dtype: torch.dtype, kv_dtype: torch.dtype, device: st
             decode = _step(model, backend, kv, [p[n] for p, n in zip(prompts, lens)] + [0], [*lens, 0],
                            [slot(b, n) for b, n in enumerate(lens)] + [-1], [n + 1 for n in lens] + [0],
                            block_tables, decode=True)
-        if use_triton:  # the fused kernels ran, not the ones they replace
-            assert log.events.count("triton:_qkv_prologue_kernel") == model.num_layers
+        if use_triton:  # the fused kernels ran, not the ones they replace (the prologue: inside the decode kernel
+            # by default, MOE_RT_FUSE_DECODE_PROLOGUE)
+            fused = ModelArgs().fuse_decode_prologue and 3 <= layers.FUSED_DECODE_MAX_ROWS  # the step's 3 rows
+            assert log.events.count("triton:_qkv_prologue_kernel") == (0 if fused else model.num_layers)
             assert not REPLACED & set(log.events), log.events
         outs.append(torch.cat([prefill, decode[:2]]).float())
         caches.append(torch.stack([torch.stack(c).float() for c in kv]))
@@ -95,6 +98,15 @@ def test_triton_path_matches_reference(arch: str) -> None:
     ref, fast, ref_kv, fast_kv = _both_paths(arch, torch.float32, torch.float32)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_kv, ref_kv, rtol=1e-4, atol=1e-5)  # block 0's unused slots stay zero too
+
+
+def test_decode_steps_past_the_fused_prologue_rows_keep_two_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a decode step of more rows than FUSED_DECODE_MAX_ROWS (here 2; the step has 3) runs the separate prologue
+    # (_both_paths asserts which kernels ran), with the same results
+    monkeypatch.setattr(layers, "FUSED_DECODE_MAX_ROWS", 2)
+    ref, fast, ref_kv, fast_kv = _both_paths("qwen3_moe", torch.float32, torch.float32)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_kv, ref_kv, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
