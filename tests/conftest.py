@@ -29,6 +29,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 if not torch.cuda.is_available():
     # must be set before any module decorates a @triton.jit kernel
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests import triton_interpreter
+
+    triton_interpreter.install()  # the same kernels' results, without re-patching triton.language per device call
 
 WORKERS = 2  # the project's CI runner: 2 cores
 SERIAL = "serial"
