@@ -23,8 +23,6 @@ from runtime.distributed.parallel import ParallelState
 from tests.test_all2all import free_port, spawn_ranks
 from tests.test_parallel import PROMPTS, _config, _params, _reference, _run_lockstep
 
-pytestmark = pytest.mark.serial
-
 TIMEOUT_S = 120
 WORLD = 4
 # (name, checkpoint, --all2all-backend, --expert-token-capacity)

@@ -21,8 +21,6 @@ from runtime.config import ConfigError, EngineConfig
 from tests.test_all2all import free_port, spawn_ranks
 from tests.test_engine import hf_greedy, prompts
 
-pytestmark = pytest.mark.serial
-
 TIMEOUT_S = 120
 NUM_TOKENS = 10
 MOE = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "Glm4MoeForCausalLM")
