@@ -42,6 +42,8 @@ SERIAL = "serial"
 def is_serial_module(path: str) -> bool:
     """Whether the test module at path is marked `serial` (a module-level pytestmark), read from its source: the
     xdist controller, which schedules, never imports the tests."""
+    if not path.endswith(".py"):
+        return False
     tree = ast.parse(Path(path).read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
