@@ -10,7 +10,6 @@ patched as before. What a kernel computes is unchanged: the same patched functio
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 
@@ -32,8 +31,11 @@ def install() -> bool:
     patch_lang, grid_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
     launches: list[frozenset[int] | None] = []  # per launch in progress: the language modules patched in it so far
 
+    lang, core = tl, tl.core
+
     def langs_of(fn: Any) -> frozenset[int]:
-        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        # the modules _patch_lang patches for fn (those of its globals that are tl or tl.core), by identity: cheap
+        return frozenset(id(v) for v in fn.__globals__.values() if v is lang or v is core)
 
     @functools.wraps(patch_lang)
     def launch_aware_patch_lang(fn: Any) -> Any:
