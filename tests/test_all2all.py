@@ -6,7 +6,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -23,30 +22,9 @@ from runtime.config import ConfigError
 from runtime.distributed.backends import create_backend
 from runtime.distributed.expert_stats import ExpertStats
 from runtime.distributed.parallel import ParallelState
+from tests.ports import free_port, free_port_block  # noqa: F401  (the other gloo tests import them from here)
 
 TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(n: int) -> int:
-    """A port p with p .. p + n - 1 free on every interface, below Linux's ephemeral range (32768+): there no
-    outgoing connection (another test's, the ranks' own gloo) takes one between this check and a server's bind."""
-    import random
-
-    while True:
-        p = random.randrange(20000, 32000 - n)
-        try:
-            for q in range(p, p + n):
-                with socket.socket() as sock:
-                    sock.bind(("0.0.0.0", q))
-            return p
-        except OSError:
-            continue
 
 
 def _inputs(case: dict, rank: int, world: int, dtype: torch.dtype):  # noqa: ANN202

@@ -16,6 +16,8 @@ from runtime import LLM, SamplingParams
 from runtime.messages import AddRequest
 from tests.tiny import make_tiny_checkpoint
 
+pytestmark = pytest.mark.serial
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -15,7 +15,7 @@ import pytest
 from tests.test_crash_recovery import MAX_TOKENS, PROMPTS, _health, _stream, checkpoint, offline, served  # noqa: F401
 from tests.test_serve import _cmdline, process_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def _pid_of(srv, title: bytes) -> int:  # noqa: ANN001

@@ -9,7 +9,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,10 +41,11 @@ from runtime.messages import (
 from runtime.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 from server.protocol import APIError
+from tests.ports import free_port as _free_port
 from tests.test_serve import _children, _pids_with, pid_alive, process_tree
 from tests.tiny import make_tiny_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KV_BYTES = 8 << 20
@@ -56,12 +56,6 @@ SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", str(
 WORDS = "the quick brown fox jumps over a lazy dog while experts route every token".split()
 PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + i % 5]) + f" {i}" for i in range(32)]
 MAX_TOKENS = 48
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _read(path: str) -> bytes:

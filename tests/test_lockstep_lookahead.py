@@ -14,6 +14,8 @@ from runtime.engine.sequence import Sequence
 from runtime.sampling_params import SamplingParams
 from tests.test_serve import PROMPTS, reference_tokens, served, tiny_models  # noqa: F401
 
+pytestmark = pytest.mark.serial
+
 
 def test_estimate_counts_what_the_step_in_flight_leaves() -> None:
     sch = Scheduler(BlockManager(num_blocks=256, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.bench_mixed_itl import run_once
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 LONG_LEN = 1500
 BUDGET = 128

@@ -1,11 +1,10 @@
 """The MoE top-k sum fused into the next RMSNorm (kernels/norm.py with kernels/moe_sum.py TopKSlots): bit for bit
 the separate sum + norm kernels, from the experts' deferred outputs, and through whole models with the fusion on
-and off."""
+and off (on the CPU: tests/test_fusion_model_logits.py)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 import torch
@@ -108,73 +107,11 @@ def test_experts_defer_sum(num_tokens: int, path: str) -> None:
 # ------------------------------------------------------------------------------------------- whole models
 
 
-def _logits(arch: str, defer: bool, dtype: torch.dtype = torch.float32,
-            **overrides: Any) -> tuple[torch.Tensor, list[str], list[bool]]:
-    """(logits of a 2-sequence prefill and a 1-token decode step, the Triton path's launches, each layer's
-    defer_moe_sum); tiny model (overrides: config.json keys, e.g. hidden_size), the Triton kernels (interpreter on
-    the CPU)."""
-    from benchmarks.count_launches import CONFIGS, count_launches
-    from models.args import ModelArgs
-    from models.forward_batch import ForwardBatch
-    from models.loader import load_model
-    from runtime.engine.attention_backend import triton_attention
-
-    cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2, **overrides)  # GLM: dense, MoE, MoE
-    model = load_model("", cfg, ModelArgs(dtype=dtype, device=DEV, use_triton=True, seed=3), "dummy")
-    for layer in model.model.layers:
-        layer.defer_moe_sum = layer.defer_moe_sum and defer
-    page = 4
-    kv = [tuple(torch.zeros(6, page, model.num_kv_heads, model.head_dim, device=DEV, dtype=dtype) for _ in "kv")
-          for _ in range(model.num_layers)]
-    tables = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32, device=DEV)
-    slot = lambda b, pos: int(tables[b, pos // page]) * page + pos % page  # noqa: E731
-    gen = torch.Generator().manual_seed(0)
-    lens = [5, 7]
-    toks = [torch.randint(0, cfg["vocab_size"], (n + 1,), generator=gen).tolist() for n in lens]
-
-    def step(ids: list[int], pos: list[int], slots: list[int], seq_lens: list[int], decode: bool) -> torch.Tensor:
-        i32 = dict(dtype=torch.int32, device=DEV)
-        cu = list(range(len(ids) + 1)) if decode else [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
-        batch = ForwardBatch(slot_mapping=torch.tensor(slots, device=DEV), cu_seqlens_q=torch.tensor(cu, **i32),
-                             seq_lens=torch.tensor(seq_lens, **i32), block_tables=tables[: len(seq_lens)],
-                             max_seqlen_q=1 if decode else max(seq_lens), max_seqlen_k=max(seq_lens), is_decode=decode,
-                             kv_caches=kv, attn_backend=triton_attention())
-        with torch.no_grad():
-            return model.compute_logits(model(torch.tensor(ids, device=DEV), torch.tensor(pos, device=DEV), batch))
-
-    prefill_args = ([t for p, n in zip(toks, lens) for t in p[:n]], [i for n in lens for i in range(n)],
-                    [slot(b, i) for b, n in enumerate(lens) for i in range(n)], lens)
-    decode_args = ([toks[1][lens[1]]], [lens[1]], [slot(1, lens[1])], [lens[1] + 1])
-    step(*prefill_args, decode=False)  # warm (the same KV writes again): lazily made workspaces are not launches
-    step(*decode_args, decode=True)
-    with count_launches() as log:
-        prefill = step(*prefill_args, decode=False)
-        decode = step(*decode_args, decode=True)
-    return torch.cat([prefill, decode]), log.events, [layer.defer_moe_sum for layer in model.model.layers]
-
-
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe", "llama"])
-def test_model_logits_unchanged_by_fusion(arch: str) -> None:
-    # Qwen3-MoE (every layer MoE), GLM-4.5 (a leading dense layer, shared experts: the sum's extra term), Llama
-    # (dense: nothing to fuse). Prefill takes the aligned experts, the one-token decode the direct path
-    plain, plain_launches, _ = _logits(arch, defer=False)
-    fused, fused_launches, deferred = _logits(arch, defer=True)
-    assert torch.equal(fused, plain)
-    assert fused.abs().max() > 1e-3 and fused.argmax(-1).unique().numel() > 1  # a real signal
-    num_moe = {"qwen3_moe": 2, "glm4_moe": 2, "llama": 0}[arch]
-    assert sum(deferred) == num_moe
-    # each MoE layer's separate top-k sum (and GLM's shared-experts add) is gone from both steps
-    assert plain_launches.count("triton:_moe_sum_kernel") == 2 * num_moe
-    assert "triton:_moe_sum_kernel" not in fused_launches
-    # and nothing else changed: GLM's torch add of the shared experts' output is gone too
-    gone = {"triton:_moe_sum_kernel"} | ({"torch:add"} if arch == "glm4_moe" else set())
-    fused_or_gone = [e for e in plain_launches if e not in gone]
-    assert fused_launches == fused_or_gone, (fused_launches, plain_launches)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
 def test_model_logits_unchanged_by_fusion_bf16_gpu(arch: str) -> None:
+    from tests.test_fusion_model_logits import _logits
+
     plain, _, _ = _logits(arch, defer=False, dtype=torch.bfloat16)
     fused, launches, deferred = _logits(arch, defer=True, dtype=torch.bfloat16)
     assert torch.equal(fused, plain) and any(deferred) and "triton:_moe_sum_kernel" not in launches

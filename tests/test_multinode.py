@@ -19,7 +19,7 @@ from tests.test_all2all import free_port_block
 from tests.test_serve import ROOT, _cmdline, process_tree
 from tests.test_serve_tp import CPU, PROMPTS, _answers, _metric_ranks, models, offline, wait_healthy  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def _titles(pid: int) -> set[bytes]:

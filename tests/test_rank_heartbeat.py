@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import msgspec
+import pytest
 import zmq
 
 from runtime.cluster.coordinator import CoordinatorSpec
@@ -27,6 +28,8 @@ from runtime.messages import (
     use_secret,
 )
 from runtime.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.serial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_TIMEOUT_S = 2.0

@@ -30,6 +30,8 @@ from runtime.messages import (
 )
 from runtime.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.serial
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_SECRET = "test-deployment-secret"
 PROMPTS = [[1, 5, 9, 200, 17], [3, 3, 3], [100, 101, 102, 103, 104, 105, 106], [7], [42, 43], [250, 2, 77, 8]]

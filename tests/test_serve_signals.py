@@ -18,19 +18,14 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.ports import free_port as _free_port
 from tests.test_serve import CPU_FLAGS, _children, _http
 from tests.tiny import make_tiny_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOUND_S = 15.0  # the target is 5 s; a loaded 2-core CI box gets slack
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ from tests.test_all2all import free_port
 from tests.test_serve import ROOT, _pids_with
 from tests.tiny import make_tiny_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 CPU = ["--device", "cpu", "--kv-cache-memory", str(8 << 20), "--max-model-len", "256", "--log-stats-interval", "0.5"]
 PROMPTS = ["Hello world", "The quick brown fox", "def f(x):", "Numbers 0 1 2 3"]

@@ -8,7 +8,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,21 +20,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.sampling_params import SamplingParams
+from tests.ports import free_port as _free_port
 from tests.tiny import make_tiny_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 API_KEY = "sk-e2e"
 MODEL = "tiny"
 KV_BYTES = 8 << 20  # ~10k tokens of this model's KV: room for 50 concurrent long streams
 SERVE_ARGS = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", str(KV_BYTES)]
 GREEDY = {"temperature": 0.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

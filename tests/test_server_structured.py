@@ -22,7 +22,7 @@ import pytest
 from tests.test_server_e2e import _free_port
 from tests.tiny import make_tiny_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 # a Qwen-like template that lists the tools, renders assistant tool calls and tool results, and opens the
 # think block when enable_thinking is passed through chat_template_kwargs

@@ -7,7 +7,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,17 +22,12 @@ from runtime.messages import (
     Addresses,
 )
 from tests.fake_engine import FakeEngine
+from tests.ports import free_port as _free_port
 from tests.tiny import write_tokenizer
 
 API_KEY = "sk-unit"
 MAX_MODEL_LEN = 64
 QUEUE_LEN = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
