@@ -188,3 +188,24 @@ print(json.dumps([[inspect("decode", kv, block_n=n, stages=3, fp8_widen=w, prolo
         assert fused["spill_bytes"] == 0 and fused["registers"] <= 192, fused
         assert fused["shared_bytes"] == plain["shared_bytes"], (plain, fused)
         assert fused["kv_buffer_depths"] == plain["kv_buffer_depths"], (plain, fused)
+
+
+@pytest.mark.parametrize("cache", ["fp32", "fp8"])
+def test_fused_pages_unaligned_to_tiles(cache):
+    # pages of 24 tokens (--block-size: any multiple of 8) against 16-token tiles: tiles start inside pages (the
+    # unaligned row offsets), the new token last in its page (24, 48), first in a new one (25, 49), first in a split's
+    # tile (33 at 3 splits: chunks of 16), alone (1); no q/k norm with a partial rotary; "fp8": bf16 activations into an
+    # FP8 cache (q saturated to fp16 for the widening dots), some values saturated at 448
+    dtype = torch.bfloat16 if cache == "fp8" else torch.float32
+    cache_dtype = FP8_DTYPE if cache == "fp8" else dtype
+    kw = _inputs([24, 25, 48, 49, 33, 0, 1], 4, 2, 32, 16, dtype, cache_dtype, qk_norm=False, seed=4, page=24)
+    scales = dict(k_scale=0.02, v_scale=0.05) if cache == "fp8" else {}
+    if cache == "fp8":
+        kw["qkv"] = kw["qkv"] * 20
+    for splits in (1, 3):
+        got = _run(paged_attention_decode_fused, kw, num_splits=splits, config=SMALL, **scales)
+        _same(got, _run(_two_launches, kw, num_splits=splits, config=SMALL, **scales))
+        if cache == "fp32":  # (FP8: the torch prologue's k rounds to other e4m3 values now and then)
+            ref = _run(paged_attention_decode_fused_ref, kw)
+            for g, r in zip(got, ref):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

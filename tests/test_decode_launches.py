@@ -102,7 +102,10 @@ def test_triton_path_matches_reference(arch: str) -> None:
 
 def test_decode_steps_past_the_fused_prologue_rows_keep_two_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     # a decode step of more rows than FUSED_DECODE_MAX_ROWS (here 2; the step has 3) runs the separate prologue
-    # (_both_paths asserts which kernels ran), with the same results
+    # (_both_paths asserts which kernels ran), with the same results; the fusion switched on, so that the cap, not
+    # the switch, is what keeps the separate prologue (an environment with MOE_RT_FUSE_DECODE_PROLOGUE=0 would pass
+    # this test without any cap)
+    monkeypatch.setenv("MOE_RT_FUSE_DECODE_PROLOGUE", "1")
     monkeypatch.setattr(layers, "FUSED_DECODE_MAX_ROWS", 2)
     ref, fast, ref_kv, fast_kv = _both_paths("qwen3_moe", torch.float32, torch.float32)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)

@@ -307,7 +307,11 @@ class ModelRunner:
                 kv_caches=self.kv_caches,
                 attn_backend=self.attn_backend,
             )
-            positions = torch.arange(n, dtype=torch.int64, device=self.device)
+            # wrapped into the RoPE table (max_num_batched_tokens may exceed the model's positions: the demo model's
+            # 2048 against 8192 by default; a position past it reads past cos_sin). The attention masks by the
+            # lengths, so the values of the positions change no kernel variant
+            max_positions = getattr(getattr(self.model, "spec", None), "max_positions", 0) or n
+            positions = torch.arange(n, dtype=torch.int64, device=self.device) % max_positions
             hidden = self.model(torch.zeros_like(positions), positions, fb)
             self.model.compute_logits(hidden[-1:])
         if self.device.type == "cuda":
