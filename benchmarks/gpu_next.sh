@@ -35,6 +35,17 @@ sys.argv = ['bench_e2e.py', '--no-hf', '--batch-sizes', '1,8,64', '--prefill', '
             '--steps', '30', '--out', '$OUT/e2e_prologue$f.json']
 runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/decode_prologue=$f /"
   done
+  # B=16, the row cap itself (batches 5-16 use the 32-token decode tile, where the fused kernel holds 128 registers
+  # instead of 80), and the prefill prologue's cost with its fp64 RMS sum (compare with a checkout of 8a209c6^1)
+  for f in 0 1; do
+    MOE_RT_FUSE_DECODE_PROLOGUE=$f timeout 80 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 16 --prefill 1024 \
+      --async-scheduling --steps 30 --out $OUT/e2e_b16_prologue$f.json 2>&1 | grep SUMMARY | sed "s/^/decode_prologue=$f /"
+  done
+  timeout 60 python3 -c "import torch,triton;from kernels.attention.qkv_prologue import qkv_prologue;\
+from kernels.rope import rope_cos_sin;D='cuda';T=8192;qkv=torch.randn(T,40*128,device=D,dtype=torch.bfloat16);\
+cs=rope_cos_sin(128,T,1e6,device=D);w=torch.ones(128,device=D,dtype=torch.bfloat16);\
+kc=torch.zeros(T//16,16,4,128,device=D,dtype=torch.bfloat16);vc=kc.clone();pos=torch.arange(T,device=D);\
+print('prefill prologue 8k tokens us', 1e3*triton.testing.do_bench(lambda:qkv_prologue(qkv,pos,cs,w,w,1e-6,kc,vc,pos)))"
   timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1,8,64 --prefill 1024 \
     --async-scheduling --steps 30 --out $OUT/e2e_fp8.json 2>&1 | grep SUMMARY
 fi

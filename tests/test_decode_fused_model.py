@@ -13,51 +13,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.model_steps import two_sequence_logits  # noqa: E402
+
 ENV = "MOE_RT_FUSE_DECODE_PROLOGUE"
-PAGE = 4
 
 
 def _logits(arch: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[str]]:
     """(logits of a 2-sequence prefill, then of a decode step of both sequences and a padding row; the Triton
     path's launches); a tiny model (the switch read when its ModelArgs is made), the Triton kernels."""
-    from benchmarks.count_launches import CONFIGS, count_launches
-    from models.args import ModelArgs
-    from models.forward_batch import ForwardBatch
-    from models.loader import load_model
-    from runtime.engine.attention_backend import triton_attention
-
-    cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2)  # GLM: dense, MoE, MoE
-    model = load_model("", cfg, ModelArgs(dtype=dtype, device=DEV, use_triton=True, seed=3), "dummy")
-    kv = [tuple(torch.zeros(7, PAGE, model.num_kv_heads, model.head_dim, device=DEV, dtype=dtype) for _ in "kv")
-          for _ in range(model.num_layers)]
-    tables = torch.tensor([[3, 0, 5], [1, 4, 2], [6, 6, 6]], dtype=torch.int32, device=DEV)
-    slot = lambda b, pos: int(tables[b, pos // PAGE]) * PAGE + pos % PAGE  # noqa: E731
-    gen = torch.Generator().manual_seed(0)
-    lens = [5, 8]  # the decode token of the second sequence opens a new page
-    toks = [torch.randint(0, cfg["vocab_size"], (n + 1,), generator=gen).tolist() for n in lens]
-
-    def step(ids: list[int], pos: list[int], slots: list[int], seq_lens: list[int], decode: bool) -> torch.Tensor:
-        i32 = dict(dtype=torch.int32, device=DEV)
-        cu = list(range(len(ids) + 1)) if decode else [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
-        batch = ForwardBatch(slot_mapping=torch.tensor(slots, device=DEV), cu_seqlens_q=torch.tensor(cu, **i32),
-                             seq_lens=torch.tensor(seq_lens, **i32), block_tables=tables[: len(seq_lens)],
-                             max_seqlen_q=1 if decode else max(seq_lens), max_seqlen_k=max(seq_lens), is_decode=decode,
-                             kv_caches=kv, attn_backend=triton_attention())
-        with torch.no_grad():
-            return model.compute_logits(model(torch.tensor(ids, device=DEV), torch.tensor(pos, device=DEV), batch))
-
-    prefill_args = ([t for p, n in zip(toks, lens) for t in p[:n]], [i for n in lens for i in range(n)],
-                    [slot(b, i) for b, n in enumerate(lens) for i in range(n)], lens)
-    # row 2: a padding row (seq_len 0, slot -1), as a CUDA graph's bucket pads a decode batch
-    decode_args = ([toks[0][lens[0]], toks[1][lens[1]], 0], [lens[0], lens[1], 0],
-                   [slot(0, lens[0]), slot(1, lens[1]), -1], [lens[0] + 1, lens[1] + 1, 0])
-    step(*prefill_args, decode=False)  # warm: lazily made workspaces are not launches
-    step(*decode_args, decode=True)
-    with count_launches() as log:
-        prefill = step(*prefill_args, decode=False)
-        decode = step(*decode_args, decode=True)
-    return torch.cat([prefill, decode[:2]]), log.events
+    logits, launches, _ = two_sequence_logits(arch, decode_rows=[0, 1], pad=True, dtype=dtype)
+    return logits, launches
 
 
 def test_switch_read_when_model_args_are_made(monkeypatch: pytest.MonkeyPatch) -> None:

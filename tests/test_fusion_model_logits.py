@@ -16,55 +16,25 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import models.moe  # noqa: E402
+from tests.model_steps import two_sequence_logits  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NORM = "triton:_rms_norm_kernel"
 MOE_SUM = "triton:_moe_sum_kernel"
 
 
 def _logits(arch: str, defer: bool, dtype: torch.dtype = torch.float32,
             **overrides: Any) -> tuple[torch.Tensor, list[str], list[bool]]:
-    """(logits of a 2-sequence prefill and a 1-token decode step, the Triton path's launches, each layer's
-    defer_moe_sum); tiny model (overrides: config.json keys, e.g. hidden_size), the Triton kernels (interpreter on
-    the CPU)."""
-    from benchmarks.count_launches import CONFIGS, count_launches
-    from models.args import ModelArgs
-    from models.forward_batch import ForwardBatch
-    from models.loader import load_model
-    from runtime.engine.attention_backend import triton_attention
+    """(logits of a 2-sequence prefill and a 1-token decode step of the second sequence, the Triton path's
+    launches, each layer's defer_moe_sum); tiny model (overrides: config.json keys, e.g. hidden_size), the Triton
+    kernels (interpreter on the CPU)."""
 
-    cfg = dict(CONFIGS[arch], num_hidden_layers=3 if arch == "glm4_moe" else 2, **overrides)  # GLM: dense, MoE, MoE
-    model = load_model("", cfg, ModelArgs(dtype=dtype, device=DEV, use_triton=True, seed=3), "dummy")
-    for layer in model.model.layers:
-        layer.defer_moe_sum = layer.defer_moe_sum and defer
-    page = 4
-    kv = [tuple(torch.zeros(6, page, model.num_kv_heads, model.head_dim, device=DEV, dtype=dtype) for _ in "kv")
-          for _ in range(model.num_layers)]
-    tables = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32, device=DEV)
-    slot = lambda b, pos: int(tables[b, pos // page]) * page + pos % page  # noqa: E731
-    gen = torch.Generator().manual_seed(0)
-    lens = [5, 7]
-    toks = [torch.randint(0, cfg["vocab_size"], (n + 1,), generator=gen).tolist() for n in lens]
+    def setup(model: torch.nn.Module) -> None:
+        for layer in model.model.layers:
+            layer.defer_moe_sum = layer.defer_moe_sum and defer
 
-    def step(ids: list[int], pos: list[int], slots: list[int], seq_lens: list[int], decode: bool) -> torch.Tensor:
-        i32 = dict(dtype=torch.int32, device=DEV)
-        cu = list(range(len(ids) + 1)) if decode else [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
-        batch = ForwardBatch(slot_mapping=torch.tensor(slots, device=DEV), cu_seqlens_q=torch.tensor(cu, **i32),
-                             seq_lens=torch.tensor(seq_lens, **i32), block_tables=tables[: len(seq_lens)],
-                             max_seqlen_q=1 if decode else max(seq_lens), max_seqlen_k=max(seq_lens), is_decode=decode,
-                             kv_caches=kv, attn_backend=triton_attention())
-        with torch.no_grad():
-            return model.compute_logits(model(torch.tensor(ids, device=DEV), torch.tensor(pos, device=DEV), batch))
+    logits, launches, model = two_sequence_logits(arch, decode_rows=[1], dtype=dtype, setup=setup, **overrides)
+    return logits, launches, [layer.defer_moe_sum for layer in model.model.layers]
 
-    prefill_args = ([t for p, n in zip(toks, lens) for t in p[:n]], [i for n in lens for i in range(n)],
-                    [slot(b, i) for b, n in enumerate(lens) for i in range(n)], lens)
-    decode_args = ([toks[1][lens[1]]], [lens[1]], [slot(1, lens[1])], [lens[1] + 1])
-    step(*prefill_args, decode=False)  # warm (the same KV writes again): lazily made workspaces are not launches
-    step(*decode_args, decode=True)
-    with count_launches() as log:
-        prefill = step(*prefill_args, decode=False)
-        decode = step(*decode_args, decode=True)
-    return torch.cat([prefill, decode]), log.events, [layer.defer_moe_sum for layer in model.model.layers]
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe", "llama"])
 def test_model_logits_unchanged_by_fusions(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
