@@ -51,7 +51,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_all2all_hostcost import host_cost  # noqa: E402
+from benchmarks.bench_all2all_hostcost import host_cost, host_profile  # noqa: E402
 from benchmarks.dist_timing import Plain, Timer, gbps  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
 from runtime.distributed.all2all import row_layout  # noqa: E402
@@ -204,12 +204,18 @@ def _bench_backend(name: str, backend: Any, stats: ExpertStats, num_tokens: int,
                nccl_even_dispatch_gbps=gbps(dispatch_bytes, even_d_us),
                nccl_even_combine_gbps=gbps(combine_bytes, even_c_us))
     rows = [row]
-    if args.host_cost:  # the host's side of the same exchange: wall, ops, syncs (the device idle at the start)
-        def settle() -> None:
-            if parallel.device.type == "cuda":
-                torch.cuda.synchronize()
-            dist.barrier(group=run.cpu_group)
 
+    def settle() -> None:
+        if parallel.device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier(group=run.cpu_group)
+
+    if args.host_profile:  # the same exchange's host time by Python function (every rank runs it, rank 0 prints)
+        report = host_profile(lambda: (dispatch(), combine()), settle, args.reps)
+        if parallel.rank == 0:
+            print(f"all2all_dist host profile {name} T={num_tokens} ({args.reps} dispatch + combine, rank 0, by own "
+                  f"time):\n{report}", flush=True)
+    if args.host_cost:  # the host's side of the same exchange: wall, ops, syncs (the device idle at the start)
         cost = host_cost(lambda: (dispatch(), combine()), settle, args.reps)
         wall, own = run.max_over_ranks([round(cost["wall_us"] * 1e3), round(cost["own_us"] * 1e3)])
         rows.append(dict(row, backend=f"{name}_host", mode="host", total_us=wall / 1e3, own_us=own / 1e3,
@@ -375,6 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     p.add_argument("--host-cost", action="store_true",
                    help="also the host's cost of each dispatch + combine: wall (no device sync), ops, host syncs")
+    p.add_argument("--host-profile", action="store_true",
+                   help="also cProfile the host's dispatch + combine (rank 0 prints the top functions by own time)")
     p.add_argument("--check", action="store_true", help="assert the round trip and the byte counts")
     p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout")
     p.add_argument("--world", type=int, default=0, help="spawn this many ranks here (no torchrun)")

@@ -223,3 +223,23 @@ def host_cost(step: Callable[[], Any], barrier: Callable[[], None], reps: int, w
     return dict(wall_us=wall_us, collectives_us=coll_us, own_us=statistics.median(w - c for w, c in zip(walls, inside))
                 * 1e6, num_ops=len(counted.ops), num_syncs=counted.num_syncs, syncs=dict(counted.syncs),
                 sync_ops=counted.sync_ops, ops=dict(Counter(counted.ops)), op_us=op_us)
+
+
+def host_profile(step: Callable[[], Any], barrier: Callable[[], None], reps: int, top: int = 15) -> str:
+    """Where step()'s host time goes, Python function by function (cProfile over reps steps after a barrier), the
+    top functions by their own time: what OpClock's per-op split cannot name (the Python between the ops, the
+    launchers' argument handling). Every rank must call it (the steps hold collectives); the caller prints one."""
+    import cProfile
+    import io
+    import pstats
+
+    barrier()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(reps):
+        step()
+    profile.disable()
+    barrier()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()

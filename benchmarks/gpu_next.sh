@@ -7,6 +7,8 @@
 #   phase 2 (~5 min): the fused prologue's kernel-level A/B (bench_decode_fused.py) and the decode step with it off /
 #     on at B=1,8 and, with the row cap lifted, at B=64 (if B=64 wins, raise models/layers.py FUSED_DECODE_MAX_ROWS);
 #     then FP8 weights end to end at B=1,8,64 (not re-measured since session 8 at B=1).
+#   phase 4 (nvidia-h200-x2, ~2 min): where the eager sparse exchange's ~1 ms goes (session 9: host ops in the
+#     ranks cost what they cost alone; one uneven NCCL all_to_all is ~0.1 ms): cProfile of dispatch + combine.
 #   phase 3 (~6 min): tune_moe in the weight-only FP8 modes: Qwen3 at M=8,256 and GLM-4.5-Air at M=64 (the tuner
 #     writes the table in use with those buckets replaced); then bench_moe at M=32,128 (bucket 64's edges).
 set -uo pipefail
@@ -56,5 +58,9 @@ if [[ $PHASES == *3* ]]; then
     | grep -E "w8_mma=|^best|failed|wrote" | cut -c1-220
   timeout 60 python3 benchmarks/bench_moe.py --shapes qwen3 --dtypes fp8 --m 32,128 --no-ref --out $OUT/bench 2>&1 \
     | grep -E "^moe|summary" | cut -c1-400
+fi
+if [[ $PHASES == *4* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  timeout 150 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_all2all_dist.py --tokens 1,64 \
+    --backends sparse --no-graphs --host-profile --reps 30 --out $OUT/a2a_profile.json 2>&1 | grep -v "^\s*$" | head -60
 fi
 echo "done in $SECONDS s"

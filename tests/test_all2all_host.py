@@ -189,3 +189,18 @@ def test_eager_dispatch_combine_syncs_once_on_gpus() -> None:
             assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
             with open(path) as f:
                 assert f.read() == "ok"
+
+
+def test_host_profile_names_the_step_functions() -> None:
+    # the report lists the Python functions a step spends its host time in, by their own time, and runs the
+    # barrier around the profiled reps (every rank must, for the steps' collectives)
+    from benchmarks.bench_all2all_hostcost import host_profile
+
+    barriers = []
+
+    def busy_route_step() -> None:
+        sum(i * i for i in range(20000))
+
+    report = host_profile(busy_route_step, lambda: barriers.append(1), reps=3)
+    assert "busy_route_step" in report and "Ordered by: internal time" in report
+    assert len(barriers) == 2
