@@ -18,6 +18,7 @@ from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import default_config  # noqa: E402
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from kernels.moe_permute import permute_tokens, permute_tokens_ref, unpermute_sum, unpermute_sum_ref  # noqa: E402
+from tests.tiny import tiny_moe_inputs  # noqa: E402
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -166,15 +167,9 @@ def test_tuner_measures_and_writes_tma_entries(monkeypatch, tmp_path):
 
     import kernels.moe_config as mc
 
-    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(num_tokens, hidden, generator=g).half()
-        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
-        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
-
     ran = []
     monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 64, 32, 2))
-    monkeypatch.setattr(bench_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(bench_moe, "make_inputs", tiny_moe_inputs)
     monkeypatch.setattr(bench_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
     monkeypatch.setattr(tune_moe, "time_run", lambda run, n: (ran.append(run()), 1.0)[1])
     monkeypatch.setattr(tune_moe_tma, "TMA_CANDIDATES", [(16, 32, 32, 4, 2, False), (16, 64, 32, 4, 2, True),

@@ -17,6 +17,7 @@ from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_config import default_config  # noqa: E402
 from kernels.moe_w8 import W8_MMA_MODES  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
+from tests.tiny import tiny_moe_inputs  # noqa: E402
 
 MODES = ("f16", "f16_swap")  # (the "_cast" variants differ only where the PTX runs, not in the interpreter)
 
@@ -201,12 +202,6 @@ def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
 
     import kernels.moe_config as mc
 
-    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(num_tokens, hidden, generator=g).half()
-        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
-        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
-
     launched = []
 
     class Recorded(tune_moe.Problem):
@@ -223,7 +218,7 @@ def test_tuner_times_every_w8_mode_and_keeps_the_table(monkeypatch, tmp_path):
     monkeypatch.setitem(tune_moe.SHAPES, "tiny", (4, 160, 96, 2))
     monkeypatch.setattr(tune_moe, "SMALL", [(16, 128, 4, 2)])
     monkeypatch.setattr(tune_moe, "W8_EXTRA", [(64, 128, 4, 2)])
-    monkeypatch.setattr(tune_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(tune_moe, "make_inputs", tiny_moe_inputs)
     monkeypatch.setattr(tune_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
     monkeypatch.setattr(tune_moe, "time_run", fake_time)
     monkeypatch.setattr(tune_moe, "Problem", functools.partial(Recorded, device="cpu"))
@@ -275,15 +270,9 @@ def test_bench_moe_times_each_w8_mode(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_moe
 
-    def make_inputs(num_tokens, num_experts, hidden, top_k, seed):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(num_tokens, hidden, generator=g).half()
-        weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
-        return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
-
     monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 160, 96, 2))
     monkeypatch.setattr(bench_moe, "NUM_ROT", 1)
-    monkeypatch.setattr(bench_moe, "make_inputs", make_inputs)
+    monkeypatch.setattr(bench_moe, "make_inputs", tiny_moe_inputs)
     monkeypatch.setattr(bench_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), 1.0)[1])
     w13, s13, w2, s2 = _experts(4, 160, 96, seed=2)
     row = bench_moe.bench_one("tiny", 3, "fp8", {"w13": w13, "w2": w2, "s13": s13, "s2": s2},

@@ -122,3 +122,13 @@ def make_tiny_checkpoint(path: str, arch: str, dtype: torch.dtype = torch.float3
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["architectures"] == [arch]
     return path
+
+
+def tiny_moe_inputs(num_tokens: int, num_experts: int, hidden: int, top_k: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x fp16 [T, hidden], top-k weights fp32, ids int32) on the CPU: benchmarks/bench_moe.make_inputs' signature,
+    for the MoE tuner tests that run it on tiny shapes in the interpreter."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g).half()
+    weights, ids = torch.rand(num_tokens, num_experts, generator=g).topk(top_k, dim=-1)
+    return x, weights.float().contiguous(), ids.to(torch.int32).contiguous()
