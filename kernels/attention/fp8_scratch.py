@@ -64,6 +64,11 @@ def fp8_scratch_plan(cfg: dict, q: torch.Tensor, k_cache: torch.Tensor, block_ta
     return batch * block_tables.shape[1] * k_cache.shape[1] <= max_tokens
 
 
+def _grown_pages(need: int, max_pages: int) -> int:
+    # the scratch's size for a need of pages: a power of two, at most max_pages (0: no cap) unless the need is larger
+    return max(need, min(triton.next_power_of_2(need), max_pages or need))
+
+
 def scratch_pages(rows: int, width: int, page_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                   max_pages: int = 0) -> PagedKv:
     """(k scratch, v scratch [rows * width, *page_shape], block table [rows, width] int32: row b -> pages
@@ -74,7 +79,7 @@ def scratch_pages(rows: int, width: int, page_shape: tuple[int, ...], dtype: tor
     need = rows * width
     buf, ids = _SCRATCH.get(key, (None, None))
     if buf is None or buf.shape[1] < need:
-        pages = max(need, min(triton.next_power_of_2(need), max_pages or need))
+        pages = _grown_pages(need, max_pages)
         _SCRATCH.pop(key, None)  # free the old one first: never graph-captured (module docstring)
         buf = torch.empty((2, pages, *page_shape), dtype=dtype, device=device)
         ids = torch.arange(pages, dtype=torch.int32, device=device)
@@ -91,7 +96,7 @@ def scratch_reserve_bytes(block_size: int, num_kv_heads: int, head_dim: int, q_d
     cap_pages = knobs["FP8_SCRATCH_MAX_TOKENS"] // block_size
     if knobs["FP8_SCRATCH_MIN_Q"] <= 0 or knobs.get("FP8_DOT") or cap_pages == 0 or max_pages <= 0:
         return 0
-    pages = min(cap_pages, triton.next_power_of_2(max_pages))
+    pages = _grown_pages(min(max_pages, cap_pages), cap_pages)  # a step past the cap widens nothing
     return 2 * pages * block_size * num_kv_heads * head_dim * scratch_dtype(q_dtype).itemsize
 
 
