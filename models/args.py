@@ -68,11 +68,12 @@ FUSION_SWITCHES = {"fuse_moe_sum": ("MOE_RT_FUSE_MOE_SUM", True),
 def fusion_switch(name: str) -> bool:
     """A kernel-fusion switch's default: its environment variable (0 off, 1 on, unset: the default of
     FUSION_SWITCHES; anything else is an error), read here only, when a ModelArgs is made. fuse_moe_sum (on: measured
-    on an H200, B=1 2.79 -> 2.75 ms): the MoE top-k sum inside the next RMSNorm. fuse_router_norm (off until measured
-    on a GPU): the post-attention residual add + RMSNorm inside the fused router (kernels/router_norm.py).
-    fuse_decode_prologue (on: measured on an H200, B=1 2.77 -> 2.68 ms, B=8 8.01 -> 7.84 ms; decode steps of at most
-    models.layers.FUSED_DECODE_MAX_ROWS rows): a decode step's attention prologue (q/k norm, RoPE, the KV store)
-    inside the decode attention kernel (kernels/attention/decode_fused.py)."""
+    on an H200, B=1 2.79 -> 2.75 ms): the MoE top-k sum inside the next RMSNorm. fuse_router_norm (off: measured
+    on an H200, it loses, B=8 8.00 -> 8.50 ms): the post-attention residual add + RMSNorm inside the fused router
+    (kernels/router_norm.py).
+    fuse_decode_prologue (on: measured on an H200, B=1 2.77 -> 2.68 ms, B=8 8.01 -> 7.84 ms, B=64 17.85 -> 17.38
+    ms; decode steps of at most models.layers.FUSED_DECODE_MAX_ROWS rows): a decode step's attention prologue (q/k
+    norm, RoPE, the KV store) inside the decode attention kernel (kernels/attention/decode_fused.py)."""
     var, default = FUSION_SWITCHES[name]
     value = os.environ.get(var, "").strip()
     if value not in ("", "0", "1"):
