@@ -5,8 +5,9 @@ Outputs have sizes fixed by shapes alone (no host sync, CUDA-graph safe):
   expert_ids [max_blocks] int32: the expert of each BLOCK_M block, -1 past the used blocks;
   num_post_pad [1] int32: how many entries of sorted_ids are in use (a multiple of block_m).
 Pairs with expert id -1 (slots handled by another expert-parallel rank) are dropped. Within an expert the
-pairs keep their flat order, so the result is deterministic. Up to one chunk of pairs one program does it
-all (one launch, the decode case); beyond, a count launch and a scatter launch, no atomics, no memset.
+pairs keep their flat order, so the result is deterministic. Up to ONE_PROGRAM_PAIRS pairs one program does it
+all, a chunk of pairs at a time (one launch: decode and small mixed steps); beyond, a count launch and a scatter
+launch over one program a chunk, no atomics, no memset.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import triton.language as tl
 
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
-SMALL_PAIRS = 256  # largest chunk of pairs one program handles
+SMALL_PAIRS = 256  # largest chunk of pairs a program handles at once
+# most pairs the one-program kernel takes (its chunks one after another); beyond, the two launches over a program
+# a chunk. Chosen on an H200 (benchmarks/bench_align.py): see benchmarks/RESULTS.md, session 10
+ONE_PROGRAM_PAIRS = 1024
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -46,13 +50,14 @@ def moe_align_ref(
 
 
 @triton.jit
-def _write_expert_ids(ends, expert_ids_ptr, total, num_blocks, BLOCK_M: tl.constexpr, BB: tl.constexpr):
-    # block j belongs to the expert whose padded segment [start, end) holds j * BLOCK_M; ends [E_PAD]
-    for b0 in range(0, num_blocks, BB):
+def _write_expert_ids(ends, expert_ids_ptr, total, first, last, BLOCK_M: tl.constexpr, BB: tl.constexpr):
+    # blocks [first, last): block j belongs to the expert whose padded segment [start, end) holds j * BLOCK_M;
+    # ends [E_PAD]
+    for b0 in range(first, last, BB):
         j = b0 + tl.arange(0, BB)
         row = j * BLOCK_M
         e = tl.sum((row[:, None] >= ends[None, :]).to(tl.int32), 1)
-        tl.store(expert_ids_ptr + j, tl.where(row < total, e, -1), mask=j < num_blocks)
+        tl.store(expert_ids_ptr + j, tl.where(row < total, e, -1), mask=j < last)
 
 
 @triton.jit
@@ -77,23 +82,32 @@ def _align_small_kernel(
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
     FILL: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    # one program, the pairs N_PAD at a time: count every expert's pairs, then place each chunk's pairs after
+    # the earlier chunks' pairs of the same expert
     pdl_wait(PDL)  # the ids are the router's output (kernels/pdl.py)
     pdl_release(PDL)
     i = tl.arange(0, N_PAD)
-    ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
-    valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    safe_ids = tl.where(valid, ids, 0)
-    counts = tl.histogram(safe_ids, E_PAD, mask=valid)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for c0 in range(0, num_pairs, N_PAD):
+        ids = tl.load(ids_ptr + c0 + i, mask=c0 + i < num_pairs, other=-1)
+        valid = (ids >= 0) & (ids < NUM_EXPERTS)
+        counts += tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
     total = tl.sum(padded, 0)
-    pos = tl.gather(ends - padded, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, 0, num_pairs, N_PAD, 16)
     for f0 in range(0, num_blocks * BLOCK_M, FILL):
         f = f0 + tl.arange(0, FILL)
         tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < num_blocks * BLOCK_M)
     tl.debug_barrier()  # the fill above must land before the scatter below
-    tl.store(sorted_ptr + pos, i, mask=valid)
-    _write_expert_ids(ends, expert_ids_ptr, total, num_blocks, BLOCK_M, 64)
+    base = ends - padded  # [E_PAD]: where each expert's next pair goes
+    for c0 in range(0, num_pairs, N_PAD):
+        ids = tl.load(ids_ptr + c0 + i, mask=c0 + i < num_pairs, other=-1)
+        valid = (ids >= 0) & (ids < NUM_EXPERTS)
+        safe_ids = tl.where(valid, ids, 0)
+        pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, c0, num_pairs, N_PAD, 16)
+        tl.store(sorted_ptr + pos, c0 + i, mask=valid)
+        base += tl.histogram(safe_ids, E_PAD, mask=valid)
+    _write_expert_ids(ends, expert_ids_ptr, total, 0, num_blocks, BLOCK_M, 64)
     tl.store(num_post_pad_ptr, total)
 
 
@@ -144,9 +158,12 @@ def _align_scatter_kernel(
     safe_ids = tl.where(valid, ids, 0)
     pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
     tl.store(sorted_ptr + pos, i, mask=valid)
+    # every program knows every expert's segment: each writes its share of the block experts
+    total = tl.sum(padded, 0)
+    share = tl.cdiv(num_blocks, num_chunks)
+    _write_expert_ids(ends, expert_ids_ptr, total, pid * share, tl.minimum(pid * share + share, num_blocks),
+                      BLOCK_M, 64)
     if pid == 0:
-        total = tl.sum(padded, 0)
-        _write_expert_ids(ends, expert_ids_ptr, total, num_blocks, BLOCK_M, 64)
         tl.store(num_post_pad_ptr, total)
 
 
@@ -159,6 +176,7 @@ def moe_align(
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int32, -1 = skip
     num_experts: int,
     block_m: int,
+    one_program_pairs: int = ONE_PROGRAM_PAIRS,  # (benchmarks/bench_align.py times both sides of it)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
@@ -174,10 +192,10 @@ def moe_align(
     e_pad = max(16, triton.next_power_of_2(num_experts))
     pdl = pdl_enabled(device)
     chunk = _chunk(e_pad)
-    if num_pairs <= chunk:
+    if num_pairs <= max(chunk, one_program_pairs):
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
-            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, min(chunk, triton.next_power_of_2(num_pairs))),
             E_PAD=e_pad, FILL=1024, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
         )
         return sorted_ids, expert_ids, num_post_pad

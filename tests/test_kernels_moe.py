@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
-from kernels.moe_align import SMALL_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
+from kernels.moe_align import ONE_PROGRAM_PAIRS, SMALL_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
 from kernels.moe_config import default_config, get_moe_config  # noqa: E402
 
 
@@ -43,14 +43,38 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [
-    (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32),  # one-program path
-    (301, 128, 8, 64), (700, 8, 2, 16),  # multi-program path
+    (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32),  # one program, one chunk
+    (100, 128, 8, 16), (300, 8, 2, 16),  # one program, its chunks one after another (4 and 3)
+    (301, 128, 8, 64), (700, 8, 2, 16),  # a program a chunk, two launches
 ])
 def test_moe_align(num_tokens, num_experts, top_k, block_m):
     torch.manual_seed(num_tokens)
     _, ids = _routing(num_tokens, num_experts, top_k)
-    assert (ids.numel() <= SMALL_PAIRS) == (num_tokens < 100)
+    assert (ids.numel() <= SMALL_PAIRS) == (num_tokens < 50)
+    assert (ids.numel() <= ONE_PROGRAM_PAIRS) == (num_tokens <= 300)
     _check_align(ids, num_experts, block_m)
+
+
+@pytest.mark.parametrize("num_tokens,block_m", [(100, 16), (97, 64)])
+def test_moe_align_paths_agree(num_tokens, block_m):
+    # both sides of ONE_PROGRAM_PAIRS give the same bits (each keeps the pairs' flat order within an expert)
+    torch.manual_seed(num_tokens)
+    _, ids = _routing(num_tokens, 128, 8, drop_every=3)
+    one = moe_align(ids, 128, block_m)
+    two = moe_align(ids, 128, block_m, one_program_pairs=0)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    _check_align(ids, 128, block_m)
+
+
+def test_bench_align_smoke(tmp_path, monkeypatch):
+    # benchmarks/bench_align.py on the interpreter: both paths at a one-chunk and a three-chunk M, each exact
+    from benchmarks import bench_align
+
+    out = tmp_path / "align.json"
+    monkeypatch.setattr("sys.argv", ["bench_align.py", "--device", "cpu", "--m", "8,80", "--out", str(out)])
+    bench_align.main()
+    rows = json.loads(out.read_text())
+    assert [r["m"] for r in rows] == [8, 80] and all(r["one_program_exact"] and r["two_launches_exact"] for r in rows)
 
 
 def test_moe_align_all_skipped():
