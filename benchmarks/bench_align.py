@@ -1,9 +1,10 @@
-"""MoE align (kernels/moe_align.py) on both sides of ONE_PROGRAM_PAIRS: the one-program kernel (its chunks one
-after another) and the two launches (a program a chunk), CUDA-graph replays, per token count; issue 16's target is
-<= 10 us at every M for 128 experts. Random softmax-like routing (distinct experts per token), Qwen3-30B-A3B's 128
-experts top-8 by default, BLOCK_M as the bf16 table's bucket would pick.
+"""MoE align (kernels/moe_align.py) on both sides of ONE_PROGRAM_PAIRS: the one-program kernel (up to a chunk of
+pairs) and the two launches (a program a chunk, the default chunk rule and --chunks), CUDA-graph replays of a chain
+of calls, per token count; issue 16's target is <= 10 us at every M for 128 experts. Random softmax-like routing
+(distinct experts per token), Qwen3-30B-A3B's 128 experts top-8 by default, BLOCK_M as the bf16 table's bucket
+would pick.
 
-python benchmarks/bench_align.py [--m 8,16,...] [--experts 128] [--top-k 8] [--baseline OLD_moe_align.py]
+python benchmarks/bench_align.py [--m 8,16,...] [--experts 128] [--top-k 8] [--chunks 32,64] [--baseline OLD.py]
   --baseline: another moe_align module file (e.g. `git show REV:kernels/moe_align.py > old.py`) timed beside,
   the same inputs, its default path.
 
@@ -24,7 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tuning import time_graph_us  # noqa: E402
-from kernels.moe_align import ONE_PROGRAM_PAIRS, moe_align, moe_align_ref  # noqa: E402
+from kernels.moe_align import ONE_PROGRAM_PAIRS, SMALL_PAIRS, moe_align, moe_align_ref  # noqa: E402
+
+# calls per timed graph: one lone kernel's replay measures the graph launch (~9.5 us on an H200 for an empty
+# kernel), not the kernel; in a chain each call costs what it costs between a decode step's other kernels
+CHAIN = 16
 
 
 def routing(m: int, experts: int, top_k: int, device: str) -> torch.Tensor:
@@ -42,6 +47,7 @@ def main() -> None:
     ap.add_argument("--m", default="8,16,32,64,96,128,192,256,512,1024,4096,8192")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--chunks", default="", help="also time these chunk sizes (pairs a program takes at once)")
     ap.add_argument("--baseline", default=None, help="another moe_align module file, timed beside")
     ap.add_argument("--out", default="bench_align.json")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1")
@@ -57,22 +63,27 @@ def main() -> None:
         bm = block_m_for(m, a.top_k, a.experts)
         ref = moe_align_ref(ids, a.experts, bm)
         row = {"m": m, "pairs": ids.numel(), "block_m": bm}
-        for name, limit in (("one_program", 1 << 30), ("two_launches", 0)):
-            run = functools.partial(moe_align, ids, a.experts, bm, one_program_pairs=limit)
+        # one program only up to a chunk of pairs; the two launches at the default chunk rule and at --chunks
+        variants = [("one_program", SMALL_PAIRS, None)] if ids.numel() <= SMALL_PAIRS else []
+        chunks = [int(c) for c in a.chunks.split(",") if c]
+        variants += [("two_launches", 0, None)] + [(f"two_launches_c{c}", 0, c) for c in chunks]
+        for name, limit, chunk in variants:
+            run = functools.partial(moe_align, ids, a.experts, bm, one_program_pairs=limit, chunk=chunk)
             out, n = run(), int(ref[2].item())
             # both keep the flat order within an expert: equal to the reference bit for bit
             row[name + "_exact"] = (int(out[2].item()) == n and torch.equal(out[1], ref[1])
                                     and torch.equal(out[0][:n], ref[0][:n]))
-            row[name + "_us"] = time_graph_us([run], 100, device=a.device)
+            row[name + "_us"] = time_graph_us([run] * CHAIN, 100, device=a.device)
         if baseline is not None:
-            row["baseline_us"] = time_graph_us([functools.partial(baseline.moe_align, ids, a.experts, bm)], 100,
-                                               device=a.device)
+            row["baseline_us"] = time_graph_us([functools.partial(baseline.moe_align, ids, a.experts, bm)] * CHAIN,
+                                               100, device=a.device)
         row["default"] = "one_program" if ids.numel() <= ONE_PROGRAM_PAIRS else "two_launches"
         rows.append(row)
         base = f"  baseline {row['baseline_us']:6.2f} us" if baseline is not None else ""
-        print(f"align M={m:<5} pairs={row['pairs']:<6} BLOCK_M={bm:<3} one program {row['one_program_us']:7.2f} us  "
-              f"two launches {row['two_launches_us']:7.2f} us{base}  default {row['default']}  "
-              f"exact={row['one_program_exact'] and row['two_launches_exact']}", flush=True)
+        times = "  ".join(f"{name} {row[name + '_us']:.2f} us" for name, _, _ in variants)
+        exact = all(row[name + "_exact"] for name, _, _ in variants)
+        print(f"align M={m:<5} pairs={row['pairs']:<6} BLOCK_M={bm:<3} {times}{base}  default {row['default']}  "
+              f"exact={exact}", flush=True)
     Path(a.out).write_text(json.dumps(rows, indent=1))
     worst = max(r[r["default"] + "_us"] for r in rows)
     print(f"bench_align summary: worst default {worst:.2f} us (target <= 10), ONE_PROGRAM_PAIRS {ONE_PROGRAM_PAIRS}, "

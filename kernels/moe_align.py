@@ -6,8 +6,8 @@ Outputs have sizes fixed by shapes alone (no host sync, CUDA-graph safe):
   num_post_pad [1] int32: how many entries of sorted_ids are in use (a multiple of block_m).
 Pairs with expert id -1 (slots handled by another expert-parallel rank) are dropped. Within an expert the
 pairs keep their flat order, so the result is deterministic. Up to ONE_PROGRAM_PAIRS pairs one program does it
-all, a chunk of pairs at a time (one launch: decode and small mixed steps); beyond, a count launch and a scatter
-launch over one program a chunk, no atomics, no memset.
+all (one launch: small decode steps); beyond, a count launch and a scatter launch over one program a chunk of
+pairs, no atomics, no memset.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ import triton.language as tl
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 SMALL_PAIRS = 256  # largest chunk of pairs a program handles at once
-# most pairs the one-program kernel takes (its chunks one after another); beyond, the two launches over a program
-# a chunk. Chosen on an H200 (benchmarks/bench_align.py): see benchmarks/RESULTS.md, session 10
-ONE_PROGRAM_PAIRS = 1024
+# Measured on an H200 (benchmarks/bench_align.py, 128 experts, per call in a chain of calls; RESULTS.md session 10):
+# one program's rank work grows with the square of its pairs (64 pairs 3.4 us, 128 5.3, 256 9.1), the two
+# launches' with the chunk and each program's prefix over all chunks: 6.0-6.2 us from 256 to 2048 pairs in 64-pair
+# chunks, 8.5 us at 8192 pairs in 256-pair chunks (in 64-pair chunks 14.5). So: one program up to 128 pairs, beyond
+# it chunks of 64 pairs growing to keep <= ALIGN_CHUNKS programs
+ONE_PROGRAM_PAIRS = 128
+ALIGN_CHUNKS = 32
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -82,31 +86,22 @@ def _align_small_kernel(
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
     FILL: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    # one program, the pairs N_PAD at a time: count every expert's pairs, then place each chunk's pairs after
-    # the earlier chunks' pairs of the same expert
     pdl_wait(PDL)  # the ids are the router's output (kernels/pdl.py)
     pdl_release(PDL)
     i = tl.arange(0, N_PAD)
-    counts = tl.zeros([E_PAD], tl.int32)
-    for c0 in range(0, num_pairs, N_PAD):
-        ids = tl.load(ids_ptr + c0 + i, mask=c0 + i < num_pairs, other=-1)
-        valid = (ids >= 0) & (ids < NUM_EXPERTS)
-        counts += tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
+    ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
+    valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
+    safe_ids = tl.where(valid, ids, 0)
+    counts = tl.histogram(safe_ids, E_PAD, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
     total = tl.sum(padded, 0)
+    pos = tl.gather(ends - padded, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, 0, num_pairs, N_PAD, 16)
     for f0 in range(0, num_blocks * BLOCK_M, FILL):
         f = f0 + tl.arange(0, FILL)
         tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < num_blocks * BLOCK_M)
     tl.debug_barrier()  # the fill above must land before the scatter below
-    base = ends - padded  # [E_PAD]: where each expert's next pair goes
-    for c0 in range(0, num_pairs, N_PAD):
-        ids = tl.load(ids_ptr + c0 + i, mask=c0 + i < num_pairs, other=-1)
-        valid = (ids >= 0) & (ids < NUM_EXPERTS)
-        safe_ids = tl.where(valid, ids, 0)
-        pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, c0, num_pairs, N_PAD, 16)
-        tl.store(sorted_ptr + pos, c0 + i, mask=valid)
-        base += tl.histogram(safe_ids, E_PAD, mask=valid)
+    tl.store(sorted_ptr + pos, i, mask=valid)
     _write_expert_ids(ends, expert_ids_ptr, total, 0, num_blocks, BLOCK_M, 64)
     tl.store(num_post_pad_ptr, total)
 
@@ -167,16 +162,18 @@ def _align_scatter_kernel(
         tl.store(num_post_pad_ptr, total)
 
 
-def _chunk(e_pad: int) -> int:
-    # pairs per program: its one-hot [chunk, e_pad] tile stays <= 32k elements
-    return min(SMALL_PAIRS, max(16, 32768 // e_pad))
+def _chunk(num_pairs: int, e_pad: int) -> int:
+    # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs; its one-hot
+    # [chunk, e_pad] tile stays <= 32k elements
+    return min(SMALL_PAIRS, max(16, 32768 // e_pad), max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
 
 
 def moe_align(
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int32, -1 = skip
     num_experts: int,
     block_m: int,
-    one_program_pairs: int = ONE_PROGRAM_PAIRS,  # (benchmarks/bench_align.py times both sides of it)
+    one_program_pairs: int = ONE_PROGRAM_PAIRS,  # (benchmarks/bench_align.py times both sides of it, <= a chunk)
+    chunk: int | None = None,  # pairs a program of the two launches takes (a power of two >= 32); None: _chunk
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
@@ -191,14 +188,16 @@ def moe_align(
         return sorted_ids, expert_ids, num_post_pad
     e_pad = max(16, triton.next_power_of_2(num_experts))
     pdl = pdl_enabled(device)
-    chunk = _chunk(e_pad)
-    if num_pairs <= max(chunk, one_program_pairs):
+    if chunk is not None and (chunk < 32 or chunk & (chunk - 1)):
+        raise ValueError(f"align chunk must be a power of two >= 32, got {chunk}")
+    if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
-            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, min(chunk, triton.next_power_of_2(num_pairs))),
+            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
             E_PAD=e_pad, FILL=1024, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
         )
         return sorted_ids, expert_ids, num_post_pad
+    chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
-from kernels.moe_align import ONE_PROGRAM_PAIRS, SMALL_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
+from kernels.moe_align import ONE_PROGRAM_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
 from kernels.moe_config import default_config, get_moe_config  # noqa: E402
 
 
@@ -43,38 +43,40 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [
-    (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32),  # one program, one chunk
-    (100, 128, 8, 16), (300, 8, 2, 16),  # one program, its chunks one after another (4 and 3)
-    (301, 128, 8, 64), (700, 8, 2, 16),  # a program a chunk, two launches
+    (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32), (16, 128, 8, 16),  # one program
+    (100, 128, 8, 16), (300, 8, 2, 16), (700, 8, 2, 16),  # two launches, 64-pair chunks
+    (301, 128, 8, 64), (520, 16, 8, 32),  # two launches, 128- and 256-pair chunks (at most ALIGN_CHUNKS programs)
 ])
 def test_moe_align(num_tokens, num_experts, top_k, block_m):
     torch.manual_seed(num_tokens)
     _, ids = _routing(num_tokens, num_experts, top_k)
-    assert (ids.numel() <= SMALL_PAIRS) == (num_tokens < 50)
-    assert (ids.numel() <= ONE_PROGRAM_PAIRS) == (num_tokens <= 300)
+    assert (ids.numel() <= ONE_PROGRAM_PAIRS) == (num_tokens <= 16)
     _check_align(ids, num_experts, block_m)
 
 
-@pytest.mark.parametrize("num_tokens,block_m", [(100, 16), (97, 64)])
+@pytest.mark.parametrize("num_tokens,block_m", [(12, 16), (97, 64)])
 def test_moe_align_paths_agree(num_tokens, block_m):
-    # both sides of ONE_PROGRAM_PAIRS give the same bits (each keeps the pairs' flat order within an expert)
+    # one program, two launches and any chunk size give the same bits (each keeps the flat order in an expert)
     torch.manual_seed(num_tokens)
     _, ids = _routing(num_tokens, 128, 8, drop_every=3)
-    one = moe_align(ids, 128, block_m)
-    two = moe_align(ids, 128, block_m, one_program_pairs=0)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    outs = [moe_align(ids, 128, block_m), moe_align(ids, 128, block_m, one_program_pairs=0)]
+    outs += [moe_align(ids, 128, block_m, one_program_pairs=0, chunk=c) for c in (32, 128, 256)]
+    assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
     _check_align(ids, 128, block_m)
+    with pytest.raises(ValueError, match="power of two"):
+        moe_align(ids, 128, block_m, chunk=48)
 
 
 def test_bench_align_smoke(tmp_path, monkeypatch):
-    # benchmarks/bench_align.py on the interpreter: both paths at a one-chunk and a three-chunk M, each exact
+    # benchmarks/bench_align.py on the interpreter: one program at 64 pairs, two launches at 320, each exact
     from benchmarks import bench_align
 
     out = tmp_path / "align.json"
-    monkeypatch.setattr("sys.argv", ["bench_align.py", "--device", "cpu", "--m", "8,80", "--out", str(out)])
+    monkeypatch.setattr("sys.argv", ["bench_align.py", "--device", "cpu", "--m", "8,40", "--out", str(out)])
     bench_align.main()
     rows = json.loads(out.read_text())
-    assert [r["m"] for r in rows] == [8, 80] and all(r["one_program_exact"] and r["two_launches_exact"] for r in rows)
+    assert [r["default"] for r in rows] == ["one_program", "two_launches"]
+    assert rows[0]["one_program_exact"] and all(r["two_launches_exact"] for r in rows)
 
 
 def test_moe_align_all_skipped():
