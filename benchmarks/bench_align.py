@@ -1,6 +1,7 @@
 """MoE align (kernels/moe_align.py) on both sides of ONE_PROGRAM_PAIRS: the one-program kernel (up to a chunk of
-pairs) and the two launches (a program a chunk, the default chunk rule and --chunks), CUDA-graph replays of a chain
-of calls, per token count; issue 16's target is <= 10 us at every M for 128 experts. Random softmax-like routing
+pairs) and the two launches (a program a chunk, the default chunk rule and --chunks; the chunks' counts summed
+once by the count kernel's last program or by every scatter program), CUDA-graph replays of a chain of calls, per
+token count; issue 16's target is <= 10 us at every M for 128 experts. Random softmax-like routing
 (distinct experts per token), Qwen3-30B-A3B's 128 experts top-8 by default, BLOCK_M as the bf16 table's bucket
 would pick.
 
@@ -64,11 +65,15 @@ def main() -> None:
         ref = moe_align_ref(ids, a.experts, bm)
         row = {"m": m, "pairs": ids.numel(), "block_m": bm}
         # one program only up to a chunk of pairs; the two launches at the default chunk rule and at --chunks
-        variants = [("one_program", SMALL_PAIRS, None)] if ids.numel() <= SMALL_PAIRS else []
+        # (name, one_program_pairs, chunk, scan_chunks): the counts summed by the count kernel's last program
+        # (scan) or by every scatter program (noscan), both at the default chunk rule
+        variants = [("one_program", SMALL_PAIRS, None, None)] if ids.numel() <= SMALL_PAIRS else []
         chunks = [int(c) for c in a.chunks.split(",") if c]
-        variants += [("two_launches", 0, None)] + [(f"two_launches_c{c}", 0, c) for c in chunks]
-        for name, limit, chunk in variants:
-            run = functools.partial(moe_align, ids, a.experts, bm, one_program_pairs=limit, chunk=chunk)
+        variants += [("two_launches", 0, None, None), ("scan", 0, None, 0), ("noscan", 0, None, 1 << 30)]
+        variants += [(f"two_launches_c{c}", 0, c, None) for c in chunks]
+        for name, limit, chunk, scan in variants:
+            run = functools.partial(moe_align, ids, a.experts, bm, one_program_pairs=limit, chunk=chunk,
+                                    scan_chunks=scan)
             out, n = run(), int(ref[2].item())
             # both keep the flat order within an expert: equal to the reference bit for bit
             row[name + "_exact"] = (int(out[2].item()) == n and torch.equal(out[1], ref[1])
@@ -80,8 +85,8 @@ def main() -> None:
         row["default"] = "one_program" if ids.numel() <= ONE_PROGRAM_PAIRS else "two_launches"
         rows.append(row)
         base = f"  baseline {row['baseline_us']:6.2f} us" if baseline is not None else ""
-        times = "  ".join(f"{name} {row[name + '_us']:.2f} us" for name, _, _ in variants)
-        exact = all(row[name + "_exact"] for name, _, _ in variants)
+        times = "  ".join(f"{name} {row[name + '_us']:.2f} us" for name, *_ in variants)
+        exact = all(row[name + "_exact"] for name, *_ in variants)
         print(f"align M={m:<5} pairs={row['pairs']:<6} BLOCK_M={bm:<3} {times}{base}  default {row['default']}  "
               f"exact={exact}", flush=True)
     Path(a.out).write_text(json.dumps(rows, indent=1))

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import zeroed_counters
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
 
 SMALL_PAIRS = 256  # largest chunk of pairs a program handles at once
@@ -26,6 +27,9 @@ SMALL_PAIRS = 256  # largest chunk of pairs a program handles at once
 # it chunks of 64 pairs growing to keep <= ALIGN_CHUNKS programs
 ONE_PROGRAM_PAIRS = 128
 ALIGN_CHUNKS = 32
+# more chunks than this: the count kernel's last program sums the chunks' counts once (SCAN), instead of every
+# scatter program reading all of them (2048 reads of a 128-expert row at 65536 pairs). Not yet measured on a GPU
+SCAN_CHUNKS = 32
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -106,47 +110,81 @@ def _align_small_kernel(
     tl.store(num_post_pad_ptr, total)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "sorted_len", "fill_per_program"])
+@triton.jit(do_not_specialize=["num_pairs", "sorted_len", "fill_per_program", "num_chunks"])
 def _align_count_kernel(
-    ids_ptr, chunk_counts_ptr, sorted_ptr, num_pairs, sorted_len, fill_per_program,
-    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False,
+    ids_ptr, chunk_counts_ptr, sorted_ptr, ends_ptr, num_post_pad_ptr, counter_ptr, num_pairs, sorted_len,
+    fill_per_program, num_chunks,
+    NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    ROWS: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the ids are the router's output (kernels/pdl.py)
     pdl_release(PDL)
     # chunk_counts [num_chunks, E_PAD]: how many of this chunk's pairs go to each expert
     pid = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
     hist = tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
-    tl.store(chunk_counts_ptr + pid * E_PAD + tl.arange(0, E_PAD), hist)
+    tl.store(chunk_counts_ptr + pid * E_PAD + e, hist)
     for f0 in range(0, fill_per_program, CHUNK):  # padding sentinel for this program's share
         f = f0 + tl.arange(0, CHUNK)
         tl.store(sorted_ptr + pid * fill_per_program + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
                  mask=(pid * fill_per_program + f < sorted_len) & (f < fill_per_program))
+    if SCAN:
+        # the last program to arrive turns the counts into each chunk's first slot per expert (chunk_counts
+        # rewritten in place) and writes the experts' segment ends and num_post_pad: the scatter programs then
+        # read one row each instead of every chunk's counts
+        tl.debug_barrier()  # every thread's count stores precede the release of the counter
+        if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == num_chunks - 1:
+            totals = tl.zeros([E_PAD], tl.int32)
+            for c0 in range(0, num_chunks, ROWS):
+                c = c0 + tl.arange(0, ROWS)
+                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None],
+                             other=0)
+                totals += tl.sum(cc, 0)
+            padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
+            ends = tl.cumsum(padded, 0)
+            running = ends - padded  # [E_PAD]: the next slot of each expert, chunk after chunk
+            for c0 in range(0, num_chunks, ROWS):
+                c = c0 + tl.arange(0, ROWS)
+                cmask = (c < num_chunks)[:, None]
+                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=cmask, other=0)
+                tl.store(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :],
+                         running[None, :] + tl.cumsum(cc, 0) - cc, mask=cmask)
+                running += tl.sum(cc, 0)
+            tl.store(ends_ptr + e, ends)
+            tl.store(num_post_pad_ptr, tl.sum(padded, 0))
+            tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_blocks"])
 def _align_scatter_kernel(
-    ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, num_chunks, num_blocks,
-    NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    ROWS: tl.constexpr, PDL: tl.constexpr = False,
+    ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, ends_ptr, num_post_pad_ptr, num_pairs, num_chunks,
+    num_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    ROWS: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the counts are the count kernel's output (kernels/pdl.py)
     pdl_release(PDL)
     # pair i goes to start[e] + (pairs of e in earlier chunks) + (rank among e's pairs in this chunk)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
-    totals = tl.zeros([E_PAD], tl.int32)
-    before = tl.zeros([E_PAD], tl.int32)
-    for c0 in range(0, num_chunks, ROWS):
-        c = c0 + tl.arange(0, ROWS)
-        cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None], other=0)
-        totals += tl.sum(cc, 0)
-        before += tl.sum(tl.where((c < pid)[:, None], cc, 0), 0)
-    padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    base = ends - padded + before
+    if SCAN:  # the count kernel's last program did the sums
+        base = tl.load(chunk_counts_ptr + pid * E_PAD + e)
+        ends = tl.load(ends_ptr + e)
+        total = tl.load(num_post_pad_ptr)
+    else:  # each program sums every chunk's counts itself
+        totals = tl.zeros([E_PAD], tl.int32)
+        before = tl.zeros([E_PAD], tl.int32)
+        for c0 in range(0, num_chunks, ROWS):
+            c = c0 + tl.arange(0, ROWS)
+            cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None], other=0)
+            totals += tl.sum(cc, 0)
+            before += tl.sum(tl.where((c < pid)[:, None], cc, 0), 0)
+        padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
+        ends = tl.cumsum(padded, 0)
+        base = ends - padded + before
+        total = tl.sum(padded, 0)
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
@@ -154,12 +192,14 @@ def _align_scatter_kernel(
     pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
     tl.store(sorted_ptr + pos, i, mask=valid)
     # every program knows every expert's segment: each writes its share of the block experts
-    total = tl.sum(padded, 0)
     share = tl.cdiv(num_blocks, num_chunks)
     _write_expert_ids(ends, expert_ids_ptr, total, pid * share, tl.minimum(pid * share + share, num_blocks),
                       BLOCK_M, 64)
-    if pid == 0:
+    if pid == 0 and not SCAN:
         tl.store(num_post_pad_ptr, total)
+
+
+_COUNTERS: dict = {}  # the count kernel's arrivals, one int32 per device (kernels.zeroed_counters)
 
 
 def _chunk(num_pairs: int, e_pad: int) -> int:
@@ -174,6 +214,7 @@ def moe_align(
     block_m: int,
     one_program_pairs: int = ONE_PROGRAM_PAIRS,  # (benchmarks/bench_align.py times both sides of it, <= a chunk)
     chunk: int | None = None,  # pairs a program of the two launches takes (a power of two >= 32); None: _chunk
+    scan_chunks: int | None = None,  # more chunks than this: the count kernel's last program sums; None: SCAN_CHUNKS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
@@ -200,14 +241,19 @@ def moe_align(
     chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
+    ends = torch.empty(e_pad, dtype=torch.int32, device=device)  # the experts' padded segment ends (SCAN only)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
+    scan = num_chunks > (SCAN_CHUNKS if scan_chunks is None else scan_chunks)
+    counter = zeroed_counters(_COUNTERS, 1, device, 1) if scan else num_post_pad  # (unused without SCAN)
+    rows = max(1, min(32, 4096 // e_pad))
     _align_count_kernel[(num_chunks,)](
-        topk_ids, chunk_counts, sorted_ids, num_pairs, nblocks * block_m, fill,
-        NUM_EXPERTS=num_experts, E_PAD=e_pad, CHUNK=chunk, PDL=pdl, num_warps=4, **launch_kwargs(pdl),
+        topk_ids, chunk_counts, sorted_ids, ends, num_post_pad, counter, num_pairs, nblocks * block_m, fill,
+        num_chunks, NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, ROWS=rows, SCAN=scan,
+        PDL=pdl, num_warps=4, **launch_kwargs(pdl),
     )
     _align_scatter_kernel[(num_chunks,)](
-        topk_ids, chunk_counts, sorted_ids, expert_ids, num_post_pad, num_pairs, num_chunks, nblocks,
-        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
-        ROWS=max(1, min(32, 4096 // e_pad)), PDL=pdl, num_warps=8, **launch_kwargs(pdl),
+        topk_ids, chunk_counts, sorted_ids, expert_ids, ends, num_post_pad, num_pairs, num_chunks, nblocks,
+        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, ROWS=rows, SCAN=scan, PDL=pdl,
+        num_warps=8, **launch_kwargs(pdl),
     )
     return sorted_ids, expert_ids, num_post_pad

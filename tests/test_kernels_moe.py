@@ -46,6 +46,7 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32), (16, 128, 8, 16),  # one program
     (100, 128, 8, 16), (300, 8, 2, 16), (700, 8, 2, 16),  # two launches, 64-pair chunks
     (301, 128, 8, 64), (520, 16, 8, 32),  # two launches, 128- and 256-pair chunks (at most ALIGN_CHUNKS programs)
+    (1100, 128, 8, 128),  # 35 chunks of 256: the count kernel's last program sums the counts (SCAN)
 ])
 def test_moe_align(num_tokens, num_experts, top_k, block_m):
     torch.manual_seed(num_tokens)
@@ -56,11 +57,13 @@ def test_moe_align(num_tokens, num_experts, top_k, block_m):
 
 @pytest.mark.parametrize("num_tokens,block_m", [(12, 16), (97, 64)])
 def test_moe_align_paths_agree(num_tokens, block_m):
-    # one program, two launches and any chunk size give the same bits (each keeps the flat order in an expert)
+    # one program, two launches, any chunk size, counts summed once or per program: the same bits (each keeps the
+    # flat order within an expert)
     torch.manual_seed(num_tokens)
     _, ids = _routing(num_tokens, 128, 8, drop_every=3)
     outs = [moe_align(ids, 128, block_m), moe_align(ids, 128, block_m, one_program_pairs=0)]
-    outs += [moe_align(ids, 128, block_m, one_program_pairs=0, chunk=c) for c in (32, 128, 256)]
+    outs += [moe_align(ids, 128, block_m, one_program_pairs=0, chunk=c, scan_chunks=s)
+             for c in (32, 128, 256) for s in (0, 1 << 20)]  # each chunk size with and without the SCAN
     assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
     _check_align(ids, 128, block_m)
     with pytest.raises(ValueError, match="power of two"):
