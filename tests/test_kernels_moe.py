@@ -46,7 +46,7 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32), (16, 128, 8, 16),  # one program
     (100, 128, 8, 16), (300, 8, 2, 16), (700, 8, 2, 16),  # two launches, 64-pair chunks
     (301, 128, 8, 64), (520, 16, 8, 32),  # two launches, 128- and 256-pair chunks (at most ALIGN_CHUNKS programs)
-    (1100, 128, 8, 128),  # 35 chunks of 256: the count kernel's last program sums the counts (SCAN)
+    (2100, 128, 8, 128),  # 66 chunks of 256: the count kernel's last program sums the counts (SCAN)
 ])
 def test_moe_align(num_tokens, num_experts, top_k, block_m):
     torch.manual_seed(num_tokens)
