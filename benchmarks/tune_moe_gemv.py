@@ -43,13 +43,14 @@ DEVICE, DTYPE = "cuda", torch.bfloat16  # (a CPU test runs the tuner in the inte
 def gemv_candidates(fp8: bool, k: int, two_tiles: bool) -> list[dict]:
     """GEMV tiles worth timing for a K of k: at least one 16-byte vector per thread and at most 16 KiB per
     tile (fewer warps and more rows give each thread several rows that share one activation load and
-    conversion), the cp.async ring in shared memory, no K step wider than k needs. FP8 also tries K steps of
-    1024-2048 (the same 16 KiB tile in fewer, longer steps: at one token the loop's K steps run one after the
-    other, each a full memory latency)."""
+    conversion), the cp.async ring in shared memory, no K step wider than k needs. K steps of 1024-2048 too
+    (the same 16 KiB tile in fewer, longer steps: at one token the loop's K steps run one after the other, each a
+    full memory latency; FP8 gained from them in session 8, 16-bit weights were not tried before session 10: a
+    bf16 down GEMV at K=768 then runs one masked step instead of three)."""
     elem = 1 if fp8 else 2
     out = []
     for bn in (4, 8, 16, 32, 64):
-        for bk in (128, 256, 512) + ((1024, 2048) if fp8 else ()):
+        for bk in (128, 256, 512, 1024, 2048):
             for warps, stages in ((2, 1), (2, 3), (4, 1), (4, 3), (8, 1)):
                 tile = bn * bk * elem
                 if not warps * 32 * 16 <= tile <= 16 << 10 or tile * (2 if two_tiles else 1) * stages > _MAX_SMEM:
