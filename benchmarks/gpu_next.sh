@@ -9,6 +9,9 @@
 #   phase 4 (~4 min): a fresh B=1 and B=64 profile (bench_e2e --profile, PDL off so each kernel's time is its own)
 #     after sessions 9-10's fusions and the align change: where the B=1 2.69 ms and FP8 B=64 12.2 ms go now.
 #   phase 5 (nvidia-h200-x2, ~2 min): where the eager sparse exchange's ~1 ms goes (cProfile of dispatch + combine).
+#   phase 6 (~3 min): the B=1 qkv projection on our GEMV instead of cuBLAS, in the PDL chain (the table keeps cuBLAS
+#     from a standalone race, 8.27 vs 8.74 us; cuBLAS does not take part in PDL, so each step has 48 boundaries
+#     without overlap): the step with cuBLAS, then with two GEMV tiles forced for n5120_k2048 at M=1.
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema 2>&1 | tail -1
@@ -41,5 +44,21 @@ fi
 if [[ $PHASES == *5* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 150 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_all2all_dist.py --tokens 1,64 \
     --backends sparse --no-graphs --host-profile --reps 30 --out $OUT/a2a_profile.json 2>&1 | grep -v "^\s*$" | head -60
+fi
+if [[ $PHASES == *6* ]]; then
+  for tile in cublas '{"BLOCK_N": 64, "BLOCK_K": 128, "DOT": 1, "SPLIT_K": 8, "num_stages": 3, "num_warps": 4}' \
+              '{"BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 8, "num_stages": 1, "num_warps": 4}'; do
+    TILE="$tile" timeout 80 python3 -c "
+import functools, json, os, runpy, sys
+import kernels.linear.gemv_config as gc
+tile = os.environ['TILE']
+if tile != 'cublas':
+    load = gc._load.__wrapped__
+    gc._load = functools.lru_cache(maxsize=16)(lambda path, fp8=False: load(path, fp8) if fp8 else
+                                               dict(load(path, fp8), n5120_k2048={1: json.loads(tile)}))
+sys.argv = ['bench_e2e.py', '--no-hf', '--batch-sizes', '1', '--prefill', '1024', '--async-scheduling', '--steps', '30',
+            '--out', '$OUT/e2e_qkv_gemv.json']
+runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/qkv=$tile /"
+  done
 fi
 echo "done in $SECONDS s"
