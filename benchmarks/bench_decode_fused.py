@@ -4,8 +4,8 @@ norm, 16-token pages), per layer: one CUDA graph holds LAYERS layers' calls, eac
 step does; this GPU's tiles and split rule. Also says whether the two give the same bits.
 
 python benchmarks/bench_decode_fused.py [--batches 1,8,64] [--ctxs 1024,4096] [--kv bf16,fp8w]
-  kv: bf16; fp8w: an FP8 cache with the widening decode (fp8_dot 0); fp8: this GPU's FP8 table (on the H200 fp8_dot,
-  where the fused entry point runs the separate prologue: the same launches)
+  kv: bf16; fp8w: an FP8 cache with the widening decode (fp8_dot 0); fp8: this GPU's FP8 table (on the H200 fp8_dot),
+  the fused column with decode_fused.FUSED_FP8_DOT on (the fused FP8 tensor-core path, off by default until measured)
 
 Prints one line per case and a summary line `decode_fused: ...`; the numbers go to --out (JSON).
 """
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels.attention.decode_fused as decode_fused  # noqa: E402
 from benchmarks.tuning import time_graph_us  # noqa: E402
 from kernels.attention.config import decode_config, with_fp8_dot  # noqa: E402
 from kernels.attention.decode import paged_attention_decode  # noqa: E402
@@ -38,6 +39,7 @@ def case(batch: int, ctx: int, kv: str) -> dict:
     cache_dtype = torch.bfloat16 if kv == "bf16" else FP8_DTYPE
     cfg = decode_config(HEAD_DIM, cache_dtype, torch.device(DEV))
     cfg = with_fp8_dot(cfg, "decode", 0) if kv == "fp8w" else cfg
+    decode_fused.FUSED_FP8_DOT = kv == "fp8"  # the table's FP8 tensor-core decode fused (off in serving, unmeasured)
     scales = (0.05, 0.05) if cache_dtype == FP8_DTYPE else (1.0, 1.0)
     pages = -(-ctx // PAGE)
     tables = torch.randperm(batch * pages, device=DEV, generator=g).to(torch.int32).view(batch, pages)

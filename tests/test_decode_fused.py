@@ -114,13 +114,31 @@ def test_fused_merge_and_many_splits():
 
 
 def test_fp8_dot_config_runs_the_separate_prologue():
-    # FP8 tensor-core decode (fp8_dot) has no fused variant: the wrapper runs the two launches, same results
+    # FP8 tensor-core decode (fp8_dot) runs the two launches unless FUSED_FP8_DOT is on (off by default): same results
     kw = _inputs([21, 6], 4, 2, 32, 32, torch.float16, FP8_DTYPE, seed=3)
     cfg = dict(SMALL, BLOCK_N=32, fp8_dot=2)
     assert not fused_decode_supported(32, FP8_DTYPE, torch.device(DEV), 2, cfg)
     assert fused_decode_supported(32, FP8_DTYPE, torch.device(DEV), 2, SMALL)
     assert fused_decode_supported(32, torch.float16, torch.device(DEV), 2, cfg)
     _same(_run(paged_attention_decode_fused, kw, config=cfg), _run(_two_launches, kw, config=cfg))
+
+
+@pytest.mark.parametrize("fp8_dot,q2", [(1, False), (2, True), (3, False)])
+def test_fused_fp8_dot_equals_two_launches(fp8_dot, q2, monkeypatch):
+    # the fused kernel's FP8 tensor-core path (FUSED_FP8_DOT, off by default until measured): the new token's tile
+    # peeled with e4m3 dots, plain (1), transposed (2, with q's second e4m3 term) and transposed with V staged (3);
+    # the new token alone in its split's last tile (a context of 33 in 32-token tiles), mid-tile, and a padding row
+    import kernels.attention.decode_fused as decode_fused
+
+    monkeypatch.setattr(decode_fused, "FUSED_FP8_DOT", True)
+    kw = _inputs([33, 21, 0], 4, 2, 32, 32, torch.float16, FP8_DTYPE, seed=4)
+    cfg = dict(SMALL, BLOCK_N=32, fp8_dot=fp8_dot, fp8_q2=int(q2))
+    assert fused_decode_supported(32, FP8_DTYPE, torch.device(DEV), 3, cfg)
+    scales = dict(k_scale=0.02, v_scale=0.05)
+    for splits in (1, 2):
+        got = _run(paged_attention_decode_fused, kw, num_splits=splits, config=cfg, **scales)
+        _same(got, _run(_two_launches, kw, num_splits=splits, config=cfg, **scales))
+        assert not got[0].isnan().any()
 
 
 def test_fused_checks_inputs():
@@ -138,24 +156,31 @@ def test_fused_checks_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8, 64])
-@pytest.mark.parametrize("cache", ["bf16", "fp8"])
-def test_fused_gpu_bit_exact_and_graph_safe(batch, cache):
+@pytest.mark.parametrize("cache", ["bf16", "fp8", "fp8dot"])
+def test_fused_gpu_bit_exact_and_graph_safe(batch, cache, monkeypatch):
     # Qwen3-30B-A3B's attention (32 q / 4 KV heads of 128, q/k norm, full rotary, 16-token pages), contexts around 1k
     # ending anywhere in a page, padding rows as a graph bucket has them, this GPU's tiles and split rule; "fp8": the
-    # widening decode (the H200 table's fp8_dot would run the separate prologue). Bit for bit the two launches: the
+    # widening decode; "fp8dot": this GPU's FP8 table as is (the H200's: fp8_dot 2 with q's two terms) with
+    # FUSED_FP8_DOT on (off by default until measured). Bit for bit the two launches: the
     # prologue's math is layout-independent (fp64 RMS statistic, explicit FMAs: kernels/attention/prologue_rows.py)
     # and the decode's tiles are the same. Then 20 CUDA-graph replays on new rows give the eager results
     from kernels.attention.config import decode_config, with_fp8_dot
 
     lens = [1000 + 37 * b for b in range(batch)] + [0, 0]
+    import kernels.attention.decode_fused as decode_fused
+
     cache_dtype = torch.bfloat16 if cache == "bf16" else FP8_DTYPE
     kw = _inputs(lens, 32, 4, 128, 128, torch.bfloat16, cache_dtype, seed=batch, page=16)
-    cfg = with_fp8_dot(decode_config(128, cache_dtype, torch.device("cuda")), "decode", 0)
-    scales = dict(k_scale=0.05, v_scale=0.02) if cache == "fp8" else {}
+    cfg = decode_config(128, cache_dtype, torch.device("cuda"))
+    if cache == "fp8dot":
+        monkeypatch.setattr(decode_fused, "FUSED_FP8_DOT", True)
+    else:
+        cfg = with_fp8_dot(cfg, "decode", 0)
+    scales = dict(k_scale=0.05, v_scale=0.02) if cache != "bf16" else {}
     got = _run(paged_attention_decode_fused, kw, config=cfg, **scales)
     _same(got, _run(_two_launches, kw, config=cfg, **scales))
     ref = _run(paged_attention_decode_fused_ref, kw, **scales)
-    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=0.05 if cache == "fp8" else 2e-2, atol=2e-2)
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=0.05 if cache != "bf16" else 2e-2, atol=2e-2)
     k_cache, v_cache = kw["k_cache"].clone(), kw["v_cache"].clone()
     graph_kw = dict(kw, k_cache=k_cache, v_cache=v_cache)
     graph = torch.cuda.CUDAGraph()
@@ -173,16 +198,17 @@ def test_fused_sm90_registers_and_no_spills():
     # the fused variant compiled for Hopper (no GPU needed) next to the plain kernel, Qwen3-30B-A3B heads, the H200
     # table's small-batch tiles (BLOCK_N 64) and its batch tiles (32): no spills, the same shared memory (the new
     # token's tile is peeled out of the loop, so K/V stay double-buffered as before), registers well under the
-    # 255 limit (measured: 116 -> 166 at BLOCK_N 64, 80 -> 128 at 32; an FP8 cache, fp8_widen 1: 106 -> 168)
+    # 255 limit (measured: 116 -> 166 at BLOCK_N 64, 80 -> 128 at 32; an FP8 cache, fp8_widen 1: 106 -> 168; the
+    # H200 table's FP8-KV tiles, fp8_dot 2 with q's two terms: 126 -> 130)
     from tests.sm90 import run_sm90_probe
 
     probe = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 from attention_ir import inspect
-cases = [("bf16", 64, 0), ("bf16", 32, 0), ("fp8", 64, 1)]
-print(json.dumps([[inspect("decode", kv, block_n=n, stages=3, fp8_widen=w, prologue=p) for p in (False, True)]
-                  for kv, n, w in cases]))
+cases = [("bf16", 64, 0, 0), ("bf16", 32, 0, 0), ("fp8", 64, 1, 0), ("fp8", 64, 0, 2)]
+print(json.dumps([[inspect("decode", kv, block_n=n, stages=3, fp8_widen=w, fp8_dot=dot, fp8_q2=dot > 0, prologue=p)
+                   for p in (False, True)] for kv, n, w, dot in cases]))
 """
     for plain, fused in run_sm90_probe(probe):
         assert fused["spill_bytes"] == 0 and fused["registers"] <= 192, fused

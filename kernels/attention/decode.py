@@ -94,6 +94,36 @@ def paged_attention_decode_ref(
     return out
 
 
+@triton.jit
+def _fp8_dot_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, FP8_DOT: tl.constexpr, FP8_Q2: tl.constexpr,
+                    V_DIRECT: tl.constexpr, INTERP: tl.constexpr):
+    # one K/V tile of the FP8_DOT path (see _decode_kernel): e4m3 dots on the tiles as stored, q e4m3 too
+    if FP8_DOT >= 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0, acc O^T
+        if FP8_Q2:
+            st = tl.dot(k, tl.trans(q), tl.dot(k, tl.trans(q_lo)) * Q_LO_INV)
+        else:
+            st = tl.dot(k, tl.trans(q))
+        st = tl.where(nmask[:, None], st * row_scale[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, 0))
+        alpha = tl.exp2(m_i - m_new)
+        pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))
+        l_i = l_i * alpha + tl.sum(pt, 0)
+    else:
+        if FP8_Q2:
+            s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(nmask[None, :], s * row_scale[:, None], float("-inf"))  # [GROUP_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
+        p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
+        acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, acc
+
+
 # per-step values: one variant for all (the fused prologue's positions / slots: any slice of their buffers)
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _decode_kernel(
@@ -189,31 +219,9 @@ def _decode_kernel(
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8_DOT >= 2:  # transposed: [BLOCK_N, GROUP_PAD] scores, reductions over axis 0
-            if FP8_Q2:
-                st = tl.dot(k, tl.trans(q), tl.dot(k, tl.trans(q_lo)) * Q_LO_INV)
-            else:
-                st = tl.dot(k, tl.trans(q))
-            st = tl.where(nmask[:, None], st * row_scale[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(st, 0))
-            alpha = tl.exp2(m_i - m_new)
-            pt = tl.exp2(st - (m_new - P_LOG2_SCALE)[None, :])
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))
-            l_i = l_i * alpha + tl.sum(pt, 0)
-            m_i = m_new
-        elif FP8_DOT:  # the tiles as stored (e4m3), q e4m3 too
-            if FP8_Q2:
-                s = tl.dot(q, tl.trans(k), tl.dot(q_lo, tl.trans(k)) * Q_LO_INV)
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(nmask[None, :], s * row_scale[:, None], float("-inf"))  # [GROUP_PAD, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            # p in [0, 2^P_LOG2_SCALE], rounded to e4m3; l_i in the same units (the scale cancels)
-            p = tl.exp2(s - (m_new - P_LOG2_SCALE)[:, None])
-            acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+        if FP8_DOT:
+            m_i, l_i, acc = _fp8_dot_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, FP8_DOT, FP8_Q2, V_DIRECT,
+                                            INTERP)
         else:
             k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
             m_i, l_i, acc = _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale)
@@ -227,8 +235,12 @@ def _decode_kernel(
             is_new = (n == seq_len - 1)[:, None]  # its row from registers, in the cache's dtype as a load gives it
             k = tl.where(is_new, k_new, k)
             v = tl.where(is_new, v_new, v)
-            k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
-            m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
+            if FP8_DOT:
+                m_i, l_i, acc = _fp8_dot_update(q, q_lo, k, v, n < end, m_i, l_i, acc, row_scale, FP8_DOT, FP8_Q2,
+                                                V_DIRECT, INTERP)
+            else:
+                k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
+                m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
         # this step's k / v into the cache, after every load of this program: no K/V copy waits behind these stores
         _store_new_kv(k_cache_ptr, v_cache_ptr, slot_ptr, b, kvh, owns, k_new, v_new, d, stride_cb, stride_cs,
                       stride_ch, HEAD_DIM, BLOCK_SIZE)
@@ -381,8 +393,6 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
     fp8_widen = cfg["fp8_widen"] if f16_dots and _native_fp8_cvt(q.device) and not fp8_dot else 0
     # fp8_dot 1: at least 64 query rows (one wgmma's M on Hopper; the rows past the group are zeros); 2, 3: 16
     group_pad = max(64 if fp8_dot == 1 else 16, triton.next_power_of_2(group))
-    if prologue and fp8_dot:
-        raise ValueError("the fused prologue has no fp8_dot variant (decode_fused.py runs the prologue separately)")
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse, counters,
         scale * k_scale * _LOG2E, v_scale, num_splits,

@@ -17,8 +17,10 @@ kernel's, the new token's one after the loop (sm90, no spills and the plain kern
 BLOCK_N 64 / 32: 166 / 128 against 116 / 80; an FP8 cache's widening path at the H200 table's BLOCK_N 128: 255 against
 196).
 
-An FP8 cache whose decode config runs FP8 tensor-core dots (fp8_dot, the H200 table's FP8-KV decode) has no fused
-variant: there this runs the separate prologue, then the decode kernel, the same results as before.
+An FP8 cache whose decode config runs FP8 tensor-core dots (fp8_dot, the H200 table's FP8-KV decode): the fused
+kernel has that path too (the new token's tile peeled the same way, e4m3 dots on it; bit for bit the two launches in
+the interpreter), but it runs only with FUSED_FP8_DOT on, which stays off until measured on a GPU
+(benchmarks/gpu_next.sh): off, this runs the separate prologue, then the decode kernel.
 """
 
 from __future__ import annotations
@@ -59,9 +61,13 @@ def paged_attention_decode_fused_ref(
     return paged_attention_decode_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, k_scale, v_scale)
 
 
+# the fused launch for decode configs running FP8 tensor-core dots (fp8_dot): implemented, unmeasured on a GPU
+FUSED_FP8_DOT = False
+
+
 def _has_fused_variant(cfg: dict, kv_dtype: torch.dtype) -> bool:
-    # a decode config (decode_launch_config) that runs the FP8 tensor-core dots (fp8_dot) has no fused variant
-    return kv_dtype != FP8_DTYPE or not cfg["fp8_dot"]
+    # a decode config (decode_launch_config) that runs the FP8 tensor-core dots (fp8_dot): only with FUSED_FP8_DOT
+    return kv_dtype != FP8_DTYPE or not cfg["fp8_dot"] or FUSED_FP8_DOT
 
 
 def fused_decode_supported(head_dim: int, kv_dtype: torch.dtype, device: torch.device, batch: int,
