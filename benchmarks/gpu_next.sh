@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device calls after 2026-11-30's session 10 (issues 16, 17). One H200 unless said; PHASES picks (default
-# 23); each phase fits one call (< 10 min). Copy tables from $OUT/*/configs only where the printed numbers say they won.
+# 27); each phase fits one call (< 10 min). Copy tables from $OUT/*/configs only where the printed numbers say they won.
 #   phase 1 (~5 min): the MoE GEMV at M=2,4,8 with 16-bit K steps of 1024-2048 (session 10 tried M=1: the step did
 #     not move, 2.73 vs 2.69 ms, table not adopted), then the decode step at B=1 and 8 with the new table in place,
 #     and FP8 B=1. Low expectations: run it only with time to spare.
@@ -12,12 +12,16 @@
 #   phase 6 (~3 min): the B=1 qkv projection on our GEMV instead of cuBLAS, in the PDL chain (the table keeps cuBLAS
 #     from a standalone race, 8.27 vs 8.74 us; cuBLAS does not take part in PDL, so each step has 48 boundaries
 #     without overlap): the step with cuBLAS, then with two GEMV tiles forced for n5120_k2048 at M=1.
+#   phase 7 (~5 min): the fused decode prologue on the H200's FP8-KV decode (fp8_dot 2 + q2; session 10 built it,
+#     behind kernels/attention/decode_fused.py FUSED_FP8_DOT, off): its GPU test (bit for bit the two launches,
+#     graph replays), the kernel-level A/B, and the FP8-KV decode step off / on at B=1, 8, 64. If on wins, set
+#     FUSED_FP8_DOT = True (and drop the "off until measured" notes in decode_fused.py, test_decode_fused.py).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema 2>&1 | tail -1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-PHASES=${PHASES:-23}
+PHASES=${PHASES:-27}
 if [[ $PHASES == *1* ]]; then
   timeout 200 python3 benchmarks/tune_moe.py --gemv --shapes qwen3 --m 2,4,8 --dtypes bf16 --jobs 16 \
     --out $OUT/gemv 2>&1 | grep -E "qwen3|summary" | tail -12
@@ -59,6 +63,20 @@ if tile != 'cublas':
 sys.argv = ['bench_e2e.py', '--no-hf', '--batch-sizes', '1', '--prefill', '1024', '--async-scheduling', '--steps', '30',
             '--out', '$OUT/e2e_qkv_gemv.json']
 runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/qkv=$tile /"
+  done
+fi
+if [[ $PHASES == *7* ]]; then
+  timeout 120 python3 -m pytest -q -m gpu tests/test_decode_fused.py 2>&1 | tail -2
+  timeout 90 python3 benchmarks/bench_decode_fused.py --batches 1,8,64 --ctxs 1024,4096 --kv fp8 \
+    --out $OUT/decode_fused_fp8dot.json 2>&1 | tail -7
+  for f in False True; do
+    timeout 100 python3 -c "
+import runpy, sys
+import kernels.attention.decode_fused as decode_fused
+decode_fused.FUSED_FP8_DOT = $f
+sys.argv = ['bench_e2e.py', '--no-hf', '--kv-cache-dtype', 'fp8', '--batch-sizes', '1,8,64', '--prefill', '1024',
+            '--async-scheduling', '--steps', '30', '--out', '$OUT/e2e_fp8kv_fused_$f.json']
+runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/FUSED_FP8_DOT=$f /"
   done
 fi
 echo "done in $SECONDS s"
