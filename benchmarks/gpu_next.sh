@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device calls after 2026-11-30's session 10 (issues 16, 17). One H200 unless said; PHASES picks (default
-# 27); each phase fits one call (< 10 min). Copy tables from $OUT/*/configs only where the printed numbers say they won.
+# 7); each phase fits one call (< 10 min: run them one call each). Copy tables from $OUT/*/configs only where the printed numbers say they won.
 #   phase 1 (~5 min): the MoE GEMV at M=2,4,8 with 16-bit K steps of 1024-2048 (session 10 tried M=1: the step did
 #     not move, 2.73 vs 2.69 ms, table not adopted), then the decode step at B=1 and 8 with the new table in place,
 #     and FP8 B=1. Low expectations: run it only with time to spare.
@@ -21,7 +21,7 @@ python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fast
   setproctitle llguidance jsonschema 2>&1 | tail -1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-PHASES=${PHASES:-27}
+PHASES=${PHASES:-7}
 if [[ $PHASES == *1* ]]; then
   timeout 200 python3 benchmarks/tune_moe.py --gemv --shapes qwen3 --m 2,4,8 --dtypes bf16 --jobs 16 \
     --out $OUT/gemv 2>&1 | grep -E "qwen3|summary" | tail -12
