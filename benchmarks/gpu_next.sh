@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The next device calls after 2026-11-30's session 10 (issues 16, 17). One H200 unless said; PHASES picks (default
-# 7); each phase fits one call (< 10 min: run them one call each). Copy tables from $OUT/*/configs only where the printed numbers say they won.
+# 7); each phase fits one call (< 10 min: one phase a call). Copy tables from $OUT/*/configs only where the printed
+# numbers say they won.
 #   phase 1 (~5 min): the MoE GEMV at M=2,4,8 with 16-bit K steps of 1024-2048 (session 10 tried M=1: the step did
 #     not move, 2.73 vs 2.69 ms, table not adopted), then the decode step at B=1 and 8 with the new table in place,
 #     and FP8 B=1. Low expectations: run it only with time to spare.
