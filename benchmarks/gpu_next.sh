@@ -17,6 +17,8 @@
 #     behind kernels/attention/decode_fused.py FUSED_FP8_DOT, off): its GPU test (bit for bit the two launches,
 #     graph replays), the kernel-level A/B, and the FP8-KV decode step off / on at B=1, 8, 64. If on wins, set
 #     FUSED_FP8_DOT = True (and drop the "off until measured" notes in decode_fused.py, test_decode_fused.py).
+#   phase 8 (~3 min): the fused decode prologue past its 64-row cap (models/layers.py FUSED_DECODE_MAX_ROWS): the
+#     bf16 decode step at B=128 and 256 with the cap at 64 (today) and lifted; raise the cap if lifted wins.
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema 2>&1 | tail -1
@@ -78,6 +80,17 @@ decode_fused.FUSED_FP8_DOT = $f
 sys.argv = ['bench_e2e.py', '--no-hf', '--kv-cache-dtype', 'fp8', '--batch-sizes', '1,8,64', '--prefill', '1024',
             '--async-scheduling', '--steps', '30', '--out', '$OUT/e2e_fp8kv_fused_$f.json']
 runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/FUSED_FP8_DOT=$f /"
+  done
+fi
+if [[ $PHASES == *8* ]]; then
+  for cap in 64 1024; do
+    timeout 120 python3 -c "
+import runpy, sys
+import models.layers
+models.layers.FUSED_DECODE_MAX_ROWS = $cap
+sys.argv = ['bench_e2e.py', '--no-hf', '--batch-sizes', '128,256', '--prefill', '1024', '--async-scheduling', '--steps',
+            '30', '--out', '$OUT/e2e_fused_cap$cap.json']
+runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/FUSED_DECODE_MAX_ROWS=$cap /"
   done
 fi
 echo "done in $SECONDS s"
