@@ -209,6 +209,33 @@ def _chunk(num_pairs: int, e_pad: int) -> int:
     return min(SMALL_PAIRS, max(16, 32768 // e_pad), max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
 
 
+def align_plan(
+    num_pairs: int, num_experts: int, one_program_pairs: int = ONE_PROGRAM_PAIRS, chunk: int | None = None,
+    scan_chunks: int | None = None,
+) -> tuple[int, int, bool]:
+    """(N_PAD, CHUNK, SCAN) of a call on num_pairs > 0 pairs, the constexprs that follow the pair count (each new
+    one compiles): (N_PAD, 0, False) for the one program, (0, CHUNK, SCAN) for the two launches."""
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
+        return max(16, triton.next_power_of_2(num_pairs)), 0, False
+    chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
+    return 0, chunk, triton.cdiv(num_pairs, chunk) > (SCAN_CHUNKS if scan_chunks is None else scan_chunks)
+
+
+def align_token_ranges(max_tokens: int, top_k: int, num_experts: int) -> list[tuple[int, int]]:
+    """[first, last] token counts (1..max_tokens) over which align_plan(tokens * top_k, num_experts) stays the same,
+    in order: the plan grows with the pairs, so each is one range, its end found by bisection."""
+    ranges, first = [], 1
+    while first <= max_tokens:
+        plan, lo, hi = align_plan(first * top_k, num_experts), first, max_tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if align_plan(mid * top_k, num_experts) == plan else (lo, mid - 1)
+        ranges.append((first, lo))
+        first = lo + 1
+    return ranges
+
+
 def moe_align(
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int32, -1 = skip
     num_experts: int,
@@ -232,19 +259,18 @@ def moe_align(
     pdl = pdl_enabled(device)
     if chunk is not None and (chunk < 32 or chunk & (chunk - 1)):
         raise ValueError(f"align chunk must be a power of two >= 32, got {chunk}")
-    if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
+    n_pad, chunk, scan = align_plan(num_pairs, num_experts, one_program_pairs, chunk, scan_chunks)
+    if n_pad:
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
-            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=n_pad,
             E_PAD=e_pad, FILL=1024, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
         )
         return sorted_ids, expert_ids, num_post_pad
-    chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     ends = torch.empty(e_pad, dtype=torch.int32, device=device)  # the experts' padded segment ends (SCAN only)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
-    scan = num_chunks > (SCAN_CHUNKS if scan_chunks is None else scan_chunks)
     counter = zeroed_counters(_COUNTERS, 1, device, 1) if scan else num_post_pad  # (unused without SCAN)
     rows = max(1, min(32, 4096 // e_pad))
     _align_count_kernel[(num_chunks,)](

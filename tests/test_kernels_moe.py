@@ -11,8 +11,15 @@ if not torch.cuda.is_available():
 
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
-from kernels.moe_align import ONE_PROGRAM_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref, warmup_token_counts  # noqa: E402
+from kernels.moe_align import (  # noqa: E402
+    ONE_PROGRAM_PAIRS,
+    align_plan,
+    align_token_ranges,
+    max_blocks,
+    moe_align,
+    moe_align_ref,
+)
 from kernels.moe_config import default_config, get_moe_config  # noqa: E402
 
 
@@ -80,6 +87,44 @@ def test_bench_align_smoke(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     assert [r["default"] for r in rows] == ["one_program", "two_launches"]
     assert rows[0]["one_program_exact"] and all(r["two_launches_exact"] for r in rows)
+
+
+def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
+    # (BLOCK_M, N_PAD, CHUNK, SCAN) the align of each token count compiles (none: one token or the GEMV path)
+    variants = set()
+    for m in counts:
+        cfg = config_for(m)
+        if m > 1 and not (cfg.get("gemv") and m <= cfg["gemv"].get("max_tokens", 1)):
+            variants.add((cfg["BLOCK_M"], *align_plan(m * top_k, num_experts)))
+    return variants
+
+
+@pytest.mark.parametrize("num_experts,top_k,max_tokens,table", [
+    (128, 8, 8192, "H2048_I768_bfloat16"), (128, 8, 3000, "H2048_I768_fp8"), (128, 8, 8192, "H4096_I1408_bfloat16"),
+    (8, 2, 8192, "H4096_I14336_bfloat16"),  # the H200 tables (nearest bucket)
+    (60, 4, 8192, None), (64, 6, 5000, None), (256, 8, 8192, None), (512, 10, 8192, None), (8, 2, 700, None),
+])
+def test_warmup_token_counts_cover_align(monkeypatch, num_experts, top_k, max_tokens, table):
+    # the start-up warmup's token counts compile every align variant (its constexprs and BLOCK_M) that a step of up
+    # to max_tokens tokens runs: none compiles on the serving path. The tuned tables through get_moe_config, as on
+    # an H200; other shapes through default_config
+    if table is not None:
+        monkeypatch.setattr("kernels.moe_config.device_name", lambda device=None: "NVIDIA_H200")
+        hidden, inter, dtype = table.split("_")
+        def config_for(m):
+            return get_moe_config(m, num_experts, int(hidden[1:]), int(inter[1:]), top_k, dtype)
+    else:
+        def config_for(m):
+            return default_config(m, num_experts, top_k, False)
+    need = _align_variants(range(1, max_tokens + 1), num_experts, top_k, config_for)
+    have = _align_variants(warmup_token_counts(max_tokens, top_k), num_experts, top_k, config_for)
+    assert need - have == set()
+    # the ranges align_token_ranges gives are those of the plan, token by token
+    plans = [align_plan(m * top_k, num_experts) for m in range(1, max_tokens + 1)]
+    ranges = align_token_ranges(max_tokens, top_k, num_experts)
+    assert [m for r in ranges for m in range(r[0], r[1] + 1)] == list(range(1, max_tokens + 1))
+    assert all(len({plans[m - 1] for m in range(a, b + 1)}) == 1 for a, b in ranges)
+    assert all(plans[a - 1] != plans[b - 1] for (_, a), (b, _) in zip(ranges, ranges[1:]))
 
 
 def test_moe_align_all_skipped():
