@@ -203,6 +203,10 @@ def _align_scatter_kernel(
 _COUNTERS: dict = {}  # the count kernel's arrivals, one int32 per device (kernels.zeroed_counters)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _chunk(num_pairs: int, e_pad: int) -> int:
     # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs; its one-hot
     # [chunk, e_pad] tile stays <= 32k elements
@@ -247,6 +251,12 @@ def moe_align(
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
     device = topk_ids.device
+    # the count kernel's arrival counter (SCAN), allocated by the first call on the device whatever its size, so
+    # on an eager run: made inside a CUDA graph capture, it would be zeroed only by that graph's replays, and an
+    # eager call or another graph before its first replay would count on garbage
+    counter = _COUNTERS.get(device)
+    if counter is None and not _capturing(device):
+        counter = zeroed_counters(_COUNTERS, 1, device, 1)
     num_pairs = topk_ids.numel()
     nblocks = max_blocks(num_pairs, num_experts, block_m)
     sorted_ids = torch.empty(nblocks * block_m, dtype=torch.int32, device=device)
@@ -271,7 +281,10 @@ def moe_align(
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     ends = torch.empty(e_pad, dtype=torch.int32, device=device)  # the experts' padded segment ends (SCAN only)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
-    counter = zeroed_counters(_COUNTERS, 1, device, 1) if scan else num_post_pad  # (unused without SCAN)
+    if scan and counter is None:
+        raise RuntimeError("moe_align: a CUDA graph capture holds the first call on this device; call moe_align "
+                           "eagerly once before capturing")
+    counter = counter if scan else num_post_pad  # (unused without SCAN)
     rows = max(1, min(32, 4096 // e_pad))
     _align_count_kernel[(num_chunks,)](
         topk_ids, chunk_counts, sorted_ids, ends, num_post_pad, counter, num_pairs, nblocks * block_m, fill,

@@ -89,6 +89,25 @@ def test_bench_align_smoke(tmp_path, monkeypatch):
     assert rows[0]["one_program_exact"] and all(r["two_launches_exact"] for r in rows)
 
 
+def test_moe_align_counter_first_call(monkeypatch):
+    # the SCAN counter comes with the first call on a device, whatever its size (an eager run, before any CUDA
+    # graph capture); a capture holding the first call runs without it, and a SCAN call there is an error
+    import kernels.moe_align as align
+
+    _, ids = _routing(2, 16, 2)
+    monkeypatch.setattr(align, "_COUNTERS", {})
+    monkeypatch.setattr(align, "_capturing", lambda device: True)
+    _check_align(ids, 16, 16)  # one program: no counter needed
+    with pytest.raises(RuntimeError, match="eagerly once"):
+        moe_align(ids, 16, 16, one_program_pairs=0, scan_chunks=0)
+    assert align._COUNTERS == {}
+    monkeypatch.setattr(align, "_capturing", lambda device: False)
+    moe_align(ids, 16, 16)  # the first eager call, one program
+    assert align._COUNTERS[ids.device].tolist() == [0]
+    outs = [moe_align(ids, 16, 16), moe_align(ids, 16, 16, one_program_pairs=0, chunk=32, scan_chunks=0)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and align._COUNTERS[ids.device].tolist() == [0]  # re-armed
+
+
 def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
     # (BLOCK_M, N_PAD, CHUNK, SCAN) the align of each token count compiles (none: one token or the GEMV path)
     variants = set()
