@@ -89,6 +89,15 @@ def test_bench_align_smoke(tmp_path, monkeypatch):
     assert rows[0]["one_program_exact"] and all(r["two_launches_exact"] for r in rows)
 
 
+@pytest.mark.parametrize("kw", [{}, {"one_program_pairs": 0}, {"one_program_pairs": 0, "scan_chunks": 0}])
+def test_moe_align_int64_ids(kw):
+    # int64 topk_ids (fused_experts takes them): each path as with int32, to the bit
+    _, ids = _routing(20, 300, 4)  # 300 experts: E_PAD 512, 64-pair chunks
+    out32, out64 = moe_align(ids, 300, 32, **kw), moe_align(ids.long(), 300, 32, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(out32, out64))
+    _check_align(ids.long(), 300, 32)
+
+
 def test_moe_align_counter_first_call(monkeypatch):
     # the SCAN counter comes with the first call on a device, whatever its size (an eager run, before any CUDA
     # graph capture); a capture holding the first call runs without it, and a SCAN call there is an error
