@@ -141,8 +141,9 @@ def _align_count_kernel(
             totals = tl.zeros([E_PAD], tl.int32)
             for c0 in range(0, num_chunks, ROWS):
                 c = c0 + tl.arange(0, ROWS)
+                # .cg: the other programs' rows were written by other SMs, never through this SM's L1
                 cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None],
-                             other=0)
+                             other=0, cache_modifier=".cg")
                 totals += tl.sum(cc, 0)
             padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
             ends = tl.cumsum(padded, 0)
@@ -150,7 +151,8 @@ def _align_count_kernel(
             for c0 in range(0, num_chunks, ROWS):
                 c = c0 + tl.arange(0, ROWS)
                 cmask = (c < num_chunks)[:, None]
-                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=cmask, other=0)
+                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=cmask, other=0,
+                             cache_modifier=".cg")
                 tl.store(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :],
                          running[None, :] + tl.cumsum(cc, 0) - cc, mask=cmask)
                 running += tl.sum(cc, 0)
