@@ -280,6 +280,38 @@ GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "mixtral": (8, 4096, 14336, 2), "glm
 
 
 @pytest.mark.gpu
+def test_moe_align_scan_graph_gpu():
+    # the SCAN path (the count kernel's last program, an arrival counter that re-arms itself) replayed from a CUDA
+    # graph holding two SCAN aligns of other chunk counts, new routings each replay, an eager SCAN align of a third
+    # count between replays (with PDL where the GPU has it): each the reference's bits, the counter back at 0
+    import kernels.moe_align as align
+
+    def exact(out, ids, block_m):
+        ref = moe_align_ref(ids, 128, block_m)
+        n = int(ref[2].item())
+        return (int(out[2].item()) == n and torch.equal(out[1], ref[1]) and torch.equal(out[0][:n], ref[0][:n])
+                and bool((out[0][n:] == ids.numel()).all()))
+
+    ids1, ids2 = _routing(4096, 128, 8, "cuda", drop_every=7)[1], _routing(3000, 128, 8, "cuda", drop_every=0)[1]
+    runs = [lambda: moe_align(ids1, 128, 128), lambda: moe_align(ids2, 128, 16, chunk=64)]  # 128 and 375 chunks
+    assert all(align.align_plan(i.numel(), 128, chunk=c)[2] for i, c in ((ids1, None), (ids2, 64)))
+    for run in runs:
+        run()  # compile; the counter exists
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [run() for run in runs]
+    for i in range(20):
+        ids1.copy_(_routing(4096, 128, 8, "cuda", drop_every=i % 5)[1])
+        ids2.copy_(_routing(3000, 128, 8, "cuda", drop_every=3)[1])
+        graph.replay()
+        eager_ids = _routing(2100 + i, 128, 8, "cuda", drop_every=2)[1]
+        eager = moe_align(eager_ids, 128, 64)  # 66 chunks of 256
+        assert exact(outs[0], ids1, 128) and exact(outs[1], ids2, 16) and exact(eager, eager_ids, 64), i
+    torch.cuda.synchronize()
+    assert align._COUNTERS[ids1.device].tolist() == [0]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
 @pytest.mark.parametrize("num_tokens", [1, 64, 777])
 @pytest.mark.parametrize("fp8", [False, True])
