@@ -127,23 +127,9 @@ def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
     return variants
 
 
-@pytest.mark.parametrize("num_experts,top_k,max_tokens,table", [
-    (128, 8, 8192, "H2048_I768_bfloat16"), (128, 8, 3000, "H2048_I768_fp8"), (128, 8, 8192, "H4096_I1408_bfloat16"),
-    (8, 2, 8192, "H4096_I14336_bfloat16"),  # the H200 tables (nearest bucket)
-    (60, 4, 8192, None), (64, 6, 5000, None), (256, 8, 8192, None), (512, 10, 8192, None), (8, 2, 700, None),
-])
-def test_warmup_token_counts_cover_align(monkeypatch, num_experts, top_k, max_tokens, table):
+def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, config_for) -> None:
     # the start-up warmup's token counts compile every align variant (its constexprs and BLOCK_M) that a step of up
-    # to max_tokens tokens runs: none compiles on the serving path. The tuned tables through get_moe_config, as on
-    # an H200; other shapes through default_config
-    if table is not None:
-        monkeypatch.setattr("kernels.moe_config.device_name", lambda device=None: "NVIDIA_H200")
-        hidden, inter, dtype = table.split("_")
-        def config_for(m):
-            return get_moe_config(m, num_experts, int(hidden[1:]), int(inter[1:]), top_k, dtype)
-    else:
-        def config_for(m):
-            return default_config(m, num_experts, top_k, False)
+    # to max_tokens tokens runs: none compiles on the serving path
     need = _align_variants(range(1, max_tokens + 1), num_experts, top_k, config_for)
     have = _align_variants(warmup_token_counts(max_tokens, top_k), num_experts, top_k, config_for)
     assert need - have == set()
@@ -153,6 +139,37 @@ def test_warmup_token_counts_cover_align(monkeypatch, num_experts, top_k, max_to
     assert [m for r in ranges for m in range(r[0], r[1] + 1)] == list(range(1, max_tokens + 1))
     assert all(len({plans[m - 1] for m in range(a, b + 1)}) == 1 for a, b in ranges)
     assert all(plans[a - 1] != plans[b - 1] for (_, a), (b, _) in zip(ranges, ranges[1:]))
+
+
+@pytest.mark.parametrize("num_experts,top_k,max_tokens", [
+    (60, 4, 8192), (64, 6, 5000), (128, 8, 8192), (256, 8, 8192), (512, 10, 8192), (8, 2, 700), (3000, 8, 4000),
+])
+def test_warmup_token_counts_cover_align_default(num_experts, top_k, max_tokens):
+    _check_warmup_covers_align(num_experts, top_k, max_tokens,
+                               lambda m: default_config(m, num_experts, top_k, False))
+
+
+def _moe_tables() -> list[str]:
+    from kernels.moe_config import CONFIG_DIR
+
+    return sorted(p.name for p in CONFIG_DIR.glob("moe_E*.json"))
+
+
+@pytest.mark.parametrize("table", _moe_tables())
+def test_warmup_token_counts_cover_align_tables(monkeypatch, table):
+    # each checked-in table through get_moe_config (nearest bucket, GEMV entries), on its GPU, with its model's top-k
+    # (Mixtral's 8 experts top-2; the 128-expert tables Qwen3-30B-A3B's and GLM-4.5-Air's top-8)
+    import re
+
+    match = re.fullmatch(r"moe_E(\d+)_H(\d+)_I(\d+)_([a-z0-9]+)_(.+)\.json", table)
+    assert match, table
+    num_experts, hidden, inter = map(int, match.groups()[:3])
+    dtype, gpu = match.group(4), match.group(5)
+    top_k = 2 if num_experts == 8 else 8
+    monkeypatch.setattr("kernels.moe_config.device_name", lambda device=None: gpu)
+    for max_tokens in (8192, 3000):
+        _check_warmup_covers_align(num_experts, top_k, max_tokens,
+                                   lambda m: get_moe_config(m, num_experts, hidden, inter, top_k, dtype))
 
 
 def test_moe_align_all_skipped():
