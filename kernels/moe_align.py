@@ -98,7 +98,7 @@ def _align_small_kernel(
     i = tl.arange(0, N_PAD)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too: the histogram's bins are int32
+    safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too (the interpreter's histogram takes int32)
     counts = tl.histogram(safe_ids, E_PAD, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
@@ -128,7 +128,7 @@ def _align_count_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    hist = tl.histogram(tl.where(valid, ids, 0).to(tl.int32), E_PAD, mask=valid)  # (int64 ids too)
+    hist = tl.histogram(tl.where(valid, ids, 0).to(tl.int32), E_PAD, mask=valid)  # (int64 ids: int32)
     tl.store(chunk_counts_ptr + pid * E_PAD + e, hist)
     for f0 in range(0, fill_per_program, CHUNK):  # padding sentinel for this program's share
         f = f0 + tl.arange(0, CHUNK)
@@ -193,7 +193,7 @@ def _align_scatter_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too: the histogram's bins are int32
+    safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too (the interpreter's histogram takes int32)
     pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
     tl.store(sorted_ptr + pos, i, mask=valid)
     # every program knows every expert's segment: each writes its share of the block experts
