@@ -23,7 +23,7 @@ from kernels.fp8 import (
     per_token_group_quant,
     per_token_group_quant_ref,
 )
-from kernels.moe_align import ONE_PROGRAM_PAIRS, moe_align
+from kernels.moe_align import align_token_ranges, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
@@ -393,11 +393,13 @@ def fused_experts(
 def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
     """Token counts whose steps, run once at start-up, compile every variant of the MoE kernels a server can
     hit up to max_tokens: the block configs change only between buckets at least 2x apart (every power of
-    two lands in each), the one-program align tile N_PAD (a power of two of pairs, up to ONE_PROGRAM_PAIRS)
-    is reached by P // top_k tokens, and each chunk size of the two-launch align (kernels/moe_align.py _chunk)
-    holds a power of two of tokens (its pair counts span a factor >= 2). Every other per-step size is a runtime
-    argument."""
+    two lands in each), and the align's own constexprs (kernels/moe_align.py align_plan) hold over ranges of
+    token counts (align_token_ranges), whose first and last counts are taken for every expert count that sets
+    another chunk cap. So every (BLOCK_M, align plan) pair is met: where the two ranges overlap, a power of two
+    of the BLOCK_M range lies inside the align range, or before its first count, or after its last (both then
+    in the BLOCK_M range). Every other per-step size is a runtime argument."""
     counts = {1 << i for i in range(max_tokens.bit_length())}
-    counts |= {max(2, p // top_k) for p in (16 << i for i in range(8)) if p <= ONE_PROGRAM_PAIRS}
+    for num_experts in (16 << i for i in range(8)):  # E_PAD 16 .. 2048: each chunk cap (past 2048 it stays 16)
+        counts |= {m for r in align_token_ranges(max_tokens, top_k, num_experts) for m in r}
     counts.add(max_tokens)
     return sorted(c for c in counts if c <= max_tokens)

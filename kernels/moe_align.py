@@ -7,7 +7,9 @@ Outputs have sizes fixed by shapes alone (no host sync, CUDA-graph safe):
 Pairs with expert id -1 (slots handled by another expert-parallel rank) are dropped. Within an expert the
 pairs keep their flat order, so the result is deterministic. Up to ONE_PROGRAM_PAIRS pairs one program does it
 all (one launch: small decode steps); beyond, a count launch and a scatter launch over one program a chunk of
-pairs, no atomics, no memset.
+pairs, no memset; past SCAN_CHUNKS chunks the count kernel's last program (one arrival counter per device, which
+it re-arms) sums the chunks' counts once. The compiled variants follow the pair count (align_plan);
+kernels/fused_moe.py warmup_token_counts reaches each of them at start-up.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _align_small_kernel(
     i = tl.arange(0, N_PAD)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    safe_ids = tl.where(valid, ids, 0)
+    safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too (the interpreter's histogram takes int32)
     counts = tl.histogram(safe_ids, E_PAD, mask=valid)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
@@ -126,7 +128,7 @@ def _align_count_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    hist = tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
+    hist = tl.histogram(tl.where(valid, ids, 0).to(tl.int32), E_PAD, mask=valid)  # (int64 ids: int32)
     tl.store(chunk_counts_ptr + pid * E_PAD + e, hist)
     for f0 in range(0, fill_per_program, CHUNK):  # padding sentinel for this program's share
         f = f0 + tl.arange(0, CHUNK)
@@ -141,8 +143,9 @@ def _align_count_kernel(
             totals = tl.zeros([E_PAD], tl.int32)
             for c0 in range(0, num_chunks, ROWS):
                 c = c0 + tl.arange(0, ROWS)
+                # .cg: the other programs' rows were written by other SMs, never through this SM's L1
                 cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None],
-                             other=0)
+                             other=0, cache_modifier=".cg")
                 totals += tl.sum(cc, 0)
             padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
             ends = tl.cumsum(padded, 0)
@@ -150,7 +153,8 @@ def _align_count_kernel(
             for c0 in range(0, num_chunks, ROWS):
                 c = c0 + tl.arange(0, ROWS)
                 cmask = (c < num_chunks)[:, None]
-                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=cmask, other=0)
+                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=cmask, other=0,
+                             cache_modifier=".cg")
                 tl.store(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :],
                          running[None, :] + tl.cumsum(cc, 0) - cc, mask=cmask)
                 running += tl.sum(cc, 0)
@@ -189,7 +193,7 @@ def _align_scatter_kernel(
     i = pid * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
-    safe_ids = tl.where(valid, ids, 0)
+    safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too (the interpreter's histogram takes int32)
     pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
     tl.store(sorted_ptr + pos, i, mask=valid)
     # every program knows every expert's segment: each writes its share of the block experts
@@ -203,10 +207,41 @@ def _align_scatter_kernel(
 _COUNTERS: dict = {}  # the count kernel's arrivals, one int32 per device (kernels.zeroed_counters)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _chunk(num_pairs: int, e_pad: int) -> int:
     # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs; its one-hot
     # [chunk, e_pad] tile stays <= 32k elements
     return min(SMALL_PAIRS, max(16, 32768 // e_pad), max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
+
+
+def align_plan(
+    num_pairs: int, num_experts: int, one_program_pairs: int = ONE_PROGRAM_PAIRS, chunk: int | None = None,
+    scan_chunks: int | None = None,
+) -> tuple[int, int, bool]:
+    """(N_PAD, CHUNK, SCAN) of a call on num_pairs > 0 pairs, the constexprs that follow the pair count (each new
+    one compiles): (N_PAD, 0, False) for the one program, (0, CHUNK, SCAN) for the two launches."""
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
+        return max(16, triton.next_power_of_2(num_pairs)), 0, False
+    chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
+    return 0, chunk, triton.cdiv(num_pairs, chunk) > (SCAN_CHUNKS if scan_chunks is None else scan_chunks)
+
+
+def align_token_ranges(max_tokens: int, top_k: int, num_experts: int) -> list[tuple[int, int]]:
+    """[first, last] token counts (1..max_tokens) over which align_plan(tokens * top_k, num_experts) stays the same,
+    in order: the plan grows with the pairs, so each is one range, its end found by bisection."""
+    ranges, first = [], 1
+    while first <= max_tokens:
+        plan, lo, hi = align_plan(first * top_k, num_experts), first, max_tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if align_plan(mid * top_k, num_experts) == plan else (lo, mid - 1)
+        ranges.append((first, lo))
+        first = lo + 1
+    return ranges
 
 
 def moe_align(
@@ -220,6 +255,12 @@ def moe_align(
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
     device = topk_ids.device
+    # the count kernel's arrival counter (SCAN), allocated by the first call on the device whatever its size, so
+    # on an eager run: made inside a CUDA graph capture, it would be zeroed only by that graph's replays, and an
+    # eager call or another graph before its first replay would count on garbage
+    counter = _COUNTERS.get(device)
+    if counter is None and not _capturing(device):
+        counter = zeroed_counters(_COUNTERS, 1, device, 1)
     num_pairs = topk_ids.numel()
     nblocks = max_blocks(num_pairs, num_experts, block_m)
     sorted_ids = torch.empty(nblocks * block_m, dtype=torch.int32, device=device)
@@ -232,20 +273,22 @@ def moe_align(
     pdl = pdl_enabled(device)
     if chunk is not None and (chunk < 32 or chunk & (chunk - 1)):
         raise ValueError(f"align chunk must be a power of two >= 32, got {chunk}")
-    if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
+    n_pad, chunk, scan = align_plan(num_pairs, num_experts, one_program_pairs, chunk, scan_chunks)
+    if n_pad:
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
-            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=max(16, triton.next_power_of_2(num_pairs)),
+            NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=n_pad,
             E_PAD=e_pad, FILL=1024, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
         )
         return sorted_ids, expert_ids, num_post_pad
-    chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
     ends = torch.empty(e_pad, dtype=torch.int32, device=device)  # the experts' padded segment ends (SCAN only)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
-    scan = num_chunks > (SCAN_CHUNKS if scan_chunks is None else scan_chunks)
-    counter = zeroed_counters(_COUNTERS, 1, device, 1) if scan else num_post_pad  # (unused without SCAN)
+    if scan and counter is None:
+        raise RuntimeError("moe_align: a CUDA graph capture holds the first call on this device; call moe_align "
+                           "eagerly once before capturing")
+    counter = counter if scan else num_post_pad  # (unused without SCAN)
     rows = max(1, min(32, 4096 // e_pad))
     _align_count_kernel[(num_chunks,)](
         topk_ids, chunk_counts, sorted_ids, ends, num_post_pad, counter, num_pairs, nblocks * block_m, fill,

@@ -11,8 +11,15 @@ if not torch.cuda.is_available():
 
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
-from kernels.moe_align import ONE_PROGRAM_PAIRS, max_blocks, moe_align, moe_align_ref  # noqa: E402
+from kernels.fused_moe import fused_experts, fused_experts_ref, warmup_token_counts  # noqa: E402
+from kernels.moe_align import (  # noqa: E402
+    ONE_PROGRAM_PAIRS,
+    align_plan,
+    align_token_ranges,
+    max_blocks,
+    moe_align,
+    moe_align_ref,
+)
 from kernels.moe_config import default_config, get_moe_config  # noqa: E402
 
 
@@ -80,6 +87,89 @@ def test_bench_align_smoke(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     assert [r["default"] for r in rows] == ["one_program", "two_launches"]
     assert rows[0]["one_program_exact"] and all(r["two_launches_exact"] for r in rows)
+
+
+@pytest.mark.parametrize("kw", [{}, {"one_program_pairs": 0}, {"one_program_pairs": 0, "scan_chunks": 0}])
+def test_moe_align_int64_ids(kw):
+    # int64 topk_ids (fused_experts takes them): each path as with int32, to the bit
+    _, ids = _routing(20, 300, 4)  # 300 experts: E_PAD 512, 64-pair chunks
+    out32, out64 = moe_align(ids, 300, 32, **kw), moe_align(ids.long(), 300, 32, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(out32, out64))
+    _check_align(ids.long(), 300, 32)
+
+
+def test_moe_align_counter_first_call(monkeypatch):
+    # the SCAN counter comes with the first call on a device, whatever its size (an eager run, before any CUDA
+    # graph capture); a capture holding the first call runs without it, and a SCAN call there is an error
+    import kernels.moe_align as align
+
+    _, ids = _routing(2, 16, 2)
+    monkeypatch.setattr(align, "_COUNTERS", {})
+    monkeypatch.setattr(align, "_capturing", lambda device: True)
+    _check_align(ids, 16, 16)  # one program: no counter needed
+    with pytest.raises(RuntimeError, match="eagerly once"):
+        moe_align(ids, 16, 16, one_program_pairs=0, scan_chunks=0)
+    assert align._COUNTERS == {}
+    monkeypatch.setattr(align, "_capturing", lambda device: False)
+    moe_align(ids, 16, 16)  # the first eager call, one program
+    assert align._COUNTERS[ids.device].tolist() == [0]
+    outs = [moe_align(ids, 16, 16), moe_align(ids, 16, 16, one_program_pairs=0, chunk=32, scan_chunks=0)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and align._COUNTERS[ids.device].tolist() == [0]  # re-armed
+
+
+def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
+    # (BLOCK_M, N_PAD, CHUNK, SCAN) the align of each token count compiles (none: one token or the GEMV path)
+    variants = set()
+    for m in counts:
+        cfg = config_for(m)
+        if m > 1 and not (cfg.get("gemv") and m <= cfg["gemv"].get("max_tokens", 1)):
+            variants.add((cfg["BLOCK_M"], *align_plan(m * top_k, num_experts)))
+    return variants
+
+
+def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, config_for) -> None:
+    # the start-up warmup's token counts compile every align variant (its constexprs and BLOCK_M) that a step of up
+    # to max_tokens tokens runs: none compiles on the serving path
+    need = _align_variants(range(1, max_tokens + 1), num_experts, top_k, config_for)
+    have = _align_variants(warmup_token_counts(max_tokens, top_k), num_experts, top_k, config_for)
+    assert need - have == set()
+    # the ranges align_token_ranges gives are those of the plan, token by token
+    plans = [align_plan(m * top_k, num_experts) for m in range(1, max_tokens + 1)]
+    ranges = align_token_ranges(max_tokens, top_k, num_experts)
+    assert [m for r in ranges for m in range(r[0], r[1] + 1)] == list(range(1, max_tokens + 1))
+    assert all(len({plans[m - 1] for m in range(a, b + 1)}) == 1 for a, b in ranges)
+    assert all(plans[a - 1] != plans[b - 1] for (_, a), (b, _) in zip(ranges, ranges[1:]))
+
+
+@pytest.mark.parametrize("num_experts,top_k,max_tokens", [
+    (60, 4, 8192), (64, 6, 5000), (128, 8, 8192), (256, 8, 8192), (512, 10, 8192), (8, 2, 700), (3000, 8, 4000),
+])
+def test_warmup_token_counts_cover_align_default(num_experts, top_k, max_tokens):
+    _check_warmup_covers_align(num_experts, top_k, max_tokens,
+                               lambda m: default_config(m, num_experts, top_k, False))
+
+
+def _moe_tables() -> list[str]:
+    from kernels.moe_config import CONFIG_DIR
+
+    return sorted(p.name for p in CONFIG_DIR.glob("moe_E*.json"))
+
+
+@pytest.mark.parametrize("table", _moe_tables())
+def test_warmup_token_counts_cover_align_tables(monkeypatch, table):
+    # each checked-in table through get_moe_config (nearest bucket, GEMV entries), on its GPU, with its model's top-k
+    # (Mixtral's 8 experts top-2; the 128-expert tables Qwen3-30B-A3B's and GLM-4.5-Air's top-8)
+    import re
+
+    match = re.fullmatch(r"moe_E(\d+)_H(\d+)_I(\d+)_([a-z0-9]+)_(.+)\.json", table)
+    assert match, table
+    num_experts, hidden, inter = map(int, match.groups()[:3])
+    dtype, gpu = match.group(4), match.group(5)
+    top_k = 2 if num_experts == 8 else 8
+    monkeypatch.setattr("kernels.moe_config.device_name", lambda device=None: gpu)
+    for max_tokens in (8192, 3000):
+        _check_warmup_covers_align(num_experts, top_k, max_tokens,
+                                   lambda m: get_moe_config(m, num_experts, hidden, inter, top_k, dtype))
 
 
 def test_moe_align_all_skipped():
@@ -204,6 +294,38 @@ def test_forced_act_fp8_keeps_every_table_entry_valid():
 # ------------------------------------------------------------------------------------------- GPU
 
 GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "mixtral": (8, 4096, 14336, 2), "glm45air": (128, 4096, 1408, 8)}
+
+
+@pytest.mark.gpu
+def test_moe_align_scan_graph_gpu():
+    # the SCAN path (the count kernel's last program, an arrival counter that re-arms itself) replayed from a CUDA
+    # graph holding two SCAN aligns of other chunk counts, new routings each replay, an eager SCAN align of a third
+    # count between replays (with PDL where the GPU has it): each the reference's bits, the counter back at 0
+    import kernels.moe_align as align
+
+    def exact(out, ids, block_m):
+        ref = moe_align_ref(ids, 128, block_m)
+        n = int(ref[2].item())
+        return (int(out[2].item()) == n and torch.equal(out[1], ref[1]) and torch.equal(out[0][:n], ref[0][:n])
+                and bool((out[0][n:] == ids.numel()).all()))
+
+    ids1, ids2 = _routing(4096, 128, 8, "cuda", drop_every=7)[1], _routing(3000, 128, 8, "cuda", drop_every=0)[1]
+    runs = [lambda: moe_align(ids1, 128, 128), lambda: moe_align(ids2, 128, 16, chunk=64)]  # 128 and 375 chunks
+    assert all(align.align_plan(i.numel(), 128, chunk=c)[2] for i, c in ((ids1, None), (ids2, 64)))
+    for run in runs:
+        run()  # compile; the counter exists
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [run() for run in runs]
+    for i in range(20):
+        ids1.copy_(_routing(4096, 128, 8, "cuda", drop_every=i % 5)[1])
+        ids2.copy_(_routing(3000, 128, 8, "cuda", drop_every=3)[1])
+        graph.replay()
+        eager_ids = _routing(2100 + i, 128, 8, "cuda", drop_every=2)[1]
+        eager = moe_align(eager_ids, 128, 64)  # 66 chunks of 256
+        assert exact(outs[0], ids1, 128) and exact(outs[1], ids2, 16) and exact(eager, eager_ids, 64), i
+    torch.cuda.synchronize()
+    assert align._COUNTERS[ids1.device].tolist() == [0]
 
 
 @pytest.mark.gpu
