@@ -18,7 +18,9 @@
 #     graph replays), the kernel-level A/B, and the FP8-KV decode step off / on at B=1, 8, 64. If on wins, set
 #     FUSED_FP8_DOT = True (and drop the "off until measured" notes in decode_fused.py, test_decode_fused.py).
 #   phase 8 (~3 min): the fused decode prologue past its 64-row cap (models/layers.py FUSED_DECODE_MAX_ROWS): the
-#     bf16 decode step at B=128 and 256 with the cap at 64 (today) and lifted; raise the cap if lifted wins.
+#     bf16 decode step at B=128 and 256 with the cap at 64 (today) and lifted; raise the cap if lifted wins. Then
+#     the MoE align with 160 experts (its last program's serial pass over 512 chunks at 8192 tokens) and its
+#     graph-replay GPU test (session 10's review); phase 3's test_gpu_compile checks the wider warmup.
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema 2>&1 | tail -1
@@ -92,5 +94,8 @@ sys.argv = ['bench_e2e.py', '--no-hf', '--batch-sizes', '128,256', '--prefill', 
             '30', '--out', '$OUT/e2e_fused_cap$cap.json']
 runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/FUSED_DECODE_MAX_ROWS=$cap /"
   done
+  timeout 60 python3 benchmarks/bench_align.py --experts 160 --m 1024,2048,4096,8192 --out $OUT/align_e160.json 2>&1 \
+    | tail -5
+  timeout 60 python3 -m pytest -q -m gpu tests/test_kernels_moe.py -k align 2>&1 | tail -2
 fi
 echo "done in $SECONDS s"
