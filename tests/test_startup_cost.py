@@ -59,3 +59,17 @@ def test_engine_start_imports_no_sympy(checkpoint: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_launch_checks_import_no_torch(checkpoint: str) -> None:
+    """python -m runtime.serve --device cpu checks its layout before any process starts, without torch (~1 s):
+    a bad layout is a one-line error at once, and the control plane starts before the launcher loads torch."""
+    code = (
+        "import sys\n"
+        "from runtime.serve import parse_args\n"
+        f"parse_args(['--model', {checkpoint!r}, '--device', 'cpu', '-dp', '2', '--enable-expert-parallel',\n"
+        "            '--headless'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
