@@ -235,7 +235,7 @@ def test_openai_server_with_async_scheduling(checkpoint: str) -> None:
         while _http(f"{base}/health", timeout_s=2)[0] != 200:
             assert proc.poll() is None, "runtime.serve exited"
             assert time.monotonic() < deadline, "API server not healthy after 90 s"
-            time.sleep(0.5)
+            time.sleep(0.1)
         answers = [_http(f"{base}/v1/completions", body) for _ in range(2)]
     offline = LLM(model=checkpoint, device="cpu", kv_cache_memory=8 << 20, max_model_len=256)
     want = offline.generate("Hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]

@@ -107,7 +107,7 @@ def server(
                 pass
             if time.time() > deadline:
                 pytest.fail(f"runtime.serve not healthy after 180 s:\n{srv.log_tail()}")
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield srv
     finally:
         if proc.poll() is None:

@@ -71,7 +71,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             assert time.time() < deadline, open(log_path).read()[-3000:]
-            time.sleep(0.3)
+            time.sleep(0.1)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
