@@ -190,6 +190,17 @@ def _check_quantization(cfg: dict[str, Any], args: ModelArgs) -> ModelArgs:
     return dataclasses.replace(args, quantization="fp8")
 
 
+def _to_empty(model: nn.Module, device: torch.device) -> None:
+    # nn.Module.to_empty, but a contiguous tensor through torch.empty: empty_like of a meta tensor runs torch's
+    # Python references, whose first call imports sympy (~0.25 s of every rank's start-up); same shapes and layout
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():
+            return torch.empty(t.shape, dtype=t.dtype, device=device)
+        return torch.empty_like(t, device=device)
+
+    model._apply(empty)
+
+
 def load_model(model_path: str, hf_config: Any, args: ModelArgs, load_format: str = "auto") -> nn.Module:
     cfg = config_dict(hf_config)
     args = _check_quantization(cfg, args)
@@ -198,7 +209,7 @@ def load_model(model_path: str, hf_config: Any, args: ModelArgs, load_format: st
     model_cls = get_model_class(cfg)
     with torch.device("meta"):
         model = model_cls(cfg, args)
-    model.to_empty(device=args.device)
+    _to_empty(model, args.device)
     model.tie_weights()
     model.requires_grad_(False)
     with torch.no_grad():

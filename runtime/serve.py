@@ -291,7 +291,10 @@ def serve(config: EngineConfig, api_server: bool = True, ipc_dir: str | None = N
             raise
     finally:
         watch.stop()
-        stop_processes(procs)
+        # the coordinator first: its last word (EngineDead) reaches a front end that is still there; stopped
+        # together, the front end may be gone first and the coordinator wait out its 1 s linger for it
+        stop_processes(procs[:1])
+        stop_processes(procs[1:])
         if ipc_dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
     if fatal is not None:

@@ -328,10 +328,12 @@ def run_api_server(config: EngineConfig, addrs: Addresses, watch_pid: int | None
     metrics = Metrics(config.model_name)
     client = EngineClient(addrs, config.max_queue_len, on_stats=metrics.cluster.update)
 
-    def exit_soon(reason: str) -> None:
-        # every waiting client has its 503 queued; let the streams flush, then stop (the launcher exits too)
-        log.error("engine ranks are gone (%s): the API server stops in %.0f s", reason, FATAL_EXIT_GRACE_S)
-        asyncio.get_running_loop().call_later(FATAL_EXIT_GRACE_S, os.kill, os.getpid(), signal.SIGTERM)
+    def exit_soon(reason: str, num_failed: int) -> None:
+        # every waiting client has its 503 queued; let the streams flush, then stop (the launcher exits too).
+        # With none waiting there is nothing to flush (uvicorn's graceful shutdown still ends open responses)
+        grace_s = FATAL_EXIT_GRACE_S if num_failed else 0.0
+        log.error("engine ranks are gone (%s): the API server stops in %.0f s", reason, grace_s)
+        asyncio.get_running_loop().call_later(grace_s, os.kill, os.getpid(), signal.SIGTERM)
 
     client.on_fatal = exit_soon
     if watch_pid:

@@ -113,7 +113,7 @@ class EngineClient:
         self.coordinator_id = 0  # of the coordinator process last heard; a new one may have lost requests
         self.hung: set[str] = set()  # requests failed for taking ranks down twice (their error is a 500)
         self.num_failed_hung = 0
-        self.on_fatal: Callable[[str], None] | None = None
+        self.on_fatal: Callable[[str, int], None] | None = None  # (reason, number of requests it failed)
         self._ctx: zmq.Context | None = None
         self._push: zmq.Socket | None = None
         self._pull: zmq.Socket | None = None
@@ -301,14 +301,15 @@ class EngineClient:
         if self.dead is not None:
             return
         self.dead = reason
-        log.error("engine ranks are gone (%s): failing %d requests in flight", reason, len(self.in_flight))
+        num_failed = len(self.in_flight)
+        log.error("engine ranks are gone (%s): failing %d requests in flight", reason, num_failed)
         for req in list(self.in_flight.values()):
             self._forget(req.request_id)
             req.group.queue.put_nowait(
                 TokenDelta(request_id=req.request_id, new_token_ids=[], finish_reason="abort", error=reason)
             )
         if self.on_fatal is not None:
-            self.on_fatal(reason)
+            self.on_fatal(reason, num_failed)
 
     def abort(self, request_ids: list[str]) -> None:
         ids = [rid for rid in request_ids if self._forget(rid)]

@@ -235,7 +235,7 @@ def test_openai_server_with_async_scheduling(checkpoint: str) -> None:
         while _http(f"{base}/health", timeout_s=2)[0] != 200:
             assert proc.poll() is None, "runtime.serve exited"
             assert time.monotonic() < deadline, "API server not healthy after 90 s"
-            time.sleep(0.5)
+            time.sleep(0.1)
         answers = [_http(f"{base}/v1/completions", body) for _ in range(2)]
     offline = LLM(model=checkpoint, device="cpu", kv_cache_memory=8 << 20, max_model_len=256)
     want = offline.generate("Hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
@@ -295,6 +295,8 @@ def _tp_worker(rank: int, world: int, port: int, model: str, result_dir: str) ->
             json.dump({"tokens": out, "overlapped": engine.num_overlapped_steps}, f)
     else:
         engine.runner.follow()
+    with open(os.path.join(result_dir, f"grammar_warm_up{rank}.json"), "w") as f:
+        json.dump(engine.structured._tokenizer is not None, f)  # the tokenizer view for grammars: TP rank 0 only
     destroy_parallel()
 
 
@@ -320,6 +322,11 @@ def test_tp2_async_scheduling_broadcasts_the_sampled_tokens(checkpoint: str) -> 
         assert os.path.exists(path), f"TP rank 0 crashed (exit code {ctx.processes[0].exitcode})"
         with open(path) as f:
             got = json.load(f)
+        warmed = []
+        for rank in range(2):
+            with open(os.path.join(d, f"grammar_warm_up{rank}.json")) as f:
+                warmed.append(json.load(f))
+    assert warmed == [True, False]  # a TP peer never samples: no grammar tokenizer built at its start
     assert got["overlapped"] > 0
     assert [got["tokens"][str(i)] for i in range(len(TP_REQUESTS))] == [o.outputs[0].token_ids for o in want]
 

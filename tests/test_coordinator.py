@@ -176,3 +176,31 @@ def test_restart_resets_the_clock() -> None:
             assert all(coord.ready) and coord.num_engine_restarts == 1
         finally:
             coord.ctx.destroy(linger=0)
+
+
+def test_shutdown_does_not_wait_for_ranks_that_exited() -> None:
+    """The launcher stops the ranks before the control plane: a Shutdown for a rank of this incarnation whose
+    process is gone is dropped at once, not after the 2 s flush deadline (which a live rank still gets)."""
+    import socket
+
+    from runtime.cluster.coordinator import Coordinator
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with tempfile.TemporaryDirectory() as d:
+        coord = Coordinator(CoordinatorSpec(num_ranks=2, lockstep=True), Addresses.ipc(d, 2), zmq.Context())
+        try:
+            for rank, pid in enumerate((gone.pid, os.getpid())):
+                coord.handle(StatsReport(stats=RankStats(rank, 0, 0, 0.0, 0, 0, 0, 0), first=True, pid=pid,
+                                         hostname=socket.gethostname()))
+            assert coord._exited(0) and not coord._exited(1)  # rank 1 (this test) is alive: it gets the deadline
+            coord.ready[1] = False  # as if rank 1 had never said hello: nothing is known of it, nothing waited for
+            coord.watch.where[1] = (gone.pid, socket.gethostname())
+            assert not coord._exited(1)
+            coord.ready[1] = True
+            t0 = time.monotonic()
+            coord.shutdown()  # no rank connected: every Shutdown stays unsent
+            assert time.monotonic() - t0 < 1.0  # the deadline is 2 s
+            assert all(coord.outbox)
+        finally:
+            coord.ctx.destroy(linger=0)

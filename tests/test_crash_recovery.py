@@ -131,7 +131,7 @@ def served(model: str, max_restarts: int, torchrun: bool = False, extra: tuple[s
             while _health(srv.base_url)[0] != 200:
                 assert proc.poll() is None, f"runtime.serve exited with {proc.returncode}:\n{srv.log()[-3000:]}"
                 assert time.monotonic() < deadline, f"not healthy after 150 s:\n{srv.log()[-3000:]}"
-                time.sleep(0.3)
+                time.sleep(0.1)
             yield srv
         except BaseException:
             print(f"--- runtime.serve log (tail) ---\n{srv.log()[-8000:]}")

@@ -396,3 +396,50 @@ def test_api_server_stops_once_its_launcher_is_gone(tmp_path: Any) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+def test_api_server_with_nothing_in_flight_stops_without_the_grace(tmp_path: Any) -> None:
+    # EngineDead with no request waiting: nothing to flush, so no FATAL_EXIT_GRACE_S (2 s) before it stops
+    import httpx
+    import zmq
+
+    from runtime.config import EngineConfig
+    from runtime.messages import EngineDead, encode
+    from runtime.serve import _cpu_only_env
+    from server.api_server import FATAL_EXIT_GRACE_S
+    from tests.tiny import write_tokenizer
+
+    path = str(tmp_path)
+    write_tokenizer(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"vocab_size": 512, "max_position_embeddings": 64, "architectures": ["Fake"]}, f)
+    port = unit._free_port()
+    config = EngineConfig(model=path, port=port, served_model_name="fake")
+    addrs = Addresses(to_coordinator=f"ipc://{path}/coord", to_frontend=f"ipc://{path}/front", to_engines=[])
+    code = "import sys; from runtime.serve import api_server_main; api_server_main(sys.argv[1], sys.argv[2])"
+    api = subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config).decode(),
+                            msgspec.json.encode(addrs).decode()], env=_cpu_only_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ctx = zmq.Context()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 503:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, "the API server did not come up"
+            time.sleep(0.1)
+        push = ctx.socket(zmq.PUSH)
+        push.connect(addrs.to_frontend)
+        push.send(encode(EngineDead(reason="the deployment is shutting down")))
+        t0 = time.monotonic()
+        api.wait(30)
+        assert time.monotonic() - t0 < FATAL_EXIT_GRACE_S * 0.75, "waited out the grace with nothing to flush"
+        assert "the API server stops in 0 s" in api.stdout.read().decode()
+    finally:
+        ctx.destroy(linger=0)
+        if api.poll() is None:
+            api.kill()
+            api.wait(5)

@@ -186,8 +186,8 @@ def test_destroy_parallel_releases_captured_graphs_first(monkeypatch) -> None:  
 
     monkeypatch.setattr(parallel, "_captured_graphs", weakref.WeakSet())  # leave any real graph of this process be
     graphs = [parallel.track_cuda_graph(Graph()) for _ in range(2)]
-    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(parallel.dist, "destroy_process_group", lambda: order.append("destroy"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: order.append("destroy"))
     parallel.destroy_parallel()
     assert order == ["reset", "reset", "destroy"]
     parallel.destroy_parallel()  # released once: a second teardown resets nothing

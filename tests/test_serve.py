@@ -250,7 +250,7 @@ def test_dp1_api_server_coordinator_engine(tiny_models: dict[str, str]) -> None:
         while _http(f"{base}/health", timeout_s=2)[0] != 200:
             assert proc.poll() is None, "runtime.serve exited"
             assert time.monotonic() < deadline, "API server not healthy after 90 s"
-            time.sleep(0.5)
+            time.sleep(0.1)
         status, body = _http(f"{base}/v1/completions", {"model": "LlamaForCausalLM", "prompt": "Hello world",
                                                         "max_tokens": 6, "temperature": 0, "ignore_eos": True})
         assert status == 200, body

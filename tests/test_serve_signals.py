@@ -114,7 +114,7 @@ def running(model: str, torchrun: bool, dp: int = 1,
             while _http(f"http://127.0.0.1:{port}/health", timeout_s=2)[0] != 200:
                 assert proc.poll() is None, f"runtime.serve exited:\n{_read(log_path)}"
                 assert time.monotonic() < deadline, f"not healthy after 120 s:\n{_read(log_path)}"
-                time.sleep(0.3)
+                time.sleep(0.1)
             # launcher, control plane, ranks (+ their helpers): everyone there is once healthy
             deadline = time.monotonic() + 10
             while len(pids := _descendants(proc.pid)) < 2 + dp and time.monotonic() < deadline:

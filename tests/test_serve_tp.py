@@ -74,7 +74,7 @@ def wait_healthy(base: str, procs: list[subprocess.Popen], timeout_s: float, des
         except httpx.HTTPError:
             pass
         assert time.monotonic() < deadline, f"not healthy after {timeout_s} s: {describe()}"
-        time.sleep(0.3)
+        time.sleep(0.1)
 
 
 @contextmanager

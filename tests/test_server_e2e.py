@@ -107,7 +107,7 @@ def server(
                 pass
             if time.time() > deadline:
                 pytest.fail(f"runtime.serve not healthy after 180 s:\n{srv.log_tail()}")
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield srv
     finally:
         if proc.poll() is None:
@@ -332,9 +332,13 @@ def test_50_aborted_streams_free_kv(server: Server) -> None:
 def test_metrics_parse_and_move(server: Server) -> None:
     before = server.metrics()
     server.client.completions.create(model=MODEL, prompt="Numbers 0 1 2", max_tokens=6, **GREEDY)
-    time.sleep(1.2)  # one coordinator stats interval
-    after = server.metrics()
     ok = "moe_http_requests_total,endpoint=/v1/completions,status=200"
+    deadline = time.monotonic() + 10  # the engine's counters come with the coordinator's stats (every 0.5 s)
+    while ((after := server.metrics()).get(ok, 0) <= before.get(ok, 0)
+           or _sum(after, "moe_engine_generation_tokens_total") <= _sum(before, "moe_engine_generation_tokens_total")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert after[ok] == before[ok] + 1
     assert after["moe_prompt_tokens_total"] > before["moe_prompt_tokens_total"]
     assert after["moe_generation_tokens_total"] > before["moe_generation_tokens_total"]
@@ -375,8 +379,12 @@ def test_structured_output_on_every_rank(server: Server) -> None:
     answers = asyncio.run(run())
     for a in answers[::2]:
         jsonschema.validate(json.loads(a.choices[0].text), schema)
-    time.sleep(1.5)  # the coordinator's stats come every 0.5 s
-    after = server.metrics()
     key = "moe_requests_routed_total,rank={}"
-    routed = [after.get(key.format(r), 0) - routed_before.get(key.format(r), 0) for r in range(server.num_ranks)]
+    deadline = time.monotonic() + 10  # the coordinator's stats come every 0.5 s
+    while True:
+        after = server.metrics()
+        routed = [after.get(key.format(r), 0) - routed_before.get(key.format(r), 0) for r in range(server.num_ranks)]
+        if all(n > 0 for n in routed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert all(n > 0 for n in routed), routed

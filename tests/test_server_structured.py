@@ -71,7 +71,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             assert time.time() < deadline, open(log_path).read()[-3000:]
-            time.sleep(0.3)
+            time.sleep(0.1)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -214,15 +214,21 @@ def test_vllm_named_metrics(base_url: str, client: openai.OpenAI) -> None:
     before = scrape()
     out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, temperature=0.0,
                                     extra_body={"ignore_eos": True})
-    time.sleep(1.2)  # a stats interval or two
-    after = scrape()
     m = ",model_name=tiny"
+    counts = ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+              "vllm:time_per_output_token_seconds_count", "vllm:request_queue_time_seconds_count",
+              "vllm:request_prefill_time_seconds_count")
+    deadline = time.monotonic() + 10  # a stats interval or two
+    while True:
+        after = scrape()
+        moved = after.get("vllm:generation_tokens_total" + m, 0) - before["vllm:generation_tokens_total" + m] >= 5
+        if moved and all(after.get(n + m, 0) > before.get(n + m, 0) for n in counts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert after["vllm:generation_tokens_total" + m] - before["vllm:generation_tokens_total" + m] == 5
     assert after["vllm:prompt_tokens_total" + m] - before["vllm:prompt_tokens_total" + m] == out.usage.prompt_tokens
     assert after["vllm:request_success_total,finished_reason=length" + m] >= 1
-    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
-                 "vllm:time_per_output_token_seconds_count", "vllm:request_queue_time_seconds_count",
-                 "vllm:request_prefill_time_seconds_count"):
+    for name in counts:
         assert after[name + m] > before.get(name + m, 0), name
     assert "vllm:num_requests_running,engine=0" + m in after and "vllm:num_requests_waiting,engine=0" + m in after
     assert "vllm:kv_cache_usage_perc,engine=0" + m in after

@@ -392,13 +392,21 @@ class Coordinator:
             self.fail("the deployment is shutting down", logging.INFO)
         for rank in range(self.spec.num_ranks):
             self._send(rank, Shutdown())
+        # a rank of this incarnation whose process has exited (the launcher stops the ranks before the control
+        # plane) never takes its message: waiting for it would only spend the whole deadline
+        waiting = [rank for rank in range(self.spec.num_ranks) if not self._exited(rank)]
         deadline = time.monotonic() + 2.0
-        while any(self.outbox) and time.monotonic() < deadline:
+        while any(self.outbox[rank] for rank in waiting) and time.monotonic() < deadline:
             time.sleep(0.01)
             for rank in range(self.spec.num_ranks):
                 self._flush(rank)
         if self.spec.expert_stats_file and any(e is not None for e in self.stats.expert):
             self.write_expert_stats(self.spec.expert_stats_file)
+
+    def _exited(self, rank: int) -> bool:
+        """The rank said hello in this incarnation (ready), from this host, and its process is gone."""
+        pid, host = self.watch.where[rank]
+        return self.ready[rank] and pid > 0 and host == self.watch.hostname and not process_alive(pid)
 
 
 def main(argv: list[str]) -> None:

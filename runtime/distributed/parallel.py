@@ -16,12 +16,12 @@ import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 from runtime.config import ConfigError, EngineConfig
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ def check_tp_shapes(hf_config: dict[str, Any], tp_size: int, ep_size: int) -> No
     size the TP size does not divide fails here, at start, in one line (vocab is padded, so it always works)."""
     if tp_size == 1:
         return
+    import torch
+
     from models.args import ModelArgs, TensorParallel
     from models.registry import build_model
 
@@ -119,6 +121,9 @@ def check_tp_shapes(hf_config: dict[str, Any], tp_size: int, ep_size: int) -> No
 def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
                   timeout_s: float = 600.0) -> ParallelState:
     """Reads the launcher's env, validates, picks the device and makes the groups (one process = one rank)."""
+    import torch
+    import torch.distributed as dist
+
     env = os.environ if env is None else env
     launch = LaunchEnv.from_env(env)
     device = config.resolved_device()
@@ -173,6 +178,8 @@ def init_parallel(config: EngineConfig, env: Mapping[str, str] | None = None,
 
 
 def single_rank(device: torch.device | str = "cpu") -> ParallelState:
+    import torch
+
     return ParallelState(rank=0, world_size=1, dp_rank=0, dp_size=1, ep_rank=0, ep_size=1,
                          device=torch.device(device))
 
@@ -188,6 +195,9 @@ def track_cuda_graph(graph: torch.cuda.CUDAGraph) -> torch.cuda.CUDAGraph:
 
 
 def destroy_parallel() -> None:
+    import torch
+    import torch.distributed as dist
+
     # best effort: on the error path a sticky CUDA error can make the sync or a reset raise; the group still goes
     try:
         if _captured_graphs and torch.cuda.is_initialized():

@@ -121,7 +121,8 @@ class LLMEngine:
         self.eos_token_ids = set(config.model_info().eos_token_ids)
         self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids,
                                             pin_memory=self.device.type == "cuda")
-        self.structured.warm_up()
+        if parallel is None or parallel.tp_rank == 0:  # a TP peer runs its TP rank 0's plans: it never samples
+            self.structured.warm_up()
         self.requests: dict[str, Sequence] = {}
         self._planned: ScheduledBatch | None = None
         # --async-scheduling (runtime/engine/async_step.py): on by default, where the config allows it
