@@ -2,10 +2,11 @@
 pairs) and the two launches (a program a chunk, the default chunk rule and --chunks; the chunks' counts summed
 once by the count kernel's last program or by every scatter program), CUDA-graph replays of a chain of calls, per
 token count; issue 16's target is <= 10 us at every M for 128 experts. Random softmax-like routing
-(distinct experts per token), Qwen3-30B-A3B's 128 experts top-8 by default, BLOCK_M as the bf16 table's bucket
-would pick.
+(distinct experts per token), Qwen3-30B-A3B's 128 experts top-8 by default, BLOCK_M from this GPU's bf16 table for
+--hidden / --inter (the default config without one).
 
 python benchmarks/bench_align.py [--m 8,16,...] [--experts 128] [--top-k 8] [--chunks 32,64] [--baseline OLD.py]
+    [--hidden 2048 --inter 768]
   --baseline: another moe_align module file (e.g. `git show REV:kernels/moe_align.py > old.py`) timed beside,
   the same inputs, its default path.
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tuning import time_graph_us  # noqa: E402
 from kernels.moe_align import ONE_PROGRAM_PAIRS, SMALL_PAIRS, moe_align, moe_align_ref  # noqa: E402
+from kernels.moe_config import get_moe_config  # noqa: E402
 
 # calls per timed graph: one lone kernel's replay measures the graph launch (~9.5 us on an H200 for an empty
 # kernel), not the kernel; in a chain each call costs what it costs between a decode step's other kernels
@@ -38,9 +40,9 @@ def routing(m: int, experts: int, top_k: int, device: str) -> torch.Tensor:
     return torch.rand(m, experts, generator=g).topk(top_k, dim=1).indices.to(torch.int32).to(device)
 
 
-def block_m_for(m: int, top_k: int, experts: int) -> int:
-    rows = m * top_k / experts  # the tuned tables' BLOCK_M follows the rows per expert
-    return 16 if rows <= 8 else 32 if rows <= 24 else 64 if rows <= 96 else 128
+def block_m_for(m: int, top_k: int, experts: int, hidden: int, inter: int, device: str) -> int:
+    # the BLOCK_M the bf16 MoE table of this GPU (or the default config) gives m tokens of this shape
+    return get_moe_config(m, experts, hidden, inter, top_k, "bfloat16", torch.device(device))["BLOCK_M"]
 
 
 def main() -> None:
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--m", default="8,16,32,64,96,128,192,256,512,1024,4096,8192")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048, help="the MoE shape whose table picks BLOCK_M (Qwen3-30B-A3B)")
+    ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--chunks", default="", help="also time these chunk sizes (pairs a program takes at once)")
     ap.add_argument("--baseline", default=None, help="another moe_align module file, timed beside")
     ap.add_argument("--out", default="bench_align.json")
@@ -61,7 +65,7 @@ def main() -> None:
     rows = []
     for m in map(int, a.m.split(",")):
         ids = routing(m, a.experts, a.top_k, a.device)
-        bm = block_m_for(m, a.top_k, a.experts)
+        bm = block_m_for(m, a.top_k, a.experts, a.hidden, a.inter, a.device)
         ref = moe_align_ref(ids, a.experts, bm)
         row = {"m": m, "pairs": ids.numel(), "block_m": bm}
         # one program only up to a chunk of pairs; the two launches at the default chunk rule and at --chunks
