@@ -356,9 +356,9 @@ def test_busy_control_port_across_nodes_is_one_line() -> None:
         check_control_ports(dict(env, MASTER_PORT="65533"), 2)
 
 
-def test_api_server_stops_once_its_launcher_is_gone(tmp_path: Any) -> None:
-    # no coordinator ever comes (a launcher killed with its coordinator, or one whose coordinator never bound its
-    # sockets): the API server must not outlive the launcher, holding its port
+def _api_server_without_engines(tmp_path: Any, *extra_args: str) -> tuple[subprocess.Popen, Addresses]:
+    # an API server (a fake model's tokenizer, no engine ever reporting) in its own process, once its /health answers
+    # 503; extra_args: api_server_main's arguments after the config and the addresses (a launcher's pid)
     import httpx
 
     from runtime.config import EngineConfig
@@ -372,65 +372,52 @@ def test_api_server_stops_once_its_launcher_is_gone(tmp_path: Any) -> None:
     port = unit._free_port()
     config = EngineConfig(model=path, port=port, served_model_name="fake")
     addrs = Addresses(to_coordinator=f"ipc://{path}/coord", to_frontend=f"ipc://{path}/front", to_engines=[])
-    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
     code = ("import sys; from runtime.serve import api_server_main; "
-            "api_server_main(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+            "api_server_main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))")
     api = subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config).decode(),
-                            msgspec.json.encode(addrs).decode(), str(launcher.pid)], env=_cpu_only_env(),
+                            msgspec.json.encode(addrs).decode(), *extra_args], env=_cpu_only_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:  # it serves (health: no engine has reported yet)
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 503:
+                return api, addrs
+        except httpx.HTTPError:
+            pass
+        if api.poll() is not None or time.monotonic() > deadline:
+            api.kill()
+            api.wait(5)
+            raise AssertionError("the API server did not come up")
+        time.sleep(0.1)
+
+
+def test_api_server_stops_once_its_launcher_is_gone(tmp_path: Any) -> None:
+    # no coordinator ever comes (a launcher killed with its coordinator, or one whose coordinator never bound its
+    # sockets): the API server must not outlive the launcher, holding its port
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+    api = None
     try:
-        deadline = time.monotonic() + 30
-        while True:  # it serves while the launcher lives (health: no engine has reported yet)
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 503:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, "the API server did not come up"
-            time.sleep(0.2)
+        api, _ = _api_server_without_engines(tmp_path, str(launcher.pid))  # it serves while the launcher lives
         launcher.wait(10)
         api.wait(30)  # the launcher's exit + the grace for a coordinator's own EngineDead + uvicorn's shutdown
         assert "the launcher (pid" in api.stdout.read().decode()
     finally:
         for p in (launcher, api):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(5)
 
 
 def test_api_server_with_nothing_in_flight_stops_without_the_grace(tmp_path: Any) -> None:
     # EngineDead with no request waiting: nothing to flush, so no FATAL_EXIT_GRACE_S (2 s) before it stops
-    import httpx
     import zmq
 
-    from runtime.config import EngineConfig
     from runtime.messages import EngineDead, encode
-    from runtime.serve import _cpu_only_env
     from server.api_server import FATAL_EXIT_GRACE_S
-    from tests.tiny import write_tokenizer
 
-    path = str(tmp_path)
-    write_tokenizer(path)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"vocab_size": 512, "max_position_embeddings": 64, "architectures": ["Fake"]}, f)
-    port = unit._free_port()
-    config = EngineConfig(model=path, port=port, served_model_name="fake")
-    addrs = Addresses(to_coordinator=f"ipc://{path}/coord", to_frontend=f"ipc://{path}/front", to_engines=[])
-    code = "import sys; from runtime.serve import api_server_main; api_server_main(sys.argv[1], sys.argv[2])"
-    api = subprocess.Popen([sys.executable, "-c", code, msgspec.json.encode(config).decode(),
-                            msgspec.json.encode(addrs).decode()], env=_cpu_only_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    api, addrs = _api_server_without_engines(tmp_path)
     ctx = zmq.Context()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 503:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, "the API server did not come up"
-            time.sleep(0.1)
         push = ctx.socket(zmq.PUSH)
         push.connect(addrs.to_frontend)
         push.send(encode(EngineDead(reason="the deployment is shutting down")))
