@@ -211,6 +211,10 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _e_pad(num_experts: int) -> int:
+    return max(16, triton.next_power_of_2(num_experts))  # the histogram's bins
+
+
 def _chunk(num_pairs: int, e_pad: int) -> int:
     # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs; its one-hot
     # [chunk, e_pad] tile stays <= 32k elements
@@ -223,7 +227,7 @@ def align_plan(
 ) -> tuple[int, int, bool]:
     """(N_PAD, CHUNK, SCAN) of a call on num_pairs > 0 pairs, the constexprs that follow the pair count (each new
     one compiles): (N_PAD, 0, False) for the one program, (0, CHUNK, SCAN) for the two launches."""
-    e_pad = max(16, triton.next_power_of_2(num_experts))
+    e_pad = _e_pad(num_experts)
     if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
         return max(16, triton.next_power_of_2(num_pairs)), 0, False
     chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
@@ -269,7 +273,7 @@ def moe_align(
     if num_pairs == 0:
         num_post_pad.zero_()
         return sorted_ids, expert_ids, num_post_pad
-    e_pad = max(16, triton.next_power_of_2(num_experts))
+    e_pad = _e_pad(num_experts)
     pdl = pdl_enabled(device)
     if chunk is not None and (chunk < 32 or chunk & (chunk - 1)):
         raise ValueError(f"align chunk must be a power of two >= 32, got {chunk}")
@@ -283,12 +287,13 @@ def moe_align(
         return sorted_ids, expert_ids, num_post_pad
     num_chunks = triton.cdiv(num_pairs, chunk)
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=device)
-    ends = torch.empty(e_pad, dtype=torch.int32, device=device)  # the experts' padded segment ends (SCAN only)
     fill = triton.cdiv(triton.cdiv(nblocks * block_m, num_chunks), chunk) * chunk
     if scan and counter is None:
         raise RuntimeError("moe_align: a CUDA graph capture holds the first call on this device; call moe_align "
                            "eagerly once before capturing")
-    counter = counter if scan else num_post_pad  # (unused without SCAN)
+    # SCAN only: the experts' padded segment ends, and the arrival counter (without SCAN both unused)
+    ends = torch.empty(e_pad, dtype=torch.int32, device=device) if scan else num_post_pad
+    counter = counter if scan else num_post_pad
     rows = max(1, min(32, 4096 // e_pad))
     _align_count_kernel[(num_chunks,)](
         topk_ids, chunk_counts, sorted_ids, ends, num_post_pad, counter, num_pairs, nblocks * block_m, fill,
