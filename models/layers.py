@@ -180,9 +180,10 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-# the fused decode prologue's rows: measured faster end to end on an H200 at B=1, 8, 16 and 64 (session 10: B=16
-# 11.77 -> 11.44 ms, B=64 17.85 -> 17.38 ms); larger batches keep the two launches until measured
-FUSED_DECODE_MAX_ROWS = 64
+# the fused decode prologue's rows: measured faster end to end on an H200 at B=1, 8, 16, 64, 128 and 256 (session 10:
+# B=16 11.77 -> 11.44 ms, B=64 17.85 -> 17.38 ms; session 11: B=128 19.62 -> 19.30, B=256 23.78 -> 23.46 ms); larger
+# batches keep the two launches until measured
+FUSED_DECODE_MAX_ROWS = 256
 
 
 class Attention(nn.Module):

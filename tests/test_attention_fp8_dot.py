@@ -397,6 +397,8 @@ def test_fp8_dot_gpu():
     for tile in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)):
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile), MASK_FREE=1, FP8_DOT=1)
         out = paged_attention_prefill(*ext, config=cfg)
-        widen = paged_attention_prefill(*ext, config=dict(cfg, FP8_DOT=0))
+        # the widening baseline at 2 stages: its fp16 K / V tiles at 4 stages of 128 x 128 need 295 KB of shared
+        # memory (the H200 has 227 KB); stages do not change its numbers
+        widen = paged_attention_prefill(*ext, config=dict(cfg, FP8_DOT=0, num_stages=2))
         assert _rel_err(out, ref) < TOL and _rel_err(out, widen) < TOL, tile
         assert _rel_err(out, widen) > 1e-3, tile

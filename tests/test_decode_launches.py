@@ -56,8 +56,9 @@ def _step(model: torch.nn.Module, backend: Any, kv_caches: list, ids: list[int],
         seq_lens=torch.tensor(seq_lens, **i32), block_tables=block_tables, max_seqlen_q=1 if decode else max(seq_lens),
         max_seqlen_k=max(seq_lens), is_decode=decode, kv_caches=kv_caches, attn_backend=backend,
     )
-    with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch))
+    with torch.no_grad():  # the hidden states: the caller takes the logits outside its launch count (bf16 logits
+        # are cast to fp32 there, a torch:_to_copy that is not a decode layer's)
+        return model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), batch)
 
 
 def _both_paths(arch: str, dtype: torch.dtype, kv_dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -82,6 +83,8 @@ def _both_paths(arch: str, dtype: torch.dtype, kv_dtype: torch.dtype, device: st
             decode = _step(model, backend, kv, [p[n] for p, n in zip(prompts, lens)] + [0], [*lens, 0],
                            [slot(b, n) for b, n in enumerate(lens)] + [-1], [n + 1 for n in lens] + [0],
                            block_tables, decode=True)
+        with torch.no_grad():
+            prefill, decode = model.compute_logits(prefill), model.compute_logits(decode)
         if use_triton:  # the fused kernels ran, not the ones they replace (the prologue: inside the decode kernel
             # by default, MOE_RT_FUSE_DECODE_PROLOGUE)
             fused = ModelArgs().fuse_decode_prologue and 3 <= layers.FUSED_DECODE_MAX_ROWS  # the step's 3 rows

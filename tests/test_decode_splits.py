@@ -20,6 +20,7 @@ import kernels.attention.config as acfg  # noqa: E402
 import kernels.attention.decode as dec  # noqa: E402
 from kernels.attention.config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config  # noqa: E402
 from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
+from kernels.fp8 import widen_e4m3  # noqa: E402
 from tests.sm90 import run_sm90_probe  # noqa: E402
 from tests.test_kernels_attention import _fp8_cache, _make_cache, _rel_err  # noqa: E402
 
@@ -210,12 +211,12 @@ def test_long_context_knobs_gpu(kv, head_dim):
 @triton.jit
 def _widen_tile(x_ptr, out_ptr, N: tl.constexpr, D: tl.constexpr):
     offs = tl.arange(0, N)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(out_ptr + offs, dec._widen_fp8(tl.load(x_ptr + offs)))
+    tl.store(out_ptr + offs, widen_e4m3(tl.load(x_ptr + offs)))
 
 
 @pytest.mark.gpu
 def test_fp8_widen_is_exact_for_every_byte_gpu():
-    # _widen_fp8's PTX against torch's e4m3 -> fp16 for all 256 bit patterns at every position of a decode tile
+    # widen_e4m3's PTX against torch's e4m3 -> fp16 for all 256 bit patterns at every position of a decode tile
     # [64, 128] (the asm packs four bytes per register: a swapped byte order or half would move values): the same
     # fp16 bits (subnormals, +-0, +-448), NaN where torch has NaN
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
