@@ -125,7 +125,7 @@ def test_fp8_dot_config_runs_the_separate_prologue():
 
 @pytest.mark.parametrize("fp8_dot,q2", [(1, False), (2, True), (3, False)])
 def test_fused_fp8_dot_equals_two_launches(fp8_dot, q2, monkeypatch):
-    # the fused kernel's FP8 tensor-core path (FUSED_FP8_DOT, off by default until measured): the new token's tile
+    # the fused kernel's FP8 tensor-core path (FUSED_FP8_DOT, off by default: it lost on an H200): the new token's tile
     # peeled with e4m3 dots, plain (1), transposed (2, with q's second e4m3 term) and transposed with V staged (3);
     # the new token alone in its split's last tile (a context of 33 in 32-token tiles), mid-tile, and a padding row
     import kernels.attention.decode_fused as decode_fused
@@ -161,7 +161,7 @@ def test_fused_gpu_bit_exact_and_graph_safe(batch, cache, monkeypatch):
     # Qwen3-30B-A3B's attention (32 q / 4 KV heads of 128, q/k norm, full rotary, 16-token pages), contexts around 1k
     # ending anywhere in a page, padding rows as a graph bucket has them, this GPU's tiles and split rule; "fp8": the
     # widening decode; "fp8dot": this GPU's FP8 table as is (the H200's: fp8_dot 2 with q's two terms) with
-    # FUSED_FP8_DOT on (off by default until measured). Bit for bit the two launches: the
+    # FUSED_FP8_DOT on (off by default: it lost on an H200). Bit for bit the two launches: the
     # prologue's math is layout-independent (fp64 RMS statistic, explicit FMAs: kernels/attention/prologue_rows.py)
     # and the decode's tiles are the same. Then 20 CUDA-graph replays on new rows give the eager results
     from kernels.attention.config import decode_config, with_fp8_dot
