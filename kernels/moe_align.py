@@ -30,8 +30,10 @@ SMALL_PAIRS = 256  # largest chunk of pairs a program handles at once
 ONE_PROGRAM_PAIRS = 128
 ALIGN_CHUNKS = 32
 # more chunks than this: the count kernel's last program sums the chunks' counts once (SCAN), instead of every
-# scatter program reading all of them. H200: 128 chunks 28.4 -> 15.9 us, 256 chunks 49.0 -> 25.8 us; at 32 and
-# 64 chunks its serial pass costs more than it saves (8.5 -> 10.0, 11.2 -> 11.9 us)
+# scatter program reading all of them. H200 (session 10, two serial passes then): 128 chunks 28.4 -> 15.9 us, 256
+# chunks 49.0 -> 25.8 us; at 32 and 64 chunks its serial pass cost more than it saved (8.5 -> 10.0, 11.2 -> 11.9
+# us); 160 experts (512 chunks of 128 at 8192 tokens): 57.1 us. Its pass is one now (unmeasured: the threshold may
+# move down; benchmarks/bench_align.py times scan and noscan at every size)
 SCAN_CHUNKS = 64
 
 
@@ -135,30 +137,24 @@ def _align_count_kernel(
         tl.store(sorted_ptr + pid * fill_per_program + f, tl.full([CHUNK], 0, tl.int32) + num_pairs,
                  mask=(pid * fill_per_program + f < sorted_len) & (f < fill_per_program))
     if SCAN:
-        # the last program to arrive turns the counts into each chunk's first slot per expert (chunk_counts
-        # rewritten in place) and writes the experts' segment ends and num_post_pad: the scatter programs then
-        # read one row each instead of every chunk's counts
+        # the last program to arrive turns the counts into each chunk's first slot per expert relative to the
+        # expert's segment (chunk_counts rewritten in place, one pass: the segment starts are known only at its
+        # end) and writes the experts' padded segment ends and num_post_pad: the scatter programs then read one
+        # row and the ends instead of every chunk's counts
         tl.debug_barrier()  # every thread's count stores precede the release of the counter
         if tl.atomic_add(counter_ptr, 1, sem="acq_rel") == num_chunks - 1:
-            totals = tl.zeros([E_PAD], tl.int32)
-            for c0 in range(0, num_chunks, ROWS):
-                c = c0 + tl.arange(0, ROWS)
-                # .cg: the other programs' rows were written by other SMs, never through this SM's L1
-                cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < num_chunks)[:, None],
-                             other=0, cache_modifier=".cg")
-                totals += tl.sum(cc, 0)
-            padded = tl.cdiv(totals, BLOCK_M) * BLOCK_M
-            ends = tl.cumsum(padded, 0)
-            running = ends - padded  # [E_PAD]: the next slot of each expert, chunk after chunk
+            running = tl.zeros([E_PAD], tl.int32)  # each expert's pairs in the chunks before
             for c0 in range(0, num_chunks, ROWS):
                 c = c0 + tl.arange(0, ROWS)
                 cmask = (c < num_chunks)[:, None]
+                # .cg: the other programs' rows were written by other SMs, never through this SM's L1
                 cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :], mask=cmask, other=0,
                              cache_modifier=".cg")
                 tl.store(chunk_counts_ptr + c[:, None] * E_PAD + e[None, :],
                          running[None, :] + tl.cumsum(cc, 0) - cc, mask=cmask)
                 running += tl.sum(cc, 0)
-            tl.store(ends_ptr + e, ends)
+            padded = tl.cdiv(running, BLOCK_M) * BLOCK_M
+            tl.store(ends_ptr + e, tl.cumsum(padded, 0))
             tl.store(num_post_pad_ptr, tl.sum(padded, 0))
             tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (CUDA graph replays reuse the buffer)
 
@@ -174,9 +170,9 @@ def _align_scatter_kernel(
     # pair i goes to start[e] + (pairs of e in earlier chunks) + (rank among e's pairs in this chunk)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
-    if SCAN:  # the count kernel's last program did the sums
-        base = tl.load(chunk_counts_ptr + pid * E_PAD + e)
+    if SCAN:  # the count kernel's last program did the sums: an expert's segment starts where the one before ends
         ends = tl.load(ends_ptr + e)
+        base = tl.load(chunk_counts_ptr + pid * E_PAD + e) + tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
         total = tl.load(num_post_pad_ptr)
     else:  # each program sums every chunk's counts itself
         totals = tl.zeros([E_PAD], tl.int32)
