@@ -114,13 +114,14 @@ class ExpertCalls:
         return recorded
 
 
-def _tiny_model(ep: int, backend: Any) -> torch.nn.Module:
+def _tiny_model(ep: int, backend: Any, dtype: torch.dtype = torch.float32, use_triton: bool = False) -> torch.nn.Module:
     from benchmarks.count_launches import CONFIGS
     from models.args import ModelArgs
     from models.loader import load_model
 
     cfg = dict(CONFIGS["qwen3_moe"], num_hidden_layers=2, num_experts=16, num_experts_per_tok=4)
-    args = ModelArgs(dtype=torch.float32, device="cpu", seed=0, ep_rank=0, ep_size=ep, dispatcher=backend)
+    args = ModelArgs(dtype=dtype, device="cpu", seed=0, ep_rank=0, ep_size=ep, dispatcher=backend,
+                     use_triton=use_triton)
     return load_model("", cfg, args, "dummy")
 
 
@@ -135,8 +136,9 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
     want = received_rows_warmup_counts(2 * 64, 4)
     assert warmup_row_counts(layer, 64, None) == (want, [])
     assert warm_local_experts(model, 64) == want
-    # rows of 4 distinct local ids of 8 (row r: r .. r + 3 mod 8)
-    assert calls.calls == [(layer.layer_id, n, "torch.int32", 0, min(n + 2, 7)) for n in want]
+    # rows of up to 4 distinct local ids of 8, from the second row on some -1 (slots handled elsewhere)
+    assert calls.calls == [(layer.layer_id, n, "torch.int32", -1 if n > 1 else 0, 3 if n < 3 else 5 if n < 5 else 7)
+                           for n in want]
     # a reserve below the largest count's allocation: a prefix of the counts, each inside it, and a log line
     reserve = warmup_bytes(layer, 40)
     run, left_out = warmup_row_counts(layer, 64, reserve)
@@ -154,6 +156,21 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
         model = _tiny_model(1, backend)
         calls = ExpertCalls(model)
         assert ep_expert_layers(model) == [] and warm_local_experts(model, 64) == [] and calls.calls == []
+
+
+def test_warmup_rows_through_triton_experts() -> None:
+    # the Triton experts (the interpreter on the CPU) at the warmup's counts for steps of 8 tokens over EP=2, and
+    # their output on the dummy rows equals the torch reference's (rows with -1 slots, padding rows included)
+    from kernels.fused_moe import fused_experts_ref
+    from runtime.engine.expert_warmup import ep_expert_layers, received_rows, warm_local_experts
+
+    model = _tiny_model(2, SparseBackend(_parallel(2), 16, 8), torch.float16, use_triton=True)
+    assert warm_local_experts(model, 8) == received_rows_warmup_counts(16, 4)
+    (layer,) = ep_expert_layers(model)
+    hidden, weights, ids = received_rows(layer, 13)
+    out = layer.experts(hidden, weights, ids)
+    ref = fused_experts_ref(hidden, layer.experts.w13, layer.experts.w2, weights, ids)
+    assert torch.allclose(out.float(), ref.float(), atol=1e-3, rtol=1e-3)
 
 
 # --------------------------------------------------------------- 2 gloo ranks, DP=2 / EP=2 engines

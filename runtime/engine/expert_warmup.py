@@ -45,12 +45,12 @@ def ep_expert_layers(model: nn.Module) -> list[MoE]:
 
 def received_rows(layer: MoE, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dummy rows as dispatch() hands them to the experts: hidden [N, H] (layer dtype), weights [N, k] fp32,
-    local ids [N, k] int32, distinct per row, -1 where a row has more slots than this rank has experts (slots
-    routed to other ranks, padding rows)."""
+    local ids [N, k] int32, distinct per row or -1: odd rows keep one slot (the others routed to other ranks),
+    every fourth row none (a padding row of a fixed block). The kernels' variants follow the shapes only."""
     device, k, num_local = layer.experts.w13.device, layer.top_k, layer.num_local_experts
-    slot = torch.arange(k, device=device)
-    ids = (torch.arange(num_rows, device=device)[:, None] + slot) % num_local  # [N, k]
-    ids = ids.masked_fill(slot >= num_local, -1).to(torch.int32)
+    slot, row = torch.arange(k, device=device), torch.arange(num_rows, device=device)[:, None]
+    valid = (slot < num_local) & ((row % 2 == 0) | (slot == 0)) & (row % 4 != 3)  # [N, k]
+    ids = torch.where(valid, (row + slot) % num_local, -1).to(torch.int32)
     hidden = torch.full((num_rows, layer.hidden_size), 0.01, dtype=layer.dtype, device=device)
     return hidden, torch.full((num_rows, k), 1.0 / k, dtype=torch.float32, device=device), ids
 
