@@ -10,7 +10,8 @@ counts, and none on a rank that holds none of token 0's experts. Checked here:
   tests/test_kernels_moe.py over align_plan);
 - the warmup calls the experts' entry point at those counts, once per layer shape, on dummy received rows, within
   the memory plan's activation reserve (a smaller reserve bounds it, and says so), with no collective: on 2 gloo
-  ranks only rank 0 warms, and nothing waits for rank 1. DP without EP has nothing to warm.
+  ranks (DP=2 x EP=2 with either backend, TP=2 x EP=2) only rank 0 warms, and nothing waits for rank 1. DP
+  without EP has nothing to warm.
 """
 
 from __future__ import annotations
@@ -176,9 +177,11 @@ def test_warmup_rows_through_triton_experts() -> None:
 # --------------------------------------------------------------- 2 gloo ranks, DP=2 / EP=2 engines
 
 MAX_TOKENS = 20
-# name -> config changes: allgather's capacity 8 pads 20 rows to 3 chunks of 8 (48 received, not 40)
-RUNS = {"sparse": {"all2all_backend": "sparse"},
-        "allgather": {"all2all_backend": "allgather", "expert_token_capacity": 8}}
+# name -> (config changes, rows each rank received at most): allgather's capacity 8 pads 20 rows to 3 chunks of 8
+# (48 received, not 40); TP=2 x EP=2 (one DP rank): each TP rank dispatches its 10 rows of the 20
+RUNS = {"sparse": ({"all2all_backend": "sparse"}, 2 * MAX_TOKENS),
+        "allgather": ({"all2all_backend": "allgather", "expert_token_capacity": 8}, 2 * 3 * 8),
+        "tp2": ({"data_parallel_size": 1, "tensor_parallel_size": 2}, 2 * MAX_TOKENS // 2)}
 
 
 def _forbidden(op: str) -> Any:
@@ -201,8 +204,10 @@ def _worker(rank: int, world: int, port: int, model: str, result_dir: str) -> No
     parallel = init_parallel(base)
     barrier_group = dist.new_group(backend="gloo")
     result: dict[str, Any] = {}
-    for name, changes in RUNS.items():
-        engine, _ = build_engine(base.replace(**changes), parallel)
+    for name, (changes, _) in RUNS.items():
+        config = base.replace(**changes)
+        run_parallel = init_parallel(config) if config.tensor_parallel_size > 1 else parallel
+        engine, _ = build_engine(config, run_parallel)
         layer = next(m for m in engine.model.modules() if getattr(m, "is_moe", False))
         dispatcher = layer.dispatcher
         bound = dispatcher.max_received_rows(MAX_TOKENS)
@@ -219,10 +224,10 @@ def _worker(rank: int, world: int, port: int, model: str, result_dir: str) -> No
             result[name] = {"bound": bound, "counts": counts, "calls": calls.calls}
         dist.barrier(group=barrier_group)
         # the bound is reached: a real dispatch of T tokens every one of which routes to rank 0's experts only
-        top_k = layer.top_k
-        ids = torch.arange(top_k, dtype=torch.int32).repeat(MAX_TOKENS, 1)  # experts 0..k-1, all on rank 0
-        hidden = torch.randn(MAX_TOKENS, layer.hidden_size)
-        received = dispatcher.dispatch(hidden, torch.full((MAX_TOKENS, top_k), 1.0 / top_k), ids)[0].shape[0]
+        rows, top_k = -(-MAX_TOKENS // config.tensor_parallel_size), layer.top_k  # this rank's share of the step
+        ids = torch.arange(top_k, dtype=torch.int32).repeat(rows, 1)  # experts 0..k-1, all on rank 0
+        hidden = torch.randn(rows, layer.hidden_size)
+        received = dispatcher.dispatch(hidden, torch.full((rows, top_k), 1.0 / top_k), ids)[0].shape[0]
         result.setdefault(name, {}).update(received=received, bound=bound)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -241,9 +246,9 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
             assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
             with open(path) as f:
                 results.append(json.load(f))
-    assert results[0]["sparse"]["bound"] == 2 * MAX_TOKENS and results[0]["allgather"]["bound"] == 2 * 3 * 8
-    for name in RUNS:
+    for name, (_, bound) in RUNS.items():
         r0 = results[0][name]
+        assert r0["bound"] == bound, name
         assert r0["received"] == r0["bound"]  # every token routed to rank 0: the bound is what arrives
         assert results[1][name]["received"] <= r0["bound"]
         want = received_rows_warmup_counts(r0["bound"], 2)

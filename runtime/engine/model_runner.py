@@ -294,7 +294,8 @@ class ModelRunner:
     def warmup(self, token_counts: list[int]) -> None:
         """One eager prefill-shaped step per size, writing no KV: compiles every kernel variant these sizes
         reach before the first request, so none compiles on the serving path. Under EP every rank runs the
-        same sizes in the same order, so the collectives inside match."""
+        same sizes in the same order, so the collectives inside match; the experts there see the rows the all2all
+        delivers instead, which warmup_local_experts covers next."""
         for n in token_counts:
             i32 = dict(dtype=torch.int32, device=self.device)
             fb = ForwardBatch(
