@@ -23,7 +23,7 @@ from kernels.fp8 import (
     per_token_group_quant,
     per_token_group_quant_ref,
 )
-from kernels.moe_align import align_token_ranges, moe_align
+from kernels.moe_align import align_token_ranges, max_blocks, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
@@ -403,3 +403,25 @@ def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
         counts |= {m for r in align_token_ranges(max_tokens, top_k, num_experts) for m in r}
     counts.add(max_tokens)
     return sorted(c for c in counts if c <= max_tokens)
+
+
+def received_rows_warmup_counts(max_rows: int, top_k: int) -> list[int]:
+    """Under expert parallelism the local experts get the rows the all2all delivered, 0 .. max_rows whatever the
+    step's token count (0 launches nothing): the row counts at which each rank runs them once at start-up, by
+    warmup_token_counts' rule over that range, so every (BLOCK_M, align plan) variant up to max_rows is met."""
+    return warmup_token_counts(max_rows, top_k)
+
+
+def experts_workspace_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, num_experts: int, itemsize: int,
+                            config: dict, fp8: bool) -> int:
+    """Bytes a fused_experts call on num_tokens rows allocates on its align path (the GEMV path takes less; the
+    TMA path, only where a table turns it on, is not counted): the align's outputs (its chunk counts, a few KiB,
+    aside), the gate_up output, the per-pair down output, the sum, and with FP8 activations their quantized copies
+    and scales."""
+    pairs, bm = num_tokens * top_k, config["BLOCK_M"]
+    rows = max_blocks(pairs, num_experts, bm) * bm  # sorted positions: the gate_up output's rows
+    total = 4 * (rows + rows // bm + 1) + (rows * inter + pairs * hidden + num_tokens * hidden) * itemsize
+    if fp8 and config.get("act_fp8", True):  # e4m3 copies and one fp32 scale per 128 channels
+        total += num_tokens * (hidden + 4 * triton.cdiv(hidden, FP8_BLOCK)) + rows * (inter + 4 * triton.cdiv(
+            inter, FP8_BLOCK))
+    return total

@@ -2,9 +2,12 @@
 
 Counts Triton's JIT cache misses (knobs.runtime.jit_cache_hook runs before every compile or disk load of a
 kernel variant the process has not launched yet) over a workload of random prompt lengths, batch mixes and
-sampling options, after the engine is built (graphs captured, warm-up done).
+sampling options, after the engine is built (graphs captured, warm-up done). On 2 GPUs the same under DP=2 / EP=2,
+where the experts run on the rows the all2all delivers (runtime/engine/expert_warmup.py).
 """
 
+import json
+import os
 import random
 
 import pytest
@@ -50,3 +53,88 @@ def test_no_compile_after_startup(tmp_path, arch, experts, kv):
     finally:
         triton.knobs.runtime.jit_cache_hook = previous
     assert compiled == [], f"kernels compiled on the serving path: {compiled}"
+
+
+# ------------------------------------------------------------------ expert parallel: 2 GPUs, DP=2 / EP=2
+
+EP_WORLD = 2
+
+
+def _zero_token0_copy(src: str, dst: str) -> str:
+    """The checkpoint with token 0's embedding zeroed: the start-up warmup feeds token 0 at every position, whose
+    hidden state then stays 0, so every router ties and picks the same experts, all on one EP rank: the other rank
+    receives no row in the warmup's eager (dynamic all2all) steps, the worst case for what compiles after it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.embed_tokens.weight"][0].zero_()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+def _ep_worker(rank: int, port: int, model: str, mixed_tokens: int, result_dir: str) -> None:
+    import torch.distributed as dist
+    import triton
+
+    from runtime.cluster.rank_loop import build_engine
+    from runtime.config import EngineConfig
+    from runtime.distributed.parallel import destroy_parallel, init_parallel
+    from runtime.messages import AddRequest
+    from tests.test_gpu_all2all import _lockstep
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(EP_WORLD), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(EP_WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    config = EngineConfig(model=model, device="cuda", dtype="bfloat16", kv_cache_memory=256 << 20,
+                          max_num_batched_tokens=1024, max_num_seqs=48, max_model_len=4096,
+                          data_parallel_size=EP_WORLD, enable_expert_parallel=True,
+                          max_mixed_cudagraph_tokens=mixed_tokens)
+    parallel = init_parallel(config)
+    group = dist.new_group(backend="gloo")
+    engine, _ = build_engine(config, parallel)  # graphs captured, both warmups done
+    compiled: list[str] = []
+    previous = triton.knobs.runtime.jit_cache_hook
+
+    def hook(*, repr: str, **_) -> bool:
+        compiled.append(repr)
+        return False
+
+    triton.knobs.runtime.jit_cache_hook = hook
+    try:
+        rng = random.Random(rank)  # each rank its own load: real and dummy steps, every received-row count
+        for round_ in range(4):
+            for i in range(rng.choice([1, 3, 17, 48])):
+                prompt = [rng.randrange(3, 500) for _ in range(rng.randint(1, 1500))]
+                params = SamplingParams(temperature=rng.choice([0.0, 0.7]), max_tokens=rng.randint(1, 40),
+                                        ignore_eos=True)
+                engine.add_request(AddRequest(request_id=f"{rank}-{round_}-{i}", prompt_token_ids=prompt,
+                                              params=params))
+            _lockstep(engine, group)
+    finally:
+        triton.knobs.runtime.jit_cache_hook = previous
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(compiled, f)
+    destroy_parallel()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < EP_WORLD, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("mixed_tokens", [0, 2048])  # prefills eager (dynamic all2all) / in mixed-step graphs
+def test_no_compile_after_startup_expert_parallel(tmp_path, mixed_tokens):
+    import tempfile
+
+    from tests.test_all2all import free_port, spawn_ranks
+
+    path = make_tiny_checkpoint(str(tmp_path / "qwen"), "Qwen3MoeForCausalLM", max_position_embeddings=4096,
+                                num_experts=64, num_experts_per_tok=8)
+    path = _zero_token0_copy(path, str(tmp_path / "qwen_token0"))
+    with tempfile.TemporaryDirectory() as d:
+        ctx = spawn_ranks(_ep_worker, (free_port(), path, mixed_tokens, d), EP_WORLD, 540, "GPU EP ranks")
+        for r in range(EP_WORLD):
+            out = os.path.join(d, f"rank{r}.json")
+            assert os.path.exists(out), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
+            with open(out) as f:
+                compiled = json.load(f)
+            assert compiled == [], f"rank {r}: kernels compiled on the serving path: {compiled}"

@@ -70,6 +70,14 @@ class All2AllBackend(ABC):
         """Where the next MoE layer's router may put its ids (the statistics' step buffer), or None."""
         return self.stats.routing_ids_out(num_tokens, top_k) if self.stats is not None else None
 
+    def max_received_rows(self, max_num_tokens: int) -> int:
+        """The most rows dispatch() can hand this rank's experts in a step of up to max_num_tokens tokens (the
+        start-up warmup compiles the experts for every count up to it: ModelRunner.warmup_local_experts). A
+        source sends a token at most once to a rank, and under EP x TP dispatches its TP rank's 1/tp share of the
+        step (models/moe.py tp_token_slice): ep_size x that share (the sparse backend's fixed blocks hold fewer)."""
+        tp = self.parallel.tp_size if self.ep_size > 1 else 1  # TP without EP: every TP rank routes all rows
+        return self.ep_size * -(-max_num_tokens // tp)
+
     @abstractmethod
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]: ...
@@ -140,6 +148,12 @@ class AllGatherBackend(All2AllBackend):
     """Fixed-size blocks: rank r sends [ep, chunk, row] and receives the same, one all_to_all_single with
     equal splits per direction per chunk (chunk = min(T, capacity)): no sizes ever reach the host, so a
     step can be CUDA-graph captured with the collective inside. Moves EP x T rows whatever the routing."""
+
+    def max_received_rows(self, max_num_tokens: int) -> int:
+        # every chunk is padded to `chunk` rows from each rank: ep x chunk x chunks, most at the largest step
+        rows = -(-max_num_tokens // self.parallel.tp_size)  # this TP rank's share (models/moe.py tp_token_slice)
+        chunk = max(1, min(rows, self.capacity))
+        return self.ep_size * chunk * math.ceil(rows / chunk)
 
     def _exchange(self, send: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send)

@@ -115,6 +115,8 @@ class LLMEngine:
             top_k = getattr(self.hf_config, "num_experts_per_tok", None) or 1
             sizes = warmup_token_counts(config.max_num_batched_tokens, top_k)
             self.runner.warmup(sizes)
+            # under EP the experts see the rows the all2all delivers, not the step's: each rank warms them alone
+            self.runner.warmup_local_experts(config.max_num_batched_tokens, self._activation_reserve())
             logger.info("rank %d: kernels warmed up for %d step sizes in %.1f s (cache %s)", self.rank, len(sizes),
                         time.perf_counter() - t0, os.environ.get("TRITON_CACHE_DIR"))
         self.sampler = Sampler(self.device, config.seed + self.rank)  # used on TP rank 0 only
@@ -157,8 +159,7 @@ class LLMEngine:
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             # activations of the largest step are not yet allocated: keep room for them
-            activation_reserve = config.max_num_batched_tokens * self.hf_config.hidden_size * 64
-            activation_reserve += self._fp8_scratch_bytes()
+            activation_reserve = self._activation_reserve() + self._fp8_scratch_bytes()
             budget = int(free - total * (1 - config.gpu_memory_utilization)) - activation_reserve
         else:
             budget = min(CPU_DEFAULT_KV_BYTES, max_useful * per_block)
@@ -179,6 +180,11 @@ class LLMEngine:
                 + (" or use --kv-cache-dtype fp8" if self.kv_dtype == self.dtype else "")
             )
         return int(num_blocks)
+
+    def _activation_reserve(self) -> int:
+        # the largest step's activations, not yet allocated when the KV cache is sized: room kept for them (the
+        # local experts' warmup under EP stays inside it: ModelRunner.warmup_local_experts)
+        return self.config.max_num_batched_tokens * self.hf_config.hidden_size * 64
 
     def _fp8_scratch_bytes(self) -> int:
         # an FP8 cache's extend widens its pages into a 16-bit scratch allocated on the first long step, outside the

@@ -15,6 +15,7 @@ from models.forward_batch import AttentionBackend, ForwardBatch
 from models.moe import DummyForward
 from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
+from runtime.engine.expert_warmup import warm_local_experts
 from runtime.engine.mixed_graphs import MixedGraphs, fill_tile_map, mixed_graph_sizes, model_tile_q
 from runtime.engine.prompt_logprobs import join_prompt_logprobs
 from runtime.engine.sampler import device_tensor
@@ -293,7 +294,8 @@ class ModelRunner:
     def warmup(self, token_counts: list[int]) -> None:
         """One eager prefill-shaped step per size, writing no KV: compiles every kernel variant these sizes
         reach before the first request, so none compiles on the serving path. Under EP every rank runs the
-        same sizes in the same order, so the collectives inside match."""
+        same sizes in the same order, so the collectives inside match; the experts there see the rows the all2all
+        delivers instead, which warmup_local_experts covers next."""
         for n in token_counts:
             i32 = dict(dtype=torch.int32, device=self.device)
             fb = ForwardBatch(
@@ -316,6 +318,17 @@ class ModelRunner:
             self.model.compute_logits(hidden[-1:])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warmup_local_experts(self, max_num_tokens: int, reserve_bytes: int | None = None) -> list[int]:
+        """After warmup(), under expert parallelism: this rank's experts alone, at every received-row count a step
+        of up to max_num_tokens tokens can deliver (runtime/engine/expert_warmup.py), within reserve_bytes. No
+        collective: each rank runs it on its own. Returns the row counts run; [] without EP."""
+        counts = warm_local_experts(self.model, max_num_tokens, reserve_bytes)
+        if self.device.type == "cuda" and counts:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the largest count's workspace is not the KV cache's: give it back
+        return counts
 
     def _rerun(self, num_tokens: int) -> bool:
         """After a forward, before anything is sampled: did its all2all overflow a fixed capacity on any EP
