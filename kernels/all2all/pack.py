@@ -53,7 +53,7 @@ def sparse_pack_ref(
         out_flags.copy_(flag.expand_as(out_flags))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # per-step sizes: one compile for all (none while serving)
 def _pack_kernel(pair_ptr, dest_ptr, local_ptr, w_ptr, x_ptr, xs_ptr, ow_ptr, oid_ptr, ox_ptr, os_ptr, flag_ptr,
                  of_ptr, num_tokens, H, G, stride_x, stride_xs, stride_ow, stride_oid, stride_ox, stride_os,
                  stride_of, P: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -210,7 +210,7 @@ def sparse_combine_ref(back: torch.Tensor, slot_of: torch.Tensor, num_rows: int)
     return out.to(back.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # the rows sent, per step: one compile for all (N = 1 would be another)
 def _combine_kernel(back_ptr, slot_ptr, out_ptr, H, N, stride_b, stride_o, P: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

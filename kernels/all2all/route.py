@@ -59,7 +59,7 @@ def _block_hits(ids_ptr, dest_ptr, local_ptr, tt, tmask, rr, n_loc, K: tl.conste
     return hit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "C"])  # per-step sizes: one compile for all (none while serving)
 def _route_kernel(ids_ptr, dest_ptr, local_ptr, slot_ptr, pair_ptr, count_ptr, T, C, n_loc,
                   P: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     # one program: slots are token order within each destination, so a running count carries across blocks
