@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_ir import report  # noqa: E402
 
-from kernels.moe_gluon import _grouped_gemm_ws_kernel, _max_regs, check_gluon_config  # noqa: E402
+from kernels.moe_gluon import _grouped_gemm_ws_kernel, check_gluon_config, launch_meta  # noqa: E402
 
 
 def compile_gluon_sm90(kind: str, g: dict, block_m: int = 128):
@@ -39,14 +39,15 @@ def compile_gluon_sm90(kind: str, g: dict, block_m: int = 128):
     "down", compiled for sm90."""
     silu_mul = kind == "up"
     check_gluon_config(block_m, g, silu_mul)
-    bn, bk, warps = g["BLOCK_N"], g["BLOCK_K"], g.get("num_warps", 8)
+    bn, bk = g["BLOCK_N"], g["BLOCK_K"]
+    meta = launch_meta(g)
+    options = {"num_warps": meta["num_warps"], "maxnreg": meta.pop("maxnreg")}
 
     def desc(box: list[int]) -> str:  # the signature a gluon TensorDescriptor argument specializes to
         return f"tensordesc<bf16[{box[0]}, {box[1]}],{gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)!r}>"
 
     fn = _grouped_gemm_ws_kernel
-    consts = {"SILU_MUL": silu_mul, "GROUP_M": g["GROUP_M"], "NUM_SMS": 132, "NUM_STAGES": g["num_stages"],
-              "LOAD_REGS": g.get("load_regs", 40), "num_warps": warps}
+    consts = dict(meta, SILU_MUL=silu_mul, NUM_SMS=132)
     args = {"a_desc": desc([block_m, bk]), "w_desc": desc([bn, bk]), "out_desc": desc([block_m, bn]),
             "expert_ids_ptr": "*i32", "num_post_pad_ptr": "*i32", "N": "i32", "W_ROWS": "i32"}
     sig, constexprs, attrs = {}, {}, {}
@@ -59,8 +60,7 @@ def compile_gluon_sm90(kind: str, g: dict, block_m: int = 128):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     # N, W_ROWS: plain i32 (a launch with 768 / 2048 adds divisibility 16: the TMA coordinates need none)
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "maxnreg": g.get("maxnreg", _max_regs(warps))})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def gluon_report(kernel) -> dict:
@@ -99,8 +99,10 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, default=64)
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--pingpong", action="store_true", help="two 4-warp MMA partitions taking tiles in turn")
     a = ap.parse_args()
-    g = {"BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "GROUP_M": 8, "num_stages": a.stages, "num_warps": a.warps}
+    g = {"BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "GROUP_M": 8, "num_stages": a.stages, "num_warps": a.warps,
+         "pingpong": a.pingpong}
     try:
         kernel = compile_gluon_sm90(a.kind, g, a.block_m)
     except ValueError as exc:

@@ -33,7 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-GLUON_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_stages", "num_warps", "load_regs", "maxnreg")
+GLUON_GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_stages", "num_warps", "pingpong", "load_regs", "mma_regs",
+                   "maxnreg")
 SHARED_LIMIT = 232448  # bytes of shared memory one H100/H200 block may hold (227 KB)
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
@@ -84,23 +85,28 @@ def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expe
 
 
 @gluon.jit
-def _mma_partition(out_desc, a_bufs, w_bufs, c_smem, ready_bars, empty_bars, num_post_pad_ptr, N, K,
-                   SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr,
-                   num_warps: gl.constexpr):
+def _mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num_post_pad_ptr, N, K,
+                   SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr, PART: gl.constexpr,
+                   NUM_PARTS: gl.constexpr, MMA_WARPS: gl.constexpr):
+    # NUM_PARTS MMA partitions take this program's tiles in turn (ping-pong: one's epilogue overlaps the other's
+    # MMAs); the load partition fills the ring in tile order, so a tile's K steps sit at ring positions
+    # local_tile * k_tiles + ki
     BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
     NUM_STAGES: gl.constexpr = a_bufs.shape[0]
     W_PER_STAGE: gl.constexpr = 2 if SILU_MUL else 1
     # the accumulators: warpgroups stacked along M (64 rows each), one wgmma of N = BLOCK_N per 64 rows
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[MMA_WARPS, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
+    c_smem = c_bufs.index(PART)
     num_pid_m = gl.load(num_post_pad_ptr) // BLOCK_M
     num_pid_n = gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    it = 0
-    for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
+    pid = gl.program_id(0)
+    for tile in range(pid + PART * NUM_SMS, num_pid_m * num_pid_n, NUM_PARTS * NUM_SMS):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        it = (tile - pid) // NUM_SMS * k_tiles
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         for ki in range(k_tiles):
@@ -134,41 +140,66 @@ def _mma_partition(out_desc, a_bufs, w_bufs, c_smem, ready_bars, empty_bars, num
 @gluon.jit
 def _grouped_gemm_ws_kernel(a_desc, w_desc, out_desc, expert_ids_ptr, num_post_pad_ptr, N, W_ROWS,
                             SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr,
-                            NUM_STAGES: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+                            NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, LOAD_REGS: gl.constexpr,
+                            MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
     # a_desc [rows, K] box [BLOCK_M, BLOCK_K]; w_desc [E * W_ROWS, K] box [BLOCK_N, BLOCK_K]; out_desc [rows, N]
     # box [BLOCK_M, BLOCK_N]. out[p, n] = a[p] . w[e, n], or SILU_MUL silu(a[p] . w[e, n]) * (a[p] . w[e, N + n]),
     # e = expert_ids[p // BLOCK_M]. Weight rows past N of a tile belong to the next rows (or TMA zeros): only
     # output columns >= N see them, and the output descriptor clips those; K tails are zeros on both operands.
+    # PINGPONG: a second MMA partition of num_warps warps (registers MMA_REGS) takes every other tile.
+    NUM_PARTS: gl.constexpr = 2 if PINGPONG else 1
     W_PER_STAGE: gl.constexpr = 2 if SILU_MUL else 1
     dtype: gl.constexpr = a_desc.dtype
     a_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
     w_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES * W_PER_STAGE] + w_desc.block_type.shape, w_desc.layout)
-    c_smem = gl.allocate_shared_memory(dtype, out_desc.block_type.shape, out_desc.layout)
+    c_bufs = gl.allocate_shared_memory(dtype, [NUM_PARTS] + out_desc.block_type.shape, out_desc.layout)
     ready_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty_bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(ready_bars.index(i), count=1)
         mbarrier.init(empty_bars.index(i), count=1)
     K = a_desc.shape[1]
-    gl.warp_specialize([
-        (_mma_partition, (out_desc, a_bufs, w_bufs, c_smem, ready_bars, empty_bars, num_post_pad_ptr, N, K,
-                          SILU_MUL, GROUP_M, NUM_SMS, num_warps)),
-        (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr, num_post_pad_ptr,
-                           N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS)),
-    ], [1], [LOAD_REGS])
+    # (the arguments spelled out each time: a tuple built here would carry the constexprs as runtime values)
+    if PINGPONG:  # (the 4-warp MMA worker first: its warps then start on a warpgroup boundary, as wgmma needs)
+        gl.warp_specialize([
+            (_mma_partition, (out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num_post_pad_ptr, N, K,
+                              SILU_MUL, GROUP_M, NUM_SMS, 0, 2, num_warps)),
+            (_mma_partition, (out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num_post_pad_ptr, N, K,
+                              SILU_MUL, GROUP_M, NUM_SMS, 1, 2, num_warps)),
+            (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr,
+                               num_post_pad_ptr, N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS)),
+        ], [num_warps, 1], [MMA_REGS, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_mma_partition, (out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num_post_pad_ptr, N, K,
+                              SILU_MUL, GROUP_M, NUM_SMS, 0, 1, num_warps)),
+            (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr,
+                               num_post_pad_ptr, N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS)),
+        ], [1], [LOAD_REGS])
 
 
-def default_gluon_config(min_rows: int = 0) -> dict:
-    """A sane "tma" config entry for the Gluon kernel (not a tuned one: off unless a tuned table sets "gluon")."""
-    return {"min_rows": min_rows, "BLOCK_M": 128, "gluon": 1,
-            "up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 8},
-            "down": {"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 3, "num_warps": 8}}
+def default_gluon_config(min_rows: int = 0, block_m: int = 128, pingpong: bool = False) -> dict:
+    """A sane "tma" config entry for the Gluon kernel (not a tuned one: off unless a tuned table sets "gluon").
+    Tiles whose fp32 accumulators take 128 registers a thread of the MMA warps (gate_up: two of them), as many
+    ring stages (<= 6) as shared memory holds. pingpong: two one-warpgroup MMA partitions taking tiles in turn;
+    else one partition of block_m / 16 warps (64 rows a warpgroup)."""
+    warps = 4 if pingpong or block_m == 64 else 8
+    cfg = {"min_rows": min_rows, "BLOCK_M": block_m, "gluon": 1}
+    for kind, silu_mul in (("up", True), ("down", False)):
+        bn = min(256, 128 * 32 * warps // block_m // (2 if silu_mul else 1))  # accumulators: 128 regs a thread
+        g = {"BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 6, "num_warps": warps, "pingpong": pingpong}
+        while shared_bytes(block_m, g, silu_mul) > SHARED_LIMIT:
+            g["num_stages"] -= 1
+        cfg[kind] = g
+    return cfg
 
 
 def shared_bytes(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> int:
     """The kernel's shared memory: the operand ring, the output tile and two barriers a stage."""
     bn, bk, stages = g["BLOCK_N"], g["BLOCK_K"], g["num_stages"]
-    return stages * (block_m * bk + (2 if silu_mul else 1) * bn * bk) * elem + block_m * bn * elem + 16 * stages
+    c_tiles = 2 if g.get("pingpong") else 1  # an output tile per MMA partition
+    ring = stages * (block_m * bk + (2 if silu_mul else 1) * bn * bk) * elem
+    return ring + c_tiles * block_m * bn * elem + 16 * stages
 
 
 def check_gluon_config(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> None:
@@ -177,6 +208,8 @@ def check_gluon_config(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> 
     if unknown:
         raise ValueError(f"gluon MoE GEMM config: unknown keys {sorted(unknown)}; allowed {GLUON_GEMM_KEYS}")
     warps, bn, bk = g.get("num_warps", 8), g.get("BLOCK_N"), g.get("BLOCK_K")
+    if g.get("pingpong") and warps != 4:
+        raise ValueError(f"gluon MoE GEMM: pingpong takes num_warps 4 (a warpgroup per MMA partition), got {warps}")
     if warps not in (4, 8) or block_m % (16 * warps) or block_m > 256:
         raise ValueError(f"gluon MoE GEMM: BLOCK_M {block_m} with num_warps {warps}: need num_warps 4 or 8 and "
                          "BLOCK_M a multiple of 16 * num_warps (64 rows a warpgroup), at most 256")
@@ -194,10 +227,18 @@ def check_gluon_config(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> 
                          f"{warps} warps needs more than 128 accumulator registers a thread: a smaller BLOCK_N")
 
 
-def _max_regs(num_warps: int) -> int:
-    # the register file (64K) over all warps: the MMA warps plus the load warp's warpgroup (4 warps), a multiple
-    # of 8; setmaxnreg then moves the load warpgroup's share to the MMA warps
-    return 65536 // (32 * (num_warps + 4)) // 8 * 8
+def launch_meta(g: dict) -> dict:
+    """The kernel's constexprs and launch options for a GEMM config (also what benchmarks/moe_gluon_ir.py
+    compiles). Registers: the register file (64K) over all warps (the MMA warps plus the load warp's whole
+    warpgroup) is the launch's maxnreg, a multiple of 8; setmaxnreg then moves the load warpgroup's share
+    (load_regs) to the MMA warps (pingpong: mma_regs for the second MMA partition, the rest to the first)."""
+    warps, pingpong = g.get("num_warps", 8), bool(g.get("pingpong", False))
+    all_warps = (2 if pingpong else 1) * warps + 4
+    maxnreg = g.get("maxnreg", 65536 // (32 * all_warps) // 8 * 8)
+    load_regs = g.get("load_regs", 40)
+    mma_regs = g.get("mma_regs", (maxnreg * all_warps - 4 * load_regs) // (2 * warps) // 8 * 8)
+    return {"GROUP_M": g["GROUP_M"], "NUM_STAGES": g["num_stages"], "PINGPONG": pingpong, "LOAD_REGS": load_regs,
+            "MMA_REGS": mma_regs, "num_warps": warps, "maxnreg": maxnreg}
 
 
 def grouped_gemm_gluon(
@@ -214,7 +255,7 @@ def grouped_gemm_gluon(
     if a.device.type != "cuda":
         raise ValueError("the gluon MoE GEMM runs only on an NVIDIA GPU (sm90+): Gluon has no interpreter")
     check_gluon_config(block_m, g, silu_mul, a.element_size())
-    bn, bk, warps = g["BLOCK_N"], g["BLOCK_K"], g.get("num_warps", 8)
+    bn, bk = g["BLOCK_N"], g["BLOCK_K"]
     dt = _GL_DTYPES[a.dtype]
 
     def desc(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
@@ -224,8 +265,7 @@ def grouped_gemm_gluon(
     max_tiles = a.shape[0] // block_m * triton.cdiv(n, bn)
     _grouped_gemm_ws_kernel[(max(1, min(num_sms, max_tiles)),)](
         desc(a, [block_m, bk]), desc(w, [bn, bk]), desc(out, [block_m, bn]), expert_ids, num_post_pad, n, w_rows,
-        SILU_MUL=silu_mul, GROUP_M=g["GROUP_M"], NUM_SMS=num_sms, NUM_STAGES=g["num_stages"],
-        LOAD_REGS=g.get("load_regs", 40), num_warps=warps, maxnreg=g.get("maxnreg", _max_regs(warps)),
+        SILU_MUL=silu_mul, NUM_SMS=num_sms, **launch_meta(g),
     )
 
 
