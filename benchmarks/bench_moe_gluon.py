@@ -38,7 +38,7 @@ _PP = {"num_warps": 4, "pingpong": True}
 SWEEP = {"up": {"s3": {"num_stages": 3}, "n64_s6": {"BLOCK_N": 64, "num_stages": 6},
                 "pp_n64_s6": dict(_PP, BLOCK_N=64, num_stages=6)},
          "down": {"n128_s4": {"BLOCK_N": 128, "num_stages": 4}, "n128_s6": {"BLOCK_N": 128, "num_stages": 6},
-                  "pp_n128_s5": dict(_PP, BLOCK_N=128, num_stages=5)}}
+                  "pp_n128_s4": dict(_PP, BLOCK_N=128, num_stages=4), "pp_n64_s8": dict(_PP, BLOCK_N=64, num_stages=8)}}
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

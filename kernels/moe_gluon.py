@@ -53,27 +53,33 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
 
 @gluon.jit
 def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr, num_post_pad_ptr,
-                    N, W_ROWS, SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr):
+                    N, W_ROWS, SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr,
+                    NUM_PARTS: gl.constexpr):
+    # the stages form NUM_PARTS rings of RING stages, one per MMA partition; tile t of this program goes to ring
+    # t % NUM_PARTS, its K steps at that ring's positions (t // NUM_PARTS) * k_tiles + ki. (One shared ring
+    # would let the second partition wait on a slot two phases ahead, which an mbarrier parity cannot tell.)
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    NUM_STAGES: gl.constexpr = a_bufs.shape[0]
+    RING: gl.constexpr = a_bufs.shape[0] // NUM_PARTS
     W_PER_STAGE: gl.constexpr = 2 if SILU_MUL else 1  # SILU_MUL: the gate rows' tile, then the up rows' tile
     STAGE_BYTES: gl.constexpr = a_desc.block_type.nbytes + W_PER_STAGE * w_desc.block_type.nbytes
     K = a_desc.shape[1]
     num_pid_m = gl.load(num_post_pad_ptr) // BLOCK_M
     num_pid_n = gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    it = 0  # K steps issued so far over all this program's tiles: the ring slot and its phase
+    t = 0  # this program's tiles so far
     for tile in range(gl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         e = gl.load(expert_ids_ptr + pid_m)
         off_m = pid_m * BLOCK_M
         row = e * W_ROWS + pid_n * BLOCK_N
+        first = (t % NUM_PARTS) * RING  # the ring's first stage
+        pos = (t // NUM_PARTS) * k_tiles  # K steps through this ring so far: the slot and its phase
         for ki in range(k_tiles):
-            s = it % NUM_STAGES
+            s = first + pos % RING
             # a fresh barrier counts as having finished the phase before 0: the first lap does not wait
-            mbarrier.wait(empty_bars.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+            mbarrier.wait(empty_bars.index(s), ((pos // RING) & 1) ^ 1)
             bar = ready_bars.index(s)
             mbarrier.expect(bar, STAGE_BYTES)  # TMA counts a clipped box's zero fill too
             off_k = ki * BLOCK_K
@@ -81,7 +87,8 @@ def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expe
             tma.async_copy_global_to_shared(w_desc, [row, off_k], bar, w_bufs.index(s * W_PER_STAGE))
             if SILU_MUL:
                 tma.async_copy_global_to_shared(w_desc, [row + N, off_k], bar, w_bufs.index(s * 2 + 1))
-            it += 1
+            pos += 1
+        t += 1
 
 
 @gluon.jit
@@ -89,12 +96,12 @@ def _mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num
                    SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr, PART: gl.constexpr,
                    NUM_PARTS: gl.constexpr, MMA_WARPS: gl.constexpr):
     # NUM_PARTS MMA partitions take this program's tiles in turn (ping-pong: one's epilogue overlaps the other's
-    # MMAs); the load partition fills the ring in tile order, so a tile's K steps sit at ring positions
-    # local_tile * k_tiles + ki
+    # MMAs), each from its own ring of stages (_load_partition's comment)
     BLOCK_M: gl.constexpr = out_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = out_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]
-    NUM_STAGES: gl.constexpr = a_bufs.shape[0]
+    RING: gl.constexpr = a_bufs.shape[0] // NUM_PARTS
+    FIRST: gl.constexpr = PART * RING
     W_PER_STAGE: gl.constexpr = 2 if SILU_MUL else 1
     # the accumulators: warpgroups stacked along M (64 rows each), one wgmma of N = BLOCK_N per 64 rows
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[MMA_WARPS, 1],
@@ -103,15 +110,14 @@ def _mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num
     num_pid_m = gl.load(num_post_pad_ptr) // BLOCK_M
     num_pid_n = gl.cdiv(N, BLOCK_N)
     k_tiles = gl.cdiv(K, BLOCK_K)
-    pid = gl.program_id(0)
-    for tile in range(pid + PART * NUM_SMS, num_pid_m * num_pid_n, NUM_PARTS * NUM_SMS):
+    pos = 0  # K steps through this partition's ring so far
+    for tile in range(gl.program_id(0) + PART * NUM_SMS, num_pid_m * num_pid_n, NUM_PARTS * NUM_SMS):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
-        it = (tile - pid) // NUM_SMS * k_tiles
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         for ki in range(k_tiles):
-            s = it % NUM_STAGES
-            mbarrier.wait(ready_bars.index(s), (it // NUM_STAGES) & 1)
+            s = FIRST + pos % RING
+            mbarrier.wait(ready_bars.index(s), (pos // RING) & 1)
             a = a_bufs.index(s)
             acc = warpgroup_mma(a, w_bufs.index(s * W_PER_STAGE).permute((1, 0)), acc, is_async=True)
             if SILU_MUL:
@@ -120,13 +126,13 @@ def _mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num
                 acc, acc_up = warpgroup_mma_wait(2, deps=(acc, acc_up))
             else:
                 acc = warpgroup_mma_wait(1, deps=(acc,))
-            mbarrier.arrive(empty_bars.index((it + NUM_STAGES - 1) % NUM_STAGES), pred=ki > 0)
-            it += 1
+            mbarrier.arrive(empty_bars.index(FIRST + (pos + RING - 1) % RING), pred=ki > 0)
+            pos += 1
         if SILU_MUL:
             acc, acc_up = warpgroup_mma_wait(0, deps=(acc, acc_up))
         else:
             acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty_bars.index((it + NUM_STAGES - 1) % NUM_STAGES))
+        mbarrier.arrive(empty_bars.index(FIRST + (pos + RING - 1) % RING))
         if SILU_MUL:
             # silu(g) * u = g * u / (1 + e^-g)
             acc = acc * acc_up / (1.0 + gl.exp2(acc * -1.4426950408889634))
@@ -167,14 +173,14 @@ def _grouped_gemm_ws_kernel(a_desc, w_desc, out_desc, expert_ids_ptr, num_post_p
             (_mma_partition, (out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num_post_pad_ptr, N, K,
                               SILU_MUL, GROUP_M, NUM_SMS, 1, 2, num_warps)),
             (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr,
-                               num_post_pad_ptr, N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS)),
+                               num_post_pad_ptr, N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS, 2)),
         ], [num_warps, 1], [MMA_REGS, LOAD_REGS])
     else:
         gl.warp_specialize([
             (_mma_partition, (out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num_post_pad_ptr, N, K,
                               SILU_MUL, GROUP_M, NUM_SMS, 0, 1, num_warps)),
             (_load_partition, (a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr,
-                               num_post_pad_ptr, N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS)),
+                               num_post_pad_ptr, N, W_ROWS, SILU_MUL, GROUP_M, NUM_SMS, 1)),
         ], [1], [LOAD_REGS])
 
 
@@ -189,7 +195,7 @@ def default_gluon_config(min_rows: int = 0, block_m: int = 128, pingpong: bool =
         bn = min(256, 128 * 32 * warps // block_m // (2 if silu_mul else 1))  # accumulators: 128 regs a thread
         g = {"BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 6, "num_warps": warps, "pingpong": pingpong}
         while shared_bytes(block_m, g, silu_mul) > SHARED_LIMIT:
-            g["num_stages"] -= 1
+            g["num_stages"] -= 2 if pingpong else 1  # (pingpong: a ring of stages per MMA partition)
         cfg[kind] = g
     return cfg
 
@@ -216,8 +222,10 @@ def check_gluon_config(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> 
     if bn not in (64, 128, 256) or bk not in (32, 64, 128):
         raise ValueError(f"gluon MoE GEMM: BLOCK_N {bn} / BLOCK_K {bk}: need BLOCK_N in 64/128/256, "
                          "BLOCK_K in 32/64/128")
-    if not 2 <= g.get("num_stages", 0) <= 8:
-        raise ValueError(f"gluon MoE GEMM: num_stages {g.get('num_stages')}: need 2..8 (the TMA ring's depth)")
+    parts = 2 if g.get("pingpong") else 1
+    if not 2 * parts <= g.get("num_stages", 0) <= 8 or g["num_stages"] % parts:
+        raise ValueError(f"gluon MoE GEMM: num_stages {g.get('num_stages')}: need {2 * parts}..8"
+                         + (", even (pingpong: a ring of stages per MMA partition)" if parts == 2 else ""))
     if (smem := shared_bytes(block_m, g, silu_mul, elem)) > SHARED_LIMIT:
         raise ValueError(f"gluon MoE GEMM: {smem} bytes of shared memory over the {SHARED_LIMIT} a block may hold: "
                          "fewer num_stages or a smaller BLOCK_N")

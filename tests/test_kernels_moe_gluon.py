@@ -63,6 +63,7 @@ def test_gluon_gemm_compiles_for_sm90_warp_specialized(block_m, pingpong):
     (dict(num_warps=2), False, "num_warps 2"),
     (dict(tile=3), False, "unknown keys"),
     (dict(pingpong=1), False, "pingpong takes num_warps 4"),
+    (dict(pingpong=1, num_warps=4, BLOCK_N=128, num_stages=3), False, "even"),
 ])
 def test_bad_gluon_config_says_which_key(g, silu_mul, match):
     base = default_gluon_config()["up" if silu_mul else "down"]
