@@ -9,10 +9,15 @@ MMAs; with K = 2048 (up) / 768 (down), 32 / 12 K steps a tile, that prologue/epi
 - a load partition (one warp) runs ahead through the whole persistent tile sequence, filling a ring of
   NUM_STAGES shared buffers by TMA (ready barriers: the bytes landed; empty barriers: the MMAs that read the
   stage finished), so the next tile's operands are in shared memory while this tile's epilogue runs;
-- the default partition (num_warps = 8: two warpgroups, 64 rows of the 128-row tile each) issues async wgmma,
-  keeps one K step in flight (warpgroup_mma_wait(num_outstanding = MMAs a step)), releases a stage as soon as
-  the MMAs reading it are done, and runs the epilogue (SiLU-and-mul for the gate_up GEMM), storing the tile
-  with a TMA store that is only waited for before the next tile's epilogue reuses its buffer.
+- the default partition (num_warps = 8: two warpgroups, 64 rows of the 128-row tile each; 4 for BLOCK_M 64)
+  issues async wgmma, keeps one K step in flight (warpgroup_mma_wait(num_outstanding = MMAs a step)), releases
+  a stage as soon as the MMAs reading it are done, and runs the epilogue (SiLU-and-mul for the gate_up GEMM),
+  storing the tile with a TMA store that is only waited for before the next tile's epilogue reuses its buffer;
+- or, config "pingpong", two one-warpgroup MMA partitions take the tiles in turn, each from its own ring of
+  stages, so one's epilogue runs under the other's MMAs (CUTLASS's ping-pong schedule).
+
+Config keys per GEMM (a "tma" entry's "up" / "down" with "gluon": 1 at the entry's top level): BLOCK_N,
+BLOCK_K, GROUP_M, num_stages, num_warps, pingpong; load_regs / mma_regs / maxnreg override the register split.
 
 Gluon has no interpreter: the CPU checks compile this for sm90 (tests/test_kernels_moe_gluon.py,
 benchmarks/moe_gluon_ir.py); outputs are compared with the Triton path on a GPU.
@@ -216,9 +221,9 @@ def check_gluon_config(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> 
     warps, bn, bk = g.get("num_warps", 8), g.get("BLOCK_N"), g.get("BLOCK_K")
     if g.get("pingpong") and warps != 4:
         raise ValueError(f"gluon MoE GEMM: pingpong takes num_warps 4 (a warpgroup per MMA partition), got {warps}")
-    if warps not in (4, 8) or block_m % (16 * warps) or block_m > 256:
-        raise ValueError(f"gluon MoE GEMM: BLOCK_M {block_m} with num_warps {warps}: need num_warps 4 or 8 and "
-                         "BLOCK_M a multiple of 16 * num_warps (64 rows a warpgroup), at most 256")
+    if warps not in (4, 8) or block_m not in (64, 128) or block_m % (16 * warps):
+        raise ValueError(f"gluon MoE GEMM: BLOCK_M {block_m} with num_warps {warps}: need BLOCK_M 64 or 128 and "
+                         "num_warps 4 or 8 with BLOCK_M a multiple of 16 * num_warps (64 rows a warpgroup)")
     if bn not in (64, 128, 256) or bk not in (32, 64, 128):
         raise ValueError(f"gluon MoE GEMM: BLOCK_N {bn} / BLOCK_K {bk}: need BLOCK_N in 64/128/256, "
                          "BLOCK_K in 32/64/128")
