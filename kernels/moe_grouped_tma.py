@@ -146,7 +146,7 @@ def fused_experts_tma(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
-    cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}
+    cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}; "gluon": 1 takes kernels/moe_gluon.py
     num_sms: int | None = None,
     w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
     w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
