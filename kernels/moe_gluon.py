@@ -254,19 +254,19 @@ def launch_meta(g: dict) -> dict:
             "MMA_REGS": mma_regs, "num_warps": warps, "maxnreg": maxnreg}
 
 
-def grouped_gemm_gluon(
+def launch_args(
     a: torch.Tensor,  # [rows, K] bf16/fp16, rows a multiple of block_m, expert-contiguous blocks
     w: torch.Tensor,  # [E * w_rows, K]
     out: torch.Tensor,  # [rows, N]
     expert_ids: torch.Tensor,  # [rows // block_m] int32, from moe_align
     num_post_pad: torch.Tensor,  # [1] int32
-    n: int, w_rows: int, silu_mul: bool, block_m: int, g: dict, num_sms: int | None = None,
-) -> None:
+    n: int, w_rows: int, silu_mul: bool, block_m: int, g: dict, num_sms: int,
+) -> tuple[tuple[int], tuple, dict]:
+    """The kernel's grid, arguments and keyword arguments (checked), for grouped_gemm_gluon's launch and the
+    CPU test that binds them as a launch would."""
     if a.dtype not in _GL_DTYPES or w.dtype != a.dtype or out.dtype != a.dtype:
         raise ValueError(f"the gluon MoE GEMM takes bf16/fp16 operands of one dtype, got {a.dtype}, {w.dtype}, "
                          f"{out.dtype} (FP8 experts: leave the tma config's 'gluon' off)")
-    if a.device.type != "cuda":
-        raise ValueError("the gluon MoE GEMM runs only on an NVIDIA GPU (sm90+): Gluon has no interpreter")
     check_gluon_config(block_m, g, silu_mul, a.element_size())
     bn, bk = g["BLOCK_N"], g["BLOCK_K"]
     dt = _GL_DTYPES[a.dtype]
@@ -274,12 +274,22 @@ def grouped_gemm_gluon(
     def desc(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
         return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dt))
 
-    num_sms = num_sms or torch.cuda.get_device_properties(a.device).multi_processor_count
     max_tiles = a.shape[0] // block_m * triton.cdiv(n, bn)
-    _grouped_gemm_ws_kernel[(max(1, min(num_sms, max_tiles)),)](
-        desc(a, [block_m, bk]), desc(w, [bn, bk]), desc(out, [block_m, bn]), expert_ids, num_post_pad, n, w_rows,
-        SILU_MUL=silu_mul, NUM_SMS=num_sms, **launch_meta(g),
-    )
+    grid = (max(1, min(num_sms, max_tiles)),)
+    args = (desc(a, [block_m, bk]), desc(w, [bn, bk]), desc(out, [block_m, bn]), expert_ids, num_post_pad, n, w_rows)
+    return grid, args, dict(SILU_MUL=silu_mul, NUM_SMS=num_sms, **launch_meta(g))
+
+
+def grouped_gemm_gluon(
+    a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, expert_ids: torch.Tensor, num_post_pad: torch.Tensor,
+    n: int, w_rows: int, silu_mul: bool, block_m: int, g: dict, num_sms: int | None = None,
+) -> None:
+    """out = the grouped GEMM (launch_args' shapes; moe_grouped_tma.grouped_gemm's contract, bf16/fp16)."""
+    if a.device.type != "cuda":
+        raise ValueError("the gluon MoE GEMM runs only on an NVIDIA GPU (sm90+): Gluon has no interpreter")
+    num_sms = num_sms or torch.cuda.get_device_properties(a.device).multi_processor_count
+    grid, args, kwargs = launch_args(a, w, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g, num_sms)
+    _grouped_gemm_ws_kernel[grid](*args, **kwargs)
 
 
 def moe_gemms_gluon(

@@ -54,6 +54,56 @@ def test_gluon_gemm_compiles_for_sm90_warp_specialized(block_m, pingpong):
         assert r["tma_loads_ptx"] == 1 + groups and r["tma_stores_ptx"] == parts, r
 
 
+_LAUNCH_PROBE = """
+import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class SM90:  # the active driver a launch asks for its target, device and stream: an H100/H200, no GPU here
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+driver.set_active(SM90())
+from kernels.moe_gluon import _grouped_gemm_ws_kernel, default_gluon_config, launch_args
+
+num_experts, hidden, inter, rows, bm = 8, 2048, 768, 1024, 128
+out = []
+for pingpong in (False, True):
+    cfg = default_gluon_config(pingpong=pingpong)
+    for kind, (k, n, w_rows) in (("up", (hidden, inter, 2 * inter)), ("down", (inter, hidden, hidden))):
+        a, w = torch.empty(rows, k, dtype=torch.bfloat16), torch.empty(num_experts * w_rows, k, dtype=torch.bfloat16)
+        res = torch.empty(rows, n, dtype=torch.bfloat16)
+        expert_ids, npp = torch.zeros(rows // bm, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        grid, args, kwargs = launch_args(a, w, res, expert_ids, npp, n, w_rows, kind == "up", bm, cfg[kind], 132)
+        kern = _grouped_gemm_ws_kernel.warmup(*args, grid=grid, **kwargs)
+        out.append({"kind": kind, "pingpong": pingpong, "n": n, "grid": grid, "warps": kern.metadata.num_warps,
+                    "shared": kern.metadata.shared, "boxes": [m["block_size"] for m in kern.metadata.tensordesc_meta]})
+print(json.dumps(out))
+"""
+
+
+def test_launch_args_bind_and_compile_for_sm90():
+    # grouped_gemm_gluon's launch, bound by Triton's JIT as on a GPU (its descriptors, constexprs and maxnreg)
+    # and compiled for sm90 (warmup: nothing runs): 8 MMA warps + the load warpgroup, or 2 x 4 + 4 for
+    # ping-pong; every TMA box split to 64 columns (128-byte swizzle); one program per SM when the rows allow
+    rows = run_sm90_probe(_LAUNCH_PROBE)
+    assert len(rows) == 4
+    for r in rows:
+        g = default_gluon_config(pingpong=r["pingpong"])[r["kind"]]
+        assert r["grid"] == [1024 // 128 * -(-r["n"] // g["BLOCK_N"])], r  # all tiles (< 132 here)
+        assert r["warps"] == 12 and abs(r["shared"] - shared_bytes(128, g, r["kind"] == "up")) < 1024, r
+        assert all(box[1] == 64 for box in r["boxes"]), r
+
+
 @pytest.mark.parametrize("g,silu_mul,match", [
     (dict(BLOCK_N=96), False, "BLOCK_N 96"),
     (dict(BLOCK_K=16), False, "BLOCK_K 16"),
