@@ -33,12 +33,11 @@ from kernels.moe_gluon import default_gluon_config, grouped_gemm_gluon  # noqa: 
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma, grouped_gemm  # noqa: E402
 from kernels.moe_permute import permute_tokens  # noqa: E402
 
-# --sweep: changes to the first Gluon config's GEMM (BLOCK_M 128), each within shared memory and registers
-_PP = {"num_warps": 4, "pingpong": True}
-SWEEP = {"up": {"s3": {"num_stages": 3}, "n64_s6": {"BLOCK_N": 64, "num_stages": 6},
-                "pp_n64_s6": dict(_PP, BLOCK_N=64, num_stages=6)},
-         "down": {"n128_s4": {"BLOCK_N": 128, "num_stages": 4}, "n128_s6": {"BLOCK_N": 128, "num_stages": 6},
-                  "pp_n128_s4": dict(_PP, BLOCK_N=128, num_stages=4), "pp_n64_s8": dict(_PP, BLOCK_N=64, num_stages=8)}}
+# --sweep: changes to the first Gluon config's GEMMs (BLOCK_M 128), each within shared memory and registers
+SWEEP = {"up": {"s3": {"num_stages": 3}, "n64_s6": {"BLOCK_N": 64, "num_stages": 6}},
+         "down": {"n128_s4": {"BLOCK_N": 128, "num_stages": 4}, "n128_s6": {"BLOCK_N": 128, "num_stages": 6}}}
+SWEEP_PP = {"up": {"s4": {"num_stages": 4}, "k32_s8": {"BLOCK_K": 32, "num_stages": 8}},
+            "down": {"n64_s8": {"BLOCK_N": 64, "num_stages": 8}, "k32_s8": {"BLOCK_K": 32, "num_stages": 8}}}
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,8 +72,9 @@ def bench_gemms(sets: list, w13: torch.Tensor, w2: torch.Tensor, tma: dict, glu:
     out.update({f"{k}_gluon_us": run(k, grouped_gemm_gluon, glu[k]) for k in ("up", "down")})
     if sweep:
         for k in ("up", "down"):
+            sweep_k = (SWEEP_PP if glu[k].get("pingpong") else SWEEP)[k]
             out[f"{k}_sweep_us"] = {name: run(k, grouped_gemm_gluon, dict(glu[k], **change))
-                                    for name, change in SWEEP[k].items()}
+                                    for name, change in sweep_k.items()}
     return out
 
 
@@ -117,12 +117,14 @@ def main() -> None:
     ap.add_argument("--m", default="1024,4096,16384")
     ap.add_argument("--config", default="", help="a JSON tma entry for the Gluon path (else default_gluon_config's)")
     ap.add_argument("--sweep", action="store_true", help="also time a few Gluon tile configs per GEMM")
+    ap.add_argument("--gluon", default="gluon,gluon64,gluon_pp,gluon64_pp",
+                    help="which default Gluon configs (without --config): gluon[64][_pp], BLOCK_M 64, ping-pong")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     glu = {"gluon": json.loads(args.config)} if args.config else {
-        "gluon": default_gluon_config(), "gluon_pp": default_gluon_config(pingpong=True),
-        "gluon64": default_gluon_config(block_m=64), "gluon64_pp": default_gluon_config(block_m=64, pingpong=True)}
+        name: default_gluon_config(block_m=64 if "64" in name else 128, pingpong=name.endswith("_pp"))
+        for name in args.gluon.split(",")}
     ceil = measure_ceilings()
     print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s on "
           f"{torch.cuda.get_device_name()}", flush=True)
