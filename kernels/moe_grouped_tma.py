@@ -146,7 +146,7 @@ def fused_experts_tma(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
-    cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}
+    cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}; "gluon": 1 takes kernels/moe_gluon.py
     num_sms: int | None = None,
     w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
     w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
@@ -163,6 +163,10 @@ def fused_experts_tma(
     a_perm, inv, a_scale = permute_tokens(x, sorted_ids, num_post_pad, top_k, x_scale)  # [rows, H]
     rows = a_perm.shape[0]
     act = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
+    if cfg.get("gluon"):  # the warp-specialized Gluon kernel (kernels/moe_gluon.py), bf16/fp16, from a tuned table
+        from kernels.moe_gluon import moe_gemms_gluon
+        y = moe_gemms_gluon(a_perm, act, w13, w2, expert_ids, num_post_pad, cfg, num_sms, fp8)
+        return unpermute_sum(y, inv, topk_weights, topk_ids)
     grouped_gemm(a_perm, w13.view(num_experts * 2 * inter, h), act, expert_ids, num_post_pad, inter, 2 * inter,
                  True, bm, cfg["up"], num_sms, a_scale, w13_scale)
     # (FP8: rows past num_post_pad are quantized too, unused: the buffer's size is fixed by shapes)

@@ -1,0 +1,114 @@
+"""Compile the Gluon MoE grouped GEMM (kernels/moe_gluon.py) for a Hopper GPU (sm90) on any machine, no GPU
+needed, and report what the compiler made of it: registers (the launch's cap and each partition's setmaxnreg),
+spills, shared memory, the wgmma count and the pendings of every wait on them (PTX wait_group N and the SASS
+WARPGROUP.DEPBAR.LE N: N > 0 in the K loop keeps an MMA in flight), and the TMA loads / stores.
+
+python benchmarks/moe_gluon_ir.py up [--block-n 128 --block-k 64 --stages 4 --warps 8]
+python benchmarks/moe_gluon_ir.py down --block-n 256 --stages 3
+
+Prints one JSON line. Must run without TRITON_INTERPRET. The binary does not depend on the model's sizes (K, N
+and the row count reach it through the TMA descriptors and two i32 arguments), only on the tile config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from attention_ir import report  # noqa: E402
+
+from kernels.moe_gluon import _grouped_gemm_ws_kernel, check_gluon_config, launch_meta  # noqa: E402
+
+
+def compile_gluon_sm90(kind: str, g: dict, block_m: int = 128):
+    """The kernel as grouped_gemm_gluon would launch it (bf16) for one GEMM: "up" (gate_up + SiLU-and-mul) or
+    "down", compiled for sm90."""
+    silu_mul = kind == "up"
+    check_gluon_config(block_m, g, silu_mul)
+    bn, bk = g["BLOCK_N"], g["BLOCK_K"]
+    meta = launch_meta(g)
+    options = {"num_warps": meta["num_warps"], "maxnreg": meta.pop("maxnreg")}
+
+    def desc(box: list[int]) -> str:  # the signature a gluon TensorDescriptor argument specializes to
+        return f"tensordesc<bf16[{box[0]}, {box[1]}],{gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)!r}>"
+
+    fn = _grouped_gemm_ws_kernel
+    consts = dict(meta, SILU_MUL=silu_mul, NUM_SMS=132)
+    args = {"a_desc": desc([block_m, bk]), "w_desc": desc([bn, bk]), "out_desc": desc([block_m, bn]),
+            "expert_ids_ptr": "*i32", "num_post_pad_ptr": "*i32", "N": "i32", "W_ROWS": "i32"}
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], constexprs[(i,)] = "constexpr", consts[name]
+        else:
+            sig[name] = args[name]
+            if args[name].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    # N, W_ROWS: plain i32 (a launch with 768 / 2048 adds divisibility 16: the TMA coordinates need none)
+    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def gluon_report(kernel) -> dict:
+    r = report(kernel)
+    ptx = kernel.asm["ptx"]
+    # attention_ir's report counts the waits; the SASS again for their pendings
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    sass_depbar = [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)]
+    return {
+        "registers_cap": r["registers"],  # the launch's maxnreg: what ptxas reports for the whole kernel
+        # setmaxnreg per partition (the MMA warps grow, the load warpgroup shrinks), in PTX order
+        "setmaxnreg": [(op, int(n)) for op, n in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)],
+        "spill_bytes": r["spill_bytes"],
+        "shared_bytes": r["shared_bytes"],
+        "wgmma_ptx": ptx.count("wgmma.mma_async"),
+        "wgmma_wait_pendings_ptx": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
+        "hgmma_sass": r["hgmma"],
+        "wgmma_wait_pendings_sass": sass_depbar,
+        "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+        "tma_stores_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
+        "mbarrier_waits_ptx": ptx.count("mbarrier.try_wait"),
+    }
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("moe_gluon_ir.py compiles for the GPU: unset TRITON_INTERPRET")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["up", "down"])
+    ap.add_argument("--block-m", type=int, default=128)
+    ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--pingpong", action="store_true", help="two 4-warp MMA partitions taking tiles in turn")
+    a = ap.parse_args()
+    g = {"BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "GROUP_M": 8, "num_stages": a.stages, "num_warps": a.warps,
+         "pingpong": a.pingpong}
+    try:
+        kernel = compile_gluon_sm90(a.kind, g, a.block_m)
+    except ValueError as exc:
+        sys.exit(str(exc))
+    print(json.dumps(dict(kind=a.kind, config=g, **gluon_report(kernel))))
+
+
+if __name__ == "__main__":
+    main()
