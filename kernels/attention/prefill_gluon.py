@@ -3,7 +3,7 @@
 Same contract as kernels/attention/prefill.py's paged_attention_prefill (varlen via cu_seqlens_q / seq_lens, the query
 block at the end of each sequence's KV range, so an extend over a cached prefix too; GQA; paged K/V through
 block_tables; tokens no sequence owns read zero), for a 16-bit cache of q's dtype, head_dim 64 / 128 / 256 / 32
-(a power of two >= 32) and no tile map. Triton 3.6 warp-specializes tl.range loops only on sm100+, so on Hopper the
+and no tile map. Triton 3.6 warp-specializes tl.range loops only on sm100+, so on Hopper the
 Triton kernel's softmax and its two dots never overlap. Here, per program (one query head, BLOCK_M query tokens):
 
 - a load partition (one warp) reads the page ids from block_tables and fills a ring of NUM_STAGES K and V tiles
@@ -38,6 +38,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 GLUON_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "load_regs")  # the "gluon" entry's own keys (all optional)
 GLUON_DEFAULTS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "load_regs": 24}
 NUM_WARPS = 8  # the default partition: two warpgroups
+HEAD_DIMS = (64, 128)  # head dims the kernel runs (256: S, P and O would not fit the registers together)
 SHARED_LIMIT = 232448  # bytes of shared memory one H100/H200 block may hold (227 KB)
 _LOG2E = 1.4426950408889634
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -241,15 +242,15 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
 # ---------------------------------------------------------------- host side
 
 
-def gluon_config(cfg: dict) -> dict | None:
+def gluon_config(cfg: dict, head_dim: int = 128) -> dict | None:
     """The Gluon tiles a prefill config asks for: None when its "gluon" key is absent or 0; 1 (the defaults) or a dict
-    of GLUON_KEYS. A bad value: a one-line ValueError."""
+    of GLUON_KEYS. A bad value (or tiles over shared memory at this head_dim): a one-line ValueError."""
     g = cfg.get("gluon", 0)
     if g is None or g is False or g == 0:
         return None
     if g is True or g == 1:
-        return dict(GLUON_DEFAULTS)
-    if not isinstance(g, dict):
+        g = {}
+    elif not isinstance(g, dict):
         raise ValueError(f"prefill config gluon={g!r} must be 0, 1 or a dict of {GLUON_KEYS}")
     if unknown := sorted(set(g) - set(GLUON_KEYS)):
         raise ValueError(f"prefill config gluon: unknown keys {unknown}; allowed {GLUON_KEYS}")
@@ -260,6 +261,9 @@ def gluon_config(cfg: dict) -> dict | None:
     if not 2 <= g["num_stages"] <= 4 or not 24 <= g["load_regs"] <= 256 or g["load_regs"] % 8:
         raise ValueError(f"prefill config gluon: num_stages {g['num_stages']} / load_regs {g['load_regs']}: need "
                          "num_stages 2..4 (the K/V ring) and load_regs a multiple of 8 in 24..256")
+    if head_dim in HEAD_DIMS and (smem := shared_bytes(g, head_dim)) > SHARED_LIMIT:  # (others: the Triton kernel)
+        raise ValueError(f"prefill config gluon: {smem} bytes of shared memory at head_dim {head_dim} over the "
+                         f"{SHARED_LIMIT} a block may hold: fewer num_stages or BLOCK_N 64")
     return g
 
 
@@ -272,17 +276,25 @@ def shared_bytes(g: dict, head_dim: int, elem: int = 2) -> int:
 def gluon_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, g: dict, k_scale: float, v_scale: float,
                     tile_map: torch.Tensor | None) -> bool:
-    """Whether the Gluon kernel runs this call: an sm90 GPU, a 16-bit cache of q's dtype without scales, head_dim 64 or
-    128, a cache whose [num_blocks * block_size, kv_heads * head_dim] view a TMA descriptor takes, pages of a power
-    of two >= 8 tokens, int32 index tensors, the eager grid (no tile map), and the tiles within shared memory."""
-    if not q.is_cuda or q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    """Whether the Gluon kernel runs this call: an sm90 GPU and a call gluon_fits."""
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and gluon_fits(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, g, k_scale, v_scale, tile_map))
+
+
+def gluon_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               seq_lens: torch.Tensor, block_tables: torch.Tensor, g: dict, k_scale: float, v_scale: float,
+               tile_map: torch.Tensor | None) -> bool:
+    """The shapes the kernel takes (any device): a 16-bit cache of q's dtype without scales, head_dim 64 or 128, a
+    cache whose [num_blocks * block_size, kv_heads * head_dim] view a TMA descriptor takes, pages of a power of two
+    >= 8 tokens, int32 index tensors, the eager grid (no tile map), and the tiles within shared memory."""
+    if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0) or tile_map is not None or k_scale != 1 or v_scale != 1:
+    if tile_map is not None or k_scale != 1 or v_scale != 1:
         return False
     if any(t.dtype != torch.int32 for t in (cu_seqlens_q, seq_lens, block_tables)):  # 32-bit TMA row coordinates
         return False
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    if head_dim not in (64, 128) or block_size < 8 or block_size & (block_size - 1) or block_size > 256:
+    if head_dim not in HEAD_DIMS or block_size < 8 or block_size & (block_size - 1) or block_size > 256:
         return False
     if num_blocks * block_size >= 2**31 or shared_bytes(g, head_dim) > SHARED_LIMIT:
         return False
@@ -339,3 +351,76 @@ def paged_attention_prefill_gluon(
         NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], num_warps=NUM_WARPS, maxnreg=_max_regs(NUM_WARPS),
     )
     return out
+
+
+# ---------------------------------------------------------------- sm90 compile report (no GPU needed)
+
+
+def compile_sm90(g: dict, heads: str = "32/4", block_size: int = 16, head_dim: int = 128, dtype: str = "bf16"):
+    """The kernel as paged_attention_prefill_gluon would launch it (heads "q/kv"), compiled for sm90 on any machine."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    num_heads, kv_heads = map(int, heads.split("/"))
+    box = [min(block_size, g["BLOCK_N"]), head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16 if dtype == "bf16" else gl.float16)
+    desc = f"tensordesc<{dtype}[{box[0]}, {box[1]}],{layout!r}>"  # the signature a descriptor argument gets
+    fn = _prefill_gluon_kernel
+    consts = dict(GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
+                  NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], num_warps=NUM_WARPS)
+    args = dict(q_ptr=f"*{dtype}", out_ptr=f"*{dtype}", k_desc=desc, v_desc=desc, cu_seqlens_ptr="*i32",
+                seq_lens_ptr="*i32", block_tables_ptr="*i32", qk_scale="fp32")
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name], constexprs[(i,)] = "constexpr", consts[name]
+            continue
+        sig[name] = args.get(name, "i32")
+        # pointers and the q / out strides (multiples of head_dim) get a launch's divisibility by 16
+        if sig[name].startswith("*") or name in ("stride_qt", "stride_qh", "stride_ot", "stride_oh"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS,
+                                                                     "maxnreg": _max_regs(NUM_WARPS)})
+
+
+def sm90_report(kernel) -> dict:
+    """What ptxas made of a compile_sm90 kernel: registers (the cap; setmaxnreg per partition), spills, shared
+    memory, the wgmma count and the pendings of every wait on them (PTX and SASS: N > 0 keeps a group in flight
+    through the softmax), TMA loads."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    ptx = kernel.asm["ptx"]
+    return {
+        "registers_cap": int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else None,
+        "setmaxnreg": [[op, int(n)] for op, n in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)],
+        "spill_bytes": int(m.group(1)) if (m := re.search(r"STACK:(\d+)", res)) else None,
+        "local_ops_sass": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "shared_bytes": kernel.metadata.shared,
+        "wgmma_ptx": ptx.count("wgmma.mma_async"),
+        "hgmma_sass": len(re.findall(r"\bHGMMA\.", sass)),
+        "hgmma_register_a_sass": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),  # P from registers
+        "wgmma_wait_pendings_ptx": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
+        "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
+        "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+        "mbarrier_waits_ptx": ptx.count("mbarrier.try_wait"),
+    }
+
+
+if __name__ == "__main__":  # python -m kernels.attention.prefill_gluon [heads] [BLOCK_N] [num_stages] [block_size]
+    import json
+    import sys
+
+    argv = sys.argv[1:] + ["32/4", "128", "2", "16"][len(sys.argv) - 1:]
+    tiles = gluon_config({"gluon": {"BLOCK_N": int(argv[1]), "num_stages": int(argv[2])}})
+    print(json.dumps(dict(heads=argv[0], block_size=int(argv[3]), **tiles,
+                          **sm90_report(compile_sm90(tiles, argv[0], int(argv[3]))))))
