@@ -35,9 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-GLUON_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "load_regs")  # the "gluon" entry's own keys (all optional)
-GLUON_DEFAULTS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "load_regs": 24}
-NUM_WARPS = 8  # the default partition: two warpgroups
+GLUON_KEYS = ("BLOCK_M", "BLOCK_N", "num_stages", "load_regs", "split_wg")  # a "gluon" entry's keys (all optional)
+GLUON_DEFAULTS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "load_regs": 24, "split_wg": 0}
 HEAD_DIMS = (64, 128)  # head dims the kernel runs (256: S, P and O would not fit the registers together)
 SHARED_LIMIT = 232448  # bytes of shared memory one H100/H200 block may hold (227 KB)
 _LOG2E = 1.4426950408889634
@@ -98,8 +97,9 @@ def _softmax_tile(s, m_i, l_i, qk_scale, n0, q_pos, mask_from, s_layout: gl.cons
 
 @gluon.jit
 def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, qk_scale,
-                   q_start, q_len, qb, head, ctx, n_tiles, stride_qt, stride_qh, stride_ot, stride_oh,
+                   q_start, q_len, row0, head, ctx, n_tiles, stride_qt, stride_qh, stride_ot, stride_oh,
                    num_warps: gl.constexpr):
+    # query tokens [row0, row0 + BLOCK_M) of the sequence (BLOCK_M = q_smem's rows: 64 a warpgroup of num_warps)
     NUM_STAGES: gl.constexpr = k_bufs.shape[0]
     BLOCK_M: gl.constexpr = q_smem.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.shape[1]
@@ -114,15 +114,15 @@ def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_r
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1], [1, 0])
 
     # q [BLOCK_M, HEAD_DIM] of this head: plain loads (rows past the sequence read zeros) into shared memory
-    tok = qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
+    tok = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io_layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io_layout))
     rmask = (tok < q_len)[:, None]
     q_off = (q_start + tok).to(gl.int64)[:, None] * stride_qt + head * stride_qh + d[None, :]
     q_smem.store(gl.load(q_ptr + q_off, mask=rmask, other=0.0))
     fence_async_shared()
 
-    q_pos = ctx + qb * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    mask_from = ctx + qb * BLOCK_M + 1  # keys below the block's first position are visible to every row
+    q_pos = ctx + row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    mask_from = ctx + row0 + 1  # keys below the first row's position are visible to every row
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -184,10 +184,13 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
                           stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_tokens, batch,
                           GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, LOAD_REGS: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          SPLIT_WG: gl.constexpr, num_warps: gl.constexpr):
     # grid (num_heads, query blocks, batch + 1): heads fastest, so a KV head's GROUP query heads run together and
     # share its K/V through L2; the last (longest) query block first. q / out [num_tokens, num_heads, HEAD_DIM];
     # k_desc / v_desc over the cache as [num_blocks * block_size, kv_heads * HEAD_DIM], box [min(bs, BLOCK_N), D].
+    # SPLIT_WG: the two warpgroups as two partitions of 64 rows each (num_warps 4), each releasing a K/V stage on
+    # its own (empty barriers of count 2): no CTA-wide sync between them, so one's softmax can run under the
+    # other's wgmmas (FA3's ping-pong, left to drift rather than scheduled); else one partition of num_warps 8.
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     head = gl.program_id(0)
     num_qb = gl.num_programs(1)
@@ -216,8 +219,10 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
         return
     n_tiles = gl.cdiv(kv_end, BLOCK_N)
     dtype: gl.constexpr = k_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype))
+    CONSUMERS: gl.constexpr = 2 if SPLIT_WG else 1
+    WG_M: gl.constexpr = BLOCK_M // CONSUMERS
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, WG_M, HEAD_DIM],
+                                       gl.NVMMASharedLayout.get_default_for([WG_M, HEAD_DIM], dtype))
     k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -226,17 +231,29 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     bt_ptr = block_tables_ptr + b.to(gl.int64) * stride_bt
-    gl.warp_specialize([
-        (_mma_partition, (q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, qk_scale,
-                          q_start, q_len, qb, head, ctx, n_tiles, stride_qt, stride_qh, stride_ot, stride_oh,
-                          num_warps)),
-        (_load_partition, (k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, bt_ptr,
-                           head // GROUP, kv_end, n_tiles, BLOCK_SIZE)),
-    ], [1], [LOAD_REGS])
+    load_args = (k_desc, v_desc, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, bt_ptr, head // GROUP, kv_end,
+                 n_tiles, BLOCK_SIZE)
+    if SPLIT_WG:
+        gl.warp_specialize([
+            (_mma_partition, (q_ptr, out_ptr, q_smem.index(0), k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
+                              qk_scale, q_start, q_len, qb * BLOCK_M, head, ctx, n_tiles, stride_qt, stride_qh,
+                              stride_ot, stride_oh, num_warps)),
+            (_mma_partition, (q_ptr, out_ptr, q_smem.index(1), k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
+                              qk_scale, q_start, q_len, qb * BLOCK_M + WG_M, head, ctx, n_tiles, stride_qt,
+                              stride_qh, stride_ot, stride_oh, num_warps)),
+            (_load_partition, load_args),
+        ], [num_warps, 1], [240, LOAD_REGS])
+    else:
+        gl.warp_specialize([
+            (_mma_partition, (q_ptr, out_ptr, q_smem.index(0), k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
+                              qk_scale, q_start, q_len, qb * BLOCK_M, head, ctx, n_tiles, stride_qt, stride_qh,
+                              stride_ot, stride_oh, num_warps)),
+            (_load_partition, load_args),
+        ], [1], [LOAD_REGS])
 
 
 # ---------------------------------------------------------------- host side
@@ -258,6 +275,8 @@ def gluon_config(cfg: dict, head_dim: int = 128) -> dict | None:
     if g["BLOCK_M"] != 128 or g["BLOCK_N"] not in (64, 128):
         raise ValueError(f"prefill config gluon: BLOCK_M {g['BLOCK_M']} / BLOCK_N {g['BLOCK_N']}: need BLOCK_M 128 "
                          "(two warpgroups of 64 rows) and BLOCK_N 64 or 128")
+    if g["split_wg"] not in (0, 1):
+        raise ValueError(f"prefill config gluon: split_wg {g['split_wg']!r} must be 0 or 1")
     if not 2 <= g["num_stages"] <= 4 or not 24 <= g["load_regs"] <= 256 or g["load_regs"] % 8:
         raise ValueError(f"prefill config gluon: num_stages {g['num_stages']} / load_regs {g['load_regs']}: need "
                          "num_stages 2..4 (the K/V ring) and load_regs a multiple of 8 in 24..256")
@@ -304,10 +323,11 @@ def gluon_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu
     return True
 
 
-def _max_regs(num_warps: int) -> int:
-    # the register file (64K) over the MMA warps plus the load warp's warpgroup (4 warps), a multiple of 8; setmaxnreg
-    # then moves the load warpgroup's share to the MMA warps
-    return 65536 // (32 * (num_warps + 4)) // 8 * 8
+def _launch_warps(g: dict) -> tuple[int, int]:
+    """(num_warps, maxnreg) of a launch: the default partition's warps (both warpgroups, or one under split_wg), and
+    the register file (64K) over all 12 warps (the two MMA warpgroups, the load warp's warpgroup), a multiple of 8;
+    setmaxnreg then moves the load warpgroup's share to the MMA warps."""
+    return (4 if g["split_wg"] else 8), 65536 // (32 * 12) // 8 * 8
 
 
 def kv_descriptor(cache: torch.Tensor, g: dict) -> TensorDescriptor:
@@ -342,13 +362,15 @@ def paged_attention_prefill_gluon(
         return out.zero_()
     block_m = g["BLOCK_M"]
     num_qb = triton.cdiv(max_seqlen_q, block_m)
+    num_warps, maxnreg = _launch_warps(g)
     if num_qb > 65535 or batch + 1 > 65535:
         raise ValueError(f"prefill: {num_qb} query blocks / {batch} sequences: at most 65535 each per launch")
     _prefill_gluon_kernel[(num_heads, num_qb, batch + 1)](
         q, out, kv_descriptor(k_cache, g), kv_descriptor(v_cache, g), cu_seqlens_q, seq_lens, block_tables,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens,
         batch, GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=g["BLOCK_N"],
-        NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], num_warps=NUM_WARPS, maxnreg=_max_regs(NUM_WARPS),
+        NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], SPLIT_WG=bool(g["split_wg"]), num_warps=num_warps,
+        maxnreg=maxnreg,
     )
     return out
 
@@ -366,8 +388,10 @@ def compile_sm90(g: dict, heads: str = "32/4", block_size: int = 16, head_dim: i
     layout = gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16 if dtype == "bf16" else gl.float16)
     desc = f"tensordesc<{dtype}[{box[0]}, {box[1]}],{layout!r}>"  # the signature a descriptor argument gets
     fn = _prefill_gluon_kernel
+    num_warps, maxnreg = _launch_warps(g)
     consts = dict(GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
-                  NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], num_warps=NUM_WARPS)
+                  NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], SPLIT_WG=bool(g["split_wg"]),
+                  num_warps=num_warps)
     args = dict(q_ptr=f"*{dtype}", out_ptr=f"*{dtype}", k_desc=desc, v_desc=desc, cu_seqlens_ptr="*i32",
                 seq_lens_ptr="*i32", block_tables_ptr="*i32", qk_scale="fp32")
     sig, constexprs, attrs = {}, {}, {}
@@ -380,8 +404,7 @@ def compile_sm90(g: dict, heads: str = "32/4", block_size: int = 16, head_dim: i
         if sig[name].startswith("*") or name in ("stride_qt", "stride_qh", "stride_ot", "stride_oh"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS,
-                                                                     "maxnreg": _max_regs(NUM_WARPS)})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})
 
 
 def sm90_report(kernel) -> dict:
@@ -416,11 +439,11 @@ def sm90_report(kernel) -> dict:
     }
 
 
-if __name__ == "__main__":  # python -m kernels.attention.prefill_gluon [heads] [BLOCK_N] [num_stages] [block_size]
+if __name__ == "__main__":  # python -m kernels.attention.prefill_gluon [heads] [BLOCK_N] [stages] [page] [split_wg]
     import json
     import sys
 
-    argv = sys.argv[1:] + ["32/4", "128", "2", "16"][len(sys.argv) - 1:]
-    tiles = gluon_config({"gluon": {"BLOCK_N": int(argv[1]), "num_stages": int(argv[2])}})
+    argv = sys.argv[1:] + ["32/4", "128", "2", "16", "0"][len(sys.argv) - 1:]
+    tiles = gluon_config({"gluon": {"BLOCK_N": int(argv[1]), "num_stages": int(argv[2]), "split_wg": int(argv[4])}})
     print(json.dumps(dict(heads=argv[0], block_size=int(argv[3]), **tiles,
                           **sm90_report(compile_sm90(tiles, argv[0], int(argv[3]))))))
