@@ -30,12 +30,42 @@ from kernels.attention.prefill_gluon import (  # noqa: E402
 )
 from kernels.moe_config import CONFIG_DIR  # noqa: E402
 
-_SM90_PROBE = """
-import json
-from kernels.attention.prefill_gluon import compile_sm90, gluon_config, sm90_report
+# compiled for sm90 in a fresh process; what ptxas made of each case: registers (the cap; setmaxnreg per partition),
+# spills, shared memory, the wgmma count and the pendings of every wait on them (PTX and SASS: N > 0 keeps a group in
+# flight through the softmax), TMA loads. `pytest -s -k sm90` prints them.
+_SM90_PROBE = r"""
+import json, re, subprocess, tempfile
+from pathlib import Path
+import triton
+from kernels.attention.prefill_gluon import compile_sm90, gluon_config
+
+
+def report(kernel):
+    tool = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ptx = kernel.asm["ptx"]
+    return {
+        "registers_cap": int(re.search(r"REG:(\d+)", res).group(1)),
+        "setmaxnreg": [[op, int(n)] for op, n in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)],
+        "spill_bytes": int(re.search(r"STACK:(\d+)", res).group(1)),
+        "local_ops_sass": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "shared_bytes": kernel.metadata.shared,
+        "wgmma_ptx": ptx.count("wgmma.mma_async"),
+        "hgmma_sass": len(re.findall(r"\bHGMMA\.", sass)),
+        "hgmma_register_a_sass": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),  # P from registers
+        "wgmma_wait_pendings_ptx": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
+        "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
+        "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+    }
+
+
 cases = [("32/4", {"BLOCK_N": 128, "num_stages": 2}), ("96/8", {"BLOCK_N": 64, "num_stages": 3}),
          ("32/4", {"num_stages": 3, "split_wg": 1})]
-print(json.dumps([sm90_report(compile_sm90(gluon_config({"gluon": g}), heads)) for heads, g in cases]))
+print(json.dumps([dict(heads=h, **g, **report(compile_sm90(gluon_config({"gluon": g}), h))) for h, g in cases]))
 """
 
 
@@ -49,6 +79,7 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
     tiles = [gluon_config({"gluon": g}) for g in ({"BLOCK_N": 128}, {"BLOCK_N": 64, "num_stages": 3},
                                                   {"num_stages": 3, "split_wg": 1})]
     for g, r in zip(tiles, run_sm90_probe(_SM90_PROBE)):
+        print(json.dumps(r))
         parts = 2 if g["split_wg"] else 1
         assert r["spill_bytes"] == 0 and r["local_ops_sass"] == 0, r
         assert r["shared_bytes"] <= SHARED_LIMIT and abs(r["shared_bytes"] - shared_bytes(g, 128)) < 1024, r

@@ -2,9 +2,10 @@
 
 Same contract as kernels/attention/prefill.py's paged_attention_prefill (varlen via cu_seqlens_q / seq_lens, the query
 block at the end of each sequence's KV range, so an extend over a cached prefix too; GQA; paged K/V through
-block_tables; tokens no sequence owns read zero), for a 16-bit cache of q's dtype, head_dim 64 / 128 / 256 / 32
-and no tile map. Triton 3.6 warp-specializes tl.range loops only on sm100+, so on Hopper the
-Triton kernel's softmax and its two dots never overlap. Here, per program (one query head, BLOCK_M query tokens):
+block_tables; tokens no sequence owns read zero), for a 16-bit cache of q's dtype without scales, head_dim 64 or 128,
+pages of 8..256 tokens, int32 index tensors and no tile map (gluon_fits). Triton 3.6 warp-specializes tl.range loops
+only on sm100+, so on Hopper the Triton kernel's softmax and its two dots never overlap. Here, per program (one query
+head, BLOCK_M = 128 query tokens, GQA heads not packed: each reads its KV head's tiles, shared through L2):
 
 - a load partition (one warp) reads the page ids from block_tables and fills a ring of NUM_STAGES K and V tiles
   [BLOCK_N, head_dim] by TMA over the cache viewed as [num_blocks * block_size, kv_heads * head_dim]: one box
@@ -13,7 +14,13 @@ Triton kernel's softmax and its two dots never overlap. Here, per program (one q
 - the default partition (num_warps = 8: two warpgroups, 64 query rows each) keeps q in shared memory and issues
   S_j = Q K_j^T as async wgmma before P_{j-1} V_{j-1} (P from registers as the A operand), so the tensor cores run
   the next tile's QK^T and the previous tile's PV while this tile's online softmax (base 2, the scale folded into
-  one FFMA per score) runs: FA3's intra-warpgroup overlap; the causal mask only on the tiles the diagonal crosses.
+  one FFMA per score) runs: FA3's intra-warpgroup overlap; the causal mask only on the tiles the diagonal crosses;
+  the output leaves through q's buffer as coalesced rows. The "gluon" entry's split_wg 1 runs the two warpgroups as
+  two partitions instead (see _prefill_gluon_kernel).
+
+Keys past a sequence's end inside its last page are read as the page holds them (masked to p = 0): the runtime's
+cache starts zeroed (model_runner), so they are finite and 0 * v adds nothing (a NaN there would reach the output,
+as in any kernel that reads whole pages through TMA).
 
 Gluon has no interpreter: on the CPU the tests compile this for sm90 (tests/test_attention_gluon.py); outputs are
 compared with the torch reference and the Triton kernel on a GPU. Dispatch: a prefill config's "gluon": 1
@@ -375,11 +382,12 @@ def paged_attention_prefill_gluon(
     return out
 
 
-# ---------------------------------------------------------------- sm90 compile report (no GPU needed)
+# ---------------------------------------------------------------- sm90 compile (no GPU needed)
 
 
 def compile_sm90(g: dict, heads: str = "32/4", block_size: int = 16, head_dim: int = 128, dtype: str = "bf16"):
-    """The kernel as paged_attention_prefill_gluon would launch it (heads "q/kv"), compiled for sm90 on any machine."""
+    """The kernel as paged_attention_prefill_gluon would launch it (heads "q/kv"), compiled for sm90 on any machine
+    (what ptxas made of it: tests/test_attention_gluon.py's probe, printed under pytest -s)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -405,45 +413,3 @@ def compile_sm90(g: dict, heads: str = "32/4", block_size: int = 16, head_dim: i
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})
-
-
-def sm90_report(kernel) -> dict:
-    """What ptxas made of a compile_sm90 kernel: registers (the cap; setmaxnreg per partition), spills, shared
-    memory, the wgmma count and the pendings of every wait on them (PTX and SASS: N > 0 keeps a group in flight
-    through the softmax), TMA loads."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    ptx = kernel.asm["ptx"]
-    return {
-        "registers_cap": int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else None,
-        "setmaxnreg": [[op, int(n)] for op, n in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)],
-        "spill_bytes": int(m.group(1)) if (m := re.search(r"STACK:(\d+)", res)) else None,
-        "local_ops_sass": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
-        "shared_bytes": kernel.metadata.shared,
-        "wgmma_ptx": ptx.count("wgmma.mma_async"),
-        "hgmma_sass": len(re.findall(r"\bHGMMA\.", sass)),
-        "hgmma_register_a_sass": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),  # P from registers
-        "wgmma_wait_pendings_ptx": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
-        "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
-        "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
-        "mbarrier_waits_ptx": ptx.count("mbarrier.try_wait"),
-    }
-
-
-if __name__ == "__main__":  # python -m kernels.attention.prefill_gluon [heads] [BLOCK_N] [stages] [page] [split_wg]
-    import json
-    import sys
-
-    argv = sys.argv[1:] + ["32/4", "128", "2", "16", "0"][len(sys.argv) - 1:]
-    tiles = gluon_config({"gluon": {"BLOCK_N": int(argv[1]), "num_stages": int(argv[2]), "split_wg": int(argv[4])}})
-    print(json.dumps(dict(heads=argv[0], block_size=int(argv[3]), **tiles,
-                          **sm90_report(compile_sm90(tiles, argv[0], int(argv[3]))))))
