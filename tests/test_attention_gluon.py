@@ -153,7 +153,7 @@ def test_gluon_fits_the_shapes_it_runs():
     assert not fits(lens=lens.long())
     wide = torch.zeros(k_cache.shape[0], 16, 4, 128, dtype=torch.bfloat16)[:, :, :2]  # kv heads of a wider cache
     assert not fits(k_cache=wide, v_cache=wide)
-    small = _inputs([5], [9], 8, 2, 4, torch.bfloat16, "cpu")  # 4-token pages
+    small = _inputs([5], [9], 8, 2, 8, torch.bfloat16, "cpu")  # 8-token pages
     assert not gluon_fits(*small, g, 1.0, 1.0, None)
     d32 = _inputs([5], [9], 8, 2, 16, torch.bfloat16, "cpu", head_dim=32)
     assert not gluon_fits(*d32, g, 1.0, 1.0, None)

@@ -3,7 +3,7 @@
 Same contract as kernels/attention/prefill.py's paged_attention_prefill (varlen via cu_seqlens_q / seq_lens, the query
 block at the end of each sequence's KV range, so an extend over a cached prefix too; GQA; paged K/V through
 block_tables; tokens no sequence owns read zero), for a 16-bit cache of q's dtype without scales, head_dim 64 or 128,
-pages of 8..256 tokens, int32 index tensors and no tile map (gluon_fits). Triton 3.6 warp-specializes tl.range loops
+pages of 16..256 tokens, int32 index tensors and no tile map (gluon_fits). Triton 3.6 warp-specializes tl.range loops
 only on sm100+, so on Hopper the Triton kernel's softmax and its two dots never overlap. Here, per program (one query
 head, BLOCK_M = 128 query tokens, GQA heads not packed: each reads its KV head's tiles, shared through L2):
 
@@ -312,7 +312,8 @@ def gluon_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu
                tile_map: torch.Tensor | None) -> bool:
     """The shapes the kernel takes (any device): a 16-bit cache of q's dtype without scales, head_dim 64 or 128, a
     cache whose [num_blocks * block_size, kv_heads * head_dim] view a TMA descriptor takes, pages of a power of two
-    >= 8 tokens, int32 index tensors, the eager grid (no tile map), and the tiles within shared memory."""
+    16..256 tokens (8-token pages: 16 boxes a tile, the load warp spills at sm90), int32 index tensors, the eager
+    grid (no tile map), and the tiles within shared memory."""
     if q.dtype not in _GL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False
     if tile_map is not None or k_scale != 1 or v_scale != 1:
@@ -320,7 +321,7 @@ def gluon_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu
     if any(t.dtype != torch.int32 for t in (cu_seqlens_q, seq_lens, block_tables)):  # 32-bit TMA row coordinates
         return False
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    if head_dim not in HEAD_DIMS or block_size < 8 or block_size & (block_size - 1) or block_size > 256:
+    if head_dim not in HEAD_DIMS or block_size < 16 or block_size & (block_size - 1) or block_size > 256:
         return False
     if num_blocks * block_size >= 2**31 or shared_bytes(g, head_dim) > SHARED_LIMIT:
         return False
