@@ -60,11 +60,12 @@ def report(kernel):
         "wgmma_wait_pendings_ptx": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
         "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
         "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+        "mbarrier_arrives_sass": len(re.findall(r"SYNCS\.ARRIVE", sass)),
     }
 
 
 cases = [("32/4", {"BLOCK_N": 128, "num_stages": 2}), ("96/8", {"BLOCK_N": 64, "num_stages": 3}),
-         ("32/4", {"num_stages": 3, "split_wg": 1})]
+         ("32/4", {"num_stages": 3, "split_wg": 1}), ("96/8", {"num_stages": 3, "split_wg": 2})]
 print(json.dumps([dict(heads=h, **g, **report(compile_sm90(gluon_config({"gluon": g}), h))) for h, g in cases]))
 """
 
@@ -75,9 +76,9 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
     # S = QK^T and O += PV as wgmma with P from registers, the main loop's wait leaving one group (the previous tile's
     # PV) in flight through the softmax, in the PTX and after ptxas; one TMA message per page box and 64 columns;
     # the load warp's registers moved to the MMA warpgroups. split_wg: the same per warpgroup partition (each its
-    # own wgmmas and waits: twice the instructions of one 128-row partition)
+    # own wgmmas and waits: twice the instructions of one 128-row partition); 2 (ping-pong) adds the turn barriers
     tiles = [gluon_config({"gluon": g}) for g in ({"BLOCK_N": 128}, {"BLOCK_N": 64, "num_stages": 3},
-                                                  {"num_stages": 3, "split_wg": 1})]
+                                                  {"num_stages": 3, "split_wg": 1}, {"num_stages": 3, "split_wg": 2})]
     for g, r in zip(tiles, run_sm90_probe(_SM90_PROBE)):
         print(json.dumps(r))
         parts = 2 if g["split_wg"] else 1
@@ -91,6 +92,9 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
         assert r["tma_loads_ptx"] == 2 * (g["BLOCK_N"] // 16) * 2, r  # K and V, boxes a tile, 2 x 64 columns a box
         assert ["inc", 240] in r["setmaxnreg"] and ["dec", 24] in r["setmaxnreg"], r  # (JSON lists)
         assert r["registers_cap"] * 32 * 12 <= 65536, r  # 12 warps: two MMA warpgroups, the load warp's
+        # arrives: the loader's 2 expects; per MMA partition 4 stage releases (tile 0, the loop's 2, the last PV),
+        # and under ping-pong 3 turns passed
+        assert r["mbarrier_arrives_sass"] == 2 + parts * (4 + (3 if g["split_wg"] == 2 else 0)), r
 
 
 @pytest.mark.parametrize("g,match", [
@@ -101,7 +105,7 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
     ({"num_stages": 1}, "num_stages 1"),
     ({"load_regs": 20}, "load_regs 20"),
     ({"num_stages": 4}, "shared memory"),
-    ({"split_wg": 2}, "split_wg 2"),
+    ({"split_wg": 3}, "split_wg 3"),
 ])
 def test_bad_gluon_config_says_which_key(g, match):
     with pytest.raises(ValueError, match=match):
@@ -190,7 +194,8 @@ GPU_CASES = [  # (q_lens, seq_lens): odd lengths, several sequences, a cached pr
 @pytest.mark.parametrize("heads,kv_heads", [(32, 4), (96, 8)])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("case", GPU_CASES)
-@pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "num_stages": 3}, {"num_stages": 3, "split_wg": 1}])
+@pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "num_stages": 3}, {"num_stages": 3, "split_wg": 1},
+                                   {"num_stages": 3, "split_wg": 2}])
 def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill is for sm90")
@@ -219,6 +224,6 @@ def test_gluon_prefill_fp16_head_dim_64_gpu():
     q, k_cache, v_cache, cu, lens, tables = _inputs([333, 2], [333, 900], 16, 2, 32, torch.float16, "cuda",
                                                     head_dim=64)
     args = (q, k_cache, v_cache, cu, lens, tables, 64**-0.5, 333)
-    for split in (0, 1):
+    for split in (0, 1, 2):
         out = paged_attention_prefill_gluon(*args, gluon_config({"gluon": {"split_wg": split}}, 64))
         assert _rel_err(out, paged_attention_prefill_ref(*args)) < 1e-2

@@ -16,7 +16,7 @@ head, BLOCK_M = 128 query tokens, GQA heads not packed: each reads its KV head's
   the next tile's QK^T and the previous tile's PV while this tile's online softmax (base 2, the scale folded into
   one FFMA per score) runs: FA3's intra-warpgroup overlap; the causal mask only on the tiles the diagonal crosses;
   the output leaves through q's buffer as coalesced rows. The "gluon" entry's split_wg 1 runs the two warpgroups as
-  two partitions instead (see _prefill_gluon_kernel).
+  two partitions instead, 2 the same taking turns to issue their wgmmas (FA3's ping-pong; _prefill_gluon_kernel).
 
 Keys past a sequence's end inside its last page are read as the page holds them (masked to p = 0): the runtime's
 cache starts zeroed (model_runner), so they are finite and 0 * v adds nothing (a NaN there would reach the output,
@@ -103,10 +103,26 @@ def _softmax_tile(s, m_i, l_i, qk_scale, n0, q_pos, mask_from, s_layout: gl.cons
 
 
 @gluon.jit
-def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, qk_scale,
+def _take_turn(turn_bars, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    # PINGPONG: warpgroup WG issues its k-th group of wgmmas only after the other one issued its own (WG 0 first: a
+    # fresh barrier passes a wait on parity 1), so their softmaxes alternate under each other's MMAs (FA3's
+    # ping-pong); one arrive a turn (_pass_turn) completes a phase of the other's barrier
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(WG), (k & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _pass_turn(turn_bars, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - WG))
+
+
+@gluon.jit
+def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn_bars, qk_scale,
                    q_start, q_len, row0, head, ctx, n_tiles, stride_qt, stride_qh, stride_ot, stride_oh,
-                   num_warps: gl.constexpr):
-    # query tokens [row0, row0 + BLOCK_M) of the sequence (BLOCK_M = q_smem's rows: 64 a warpgroup of num_warps)
+                   WG: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+    # query tokens [row0, row0 + BLOCK_M) of the sequence (BLOCK_M = q_smem's rows: 64 a warpgroup of num_warps);
+    # WG: which warpgroup partition this is (PINGPONG only: turns with the other)
     NUM_STAGES: gl.constexpr = k_bufs.shape[0]
     BLOCK_M: gl.constexpr = q_smem.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.shape[1]
@@ -137,7 +153,9 @@ def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_r
 
     # tile 0: its scores alone (nothing to overlap with yet)
     mbarrier.wait(k_ready.index(0), 0)
+    _take_turn(turn_bars, 0, WG, PINGPONG)
     s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _pass_turn(turn_bars, WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(0))
     p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, 0, q_pos, mask_from, s_layout)
@@ -146,9 +164,11 @@ def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_r
         ks = j % NUM_STAGES
         vs = (j - 1) % NUM_STAGES
         mbarrier.wait(k_ready.index(ks), (j // NUM_STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem, k_bufs.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(vs), ((j - 1) // NUM_STAGES) & 1)
+        _take_turn(turn_bars, j, WG, PINGPONG)
+        s_tok = warpgroup_mma(q_smem, k_bufs.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc_tok = warpgroup_mma(p, v_bufs.index(vs), acc, is_async=True)
+        _pass_turn(turn_bars, WG, PINGPONG)
         # at most one group in flight: this tile's QK^T (issued first) is done, the previous tile's PV may run on
         # through the softmax below
         s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -162,7 +182,9 @@ def _mma_partition(q_ptr, out_ptr, q_smem, k_bufs, v_bufs, k_ready, k_empty, v_r
         p = p_new
     vs = (n_tiles - 1) % NUM_STAGES
     mbarrier.wait(v_ready.index(vs), ((n_tiles - 1) // NUM_STAGES) & 1)
+    _take_turn(turn_bars, n_tiles, WG, PINGPONG)
     acc_tok = warpgroup_mma(p, v_bufs.index(vs), acc, is_async=True)
+    _pass_turn(turn_bars, WG, PINGPONG)
     acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
     mbarrier.arrive(v_empty.index(vs))
 
@@ -191,13 +213,14 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
                           stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_tokens, batch,
                           GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, LOAD_REGS: gl.constexpr,
-                          SPLIT_WG: gl.constexpr, num_warps: gl.constexpr):
+                          SPLIT_WG: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
     # grid (num_heads, query blocks, batch + 1): heads fastest, so a KV head's GROUP query heads run together and
     # share its K/V through L2; the last (longest) query block first. q / out [num_tokens, num_heads, HEAD_DIM];
     # k_desc / v_desc over the cache as [num_blocks * block_size, kv_heads * HEAD_DIM], box [min(bs, BLOCK_N), D].
     # SPLIT_WG: the two warpgroups as two partitions of 64 rows each (num_warps 4), each releasing a K/V stage on
     # its own (empty barriers of count 2): no CTA-wide sync between them, so one's softmax can run under the
-    # other's wgmmas (FA3's ping-pong, left to drift rather than scheduled); else one partition of num_warps 8.
+    # other's wgmmas (left to drift), or PINGPONG: taking turns to issue them (FA3's ping-pong scheduling, through a
+    # pair of mbarriers); else one partition of num_warps 8.
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     head = gl.program_id(0)
     num_qb = gl.num_programs(1)
@@ -236,6 +259,9 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turn_bars.index(i), count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=CONSUMERS)
@@ -247,18 +273,18 @@ def _prefill_gluon_kernel(q_ptr, out_ptr, k_desc, v_desc, cu_seqlens_ptr, seq_le
     if SPLIT_WG:
         gl.warp_specialize([
             (_mma_partition, (q_ptr, out_ptr, q_smem.index(0), k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
-                              qk_scale, q_start, q_len, qb * BLOCK_M, head, ctx, n_tiles, stride_qt, stride_qh,
-                              stride_ot, stride_oh, num_warps)),
+                              turn_bars, qk_scale, q_start, q_len, qb * BLOCK_M, head, ctx, n_tiles, stride_qt,
+                              stride_qh, stride_ot, stride_oh, 0, PINGPONG, num_warps)),
             (_mma_partition, (q_ptr, out_ptr, q_smem.index(1), k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
-                              qk_scale, q_start, q_len, qb * BLOCK_M + WG_M, head, ctx, n_tiles, stride_qt,
-                              stride_qh, stride_ot, stride_oh, num_warps)),
+                              turn_bars, qk_scale, q_start, q_len, qb * BLOCK_M + WG_M, head, ctx, n_tiles,
+                              stride_qt, stride_qh, stride_ot, stride_oh, 1, PINGPONG, num_warps)),
             (_load_partition, load_args),
         ], [num_warps, 1], [240, LOAD_REGS])
     else:
         gl.warp_specialize([
             (_mma_partition, (q_ptr, out_ptr, q_smem.index(0), k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
-                              qk_scale, q_start, q_len, qb * BLOCK_M, head, ctx, n_tiles, stride_qt, stride_qh,
-                              stride_ot, stride_oh, num_warps)),
+                              turn_bars, qk_scale, q_start, q_len, qb * BLOCK_M, head, ctx, n_tiles, stride_qt,
+                              stride_qh, stride_ot, stride_oh, 0, False, num_warps)),
             (_load_partition, load_args),
         ], [1], [LOAD_REGS])
 
@@ -282,8 +308,8 @@ def gluon_config(cfg: dict, head_dim: int = 128) -> dict | None:
     if g["BLOCK_M"] != 128 or g["BLOCK_N"] not in (64, 128):
         raise ValueError(f"prefill config gluon: BLOCK_M {g['BLOCK_M']} / BLOCK_N {g['BLOCK_N']}: need BLOCK_M 128 "
                          "(two warpgroups of 64 rows) and BLOCK_N 64 or 128")
-    if g["split_wg"] not in (0, 1):
-        raise ValueError(f"prefill config gluon: split_wg {g['split_wg']!r} must be 0 or 1")
+    if g["split_wg"] not in (0, 1, 2):
+        raise ValueError(f"prefill config gluon: split_wg {g['split_wg']!r} must be 0, 1 or 2 (ping-pong)")
     if not 2 <= g["num_stages"] <= 4 or not 24 <= g["load_regs"] <= 256 or g["load_regs"] % 8:
         raise ValueError(f"prefill config gluon: num_stages {g['num_stages']} / load_regs {g['load_regs']}: need "
                          "num_stages 2..4 (the K/V ring) and load_regs a multiple of 8 in 24..256")
@@ -377,7 +403,8 @@ def paged_attention_prefill_gluon(
         q, out, kv_descriptor(k_cache, g), kv_descriptor(v_cache, g), cu_seqlens_q, seq_lens, block_tables,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens,
         batch, GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=g["BLOCK_N"],
-        NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], SPLIT_WG=bool(g["split_wg"]), num_warps=num_warps,
+        NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], SPLIT_WG=bool(g["split_wg"]),
+        PINGPONG=g["split_wg"] == 2, num_warps=num_warps,
         maxnreg=maxnreg,
     )
     return out
@@ -400,7 +427,7 @@ def compile_sm90(g: dict, heads: str = "32/4", block_size: int = 16, head_dim: i
     num_warps, maxnreg = _launch_warps(g)
     consts = dict(GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
                   NUM_STAGES=g["num_stages"], LOAD_REGS=g["load_regs"], SPLIT_WG=bool(g["split_wg"]),
-                  num_warps=num_warps)
+                  PINGPONG=g["split_wg"] == 2, num_warps=num_warps)
     args = dict(q_ptr=f"*{dtype}", out_ptr=f"*{dtype}", k_desc=desc, v_desc=desc, cu_seqlens_ptr="*i32",
                 seq_lens_ptr="*i32", block_tables_ptr="*i32", qk_scale="fp32")
     sig, constexprs, attrs = {}, {}, {}
