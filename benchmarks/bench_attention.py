@@ -22,9 +22,11 @@ to fp8widen's output: 0 where both run the same BLOCK_M / BLOCK_N), "fp8" whatev
 from FP8_SCRATCH_MIN_Q query tokens, default 256); fp8scratch has no decode rows (decode reads the cache as is).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
---gluon (optionally a JSON dict of the Gluon tiles, e.g. '{"num_stages": 3}'): prefill and bf16 extend rows also
-time the Gluon FA3-style kernel (kernels/attention/prefill_gluon.py, sm90 only: a prefill config's "gluon") in the same
-process: gluon_us, gluon_frac_mm (Triton's frac_mm and SDPA's on the same line) and its error vs the Triton output.
+--gluon (optionally JSON: a dict of the Gluon tiles, e.g. '{"num_stages": 3}', or a list of them): prefill and bf16
+extend rows also time the Gluon FA3-style kernel (kernels/attention/prefill_gluon.py, sm90 only: a prefill config's
+"gluon") in the same process, once per tile dict: gluon{i}_us, gluon{i}_frac_mm (Triton's frac_mm and SDPA's on the
+same line) and its error vs the Triton output. Variants side by side: --gluon '[1, {"num_stages": 3, "split_wg": 1},
+{"num_stages": 3, "split_wg": 2}, {"BLOCK_N": 64, "num_stages": 3}]'.
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8widen,fp8dot,fp8dot2,fp8dot3
 --extend 8192:122880. FP8 extend, old vs new, no decode rows: --ctxs "" --kv-dtypes bf16,fp8widen,fp8scratch,fp8
 --extend 8192:122880 --no-prefill.
@@ -131,23 +133,23 @@ def chunk_kv(cache: torch.Tensor, tables: torch.Tensor, start: int, end: int) ->
                                                                                           HEAD_DIM).contiguous()
 
 
-def gluon_row(row: dict, run, gluon: dict | None, ours: torch.Tensor) -> dict:
-    # the same call on the Gluon kernel (a prefill config's "gluon"): its time and matmul-rate fraction, and its
-    # output's difference to the Triton kernel's (ours)
+def gluon_row(row: dict, run, gluon: list | None, ours: torch.Tensor) -> dict:
+    # the same call on the Gluon kernel once per tile dict (a prefill config's "gluon"): its time and matmul-rate
+    # fraction, and its output's difference to the Triton kernel's (ours)
     if gluon is None:
         return row
-    cfg = {**prefill_config(HEAD_DIM, DT, torch.device("cuda")), "gluon": gluon}
-    us = triton.testing.do_bench(lambda: run(cfg), rep=100, return_mode="median") * 1e3
-    got = run(cfg)
-    err = ((got.float() - ours.float()).norm() / ours.float().norm()).item()
-    return dict(row, gluon_us=us, gluon_frac_mm=row["floor_us"] / us, gluon_err_vs_triton=err)
+    variants = []
+    for g in gluon:
+        cfg = {**prefill_config(HEAD_DIM, DT, torch.device("cuda")), "gluon": g}
+        us = triton.testing.do_bench(lambda: run(cfg), rep=100, return_mode="median") * 1e3  # noqa: B023
+        err = ((run(cfg).float() - ours.float()).norm() / ours.float().norm()).item()
+        variants.append({"tiles": g, "us": us, "frac_mm": row["floor_us"] / us, "err_vs_triton": err})
+    return dict(row, gluon=variants)
 
 
 def gluon_text(r: dict) -> str:
-    if "gluon_us" not in r:
-        return ""
-    return (f" gluon_us={r['gluon_us']:8.1f} gluon_frac_mm={r['gluon_frac_mm']:.2f} "
-            f"gluon_err_vs_triton={r['gluon_err_vs_triton']:.1e}")
+    return "".join(f" gluon{i}_us={v['us']:8.1f} gluon{i}_frac_mm={v['frac_mm']:.2f} "
+                   f"gluon{i}_err_vs_triton={v['err_vs_triton']:.1e}" for i, v in enumerate(r.get("gluon", ())))
 
 
 def bench_prefill(batch: int, seq: int, ceil: dict, ragged: bool = False, gluon: dict | None = None) -> dict:
@@ -263,6 +265,7 @@ def main() -> None:
                     help="prefill / bf16 extend rows also on the Gluon kernel (sm90); optional JSON tiles")
     args = ap.parse_args()
     gluon = None if args.gluon is None else json.loads(args.gluon)
+    gluon = gluon if gluon is None or isinstance(gluon, list) else [gluon]
     if gluon is not None and torch.cuda.get_device_capability() != (9, 0):  # else its rows would time Triton's kernel
         ap.error("--gluon: the Gluon prefill runs on sm90 (H100 / H200) only")
     if unknown := set(args.kv_dtypes.split(",")) - set(KV_DTYPES):
@@ -334,10 +337,11 @@ def main() -> None:
     if pre:
         parts.append(f"prefill frac_mm {min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
                      f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
-        if all("gluon_us" in r for r in pre):
-            parts.append("prefill triton / gluon / sdpa frac_mm " + ", ".join(
-                f"{r['B']}x{r['ctx']} {r['frac_mm']:.2f}/{r['gluon_frac_mm']:.2f}/{r['sdpa_frac_mm']:.2f}"
-                for r in pre))
+        if gluon is not None:  # frac_mm per row: Triton / each Gluon variant / SDPA
+            cols = " / ".join(["triton", *(f"gluon{i} {json.dumps(g)}" for i, g in enumerate(gluon)), "sdpa"])
+            fracs = [[r["frac_mm"], *(v["frac_mm"] for v in r["gluon"]), r["sdpa_frac_mm"]] for r in pre]
+            parts.append(f"prefill frac_mm {cols}: " + ", ".join(
+                f"{r['B']}x{r['ctx']} " + "/".join(f"{x:.2f}" for x in f) for r, f in zip(pre, fracs)))
     print(f"bench_attention summary ({args.shape}): " + "; ".join(parts))
 
 
