@@ -22,6 +22,11 @@ to fp8widen's output: 0 where both run the same BLOCK_M / BLOCK_N), "fp8" whatev
 from FP8_SCRATCH_MIN_Q query tokens, default 256); fp8scratch has no decode rows (decode reads the cache as is).
 --extend CHUNK:PREFIX rows time one chunk of CHUNK new tokens attending over PREFIX cached ones (chunked prefill
 of a long prompt).
+--gluon (optionally JSON: a dict of the Gluon tiles, e.g. '{"num_stages": 3}', or a list of them): prefill and bf16
+extend rows also time the Gluon FA3-style kernel (kernels/attention/prefill_gluon.py, sm90 only: a prefill config's
+"gluon") in the same process, once per tile dict: gluon{i}_us, gluon{i}_frac_mm (Triton's frac_mm and SDPA's on the
+same line) and its error vs the Triton output. Variants side by side: --gluon '[1, {"num_stages": 3, "split_wg": 1},
+{"num_stages": 3, "split_wg": 2}, {"BLOCK_N": 64, "num_stages": 3}]'.
 Long context, one request: --batches 1 --ctxs 32768,131072 --kv-dtypes bf16,fp8widen,fp8dot,fp8dot2,fp8dot3
 --extend 8192:122880. FP8 extend, old vs new, no decode rows: --ctxs "" --kv-dtypes bf16,fp8widen,fp8scratch,fp8
 --extend 8192:122880 --no-prefill.
@@ -128,7 +133,26 @@ def chunk_kv(cache: torch.Tensor, tables: torch.Tensor, start: int, end: int) ->
                                                                                           HEAD_DIM).contiguous()
 
 
-def bench_prefill(batch: int, seq: int, ceil: dict, ragged: bool = False) -> dict:
+def gluon_row(row: dict, run, gluon: list | None, ours: torch.Tensor) -> dict:
+    # the same call on the Gluon kernel once per tile dict (a prefill config's "gluon"): its time and matmul-rate
+    # fraction, and its output's difference to the Triton kernel's (ours)
+    if gluon is None:
+        return row
+    variants = []
+    for g in gluon:
+        cfg = {**prefill_config(HEAD_DIM, DT, torch.device("cuda")), "gluon": g}
+        us = triton.testing.do_bench(lambda: run(cfg), rep=100, return_mode="median") * 1e3  # noqa: B023
+        err = ((run(cfg).float() - ours.float()).norm() / ours.float().norm()).item()
+        variants.append({"tiles": g, "us": us, "frac_mm": row["floor_us"] / us, "err_vs_triton": err})
+    return dict(row, gluon=variants)
+
+
+def gluon_text(r: dict) -> str:
+    return "".join(f" gluon{i}_us={v['us']:8.1f} gluon{i}_frac_mm={v['frac_mm']:.2f} "
+                   f"gluon{i}_err_vs_triton={v['err_vs_triton']:.1e}" for i, v in enumerate(r.get("gluon", ())))
+
+
+def bench_prefill(batch: int, seq: int, ceil: dict, ragged: bool = False, gluon: dict | None = None) -> dict:
     k_cache, v_cache, tables = paged_cache(batch, seq)
     q = torch.randn(batch * seq, HEADS, HEAD_DIM, device="cuda", dtype=DT)
     cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
@@ -147,12 +171,15 @@ def bench_prefill(batch: int, seq: int, ceil: dict, ragged: bool = False) -> dic
     sdpa_us = triton.testing.do_bench(sdpa, rep=100, return_mode="median") * 1e3
     ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq, **new)
     err = ((ours.float() - sdpa().transpose(1, 2).reshape_as(ours).float()).norm() / ours.float().norm()).item()
-    return {"kind": "prefill", "ragged": ragged, "B": batch, "ctx": seq, "us": us, "floor_us": floor_us,
-            "frac_mm": floor_us / us, "tflops": flops / us / 1e6, "sdpa_us": sdpa_us,
-            "sdpa_frac_mm": floor_us / sdpa_us, "rel_err": err}
+    row = {"kind": "prefill", "ragged": ragged, "B": batch, "ctx": seq, "us": us, "floor_us": floor_us,
+           "frac_mm": floor_us / us, "tflops": flops / us / 1e6, "sdpa_us": sdpa_us,
+           "sdpa_frac_mm": floor_us / sdpa_us, "rel_err": err}
+    return gluon_row(row, lambda cfg: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq,
+                                                              config=cfg), None if ragged else gluon, ours)
 
 
-def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: bool = False) -> dict:
+def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: bool = False,
+                 gluon: dict | None = None) -> dict:
     # one sequence: chunk new queries over prefix cached tokens plus themselves (causal)
     k_cache, v_cache, tables = paged_cache(1, prefix + chunk, KV_DTYPES[kv])
     q = torch.randn(chunk, HEADS, HEAD_DIM, device="cuda", dtype=DT)
@@ -187,6 +214,10 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
         ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
                                        config=cfg)
         row["maxdiff_vs_fp8widen"] = (ours.float() - in_loop.float()).abs().max().item()
+    if kv == "bf16" and not ragged and gluon is not None:
+        run = lambda c: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk,  # noqa: E731
+                                                config=c)
+        row = gluon_row(row, run, gluon, run(cfg))
     return row
 
 
@@ -230,7 +261,13 @@ def main() -> None:
     ap.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b", help="attention heads of this model")
     ap.add_argument("--ragged", action="store_true", help="prefill / extend rows also with this step's K/V passed "
                     "to the kernel (its RAGGED path when the config has it; the model passes none yet)")
+    ap.add_argument("--gluon", nargs="?", const="1", default=None,
+                    help="prefill / bf16 extend rows also on the Gluon kernel (sm90); optional JSON tiles")
     args = ap.parse_args()
+    gluon = None if args.gluon is None else json.loads(args.gluon)
+    gluon = gluon if gluon is None or isinstance(gluon, list) else [gluon]
+    if gluon is not None and torch.cuda.get_device_capability() != (9, 0):  # else its rows would time Triton's kernel
+        ap.error("--gluon: the Gluon prefill runs on sm90 (H100 / H200) only")
     if unknown := set(args.kv_dtypes.split(",")) - set(KV_DTYPES):
         ap.error(f"--kv-dtypes: unknown {sorted(unknown)}, choose from {list(KV_DTYPES)}")
     global HEADS, KV_HEADS
@@ -257,22 +294,24 @@ def main() -> None:
     for spec, kv, ragged in ((s, kv, m) for s in filter(None, args.extend.split(","))
                              for kv in args.kv_dtypes.split(",") if FP8_DOT.get(kv, 1) <= 1 for m in modes):
         chunk, prefix = map(int, spec.split(":"))
-        r = bench_extend(chunk, prefix, ceil, kv, ragged)
+        r = bench_extend(chunk, prefix, ceil, kv, ragged, gluon)
         rows.append(r)
         err = f" err_vs_dequant={r['rel_err_vs_dequant']:.1e}" if "rel_err_vs_dequant" in r else ""
         if "widen_us" in r:
             err += (f" widen_us={r['widen_us']:.1f} widen_frac_bw={r['widen_frac_bw']:.2f} "
                     f"maxdiff_vs_fp8widen={r['maxdiff_vs_fp8widen']:.1e}")
         print(f"attn extend kv={kv} ragged={int(ragged)} chunk={chunk} prefix={prefix} us={r['us']:9.1f} "
-              f"floor_us={r['floor_us']:9.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}{err}", flush=True)
+              f"floor_us={r['floor_us']:9.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f}{err}"
+              f"{gluon_text(r)}", flush=True)
         torch.cuda.empty_cache()
     for (batch, seq), ragged in ((c, m) for c in (() if args.no_prefill else ((1, 1024), (1, 4096), (1, 8192),
                                                                            (4, 2048), (1, 16384))) for m in modes):
-        r = bench_prefill(batch, seq, ceil, ragged)
+        r = bench_prefill(batch, seq, ceil, ragged, gluon)
         rows.append(r)
         print(f"attn prefill ragged={int(ragged)} B={batch} seq={seq:6d} us={r['us']:8.1f} "
               f"floor_us={r['floor_us']:8.1f} frac_mm={r['frac_mm']:.2f} TFLOP/s={r['tflops']:.0f} "
-              f"sdpa_us={r['sdpa_us']:8.1f} sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}", flush=True)
+              f"sdpa_us={r['sdpa_us']:8.1f} sdpa_frac_mm={r['sdpa_frac_mm']:.2f} err={r['rel_err']:.1e}"
+              f"{gluon_text(r)}", flush=True)
     (out / "bench_attention.json").write_text(json.dumps({"ceilings": ceil, "rows": rows,
                                                           "device": torch.cuda.get_device_name(),
                                                           "shape": args.shape}, indent=1))
@@ -298,6 +337,11 @@ def main() -> None:
     if pre:
         parts.append(f"prefill frac_mm {min(r['frac_mm'] for r in pre):.2f}-{max(r['frac_mm'] for r in pre):.2f} "
                      f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
+        if gluon is not None:  # frac_mm per row: Triton / each Gluon variant / SDPA
+            cols = " / ".join(["triton", *(f"gluon{i} {json.dumps(g)}" for i, g in enumerate(gluon)), "sdpa"])
+            fracs = [[r["frac_mm"], *(v["frac_mm"] for v in r["gluon"]), r["sdpa_frac_mm"]] for r in pre]
+            parts.append(f"prefill frac_mm {cols}: " + ", ".join(
+                f"{r['B']}x{r['ctx']} " + "/".join(f"{x:.2f}" for x in f) for r, f in zip(pre, fracs)))
     print(f"bench_attention summary ({args.shape}): " + "; ".join(parts))
 
 

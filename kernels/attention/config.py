@@ -17,7 +17,10 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   optional counts FP8_SCRATCH_MIN_Q / FP8_SCRATCH_MAX_TOKENS (PREFILL_KNOB_DEFAULTS: an FP8 cache's pages widened
   once into a 16-bit scratch before the launch, kernels/attention/fp8_scratch.py; the scratch then runs the tiles of
   q's dtype's entry, e.g. d128_bf16, unless the caller passes a config).
-Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was removed, it lost on an H200).
+"gluon" (0 / absent: off; 1, or a dict of kernels/attention/prefill_gluon.py's GLUON_KEYS): the prefill runs the
+Gluon FA3-style kernel on sm90 for the shapes it takes (prefill_gluon.gluon_supported), else the Triton kernel as
+before; no table sets it. Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was
+removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
 """
@@ -167,6 +170,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     bad = {k: cfg[k] for k in PREFILL_KNOB_DEFAULTS if k in cfg and (not isinstance(cfg[k], int) or cfg[k] < 0)}
     if bad:
         raise ValueError(f"attention config {bad}: FP8_SCRATCH_* are token counts >= 0")
+    if cfg.get("gluon"):  # its tiles checked where they are defined (imported here: Gluon only when asked for)
+        from kernels.attention.prefill_gluon import gluon_config
+        gluon_config(cfg, head_dim)
     bad = {k: cfg[k] for k in PREFILL_VARIANT_KEYS if k in cfg and cfg[k] not in (0, 1, False, True)}
     if bad:
         raise ValueError(f"attention config {bad}: variant keys are 0 or 1")

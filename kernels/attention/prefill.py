@@ -23,6 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.attention.config import PREFILL_KEYS, check_config, prefill_config
 from kernels.attention.fp8_dot import FP16_MAX, _quantize_q, fp8_as_f16, interpreted, quantize_kv
 from kernels.attention.fp8_scratch import fp8_scratch_plan, widen_to_scratch
+from kernels.attention.prefill_gluon import gluon_config, gluon_supported, paged_attention_prefill_gluon
 from kernels.attention.tiles import _chunk_tile, _kv_rows, _prefill_tile, _zero_rows
 from kernels.fp8 import FP8_DTYPE, FP8_MAX
 
@@ -372,6 +373,11 @@ def paged_attention_prefill(
     cfg = prefill_config(head_dim, k_cache.dtype, q.device) if config is None else config
     if config is not None:
         check_config(cfg, PREFILL_KEYS, head_dim)
+    g = gluon_config(cfg, head_dim)  # the Gluon FA3-style kernel when the config asks and the call fits it
+    if g is not None and gluon_supported(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, g, k_scale,
+                                         v_scale, tile_map):
+        return paged_attention_prefill_gluon(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                             max_seqlen_q, g)
     widened = fp8_scratch_plan(cfg, q, k_cache, block_tables, batch, max_seqlen_q, tile_map)
     if widened:  # an FP8 cache's pages widened once into a 16-bit scratch, run as a 16-bit cache (fp8_scratch.py)
         k_cache, v_cache, block_tables = widen_to_scratch(q, k_cache, v_cache, seq_lens, block_tables, cfg)

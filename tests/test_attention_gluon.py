@@ -1,0 +1,229 @@
+"""The Gluon FA3-style prefill (kernels/attention/prefill_gluon.py): compiled for sm90 on the CPU (Gluon has no
+interpreter), its config key and the shapes it takes; on an H100/H200 its outputs vs the torch reference and the
+Triton kernel (odd lengths, several sequences, a cached prefix, GQA 8 and 12, two page sizes)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.sm90 import run_sm90_probe
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels.attention.config import check_config, default_prefill_config  # noqa: E402
+from kernels.attention.prefill import (  # noqa: E402
+    paged_attention_prefill,
+    paged_attention_prefill_ref,
+)
+from kernels.attention.prefill_gluon import (  # noqa: E402
+    GLUON_DEFAULTS,
+    SHARED_LIMIT,
+    gluon_config,
+    gluon_fits,
+    gluon_supported,
+    paged_attention_prefill_gluon,
+    shared_bytes,
+)
+from kernels.moe_config import CONFIG_DIR  # noqa: E402
+
+# compiled for sm90 in a fresh process; what ptxas made of each case: registers (the cap; setmaxnreg per partition),
+# spills, shared memory, the wgmma count and the pendings of every wait on them (PTX and SASS: N > 0 keeps a group in
+# flight through the softmax), TMA loads. `pytest -s -k sm90` prints them.
+_SM90_PROBE = r"""
+import json, re, subprocess, tempfile
+from pathlib import Path
+import triton
+from kernels.attention.prefill_gluon import compile_sm90, gluon_config
+
+
+def report(kernel):
+    tool = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ptx = kernel.asm["ptx"]
+    return {
+        "registers_cap": int(re.search(r"REG:(\d+)", res).group(1)),
+        "setmaxnreg": [[op, int(n)] for op, n in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)],
+        "spill_bytes": int(re.search(r"STACK:(\d+)", res).group(1)),
+        "local_ops_sass": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "shared_bytes": kernel.metadata.shared,
+        "wgmma_ptx": ptx.count("wgmma.mma_async"),
+        "hgmma_sass": len(re.findall(r"\bHGMMA\.", sass)),
+        "hgmma_register_a_sass": len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", sass)),  # P from registers
+        "wgmma_wait_pendings_ptx": [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)],
+        "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
+        "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+        "mbarrier_arrives_sass": len(re.findall(r"SYNCS\.ARRIVE", sass)),
+    }
+
+
+cases = [("32/4", {"BLOCK_N": 128, "num_stages": 2}), ("96/8", {"BLOCK_N": 64, "num_stages": 3}),
+         ("32/4", {"num_stages": 3, "split_wg": 1}), ("96/8", {"num_stages": 3, "split_wg": 2})]
+print(json.dumps([dict(heads=h, **g, **report(compile_sm90(gluon_config({"gluon": g}), h))) for h, g in cases]))
+"""
+
+
+def test_gluon_prefill_compiles_for_sm90_pipelined():
+    # Qwen3-30B-A3B (32 q / 4 KV heads) at the default tiles and GLM-4.5-Air (96 / 8) at BLOCK_N 64 with a third
+    # stage, head_dim 128, 16-token pages: no spills, shared memory under the limit (and as the host estimates it),
+    # S = QK^T and O += PV as wgmma with P from registers, the main loop's wait leaving one group (the previous tile's
+    # PV) in flight through the softmax, in the PTX and after ptxas; one TMA message per page box and 64 columns;
+    # the load warp's registers moved to the MMA warpgroups. split_wg: the same per warpgroup partition (each its
+    # own wgmmas and waits: twice the instructions of one 128-row partition); 2 (ping-pong) adds the turn barriers
+    tiles = [gluon_config({"gluon": g}) for g in ({"BLOCK_N": 128}, {"BLOCK_N": 64, "num_stages": 3},
+                                                  {"num_stages": 3, "split_wg": 1}, {"num_stages": 3, "split_wg": 2})]
+    for g, r in zip(tiles, run_sm90_probe(_SM90_PROBE)):
+        print(json.dumps(r))
+        parts = 2 if g["split_wg"] else 1
+        assert r["spill_bytes"] == 0 and r["local_ops_sass"] == 0, r
+        assert r["shared_bytes"] <= SHARED_LIMIT and abs(r["shared_bytes"] - shared_bytes(g, 128)) < 1024, r
+        qk, pv = 128 // 16, g["BLOCK_N"] // 16  # wgmma K steps of one QK^T / one PV
+        assert r["wgmma_ptx"] == r["hgmma_sass"] == parts * 2 * (qk + pv), r  # tile 0 + loop; loop + last PV
+        assert r["hgmma_register_a_sass"] == parts * 2 * pv, r
+        assert sorted(r["wgmma_wait_pendings_ptx"]) == sorted(parts * [0, 0, 0, 1]), r
+        assert sorted(r["wgmma_wait_pendings_sass"]) == sorted(parts * [0, 0, 0, 1]), r  # ptxas kept the overlap
+        assert r["tma_loads_ptx"] == 2 * (g["BLOCK_N"] // 16) * 2, r  # K and V, boxes a tile, 2 x 64 columns a box
+        assert ["inc", 240] in r["setmaxnreg"] and ["dec", 24] in r["setmaxnreg"], r  # (JSON lists)
+        assert r["registers_cap"] * 32 * 12 <= 65536, r  # 12 warps: two MMA warpgroups, the load warp's
+        # arrives: the loader's 2 expects; per MMA partition 4 stage releases (tile 0, the loop's 2, the last PV),
+        # and under ping-pong 3 turns passed
+        assert r["mbarrier_arrives_sass"] == 2 + parts * (4 + (3 if g["split_wg"] == 2 else 0)), r
+
+
+@pytest.mark.parametrize("g,match", [
+    ("yes", "must be 0, 1 or a dict"),
+    ({"tile": 3}, "unknown keys"),
+    ({"BLOCK_N": 96}, "BLOCK_N 96"),
+    ({"BLOCK_M": 64}, "BLOCK_M 64"),
+    ({"num_stages": 1}, "num_stages 1"),
+    ({"load_regs": 20}, "load_regs 20"),
+    ({"num_stages": 4}, "shared memory"),
+    ({"split_wg": 3}, "split_wg 3"),
+])
+def test_bad_gluon_config_says_which_key(g, match):
+    with pytest.raises(ValueError, match=match):
+        gluon_config({"gluon": g})
+    with pytest.raises(ValueError, match=match):  # a hand-written config is checked before any launch
+        check_config({**default_prefill_config(128), "gluon": g}, ("BLOCK_M", "BLOCK_N"), 128)
+
+
+def test_gluon_is_off_unless_set():
+    assert gluon_config(default_prefill_config(128)) is None and gluon_config({"gluon": 0}) is None
+    assert gluon_config({"gluon": 1}) == GLUON_DEFAULTS and gluon_config({"gluon": {"num_stages": 3}})["BLOCK_N"] == 128
+    for path in Path(CONFIG_DIR).glob("attention_*.json"):  # no tuned table turns it on
+        assert all(not c.get("gluon") for c in json.loads(path.read_text()).get("prefill", {}).values()), path
+    # BLOCK_N 128 with 3 stages fits only because the output leaves through q's buffer (no layout-change scratch)
+    assert shared_bytes(gluon_config({"gluon": {"num_stages": 3}}), 128) <= SHARED_LIMIT
+    gluon_config({"gluon": {"num_stages": 4}}, head_dim=256)  # a head_dim it does not run: the Triton kernel, no error
+
+
+def _inputs(q_lens, seq_lens, heads, kv_heads, block_size, dtype, device, head_dim=128, lead=0, tail=0, seed=0):
+    # scattered pages, padding tokens before the first / after the last sequence, a cached prefix where
+    # seq_len > q_len; block-table rows padded with page 0
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [max(1, -(-s // block_size)) for s in seq_lens]
+    perm = torch.randperm(sum(per_seq) + 2, generator=g)
+    tables = torch.zeros(len(seq_lens), max(per_seq) + 1, dtype=torch.int32)
+    pos = 0
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = perm[pos:pos + n]
+        pos += n
+    shape = (len(perm), block_size, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(2))
+    q = torch.randn(lead + sum(q_lens) + tail, heads, head_dim, generator=g).to(dtype).to(device)
+    cu = torch.tensor([lead] + (lead + torch.tensor(q_lens).cumsum(0)).tolist(), dtype=torch.int32, device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, cu, lens, tables.to(device)
+
+
+def test_gluon_fits_the_shapes_it_runs():
+    q, k_cache, v_cache, cu, lens, tables = _inputs([5], [9], 8, 2, 16, torch.bfloat16, "cpu")
+    g = gluon_config({"gluon": 1})
+
+    def fits(q=q, k_cache=k_cache, v_cache=v_cache, lens=lens, k_scale=1.0, tile_map=None, g=g):
+        return gluon_fits(q, k_cache, v_cache, cu, lens, tables, g, k_scale, 1.0, tile_map)
+
+    assert fits() and not gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)  # (no GPU)
+    assert not fits(q=q.half())  # a cache of another dtype than q
+    assert not fits(k_cache=k_cache.to(torch.float8_e4m3fn), v_cache=v_cache.to(torch.float8_e4m3fn))
+    assert not fits(k_scale=2.0) and not fits(tile_map=torch.zeros(1, 2, dtype=torch.int32))
+    assert not fits(lens=lens.long())
+    wide = torch.zeros(k_cache.shape[0], 16, 4, 128, dtype=torch.bfloat16)[:, :, :2]  # kv heads of a wider cache
+    assert not fits(k_cache=wide, v_cache=wide)
+    small = _inputs([5], [9], 8, 2, 8, torch.bfloat16, "cpu")  # 8-token pages
+    assert not gluon_fits(*small, g, 1.0, 1.0, None)
+    d32 = _inputs([5], [9], 8, 2, 16, torch.bfloat16, "cpu", head_dim=32)
+    assert not gluon_fits(*d32, g, 1.0, 1.0, None)
+    assert gluon_fits(*_inputs([5], [9], 8, 2, 64, torch.float16, "cpu", head_dim=64), g, 1.0, 1.0, None)
+
+
+def test_gluon_key_falls_back_to_triton_where_it_does_not_run():
+    # the CPU (and any shape the kernel does not take) runs the Triton kernel, silently, with the same result
+    q, k_cache, v_cache, cu, lens, tables = _inputs([5, 0, 20], [5, 3, 33], 4, 2, 16, torch.float16, "cpu",
+                                                    head_dim=32, tail=2)
+    args = (q, k_cache, v_cache, cu, lens, tables, 32**-0.5, 20)
+    cfg = default_prefill_config(32)
+    out = paged_attention_prefill(*args, config={**cfg, "gluon": 1})
+    assert torch.equal(out, paged_attention_prefill(*args, config=cfg)) and out[-2:].abs().max() == 0
+    with pytest.raises(ValueError, match="BLOCK_N 32"):
+        paged_attention_prefill(*args, config={**cfg, "gluon": {"BLOCK_N": 32}})
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+GPU_CASES = [  # (q_lens, seq_lens): odd lengths, several sequences, a cached prefix, an empty query
+    ([1, 17, 300, 1000], [1, 17, 300, 1000]),
+    ([1, 17, 300, 1000], [40, 17 + 700, 301, 1000 + 2500]),
+    ([0, 129, 3000], [10, 129 + 16, 3000]),
+    ([2048], [2048 + 6000]),  # (the reference holds fp32 scores [heads, q, kv]: 6 GB at 96 heads)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(32, 4), (96, 8)])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("case", GPU_CASES)
+@pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "num_stages": 3}, {"num_stages": 3, "split_wg": 1},
+                                   {"num_stages": 3, "split_wg": 2}])
+def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon prefill is for sm90")
+    q_lens, seq_lens = case
+    q, k_cache, v_cache, cu, lens, tables = _inputs(q_lens, seq_lens, heads, kv_heads, block_size, torch.bfloat16,
+                                                    "cuda", lead=3, tail=5, seed=len(q_lens) + block_size)
+    args = (q, k_cache, v_cache, cu, lens, tables, 128**-0.5, max(q_lens))
+    g = gluon_config({"gluon": tiles})
+    assert gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)
+    out = paged_attention_prefill_gluon(*args, g)
+    ref = paged_attention_prefill_ref(*args)
+    triton_out = paged_attention_prefill(*args)
+    assert out[:3].abs().max() == 0 and out[-5:].abs().max() == 0  # tokens no sequence owns
+    assert _rel_err(out, ref) < 1e-2 and _rel_err(out, triton_out) < 1e-2
+    for b in range(len(q_lens)):  # each sequence on its own (a wrong row range in one would hide in the norm)
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        if rows.stop > rows.start:
+            assert _rel_err(out[rows], ref[rows]) < 1e-2, b
+    assert torch.equal(paged_attention_prefill(*args, config={**default_prefill_config(128), "gluon": tiles}), out)
+
+
+@pytest.mark.gpu
+def test_gluon_prefill_fp16_head_dim_64_gpu():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon prefill is for sm90")
+    q, k_cache, v_cache, cu, lens, tables = _inputs([333, 2], [333, 900], 16, 2, 32, torch.float16, "cuda",
+                                                    head_dim=64)
+    args = (q, k_cache, v_cache, cu, lens, tables, 64**-0.5, 333)
+    for split in (0, 1, 2):
+        out = paged_attention_prefill_gluon(*args, gluon_config({"gluon": {"split_wg": split}}, 64))
+        assert _rel_err(out, paged_attention_prefill_ref(*args)) < 1e-2
