@@ -77,6 +77,15 @@ fi
 if [[ $PHASES == *A* ]]; then
   bash benchmarks/gpu_session_moe_gluon.sh
 fi
+if [[ $PHASES == *B* ]]; then
+  # a wrong barrier byte count hangs rather than fails: the smoke first, under a short limit
+  timeout 120 python3 -m pytest -q -m gpu tests/test_attention_gluon.py -k fp16_head_dim_64 2>&1 | tail -3 \
+    && timeout 240 python3 -m pytest -q -m gpu -x tests/test_attention_gluon.py 2>&1 | tail -4
+  timeout 200 python3 benchmarks/bench_attention.py --ctxs "" --out $OUT/gluon_attn --gluon '[1, {"num_stages": 3},
+    {"num_stages": 3, "split_wg": 1}, {"num_stages": 3, "split_wg": 2}, {"BLOCK_N": 64, "num_stages": 3}]' 2>&1 | tail -12
+  timeout 120 python3 benchmarks/bench_attention.py --ctxs "" --no-prefill --extend 8192:122880 --out $OUT/gluon_ext \
+    --gluon '[1, {"num_stages": 3, "split_wg": 2}]' 2>&1 | tail -5
+fi
 if [[ $PHASES == *C* ]]; then
   # the baseline travels in .devrun (carried; the device has no git history): before the call, here,
   #   git show 8e020b2~1:kernels/moe_align.py > .devrun/align_two_pass.py
