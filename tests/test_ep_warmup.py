@@ -1,8 +1,8 @@
 """The local experts' start-up warmup under expert parallelism (runtime/engine/expert_warmup.py).
 
 Under EP the experts run on the rows the all2all delivered, 0 .. the dispatcher's max_received_rows(T) whatever
-the step's T; the collective warmup (ModelRunner.warmup: token id 0 everywhere) reaches only a few of those
-counts, and none on a rank that holds none of token 0's experts. Checked here:
+the step's T; the collective warmup (ModelRunner.warmup: every row padding, slot -1, routed nowhere) reaches only
+the static exchanges' ep x C(T) counts, and none in the dynamic mode (0 rows arrive). Checked here:
 - the bound of each backend (sparse, allgather's padded chunks, EP x TP's share, none without EP), and that a
   real dispatch on 2 gloo ranks with every token routed to rank 0 delivers exactly that many rows;
 - every received-row count from 1 to the bound (0 launches nothing) lands in a (BLOCK_M, align plan) variant the

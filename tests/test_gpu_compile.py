@@ -61,9 +61,9 @@ EP_WORLD = 2
 
 
 def _zero_token0_copy(src: str, dst: str) -> str:
-    """The checkpoint with token 0's embedding zeroed: the start-up warmup feeds token 0 at every position, whose
-    hidden state then stays 0, so every router ties and picks the same experts, all on one EP rank: the other rank
-    receives no row in the warmup's eager (dynamic all2all) steps, the worst case for what compiles after it."""
+    """The checkpoint with token 0's embedding zeroed (every router ties on it). Not needed for the worst case: the
+    start-up warmup's rows are padding (slot -1), routed nowhere, so no rank receives a row in its eager (dynamic
+    all2all) steps whatever the weights; the prompts below never hold token 0."""
     import shutil
 
     from safetensors.torch import load_file, save_file

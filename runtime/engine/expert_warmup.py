@@ -3,9 +3,10 @@
 ModelRunner.warmup runs one step per size of kernels/fused_moe.py warmup_token_counts: without EP the experts
 see the step's own rows, so that compiles every variant they can meet (DP without EP and TP without EP need
 nothing more). Under EP they see the rows the all2all delivered, anywhere from 0 to the dispatcher's
-max_received_rows(T) however many tokens the step has, and the collective warmup (every token the same id,
-so the same experts) reaches only a few of those counts: the rest would compile while serving, every rank
-stalled in lockstep. So each rank then calls its experts alone, on dummy received rows, at every count of
+max_received_rows(T) however many tokens the step has, and the collective warmup reaches only a few of those
+counts: its rows are all padding (slot -1, ids -1), routed nowhere, so a dynamic exchange delivers 0 rows (the
+experts launch nothing) and a static one its ep x C(T) empty slots. The rest would compile while serving, every
+rank stalled in lockstep. So each rank then calls its experts alone, on dummy received rows, at every count of
 received_rows_warmup_counts up to that bound. No collective runs: the ranks need not agree on anything.
 
 CUDA graphs need nothing here: a captured step's exchange has fixed blocks (the sparse backend's static
