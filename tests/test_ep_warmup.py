@@ -256,3 +256,30 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
         # one layer of the two (one shape), every count once, int32 local ids in [-1, 4 local experts)
         assert len({c[0] for c in r0["calls"]}) == 1 and [c[1] for c in r0["calls"]] == want
         assert all(c[2] == "torch.int32" and -1 <= c[3] <= c[4] < 4 for c in r0["calls"])
+
+
+def test_warmup_runs_the_dynamic_pack_and_unpack() -> None:
+    # the collective warmup's rows are padding (slot -1), routed nowhere: a dynamic exchange sends and receives 0
+    # rows, and sparse_pack / sparse_unpack launch nothing at 0 rows. Without a static step (no CUDA graphs) their
+    # first launch, hence their compile, would be on a served step: the local warmup runs both on one row, alone,
+    # through the Triton wrappers (the interpreter here), in the dynamic layout (no flag word)
+    from kernels.all2all import pack as pack_kernels
+    from runtime.engine.expert_warmup import warm_local_experts
+
+    assert not dist.is_initialized()
+    backend = SparseBackend(_parallel(2), 16, 8)
+    rows: dict[str, list[Any]] = {"pack": [], "unpack": []}
+
+    def pack(*args: Any) -> None:
+        pack_kernels.sparse_pack(*args)
+        rows["pack"].append((args[5].shape[0], args[8].tolist(), args[11]))  # rows sent, their local ids, flag
+
+    def unpack(*args: Any) -> Any:
+        out = pack_kernels.sparse_unpack(*args)
+        rows["unpack"].append((args[0].shape[0], out[1].tolist()))
+        return out
+
+    backend._pack_kernel, backend._unpack_kernel = pack, unpack
+    model = _tiny_model(2, backend, torch.float16, use_triton=True)
+    warm_local_experts(model, 2)
+    assert rows == {"pack": [(1, [[0, -1, -1, -1]], None)], "unpack": [(1, [[0, -1, -1, -1]])]}

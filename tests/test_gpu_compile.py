@@ -76,7 +76,7 @@ def _zero_token0_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _ep_worker(rank: int, port: int, model: str, mixed_tokens: int, result_dir: str) -> None:
+def _ep_worker(rank: int, port: int, model: str, mixed_tokens: int, eager: bool, result_dir: str) -> None:
     import torch.distributed as dist
     import triton
 
@@ -91,7 +91,7 @@ def _ep_worker(rank: int, port: int, model: str, mixed_tokens: int, result_dir: 
     config = EngineConfig(model=model, device="cuda", dtype="bfloat16", kv_cache_memory=256 << 20,
                           max_num_batched_tokens=1024, max_num_seqs=48, max_model_len=4096,
                           data_parallel_size=EP_WORLD, enable_expert_parallel=True,
-                          max_mixed_cudagraph_tokens=mixed_tokens)
+                          max_mixed_cudagraph_tokens=mixed_tokens, enforce_eager=eager)
     parallel = init_parallel(config)
     group = dist.new_group(backend="gloo")
     engine, _ = build_engine(config, parallel)  # graphs captured, both warmups done
@@ -122,9 +122,11 @@ def _ep_worker(rank: int, port: int, model: str, mixed_tokens: int, result_dir: 
 
 @pytest.mark.skipif(torch.cuda.device_count() < EP_WORLD, reason="needs 2 CUDA GPUs")
 # prefills eager (dynamic all2all past the decode graphs' 48) / in mixed-step graphs up to 512 and eager past it. Not
-# 2048 (>= max_num_batched_tokens): every step would then be a graph size, static, its received rows fixed at capture
-@pytest.mark.parametrize("mixed_tokens", [0, 512])
-def test_no_compile_after_startup_expert_parallel(tmp_path, mixed_tokens):
+# 2048 (>= max_num_batched_tokens): every step would then be a graph size, static, its received rows fixed at capture.
+# Eager (no graphs, no static exchange): every exchange dynamic, the sparse pack / unpack never launched at start-up
+# but by the local warmup (the collective warmup's rows route nowhere)
+@pytest.mark.parametrize("mixed_tokens,eager", [(0, False), (512, False), (0, True)])
+def test_no_compile_after_startup_expert_parallel(tmp_path, mixed_tokens, eager):
     import tempfile
 
     from tests.test_all2all import free_port, spawn_ranks
@@ -133,7 +135,7 @@ def test_no_compile_after_startup_expert_parallel(tmp_path, mixed_tokens):
                                 num_experts=64, num_experts_per_tok=8)
     path = _zero_token0_copy(path, str(tmp_path / "qwen_token0"))
     with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_ep_worker, (free_port(), path, mixed_tokens, d), EP_WORLD, 540, "GPU EP ranks")
+        ctx = spawn_ranks(_ep_worker, (free_port(), path, mixed_tokens, eager, d), EP_WORLD, 540, "GPU EP ranks")
         for r in range(EP_WORLD):
             out = os.path.join(d, f"rank{r}.json")
             assert os.path.exists(out), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"

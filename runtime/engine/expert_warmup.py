@@ -91,9 +91,9 @@ def warmup_row_counts(layer: MoE, max_num_tokens: int, reserve_bytes: int | None
 
 def warm_local_experts(model: nn.Module, max_num_tokens: int, reserve_bytes: int | None = None) -> list[int]:
     """Runs each EP layer shape's local experts (Experts.forward, what the MoE layer calls after dispatch) once
-    per count of warmup_row_counts: the memory plan's activation reserve (reserve_bytes) bounds them, the counts
-    left out are logged, with a warning where they reach a variant the others do not. Returns the counts run (of
-    the last shape); [] without EP."""
+    per count of warmup_row_counts, then its dispatcher's local kernels (warm_local_kernels): the memory plan's
+    activation reserve (reserve_bytes) bounds the counts, those left out are logged, with a warning where they
+    reach a variant the others do not. Returns the counts run (of the last shape); [] without EP."""
     run: list[int] = []
     for layer in ep_expert_layers(model):
         run, left_out = warmup_row_counts(layer, max_num_tokens, reserve_bytes)
@@ -109,6 +109,7 @@ def warm_local_experts(model: nn.Module, max_num_tokens: int, reserve_bytes: int
                 left_out[-1], len(missed))
         for n in run:
             layer.experts(*received_rows(layer, n))
+        layer.dispatcher.warm_local_kernels(layer.hidden_size, layer.top_k, layer.dtype)
         logger.info("local experts warmed up at %d received-row counts up to %d (%s)", len(run),
                     run[-1] if run else 0, type(layer.dispatcher).__name__)
     return run
