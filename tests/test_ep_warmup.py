@@ -264,6 +264,7 @@ def test_warmup_runs_the_dynamic_pack_and_unpack() -> None:
     # first launch, hence their compile, would be on a served step: the local warmup runs both on one row, alone,
     # through the Triton wrappers (the interpreter here), in the dynamic layout (no flag word)
     from kernels.all2all import pack as pack_kernels
+    from kernels.all2all import route as route_kernels
     from runtime.engine.expert_warmup import warm_local_experts
 
     assert not dist.is_initialized()
@@ -280,6 +281,7 @@ def test_warmup_runs_the_dynamic_pack_and_unpack() -> None:
         return out
 
     backend._pack_kernel, backend._unpack_kernel = pack, unpack
+    backend._route_exact_kernel = route_kernels.sparse_route_exact  # the GPU's kernels (the CPU's: the references)
     model = _tiny_model(2, backend, torch.float16, use_triton=True)
     warm_local_experts(model, 2)
     assert rows == {"pack": [(1, [[0, -1, -1, -1]], None)], "unpack": [(1, [[0, -1, -1, -1]])]}
