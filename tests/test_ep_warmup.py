@@ -258,7 +258,8 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
         assert all(c[2] == "torch.int32" and -1 <= c[3] <= c[4] < 4 for c in r0["calls"])
 
 
-def test_warmup_runs_the_dynamic_pack_and_unpack() -> None:
+@pytest.mark.parametrize("fp8_dispatch", [False, True])  # rows as sent: model dtype / FP8 quantized in the pack
+def test_warmup_runs_the_dynamic_pack_and_unpack(fp8_dispatch: bool) -> None:
     # the collective warmup's rows are padding (slot -1), routed nowhere: a dynamic exchange sends and receives 0
     # rows, and sparse_pack / sparse_unpack launch nothing at 0 rows. Without a static step (no CUDA graphs) their
     # first launch, hence their compile, would be on a served step: the local warmup runs both on one row, alone,
@@ -268,7 +269,7 @@ def test_warmup_runs_the_dynamic_pack_and_unpack() -> None:
     from runtime.engine.expert_warmup import warm_local_experts
 
     assert not dist.is_initialized()
-    backend = SparseBackend(_parallel(2), 16, 8)
+    backend = SparseBackend(_parallel(2), 16, 8, fp8_dispatch=fp8_dispatch)
     rows: dict[str, list[Any]] = {"pack": [], "unpack": []}
 
     def pack(*args: Any) -> None:
