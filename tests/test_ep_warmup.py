@@ -1,8 +1,8 @@
 """The local experts' start-up warmup under expert parallelism (runtime/engine/expert_warmup.py).
 
 Under EP the experts run on the rows the all2all delivered, 0 .. the dispatcher's max_received_rows(T) whatever
-the step's T; the collective warmup (ModelRunner.warmup: token id 0 everywhere) reaches only a few of those
-counts, and none on a rank that holds none of token 0's experts. Checked here:
+the step's T; the collective warmup (ModelRunner.warmup: every row padding, slot -1, routed nowhere) reaches only
+the static exchanges' ep x C(T) counts, and none in the dynamic mode (0 rows arrive). Checked here:
 - the bound of each backend (sparse, allgather's padded chunks, EP x TP's share, none without EP), and that a
   real dispatch on 2 gloo ranks with every token routed to rank 0 delivers exactly that many rows;
 - every received-row count from 1 to the bound (0 launches nothing) lands in a (BLOCK_M, align plan) variant the
@@ -256,3 +256,33 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
         # one layer of the two (one shape), every count once, int32 local ids in [-1, 4 local experts)
         assert len({c[0] for c in r0["calls"]}) == 1 and [c[1] for c in r0["calls"]] == want
         assert all(c[2] == "torch.int32" and -1 <= c[3] <= c[4] < 4 for c in r0["calls"])
+
+
+@pytest.mark.parametrize("fp8_dispatch", [False, True])  # rows as sent: model dtype / FP8 quantized in the pack
+def test_warmup_runs_the_dynamic_pack_and_unpack(fp8_dispatch: bool) -> None:
+    # the collective warmup's rows are padding (slot -1), routed nowhere: a dynamic exchange sends and receives 0
+    # rows, and sparse_pack / sparse_unpack launch nothing at 0 rows. Without a static step (no CUDA graphs) their
+    # first launch, hence their compile, would be on a served step: the local warmup runs both on one row, alone,
+    # through the Triton wrappers (the interpreter here), in the dynamic layout (no flag word)
+    from kernels.all2all import pack as pack_kernels
+    from kernels.all2all import route as route_kernels
+    from runtime.engine.expert_warmup import warm_local_experts
+
+    assert not dist.is_initialized()
+    backend = SparseBackend(_parallel(2), 16, 8, fp8_dispatch=fp8_dispatch)
+    rows: dict[str, list[Any]] = {"pack": [], "unpack": []}
+
+    def pack(*args: Any) -> None:
+        pack_kernels.sparse_pack(*args)
+        rows["pack"].append((args[5].shape[0], args[8].tolist(), args[11]))  # rows sent, their local ids, flag
+
+    def unpack(*args: Any) -> Any:
+        out = pack_kernels.sparse_unpack(*args)
+        rows["unpack"].append((args[0].shape[0], out[1].tolist()))
+        return out
+
+    backend._pack_kernel, backend._unpack_kernel = pack, unpack
+    backend._route_exact_kernel = route_kernels.sparse_route_exact  # the GPU's kernels (the CPU's: the references)
+    model = _tiny_model(2, backend, torch.float16, use_triton=True)
+    warm_local_experts(model, 2)
+    assert rows == {"pack": [(1, [[0, -1, -1, -1]], None)], "unpack": [(1, [[0, -1, -1, -1]])]}

@@ -325,3 +325,46 @@ def test_pack_quantizes_as_per_token_group_quant_on_gpu(hidden: int) -> None:
 
     (fused_q, fused_s), (ref_q, ref_s) = packed(False), packed(True)
     assert torch.equal(fused_s, ref_s) and torch.equal(fused_q, ref_q)
+
+
+_SPEC_PROBE = """
+import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from kernels.all2all import pack, route
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+p = torch.empty(16, dtype=torch.int64)
+
+def spec(kernel, args, consts):  # what a launch's compile key holds for each argument
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    return [list(s) for s in binder(*args, **consts)[1]]
+
+out = {}
+for n in (32, 37, 1):  # a multiple of 16, neither, one: what Triton specializes an int on
+    out.setdefault("route T, C", []).append(spec(route._route_kernel, [p] * 6 + [n, n, 4],
+                                               dict(P=8, K=8, BLOCK_T=64, BLOCK_P=8)))
+    out.setdefault("route_exact T", []).append(spec(route._route_exact_kernel, [p] * 6 + [n, 8192, 4, 0],
+                                                  dict(P=8, K=8, BLOCK_T=512, BLOCK_P=8)))
+    out.setdefault("pack num_tokens", []).append(spec(pack._pack_kernel, [p] * 12 + [n, 2048, 16] + [1040] * 7,
+                                                    dict(P=8, K=8, BLOCK_K=8, BLOCK_H=1024, BLOCK_G=16,
+                                                         HAS_SCALES=False, HAS_FLAG=True)))
+    out.setdefault("combine N", []).append(spec(pack._combine_kernel, [p] * 3 + [2048, n, 2048, 2048],
+                                              dict(P=8, BLOCK_H=1024)))
+    out.setdefault("exchange_pairs C", []).append(spec(pack._exchange_pairs_kernel, [p] * 3 + [n, 0, 8],
+                                                     dict(K=8, BLOCK_R=64, BLOCK_K=8)))
+print(json.dumps(out))
+"""
+
+
+def test_per_step_sizes_compile_one_variant() -> None:
+    # no GPU needed (Triton's binder for sm90): the sizes that follow the step (tokens T, slots C, rows sent N) are
+    # not specialized, so an eager step at a size no warm-up or capture ran compiles nothing while serving. C too:
+    # 256 experts top-8 over 16 EP ranks (factor 1.25) gives C = 64 at T = 81, a multiple of 16 that no warm-up or
+    # graph size reaches (their C past 32: 42, 53, 63, 73, ...)
+    from tests.sm90 import run_sm90_probe
+
+    out = run_sm90_probe(_SPEC_PROBE)
+    assert [name for name, (a, b, c) in out.items() if not a == b == c] == []

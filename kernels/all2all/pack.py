@@ -249,7 +249,7 @@ def exchange_pairs_ref(counts: torch.Tensor, recv_ids: torch.Tensor, capacity: i
     out.add_(torch.stack([sent, got]).mul(remote).sum(1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])  # C: the static block's slots, per step size (C % 16 == 0 another variant)
 def _exchange_pairs_kernel(count_ptr, ids_ptr, out_ptr, C, rank, stride_id, K: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     # program r: the block of rank r (nothing for this rank's own); integer atomics, so the sums are exact

@@ -78,6 +78,11 @@ class All2AllBackend(ABC):
         tp = self.parallel.tp_size if self.ep_size > 1 else 1  # TP without EP: every TP rank routes all rows
         return self.ep_size * -(-max_num_tokens // tp)
 
+    def warm_local_kernels(self, hidden_size: int, top_k: int, dtype: torch.dtype) -> None:
+        """Start-up, alone (no collective): compile this backend's own kernels that the collective warmup's
+        all-padding steps never launch (ModelRunner.warmup_local_experts calls it). None here."""
+        return None
+
     @abstractmethod
     def dispatch(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]: ...

@@ -129,6 +129,19 @@ class SparseBackend(All2AllBackend):
         tp = self.parallel.tp_size
         return -(-num_tokens // tp) if tp > 1 else num_tokens
 
+    def warm_local_kernels(self, hidden_size: int, top_k: int, dtype: torch.dtype) -> None:
+        # the dynamic exchange's pack and unpack (rows without the flag word) on one row this rank sends itself: the
+        # collective warmup's rows are padding and route nowhere, so its dynamic steps launch neither (0 rows);
+        # without a static step (no CUDA graphs: --enforce-eager) they would first compile on a served step
+        device, me = self.parallel.device, self.ep_rank
+        ids = torch.full((1, top_k), -1, dtype=torch.int32, device=device)
+        ids[0, 0] = me * self.num_local_experts  # this rank's first expert
+        dest, local, _, pair_of, _ = self._route_exact_kernel(ids, self.num_local_experts, self.ep_size,
+                                                              self.capacity, me)
+        hidden = torch.zeros(1, hidden_size, dtype=dtype, device=device)
+        send = self._pack(hidden, torch.ones(1, top_k, device=device), dest, local, pair_of[:1], None)
+        self._unpack(send, top_k, hidden_size, dtype, False)
+
     def overflowed(self, num_tokens: int) -> bool:
         """After a forward of num_tokens rows (outside any graph): did a static exchange of it leave a (token,
         rank) pair unsent on any EP rank? Every rank gets the same answer (each saw every sender's flag), so all

@@ -3,9 +3,10 @@
 ModelRunner.warmup runs one step per size of kernels/fused_moe.py warmup_token_counts: without EP the experts
 see the step's own rows, so that compiles every variant they can meet (DP without EP and TP without EP need
 nothing more). Under EP they see the rows the all2all delivered, anywhere from 0 to the dispatcher's
-max_received_rows(T) however many tokens the step has, and the collective warmup (every token the same id,
-so the same experts) reaches only a few of those counts: the rest would compile while serving, every rank
-stalled in lockstep. So each rank then calls its experts alone, on dummy received rows, at every count of
+max_received_rows(T) however many tokens the step has, and the collective warmup reaches only a few of those
+counts: its rows are all padding (slot -1, ids -1), routed nowhere, so a dynamic exchange delivers 0 rows (the
+experts launch nothing) and a static one its ep x C(T) empty slots. The rest would compile while serving, every
+rank stalled in lockstep. So each rank then calls its experts alone, on dummy received rows, at every count of
 received_rows_warmup_counts up to that bound. No collective runs: the ranks need not agree on anything.
 
 CUDA graphs need nothing here: a captured step's exchange has fixed blocks (the sparse backend's static
@@ -90,9 +91,9 @@ def warmup_row_counts(layer: MoE, max_num_tokens: int, reserve_bytes: int | None
 
 def warm_local_experts(model: nn.Module, max_num_tokens: int, reserve_bytes: int | None = None) -> list[int]:
     """Runs each EP layer shape's local experts (Experts.forward, what the MoE layer calls after dispatch) once
-    per count of warmup_row_counts: the memory plan's activation reserve (reserve_bytes) bounds them, the counts
-    left out are logged, with a warning where they reach a variant the others do not. Returns the counts run (of
-    the last shape); [] without EP."""
+    per count of warmup_row_counts, then its dispatcher's local kernels (warm_local_kernels): the memory plan's
+    activation reserve (reserve_bytes) bounds the counts, those left out are logged, with a warning where they
+    reach a variant the others do not. Returns the counts run (of the last shape); [] without EP."""
     run: list[int] = []
     for layer in ep_expert_layers(model):
         run, left_out = warmup_row_counts(layer, max_num_tokens, reserve_bytes)
@@ -108,6 +109,7 @@ def warm_local_experts(model: nn.Module, max_num_tokens: int, reserve_bytes: int
                 left_out[-1], len(missed))
         for n in run:
             layer.experts(*received_rows(layer, n))
+        layer.dispatcher.warm_local_kernels(layer.hidden_size, layer.top_k, layer.dtype)
         logger.info("local experts warmed up at %d received-row counts up to %d (%s)", len(run),
                     run[-1] if run else 0, type(layer.dispatcher).__name__)
     return run
