@@ -178,6 +178,40 @@ def _variants() -> dict[str, dict]:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_blocks", [3, 0])
+@pytest.mark.parametrize("kind", ["up", "down"])
+@pytest.mark.parametrize("variant", list(_variants()))
+def test_gluon_gemm_smoke_gpu(variant, kind, num_blocks):
+    # the first GPU step (benchmarks/gpu_session_moe_gluon.sh, under a short timeout): one GEMM of a few tiles, one
+    # program (num_sms 1) looping over all of them, so the rings wrap several laps within and across tiles and, in
+    # ping-pong, both MMA partitions take tiles in turn; K and N tails; a fourth row block past num_post_pad
+    # (expert -1) and num_blocks 0 (no tile at all: nothing may be written, nothing may hang). The output is the
+    # left N columns of a wider NaN-filled buffer: the TMA store must clip columns >= N and rows past the tiles.
+    from kernels.moe_gluon import grouped_gemm_gluon
+    cfg = _variants()[variant]
+    bm, g, silu_mul = cfg["BLOCK_M"], cfg[kind], kind == "up"
+    num_experts, k, n = 3, 200, 176  # K: 3 steps of 64 and 8 columns; N: 176 = 2 x 64 + 48 = 128 + 48
+    torch.manual_seed(0)
+    w_rows = 2 * n if silu_mul else n
+    a = torch.randn(4 * bm, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(num_experts * w_rows, k, device="cuda") / k**0.5).bfloat16()
+    expert_ids = torch.tensor([0, 2, 2, -1], device="cuda", dtype=torch.int32)
+    num_post_pad = torch.tensor([num_blocks * bm], device="cuda", dtype=torch.int32)
+    wide = torch.full((4 * bm, n + 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_gemm_gluon(a, w, wide[:, :n], expert_ids, num_post_pad, n, w_rows, silu_mul, bm, g, num_sms=1)
+    torch.cuda.synchronize()
+    rows = num_blocks * bm
+    assert wide[rows:].isnan().all() and wide[:, n:].isnan().all()  # nothing past the tiles' rows or column N
+    for b in range(num_blocks):
+        e = expert_ids[b].item()
+        a_b, w_e = a[b * bm:(b + 1) * bm].float(), w[e * w_rows:(e + 1) * w_rows].float()
+        ref = a_b @ w_e[:n].T
+        if silu_mul:
+            ref = torch.nn.functional.silu(ref) * (a_b @ w_e[n:].T)
+        assert _rel_err(wide[b * bm:(b + 1) * bm, :n], ref) < 1e-2, b
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["qwen3", "odd"])
 @pytest.mark.parametrize("num_tokens", [1, 37, 777, 4096])
 @pytest.mark.parametrize("variant", list(_variants()))
