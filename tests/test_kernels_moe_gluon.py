@@ -52,6 +52,14 @@ def test_gluon_gemm_compiles_for_sm90_warp_specialized(block_m, pingpong):
         regs = {n for _, n in r["setmaxnreg"]}
         assert 40 in regs and max(regs) >= 232, r
         assert r["tma_loads_ptx"] == 1 + groups and r["tma_stores_ptx"] == parts, r
+        # the barrier protocol as compiled: the load warp expects a stage's box bytes (zero-filled tails counted
+        # by TMA too); each MMA partition (its own named barrier) syncs all its warps between their wgmma wait
+        # and the one-thread release of the stage (in the K loop and after the tile's last step), and between
+        # the TMA store wait (only the issuing thread's group) and rewriting the output tile
+        threads = 32 * g["num_warps"]
+        assert r["expect_tx_bytes"] == [2 * (block_m + groups * g["BLOCK_N"]) * g["BLOCK_K"]], r
+        assert r["release_syncs"] == [threads] * 2 * parts and r["store_wait_syncs"] == [threads] * 2 * parts, r
+        assert len(r["named_barriers"]) == parts and {n for _, n in r["named_barriers"]} == {threads}, r
 
 
 _LAUNCH_PROBE = """
