@@ -268,6 +268,10 @@ def launch_args(
         raise ValueError(f"the gluon MoE GEMM takes bf16/fp16 operands of one dtype, got {a.dtype}, {w.dtype}, "
                          f"{out.dtype} (FP8 experts: leave the tma config's 'gluon' off)")
     check_gluon_config(block_m, g, silu_mul, a.element_size())
+    for name, t in (("activations", a), ("weights", w), ("output", out)):  # TMA: else an assert in the descriptor
+        if t.stride(1) != 1 or t.stride(0) * t.element_size() % 16 or t.data_ptr() % 16:
+            raise ValueError(f"the gluon MoE GEMM's {name} {list(t.shape)} (strides {t.stride()}) need contiguous rows "
+                             "with a 16-byte aligned base and row stride (TMA): K and N a multiple of 8")
     bn, bk = g["BLOCK_N"], g["BLOCK_K"]
     dt = _GL_DTYPES[a.dtype]
 

@@ -131,6 +131,18 @@ def test_bad_gluon_config_says_which_key(g, silu_mul, match):
         check_gluon_config(96, base, silu_mul)
 
 
+@pytest.mark.parametrize("k,n", [(1001, 256), (256, 1001)])
+def test_launch_args_refuse_unaligned_rows(k, n):
+    # a K or N that is not a multiple of 8 (bf16: rows not 16-byte aligned, which TMA needs): a ValueError naming
+    # the operand, not the descriptor's bare assert (fused_experts takes the old path there: tma_supported)
+    from kernels.moe_gluon import launch_args
+    cfg = default_gluon_config()
+    a, w = torch.zeros(256, k, dtype=torch.bfloat16), torch.zeros(2 * n, k, dtype=torch.bfloat16)
+    out, ids, npp = torch.zeros(256, n, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.int32), torch.zeros(1)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        launch_args(a, w, out, ids, npp, n, n, False, 128, cfg["down"], 132)
+
+
 def test_defaults_leave_gluon_off_and_fit():
     assert "gluon" not in default_tma_config() and "tma" not in default_config(4096, 128, 8, False)
     cfg = default_gluon_config()
