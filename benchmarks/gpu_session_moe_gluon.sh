@@ -8,13 +8,13 @@
 # they fail or hang, that mode's long steps are skipped (a hang then costs SMOKE_S, not TEST_S + BENCH_S).
 # pytest-timeout (in the GPU image) ends a hung test after PER_TEST_S, printing its name and stack, and the
 # run goes on with the next step. Step limits: SMOKE_S / TEST_S / BENCH_S (60 / 120 / 170 s), each cut to what
-# is left of TOTAL_S (570 s: the run ends inside a 600 s device call whatever hangs). MODES="coop" or "pp" runs
-# one mode (two device calls, if one call's 570 s cuts the second mode's bench). Logs and the bench JSON under
+# is left of TOTAL_S (560 s: the run ends inside a 600 s device call whatever hangs). MODES="coop" or "pp" runs
+# one mode (two device calls, if one call's 560 s cuts the second mode's bench). Logs and the bench JSON under
 # $OUT, named by mode (the device tool brings back only names of letters, digits, '.', '_' and '-').
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-TOTAL_S=${TOTAL_S:-570}
+TOTAL_S=${TOTAL_S:-560}
 TO=()
 python3 -c "import pytest_timeout" 2>/dev/null && TO=(--timeout "${PER_TEST_S:-60}" --timeout-method thread)
 
