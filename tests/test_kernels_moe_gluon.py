@@ -14,7 +14,13 @@ if not torch.cuda.is_available():
 
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_config import default_config  # noqa: E402
-from kernels.moe_gluon import SHARED_LIMIT, check_gluon_config, default_gluon_config, shared_bytes  # noqa: E402
+from kernels.moe_gluon import (  # noqa: E402
+    SHARED_LIMIT,
+    check_gluon_config,
+    default_gluon_config,
+    launch_meta,
+    shared_bytes,
+)
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from tests.tiny import tiny_moe_inputs  # noqa: E402
 
@@ -51,6 +57,8 @@ def test_gluon_gemm_compiles_for_sm90_warp_specialized(block_m, pingpong):
         assert sorted(r["wgmma_wait_pendings_sass"]) == sorted([0, groups] * parts), r  # ptxas kept the pipelining
         regs = {n for _, n in r["setmaxnreg"]}
         assert 40 in regs and max(regs) >= 232, r
+        # ptxas took the launch's maxnreg (it ignores one over 255, and setmaxnreg needs a valid one to act)
+        assert r["registers_cap"] == launch_meta(g)["maxnreg"], r
         assert r["tma_loads_ptx"] == 1 + groups and r["tma_stores_ptx"] == parts, r
         # the barrier protocol as compiled: the load warp expects a stage's box bytes (zero-filled tails counted
         # by TMA too); each MMA partition (its own named barrier) syncs all its warps between their wgmma wait
