@@ -7,7 +7,8 @@ each path's microseconds and fraction of the layer's floor (max of the touched w
 and the FLOPs over the bf16 matmul rate, both measured in this run), its error vs the torch reference. The
 Gluon paths: default_gluon_config's four (BLOCK_M 128 / 64, one 8- or 4-warp MMA partition or two 4-warp
 ones in ping-pong), or --config's. Then each GEMM alone (gate_up with SiLU-mul, down) on the permuted rows,
-Triton TMA kernel vs the first Gluon config, as a fraction of the GEMM's FLOP floor; --sweep also times a
+Triton TMA kernel vs the first Gluon config, as a fraction of the GEMM's own floor (its weights over copy
+bandwidth or its FLOPs over the matmul rate, the larger); --sweep also times a
 few tile configs of it per GEMM (the best one is the table entry to try). Prints one 'moe_gluon' line per
 M, 'bench_moe_gluon summary' last, and writes DIR/bench_moe_gluon.json.
 """
@@ -102,8 +103,14 @@ def bench_m(shape: str, m: int, w13: torch.Tensor, w2: torch.Tensor, ceil: dict,
     row.update({f"{n}_frac": row["floor_us"] / row[f"{n}_us"] for n in paths})
     row["gluon_best"] = max(glu, key=lambda n: row[f"{n}_frac"])
     row.update(bench_gemms(sets, w13, w2, tma, next(iter(glu.values())), sweep))
-    up_floor = 4 * pairs * hidden * inter / ceil["bf16_tflops"] / 1e6  # gate and up: 2 * pairs * 2I * H FLOPs
-    down_floor = 2 * pairs * hidden * inter / ceil["bf16_tflops"] / 1e6
+    # each GEMM's own floor, the same roofline: its touched weights (and rows in / out) over copy bandwidth, or its
+    # FLOPs (gate and up: 2 * pairs * 2I * H) over the matmul rate; FLOPs alone understate it where the weights
+    # dominate (Qwen3 at M = 1024: 0.8 GB of gate_up weights, ~190 us, vs ~65 us of FLOPs)
+    rows_b = pairs * (hidden + inter) * 2  # a_perm / act rows: read once, written once (bf16)
+    up_floor = max((touched * 2 * inter * hidden * 2 + rows_b) / ceil["copy_tbps"] / 1e6,
+                   4 * pairs * hidden * inter / ceil["bf16_tflops"] / 1e6)
+    down_floor = max((touched * hidden * inter * 2 + rows_b) / ceil["copy_tbps"] / 1e6,
+                     2 * pairs * hidden * inter / ceil["bf16_tflops"] / 1e6)
     for k, fl in (("up", up_floor), ("down", down_floor)):
         row[f"{k}_floor_us"] = fl
         row[f"{k}_tma_frac"], row[f"{k}_gluon_frac"] = fl / row[f"{k}_tma_us"], fl / row[f"{k}_gluon_us"]
@@ -139,7 +146,7 @@ def main() -> None:
         print(f"moe_gluon {args.shape} M={m:5d} floor_us={r['floor_us']:7.1f} | "
               + " | ".join(f"{n} {r[f'{n}_us']:7.1f} us {r[f'{n}_frac']:.2f} (err {r[f'{n}_err']:.1e})"
                            for n in ("old", "tma", *glu))
-              + f" | GEMMs alone, fraction of their FLOP floor: up tma/gluon {r['up_tma_frac']:.2f}/"
+              + f" | GEMMs alone, fraction of their floor: up tma/gluon {r['up_tma_frac']:.2f}/"
               f"{r['up_gluon_frac']:.2f} down {r['down_tma_frac']:.2f}/{r['down_gluon_frac']:.2f}"
               + "".join(f" | {k} sweep " + " ".join(f"{c}={us:.1f}" for c, us in r[f"{k}_sweep_us"].items())
                         for k in ("up", "down") if f"{k}_sweep_us" in r), flush=True)

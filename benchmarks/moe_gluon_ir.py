@@ -63,6 +63,42 @@ def compile_gluon_sm90(kind: str, g: dict, block_m: int = 128):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _release_syncs(ptx: str) -> list[int | None]:
+    """Per plain mbarrier.arrive (an MMA partition releasing a stage: one thread arrives, count 1), the thread
+    count of the named barrier (bar.sync id, count) passed after a wgmma wait and before it, with no MMA issued
+    or stage waited for in between; None if none: every warpgroup of the partition must be past its wait, i.e.
+    done reading the stage, before the arrive lets the load warp overwrite it. (PTX text order: each arrive
+    follows its wait there.)"""
+    out, state = [], None  # None, "waited" or the synced thread count
+    for line in ptx.splitlines():
+        if "wgmma.commit_group" in line or "mbarrier.try_wait" in line:
+            state = None
+        elif "wgmma.wait_group" in line:
+            state = "waited"
+        elif state is not None and (m := re.search(r"\bbar\.sync\s+\d+,\s*(\d+);", line)):
+            state = int(m.group(1))
+        elif "mbarrier.arrive.shared" in line:
+            out.append(state if isinstance(state, int) else None)
+    return out
+
+
+def _store_wait_syncs(ptx: str) -> list[int | None]:
+    """Per TMA store wait (cp.async.bulk.wait_group.read: only the issuing thread has the group), the thread
+    count of the first bar.sync after it, None if shared memory is written (st.shared / stmatrix) first: the
+    other threads may rewrite the output tile only after the issuing one knows the store has read it."""
+    out, pending = [], False
+    for line in ptx.splitlines():
+        if "cp.async.bulk.wait_group.read" in line:
+            pending = True
+        elif pending and (m := re.search(r"\bbar\.sync\s+\d+,\s*(\d+);", line)):
+            out.append(int(m.group(1)))
+            pending = False
+        elif pending and re.search(r"\b(st\.shared|stmatrix)", line):
+            out.append(None)
+            pending = False
+    return out
+
+
 def gluon_report(kernel) -> dict:
     r = report(kernel)
     ptx = kernel.asm["ptx"]
@@ -86,6 +122,13 @@ def gluon_report(kernel) -> dict:
         "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
         "tma_stores_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
         "mbarrier_waits_ptx": ptx.count("mbarrier.try_wait"),
+        # the load warp's ready-barrier byte counts (a stage's TMA boxes, zero-filled parts at tails included)
+        "expect_tx_bytes": [int(n) for n in re.findall(r"mbarrier\.arrive\.expect_tx\S*\s+_,\s*\[[^]]+\],\s*(\d+)",
+                                                       ptx)],
+        "release_syncs": _release_syncs(ptx),
+        # (id, threads) of every partition-wide named barrier: one id per MMA partition, never shared
+        "named_barriers": sorted({(int(i), int(n)) for i, n in re.findall(r"\bbar\.sync\s+(\d+),\s*(\d+);", ptx)}),
+        "store_wait_syncs": _store_wait_syncs(ptx),
     }
 
 

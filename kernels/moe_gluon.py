@@ -243,11 +243,13 @@ def check_gluon_config(block_m: int, g: dict, silu_mul: bool, elem: int = 2) -> 
 def launch_meta(g: dict) -> dict:
     """The kernel's constexprs and launch options for a GEMM config (also what benchmarks/moe_gluon_ir.py
     compiles). Registers: the register file (64K) over all warps (the MMA warps plus the load warp's whole
-    warpgroup) is the launch's maxnreg, a multiple of 8; setmaxnreg then moves the load warpgroup's share
+    warpgroup) is the launch's maxnreg, a multiple of 8 up to 248; setmaxnreg then moves the load warpgroup's share
     (load_regs) to the MMA warps (pingpong: mma_regs for the second MMA partition, the rest to the first)."""
     warps, pingpong = g.get("num_warps", 8), bool(g.get("pingpong", False))
     all_warps = (2 if pingpong else 1) * warps + 4
-    maxnreg = g.get("maxnreg", 65536 // (32 * all_warps) // 8 * 8)
+    # at most 248: ptxas ignores a .maxnreg over 255 (8 warps' 256: BLOCK_M 64 cooperative), and without a valid
+    # one the PTX spec lets setmaxnreg have no effect
+    maxnreg = g.get("maxnreg", min(248, 65536 // (32 * all_warps) // 8 * 8))
     load_regs = g.get("load_regs", 40)
     mma_regs = g.get("mma_regs", (maxnreg * all_warps - 4 * load_regs) // (2 * warps) // 8 * 8)
     return {"GROUP_M": g["GROUP_M"], "NUM_STAGES": g["num_stages"], "PINGPONG": pingpong, "LOAD_REGS": load_regs,
@@ -268,6 +270,10 @@ def launch_args(
         raise ValueError(f"the gluon MoE GEMM takes bf16/fp16 operands of one dtype, got {a.dtype}, {w.dtype}, "
                          f"{out.dtype} (FP8 experts: leave the tma config's 'gluon' off)")
     check_gluon_config(block_m, g, silu_mul, a.element_size())
+    for name, t in (("activations", a), ("weights", w), ("output", out)):  # TMA: else an assert in the descriptor
+        if t.stride(1) != 1 or t.stride(0) * t.element_size() % 16 or t.data_ptr() % 16:
+            raise ValueError(f"the gluon MoE GEMM's {name} {list(t.shape)} (strides {t.stride()}) need contiguous rows "
+                             "with a 16-byte aligned base and row stride (TMA): K and N a multiple of 8")
     bn, bk = g["BLOCK_N"], g["BLOCK_K"]
     dt = _GL_DTYPES[a.dtype]
 

@@ -14,7 +14,13 @@ if not torch.cuda.is_available():
 
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_config import default_config  # noqa: E402
-from kernels.moe_gluon import SHARED_LIMIT, check_gluon_config, default_gluon_config, shared_bytes  # noqa: E402
+from kernels.moe_gluon import (  # noqa: E402
+    SHARED_LIMIT,
+    check_gluon_config,
+    default_gluon_config,
+    launch_meta,
+    shared_bytes,
+)
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from tests.tiny import tiny_moe_inputs  # noqa: E402
 
@@ -51,7 +57,17 @@ def test_gluon_gemm_compiles_for_sm90_warp_specialized(block_m, pingpong):
         assert sorted(r["wgmma_wait_pendings_sass"]) == sorted([0, groups] * parts), r  # ptxas kept the pipelining
         regs = {n for _, n in r["setmaxnreg"]}
         assert 40 in regs and max(regs) >= 232, r
+        # ptxas took the launch's maxnreg (it ignores one over 255, and setmaxnreg needs a valid one to act)
+        assert r["registers_cap"] == launch_meta(g)["maxnreg"], r
         assert r["tma_loads_ptx"] == 1 + groups and r["tma_stores_ptx"] == parts, r
+        # the barrier protocol as compiled: the load warp expects a stage's box bytes (zero-filled tails counted
+        # by TMA too); each MMA partition (its own named barrier) syncs all its warps between their wgmma wait
+        # and the one-thread release of the stage (in the K loop and after the tile's last step), and between
+        # the TMA store wait (only the issuing thread's group) and rewriting the output tile
+        threads = 32 * g["num_warps"]
+        assert r["expect_tx_bytes"] == [2 * (block_m + groups * g["BLOCK_N"]) * g["BLOCK_K"]], r
+        assert r["release_syncs"] == [threads] * 2 * parts and r["store_wait_syncs"] == [threads] * 2 * parts, r
+        assert len(r["named_barriers"]) == parts and {n for _, n in r["named_barriers"]} == {threads}, r
 
 
 _LAUNCH_PROBE = """
@@ -123,6 +139,18 @@ def test_bad_gluon_config_says_which_key(g, silu_mul, match):
         check_gluon_config(96, base, silu_mul)
 
 
+@pytest.mark.parametrize("k,n", [(1001, 256), (256, 1001)])
+def test_launch_args_refuse_unaligned_rows(k, n):
+    # a K or N that is not a multiple of 8 (bf16: rows not 16-byte aligned, which TMA needs): a ValueError naming
+    # the operand, not the descriptor's bare assert (fused_experts takes the old path there: tma_supported)
+    from kernels.moe_gluon import launch_args
+    cfg = default_gluon_config()
+    a, w = torch.zeros(256, k, dtype=torch.bfloat16), torch.zeros(2 * n, k, dtype=torch.bfloat16)
+    out, ids, npp = torch.zeros(256, n, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.int32), torch.zeros(1)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        launch_args(a, w, out, ids, npp, n, n, False, 128, cfg["down"], 132)
+
+
 def test_defaults_leave_gluon_off_and_fit():
     assert "gluon" not in default_tma_config() and "tma" not in default_config(4096, 128, 8, False)
     cfg = default_gluon_config()
@@ -175,6 +203,40 @@ def _variants() -> dict[str, dict]:
             "pp64": default_gluon_config(block_m=64, pingpong=True),
             "coop128_n64": dict(d, up=dict(d["up"], BLOCK_N=64, num_stages=6),
                                 down=dict(d["down"], BLOCK_N=128, num_stages=6))}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_blocks", [3, 0])
+@pytest.mark.parametrize("kind", ["up", "down"])
+@pytest.mark.parametrize("variant", list(_variants()))
+def test_gluon_gemm_smoke_gpu(variant, kind, num_blocks):
+    # the first GPU step (benchmarks/gpu_session_moe_gluon.sh, under a short timeout): one GEMM of a few tiles, one
+    # program (num_sms 1) looping over all of them, so the rings wrap several laps within and across tiles and, in
+    # ping-pong, both MMA partitions take tiles in turn; K and N tails; a fourth row block past num_post_pad
+    # (expert -1) and num_blocks 0 (no tile at all: nothing may be written, nothing may hang). The output is the
+    # left N columns of a wider NaN-filled buffer: the TMA store must clip columns >= N and rows past the tiles.
+    from kernels.moe_gluon import grouped_gemm_gluon
+    cfg = _variants()[variant]
+    bm, g, silu_mul = cfg["BLOCK_M"], cfg[kind], kind == "up"
+    num_experts, k, n = 3, 200, 176  # K: 3 steps of 64 and 8 columns; N: 176 = 2 x 64 + 48 = 128 + 48
+    torch.manual_seed(0)
+    w_rows = 2 * n if silu_mul else n
+    a = torch.randn(4 * bm, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(num_experts * w_rows, k, device="cuda") / k**0.5).bfloat16()
+    expert_ids = torch.tensor([0, 2, 2, -1], device="cuda", dtype=torch.int32)
+    num_post_pad = torch.tensor([num_blocks * bm], device="cuda", dtype=torch.int32)
+    wide = torch.full((4 * bm, n + 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_gemm_gluon(a, w, wide[:, :n], expert_ids, num_post_pad, n, w_rows, silu_mul, bm, g, num_sms=1)
+    torch.cuda.synchronize()
+    rows = num_blocks * bm
+    assert wide[rows:].isnan().all() and wide[:, n:].isnan().all()  # nothing past the tiles' rows or column N
+    for b in range(num_blocks):
+        e = expert_ids[b].item()
+        a_b, w_e = a[b * bm:(b + 1) * bm].float(), w[e * w_rows:(e + 1) * w_rows].float()
+        ref = a_b @ w_e[:n].T
+        if silu_mul:
+            ref = torch.nn.functional.silu(ref) * (a_b @ w_e[n:].T)
+        assert _rel_err(wide[b * bm:(b + 1) * bm, :n], ref) < 1e-2, b
 
 
 @pytest.mark.gpu
