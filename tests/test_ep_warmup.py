@@ -128,7 +128,13 @@ def _tiny_model(ep: int, backend: Any, dtype: torch.dtype = torch.float32, use_t
 
 def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) -> None:
     # one process, no process group at all: a collective would raise
-    from runtime.engine.expert_warmup import ep_expert_layers, warm_local_experts, warmup_bytes, warmup_row_counts
+    from runtime.engine.expert_warmup import (
+        ep_expert_layers,
+        ep_experts_bytes,
+        warm_local_experts,
+        warmup_bytes,
+        warmup_row_counts,
+    )
 
     assert not dist.is_initialized()
     model = _tiny_model(2, SparseBackend(_parallel(2), 16, 64))
@@ -136,6 +142,8 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
     (layer,) = ep_expert_layers(model)  # two MoE layers, one shape
     want = received_rows_warmup_counts(2 * 64, 4)
     assert warmup_row_counts(layer, 64, None) == (want, [])
+    # the memory plan's share for the experts: the largest received step (2 ranks x 64 tokens), not 64 rows
+    assert ep_experts_bytes(model, 64) == warmup_bytes(layer, 128) > warmup_bytes(layer, 64)
     assert warm_local_experts(model, 64) == want
     # rows of up to 4 distinct local ids of 8, from the second row on some -1 (slots handled elsewhere)
     assert calls.calls == [(layer.layer_id, n, "torch.int32", -1 if n > 1 else 0, 3 if n < 3 else 5 if n < 5 else 7)
@@ -157,6 +165,7 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
         model = _tiny_model(1, backend)
         calls = ExpertCalls(model)
         assert ep_expert_layers(model) == [] and warm_local_experts(model, 64) == [] and calls.calls == []
+        assert ep_experts_bytes(model, 64) == 0
 
 
 def test_warmup_rows_through_triton_experts() -> None:

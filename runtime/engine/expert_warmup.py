@@ -89,6 +89,15 @@ def warmup_row_counts(layer: MoE, max_num_tokens: int, reserve_bytes: int | None
     return counts[:num_run], counts[num_run:]
 
 
+def ep_experts_bytes(model: nn.Module, max_num_tokens: int) -> int:
+    """The most device bytes a step of up to max_num_tokens tokens can ask of one EP layer's local experts: their
+    received rows (up to the dispatcher's max_received_rows, ep x the step's tokens at worst) and workspace; 0
+    without EP. The memory plan reserves it beside the step's other activations (LLMEngine._activation_reserve):
+    under EP it outgrows them (Qwen3-30B-A3B at EP 8, 8192 tokens: 3.3 GiB against 1 GiB for the rest)."""
+    return max((warmup_bytes(layer, layer.dispatcher.max_received_rows(max_num_tokens))
+                for layer in ep_expert_layers(model)), default=0)
+
+
 def warm_local_experts(model: nn.Module, max_num_tokens: int, reserve_bytes: int | None = None) -> list[int]:
     """Runs each EP layer shape's local experts (Experts.forward, what the MoE layer calls after dispatch) once
     per count of warmup_row_counts, then its dispatcher's local kernels (warm_local_kernels): the memory plan's
