@@ -86,8 +86,8 @@ if [[ $PHASES == *B* ]]; then
   GL_OK=""
   for v in default split1 pingpong; do
     grep -q "fp16_head_dim_64_gpu\[$v\] PASSED" $OUT/gluon_smoke.log || { echo "gluon $v: smoke did not pass, skipped"; continue; }
-    case $v in default) K="(prefill_gpu and (default or n64)) or (pages_past and default)";;
-                *) K="(prefill_gpu or pages_past) and $v";; esac
+    case $v in default) K="(prefill_gpu and (default or n64)) or (more_shapes and default)";;
+                *) K="(prefill_gpu or more_shapes) and $v";; esac
     timeout 150 python3 -m pytest -q -m gpu tests/test_attention_gluon.py -k "$K" -rf > $OUT/gluon_$v.log 2>&1 \
       && GL_OK="$GL_OK $v"
     echo "gluon $v:"; grep -E "^FAILED|GLUON HANG|passed|failed" $OUT/gluon_$v.log | tail -4

@@ -259,26 +259,27 @@ def test_gluon_prefill_fp16_head_dim_64_gpu(split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_size", [128, 256])
+@pytest.mark.parametrize("block_size,head_dim", [(128, 128), (256, 128), (16, 64)])
 @pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "split_wg": 1}, {"BLOCK_N": 64, "split_wg": 2}],
                          ids=["default", "n64-split1", "n64-pingpong"])
-def test_gluon_prefill_pages_past_a_tile_gpu(block_size, tiles):
+def test_gluon_prefill_more_shapes_gpu(block_size, head_dim, tiles):
     # pages of 128 / 256 tokens: a page spans tiles (the box row is the key's offset in its page, not the page's
-    # start), one box a tile; lengths ending on a tile / page boundary and one past it; MHA (group 1); q a strided
-    # view of a fused qkv buffer as the model passes it
+    # start), one box a tile; head_dim 64 in bf16 (one 64-column message a box) with 16-token pages and BLOCK_N 64;
+    # lengths ending on a tile / page boundary and one past it; MHA (group 1); q a strided view of a fused qkv
+    # buffer as the model passes it
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill is for sm90")
     heads = 16
     q_lens, seq_lens = [128, 1, 257, 64], [128, 257, 257 + 256, 64 + 1000]
     q, k_cache, v_cache, cu, lens, tables = _inputs(q_lens, seq_lens, heads, heads, block_size, torch.bfloat16,
-                                                    "cuda", lead=1, tail=2, seed=block_size)
-    qkv = torch.zeros(q.shape[0], 3 * heads, 128, dtype=q.dtype, device=q.device)
+                                                    "cuda", head_dim=head_dim, lead=1, tail=2, seed=block_size)
+    qkv = torch.zeros(q.shape[0], 3 * heads, head_dim, dtype=q.dtype, device=q.device)
     qkv[:, :heads] = q
-    q = qkv[:, :heads]  # stride(0) 3 * heads * 128
-    args = (q, k_cache, v_cache, cu, lens, tables, 128**-0.5, max(q_lens))
-    g = gluon_config({"gluon": tiles})
+    q = qkv[:, :heads]  # stride(0) 3 * heads * head_dim
+    args = (q, k_cache, v_cache, cu, lens, tables, head_dim**-0.5, max(q_lens))
+    g = gluon_config({"gluon": tiles}, head_dim)
     assert gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)
-    out = _gluon_or_exit(args, g, f"{block_size}-token pages")
+    out = _gluon_or_exit(args, g, f"{block_size}-token pages, head_dim {head_dim}")
     ref = paged_attention_prefill_ref(*args)
     triton_out = paged_attention_prefill(*args)
     assert out[:1].abs().max() == 0 and out[-2:].abs().max() == 0
