@@ -191,10 +191,11 @@ def _worst_row_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1).clamp_min(1e-6)).max().item()
 
 
-def _gluon_or_exit(args: tuple, g: dict, what: str, limit_s: float = 20.0) -> torch.Tensor:
+def _gluon_or_exit(args: tuple, g: dict, what: str, capsys, limit_s: float = 20.0) -> torch.Tensor:
     # the Gluon kernel on args, or the process ends here: a wrong mbarrier phase or tx count spins forever (no
     # error), and the device session's timeout would then take the whole pytest run, with no word of which variant.
-    # The launch returns once the kernel is queued (compiling happens before): then at most limit_s for the kernel
+    # The launch returns once the kernel is queued (compiling happens before): then at most limit_s for the kernel.
+    # The message past pytest's capture (fd-level: sys.__stderr__ would land in its temp file, lost on _exit)
     torch.cuda.synchronize()
     out = paged_attention_prefill_gluon(*args, g)
     done = torch.cuda.Event()
@@ -202,8 +203,9 @@ def _gluon_or_exit(args: tuple, g: dict, what: str, limit_s: float = 20.0) -> to
     start = time.monotonic()
     while not done.query():
         if time.monotonic() - start > limit_s:  # the context cannot be recovered from a hung kernel: exit
-            sys.__stderr__.write(f"\nGLUON HANG (> {limit_s:.0f} s): {what} tiles {g}\n")
-            sys.__stderr__.flush()
+            with capsys.disabled():
+                sys.stdout.write(f"\nGLUON HANG (> {limit_s:.0f} s): {what} tiles {g}\n")
+                sys.stdout.flush()
             os._exit(3)
         time.sleep(0.005)
     return out
@@ -223,7 +225,7 @@ GPU_CASES = [  # (q_lens, seq_lens): odd lengths, several sequences, a cached pr
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "num_stages": 3}, {"num_stages": 3, "split_wg": 1},
                                    {"num_stages": 3, "split_wg": 2}], ids=["default", "n64", "split1", "pingpong"])
-def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
+def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles, capsys):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill is for sm90")
     q_lens, seq_lens = case
@@ -232,7 +234,7 @@ def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
     args = (q, k_cache, v_cache, cu, lens, tables, 128**-0.5, max(q_lens))
     g = gluon_config({"gluon": tiles})
     assert gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)
-    out = _gluon_or_exit(args, g, f"{heads}/{kv_heads} heads, {block_size}-token pages, q_lens {q_lens}")
+    out = _gluon_or_exit(args, g, f"{heads}/{kv_heads} heads, {block_size}-token pages, q_lens {q_lens}", capsys)
     ref = paged_attention_prefill_ref(*args)
     triton_out = paged_attention_prefill(*args)
     assert out[:3].abs().max() == 0 and out[-5:].abs().max() == 0  # tokens no sequence owns
@@ -248,13 +250,13 @@ def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", [0, 1, 2], ids=["default", "split1", "pingpong"])  # a test id each: the smoke
-def test_gluon_prefill_fp16_head_dim_64_gpu(split):
+def test_gluon_prefill_fp16_head_dim_64_gpu(split, capsys):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill is for sm90")
     q, k_cache, v_cache, cu, lens, tables = _inputs([333, 2], [333, 900], 16, 2, 32, torch.float16, "cuda",
                                                     head_dim=64)
     args = (q, k_cache, v_cache, cu, lens, tables, 64**-0.5, 333)
-    out = _gluon_or_exit(args, gluon_config({"gluon": {"split_wg": split}}, 64), "fp16 head_dim 64 smoke")
+    out = _gluon_or_exit(args, gluon_config({"gluon": {"split_wg": split}}, 64), "fp16 head_dim 64 smoke", capsys)
     assert _rel_err(out, paged_attention_prefill_ref(*args)) < 1e-2
 
 
@@ -262,7 +264,7 @@ def test_gluon_prefill_fp16_head_dim_64_gpu(split):
 @pytest.mark.parametrize("block_size,head_dim", [(128, 128), (256, 128), (16, 64)])
 @pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "split_wg": 1}, {"BLOCK_N": 64, "split_wg": 2}],
                          ids=["default", "n64-split1", "n64-pingpong"])
-def test_gluon_prefill_more_shapes_gpu(block_size, head_dim, tiles):
+def test_gluon_prefill_more_shapes_gpu(block_size, head_dim, tiles, capsys):
     # pages of 128 / 256 tokens: a page spans tiles (the box row is the key's offset in its page, not the page's
     # start), one box a tile; head_dim 64 in bf16 (one 64-column message a box) with 16-token pages and BLOCK_N 64;
     # lengths ending on a tile / page boundary and one past it; MHA (group 1); q a strided view of a fused qkv
@@ -279,7 +281,7 @@ def test_gluon_prefill_more_shapes_gpu(block_size, head_dim, tiles):
     args = (q, k_cache, v_cache, cu, lens, tables, head_dim**-0.5, max(q_lens))
     g = gluon_config({"gluon": tiles}, head_dim)
     assert gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)
-    out = _gluon_or_exit(args, g, f"{block_size}-token pages, head_dim {head_dim}")
+    out = _gluon_or_exit(args, g, f"{block_size}-token pages, head_dim {head_dim}", capsys)
     ref = paged_attention_prefill_ref(*args)
     triton_out = paged_attention_prefill(*args)
     assert out[:1].abs().max() == 0 and out[-2:].abs().max() == 0
