@@ -42,6 +42,23 @@ import triton
 from kernels.attention.prefill_gluon import compile_sm90, gluon_config
 
 
+def arrives(ptx):
+    # per plain mbarrier.arrive (one thread of an MMA partition): [what came last of a wgmma wait ("wait": a stage
+    # release) or issue ("issue": a ping-pong turn passed), the thread count of the named barrier passed between
+    # it and the arrive (None: none, so a warpgroup of the partition may still read the stage)]
+    out, last, synced = [], None, None
+    for line in ptx.splitlines():
+        if "wgmma.commit_group" in line or "wgmma.wait_group" in line:
+            last, synced = ("issue" if "commit" in line else "wait"), None
+        elif "mbarrier.try_wait" in line:
+            last, synced = None, None
+        elif m := re.search(r"\bbar\.sync\s+\d+,\s*(\d+);", line):
+            synced = int(m.group(1))
+        elif "mbarrier.arrive.shared" in line:
+            out.append([last, synced])
+    return out
+
+
 def report(kernel):
     tool = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -63,6 +80,9 @@ def report(kernel):
         "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
         "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
         "mbarrier_arrives_sass": len(re.findall(r"SYNCS\.ARRIVE", sass)),
+        "mbarrier_init_counts": sorted(int(n) for n in re.findall(r"mbarrier\.init\S*\s+\[[^]]+\],\s*(\d+);", ptx)),
+        "expect_tx_bytes": [int(n) for n in re.findall(r"arrive\.expect_tx\S*\s+_,\s*\[[^]]+\],\s*(\d+)", ptx)],
+        "arrives_ptx": arrives(ptx),
     }
 
 
@@ -97,6 +117,16 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
         # arrives: the loader's 2 expects; per MMA partition 4 stage releases (tile 0, the loop's 2, the last PV),
         # and under ping-pong 3 turns passed
         assert r["mbarrier_arrives_sass"] == 2 + parts * (4 + (3 if g["split_wg"] == 2 else 0)), r
+        # the barrier protocol as compiled: ready barriers count 1 (the load warp's expect) and expect a K or V tile's
+        # bytes (its boxes, zero-filled ones past the cache's end included); the empty barriers one arrive per MMA
+        # partition; each stage release after a wgmma wait and a named barrier of the whole partition (both
+        # warpgroups done reading the stage), each ping-pong turn passed after the partition's issue
+        stages, threads = g["num_stages"], 128 if g["split_wg"] else 256
+        assert r["mbarrier_init_counts"] == sorted([1] * (2 * stages + 2) + [parts] * (2 * stages)), r
+        assert r["expect_tx_bytes"] == [g["BLOCK_N"] * 128 * 2] * 2, r
+        turns = 3 if g["split_wg"] == 2 else 0
+        want = parts * (4 * [("wait", threads)] + turns * [("issue", threads)])
+        assert sorted(map(tuple, r["arrives_ptx"])) == sorted(want), r
 
 
 @pytest.mark.parametrize("g,match", [
