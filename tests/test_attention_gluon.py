@@ -1,6 +1,7 @@
 """The Gluon FA3-style prefill (kernels/attention/prefill_gluon.py): compiled for sm90 on the CPU (Gluon has no
 interpreter), its config key and the shapes it takes; on an H100/H200 its outputs vs the torch reference and the
-Triton kernel (odd lengths, several sequences, a cached prefix, GQA 8 and 12, two page sizes)."""
+Triton kernel (odd lengths, several sequences, a cached prefix, GQA 1, 8 and 12, pages of 16..256 tokens, head_dim 64
+and 128), each launch under a hang guard (_gluon_or_exit: a spinning kernel ends the process, naming its variant)."""
 
 import json
 import os
