@@ -1,9 +1,12 @@
 """The Gluon FA3-style prefill (kernels/attention/prefill_gluon.py): compiled for sm90 on the CPU (Gluon has no
 interpreter), its config key and the shapes it takes; on an H100/H200 its outputs vs the torch reference and the
-Triton kernel (odd lengths, several sequences, a cached prefix, GQA 8 and 12, two page sizes)."""
+Triton kernel (odd lengths, several sequences, a cached prefix, GQA 1, 8 and 12, pages of 16..256 tokens, head_dim 64
+and 128), each launch under a hang guard (_gluon_or_exit: a spinning kernel ends the process, naming its variant)."""
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,23 @@ import triton
 from kernels.attention.prefill_gluon import compile_sm90, gluon_config
 
 
+def arrives(ptx):
+    # per plain mbarrier.arrive (one thread of an MMA partition): [what came last of a wgmma wait ("wait": a stage
+    # release) or issue ("issue": a ping-pong turn passed), the thread count of the named barrier passed between
+    # it and the arrive (None: none, so a warpgroup of the partition may still read the stage)]
+    out, last, synced = [], None, None
+    for line in ptx.splitlines():
+        if "wgmma.commit_group" in line or "wgmma.wait_group" in line:
+            last, synced = ("issue" if "commit" in line else "wait"), None
+        elif "mbarrier.try_wait" in line:
+            last, synced = None, None
+        elif m := re.search(r"\bbar\.sync\s+\d+,\s*(\d+);", line):
+            synced = int(m.group(1))
+        elif "mbarrier.arrive.shared" in line:
+            out.append([last, synced])
+    return out
+
+
 def report(kernel):
     tool = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -61,6 +81,9 @@ def report(kernel):
         "wgmma_wait_pendings_sass": [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x\w+)", sass)],
         "tma_loads_ptx": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
         "mbarrier_arrives_sass": len(re.findall(r"SYNCS\.ARRIVE", sass)),
+        "mbarrier_init_counts": sorted(int(n) for n in re.findall(r"mbarrier\.init\S*\s+\[[^]]+\],\s*(\d+);", ptx)),
+        "expect_tx_bytes": [int(n) for n in re.findall(r"arrive\.expect_tx\S*\s+_,\s*\[[^]]+\],\s*(\d+)", ptx)],
+        "arrives_ptx": arrives(ptx),
     }
 
 
@@ -95,6 +118,16 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
         # arrives: the loader's 2 expects; per MMA partition 4 stage releases (tile 0, the loop's 2, the last PV),
         # and under ping-pong 3 turns passed
         assert r["mbarrier_arrives_sass"] == 2 + parts * (4 + (3 if g["split_wg"] == 2 else 0)), r
+        # the barrier protocol as compiled: ready barriers count 1 (the load warp's expect) and expect a K or V tile's
+        # bytes (its boxes, zero-filled ones past the cache's end included); the empty barriers one arrive per MMA
+        # partition; each stage release after a wgmma wait and a named barrier of the whole partition (both
+        # warpgroups done reading the stage), each ping-pong turn passed after the partition's issue
+        stages, threads = g["num_stages"], 128 if g["split_wg"] else 256
+        assert r["mbarrier_init_counts"] == sorted([1] * (2 * stages + 2) + [parts] * (2 * stages)), r
+        assert r["expect_tx_bytes"] == [g["BLOCK_N"] * 128 * 2] * 2, r
+        turns = 3 if g["split_wg"] == 2 else 0
+        want = parts * (4 * [("wait", threads)] + turns * [("issue", threads)])
+        assert sorted(map(tuple, r["arrives_ptx"])) == sorted(want), r
 
 
 @pytest.mark.parametrize("g,match", [
@@ -104,6 +137,7 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
     ({"BLOCK_M": 64}, "BLOCK_M 64"),
     ({"num_stages": 1}, "num_stages 1"),
     ({"load_regs": 20}, "load_regs 20"),
+    ({"load_regs": 256}, "load_regs 256"),  # (the MMA warps would be left too few registers: ptxas fails)
     ({"num_stages": 4}, "shared memory"),
     ({"split_wg": 3}, "split_wg 3"),
 ])
@@ -182,6 +216,32 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def _worst_row_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    # the largest relative error of one (token, head) row: a wrong row (a block's last query row, a diagonal tile's
+    # mask off by one) hides in a sequence's norm of thousands of rows
+    return ((a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1).clamp_min(1e-6)).max().item()
+
+
+def _gluon_or_exit(args: tuple, g: dict, what: str, capsys, limit_s: float = 20.0) -> torch.Tensor:
+    # the Gluon kernel on args, or the process ends here: a wrong mbarrier phase or tx count spins forever (no
+    # error), and the device session's timeout would then take the whole pytest run, with no word of which variant.
+    # The launch returns once the kernel is queued (compiling happens before): then at most limit_s for the kernel.
+    # The message past pytest's capture (fd-level: sys.__stderr__ would land in its temp file, lost on _exit)
+    torch.cuda.synchronize()
+    out = paged_attention_prefill_gluon(*args, g)
+    done = torch.cuda.Event()
+    done.record()
+    start = time.monotonic()
+    while not done.query():
+        if time.monotonic() - start > limit_s:  # the context cannot be recovered from a hung kernel: exit
+            with capsys.disabled():
+                sys.stdout.write(f"\nGLUON HANG (> {limit_s:.0f} s): {what} tiles {g}\n")
+                sys.stdout.flush()
+            os._exit(3)
+        time.sleep(0.005)
+    return out
+
+
 GPU_CASES = [  # (q_lens, seq_lens): odd lengths, several sequences, a cached prefix, an empty query
     ([1, 17, 300, 1000], [1, 17, 300, 1000]),
     ([1, 17, 300, 1000], [40, 17 + 700, 301, 1000 + 2500]),
@@ -195,8 +255,8 @@ GPU_CASES = [  # (q_lens, seq_lens): odd lengths, several sequences, a cached pr
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "num_stages": 3}, {"num_stages": 3, "split_wg": 1},
-                                   {"num_stages": 3, "split_wg": 2}])
-def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
+                                   {"num_stages": 3, "split_wg": 2}], ids=["default", "n64", "split1", "pingpong"])
+def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles, capsys):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill is for sm90")
     q_lens, seq_lens = case
@@ -205,7 +265,7 @@ def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
     args = (q, k_cache, v_cache, cu, lens, tables, 128**-0.5, max(q_lens))
     g = gluon_config({"gluon": tiles})
     assert gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)
-    out = paged_attention_prefill_gluon(*args, g)
+    out = _gluon_or_exit(args, g, f"{heads}/{kv_heads} heads, {block_size}-token pages, q_lens {q_lens}", capsys)
     ref = paged_attention_prefill_ref(*args)
     triton_out = paged_attention_prefill(*args)
     assert out[:3].abs().max() == 0 and out[-5:].abs().max() == 0  # tokens no sequence owns
@@ -214,16 +274,47 @@ def test_gluon_prefill_gpu(heads, kv_heads, block_size, case, tiles):
         rows = slice(int(cu[b]), int(cu[b + 1]))
         if rows.stop > rows.start:
             assert _rel_err(out[rows], ref[rows]) < 1e-2, b
+    owned = slice(3, q.shape[0] - 5)  # every row as close to the reference as the Triton kernel's rows, give or take
+    assert _worst_row_err(out[owned], ref[owned]) < max(2 * _worst_row_err(triton_out[owned], ref[owned]), 1e-2)
     assert torch.equal(paged_attention_prefill(*args, config={**default_prefill_config(128), "gluon": tiles}), out)
 
 
 @pytest.mark.gpu
-def test_gluon_prefill_fp16_head_dim_64_gpu():
+@pytest.mark.parametrize("split", [0, 1, 2], ids=["default", "split1", "pingpong"])  # a test id each: the smoke
+def test_gluon_prefill_fp16_head_dim_64_gpu(split, capsys):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon prefill is for sm90")
     q, k_cache, v_cache, cu, lens, tables = _inputs([333, 2], [333, 900], 16, 2, 32, torch.float16, "cuda",
                                                     head_dim=64)
     args = (q, k_cache, v_cache, cu, lens, tables, 64**-0.5, 333)
-    for split in (0, 1, 2):
-        out = paged_attention_prefill_gluon(*args, gluon_config({"gluon": {"split_wg": split}}, 64))
-        assert _rel_err(out, paged_attention_prefill_ref(*args)) < 1e-2
+    out = _gluon_or_exit(args, gluon_config({"gluon": {"split_wg": split}}, 64), "fp16 head_dim 64 smoke", capsys)
+    assert _rel_err(out, paged_attention_prefill_ref(*args)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size,head_dim", [(128, 128), (256, 128), (16, 64)])
+@pytest.mark.parametrize("tiles", [{}, {"BLOCK_N": 64, "split_wg": 1}, {"BLOCK_N": 64, "split_wg": 2}],
+                         ids=["default", "n64-split1", "n64-pingpong"])
+def test_gluon_prefill_more_shapes_gpu(block_size, head_dim, tiles, capsys):
+    # pages of 128 / 256 tokens: a page spans tiles (the box row is the key's offset in its page, not the page's
+    # start), one box a tile; head_dim 64 in bf16 (one 64-column message a box) with 16-token pages and BLOCK_N 64;
+    # lengths ending on a tile / page boundary and one past it; MHA (group 1); q a strided view of a fused qkv
+    # buffer as the model passes it
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon prefill is for sm90")
+    heads = 16
+    q_lens, seq_lens = [128, 1, 257, 64], [128, 257, 257 + 256, 64 + 1000]
+    q, k_cache, v_cache, cu, lens, tables = _inputs(q_lens, seq_lens, heads, heads, block_size, torch.bfloat16,
+                                                    "cuda", head_dim=head_dim, lead=1, tail=2, seed=block_size)
+    qkv = torch.zeros(q.shape[0], 3 * heads, head_dim, dtype=q.dtype, device=q.device)
+    qkv[:, :heads] = q
+    q = qkv[:, :heads]  # stride(0) 3 * heads * head_dim
+    args = (q, k_cache, v_cache, cu, lens, tables, head_dim**-0.5, max(q_lens))
+    g = gluon_config({"gluon": tiles}, head_dim)
+    assert gluon_supported(q, k_cache, v_cache, cu, lens, tables, g, 1.0, 1.0, None)
+    out = _gluon_or_exit(args, g, f"{block_size}-token pages, head_dim {head_dim}", capsys)
+    ref = paged_attention_prefill_ref(*args)
+    triton_out = paged_attention_prefill(*args)
+    assert out[:1].abs().max() == 0 and out[-2:].abs().max() == 0
+    assert _rel_err(out, ref) < 1e-2 and _rel_err(out, triton_out) < 1e-2
+    assert _worst_row_err(out[1:-2], ref[1:-2]) < max(2 * _worst_row_err(triton_out[1:-2], ref[1:-2]), 1e-2)

@@ -310,9 +310,12 @@ def gluon_config(cfg: dict, head_dim: int = 128) -> dict | None:
                          "(two warpgroups of 64 rows) and BLOCK_N 64 or 128")
     if g["split_wg"] not in (0, 1, 2):
         raise ValueError(f"prefill config gluon: split_wg {g['split_wg']!r} must be 0, 1 or 2 (ping-pong)")
-    if not 2 <= g["num_stages"] <= 4 or not 24 <= g["load_regs"] <= 256 or g["load_regs"] % 8:
+    # load_regs: the load warpgroup's registers; the MMA warpgroups share the rest of 504 (sm90 TTGIR: 8 warps
+    # (504 - load_regs) / 2 each, split_wg 504 - 240 - load_regs for the first): at 88 split_wg spills, at 152 the
+    # 8 warps do, at 256 ptxas fails. The load warp needs 24
+    if not 2 <= g["num_stages"] <= 4 or not 24 <= g["load_regs"] <= 64 or g["load_regs"] % 8:
         raise ValueError(f"prefill config gluon: num_stages {g['num_stages']} / load_regs {g['load_regs']}: need "
-                         "num_stages 2..4 (the K/V ring) and load_regs a multiple of 8 in 24..256")
+                         "num_stages 2..4 (the K/V ring) and load_regs a multiple of 8 in 24..64")
     if head_dim in HEAD_DIMS and (smem := shared_bytes(g, head_dim)) > SHARED_LIMIT:  # (others: the Triton kernel)
         raise ValueError(f"prefill config gluon: {smem} bytes of shared memory at head_dim {head_dim} over the "
                          f"{SHARED_LIMIT} a block may hold: fewer num_stages or BLOCK_N 64")
