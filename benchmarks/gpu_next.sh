@@ -37,7 +37,7 @@ if [[ $PHASES == *1* ]]; then
     --async-scheduling --steps 30 --out $OUT/e2e_fp8_b1.json 2>&1 | grep SUMMARY
 fi
 GPU_TESTS=$(grep -l "mark.gpu" tests/test_*.py | sort)
-FIRST=$(echo "$GPU_TESTS" | grep -E "test_(kernels|attention|linear|moe|decode|router|pdl|prefill)" | grep -v test_attention_gluon)  # (phase B runs it)
+FIRST=$(echo "$GPU_TESTS" | grep -E "test_(kernels|attention|linear|moe|decode|router|pdl|prefill)" | grep -vE "test_(attention_gluon|kernels_moe_gluon)")  # (phases A, B run them)
 if [[ $PHASES == *2* ]]; then
   # four pytest workers a file each (pytest-xdist from .wheelhouse): the kernel tests are compile-bound on the host's
   # 16 cores, and none sizes itself to the GPU's free memory. Session 11 ran them in one process: 85 of 236 in 500 s
