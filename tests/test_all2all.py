@@ -4,12 +4,14 @@ backends, and the byte counters show the routing-aware saving."""
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -186,6 +188,21 @@ def spawn_ranks(worker, args: tuple, world: int, timeout_s: float, what: str) ->
         p.kill()
     assert not alive, f"{what} hung for {timeout_s}s"
     return ctx
+
+
+def spawn_ranks_json(worker, make_args: Callable[[str], tuple], world: int, timeout_s: float,
+                     what: str) -> list[dict]:
+    """spawn_ranks with a results folder: worker(rank, *make_args(folder)) writes folder/rank{rank}.json; the
+    ranks' results in rank order (a rank that wrote none crashed: its exit code is in the failure)."""
+    with tempfile.TemporaryDirectory() as d:
+        ctx = spawn_ranks(worker, make_args(d), world, timeout_s, what)
+        results = []
+        for r in range(world):
+            path = os.path.join(d, f"rank{r}.json")
+            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
+            with open(path) as f:
+                results.append(json.load(f))
+    return results
 
 
 def _run(world: int, cases: list[tuple]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from runtime.distributed.all2all import row_layout
 from runtime.distributed.parallel import ParallelState
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 from tests.test_parallel import PROMPTS, _config, _params, _reference, _run_lockstep
 
 TIMEOUT_S = 120
@@ -127,14 +126,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_sparse_equals_allgather_and_one_rank(models: dict[str, str]) -> None:
     refs = {name: _reference(path)["tokens"] for name, path in models.items()}
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (WORLD, free_port(), models, d), WORLD, TIMEOUT_S, "all2all engine ranks")
-        results = []
-        for r in range(WORLD):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_worker, lambda d: (WORLD, free_port(), models, d), WORLD, TIMEOUT_S,
+                               "all2all engine ranks")
     for name, model, _, _ in RUNS:
         merged: dict[str, list[int]] = {}
         for res in results:

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -33,7 +32,7 @@ import torch.distributed as dist
 import zmq
 
 from runtime.config import EngineConfig
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 
 TIMEOUT_S = 120
 ARCHS = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
@@ -221,16 +220,8 @@ def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _spawn(models: dict[str, str], device: str) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (2, free_port(), models, d, device), 2, TIMEOUT_S if device == "cpu" else 600,
-                          "EP ranks")
-        results = []
-        for r in range(2):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
-    return results
+    return spawn_ranks_json(_worker, lambda d: (2, free_port(), models, d, device), 2,
+                            TIMEOUT_S if device == "cpu" else 600, "EP ranks")
 
 
 def _check_tokens_and_print_times(results: list[dict[str, Any]], refs: dict[str, dict[str, list[int]]],

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Any
 
 import pytest
@@ -32,7 +31,7 @@ from kernels.moe_config import default_config, get_moe_config
 from runtime.distributed.all2all import AllGatherBackend, LocalBackend
 from runtime.distributed.all2all_sparse import SparseBackend
 from runtime.distributed.parallel import ParallelState
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 from tests.test_dummy_step import COLLECTIVES
 from tests.test_kernels_moe import _align_variants, _moe_tables
 
@@ -247,14 +246,7 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
     from tests.tiny import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(str(tmp_path / "qwen"), "Qwen3MoeForCausalLM")  # 8 experts, top-2
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (2, free_port(), model, d), 2, TIMEOUT_S, "EP warmup ranks")
-        results = []
-        for r in range(2):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_worker, lambda d: (2, free_port(), model, d), 2, TIMEOUT_S, "EP warmup ranks")
     for name, (_, bound) in RUNS.items():
         r0 = results[0][name]
         assert r0["bound"] == bound, name

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 from tests.test_all2all_engine import _skewed_copy
 from tests.test_parallel import PROMPTS, _params, _reference
 
@@ -83,14 +82,7 @@ def test_fixed_capacity_in_cuda_graphs(tmp_path) -> None:  # noqa: ANN001
     models = {"qwen": make_tiny_checkpoint(str(tmp_path / "qwen"), "Qwen3MoeForCausalLM"),
               "glm_skew": _skewed_copy(glm, str(tmp_path / "glm_skew"))}
     refs = {name: _reference(path)["tokens"] for name, path in models.items()}  # one rank, CPU
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (free_port(), models, d), WORLD, 300, "GPU EP ranks")
-        results = []
-        for r in range(WORLD):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_worker, lambda d: (free_port(), models, d), WORLD, 300, "GPU EP ranks")
     for model in models:
         for name, _ in FACTORS:
             run = f"{model}/{name}"

@@ -132,18 +132,12 @@ def _ep_worker(rank: int, port: int, model: str, mixed_tokens: int, eager: bool,
 # but by the local warmup (the collective warmup's rows route nowhere)
 @pytest.mark.parametrize("mixed_tokens,eager", [(0, False), (512, False), (0, True)])
 def test_no_compile_after_startup_expert_parallel(tmp_path, mixed_tokens, eager):
-    import tempfile
-
-    from tests.test_all2all import free_port, spawn_ranks
+    from tests.test_all2all import free_port, spawn_ranks_json
 
     path = make_tiny_checkpoint(str(tmp_path / "qwen"), "Qwen3MoeForCausalLM", max_position_embeddings=4096,
                                 num_experts=64, num_experts_per_tok=8)
     path = _zero_token0_copy(path, str(tmp_path / "qwen_token0"))
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_ep_worker, (free_port(), path, mixed_tokens, eager, d), EP_WORLD, 540, "GPU EP ranks")
-        for r in range(EP_WORLD):
-            out = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(out), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(out) as f:
-                compiled = json.load(f)
-            assert compiled == [], f"rank {r}: kernels compiled on the serving path: {compiled}"
+    results = spawn_ranks_json(_ep_worker, lambda d: (free_port(), path, mixed_tokens, eager, d), EP_WORLD, 540,
+                               "GPU EP ranks")
+    for r, compiled in enumerate(results):
+        assert compiled == [], f"rank {r}: kernels compiled on the serving path: {compiled}"

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 
 TIMEOUT_S = 120
 WORLD = 2
@@ -96,14 +95,8 @@ def test_ep_ranks_pad_mixed_steps_to_the_same_bucket(tmp_path) -> None:  # noqa:
               max_model_len=128)
     ref = {str(i): o.outputs[0].token_ids for i, o in enumerate(llm.generate(
         [{"prompt_token_ids": p} for p in _prompts()], _params()))}
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (WORLD, free_port(), model, d), WORLD, TIMEOUT_S, "mixed-bucket EP ranks")
-        results = []
-        for r in range(WORLD):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_worker, lambda d: (WORLD, free_port(), model, d), WORLD, TIMEOUT_S,
+                               "mixed-bucket EP ranks")
     tokens = {k: v for res in results for k, v in res["tokens"].items()}
     assert tokens == ref
     steps = [{s[0]: s[1:] for s in res["steps"]} for res in results]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import weakref
 
 import pytest
@@ -19,7 +18,7 @@ from safetensors import safe_open
 
 from runtime.config import ConfigError, EngineConfig
 from runtime.distributed.parallel import check_sizes, single_rank
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 
 TIMEOUT_S = 150
 ARCHS = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
@@ -144,14 +143,7 @@ def moe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_dp_ep_tokens_equal_one_rank(moe_models: dict[str, str]) -> None:
     world = 4
     refs = {arch: _reference(model) for arch, model in moe_models.items()}
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (world, free_port(), moe_models, d), world, TIMEOUT_S, "EP ranks")
-        results = []
-        for r in range(world):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_worker, lambda d: (world, free_port(), moe_models, d), world, TIMEOUT_S, "EP ranks")
     for arch, model in moe_models.items():
         ref = refs[arch]
         expert_bytes = _expert_bytes(model)

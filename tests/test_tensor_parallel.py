@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from runtime.config import ConfigError, EngineConfig
-from tests.test_all2all import free_port, spawn_ranks
+from tests.test_all2all import free_port, spawn_ranks_json
 from tests.test_engine import hf_greedy, prompts
 
 TIMEOUT_S = 120
@@ -151,14 +150,7 @@ def test_tp_greedy_tokens_equal_transformers(models: dict[str, str]) -> None:
     world = 4
     refs = {arch: hf_greedy(path, prompts(), NUM_TOKENS) for arch, path in models.items()}
     ref_lps = {arch: hf_prompt_logprobs(path, prompts(), PROMPT_LOGPROBS) for arch, path in models.items()}
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_worker, (world, free_port(), models, d), world, TIMEOUT_S, "TP ranks")
-        results = []
-        for r in range(world):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_worker, lambda d: (world, free_port(), models, d), world, TIMEOUT_S, "TP ranks")
     for arch, ref in refs.items():
         expected = {str(i): t for i, t in enumerate(ref)}
         assert results[0][f"{arch}/tp4"] == expected, f"{arch}: TP=4 tokens differ from transformers"
@@ -343,14 +335,7 @@ def _gpu_worker(rank: int, world: int, port: int, models: dict[str, str], result
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_tp2_nccl_cuda_graphs_equal_transformers(models: dict[str, str]) -> None:
     refs = {arch: hf_greedy(path, prompts(), NUM_TOKENS) for arch, path in models.items()}
-    with tempfile.TemporaryDirectory() as d:
-        ctx = spawn_ranks(_gpu_worker, (2, free_port(), models, d), 2, 600, "TP GPU ranks")
-        results = []
-        for r in range(2):
-            path = os.path.join(d, f"rank{r}.json")
-            assert os.path.exists(path), f"rank {r} crashed (exit code {ctx.processes[r].exitcode})"
-            with open(path) as f:
-                results.append(json.load(f))
+    results = spawn_ranks_json(_gpu_worker, lambda d: (2, free_port(), models, d), 2, 600, "TP GPU ranks")
     for arch, ref in refs.items():
         assert results[0][f"{arch}/graphs"] and results[1][f"{arch}/graphs"]
         assert results[0][arch] == {str(i): t for i, t in enumerate(ref)}, arch
