@@ -64,14 +64,18 @@ def compile_sm90(fn, args: dict, constexprs: dict, num_warps: int, num_stages: i
                                                                          "num_stages": num_stages})
 
 
-def report(kernel) -> dict:
-    ttgir = kernel.asm["ttgir"]
+def cuobjdump(kernel, *flags: str) -> str:
+    """cuobjdump (Triton's own copy) on a compiled kernel's cubin: "-sass", "-res-usage"."""
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        res = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(bin_dir / "cuobjdump"), *flags, f.name], capture_output=True, text=True).stdout
+
+
+def report(kernel) -> dict:
+    ttgir = kernel.asm["ttgir"]
+    res, sass = cuobjdump(kernel, "-res-usage"), cuobjdump(kernel, "-sass")
     ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
     # byte-wide shared loads: an FP8 operand gathered one byte at a time into a dot's layout (FP8 decode's V)
     lds_u8 = len(re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?LDS\.U8", sass))

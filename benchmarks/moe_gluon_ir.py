@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
@@ -29,7 +27,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention_ir import report  # noqa: E402
+from attention_ir import cuobjdump, report  # noqa: E402
 
 from kernels.moe_gluon import _grouped_gemm_ws_kernel, check_gluon_config, launch_meta  # noqa: E402
 
@@ -102,12 +100,7 @@ def _store_wait_syncs(ptx: str) -> list[int | None]:
 def gluon_report(kernel) -> dict:
     r = report(kernel)
     ptx = kernel.asm["ptx"]
-    # attention_ir's report counts the waits; the SASS again for their pendings
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    sass = cuobjdump(kernel, "-sass")  # attention_ir's report counts the waits; the SASS again for their pendings
     sass_depbar = [int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)]
     return {
         "registers_cap": r["registers"],  # the launch's maxnreg: what ptxas reports for the whole kernel
