@@ -230,3 +230,121 @@ def test_fused_experts_fp8_gluon_flow(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="only on an NVIDIA GPU"):  # the real launch, on the CPU
         fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+# odd: H 1008 (K steps of 128 and a 112 tail in the up GEMM; a tail N tile in the down), I 320 (up rows starting
+# mid scale block; a 64-channel K tail in the down); glm45air: GLM-4.5-Air's experts (32 / 11 K steps)
+GPU_SHAPES = {"qwen3": (128, 2048, 768, 8), "odd": (16, 1008, 320, 4), "glm45air": (128, 4096, 1408, 8)}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _gpu_problem(shape: str, num_tokens: int, seed: int = 0, skew: bool = False):
+    # e4m3 experts with [128, 128] block scales (quantized from random bf16 ones), bf16 tokens
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    torch.manual_seed(num_tokens + seed)
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w13, s13 = quantize_weight_block(torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5)
+    w2, s2 = quantize_weight_block(torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5)
+    # skew: a quarter of the experts take every slot, the others get zero rows and the busy ones many blocks
+    used = max(top_k, num_experts // 4) if skew else num_experts
+    ids = torch.stack([torch.randperm(used, device="cuda")[:top_k] for _ in range(num_tokens)]).int()
+    ids[::5, 0] = -1  # slots another expert-parallel rank handles
+    weights = torch.rand(num_tokens, top_k, device="cuda") + 0.1
+    return x, w13, s13, w2, s2, weights, ids
+
+
+def _variants() -> dict[str, dict]:
+    # named so that a GPU run can take the ping-pong one apart (-k pp / -k "not pp")
+    return {"coop128": default_gluon_fp8_config(), "coop64": default_gluon_fp8_config(block_m=64),
+            "pp64": default_gluon_fp8_config(block_m=64, pingpong=True)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_blocks", [3, 0])
+@pytest.mark.parametrize("kind", ["up", "down"])
+@pytest.mark.parametrize("variant", list(_variants()))
+def test_gluon_fp8_gemm_smoke_gpu(variant, kind, num_blocks):
+    # the first GPU step (benchmarks/gpu_session_moe_gluon.sh MODES=fp8, under a short timeout): one GEMM of a few
+    # tiles, one program (num_sms 1) looping over all of them, so the rings wrap several laps and, in ping-pong,
+    # both MMA partitions take tiles in turn; K 656 = 5 x 128 + 16 (6 K steps: up 3 unrolled chunks of 2, down
+    # one of 4 and a tail of 2); N 192 for up (its up rows start mid scale block), 176 for down (a tail tile);
+    # a fourth row block past num_post_pad (expert -1) and num_blocks 0 (no tile: nothing written, no hang).
+    # The output is the left N columns of a wider NaN-filled buffer: the TMA store must clip the rest.
+    from kernels.fp8 import per_token_group_quant
+    from kernels.moe_gluon_fp8 import grouped_gemm_gluon_fp8
+    cfg = _variants()[variant]
+    bm, g, silu_mul = cfg["BLOCK_M"], cfg[kind], kind == "up"
+    num_experts, k = 3, 656
+    n = 192 if silu_mul else 176
+    w_rows = 2 * n if silu_mul else n
+    torch.manual_seed(0)
+    a, a_s = per_token_group_quant(torch.randn(4 * bm, k, device="cuda", dtype=torch.bfloat16))
+    w, w_s = quantize_weight_block(torch.randn(num_experts, w_rows, k, device="cuda") / k**0.5)
+    w = w.view(-1, k)
+    expert_ids = torch.tensor([0, 2, 2, -1], device="cuda", dtype=torch.int32)
+    num_post_pad = torch.tensor([num_blocks * bm], device="cuda", dtype=torch.int32)
+    wide = torch.full((4 * bm, n + 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    grouped_gemm_gluon_fp8(a, a_s, w, w_s, wide[:, :n], expert_ids, num_post_pad, n, w_rows, silu_mul, bm, g,
+                           num_sms=1)
+    torch.cuda.synchronize()
+    rows = num_blocks * bm
+    assert wide[rows:].isnan().all() and wide[:, n:].isnan().all()  # nothing past the tiles' rows or column N
+    if num_blocks:
+        ref = grouped_gemm_fp8_ref(a, a_s, w, w_s, expert_ids, num_blocks, n, w_rows, silu_mul, bm)
+        for b in range(num_blocks):  # (bf16 output rounding only: same products, sums in another order)
+            assert _rel_err(wide[b * bm:(b + 1) * bm, :n], ref[b * bm:(b + 1) * bm]) < 5e-3, b
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["qwen3", "odd"])
+@pytest.mark.parametrize("num_tokens", [1, 37, 777, 4096])
+@pytest.mark.parametrize("variant", list(_variants()))
+@pytest.mark.parametrize("skew", [False, True])
+def test_fused_experts_gluon_fp8_gpu(shape, num_tokens, variant, skew):
+    x, w13, s13, w2, s2, weights, ids = _gpu_problem(shape, num_tokens, skew=skew)
+    cfg = _variants()[variant]
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
+    # as test_fused_experts_tma_fp8_gpu: a bf16 rounding of act can flip an e4m3 step of the down GEMM's input
+    assert _rel_err(out, ref) < 4e-2
+    triton_fp8 = fused_experts_tma(x, w13, w2, weights, ids, default_tma_config(fp8=True), w13_scale=s13,
+                                   w2_scale=s2)
+    assert _rel_err(out, triton_fp8) < 4e-2
+
+
+@pytest.mark.gpu
+def test_fused_experts_gluon_fp8_glm_through_fused_experts_gpu():
+    # GLM-4.5-Air's sizes (32 / 11 K steps: chunks and tails of the unrolled K loop) through fused_experts with an
+    # FP8 table whose tma entry sets gluon
+    from kernels.fused_moe import fused_experts
+    from kernels.moe_config import default_config
+    x, w13, s13, w2, s2, weights, ids = _gpu_problem("glm45air", 2048)
+    cfg = dict(default_config(2048, 128, 8, True), tma=default_gluon_fp8_config())
+    out = fused_experts(x, w13, w2, weights, ids, config=cfg, w13_scale=s13, w2_scale=s2)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    assert _rel_err(out, ref) < 4e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["coop128", "pp64"])
+def test_fused_experts_gluon_fp8_graph_replay_gpu(variant):
+    # the tile count comes from num_post_pad on the device: new routings (other block counts) replayed from one
+    # graph stay right, including one where few experts take every slot
+    x, w13, s13, w2, s2, weights, ids = _gpu_problem("qwen3", 512)
+    cfg = _variants()[variant]
+    out = fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
+    for i in range(4):
+        *_, new_w, new_ids = _gpu_problem("qwen3", 512, seed=i + 1, skew=i == 3)
+        weights.copy_(new_w)
+        ids.copy_(new_ids)
+        graph.replay()
+        ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+        assert _rel_err(out, ref) < 4e-2, i
