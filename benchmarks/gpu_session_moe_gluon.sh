@@ -9,10 +9,10 @@
 # pytest-timeout (in the GPU image) ends a hung test after PER_TEST_S, printing its name and stack, and the
 # run goes on with the next step. Step limits: SMOKE_S / TEST_S / BENCH_S (60 / 120 (fp8: 200) / 170 s), each
 # cut to what is left of TOTAL_S (560 s: the run ends inside a 600 s device call whatever hangs). MODES="coop" or
-# "pp" runs one mode (two device calls, if one call's 560 s cuts the second mode's bench). MODES=fp8 (a device call of its
-# own): the FP8 block-scaled Gluon kernel (kernels/moe_gluon_fp8.py, tests/test_kernels_moe_gluon_fp8.py): its
-# smoke, its tests, then bench_moe_gluon.py --fp8 (old FP8 path vs Triton TMA FP8 vs Gluon FP8, fraction of the
-# FP8 floor). Logs and the bench JSON under $OUT, named by mode (the device tool brings back only names of
+# "pp" runs one mode (two device calls, if one call's 560 s cuts the second mode's bench). MODES=fp8 (a device
+# call of its own): the FP8 block-scaled Gluon kernel (kernels/moe_gluon_fp8.py, tests/test_kernels_moe_gluon_fp8.py):
+# its smoke, its tests, then bench_moe_gluon.py --fp8 (old FP8 path vs Triton TMA FP8 vs Gluon FP8, fraction of
+# the FP8 floor). Logs and the bench JSON under $OUT, named by mode (the device tool brings back only names of
 # letters, digits, '.', '_' and '-').
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
