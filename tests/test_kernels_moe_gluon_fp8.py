@@ -234,6 +234,24 @@ def test_fused_experts_fp8_gluon_flow(monkeypatch):
         fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
 
 
+_BACK_EDGE_PROBE = """
+import json
+from benchmarks.moe_gluon_ir import back_edge_repro
+print(json.dumps(back_edge_repro()))
+"""
+
+
+def test_ptxas_serializes_a_partial_read_across_the_loop_back_edge():
+    # why _fp8_steps unrolls its K steps: the same promotion written as a rolled loop, a partial left in flight
+    # over the back edge and read after the next iteration's wait(1) (kernels/moe_gluon_fp8.py's first form),
+    # makes ptxas serialize every wgmma (C7514: "non wgmma instructions reading accumulator registers of a wgmma
+    # between start and end of the pipeline stage"): all its waits become pendings 0 in SASS. Within one
+    # iteration, waited to 0 at its end, the wait(1) stays. (If a ptxas lifts this, the rolled loop would do.)
+    r = run_sm90_probe(_BACK_EDGE_PROBE)  # (benchmarks/moe_gluon_ir.py --repro-back-edge prints it)
+    assert r["within"]["sass"] == r["within"]["ptx"] and 1 in r["within"]["sass"], r
+    assert 1 in r["across"]["ptx"] and set(r["across"]["sass"]) == {0} and r["across"]["c7514"], r
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 # odd: H 1008 (K steps of 128 and a 112 tail in the up GEMM; a tail N tile in the down), I 320 (up rows starting
