@@ -5,17 +5,27 @@ protocol unchanged: the stage bytes are the fp8 boxes) with DeepGEMM-style "prom
 the operands carry one scale per 128 K channels (a_scale [rows, K/128] per token group, w_scale
 [E, W_ROWS/128, K/128] per 128 x 128 weight block, HF weight_scale_inv), so BLOCK_K = 128 and every K step's
 product needs its own scale before it joins the sum. Triton's `acc += dot(a, w) * a_s * w_s` waits on every
-wgmma (pendings 0); here each K step's wgmma writes a fresh fp32 partial (use_acc=False), and while the next
-step's wgmma runs the partition adds the previous step's finished partial into the main accumulator, scaled
-by a_scale[row, k] * w_scale[e, n / 128, k]. Two partials alternate, so warpgroup_mma_wait keeps one K step in
-flight (pendings = the MMAs a step: 1, or 2 for gate_up's gate and up). The scales are plain loads by the MMA
-partition, issued a step ahead of their use: a_scale's two rows a thread (its accumulator rows), w_scale one
-scalar a K step (BLOCK_N <= 128 divides the 128-row scale block; gate_up's up tile is row block (N + n) / 128,
-which needs N a multiple of BLOCK_N). Output bf16/fp16; fused_experts_tma quantizes the down GEMM's input
-per token group between the GEMMs as on the Triton path.
+wgmma (pendings 0); here each wgmma writes a fresh fp32 partial (use_acc=False), and while the next wgmma runs
+the partition adds the previous finished partial into its sum, scaled by a_scale[row, k] * w_scale[e, n / 128,
+k]: two partials alternate and every warpgroup_mma_wait keeps one MMA in flight (pendings 1). gate_up
+interleaves its gate and up MMAs (gate k runs while up k - 1 is promoted, up k while gate k is), so its two
+sums and two partials are four register tiles; down alternates its two partials by K step (three tiles).
+The K loop is unrolled k_chunk steps at a time (a runtime loop over chunks, each ending with a wait of 0):
+ptxas serializes every wgmma when a partial in flight over a loop's back edge is read after a wait of 1
+(C7514; benchmarks/moe_gluon_ir.py repro-back-edge), and fully unrolled the steps' addresses spill. So the
+binary is specialized to K_TILES = ceil(K / 128) (two per model). Registers: the sums and partials take
+128 a thread at BLOCK_N 64 (the MMA partition has 240 with the load warpgroup cut to 24); BLOCK_N 128 would
+need 192 (down) or 256 (gate_up) and spills, so both GEMMs run 64-wide tiles (fp8 wgmma m64n64k32 from shared
+memory is near its shared-memory bandwidth: a register-A wgmma or a split 128-wide tile are the next steps).
+The scales are plain loads by the MMA partition, issued under the MMA of their step: a_scale's rows of the
+thread's accumulator (two a warp's 16 rows), w_scale one scalar a K step (BLOCK_N divides the 128-row scale
+block; gate_up's up tile is row block (N + n) / 128, which needs N a multiple of BLOCK_N). Output
+bf16/fp16; fused_experts_tma quantizes the down GEMM's input per token group between the GEMMs
+(per_token_group_quant) as on the Triton path.
 
 Gluon has no interpreter: tests/test_kernels_moe_gluon_fp8.py compiles this for sm90 on the CPU
-(benchmarks/moe_gluon_ir.py --fp8 prints the report); outputs are compared with the Triton path on a GPU.
+(benchmarks/moe_gluon_ir.py up|down --fp8 --k-tiles N prints the report); outputs are compared with the
+Triton path and grouped_gemm_fp8_ref on a GPU.
 """
 
 from __future__ import annotations
@@ -50,9 +60,9 @@ FP8_ACC_REGS = 128
 @gluon.jit
 def _after(x, dep):
     # x's values, as fresh registers defined after dep (an elementwise mov that ptxas coalesces away). The partial
-    # a wgmma overwrites (use_acc=False, still an in-out operand) goes through this with the main sum it was
-    # added to: else LLVM sinks that add below the wgmma, keeps the old partial alive in copies, and ptxas,
-    # seeing accumulator registers read while wgmmas run, serializes every wgmma (C7514, waits of pendings 0).
+    # a wgmma overwrites (use_acc=False, still an in-out operand) goes through this with the sum it was added
+    # to, so that the add stays above the wgmma: in a rolled loop LLVM sank it below, kept the old partial alive
+    # in copies, and ptxas serialized every wgmma (C7514). (Unrolled, the SASS is the same either way.)
     return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [x, dep], dtype=gl.float32, is_pure=True,
                                      pack=1)
 
