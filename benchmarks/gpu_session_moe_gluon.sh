@@ -7,10 +7,13 @@
 # other's numbers. Each mode starts with the smoke tests (one GEMM of a few tiles per config, one program): if
 # they fail or hang, that mode's long steps are skipped (a hang then costs SMOKE_S, not TEST_S + BENCH_S).
 # pytest-timeout (in the GPU image) ends a hung test after PER_TEST_S, printing its name and stack, and the
-# run goes on with the next step. Step limits: SMOKE_S / TEST_S / BENCH_S (60 / 120 / 170 s), each cut to what
-# is left of TOTAL_S (560 s: the run ends inside a 600 s device call whatever hangs). MODES="coop" or "pp" runs
-# one mode (two device calls, if one call's 560 s cuts the second mode's bench). Logs and the bench JSON under
-# $OUT, named by mode (the device tool brings back only names of letters, digits, '.', '_' and '-').
+# run goes on with the next step. Step limits: SMOKE_S / TEST_S / BENCH_S (60 / 120 (fp8: 200) / 170 s), each
+# cut to what is left of TOTAL_S (560 s: the run ends inside a 600 s device call whatever hangs). MODES="coop" or
+# "pp" runs one mode (two device calls, if one call's 560 s cuts the second mode's bench). MODES=fp8 (a device
+# call of its own): the FP8 block-scaled Gluon kernel (kernels/moe_gluon_fp8.py, tests/test_kernels_moe_gluon_fp8.py):
+# its smoke, its tests, then bench_moe_gluon.py --fp8 (old FP8 path vs Triton TMA FP8 vs Gluon FP8, fraction of
+# the FP8 floor). Logs and the bench JSON under $OUT, named by mode (the device tool brings back only names of
+# letters, digits, '.', '_' and '-').
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,19 +32,23 @@ step() {  # step LIMIT_S LOG CMD...: CMD under LIMIT_S (or what is left of TOTAL
 }
 
 for mode in ${MODES:-coop pp}; do
-  if [ $mode = coop ]; then sel="not pp"; gl=gluon,gluon64; else sel="pp"; gl=gluon_pp,gluon64_pp; fi
+  tests=tests/test_kernels_moe_gluon.py; fp8=(); test_s=120
+  if [ $mode = coop ]; then sel="not pp"; gl=gluon,gluon64
+  elif [ $mode = pp ]; then sel="pp"; gl=gluon_pp,gluon64_pp
+  else sel="gpu"; gl=gluon,gluon64,gluon64_pp; tests=tests/test_kernels_moe_gluon_fp8.py; fp8=(--fp8)
+    test_s=200; fi  # (fp8: the weights quantized per test, GLM-4.5-Air's too)
   echo "== $mode: GPU smoke tests -k 'smoke and $sel'"
-  step "${SMOKE_S:-60}" "$OUT/smoke_$mode.log" python3 -m pytest -v -rfE -m gpu tests/test_kernels_moe_gluon.py \
+  step "${SMOKE_S:-60}" "$OUT/smoke_$mode.log" python3 -m pytest -v -rfE -m gpu $tests \
     -k "smoke and $sel" ${TO[@]+"${TO[@]}"}
   rc=$?
   grep -E "PASSED|FAILED|ERROR|Timeout|passed|failed" "$OUT/smoke_$mode.log" | tail -25
   if ((rc != 0)); then echo "== $mode: smoke failed (rc $rc): its tests and bench skipped"; continue; fi
   echo "== $mode: GPU tests -k 'not smoke and $sel'"
-  step "${TEST_S:-120}" "$OUT/tests_$mode.log" python3 -m pytest -q -rfE -m gpu tests/test_kernels_moe_gluon.py \
+  step "${TEST_S:-$test_s}" "$OUT/tests_$mode.log" python3 -m pytest -q -rfE -m gpu $tests \
     -k "not smoke and $sel" ${TO[@]+"${TO[@]}"}
   tail -8 "$OUT/tests_$mode.log"
   echo "== $mode: bench $gl"
   step "${BENCH_S:-170}" "$OUT/bench_$mode.log" python3 benchmarks/bench_moe_gluon.py --m 1024,4096,16384 \
-    --gluon "$gl" --sweep --out "$OUT/$mode"
+    --gluon "$gl" --sweep ${fp8[@]+"${fp8[@]}"} --out "$OUT/$mode"
   grep -E "ceilings|moe_gluon|summary|Error|error" "$OUT/bench_$mode.log"
 done

@@ -268,7 +268,7 @@ def launch_args(
     CPU test that binds them as a launch would."""
     if a.dtype not in _GL_DTYPES or w.dtype != a.dtype or out.dtype != a.dtype:
         raise ValueError(f"the gluon MoE GEMM takes bf16/fp16 operands of one dtype, got {a.dtype}, {w.dtype}, "
-                         f"{out.dtype} (FP8 experts: leave the tma config's 'gluon' off)")
+                         f"{out.dtype} (FP8 experts: kernels/moe_gluon_fp8.py)")
     check_gluon_config(block_m, g, silu_mul, a.element_size())
     for name, t in (("activations", a), ("weights", w), ("output", out)):  # TMA: else an assert in the descriptor
         if t.stride(1) != 1 or t.stride(0) * t.element_size() % 16 or t.data_ptr() % 16:
@@ -307,7 +307,7 @@ def moe_gemms_gluon(
 ) -> torch.Tensor:
     """fused_experts_tma's two GEMMs on the Gluon kernel; the per-row (unweighted) outputs [rows, H]."""
     if fp8:
-        raise ValueError("the gluon MoE GEMM is bf16/fp16 only: drop 'gluon' from the FP8 table's tma entry")
+        raise ValueError("the gluon MoE GEMM is bf16/fp16 only: FP8 experts take kernels/moe_gluon_fp8.py")
     num_experts, h, inter = w2.shape
     bm = cfg["BLOCK_M"]
     grouped_gemm_gluon(a_perm, w13.view(num_experts * 2 * inter, h), act, expert_ids, num_post_pad, inter,

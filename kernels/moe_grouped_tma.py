@@ -147,6 +147,7 @@ def fused_experts_tma(
     topk_weights: torch.Tensor,  # [num_tokens, top_k] fp32
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int, -1 = slot not handled here
     cfg: dict,  # a config's "tma" entry: BLOCK_M, up / down {TMA_GEMM_KEYS}; "gluon": 1 takes kernels/moe_gluon.py
+    # (FP8: kernels/moe_gluon_fp8.py)
     num_sms: int | None = None,
     w13_scale: torch.Tensor | None = None,  # FP8: [E, ceil(2I/128), ceil(H/128)] fp32
     w2_scale: torch.Tensor | None = None,  # FP8: [E, ceil(H/128), ceil(I/128)] fp32
@@ -163,6 +164,11 @@ def fused_experts_tma(
     a_perm, inv, a_scale = permute_tokens(x, sorted_ids, num_post_pad, top_k, x_scale)  # [rows, H]
     rows = a_perm.shape[0]
     act = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
+    if cfg.get("gluon") and fp8:  # the FP8 block-scaled Gluon kernel (kernels/moe_gluon_fp8.py), same flow
+        from kernels.moe_gluon_fp8 import moe_gemms_gluon_fp8
+        y = moe_gemms_gluon_fp8(a_perm, a_scale, act, w13, w13_scale, w2, w2_scale, expert_ids, num_post_pad, cfg,
+                                num_sms)
+        return unpermute_sum(y, inv, topk_weights, topk_ids)
     if cfg.get("gluon"):  # the warp-specialized Gluon kernel (kernels/moe_gluon.py), bf16/fp16, from a tuned table
         from kernels.moe_gluon import moe_gemms_gluon
         y = moe_gemms_gluon(a_perm, act, w13, w2, expert_ids, num_post_pad, cfg, num_sms, fp8)

@@ -160,7 +160,7 @@ def test_defaults_leave_gluon_off_and_fit():
 
 def test_fused_experts_dispatches_to_gluon():
     # a table's tma entry with "gluon" takes the Gluon kernel: on the CPU that is a clear error (no interpreter),
-    # after the align and the permute ran; FP8 experts are refused the same way
+    # after the align and the permute ran; FP8 experts take kernels/moe_gluon_fp8.py, which wants BLOCK_K 128
     x, weights, ids = tiny_moe_inputs(40, 4, 64, 2, seed=0)
     w13, w2 = torch.randn(4, 64, 64).half(), torch.randn(4, 64, 32).half()
     gl_cfg = default_gluon_config()
@@ -168,9 +168,12 @@ def test_fused_experts_dispatches_to_gluon():
     with pytest.raises(ValueError, match="only on an NVIDIA GPU"):
         fused_experts(x, w13, w2, weights, ids, config=cfg)
     s13 = torch.ones(4, 1, 1)
-    with pytest.raises(ValueError, match="bf16/fp16 only"):
+    with pytest.raises(ValueError, match="only on an NVIDIA GPU"):
         fused_experts_tma(x, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), weights, ids,
                           cfg["tma"], w13_scale=s13, w2_scale=s13)
+    from kernels.moe_gluon import moe_gemms_gluon
+    with pytest.raises(ValueError, match="moe_gluon_fp8"):
+        moe_gemms_gluon(x, x, w13, w2, ids, ids, cfg["tma"], None, True)
 
 
 # ------------------------------------------------------------------------------------------- GPU
