@@ -6,6 +6,8 @@
 #     apart under their own timeouts, then old path vs Triton TMA vs Gluon at M=1024/4096/16384). If a Gluon config
 #     wins, put "gluon": 1 and its tiles into the H200 bf16 table's "tma" entry by hand (tune_moe_tma.py does not
 #     know the key) and re-run bench_e2e's prefill8k.
+#   phase D (~7 min): the FP8 block-scaled Gluon grouped GEMM (kernels/moe_gluon_fp8.py, session 11, never run):
+#     `MODES=fp8 bash benchmarks/gpu_session_moe_gluon.sh` (smoke, tests, old FP8 vs Triton TMA FP8 vs Gluon FP8).
 #   phase B (~6 min): the Gluon FA3-style prefill attention (kernels/attention/prefill_gluon.py, session 11, never
 #     run on a GPU): its GPU test, then bench_attention Triton vs Gluon vs SDPA.
 #   phase C (~2 min): MoE align with the SCAN's one-pass last program (session 11) against the two-pass module it
@@ -76,6 +78,9 @@ runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMM
 fi
 if [[ $PHASES == *A* ]]; then
   bash benchmarks/gpu_session_moe_gluon.sh
+fi
+if [[ $PHASES == *D* ]]; then
+  MODES=fp8 bash benchmarks/gpu_session_moe_gluon.sh
 fi
 if [[ $PHASES == *B* ]]; then
   # a wrong barrier phase or byte count hangs rather than fails: each Gluon launch in the tests ends the process
