@@ -17,10 +17,10 @@ binary is specialized to K_TILES = ceil(K / 128) (two per model). Registers: the
 128 a thread at BLOCK_N 64 (the MMA partition has 240 with the load warpgroup cut to 24); BLOCK_N 128 would
 need 192 (down) or 256 (gate_up) and spills, so both GEMMs run 64-wide tiles (fp8 wgmma m64n64k32 from shared
 memory is near its shared-memory bandwidth: a register-A wgmma or a split 128-wide tile are the next steps).
-The scales are plain loads by the MMA partition, issued under the MMA of their step: a_scale's rows of the
-thread's accumulator (two a warp's 16 rows), w_scale one scalar a K step (BLOCK_N divides the 128-row scale
-block; gate_up's up tile is row block (N + n) / 128, which needs N a multiple of BLOCK_N). Output
-bf16/fp16; fused_experts_tma quantizes the down GEMM's input per token group between the GEMMs
+The scales are plain loads by the MMA partition, issued a K step ahead (under the previous step's MMAs):
+a_scale's rows of the thread's accumulator (two a warp's 16 rows), w_scale one scalar a K step (BLOCK_N
+divides the 128-row scale block; gate_up's up tile is row block (N + n) / 128, which needs N a multiple of BLOCK_N).
+Output bf16/fp16; fused_experts_tma quantizes the down GEMM's input per token group between the GEMMs
 (per_token_group_quant) as on the Triton path.
 
 Gluon has no interpreter: tests/test_kernels_moe_gluon_fp8.py compiles this for sm90 on the CPU
@@ -69,7 +69,8 @@ def _after(x, dep):
 
 @gluon.jit
 def _fp8_steps(k0, pos, acc, acc_up, x, y, a_bufs, w_bufs, ready_bars, empty_bars, as_ptrs, ws_ptr, wsu_ptr,
-               SILU_MUL: gl.constexpr, FIRST: gl.constexpr, RING: gl.constexpr, NSTEPS: gl.constexpr):
+               a_n, w_n, wu_n, SILU_MUL: gl.constexpr, FIRST: gl.constexpr, RING: gl.constexpr,
+               NSTEPS: gl.constexpr, K_TILES: gl.constexpr):
     # K steps k0 .. k0 + NSTEPS - 1 (ring position pos + k), straight-line (gl.static_range), their wgmma
     # waits keeping one MMA in flight, all of them finished, promoted and their stages released at the end.
     # Straight-line because ptxas cannot follow wgmma groups across a loop's back edge: a partial read there
@@ -78,10 +79,13 @@ def _fp8_steps(k0, pos, acc, acc_up, x, y, a_bufs, w_bufs, ready_bars, empty_bar
     # x, y: the two partials. SILU_MUL: x takes every gate MMA, y every up MMA, interleaved (gate k, then up
     # k - 1 promoted under it; up k, then gate k promoted under it): four register tiles with the sums, not
     # six. Else they alternate by K step (renamed at compile time), the previous step's promoted under this one.
+    # a_n, w_n, wu_n: step k0's scales, loaded a step ahead (a load issued under its own step's gate MMA, ~500
+    # cycles from L2, came back after that ~130-cycle m64n64k128 wgmma and held up its promotion); returned: step
+    # k0 + NSTEPS's (the last step's again at the end of K: no load past the scale rows)
     W_PER_STAGE: gl.constexpr = 2 if SILU_MUL else 1
-    a_s = gl.load(as_ptrs + k0)  # (placeholders until the first step sets them)
-    w_s = gl.load(ws_ptr + k0)
-    wu_s = w_s
+    a_s = a_n  # (placeholders until the first step sets them)
+    w_s = w_n
+    wu_s = wu_n
     for i in gl.static_range(NSTEPS):
         k = k0 + i
         s = FIRST + (pos + k) % RING
@@ -90,10 +94,14 @@ def _fp8_steps(k0, pos, acc, acc_up, x, y, a_bufs, w_bufs, ready_bars, empty_bar
         # x's last partial is in acc (_after: not before that add); use_acc=False: its registers are not read
         x = warpgroup_mma(a, w_bufs.index(s * W_PER_STAGE).permute((1, 0)), _after(x, acc), use_acc=False,
                           is_async=True)
-        a_s_cur = gl.load(as_ptrs + k)  # this step's scales load under its MMAs
-        w_s_cur = gl.load(ws_ptr + k)
+        a_s_cur = a_n  # this step's scales (loaded a step ahead); the next step's load under this step's MMAs
+        w_s_cur = w_n
+        k_next = gl.minimum(k + 1, K_TILES - 1)
+        a_n = gl.load(as_ptrs + k_next)
+        w_n = gl.load(ws_ptr + k_next)
         if SILU_MUL:
-            wu_s_cur = gl.load(wsu_ptr + k)
+            wu_s_cur = wu_n
+            wu_n = gl.load(wsu_ptr + k_next)
             if i > 0:  # the previous step's up MMA is done (so is its stage): promote it
                 x, y = warpgroup_mma_wait(1, deps=(x, y))
                 mbarrier.arrive(empty_bars.index(FIRST + (pos + k - 1) % RING))
@@ -118,7 +126,7 @@ def _fp8_steps(k0, pos, acc, acc_up, x, y, a_bufs, w_bufs, ready_bars, empty_bar
         acc_up += y * (a_s * wu_s)[:, None]
     else:
         acc += y * (a_s * w_s)[:, None]
-    return acc, acc_up, x, y
+    return acc, acc_up, x, y, a_n, w_n, wu_n
 
 
 @gluon.jit
@@ -150,13 +158,18 @@ def _fp8_mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars,
         acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         x = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
         y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+        a_n = gl.load(as_ptrs)  # the first K step's scales (then each step loads the next's)
+        w_n = gl.load(ws_ptr)
+        wu_n = gl.load(wsu_ptr) if SILU_MUL else w_n
         for c in range(K_TILES // K_CHUNK):
-            acc, acc_up, x, y = _fp8_steps(c * K_CHUNK, pos, acc, acc_up, x, y, a_bufs, w_bufs, ready_bars,
-                                           empty_bars, as_ptrs, ws_ptr, wsu_ptr, SILU_MUL, FIRST, RING, K_CHUNK)
+            acc, acc_up, x, y, a_n, w_n, wu_n = _fp8_steps(c * K_CHUNK, pos, acc, acc_up, x, y, a_bufs, w_bufs,
+                                                           ready_bars, empty_bars, as_ptrs, ws_ptr, wsu_ptr, a_n, w_n,
+                                                           wu_n, SILU_MUL, FIRST, RING, K_CHUNK, K_TILES)
         if K_TILES % K_CHUNK:
-            acc, acc_up, x, y = _fp8_steps(K_TILES // K_CHUNK * K_CHUNK, pos, acc, acc_up, x, y, a_bufs, w_bufs,
-                                           ready_bars, empty_bars, as_ptrs, ws_ptr, wsu_ptr, SILU_MUL, FIRST, RING,
-                                           K_TILES % K_CHUNK)
+            acc, acc_up, x, y, a_n, w_n, wu_n = _fp8_steps(K_TILES // K_CHUNK * K_CHUNK, pos, acc, acc_up, x, y,
+                                                           a_bufs, w_bufs, ready_bars, empty_bars, as_ptrs, ws_ptr,
+                                                           wsu_ptr, a_n, w_n, wu_n, SILU_MUL, FIRST, RING,
+                                                           K_TILES % K_CHUNK, K_TILES)
         pos += K_TILES
         if SILU_MUL:
             # silu(g) * u = g * u / (1 + e^-g)
