@@ -291,15 +291,15 @@ def _variants() -> dict[str, dict]:
 def test_gluon_fp8_gemm_smoke_gpu(variant, kind, num_blocks):
     # the first GPU step (benchmarks/gpu_session_moe_gluon.sh MODES=fp8, under a short timeout): one GEMM of a few
     # tiles, one program (num_sms 1) looping over all of them, so the rings wrap several laps and, in ping-pong,
-    # both MMA partitions take tiles in turn; K 656 = 5 x 128 + 16 (6 K steps: up 3 unrolled chunks of 2, down
-    # one of 4 and a tail of 2); N 192 for up (its up rows start mid scale block), 176 for down (a tail tile);
-    # a fourth row block past num_post_pad (expert -1) and num_blocks 0 (no tile: nothing written, no hang).
+    # both MMA partitions take tiles in turn; K 784 = 6 x 128 + 16 (7 K steps: up two unrolled chunks of 3 and a
+    # tail of 1, down one of 4 and a tail of 3); N 192 for up (its up rows start mid scale block), 176 for down (a
+    # tail tile); a fourth row block past num_post_pad (expert -1) and num_blocks 0 (no tile: nothing written, no hang).
     # The output is the left N columns of a wider NaN-filled buffer: the TMA store must clip the rest.
     from kernels.fp8 import per_token_group_quant
     from kernels.moe_gluon_fp8 import grouped_gemm_gluon_fp8
     cfg = _variants()[variant]
     bm, g, silu_mul = cfg["BLOCK_M"], cfg[kind], kind == "up"
-    num_experts, k = 3, 656
+    num_experts, k = 3, 784
     n = 192 if silu_mul else 176
     w_rows = 2 * n if silu_mul else n
     torch.manual_seed(0)
