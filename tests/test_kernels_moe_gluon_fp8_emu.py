@@ -251,3 +251,11 @@ def test_emulated_fp8_kernel_matches_reference(variant, kind, k_steps):
     assert out[rows:].isnan().all()  # the block past num_post_pad: no tile
     err = ((out[:rows] - ref).norm() / ref.norm()).item()
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("variant", list(_variants()))
+def test_emulated_fp8_kernel_without_tiles_writes_nothing(variant):
+    # num_post_pad 0 (every slot on another rank): no tile, nothing written, every partition returns
+    cfg = _variants()[variant]
+    out, _ = run_emulated(cfg["BLOCK_M"], cfg["up"], True, 384, 192, [0, 0], 0)
+    assert out.isnan().all()
