@@ -57,6 +57,18 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def _store_tile(acc, acc_up, c_smem, out_desc, off_m, off_n, SILU_MUL: gl.constexpr):
+    # a tile's epilogue: SiLU-and-mul for the gate_up GEMM (silu(g) * u = g * u / (1 + e^-g)), then the TMA store
+    # through c_smem, once the previous tile's store has read it
+    if SILU_MUL:
+        acc = acc * acc_up / (1.0 + gl.exp2(acc * -1.4426950408889634))
+    tma.store_wait(0)
+    c_smem.store(acc.to(out_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(out_desc, [off_m, off_n], c_smem)
+
+
+@gluon.jit
 def _load_partition(a_desc, w_desc, a_bufs, w_bufs, ready_bars, empty_bars, expert_ids_ptr, num_post_pad_ptr,
                     N, W_ROWS, SILU_MUL: gl.constexpr, GROUP_M: gl.constexpr, NUM_SMS: gl.constexpr,
                     NUM_PARTS: gl.constexpr):
@@ -138,13 +150,7 @@ def _mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars, num
         else:
             acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(empty_bars.index(FIRST + (pos + RING - 1) % RING))
-        if SILU_MUL:
-            # silu(g) * u = g * u / (1 + e^-g)
-            acc = acc * acc_up / (1.0 + gl.exp2(acc * -1.4426950408889634))
-        tma.store_wait(0)  # the previous tile's store has read c_smem
-        c_smem.store(acc.to(out_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], c_smem)
+        _store_tile(acc, acc_up, c_smem, out_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, SILU_MUL)
     tma.store_wait(0)
 
 

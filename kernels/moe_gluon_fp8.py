@@ -35,7 +35,6 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -48,6 +47,7 @@ from kernels.moe_gluon import (
     _GL_DTYPES,
     SHARED_LIMIT,
     _load_partition,
+    _store_tile,
     _tile_coords,
     check_gluon_config,
     launch_meta,
@@ -171,13 +171,7 @@ def _fp8_mma_partition(out_desc, a_bufs, w_bufs, c_bufs, ready_bars, empty_bars,
                                                            wsu_ptr, a_n, w_n, wu_n, SILU_MUL, FIRST, RING,
                                                            K_TILES % K_CHUNK, K_TILES)
         pos += K_TILES
-        if SILU_MUL:
-            # silu(g) * u = g * u / (1 + e^-g)
-            acc = acc * acc_up / (1.0 + gl.exp2(acc * -1.4426950408889634))
-        tma.store_wait(0)  # the previous tile's store has read c_smem
-        c_smem.store(acc.to(out_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [pid_m * BLOCK_M, pid_n * BLOCK_N], c_smem)
+        _store_tile(acc, acc_up, c_smem, out_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, SILU_MUL)
     tma.store_wait(0)
 
 

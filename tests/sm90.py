@@ -13,6 +13,28 @@ from typing import Any
 
 import pytest
 
+# a probe's first lines where it launches a kernel through Triton's JIT (warmup only, nothing runs): the active
+# driver a launch asks for its target, device and stream, standing in for an H100/H200
+SM90_DRIVER_PRELUDE = """import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class SM90:  # the active driver a launch asks for its target, device and stream: an H100/H200, no GPU here
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+driver.set_active(SM90())
+"""
+
 
 def run_sm90_probe(probe: str, timeout_s: int = 300) -> Any:
     """Run probe (Python source) with TRITON_INTERPRET unset and the repo on the path; its last line, parsed.

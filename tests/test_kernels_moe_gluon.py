@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.sm90 import run_sm90_probe
+from tests.sm90 import SM90_DRIVER_PRELUDE, run_sm90_probe
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -70,25 +70,7 @@ def test_gluon_gemm_compiles_for_sm90_warp_specialized(block_m, pingpong):
         assert len(r["named_barriers"]) == parts and {n for _, n in r["named_barriers"]} == {threads}, r
 
 
-_LAUNCH_PROBE = """
-import json
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-
-
-class SM90:  # the active driver a launch asks for its target, device and stream: an H100/H200, no GPU here
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-driver.set_active(SM90())
+_LAUNCH_PROBE = SM90_DRIVER_PRELUDE + """
 from kernels.moe_gluon import _grouped_gemm_ws_kernel, default_gluon_config, launch_args
 
 num_experts, hidden, inter, rows, bm = 8, 2048, 768, 1024, 128

@@ -193,7 +193,7 @@ def _emulated_kernel():
                                            MBarrierLayout=lambda: None),
          "tma": types.SimpleNamespace(async_copy_global_to_shared=_tma_load, async_copy_shared_to_global=_tma_store,
                                       store_wait=lambda n: None)}
-    for mod, names in ((moe_gluon, ("_tile_coords", "_load_partition")),
+    for mod, names in ((moe_gluon, ("_tile_coords", "_load_partition", "_store_tile")),
                        (moe_gluon_fp8, ("_after", "_fp8_steps", "_fp8_mma_partition", "_grouped_gemm_fp8_ws_kernel"))):
         for name in names:
             fn = getattr(mod, name).fn
