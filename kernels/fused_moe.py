@@ -405,13 +405,6 @@ def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
     return sorted(c for c in counts if c <= max_tokens)
 
 
-def received_rows_warmup_counts(max_rows: int, top_k: int) -> list[int]:
-    """Under expert parallelism the local experts get the rows the all2all delivered, 0 .. max_rows whatever the
-    step's token count (0 launches nothing): the row counts at which each rank runs them once at start-up, by
-    warmup_token_counts' rule over that range, so every (BLOCK_M, align plan) variant up to max_rows is met."""
-    return warmup_token_counts(max_rows, top_k)
-
-
 def experts_workspace_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, num_experts: int, itemsize: int,
                             config: dict, fp8: bool) -> int:
     """Bytes a fused_experts call on num_tokens rows allocates on its align path (the GEMV path takes less; the

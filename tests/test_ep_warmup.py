@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.fused_moe import received_rows_warmup_counts, warmup_token_counts
+from kernels.fused_moe import warmup_token_counts
 from kernels.moe_config import default_config, get_moe_config
 from runtime.distributed.all2all import AllGatherBackend, LocalBackend
 from runtime.distributed.all2all_sparse import SparseBackend
@@ -61,7 +61,7 @@ def test_max_received_rows() -> None:
 def _check_received_rows_covered(num_experts: int, top_k: int, max_rows: int, config_for: Any) -> set:
     # every count a rank can receive compiles nothing the local warmup did not; returns the variants needed
     need = _align_variants(range(1, max_rows + 1), num_experts, top_k, config_for)
-    have = _align_variants(received_rows_warmup_counts(max_rows, top_k), num_experts, top_k, config_for)
+    have = _align_variants(warmup_token_counts(max_rows, top_k), num_experts, top_k, config_for)
     assert need - have == set()
     return need
 
@@ -139,7 +139,7 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
     model = _tiny_model(2, SparseBackend(_parallel(2), 16, 64))
     calls = ExpertCalls(model)
     (layer,) = ep_expert_layers(model)  # two MoE layers, one shape
-    want = received_rows_warmup_counts(2 * 64, 4)
+    want = warmup_token_counts(2 * 64, 4)
     assert warmup_row_counts(layer, 64, None) == (want, [])
     # the memory plan's share for the experts: the largest received step (2 ranks x 64 tokens), not 64 rows
     assert ep_experts_bytes(model, 64) == warmup_bytes(layer, 128) > warmup_bytes(layer, 64)
@@ -174,7 +174,7 @@ def test_warmup_rows_through_triton_experts() -> None:
     from runtime.engine.expert_warmup import ep_expert_layers, received_rows, warm_local_experts
 
     model = _tiny_model(2, SparseBackend(_parallel(2), 16, 8), torch.float16, use_triton=True)
-    assert warm_local_experts(model, 8) == received_rows_warmup_counts(16, 4)
+    assert warm_local_experts(model, 8) == warmup_token_counts(16, 4)
     (layer,) = ep_expert_layers(model)
     hidden, weights, ids = received_rows(layer, 13)
     out = layer.experts(hidden, weights, ids)
@@ -252,7 +252,7 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
         assert r0["bound"] == bound, name
         assert r0["received"] == r0["bound"]  # every token routed to rank 0: the bound is what arrives
         assert results[1][name]["received"] <= r0["bound"]
-        want = received_rows_warmup_counts(r0["bound"], 2)
+        want = warmup_token_counts(r0["bound"], 2)
         assert r0["counts"] == want
         # one layer of the two (one shape), every count once, int32 local ids in [-1, 4 local experts)
         assert len({c[0] for c in r0["calls"]}) == 1 and [c[1] for c in r0["calls"]] == want

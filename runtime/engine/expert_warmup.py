@@ -7,7 +7,8 @@ max_received_rows(T) however many tokens the step has, and the collective warmup
 counts: its rows are all padding (slot -1, ids -1), routed nowhere, so a dynamic exchange delivers 0 rows (the
 experts launch nothing) and a static one its ep x C(T) empty slots. The rest would compile while serving, every
 rank stalled in lockstep. So each rank then calls its experts alone, on dummy received rows, at every count of
-received_rows_warmup_counts up to that bound. No collective runs: the ranks need not agree on anything.
+warmup_token_counts up to that bound (the same rule: rows in place of tokens). No collective runs: the ranks need
+not agree on anything.
 
 CUDA graphs need nothing here: a captured step's exchange has fixed blocks (the sparse backend's static
 mode: ep x C(T) rows; allgather: ep x chunk), so the experts inside compiled at capture and a replay never
@@ -23,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from kernels.fused_moe import experts_workspace_bytes, received_rows_warmup_counts
+from kernels.fused_moe import experts_workspace_bytes, warmup_token_counts
 from kernels.moe_align import align_plan
 from kernels.moe_config import get_moe_config
 from models.moe import MoE
@@ -79,11 +80,11 @@ def _variant(layer: MoE, num_rows: int) -> tuple[str, tuple[int, int, bool] | No
 
 
 def warmup_row_counts(layer: MoE, max_num_tokens: int, reserve_bytes: int | None) -> tuple[list[int], list[int]]:
-    """(counts to run, counts left out): received_rows_warmup_counts up to the dispatcher's bound for steps of up
-    to max_num_tokens tokens, cut before the first whose call would allocate more than reserve_bytes (None: no
-    limit)."""
+    """(counts to run, counts left out): warmup_token_counts' rule over received rows (0 launches nothing) up to
+    the dispatcher's bound for steps of up to max_num_tokens tokens, cut before the first whose call would allocate
+    more than reserve_bytes (None: no limit)."""
     assert layer.dispatcher is not None
-    counts = received_rows_warmup_counts(layer.dispatcher.max_received_rows(max_num_tokens), layer.top_k)
+    counts = warmup_token_counts(layer.dispatcher.max_received_rows(max_num_tokens), layer.top_k)
     fits = [reserve_bytes is None or warmup_bytes(layer, n) <= reserve_bytes for n in counts]
     num_run = fits.index(False) if False in fits else len(counts)
     return counts[:num_run], counts[num_run:]
