@@ -150,13 +150,16 @@ def bench(num_ranks: int, mode: str, work_us: float, args: argparse.Namespace) -
                                   cwd=ROOT, env=env) for r in range(num_ranks)]
         try:
             deadline = time.monotonic() + args.timeout_s
-            while not all(os.path.exists(p) for p in results):
+            coordinator_up = False  # its first stats push: its SIGTERM handler is in place (before that, SIGTERM
+            # kills it without the Shutdown the ranks wait for; free-running ranks can finish that early)
+            while not (coordinator_up and all(os.path.exists(p) for p in results)):
                 if time.monotonic() > deadline or any(p.poll() is not None for p in [coord, *ranks]):
                     with open(log_path) as f:
                         sys.stderr.write(f.read()[-3000:])
                     raise RuntimeError(f"N={num_ranks} {mode}: no result in {args.timeout_s}s or a process died")
                 while front.poll(0):
                     front.recv()
+                    coordinator_up = True
                 time.sleep(0.05)
             coord.send_signal(signal.SIGTERM)  # it sends every rank Shutdown
             for p in [coord, *ranks]:
