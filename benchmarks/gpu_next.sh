@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-11-30's session 11 (issues 16, 17). One H200 unless said; PHASES picks (default
-# A); each phase fits one call (< 10 min: one phase a call). Copy tables only where the printed numbers say they won.
-#   phase A (~8 min): the Gluon warp-specialized grouped GEMM for the large-M MoE (kernels/moe_gluon.py, session 11,
-#     never run on a GPU): `bash benchmarks/gpu_session_moe_gluon.sh` (its GPU tests, cooperative and ping-pong
-#     apart under their own timeouts, then old path vs Triton TMA vs Gluon at M=1024/4096/16384). If a Gluon config
-#     wins, put "gluon": 1 and its tiles into the H200 bf16 table's "tma" entry by hand (tune_moe_tma.py does not
-#     know the key) and re-run bench_e2e's prefill8k.
-#   phase D (~7 min): the FP8 block-scaled Gluon grouped GEMM (kernels/moe_gluon_fp8.py, session 11, never run):
-#     `MODES=fp8 bash benchmarks/gpu_session_moe_gluon.sh` (smoke, tests, old FP8 vs Triton TMA FP8 vs Gluon FP8).
-#   phase B (~6 min): the Gluon FA3-style prefill attention (kernels/attention/prefill_gluon.py, session 11, never
-#     run on a GPU): its GPU test, then bench_attention Triton vs Gluon vs SDPA.
+# The next device calls after 2026-11-30's session 12 (issues 16, 17). One H200 unless said; PHASES picks (default
+# E); each phase fits one call (< 10 min: one phase a call). Copy tables only where the printed numbers say they won.
+# Session 12 (4.5 min of device time) ran the Gluon kernels' smoke tests and kernel benches and adopted them from
+# those numbers alone: the MoE GEMMs at M >= 4096 (Qwen3-30B-A3B tables), the prefill attention from 2048 query
+# tokens (H200 attention table, GLUON_MIN_Q). Nothing end to end has run with them on.
+#   phase E (~7 min): the prefill with the Gluon kernels on (the tables) / off (benchmarks/gluon_off.py drops their
+#     Gluon entries in-process), one 8k chunk, bf16 and FP8 (experts + KV); then the 8k chunk over a 120k cached
+#     prefix (issue 17: >= 0.60 of the matmul rate), bf16 and FP8 KV (its fp16 scratch now on the Gluon kernel), on /
+#     off. If "off" wins a row, take that table entry back out.
+#   phase F (~6 min): 128k end to end with the Gluon prefill on: TTFT of a 131k prompt in 8k chunks, decode B=1/16
+#     at ctx 128k, bf16 and FP8 KV (E2E=1 bash benchmarks/gpu_long_context.sh's engine rows; session 9 for before).
+#   phase G (~8 min): the Gluon kernels' full GPU tests (session 12 ran only their smoke tests, and 67 of the
+#     attention tests): tests/test_kernels_moe_gluon.py -k "not pp", tests/test_kernels_moe_gluon_fp8.py,
+#     tests/test_attention_gluon.py -k "split1 or default" (each under its own timeout).
+#   phase A / D: the Gluon MoE GEMM benches with --sweep (`bash benchmarks/gpu_session_moe_gluon.sh`, MODES=coop /
+#     fp8): a tile better than the default goes into the tables' "tma" entry; M=1024 and 2048 were not measured
+#     (the tables' min_rows 32768 = 4096 tokens x top-8: lower it if Gluon wins there).
+#   phase B (~6 min): the Gluon attention tests per variant, then bench_attention Triton vs Gluon vs SDPA incl. extend.
 #   phase C (~2 min): MoE align with the SCAN's one-pass last program (session 11) against the two-pass module it
 #     replaced (bench_align --baseline), 128 and 160 experts; re-tune SCAN_CHUNKS from the scan / noscan columns.
 #   phase 2 (~8 min): the kernel half of the GPU tests, four pytest-xdist workers (session 11 ran 85 of 236 in 500 s
@@ -22,13 +29,16 @@
 #   phase 6 (~3 min): the B=1 qkv projection on our GEMV instead of cuBLAS in the PDL chain (cuBLAS takes no part
 #     in PDL): the step with cuBLAS, then with two GEMV tiles forced for n5120_k2048 at M=1.
 #   phase 1 (~5 min, low priority): the MoE GEMV at M=2,4,8 with 16-bit K steps of 1024-2048, then the step at B=1/8.
-# Session 11 settled: FUSED_FP8_DOT stays off (lost at B=1/64), the fused decode prologue's cap is 256 rows.
+# Settled: FUSED_FP8_DOT stays off (session 11), the fused decode prologue's cap is 256 rows; Gluon ping-pong MoE
+# lost to the cooperative kernel (session 12).
+# Files the device lacks, made here before a call (ignored, carried): .wheelhouse (../shared/device/wheelhouse.sh,
+# plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema pytest-xdist 2>&1 | tail -1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-PHASES=${PHASES:-A}
+PHASES=${PHASES:-E}
 if [[ $PHASES == *1* ]]; then
   timeout 200 python3 benchmarks/tune_moe.py --gemv --shapes qwen3 --m 2,4,8 --dtypes bf16 --jobs 16 \
     --out $OUT/gemv 2>&1 | grep -E "qwen3|summary" | tail -12
@@ -75,6 +85,30 @@ sys.argv = ['bench_e2e.py', '--no-hf', '--batch-sizes', '1', '--prefill', '1024'
             '--out', '$OUT/e2e_qkv_gemv.json']
 runpy.run_path('benchmarks/bench_e2e.py', run_name='__main__')" 2>&1 | grep SUMMARY | sed "s/^/qkv=$tile /"
   done
+fi
+if [[ $PHASES == *E* ]]; then
+  for q in bf16 fp8; do
+    QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8 --kv-cache-dtype fp8"
+    for mode in on off; do
+      RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
+      timeout 150 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 8192 --steps 5 $QARGS \
+        --out $OUT/e2e_prefill_${q}_$mode.json 2>&1 | grep -E "^ours prefill" | sed "s/^/$q gluon $mode: /"
+    done
+  done
+  for mode in on off; do
+    RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
+    timeout 120 "${RUN[@]}" benchmarks/bench_attention.py --ctxs "" --no-prefill --extend 8192:122880 \
+      --kv-dtypes bf16,fp8 --out $OUT/extend_$mode 2>&1 | grep -E "^attn extend" | sed "s/^/gluon $mode: /"
+  done
+fi
+if [[ $PHASES == *F* ]]; then
+  E2E=1 OUT=$OUT/long timeout 500 bash benchmarks/gpu_long_context.sh 2>&1 | grep -E "^ours|SUMMARY" | tail -12
+fi
+if [[ $PHASES == *G* ]]; then
+  TO=(--timeout 60 --timeout-method thread)
+  timeout 200 python3 -m pytest -q -m gpu tests/test_kernels_moe_gluon.py -k "not pp" "${TO[@]}" -rf 2>&1 | tail -4
+  timeout 150 python3 -m pytest -q -m gpu tests/test_kernels_moe_gluon_fp8.py "${TO[@]}" -rf 2>&1 | tail -4
+  timeout 150 python3 -m pytest -q -m gpu tests/test_attention_gluon.py -k "split1 or default" -rf 2>&1 | tail -4
 fi
 if [[ $PHASES == *A* ]]; then
   bash benchmarks/gpu_session_moe_gluon.sh

@@ -151,8 +151,10 @@ def test_bad_gluon_config_says_which_key(g, match):
 def test_gluon_is_off_unless_set():
     assert gluon_config(default_prefill_config(128)) is None and gluon_config({"gluon": 0}) is None
     assert gluon_config({"gluon": 1}) == GLUON_DEFAULTS and gluon_config({"gluon": {"num_stages": 3}})["BLOCK_N"] == 128
-    for path in Path(CONFIG_DIR).glob("attention_*.json"):  # no tuned table turns it on
-        assert all(not c.get("gluon") for c in json.loads(path.read_text()).get("prefill", {}).values()), path
+    for path in Path(CONFIG_DIR).glob("attention_*.json"):  # a table turns it on with tiles it checks and from a
+        # measured query length (H200: from 2048 tokens; the Triton kernel was ahead at 1024)
+        for c in json.loads(path.read_text()).get("prefill", {}).values():
+            assert not c.get("gluon") or gluon_config(c) and c.get("GLUON_MIN_Q", 0) > 0, path
     # BLOCK_N 128 with 3 stages fits only because the output leaves through q's buffer (no layout-change scratch)
     assert shared_bytes(gluon_config({"gluon": {"num_stages": 3}}), 128) <= SHARED_LIMIT
     gluon_config({"gluon": {"num_stages": 4}}, head_dim=256)  # a head_dim it does not run: the Triton kernel, no error
@@ -208,6 +210,36 @@ def test_gluon_key_falls_back_to_triton_where_it_does_not_run():
     assert torch.equal(out, paged_attention_prefill(*args, config=cfg)) and out[-2:].abs().max() == 0
     with pytest.raises(ValueError, match="BLOCK_N 32"):
         paged_attention_prefill(*args, config={**cfg, "gluon": {"BLOCK_N": 32}})
+
+
+def test_gluon_runs_from_gluon_min_q_and_on_the_fp8_scratch(monkeypatch):
+    # which calls take the Gluon kernel (no interpreter: a stand-in with its contract records each call and answers
+    # with the Triton kernel): a query of GLUON_MIN_Q tokens or more; an FP8 cache's scratch too, with q in fp16,
+    # k_scale folded into the softmax scale and v_scale applied to its output, as the Triton kernel applies them
+    import kernels.attention.prefill as prefill
+    plain = default_prefill_config(64)
+    calls = []
+
+    def stand_in(q, k_cache, v_cache, cu, lens, tables, scale, max_q, g):
+        calls.append((q.dtype, k_cache.dtype, scale, max_q))
+        return paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, max_q, config=plain)
+
+    monkeypatch.setattr(prefill, "gluon_supported", gluon_fits)  # (its shape rules, without the sm90 check)
+    monkeypatch.setattr(prefill, "paged_attention_prefill_gluon", stand_in)
+    q, k_cache, v_cache, cu, lens, tables = _inputs([5, 20], [5, 33], 4, 2, 16, torch.float16, "cpu", head_dim=64)
+    cfg = {**plain, "gluon": 1, "GLUON_MIN_Q": 16}
+    for max_q, gluon in ((15, False), (20, True)):  # (max_q: what the caller says the longest query is)
+        calls.clear()
+        out = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, 0.125, max_q, config=cfg)
+        assert bool(calls) == gluon and (not gluon or calls[0] == (torch.float16, torch.float16, 0.125, 20))
+    assert torch.equal(out, paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, 0.125, 20, config=plain))
+    k8, v8 = (c.clamp(-4, 4).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    calls.clear()
+    args = (q, k8, v8, cu, lens, tables, 0.125, 20, 0.5, 2.0)
+    out = paged_attention_prefill(*args, config={**cfg, "FP8_SCRATCH_MIN_Q": 1})
+    assert calls == [(torch.float16, torch.float16, 0.125 * 0.5, 20)]
+    in_loop = paged_attention_prefill(*args, config={**plain, "FP8_SCRATCH_MIN_Q": 0})
+    assert (out.float() - in_loop.float()).abs().max() <= 2e-3 * in_loop.float().abs().max()
 
 
 # ------------------------------------------------------------------------------------------- GPU

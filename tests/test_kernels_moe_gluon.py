@@ -263,3 +263,29 @@ def test_fused_experts_gluon_graph_replay_gpu(variant):
         ids.copy_(new_ids)
         graph.replay()
         assert _rel_err(out, fused_experts_ref(x, w13, w2, weights, ids)) < 1e-2, i
+
+
+def test_checked_in_gluon_entries_are_valid():
+    # a table's "tma" entry with "gluon" (H200, Qwen3-30B-A3B: measured ahead of the old path from M=4096) must pass
+    # the checks its launch runs, for its dtype's kernel, with the same tiles as the default the bench measured
+    import json
+    from pathlib import Path
+
+    from kernels.moe_config import CONFIG_DIR
+    from kernels.moe_gluon import check_gluon_config
+    from kernels.moe_gluon_fp8 import check_gluon_fp8_config
+
+    seen = 0
+    for path in Path(CONFIG_DIR).glob("moe_*.json"):
+        for bucket, cfg in json.loads(path.read_text()).items():
+            tma = cfg.get("tma")
+            if not tma or not tma.get("gluon"):
+                continue
+            seen += 1
+            assert tma["min_rows"] > 0, (path.name, bucket)
+            for kind, silu_mul in (("up", True), ("down", False)):
+                if "_fp8_" in path.name:
+                    check_gluon_fp8_config(tma["BLOCK_M"], tma[kind], silu_mul)
+                else:
+                    check_gluon_config(tma["BLOCK_M"], tma[kind], silu_mul)
+    assert seen >= 2  # the two Qwen3-30B-A3B H200 tables

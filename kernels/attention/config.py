@@ -18,8 +18,9 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
   once into a 16-bit scratch before the launch, kernels/attention/fp8_scratch.py; the scratch then runs the tiles of
   q's dtype's entry, e.g. d128_bf16, unless the caller passes a config).
 "gluon" (0 / absent: off; 1, or a dict of kernels/attention/prefill_gluon.py's GLUON_KEYS): the prefill runs the
-Gluon FA3-style kernel on sm90 for the shapes it takes (prefill_gluon.gluon_supported), else the Triton kernel as
-before; no table sets it. Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was
+Gluon FA3-style kernel on sm90 for the shapes it takes (prefill_gluon.gluon_supported) when the step's longest query
+has at least GLUON_MIN_Q tokens (a knob below), else the Triton kernel as before; an FP8 cache's scratch runs it too
+(under q's 16-bit entry). Other keys are ignored (an older table's PIPE_QK: the pipelined QK^T loop it chose was
 removed, it lost on an H200).
 A key the file lacks (another head_dim) falls back to the default, which compiles to what the kernels ran
 before the table existed, except for the split rule (more splits at small batch: issue 16).
@@ -58,8 +59,9 @@ PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16", "FP8_DOT")  # optional, 0 / 1
 # prefill knobs (counts; a config without them gets these): an FP8 cache's pages widened once into a 16-bit scratch
 # when the step's longest query has >= FP8_SCRATCH_MIN_Q tokens (0: never) and the scratch (rows x block-table
-# width pages) holds <= FP8_SCRATCH_MAX_TOKENS tokens; kernels/attention/fp8_scratch.py says why these defaults
-PREFILL_KNOB_DEFAULTS = {"FP8_SCRATCH_MIN_Q": 256, "FP8_SCRATCH_MAX_TOKENS": 262144}
+# width pages) holds <= FP8_SCRATCH_MAX_TOKENS tokens; kernels/attention/fp8_scratch.py says why these defaults;
+# with "gluon" set, the Gluon kernel runs when the step's longest query has >= GLUON_MIN_Q tokens (0: always)
+PREFILL_KNOB_DEFAULTS = {"FP8_SCRATCH_MIN_Q": 256, "FP8_SCRATCH_MAX_TOKENS": 262144, "GLUON_MIN_Q": 0}
 
 
 def config_key(head_dim: int, kv_dtype: torch.dtype) -> str:
@@ -169,7 +171,7 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
                          f"> 16, got head_dim {head_dim} (an e4m3 tl.dot's K is at least 32)")
     bad = {k: cfg[k] for k in PREFILL_KNOB_DEFAULTS if k in cfg and (not isinstance(cfg[k], int) or cfg[k] < 0)}
     if bad:
-        raise ValueError(f"attention config {bad}: FP8_SCRATCH_* are token counts >= 0")
+        raise ValueError(f"attention config {bad}: FP8_SCRATCH_* and GLUON_MIN_Q are token counts >= 0")
     if cfg.get("gluon"):  # its tiles checked where they are defined (imported here: Gluon only when asked for)
         from kernels.attention.prefill_gluon import gluon_config
         gluon_config(cfg, head_dim)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.attention.config import PREFILL_KEYS, check_config, prefill_config
+from kernels.attention.config import PREFILL_KEYS, PREFILL_KNOB_DEFAULTS, check_config, prefill_config
 from kernels.attention.fp8_dot import FP16_MAX, _quantize_q, fp8_as_f16, interpreted, quantize_kv
 from kernels.attention.fp8_scratch import fp8_scratch_plan, widen_to_scratch
 from kernels.attention.prefill_gluon import gluon_config, gluon_supported, paged_attention_prefill_gluon
@@ -341,6 +341,14 @@ def ragged_kv_ok(q: torch.Tensor, k_cache: torch.Tensor, k: torch.Tensor | None,
     return head_dim == triton.next_power_of_2(head_dim) and head_dim * k.element_size() >= 16
 
 
+def gluon_tiles(cfg: dict, head_dim: int, max_seqlen_q: int) -> dict | None:
+    """The Gluon kernel's tiles when cfg asks for it ("gluon") and the step's longest query has GLUON_MIN_Q tokens
+    (shorter ones: the Triton kernel, ahead of it on an H200 at 1k tokens); None: the Triton kernel."""
+    g = gluon_config(cfg, head_dim)
+    min_q = cfg.get("GLUON_MIN_Q", PREFILL_KNOB_DEFAULTS["GLUON_MIN_Q"])
+    return g if g is not None and max_seqlen_q >= min_q else None
+
+
 def paged_attention_prefill(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,
@@ -373,7 +381,7 @@ def paged_attention_prefill(
     cfg = prefill_config(head_dim, k_cache.dtype, q.device) if config is None else config
     if config is not None:
         check_config(cfg, PREFILL_KEYS, head_dim)
-    g = gluon_config(cfg, head_dim)  # the Gluon FA3-style kernel when the config asks and the call fits it
+    g = gluon_tiles(cfg, head_dim, max_seqlen_q)  # the Gluon FA3-style kernel when the config asks for it
     if g is not None and gluon_supported(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, g, k_scale,
                                          v_scale, tile_map):
         return paged_attention_prefill_gluon(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
@@ -382,6 +390,14 @@ def paged_attention_prefill(
     if widened:  # an FP8 cache's pages widened once into a 16-bit scratch, run as a 16-bit cache (fp8_scratch.py)
         k_cache, v_cache, block_tables = widen_to_scratch(q, k_cache, v_cache, seq_lens, block_tables, cfg)
         cfg = cfg if config is not None else prefill_config(head_dim, q.dtype, q.device)
+        g = gluon_tiles(cfg, head_dim, max_seqlen_q)  # the scratch (fp16) on the Gluon kernel: q in fp16, k_scale in
+        # the softmax scale and v_scale on its output, where the Triton kernel applies them
+        if g is not None and q.dtype in (torch.bfloat16, torch.float16):
+            q16 = q.to(torch.float16).clamp_(-FP16_MAX.value, FP16_MAX.value)  # inf -> fp16's max, as below
+            if gluon_supported(q16, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, g, 1.0, 1.0, tile_map):
+                out = paged_attention_prefill_gluon(q16, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
+                                                    scale * k_scale, max_seqlen_q, g)
+                return out.float().mul_(v_scale).to(q.dtype)
     # fp16 dots on FP8 values (an FP8 cache widened in the loop, or the scratch) under a 16-bit q
     f16_dots = fp8_as_f16(q, k_cache) or (widened and q.dtype != torch.float32)
     group = num_heads // num_kv_heads

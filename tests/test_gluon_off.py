@@ -1,0 +1,38 @@
+"""benchmarks/gluon_off.py: the A/B baseline drops exactly the tables' Gluon entries and runs the given script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from kernels.attention import config as attention_config
+from kernels.moe_config import CONFIG_DIR
+from kernels.moe_config import _load as moe_load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from gluon_off import without_gluon_attention, without_gluon_moe  # noqa: E402
+
+
+def test_gluon_entries_dropped_and_nothing_else():
+    moe = str(CONFIG_DIR / "moe_E128_H2048_I768_bfloat16_NVIDIA_H200.json")
+    table, stripped = moe_load(moe), without_gluon_moe(moe_load.__wrapped__)(moe)
+    assert table[4096]["tma"]["gluon"] and "tma" not in stripped[4096]
+    assert all(stripped[m] == {k: v for k, v in c.items() if k != "tma"} for m, c in table.items())
+    attn = str(CONFIG_DIR / "attention_NVIDIA_H200.json")
+    table, stripped = attention_config._load(attn), without_gluon_attention(attention_config._load.__wrapped__)(attn)
+    assert table["prefill"]["d128_bf16"]["gluon"] and "gluon" not in stripped["prefill"]["d128_bf16"]
+    assert stripped["decode"] == table["decode"]
+    assert {k: v for k, v in table["prefill"]["d128_bf16"].items() if k != "gluon"} == stripped["prefill"]["d128_bf16"]
+
+
+def test_runs_the_script_with_its_arguments(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\nimport kernels.moe_config as mc\n"
+                      "print(sys.argv[1:], mc._load.__name__)\n")
+    out = subprocess.run([sys.executable, "benchmarks/gluon_off.py", str(script), "--x", "1"], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['--x', '1'] wrapped"
