@@ -153,6 +153,24 @@ def test_config_table_lookup(tmp_path, monkeypatch):
         acfg.check_config({"BLOCK_N": 64}, acfg.DECODE_KEYS, 128)
 
 
+def test_another_gpus_table_lends_tiles_not_the_gluon_kernel(tmp_path, monkeypatch):
+    # an H100 without a table of its own runs the H200's tiles, but not the Gluon prefill only the H200 measured
+    h200 = {"prefill": {"d128_bf16": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
+                                      "gluon": {"split_wg": 1}, "GLUON_MIN_Q": 2048}}}
+    (tmp_path / acfg.config_file_name("NVIDIA_H200")).write_text(json.dumps(h200))
+    monkeypatch.setattr(acfg, "CONFIG_DIR", tmp_path)
+    acfg.clear_cache()
+    try:
+        monkeypatch.setattr(acfg, "device_name", lambda device=None: "NVIDIA_H100_80GB_HBM3")
+        on_h100 = acfg.prefill_config(128, torch.bfloat16, torch.device("cpu"))
+        monkeypatch.setattr(acfg, "device_name", lambda device=None: "NVIDIA_H200")
+        acfg.clear_cache()
+        on_h200 = acfg.prefill_config(128, torch.bfloat16, torch.device("cpu"))
+    finally:
+        acfg.clear_cache()
+    assert on_h200["gluon"] == {"split_wg": 1} and on_h100 == {k: v for k, v in on_h200.items() if k != "gluon"}
+
+
 _SM90_PROBE = """
 import json, sys
 sys.path.insert(0, "benchmarks")

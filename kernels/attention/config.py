@@ -97,11 +97,14 @@ def _resolve(kind: str, head_dim: int, kv_dtype: torch.dtype, device: torch.devi
     # cached: the kernels ask once per layer call, and the table lookup reads files
     gpu = device_name(device)
     table = _load(str(CONFIG_DIR / config_file_name(gpu)))
-    if not table and gpu != "cpu":  # another GPU's table (e.g. H200's on an H100) beats the generic default
+    foreign = not table and gpu != "cpu"
+    if foreign:  # another GPU's table (e.g. H200's on an H100) beats the generic default
         others = sorted(CONFIG_DIR.glob(config_file_name("*")))
         table = _load(str(others[0])) if others else {}
     cfg = default_decode_config(head_dim) if kind == "decode" else default_prefill_config(head_dim)
     cfg.update(table.get(kind, {}).get(config_key(head_dim, kv_dtype)) or {})
+    if foreign:  # its tiles, but not a kernel it chose by measuring (as the MoE tables' TMA path)
+        cfg.pop("gluon", None)
     check_config(cfg, DECODE_KEYS if kind == "decode" else PREFILL_KEYS, head_dim)
     return cfg
 
