@@ -87,9 +87,11 @@ def report(kernel):
     }
 
 
-cases = [("32/4", {"BLOCK_N": 128, "num_stages": 2}), ("96/8", {"BLOCK_N": 64, "num_stages": 3}),
-         ("32/4", {"num_stages": 3, "split_wg": 1}), ("96/8", {"num_stages": 3, "split_wg": 2})]
-print(json.dumps([dict(heads=h, **g, **report(compile_sm90(gluon_config({"gluon": g}), h))) for h, g in cases]))
+cases = [("32/4", {"BLOCK_N": 128, "num_stages": 2}, "bf16"), ("96/8", {"BLOCK_N": 64, "num_stages": 3}, "bf16"),
+         ("32/4", {"num_stages": 3, "split_wg": 1}, "bf16"), ("96/8", {"num_stages": 3, "split_wg": 2}, "bf16"),
+         ("32/4", {"num_stages": 3, "split_wg": 1}, "fp16")]
+print(json.dumps([dict(heads=h, dtype=dt, **g, **report(compile_sm90(gluon_config({"gluon": g}), h, dtype=dt)))
+                  for h, g, dt in cases]))
 """
 
 
@@ -99,9 +101,11 @@ def test_gluon_prefill_compiles_for_sm90_pipelined():
     # S = QK^T and O += PV as wgmma with P from registers, the main loop's wait leaving one group (the previous tile's
     # PV) in flight through the softmax, in the PTX and after ptxas; one TMA message per page box and 64 columns;
     # the load warp's registers moved to the MMA warpgroups. split_wg: the same per warpgroup partition (each its
-    # own wgmmas and waits: twice the instructions of one 128-row partition); 2 (ping-pong) adds the turn barriers
+    # own wgmmas and waits: twice the instructions of one 128-row partition); 2 (ping-pong) adds the turn barriers.
+    # Last, the H200 table's tiles in fp16: what an FP8 cache's widened scratch runs (kernels/attention/fp8_scratch.py)
     tiles = [gluon_config({"gluon": g}) for g in ({"BLOCK_N": 128}, {"BLOCK_N": 64, "num_stages": 3},
-                                                  {"num_stages": 3, "split_wg": 1}, {"num_stages": 3, "split_wg": 2})]
+                                                  {"num_stages": 3, "split_wg": 1}, {"num_stages": 3, "split_wg": 2},
+                                                  {"num_stages": 3, "split_wg": 1})]
     for g, r in zip(tiles, run_sm90_probe(_SM90_PROBE)):
         print(json.dumps(r))
         parts = 2 if g["split_wg"] else 1
@@ -350,3 +354,25 @@ def test_gluon_prefill_more_shapes_gpu(block_size, head_dim, tiles, capsys):
     assert out[:1].abs().max() == 0 and out[-2:].abs().max() == 0
     assert _rel_err(out, ref) < 1e-2 and _rel_err(out, triton_out) < 1e-2
     assert _worst_row_err(out[1:-2], ref[1:-2]) < max(2 * _worst_row_err(triton_out[1:-2], ref[1:-2]), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gluon_on_the_fp8_scratch_gpu(monkeypatch):
+    # an FP8 cache's long prefill widens its pages into an fp16 scratch and, with the H200 table's "gluon", runs the
+    # scratch on the Gluon kernel (q in fp16, k_scale in the softmax scale, v_scale on the output): the same answer
+    # as the Triton kernel widening in its loop, to bf16 rounding
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon prefill is for sm90")
+    import kernels.attention.prefill as prefill
+    real, calls = prefill.paged_attention_prefill_gluon, []
+    monkeypatch.setattr(prefill, "paged_attention_prefill_gluon", lambda *a: calls.append(a[0].dtype) or real(*a))
+    q, k_cache, v_cache, cu, lens, tables = _inputs([2048, 300], [2048 + 3000, 300], 32, 4, 16, torch.bfloat16,
+                                                    "cuda", lead=2)
+    k8, v8 = (c.clamp(-4, 4).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    args = (q, k8, v8, cu, lens, tables, 128**-0.5, 2048, 0.5, 2.0)
+    plain = default_prefill_config(128)
+    out = paged_attention_prefill(*args, config={**plain, "gluon": {"num_stages": 3, "split_wg": 1},
+                                                 "GLUON_MIN_Q": 2048, "FP8_SCRATCH_MIN_Q": 256})
+    assert calls == [torch.float16] and out.dtype == torch.bfloat16
+    in_loop = paged_attention_prefill(*args, config={**plain, "FP8_SCRATCH_MIN_Q": 0})
+    assert _rel_err(out, in_loop) < 1e-2 and _worst_row_err(out[2:], in_loop[2:]) < 2e-2
