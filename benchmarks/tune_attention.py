@@ -1,7 +1,7 @@
 """Sweep the paged attention kernels' tile configs on this GPU and pick the best per kernel and cache dtype.
 
 python benchmarks/tune_attention.py --out DIR [--budget-s 200] [--jobs 12] [--only decode,extend,prefill]
-    [--pick-ragged] [--kv-dtypes bf16,fp8] [--fp8-dot-only]
+    [--pick-ragged] [--kv-dtypes bf16,fp8] [--fp8-dot-only] [--gluon [JSON]]
 
 Cases (head_dim 128, 16-token pages, bf16 q): decode with Qwen3-30B-A3B heads (32 q / 4 KV) at B=1 ctx
 4k / 32k / 128k and B=16 / 64 ctx 4k, bf16 and FP8 KV; causal prefill of 1k / 4k / 16k tokens and of 4 x 2k
@@ -24,7 +24,13 @@ Decode sweeps tiles (BLOCK_N, warps, stages; an FP8 cache also the fp8_widen var
 (programs per SM, minimum tokens per split, and past 64 splits max_splits, a narrower merge); the config that
 wins the geometric mean over a dtype's cases goes into the table. Prefill / extend share one
 kernel and one table entry per dtype: the best geometric mean over its cases (benchmarks/attention_pick.py picks
-and merges the table).
+and merges the table). A rewritten prefill entry keeps the checked-in entry's keys the sweep does not time
+(PREFILL_KEPT_KEYS: "gluon", GLUON_MIN_Q, the FP8 scratch counts).
+--gluon (sm90 only; optionally JSON: a tile dict or a list of them, default GLUON_TILES): the bf16-cache prefill /
+extend cases also time the Gluon FA3-style prefill (kernels/attention/prefill_gluon.py, a prefill config's
+"gluon") per tile dict, against the Triton config picked for the entry; the entry gets the tiles with the best
+geometric mean where Gluon wins and GLUON_MIN_Q, the shortest measured query length from which they won at every
+longer one (the Triton kernel below it), or neither key where Gluon never won at the longest.
 
 Bounded GPU time: every distinct binary is compiled first in --jobs worker processes (Triton's disk cache
 then serves this process), each measurement runs at most --rep-ms (heavy extend cases: 2-3 calls), and
@@ -62,12 +68,12 @@ from attention_cases import (  # noqa: E402
     DecodeCase,
     PrefillCase,
 )
-from attention_pick import SMALL_BATCH, merge_table, pick, pick_small_batch  # noqa: E402, F401
+from attention_pick import SMALL_BATCH, geomean, merge_table, pick, pick_small_batch  # noqa: E402, F401
 from bench_moe import measure_ceilings  # noqa: E402
 from tuning import Budget, rel_err  # noqa: E402
 
 import kernels.attention.config as acfg  # noqa: E402
-from kernels.attention.config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name  # noqa: E402
+from kernels.attention.config import CONFIG_DIR, DECODE_KNOB_DEFAULTS, config_file_name, config_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
 # (BLOCK_N, warps, stages); the last two for an FP8 cache (sm90: 140 / 142 registers, triple / double-buffered K/V;
@@ -125,6 +131,12 @@ PREFILL_VARIANT_TILES = {"bf16": [(128, 128, 8, 3), (128, 64, 8, 3)], "fp8": [(1
 # (extend 8k over 120k 0.34 vs 0.45 of the matmul rate); bench_attention's kv fp8dot measures it
 PREFILL_FP8_DOT_TILES: list[tuple[int, int, int, int]] = []
 PREFILL_FP8_DOT = {"MASK_FREE": 1, "FP8_DOT": 1}
+# --gluon: the Gluon prefill's tile dicts (bench_attention --gluon's), the H200's pick first (session 12: 0.78-0.84 of
+# the matmul rate from 2048 query tokens vs the Triton kernel's 0.59-0.66, 0.07 vs 0.17 at 1024)
+GLUON_TILES = [{"num_stages": 3, "split_wg": 1}, 1, {"num_stages": 3, "split_wg": 2}, {"BLOCK_N": 64, "num_stages": 3}]
+# prefill keys no sweep here times (the Gluon switch and its threshold, the FP8 scratch counts): a rewritten entry
+# keeps the checked-in entry's (merge_table replaces an entry whole); --gluon decides the first two itself
+PREFILL_KEPT_KEYS = tuple(dict.fromkeys(("gluon", "GLUON_MIN_Q", *acfg.PREFILL_KNOB_DEFAULTS)))
 TOL = 2e-2
 # the FP8 tensor-core variants round q and the probabilities to e4m3 (3-bit mantissa: <= 2^-4 relative per value, ~0.026
 # rms), and on random data the output's relative error is about that rms: their bound is the per-value one
@@ -178,6 +190,15 @@ def prefill_cfgs(kv: str, fp8_dot_only: bool = False) -> list[dict]:
                                                       for v in variants] + fp8_dot
 
 
+def gluon_cfgs(kv: str, gluon_tiles: list | None) -> list[dict]:
+    """The Gluon prefill's configs for a cache dtype: one per tile dict, from any query length (GLUON_MIN_Q 0); the
+    Triton tiles (the default's) only make a valid config: the Gluon kernel does not read them. A bf16 cache
+    only (the kernel takes a 16-bit cache of q's dtype)."""
+    if not gluon_tiles or kv != "bf16":
+        return []
+    return [{**acfg.default_prefill_config(HEAD_DIM), "gluon": g, "GLUON_MIN_Q": 0} for g in gluon_tiles]
+
+
 # ---------------------------------------------------------------- timing
 
 def time_us(calls: list, rep_ms: float) -> float:
@@ -225,14 +246,14 @@ def precompile(items: list[tuple], jobs: int) -> None:
 
 
 def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase], num_sms: int,
-                 fp8_dot_only: bool = False) -> list[tuple]:
+                 fp8_dot_only: bool = False, gluon_tiles: list | None = None) -> list[tuple]:
     """One item per distinct binary: the split kernel per tile for 1 and for > 1 splits, the merge kernel per
     power of two of the split count and column width (whatever the tile), the prefill kernel per tile and head
     shape. Each item: (kind, heads, kv_heads, kv, cfg, splits, batch)."""
     plan, merges = [], set()
     for c in decode_cases:
         for full in decode_cfgs(c.kv, fp8_dot_only):
-            cfg = tuple(sorted(decode_cfg(decode_tile(full), (2, 128)).items()))
+            cfg = json.dumps(decode_cfg(decode_tile(full), (2, 128)), sort_keys=True)
             splits = c.splits(full, num_sms)
             pad = 1 if splits == 1 else max(2, 1 << (splits - 1).bit_length())
             plan.append(("decode", c.heads, c.kv_heads, c.kv, cfg, min(pad, 2), 1))
@@ -241,12 +262,13 @@ def compile_plan(decode_cases: list[DecodeCase], prefill_cases: list[PrefillCase
             merges.add((c.heads, c.kv_heads, pad, 1 if few else triton.cdiv(num_sms, c.heads), full["merge_block_d"]))
     for h, kvh, pad, b, md in sorted(merges):
         if pad > 1:
-            cfg = tuple(sorted(decode_cfg(DECODE_TILES[0], (2, 128, {"merge_block_d": md})).items()))
+            cfg = json.dumps(decode_cfg(DECODE_TILES[0], (2, 128, {"merge_block_d": md})), sort_keys=True)
             plan.append(("decode", h, kvh, "bf16", cfg, pad, b))
     for c in prefill_cases:
-        for cfg in prefill_cfgs(c.kv, fp8_dot_only):
-            plan.append(("prefill", c.heads, c.kv_heads, c.kv, tuple(sorted(cfg.items())), None, 1))
-    return [(k, h, kvh, kv, dict(cfg), s, b) for k, h, kvh, kv, cfg, s, b in dict.fromkeys(plan)]
+        for cfg in prefill_cfgs(c.kv, fp8_dot_only) + gluon_cfgs(c.kv, gluon_tiles):
+            plan.append(("prefill", c.heads, c.kv_heads, c.kv, json.dumps(cfg, sort_keys=True), None, 1))
+    # (configs as JSON while deduplicated: a Gluon config's tiles are a dict)
+    return [(k, h, kvh, kv, json.loads(cfg), s, b) for k, h, kvh, kv, cfg, s, b in dict.fromkeys(plan)]
 
 
 # ---------------------------------------------------------------- sweeps
@@ -299,8 +321,17 @@ def sweep_decode(case: DecodeCase, ceil: dict, num_sms: int, budget: Budget, rep
     return rows
 
 
+def gluon_runs(case: PrefillCase, cfg: dict) -> bool:
+    """Whether a config's Gluon kernel runs this case (sm90, shapes it takes): else the call would time Triton's."""
+    from kernels.attention.prefill_gluon import gluon_config, gluon_supported
+
+    t = case.t
+    return gluon_supported(t["q"], t["k"], t["v"], t["cu"], t["lens"], t["tables"], gluon_config(cfg, HEAD_DIM),
+                           *case.scales, None)
+
+
 def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float,
-                  fp8_dot_only: bool = False) -> list[dict]:
+                  fp8_dot_only: bool = False, gluon_tiles: list | None = None) -> list[dict]:
     if not budget.left(case.name):
         return []
     case.build()
@@ -308,19 +339,85 @@ def sweep_prefill(case: PrefillCase, ceil: dict, budget: Budget, rep_ms: float,
     floor_us = case.flops() / ceil["bf16_tflops"] / 1e6
     sdpa_us = time_sdpa(case.sdpa, rep_ms)
     rows = []
-    for cfg in prefill_cfgs(case.kv, fp8_dot_only):
-        tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-        variant = "".join(f" {k}" for k in acfg.PREFILL_VARIANT_KEYS if cfg.get(k))
-        if not budget.left(f"{case.kind} {case.name} {tile}{variant}"):
+    for cfg in prefill_cfgs(case.kv, fp8_dot_only) + gluon_cfgs(case.kv, gluon_tiles):
+        if cfg.get("gluon"):
+            what = f"gluon={json.dumps(cfg['gluon'])}"
+            if not gluon_runs(case, cfg):
+                print(f"  {case.kind} {case.name} {what}: skip, the Gluon kernel does not run this case here",
+                      flush=True)
+                continue
+        else:
+            what = (f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} "
+                    f"stages={cfg['num_stages']}" + "".join(f" {k}" for k in acfg.PREFILL_VARIANT_KEYS if cfg.get(k)))
+        if not budget.left(f"{case.kind} {case.name} {what}"):
             continue
         us, err = measure([lambda c=cfg: case.run(c)], ref, rep_ms, tolerance(cfg))
-        print(f"  {case.kind} {case.name} BLOCK_M={tile[0]} BLOCK_N={tile[1]} warps={tile[2]} stages={tile[3]}"
-              f"{variant} us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
+        print(f"  {case.kind} {case.name} {what} us={us:9.1f} frac_mm={floor_us / us:.2f} sdpa_us={sdpa_us:9.1f} "
               f"sdpa_frac_mm={floor_us / sdpa_us:.2f} err={err:.1e}", flush=True)
-        rows.append({"kind": case.kind, "case": case.name, "kv": case.kv, "cfg": cfg, "us": us,
+        rows.append({"kind": case.kind, "case": case.name, "q_len": case.q_len, "kv": case.kv, "cfg": cfg, "us": us,
                      "floor_us": floor_us, "frac": floor_us / us, "sdpa_us": sdpa_us, "err": err})
     case.free()
     return rows
+
+
+# ---------------------------------------------------------------- the Gluon prefill's keys
+
+
+def gluon_min_q(wins: dict[int, bool]) -> int | None:
+    """The shortest query length from which Gluon won at every longer measured one; None: it lost at the longest."""
+    min_q = None
+    for n in sorted(wins, reverse=True):
+        if not wins[n]:
+            break
+        min_q = n
+    return min_q
+
+
+def pick_gluon(rows: list[dict], table: dict) -> dict[str, dict]:
+    """Per prefill entry of table whose cases the Gluon kernel was timed on (every one, per tile dict): its keys,
+    {"gluon": tiles, "GLUON_MIN_Q": n}, or {} where it never won at the longest length. Won at a length: faster
+    than the entry's Triton config on every case of that length (q_len: max_seqlen_q, what GLUON_MIN_Q is compared
+    with). Tiles: of those that won somewhere, the best geometric mean of frac over all the entry's cases as the
+    table would run them (Gluon from its GLUON_MIN_Q, the Triton config below)."""
+    picks = {}
+    for key, entry in table.get("prefill", {}).items():
+        triton_cfg = {k: v for k, v in entry.items() if k != "geomean_frac"}
+        mine = [r for r in rows if r["kind"] != "decode" and config_key(HEAD_DIM, KV_DTYPES[r["kv"]]) == key]
+        triton = {r["case"]: r for r in mine if r["cfg"] == triton_cfg}
+        by_tiles: dict[str, list[dict]] = {}
+        for r in mine:
+            if r["cfg"].get("gluon") and r["case"] in triton:
+                by_tiles.setdefault(json.dumps(r["cfg"]["gluon"], sort_keys=True), []).append(r)
+        full = {t: rs for t, rs in by_tiles.items() if len(rs) == len(triton)}
+        if not full:  # not timed here (an FP8 cache, --gluon off, the budget): the entry keeps the table's keys
+            continue
+        min_q = {}
+        for t, rs in full.items():
+            wins: dict[int, bool] = {}
+            for r in rs:
+                wins[r["q_len"]] = wins.get(r["q_len"], True) and r["us"] < triton[r["case"]]["us"]
+            min_q[t] = gluon_min_q(wins)
+        won = {t: n for t, n in min_q.items() if n is not None}
+        if not won:
+            picks[key] = {}
+            continue
+        best = max(won, key=lambda t: geomean([(r if r["q_len"] >= won[t] else triton[r["case"]])["frac"]
+                                               for r in full[t]]))
+        picks[key] = {"gluon": json.loads(best), "GLUON_MIN_Q": won[best]}
+    return picks
+
+
+def with_prefill_keys(written: dict, old: dict, table: dict, gluon_picks: dict[str, dict]) -> dict:
+    """written (merge_table's file) with, in each prefill entry this run picked, the checked-in entry's
+    PREFILL_KEPT_KEYS (no sweep here times them), or where the Gluon kernel was timed gluon_picks' keys instead of
+    the checked-in "gluon" / GLUON_MIN_Q (none where it never won)."""
+    for key in table.get("prefill", {}):
+        entry = {**written["prefill"][key],
+                 **{k: v for k, v in old.get("prefill", {}).get(key, {}).items() if k in PREFILL_KEPT_KEYS}}
+        if key in gluon_picks:
+            entry = {k: v for k, v in entry.items() if k not in ("gluon", "GLUON_MIN_Q")} | gluon_picks[key]
+        written["prefill"][key] = entry
+    return written
 
 
 def main() -> None:
@@ -336,9 +433,16 @@ def main() -> None:
                     "the FP8 tensor-core variants' tiles only (decode fp8_dot, prefill FP8_DOT), not the whole sweep")
     ap.add_argument("--pick-ragged", action="store_true",
                     help="let RAGGED prefill configs into the table (callers that pass this step's K/V)")
+    ap.add_argument("--gluon", nargs="?", const=json.dumps(GLUON_TILES), default=None,
+                    help="bf16 prefill / extend cases also on the Gluon kernel (sm90), its keys into the table; "
+                    "optional JSON tiles (a dict or a list of them)")
     args = ap.parse_args()
     if unknown := sorted(set(args.kv_dtypes.split(",")) - set(KV_DTYPES)):
         ap.error(f"--kv-dtypes: unknown {unknown}, choose from {list(KV_DTYPES)}")
+    gluon_tiles = None if args.gluon is None else json.loads(args.gluon)
+    gluon_tiles = gluon_tiles if gluon_tiles is None or isinstance(gluon_tiles, list) else [gluon_tiles]
+    if gluon_tiles is not None and torch.cuda.get_device_capability() != (9, 0):  # its rows would be skipped anyway
+        ap.error("--gluon: the Gluon prefill runs on sm90 (H100 / H200) only")
     t_start = time.time()
     out = Path(args.out)
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -349,7 +453,7 @@ def main() -> None:
     prefill_cases = [c for c in (EXTEND_CASES if "extend" in only else []) + (PREFILL_CASES if "prefill" in only
                                                                                 else []) if c.kv in kvs]
     if args.jobs > 1:
-        precompile(compile_plan(decode_cases, prefill_cases, num_sms, args.fp8_dot_only), args.jobs)
+        precompile(compile_plan(decode_cases, prefill_cases, num_sms, args.fp8_dot_only, gluon_tiles), args.jobs)
     ceil = measure_ceilings()  # ~3 s
     print(f"ceilings: copy {ceil['copy_tbps']:.2f} TB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s, {num_sms} SMs",
           flush=True)
@@ -358,8 +462,11 @@ def main() -> None:
     for case in decode_cases:
         rows += sweep_decode(case, ceil, num_sms, budget, args.rep_ms, args.fp8_dot_only)
     for case in prefill_cases:
-        rows += sweep_prefill(case, ceil, budget, args.rep_ms, args.fp8_dot_only)
-    table = pick_small_batch(rows, pick(rows, args.pick_ragged))
+        rows += sweep_prefill(case, ceil, budget, args.rep_ms, args.fp8_dot_only, gluon_tiles)
+    # the Triton configs' pick; the Gluon kernel's rows decide its own keys over it (pick_gluon)
+    triton_rows = [r for r in rows if not r["cfg"].get("gluon")]
+    table = pick_small_batch(triton_rows, pick(triton_rows, args.pick_ragged))
+    gluon_picks = pick_gluon(rows, table)
     best_per_case = {}
     for r in rows:
         b = best_per_case.get(r["case"])
@@ -373,12 +480,15 @@ def main() -> None:
         print(f"{name:36s} {r['us']:9.1f} {r['frac']:5.2f} {r['sdpa_us']:9.1f} {d_us}  {r['cfg']}{extra}")
     gpu = device_name(torch.device("cuda"))
     old = CONFIG_DIR / config_file_name(gpu)
-    written = merge_table(json.loads(old.read_text()) if old.exists() else {}, table)
+    old_table = json.loads(old.read_text()) if old.exists() else {}
+    written = with_prefill_keys(merge_table(old_table, table), old_table, table, gluon_picks)
     (out / "configs" / config_file_name(gpu)).write_text(json.dumps(written, indent=1))
     (out / "tune_attention.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "best_per_case": best_per_case,
+        {"device": torch.cuda.get_device_name(), "ceilings": ceil, "table": table, "gluon": gluon_picks,
+         "best_per_case": best_per_case,
          "rows": rows, "skipped": budget.skipped, "seconds": time.time() - t_start}, indent=1, default=str))
     picks = "; ".join(f"{k} {kk}: {v}" for k, t in table.items() for kk, v in t.items())
+    picks += "".join(f"; prefill {k} gluon: {v or 'never won'}" for k, v in gluon_picks.items())
     print(f"\ntune_attention summary ({gpu}, {time.time() - t_start:.0f} s, {len(rows)} timed, "
           f"{len(budget.skipped)} skipped for the budget): {picks}")
     print(f"table: {out / 'configs' / config_file_name(gpu)} (copy to kernels/configs/)")

@@ -1,7 +1,7 @@
 """Tune the fused MoE block shapes per (experts, hidden, inter, token bucket, dtype, GPU).
 
 python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8] [--jobs 12]
-python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8]
+python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8] [--no-gluon]
 python benchmarks/tune_moe.py --gemv ...  (the few-token GEMV kernels vs the table's entries: tune_moe_gemv.py)
 
 For each BLOCK_M allowed at a token count (and for FP8, each activation mode; weight-only FP8 also each
@@ -11,7 +11,8 @@ BLOCK_M / mode overall (FP8 activation quantization launches included in its tot
 first compiled in parallel worker processes (Triton's disk cache then serves the timing process).
 Writes DIR/configs/moe_E.._H.._I.._{dtype}_{gpu}.json, the files kernels/moe_config.py looks up.
 --tma: times the permuted TMA path (benchmarks/tune_moe_tma.py) against the table's old path at each M, and
-writes the table with a "tma" entry in the buckets from the smallest M where it wins (default qwen3, bf16).
+writes the table with a "tma" entry in the buckets from the smallest M where it wins (default qwen3, bf16); on
+sm90 the Gluon kernels are candidates too (--no-gluon: the Triton TMA kernel's only).
 """
 
 from __future__ import annotations
@@ -267,6 +268,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--tma", action="store_true",
                     help="the large-M TMA path vs the old one (default qwen3 bf16 at M 1024,4096,16384)")
+    ap.add_argument("--no-gluon", action="store_true", help="with --tma: no Gluon kernel candidates (sm90 only anyway)")
     ap.add_argument("--gemv", action="store_true", help="only time GEMV vs the table at M <= 8 and update it")
     ap.add_argument("--gemv-keep-up", action="store_true",
                     help="with --gemv: the gate_up tile from the table's nearest GEMV entry, only the down GEMM timed")
@@ -277,7 +279,7 @@ def main() -> None:
         ms = [int(m) for m in (args.m if args.m != ap.get_default("m") else "1024,4096,16384").split(",")]
         for shape in args.shapes.split(",") if args.shapes != ap.get_default("shapes") else ["qwen3"]:
             for dtype in args.dtypes.split(",") if args.dtypes != ap.get_default("dtypes") else ["bf16"]:
-                tune_tma(shape, dtype, ms, Path(args.out), args.jobs)
+                tune_tma(shape, dtype, ms, Path(args.out), args.jobs, not args.no_gluon)
         return
     ms = [int(m) for m in args.m.split(",")]
     shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")

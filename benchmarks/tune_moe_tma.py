@@ -1,13 +1,15 @@
 """Tune the large-M MoE path (kernels/moe_grouped_tma.py) against the old one, side by side; sm90 compile helper.
 
-python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384]
+python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8] [--no-gluon]
 
 Per M: the old path (the table's config, align included) and, per BLOCK_M, each TMA candidate of the gate_up
 and of the down grouped GEMM timed alone (CUDA-graph replay, median), then the whole permuted layer with the
-best pair; plus the permute's own time against its floor (bytes written and read over copy bandwidth). Prints
-one 'moe_tma' line per M and 'tune_moe_tma summary' last; writes DIR/configs/<the table> with a "tma" entry
-(min_rows: the smallest measured M at which the new path won, in rows) in every bucket where it won, and
-DIR/tune_moe_tma.json with all numbers.
+best pair; on sm90 (unless --no-gluon) the same for the Gluon warp-specialized kernels (kernels/moe_gluon.py,
+FP8: kernels/moe_gluon_fp8.py) at BLOCK_M 128 and 64, their pair timed through fused_experts_tma with "gluon": 1;
+plus the permute's own time against its floor (bytes written and read over copy bandwidth). Prints one
+'moe_tma' line per M and 'tune_moe_tma summary' last; writes DIR/configs/<the table> with a "tma" entry (the
+fastest layer's: Triton TMA tiles, or "gluon": 1 and the Gluon tiles; min_rows: the smallest measured M at
+which the new path won, in rows) in every bucket where it won, and DIR/tune_moe_tma.json with all numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.moe_grouped_tma import _grouped_gemm_kernel
+from kernels.moe_gluon import default_gluon_config, grouped_gemm_gluon
+from kernels.moe_gluon_fp8 import default_gluon_fp8_config, grouped_gemm_gluon_fp8
+from kernels.moe_grouped_tma import _grouped_gemm_kernel, grouped_gemm
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize); warp-specialized tiles take 4 consumer
 # warps per group (the pass adds the producer and a second consumer group: 12 warps in all); the others run
@@ -54,6 +58,46 @@ def candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
     return up_cands, cands
 
 
+GLUON_BLOCK_MS = (128, 64)  # the Gluon kernels' row blocks (two MMA warpgroups of 64 rows, or one)
+
+
+def gluon_candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
+    """(gate_up configs, down configs) of the Gluon kernel at this BLOCK_M: the default's (one cooperative MMA
+    partition: ping-pong lost on the H200 at 4096 and 16384 rows, session 12), at 128 rows (bf16) also
+    bench_moe_gluon --sweep's tile changes (each within shared memory and registers)."""
+    from bench_moe_gluon import SWEEP
+
+    cfg = default_gluon_fp8_config(block_m=bm) if fp8 else default_gluon_config(block_m=bm)
+    ups, downs = [cfg["up"]], [cfg["down"]]
+    if bm == 128 and not fp8:
+        ups += [dict(cfg["up"], **change) for change in SWEEP["up"].values()]
+        downs += [dict(cfg["down"], **change) for change in SWEEP["down"].values()]
+    return ups, downs
+
+
+def gluon_runs_here() -> bool:
+    """The Gluon kernels are written for Hopper (sm90): elsewhere their candidates are skipped."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def tma_entry(bm: int, up: dict, down: dict, gluon: bool) -> dict:
+    """A table's "tma" entry (min_rows: with_tma_entries sets it); "gluon": 1 makes fused_experts_tma take the Gluon
+    kernels (FP8 experts: kernels/moe_gluon_fp8.py) with these tiles."""
+    return {"min_rows": 0, "BLOCK_M": bm, **({"gluon": 1} if gluon else {}), "up": up, "down": down}
+
+
+def run_gemm(gluon: bool, a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
+             w_scale: torch.Tensor | None, out: torch.Tensor, expert_ids: torch.Tensor, num_post_pad: torch.Tensor,
+             n: int, w_rows: int, silu_mul: bool, bm: int, g: dict) -> None:
+    """One grouped GEMM on the Triton TMA kernel or (gluon) the Gluon one; FP8 operands where w_scale is given."""
+    if not gluon:
+        grouped_gemm(a, w, out, expert_ids, num_post_pad, n, w_rows, silu_mul, bm, g, None, a_scale, w_scale)
+    elif w_scale is not None:
+        grouped_gemm_gluon_fp8(a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, silu_mul, bm, g)
+    else:
+        grouped_gemm_gluon(a, w, out, expert_ids, num_post_pad, n, w_rows, silu_mul, bm, g)
+
+
 def _compile_worker(items: list) -> str:
     """Launches each (shape, dtype, BLOCK_M, up|down, config) once on one block of rows at the real K / N / row
     counts (the same specializations as the timed launches): its binary lands in Triton's disk cache. On a cold
@@ -61,10 +105,9 @@ def _compile_worker(items: list) -> str:
     from bench_moe import SHAPES
 
     from kernels.fp8 import per_token_group_quant, quantize_weight_block
-    from kernels.moe_grouped_tma import grouped_gemm
 
     done = 0
-    for shape, dtype, bm, kind, gc in items:
+    for shape, dtype, bm, kind, gc, gluon in items:
         try:
             _, h, inter, _ = SHAPES[shape]
             k, n, w_rows = (h, inter, 2 * inter) if kind == "up" else (inter, h, h)
@@ -78,7 +121,7 @@ def _compile_worker(items: list) -> str:
             out = torch.empty(bm, n, device="cuda", dtype=torch.bfloat16)
             expert_ids = torch.zeros(1, device="cuda", dtype=torch.int32)
             num_post_pad = torch.full((1,), bm, device="cuda", dtype=torch.int32)
-            grouped_gemm(a, w, out, expert_ids, num_post_pad, n, w_rows, kind == "up", bm, gc, None, a_scale, w_scale)
+            run_gemm(gluon, a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, kind == "up", bm, gc)
             torch.cuda.synchronize()
             done += 1
         except Exception:  # noqa: BLE001, S112  the timing pass reports a config that cannot run
@@ -86,11 +129,14 @@ def _compile_worker(items: list) -> str:
     return f"{done}/{len(items)}"
 
 
-def precompile(shape: str, dtype: str, jobs: int) -> None:
+def precompile(shape: str, dtype: str, jobs: int, gluon: bool = False) -> None:
     import tuning
 
-    items = [(shape, dtype, bm, kind, gc) for bm in sorted({c[0] for c in TMA_CANDIDATES})
-             for kind, cfgs in zip(("up", "down"), candidates(bm, dtype == "fp8")) for gc in cfgs]
+    fp8 = dtype == "fp8"
+    families = [(False, bm, candidates(bm, fp8)) for bm in sorted({c[0] for c in TMA_CANDIDATES})]
+    families += [(True, bm, gluon_candidates(bm, fp8)) for bm in GLUON_BLOCK_MS] if gluon else []
+    items = [(shape, dtype, bm, kind, gc, is_gluon) for is_gluon, bm, cands in families
+             for kind, cfgs in zip(("up", "down"), cands) for gc in cfgs]
     tuning.precompile(items, _compile_worker, jobs)
 
 
@@ -134,8 +180,9 @@ def _dtype_name(dtype: str) -> str:
     return "fp8" if dtype == "fp8" else "bfloat16"
 
 
-def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dict:
-    """Old path vs the best TMA config at m tokens, and the permute vs its floor; weights: w13, w2 (+ s13, s2)."""
+def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict, gluon: bool = False) -> dict:
+    """Old path vs the best TMA config at m tokens (gluon: the Gluon kernels' too), and the permute vs its floor;
+    weights: w13, w2 (+ s13, s2)."""
     from bench_moe import SHAPES, bench_graph, make_inputs
     from tune_moe import time_run
 
@@ -143,7 +190,7 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
     from kernels.fused_moe import fused_experts
     from kernels.moe_align import moe_align
     from kernels.moe_config import get_moe_config
-    from kernels.moe_grouped_tma import fused_experts_tma, grouped_gemm
+    from kernels.moe_grouped_tma import fused_experts_tma
     from kernels.moe_permute import permute_tokens
 
     e, h, inter, top_k = SHAPES[shape]
@@ -159,8 +206,9 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
     floor_us = max((touched * 3 * h * inter * elem + 4 * m * h) / ceil["copy_tbps"] / 1e6,
                    6 * m * top_k * h * inter / ceil["fp8_tflops" if fp8 else "bf16_tflops"] / 1e6)
     xs = [per_token_group_quant(x) if fp8 else (x, None) for x, _, _ in sets]  # the permute's inputs
+    tma_bms = {c[0] for c in TMA_CANDIDATES}
     best = None
-    for bm in sorted({c[0] for c in TMA_CANDIDATES}):
+    for bm in sorted(tma_bms | (set(GLUON_BLOCK_MS) if gluon else set())):
         aligned = [moe_align(i, e, bm) for _, _, i in sets]
         perms = [permute_tokens(x, s, npp, top_k, xsc) for (x, xsc), (s, _, npp) in zip(xs, aligned)]
         permute_us = bench_graph(lambda al=aligned: [permute_tokens(x, s, npp, top_k, xsc)
@@ -172,25 +220,33 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
         ups = [torch.empty(p.shape[0], inter, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
         ys = [torch.empty(p.shape[0], h, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
 
-        def launches(kind: str, gc: dict, bm=bm, aligned=aligned, perms=perms, acts=acts, ups=ups, ys=ys):
+        def launches(kind: str, gc: dict, is_gluon: bool, bm=bm, aligned=aligned, perms=perms, acts=acts, ups=ups,
+                     ys=ys):
             def run() -> None:
                 for (_, ex, npp), (ap, _, aps), (act, act_s), up, y in zip(aligned, perms, acts, ups, ys):
                     if kind == "up":
-                        grouped_gemm(ap, w13_2d, up, ex, npp, inter, 2 * inter, True, bm, gc, None, aps,
-                                     kw.get("w13_scale"))
+                        run_gemm(is_gluon, ap, aps, w13_2d, kw.get("w13_scale"), up, ex, npp, inter, 2 * inter,
+                                 True, bm, gc)
                     else:
-                        grouped_gemm(act, w2_2d, y, ex, npp, h, h, False, bm, gc, None, act_s, kw.get("w2_scale"))
+                        run_gemm(is_gluon, act, act_s, w2_2d, kw.get("w2_scale"), y, ex, npp, h, h, False, bm, gc)
             return run, len(perms)
 
-        up_cands, cands = candidates(bm, fp8)
-        up = min((time_run(*launches("up", gc)), j) for j, gc in enumerate(up_cands))
-        down = min((time_run(*launches("down", gc)), j) for j, gc in enumerate(cands))
-        cfg = {"min_rows": 0, "BLOCK_M": bm, "up": up_cands[up[1]], "down": cands[down[1]]}
-        total = bench_graph(lambda cfg=cfg: [fused_experts_tma(x, w13, w2, w, i, cfg, **kw) for x, w, i in sets]) / 2
-        print(f"  {shape} {dtype} M={m} BM={bm}: up {up[0]:.1f} down {down[0]:.1f} permute {permute_us:.1f} "
-              f"(floor {permute_floor_us:.1f}) layer {total:.1f} us", flush=True)
-        if best is None or total < best[0]:
-            best = (total, cfg, permute_us, permute_floor_us)
+        families = [(False, candidates(bm, fp8))] if bm in tma_bms else []
+        families += [(True, gluon_candidates(bm, fp8))] if gluon and bm in GLUON_BLOCK_MS else []
+        for is_gluon, (up_cands, cands) in families:
+            name = f"BM={bm}{' gluon' if is_gluon else ''}"
+            up = min((time_run(*launches("up", gc, is_gluon)), j) for j, gc in enumerate(up_cands))
+            down = min((time_run(*launches("down", gc, is_gluon)), j) for j, gc in enumerate(cands))
+            if max(up[0], down[0]) == float("inf"):
+                print(f"  {shape} {dtype} M={m} {name}: every up or every down candidate failed", flush=True)
+                continue
+            cfg = tma_entry(bm, up_cands[up[1]], cands[down[1]], is_gluon)
+            total = bench_graph(lambda cfg=cfg: [fused_experts_tma(x, w13, w2, w, i, cfg, **kw)
+                                                 for x, w, i in sets]) / 2
+            print(f"  {shape} {dtype} M={m} {name}: up {up[0]:.1f} down {down[0]:.1f} permute {permute_us:.1f} "
+                  f"(floor {permute_floor_us:.1f}) layer {total:.1f} us", flush=True)
+            if best is None or total < best[0]:
+                best = (total, cfg, permute_us, permute_floor_us)
     x, w, i = sets[0]
     ref = fused_experts(x, w13, w2, w, i, config=old_cfg, **kw).float()
     err = ((fused_experts_tma(x, w13, w2, w, i, best[1], **kw).float() - ref).norm() / ref.norm()).item()
@@ -199,15 +255,18 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict) -> dic
             "permute_floor_us": best[3], "err_vs_old": err, "tma": best[1], "old": old_cfg}
 
 
-def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12) -> None:
+def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12, gluon: bool = True) -> None:
     from bench_moe import SHAPES, measure_ceilings
 
     from kernels.fp8 import quantize_weight_block
 
     t0 = time.time()
     e, h, inter, _ = SHAPES[shape]
+    if gluon and not gluon_runs_here():
+        print("tune_moe_tma: the Gluon candidates run on sm90 (H100 / H200) only: skipped", flush=True)
+        gluon = False
     if jobs > 1:
-        precompile(shape, dtype, jobs)
+        precompile(shape, dtype, jobs, gluon)
     ceil = measure_ceilings()
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(e, 2 * inter, h, device="cuda", generator=g, dtype=torch.bfloat16) * h**-0.5
@@ -219,7 +278,7 @@ def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12) -
         weights = {"w13": w13, "w2": w2}
     rows = []
     for m in ms:
-        r = _measure_m(shape, dtype, m, weights, ceil)
+        r = _measure_m(shape, dtype, m, weights, ceil, gluon)
         torch.cuda.empty_cache()
         rows.append(r)
         print(f"moe_tma {shape} {dtype} M={m:6d} old_us={r['old_us']:9.1f} tma_us={r['tma_us']:9.1f} "
@@ -235,13 +294,15 @@ def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12) -
                                                                            indent=1))
     num_tma = sum("tma" in c for c in table.values())
     print(f"tune_moe_tma summary: {shape} {dtype} " + " ".join(
-        f"M={r['M']}:{r['old_frac']:.2f}->{r['tma_frac']:.2f}" for r in rows)
+        f"M={r['M']}:{r['old_frac']:.2f}->{r['tma_frac']:.2f}{'(gluon)' if r['tma'].get('gluon') else ''}"
+        for r in rows)
         + f" (fraction of floor, old->tma); wrote {name} ({num_tma} tma buckets) in {time.time() - t0:.0f} s")
 
 
 def with_tma_entries(shape: str, dtype: str, rows: list[dict]) -> tuple[str, dict]:
-    """This GPU's table for shape with a "tma" entry in each measured bucket where the TMA path won; min_rows is
-    the rows of the smallest winning M, so smaller counts that share a bucket keep the old path."""
+    """This GPU's table for shape with a "tma" entry in each measured bucket where the TMA path won (the row's
+    winner: Triton TMA tiles, or "gluon": 1 and the Gluon kernel's); min_rows is the rows of the smallest winning
+    M, so smaller counts that share a bucket keep the old path."""
     from bench_moe import SHAPES
 
     from kernels.moe_config import get_moe_config

@@ -266,6 +266,104 @@ def test_tuner_table_merge_keeps_unswept_keys():
     assert "geomean_frac" in pre  # the picks themselves are left as they are (tune_attention.json prints them)
 
 
+def test_tuner_gluon_configs_are_valid():
+    # --gluon's configs pass the table's checks and the Gluon kernel's (its tiles within shared memory at head_dim
+    # 128), a bf16 cache only; the compile plan takes them (a tile dict in a config) once each
+    import attention_cases as ac
+    import tune_attention as ta
+
+    from kernels.attention.prefill_gluon import gluon_config
+
+    cfgs = ta.gluon_cfgs("bf16", ta.GLUON_TILES)
+    assert [c["gluon"] for c in cfgs] == ta.GLUON_TILES and ta.gluon_cfgs("fp8", ta.GLUON_TILES) == []
+    assert ta.gluon_cfgs("bf16", None) == []
+    for cfg in cfgs:
+        acfg.check_config(cfg, acfg.PREFILL_KEYS, 128)
+        assert gluon_config(cfg, 128) is not None and cfg["GLUON_MIN_Q"] == 0
+    cases = [ac.PrefillCase(1024, 0, "bf16"), ac.PrefillCase(4096, 0, "bf16")]  # one head shape: one binary each
+    plan = ta.compile_plan([], cases, 132, gluon_tiles=ta.GLUON_TILES)
+    assert len(plan) == len(ta.prefill_cfgs("bf16")) + len(ta.GLUON_TILES)
+    assert [item[4] for item in plan if item[4].get("gluon")] == cfgs
+
+
+def test_tuner_sweep_skips_gluon_where_it_does_not_run(monkeypatch, capsys):
+    # the Gluon kernel needs sm90: on the CPU its configs would run the Triton kernel, so they are not timed
+    import attention_cases as ac
+    import tune_attention as ta
+
+    monkeypatch.setattr(ac, "DEVICE", "cpu")
+    monkeypatch.setattr(ac, "DT", torch.float16)
+    monkeypatch.setattr(ac, "HEAD_DIM", 32)
+    monkeypatch.setattr(ta, "HEAD_DIM", 32)
+    monkeypatch.setattr(ta, "PREFILL_TILES", [(32, 16, 4, 2)])
+    monkeypatch.setattr(ta, "PREFILL_VARIANT_TILES", {})
+    rows = ta.sweep_prefill(ac.PrefillCase(20, 0, "bf16", 4, 2), {"copy_tbps": 1.0, "bf16_tflops": 1.0},
+                            ta.Budget(600), 1.0, gluon_tiles=[1])
+    assert [r["cfg"] for r in rows] == [ta.prefill_cfg((32, 16, 4, 2))] and rows[0]["q_len"] == 20
+    assert "gluon=1: skip" in capsys.readouterr().out
+
+
+def _prefill_rows(cfg: dict, us: dict[str, float], kv: str = "bf16") -> list[dict]:
+    # rows as sweep_prefill writes them, us per case name; the cases: the tuner's prefill and extend lengths
+    q_lens = {"p1k": 1024, "p4x2k": 2048, "p4k": 4096, "p16k": 16384, "e8k": 8192, "e8k_glm": 8192}
+    return [{"kind": "prefill", "case": c, "q_len": q_lens[c], "kv": kv, "cfg": cfg, "us": t, "frac": 1.0 / t}
+            for c, t in us.items()]
+
+
+def test_tuner_picks_gluon_keys():
+    # GLUON_MIN_Q: the shortest length from which the Gluon tiles beat the picked Triton config at every longer
+    # length (both 8k cases must win there); the tiles: the best geometric mean over the cases as the table would run
+    # them (Triton below GLUON_MIN_Q); never won at the longest: no Gluon keys; an entry the Gluon kernel was not
+    # timed on (FP8 cache): not in the picks
+    import tune_attention as ta
+
+    a, b = ta.prefill_cfg((128, 128, 8, 3), {"MASK_FREE": 1}), ta.prefill_cfg((128, 64, 8, 3))
+    g1, g2, g3 = ({**cfg, "gluon": g, "GLUON_MIN_Q": 0} for cfg, g in zip([acfg.default_prefill_config(128)] * 3, [
+        {"num_stages": 3, "split_wg": 1}, 1, {"BLOCK_N": 64, "num_stages": 3}]))
+    cases = ["p1k", "p4x2k", "p4k", "p16k", "e8k", "e8k_glm"]
+    rows = (_prefill_rows(a, dict.fromkeys(cases, 10.0)) + _prefill_rows(b, dict.fromkeys(cases, 12.0))
+            + _prefill_rows(a, {"p1k": 5.0, "p4k": 5.0}, "fp8")
+            + _prefill_rows(g1, dict(zip(cases, [30.0, 8.0, 8.0, 8.0, 8.0, 8.0])))  # wins from 2048
+            + _prefill_rows(g2, dict(zip(cases, [9.0, 11.0, 6.0, 6.0, 6.0, 6.0])))  # faster, but from 4096 only
+            + _prefill_rows(g3, dict(zip(cases, [9.0, 9.0, 9.0, 9.0, 9.0, 11.0]))))  # lost at one 8k case: 16k only
+    triton = [r for r in rows if not r["cfg"].get("gluon")]
+    table = ta.pick(triton)
+    assert {k: v for k, v in table["prefill"]["d128_bf16"].items() if k != "geomean_frac"} == a
+    # as run: g2 (Triton's 10, 10, then 6 x 4) beats g1 (10, then 8 x 5) and g3 (won at 16k only: 10 x 5, 9)
+    assert ta.pick_gluon(rows, table) == {"d128_bf16": {"gluon": 1, "GLUON_MIN_Q": 4096}}
+    assert ta.pick_gluon([r for r in rows if r["cfg"] != g2], table) == {
+        "d128_bf16": {"gluon": {"num_stages": 3, "split_wg": 1}, "GLUON_MIN_Q": 2048}}
+    assert ta.gluon_min_q({1024: False, 2048: True, 4096: False, 8192: True, 16384: True}) == 8192
+    lost = _prefill_rows(g1, dict(zip(cases, [8.0, 8.0, 8.0, 30.0, 8.0, 8.0])))  # lost at the longest
+    assert ta.pick_gluon(triton + lost, table) == {"d128_bf16": {}}
+    assert ta.pick_gluon(triton + lost[:-1], table) == {}  # a case not timed (the budget): the table's keys stay
+
+
+def test_tuner_rewrite_keeps_prefill_keys():
+    # a rewritten prefill entry keeps the keys no sweep times (the lead's hand-set Gluon keys, an FP8 scratch count)
+    # from the table it started from; where --gluon timed the kernel, its picks replace them (or drop them)
+    import tune_attention as ta
+
+    old = json.loads((acfg.CONFIG_DIR / acfg.config_file_name("NVIDIA_H200")).read_text())
+    old["prefill"]["d128_bf16"].update(gluon={"num_stages": 3, "split_wg": 1}, GLUON_MIN_Q=2048)
+    old["prefill"]["d128_fp8"].update(FP8_SCRATCH_MIN_Q=512)
+    before = json.dumps(old, sort_keys=True)
+    new_bf16, new_fp8 = ta.prefill_cfg((128, 64, 8, 3)), ta.prefill_cfg((128, 128, 8, 4))
+    table = {"prefill": {"d128_bf16": {**new_bf16, "geomean_frac": 0.5}, "d128_fp8": {**new_fp8, "geomean_frac": 0.4}}}
+    for picks, bf16_keys in (({}, {"gluon": {"num_stages": 3, "split_wg": 1}, "GLUON_MIN_Q": 2048}),
+                             ({"d128_bf16": {}}, {}),
+                             ({"d128_bf16": {"gluon": 1, "GLUON_MIN_Q": 4096}}, {"gluon": 1, "GLUON_MIN_Q": 4096})):
+        written = ta.with_prefill_keys(ta.merge_table(old, table), old, table, picks)
+        assert written["prefill"]["d128_bf16"] == {**new_bf16, **bf16_keys}
+        assert written["prefill"]["d128_fp8"] == {**new_fp8, "FP8_SCRATCH_MIN_Q": 512}
+        assert written["decode"] == old["decode"]
+        for entry in written["prefill"].values():
+            acfg.check_config(entry, acfg.PREFILL_KEYS, 128)
+    assert json.dumps(old, sort_keys=True) == before  # the table read in is left as it was
+    written = ta.with_prefill_keys(ta.merge_table({}, table), {}, table, {})  # nothing checked in
+    assert written["prefill"]["d128_bf16"] == new_bf16
+
+
 def test_tuner_refuses_an_unknown_kv_dtype(monkeypatch, tmp_path, capsys):
     # a typo in --kv-dtypes is a one-line usage error before any GPU work (it used to time no case and write the
     # checked-in table back as this run's)

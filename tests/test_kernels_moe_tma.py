@@ -188,6 +188,133 @@ def test_tuner_measures_and_writes_tma_entries(monkeypatch, tmp_path):
     assert sorted(table, key=int) == ["64", "256"] and all(c["tma"]["min_rows"] == 64 * 2 for c in table.values())
 
 
+def test_tuner_gluon_candidates_pass_the_kernels_checks(monkeypatch):
+    # every Gluon candidate is a config its kernel takes (shared memory, registers, warps), cooperative (ping-pong
+    # lost on the H200); BLOCK_M 128 bf16 adds bench_moe_gluon's sweep tiles
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_moe_tma
+
+    from kernels.moe_gluon import check_gluon_config
+    from kernels.moe_gluon_fp8 import check_gluon_fp8_config
+
+    for fp8, check in ((False, check_gluon_config), (True, check_gluon_fp8_config)):
+        for bm in tune_moe_tma.GLUON_BLOCK_MS:
+            ups, downs = tune_moe_tma.gluon_candidates(bm, fp8)
+            assert len(ups) == len(downs) == (3 if bm == 128 and not fp8 else 1)
+            for kind, cands in (("up", ups), ("down", downs)):
+                assert not any(g["pingpong"] for g in cands) and len({json.dumps(g) for g in cands}) == len(cands)
+                for g in cands:
+                    check(bm, g, kind == "up")
+
+
+def _gluon_gemm_by_torch(launched: list):
+    """grouped_gemm_gluon's stand-in on the CPU (Gluon has no interpreter): the kernel's own checks (launch_args),
+    then its answer in torch, block by block."""
+    from kernels.moe_gluon import launch_args
+
+    def gemm(a, w, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g, num_sms=None):
+        launch_args(a, w, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g, 132)
+        for b in range(int(num_post_pad) // block_m):
+            e, rows = int(expert_ids[b]), slice(b * block_m, (b + 1) * block_m)
+            y = a[rows].float() @ w[e * w_rows:(e + 1) * w_rows].float().T
+            out[rows] = (torch.nn.functional.silu(y[:, :n]) * y[:, n:2 * n] if silu_mul else y[:, :n]).to(out.dtype)
+        launched.append((silu_mul, block_m, g))
+    return gemm
+
+
+def test_tuner_writes_a_gluon_entry_fused_experts_tma_runs(monkeypatch, tmp_path):
+    # the tuner with Gluon candidates (their launches by a torch stand-in that runs the kernel's checks): where a
+    # Gluon pair's layer is fastest, the row's config and the table's "tma" entry carry "gluon": 1 and its tiles,
+    # which the kernel's checks and fused_experts_tma take
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_moe
+    import tune_moe
+    import tune_moe_tma
+
+    import kernels.moe_config as mc
+    import kernels.moe_gluon as mgl
+    from kernels.moe_gluon import check_gluon_config
+
+    launched, timed = [], []
+    stand_in = _gluon_gemm_by_torch(launched)
+    monkeypatch.setattr(tune_moe_tma, "grouped_gemm_gluon", stand_in)
+    monkeypatch.setattr(mgl, "grouped_gemm_gluon", stand_in)
+    monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 64, 32, 2))
+    monkeypatch.setattr(bench_moe, "make_inputs", tiny_moe_inputs)
+    times = iter(range(100, 0, -1))  # each layer timing shorter than the last: the last timed (Gluon, BLOCK_M 128) wins
+    monkeypatch.setattr(bench_moe, "bench_graph", lambda fn, rep_ms=60: (fn(), next(times))[1])
+    monkeypatch.setattr(tune_moe, "time_run", lambda run, n: (timed.append(run()), 1.0)[1])
+    monkeypatch.setattr(tune_moe_tma, "TMA_CANDIDATES", [(16, 32, 32, 4, 2, False)])
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    mc._load.cache_clear()
+    e, h, inter, top_k = bench_moe.SHAPES["tiny"]
+    w13 = (torch.randn(e, 2 * inter, h) / h**0.5).half()
+    w2 = (torch.randn(e, h, inter) / inter**0.5).half()
+    row = tune_moe_tma._measure_m("tiny", "bf16", 21, {"w13": w13, "w2": w2}, {"copy_tbps": 1.0, "bf16_tflops": 1.0},
+                                  gluon=True)
+    assert len(timed) == 2 + (1 + 1) + (3 + 3)  # Triton BLOCK_M 16, Gluon 64, Gluon 128 (with the sweep tiles)
+    assert row["tma"]["gluon"] == 1 and row["tma"]["BLOCK_M"] == 128 and row["err_vs_old"] < 2e-3
+    _, table = tune_moe_tma.with_tma_entries("tiny", "bf16", [dict(row, M=64, old_us=10.0, tma_us=5.0)])
+    entry = table["64"]["tma"]
+    assert entry == dict(row["tma"], min_rows=64 * top_k)
+    check_gluon_config(entry["BLOCK_M"], entry["up"], True)
+    check_gluon_config(entry["BLOCK_M"], entry["down"], False)
+    launched.clear()
+    x, weights, ids = tiny_moe_inputs(21, e, h, top_k, 5)
+    out = fused_experts_tma(x, w13, w2, weights, ids, entry)
+    assert launched == [(True, 128, entry["up"]), (False, 128, entry["down"])]
+    assert _rel_err(out, fused_experts_ref(x, w13, w2, weights, ids)) < 2e-3
+
+
+def test_tuner_gluon_fp8_entry_fused_experts_tma_runs(monkeypatch, tmp_path):
+    # an FP8 table's "tma" entry from a winning Gluon pair: the FP8 kernel's checks take it and fused_experts_tma
+    # runs it (the launch by its per-K-step reference after fp8_launch_args' checks, as on the CPU there is no Gluon)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_moe
+    import tune_moe_tma
+
+    import kernels.moe_config as mc
+    import kernels.moe_gluon_fp8 as mgf
+    import kernels.moe_grouped_tma as mg
+    from kernels.fp8 import per_token_group_quant_ref, quantize_weight_block
+    from kernels.moe_gluon_fp8 import check_gluon_fp8_config, fp8_launch_args, grouped_gemm_fp8_ref
+
+    launched = []
+
+    def kernel_by_reference(a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g,
+                            num_sms=None):
+        fp8_launch_args(a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g, 132)
+        blocks = int(num_post_pad) // block_m
+        out[: blocks * block_m] = grouped_gemm_fp8_ref(a, a_scale, w, w_scale, expert_ids, blocks, n, w_rows,
+                                                       silu_mul, block_m).to(out.dtype)
+        launched.append((silu_mul, block_m, g))
+
+    monkeypatch.setattr(mgf, "grouped_gemm_gluon_fp8", kernel_by_reference)
+    monkeypatch.setattr(mg, "per_token_group_quant", per_token_group_quant_ref)  # the interpreter's e4m3 rounding
+    monkeypatch.setattr(mgf, "per_token_group_quant", per_token_group_quant_ref)
+    monkeypatch.setitem(bench_moe.SHAPES, "tiny_fp8", (4, 256, 128, 2))  # (the gate_up: I a multiple of BLOCK_N)
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    mc._load.cache_clear()
+    e, h, inter, top_k = bench_moe.SHAPES["tiny_fp8"]
+    torch.manual_seed(2)
+    w13, s13 = quantize_weight_block(torch.randn(e, 2 * inter, h) / h**0.5)
+    w2, s2 = quantize_weight_block(torch.randn(e, h, inter) / inter**0.5)
+    x, weights, ids = tiny_moe_inputs(21, e, h, top_k, 5)
+    ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
+    for bm in tune_moe_tma.GLUON_BLOCK_MS:
+        ups, downs = tune_moe_tma.gluon_candidates(bm, True)
+        row = {"M": 4096, "old_us": 10.0, "tma_us": 5.0, "tma": tune_moe_tma.tma_entry(bm, ups[0], downs[0], True)}
+        _, table = tune_moe_tma.with_tma_entries("tiny_fp8", "fp8", [row])
+        entry = table["4096"]["tma"]
+        assert entry["gluon"] == 1 and entry["min_rows"] == 4096 * top_k
+        check_gluon_fp8_config(bm, entry["up"], True)
+        check_gluon_fp8_config(bm, entry["down"], False)
+        launched.clear()
+        out = fused_experts_tma(x, w13, w2, weights, ids, entry, w13_scale=s13, w2_scale=s2)
+        assert launched == [(True, bm, entry["up"]), (False, bm, entry["down"])]
+        assert _rel_err(out, ref) < 1e-2
+
+
 def test_block_tuner_keeps_tma_entries(tmp_path, monkeypatch):
     # re-running the block tuner (tune_moe.py without --tma) must not drop the measured TMA entries
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
