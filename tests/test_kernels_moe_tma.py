@@ -222,10 +222,12 @@ def _gluon_gemm_by_torch(launched: list):
     return gemm
 
 
-def test_tuner_writes_a_gluon_entry_fused_experts_tma_runs(monkeypatch, tmp_path):
+@pytest.mark.parametrize("broken", [False, True])
+def test_tuner_writes_a_gluon_entry_fused_experts_tma_runs(monkeypatch, tmp_path, broken):
     # the tuner with Gluon candidates (their launches by a torch stand-in that runs the kernel's checks): where a
     # Gluon pair's layer is fastest, the row's config and the table's "tma" entry carry "gluon": 1 and its tiles,
-    # which the kernel's checks and fused_experts_tma take
+    # which the kernel's checks and fused_experts_tma take; broken (a stand-in that answers wrong), the fastest
+    # layer is not taken: the Triton candidate wins
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_moe
     import tune_moe
@@ -236,7 +238,12 @@ def test_tuner_writes_a_gluon_entry_fused_experts_tma_runs(monkeypatch, tmp_path
     from kernels.moe_gluon import check_gluon_config
 
     launched, timed = [], []
-    stand_in = _gluon_gemm_by_torch(launched)
+    right = _gluon_gemm_by_torch(launched)
+
+    def stand_in(a, w, out, *args, **kwargs):
+        right(a, w, out, *args, **kwargs)
+        if broken:
+            out.add_(1)
     monkeypatch.setattr(tune_moe_tma, "grouped_gemm_gluon", stand_in)
     monkeypatch.setattr(mgl, "grouped_gemm_gluon", stand_in)
     monkeypatch.setitem(bench_moe.SHAPES, "tiny", (4, 64, 32, 2))
@@ -253,6 +260,9 @@ def test_tuner_writes_a_gluon_entry_fused_experts_tma_runs(monkeypatch, tmp_path
     row = tune_moe_tma._measure_m("tiny", "bf16", 21, {"w13": w13, "w2": w2}, {"copy_tbps": 1.0, "bf16_tflops": 1.0},
                                   gluon=True)
     assert len(timed) == 2 + (1 + 1) + (3 + 3)  # Triton BLOCK_M 16, Gluon 64, Gluon 128 (with the sweep tiles)
+    if broken:
+        assert "gluon" not in row["tma"] and row["tma"]["BLOCK_M"] == 16 and row["err_vs_old"] < 2e-3
+        return
     assert row["tma"]["gluon"] == 1 and row["tma"]["BLOCK_M"] == 128 and row["err_vs_old"] < 2e-3
     _, table = tune_moe_tma.with_tma_entries("tiny", "bf16", [dict(row, M=64, old_us=10.0, tma_us=5.0)])
     entry = table["64"]["tma"]
