@@ -9,9 +9,12 @@ import math
 
 import attention_cases as ac
 
-from kernels.attention.config import DECODE_KNOB_DEFAULTS, config_key
+from kernels.attention.config import DECODE_KNOB_DEFAULTS, PREFILL_KNOB_DEFAULTS, config_key
 
 SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SMALL_BATCH (tuned on the B=1 cases)
+# prefill keys this tuner never sweeps, set in the checked-in table from other benches (the Gluon kernel and the
+# query length it runs from, bench_attention.py --gluon; the FP8 scratch's knobs): a pick keeps them
+UNSWEPT_PREFILL_KEYS = ("gluon", *PREFILL_KNOB_DEFAULTS)
 
 
 def geomean(xs: list[float]) -> float:
@@ -66,7 +69,8 @@ def merge_table(old: dict, table: dict) -> dict:
     batch class only (pick_small_batch's batch_class) replaces that class's config in the checked-in entry: a B=1
     pick becomes its small_batch_config, not the config of every batch; a pick over the larger batches keeps the
     checked-in small_batch_config. A decode entry this run writes gets every knob (DECODE_KNOB_DEFAULTS for those a
-    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is."""
+    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is; a prefill pick keeps the
+    checked-in entry's UNSWEPT_PREFILL_KEYS."""
     written = {kind: dict(entries) for kind, entries in old.items()}
     for kind, entries in table.items():
         for key, cfg in entries.items():
@@ -78,5 +82,7 @@ def merge_table(old: dict, table: dict) -> dict:
                 new = {**prev, "small_batch": SMALL_BATCH, "small_batch_config": new}
             elif prev and cfg.get("batch_class") == "large" and prev.get("small_batch_config"):
                 new.update(small_batch=prev["small_batch"], small_batch_config=prev["small_batch_config"])
+            elif prev and kind == "prefill":
+                new.update({x: prev[x] for x in UNSWEPT_PREFILL_KEYS if x in prev})
             written.setdefault(kind, {})[key] = new
     return written

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.sm90 import run_sm90_probe
 
@@ -140,6 +141,52 @@ def test_dispatch_by_min_rows():
     with count_launches() as log:
         fused_experts(x, w13, w2, weights, ids, config=base)  # no "tma" entry: the old path
     assert "triton:_grouped_gemm_kernel" not in log.events
+
+
+class _Allocations(TorchDispatchMode):
+    # bytes of every storage the ops under it create (a call's intermediates all live until it returns: its peak)
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, torch.UntypedStorage] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+        return out
+
+
+@pytest.mark.parametrize("fp8,gluon", [(False, False), (False, True), (True, False), (True, True)])
+def test_workspace_bytes_cover_the_permuted_path(monkeypatch, fp8, gluon):
+    # the memory plan's bound on a fused_experts call (expert_warmup.warmup_bytes, ep_experts_bytes) where a table's
+    # "tma" entry applies: the permuted tokens, the gate_up output and the per-row down output, all padded to the
+    # sorted positions, as the Gluon kernels (their launches stubbed: no interpreter) and the Triton TMA path
+    # allocate them
+    import kernels.moe_gluon as mgl
+    import kernels.moe_gluon_fp8 as mgl8
+    from kernels.fp8 import quantize_weight_block
+    from kernels.fused_moe import experts_workspace_bytes
+
+    monkeypatch.setattr(mgl, "grouped_gemm_gluon", lambda *a, **k: None)
+    monkeypatch.setattr(mgl8, "grouped_gemm_gluon_fp8", lambda *a, **k: None)
+    num_tokens, num_experts, hidden, inter, top_k = 24, 8, 256, 128, 2
+    x = torch.randn(num_tokens, hidden, dtype=torch.float16)
+    w13, w2 = torch.randn(num_experts, 2 * inter, hidden) / 16, torch.randn(num_experts, hidden, inter) / 16
+    (w13, s13), (w2, s2) = (quantize_weight_block(w) if fp8 else (w.half(), None) for w in (w13, w2))
+    weights, ids = _skewed_routing(num_tokens, num_experts, top_k, 11)
+    tma = dict(_small_tma(16), min_rows=num_tokens * top_k, gluon=int(gluon))
+    if fp8:
+        tma = dict(tma, up=dict(tma["up"], BLOCK_K=128), down=dict(tma["down"], BLOCK_K=128))
+    cfg = dict(default_config(num_tokens, num_experts, top_k, fp8), tma=tma)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w13, w2, s13, s2, weights, ids) if t is not None}
+    with count_launches() as log, _Allocations() as allocs:
+        fused_experts(x, w13, w2, weights, ids, config=cfg, w13_scale=s13, w2_scale=s2)
+    assert ("triton:_grouped_gemm_kernel" in log.events) != gluon and "triton:_permute_kernel" in log.events
+    allocated = sum(s.nbytes() for p, s in allocs.storages.items() if p not in inputs)
+    want = experts_workspace_bytes(num_tokens, top_k, hidden, inter, num_experts, 2, cfg, fp8)
+    # (moe_align's chunk counts aside, a few bytes here)
+    assert allocated - 64 <= want <= allocated
 
 
 def test_tma_entry_only_from_this_gpus_table(tmp_path, monkeypatch):

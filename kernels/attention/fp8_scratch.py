@@ -13,6 +13,8 @@ k_scale / v_scale stay where the kernel applies them (k_scale in the softmax sca
 cast to fp16 as on an FP8 cache. The widened launch therefore computes on the same values in the same order: its
 output equals the in-loop path's bit for bit when both run the same BLOCK_M / BLOCK_N (num_warps, num_stages,
 MASK_FREE, LPT_GRID change no arithmetic), and within fp rounding (the online softmax's tile boundaries) otherwise.
+Where q's dtype's entry sets "gluon" (H200: from GLUON_MIN_Q query tokens) the scratch runs the Gluon kernel
+(kernels/attention/prefill.py): its own tiles, its output rounded to fp16 before v_scale, so within fp rounding too.
 
 When it pays (fp8_scratch_plan): per cached element, widening once costs ~3 bytes of traffic (e4m3 read, fp16 write),
 ~0.6 ps at an H200's ~4.8 TB/s (the kernel then reads 2 bytes instead of 1, from L2 mostly: its programs share the
