@@ -230,7 +230,9 @@ def test_gluon_runs_from_gluon_min_q_and_on_the_fp8_scratch(monkeypatch):
 
     monkeypatch.setattr(prefill, "gluon_supported", gluon_fits)  # (its shape rules, without the sm90 check)
     monkeypatch.setattr(prefill, "paged_attention_prefill_gluon", stand_in)
-    q, k_cache, v_cache, cu, lens, tables = _inputs([5, 20], [5, 33], 4, 2, 16, torch.float16, "cpu", head_dim=64)
+    q, k_cache, v_cache, cu, lens, tables = _inputs([5, 20], [5, 33], 4, 2, 16, torch.float16, "cpu", head_dim=64,
+                                                    lead=1)
+    q[0] = float("inf")  # a row no sequence owns: the scratch path's clamp must not reach the caller's q
     cfg = {**plain, "gluon": 1, "GLUON_MIN_Q": 16}
     for max_q, gluon in ((15, False), (20, True)):  # (max_q: what the caller says the longest query is)
         calls.clear()
@@ -241,7 +243,7 @@ def test_gluon_runs_from_gluon_min_q_and_on_the_fp8_scratch(monkeypatch):
     calls.clear()
     args = (q, k8, v8, cu, lens, tables, 0.125, 20, 0.5, 2.0)
     out = paged_attention_prefill(*args, config={**cfg, "FP8_SCRATCH_MIN_Q": 1})
-    assert calls == [(torch.float16, torch.float16, 0.125 * 0.5, 20)]
+    assert calls == [(torch.float16, torch.float16, 0.125 * 0.5, 20)] and q[0].isinf().all()
     in_loop = paged_attention_prefill(*args, config={**plain, "FP8_SCRATCH_MIN_Q": 0})
     assert (out.float() - in_loop.float()).abs().max() <= 2e-3 * in_loop.float().abs().max()
 

@@ -393,7 +393,7 @@ def paged_attention_prefill(
         g = gluon_tiles(cfg, head_dim, max_seqlen_q)  # the scratch (fp16) on the Gluon kernel: q in fp16, k_scale in
         # the softmax scale and v_scale on its output, where the Triton kernel applies them
         if g is not None and q.dtype in (torch.bfloat16, torch.float16):
-            q16 = q.to(torch.float16).clamp_(-FP16_MAX.value, FP16_MAX.value)  # inf -> fp16's max, as below
+            q16 = q.to(torch.float16, copy=True).clamp_(-FP16_MAX.value, FP16_MAX.value)  # inf -> fp16's max
             if gluon_supported(q16, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, g, 1.0, 1.0, tile_map):
                 out = paged_attention_prefill_gluon(q16, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables,
                                                     scale * k_scale, max_seqlen_q, g)
