@@ -34,6 +34,7 @@ from kernels.moe_gemv import gemv_experts  # noqa: E402
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from kernels.moe_permute import permute_tokens  # noqa: E402
 from kernels.moe_w8 import W8_MMA_MODES  # noqa: E402
+from runtime.distributed.all2all_sparse import rank_hit_fraction  # noqa: E402
 
 SHAPES = {  # name: (num_experts, hidden, inter, top_k)
     "qwen3": (128, 2048, 768, 8),  # Qwen3-30B-A3B
@@ -84,12 +85,51 @@ def grouped_mm_moe(x, w13_t, w2_t, topk_weights, topk_ids):
     return torch.zeros(num_tokens, x.shape[1], device=x.device).index_add_(0, tok, y).to(x.dtype)
 
 
-def make_inputs(num_tokens: int, num_experts: int, hidden: int, top_k: int, seed: int):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-    logits = torch.randn(num_tokens, num_experts, device="cuda", generator=g)
+def make_inputs(num_tokens: int, num_experts: int, hidden: int, top_k: int, seed: int, ep_size: int = 1,
+                slots: int = 0, device: str = "cuda"):
+    """(x [N, H] bf16, normalized top-k weights [N, k] fp32, ids [N, k] int32): softmax top-k of random logits over
+    num_experts, N = num_tokens. ep_size > 1: the rows EP rank 0 of ep_size receives from the sparse all2all
+    (runtime/distributed/all2all_sparse.py) when every rank routes num_tokens tokens so: ids local to its first
+    num_experts / ep_size experts, -1 (weight 0) for the slots of other ranks. slots 0: the dynamic exchange, exactly
+    the expected count of rows (ep_size x num_tokens x rank_hit_fraction), each with a slot here; slots C: the static
+    exchange, ep_size blocks of C rows (a source's rows for rank 0, the first C, then padding rows: all -1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if ep_size == 1:
+        x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=g)
+        return (x, *_routing(num_tokens, num_experts, top_k, g, device))
+    num_local = num_experts // ep_size
+    if slots:
+        blocks = [_rows_for_rank0(num_tokens, num_experts, num_local, top_k, g, device) for _ in range(ep_size)]
+        blocks = [(w[:slots], ids[:slots]) for w, ids in blocks]
+        weights = torch.cat([F.pad(w, (0, 0, 0, slots - w.shape[0])) for w, _ in blocks])
+        ids = torch.cat([F.pad(i, (0, 0, 0, slots - i.shape[0]), value=-1) for _, i in blocks])
+    else:
+        num_rows = round(ep_size * num_tokens * rank_hit_fraction(num_experts, ep_size, top_k))
+        weights, ids = _rows_for_rank0(0, num_experts, num_local, top_k, g, device)
+        while ids.shape[0] < num_rows:  # tokens of every source alike: draw until the expected count
+            w, i = _rows_for_rank0(max(64, num_rows - ids.shape[0]) * 2, num_experts, num_local, top_k, g, device)
+            weights, ids = torch.cat([weights, w]), torch.cat([ids, i])
+        weights, ids = weights[:num_rows], ids[:num_rows]
+    x = torch.randn(ids.shape[0], hidden, device=device, dtype=torch.bfloat16, generator=g)
+    return x, weights.contiguous(), ids.to(torch.int32).contiguous()
+
+
+def _routing(num_tokens: int, num_experts: int, top_k: int, g: torch.Generator,
+             device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # make_inputs' router: normalized top-k weights [T, k] fp32 and ids [T, k] int32
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=g)
     weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
-    return x, (weights / weights.sum(-1, keepdim=True)).float().contiguous(), ids.to(torch.int32).contiguous()
+    return (weights / weights.sum(-1, keepdim=True)).float().contiguous(), ids.to(torch.int32).contiguous()
+
+
+def _rows_for_rank0(num_tokens: int, num_experts: int, num_local: int, top_k: int, g: torch.Generator,
+                    device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # of num_tokens routed tokens, those with a slot on rank 0 (global ids [0, num_local)), in token order, as its
+    # dispatch packs them: (weights [n, k] with 0, local ids [n, k] with -1 where the slot is another rank's)
+    weights, ids = _routing(num_tokens, num_experts, top_k, g, device)
+    mine = ids < num_local
+    rows = mine.any(dim=1)
+    return torch.where(mine, weights, 0.0)[rows], torch.where(mine, ids, -1)[rows]
 
 
 def bench_tma(sets: list, cfg: dict, w13: torch.Tensor, w2: torch.Tensor, kw: dict, ceil: dict,

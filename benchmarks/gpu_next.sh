@@ -29,6 +29,13 @@
 #   phase 6 (~3 min): the B=1 qkv projection on our GEMV instead of cuBLAS in the PDL chain (cuBLAS takes no part
 #     in PDL): the step with cuBLAS, then with two GEMV tiles forced for n5120_k2048 at M=1.
 #   phase 1 (~5 min, low priority): the MoE GEMV at M=2,4,8 with 16-bit K steps of 1024-2048, then the step at B=1/8.
+#   phase H (~9 min, one H200): the EP local-expert tables (tune_moe.py --ep: none exist, every EP rank runs
+#     default_config): qwen3 bf16 at EP 8 (16 local experts) then EP 2 (64), on the rows a rank receives in steps of
+#     T = 1..4096 tokens a rank (buckets: received rows N, e.g. EP 8: 8 .. 21870), each sweep under 140 s (estimate,
+#     unmeasured: ~20 s of precompile, then ~6 s a step size, from the bf16 / FP8 sweeps above); then the TMA / Gluon
+#     entries at T = 1024, 4096, each under 130 s (may print nothing on a cold Triton cache: it did in 170-240 s in
+#     sessions 6-7). The tables come back in $OUT/ep8/configs, $OUT/ep2/configs (moe_E16_..., moe_E64_...): copy in
+#     by hand where the printed numbers beat default_config.
 # Settled: FUSED_FP8_DOT stays off (session 11), the fused decode prologue's cap is 256 rows; Gluon ping-pong MoE
 # lost to the cooperative kernel (session 12).
 # Files the device lacks, made here before a call (ignored, carried): .wheelhouse (../shared/device/wheelhouse.sh,
@@ -150,5 +157,18 @@ if [[ $PHASES == *C* ]]; then
       | tail -6
   done
   timeout 60 python3 -m pytest -q -m gpu tests/test_kernels_moe.py -k align 2>&1 | tail -2
+fi
+if [[ $PHASES == *H* ]]; then
+  for ep in 8 2; do
+    timeout 140 python3 benchmarks/tune_moe.py --ep $ep --shapes qwen3 --dtypes bf16 --m 1,4,16,64,256,1024,4096 \
+      --jobs 16 --out $OUT/ep$ep 2>&1 | grep -E "^best|skip|wrote|summary|Error" | cut -c1-220
+  done
+  # the TMA runs extend the tables above (copied into this machine's kernels/configs only; they refuse without them)
+  cp $OUT/ep*/configs/*.json kernels/configs/ 2>/dev/null
+  for ep in 8 2; do
+    timeout 130 python3 benchmarks/tune_moe.py --tma --ep $ep --shapes qwen3 --dtypes bf16 --m 1024,4096 --jobs 16 \
+      --out $OUT/ep$ep 2>&1 | grep -E "^moe_tma|summary|Error|refuse|no table" | cut -c1-400
+  done
+  echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
 fi
 echo "done in $SECONDS s"

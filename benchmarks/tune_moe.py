@@ -3,6 +3,7 @@
 python benchmarks/tune_moe.py --out DIR [--shapes qwen3,...] [--m 1,8,...] [--dtypes bf16,fp8] [--jobs 12]
 python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8] [--no-gluon]
 python benchmarks/tune_moe.py --gemv ...  (the few-token GEMV kernels vs the table's entries: tune_moe_gemv.py)
+python benchmarks/tune_moe.py --ep 8 [--tma] --shapes qwen3 ...  (one expert-parallel rank's local experts)
 
 For each BLOCK_M allowed at a token count (and for FP8, each activation mode; weight-only FP8 also each
 "w8_mma" mode of kernels/fused_moe.py, the best of each printed), times every candidate of the
@@ -13,6 +14,15 @@ Writes DIR/configs/moe_E.._H.._I.._{dtype}_{gpu}.json, the files kernels/moe_con
 --tma: times the permuted TMA path (benchmarks/tune_moe_tma.py) against the table's old path at each M, and
 writes the table with a "tma" entry in the buckets from the smallest M where it wins (default qwen3, bf16); on
 sm90 the Gluon kernels are candidates too (--no-gluon: the Triton TMA kernel's only).
+--ep EP (with or without --tma; not --gemv): tunes the local shape of expert parallelism over EP ranks (E/EP experts,
+the same H, I, top-k) on the rows rank 0 receives (bench_moe.make_inputs with ep_size: global softmax top-k over E,
+the rows with a slot on rank 0, other slots -1), as the sparse all2all with the engine's defaults delivers them:
+a step of up to EP_STATIC_MAX_TOKENS tokens a rank in EP fixed blocks of capacity_slots rows (padding rows
+included), a larger one its exact rows. --m then counts a step's tokens per rank (T); each bucket of the table
+is the received row count N of such a step (printed: T=.. N=..), what get_moe_config sees there, so a step of a
+tuned T hits its own bucket (other backends or flags deliver other counts: the nearest bucket serves them).
+Writes DIR/configs/moe_E{E/EP}_H.._I.._{dtype}_{gpu}.json, the file the EP layer loads. The TMA entries extend
+the local shape's table in kernels/configs/: tune and copy that in first.
 """
 
 from __future__ import annotations
@@ -37,12 +47,33 @@ from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E4
 from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa: E402
 from kernels.moe_w8 import W8_MMA_MODES, w8_mma_meta  # noqa: E402
+from runtime.config import EngineConfig  # noqa: E402
+from runtime.distributed.all2all_sparse import capacity_slots  # noqa: E402
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
 # weight-only FP8 also tries wide 8-warp tiles: fewer registers a thread for the widened weights (sm90 compiles,
 # benchmarks/moe_ir.py: up 128 x 128 at 4 warps 248-255 registers), and with swapped operands the MMA's M side
 W8_EXTRA = [(128, 128, 8, 4), (256, 128, 8, 3)]
+# the sparse all2all under the engine's defaults: steps up to the largest CUDA-graph step (the mixed graphs' token
+# cap, above the decode graphs' batch) exchange fixed blocks of capacity_slots rows, larger ones the exact rows
+EP_STATIC_MAX_TOKENS = EngineConfig.max_mixed_cudagraph_tokens
+EP_CAPACITY_FACTOR = EngineConfig.all2all_capacity_factor
+
+
+def ep_slots(num_tokens: int, num_experts: int, top_k: int, ep_size: int) -> int:
+    """make_inputs' slots for a step of num_tokens tokens a rank under EP: the static exchange's block per source,
+    or 0 (the dynamic exchange, exact rows) above EP_STATIC_MAX_TOKENS."""
+    if num_tokens > EP_STATIC_MAX_TOKENS:
+        return 0
+    return capacity_slots(num_tokens, num_experts, ep_size, top_k, EP_CAPACITY_FACTOR)
+
+
+def ep_inputs_kwargs(num_tokens: int, num_experts: int, top_k: int, ep_size: int, device: str = "cuda") -> dict:
+    """make_inputs' keywords for the rows EP rank 0 receives in a step of num_tokens tokens a rank ({}: no EP)."""
+    if ep_size == 1:
+        return {}
+    return {"ep_size": ep_size, "slots": ep_slots(num_tokens, num_experts, top_k, ep_size), "device": device}
 
 
 def plans(m: int, top_k: int, num_experts: int, fp8: bool) -> list[tuple[int, bool]]:
@@ -70,12 +101,14 @@ def candidates(block_m: int, fp8: bool, act_fp8: bool = True) -> list[dict]:
 
 
 class Problem:
-    """Weights and rotated inputs of one (shape, dtype, M), aligned for each BLOCK_M."""
+    """Weights and rotated inputs of one (shape, dtype, M), aligned for each BLOCK_M; ep_size > 1: rank 0's local
+    experts and the rows it receives in a step of M tokens a rank (num_rows of them)."""
 
     def __init__(self, shape: str, dtype: str, m: int, block_ms: list[int], num_sets: int = 2,
-                 real_weights: bool = True, device: str = "cuda") -> None:
-        e, h, inter, top_k = SHAPES[shape]
-        self.shape, self.fp8 = SHAPES[shape], dtype == "fp8"
+                 real_weights: bool = True, device: str = "cuda", ep_size: int = 1) -> None:
+        num_routed, h, inter, top_k = SHAPES[shape]
+        e = num_routed // ep_size
+        self.shape, self.fp8 = (e, h, inter, top_k), dtype == "fp8"
         if real_weights:
             gen = torch.Generator(device=device).manual_seed(0)
             w13 = torch.randn(e, 2 * inter, h, device=device, generator=gen, dtype=torch.bfloat16) * h**-0.5
@@ -92,7 +125,9 @@ class Problem:
         else:
             self.s13, self.s2 = w13, w2
         self.w13, self.w2 = w13, w2
-        self.sets = [make_inputs(m, e, h, top_k, seed) for seed in range(num_sets)]
+        ep_kw = ep_inputs_kwargs(m, num_routed, top_k, ep_size, device)
+        self.sets = [make_inputs(m, num_routed, h, top_k, seed, **ep_kw) for seed in range(num_sets)]
+        self.num_rows = self.sets[0][0].shape[0]  # what the layer's get_moe_config sees (N under EP)
         self.aligned = {bm: [moe_align(ids, e, bm) for _, _, ids in self.sets] for bm in block_ms}
 
     def launches(self, kind: str, g: dict, bm: int, act_fp8: bool):
@@ -149,7 +184,7 @@ def _compile_worker(job: tuple) -> str:
         return f"{shape}/{dtype}: compile worker failed: {exc!r}"[:300]
 
 
-def precompile(shapes: list[str], dtypes: list[str], ms: list[int], jobs: int) -> None:
+def precompile(shapes: list[str], dtypes: list[str], ms: list[int], jobs: int, ep_size: int = 1) -> None:
     # one compile per distinct binary: shapes share binaries unless EVEN_K differs
     seen: set[str] = set()
     by_problem: dict[tuple[str, str], list] = {}
@@ -157,7 +192,7 @@ def precompile(shapes: list[str], dtypes: list[str], ms: list[int], jobs: int) -
         e, h, inter, top_k = SHAPES[shape]
         for dtype in dtypes:
             for m in ms:
-                for bm, act in plans(m, top_k, e, dtype == "fp8"):
+                for bm, act in plans(m * ep_size, top_k, e, dtype == "fp8"):  # (tune_shape's plans)
                     for g in candidates(bm, dtype == "fp8", act):
                         for kind in ("up", "down"):
                             even = (h if kind == "up" else inter) % g["BLOCK_K"] == 0
@@ -189,13 +224,18 @@ def time_run(run, n: int) -> float:
         return float("inf")
 
 
-def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
-    e, h, inter, top_k = SHAPES[shape]
+def tune_shape(shape: str, ms: list[int], dtype: str, out: Path, ep_size: int = 1) -> None:
+    num_routed, h, inter, top_k = SHAPES[shape]
+    e = num_routed // ep_size
     fp8 = dtype == "fp8"
+    dtype_name = "fp8" if fp8 else "bfloat16"
+    name = config_file_name(e, h, inter, dtype_name, device_name())
     table = {}
     for m in ms:
-        ps = plans(m, top_k, e, fp8)
-        prob = Problem(shape, dtype, m, sorted({bm for bm, _ in ps}))
+        # rows per local expert: under EP, ep_size x m tokens routed over all experts (padding rows route nowhere)
+        ps = plans(m * ep_size, top_k, num_routed, fp8)
+        prob = Problem(shape, dtype, m, sorted({bm for bm, _ in ps}), ep_size=ep_size)
+        at = f"M={m}" if ep_size == 1 else f"EP={ep_size} T={m} N={prob.num_rows}"
         quant_us = 0.0
         if fp8:  # the two activation-quant launches that act_fp8 adds
             x = prob.sets[0][0]
@@ -208,19 +248,19 @@ def tune_shape(shape: str, ms: list[int], dtype: str, out: Path) -> None:
             up = best_per_mode([time_run(*prob.launches("up", g, bm, act_fp8)) for g in cands], cands, "up")
             down = best_per_mode([time_run(*prob.launches("down", g, bm, act_fp8)) for g in cands], cands, "down")
             total = up[0] + down[0] + (quant_us if act_fp8 else 0.0)
-            print(f"  {shape} {dtype} M={m} BM={bm} act_fp8={act_fp8}: up {up[0]:.1f} down {down[0]:.1f} "
+            print(f"  {shape} {dtype} {at} BM={bm} act_fp8={act_fp8}: up {up[0]:.1f} down {down[0]:.1f} "
                   f"total {total:.1f} us", flush=True)
             if best is None or total < best[0]:
                 best = (total, {"BLOCK_M": bm, "up": cands[up[1]], "down": cands[down[1]], "act_fp8": act_fp8})
-        table[str(m)] = best[1]
-        print(f"best {shape} {dtype} M={m}: {best[0]:.1f} us {json.dumps(best[1])}", flush=True)
+        table[str(prob.num_rows)] = best[1]
+        print(f"best {shape} {dtype} {at}: {best[0]:.1f} us {json.dumps(best[1])}", flush=True)
         del prob
         torch.cuda.empty_cache()
-    name = config_file_name(e, h, inter, "fp8" if fp8 else "bfloat16", device_name())
-    table = keep_tma_entries(table, *table_in_use(e, h, inter, "fp8" if fp8 else "bfloat16"))
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "configs" / name).write_text(json.dumps(table, indent=1))
-    print(f"tune_moe wrote {name}", flush=True)
+        # after every M: a run cut by its timeout keeps what it measured
+        (out / "configs").mkdir(parents=True, exist_ok=True)
+        (out / "configs" / name).write_text(
+            json.dumps(keep_tma_entries(dict(table), *table_in_use(e, h, inter, dtype_name)), indent=1))
+    print(f"tune_moe wrote {out / 'configs' / name}", flush=True)
 
 
 def best_per_mode(times: list[float], cands: list[dict], kind: str) -> tuple[float, int]:
@@ -263,7 +303,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--shapes", default="qwen3,mixtral,glm45air")
-    ap.add_argument("--m", default="1,8,64,256,1024,4096")
+    ap.add_argument("--m", default="1,8,64,256,1024,4096",
+                    help="tokens of a step; with --ep tokens a rank (T): the table's buckets are then the rows N "
+                         "that the sparse all2all delivers to a rank's local experts in such a step (printed)")
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--tma", action="store_true",
@@ -272,27 +314,36 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true", help="only time GEMV vs the table at M <= 8 and update it")
     ap.add_argument("--gemv-keep-up", action="store_true",
                     help="with --gemv: the gate_up tile from the table's nearest GEMV entry, only the down GEMM timed")
+    ap.add_argument("--ep", type=int, default=1,
+                    help="expert-parallel size: tune one rank's local experts (E/EP) on the rows it receives")
     args = ap.parse_args()
+    # (--tma's default: qwen3 only)
+    shape_names = args.shapes.split(",") if args.shapes != ap.get_default("shapes") or not args.tma else ["qwen3"]
+    for shape in shape_names:
+        if args.ep < 1 or SHAPES[shape][0] % args.ep:
+            ap.error(f"--ep {args.ep}: {shape}'s {SHAPES[shape][0]} experts do not split evenly over {args.ep} ranks")
+    if args.ep > 1 and args.gemv:
+        ap.error("--gemv does not take --ep (tune_moe_gemv.py builds its own non-EP inputs): tune without --gemv")
     if args.tma:
         from tune_moe_tma import tune_tma
 
         ms = [int(m) for m in (args.m if args.m != ap.get_default("m") else "1024,4096,16384").split(",")]
-        for shape in args.shapes.split(",") if args.shapes != ap.get_default("shapes") else ["qwen3"]:
+        for shape in shape_names:
             for dtype in args.dtypes.split(",") if args.dtypes != ap.get_default("dtypes") else ["bf16"]:
-                tune_tma(shape, dtype, ms, Path(args.out), args.jobs, not args.no_gluon)
+                tune_tma(shape, dtype, ms, Path(args.out), args.jobs, not args.no_gluon, args.ep)
         return
     ms = [int(m) for m in args.m.split(",")]
-    shapes, dtypes = args.shapes.split(","), args.dtypes.split(",")
+    shapes, dtypes = shape_names, args.dtypes.split(",")
     if args.gemv:
         from tune_moe_gemv import main_gemv
 
         return main_gemv(shapes, ms, dtypes, Path(args.out), args.jobs, args.gemv_keep_up)
     t0 = time.time()
     if args.jobs > 1:
-        precompile(shapes, dtypes, ms, args.jobs)
+        precompile(shapes, dtypes, ms, args.jobs, args.ep)
     for shape in shapes:
         for dtype in dtypes:
-            tune_shape(shape, ms, dtype, Path(args.out))
+            tune_shape(shape, ms, dtype, Path(args.out), args.ep)
     print(f"tune_moe summary: {len(shapes) * len(dtypes)} tables in {time.time() - t0:.0f} s")
 
 

@@ -1,6 +1,7 @@
 """Tune the large-M MoE path (kernels/moe_grouped_tma.py) against the old one, side by side; sm90 compile helper.
 
 python benchmarks/tune_moe.py --tma --out DIR [--shapes qwen3] [--m 1024,4096,16384] [--dtypes bf16,fp8] [--no-gluon]
+                               [--ep EP]
 
 Per M: the old path (the table's config, align included) and, per BLOCK_M, each TMA candidate of the gate_up
 and of the down grouped GEMM timed alone (CUDA-graph replay, median), then the whole permuted layer with the
@@ -10,6 +11,9 @@ plus the permute's own time against its floor (bytes written and read over copy 
 'moe_tma' line per M and 'tune_moe_tma summary' last; writes DIR/configs/<the table> with a "tma" entry (the
 fastest layer's: Triton TMA tiles, or "gluon": 1 and the Gluon tiles; min_rows: the smallest measured M at
 which the new path won, in rows) in every bucket where it won, and DIR/tune_moe_tma.json with all numbers.
+--ep EP: the local shape (E/EP experts) on the rows EP rank 0 receives in a step of M tokens a rank (tune_moe.py's
+docstring); a row's "M" is then that received row count N (its bucket), "step_tokens" the step's M; it extends the
+local shape's table in kernels/configs/ (tune_moe.py --ep first, its table copied in), never starts one.
 """
 
 from __future__ import annotations
@@ -166,13 +170,13 @@ def compile_grouped_gemm_sm90(silu_mul: bool, bm: int, bn: int, bk: int, num_war
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _table_path(shape: str, dtype: str) -> tuple[str, Path]:
+def _table_path(shape: str, dtype: str, ep_size: int = 1) -> tuple[str, Path]:
     from bench_moe import SHAPES
 
     from kernels.moe_config import CONFIG_DIR, config_file_name, device_name
 
     e, h, inter, _ = SHAPES[shape]
-    name = config_file_name(e, h, inter, dtype, device_name())
+    name = config_file_name(e // ep_size, h, inter, dtype, device_name())
     return name, CONFIG_DIR / name
 
 
@@ -180,11 +184,13 @@ def _dtype_name(dtype: str) -> str:
     return "fp8" if dtype == "fp8" else "bfloat16"
 
 
-def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict, gluon: bool = False) -> dict:
+def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict, gluon: bool = False,
+               ep_size: int = 1) -> dict:
     """Old path vs the best TMA config at m tokens (gluon: the Gluon kernels' too), and the permute vs its floor;
-    weights: w13, w2 (+ s13, s2)."""
+    weights: w13, w2 (+ s13, s2), ep_size > 1: rank 0's local experts, timed on the rows it receives in a step of
+    m tokens a rank."""
     from bench_moe import SHAPES, bench_graph, make_inputs
-    from tune_moe import time_run
+    from tune_moe import ep_inputs_kwargs, time_run
 
     from kernels.fp8 import per_token_group_quant
     from kernels.fused_moe import fused_experts
@@ -193,18 +199,25 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict, gluon:
     from kernels.moe_grouped_tma import fused_experts_tma
     from kernels.moe_permute import permute_tokens
 
-    e, h, inter, top_k = SHAPES[shape]
+    num_routed, h, inter, top_k = SHAPES[shape]
+    e = num_routed // ep_size
     fp8 = dtype == "fp8"
     w13, w2 = weights["w13"], weights["w2"]
     kw = {"w13_scale": weights["s13"], "w2_scale": weights["s2"]} if fp8 else {}
     w13_2d, w2_2d = w13.view(e * 2 * inter, h), w2.view(e * h, inter)
-    sets = [make_inputs(m, e, h, top_k, seed) for seed in range(2)]
-    old_cfg = {k: v for k, v in get_moe_config(m, e, h, inter, top_k, _dtype_name(dtype)).items() if k != "tma"}
+    ep_kw = ep_inputs_kwargs(m, num_routed, top_k, ep_size, str(w13.device))
+    sets = [make_inputs(m, num_routed, h, top_k, seed, **ep_kw) for seed in range(2)]
+    num_rows = sets[0][0].shape[0]  # the rows fused_experts gets (N under EP): its bucket
+    at = f"M={m}" if ep_size == 1 else f"T={m} M={num_rows}"
+    old_cfg = {k: v for k, v in get_moe_config(num_rows, e, h, inter, top_k, _dtype_name(dtype)).items()
+               if k != "tma"}
     old_us = bench_graph(lambda: [fused_experts(x, w13, w2, w, i, config=old_cfg, **kw) for x, w, i in sets]) / 2
-    touched = sum(i.unique().numel() for _, _, i in sets) / 2
+    # (slots -1: another EP rank's, or a padding row's: no expert, no work)
+    touched = sum(i[i >= 0].unique().numel() for _, _, i in sets) / 2
+    num_pairs = sum(int((i >= 0).sum()) for _, _, i in sets) / 2
     elem = 1 if fp8 else 2
-    floor_us = max((touched * 3 * h * inter * elem + 4 * m * h) / ceil["copy_tbps"] / 1e6,
-                   6 * m * top_k * h * inter / ceil["fp8_tflops" if fp8 else "bf16_tflops"] / 1e6)
+    floor_us = max((touched * 3 * h * inter * elem + 4 * num_rows * h) / ceil["copy_tbps"] / 1e6,
+                   6 * num_pairs * h * inter / ceil["fp8_tflops" if fp8 else "bf16_tflops"] / 1e6)
     xs = [per_token_group_quant(x) if fp8 else (x, None) for x, _, _ in sets]  # the permute's inputs
     tma_bms = {c[0] for c in TMA_CANDIDATES}
     x0, w0, i0 = sets[0]
@@ -217,7 +230,7 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict, gluon:
         permute_us = bench_graph(lambda al=aligned: [permute_tokens(x, s, npp, top_k, xsc)
                                                      for (x, xsc), (s, _, npp) in zip(xs, al)]) / 2
         used = sum(int(npp.item()) for _, _, npp in aligned) / 2
-        permute_floor_us = (used + m) * h * elem / ceil["copy_tbps"] / 1e6  # rows written, tokens read
+        permute_floor_us = (used + num_rows) * h * elem / ceil["copy_tbps"] / 1e6  # rows written, tokens read
         acts = [torch.randn(p.shape[0], inter, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
         acts = [per_token_group_quant(a) if fp8 else (a, None) for a in acts]
         ups = [torch.empty(p.shape[0], inter, device=w2.device, dtype=sets[0][0].dtype) for p, _, _ in perms]
@@ -241,33 +254,39 @@ def _measure_m(shape: str, dtype: str, m: int, weights: dict, ceil: dict, gluon:
             up = min((time_run(*launches("up", gc, is_gluon)), j) for j, gc in enumerate(up_cands))
             down = min((time_run(*launches("down", gc, is_gluon)), j) for j, gc in enumerate(cands))
             if max(up[0], down[0]) == float("inf"):
-                print(f"  {shape} {dtype} M={m} {name}: every up or every down candidate failed", flush=True)
+                print(f"  {shape} {dtype} {at} {name}: every up or every down candidate failed", flush=True)
                 continue
             cfg = tma_entry(bm, up_cands[up[1]], cands[down[1]], is_gluon)
             total = bench_graph(lambda cfg=cfg: [fused_experts_tma(x, w13, w2, w, i, cfg, **kw)
                                                  for x, w, i in sets]) / 2
             err = ((fused_experts_tma(x0, w13, w2, w0, i0, cfg, **kw).float() - ref).norm() / ref.norm()).item()
-            print(f"  {shape} {dtype} M={m} {name}: up {up[0]:.1f} down {down[0]:.1f} permute {permute_us:.1f} "
+            print(f"  {shape} {dtype} {at} {name}: up {up[0]:.1f} down {down[0]:.1f} permute {permute_us:.1f} "
                   f"(floor {permute_floor_us:.1f}) layer {total:.1f} us, err vs old {err:.1e}", flush=True)
             if not err <= max_err:  # (NaN too) a fast wrong answer never wins
-                print(f"  {shape} {dtype} M={m} {name}: error over {max_err:.0e}: not a candidate", flush=True)
+                print(f"  {shape} {dtype} {at} {name}: error over {max_err:.0e}: not a candidate", flush=True)
             elif best is None or total < best[0]:
                 best = (total, cfg, permute_us, permute_floor_us, err)
     if best is None:
-        raise RuntimeError(f"tune_moe_tma {shape} {dtype} M={m}: no candidate ran and matched the old path")
+        raise RuntimeError(f"tune_moe_tma {shape} {dtype} {at}: no candidate ran and matched the old path")
     err = best[4]
-    return {"shape": shape, "dtype": dtype, "M": m, "old_us": old_us, "tma_us": best[0], "floor_us": floor_us,
-            "old_frac": floor_us / old_us, "tma_frac": floor_us / best[0], "permute_us": best[2],
-            "permute_floor_us": best[3], "err_vs_old": err, "tma": best[1], "old": old_cfg}
+    return {"shape": shape, "dtype": dtype, "M": num_rows, "step_tokens": m, "ep_size": ep_size, "old_us": old_us,
+            "tma_us": best[0], "floor_us": floor_us, "old_frac": floor_us / old_us, "tma_frac": floor_us / best[0],
+            "permute_us": best[2], "permute_floor_us": best[3], "err_vs_old": err, "tma": best[1], "old": old_cfg}
 
 
-def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12, gluon: bool = True) -> None:
+def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12, gluon: bool = True,
+             ep_size: int = 1) -> None:
     from bench_moe import SHAPES, measure_ceilings
 
     from kernels.fp8 import quantize_weight_block
 
     t0 = time.time()
-    e, h, inter, _ = SHAPES[shape]
+    num_routed, h, inter, _ = SHAPES[shape]
+    e = num_routed // ep_size
+    name, path = _table_path(shape, _dtype_name(dtype), ep_size)
+    if ep_size > 1 and not path.exists():  # its buckets alone would serve every row count, small ones too
+        raise SystemExit(f"tune_moe --tma --ep {ep_size}: no table {name} in {path.parent}: run tune_moe.py --ep "
+                         f"{ep_size} first and copy its table there (the TMA entries extend it)")
     if gluon and not gluon_runs_here():
         print("tune_moe_tma: the Gluon candidates run on sm90 (H100 / H200) only: skipped", flush=True)
         gluon = False
@@ -283,21 +302,22 @@ def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12, g
     else:
         weights = {"w13": w13, "w2": w2}
     rows = []
+    numbers_name = f"tune_moe_tma_{shape}_{dtype}" + (f"_ep{ep_size}" if ep_size > 1 else "")
     for m in ms:
-        r = _measure_m(shape, dtype, m, weights, ceil, gluon)
+        r = _measure_m(shape, dtype, m, weights, ceil, gluon, ep_size)
         torch.cuda.empty_cache()
         rows.append(r)
-        print(f"moe_tma {shape} {dtype} M={m:6d} old_us={r['old_us']:9.1f} tma_us={r['tma_us']:9.1f} "
+        ep_tag = f" EP={ep_size} T={m}" if ep_size > 1 else ""
+        print(f"moe_tma {shape} {dtype}{ep_tag} M={r['M']:6d} old_us={r['old_us']:9.1f} tma_us={r['tma_us']:9.1f} "
               f"floor_us={r['floor_us']:8.1f} roofline old={r['old_frac']:.2f} tma={r['tma_frac']:.2f} "
               f"speedup={r['old_us'] / r['tma_us']:.2f} permute_us={r['permute_us']:.1f} (floor "
               f"{r['permute_floor_us']:.1f}, {r['permute_floor_us'] / r['permute_us']:.2f} of BW) "
               f"err={r['err_vs_old']:.1e} tma={json.dumps(r['tma'])}", flush=True)
         # after every M: a run cut by a timeout (the first H200 run was, at 200 s) keeps what it measured
-        name, table = with_tma_entries(shape, dtype, rows)
+        name, table = with_tma_entries(shape, dtype, rows, ep_size)
         (out / "configs").mkdir(parents=True, exist_ok=True)
         (out / "configs" / name).write_text(json.dumps(table, indent=1))
-        (out / f"tune_moe_tma_{shape}_{dtype}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows},
-                                                                           indent=1))
+        (out / f"{numbers_name}.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
     num_tma = sum("tma" in c for c in table.values())
     print(f"tune_moe_tma summary: {shape} {dtype} " + " ".join(
         f"M={r['M']}:{r['old_frac']:.2f}->{r['tma_frac']:.2f}{'(gluon)' if r['tma'].get('gluon') else ''}"
@@ -305,16 +325,17 @@ def tune_tma(shape: str, dtype: str, ms: list[int], out: Path, jobs: int = 12, g
         + f" (fraction of floor, old->tma); wrote {name} ({num_tma} tma buckets) in {time.time() - t0:.0f} s")
 
 
-def with_tma_entries(shape: str, dtype: str, rows: list[dict]) -> tuple[str, dict]:
-    """This GPU's table for shape with a "tma" entry in each measured bucket where the TMA path won (the row's
-    winner: Triton TMA tiles, or "gluon": 1 and the Gluon kernel's); min_rows is the rows of the smallest winning
-    M, so smaller counts that share a bucket keep the old path."""
+def with_tma_entries(shape: str, dtype: str, rows: list[dict], ep_size: int = 1) -> tuple[str, dict]:
+    """This GPU's table for shape (ep_size > 1: its local shape's) with a "tma" entry in each measured bucket where
+    the TMA path won (the row's winner: Triton TMA tiles, or "gluon": 1 and the Gluon kernel's); min_rows is the
+    rows of the smallest winning M, so smaller counts that share a bucket keep the old path."""
     from bench_moe import SHAPES
 
     from kernels.moe_config import get_moe_config
 
-    e, h, inter, top_k = SHAPES[shape]
-    name, path = _table_path(shape, _dtype_name(dtype))
+    num_routed, h, inter, top_k = SHAPES[shape]
+    e = num_routed // ep_size
+    name, path = _table_path(shape, _dtype_name(dtype), ep_size)
     table = json.loads(path.read_text()) if path.exists() else {}
     winners = {r["M"]: r["tma"] for r in rows if r["tma_us"] < r["old_us"]}
     for m, cfg in winners.items():
