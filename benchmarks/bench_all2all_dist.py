@@ -40,7 +40,6 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -356,7 +355,8 @@ def worker(args: argparse.Namespace) -> int:
 
 def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True")  # every rank a client of main()'s store, as under torchrun
     if worker(args):
         sys.exit(1)
 
@@ -408,11 +408,11 @@ def main() -> None:
     if args.world:
         import torch.multiprocessing as mp
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # the ranks' store lives here, on a port the kernel picked for it and this process holds (a port probed
+        # free and closed could be taken, by any process's next connection, before rank 0 bound it)
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         try:
-            mp.spawn(_spawned, args=(args.world, port, args), nprocs=args.world)
+            mp.spawn(_spawned, args=(args.world, store.port, args), nprocs=args.world)
         except mp.ProcessExitedException as e:
             sys.exit(f"error: a rank failed: {e}")
         return

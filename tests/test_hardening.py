@@ -394,10 +394,12 @@ def _api_server_without_engines(tmp_path: Any, *extra_args: str) -> tuple[subpro
 def test_api_server_stops_once_its_launcher_is_gone(tmp_path: Any) -> None:
     # no coordinator ever comes (a launcher killed with its coordinator, or one whose coordinator never bound its
     # sockets): the API server must not outlive the launcher, holding its port
-    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+    # the launcher lives until the API server serves (a fixed lifetime ran out first on a loaded machine)
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     api = None
     try:
         api, _ = _api_server_without_engines(tmp_path, str(launcher.pid))  # it serves while the launcher lives
+        launcher.stdin.close()
         launcher.wait(10)
         api.wait(30)  # the launcher's exit + the grace for a coordinator's own EngineDead + uvicorn's shutdown
         assert "the launcher (pid" in api.stdout.read().decode()

@@ -31,8 +31,7 @@ BOUND_S = 15.0  # the target is 5 s; a loaded 2-core CI box gets slack
 def _alive(pid: int) -> bool:
     """A zombie counts as gone: it holds no memory, no port, and PID 1 of a container may never reap it."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return _state(pid) != "Z"
     except OSError:
         return False
 
@@ -45,6 +44,12 @@ def _descendants(pid: int) -> set[int]:
                 found.add(kid)
                 todo.append(kid)
     return found
+
+
+def _state(pid: int) -> str:
+    """Its main thread's state letter (/proc/PID/stat): R running, S asleep in the kernel, Z exited, ..."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _title(pid: int) -> str:
@@ -247,7 +252,13 @@ def test_a_rank_blocked_in_a_collective_stops_on_sigterm() -> None:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     try:
         assert procs[1].stdout.readline().strip() == b"ready"
-        time.sleep(0.5)  # inside the broadcast
+        # inside the broadcast: its main thread asleep in the kernel (nothing else after "ready" sleeps). Before
+        # that, SIGTERM would meet the Python handler, not the watcher this test is about (a fixed wait flaked on
+        # a loaded machine)
+        deadline = time.monotonic() + 30
+        while _state(procs[1].pid) != "S":
+            assert time.monotonic() < deadline, f"rank 1 never blocked: state {_state(procs[1].pid)}"
+            time.sleep(0.01)
         t0 = time.monotonic()
         procs[1].send_signal(signal.SIGTERM)
         rc = procs[1].wait(timeout=STOP_GRACE_S + 10)

@@ -289,14 +289,18 @@ def test_metrics_move(stack: Stack) -> None:
     before = _scrape(stack)
     stack.client.completions.create(model="fake", prompt="Hello world", max_tokens=5)
     assert stack.post("/v1/completions", {"model": "fake"}).status_code == 400
-    time.sleep(0.2)
-    after = _scrape(stack)
     ok = "moe_http_requests_total,endpoint=/v1/completions,status=200"
+    bad = "moe_http_requests_total,endpoint=/v1/completions,status=400"
+    # the HTTP counts tick once the response has gone out (FrontDoor), which the client may see first
+    deadline = time.monotonic() + 5
+    while ((after := _scrape(stack)).get(ok, 0) == before.get(ok, 0) or after.get(bad, 0) == before.get(bad, 0)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert after[ok] == before.get(ok, 0) + 1
     assert after["moe_generation_tokens_total"] - before["moe_generation_tokens_total"] == 5
     assert after["moe_time_to_first_token_seconds_count"] > before.get("moe_time_to_first_token_seconds_count", 0)
     assert "moe_kv_cache_usage_ratio,rank=0" in after and "moe_cluster_num_requests_running" in after
-    assert any(k.startswith("moe_http_requests_total,endpoint=/v1/completions,status=400") for k in after)
+    assert after[bad] == before.get(bad, 0) + 1
 
 
 def test_bench_serving_runs(stack: Stack, tmp_path: Any) -> None:
@@ -336,6 +340,7 @@ def test_engine_restart_resubmits(stack: Stack) -> None:
     import concurrent.futures
 
     stack.engine.tick_s = 0.02  # slow enough to restart in the middle
+    num_added = len(stack.engine.added)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             future = pool.submit(
@@ -345,7 +350,12 @@ def test_engine_restart_resubmits(stack: Stack) -> None:
                 max_tokens=30,
                 extra_body={"return_token_ids": True},
             )
-            time.sleep(0.3)
+            # restart once the engine has streamed some of it: earlier, the restart drops nothing to re-send
+            deadline = time.monotonic() + 10
+            while len(stack.engine.added) == num_added or \
+                    stack.engine.active.get(stack.engine.added[num_added].request_id, (None, 0))[1] == 0:
+                assert time.monotonic() < deadline and not future.done(), "the request never streamed"
+                time.sleep(0.005)
             stack.engine.restart.set()
             r = future.result(timeout=20)
     finally:
