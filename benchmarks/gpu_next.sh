@@ -170,5 +170,7 @@ if [[ $PHASES == *H* ]]; then
       --out $OUT/ep$ep 2>&1 | grep -E "^moe_tma|summary|Error|refuse|no table" | cut -c1-400
   done
   echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
+  # one file back (the device tool returns a few files at most): tables and the tuners' JSON
+  tar czf $OUT/phase_h.tgz -C $OUT ep8 ep2 && rm -rf $OUT/ep8 $OUT/ep2
 fi
 echo "done in $SECONDS s"
