@@ -177,16 +177,12 @@ def test_fp8_reference_is_the_triton_fp8_kernels_sum():
         assert ((plain - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_fused_experts_fp8_gluon_flow(monkeypatch):
-    # fused_experts_tma with an FP8 table's gluon entry: the permuted e4m3 rows and scales into the gate_up GEMM,
-    # its 16-bit act quantized per token group, the down GEMM, the weighted sum: on the CPU the kernel launch is
-    # replaced by its per-K-step reference (Gluon has no interpreter), the rest runs as on the GPU
+def fp8_gluon_by_reference(monkeypatch, launched: list) -> None:
+    """On the CPU (Gluon has no interpreter): the FP8 Gluon GEMM's launch by fp8_launch_args' checks and then its
+    per-K-step reference, each launch appending (silu_mul, block_m, tiles) to launched; the activation quantization
+    by its torch reference (the interpreter rounds e4m3 otherwise)."""
     import kernels.moe_gluon_fp8 as mgf
     import kernels.moe_grouped_tma as mg
-    from tests.test_kernels_moe import _blocky
-    from tests.test_kernels_moe_tma import _skewed_routing
-
-    launched = []
 
     def kernel_by_reference(a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g,
                             num_sms=None):
@@ -194,11 +190,22 @@ def test_fused_experts_fp8_gluon_flow(monkeypatch):
         blocks = int(num_post_pad) // block_m
         out[: blocks * block_m] = grouped_gemm_fp8_ref(a, a_scale, w, w_scale, expert_ids, blocks, n, w_rows,
                                                        silu_mul, block_m).to(out.dtype)
-        launched.append((silu_mul, g["BLOCK_N"]))
+        launched.append((silu_mul, block_m, g))
 
     monkeypatch.setattr(mgf, "grouped_gemm_gluon_fp8", kernel_by_reference)
-    monkeypatch.setattr(mg, "per_token_group_quant", per_token_group_quant_ref)  # the interpreter's e4m3 rounding
+    monkeypatch.setattr(mg, "per_token_group_quant", per_token_group_quant_ref)
     monkeypatch.setattr(mgf, "per_token_group_quant", per_token_group_quant_ref)
+
+
+def test_fused_experts_fp8_gluon_flow(monkeypatch):
+    # fused_experts_tma with an FP8 table's gluon entry: the permuted e4m3 rows and scales into the gate_up GEMM,
+    # its 16-bit act quantized per token group, the down GEMM, the weighted sum: on the CPU the kernel launch is
+    # replaced by its per-K-step reference (Gluon has no interpreter), the rest runs as on the GPU
+    from tests.test_kernels_moe import _blocky
+    from tests.test_kernels_moe_tma import _skewed_routing
+
+    launched = []
+    fp8_gluon_by_reference(monkeypatch, launched)
     torch.manual_seed(3)
     num_tokens, num_experts, hidden, inter, top_k = 21, 8, 256, 192, 2
     x = _blocky((num_tokens, hidden)).half()  # (the kernel's output: 16-bit)
@@ -208,7 +215,7 @@ def test_fused_experts_fp8_gluon_flow(monkeypatch):
     ref = fused_experts_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, act_fp8=True)
     cfg = default_gluon_fp8_config(block_m=64)
     out = fused_experts_tma(x, w13, w2, weights, ids, cfg, w13_scale=s13, w2_scale=s2)
-    assert launched == [(True, 64), (False, 64)]
+    assert [(silu_mul, g["BLOCK_N"]) for silu_mul, _, g in launched] == [(True, 64), (False, 64)]
     # (fp16 act: a rounding can flip an e4m3 step of the down GEMM's input; a wrong scale block is off by 2^k)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
     monkeypatch.undo()

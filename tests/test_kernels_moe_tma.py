@@ -331,24 +331,12 @@ def test_tuner_gluon_fp8_entry_fused_experts_tma_runs(monkeypatch, tmp_path):
     import tune_moe_tma
 
     import kernels.moe_config as mc
-    import kernels.moe_gluon_fp8 as mgf
-    import kernels.moe_grouped_tma as mg
-    from kernels.fp8 import per_token_group_quant_ref, quantize_weight_block
-    from kernels.moe_gluon_fp8 import check_gluon_fp8_config, fp8_launch_args, grouped_gemm_fp8_ref
+    from kernels.fp8 import quantize_weight_block
+    from kernels.moe_gluon_fp8 import check_gluon_fp8_config
+    from tests.test_kernels_moe_gluon_fp8 import fp8_gluon_by_reference
 
     launched = []
-
-    def kernel_by_reference(a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g,
-                            num_sms=None):
-        fp8_launch_args(a, a_scale, w, w_scale, out, expert_ids, num_post_pad, n, w_rows, silu_mul, block_m, g, 132)
-        blocks = int(num_post_pad) // block_m
-        out[: blocks * block_m] = grouped_gemm_fp8_ref(a, a_scale, w, w_scale, expert_ids, blocks, n, w_rows,
-                                                       silu_mul, block_m).to(out.dtype)
-        launched.append((silu_mul, block_m, g))
-
-    monkeypatch.setattr(mgf, "grouped_gemm_gluon_fp8", kernel_by_reference)
-    monkeypatch.setattr(mg, "per_token_group_quant", per_token_group_quant_ref)  # the interpreter's e4m3 rounding
-    monkeypatch.setattr(mgf, "per_token_group_quant", per_token_group_quant_ref)
+    fp8_gluon_by_reference(monkeypatch, launched)
     monkeypatch.setitem(bench_moe.SHAPES, "tiny_fp8", (4, 256, 128, 2))  # (the gate_up: I a multiple of BLOCK_N)
     monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
     mc._load.cache_clear()
