@@ -34,7 +34,6 @@ from kernels.moe_gemv import gemv_experts  # noqa: E402
 from kernels.moe_grouped_tma import default_tma_config, fused_experts_tma  # noqa: E402
 from kernels.moe_permute import permute_tokens  # noqa: E402
 from kernels.moe_w8 import W8_MMA_MODES  # noqa: E402
-from runtime.distributed.all2all_sparse import rank_hit_fraction  # noqa: E402
 
 SHAPES = {  # name: (num_experts, hidden, inter, top_k)
     "qwen3": (128, 2048, 768, 8),  # Qwen3-30B-A3B
@@ -97,6 +96,10 @@ def make_inputs(num_tokens: int, num_experts: int, hidden: int, top_k: int, seed
     if ep_size == 1:
         x = torch.randn(num_tokens, hidden, device=device, dtype=torch.bfloat16, generator=g)
         return (x, *_routing(num_tokens, num_experts, top_k, g, device))
+    # (here, not at the top: the runtime's import chain needs msgspec, which a bare GPU machine lacks without the
+    # wheelhouse; the non-EP benches run without it)
+    from runtime.distributed.all2all_sparse import rank_hit_fraction
+
     num_local = num_experts // ep_size
     if slots:
         blocks = [_rows_for_rank0(num_tokens, num_experts, num_local, top_k, g, device) for _ in range(ep_size)]

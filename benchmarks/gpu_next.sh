@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The next device calls after 2026-11-30's session 12 (issues 16, 17). One H200 unless said; PHASES picks (default
-# E); each phase fits one call (< 10 min: one phase a call). Copy tables only where the printed numbers say they won.
+# E); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 530 s, the rest is the pip line
+# and start-up). Copy tables only where the printed numbers say they won.
 # Session 12 (4.5 min of device time) ran the Gluon kernels' smoke tests and kernel benches and adopted them from
 # those numbers alone: the MoE GEMMs at M >= 4096 (Qwen3-30B-A3B tables), the prefill attention from 2048 query
 # tokens (H200 attention table, GLUON_MIN_Q). Nothing end to end has run with them on.
@@ -31,7 +32,7 @@
 #   phase 1 (~5 min, low priority): the MoE GEMV at M=2,4,8 with 16-bit K steps of 1024-2048, then the step at B=1/8.
 #   phase H (~9 min, one H200): the EP local-expert tables (tune_moe.py --ep: none exist, every EP rank runs
 #     default_config): qwen3 bf16 at EP 8 (16 local experts) then EP 2 (64), on the rows a rank receives in steps of
-#     T = 1..4096 tokens a rank (buckets: received rows N, e.g. EP 8: 8 .. 21870), each sweep under 140 s (estimate,
+#     T = 1..4096 tokens a rank (buckets: received rows N, e.g. EP 8: 8 .. 21870), each sweep under 120 s (estimate,
 #     unmeasured: ~20 s of precompile, then ~6 s a step size, from the bf16 / FP8 sweeps above); then the TMA / Gluon
 #     entries at T = 1024, 4096, each under 130 s (may print nothing on a cold Triton cache: it did in 170-240 s in
 #     sessions 6-7). The tables come back in $OUT/ep8/configs, $OUT/ep2/configs (moe_E16_..., moe_E64_...): copy in
@@ -98,21 +99,21 @@ if [[ $PHASES == *E* ]]; then
     QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8 --kv-cache-dtype fp8"
     for mode in on off; do
       RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
-      timeout 150 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 8192 --steps 5 $QARGS \
-        --out $OUT/e2e_prefill_${q}_$mode.json 2>&1 | grep -E "^ours prefill" | sed "s/^/$q gluon $mode: /"
+      timeout 105 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 8192 --steps 5 $QARGS \
+        --out $OUT/e2e_prefill_${q}_$mode.json 2>&1 | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$q gluon $mode: /"
     done
   done
   for mode in on off; do
     RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
-    timeout 120 "${RUN[@]}" benchmarks/bench_attention.py --ctxs "" --no-prefill --extend 8192:122880 \
-      --kv-dtypes bf16,fp8 --out $OUT/extend_$mode 2>&1 | grep -E "^attn extend" | sed "s/^/gluon $mode: /"
+    timeout 55 "${RUN[@]}" benchmarks/bench_attention.py --ctxs "" --no-prefill --extend 8192:122880 \
+      --kv-dtypes bf16,fp8 --out $OUT/extend_$mode 2>&1 | grep -E "^attn extend|Error|Traceback" | sed "s/^/gluon $mode: /"
   done
 fi
 if [[ $PHASES == *F* ]]; then
   for kv in auto fp8; do  # (gpu_long_context.sh's engine rows alone: its kernel tests and benches would not fit)
-    timeout 270 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,16 --ctx 131000 --max-model-len 131072 \
+    timeout 250 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,16 --ctx 131000 --max-model-len 131072 \
       --prompt-len 131000 --prefill 8192 --steps 10 --kv-cache-dtype $kv --gpu-memory-utilization 0.9 \
-      --out $OUT/e2e_long_$kv.json 2>&1 | grep -E "^ours|SUMMARY|skip"
+      --out $OUT/e2e_long_$kv.json 2>&1 | grep -E "^ours|SUMMARY|skip|Error|Traceback"
   done
 fi
 if [[ $PHASES == *G* ]]; then
@@ -164,7 +165,7 @@ if [[ $PHASES == *C* ]]; then
 fi
 if [[ $PHASES == *H* ]]; then
   for ep in 8 2; do
-    timeout 140 python3 benchmarks/tune_moe.py --ep $ep --shapes qwen3 --dtypes bf16 --m 1,4,16,64,256,1024,4096 \
+    timeout 120 python3 benchmarks/tune_moe.py --ep $ep --shapes qwen3 --dtypes bf16 --m 1,4,16,64,256,1024,4096 \
       --jobs 16 --out $OUT/ep$ep 2>&1 | grep -E "^best|skip|wrote|summary|Error" | cut -c1-220
   done
   # the TMA runs extend the tables above (copied into this machine's kernels/configs only; they refuse without them)

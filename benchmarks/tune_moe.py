@@ -48,7 +48,6 @@ from kernels.moe_align import moe_align  # noqa: E402
 from kernels.moe_config import CONFIG_DIR, config_file_name, device_name  # noqa: E402
 from kernels.moe_w8 import W8_MMA_MODES, w8_mma_meta  # noqa: E402
 from runtime.config import EngineConfig  # noqa: E402
-from runtime.distributed.all2all_sparse import capacity_slots  # noqa: E402
 
 SMALL = [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4)]
 LARGE = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)]
@@ -64,6 +63,8 @@ EP_CAPACITY_FACTOR = EngineConfig.all2all_capacity_factor
 def ep_slots(num_tokens: int, num_experts: int, top_k: int, ep_size: int) -> int:
     """make_inputs' slots for a step of num_tokens tokens a rank under EP: the static exchange's block per source,
     or 0 (the dynamic exchange, exact rows) above EP_STATIC_MAX_TOKENS."""
+    from runtime.distributed.all2all_sparse import capacity_slots  # (bench_moe.make_inputs says why not at the top)
+
     if num_tokens > EP_STATIC_MAX_TOKENS:
         return 0
     return capacity_slots(num_tokens, num_experts, ep_size, top_k, EP_CAPACITY_FACTOR)
