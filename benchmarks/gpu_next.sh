@@ -43,7 +43,7 @@
 # plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
-  setproctitle llguidance jsonschema pytest-xdist 2>&1 | tail -1
+  setproctitle llguidance jsonschema pytest-xdist pytest-timeout 2>&1 | tail -1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 PHASES=${PHASES:-E}
@@ -107,6 +107,16 @@ if [[ $PHASES == *E* ]]; then
     RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
     timeout 55 "${RUN[@]}" benchmarks/bench_attention.py --ctxs "" --no-prefill --extend 8192:122880 \
       --kv-dtypes bf16,fp8 --out $OUT/extend_$mode 2>&1 | grep -E "^attn extend|Error|Traceback" | sed "s/^/gluon $mode: /"
+  done
+fi
+if [[ $PHASES == *P* ]]; then  # (session 13) a 2048-token prefill, the MoE tables' Gluon from 1024 tokens on / off
+  for q in bf16 fp8; do
+    QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8"
+    for mode in on off; do
+      RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
+      timeout 70 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 2048 --steps 5 $QARGS \
+        --out $OUT/e2e_prefill2k_${q}_$mode.json 2>&1 | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$q gluon $mode: /"
+    done
   done
 fi
 if [[ $PHASES == *F* ]]; then
