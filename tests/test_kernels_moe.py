@@ -118,18 +118,26 @@ def test_moe_align_counter_first_call(monkeypatch):
 
 
 def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
-    # (BLOCK_M, N_PAD, CHUNK, SCAN) the align of each token count compiles (none: one token or the GEMV path)
+    # what each token count compiles, as fused_experts picks its path: the GEMV entry (no align); the permuted path
+    # of a "tma" entry from its min_rows (its GEMM tiles, its BLOCK_M's align); else the aligned GEMMs of the bucket's
+    # tiles and their align, (BLOCK_M, N_PAD, CHUNK, SCAN) (none for one token)
     variants = set()
     for m in counts:
         cfg = config_for(m)
-        if m > 1 and not (cfg.get("gemv") and m <= cfg["gemv"].get("max_tokens", 1)):
-            variants.add((cfg["BLOCK_M"], *align_plan(m * top_k, num_experts)))
+        tma = cfg.get("tma")
+        if tma is not None and m * top_k >= tma["min_rows"]:
+            variants.add(("tma", json.dumps(tma, sort_keys=True), *align_plan(m * top_k, num_experts)))
+        elif cfg.get("gemv") and m <= cfg["gemv"].get("max_tokens", 1):
+            variants.add(("gemv", json.dumps(cfg["gemv"], sort_keys=True)))
+        else:
+            tiles = json.dumps({k: v for k, v in cfg.items() if k not in ("tma", "gemv")}, sort_keys=True)
+            variants.add(("aligned", tiles, *(align_plan(m * top_k, num_experts) if m > 1 else ())))
     return variants
 
 
 def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, config_for) -> None:
-    # the start-up warmup's token counts compile every align variant (its constexprs and BLOCK_M) that a step of up
-    # to max_tokens tokens runs: none compiles on the serving path
+    # the start-up warmup's token counts compile every MoE variant (the path, its GEMM tiles, the align's constexprs
+    # and BLOCK_M) that a step of up to max_tokens tokens runs: none compiles on the serving path
     need = _align_variants(range(1, max_tokens + 1), num_experts, top_k, config_for)
     have = _align_variants(warmup_token_counts(max_tokens, top_k), num_experts, top_k, config_for)
     assert need - have == set()
@@ -147,6 +155,21 @@ def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, co
 def test_warmup_token_counts_cover_align_default(num_experts, top_k, max_tokens):
     _check_warmup_covers_align(num_experts, top_k, max_tokens,
                                lambda m: default_config(m, num_experts, top_k, False))
+
+
+def test_warmup_check_sees_the_permuted_path():
+    # a "tma" entry that only token counts between two warmup counts reach (1025 and 2048 here) compiles on the
+    # serving path: the check above must say so (it once keyed variants by the bucket's BLOCK_M alone)
+    from kernels.moe_gluon import default_gluon_config
+
+    assert not set(range(1100, 1201)) & set(warmup_token_counts(8192, 8))
+
+    def config_for(m):
+        cfg = default_config(m, 128, 8, False)
+        return dict(cfg, tma=default_gluon_config(0, 64)) if 1100 <= m <= 1200 else cfg
+
+    with pytest.raises(AssertionError):
+        _check_warmup_covers_align(128, 8, 8192, config_for)
 
 
 def _moe_tables() -> list[str]:
