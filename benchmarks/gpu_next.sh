@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-11-30's session 12 (issues 16, 17). One H200 unless said; PHASES picks (default
-# E); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 530 s, the rest is the pip line
+# The next device calls after 2026-11-30's session 13 (issues 16, 17). One H200 unless said; PHASES picks (default
+# H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 530 s, the rest is the pip line
 # and start-up). Copy tables only where the printed numbers say they won.
-# Session 12 (4.5 min of device time) ran the Gluon kernels' smoke tests and kernel benches and adopted them from
-# those numbers alone: the MoE GEMMs at M >= 4096 (Qwen3-30B-A3B tables), the prefill attention from 2048 query
-# tokens (H200 attention table, GLUON_MIN_Q). Nothing end to end has run with them on.
+# Session 13 (26 min) ran G, E, F, 4, C, P, the engine half of the GPU tests and 93% of the kernel half (2): every
+# Gluon entry won end to end and stays; the Qwen3-30B-A3B MoE tables now take Gluon BLOCK_M 64 from 1024 tokens.
+# Next, in this order: H (EP tables: none exist), L (GLM-4.5-Air's MoE on the Gluon kernels: its tables have no
+# Gluon entry), 2 (the kernel half again: its last ~7% never ran in one call), 5 (x2), 6, then 1 and B.
+#   phase L (~5 min): bench_moe_gluon.py --shape glm45air at M = 1024, 2048, 4096, bf16 and FP8: where a Gluon
+#     column beats "old", give GLM-4.5-Air's H200 tables (moe_E128_H4096_I1408_*) a "tma" entry like Qwen3's
+#     (default_gluon_config / default_gluon_fp8_config, the winning BLOCK_M, min_rows = tokens x 8), then PHASES=P's
+#     A/B with bench_e2e.py --shape glm-4.5-air.
+# Already run (kept for reruns):
 #   phase E (~7 min): the prefill with the Gluon kernels on (the tables) / off (benchmarks/gluon_off.py drops their
 #     Gluon entries in-process), one 8k chunk, bf16 and FP8 (experts + KV); then the 8k chunk over a 120k cached
 #     prefix (issue 17: >= 0.60 of the matmul rate), bf16 and FP8 KV (its fp16 scratch now on the Gluon kernel), on /
@@ -46,7 +52,7 @@ python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fast
   setproctitle llguidance jsonschema pytest-xdist pytest-timeout 2>&1 | tail -1
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-PHASES=${PHASES:-E}
+PHASES=${PHASES:-H}
 if [[ $PHASES == *1* ]]; then
   timeout 200 python3 benchmarks/tune_moe.py --gemv --shapes qwen3 --m 2,4,8 --dtypes bf16 --jobs 16 \
     --out $OUT/gemv 2>&1 | grep -E "qwen3|summary" | tail -12
@@ -61,7 +67,7 @@ FIRST=$(echo "$GPU_TESTS" | grep -E "test_(kernels|attention|linear|moe|decode|r
 if [[ $PHASES == *2* ]]; then
   # four pytest workers a file each (pytest-xdist from .wheelhouse): the kernel tests are compile-bound on the host's
   # 16 cores, and none sizes itself to the GPU's free memory. Session 11 ran them in one process: 85 of 236 in 500 s
-  timeout 500 python3 -m pytest -q -m gpu -n 4 --dist loadfile -rf $FIRST > $OUT/gpu_tests_half1.log 2>&1
+  timeout 560 python3 -m pytest -q -m gpu -n 4 --dist loadfile -rf $FIRST > $OUT/gpu_tests_half1.log 2>&1
   grep -E "passed|failed|FAILED|^ERROR" $OUT/gpu_tests_half1.log | tail -12
 fi
 if [[ $PHASES == *3* ]]; then
@@ -108,6 +114,12 @@ if [[ $PHASES == *E* ]]; then
     timeout 55 "${RUN[@]}" benchmarks/bench_attention.py --ctxs "" --no-prefill --extend 8192:122880 \
       --kv-dtypes bf16,fp8 --out $OUT/extend_$mode 2>&1 | grep -E "^attn extend|Error|Traceback" | sed "s/^/gluon $mode: /"
   done
+fi
+if [[ $PHASES == *L* ]]; then  # GLM-4.5-Air's experts on the Gluon kernels (no Gluon entry in its tables yet)
+  timeout 250 python3 benchmarks/bench_moe_gluon.py --shape glm45air --m 1024,2048,4096 --gluon gluon,gluon64 \
+    --out $OUT/glm_bf16 2>&1 | grep -E "ceilings|moe_gluon|summary|Error" | cut -c1-330
+  timeout 250 python3 benchmarks/bench_moe_gluon.py --shape glm45air --m 1024,2048,4096 --gluon gluon,gluon64 --fp8 \
+    --out $OUT/glm_fp8 2>&1 | grep -E "ceilings|moe_gluon|summary|Error" | cut -c1-330
 fi
 if [[ $PHASES == *P* ]]; then  # (session 13) a 2048-token prefill, the MoE tables' Gluon from 1024 tokens on / off
   for q in bf16 fp8; do
