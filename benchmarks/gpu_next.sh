@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The next device calls after 2026-11-30's session 13 (issues 16, 17). One H200 unless said; PHASES picks (default
-# H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 530 s, the rest is the pip line
+# H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line
 # and start-up). Copy tables only where the printed numbers say they won.
 # Session 13 (26 min) ran G, E, F, 4, C, P, the engine half of the GPU tests and 93% of the kernel half (2): every
-# Gluon entry won end to end and stays; the Qwen3-30B-A3B MoE tables now take Gluon BLOCK_M 64 from 1024 tokens.
-# Next, in this order: H (EP tables: none exist), L (GLM-4.5-Air's MoE on the Gluon kernels: its tables have no
-# Gluon entry), 2 (the kernel half again: its last ~7% never ran in one call), 5 (x2), 6, then 1 and B.
+# Gluon entry won end to end and stays; the Qwen3-30B-A3B MoE tables take Gluon from 2048 tokens (FP8: BLOCK_M 64
+# from 1024).
+# Next, in this order: P (PREFILL=1024: the FP8 table's new 1024 entry end to end, measured as a kernel only), H (EP
+# tables: none exist), L (GLM-4.5-Air's MoE on the Gluon kernels: its tables have no Gluon entry), 2 (the kernel half again: its last ~7% never ran in one call), 5 (x2), 6, then 1 and B.
 #   phase L (~5 min): bench_moe_gluon.py --shape glm45air at M = 1024, 2048, 4096, bf16 and FP8: where a Gluon
 #     column beats "old", give GLM-4.5-Air's H200 tables (moe_E128_H4096_I1408_*) a "tma" entry like Qwen3's
 #     (default_gluon_config / default_gluon_fp8_config, the winning BLOCK_M, min_rows = tokens x 8), then PHASES=P's
-#     A/B with bench_e2e.py --shape glm-4.5-air.
+#     SHAPE=glm-4.5-air PHASES=P (the A/B end to end at 1024 and 2048 tokens).
 # Already run (kept for reruns):
 #   phase E (~7 min): the prefill with the Gluon kernels on (the tables) / off (benchmarks/gluon_off.py drops their
 #     Gluon entries in-process), one 8k chunk, bf16 and FP8 (experts + KV); then the 8k chunk over a 120k cached
@@ -21,8 +22,8 @@
 #     attention tests): tests/test_kernels_moe_gluon.py -k "not pp", tests/test_kernels_moe_gluon_fp8.py,
 #     tests/test_attention_gluon.py -k "split1 or default" (each under its own timeout).
 #   phase A / D: the Gluon MoE GEMM benches with --sweep (`bash benchmarks/gpu_session_moe_gluon.sh`, MODES=coop /
-#     fp8): a tile better than the default goes into the tables' "tma" entry; M=1024 and 2048 were not measured
-#     (the tables' min_rows 32768 = 4096 tokens x top-8: lower it if Gluon wins there).
+#     fp8): a tile better than the default goes into the tables' "tma" entry (session 13: none by more than 5%; at
+#     M=1024 / 2048 Gluon BLOCK_M 64 won FP8 at both, bf16 at 2048 only: RESULTS.md).
 #   phase B (~6 min): the Gluon attention tests per variant, then bench_attention Triton vs Gluon vs SDPA incl. extend.
 #   phase C (~2 min): MoE align with the SCAN's one-pass last program (session 11) against the two-pass module it
 #     replaced (bench_align --baseline), 128 and 160 experts; re-tune SCAN_CHUNKS from the scan / noscan columns.
@@ -121,13 +122,17 @@ if [[ $PHASES == *L* ]]; then  # GLM-4.5-Air's experts on the Gluon kernels (no 
   timeout 250 python3 benchmarks/bench_moe_gluon.py --shape glm45air --m 1024,2048,4096 --gluon gluon,gluon64 --fp8 \
     --out $OUT/glm_fp8 2>&1 | grep -E "ceilings|moe_gluon|summary|Error" | cut -c1-330
 fi
-if [[ $PHASES == *P* ]]; then  # (session 13) a 2048-token prefill, the MoE tables' Gluon from 1024 tokens on / off
-  for q in bf16 fp8; do
-    QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8"
-    for mode in on off; do
-      RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
-      timeout 70 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 2048 --steps 5 $QARGS \
-        --out $OUT/e2e_prefill2k_${q}_$mode.json 2>&1 | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$q gluon $mode: /"
+if [[ $PHASES == *P* ]]; then  # prefill steps of PREFILL tokens, the tables' Gluon entries on / off (SHAPE: bench_e2e's)
+  # (a served step of 1025-2048 tokens runs padded to the 2048 mixed graph: 1024 and 2048 are the sizes that occur)
+  for n in ${PREFILL:-1024 2048}; do
+    for q in bf16 fp8; do
+      QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8"
+      for mode in on off; do
+        RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
+        timeout 60 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --shape ${SHAPE:-qwen3-30b-a3b} --batch-sizes 1 \
+          --prefill $n --steps 5 $QARGS --out $OUT/e2e_prefill${n}_${q}_$mode.json 2>&1 \
+          | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$q gluon $mode: /"
+      done
     done
   done
 fi

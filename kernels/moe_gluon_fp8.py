@@ -250,7 +250,7 @@ def check_gluon_fp8_config(block_m: int, g: dict, silu_mul: bool) -> None:
 
 
 def default_gluon_fp8_config(min_rows: int = 0, block_m: int = 128, pingpong: bool = False) -> dict:
-    """A sane FP8 "tma" entry for the Gluon kernel (the H200 Qwen3-30B-A3B FP8 table's, from M=4096: session 12):
+    """A sane FP8 "tma" entry for the Gluon kernel (the H200 Qwen3-30B-A3B FP8 table's: sessions 12-13):
     BLOCK_K 128, the widest BLOCK_N whose sums and partials fit FP8_ACC_REGS, as many stages (<= 8) as fit."""
     if pingpong and block_m != 64:  # a 4-warp partition's 128 rows: twice the accumulator registers a thread
         raise ValueError("the gluon FP8 MoE GEMM's ping-pong takes BLOCK_M 64 (a warpgroup's 64 rows a tile)")

@@ -167,6 +167,31 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
         assert ep_experts_bytes(model, 64) == 0
 
 
+def test_step_experts_bytes_peaks_inside_the_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without EP the memory plan's share for the experts is the most any step size up to the bound allocates: a
+    # table's "tma" entry (the permuted path, ~2x the aligned path's workspace) over a middle range of sizes can
+    # peak there, above the largest step's own
+    import runtime.engine.expert_warmup as ew
+    from kernels.fused_moe import experts_workspace_bytes
+    from kernels.moe_grouped_tma import default_tma_config
+
+    model = _tiny_model(1, None)
+    assert ew.ep_expert_layers(model) == [] and ew.ep_experts_bytes(model, 64) == 0
+    layer = next(m for m in model.modules() if isinstance(m, ew.MoE))
+    w13, w2 = layer.experts.w13, layer.experts.w2
+    base = ew._config
+
+    def config(layer, n):
+        return dict(base(layer, n), tma=default_tma_config(float32=True)) if 40 <= n <= 48 else base(layer, n)
+
+    def workspace(n, cfg):
+        return experts_workspace_bytes(n, layer.top_k, w13.shape[2], w2.shape[2], w13.shape[0], 4, cfg, False)
+
+    assert ew.step_experts_bytes(model, 64) == max(workspace(n, base(layer, n)) for n in range(1, 65))
+    monkeypatch.setattr(ew, "_config", config)
+    assert ew.step_experts_bytes(model, 64) == workspace(48, config(layer, 48)) > workspace(64, config(layer, 64))
+
+
 def test_warmup_rows_through_triton_experts() -> None:
     # the Triton experts (the interpreter on the CPU) at the warmup's counts for steps of 8 tokens over EP=2, and
     # their output on the dummy rows equals the torch reference's (rows with -1 slots, padding rows included)

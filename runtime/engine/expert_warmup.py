@@ -36,13 +36,22 @@ def ep_expert_layers(model: nn.Module) -> list[MoE]:
     """One MoE layer per distinct expert shape among those whose dispatcher moves tokens between ranks (not an
     EP-of-one LocalBackend, whose experts see the step's rows): the kernels' variants follow the shapes, not the
     layer."""
-    layers: dict[tuple, MoE] = {}
-    for m in model.modules():
-        if isinstance(m, MoE) and m.dispatcher is not None and m.ep_size > 1 \
-                and not getattr(m.dispatcher, "combine_is_identity", False):
-            key = (tuple(m.experts.w13.shape), tuple(m.experts.w2.shape), m.experts.w13.dtype, m.top_k, m.dtype)
-            layers.setdefault(key, m)
-    return list(layers.values())
+    return _one_per_shape(m for m in model.modules() if isinstance(m, MoE) and _exchanged(m))
+
+
+def _exchanged(layer: MoE) -> bool:
+    # its experts see the rows an all2all delivers, not the step's own
+    return layer.dispatcher is not None and layer.ep_size > 1 and not getattr(layer.dispatcher,
+                                                                              "combine_is_identity", False)
+
+
+def _one_per_shape(layers) -> list[MoE]:
+    # the kernels' variants and workspace follow the experts' shapes, not the layer
+    by_shape: dict[tuple, MoE] = {}
+    for m in layers:
+        by_shape.setdefault((tuple(m.experts.w13.shape), tuple(m.experts.w2.shape), m.experts.w13.dtype, m.top_k,
+                             m.dtype), m)
+    return list(by_shape.values())
 
 
 def received_rows(layer: MoE, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,6 +106,20 @@ def ep_experts_bytes(model: nn.Module, max_num_tokens: int) -> int:
     under EP it outgrows them (Qwen3-30B-A3B at EP 8, 8192 tokens: 3.3 GiB against 1 GiB for the rest)."""
     return max((warmup_bytes(layer, layer.dispatcher.max_received_rows(max_num_tokens))
                 for layer in ep_expert_layers(model)), default=0)
+
+
+def step_experts_bytes(model: nn.Module, max_num_tokens: int) -> int:
+    """The most workspace one MoE layer's experts allocate in a step of up to max_num_tokens tokens where they see
+    the step's own rows (no EP exchange: no dispatcher, an EP-of-one, TP's replicated experts), over every step size:
+    the path, and so the bytes, change with the tuned table's buckets and a "tma" entry's min_rows (the permuted path
+    takes ~2x the aligned one's), so the largest step alone is not the bound. 0 without such layers."""
+    best = 0
+    for layer in _one_per_shape(m for m in model.modules() if isinstance(m, MoE) and not _exchanged(m)):
+        w13, w2, fp8 = layer.experts.w13, layer.experts.w2, layer.experts.w13_scale is not None
+        for n in range(1, max_num_tokens + 1):
+            best = max(best, experts_workspace_bytes(n, layer.top_k, w13.shape[2], w2.shape[2], w13.shape[0],
+                                                     layer.dtype.itemsize, _config(layer, n), fp8))
+    return best
 
 
 def warm_local_experts(model: nn.Module, max_num_tokens: int, reserve_bytes: int | None = None) -> list[int]:
