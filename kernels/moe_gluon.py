@@ -196,7 +196,7 @@ def _grouped_gemm_ws_kernel(a_desc, w_desc, out_desc, expert_ids_ptr, num_post_p
 
 
 def default_gluon_config(min_rows: int = 0, block_m: int = 128, pingpong: bool = False) -> dict:
-    """A sane "tma" config entry for the Gluon kernel (the H200 Qwen3-30B-A3B table's, from 2048 tokens: sessions 12-13).
+    """A sane "tma" config entry for the Gluon kernel (the H200 Qwen3-30B-A3B table's: sessions 12-13).
     Tiles whose fp32 accumulators take 128 registers a thread of the MMA warps (gate_up: two of them), as many
     ring stages (<= 6) as shared memory holds. pingpong: two one-warpgroup MMA partitions taking tiles in turn;
     else one partition of block_m / 16 warps (64 rows a warpgroup)."""

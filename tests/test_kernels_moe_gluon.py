@@ -266,7 +266,7 @@ def test_fused_experts_gluon_graph_replay_gpu(variant):
 
 
 def test_checked_in_gluon_entries_are_valid():
-    # a table's "tma" entry with "gluon" (H200, Qwen3-30B-A3B: measured ahead of the old path from 1024 / 2048 tokens) must pass
+    # a table's "tma" entry with "gluon" (H200, Qwen3-30B-A3B: measured ahead of the old path) must pass
     # the checks its launch runs, for its dtype's kernel, with the same tiles as the default the bench measured
     import json
     from pathlib import Path
