@@ -11,6 +11,8 @@ At many rows (config["tma"], from a tuned table) the experts take kernels/moe_gr
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -23,7 +25,7 @@ from kernels.fp8 import (
     per_token_group_quant,
     per_token_group_quant_ref,
 )
-from kernels.moe_align import align_token_ranges, max_blocks, moe_align
+from kernels.moe_align import align_plan, align_token_ranges, max_blocks, moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
@@ -374,11 +376,11 @@ def fused_experts(
     if config is None:
         config = get_moe_config(num_tokens, num_experts, h, inter, top_k, moe_dtype_name(hidden, fp8),
                                 hidden.device)
-    tma = config.get("tma")  # the permuted, TMA-fed path: only where a tuned table measured it
-    if tma is not None and num_tokens * top_k >= tma["min_rows"] and tma_supported(hidden, w13, w2):
-        return fused_experts_tma(hidden, w13, w2, topk_weights, topk_ids, tma, w13_scale=w13_scale,
+    path = experts_path(config, num_tokens, top_k, tma_supported(hidden, w13, w2))
+    if path == "tma":
+        return fused_experts_tma(hidden, w13, w2, topk_weights, topk_ids, config["tma"], w13_scale=w13_scale,
                                  w2_scale=w2_scale)
-    if config.get("gemv") and num_tokens <= config["gemv"].get("max_tokens", 1):  # per-pair GEMVs, no align
+    if path == "gemv":
         return gemv_experts(hidden, w13, w2, topk_weights, topk_ids, config["gemv"], w13_scale, w2_scale, defer_sum)
     if fp8 and any(FP8_BLOCK % config[g]["BLOCK_K"] for g in ("up", "down")):
         raise ValueError("FP8 experts need BLOCK_K dividing 128 (one scale per K step)")
@@ -388,6 +390,32 @@ def fused_experts(
         sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
                                  config, w13_scale, w2_scale, defer_sum)
+
+
+def experts_path(config: dict, num_tokens: int, top_k: int, tma_ok: bool = True) -> str:
+    """The path fused_experts takes for num_tokens rows under a config: "tma", the permuted TMA-fed one of a "tma"
+    entry (only where a tuned table measured it) from its min_rows (tma_ok: the shapes allow it, tma_supported);
+    "gemv", the per-pair GEMVs of a "gemv" entry up to its max_tokens (no align); else "aligned"."""
+    tma = config.get("tma")
+    if tma is not None and tma_ok and num_tokens * top_k >= tma["min_rows"]:
+        return "tma"
+    if config.get("gemv") and num_tokens <= config["gemv"].get("max_tokens", 1):
+        return "gemv"
+    return "aligned"
+
+
+def experts_variant(config: dict, num_tokens: int, top_k: int, num_experts: int) -> tuple:
+    """What a fused_experts call on num_tokens rows compiles (its kernels' constexprs follow it): the path, that
+    path's tiles and the align's constexprs (align_plan; BLOCK_M is in the tiles; none for one token or the GEMV)."""
+    path = experts_path(config, num_tokens, top_k)
+    if path == "gemv":
+        return path, json.dumps(config["gemv"], sort_keys=True)
+    if path == "tma":  # (its align runs for one token too)
+        tiles, plan = config["tma"], align_plan(num_tokens * top_k, num_experts)
+    else:
+        tiles = {k: v for k, v in config.items() if k not in ("tma", "gemv")}
+        plan = align_plan(num_tokens * top_k, num_experts) if num_tokens > 1 else ()
+    return path, json.dumps(tiles, sort_keys=True), *plan
 
 
 def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
@@ -413,7 +441,7 @@ def experts_workspace_bytes(num_tokens: int, top_k: int, hidden: int, inter: int
     tokens, their inverse and the per-row down output, all rows padded to the sorted positions (Qwen3-30B-A3B at
     8192 tokens: 0.83 GB against the align path's 0.43); with FP8 activations their quantized copies and scales."""
     pairs, tma = num_tokens * top_k, config.get("tma")
-    permuted = tma is not None and pairs >= tma["min_rows"]  # (a call tma_supported refuses: less)
+    permuted = experts_path(config, num_tokens, top_k) == "tma"  # (a call tma_supported refuses: less)
     bm = tma["BLOCK_M"] if permuted else config["BLOCK_M"]
     rows = max_blocks(pairs, num_experts, bm) * bm  # sorted positions: the gate_up output's rows
     total = 4 * (rows + rows // bm + 1) + (rows * inter + num_tokens * hidden) * itemsize

@@ -11,7 +11,12 @@ if not torch.cuda.is_available():
 
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.fused_moe import fused_experts, fused_experts_ref, warmup_token_counts  # noqa: E402
+from kernels.fused_moe import (  # noqa: E402
+    experts_variant,
+    fused_experts,
+    fused_experts_ref,
+    warmup_token_counts,
+)
 from kernels.moe_align import (  # noqa: E402
     ONE_PROGRAM_PAIRS,
     align_plan,
@@ -118,21 +123,8 @@ def test_moe_align_counter_first_call(monkeypatch):
 
 
 def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
-    # what each token count compiles, as fused_experts picks its path: the GEMV entry (no align); the permuted path
-    # of a "tma" entry from its min_rows (its GEMM tiles, its BLOCK_M's align); else the aligned GEMMs of the bucket's
-    # tiles and their align, (BLOCK_M, N_PAD, CHUNK, SCAN) (none for one token)
-    variants = set()
-    for m in counts:
-        cfg = config_for(m)
-        tma = cfg.get("tma")
-        if tma is not None and m * top_k >= tma["min_rows"]:
-            variants.add(("tma", json.dumps(tma, sort_keys=True), *align_plan(m * top_k, num_experts)))
-        elif cfg.get("gemv") and m <= cfg["gemv"].get("max_tokens", 1):
-            variants.add(("gemv", json.dumps(cfg["gemv"], sort_keys=True)))
-        else:
-            tiles = json.dumps({k: v for k, v in cfg.items() if k not in ("tma", "gemv")}, sort_keys=True)
-            variants.add(("aligned", tiles, *(align_plan(m * top_k, num_experts) if m > 1 else ())))
-    return variants
+    # what each token count compiles, as fused_experts picks its path (kernels/fused_moe.experts_variant)
+    return {experts_variant(config_for(m), m, top_k, num_experts) for m in counts}
 
 
 def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, config_for) -> None:

@@ -18,14 +18,12 @@ overflowed static step) stays within max_received_rows(max_num_batched_tokens), 
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 from torch import nn
 
-from kernels.fused_moe import experts_workspace_bytes, warmup_token_counts
-from kernels.moe_align import align_plan
+from kernels.fused_moe import experts_variant, experts_workspace_bytes, warmup_token_counts
 from kernels.moe_config import get_moe_config
 from models.moe import MoE
 
@@ -82,10 +80,9 @@ def warmup_bytes(layer: MoE, num_rows: int) -> int:
                                             _config(layer, num_rows), layer.experts.w13_scale is not None)
 
 
-def _variant(layer: MoE, num_rows: int) -> tuple[str, tuple[int, int, bool] | None]:
-    # (block config, align plan) of a call on num_rows rows: what its kernels specialize on (one row: no align)
-    plan = align_plan(num_rows * layer.top_k, layer.num_local_experts) if num_rows > 1 else None
-    return json.dumps(_config(layer, num_rows), sort_keys=True), plan
+def _variant(layer: MoE, num_rows: int) -> tuple:
+    # what a call on num_rows rows compiles: its path, that path's tiles, the align's constexprs
+    return experts_variant(_config(layer, num_rows), num_rows, layer.top_k, layer.num_local_experts)
 
 
 def warmup_row_counts(layer: MoE, max_num_tokens: int, reserve_bytes: int | None) -> tuple[list[int], list[int]]:
