@@ -6,12 +6,11 @@ config["fused_sum"] the down GEMM does the top-k sum too (the last slot to finis
 The FP8 path takes e4m3 weights with fp32 [128, 128] block scales (w13_scale, w2_scale in the HF
 weight_scale_inv layout) and quantizes the activations per token and 128 channels on the fly, or (act_fp8
 false, few rows) keeps them 16-bit: each GEMM's "w8_mma" then picks how weights meet them (kernels/moe_w8.py).
-At many rows (config["tma"], from a tuned table) the experts take kernels/moe_grouped_tma.py instead.
+At many rows (config["tma"], from a tuned table) the experts take kernels/moe_grouped_tma.py instead. Which path a
+call takes, what it compiles and allocates: kernels/moe_plan.py.
 """
 
 from __future__ import annotations
-
-import json
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +24,11 @@ from kernels.fp8 import (
     per_token_group_quant,
     per_token_group_quant_ref,
 )
-from kernels.moe_align import align_plan, align_token_ranges, max_blocks, moe_align
+from kernels.moe_align import moe_align
 from kernels.moe_config import get_moe_config
 from kernels.moe_gemv import gemv_experts
 from kernels.moe_grouped_tma import fused_experts_tma, tma_supported
+from kernels.moe_plan import experts_path
 from kernels.moe_sum import TopKSlots, _one_token_sum, _sum_counters, moe_sum
 from kernels.moe_w8 import w8_f16_dot, w8_mma_meta
 from kernels.pdl import launch_kwargs, pdl_enabled, pdl_release, pdl_wait
@@ -390,67 +390,3 @@ def fused_experts(
         sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, num_experts, config["BLOCK_M"])
     return fused_experts_aligned(hidden, w13, w2, topk_weights, topk_ids, sorted_ids, expert_ids, num_post_pad,
                                  config, w13_scale, w2_scale, defer_sum)
-
-
-def experts_path(config: dict, num_tokens: int, top_k: int, tma_ok: bool = True) -> str:
-    """The path fused_experts takes for num_tokens rows under a config: "tma", the permuted TMA-fed one of a "tma"
-    entry (only where a tuned table measured it) from its min_rows (tma_ok: the shapes allow it, tma_supported);
-    "gemv", the per-pair GEMVs of a "gemv" entry up to its max_tokens (no align); else "aligned"."""
-    tma = config.get("tma")
-    if tma is not None and tma_ok and num_tokens * top_k >= tma["min_rows"]:
-        return "tma"
-    if config.get("gemv") and num_tokens <= config["gemv"].get("max_tokens", 1):
-        return "gemv"
-    return "aligned"
-
-
-def experts_variant(config: dict, num_tokens: int, top_k: int, num_experts: int) -> tuple:
-    """What a fused_experts call on num_tokens rows compiles (its kernels' constexprs follow it): the path, that
-    path's tiles and the align's constexprs (align_plan; BLOCK_M is in the tiles; none for one token or the GEMV)."""
-    path = experts_path(config, num_tokens, top_k)
-    if path == "gemv":
-        return path, json.dumps(config["gemv"], sort_keys=True)
-    if path == "tma":  # (its align runs for one token too)
-        tiles, plan = config["tma"], align_plan(num_tokens * top_k, num_experts)
-    else:
-        tiles = {k: v for k, v in config.items() if k not in ("tma", "gemv")}
-        plan = align_plan(num_tokens * top_k, num_experts) if num_tokens > 1 else ()
-    return path, json.dumps(tiles, sort_keys=True), *plan
-
-
-def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
-    """Token counts whose steps, run once at start-up, compile every variant of the MoE kernels a server can
-    hit up to max_tokens: the block configs change only between buckets at least 2x apart (every power of
-    two lands in each), and the align's own constexprs (kernels/moe_align.py align_plan) hold over ranges of
-    token counts (align_token_ranges), whose first and last counts are taken for every expert count that sets
-    another chunk cap. So every (BLOCK_M, align plan) pair is met: where the two ranges overlap, a power of two
-    of the BLOCK_M range lies inside the align range, or before its first count, or after its last (both then
-    in the BLOCK_M range). Every other per-step size is a runtime argument."""
-    counts = {1 << i for i in range(max_tokens.bit_length())}
-    for num_experts in (16 << i for i in range(8)):  # E_PAD 16 .. 2048: each chunk cap (past 2048 it stays 16)
-        counts |= {m for r in align_token_ranges(max_tokens, top_k, num_experts) for m in r}
-    counts.add(max_tokens)
-    return sorted(c for c in counts if c <= max_tokens)
-
-
-def experts_workspace_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, num_experts: int, itemsize: int,
-                            config: dict, fp8: bool) -> int:
-    """Bytes a fused_experts call on num_tokens rows allocates (the GEMV path takes less): the align's outputs (its
-    chunk counts, a few KiB, aside), the gate_up output and the sum; on the align path the per-pair down output, on
-    the permuted one (config "tma" from its min_rows: kernels/moe_grouped_tma.py, Triton or Gluon) the permuted
-    tokens, their inverse and the per-row down output, all rows padded to the sorted positions (Qwen3-30B-A3B at
-    8192 tokens: 0.83 GB against the align path's 0.43); with FP8 activations their quantized copies and scales."""
-    pairs, tma = num_tokens * top_k, config.get("tma")
-    permuted = experts_path(config, num_tokens, top_k) == "tma"  # (a call tma_supported refuses: less)
-    bm = tma["BLOCK_M"] if permuted else config["BLOCK_M"]
-    rows = max_blocks(pairs, num_experts, bm) * bm  # sorted positions: the gate_up output's rows
-    total = 4 * (rows + rows // bm + 1) + (rows * inter + num_tokens * hidden) * itemsize
-    if permuted:  # the permuted tokens (FP8: e4m3 with their scales), their inverse, the per-row down output
-        a_perm = rows * (hidden + 4 * triton.cdiv(hidden, FP8_BLOCK)) if fp8 else rows * hidden * itemsize
-        total += a_perm + 4 * pairs + rows * hidden * itemsize
-    else:
-        total += pairs * hidden * itemsize
-    if fp8 and (permuted or config.get("act_fp8", True)):  # e4m3 copies and one fp32 scale per 128 channels
-        total += num_tokens * (hidden + 4 * triton.cdiv(hidden, FP8_BLOCK)) + rows * (inter + 4 * triton.cdiv(
-            inter, FP8_BLOCK))
-    return total

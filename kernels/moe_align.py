@@ -9,7 +9,7 @@ pairs keep their flat order, so the result is deterministic. Up to ONE_PROGRAM_P
 all (one launch: small decode steps); beyond, a count launch and a scatter launch over one program a chunk of
 pairs, no memset; past SCAN_CHUNKS chunks the count kernel's last program (one arrival counter per device, which
 it re-arms) sums the chunks' counts once. The compiled variants follow the pair count (align_plan);
-kernels/fused_moe.py warmup_token_counts reaches each of them at start-up.
+kernels/moe_plan.py warmup_token_counts reaches each of them at start-up.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.fused_moe import warmup_token_counts
 from kernels.moe_config import default_config, get_moe_config
+from kernels.moe_plan import warmup_token_counts
 from runtime.distributed.all2all import AllGatherBackend, LocalBackend
 from runtime.distributed.all2all_sparse import SparseBackend
 from runtime.distributed.parallel import ParallelState
@@ -172,8 +172,8 @@ def test_step_experts_bytes_peaks_inside_the_range(monkeypatch: pytest.MonkeyPat
     # table's "tma" entry (the permuted path, ~2x the aligned path's workspace) over a middle range of sizes can
     # peak there, above the largest step's own
     import runtime.engine.expert_warmup as ew
-    from kernels.fused_moe import experts_workspace_bytes
     from kernels.moe_grouped_tma import default_tma_config
+    from kernels.moe_plan import experts_workspace_bytes
 
     model = _tiny_model(1, None)
     assert ew.ep_expert_layers(model) == [] and ew.ep_experts_bytes(model, 64) == 0

@@ -11,12 +11,7 @@ if not torch.cuda.is_available():
 
 from benchmarks.count_launches import count_launches  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.fused_moe import (  # noqa: E402
-    experts_variant,
-    fused_experts,
-    fused_experts_ref,
-    warmup_token_counts,
-)
+from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_align import (  # noqa: E402
     ONE_PROGRAM_PAIRS,
     align_plan,
@@ -26,6 +21,7 @@ from kernels.moe_align import (  # noqa: E402
     moe_align_ref,
 )
 from kernels.moe_config import default_config, get_moe_config  # noqa: E402
+from kernels.moe_plan import experts_variant, warmup_token_counts  # noqa: E402
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -123,7 +119,7 @@ def test_moe_align_counter_first_call(monkeypatch):
 
 
 def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
-    # what each token count compiles, as fused_experts picks its path (kernels/fused_moe.experts_variant)
+    # what each token count compiles, as fused_experts picks its path (kernels/moe_plan.experts_variant)
     return {experts_variant(config_for(m), m, top_k, num_experts) for m in counts}
 
 

@@ -166,7 +166,7 @@ def test_workspace_bytes_cover_the_permuted_path(monkeypatch, fp8, gluon):
     import kernels.moe_gluon as mgl
     import kernels.moe_gluon_fp8 as mgl8
     from kernels.fp8 import quantize_weight_block
-    from kernels.fused_moe import experts_workspace_bytes
+    from kernels.moe_plan import experts_workspace_bytes
 
     monkeypatch.setattr(mgl, "grouped_gemm_gluon", lambda *a, **k: None)
     monkeypatch.setattr(mgl8, "grouped_gemm_gluon_fp8", lambda *a, **k: None)

@@ -1,6 +1,6 @@
 """The local experts' start-up warmup under expert parallelism (ModelRunner.warmup_local_experts).
 
-ModelRunner.warmup runs one step per size of kernels/fused_moe.py warmup_token_counts: without EP the experts
+ModelRunner.warmup runs one step per size of kernels/moe_plan.py warmup_token_counts: without EP the experts
 see the step's own rows, so that compiles every variant they can meet (DP without EP and TP without EP need
 nothing more). Under EP they see the rows the all2all delivered, anywhere from 0 to the dispatcher's
 max_received_rows(T) however many tokens the step has, and the collective warmup reaches only a few of those
@@ -23,8 +23,8 @@ import logging
 import torch
 from torch import nn
 
-from kernels.fused_moe import experts_variant, experts_workspace_bytes, warmup_token_counts
 from kernels.moe_config import get_moe_config
+from kernels.moe_plan import experts_variant, experts_workspace_bytes, warmup_token_counts
 from models.moe import MoE
 
 logger = logging.getLogger(__name__)

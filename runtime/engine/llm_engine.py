@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kernels import use_persistent_cache
-from kernels.fused_moe import warmup_token_counts
+from kernels.moe_plan import warmup_token_counts
 from runtime.config import DTYPES, ConfigError, EngineConfig
 from runtime.engine.async_step import PendingStep, needs_host_tokens, placeholder
 from runtime.engine.attention_backend import ATTENTION_BACKENDS
