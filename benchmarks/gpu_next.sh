@@ -124,12 +124,13 @@ if [[ $PHASES == *L* ]]; then  # GLM-4.5-Air's experts on the Gluon kernels (no 
 fi
 if [[ $PHASES == *P* ]]; then  # prefill steps of PREFILL tokens, the tables' Gluon entries on / off (SHAPE: bench_e2e's)
   # (a served step of 1025-2048 tokens runs padded to the 2048 mixed graph: 1024 and 2048 are the sizes that occur)
+  # QS: the dtypes (GLM-4.5-Air in bf16, 212 GB, does not fit one H200: QS=fp8); TO_P: each run's timeout
   for n in ${PREFILL:-1024 2048}; do
-    for q in bf16 fp8; do
+    for q in ${QS:-bf16 fp8}; do
       QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8"
       for mode in on off; do
         RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/gluon_off.py)
-        timeout 60 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --shape ${SHAPE:-qwen3-30b-a3b} --batch-sizes 1 \
+        timeout ${TO_P:-60} "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --shape ${SHAPE:-qwen3-30b-a3b} --batch-sizes 1 \
           --prefill $n --steps 5 $QARGS --out $OUT/e2e_prefill${n}_${q}_$mode.json 2>&1 \
           | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$q gluon $mode: /"
       done
