@@ -179,12 +179,13 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
         graph_ms = time_graph_replay(engine, batch)
         if batch in args.profile:
             profile_eager_step(engine)
+        gaps = step_gaps(engine) if batch in args.step_gaps else {}
         mixed = time_mixed_steps(engine, args.mixed, g) if batch == max_b else {}
         floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes, kv_elem_bytes) / bandwidth * 1e3
         rows.append({"engine": "ours", "phase": "decode", "batch": batch, "ctx": args.ctx, "step_ms": step_ms,
                      "graph_replay_ms": graph_ms,
                      "floor_ms": floor_ms, "floor_fraction": floor_ms / step_ms,
-                     "tokens_per_s": batch / step_ms * 1e3, **mixed})
+                     "tokens_per_s": batch / step_ms * 1e3, **mixed, **gaps})
         print(f"ours decode B={batch:4d} ctx={args.ctx}: {step_ms:8.3f} ms/step (graph alone {graph_ms:.3f} ms), "
               f"floor {floor_ms:.3f} ms "
               f"({floor_ms / step_ms:.0%} of floor speed)", flush=True)
@@ -292,6 +293,67 @@ def time_graph_replay(engine, batch: int) -> float:
     return start.elapsed_time(end) / 20
 
 
+def step_gaps(engine, steps: int = 20) -> dict:
+    """Where a decode step's time goes beyond its graph replay, as bench_engine runs it (graphs on): the host's time
+    a step and the part of it spent waiting on the device (torch.cuda.Event.synchronize: the sampled tokens' copy,
+    the input staging), from timed steps; then the device's busy and idle time a step and its idle gaps by the
+    kernels on either side, from a profile of the same steps (CUDA activity only, no host-side tracing)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    waits: list[float] = []
+    event_sync = torch.cuda.Event.synchronize
+
+    def timed_sync(event) -> None:
+        t = time.perf_counter()
+        event_sync(event)
+        waits.append(time.perf_counter() - t)
+
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    host = []
+    torch.cuda.Event.synchronize = timed_sync
+    try:
+        for _ in range(steps):
+            t = time.perf_counter()
+            engine.step()
+            host.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.Event.synchronize = event_sync
+    host_ms, wait_ms = sum(host) / steps * 1e3, sum(waits) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return {"host_ms": host_ms, "host_wait_ms": wait_ms}
+    busy, gaps = 0.0, {}
+    seg_start, seg_end, last = spans[0]
+    for start, end, name in spans[1:]:
+        if start > seg_end:
+            busy += seg_end - seg_start
+            key = f"{last[:50]} -> {name[:50]}"
+            n, us = gaps.get(key, (0, 0.0))
+            gaps[key] = (n + 1, us + start - seg_end)
+            seg_start = start
+        if end > seg_end:
+            seg_end, last = end, name
+    busy += seg_end - seg_start
+    span_ms = (seg_end - spans[0][0]) / steps / 1e3
+    top = sorted(gaps.items(), key=lambda kv: -kv[1][1])[:8]
+    print(f"  step gaps: host {host_ms:.3f} ms/step, {wait_ms:.3f} of it waiting on the device; device "
+          f"{span_ms:.3f} ms/step from first to last kernel, busy {busy / steps / 1e3:.3f}, "
+          f"{len(spans) / steps:.0f} kernels/copies a step; idle gaps by neighbours (us/step, count/step):")
+    for key, (n, us) in top:
+        print(f"    {us / steps:7.1f} us {n / steps:5.1f}x  {key}")
+    return {"host_ms": host_ms, "host_wait_ms": wait_ms, "device_span_ms": span_ms,
+            "device_busy_ms": busy / steps / 1e3, "kernels_per_step": len(spans) / steps,
+            "idle_gaps": [{"between": k, "per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
+
+
 def profile_eager_step(engine) -> None:
     """Kernel time breakdown of one decode step run eagerly (graphs hide kernels from the profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -367,6 +429,9 @@ def main() -> None:
                         help="build the engine as python -m runtime.serve does (its expert statistics included)")
     parser.add_argument("--profile", type=lambda s: [int(x) for x in s.split(",")], default=[],
                         help="batch sizes to profile eagerly, kernel by kernel")
+    parser.add_argument("--step-gaps", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                        help="batch sizes whose steps (graphs on) to split into host time, host waits, device busy "
+                             "and the device's idle gaps")
     parser.add_argument("--mixed", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                         help="prompt lengths: time the largest batch's decode step carrying one such prompt")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,

@@ -85,6 +85,12 @@ if [[ $PHASES == *5* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 150 python3 -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_all2all_dist.py --tokens 1,64 \
     --backends sparse --no-graphs --host-profile --reps 30 --out $OUT/a2a_profile.json 2>&1 | grep -v "^\s*$" | head -60
 fi
+if [[ $PHASES == *S* ]]; then  # a decode step beyond its graph: host time and waits, the device's idle gaps
+  timeout 120 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,64 --prefill 1024 --steps 30 --step-gaps 1,64 \
+    --out $OUT/e2e_gaps.json 2>&1 | grep -E "^ours decode|step gaps|^    |SUMMARY|Error|Traceback"
+  timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1 --prefill 1024 --steps 30 \
+    --step-gaps 1 --out $OUT/e2e_gaps_fp8.json 2>&1 | grep -E "^ours decode|step gaps|^    |SUMMARY|Error|Traceback"
+fi
 if [[ $PHASES == *6* ]]; then
   for tile in cublas '{"BLOCK_N": 64, "BLOCK_K": 128, "DOT": 1, "SPLIT_K": 8, "num_stages": 3, "num_warps": 4}' \
               '{"BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 8, "num_stages": 1, "num_warps": 4}'; do
