@@ -179,7 +179,9 @@ def bench_engine(model_dir: str, args: argparse.Namespace, cfg: dict, bandwidth:
         graph_ms = time_graph_replay(engine, batch)
         if batch in args.profile:
             profile_eager_step(engine)
-        gaps = step_gaps(engine) if batch in args.step_gaps else {}
+        gaps = {}
+        if batch in args.step_gaps:
+            gaps = step_gaps(engine, trace=args.out.replace(".json", f"_trace_b{batch}.json"))
         mixed = time_mixed_steps(engine, args.mixed, g) if batch == max_b else {}
         floor_ms = decode_floor_bytes(cfg, batch, args.ctx, weight_bytes, kv_elem_bytes) / bandwidth * 1e3
         rows.append({"engine": "ours", "phase": "decode", "batch": batch, "ctx": args.ctx, "step_ms": step_ms,
@@ -293,11 +295,12 @@ def time_graph_replay(engine, batch: int) -> float:
     return start.elapsed_time(end) / 20
 
 
-def step_gaps(engine, steps: int = 20) -> dict:
+def step_gaps(engine, steps: int = 6, trace: str = "") -> dict:
     """Where a decode step's time goes beyond its graph replay, as bench_engine runs it (graphs on): the host's time
     a step and the part of it spent waiting on the device (torch.cuda.Event.synchronize: the sampled tokens' copy,
-    the input staging), from timed steps; then the device's busy and idle time a step and its idle gaps by the
-    kernels on either side, from a profile of the same steps (CUDA activity only, no host-side tracing)."""
+    the input staging), from 20 timed steps; then the device's busy and idle time a step and its idle gaps by the
+    kernels on either side, and the host's CUDA calls, from a profile of `steps` more (CUDA activity only: no
+    host-side op tracing; few steps, as the profiler keeps ~20 ms of kernel records)."""
     from torch.profiler import ProfilerActivity, profile
 
     waits: list[float] = []
@@ -314,22 +317,37 @@ def step_gaps(engine, steps: int = 20) -> dict:
     host = []
     torch.cuda.Event.synchronize = timed_sync
     try:
-        for _ in range(steps):
+        for _ in range(20):
             t = time.perf_counter()
             engine.step()
             host.append(time.perf_counter() - t)
         torch.cuda.synchronize()
     finally:
         torch.cuda.Event.synchronize = event_sync
-    host_ms, wait_ms = sum(host) / steps * 1e3, sum(waits) / steps * 1e3
+    host_ms, wait_ms = sum(host) / 20 * 1e3, sum(waits) / 20 * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+    if trace:
+        prof.export_chrome_trace(trace)  # host calls and device ops on one clock, linked by their correlation ids
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                    if e.device_type == torch.autograd.DeviceType.CUDA)
-    if not spans:
+    api: dict[str, list[float]] = {}  # the CUDA runtime / driver calls the host made (a sync shows here)
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith("cu"):
+            api.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    calls = sorted(api.items(), key=lambda kv: -sum(kv[1]))[:8]
+    calls_us = {name: sum(t) / steps for name, t in calls}
+    print("  host CUDA calls a step (us total, count): " + ", ".join(
+        f"{name} {sum(t) / steps:.0f} ({len(t) / steps:.1f}x, max {max(t):.0f})" for name, t in calls))
+    # the first profiled step carries the profiler's start (a slow first graph launch): count from its token copy on
+    first = next((end for _, end, name in spans if "DtoH" in name), None)
+    if first is None or steps < 2:
         return {"host_ms": host_ms, "host_wait_ms": wait_ms}
+    spans = [s for s in spans if s[0] >= first]
+    steps -= 1
     busy, gaps = 0.0, {}
     seg_start, seg_end, last = spans[0]
     for start, end, name in spans[1:]:
@@ -350,6 +368,7 @@ def step_gaps(engine, steps: int = 20) -> dict:
     for key, (n, us) in top:
         print(f"    {us / steps:7.1f} us {n / steps:5.1f}x  {key}")
     return {"host_ms": host_ms, "host_wait_ms": wait_ms, "device_span_ms": span_ms,
+            "host_cuda_calls_us": calls_us,
             "device_busy_ms": busy / steps / 1e3, "kernels_per_step": len(spans) / steps,
             "idle_gaps": [{"between": k, "per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
 

@@ -86,10 +86,20 @@ if [[ $PHASES == *5* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     --backends sparse --no-graphs --host-profile --reps 30 --out $OUT/a2a_profile.json 2>&1 | grep -v "^\s*$" | head -60
 fi
 if [[ $PHASES == *S* ]]; then  # a decode step beyond its graph: host time and waits, the device's idle gaps
-  timeout 120 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,64 --prefill 1024 --steps 30 --step-gaps 1,64 \
-    --out $OUT/e2e_gaps.json 2>&1 | grep -E "^ours decode|step gaps|^    |SUMMARY|Error|Traceback"
+  timeout 120 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 1024 --steps 30 --step-gaps 1 \
+    --out $OUT/e2e_gaps.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|SUMMARY|Error|Traceback"
   timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1 --prefill 1024 --steps 30 \
-    --step-gaps 1 --out $OUT/e2e_gaps_fp8.json 2>&1 | grep -E "^ours decode|step gaps|^    |SUMMARY|Error|Traceback"
+    --step-gaps 1 --out $OUT/e2e_gaps_fp8.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|SUMMARY|Error|Traceback"
+  gzip -f $OUT/*_trace_b*.json
+fi
+if [[ $PHASES == *R* ]]; then  # the post-attention norm inside the router (off since it lost at B=8) at B=1 / 8
+  for q in bf16 fp8; do
+    QARGS=""; [ $q = fp8 ] && QARGS="--quantization fp8"
+    for f in 0 1; do
+      MOE_RT_FUSE_ROUTER_NORM=$f timeout 90 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 \
+        --steps 30 $QARGS --out $OUT/e2e_router_norm${f}_$q.json 2>&1 | grep SUMMARY | sed "s/^/router_norm=$f /"
+    done
+  done
 fi
 if [[ $PHASES == *6* ]]; then
   for tile in cublas '{"BLOCK_N": 64, "BLOCK_K": 128, "DOT": 1, "SPLIT_K": 8, "num_stages": 3, "num_warps": 4}' \
