@@ -101,6 +101,24 @@ if [[ $PHASES == *R* ]]; then  # the post-attention norm inside the router (off 
     done
   done
 fi
+if [[ $PHASES == *M* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # nvidia-h200-x2
+  # the demo model served over both GPUs (DP=2 with EP, then TP=2): the README's answer, then the multi-GPU tests
+  Q='{"model": "demo", "messages": [{"role": "user", "content": "What does json.dumps do?"}], "temperature": 0}'
+  for flags in "--data-parallel-size 2 --enable-expert-parallel" "--tensor-parallel-size 2"; do
+    setsid python3 -m runtime.serve $flags --port 8011 > $OUT/serve_${flags// /_}.log 2>&1 &
+    pid=$!
+    for i in $(seq 120); do python3 -c "import urllib.request as u; u.urlopen('http://localhost:8011/health')" \
+      2>/dev/null && break; sleep 1; done
+    echo "$flags (ready after ~$i s):"
+    python3 -c "import sys, urllib.request as u; r = u.Request('http://localhost:8011/v1/chat/completions', \
+      sys.argv[1].encode(), {'Content-Type': 'application/json'}); print(u.urlopen(r).read()[:400].decode())" "$Q"
+    kill -- -$pid; sleep 3; kill -9 -- -$pid 2>/dev/null
+  done
+  timeout 330 python3 -m pytest -q -m gpu -rf tests/test_tensor_parallel.py::test_tp2_nccl_cuda_graphs_equal_transformers \
+    tests/test_dummy_step.py::test_idle_rank_dummy_graphs_nccl tests/test_gpu_all2all.py::test_fixed_capacity_in_cuda_graphs \
+    tests/test_all2all_host.py::test_eager_dispatch_combine_syncs_once_on_gpus \
+    tests/test_gpu_compile.py::test_no_compile_after_startup_expert_parallel 2>&1 | tail -8
+fi
 if [[ $PHASES == *6* ]]; then
   for tile in cublas '{"BLOCK_N": 64, "BLOCK_K": 128, "DOT": 1, "SPLIT_K": 8, "num_stages": 3, "num_warps": 4}' \
               '{"BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 8, "num_stages": 1, "num_warps": 4}'; do
