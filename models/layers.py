@@ -301,6 +301,7 @@ class DecoderLM(nn.Module):
         self.model = DecoderBody(spec, make_mlp, args)
         attn = self.model.layers[0].self_attn
         self.num_layers, self.num_kv_heads, self.head_dim = spec.num_layers, attn.num_kv_heads, spec.head_dim
+        self.num_heads = attn.num_heads  # this TP rank's query heads
         self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, args)
         self.tie_weights()
         self.num_experts = num_experts  # global routed experts per MoE layer; 0 = dense

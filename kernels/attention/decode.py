@@ -299,6 +299,63 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(want, triton.cdiv(max_context, min_split_tokens), max_splits))
 
 
+def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, max_context: int, cfg: dict,
+                num_sms: int, num_splits: int | None = None) -> tuple[int, int, int]:
+    """(num_splits, SPLITS_PAD, the merge's column width) of a decode launch: its split count (cfg's rule unless
+    given), the power-of-two tile that split counts share compiled kernels by (1: no partials), and the merge's
+    BLOCK_D. Shapes only (CUDA graphs); launch_decode runs it, decode_variants enumerates it."""
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, max_context, num_sms, cfg["programs_per_sm"],
+                                       cfg["min_split_tokens"], cfg["max_splits"])
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile); the
+    # split kernel itself needs the tile only when it merges (fused), so two-launch runs compile it once
+    splits_pad = 1 if num_splits == 1 else max(2, triton.next_power_of_2(num_splits))
+    # few (sequence, head) pairs (small batch): split the merge's columns too, so it is not a few SMs each reading
+    # [splits, head_dim] partials one after the other (merge_block_d > 0: the config's column width instead)
+    block_d = triton.next_power_of_2(head_dim)
+    auto_d = block_d if batch * num_heads >= num_sms else min(block_d, 32)
+    merge_d = min(block_d, cfg["merge_block_d"]) if cfg["merge_block_d"] else auto_d
+    return num_splits, splits_pad, merge_d
+
+
+_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2")  # launch_decode compiles
+
+
+def decode_variant(rows: int, width: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                   kv_dtype: torch.dtype, device: torch.device, fused_rows: int = 0) -> tuple:
+    """What a two-launch decode step of `rows` sequences with block tables `width` pages wide compiles: the config's
+    tiles and kernel knobs, the split kernel's SPLITS_PAD (1 or 2), the merge's SPLITS_PAD and BLOCK_D (None at one
+    split), and whether the step has at most fused_rows rows (the model's fused-prologue limit: a variant of its
+    own)."""
+    cfg = decode_launch_config(head_dim, kv_dtype, device, rows)
+    splits, splits_pad, merge_d = decode_plan(rows, num_heads, num_kv_heads, head_dim, width * block_size, cfg,
+                                              _num_sms(device))
+    tiles = tuple(cfg[k] for k in _COMPILED_KNOBS)  # the rest of the config acts through decode_plan
+    return tiles, min(splits_pad, 2), (splits_pad, merge_d) if splits > 1 else None, rows <= fused_rows
+
+
+def decode_variants(rows: range, widths: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                    kv_dtype: torch.dtype, device: torch.device, fused_rows: int = 0) -> dict[tuple, tuple[int, int]]:
+    """Every decode_variant that steps of `rows` sequences reach with block tables up to `widths` pages wide:
+    {variant: (rows, pages)}, the smallest such shape for each (a start-up warmup runs one step per variant:
+    runtime/engine/model_runner.py warmup_eager_decode). The split count depends on the width only through
+    cdiv(width * block_size, min_split_tokens), capped: widths of powers of two and the widest reach every
+    power-of-two class the cap allows."""
+    pages = sorted({1 << i for i in range(max(1, widths).bit_length()) if 1 << i <= widths} | {max(1, widths)})
+    small_batch = decode_config(head_dim, kv_dtype, device)["small_batch"]
+    shape = (block_size, num_heads, num_kv_heads, head_dim, kv_dtype, device, fused_rows)
+    variants: dict[tuple, tuple[int, int]] = {}
+    for n in rows:
+        for w in pages:
+            variants.setdefault(decode_variant(n, w, *shape), (n, w))
+        # one split at the widest: so at every width and every larger n, whose config no longer changes
+        if n > max(fused_rows, small_batch) and decode_variant(n, pages[-1], *shape)[2] is None:
+            break
+    return variants
+
+
 def decode_config_splits(cfg: dict, batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     # the split rule of a decode config (kernels/attention/config.py) at this batch (its small-batch config there)
     cfg = decode_config_for(cfg, batch)
@@ -370,15 +427,10 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
     batch, num_heads, head_dim = out.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, _num_sms(q.device),
-                                       cfg["programs_per_sm"], cfg["min_split_tokens"], cfg["max_splits"])
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
+    num_splits, splits_pad, merge_d = decode_plan(batch, num_heads, num_kv_heads, head_dim,
+                                                  block_tables.shape[1] * block_size, cfg, _num_sms(q.device),
+                                                  num_splits)
     block_d = triton.next_power_of_2(head_dim)
-    # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile); the
-    # split kernel itself needs the tile only when it merges (fused), so two-launch runs compile it once
-    splits_pad = 1 if num_splits == 1 else max(2, triton.next_power_of_2(num_splits))
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -407,11 +459,6 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
-        # few (sequence, head) pairs (small batch): split the columns too, so the merge is not a few SMs each
-        # reading [splits, head_dim] partials one after the other
-        # (merge_block_d > 0: the config's column width instead of that rule)
-        auto_d = block_d if batch * num_heads >= _num_sms(q.device) else min(block_d, 32)
-        merge_d = min(block_d, cfg["merge_block_d"]) if cfg["merge_block_d"] else auto_d
         _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
             part_out, part_lse, out, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
             HEAD_DIM=head_dim, BLOCK_D=merge_d, SPLITS_PAD=splits_pad, PDL=pdl, num_warps=4, **launch_kwargs(pdl),

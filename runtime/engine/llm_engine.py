@@ -118,8 +118,13 @@ class LLMEngine:
             self.runner.warmup(sizes)
             # under EP the experts see the rows the all2all delivers, not the step's: each rank warms them alone
             self.runner.warmup_local_experts(config.max_num_batched_tokens, self._activation_reserve())
-            logger.info("rank %d: kernels warmed up for %d step sizes in %.1f s (cache %s)", self.rank, len(sizes),
-                        time.perf_counter() - t0, os.environ.get("TRITON_CACHE_DIR"))
+            # decode steps no graph holds run eagerly: past the largest decode graph (all of them without graphs),
+            # and under lockstep a decode step padded to the size another rank's prefill agreed on
+            max_rows = config.max_num_batched_tokens if config.needs_lockstep else config.max_num_seqs
+            eager = self.runner.warmup_eager_decode(range(graph_max + 1, max_rows + 1))
+            logger.info("rank %d: kernels warmed up for %d step sizes and %d eager decode variants in %.1f s "
+                        "(cache %s)", self.rank, len(sizes), eager, time.perf_counter() - t0,
+                        os.environ.get("TRITON_CACHE_DIR"))
         self.sampler = Sampler(self.device, config.seed + self.rank)  # used on TP rank 0 only
         self.eos_token_ids = set(config.model_info().eos_token_ids)
         self.structured = StructuredOutputs(config.tokenizer_path, self.hf_config.vocab_size, self.eos_token_ids,

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels.attention.decode import decode_variants
 from models.forward_batch import AttentionBackend, ForwardBatch
+from models.layers import FUSED_DECODE_MAX_ROWS
 from models.moe import DummyForward
 from runtime.engine.async_step import fill_placeholders
 from runtime.engine.cuda_graph import CudaGraphRunner
@@ -318,6 +320,39 @@ class ModelRunner:
             self.model.compute_logits(hidden[-1:])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warmup_eager_decode(self, rows: range) -> int:
+        """After warmup(): eager decode steps of `rows` sequences (those no decode graph holds: past the largest, or
+        all of them without graphs; under lockstep a decode step padded to another rank's size), one per compiled
+        attention variant they can reach at any context (kernels/attention/decode.py decode_variants). Their rows
+        are padding (length 0, no KV write): only the launches' shapes matter. Every EP rank runs the same list in
+        the same order, so the MoE layers' collectives pair up. Returns the steps run."""
+        if not rows:
+            return 0
+        spec = self.model.kv_cache_spec()
+        fused = FUSED_DECODE_MAX_ROWS if getattr(self.model.args, "fuse_decode_prologue", False) else 0
+        shapes = sorted(decode_variants(rows, self.max_blocks_per_seq, self.block_size, self.model.num_heads,
+                                        spec.num_kv_heads, spec.head_dim, self.kv_cache.dtype, self.device,
+                                        fused).values())
+        i32 = dict(dtype=torch.int32, device=self.device)
+        for n, width in shapes:
+            fb = ForwardBatch(
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
+                cu_seqlens_q=torch.arange(n + 1, **i32),
+                seq_lens=torch.zeros(n, **i32),
+                block_tables=torch.zeros(n, width, **i32),
+                max_seqlen_q=1,
+                max_seqlen_k=0,
+                is_decode=True,
+                kv_caches=self.kv_caches,
+                attn_backend=self.attn_backend,
+            )
+            positions = torch.zeros(n, dtype=torch.int64, device=self.device)
+            self.model(torch.zeros_like(positions), positions, fb)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(shapes)
 
     @torch.inference_mode()
     def warmup_local_experts(self, max_num_tokens: int, reserve_bytes: int | None = None) -> list[int]:
