@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-11-30's session 13 (issues 16, 17). One H200 unless said; PHASES picks (default
+# The next device calls after 2026-11-30's session 14 (issues 16, 17). One H200 unless said; PHASES picks (default
 # H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line
 # and start-up). Copy tables only where the printed numbers say they won.
-# Session 13 (26 min) ran G, E, F, 4, C, P, the engine half of the GPU tests and 93% of the kernel half (2): every
-# Gluon entry won end to end and stays; the Qwen3-30B-A3B MoE tables take Gluon from 2048 tokens (FP8: BLOCK_M 64
-# from 1024).
-# Next, in this order: P (PREFILL=1024: the FP8 table's new 1024 entry end to end, measured as a kernel only), H (EP
-# tables: none exist), L (GLM-4.5-Air's MoE on the Gluon kernels: its tables have no Gluon entry), 2 (the kernel half again: its last ~7% never ran in one call), 5 (x2), 6, then 1 and B.
+# Session 14 (30 min) ran P (1024), 6, L, P (GLM FP8), S, R and M (x2): GLM-4.5-Air's tables took Gluon entries
+# (-10/-11% prefill end to end), qkv stays on cuBLAS, fuse_router_norm stays off, the demo model served right over two
+# GPUs (DP=2+EP, TP=2), and the EP no-compile test failed with graphs (an eager padded decode compiled a
+# _decode_kernel): fixed on the CPU (warmup_eager_decode), not yet run on two GPUs.
+# Next, in this order: M (nvidia-h200-x2, first: the fix above; its two failing tests are the last in M's pytest
+# line), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
+# none exist), 3, then 1 and B.
+#   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
+#     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
+#   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
+#     multi-GPU tests (TP=2 vs transformers, idle-rank dummy graphs, static all2all in graphs, the eager exchange's
+#     sync, the EP no-compile test with and without graphs).
+# Already run (kept for reruns):
 #   phase L (~5 min): bench_moe_gluon.py --shape glm45air at M = 1024, 2048, 4096, bf16 and FP8: where a Gluon
 #     column beats "old", give GLM-4.5-Air's H200 tables (moe_E128_H4096_I1408_*) a "tma" entry like Qwen3's
 #     (default_gluon_config / default_gluon_fp8_config, the winning BLOCK_M, min_rows = tokens x 8), then PHASES=P's
 #     SHAPE=glm-4.5-air PHASES=P (the A/B end to end at 1024 and 2048 tokens).
-# Already run (kept for reruns):
 #   phase E (~7 min): the prefill with the Gluon kernels on (the tables) / off (benchmarks/gluon_off.py drops their
 #     Gluon entries in-process), one 8k chunk, bf16 and FP8 (experts + KV); then the 8k chunk over a 120k cached
 #     prefix (issue 17: >= 0.60 of the matmul rate), bf16 and FP8 KV (its fp16 scratch now on the Gluon kernel), on /
