@@ -342,10 +342,31 @@ def step_gaps(engine, steps: int = 6, trace: str = "") -> dict:
     calls_us = {name: sum(t) / steps for name, t in calls}
     print("  host CUDA calls a step (us total, count): " + ", ".join(
         f"{name} {sum(t) / steps:.0f} ({len(t) / steps:.1f}x, max {max(t):.0f})" for name, t in calls))
-    # the first profiled step carries the profiler's start (a slow first graph launch): count from its token copy on
+    profile = device_timeline(spans, steps)
+    if profile is None:
+        return {"host_ms": host_ms, "host_wait_ms": wait_ms}
+    print(f"  step gaps: host {host_ms:.3f} ms/step, {wait_ms:.3f} of it waiting on the device; device "
+          f"{profile['device_span_ms']:.3f} ms/step from first to last kernel, busy {profile['device_busy_ms']:.3f}, "
+          f"{profile['kernels_per_step']:.0f} kernels/copies a step; idle gaps by neighbours (us/step, count/step):")
+    for gap in profile["idle_gaps"]:
+        print(f"    {gap['us_per_step']:7.1f} us {gap['per_step']:5.1f}x  {gap['between']}")
+    print("  what each kernel adds to the step (us/step; a call: adds, lasts; calls/step):")
+    for k in profile["kernels"]:
+        print(f"    {k['adds_us_per_step']:7.1f} us  {k['adds_us']:6.2f} / {k['lasts_us']:6.2f} us  "
+              f"{k['per_step']:5.1f}x  {k['name']}")
+    return {"host_ms": host_ms, "host_wait_ms": wait_ms, "host_cuda_calls_us": calls_us, **profile}
+
+
+def device_timeline(spans: list[tuple[float, float, str]], steps: int) -> dict | None:
+    """A profile's device ops [(start us, end us, name)] over `steps` steps, read from the second step on (the first
+    carries the profiler's start, a slow first graph launch; a step ends with its token copy to the host): the span
+    and busy time a step, the idle gaps by the ops on either side, and what each kernel adds to the step: its end
+    past every earlier end (with PDL a kernel starts before its predecessor ends, so its duration overstates its
+    cost); the adds sum to the span. None without a second step."""
+    spans = sorted(spans)
     first = next((end for _, end, name in spans if "DtoH" in name), None)
     if first is None or steps < 2:
-        return {"host_ms": host_ms, "host_wait_ms": wait_ms}
+        return None
     spans = [s for s in spans if s[0] >= first]
     steps -= 1
     busy, gaps = 0.0, {}
@@ -360,17 +381,19 @@ def step_gaps(engine, steps: int = 6, trace: str = "") -> dict:
         if end > seg_end:
             seg_end, last = end, name
     busy += seg_end - seg_start
-    span_ms = (seg_end - spans[0][0]) / steps / 1e3
-    top = sorted(gaps.items(), key=lambda kv: -kv[1][1])[:8]
-    print(f"  step gaps: host {host_ms:.3f} ms/step, {wait_ms:.3f} of it waiting on the device; device "
-          f"{span_ms:.3f} ms/step from first to last kernel, busy {busy / steps / 1e3:.3f}, "
-          f"{len(spans) / steps:.0f} kernels/copies a step; idle gaps by neighbours (us/step, count/step):")
-    for key, (n, us) in top:
-        print(f"    {us / steps:7.1f} us {n / steps:5.1f}x  {key}")
-    return {"host_ms": host_ms, "host_wait_ms": wait_ms, "device_span_ms": span_ms,
-            "host_cuda_calls_us": calls_us,
-            "device_busy_ms": busy / steps / 1e3, "kernels_per_step": len(spans) / steps,
-            "idle_gaps": [{"between": k, "per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
+    adds: dict[str, list[float]] = {}
+    last_end = spans[0][0]
+    for start, end, name in spans:
+        a = adds.setdefault(name[:60], [0.0, 0.0, 0])
+        a[0], a[1], a[2] = a[0] + max(0.0, end - last_end), a[1] + end - start, a[2] + 1
+        last_end = max(last_end, end)
+    return {"device_span_ms": (seg_end - spans[0][0]) / steps / 1e3, "device_busy_ms": busy / steps / 1e3,
+            "kernels_per_step": len(spans) / steps,
+            "idle_gaps": [{"between": k, "per_step": n / steps, "us_per_step": us / steps}
+                          for k, (n, us) in sorted(gaps.items(), key=lambda kv: -kv[1][1])[:8]],
+            "kernels": [{"name": name, "adds_us_per_step": added / steps, "adds_us": added / n, "lasts_us": lasted / n,
+                         "per_step": n / steps}
+                        for name, (added, lasted, n) in sorted(adds.items(), key=lambda kv: -kv[1][0])[:14]]}
 
 
 def profile_eager_step(engine) -> None:

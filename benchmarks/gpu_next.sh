@@ -94,9 +94,9 @@ if [[ $PHASES == *5* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
 fi
 if [[ $PHASES == *S* ]]; then  # a decode step beyond its graph: host time and waits, the device's idle gaps
   timeout 120 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 1024 --steps 30 --step-gaps 1 \
-    --out $OUT/e2e_gaps.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|SUMMARY|Error|Traceback"
+    --out $OUT/e2e_gaps.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|adds to the step|SUMMARY|Error|Traceback"
   timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1 --prefill 1024 --steps 30 \
-    --step-gaps 1 --out $OUT/e2e_gaps_fp8.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|SUMMARY|Error|Traceback"
+    --step-gaps 1 --out $OUT/e2e_gaps_fp8.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|adds to the step|SUMMARY|Error|Traceback"
   gzip -f $OUT/*_trace_b*.json
 fi
 if [[ $PHASES == *R* ]]; then  # the post-attention norm inside the router (off since it lost at B=8) at B=1 / 8
