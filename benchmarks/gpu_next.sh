@@ -7,7 +7,8 @@
 # GPUs (DP=2+EP, TP=2), and the EP no-compile test failed with graphs (an eager padded decode compiled a
 # _decode_kernel): fixed on the CPU (warmup_eager_decode), not yet run on two GPUs.
 # Next, in this order: M (nvidia-h200-x2, first: the fix above; its two failing tests are the last in M's pytest
-# line), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
+# line), T (~2 min: B=1 / 8 at ctx 1k with graphs sized for max_model_len 40960 against 1088: the benches so far ran
+# 1088, where a decode graph takes 9 splits at B=1, a served Qwen3 64), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
 # none exist), 3, then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
@@ -98,6 +99,13 @@ if [[ $PHASES == *S* ]]; then  # a decode step beyond its graph: host time and w
   timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1 --prefill 1024 --steps 30 \
     --step-gaps 1 --out $OUT/e2e_gaps_fp8.json 2>&1 | grep -E "^ours decode|step gaps|^    |host CUDA|adds to the step|SUMMARY|Error|Traceback"
   gzip -f $OUT/*_trace_b*.json
+fi
+if [[ $PHASES == *T* ]]; then  # decode at ctx 1k as served: graphs sized for --max-model-len 40960, not 1088
+  # (a decode graph's split count follows the table width, i.e. max_model_len: B=1 then runs 64 splits, 48 idle)
+  for len in 1088 40960; do
+    timeout 100 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --steps 30 \
+      --max-model-len $len --out $OUT/e2e_maxlen$len.json 2>&1 | grep SUMMARY | sed "s/^/max-model-len $len: /"
+  done
 fi
 if [[ $PHASES == *R* ]]; then  # the post-attention norm inside the router (off since it lost at B=8) at B=1 / 8
   for q in bf16 fp8; do
