@@ -310,7 +310,8 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, ma
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     # split counts share compiled kernels: 1 (no partials), then one per power of two (the merge's tile); the
-    # split kernel itself needs the tile only when it merges (fused), so two-launch runs compile it once
+    # split kernel itself needs the tile only when it merges (fused), so two-launch runs compile it twice at most
+    # (SPLITS_PAD 1 and 2)
     splits_pad = 1 if num_splits == 1 else max(2, triton.next_power_of_2(num_splits))
     # few (sequence, head) pairs (small batch): split the merge's columns too, so it is not a few SMs each reading
     # [splits, head_dim] partials one after the other (merge_block_d > 0: the config's column width instead)
@@ -325,7 +326,7 @@ _COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen",
 
 def decode_variant(rows: int, width: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                    kv_dtype: torch.dtype, device: torch.device, fused_rows: int = 0) -> tuple:
-    """What a two-launch decode step of `rows` sequences with block tables `width` pages wide compiles: the config's
+    """What a decode step of `rows` sequences with block tables `width` pages wide compiles: the config's
     tiles and kernel knobs, the split kernel's SPLITS_PAD (1 or 2), the merge's SPLITS_PAD and BLOCK_D (None at one
     split), and whether the step has at most fused_rows rows (the model's fused-prologue limit: a variant of its
     own)."""

@@ -119,9 +119,11 @@ class LLMEngine:
             # under EP the experts see the rows the all2all delivers, not the step's: each rank warms them alone
             self.runner.warmup_local_experts(config.max_num_batched_tokens, self._activation_reserve())
             # decode steps no graph holds run eagerly: past the largest decode graph (all of them without graphs),
-            # and under lockstep a decode step padded to the size another rank's prefill agreed on
+            # under lockstep a decode step padded to the size another rank's prefill agreed on, and with a
+            # fixed-capacity all2all a graph-sized step re-run after an overflow (at its own table width)
             max_rows = config.max_num_batched_tokens if config.needs_lockstep else config.max_num_seqs
-            eager = self.runner.warmup_eager_decode(range(graph_max + 1, max_rows + 1))
+            min_rows = 1 if self.runner.dispatcher is not None else graph_max + 1
+            eager = self.runner.warmup_eager_decode(range(min_rows, max_rows + 1))
             logger.info("rank %d: kernels warmed up for %d step sizes and %d eager decode variants in %.1f s "
                         "(cache %s)", self.rank, len(sizes), eager, time.perf_counter() - t0,
                         os.environ.get("TRITON_CACHE_DIR"))

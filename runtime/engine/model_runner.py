@@ -324,14 +324,16 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup_eager_decode(self, rows: range) -> int:
         """After warmup(): eager decode steps of `rows` sequences (those no decode graph holds: past the largest, or
-        all of them without graphs; under lockstep a decode step padded to another rank's size), one per compiled
-        attention variant they can reach at any context (kernels/attention/decode.py decode_variants). Their rows
-        are padding (length 0, no KV write): only the launches' shapes matter. Every EP rank runs the same list in
-        the same order, so the MoE layers' collectives pair up. Returns the steps run."""
+        all of them without graphs; under lockstep a decode step padded to another rank's size; a graph-sized step
+        re-run eagerly after an all2all overflow, _rerun), one per compiled attention variant they can reach at any
+        context (kernels/attention/decode.py decode_variants). Their rows are padding (length 0, no KV write): only
+        the launches' shapes matter. Every rank (EP and TP peers) runs the same list in the same order, so the
+        collectives inside pair up. Returns the steps run."""
         if not rows:
             return 0
         spec = self.model.kv_cache_spec()
-        fused = FUSED_DECODE_MAX_ROWS if getattr(self.model.args, "fuse_decode_prologue", False) else 0
+        attn = self.model.model.layers[0].self_attn  # the model's own switch (layers.py Attention.forward)
+        fused = FUSED_DECODE_MAX_ROWS if getattr(attn, "fuse_decode_prologue", False) else 0
         shapes = sorted(decode_variants(rows, self.max_blocks_per_seq, self.block_size, self.model.num_heads,
                                         spec.num_kv_heads, spec.head_dim, self.kv_cache.dtype, self.device,
                                         fused).values())
