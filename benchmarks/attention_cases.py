@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.attention.decode import decode_config_splits, paged_attention_decode, paged_attention_decode_ref
+from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref
+from kernels.attention.decode_plan import decode_config_splits
 from kernels.attention.prefill import paged_attention_prefill
 
 HEAD_DIM, BLOCK = 128, 16

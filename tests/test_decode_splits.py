@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 import kernels.attention.config as acfg  # noqa: E402
 import kernels.attention.decode as dec  # noqa: E402
+import kernels.attention.decode_plan as plan  # noqa: E402
 from kernels.attention.config import DECODE_KEYS, DECODE_KNOB_DEFAULTS, check_config  # noqa: E402
 from kernels.attention.decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
 from kernels.fp8 import widen_e4m3  # noqa: E402
@@ -60,18 +61,18 @@ def test_fused_merge_more_than_64_splits():
         out = paged_attention_decode(*args, num_splits=70, fused_merge=True, config=CFG)
         assert _rel_err(out, paged_attention_decode_ref(*args)) < 1e-5
     with pytest.raises(ValueError, match="num_splits"):
-        paged_attention_decode(*args, num_splits=dec.MAX_SPLITS + 1, config=CFG)
+        paged_attention_decode(*args, num_splits=plan.MAX_SPLITS + 1, config=CFG)
 
 
 def _spy_splits(monkeypatch) -> list[int]:
     seen: list[int] = []
-    real = dec.decode_num_splits
+    real = plan.decode_num_splits
 
     def spy(*a, **kw):
         seen.append(real(*a, **kw))
         return seen[-1]
 
-    monkeypatch.setattr(dec, "decode_num_splits", spy)
+    monkeypatch.setattr(plan, "decode_num_splits", spy)
     return seen
 
 

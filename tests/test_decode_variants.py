@@ -1,7 +1,7 @@
 """Decode steps no CUDA graph holds run eagerly (past the largest decode graph; under lockstep a decode step padded
 to another rank's prefill size; a graph-sized step re-run after an all2all overflow, at its own table width): the
 start-up warmup runs one eager decode step per compiled attention variant such steps reach
-(kernels/attention/decode.py decode_variants; runtime/engine/model_runner.py warmup_eager_decode), so none compiles
+(kernels/attention/decode_plan.py decode_variants; runtime/engine/model_runner.py warmup_eager_decode), so none compiles
 while serving. Measured on two H200s before this: under DP=2 / EP=2 with graphs, rank 0 compiled a _decode_kernel on
 the serving path (tests/test_gpu_compile.py test_no_compile_after_startup_expert_parallel)."""
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels.attention.decode as decode
+import kernels.attention.decode_plan as plan
 from benchmarks.count_launches import CONFIGS
 from models.args import ModelArgs
 from models.loader import load_model
@@ -24,10 +25,10 @@ CPU = torch.device("cpu")
 def use_table(monkeypatch, num_sms: int, small_cfg: dict) -> None:
     """A decode table with a small-batch config of its own (as the H200's has: other tiles and split rule) on a GPU
     of num_sms SMs."""
-    base = decode.decode_config(HEAD_DIM, torch.float16, CPU)
+    base = plan.decode_config(HEAD_DIM, torch.float16, CPU)
     table = {**base, "max_splits": 64, "small_batch": 4, "small_batch_config": {**base, **small_cfg}}
-    monkeypatch.setattr(decode, "decode_config", lambda *_: dict(table))
-    monkeypatch.setattr(decode, "_num_sms", lambda _: num_sms)
+    monkeypatch.setattr(plan, "decode_config", lambda *_: dict(table))
+    monkeypatch.setattr(plan, "_num_sms", lambda _: num_sms)
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def small_batch_table(monkeypatch):
 
 
 def variant(rows: int, width: int, heads: int = HEADS, kv_heads: int = KV_HEADS, fused_rows: int = 24) -> tuple:
-    return decode.decode_variant(rows, width, BLOCK, heads, kv_heads, HEAD_DIM, torch.float16, CPU, fused_rows)
+    return plan.decode_variant(rows, width, BLOCK, heads, kv_heads, HEAD_DIM, torch.float16, CPU, fused_rows)
 
 
 # (SMs, heads, KV heads, fused rows, widest table, a row count some variant is first reached at):
@@ -49,7 +50,7 @@ def variant(rows: int, width: int, heads: int = HEADS, kv_heads: int = KV_HEADS,
                          [(132, 8, 2, 24, 157, 1), (64, 2, 1, 0, 64, 32), (132, 8, 2, 0, 1, 5)])
 def test_variants_cover_every_shape(monkeypatch, sms, heads, kv_heads, fused_rows, widths, first_at) -> None:
     use_table(monkeypatch, sms, {"BLOCK_N": 32, "num_warps": 2, "min_split_tokens": 64})
-    found = decode.decode_variants(range(1, 400), widths, BLOCK, heads, kv_heads, HEAD_DIM, torch.float16, CPU,
+    found = plan.decode_variants(range(1, 400), widths, BLOCK, heads, kv_heads, HEAD_DIM, torch.float16, CPU,
                                    fused_rows)
     for rows in range(1, 400):
         for width in range(1, widths + 1):

@@ -81,7 +81,7 @@ def test_decode(case, num_splits, fused):
 
 
 def test_decode_num_splits_grow_as_the_batch_shrinks():
-    from kernels.attention.decode import decode_num_splits
+    from kernels.attention.decode_plan import decode_num_splits
 
     # one long request on 132 SMs: enough splits for ~2 programs per SM; a full batch needs none
     assert decode_num_splits(1, 4, 131072, 132) == 64  # the default max_splits

@@ -28,13 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention.decode import (
-    check_tables,
-    decode_launch_config,
-    launch_decode,
-    paged_attention_decode,
-    paged_attention_decode_ref,
-)
+from kernels.attention.decode import check_tables, launch_decode, paged_attention_decode, paged_attention_decode_ref
+from kernels.attention.decode_plan import decode_launch_config
 from kernels.attention.prefill import check_cache
 from kernels.attention.qkv_prologue import check_prologue, qkv_prologue, qkv_prologue_ref
 from kernels.fp8 import FP8_DTYPE

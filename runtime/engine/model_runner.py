@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kernels.attention.decode import decode_variants
+from kernels.attention.decode_plan import decode_variants
 from models.forward_batch import AttentionBackend, ForwardBatch
 from models.layers import FUSED_DECODE_MAX_ROWS
 from models.moe import DummyForward
@@ -326,7 +326,7 @@ class ModelRunner:
         """After warmup(): eager decode steps of `rows` sequences (those no decode graph holds: past the largest, or
         all of them without graphs; under lockstep a decode step padded to another rank's size; a graph-sized step
         re-run eagerly after an all2all overflow, _rerun), one per compiled attention variant they can reach at any
-        context (kernels/attention/decode.py decode_variants). Their rows are padding (length 0, no KV write): only
+        context (kernels/attention/decode_plan.py decode_variants). Their rows are padding (length 0, no KV write): only
         the launches' shapes matter. Every rank (EP and TP peers) runs the same list in the same order, so the
         collectives inside pair up. Returns the steps run."""
         if not rows:
