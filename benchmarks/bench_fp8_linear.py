@@ -1,4 +1,6 @@
-"""Block-scaled FP8 linear (W8A8) on the GPU: our Triton kernel vs bf16 F.linear (cuBLAS) and the floor.
+"""Block-scaled FP8 linear (W8A8) on the GPU: our Triton kernel vs bf16 F.linear (cuBLAS), cuBLAS's own block-scaled
+FP8 GEMM (torch.nn.functional.scaled_mm, 1x128 activation x 128x128 weight scales, after our activation quant) and
+the floor.
 
 python benchmarks/bench_fp8_linear.py --out DIR [--m 1,8,64,256,1024,4096] [--shapes qkv,o,...]
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
-from kernels.fp8 import quantize_weight_block  # noqa: E402
+from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
 from kernels.linear.w8a8 import _config, _num_sms, _resolve, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 SHAPES = {  # name: (N, K)
@@ -43,6 +45,19 @@ GLM_SHAPES = {  # GLM-4.5-Air: 96 q + 8 k + 8 v heads of 128, hidden 4096; the s
 }
 ALL_SHAPES = {**SHAPES, **GLM_SHAPES}
 NUM_ROT = 8
+
+
+def cublas_block_scaled(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """y = x W^T through cuBLAS's block-scaled FP8 GEMM (F.scaled_mm): x quantized per token and 128-wide K group
+    (our kernel, as the W8A8 linear does), its scales K-group-major ([M, K/128], stride [1, M]), the weight's
+    [N/128, K/128] scales padded along K to a multiple of 4 groups and read transposed ([L4, N/128], stride [1, L4]):
+    the layouts torch asks of the (1x128, 128x128) recipe."""
+    xq, xs = per_token_group_quant(x)
+    groups = s.shape[1]
+    padded = F.pad(s, (0, -groups % 4)) if groups % 4 else s
+    recipe = F.ScalingType
+    return F.scaled_mm(xq, q.t(), xs.t().contiguous().t(), recipe.BlockWise1x128, padded.t(), recipe.BlockWise128x128,
+                       output_dtype=x.dtype)
 
 
 def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
@@ -64,6 +79,12 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
 
     us = bench_graph(ours) / NUM_ROT
     bf16_us = bench_graph(bf16) / NUM_ROT
+    try:  # cuBLAS's block-scaled FP8 (needs a CUDA build whose cuBLASLt has it: 12.9+ on sm90)
+        cublas_err = ((cublas_block_scaled(x, *qs[0]).float() - ref.float()).norm() / ref.float().norm()).item()
+        cublas_us = bench_graph(lambda: [cublas_block_scaled(x, q, s) for q, s in qs]) / NUM_ROT
+    except (RuntimeError, ValueError) as e:
+        cublas_us, cublas_err = float("nan"), float("nan")
+        print(f"{name} M={m}: cuBLAS block-scaled FP8 not run: {str(e).splitlines()[0][:200]}", flush=True)
     weight_bytes = n * k + 4 * (n // 128) * (k // 128)
     io_bytes = 2 * m * (k + n)
     floor_us = max((weight_bytes + io_bytes) / ceil["copy_tbps"] / 1e6, 2 * m * n * k / ceil["fp8_tflops"] / 1e6)
@@ -73,8 +94,10 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
         lambda: [w8a8_block_linear(x, q, s, config=heur) for q, s in qs]) / NUM_ROT
     row = {"shape": name, "n": n, "k": k, "m": m, "us": us, "bf16_us": bf16_us, "floor_us": floor_us,
            "of_floor": floor_us / us, "vs_bf16": bf16_us / us, "weight_tbps": weight_bytes / us / 1e6,
-           "rel_err_vs_ref": err, "config": cfg, "heuristic_us": heur_us}
-    print(f"{name:8s} M={m:5d} [{n}x{k}] ours {us:8.1f} us  bf16 {bf16_us:8.1f} us  floor {floor_us:7.1f} us  "
+           "rel_err_vs_ref": err, "config": cfg, "heuristic_us": heur_us, "cublas_fp8_us": cublas_us,
+           "cublas_fp8_rel_err": cublas_err}
+    print(f"{name:8s} M={m:5d} [{n}x{k}] ours {us:8.1f} us  bf16 {bf16_us:8.1f} us  cuBLAS fp8 {cublas_us:8.1f} us "
+          f"(err {cublas_err:.1e})  floor {floor_us:7.1f} us  "
           f"of floor {row['of_floor']:.2f}  x bf16 {row['vs_bf16']:.2f}  heuristic {heur_us:8.1f} us  "
           f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} split {cfg['SPLIT_K']}  err {err:.1e}",
           flush=True)

@@ -8,7 +8,8 @@
 # _decode_kernel): fixed on the CPU (warmup_eager_decode), not yet run on two GPUs.
 # Next, in this order: M (nvidia-h200-x2, first: the fix above; its two failing tests are the last in M's pytest
 # line), T (~2 min: B=1 / 8 at ctx 1k with graphs sized for max_model_len 40960 against 1088: the benches so far ran
-# 1088, where a decode graph takes 9 splits at B=1, a served Qwen3 64), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
+# 1088, where a decode graph takes 9 splits at B=1, a served Qwen3 64), Q (~2 min: the FP8 projections on cuBLAS's
+# block-scaled FP8 GEMM, F.scaled_mm, against our W8A8 kernel: if it wins at some M, route them there per shape), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
 # none exist), 3, then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
@@ -106,6 +107,11 @@ if [[ $PHASES == *T* ]]; then  # decode at ctx 1k as served: graphs sized for --
     timeout 100 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --steps 30 \
       --max-model-len $len --out $OUT/e2e_maxlen$len.json 2>&1 | grep SUMMARY | sed "s/^/max-model-len $len: /"
   done
+fi
+if [[ $PHASES == *Q* ]]; then  # the FP8 projections: our W8A8 kernel against cuBLAS's block-scaled FP8 GEMM
+  # (FP8 B=64: W8A8 qkv / o 8.1 us each for 10.5 / 8.4 MB, ~0.3 of copy bandwidth, session 13)
+  timeout 200 python3 benchmarks/bench_fp8_linear.py --m 1,8,64,256,1024 --shapes qkv,o,glm_qkv,glm_o \
+    --out $OUT/fp8_linear 2>&1 | grep -E "M=|summary|Error|Traceback" | cut -c1-260
 fi
 if [[ $PHASES == *R* ]]; then  # the post-attention norm inside the router (off since it lost at B=8) at B=1 / 8
   for q in bf16 fp8; do
