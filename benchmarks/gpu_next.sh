@@ -9,7 +9,9 @@
 # Next, in this order: M (nvidia-h200-x2, first: the fix above; its two failing tests are the last in M's pytest
 # line), T (~2 min: B=1 / 8 at ctx 1k with graphs sized for max_model_len 40960 against 1088: the benches so far ran
 # 1088, where a decode graph takes 9 splits at B=1, a served Qwen3 64), Q (~2 min: the FP8 projections on cuBLAS's
-# block-scaled FP8 GEMM, F.scaled_mm, against our W8A8 kernel: if it wins at some M, route them there per shape), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
+# block-scaled FP8 GEMM, F.scaled_mm, against our W8A8 kernel: if it wins at some M, route them there per shape), U
+# (~3 min: the B=1 32k decode attention as a served step runs it: what _decode_kernel + _reduce_kernel add per layer
+# against 33.5 MB / 4.24 TB/s = 7.9 us FP8, 15.8 us bf16), 2 (the kernel half of the GPU tests: the decode launch's split plan moved into decode_plan), H (EP tables:
 # none exist), 3, then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
@@ -106,6 +108,14 @@ if [[ $PHASES == *T* ]]; then  # decode at ctx 1k as served: graphs sized for --
   for len in 1088 40960; do
     timeout 100 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --steps 30 \
       --max-model-len $len --out $OUT/e2e_maxlen$len.json 2>&1 | grep SUMMARY | sed "s/^/max-model-len $len: /"
+  done
+fi
+if [[ $PHASES == *U* ]]; then  # issue 17's B=1 32k decode attention as served: what it adds to a step (PDL, graph)
+  # (bench_attention times it alone, two launches from an idle GPU: FP8 KV 15.8 us = 0.50 of copy bandwidth)
+  for kv in fp8 auto; do
+    timeout 140 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --ctx 32768 --prefill 8192 --steps 20 \
+      --kv-cache-dtype $kv --step-gaps 1 --out $OUT/e2e_32k_$kv.json 2>&1 \
+      | grep -E "^ours decode|_decode_kernel|_reduce_kernel|SUMMARY|Error|Traceback" | sed "s/^/kv $kv: /"
   done
 fi
 if [[ $PHASES == *Q* ]]; then  # the FP8 projections: our W8A8 kernel against cuBLAS's block-scaled FP8 GEMM
