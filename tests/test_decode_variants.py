@@ -210,3 +210,16 @@ def test_eager_decode_steps_compile_nothing_new(shape: str, gpu: str) -> None:
     if gpu:
         past_graphs = probe(9, shape, gpu)
         assert past_graphs["lockstep"] == 0 and past_graphs["rerun"] > 0
+
+
+def test_eager_decode_rows() -> None:
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(graphs=None, dispatcher=None)
+    rows = ModelRunner.eager_decode_rows
+    assert rows(runner, 48) == range(1, 49)  # no graphs: every decode step is eager
+    runner.graphs = SimpleNamespace(sizes=[1, 2, 4, 8, 16])
+    assert rows(runner, 16) == range(17, 17)  # graphs hold them all
+    assert rows(runner, 8192) == range(17, 8193)  # lockstep padding past the largest graph
+    runner.dispatcher = object()  # a fixed-capacity all2all: an overflow re-runs a graph-sized step eagerly
+    assert rows(runner, 8192) == range(1, 8193)

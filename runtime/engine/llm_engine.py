@@ -118,12 +118,10 @@ class LLMEngine:
             self.runner.warmup(sizes)
             # under EP the experts see the rows the all2all delivers, not the step's: each rank warms them alone
             self.runner.warmup_local_experts(config.max_num_batched_tokens, self._activation_reserve())
-            # decode steps no graph holds run eagerly: past the largest decode graph (all of them without graphs),
-            # under lockstep a decode step padded to the size another rank's prefill agreed on, and with a
-            # fixed-capacity all2all a graph-sized step re-run after an overflow (at its own table width)
+            # the decode steps that run eagerly (ModelRunner.eager_decode_rows), up to max_rows: under lockstep a
+            # decode step is padded to the size the ranks agreed on, up to another rank's largest prefill
             max_rows = config.max_num_batched_tokens if config.needs_lockstep else config.max_num_seqs
-            min_rows = 1 if self.runner.dispatcher is not None else graph_max + 1
-            eager = self.runner.warmup_eager_decode(range(min_rows, max_rows + 1))
+            eager = self.runner.warmup_eager_decode(self.runner.eager_decode_rows(max_rows))
             logger.info("rank %d: kernels warmed up for %d step sizes and %d eager decode variants in %.1f s "
                         "(cache %s)", self.rank, len(sizes), eager, time.perf_counter() - t0,
                         os.environ.get("TRITON_CACHE_DIR"))

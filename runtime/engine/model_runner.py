@@ -321,6 +321,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def eager_decode_rows(self, max_rows: int) -> range:
+        """Row counts of the decode steps up to max_rows that can run eagerly: past the largest decode graph (all
+        of them without graphs), and every one with a fixed-capacity all2all, whose overflow re-runs a graph-sized
+        step eagerly at its own table width (_rerun)."""
+        largest = self.graphs.sizes[-1] if self.graphs is not None else 0
+        return range(1 if self.dispatcher is not None else largest + 1, max_rows + 1)
+
     @torch.inference_mode()
     def warmup_eager_decode(self, rows: range) -> int:
         """After warmup(): eager decode steps of `rows` sequences (those no decode graph holds: past the largest, or
