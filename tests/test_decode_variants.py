@@ -133,6 +133,7 @@ from runtime.sampling_params import SamplingParams
 
 warm_lo = int(sys.argv[1])  # the eager warmup's first row count (0: no eager warmup)
 heads, kv_heads, head_dim = (int(x) for x in sys.argv[2].split(","))
+kv_dtype = torch.float8_e4m3fn if sys.argv[4] == "fp8" else torch.bfloat16  # the KV cache's
 if sys.argv[3]:  # this GPU's attention table (its small-batch config and split rule), read on the CPU
     import kernels.attention.config as attention_config
     attention_config.device_name = lambda device=None: sys.argv[3]
@@ -160,7 +161,7 @@ model = load_model("", cfg, ModelArgs(dtype=torch.bfloat16, device="cpu", seed=0
 for layer in model.model.layers:
     layer.self_attn.fuse_decode_prologue = True  # as on a GPU (the Triton path)
 BS, MML, GMAX, HI = 16, 4096, 8, 300
-runner = ModelRunner(model, torch.device("cpu"), torch.bfloat16, num_blocks=300, block_size=BS, max_model_len=MML,
+runner = ModelRunner(model, torch.device("cpu"), kv_dtype, num_blocks=300, block_size=BS, max_model_len=MML,
                      attn_backend=triton_attention())
 i32 = dict(dtype=torch.int32)
 with torch.inference_mode():
@@ -192,23 +193,25 @@ print(json.dumps({p: len(keys.get(p, set()) - start) for p in ("lockstep", "reru
 """
 
 
-def probe(warm_from: int, shape: str, gpu: str = "") -> dict[str, int]:
+def probe(warm_from: int, shape: str, gpu: str = "", kv: str = "bf16") -> dict[str, int]:
     from tests.sm90 import run_sm90_probe
 
     return run_sm90_probe(_KEYS_PROBE.replace("import json, random, sys", f"import json, random, sys\n"
-                                                  f"sys.argv[1:] = ['{warm_from}', '{shape}', '{gpu}']"))
+                                                  f"sys.argv[1:] = ['{warm_from}', '{shape}', '{gpu}', '{kv}']"))
 
 
-@pytest.mark.parametrize("shape,gpu", [("8,2,32", ""), ("32,4,128", "NVIDIA_H200")])  # tiny; Qwen3-30B-A3B heads
-def test_eager_decode_steps_compile_nothing_new(shape: str, gpu: str) -> None:
+# tiny heads; Qwen3-30B-A3B's on the H200 table, bf16 and FP8 KV (its fp8_dot variants)
+@pytest.mark.parametrize("shape,gpu,kv", [("8,2,32", "", "bf16"), ("32,4,128", "NVIDIA_H200", "bf16"),
+                                          ("32,4,128", "NVIDIA_H200", "fp8")])
+def test_eager_decode_steps_compile_nothing_new(shape: str, gpu: str, kv: str) -> None:
     # the engine's range with a fixed-capacity all2all (re-runs): every row count
-    assert probe(1, shape, gpu) == {"lockstep": 0, "rerun": 0}
+    assert probe(1, shape, gpu, kv) == {"lockstep": 0, "rerun": 0}
     # and the check can fail: without the eager warmup both kinds of step compile kernels start-up did not; from past
     # the largest graph only (the range without re-runs), on the H200 table the re-runs still do
-    missed = probe(0, shape, gpu)
+    missed = probe(0, shape, gpu, kv)
     assert missed["lockstep"] > 0 and missed["rerun"] > 0
     if gpu:
-        past_graphs = probe(9, shape, gpu)
+        past_graphs = probe(9, shape, gpu, kv)
         assert past_graphs["lockstep"] == 0 and past_graphs["rerun"] > 0
 
 
