@@ -332,8 +332,8 @@ def step_gaps(engine, steps: int = 6, trace: str = "") -> dict:
     if trace:
         prof.export_chrome_trace(trace)  # host calls and device ops on one clock, linked by their correlation ids
     events = prof.events()
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    spans = [(e.time_range.start, e.time_range.end, e.name) for e in events
+             if e.device_type == torch.autograd.DeviceType.CUDA]  # (device_timeline sorts them)
     api: dict[str, list[float]] = {}  # the CUDA runtime / driver calls the host made (a sync shows here)
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CUDA and e.name.startswith("cu"):

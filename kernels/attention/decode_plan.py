@@ -83,10 +83,11 @@ def decode_variants(rows: range, widths: int, block_size: int, num_heads: int, n
     shape = (block_size, num_heads, num_kv_heads, head_dim, kv_dtype, device, fused_rows)
     variants: dict[tuple, tuple[int, int]] = {}
     for n in rows:
-        for w in pages:
-            variants.setdefault(decode_variant(n, w, *shape), (n, w))
+        for w in pages:  # widest last
+            key = decode_variant(n, w, *shape)
+            variants.setdefault(key, (n, w))
         # one split at the widest: so at every width and every larger n, whose config no longer changes
-        if n > max(fused_rows, small_batch) and decode_variant(n, pages[-1], *shape)[2] is None:
+        if n > max(fused_rows, small_batch) and key[2] is None:
             break
     return variants
 
