@@ -5,8 +5,9 @@ the floor.
 python benchmarks/bench_fp8_linear.py --out DIR [--m 1,8,64,256,1024,4096] [--shapes qkv,o,...]
 
 Each row runs the config the wrapper picks: the tuned table's (kernels/configs/fp8_linear_<gpu>.json, written by
-benchmarks/tune_fp8_linear.py) or, without one, the heuristic's (the row's JSON holds it); 'heuristic' times the
-heuristic's config too where the table picked another.
+benchmarks/tune_fp8_linear.py) or, without one, the heuristic's (the row's JSON holds it): 'ours' its Triton tile,
+'cuBLAS fp8' the same call with CUBLAS 1 (the line says 'table: cuBLAS' where the table routes the shape there);
+'heuristic' times the heuristic's config too where the table picked another.
 
 Times CUDA-graph replays (median) of NUM_ROT weight copies in turn, so that replays do not find the previous
 one's weights in L2 (a Qwen3-30B-A3B qkv weight is 10 MiB; L2 is 50-60 MiB). The floor is max(bytes / copy
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
-from kernels.fp8 import per_token_group_quant, quantize_weight_block  # noqa: E402
+from kernels.fp8 import quantize_weight_block  # noqa: E402
 from kernels.linear.w8a8 import _config, _num_sms, _resolve, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
 
 SHAPES = {  # name: (N, K)
@@ -47,19 +48,6 @@ ALL_SHAPES = {**SHAPES, **GLM_SHAPES}
 NUM_ROT = 8
 
 
-def cublas_block_scaled(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """y = x W^T through cuBLAS's block-scaled FP8 GEMM (F.scaled_mm): x quantized per token and 128-wide K group
-    (our kernel, as the W8A8 linear does), its scales K-group-major ([M, K/128], stride [1, M]), the weight's
-    [N/128, K/128] scales padded along K to a multiple of 4 groups and read transposed ([L4, N/128], stride [1, L4]):
-    the layouts torch asks of the (1x128, 128x128) recipe."""
-    xq, xs = per_token_group_quant(x)
-    groups = s.shape[1]
-    padded = F.pad(s, (0, -groups % 4)) if groups % 4 else s
-    recipe = F.ScalingType
-    return F.scaled_mm(xq, q.t(), xs.t().contiguous().t(), recipe.BlockWise1x128, padded.t(), recipe.BlockWise128x128,
-                       output_dtype=x.dtype)
-
-
 def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
     n, k = ALL_SHAPES[name]
     gen = torch.Generator(device="cuda").manual_seed(m)
@@ -67,11 +55,15 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
     qs = [quantize_weight_block(w) for w in ws]
     x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
     ref = w8a8_block_linear_ref(x, *qs[0])
-    err = ((w8a8_block_linear(x, *qs[0]).float() - ref.float()).norm() / ref.float().norm()).item()
+    # the tuned table's config (kernels/configs/fp8_linear_<gpu>.json) or the heuristic's: "ours" runs its Triton
+    # tile, the cuBLAS column cuBLAS's block-scaled FP8 GEMM (CUBLAS 1) after our activation quantization
+    cfg = _resolve(m, n, k, x.device)
+    ours_cfg, cublas_cfg = dict(cfg, CUBLAS=0), dict(cfg, CUBLAS=1)
+    err = ((w8a8_block_linear(x, *qs[0], config=ours_cfg).float() - ref.float()).norm() / ref.float().norm()).item()
 
     def ours() -> None:
         for q, s in qs:
-            w8a8_block_linear(x, q, s)
+            w8a8_block_linear(x, q, s, config=ours_cfg)
 
     def bf16() -> None:
         for w in ws:
@@ -80,17 +72,17 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
     us = bench_graph(ours) / NUM_ROT
     bf16_us = bench_graph(bf16) / NUM_ROT
     try:  # cuBLAS's block-scaled FP8 (needs a CUDA build whose cuBLASLt has it: 12.9+ on sm90)
-        cublas_err = ((cublas_block_scaled(x, *qs[0]).float() - ref.float()).norm() / ref.float().norm()).item()
-        cublas_us = bench_graph(lambda: [cublas_block_scaled(x, q, s) for q, s in qs]) / NUM_ROT
+        out = w8a8_block_linear(x, *qs[0], config=cublas_cfg)
+        cublas_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        cublas_us = bench_graph(lambda: [w8a8_block_linear(x, q, s, config=cublas_cfg) for q, s in qs]) / NUM_ROT
     except (RuntimeError, ValueError) as e:
         cublas_us, cublas_err = float("nan"), float("nan")
         print(f"{name} M={m}: cuBLAS block-scaled FP8 not run: {str(e).splitlines()[0][:200]}", flush=True)
     weight_bytes = n * k + 4 * (n // 128) * (k // 128)
     io_bytes = 2 * m * (k + n)
     floor_us = max((weight_bytes + io_bytes) / ceil["copy_tbps"] / 1e6, 2 * m * n * k / ceil["fp8_tflops"] / 1e6)
-    cfg = _resolve(m, n, k, x.device)  # the tuned table's (kernels/configs/fp8_linear_<gpu>.json) or heuristic's
     heur = _config(m, n, k, _num_sms(x.device))
-    heur_us = us if heur == cfg else bench_graph(
+    heur_us = us if heur == ours_cfg else bench_graph(
         lambda: [w8a8_block_linear(x, q, s, config=heur) for q, s in qs]) / NUM_ROT
     row = {"shape": name, "n": n, "k": k, "m": m, "us": us, "bf16_us": bf16_us, "floor_us": floor_us,
            "of_floor": floor_us / us, "vs_bf16": bf16_us / us, "weight_tbps": weight_bytes / us / 1e6,
@@ -99,7 +91,8 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
     print(f"{name:8s} M={m:5d} [{n}x{k}] ours {us:8.1f} us  bf16 {bf16_us:8.1f} us  cuBLAS fp8 {cublas_us:8.1f} us "
           f"(err {cublas_err:.1e})  floor {floor_us:7.1f} us  "
           f"of floor {row['of_floor']:.2f}  x bf16 {row['vs_bf16']:.2f}  heuristic {heur_us:8.1f} us  "
-          f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} split {cfg['SPLIT_K']}  err {err:.1e}",
+          f"{cfg['KERNEL']} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} split {cfg['SPLIT_K']}  err {err:.1e}"
+          f"{'  table: cuBLAS' if cfg['CUBLAS'] else ''}",
           flush=True)
     return row
 

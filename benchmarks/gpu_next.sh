@@ -118,6 +118,28 @@ if [[ $PHASES == *U* ]]; then  # issue 17's B=1 32k decode attention as served: 
       | grep -E "^ours decode|_decode_kernel|_reduce_kernel|SUMMARY|Error|Traceback" | sed "s/^/kv $kv: /"
   done
 fi
+if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1: GLM-4.5-Air qkv from 256 rows, o from 1024)
+  timeout 120 python3 -m pytest -q -m gpu -rf tests/test_kernels_fp8_linear.py -k cublas 2>&1 | tail -2
+  timeout 30 python3 -c "
+import torch, torch.nn.functional as F
+from kernels.fp8 import per_token_group_quant, quantize_weight_block
+x = torch.randn(64, 512, device='cuda', dtype=torch.bfloat16); q, s = quantize_weight_block(torch.randn(256, 512, device='cuda'))
+a, sa = per_token_group_quant(x, group_major=True); r = F.ScalingType
+try:
+    F.scaled_mm(a, q.t(), sa, r.BlockWise1x128, s.t(), r.BlockWise128x128, bias=torch.randn(256, device='cuda',
+                dtype=torch.bfloat16), output_dtype=torch.bfloat16); print('scaled_mm blockwise takes a bias')
+except Exception as e: print('scaled_mm blockwise bias:', str(e).splitlines()[0][:150])"
+  timeout 150 python3 benchmarks/bench_fp8_linear.py --m 256,512,1024,2048,4096,8192 --shapes qkv,o,glm_qkv,glm_o \
+    --out $OUT/fp8_linear_k 2>&1 | grep -E "M=|summary|Error|Traceback" | cut -c1-150
+  for n in 1024 8192; do
+    for mode in on off; do
+      RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/cublas_off.py)
+      timeout 70 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --shape glm-4.5-air --batch-sizes 1 --prefill $n \
+        --steps 5 --quantization fp8 --out $OUT/e2e_glm_prefill${n}_cublas_$mode.json 2>&1 \
+        | grep -E "^ours prefill|Error|Traceback" | sed "s/^/cublas $mode: /"
+    done
+  done
+fi
 if [[ $PHASES == *Q* ]]; then  # the FP8 projections: our W8A8 kernel against cuBLAS's block-scaled FP8 GEMM
   # (FP8 B=64: W8A8 qkv / o 8.1 us each for 10.5 / 8.4 MB, ~0.3 of copy bandwidth, session 13)
   timeout 200 python3 benchmarks/bench_fp8_linear.py --m 1,8,64,256,1024 --shapes qkv,o,glm_qkv,glm_o \

@@ -44,7 +44,12 @@ from benchmarks.bench_fp8_linear import ALL_SHAPES, NUM_ROT  # noqa: E402
 from benchmarks.bench_moe import measure_ceilings  # noqa: E402
 from benchmarks.tuning import Budget, sweep  # noqa: E402
 from kernels.fp8 import FP8_BLOCK, quantize_weight_block  # noqa: E402
-from kernels.linear.w8a8 import _config, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.linear.w8a8 import (  # noqa: E402
+    _config,
+    cublas_block_scaled_available,
+    w8a8_block_linear,
+    w8a8_block_linear_ref,
+)
 from kernels.linear.w8a8_config import KEYS, _split, config_file_name, shape_key  # noqa: E402
 from kernels.moe_config import device_name  # noqa: E402
 
@@ -177,6 +182,15 @@ def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budge
     rows, best = sweep(candidates(m, n, k, num_sms), lambda c: w8a8_block_linear(x, *qs[0], config=c), ref,
                        lambda c: time_graph_us(lambda: [w8a8_block_linear(x, q, s, config=c) for q, s in qs], rep_ms)
                        / len(qs), TOL, budget, f"{name} M={m}", DEVICE)
+    if best and cublas_block_scaled_available(torch.device(DEVICE)):
+        # cuBLAS's block-scaled GEMM as one more candidate: the entry keeps the best Triton tile (what runs where
+        # cuBLAS's is unavailable) with CUBLAS 1 when cuBLAS wins
+        c = dict(best["cfg"], CUBLAS=1)
+        rows += sweep([c], lambda c: w8a8_block_linear(x, *qs[0], config=c), ref,
+                      lambda c: time_graph_us(lambda: [w8a8_block_linear(x, q, s, config=c) for q, s in qs], rep_ms)
+                      / len(qs), TOL, budget, f"{name} M={m} cuBLAS", DEVICE)[0]
+        if rows[-1]["us"] < best["us"]:
+            best = rows[-1]
     timed = [r for r in rows if math.isfinite(r["us"])]
     heuristic = rows[0] if rows else None  # candidates() puts the heuristic's config first
     case = {"shape": name, "n": n, "k": k, "m": m, "bf16_us": bf16_us, "floor_us": floor_us, "rows": rows,
@@ -189,7 +203,7 @@ def sweep_case(name: str, m: int, weights: dict, ceil: dict, num_sms: int, budge
               f"bf16 {bf16_us:8.1f}, floor {floor_us:7.1f}: {floor_us / best['us']:.2f} of floor, "
               f"x{bf16_us / best['us']:.2f} bf16) {c['KERNEL']} {c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} "
               f"s{c['num_stages']} split {c['SPLIT_K']} qa {c['QUANT_A']} swap {c['SWAP_AB']} tma {c['TMA']} "
-              f"g{c['GROUP_M']} "
+              f"g{c['GROUP_M']}{' cuBLAS' if c.get('CUBLAS') else ''} "
               f"({len(timed)}/{len(rows)} timed)", flush=True)
     return case
 

@@ -91,7 +91,7 @@ def per_token_group_quant_ref(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[
 
 @triton.jit(do_not_specialize=["num_rows"])  # one variant for every step size
 def _group_quant_kernel(
-    x_ptr, q_ptr, s_ptr, num_rows, K, stride_x, stride_q, stride_s,
+    x_ptr, q_ptr, s_ptr, num_rows, K, stride_x, stride_q, stride_s, stride_sg,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
@@ -109,10 +109,15 @@ def _group_quant_kernel(
     scale = tl.maximum(tl.max(tl.abs(x), 1) / FP8_MAX_C, MIN_SCALE)  # [BLOCK_R]
     q = tl.clamp(x / scale[:, None], -FP8_MAX_C, FP8_MAX_C)
     tl.store(q_ptr + r64[:, None] * stride_q + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + r64 * stride_s + g, scale, mask=rmask)
+    tl.store(s_ptr + r64 * stride_s + g * stride_sg, scale, mask=rmask)
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK,
+                          group_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    # group_major: the scales [rows, K/group] stored group by group (strides (1, rows)), as cuBLAS's block-scaled
+    # GEMM reads them (kernels/linear/w8a8.py); 2-D x only
+    if group_major and x.dim() != 2:
+        raise ValueError(f"per_token_group_quant(group_major=True) takes 2-D x, got {list(x.shape)}")
     if x.stride(-1) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"per_token_group_quant needs a float tensor with contiguous rows, got {x.dtype}")
     k = x.shape[-1]
@@ -120,13 +125,16 @@ def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torc
     rows = x2.shape[0]
     kg = triton.cdiv(k, group)
     q = torch.empty(rows, k, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(rows, kg, dtype=torch.float32, device=x.device)
+    if group_major:
+        s = torch.empty_strided((rows, kg), (1, max(rows, 1)), dtype=torch.float32, device=x.device)
+    else:
+        s = torch.empty(rows, kg, dtype=torch.float32, device=x.device)
     if rows:
         block_r = 16
         pdl = pdl_enabled(x.device)
         _group_quant_kernel[(triton.cdiv(rows, block_r), kg)](
-            x2, q, s, rows, k, x2.stride(0), q.stride(0), s.stride(0),
+            x2, q, s, rows, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
             GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, PDL=pdl, num_warps=4,
             **launch_kwargs(pdl),
         )
-    return q.view(*x.shape), s.view(*x.shape[:-1], kg)
+    return q.view(*x.shape), (s if group_major else s.view(*x.shape[:-1], kg))

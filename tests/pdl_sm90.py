@@ -98,7 +98,7 @@ def _fp8_linear() -> dict[str, tuple]:
     fp8k = fp8_linear_kernels
     return {
         "fp8_group_quant": (fp8._group_quant_kernel, dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32", num_rows=64, K=H,
-                                                          stride_x=H, stride_q=H, stride_s=H // 128),
+                                                          stride_x=H, stride_q=H, stride_s=H // 128, stride_sg=1),
                             dict(GROUP=128, BLOCK_R=16, **quant), 4, 1, []),
         "fp8_dot_decode": (fp8k._w8a8_dot_kernel, dict(out, a_ptr="bf16", a_scale_ptr="bf16", w_ptr="fp8e4nv",
                                                        w_scale_ptr="fp32", M=1, k_blocks_per_split=8, split_k=2,

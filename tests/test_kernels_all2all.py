@@ -273,7 +273,7 @@ k = compile_sm90(_pack_kernel, args, dict(P=8, K=8, BLOCK_K=8, BLOCK_H=1024, BLO
 out["pack quant"] = dict(spill=report(k)["spill_bytes"], ops=quant_ops(k.asm["ptx"]),
                          vec_loads=len(re.findall(r"ld\\.global[.a-z0-9]*\\.v[248]", k.asm["ptx"])))
 args = dict(x_ptr="bf16", q_ptr="fp8e4nv", s_ptr="fp32", num_rows=100, K=2048, stride_x=2048, stride_q=2048,
-            stride_s=16)
+            stride_s=16, stride_sg=1)
 k = compile_sm90(_group_quant_kernel, args, dict(GROUP=128, BLOCK_R=16, FP8_MAX_C=448.0, MIN_SCALE=1e-12), 4, 3)
 out["group quant"] = quant_ops(k.asm["ptx"])
 print(json.dumps(out))

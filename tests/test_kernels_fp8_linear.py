@@ -281,3 +281,81 @@ def test_tuner_writes_a_table_the_lookup_reads(tmp_path, monkeypatch, fresh_conf
     cfg = fp8_linear_config.table_config(2, 256, 384, torch.device(DEVICE))
     assert cfg is not None and set(fp8_linear_config.KEYS) <= set(cfg)
     assert json.loads((tmp_path / "tune_fp8_linear.json").read_text())["cases"][0]["best"] is not None
+
+
+@pytest.mark.parametrize("m", [1, 37])
+def test_group_major_scales_are_the_row_major_ones(m: int) -> None:
+    # the layout cuBLAS's block-scaled GEMM reads: [M, K/128] stored group by group (strides (1, M); M = 1 too)
+    gen = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 384, generator=gen) * torch.logspace(-2, 2, 384)).to(DEVICE)
+    q, s = per_token_group_quant(x)
+    qg, sg = per_token_group_quant(x, group_major=True)
+    assert sg.shape == (m, 3) and sg.stride() == (1, m)
+    assert torch.equal(sg, s) and torch.equal(qg.view(torch.uint8), q.view(torch.uint8))
+    with pytest.raises(ValueError, match="2-D"):
+        per_token_group_quant(x.view(1, m, 384), group_major=True)
+
+
+def test_cublas_entries_route_by_bucket_and_fall_back(tmp_path, monkeypatch, fresh_config_cache) -> None:
+    # a table entry with CUBLAS 1 sends its bucket to cuBLAS's block-scaled GEMM where that exists; elsewhere (the
+    # CPU, a GPU before Hopper) the entry's own Triton tile runs, bit for bit the same call without the flag
+    tile = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+            "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, "TMA": 0}
+    _write_table(tmp_path, monkeypatch, {"n256_k384": {"1": tile, "64": dict(tile, CUBLAS=1)}})
+    gen = torch.Generator().manual_seed(3)
+    q, s, w = _weight(256, 384, gen)
+    bias = torch.randn(256, generator=gen).to(DEVICE)
+    x = torch.randn(70, 384, generator=gen).to(DEVICE)
+    assert fp8_linear._resolve(70, 256, 384, x.device)["CUBLAS"] == 1
+    assert fp8_linear._resolve(2, 256, 384, x.device)["CUBLAS"] == 0  # older entries: the default
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_available", lambda device: False)
+    y = w8a8_block_linear(x, q, s, bias)
+    assert torch.equal(y, w8a8_block_linear(x, q, s, bias, config=tile))
+    calls = []
+
+    def spy(x2, weight, scale, b):
+        calls.append((x2.shape[0], weight is q, scale is s, b is bias))
+        return w8a8_block_linear(x2, weight, scale, b, config=tile)
+
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_available", lambda device: True)
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_linear", spy)
+    assert torch.equal(w8a8_block_linear(x.view(7, 10, 384), q, s, bias), y.view(7, 10, 256))
+    w8a8_block_linear(x[:2], q, s, bias)  # the M = 1 bucket: the Triton tile
+    assert calls == [(70, True, True, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_linear.cublas_block_scaled_available(torch.device("cuda"))),
+                    reason="needs cuBLAS's block-scaled FP8 GEMM (a Hopper GPU)")
+@pytest.mark.parametrize("m", [1, 5, 300])
+@pytest.mark.parametrize("n,k", [(256, 384), (384, 512)])
+def test_cublas_block_scaled_linear_matches_ours(m: int, n: int, k: int) -> None:
+    # the same arithmetic as our kernel (our activation quantization, per-block scales, fp32 accumulation): equal to
+    # the exact product of the quantized operands to the output's rounding, K groups not a multiple of 4 (padded)
+    # and M = 1 (its scales' strides) included; and captured in a CUDA graph
+    gen = torch.Generator().manual_seed(m + n + k)
+    q, s, w = _weight(n, k, gen)
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, k)).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(DEVICE, torch.bfloat16)
+    cfg = dict(_config(m, n, k, 132), CUBLAS=1)
+    y = w8a8_block_linear(x, q, s, bias, config=cfg)
+    torch.testing.assert_close(y.float(), _exact(x, w, bias), atol=2e-2, rtol=1e-2)
+    assert _rel_err(y, w8a8_block_linear(x, q, s, bias, config=dict(cfg, CUBLAS=0))) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = w8a8_block_linear(x, q, s, bias, config=cfg)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, y)
+
+
+def test_cublas_off_drops_every_route(fresh_config_cache) -> None:
+    # benchmarks/cublas_off.py (the A/B baseline): the H200 table routes some buckets to cuBLAS, the wrapped one none
+    from benchmarks.cublas_off import without_cublas
+
+    path = str(fp8_linear_config.CONFIG_DIR / fp8_linear_config.config_file_name("NVIDIA_H200"))
+    table, off = fp8_linear_config._load(path), without_cublas(fp8_linear_config._load.__wrapped__)(path)
+    routed = {(key, m) for key, buckets in table.items() for m, cfg in buckets.items() if cfg.get("CUBLAS")}
+    assert routed and table.keys() == off.keys()
+    assert not any(cfg["CUBLAS"] for buckets in off.values() for cfg in buckets.values())
+    assert all(dict(off[key][m], CUBLAS=1) == table[key][m] for key, m in routed)

@@ -5,7 +5,10 @@ either in one fully parallel launch before the GEMM, or by the GEMM itself on ea
 launch fewer). The GEMM multiplies e4m3 tiles, scales each 128-wide K step's partial product by
 a_scale[m, k] * w_scale[n, k] and accumulates in fp32; the output is in the activations' dtype. N and K must be
 multiples of 128 (one weight scale per tile and K step); M is any size: decode (M <= 256) reads half the weight
-bytes of bf16. For a handful of rows a dot-free GEMV kernel streams the weight instead.
+bytes of bf16. For a handful of rows a dot-free GEMV kernel streams the weight instead. A table entry may instead send
+a shape and M bucket to cuBLAS's block-scaled FP8 GEMM (F.scaled_mm, 1x128 activation x 128x128 weight scales, the
+same arithmetic): on an H200 it beats ours on GLM-4.5-Air's large projections at prefill sizes, and loses below
+~256 rows (bench_fp8_linear.py, RESULTS.md).
 Few rows give few output tiles: the K loop is then split over several programs (fp32 partials, summed by the
 last program of each tile or by one small reduce launch) so that enough weight bytes are in flight.
 The tiling comes from a table tuned on the GPU (kernels/configs/fp8_linear_<gpu>.json, nearest M bucket) or a
@@ -18,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -91,6 +95,27 @@ def _resolve(m: int, n: int, k: int, device: torch.device) -> dict:
     return get_config(m, n, k, device, _num_sms(device))
 
 
+@functools.cache
+def cublas_block_scaled_available(device: torch.device) -> bool:
+    """cuBLAS's block-scaled FP8 GEMM: a CUDA GPU of compute capability >= 9.0 and a torch with F.scaled_mm."""
+    return (device.type == "cuda" and hasattr(F, "scaled_mm")
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def cublas_block_scaled_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """[M, K] -> [M, N] through F.scaled_mm's (1x128, 128x128) recipe, in the layouts it asks: the activation scales
+    group-major ([M, K/128], strides (1, M): our quantizer writes them so), the weight's [N/128, K/128] scales padded
+    along K to a multiple of 4 groups and read transposed. The bias is added after (one elementwise launch)."""
+    q, s = per_token_group_quant(x2, group_major=True)
+    groups = weight_scale_inv.shape[1]
+    ws = F.pad(weight_scale_inv, (0, -groups % 4)) if groups % 4 else weight_scale_inv
+    recipe = F.ScalingType
+    out = F.scaled_mm(q, weight.t(), s, recipe.BlockWise1x128, ws.t(), recipe.BlockWise128x128,
+                      output_dtype=x2.dtype)
+    return out.add_(bias) if bias is not None else out
+
+
 def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] float (contiguous rows) -> (q [M, K] e4m3, scale [M, K/128] fp32): per_token_group_quant, one
     program per 16 rows x 128 columns."""
@@ -108,14 +133,16 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if not m:
-        return out.view(*x.shape[:-1], n)
+        return torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if config is None:
         cfg = _resolve(m, n, k, x.device)
     else:
         cfg = normalize(config, k)
         check_config(cfg)
+    if cfg["CUBLAS"] and cublas_block_scaled_available(x.device):
+        return cublas_block_scaled_linear(x2, weight, weight_scale_inv, bias).view(*x.shape[:-1], n)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]
     if n % block_n:
         raise ValueError(f"w8a8_block_linear: BLOCK_N={block_n} does not divide N={n}")

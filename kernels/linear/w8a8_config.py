@@ -12,7 +12,9 @@ bucket (log scale); a shape or GPU the table lacks gets default_config. A config
 - SWAP_AB (dot): 1 computes each tile as W x^T (the weight rows on the MMA's 64-row side);
 - TMA (dot, QUANT_A 0, SWAP_AB 0): 1 loads both operands with tensor descriptors (Hopper TMA);
 - SPLIT_K: programs per output tile along K (fp32 partials), FUSED_REDUCE: 1 = the tile's last program sums
-  them, 0 = one more launch does.
+  them, 0 = one more launch does;
+- CUBLAS: 1 runs cuBLAS's block-scaled FP8 GEMM (torch's F.scaled_mm, after our activation quantization: the same
+  arithmetic) where it is available (a CUDA GPU of compute capability >= 9.0), the rest of the config elsewhere.
 The wrapper adds k_blocks_per_split (normalize()).
 """
 
@@ -30,7 +32,7 @@ from kernels.fp8 import FP8_BLOCK
 from kernels.moe_config import CONFIG_DIR, device_name
 
 KEYS = ("KERNEL", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "QUANT_A", "SWAP_AB", "SPLIT_K",
-        "FUSED_REDUCE", "TMA")
+        "FUSED_REDUCE", "TMA", "CUBLAS")
 
 
 def config_file_name(gpu: str) -> str:
@@ -75,7 +77,8 @@ def default_config(m: int, n: int, k: int, num_sms: int) -> dict:
 def normalize(cfg: dict, k: int) -> dict:
     """A copy with the defaults of older / hand-written configs filled in, SPLIT_K capped at the K blocks and
     evened out so that no split is empty, and k_blocks_per_split added."""
-    cfg = {"KERNEL": "dot", "GROUP_M": 1, "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, "TMA": 0, **cfg}
+    cfg = {"KERNEL": "dot", "GROUP_M": 1, "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, "TMA": 0,
+           "CUBLAS": 0, **cfg}
     k_blocks = k // FP8_BLOCK
     if "k_blocks_per_split" in cfg:  # a test's explicit split
         per = cfg["k_blocks_per_split"]
