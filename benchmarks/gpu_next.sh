@@ -118,25 +118,18 @@ if [[ $PHASES == *U* ]]; then  # issue 17's B=1 32k decode attention as served: 
       | grep -E "^ours decode|_decode_kernel|_reduce_kernel|SUMMARY|Error|Traceback" | sed "s/^/kv $kv: /"
   done
 fi
-if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1: GLM-4.5-Air qkv from 256 rows, o from 1024)
-  timeout 120 python3 -m pytest -q -m gpu -rf tests/test_kernels_fp8_linear.py -k cublas 2>&1 | tail -2
-  timeout 30 python3 -c "
-import torch, torch.nn.functional as F
-from kernels.fp8 import per_token_group_quant, quantize_weight_block
-x = torch.randn(64, 512, device='cuda', dtype=torch.bfloat16); q, s = quantize_weight_block(torch.randn(256, 512, device='cuda'))
-a, sa = per_token_group_quant(x, group_major=True); r = F.ScalingType
-try:
-    F.scaled_mm(a, q.t(), sa, r.BlockWise1x128, s.t(), r.BlockWise128x128, bias=torch.randn(256, device='cuda',
-                dtype=torch.bfloat16), output_dtype=torch.bfloat16); print('scaled_mm blockwise takes a bias')
-except Exception as e: print('scaled_mm blockwise bias:', str(e).splitlines()[0][:150])"
-  timeout 150 python3 benchmarks/bench_fp8_linear.py --m 256,512,1024,2048,4096,8192 --shapes qkv,o,glm_qkv,glm_o \
-    --out $OUT/fp8_linear_k 2>&1 | grep -E "M=|summary|Error|Traceback" | cut -c1-150
-  for n in 1024 8192; do
+if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1) on / off end to end: GLM-4.5-Air FP8 prefill
+  # at 1024 and 8192 tokens, Qwen3-30B-A3B FP8 at 8192 (session 15: bench_fp8_linear's cuBLAS column; scaled_mm's
+  # block-wise recipe takes a bias; an M not a multiple of 4 is CUBLAS_STATUS_NOT_SUPPORTED, hence row_multiple)
+  timeout 120 python3 -m pytest -q -m gpu --tb=short tests/test_kernels_fp8_linear.py -k cublas 2>&1 \
+    | grep -E "Error|^E |passed|failed" | head -12
+  for case in "glm-4.5-air 1024" "glm-4.5-air 8192" "qwen3-30b-a3b 8192"; do
+    set -- $case
     for mode in on off; do
       RUN=(python3); [ $mode = off ] && RUN=(python3 benchmarks/cublas_off.py)
-      timeout 70 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --shape glm-4.5-air --batch-sizes 1 --prefill $n \
-        --steps 5 --quantization fp8 --out $OUT/e2e_glm_prefill${n}_cublas_$mode.json 2>&1 \
-        | grep -E "^ours prefill|Error|Traceback" | sed "s/^/cublas $mode: /"
+      timeout 70 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --shape $1 --batch-sizes 1 --prefill $2 \
+        --steps 5 --quantization fp8 --out $OUT/e2e_$1_prefill$2_cublas_$mode.json 2>&1 \
+        | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$1 cublas $mode: /"
     done
   done
 fi

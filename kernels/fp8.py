@@ -112,23 +112,25 @@ def _group_quant_kernel(
     tl.store(s_ptr + r64 * stride_s + g * stride_sg, scale, mask=rmask)
 
 
-def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK,
-                          group_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK, group_major: bool = False,
+                          row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     # group_major: the scales [rows, K/group] stored group by group (strides (1, rows)), as cuBLAS's block-scaled
-    # GEMM reads them (kernels/linear/w8a8.py); 2-D x only
-    if group_major and x.dim() != 2:
-        raise ValueError(f"per_token_group_quant(group_major=True) takes 2-D x, got {list(x.shape)}")
+    # GEMM reads them (kernels/linear/w8a8.py); 2-D x only. row_multiple: q and the scales get rows rounded up to a
+    # multiple of it, the pad rows left unwritten (cuBLAS wants the scales' leading dimension a multiple of 4)
+    if (group_major or row_multiple > 1) and x.dim() != 2:
+        raise ValueError(f"per_token_group_quant: group_major / row_multiple take 2-D x, got {list(x.shape)}")
     if x.stride(-1) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"per_token_group_quant needs a float tensor with contiguous rows, got {x.dtype}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
+    padded = -(-rows // row_multiple) * row_multiple
     kg = triton.cdiv(k, group)
-    q = torch.empty(rows, k, dtype=FP8_DTYPE, device=x.device)
+    q = torch.empty(padded, k, dtype=FP8_DTYPE, device=x.device)
     if group_major:
-        s = torch.empty_strided((rows, kg), (1, max(rows, 1)), dtype=torch.float32, device=x.device)
+        s = torch.empty_strided((padded, kg), (1, max(padded, 1)), dtype=torch.float32, device=x.device)
     else:
-        s = torch.empty(rows, kg, dtype=torch.float32, device=x.device)
+        s = torch.empty(padded, kg, dtype=torch.float32, device=x.device)
     if rows:
         block_r = 16
         pdl = pdl_enabled(x.device)
@@ -137,4 +139,6 @@ def per_token_group_quant(x: torch.Tensor, group: int = FP8_BLOCK,
             GROUP=group, BLOCK_R=block_r, FP8_MAX_C=FP8_MAX, MIN_SCALE=_MIN_SCALE, PDL=pdl, num_warps=4,
             **launch_kwargs(pdl),
         )
-    return q.view(*x.shape), (s if group_major else s.view(*x.shape[:-1], kg))
+    if padded != rows or group_major:
+        return q, s
+    return q.view(*x.shape), s.view(*x.shape[:-1], kg)

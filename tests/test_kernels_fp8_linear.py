@@ -292,6 +292,11 @@ def test_group_major_scales_are_the_row_major_ones(m: int) -> None:
     qg, sg = per_token_group_quant(x, group_major=True)
     assert sg.shape == (m, 3) and sg.stride() == (1, m)
     assert torch.equal(sg, s) and torch.equal(qg.view(torch.uint8), q.view(torch.uint8))
+    # rows rounded up to 4 (cuBLAS's leading dimension): the first m rows the same, the strides those of 4k rows
+    qp, sp = per_token_group_quant(x, group_major=True, row_multiple=4)
+    padded = -(-m // 4) * 4
+    assert qp.shape == (padded, 384) and sp.shape == (padded, 3) and sp.stride() == (1, padded)
+    assert torch.equal(sp[:m], s) and torch.equal(qp[:m].view(torch.uint8), q.view(torch.uint8))
     with pytest.raises(ValueError, match="2-D"):
         per_token_group_quant(x.view(1, m, 384), group_major=True)
 

@@ -106,14 +106,17 @@ def cublas_block_scaled_linear(x2: torch.Tensor, weight: torch.Tensor, weight_sc
                                bias: torch.Tensor | None) -> torch.Tensor:
     """[M, K] -> [M, N] through F.scaled_mm's (1x128, 128x128) recipe, in the layouts it asks: the activation scales
     group-major ([M, K/128], strides (1, M): our quantizer writes them so), the weight's [N/128, K/128] scales padded
-    along K to a multiple of 4 groups and read transposed. The bias is added after (one elementwise launch)."""
-    q, s = per_token_group_quant(x2, group_major=True)
+    along K to a multiple of 4 groups and read transposed. cuBLAS refuses (CUBLAS_STATUS_NOT_SUPPORTED, on an H200)
+    an M that is not a multiple of 4, the scales' leading dimension: such an x is quantized into rows padded to 4,
+    whose unwritten pad rows give output rows that are dropped (each output row reads its own input row only)."""
+    m = x2.shape[0]
+    q, s = per_token_group_quant(x2, group_major=True, row_multiple=4)
     groups = weight_scale_inv.shape[1]
     ws = F.pad(weight_scale_inv, (0, -groups % 4)) if groups % 4 else weight_scale_inv
     recipe = F.ScalingType
-    out = F.scaled_mm(q, weight.t(), s, recipe.BlockWise1x128, ws.t(), recipe.BlockWise128x128,
+    out = F.scaled_mm(q, weight.t(), s, recipe.BlockWise1x128, ws.t(), recipe.BlockWise128x128, bias=bias,
                       output_dtype=x2.dtype)
-    return out.add_(bias) if bias is not None else out
+    return out[:m]
 
 
 def quantize_activations(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
