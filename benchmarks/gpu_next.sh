@@ -7,8 +7,8 @@
 # 256-2048 rows: GLM-4.5-Air FP8 prefill -6..-8%), U (B=1 32k decode in a served step: FP8 KV 0.50 of copy BW, bf16
 # 0.69) and 2 (216 kernel GPU tests passed, ~8% not reached in 560 s).
 # Next, in this order: 7 (~5 min: the second half of the kernel GPU test files, phase 2 the first), 3 (~8 min: the
-# engine half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J (~2 min: GLM-4.5-Air's shared-expert shapes on
-# cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1 and B.
+# engine half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J (~2 min: GLM-4.5-Air's
+# shared-expert shapes on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
