@@ -17,11 +17,13 @@ kernels are compiled and launched without PDL, except the MoE GEMV pair where it
 
 The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks it on the sm90 PTX):
   (1) before its gdc_wait: no stores at all, and loads only of data that no kernel of the forward writes
-      (weights, norm weights, weight scales, the cos/sin cache), never activations, ids, positions, block tables,
-      sequence lengths or counters. The predecessor may still be writing those; in a CUDA graph (and with the
+      (weights, norm weights, weight scales, the cos/sin cache, the step's sequence lengths and block tables),
+      never activations, ids, positions or counters. The predecessor may still be writing those; in a CUDA graph (and with the
       caching allocator) a tensor freed after kernel N was enqueued can be reused by kernel N+1's outputs, so an
       early store could clobber what N still reads; and a load of mutable data could hit an SM's L1 line left
-      stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for them.
+      stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for them. So
+      are a step's sequence lengths and block tables: copied in by non-PDL ops (host copies, torch) before the
+      forward's first kernel, alive for the whole forward, written by no kernel of it.
   (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
       released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
       wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts
@@ -42,11 +44,12 @@ the wait (for a grid of one wave, at once), and they then run their weight prefe
 What each kernel reads before its wait (tests/test_pdl.py checks these on the PTX):
   norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
   router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear.gemv (16-bit and FP8 weights): the first
-  K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing:
-  decode attention and its reduce, the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
+  K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')); decode
+  attention (with or without its prologue): the sequence lengths and its first tile's page ids. Nothing: the split
+  merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
   ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
   (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after the
-  wait too.)
+  wait.)
 """
 
 from __future__ import annotations
