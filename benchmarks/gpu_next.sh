@@ -6,9 +6,11 @@
 # max_model_len 40960 cost ~20 us at B=1), Q and K (the FP8 projections routed to cuBLAS's block-scaled GEMM from
 # 256-2048 rows: GLM-4.5-Air FP8 prefill -6..-8%), U (B=1 32k decode in a served step: FP8 KV 0.50 of copy BW, bf16
 # 0.69) and 2 (216 kernel GPU tests passed, ~8% not reached in 560 s).
-# Next, in this order: 7 (~5 min: the second half of the kernel GPU test files, phase 2 the first), 3 (~8 min: the
-# engine half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J (~2 min: GLM-4.5-Air's
-# shared-expert shapes on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1 and B.
+# Next, in this order: 7 (~5 min: the second half of the kernel GPU test files, phase 2 the first; test_pdl.py's
+# poisoned-input GPU test checks decode attention's new early loads), V (~6 min: those loads' effect on the step,
+# B=1 / 8), 3 (~8 min: the engine half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J
+# (~2 min: GLM-4.5-Air's shared-expert shapes on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1
+# and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -129,6 +131,16 @@ if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1) on / o
         --steps 5 --quantization fp8 --out $OUT/e2e_$1_prefill$2_cublas_$mode.json 2>&1 \
         | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$1 cublas $mode: /"
     done
+  done
+fi
+if [[ $PHASES == *V* ]]; then  # decode attention's step inputs loaded before its PDL wait (session 15, unmeasured):
+  # the step at B=1 / 8, bf16 and FP8, twice each, against session 14's 2.68 / 7.86 ms bf16, 2.06 / 5.51 ms FP8 (same
+  # bench, same GPU kind); where the predecessor is a PDL kernel (FP8's W8A16 qkv GEMV) ~1 us a layer is expected
+  for rep in 1 2; do
+    timeout 100 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling --steps 30 \
+      --out $OUT/e2e_v_bf16_$rep.json 2>&1 | grep SUMMARY
+    timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1,8 --prefill 1024 \
+      --async-scheduling --steps 30 --out $OUT/e2e_v_fp8_$rep.json 2>&1 | grep SUMMARY
   done
 fi
 if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8: cuBLAS's block-scaled GEMM vs ours
