@@ -30,7 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_moe import bench_graph, measure_ceilings  # noqa: E402
 from kernels.fp8 import quantize_weight_block  # noqa: E402
-from kernels.linear.w8a8 import _config, _num_sms, _resolve, w8a8_block_linear, w8a8_block_linear_ref  # noqa: E402
+from kernels.linear.w8a8 import (  # noqa: E402
+    _config,
+    _num_sms,
+    _resolve,
+    cublas_block_scaled_available,
+    w8a8_block_linear,
+    w8a8_block_linear_ref,
+)
 
 SHAPES = {  # name: (N, K)
     "qkv": (5120, 2048),  # Qwen3-30B-A3B: 32 q + 4 k + 4 v heads of 128, hidden 2048
@@ -72,6 +79,8 @@ def bench_one(name: str, m: int, ceil: dict[str, float]) -> dict:
     us = bench_graph(ours) / NUM_ROT
     bf16_us = bench_graph(bf16) / NUM_ROT
     try:  # cuBLAS's block-scaled FP8 (needs a CUDA build whose cuBLASLt has it: 12.9+ on sm90)
+        if not cublas_block_scaled_available(x.device):  # CUBLAS 1 would time the Triton tile again
+            raise RuntimeError(f"not available with torch {torch.__version__} (CUDA {torch.version.cuda}) here")
         out = w8a8_block_linear(x, *qs[0], config=cublas_cfg)
         cublas_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         cublas_us = bench_graph(lambda: [w8a8_block_linear(x, q, s, config=cublas_cfg) for q, s in qs]) / NUM_ROT

@@ -18,12 +18,12 @@ kernels are compiled and launched without PDL, except the MoE GEMV pair where it
 The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks it on the sm90 PTX):
   (1) before its gdc_wait: no stores at all, and loads only of data that no kernel of the forward writes
       (weights, norm weights, weight scales, the cos/sin cache, the step's sequence lengths and block tables),
-      never activations, ids, positions or counters. The predecessor may still be writing those; in a CUDA graph (and with the
-      caching allocator) a tensor freed after kernel N was enqueued can be reused by kernel N+1's outputs, so an
-      early store could clobber what N still reads; and a load of mutable data could hit an SM's L1 line left
-      stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for them. So
-      are a step's sequence lengths and block tables: copied in by non-PDL ops (host copies, torch) before the
-      forward's first kernel, alive for the whole forward, written by no kernel of it.
+      never activations, ids, positions or counters. The predecessor may still be writing those; in a CUDA graph
+      (and with the caching allocator) a tensor freed after kernel N was enqueued can be reused by kernel N+1's
+      outputs, so an early store could clobber what N still reads; and a load of mutable data could hit an SM's L1
+      line left stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for
+      them. So are a step's sequence lengths and block tables: copied in by non-PDL ops (host copies, torch) before
+      the forward's first kernel, alive for the whole forward, written by no kernel of it.
   (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
       released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
       wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts

@@ -5,12 +5,14 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from kernels.fp8 import (  # noqa: E402
     FP8_BLOCK,
+    FP8_DTYPE,
     dequantize_weight_block,
     per_token_group_quant,
     per_token_group_quant_ref,
@@ -297,20 +299,38 @@ def test_group_major_scales_are_the_row_major_ones(m: int) -> None:
     padded = -(-m // 4) * 4
     assert qp.shape == (padded, 384) and sp.shape == (padded, 3) and sp.stride() == (1, padded)
     assert torch.equal(sp[:m], s) and torch.equal(qp[:m].view(torch.uint8), q.view(torch.uint8))
-    with pytest.raises(ValueError, match="2-D"):
-        per_token_group_quant(x.view(1, m, 384), group_major=True)
+    qr, sr = per_token_group_quant(x, row_multiple=4)  # padded rows, row-major scales
+    assert qr.shape == (padded, 384) and sr.shape == (padded, 3) and sr.stride() == (3, 1) and torch.equal(sr[:m], s)
+    for kwargs in ({"group_major": True}, {"row_multiple": 4}):
+        with pytest.raises(ValueError, match="2-D"):
+            per_token_group_quant(x.view(1, m, 384), **kwargs)
+
+
+def test_group_quant_default_keeps_the_input_shape() -> None:
+    # what every other caller (MoE, all2all, the Triton linear) gets: q [..., K] and scales [..., K/128] of any
+    # leading shape, none for no rows
+    x = torch.randn(2, 5, 384).to(DEVICE)
+    q, s = per_token_group_quant(x)
+    assert q.shape == (2, 5, 384) and s.shape == (2, 5, 3) and s.is_contiguous()
+    q2, s2 = per_token_group_quant(x.view(10, 384))
+    assert torch.equal(s, s2.view(2, 5, 3)) and torch.equal(q.view(torch.uint8), q2.view(2, 5, 384).view(torch.uint8))
+    q, s = per_token_group_quant(x[:, :0])
+    assert q.shape == (2, 0, 384) and s.shape == (2, 0, 3)
+
+
+_TILE = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
+         "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, "TMA": 0}
 
 
 def test_cublas_entries_route_by_bucket_and_fall_back(tmp_path, monkeypatch, fresh_config_cache) -> None:
     # a table entry with CUBLAS 1 sends its bucket to cuBLAS's block-scaled GEMM where that exists; elsewhere (the
     # CPU, a GPU before Hopper) the entry's own Triton tile runs, bit for bit the same call without the flag
-    tile = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 2,
-            "QUANT_A": 0, "SWAP_AB": 0, "SPLIT_K": 1, "FUSED_REDUCE": 0, "TMA": 0}
+    tile = _TILE
     _write_table(tmp_path, monkeypatch, {"n256_k384": {"1": tile, "64": dict(tile, CUBLAS=1)}})
     gen = torch.Generator().manual_seed(3)
     q, s, w = _weight(256, 384, gen)
-    bias = torch.randn(256, generator=gen).to(DEVICE)
-    x = torch.randn(70, 384, generator=gen).to(DEVICE)
+    bias = torch.randn(256, generator=gen).to(DEVICE, torch.float16)
+    x = torch.randn(70, 384, generator=gen).to(DEVICE, torch.float16)  # 16-bit: what the route takes
     assert fp8_linear._resolve(70, 256, 384, x.device)["CUBLAS"] == 1
     assert fp8_linear._resolve(2, 256, 384, x.device)["CUBLAS"] == 0  # older entries: the default
     monkeypatch.setattr(fp8_linear, "cublas_block_scaled_available", lambda device: False)
@@ -329,9 +349,127 @@ def test_cublas_entries_route_by_bucket_and_fall_back(tmp_path, monkeypatch, fre
     assert calls == [(70, True, True, True)]
 
 
+def test_cublas_route_runs_the_tile_where_scaled_mm_would_not_take_the_call(monkeypatch) -> None:
+    # F.scaled_mm adds a bias only of the output's 16-bit dtype and refuses weight scales that are a view; a weight
+    # view (a K shard's columns) was never run through it: such calls run the entry's Triton tile (the same numbers),
+    # never torch's ValueError. A strided bias is made dense first (cuBLAS's epilogue and our kernels read it so)
+    gen = torch.Generator().manual_seed(4)
+    q, s, w = _weight(256, 1024, gen)  # 8 K groups: the scales reach F.scaled_mm unpadded, strides as they are
+    x = torch.randn(8, 1024, generator=gen).to(DEVICE, torch.float16)
+    bias = torch.randn(256, generator=gen).to(DEVICE, torch.float16)
+    wide_q, wide_s = torch.cat([q, q], 1), torch.cat([s, s], 1)  # a layer twice as wide: q and s its first half
+    calls = []
+
+    def spy(x2, weight, scale, b):
+        calls.append(b is None or b.is_contiguous())
+        return w8a8_block_linear(x2, weight, scale, b, config=_TILE)
+
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_available", lambda device: True)
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_linear", spy)
+    cfg = dict(_TILE, CUBLAS=1)
+    refused = {"fp32 output": (x.float(), q, s, None), "fp32 bias": (x, q, s, bias.float()),
+               "weight view": (x, wide_q[:, :1024], s, bias), "scales view": (x, q, wide_s[:, :8], bias)}
+    for what, (xx, qq, ss, bb) in refused.items():
+        y = w8a8_block_linear(xx, qq, ss, bb, config=cfg)
+        assert not calls, what
+        assert torch.equal(y, w8a8_block_linear(xx, q, s, bb, config=_TILE)), what
+    y = w8a8_block_linear(x, q, s, torch.stack([bias, -bias], 1)[:, 0], config=cfg)
+    assert calls == [True] and torch.equal(y, w8a8_block_linear(x, q, s, bias, config=_TILE))
+
+
+def _fake_scaled_mm(calls: list):
+    # F.scaled_mm as torch checks the (1x128, 128x128) recipe (aten/src/ATen/native/cuda/ScaledBlas.cpp) and as
+    # cuBLAS takes it on an H200 (row-major x column-major, M a multiple of 4), then the product it computes
+    def scaled_mm(mat_a, mat_b, scale_a, recipe_a, scale_b, recipe_b, bias=None, output_dtype=torch.bfloat16):
+        m, k = mat_a.shape
+        n, groups = mat_b.shape[1], k // FP8_BLOCK
+        l4 = -(-groups // 4) * 4
+        assert (recipe_a, recipe_b) == (F.ScalingType.BlockWise1x128, F.ScalingType.BlockWise128x128)
+        assert mat_a.dtype == mat_b.dtype == FP8_DTYPE and mat_b.shape[0] == k and m % 4 == 0
+        assert mat_a.stride(1) == 1 and mat_b.stride(0) == 1
+        assert scale_a.shape == (m, groups) and scale_a.stride(0) == 1
+        assert scale_a.stride(1) == m or (groups == 1 and scale_a.stride(1) == 1)
+        assert scale_b.shape == (l4, n // FP8_BLOCK) and scale_b.stride(0) == 1
+        assert scale_b.stride(1) == l4 or (n == FP8_BLOCK and scale_b.stride(1) == 1)
+        assert bias is None or (bias.dtype == output_dtype != torch.float32 and bias.is_contiguous())
+        calls.append(m)
+        a = mat_a.float() * scale_a.repeat_interleave(FP8_BLOCK, 1)
+        b = mat_b.float() * scale_b[:groups].repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+        return (a @ b + (0 if bias is None else bias.float())).to(output_dtype)
+    return scaled_mm
+
+
+@pytest.mark.parametrize("m", [1, 6, 8])
+@pytest.mark.parametrize("n,k", [(256, 384), (128, 512)])
+def test_cublas_block_scaled_linear_hands_scaled_mm_its_layouts(m: int, n: int, k: int, monkeypatch) -> None:
+    # the glue on a CPU, F.scaled_mm faked with torch's checks: x's rows (a view, every other column of a wider
+    # tensor's) padded to 4 with group-major scales of the padded rows, the weight scales padded to 4 K groups
+    # (K = 384) or not (512) and transposed, N = 128's single scale column, the bias in the epilogue; the pad rows
+    # dropped, leading dims kept
+    calls: list = []
+    monkeypatch.setattr(F, "scaled_mm", _fake_scaled_mm(calls))
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_available", lambda device: True)
+    gen = torch.Generator().manual_seed(m + n + k)
+    q, s, w = _weight(n, k, gen)
+    x = (torch.randn(m, 2 * k, generator=gen) * torch.logspace(-1, 1, 2 * k)).to(DEVICE, torch.float16)[:, k:]
+    bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
+    y = w8a8_block_linear(x.unsqueeze(0), q, s, bias, config=dict(_TILE, CUBLAS=1))
+    assert calls == [-(-m // 4) * 4]
+    assert y.shape == (1, m, n) and y.dtype == torch.float16 and y.is_contiguous()
+    torch.testing.assert_close(y[0].float(), _exact(x, w, bias), atol=5e-3, rtol=5e-3)
+
+
+def test_cublas_available_only_where_torch_runs_the_recipe(monkeypatch) -> None:
+    # torch runs the (1x128, 128x128) recipe on sm90 with cuBLASLt 12.9+ only and raises elsewhere: a Blackwell, a
+    # torch built for CUDA 12.8 on an H200, ROCm (no torch.version.cuda) must keep the Triton tile
+    available = fp8_linear.cublas_block_scaled_available.__wrapped__
+    for cap, cuda, expected in [((9, 0), "12.9", True), ((9, 0), "13.0", True), ((10, 0), "13.0", False),
+                                ((12, 0), "12.9", False), ((8, 9), "12.9", False), ((9, 0), "12.8", False),
+                                ((9, 0), None, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, cap=cap: cap)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        assert available(torch.device("cuda")) is expected, (cap, cuda)
+    assert not available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cublas_wins", [True, False])
+def test_tuner_times_cublas_after_the_tiles(tmp_path, monkeypatch, fresh_config_cache, cublas_wins: bool) -> None:
+    # where cuBLAS's GEMM is available the tuner times it last; its entry is then the best Triton tile (what runs
+    # where cuBLAS is not) with CUBLAS 1, else that tile alone. The CPU's timings faked: the tiles 2.5 / 2.0 / 2.2 us,
+    # cuBLAS 1 us or 3 us
+    from benchmarks import tune_fp8_linear
+
+    ran: list = []
+
+    def fake_cublas(x2, weight, scale, bias):
+        ran.append(x2.shape[0])
+        return w8a8_block_linear(x2, weight, scale, bias, config=_TILE)
+
+    times = iter([10.0, 2.5, 2.0, 2.2])  # bf16 F.linear first, then the tiles in order
+
+    def fake_time(fn, rep_ms):
+        ran.clear()
+        fn()
+        return (1.0 if cublas_wins else 3.0) if ran else next(times)
+
+    cands = tune_fp8_linear.candidates(8, 256, 384, 4)[:3]
+    monkeypatch.setattr(tune_fp8_linear, "candidates", lambda *a: cands)
+    monkeypatch.setattr(tune_fp8_linear, "time_graph_us", fake_time)
+    monkeypatch.setattr(tune_fp8_linear, "cublas_block_scaled_available", lambda device: True)
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_available", lambda device: True)
+    monkeypatch.setattr(fp8_linear, "_cublas_takes", lambda *a: True)  # the CPU tunes in fp32
+    monkeypatch.setattr(fp8_linear, "cublas_block_scaled_linear", fake_cublas)
+    tune_fp8_linear.main(["--smoke", "--m", "8", "--budget-s", "600", "--rep-ms", "1", "--out", str(tmp_path)])
+    (table_file,) = (tmp_path / "configs").glob("fp8_linear_*.json")
+    entry = json.loads(table_file.read_text())[fp8_linear_config.shape_key(256, 384)]["8"]
+    assert entry == (dict(cands[1], CUBLAS=1) if cublas_wins else cands[1])
+    (case,) = json.loads((tmp_path / "tune_fp8_linear.json").read_text())["cases"]
+    assert [r["us"] for r in case["rows"]] == [2.5, 2.0, 2.2, 1.0 if cublas_wins else 3.0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fp8_linear.cublas_block_scaled_available(torch.device("cuda"))),
-                    reason="needs cuBLAS's block-scaled FP8 GEMM (a Hopper GPU)")
+                    reason="needs cuBLAS's block-scaled FP8 GEMM (a Hopper GPU, torch for CUDA 12.9+)")
 @pytest.mark.parametrize("m", [1, 5, 300])
 @pytest.mark.parametrize("n,k", [(256, 384), (384, 512)])
 def test_cublas_block_scaled_linear_matches_ours(m: int, n: int, k: int) -> None:

@@ -97,9 +97,24 @@ def _resolve(m: int, n: int, k: int, device: torch.device) -> dict:
 
 @functools.cache
 def cublas_block_scaled_available(device: torch.device) -> bool:
-    """cuBLAS's block-scaled FP8 GEMM: a CUDA GPU of compute capability >= 9.0 and a torch with F.scaled_mm."""
-    return (device.type == "cuda" and hasattr(F, "scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    """cuBLAS's block-scaled FP8 GEMM through F.scaled_mm: torch runs the (1x128, 128x128) recipe on sm90 only (a
+    Blackwell raises NotImplementedError) and with cuBLASLt 12.9+, i.e. a torch built for CUDA 12.9 or newer (a
+    cu126 / cu128 build raises too; ROCm has none)."""
+    cuda = torch.version.cuda
+    return (device.type == "cuda" and hasattr(F, "scaled_mm") and cuda is not None
+            and tuple(int(v) for v in cuda.split(".")[:2]) >= (12, 9)
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def _cublas_takes(x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                  bias: torch.Tensor | None) -> bool:
+    # what F.scaled_mm takes as cublas_block_scaled_linear hands it; anything else runs the entry's Triton tile.
+    # Torch adds a bias only of the output's dtype, to a 16-bit output only (fp32 outputs stay on the tile: no bias
+    # there, and cuBLAS's fp32 output was never measured); its scale checks refuse weight scales that are a view (a
+    # K shard's columns), and a strided weight (weight.t() with a leading dimension past K) was never run. The layers
+    # here own contiguous parameters (models/parallel_layers.py): their bf16 / fp16 calls are all routed
+    return (x2.dtype in (torch.bfloat16, torch.float16) and (bias is None or bias.dtype == x2.dtype)
+            and weight.is_contiguous() and weight_scale_inv.stride(0) == weight_scale_inv.shape[1])
 
 
 def cublas_block_scaled_linear(x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -108,7 +123,8 @@ def cublas_block_scaled_linear(x2: torch.Tensor, weight: torch.Tensor, weight_sc
     group-major ([M, K/128], strides (1, M): our quantizer writes them so), the weight's [N/128, K/128] scales padded
     along K to a multiple of 4 groups and read transposed. cuBLAS refuses (CUBLAS_STATUS_NOT_SUPPORTED, on an H200)
     an M that is not a multiple of 4, the scales' leading dimension: such an x is quantized into rows padded to 4,
-    whose unwritten pad rows give output rows that are dropped (each output row reads its own input row only)."""
+    whose unwritten pad rows give output rows that are dropped (each output row reads its own input row only): the
+    result is the first M rows of the padded output, a contiguous view."""
     m = x2.shape[0]
     q, s = per_token_group_quant(x2, group_major=True, row_multiple=4)
     groups = weight_scale_inv.shape[1]
@@ -143,7 +159,9 @@ def w8a8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: t
     else:
         cfg = normalize(config, k)
         check_config(cfg)
-    if cfg["CUBLAS"] and cublas_block_scaled_available(x.device):
+    if bias is not None and bias.stride(0) != 1:  # every kernel here, and cuBLAS's epilogue, reads it densely
+        bias = bias.contiguous()
+    if cfg["CUBLAS"] and cublas_block_scaled_available(x.device) and _cublas_takes(x2, weight, weight_scale_inv, bias):
         return cublas_block_scaled_linear(x2, weight, weight_scale_inv, bias).view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SPLIT_K"]

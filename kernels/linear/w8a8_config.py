@@ -14,7 +14,8 @@ bucket (log scale); a shape or GPU the table lacks gets default_config. A config
 - SPLIT_K: programs per output tile along K (fp32 partials), FUSED_REDUCE: 1 = the tile's last program sums
   them, 0 = one more launch does;
 - CUBLAS: 1 runs cuBLAS's block-scaled FP8 GEMM (torch's F.scaled_mm, after our activation quantization: the same
-  arithmetic) where it is available (a CUDA GPU of compute capability >= 9.0), the rest of the config elsewhere.
+  arithmetic) where it is available (an sm90 GPU, torch built for CUDA 12.9+) and takes the call (16-bit
+  activations, dense weight and scales: kernels/linear/w8a8.py), the rest of the config elsewhere.
 The wrapper adds k_blocks_per_split (normalize()).
 """
 
