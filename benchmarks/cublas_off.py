@@ -9,7 +9,6 @@ everything else, and the script's arguments, as they are.
 from __future__ import annotations
 
 import functools
-import runpy
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kernels.linear.w8a8 as w8a8  # noqa: E402
 import kernels.linear.w8a8_config as w8a8_config  # noqa: E402
+from benchmarks.gluon_off import run_script  # noqa: E402
 
 
 def without_cublas(load):
@@ -27,11 +27,6 @@ def without_cublas(load):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python benchmarks/cublas_off.py SCRIPT [ARGS...]")
     w8a8_config._load = without_cublas(w8a8_config._load.__wrapped__)
     w8a8._resolve.cache_clear()
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
-    sys.path.insert(0, str(Path(script).resolve().parent))
-    runpy.run_path(script, run_name="__main__")
+    run_script("benchmarks/cublas_off.py")

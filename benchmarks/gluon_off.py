@@ -38,13 +38,18 @@ def without_gluon_attention(load):
     return wrapped
 
 
-if __name__ == "__main__":
+def run_script(usage: str) -> None:
+    """Run sys.argv[1] as __main__ with the rest of the arguments (after the caller patched the tables)."""
     if len(sys.argv) < 2:
-        sys.exit("usage: python benchmarks/gluon_off.py SCRIPT [ARGS...]")
-    moe_config._load = without_gluon_moe(moe_config._load.__wrapped__)
-    attention_config._load = without_gluon_attention(attention_config._load.__wrapped__)
-    attention_config._resolve.cache_clear()
+        sys.exit(f"usage: python {usage} SCRIPT [ARGS...]")
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, str(Path(script).resolve().parent))
     runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    moe_config._load = without_gluon_moe(moe_config._load.__wrapped__)
+    attention_config._load = without_gluon_attention(attention_config._load.__wrapped__)
+    attention_config._resolve.cache_clear()
+    run_script("benchmarks/gluon_off.py")

@@ -1,4 +1,5 @@
-"""benchmarks/gluon_off.py: the A/B baseline drops exactly the tables' Gluon entries and runs the given script."""
+"""benchmarks/gluon_off.py: the A/B baseline drops exactly the tables' Gluon entries and runs the given script;
+benchmarks/cublas_off.py, on the same runner, the FP8 linear table's cuBLAS routes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 from kernels.attention import config as attention_config
+from kernels.linear import w8a8_config
 from kernels.moe_config import CONFIG_DIR
 from kernels.moe_config import _load as moe_load
 
@@ -36,3 +38,17 @@ def test_runs_the_script_with_its_arguments(tmp_path):
                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['--x', '1'] wrapped"
+
+
+def test_cublas_off_runs_the_script_without_the_route(tmp_path):
+    # benchmarks/cublas_off.py, the same runner: in the script the H200 FP8 linear table routes nothing to cuBLAS
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\nimport kernels.linear.w8a8_config as wc\n"
+                      "t = wc._load(str(wc.CONFIG_DIR / wc.config_file_name('NVIDIA_H200')))\n"
+                      "print(sys.argv[1:], sum(c.get('CUBLAS', 0) for b in t.values() for c in b.values()))\n")
+    out = subprocess.run([sys.executable, "benchmarks/cublas_off.py", str(script), "--y"], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['--y'] 0"
+    routed = w8a8_config._load(str(w8a8_config.CONFIG_DIR / w8a8_config.config_file_name("NVIDIA_H200")))
+    assert sum(c.get("CUBLAS", 0) for b in routed.values() for c in b.values()) > 0  # the table itself routes some
