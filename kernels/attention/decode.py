@@ -123,6 +123,30 @@ def _fp8_dot_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, FP8_DOT: tl.
     return m_new, l_i, acc
 
 
+@triton.jit
+def _first_tile(k_cache_ptr, v_cache_ptr, bt, page, start, end, offs, d, kv_mask, kvh, stride_cb, stride_cs, stride_ch,
+                BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr, OFF64: tl.constexpr):
+    # EARLY_KV: the split's first K/V tile (page: its page ids) and the next tile's page ids
+    rows = _kv_rows(page, start, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    n = start + BLOCK_N + offs
+    return k, v, tl.load(bt + n // BLOCK_SIZE, mask=n < end, other=0)
+
+
+@triton.jit
+def _tile_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, qk_scale, FP8_DOT: tl.constexpr,
+                 FP8_Q2: tl.constexpr, V_DIRECT: tl.constexpr, INTERP: tl.constexpr, FP8_WIDEN: tl.constexpr):
+    # one K/V tile [BLOCK_N, BLOCK_D] as loaded (the cache's dtype) into the running softmax
+    if FP8_DOT:
+        m_i, l_i, acc = _fp8_dot_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, FP8_DOT, FP8_Q2, V_DIRECT,
+                                        INTERP)
+    else:
+        k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
+        m_i, l_i, acc = _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale)
+    return m_i, l_i, acc
+
+
 # per-step values: one variant for all (the fused prologue's positions / slots: any slice of their buffers)
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _decode_kernel(
@@ -141,6 +165,7 @@ def _decode_kernel(
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
     PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
+    EARLY_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL (kernels/pdl.py): the sequence lengths and block tables are the step's inputs, copied in by non-PDL ops
@@ -176,8 +201,24 @@ def _decode_kernel(
     # (no overlap within a program at any num_stages below 5; seen in the sm90 TTGIR); the first ones before q,
     # whose fused prologue (PROLOGUE) then runs while they are in flight
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
+    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
+    # EARLY_KV (the config's early_kv): the split's first tile is loaded before q, so that its copy overlaps q's
+    # load and prologue; with the prologue fused in, before the PDL wait too: its rows are earlier steps' tokens (the
+    # new token's, which this kernel stores, is masked out: it comes from registers). Without it the predecessor
+    # stores the new token into the cache: after the wait
+    if EARLY_KV:
+        in0 = start + offs < end
+        if PROLOGUE:
+            in0 = in0 & (start + offs != seq_len - 1)
+        kv_mask0 = in0[:, None] & dmask[None, :]
+    if EARLY_KV and PROLOGUE:
+        k0, v0, page_next = _first_tile(k_cache_ptr, v_cache_ptr, bt, page_next, start, end, offs, d, kv_mask0, kvh,
+                                        stride_cb, stride_cs, stride_ch, BLOCK_N, BLOCK_SIZE, ALIGNED, OFF64)
     pdl_wait(PDL)
     pdl_release(PDL)
+    if EARLY_KV and not PROLOGUE:
+        k0, v0, page_next = _first_tile(k_cache_ptr, v_cache_ptr, bt, page_next, start, end, offs, d, kv_mask0, kvh,
+                                        stride_cb, stride_cs, stride_ch, BLOCK_N, BLOCK_SIZE, ALIGNED, OFF64)
     if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
         q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr, b,
                                            kvh, heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos,
@@ -193,15 +234,16 @@ def _decode_kernel(
         if FP8_Q2:  # and what that rounding left, a second e4m3 term (scores: q8 . k + (q_lo . k) / 16)
             q_lo = _q_low_part(qs, q, INTERP)
         row_scale = qk_scale * q_scale
-    elif FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
-        q = tl.clamp(q.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
+    else:
+        row_scale = qk_scale  # (unused)
+        if FP8_AS_F16:  # the dots run in fp16 (see the module docstring); saturate a bf16 q beyond fp16's range
+            q = tl.clamp(q.to(tl.float32), -FP16_MAX, FP16_MAX).to(tl.float16)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     if FP8_DOT >= 2:
         acc = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)  # O^T
     else:
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
     # PROLOGUE: the new token (seq_len - 1) is never read from the cache (the split that owns it stores it there at
     # the end): that split's last tile runs after the loop, with the token's k / v rows from registers (a select
     # inside the loop kept their broadcast tiles live across it: sm90, 116 -> 241 registers at BLOCK_N 64)
@@ -210,7 +252,13 @@ def _decode_kernel(
         owns = (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end)
         last = start + (seq_len - 1 - start) // BLOCK_N * BLOCK_N  # the owner's last tile
         loop_end = tl.where(owns, last, end)
-    for n0 in range(start, loop_end, BLOCK_N):
+    loop_start = start
+    if EARLY_KV:  # the first tile, loaded above (the owner's tile, if it is the first, below)
+        if start < loop_end:
+            m_i, l_i, acc = _tile_update(q, q_lo, k0, v0, start + offs < end, m_i, l_i, acc, row_scale, qk_scale,
+                                         FP8_DOT, FP8_Q2, V_DIRECT, INTERP, FP8_WIDEN)
+        loop_start = start + BLOCK_N
+    for n0 in range(loop_start, loop_end, BLOCK_N):
         n = n0 + offs
         nmask = n < end
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
@@ -220,28 +268,27 @@ def _decode_kernel(
         # v_scale
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8_DOT:
-            m_i, l_i, acc = _fp8_dot_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, FP8_DOT, FP8_Q2, V_DIRECT,
-                                            INTERP)
-        else:
-            k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
-            m_i, l_i, acc = _softmax_update(q, k, v, nmask, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _tile_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, qk_scale, FP8_DOT, FP8_Q2,
+                                     V_DIRECT, INTERP, FP8_WIDEN)
     if PROLOGUE:  # the new token's tile, peeled (the loop above stops before it in the split that owns it)
         if owns:
             n = last + offs
             rows = _kv_rows(page_next, last, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
             kv_mask = (n < seq_len - 1)[:, None] & dmask[None, :]  # every row but the new token's
-            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if EARLY_KV:  # the owner's tile may be its first: loaded above, the new token's row masked out the same
+                if last == start:
+                    k, v = k0, v0
+                else:
+                    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            else:
+                k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             is_new = (n == seq_len - 1)[:, None]  # its row from registers, in the cache's dtype as a load gives it
             k = tl.where(is_new, k_new, k)
             v = tl.where(is_new, v_new, v)
-            if FP8_DOT:
-                m_i, l_i, acc = _fp8_dot_update(q, q_lo, k, v, n < end, m_i, l_i, acc, row_scale, FP8_DOT, FP8_Q2,
-                                                V_DIRECT, INTERP)
-            else:
-                k, v = _widen_kv(k, v, q.dtype, FP8_WIDEN)
-                m_i, l_i, acc = _softmax_update(q, k, v, n < end, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _tile_update(q, q_lo, k, v, n < end, m_i, l_i, acc, row_scale, qk_scale, FP8_DOT, FP8_Q2,
+                                         V_DIRECT, INTERP, FP8_WIDEN)
         # this step's k / v into the cache, after every load of this program: no K/V copy waits behind these stores
         _store_new_kv(k_cache_ptr, v_cache_ptr, slot_ptr, b, kvh, owns, k_new, v_new, d, stride_cb, stride_cs,
                       stride_ch, HEAD_DIM, BLOCK_SIZE)
@@ -360,7 +407,7 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
         FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), FP8_Q2=bool(fp8_dot and cfg["fp8_q2"]),
-        num_warps=cfg["num_warps"],
+        EARLY_KV=bool(cfg["early_kv"]), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:

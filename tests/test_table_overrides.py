@@ -1,5 +1,6 @@
-"""benchmarks/gluon_off.py: the A/B baseline drops exactly the tables' Gluon entries and runs the given script;
-benchmarks/cublas_off.py, on the same runner, the FP8 linear table's cuBLAS routes."""
+"""The A/B scripts that run a benchmark with a table changed in-process: benchmarks/gluon_off.py drops exactly the
+tables' Gluon entries, benchmarks/cublas_off.py the FP8 linear table's cuBLAS routes, benchmarks/decode_knobs.py sets
+decode-attention knobs; each runs the given script with its arguments."""
 
 from __future__ import annotations
 
@@ -52,3 +53,29 @@ def test_cublas_off_runs_the_script_without_the_route(tmp_path):
     assert out.stdout.strip() == "['--y'] 0"
     routed = w8a8_config._load(str(w8a8_config.CONFIG_DIR / w8a8_config.config_file_name("NVIDIA_H200")))
     assert sum(c.get("CUBLAS", 0) for b in routed.values() for c in b.values()) > 0  # the table itself routes some
+
+
+def test_decode_knobs_set_on_every_decode_config(tmp_path):
+    # benchmarks/decode_knobs.py (a knob's A/B): every decode config of the H200 table and its small-batch config
+    # take the knob, the prefill entries stay; a bad knob is one line
+    from decode_knobs import with_decode_knobs
+
+    attn = str(CONFIG_DIR / "attention_NVIDIA_H200.json")
+    table = attention_config._load(attn)
+    got = with_decode_knobs(attention_config._load.__wrapped__, {"early_kv": 1})(attn)
+    assert got["prefill"] == table["prefill"] and got["decode"].keys() == table["decode"].keys()
+    for key, cfg in got["decode"].items():
+        assert cfg["early_kv"] == 1 and {k: v for k, v in cfg.items() if k not in ("early_kv", "small_batch_config")} \
+            == {k: v for k, v in table["decode"][key].items() if k != "small_batch_config"}
+        assert not cfg.get("small_batch_config") or cfg["small_batch_config"]["early_kv"] == 1
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\nimport torch\nimport kernels.attention.config as ac\n"
+                      "print(sys.argv[1:], ac._load(str(ac.CONFIG_DIR / ac.config_file_name('NVIDIA_H200')))"
+                      "['decode']['d128_fp8']['early_kv'])\n")
+    run = [sys.executable, "benchmarks/decode_knobs.py"]
+    out = subprocess.run([*run, "early_kv=1", str(script), "--z"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "['--z'] 1", out.stderr
+    bad = subprocess.run([*run, "early=1", str(script)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "not KEY=INT" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
