@@ -7,10 +7,10 @@
 # 256-2048 rows: GLM-4.5-Air FP8 prefill -6..-8%), U (B=1 32k decode in a served step: FP8 KV 0.50 of copy BW, bf16
 # 0.69) and 2 (216 kernel GPU tests passed, ~8% not reached in 560 s).
 # Next, in this order: 7 (~5 min: the second half of the kernel GPU test files, phase 2 the first; test_pdl.py's
-# poisoned-input GPU test checks decode attention's new early loads), V (~6 min: those loads' effect on the step,
-# B=1 / 8), 3 (~8 min: the engine half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J
-# (~2 min: GLM-4.5-Air's shared-expert shapes on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1
-# and B.
+# poisoned-input GPU test checks decode attention's new early loads), V (~8 min: those loads and early_kv on the step,
+# B=1 / 8 and 32k; where early_kv wins, set it in the H200 attention table's decode entries), 3 (~8 min: the engine
+# half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J (~2 min: GLM-4.5-Air's shared-expert
+# shapes on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -133,14 +133,18 @@ if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1) on / o
     done
   done
 fi
-if [[ $PHASES == *V* ]]; then  # decode attention's step inputs loaded before its PDL wait (session 15, unmeasured):
-  # the step at B=1 / 8, bf16 and FP8, twice each, against session 14's 2.68 / 7.86 ms bf16, 2.06 / 5.51 ms FP8 (same
-  # bench, same GPU kind); where the predecessor is a PDL kernel (FP8's W8A16 qkv GEMV) ~1 us a layer is expected
-  for rep in 1 2; do
-    timeout 100 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling --steps 30 \
-      --out $OUT/e2e_v_bf16_$rep.json 2>&1 | grep SUMMARY
-    timeout 100 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1,8 --prefill 1024 \
-      --async-scheduling --steps 30 --out $OUT/e2e_v_fp8_$rep.json 2>&1 | grep SUMMARY
+if [[ $PHASES == *V* ]]; then  # decode attention, session 15 (unmeasured): the step inputs loaded before the PDL wait
+  # (in the code now; session 14 for before: 2.68 / 7.86 ms bf16, 2.06 / 5.51 ms FP8 at B=1 / 8) and early_kv (each
+  # split's first K/V tile before q), off / on in this call (benchmarks/decode_knobs.py): B=1 / 8 at ctx 1k, bf16
+  # and FP8 weights (the fused prologue), then B=1 at 32k with an FP8 cache (two launches: issue 17's 0.50)
+  for knob in 0 1; do
+    RUN=(python3 benchmarks/decode_knobs.py early_kv=$knob)
+    timeout 90 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling \
+      --steps 30 --out $OUT/e2e_v_bf16_early$knob.json 2>&1 | grep SUMMARY | sed "s/^/early_kv $knob: /"
+    timeout 90 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1,8 --prefill 1024 \
+      --async-scheduling --steps 30 --out $OUT/e2e_v_fp8_early$knob.json 2>&1 | grep SUMMARY | sed "s/^/early_kv $knob: /"
+    timeout 120 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --ctx 32768 --prefill 8192 --steps 20 \
+      --kv-cache-dtype fp8 --out $OUT/e2e_v_32k_fp8_early$knob.json 2>&1 | grep SUMMARY | sed "s/^/early_kv $knob: /"
   done
 fi
 if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8: cuBLAS's block-scaled GEMM vs ours
