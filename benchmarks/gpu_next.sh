@@ -79,6 +79,7 @@ if [[ $PHASES == *2* || $PHASES == *7* ]]; then
   # 16 cores, and none sizes itself to the GPU's free memory. All of them did not fit one call (session 15: 216
   # passed, 0 failed, in 560 s at ~92%): phase 2 runs the first 13 files, phase 7 the rest
   HALF=$( [[ $PHASES == *2* ]] && echo "$FIRST" | head -13 || echo "$FIRST" | tail -n +14)
+  [[ $PHASES == *7* ]] && HALF="tests/test_decode_early_kv.py $HALF"  # session 15's early loads, first
   timeout 560 python3 -m pytest -q -m gpu -n 4 --dist loadfile -rf $HALF > $OUT/gpu_tests_half1.log 2>&1
   grep -E "passed|failed|FAILED|^ERROR" $OUT/gpu_tests_half1.log | tail -12
 fi

@@ -23,7 +23,11 @@ The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks i
       outputs, so an early store could clobber what N still reads; and a load of mutable data could hit an SM's L1
       line left stale by an earlier kernel. Weights are written once at load time, so both hazards are absent for
       them. So are a step's sequence lengths and block tables: copied in by non-PDL ops (host copies, torch) before
-      the forward's first kernel, alive for the whole forward, written by no kernel of it.
+      the forward's first kernel, alive for the whole forward, written by no kernel of it. And, in a decode step,
+      the cache rows of the sequences' earlier tokens: decode attention runs in pure decode steps only (one new
+      token per sequence; mixed steps take the prefill kernel), whose one K/V store per sequence and layer is the
+      new token's row, by that layer's prologue (or by the fused decode kernel itself, which masks the row out of
+      its early loads); the earlier rows were stored by earlier forwards (prefix-cache hits share full blocks only).
   (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
       released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
       wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts
@@ -45,9 +49,10 @@ What each kernel reads before its wait (tests/test_pdl.py checks these on the PT
   norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
   router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear.gemv (16-bit and FP8 weights): the first
   K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')); decode
-  attention (with or without its prologue): the sequence lengths and its first tile's page ids. Nothing: the split
-  merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's
-  ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
+  attention (with or without its prologue): the sequence lengths and its first tile's page ids; with its prologue
+  and the config's early_kv also its first K/V tile (earlier tokens' rows only). Nothing: the split merge (reduce),
+  the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's ids, the predecessor's output),
+  moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
   (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after the
   wait.)
 """

@@ -170,7 +170,8 @@ def _decode_kernel(
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL (kernels/pdl.py): the sequence lengths and block tables are the step's inputs, copied in by non-PDL ops
     # before the forward's first kernel (no kernel of it writes them): they and the first tile's page ids are loaded
-    # before the wait, under the predecessor's tail; q (or the QKV rows) and the cache after it
+    # before the wait, under the predecessor's tail; q (or the QKV rows) and the cache after it (EARLY_KV with the
+    # prologue fused in: the first K/V tile before it too, below)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
     # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
     # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
@@ -204,8 +205,9 @@ def _decode_kernel(
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
     # EARLY_KV (the config's early_kv): the split's first tile is loaded before q, so that its copy overlaps q's
     # load and prologue; with the prologue fused in, before the PDL wait too: its rows are earlier steps' tokens (the
-    # new token's, which this kernel stores, is masked out: it comes from registers). Without it the predecessor
-    # stores the new token into the cache: after the wait
+    # new token's, which this kernel stores, is masked out: it comes from registers), written by earlier forwards
+    # only (this kernel runs in pure decode steps, whose one cache store per sequence and layer is its own: pdl.py's
+    # rule (1)). Without it the predecessor stores the new token into the cache: after the wait
     if EARLY_KV:
         in0 = start + offs < end
         if PROLOGUE:
