@@ -138,19 +138,9 @@ def test_early_gpu_bit_exact(batch, cache, monkeypatch):
     # (contexts around 1k ending anywhere in a tile, padding rows), fused and as the second of two launches, this GPU's
     # tiles; "fp8dot": its FP8 table as is with FUSED_FP8_DOT on. Then test_decode_fused.py's GPU check (the fused
     # kernel against the two launches, 20 CUDA-graph replays on new rows) with early_kv on in the table
-    import kernels.attention.decode_fused as decode_fused
-    from kernels.attention.config import decode_config, with_fp8_dot
-    from tests.test_decode_fused import test_fused_gpu_bit_exact_and_graph_safe
+    from tests.test_decode_fused import qwen3_gpu_case, test_fused_gpu_bit_exact_and_graph_safe
 
-    cache_dtype = torch.bfloat16 if cache == "bf16" else FP8_DTYPE
-    lens = [1000 + 37 * b for b in range(batch)] + [0, 0]
-    kw = _inputs(lens, 32, 4, 128, 128, torch.bfloat16, cache_dtype, seed=batch, page=16)
-    cfg = decode_config(128, cache_dtype, torch.device("cuda"))
-    if cache == "fp8dot":
-        monkeypatch.setattr(decode_fused, "FUSED_FP8_DOT", True)
-    else:
-        cfg = with_fp8_dot(cfg, "decode", 0)
-    scales = dict(k_scale=0.05, v_scale=0.02) if cache != "bf16" else {}
+    kw, cfg, scales = qwen3_gpu_case(batch, cache, monkeypatch)
     for fn in (paged_attention_decode_fused, _two_launches):
         _same(_run(fn, kw, config=_early(cfg), **scales), _run(fn, kw, config=cfg, **scales))
     _early_in_the_table(monkeypatch)

@@ -154,6 +154,23 @@ def test_fused_checks_inputs():
     assert paged_attention_decode_fused(**empty).shape == (0, 4, 16)
 
 
+def qwen3_gpu_case(batch: int, cache: str, monkeypatch) -> tuple[dict, dict, dict]:
+    """(inputs, this GPU's config, KV scales) of one decode step of Qwen3-30B-A3B's attention: contexts around 1k
+    ending anywhere in a page and two padding rows; "fp8dot": the FP8 table as is with FUSED_FP8_DOT on."""
+    import kernels.attention.decode_fused as decode_fused
+    from kernels.attention.config import decode_config, with_fp8_dot
+
+    lens = [1000 + 37 * b for b in range(batch)] + [0, 0]
+    cache_dtype = torch.bfloat16 if cache == "bf16" else FP8_DTYPE
+    kw = _inputs(lens, 32, 4, 128, 128, torch.bfloat16, cache_dtype, seed=batch, page=16)
+    cfg = decode_config(128, cache_dtype, torch.device("cuda"))
+    if cache == "fp8dot":
+        monkeypatch.setattr(decode_fused, "FUSED_FP8_DOT", True)
+    else:
+        cfg = with_fp8_dot(cfg, "decode", 0)
+    return kw, cfg, dict(k_scale=0.05, v_scale=0.02) if cache != "bf16" else {}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 8, 64])
 @pytest.mark.parametrize("cache", ["bf16", "fp8", "fp8dot"])
@@ -164,19 +181,7 @@ def test_fused_gpu_bit_exact_and_graph_safe(batch, cache, monkeypatch):
     # FUSED_FP8_DOT on (off by default: it lost on an H200). Bit for bit the two launches: the
     # prologue's math is layout-independent (fp64 RMS statistic, explicit FMAs: kernels/attention/prologue_rows.py)
     # and the decode's tiles are the same. Then 20 CUDA-graph replays on new rows give the eager results
-    from kernels.attention.config import decode_config, with_fp8_dot
-
-    lens = [1000 + 37 * b for b in range(batch)] + [0, 0]
-    import kernels.attention.decode_fused as decode_fused
-
-    cache_dtype = torch.bfloat16 if cache == "bf16" else FP8_DTYPE
-    kw = _inputs(lens, 32, 4, 128, 128, torch.bfloat16, cache_dtype, seed=batch, page=16)
-    cfg = decode_config(128, cache_dtype, torch.device("cuda"))
-    if cache == "fp8dot":
-        monkeypatch.setattr(decode_fused, "FUSED_FP8_DOT", True)
-    else:
-        cfg = with_fp8_dot(cfg, "decode", 0)
-    scales = dict(k_scale=0.05, v_scale=0.02) if cache != "bf16" else {}
+    kw, cfg, scales = qwen3_gpu_case(batch, cache, monkeypatch)
     got = _run(paged_attention_decode_fused, kw, config=cfg, **scales)
     _same(got, _run(_two_launches, kw, config=cfg, **scales))
     ref = _run(paged_attention_decode_fused_ref, kw, **scales)
