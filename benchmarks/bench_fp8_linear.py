@@ -110,8 +110,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--m", default="1,8,64,256,1024,4096")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {','.join(ALL_SHAPES)}")
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"of {','.join(ALL_SHAPES)}, or NxK (e.g. 7168x4096: GLM-4.5-Air's qkv shard at TP=2)")
     args = parser.parse_args()
+    for name in args.shapes.split(","):
+        if name not in ALL_SHAPES:
+            n, _, k = name.partition("x")
+            if not (n.isdigit() and k.isdigit() and int(n) % 128 == 0 and int(k) % 128 == 0):
+                raise SystemExit(f"--shapes: {name!r} is neither one of {','.join(ALL_SHAPES)} nor NxK in whole "
+                                 f"128-blocks")
+            ALL_SHAPES[name] = (int(n), int(k))
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_linear needs a CUDA GPU (FP8 tensor cores: sm89 or newer)")
     ceil = measure_ceilings()

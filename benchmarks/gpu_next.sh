@@ -6,11 +6,11 @@
 # max_model_len 40960 cost ~20 us at B=1), Q and K (the FP8 projections routed to cuBLAS's block-scaled GEMM from
 # 256-2048 rows: GLM-4.5-Air FP8 prefill -6..-8%), U (B=1 32k decode in a served step: FP8 KV 0.50 of copy BW, bf16
 # 0.69) and 2 (216 kernel GPU tests passed, ~8% not reached in 560 s).
-# Next, in this order: 7 (~5 min: the second half of the kernel GPU test files, phase 2 the first; test_pdl.py's
-# poisoned-input GPU test checks decode attention's new early loads), V (~8 min: those loads and early_kv on the step,
-# B=1 / 8 and 32k; where early_kv wins, set it in the H200 attention table's decode entries), 3 (~8 min: the engine
-# half of the GPU tests, with the cuBLAS route and the eager-decode warmup in), J (~2 min: GLM-4.5-Air's shared-expert
-# shapes on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1 and B.
+# Next, in this order: 7 (~6 min: test_decode_early_kv.py's GPU tests, then the second half of the kernel GPU test
+# files, phase 2 the first), V (~8 min: decode attention's early loads and early_kv on the step, B=1 / 8 and 32k;
+# where early_kv wins, set it in the H200 attention table's decode entries), 3 (~8 min: the engine half of the GPU
+# tests, with the cuBLAS route and the eager-decode warmup in), J (~3 min: GLM-4.5-Air's shared expert and TP=2
+# attention shards on cuBLAS vs ours at prefill sizes), H (EP tables: none exist), then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -148,10 +148,12 @@ if [[ $PHASES == *V* ]]; then  # decode attention, session 15 (unmeasured): the 
       --kv-cache-dtype fp8 --out $OUT/e2e_v_32k_fp8_early$knob.json 2>&1 | grep SUMMARY | sed "s/^/early_kv $knob: /"
   done
 fi
-if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8: cuBLAS's block-scaled GEMM vs ours
-  # at prefill sizes (phase K routed only the attention projections); route a bucket where the cuBLAS column wins
-  timeout 150 python3 benchmarks/bench_fp8_linear.py --m 256,512,1024,2048,4096,8192 \
-    --shapes glm_shared_gate_up,glm_shared_down --out $OUT/fp8_linear_j 2>&1 | grep -E "M=|Error|Traceback" | cut -c1-150
+if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8, and its attention projections' TP=2
+  # shards (a TP rank's table rows are its local shapes: none are routed yet): cuBLAS's block-scaled GEMM vs ours at
+  # prefill sizes (phase K routed only the unsharded attention projections); route a bucket where cuBLAS wins
+  timeout 200 python3 benchmarks/bench_fp8_linear.py --m 256,512,1024,2048,4096,8192 \
+    --shapes glm_shared_gate_up,glm_shared_down,7168x4096,4096x6144 --out $OUT/fp8_linear_j 2>&1 \
+    | grep -E "M=|Error|Traceback" | cut -c1-150
 fi
 if [[ $PHASES == *Q* ]]; then  # the FP8 projections: our W8A8 kernel against cuBLAS's block-scaled FP8 GEMM
   # (FP8 B=64: W8A8 qkv / o 8.1 us each for 10.5 / 8.4 MB, ~0.3 of copy bandwidth, session 13)
