@@ -39,6 +39,9 @@ def with_decode_knobs(load, knobs: dict[str, int]):
     def wrapped(path: str) -> dict:
         table = load(path)
         decode = {key: set_knobs(cfg) for key, cfg in table.get("decode", {}).items()}
+        # a head_dim / cache dtype the table lacks runs the default config, without the knobs: say which got them
+        print(f"decode_knobs: {knobs} on {', '.join(decode) or 'no decode config'} of {Path(path).name}",
+              file=sys.stderr, flush=True)
         return {**table, "decode": decode} if "decode" in table else table
     return wrapped
 
