@@ -502,3 +502,21 @@ def test_cublas_off_drops_every_route(fresh_config_cache) -> None:
     assert routed and table.keys() == off.keys()
     assert not any(cfg["CUBLAS"] for buckets in off.values() for cfg in buckets.values())
     assert all(dict(off[key][m], CUBLAS=1) == table[key][m] for key, m in routed)
+
+
+def test_heuristic_routes_prefill_sizes_to_cublas() -> None:
+    # shapes without a table entry: cuBLAS from CUBLAS_MIN_ROWS rows (it won every measured shape there), where it
+    # runs; elsewhere (this CPU) the heuristic's own tile, bit for bit the call without the flag
+    rows = fp8_linear_config.CUBLAS_MIN_ROWS
+    assert _config(rows, 7168, 4096, 132)["CUBLAS"] == 1 and _config(rows - 1, 7168, 4096, 132)["CUBLAS"] == 0
+    assert not any(_config(m, 5120, 2048, 132)["CUBLAS"] for m in (1, 16, 64, 256, 1024))
+    gen = torch.Generator().manual_seed(4)
+    q, s, w = _weight(128, 128, gen)
+    x = torch.randn(rows, 128, generator=gen).to(DEVICE)
+    cfg = _config(rows, 128, 128, 4)
+    y = w8a8_block_linear(x, q, s, config=cfg)
+    if fp8_linear.cublas_block_scaled_available(x.device):
+        torch.testing.assert_close(y.float(), _exact(x, w, None), atol=2e-3, rtol=2e-3)
+    else:
+        assert torch.equal(y, w8a8_block_linear(x, q, s, config=dict(cfg, CUBLAS=0)))
+

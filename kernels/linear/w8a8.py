@@ -8,7 +8,7 @@ multiples of 128 (one weight scale per tile and K step); M is any size: decode (
 bytes of bf16. For a handful of rows a dot-free GEMV kernel streams the weight instead. A table entry may instead send
 a shape and M bucket to cuBLAS's block-scaled FP8 GEMM (F.scaled_mm, 1x128 activation x 128x128 weight scales, the
 same arithmetic): on an H200 it beats ours on GLM-4.5-Air's large projections at prefill sizes, and loses below
-~256 rows (bench_fp8_linear.py, RESULTS.md).
+~256 rows (bench_fp8_linear.py, RESULTS.md); the heuristic sends a shape without an entry there from 2048 rows.
 Few rows give few output tiles: the K loop is then split over several programs (fp32 partials, summed by the
 last program of each tile or by one small reduce launch) so that enough weight bytes are in flight.
 The tiling comes from a table tuned on the GPU (kernels/configs/fp8_linear_<gpu>.json, nearest M bucket) or a
