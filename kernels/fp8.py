@@ -89,7 +89,8 @@ def per_token_group_quant_ref(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[
     return q.view(*x.shape[:-1], kg * group)[..., :k].contiguous(), scale
 
 
-@triton.jit(do_not_specialize=["num_rows"])  # one variant for every step size
+# one variant for every step size (stride_sg: the group-major scales' row count, padded: see per_token_group_quant)
+@triton.jit(do_not_specialize=["num_rows", "stride_sg"])
 def _group_quant_kernel(
     x_ptr, q_ptr, s_ptr, num_rows, K, stride_x, stride_q, stride_s, stride_sg,
     GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE: tl.constexpr,

@@ -520,3 +520,34 @@ def test_heuristic_routes_prefill_sizes_to_cublas() -> None:
     else:
         assert torch.equal(y, w8a8_block_linear(x, q, s, config=dict(cfg, CUBLAS=0)))
 
+
+
+_QUANT_SPEC_PROBE = """
+import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from kernels.fp8 import _group_quant_kernel as kernel
+
+binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+p = torch.empty(16)
+
+def spec(rows, group_major):  # what a launch's compile key holds, as per_token_group_quant launches it at 4096 columns
+    padded = -(-rows // 4) * 4 if group_major else rows
+    strides = (1, padded) if group_major else (32, 1)
+    _, s, _ = binder(p, p, p, rows, 4096, 4096, 4096, *strides, GROUP=128, BLOCK_R=16, FP8_MAX_C=448.0,
+                     MIN_SCALE=1e-12)
+    return [list(x) for x in s]
+
+print(json.dumps([[spec(rows, gm) for rows in (2048, 2050, 181, 1)] for gm in (False, True)]))
+"""
+
+
+def test_quantizer_one_variant_per_layout_for_every_step_size() -> None:
+    # the step's row count reaches the group-major scales' stride (padded to 4 for cuBLAS): a value Triton specialized
+    # on (== 1, % 16) would compile another variant on the serving path at a step size no warm-up ran
+    from tests.sm90 import run_sm90_probe
+
+    row_major, group_major = run_sm90_probe(_QUANT_SPEC_PROBE)
+    assert all(s == row_major[0] for s in row_major) and all(s == group_major[0] for s in group_major)
