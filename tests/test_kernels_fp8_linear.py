@@ -505,10 +505,13 @@ def test_cublas_off_drops_every_route(fresh_config_cache) -> None:
 
 
 def test_heuristic_routes_prefill_sizes_to_cublas() -> None:
-    # shapes without a table entry: cuBLAS from CUBLAS_MIN_ROWS rows (it won every measured shape there), where it
-    # runs; elsewhere (this CPU) the heuristic's own tile, bit for bit the call without the flag
-    rows = fp8_linear_config.CUBLAS_MIN_ROWS
-    assert _config(rows, 7168, 4096, 132)["CUBLAS"] == 1 and _config(rows - 1, 7168, 4096, 132)["CUBLAS"] == 0
+    # shapes without a table entry: cuBLAS from CUBLAS_MIN_ROWS rows (it won every measured shape there), a large
+    # weight from CUBLAS_LARGE_MIN_ROWS, where it runs; elsewhere (this CPU) the heuristic's own tile, bit for bit
+    # the call without the flag
+    rows, large_rows = fp8_linear_config.CUBLAS_MIN_ROWS, fp8_linear_config.CUBLAS_LARGE_MIN_ROWS
+    assert _config(rows, 2816, 4096, 132)["CUBLAS"] == 1 and _config(rows - 1, 2816, 4096, 132)["CUBLAS"] == 0
+    for n, k in ((7168, 4096), (4096, 6144)):  # GLM-4.5-Air's TP=2 attention shards
+        assert _config(large_rows, n, k, 132)["CUBLAS"] == 1 and _config(large_rows - 1, n, k, 132)["CUBLAS"] == 0
     assert not any(_config(m, 5120, 2048, 132)["CUBLAS"] for m in (1, 16, 64, 256, 1024))
     gen = torch.Generator().manual_seed(4)
     q, s, w = _weight(128, 128, gen)

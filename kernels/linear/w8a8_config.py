@@ -38,8 +38,13 @@ KEYS = ("KERNEL", "BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages", "Q
 
 # cuBLAS's block-scaled FP8 GEMM beat the tuned Triton tiles on every shape measured from 2048 rows (an H200, session
 # 15: Qwen3-30B-A3B qkv / o and GLM-4.5-Air qkv / o at 2048, 4096 and 8192 rows, 12 of 12, by 14-27%): the
-# heuristic sends shapes without a table entry there from that size (TP shards, shared experts, other models)
+# heuristic sends shapes without a table entry there from that size (TP shards, shared experts, other models).
+# Weights of >= CUBLAS_LARGE_WEIGHT elements go from CUBLAS_LARGE_MIN_ROWS: GLM-4.5-Air's TP=2 attention shards
+# (7168x4096, 4096x6144) ran 22-30% faster on cuBLAS than the heuristic's tile at 256 to 8192 rows (session 16);
+# the small ones did not (GLM's shared-expert down 4096x1408 lost at <= 1024 rows even to the tuned tile)
 CUBLAS_MIN_ROWS = 2048
+CUBLAS_LARGE_WEIGHT = 16 * 2**20
+CUBLAS_LARGE_MIN_ROWS = 256
 
 
 def config_file_name(gpu: str) -> str:
@@ -65,7 +70,8 @@ def default_config(m: int, n: int, k: int, num_sms: int) -> dict:
     launch fewer; measured on an H200: M=8 as fast as M=1); beyond, a separate fully parallel launch does (with
     64-row tiles the in-GEMM quantization made M=64 1.3-2.9x slower than M=1 at the same weight bytes).
     M <= 256: 64-row tiles, column tiles narrow enough for a wave of programs. Prefill: square 128 tiles,
-    grouped for L2 reuse; from CUBLAS_MIN_ROWS rows cuBLAS's block-scaled GEMM where it runs (CUBLAS 1)."""
+    grouped for L2 reuse; from CUBLAS_MIN_ROWS rows (a large weight: CUBLAS_LARGE_MIN_ROWS) cuBLAS's block-scaled
+    GEMM where it runs (CUBLAS 1)."""
     if m <= 64:
         cfg = {"KERNEL": "dot", "BLOCK_M": max(16, triton.next_power_of_2(m)), "BLOCK_N": 64, "GROUP_M": 1,
                "num_warps": 4, "num_stages": 4, "QUANT_A": int(m <= 16), "SWAP_AB": 0}
@@ -78,7 +84,7 @@ def default_config(m: int, n: int, k: int, num_sms: int) -> dict:
                "QUANT_A": 0, "SWAP_AB": 0}
     cfg["SPLIT_K"] = _split(m, n, k, cfg["BLOCK_M"], cfg["BLOCK_N"], num_sms, 2)
     cfg["FUSED_REDUCE"] = 1
-    cfg["CUBLAS"] = int(m >= CUBLAS_MIN_ROWS)
+    cfg["CUBLAS"] = int(m >= (CUBLAS_LARGE_MIN_ROWS if n * k >= CUBLAS_LARGE_WEIGHT else CUBLAS_MIN_ROWS))
     return normalize(cfg, k)
 
 
