@@ -102,9 +102,8 @@ def report(kernel) -> dict:
 
 def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 128, block_n: int = 64,
             warps: int = 4, stages: int = 2, off64: bool = False, fp8_widen: int = 0,
-            variants: tuple[str, ...] = (), fp8_dot: int = 0, fp8_q2: bool = False, prologue: bool = False,
-            early_kv: bool = False) -> dict:
-    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot, fp8_q2, early_kv:
+            variants: tuple[str, ...] = (), fp8_dot: int = 0, fp8_q2: bool = False, prologue: bool = False) -> dict:
+    # variants: prefill config keys set to 1 (MASK_FREE, LPT_GRID, RAGGED, FP8_DOT); fp8_dot, fp8_q2:
     # decode's knobs; prologue: decode with the q/k norm + RoPE + KV store fused in (Qwen3's full rotary and q/k norm)
     num_heads, kv_heads = map(int, heads.split("/"))
     group, kv_type = num_heads // kv_heads, _TYPES[kv]
@@ -121,7 +120,7 @@ def inspect(kernel: str, kv: str = "bf16", heads: str = "32/4", block_m: int = 1
                   "BLOCK_D": HEAD_DIM, "BLOCK_SIZE": BLOCK, "BLOCK_N": block_n, "SPLITS_PAD": 2, "FUSED_MERGE": False,
                   "FP8_AS_F16": kv == "fp8" and not fp8_dot, "OFF64": off64,
                   "FP8_WIDEN": fp8_widen if kv == "fp8" and not fp8_dot else 0, "FP8_DOT": fp8_dot,
-                  "FP8_Q2": bool(fp8_dot and fp8_q2), "EARLY_KV": early_kv}
+                  "FP8_Q2": bool(fp8_dot and fp8_q2)}
         if prologue:  # the attention prologue fused in (kernels/attention/decode_fused.py): q_ptr is the QKV row
             args.update(stride_qb=(num_heads + 2 * kv_heads) * HEAD_DIM, pos_ptr="i64", cs_ptr="fp32", qw_ptr="bf16",
                         kw_ptr="bf16", slot_ptr="i64", eps=1e-6, inv_k_scale=0.5, inv_v_scale=0.5,

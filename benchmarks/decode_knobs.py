@@ -1,7 +1,7 @@
 """Run a benchmark script with decode-attention knobs set on every decode config of this GPU's attention table (and
 their small-batch configs): the A/B of a knob the table does not set yet.
 
-python benchmarks/decode_knobs.py early_kv=1 benchmarks/bench_e2e.py --no-hf --batch-sizes 1 ...
+python benchmarks/decode_knobs.py fp8_q2=1 benchmarks/bench_e2e.py --no-hf --batch-sizes 1 ...
 
 KNOBS: comma-separated KEY=INT of kernels/attention/config.py's DECODE_KNOB_DEFAULTS. Everything else, and the
 script's arguments, as they are.

@@ -79,7 +79,6 @@ if [[ $PHASES == *2* || $PHASES == *7* ]]; then
   # 16 cores, and none sizes itself to the GPU's free memory. All of them did not fit one call (session 15: 216
   # passed, 0 failed, in 560 s at ~92%): phase 2 runs the first 13 files, phase 7 the rest
   HALF=$( [[ $PHASES == *2* ]] && echo "$FIRST" | head -13 || echo "$FIRST" | tail -n +14)
-  [[ $PHASES == *7* ]] && HALF="tests/test_decode_early_kv.py $HALF"  # session 15's early loads, first
   timeout 560 python3 -m pytest -q -m gpu -n 4 --dist loadfile -rf $HALF > $OUT/gpu_tests_half1.log 2>&1
   grep -E "passed|failed|FAILED|^ERROR" $OUT/gpu_tests_half1.log | tail -12
 fi
@@ -132,21 +131,6 @@ if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1) on / o
         --steps 5 --quantization fp8 --out $OUT/e2e_$1_prefill$2_cublas_$mode.json 2>&1 \
         | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$1 cublas $mode: /"
     done
-  done
-fi
-if [[ $PHASES == *V* ]]; then  # decode attention, session 15 (unmeasured): the step inputs loaded before the PDL wait
-  # (in the code now; session 14 for before: 2.68 / 7.86 ms bf16, 2.06 / 5.51 ms FP8 at B=1 / 8) and early_kv (each
-  # split's first K/V tile before q), off / on in this call (benchmarks/decode_knobs.py): B=1 / 8 at ctx 1k, bf16
-  # and FP8 weights (the fused prologue), then B=1 at 32k with an FP8 cache (two launches: issue 17's 0.50)
-  KEEP="SUMMARY|decode_knobs:|Error|Traceback"
-  for knob in 0 1; do
-    RUN=(python3 benchmarks/decode_knobs.py early_kv=$knob)
-    timeout 90 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling \
-      --steps 30 --out $OUT/e2e_v_bf16_early$knob.json 2>&1 | grep -E "$KEEP" | sed "s/^/early_kv $knob: /"
-    timeout 90 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1,8 --prefill 1024 \
-      --async-scheduling --steps 30 --out $OUT/e2e_v_fp8_early$knob.json 2>&1 | grep -E "$KEEP" | sed "s/^/early_kv $knob: /"
-    timeout 120 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --ctx 32768 --prefill 8192 --steps 20 \
-      --kv-cache-dtype fp8 --out $OUT/e2e_v_32k_fp8_early$knob.json 2>&1 | grep -E "$KEEP" | sed "s/^/early_kv $knob: /"
   done
 fi
 if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8, and its attention projections' TP=2

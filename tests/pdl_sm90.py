@@ -156,13 +156,6 @@ def cases() -> dict[str, tuple]:
         "decode_attention": (decode_attention._decode_kernel, decode_args, decode_consts, 4, 3, STEP_INPUTS),
         "decode_attention_prologue": (decode_attention._decode_kernel, prologue_args, prologue_consts, 4, 3,
                                       STEP_INPUTS),
-        # early_kv: the split's first K/V tile before q; with the prologue fused in before the wait (the cache holds
-        # earlier steps' tokens only: this kernel stores the new one), without it after (the predecessor stores it)
-        "decode_attention_early": (decode_attention._decode_kernel, decode_args, dict(decode_consts, EARLY_KV=True), 4,
-                                   3, STEP_INPUTS),
-        "decode_attention_prologue_early": (decode_attention._decode_kernel, prologue_args,
-                                            dict(prologue_consts, EARLY_KV=True), 4, 3,
-                                            [*STEP_INPUTS, "k_cache_ptr", "v_cache_ptr"]),
         "decode_reduce": (decode_attention._reduce_kernel, dict(part_out_ptr="fp32", part_lse_ptr="fp32",
                                                                 out_ptr="bf16", num_splits=32, stride_ob=HEADS * D,
                                                                 stride_oh=D),

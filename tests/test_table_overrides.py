@@ -62,20 +62,21 @@ def test_decode_knobs_set_on_every_decode_config(tmp_path):
 
     attn = str(CONFIG_DIR / "attention_NVIDIA_H200.json")
     table = attention_config._load(attn)
-    got = with_decode_knobs(attention_config._load.__wrapped__, {"early_kv": 1})(attn)
+    got = with_decode_knobs(attention_config._load.__wrapped__, {"max_splits": 17})(attn)
     assert got["prefill"] == table["prefill"] and got["decode"].keys() == table["decode"].keys()
     for key, cfg in got["decode"].items():
-        assert cfg["early_kv"] == 1 and {k: v for k, v in cfg.items() if k not in ("early_kv", "small_batch_config")} \
-            == {k: v for k, v in table["decode"][key].items() if k != "small_batch_config"}
-        assert not cfg.get("small_batch_config") or cfg["small_batch_config"]["early_kv"] == 1
+        rest = ("max_splits", "small_batch_config")
+        assert cfg["max_splits"] == 17 and {k: v for k, v in cfg.items() if k not in rest} \
+            == {k: v for k, v in table["decode"][key].items() if k not in rest}
+        assert not cfg.get("small_batch_config") or cfg["small_batch_config"]["max_splits"] == 17
     script = tmp_path / "probe.py"
     script.write_text("import sys\nimport torch\nimport kernels.attention.config as ac\n"
                       "print(sys.argv[1:], ac._load(str(ac.CONFIG_DIR / ac.config_file_name('NVIDIA_H200')))"
-                      "['decode']['d128_fp8']['early_kv'])\n")
+                      "['decode']['d128_fp8']['max_splits'])\n")
     run = [sys.executable, "benchmarks/decode_knobs.py"]
-    out = subprocess.run([*run, "early_kv=1", str(script), "--z"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+    out = subprocess.run([*run, "max_splits=17", str(script), "--z"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "['--z'] 1", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "['--z'] 17", out.stderr
     bad = subprocess.run([*run, "early=1", str(script)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "not KEY=INT" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

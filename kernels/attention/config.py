@@ -40,7 +40,7 @@ from kernels.moe_config import CONFIG_DIR, device_name
 
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
-               "merge_block_d", "fp8_widen", "small_batch", "small_batch_config", "fp8_dot", "fp8_q2", "early_kv")
+               "merge_block_d", "fp8_widen", "small_batch", "small_batch_config", "fp8_dot", "fp8_q2")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
@@ -52,10 +52,9 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 # (the prefill's FP8_DOT, kernels/attention/prefill.py); 1: the query rows padded to 64 (wgmma's M), 2: transposed, the
 # tile's tokens as the dots' rows (wgmma at BLOCK_N >= 64 per warpgroup), 3: 2 with V's copy not pipelined
 # (decode._decode_kernel says why both); fp8_widen is then unused; fp8_q2 (with fp8_dot): q as two e4m3
-# terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy); early_kv:
-# each split's first K/V tile loaded before q (and its fused prologue, and with it before the PDL wait)
+# terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy)
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
-                        "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0, "early_kv": 0}
+                        "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16", "FP8_DOT")  # optional, 0 / 1
 # prefill knobs (counts; a config without them gets these): an FP8 cache's pages widened once into a 16-bit scratch
@@ -168,9 +167,8 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
         raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")
     if cfg.get("fp8_dot", 0) not in (0, 1, 2, 3):
         raise ValueError(f"attention config fp8_dot={cfg['fp8_dot']} must be 0, 1, 2 or 3")
-    for knob in ("fp8_q2", "early_kv"):
-        if cfg.get(knob, 0) not in (0, 1):
-            raise ValueError(f"attention config {knob}={cfg[knob]} must be 0 or 1")
+    if cfg.get("fp8_q2", 0) not in (0, 1):
+        raise ValueError(f"attention config fp8_q2={cfg['fp8_q2']} must be 0 or 1")
     if (cfg.get("fp8_dot") or cfg.get("FP8_DOT")) and min(cfg["BLOCK_N"], triton.next_power_of_2(head_dim)) < 32:
         raise ValueError(f"attention config {cfg}: the FP8 dots (fp8_dot / FP8_DOT) need BLOCK_N >= 32 and head_dim "
                          f"> 16, got head_dim {head_dim} (an e4m3 tl.dot's K is at least 32)")

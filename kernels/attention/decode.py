@@ -124,17 +124,6 @@ def _fp8_dot_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, FP8_DOT: tl.
 
 
 @triton.jit
-def _first_tile(k_cache_ptr, v_cache_ptr, bt, page, start, end, offs, d, kv_mask, kvh, stride_cb, stride_cs, stride_ch,
-                BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr, OFF64: tl.constexpr):
-    # EARLY_KV: the split's first K/V tile (page: its page ids) and the next tile's page ids
-    rows = _kv_rows(page, start, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
-    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    n = start + BLOCK_N + offs
-    return k, v, tl.load(bt + n // BLOCK_SIZE, mask=n < end, other=0)
-
-
-@triton.jit
 def _tile_update(q, q_lo, k, v, nmask, m_i, l_i, acc, row_scale, qk_scale, FP8_DOT: tl.constexpr,
                  FP8_Q2: tl.constexpr, V_DIRECT: tl.constexpr, INTERP: tl.constexpr, FP8_WIDEN: tl.constexpr):
     # one K/V tile [BLOCK_N, BLOCK_D] as loaded (the cache's dtype) into the running softmax
@@ -165,13 +154,12 @@ def _decode_kernel(
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
     PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
-    EARLY_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL (kernels/pdl.py): the sequence lengths and block tables are the step's inputs, copied in by non-PDL ops
     # before the forward's first kernel (no kernel of it writes them): they and the first tile's page ids are loaded
-    # before the wait, under the predecessor's tail; q (or the QKV rows) and the cache after it (EARLY_KV with the
-    # prologue fused in: the first K/V tile before it too, below)
+    # before the wait, under the predecessor's tail; q (or the QKV rows) and the cache after it (a K/V tile before
+    # it, each split's first, measured slower: session 16's early_kv, 2.74 -> 2.78 ms at B=1, 3.33 -> 3.45 at 32k)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
     # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
     # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
@@ -203,24 +191,8 @@ def _decode_kernel(
     # whose fused prologue (PROLOGUE) then runs while they are in flight
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
-    # EARLY_KV (the config's early_kv): the split's first tile is loaded before q, so that its copy overlaps q's
-    # load and prologue; with the prologue fused in, before the PDL wait too: its rows are earlier steps' tokens (the
-    # new token's, which this kernel stores, is masked out: it comes from registers), written by earlier forwards
-    # only (this kernel runs in pure decode steps, whose one cache store per sequence and layer is its own: pdl.py's
-    # rule (1)). Without it the predecessor stores the new token into the cache: after the wait
-    if EARLY_KV:
-        in0 = start + offs < end
-        if PROLOGUE:
-            in0 = in0 & (start + offs != seq_len - 1)
-        kv_mask0 = in0[:, None] & dmask[None, :]
-    if EARLY_KV and PROLOGUE:
-        k0, v0, page_next = _first_tile(k_cache_ptr, v_cache_ptr, bt, page_next, start, end, offs, d, kv_mask0, kvh,
-                                        stride_cb, stride_cs, stride_ch, BLOCK_N, BLOCK_SIZE, ALIGNED, OFF64)
     pdl_wait(PDL)
     pdl_release(PDL)
-    if EARLY_KV and not PROLOGUE:
-        k0, v0, page_next = _first_tile(k_cache_ptr, v_cache_ptr, bt, page_next, start, end, offs, d, kv_mask0, kvh,
-                                        stride_cb, stride_cs, stride_ch, BLOCK_N, BLOCK_SIZE, ALIGNED, OFF64)
     if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
         q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr, b,
                                            kvh, heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos,
@@ -254,13 +226,7 @@ def _decode_kernel(
         owns = (seq_len > 0) & (start <= seq_len - 1) & (seq_len - 1 < end)
         last = start + (seq_len - 1 - start) // BLOCK_N * BLOCK_N  # the owner's last tile
         loop_end = tl.where(owns, last, end)
-    loop_start = start
-    if EARLY_KV:  # the first tile, loaded above (the owner's tile, if it is the first, below)
-        if start < loop_end:
-            m_i, l_i, acc = _tile_update(q, q_lo, k0, v0, start + offs < end, m_i, l_i, acc, row_scale, qk_scale,
-                                         FP8_DOT, FP8_Q2, V_DIRECT, INTERP, FP8_WIDEN)
-        loop_start = start + BLOCK_N
-    for n0 in range(loop_start, loop_end, BLOCK_N):
+    for n0 in range(start, loop_end, BLOCK_N):
         n = n0 + offs
         nmask = n < end
         rows = _kv_rows(page_next, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
@@ -277,15 +243,8 @@ def _decode_kernel(
             n = last + offs
             rows = _kv_rows(page_next, last, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
             kv_mask = (n < seq_len - 1)[:, None] & dmask[None, :]  # every row but the new token's
-            if EARLY_KV:  # the owner's tile may be its first: loaded above, the new token's row masked out the same
-                if last == start:
-                    k, v = k0, v0
-                else:
-                    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            else:
-                k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             is_new = (n == seq_len - 1)[:, None]  # its row from registers, in the cache's dtype as a load gives it
             k = tl.where(is_new, k_new, k)
             v = tl.where(is_new, v_new, v)
@@ -409,7 +368,7 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
         FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), FP8_Q2=bool(fp8_dot and cfg["fp8_q2"]),
-        EARLY_KV=bool(cfg["early_kv"]), num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:

@@ -56,7 +56,7 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, ma
 
 
 # launch_decode compiles
-_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2", "early_kv")
+_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2")
 
 
 def decode_variant(rows: int, width: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
