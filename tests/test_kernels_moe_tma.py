@@ -430,7 +430,10 @@ def _gpu_problem(shape: str, num_tokens: int, seed: int = 0):
     return x, w13, w2, weights, ids
 
 
+# session 16: the warp-specialized 128-row tile at 777 tokens (Qwen3) had not finished after ~3 min (its compile under
+# Triton 3.6, or a hang: no table uses warp_specialize); a limit makes that a failure instead of the phase's time
 @pytest.mark.gpu
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
 @pytest.mark.parametrize("num_tokens", [777, 4096])
 @pytest.mark.parametrize("cand,extra", [
