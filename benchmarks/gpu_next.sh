@@ -79,11 +79,17 @@ if [[ $PHASES == *2* || $PHASES == *7* ]]; then
   # 16 cores, and none sizes itself to the GPU's free memory. All of them did not fit one call (session 15: 216
   # passed, 0 failed, in 560 s at ~92%): phase 2 runs the first 13 files, phase 7 the rest
   HALF=$( [[ $PHASES == *2* ]] && echo "$FIRST" | head -13 || echo "$FIRST" | tail -n +14)
-  timeout 560 python3 -m pytest -q -m gpu -n 4 --dist loadfile -rf $HALF > $OUT/gpu_tests_half1.log 2>&1
-  grep -E "passed|failed|FAILED|^ERROR" $OUT/gpu_tests_half1.log | tail -12
+  # -v: each test's name and result as it ends, so that a run cut by the limit still names its failures (session 16)
+  timeout 560 python3 -m pytest -v -p no:benchmark -m gpu -n 4 --dist loadfile -rf $HALF > $OUT/gpu_tests_half1.log 2>&1
+  grep -E "FAILED|ERROR" $OUT/gpu_tests_half1.log | cut -c1-200 | head -20
+  echo "passed $(grep -c PASSED $OUT/gpu_tests_half1.log), failed $(grep -c '] FAILED' $OUT/gpu_tests_half1.log)"
+  grep -E "^=+ .*(passed|failed)" $OUT/gpu_tests_half1.log || echo "(cut by the limit before pytest's summary)"
 fi
 if [[ $PHASES == *3* ]]; then
-  timeout 500 python3 -m pytest -q -m gpu $(comm -23 <(echo "$GPU_TESTS") <(echo "$FIRST")) 2>&1 | tail -6
+  timeout 500 python3 -m pytest -v -p no:benchmark -m gpu $(comm -23 <(echo "$GPU_TESTS") <(echo "$FIRST")) \
+    > $OUT/gpu_tests_engine.log 2>&1
+  grep -E "FAILED|ERROR" $OUT/gpu_tests_engine.log | cut -c1-200 | head -20
+  tail -1 $OUT/gpu_tests_engine.log
 fi
 if [[ $PHASES == *4* ]]; then
   timeout 120 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,64 --prefill 1024 --async-scheduling --steps 30 \
@@ -132,6 +138,24 @@ if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1) on / o
         | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$1 cublas $mode: /"
     done
   done
+fi
+if [[ $PHASES == *W* ]]; then  # decode attention's step-input loads before the PDL wait (session 15), A/B: session 16
+  # saw B=1 bf16 2.74 ms with them vs 2.69-2.70 before (other calls). The kernel before them, in this copy only:
+  #   git show 8224546~1:kernels/attention/decode.py > .devrun/decode_wait_first.py
+  # (its callers are unchanged since). Order new, old, new: drift shows as the two "new" rows differing
+  [ -s .devrun/decode_wait_first.py ] || { echo "(no .devrun/decode_wait_first.py: phase W skipped)"; }
+  if [ -s .devrun/decode_wait_first.py ]; then
+    cp kernels/attention/decode.py /tmp/decode_new.py
+    for v in new old new; do
+      cp $([ $v = old ] && echo .devrun/decode_wait_first.py || echo /tmp/decode_new.py) kernels/attention/decode.py
+      timeout 80 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling \
+        --steps 30 --out $OUT/e2e_w_bf16_$v.json 2>&1 | grep -E "SUMMARY|Error|Traceback" | sed "s/^/loads $v: /"
+      timeout 70 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1 --prefill 1024 \
+        --async-scheduling --steps 30 --out $OUT/e2e_w_fp8_$v.json 2>&1 | grep -E "SUMMARY|Error|Traceback" \
+        | sed "s/^/loads $v: /"
+    done
+    cp /tmp/decode_new.py kernels/attention/decode.py
+  fi
 fi
 if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8, and its attention projections' TP=2
   # shards (a TP rank's table rows are its local shapes: none are routed yet): cuBLAS's block-scaled GEMM vs ours at
