@@ -53,6 +53,7 @@
 #     entries at T = 1024, 4096, each under 130 s (may print nothing on a cold Triton cache: it did in 170-240 s in
 #     sessions 6-7). The tables come back in $OUT/ep8/configs, $OUT/ep2/configs (moe_E16_..., moe_E64_...): copy in
 #     by hand where the printed numbers beat default_config.
+#   phase N (~3 min, one H200): issue 16's MoE align, pairwise vs sort rank (bench_align --sort-chunks), E 128 / 160.
 # Settled: FUSED_FP8_DOT stays off (session 11), the fused decode prologue's cap is 256 rows; Gluon ping-pong MoE
 # lost to the cooperative kernel (session 12).
 # Files the device lacks, made here before a call (ignored, carried): .wheelhouse (../shared/device/wheelhouse.sh,
@@ -316,5 +317,16 @@ if [[ $PHASES == *H* ]]; then
   echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
   # one file back (the device tool returns a few files at most): tables and the tuners' JSON
   tar czf $OUT/phase_h.tgz -C $OUT ep8 ep2 && rm -rf $OUT/ep8 $OUT/ep2
+fi
+if [[ $PHASES == *N* ]]; then  # issue 16: the align's sort rank (kernels/moe_align.py, unmeasured) vs pairwise
+  # a line per M (exact=True: every column bit-equal to moe_align_ref): the pairwise default (two_launches; scan /
+  # noscan), pairwise at chunk 256, the sort rank at its chunk rule (sort), at chunks 256..4096 (sort_c*) and in
+  # one program up to 1024 pairs (sort_one_program); the summary names each M's fastest. Where a sort column beats
+  # the default, make align_plan choose the sort rank (and that chunk or one-program cap) at those pair counts;
+  # align_token_ranges follows align_plan (test_align_plan_sort_rank's warmup check must still pass)
+  for e in 128 160; do
+    timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,1024,2048,4096,8192 --chunks 256 \
+      --sort-chunks 256,512,1024,2048,4096 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -7
+  done
 fi
 echo "done in $SECONDS s"

@@ -8,8 +8,12 @@ Pairs with expert id -1 (slots handled by another expert-parallel rank) are drop
 pairs keep their flat order, so the result is deterministic. Up to ONE_PROGRAM_PAIRS pairs one program does it
 all (one launch: small decode steps); beyond, a count launch and a scatter launch over one program a chunk of
 pairs, no memset; past SCAN_CHUNKS chunks the count kernel's last program (one arrival counter per device, which
-it re-arms) sums the chunks' counts once. The compiled variants follow the pair count (align_plan);
-kernels/moe_plan.py warmup_token_counts reaches each of them at start-up.
+it re-arms) sums the chunks' counts once. A program ranks its pairs among its chunk's pairs of the same expert in
+one of two ways (rank=): "pairwise" compares (work ~ chunk^2: chunks <= SMALL_PAIRS) or "sort", a bitonic tl.sort
+of the keys expert * CHUNK + index (work ~ chunk log^2 chunk: chunks up to SORT_MAX_CHUNK, so <= SCAN_CHUNKS of
+them up to 8192 tokens x top-8, and one program up to that many pairs where asked); both give the same bits. The
+compiled variants follow the pair count (align_plan); kernels/moe_plan.py warmup_token_counts reaches each of them
+at start-up.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ ALIGN_CHUNKS = 32
 # us); 160 experts (512 chunks of 128 at 8192 tokens): 57.1 us. Its pass is one now (unmeasured: the threshold may
 # move down; benchmarks/bench_align.py times scan and noscan at every size)
 SCAN_CHUNKS = 64
+# the rank of the default plan; "sort" is unmeasured (benchmarks/bench_align.py --sort-chunks times it beside)
+ALIGN_RANK = "pairwise"
+RANKS = ("pairwise", "sort")
+# the sort rank's largest chunk (and one program): no [CHUNK, E_PAD] tile, so no e_pad cap. Compiled for sm90 (8
+# warps, 128 and 160 experts; no GPU run yet) its kernels spill nothing up to 4096 pairs (<= 128 registers, 16 KiB
+# of shared memory); the interpreter sorts 4096 keys in ~5 s
+SORT_MAX_CHUNK = 4096
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -87,13 +98,26 @@ def _rank_in_chunk(ids_ptr, ids, chunk_start, num_pairs, CHUNK: tl.constexpr, SU
     return rank
 
 
+@triton.jit
+def _scatter_sorted(sorted_ptr, ids, valid, first, chunk_start, NUM_EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    # the sort rank: the chunk's valid pairs sorted by (expert, index) (keys e * CHUNK + i, invalid ones last) lie
+    # expert by expert in flat order, so the one at sorted position p goes to first[e] + p, where first [E_PAD] is
+    # each expert's slot of this chunk's first pair minus the chunk's valid pairs of the experts before it; ids,
+    # valid [CHUNK]
+    i = tl.arange(0, CHUNK)
+    key = tl.sort(tl.where(valid, ids.to(tl.int32) * CHUNK + i, NUM_EXPERTS * CHUNK))
+    ok = key < NUM_EXPERTS * CHUNK
+    e = tl.where(ok, key // CHUNK, 0)
+    tl.store(sorted_ptr + tl.gather(first, e, 0) + i, chunk_start + key % CHUNK, mask=ok)
+
+
 # Sizes that follow the token count are runtime ints, never constexpr, and not specialized either: one
 # compiled variant serves every step (a new constexpr value would compile on the serving path).
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _align_small_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, num_blocks,
     NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr, E_PAD: tl.constexpr,
-    FILL: tl.constexpr, PDL: tl.constexpr = False,
+    FILL: tl.constexpr, SORT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the ids are the router's output (kernels/pdl.py)
     pdl_release(PDL)
@@ -105,12 +129,16 @@ def _align_small_kernel(
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     ends = tl.cumsum(padded, 0)
     total = tl.sum(padded, 0)
-    pos = tl.gather(ends - padded, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, 0, num_pairs, N_PAD, 16)
     for f0 in range(0, num_blocks * BLOCK_M, FILL):
         f = f0 + tl.arange(0, FILL)
         tl.store(sorted_ptr + f, tl.full([FILL], 0, tl.int32) + num_pairs, mask=f < num_blocks * BLOCK_M)
     tl.debug_barrier()  # the fill above must land before the scatter below
-    tl.store(sorted_ptr + pos, i, mask=valid)
+    if SORT:
+        _scatter_sorted(sorted_ptr, safe_ids, valid, ends - padded - (tl.cumsum(counts, 0) - counts), 0,
+                        NUM_EXPERTS, N_PAD)
+    else:
+        pos = tl.gather(ends - padded, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, 0, num_pairs, N_PAD, 16)
+        tl.store(sorted_ptr + pos, i, mask=valid)
     _write_expert_ids(ends, expert_ids_ptr, total, 0, num_blocks, BLOCK_M, 64)
     tl.store(num_post_pad_ptr, total)
 
@@ -163,7 +191,7 @@ def _align_count_kernel(
 def _align_scatter_kernel(
     ids_ptr, chunk_counts_ptr, sorted_ptr, expert_ids_ptr, ends_ptr, num_post_pad_ptr, num_pairs, num_chunks,
     num_blocks, NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    ROWS: tl.constexpr, SCAN: tl.constexpr, PDL: tl.constexpr = False,
+    ROWS: tl.constexpr, SCAN: tl.constexpr, SORT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)  # the counts are the count kernel's output (kernels/pdl.py)
     pdl_release(PDL)
@@ -190,8 +218,13 @@ def _align_scatter_kernel(
     ids = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1)
     valid = (i < num_pairs) & (ids >= 0) & (ids < NUM_EXPERTS)
     safe_ids = tl.where(valid, ids, 0).to(tl.int32)  # int64 ids too (the interpreter's histogram takes int32)
-    pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
-    tl.store(sorted_ptr + pos, i, mask=valid)
+    if SORT:
+        hist = tl.histogram(safe_ids, E_PAD, mask=valid)  # this chunk's pairs of each expert
+        _scatter_sorted(sorted_ptr, safe_ids, valid, base - (tl.cumsum(hist, 0) - hist), pid * CHUNK, NUM_EXPERTS,
+                        CHUNK)
+    else:
+        pos = tl.gather(base, safe_ids, 0) + _rank_in_chunk(ids_ptr, ids, pid * CHUNK, num_pairs, CHUNK, 32)
+        tl.store(sorted_ptr + pos, i, mask=valid)
     # every program knows every expert's segment: each writes its share of the block experts
     share = tl.cdiv(num_blocks, num_chunks)
     _write_expert_ids(ends, expert_ids_ptr, total, pid * share, tl.minimum(pid * share + share, num_blocks),
@@ -211,23 +244,32 @@ def _e_pad(num_experts: int) -> int:
     return max(16, triton.next_power_of_2(num_experts))  # the histogram's bins
 
 
-def _chunk(num_pairs: int, e_pad: int) -> int:
-    # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs; its one-hot
-    # [chunk, e_pad] tile stays <= 32k elements
-    return min(SMALL_PAIRS, max(16, 32768 // e_pad), max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
+def _chunk_cap(e_pad: int, sort: bool) -> int:
+    # the pairwise rank's one-hot [chunk, e_pad] tile stays <= 32k elements; the sort rank has none
+    return SORT_MAX_CHUNK if sort else max(16, 32768 // e_pad)
+
+
+def _chunk(num_pairs: int, e_pad: int, sort: bool) -> int:
+    # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs, up to the rank's cap
+    cap = min(SORT_MAX_CHUNK if sort else SMALL_PAIRS, _chunk_cap(e_pad, sort))
+    return min(cap, max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
 
 
 def align_plan(
     num_pairs: int, num_experts: int, one_program_pairs: int = ONE_PROGRAM_PAIRS, chunk: int | None = None,
-    scan_chunks: int | None = None,
-) -> tuple[int, int, bool]:
-    """(N_PAD, CHUNK, SCAN) of a call on num_pairs > 0 pairs, the constexprs that follow the pair count (each new
-    one compiles): (N_PAD, 0, False) for the one program, (0, CHUNK, SCAN) for the two launches."""
-    e_pad = _e_pad(num_experts)
-    if num_pairs <= min(one_program_pairs, SMALL_PAIRS):
-        return max(16, triton.next_power_of_2(num_pairs)), 0, False
-    chunk = min(chunk, max(16, 32768 // e_pad)) if chunk else _chunk(num_pairs, e_pad)
-    return 0, chunk, triton.cdiv(num_pairs, chunk) > (SCAN_CHUNKS if scan_chunks is None else scan_chunks)
+    scan_chunks: int | None = None, rank: str | None = None,
+) -> tuple[int, int, bool, bool]:
+    """(N_PAD, CHUNK, SCAN, SORT) of a call on num_pairs > 0 pairs, the constexprs that follow the pair count (each
+    new one compiles): (N_PAD, 0, False, SORT) for the one program, (0, CHUNK, SCAN, SORT) for the two launches;
+    SORT: the sort rank (rank None: ALIGN_RANK)."""
+    rank = ALIGN_RANK if rank is None else rank
+    if rank not in RANKS:
+        raise ValueError(f"align rank must be one of {RANKS}, got {rank!r}")
+    sort, e_pad = rank == "sort", _e_pad(num_experts)
+    if num_pairs <= min(one_program_pairs, SORT_MAX_CHUNK if sort else SMALL_PAIRS):
+        return max(16, triton.next_power_of_2(num_pairs)), 0, False, sort
+    chunk = min(chunk, _chunk_cap(e_pad, sort)) if chunk else _chunk(num_pairs, e_pad, sort)
+    return 0, chunk, triton.cdiv(num_pairs, chunk) > (SCAN_CHUNKS if scan_chunks is None else scan_chunks), sort
 
 
 def align_token_ranges(max_tokens: int, top_k: int, num_experts: int) -> list[tuple[int, int]]:
@@ -248,9 +290,10 @@ def moe_align(
     topk_ids: torch.Tensor,  # [num_tokens, top_k] int32, -1 = skip
     num_experts: int,
     block_m: int,
-    one_program_pairs: int = ONE_PROGRAM_PAIRS,  # (benchmarks/bench_align.py times both sides of it, <= a chunk)
+    one_program_pairs: int = ONE_PROGRAM_PAIRS,  # <= SMALL_PAIRS (sort: SORT_MAX_CHUNK); bench_align.py times both
     chunk: int | None = None,  # pairs a program of the two launches takes (a power of two >= 32); None: _chunk
     scan_chunks: int | None = None,  # more chunks than this: the count kernel's last program sums; None: SCAN_CHUNKS
+    rank: str | None = None,  # "pairwise" or "sort" (RANKS): how a program ranks its pairs; None: ALIGN_RANK
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")
@@ -273,12 +316,12 @@ def moe_align(
     pdl = pdl_enabled(device)
     if chunk is not None and (chunk < 32 or chunk & (chunk - 1)):
         raise ValueError(f"align chunk must be a power of two >= 32, got {chunk}")
-    n_pad, chunk, scan = align_plan(num_pairs, num_experts, one_program_pairs, chunk, scan_chunks)
+    n_pad, chunk, scan, sort = align_plan(num_pairs, num_experts, one_program_pairs, chunk, scan_chunks, rank)
     if n_pad:
         _align_small_kernel[(1,)](
             topk_ids, sorted_ids, expert_ids, num_post_pad, num_pairs, nblocks,
             NUM_EXPERTS=num_experts, BLOCK_M=block_m, N_PAD=n_pad,
-            E_PAD=e_pad, FILL=1024, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
+            E_PAD=e_pad, FILL=1024, SORT=sort, PDL=pdl, num_warps=8, **launch_kwargs(pdl),
         )
         return sorted_ids, expert_ids, num_post_pad
     num_chunks = triton.cdiv(num_pairs, chunk)
@@ -298,7 +341,7 @@ def moe_align(
     )
     _align_scatter_kernel[(num_chunks,)](
         topk_ids, chunk_counts, sorted_ids, expert_ids, ends, num_post_pad, num_pairs, num_chunks, nblocks,
-        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, ROWS=rows, SCAN=scan, PDL=pdl,
-        num_warps=8, **launch_kwargs(pdl),
+        NUM_EXPERTS=num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, ROWS=rows, SCAN=scan, SORT=sort,
+        PDL=pdl, num_warps=8, **launch_kwargs(pdl),
     )
     return sorted_ids, expert_ids, num_post_pad

@@ -200,6 +200,12 @@ def cases() -> dict[str, tuple]:
                                                                 num_post_pad_ptr="i32", num_pairs=512, num_chunks=2,
                                                                 num_blocks=160),
                           dict(NUM_EXPERTS=E, BLOCK_M=16, E_PAD=E, CHUNK=256, ROWS=32, SCAN=True), 8, 1, []),
+        "align_scatter_sort": (moe_align._align_scatter_kernel, dict(ids_ptr="i32", chunk_counts_ptr="i32",
+                                                                     sorted_ptr="i32", expert_ids_ptr="i32",
+                                                                     ends_ptr="i32", num_post_pad_ptr="i32",
+                                                                     num_pairs=4096, num_chunks=4, num_blocks=376),
+                               dict(NUM_EXPERTS=E, BLOCK_M=16, E_PAD=E, CHUNK=1024, ROWS=32, SCAN=False, SORT=True),
+                               8, 1, []),  # the sort rank (kernels/moe_align.py _scatter_sorted)
         "fused_moe_up": _moe_dot("up"),
         "fused_moe_down": _moe_dot("down"),
         **_fp8_linear(),

@@ -14,6 +14,7 @@ from kernels.fp8 import quantize_weight_block  # noqa: E402
 from kernels.fused_moe import fused_experts, fused_experts_ref  # noqa: E402
 from kernels.moe_align import (  # noqa: E402
     ONE_PROGRAM_PAIRS,
+    SORT_MAX_CHUNK,
     align_plan,
     align_token_ranges,
     max_blocks,
@@ -78,6 +79,48 @@ def test_moe_align_paths_agree(num_tokens, block_m):
         moe_align(ids, 128, block_m, chunk=48)
 
 
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m,dtype,kw", [
+    (13, 8, 128, 16, torch.int32, {"one_program_pairs": ONE_PROGRAM_PAIRS}),  # one program, the default cap
+    (99, 7, 160, 16, torch.int64, {"one_program_pairs": 1024}),  # one program of 693 pairs (N_PAD 1024)
+    (150, 7, 160, 16, torch.int32, {"chunk": 512}),  # 3 chunks of 512, every scatter program sums the counts
+    (150, 7, 160, 16, torch.int32, {"chunk": 512, "scan_chunks": 0}),  # the same, the count kernel's SCAN
+    (171, 6, 128, 64, torch.int64, {"chunk": 1024, "scan_chunks": 0}),  # 2 chunks of 1024 (the 2nd holds 2 pairs)
+    (255, 8, 128, 64, torch.int32, {"chunk": 2048, "scan_chunks": 0}),  # 1 chunk of 2048 (8 pairs of padding)
+])
+def test_moe_align_sort_rank(num_tokens, top_k, num_experts, block_m, dtype, kw):
+    # the sort rank's chunks and one program past the pairwise caps: moe_align_ref's bits (flat order within an
+    # expert), with EP-dropped pairs (-1) spread at random
+    torch.manual_seed(num_tokens)
+    _, ids = _routing(num_tokens, num_experts, top_k)
+    ids[torch.rand(ids.shape) < 0.1] = -1
+    ids = ids.to(dtype)
+    kw = {"one_program_pairs": 0, **kw}
+    plan = align_plan(ids.numel(), num_experts, kw["one_program_pairs"], kw.get("chunk"), kw.get("scan_chunks"), "sort")
+    assert plan[1:] == (kw.get("chunk", 0), "scan_chunks" in kw, True)  # the chunk asked for, uncapped
+    out, ref = moe_align(ids, num_experts, block_m, rank="sort", **kw), moe_align_ref(ids, num_experts, block_m)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+def test_align_plan_sort_rank(monkeypatch):
+    import kernels.moe_align as align
+
+    # default rule: <= ALIGN_CHUNKS chunks of up to SORT_MAX_CHUNK pairs, no SCAN up to 8192 tokens x top-8, any
+    # expert count (the pairwise default: 256 chunks of 256 at 128 experts, 512 of 128 at 160, SCAN)
+    for num_experts in (128, 160):
+        assert align_plan(8192 * 8, num_experts, rank="sort") == (0, 2048, False, True)
+    assert align_plan(8192 * 8, 128) == (0, 256, True, False) and align_plan(8192 * 8, 160)[1:3] == (128, True)
+    assert align_plan(64 * 1024, 128, chunk=8192, rank="sort") == (0, SORT_MAX_CHUNK, False, True)
+    assert align_plan(100, 128, rank="sort") == (128, 0, False, True)
+    assert align_plan(1000, 128, 1024, rank="sort") == (1024, 0, False, True)
+    assert align_plan(1000, 128, 1024) == (0, 64, False, False)  # the pairwise one program stays <= SMALL_PAIRS
+    with pytest.raises(ValueError, match="rank"):
+        align_plan(1000, 128, rank="bitonic")
+    # the sort rank as the default: the warmup still compiles every variant a step can hit
+    monkeypatch.setattr(align, "ALIGN_RANK", "sort")
+    _check_warmup_covers_align(128, 8, 8192, lambda m: default_config(m, 128, 8, False))
+    assert align_plan(100, 128) == (128, 0, False, True)
+
+
 def test_bench_align_smoke(tmp_path, monkeypatch):
     # benchmarks/bench_align.py on the interpreter: one program at 64 pairs, two launches at 320, each exact
     from benchmarks import bench_align
@@ -88,6 +131,12 @@ def test_bench_align_smoke(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     assert [r["default"] for r in rows] == ["one_program", "two_launches"]
     assert rows[0]["one_program_exact"] and all(r["two_launches_exact"] for r in rows)
+    # the sort rank's columns: its one program, its chunk rule, a chunk given (64 pairs: one chunk)
+    argv = ["bench_align.py", "--device", "cpu", "--m", "8", "--sort-chunks", "64", "--sort-one-program", "64"]
+    monkeypatch.setattr("sys.argv", argv + ["--out", str(out)])
+    bench_align.main()
+    row = json.loads(out.read_text())[0]
+    assert all(row[f"{name}_exact"] for name in ("sort_one_program", "sort", "sort_c64")), row
 
 
 @pytest.mark.parametrize("kw", [{}, {"one_program_pairs": 0}, {"one_program_pairs": 0, "scan_chunks": 0}])
