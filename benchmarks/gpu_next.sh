@@ -55,7 +55,8 @@
 # Settled: FUSED_FP8_DOT stays off (session 11), the fused decode prologue's cap is 256 rows; Gluon ping-pong MoE
 # lost to the cooperative kernel (session 12).
 # Files the device lacks, made here before a call (ignored, carried): .wheelhouse (../shared/device/wheelhouse.sh,
-# plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below).
+# plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below),
+# .devrun/decode_wait_first.py (phase W: below).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema pytest-xdist pytest-timeout 2>&1 | tail -1
