@@ -431,9 +431,11 @@ def _gpu_problem(shape: str, num_tokens: int, seed: int = 0):
 
 
 # session 16: the warp-specialized 128-row tile at 777 tokens (Qwen3) had not finished after ~3 min (its compile under
-# Triton 3.6, or a hang: no table uses warp_specialize); a limit makes that a failure instead of the phase's time
+# Triton 3.6, or a hang: no table uses warp_specialize); a limit makes that a failure instead of the phase's time.
+# method="thread": SIGALRM's default fails a test only once a native call (a compile pass, a sync on a stuck kernel)
+# returns; the thread ends the (xdist worker's) process at the limit
 @pytest.mark.gpu
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(240, method="thread")
 @pytest.mark.parametrize("shape", ["qwen3", "glm45air"])
 @pytest.mark.parametrize("num_tokens", [777, 4096])
 @pytest.mark.parametrize("cand,extra", [
