@@ -114,7 +114,8 @@ def tiles_for(m: int) -> list[dict]:
 
 def candidates(m: int, n: int, k: int, num_sms: int) -> list[dict]:
     """tiles_for(m) x split K for 1 / 2 / 4 / 8 programs per SM (deduplicated), the heuristic's config first."""
-    # the heuristic's Triton tile (its cuBLAS route, from CUBLAS_MIN_ROWS rows, is timed as the extra candidate)
+    # the heuristic's Triton tile (its cuBLAS route, where w8a8_config.default_config takes it, is timed as the
+    # extra candidate)
     heuristic = {key: v for key, v in _config(m, n, k, num_sms).items() if key in KEYS} | {"CUBLAS": 0}
     out = [heuristic]
     per_sm = (1, 2, 4, 8) if m <= 64 else (1, 2)
