@@ -80,8 +80,10 @@ if [[ $PHASES == *2* || $PHASES == *7* ]]; then
   # passed, 0 failed, in 560 s at ~92%): phase 2 runs the first 12 files (to test_kernels_moe.py), phase 7 the rest
   # (from test_kernels_moe_tma.py: 12, not 13, since test_decode_early_kv.py went, so that the halves stay as run)
   HALF=$( [[ $PHASES == *2* ]] && echo "$FIRST" | head -12 || echo "$FIRST" | tail -n +13)
-  # -v: each test's name and result as it ends, so that a run cut by the limit still names its failures (session 16)
-  timeout 560 python3 -m pytest -v -p no:benchmark -m gpu -n 4 --dist loadfile -rf $HALF > $OUT/gpu_tests_half1.log 2>&1
+  # -v: each test's name and result as it ends, so that a run cut by the limit still names its failures (session 16);
+  # a test past 300 s fails (the thread method kills its worker, xdist starts another: a hung compile too)
+  timeout 560 python3 -m pytest -v -p no:benchmark -m gpu -n 4 --dist loadfile -rf --timeout 300 \
+    --timeout-method thread --durations 15 $HALF > $OUT/gpu_tests_half1.log 2>&1
   grep -E "FAILED|ERROR" $OUT/gpu_tests_half1.log | cut -c1-200 | head -20
   echo "passed $(grep -c PASSED $OUT/gpu_tests_half1.log), failed $(grep -c '] FAILED' $OUT/gpu_tests_half1.log)"
   grep -E "^=+ .*(passed|failed)" $OUT/gpu_tests_half1.log || echo "(cut by the limit before pytest's summary)"
