@@ -3,8 +3,8 @@ their small-batch configs): the A/B of a knob the table does not set yet.
 
 python benchmarks/decode_knobs.py fp8_q2=1 benchmarks/bench_e2e.py --no-hf --batch-sizes 1 ...
 
-KNOBS: comma-separated KEY=INT of kernels/attention/config.py's DECODE_KNOB_DEFAULTS. Everything else, and the
-script's arguments, as they are.
+KNOBS: comma-separated KEY=INT, KEY any integer key of a decode config (kernels/attention/config.py's DECODE_KEYS:
+the tiles, the split rule, the knobs). Everything else, and the script's arguments, as they are.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import kernels.attention.config as attention_config  # noqa: E402
 from benchmarks.gluon_off import run_script  # noqa: E402
 
+# every integer key of a decode config (small_batch_config is a config, not a number)
+KEYS = tuple(k for k in attention_config.DECODE_KEYS if k != "small_batch_config")
+
 
 def parse_knobs(spec: str) -> dict[str, int]:
     knobs = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key not in attention_config.DECODE_KNOB_DEFAULTS or not value.lstrip("-").isdigit():
-            sys.exit(f"decode_knobs: {item!r} is not KEY=INT with KEY one of "
-                     f"{', '.join(attention_config.DECODE_KNOB_DEFAULTS)}")
+        if key not in KEYS or not value.lstrip("-").isdigit():
+            sys.exit(f"decode_knobs: {item!r} is not KEY=INT with KEY one of {', '.join(KEYS)}")
         knobs[key] = int(value)
     return knobs
 

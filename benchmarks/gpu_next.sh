@@ -8,7 +8,8 @@
 # Next, in this order: N (~3 min: MoE align, the sort rank vs pairwise; where sort wins, make align_plan choose it),
 # W (~8 min: decode's step-input loads before the PDL wait vs the kernel before them, .devrun/decode_wait_first.py),
 # 7 (~9 min: the kernel tests' second half, names of failures now printed; the warp-specialized TMA test under its
-# 240 s limit), 2 (the first half), H (EP tables: none exist), then 1 and B.
+# 240 s limit), X (~4 min: decode attention unsplit at B=16-64, programs_per_sm 1 vs 2), 2 (the first half), H (EP
+# tables: none exist), then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -159,6 +160,21 @@ if [[ $PHASES == *W* ]]; then  # decode attention's step-input loads before the 
     done
     cp /tmp/decode_new.py kernels/attention/decode.py
   fi
+fi
+if [[ $PHASES == *X* ]]; then  # issue 16: decode attention's split at mid batches, bf16 KV. The split rule wants
+  # programs_per_sm x 132 programs: at B=64 (256 (sequence, KV head) programs) the H200 table's 2 gives 2 splits and
+  # a merge launch (3.3 us a layer in session 13's FP8 B=64 profile) for ~3% more programs; 1 runs unsplit. Off / on
+  # in one call (benchmarks/decode_knobs.py; B >= 5 never uses the small-batch config, so only the batch config
+  # differs). Where 1 wins at B=32 / 64 and loses at 16, the rule wants a fill threshold (split only when the
+  # unsplit grid fills < ~90% of programs_per_sm x SMs), not a new table value
+  for pps in 2 1; do
+    timeout 100 python3 benchmarks/decode_knobs.py programs_per_sm=$pps benchmarks/bench_e2e.py --no-hf \
+      --batch-sizes 16,32,64 --prefill 1024 --async-scheduling --steps 30 --out $OUT/e2e_x_pps$pps.json 2>&1 \
+      | grep -E "SUMMARY|decode_knobs:|Error|Traceback" | sed "s/^/programs_per_sm $pps: /"
+    timeout 90 python3 benchmarks/decode_knobs.py programs_per_sm=$pps benchmarks/bench_e2e.py --no-hf \
+      --quantization fp8 --batch-sizes 64 --prefill 1024 --async-scheduling --steps 30 \
+      --out $OUT/e2e_x_fp8_pps$pps.json 2>&1 | grep -E "SUMMARY|Error|Traceback" | sed "s/^/programs_per_sm $pps: /"
+  done
 fi
 if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8, and its attention projections' TP=2
   # shards (a TP rank's table rows are its local shapes: none are routed yet): cuBLAS's block-scaled GEMM vs ours at

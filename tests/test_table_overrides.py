@@ -58,7 +58,9 @@ def test_cublas_off_runs_the_script_without_the_route(tmp_path):
 def test_decode_knobs_set_on_every_decode_config(tmp_path):
     # benchmarks/decode_knobs.py (a knob's A/B): every decode config of the H200 table and its small-batch config
     # take the knob, the prefill entries stay; a bad knob is one line
-    from decode_knobs import with_decode_knobs
+    from decode_knobs import parse_knobs, with_decode_knobs
+
+    assert parse_knobs("programs_per_sm=1,BLOCK_N=32") == {"programs_per_sm": 1, "BLOCK_N": 32}  # the split rule too
 
     attn = str(CONFIG_DIR / "attention_NVIDIA_H200.json")
     table = attention_config._load(attn)
