@@ -368,8 +368,7 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
         FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), FP8_Q2=bool(fp8_dot and cfg["fp8_q2"]),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch_kwargs(pdl),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
         _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](
