@@ -7,9 +7,9 @@
 # kernel half-2 with -v (145 passed; test_fused_experts_tma_gpu's warp-specialized case stuck > 3 min).
 # Next, in this order: N (~3 min: MoE align, the sort rank vs pairwise; where sort wins, make align_plan choose it),
 # W (~8 min: decode's step-input loads before the PDL wait vs the kernel before them, .devrun/decode_wait_first.py),
-# 7 (~9 min: the kernel tests' second half, names of failures now printed; the warp-specialized TMA test under its
-# 240 s limit), X (~4 min: decode attention unsplit at B=16-64, programs_per_sm 1 vs 2), 2 (the first half), H (EP
-# tables: none exist), then 1 and B.
+# X (~5 min: decode attention unsplit at B=16-64, programs_per_sm 1 vs 2), 7 (~9 min: the kernel tests' second half,
+# failures named now, the warp-specialized TMA test under its 240 s limit), 2 (the first half), H (EP tables: none
+# exist), then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
