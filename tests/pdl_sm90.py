@@ -121,9 +121,6 @@ def _fp8_linear() -> dict[str, tuple]:
     }
 
 
-STEP_INPUTS = ["seq_lens_ptr", "block_tables_ptr", "LOADED"]
-
-
 def cases() -> dict[str, tuple]:
     """name: (kernel, args, constexprs without PDL, num_warps, num_stages, pointers allowed before the wait)."""
     decode_args = dict(q_ptr="bf16", k_cache_ptr="bf16", v_cache_ptr="bf16", seq_lens_ptr="i32",
@@ -135,7 +132,7 @@ def cases() -> dict[str, tuple]:
                          BLOCK_D=D, BLOCK_SIZE=PAGE, BLOCK_N=32, SPLITS_PAD=2, FUSED_MERGE=False, FP8_AS_F16=False,
                          OFF64=False)
     # the attention prologue fused in (kernels/attention/decode_fused.py): q_ptr is the QKV row; the q/k norm weights
-    # are read after the wait too (only the step inputs before it)
+    # are read after the wait too (nothing before it)
     prologue_args = dict(decode_args, stride_qb=QKV, pos_ptr="i64", cs_ptr="fp32", qw_ptr="bf16", kw_ptr="bf16",
                          slot_ptr="i64", eps=1e-6, inv_k_scale=1.0, inv_v_scale=1.0, stride_cos=D)
     prologue_consts = dict(decode_consts, BLOCK_N=64, PROLOGUE=True, HALF=D // 2, QK_NORM=True, FP8_KV=False)
@@ -151,11 +148,8 @@ def cases() -> dict[str, tuple]:
                                                                  HAS_EXTRA=True), 4, 1, ["w_ptr"]),
         "qkv_prologue": _prologue(HEADS, KV_HEADS, D // 2, 0),
         "qkv_prologue_partial_rotary": _prologue(96, 8, D // 4, D // 2),
-        # the step's lengths and tables (copied in before the forward, written by no kernel of it) and, through them,
-        # the first page ids: before the wait
-        "decode_attention": (decode_attention._decode_kernel, decode_args, decode_consts, 4, 3, STEP_INPUTS),
-        "decode_attention_prologue": (decode_attention._decode_kernel, prologue_args, prologue_consts, 4, 3,
-                                      STEP_INPUTS),
+        "decode_attention": (decode_attention._decode_kernel, decode_args, decode_consts, 4, 3, []),
+        "decode_attention_prologue": (decode_attention._decode_kernel, prologue_args, prologue_consts, 4, 3, []),
         "decode_reduce": (decode_attention._reduce_kernel, dict(part_out_ptr="fp32", part_lse_ptr="fp32",
                                                                 out_ptr="bf16", num_splits=32, stride_ob=HEADS * D,
                                                                 stride_oh=D),

@@ -156,10 +156,9 @@ def _decode_kernel(
     PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
-    # PDL (kernels/pdl.py): the sequence lengths and block tables are the step's inputs, copied in by non-PDL ops
-    # before the forward's first kernel (no kernel of it writes them): they and the first tile's page ids are loaded
-    # before the wait, under the predecessor's tail; q (or the QKV rows) and the cache after it (a K/V tile before
-    # it, each split's first, measured slower: session 16's early_kv, 2.74 -> 2.78 ms at B=1, 3.33 -> 3.45 at 32k)
+    # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py).
+    # The step's lengths, tables and first page ids loaded before the wait measured slower (session 17, one H200:
+    # B=1 bf16 2.69 -> 2.73 ms, new / old / new in one call), and each split's first K/V tile too (session 16)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
     # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
     # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
@@ -171,6 +170,8 @@ def _decode_kernel(
     # e4m3 terms (fp8_dot._q_low_part), a second QK^T dot on the same K tile: q's rounding error drops from 2^-4
     # to ~2^-8 per value, which matters once scores spread (see the module docstring)
     V_DIRECT: tl.constexpr = INTERP or FP8_DOT == 3
+    pdl_wait(PDL)
+    pdl_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -191,8 +192,6 @@ def _decode_kernel(
     # whose fused prologue (PROLOGUE) then runs while they are in flight
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
-    pdl_wait(PDL)
-    pdl_release(PDL)
     if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
         q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr, b,
                                            kvh, heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos,
