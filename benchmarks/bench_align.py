@@ -1,10 +1,11 @@
 """MoE align (kernels/moe_align.py) on both sides of ONE_PROGRAM_PAIRS: the one-program kernel (up to a chunk of
 pairs) and the two launches (a program a chunk, the default chunk rule and --chunks; the chunks' counts summed
 once by the count kernel's last program or by every scatter program), CUDA-graph replays of a chain of calls, per
-token count; issue 16's target is <= 10 us at every M for 128 experts. --sort-chunks adds the sort rank (a
-bitonic sort of each chunk instead of pairwise compares: chunks up to SORT_MAX_CHUNK, so no SCAN up to 8192 tokens
-x top-8) at its own chunk rule ("sort") and at each chunk given ("sort_c512"), --sort-one-program N its one program
-up to N pairs ("sort_one_program"). Random softmax-like routing
+token count; issue 16's target is <= 10 us at every M for 128 experts. The default plan (two_launches, scan,
+noscan) ranks pairwise below SORT_FROM_PAIRS pairs and sorts from there: a "pairwise" column beside it then.
+--sort-chunks adds the sort rank (a bitonic sort of each chunk instead of pairwise compares: chunks up to
+SORT_MAX_CHUNK) at its own chunk rule ("sort") and at each chunk given ("sort_c512"), --sort-one-program N its one
+program up to N pairs ("sort_one_program"). Random softmax-like routing
 (distinct experts per token), Qwen3-30B-A3B's 128 experts top-8 by default, BLOCK_M from this GPU's bf16 table for
 --hidden / --inter (the default config without one).
 
@@ -35,6 +36,7 @@ from kernels.moe_align import (  # noqa: E402
     ONE_PROGRAM_PAIRS,
     SMALL_PAIRS,
     SORT_MAX_CHUNK,
+    align_plan,
     moe_align,
     moe_align_ref,
 )
@@ -92,6 +94,8 @@ def main() -> None:
         variants = [("one_program", SMALL_PAIRS, None, None, None)] if ids.numel() <= SMALL_PAIRS else []
         variants += [("two_launches", 0, None, None, None), ("scan", 0, None, 0, None),
                      ("noscan", 0, None, 1 << 30, None)]
+        if align_plan(ids.numel(), a.experts)[3]:  # the default sorts here: pairwise beside it
+            variants.append(("pairwise", 0, None, None, "pairwise"))
         variants += [(f"two_launches_c{c}", 0, c, None, None) for c in chunks]
         if ids.numel() <= min(a.sort_one_program, SORT_MAX_CHUNK):
             variants.append(("sort_one_program", a.sort_one_program, None, None, "sort"))

@@ -47,6 +47,17 @@ def gemm_cfg(c: tuple, fp8: bool = False) -> dict:
             "warp_specialize": ws}
 
 
+# fp32 accumulator registers a thread may hold (of 255): Triton 3.6 does not warp-specialize on sm90, so a 4-warp
+# "warp-specialized" tile holds all of it in 4 warps; the 128-row one with two 128-wide accumulators (256 a thread)
+# did not finish compiling in 240 s on the H200 (test_fused_experts_tma_gpu, sessions 16 and 17)
+MAX_ACC_REGISTERS = 128
+
+
+def acc_registers(bm: int, g: dict, accs: int) -> int:
+    """fp32 accumulator registers a thread holds: accs tiles [bm, BLOCK_N] over num_warps x 32 threads."""
+    return accs * bm * g["BLOCK_N"] // (32 * g["num_warps"])
+
+
 def candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
     """(gate_up configs, down configs) of TMA_CANDIDATES at this BLOCK_M. The accumulators (two in gate_up, +
     FP8's per-step partial product) must stay in registers: FP8 spills at a 256-wide down tile (sm90 compile,
@@ -55,9 +66,9 @@ def candidates(bm: int, fp8: bool) -> tuple[list[dict], list[dict]]:
     cands: list[dict] = []
     up_cands: list[dict] = []
     for c in TMA_CANDIDATES:
-        for n, dst in ((max_n, cands), (max_n // 2, up_cands)):
+        for n, dst, accs in ((max_n, cands, 1 + fp8), (max_n // 2, up_cands, 2 + fp8)):
             gc = dict(gemm_cfg(c, fp8), BLOCK_N=min(c[1], n))
-            if c[0] == bm and gc not in dst:
+            if c[0] == bm and gc not in dst and acc_registers(bm, gc, accs) <= MAX_ACC_REGISTERS:
                 dst.append(gc)
     return up_cands, cands
 

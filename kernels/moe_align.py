@@ -10,10 +10,10 @@ all (one launch: small decode steps); beyond, a count launch and a scatter launc
 pairs, no memset; past SCAN_CHUNKS chunks the count kernel's last program (one arrival counter per device, which
 it re-arms) sums the chunks' counts once. A program ranks its pairs among its chunk's pairs of the same expert in
 one of two ways (rank=): "pairwise" compares (work ~ chunk^2: chunks <= SMALL_PAIRS) or "sort", a bitonic tl.sort
-of the keys expert * CHUNK + index (work ~ chunk log^2 chunk: chunks up to SORT_MAX_CHUNK, so <= SCAN_CHUNKS of
-them up to 8192 tokens x top-8, and one program up to that many pairs where asked); both give the same bits. The
-compiled variants follow the pair count (align_plan); kernels/moe_plan.py warmup_token_counts reaches each of them
-at start-up.
+of the keys expert * CHUNK + index (work ~ chunk log^2 chunk: chunks up to SORT_MAX_CHUNK, and one program up to
+that many pairs where asked); both give the same bits. The default plan ranks pairwise below SORT_FROM_PAIRS pairs
+and sorts from there (ALIGN_RANK "auto", measured). The compiled variants follow the pair count (align_plan);
+kernels/moe_plan.py warmup_token_counts reaches each of them at start-up.
 """
 
 from __future__ import annotations
@@ -39,9 +39,15 @@ ALIGN_CHUNKS = 32
 # us); 160 experts (512 chunks of 128 at 8192 tokens): 57.1 us. Its pass is one now (unmeasured: the threshold may
 # move down; benchmarks/bench_align.py times scan and noscan at every size)
 SCAN_CHUNKS = 64
-# the rank of the default plan; "sort" is unmeasured (benchmarks/bench_align.py --sort-chunks times it beside)
-ALIGN_RANK = "pairwise"
+# the rank of the default plan: "auto" is pairwise below SORT_FROM_PAIRS pairs, sort from there in chunks of 256,
+# 512 from 16384 pairs (SORT_CHUNK). Measured on an H200 (session 17, bench_align, per call; pairwise default ->
+# sort, 128 / 160 experts): 8192 pairs 8.6 -> 7.5 / 11.3 -> 9.2 us, 16384 11.3 -> 8.6 / 14.5 -> 10.0, 32768
+# 15.1 -> 11.3 / 24.2 -> 13.2, 65536 23.3 -> 13.7 / 42.6 -> 16.0 (chunks of 1024 tie 512 there, 2048 lose 2x,
+# 4096 5x); at 512 pairs sort lost (6.2 -> 6.7 us), between 512 and 8192 it is unmeasured
+ALIGN_RANK = "auto"
 RANKS = ("pairwise", "sort")
+SORT_FROM_PAIRS = 8192
+SORT_CHUNK = 512
 # the sort rank's largest chunk (and one program): no [CHUNK, E_PAD] tile, so no e_pad cap. Compiled for sm90 (8
 # warps, 128 and 160 experts; no GPU run yet) its kernels spill nothing up to 4096 pairs (<= 128 registers, 16 KiB
 # of shared memory); the interpreter sorts 4096 keys in ~5 s
@@ -250,9 +256,10 @@ def _chunk_cap(e_pad: int, sort: bool) -> int:
 
 
 def _chunk(num_pairs: int, e_pad: int, sort: bool) -> int:
-    # pairs per program of the two launches: 64, doubled until <= ALIGN_CHUNKS programs, up to the rank's cap
-    cap = min(SORT_MAX_CHUNK if sort else SMALL_PAIRS, _chunk_cap(e_pad, sort))
-    return min(cap, max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
+    # pairs per program of the two launches: 64 (sort: 256), doubled until <= ALIGN_CHUNKS programs, up to the
+    # rank's cap (sort: SORT_CHUNK; beyond SCAN_CHUNKS chunks the count kernel's SCAN sums them)
+    cap = SORT_CHUNK if sort else min(SMALL_PAIRS, _chunk_cap(e_pad, sort))
+    return min(cap, max(256 if sort else 64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
 
 
 def align_plan(
@@ -261,10 +268,12 @@ def align_plan(
 ) -> tuple[int, int, bool, bool]:
     """(N_PAD, CHUNK, SCAN, SORT) of a call on num_pairs > 0 pairs, the constexprs that follow the pair count (each
     new one compiles): (N_PAD, 0, False, SORT) for the one program, (0, CHUNK, SCAN, SORT) for the two launches;
-    SORT: the sort rank (rank None: ALIGN_RANK)."""
+    SORT: the sort rank (rank None: ALIGN_RANK; "auto": sort from SORT_FROM_PAIRS pairs)."""
     rank = ALIGN_RANK if rank is None else rank
+    if rank == "auto":
+        rank = "sort" if num_pairs >= SORT_FROM_PAIRS else "pairwise"
     if rank not in RANKS:
-        raise ValueError(f"align rank must be one of {RANKS}, got {rank!r}")
+        raise ValueError(f"align rank must be 'auto' or one of {RANKS}, got {rank!r}")
     sort, e_pad = rank == "sort", _e_pad(num_experts)
     if num_pairs <= min(one_program_pairs, SORT_MAX_CHUNK if sort else SMALL_PAIRS):
         return max(16, triton.next_power_of_2(num_pairs)), 0, False, sort
@@ -293,7 +302,7 @@ def moe_align(
     one_program_pairs: int = ONE_PROGRAM_PAIRS,  # <= SMALL_PAIRS (sort: SORT_MAX_CHUNK); bench_align.py times both
     chunk: int | None = None,  # pairs a program of the two launches takes (a power of two >= 32); None: _chunk
     scan_chunks: int | None = None,  # more chunks than this: the count kernel's last program sums; None: SCAN_CHUNKS
-    rank: str | None = None,  # "pairwise" or "sort" (RANKS): how a program ranks its pairs; None: ALIGN_RANK
+    rank: str | None = None,  # "auto", "pairwise" or "sort" (RANKS): how a program ranks its pairs; None: ALIGN_RANK
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if topk_ids.dtype not in (torch.int32, torch.int64) or not topk_ids.is_contiguous():
         raise ValueError(f"topk_ids must be contiguous int32/int64, got {topk_ids.dtype}")

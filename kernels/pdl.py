@@ -50,8 +50,8 @@ What each kernel reads before its wait (tests/test_pdl.py checks these on the PT
   router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear.gemv (16-bit and FP8 weights): the first
   K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing: decode
   attention (its step inputs before the wait measured slower, session 17; its first K/V tile too, session 16) and
-  the split merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's ids, the predecessor's output),
-  moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
+  the split merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's ids,
+  the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
   (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after the
   wait.)
 """

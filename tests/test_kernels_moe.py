@@ -37,8 +37,8 @@ def _routing(num_tokens: int, num_experts: int, top_k: int, device="cpu", drop_e
     return weights.to(device), ids.to(device)
 
 
-def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
-    sorted_ids, expert_ids, num_post_pad = moe_align(ids, num_experts, block_m)
+def _check_align(ids: torch.Tensor, num_experts: int, block_m: int, rank: str | None = None) -> None:
+    sorted_ids, expert_ids, num_post_pad = moe_align(ids, num_experts, block_m, rank=rank)
     ref_sorted, ref_experts, ref_num = moe_align_ref(ids, num_experts, block_m)
     n = int(num_post_pad.item())
     assert n == int(ref_num.item()) and torch.equal(expert_ids, ref_experts)
@@ -55,13 +55,19 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     (1, 128, 8, 16), (7, 8, 2, 16), (13, 60, 4, 32), (16, 128, 8, 16),  # one program
     (100, 128, 8, 16), (300, 8, 2, 16), (700, 8, 2, 16),  # two launches, 64-pair chunks
     (301, 128, 8, 64), (520, 16, 8, 32),  # two launches, 128- and 256-pair chunks (at most ALIGN_CHUNKS programs)
-    (2100, 128, 8, 128),  # 66 chunks of 256: the count kernel's last program sums the counts (SCAN)
+    (2100, 128, 8, 128),  # the default's sort rank (33 chunks of 512); pairwise: 66 chunks of 256 and the SCAN
+    (1100, 160, 8, 64),  # the sort rank from SORT_FROM_PAIRS (35 chunks of 256); pairwise: 69 of 128 and the SCAN
 ])
 def test_moe_align(num_tokens, num_experts, top_k, block_m):
+    import kernels.moe_align as align
+
     torch.manual_seed(num_tokens)
     _, ids = _routing(num_tokens, num_experts, top_k)
     assert (ids.numel() <= ONE_PROGRAM_PAIRS) == (num_tokens <= 16)
     _check_align(ids, num_experts, block_m)
+    if ids.numel() >= align.SORT_FROM_PAIRS:  # the default sorts there: the pairwise rank (and its SCAN) too
+        assert align_plan(ids.numel(), num_experts, rank="pairwise")[2]
+        _check_align(ids, num_experts, block_m, rank="pairwise")
 
 
 @pytest.mark.parametrize("num_tokens,block_m", [(12, 16), (97, 64)])
@@ -104,18 +110,29 @@ def test_moe_align_sort_rank(num_tokens, top_k, num_experts, block_m, dtype, kw)
 def test_align_plan_sort_rank(monkeypatch):
     import kernels.moe_align as align
 
-    # default rule: <= ALIGN_CHUNKS chunks of up to SORT_MAX_CHUNK pairs, no SCAN up to 8192 tokens x top-8, any
-    # expert count (the pairwise default: 256 chunks of 256 at 128 experts, 512 of 128 at 160, SCAN)
+    # the sort rank's chunk rule: 256 pairs, 512 from 16384 pairs (SORT_CHUNK), the count kernel's SCAN beyond
+    # SCAN_CHUNKS chunks; any expert count (pairwise at 8192 tokens x top-8: 256 chunks of 256 at 128 experts, 512
+    # of 128 at 160, SCAN)
     for num_experts in (128, 160):
-        assert align_plan(8192 * 8, num_experts, rank="sort") == (0, 2048, False, True)
-    assert align_plan(8192 * 8, 128) == (0, 256, True, False) and align_plan(8192 * 8, 160)[1:3] == (128, True)
+        assert align_plan(8192, num_experts, rank="sort") == (0, 256, False, True)
+        assert align_plan(16384, num_experts, rank="sort") == (0, 512, False, True)
+        assert align_plan(32768, num_experts, rank="sort") == (0, 512, False, True)  # 64 chunks: no SCAN yet
+        assert align_plan(8192 * 8, num_experts, rank="sort") == (0, 512, True, True)
+        pairwise_chunk = {128: 256, 160: 128}[num_experts]
+        assert align_plan(8192 * 8, num_experts, rank="pairwise")[1:] == (pairwise_chunk, True, False)
     assert align_plan(64 * 1024, 128, chunk=8192, rank="sort") == (0, SORT_MAX_CHUNK, False, True)
     assert align_plan(100, 128, rank="sort") == (128, 0, False, True)
     assert align_plan(1000, 128, 1024, rank="sort") == (1024, 0, False, True)
-    assert align_plan(1000, 128, 1024) == (0, 64, False, False)  # the pairwise one program stays <= SMALL_PAIRS
+    assert align_plan(1000, 128, 1024, rank="pairwise") == (0, 64, False, False)  # one program <= SMALL_PAIRS
     with pytest.raises(ValueError, match="rank"):
         align_plan(1000, 128, rank="bitonic")
-    # the sort rank as the default: the warmup still compiles every variant a step can hit
+    # the default ("auto"): pairwise below SORT_FROM_PAIRS pairs, sort from there, as measured (H200, session 17)
+    assert align.ALIGN_RANK == "auto"
+    assert align_plan(100, 128) == (128, 0, False, False) and align_plan(1000, 128) == (0, 64, False, False)
+    assert align_plan(align.SORT_FROM_PAIRS - 1, 128)[3] is False
+    assert align_plan(align.SORT_FROM_PAIRS, 128) == align_plan(align.SORT_FROM_PAIRS, 128, rank="sort")
+    assert align_plan(8192 * 8, 160) == (0, 512, True, True)
+    # the sort rank everywhere: the warmup still compiles every variant a step can hit
     monkeypatch.setattr(align, "ALIGN_RANK", "sort")
     _check_warmup_covers_align(128, 8, 8192, lambda m: default_config(m, 128, 8, False))
     assert align_plan(100, 128) == (128, 0, False, True)
@@ -370,8 +387,13 @@ def test_moe_align_scan_graph_gpu():
                 and bool((out[0][n:] == ids.numel()).all()))
 
     ids1, ids2 = _routing(4096, 128, 8, "cuda", drop_every=7)[1], _routing(3000, 128, 8, "cuda", drop_every=0)[1]
-    runs = [lambda: moe_align(ids1, 128, 128), lambda: moe_align(ids2, 128, 16, chunk=64)]  # 128 and 375 chunks
-    assert all(align.align_plan(i.numel(), 128, chunk=c)[2] for i, c in ((ids1, None), (ids2, 64)))
+    ids3 = _routing(8192, 128, 8, "cuda", drop_every=5)[1]
+    # pairwise: 128 chunks of 256 and 375 of 64; the default at 8192 tokens, the sort rank: 128 chunks of 512
+    runs = [lambda: moe_align(ids1, 128, 128, rank="pairwise"), lambda: moe_align(ids2, 128, 16, chunk=64),
+            lambda: moe_align(ids3, 128, 128)]
+    plans = [align.align_plan(i.numel(), 128, chunk=c, rank=r) for i, c, r in
+             ((ids1, None, "pairwise"), (ids2, 64, None), (ids3, None, None))]
+    assert all(p[2] for p in plans) and [p[3] for p in plans] == [False, False, True]
     for run in runs:
         run()  # compile; the counter exists
     graph = torch.cuda.CUDAGraph()
@@ -380,10 +402,12 @@ def test_moe_align_scan_graph_gpu():
     for i in range(20):
         ids1.copy_(_routing(4096, 128, 8, "cuda", drop_every=i % 5)[1])
         ids2.copy_(_routing(3000, 128, 8, "cuda", drop_every=3)[1])
+        ids3.copy_(_routing(8192, 128, 8, "cuda", drop_every=i % 3)[1])
         graph.replay()
         eager_ids = _routing(2100 + i, 128, 8, "cuda", drop_every=2)[1]
-        eager = moe_align(eager_ids, 128, 64)  # 66 chunks of 256
-        assert exact(outs[0], ids1, 128) and exact(outs[1], ids2, 16) and exact(eager, eager_ids, 64), i
+        eager = moe_align(eager_ids, 128, 64, rank="pairwise")  # 66 chunks of 256
+        assert exact(outs[0], ids1, 128) and exact(outs[1], ids2, 16) and exact(outs[2], ids3, 128), i
+        assert exact(eager, eager_ids, 64), i
     torch.cuda.synchronize()
     assert align._COUNTERS[ids1.device].tolist() == [0]
 
@@ -417,11 +441,12 @@ def test_fused_experts_gpu(shape, num_tokens, fp8, act_fp8):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 8, 256, 4096])
+@pytest.mark.parametrize("num_tokens", [1, 8, 256, 1024, 4096, 8192])
 def test_moe_align_gpu(num_tokens):
     _, ids = _routing(num_tokens, 128, 8, "cuda", drop_every=7)
     for block_m in (16, 64, 128):
-        _check_align(ids, 128, block_m)
+        _check_align(ids, 128, block_m)  # from 1024 tokens (8192 pairs) the default sorts
+        _check_align(ids, 128, block_m, rank="pairwise")
 
 
 @pytest.mark.gpu
