@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-11-30's session 16 (issues 16, 17). One H200 unless said; PHASES picks (default
+# The next device calls after 2026-11-30's session 17 (issues 16, 17). One H200 unless said; PHASES picks (default
 # H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line
 # and start-up). Copy tables only where the printed numbers say they won.
-# Session 16 (30 min) ran 7 (cut at ~92%: its failures unnamed, hence -v now), V (early_kv lost: removed), J (GLM's
-# shared expert and TP=2 shards: routed to cuBLAS where it won), the engine half of the GPU tests (258 passed) and the
-# kernel half-2 with -v (145 passed; test_fused_experts_tma_gpu's warp-specialized case stuck > 3 min).
-# Next, in this order: N (~3 min: MoE align, the sort rank vs pairwise; where sort wins, make align_plan choose it),
-# W (~8 min: decode's step-input loads before the PDL wait vs the kernel before them, .devrun/decode_wait_first.py),
-# X (~5 min: decode attention unsplit at B=16-64, programs_per_sm 1 vs 2), 7 (~9 min: the kernel tests' second half,
-# failures named now, the warp-specialized TMA test under its 240 s limit), 2 (the first half), H (EP tables: none
-# exist), then 1 and B.
+# Session 17 (30 min, nvidia-h200-x2) ran M (DP=2+EP and TP=2 demo answers, the 7 multi-GPU tests passed), 5's
+# profile, N (the sort rank won from 8192 pairs: the default plan sorts there now), X (programs_per_sm 1 vs 2: noise,
+# the table stays), W (the step inputs before the PDL wait cost ~35 us at B=1: reverted), 2 (77 passed) and 7 (145
+# passed; the 4-warp 128 x 128 TMA tile hit its limit again: out of the tuner and the tests).
+# Next, in this order: 7 (~7 min: the kernel tests' second half, now with tiles within 128 accumulator registers;
+# session 17 ran it cut at 92%), N (~3 min: the align with the "auto" default, now also at 256 / 512 tokens, where
+# the sort rank is unmeasured; if sort wins there, lower SORT_FROM_PAIRS), H (EP tables: none exist), then 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -52,12 +51,10 @@
 #     entries at T = 1024, 4096, each under 130 s (may print nothing on a cold Triton cache: it did in 170-240 s in
 #     sessions 6-7). The tables come back in $OUT/ep8/configs, $OUT/ep2/configs (moe_E16_..., moe_E64_...): copy in
 #     by hand where the printed numbers beat default_config.
-#   phase N (~3 min, one H200): issue 16's MoE align, pairwise vs sort rank (bench_align --sort-chunks), E 128 / 160.
 # Settled: FUSED_FP8_DOT stays off (session 11), the fused decode prologue's cap is 256 rows; Gluon ping-pong MoE
 # lost to the cooperative kernel (session 12).
 # Files the device lacks, made here before a call (ignored, carried): .wheelhouse (../shared/device/wheelhouse.sh,
-# plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below),
-# .devrun/decode_wait_first.py (phase W: below).
+# plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   setproctitle llguidance jsonschema pytest-xdist pytest-timeout 2>&1 | tail -1
@@ -141,39 +138,6 @@ if [[ $PHASES == *K* ]]; then  # the FP8 table's cuBLAS routes (CUBLAS 1) on / o
         --steps 5 --quantization fp8 --out $OUT/e2e_$1_prefill$2_cublas_$mode.json 2>&1 \
         | grep -E "^ours prefill|Error|Traceback" | sed "s/^/$1 cublas $mode: /"
     done
-  done
-fi
-if [[ $PHASES == *W* ]]; then  # decode attention's step-input loads before the PDL wait (session 15), A/B: session 16
-  # saw B=1 bf16 2.74 ms with them vs 2.69-2.70 before (other calls). The kernel before them, in this copy only:
-  #   git show 8224546~1:kernels/attention/decode.py > .devrun/decode_wait_first.py
-  # (its callers are unchanged since). Order new, old, new: drift shows as the two "new" rows differing
-  [ -s .devrun/decode_wait_first.py ] || { echo "(no .devrun/decode_wait_first.py: phase W skipped)"; }
-  if [ -s .devrun/decode_wait_first.py ]; then
-    cp kernels/attention/decode.py /tmp/decode_new.py
-    for v in new old new; do
-      cp $([ $v = old ] && echo .devrun/decode_wait_first.py || echo /tmp/decode_new.py) kernels/attention/decode.py
-      timeout 80 python3 benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling \
-        --steps 30 --out $OUT/e2e_w_bf16_$v.json 2>&1 | grep -E "SUMMARY|Error|Traceback" | sed "s/^/loads $v: /"
-      timeout 70 python3 benchmarks/bench_e2e.py --no-hf --quantization fp8 --batch-sizes 1 --prefill 1024 \
-        --async-scheduling --steps 30 --out $OUT/e2e_w_fp8_$v.json 2>&1 | grep -E "SUMMARY|Error|Traceback" \
-        | sed "s/^/loads $v: /"
-    done
-    cp /tmp/decode_new.py kernels/attention/decode.py
-  fi
-fi
-if [[ $PHASES == *X* ]]; then  # issue 16: decode attention's split at mid batches, bf16 KV. The split rule wants
-  # programs_per_sm x 132 programs: at B=64 (256 (sequence, KV head) programs) the H200 table's 2 gives 2 splits and
-  # a merge launch (3.3 us a layer in session 13's FP8 B=64 profile) for ~3% more programs; 1 runs unsplit. Off / on
-  # in one call (benchmarks/decode_knobs.py; B >= 5 never uses the small-batch config, so only the batch config
-  # differs). Where 1 wins at B=32 / 64 and loses at 16, the rule wants a fill threshold (split only when the
-  # unsplit grid fills < ~90% of programs_per_sm x SMs), not a new table value
-  for pps in 2 1; do
-    timeout 100 python3 benchmarks/decode_knobs.py programs_per_sm=$pps benchmarks/bench_e2e.py --no-hf \
-      --batch-sizes 16,32,64 --prefill 1024 --async-scheduling --steps 30 --out $OUT/e2e_x_pps$pps.json 2>&1 \
-      | grep -E "SUMMARY|decode_knobs:|Error|Traceback" | sed "s/^/programs_per_sm $pps: /"
-    timeout 90 python3 benchmarks/decode_knobs.py programs_per_sm=$pps benchmarks/bench_e2e.py --no-hf \
-      --quantization fp8 --batch-sizes 64 --prefill 1024 --async-scheduling --steps 30 \
-      --out $OUT/e2e_x_fp8_pps$pps.json 2>&1 | grep -E "SUMMARY|Error|Traceback" | sed "s/^/programs_per_sm $pps: /"
   done
 fi
 if [[ $PHASES == *J* ]]; then  # GLM-4.5-Air's shared expert (45 layers) in FP8, and its attention projections' TP=2
@@ -336,15 +300,15 @@ if [[ $PHASES == *H* ]]; then
   # one file back (the device tool returns a few files at most): tables and the tuners' JSON
   tar czf $OUT/phase_h.tgz -C $OUT ep8 ep2 && rm -rf $OUT/ep8 $OUT/ep2
 fi
-if [[ $PHASES == *N* ]]; then  # issue 16: the align's sort rank (kernels/moe_align.py, unmeasured) vs pairwise
-  # a line per M (exact=True: every column bit-equal to moe_align_ref): the pairwise default (two_launches; scan /
-  # noscan), pairwise at chunk 256, the sort rank at its chunk rule (sort), at chunks 256..4096 (sort_c*) and in
-  # one program up to 1024 pairs (sort_one_program); the summary names each M's fastest. Where a sort column beats
-  # the default, make align_plan choose the sort rank (and that chunk or one-program cap) at those pair counts;
-  # align_token_ranges follows align_plan (test_align_plan_sort_rank's warmup check must still pass)
+if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": sort from 8192 pairs, session 17)
+  # a line per M (exact=True: every column bit-equal to moe_align_ref): the default (two_launches; scan / noscan),
+  # "pairwise" where the default sorts, pairwise at chunk 256, the sort rank at its chunk rule (sort), at chunks
+  # 256..1024 (sort_c*) and in one program up to 1024 pairs; the summary names each M's fastest. 256 / 512 tokens
+  # (2048 / 4096 pairs) are new: if a sort column beats two_launches there, lower SORT_FROM_PAIRS (kernels/moe_align.py;
+  # test_align_plan_sort_rank's warmup check must still pass)
   for e in 128 160; do
-    timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,1024,2048,4096,8192 --chunks 256 \
-      --sort-chunks 256,512,1024,2048,4096 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -7
+    timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,256,512,1024,2048,4096,8192 --chunks 256 \
+      --sort-chunks 256,512,1024 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -9
   done
 fi
 echo "done in $SECONDS s"
