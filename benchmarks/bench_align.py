@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=2048, help="the MoE shape whose table picks BLOCK_M (Qwen3-30B-A3B)")
     ap.add_argument("--inter", type=int, default=768)
-    ap.add_argument("--chunks", default="", help="also time these chunk sizes (pairs a program takes at once)")
+    ap.add_argument("--chunks", default="", help="also time the pairwise rank at these chunk sizes (pairs a program)")
     ap.add_argument("--sort-chunks", default="", help="also time the sort rank at its chunk rule and these chunks")
     ap.add_argument("--sort-one-program", type=int, default=0,
                     help=f"also time the sort rank's one program up to this many pairs (<= {SORT_MAX_CHUNK})")
@@ -96,7 +96,7 @@ def main() -> None:
                      ("noscan", 0, None, 1 << 30, None)]
         if align_plan(ids.numel(), a.experts)[3]:  # the default sorts here: pairwise beside it
             variants.append(("pairwise", 0, None, None, "pairwise"))
-        variants += [(f"two_launches_c{c}", 0, c, None, None) for c in chunks]
+        variants += [(f"two_launches_c{c}", 0, c, None, "pairwise") for c in chunks]
         if ids.numel() <= min(a.sort_one_program, SORT_MAX_CHUNK):
             variants.append(("sort_one_program", a.sort_one_program, None, None, "sort"))
         if sort_chunks:

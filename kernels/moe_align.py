@@ -40,17 +40,18 @@ ALIGN_CHUNKS = 32
 # move down; benchmarks/bench_align.py times scan and noscan at every size)
 SCAN_CHUNKS = 64
 # the rank of the default plan: "auto" is pairwise below SORT_FROM_PAIRS pairs, sort from there in chunks of 256,
-# 512 from 16384 pairs (SORT_CHUNK). Measured on an H200 (session 17, bench_align, per call; pairwise default ->
-# sort, 128 / 160 experts): 8192 pairs 8.6 -> 7.5 / 11.3 -> 9.2 us, 16384 11.3 -> 8.6 / 14.5 -> 10.0, 32768
-# 15.1 -> 11.3 / 24.2 -> 13.2, 65536 23.3 -> 13.7 / 42.6 -> 16.0 (chunks of 1024 tie 512 there, 2048 lose 2x,
-# 4096 5x); at 512 pairs sort lost (6.2 -> 6.7 us), between 512 and 8192 it is unmeasured
+# of SORT_CHUNK from 16384 pairs. Measured on an H200 (session 17, bench_align, per call; pairwise default ->
+# sort, 128 / 160 experts): 8192 pairs 8.6 -> 7.5 / 11.3 -> 9.2 us (chunks of 512: 8.6 / 8.5), 16384 11.3 -> 8.6 /
+# 14.5 -> 10.0, 32768 15.1 -> 11.3 / 24.2 -> 13.2, 65536 23.3 -> 13.7 / 42.6 -> 16.0 (chunks of 1024 tie 512
+# there, 2048 lose 2x, 4096 5x); at 512 pairs sort lost (6.2 -> 6.7 us), between 512 and 8192 it is unmeasured
 ALIGN_RANK = "auto"
 RANKS = ("pairwise", "sort")
 SORT_FROM_PAIRS = 8192
 SORT_CHUNK = 512
 # the sort rank's largest chunk (and one program): no [CHUNK, E_PAD] tile, so no e_pad cap. Compiled for sm90 (8
-# warps, 128 and 160 experts; no GPU run yet) its kernels spill nothing up to 4096 pairs (<= 128 registers, 16 KiB
-# of shared memory); the interpreter sorts 4096 keys in ~5 s
+# warps, 128 and 160 experts) its kernels spill nothing up to 4096 pairs (<= 128 registers, 16 KiB of shared
+# memory) and give moe_align_ref's bits on the H200 (session 17), but chunks past 1024 are slow there (a bitonic
+# sort of 2048 keys in one program: ~23 us a call); the interpreter sorts 4096 keys in ~5 s
 SORT_MAX_CHUNK = 4096
 
 
@@ -256,10 +257,12 @@ def _chunk_cap(e_pad: int, sort: bool) -> int:
 
 
 def _chunk(num_pairs: int, e_pad: int, sort: bool) -> int:
-    # pairs per program of the two launches: 64 (sort: 256), doubled until <= ALIGN_CHUNKS programs, up to the
-    # rank's cap (sort: SORT_CHUNK; beyond SCAN_CHUNKS chunks the count kernel's SCAN sums them)
-    cap = SORT_CHUNK if sort else min(SMALL_PAIRS, _chunk_cap(e_pad, sort))
-    return min(cap, max(256 if sort else 64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
+    # pairs per program of the two launches. pairwise: 64, doubled until <= ALIGN_CHUNKS programs, up to its cap;
+    # sort: 256 below SORT_CHUNK x ALIGN_CHUNKS pairs (16384), SORT_CHUNK from there (beyond SCAN_CHUNKS chunks the
+    # count kernel's SCAN sums them)
+    if sort:
+        return 256 if num_pairs < SORT_CHUNK * ALIGN_CHUNKS else SORT_CHUNK
+    return min(SMALL_PAIRS, _chunk_cap(e_pad, False), max(64, triton.next_power_of_2(-(-num_pairs // ALIGN_CHUNKS))))
 
 
 def align_plan(

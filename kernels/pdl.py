@@ -26,8 +26,9 @@ The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks i
       the forward's first kernel, alive for the whole forward, written by no kernel of it. And, in a decode step,
       the cache rows of the sequences' earlier tokens: decode attention runs in pure decode steps only (one new
       token per sequence; mixed steps take the prefill kernel), whose one K/V store per sequence and layer is the
-      new token's row, by that layer's prologue (or by the fused decode kernel itself, which masks the row out of
-      its early loads); the earlier rows were stored by earlier forwards (prefix-cache hits share full blocks only).
+      new token's row, by that layer's prologue (or by the fused decode kernel itself); the earlier rows were
+      stored by earlier forwards (prefix-cache hits share full blocks only). (Safe, but decode attention reads
+      neither before its wait: both measured slower, sessions 16-17.)
   (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
       released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
       wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts

@@ -110,11 +110,12 @@ def test_moe_align_sort_rank(num_tokens, top_k, num_experts, block_m, dtype, kw)
 def test_align_plan_sort_rank(monkeypatch):
     import kernels.moe_align as align
 
-    # the sort rank's chunk rule: 256 pairs, 512 from 16384 pairs (SORT_CHUNK), the count kernel's SCAN beyond
-    # SCAN_CHUNKS chunks; any expert count (pairwise at 8192 tokens x top-8: 256 chunks of 256 at 128 experts, 512
-    # of 128 at 160, SCAN)
+    # the sort rank's chunk rule: 256 pairs below 16384 pairs, 512 (SORT_CHUNK) from there, the count kernel's SCAN
+    # beyond SCAN_CHUNKS chunks; any expert count (pairwise at 8192 tokens x top-8: 256 chunks of 256 at 128
+    # experts, 512 of 128 at 160, SCAN)
     for num_experts in (128, 160):
         assert align_plan(8192, num_experts, rank="sort") == (0, 256, False, True)
+        assert align_plan(16383, num_experts, rank="sort") == (0, 256, False, True)  # 64 chunks
         assert align_plan(16384, num_experts, rank="sort") == (0, 512, False, True)
         assert align_plan(32768, num_experts, rank="sort") == (0, 512, False, True)  # 64 chunks: no SCAN yet
         assert align_plan(8192 * 8, num_experts, rank="sort") == (0, 512, True, True)
@@ -389,10 +390,10 @@ def test_moe_align_scan_graph_gpu():
     ids1, ids2 = _routing(4096, 128, 8, "cuda", drop_every=7)[1], _routing(3000, 128, 8, "cuda", drop_every=0)[1]
     ids3 = _routing(8192, 128, 8, "cuda", drop_every=5)[1]
     # pairwise: 128 chunks of 256 and 375 of 64; the default at 8192 tokens, the sort rank: 128 chunks of 512
-    runs = [lambda: moe_align(ids1, 128, 128, rank="pairwise"), lambda: moe_align(ids2, 128, 16, chunk=64),
-            lambda: moe_align(ids3, 128, 128)]
+    runs = [lambda: moe_align(ids1, 128, 128, rank="pairwise"),
+            lambda: moe_align(ids2, 128, 16, chunk=64, rank="pairwise"), lambda: moe_align(ids3, 128, 128)]
     plans = [align.align_plan(i.numel(), 128, chunk=c, rank=r) for i, c, r in
-             ((ids1, None, "pairwise"), (ids2, 64, None), (ids3, None, None))]
+             ((ids1, None, "pairwise"), (ids2, 64, "pairwise"), (ids3, None, None))]
     assert all(p[2] for p in plans) and [p[3] for p in plans] == [False, False, True]
     for run in runs:
         run()  # compile; the counter exists

@@ -156,9 +156,9 @@ def _decode_kernel(
     PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
-    # PDL: everything it reads is written by this step (q, the cache, lengths, tables): wait first (kernels/pdl.py).
-    # The step's lengths, tables and first page ids loaded before the wait measured slower (session 17, one H200:
-    # B=1 bf16 2.69 -> 2.73 ms, new / old / new in one call), and each split's first K/V tile too (session 16)
+    # PDL: waits first, reading nothing before it. The step's lengths and tables (and through them the first page
+    # ids) may be read early (kernels/pdl.py rule (1)), but that measured slower (session 17, one H200: B=1 bf16
+    # 2.69 -> 2.73 ms, new / old / new in one call), and each split's first K/V tile too (session 16)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
     # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
     # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
