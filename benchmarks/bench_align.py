@@ -4,8 +4,8 @@ once by the count kernel's last program or by every scatter program), CUDA-graph
 token count; issue 16's target is <= 10 us at every M for 128 experts. The default plan (two_launches, scan,
 noscan) ranks pairwise below SORT_FROM_PAIRS pairs and sorts from there: a "pairwise" column beside it then.
 --sort-chunks adds the sort rank (a bitonic sort of each chunk instead of pairwise compares: chunks up to
-SORT_MAX_CHUNK) at its own chunk rule ("sort") and at each chunk given ("sort_c512"), --sort-one-program N its one
-program up to N pairs ("sort_one_program"). Random softmax-like routing
+SORT_MAX_CHUNK) at its own chunk rule ("sort", where the default does not sort) and at each chunk given
+("sort_c512"), --sort-one-program N its one program up to N pairs ("sort_one_program"). Random softmax-like routing
 (distinct experts per token), Qwen3-30B-A3B's 128 experts top-8 by default, BLOCK_M from this GPU's bf16 table for
 --hidden / --inter (the default config without one).
 
@@ -94,12 +94,13 @@ def main() -> None:
         variants = [("one_program", SMALL_PAIRS, None, None, None)] if ids.numel() <= SMALL_PAIRS else []
         variants += [("two_launches", 0, None, None, None), ("scan", 0, None, 0, None),
                      ("noscan", 0, None, 1 << 30, None)]
-        if align_plan(ids.numel(), a.experts)[3]:  # the default sorts here: pairwise beside it
+        default_sorts = align_plan(ids.numel(), a.experts)[3]
+        if default_sorts:  # pairwise beside it (and no "sort" column: the default is that)
             variants.append(("pairwise", 0, None, None, "pairwise"))
         variants += [(f"two_launches_c{c}", 0, c, None, "pairwise") for c in chunks]
         if ids.numel() <= min(a.sort_one_program, SORT_MAX_CHUNK):
             variants.append(("sort_one_program", a.sort_one_program, None, None, "sort"))
-        if sort_chunks:
+        if sort_chunks and not default_sorts:
             variants.append(("sort", 0, None, None, "sort"))
         variants += [(f"sort_c{c}", 0, c, None, "sort") for c in sort_chunks]
         for name, limit, chunk, scan, rank in variants:

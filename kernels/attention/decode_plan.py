@@ -55,8 +55,7 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, ma
     return num_splits, splits_pad, merge_d
 
 
-# launch_decode compiles
-_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2")
+_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2")  # launch_decode compiles
 
 
 def decode_variant(rows: int, width: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
