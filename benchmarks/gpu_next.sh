@@ -319,9 +319,10 @@ w13 = (torch.randn(128, 1536, 2048, device='cuda') / 2048 ** 0.5).bfloat16()
 w2 = (torch.randn(128, 2048, 768, device='cuda') / 768 ** 0.5).bfloat16()
 ids = torch.stack([torch.randperm(128, device='cuda')[:8] for _ in range(777)]).int()
 w = torch.rand(777, 8, device='cuda') + 0.1
-g = gemm_cfg(c)
+g = gemm_cfg(c)  # the gate_up tile at most 128 wide, as the tuner's (two B tiles in shared memory)
 t0 = time.time()
-out = fused_experts_tma(x, w13, w2, w, ids, {'min_rows': 0, 'BLOCK_M': c[0], 'up': g, 'down': g})
+out = fused_experts_tma(x, w13, w2, w, ids, {'min_rows': 0, 'BLOCK_M': c[0], 'up': dict(g, BLOCK_N=min(c[1], 128)),
+                                             'down': g})
 torch.cuda.synchronize()
 ref = fused_experts_ref(x, w13, w2, w, ids)
 print(f'ws tile {sys.argv[1]}: ran in {time.time() - t0:.1f} s (compile incl.), rel err',

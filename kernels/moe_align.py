@@ -35,10 +35,11 @@ ONE_PROGRAM_PAIRS = 128
 ALIGN_CHUNKS = 32
 # more chunks than this: the count kernel's last program sums the chunks' counts once (SCAN), instead of every
 # scatter program reading all of them. H200 (session 10, two serial passes then): 128 chunks 28.4 -> 15.9 us, 256
-# chunks 49.0 -> 25.8 us; at 32 and 64 chunks its serial pass cost more than it saved (8.5 -> 10.0, 11.2 -> 11.9
-# us); 160 experts (512 chunks of 128 at 8192 tokens): 57.1 us. Its pass is one now (unmeasured: the threshold may
-# move down; benchmarks/bench_align.py times scan and noscan at every size)
-SCAN_CHUNKS = 64
+# chunks 49.0 -> 25.8 us. Its pass is one now; session 18 (bench_align's scan / noscan columns, the default chunk
+# rule, 128 / 160 experts): 64 chunks (32768 pairs, sort rank) 11.2 -> 9.9 / 13.2 -> 12.0 us, 32 chunks mixed (8192
+# pairs 7.5 -> 7.7 / 9.2 -> 9.0, 16384 8.6 -> 8.4 / 10.0 -> 10.0), 8-16 chunks lost (2048 pairs 6.4 -> 6.6, 4096
+# 7.0 -> 7.5 at 128 experts): from 33 chunks
+SCAN_CHUNKS = 32
 # the rank of the default plan: "auto" is pairwise below SORT_FROM_PAIRS pairs, sort from there in chunks of 256,
 # of SORT_CHUNK from 16384 pairs. Measured on an H200 (session 17, bench_align, per call; pairwise default ->
 # sort, 128 / 160 experts): 8192 pairs 8.6 -> 7.5 / 11.3 -> 9.2 us (chunks of 512: 8.6 / 8.5), 16384 11.3 -> 8.6 /

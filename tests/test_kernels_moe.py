@@ -115,9 +115,11 @@ def test_align_plan_sort_rank(monkeypatch):
     # experts, 512 of 128 at 160, SCAN)
     for num_experts in (128, 160):
         assert align_plan(8192, num_experts, rank="sort") == (0, 256, False, True)
-        assert align_plan(16383, num_experts, rank="sort") == (0, 256, False, True)  # 64 chunks
+        assert align_plan(16383, num_experts, rank="sort") == (0, 256, True, True)  # 64 chunks: SCAN
         assert align_plan(16384, num_experts, rank="sort") == (0, 512, False, True)
-        assert align_plan(32768, num_experts, rank="sort") == (0, 512, False, True)  # 64 chunks: no SCAN yet
+        assert align_plan(32768, num_experts, rank="sort") == (0, 512, True, True)  # 64 chunks: SCAN
+        assert align_plan(16384 + 512, num_experts, rank="sort") == (0, 512, True, True)  # 33
+        assert align_plan(8192 + 256, num_experts, rank="sort") == (0, 256, True, True)
         assert align_plan(8192 * 8, num_experts, rank="sort") == (0, 512, True, True)
         pairwise_chunk = {128: 256, 160: 128}[num_experts]
         assert align_plan(8192 * 8, num_experts, rank="pairwise")[1:] == (pairwise_chunk, True, False)
