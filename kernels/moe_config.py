@@ -63,23 +63,53 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool, flo
     return {"BLOCK_M": 128, "up": dict(g, BLOCK_N=64 if fp8 else 128), "down": g, "act_fp8": True}
 
 
+def _table(num_experts: int, hidden: int, inter: int, dtype: str,
+           device: torch.device | None) -> tuple[dict[int, dict] | None, bool]:
+    # (this GPU's table for the shape, else another GPU's (foreign: True), else None)
+    table = _load(str(CONFIG_DIR / config_file_name(num_experts, hidden, inter, dtype, device_name(device))))
+    if table or device_name(device) == "cpu":
+        return table, False
+    # another GPU's table for this shape (e.g. H200's on an H100) beats the generic default
+    others = sorted(CONFIG_DIR.glob(config_file_name(num_experts, hidden, inter, dtype, "*")))
+    return (_load(str(others[0])) if others else None), True
+
+
+def _nearest_bucket(table: dict[int, dict], num_tokens: int) -> int:
+    m = max(num_tokens, 1)
+    return min(table, key=lambda b: abs(math.log(max(b, 1)) - math.log(m)))
+
+
 def get_moe_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, dtype: str,
     device: torch.device | None = None,
 ) -> dict:
     """Tuned config of the nearest token bucket (log scale) if a file exists for this shape and GPU."""
-    name = config_file_name(num_experts, hidden, inter, dtype, device_name(device))
-    table = _load(str(CONFIG_DIR / name))
-    foreign = False
-    if not table and device_name(device) != "cpu":
-        # another GPU's table for this shape (e.g. H200's on an H100) beats the generic default
-        others = sorted(CONFIG_DIR.glob(config_file_name(num_experts, hidden, inter, dtype, "*")))
-        table = _load(str(others[0])) if others else None
-        foreign = True
+    table, foreign = _table(num_experts, hidden, inter, dtype, device)
     if not table:
         return default_config(num_tokens, num_experts, top_k, dtype == "fp8", dtype == "float32")
-    m = max(num_tokens, 1)
-    best = min(table, key=lambda b: abs(math.log(max(b, 1)) - math.log(m)))
+    best = _nearest_bucket(table, num_tokens)
     if foreign and "tma" in table[best]:  # the TMA path stays off where it was never measured
         return {k: v for k, v in table[best].items() if k != "tma"}
     return table[best]
+
+
+def config_edges(num_experts: int, hidden: int, inter: int, top_k: int, dtype: str,
+                 device: torch.device | None = None) -> list[int]:
+    """The token counts past 1 from which get_moe_config's answer, or the path its entries pick (kernels/moe_plan.py
+    experts_path: "tma" from min_rows pairs, "gemv" up to max_tokens), may change: with a table the first count of
+    each bucket but the smallest (the nearest bucket in log scale grows with the count: found by bisection), each
+    tma entry's first count and the count past each gemv entry; without one default_config's row thresholds. kernels/moe_plan.py warmup_token_counts takes them:
+    a bucket's range cut short by a tma entry may hold no power of two (session 18: an EP table's 4097..8191 rows)."""
+    table, _ = _table(num_experts, hidden, inter, dtype, device)
+    if not table:  # default_config changes past 16 and 96 rows per expert
+        return [16 * num_experts // top_k + 1, 96 * num_experts // top_k + 1]
+    keys = sorted(table)
+    edges = [-(-cfg["tma"]["min_rows"] // top_k) for cfg in table.values() if "tma" in cfg]
+    edges += [cfg["gemv"].get("max_tokens", 1) + 1 for cfg in table.values() if cfg.get("gemv")]
+    for lower, upper in zip(keys, keys[1:]):
+        lo, hi = lower, upper  # the first count whose nearest bucket is past lower: in (lower, upper]
+        while lo + 1 < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _nearest_bucket(table, mid) > lower else (mid, hi)
+        edges.append(hi)
+    return sorted(e for e in set(edges) if e > 1)

@@ -5,6 +5,7 @@ fused_experts itself, the engine's warmup and memory plan (runtime/engine) and t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import triton
 
@@ -38,19 +39,20 @@ def experts_variant(config: dict, num_tokens: int, top_k: int, num_experts: int)
     return path, json.dumps(tiles, sort_keys=True), *plan
 
 
-def warmup_token_counts(max_tokens: int, top_k: int) -> list[int]:
+def warmup_token_counts(max_tokens: int, top_k: int, edges: Iterable[int] = ()) -> list[int]:
     """Token counts whose steps, run once at start-up, compile every variant of the MoE kernels a server can
-    hit up to max_tokens: the block configs change only between buckets at least 2x apart (every power of
-    two lands in each), and the align's own constexprs (kernels/moe_align.py align_plan) hold over ranges of
-    token counts (align_token_ranges), whose first and last counts are taken for every expert count that sets
-    another chunk cap. So every (BLOCK_M, align plan) pair is met: where the two ranges overlap, a power of two
-    of the BLOCK_M range lies inside the align range, or before its first count, or after its last (both then
-    in the BLOCK_M range). Every other per-step size is a runtime argument."""
-    counts = {1 << i for i in range(max_tokens.bit_length())}
+    hit up to max_tokens. A variant (experts_variant) is the config's bucket, the path and the align's constexprs
+    (kernels/moe_align.py align_plan), each constant over ranges of token counts, so it is constant from the
+    largest of their first counts on: the align's (align_token_ranges, first and last, for every expert count that
+    sets another chunk cap) are taken here, the config's and path's are edges (kernels/moe_config.py config_edges,
+    for each expert shape). Without edges a power of two stands in for them: it lands in every bucket range at
+    least 2x wide, but not in one a tma entry's min_rows cuts short. Every other per-step size is a runtime
+    argument."""
+    counts = {1 << i for i in range(max_tokens.bit_length())} | set(edges)
     for num_experts in (16 << i for i in range(8)):  # E_PAD 16 .. 2048: each chunk cap (past 2048 it stays 16)
         counts |= {m for r in align_token_ranges(max_tokens, top_k, num_experts) for m in r}
     counts.add(max_tokens)
-    return sorted(c for c in counts if c <= max_tokens)
+    return sorted(c for c in counts if 1 <= c <= max_tokens)
 
 
 def experts_workspace_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, num_experts: int, itemsize: int,

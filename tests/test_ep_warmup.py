@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels.moe_config import default_config, get_moe_config
+from kernels.moe_config import config_edges, default_config, get_moe_config
 from kernels.moe_plan import warmup_token_counts
 from runtime.distributed.all2all import AllGatherBackend, LocalBackend
 from runtime.distributed.all2all_sparse import SparseBackend
@@ -58,10 +58,11 @@ def test_max_received_rows() -> None:
     assert LocalBackend(one, 128, 8192).max_received_rows(8192) == 8192  # no EP: the step's own rows
 
 
-def _check_received_rows_covered(num_experts: int, top_k: int, max_rows: int, config_for: Any) -> set:
-    # every count a rank can receive compiles nothing the local warmup did not; returns the variants needed
+def _check_received_rows_covered(num_experts: int, top_k: int, max_rows: int, config_for: Any, edges=()) -> set:
+    # every count a rank can receive compiles nothing the local warmup (with the table's edges, as
+    # expert_warmup.warmup_row_counts passes them) did not; returns the variants needed
     need = _align_variants(range(1, max_rows + 1), num_experts, top_k, config_for)
-    have = _align_variants(warmup_token_counts(max_rows, top_k), num_experts, top_k, config_for)
+    have = _align_variants(warmup_token_counts(max_rows, top_k, edges), num_experts, top_k, config_for)
     assert need - have == set()
     return need
 
@@ -88,10 +89,11 @@ def test_received_rows_cover_variants_tables(monkeypatch: pytest.MonkeyPatch, ta
     dtype, gpu = match.group(4), match.group(5)
     top_k = 2 if num_local == 8 else 8
     monkeypatch.setattr("kernels.moe_config.device_name", lambda device=None: gpu)
+    edges = config_edges(num_local, hidden, inter, top_k, dtype)
     for ep, max_tokens in ((2, 8192), (4, 8192), (2, 3000)):
         bound = SparseBackend(_parallel(ep), num_local * ep, max_tokens).max_received_rows(max_tokens)
         _check_received_rows_covered(num_local, top_k, bound,
-                                     lambda m: get_moe_config(m, num_local, hidden, inter, top_k, dtype))
+                                     lambda m: get_moe_config(m, num_local, hidden, inter, top_k, dtype), edges)
 
 
 class ExpertCalls:
@@ -130,6 +132,7 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
     from runtime.engine.expert_warmup import (
         ep_expert_layers,
         ep_experts_bytes,
+        layer_config_edges,
         warm_local_experts,
         warmup_bytes,
         warmup_row_counts,
@@ -139,7 +142,7 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
     model = _tiny_model(2, SparseBackend(_parallel(2), 16, 64))
     calls = ExpertCalls(model)
     (layer,) = ep_expert_layers(model)  # two MoE layers, one shape
-    want = warmup_token_counts(2 * 64, 4)
+    want = warmup_token_counts(2 * 64, 4, layer_config_edges(layer))
     assert warmup_row_counts(layer, 64, None) == (want, [])
     # the memory plan's share for the experts: the largest received step (2 ranks x 64 tokens), not 64 rows
     assert ep_experts_bytes(model, 64) == warmup_bytes(layer, 128) > warmup_bytes(layer, 64)
@@ -196,11 +199,11 @@ def test_warmup_rows_through_triton_experts() -> None:
     # the Triton experts (the interpreter on the CPU) at the warmup's counts for steps of 8 tokens over EP=2, and
     # their output on the dummy rows equals the torch reference's (rows with -1 slots, padding rows included)
     from kernels.fused_moe import fused_experts_ref
-    from runtime.engine.expert_warmup import ep_expert_layers, received_rows, warm_local_experts
+    from runtime.engine.expert_warmup import ep_expert_layers, layer_config_edges, received_rows, warm_local_experts
 
     model = _tiny_model(2, SparseBackend(_parallel(2), 16, 8), torch.float16, use_triton=True)
-    assert warm_local_experts(model, 8) == warmup_token_counts(16, 4)
     (layer,) = ep_expert_layers(model)
+    assert warm_local_experts(model, 8) == warmup_token_counts(16, 4, layer_config_edges(layer))
     hidden, weights, ids = received_rows(layer, 13)
     out = layer.experts(hidden, weights, ids)
     ref = fused_experts_ref(hidden, layer.experts.w13, layer.experts.w2, weights, ids)
@@ -277,7 +280,7 @@ def test_local_warmup_on_gloo_ranks(tmp_path: Any) -> None:
         assert r0["bound"] == bound, name
         assert r0["received"] == r0["bound"]  # every token routed to rank 0: the bound is what arrives
         assert results[1][name]["received"] <= r0["bound"]
-        want = warmup_token_counts(r0["bound"], 2)
+        want = warmup_token_counts(r0["bound"], 2, config_edges(4, 1, 1, 2, "float32"))  # no CPU table: the default's
         assert r0["counts"] == want
         # one layer of the two (one shape), every count once, int32 local ids in [-1, 4 local experts)
         assert len({c[0] for c in r0["calls"]}) == 1 and [c[1] for c in r0["calls"]] == want

@@ -21,7 +21,7 @@ from kernels.moe_align import (  # noqa: E402
     moe_align,
     moe_align_ref,
 )
-from kernels.moe_config import default_config, get_moe_config  # noqa: E402
+from kernels.moe_config import config_edges, default_config, get_moe_config  # noqa: E402
 from kernels.moe_plan import experts_variant, warmup_token_counts  # noqa: E402
 
 
@@ -192,11 +192,12 @@ def _align_variants(counts, num_experts: int, top_k: int, config_for) -> set:
     return {experts_variant(config_for(m), m, top_k, num_experts) for m in counts}
 
 
-def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, config_for) -> None:
-    # the start-up warmup's token counts compile every MoE variant (the path, its GEMM tiles, the align's constexprs
-    # and BLOCK_M) that a step of up to max_tokens tokens runs: none compiles on the serving path
+def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, config_for, edges=()) -> None:
+    # the start-up warmup's token counts (with the config's edges, as the engine passes them) compile every MoE
+    # variant (the path, its GEMM tiles, the align's constexprs and BLOCK_M) that a step of up to max_tokens tokens
+    # runs: none compiles on the serving path
     need = _align_variants(range(1, max_tokens + 1), num_experts, top_k, config_for)
-    have = _align_variants(warmup_token_counts(max_tokens, top_k), num_experts, top_k, config_for)
+    have = _align_variants(warmup_token_counts(max_tokens, top_k, edges), num_experts, top_k, config_for)
     assert need - have == set()
     # the ranges align_token_ranges gives are those of the plan, token by token
     plans = [align_plan(m * top_k, num_experts) for m in range(1, max_tokens + 1)]
@@ -210,8 +211,40 @@ def _check_warmup_covers_align(num_experts: int, top_k: int, max_tokens: int, co
     (60, 4, 8192), (64, 6, 5000), (128, 8, 8192), (256, 8, 8192), (512, 10, 8192), (8, 2, 700), (3000, 8, 4000),
 ])
 def test_warmup_token_counts_cover_align_default(num_experts, top_k, max_tokens):
-    _check_warmup_covers_align(num_experts, top_k, max_tokens,
-                               lambda m: default_config(m, num_experts, top_k, False))
+    config_for = lambda m: default_config(m, num_experts, top_k, False)  # noqa: E731
+    _check_warmup_covers_align(num_experts, top_k, max_tokens, config_for)  # its ranges hold powers of two
+    edges = config_edges(num_experts, 1, 1, top_k, "bfloat16")  # no table of that shape: default_config's
+    _check_warmup_covers_align(num_experts, top_k, max_tokens, config_for, edges)
+    _check_edges(config_for, edges, top_k, max_tokens)
+
+
+def _check_edges(config_for, edges, top_k: int, max_tokens: int) -> None:
+    # every count past 1 whose config or path differs from the count before's is an edge
+    from kernels.moe_plan import experts_path
+
+    def at(m):
+        cfg = config_for(m)
+        return json.dumps(cfg, sort_keys=True), experts_path(cfg, m, top_k)
+
+    changes = {m for m in range(2, max_tokens + 1) if at(m) != at(m - 1)}
+    assert changes - set(edges) == set()
+
+
+def test_warmup_edges_cover_a_cut_bucket(monkeypatch):
+    # a bucket range that a tma entry cuts short holds no power of two (an EP table of session 18: bucket 8192's
+    # aligned rows 4097..8191, the tma path from 8192): the powers of two alone miss its variants, the edges do not
+    import kernels.moe_config as mc
+
+    table = {2048: default_config(100, 16, 8, False), 8192: default_config(8192, 16, 8, False)}  # BLOCK_M 64, 128
+    table[8192]["tma"] = {"min_rows": 8192 * 8, "BLOCK_M": 128, "up": {}, "down": {}}
+    monkeypatch.setattr(mc, "_table", lambda *a: (table, False))
+    config_for = lambda m: mc.get_moe_config(m, 16, 2048, 768, 8, "bfloat16")  # noqa: E731
+    edges = mc.config_edges(16, 2048, 768, 8, "bfloat16")
+    assert edges == [4097, 8192]
+    with pytest.raises(AssertionError):
+        _check_warmup_covers_align(16, 8, 12000, config_for)
+    _check_warmup_covers_align(16, 8, 12000, config_for, edges)
+    _check_edges(config_for, edges, 8, 12000)
 
 
 def test_warmup_check_sees_the_permuted_path():
@@ -247,9 +280,11 @@ def test_warmup_token_counts_cover_align_tables(monkeypatch, table):
     dtype, gpu = match.group(4), match.group(5)
     top_k = 2 if num_experts == 8 else 8
     monkeypatch.setattr("kernels.moe_config.device_name", lambda device=None: gpu)
+    config_for = lambda m: get_moe_config(m, num_experts, hidden, inter, top_k, dtype)  # noqa: E731
+    edges = config_edges(num_experts, hidden, inter, top_k, dtype)
     for max_tokens in (8192, 3000):
-        _check_warmup_covers_align(num_experts, top_k, max_tokens,
-                                   lambda m: get_moe_config(m, num_experts, hidden, inter, top_k, dtype))
+        _check_warmup_covers_align(num_experts, top_k, max_tokens, config_for, edges)
+    _check_edges(config_for, edges, top_k, 8192)
 
 
 def test_moe_align_all_skipped():

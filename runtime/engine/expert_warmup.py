@@ -7,8 +7,8 @@ max_received_rows(T) however many tokens the step has, and the collective warmup
 counts: its rows are all padding (slot -1, ids -1), routed nowhere, so a dynamic exchange delivers 0 rows (the
 experts launch nothing) and a static one its ep x C(T) empty slots. The rest would compile while serving, every
 rank stalled in lockstep. So each rank then calls its experts alone, on dummy received rows, at every count of
-warmup_token_counts up to that bound (the same rule: rows in place of tokens). No collective runs: the ranks need
-not agree on anything.
+warmup_token_counts up to that bound (the same rule: rows in place of tokens, with the local experts' table's
+edges). No collective runs: the ranks need not agree on anything.
 
 CUDA graphs need nothing here: a captured step's exchange has fixed blocks (the sparse backend's static
 mode: ep x C(T) rows; allgather: ep x chunk), so the experts inside compiled at capture and a replay never
@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from kernels.moe_config import get_moe_config
+from kernels.moe_config import config_edges, get_moe_config
 from kernels.moe_plan import experts_variant, experts_workspace_bytes, warmup_token_counts
 from models.moe import MoE
 
@@ -64,11 +64,28 @@ def received_rows(layer: MoE, num_rows: int) -> tuple[torch.Tensor, torch.Tensor
     return hidden, torch.full((num_rows, k), 1.0 / k, dtype=torch.float32, device=device), ids
 
 
+def _dtype(layer: MoE) -> str:
+    return "fp8" if layer.experts.w13_scale is not None else str(layer.dtype).removeprefix("torch.")
+
+
 def _config(layer: MoE, num_rows: int) -> dict:
     # the block config the layer's fused_experts call picks for num_rows rows
     w13, w2 = layer.experts.w13, layer.experts.w2
-    dtype = "fp8" if layer.experts.w13_scale is not None else str(layer.dtype).removeprefix("torch.")
-    return get_moe_config(num_rows, w13.shape[0], w13.shape[2], w2.shape[2], layer.top_k, dtype, w13.device)
+    return get_moe_config(num_rows, w13.shape[0], w13.shape[2], w2.shape[2], layer.top_k, _dtype(layer), w13.device)
+
+
+def layer_config_edges(layer: MoE) -> list[int]:
+    """The row counts from which the layer's expert config or path may change (kernels/moe_config.py config_edges):
+    warmup_token_counts' edges."""
+    w13, w2 = layer.experts.w13, layer.experts.w2
+    return config_edges(w13.shape[0], w13.shape[2], w2.shape[2], layer.top_k, _dtype(layer), w13.device)
+
+
+def model_config_edges(model: nn.Module) -> list[int]:
+    """layer_config_edges of every MoE expert shape of the model (the step warmup's, kernels/moe_plan.py
+    warmup_token_counts): the same on every rank (shapes and tables only), so the ranks' warmup steps match."""
+    layers = _one_per_shape(m for m in model.modules() if isinstance(m, MoE))
+    return sorted({e for layer in layers for e in layer_config_edges(layer)})
 
 
 def warmup_bytes(layer: MoE, num_rows: int) -> int:
@@ -90,7 +107,8 @@ def warmup_row_counts(layer: MoE, max_num_tokens: int, reserve_bytes: int | None
     the dispatcher's bound for steps of up to max_num_tokens tokens, cut before the first whose call would allocate
     more than reserve_bytes (None: no limit)."""
     assert layer.dispatcher is not None
-    counts = warmup_token_counts(layer.dispatcher.max_received_rows(max_num_tokens), layer.top_k)
+    counts = warmup_token_counts(layer.dispatcher.max_received_rows(max_num_tokens), layer.top_k,
+                                 layer_config_edges(layer))
     fits = [reserve_bytes is None or warmup_bytes(layer, n) <= reserve_bytes for n in counts]
     num_run = fits.index(False) if False in fits else len(counts)
     return counts[:num_run], counts[num_run:]

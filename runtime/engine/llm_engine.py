@@ -22,7 +22,7 @@ from runtime.config import DTYPES, ConfigError, EngineConfig
 from runtime.engine.async_step import PendingStep, needs_host_tokens, placeholder
 from runtime.engine.attention_backend import ATTENTION_BACKENDS
 from runtime.engine.block_manager import BlockManager
-from runtime.engine.expert_warmup import ep_experts_bytes, step_experts_bytes
+from runtime.engine.expert_warmup import ep_experts_bytes, model_config_edges, step_experts_bytes
 from runtime.engine.kv_cache import kv_cache_dtype, read_kv_scales
 from runtime.engine.model_runner import ModelRunner, kv_bytes_per_block
 from runtime.engine.prompt_logprobs import prompt_rows, record_prompt_logprobs, wants_prompt_logprobs
@@ -114,7 +114,7 @@ class LLMEngine:
         if self.use_triton and self.device.type == "cuda":
             t0 = time.perf_counter()
             top_k = getattr(self.hf_config, "num_experts_per_tok", None) or 1
-            sizes = warmup_token_counts(config.max_num_batched_tokens, top_k)
+            sizes = warmup_token_counts(config.max_num_batched_tokens, top_k, model_config_edges(self.runner.model))
             self.runner.warmup(sizes)
             # under EP the experts see the rows the all2all delivers, not the step's: each rank warms them alone
             self.runner.warmup_local_experts(config.max_num_batched_tokens, self._activation_reserve())
