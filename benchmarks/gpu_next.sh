@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-11-30's session 17 (issues 16, 17). One H200 unless said; PHASES picks (default
+# The next device calls after 2026-11-30's session 18 (issues 16, 17). One H200 unless said; PHASES picks (default
 # H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line
 # and start-up). Copy tables only where the printed numbers say they won.
-# Session 17 (30 min, nvidia-h200-x2) ran M (DP=2+EP and TP=2 demo answers, the 7 multi-GPU tests passed), 5's
-# profile, N (the sort rank won from 8192 pairs: the default plan sorts there now), X (programs_per_sm 1 vs 2: noise,
-# the table stays), W (the step inputs before the PDL wait cost ~40 us at B=1: reverted), 2 (77 passed) and 7 (145
-# passed; the warp-specialized 128 x 128 TMA tile hung again: warp-specialized tiles are out of the tuner and tests).
-# Next, in this order: 7 (~7 min: the kernel tests' second half, session 17's was cut at 92%; XDIST=8 on a 32-core
-# host), N (~3 min: the align with the "auto" default, now also at 256 / 512 tokens, where the sort rank is
-# unmeasured; if sort wins there, lower SORT_FROM_PAIRS), Z (<= 4 min: each warp-specialized TMA tile alone under
-# 60 s: which hang), H (EP tables: none exist), then 1 and B. M again whenever a two-GPU host is lent.
+# Session 18 (30 min, nvidia-h200-x2) ran 7 (green after a test fix), 3 (265 passed), N twice (SCAN from 33 chunks:
+# 4096 tokens 11.2 -> 9.9 us), Z (warp-specialized tiles hang or give NaN: refused on a GPU now), 2 (79 passed), H
+# (Qwen3 EP 8 / 2 tables, bf16 and FP8, with Gluon entries).
+# Next, in this order: 5 on a two-GPU host (~4 min: the EP start-up no-compile test, tests/test_gpu_compile.py -k
+# expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
+# passed before them), H with H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 aligned sweep was cut after T=256; keep the
+# rows where they win), H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -289,16 +288,18 @@ if [[ $PHASES == *C* ]]; then
   done
   timeout 60 python3 -m pytest -q -m gpu tests/test_kernels_moe.py -k align 2>&1 | tail -2
 fi
-if [[ $PHASES == *H* ]]; then
+if [[ $PHASES == *H* ]]; then  # EP local-expert tables of one model shape and dtype (H_SHAPE, H_DTYPE): EP 8 then 2
+  # (session 18: qwen3 bf16's aligned sweeps took ~52 s each, FP8's ~125 s with 30 compile jobs; the TMA / Gluon
+  # runs ~22 s each)
   for ep in 8 2; do
-    timeout 120 python3 benchmarks/tune_moe.py --ep $ep --shapes qwen3 --dtypes bf16 --m 1,4,16,64,256,1024,4096 \
-      --jobs 16 --out $OUT/ep$ep 2>&1 | grep -E "^best|skip|wrote|summary|Error" | cut -c1-220
+    timeout ${H_TO:-200} python3 benchmarks/tune_moe.py --ep $ep --shapes ${H_SHAPE:-qwen3} --dtypes ${H_DTYPE:-bf16} \
+      --m 1,4,16,64,256,1024,4096 --jobs 30 --out $OUT/ep$ep 2>&1 | grep -E "^best|wrote|summary|Error" | cut -c1-160
   done
   # the TMA runs extend the tables above (copied into this machine's kernels/configs only; they refuse without them)
   cp $OUT/ep*/configs/*.json kernels/configs/ 2>/dev/null
   for ep in 8 2; do
-    timeout 130 python3 benchmarks/tune_moe.py --tma --ep $ep --shapes qwen3 --dtypes bf16 --m 1024,4096 --jobs 16 \
-      --out $OUT/ep$ep 2>&1 | grep -E "^moe_tma|summary|Error|refuse|no table" | cut -c1-400
+    timeout 60 python3 benchmarks/tune_moe.py --tma --ep $ep --shapes ${H_SHAPE:-qwen3} --dtypes ${H_DTYPE:-bf16} \
+      --m 1024,4096 --jobs 30 --out $OUT/ep$ep 2>&1 | grep -E "^moe_tma|summary|Error|refuse|no table" | cut -c1-400
   done
   echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
   # one file back (the device tool returns a few files at most): tables and the tuners' JSON
