@@ -34,7 +34,8 @@ from kernels.moe_grouped_tma import _grouped_gemm_kernel, grouped_gemm
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize): the flattened persistent loop
 # (kernels/moe_grouped_tma.py: "flatten" defaults to not warp_specialize). No warp-specialized tile: the first one
 # the GPU tests ran on the H200, (128, 128, 64, 4, 3, True), never finished in 240 s (sessions 16 and 17), though
-# it compiles for sm90 in seconds on the CPU (12 warps, no spills): the run hangs. gpu_next.sh phase Z probes them
+# it compiles for sm90 in seconds on the CPU (12 warps, no spills): the run hangs. Session 18 ran four alone (60 s
+# each): three hang, one returns NaN; kernels/moe_grouped_tma.py refuses them on a GPU
 TMA_CANDIDATES = [
     (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (64, 128, 64, 4, 4, False), (64, 256, 64, 4, 3, False),
 ]

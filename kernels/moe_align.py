@@ -36,9 +36,9 @@ ALIGN_CHUNKS = 32
 # more chunks than this: the count kernel's last program sums the chunks' counts once (SCAN), instead of every
 # scatter program reading all of them. H200 (session 10, two serial passes then): 128 chunks 28.4 -> 15.9 us, 256
 # chunks 49.0 -> 25.8 us. Its pass is one now; session 18 (bench_align's scan / noscan columns, the default chunk
-# rule, 128 / 160 experts): 64 chunks (32768 pairs, sort rank) 11.2 -> 9.9 / 13.2 -> 12.0 us, 32 chunks mixed (8192
-# pairs 7.5 -> 7.7 / 9.2 -> 9.0, 16384 8.6 -> 8.4 / 10.0 -> 10.0), 8-16 chunks lost (2048 pairs 6.4 -> 6.6, 4096
-# 7.0 -> 7.5 at 128 experts): from 33 chunks
+# rule, 128 / 160 experts): 64 chunks (32768 pairs, sort rank) 11.2 -> 9.9 / 13.2 -> 12.0 us; 32 chunks (every size
+# from 2048 to 16384 pairs) lost or tied (2048 pairs 6.4 -> 6.6 / 7.6 -> 7.8, 4096 7.0 -> 7.5 / 8.2 -> 8.6, 8192
+# 7.5 -> 7.7 / 9.2 -> 9.0, 16384 8.6 -> 8.4 / 10.0 -> 10.0); 33-63 chunks unmeasured: from 33 chunks
 SCAN_CHUNKS = 32
 # the rank of the default plan: "auto" is pairwise below SORT_FROM_PAIRS pairs, sort from there in chunks of 256,
 # of SORT_CHUNK from 16384 pairs. Measured on an H200 (session 17, bench_align, per call; pairwise default ->

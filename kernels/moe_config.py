@@ -98,8 +98,9 @@ def config_edges(num_experts: int, hidden: int, inter: int, top_k: int, dtype: s
     """The token counts past 1 from which get_moe_config's answer, or the path its entries pick (kernels/moe_plan.py
     experts_path: "tma" from min_rows pairs, "gemv" up to max_tokens), may change: with a table the first count of
     each bucket but the smallest (the nearest bucket in log scale grows with the count: found by bisection), each
-    tma entry's first count and the count past each gemv entry; without one default_config's row thresholds. kernels/moe_plan.py warmup_token_counts takes them:
-    a bucket's range cut short by a tma entry may hold no power of two (session 18: an EP table's 4097..8191 rows)."""
+    tma entry's first count and the count past each gemv entry; without one default_config's row thresholds.
+    kernels/moe_plan.py warmup_token_counts takes them: a bucket's range cut short by a tma entry may hold no power
+    of two (session 18: an EP table's 4097..8191 rows)."""
     table, _ = _table(num_experts, hidden, inter, dtype, device)
     if not table:  # default_config changes past 16 and 96 rows per expert
         return [16 * num_experts // top_k + 1, 96 * num_experts // top_k + 1]

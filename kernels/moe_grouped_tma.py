@@ -120,10 +120,11 @@ def grouped_gemm(
     num_sms = num_sms or _num_sms(a.device)
     ws = bool(g.get("warp_specialize", False))
     if ws and a.device.type == "cuda":
-        # Triton 3.6 on an H200 (sessions 16-18, gpu_next.sh phase Z): three of four warp-specialized tiles never
-        # finished (60 s each), the fourth, (64, 128, 64, 4 warps, 4 stages), returned NaN; no table holds one
-        raise ValueError("warp_specialize: the warp-specialized grouped GEMM hangs or returns NaN on Hopper with "
-                         "Triton 3.6: set it false in this MoE config")
+        # Triton 3.6 on an H200 (sessions 16-18, each tile alone): three of four warp-specialized tiles never
+        # finished (60 s each), the fourth, (64, 128, 64, 4 warps, 4 stages), returned NaN; no table holds one, and
+        # no other GPU or Triton version has run one: refused on every GPU until one passes there
+        raise ValueError("warp_specialize: the warp-specialized grouped GEMM hung or returned NaN on an H200 with "
+                         "Triton 3.6 and is refused on GPUs: set it false in this MoE config")
     # Hopper's warp specialization splits the tile between two consumer warp groups: a TMA store of the whole
     # tile then fails to compile, so it stores through pointers (config "store_tma" overrides)
     store_tma = bool(g.get("store_tma", not ws))

@@ -133,6 +133,7 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
         ep_expert_layers,
         ep_experts_bytes,
         layer_config_edges,
+        model_config_edges,
         warm_local_experts,
         warmup_bytes,
         warmup_row_counts,
@@ -168,6 +169,10 @@ def test_warmup_counts_memory_bound_and_no_ep(caplog: pytest.LogCaptureFixture) 
         calls = ExpertCalls(model)
         assert ep_expert_layers(model) == [] and warm_local_experts(model, 64) == [] and calls.calls == []
         assert ep_experts_bytes(model, 64) == 0
+        # the step warmup's edges: its experts' (16 experts top-4, no CPU table: default_config's 16 and 96 rows an
+        # expert), where under EP (above) the exchanged experts add none to the step sizes
+        assert model_config_edges(model) == [65, 385]
+    assert model_config_edges(_tiny_model(2, SparseBackend(_parallel(2), 16, 64))) == []
 
 
 def test_step_experts_bytes_peaks_inside_the_range(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -431,7 +431,8 @@ def _gpu_problem(shape: str, num_tokens: int, seed: int = 0):
 
 
 # the tuner's tiles (benchmarks/tune_moe_tma.py TMA_CANDIDATES: none warp-specialized; the first such tile, (128,
-# 128, 64, 4, 3, True), never finished in 240 s on the H200, sessions 16 and 17: gpu_next.sh phase Z probes them).
+# 128, 64, 4, 3, True), never finished in 240 s on the H200, sessions 16 and 17; session 18 ran four alone: three hang,
+# one returns NaN, and kernels/moe_grouped_tma.py refuses them on a GPU now).
 # A limit keeps a hang a failure, not the phase's time; method="thread": SIGALRM's default fails a test only once a
 # native call (a compile pass, a sync on a stuck kernel) returns, the thread ends the (xdist worker's) process
 GPU_TMA_TILES = [

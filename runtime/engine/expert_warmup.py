@@ -82,9 +82,11 @@ def layer_config_edges(layer: MoE) -> list[int]:
 
 
 def model_config_edges(model: nn.Module) -> list[int]:
-    """layer_config_edges of every MoE expert shape of the model (the step warmup's, kernels/moe_plan.py
-    warmup_token_counts): the same on every rank (shapes and tables only), so the ranks' warmup steps match."""
-    layers = _one_per_shape(m for m in model.modules() if isinstance(m, MoE))
+    """layer_config_edges of every expert shape whose experts see the step's own rows (not an EP exchange's, whose
+    received rows warmup_row_counts covers): the step warmup's edges (kernels/moe_plan.py warmup_token_counts). The
+    same on every rank as long as the ranks' GPUs share a name (shapes and that GPU's tables decide them), so the
+    ranks' warmup steps match."""
+    layers = _one_per_shape(m for m in model.modules() if isinstance(m, MoE) and not _exchanged(m))
     return sorted({e for layer in layers for e in layer_config_edges(layer)})
 
 
