@@ -3,12 +3,13 @@
 # H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line
 # and start-up). Copy tables only where the printed numbers say they won.
 # Session 18 (30 min, nvidia-h200-x2) ran 7 (green after a test fix), 3 (265 passed), N twice (SCAN from 33 chunks:
-# 4096 tokens 11.2 -> 9.9 us), Z (warp-specialized tiles hang or give NaN: refused on a GPU now, the phase removed), 2 (79 passed), H
-# (Qwen3 EP 8 / 2 tables, bf16 and FP8, with Gluon entries).
+# 4096 tokens 11.2 -> 9.9 us), Z (warp-specialized tiles hang or give NaN: refused on a GPU now, the phase removed),
+# 2 (79 passed), H (Qwen3 EP 8 / 2 tables, bf16 and FP8, with Gluon entries).
 # Next, in this order: 5 on a two-GPU host (~4 min: the EP start-up no-compile test, tests/test_gpu_compile.py -k
 # expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
 # passed before them), H with H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 aligned sweep was cut after T=256; keep the
-# rows where they win), H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent.
+# rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), H_SHAPE=glm45air H_DTYPE=bf16 and
+# fp8 (none exist), then 1 and B; M whenever two GPUs are lent.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -304,6 +305,13 @@ if [[ $PHASES == *H* ]]; then  # EP local-expert tables of one model shape and d
   echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
   # one file back (the device tool returns a few files at most): tables and the tuners' JSON
   tar czf $OUT/phase_h.tgz -C $OUT ep8 ep2 && rm -rf $OUT/ep8 $OUT/ep2
+fi
+if [[ $PHASES == *I* ]]; then  # issue 17: the FP8-KV decode's tensor-core tiles with deeper K/V rings (BLOCK_N 64,
+  # stages 4 / 5: tune_attention.py DECODE_TILES_FP8_DOT) against the table's, every FP8 decode case (B=1 4k / 32k / 128k,
+  # B=16 / 64 at 4k); where a new tile wins B=1 32k, copy $OUT/attn/configs' attention table in and run phase U (the
+  # served 32k step) to confirm
+  timeout 420 python3 benchmarks/tune_attention.py --only decode --kv-dtypes fp8 --fp8-dot-only --budget-s 330 \
+    --out $OUT/attn 2>&1 | grep -vE "^\s*$" | tail -40
 fi
 if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": sort from 8192 pairs, session 17)
   # a line per M (exact=True: every column bit-equal to moe_align_ref): the default (two_launches; scan / noscan),

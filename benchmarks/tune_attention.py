@@ -97,7 +97,12 @@ DECODE_TILES_FP8 = [(64, 4, 3, 1), (64, 4, 4, 1), (64, 8, 3, 1), (128, 4, 2, 1),
 # the 2^-4 bound; trained heads are peaked), and the tuner times on near-flat random scores, where it looks fine
 # (3.5e-2 on the H200): a pick would trade accuracy the sweep cannot see. With q2 the error falls as scores spread
 # (2.4-2.7e-2 at 1 nat, 0.4-1.0e-2 at 16). bench_attention still measures every variant (kv fp8dot, fp8dot2, ...).
-DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 2, 1), (128, 4, 3, 0, 2, 1), (128, 8, 3, 0, 2, 1)]
+# Deeper K/V rings at BLOCK_N 64 (sm90 with q2, plain / prologue fused: (64, 4, 4) 126 / 130 registers, 69 KiB of
+# shared memory, rings [4, 3]; (64, 4, 5) 126 / 130, 85 KiB, [5, 4]; (64, 8, 5) 88 / 111, 85 KiB: two or three programs
+# an SM, no spills; (128, 4, 4) and (128, 8, 4) take 134 KiB, one program an SM: not offered): more of a B=1 split's
+# K/V in flight from its start, the long-context decode's fixed part (issue 17: B=1 32k FP8 at 0.50 of copy BW)
+DECODE_TILES_FP8_DOT = [(64, 4, 3, 0, 2, 1), (128, 4, 3, 0, 2, 1), (128, 8, 3, 0, 2, 1), (64, 4, 4, 0, 2, 1),
+                        (64, 4, 5, 0, 2, 1), (64, 8, 5, 0, 2, 1)]
 # (programs_per_sm, min_split_tokens[, {later knob: value}]), the other knobs at DECODE_KNOB_DEFAULTS (today's
 # kernel). The last ones go past 64 splits at long context (B=1 at 32k: 132-256 splits of 128-256 tokens, 4-8
 # programs per SM to hide each program's start) and narrow the merge's columns; pick_small_batch lets the small
