@@ -6,7 +6,8 @@
 # utilization), a warm-up load, then bench_serving at 1024 in / 128 out, CONC (256) concurrent, 2 x CONC prompts
 # (CONC=512: each of two DP ranks as full as one GPU at 256, --max-num-seqs 256 per rank). KILL=1 also
 # runs benchmarks/kill_rank_streams.py on the dp2ep server (kill -9 of DP rank 1 mid-stream). Configs: gpu1 (GPU 0
-# alone), dp2, dp2ep, tp2, dp2tp2ep (4 GPUs), dp4ep (4 GPUs). STATS=1: every server eager (--enforce-eager: the
+# alone), dp2, dp2ep, dp2ep_static (dp2ep whose prefills too take the fixed-size exchange: no host sync a MoE layer,
+# up to 8192 tokens), tp2, dp2tp2ep (4 GPUs), dp4ep (4 GPUs). STATS=1: every server eager (--enforce-eager: the
 # split is timed by module hooks, which a graph replay does not run) with --expert-stats-file, whose per-rank
 # time_split is attention / MoE compute / all2all / other per step. Everything in $OUT/serving.tgz.
 set -uo pipefail
@@ -61,6 +62,7 @@ for c in ${CONFIGS:-gpu1 dp2 dp2ep tp2}; do
     gpu1) CUDA_VISIBLE_DEVICES=0 serve gpu1 ;;
     dp2) serve dp2 -dp 2 ;;
     dp2ep) serve dp2ep -dp 2 --enable-expert-parallel ;;
+    dp2ep_static) serve dp2ep_static -dp 2 --enable-expert-parallel --all2all-static-max-tokens 8192 ;;
     tp2) serve tp2 -tp 2 ;;
     dp2tp2ep) serve dp2tp2ep -dp 2 -tp 2 --enable-expert-parallel ;;
     dp4ep) serve dp4ep -dp 4 --enable-expert-parallel ;;
