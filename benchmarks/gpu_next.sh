@@ -8,8 +8,8 @@
 # Next, in this order: 5 on a two-GPU host (~4 min: the EP start-up no-compile test, tests/test_gpu_compile.py -k
 # expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
 # passed before them), H with H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 aligned sweep was cut after T=256; keep the
-# rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), H_SHAPE=glm45air H_DTYPE=bf16 and
-# fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also `CONFIGS="dp2ep dp2ep_static" bash
+# rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), N (~3 min: the SCAN at 48 chunks),
+# H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also `CONFIGS="dp2ep dp2ep_static" bash
 # benchmarks/gpu_multi_serving.sh` (~8 min: EP prefills through the static exchange, no host sync a MoE layer: the
 # eager dynamic exchange's ~1.5 ms of host a layer, session 17, against its larger fixed blocks).
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
@@ -320,10 +320,11 @@ if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": 
   # "pairwise" where the default sorts, pairwise at chunk 256, the sort rank at its chunk rule (sort), at chunks
   # 256..1024 (sort_c*) and in one program up to 1024 pairs; the summary names each M's fastest. 256 / 512 tokens
   # (2048 / 4096 pairs) are new: if a sort column beats two_launches there, lower SORT_FROM_PAIRS (kernels/moe_align.py;
-  # test_align_plan_sort_rank's warmup check must still pass)
+  # test_align_plan_sort_rank's warmup check must still pass). 1536 / 3072 tokens: 48 chunks, where the SCAN (from 33
+  # chunks, session 18) is unmeasured; if its column loses to noscan there, raise SCAN_CHUNKS
   for e in 128 160; do
-    timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,256,512,1024,2048,4096,8192 --chunks 256 \
-      --sort-chunks 256,512,1024 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -9
+    timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,256,512,1024,1536,2048,3072,4096,8192 --chunks 256 \
+      --sort-chunks 256,512,1024 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -11
   done
 fi
 echo "done in $SECONDS s"
