@@ -9,9 +9,10 @@
 # expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
 # passed before them), H with H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 aligned sweep was cut after T=256; keep the
 # rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), N (~3 min: the SCAN at 48 chunks),
-# H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also `CONFIGS="dp2ep dp2ep_static" bash
-# benchmarks/gpu_multi_serving.sh` (~8 min: EP prefills through the static exchange, no host sync a MoE layer: the
-# eager dynamic exchange's ~1.5 ms of host a layer, session 17, against its larger fixed blocks).
+# H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also
+# `CONFIGS="dp2ep dp2ep_static" bash benchmarks/gpu_multi_serving.sh` (~8 min: EP prefills through the static
+# exchange, no host sync a MoE layer: the eager dynamic exchange's ~1.5 ms of host a layer, session 17, against its
+# larger fixed blocks).
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
