@@ -3,10 +3,14 @@
 python benchmarks/bench_attention.py --out DIR
 
 Qwen3-30B-A3B attention (32 query heads, 4 KV heads, head_dim 128, bf16, 16-token pages). Decode:
-B in 1..256, context 1k..32k, CUDA-graph replay; its floor is the KV bytes over the copy bandwidth. SDPA
-gets the same KV as contiguous tensors (no paging) with enable_gqa. Prefill: causal, one or several
-sequences, vs SDPA's causal flash path; its floor is the causal FLOPs over the bf16 matmul rate. Prints one
-line per row and 'bench_attention summary' last.
+B in 1..256, context 1k..32k; its floor is the KV bytes over the copy bandwidth. SDPA gets the same KV as
+contiguous tensors (no paging) with enable_gqa. Prefill: causal, one or several sequences, vs SDPA's causal flash
+path; its floor is the causal FLOPs over the bf16 matmul rate. Every row (ours, SDPA, Gluon) is timed from CUDA-graph
+replays, as the engine runs the kernels: no host launch in the time. (Until session 18 prefill and extend were timed
+by do_bench's eager loop, whose host launch of the Python wrapper, ~70 us, set the small rows: the 1k causal prefill
+read 73 us, 0.17 of the matmul rate, where tune_attention's graph replays timed the table's tile at 35 us in
+session 7, SDPA's rate.)
+Prints one line per row and 'bench_attention summary' last.
 
 --kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
 floor counts the bytes of that dtype, and each FP8 decode row reports its output's error vs the bf16 cache.
@@ -43,7 +47,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,7 +146,7 @@ def gluon_row(row: dict, run, gluon: list | None, ours: torch.Tensor) -> dict:
     variants = []
     for g in gluon:
         cfg = {**prefill_config(HEAD_DIM, DT, torch.device("cuda")), "gluon": g, "GLUON_MIN_Q": 0}
-        us = triton.testing.do_bench(lambda: run(cfg), rep=100, return_mode="median") * 1e3  # noqa: B023
+        us = bench_graph(lambda: run(cfg))  # noqa: B023
         err = ((run(cfg).float() - ours.float()).norm() / ours.float().norm()).item()
         variants.append({"tiles": g, "us": us, "frac_mm": row["floor_us"] / us, "err_vs_main": err})
     return dict(row, gluon=variants)
@@ -161,16 +164,14 @@ def bench_prefill(batch: int, seq: int, ceil: dict, ragged: bool = False, gluon:
     lens = torch.full((batch,), seq, device="cuda", dtype=torch.int32)
     scale = HEAD_DIM**-0.5
     new = dict(k=chunk_kv(k_cache, tables, 0, seq), v=chunk_kv(v_cache, tables, 0, seq)) if ragged else {}
-    us = triton.testing.do_bench(
-        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq, **new), rep=100,
-        return_mode="median") * 1e3
+    us = bench_graph(lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq, **new))
     flops = batch * 4 * HEADS * HEAD_DIM * seq * seq / 2  # causal: half of QK^T and PV
     floor_us = flops / ceil["bf16_tflops"] / 1e6
     k = k_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :seq].transpose(1, 2).contiguous()
     v = v_cache[tables.long()].view(batch, -1, KV_HEADS, HEAD_DIM)[:, :seq].transpose(1, 2).contiguous()
     qs = q.view(batch, seq, HEADS, HEAD_DIM).transpose(1, 2)
     sdpa = lambda: F.scaled_dot_product_attention(qs, k, v, scale=scale, is_causal=True, enable_gqa=True)
-    sdpa_us = triton.testing.do_bench(sdpa, rep=100, return_mode="median") * 1e3
+    sdpa_us = bench_graph(sdpa)
     ours = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, scale, seq, **new)
     err = ((ours.float() - sdpa().transpose(1, 2).reshape_as(ours).float()).norm() / ours.float().norm()).item()
     row = {"kind": "prefill", "ragged": ragged, "B": batch, "ctx": seq, "us": us, "floor_us": floor_us,
@@ -192,10 +193,8 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
     # (an FP8 cache: the kernel reads the chunk back from the pages whatever is passed)
     new = dict(k=chunk_kv(k_cache, tables, prefix, prefix + chunk).to(DT),
                v=chunk_kv(v_cache, tables, prefix, prefix + chunk).to(DT)) if ragged else {}
-    us = triton.testing.do_bench(
-        lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
-                                        config=cfg, **new),
-        rep=100, return_mode="median") * 1e3
+    us = bench_graph(lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk,
+                                                     *scales, config=cfg, **new))
     flops = 4 * HEADS * HEAD_DIM * chunk * (prefix + chunk / 2)
     floor_us = flops / ceil["bf16_tflops"] / 1e6
     row = {"kind": "extend", "kv": kv, "ragged": ragged, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
@@ -207,8 +206,7 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
         ref = paged_attention_prefill(q, kd, vd, cu, lens, tables, HEAD_DIM**-0.5, chunk)
         row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
     if kv == "fp8scratch" and not ragged:  # the widening alone (traffic: e4m3 read, fp16 written); the in-loop output
-        row["widen_us"] = triton.testing.do_bench(lambda: widen_to_scratch(q, k_cache, v_cache, lens, tables),
-                                                  rep=100, return_mode="median") * 1e3
+        row["widen_us"] = bench_graph(lambda: widen_to_scratch(q, k_cache, v_cache, lens, tables))
         widen_bytes = 2 * (prefix + chunk) * KV_HEADS * HEAD_DIM * 3
         row["widen_frac_bw"] = widen_bytes / ceil["copy_tbps"] / 1e6 / row["widen_us"]
         in_loop = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,

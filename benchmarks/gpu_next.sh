@@ -8,7 +8,8 @@
 # Next, in this order: 5 on a two-GPU host (~4 min: the EP start-up no-compile test, tests/test_gpu_compile.py -k
 # expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
 # passed before them), H with H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 aligned sweep was cut after T=256; keep the
-# rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), N (~3 min: the SCAN at 48 chunks),
+# rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), O (~3 min: prefill attention timed
+# from CUDA graphs, Triton vs Gluon vs SDPA), N (~3 min: the SCAN at 48 chunks),
 # H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also
 # `CONFIGS="dp2ep dp2ep_static" bash benchmarks/gpu_multi_serving.sh` (~8 min: EP prefills through the static
 # exchange, no host sync a MoE layer: the eager dynamic exchange's ~1.5 ms of host a layer, session 17, against its
@@ -315,6 +316,13 @@ if [[ $PHASES == *I* ]]; then  # issue 17: the FP8-KV decode's tensor-core tiles
   # served 32k step) to confirm
   timeout 420 python3 benchmarks/tune_attention.py --only decode --kv-dtypes fp8 --fp8-dot-only --budget-s 330 \
     --out $OUT/attn 2>&1 | grep -vE "^\s*$" | tail -40
+fi
+if [[ $PHASES == *O* ]]; then  # issue 16: causal prefill attention timed from CUDA graphs (bench_attention timed it
+  # eagerly until session 18: the 1k row read the host's ~70 us launch, 0.17 of the matmul rate, where the tuner's
+  # graph replays timed 0.35-0.38, SDPA's rate). Triton (tile dict 0) and the Gluon split_wg 1 tile at every length,
+  # SDPA beside; if Gluon wins below 2048 query tokens, lower the H200 table's GLUON_MIN_Q
+  timeout 300 python3 benchmarks/bench_attention.py --ctxs "" --out $OUT/attn_graph \
+    --gluon '[0, {"num_stages": 3, "split_wg": 1}]' 2>&1 | grep -E "prefill|summary|Error" | cut -c1-300
 fi
 if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": sort from 8192 pairs, session 17)
   # a line per M (exact=True: every column bit-equal to moe_align_ref): the default (two_launches; scan / noscan),
