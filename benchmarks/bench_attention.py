@@ -5,11 +5,11 @@ python benchmarks/bench_attention.py --out DIR
 Qwen3-30B-A3B attention (32 query heads, 4 KV heads, head_dim 128, bf16, 16-token pages). Decode:
 B in 1..256, context 1k..32k; its floor is the KV bytes over the copy bandwidth. SDPA gets the same KV as
 contiguous tensors (no paging) with enable_gqa. Prefill: causal, one or several sequences, vs SDPA's causal flash
-path; its floor is the causal FLOPs over the bf16 matmul rate. Every row (ours, SDPA, Gluon) is timed from CUDA-graph
-replays, as the engine runs the kernels: no host launch in the time. (Until session 18 prefill and extend were timed
-by do_bench's eager loop, whose host launch of the Python wrapper, ~70 us, set the small rows: the 1k causal prefill
-read 73 us, 0.17 of the matmul rate, where tune_attention's graph replays timed the table's tile at 35 us in
-session 7, SDPA's rate.)
+path; its floor is the causal FLOPs over the bf16 matmul rate. Rows are timed from CUDA-graph replays (ours, SDPA,
+Gluon; no host launch in the time), but for the FP8 extend rows whose path is the 16-bit scratch (kv "fp8",
+"fp8scratch": eager_us). (Until session 18 prefill and extend were timed by do_bench's eager loop, whose host launch
+set the small rows: the 1k causal prefill read 73 us, 0.17 of the matmul rate, where tune_attention's graph replays
+timed the table's tile at 35 us in session 7, SDPA's rate.)
 Prints one line per row and 'bench_attention summary' last.
 
 --kv-dtypes bf16,fp8 runs decode (and extend) on a bf16 and on an FP8 (e4m3, per-tensor scales) cache: the decode
@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +139,14 @@ def chunk_kv(cache: torch.Tensor, tables: torch.Tensor, start: int, end: int) ->
                                                                                           HEAD_DIM).contiguous()
 
 
+def eager_us(fn) -> float:
+    """Median microseconds of fn() in do_bench's eager loop (L2 flushed between calls, the host launch included):
+    for the FP8 extend rows whose path is the 16-bit scratch, which kernels/attention/fp8_scratch.py turns off under
+    stream capture (a graph replay would time the in-loop widening instead). At their sizes (an 8k chunk over a long
+    prefix, milliseconds) the host launch is noise."""
+    return triton.testing.do_bench(fn, rep=100, return_mode="median") * 1e3
+
+
 def gluon_row(row: dict, run, gluon: list | None, ours: torch.Tensor) -> dict:
     # the same call on the Gluon kernel once per tile dict (a prefill config's "gluon"): its time and matmul-rate
     # fraction, and its output's difference to the main column's (ours); g = 0: the Triton kernel
@@ -146,14 +155,19 @@ def gluon_row(row: dict, run, gluon: list | None, ours: torch.Tensor) -> dict:
     variants = []
     for g in gluon:
         cfg = {**prefill_config(HEAD_DIM, DT, torch.device("cuda")), "gluon": g, "GLUON_MIN_Q": 0}
-        us = bench_graph(lambda: run(cfg))  # noqa: B023
+        try:  # (a capture failure of one variant keeps the row's other columns)
+            us = bench_graph(lambda: run(cfg))  # noqa: B023
+        except Exception as exc:  # noqa: BLE001
+            variants.append({"tiles": g, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
         err = ((run(cfg).float() - ours.float()).norm() / ours.float().norm()).item()
         variants.append({"tiles": g, "us": us, "frac_mm": row["floor_us"] / us, "err_vs_main": err})
     return dict(row, gluon=variants)
 
 
 def gluon_text(r: dict) -> str:
-    return "".join(f" gluon{i}_us={v['us']:8.1f} gluon{i}_frac_mm={v['frac_mm']:.2f} "
+    return "".join(f" gluon{i}_error={v['error']!r}" if "error" in v else
+                   f" gluon{i}_us={v['us']:8.1f} gluon{i}_frac_mm={v['frac_mm']:.2f} "
                    f"gluon{i}_err_vs_main={v['err_vs_main']:.1e}" for i, v in enumerate(r.get("gluon", ())))
 
 
@@ -193,8 +207,9 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
     # (an FP8 cache: the kernel reads the chunk back from the pages whatever is passed)
     new = dict(k=chunk_kv(k_cache, tables, prefix, prefix + chunk).to(DT),
                v=chunk_kv(v_cache, tables, prefix, prefix + chunk).to(DT)) if ragged else {}
-    us = bench_graph(lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk,
-                                                     *scales, config=cfg, **new))
+    timer = eager_us if kv in ("fp8", "fp8scratch") else bench_graph  # the scratch path runs eagerly only
+    us = timer(lambda: paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
+                                               config=cfg, **new))
     flops = 4 * HEADS * HEAD_DIM * chunk * (prefix + chunk / 2)
     floor_us = flops / ceil["bf16_tflops"] / 1e6
     row = {"kind": "extend", "kv": kv, "ragged": ragged, "B": 1, "ctx": prefix + chunk, "chunk": chunk, "us": us,
@@ -206,7 +221,7 @@ def bench_extend(chunk: int, prefix: int, ceil: dict, kv: str = "bf16", ragged: 
         ref = paged_attention_prefill(q, kd, vd, cu, lens, tables, HEAD_DIM**-0.5, chunk)
         row["rel_err_vs_dequant"] = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
     if kv == "fp8scratch" and not ragged:  # the widening alone (traffic: e4m3 read, fp16 written); the in-loop output
-        row["widen_us"] = bench_graph(lambda: widen_to_scratch(q, k_cache, v_cache, lens, tables))
+        row["widen_us"] = eager_us(lambda: widen_to_scratch(q, k_cache, v_cache, lens, tables))
         widen_bytes = 2 * (prefix + chunk) * KV_HEADS * HEAD_DIM * 3
         row["widen_frac_bw"] = widen_bytes / ceil["copy_tbps"] / 1e6 / row["widen_us"]
         in_loop = paged_attention_prefill(q, k_cache, v_cache, cu, lens, tables, HEAD_DIM**-0.5, chunk, *scales,
@@ -339,7 +354,7 @@ def main() -> None:
                      f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
         if gluon is not None:  # frac_mm per row: the table's kernel / each Gluon variant / SDPA
             cols = " / ".join(["table", *(f"gluon{i} {json.dumps(g)}" for i, g in enumerate(gluon)), "sdpa"])
-            fracs = [[r["frac_mm"], *(v["frac_mm"] for v in r["gluon"]), r["sdpa_frac_mm"]] for r in pre]
+            fracs = [[r["frac_mm"], *(v.get("frac_mm", 0.0) for v in r["gluon"]), r["sdpa_frac_mm"]] for r in pre]
             parts.append(f"prefill frac_mm {cols}: " + ", ".join(
                 f"{r['B']}x{r['ctx']} " + "/".join(f"{x:.2f}" for x in f) for r, f in zip(pre, fracs)))
     print(f"bench_attention summary ({args.shape}): " + "; ".join(parts))

@@ -7,8 +7,8 @@
 # 2 (79 passed), H (Qwen3 EP 8 / 2 tables, bf16 and FP8, with Gluon entries).
 # Next, in this order: 5 on a two-GPU host (~4 min: the EP start-up no-compile test, tests/test_gpu_compile.py -k
 # expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
-# passed before them), H with H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 aligned sweep was cut after T=256; keep the
-# rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), O (~3 min: prefill attention timed
+# passed before them), H with H_EPS=2 H_TO=400 H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 sweep was cut after T=256;
+# keep the rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), O (~3 min: prefill attention timed
 # from CUDA graphs, Triton vs Gluon vs SDPA), N (~3 min: the SCAN at 48 chunks),
 # H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also
 # `CONFIGS="dp2ep dp2ep_static" bash benchmarks/gpu_multi_serving.sh` (~8 min: EP prefills through the static
@@ -293,16 +293,16 @@ if [[ $PHASES == *C* ]]; then
   done
   timeout 60 python3 -m pytest -q -m gpu tests/test_kernels_moe.py -k align 2>&1 | tail -2
 fi
-if [[ $PHASES == *H* ]]; then  # EP local-expert tables of one model shape and dtype (H_SHAPE, H_DTYPE): EP 8 then 2
-  # (session 18: qwen3 bf16's aligned sweeps took ~52 s each, FP8's ~125 s with 30 compile jobs; the TMA / Gluon
-  # runs ~22 s each)
-  for ep in 8 2; do
+if [[ $PHASES == *H* ]]; then  # EP local-expert tables of one model shape and dtype (H_SHAPE, H_DTYPE) at the EP sizes
+  # H_EPS (default "8 2"), each aligned sweep under H_TO seconds (session 18: qwen3 bf16's ~52 s each, FP8's ~125 s
+  # with 30 compile jobs; the TMA / Gluon runs ~22 s each). One EP size alone may take H_TO=400
+  for ep in ${H_EPS:-8 2}; do
     timeout ${H_TO:-200} python3 benchmarks/tune_moe.py --ep $ep --shapes ${H_SHAPE:-qwen3} --dtypes ${H_DTYPE:-bf16} \
       --m 1,4,16,64,256,1024,4096 --jobs 30 --out $OUT/ep$ep 2>&1 | grep -E "^best|wrote|summary|Error" | cut -c1-160
   done
   # the TMA runs extend the tables above (copied into this machine's kernels/configs only; they refuse without them)
   cp $OUT/ep*/configs/*.json kernels/configs/ 2>/dev/null
-  for ep in 8 2; do
+  for ep in ${H_EPS:-8 2}; do
     timeout 60 python3 benchmarks/tune_moe.py --tma --ep $ep --shapes ${H_SHAPE:-qwen3} --dtypes ${H_DTYPE:-bf16} \
       --m 1024,4096 --jobs 30 --out $OUT/ep$ep 2>&1 | grep -E "^moe_tma|summary|Error|refuse|no table" | cut -c1-400
   done
@@ -320,7 +320,9 @@ fi
 if [[ $PHASES == *O* ]]; then  # issue 16: causal prefill attention timed from CUDA graphs (bench_attention timed it
   # eagerly until session 18: the 1k row read the host's ~70 us launch, 0.17 of the matmul rate, where the tuner's
   # graph replays timed 0.35-0.38, SDPA's rate). Triton (tile dict 0) and the Gluon split_wg 1 tile at every length,
-  # SDPA beside; if Gluon wins below 2048 query tokens, lower the H200 table's GLUON_MIN_Q
+  # SDPA beside (the first CUDA-graph capture of the Gluon attention kernel: a failing variant prints gluonN_error).
+  # GLUON_MIN_Q decides eager steps only (more than 2048 tokens, --enforce-eager): the mixed graphs run the Triton
+  # kernel's tile-map grid, which the Gluon kernel refuses
   timeout 300 python3 benchmarks/bench_attention.py --ctxs "" --out $OUT/attn_graph \
     --gluon '[0, {"num_stages": 3, "split_wg": 1}]' 2>&1 | grep -E "prefill|summary|Error" | cut -c1-300
 fi
