@@ -324,7 +324,7 @@ if [[ $PHASES == *O* ]]; then  # issue 16: causal prefill attention timed from C
   # GLUON_MIN_Q decides eager steps only (more than 2048 tokens, --enforce-eager): the mixed graphs run the Triton
   # kernel's tile-map grid, which the Gluon kernel refuses
   timeout 300 python3 benchmarks/bench_attention.py --ctxs "" --out $OUT/attn_graph \
-    --gluon '[0, {"num_stages": 3, "split_wg": 1}]' 2>&1 | grep -E "prefill|summary|Error" | cut -c1-300
+    --gluon '[0, {"num_stages": 3, "split_wg": 1}]' 2>&1 | grep -E "prefill|summary|Error|timing failed" | cut -c1-300
 fi
 if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": sort from 8192 pairs, session 17)
   # a line per M (exact=True: every column bit-equal to moe_align_ref): the default (two_launches; scan / noscan),
