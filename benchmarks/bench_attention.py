@@ -166,19 +166,14 @@ def gluon_row(row: dict, run, gluon: list | None, ours: torch.Tensor) -> dict:
     variants = []
     for g in gluon:
         cfg = {**prefill_config(HEAD_DIM, DT, torch.device("cuda")), "gluon": g, "GLUON_MIN_Q": 0}
-        try:  # (a capture failure of one variant keeps the row's other columns)
-            us = bench_graph(lambda: run(cfg))  # noqa: B023
-        except Exception as exc:  # noqa: BLE001
-            variants.append({"tiles": g, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
+        us, timing = graph_us(lambda: run(cfg))  # noqa: B023
         err = ((run(cfg).float() - ours.float()).norm() / ours.float().norm()).item()
-        variants.append({"tiles": g, "us": us, "frac_mm": row["floor_us"] / us, "err_vs_main": err})
+        variants.append({"tiles": g, "us": us, "timing": timing, "frac_mm": row["floor_us"] / us, "err_vs_main": err})
     return dict(row, gluon=variants)
 
 
 def gluon_text(r: dict) -> str:
-    return "".join(f" gluon{i}_error={v['error']!r}" if "error" in v else
-                   f" gluon{i}_us={v['us']:8.1f} gluon{i}_frac_mm={v['frac_mm']:.2f} "
+    return "".join(f" gluon{i}_us={v['us']:8.1f} gluon{i}_frac_mm={v['frac_mm']:.2f} "
                    f"gluon{i}_err_vs_main={v['err_vs_main']:.1e}" for i, v in enumerate(r.get("gluon", ())))
 
 
@@ -366,7 +361,7 @@ def main() -> None:
                      f"(sdpa {min(r['sdpa_frac_mm'] for r in pre):.2f}-{max(r['sdpa_frac_mm'] for r in pre):.2f})")
         if gluon is not None:  # frac_mm per row: the table's kernel / each Gluon variant / SDPA
             cols = " / ".join(["table", *(f"gluon{i} {json.dumps(g)}" for i, g in enumerate(gluon)), "sdpa"])
-            fracs = [[r["frac_mm"], *(v.get("frac_mm", 0.0) for v in r["gluon"]), r["sdpa_frac_mm"]] for r in pre]
+            fracs = [[r["frac_mm"], *(v["frac_mm"] for v in r["gluon"]), r["sdpa_frac_mm"]] for r in pre]
             parts.append(f"prefill frac_mm {cols}: " + ", ".join(
                 f"{r['B']}x{r['ctx']} " + "/".join(f"{x:.2f}" for x in f) for r, f in zip(pre, fracs)))
     print(f"bench_attention summary ({args.shape}): " + "; ".join(parts))

@@ -320,7 +320,7 @@ fi
 if [[ $PHASES == *O* ]]; then  # issue 16: causal prefill attention timed from CUDA graphs (bench_attention timed it
   # eagerly until session 18: the 1k row read the host's ~70 us launch, 0.17 of the matmul rate, where the tuner's
   # graph replays timed 0.35-0.38, SDPA's rate). Triton (tile dict 0) and the Gluon split_wg 1 tile at every length,
-  # SDPA beside (the first CUDA-graph capture of the Gluon attention kernel: a failing variant prints gluonN_error).
+  # SDPA beside (the first CUDA-graph capture of the Gluon attention kernel: a failing one is timed eagerly).
   # GLUON_MIN_Q decides eager steps only (more than 2048 tokens, --enforce-eager): the mixed graphs run the Triton
   # kernel's tile-map grid, which the Gluon kernel refuses
   timeout 300 python3 benchmarks/bench_attention.py --ctxs "" --out $OUT/attn_graph \

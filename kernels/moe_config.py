@@ -47,13 +47,18 @@ def _load(path: str) -> dict[int, dict] | None:
     return {int(m): cfg for m, cfg in json.loads(p.read_text()).items()}
 
 
+# default_config's row-per-expert thresholds: BLOCK_M 16 up to the first, 64 up to the second, 128 past it
+DEFAULT_ROWS_PER_EXPERT = (16, 96)
+
+
 def default_config(num_tokens: int, num_experts: int, top_k: int, fp8: bool, float32: bool = False) -> dict:
     rows_per_expert = num_tokens * top_k / num_experts
     block_k = 128 if fp8 else 64
-    if rows_per_expert <= 16:
+    small, mid = DEFAULT_ROWS_PER_EXPERT
+    if rows_per_expert <= small:
         g = {"BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
         return {"BLOCK_M": 16, "up": g, "down": dict(g, BLOCK_N=64), "act_fp8": False}
-    if rows_per_expert <= 96:
+    if rows_per_expert <= mid:
         g = {"BLOCK_N": 64, "BLOCK_K": block_k, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
         return {"BLOCK_M": 64, "up": g, "down": dict(g), "act_fp8": True}
     g = {"BLOCK_N": 128, "BLOCK_K": block_k, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
@@ -102,8 +107,8 @@ def config_edges(num_experts: int, hidden: int, inter: int, top_k: int, dtype: s
     kernels/moe_plan.py warmup_token_counts takes them: a bucket's range cut short by a tma entry may hold no power
     of two (session 18: an EP table's 4097..8191 rows)."""
     table, _ = _table(num_experts, hidden, inter, dtype, device)
-    if not table:  # default_config changes past 16 and 96 rows per expert
-        return [16 * num_experts // top_k + 1, 96 * num_experts // top_k + 1]
+    if not table:  # default_config changes past each of its rows-per-expert thresholds
+        return [rows * num_experts // top_k + 1 for rows in DEFAULT_ROWS_PER_EXPERT]
     keys = sorted(table)
     edges = [-(-cfg["tma"]["min_rows"] // top_k) for cfg in table.values() if "tma" in cfg]
     edges += [cfg["gemv"].get("max_tokens", 1) + 1 for cfg in table.values() if cfg.get("gemv")]
