@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-11-30's session 18 (issues 16, 17). One H200 unless said; PHASES picks (default
-# H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line
-# and start-up). Copy tables only where the printed numbers say they won.
-# Session 18 (30 min, nvidia-h200-x2) ran 7 (green after a test fix), 3 (265 passed), N twice (SCAN from 33 chunks:
-# 4096 tokens 11.2 -> 9.9 us), Z (warp-specialized tiles hang or give NaN: refused on a GPU now, the phase removed),
-# 2 (79 passed), H (Qwen3 EP 8 / 2 tables, bf16 and FP8, with Gluon entries).
-# Next, in this order: 5 on a two-GPU host (~4 min: the EP start-up no-compile test, tests/test_gpu_compile.py -k
-# expert_parallel: the new EP tables and the warmup's config edges change what the local warmup compiles; it last
-# passed before them), H with H_EPS=2 H_TO=400 H_SHAPE=qwen3 H_DTYPE=fp8 (the EP 2 FP8 sweep was cut after T=256;
-# keep the rows where they win), I (~7 min: issue 17's FP8 decode with deeper K/V rings), O (~3 min: prefill attention timed
-# from CUDA graphs, Triton vs Gluon vs SDPA), N (~3 min: the SCAN at 48 chunks),
-# H_SHAPE=glm45air H_DTYPE=bf16 and fp8 (none exist), then 1 and B; M whenever two GPUs are lent; on two GPUs also
-# `CONFIGS="dp2ep dp2ep_static" bash benchmarks/gpu_multi_serving.sh` (~8 min: EP prefills through the static
-# exchange, no host sync a MoE layer: the eager dynamic exchange's ~1.5 ms of host a layer, session 17, against its
-# larger fixed blocks).
+# The next device calls after 2026-12-01's session 19 (issue 17; issue 16 closed with its table in RESULTS.md). One
+# H200 unless said; PHASES picks (default H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to
+# <= 560 s, the rest is the pip line and start-up). Copy tables only where the printed numbers say they won.
+# Session 19 (30 min, nvidia-h200-x2 then one H200) ran N (the SCAN holds at 48 chunks), 5 (3 passed), I (no deeper
+# ring wins B=1 32k), O (prefill attention graph-timed: at SDPA's rate or within 3% at every length), the
+# dp2ep / dp2ep_static serving pair (the static exchange for prefills -2.5%: not taken), H for Qwen3 FP8 EP 2 (complete)
+# and GLM-4.5-Air bf16 EP 8 / 2 and FP8 EP 8, issue 16's table (bench_e2e, bench_moe), long-context decode at both
+# model shapes.
+# Next, in this order: Y (~2 min: decode merge, two launches vs the one-launch last-split merge, at the split counts
+# of B=1 1k-128k: issue 17's FP8 B=1 32k row is ~7 us of fixed latency a layer, the merge launch ~2.5 us of it), H with
+# H_EPS=2 H_SHAPE=glm45air H_DTYPE=fp8 H_TO=400 (the last missing EP table), then 2, 7, 3 (the GPU test halves after
+# the new tables), M on two GPUs, 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -308,7 +305,7 @@ if [[ $PHASES == *H* ]]; then  # EP local-expert tables of one model shape and d
   done
   echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
   # one file back (the device tool returns a few files at most): tables and the tuners' JSON
-  tar czf $OUT/phase_h.tgz -C $OUT ep8 ep2 && rm -rf $OUT/ep8 $OUT/ep2
+  EPD=$(cd $OUT && ls -d ep* 2>/dev/null); [ -n "$EPD" ] && tar czf $OUT/phase_h.tgz -C $OUT $EPD && rm -rf $OUT/ep[0-9]*
 fi
 if [[ $PHASES == *I* ]]; then  # issue 17: the FP8-KV decode's tensor-core tiles with deeper K/V rings (BLOCK_N 64,
   # stages 4 / 5: tune_attention.py DECODE_TILES_FP8_DOT) against the table's, every FP8 decode case (B=1 4k / 32k / 128k,
@@ -336,6 +333,14 @@ if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": 
   for e in 128 160; do
     timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,256,512,1024,1536,2048,3072,4096,8192 --chunks 256 \
       --sort-chunks 256,512,1024 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -11
+  done
+fi
+if [[ $PHASES == *Y* ]]; then  # issue 17: the decode merge, a second launch (the default) vs the last split merging in
+  # the same launch (fused: one program reads every split's partials of its KV head's query heads), B=1 at the split
+  # counts of 1k..128k, both model shapes; if fused wins a row, a config knob could pick it there (none exists yet)
+  for s in qwen3-30b-a3b glm-4.5-air; do
+    timeout 120 python3 benchmarks/bench_attention.py --shape $s --batches 1 --ctxs 1024,4096,32768,131072 \
+      --kv-dtypes fp8,bf16 --no-prefill --decode-merge separate,fused --out $OUT/merge_$s 2>&1 | grep -E "decode|Error"
   done
 fi
 echo "done in $SECONDS s"
