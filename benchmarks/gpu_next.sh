@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-12-01's session 19 (issue 17; issue 16 closed with its table in RESULTS.md). One
-# H200 unless said; PHASES picks (default H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to
-# <= 560 s, the rest is the pip line and start-up). Copy tables only where the printed numbers say they won.
+# The next device calls after 2026-12-01's session 19 (issue 17; issue 16 closed as far as it got: 4 of its 6 step
+# targets unmet, the reasons in RESULTS.md). One H200 unless said; PHASES picks (default H); each phase fits one call
+# (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line and start-up). Copy tables only
+# where the printed numbers say they won.
 # Session 19 (30 min, nvidia-h200-x2 then one H200) ran N (the SCAN holds at 48 chunks), 5 (3 passed), I (no deeper
 # ring wins B=1 32k), O (prefill attention graph-timed: at SDPA's rate or within 3% at every length), the
 # dp2ep / dp2ep_static serving pair (the static exchange for prefills -2.5%: not taken), H for Qwen3 FP8 EP 2 (complete)
@@ -305,7 +306,8 @@ if [[ $PHASES == *H* ]]; then  # EP local-expert tables of one model shape and d
   done
   echo "EP tables (copy into kernels/configs/ by hand):"; ls -l $OUT/ep*/configs/*.json
   # one file back (the device tool returns a few files at most): tables and the tuners' JSON
-  EPD=$(cd $OUT && ls -d ep* 2>/dev/null); [ -n "$EPD" ] && tar czf $OUT/phase_h.tgz -C $OUT $EPD && rm -rf $OUT/ep[0-9]*
+  EPD=$(cd $OUT && ls -d ep[0-9]* 2>/dev/null)  # the EP sizes this call ran
+  [ -n "$EPD" ] && tar czf $OUT/phase_h.tgz -C $OUT $EPD && rm -rf $OUT/ep[0-9]*
 fi
 if [[ $PHASES == *I* ]]; then  # issue 17: the FP8-KV decode's tensor-core tiles with deeper K/V rings (BLOCK_N 64,
   # stages 4 / 5: tune_attention.py DECODE_TILES_FP8_DOT) against the table's, every FP8 decode case (B=1 4k / 32k / 128k,
