@@ -8,8 +8,9 @@
 # dp2ep / dp2ep_static serving pair (the static exchange for prefills -2.5%: not taken), H for Qwen3 FP8 EP 2 (complete)
 # and GLM-4.5-Air bf16 EP 8 / 2 and FP8 EP 8, issue 16's table (bench_e2e, bench_moe), long-context decode at both
 # model shapes.
-# Next, in this order: Y (~2 min: decode merge, two launches vs the one-launch last-split merge, at the split counts
-# of B=1 1k-128k: issue 17's FP8 B=1 32k row is ~7 us of fixed latency a layer, the merge launch ~2.5 us of it), H with
+# Next, in this order: Y (~8 min: decode merge, two launches vs the one-launch last-split merge, kernels alone at B=1
+# 1k-128k, then served steps with the new fused_merge_max_splits knob: issue 17's FP8 B=1 32k row is ~7 us of fixed
+# latency a layer, the merge launch ~2.5 us of it), H with
 # H_EPS=2 H_SHAPE=glm45air H_DTYPE=fp8 H_TO=400 (the last missing EP table), then 2, 7, 3 (the GPU test halves after
 # the new tables), M on two GPUs, 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
@@ -338,11 +339,21 @@ if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": 
   done
 fi
 if [[ $PHASES == *Y* ]]; then  # issue 17: the decode merge, a second launch (the default) vs the last split merging in
-  # the same launch (fused: one program reads every split's partials of its KV head's query heads), B=1 at the split
-  # counts of 1k..128k, both model shapes; if fused wins a row, a config knob could pick it there (none exists yet)
-  for s in qwen3-30b-a3b glm-4.5-air; do
-    timeout 120 python3 benchmarks/bench_attention.py --shape $s --batches 1 --ctxs 1024,4096,32768,131072 \
-      --kv-dtypes fp8,bf16 --no-prefill --decode-merge separate,fused --out $OUT/merge_$s 2>&1 | grep -E "decode|Error"
+  # the same launch (fused: one program per sequence and KV head reads every split's partials), first the kernels
+  # alone (bench_attention rows, both merges, B=1 at the split counts of 1k..128k), then in served steps: the
+  # table's configs with fused_merge_max_splits=64 (decode_knobs.py: every split count fuses) against without, B=1
+  # at ctx 1k bf16 and at 32k FP8 KV. If fused wins, set the knob in the H200 table's decode configs (the split
+  # counts where it won: the small-batch config, and the base one if B=8 wins too)
+  timeout 80 python3 benchmarks/bench_attention.py --batches 1 --ctxs 1024,4096,32768,131072 --kv-dtypes fp8,bf16 \
+    --no-prefill --decode-merge separate,fused --out $OUT/merge_qwen3 2>&1 | grep -E "decode|Error"
+  for knobs in "" fused_merge_max_splits=64; do
+    RUN=(python3); [ -n "$knobs" ] && RUN=(python3 benchmarks/decode_knobs.py $knobs)
+    timeout 100 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling \
+      --steps 30 --out $OUT/e2e_merge${knobs:+_fused}.json 2>&1 | grep -E "^ours decode|Error|Traceback" \
+      | sed "s/^/merge ${knobs:-separate}: /"
+    timeout 120 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --ctx 32768 --prefill 8192 --steps 20 \
+      --kv-cache-dtype fp8 --out $OUT/e2e_32k_merge${knobs:+_fused}.json 2>&1 | grep -E "^ours decode|Error|Traceback" \
+      | sed "s/^/merge ${knobs:-separate} 32k fp8: /"
   done
 fi
 echo "done in $SECONDS s"

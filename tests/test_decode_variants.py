@@ -31,11 +31,6 @@ def use_table(monkeypatch, num_sms: int, small_cfg: dict) -> None:
     monkeypatch.setattr(plan, "_num_sms", lambda _: num_sms)
 
 
-@pytest.fixture
-def small_batch_table(monkeypatch):
-    use_table(monkeypatch, 20, {"BLOCK_N": 32, "num_warps": 2, "max_splits": 16})  # few SMs: few splits
-
-
 def variant(rows: int, width: int, heads: int = HEADS, kv_heads: int = KV_HEADS, fused_rows: int = 24) -> tuple:
     return plan.decode_variant(rows, width, BLOCK, heads, kv_heads, HEAD_DIM, torch.float16, CPU, fused_rows)
 
@@ -62,6 +57,22 @@ def test_variants_cover_every_shape(monkeypatch, sms, heads, kv_heads, fused_row
         assert any(key[2] and key[2][0] == 32 and width == widths for key, (_, width) in found.items())
 
 
+def test_variants_cover_the_fused_merge(monkeypatch) -> None:
+    # a small-batch config that merges up to 8 splits in the split kernel (fused_merge_max_splits): those launches
+    # compile the split kernel at the merge's tile and no second kernel; wider tables (more splits) launch two again
+    use_table(monkeypatch, 132, {"BLOCK_N": 32, "num_warps": 2, "min_split_tokens": 64, "fused_merge_max_splits": 8})
+    found = plan.decode_variants(range(1, 40), 157, BLOCK, HEADS, KV_HEADS, HEAD_DIM, torch.float16, CPU, 24)
+    for rows in range(1, 40):
+        for width in range(1, 158):
+            assert variant(rows, width) in found, (rows, width)
+    # (rows past small_batch 4 run the base config, which never fuses)
+    fused = [key for key in found if key[1] > 1 and key[2] is None]
+    small_two = [key for key, (rows, _) in found.items() if rows <= 4 and key[2] is not None]
+    assert fused and small_two
+    assert all(rows <= 4 for key, (rows, _) in found.items() if key in fused)
+    assert all(key[1] <= 8 for key in fused) and all(key[2][0] > 8 for key in small_two)
+
+
 class Recorder:
     """Stands in for a Triton kernel: records each launch's keyword arguments (the constexprs and launch options
     that pick the compiled variant; the positional ones are pointers and runtime values)."""
@@ -73,7 +84,9 @@ class Recorder:
         return lambda *args, **kwargs: self.launches.append(kwargs)
 
 
-def test_a_variant_fixes_what_compiles(small_batch_table, monkeypatch) -> None:
+@pytest.mark.parametrize("fused", [0, 4])
+def test_a_variant_fixes_what_compiles(monkeypatch, fused) -> None:
+    use_table(monkeypatch, 20, {"BLOCK_N": 32, "num_warps": 2, "max_splits": 16, "fused_merge_max_splits": fused})
     split, merge = Recorder(), Recorder()
     monkeypatch.setattr(decode, "_decode_kernel", split)
     monkeypatch.setattr(decode, "_reduce_kernel", merge)
@@ -91,7 +104,9 @@ def test_a_variant_fixes_what_compiles(small_batch_table, monkeypatch) -> None:
             key = variant(rows, width)[:3]  # (the fused-prologue flag: that step takes decode_fused's launch)
             assert compiled.setdefault(key, launched) == launched, (rows, width)
             assert (key[2] is None) == (not merge.launches)
+            assert split.launches[0]["FUSED_MERGE"] == (key[1] > 1 and key[2] is None)
     assert len(set(compiled.values())) == len(compiled) > 4  # and no two variants compile the same
+    assert any(key[1] > 1 and key[2] is None for key in compiled) == bool(fused)
 
 
 def test_eager_decode_warmup_writes_no_kv() -> None:

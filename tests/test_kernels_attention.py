@@ -80,6 +80,42 @@ def test_decode(case, num_splits, fused):
         assert all(int(c.count_nonzero()) == 0 for c in _COUNTERS.values())
 
 
+class _CountLaunches:
+    """A Triton kernel that records each launch's grid, then launches it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_decode_config_fuses_the_merge_up_to_its_split_count(monkeypatch):
+    # fused_merge_max_splits: launches of up to that many splits merge in the split kernel (no second launch),
+    # more splits launch the merge kernel; the same outputs as the reference either way
+    import kernels.attention.decode as decode
+    from kernels.attention.config import decode_config
+
+    heads, kv_heads, head_dim, block_size, dtype = CPU_CASES[0]
+    seq_lens = [37, 0, 150]
+    k_cache, v_cache, tables = _make_cache(seq_lens, block_size, kv_heads, head_dim, dtype, "cpu")
+    q = torch.randn(len(seq_lens), heads, head_dim).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    ref = paged_attention_decode_ref(q, k_cache, v_cache, lens, tables, head_dim**-0.5)
+    cfg = {**decode_config(head_dim, dtype), "fused_merge_max_splits": 4}
+    reduce = _CountLaunches(decode._reduce_kernel)
+    monkeypatch.setattr(decode, "_reduce_kernel", reduce)
+    for splits, launches in ((4, 0), (5, 1)):
+        reduce.grids.clear()
+        out = paged_attention_decode(q, k_cache, v_cache, lens, tables, head_dim**-0.5, num_splits=splits, config=cfg)
+        assert len(reduce.grids) == launches, splits
+        assert _rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 3e-3)
+        assert all(int(c.count_nonzero()) == 0 for c in decode._COUNTERS.values())  # left at zero for the next
+    with pytest.raises(ValueError, match="fused_merge_max_splits"):
+        paged_attention_decode(q, k_cache, v_cache, lens, tables, 0.1, config={**cfg, "fused_merge_max_splits": -1})
+
+
 def test_decode_num_splits_grow_as_the_batch_shrinks():
     from kernels.attention.decode_plan import decode_num_splits
 

@@ -5,7 +5,8 @@ benchmarks/tune_attention.py. It holds {"decode": {key: cfg}, "prefill": {key: c
 "d{head_dim}_{kv}" (kv: the cache dtype, bf16 / fp16 / fp32 / fp8):
 - decode: BLOCK_N (tokens per inner step), num_warps, num_stages, and the split rule: enough splits for
   programs_per_sm programs per SM, each with at least min_split_tokens tokens of the longest context; the later
-  knobs of DECODE_KNOB_DEFAULTS (more splits, at small batch only, the merge's width, the FP8 widening);
+  knobs of DECODE_KNOB_DEFAULTS (more splits, at small batch only, the merge's width or the merge inside the split
+  kernel, the FP8 widening and dots);
 - prefill (and extend, the same kernel): BLOCK_M (query rows: tokens x packed GQA heads), BLOCK_N,
   num_warps, num_stages; optional 0/1 variant keys (absent: 0, the kernel as before they existed):
   MASK_FREE (no predicates on the K/V copies of tiles that are whole by construction), LPT_GRID (query blocks
@@ -40,7 +41,8 @@ from kernels.moe_config import CONFIG_DIR, device_name
 
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
-               "merge_block_d", "fp8_widen", "small_batch", "small_batch_config", "fp8_dot", "fp8_q2")
+               "merge_block_d", "fp8_widen", "small_batch", "small_batch_config", "fp8_dot", "fp8_q2",
+               "fused_merge_max_splits")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
@@ -52,9 +54,11 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 # (the prefill's FP8_DOT, kernels/attention/prefill.py); 1: the query rows padded to 64 (wgmma's M), 2: transposed, the
 # tile's tokens as the dots' rows (wgmma at BLOCK_N >= 64 per warpgroup), 3: 2 with V's copy not pipelined
 # (decode._decode_kernel says why both); fp8_widen is then unused; fp8_q2 (with fp8_dot): q as two e4m3
-# terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy)
+# terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy);
+# fused_merge_max_splits: launches of 2 up to this many splits merge in the split kernel (its last split per
+# sequence and KV head reads every split's partials) instead of a second launch (0: never; decode_plan.merge_fused)
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
-                        "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0}
+                        "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0, "fused_merge_max_splits": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16", "FP8_DOT")  # optional, 0 / 1
 # prefill knobs (counts; a config without them gets these): an FP8 cache's pages widened once into a 16-bit scratch
@@ -157,6 +161,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     counts = ("max_splits", "programs_per_sm", "min_split_tokens")
     if any(cfg.get(k, 1) < 1 for k in counts) or cfg.get("small_batch", 0) < 0:
         raise ValueError(f"attention config {cfg}: {', '.join(counts)} must be >= 1, small_batch >= 0")
+    fused = cfg.get("fused_merge_max_splits", 0)
+    if not isinstance(fused, int) or fused < 0:
+        raise ValueError(f"attention config fused_merge_max_splits={fused!r} must be a split count >= 0 (0: never)")
     if small := cfg.get("small_batch_config"):
         if not isinstance(small, dict) or small.get("small_batch_config"):
             raise ValueError(f"attention config small_batch_config={small} must be a decode config, not nested")

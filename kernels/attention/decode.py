@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from kernels import zeroed_counters
-from kernels.attention.decode_plan import decode_launch_config, decode_plan
+from kernels.attention.decode_plan import decode_launch_config, decode_plan, merge_fused
 from kernels.attention.fp8_dot import (
     FP16_MAX,
     P_LOG2_SCALE,
@@ -313,7 +313,7 @@ def paged_attention_decode(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     num_splits: int | None = None,
-    fused_merge: bool = False,  # True: the last split merges in the same launch (slower on H200; for A/B)
+    fused_merge: bool | None = None,  # True: the last split merges in the same launch; None: as the config says
     config: dict | None = None,  # tile config (kernels/attention/config.py); None: this GPU's table or the default
 ) -> torch.Tensor:
     check_cache(q, k_cache, v_cache)
@@ -333,7 +333,7 @@ _NO_PROLOGUE = dict.fromkeys(("pos_ptr", "cs_ptr", "qw_ptr", "kw_ptr", "slot_ptr
 
 def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, k_scale: float, v_scale: float,
-                  num_splits: int | None, fused_merge: bool, cfg: dict, prologue: dict | None = None) -> None:
+                  num_splits: int | None, fused_merge: bool | None, cfg: dict, prologue: dict | None = None) -> None:
     # the launches behind the checked wrappers, batch >= 1: q [batch, num_heads, head_dim], or with prologue (the
     # fused prologue's kernel arguments, kernels/attention/decode_fused.py) the raw QKV rows [batch, width]; out
     # [batch, num_heads, head_dim]; cfg from decode_launch_config
@@ -342,6 +342,8 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
     group = num_heads // num_kv_heads
     num_splits, splits_pad, merge_d = decode_plan(batch, num_heads, num_kv_heads, head_dim,
                                                   block_tables.shape[1] * block_size, cfg, q.device, num_splits)
+    if fused_merge is None:  # the config's rule (decode_plan.merge_fused: a split count, shapes only)
+        fused_merge = merge_fused(cfg, num_splits)
     block_d = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)

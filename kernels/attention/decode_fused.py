@@ -88,7 +88,7 @@ def paged_attention_decode_fused(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     num_splits: int | None = None,
-    fused_merge: bool = False,
+    fused_merge: bool | None = None,  # None: as the config says (decode_plan.merge_fused)
     config: dict | None = None,  # decode tile config (kernels/attention/config.py); None: this GPU's table
 ) -> torch.Tensor:
     num_heads, _, head_dim = check_prologue(qkv, positions, cos_sin, q_norm_weight, k_norm_weight, k_cache, v_cache,

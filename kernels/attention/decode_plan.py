@@ -55,19 +55,28 @@ def decode_plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, ma
     return num_splits, splits_pad, merge_d
 
 
+def merge_fused(cfg: dict, num_splits: int) -> bool:
+    """Whether a launch of num_splits splits merges them in the split kernel (the last split of each sequence and KV
+    head, one launch) rather than in a second one: the config's fused_merge_max_splits (0: never)."""
+    return 1 < num_splits <= cfg["fused_merge_max_splits"]
+
+
 _COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2")  # launch_decode compiles
 
 
 def decode_variant(rows: int, width: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                    kv_dtype: torch.dtype, device: torch.device, fused_rows: int = 0) -> tuple:
     """What a decode step of `rows` sequences with block tables `width` pages wide compiles: the config's
-    tiles and kernel knobs, the split kernel's SPLITS_PAD (1 or 2), the merge's SPLITS_PAD and BLOCK_D (None at one
-    split), and whether the step has at most fused_rows rows (the model's fused-prologue limit: a variant of its
+    tiles and kernel knobs, the split kernel's SPLITS_PAD (1 at one split, 2 with a second launch, the merge's
+    tile when the split kernel merges: merge_fused), the second launch's SPLITS_PAD and BLOCK_D (None without
+    one), and whether the step has at most fused_rows rows (the model's fused-prologue limit: a variant of its
     own)."""
     cfg = decode_launch_config(head_dim, kv_dtype, device, rows)
     splits, splits_pad, merge_d = decode_plan(rows, num_heads, num_kv_heads, head_dim, width * block_size, cfg,
                                               device)
     tiles = tuple(cfg[k] for k in _COMPILED_KNOBS)  # the rest of the config acts through decode_plan
+    if merge_fused(cfg, splits):
+        return tiles, splits_pad, None, rows <= fused_rows
     return tiles, min(splits_pad, 2), (splits_pad, merge_d) if splits > 1 else None, rows <= fused_rows
 
 
@@ -87,7 +96,7 @@ def decode_variants(rows: range, widths: int, block_size: int, num_heads: int, n
             key = decode_variant(n, w, *shape)
             variants.setdefault(key, (n, w))
         # one split at the widest: so at every width and every larger n, whose config no longer changes
-        if n > max(fused_rows, small_batch) and key[2] is None:
+        if n > max(fused_rows, small_batch) and key[1] == 1:
             break
     return variants
 
