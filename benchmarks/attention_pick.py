@@ -15,6 +15,13 @@ SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SM
 # prefill keys this tuner never sweeps, set in the checked-in table from other benches (the Gluon kernel and the
 # query length it runs from, bench_attention.py --gluon; the FP8 scratch's knobs): a pick keeps them
 UNSWEPT_PREFILL_KEYS = ("gluon", *PREFILL_KNOB_DEFAULTS)
+# decode knobs it never sweeps (set from bench_attention.py --decode-merge / gpu_next phase Y): a pick keeps them, per
+# batch class
+UNSWEPT_DECODE_KEYS = ("fused_merge_max_splits",)
+
+
+def _keep_unswept(new: dict, prev: dict) -> dict:
+    return {**new, **{x: prev[x] for x in UNSWEPT_DECODE_KEYS if x in prev}}
 
 
 def geomean(xs: list[float]) -> float:
@@ -62,6 +69,24 @@ def pick_small_batch(rows: list[dict], table: dict) -> dict:
     return table
 
 
+def _merge_decode(prev: dict, new: dict, batch_class: str | None) -> dict:
+    # a decode pick over the checked-in entry prev: one batch class (batch_class "small" / "large") or both (None);
+    # each class keeps its own UNSWEPT_DECODE_KEYS (the small class: prev's small config's, else prev's own)
+    prev_small = {**DECODE_KNOB_DEFAULTS, **(prev.get("small_batch_config") or prev)}
+    if batch_class == "small":
+        return {**prev, "small_batch": SMALL_BATCH, "small_batch_config": _keep_unswept(new, prev_small)}
+    if batch_class is None and not new.get("small_batch_config") and any(
+            prev_small.get(x) != prev.get(x) for x in UNSWEPT_DECODE_KEYS):  # one pick, two classes' knobs
+        small = {x: y for x, y in new.items() if x not in ("small_batch", "small_batch_config")}
+        new = {**new, "small_batch": SMALL_BATCH, "small_batch_config": small}
+    new = _keep_unswept(new, prev)
+    if batch_class == "large" and prev.get("small_batch_config"):
+        return {**new, "small_batch": prev["small_batch"], "small_batch_config": prev["small_batch_config"]}
+    if new.get("small_batch_config"):
+        new["small_batch_config"] = _keep_unswept(new["small_batch_config"], prev_small)
+    return new
+
+
 def merge_table(old: dict, table: dict) -> dict:
     """The table file to write: the checked-in one (old) with this run's picks over it key by key, so that a kind
     (--only) or a cache dtype this run did not time (its cases skipped for the budget) keeps its checked-in entry
@@ -69,20 +94,18 @@ def merge_table(old: dict, table: dict) -> dict:
     batch class only (pick_small_batch's batch_class) replaces that class's config in the checked-in entry: a B=1
     pick becomes its small_batch_config, not the config of every batch; a pick over the larger batches keeps the
     checked-in small_batch_config. A decode entry this run writes gets every knob (DECODE_KNOB_DEFAULTS for those a
-    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is; a prefill pick keeps the
-    checked-in entry's UNSWEPT_PREFILL_KEYS."""
+    checked-in entry predates, e.g. fp8_dot), so the file passes check_config as it is, and keeps each class's
+    UNSWEPT_DECODE_KEYS; a prefill pick keeps the checked-in entry's UNSWEPT_PREFILL_KEYS."""
     written = {kind: dict(entries) for kind, entries in old.items()}
     for kind, entries in table.items():
         for key, cfg in entries.items():
             new = {x: y for x, y in cfg.items() if not x.endswith("geomean_frac") and x != "batch_class"}
             prev = written.get(kind, {}).get(key)
             if prev and kind == "decode":
-                prev = {**DECODE_KNOB_DEFAULTS, **prev}
-            if prev and cfg.get("batch_class") == "small":
-                new = {**prev, "small_batch": SMALL_BATCH, "small_batch_config": new}
-            elif prev and cfg.get("batch_class") == "large" and prev.get("small_batch_config"):
-                new.update(small_batch=prev["small_batch"], small_batch_config=prev["small_batch_config"])
-            elif prev and kind == "prefill":
+                written.setdefault(kind, {})[key] = _merge_decode({**DECODE_KNOB_DEFAULTS, **prev}, new,
+                                                                  cfg.get("batch_class"))
+                continue
+            if prev and kind == "prefill":
                 new.update({x: prev[x] for x in UNSWEPT_PREFILL_KEYS if x in prev})
             written.setdefault(kind, {})[key] = new
     return written

@@ -402,6 +402,23 @@ def test_tuner_table_merge_of_one_batch_class():
     assert ta.merge_table({}, table)["decode"][key] == a  # nothing checked in: the pick as it is
 
 
+def test_tuner_table_merge_keeps_the_unswept_decode_knobs():
+    # fused_merge_max_splits is set by hand from bench_attention's merge rows, never swept: a re-tune of either batch
+    # class, or of both, keeps each class's value
+    import tune_attention as ta
+
+    a, b = ta.decode_cfg((64, 4, 3), (2, 64)), ta.decode_cfg((32, 4, 2), (8, 64, {"max_splits": 256}))
+    key = f"d{ta.HEAD_DIM}_fp8"
+    old = {"decode": {key: {**a, "fused_merge_max_splits": 4, "small_batch": ta.SMALL_BATCH,
+                            "small_batch_config": {**b, "fused_merge_max_splits": 64}}}}
+    for batches, small in (((1,), b), ((16, 64), b), ((1, 16, 64), b), ((1, 16, 64), a)):  # (a, a: one pick)
+        rows = [{"kind": "decode", "case": f"B={n}", "batch": n, "kv": "fp8", "cfg": a if n > 1 else small,
+                 "frac": 0.5} for n in batches]
+        entry = ta.merge_table(old, ta.pick_small_batch(rows, ta.pick(rows)))["decode"][key]
+        assert entry["fused_merge_max_splits"] == 4 and entry["small_batch_config"]["fused_merge_max_splits"] == 64
+        acfg.check_config(entry, acfg.DECODE_KEYS, ta.HEAD_DIM)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", [torch.bfloat16, FP8])
 def test_swept_configs_gpu(kv):

@@ -112,8 +112,10 @@ def test_decode_config_fuses_the_merge_up_to_its_split_count(monkeypatch):
         assert len(reduce.grids) == launches, splits
         assert _rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 3e-3)
         assert all(int(c.count_nonzero()) == 0 for c in decode._COUNTERS.values())  # left at zero for the next
-    with pytest.raises(ValueError, match="fused_merge_max_splits"):
-        paged_attention_decode(q, k_cache, v_cache, lens, tables, 0.1, config={**cfg, "fused_merge_max_splits": -1})
+    for bad in (-1, 12, True):  # a power of two: split counts share compiled kernels by them (decode_variants)
+        with pytest.raises(ValueError, match="fused_merge_max_splits"):
+            paged_attention_decode(q, k_cache, v_cache, lens, tables, 0.1,
+                                   config={**cfg, "fused_merge_max_splits": bad})
 
 
 def test_decode_num_splits_grow_as_the_batch_shrinks():

@@ -55,8 +55,9 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 # tile's tokens as the dots' rows (wgmma at BLOCK_N >= 64 per warpgroup), 3: 2 with V's copy not pipelined
 # (decode._decode_kernel says why both); fp8_widen is then unused; fp8_q2 (with fp8_dot): q as two e4m3
 # terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy);
-# fused_merge_max_splits: launches of 2 up to this many splits merge in the split kernel (its last split per
-# sequence and KV head reads every split's partials) instead of a second launch (0: never; decode_plan.merge_fused)
+# fused_merge_max_splits (0 or a power of two, as the split counts' compiled classes): launches of 2 up to this many
+# splits merge in the split kernel (its last split per sequence and KV head reads every split's partials) instead of
+# a second launch (0: never; decode_plan.merge_fused)
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
                         "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0, "fused_merge_max_splits": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
@@ -161,9 +162,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
     counts = ("max_splits", "programs_per_sm", "min_split_tokens")
     if any(cfg.get(k, 1) < 1 for k in counts) or cfg.get("small_batch", 0) < 0:
         raise ValueError(f"attention config {cfg}: {', '.join(counts)} must be >= 1, small_batch >= 0")
-    fused = cfg.get("fused_merge_max_splits", 0)
-    if not isinstance(fused, int) or fused < 0:
-        raise ValueError(f"attention config fused_merge_max_splits={fused!r} must be a split count >= 0 (0: never)")
+    fused = cfg.get("fused_merge_max_splits", 0)  # a power of two: split counts share compiled kernels by them
+    if type(fused) is not int or fused < 0 or fused & (fused - 1):
+        raise ValueError(f"attention config fused_merge_max_splits={fused!r} must be 0 (never) or a power of two")
     if small := cfg.get("small_batch_config"):
         if not isinstance(small, dict) or small.get("small_batch_config"):
             raise ValueError(f"attention config small_batch_config={small} must be a decode config, not nested")

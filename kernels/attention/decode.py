@@ -4,9 +4,11 @@ The cache layout, the slot rule and the FP8 scheme are those of kernels/attentio
 KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
 output and its log-sum-exp, and a second launch merges them. fused_merge=True instead lets the last split
 of a (sequence, KV head) to finish (an atomic counter) merge them in the same launch; measured on an H200
-it loses (B=1 ctx 32k: 77.5 us fused vs 48.7 us two launches; one program reads every split's partials),
-so two launches are the default. At long context and small batch many splits keep every SM streaming KV: up to
-MAX_SPLITS per (sequence, KV head), capped by the config's max_splits (64 by default, the old limit); the merge
+it lost (2026-11-29, an older kernel: B=1 ctx 32k 77.5 us fused vs 48.7 us two launches; one program reads every
+split's partials), so two launches are the default: fused_merge=None (the default) fuses where the config's
+fused_merge_max_splits says, which no table sets yet (kernels/attention/config.py). At long context and small
+batch many splits keep every SM streaming KV: up to MAX_SPLITS per (sequence, KV head), capped by the config's
+max_splits (64 by default, the old limit); the merge
 reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
 run, and up to 64 splits are merged exactly as before. The split rule, the config a batch runs and what a launch
 compiles, from shapes alone: kernels/attention/decode_plan.py.
