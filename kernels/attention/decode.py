@@ -8,10 +8,9 @@ it lost (2026-11-29, an older kernel: B=1 ctx 32k 77.5 us fused vs 48.7 us two l
 split's partials), so two launches are the default: fused_merge=None (the default) fuses where the config's
 fused_merge_max_splits says, which no table sets yet (kernels/attention/config.py). At long context and small
 batch many splits keep every SM streaming KV: up to MAX_SPLITS per (sequence, KV head), capped by the config's
-max_splits (64 by default, the old limit); the merge
-reads them 64 at a time with an online log-sum-exp in a fixed order, so the output bits do not change from run to
-run, and up to 64 splits are merged exactly as before. The split rule, the config a batch runs and what a launch
-compiles, from shapes alone: kernels/attention/decode_plan.py.
+max_splits (64 by default, the old limit); the merge reads them 64 at a time with an online log-sum-exp in a fixed
+order, so the output bits do not change from run to run, and up to 64 splits are merged exactly as before. The split
+rule, the config a batch runs and what a launch compiles, from shapes alone: kernels/attention/decode_plan.py.
 
 PROLOGUE (kernels/attention/decode_fused.py): the attention prologue (q/k norm, RoPE, the new token's K/V store) inside
 this kernel, from the raw QKV rows: one launch fewer per decode layer; bit for bit the two launches.
