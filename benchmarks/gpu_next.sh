@@ -340,16 +340,19 @@ if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": 
 fi
 if [[ $PHASES == *Y* ]]; then  # issue 17: the decode merge, a second launch (the default) vs the last split merging in
   # the same launch (fused: one program per sequence and KV head reads every split's partials), first the kernels
-  # alone (bench_attention rows, both merges, B=1 at the split counts of 1k..128k), then in served steps: the
-  # table's configs with fused_merge_max_splits=64 (decode_knobs.py: every split count fuses) against without, B=1
-  # at ctx 1k bf16 and at 32k FP8 KV. If fused wins, set the knob in the H200 table's decode configs (the split
-  # counts where it won: the small-batch config, and the base one if B=8 wins too)
+  # alone (bench_attention rows, both merges, B=1 at the split counts of 1k..128k: 8 splits at 1k, 64 from 8k), then
+  # in steps: the table's configs with fused_merge_max_splits=64 (decode_knobs.py: every split count fuses) against
+  # without, B=1 at ctx 1k bf16 with graphs sized as served (--max-model-len 40960: 64 splits whatever the context,
+  # so the fused merge reads 64 splits' partials where 8 hold tokens) and at 32k FP8 KV. If fused wins, set the knob
+  # in the H200 table's small-batch decode configs; if it wins at 1k alone, a merge bounded by the splits that hold
+  # tokens comes first (the knob decides from the static split count, which served graphs fix at 64)
   timeout 80 python3 benchmarks/bench_attention.py --batches 1 --ctxs 1024,4096,32768,131072 --kv-dtypes fp8,bf16 \
     --no-prefill --decode-merge separate,fused --out $OUT/merge_qwen3 2>&1 | grep -E "decode|Error"
   for knobs in "" fused_merge_max_splits=64; do
     RUN=(python3); [ -n "$knobs" ] && RUN=(python3 benchmarks/decode_knobs.py $knobs)
-    timeout 100 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1,8 --prefill 1024 --async-scheduling \
-      --steps 30 --out $OUT/e2e_merge${knobs:+_fused}.json 2>&1 | grep -E "^ours decode|Error|Traceback" \
+    timeout 100 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --prefill 1024 --async-scheduling \
+      --max-model-len 40960 --steps 30 --out $OUT/e2e_merge${knobs:+_fused}.json 2>&1 \
+      | grep -E "^ours decode|Error|Traceback" \
       | sed "s/^/merge ${knobs:-separate}: /"
     timeout 120 "${RUN[@]}" benchmarks/bench_e2e.py --no-hf --batch-sizes 1 --ctx 32768 --prefill 8192 --steps 20 \
       --kv-cache-dtype fp8 --out $OUT/e2e_32k_merge${knobs:+_fused}.json 2>&1 | grep -E "^ours decode|Error|Traceback" \
