@@ -15,9 +15,9 @@ SMALL_BATCH = 4  # the table's decode entry: a config of its own for batch <= SM
 # prefill keys this tuner never sweeps, set in the checked-in table from other benches (the Gluon kernel and the
 # query length it runs from, bench_attention.py --gluon; the FP8 scratch's knobs): a pick keeps them
 UNSWEPT_PREFILL_KEYS = ("gluon", *PREFILL_KNOB_DEFAULTS)
-# decode knobs it never sweeps (set from bench_attention.py --decode-merge / gpu_next phase Y): a pick keeps them, per
-# batch class
-UNSWEPT_DECODE_KEYS = ("fused_merge_max_splits",)
+# decode knobs it never sweeps (set by hand from bench_attention.py --decode-merge and from decode_knobs.py A/Bs of
+# engine steps, gpu_next phases Y and Z): a pick keeps them, per batch class
+UNSWEPT_DECODE_KEYS = ("fused_merge_max_splits", "early_inputs")
 
 
 def _keep_unswept(new: dict, prev: dict) -> dict:

@@ -27,8 +27,9 @@ The safety rule, kept by EVERY kernel that takes PDL (tests/test_pdl.py checks i
       the cache rows of the sequences' earlier tokens: decode attention runs in pure decode steps only (one new
       token per sequence; mixed steps take the prefill kernel), whose one K/V store per sequence and layer is the
       new token's row, by that layer's prologue (or by the fused decode kernel itself); the earlier rows were
-      stored by earlier forwards (prefix-cache hits share full blocks only). (Safe, but decode attention reads
-      neither before its wait: both measured slower, sessions 16-17.)
+      stored by earlier forwards (prefix-cache hits share full blocks only). (Safe; decode attention reads the
+      step inputs before its wait only where its config's early_inputs says, and the cache rows never: sessions 16-17,
+      20.)
   (1') the one exception: data written two or more kernels back, by a kernel that itself waited before it
       released (every kernel here), may be read before the wait. When kernel N+1 starts, kernel N has passed its
       wait, so N-1 has completed and its stores are in memory before N+1's first instruction (and N+1's L1 starts
@@ -49,9 +50,11 @@ the wait (for a grid of one wave, at once), and they then run their weight prefe
 What each kernel reads before its wait (tests/test_pdl.py checks these on the PTX):
   norm._rms_norm_kernel: the norm weight row; qkv_prologue: the q/k norm weights (cos/sin needs the positions);
   router_fused: the split's first [BLOCK_E, BLOCK_H] router-weight tile; linear.gemv (16-bit and FP8 weights): the first
-  K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')). Nothing: decode
-  attention (its step inputs before the wait measured slower, session 17; its first K/V tile too, session 16) and
-  the split merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's ids,
+  K step's weight tile; the MoE GEMV down kernel: the topk ids and its first weight tile (rule (1')); decode attention:
+  with its config's early_inputs, the step's sequence length, block-table row and first page ids (the H200 table: an
+  FP8 cache at batch <= 4, where it won: B=1 ctx 32k 3.348 -> 3.304 ms a step, 1k 2.762 -> 2.751, session 20; in
+  bf16-cache steps it lost, 2.69 -> 2.73 ms, session 17), else nothing (its first K/V tile too lost, session 16).
+  Nothing: the split merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's ids,
   the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
   (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after the
   wait.)

@@ -137,6 +137,9 @@ def cases() -> dict[str, tuple]:
                          slot_ptr="i64", eps=1e-6, inv_k_scale=1.0, inv_v_scale=1.0, stride_cos=D)
     prologue_consts = dict(decode_consts, BLOCK_N=64, PROLOGUE=True, HALF=D // 2, QK_NORM=True, FP8_KV=False)
     decode_consts.update(dict.fromkeys(decode_attention._NO_PROLOGUE))
+    fp8_cache = dict(k_cache_ptr="fp8e4nv", v_cache_ptr="fp8e4nv")
+    fp8_early = dict(BLOCK_N=128, FP8_DOT=2, FP8_Q2=True, EARLY_INPUTS=True)
+    early = ["seq_lens_ptr", "block_tables_ptr", "LOADED"]  # the page ids: addresses from the loaded lengths
     wt = dict(w_ptr="bf16", ws_ptr="bf16", ids_ptr="i32", num_pairs=TOPK, stride_wse=16, stride_wsn=16)
     gemv = dict(USE_FP8=False, EVEN_K=True, BLOCK_N=16, NUM_STAGES=1)
     norm_args = dict(x_ptr="bf16", res_ptr="bf16", w_ptr="bf16", out_ptr="bf16", res_out_ptr="bf16", ids_ptr="i32",
@@ -150,6 +153,12 @@ def cases() -> dict[str, tuple]:
         "qkv_prologue_partial_rotary": _prologue(96, 8, D // 4, D // 2),
         "decode_attention": (decode_attention._decode_kernel, decode_args, decode_consts, 4, 3, []),
         "decode_attention_prologue": (decode_attention._decode_kernel, prologue_args, prologue_consts, 4, 3, []),
+        # the config's early_inputs (the H200 table's FP8-cache small-batch config): the step's lengths, table row
+        # and first page ids before the wait (rule (1)); q, the QKV row and the cache after it
+        "decode_attention_early_fp8": (decode_attention._decode_kernel, dict(decode_args, **fp8_cache),
+                                       dict(decode_consts, **fp8_early), 4, 3, early),
+        "decode_attention_prologue_early_fp8": (decode_attention._decode_kernel, dict(prologue_args, **fp8_cache),
+                                                dict(prologue_consts, FP8_KV=True, **fp8_early), 4, 3, early),
         "decode_reduce": (decode_attention._reduce_kernel, dict(part_out_ptr="fp32", part_lse_ptr="fp32",
                                                                 out_ptr="bf16", num_splits=32, stride_ob=HEADS * D,
                                                                 stride_oh=D),

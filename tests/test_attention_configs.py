@@ -381,6 +381,7 @@ def test_tuner_table_merge_of_one_batch_class():
     # the budget ran out after an FP8 decode sweep's B=1 cases: that pick is the checked-in entry's small-batch
     # config, not the config of every batch (B=64 with a B=1 tile and split rule); a sweep of the larger batches only
     # keeps the checked-in small-batch config
+    import attention_pick as ap
     import tune_attention as ta
 
     old = json.loads((acfg.CONFIG_DIR / acfg.config_file_name("NVIDIA_H200")).read_text())
@@ -392,9 +393,11 @@ def test_tuner_table_merge_of_one_batch_class():
         assert table["decode"][key]["batch_class"] == ("small" if batches == (1,) else "large")
         entry = ta.merge_table(old, table)["decode"][key]
         if batches == (1,):
-            # (a knob the checked-in entry predates, e.g. fp8_dot, written at its default)
+            # (a knob the checked-in entry predates, e.g. fp8_dot, written at its default; the knobs the tuner does
+            # not sweep, e.g. early_inputs, kept from the checked-in small-batch config)
+            kept = {k: v for k, v in old["decode"][key]["small_batch_config"].items() if k in ap.UNSWEPT_DECODE_KEYS}
             assert entry == {**acfg.DECODE_KNOB_DEFAULTS, **old["decode"][key], "small_batch": ta.SMALL_BATCH,
-                             "small_batch_config": b}
+                             "small_batch_config": {**b, **kept}}
         else:
             assert entry == {**a, "small_batch": ta.SMALL_BATCH, "small_batch_config": old["decode"][key][
                 "small_batch_config"]}
@@ -403,19 +406,20 @@ def test_tuner_table_merge_of_one_batch_class():
 
 
 def test_tuner_table_merge_keeps_the_unswept_decode_knobs():
-    # fused_merge_max_splits is set by hand from bench_attention's merge rows, never swept: a re-tune of either batch
-    # class, or of both, keeps each class's value
+    # fused_merge_max_splits and early_inputs are set by hand (bench_attention's merge rows, A/Bs of engine steps),
+    # never swept: a re-tune of either batch class, or of both, keeps each class's value
     import tune_attention as ta
 
     a, b = ta.decode_cfg((64, 4, 3), (2, 64)), ta.decode_cfg((32, 4, 2), (8, 64, {"max_splits": 256}))
     key = f"d{ta.HEAD_DIM}_fp8"
     old = {"decode": {key: {**a, "fused_merge_max_splits": 4, "small_batch": ta.SMALL_BATCH,
-                            "small_batch_config": {**b, "fused_merge_max_splits": 64}}}}
+                            "small_batch_config": {**b, "fused_merge_max_splits": 64, "early_inputs": 1}}}}
     for batches, small in (((1,), b), ((16, 64), b), ((1, 16, 64), b), ((1, 16, 64), a)):  # (a, a: one pick)
         rows = [{"kind": "decode", "case": f"B={n}", "batch": n, "kv": "fp8", "cfg": a if n > 1 else small,
                  "frac": 0.5} for n in batches]
         entry = ta.merge_table(old, ta.pick_small_batch(rows, ta.pick(rows)))["decode"][key]
         assert entry["fused_merge_max_splits"] == 4 and entry["small_batch_config"]["fused_merge_max_splits"] == 64
+        assert entry.get("early_inputs", 0) == 0 and entry["small_batch_config"]["early_inputs"] == 1
         acfg.check_config(entry, acfg.DECODE_KEYS, ta.HEAD_DIM)
 
 

@@ -113,6 +113,21 @@ def test_fused_merge_and_many_splits():
         _same(got, _run(_two_launches, kw, num_splits=7, fused_merge=fused_merge, config=SMALL))
 
 
+@pytest.mark.parametrize("cache", ["fp16", "fp8"])
+def test_early_inputs_change_no_bit(cache):
+    # the config's early_inputs (the step's lengths, table row and first page ids before the PDL wait; on the CPU
+    # there is no wait, the loads move all the same): bit for bit the kernel without it, fused prologue (fp16 cache)
+    # and the two launches with e4m3 dots (FP8 cache, the H200 table's small-batch config), several splits
+    fp8 = cache == "fp8"
+    kw = _inputs([45, 17, 0], 4, 2, 32, 32, torch.float16, FP8_DTYPE if fp8 else torch.float16, seed=5)
+    cfg = dict(SMALL, BLOCK_N=32, fp8_dot=2, fp8_q2=1) if fp8 else SMALL
+    scales = dict(k_scale=0.02, v_scale=0.05) if fp8 else {}
+    for splits in (1, 3):
+        want = _run(paged_attention_decode_fused, kw, num_splits=splits, config=cfg, **scales)
+        _same(_run(paged_attention_decode_fused, kw, num_splits=splits, config=dict(cfg, early_inputs=1), **scales),
+              want)
+
+
 def test_fp8_dot_config_runs_the_separate_prologue():
     # FP8 tensor-core decode (fp8_dot) runs the two launches unless FUSED_FP8_DOT is on (off by default): same results
     kw = _inputs([21, 6], 4, 2, 32, 32, torch.float16, FP8_DTYPE, seed=3)

@@ -42,7 +42,7 @@ from kernels.moe_config import CONFIG_DIR, device_name
 _KV_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", FP8_DTYPE: "fp8"}
 DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split_tokens", "max_splits",
                "merge_block_d", "fp8_widen", "small_batch", "small_batch_config", "fp8_dot", "fp8_q2",
-               "fused_merge_max_splits")
+               "fused_merge_max_splits", "early_inputs")
 # decode knobs added after the first tables, at the values that run what the kernel ran before them (a table or
 # hand-written config without them gets these): max_splits caps the split rule (the kernel takes up to
 # decode.MAX_SPLITS); merge_block_d: the merge's columns per program (0: full head_dim when
@@ -57,9 +57,12 @@ DECODE_KEYS = ("BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_spl
 # terms, a second QK^T dot for ~2^-8 instead of 2^-4 per q value (kernels/attention/decode.py: accuracy);
 # fused_merge_max_splits (0 or a power of two, as the split counts' compiled classes): launches of 2 up to this many
 # splits merge in the split kernel (its last split per sequence and KV head reads every split's partials) instead of
-# a second launch (0: never; decode_plan.merge_fused)
+# a second launch (0: never; decode_plan.merge_fused); early_inputs (0 / 1): under PDL, the step's sequence length,
+# block-table row and first page ids loaded before griddepcontrol.wait (kernels/pdl.py rule (1)), so that the
+# predecessor's tail hides two dependent loads (decode._decode_kernel)
 DECODE_KNOB_DEFAULTS = {"max_splits": 64, "merge_block_d": 0, "fp8_widen": 0, "small_batch": 0,
-                        "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0, "fused_merge_max_splits": 0}
+                        "small_batch_config": None, "fp8_dot": 0, "fp8_q2": 0, "fused_merge_max_splits": 0,
+                        "early_inputs": 0}
 PREFILL_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 PREFILL_VARIANT_KEYS = ("MASK_FREE", "LPT_GRID", "RAGGED", "Q_F16", "FP8_DOT")  # optional, 0 / 1
 # prefill knobs (counts; a config without them gets these): an FP8 cache's pages widened once into a 16-bit scratch

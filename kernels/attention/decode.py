@@ -4,9 +4,10 @@ The cache layout, the slot rule and the FP8 scheme are those of kernels/attentio
 KV head) is cut into num_splits equal, BLOCK_N-aligned shares of its tokens; every split writes a partial
 output and its log-sum-exp, and a second launch merges them. fused_merge=True instead lets the last split
 of a (sequence, KV head) to finish (an atomic counter) merge them in the same launch; measured on an H200
-it lost (2026-11-29, an older kernel: B=1 ctx 32k 77.5 us fused vs 48.7 us two launches; one program reads every
-split's partials), so two launches are the default: fused_merge=None (the default) fuses where the config's
-fused_merge_max_splits says, which no table sets yet (kernels/attention/config.py). At long context and small
+it lost (2026-11-29, an older kernel: B=1 ctx 32k 77.5 us fused vs 48.7 us two launches; 2026-12-01, this one, B=1
+Qwen3-30B-A3B heads: 4k FP8 KV 15.4 vs 6.2 us, 32k 25.6 vs 15.8, 128k bf16 106.3 vs 66.9: one program reads every
+split's partials, head after head), so two launches are the default: fused_merge=None (the default) fuses where the
+config's fused_merge_max_splits says, which no table sets (kernels/attention/config.py). At long context and small
 batch many splits keep every SM streaming KV: up to MAX_SPLITS per (sequence, KV head), capped by the config's
 max_splits (64 by default, the old limit); the merge reads them 64 at a time with an online log-sum-exp in a fixed
 order, so the output bits do not change from run to run, and up to 64 splits are merged exactly as before. The split
@@ -155,11 +156,13 @@ def _decode_kernel(
     PDL: tl.constexpr = False, FP8_WIDEN: tl.constexpr = 0, FP8_DOT: tl.constexpr = 0,
     INTERP: tl.constexpr = False, FP8_Q2: tl.constexpr = False,
     PROLOGUE: tl.constexpr = False, HALF: tl.constexpr = 1, QK_NORM: tl.constexpr = False, FP8_KV: tl.constexpr = False,
+    EARLY_INPUTS: tl.constexpr = False,
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
-    # PDL: waits first, reading nothing before it. The step's lengths and tables (and through them the first page
-    # ids) may be read early (kernels/pdl.py rule (1)), but that measured slower (session 17, one H200: B=1 bf16
-    # 2.69 -> 2.73 ms, new / old / new in one call), and each split's first K/V tile too (session 16)
+    # PDL: waits first, reading nothing before it, unless EARLY_INPUTS (the config's early_inputs): the step's lengths
+    # and tables (and through them the first page ids) are then read before the wait (kernels/pdl.py rule (1)); in
+    # steps that measured slower (session 17, one H200: B=1 bf16 2.69 -> 2.73 ms, new / old / new in one call), and
+    # each split's first K/V tile too (session 16)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
     # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
     # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
@@ -171,8 +174,9 @@ def _decode_kernel(
     # e4m3 terms (fp8_dot._q_low_part), a second QK^T dot on the same K tile: q's rounding error drops from 2^-4
     # to ~2^-8 per value, which matters once scores spread (see the module docstring)
     V_DIRECT: tl.constexpr = INTERP or FP8_DOT == 3
-    pdl_wait(PDL)
-    pdl_release(PDL)
+    if not EARLY_INPUTS:
+        pdl_wait(PDL)
+        pdl_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,6 +197,9 @@ def _decode_kernel(
     # whose fused prologue (PROLOGUE) then runs while they are in flight
     page_next = tl.load(bt + (start + offs) // BLOCK_SIZE, mask=start + offs < end, other=0)
     ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
+    if EARLY_INPUTS:  # the step's lengths, table row and first page ids above ran under the predecessor's tail
+        pdl_wait(PDL)
+        pdl_release(PDL)
     if PROLOGUE:  # q_ptr: the raw QKV rows [batch, (NUM_HEADS + 2 NUM_KV_HEADS) * HEAD_DIM]
         q, k_new, v_new = _decode_prologue(q_ptr + b.to(tl.int64) * stride_qb, pos_ptr, cs_ptr, qw_ptr, kw_ptr, b,
                                            kvh, heads, hmask, d, eps, inv_k_scale, inv_v_scale, stride_cos,
@@ -370,7 +377,8 @@ def launch_decode(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_c
         SPLITS_PAD=splits_pad if fused_merge else min(splits_pad, 2), FUSED_MERGE=fused_merge,
         FP8_AS_F16=f16_dots and not fp8_dot, OFF64=needs_off64(k_cache), PDL=pdl, FP8_WIDEN=fp8_widen,
         FP8_DOT=fp8_dot, INTERP=fp8_dot > 0 and interpreted(), FP8_Q2=bool(fp8_dot and cfg["fp8_q2"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_kwargs(pdl),
+        EARLY_INPUTS=bool(cfg["early_inputs"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch_kwargs(pdl),
     )
     if num_splits > 1 and not fused_merge:
         _reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, merge_d))](

@@ -61,7 +61,8 @@ def merge_fused(cfg: dict, num_splits: int) -> bool:
     return 1 < num_splits <= cfg["fused_merge_max_splits"]
 
 
-_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2")  # launch_decode compiles
+# what launch_decode compiles
+_COMPILED_KNOBS = ("BLOCK_N", "num_warps", "num_stages", "fp8_dot", "fp8_widen", "fp8_q2", "early_inputs")
 
 
 def decode_variant(rows: int, width: int, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
