@@ -54,10 +54,10 @@ What each kernel reads before its wait (tests/test_pdl.py checks these on the PT
   with its config's early_inputs, the step's sequence length, block-table row and first page ids (the H200 table: an
   FP8 cache at batch <= 4, where it won: B=1 ctx 32k 3.348 -> 3.304 ms a step, 1k 2.762 -> 2.751, session 20; in
   bf16-cache steps it lost, 2.69 -> 2.73 ms, session 17), else nothing (its first K/V tile too lost, session 16).
-  Nothing: the split merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the router's ids,
-  the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K reduce.
-  (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after the
-  wait.)
+  Nothing: the split merge (reduce), the MoE GEMV up kernel and the tl.dot experts (their weights follow the
+  router's ids, the predecessor's output), moe_sum, the align kernels, the FP8 activation quant, GEMMs and split-K
+  reduce. (Decode attention with the prologue fused in, kernels/attention/decode_fused.py: its q/k norm weights after
+  the wait.)
 """
 
 from __future__ import annotations
