@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-12-01's session 19 (issue 17; issue 16 closed as far as it got: 4 of its 6 step
-# targets unmet, the reasons in RESULTS.md). One H200 unless said; PHASES picks (default H); each phase fits one call
-# (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip line and start-up). Copy tables only
-# where the printed numbers say they won.
-# Session 19 (30 min, nvidia-h200-x2 then one H200) ran N (the SCAN holds at 48 chunks), 5 (3 passed), I (no deeper
-# ring wins B=1 32k), O (prefill attention graph-timed: at SDPA's rate or within 3% at every length), the
-# dp2ep / dp2ep_static serving pair (the static exchange for prefills -2.5%: not taken), H for Qwen3 FP8 EP 2 (complete)
-# and GLM-4.5-Air bf16 EP 8 / 2 and FP8 EP 8, issue 16's table (bench_e2e, bench_moe), long-context decode at both
-# model shapes.
-# Next, in this order: Y (~8 min: decode merge, two launches vs the one-launch last-split merge, kernels alone at B=1
-# 1k-128k, then served steps with the new fused_merge_max_splits knob: issue 17's FP8 B=1 32k row is ~7 us of fixed
-# latency a layer, the merge launch ~2.5 us of it), H with
-# H_EPS=2 H_SHAPE=glm45air H_DTYPE=fp8 H_TO=400 (the last missing EP table), then 2, 7, 3 (the GPU test halves after
-# the new tables), M on two GPUs, 1 and B.
+# The next device calls after 2026-12-01's session 20 (issue 17 open on one row: B=1 32k FP8-KV decode attention at
+# 0.52 of copy bandwidth, RESULTS.md says what a kernel meeting 0.70 would need). One H200 unless said; PHASES picks
+# (default H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip
+# line and start-up). Copy tables only where the printed numbers say they won.
+# Session 20 (20 min, one H200) ran bench_decode_floor.py (plain reads of the same bytes: 0.64-0.81), Y's kernel rows
+# (the fused merge lost 2.5x: the knob stays unset), decode knobs at B=1 (early_inputs won, set for FP8 caches at
+# small batch), Z (early_inputs step A/B), H for GLM-4.5-Air FP8 EP 2 (checked in: every EP table now exists) and the
+# attention / engine GPU tests (44 passed).
+# Next, in this order: 2, 7, 3 (the GPU test halves after the new tables and knob), M on two GPUs, 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
