@@ -5,13 +5,17 @@ shapes with an FP8 cache that is 33.5 MB, a 7.9 us floor. This times, in the sam
 bench_attention.py's decode rows (CUDA-graph replays over rotated buffers, so nothing runs from L2):
   - read: one Triton launch that only streams the bytes (P programs, each a contiguous share, summed as int32 words
     so that nothing is left for the compiler to drop), for P around the decode kernel's 256 programs;
-  - read + tiny: the same, then a one-program launch chained by PDL (the decode kernel and its merge);
+  - read + tiny: the same, then a 32-program launch that reads nothing, chained by PDL (the decode kernel and its
+    merge);
   - tiny, tiny + tiny: launches that read nothing (the chain's own cost);
   - torch copy of half the bytes (read + write = the same traffic);
   - our decode attention at B=1 over the same bytes (Qwen3-30B-A3B heads, 16-token pages in random order), with its
-    merge and without (the merge launch swapped for nothing: the split kernel's own time; the output is then wrong).
+    merge and with the merge swapped for a launch of its grid that reads nothing (the split kernel's own time and a
+    chain like the real one; the output is then wrong).
 Each as microseconds and as a fraction of copy bandwidth (measure_ceilings, 1 GiB copies). What a read of these
-bytes alone reaches is the ceiling for any decode kernel over them; the tiny rows are the launch's share of it.
+bytes alone reaches is a reference for a decode kernel over them (not a bound: a kernel with deeper copies in flight
+can beat a plain one); the tiny rows are the launch's share of it. Each program reads a multiple of 64 words, so
+that the loads are vectorized (16-byte), as the decode kernel's copies are.
 
   python benchmarks/bench_decode_floor.py --mbytes 33.5,67 --out floor.json
 """
@@ -57,18 +61,28 @@ def _tiny_kernel(out_ptr, PDL: tl.constexpr):
     tl.store(out_ptr + tl.program_id(0), 1)
 
 
+def read_words(x: torch.Tensor, programs: int) -> int:
+    # a multiple of 64 words a program: Triton then knows each share 16-byte aligned and loads 4 words at a time
+    # (a count not divisible by 16 compiles to one-word loads: 0.64 instead of 0.80 of copy bandwidth at 33.5 MB)
+    return x.numel() // programs // 64 * 64
+
+
 def read(x: torch.Tensor, out: torch.Tensor, programs: int, pdl: bool) -> None:
-    words = x.numel() // programs
-    _read_kernel[(programs,)](x, out, words, PDL=pdl, BLOCK=2048, num_warps=8, **launch_kwargs(pdl))
+    _read_kernel[(programs,)](x, out, read_words(x, programs), PDL=pdl, BLOCK=2048, num_warps=8, **launch_kwargs(pdl))
 
 
 def tiny(out: torch.Tensor, programs: int, pdl: bool) -> None:
     _tiny_kernel[(programs,)](out, PDL=pdl, num_warps=4, **launch_kwargs(pdl))
 
 
-class _NoLaunch:  # stands in for the merge kernel: launches nothing
+class _EmptyMerge:  # stands in for the merge kernel: a launch of its grid under PDL that reads nothing
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        def launch(*args, PDL=False, **kwargs):
+            _tiny_kernel[grid](_SINK, PDL=PDL, num_warps=4, **launch_kwargs(PDL))
+        return launch
+
+
+_SINK = None  # the empty merge's output (a store per program, all to its first rows)
 
 
 def decode_us(ctx: int, kv_dtype: torch.dtype, merge: bool, heads: int = 32, kv_heads: int = 4) -> float:
@@ -81,7 +95,7 @@ def decode_us(ctx: int, kv_dtype: torch.dtype, merge: bool, heads: int = 32, kv_
     q = torch.randn(1, heads, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((1,), ctx, device="cuda", dtype=torch.int32)
     reduce_kernel = decode._reduce_kernel
-    decode._reduce_kernel = reduce_kernel if merge else _NoLaunch()
+    decode._reduce_kernel = reduce_kernel if merge else _EmptyMerge()
     try:
         run = lambda: [decode.paged_attention_decode(q, k, v, lens, t, 128**-0.5) for k, v, t in caches]  # noqa: E731
         return bench_graph(run) / rot
@@ -97,7 +111,8 @@ def main() -> None:
     args = ap.parse_args()
     ceil = measure_ceilings()
     pdl = pdl_enabled(torch.device("cuda"))
-    out = torch.zeros(4096, dtype=torch.int32, device="cuda")
+    global _SINK
+    out = _SINK = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
     print(f"copy {ceil['copy_tbps']:.2f} TB/s, PDL {pdl}", flush=True)
     rows = []
 
@@ -115,8 +130,9 @@ def main() -> None:
         rot = min(16, -(-(256 << 20) // nbytes))  # as bench_attention: replays do not run from L2
         bufs = [torch.randint(0, 255, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(rot)]
         for p in (int(s) for s in args.programs.split(",")):
-            row(f"read, {p} programs", nbytes, bench_graph(lambda: [read(x, out, p, pdl) for x in bufs]) / rot)  # noqa: B023
-        row("read 256 + tiny 32", nbytes,
+            row(f"read, {p} programs", read_words(bufs[0], p) * p * 4,
+                bench_graph(lambda: [read(x, out, p, pdl) for x in bufs]) / rot)  # noqa: B023
+        row("read 256 + tiny 32", read_words(bufs[0], 256) * 256 * 4,
             bench_graph(lambda: [(read(x, out, 256, pdl), tiny(out, 32, pdl)) for x in bufs]) / rot)  # noqa: B023
         halves = [(x[: x.numel() // 2], x[x.numel() // 2 :]) for x in bufs]
         row("torch copy (half read, half written)", nbytes,
@@ -125,7 +141,7 @@ def main() -> None:
         for kv_dtype, name in ((FP8_DTYPE, "fp8"), (torch.bfloat16, "bf16")):
             nbytes = 2 * ctx * 4 * 128 * kv_dtype.itemsize
             row(f"decode {name} {ctx // 1024}k, split + merge", nbytes, decode_us(ctx, kv_dtype, True))
-            row(f"decode {name} {ctx // 1024}k, split alone", nbytes, decode_us(ctx, kv_dtype, False))
+            row(f"decode {name} {ctx // 1024}k, split + empty merge", nbytes, decode_us(ctx, kv_dtype, False))
     if args.out:
         Path(args.out).write_text(json.dumps({"ceilings": ceil, "pdl": pdl, "rows": rows}, indent=1))
 

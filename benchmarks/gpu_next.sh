@@ -3,7 +3,7 @@
 # 0.52 of copy bandwidth, RESULTS.md says what a kernel meeting 0.70 would need). One H200 unless said; PHASES picks
 # (default H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip
 # line and start-up). Copy tables only where the printed numbers say they won.
-# Session 20 (20 min, one H200) ran bench_decode_floor.py (plain reads of the same bytes: 0.64-0.81), Y's kernel rows
+# Session 20 (22 min, one H200) ran bench_decode_floor.py (plain reads of the same bytes: 0.72-0.81), Y's kernel rows
 # (the fused merge lost 2.5x: the knob stays unset), decode knobs at B=1 (early_inputs won, set for FP8 caches at
 # small batch), Z (early_inputs step A/B), H for GLM-4.5-Air FP8 EP 2 (checked in: every EP table now exists) and the
 # attention / engine GPU tests (44 passed).
@@ -332,6 +332,23 @@ if [[ $PHASES == *N* ]]; then  # issue 16: MoE align, the default plan ("auto": 
     timeout 130 python3 benchmarks/bench_align.py --experts $e --m 16,64,256,512,1024,1536,2048,3072,4096,8192 --chunks 256 \
       --sort-chunks 256,512,1024 --sort-one-program 1024 --out $OUT/align_sort_e$e.json 2>&1 | tail -11
   done
+fi
+if [[ $PHASES == *Z* ]]; then  # issue 17: the decode config's early_inputs (step inputs before the PDL wait), off / on
+  # in steps, FP8 KV (session 20: set in the H200 table's FP8 small-batch config from these rows), and the kernel
+  # rows at both model shapes; then what plain reads of the same bytes reach (bench_decode_floor.py)
+  for k in 0 1 0 1; do
+    timeout 110 python3 benchmarks/decode_knobs.py early_inputs=$k benchmarks/bench_e2e.py --no-hf --batch-sizes 1 \
+      --ctx 32768 --prefill 8192 --steps 30 --async-scheduling --kv-cache-dtype fp8 --out $OUT/e2e_32k_early$k.json \
+      2>&1 | grep -E "^ours decode|Error|Traceback" | sed "s/^/early_inputs=$k 32k fp8kv: /"
+  done
+  for shape in qwen3-30b-a3b glm-4.5-air; do
+    for k in 0 1; do
+      timeout 70 python3 benchmarks/decode_knobs.py early_inputs=$k benchmarks/bench_attention.py --shape $shape \
+        --batches 1 --ctxs 4096,32768,131072 --kv-dtypes fp8 --no-prefill --out $OUT/attn_${shape}_early$k 2>&1 \
+        | grep -E "attn decode|Error" | sed "s/^/$shape early_inputs=$k: /"
+    done
+  done
+  timeout 100 python3 benchmarks/bench_decode_floor.py --out $OUT/floor.json 2>&1 | grep -E "floor|copy|Error"
 fi
 if [[ $PHASES == *Y* ]]; then  # issue 17: the decode merge, a second launch (the default) vs the last split merging in
   # the same launch (fused: one program per sequence and KV head reads every split's partials), first the kernels

@@ -151,6 +151,9 @@ def test_config_table_lookup(tmp_path, monkeypatch):
         acfg.check_config(dict(default, BLOCK_N=48), acfg.DECODE_KEYS, 128)
     with pytest.raises(ValueError, match="lacks"):
         acfg.check_config({"BLOCK_N": 64}, acfg.DECODE_KEYS, 128)
+    for knob in ("fp8_q2", "early_inputs"):  # switches: a 2 would compile a variant of its own for nothing
+        with pytest.raises(ValueError, match=f"{knob}=2 must be 0 or 1"):
+            acfg.check_config(dict(default, **{knob: 2}), acfg.DECODE_KEYS, 128)
 
 
 def test_another_gpus_table_lends_tiles_not_the_gluon_kernel(tmp_path, monkeypatch):

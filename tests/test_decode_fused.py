@@ -114,18 +114,34 @@ def test_fused_merge_and_many_splits():
 
 
 @pytest.mark.parametrize("cache", ["fp16", "fp8"])
-def test_early_inputs_change_no_bit(cache):
-    # the config's early_inputs (the step's lengths, table row and first page ids before the PDL wait; on the CPU
-    # there is no wait, the loads move all the same): bit for bit the kernel without it, fused prologue (fp16 cache)
-    # and the two launches with e4m3 dots (FP8 cache, the H200 table's small-batch config), several splits
+def test_early_inputs_reach_the_kernel(cache, monkeypatch):
+    # the config's early_inputs (the step's lengths, table row and first page ids before the PDL wait) is compiled
+    # into the split kernel, fused prologue (fp16 cache) and the two launches with e4m3 dots (FP8 cache, the H200
+    # table's small-batch config). On the CPU there is no wait to move the loads across, so the outputs are the same
+    # by construction; the bits with a real wait: test_early_inputs_gpu_bit_exact_in_graphs
+    import kernels.attention.decode as decode
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["EARLY_INPUTS"])
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(decode, "_decode_kernel", Recorder(decode._decode_kernel))
     fp8 = cache == "fp8"
     kw = _inputs([45, 17, 0], 4, 2, 32, 32, torch.float16, FP8_DTYPE if fp8 else torch.float16, seed=5)
     cfg = dict(SMALL, BLOCK_N=32, fp8_dot=2, fp8_q2=1) if fp8 else SMALL
     scales = dict(k_scale=0.02, v_scale=0.05) if fp8 else {}
-    for splits in (1, 3):
-        want = _run(paged_attention_decode_fused, kw, num_splits=splits, config=cfg, **scales)
-        _same(_run(paged_attention_decode_fused, kw, num_splits=splits, config=dict(cfg, early_inputs=1), **scales),
-              want)
+    for early in (0, 1):
+        seen.clear()
+        _run(paged_attention_decode_fused, kw, num_splits=3, config=dict(cfg, early_inputs=early), **scales)
+        assert seen == [bool(early)]
 
 
 def test_fp8_dot_config_runs_the_separate_prologue():
@@ -212,6 +228,27 @@ def test_fused_gpu_bit_exact_and_graph_safe(batch, cache, monkeypatch):
         graph.replay()
         want = _run(_two_launches, kw, config=cfg, **scales)
         _same((out, k_cache, v_cache), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_early_inputs_gpu_bit_exact_in_graphs(batch, monkeypatch):
+    # this GPU's FP8-cache tiles with early_inputs forced off and on, the two launches served with fp8_dot (the qkv
+    # prologue, a PDL kernel, then the decode that may start under its tail), eager and replayed from a CUDA graph:
+    # bit for bit, output and cache
+    kw, cfg, scales = qwen3_gpu_case(batch, "fp8dot", monkeypatch)
+    results = []
+    for early in (0, 1):
+        config = dict(cfg, early_inputs=early)
+        eager = _run(_two_launches, kw, config=config, **scales)
+        k_cache, v_cache = kw["k_cache"].clone(), kw["v_cache"].clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _two_launches(**dict(kw, k_cache=k_cache, v_cache=v_cache), config=config, **scales)
+        graph.replay()
+        _same((out, k_cache, v_cache), eager)
+        results.append(eager)
+    _same(results[1], results[0])
 
 
 def test_fused_sm90_registers_and_no_spills():

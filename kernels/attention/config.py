@@ -178,8 +178,9 @@ def check_config(cfg: dict, keys: tuple[str, ...], head_dim: int) -> None:
         raise ValueError(f"attention config fp8_widen={cfg['fp8_widen']} must be 0, 1 or 2")
     if cfg.get("fp8_dot", 0) not in (0, 1, 2, 3):
         raise ValueError(f"attention config fp8_dot={cfg['fp8_dot']} must be 0, 1, 2 or 3")
-    if cfg.get("fp8_q2", 0) not in (0, 1):
-        raise ValueError(f"attention config fp8_q2={cfg['fp8_q2']} must be 0 or 1")
+    for knob in ("fp8_q2", "early_inputs"):
+        if cfg.get(knob, 0) not in (0, 1):
+            raise ValueError(f"attention config {knob}={cfg[knob]!r} must be 0 or 1")
     if (cfg.get("fp8_dot") or cfg.get("FP8_DOT")) and min(cfg["BLOCK_N"], triton.next_power_of_2(head_dim)) < 32:
         raise ValueError(f"attention config {cfg}: the FP8 dots (fp8_dot / FP8_DOT) need BLOCK_N >= 32 and head_dim "
                          f"> 16, got head_dim {head_dim} (an e4m3 tl.dot's K is at least 32)")
