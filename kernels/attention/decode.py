@@ -160,9 +160,9 @@ def _decode_kernel(
 ):
     # One program: one sequence, one KV head (all GROUP query heads share each K/V load), one split.
     # PDL: waits first, reading nothing before it, unless EARLY_INPUTS (the config's early_inputs): the step's lengths
-    # and tables (and through them the first page ids) are then read before the wait (kernels/pdl.py rule (1)); in
-    # steps that measured slower (session 17, one H200: B=1 bf16 2.69 -> 2.73 ms, new / old / new in one call), and
-    # each split's first K/V tile too (session 16)
+    # and tables (and through them the first page ids) are then read before the wait (kernels/pdl.py rule (1)): with
+    # an FP8 cache (behind the PDL qkv prologue) faster in steps (one H200, B=1 32k 3.348 -> 3.305 ms), with a bf16
+    # cache slower (session 17: B=1 2.69 -> 2.73 ms); each split's first K/V tile before q lost too (session 16)
     # FP8_DOT (an FP8 cache, the config's fp8_dot): e4m3 x e4m3 dots on the tiles as stored, as the prefill's FP8_DOT
     # (kernels/attention/prefill.py). 1: GROUP_PAD >= 64, so that Hopper runs them as wgmma (16 rows: mma.sync, which
     # Triton runs on sm90 as fp16 after widening both operands); 2: transposed, the tile's tokens are the dots' rows
