@@ -85,19 +85,30 @@ class _EmptyMerge:  # stands in for the merge kernel: a launch of its grid under
 _SINK = None  # the empty merge's output (a store per program, all to its first rows)
 
 
-def decode_us(ctx: int, kv_dtype: torch.dtype, merge: bool, heads: int = 32, kv_heads: int = 4) -> float:
-    blocks = ctx // 16
-    rot = min(16, -(-(256 << 20) // (2 * ctx * kv_heads * 128 * kv_dtype.itemsize)))
+def make_cache(blocks: int, kv_heads: int, dtype: torch.dtype, layout: str, page: int = 16) -> torch.Tensor:
+    # [blocks, page, kv_heads, 128] as the kernels take it; "hnd": each KV head's page stored contiguously (the
+    # tensor a transposed view of [blocks, kv_heads, page, 128]: the kernels read it through its strides)
+    if layout == "hnd":
+        return torch.randn(blocks, kv_heads, page, 128, device="cuda").to(dtype).transpose(1, 2)
+    return torch.randn(blocks, page, kv_heads, 128, device="cuda").to(dtype)
+
+
+def decode_us(ctx: int, merge: bool, config: dict | None, heads: int = 32, kv_heads: int = 4,
+              dtype: torch.dtype = FP8_DTYPE, layout: str = "nhd", order: str = "random", page: int = 16) -> float:
+    blocks = ctx // page
+    rot = min(16, -(-(256 << 20) // (2 * ctx * kv_heads * 128 * dtype.itemsize)))
     caches = []
     for _ in range(rot):
-        k, v = (torch.randn(blocks, 16, kv_heads, 128, device="cuda").to(kv_dtype) for _ in range(2))
-        caches.append((k, v, torch.randperm(blocks, device="cuda", dtype=torch.int32)[None]))
+        k, v = (make_cache(blocks, kv_heads, dtype, layout, page) for _ in range(2))
+        pages = torch.randperm(blocks) if order == "random" else torch.arange(blocks)
+        caches.append((k, v, pages.to(device="cuda", dtype=torch.int32)[None]))
     q = torch.randn(1, heads, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((1,), ctx, device="cuda", dtype=torch.int32)
     reduce_kernel = decode._reduce_kernel
     decode._reduce_kernel = reduce_kernel if merge else _EmptyMerge()
     try:
-        run = lambda: [decode.paged_attention_decode(q, k, v, lens, t, 128**-0.5) for k, v, t in caches]  # noqa: E731
+        run = lambda: [decode.paged_attention_decode(q, k, v, lens, t, 128**-0.5, config=config)  # noqa: E731
+                       for k, v, t in caches]
         return bench_graph(run) / rot
     finally:
         decode._reduce_kernel = reduce_kernel
@@ -140,8 +151,8 @@ def main() -> None:
     for ctx in (4096, 32768):
         for kv_dtype, name in ((FP8_DTYPE, "fp8"), (torch.bfloat16, "bf16")):
             nbytes = 2 * ctx * 4 * 128 * kv_dtype.itemsize
-            row(f"decode {name} {ctx // 1024}k, split + merge", nbytes, decode_us(ctx, kv_dtype, True))
-            row(f"decode {name} {ctx // 1024}k, split + empty merge", nbytes, decode_us(ctx, kv_dtype, False))
+            for merge, what in ((True, "split + merge"), (False, "split + empty merge")):
+                row(f"decode {name} {ctx // 1024}k, {what}", nbytes, decode_us(ctx, merge, None, dtype=kv_dtype))
     if args.out:
         Path(args.out).write_text(json.dumps({"ceilings": ceil, "pdl": pdl, "rows": rows}, indent=1))
 

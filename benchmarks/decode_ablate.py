@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_decode_floor  # noqa: E402
-from bench_decode_floor import _EmptyMerge  # noqa: E402
-from bench_moe import bench_graph, measure_ceilings  # noqa: E402
+from bench_decode_floor import decode_us  # noqa: E402
+from bench_moe import measure_ceilings  # noqa: E402
 
 import kernels.attention.decode as decode  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
@@ -73,35 +73,6 @@ def variant_kernel(name: str, tmp: Path):
     return mod._decode_kernel
 
 
-def make_cache(blocks: int, kv_heads: int, dtype: torch.dtype, layout: str, page: int = 16) -> torch.Tensor:
-    # [blocks, 16, kv_heads, 128] as the kernels take it; "hnd": each KV head's page stored contiguously (the
-    # tensor a transposed view of [blocks, kv_heads, 16, 128]: the kernels read it through its strides)
-    if layout == "hnd":
-        return torch.randn(blocks, kv_heads, page, 128, device="cuda").to(dtype).transpose(1, 2)
-    return torch.randn(blocks, page, kv_heads, 128, device="cuda").to(dtype)
-
-
-def time_us(ctx: int, merge: bool, config: dict | None, heads: int = 32, kv_heads: int = 4,
-            dtype: torch.dtype = FP8_DTYPE, layout: str = "nhd", order: str = "random", page: int = 16) -> float:
-    blocks = ctx // page
-    rot = min(16, -(-(256 << 20) // (2 * ctx * kv_heads * 128 * dtype.itemsize)))
-    caches = []
-    for _ in range(rot):
-        k, v = (make_cache(blocks, kv_heads, dtype, layout, page) for _ in range(2))
-        pages = torch.randperm(blocks) if order == "random" else torch.arange(blocks)
-        caches.append((k, v, pages.to(device="cuda", dtype=torch.int32)[None]))
-    q = torch.randn(1, heads, 128, device="cuda", dtype=torch.bfloat16)
-    lens = torch.full((1,), ctx, device="cuda", dtype=torch.int32)
-    reduce_kernel = decode._reduce_kernel
-    decode._reduce_kernel = reduce_kernel if merge else _EmptyMerge()
-    try:
-        run = lambda: [decode.paged_attention_decode(q, k, v, lens, t, 128**-0.5, config=config)  # noqa: E731
-                       for k, v, t in caches]
-        return bench_graph(run) / rot
-    finally:
-        decode._reduce_kernel = reduce_kernel
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctxs", default="4096,32768,131072")
@@ -132,7 +103,7 @@ def main() -> None:
                     config = dict(table, fp8_q2=0) if name.startswith("q2_off") else table
                     how = dict(dtype=dtype, layout=layout, order=order, page=page)
                     floor_us = 2 * ctx * 4 * 128 * dtype.itemsize / ceil["copy_tbps"] / 1e6
-                    us, split_us = time_us(ctx, True, config, **how), time_us(ctx, False, config, **how)
+                    us, split_us = decode_us(ctx, True, config, **how), decode_us(ctx, False, config, **how)
                     rows.append({"variant": name, "kv": kv, "layout": layout, "order": order, "page": page,
                                  "ctx": ctx, "us": us,
                                  "split_us": split_us, "floor_us": floor_us, "config": config})
