@@ -54,19 +54,80 @@ _QK = ("""        if FP8_Q2:
 _QK_OUT = "        st = tl.sum(k.to(tl.float32), 1)[:, None] * tl.sum(q.to(tl.float32), 1)[None, :]\n"
 _QMATH = "        qs, q_scale = _scale_q(q)\n"
 _QMATH_OUT = "        qs, q_scale = q.to(tl.float32), tl.full([GROUP_PAD], 1.0, tl.float32)\n"
-VARIANTS = {"table": [], "no_pv": [(_PV, _PV_OUT)], "no_qk": [(_QK, _QK_OUT)],
+# V stored transposed within each page ([page][KV head][head_dim][token]: a token's values BLOCK_SIZE apart), read
+# with the tokens contiguous, as the PV dot's K-major operand wants them (no byte gathers); the cache is read as if
+# so stored (the output is then wrong, the bytes and the pages the same); no mask on V (the tiles of these runs are
+# whole)
+_V = ("        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)\n"
+      "        m_i, l_i, acc = _tile")
+_V_T = """        vrows = rows + (offs % BLOCK_SIZE) * (1 - stride_cs) + kvh * (HEAD_DIM * BLOCK_SIZE - stride_ch)
+        voffs = vrows[:, None] + d[None, :] * BLOCK_SIZE
+        v = tl.load(v_cache_ptr + tl.max_contiguous(tl.multiple_of(voffs, [BLOCK_SIZE, 1]), [BLOCK_SIZE, 1]))
+        m_i, l_i, acc = _tile"""
+_V_HELD = "tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))"  # V^T through registers (A operand)
+_V_SMEM = "tl.dot(tl.trans(v), _to_e4m3(pt, INTERP))"  # V^T as stored (transposed) from shared memory, no register trip
+# fp8_dot 1 (O = P V, V the B operand along the tokens): V as stored transposed is K-major, straight from shared memory
+_V_HELD1 = "tl.dot(_to_e4m3(p, INTERP), _hold_fp8(v, INTERP))"
+_V_SMEM1 = "tl.dot(_to_e4m3(p, INTERP), v)"
+# the split's first PF tiles prefetched into L2 before the PDL wait (prefetch.global.L2, a line a token), so that DRAM
+# streams while the program waits and rounds q; pf_loop: and tile i + PF at each tile i
+_PF_FN = ("\n\n@triton.jit\ndef _tile_update(", """
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    # prefetch.global.L2 of each address where mask (no value comes back; an impure asm Triton keeps)
+    return tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
+                                     "mov.b32 $0, 0; }", "=r,l,r", [ptrs.to(tl.int64), mask.to(tl.int32)],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_tile(bt, k_cache_ptr, v_cache_ptr, n0, end, offs, kvh, stride_cb, stride_cs, stride_ch,
+                   BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr, OFF64: tl.constexpr):
+    n = n0 + offs
+    page = tl.load(bt + n // BLOCK_SIZE, mask=n < end, other=0)
+    rows = _kv_rows(page, n0, offs, kvh, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+    _prefetch_l2(k_cache_ptr + rows, n < end)
+    _prefetch_l2(v_cache_ptr + rows, n < end)
+
+
+@triton.jit
+def _tile_update(""")
+_PF_START = ("    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N\n",
+             """    ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0  # splits start at multiples of BLOCK_N
+    for j in tl.static_range(PF):
+        _prefetch_tile(bt, k_cache_ptr, v_cache_ptr, start + j * BLOCK_N, end, offs, kvh, stride_cb, stride_cs,
+                       stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+""")
+_PF_LOOP = ("        kv_mask = nmask[:, None] & dmask[None, :]\n", """        kv_mask = nmask[:, None] & dmask[None, :]
+        _prefetch_tile(bt, k_cache_ptr, v_cache_ptr, n0 + PF * BLOCK_N, end, offs, kvh, stride_cb, stride_cs,
+                       stride_ch, BLOCK_SIZE, ALIGNED, OFF64)
+""")
+VARIANTS = {"table": [], "v_t": [(_V, _V_T)], "v_t_smem": [(_V, _V_T), (_V_HELD, _V_SMEM)],
+            "v_t_smem1": [(_V, _V_T), (_V_HELD1, _V_SMEM1)],
+            **{f"pf{n}": [_PF_FN, _PF_START] for n in (2, 4)},
+            **{f"pf{n}_loop": [_PF_FN, _PF_START, _PF_LOOP] for n in (2, 4)},
+            "no_pv": [(_PV, _PV_OUT)], "no_qk": [(_QK, _QK_OUT)],
             "loads_only": [(_PV, _PV_OUT), (_QK, _QK_OUT)], "q2_off": [], "q2_off_no_qscale": [(_QMATH, _QMATH_OUT)]}
 
 
-def variant_kernel(name: str, tmp: Path):
-    """The _decode_kernel of decode.py with VARIANTS[name]'s replacements (a module of its own, so Triton compiles
-    it from its file)."""
+def variant_source(name: str) -> str:
+    """decode.py's text with VARIANTS[name]'s replacements (and a pf variant's prefetch distance PF)."""
     src = Path(decode.__file__).read_text()
     for old, new in VARIANTS[name]:
         assert src.count(old) == 1, (name, old[:60])
         src = src.replace(old, new)
+    if "pf" in name:  # the prefetch distance, in tiles
+        pf = int(name.split("pf")[1].split("_")[0])
+        head = "from __future__ import annotations\n"
+        src = src.replace(head, f"{head}import triton.language as _tl\nPF = _tl.constexpr({pf})\n", 1)
+    return src
+
+
+def variant_kernel(name: str, tmp: Path):
+    """The _decode_kernel of variant_source(name) (a module of its own, so Triton compiles it from its file)."""
     path = tmp / f"decode_{name}.py"
-    path.write_text(src)
+    path.write_text(variant_source(name))
     spec = importlib.util.spec_from_file_location(f"decode_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -81,6 +142,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="nhd", help="nhd (the engine's), hnd (a KV head's page contiguous)")
     ap.add_argument("--orders", default="random", help="random (pages shuffled), seq (pages in order)")
     ap.add_argument("--pages", default="16", help="tokens a cache page (the engine's --block-size: 16)")
+    ap.add_argument("--sets", default="", help="config overrides, ';' between sets: BLOCK_N=64,num_stages=4;...")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ceil = measure_ceilings()
@@ -95,19 +157,20 @@ def main() -> None:
         for name in args.variants.split(","):
             decode._decode_kernel = variant_kernel(name, Path(tmp))
             try:
-                for kv, layout, order, page, ctx in itertools.product(
+                for kv, layout, order, page, ctx, sets in itertools.product(
                         args.kv.split(","), args.layouts.split(","), args.orders.split(","),
-                        map(int, args.pages.split(",")), map(int, args.ctxs.split(","))):
+                        map(int, args.pages.split(",")), map(int, args.ctxs.split(",")), args.sets.split(";")):
                     dtype = dtypes[kv]
                     table = decode_launch_config(128, dtype, torch.device("cuda"), 1, None)
-                    config = dict(table, fp8_q2=0) if name.startswith("q2_off") else table
+                    config = dict(table, fp8_q2=0) if name.startswith("q2_off") else dict(table)
+                    config.update({k: int(v) for k, v in (it.split("=") for it in filter(None, sets.split(",")))})
                     how = dict(dtype=dtype, layout=layout, order=order, page=page)
                     floor_us = 2 * ctx * 4 * 128 * dtype.itemsize / ceil["copy_tbps"] / 1e6
                     us, split_us = decode_us(ctx, True, config, **how), decode_us(ctx, False, config, **how)
                     rows.append({"variant": name, "kv": kv, "layout": layout, "order": order, "page": page,
                                  "ctx": ctx, "us": us,
                                  "split_us": split_us, "floor_us": floor_us, "config": config})
-                    print(f"ablate {name:<10} {kv} {layout} {order:<6} page={page:<3d} ctx={ctx:6d} split+merge "
+                    print(f"ablate {name:<10} {kv} {layout} {order:<6} page={page:<3d} ctx={ctx:6d} {sets} split+merge "
                           f"{us:7.2f} us ({floor_us / us:.2f}), split+empty merge {split_us:7.2f} us", flush=True)
             finally:
                 decode._decode_kernel = real
