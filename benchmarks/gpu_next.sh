@@ -5,8 +5,8 @@
 # line and start-up). Copy tables only where the printed numbers say they won.
 # Session 21 (29 min, one H200) ran decode_timeline.py and decode_ablate.py's new variants (RESULTS.md), a Gluon
 # decode kernel (branch exp/gluon-decode), then the GPU test halves: 2 and 7 all passed (79 + 155, once the pip line
-# below installed msgspec again), 3 without tests/test_structured_output.py (its jsonschema has no wheels here)
-# passed every test it reached before the call's limit (~80%: no failure).
+# below installed msgspec again), 3 without tests/test_structured_output.py (jsonschema's dependencies had no
+# wheels here then; they do now, see below) passed every test it reached before the call's limit (~80%: no failure).
 # Next, in this order: 3's remaining tests (test_gpu_compile, test_gpu_engine, test_mixed_graphs, test_tensor_parallel
 # and the Gluon kernels' tests, each file in its own call if need be), M on two GPUs, 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
@@ -54,7 +54,9 @@
 # Settled: FUSED_FP8_DOT stays off (session 11), the fused decode prologue's cap is 256 rows; Gluon ping-pong MoE
 # lost to the cooperative kernel (session 12).
 # Files the device lacks, made here before a call (ignored, carried): .wheelhouse (../shared/device/wheelhouse.sh,
-# plus the pytest-xdist and execnet wheels for phase 2), .devrun/align_two_pass.py (phase C: below).
+# plus the pytest-xdist and execnet wheels for phase 2, and for the image's Python 3.12 `pip download --python-version
+# 3.12 --only-binary=:all: -d .wheelhouse jsonschema setproctitle`: tests/test_structured_output.py imports
+# jsonschema), .devrun/align_two_pass.py (phase C: below).
 set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   llguidance pytest-xdist pytest-timeout 2>&1 | tail -1
