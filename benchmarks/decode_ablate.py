@@ -11,11 +11,20 @@ swapped in for the real kernel); outputs are wrong by design, only the time coun
   q2_off:     the table with fp8_q2 0 (one QK^T dot);
   q2_off_no_qscale: q2_off without q's per-head absmax scale (q cast to e4m3 as it is: what the chain before the
               first K/V copies costs);
+  v_t:        the cache read as if each page held V transposed ([KV head][head_dim][token]: the tokens contiguous, as
+              the PV dot's e4m3 operand wants them): no byte gathers, V still through registers;
+  v_t_smem:   v_t with V^T read by the PV wgmma straight from shared memory (its A operand);
+  v_t_smem1:  v_t with fp8_dot 1 (O = P V, the query rows padded to 64, V^T the B operand from shared memory);
+  pf2, pf4:   the split's first 2 / 4 tiles prefetched into L2 (prefetch.global.L2, a line a token) before the PDL
+              wait; pf2_loop, pf4_loop: and tile i + 2 / 4 at each tile i;
 and, for each, the split kernel with its merge swapped for an empty launch of the merge's grid (bench_decode_floor's).
 The difference between two variants is what the stage costs at that context (the K/V stream is the same).
 
   python benchmarks/decode_ablate.py --ctxs 4096,32768,131072 --out ablate.json
   python benchmarks/decode_ablate.py --variants table --kv fp8,bf16 --layouts nhd,hnd --orders random,seq
+  python benchmarks/decode_ablate.py --variants table,v_t_smem --pages 16,64 --sets ";BLOCK_N=64,num_stages=4"
+
+--sets: config overrides (decode config keys, kernels/attention/config.py), ';' between sets, each run in turn.
 
 --layouts / --orders time the same kernel over caches stored another way: "hnd" keeps each KV head's page
 contiguous (16 tokens x 128 values; the engine's "nhd" interleaves the heads token by token, so a program reads
@@ -42,6 +51,8 @@ from bench_decode_floor import decode_us  # noqa: E402
 from bench_moe import measure_ceilings  # noqa: E402
 
 import kernels.attention.decode as decode  # noqa: E402
+from kernels.attention.config import DECODE_KEYS  # noqa: E402
+from kernels.attention.decode_plan import decode_launch_config, decode_plan  # noqa: E402
 from kernels.fp8 import FP8_DTYPE  # noqa: E402
 
 _PV = "acc = acc * alpha[None, :] + tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))"
@@ -60,9 +71,11 @@ _QMATH_OUT = "        qs, q_scale = q.to(tl.float32), tl.full([GROUP_PAD], 1.0, 
 # whole)
 _V = ("        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)\n"
       "        m_i, l_i, acc = _tile")
-_V_T = """        vrows = rows + (offs % BLOCK_SIZE) * (1 - stride_cs) + kvh * (HEAD_DIM * BLOCK_SIZE - stride_ch)
+_V_T = """        vin = (n0 + offs) % BLOCK_SIZE  # rows = page * stride_cb + vin * stride_cs + kvh * stride_ch
+        vrows = rows + vin * (1 - stride_cs) + kvh * (HEAD_DIM * BLOCK_SIZE - stride_ch)
         voffs = vrows[:, None] + d[None, :] * BLOCK_SIZE
-        v = tl.load(v_cache_ptr + tl.max_contiguous(tl.multiple_of(voffs, [BLOCK_SIZE, 1]), [BLOCK_SIZE, 1]))
+        VRUN: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)  # tokens contiguous in a tile's piece of a page
+        v = tl.load(v_cache_ptr + tl.max_contiguous(tl.multiple_of(voffs, [VRUN, 1]), [VRUN, 1]))
         m_i, l_i, acc = _tile"""
 _V_HELD = "tl.dot(tl.trans(_hold_fp8(v, V_DIRECT)), _to_e4m3(pt, INTERP))"  # V^T through registers (A operand)
 _V_SMEM = "tl.dot(tl.trans(v), _to_e4m3(pt, INTERP))"  # V^T as stored (transposed) from shared memory, no register trip
@@ -134,6 +147,17 @@ def variant_kernel(name: str, tmp: Path):
     return mod._decode_kernel
 
 
+def parse_sets(sets: str) -> dict:
+    """"KEY=VALUE,..." -> {KEY: int}, each KEY a decode config key (a typo would run the table's config silently)."""
+    out = {}
+    for item in filter(None, (i.strip() for i in sets.split(","))):
+        key, _, value = item.partition("=")
+        if key.strip() not in DECODE_KEYS:
+            raise SystemExit(f"--sets: {key.strip()!r} is not a decode config key ({', '.join(DECODE_KEYS)})")
+        out[key.strip()] = int(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctxs", default="4096,32768,131072")
@@ -147,7 +171,6 @@ def main() -> None:
     args = ap.parse_args()
     ceil = measure_ceilings()
     bench_decode_floor._SINK = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
-    from kernels.attention.decode_plan import decode_launch_config
 
     dtypes = {"fp8": FP8_DTYPE, "bf16": torch.bfloat16}
     print(f"copy {ceil['copy_tbps']:.2f} TB/s", flush=True)
@@ -163,14 +186,19 @@ def main() -> None:
                     dtype = dtypes[kv]
                     table = decode_launch_config(128, dtype, torch.device("cuda"), 1, None)
                     config = dict(table, fp8_q2=0) if name.startswith("q2_off") else dict(table)
-                    config.update({k: int(v) for k, v in (it.split("=") for it in filter(None, sets.split(",")))})
+                    if name == "v_t_smem1":  # its kernel text is fp8_dot 1's branch
+                        config["fp8_dot"] = 1
+                    config.update(parse_sets(sets))
+                    splits = decode_plan(1, 32, 4, 128, ctx, config, torch.device("cuda"))[0]
                     how = dict(dtype=dtype, layout=layout, order=order, page=page)
                     floor_us = 2 * ctx * 4 * 128 * dtype.itemsize / ceil["copy_tbps"] / 1e6
                     us, split_us = decode_us(ctx, True, config, **how), decode_us(ctx, False, config, **how)
                     rows.append({"variant": name, "kv": kv, "layout": layout, "order": order, "page": page,
+                                 "splits": splits,
                                  "ctx": ctx, "us": us,
                                  "split_us": split_us, "floor_us": floor_us, "config": config})
-                    print(f"ablate {name:<10} {kv} {layout} {order:<6} page={page:<3d} ctx={ctx:6d} {sets} split+merge "
+                    print(f"ablate {name:<10} {kv} {layout} {order:<6} page={page:<3d} ctx={ctx:6d} {sets} "
+                          f"splits={splits} split+merge "
                           f"{us:7.2f} us ({floor_us / us:.2f}), split+empty merge {split_us:7.2f} us", flush=True)
             finally:
                 decode._decode_kernel = real

@@ -7,7 +7,10 @@ module of its own, as benchmarks/decode_ablate.py does); the stamps go where the
 two-launch path does not use them). Timed as bench_attention's decode rows are: a CUDA graph of calls over rotated
 caches (nothing from L2); the stamps are the last call's. Printed per context: the kernel's span (first start to last
 store), the programs' starts (launch skew), and each stage's time from the program's start (median and max over
-programs), next to the same kernel without stamps.
+programs), next to the same kernel without stamps. The stamps cost: each waits on a block-wide reduction (a
+barrier before the next tile's copies), and the stamped kernel holds more registers (sm90: 195 instead of 140); on an
+H200 it ran 0.2-2.5 us slower (6% at 128k). For fp8_dot with early_inputs (the H200 table's FP8 small-batch config),
+at two splits or more (--variant: one of decode_ablate.py's).
 
   python benchmarks/decode_timeline.py --ctxs 4096,32768,131072 --out timeline.json
 """
@@ -85,15 +88,19 @@ def stamped_module(tmp: Path, variant: str = "table", stamps: bool = True):
 
 
 def timeline(ts: torch.Tensor, tiles: int) -> dict:
-    # ts [programs, SLOTS] int64 ns -> each stage's time from its program's start (median / max over programs)
+    # ts [programs, SLOTS] int64 ns (-1: a stamp this run did not write: an empty split's tiles) -> each stage's time
+    # from its program's start, median / max over the programs that reached it
     ts = ts.double()
     start = ts[:, 0:1]
     rel = (ts - start) / 1e3  # us
     span = (ts[:, END].max() - start.min()).item() / 1e3
-    stages = {"wait": rel[:, 1], "q": rel[:, 2], **{f"tile{i}": rel[:, 3 + i] for i in range(min(tiles, SLOTS - 5))},
-              "end": rel[:, END]}
-    return {"span_us": span, "start_skew_us": ((start.max() - start.min()) / 1e3).item(),
-            "stages": {k: {"median": v.median().item(), "max": v.max().item()} for k, v in stages.items()}}
+    stages = {"wait": 1, "q": 2, **{f"tile{i}": 3 + i for i in range(min(tiles, SLOTS - 5))}, "end": END}
+    out = {}
+    for name, slot in stages.items():
+        v = rel[ts[:, slot] >= 0, slot]
+        if v.numel():
+            out[name] = {"median": v.median().item(), "max": v.max().item(), "programs": v.numel()}
+    return {"span_us": span, "start_skew_us": ((start.max() - start.min()) / 1e3).item(), "stages": out}
 
 
 def main() -> None:
@@ -101,7 +108,7 @@ def main() -> None:
     ap.add_argument("--ctxs", default="4096,32768,131072")
     ap.add_argument("--variant", default="table", help="one of decode_ablate.py's variants")
     ap.add_argument("--page", type=int, default=16, help="tokens a cache page")
-    ap.add_argument("--set", default="", help="config overrides: BLOCK_N=64,num_stages=4")
+    ap.add_argument("--set", default="", help="config overrides (decode config keys): BLOCK_N=64,num_stages=4")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bench_decode_floor._SINK = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
@@ -111,8 +118,15 @@ def main() -> None:
         plain = stamped_module(Path(tmp), args.variant, stamps=False)
         mod.TIMESTAMPS = torch.zeros(1 << 20, dtype=torch.int64, device="cuda")
         cfg = dict(decode_launch_config(128, FP8_DTYPE, torch.device("cuda"), 1, None))
-        cfg.update({k: int(v) for k, v in (it.split("=") for it in filter(None, args.set.split(",")))})
+        cfg.update(decode_ablate.parse_sets(args.set))
+        if args.variant == "v_t_smem1":
+            cfg["fp8_dot"] = 1
+        # stamp 0 before the PDL wait and stamp 2 (q rounded) exist only with these (the table's small-batch FP8 config)
+        assert cfg["fp8_dot"] and cfg["early_inputs"], "the stamps are placed for fp8_dot and early_inputs on"
         for ctx in map(int, args.ctxs.split(",")):
+            splits = mod.decode_plan(1, 32, 4, 128, ctx, cfg, torch.device("cuda"), None)[0]
+            assert splits > 1, "at one split the kernel writes the output itself: the stamps need the partials path"
+            mod.TIMESTAMPS.fill_(-1)
             real = decode.paged_attention_decode
             try:
                 decode.paged_attention_decode = plain.paged_attention_decode
@@ -122,7 +136,6 @@ def main() -> None:
             finally:
                 decode.paged_attention_decode = real
             torch.cuda.synchronize()
-            splits = mod.decode_plan(1, 32, 4, 128, ctx, cfg, torch.device("cuda"), None)[0]
             programs = 4 * splits
             tiles = -(-ctx // splits // cfg["BLOCK_N"])
             ts = mod.TIMESTAMPS[: programs * SLOTS].view(programs, SLOTS)
@@ -133,7 +146,8 @@ def main() -> None:
                   f"{stamped_us:.2f}; span {t['span_us']:.2f}, start skew {t['start_skew_us']:.2f}; from the "
                   f"program's start (median/max us): {st}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
+        meta = {"variant": args.variant, "page": args.page, "set": args.set}
+        Path(args.out).write_text(json.dumps({**meta, "config": cfg, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
