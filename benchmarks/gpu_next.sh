@@ -7,8 +7,8 @@
 # decode kernel (branch exp/gluon-decode), then the GPU test halves: 2 and 7 all passed (79 + 155, once the pip line
 # below installed msgspec again), 3 without tests/test_structured_output.py (jsonschema's dependencies had no
 # wheels here then; they do now, see below) passed every test it reached before the call's limit (~80%: no failure).
-# Next, in this order: 3's remaining tests (test_gpu_compile, test_gpu_engine, test_mixed_graphs, test_tensor_parallel
-# and the Gluon kernels' tests, each file in its own call if need be), M on two GPUs, 1 and B.
+# Next, in this order: phase 3 again (it runs all its files under one timeout; if it does not fit, by hand a few files a
+# call: python3 -m pytest -m gpu tests/<file>), M on two GPUs, 1 and B.
 #   phase S (~2 min): bench_e2e --step-gaps at B=1 bf16 / FP8: host time and waits, the device's idle gaps, the host's
 #     CUDA calls and a chrome trace ($OUT/*_trace_b1.json.gz); phase R (~3 min): fuse_router_norm on / off at B=1, 8.
 #   phase M (x2, ~6 min): the demo model served with DP=2+EP, then TP=2 (the README's answer each), then the
@@ -61,7 +61,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --find-links .wheelhouse msgspec pyzmq fastapi uvicorn prometheus-client openai \
   llguidance pytest-xdist pytest-timeout 2>&1 | tail -1
 # one at a time, as each may lack a wheel for the image's Python 3.12 (or a dependency): one missing name fails a
-# whole pip line, and with it msgspec (session 21's first test run: every engine test failed on the import)
+# whole pip line, and with it msgspec (session 21's first test runs: 7 engine tests failed on the import)
 for pkg in setproctitle jsonschema; do
   python3 -m pip install -q --no-index --find-links .wheelhouse $pkg > /dev/null 2>&1 || echo "(no $pkg wheel here)"
 done
