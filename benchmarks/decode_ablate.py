@@ -137,14 +137,19 @@ def variant_source(name: str) -> str:
     return src
 
 
-def variant_kernel(name: str, tmp: Path):
-    """The _decode_kernel of variant_source(name) (a module of its own, so Triton compiles it from its file)."""
-    path = tmp / f"decode_{name}.py"
-    path.write_text(variant_source(name))
-    spec = importlib.util.spec_from_file_location(f"decode_{name}", path)
+def load_module(src: str, name: str, tmp: Path):
+    """src as module `name`, from a file under tmp (Triton compiles a kernel from its file's text)."""
+    path = tmp / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod._decode_kernel
+    return mod
+
+
+def variant_kernel(name: str, tmp: Path):
+    """The _decode_kernel of variant_source(name) (a module of its own)."""
+    return load_module(variant_source(name), f"decode_{name}", tmp)._decode_kernel
 
 
 def parse_sets(sets: str) -> dict:

@@ -18,7 +18,6 @@ at two splits or more (--variant: one of decode_ablate.py's).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -78,13 +77,7 @@ def stamped_module(tmp: Path, variant: str = "table", stamps: bool = True):
     head = "from __future__ import annotations\n"
     consts = f"import triton.language as _tl\nSLOTS_C = _tl.constexpr({SLOTS})\nTIMESTAMPS = None\n"
     src = src.replace(head, head + consts, 1)
-    name = f"decode_{variant}_{'stamped' if stamps else 'plain'}"
-    path = tmp / f"{name}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return decode_ablate.load_module(src, f"decode_{variant}_{'stamped' if stamps else 'plain'}", tmp)
 
 
 def timeline(ts: torch.Tensor, tiles: int) -> dict:
