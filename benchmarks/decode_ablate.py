@@ -137,6 +137,17 @@ def variant_source(name: str) -> str:
     return src
 
 
+def variant_config(name: str, table: dict) -> dict:
+    """The launch config a variant runs with: the table's, with what its kernel text assumes (q2_off: one QK^T dot;
+    v_t_smem1: its text is fp8_dot 1's branch)."""
+    config = dict(table)
+    if name.startswith("q2_off"):
+        config["fp8_q2"] = 0
+    if name == "v_t_smem1":
+        config["fp8_dot"] = 1
+    return config
+
+
 def load_module(src: str, name: str, tmp: Path):
     """src as module `name`, from a file under tmp (Triton compiles a kernel from its file's text)."""
     path = tmp / f"{name}.py"
@@ -190,9 +201,7 @@ def main() -> None:
                         map(int, args.pages.split(",")), map(int, args.ctxs.split(",")), args.sets.split(";")):
                     dtype = dtypes[kv]
                     table = decode_launch_config(128, dtype, torch.device("cuda"), 1, None)
-                    config = dict(table, fp8_q2=0) if name.startswith("q2_off") else dict(table)
-                    if name == "v_t_smem1":  # its kernel text is fp8_dot 1's branch
-                        config["fp8_dot"] = 1
+                    config = variant_config(name, table)
                     config.update(parse_sets(sets))
                     splits = decode_plan(1, 32, 4, 128, ctx, config, torch.device("cuda"))[0]
                     how = dict(dtype=dtype, layout=layout, order=order, page=page)

@@ -110,10 +110,9 @@ def main() -> None:
         mod = stamped_module(Path(tmp), args.variant)
         plain = stamped_module(Path(tmp), args.variant, stamps=False)
         mod.TIMESTAMPS = torch.zeros(1 << 20, dtype=torch.int64, device="cuda")
-        cfg = dict(decode_launch_config(128, FP8_DTYPE, torch.device("cuda"), 1, None))
+        table = decode_launch_config(128, FP8_DTYPE, torch.device("cuda"), 1, None)
+        cfg = decode_ablate.variant_config(args.variant, table)
         cfg.update(decode_ablate.parse_sets(args.set))
-        if args.variant == "v_t_smem1":
-            cfg["fp8_dot"] = 1
         # stamp 0 before the PDL wait and stamp 2 (q rounded) exist only with these (the table's small-batch FP8 config)
         assert cfg["fp8_dot"] and cfg["early_inputs"], "the stamps are placed for fp8_dot and early_inputs on"
         for ctx in map(int, args.ctxs.split(",")):

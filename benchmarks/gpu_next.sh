@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next device calls after 2026-12-01's session 21 (issue 17 open on one row: B=1 32k FP8-KV decode attention at
+# The next device calls after 2026-12-01's session 21 (issue 17 blocked on one row: B=1 32k FP8-KV decode attention at
 # 0.52 of copy bandwidth; RESULTS.md session 21 says where its time goes). One H200 unless said; PHASES picks
 # (default H); each phase fits one call (< 10 min: one phase a call; its timeouts sum to <= 560 s, the rest is the pip
 # line and start-up). Copy tables only where the printed numbers say they won.
